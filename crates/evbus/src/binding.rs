@@ -1,0 +1,305 @@
+//! CloudEvents *binary mode*: attributes as protocol headers, data as the message body.
+//!
+//! Every adapter maps an [`Event`] to its broker's headers through this one module, so the
+//! rules (which attributes, which prefix, how the content type travels, how values are
+//! escaped) are written once. A [`HeaderStyle`] names the protocol binding:
+//!
+//! | style | attribute header | content type header | value escaping |
+//! |---|---|---|---|
+//! | [`HeaderStyle::KAFKA`] | `ce_<name>` | `content-type` | none (UTF-8) |
+//! | [`HeaderStyle::HTTP`] | `ce-<name>` | `Content-Type` | percent-encoding |
+//! | [`HeaderStyle::NATS`] | `ce-<name>` | `Content-Type` | none (UTF-8) |
+//! | [`HeaderStyle::AMQP`] | `cloudEvents:<name>` | `content-type` property | none |
+//! | [`HeaderStyle::REDIS`] | `ce_<name>` | `content-type` | none (UTF-8) |
+//!
+//! ```
+//! use evbus::{binding::{self, HeaderStyle}, Event};
+//!
+//! let event = Event::builder("afterOrderCreate", "/shop").json(&1)?.build()?;
+//! let (headers, body) = binding::encode(&event, HeaderStyle::KAFKA);
+//! assert!(headers.iter().any(|(k, v)| k == "ce_type" && v == "afterOrderCreate"));
+//! let back = binding::decode(headers, body, HeaderStyle::KAFKA)?;
+//! assert_eq!(back, event);
+//! # Ok::<(), evbus::Error>(())
+//! ```
+
+use bytes::Bytes;
+
+use crate::envelope::{Event, EventBuilder, format_time};
+use crate::error::{Error, Result};
+
+/// How a protocol binding names and escapes CloudEvents attributes in headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderStyle {
+    /// Prefix of attribute headers (`ce_`, `ce-`, `cloudEvents:`).
+    pub prefix: &'static str,
+    /// Header carrying `datacontenttype`.
+    pub content_type: &'static str,
+    /// Whether header names compare case-insensitively when decoding.
+    pub case_insensitive: bool,
+    /// Whether values are percent-encoded (HTTP binding §3.1.3.2).
+    pub percent_encode: bool,
+}
+
+impl HeaderStyle {
+    /// Kafka protocol binding.
+    pub const KAFKA: HeaderStyle = HeaderStyle {
+        prefix: "ce_",
+        content_type: "content-type",
+        case_insensitive: false,
+        percent_encode: false,
+    };
+    /// HTTP protocol binding (webhooks, the gateway).
+    pub const HTTP: HeaderStyle = HeaderStyle {
+        prefix: "ce-",
+        content_type: "Content-Type",
+        case_insensitive: true,
+        percent_encode: true,
+    };
+    /// NATS protocol binding (NATS headers).
+    pub const NATS: HeaderStyle = HeaderStyle {
+        prefix: "ce-",
+        content_type: "Content-Type",
+        case_insensitive: true,
+        percent_encode: false,
+    };
+    /// AMQP protocol binding (application properties).
+    pub const AMQP: HeaderStyle = HeaderStyle {
+        prefix: "cloudEvents:",
+        content_type: "content-type",
+        case_insensitive: false,
+        percent_encode: false,
+    };
+    /// Redis Streams: entry fields named like the Kafka binding, so `XRANGE` reads naturally.
+    pub const REDIS: HeaderStyle = HeaderStyle {
+        prefix: "ce_",
+        content_type: "content-type",
+        case_insensitive: false,
+        percent_encode: false,
+    };
+}
+
+/// Encodes `event` as binary-mode headers and a body (the data bytes, empty when absent).
+pub fn encode(event: &Event, style: HeaderStyle) -> (Vec<(String, String)>, Bytes) {
+    let mut headers = Vec::with_capacity(8 + event.extensions().len());
+    let mut push = |name: &str, value: &str| {
+        let value = if style.percent_encode {
+            percent_encode(value)
+        } else {
+            value.to_owned()
+        };
+        headers.push((format!("{}{name}", style.prefix), value));
+    };
+    push("specversion", event.specversion());
+    push("id", event.id());
+    push("source", event.source());
+    push("type", event.ty());
+    if let Some(time) = event.time() {
+        push("time", &format_time(time));
+    }
+    if let Some(v) = event.dataschema() {
+        push("dataschema", v);
+    }
+    if let Some(v) = event.subject() {
+        push("subject", v);
+    }
+    for (name, value) in event.extensions() {
+        push(name, value);
+    }
+    if let Some(ct) = event.datacontenttype() {
+        headers.push((style.content_type.to_owned(), ct.to_owned()));
+    }
+    let body = event.data().cloned().unwrap_or_default();
+    (headers, body)
+}
+
+/// Decodes binary-mode headers and body into an [`Event`]. Headers that are neither
+/// CloudEvents attributes nor the content type are ignored. An empty body with no content type
+/// means no data.
+pub fn decode<I, K, V>(headers: I, body: Bytes, style: HeaderStyle) -> Result<Event>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut id = None;
+    let mut source = None;
+    let mut ty = None;
+    let mut specversion = None;
+    let mut rest = Vec::new();
+    let mut content_type = None;
+    for (name, value) in headers {
+        let name = name.as_ref();
+        let value = if style.percent_encode {
+            percent_decode(value.as_ref())?
+        } else {
+            value.as_ref().to_owned()
+        };
+        let matches_ct = if style.case_insensitive {
+            name.eq_ignore_ascii_case(style.content_type)
+        } else {
+            name == style.content_type
+        };
+        if matches_ct {
+            content_type = Some(value);
+            continue;
+        }
+        let attr = strip_prefix(name, style);
+        let Some(attr) = attr else { continue };
+        match attr.as_str() {
+            "specversion" => specversion = Some(value),
+            "id" => id = Some(value),
+            "source" => source = Some(value),
+            "type" => ty = Some(value),
+            _ => rest.push((attr, value)),
+        }
+    }
+    match specversion.as_deref() {
+        Some(crate::envelope::SPEC_VERSION) => {}
+        Some(other) => {
+            return Err(Error::invalid_event(format!(
+                "unsupported specversion `{other}` in `{}specversion`",
+                style.prefix
+            )));
+        }
+        None => {
+            return Err(Error::invalid_event(format!(
+                "missing `{}specversion` header: not a binary-mode CloudEvent",
+                style.prefix
+            )));
+        }
+    }
+    let mut builder = EventBuilder::from_parts(id, source, ty);
+    let has_data = !body.is_empty()
+        || content_type.is_some()
+        || rest.iter().any(|(attr, _)| attr == "datacontenttype");
+    for (attr, value) in rest {
+        builder = match attr.as_str() {
+            "time" => builder.time_str(&value),
+            "dataschema" => builder.dataschema(value),
+            "subject" => builder.subject(value),
+            "datacontenttype" => builder.datacontenttype(value),
+            _ => builder.extension(&attr, value),
+        };
+    }
+    if let Some(ct) = content_type {
+        builder = builder.datacontenttype(ct);
+    }
+    builder = builder.data_bytes(has_data.then_some(body));
+    builder.build()
+}
+
+fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
+    let p = style.prefix;
+    if name.len() <= p.len() {
+        return None;
+    }
+    let (head, tail) = name.split_at(p.len());
+    let prefixed = if style.case_insensitive {
+        head.eq_ignore_ascii_case(p)
+    } else {
+        head == p
+    };
+    prefixed.then(|| tail.to_ascii_lowercase())
+}
+
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(value: &str) -> Result<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    Error::invalid_event(format!("bad percent-encoding in header value `{value}`"))
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| Error::invalid_event(format!("header value `{value}` is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::builder("afterOrderCreate", "/shop/orders")
+            .json(&serde_json::json!({"name": "Zoë 😀"}))
+            .unwrap()
+            .subject("o 1")
+            .partition_key("o-1")
+            .extension("tenant", "açme \"q\" 100%")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_style_round_trips() {
+        for style in [
+            HeaderStyle::KAFKA,
+            HeaderStyle::HTTP,
+            HeaderStyle::NATS,
+            HeaderStyle::AMQP,
+            HeaderStyle::REDIS,
+        ] {
+            let e = sample();
+            let (headers, body) = encode(&e, style);
+            assert_eq!(decode(headers, body, style).unwrap(), e, "{style:?}");
+        }
+    }
+
+    #[test]
+    fn http_values_are_percent_encoded_ascii() {
+        let (headers, _) = encode(&sample(), HeaderStyle::HTTP);
+        let tenant = headers.iter().find(|(k, _)| k == "ce-tenant").unwrap();
+        assert_eq!(tenant.1, "a%C3%A7me%20%22q%22%20100%25");
+        assert!(headers.iter().all(|(_, v)| v.is_ascii()));
+    }
+
+    #[test]
+    fn http_header_names_are_case_insensitive() {
+        let headers = vec![
+            ("CE-SpecVersion", "1.0"),
+            ("Ce-Id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+            ("content-type", "text/plain"),
+        ];
+        let e = decode(headers, Bytes::from_static(b"hi"), HeaderStyle::HTTP).unwrap();
+        assert_eq!(e.id(), "1");
+        assert_eq!(e.datacontenttype(), Some("text/plain"));
+    }
+
+    #[test]
+    fn missing_specversion_is_not_a_cloudevent() {
+        let err = decode(vec![("ce_id", "1")], Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
+        assert!(err.message().contains("ce_specversion"), "{err}");
+    }
+
+    #[test]
+    fn no_data_stays_no_data() {
+        let e = Event::builder("t", "s").build().unwrap();
+        let (headers, body) = encode(&e, HeaderStyle::KAFKA);
+        assert_eq!(decode(headers, body, HeaderStyle::KAFKA).unwrap().data(), None);
+    }
+}

@@ -1,0 +1,268 @@
+//! Deliveries and their settlement: ack, nack (with optional delay) and dead-letter.
+//!
+//! Adapters implement the small [`Acker`] trait (ack, nack now, and optionally a native delayed
+//! nack). Everything that must behave the same on every broker lives here, once:
+//!
+//! - a delivery is settled at most once: a second `ack`, or an `ack` after `nack`, is an
+//!   [`ErrorKind::AlreadySettled`] error, never a panic; a settlement that failed (the broker
+//!   was unreachable) leaves the delivery unsettled so it can be tried again;
+//! - `nack` of the last allowed attempt dead-letters instead of redelivering;
+//! - `nack` with a delay on a broker without native delays keeps the event unacknowledged on
+//!   the broker (so a crash cannot lose it) and redelivers it when the delay has passed;
+//! - dead-lettering sends the event, with the reason, the attempt count and where it came
+//!   from as extensions, to the dead-letter queue, and only then acknowledges the original.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::envelope::Event;
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::Queue;
+
+/// Extension set on a dead-lettered event: why it was dead-lettered.
+pub const DEAD_LETTER_REASON: &str = "deadletterreason";
+/// Extension set on a dead-lettered event: how many deliveries were attempted.
+pub const DEAD_LETTER_ATTEMPTS: &str = "deadletterattempts";
+/// Extension set on a dead-lettered event: the topic/subscription or queue it came from.
+pub const DEAD_LETTER_ORIGIN: &str = "deadletterorigin";
+
+/// The adapter side of settling one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Acknowledges: the event is done and must not be delivered again.
+    async fn ack(&self) -> Result<()>;
+
+    /// Negatively acknowledges: the event should be delivered again now, with the attempt
+    /// number increased.
+    async fn nack(&self) -> Result<()>;
+
+    /// Whether [`nack_delayed`](Self::nack_delayed) is native. When `false` (the default),
+    /// core emulates delays by holding the event unacknowledged and calling
+    /// [`nack`](Self::nack) after the delay.
+    fn native_delay(&self) -> bool {
+        false
+    }
+
+    /// Redelivers the event no sooner than `delay` from now (only called when
+    /// [`native_delay`](Self::native_delay) is `true`).
+    async fn nack_delayed(&self, delay: Duration) -> Result<()> {
+        let _ = delay;
+        Err(Error::unsupported("this transport has no native delayed redelivery"))
+    }
+}
+
+/// What an adapter's consumer yields: an event, its attempt number and how to settle it.
+/// Core turns it into a [`Delivery`] (see [`Subscription::new`](crate::Subscription::new)).
+pub struct RawDelivery {
+    /// The decoded event.
+    pub event: Event,
+    /// 1 on first delivery, incremented on each redelivery.
+    pub attempt: u32,
+    /// The adapter's settlement handle for this delivery.
+    pub acker: Arc<dyn Acker>,
+}
+
+impl std::fmt::Debug for RawDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDelivery")
+            .field("event", &self.event)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settlement policy shared by every delivery of one consumer.
+#[derive(Clone)]
+pub(crate) struct DeliveryPolicy {
+    pub(crate) max_attempts: u32,
+    pub(crate) dead_letter: Arc<dyn Queue>,
+    pub(crate) origin: Arc<str>,
+}
+
+const PENDING: u8 = 0;
+const SETTLING: u8 = 1;
+const SETTLED: u8 = 2;
+
+/// How a delivery was settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Acknowledged.
+    Acked,
+    /// Scheduled for redelivery.
+    Nacked,
+    /// Sent to the dead-letter queue.
+    DeadLettered,
+}
+
+/// One event handed to a consumer, with its attempt number and its ack handle.
+///
+/// Settle it exactly once with [`ack`](Self::ack), [`nack`](Self::nack) or
+/// [`dead_letter`](Self::dead_letter). A delivery dropped unsettled is redelivered after the
+/// visibility timeout.
+pub struct Delivery {
+    event: Event,
+    attempt: u32,
+    acker: Arc<dyn Acker>,
+    policy: DeliveryPolicy,
+    state: AtomicU8,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event", &self.event)
+            .field("attempt", &self.attempt)
+            .field("origin", &self.policy.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        raw: RawDelivery,
+        policy: DeliveryPolicy,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        Delivery {
+            event: raw.event,
+            attempt: raw.attempt.max(1),
+            acker: raw.acker,
+            policy,
+            state: AtomicU8::new(PENDING),
+            permit: Mutex::new(permit),
+        }
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// Takes the event out of the delivery (the delivery can still be settled).
+    pub fn event_mut(&mut self) -> &mut Event {
+        &mut self.event
+    }
+
+    /// 1 on first delivery, incremented on each redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Deliveries allowed before the event is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.policy.max_attempts
+    }
+
+    /// Where the delivery came from (`topic/subscription` or `queue`).
+    pub fn origin(&self) -> &str {
+        &self.policy.origin
+    }
+
+    /// Whether the delivery has been settled.
+    pub fn is_settled(&self) -> bool {
+        self.state.load(Ordering::Acquire) == SETTLED
+    }
+
+    /// Acknowledges the event: it will not be delivered again.
+    pub async fn ack(&self) -> Result<()> {
+        self.settle(async { self.acker.ack().await }).await?;
+        Ok(())
+    }
+
+    /// Asks for redelivery, after `delay` if given. On the last allowed attempt the event is
+    /// dead-lettered instead; the returned [`Settlement`] says which happened.
+    pub async fn nack(&self, delay: Option<Duration>) -> Result<Settlement> {
+        if self.attempt >= self.policy.max_attempts {
+            let reason = format!(
+                "max attempts reached ({} of {})",
+                self.attempt, self.policy.max_attempts
+            );
+            return self
+                .settle(async { self.send_to_dead_letter(&reason).await })
+                .await
+                .map(|()| Settlement::DeadLettered);
+        }
+        let delay = delay.filter(|d| !d.is_zero());
+        self.settle(async {
+            match delay {
+                None => self.acker.nack().await,
+                Some(d) if self.acker.native_delay() => self.acker.nack_delayed(d).await,
+                Some(d) => {
+                    let acker = Arc::clone(&self.acker);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        if let Err(e) = acker.nack().await {
+                            // The event stays unacknowledged on the broker and comes back
+                            // after the visibility timeout: nothing is lost.
+                            tracing::warn!(error = %e, "delayed nack failed; the event will be redelivered after its visibility timeout");
+                        }
+                    });
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .map(|()| Settlement::Nacked)
+    }
+
+    /// Sends the event to the dead-letter queue with `reason`, then acknowledges it.
+    pub async fn dead_letter(&self, reason: &str) -> Result<()> {
+        self.settle(async { self.send_to_dead_letter(reason).await })
+            .await
+    }
+
+    async fn send_to_dead_letter(&self, reason: &str) -> Result<()> {
+        let event = dead_letter_event(&self.event, reason, self.attempt, &self.policy.origin)?;
+        self.policy.dead_letter.send(&event).await?;
+        self.acker.ack().await
+    }
+
+    async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
+        if let Err(current) =
+            self.state
+                .compare_exchange(PENDING, SETTLING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            let what = if current == SETTLING {
+                "is being settled concurrently"
+            } else {
+                "was already settled (acked, nacked or dead-lettered)"
+            };
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("delivery of event {} {what}", self.event.id()),
+            ));
+        }
+        match op.await {
+            Ok(()) => {
+                self.state.store(SETTLED, Ordering::Release);
+                self.release_permit();
+                Ok(())
+            }
+            Err(e) => {
+                self.state.store(PENDING, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    fn release_permit(&self) {
+        if let Ok(mut permit) = self.permit.lock() {
+            permit.take();
+        }
+    }
+}
+
+/// The event as it is stored in a dead-letter queue: the original plus
+/// [`DEAD_LETTER_REASON`], [`DEAD_LETTER_ATTEMPTS`] and [`DEAD_LETTER_ORIGIN`].
+pub fn dead_letter_event(event: &Event, reason: &str, attempts: u32, origin: &str) -> Result<Event> {
+    let mut dead = event.clone();
+    dead.set_extension(DEAD_LETTER_REASON, reason)?;
+    dead.set_extension(DEAD_LETTER_ATTEMPTS, attempts.to_string())?;
+    dead.set_extension(DEAD_LETTER_ORIGIN, origin)?;
+    Ok(dead)
+}

@@ -1,0 +1,712 @@
+//! The event envelope: CloudEvents 1.0 attributes, extensions and data.
+//!
+//! An [`Event`] is valid by construction: [`EventBuilder::build`] and the decoders check every
+//! attribute, so a transport never sees an event without an id, a source or a type, nor an
+//! extension whose name the CloudEvents spec forbids.
+//!
+//! Data is kept as the exact bytes given (`Bytes`), with its `datacontenttype`. In the
+//! structured JSON format (`application/cloudevents+json`) JSON data is written as a JSON value
+//! under `data` (byte for byte as given), text as a JSON string, anything else base64-encoded
+//! under `data_base64`, as the CloudEvents JSON format specifies.
+//!
+//! ```
+//! use evbus::Event;
+//!
+//! let event = Event::builder("afterOrderCreate", "/shop/orders")
+//!     .json(&serde_json::json!({"orderId": "o-1", "total": 42}))?
+//!     .partition_key("o-1")
+//!     .build()?;
+//! let text = event.to_json()?;
+//! assert_eq!(Event::from_json(&text)?, event);
+//! # Ok::<(), evbus::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+
+/// The CloudEvents spec version evbus writes and reads.
+pub const SPEC_VERSION: &str = "1.0";
+/// Media type of the CloudEvents structured JSON format.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+/// Media type of JSON data.
+pub const APPLICATION_JSON: &str = "application/json";
+/// Extension carrying the partition (ordering) key (CloudEvents Partitioning extension).
+pub const PARTITION_KEY: &str = "partitionkey";
+/// Extension carrying the W3C trace context `traceparent`.
+pub const TRACEPARENT: &str = "traceparent";
+/// Extension carrying the W3C trace context `tracestate`.
+pub const TRACESTATE: &str = "tracestate";
+
+/// Attribute names defined by the CloudEvents core spec or the JSON format; they cannot be used
+/// as extension names.
+const RESERVED: &[&str] = &[
+    "id",
+    "source",
+    "specversion",
+    "type",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "time",
+    "data",
+    "data_base64",
+];
+
+/// A CloudEvents 1.0 event.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Event {
+    id: String,
+    source: String,
+    ty: String,
+    time: Option<DateTime<Utc>>,
+    datacontenttype: Option<String>,
+    dataschema: Option<String>,
+    subject: Option<String>,
+    extensions: BTreeMap<String, String>,
+    data: Option<Bytes>,
+}
+
+impl Event {
+    /// Starts building an event of type `ty` from `source`, with a fresh UUIDv7 id and the
+    /// current time.
+    pub fn builder(ty: impl Into<String>, source: impl Into<String>) -> EventBuilder {
+        EventBuilder {
+            event: Event {
+                id: uuid::Uuid::now_v7().to_string(),
+                source: source.into(),
+                ty: ty.into(),
+                time: Some(Utc::now()),
+                datacontenttype: None,
+                dataschema: None,
+                subject: None,
+                extensions: BTreeMap::new(),
+                data: None,
+            },
+            error: None,
+        }
+    }
+
+    /// Turns the event back into a builder, to derive a modified copy.
+    pub fn into_builder(self) -> EventBuilder {
+        EventBuilder {
+            event: self,
+            error: None,
+        }
+    }
+
+    /// The event id (unique per source).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The source URI-reference of the event.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    /// The event type (for example `afterOrderCreate`).
+    pub fn ty(&self) -> &str {
+        &self.ty
+    }
+    /// The CloudEvents spec version (always `1.0`).
+    pub fn specversion(&self) -> &str {
+        SPEC_VERSION
+    }
+    /// When the occurrence happened.
+    pub fn time(&self) -> Option<DateTime<Utc>> {
+        self.time
+    }
+    /// The media type of [`data`](Self::data).
+    pub fn datacontenttype(&self) -> Option<&str> {
+        self.datacontenttype.as_deref()
+    }
+    /// URI of the schema (and version) the data was validated against.
+    pub fn dataschema(&self) -> Option<&str> {
+        self.dataschema.as_deref()
+    }
+    /// The subject of the event in the context of its source.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+    /// The partition (ordering) key, if set.
+    pub fn partition_key(&self) -> Option<&str> {
+        self.extension(PARTITION_KEY)
+    }
+    /// The W3C `traceparent` carried by the event, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.extension(TRACEPARENT)
+    }
+    /// The W3C `tracestate` carried by the event, if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.extension(TRACESTATE)
+    }
+    /// One extension attribute by name.
+    pub fn extension(&self, name: &str) -> Option<&str> {
+        self.extensions.get(name).map(String::as_str)
+    }
+    /// Every extension attribute, sorted by name.
+    pub fn extensions(&self) -> &BTreeMap<String, String> {
+        &self.extensions
+    }
+    /// The data bytes exactly as given, if any.
+    pub fn data(&self) -> Option<&Bytes> {
+        self.data.as_ref()
+    }
+
+    /// Whether the data is JSON: no content type (JSON is the default in evbus),
+    /// `application/json`, `text/json` or any `*/*+json` type.
+    pub fn is_json(&self) -> bool {
+        is_json_media_type(self.datacontenttype.as_deref())
+    }
+
+    /// Deserialises JSON data into `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        let data = self.data.as_deref().unwrap_or(b"null");
+        serde_json::from_slice(data).map_err(|e| {
+            Error::invalid_event(format!(
+                "event {} ({}): data is not the expected JSON shape: {e}",
+                self.id, self.ty
+            ))
+            .with_source(e)
+        })
+    }
+
+    /// Sets an extension attribute (validated like [`EventBuilder::extension`]).
+    pub fn set_extension(&mut self, name: &str, value: impl Into<String>) -> Result<()> {
+        check_extension_name(name)?;
+        self.extensions.insert(name.to_owned(), value.into());
+        Ok(())
+    }
+
+    /// Removes an extension attribute, returning its value.
+    pub fn remove_extension(&mut self, name: &str) -> Option<String> {
+        self.extensions.remove(name)
+    }
+
+    /// Size in bytes of the data plus every attribute value: what a transport must carry.
+    pub fn encoded_len(&self) -> usize {
+        let attrs = self.id.len()
+            + self.source.len()
+            + self.ty.len()
+            + self.datacontenttype.as_ref().map_or(0, String::len)
+            + self.dataschema.as_ref().map_or(0, String::len)
+            + self.subject.as_ref().map_or(0, String::len)
+            + self
+                .extensions
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        attrs + self.data.as_ref().map_or(0, Bytes::len) + 64
+    }
+
+    /// Encodes the event in the CloudEvents structured JSON format.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(&self.to_structured()?)
+            .map_err(|e| Error::new(crate::ErrorKind::Internal, format!("encoding event: {e}")))
+    }
+
+    /// Encodes the event as a `serde_json::Value` in the structured JSON format.
+    pub fn to_json_value(&self) -> Result<serde_json::Value> {
+        let text = self.to_json()?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::new(crate::ErrorKind::Internal, format!("encoding event: {e}")))
+    }
+
+    fn to_structured(&self) -> Result<Structured<'_>> {
+        let mut data = None;
+        let mut data_base64 = None;
+        if let Some(bytes) = &self.data {
+            if self.is_json() {
+                let text = std::str::from_utf8(bytes).ok();
+                match text.and_then(|t| serde_json::from_str::<&RawValue>(t).ok()) {
+                    Some(raw) => data = Some(StructuredData::Raw(raw)),
+                    None => data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                }
+            } else if is_text_media_type(self.datacontenttype.as_deref()) {
+                match std::str::from_utf8(bytes) {
+                    Ok(text) => data = Some(StructuredData::Text(text)),
+                    Err(_) => {
+                        data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    }
+                }
+            } else {
+                data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }
+        }
+        Ok(Structured {
+            specversion: SPEC_VERSION,
+            id: &self.id,
+            source: &self.source,
+            ty: &self.ty,
+            time: self.time.map(format_time),
+            datacontenttype: self.datacontenttype.as_deref(),
+            dataschema: self.dataschema.as_deref(),
+            subject: self.subject.as_deref(),
+            extensions: &self.extensions,
+            data,
+            data_base64,
+        })
+    }
+
+    /// Decodes an event from the CloudEvents structured JSON format.
+    pub fn from_json(text: &str) -> Result<Event> {
+        let map: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
+            Error::invalid_event(format!("not a CloudEvents JSON object: {e}")).with_source(e)
+        })?;
+        Self::from_json_map(map)
+    }
+
+    /// Decodes an event from JSON bytes in the structured format.
+    pub fn from_json_slice(bytes: &[u8]) -> Result<Event> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Error::invalid_event(format!("CloudEvents JSON is not UTF-8: {e}")))?;
+        Self::from_json(text)
+    }
+
+    fn from_json_map(map: BTreeMap<String, &RawValue>) -> Result<Event> {
+        let string = |name: &str| -> Result<Option<String>> {
+            match map.get(name) {
+                None => Ok(None),
+                Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
+                    Ok(v) => Ok(v),
+                    Err(_) => Err(Error::invalid_event(format!(
+                        "attribute `{name}` must be a string, found {}",
+                        raw.get()
+                    ))),
+                },
+            }
+        };
+        let specversion = string("specversion")?;
+        match specversion.as_deref() {
+            Some(SPEC_VERSION) => {}
+            Some(other) => {
+                return Err(Error::invalid_event(format!(
+                    "unsupported specversion `{other}`; evbus reads CloudEvents 1.0"
+                )));
+            }
+            None => return Err(Error::invalid_event("missing required attribute `specversion`")),
+        }
+        let mut builder = EventBuilder::decoded(
+            string("id")?,
+            string("source")?,
+            string("type")?,
+        );
+        if let Some(time) = string("time")? {
+            builder = builder.time_str(&time);
+        }
+        builder.event.datacontenttype = string("datacontenttype")?;
+        builder.event.dataschema = string("dataschema")?;
+        builder.event.subject = string("subject")?;
+        let json = builder.event.is_json();
+        for (name, raw) in &map {
+            match name.as_str() {
+                "specversion" | "id" | "source" | "type" | "time" | "datacontenttype"
+                | "dataschema" | "subject" => {}
+                "data" => {
+                    if map.contains_key("data_base64") {
+                        return Err(Error::invalid_event(
+                            "an event cannot have both `data` and `data_base64`",
+                        ));
+                    }
+                    if raw.get() == "null" {
+                        continue;
+                    }
+                    let bytes = if json {
+                        Bytes::copy_from_slice(raw.get().as_bytes())
+                    } else {
+                        match serde_json::from_str::<String>(raw.get()) {
+                            Ok(text) => Bytes::from(text),
+                            Err(_) => Bytes::copy_from_slice(raw.get().as_bytes()),
+                        }
+                    };
+                    builder.event.data = Some(bytes);
+                }
+                "data_base64" => {
+                    let text: String = serde_json::from_str(raw.get()).map_err(|_| {
+                        Error::invalid_event("`data_base64` must be a base64 string")
+                    })?;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text.as_bytes())
+                        .map_err(|e| {
+                            Error::invalid_event(format!("`data_base64` is not valid base64: {e}"))
+                        })?;
+                    builder.event.data = Some(Bytes::from(bytes));
+                }
+                ext => {
+                    let value: serde_json::Value = serde_json::from_str(raw.get())
+                        .map_err(|e| Error::invalid_event(format!("extension `{ext}`: {e}")))?;
+                    let value = match value {
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Null => continue,
+                        other => {
+                            return Err(Error::invalid_event(format!(
+                                "extension `{ext}` must be a string, boolean or integer, found {other}"
+                            )));
+                        }
+                    };
+                    builder = builder.extension(ext, value);
+                }
+            }
+        }
+        builder.build()
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Event");
+        d.field("id", &self.id)
+            .field("source", &self.source)
+            .field("type", &self.ty)
+            .field("time", &self.time)
+            .field("datacontenttype", &self.datacontenttype)
+            .field("dataschema", &self.dataschema)
+            .field("subject", &self.subject)
+            .field("extensions", &self.extensions);
+        match &self.data {
+            Some(data) => d.field("data_len", &data.len()),
+            None => d.field("data_len", &0),
+        };
+        d.finish()
+    }
+}
+
+/// Builds a valid [`Event`]; see [`Event::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EventBuilder {
+    event: Event,
+    error: Option<String>,
+}
+
+impl EventBuilder {
+    fn decoded(id: Option<String>, source: Option<String>, ty: Option<String>) -> Self {
+        let mut error = None;
+        for (name, value) in [("id", &id), ("source", &source), ("type", &ty)] {
+            if value.is_none() && error.is_none() {
+                error = Some(format!("missing required attribute `{name}`"));
+            }
+        }
+        EventBuilder {
+            event: Event {
+                id: id.unwrap_or_default(),
+                source: source.unwrap_or_default(),
+                ty: ty.unwrap_or_default(),
+                time: None,
+                datacontenttype: None,
+                dataschema: None,
+                subject: None,
+                extensions: BTreeMap::new(),
+                data: None,
+            },
+            error,
+        }
+    }
+
+    /// Builder for decoders: starts from the three required attributes, no time.
+    pub fn from_parts(id: Option<String>, source: Option<String>, ty: Option<String>) -> Self {
+        Self::decoded(id, source, ty)
+    }
+
+    fn fail(mut self, message: String) -> Self {
+        if self.error.is_none() {
+            self.error = Some(message);
+        }
+        self
+    }
+
+    /// Replaces the generated id.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.event.id = id.into();
+        self
+    }
+    /// Replaces the event type.
+    pub fn ty(mut self, ty: impl Into<String>) -> Self {
+        self.event.ty = ty.into();
+        self
+    }
+    /// Replaces the source.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.event.source = source.into();
+        self
+    }
+    /// Sets the time (or clears it with `None`).
+    pub fn time(mut self, time: Option<DateTime<Utc>>) -> Self {
+        self.event.time = time;
+        self
+    }
+    /// Sets the time from an RFC 3339 string.
+    pub fn time_str(self, time: &str) -> Self {
+        match DateTime::parse_from_rfc3339(time) {
+            Ok(t) => self.time(Some(t.with_timezone(&Utc))),
+            Err(e) => self.fail(format!("attribute `time` is not an RFC 3339 timestamp: {e}")),
+        }
+    }
+    /// Sets `dataschema`.
+    pub fn dataschema(mut self, uri: impl Into<String>) -> Self {
+        self.event.dataschema = Some(uri.into());
+        self
+    }
+    /// Sets `subject`.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.event.subject = Some(subject.into());
+        self
+    }
+    /// Sets `datacontenttype` without touching the data.
+    pub fn datacontenttype(mut self, media_type: impl Into<String>) -> Self {
+        self.event.datacontenttype = Some(media_type.into());
+        self
+    }
+    /// Sets the partition (ordering) key extension.
+    pub fn partition_key(self, key: impl Into<String>) -> Self {
+        self.extension(PARTITION_KEY, key)
+    }
+    /// Sets the W3C `traceparent` extension.
+    pub fn traceparent(self, value: impl Into<String>) -> Self {
+        self.extension(TRACEPARENT, value)
+    }
+    /// Sets an extension attribute. Names are 1–20 lowercase ASCII letters or digits and not
+    /// a core attribute name (CloudEvents 1.0 §Extension Context Attributes).
+    pub fn extension(mut self, name: &str, value: impl Into<String>) -> Self {
+        match check_extension_name(name) {
+            Ok(()) => {
+                self.event.extensions.insert(name.to_owned(), value.into());
+                self
+            }
+            Err(e) => self.fail(e.message().to_owned()),
+        }
+    }
+    /// Serialises `value` as JSON data (`datacontenttype: application/json`).
+    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| Error::invalid_event(format!("data cannot be encoded as JSON: {e}")))?;
+        self.event.data = Some(Bytes::from(bytes));
+        self.event.datacontenttype = Some(APPLICATION_JSON.to_owned());
+        Ok(self)
+    }
+    /// Sets the data bytes and their media type.
+    pub fn data(mut self, media_type: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
+        self.event.data = Some(bytes.into());
+        self.event.datacontenttype = Some(media_type.into());
+        self
+    }
+    /// Sets the data bytes, keeping the current media type.
+    pub fn data_bytes(mut self, bytes: Option<Bytes>) -> Self {
+        self.event.data = bytes;
+        self
+    }
+    /// Checks every attribute and returns the event.
+    pub fn build(self) -> Result<Event> {
+        if let Some(message) = self.error {
+            return Err(Error::invalid_event(message));
+        }
+        let e = self.event;
+        if e.id.is_empty() {
+            return Err(Error::invalid_event("attribute `id` must not be empty"));
+        }
+        if e.source.is_empty() {
+            return Err(Error::invalid_event("attribute `source` must not be empty"));
+        }
+        if e.ty.is_empty() {
+            return Err(Error::invalid_event("attribute `type` must not be empty"));
+        }
+        for (name, value) in [
+            ("datacontenttype", &e.datacontenttype),
+            ("dataschema", &e.dataschema),
+            ("subject", &e.subject),
+        ] {
+            if value.as_deref() == Some("") {
+                return Err(Error::invalid_event(format!(
+                    "attribute `{name}` must not be empty when present"
+                )));
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// Checks an extension attribute name against CloudEvents 1.0 naming rules.
+pub fn check_extension_name(name: &str) -> Result<()> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if name.is_empty() || name.len() > 20 || !valid_chars {
+        return Err(Error::invalid_event(format!(
+            "extension name `{name}` is invalid: use 1 to 20 lowercase letters or digits"
+        )));
+    }
+    if RESERVED.contains(&name) {
+        return Err(Error::invalid_event(format!(
+            "`{name}` is a CloudEvents core attribute, not an extension"
+        )));
+    }
+    Ok(())
+}
+
+/// Formats a timestamp the way evbus writes `time`: RFC 3339, UTC, `Z`, sub-seconds as needed.
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Whether a media type denotes JSON (absent counts as JSON).
+pub fn is_json_media_type(media_type: Option<&str>) -> bool {
+    let Some(mt) = media_type else { return true };
+    let essence = mt.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == APPLICATION_JSON || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn is_text_media_type(media_type: Option<&str>) -> bool {
+    media_type.is_some_and(|mt| mt.trim_start().to_ascii_lowercase().starts_with("text/"))
+}
+
+#[derive(Serialize)]
+struct Structured<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    ty: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataschema: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(flatten)]
+    extensions: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<StructuredData<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum StructuredData<'a> {
+    Raw(&'a RawValue),
+    Text(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::builder("afterOrderCreate", "/shop/orders")
+            .json(&serde_json::json!({"orderId": "o-1", "name": "Zoë ☃ 😀"}))
+            .unwrap()
+            .subject("o-1")
+            .dataschema("urn:evbus:schema:afterOrderCreate:1")
+            .partition_key("o-1")
+            .traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .extension("tenant", "acme")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn ids_are_uuid_v7() {
+        let e = sample();
+        let id = uuid::Uuid::parse_str(e.id()).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn structured_json_round_trips_every_attribute() {
+        let e = sample();
+        let text = e.to_json().unwrap();
+        let back = Event::from_json(&text).unwrap();
+        assert_eq!(back, e);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], "afterOrderCreate");
+        assert_eq!(v["partitionkey"], "o-1");
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["data"]["name"], "Zoë ☃ 😀");
+    }
+
+    #[test]
+    fn json_data_keeps_its_exact_bytes() {
+        let raw = br#"{"b":1,   "a":[1,2.50,"\u00e9"]}"#;
+        let e = Event::builder("t", "s")
+            .data(APPLICATION_JSON, &raw[..])
+            .build()
+            .unwrap();
+        let back = Event::from_json(&e.to_json().unwrap()).unwrap();
+        assert_eq!(back.data().unwrap().as_ref(), &raw[..]);
+    }
+
+    #[test]
+    fn binary_data_uses_data_base64() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let e = Event::builder("t", "s")
+            .data("application/octet-stream", bytes.clone())
+            .build()
+            .unwrap();
+        let v = e.to_json_value().unwrap();
+        assert!(v.get("data").is_none());
+        assert!(v["data_base64"].is_string());
+        let back = Event::from_json(&e.to_json().unwrap()).unwrap();
+        assert_eq!(back.data().unwrap().as_ref(), &bytes[..]);
+    }
+
+    #[test]
+    fn text_data_is_a_json_string() {
+        let e = Event::builder("t", "s")
+            .data("text/plain", "héllo")
+            .build()
+            .unwrap();
+        assert_eq!(e.to_json_value().unwrap()["data"], "héllo");
+        let back = Event::from_json(&e.to_json().unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn missing_required_attributes_are_named() {
+        let err = Event::from_json(r#"{"specversion":"1.0","source":"s","type":"t"}"#).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidEvent);
+        assert!(err.message().contains("`id`"), "{err}");
+        let err = Event::from_json(r#"{"id":"1","source":"s","type":"t"}"#).unwrap_err();
+        assert!(err.message().contains("specversion"), "{err}");
+        let err = Event::from_json(r#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#)
+            .unwrap_err();
+        assert!(err.message().contains("0.3"), "{err}");
+    }
+
+    #[test]
+    fn invalid_extension_names_are_refused() {
+        for bad in ["", "Upper", "with-dash", "abcdefghijklmnopqrstu", "subject"] {
+            let err = Event::builder("t", "s").extension(bad, "v").build().unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidEvent, "{bad}");
+        }
+    }
+
+    #[test]
+    fn non_string_extensions_are_read_as_their_text() {
+        let e = Event::from_json(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","count":3,"flag":true}"#,
+        )
+        .unwrap();
+        assert_eq!(e.extension("count"), Some("3"));
+        assert_eq!(e.extension("flag"), Some("true"));
+    }
+
+    #[test]
+    fn bad_time_is_a_clear_error() {
+        let err = Event::from_json(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"yesterday"}"#,
+        )
+        .unwrap_err();
+        assert!(err.message().contains("RFC 3339"), "{err}");
+    }
+}

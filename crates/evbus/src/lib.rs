@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+
+pub mod binding;
+pub mod capabilities;
+pub mod delivery;
+pub mod envelope;
+pub mod error;
+pub mod memory;
+pub mod registry;
+pub mod subscription;
+pub mod transport;
+
+pub use capabilities::{Capabilities, Capability};
+pub use delivery::{Acker, Delivery, RawDelivery, Settlement};
+pub use envelope::{Event, EventBuilder};
+pub use error::{Error, ErrorKind, Result};
+pub use registry::{Connector, Registry};
+pub use subscription::Subscription;
+pub use transport::{
+    ConsumerOptions, Health, Queue, StartPosition, SubscribeOptions, Topic, Transport,
+    dead_letter_queue_name,
+};

@@ -1,0 +1,635 @@
+//! The in-memory transport (`memory://`): the reference implementation of the contract and the
+//! embedded default.
+//!
+//! A [`MemoryBroker`] holds topics, subscriptions and queues in process memory; each
+//! [`MemoryTransport`] is one "connection" to it, so closing one transport (a consumer that
+//! vanished) leaves the broker and other transports running, exactly as with a real broker.
+//! `memory://` connects to the process-wide default broker, `memory://NAME` to a named one.
+//!
+//! Memory is bounded: every subscription and queue holds at most
+//! [`MemoryConfig::capacity`] events (ready, delayed or in flight). A publish that would exceed
+//! it waits for consumers to catch up (backpressure) for at most
+//! [`MemoryConfig::publish_timeout`], then fails with [`ErrorKind::Full`] naming the slow
+//! subscription. Each topic retains its last [`MemoryConfig::history`] events for
+//! [`StartPosition::Earliest`].
+//!
+//! Nothing survives the process: it is not [`persistent`](Capabilities::persistent).
+//!
+//! ```
+//! use evbus::{Event, SubscribeOptions, Transport, memory::MemoryBroker};
+//! use futures::StreamExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> evbus::Result<()> {
+//! let transport = MemoryBroker::new(Default::default()).connect();
+//! let topic = transport.topic("orders").await?;
+//! let mut sub = topic.subscribe(SubscribeOptions::named("billing")).await?;
+//! topic.publish(&Event::builder("afterOrderCreate", "/shop").json(&1)?.build()?).await?;
+//! let delivery = sub.next().await.unwrap()?;
+//! assert_eq!(delivery.event().ty(), "afterOrderCreate");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod group;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::capabilities::Capabilities;
+use crate::envelope::Event;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::Connector;
+use crate::subscription::Subscription;
+use crate::transport::{
+    ConsumerOptions, Health, Queue, StartPosition, SubscribeOptions, Topic, Transport,
+    dead_letter_queue_name,
+};
+use group::Group;
+
+/// Settings of a [`MemoryBroker`]. From a URL: `memory://[NAME]?capacity=N&history=N&
+/// publish_timeout_ms=N&max_payload_bytes=N`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Most events one subscription or queue holds (ready + delayed + in flight). Default
+    /// 10,000.
+    pub capacity: usize,
+    /// Events each topic retains for replay from the earliest position. Default 10,000.
+    pub history: usize,
+    /// How long a publish waits for room before failing with [`ErrorKind::Full`]. Default 5 s.
+    #[serde(with = "millis")]
+    pub publish_timeout: Duration,
+    /// Largest event accepted (data plus attributes). Default 16 MiB.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            capacity: 10_000,
+            history: 10_000,
+            publish_timeout: Duration::from_secs(5),
+            max_payload_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+impl MemoryConfig {
+    /// Reads the settings from a `memory://` URL's query.
+    pub fn from_url(url: &Url) -> Result<Self> {
+        if url.scheme() != "memory" {
+            return Err(Error::invalid_config(format!(
+                "`{}://` is not a memory transport URL",
+                url.scheme()
+            )));
+        }
+        let mut config = MemoryConfig::default();
+        for (key, value) in url.query_pairs() {
+            let number = || -> Result<u64> {
+                value.parse().map_err(|_| {
+                    Error::invalid_config(format!(
+                        "memory URL parameter `{key}` must be a whole number, got `{value}`"
+                    ))
+                })
+            };
+            match key.as_ref() {
+                "capacity" => config.capacity = number()?.max(1) as usize,
+                "history" => config.history = number()? as usize,
+                "publish_timeout_ms" => config.publish_timeout = Duration::from_millis(number()?),
+                "max_payload_bytes" => config.max_payload_bytes = number()? as usize,
+                other => {
+                    return Err(Error::invalid_config(format!(
+                        "unknown memory URL parameter `{other}`; known: capacity, history, \
+                         publish_timeout_ms, max_payload_bytes"
+                    )));
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// An in-process broker. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<BrokerInner>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct BrokerInner {
+    config: MemoryConfig,
+    state: Mutex<BrokerState>,
+    next_anonymous: AtomicU64,
+}
+
+#[derive(Default)]
+struct BrokerState {
+    topics: HashMap<String, TopicState>,
+    queues: HashMap<String, Arc<Group>>,
+}
+
+#[derive(Default)]
+struct TopicState {
+    history: VecDeque<Arc<Event>>,
+    named: HashMap<String, Arc<Group>>,
+    anonymous: HashMap<u64, Weak<Group>>,
+}
+
+impl TopicState {
+    fn groups(&self) -> impl Iterator<Item = Arc<Group>> + '_ {
+        self.named
+            .values()
+            .cloned()
+            .chain(self.anonymous.values().filter_map(Weak::upgrade))
+    }
+}
+
+impl MemoryBroker {
+    /// A new, empty broker.
+    pub fn new(config: MemoryConfig) -> Self {
+        MemoryBroker {
+            inner: Arc::new(BrokerInner {
+                config,
+                state: Mutex::new(BrokerState::default()),
+                next_anonymous: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The process-wide broker called `name` (`""` is the default broker), created with
+    /// `config` on first use; later calls return the same broker and ignore `config`.
+    pub fn shared(name: &str, config: MemoryConfig) -> Self {
+        static BROKERS: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();
+        let brokers = BROKERS.get_or_init(Default::default);
+        let mut brokers = brokers.lock().unwrap_or_else(|p| p.into_inner());
+        brokers
+            .entry(name.to_owned())
+            .or_insert_with(|| MemoryBroker::new(config))
+            .clone()
+    }
+
+    /// Opens a new connection to this broker.
+    pub fn connect(&self) -> MemoryTransport {
+        MemoryTransport {
+            broker: self.clone(),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// The broker's settings.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.inner.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BrokerState> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_size(&self, event: &Event) -> Result<()> {
+        let size = event.encoded_len();
+        let limit = self.inner.config.max_payload_bytes;
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "event {} is {size} bytes; the memory transport accepts at most {limit} \
+                     (max_payload_bytes)",
+                    event.id()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends `events` to every group `targets` picks, waiting for room up to the publish
+    /// timeout. All-or-nothing: events are appended only when every group has room.
+    async fn append(
+        &self,
+        events: &[Event],
+        closed: &CancellationToken,
+        targets: impl Fn(&mut BrokerState) -> Vec<Arc<Group>>,
+        mut after: impl FnMut(&mut BrokerState, &[Arc<Event>]),
+    ) -> Result<()> {
+        for event in events {
+            self.check_size(event)?;
+        }
+        let events: Vec<Arc<Event>> = events.iter().cloned().map(Arc::new).collect();
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_timeout;
+        loop {
+            if closed.is_cancelled() {
+                return Err(Error::closed("the memory transport"));
+            }
+            let wait = {
+                let mut state = self.lock();
+                let groups = targets(&mut state);
+                match groups.iter().find(|g| !g.has_room()) {
+                    None => {
+                        for group in &groups {
+                            group.push(&events);
+                        }
+                        after(&mut state, &events);
+                        return Ok(());
+                    }
+                    Some(full) => Arc::clone(full),
+                }
+            };
+            let space = wait.space().notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if wait.has_room() {
+                continue;
+            }
+            tokio::select! {
+                _ = &mut space => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::new(
+                        ErrorKind::Full,
+                        format!(
+                            "`{}` holds {} unsettled events (the memory transport's capacity) and \
+                             its consumers did not catch up within {:?}; consume faster or raise \
+                             capacity",
+                            wait.origin(),
+                            self.inner.config.capacity,
+                            self.inner.config.publish_timeout
+                        ),
+                    ));
+                }
+                _ = closed.cancelled() => return Err(Error::closed("the memory transport")),
+            }
+        }
+    }
+}
+
+/// Connects `memory://` URLs to the shared in-process brokers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryConnector;
+
+#[async_trait]
+impl Connector for MemoryConnector {
+    fn schemes(&self) -> &'static [&'static str] {
+        &["memory"]
+    }
+
+    async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
+        Ok(Arc::new(MemoryTransport::from_url(url)?))
+    }
+}
+
+/// One connection to a [`MemoryBroker`].
+#[derive(Clone)]
+pub struct MemoryTransport {
+    broker: MemoryBroker,
+    closed: CancellationToken,
+}
+
+impl std::fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTransport")
+            .field("closed", &self.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryTransport {
+    /// A connection to the shared broker a `memory://[NAME]` URL names.
+    pub fn from_url(url: &Url) -> Result<Self> {
+        let config = MemoryConfig::from_url(url)?;
+        let name = url.host_str().unwrap_or("");
+        Ok(MemoryBroker::shared(name, config).connect())
+    }
+
+    /// The broker this transport is connected to.
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.is_cancelled() {
+            Err(Error::closed("the memory transport"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn memory_queue(&self, name: &str) -> Arc<MemoryQueue> {
+        let capacity = self.broker.inner.config.capacity;
+        let group = self
+            .broker
+            .lock()
+            .queues
+            .entry(name.to_owned())
+            .or_insert_with(|| Group::new(name.to_owned(), capacity))
+            .clone();
+        Arc::new(MemoryQueue {
+            name: name.to_owned(),
+            group,
+            transport: self.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            replay: true,
+            max_payload_bytes: Some(self.broker.inner.config.max_payload_bytes),
+            ..Capabilities::default()
+        }
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
+        self.check_open()?;
+        check_name(name)?;
+        self.broker
+            .lock()
+            .topics
+            .entry(name.to_owned())
+            .or_default();
+        Ok(Arc::new(MemoryTopic {
+            name: name.to_owned(),
+            transport: self.clone(),
+        }))
+    }
+
+    async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
+        self.check_open()?;
+        check_name(name)?;
+        Ok(self.memory_queue(name))
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        let removed = self.broker.lock().topics.remove(name);
+        if let Some(topic) = removed {
+            for group in topic.groups() {
+                group.delete();
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        let removed = self.broker.lock().queues.remove(name);
+        if let Some(group) = removed {
+            group.delete();
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        if self.closed.is_cancelled() {
+            Health::Closed
+        } else {
+            Health::Healthy
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Publishes complete synchronously, so there is nothing to flush.
+        self.closed.cancel();
+        Ok(())
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 249 || name.chars().any(char::is_control) {
+        return Err(Error::invalid_config(format!(
+            "`{name}` is not a valid topic or queue name: use 1 to 249 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A topic on the memory broker.
+#[derive(Debug)]
+struct MemoryTopic {
+    name: String,
+    transport: MemoryTransport,
+}
+
+impl MemoryTopic {
+    async fn publish_all(&self, events: &[Event]) -> Result<()> {
+        self.transport.check_open()?;
+        let history = self.transport.broker.inner.config.history;
+        let name = &self.name;
+        self.transport
+            .broker
+            .append(
+                events,
+                &self.transport.closed,
+                |state| {
+                    let topic = state.topics.entry(name.clone()).or_default();
+                    topic.anonymous.retain(|_, g| g.strong_count() > 0);
+                    topic.groups().collect()
+                },
+                |state, events| {
+                    let topic = state.topics.entry(name.clone()).or_default();
+                    topic.history.extend(events.iter().cloned());
+                    while topic.history.len() > history {
+                        topic.history.pop_front();
+                    }
+                },
+            )
+            .await
+    }
+}
+
+/// Removes an anonymous subscription's group when its consumer goes away.
+struct AnonymousGuard {
+    broker: MemoryBroker,
+    topic: String,
+    id: u64,
+}
+
+impl Drop for AnonymousGuard {
+    fn drop(&mut self) {
+        if let Some(topic) = self.broker.lock().topics.get_mut(&self.topic) {
+            topic.anonymous.remove(&self.id);
+        }
+    }
+}
+
+#[async_trait]
+impl Topic for MemoryTopic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        self.publish_all(events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        self.transport.check_open()?;
+        let broker = &self.transport.broker;
+        let capacity = broker.inner.config.capacity;
+        let consumer = &options.consumer;
+        let (group, guard, origin) = {
+            let mut state = broker.lock();
+            let topic = state.topics.entry(self.name.clone()).or_default();
+            match &options.subscription {
+                Some(sub) => {
+                    check_name(sub)?;
+                    let origin = format!("{}/{sub}", self.name);
+                    let group = match topic.named.get(sub) {
+                        Some(g) => Arc::clone(g),
+                        None => {
+                            let g = Group::new(origin.clone(), capacity);
+                            if options.start == StartPosition::Earliest {
+                                let skip = topic.history.len().saturating_sub(capacity);
+                                let replay: Vec<_> =
+                                    topic.history.iter().skip(skip).cloned().collect();
+                                g.push(&replay);
+                            }
+                            topic.named.insert(sub.clone(), Arc::clone(&g));
+                            g
+                        }
+                    };
+                    (group, None, origin)
+                }
+                None => {
+                    let id = broker.inner.next_anonymous.fetch_add(1, Ordering::Relaxed);
+                    let origin = format!("{}/~anonymous-{id}", self.name);
+                    let g = Group::new(origin.clone(), capacity);
+                    if options.start == StartPosition::Earliest {
+                        let skip = topic.history.len().saturating_sub(capacity);
+                        let replay: Vec<_> = topic.history.iter().skip(skip).cloned().collect();
+                        g.push(&replay);
+                    }
+                    topic.anonymous.insert(id, Arc::downgrade(&g));
+                    let guard: Box<dyn Send + Sync> = Box::new((
+                        Arc::clone(&g),
+                        AnonymousGuard {
+                            broker: broker.clone(),
+                            topic: self.name.clone(),
+                            id,
+                        },
+                    ));
+                    (g, Some(guard), origin)
+                }
+            }
+        };
+        let dlq_name =
+            dead_letter_queue_name(&self.name, options.subscription.as_deref(), consumer);
+        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(&dlq_name);
+        let raw = group.consume(
+            consumer.visibility_timeout,
+            self.transport.closed.child_token(),
+            guard,
+        );
+        Ok(Subscription::new(raw, consumer, dead_letter, origin))
+    }
+}
+
+/// A queue on the memory broker.
+struct MemoryQueue {
+    name: String,
+    group: Arc<Group>,
+    transport: MemoryTransport,
+}
+
+impl std::fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryQueue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryQueue {
+    async fn send_all(&self, events: &[Event]) -> Result<()> {
+        self.transport.check_open()?;
+        let name = &self.name;
+        let capacity = self.transport.broker.inner.config.capacity;
+        self.transport
+            .broker
+            .append(
+                events,
+                &self.transport.closed,
+                |state| {
+                    // The queue may have been deleted and recreated since this handle was made.
+                    let g = state
+                        .queues
+                        .entry(name.clone())
+                        .or_insert_with(|| Group::new(name.clone(), capacity));
+                    vec![Arc::clone(g)]
+                },
+                |_, _| {},
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        self.send_all(std::slice::from_ref(event)).await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        self.send_all(events).await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        self.transport.check_open()?;
+        let group = {
+            // The queue may have been deleted and recreated since this handle was made.
+            let mut state = self.transport.broker.lock();
+            Arc::clone(
+                state
+                    .queues
+                    .entry(self.name.clone())
+                    .or_insert_with(|| Arc::clone(&self.group)),
+            )
+        };
+        let dlq_name = dead_letter_queue_name(&self.name, None, &options);
+        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(&dlq_name);
+        let raw = group.consume(
+            options.visibility_timeout,
+            self.transport.closed.child_token(),
+            None,
+        );
+        Ok(Subscription::new(raw, &options, dead_letter, self.name.clone()))
+    }
+}
