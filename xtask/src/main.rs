@@ -1,1 +1,137 @@
-fn main() {}
+//! Repository automation for evbus, in the style of rust-analyzer's `xtask`: one enum of
+//! subcommands, one module per command, few dependencies.
+//!
+//! Run it through the cargo alias in `.cargo/config.toml`: `cargo xtask <command>`.
+
+mod brokers;
+mod conformance;
+mod test;
+mod tidy;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::{Parser, Subcommand};
+
+/// Errors are messages for a person; every command reports them the same way.
+type Result<T, E = String> = std::result::Result<T, E>;
+
+/// evbus repository tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Xtask {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Everything CI checks, in order: fmt, clippy, the workspace tests (including every
+    /// adapter's conformance target) and tidy. This is the README's test command.
+    Test,
+    /// Runs the conformance target of one adapter, or of every adapter in the workspace.
+    Conformance {
+        /// The adapter to run (`memory`, `redis`, ...); all of them when omitted.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Arguments passed on to the conformance binary (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Checks the local brokers (Redis, RabbitMQ, NATS, PostgreSQL) and says how to start
+    /// those that are down. Exits non-zero while any is down.
+    Brokers {
+        /// Starts the brokers that are down and waits up to 30 s for each port.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Repository hygiene checks (also run as a `#[test]` of this crate).
+    Tidy,
+}
+
+fn main() -> ExitCode {
+    let xtask = Xtask::parse();
+    let result = match xtask.command {
+        Cmd::Test => test::run(),
+        Cmd::Conformance { adapter, args } => conformance::run(adapter.as_deref(), &args),
+        Cmd::Brokers { start } => brokers::run(start),
+        Cmd::Tidy => tidy::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn project_root() -> PathBuf {
+    // Prefer the run-time value: with a target directory shared between clones, it always
+    // names the checkout cargo was invoked in.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}
+
+/// A `cargo` command (the same cargo that runs xtask) in the workspace root.
+fn cargo(args: &[&str]) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(project_root());
+    cmd
+}
+
+/// The command as a person would type it, for messages.
+fn display(cmd: &Command) -> String {
+    let program = cmd.get_program().to_string_lossy();
+    let program = if program.ends_with("cargo") {
+        "cargo".into()
+    } else {
+        program
+    };
+    std::iter::once(program)
+        .chain(cmd.get_args().map(|a| a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` with stderr inherited and stdout streamed through line by line (tee), calling
+/// `on_line` for each stdout line. Returns whether the command succeeded.
+fn run_streaming(mut cmd: Command, mut on_line: impl FnMut(&str)) -> Result<bool> {
+    let shown = display(&cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("could not start `{shown}`: {e}"))?;
+    if let Some(stdout) = child.stdout.take() {
+        let mut reader = BufReader::new(stdout);
+        let mut out = std::io::stdout();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    // Forward the raw bytes; a closed stdout (`| head`) must not stop the child.
+                    let _ = out.write_all(&line).and_then(|()| out.flush());
+                    on_line(String::from_utf8_lossy(&line).trim_end());
+                }
+                Err(e) => return Err(format!("reading the output of `{shown}`: {e}")),
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for `{shown}`: {e}"))?;
+    Ok(status.success())
+}

@@ -300,6 +300,9 @@ mod tests {
     fn no_data_stays_no_data() {
         let e = Event::builder("t", "s").build().unwrap();
         let (headers, body) = encode(&e, HeaderStyle::KAFKA);
-        assert_eq!(decode(headers, body, HeaderStyle::KAFKA).unwrap().data(), None);
+        assert_eq!(
+            decode(headers, body, HeaderStyle::KAFKA).unwrap().data(),
+            None
+        );
     }
 }

@@ -57,7 +57,9 @@ impl Capabilities {
             Capability::PerKeyOrder => self.per_key_order,
             Capability::Persistent => self.persistent,
             Capability::PublishDedup => self.publish_dedup,
-            Capability::CompetingConsumers(n) => self.max_competing_consumers.is_none_or(|m| m >= n),
+            Capability::CompetingConsumers(n) => {
+                self.max_competing_consumers.is_none_or(|m| m >= n)
+            }
             Capability::Payload(n) => self.max_payload_bytes.is_none_or(|m| m >= n),
         }
     }
@@ -71,7 +73,10 @@ impl Capabilities {
             ("persistent", self.persistent.to_string()),
             ("publish-dedup", self.publish_dedup.to_string()),
             ("max-payload-bytes", limit(self.max_payload_bytes)),
-            ("max-competing-consumers", limit(self.max_competing_consumers)),
+            (
+                "max-competing-consumers",
+                limit(self.max_competing_consumers),
+            ),
         ]
     }
 }

@@ -51,7 +51,9 @@ pub trait Acker: Send + Sync {
     /// [`native_delay`](Self::native_delay) is `true`).
     async fn nack_delayed(&self, delay: Duration) -> Result<()> {
         let _ = delay;
-        Err(Error::unsupported("this transport has no native delayed redelivery"))
+        Err(Error::unsupported(
+            "this transport has no native delayed redelivery",
+        ))
     }
 }
 
@@ -143,7 +145,7 @@ impl Delivery {
         &self.event
     }
 
-    /// Takes the event out of the delivery (the delivery can still be settled).
+    /// Mutable access to the event (settling is unaffected: it acts on the broker's copy).
     pub fn event_mut(&mut self) -> &mut Event {
         &mut self.event
     }
@@ -259,7 +261,12 @@ impl Delivery {
 
 /// The event as it is stored in a dead-letter queue: the original plus
 /// [`DEAD_LETTER_REASON`], [`DEAD_LETTER_ATTEMPTS`] and [`DEAD_LETTER_ORIGIN`].
-pub fn dead_letter_event(event: &Event, reason: &str, attempts: u32, origin: &str) -> Result<Event> {
+pub fn dead_letter_event(
+    event: &Event,
+    reason: &str,
+    attempts: u32,
+    origin: &str,
+) -> Result<Event> {
     let mut dead = event.clone();
     dead.set_extension(DEAD_LETTER_REASON, reason)?;
     dead.set_extension(DEAD_LETTER_ATTEMPTS, attempts.to_string())?;

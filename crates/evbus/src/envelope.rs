@@ -226,7 +226,9 @@ impl Event {
                 let text = std::str::from_utf8(bytes).ok();
                 match text.and_then(|t| serde_json::from_str::<&RawValue>(t).ok()) {
                     Some(raw) => data = Some(StructuredData::Raw(raw)),
-                    None => data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    None => {
+                        data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    }
                 }
             } else if is_text_media_type(self.datacontenttype.as_deref()) {
                 match std::str::from_utf8(bytes) {
@@ -290,13 +292,13 @@ impl Event {
                     "unsupported specversion `{other}`; evbus reads CloudEvents 1.0"
                 )));
             }
-            None => return Err(Error::invalid_event("missing required attribute `specversion`")),
+            None => {
+                return Err(Error::invalid_event(
+                    "missing required attribute `specversion`",
+                ));
+            }
         }
-        let mut builder = EventBuilder::decoded(
-            string("id")?,
-            string("source")?,
-            string("type")?,
-        );
+        let mut builder = EventBuilder::decoded(string("id")?, string("source")?, string("type")?);
         if let Some(time) = string("time")? {
             builder = builder.time_str(&time);
         }
@@ -447,7 +449,9 @@ impl EventBuilder {
     pub fn time_str(self, time: &str) -> Self {
         match DateTime::parse_from_rfc3339(time) {
             Ok(t) => self.time(Some(t.with_timezone(&Utc))),
-            Err(e) => self.fail(format!("attribute `time` is not an RFC 3339 timestamp: {e}")),
+            Err(e) => self.fail(format!(
+                "attribute `time` is not an RFC 3339 timestamp: {e}"
+            )),
         }
     }
     /// Sets `dataschema`.
@@ -559,7 +563,12 @@ pub fn format_time(time: DateTime<Utc>) -> String {
 /// Whether a media type denotes JSON (absent counts as JSON).
 pub fn is_json_media_type(media_type: Option<&str>) -> bool {
     let Some(mt) = media_type else { return true };
-    let essence = mt.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = mt
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == APPLICATION_JSON || essence == "text/json" || essence.ends_with("+json")
 }
 
@@ -686,7 +695,10 @@ mod tests {
     #[test]
     fn invalid_extension_names_are_refused() {
         for bad in ["", "Upper", "with-dash", "abcdefghijklmnopqrstu", "subject"] {
-            let err = Event::builder("t", "s").extension(bad, "v").build().unwrap_err();
+            let err = Event::builder("t", "s")
+                .extension(bad, "v")
+                .build()
+                .unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::InvalidEvent, "{bad}");
         }
     }

@@ -121,7 +121,10 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_schemes_name_the_known_ones() {
-        let err = Registry::new().connect("kafka://127.0.0.1:9092").await.unwrap_err();
+        let err = Registry::new()
+            .connect("kafka://127.0.0.1:9092")
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::InvalidConfig);
         assert!(err.message().contains("memory"), "{err}");
         assert!(err.message().contains("evbus-kafka"), "{err}");

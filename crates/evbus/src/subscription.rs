@@ -87,6 +87,16 @@ impl Subscription {
         }
     }
 
+    /// Ends the stream as soon as `signal` completes (the adapter's close signal), even while
+    /// the consumer holds every in-flight slot and the stream is waiting for one to free up.
+    /// Adapters call this with their transport's close signal so that
+    /// [`Transport::close`](crate::Transport::close) ends every subscription promptly.
+    pub fn until(self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        Subscription {
+            inner: self.inner.take_until(signal).boxed(),
+        }
+    }
+
     /// The next delivery, or `None` once the subscription ended (closed transport).
     pub async fn next_delivery(&mut self) -> Option<Result<Delivery>> {
         self.inner.next().await

@@ -175,7 +175,10 @@ impl Group {
         if state.deleted {
             return Err(Error::new(
                 ErrorKind::NotFound,
-                format!("`{}` was deleted; the delivery cannot be settled", self.origin),
+                format!(
+                    "`{}` was deleted; the delivery cannot be settled",
+                    self.origin
+                ),
             ));
         }
         match state.take_in_flight(tag) {
@@ -232,6 +235,7 @@ impl Consumer {
                         attempt,
                         acker: Arc::new(MemoryAcker {
                             group: Arc::clone(&self.group),
+                            closed: self.closed.clone(),
                             tag,
                         }),
                     });
@@ -255,18 +259,32 @@ impl Consumer {
 
 struct MemoryAcker {
     group: Arc<Group>,
+    closed: CancellationToken,
     tag: u64,
+}
+
+impl MemoryAcker {
+    /// Settling through a closed connection fails, as on a real broker; the delivery then
+    /// comes back after its visibility timeout.
+    fn check_open(&self) -> Result<()> {
+        if self.closed.is_cancelled() {
+            return Err(Error::closed("the memory transport"));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
+        self.check_open()?;
         self.group.settle(self.tag, |_, _| {})?;
         self.group.space.notify_waiters();
         Ok(())
     }
 
     async fn nack(&self) -> Result<()> {
+        self.check_open()?;
         self.group
             .settle(self.tag, |state, entry| state.ready.push_front(entry))?;
         self.group.changed.notify_waiters();
@@ -278,6 +296,7 @@ impl Acker for MemoryAcker {
     }
 
     async fn nack_delayed(&self, delay: Duration) -> Result<()> {
+        self.check_open()?;
         let tag = self.tag;
         self.group.settle(tag, |state, entry| {
             state.delayed.insert((Instant::now() + delay, tag));

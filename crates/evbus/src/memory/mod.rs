@@ -554,7 +554,8 @@ impl Topic for MemoryTopic {
             self.transport.closed.child_token(),
             guard,
         );
-        Ok(Subscription::new(raw, consumer, dead_letter, origin))
+        Ok(Subscription::new(raw, consumer, dead_letter, origin)
+            .until(self.transport.closed.clone().cancelled_owned()))
     }
 }
 
@@ -630,6 +631,9 @@ impl Queue for MemoryQueue {
             self.transport.closed.child_token(),
             None,
         );
-        Ok(Subscription::new(raw, &options, dead_letter, self.name.clone()))
+        Ok(
+            Subscription::new(raw, &options, dead_letter, self.name.clone())
+                .until(self.transport.closed.clone().cancelled_owned()),
+        )
     }
 }

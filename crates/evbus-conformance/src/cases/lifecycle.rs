@@ -1,0 +1,439 @@
+//! Transport lifecycle and broker faults.
+
+use evbus::Health;
+
+use super::prelude::*;
+use crate::support::Conn;
+
+/// Expects `op` to fail promptly with `ErrorKind::Closed`.
+async fn expect_closed<V>(what: &str, op: impl Future<Output = evbus::Result<V>>) -> CaseResult {
+    match tokio::time::timeout(Duration::from_secs(10), op).await {
+        Err(_) => fail!("{what} after close did not return within 10s"),
+        Ok(Ok(_)) => fail!("{what} after close succeeded"),
+        Ok(Err(e)) => {
+            ensure!(
+                e.kind() == ErrorKind::Closed,
+                "{what} after close failed with `{e}` (kind {:?}), expected kind Closed",
+                e.kind()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(super) async fn lifecycle_close_flushes_every_accepted_publish<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const BURST: u64 = 200;
+    const BEFORE_CLOSE: usize = 20;
+    let name = ctx.topic_name("t");
+    let consumer = ctx.connect().await?;
+    let ct = bounded("opening the topic", consumer.topic(&name)).await?;
+    let sub = ctx.subscription_name(&name, "s");
+    let mut s = bounded("subscribing", ct.subscribe(ctx.named(&sub))).await?;
+
+    let publisher = ctx.connect().await?;
+    let topic = bounded("opening the topic", publisher.topic(&name)).await?;
+    let events = ctx.events(BURST);
+    let (accepted_tx, mut accepted_rx) = tokio::sync::watch::channel(0usize);
+    let accepted_tx = Arc::new(accepted_tx);
+    let mut tasks = Vec::with_capacity(events.len());
+    for event in events.clone() {
+        let topic = Arc::clone(&topic);
+        let accepted_tx = Arc::clone(&accepted_tx);
+        tasks.push(spawn(async move {
+            let result = topic.publish(&event).await;
+            if result.is_ok() {
+                accepted_tx.send_modify(|n| *n += 1);
+            }
+            (event.id().to_owned(), result)
+        }));
+    }
+    // Close while the burst is in flight (once some publishes have returned).
+    if tokio::time::timeout(WAIT, accepted_rx.wait_for(|n| *n >= BEFORE_CLOSE))
+        .await
+        .is_err()
+    {
+        fail!("fewer than {BEFORE_CLOSE} of {BURST} publishes returned Ok within {WAIT:?}");
+    }
+    bounded("closing the publishing connection", publisher.close()).await?;
+
+    let mut accepted = HashSet::new();
+    for task in tasks {
+        let (id, result) = task.join(WAIT, "a publish").await?;
+        match result {
+            Ok(()) => {
+                accepted.insert(id);
+            }
+            Err(e) => ensure!(
+                e.kind() == ErrorKind::Closed,
+                "a publish racing with close failed with `{e}`, expected Ok or kind Closed"
+            ),
+        }
+    }
+
+    // Every publish that returned Ok is delivered (others may or may not be).
+    let all = ids(&events);
+    let deadline = Instant::now() + WAIT;
+    let mut seen = HashSet::new();
+    while !accepted.is_subset(&seen) {
+        let d = match tokio::time::timeout_at(deadline, s.next_delivery()).await {
+            Err(_) => fail!(
+                "{} of {} accepted publishes were delivered within {WAIT:?}; close lost the rest",
+                accepted.intersection(&seen).count(),
+                accepted.len()
+            ),
+            Ok(None) => fail!("the subscription ended"),
+            Ok(Some(Err(e))) => fail!("the subscription yielded an error: {e}"),
+            Ok(Some(Ok(d))) => d,
+        };
+        let id = d.event().id().to_owned();
+        ensure!(all.contains(&id), "an unexpected event {id} was delivered");
+        ensure!(seen.insert(id.clone()), "event {id} was delivered twice");
+        bounded("acking", d.ack()).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn lifecycle_operations_after_close_fail_with_closed<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let tname = ctx.topic_name("t");
+    let qname = ctx.queue_name("q");
+    let topic = bounded("opening the topic", conn.topic(&tname)).await?;
+    let queue = bounded("opening the queue", conn.queue(&qname)).await?;
+    let event = ctx.event(0);
+    let sub = ctx.subscription_name(&tname, "s");
+    bounded("closing", conn.close()).await?;
+
+    expect_closed("opening a topic", conn.topic(&tname)).await?;
+    expect_closed("opening a queue", conn.queue(&qname)).await?;
+    expect_closed("publishing", topic.publish(&event)).await?;
+    expect_closed(
+        "publishing a batch",
+        topic.publish_batch(std::slice::from_ref(&event)),
+    )
+    .await?;
+    expect_closed("subscribing", topic.subscribe(ctx.named(&sub))).await?;
+    expect_closed("sending", queue.send(&event)).await?;
+    expect_closed(
+        "sending a batch",
+        queue.send_batch(std::slice::from_ref(&event)),
+    )
+    .await?;
+    expect_closed("consuming a queue", queue.receive(ctx.consumer())).await?;
+    expect_closed("deleting a topic", conn.delete_topic(&tname)).await?;
+    expect_closed("deleting a queue", conn.delete_queue(&qname)).await
+}
+
+/// Expects `sub` to end (or report `Closed`) because its connection was closed.
+async fn expect_ended(sub: &mut Subscription, what: &str) -> CaseResult {
+    match tokio::time::timeout(WAIT, sub.next_delivery()).await {
+        Err(_) => fail!("{what} was still open {WAIT:?} after its connection closed"),
+        Ok(None) => Ok(()),
+        Ok(Some(Err(e))) if e.kind() == ErrorKind::Closed => Ok(()),
+        Ok(Some(Err(e))) => fail!("{what} yielded `{e}` after close, expected its end"),
+        Ok(Some(Ok(d))) => fail!("{what} delivered event {} after close", d.event().id()),
+    }
+}
+
+pub(super) async fn lifecycle_close_ends_open_subscriptions<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let other = ctx.connect().await?;
+    let tname = ctx.topic_name("t");
+    let qname = ctx.queue_name("q");
+    let topic = bounded("opening the topic", conn.topic(&tname)).await?;
+    let queue = bounded("opening the queue", conn.queue(&qname)).await?;
+    let mut named = bounded(
+        "subscribing",
+        topic.subscribe(ctx.named(&ctx.subscription_name(&tname, "a"))),
+    )
+    .await?;
+    let mut anonymous = bounded(
+        "subscribing anonymously",
+        topic.subscribe(SubscribeOptions::anonymous().consumer(ctx.consumer())),
+    )
+    .await?;
+    let mut consumer = bounded("consuming the queue", queue.receive(ctx.consumer())).await?;
+    // A subscription of another connection is not affected.
+    let other_topic = bounded("opening the topic", other.topic(&tname)).await?;
+    let other_sub = ctx.subscription_name(&tname, "b");
+    let mut survivor = bounded("subscribing", other_topic.subscribe(ctx.named(&other_sub))).await?;
+
+    bounded("closing", conn.close()).await?;
+    expect_ended(&mut named, "a named subscription").await?;
+    expect_ended(&mut anonymous, "an anonymous subscription").await?;
+    expect_ended(&mut consumer, "a queue consumer").await?;
+
+    let event = ctx.event(0);
+    bounded(
+        "publishing on the other connection",
+        other_topic.publish(&event),
+    )
+    .await?;
+    receive_exactly(
+        &mut survivor,
+        &ids([&event]),
+        WAIT,
+        "the other connection's subscription",
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn lifecycle_close_ends_a_subscription_whose_in_flight_slots_are_all_taken<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let qname = ctx.queue_name("q");
+    let queue = bounded("opening the queue", conn.queue(&qname)).await?;
+    bounded("sending", queue.send_batch(&[ctx.event(0), ctx.event(1)])).await?;
+    let mut consumer = bounded(
+        "consuming the queue",
+        queue.receive(ctx.consumer().max_in_flight(1)),
+    )
+    .await?;
+    // Hold the only in-flight slot: the stream now waits for it to be settled.
+    let _held = next(&mut consumer, WAIT, "the first delivery").await?;
+    bounded("closing", conn.close()).await?;
+    expect_ended(
+        &mut consumer,
+        "a consumer holding its whole in-flight limit",
+    )
+    .await
+}
+
+pub(super) async fn lifecycle_closing_twice_is_ok<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    bounded("the first close", conn.close()).await?;
+    bounded("the second close", conn.close()).await?;
+    Ok(())
+}
+
+pub(super) async fn lifecycle_health_is_healthy_when_open_and_not_after_close<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let health = health_of(&conn).await?;
+    ensure!(
+        health == Health::Healthy,
+        "a new connection reports {health:?}"
+    );
+    bounded("closing", conn.close()).await?;
+    let health = health_of(&conn).await?;
+    ensure!(
+        !health.is_healthy(),
+        "a closed connection reports {health:?}"
+    );
+    Ok(())
+}
+
+async fn health_of<T: Transport + 'static>(conn: &Conn<T>) -> Result<Health, Failure> {
+    tokio::time::timeout(Duration::from_secs(30), conn.health())
+        .await
+        .map_err(|_| Failure("health did not answer within 30s".into()))
+}
+
+/// Polls health every 100 ms until `want` holds, for at most `within`.
+async fn wait_for_health<T: Transport + 'static>(
+    conn: &Conn<T>,
+    want: impl Fn(&Health) -> bool,
+    within: Duration,
+    what: &str,
+) -> CaseResult {
+    let deadline = Instant::now() + within;
+    loop {
+        let health = health_of(conn).await?;
+        if want(&health) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            fail!("{what}: health still {health:?} after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(super) async fn lifecycle_health_reflects_a_broker_outage<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let control = ctx.control()?;
+    let conn = ctx.connect_controlled().await?;
+    wait_for_health(&conn, Health::is_healthy, WAIT, "before the outage").await?;
+    bounded("interrupting the broker", control.interrupt()).await?;
+    wait_for_health(
+        &conn,
+        |h| !h.is_healthy(),
+        Duration::from_secs(30),
+        "during the outage",
+    )
+    .await?;
+    bounded("resuming the broker", control.resume()).await?;
+    wait_for_health(
+        &conn,
+        Health::is_healthy,
+        Duration::from_secs(60),
+        "after the outage",
+    )
+    .await
+}
+
+/// Where the outage cases publish.
+enum Destination {
+    Topic(Arc<dyn Topic>),
+    Queue(Arc<dyn Queue>),
+}
+
+impl Destination {
+    async fn send(&self, event: &Event) -> evbus::Result<()> {
+        match self {
+            Destination::Topic(t) => t.publish(event).await,
+            Destination::Queue(q) => q.send(event).await,
+        }
+    }
+}
+
+/// What the consumer task of an outage case reports.
+enum Seen {
+    Event(String),
+    Error(evbus::Error),
+    Ended,
+}
+
+/// A consumer and a publisher run while the broker goes away and comes back: every publish
+/// that returned Ok is delivered, and the consumer resumes by itself.
+async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseResult {
+    const EVENTS: u64 = 150;
+    const BEFORE_OUTAGE: usize = 30;
+    const OUTAGE: Duration = Duration::from_secs(2);
+    const PER_EVENT: Duration = Duration::from_secs(90);
+    let control = ctx.control()?;
+    let consumer = ctx.connect_controlled().await?;
+    let publisher = ctx.connect_controlled().await?;
+
+    // An acknowledgement lost in the outage means a redelivery after a short visibility
+    // timeout: allowed (at-least-once).
+    let (mut sub, destination) = if on_topic {
+        let name = ctx.topic_name("t");
+        let sub_name = ctx.subscription_name(&name, "s");
+        let topic = bounded("opening the topic", consumer.topic(&name)).await?;
+        let options = SubscribeOptions::named(&sub_name).consumer(ctx.short_consumer());
+        let sub = bounded("subscribing", topic.subscribe(options)).await?;
+        let topic = bounded("opening the topic", publisher.topic(&name)).await?;
+        (sub, Destination::Topic(topic))
+    } else {
+        let name = ctx.queue_name("q");
+        let queue = bounded("opening the queue", consumer.queue(&name)).await?;
+        let sub = bounded("consuming", queue.receive(ctx.short_consumer())).await?;
+        let queue = bounded("opening the queue", publisher.queue(&name)).await?;
+        (sub, Destination::Queue(queue))
+    };
+
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _consumer = spawn(async move {
+        loop {
+            let seen = match sub.next_delivery().await {
+                Some(Ok(d)) => {
+                    let _ = d.ack().await;
+                    Seen::Event(d.event().id().to_owned())
+                }
+                Some(Err(e)) => Seen::Error(e),
+                None => Seen::Ended,
+            };
+            let ended = matches!(seen, Seen::Ended);
+            if seen_tx.send(seen).is_err() || ended {
+                return;
+            }
+        }
+    });
+
+    let events = ctx.events(EVENTS);
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
+    let publishing = spawn(async move {
+        let mut accepted = HashSet::new();
+        for event in &events {
+            let give_up = Instant::now() + PER_EVENT;
+            loop {
+                match tokio::time::timeout_at(give_up, destination.send(event)).await {
+                    Err(_) => fail!("a publish did not return within {PER_EVENT:?} of the outage"),
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) if e.is_retryable() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(Err(e)) => fail!("a publish failed with a non-retryable error: {e}"),
+                }
+            }
+            accepted.insert(event.id().to_owned());
+            count_tx.send_replace(accepted.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(accepted)
+    });
+
+    if tokio::time::timeout(WAIT, count_rx.wait_for(|n| *n >= BEFORE_OUTAGE))
+        .await
+        .is_err()
+    {
+        fail!("fewer than {BEFORE_OUTAGE} publishes succeeded before the outage");
+    }
+    bounded("interrupting the broker", control.interrupt()).await?;
+    // The length of the outage, not an assertion.
+    tokio::time::sleep(OUTAGE).await;
+    match tokio::time::timeout(Duration::from_secs(120), control.resume()).await {
+        Ok(result) => result.context("resuming the broker")?,
+        Err(_) => fail!("resuming the broker did not finish within 120s"),
+    }
+    let accepted: HashSet<String> = publishing.join(PER_EVENT * 2, "the publisher").await??;
+
+    let within = Duration::from_secs(90);
+    let deadline = Instant::now() + within;
+    let mut received = HashSet::new();
+    let mut errors = 0;
+    while !accepted.is_subset(&received) {
+        match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
+            Err(_) => fail!(
+                "{} of {} accepted events were delivered within {within:?} of the outage's end \
+                 ({errors} stream errors); missing e.g. {}",
+                accepted.intersection(&received).count(),
+                accepted.len(),
+                crate::support::sample(accepted.difference(&received))
+            ),
+            Ok(None) | Ok(Some(Seen::Ended)) => {
+                fail!("the consumer's stream ended instead of resuming after the outage")
+            }
+            Ok(Some(Seen::Error(e))) if e.is_retryable() => errors += 1,
+            Ok(Some(Seen::Error(e))) => {
+                fail!("the consumer's stream failed with a non-retryable error: {e}")
+            }
+            Ok(Some(Seen::Event(id))) => {
+                received.insert(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn lifecycle_topic_outage_loses_no_accepted_publish_and_consumers_resume<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    outage(&ctx, true).await
+}
+
+pub(super) async fn lifecycle_queue_outage_loses_no_accepted_send_and_consumers_resume<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    outage(&ctx, false).await
+}

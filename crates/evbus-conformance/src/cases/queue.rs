@@ -1,0 +1,628 @@
+//! Queue (point-to-point) behaviours.
+
+use super::prelude::*;
+use super::samples;
+use crate::support::{Conn, check_dead_lettered, compete, nack_until_dead_lettered};
+
+/// Opens `name` on `conn`.
+async fn open<T: Transport + 'static>(
+    conn: &Conn<T>,
+    name: &str,
+) -> Result<Arc<dyn Queue>, Failure> {
+    bounded(format!("opening queue `{name}`"), conn.queue(name)).await
+}
+
+/// Attaches a consumer to `queue`.
+async fn receive(queue: &dyn Queue, options: ConsumerOptions) -> Result<Subscription, Failure> {
+    bounded(
+        format!("consuming queue `{}`", queue.name()),
+        queue.receive(options),
+    )
+    .await
+}
+
+/// Sends `events` one by one, in order.
+async fn send_all(queue: &dyn Queue, events: &[Event]) -> CaseResult {
+    for event in events {
+        bounded(format!("sending event {}", event.id()), queue.send(event)).await?;
+    }
+    Ok(())
+}
+
+/// Expects a settlement call on an already settled delivery to fail with `AlreadySettled`.
+async fn expect_already_settled<V>(
+    what: &str,
+    op: impl Future<Output = evbus::Result<V>>,
+) -> CaseResult {
+    match tokio::time::timeout(Duration::from_secs(30), op).await {
+        Err(_) => fail!("{what}: did not return"),
+        Ok(Ok(_)) => fail!("{what}: succeeded on a delivery that was already settled"),
+        Ok(Err(e)) => {
+            ensure!(
+                e.kind() == ErrorKind::AlreadySettled,
+                "{what}: failed with `{e}` (kind {:?}), expected kind AlreadySettled",
+                e.kind()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(super) async fn queue_send_receive_ack_delivers_each_event_once<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    // Sent before any consumer exists: the queue keeps them.
+    let events = ctx.events(20);
+    send_all(&*queue, &events).await?;
+    let mut c = receive(&*queue, ctx.short_consumer()).await?;
+    let got = receive_exactly(&mut c, &ids(&events), WAIT, "the consumer").await?;
+    for (event, attempt) in &got {
+        ensure!(
+            *attempt == 1,
+            "first delivery of event {} says attempt {attempt}",
+            event.id()
+        );
+    }
+    // Acked events do not come back, not even after the visibility timeout.
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "the consumer",
+    )
+    .await
+}
+
+pub(super) async fn queue_competing_consumers_handle_each_event_exactly_once<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let name = ctx.queue_name("q");
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        let conn = ctx.connect().await?;
+        let queue = open(&conn, &name).await?;
+        consumers.push(receive(&*queue, ctx.consumer().max_in_flight(1)).await?);
+    }
+    let sender = ctx.connect().await?;
+    let events: Vec<Event> = (0..60)
+        .map(|i| ctx.keyed_event(&format!("k{}", i % 12), i))
+        .collect();
+    send_all(&*open(&sender, &name).await?, &events).await?;
+    compete(consumers, &ids(&events), "3 competing consumers").await?;
+    Ok(())
+}
+
+pub(super) async fn queue_envelope_round_trips_byte_exact<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let sender = ctx.connect().await?;
+    let receiver = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let events = samples::all(&ctx);
+    send_all(&*open(&sender, &name).await?, &events).await?;
+    let mut c = receive(&*open(&receiver, &name).await?, ctx.consumer()).await?;
+    let got = receive_exactly(&mut c, &ids(&events), WAIT, "the consumer").await?;
+    let got = by_id(&got);
+    for event in &events {
+        same_event(event, got[event.id()])?;
+    }
+    Ok(())
+}
+
+pub(super) async fn queue_send_batch_delivers_every_event<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let events = ctx.events(50);
+    bounded("sending a batch", queue.send_batch(&events)).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    receive_exactly(&mut c, &ids(&events), WAIT, "the consumer").await?;
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
+pub(super) async fn queue_nack_redelivers_with_the_attempt_count_increased<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    for attempt in 1..=3 {
+        let d = next(&mut c, WAIT, &format!("delivery {attempt}")).await?;
+        ensure!(
+            d.event().id() == event.id() && d.attempt() == attempt,
+            "expected event {} attempt {attempt}, got event {} attempt {}",
+            event.id(),
+            d.event().id(),
+            d.attempt()
+        );
+        if attempt < 3 {
+            let settled = bounded("nacking", d.nack(None)).await?;
+            ensure!(
+                settled == Settlement::Nacked,
+                "nack returned {settled:?}, expected Nacked"
+            );
+        } else {
+            bounded("acking", d.ack()).await?;
+        }
+    }
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
+pub(super) async fn queue_nack_with_delay_redelivers_no_sooner_than_the_delay<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const DELAY: Duration = Duration::from_millis(500);
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    let d = next(&mut c, WAIT, "the first delivery").await?;
+    let nacked_at = Instant::now();
+    let settled = bounded("nacking with a delay", d.nack(Some(DELAY))).await?;
+    ensure!(
+        settled == Settlement::Nacked,
+        "nack returned {settled:?}, expected Nacked"
+    );
+
+    let again = next(&mut c, WAIT, "the delayed redelivery").await?;
+    let after = nacked_at.elapsed();
+    ensure!(
+        again.event().id() == event.id() && again.attempt() == 2,
+        "expected event {} attempt 2, got event {} attempt {}",
+        event.id(),
+        again.event().id(),
+        again.attempt()
+    );
+    ensure!(
+        after >= DELAY,
+        "the event was redelivered {after:?} after a nack with a {DELAY:?} delay"
+    );
+    bounded("acking", again.ack()).await?;
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
+pub(super) async fn queue_nack_with_delay_does_not_hold_back_later_events<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const DELAY: Duration = Duration::from_millis(1000);
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let delayed = ctx.event(0);
+    bounded("sending", queue.send(&delayed)).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    let d = next(&mut c, WAIT, "the first delivery").await?;
+    let nacked_at = Instant::now();
+    bounded("nacking with a delay", d.nack(Some(DELAY))).await?;
+
+    let later = ctx.event(1);
+    bounded("sending a later event", queue.send(&later)).await?;
+    let d = next(&mut c, WAIT, "the later event").await?;
+    let waited = nacked_at.elapsed();
+    ensure!(
+        d.event().id() == later.id(),
+        "the delayed event came back (attempt {}) before the later event",
+        d.attempt()
+    );
+    ensure!(
+        waited < DELAY,
+        "the later event arrived only {waited:?} after the nack, not before the {DELAY:?} delay \
+         ran out: the delayed event held it back"
+    );
+    bounded("acking the later event", d.ack()).await?;
+
+    let again = next(&mut c, WAIT, "the delayed redelivery").await?;
+    ensure!(
+        again.event().id() == delayed.id() && again.attempt() == 2,
+        "expected the delayed event attempt 2, got event {} attempt {}",
+        again.event().id(),
+        again.attempt()
+    );
+    ensure!(
+        nacked_at.elapsed() >= DELAY,
+        "the delayed event came back {:?} after the nack, sooner than its {DELAY:?} delay",
+        nacked_at.elapsed()
+    );
+    bounded("acking", again.ack()).await?;
+    Ok(())
+}
+
+pub(super) async fn queue_unacked_events_of_a_vanished_consumer_are_redelivered_to_another<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let name = ctx.queue_name("q");
+    let sender = ctx.connect().await?;
+    let queue = open(&sender, &name).await?;
+    let events = ctx.events(3);
+    send_all(&*queue, &events).await?;
+
+    // Consumer A takes every event and holds them unsettled...
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let mut held = Vec::new();
+    for _ in 0..events.len() {
+        held.push(next(&mut ca, WAIT, "consumer A").await?);
+    }
+    // ...consumer B is live...
+    let b = ctx.connect().await?;
+    let mut cb = receive(&*open(&b, &name).await?, ctx.short_consumer()).await?;
+    // ...and A vanishes: its subscription and its connection go away.
+    drop(held);
+    drop(ca);
+    bounded("closing consumer A's connection", a.close()).await?;
+
+    let got = receive_exactly(&mut cb, &ids(&events), WAIT, "consumer B").await?;
+    for (event, attempt) in &got {
+        ensure!(
+            *attempt == 2,
+            "event {} came back to consumer B with attempt {attempt}, expected 2",
+            event.id()
+        );
+    }
+    queue_sentinel(&ctx, &*queue, &mut cb, QUIET, "consumer B").await
+}
+
+pub(super) async fn queue_max_attempts_dead_letters_with_reason_and_attempt_count<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let queue = open(&conn, &name).await?;
+    let options = ctx.consumer().max_attempts(3);
+    let poison = ctx.event(0);
+    let others: Vec<Event> = (1..4).map(|i| ctx.event(i)).collect();
+    bounded("sending the poison event", queue.send(&poison)).await?;
+    send_all(&*queue, &others).await?;
+    let mut c = receive(&*queue, options.clone()).await?;
+    nack_until_dead_lettered(&mut c, &poison, &ids(&others), 3, "the consumer").await?;
+
+    let dlq_name = dead_letter_queue_name(&name, None, &options);
+    let mut dead = receive(&*open(&conn, &dlq_name).await?, ctx.consumer()).await?;
+    let d = next(
+        &mut dead,
+        WAIT,
+        &format!("the dead-letter queue `{dlq_name}`"),
+    )
+    .await?;
+    check_dead_lettered(d.event(), &poison, None, 3, &name)?;
+    ensure!(
+        !d.event()
+            .extension(DEAD_LETTER_REASON)
+            .unwrap_or_default()
+            .is_empty(),
+        "the dead letter has no reason"
+    );
+    bounded("acking the dead letter", d.ack()).await?;
+
+    // Later events still flow.
+    let later = ctx.events(3);
+    send_all(&*queue, &later).await?;
+    receive_exactly(
+        &mut c,
+        &ids(&later),
+        WAIT,
+        "the consumer after dead-lettering",
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn queue_event_whose_consumer_vanished_on_the_last_attempt_is_dead_lettered<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let name = ctx.queue_name("q");
+    let options = ctx.short_consumer().max_attempts(1);
+    let sender = ctx.connect().await?;
+    let queue = open(&sender, &name).await?;
+    let poison = ctx.event(0);
+    bounded("sending", queue.send(&poison)).await?;
+
+    // A takes its only allowed delivery and vanishes.
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, options.clone()).await?;
+    let d = next(&mut ca, WAIT, "consumer A").await?;
+    ensure!(
+        d.attempt() == 1,
+        "first delivery says attempt {}",
+        d.attempt()
+    );
+    drop(d);
+    drop(ca);
+    bounded("closing consumer A's connection", a.close()).await?;
+
+    // B consumes on; the expired delivery must reach the dead-letter queue, not B.
+    let b = ctx.connect().await?;
+    let mut cb = receive(&*open(&b, &name).await?, options.clone()).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _consumer = spawn(async move {
+        while let Some(item) = cb.next_delivery().await {
+            let item = match item {
+                Ok(d) => {
+                    let _ = d.ack().await;
+                    Ok((d.event().id().to_owned(), d.attempt()))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if tx.send(item).is_err() {
+                break;
+            }
+        }
+    });
+
+    let dlq_name = dead_letter_queue_name(&name, None, &options);
+    let mut dead = receive(&*open(&sender, &dlq_name).await?, ctx.consumer()).await?;
+    let d = next(
+        &mut dead,
+        WAIT,
+        &format!("the dead-letter queue `{dlq_name}`"),
+    )
+    .await?;
+    check_dead_lettered(d.event(), &poison, None, 2, &name)?;
+    bounded("acking the dead letter", d.ack()).await?;
+
+    // B never saw it, and keeps flowing.
+    let sentinel = ctx.sentinel();
+    bounded("sending the sentinel", queue.send(&sentinel)).await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => fail!("consumer B did not receive the sentinel within {WAIT:?}"),
+            Ok(None) => fail!("consumer B stopped"),
+            Ok(Some(Err(e))) => fail!("consumer B's subscription yielded an error: {e}"),
+            Ok(Some(Ok((id, attempt)))) => {
+                ensure!(
+                    id != poison.id(),
+                    "consumer B received the event (attempt {attempt}) although its last \
+                     allowed attempt was used"
+                );
+                if id == sentinel.id() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn queue_explicit_dead_letter_moves_the_event_with_its_reason<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const REASON: &str = "rejected by the consumer: total must be ≥ 0 ✗";
+    let conn = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let queue = open(&conn, &name).await?;
+    let options = ctx.short_consumer();
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+    let mut c = receive(&*queue, options.clone()).await?;
+    let d = next(&mut c, WAIT, "the consumer").await?;
+    bounded("dead-lettering", d.dead_letter(REASON)).await?;
+    ensure!(
+        d.is_settled(),
+        "the delivery is not settled after dead_letter"
+    );
+
+    let dlq_name = dead_letter_queue_name(&name, None, &options);
+    let mut dead = receive(&*open(&conn, &dlq_name).await?, ctx.consumer()).await?;
+    let got = next(
+        &mut dead,
+        WAIT,
+        &format!("the dead-letter queue `{dlq_name}`"),
+    )
+    .await?;
+    check_dead_lettered(got.event(), &event, Some(REASON), 1, &name)?;
+    bounded("acking the dead letter", got.ack()).await?;
+    // The original was acked: it does not come back, even after the visibility timeout.
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "the consumer",
+    )
+    .await
+}
+
+pub(super) async fn queue_acking_twice_is_an_already_settled_error<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    bounded("sending", queue.send(&ctx.event(0))).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    let d = next(&mut c, WAIT, "the consumer").await?;
+    bounded("the first ack", d.ack()).await?;
+    expect_already_settled("a second ack", d.ack()).await?;
+    expect_already_settled("a nack after ack", d.nack(None)).await?;
+    expect_already_settled("a dead_letter after ack", d.dead_letter("too late")).await?;
+    ensure!(d.is_settled(), "the delivery does not say it is settled");
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
+pub(super) async fn queue_acking_after_nack_is_an_already_settled_error<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    let d = next(&mut c, WAIT, "the consumer").await?;
+    let settled = bounded("nacking", d.nack(None)).await?;
+    ensure!(
+        settled == Settlement::Nacked,
+        "nack returned {settled:?}, expected Nacked"
+    );
+    expect_already_settled("an ack after nack", d.ack()).await?;
+    expect_already_settled("a second nack", d.nack(None)).await?;
+
+    // The redelivery is a new delivery with its own, unsettled handle.
+    let again = next(&mut c, WAIT, "the redelivery").await?;
+    ensure!(
+        again.event().id() == event.id() && again.attempt() == 2,
+        "expected event {} attempt 2, got event {} attempt {}",
+        event.id(),
+        again.event().id(),
+        again.attempt()
+    );
+    bounded("acking the redelivery", again.ack()).await?;
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
+pub(super) async fn queue_in_flight_limit_holds_back_deliveries_until_one_is_settled<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let events = ctx.events(5);
+    send_all(&*queue, &events).await?;
+    let mut c = receive(&*queue, ctx.consumer().max_in_flight(3)).await?;
+    let mut held = Vec::new();
+    for i in 1..=3 {
+        held.push(
+            next(
+                &mut c,
+                WAIT,
+                &format!("delivery {i} of 3 allowed in flight"),
+            )
+            .await?,
+        );
+    }
+    // Two more are ready, but three are unsettled: nothing more comes.
+    match tokio::time::timeout(QUIET * 2, c.next_delivery()).await {
+        Err(_) => {}
+        Ok(Some(Ok(d))) => fail!(
+            "a 4th delivery (event {}) arrived while 3 were unsettled with max_in_flight 3",
+            d.event().id()
+        ),
+        Ok(Some(Err(e))) => fail!("the subscription yielded an error: {e}"),
+        Ok(None) => fail!("the subscription ended"),
+    }
+    // Settling one releases exactly one more.
+    let first = held.remove(0);
+    bounded("acking one", first.ack()).await?;
+    let fourth = next(&mut c, WAIT, "the 4th delivery, after one was settled").await?;
+    held.push(fourth);
+    match tokio::time::timeout(QUIET, c.next_delivery()).await {
+        Err(_) => {}
+        Ok(Some(Ok(d))) => fail!(
+            "a 5th delivery (event {}) arrived while 3 were unsettled with max_in_flight 3",
+            d.event().id()
+        ),
+        Ok(Some(Err(e))) => fail!("the subscription yielded an error: {e}"),
+        Ok(None) => fail!("the subscription ended"),
+    }
+    // A nack settles too.
+    let settled = bounded("nacking one", held.remove(0).nack(None)).await?;
+    ensure!(settled == Settlement::Nacked, "nack returned {settled:?}");
+    let mut seen: HashSet<String> = ids(held.iter().map(|d| d.event()));
+    seen.insert(first.event().id().to_owned());
+    for d in held {
+        bounded("acking", d.ack()).await?;
+    }
+    // What is left (the 5th and the nacked one) arrives.
+    let mut left = ids(&events);
+    left.retain(|id| !seen.contains(id));
+    let got = receive_exactly(&mut c, &left, WAIT, "the rest").await?;
+    seen.extend(got.into_iter().map(|(e, _)| e.id().to_owned()));
+    ensure!(seen == ids(&events), "not every event arrived");
+    Ok(())
+}
+
+pub(super) async fn queue_large_payload_round_trips<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const SIZE: usize = 1 << 20;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..SIZE)
+        .map(|_| {
+            // xorshift64: incompressible, every byte value.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        })
+        .collect();
+    let event = Event::builder("evbus.conformance.large", ctx.source())
+        .data("application/octet-stream", data)
+        .build()
+        .expect("valid");
+    let sender = ctx.connect().await?;
+    let receiver = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    bounded("sending 1 MiB", open(&sender, &name).await?.send(&event)).await?;
+    let mut c = receive(&*open(&receiver, &name).await?, ctx.consumer()).await?;
+    let got = receive_exactly(&mut c, &ids([&event]), WAIT, "the consumer").await?;
+    same_event(&event, &got[0].0)
+}
+
+pub(super) async fn queue_oversized_payload_fails_with_too_large<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let Some(limit) = ctx.caps.max_payload_bytes else {
+        fail!("the transport declares no max_payload_bytes");
+    };
+    let big = Event::builder("evbus.conformance.oversized", ctx.source())
+        .data("application/octet-stream", vec![0x5a; limit + 1])
+        .build()
+        .expect("valid");
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let tname = ctx.topic_name("t");
+    let topic = bounded("opening the topic", conn.topic(&tname)).await?;
+    let sub = ctx.subscription_name(&tname, "s");
+    let mut s = bounded("subscribing", topic.subscribe(ctx.named(&sub))).await?;
+
+    let check = |what: &str, result: evbus::Result<()>| -> CaseResult {
+        match result {
+            Ok(()) => fail!(
+                "{what} of {} data bytes succeeded although the transport declares \
+                 max_payload_bytes {limit}",
+                limit + 1
+            ),
+            Err(e) if e.kind() == ErrorKind::TooLarge => Ok(()),
+            Err(e) => fail!(
+                "{what} failed with `{e}` (kind {:?}), expected TooLarge",
+                e.kind()
+            ),
+        }
+    };
+    let sent = tokio::time::timeout(Duration::from_secs(60), queue.send(&big)).await;
+    check(
+        "sending",
+        sent.map_err(|_| Failure("sending did not return".into()))?,
+    )?;
+    let published = tokio::time::timeout(Duration::from_secs(60), topic.publish(&big)).await;
+    check(
+        "publishing",
+        published.map_err(|_| Failure("publishing did not return".into()))?,
+    )?;
+
+    // The queue and the topic still work, and the oversized event never arrives.
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the queue consumer").await?;
+    topic_sentinel(&ctx, &*topic, &mut s, QUIET, "the topic subscription").await
+}

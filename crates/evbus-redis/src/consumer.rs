@@ -1,0 +1,1132 @@
+//! Consumers: a task per consumer reading its consumer group, and the [`Acker`] that settles
+//! each delivery.
+//!
+//! The task owns a dedicated connection. When the subscription asks for a delivery it hands
+//! out one it already fetched, or fetches up to the consumer's free in-flight slots:
+//!
+//! 1. *takeover* (every `claim_interval`, at least twice per visibility timeout, and at once
+//!    after a local nack): the [`RECLAIM`](crate::scripts::RECLAIM) script claims pending
+//!    entries idle for the visibility timeout (their consumer vanished, or they were nacked),
+//!    skipping delayed redeliveries not yet due; the attempt is the entry's delivery count;
+//! 2. otherwise `XREADGROUP ... COUNT n BLOCK ms STREAMS key >` for new entries (attempt 1).
+//!
+//! A blocking read is interrupted with `CLIENT UNBLOCK` (never by dropping it, which would
+//! lose the entries of its reply) when the subscription is dropped, the transport closes or
+//! a local nack wants a takeover now. Entries fetched but never handed out are given back
+//! ([`RELEASE`](crate::scripts::RELEASE)) when the consumer stops, and after a lost reply.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use evbus::binding::{self, HeaderStyle};
+use evbus::{Acker, ConsumerOptions, Error, ErrorKind, Event, Queue, RawDelivery, Result};
+use futures::Stream;
+use redis::{RedisError, Value};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Retention;
+use crate::connection::{Backoff, BlockingConnection, bytes_of, int_of, string_of};
+use crate::error::{from_redis, is_no_group};
+use crate::keys::{ANONYMOUS_GROUP_PREFIX, StreamKeys};
+use crate::publisher::DATA_FIELD;
+use crate::scripts::{self, NOT_PENDING, RELEASED_IDLE_MS, SETTLED, TAKEN_OVER};
+use crate::transport::{RedisTransport, Shared};
+
+/// The type of the placeholder event dead-lettered in place of an entry that is not a
+/// CloudEvent (see the crate README).
+pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.redis.undecodable";
+
+/// How often a consumer of a trimmed topic checks how far its subscription lags.
+const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What a consumer needs to know about the group it reads.
+pub(crate) struct ConsumerSpec {
+    pub(crate) keys: StreamKeys,
+    pub(crate) group: String,
+    /// `topic/group` or the queue name, for dead-letter records and logs.
+    pub(crate) origin: String,
+    /// An anonymous subscription's group is destroyed when its consumer stops.
+    pub(crate) anonymous: bool,
+    /// Queues delete acknowledged entries.
+    pub(crate) delete_on_ack: bool,
+    /// Warn when the group lags close to the retention limit.
+    pub(crate) check_lag: bool,
+    pub(crate) options: ConsumerOptions,
+    pub(crate) dead_letter: Arc<dyn Queue>,
+}
+
+/// The name of a new anonymous subscription's group: `evbus.anonymous.<unix ms>.<random>`.
+pub(crate) fn anonymous_group_name() -> String {
+    format!(
+        "{ANONYMOUS_GROUP_PREFIX}{}.{}",
+        unix_millis(),
+        uuid::Uuid::now_v7().simple()
+    )
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// State shared by a consumer's task and the ack handles of its deliveries.
+struct ConsumerState {
+    shared: Arc<Shared>,
+    keys: StreamKeys,
+    group: String,
+    consumer: String,
+    delete_on_ack: bool,
+    /// Deliveries handed out and not settled (or dropped) yet: `(entry id, delivery count)`.
+    held: Mutex<HashSet<(String, u32)>>,
+    /// A takeover scan is wanted now (set by a nack).
+    reclaim_now: AtomicBool,
+    wake: Notify,
+}
+
+impl ConsumerState {
+    fn held(&self) -> MutexGuard<'_, HashSet<(String, u32)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Attaches a new consumer to `spec.group` and returns its stream of deliveries.
+pub(crate) async fn start(
+    transport: &RedisTransport,
+    spec: ConsumerSpec,
+) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static> {
+    let shared = Arc::clone(&transport.shared);
+    let consumer = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    // Register the consumer now, so XINFO shows it (and the anonymous sweeper sees it alive)
+    // before its first read.
+    let mut create = redis::cmd("XGROUP");
+    create
+        .arg("CREATECONSUMER")
+        .arg(&spec.keys.stream)
+        .arg(&spec.group)
+        .arg(&consumer);
+    shared
+        .query::<Value>(
+            &create,
+            &format!(
+                "joining consumer group `{}` on `{}`",
+                spec.group, spec.keys.stream
+            ),
+        )
+        .await?;
+    let state = Arc::new(ConsumerState {
+        shared: Arc::clone(&shared),
+        keys: spec.keys,
+        group: spec.group,
+        consumer,
+        delete_on_ack: spec.delete_on_ack,
+        held: Mutex::new(HashSet::new()),
+        reclaim_now: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    let config = &shared.config;
+    let visibility = spec.options.visibility_timeout;
+    let claim_interval = config
+        .claim_interval
+        .min((visibility / 2).max(Duration::from_millis(10)));
+    let now = Instant::now();
+    let task = ConsumerTask {
+        conn: BlockingConnection::new(shared.client.clone(), config),
+        backoff: Backoff::new(config),
+        cancel: shared.cancel.child_token(),
+        state,
+        max_in_flight: spec.options.max_in_flight.max(1),
+        visibility,
+        claim_interval,
+        origin: spec.origin,
+        anonymous: spec.anonymous,
+        check_lag: spec.check_lag,
+        dead_letter: spec.dead_letter,
+        buffer: VecDeque::new(),
+        unsent: Vec::new(),
+        cursor: "-".to_owned(),
+        next_reclaim: now,
+        next_lag_check: now,
+        needs_recovery: false,
+    };
+    let (requests, inbox) = mpsc::channel::<oneshot::Sender<RawDelivery>>(1);
+    shared.tasks.spawn(task.run(inbox));
+    Ok(futures::stream::unfold(requests, |requests| async move {
+        let (reply, delivery) = oneshot::channel();
+        requests.send(reply).await.ok()?;
+        let raw = delivery.await.ok()?;
+        Some((Ok(raw), requests))
+    }))
+}
+
+/// One entry fetched from the stream, not yet handed out.
+struct Fetched {
+    id: String,
+    count: u32,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    at: Instant,
+}
+
+enum Step {
+    Deliver(Box<RawDelivery>, String, u32),
+    /// The subscription went away or the transport is closing.
+    Interrupted,
+    /// The stream or group was deleted.
+    End,
+}
+
+struct ConsumerTask {
+    state: Arc<ConsumerState>,
+    conn: BlockingConnection,
+    backoff: Backoff,
+    cancel: CancellationToken,
+    max_in_flight: usize,
+    visibility: Duration,
+    claim_interval: Duration,
+    origin: String,
+    anonymous: bool,
+    check_lag: bool,
+    dead_letter: Arc<dyn Queue>,
+    buffer: VecDeque<Fetched>,
+    /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
+    unsent: Vec<(String, u32)>,
+    cursor: String,
+    next_reclaim: Instant,
+    next_lag_check: Instant,
+    needs_recovery: bool,
+}
+
+impl ConsumerTask {
+    async fn run(mut self, mut requests: mpsc::Receiver<oneshot::Sender<RawDelivery>>) {
+        loop {
+            let mut reply = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                request = requests.recv() => match request {
+                    Some(reply) => reply,
+                    None => break,
+                },
+            };
+            match self.next_delivery(&mut reply).await {
+                Step::Deliver(raw, id, count) => {
+                    if reply.send(*raw).is_err() {
+                        self.unsent.push((id, count));
+                    }
+                }
+                Step::Interrupted => {}
+                Step::End => break,
+            }
+        }
+        drop(requests);
+        self.shutdown().await;
+    }
+
+    async fn next_delivery(&mut self, reply: &mut oneshot::Sender<RawDelivery>) -> Step {
+        loop {
+            while let Some(fetched) = self.buffer.pop_front() {
+                if fetched.at.elapsed() >= self.visibility {
+                    // Its visibility timeout ran out while it waited here: any consumer (this
+                    // one included) takes it over with its next scan.
+                    continue;
+                }
+                match decode(&fetched.fields) {
+                    Ok(event) => return self.hand_out(event, fetched),
+                    Err(e) => self.dead_letter_undecodable(fetched, e).await,
+                }
+            }
+            if self.cancel.is_cancelled() || reply.is_closed() {
+                return Step::Interrupted;
+            }
+            match self.fetch(reply).await {
+                Ok(()) => self.backoff.reset(),
+                Err(e) if is_no_group(&e) => {
+                    tracing::warn!(
+                        origin = %self.origin,
+                        "the stream or consumer group was deleted; the subscription ends"
+                    );
+                    return Step::End;
+                }
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        origin = %self.origin,
+                        error = %e,
+                        retry_in = ?delay,
+                        "Redis consumer lost its connection; reconnecting"
+                    );
+                    self.conn.reset();
+                    self.needs_recovery = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => return Step::Interrupted,
+                        _ = reply.closed() => return Step::Interrupted,
+                    }
+                }
+            }
+        }
+    }
+
+    fn hand_out(&self, event: Event, fetched: Fetched) -> Step {
+        let Fetched { id, count, .. } = fetched;
+        self.state.held().insert((id.clone(), count));
+        let acker = RedisAcker {
+            state: Arc::clone(&self.state),
+            id: id.clone(),
+            count,
+            held: AtomicBool::new(true),
+        };
+        let raw = RawDelivery {
+            event,
+            attempt: count,
+            acker: Arc::new(acker),
+        };
+        Step::Deliver(Box::new(raw), id, count)
+    }
+
+    /// Fills the buffer (or returns after a blocking read found nothing).
+    async fn fetch(
+        &mut self,
+        reply: &mut oneshot::Sender<RawDelivery>,
+    ) -> std::result::Result<(), RedisError> {
+        let free = self
+            .max_in_flight
+            .saturating_sub(self.state.held().len())
+            .max(1);
+        if self.needs_recovery {
+            self.recover().await?;
+            self.needs_recovery = false;
+            self.next_reclaim = Instant::now();
+        }
+        let now = Instant::now();
+        if self.state.reclaim_now.swap(false, Ordering::AcqRel) || now >= self.next_reclaim {
+            self.next_reclaim = now + self.claim_interval;
+            if self.reclaim(free).await? > 0 {
+                return Ok(());
+            }
+        }
+        if self.check_lag && now >= self.next_lag_check {
+            self.next_lag_check = now + LAG_CHECK_INTERVAL;
+            self.warn_on_lag().await;
+        }
+        let block = self
+            .next_reclaim
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), self.state.shared.config.block);
+        self.read_new(free, block, reply).await
+    }
+
+    /// `XREADGROUP ... >`: new entries, attempt 1.
+    async fn read_new(
+        &mut self,
+        count: usize,
+        block: Duration,
+        reply: &mut oneshot::Sender<RawDelivery>,
+    ) -> std::result::Result<(), RedisError> {
+        let mut conn = self.conn.get().await?.clone();
+        let client_id = self.conn.client_id();
+        let state = &self.state;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&state.keys.stream)
+            .arg(">");
+        let read = async move { cmd.query_async::<Value>(&mut conn).await };
+        tokio::pin!(read);
+        let mut unblocked = false;
+        let value = loop {
+            tokio::select! {
+                value = &mut read => break value?,
+                _ = interrupted(&self.cancel, state, reply), if !unblocked => {
+                    // Never drop the read: its reply may carry entries now pending for us.
+                    unblocked = true;
+                    unblock(&state.shared, client_id).await;
+                }
+            }
+        };
+        let at = Instant::now();
+        for (id, fields) in parse_read_reply(value)? {
+            self.buffer.push_back(Fetched {
+                id,
+                count: 1,
+                fields,
+                at,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes over entries idle past the visibility timeout, nacked, or due after a delay.
+    async fn reclaim(&mut self, count: usize) -> std::result::Result<usize, RedisError> {
+        let state = &self.state;
+        let conn = self.conn.get().await?;
+        let value: Value = scripts::RECLAIM
+            .key(&state.keys.stream)
+            .key(&state.keys.delayed)
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg(self.visibility.as_millis() as u64)
+            .arg(&self.cursor)
+            .arg(count)
+            .invoke_async(conn)
+            .await?;
+        let (cursor, claimed) = parse_reclaim_reply(value)?;
+        if cursor != "-" {
+            // More of the pending list to scan: go on at the next fetch.
+            self.next_reclaim = Instant::now();
+        }
+        self.cursor = cursor;
+        let at = Instant::now();
+        let n = claimed.len();
+        for (id, fields, count) in claimed {
+            self.buffer.push_back(Fetched {
+                id,
+                count,
+                fields,
+                at,
+            });
+        }
+        Ok(n)
+    }
+
+    /// After a lost reply, gives back what Redis may have handed to this consumer without
+    /// the reply arriving: this consumer's pending entries that it neither holds nor buffers.
+    async fn recover(&mut self) -> std::result::Result<(), RedisError> {
+        let state = Arc::clone(&self.state);
+        let conn = self.conn.get().await?;
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&state.keys.stream)
+            .arg(&state.group)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg(&state.consumer)
+            .query_async(conn)
+            .await?;
+        let held: HashSet<String> = state.held().iter().map(|(id, _)| id.clone()).collect();
+        let lost: Vec<(String, u32)> = parse_pending(&pending)
+            .into_iter()
+            .filter(|p| p.idle_ms < RELEASED_IDLE_MS)
+            .filter(|p| !held.contains(&p.id))
+            .filter(|p| !self.buffer.iter().any(|f| f.id == p.id))
+            .map(|p| (p.id, p.count))
+            .collect();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let released = release(conn, &state, &lost).await?;
+        tracing::debug!(origin = %self.origin, released, "gave back entries whose delivery reply was lost");
+        Ok(())
+    }
+
+    /// Sends an entry that is not a CloudEvent to the dead-letter queue, then acknowledges it.
+    async fn dead_letter_undecodable(&mut self, fetched: Fetched, error: Error) {
+        let placeholder = match placeholder_event(&self.state.keys.stream, &fetched) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::error!(error = %e, "could not build the dead-letter record of an undecodable entry");
+                return;
+            }
+        };
+        let reason = format!("undecodable entry: {}", error.message());
+        let dead = match evbus::delivery::dead_letter_event(
+            &placeholder,
+            &reason,
+            fetched.count,
+            &self.origin,
+        ) {
+            Ok(dead) => dead,
+            Err(e) => {
+                tracing::error!(error = %e, "could not build the dead-letter record of an undecodable entry");
+                return;
+            }
+        };
+        tracing::warn!(
+            origin = %self.origin,
+            entry = %fetched.id,
+            %reason,
+            dead_letter_queue = self.dead_letter.name(),
+            "dead-lettering an entry that is not a CloudEvent"
+        );
+        if let Err(e) = self.dead_letter.send(&dead).await {
+            tracing::warn!(error = %e, entry = %fetched.id, "could not dead-letter an undecodable entry; it stays pending and is retried after the visibility timeout");
+            return;
+        }
+        let acker = RedisAcker {
+            state: Arc::clone(&self.state),
+            id: fetched.id,
+            count: fetched.count,
+            held: AtomicBool::new(false),
+        };
+        if let Err(e) = acker.settle(Settle::Ack).await {
+            tracing::warn!(error = %e, "could not acknowledge a dead-lettered undecodable entry");
+        }
+    }
+
+    /// Logs a warning when trimming is about to drop entries this group has not read.
+    async fn warn_on_lag(&mut self) {
+        let state = Arc::clone(&self.state);
+        let Ok(conn) = self.conn.get().await else {
+            return;
+        };
+        let info: Value = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&state.keys.stream)
+            .query_async(conn)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read consumer group lag");
+                return;
+            }
+        };
+        let Some(group) = parse_records(&info)
+            .into_iter()
+            .find(|g| g.get("name").and_then(string_of).as_deref() == Some(&state.group))
+        else {
+            return;
+        };
+        let lag = group.get("lag").and_then(int_of);
+        let last_ms = group
+            .get("last-delivered-id")
+            .and_then(string_of)
+            .and_then(|id| id.split('-').next()?.parse::<u64>().ok());
+        let retention = state.shared.config.retention;
+        if let Some(warning) = lag_warning(retention, lag, last_ms, unix_millis()) {
+            tracing::warn!(origin = %self.origin, "{warning}");
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let state = Arc::clone(&self.state);
+        let mut give_back = std::mem::take(&mut self.unsent);
+        give_back.extend(self.buffer.drain(..).map(|f| (f.id, f.count)));
+        let timeout = state.shared.config.command_timeout;
+        let mut conn = state.shared.conn();
+        if !give_back.is_empty() {
+            match tokio::time::timeout(timeout, release(&mut conn, &state, &give_back)).await {
+                Ok(Ok(n)) => {
+                    tracing::debug!(origin = %self.origin, released = n, "gave back undelivered entries");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(origin = %self.origin, error = %e, "could not give back undelivered entries; they are redelivered after the visibility timeout");
+                }
+                Err(_) => {
+                    tracing::warn!(origin = %self.origin, "giving back undelivered entries timed out; they are redelivered after the visibility timeout");
+                }
+            }
+        }
+        let leave = async {
+            if self.anonymous {
+                redis::cmd("XGROUP")
+                    .arg("DESTROY")
+                    .arg(&state.keys.stream)
+                    .arg(&state.group)
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            } else {
+                scripts::LEAVE
+                    .key(&state.keys.stream)
+                    .arg(&state.group)
+                    .arg(&state.consumer)
+                    .invoke_async::<Value>(&mut conn)
+                    .await
+                    .map(drop)
+            }
+        };
+        match tokio::time::timeout(timeout, leave).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_no_group(&e) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(origin = %self.origin, error = %e, "could not leave the consumer group")
+            }
+            Err(_) => {
+                tracing::debug!(origin = %self.origin, "leaving the consumer group timed out")
+            }
+        }
+    }
+}
+
+/// Completes when the current blocking read should be cut short: the transport closes, the
+/// subscription was dropped, or a nack asked for a takeover scan (a wake-up left over from
+/// a nack already handled is ignored).
+async fn interrupted(
+    cancel: &CancellationToken,
+    state: &ConsumerState,
+    reply: &mut oneshot::Sender<RawDelivery>,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = reply.closed() => return,
+            _ = state.wake.notified() => {
+                if state.reclaim_now.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Ends a blocking read early (`CLIENT UNBLOCK`); the read then returns what it has.
+async fn unblock(shared: &Shared, client_id: Option<i64>) {
+    let Some(id) = client_id else { return };
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("UNBLOCK").arg(id);
+    let result = tokio::time::timeout(
+        shared.config.command_timeout,
+        shared.query::<Value>(&cmd, "CLIENT UNBLOCK"),
+    )
+    .await;
+    if let Ok(Err(e)) = result {
+        // Without it the read ends at its BLOCK timeout: slower, still correct.
+        tracing::debug!(error = %e, "CLIENT UNBLOCK failed");
+    }
+}
+
+async fn release<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    state: &ConsumerState,
+    entries: &[(String, u32)],
+) -> std::result::Result<i64, RedisError> {
+    let mut released = 0;
+    for chunk in entries.chunks(256) {
+        let mut invocation = scripts::RELEASE.key(&state.keys.stream);
+        invocation.arg(&state.group).arg(&state.consumer);
+        for (id, count) in chunk {
+            invocation.arg(id).arg(*count);
+        }
+        released += invocation.invoke_async::<i64>(conn).await?;
+    }
+    Ok(released)
+}
+
+/// Destroys anonymous subscriptions' groups on `stream` left behind by processes that died:
+/// older than `anonymous_ttl`, with no consumer seen for that long.
+pub(crate) async fn sweep_anonymous(shared: &Shared, stream: &str) -> Result<()> {
+    let ttl = shared.config.anonymous_ttl.as_millis() as u64;
+    let now = unix_millis();
+    let mut cmd = redis::cmd("XINFO");
+    cmd.arg("GROUPS").arg(stream);
+    let groups: Value = match cmd.query_async(&mut shared.conn()).await {
+        Ok(v) => v,
+        Err(e) if e.code() == Some("ERR") => return Ok(()), // no such key yet
+        Err(e) => return Err(from_redis(e, "listing consumer groups")),
+    };
+    for group in parse_records(&groups) {
+        let Some(name) = group.get("name").and_then(string_of) else {
+            continue;
+        };
+        let Some(created) = name
+            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|ms| ms.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if now.saturating_sub(created) < ttl {
+            continue;
+        }
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("CONSUMERS").arg(stream).arg(&name);
+        let consumers: Value = shared.query(&cmd, "listing consumers").await?;
+        let alive = parse_records(&consumers).iter().any(|c| {
+            c.get("idle")
+                .and_then(int_of)
+                .is_some_and(|idle| (idle as u64) < ttl)
+        });
+        if alive {
+            continue;
+        }
+        let mut destroy = redis::cmd("XGROUP");
+        destroy.arg("DESTROY").arg(stream).arg(&name);
+        shared
+            .query::<Value>(&destroy, "destroying a stale anonymous subscription")
+            .await?;
+        tracing::info!(stream, group = %name, "destroyed a stale anonymous subscription");
+    }
+    Ok(())
+}
+
+/// The warning to log, if trimming threatens entries the group has not read yet.
+fn lag_warning(
+    retention: Retention,
+    lag: Option<i64>,
+    last_delivered_ms: Option<u64>,
+    now_ms: u64,
+) -> Option<String> {
+    let lag = lag?;
+    if lag <= 0 {
+        return None;
+    }
+    match retention {
+        Retention::Unlimited => None,
+        Retention::MaxLen { entries } => (lag as u64 >= entries / 5 * 4).then(|| {
+            format!(
+                "subscription lags {lag} entries behind the end of its topic and retention keeps \
+                 about {entries}: events it has not read yet are about to be trimmed \
+                 (consume faster or raise the MaxLen retention)"
+            )
+        }),
+        Retention::MaxAge { age } => {
+            let age_ms = age.as_millis() as u64;
+            let oldest_unread = last_delivered_ms?;
+            (now_ms.saturating_sub(oldest_unread) >= age_ms / 5 * 4).then(|| {
+                format!(
+                    "subscription lags {lag} entries behind, the oldest unread about {} s old, \
+                     and retention keeps {} s: events it has not read yet are about to be \
+                     trimmed (consume faster or raise the MaxAge retention)",
+                    now_ms.saturating_sub(oldest_unread) / 1000,
+                    age_ms / 1000
+                )
+            })
+        }
+    }
+}
+
+/// The ack handle of one delivery: entry `id`, delivered for the `count`-th time.
+struct RedisAcker {
+    state: Arc<ConsumerState>,
+    id: String,
+    count: u32,
+    held: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Nack(Duration),
+}
+
+impl RedisAcker {
+    fn unhold(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.state.held().remove(&(self.id.clone(), self.count));
+        }
+    }
+
+    async fn settle(&self, how: Settle) -> Result<()> {
+        let state = &self.state;
+        let _op = state.shared.begin()?;
+        let mut conn = state.shared.conn();
+        let (result, what) = match how {
+            Settle::Ack => (
+                scripts::ACK
+                    .key(&state.keys.stream)
+                    .arg(&state.group)
+                    .arg(&state.consumer)
+                    .arg(&self.id)
+                    .arg(self.count)
+                    .arg(if state.delete_on_ack { "1" } else { "0" })
+                    .invoke_async::<i64>(&mut conn)
+                    .await,
+                "acknowledging",
+            ),
+            Settle::Nack(delay) => (
+                scripts::NACK
+                    .key(&state.keys.stream)
+                    .key(&state.keys.delayed)
+                    .arg(&state.group)
+                    .arg(&state.consumer)
+                    .arg(&self.id)
+                    .arg(self.count)
+                    .arg(delay.as_millis() as u64)
+                    .invoke_async::<i64>(&mut conn)
+                    .await,
+                "negatively acknowledging",
+            ),
+        };
+        let what = || {
+            format!(
+                "{what} entry {} of `{}` (group `{}`)",
+                self.id, state.keys.stream, state.group
+            )
+        };
+        match result.map_err(|e| from_redis(e, &what()))? {
+            SETTLED => {
+                self.unhold();
+                Ok(())
+            }
+            NOT_PENDING => Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "{}: the entry is no longer pending: it exceeded its visibility timeout, was \
+                     handed to another consumer and settled there, or was deleted",
+                    what()
+                ),
+            )),
+            TAKEN_OVER => Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "{}: the delivery exceeded its visibility timeout and was handed out again; \
+                     settle faster or raise the visibility timeout",
+                    what()
+                ),
+            )),
+            other => Err(Error::new(
+                ErrorKind::Internal,
+                format!("{}: unexpected script result {other}", what()),
+            )),
+        }
+    }
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        self.unhold();
+    }
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn ack(&self) -> Result<()> {
+        self.settle(Settle::Ack).await
+    }
+
+    async fn nack(&self) -> Result<()> {
+        self.settle(Settle::Nack(Duration::ZERO)).await?;
+        // Let this consumer take it over right away instead of at its next scan.
+        self.state.reclaim_now.store(true, Ordering::Release);
+        self.state.wake.notify_one();
+        Ok(())
+    }
+
+    fn native_delay(&self) -> bool {
+        true
+    }
+
+    async fn nack_delayed(&self, delay: Duration) -> Result<()> {
+        self.settle(Settle::Nack(delay.max(Duration::from_millis(1))))
+            .await
+    }
+}
+
+/// Decodes a stream entry written in CloudEvents binary mode.
+pub(crate) fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Event> {
+    let mut headers = Vec::with_capacity(fields.len());
+    let mut body = Bytes::new();
+    for (name, value) in fields {
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        if name == DATA_FIELD {
+            body = Bytes::copy_from_slice(value);
+        } else if name.starts_with(HeaderStyle::REDIS.prefix)
+            || name == HeaderStyle::REDIS.content_type
+        {
+            let value = String::from_utf8(value.clone())
+                .map_err(|_| Error::invalid_event(format!("field `{name}` is not UTF-8 text")))?;
+            headers.push((name.to_owned(), value));
+        }
+    }
+    binding::decode(headers, body, HeaderStyle::REDIS)
+}
+
+/// The event dead-lettered in place of an entry that is not a CloudEvent: type
+/// [`UNDECODABLE_EVENT_TYPE`], id `<stream>/<entry id>`, and as JSON data every field of the
+/// entry (`{"fields": {name: text}}`, with `{"base64": ...}` for values that are not UTF-8).
+fn placeholder_event(stream: &str, fetched: &Fetched) -> Result<Event> {
+    let mut fields = serde_json::Map::new();
+    for (name, value) in &fetched.fields {
+        let value = match std::str::from_utf8(value) {
+            Ok(text) => serde_json::Value::String(text.to_owned()),
+            Err(_) => serde_json::json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(value)
+            }),
+        };
+        fields.insert(String::from_utf8_lossy(name).into_owned(), value);
+    }
+    Event::builder(UNDECODABLE_EVENT_TYPE, format!("redis:{stream}"))
+        .id(format!("{stream}/{}", fetched.id))
+        .json(&serde_json::json!({ "stream": stream, "entry": fetched.id, "fields": fields }))?
+        .build()
+}
+
+// ---- reply parsing --------------------------------------------------------------------------
+
+fn unexpected(what: &'static str) -> RedisError {
+    RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
+}
+
+fn into_items(value: Value) -> Option<Vec<Value>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        Value::Map(pairs) => Some(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+fn items_of(value: &Value) -> Option<&[Value]> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        _ => None,
+    }
+}
+
+fn into_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One `[id, [field, value, ...]]` entry.
+fn parse_entry(value: Value) -> Option<(String, Fields)> {
+    let mut parts = into_items(value)?.into_iter();
+    let id = String::from_utf8(into_bytes(parts.next()?)?).ok()?;
+    let mut flat = into_items(parts.next()?)?.into_iter();
+    let mut fields = Vec::new();
+    while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+        fields.push((into_bytes(name)?, into_bytes(value)?));
+    }
+    Some((id, fields))
+}
+
+/// `XREADGROUP` reply: `[[key, [entry, ...]]]`, or nil when the block timed out.
+fn parse_read_reply(value: Value) -> std::result::Result<Vec<(String, Fields)>, RedisError> {
+    let streams =
+        into_items(value).ok_or_else(|| unexpected("XREADGROUP reply is not an array"))?;
+    let mut entries = Vec::new();
+    let mut streams = streams.into_iter();
+    while let Some(stream) = streams.next() {
+        // RESP2: [key, entries]; RESP3 maps arrive flattened as key, entries.
+        let entry_list = match stream {
+            Value::Array(mut pair) if pair.len() == 2 => pair.pop().unwrap_or(Value::Nil),
+            _ => streams.next().unwrap_or(Value::Nil),
+        };
+        for entry in into_items(entry_list).unwrap_or_default() {
+            entries.push(parse_entry(entry).ok_or_else(|| unexpected("malformed stream entry"))?);
+        }
+    }
+    Ok(entries)
+}
+
+/// `RECLAIM` reply: `[cursor, [[id, fields, count], ...]]`.
+/// Entries taken over: id, fields and delivery count.
+type Claimed = Vec<(String, Fields, u32)>;
+
+fn parse_reclaim_reply(value: Value) -> std::result::Result<(String, Claimed), RedisError> {
+    let bad = || unexpected("malformed reclaim script reply");
+    let mut parts = into_items(value).ok_or_else(bad)?.into_iter();
+    let cursor = parts.next().as_ref().and_then(string_of).ok_or_else(bad)?;
+    let mut claimed = Vec::new();
+    for item in into_items(parts.next().ok_or_else(bad)?).ok_or_else(bad)? {
+        let mut item = into_items(item).ok_or_else(bad)?.into_iter();
+        let (id, fields) = (item.next(), item.next());
+        let count = item.next().as_ref().and_then(int_of).ok_or_else(bad)?;
+        let entry = Value::Array(vec![id.ok_or_else(bad)?, fields.ok_or_else(bad)?]);
+        let (id, fields) = parse_entry(entry).ok_or_else(bad)?;
+        claimed.push((id, fields, u32::try_from(count.max(1)).unwrap_or(u32::MAX)));
+    }
+    Ok((cursor, claimed))
+}
+
+struct PendingEntry {
+    id: String,
+    idle_ms: i64,
+    count: u32,
+}
+
+/// Extended `XPENDING` reply: `[[id, consumer, idle ms, count], ...]`.
+fn parse_pending(value: &Value) -> Vec<PendingEntry> {
+    items_of(value)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|item| {
+            let item = items_of(item)?;
+            Some(PendingEntry {
+                id: string_of(item.first()?)?,
+                idle_ms: int_of(item.get(2)?)?,
+                count: u32::try_from(int_of(item.get(3)?)?).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A list of records as `XINFO` returns them: each a flat `[name, value, ...]` array.
+fn parse_records(value: &Value) -> Vec<Record<'_>> {
+    items_of(value)
+        .unwrap_or_default()
+        .iter()
+        .map(|record| match record {
+            Value::Map(pairs) => Record(pairs.iter().map(|(k, v)| (k, v)).collect()),
+            other => Record(
+                items_of(other)
+                    .unwrap_or_default()
+                    .chunks(2)
+                    .filter_map(|pair| Some((pair.first()?, pair.get(1)?)))
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+struct Record<'a>(Vec<(&'a Value, &'a Value)>);
+
+impl<'a> Record<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| bytes_of(k) == Some(name.as_bytes()))
+            .map(|(_, v)| *v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields(pairs: &[(&str, &[u8])]) -> Fields {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn entries_written_by_xadd_decode_to_the_same_event() {
+        let event = Event::builder("afterOrderCreate", "/shop")
+            .json(&serde_json::json!({"name": "Zoë"}))
+            .unwrap()
+            .subject("o 1")
+            .build()
+            .unwrap();
+        let cmd = crate::publisher::xadd("s", Retention::Unlimited, &event);
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .skip(3)
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let fields: Fields = args
+            .chunks(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        assert_eq!(decode(&fields).unwrap(), event);
+    }
+
+    #[test]
+    fn foreign_fields_are_ignored_and_missing_attributes_refused() {
+        let ok = fields(&[
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"1"),
+            ("ce_source", b"s"),
+            ("ce_type", b"t"),
+            ("producer", b"legacy"),
+        ]);
+        assert_eq!(decode(&ok).unwrap().id(), "1");
+        let err = decode(&fields(&[("order", b"{}")])).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEvent);
+        let err = decode(&fields(&[
+            ("ce_specversion", b"1.0"),
+            ("ce_id", &[0xff, 0xfe]),
+        ]))
+        .unwrap_err();
+        assert!(err.message().contains("ce_id"), "{err}");
+    }
+
+    #[test]
+    fn undecodable_entries_become_a_placeholder_keeping_every_field() {
+        let fetched = Fetched {
+            id: "1-0".to_owned(),
+            count: 2,
+            fields: fields(&[("order", b"{\"id\":1}"), ("blob", &[0xff, 0x00])]),
+            at: Instant::now(),
+        };
+        let event = placeholder_event("evbus:topic:{t}", &fetched).unwrap();
+        assert_eq!(event.ty(), UNDECODABLE_EVENT_TYPE);
+        assert_eq!(event.id(), "evbus:topic:{t}/1-0");
+        let data: serde_json::Value = event.json().unwrap();
+        assert_eq!(data["fields"]["order"], "{\"id\":1}");
+        assert_eq!(data["fields"]["blob"]["base64"], "/wA=");
+    }
+
+    #[test]
+    fn read_replies_parse_and_nil_means_nothing_new() {
+        assert!(parse_read_reply(Value::Nil).unwrap().is_empty());
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("k"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![bulk("ce_id"), bulk("a"), bulk("data"), bulk("x")]),
+            ])]),
+        ])]);
+        let entries = parse_read_reply(reply).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].0, "1-0");
+        assert_eq!(entries[0].1[1], (b"data".to_vec(), b"x".to_vec()));
+    }
+
+    #[test]
+    fn reclaim_replies_carry_the_delivery_count() {
+        let reply = Value::Array(vec![
+            bulk("(5-0"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("5-0"),
+                Value::Array(vec![bulk("f"), bulk("v")]),
+                Value::Int(3),
+            ])]),
+        ]);
+        let (cursor, claimed) = parse_reclaim_reply(reply).unwrap();
+        assert_eq!(cursor, "(5-0");
+        assert_eq!(claimed[0].0, "5-0");
+        assert_eq!(claimed[0].2, 3);
+    }
+
+    #[test]
+    fn anonymous_group_names_carry_their_creation_time() {
+        let name = anonymous_group_name();
+        let ms: u64 = name
+            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(unix_millis() - ms < 60_000);
+    }
+
+    #[test]
+    fn lag_warnings_fire_near_the_retention_limit() {
+        let by_len = Retention::MaxLen { entries: 1000 };
+        assert!(lag_warning(by_len, Some(100), None, 0).is_none());
+        assert!(
+            lag_warning(by_len, Some(800), None, 0)
+                .unwrap()
+                .contains("800 entries")
+        );
+        assert!(lag_warning(by_len, None, None, 0).is_none());
+        let by_age = Retention::MaxAge {
+            age: Duration::from_secs(100),
+        };
+        assert!(lag_warning(by_age, Some(5), Some(50_000), 100_000).is_none());
+        assert!(lag_warning(by_age, Some(5), Some(10_000), 100_000).is_some());
+        assert!(lag_warning(Retention::Unlimited, Some(1_000_000), None, 0).is_none());
+    }
+}

@@ -1,0 +1,355 @@
+//! Topics and queues: publishing with `XADD`, and attaching consumers.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use evbus::binding::{self, HeaderStyle};
+use evbus::{
+    ConsumerOptions, Error, ErrorKind, Event, Queue, Result, StartPosition, SubscribeOptions,
+    Subscription, Topic, dead_letter_queue_name,
+};
+use redis::Value;
+
+use crate::config::Retention;
+use crate::consumer::{self, ConsumerSpec};
+use crate::error::from_redis;
+use crate::keys::{ANONYMOUS_GROUP_PREFIX, QUEUE_GROUP, StreamKeys, check_name};
+use crate::transport::RedisTransport;
+
+/// The stream field carrying the event data (the CloudEvents binary-mode body).
+pub(crate) const DATA_FIELD: &str = "data";
+
+/// Most `XADD`s sent in one pipeline by a batch publish.
+const PIPELINE_CHUNK: usize = 500;
+
+/// Builds the `XADD` of one event: `ce_*` attribute fields, `content-type`, then `data`.
+pub(crate) fn xadd(stream: &str, retention: Retention, event: &Event) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream);
+    match retention {
+        Retention::Unlimited => {}
+        Retention::MaxLen { entries } => {
+            cmd.arg("MAXLEN").arg("~").arg(entries);
+        }
+        Retention::MaxAge { age } => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .saturating_sub(age);
+            cmd.arg("MINID").arg("~").arg(now.as_millis() as u64);
+        }
+    }
+    cmd.arg("*");
+    let (headers, body) = binding::encode(event, HeaderStyle::REDIS);
+    for (name, value) in &headers {
+        cmd.arg(name).arg(value);
+    }
+    if event.data().is_some() {
+        cmd.arg(DATA_FIELD).arg(body.as_ref());
+    }
+    cmd
+}
+
+fn check_size(event: &Event, limit: usize) -> Result<()> {
+    let size = event.encoded_len();
+    if size > limit {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "event {} is {size} bytes; this Redis transport accepts at most {limit} \
+                 (max_payload_bytes)",
+                event.id()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Appends `events` to `stream`, in order; `Ok` once Redis replied to every `XADD`.
+async fn append(
+    transport: &RedisTransport,
+    stream: &str,
+    retention: Retention,
+    events: &[Event],
+    what: &str,
+) -> Result<()> {
+    let shared = &transport.shared;
+    let _op = shared.begin()?;
+    for event in events {
+        check_size(event, shared.config.max_payload_bytes)?;
+    }
+    if let [event] = events {
+        shared
+            .query::<Value>(&xadd(stream, retention, event), what)
+            .await?;
+        return Ok(());
+    }
+    for chunk in events.chunks(PIPELINE_CHUNK) {
+        let mut pipe = redis::pipe();
+        for event in chunk {
+            pipe.add_command(xadd(stream, retention, event));
+        }
+        pipe.query_async::<Vec<Value>>(&mut shared.conn())
+            .await
+            .map_err(|e| from_redis(e, what))?;
+    }
+    Ok(())
+}
+
+/// A topic: one stream; each subscription is a consumer group on it.
+#[derive(Debug)]
+pub(crate) struct RedisTopic {
+    name: String,
+    keys: StreamKeys,
+    transport: RedisTransport,
+}
+
+impl RedisTopic {
+    pub(crate) fn new(name: &str, transport: RedisTransport) -> Self {
+        RedisTopic {
+            name: name.to_owned(),
+            keys: transport.shared.keys.topic(name),
+            transport,
+        }
+    }
+
+    async fn publish_all(&self, events: &[Event]) -> Result<()> {
+        let what = format!("publishing to topic `{}`", self.name);
+        let retention = self.transport.shared.config.retention;
+        append(&self.transport, &self.keys.stream, retention, events, &what).await
+    }
+}
+
+#[async_trait]
+impl Topic for RedisTopic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.publish_all(events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let shared = &self.transport.shared;
+        let _op = shared.begin()?;
+        let start = match options.start {
+            StartPosition::Latest => "$",
+            StartPosition::Earliest => "0",
+        };
+        let (group, anonymous) = match &options.subscription {
+            Some(name) => {
+                check_name("subscription", name)?;
+                if name.starts_with(ANONYMOUS_GROUP_PREFIX) {
+                    return Err(Error::invalid_config(format!(
+                        "subscription names starting with `{ANONYMOUS_GROUP_PREFIX}` are \
+                         reserved for anonymous subscriptions"
+                    )));
+                }
+                (name.clone(), false)
+            }
+            None => {
+                if let Err(e) = consumer::sweep_anonymous(shared, &self.keys.stream).await {
+                    tracing::debug!(error = %e, topic = %self.name, "could not sweep stale anonymous subscriptions");
+                }
+                (consumer::anonymous_group_name(), true)
+            }
+        };
+        shared
+            .ensure_group(&self.keys.stream, &group, start)
+            .await?;
+        let dlq = dead_letter_queue_name(
+            &self.name,
+            options.subscription.as_deref(),
+            &options.consumer,
+        );
+        let dead_letter: Arc<dyn Queue> = Arc::new(self.transport.queue_handle(&dlq));
+        let origin = format!("{}/{group}", self.name);
+        let check_lag = shared.config.retention != Retention::Unlimited;
+        let raw = consumer::start(
+            &self.transport,
+            ConsumerSpec {
+                keys: self.keys.clone(),
+                group,
+                origin: origin.clone(),
+                anonymous,
+                delete_on_ack: false,
+                check_lag,
+                options: options.consumer.clone(),
+                dead_letter: Arc::clone(&dead_letter),
+            },
+        )
+        .await?;
+        Ok(
+            Subscription::new(raw, &options.consumer, dead_letter, origin)
+                .until(shared.cancel.clone().cancelled_owned()),
+        )
+    }
+}
+
+/// A queue: one stream with one consumer group every consumer joins. Acknowledged entries
+/// are deleted, so the stream holds only what is waiting or in flight.
+#[derive(Debug)]
+pub(crate) struct RedisQueue {
+    name: String,
+    keys: StreamKeys,
+    transport: RedisTransport,
+}
+
+impl RedisQueue {
+    pub(crate) fn new(name: &str, transport: RedisTransport) -> Self {
+        RedisQueue {
+            name: name.to_owned(),
+            keys: transport.shared.keys.queue(name),
+            transport,
+        }
+    }
+
+    async fn send_all(&self, events: &[Event]) -> Result<()> {
+        let what = format!("sending to queue `{}`", self.name);
+        append(
+            &self.transport,
+            &self.keys.stream,
+            Retention::Unlimited,
+            events,
+            &what,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        self.send_all(std::slice::from_ref(event)).await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.send_all(events).await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        let shared = &self.transport.shared;
+        let _op = shared.begin()?;
+        // From the start of the stream: everything sent before the first consumer came.
+        shared
+            .ensure_group(&self.keys.stream, QUEUE_GROUP, "0")
+            .await?;
+        let dlq = dead_letter_queue_name(&self.name, None, &options);
+        let dead_letter: Arc<dyn Queue> = Arc::new(self.transport.queue_handle(&dlq));
+        let raw = consumer::start(
+            &self.transport,
+            ConsumerSpec {
+                keys: self.keys.clone(),
+                group: QUEUE_GROUP.to_owned(),
+                origin: self.name.clone(),
+                anonymous: false,
+                delete_on_ack: true,
+                check_lag: false,
+                options: options.clone(),
+                dead_letter: Arc::clone(&dead_letter),
+            },
+        )
+        .await?;
+        Ok(
+            Subscription::new(raw, &options, dead_letter, self.name.clone())
+                .until(shared.cancel.clone().cancelled_owned()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cmd: &redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "<cursor>".to_owned(),
+            })
+            .collect()
+    }
+
+    fn event() -> Event {
+        Event::builder("afterOrderCreate", "/shop/orders")
+            .id("e-1")
+            .json(&serde_json::json!({"orderId": "o-1"}))
+            .unwrap()
+            .partition_key("o-1")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn xadd_writes_binary_mode_fields_then_data() {
+        let a = args(&xadd(
+            "evbus:topic:{orders}",
+            Retention::Unlimited,
+            &event(),
+        ));
+        assert_eq!(&a[..3], ["XADD", "evbus:topic:{orders}", "*"]);
+        let fields: Vec<_> = a[3..]
+            .chunks(2)
+            .map(|p| (p[0].as_str(), p[1].as_str()))
+            .collect();
+        assert_eq!(fields[0], ("ce_specversion", "1.0"));
+        assert_eq!(fields[1], ("ce_id", "e-1"));
+        assert!(fields.contains(&("ce_type", "afterOrderCreate")));
+        assert!(fields.contains(&("ce_partitionkey", "o-1")));
+        assert!(fields.contains(&("content-type", "application/json")));
+        assert_eq!(fields.last(), Some(&("data", r#"{"orderId":"o-1"}"#)));
+    }
+
+    #[test]
+    fn xadd_trims_approximately_when_retention_is_set() {
+        let a = args(&xadd("s", Retention::MaxLen { entries: 1000 }, &event()));
+        assert_eq!(&a[..5], ["XADD", "s", "MAXLEN", "~", "1000"]);
+        let a = args(&xadd(
+            "s",
+            Retention::MaxAge {
+                age: std::time::Duration::from_secs(60),
+            },
+            &event(),
+        ));
+        assert_eq!(&a[..4], ["XADD", "s", "MINID", "~"]);
+        let min_id: u64 = a[4].parse().unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(
+            min_id <= now - 59_000 && min_id >= now - 61_000,
+            "{min_id} vs {now}"
+        );
+    }
+
+    #[test]
+    fn events_without_data_have_no_data_field() {
+        let e = Event::builder("t", "s").build().unwrap();
+        let a = args(&xadd("s", Retention::Unlimited, &e));
+        assert!(!a.iter().any(|f| f == DATA_FIELD));
+    }
+
+    #[test]
+    fn oversized_events_are_refused_with_the_limit() {
+        let err = check_size(&event(), 10).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(err.message().contains("max_payload_bytes"), "{err}");
+    }
+}

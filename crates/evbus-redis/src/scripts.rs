@@ -1,0 +1,148 @@
+//! The Lua scripts that settle and take over deliveries atomically.
+//!
+//! Each script touches only the keys of one destination (a stream and its delayed set, which
+//! share a hash tag), so they run unchanged on Redis Cluster. A delivery is identified by
+//! its entry id *and* its delivery count: a settlement succeeds only while the entry is still
+//! pending for this consumer with the same count, so a consumer whose delivery expired and
+//! was handed out again cannot settle the new delivery by mistake.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Idle time marking an entry as "take over now": `XCLAIM ... TIME 1` sets its last delivery
+/// to the Unix epoch, so every consumer's visibility timeout has passed.
+pub(crate) const RELEASED_IDLE_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// Result of a settlement script: settled.
+pub(crate) const SETTLED: i64 = 1;
+/// Result of a settlement script: the entry is no longer pending (acked by another
+/// consumer after a takeover, or deleted).
+pub(crate) const NOT_PENDING: i64 = 0;
+/// Result of a settlement script: the entry was handed out again (another consumer or a
+/// later delivery owns it now).
+pub(crate) const TAKEN_OVER: i64 = -1;
+
+const CHECK_OWNER: &str = r#"
+local function owned(stream, group, consumer, id, count)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if #p == 0 then return 0 end
+  if p[1][2] ~= consumer or tostring(p[1][4]) ~= count then return -1 end
+  return 1
+end
+"#;
+
+/// Acknowledges one delivery.
+///
+/// KEYS: stream. ARGV: group, consumer, id, delivery count, `1` to also delete the entry
+/// (queues).
+pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{CHECK_OWNER}
+local state = owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if state ~= 1 then return state end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[5] == '1' then redis.call('XDEL', KEYS[1], ARGV[3]) end
+return 1
+"#
+    ))
+});
+
+/// Negatively acknowledges one delivery: the entry stays pending but becomes idle "forever",
+/// so the next takeover scan of any consumer redelivers it (with its count increased). With
+/// a delay, a member of the delayed set holds the takeover back until it is due.
+///
+/// KEYS: stream, delayed set. ARGV: group, consumer, id, delivery count, delay in ms.
+pub(crate) static NACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"redis.replicate_commands()
+{CHECK_OWNER}
+local state = owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if state ~= 1 then return state end
+local delay = tonumber(ARGV[5])
+if delay > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[2], now + delay, ARGV[3] .. ' ' .. ARGV[1])
+end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'TIME', 1, 'JUSTID')
+return 1
+"#
+    ))
+});
+
+/// Takes over entries for this consumer: pending entries idle for at least the visibility
+/// timeout (their consumer vanished, or they were nacked or released) that are not held back
+/// by a delay still running. Returns `{next cursor, {{id, fields, delivery count}, ...}}`.
+///
+/// KEYS: stream, delayed set. ARGV: group, consumer, min idle ms, start (`-` or `(<id>`),
+/// count.
+pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.replicate_commands()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local count = tonumber(ARGV[5])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', count)
+local claimed = {}
+local last = nil
+for _, p in ipairs(pending) do
+  last = p[1]
+  local member = p[1] .. ' ' .. ARGV[1]
+  local due = redis.call('ZSCORE', KEYS[2], member)
+  if (not due) or tonumber(due) <= now then
+    local entries = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1])
+    if due then redis.call('ZREM', KEYS[2], member) end
+    local e = entries[1]
+    if e and e[2] then
+      claimed[#claimed + 1] = {e[1], e[2], p[4] + 1}
+    end
+  end
+end
+local cursor = '-'
+if last and #pending >= count then cursor = '(' .. last end
+return {cursor, claimed}
+"#,
+    )
+});
+
+/// Gives back entries this consumer fetched but never handed to the application (it is
+/// shutting down, or a reply was lost): each becomes immediately available to the group
+/// again, with its delivery count restored to what it was before this consumer took it.
+///
+/// KEYS: stream. ARGV: group, consumer, then pairs of id and delivery count.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local released = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p > 0 and p[1][2] == ARGV[2] and tostring(p[1][4]) == ARGV[i + 1] then
+    local count = math.max(tonumber(ARGV[i + 1]) - 1, 0)
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'TIME', 1, 'RETRYCOUNT', count, 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"#,
+    )
+});
+
+/// Removes a consumer from its group if it holds no pending entries (removing one that
+/// does would lose them).
+///
+/// KEYS: stream. ARGV: group, consumer.
+pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});

@@ -1,0 +1,529 @@
+//! Behaviour specific to the Redis adapter (what the conformance suite cannot see from the
+//! outside), against the Redis at `EVBUS_REDIS_URL` (default `redis://127.0.0.1:6379`).
+//!
+//! Every test uses its own key prefix and deletes its keys at the end. When no Redis answers,
+//! the tests print a warning and pass, unless `CI` or `EVBUS_REQUIRE_BROKERS` is set.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evbus::delivery::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_REASON};
+use evbus::{
+    ConsumerOptions, ErrorKind, Event, Registry, SubscribeOptions, Subscription, Transport,
+};
+use evbus_redis::{RedisConfig, RedisConnector, RedisTransport, Retention};
+use futures::StreamExt;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn url() -> String {
+    std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A transport with a key prefix of its own, and a raw connection to look at the keys.
+struct Env {
+    transport: RedisTransport,
+    raw: MultiplexedConnection,
+    prefix: String,
+}
+
+impl Env {
+    async fn new() -> Option<Env> {
+        Self::with(|_| {}).await
+    }
+
+    async fn with(adjust: impl FnOnce(&mut RedisConfig)) -> Option<Env> {
+        let prefix = format!("evbus-test-{}:", uuid::Uuid::now_v7().simple());
+        let mut config = RedisConfig::from_url(&url()).unwrap();
+        config.key_prefix = prefix.clone();
+        adjust(&mut config);
+        let transport = match RedisTransport::connect(config).await {
+            Ok(t) => t,
+            Err(e) if !evbus_conformance::require_brokers() => {
+                eprintln!("WARNING: Redis test skipped, no Redis at {}: {e}", url());
+                return None;
+            }
+            Err(e) => panic!("no Redis at {}: {e}", url()),
+        };
+        let raw = redis::Client::open(url().as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        Some(Env {
+            transport,
+            raw,
+            prefix,
+        })
+    }
+
+    async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        cmd.query_async(&mut self.raw.clone()).await.unwrap()
+    }
+
+    async fn xlen(&self, key: &str) -> i64 {
+        self.cmd(redis::cmd("XLEN").arg(key)).await
+    }
+
+    /// Fields of the groups on `key`, as `(name, consumers)`.
+    async fn groups(&self, key: &str) -> Vec<(String, i64)> {
+        let value: Value = self.cmd(redis::cmd("XINFO").arg("GROUPS").arg(key)).await;
+        records(&value)
+            .into_iter()
+            .map(|r| {
+                let name = r.iter().find(|(k, _)| k == "name").map(|(_, v)| v.clone());
+                let consumers = r
+                    .iter()
+                    .find(|(k, _)| k == "consumers")
+                    .map(|(_, v)| v.clone());
+                (
+                    name.unwrap_or_default(),
+                    consumers.and_then(|c| c.parse().ok()).unwrap_or(-1),
+                )
+            })
+            .collect()
+    }
+
+    /// Deletes every key this test created.
+    async fn cleanup(self) {
+        let _ = self.transport.close().await;
+        let mut raw = self.raw.clone();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: Value = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn records(value: &Value) -> Vec<Vec<(String, String)>> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Value::Array(flat) => {
+                Some(flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn event(n: u64) -> Event {
+    Event::builder("afterOrderCreate", "/shop/orders")
+        .json(&serde_json::json!({"orderId": format!("o-{n}"), "total": n}))
+        .unwrap()
+        .partition_key(format!("o-{n}"))
+        .build()
+        .unwrap()
+}
+
+async fn next(sub: &mut Subscription) -> evbus::Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("an open subscription")
+        .expect("a delivery, not an error")
+}
+
+/// Waits up to `within` for `check` to hold.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn xrange_shows_readable_cloudevents_fields_and_json_data() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("orders").await.unwrap();
+    let e = event(1);
+    topic.publish(&e).await.unwrap();
+    let key = env.transport.topic_key("orders");
+    assert_eq!(key, format!("{}topic:{{orders}}", env.prefix));
+    let range: Value = env
+        .cmd(redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))
+        .await;
+    let Value::Array(entries) = range else {
+        panic!("{range:?}")
+    };
+    let Value::Array(entry) = &entries[0] else {
+        panic!()
+    };
+    let Value::Array(flat) = &entry[1] else {
+        panic!()
+    };
+    let fields: Vec<(String, String)> =
+        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(field("ce_specversion"), Some("1.0"));
+    assert_eq!(field("ce_id"), Some(e.id()));
+    assert_eq!(field("ce_type"), Some("afterOrderCreate"));
+    assert_eq!(field("ce_source"), Some("/shop/orders"));
+    assert_eq!(field("ce_partitionkey"), Some("o-1"));
+    assert_eq!(field("content-type"), Some("application/json"));
+    assert_eq!(field("data"), Some(r#"{"orderId":"o-1","total":1}"#));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_entry_that_is_not_a_cloudevent_is_dead_lettered_and_later_events_flow() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    // A foreign producer writes a plain entry.
+    let key = env.transport.topic_key("t");
+    let _: Value = env
+        .cmd(
+            redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("order")
+                .arg(r#"{"id":7}"#)
+                .arg("blob")
+                .arg(&[0xffu8, 0x00][..]),
+        )
+        .await;
+    let good = event(2);
+    topic.publish(&good).await.unwrap();
+    let delivery = next(&mut sub).await;
+    assert_eq!(
+        delivery.event().id(),
+        good.id(),
+        "the foreign entry never reaches the consumer"
+    );
+    delivery.ack().await.unwrap();
+
+    let dlq = env.transport.queue("t.s.dlq").await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let record = next(&mut dead).await;
+    let e = record.event();
+    assert_eq!(e.ty(), evbus_redis::UNDECODABLE_EVENT_TYPE);
+    let reason = e.extension(DEAD_LETTER_REASON).unwrap();
+    assert!(
+        reason.contains("undecodable entry") && reason.contains("specversion"),
+        "{reason}"
+    );
+    assert_eq!(e.extension(DEAD_LETTER_ATTEMPTS), Some("1"));
+    let data: serde_json::Value = e.json().unwrap();
+    assert_eq!(data["fields"]["order"], r#"{"id":7}"#);
+    assert_eq!(data["fields"]["blob"]["base64"], "/wA=");
+    record.ack().await.unwrap();
+    // Acknowledged: nothing stays pending for the subscription.
+    let pending: Value = env.cmd(redis::cmd("XPENDING").arg(&key).arg("s")).await;
+    let Value::Array(summary) = pending else {
+        panic!()
+    };
+    assert_eq!(summary[0], Value::Int(0));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_registry_opens_redis_urls() {
+    let Some(env) = Env::new().await else { return };
+    let mut registry = Registry::new();
+    registry.register(RedisConnector);
+    assert!(registry.schemes().contains(&"redis"));
+    assert!(registry.schemes().contains(&"rediss"));
+    let url = format!("{}?prefix={}", url(), env.prefix);
+    let transport = registry.connect(&url).await.unwrap();
+    assert_eq!(transport.name(), "redis");
+    assert!(transport.health().await.is_healthy());
+    let queue = transport.queue("q").await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    assert_eq!(env.xlen(&env.transport.queue_key("q")).await, 1);
+    transport.close().await.unwrap();
+    if !cfg!(feature = "tls") {
+        let err = registry
+            .connect("rediss://127.0.0.1:6380")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_nack_delay_longer_than_the_visibility_timeout_is_still_waited() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(100)).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_millis(300));
+    let mut sub = queue.receive(options).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let first = next(&mut sub).await;
+    let nacked_at = tokio::time::Instant::now();
+    first.nack(Some(Duration::from_millis(1500))).await.unwrap();
+    let again = next(&mut sub).await;
+    let waited = nacked_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "redelivered after {waited:?}"
+    );
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn acknowledged_queue_entries_are_deleted_from_the_stream() {
+    let Some(env) = Env::new().await else { return };
+    let queue = env.transport.queue("q").await.unwrap();
+    queue
+        .send_batch(&[event(1), event(2), event(3)])
+        .await
+        .unwrap();
+    let key = env.transport.queue_key("q");
+    assert_eq!(env.xlen(&key).await, 3);
+    let mut sub = queue.receive(ConsumerOptions::default()).await.unwrap();
+    for _ in 0..3 {
+        next(&mut sub).await.ack().await.unwrap();
+    }
+    assert_eq!(env.xlen(&key).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dropped_consumer_gives_back_what_it_fetched_but_never_delivered() {
+    let Some(env) = Env::new().await else { return };
+    let queue = env.transport.queue("q").await.unwrap();
+    let events: Vec<Event> = (0..10).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    // Visibility timeout far beyond the test: only the give-back can bring entries back.
+    let options = ConsumerOptions::default()
+        .max_in_flight(10)
+        .visibility_timeout(Duration::from_secs(120));
+    let mut first = queue.receive(options.clone()).await.unwrap();
+    let taken = next(&mut first).await;
+    taken.ack().await.unwrap();
+    drop(first);
+    let mut second = queue.receive(options).await.unwrap();
+    for _ in 1..10 {
+        let d = next(&mut second).await;
+        assert_eq!(
+            d.attempt(),
+            1,
+            "never delivered before, so this is the first attempt"
+        );
+        d.ack().await.unwrap();
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn acking_a_delivery_handed_to_another_consumer_is_expired() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let short = ConsumerOptions::default().visibility_timeout(Duration::from_millis(200));
+    let mut slow = queue.receive(short.clone()).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let stale = next(&mut slow).await;
+    let mut fast = queue.receive(short).await.unwrap();
+    let fresh = next(&mut fast).await;
+    assert_eq!(fresh.event().id(), stale.event().id());
+    assert_eq!(fresh.attempt(), 2);
+    let err = stale.ack().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    fresh.ack().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_anonymous_subscription_removes_its_group_when_dropped() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    let named = topic
+        .subscribe(SubscribeOptions::named("keep"))
+        .await
+        .unwrap();
+    let anonymous = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    assert_eq!(env.groups(&key).await.len(), 2);
+    drop(anonymous);
+    let gone = eventually(WAIT, || async { env.groups(&key).await.len() == 1 }).await;
+    assert!(gone, "groups left: {:?}", env.groups(&key).await);
+    assert_eq!(env.groups(&key).await[0].0, "keep");
+    drop(named);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn stale_anonymous_groups_of_dead_processes_are_swept() {
+    let Some(env) = Env::with(|c| c.anonymous_ttl = Duration::from_secs(60)).await else {
+        return;
+    };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    // A group left by a process that died long ago (created at Unix time 1 s).
+    let _: Value = env
+        .cmd(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg("evbus.anonymous.1000.dead")
+                .arg("$")
+                .arg("MKSTREAM"),
+        )
+        .await;
+    let _sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let names: Vec<String> = env.groups(&key).await.into_iter().map(|g| g.0).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        !names.contains(&"evbus.anonymous.1000.dead".to_owned()),
+        "{names:?}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_consumer_leaves_its_group_when_it_holds_nothing() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    let sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    assert_eq!(env.groups(&key).await, vec![("s".to_owned(), 1)]);
+    drop(sub);
+    let left = eventually(WAIT, || async {
+        env.groups(&key).await == vec![("s".to_owned(), 0)]
+    })
+    .await;
+    assert!(left, "{:?}", env.groups(&key).await);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn maxlen_retention_trims_topics_approximately_but_never_queues() {
+    let Some(env) = Env::with(|c| c.retention = Retention::MaxLen { entries: 100 }).await else {
+        return;
+    };
+    let events: Vec<Event> = (0..1000).map(event).collect();
+    let topic = env.transport.topic("t").await.unwrap();
+    topic.publish_batch(&events).await.unwrap();
+    let len = env.xlen(&env.transport.topic_key("t")).await;
+    assert!((100..1000).contains(&len), "topic length {len}");
+    let queue = env.transport.queue("q").await.unwrap();
+    queue.send_batch(&events).await.unwrap();
+    assert_eq!(env.xlen(&env.transport.queue_key("q")).await, 1000);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn deleting_a_topic_ends_its_subscriptions() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    env.transport.delete_topic("t").await.unwrap();
+    let ended = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("the stream ends in time");
+    assert!(ended.is_none());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_retryable_connection_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}?connect_timeout_ms=500&reconnect_max_delay_ms=100");
+    let err = RedisTransport::connect_url(&url).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn persistence_is_declared_only_with_an_append_only_file() {
+    let Some(env) = Env::new().await else { return };
+    // The shared development server keeps nothing on disk.
+    let info: String = env.cmd(redis::cmd("INFO").arg("persistence")).await;
+    let aof = info.contains("aof_enabled:1");
+    assert_eq!(env.transport.capabilities().persistent, aof);
+    env.cleanup().await;
+    let Ok(server) = support::RedisServer::start() else {
+        eprintln!("WARNING: no redis-server binary; persistence part skipped");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let transport = RedisTransport::connect_url(&url).await.unwrap();
+    assert!(transport.capabilities().persistent);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_refuses_new_work_and_ends_subscriptions() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    let held = next(&mut sub).await;
+    env.transport.close().await.unwrap();
+    assert_eq!(
+        topic.publish(&event(2)).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    assert_eq!(held.ack().await.unwrap_err().kind(), ErrorKind::Closed);
+    let ended = tokio::time::timeout(WAIT, sub.next()).await.unwrap();
+    assert!(ended.is_none());
+    env.transport.close().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_transport_works_as_a_trait_object() {
+    let Some(env) = Env::new().await else { return };
+    let transport: Arc<dyn Transport> = Arc::new(env.transport.clone());
+    let queue = transport.queue("q").await.unwrap();
+    let mut sub = queue.receive(ConsumerOptions::default()).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    env.cleanup().await;
+}

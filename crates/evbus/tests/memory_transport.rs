@@ -1,0 +1,166 @@
+//! Behaviour specific to the in-memory transport: bounded memory, URL settings, lifecycle of
+//! anonymous subscriptions. The shared contract is proven by the conformance suite
+//! (crates/evbus-conformance/tests/memory.rs).
+
+use std::time::Duration;
+
+use evbus::memory::{MemoryBroker, MemoryConfig};
+use evbus::{ErrorKind, Event, Registry, SubscribeOptions, Transport};
+use futures::StreamExt;
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(5);
+
+fn event(n: u32) -> Event {
+    Event::builder("test.event", "/tests")
+        .json(&n)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+fn small_broker(capacity: usize, publish_timeout: Duration) -> MemoryBroker {
+    let url = url::Url::parse(&format!(
+        "memory://?capacity={capacity}&publish_timeout_ms={}",
+        publish_timeout.as_millis()
+    ))
+    .unwrap();
+    MemoryBroker::new(MemoryConfig::from_url(&url).unwrap())
+}
+
+#[tokio::test]
+async fn a_full_subscription_fails_publishes_with_a_clear_error_after_the_timeout() {
+    let transport = small_broker(2, Duration::from_millis(200)).connect();
+    let topic = transport.topic("orders").await.unwrap();
+    let _slow = topic
+        .subscribe(SubscribeOptions::named("slow"))
+        .await
+        .unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    topic.publish(&event(2)).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let err = timeout(BOUND, topic.publish(&event(3)))
+        .await
+        .expect("publish is bounded by publish_timeout")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Full);
+    assert!(err.is_retryable());
+    assert!(err.message().contains("orders/slow"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn a_waiting_publish_proceeds_as_soon_as_the_consumer_acks() {
+    let transport = small_broker(1, Duration::from_secs(30)).connect();
+    let queue = transport.queue("work").await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+
+    let sender = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.send(&event(2)).await })
+    };
+    let mut consumer = queue.receive(Default::default()).await.unwrap();
+    let first = timeout(BOUND, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.event().json::<u32>().unwrap(), 1);
+    assert!(!sender.is_finished(), "the second send must wait for room");
+    first.ack().await.unwrap();
+
+    timeout(BOUND, sender).await.unwrap().unwrap().unwrap();
+    let second = timeout(BOUND, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.event().json::<u32>().unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_dropped_anonymous_subscription_no_longer_holds_events() {
+    let transport = small_broker(1, Duration::from_millis(100)).connect();
+    let topic = transport.topic("news").await.unwrap();
+    let anonymous = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    drop(anonymous);
+    // Were the anonymous subscription still registered, its capacity of 1 would refuse these.
+    for n in 2..5 {
+        topic.publish(&event(n)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_topic_ends_its_subscriptions() {
+    let transport = MemoryBroker::new(MemoryConfig::default()).connect();
+    let topic = transport.topic("gone").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    transport.delete_topic("gone").await.unwrap();
+    assert!(timeout(BOUND, sub.next()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn url_parameters_configure_the_broker_and_typos_are_refused() {
+    let url = url::Url::parse("memory://cfg?capacity=7&history=3&max_payload_bytes=100").unwrap();
+    let config = MemoryConfig::from_url(&url).unwrap();
+    assert_eq!(
+        (config.capacity, config.history, config.max_payload_bytes),
+        (7, 3, 100)
+    );
+
+    let err = Registry::new()
+        .connect("memory://x?capacty=7")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.message().contains("capacty"), "{err}");
+}
+
+#[tokio::test]
+async fn the_same_url_name_reaches_the_same_broker() {
+    let registry = Registry::new();
+    let a = registry.connect("memory://shared-by-name").await.unwrap();
+    let b = registry.connect("memory://shared-by-name").await.unwrap();
+    let queue_a = a.queue("q").await.unwrap();
+    queue_a.send(&event(9)).await.unwrap();
+    let mut consumer = b
+        .queue("q")
+        .await
+        .unwrap()
+        .receive(Default::default())
+        .await
+        .unwrap();
+    let got = timeout(BOUND, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event().json::<u32>().unwrap(), 9);
+    got.ack().await.unwrap();
+    b.delete_queue("q").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_delivery_cannot_be_settled_by_its_late_consumer() {
+    let transport = MemoryBroker::new(MemoryConfig::default()).connect();
+    let queue = transport.queue("slow").await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let options = evbus::ConsumerOptions::default().visibility_timeout(Duration::from_millis(50));
+    let mut late = queue.receive(options.clone()).await.unwrap();
+    let first = timeout(BOUND, late.next()).await.unwrap().unwrap().unwrap();
+    let mut other = queue.receive(options).await.unwrap();
+    let again = timeout(BOUND, other.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.attempt(), 2);
+    let err = first.ack().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired);
+    again.ack().await.unwrap();
+}

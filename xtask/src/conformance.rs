@@ -1,0 +1,349 @@
+//! `cargo xtask conformance [--adapter NAME]`: runs adapters' conformance targets.
+//!
+//! Each adapter proves itself with a `harness = false` test target that prints one line per
+//! case and ends with `conformance <adapter>: N passed, M failed, K ignored`. This module knows
+//! where each target lives and which environment variable carries its broker address; xtask
+//! only passes the environment through.
+
+use std::fmt;
+
+use crate::{Result, cargo, project_root, run_streaming};
+
+/// Where an adapter's conformance target lives and how it finds its broker.
+#[derive(Debug)]
+pub(crate) struct Adapter {
+    /// The name used by `--adapter` and in the summary line.
+    pub(crate) name: &'static str,
+    /// The package holding the conformance target (directory `crates/<package>`).
+    pub(crate) package: &'static str,
+    /// The `[[test]]` target name.
+    pub(crate) target: &'static str,
+    /// The broker address variable and the default the adapter's target uses without it.
+    pub(crate) url: Option<(&'static str, &'static str)>,
+}
+
+/// Every adapter evbus has or plans. Only those whose package exists are used.
+const ADAPTERS: &[Adapter] = &[
+    Adapter {
+        name: "memory",
+        package: "evbus-conformance",
+        target: "memory",
+        url: None,
+    },
+    Adapter {
+        name: "redis",
+        package: "evbus-redis",
+        target: "conformance",
+        url: Some(("EVBUS_REDIS_URL", "redis://127.0.0.1:6379")),
+    },
+    Adapter {
+        name: "kafka",
+        package: "evbus-kafka",
+        target: "conformance",
+        url: Some(("EVBUS_KAFKA_URL", "kafka://127.0.0.1:9092")),
+    },
+    Adapter {
+        name: "nats",
+        package: "evbus-nats",
+        target: "conformance",
+        url: Some(("EVBUS_NATS_URL", "nats://127.0.0.1:4222")),
+    },
+    Adapter {
+        name: "amqp",
+        package: "evbus-amqp",
+        target: "conformance",
+        url: Some(("EVBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
+    },
+];
+
+impl Adapter {
+    /// Whether the adapter's package is in this checkout.
+    fn exists(&self) -> bool {
+        project_root()
+            .join("crates")
+            .join(self.package)
+            .join("Cargo.toml")
+            .is_file()
+    }
+
+    /// Where the target's test file is expected.
+    fn target_exists(&self) -> bool {
+        let tests = project_root()
+            .join("crates")
+            .join(self.package)
+            .join("tests");
+        tests.join(format!("{}.rs", self.target)).is_file()
+            || tests.join(self.target).join("main.rs").is_file()
+    }
+
+    /// `redis: EVBUS_REDIS_URL=redis://... (default)`, with any password hidden.
+    pub(crate) fn describe_url(&self) -> String {
+        match self.url {
+            None => format!("{}: in-process, no broker", self.name),
+            Some((var, default)) => match std::env::var(var) {
+                Ok(url) if !url.is_empty() => format!("{}: {var}={}", self.name, redact(&url)),
+                _ => format!("{}: {var} unset, using {}", self.name, redact(default)),
+            },
+        }
+    }
+}
+
+/// The adapters whose package exists in this checkout, in table order.
+pub(crate) fn present() -> Vec<&'static Adapter> {
+    ADAPTERS.iter().filter(|a| a.exists()).collect()
+}
+
+/// Prints which broker address each present adapter uses, and the strictness settings.
+pub(crate) fn print_environment() {
+    println!("broker addresses:");
+    for adapter in present() {
+        println!("  {}", adapter.describe_url());
+    }
+    let strict = ["CI", "EVBUS_REQUIRE_BROKERS"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
+        .collect::<Vec<_>>();
+    if strict.is_empty() {
+        println!(
+            "  (an unreachable broker is a loud warning; set EVBUS_REQUIRE_BROKERS=1 to make it a failure)"
+        );
+    } else {
+        println!(
+            "  ({}: an unreachable broker is a failure)",
+            strict.join(", ")
+        );
+    }
+}
+
+pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
+    let present = present();
+    let selected: Vec<&Adapter> = match adapter {
+        None => present.clone(),
+        Some(name) => match present.iter().find(|a| a.name == name) {
+            Some(a) => vec![*a],
+            None => {
+                let known = present
+                    .iter()
+                    .map(|a| a.name)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let planned = ADAPTERS
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| {
+                        format!(
+                            " (`{name}` is planned: crates/{} does not exist yet)",
+                            a.package
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(format!("unknown adapter `{name}`{planned}; known: {known}"));
+            }
+        },
+    };
+    for adapter in &selected {
+        if !adapter.target_exists() {
+            return Err(format!(
+                "adapter `{}` has no conformance target yet: expected crates/{}/tests/{}.rs \
+                 (a `[[test]] name = \"{}\"`, `harness = false` target; see docs/adapter-guide.md)",
+                adapter.name, adapter.package, adapter.target, adapter.target
+            ));
+        }
+    }
+
+    for adapter in &selected {
+        println!("{}", adapter.describe_url());
+    }
+    let mut summaries = Vec::new();
+    let mut failed = Vec::new();
+    for adapter in &selected {
+        let mut cmd = cargo(&["test", "-p", adapter.package, "--test", adapter.target]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        let before = summaries.len();
+        let ok = run_streaming(cmd, |line| summaries.extend(Summary::parse(line)))?;
+        if summaries.len() == before {
+            summaries.push(Summary::not_seen(adapter.name, Status::Missing));
+        }
+        if !ok || summaries[before..].iter().any(|s| s.failed != 0) {
+            failed.push(adapter.name);
+        }
+    }
+
+    println!();
+    for summary in &summaries {
+        println!("{summary}");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("conformance failed for: {}", failed.join(", ")))
+    }
+}
+
+/// A parsed `conformance <adapter>: N passed, M failed, K ignored` line, or the suite's
+/// warning that it did not run, or the absence of both.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Summary {
+    pub(crate) adapter: String,
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    pub(crate) ignored: u64,
+    pub(crate) status: Status,
+}
+
+/// Whether a suite ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// It ran and printed its summary line.
+    Ran,
+    /// It printed its loud "was NOT run" warning: the broker was unreachable and not required
+    /// (with `CI=true` or `EVBUS_REQUIRE_BROKERS=1` the suite reports a failure instead).
+    NotRun,
+    /// It printed neither (it did not build, crashed, or the target does not exist).
+    Missing,
+}
+
+impl Summary {
+    /// Parses a summary line or the suite's "NOT run" warning; any other line gives `None`.
+    pub(crate) fn parse(line: &str) -> Option<Summary> {
+        let line = line.trim();
+        if let Some(adapter) = line
+            .strip_prefix("WARNING: the evbus conformance suite for `")
+            .and_then(|rest| rest.strip_suffix("` was NOT run."))
+        {
+            return Some(Summary::not_seen(adapter, Status::NotRun));
+        }
+        let rest = line.strip_prefix("conformance ")?;
+        let (adapter, counts) = rest.rsplit_once(": ")?;
+        let mut numbers = counts.split(", ").map(|part| {
+            let (n, word) = part.split_once(' ')?;
+            Some((n.parse::<u64>().ok()?, word))
+        });
+        let mut next = |expected: &str| match numbers.next()?? {
+            (n, word) if word == expected => Some(n),
+            _ => None,
+        };
+        let summary = Summary {
+            adapter: adapter.to_owned(),
+            passed: next("passed")?,
+            failed: next("failed")?,
+            ignored: next("ignored")?,
+            status: Status::Ran,
+        };
+        numbers.next().is_none().then_some(summary)
+    }
+
+    fn not_seen(adapter: &str, status: Status) -> Summary {
+        Summary {
+            adapter: adapter.to_owned(),
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+            status,
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let adapter = &self.adapter;
+        match self.status {
+            Status::Ran => write!(
+                f,
+                "conformance {adapter}: {} passed, {} failed, {} ignored",
+                self.passed, self.failed, self.ignored
+            ),
+            Status::NotRun => write!(
+                f,
+                "conformance {adapter}: NOT RUN, broker unreachable (see the WARNING above; \
+                 EVBUS_REQUIRE_BROKERS=1 makes this a failure)"
+            ),
+            Status::Missing => write!(
+                f,
+                "conformance {adapter}: no summary line (the target did not build or did not finish)"
+            ),
+        }
+    }
+}
+
+/// A URL with its password replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lines_parse() {
+        assert_eq!(
+            Summary::parse("conformance memory: 31 passed, 0 failed, 3 ignored"),
+            Some(Summary {
+                adapter: "memory".into(),
+                passed: 31,
+                failed: 0,
+                ignored: 3,
+                status: Status::Ran,
+            })
+        );
+        let dyn_line = Summary::parse("conformance memory (dyn): 1 passed, 2 failed, 0 ignored");
+        assert_eq!(
+            dyn_line.map(|s| (s.adapter, s.failed)),
+            Some(("memory (dyn)".into(), 2))
+        );
+    }
+
+    #[test]
+    fn the_not_run_warning_is_recognised() {
+        let warning =
+            Summary::parse("WARNING: the evbus conformance suite for `redis` was NOT run.");
+        assert_eq!(
+            warning.map(|s| (s.adapter, s.status)),
+            Some(("redis".into(), Status::NotRun))
+        );
+    }
+
+    #[test]
+    fn other_lines_are_not_summaries() {
+        for line in [
+            "PASS queue_send_receive_ack",
+            "FAIL topic_fan_out: conformance x: 1 passed",
+            "conformance redis: 1 passed, 2 failed",
+            "conformance redis: 1 passed, 2 failed, 3 ignored, 4 more",
+            "test result: ok. 3 passed; 0 failed",
+        ] {
+            assert_eq!(Summary::parse(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn adapter_names_are_unique() {
+        let mut names: Vec<_> = ADAPTERS.iter().map(|a| a.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ADAPTERS.len());
+    }
+}
