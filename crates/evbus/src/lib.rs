@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod error;
 pub mod memory;
 pub mod registry;
+pub mod schema;
 pub mod subscription;
 pub mod transport;
 
@@ -15,6 +16,9 @@ pub use delivery::{Acker, Delivery, RawDelivery, Settlement};
 pub use envelope::{Event, EventBuilder};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{Connector, Registry};
+pub use schema::{
+    Catalog, CatalogBuilder, Compatibility, EventType, SchemaError, ValidationErrors, Violation,
+};
 pub use subscription::Subscription;
 pub use transport::{
     ConsumerOptions, Health, Queue, StartPosition, SubscribeOptions, Topic, Transport,

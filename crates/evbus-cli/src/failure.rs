@@ -1,0 +1,41 @@
+//! How a command fails, and the exit codes every command shares.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success (for `check`: the payload is valid) |
+//! | 1 | the input was examined and refused (for `check`: the payload is invalid) |
+//! | 2 | the command could not do its job: usage, IO or schema errors |
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// Exit code: the input was examined and refused.
+pub(crate) const INVALID: u8 = 1;
+/// Exit code: usage, IO or schema error.
+pub(crate) const ERROR: u8 = 2;
+
+/// A command that could not do its job (exit code 2), with a message for stderr.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(message: impl fmt::Display) -> Self {
+        Failure {
+            message: message.to_string(),
+        }
+    }
+
+    /// Prints the message on stderr and returns exit code 2.
+    pub(crate) fn report(self) -> ExitCode {
+        eprintln!("evbus: error: {}", self.message);
+        ExitCode::from(ERROR)
+    }
+}
+
+impl From<evbus::SchemaError> for Failure {
+    fn from(e: evbus::SchemaError) -> Self {
+        Failure::new(e)
+    }
+}

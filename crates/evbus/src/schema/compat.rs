@@ -1,0 +1,1373 @@
+//! Schema evolution: compatibility modes and the rules that decide them.
+//!
+//! The modes are those of Confluent Schema Registry. A check always asks one question: can a
+//! *reader* schema accept every payload that a *writer* schema accepts?
+//!
+//! | mode | question, for a new version n |
+//! |---|---|
+//! | `BACKWARD` (default) | n reads data written with n−1 (consumers upgrade first) |
+//! | `BACKWARD_TRANSITIVE` | n reads data written with every earlier version |
+//! | `FORWARD` | n−1 reads data written with n (producers upgrade first) |
+//! | `FORWARD_TRANSITIVE` | every earlier version reads data written with n |
+//! | `FULL` | both `BACKWARD` and `FORWARD` against n−1 |
+//! | `FULL_TRANSITIVE` | both, against every earlier version |
+//! | `NONE` | nothing is checked |
+//!
+//! [`check`] compares two self-contained schemas keyword by keyword, as Confluent does for
+//! JSON Schema, and names each breaking change with Confluent's rule name where it has one:
+//!
+//! - **Content models.** An object schema is *closed* when `additionalProperties` is `false`,
+//!   *open* when it is absent or `true`, *partially open* when it is a schema (or
+//!   `patternProperties` cover a name). Adding a property to an open writer model is refused
+//!   (`PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL`: old data may already hold that name with any
+//!   value) unless the new property's schema accepts anything; adding it to a closed model is
+//!   fine. Removing a property is fine for an open reader and refused for a closed one
+//!   (`PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL`); with a partially open model, the property
+//!   must be covered by the model's schema.
+//! - **Required.** A property newly required by the reader is refused
+//!   (`REQUIRED_PROPERTY_ADDED`); a property no longer required is fine.
+//! - **Types.** The reader must accept every writer type (`integer` is accepted by `number`):
+//!   widening is fine, `TYPE_NARROWED` and `TYPE_CHANGED` are refused.
+//! - **Enums and const.** The reader's values must include the writer's (`ENUM_ARRAY_NARROWED`).
+//! - **Limits.** `maximum`, `minimum` (and exclusive forms), `maxLength`, `minLength`,
+//!   `maxItems`, `minItems`, `maxProperties`, `minProperties`: relaxing is fine, tightening or
+//!   adding one is refused; `multipleOf` must divide the writer's; `pattern`, `format` added or
+//!   changed, `uniqueItems` added, dependencies added are refused.
+//! - **Combinations.** Every writer alternative of `anyOf`/`oneOf` must be accepted by some
+//!   reader alternative (`SUM_TYPE_NARROWED` otherwise; adding alternatives is fine); `allOf`
+//!   conjuncts are merged before comparing; `not`, `if`/`then`/`else` must keep their meaning.
+//! - **Annotations** (`description`, `title`, `default`, `examples`, `x-*`…) never matter.
+//!
+//! Differences from Confluent, on purpose: a newly required property that has a `default` is
+//! still refused (evbus validates payloads as they are and does not fill in defaults), and
+//! changing `format` counts because evbus asserts formats.
+//!
+//! ```
+//! use evbus::schema::compat;
+//! use serde_json::json;
+//!
+//! let v1 = json!({"type": "object", "properties": {"id": {"type": "string"}}});
+//! let v2 = json!({"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]});
+//! let problems = compat::check(&v1, &v2); // can v2 read v1 data?
+//! assert_eq!(problems[0].rule(), "REQUIRED_PROPERTY_ADDED");
+//! assert_eq!(problems[0].path(), "/required");
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::pointer;
+
+/// How a new version of an event type must relate to the earlier ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Compatibility {
+    /// The new version reads data written with the previous one.
+    #[default]
+    Backward,
+    /// The new version reads data written with every earlier one.
+    BackwardTransitive,
+    /// The previous version reads data written with the new one.
+    Forward,
+    /// Every earlier version reads data written with the new one.
+    ForwardTransitive,
+    /// Backward and forward against the previous version.
+    Full,
+    /// Backward and forward against every earlier version.
+    FullTransitive,
+    /// No check.
+    None,
+}
+
+impl Compatibility {
+    /// Every mode, in the order Confluent lists them.
+    pub const ALL: [Compatibility; 7] = [
+        Compatibility::Backward,
+        Compatibility::BackwardTransitive,
+        Compatibility::Forward,
+        Compatibility::ForwardTransitive,
+        Compatibility::Full,
+        Compatibility::FullTransitive,
+        Compatibility::None,
+    ];
+
+    /// The Confluent name: `BACKWARD`, `FULL_TRANSITIVE`…
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compatibility::Backward => "BACKWARD",
+            Compatibility::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            Compatibility::Forward => "FORWARD",
+            Compatibility::ForwardTransitive => "FORWARD_TRANSITIVE",
+            Compatibility::Full => "FULL",
+            Compatibility::FullTransitive => "FULL_TRANSITIVE",
+            Compatibility::None => "NONE",
+        }
+    }
+
+    /// Whether the new version must read older data.
+    pub fn checks_backward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Backward
+                | Compatibility::BackwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// Whether older versions must read the new version's data.
+    pub fn checks_forward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Forward
+                | Compatibility::ForwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// Whether the new version is checked against every earlier version, not just the latest.
+    pub fn is_transitive(self) -> bool {
+        matches!(
+            self,
+            Compatibility::BackwardTransitive
+                | Compatibility::ForwardTransitive
+                | Compatibility::FullTransitive
+        )
+    }
+}
+
+impl fmt::Display for Compatibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Compatibility {
+    type Err = String;
+
+    /// Parses a Confluent name, case-insensitively, with `_` or `-`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
+        Compatibility::ALL
+            .into_iter()
+            .find(|m| m.as_str() == norm)
+            .ok_or_else(|| {
+                format!(
+                    "unknown compatibility mode \"{s}\" (one of: {})",
+                    Compatibility::ALL.map(|m| m.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// One change that breaks a compatibility rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Incompatibility {
+    path: String,
+    rule: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<CheckContext>,
+}
+
+/// Which check of a mode found an incompatibility.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+struct CheckContext {
+    direction: &'static str,
+    reader: u32,
+    writer: u32,
+}
+
+impl Incompatibility {
+    fn new(path: &str, rule: &'static str, message: String) -> Self {
+        Incompatibility {
+            path: if path.is_empty() {
+                "/".to_owned()
+            } else {
+                path.to_owned()
+            },
+            rule,
+            message,
+            context: None,
+        }
+    }
+
+    pub(crate) fn in_context(mut self, direction: &'static str, reader: u32, writer: u32) -> Self {
+        self.context = Some(CheckContext {
+            direction,
+            reader,
+            writer,
+        });
+        self
+    }
+
+    /// Where in the schema the change is (a JSON pointer into the schema, `/` for its root).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The rule broken, in Confluent's vocabulary (`REQUIRED_PROPERTY_ADDED`,
+    /// `PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL`, `TYPE_NARROWED`…).
+    pub fn rule(&self) -> &'static str {
+        self.rule
+    }
+
+    /// What changed and why it breaks reading, in words.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// For a check made by the catalogue: `BACKWARD` (the new version reading older data) or
+    /// `FORWARD` (an older version reading new data).
+    pub fn direction(&self) -> Option<&'static str> {
+        self.context.as_ref().map(|c| c.direction)
+    }
+}
+
+impl fmt::Display for Incompatibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(c) = &self.context {
+            write!(
+                f,
+                "[{}: v{} reading data written with v{}] ",
+                c.direction, c.reader, c.writer
+            )?;
+        }
+        write!(f, "{}: {}: {}", self.path, self.rule, self.message)
+    }
+}
+
+/// Every change that prevents `reader` from accepting data valid under `writer`. Both schemas
+/// must be self-contained (the catalogue passes them with references inlined); an empty list
+/// means compatible.
+pub fn check(writer: &Value, reader: &Value) -> Vec<Incompatibility> {
+    let mut out = Vec::new();
+    compare(writer, reader, "", 0, &mut out);
+    out
+}
+
+const MAX_DEPTH: usize = 64;
+
+const ASSERTIONS: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "multipleOf",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "format",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "unevaluatedItems",
+    "contains",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "propertyNames",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "$ref",
+    "$dynamicRef",
+];
+
+/// Whether a schema accepts every instance.
+fn accepts_anything(s: &Value) -> bool {
+    match s {
+        Value::Bool(b) => *b,
+        Value::Object(m) => !m.keys().any(|k| ASSERTIONS.contains(&k.as_str())),
+        _ => true,
+    }
+}
+
+fn accepts_nothing(s: &Value) -> bool {
+    matches!(s, Value::Bool(false))
+}
+
+/// Only the assertion keywords of a schema, for equality.
+fn assertions(s: &Value) -> Option<Map<String, Value>> {
+    s.as_object().map(|m| {
+        m.iter()
+            .filter(|(k, _)| ASSERTIONS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    })
+}
+
+fn compare(w: &Value, r: &Value, path: &str, depth: usize, out: &mut Vec<Incompatibility>) {
+    if accepts_anything(r) || accepts_nothing(w) {
+        return;
+    }
+    if depth > MAX_DEPTH {
+        if assertions(w) != assertions(r) {
+            out.push(Incompatibility::new(
+                path,
+                "SCHEMA_TOO_DEEP",
+                "the schemas differ deeper than 64 levels and cannot be compared".to_owned(),
+            ));
+        }
+        return;
+    }
+    if accepts_nothing(r) {
+        out.push(Incompatibility::new(
+            path,
+            "FALSE_SCHEMA_ADDED",
+            "the reader accepts nothing here (false) but the writer accepts values".to_owned(),
+        ));
+        return;
+    }
+    let empty = Map::new();
+    let w_obj = w.as_object().unwrap_or(&empty);
+    let r_obj = r.as_object().unwrap_or(&empty);
+    if assertions(w) == assertions(r) {
+        return;
+    }
+    let w = flatten_all_of(w_obj);
+    let r = flatten_all_of(r_obj);
+
+    // A writer made of alternatives: each alternative, with the writer's other keywords, must
+    // be readable.
+    let r_has_alts = r.contains_key("anyOf") || r.contains_key("oneOf");
+    if !r_has_alts {
+        if let Some(alts) = alternatives(&w) {
+            let base = without(&w, &["anyOf", "oneOf"]);
+            for alt in &alts {
+                let merged = merge_shallow(&base, alt);
+                let mut sub = Vec::new();
+                compare(
+                    &Value::Object(merged),
+                    &Value::Object(r.clone()),
+                    path,
+                    depth + 1,
+                    &mut sub,
+                );
+                if !sub.is_empty() {
+                    out.extend(sub);
+                    return;
+                }
+            }
+            return;
+        }
+    }
+
+    refs(&w, &r, path, out);
+    types(&w, &r, path, out);
+    enums(&w, &r, path, out);
+    let wt = declared_types(&w);
+    let may = |t: &str| match &wt {
+        None => true,
+        Some(set) => set.contains(t) || (t == "number" && set.contains("integer")),
+    };
+    if may("number") {
+        numbers(&w, &r, path, out);
+    }
+    if may("string") {
+        strings(&w, &r, path, out);
+    }
+    if may("object") {
+        objects(&w, &r, path, depth, out);
+    }
+    if may("array") {
+        arrays(&w, &r, path, depth, out);
+    }
+    combinators(&w, &r, path, depth, out);
+}
+
+fn at(path: &str, token: &str) -> String {
+    pointer::push(path, token)
+}
+
+fn without(m: &Map<String, Value>, keys: &[&str]) -> Map<String, Value> {
+    m.iter()
+        .filter(|(k, _)| !keys.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn alternatives(m: &Map<String, Value>) -> Option<Vec<Value>> {
+    m.get("anyOf")
+        .or_else(|| m.get("oneOf"))
+        .and_then(Value::as_array)
+        .cloned()
+}
+
+/// `base` with `alt`'s keywords added; `required` and `properties` are united.
+fn merge_shallow(base: &Map<String, Value>, alt: &Value) -> Map<String, Value> {
+    let mut out = base.clone();
+    let Some(alt) = alt.as_object() else {
+        if alt == &Value::Bool(false) {
+            return [("not".to_owned(), Value::Object(Map::new()))]
+                .into_iter()
+                .collect();
+        }
+        return out;
+    };
+    for (k, v) in alt {
+        match (k.as_str(), out.get_mut(k)) {
+            ("required", Some(Value::Array(req))) => {
+                for name in v.as_array().into_iter().flatten() {
+                    if !req.contains(name) {
+                        req.push(name.clone());
+                    }
+                }
+            }
+            ("properties", Some(Value::Object(props))) => {
+                for (name, s) in v.as_object().into_iter().flatten() {
+                    match props.get_mut(name) {
+                        Some(existing) if existing != s => {
+                            *existing = Value::Object(
+                                [(
+                                    "allOf".to_owned(),
+                                    Value::Array(vec![existing.clone(), s.clone()]),
+                                )]
+                                .into_iter()
+                                .collect(),
+                            );
+                        }
+                        Some(_) => {}
+                        None => {
+                            props.insert(name.clone(), s.clone());
+                        }
+                    }
+                }
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Merges the `allOf` conjuncts of a schema into it where no keyword collides (`properties`
+/// and `required` always merge); the others stay under `allOf`.
+fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
+    let Some(Value::Array(conjuncts)) = m.get("allOf") else {
+        return m.clone();
+    };
+    let mut out = without(m, &["allOf"]);
+    let mut rest = Vec::new();
+    for c in conjuncts {
+        match c {
+            Value::Object(cm) => {
+                let cm = flatten_all_of(cm);
+                let mergeable = cm.keys().all(|k| {
+                    !out.contains_key(k)
+                        || matches!(k.as_str(), "properties" | "required")
+                        || !ASSERTIONS.contains(&k.as_str())
+                });
+                if mergeable {
+                    out = merge_shallow(&out, &Value::Object(cm));
+                } else {
+                    rest.push(Value::Object(cm));
+                }
+            }
+            Value::Bool(true) => {}
+            other => rest.push(other.clone()),
+        }
+    }
+    if !rest.is_empty() {
+        out.insert("allOf".to_owned(), Value::Array(rest));
+    }
+    out
+}
+
+fn refs(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    let wr = w.get("$ref");
+    if let Some(rr) = r.get("$ref") {
+        if wr != Some(rr) {
+            out.push(Incompatibility::new(
+                &at(path, "$ref"),
+                "REFERENCE_CHANGED",
+                format!(
+                    "the recursive reference {rr} of the reader does not match the writer's{}",
+                    wr.map(|w| format!(" ({w})")).unwrap_or_default()
+                ),
+            ));
+        }
+    }
+}
+
+/// The types a schema allows, `None` for any. `enum`/`const` without `type` imply theirs.
+fn declared_types(m: &Map<String, Value>) -> Option<BTreeSet<String>> {
+    match m.get("type") {
+        Some(Value::String(t)) => Some([t.clone()].into_iter().collect()),
+        Some(Value::Array(ts)) => Some(
+            ts.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+        ),
+        _ => enum_values(m).map(|vals| vals.iter().map(|v| value_type(v).to_owned()).collect()),
+    }
+}
+
+fn value_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn type_list(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn types(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    if !r.contains_key("type") {
+        return;
+    }
+    let Some(rt) = declared_types(r) else { return };
+    let accepts = |t: &str| rt.contains(t) || (t == "integer" && rt.contains("number"));
+    match declared_types(w) {
+        None => out.push(Incompatibility::new(
+            &at(path, "type"),
+            "TYPE_NARROWED",
+            format!(
+                "the writer allows any type here, the reader only {}",
+                type_list(&rt)
+            ),
+        )),
+        Some(wt) => {
+            let lost: BTreeSet<String> = wt.iter().filter(|t| !accepts(t)).cloned().collect();
+            if !lost.is_empty() {
+                let narrowed = rt
+                    .iter()
+                    .all(|t| wt.contains(t) || (t == "integer" && wt.contains("number")));
+                out.push(Incompatibility::new(
+                    &at(path, "type"),
+                    if narrowed {
+                        "TYPE_NARROWED"
+                    } else {
+                        "TYPE_CHANGED"
+                    },
+                    format!(
+                        "the type changed from {} to {}: {} written before is refused",
+                        type_list(&wt),
+                        type_list(&rt),
+                        type_list(&lost)
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn enum_values(m: &Map<String, Value>) -> Option<Vec<Value>> {
+    if let Some(c) = m.get("const") {
+        return Some(vec![c.clone()]);
+    }
+    m.get("enum").and_then(Value::as_array).cloned()
+}
+
+fn enums(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    let Some(re) = enum_values(r) else { return };
+    let kw = if r.contains_key("const") {
+        "const"
+    } else {
+        "enum"
+    };
+    match enum_values(w) {
+        None => out.push(Incompatibility::new(
+            &at(path, kw),
+            "ENUM_ARRAY_NARROWED",
+            format!(
+                "the reader restricts values to {} where the writer allowed any",
+                Value::Array(re)
+            ),
+        )),
+        Some(we) => {
+            let lost: Vec<Value> = we.iter().filter(|v| !re.contains(v)).cloned().collect();
+            if !lost.is_empty() {
+                let narrowed = re.iter().all(|v| we.contains(v));
+                out.push(Incompatibility::new(
+                    &at(path, kw),
+                    if narrowed {
+                        "ENUM_ARRAY_NARROWED"
+                    } else {
+                        "ENUM_ARRAY_CHANGED"
+                    },
+                    format!(
+                        "values {} were allowed and are no longer",
+                        Value::Array(lost)
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn num(m: &Map<String, Value>, k: &str) -> Option<f64> {
+    m.get(k).and_then(Value::as_f64)
+}
+
+/// The tightest bound of one side: (value, exclusive).
+fn bound(
+    m: &Map<String, Value>,
+    inclusive: &str,
+    exclusive: &str,
+    upper: bool,
+) -> Option<(f64, bool)> {
+    let a = num(m, inclusive).map(|v| (v, false));
+    let b = num(m, exclusive).map(|v| (v, true));
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let tighter_b = if upper { b.0 <= a.0 } else { b.0 >= a.0 };
+            Some(if tighter_b { b } else { a })
+        }
+        (x, None) | (None, x) => x,
+    }
+}
+
+fn numbers(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    for (upper, inc, exc) in [
+        (true, "maximum", "exclusiveMaximum"),
+        (false, "minimum", "exclusiveMinimum"),
+    ] {
+        for (kw, r_exclusive) in [(inc, false), (exc, true)] {
+            let Some(rv) = num(r, kw) else { continue };
+            let rule_base = if r_exclusive {
+                if upper {
+                    "EXCLUSIVE_MAXIMUM"
+                } else {
+                    "EXCLUSIVE_MINIMUM"
+                }
+            } else if upper {
+                "MAXIMUM"
+            } else {
+                "MINIMUM"
+            };
+            match bound(w, inc, exc, upper) {
+                None => out.push(Incompatibility::new(
+                    &at(path, kw),
+                    rule_name(rule_base, "_ADDED"),
+                    format!("the reader adds the limit {kw} {rv} that the writer did not have"),
+                )),
+                Some((wv, w_exclusive)) => {
+                    let ok = if upper {
+                        wv < rv || (wv == rv && (w_exclusive || !r_exclusive))
+                    } else {
+                        wv > rv || (wv == rv && (w_exclusive || !r_exclusive))
+                    };
+                    if !ok {
+                        out.push(Incompatibility::new(
+                            &at(path, kw),
+                            rule_name(rule_base, if upper { "_DECREASED" } else { "_INCREASED" }),
+                            format!(
+                                "{kw} tightened to {rv} (the writer allowed up to {}{wv})",
+                                if w_exclusive { "but excluding " } else { "" }
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(rv) = num(r, "multipleOf") {
+        match num(w, "multipleOf") {
+            None => out.push(Incompatibility::new(
+                &at(path, "multipleOf"),
+                "MULTIPLE_OF_ADDED",
+                format!("the reader requires multiples of {rv}"),
+            )),
+            Some(wv) => {
+                let q = wv / rv;
+                if (q - q.round()).abs() > 1e-9 {
+                    out.push(Incompatibility::new(
+                        &at(path, "multipleOf"),
+                        "MULTIPLE_OF_CHANGED",
+                        format!("multipleOf changed from {wv} to {rv}, which does not divide it"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Rule names are `'static`: the few composed ones are interned here.
+fn rule_name(base: &str, suffix: &str) -> &'static str {
+    const NAMES: &[&str] = &[
+        "MAXIMUM_ADDED",
+        "MAXIMUM_DECREASED",
+        "MINIMUM_ADDED",
+        "MINIMUM_INCREASED",
+        "EXCLUSIVE_MAXIMUM_ADDED",
+        "EXCLUSIVE_MAXIMUM_DECREASED",
+        "EXCLUSIVE_MINIMUM_ADDED",
+        "EXCLUSIVE_MINIMUM_INCREASED",
+        "MAX_LENGTH_ADDED",
+        "MAX_LENGTH_DECREASED",
+        "MIN_LENGTH_ADDED",
+        "MIN_LENGTH_INCREASED",
+        "MAX_ITEMS_ADDED",
+        "MAX_ITEMS_DECREASED",
+        "MIN_ITEMS_ADDED",
+        "MIN_ITEMS_INCREASED",
+        "MAX_PROPERTIES_ADDED",
+        "MAX_PROPERTIES_DECREASED",
+        "MIN_PROPERTIES_ADDED",
+        "MIN_PROPERTIES_INCREASED",
+    ];
+    let full = format!("{base}{suffix}");
+    NAMES
+        .iter()
+        .find(|n| **n == full)
+        .copied()
+        .unwrap_or("LIMIT_CHANGED")
+}
+
+/// An integer limit (`maxLength`…): the reader's must not be tighter than the writer's.
+fn limit(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    kw: &str,
+    upper: bool,
+    rule_base: &str,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    let Some(rv) = r.get(kw).and_then(Value::as_u64) else {
+        return;
+    };
+    if !upper && rv == 0 {
+        return;
+    }
+    match w.get(kw).and_then(Value::as_u64) {
+        None => out.push(Incompatibility::new(
+            &at(path, kw),
+            rule_name(rule_base, "_ADDED"),
+            format!("the reader adds {kw} {rv} that the writer did not have"),
+        )),
+        Some(wv) if (upper && wv > rv) || (!upper && wv < rv) => out.push(Incompatibility::new(
+            &at(path, kw),
+            rule_name(rule_base, if upper { "_DECREASED" } else { "_INCREASED" }),
+            format!("{kw} tightened from {wv} to {rv}"),
+        )),
+        Some(_) => {}
+    }
+}
+
+fn strings(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Incompatibility>,
+) {
+    limit(w, r, "maxLength", true, "MAX_LENGTH", path, out);
+    limit(w, r, "minLength", false, "MIN_LENGTH", path, out);
+    for (kw, added, changed) in [
+        ("pattern", "PATTERN_ADDED", "PATTERN_CHANGED"),
+        ("format", "FORMAT_ADDED", "FORMAT_CHANGED"),
+    ] {
+        let Some(rv) = r.get(kw) else { continue };
+        match w.get(kw) {
+            None => out.push(Incompatibility::new(
+                &at(path, kw),
+                added,
+                format!("the reader adds {kw} {rv} that the writer did not have"),
+            )),
+            Some(wv) if wv != rv => out.push(Incompatibility::new(
+                &at(path, kw),
+                changed,
+                format!("{kw} changed from {wv} to {rv}"),
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// How an object schema treats a property name it does not declare in `properties`.
+enum Cover<'a> {
+    Closed,
+    Open,
+    Schema(&'a Value),
+}
+
+fn cover<'a>(m: &'a Map<String, Value>, name: &str) -> Cover<'a> {
+    if let Some(pp) = m.get("patternProperties").and_then(Value::as_object) {
+        for (pattern, s) in pp {
+            if regex::Regex::new(pattern).is_ok_and(|re| re.is_match(name)) {
+                return Cover::Schema(s);
+            }
+        }
+    }
+    match m.get("additionalProperties") {
+        None | Some(Value::Bool(true)) => Cover::Open,
+        Some(Value::Bool(false)) => Cover::Closed,
+        Some(s) if accepts_anything(s) => Cover::Open,
+        Some(s) => Cover::Schema(s),
+    }
+}
+
+fn str_set(m: &Map<String, Value>, k: &str) -> BTreeSet<String> {
+    m.get(k)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+fn objects(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<Incompatibility>,
+) {
+    let empty = Map::new();
+    let wp = w
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let rp = r
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let wreq = str_set(w, "required");
+    let rreq = str_set(r, "required");
+
+    for name in rreq.difference(&wreq) {
+        out.push(Incompatibility::new(
+            &at(path, "required"),
+            "REQUIRED_PROPERTY_ADDED",
+            format!(
+                "property \"{name}\" is required by the reader but not by the writer: data \
+                 without it is refused"
+            ),
+        ));
+    }
+
+    for (name, rs) in rp {
+        let p = at(&at(path, "properties"), name);
+        if let Some(ws) = wp.get(name) {
+            compare(ws, rs, &p, depth + 1, out);
+            continue;
+        }
+        match cover(w, name) {
+            Cover::Closed => {} // PROPERTY_ADDED_TO_CLOSED_CONTENT_MODEL: compatible.
+            Cover::Open if accepts_anything(rs) => {}
+            Cover::Open => out.push(Incompatibility::new(
+                &p,
+                "PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL",
+                format!(
+                    "property \"{name}\" is new, but the writer's content model is open \
+                     (additionalProperties is not false), so data written with it may already \
+                     hold \"{name}\" with any value; close the model or give the property an \
+                     empty schema"
+                ),
+            )),
+            Cover::Schema(ws) => {
+                let mut sub = Vec::new();
+                compare(ws, rs, &p, depth + 1, &mut sub);
+                if !sub.is_empty() {
+                    out.push(Incompatibility::new(
+                        &p,
+                        "PROPERTY_ADDED_NOT_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL",
+                        format!(
+                            "property \"{name}\" is new and its schema does not accept every \
+                             value the writer's partially open model allowed: {}",
+                            summary(&sub)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    for (name, ws) in wp {
+        if rp.contains_key(name) || accepts_nothing(ws) {
+            continue;
+        }
+        let p = at(&at(path, "properties"), name);
+        match cover(r, name) {
+            Cover::Open => {} // PROPERTY_REMOVED_FROM_OPEN_CONTENT_MODEL: compatible.
+            Cover::Closed => out.push(Incompatibility::new(
+                &p,
+                "PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL",
+                format!(
+                    "property \"{name}\" was removed, but the reader's content model is closed \
+                     (additionalProperties: false), so data that has \"{name}\" is refused"
+                ),
+            )),
+            Cover::Schema(rs) => {
+                let mut sub = Vec::new();
+                compare(ws, rs, &p, depth + 1, &mut sub);
+                if !sub.is_empty() {
+                    out.push(Incompatibility::new(
+                        &p,
+                        "PROPERTY_REMOVED_NOT_COVERED_BY_PARTIALLY_OPEN_CONTENT_MODEL",
+                        format!(
+                            "property \"{name}\" was removed and the reader's partially open \
+                             model does not accept its values: {}",
+                            summary(&sub)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    // What happens to names neither side declares.
+    let w_ap = w.get("additionalProperties");
+    let r_ap = r.get("additionalProperties");
+    let w_open = w_ap.is_none_or(accepts_anything);
+    match r_ap {
+        Some(Value::Bool(false)) if !matches!(w_ap, Some(Value::Bool(false))) => {
+            out.push(Incompatibility::new(
+                &at(path, "additionalProperties"),
+                "ADDITIONAL_PROPERTIES_REMOVED",
+                "the reader closed the content model (additionalProperties: false), so data \
+                 with properties it does not declare is refused"
+                    .to_owned(),
+            ));
+        }
+        Some(rs) if !accepts_anything(rs) && !accepts_nothing(rs) => {
+            if w_open {
+                out.push(Incompatibility::new(
+                    &at(path, "additionalProperties"),
+                    "ADDITIONAL_PROPERTIES_NARROWED",
+                    "the reader constrains undeclared properties that the writer left open"
+                        .to_owned(),
+                ));
+            } else if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s)) {
+                compare(ws, rs, &at(path, "additionalProperties"), depth + 1, out);
+            }
+        }
+        _ => {}
+    }
+
+    // patternProperties.
+    let wpp = w
+        .get("patternProperties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let rpp = r
+        .get("patternProperties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    for (pat, rs) in rpp {
+        let p = at(&at(path, "patternProperties"), pat);
+        if let Some(ws) = wpp.get(pat) {
+            compare(ws, rs, &p, depth + 1, out);
+        } else if w_open && !accepts_anything(rs) {
+            out.push(Incompatibility::new(
+                &p,
+                "PATTERN_PROPERTY_ADDED_TO_OPEN_CONTENT_MODEL",
+                format!(
+                    "the reader constrains properties matching {pat:?}, which the writer's open \
+                     model allowed with any value"
+                ),
+            ));
+        } else if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s) && !accepts_anything(s)) {
+            compare(ws, rs, &p, depth + 1, out);
+        }
+    }
+    for (pat, ws) in wpp {
+        if rpp.contains_key(pat) || accepts_nothing(ws) {
+            continue;
+        }
+        match r_ap {
+            None | Some(Value::Bool(true)) => {}
+            Some(Value::Bool(false)) => out.push(Incompatibility::new(
+                &at(&at(path, "patternProperties"), pat),
+                "PATTERN_PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL",
+                format!(
+                    "properties matching {pat:?} were allowed by the writer and the reader's \
+                     closed model refuses them"
+                ),
+            )),
+            Some(rs) => compare(
+                ws,
+                rs,
+                &at(&at(path, "patternProperties"), pat),
+                depth + 1,
+                out,
+            ),
+        }
+    }
+
+    limit(w, r, "maxProperties", true, "MAX_PROPERTIES", path, out);
+    limit(w, r, "minProperties", false, "MIN_PROPERTIES", path, out);
+
+    // dependentRequired and draft-07 dependencies.
+    for kw in ["dependentRequired", "dependencies"] {
+        let Some(rd) = r.get(kw).and_then(Value::as_object) else {
+            continue;
+        };
+        let wd = w.get(kw).and_then(Value::as_object).unwrap_or(&empty);
+        for (k, rv) in rd {
+            let p = at(&at(path, kw), k);
+            match rv {
+                Value::Array(names) => {
+                    let have: Vec<&Value> = wd
+                        .get(k)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    let added: Vec<&Value> = names.iter().filter(|n| !have.contains(n)).collect();
+                    if !added.is_empty() {
+                        out.push(Incompatibility::new(
+                            &p,
+                            if wd.contains_key(k) {
+                                "DEPENDENCY_ARRAY_EXTENDED"
+                            } else {
+                                "DEPENDENCY_ARRAY_ADDED"
+                            },
+                            format!(
+                                "when \"{k}\" is present the reader also requires {}",
+                                added
+                                    .iter()
+                                    .map(|v| v.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
+                }
+                rs => dependent_schema(wd.get(k), rs, k, &p, depth, out),
+            }
+        }
+    }
+    if let Some(rd) = r.get("dependentSchemas").and_then(Value::as_object) {
+        let wd = w
+            .get("dependentSchemas")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        for (k, rs) in rd {
+            let p = at(&at(path, "dependentSchemas"), k);
+            dependent_schema(wd.get(k), rs, k, &p, depth, out);
+        }
+    }
+
+    if let Some(rs) = r.get("propertyNames") {
+        match w.get("propertyNames") {
+            Some(ws) => compare(ws, rs, &at(path, "propertyNames"), depth + 1, out),
+            None if !accepts_anything(rs) => out.push(Incompatibility::new(
+                &at(path, "propertyNames"),
+                "PROPERTY_NAMES_ADDED",
+                "the reader constrains property names that the writer did not".to_owned(),
+            )),
+            None => {}
+        }
+    }
+
+    if let Some(ru) = r.get("unevaluatedProperties") {
+        if w.get("unevaluatedProperties") != Some(ru) && !accepts_anything(ru) {
+            out.push(Incompatibility::new(
+                &at(path, "unevaluatedProperties"),
+                "UNEVALUATED_PROPERTIES_CHANGED",
+                "the reader constrains unevaluated properties differently from the writer"
+                    .to_owned(),
+            ));
+        }
+    }
+}
+
+fn dependent_schema(
+    ws: Option<&Value>,
+    rs: &Value,
+    k: &str,
+    p: &str,
+    depth: usize,
+    out: &mut Vec<Incompatibility>,
+) {
+    match ws {
+        Some(ws) if ws.is_object() || ws.is_boolean() => compare(ws, rs, p, depth + 1, out),
+        _ if accepts_anything(rs) => {}
+        _ => out.push(Incompatibility::new(
+            p,
+            "DEPENDENCY_SCHEMA_ADDED",
+            format!("when \"{k}\" is present the reader applies a schema the writer did not"),
+        )),
+    }
+}
+
+/// Tuple and rest item schemas of an array schema (draft-07 and 2020-12 forms).
+fn item_schemas(m: &Map<String, Value>) -> (Vec<Value>, Value) {
+    let t = Value::Bool(true);
+    if let Some(Value::Array(prefix)) = m.get("prefixItems") {
+        return (prefix.clone(), m.get("items").cloned().unwrap_or(t));
+    }
+    match m.get("items") {
+        Some(Value::Array(prefix)) => (
+            prefix.clone(),
+            m.get("additionalItems").cloned().unwrap_or(t),
+        ),
+        Some(items) => (Vec::new(), items.clone()),
+        None => (Vec::new(), t),
+    }
+}
+
+fn arrays(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<Incompatibility>,
+) {
+    let (wp, wrest) = item_schemas(w);
+    let (rp, rrest) = item_schemas(r);
+    let tuple_kw = if r.contains_key("prefixItems") {
+        "prefixItems"
+    } else {
+        "items"
+    };
+    for i in 0..wp.len().max(rp.len()) {
+        let ws = wp.get(i).unwrap_or(&wrest);
+        let rs = rp.get(i).unwrap_or(&rrest);
+        compare(
+            ws,
+            rs,
+            &at(&at(path, tuple_kw), &i.to_string()),
+            depth + 1,
+            out,
+        );
+    }
+    let rest_kw = if rp.is_empty() || r.contains_key("prefixItems") {
+        "items"
+    } else {
+        "additionalItems"
+    };
+    compare(&wrest, &rrest, &at(path, rest_kw), depth + 1, out);
+
+    limit(w, r, "maxItems", true, "MAX_ITEMS", path, out);
+    limit(w, r, "minItems", false, "MIN_ITEMS", path, out);
+    if r.get("uniqueItems") == Some(&Value::Bool(true))
+        && w.get("uniqueItems") != Some(&Value::Bool(true))
+    {
+        out.push(Incompatibility::new(
+            &at(path, "uniqueItems"),
+            "UNIQUE_ITEMS_ADDED",
+            "the reader requires unique items; the writer allowed duplicates".to_owned(),
+        ));
+    }
+    if let Some(rc) = r.get("contains") {
+        match w.get("contains") {
+            Some(wc) => compare(wc, rc, &at(path, "contains"), depth + 1, out),
+            None => out.push(Incompatibility::new(
+                &at(path, "contains"),
+                "CONTAINS_ADDED",
+                "the reader requires an item matching \"contains\"; the writer did not".to_owned(),
+            )),
+        }
+    }
+}
+
+fn combinators(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<Incompatibility>,
+) {
+    // anyOf / oneOf in the reader: every writer alternative must fit one reader alternative.
+    for kw in ["anyOf", "oneOf"] {
+        let Some(r_alts) = r.get(kw).and_then(Value::as_array) else {
+            continue;
+        };
+        let base = without(w, &["anyOf", "oneOf"]);
+        let w_alts: Vec<Map<String, Value>> = match alternatives(w) {
+            Some(alts) => alts.iter().map(|a| merge_shallow(&base, a)).collect(),
+            None => vec![base.clone()],
+        };
+        for (i, wa) in w_alts.iter().enumerate() {
+            let wa = Value::Object(wa.clone());
+            let mut best: Option<Vec<Incompatibility>> = None;
+            for ra in r_alts {
+                let mut sub = Vec::new();
+                compare(&wa, ra, &at(path, kw), depth + 1, &mut sub);
+                if sub.is_empty() {
+                    best = None;
+                    break;
+                }
+                if best.as_ref().is_none_or(|b| sub.len() < b.len()) {
+                    best = Some(sub);
+                }
+            }
+            if let Some(closest) = best {
+                out.push(Incompatibility::new(
+                    &at(path, kw),
+                    "SUM_TYPE_NARROWED",
+                    format!(
+                        "{} is accepted by none of the reader's {} alternatives (closest: {})",
+                        if alternatives(w).is_some() {
+                            format!("writer alternative {}", i + 1)
+                        } else {
+                            "the writer's schema".to_owned()
+                        },
+                        r_alts.len(),
+                        summary(&closest)
+                    ),
+                ));
+            }
+        }
+    }
+    // allOf conjuncts that could not be merged: each must accept the writer.
+    if let Some(r_all) = r.get("allOf").and_then(Value::as_array) {
+        let wv = Value::Object(w.clone());
+        for (i, rc) in r_all.iter().enumerate() {
+            let mut sub = Vec::new();
+            compare(
+                &wv,
+                rc,
+                &at(&at(path, "allOf"), &i.to_string()),
+                depth + 1,
+                &mut sub,
+            );
+            if !sub.is_empty() {
+                out.push(Incompatibility::new(
+                    &at(&at(path, "allOf"), &i.to_string()),
+                    "PRODUCT_TYPE_EXTENDED",
+                    format!(
+                        "a reader allOf member refuses writer data: {}",
+                        summary(&sub)
+                    ),
+                ));
+            }
+        }
+    }
+    // not: the reader must exclude no more than the writer.
+    if let Some(rn) = r.get("not") {
+        match w.get("not") {
+            Some(wn) => {
+                let mut sub = Vec::new();
+                compare(rn, wn, &at(path, "not"), depth + 1, &mut sub);
+                if !sub.is_empty() {
+                    out.push(Incompatibility::new(
+                        &at(path, "not"),
+                        "NOT_TYPE_EXTENDED",
+                        "the reader's \"not\" excludes values the writer's did not".to_owned(),
+                    ));
+                }
+            }
+            None => out.push(Incompatibility::new(
+                &at(path, "not"),
+                "NOT_TYPE_ADDED",
+                "the reader adds a \"not\" that excludes values the writer allowed".to_owned(),
+            )),
+        }
+    }
+    // if/then/else: compared as a whole.
+    let cond = |m: &Map<String, Value>| {
+        (
+            m.get("if").cloned(),
+            m.get("then").cloned(),
+            m.get("else").cloned(),
+        )
+    };
+    let rc = cond(r);
+    if rc.0.is_some() && rc != cond(w) {
+        out.push(Incompatibility::new(
+            &at(path, "if"),
+            "CONDITIONAL_CHANGED",
+            "the reader's if/then/else differs from the writer's".to_owned(),
+        ));
+    }
+}
+
+fn summary(list: &[Incompatibility]) -> String {
+    list.iter()
+        .take(3)
+        .map(|i| format!("{}: {}", i.path, i.rule))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(w: Value, r: Value) -> Vec<&'static str> {
+        check(&w, &r).iter().map(Incompatibility::rule).collect()
+    }
+
+    #[test]
+    fn modes_parse_and_print_like_confluent() {
+        for m in Compatibility::ALL {
+            assert_eq!(m.as_str().parse::<Compatibility>().unwrap(), m);
+        }
+        assert_eq!(
+            "full-transitive".parse::<Compatibility>().unwrap(),
+            Compatibility::FullTransitive
+        );
+        assert!("sideways".parse::<Compatibility>().is_err());
+        assert_eq!(Compatibility::default(), Compatibility::Backward);
+    }
+
+    #[test]
+    fn identical_schemas_are_compatible() {
+        let s =
+            json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]});
+        assert!(check(&s, &s).is_empty());
+    }
+
+    #[test]
+    fn allof_is_merged_before_comparing() {
+        let w = json!({"allOf": [{"type": "object"}, {"required": ["a"]}]});
+        let r = json!({"type": "object", "required": ["a"]});
+        assert_eq!(rules(w, r), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn writer_alternatives_each_need_a_reader() {
+        let w = json!({"anyOf": [{"type": "string"}, {"type": "integer"}]});
+        let r = json!({"type": ["string", "number"]});
+        assert!(check(&w, &r).is_empty());
+        let r = json!({"type": "string"});
+        assert_eq!(rules(w, r), vec!["TYPE_CHANGED"]);
+    }
+}
