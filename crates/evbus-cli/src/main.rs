@@ -1,15 +1,19 @@
 #![doc = include_str!("../README.md")]
 // Doc comments double as `--help` text, where `<type>` is meant literally.
 #![allow(rustdoc::invalid_html_tags)]
-// Layout: one module per subcommand group (`events` today; `serve`, `keys`, `emit`, `consume`
-// join it as their crates land). Exit codes are shared by every command: see `failure`.
+// Layout: one module per subcommand group (`events`, `emit`, `consume`; `serve` and `keys`
+// join them as their crates land); `transport` holds what `emit` and `consume` share. Exit
+// codes are shared by every command: see `failure`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod consume;
+mod emit;
 mod events;
 mod failure;
+mod transport;
 
 /// The evbus command-line tool.
 #[derive(Debug, Parser)]
@@ -24,6 +28,17 @@ enum Command {
     /// Inspect and check the event catalogue (a directory of JSON Schemas).
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// Validate payloads of one event type and emit them; prints one event id per line.
+    ///
+    /// Exit status: 0 emitted; 1 a payload is invalid (violations on stderr, nothing
+    /// emitted); 2 usage, IO, schema or transport error.
+    Emit(emit::EmitArgs),
+    /// Handle events of one type in a group, printing each as a one-line CloudEvent (JSON)
+    /// as it is acknowledged.
+    ///
+    /// Exit status: 0 after --count events (or at --timeout without --count); 1 the
+    /// timeout passed first; 2 usage, schema or transport error.
+    Consume(consume::ConsumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +46,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Events(cmd) => events::run(cmd),
+        Command::Emit(args) => emit::run(args),
+        Command::Consume(args) => consume::run(args),
     };
     match result {
         Ok(code) => code,

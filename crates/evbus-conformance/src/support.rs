@@ -145,6 +145,13 @@ impl<T> Clone for Conn<T> {
     }
 }
 
+impl<T: Transport + 'static> Conn<T> {
+    /// The connection as a shared trait object (what a [`Bus`](evbus::bus::Bus) runs on).
+    pub(crate) fn shared(&self) -> Arc<dyn Transport> {
+        Arc::clone(&self.0) as Arc<dyn Transport>
+    }
+}
+
 impl<T> Deref for Conn<T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -251,6 +258,12 @@ impl<T: Transport + 'static> Ctx<T> {
         let dlq = dead_letter_queue_name(topic, Some(&name), &ConsumerOptions::default());
         self.shared.register(Resource::Queue(dlq));
         name
+    }
+
+    /// Registers one more queue the case creates (under a name it derived from the case's
+    /// topic), to be deleted after the case.
+    pub(crate) fn extra_queue(&self, name: String) {
+        self.shared.register(Resource::Queue(name));
     }
 
     /// Consumer settings of cases that must not see redeliveries.

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod binding;
+pub mod bus;
 pub mod capabilities;
 pub mod delivery;
 pub mod envelope;
@@ -11,6 +12,7 @@ pub mod schema;
 pub mod subscription;
 pub mod transport;
 
+pub use bus::{Bus, BusBuilder, Emit, HandlerHandle, Message, RetryPolicy};
 pub use capabilities::{Capabilities, Capability};
 pub use delivery::{Acker, Delivery, RawDelivery, Settlement};
 pub use envelope::{Event, EventBuilder};

@@ -11,6 +11,7 @@ use crate::support::{CaseResult, Ctx};
 mod lifecycle;
 mod queue;
 mod samples;
+mod schema;
 mod topic;
 
 /// Imports shared by the case modules.
@@ -134,6 +135,9 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
             needs: [Need::BrokerControl],
             timeout: OUTAGE_TIMEOUT
         ),
+        // Schema (through the Bus)
+        case!(schema::schema_invalid_event_is_rejected_at_emit_and_nothing_is_published),
+        case!(schema::schema_invalid_event_from_a_raw_producer_is_dead_lettered_and_never_handled),
     ]
 }
 
@@ -155,7 +159,7 @@ mod tests {
                 case.name
             );
             assert!(
-                ["topic_", "queue_", "lifecycle_"]
+                ["topic_", "queue_", "lifecycle_", "schema_"]
                     .iter()
                     .any(|p| case.name.starts_with(p)),
                 "{} does not say what it is about",

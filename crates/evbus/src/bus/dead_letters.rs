@@ -1,0 +1,166 @@
+//! Inspecting a group's dead-letter queue and redriving from it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Bus;
+use crate::delivery::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON};
+use crate::envelope::Event;
+use crate::error::Result;
+use crate::transport::{ConsumerOptions, Queue};
+
+/// An event in a dead-letter queue, with why it got there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    event: Event,
+}
+
+impl DeadLetter {
+    /// The event as stored (the original plus the dead-letter extensions).
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The original event, without the dead-letter extensions.
+    pub fn original(&self) -> Event {
+        let mut event = self.event.clone();
+        for name in [DEAD_LETTER_REASON, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN] {
+            event.remove_extension(name);
+        }
+        event
+    }
+
+    /// Why it was dead-lettered: the last handler error, or why it was rejected.
+    pub fn reason(&self) -> Option<&str> {
+        self.event.extension(DEAD_LETTER_REASON)
+    }
+
+    /// How many deliveries were attempted.
+    pub fn attempts(&self) -> Option<u32> {
+        self.event
+            .extension(DEAD_LETTER_ATTEMPTS)
+            .and_then(|a| a.parse().ok())
+    }
+
+    /// Where it was consumed from (`topic/subscription` or a queue name).
+    pub fn origin(&self) -> Option<&str> {
+        self.event.extension(DEAD_LETTER_ORIGIN)
+    }
+}
+
+/// The dead-letter queue of one handler group, from [`Bus::dead_letters`].
+#[derive(Clone)]
+pub struct DeadLetters {
+    name: String,
+    queue: Arc<dyn Queue>,
+    redrive: Arc<dyn Queue>,
+}
+
+impl fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("queue", &self.name)
+            .field("redrive", &self.redrive.name())
+            .finish()
+    }
+}
+
+/// The consumer settings used on a dead-letter queue: nothing there is ever dead-lettered
+/// again.
+fn dlq_consumer() -> ConsumerOptions {
+    ConsumerOptions::default()
+        .max_attempts(u32::MAX)
+        .max_in_flight(256)
+        .visibility_timeout(Duration::from_secs(30))
+}
+
+impl Bus {
+    /// The dead-letter queue of the handlers of `ty` in `group`
+    /// ([`Bus::dead_letter_queue_name`]), to inspect and redrive.
+    pub async fn dead_letters(&self, ty: &str, group: &str) -> Result<DeadLetters> {
+        let name = self.dead_letter_queue_name(ty, group);
+        let transport = &self.inner.transport;
+        Ok(DeadLetters {
+            queue: transport.queue(&name).await?,
+            redrive: transport.queue(&self.redrive_queue_name(ty, group)).await?,
+            name,
+        })
+    }
+}
+
+impl DeadLetters {
+    /// The dead-letter queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Up to `max` dead letters, without removing them: each is received and nacked back at
+    /// once. Stops early once nothing new arrives for `idle` (an empty queue returns after
+    /// `idle`).
+    pub async fn peek(&self, max: usize, idle: Duration) -> Result<Vec<DeadLetter>> {
+        let mut sub = self.queue.receive(dlq_consumer()).await?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(d)) => d?,
+            };
+            let fresh = seen.insert(delivery.event().id().to_owned());
+            if fresh {
+                out.push(DeadLetter {
+                    event: delivery.event().clone(),
+                });
+            }
+            delivery.nack(None).await?;
+            if !fresh {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves up to `max` dead letters back to the group: each is stripped of its dead-letter
+    /// extensions and sent to the group's redrive queue (consumed by every handler of the
+    /// group, and only by them), then removed from the dead-letter queue. Returns how many
+    /// were moved; stops early once nothing arrives for `idle`.
+    pub async fn redrive(&self, max: usize, idle: Duration) -> Result<usize> {
+        self.redrive_where(max, idle, |_| true).await
+    }
+
+    /// Like [`redrive`](Self::redrive), moving only the dead letters `keep` accepts; the
+    /// others stay in the dead-letter queue.
+    pub async fn redrive_where(
+        &self,
+        max: usize,
+        idle: Duration,
+        keep: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<usize> {
+        let mut sub = self.queue.receive(dlq_consumer()).await?;
+        let mut moved = 0;
+        let mut skipped = HashSet::new();
+        while moved < max {
+            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(d)) => d?,
+            };
+            let dead = DeadLetter {
+                event: delivery.event().clone(),
+            };
+            if !keep(&dead) {
+                let again = !skipped.insert(dead.event.id().to_owned());
+                delivery.nack(None).await?;
+                if again {
+                    break;
+                }
+                continue;
+            }
+            self.redrive.send(&dead.original()).await?;
+            delivery.ack().await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,210 @@
+//! Emitting: validate, build the envelope, publish, return once the transport confirmed.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::{Bus, telemetry};
+use crate::envelope::Event;
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::EventType;
+
+/// One event to emit: its type, its JSON data and optional envelope attributes.
+///
+/// ```
+/// use evbus::bus::Emit;
+/// use serde_json::json;
+///
+/// let emit = Emit::new("afterOrderCreate", json!({"orderId": "o-1"}))
+///     .key("o-1")
+///     .subject("orders/o-1")
+///     .extension("tenant", "acme");
+/// assert_eq!(emit.event_type(), "afterOrderCreate");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[must_use]
+pub struct Emit {
+    ty: String,
+    data: Value,
+    key: Option<String>,
+    subject: Option<String>,
+    extensions: BTreeMap<String, String>,
+}
+
+impl Emit {
+    /// An event of type `ty` with `data`.
+    pub fn new(ty: impl Into<String>, data: Value) -> Self {
+        Emit {
+            ty: ty.into(),
+            data,
+            key: None,
+            subject: None,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// An event of the Rust event type `T`, its data serialised from `value`.
+    pub fn typed<T: EventType + Serialize>(value: &T) -> Result<Self> {
+        let data = serde_json::to_value(value).map_err(|e| {
+            Error::invalid_event(format!(
+                "`{}` data cannot be serialised as JSON: {e}",
+                T::TYPE
+            ))
+        })?;
+        Ok(Emit::new(T::TYPE, data))
+    }
+
+    /// The partition key: events sharing it keep their order (on transports that declare
+    /// per-key order, and for handlers that keep it).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The CloudEvents `subject`.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// An extension attribute (lowercase letters and digits, at most 20).
+    pub fn extension(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extensions.insert(name.into(), value.into());
+        self
+    }
+
+    /// The event type.
+    pub fn event_type(&self) -> &str {
+        &self.ty
+    }
+
+    /// The data.
+    pub fn data(&self) -> &Value {
+        &self.data
+    }
+}
+
+impl Bus {
+    /// Validates `data` as event type `ty`, publishes it to the type's topic and returns the
+    /// new event's id once the transport accepted it.
+    ///
+    /// An invalid payload, or an unknown type in a strict catalogue, fails with
+    /// [`ErrorKind::Validation`] naming every violation (or every known type), and nothing is
+    /// published.
+    pub async fn emit(&self, ty: &str, data: Value) -> Result<String> {
+        self.send(Emit::new(ty, data)).await
+    }
+
+    /// Emits a Rust event type: `T::TYPE` with `value` serialised as its data.
+    pub fn emit_typed<T: EventType + Serialize>(
+        &self,
+        value: &T,
+    ) -> impl Future<Output = Result<String>> + Send + '_ {
+        let emit = Emit::typed(value);
+        async move { self.send(emit?).await }
+    }
+
+    /// Emits one [`Emit`] (with a key, subject or extensions); returns the event id.
+    pub async fn send(&self, emit: Emit) -> Result<String> {
+        self.ensure_open()?;
+        let _token = self.inner.emits.token();
+        let topic_name = self.topic_name(&emit.ty);
+        let span = tracing::info_span!(
+            "evbus.emit",
+            otel.kind = "producer",
+            event.r#type = %emit.ty,
+            event.id = tracing::field::Empty,
+            topic = %topic_name,
+        );
+        let ty = emit.ty.clone();
+        async {
+            let event = self.prepare(emit, &tracing::Span::current())?;
+            tracing::Span::current().record("event.id", event.id());
+            let topic = self.topic(&topic_name).await?;
+            topic.publish(&event).await?;
+            telemetry::emitted(&ty);
+            Ok(event.id().to_owned())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Emits several events; returns their ids in the same order.
+    ///
+    /// Every event is validated first: if any is invalid, the error names each invalid one
+    /// by its index and nothing is published. Events are then published per topic in order
+    /// ([`Topic::publish_batch`](crate::Topic::publish_batch)); on a transport error a prefix
+    /// may have been published.
+    pub async fn emit_batch(&self, emits: impl IntoIterator<Item = Emit>) -> Result<Vec<String>> {
+        self.ensure_open()?;
+        let _token = self.inner.emits.token();
+        let emits: Vec<Emit> = emits.into_iter().collect();
+        let span = tracing::info_span!("evbus.emit", otel.kind = "producer", batch = emits.len(),);
+        async {
+            let current = tracing::Span::current();
+            let mut problems = Vec::new();
+            let mut prepared = Vec::with_capacity(emits.len());
+            for (i, emit) in emits.into_iter().enumerate() {
+                let ty = emit.ty.clone();
+                match self.prepare(emit, &current) {
+                    Ok(event) => prepared.push(event),
+                    Err(e) if e.kind() == ErrorKind::Validation => {
+                        problems.push(format!("event {i} ({ty}): {}", e.message()));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !problems.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Validation,
+                    format!(
+                        "{} of {} events are invalid; nothing was published:\n{}",
+                        problems.len(),
+                        problems.len() + prepared.len(),
+                        problems.join("\n")
+                    ),
+                ));
+            }
+            // Group by topic, keeping each topic's events in the order given.
+            let mut by_topic: Vec<(String, Vec<Event>)> = Vec::new();
+            for event in &prepared {
+                let name = self.topic_name(event.ty());
+                match by_topic.iter_mut().find(|(t, _)| *t == name) {
+                    Some((_, events)) => events.push(event.clone()),
+                    None => by_topic.push((name, vec![event.clone()])),
+                }
+            }
+            for (name, events) in &by_topic {
+                self.topic(name).await?.publish_batch(events).await?;
+                for event in events {
+                    telemetry::emitted(event.ty());
+                }
+            }
+            Ok(prepared.iter().map(|e| e.id().to_owned()).collect())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Validates and builds the envelope (not published).
+    fn prepare(&self, emit: Emit, span: &tracing::Span) -> Result<Event> {
+        let validated = self.inner.catalog.validate(&emit.ty, &emit.data)?;
+        let mut builder = Event::builder(&emit.ty, &self.inner.source).json(&emit.data)?;
+        if let Some(uri) = validated.dataschema() {
+            builder = builder.dataschema(uri);
+        }
+        if let Some(key) = emit.key {
+            builder = builder.partition_key(key);
+        }
+        if let Some(subject) = emit.subject {
+            builder = builder.subject(subject);
+        }
+        for (name, value) in &emit.extensions {
+            builder = builder.extension(name, value.clone());
+        }
+        builder = telemetry::inject(builder, span);
+        builder.build()
+    }
+}

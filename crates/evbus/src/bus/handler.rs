@@ -1,0 +1,707 @@
+//! Handlers: `on(type, group, handler)`, their consume loop, retries and drain.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{Bus, RetryPolicy, lock, telemetry};
+use crate::delivery::{Delivery, Settlement, dead_letter_event};
+use crate::envelope::Event;
+use crate::error::{Error, Result};
+use crate::schema::EventType;
+use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
+
+/// Events a handler runs at once per instance unless configured otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// How long a handler instance may hold an event before the broker hands it to another
+/// instance (one that crashed never settles), unless configured otherwise: 30 s.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a handler returns on failure: any error. It is retried per the [`RetryPolicy`] and
+/// its `Display` becomes the dead-letter reason after the last attempt.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One event handed to a handler, with its delivery context. Derefs to the [`Event`].
+#[derive(Clone, Debug)]
+pub struct Message {
+    event: Event,
+    attempt: u32,
+    max_attempts: u32,
+    group: Arc<str>,
+}
+
+impl Message {
+    /// The event (validated against the catalogue).
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The event, owned.
+    pub fn into_event(self) -> Event {
+        self.event
+    }
+
+    /// This attempt's number: 1 on first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Attempts allowed before the event is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// Whether a failure now sends the event to the dead-letter queue.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
+
+    /// The handler's group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+}
+
+impl Deref for Message {
+    type Target = Event;
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
+/// Why one run of a handler did not succeed.
+enum Failure {
+    /// The handler failed: retry, then dead-letter with this error.
+    Retry(String),
+    /// The event can never succeed (its data does not deserialise): dead-letter now.
+    Reject(String),
+}
+
+type DynHandler = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
+
+impl Bus {
+    /// Attaches a raw handler for event type `ty` in `group`; returns a [`HandlerBuilder`]
+    /// to configure, then [`start`](HandlerBuilder::start).
+    ///
+    /// The handler gets a [`Message`] (the validated [`Event`] and its attempt number) and
+    /// returns `Ok(())` to acknowledge or an error to retry.
+    pub fn on<F, Fut>(
+        &self,
+        ty: impl Into<String>,
+        group: impl Into<String>,
+        handler: F,
+    ) -> HandlerBuilder
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler: DynHandler = Arc::new(move |msg| {
+            let fut = handler(msg);
+            async move { fut.await.map_err(|e| Failure::Retry(e.to_string())) }.boxed()
+        });
+        self.handler_builder(ty.into(), group.into(), handler)
+    }
+
+    /// Attaches a typed handler for the Rust event type `T` (`T::TYPE`) in `group`: the data
+    /// is deserialised into `T` first; an event whose data does not deserialise is
+    /// dead-lettered with the reason, without running the handler.
+    pub fn on_typed<T, F, Fut>(&self, group: impl Into<String>, handler: F) -> HandlerBuilder
+    where
+        T: EventType + DeserializeOwned + Send + 'static,
+        F: Fn(T, Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let dyn_handler: DynHandler = Arc::new(move |msg: Message| {
+            let value = msg.event.json::<T>();
+            let handler = Arc::clone(&handler);
+            async move {
+                let value = value.map_err(|e| {
+                    Failure::Reject(format!(
+                        "the data does not deserialise into {}: {}",
+                        std::any::type_name::<T>(),
+                        e.message()
+                    ))
+                })?;
+                handler(value, msg)
+                    .await
+                    .map_err(|e| Failure::Retry(e.to_string()))
+            }
+            .boxed()
+        });
+        self.handler_builder(T::TYPE.to_owned(), group.into(), dyn_handler)
+    }
+
+    fn handler_builder(&self, ty: String, group: String, handler: DynHandler) -> HandlerBuilder {
+        let d = &self.inner.defaults;
+        HandlerBuilder {
+            bus: self.clone(),
+            ty,
+            group,
+            handler,
+            retry: d.retry.clone(),
+            concurrency: d.concurrency,
+            ordered: d.ordered,
+            visibility_timeout: d.visibility_timeout,
+            start: StartPosition::Latest,
+        }
+    }
+}
+
+/// Configures a handler before it starts (see [`Bus::on`]).
+#[must_use = "a handler does nothing until started"]
+pub struct HandlerBuilder {
+    bus: Bus,
+    ty: String,
+    group: String,
+    handler: DynHandler,
+    retry: RetryPolicy,
+    concurrency: usize,
+    ordered: bool,
+    visibility_timeout: Duration,
+    start: StartPosition,
+}
+
+impl fmt::Debug for HandlerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerBuilder")
+            .field("type", &self.ty)
+            .field("group", &self.group)
+            .field("retry", &self.retry)
+            .field("concurrency", &self.concurrency)
+            .field("ordered", &self.ordered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandlerBuilder {
+    /// The retry policy (default: the bus's, [`RetryPolicy::default`] unless set).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Shorthand for the retry policy's [`max_attempts`](RetryPolicy::max_attempts).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.retry = self.retry.max_attempts(n);
+        self
+    }
+
+    /// Most events run at once by this instance (default [`DEFAULT_CONCURRENCY`]; at least
+    /// 1). The transport's in-flight limit is set to the same number.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Keeps per-key order: events with the same partition key never run concurrently nor out
+    /// of order; a failing event is retried in place (after its backoff) before the next
+    /// event of its key runs. Events without a key are not ordered.
+    pub fn ordered_by_key(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+
+    /// How long this instance may hold an event before the broker gives it to another
+    /// (default [`DEFAULT_VISIBILITY_TIMEOUT`]). Keep it above the longest handler run (and,
+    /// for ordered handlers, above the sum of their in-place backoffs).
+    pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout = timeout;
+        self
+    }
+
+    /// Where the group's subscription starts when it is created by this handler (default
+    /// [`StartPosition::Latest`]; an existing subscription resumes where it stopped).
+    pub fn start_position(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Subscribes and starts consuming. Returns once the subscription exists, so every event
+    /// emitted afterwards reaches the group.
+    ///
+    /// A type the catalogue does not know fails with
+    /// [`ErrorKind::Validation`](crate::ErrorKind::Validation) when the catalogue is strict.
+    pub async fn start(self) -> Result<HandlerHandle> {
+        let bus = self.bus;
+        bus.ensure_open()?;
+        let catalog = &bus.inner.catalog;
+        if catalog.is_strict() && !catalog.contains(&self.ty) {
+            return Err(crate::schema::ValidationErrors::unknown_type(
+                &self.ty,
+                catalog.type_names(),
+            )
+            .into());
+        }
+        let topic_name = bus.topic_name(&self.ty);
+        let subscription = bus.subscription_name(&self.ty, &self.group);
+        let dlq_name = bus.dead_letter_queue_name(&self.ty, &self.group);
+        let redrive_name = bus.redrive_queue_name(&self.ty, &self.group);
+        let consumer = ConsumerOptions::default()
+            .max_in_flight(self.concurrency)
+            .max_attempts(self.retry.max_attempts)
+            .visibility_timeout(self.visibility_timeout)
+            .dead_letter_queue(dlq_name.clone());
+        let transport = Arc::clone(&bus.inner.transport);
+        let topic = bus.topic(&topic_name).await?;
+        let from_topic = topic
+            .subscribe(
+                SubscribeOptions::named(subscription.clone())
+                    .start(self.start)
+                    .consumer(consumer.clone()),
+            )
+            .await?;
+        let from_redrive = transport
+            .queue(&redrive_name)
+            .await?
+            .receive(consumer.clone())
+            .await?;
+        let dead_letter = transport.queue(&dlq_name).await?;
+
+        let shared = Arc::new(Shared {
+            ty: self.ty.clone(),
+            group: Arc::from(self.group.as_str()),
+            topic: topic_name,
+            subscription,
+            dead_letter_queue: dlq_name,
+            redrive_queue: redrive_name,
+            running: AtomicBool::new(true),
+            cancel: CancellationToken::new(),
+            deadline: Mutex::new(None),
+            report: watch::channel(None).0,
+        });
+        let worker = Worker {
+            shared: Arc::clone(&shared),
+            bus: bus.clone(),
+            handler: self.handler,
+            retry: self.retry,
+            ordered: self.ordered,
+            dead_letter,
+            in_flight: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            lanes: Mutex::new(HashMap::new()),
+        };
+        let stream = futures::stream::select(from_topic, from_redrive);
+        tokio::spawn(Arc::new(worker).run(stream, self.concurrency));
+        let handle = HandlerHandle { shared };
+        bus.register_handler(handle.clone());
+        Ok(handle)
+    }
+}
+
+struct Shared {
+    ty: String,
+    group: Arc<str>,
+    topic: String,
+    subscription: String,
+    dead_letter_queue: String,
+    redrive_queue: String,
+    running: AtomicBool,
+    cancel: CancellationToken,
+    deadline: Mutex<Option<Instant>>,
+    report: watch::Sender<Option<DrainReport>>,
+}
+
+/// A running handler: where it consumes, and how to stop it.
+#[derive(Clone)]
+pub struct HandlerHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for HandlerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerHandle")
+            .field("type", &self.shared.ty)
+            .field("group", &self.shared.group)
+            .field("topic", &self.shared.topic)
+            .field("subscription", &self.shared.subscription)
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+/// How a handler's drain ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Deliveries still running or queued at the deadline, nacked for redelivery (or left
+    /// to their visibility timeout when they were on their last attempt).
+    pub interrupted: usize,
+}
+
+impl HandlerHandle {
+    /// The event type handled.
+    pub fn event_type(&self) -> &str {
+        &self.shared.ty
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.shared.group
+    }
+
+    /// The topic consumed.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// The subscription of the topic consumed (see [`Bus::subscription_name`]).
+    pub fn subscription(&self) -> &str {
+        &self.shared.subscription
+    }
+
+    /// The dead-letter queue of this handler's group.
+    pub fn dead_letter_queue(&self) -> &str {
+        &self.shared.dead_letter_queue
+    }
+
+    /// The redrive queue of this handler's group.
+    pub fn redrive_queue(&self) -> &str {
+        &self.shared.redrive_queue
+    }
+
+    /// Whether the handler still consumes (false once drained, or its transport closed).
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::Acquire)
+    }
+
+    /// Stops taking deliveries, lets running handlers finish for at most `deadline`, nacks
+    /// what is still running or queued then, and returns once the handler has stopped.
+    pub async fn shutdown(&self, deadline: Duration) -> DrainReport {
+        self.shutdown_until(Instant::now() + deadline).await
+    }
+
+    pub(super) async fn shutdown_until(&self, deadline: Instant) -> DrainReport {
+        {
+            let mut d = lock(&self.shared.deadline);
+            *d = Some(d.map_or(deadline, |old| old.min(deadline)));
+        }
+        self.shared.cancel.cancel();
+        let mut rx = self.shared.report.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(report) => report.unwrap_or_default(),
+            Err(_) => DrainReport::default(),
+        }
+    }
+}
+
+/// One delivery taken by the worker, until it is done.
+struct Taken {
+    id: u64,
+    delivery: Arc<Delivery>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    bus: Bus,
+    handler: DynHandler,
+    retry: RetryPolicy,
+    ordered: bool,
+    dead_letter: Arc<dyn Queue>,
+    /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
+    in_flight: Mutex<HashMap<u64, Arc<Delivery>>>,
+    next_id: AtomicU64,
+    /// Per-key lanes: the deliveries waiting behind the running one of each key.
+    lanes: Mutex<HashMap<String, VecDeque<Taken>>>,
+}
+
+impl Worker {
+    async fn run(
+        self: Arc<Self>,
+        mut stream: impl futures::Stream<Item = Result<Delivery>> + Unpin + Send,
+        concurrency: usize,
+    ) {
+        let cancel = self.shared.cancel.clone();
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                p = Arc::clone(&slots).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                next = stream.next() => next,
+            };
+            let delivery = match next {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, group = %self.shared.group, "handler subscription error");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+                Some(Ok(d)) => Arc::new(d),
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            lock(&self.in_flight).insert(id, Arc::clone(&delivery));
+            let taken = Taken {
+                id,
+                delivery,
+                _permit: permit,
+            };
+            let key = if self.ordered {
+                taken.delivery.event().partition_key().map(str::to_owned)
+            } else {
+                None
+            };
+            match key {
+                None => {
+                    let worker = Arc::clone(&self);
+                    tasks.spawn(async move { worker.process(taken).await });
+                }
+                Some(key) => {
+                    let mut lanes = lock(&self.lanes);
+                    match lanes.get_mut(&key) {
+                        Some(queue) => queue.push_back(taken),
+                        None => {
+                            lanes.insert(key.clone(), VecDeque::new());
+                            let worker = Arc::clone(&self);
+                            tasks.spawn(async move { worker.lane(key, taken).await });
+                        }
+                    }
+                }
+            }
+        }
+        self.drain(tasks).await;
+        drop(stream);
+        self.shared.running.store(false, Ordering::Release);
+    }
+
+    /// Runs `first`, then whatever queued behind it for `key`, one at a time.
+    async fn lane(self: Arc<Self>, key: String, first: Taken) {
+        let mut current = first;
+        loop {
+            Arc::clone(&self).process(current).await;
+            let mut lanes = lock(&self.lanes);
+            match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => current = next,
+                None => {
+                    lanes.remove(&key);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn drain(&self, mut tasks: JoinSet<()>) {
+        let deadline = lock(&self.shared.deadline).unwrap_or_else(Instant::now);
+        let finished = tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        let mut report = DrainReport::default();
+        if !finished {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            let left: Vec<Arc<Delivery>> = lock(&self.in_flight).drain().map(|(_, d)| d).collect();
+            lock(&self.lanes).clear();
+            for delivery in left {
+                if delivery.is_settled() {
+                    continue;
+                }
+                report.interrupted += 1;
+                if delivery.attempt() < delivery.max_attempts() {
+                    if let Err(e) = delivery.nack(None).await {
+                        tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
+                    }
+                }
+                // On the last attempt a nack would dead-letter an event that did not fail:
+                // it is left to its visibility timeout instead.
+            }
+        }
+        self.shared.report.send_replace(Some(report));
+    }
+
+    async fn process(self: Arc<Self>, taken: Taken) {
+        self.handle(&taken.delivery).await;
+        lock(&self.in_flight).remove(&taken.id);
+    }
+
+    async fn handle(&self, delivery: &Delivery) {
+        let event = delivery.event();
+        let group = &*self.shared.group;
+        let ty = &self.shared.ty;
+        if event.ty() != ty {
+            // Another type sharing the topic: not this handler's business.
+            settle(
+                "skipping an event of another type",
+                event,
+                delivery.ack().await,
+            );
+            return;
+        }
+        if let Err(errors) = self.bus.inner.catalog.validate_event(event) {
+            let reason = format!("rejected on consume: {}", Error::from(errors).message());
+            tracing::warn!(event = event.id(), group, %reason, "dead-lettering an invalid event");
+            settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+            telemetry::dead_lettered(ty, group, "invalid");
+            return;
+        }
+        let span = tracing::info_span!(
+            "evbus.handle",
+            otel.kind = "consumer",
+            event.r#type = %ty,
+            event.id = %event.id(),
+            group = %group,
+            attempt = delivery.attempt(),
+        );
+        telemetry::adopt(&span, event);
+        if self.ordered && event.partition_key().is_some() {
+            self.run_in_place(delivery).instrument(span).await;
+        } else {
+            self.run_once(delivery).instrument(span).await;
+        }
+    }
+
+    async fn call(&self, event: &Event, attempt: u32) -> Result<(), Failure> {
+        let msg = Message {
+            event: event.clone(),
+            attempt,
+            max_attempts: self.retry.max_attempts,
+            group: Arc::clone(&self.shared.group),
+        };
+        let started = std::time::Instant::now();
+        let result = AssertUnwindSafe((self.handler)(msg)).catch_unwind().await;
+        telemetry::handle_duration(
+            &self.shared.ty,
+            &self.shared.group,
+            started.elapsed().as_secs_f64(),
+        );
+        match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string payload".to_owned());
+                Err(Failure::Retry(format!("the handler panicked: {what}")))
+            }
+        }
+    }
+
+    /// One attempt; a failure is retried through a delayed nack.
+    async fn run_once(&self, delivery: &Delivery) {
+        let (ty, group) = (&*self.shared.ty, &*self.shared.group);
+        let event = delivery.event();
+        let attempt = delivery.attempt();
+        match self.call(event, attempt).await {
+            Ok(()) => {
+                settle("acking", event, delivery.ack().await);
+                telemetry::handled(ty, group);
+            }
+            Err(Failure::Reject(reason)) => {
+                settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                telemetry::dead_lettered(ty, group, "undecodable");
+            }
+            Err(Failure::Retry(error)) => {
+                telemetry::failed(ty, group);
+                let max = delivery.max_attempts();
+                if attempt >= max {
+                    let reason = last_error_reason(attempt, max, &error);
+                    tracing::warn!(event = event.id(), group, %reason, "dead-lettering");
+                    settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                    telemetry::dead_lettered(ty, group, "handler");
+                } else {
+                    let delay = self.retry.backoff(attempt);
+                    tracing::debug!(event = event.id(), group, attempt, ?delay, %error, "handler failed; retrying");
+                    match delivery.nack(Some(delay)).await {
+                        Ok(Settlement::DeadLettered) => {
+                            telemetry::dead_lettered(ty, group, "handler");
+                        }
+                        Ok(_) => telemetry::retried(ty, group),
+                        Err(e) => settle("nacking", event, Err(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ordered mode: retries in place so nothing of the same key overtakes the event.
+    async fn run_in_place(&self, delivery: &Delivery) {
+        let (ty, group) = (&*self.shared.ty, &*self.shared.group);
+        let event = delivery.event();
+        let max = delivery.max_attempts();
+        let mut attempt = delivery.attempt();
+        loop {
+            match self.call(event, attempt).await {
+                Ok(()) => {
+                    settle("acking", event, delivery.ack().await);
+                    telemetry::handled(ty, group);
+                    return;
+                }
+                Err(Failure::Reject(reason)) => {
+                    settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                    telemetry::dead_lettered(ty, group, "undecodable");
+                    return;
+                }
+                Err(Failure::Retry(error)) => {
+                    telemetry::failed(ty, group);
+                    if attempt >= max {
+                        let reason = last_error_reason(attempt, max, &error);
+                        let result = if attempt == delivery.attempt() {
+                            delivery.dead_letter(&reason).await
+                        } else {
+                            // Retried in place: record the attempts actually made.
+                            self.dead_letter_in_place(delivery, &reason, attempt).await
+                        };
+                        settle("dead-lettering", event, result);
+                        telemetry::dead_lettered(ty, group, "handler");
+                        return;
+                    }
+                    telemetry::retried(ty, group);
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter_in_place(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<()> {
+        let dead = dead_letter_event(delivery.event(), reason, attempts, delivery.origin())?;
+        self.dead_letter.send(&dead).await?;
+        delivery.ack().await
+    }
+}
+
+fn last_error_reason(attempt: u32, max: u32, error: &str) -> String {
+    format!("handler failed on attempt {attempt} of {max}: {error}")
+}
+
+/// Logs a settlement that failed: the event stays pending on the broker and comes back
+/// after its visibility timeout, so nothing is lost.
+fn settle(what: &str, event: &Event, result: Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, event = event.id(), "{what} failed; the event will be redelivered after its visibility timeout");
+    }
+}

@@ -1,0 +1,255 @@
+//! Bounded concurrency, per-key order and graceful shutdown of handlers.
+
+mod bus_support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_support::*;
+use evbus::bus::{Emit, Message};
+use tokio::sync::{Semaphore, mpsc::unbounded_channel};
+
+#[tokio::test]
+async fn a_handler_runs_at_most_its_concurrency_at_once() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let running = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let (r, g) = (Arc::clone(&running), Arc::clone(&gate));
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        let (r, g, tx) = (Arc::clone(&r), Arc::clone(&g), tx.clone());
+        async move {
+            let _ = tx.send(r.fetch_add(1, Ordering::SeqCst) + 1);
+            g.acquire().await?.forget();
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .concurrency(4)
+    .start()
+    .await
+    .unwrap();
+    for i in 0..10 {
+        bus.emit("orderPlaced", placed(&format!("o-{i}")))
+            .await
+            .unwrap();
+    }
+    let started: Vec<usize> = vec![
+        recv(&mut rx).await,
+        recv(&mut rx).await,
+        recv(&mut rx).await,
+        recv(&mut rx).await,
+    ];
+    assert_eq!(started.iter().max(), Some(&4));
+    // While four are blocked, a fifth never starts.
+    expect_nothing(&mut rx).await;
+    gate.add_permits(10);
+    for _ in 4..10 {
+        assert!(recv(&mut rx).await <= 4);
+    }
+}
+
+#[tokio::test]
+async fn ordered_handlers_never_run_one_key_concurrently_or_out_of_order() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let log: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let overlap = Arc::new(AtomicUsize::new(0));
+    let max_parallel = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    {
+        let (active, log, overlap, max_parallel) = (
+            Arc::clone(&active),
+            Arc::clone(&log),
+            Arc::clone(&overlap),
+            Arc::clone(&max_parallel),
+        );
+        bus.on("orderPlaced", "g", move |msg: Message| {
+            let (active, log, overlap, max_parallel, tx) = (
+                Arc::clone(&active),
+                Arc::clone(&log),
+                Arc::clone(&overlap),
+                Arc::clone(&max_parallel),
+                tx.clone(),
+            );
+            async move {
+                let key = msg.partition_key().unwrap().to_owned();
+                let seq: u64 = msg.extension("seq").unwrap().parse()?;
+                {
+                    let mut a = active.lock().unwrap();
+                    if !a.insert(key.clone()) {
+                        overlap.fetch_add(1, Ordering::SeqCst);
+                    }
+                    max_parallel.fetch_max(a.len(), Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_micros(200 + (seq % 7) * 150)).await;
+                log.lock().unwrap().push((key.clone(), seq));
+                active.lock().unwrap().remove(&key);
+                let _ = tx.send(());
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(8)
+        .start()
+        .await
+        .unwrap();
+    }
+    const KEYS: u64 = 4;
+    const PER_KEY: u64 = 40;
+    let emits = (0..PER_KEY).flat_map(|seq| {
+        (0..KEYS).map(move |k| {
+            Emit::new("orderPlaced", placed(&format!("o-{k}")))
+                .key(format!("k{k}"))
+                .extension("seq", seq.to_string())
+        })
+    });
+    bus.emit_batch(emits).await.unwrap();
+    for _ in 0..KEYS * PER_KEY {
+        recv(&mut rx).await;
+    }
+    assert_eq!(overlap.load(Ordering::SeqCst), 0, "a key ran concurrently");
+    let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for (k, s) in log.lock().unwrap().iter() {
+        per_key.entry(k.clone()).or_default().push(*s);
+    }
+    for (k, seqs) in per_key {
+        assert_eq!(
+            seqs,
+            (0..PER_KEY).collect::<Vec<_>>(),
+            "key {k} out of order"
+        );
+    }
+    assert!(
+        max_parallel.load(Ordering::SeqCst) > 1,
+        "different keys ran in parallel"
+    );
+}
+
+#[tokio::test]
+async fn an_ordered_handler_retries_in_place_so_later_events_of_the_key_wait() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+        let _ = tx.send((seq, msg.attempt()));
+        async move {
+            if seq == 1 && msg.attempt() < 3 {
+                Err("not yet".into())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .ordered_by_key(true)
+    .start()
+    .await
+    .unwrap();
+    bus.emit_batch((0..3).map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key("o-1")
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(recv(&mut rx).await);
+    }
+    assert_eq!(got, [(0, 1), (1, 1), (1, 2), (1, 3), (2, 1)]);
+}
+
+#[tokio::test]
+async fn an_ordered_handler_dead_letters_with_the_attempts_made_in_place() {
+    let broker = broker();
+    let bus = bus(&broker);
+    bus.on("orderPlaced", "g", |_msg: Message| async {
+        Err("always".into())
+    })
+    .ordered_by_key(true)
+    .max_attempts(3)
+    .start()
+    .await
+    .unwrap();
+    let id = bus
+        .send(Emit::new("orderPlaced", placed("o-1")).key("o-1"))
+        .await
+        .unwrap();
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), id);
+    assert_eq!(dead[0].extension("deadletterattempts"), Some("3"));
+    assert_eq!(
+        dead[0].extension("deadletterreason"),
+        Some("handler failed on attempt 3 of 3: always")
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_handlers_finish_before_closing() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let finished = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let f = Arc::clone(&finished);
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        let (f, tx) = (Arc::clone(&f), tx.clone());
+        async move {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    recv(&mut rx).await;
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the running handler finished first"
+    );
+}
+
+#[tokio::test]
+async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
+    let broker = broker();
+    let (a, b) = (bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    let tx_a = tx.clone();
+    let stuck = a
+        .on("orderPlaced", "g", move |msg: Message| {
+            let _ = tx_a.send(("a", msg.attempt()));
+            futures::future::pending()
+        })
+        .start()
+        .await
+        .unwrap();
+    a.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("a", 1));
+
+    let report = stuck.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(report.interrupted, 1);
+    assert!(!stuck.is_running());
+    b.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(("b", msg.attempt()));
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    assert_eq!(recv(&mut rx).await, ("b", 2));
+    expect_nothing(&mut rx).await;
+}

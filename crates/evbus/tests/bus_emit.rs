@@ -1,0 +1,182 @@
+//! `Bus::emit`: validate, build the envelope, publish.
+
+mod bus_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_support::*;
+use evbus::bus::{Bus, Emit};
+use evbus::schema::EventType;
+use evbus::{ErrorKind, SubscribeOptions, Transport};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[tokio::test]
+async fn emit_publishes_a_validated_envelope_and_returns_its_id() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let id = bus
+        .send(
+            Emit::new("orderPlaced", placed("o-1"))
+                .key("o-1")
+                .subject("orders/o-1")
+                .extension("tenant", "acme"),
+        )
+        .await
+        .unwrap();
+
+    let d = next(&mut sub).await;
+    let e = d.event();
+    assert_eq!(e.id(), id);
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    assert_eq!(e.ty(), "orderPlaced");
+    assert_eq!(e.source(), "/test/shop");
+    assert_eq!(e.dataschema(), Some("urn:evbus:schema:orderPlaced:1"));
+    assert_eq!(e.partition_key(), Some("o-1"));
+    assert_eq!(e.subject(), Some("orders/o-1"));
+    assert_eq!(e.extension("tenant"), Some("acme"));
+    assert!(e.time().is_some());
+    assert_eq!(e.json::<serde_json::Value>().unwrap(), placed("o-1"));
+}
+
+#[tokio::test]
+async fn an_invalid_payload_is_refused_with_every_violation_and_nothing_is_published() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let err = bus
+        .emit("orderPlaced", json!({"total": -1}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation);
+    assert!(err.message().contains("/orderId"), "{err}");
+    assert!(err.message().contains("/total"), "{err}");
+
+    // The next valid event is the first thing the topic carries.
+    let id = bus.emit("orderPlaced", placed("o-2")).await.unwrap();
+    assert_eq!(next(&mut sub).await.event().id(), id);
+}
+
+#[tokio::test]
+async fn an_unknown_type_is_refused_naming_the_known_types() {
+    let bus = bus(&broker());
+    let err = bus.emit("orderShipped", json!({})).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation);
+    assert!(
+        err.message().contains("orderCanceled, orderPlaced"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_validated_whole_before_anything_is_published() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let err = bus
+        .emit_batch([
+            Emit::new("orderPlaced", placed("o-1")),
+            Emit::new("orderPlaced", json!({"orderId": "o-2"})),
+            Emit::new("orderPlaced", placed("o-3")),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation);
+    assert!(err.message().contains("event 1 (orderPlaced)"), "{err}");
+    assert!(err.message().contains("nothing was published"), "{err}");
+
+    let ids = bus
+        .emit_batch((0..3).map(|i| Emit::new("orderPlaced", placed(&format!("o-{i}")))))
+        .await
+        .unwrap();
+    for id in &ids {
+        assert_eq!(next(&mut sub).await.event().id(), id);
+    }
+}
+
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+struct ProductUpdated {
+    product_id: String,
+    price: f64,
+}
+
+impl EventType for ProductUpdated {
+    const TYPE: &'static str = "productUpdated";
+}
+
+#[tokio::test]
+async fn typed_emit_uses_the_rust_type_s_event_type_and_schema() {
+    let mut b = evbus::Catalog::builder();
+    b.register::<ProductUpdated>().unwrap();
+    let broker = broker();
+    let bus = Bus::new(Arc::new(broker.connect()), b.freeze().unwrap(), "/test");
+    let topic = bus.transport().topic("productUpdated").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let id = bus
+        .emit_typed(&ProductUpdated {
+            product_id: "p-1".into(),
+            price: 9.5,
+        })
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event().id(), id);
+    assert_eq!(d.event().ty(), "productUpdated");
+    assert_eq!(
+        d.event().json::<serde_json::Value>().unwrap(),
+        json!({"productId": "p-1", "price": 9.5})
+    );
+}
+
+#[tokio::test]
+async fn routed_types_share_one_topic_in_emit_order() {
+    let broker = broker();
+    let bus = Bus::builder(Arc::new(broker.connect()), catalog())
+        .route(["orderPlaced", "orderCanceled"], "orders")
+        .build();
+    let topic = bus.transport().topic("orders").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let a = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    let b = bus
+        .emit("orderCanceled", json!({"orderId": "o-1", "reason": "r"}))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.event().id(), a);
+    assert_eq!(next(&mut sub).await.event().id(), b);
+}
+
+#[tokio::test]
+async fn emit_after_shutdown_fails_with_closed() {
+    let broker = broker();
+    let bus = bus(&broker);
+    bus.shutdown(Duration::from_secs(1)).await.unwrap();
+    let err = bus.emit("orderPlaced", placed("o-1")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert!(bus.shutdown(Duration::from_secs(1)).await.is_ok());
+}

@@ -1,0 +1,423 @@
+//! `Bus::on`: groups, validation on consume, typed handlers, retries, dead letters, redrive.
+
+mod bus_support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_support::*;
+use evbus::bus::{Bus, HandlerError, Message};
+use evbus::schema::EventType;
+use evbus::{Event, Transport};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+/// A handler that reports `(instance, event id, attempt)` and succeeds.
+fn reporting(
+    instance: &'static str,
+    tx: UnboundedSender<(&'static str, String, u32)>,
+) -> impl Fn(Message) -> futures::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static {
+    move |msg: Message| {
+        let _ = tx.send((instance, msg.id().to_owned(), msg.attempt()));
+        futures::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn instances_of_one_group_compete_and_each_group_gets_every_event() {
+    let broker = broker();
+    let (a, b, c) = (bus(&broker), bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    a.on("orderPlaced", "g", reporting("g1", tx.clone()))
+        .start()
+        .await
+        .unwrap();
+    b.on("orderPlaced", "g", reporting("g2", tx.clone()))
+        .start()
+        .await
+        .unwrap();
+    c.on("orderPlaced", "h", reporting("h", tx.clone()))
+        .start()
+        .await
+        .unwrap();
+
+    let mut ids = HashSet::new();
+    for i in 0..40 {
+        ids.insert(
+            a.emit("orderPlaced", placed(&format!("o-{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let (mut g, mut h) = (Vec::new(), HashSet::new());
+    while g.len() < 40 || h.len() < 40 {
+        let (who, id, _) = recv(&mut rx).await;
+        if who == "h" {
+            assert!(h.insert(id), "group h handled an event twice");
+        } else {
+            g.push((who, id));
+        }
+    }
+    let g_ids: HashSet<_> = g.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(g_ids, ids, "group g handled every event once");
+    assert_eq!(h, ids, "group h handled every event");
+    assert!(g.iter().any(|(w, _)| *w == "g1") && g.iter().any(|(w, _)| *w == "g2"));
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn an_invalid_event_from_a_raw_producer_is_dead_lettered_and_never_handled() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", reporting("g", tx))
+        .start()
+        .await
+        .unwrap();
+
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let bad = Event::builder("orderPlaced", "/foreign")
+        .json(&json!({"orderId": 7}))
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&bad).await.unwrap();
+    let good = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+
+    assert_eq!(
+        recv(&mut rx).await.1,
+        good,
+        "only the valid event is handled"
+    );
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), bad.id());
+    let reason = dead[0].extension("deadletterreason").unwrap();
+    assert!(
+        reason.contains("/orderId") && reason.contains("/total"),
+        "{reason}"
+    );
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn an_event_naming_an_unknown_schema_version_is_dead_lettered() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", reporting("g", tx))
+        .start()
+        .await
+        .unwrap();
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let future = Event::builder("orderPlaced", "/foreign")
+        .dataschema("urn:evbus:schema:orderPlaced:7")
+        .json(&placed("o-1"))
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&future).await.unwrap();
+    let good = bus.emit("orderPlaced", placed("o-2")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.1, good);
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), future.id());
+    assert!(
+        dead[0]
+            .extension("deadletterreason")
+            .unwrap()
+            .contains("no version 7")
+    );
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn a_handler_for_a_type_the_strict_catalogue_does_not_know_fails_to_start() {
+    let bus = bus(&broker());
+    let (tx, _rx) = unbounded_channel();
+    let err = bus
+        .on("orderShipped", "g", reporting("g", tx))
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), evbus::ErrorKind::Validation);
+    assert!(
+        err.message().contains("orderCanceled, orderPlaced"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_type_on_a_shared_topic_is_skipped_not_handled() {
+    let broker = broker();
+    let bus = Bus::builder(Arc::new(broker.connect()), catalog())
+        .route(["orderPlaced"], "orders")
+        .build();
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", reporting("g", tx))
+        .start()
+        .await
+        .unwrap();
+    let topic = bus.transport().topic("orders").await.unwrap();
+    let other = Event::builder("somethingElse", "/foreign")
+        .json(&1)
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&other).await.unwrap();
+    let good = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.1, good);
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn on_a_shared_topic_a_handler_skips_the_other_types_without_running() {
+    let broker = broker();
+    let bus = Bus::builder(Arc::new(broker.connect()), catalog())
+        .route(["orderPlaced", "orderCanceled"], "orders")
+        .build();
+    let (tx, mut rx) = unbounded_channel();
+    let placed_h = bus
+        .on("orderPlaced", "g", reporting("placed", tx.clone()))
+        .start()
+        .await
+        .unwrap();
+    let canceled_h = bus
+        .on("orderCanceled", "g", reporting("canceled", tx))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(placed_h.subscription(), "g.orderPlaced");
+    assert_eq!(canceled_h.subscription(), "g.orderCanceled");
+
+    let p = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    let c = bus
+        .emit("orderCanceled", json!({"orderId": "o-1", "reason": "r"}))
+        .await
+        .unwrap();
+    let mut got = vec![recv(&mut rx).await, recv(&mut rx).await];
+    got.sort();
+    assert_eq!(got, vec![("canceled", c, 1), ("placed", p, 1)]);
+    expect_nothing(&mut rx).await;
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+struct OrderPlaced {
+    order_id: String,
+    total: f64,
+}
+
+impl EventType for OrderPlaced {
+    const TYPE: &'static str = "orderPlaced";
+}
+
+#[tokio::test]
+async fn a_typed_handler_gets_the_deserialised_payload() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on_typed("g", move |order: OrderPlaced, msg: Message| {
+        let _ = tx.send((order.order_id, order.total, msg.attempt()));
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", json!({"orderId": "o-9", "total": 12.5}))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, ("o-9".to_owned(), 12.5, 1));
+}
+
+#[derive(Debug, Deserialize)]
+struct Stricter {
+    #[allow(dead_code)]
+    missing_field: String,
+}
+
+impl schemars::JsonSchema for Stricter {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Stricter".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "object"})
+    }
+}
+
+impl EventType for Stricter {
+    const TYPE: &'static str = "orderPlaced";
+}
+
+#[tokio::test]
+async fn a_payload_that_does_not_deserialise_is_dead_lettered_with_the_reason() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel::<()>();
+    bus.on_typed("g", move |_: Stricter, _| {
+        let _ = tx.send(());
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    let id = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), id);
+    let reason = dead[0].extension("deadletterreason").unwrap();
+    assert!(
+        reason.contains("does not deserialise") && reason.contains("missing_field"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].extension("deadletterattempts"), Some("1"));
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn a_failing_handler_is_retried_and_succeeds_on_a_later_attempt() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.attempt());
+        async move {
+            if msg.attempt() < 3 {
+                Err(format!("flaky on attempt {}", msg.attempt()).into())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!(
+        [
+            recv(&mut rx).await,
+            recv(&mut rx).await,
+            recv(&mut rx).await
+        ],
+        [1, 2, 3]
+    );
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn a_handler_that_always_fails_dead_letters_with_its_last_error_after_max_attempts() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.attempt());
+        async move { Err(format!("boom #{}", msg.attempt()).into()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    let id = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    for expected in 1..=5 {
+        assert_eq!(recv(&mut rx).await, expected);
+    }
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    let letters = dead.peek(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].event().id(), id);
+    assert_eq!(letters[0].attempts(), Some(5));
+    assert_eq!(
+        letters[0].reason(),
+        Some("handler failed on attempt 5 of 5: boom #5")
+    );
+    expect_nothing(&mut rx).await;
+}
+
+#[tokio::test]
+async fn redrive_delivers_dead_letters_again_to_their_group_only() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, mut rx) = unbounded_channel();
+    let flag = Arc::clone(&fixed);
+    let g_tx = tx.clone();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let ok = flag.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = g_tx.send(("g", msg.id().to_owned(), ok));
+        async move { if ok { Ok(()) } else { Err("not yet".into()) } }
+    })
+    .max_attempts(1)
+    .start()
+    .await
+    .unwrap();
+    let h_tx = tx;
+    bus.on("orderPlaced", "h", move |msg: Message| {
+        let _ = h_tx.send(("h", msg.id().to_owned(), true));
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+
+    let id = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    let mut first = vec![recv(&mut rx).await, recv(&mut rx).await];
+    first.sort();
+    assert_eq!(
+        first,
+        vec![("g", id.clone(), false), ("h", id.clone(), true)]
+    );
+
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    let moved = dead.redrive(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(moved, 1);
+    assert_eq!(
+        recv(&mut rx).await,
+        ("g", id, true),
+        "only group g sees it again"
+    );
+    expect_nothing(&mut rx).await;
+    assert!(
+        dead.peek(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_like_a_failing_one() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.attempt());
+        async move {
+            assert!(msg.attempt() > 1, "first attempt panics");
+            Ok(())
+        }
+    })
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!([recv(&mut rx).await, recv(&mut rx).await], [1, 2]);
+}
+
+#[allow(dead_code)]
+fn transport_is_object_safe(bus: &Bus) -> &dyn Transport {
+    &**bus.transport()
+}
