@@ -13,7 +13,8 @@ use std::path::Path;
 use crate::{Result, project_root};
 
 /// The README's set-up commands: run the main job, run the tests.
-pub(crate) const SETUP_COMMANDS: [&str; 2] = ["cargo run --example quickstart", "cargo xtask test"];
+pub(crate) const SETUP_COMMANDS: [&str; 2] =
+    ["cargo run -p evbus-cli -- serve", "cargo xtask test"];
 
 pub(crate) fn run() -> Result<()> {
     let problems = check(&project_root());

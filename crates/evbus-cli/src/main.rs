@@ -1,8 +1,8 @@
 #![doc = include_str!("../README.md")]
 // Doc comments double as `--help` text, where `<type>` is meant literally.
 #![allow(rustdoc::invalid_html_tags)]
-// Layout: one module per subcommand group (`events`, `emit`, `consume`; `serve` and `keys`
-// join them as their crates land); `transport` holds what `emit` and `consume` share. Exit
+// Layout: one module per subcommand group (`events`, `emit`, `consume`, `serve`, `keys`);
+// `transport` holds what the commands share. Exit
 // codes are shared by every command: see `failure`.
 
 use std::process::ExitCode;
@@ -13,6 +13,8 @@ mod consume;
 mod emit;
 mod events;
 mod failure;
+mod keys;
+mod serve;
 mod transport;
 
 /// The evbus command-line tool.
@@ -39,6 +41,13 @@ enum Command {
     /// Exit status: 0 after --count events (or at --timeout without --count); 1 the
     /// timeout passed first; 2 usage, schema or transport error.
     Consume(consume::ConsumeArgs),
+    /// Run the gateway: HTTP API with API keys, curated payloads, signed webhooks and
+    /// Server-Sent Events. With no options: memory transport, state in ./.evbus,
+    /// schemas from examples/schemas, listening on 127.0.0.1:8080.
+    Serve(serve::ServeArgs),
+    /// Manage the gateway's API keys without HTTP (the first admin key).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +57,8 @@ fn main() -> ExitCode {
         Command::Events(cmd) => events::run(cmd),
         Command::Emit(args) => emit::run(args),
         Command::Consume(args) => consume::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Keys(cmd) => keys::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,76 @@
+//! `evbus keys create`: bootstrap API keys without HTTP (the first admin key).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use evbus_gateway::SqliteStore;
+
+use crate::failure::Failure;
+use crate::transport;
+
+/// `evbus keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create an API key in the gateway's state and print it (only the key) on stdout.
+    ///
+    /// The key is shown this once: only a hash of it is stored.
+    Create(CreateArgs),
+}
+
+/// `evbus keys create` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// The gateway's data directory (its SQLite state), as given to `evbus serve`.
+    #[arg(long, value_name = "DIR", default_value = "./.evbus")]
+    data_dir: PathBuf,
+    /// A name for the key (who or what uses it).
+    #[arg(long)]
+    name: String,
+    /// Event types the key may subscribe to: names or `*` patterns, comma separated.
+    #[arg(long, value_name = "T1,T2", value_delimiter = ',')]
+    subscribe: Vec<String>,
+    /// Event types the key may publish: names or `*` patterns, comma separated.
+    #[arg(long, value_name = "T1,T2", value_delimiter = ',')]
+    publish: Vec<String>,
+    /// The key may manage keys (`/v1/keys`) and read `/metrics`.
+    #[arg(long)]
+    admin: bool,
+    /// When the key stops working (RFC 3339, for example 2030-01-01T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub(crate) fn run(cmd: KeysCommand) -> Result<ExitCode, Failure> {
+    match cmd {
+        KeysCommand::Create(args) => create(args),
+    }
+}
+
+fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
+    let rt = transport::runtime()?;
+    rt.block_on(async {
+        let store = SqliteStore::open_dir(&args.data_dir)
+            .await
+            .map_err(Failure::new)?;
+        let trim = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let (_, key) = evbus_gateway::create_key(
+            &store,
+            &args.name,
+            trim(args.subscribe),
+            trim(args.publish),
+            args.admin,
+            args.expires_at,
+        )
+        .await
+        .map_err(Failure::new)?;
+        store.close().await;
+        println!("{key}");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,353 @@
+//! The HTTP API: routes, authentication, rate limiting, events, event types and keys.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State as AxState};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use evbus::binding::{self, HeaderStyle};
+use evbus::bus::Emit;
+use governor::clock::{Clock, DefaultClock};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::problem::{self, Problem};
+use crate::store::KeyRecord;
+use crate::{State, curation, openapi, stream, webhooks};
+
+pub(crate) fn router(state: Arc<State>) -> Router {
+    let limit = state.config.max_body_bytes;
+    let timeout = state.config.request_timeout;
+    let authed = Router::new()
+        .route("/v1/events", post(publish))
+        .route("/v1/event-types", get(event_types))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::get).delete(webhooks::delete),
+        )
+        .route("/v1/webhooks/{id}/rotate-secret", post(webhooks::rotate))
+        .route("/v1/webhooks/{id}/attempts", get(webhooks::attempts))
+        .route("/v1/webhooks/{id}/replay", post(webhooks::replay))
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/metrics", get(metrics))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ));
+    // Streams are long-lived: no request timeout.
+    let streaming = Router::new().route("/v1/stream", get(stream::stream));
+    let public = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi_doc));
+    authed
+        .merge(streaming)
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ))
+        .merge(public)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::map_response(problem::normalise))
+        .with_state(state)
+}
+
+/// Authenticates `Authorization: Bearer <key>` and applies the per-key rate limit.
+async fn authenticate(
+    AxState(state): AxState<Arc<State>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return Problem::unauthorized().into_response();
+    };
+    let key = match state.authenticate(presented).await {
+        Ok(Some(key)) => key,
+        Ok(None) => return Problem::unauthorized().into_response(),
+        Err(e) => return Problem::internal(e).into_response(),
+    };
+    if let Err(not_until) = state.limiter.check_key(&key.id) {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        return Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limit of this key exceeded",
+        )
+        .retry_after(wait.as_secs().max(1))
+        .into_response();
+    }
+    request.extensions_mut().insert(key);
+    next.run(request).await
+}
+
+/// Parses a JSON body; errors name the position and the kind of problem, never the input.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "does not have the expected fields and types",
+            serde_json::error::Category::Syntax => "is not valid JSON",
+            serde_json::error::Category::Eof => "ends too early",
+            serde_json::error::Category::Io => "could not be read",
+        };
+        Problem::bad_request(format!(
+            "the request body {what} (line {}, column {}); see GET /v1/openapi.json",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn require_admin(key: &KeyRecord) -> Result<(), Problem> {
+    if key.admin {
+        Ok(())
+    } else {
+        Err(Problem::forbidden("this endpoint needs an admin key"))
+    }
+}
+
+async fn healthz(AxState(state): AxState<Arc<State>>) -> Response {
+    let health = state.bus.transport().health().await;
+    let (status, text) = match &health {
+        evbus::Health::Healthy => (StatusCode::OK, "ok".to_owned()),
+        evbus::Health::Degraded(_) => (StatusCode::OK, "degraded".to_owned()),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_owned()),
+    };
+    (status, Json(json!({"status": text}))).into_response()
+}
+
+async fn openapi_doc() -> Json<Value> {
+    Json(openapi::document())
+}
+
+async fn metrics(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+) -> Result<Response, Problem> {
+    // Metrics name internal event types: admin only.
+    require_admin(&key)?;
+    let text = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn event_types(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+) -> Json<Value> {
+    let catalog = &state.visibility.catalog;
+    let list: Vec<Value> = state
+        .visibility
+        .subscribable(&key)
+        .iter()
+        .filter_map(|ty| catalog.get(ty))
+        .map(|info| {
+            let v = info.latest();
+            json!({
+                "type": info.name(),
+                "version": v.version(),
+                "dataschema": v.dataschema(),
+                "description": v.description(),
+                "schema": curation::curate_schema(v),
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// `POST /v1/events`: one CloudEvent, structured (`application/cloudevents+json`) or binary
+/// (`ce-*` headers, data as the body).
+async fn publish(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let event = if content_type.starts_with("application/cloudevents+json") {
+        evbus::Event::from_json_slice(&body)
+    } else if headers.contains_key("ce-type") {
+        let pairs = headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())));
+        binding::decode(pairs, body.clone(), HeaderStyle::HTTP)
+    } else {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send a structured CloudEvent (Content-Type: application/cloudevents+json) or a binary-mode one (ce-specversion, ce-id, ce-source, ce-type headers)",
+        ));
+    };
+    // The decoder's message names the missing or malformed attribute, not the data.
+    let event = event
+        .map_err(|e| Problem::bad_request(format!("not a valid CloudEvent: {}", e.message())))?;
+    let ty = event.ty().to_owned();
+    if !state.visibility.may_publish(&key, &ty) {
+        return Err(
+            Problem::forbidden("this key may not publish this event type")
+                .with("event_type", json!(ty)),
+        );
+    }
+    if !event.is_json() {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the event data must be JSON (datacontenttype application/json)",
+        ));
+    }
+    let data: Value = match event.data() {
+        Some(bytes) => serde_json::from_slice(bytes)
+            .map_err(|_| Problem::bad_request("the event data is not valid JSON"))?,
+        None => Value::Null,
+    };
+    let info = state.visibility.catalog.get(&ty).map(|t| t.latest());
+    if let Some(version) = info {
+        if let Err(errors) = version.validate(&data) {
+            let violations: Vec<Value> = errors
+                .iter()
+                .map(|v| json!({"pointer": v.pointer(), "keyword": v.keyword(), "message": v.message()}))
+                .collect();
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the data breaks the schema of `{ty}` ({} violations)",
+                    violations.len()
+                ),
+            )
+            .with("violations", Value::Array(violations)));
+        }
+    }
+    let mut emit = Emit::new(ty, data).extension("evbuskey", key.id.clone());
+    if let Some(subject) = event.subject() {
+        emit = emit.subject(subject);
+    }
+    if let Some(k) = event.partition_key() {
+        emit = emit.key(k);
+    }
+    let id = state.bus.send(emit).await.map_err(|e| {
+        if e.kind() == evbus::ErrorKind::Validation {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the event breaks its schema",
+            )
+        } else {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the bus did not accept the event; retry later",
+            )
+            .retry_after(1)
+        }
+    })?;
+    metrics::counter!("evbus_gateway_published_total", "type" => event.ty().to_owned())
+        .increment(1);
+    Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+}
+
+fn key_view(k: &KeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": crate::keys::display_prefix(&k.id),
+        "subscribe": k.subscribe,
+        "publish": k.publish,
+        "admin": k.admin,
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "revoked_at": k.revoked_at,
+    })
+}
+
+async fn create_key(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    require_admin(&key)?;
+    let req: CreateKey = parse_json(&body)?;
+    if req.name.trim().is_empty() || req.name.len() > 200 {
+        return Err(Problem::bad_request("`name` must be 1 to 200 characters"));
+    }
+    if let Some(p) = req
+        .subscribe
+        .iter()
+        .chain(&req.publish)
+        .find(|p| !crate::keys::is_valid_pattern(p))
+    {
+        return Err(Problem::bad_request(format!(
+            "`{p}` is not a valid scope pattern (letters, digits, `.`, `_`, `-`, `*`)"
+        )));
+    }
+    let (record, exposed) = crate::create_key(
+        state.store.as_ref(),
+        &req.name,
+        req.subscribe,
+        req.publish,
+        req.admin,
+        req.expires_at,
+    )
+    .await?;
+    let mut body = key_view(&record);
+    body["key"] = json!(exposed);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_keys(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+) -> Result<Json<Value>, Problem> {
+    require_admin(&key)?;
+    let keys = state.store.list_keys().await?;
+    Ok(Json(Value::Array(keys.iter().map(key_view).collect())))
+}
+
+async fn revoke_key(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    require_admin(&key)?;
+    if state.store.revoke_key(&id, State::now()).await? {
+        state.revocations.send_modify(|n| *n += 1);
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found("no such active key"))
+    }
+}

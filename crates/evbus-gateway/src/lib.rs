@@ -1,0 +1,416 @@
+#![doc = include_str!("../README.md")]
+
+mod api;
+pub mod curation;
+pub mod keys;
+mod openapi;
+pub mod problem;
+pub mod signing;
+pub mod ssrf;
+pub mod store;
+mod stream;
+mod webhooks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use evbus::bus::HandlerHandle;
+use evbus::{Bus, Catalog};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use keys::NewKey;
+pub use problem::Problem;
+pub use ssrf::OutboundPolicy;
+pub use store::{KeyRecord, SqliteStore, Store, StoreError, WebhookRecord};
+
+/// The Bus group through which the gateway consumes external event types. Every gateway
+/// instance on one broker joins it, so each event is taken by one instance and queued once
+/// per webhook endpoint in the shared store.
+pub const WEBHOOK_GROUP: &str = "evbus-gateway-webhooks";
+
+/// The retry schedule of webhook deliveries by default: the wait before each attempt
+/// (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h), each randomly lengthened or
+/// shortened by up to [`GatewayConfig::retry_jitter`].
+pub fn default_retry_schedule() -> Vec<Duration> {
+    [0, 5, 300, 1_800, 7_200, 18_000, 36_000, 36_000]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+
+/// Gateway settings. `Default` gives the documented production defaults.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct GatewayConfig {
+    /// Largest request body accepted. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Deadline of every request except streams. Default 30 s.
+    pub request_timeout: Duration,
+    /// Requests per second allowed per API key (sustained). Default 50.
+    pub rate_limit_per_second: u32,
+    /// Burst of requests allowed per API key. Default 100.
+    pub rate_limit_burst: u32,
+    /// Wait before each delivery attempt; its length is the number of attempts. Default
+    /// [`default_retry_schedule`].
+    pub retry_schedule: Vec<Duration>,
+    /// Fraction (0 to 1) by which each wait is randomly changed. Default 0.2.
+    pub retry_jitter: f64,
+    /// Longest `Retry-After` honoured. Default 24 h.
+    pub max_retry_after: Duration,
+    /// An endpoint failing without a success for this long is disabled. Default 5 days.
+    pub disable_after: Duration,
+    /// Deadline of one outbound webhook request (connect included). Default 15 s.
+    pub delivery_timeout: Duration,
+    /// Deliveries in flight at once to one endpoint. Default 4.
+    pub max_in_flight_per_endpoint: u32,
+    /// Deliveries in flight at once in all. Default 64.
+    pub max_in_flight: u32,
+    /// How often the dispatcher looks for due deliveries when nothing wakes it. Default 1 s.
+    pub poll_interval: Duration,
+    /// How long the previous secret keeps signing after a rotation. Default 24 h.
+    pub secret_overlap: Duration,
+    /// How long the event log keeps events (for stream resume and replay). Default 72 h.
+    pub retention: Duration,
+    /// Open streams at once. Default 1,000.
+    pub max_streams: usize,
+    /// Interval of stream keep-alive comments. Default 15 s.
+    pub stream_keepalive: Duration,
+    /// Which outbound addresses webhooks may reach besides public ones.
+    pub outbound: OutboundPolicy,
+    /// The Bus group consuming external types. Default [`WEBHOOK_GROUP`].
+    pub group: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
+            retry_schedule: default_retry_schedule(),
+            retry_jitter: 0.2,
+            max_retry_after: Duration::from_secs(24 * 3600),
+            disable_after: Duration::from_secs(5 * 24 * 3600),
+            delivery_timeout: Duration::from_secs(15),
+            max_in_flight_per_endpoint: 4,
+            max_in_flight: 64,
+            poll_interval: Duration::from_secs(1),
+            secret_overlap: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(72 * 3600),
+            max_streams: 1_000,
+            stream_keepalive: Duration::from_secs(15),
+            outbound: OutboundPolicy::default(),
+            group: WEBHOOK_GROUP.to_owned(),
+        }
+    }
+}
+
+/// A gateway error at start-up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bus refused to attach a consumer.
+    #[error("cannot consume from the bus: {0}")]
+    Bus(#[from] evbus::Error),
+    /// The HTTP client could not be built.
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+}
+
+/// Which event types exist for the outside, and what a key may do with them.
+///
+/// An internal or unknown type is treated exactly like a type outside the key's scope, so the
+/// outside cannot tell them apart.
+#[derive(Clone, Debug)]
+pub struct Visibility {
+    catalog: Catalog,
+}
+
+impl Visibility {
+    /// Visibility over `catalog`.
+    pub fn new(catalog: Catalog) -> Self {
+        Visibility { catalog }
+    }
+
+    /// Whether `ty` is an external type (`x-evbus-external: true` on its latest version).
+    pub fn is_external(&self, ty: &str) -> bool {
+        self.catalog.get(ty).is_some_and(|t| t.latest().external())
+    }
+
+    /// Whether `key` may subscribe to `ty` now.
+    pub fn may_subscribe(&self, key: &KeyRecord, ty: &str) -> bool {
+        self.is_external(ty) && keys::scope_allows(&key.subscribe, ty)
+    }
+
+    /// Whether `key` may publish `ty` now.
+    pub fn may_publish(&self, key: &KeyRecord, ty: &str) -> bool {
+        self.is_external(ty) && keys::scope_allows(&key.publish, ty)
+    }
+
+    /// The external types `key` may subscribe to, sorted.
+    pub fn subscribable(&self, key: &KeyRecord) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .catalog
+            .event_types()
+            .map(|t| t.name().to_owned())
+            .filter(|t| self.may_subscribe(key, t))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The external types, sorted.
+    pub fn external_types(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .catalog
+            .event_types()
+            .map(|t| t.name().to_owned())
+            .filter(|t| self.is_external(t))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+pub(crate) struct State {
+    bus: Bus,
+    store: Arc<dyn Store>,
+    config: GatewayConfig,
+    visibility: Visibility,
+    client: reqwest::Client,
+    /// Wakes the delivery dispatcher.
+    dispatch: Notify,
+    /// The last position of the event log, for streams.
+    latest: watch::Sender<i64>,
+    /// Bumped on every key revocation, so open streams re-check their key at once.
+    revocations: watch::Sender<u64>,
+    limiter: DefaultKeyedRateLimiter<String>,
+    streams: Arc<Semaphore>,
+    metrics: Option<PrometheusHandle>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl State {
+    pub(crate) fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    /// Authenticates a presented key: the record if it exists, matches and is active.
+    pub(crate) async fn authenticate(
+        &self,
+        presented: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let Some((id, secret)) = keys::parse(presented) else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.get_key(id).await? else {
+            // Same work as a found key, so timing does not tell whether an id exists.
+            let _ = keys::verify(secret, &[0u8; 32]);
+            return Ok(None);
+        };
+        let ok = keys::verify(secret, &record.secret_hash) && record.is_active(Self::now());
+        Ok(ok.then_some(record))
+    }
+
+    /// Logs an event arriving from the bus (curated) and queues its webhook deliveries.
+    async fn ingest(&self, event: &evbus::Event) -> Result<(), StoreError> {
+        let Some(curated) = curation::curate_event(self.visibility_catalog(), event, None) else {
+            return Ok(());
+        };
+        let body = curated
+            .to_json()
+            .map_err(|e| StoreError(format!("encoding a curated event: {e}")))?;
+        if let Some(seq) = self
+            .store
+            .ingest(curated.id(), curated.ty(), Self::now(), &body)
+            .await?
+        {
+            metrics::counter!("evbus_gateway_events_logged_total", "type" => curated.ty().to_owned())
+                .increment(1);
+            self.latest.send_replace(seq);
+            self.dispatch.notify_one();
+        }
+        Ok(())
+    }
+
+    fn visibility_catalog(&self) -> &Catalog {
+        &self.visibility.catalog
+    }
+}
+
+/// A running gateway: the Bus consumers, the delivery dispatcher, the pruner and the HTTP
+/// API ([`router`](Gateway::router)).
+pub struct Gateway {
+    state: Arc<State>,
+    handlers: Vec<HandlerHandle>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.state.config)
+            .field("store", &self.state.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Starts a gateway on `bus` with `store`: attaches one handler per external event type
+    /// in the [`GatewayConfig::group`] Bus group and starts the delivery dispatcher.
+    pub async fn start(
+        bus: Bus,
+        store: Arc<dyn Store>,
+        config: GatewayConfig,
+    ) -> Result<Gateway, GatewayError> {
+        Self::start_with_metrics(bus, store, config, None).await
+    }
+
+    /// Like [`start`](Self::start), with a Prometheus handle rendered by `GET /metrics`.
+    pub async fn start_with_metrics(
+        bus: Bus,
+        store: Arc<dyn Store>,
+        config: GatewayConfig,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Gateway, GatewayError> {
+        let visibility = Visibility::new(bus.catalog().clone());
+        let policy = Arc::new(config.outbound.clone());
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(ssrf::CheckedResolver::new(Arc::clone(&policy))))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(config.delivery_timeout)
+            .connect_timeout(config.delivery_timeout)
+            .user_agent(concat!("evbus-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| GatewayError::Client(e.to_string()))?;
+        let per_second = std::num::NonZeroU32::new(config.rate_limit_per_second.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(config.rate_limit_burst.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let latest = store.latest_seq().await?;
+        let state = Arc::new(State {
+            bus: bus.clone(),
+            store,
+            visibility: visibility.clone(),
+            client,
+            dispatch: Notify::new(),
+            latest: watch::channel(latest).0,
+            revocations: watch::channel(0).0,
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            metrics,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config,
+        });
+        let mut handlers = Vec::new();
+        for ty in visibility.external_types() {
+            let st = Arc::clone(&state);
+            let handle = bus
+                .on(
+                    ty,
+                    state.config.group.clone(),
+                    move |msg: evbus::Message| {
+                        let st = Arc::clone(&st);
+                        async move {
+                            st.ingest(msg.event())
+                                .await
+                                .map_err(|e| Box::new(e) as evbus::bus::HandlerError)
+                        }
+                    },
+                )
+                .start()
+                .await?;
+            handlers.push(handle);
+        }
+        state.tasks.spawn(webhooks::dispatcher(Arc::clone(&state)));
+        state.tasks.spawn(webhooks::pruner(Arc::clone(&state)));
+        Ok(Gateway { state, handlers })
+    }
+
+    /// The HTTP API.
+    pub fn router(&self) -> axum::Router {
+        api::router(Arc::clone(&self.state))
+    }
+
+    /// Who may see what.
+    pub fn visibility(&self) -> &Visibility {
+        &self.state.visibility
+    }
+
+    /// Serves the API on `listener` until `signal` completes, then stops the gateway.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let cancel = self.state.cancel.clone();
+        let router = self.router();
+        let stop = async move {
+            signal.await;
+            cancel.cancel();
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await?;
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops consuming, lets deliveries in flight finish (bounded by the delivery timeout),
+    /// ends open streams. Does not shut the bus down.
+    pub async fn shutdown(&self) {
+        self.state.cancel.cancel();
+        for h in &self.handlers {
+            let _ = h.shutdown(Duration::from_secs(5)).await;
+        }
+        self.state.tasks.close();
+        let _ = tokio::time::timeout(
+            self.state.config.delivery_timeout + Duration::from_secs(1),
+            self.state.tasks.wait(),
+        )
+        .await;
+    }
+}
+
+/// Creates an API key in `store` and returns it (the only time the full key exists).
+pub async fn create_key(
+    store: &dyn Store,
+    name: &str,
+    subscribe: Vec<String>,
+    publish: Vec<String>,
+    admin: bool,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<(KeyRecord, String), StoreError> {
+    for p in subscribe.iter().chain(&publish) {
+        if !keys::is_valid_pattern(p) {
+            return Err(StoreError(format!(
+                "`{p}` is not a valid scope pattern (letters, digits, `.`, `_`, `-`, `*`)"
+            )));
+        }
+    }
+    let key = NewKey::generate();
+    let record = KeyRecord {
+        id: key.id().to_owned(),
+        name: name.to_owned(),
+        secret_hash: key.secret_hash(),
+        subscribe,
+        publish,
+        admin,
+        created_at: Utc::now(),
+        expires_at,
+        revoked_at: None,
+    };
+    store.insert_key(&record).await?;
+    Ok((record, key.expose()))
+}

@@ -1,0 +1,254 @@
+//! Outbound address policy (SSRF protection) and the resolver webhook requests use.
+//!
+//! A webhook URL must be `http` or `https`, and every address its host resolves to must be a
+//! public unicast address: loopback, private (RFC 1918, unique-local `fc00::/7`), link-local,
+//! shared (CGNAT `100.64.0.0/10`), multicast, broadcast, unspecified and documentation
+//! addresses are refused — including IPv4 addresses mapped into IPv6 — unless covered by an
+//! operator's allow-list (`--webhook-allow CIDR`). The check runs at registration and again at
+//! every delivery: the delivery client resolves through [`CheckedResolver`], which refuses a
+//! name if any of its addresses is refused and hands the client only the addresses it
+//! checked, so the connection goes to a checked address (no second, unchecked lookup).
+//! Redirects are never followed and no proxy is used.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// Which outbound addresses are allowed besides public ones.
+#[derive(Clone, Debug, Default)]
+pub struct OutboundPolicy {
+    allow: Vec<IpNet>,
+}
+
+/// Why a webhook URL is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UrlRefusal {
+    /// Not an absolute `http`/`https` URL with a host.
+    #[error("the URL must be an absolute http or https URL with a host: {0}")]
+    Malformed(String),
+    /// The host did not resolve.
+    #[error("the host `{0}` does not resolve")]
+    Unresolvable(String),
+    /// The host resolves to an address that is not allowed.
+    #[error(
+        "the host `{host}` resolves to {addr}, a non-public address (loopback, private, link-local, multicast or unspecified); the gateway operator can allow it with --webhook-allow"
+    )]
+    Forbidden {
+        /// The host.
+        host: String,
+        /// The refused address.
+        addr: IpAddr,
+    },
+}
+
+impl OutboundPolicy {
+    /// A policy allowing public addresses plus the given networks.
+    pub fn new(allow: Vec<IpNet>) -> Self {
+        OutboundPolicy { allow }
+    }
+
+    /// The allowed networks besides public addresses.
+    pub fn allowed(&self) -> &[IpNet] {
+        &self.allow
+    }
+
+    /// Whether a connection to `ip` is allowed.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.allow.iter().any(|net| net.contains(&ip)) || is_public(ip)
+    }
+
+    /// Checks `url` now: its scheme, and every address its host resolves to.
+    pub async fn check_url(&self, url: &str) -> Result<url::Url, UrlRefusal> {
+        let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Malformed(e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(UrlRefusal::Malformed(format!(
+                "scheme `{}` is not http or https",
+                parsed.scheme()
+            )));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(UrlRefusal::Malformed(
+                "credentials in the URL are not accepted".into(),
+            ));
+        }
+        let host = parsed
+            .host()
+            .ok_or_else(|| UrlRefusal::Malformed("no host".into()))?;
+        let port = parsed.port_or_known_default().unwrap_or(443);
+        match host {
+            url::Host::Ipv4(ip) => self.check_addrs(&ip.to_string(), [IpAddr::V4(ip)])?,
+            url::Host::Ipv6(ip) => self.check_addrs(&ip.to_string(), [IpAddr::V6(ip)])?,
+            url::Host::Domain(name) => {
+                self.resolve(name, port).await?;
+            }
+        }
+        Ok(parsed)
+    }
+
+    fn check_addrs(
+        &self,
+        host: &str,
+        addrs: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<(), UrlRefusal> {
+        for addr in addrs {
+            if !self.allows(addr) {
+                return Err(UrlRefusal::Forbidden {
+                    host: host.to_owned(),
+                    addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves `host` and checks every address; the addresses, all allowed.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UrlRefusal> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|_| UrlRefusal::Unresolvable(host.to_owned()))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(UrlRefusal::Unresolvable(host.to_owned()));
+        }
+        self.check_addrs(host, addrs.iter().map(SocketAddr::ip))?;
+        Ok(addrs)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`) are judged as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is a public unicast address.
+pub fn is_public(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_unspecified()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x0064 && s[1] == 0xff9b))
+        }
+    }
+}
+
+/// The resolver of the delivery client: resolves, checks every address against the policy,
+/// and returns only checked addresses.
+#[derive(Clone, Debug)]
+pub struct CheckedResolver {
+    policy: Arc<OutboundPolicy>,
+}
+
+impl CheckedResolver {
+    /// A resolver enforcing `policy`.
+    pub fn new(policy: Arc<OutboundPolicy>) -> Self {
+        CheckedResolver { policy }
+    }
+}
+
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = Arc::clone(&self.policy);
+        Box::pin(async move {
+            let addrs = policy.resolve(name.as_str(), 0).await?;
+            let addrs: Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_public_addresses_are_refused_by_default() {
+        let policy = OutboundPolicy::default();
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "100.64.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!policy.allows(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
+            assert!(policy.allows(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn allow_list_opens_a_network() {
+        let policy = OutboundPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(policy.allows("127.0.0.1".parse().unwrap()));
+        assert!(policy.allows("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!policy.allows("10.0.0.1".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn urls_are_checked_by_scheme_and_resolved_address() {
+        let policy = OutboundPolicy::default();
+        assert!(matches!(
+            policy.check_url("http://127.0.0.1:9/x").await,
+            Err(UrlRefusal::Forbidden { .. })
+        ));
+        assert!(matches!(
+            policy.check_url("http://localhost:9/x").await,
+            Err(UrlRefusal::Forbidden { .. })
+        ));
+        assert!(matches!(
+            policy.check_url("http://[::1]/").await,
+            Err(UrlRefusal::Forbidden { .. })
+        ));
+        assert!(matches!(
+            policy.check_url("file:///etc/passwd").await,
+            Err(UrlRefusal::Malformed(_))
+        ));
+        let open = OutboundPolicy::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
+        assert!(open.check_url("http://localhost:9/x").await.is_ok());
+    }
+}

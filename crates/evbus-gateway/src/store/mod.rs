@@ -1,0 +1,235 @@
+//! Gateway state behind a [`Store`] trait: API keys, webhooks, the curated event log, the
+//! delivery outbox and the attempt log. [`SqliteStore`] is the embedded default; a PostgreSQL
+//! store implements the same trait for several gateway instances.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use sqlite::{DB_FILE, SqliteStore};
+
+/// A store error: what failed, as text (no secrets, no payloads).
+#[derive(Debug, thiserror::Error)]
+#[error("gateway store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An API key record: never the key itself, only the hash of its secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The public lookup id (the part after `evb_`).
+    pub id: String,
+    /// A human name.
+    pub name: String,
+    /// SHA-256 of the secret.
+    pub secret_hash: Vec<u8>,
+    /// Event types (names or `*` patterns) the key may subscribe to.
+    pub subscribe: Vec<String>,
+    /// Event types (names or `*` patterns) the key may publish.
+    pub publish: Vec<String>,
+    /// Whether the key may manage keys.
+    pub admin: bool,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl KeyRecord {
+    /// Whether the key works at `now`: not revoked, not expired.
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+}
+
+/// A webhook endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookRecord {
+    /// Its id (`wh_…`).
+    pub id: String,
+    /// The key that registered it: deliveries stop if that key is revoked, expires or loses
+    /// the scope.
+    pub owner_key_id: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// The event types delivered.
+    pub event_types: Vec<String>,
+    /// A human description.
+    pub description: String,
+    /// A narrower allow-list of JSON pointers, on top of the types' curation.
+    pub allow: Option<Vec<String>>,
+    /// The current signing secret (`whsec_…`).
+    pub secret: String,
+    /// The previous secret, still signing until `previous_secret_until`.
+    pub previous_secret: Option<String>,
+    /// End of the rotation overlap.
+    pub previous_secret_until: Option<DateTime<Utc>>,
+    /// Whether deliveries run.
+    pub enabled: bool,
+    /// Why it was disabled.
+    pub disabled_reason: Option<String>,
+    /// Start of the current run of failures.
+    pub failing_since: Option<DateTime<Utc>>,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One curated event of the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Position in the log (the SSE event id).
+    pub seq: i64,
+    /// The CloudEvents id.
+    pub id: String,
+    /// The event type.
+    pub ty: String,
+    /// When the gateway received it.
+    pub received_at: DateTime<Utc>,
+    /// The curated structured CloudEvent, JSON.
+    pub body: String,
+}
+
+/// A delivery claimed for an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Its id.
+    pub id: i64,
+    /// The endpoint.
+    pub webhook_id: String,
+    /// The event's position in the log.
+    pub event_seq: i64,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What became of a delivery after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Delivered (2xx).
+    Delivered,
+    /// Try again at this time.
+    RetryAt(DateTime<Utc>),
+    /// Given up (schedule exhausted, 410, endpoint disabled or gone).
+    Failed,
+}
+
+/// One logged delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attempt {
+    /// Its id.
+    pub id: i64,
+    /// The endpoint.
+    pub webhook_id: String,
+    /// The delivery.
+    pub delivery_id: i64,
+    /// The event id (the `webhook-id` header).
+    pub event_id: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When it was made.
+    pub at: DateTime<Utc>,
+    /// The HTTP status, if a response came.
+    pub status: Option<u16>,
+    /// How long it took.
+    pub latency_ms: u64,
+    /// Why it failed without a response (timeout, connection, refused address).
+    pub error: Option<String>,
+    /// The start of the response body (at most 1 KiB).
+    pub response: Option<String>,
+}
+
+/// Gateway state. Implementations must make [`claim_deliveries`](Store::claim_deliveries)
+/// atomic, so that several instances sharing a store never attempt one delivery at once.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Stores a new key.
+    async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()>;
+    /// One key by id.
+    async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>>;
+    /// Every key, oldest first.
+    async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>>;
+    /// Revokes a key; `false` if there is no such active key.
+    async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// Stores a new webhook.
+    async fn insert_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
+    /// One webhook by id.
+    async fn get_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>>;
+    /// Webhooks of one owner key, or all; oldest first.
+    async fn list_webhooks(&self, owner: Option<&str>) -> StoreResult<Vec<WebhookRecord>>;
+    /// Deletes a webhook and its pending deliveries; `false` if there was none.
+    async fn delete_webhook(&self, id: &str) -> StoreResult<bool>;
+    /// Replaces a webhook's mutable state (secrets, enabled, failure tracking).
+    async fn update_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
+
+    /// Appends a curated event to the log and queues one delivery per enabled webhook of its
+    /// type. Returns its position, or `None` if an event with this id is already logged
+    /// (a redelivery: nothing is queued twice).
+    async fn ingest(
+        &self,
+        id: &str,
+        ty: &str,
+        received_at: DateTime<Utc>,
+        body: &str,
+    ) -> StoreResult<Option<i64>>;
+    /// Logged events after position `after` whose type is in `types`, at most `limit`.
+    async fn events_after(
+        &self,
+        after: i64,
+        types: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// The last position of the log (0 when empty).
+    async fn latest_seq(&self) -> StoreResult<i64>;
+    /// One logged event.
+    async fn get_event(&self, seq: i64) -> StoreResult<Option<StoredEvent>>;
+
+    /// Atomically claims due deliveries of enabled webhooks (pending and due, or in flight
+    /// with an expired lease) until `lease_until`: at most `per_webhook` per endpoint, none
+    /// for the endpoints in `busy`, at most `limit` in all.
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        busy: &[String],
+        per_webhook: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>>;
+    /// Settles a claimed delivery after an attempt (which counts).
+    async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()>;
+    /// The earliest time a pending delivery is due, if any.
+    async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>>;
+    /// Logs an attempt.
+    async fn record_attempt(&self, attempt: &Attempt) -> StoreResult<()>;
+    /// The latest attempts of a webhook, newest first.
+    async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>>;
+    /// Queues again every logged event of the webhook's types received at or after `since`
+    /// (at most `max`); returns how many.
+    async fn replay(
+        &self,
+        webhook_id: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+        max: u32,
+    ) -> StoreResult<u64>;
+    /// Drops logged events received before `before` that no pending delivery needs, and
+    /// attempts and settled deliveries older than that; returns the events dropped.
+    async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+}

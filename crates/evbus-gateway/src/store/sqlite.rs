@@ -1,0 +1,471 @@
+//! The embedded SQLite store (sqlx, WAL mode, migrations applied at open).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+
+use super::{
+    Attempt, Delivery, DeliveryOutcome, KeyRecord, Store, StoreError, StoreResult, StoredEvent,
+    WebhookRecord,
+};
+
+/// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// The database file name inside a data directory.
+pub const DB_FILE: &str = "gateway.sqlite3";
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn opt_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.map(time)
+}
+
+fn to_json(list: &[String]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+fn from_json(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the store in directory `dir`, applying migrations.
+    pub async fn open_dir(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        Self::open_file(&dir.join(DB_FILE)).await
+    }
+
+    /// Opens (creating it if needed) the store in file `path`, applying migrations.
+    pub async fn open_file(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Closes the connection pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn key_from(row: &SqliteRow) -> KeyRecord {
+    KeyRecord {
+        id: row.get("id"),
+        name: row.get("name"),
+        secret_hash: row.get("secret_hash"),
+        subscribe: from_json(row.get("subscribe")),
+        publish: from_json(row.get("publish")),
+        admin: row.get::<i64, _>("admin") != 0,
+        created_at: time(row.get("created_at")),
+        expires_at: opt_time(row.get("expires_at")),
+        revoked_at: opt_time(row.get("revoked_at")),
+    }
+}
+
+fn webhook_from(row: &SqliteRow) -> WebhookRecord {
+    WebhookRecord {
+        id: row.get("id"),
+        owner_key_id: row.get("owner_key_id"),
+        url: row.get("url"),
+        event_types: from_json(row.get("event_types")),
+        description: row.get("description"),
+        allow: row.get::<Option<String>, _>("allow").map(|a| from_json(&a)),
+        secret: row.get("secret"),
+        previous_secret: row.get("previous_secret"),
+        previous_secret_until: opt_time(row.get("previous_secret_until")),
+        enabled: row.get::<i64, _>("enabled") != 0,
+        disabled_reason: row.get("disabled_reason"),
+        failing_since: opt_time(row.get("failing_since")),
+        created_at: time(row.get("created_at")),
+    }
+}
+
+fn event_from(row: &SqliteRow) -> StoredEvent {
+    StoredEvent {
+        seq: row.get("seq"),
+        id: row.get("id"),
+        ty: row.get("type"),
+        received_at: time(row.get("received_at")),
+        body: row.get("body"),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(&key.secret_hash)
+        .bind(to_json(&key.subscribe))
+        .bind(to_json(&key.publish))
+        .bind(key.admin as i64)
+        .bind(ms(key.created_at))
+        .bind(key.expires_at.map(ms))
+        .bind(key.revoked_at.map(ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from))
+    }
+
+    async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>> {
+        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(key_from).collect())
+    }
+
+    async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(ms(at))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
+                previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&w.id)
+        .bind(&w.owner_key_id)
+        .bind(&w.url)
+        .bind(to_json(&w.event_types))
+        .bind(&w.description)
+        .bind(w.allow.as_deref().map(to_json))
+        .bind(&w.secret)
+        .bind(&w.previous_secret)
+        .bind(w.previous_secret_until.map(ms))
+        .bind(w.enabled as i64)
+        .bind(&w.disabled_reason)
+        .bind(w.failing_since.map(ms))
+        .bind(ms(w.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>> {
+        let row = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(webhook_from))
+    }
+
+    async fn list_webhooks(&self, owner: Option<&str>) -> StoreResult<Vec<WebhookRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM webhooks WHERE (?1 IS NULL OR owner_key_id = ?1) ORDER BY created_at, id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(webhook_from).collect())
+    }
+
+    async fn delete_webhook(&self, id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM webhooks WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM deliveries WHERE webhook_id = ? AND state IN ('pending', 'in_flight')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn update_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE webhooks SET secret = ?, previous_secret = ?, previous_secret_until = ?,
+                enabled = ?, disabled_reason = ?, failing_since = ? WHERE id = ?",
+        )
+        .bind(&w.secret)
+        .bind(&w.previous_secret)
+        .bind(w.previous_secret_until.map(ms))
+        .bind(w.enabled as i64)
+        .bind(&w.disabled_reason)
+        .bind(w.failing_since.map(ms))
+        .bind(&w.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn ingest(
+        &self,
+        id: &str,
+        ty: &str,
+        received_at: DateTime<Utc>,
+        body: &str,
+    ) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO events (id, type, received_at, body) VALUES (?, ?, ?, ?)
+             ON CONFLICT (id) DO NOTHING RETURNING seq",
+        )
+        .bind(id)
+        .bind(ty)
+        .bind(ms(received_at))
+        .bind(body)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = inserted else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let seq: i64 = row.get("seq");
+        sqlx::query(
+            "INSERT OR IGNORE INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
+             SELECT w.id, ?1, 0, 'pending', 0, ?2, ?2
+             FROM webhooks w WHERE w.enabled = 1
+               AND EXISTS (SELECT 1 FROM json_each(w.event_types) t WHERE t.value = ?3)",
+        )
+        .bind(seq)
+        .bind(ms(received_at))
+        .bind(ty)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(seq))
+    }
+
+    async fn events_after(
+        &self,
+        after: i64,
+        types: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE seq > ? AND type IN (SELECT value FROM json_each(?))
+             ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(to_json(types))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(event_from).collect())
+    }
+
+    async fn latest_seq(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get("seq"))
+    }
+
+    async fn get_event(&self, seq: i64) -> StoreResult<Option<StoredEvent>> {
+        let row = sqlx::query("SELECT * FROM events WHERE seq = ?")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(event_from))
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        busy: &[String],
+        per_webhook: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
+             WHERE id IN (
+               SELECT id FROM (
+                 SELECT d.id, d.next_attempt_at,
+                        ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id) AS rn
+                 FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                 WHERE w.enabled = 1
+                   AND ((d.state = 'pending' AND d.next_attempt_at <= ?1)
+                        OR (d.state = 'in_flight' AND d.lease_until < ?1))
+                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?3))
+               ) WHERE rn <= ?4 ORDER BY next_attempt_at LIMIT ?5
+             )
+             RETURNING id, webhook_id, event_seq, attempts",
+        )
+        .bind(ms(now))
+        .bind(ms(lease_until))
+        .bind(to_json(busy))
+        .bind(per_webhook as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Delivery {
+                id: r.get("id"),
+                webhook_id: r.get("webhook_id"),
+                event_seq: r.get("event_seq"),
+                attempts: r.get::<i64, _>("attempts") as u32,
+            })
+            .collect())
+    }
+
+    async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()> {
+        let (state, next) = match outcome {
+            DeliveryOutcome::Delivered => ("delivered", None),
+            DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
+            DeliveryOutcome::Failed => ("failed", None),
+        };
+        sqlx::query(
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1, lease_until = NULL,
+                next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+        )
+        .bind(state)
+        .bind(next)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>> {
+        let row = sqlx::query(
+            "SELECT MIN(COALESCE(CASE WHEN d.state = 'in_flight' THEN d.lease_until END, d.next_attempt_at)) AS due
+             FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+             WHERE w.enabled = 1 AND d.state IN ('pending', 'in_flight')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(opt_time(row.get("due")))
+    }
+
+    async fn record_attempt(&self, a: &Attempt) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&a.webhook_id)
+        .bind(a.delivery_id)
+        .bind(&a.event_id)
+        .bind(a.attempt as i64)
+        .bind(ms(a.at))
+        .bind(a.status.map(i64::from))
+        .bind(a.latency_ms as i64)
+        .bind(&a.error)
+        .bind(&a.response)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>> {
+        let rows =
+            sqlx::query("SELECT * FROM attempts WHERE webhook_id = ? ORDER BY id DESC LIMIT ?")
+                .bind(webhook_id)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Attempt {
+                id: r.get("id"),
+                webhook_id: r.get("webhook_id"),
+                delivery_id: r.get("delivery_id"),
+                event_id: r.get("event_id"),
+                attempt: r.get::<i64, _>("attempt") as u32,
+                at: time(r.get("at")),
+                status: r.get::<Option<i64>, _>("status").map(|s| s as u16),
+                latency_ms: r.get::<i64, _>("latency_ms") as u64,
+                error: r.get("error"),
+                response: r.get("response"),
+            })
+            .collect())
+    }
+
+    async fn replay(
+        &self,
+        webhook_id: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+        max: u32,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "INSERT INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
+             SELECT w.id, e.seq, 1, 'pending', 0, ?3, ?3
+             FROM webhooks w JOIN events e
+               ON e.type IN (SELECT value FROM json_each(w.event_types))
+             WHERE w.id = ?1 AND e.received_at >= ?2
+             ORDER BY e.seq LIMIT ?4",
+        )
+        .bind(webhook_id)
+        .bind(ms(since))
+        .bind(ms(now))
+        .bind(max as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM attempts WHERE at < ?")
+            .bind(ms(before))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND created_at < ?",
+        )
+        .bind(ms(before))
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(
+            "DELETE FROM events WHERE received_at < ?
+               AND seq NOT IN (SELECT event_seq FROM deliveries WHERE state IN ('pending', 'in_flight'))",
+        )
+        .bind(ms(before))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}

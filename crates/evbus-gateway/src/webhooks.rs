@@ -1,0 +1,521 @@
+//! Webhook deliveries: the dispatcher that drains the outbox, one attempt, the retry
+//! schedule, endpoint disabling; and the `/v1/webhooks` handlers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Extension, Path, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::problem::Problem;
+use crate::store::{Attempt, Delivery, DeliveryOutcome, KeyRecord, WebhookRecord};
+use crate::{State, curation, signing};
+
+/// Longest response body kept in the attempt log.
+const RESPONSE_LOG_BYTES: usize = 1024;
+
+/// The dispatcher loop: claims due deliveries and runs them, bounded per endpoint and in all.
+pub(crate) async fn dispatcher(state: Arc<State>) {
+    let in_flight: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let cfg = &state.config;
+    loop {
+        if state.cancel.is_cancelled() {
+            return;
+        }
+        let (busy, total): (Vec<String>, u32) = {
+            let map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            (map.keys().cloned().collect(), map.values().sum())
+        };
+        let room = cfg.max_in_flight.saturating_sub(total);
+        if room > 0 {
+            let now = State::now();
+            let lease = now
+                + chrono::Duration::from_std(cfg.delivery_timeout * 2 + Duration::from_secs(30))
+                    .unwrap_or_default();
+            match state
+                .store
+                .claim_deliveries(
+                    now,
+                    lease,
+                    &busy,
+                    cfg.max_in_flight_per_endpoint.max(1),
+                    room,
+                )
+                .await
+            {
+                Ok(claimed) => {
+                    for delivery in claimed {
+                        *in_flight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(delivery.webhook_id.clone())
+                            .or_default() += 1;
+                        let st = Arc::clone(&state);
+                        let in_flight = Arc::clone(&in_flight);
+                        state.tasks.spawn(async move {
+                            let webhook_id = delivery.webhook_id.clone();
+                            if let Err(e) = attempt(&st, delivery).await {
+                                tracing::warn!(webhook = %webhook_id, error = %e, "webhook delivery bookkeeping failed");
+                            }
+                            let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(n) = map.get_mut(&webhook_id) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    map.remove(&webhook_id);
+                                }
+                            }
+                            drop(map);
+                            st.dispatch.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
+            }
+        }
+        let mut wait = cfg.poll_interval;
+        if let Ok(Some(due)) = state.store.next_due().await {
+            let until = (due - State::now()).to_std().unwrap_or(Duration::ZERO);
+            wait = wait.min(until.max(Duration::from_millis(5)));
+        }
+        tokio::select! {
+            _ = state.cancel.cancelled() => return,
+            _ = state.dispatch.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Drops old log entries once a minute.
+pub(crate) async fn pruner(state: Arc<State>) {
+    loop {
+        let before =
+            State::now() - chrono::Duration::from_std(state.config.retention).unwrap_or_default();
+        if let Err(e) = state.store.prune(before).await {
+            tracing::warn!(error = %e, "pruning the event log failed");
+        }
+        tokio::select! {
+            _ = state.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Whether the webhook's owner key still authorises delivering `ty`.
+fn owner_allows(state: &State, owner: Option<&KeyRecord>, ty: &str) -> bool {
+    owner.is_some_and(|k| k.is_active(State::now()) && state.visibility.may_subscribe(k, ty))
+}
+
+/// The wait before attempt `next` (0-based), jittered.
+fn backoff(schedule: &[Duration], jitter: f64, next: usize) -> Option<Duration> {
+    let base = *schedule.get(next)?;
+    if base.is_zero() || jitter <= 0.0 {
+        return Some(base);
+    }
+    let factor = 1.0 + rand::rng().random_range(-jitter..=jitter);
+    Some(base.mul_f64(factor.max(0.0)))
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+}
+
+/// One attempt of one claimed delivery, then its settlement.
+async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreError> {
+    let store = &state.store;
+    let cfg = &state.config;
+    let Some(mut webhook) = store.get_webhook(&delivery.webhook_id).await? else {
+        return store
+            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
+            .await;
+    };
+    let Some(stored) = store.get_event(delivery.event_seq).await? else {
+        return store
+            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
+            .await;
+    };
+    let number = delivery.attempts + 1;
+    let started = Instant::now();
+    let now = State::now();
+    let mut log = Attempt {
+        id: 0,
+        webhook_id: webhook.id.clone(),
+        delivery_id: delivery.id,
+        event_id: stored.id.clone(),
+        attempt: number,
+        at: now,
+        status: None,
+        latency_ms: 0,
+        error: None,
+        response: None,
+    };
+    let owner = store.get_key(&webhook.owner_key_id).await?;
+    if !webhook.enabled || !owner_allows(state, owner.as_ref(), &stored.ty) {
+        log.error = Some("not delivered: the endpoint is disabled or its key no longer authorises this event type".into());
+        store.record_attempt(&log).await?;
+        return store
+            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
+            .await;
+    }
+    // Curated again on the way out (current rules; the webhook's narrower allow-list).
+    let body = evbus::Event::from_json(&stored.body)
+        .ok()
+        .and_then(|e| {
+            curation::curate_event(&state.visibility.catalog, &e, webhook.allow.as_deref())
+        })
+        .and_then(|e| e.to_json().ok());
+    let Some(body) = body else {
+        log.error = Some("not delivered: the event is no longer external".into());
+        store.record_attempt(&log).await?;
+        return store
+            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
+            .await;
+    };
+    let timestamp = now.timestamp();
+    let mut secrets = vec![webhook.secret.as_str()];
+    if let (Some(prev), Some(until)) = (&webhook.previous_secret, webhook.previous_secret_until) {
+        if now < until {
+            secrets.push(prev.as_str());
+        }
+    }
+    let signature = signing::signature_header(secrets, &stored.id, timestamp, body.as_bytes());
+
+    // Checked again now (DNS can change); the client's resolver checks the connected address.
+    let result = match cfg.outbound.check_url(&webhook.url).await {
+        Err(refusal) => Err(format!("refused: {refusal}")),
+        Ok(_) => state
+            .client
+            .post(&webhook.url)
+            .header("content-type", "application/cloudevents+json")
+            .header("webhook-id", &stored.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| describe(&e)),
+    };
+    log.latency_ms = started.elapsed().as_millis() as u64;
+    let mut wait_at_least = None;
+    let outcome_status = match result {
+        Ok(mut response) => {
+            let status = response.status();
+            log.status = Some(status.as_u16());
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                wait_at_least = retry_after(response.headers()).map(|d| d.min(cfg.max_retry_after));
+            }
+            let mut kept = Vec::new();
+            while kept.len() < RESPONSE_LOG_BYTES {
+                match tokio::time::timeout(cfg.delivery_timeout, response.chunk()).await {
+                    Ok(Ok(Some(chunk))) => kept.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            kept.truncate(RESPONSE_LOG_BYTES);
+            log.response = Some(String::from_utf8_lossy(&kept).into_owned());
+            Some(status)
+        }
+        Err(error) => {
+            log.error = Some(error);
+            None
+        }
+    };
+    store.record_attempt(&log).await?;
+    let label = match outcome_status {
+        Some(s) if s.is_success() => "delivered",
+        Some(_) => "http_error",
+        None => "no_response",
+    };
+    metrics::counter!("evbus_gateway_webhook_attempts_total", "outcome" => label).increment(1);
+    metrics::histogram!("evbus_gateway_webhook_latency_seconds")
+        .record(log.latency_ms as f64 / 1000.0);
+
+    let outcome = match outcome_status {
+        Some(s) if s.is_success() => {
+            if webhook.failing_since.is_some() {
+                webhook.failing_since = None;
+                store.update_webhook(&webhook).await?;
+            }
+            DeliveryOutcome::Delivered
+        }
+        Some(s) if s == reqwest::StatusCode::GONE => {
+            disable(state, &mut webhook, "the endpoint answered 410 Gone").await?;
+            DeliveryOutcome::Failed
+        }
+        _ => {
+            let since = *webhook.failing_since.get_or_insert(now);
+            let limit = chrono::Duration::from_std(cfg.disable_after).unwrap_or_default();
+            if now - since >= limit {
+                let reason = format!(
+                    "the endpoint kept failing for {} s",
+                    cfg.disable_after.as_secs()
+                );
+                disable(state, &mut webhook, &reason).await?;
+                DeliveryOutcome::Failed
+            } else {
+                store.update_webhook(&webhook).await?;
+                match backoff(&cfg.retry_schedule, cfg.retry_jitter, number as usize) {
+                    None => DeliveryOutcome::Failed,
+                    Some(wait) => {
+                        let wait = wait_at_least.map_or(wait, |w| wait.max(w));
+                        DeliveryOutcome::RetryAt(
+                            State::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                        )
+                    }
+                }
+            }
+        }
+    };
+    store.finish_delivery(delivery.id, outcome).await
+}
+
+async fn disable(
+    state: &State,
+    webhook: &mut WebhookRecord,
+    reason: &str,
+) -> Result<(), crate::StoreError> {
+    tracing::warn!(webhook = %webhook.id, reason, "webhook endpoint disabled");
+    webhook.enabled = false;
+    webhook.disabled_reason = Some(reason.to_owned());
+    state.store.update_webhook(webhook).await
+}
+
+/// A transport error without the URL (it may carry a token in its query).
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_request() {
+        "request failed"
+    } else {
+        "failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+// ---- HTTP handlers -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateWebhook {
+    url: String,
+    event_types: Vec<String>,
+    #[serde(default)]
+    description: String,
+    /// A narrower allow-list of JSON pointers.
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Replay {
+    since: DateTime<Utc>,
+}
+
+fn view(w: &WebhookRecord) -> Value {
+    json!({
+        "id": w.id,
+        "url": w.url,
+        "event_types": w.event_types,
+        "description": w.description,
+        "allow": w.allow,
+        "enabled": w.enabled,
+        "disabled_reason": w.disabled_reason,
+        "failing_since": w.failing_since,
+        "created_at": w.created_at,
+    })
+}
+
+/// The webhook if `key` owns it (or is admin); otherwise 404, whether or not it exists.
+async fn owned(state: &State, key: &KeyRecord, id: &str) -> Result<WebhookRecord, Problem> {
+    match state.store.get_webhook(id).await? {
+        Some(w) if w.owner_key_id == key.id || key.admin => Ok(w),
+        _ => Err(Problem::not_found("no such webhook")),
+    }
+}
+
+pub(crate) async fn create(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let req: CreateWebhook = crate::api::parse_json(&body)?;
+    if req.event_types.is_empty() {
+        return Err(Problem::bad_request(
+            "`event_types` must name at least one event type",
+        ));
+    }
+    // Positions, not names: error bodies never quote request values.
+    let denied: Vec<usize> = req
+        .event_types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !state.visibility.may_subscribe(&key, t))
+        .map(|(i, _)| i)
+        .collect();
+    if !denied.is_empty() {
+        return Err(
+            Problem::forbidden("this key may not subscribe to some of these event types")
+                .with("denied_positions", json!(denied)),
+        );
+    }
+    if let Some(allow) = &req.allow {
+        if allow.iter().any(|p| !p.starts_with('/')) {
+            return Err(Problem::bad_request(
+                "`allow` holds JSON pointers such as /order/id",
+            ));
+        }
+    }
+    if req.description.len() > 1000 || req.url.len() > 2000 {
+        return Err(Problem::bad_request("`url` or `description` is too long"));
+    }
+    state
+        .config
+        .outbound
+        .check_url(&req.url)
+        .await
+        .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let mut types = req.event_types.clone();
+    types.sort();
+    types.dedup();
+    let record = WebhookRecord {
+        id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
+        owner_key_id: key.id.clone(),
+        url: req.url,
+        event_types: types,
+        description: req.description,
+        allow: req.allow,
+        secret: signing::generate_secret(),
+        previous_secret: None,
+        previous_secret_until: None,
+        enabled: true,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: State::now(),
+    };
+    state.store.insert_webhook(&record).await?;
+    let mut body = view(&record);
+    body["secret"] = json!(record.secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub(crate) async fn list(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+) -> Result<Json<Value>, Problem> {
+    let owner = (!key.admin).then_some(key.id.as_str());
+    let hooks = state.store.list_webhooks(owner).await?;
+    Ok(Json(Value::Array(hooks.iter().map(view).collect())))
+}
+
+pub(crate) async fn get(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    Ok(Json(view(&owned(&state, &key, &id).await?)))
+}
+
+pub(crate) async fn delete(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    owned(&state, &key, &id).await?;
+    state.store.delete_webhook(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn rotate(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let mut w = owned(&state, &key, &id).await?;
+    let until =
+        State::now() + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default();
+    w.previous_secret = Some(std::mem::replace(&mut w.secret, signing::generate_secret()));
+    w.previous_secret_until = Some(until);
+    state.store.update_webhook(&w).await?;
+    Ok(Json(json!({
+        "id": w.id,
+        "secret": w.secret,
+        "previous_secret_expires_at": until,
+    })))
+}
+
+pub(crate) async fn attempts(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    owned(&state, &key, &id).await?;
+    let list = state.store.list_attempts(&id, 100).await?;
+    Ok(Json(json!(list)))
+}
+
+pub(crate) async fn replay(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let mut w = owned(&state, &key, &id).await?;
+    let req: Replay = crate::api::parse_json(&body)?;
+    if !w.enabled {
+        // A replay is the owner asking for deliveries again: the endpoint is re-enabled.
+        w.enabled = true;
+        w.disabled_reason = None;
+        w.failing_since = None;
+        state.store.update_webhook(&w).await?;
+    }
+    let n = state
+        .store
+        .replay(&id, req.since, State::now(), 10_000)
+        .await?;
+    state.dispatch.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(json!({"replayed": n}))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_schedule_with_bounded_jitter() {
+        let schedule = crate::default_retry_schedule();
+        assert_eq!(backoff(&schedule, 0.2, 0), Some(Duration::ZERO));
+        for _ in 0..100 {
+            let d = backoff(&schedule, 0.2, 2).unwrap();
+            assert!(
+                d >= Duration::from_secs(240) && d <= Duration::from_secs(360),
+                "{d:?}"
+            );
+        }
+        assert_eq!(backoff(&schedule, 0.2, 8), None);
+    }
+}

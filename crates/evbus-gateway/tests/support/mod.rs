@@ -1,0 +1,271 @@
+//! Test harness: a gateway on a real socket, a real HTTP receiver, helpers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use evbus::{Bus, Catalog, Transport};
+use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SqliteStore, Store};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn schemas() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/schemas")
+}
+
+pub fn catalog() -> Catalog {
+    Catalog::from_dir(schemas()).unwrap()
+}
+
+/// Fast settings for tests: compressed schedule, quick polling, loopback allowed.
+pub fn test_config() -> GatewayConfig {
+    let mut c = GatewayConfig::default();
+    c.retry_schedule = vec![
+        Duration::ZERO,
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+    ];
+    c.retry_jitter = 0.1;
+    c.poll_interval = Duration::from_millis(50);
+    c.delivery_timeout = Duration::from_secs(5);
+    c.outbound = OutboundPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+    c
+}
+
+pub struct Harness {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub bus: Bus,
+    pub store: Arc<SqliteStore>,
+    pub dir: tempfile::TempDir,
+    pub gateway: Arc<Gateway>,
+    pub admin: String,
+}
+
+impl Harness {
+    pub async fn memory() -> Harness {
+        Self::with(
+            Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+            test_config(),
+        )
+        .await
+    }
+
+    pub async fn with(transport: Arc<dyn Transport>, config: GatewayConfig) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+        let bus = Bus::new(transport, catalog(), "/test");
+        let gateway = Arc::new(
+            Gateway::start(bus.clone(), Arc::clone(&store) as Arc<dyn Store>, config)
+                .await
+                .unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = gateway.router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let (_, admin) =
+            evbus_gateway::create_key(store.as_ref(), "admin", vec![], vec![], true, None)
+                .await
+                .unwrap();
+        Harness {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            bus,
+            store,
+            dir,
+            gateway,
+            admin,
+        }
+    }
+
+    pub async fn key(&self, subscribe: &[&str], publish: &[&str]) -> String {
+        let (_, key) = evbus_gateway::create_key(
+            self.store.as_ref(),
+            "test",
+            subscribe.iter().map(|s| s.to_string()).collect(),
+            publish.iter().map(|s| s.to_string()).collect(),
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        key
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), self.url(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn publish(&self, key: &str, ty: &str, data: Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(self.url("/v1/events"))
+            .bearer_auth(key)
+            .header("content-type", "application/cloudevents+json")
+            .body(json!({"specversion": "1.0", "id": "client-1", "source": "/external", "type": ty, "datacontenttype": "application/json", "data": data}).to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn register(&self, key: &str, url: &str, types: &[&str]) -> (String, String) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/webhooks",
+                Some(key),
+                Some(json!({"url": url, "event_types": types, "description": "test"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// A delivery as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Received {
+    pub fn id(&self) -> &str {
+        self.headers["webhook-id"].to_str().unwrap()
+    }
+    pub fn verify(&self, secret: &str) -> bool {
+        let ts: i64 = self.headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let sig = self.headers["webhook-signature"].to_str().unwrap();
+        evbus_gateway::signing::verify(secret, self.id(), ts, self.body.as_bytes(), sig)
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// A real HTTP receiver on 127.0.0.1:0 answering `status` (changeable).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub status: Arc<AtomicU16>,
+    pub rx: mpsc::UnboundedReceiver<Received>,
+}
+
+impl Receiver {
+    pub async fn start(status: u16) -> Receiver {
+        let status = Arc::new(AtomicU16::new(status));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = Arc::clone(&status);
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let s = Arc::clone(&s);
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Received { headers, body });
+                    let code = StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
+                    (code, "receiver says hi")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, status, rx }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+    }
+}
+
+/// Waits until `f` holds, polling; panics after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub const EMAIL: &str = "ada.secret@example.com";
+pub const PHONE: &str = "+33-6-SECRET-PHONE";
+
+pub fn order_created() -> Value {
+    json!({
+        "createdBy": "user-42",
+        "order": {
+            "_id": "ord_1", "referenceId": "R-10023", "shopId": "shop-1", "accountId": null,
+            "email": EMAIL, "status": "new", "currencyCode": "EUR",
+            "items": [{"productId": "p1", "variantId": "v1", "quantity": 1, "price": 10}],
+            "shippingAddress": {"fullName": "Ada", "address1": "1 rue", "city": "Paris", "postal": "75001", "country": "FR", "phone": PHONE},
+            "totals": {"subtotal": 10, "total": 10}, "createdAt": "2026-11-27T10:15:00Z"
+        }
+    })
+}
+
+pub fn cart_updated() -> Value {
+    json!({"cartId": "c1"})
+}

@@ -1,0 +1,469 @@
+//! Webhooks end to end with a real HTTP receiver that verifies Standard Webhooks signatures,
+//! on the in-memory transport and on Redis.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use evbus::Transport;
+use serde_json::json;
+use support::*;
+
+async fn emitted_and_posted_events_arrive_curated_and_signed(h: &Harness) {
+    let mut receiver = Receiver::start(200).await;
+    let key = h.key(&["afterOrder*"], &["afterOrderCreate"]).await;
+    let (_, secret) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+
+    let from_bus = h
+        .bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    let (s, posted) = h.publish(&key, "afterOrderCreate", order_created()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let from_post = posted["id"].as_str().unwrap().to_owned();
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let got = receiver.next().await;
+        assert!(got.verify(&secret), "signature must verify");
+        assert_eq!(got.headers["content-type"], "application/cloudevents+json");
+        assert!(
+            !got.body.contains(EMAIL) && !got.body.contains(PHONE),
+            "{}",
+            got.body
+        );
+        let event = got.json();
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["type"], "afterOrderCreate");
+        assert_eq!(event["id"], got.id());
+        assert_eq!(event["data"]["order"]["_id"], "ord_1");
+        assert!(event.get("traceparent").is_none(), "extensions stay inside");
+        seen.push(got.id().to_owned());
+    }
+    seen.sort();
+    let mut expected = vec![from_bus, from_post];
+    expected.sort();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn memory_events_emitted_and_posted_arrive_curated_and_signed() {
+    let h = Harness::memory().await;
+    emitted_and_posted_events_arrive_curated_and_signed(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_events_emitted_and_posted_arrive_curated_and_signed() {
+    let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("evbus-gateway-test-{}:", uuid::Uuid::now_v7().simple());
+    let mut registry = evbus::Registry::new();
+    registry.register(evbus_redis::RedisConnector);
+    let transport: Arc<dyn Transport> = registry
+        .connect(&format!("{base}?prefix={prefix}"))
+        .await
+        .unwrap();
+    let h = Harness::with(Arc::clone(&transport), test_config()).await;
+    emitted_and_posted_events_arrive_curated_and_signed(&h).await;
+
+    // And a failing receiver is retried on Redis too, until it recovers.
+    let mut receiver = Receiver::start(500).await;
+    let key = h.key(&["afterOrderUpdate"], &[]).await;
+    let (_, secret) = h
+        .register(&key, &receiver.url(), &["afterOrderUpdate"])
+        .await;
+    let mut data = order_created();
+    data.as_object_mut().unwrap().remove("createdBy");
+    data["updatedBy"] = json!("u");
+    h.bus.emit("afterOrderUpdate", data).await.unwrap();
+    let first = receiver.next().await;
+    receiver.answer(200);
+    let second = receiver.next().await;
+    assert_eq!(first.id(), second.id());
+    assert!(second.verify(&secret));
+
+    h.gateway.shutdown().await;
+    h.bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    cleanup_redis(&base, &prefix).await;
+}
+
+async fn cleanup_redis(base: &str, prefix: &str) {
+    let client = redis::Client::open(base).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_failing_receiver_is_retried_with_the_same_webhook_id_until_it_recovers() {
+    let h = Harness::memory().await;
+    let mut receiver = Receiver::start(500).await;
+    let key = h.key(&["*"], &[]).await;
+    let (id, secret) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    let first = receiver.next().await;
+    let second = receiver.next().await;
+    assert_eq!(first.id(), second.id(), "same webhook-id on every retry");
+    receiver.answer(200);
+    let third = receiver.next().await;
+    assert_eq!(third.id(), first.id());
+    assert!(third.verify(&secret));
+    // The attempt log: status, latency, truncated response; newest first.
+    eventually("three attempts logged", || async {
+        let (_, a) = h
+            .call(
+                "GET",
+                &format!("/v1/webhooks/{id}/attempts"),
+                Some(&key),
+                None,
+            )
+            .await;
+        a.as_array()
+            .is_some_and(|a| a.len() >= 3 && a[0]["status"] == 200)
+    })
+    .await;
+    let (_, attempts) = h
+        .call(
+            "GET",
+            &format!("/v1/webhooks/{id}/attempts"),
+            Some(&key),
+            None,
+        )
+        .await;
+    let a = attempts.as_array().unwrap();
+    assert_eq!(a[0]["attempt"], 3);
+    assert_eq!(a[1]["status"], 500);
+    assert_eq!(a[1]["response"], "receiver says hi");
+    assert!(a[0]["latency_ms"].is_u64());
+}
+
+fn disabling_config() -> evbus_gateway::GatewayConfig {
+    let mut config = test_config();
+    config.disable_after = Duration::from_millis(150);
+    config.retry_schedule = vec![Duration::ZERO; 1]
+        .into_iter()
+        .chain(std::iter::repeat_n(Duration::from_millis(100), 20))
+        .collect();
+    config
+}
+
+#[tokio::test]
+async fn memory_an_endpoint_failing_long_enough_is_disabled_and_replay_re_sends() {
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        disabling_config(),
+    )
+    .await;
+    failing_endpoint_is_disabled_and_replay_re_sends(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_an_endpoint_failing_long_enough_is_disabled_and_replay_re_sends() {
+    let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("evbus-gateway-test-{}:", uuid::Uuid::now_v7().simple());
+    let mut registry = evbus::Registry::new();
+    registry.register(evbus_redis::RedisConnector);
+    let transport: Arc<dyn Transport> = registry
+        .connect(&format!("{base}?prefix={prefix}"))
+        .await
+        .unwrap();
+    let h = Harness::with(transport, disabling_config()).await;
+    failing_endpoint_is_disabled_and_replay_re_sends(&h).await;
+    h.gateway.shutdown().await;
+    h.bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    cleanup_redis(&base, &prefix).await;
+}
+
+async fn failing_endpoint_is_disabled_and_replay_re_sends(h: &Harness) {
+    let mut receiver = Receiver::start(500).await;
+    let key = h.key(&["*"], &[]).await;
+    let (id, secret) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let event_id = h
+        .bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    eventually("the endpoint is disabled", || async {
+        let (_, w) = h
+            .call("GET", &format!("/v1/webhooks/{id}"), Some(&key), None)
+            .await;
+        w["enabled"] == false
+    })
+    .await;
+    let (_, w) = h
+        .call("GET", &format!("/v1/webhooks/{id}"), Some(&key), None)
+        .await;
+    assert!(
+        w["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("kept failing")
+    );
+    while receiver.rx.try_recv().is_ok() {}
+
+    receiver.answer(200);
+    let (s, r) = h
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&key),
+            Some(json!({"since": before})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(r["replayed"], 1);
+    let got = receiver.next().await;
+    assert_eq!(got.id(), event_id);
+    assert!(got.verify(&secret));
+    let (_, w) = h
+        .call("GET", &format!("/v1/webhooks/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(w["enabled"], true);
+}
+
+#[tokio::test]
+async fn gone_disables_at_once_and_retry_after_is_honoured() {
+    let h = Harness::memory().await;
+    let key = h.key(&["*"], &[]).await;
+    let mut gone = Receiver::start(410).await;
+    let (gone_id, _) = h.register(&key, &gone.url(), &["afterOrderCreate"]).await;
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    gone.next().await;
+    eventually("410 disables", || async {
+        let (_, w) = h
+            .call("GET", &format!("/v1/webhooks/{gone_id}"), Some(&key), None)
+            .await;
+        w["enabled"] == false && w["disabled_reason"].as_str().unwrap_or("").contains("410")
+    })
+    .await;
+
+    // 429 with Retry-After: 1 s waits at least that long although the schedule says 100 ms.
+    let limited_app = {
+        let hits = Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+        let h2 = Arc::clone(&hits);
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let hits = Arc::clone(&h2);
+                async move {
+                    let mut v = hits.lock().unwrap();
+                    v.push(std::time::Instant::now());
+                    if v.len() == 1 {
+                        (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response()
+                    } else {
+                        StatusCode::OK.into_response()
+                    }
+                }
+            }),
+        );
+        (app, hits)
+    };
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, limited_app.0).await });
+    h.register(&key, &format!("http://{addr}/hook"), &["afterOrderUpdate"])
+        .await;
+    let mut data = order_created();
+    data.as_object_mut().unwrap().remove("createdBy");
+    data["updatedBy"] = json!("u");
+    h.bus.emit("afterOrderUpdate", data).await.unwrap();
+    let hits = limited_app.1;
+    eventually("the retry after 429", || async {
+        hits.lock().unwrap().len() >= 2
+    })
+    .await;
+    let v = hits.lock().unwrap();
+    assert!(
+        v[1] - v[0] >= Duration::from_millis(950),
+        "waited {:?}",
+        v[1] - v[0]
+    );
+}
+
+#[tokio::test]
+async fn rotation_signs_with_old_and_new_secrets_during_the_overlap() {
+    let h = Harness::memory().await;
+    let mut receiver = Receiver::start(200).await;
+    let key = h.key(&["*"], &[]).await;
+    let (id, old) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let (s, rotated) = h
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    let got = receiver.next().await;
+    let header = got.headers["webhook-signature"].to_str().unwrap();
+    assert_eq!(
+        header.split(' ').filter(|s| s.starts_with("v1,")).count(),
+        2
+    );
+    assert!(got.verify(&old) && got.verify(&new));
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_does_not_stall_others() {
+    let h = Harness::memory().await;
+    let key = h.key(&["*"], &[]).await;
+    // An endpoint that never answers in time.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    let slow_app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }),
+    );
+    tokio::spawn(async move { axum::serve(slow, slow_app).await });
+    h.register(
+        &key,
+        &format!("http://{slow_addr}/hook"),
+        &["afterOrderCreate"],
+    )
+    .await;
+    let mut fast = Receiver::start(200).await;
+    h.register(&key, &fast.url(), &["afterOrderCreate"]).await;
+    for _ in 0..10 {
+        h.bus
+            .emit("afterOrderCreate", order_created())
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        fast.next().await;
+    }
+}
+
+#[tokio::test]
+async fn ssrf_private_addresses_are_refused_at_registration_and_at_delivery() {
+    // Without an allow-list, loopback is refused at registration.
+    let mut config = test_config();
+    config.outbound = evbus_gateway::OutboundPolicy::default();
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&["*"], &[]).await;
+    let receiver = Receiver::start(200).await;
+    for url in [
+        receiver.url(),
+        format!("http://localhost:{}/hook", receiver.addr.port()),
+        "http://169.254.169.254/latest".into(),
+        "http://[::1]/x".into(),
+        "http://10.0.0.1/".into(),
+        "ftp://example.com/".into(),
+    ] {
+        let (s, problem) = h
+            .call(
+                "POST",
+                "/v1/webhooks",
+                Some(&key),
+                Some(json!({"url": url, "event_types": ["afterOrderCreate"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {problem}");
+    }
+
+    // Registered while allowed, refused at delivery once the policy no longer allows it
+    // (the same check as a DNS answer that changed to a private address).
+    let h_allow = Harness::memory().await;
+    let key = h_allow.key(&["*"], &[]).await;
+    let (id, _) = h_allow
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let webhook = evbus_gateway::Store::get_webhook(h_allow.store.as_ref(), &id)
+        .await
+        .unwrap()
+        .unwrap();
+    // Move the same webhook into the strict gateway's store and deliver from there.
+    evbus_gateway::Store::insert_webhook(
+        h.store.as_ref(),
+        &evbus_gateway::WebhookRecord {
+            owner_key_id: evbus_gateway::keys::parse(&key)
+                .map(|(i, _)| i.to_owned())
+                .unwrap(),
+            ..webhook
+        },
+    )
+    .await
+    .unwrap();
+    let strict_key_owner = h.key(&["*"], &[]).await;
+    let owner_id = evbus_gateway::keys::parse(&strict_key_owner)
+        .unwrap()
+        .0
+        .to_owned();
+    let mut w = evbus_gateway::Store::get_webhook(h.store.as_ref(), &id)
+        .await
+        .unwrap()
+        .unwrap();
+    w.owner_key_id = owner_id;
+    evbus_gateway::Store::delete_webhook(h.store.as_ref(), &id)
+        .await
+        .unwrap();
+    evbus_gateway::Store::insert_webhook(h.store.as_ref(), &w)
+        .await
+        .unwrap();
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    eventually("a refused attempt is logged", || async {
+        let (_, a) = h
+            .call(
+                "GET",
+                &format!("/v1/webhooks/{id}/attempts"),
+                Some(&strict_key_owner),
+                None,
+            )
+            .await;
+        a.as_array().is_some_and(|a| {
+            a.first()
+                .is_some_and(|a| a["error"].as_str().unwrap_or("").starts_with("refused"))
+        })
+    })
+    .await;
+    let mut rx = receiver.rx;
+    assert!(
+        rx.try_recv().is_err(),
+        "nothing reached the private address"
+    );
+}
