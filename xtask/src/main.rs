@@ -39,7 +39,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Checks the local brokers (Redis, RabbitMQ, NATS, PostgreSQL) and says how to start
+    /// Checks the local brokers (Redis, RabbitMQ, NATS, PostgreSQL, Kafka as tansu) and says how to start
     /// those that are down. Exits non-zero while any is down.
     Brokers {
         /// Starts the brokers that are down and waits up to 30 s for each port.

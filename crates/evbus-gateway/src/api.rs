@@ -241,7 +241,12 @@ async fn publish(
             .with("violations", Value::Array(violations)));
         }
     }
-    let mut emit = Emit::new(ty, data).extension("evbuskey", key.id.clone());
+    // The producer's id and source are kept (the decoder refused empty ones); evbus does not
+    // deduplicate, so keeping `source` + `id` unique is the producer's job, as CloudEvents asks.
+    let mut emit = Emit::new(ty, data)
+        .id(event.id())
+        .source(event.source())
+        .extension("evbuskey", key.id.clone());
     if let Some(subject) = event.subject() {
         emit = emit.subject(subject);
     }
@@ -254,6 +259,8 @@ async fn publish(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "the event breaks its schema",
             )
+        } else if e.kind() == evbus::ErrorKind::InvalidEvent {
+            Problem::bad_request("not a valid CloudEvent (its id and source must not be empty)")
         } else {
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -8,7 +8,9 @@
 //! Rules, in order: every `x-evbus-redact` pointer is removed; then, if `x-evbus-allow` is
 //! present, only the allowed pointers (and what lies under them) remain; then, if a webhook
 //! narrows further, only its pointers remain. A pointer that is absent from a payload is
-//! ignored. Pointers follow RFC 6901 (`/order/email`, `/items/0/price`).
+//! ignored. Pointers follow RFC 6901 (`/order/email`, `/items/0/price`). A redacted or
+//! disallowed array element becomes `null` (trailing ones are dropped) instead of shifting the
+//! later elements, so curation is idempotent: curating a curated event changes nothing.
 
 use evbus::Event;
 use evbus::schema::EventVersion;
@@ -49,9 +51,11 @@ fn remove(value: &mut Value, tokens: &[String]) {
         Value::Object(map) => {
             map.remove(last);
         }
+        // An array element becomes null rather than being removed: the later elements keep
+        // their positions, so curating again (every outbound path does) removes nothing more.
         Value::Array(items) => {
-            if let Some(i) = last.parse::<usize>().ok().filter(|i| *i < items.len()) {
-                items.remove(i);
+            if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                *item = Value::Null;
             }
         }
         _ => {}
@@ -85,14 +89,20 @@ fn keep_only(value: Value, allowed: &[Vec<String>], depth: usize) -> Option<Valu
             Some(Value::Object(out))
         }
         Value::Array(items) => {
+            // Elements keep their positions (others become null), so allowed pointers still
+            // name the same elements when curated again.
             let mut out = Vec::new();
             for (i, v) in items.into_iter().enumerate() {
                 let sub = child(&i.to_string());
-                if !sub.is_empty() {
-                    if let Some(v) = keep_only(v, &sub, depth + 1) {
-                        out.push(v);
-                    }
-                }
+                let kept = if sub.is_empty() {
+                    None
+                } else {
+                    keep_only(v, &sub, depth + 1)
+                };
+                out.push(kept.unwrap_or(Value::Null));
+            }
+            while out.last().is_some_and(Value::is_null) {
+                out.pop();
             }
             Some(Value::Array(out))
         }
@@ -301,7 +311,24 @@ mod tests {
             None,
             None,
         );
-        assert_eq!(out, json!({"order": {"id": "o-1", "items": [{"p": 2}]}}));
+        assert_eq!(
+            out,
+            json!({"order": {"id": "o-1", "items": [null, {"p": 2}]}})
+        );
+    }
+
+    #[test]
+    fn curation_is_idempotent_with_array_pointers() {
+        let data = json!({"items": [{"p": 1, "s": "x"}, {"p": 2, "s": "y"}, {"p": 3}], "z": 1});
+        let redact = ["/items/0".to_string()];
+        let allow = ["/items/1/p".to_string(), "/items/2".into()];
+        let once = curate_value(data, &redact, Some(&allow), None);
+        assert_eq!(once, json!({"items": [null, {"p": 2}, {"p": 3}]}));
+        let twice = curate_value(once.clone(), &redact, Some(&allow), None);
+        assert_eq!(twice, once);
+        let narrow = ["/items/1".to_string()];
+        let out = curate_value(once, &redact, Some(&allow), Some(&narrow));
+        assert_eq!(out, json!({"items": [null, {"p": 2}]}));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 pub use keys::NewKey;
 pub use problem::Problem;
-pub use ssrf::OutboundPolicy;
+pub use ssrf::{HostResolver, OutboundPolicy, SystemResolver};
 pub use store::{KeyRecord, SqliteStore, Store, StoreError, WebhookRecord};
 
 /// The Bus group through which the gateway consumes external event types. Every gateway

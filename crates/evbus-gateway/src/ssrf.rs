@@ -9,6 +9,10 @@
 //! name if any of its addresses is refused and hands the client only the addresses it
 //! checked, so the connection goes to a checked address (no second, unchecked lookup).
 //! Redirects are never followed and no proxy is used.
+//!
+//! Names are looked up through a [`HostResolver`]: the system resolver
+//! ([`SystemResolver`], `tokio::net::lookup_host`) unless another one is given with
+//! [`OutboundPolicy::with_resolver`] (tests use one whose answer changes, as DNS can).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,10 +20,43 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-/// Which outbound addresses are allowed besides public ones.
-#[derive(Clone, Debug, Default)]
+/// Looks a host name up: every address it resolves to, with `port`.
+#[async_trait::async_trait]
+pub trait HostResolver: Send + Sync + 'static {
+    /// The addresses of `host` (a domain name, never an IP literal).
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// The system resolver, through `tokio::net::lookup_host`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+#[async_trait::async_trait]
+impl HostResolver for SystemResolver {
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    }
+}
+
+/// Which outbound addresses are allowed besides public ones, and how names are resolved.
+#[derive(Clone)]
 pub struct OutboundPolicy {
     allow: Vec<IpNet>,
+    resolver: Arc<dyn HostResolver>,
+}
+
+impl Default for OutboundPolicy {
+    fn default() -> Self {
+        OutboundPolicy::new(Vec::new())
+    }
+}
+
+impl std::fmt::Debug for OutboundPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundPolicy")
+            .field("allow", &self.allow)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a webhook URL is refused.
@@ -45,9 +82,19 @@ pub enum UrlRefusal {
 }
 
 impl OutboundPolicy {
-    /// A policy allowing public addresses plus the given networks.
+    /// A policy allowing public addresses plus the given networks, resolving names with
+    /// the system resolver.
     pub fn new(allow: Vec<IpNet>) -> Self {
-        OutboundPolicy { allow }
+        OutboundPolicy {
+            allow,
+            resolver: Arc::new(SystemResolver),
+        }
+    }
+
+    /// The same policy, resolving names with `resolver` (at registration and at delivery).
+    pub fn with_resolver(mut self, resolver: Arc<dyn HostResolver>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// The allowed networks besides public addresses.
@@ -107,10 +154,11 @@ impl OutboundPolicy {
 
     /// Resolves `host` and checks every address; the addresses, all allowed.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UrlRefusal> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        let addrs: Vec<SocketAddr> = self
+            .resolver
+            .lookup(host, port)
             .await
-            .map_err(|_| UrlRefusal::Unresolvable(host.to_owned()))?
-            .collect();
+            .map_err(|_| UrlRefusal::Unresolvable(host.to_owned()))?;
         if addrs.is_empty() {
             return Err(UrlRefusal::Unresolvable(host.to_owned()));
         }

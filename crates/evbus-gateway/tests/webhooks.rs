@@ -467,3 +467,324 @@ async fn ssrf_private_addresses_are_refused_at_registration_and_at_delivery() {
         "nothing reached the private address"
     );
 }
+
+#[tokio::test]
+async fn a_webhook_allow_list_narrows_curation_end_to_end() {
+    let h = Harness::memory().await;
+    let key = h.key(&["afterOrderCreate"], &[]).await;
+    let mut narrow = Receiver::start(200).await;
+    let mut full = Receiver::start(200).await;
+    // `/order/email` is redacted by the schema: naming it in a webhook's list cannot widen.
+    let (status, created) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({
+                "url": narrow.url(),
+                "event_types": ["afterOrderCreate"],
+                "allow": ["/order/_id", "/order/status", "/order/email", "/order/items/0/quantity"],
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let narrow_secret = created["secret"].as_str().unwrap().to_owned();
+    let (_, full_secret) = h.register(&key, &full.url(), &["afterOrderCreate"]).await;
+
+    let id = h
+        .bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+
+    let got = narrow.next().await;
+    assert!(got.verify(&narrow_secret), "signature must verify");
+    assert!(!got.verify(&full_secret));
+    assert_eq!(got.id(), id);
+    let event = got.json();
+    assert_eq!(event["id"], id.as_str());
+    assert_eq!(
+        event["data"],
+        json!({"order": {"_id": "ord_1", "status": "new", "items": [{"quantity": 1}]}}),
+        "only the webhook's allowed fields, the redacted email still out"
+    );
+    for gone in [EMAIL, PHONE, "R-10023", "user-42", "shop-1", "Paris"] {
+        assert!(!got.body.contains(gone), "{gone} in {}", got.body);
+    }
+
+    // The other endpoint of the same key gets the schema-curated payload, unnarrowed.
+    let other = full.next().await;
+    assert!(other.verify(&full_secret));
+    let data = &other.json()["data"];
+    assert_eq!(data["createdBy"], "user-42");
+    assert_eq!(data["order"]["referenceId"], "R-10023");
+    assert!(data["order"].get("email").is_none());
+}
+
+#[tokio::test]
+async fn the_producer_id_and_source_are_kept_from_post_to_webhook_and_stream() {
+    let h = Harness::memory().await;
+    let key = h.key(&["afterOrderCreate"], &["afterOrderCreate"]).await;
+    let key_id = evbus_gateway::keys::parse(&key).unwrap().0.to_owned();
+    let mut receiver = Receiver::start(200).await;
+    let (_, secret) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let mut stream = h
+        .http
+        .get(h.url("/v1/stream?types=afterOrderCreate"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    // An internal consumer on the broker side.
+    let topic = h.bus.transport().topic("afterOrderCreate").await.unwrap();
+    let mut probe = topic
+        .subscribe(evbus::SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let posted_id = "shop-42:order-created:0001";
+    let (s, body) = h
+        .publish_with_id(&key, posted_id, "afterOrderCreate", order_created())
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["id"], posted_id, "202 answers the producer's id");
+
+    // Inside: the producer's id and source, and the publishing key in `evbuskey`.
+    let delivery = tokio::time::timeout(WAIT, probe.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let inside = delivery.event();
+    assert_eq!(inside.id(), posted_id);
+    assert_eq!(inside.source(), "/external");
+    assert_eq!(inside.extension("evbuskey"), Some(key_id.as_str()));
+
+    // The webhook: same id in the body and the `webhook-id` header; extensions stay inside.
+    let got = receiver.next().await;
+    assert!(got.verify(&secret));
+    assert_eq!(got.id(), posted_id);
+    let event = got.json();
+    assert_eq!(event["id"], posted_id);
+    assert_eq!(event["source"], "/external");
+    assert!(event.get("evbuskey").is_none(), "{event}");
+
+    // The stream: same id.
+    let mut buf = String::new();
+    tokio::time::timeout(WAIT, async {
+        while !buf.contains("\n\n") || !buf.contains("data:") {
+            let chunk = stream.chunk().await.unwrap().expect("stream open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("a frame in time");
+    let data = buf
+        .lines()
+        .find_map(|l| l.strip_prefix("data:"))
+        .expect("a data line");
+    let framed: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(framed["id"], posted_id);
+    assert_eq!(framed["source"], "/external");
+    assert!(framed.get("evbuskey").is_none());
+}
+
+/// A resolver whose answer changes, as DNS can: `host` resolves to a public-looking address
+/// for its first `public` lookups, then to 127.0.0.1.
+struct Rebinding {
+    public: std::collections::HashMap<&'static str, usize>,
+    calls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+#[async_trait::async_trait]
+impl evbus_gateway::HostResolver for Rebinding {
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        let n = {
+            let mut calls = self.calls.lock().unwrap();
+            let n = calls.entry(host.to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        let public = self.public.get(host).copied().unwrap_or(0);
+        let ip: std::net::IpAddr = if n <= public {
+            "93.184.216.34".parse().unwrap()
+        } else {
+            "127.0.0.1".parse().unwrap()
+        };
+        Ok(vec![std::net::SocketAddr::new(ip, port)])
+    }
+}
+
+#[tokio::test]
+async fn ssrf_a_name_rebound_to_loopback_after_registration_is_refused_at_delivery() {
+    let resolver = Arc::new(Rebinding {
+        // `hooks`: public at registration only, loopback at the delivery check.
+        // `late`: public at registration and at the delivery check, loopback when the
+        // delivery client resolves it to connect.
+        public: [("hooks.example.test", 1), ("late.example.test", 2)].into(),
+        calls: Default::default(),
+    });
+    let mut config = test_config();
+    // No allow-list: 127.0.0.1 is not allowed.
+    config.outbound = evbus_gateway::OutboundPolicy::default().with_resolver(resolver.clone());
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&["*"], &[]).await;
+    let mut receiver = Receiver::start(200).await;
+    let port = receiver.addr.port();
+    let (early, _) = h
+        .register(
+            &key,
+            &format!("http://hooks.example.test:{port}/hook"),
+            &["afterOrderCreate"],
+        )
+        .await;
+    let (late, _) = h
+        .register(
+            &key,
+            &format!("http://late.example.test:{port}/hook"),
+            &["afterOrderCreate"],
+        )
+        .await;
+
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+
+    for id in [&early, &late] {
+        eventually("a refused attempt is logged", || async {
+            !evbus_gateway::Store::list_attempts(h.store.as_ref(), id, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        })
+        .await;
+    }
+    let early_attempt = evbus_gateway::Store::list_attempts(h.store.as_ref(), &early, 10)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let reason = early_attempt.error.clone().unwrap_or_default();
+    assert_eq!(early_attempt.status, None);
+    assert!(reason.starts_with("refused: "), "{reason}");
+    assert!(
+        reason.contains("hooks.example.test") && reason.contains("127.0.0.1"),
+        "{reason}"
+    );
+    assert!(reason.contains("non-public address"), "{reason}");
+    // Rebound between the delivery check and the connection: the client's own resolver
+    // refuses it too.
+    let late_attempt = evbus_gateway::Store::list_attempts(h.store.as_ref(), &late, 10)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let reason = late_attempt.error.clone().unwrap_or_default();
+    assert_eq!(late_attempt.status, None);
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("non-public address"),
+        "{reason}"
+    );
+    // Let any retry run too: nothing ever reaches the loopback receiver.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        receiver.rx.try_recv().is_err(),
+        "nothing reached the loopback receiver"
+    );
+    assert!(
+        resolver.calls.lock().unwrap()["late.example.test"] >= 3,
+        "the client resolved through the injected resolver"
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_hanging_past_the_outbound_timeout_is_logged_as_timed_out_and_retried() {
+    let mut config = test_config();
+    config.delivery_timeout = Duration::from_millis(300);
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&["*"], &[]).await;
+    // Hangs for 10 s on the first two requests, then answers at once.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s = Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let s = Arc::clone(&s);
+            async move {
+                let n = {
+                    let mut seen = s.lock().unwrap();
+                    seen.push(headers["webhook-id"].to_str().unwrap().to_owned());
+                    seen.len()
+                };
+                if n <= 2 {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (id, _) = h
+        .register(&key, &format!("http://{addr}/hook"), &["afterOrderCreate"])
+        .await;
+    let started = std::time::Instant::now();
+    let event_id = h
+        .bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+
+    eventually("a successful attempt after the timeouts", || async {
+        evbus_gateway::Store::list_attempts(h.store.as_ref(), &id, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|a| a.status == Some(200))
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "attempts were cut at the timeout, not after the receiver's 10 s"
+    );
+    let mut attempts = evbus_gateway::Store::list_attempts(h.store.as_ref(), &id, 10)
+        .await
+        .unwrap();
+    attempts.reverse();
+    assert_eq!(
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for a in &attempts[..2] {
+        let error = a.error.as_deref().unwrap_or_default();
+        assert!(error.starts_with("timed out"), "{error}");
+        assert_eq!(a.status, None);
+        assert!(
+            (250..3_000).contains(&a.latency_ms),
+            "cut at ~300 ms: {}",
+            a.latency_ms
+        );
+        assert_eq!(a.event_id, event_id);
+    }
+    assert_eq!(attempts[2].status, Some(200));
+    // Retried per the schedule (100 ms ± 10 % after the previous attempt ended).
+    for pair in attempts.windows(2) {
+        let ended = pair[0].at + chrono::Duration::milliseconds(pair[0].latency_ms as i64);
+        let gap = pair[1].at - ended;
+        assert!(gap >= chrono::Duration::milliseconds(80), "{gap:?}");
+    }
+    assert_eq!(*seen.lock().unwrap(), vec![event_id.clone(); 3]);
+}

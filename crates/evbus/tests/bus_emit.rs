@@ -180,3 +180,55 @@ async fn emit_after_shutdown_fails_with_closed() {
     assert_eq!(err.kind(), ErrorKind::Closed);
     assert!(bus.shutdown(Duration::from_secs(1)).await.is_ok());
 }
+
+#[tokio::test]
+async fn id_and_source_overrides_are_kept_and_validated_non_empty() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap();
+
+    let id = bus
+        .send(
+            Emit::new("orderPlaced", placed("o-1"))
+                .id("producer-42")
+                .source("/external/shop"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(id, "producer-42");
+    let d = next(&mut sub).await;
+    assert_eq!(d.event().id(), "producer-42");
+    assert_eq!(d.event().source(), "/external/shop");
+
+    // Only the id given: the Bus's own source stays.
+    let id = bus
+        .send(Emit::new("orderPlaced", placed("o-2")).id("producer-43"))
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(
+        (d.event().id(), d.event().source()),
+        (id.as_str(), "/test/shop")
+    );
+
+    // Empty overrides are refused and nothing is published.
+    for emit in [
+        Emit::new("orderPlaced", placed("o-3")).id(""),
+        Emit::new("orderPlaced", placed("o-3")).source(" "),
+    ] {
+        let err = bus.send(emit).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEvent, "{err}");
+        assert!(err.message().contains("must not be empty"), "{err}");
+    }
+    let err = bus
+        .emit_batch([Emit::new("orderPlaced", placed("o-3")).id("")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidEvent, "{err}");
+    let next_id = bus.emit("orderPlaced", placed("o-4")).await.unwrap();
+    assert_eq!(next(&mut sub).await.event().id(), next_id);
+}

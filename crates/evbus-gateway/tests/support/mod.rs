@@ -61,9 +61,17 @@ impl Harness {
     }
 
     pub async fn with(transport: Arc<dyn Transport>, config: GatewayConfig) -> Harness {
+        Self::with_catalog(transport, config, catalog()).await
+    }
+
+    pub async fn with_catalog(
+        transport: Arc<dyn Transport>,
+        config: GatewayConfig,
+        catalog: Catalog,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
-        let bus = Bus::new(transport, catalog(), "/test");
+        let bus = Bus::new(transport, catalog, "/test");
         let gateway = Arc::new(
             Gateway::start(bus.clone(), Arc::clone(&store) as Arc<dyn Store>, config)
                 .await
@@ -131,13 +139,26 @@ impl Harness {
         )
     }
 
+    /// Publishes through `POST /v1/events` with a fresh producer id (`client-<uuid>`).
     pub async fn publish(&self, key: &str, ty: &str, data: Value) -> (StatusCode, Value) {
+        let id = format!("client-{}", uuid::Uuid::now_v7().simple());
+        self.publish_with_id(key, &id, ty, data).await
+    }
+
+    /// Publishes through `POST /v1/events` with the producer id `id` and source `/external`.
+    pub async fn publish_with_id(
+        &self,
+        key: &str,
+        id: &str,
+        ty: &str,
+        data: Value,
+    ) -> (StatusCode, Value) {
         let resp = self
             .http
             .post(self.url("/v1/events"))
             .bearer_auth(key)
             .header("content-type", "application/cloudevents+json")
-            .body(json!({"specversion": "1.0", "id": "client-1", "source": "/external", "type": ty, "datacontenttype": "application/json", "data": data}).to_string())
+            .body(json!({"specversion": "1.0", "id": id, "source": "/external", "type": ty, "datacontenttype": "application/json", "data": data}).to_string())
             .send()
             .await
             .unwrap();

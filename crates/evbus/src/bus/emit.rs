@@ -30,6 +30,8 @@ pub struct Emit {
     data: Value,
     key: Option<String>,
     subject: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
     extensions: BTreeMap<String, String>,
 }
 
@@ -41,6 +43,8 @@ impl Emit {
             data,
             key: None,
             subject: None,
+            id: None,
+            source: None,
             extensions: BTreeMap::new(),
         }
     }
@@ -66,6 +70,23 @@ impl Emit {
     /// The CloudEvents `subject`.
     pub fn subject(mut self, subject: impl Into<String>) -> Self {
         self.subject = Some(subject.into());
+        self
+    }
+
+    /// The CloudEvents `id`, instead of a new UUIDv7 — for an event that already has one
+    /// (relayed from a producer outside the bus). Must not be empty.
+    ///
+    /// CloudEvents requires `source` + `id` to be unique; keeping them so is the caller's
+    /// job: evbus does **not** deduplicate, so emitting twice with the same id publishes two
+    /// events (consumers that dedup by id will then drop the second).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// The CloudEvents `source`, instead of the Bus's own source. Must not be empty.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
         self
     }
 
@@ -110,21 +131,21 @@ impl Bus {
     pub async fn send(&self, emit: Emit) -> Result<String> {
         self.ensure_open()?;
         let _token = self.inner.emits.token();
-        let topic_name = self.topic_name(&emit.ty);
+        // The route, borrowed (no allocation per emit); unrouted types use their own name.
+        let routed: Option<&str> = self.inner.routes.get(&emit.ty).map(String::as_str);
         let span = tracing::info_span!(
             "evbus.emit",
             otel.kind = "producer",
             event.r#type = %emit.ty,
             event.id = tracing::field::Empty,
-            topic = %topic_name,
+            topic = %routed.unwrap_or(&emit.ty),
         );
-        let ty = emit.ty.clone();
         async {
             let event = self.prepare(emit, &tracing::Span::current())?;
             tracing::Span::current().record("event.id", event.id());
-            let topic = self.topic(&topic_name).await?;
+            let topic = self.topic(routed.unwrap_or(event.ty())).await?;
             topic.publish(&event).await?;
-            telemetry::emitted(&ty);
+            telemetry::emitted(event.ty());
             Ok(event.id().to_owned())
         }
         .instrument(span)
@@ -190,8 +211,19 @@ impl Bus {
 
     /// Validates and builds the envelope (not published).
     fn prepare(&self, emit: Emit, span: &tracing::Span) -> Result<Event> {
+        for (name, value) in [("id", &emit.id), ("source", &emit.source)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(Error::invalid_event(format!(
+                    "the `{name}` given to `Emit::{name}` must not be empty"
+                )));
+            }
+        }
         let validated = self.inner.catalog.validate(&emit.ty, &emit.data)?;
-        let mut builder = Event::builder(&emit.ty, &self.inner.source).json(&emit.data)?;
+        let source = emit.source.as_deref().unwrap_or(&self.inner.source);
+        let mut builder = Event::builder(&emit.ty, source).json(&emit.data)?;
+        if let Some(id) = emit.id {
+            builder = builder.id(id);
+        }
         if let Some(uri) = validated.dataschema() {
             builder = builder.dataschema(uri);
         }

@@ -1,0 +1,1031 @@
+//! Consuming: one librdkafka consumer per evbus consumer, owned by a thread that polls it, and
+//! the bookkeeping that turns Kafka's "committed offset per partition" into per-event
+//! acknowledgement.
+//!
+//! # Acknowledgement and commits
+//!
+//! Per assigned partition the consumer keeps every offset from the committed offset `C`
+//! upwards that it fetched: how often it was handed out and whether it is settled. An ack
+//! marks its offset done; the committed offset only moves over *contiguous* done offsets, so
+//! it never passes an unsettled event, whatever order acks arrive in. Every commit carries, in
+//! the commit's metadata string, what lies above `C`: the offsets already acknowledged (a
+//! later owner of the partition skips them) and how often each unsettled one was handed out
+//! (a later owner continues the attempt count). That string is written before deliveries are
+//! handed out, so a consumer that crashes still leaves its attempt counts behind.
+//!
+//! # Redelivery
+//!
+//! `nack` and an expired visibility timeout hand the same record out again from memory, with
+//! the attempt increased; the commit stays behind it meanwhile. A partition that is revoked
+//! (rebalance, consumer closed, consumer vanished) stops handing out deliveries at once; its
+//! unsettled events are re-read from `C` by the partition's next owner, and settling them on
+//! the old consumer fails with [`ErrorKind::Expired`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use evbus::binding::{self, HeaderStyle};
+use evbus::{
+    Acker, ConsumerOptions, Error, ErrorKind, Event, Queue, RawDelivery, Result, StartPosition,
+};
+use futures::Stream;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::error::from_kafka;
+use crate::state::{Pending, StateTopic};
+
+/// The type of the placeholder event dead-lettered in place of a record that is not a
+/// binary-mode CloudEvent (see the crate README).
+pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.kafka.undecodable";
+
+/// Prefix of the commit metadata the adapter writes (its format version).
+const METADATA_PREFIX: &str = "evbus1|";
+/// Kafka's default `offset.metadata.max.bytes` is 4096; stay well below.
+const METADATA_MAX: usize = 3500;
+/// How long one poll of the consumer blocks.
+const POLL: Duration = Duration::from_millis(50);
+/// Most records taken in one round of polling.
+const BATCH: usize = 512;
+
+/// What a consumer reads and how.
+pub(crate) struct ConsumerSpec {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) start: StartPosition,
+    pub(crate) options: ConsumerOptions,
+    pub(crate) dead_letter: Arc<dyn Queue>,
+    /// Where the state above the committed offset is kept: the group's state topic, or
+    /// (`None`) the offset commit's metadata.
+    pub(crate) state: Option<Arc<StateTopic>>,
+    /// Run once the consumer has left its group (deletes an anonymous group).
+    pub(crate) on_closed: Option<Box<dyn FnOnce() + Send>>,
+    /// Run when the delivery stream is dropped (the consumer starts leaving its group).
+    pub(crate) on_dropped: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// Runs a closure when dropped.
+struct OnDrop(Option<Box<dyn FnOnce() + Send>>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// How far one fetched offset got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Known from commit metadata, not fetched yet by this consumer.
+    Remembered,
+    /// In the channel to the stream, not handed to the application yet.
+    Queued { token: u64 },
+    /// Handed out; redelivered if unsettled at `deadline`.
+    Out { token: u64, deadline: Instant },
+    /// Nacked: to be handed out again.
+    Nacked,
+    /// Acknowledged.
+    Done,
+}
+
+struct Entry {
+    stage: Stage,
+    /// Times handed out, including a queued delivery.
+    deliveries: u32,
+    event: Option<Arc<Decoded>>,
+}
+
+/// A fetched record: its event, or a placeholder for a record that is not a CloudEvent.
+enum Decoded {
+    Event(Event),
+    Undecodable(Event, String),
+}
+
+struct Partition {
+    generation: u64,
+    /// The next offset to commit: everything below it is settled.
+    committed: i64,
+    entries: BTreeMap<i64, Entry>,
+    /// Whether the committed offset or metadata changed since the last commit.
+    dirty: bool,
+}
+
+impl Partition {
+    fn new(generation: u64, committed: i64) -> Self {
+        Partition {
+            generation,
+            committed,
+            entries: BTreeMap::new(),
+            dirty: false,
+        }
+    }
+
+    /// Moves the committed offset over contiguous done offsets.
+    fn advance(&mut self) {
+        while let Some(entry) = self.entries.first_entry() {
+            if *entry.key() != self.committed || entry.get().stage != Stage::Done {
+                break;
+            }
+            entry.remove();
+            self.committed += 1;
+            self.dirty = true;
+        }
+        // Entries below the committed offset are settled by definition.
+        while let Some(entry) = self.entries.first_entry() {
+            if *entry.key() >= self.committed {
+                break;
+            }
+            entry.remove();
+        }
+    }
+
+    /// The commit metadata: runs of acknowledged (`a`) offsets and of unsettled offsets
+    /// handed out `n` times, above the committed offset. `queued_as_delivered` says whether
+    /// deliveries still in the channel count (they do while the consumer runs; a consumer
+    /// giving the partition up never handed them to the application).
+    fn metadata(&self, queued_as_delivered: bool) -> String {
+        let mut out = String::from(METADATA_PREFIX);
+        let mut run: Option<(i64, i64, String)> = None;
+        let push = |out: &mut String, (start, len, value): (i64, i64, String)| {
+            if out.len() < METADATA_MAX {
+                out.push_str(&format!("{start}+{len}:{value},"));
+            }
+        };
+        for (&offset, entry) in &self.entries {
+            let value = match entry.stage {
+                Stage::Done => "a".to_owned(),
+                Stage::Queued { .. } if !queued_as_delivered => {
+                    match entry.deliveries.saturating_sub(1) {
+                        0 => continue,
+                        n => n.to_string(),
+                    }
+                }
+                _ if entry.deliveries == 0 => continue,
+                _ => entry.deliveries.to_string(),
+            };
+            run = match run.take() {
+                Some((start, len, v)) if start + len == offset && v == value => {
+                    Some((start, len + 1, v))
+                }
+                Some(previous) => {
+                    push(&mut out, previous);
+                    Some((offset, 1, value))
+                }
+                None => Some((offset, 1, value)),
+            };
+        }
+        if let Some(last) = run {
+            push(&mut out, last);
+        }
+        out
+    }
+
+    /// Reads what [`metadata`](Self::metadata) wrote; anything unreadable is ignored (the
+    /// offsets then count as never delivered).
+    fn remember(&mut self, metadata: &str) {
+        let Some(runs) = metadata.strip_prefix(METADATA_PREFIX) else {
+            return;
+        };
+        for run in runs.split(',').filter(|r| !r.is_empty()) {
+            let Some((range, value)) = run.split_once(':') else {
+                continue;
+            };
+            let Some((start, len)) = range.split_once('+') else {
+                continue;
+            };
+            let (Ok(start), Ok(len)) = (start.parse::<i64>(), len.parse::<i64>()) else {
+                continue;
+            };
+            let (stage, deliveries) = match value {
+                "a" => (Stage::Done, 0),
+                n => match n.parse::<u32>() {
+                    Ok(n) => (Stage::Remembered, n),
+                    Err(_) => continue,
+                },
+            };
+            for offset in start.max(self.committed)..start.saturating_add(len.min(1 << 20)) {
+                self.entries.insert(
+                    offset,
+                    Entry {
+                        stage,
+                        deliveries,
+                        event: None,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// One item of the channel from the polling thread to the stream.
+struct Ready {
+    partition: i32,
+    generation: u64,
+    offset: i64,
+    token: u64,
+}
+
+/// The state shared by the polling thread, the stream and the ackers.
+struct State {
+    partitions: HashMap<i32, Partition>,
+    next_generation: u64,
+    next_token: u64,
+    /// Items in the channel.
+    queued: usize,
+}
+
+impl State {
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+}
+
+pub(crate) struct Shared {
+    topic: String,
+    state: Mutex<State>,
+    /// The consumer, for commits from ackers; the polling thread holds the only strong
+    /// reference, so it closes when the thread ends.
+    consumer: Mutex<Weak<BaseConsumer<Context>>>,
+    visibility: Duration,
+    /// The group's state topic; `None`: the state travels in the commit metadata.
+    state_topic: Option<Arc<StateTopic>>,
+}
+
+/// One partition's commit: partition, generation, offset, metadata.
+type Commit = (i32, u64, i64, String);
+
+/// A round of state-topic commits: the state records in flight, then the offset commits.
+struct Round {
+    pending: Vec<Pending>,
+    failed: bool,
+    commits: Vec<Commit>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The commit of every dirty partition, with metadata; marks them clean.
+    fn dirty_commits(&self, state: &mut State, queued_as_delivered: bool) -> Vec<Commit> {
+        let mut commits = Vec::new();
+        for (&p, part) in state.partitions.iter_mut() {
+            if !part.dirty {
+                continue;
+            }
+            part.dirty = false;
+            commits.push((
+                p,
+                part.generation,
+                part.committed,
+                part.metadata(queued_as_delivered),
+            ));
+        }
+        commits
+    }
+
+    /// The offset commit of `commits`.
+    fn tpl(&self, commits: &[Commit]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (p, _, offset, metadata) in commits {
+            set_commit(&mut tpl, &self.topic, *p, *offset, metadata.clone());
+        }
+        tpl
+    }
+
+    /// Commits `commits` synchronously (rebalances), writing their state records first when
+    /// the state lives in a state topic.
+    fn commit_sync(&self, consumer: &BaseConsumer<Context>, commits: &[Commit], what: &str) {
+        if commits.is_empty() {
+            return;
+        }
+        if let Some(topic) = &self.state_topic {
+            let records: Vec<(i32, i64, String)> = commits
+                .iter()
+                .map(|(p, _, offset, metadata)| (*p, *offset, metadata.clone()))
+                .collect();
+            if !topic.write_sync(&self.topic, &records) {
+                tracing::warn!(topic = %self.topic, state_topic = %topic.name, "writing partition state failed; a later owner restarts attempt counts");
+            }
+        }
+        if let Err(e) = consumer.commit(&self.tpl(commits), CommitMode::Sync) {
+            tracing::warn!(error = %e, topic = %self.topic, "{what}");
+        }
+    }
+
+    /// With a state topic, called by the polling thread each round: once the state records
+    /// of the round in flight are delivered, commits its offsets (of partitions still owned
+    /// by the same generation); then starts the next round with whatever is dirty. So every
+    /// commit follows the delivery of its state record, and commits stay ordered.
+    fn flush_state(&self, consumer: &BaseConsumer<Context>, round: &mut Option<Round>) {
+        let Some(topic) = &self.state_topic else {
+            return;
+        };
+        if let Some(current) = round.as_mut() {
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            let mut failed = current.failed;
+            current
+                .pending
+                .retain_mut(|p| match std::pin::Pin::new(p).poll(&mut cx) {
+                    std::task::Poll::Pending => true,
+                    std::task::Poll::Ready(Ok(Ok(_))) => false,
+                    std::task::Poll::Ready(_) => {
+                        failed = true;
+                        false
+                    }
+                });
+            current.failed = failed;
+            if !current.pending.is_empty() {
+                return;
+            }
+            let done = round.take().map(|r| (r.failed, r.commits));
+            if let Some((failed, commits)) = done {
+                let mut state = self.lock();
+                let owned: Vec<Commit> = commits
+                    .into_iter()
+                    .filter(|(p, generation, _, _)| {
+                        match state.partitions.get_mut(p) {
+                            Some(part) if part.generation == *generation => {
+                                // Retried with the next round.
+                                part.dirty |= failed;
+                                true
+                            }
+                            _ => false,
+                        }
+                    })
+                    .collect();
+                if !failed && !owned.is_empty() {
+                    if let Err(e) = consumer.commit(&self.tpl(&owned), CommitMode::Async) {
+                        tracing::debug!(error = %e, topic = %self.topic, "offset commit failed; retried with the next one");
+                        for (p, generation, _, _) in &owned {
+                            if let Some(part) = state.partitions.get_mut(p) {
+                                part.dirty |= part.generation == *generation;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let commits = {
+            let mut state = self.lock();
+            self.dirty_commits(&mut state, true)
+        };
+        if commits.is_empty() {
+            return;
+        }
+        let mut next = Round {
+            pending: Vec::new(),
+            failed: false,
+            commits,
+        };
+        for (p, _, offset, metadata) in &next.commits {
+            match topic.write(&self.topic, *p, *offset, metadata) {
+                Some(pending) => next.pending.push(pending),
+                None => next.failed = true,
+            }
+        }
+        *round = Some(next);
+    }
+
+    /// Commits dirty partitions asynchronously (offset commits are ordered per connection,
+    /// and the list is built and sent under the state lock, so a later commit never lands
+    /// before an earlier one).
+    fn commit_async(&self) {
+        if self.state_topic.is_some() {
+            // The polling thread commits after the state records (`flush_state`).
+            return;
+        }
+        let consumer = self.consumer.lock().ok().and_then(|c| c.upgrade());
+        let Some(consumer) = consumer else { return };
+        let mut state = self.lock();
+        let tpl = self.tpl(&self.dirty_commits(&mut state, true));
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, topic = %self.topic, "offset commit failed; retried with the next one");
+            for elem in tpl.elements() {
+                if let Some(part) = state.partitions.get_mut(&elem.partition()) {
+                    part.dirty = true;
+                }
+            }
+        }
+    }
+}
+
+/// Adds the commit of `offset` with `metadata` for partition `p` of `topic` to `tpl`.
+fn set_commit(tpl: &mut TopicPartitionList, topic: &str, p: i32, offset: i64, metadata: String) {
+    if tpl
+        .add_partition_offset(topic, p, Offset::Offset(offset))
+        .is_ok()
+    {
+        if let Some(mut elem) = tpl.find_partition(topic, p) {
+            elem.set_metadata(metadata);
+        }
+    }
+}
+
+/// The consumer's librdkafka context: handles rebalances.
+pub(crate) struct Context {
+    shared: Arc<Shared>,
+    start: StartPosition,
+    timeout: Duration,
+    assigned: watch::Sender<bool>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, topic = %self.shared.topic, "assigning partitions failed");
+                }
+                // Record the start of a new subscription right away, so that it survives
+                // the consumer closing before anything arrives.
+                let mut state = self.shared.lock();
+                let commits = self.shared.dirty_commits(&mut state, true);
+                drop(state);
+                self.shared
+                    .commit_sync(consumer, &commits, "committing start offsets failed");
+                self.assigned.send_replace(true);
+            }
+            _ => {
+                self.revoke(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, topic = %self.shared.topic, "unassigning partitions failed");
+                }
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Sets each assigned partition's start: its committed offset (and the metadata above
+    /// it), or for a new subscription the end (latest) or the beginning (earliest).
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = consumer.committed_offsets(tpl.clone(), self.timeout);
+        // With a state topic, the state of each partition that has a committed offset.
+        let from_topic: HashMap<i32, String> = match (&self.shared.state_topic, &committed) {
+            (Some(topic), Ok(committed)) => {
+                let wanted: Vec<(i32, i64)> = committed
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect();
+                topic
+                    .read(&self.shared.topic, &wanted)
+                    .into_iter()
+                    .collect()
+            }
+            _ => HashMap::new(),
+        };
+        let mut state = self.shared.lock();
+        for mut elem in tpl.elements() {
+            let p = elem.partition();
+            let known = committed.as_ref().ok().and_then(|c| {
+                c.find_partition(&self.shared.topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some((o, e.metadata().to_owned())),
+                        _ => None,
+                    })
+            });
+            let (start, metadata, new) = match known {
+                Some((o, metadata)) => match &self.shared.state_topic {
+                    Some(_) => (o, from_topic.get(&p).cloned().unwrap_or_default(), false),
+                    None => (o, metadata, false),
+                },
+                None => {
+                    let watermarks = consumer.fetch_watermarks(&self.shared.topic, p, self.timeout);
+                    let (low, high) = watermarks.unwrap_or((0, 0));
+                    match self.start {
+                        StartPosition::Latest => (high, String::new(), true),
+                        StartPosition::Earliest => (low, String::new(), true),
+                    }
+                }
+            };
+            state.next_generation += 1;
+            let mut part = Partition::new(state.next_generation, start);
+            part.remember(&metadata);
+            part.dirty = new;
+            state.partitions.insert(p, part);
+            let _ = elem.set_offset(Offset::Offset(start));
+        }
+    }
+
+    /// Gives revoked partitions up: records what was handed out, commits, forgets them.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        let mut state = self.shared.lock();
+        let mut commits = Vec::new();
+        for elem in tpl.elements() {
+            let p = elem.partition();
+            let Some(part) = state.partitions.remove(&p) else {
+                continue;
+            };
+            if lost {
+                continue;
+            }
+            commits.push((p, part.generation, part.committed, part.metadata(false)));
+        }
+        drop(state);
+        self.shared.commit_sync(
+            consumer,
+            &commits,
+            "committing revoked partitions failed; their unsettled events are redelivered",
+        );
+    }
+}
+
+/// Settles one delivery.
+struct KafkaAcker {
+    shared: Arc<Shared>,
+    partition: i32,
+    generation: u64,
+    offset: i64,
+    token: u64,
+}
+
+impl KafkaAcker {
+    /// Runs `settle` on the delivery's entry if the delivery is still current.
+    fn with_entry(&self, settle: impl FnOnce(&mut Entry)) -> Result<()> {
+        let mut state = self.shared.lock();
+        let stale = || {
+            Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "the delivery of offset {} of `{}` partition {} can no longer be settled: its \
+                     visibility timeout expired or the partition was reassigned, so it is \
+                     redelivered",
+                    self.offset, self.shared.topic, self.partition
+                ),
+            )
+        };
+        let part = state
+            .partitions
+            .get_mut(&self.partition)
+            .filter(|p| p.generation == self.generation)
+            .ok_or_else(stale)?;
+        let entry = part.entries.get_mut(&self.offset).ok_or_else(stale)?;
+        match entry.stage {
+            Stage::Out { token, .. } if token == self.token => {}
+            _ => return Err(stale()),
+        }
+        settle(entry);
+        part.advance();
+        part.dirty = true;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(&self) -> Result<()> {
+        self.with_entry(|entry| {
+            entry.stage = Stage::Done;
+            entry.event = None;
+        })?;
+        self.shared.commit_async();
+        Ok(())
+    }
+
+    async fn nack(&self) -> Result<()> {
+        self.with_entry(|entry| entry.stage = Stage::Nacked)
+    }
+}
+
+/// Starts a consumer of `spec` and returns its raw delivery stream once it has its first
+/// partition assignment.
+pub(crate) async fn start(
+    config: &KafkaConfig,
+    spec: ConsumerSpec,
+    closed: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static> {
+    let shared = Arc::new(Shared {
+        topic: spec.topic.clone(),
+        state: Mutex::new(State {
+            partitions: HashMap::new(),
+            next_generation: 0,
+            next_token: 0,
+            queued: 0,
+        }),
+        consumer: Mutex::new(Weak::new()),
+        visibility: spec.options.visibility_timeout,
+        state_topic: spec.state.clone(),
+    });
+    let (assigned_tx, mut assigned) = watch::channel(false);
+    let context = Context {
+        shared: Arc::clone(&shared),
+        start: spec.start,
+        timeout: config.operation_timeout,
+        assigned: assigned_tx,
+    };
+    let mut client = config.client_config();
+    client
+        .set("group.id", &spec.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("allow.auto.create.topics", "false")
+        .set("partition.assignment.strategy", "range,roundrobin")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            config.heartbeat_interval.as_millis().to_string(),
+        )
+        .set("fetch.wait.max.ms", "100")
+        .set(
+            "fetch.max.bytes",
+            (config.message_max_bytes() * 2).to_string(),
+        )
+        .set(
+            "max.partition.fetch.bytes",
+            config.message_max_bytes().to_string(),
+        );
+    for (k, v) in &config.properties {
+        client.set(k, v);
+    }
+    let what = format!(
+        "consuming Kafka topic `{}` as group `{}`",
+        spec.topic, spec.group
+    );
+    let consumer: BaseConsumer<Context> = client
+        .create_with_context(context)
+        .map_err(|e| from_kafka(e, &what))?;
+    consumer
+        .subscribe(&[&spec.topic])
+        .map_err(|e| from_kafka(e, &what))?;
+    let consumer = Arc::new(consumer);
+    if let Ok(mut weak) = shared.consumer.lock() {
+        *weak = Arc::downgrade(&consumer);
+    }
+
+    let (tx, rx) = mpsc::unbounded_channel::<Ready>();
+    let stop = CancellationToken::new();
+    let high_water = spec.options.max_in_flight.max(16) * 2;
+    {
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        let closed = closed.clone();
+        let on_closed = spec.on_closed;
+        tracker.spawn_blocking(move || {
+            poll_loop(&consumer, &shared, &tx, &stop, &closed, high_water);
+            // Dropping the consumer leaves the group; the revoke callback commits first.
+            drop(consumer);
+            if let Some(on_closed) = on_closed {
+                on_closed();
+            }
+        });
+    }
+    // From here on, dropping `guard` stops the thread.
+    let guard = (stop.drop_guard(), OnDrop(spec.on_dropped));
+
+    let within = config.assignment_timeout;
+    match tokio::time::timeout(within, assigned.wait_for(|a| *a)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(Error::closed("the Kafka consumer")),
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{what}: no partition assignment within {within:?} (assignment_timeout); is \
+                     the group coordinator reachable?"
+                ),
+            ));
+        }
+    }
+
+    let state = (rx, shared, guard, spec.dead_letter);
+    Ok(futures::stream::unfold(
+        state,
+        |(mut rx, shared, guard, dead_letter)| async move {
+            loop {
+                let ready = rx.recv().await?;
+                let taken = take(&shared, &ready);
+                let Some((decoded, attempt)) = taken else {
+                    continue;
+                };
+                let acker = Arc::new(KafkaAcker {
+                    shared: Arc::clone(&shared),
+                    partition: ready.partition,
+                    generation: ready.generation,
+                    offset: ready.offset,
+                    token: ready.token,
+                });
+                match &*decoded {
+                    Decoded::Event(event) => {
+                        let raw = RawDelivery {
+                            event: event.clone(),
+                            attempt,
+                            acker,
+                        };
+                        return Some((Ok(raw), (rx, shared, guard, dead_letter)));
+                    }
+                    Decoded::Undecodable(placeholder, why) => {
+                        tracing::warn!(error = %why, id = placeholder.id(), "dead-lettering a Kafka record that is not a CloudEvent");
+                        let moved = match dead_letter.send(placeholder).await {
+                            Ok(()) => acker.ack().await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = moved {
+                            tracing::warn!(error = %e, "could not dead-letter an undecodable record; it is redelivered after the visibility timeout");
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// Marks a queued item handed out; `None` if it is stale (revoked partition, redelivered).
+fn take(shared: &Shared, ready: &Ready) -> Option<(Arc<Decoded>, u32)> {
+    let mut state = shared.lock();
+    state.queued = state.queued.saturating_sub(1);
+    let part = state
+        .partitions
+        .get_mut(&ready.partition)
+        .filter(|p| p.generation == ready.generation)?;
+    let entry = part.entries.get_mut(&ready.offset)?;
+    match entry.stage {
+        Stage::Queued { token } if token == ready.token => {}
+        _ => return None,
+    }
+    entry.stage = Stage::Out {
+        token: ready.token,
+        deadline: Instant::now() + shared.visibility,
+    };
+    Some((Arc::clone(entry.event.as_ref()?), entry.deliveries.max(1)))
+}
+
+/// Decodes a record into an event, or a placeholder naming what is wrong with it.
+fn decode(topic: &str, message: &BorrowedMessage<'_>) -> Decoded {
+    let mut headers = Vec::new();
+    let mut bad_header = None;
+    if let Some(hs) = message.headers() {
+        for h in hs.iter() {
+            match std::str::from_utf8(h.value.unwrap_or_default()) {
+                Ok(v) => headers.push((h.key.to_owned(), v.to_owned())),
+                Err(_) => bad_header = Some(h.key.to_owned()),
+            }
+        }
+    }
+    let body = bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let result = match bad_header {
+        Some(name) => Err(Error::invalid_event(format!(
+            "header `{name}` is not UTF-8"
+        ))),
+        None => binding::decode(headers.clone(), body.clone(), HeaderStyle::KAFKA),
+    };
+    match result {
+        Ok(event) => Decoded::Event(event),
+        Err(e) => {
+            let id = format!("{topic}/{}/{}", message.partition(), message.offset());
+            let data = serde_json::json!({
+                "topic": topic,
+                "partition": message.partition(),
+                "offset": message.offset(),
+                "key": message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                "headers": headers.into_iter().collect::<BTreeMap<_, _>>(),
+                "value": String::from_utf8_lossy(&body),
+            });
+            let placeholder = Event::builder(UNDECODABLE_EVENT_TYPE, format!("kafka:{topic}"))
+                .id(id)
+                .json(&data)
+                .and_then(|b| b.build());
+            let placeholder = placeholder.unwrap_or_else(|_| {
+                Event::builder(UNDECODABLE_EVENT_TYPE, format!("kafka:{topic}"))
+                    .build()
+                    .expect("a type and a source make a valid event")
+            });
+            Decoded::Undecodable(placeholder, e.to_string())
+        }
+    }
+}
+
+/// The polling thread.
+fn poll_loop(
+    consumer: &BaseConsumer<Context>,
+    shared: &Shared,
+    tx: &mpsc::UnboundedSender<Ready>,
+    stop: &CancellationToken,
+    closed: &CancellationToken,
+    high_water: usize,
+) {
+    let mut paused = false;
+    let mut round = None;
+    while !stop.is_cancelled() && !closed.is_cancelled() && !tx.is_closed() {
+        shared.flush_state(consumer, &mut round);
+        // Backpressure: stop fetching while the application is far behind.
+        let queued = shared.lock().queued;
+        if !paused && queued >= high_water {
+            if let Ok(assignment) = consumer.assignment() {
+                paused = consumer.pause(&assignment).is_ok();
+            }
+        } else if paused && queued < high_water / 2 {
+            if let Ok(assignment) = consumer.assignment() {
+                let _ = consumer.resume(&assignment);
+            }
+            paused = false;
+        }
+
+        let mut batch = Vec::new();
+        if let Some(first) = consumer.poll(POLL) {
+            batch.push(first);
+            while batch.len() < BATCH {
+                match consumer.poll(Duration::ZERO) {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+        }
+        let mut ready = Vec::new();
+        {
+            let mut state = shared.lock();
+            let state = &mut *state;
+            for message in batch {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(_)) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, topic = %shared.topic, "Kafka consumer error; librdkafka retries");
+                        continue;
+                    }
+                };
+                let p = message.partition();
+                let offset = message.offset();
+                let Some(part) = state.partitions.get_mut(&p) else {
+                    continue;
+                };
+                if offset < part.committed {
+                    continue;
+                }
+                let entry = part.entries.entry(offset).or_insert(Entry {
+                    stage: Stage::Remembered,
+                    deliveries: 0,
+                    event: None,
+                });
+                match entry.stage {
+                    Stage::Done => {
+                        part.advance();
+                        continue;
+                    }
+                    Stage::Remembered => {}
+                    // Already in memory (a fetch repeated after a seek): keep it.
+                    _ => continue,
+                }
+                state.next_token += 1;
+                let token = state.next_token;
+                entry.stage = Stage::Queued { token };
+                entry.deliveries += 1;
+                entry.event = Some(Arc::new(decode(&shared.topic, &message)));
+                part.dirty = true;
+                ready.push(Ready {
+                    partition: p,
+                    generation: part.generation,
+                    offset,
+                    token,
+                });
+            }
+            // Nacked and expired deliveries go out again.
+            let now = Instant::now();
+            let mut again = Vec::new();
+            for (&p, part) in state.partitions.iter_mut() {
+                for (&offset, entry) in part.entries.iter_mut() {
+                    let due = match entry.stage {
+                        Stage::Nacked => true,
+                        Stage::Out { deadline, .. } => deadline <= now,
+                        _ => false,
+                    };
+                    if due && entry.event.is_some() {
+                        entry.deliveries += 1;
+                        again.push((p, part.generation, offset));
+                        part.dirty = true;
+                    }
+                }
+            }
+            for (p, generation, offset) in again {
+                let token = state.token();
+                if let Some(entry) = state
+                    .partitions
+                    .get_mut(&p)
+                    .and_then(|part| part.entries.get_mut(&offset))
+                {
+                    entry.stage = Stage::Queued { token };
+                }
+                ready.push(Ready {
+                    partition: p,
+                    generation,
+                    offset,
+                    token,
+                });
+            }
+            state.queued += ready.len();
+        }
+        if !ready.is_empty() {
+            // Attempt counts are recorded before anything is handed out.
+            shared.commit_async();
+            shared.flush_state(consumer, &mut round);
+            for item in ready {
+                if tx.send(item).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(stage: Stage, deliveries: u32) -> Entry {
+        Entry {
+            stage,
+            deliveries,
+            event: None,
+        }
+    }
+
+    #[test]
+    fn the_commit_never_passes_an_unsettled_offset() {
+        let mut part = Partition::new(1, 10);
+        let deadline = Instant::now();
+        part.entries
+            .insert(10, entry(Stage::Out { token: 1, deadline }, 1));
+        part.entries.insert(11, entry(Stage::Done, 1));
+        part.entries.insert(12, entry(Stage::Done, 1));
+        part.advance();
+        assert_eq!(part.committed, 10);
+        part.entries.get_mut(&10).unwrap().stage = Stage::Done;
+        part.advance();
+        assert_eq!(part.committed, 13);
+        assert!(part.entries.is_empty());
+    }
+
+    #[test]
+    fn metadata_round_trips_acks_and_delivery_counts() {
+        let mut part = Partition::new(1, 5);
+        let deadline = Instant::now();
+        part.entries
+            .insert(5, entry(Stage::Out { token: 1, deadline }, 2));
+        part.entries
+            .insert(6, entry(Stage::Out { token: 2, deadline }, 2));
+        part.entries.insert(7, entry(Stage::Done, 1));
+        part.entries.insert(8, entry(Stage::Queued { token: 3 }, 1));
+        let running = part.metadata(true);
+        assert_eq!(running, "evbus1|5+2:2,7+1:a,8+1:1,");
+        let leaving = part.metadata(false);
+        assert_eq!(leaving, "evbus1|5+2:2,7+1:a,");
+
+        let mut next = Partition::new(2, 5);
+        next.remember(&leaving);
+        assert_eq!(next.entries[&5].deliveries, 2);
+        assert_eq!(next.entries[&6].stage, Stage::Remembered);
+        assert_eq!(next.entries[&7].stage, Stage::Done);
+        assert!(!next.entries.contains_key(&8));
+        next.remember("not ours");
+        next.remember("evbus1|garbage,1+x:2,");
+        assert_eq!(next.entries.len(), 3);
+    }
+}

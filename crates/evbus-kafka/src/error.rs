@@ -1,0 +1,118 @@
+//! Mapping `rdkafka::error::KafkaError` to [`evbus::Error`], with a kind a caller can act on
+//! and a retryable classification.
+//!
+//! | Kafka error | kind | retryable |
+//! |---|---|---|
+//! | transport failure, all brokers down, message timed out, request timed out | `Connection` / `Timeout` | yes |
+//! | `MSG_SIZE_TOO_LARGE`, `MESSAGE_BATCH_TOO_LARGE` | `TooLarge` | no |
+//! | local queue full | `Full` | yes |
+//! | not leader, coordinator loading/not available, rebalance in progress | `Broker` | yes |
+//! | unknown topic or partition | `NotFound` | no |
+//! | invalid configuration (`ClientConfig`, bad broker list) | `InvalidConfig` | no |
+//! | anything else | `Broker` | no |
+
+use evbus::{Error, ErrorKind};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// Converts a Kafka error met while doing `what` ("publishing to topic `orders`").
+pub(crate) fn from_kafka(error: KafkaError, what: &str) -> Error {
+    let (kind, retryable, hint) = classify(&error);
+    let mut message = format!("{what}: {error}");
+    if !hint.is_empty() {
+        message.push_str("; ");
+        message.push_str(hint);
+    }
+    let mapped = Error::new(kind, message);
+    let mapped = match retryable {
+        Some(r) => mapped.with_retryable(r),
+        None => mapped,
+    };
+    mapped.with_source(error)
+}
+
+/// The evbus kind of an rdkafka error code, an override of the kind's retryable default, and
+/// a hint.
+pub(crate) fn classify_code(code: RDKafkaErrorCode) -> (ErrorKind, Option<bool>, &'static str) {
+    use RDKafkaErrorCode as C;
+    const RECONNECTS: &str = "librdkafka reconnects by itself; retry later";
+    match code {
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut => {
+            (ErrorKind::Timeout, None, RECONNECTS)
+        }
+        C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::BrokerDestroy => (ErrorKind::Connection, None, RECONNECTS),
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge => (
+            ErrorKind::TooLarge,
+            None,
+            "the event exceeds the message size limit (max_payload_bytes, the topic's max.message.bytes)",
+        ),
+        C::QueueFull => (
+            ErrorKind::Full,
+            None,
+            "the producer's local queue is full; retry once in-flight publishes complete",
+        ),
+        C::NotLeaderForPartition
+        | C::LeaderNotAvailable
+        | C::NotCoordinator
+        | C::CoordinatorNotAvailable
+        | C::CoordinatorLoadInProgress
+        | C::RebalanceInProgress
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::PartitionEOF
+        | C::UnknownTopicOrPartition
+        | C::UnknownPartition => (
+            ErrorKind::Broker,
+            Some(true),
+            "the cluster is moving leadership or group state; retry later",
+        ),
+        C::UnknownTopic => (ErrorKind::NotFound, None, ""),
+        C::InvalidArgument | C::InvalidConfig => (ErrorKind::InvalidConfig, None, ""),
+        _ => (ErrorKind::Broker, None, ""),
+    }
+}
+
+fn classify(error: &KafkaError) -> (ErrorKind, Option<bool>, &'static str) {
+    match error {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => (
+            ErrorKind::InvalidConfig,
+            None,
+            "check the Kafka URL and settings",
+        ),
+        KafkaError::Canceled => (ErrorKind::Closed, None, ""),
+        other => match other.rdkafka_error_code() {
+            Some(code) => classify_code(code),
+            None => (ErrorKind::Broker, None, ""),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_retryable_and_size_errors_are_too_large() {
+        let e = from_kafka(
+            KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown),
+            "publishing",
+        );
+        assert_eq!(e.kind(), ErrorKind::Connection);
+        assert!(e.is_retryable());
+        let e = from_kafka(
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            "publishing",
+        );
+        assert_eq!(e.kind(), ErrorKind::TooLarge);
+        assert!(!e.is_retryable());
+        let e = from_kafka(
+            KafkaError::MessageProduction(RDKafkaErrorCode::NotLeaderForPartition),
+            "publishing",
+        );
+        assert!(e.is_retryable());
+    }
+}

@@ -1,0 +1,288 @@
+//! [`KafkaTransport`]: the [`evbus::Transport`] over one Kafka cluster.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use evbus::{
+    Capabilities, ConsumerOptions, Event, Health, Queue, Result, StartPosition, SubscribeOptions,
+    Subscription, Topic, Transport, dead_letter_queue_name,
+};
+use rdkafka::producer::Producer;
+
+use crate::capabilities::capabilities;
+use crate::config::KafkaConfig;
+use crate::connection::Connection;
+use crate::consumer::{self, ConsumerSpec};
+use crate::naming;
+
+/// A transport over one Kafka cluster (see the crate documentation for the mapping).
+///
+/// ```no_run
+/// use evbus::{Event, Transport};
+/// use evbus_kafka::{KafkaConfig, KafkaTransport};
+///
+/// # async fn demo() -> evbus::Result<()> {
+/// let transport = KafkaTransport::connect(KafkaConfig::from_url("kafka://127.0.0.1:9092")?).await?;
+/// let orders = transport.topic("orders").await?;
+/// orders.publish(&Event::builder("afterOrderCreate", "/shop").json(&42)?.build()?).await?;
+/// transport.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct KafkaTransport {
+    conn: Arc<Connection>,
+}
+
+impl KafkaTransport {
+    /// Creates the clients for `config` and checks that a broker answers within
+    /// [`KafkaConfig::operation_timeout`]; librdkafka reconnects by itself afterwards.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let conn = Arc::new(Connection::open(config)?);
+        if let Err(reason) = conn.reachable().await {
+            return Err(evbus::Error::new(
+                evbus::ErrorKind::Connection,
+                format!(
+                    "no Kafka broker answered at `{}`: {reason}",
+                    conn.config.bootstrap_servers
+                ),
+            ));
+        }
+        Ok(KafkaTransport { conn })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.conn.config
+    }
+
+    /// Attaches a consumer of Kafka topic `topic` in consumer group `group`; an `anonymous`
+    /// group has this one consumer only, keeps no state for later owners and is deleted when
+    /// the consumer closes.
+    #[allow(clippy::too_many_arguments)]
+    async fn consume(
+        &self,
+        topic: &str,
+        group: String,
+        anonymous: bool,
+        start: StartPosition,
+        options: ConsumerOptions,
+        dead_letter_name: String,
+        origin: String,
+    ) -> Result<Subscription> {
+        self.conn.check_open()?;
+        self.conn.ensure_topic(topic).await?;
+        let dead_letter = self.queue(&dead_letter_name).await?;
+        let state = if anonymous || !self.conn.use_state_topic(topic).await {
+            None
+        } else {
+            Some(self.conn.state_topic(&group, topic).await?)
+        };
+        let on_closed: Box<dyn FnOnce() + Send> = {
+            let conn = Arc::clone(&self.conn);
+            let group = group.clone();
+            Box::new(move || {
+                if anonymous {
+                    futures::executor::block_on(conn.delete_group(&group));
+                } else {
+                    conn.left_group(&group);
+                }
+            })
+        };
+        let on_dropped: Box<dyn FnOnce() + Send> = {
+            let conn = Arc::clone(&self.conn);
+            let group = group.clone();
+            Box::new(move || conn.left_group(&group))
+        };
+        self.conn.rejoin_gap(&group).await;
+        let spec = ConsumerSpec {
+            topic: topic.to_owned(),
+            group,
+            start,
+            options: options.clone(),
+            dead_letter: Arc::clone(&dead_letter),
+            state,
+            on_closed: Some(on_closed),
+            on_dropped: Some(on_dropped),
+        };
+        let raw = consumer::start(
+            &self.conn.config,
+            spec,
+            self.conn.closed.clone(),
+            &self.conn.consumers,
+        )
+        .await?;
+        let closed = self.conn.closed.clone();
+        Ok(Subscription::new(raw, &options, dead_letter, origin)
+            .until(async move { closed.cancelled().await }))
+    }
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.conn.config)
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
+        self.conn.check_open()?;
+        self.conn.ensure_topic(name).await?;
+        Ok(Arc::new(KafkaTopic {
+            name: name.to_owned(),
+            transport: self.clone(),
+        }))
+    }
+
+    async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
+        self.conn.check_open()?;
+        self.conn.ensure_topic(name).await?;
+        Ok(Arc::new(KafkaQueue {
+            name: name.to_owned(),
+            transport: self.clone(),
+        }))
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.conn.check_open()?;
+        self.conn.delete_topic(name).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<()> {
+        self.conn.check_open()?;
+        self.conn.delete_topic(name).await?;
+        self.conn.delete_queue_state_topic(name).await
+    }
+
+    async fn health(&self) -> Health {
+        if self.conn.closed.is_cancelled() {
+            return Health::Closed;
+        }
+        match self.conn.reachable().await {
+            Ok(()) => Health::Healthy,
+            Err(reason) => Health::Unhealthy(format!("no Kafka broker answers: {reason}")),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.conn.closed.is_cancelled() {
+            return Ok(());
+        }
+        self.conn.closed.cancel();
+        // Every publish that returned Ok was already acknowledged; flush what is still in
+        // flight (publishes racing with close) and let consumers commit and leave.
+        let producer = self.conn.producer.clone();
+        let timeout = self.conn.config.message_timeout;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        self.conn.consumers.close();
+        let _ = tokio::time::timeout(
+            self.conn.config.operation_timeout,
+            self.conn.consumers.wait(),
+        )
+        .await;
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::error::from_kafka(e, "flushing the Kafka producer")),
+            Err(e) => Err(evbus::Error::new(
+                evbus::ErrorKind::Internal,
+                format!("flush task failed: {e}"),
+            )),
+        }
+    }
+}
+
+/// A Kafka topic used as an evbus topic.
+#[derive(Debug)]
+struct KafkaTopic {
+    name: String,
+    transport: KafkaTransport,
+}
+
+#[async_trait]
+impl Topic for KafkaTopic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.transport.conn.publish(&self.name, event).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        self.transport.conn.publish_batch(&self.name, events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let (group, anonymous, start, origin) = match &options.subscription {
+            Some(sub) => (
+                naming::subscription_group(&self.name, sub),
+                false,
+                options.start,
+                format!("{}/{sub}", self.name),
+            ),
+            // Anonymous: a group of its own, starting now, unless asked for history.
+            None => (
+                naming::anonymous_group(&self.name),
+                true,
+                options.start,
+                self.name.clone(),
+            ),
+        };
+        let dlq = dead_letter_queue_name(
+            &self.name,
+            options.subscription.as_deref(),
+            &options.consumer,
+        );
+        self.transport
+            .consume(
+                &self.name,
+                group,
+                anonymous,
+                start,
+                options.consumer,
+                dlq,
+                origin,
+            )
+            .await
+    }
+}
+
+/// A Kafka topic used as an evbus queue: every consumer joins one group.
+#[derive(Debug)]
+struct KafkaQueue {
+    name: String,
+    transport: KafkaTransport,
+}
+
+#[async_trait]
+impl Queue for KafkaQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        self.transport.conn.publish(&self.name, event).await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        self.transport.conn.publish_batch(&self.name, events).await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        let dlq = dead_letter_queue_name(&self.name, None, &options);
+        // A queue keeps what was sent before its first consumer: start from the earliest.
+        self.transport
+            .consume(
+                &self.name,
+                naming::queue_group(&self.name),
+                false,
+                StartPosition::Earliest,
+                options,
+                dlq,
+                self.name.clone(),
+            )
+            .await
+    }
+}

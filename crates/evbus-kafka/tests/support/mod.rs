@@ -1,0 +1,203 @@
+//! Test helpers shared by the integration tests: a tansu broker process the test owns, behind
+//! a TCP proxy the test controls, and the test URL settings.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use evbus_kafka::KafkaConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+/// The Kafka URL under test: `EVBUS_KAFKA_URL`, default `kafka://127.0.0.1:9092`.
+pub fn kafka_url() -> String {
+    std::env::var("EVBUS_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".to_owned())
+}
+
+/// A config for tests: short group timings so that a vanished consumer's partitions move
+/// quickly, unless the URL sets them. 6 s is Apache Kafka's default
+/// `group.min.session.timeout.ms`, the shortest a stock broker accepts.
+pub fn test_config(url: &str) -> evbus::Result<KafkaConfig> {
+    let mut config = KafkaConfig::from_url(url)?;
+    if !url.contains("session_timeout_ms") {
+        config.session_timeout = Duration::from_secs(6);
+    }
+    if !url.contains("heartbeat_interval_ms") {
+        config.heartbeat_interval = Duration::from_millis(300);
+    }
+    if !url.contains("message_timeout_ms") {
+        config.message_timeout = Duration::from_secs(20);
+    }
+    Ok(config)
+}
+
+/// Where the tansu binary is: `EVBUS_TANSU_BIN`, the xtask cache
+/// (`~/.cache/evbus/tansu/tansu`), or `tansu` on `PATH`.
+pub fn tansu_binary() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("EVBUS_TANSU_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let cached = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cache/evbus/tansu/tansu"))
+        .filter(|p| p.is_file());
+    cached.or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("tansu"))
+                .find(|p| p.is_file())
+        })
+    })
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A tansu broker on a free port, reachable only through a [`Proxy`] whose address it
+/// advertises. Killed on drop.
+pub struct TansuBehindProxy {
+    pub proxy: Proxy,
+    child: Mutex<Option<Child>>,
+}
+
+impl TansuBehindProxy {
+    /// Starts the proxy, then tansu (memory storage) behind it. Needs a tokio runtime.
+    pub async fn start() -> std::io::Result<Self> {
+        let binary = tansu_binary().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no tansu binary: run `cargo xtask brokers --start` or set EVBUS_TANSU_BIN",
+            )
+        })?;
+        let broker_port = free_port()?;
+        let proxy = Proxy::start(broker_port).await?;
+        let log = std::env::temp_dir().join(format!("evbus-kafka-tansu-{broker_port}.log"));
+        let log = std::fs::File::create(log)?;
+        let child = Command::new(binary)
+            .arg("broker")
+            .args(["--listener-url", &format!("tcp://127.0.0.1:{broker_port}")])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", proxy.port),
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let broker = TansuBehindProxy {
+            proxy,
+            child: Mutex::new(Some(child)),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", broker_port))
+            .await
+            .is_err()
+        {
+            if tokio::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "tansu did not listen within 30s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(broker)
+    }
+
+    /// The URL clients use: the proxy's address.
+    pub fn url(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.proxy.port)
+    }
+}
+
+impl Drop for TansuBehindProxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP proxy the test controls: [`cut`](Self::cut) drops every connection and refuses new
+/// ones (accepts and closes them at once) until [`restore`](Self::restore).
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    /// Listens on a free port and forwards every connection to `127.0.0.1:upstream`.
+    pub async fn start(upstream: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let accept = {
+            let cut = Arc::clone(&cut);
+            let connections = Arc::clone(&connections);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    let mut open = connections.lock().unwrap_or_else(|p| p.into_inner());
+                    open.retain(|t| !t.is_finished());
+                    open.push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        Ok(Proxy {
+            port,
+            cut,
+            connections,
+            accept,
+        })
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for task in self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
