@@ -3,6 +3,7 @@
 //!
 //! Run it through the cargo alias in `.cargo/config.toml`: `cargo xtask <command>`.
 
+mod bench;
 mod brokers;
 mod conformance;
 mod test;
@@ -48,6 +49,23 @@ enum Cmd {
     },
     /// Repository hygiene checks (also run as a `#[test]` of this crate).
     Tidy,
+    /// Benchmarks: evbus against each broker's raw client (throughput, latency), callgrind
+    /// instructions and allocations per event; regenerates docs/benchmarks.md.
+    Bench {
+        /// Only this adapter (`memory`, `redis`, `kafka`).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Fewer events and rounds: the result lines in a few minutes (docs left as they are).
+        #[arg(long)]
+        quick: bool,
+        /// Only the callgrind scenarios (instructions and allocations per event, in memory).
+        #[arg(long)]
+        callgrind: bool,
+        /// Also measures the callgrind scenarios at this git ref and reports any more than
+        /// 2% worse in instructions.
+        #[arg(long, value_name = "REF")]
+        baseline: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +75,17 @@ fn main() -> ExitCode {
         Cmd::Conformance { adapter, args } => conformance::run(adapter.as_deref(), &args),
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
+        Cmd::Bench {
+            adapter,
+            quick,
+            callgrind,
+            baseline,
+        } => bench::run(&bench::Options {
+            adapter,
+            quick,
+            callgrind,
+            baseline,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -61,8 +62,17 @@ const RESERVED: &[&str] = &[
 ];
 
 /// A CloudEvents 1.0 event.
+///
+/// Cheap to clone: the attributes and data are shared (`Arc`) and copied only when a clone
+/// is modified.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Event {
+    inner: Arc<Fields>,
+}
+
+/// The attributes and data of an [`Event`] (shared between clones).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fields {
     id: String,
     source: String,
     ty: String,
@@ -79,7 +89,7 @@ impl Event {
     /// current time.
     pub fn builder(ty: impl Into<String>, source: impl Into<String>) -> EventBuilder {
         EventBuilder {
-            event: Event {
+            event: Fields {
                 id: uuid::Uuid::now_v7().to_string(),
                 source: source.into(),
                 ty: ty.into(),
@@ -97,22 +107,22 @@ impl Event {
     /// Turns the event back into a builder, to derive a modified copy.
     pub fn into_builder(self) -> EventBuilder {
         EventBuilder {
-            event: self,
+            event: Arc::unwrap_or_clone(self.inner),
             error: None,
         }
     }
 
     /// The event id (unique per source).
     pub fn id(&self) -> &str {
-        &self.id
+        &self.inner.id
     }
     /// The source URI-reference of the event.
     pub fn source(&self) -> &str {
-        &self.source
+        &self.inner.source
     }
     /// The event type (for example `afterOrderCreate`).
     pub fn ty(&self) -> &str {
-        &self.ty
+        &self.inner.ty
     }
     /// The CloudEvents spec version (always `1.0`).
     pub fn specversion(&self) -> &str {
@@ -120,19 +130,19 @@ impl Event {
     }
     /// When the occurrence happened.
     pub fn time(&self) -> Option<DateTime<Utc>> {
-        self.time
+        self.inner.time
     }
     /// The media type of [`data`](Self::data).
     pub fn datacontenttype(&self) -> Option<&str> {
-        self.datacontenttype.as_deref()
+        self.inner.datacontenttype.as_deref()
     }
     /// URI of the schema (and version) the data was validated against.
     pub fn dataschema(&self) -> Option<&str> {
-        self.dataschema.as_deref()
+        self.inner.dataschema.as_deref()
     }
     /// The subject of the event in the context of its source.
     pub fn subject(&self) -> Option<&str> {
-        self.subject.as_deref()
+        self.inner.subject.as_deref()
     }
     /// The partition (ordering) key, if set.
     pub fn partition_key(&self) -> Option<&str> {
@@ -148,30 +158,30 @@ impl Event {
     }
     /// One extension attribute by name.
     pub fn extension(&self, name: &str) -> Option<&str> {
-        self.extensions.get(name).map(String::as_str)
+        self.inner.extensions.get(name).map(String::as_str)
     }
     /// Every extension attribute, sorted by name.
     pub fn extensions(&self) -> &BTreeMap<String, String> {
-        &self.extensions
+        &self.inner.extensions
     }
     /// The data bytes exactly as given, if any.
     pub fn data(&self) -> Option<&Bytes> {
-        self.data.as_ref()
+        self.inner.data.as_ref()
     }
 
     /// Whether the data is JSON: no content type (JSON is the default in evbus),
     /// `application/json`, `text/json` or any `*/*+json` type.
     pub fn is_json(&self) -> bool {
-        is_json_media_type(self.datacontenttype.as_deref())
+        is_json_media_type(self.inner.datacontenttype.as_deref())
     }
 
     /// Deserialises JSON data into `T`.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        let data = self.data.as_deref().unwrap_or(b"null");
+        let data = self.inner.data.as_deref().unwrap_or(b"null");
         serde_json::from_slice(data).map_err(|e| {
             Error::invalid_event(format!(
                 "event {} ({}): data is not the expected JSON shape: {e}",
-                self.id, self.ty
+                self.inner.id, self.inner.ty
             ))
             .with_source(e)
         })
@@ -180,29 +190,32 @@ impl Event {
     /// Sets an extension attribute (validated like [`EventBuilder::extension`]).
     pub fn set_extension(&mut self, name: &str, value: impl Into<String>) -> Result<()> {
         check_extension_name(name)?;
-        self.extensions.insert(name.to_owned(), value.into());
+        Arc::make_mut(&mut self.inner)
+            .extensions
+            .insert(name.to_owned(), value.into());
         Ok(())
     }
 
     /// Removes an extension attribute, returning its value.
     pub fn remove_extension(&mut self, name: &str) -> Option<String> {
-        self.extensions.remove(name)
+        Arc::make_mut(&mut self.inner).extensions.remove(name)
     }
 
     /// Size in bytes of the data plus every attribute value: what a transport must carry.
     pub fn encoded_len(&self) -> usize {
-        let attrs = self.id.len()
-            + self.source.len()
-            + self.ty.len()
-            + self.datacontenttype.as_ref().map_or(0, String::len)
-            + self.dataschema.as_ref().map_or(0, String::len)
-            + self.subject.as_ref().map_or(0, String::len)
+        let attrs = self.inner.id.len()
+            + self.inner.source.len()
+            + self.inner.ty.len()
+            + self.inner.datacontenttype.as_ref().map_or(0, String::len)
+            + self.inner.dataschema.as_ref().map_or(0, String::len)
+            + self.inner.subject.as_ref().map_or(0, String::len)
             + self
+                .inner
                 .extensions
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
-        attrs + self.data.as_ref().map_or(0, Bytes::len) + 64
+        attrs + self.inner.data.as_ref().map_or(0, Bytes::len) + 64
     }
 
     /// Encodes the event in the CloudEvents structured JSON format.
@@ -221,7 +234,7 @@ impl Event {
     fn to_structured(&self) -> Result<Structured<'_>> {
         let mut data = None;
         let mut data_base64 = None;
-        if let Some(bytes) = &self.data {
+        if let Some(bytes) = &self.inner.data {
             if self.is_json() {
                 let text = std::str::from_utf8(bytes).ok();
                 match text.and_then(|t| serde_json::from_str::<&RawValue>(t).ok()) {
@@ -230,7 +243,7 @@ impl Event {
                         data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes))
                     }
                 }
-            } else if is_text_media_type(self.datacontenttype.as_deref()) {
+            } else if is_text_media_type(self.inner.datacontenttype.as_deref()) {
                 match std::str::from_utf8(bytes) {
                     Ok(text) => data = Some(StructuredData::Text(text)),
                     Err(_) => {
@@ -243,14 +256,14 @@ impl Event {
         }
         Ok(Structured {
             specversion: SPEC_VERSION,
-            id: &self.id,
-            source: &self.source,
-            ty: &self.ty,
-            time: self.time.map(format_time),
-            datacontenttype: self.datacontenttype.as_deref(),
-            dataschema: self.dataschema.as_deref(),
-            subject: self.subject.as_deref(),
-            extensions: &self.extensions,
+            id: &self.inner.id,
+            source: &self.inner.source,
+            ty: &self.inner.ty,
+            time: self.inner.time.map(format_time),
+            datacontenttype: self.inner.datacontenttype.as_deref(),
+            dataschema: self.inner.dataschema.as_deref(),
+            subject: self.inner.subject.as_deref(),
+            extensions: &self.inner.extensions,
             data,
             data_base64,
         })
@@ -305,7 +318,7 @@ impl Event {
         builder.event.datacontenttype = string("datacontenttype")?;
         builder.event.dataschema = string("dataschema")?;
         builder.event.subject = string("subject")?;
-        let json = builder.event.is_json();
+        let json = is_json_media_type(builder.event.datacontenttype.as_deref());
         for (name, raw) in &map {
             match name.as_str() {
                 "specversion" | "id" | "source" | "type" | "time" | "datacontenttype"
@@ -365,15 +378,15 @@ impl Event {
 impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Event");
-        d.field("id", &self.id)
-            .field("source", &self.source)
-            .field("type", &self.ty)
-            .field("time", &self.time)
-            .field("datacontenttype", &self.datacontenttype)
-            .field("dataschema", &self.dataschema)
-            .field("subject", &self.subject)
-            .field("extensions", &self.extensions);
-        match &self.data {
+        d.field("id", &self.inner.id)
+            .field("source", &self.inner.source)
+            .field("type", &self.inner.ty)
+            .field("time", &self.inner.time)
+            .field("datacontenttype", &self.inner.datacontenttype)
+            .field("dataschema", &self.inner.dataschema)
+            .field("subject", &self.inner.subject)
+            .field("extensions", &self.inner.extensions);
+        match &self.inner.data {
             Some(data) => d.field("data_len", &data.len()),
             None => d.field("data_len", &0),
         };
@@ -385,7 +398,7 @@ impl fmt::Debug for Event {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct EventBuilder {
-    event: Event,
+    event: Fields,
     error: Option<String>,
 }
 
@@ -398,7 +411,7 @@ impl EventBuilder {
             }
         }
         EventBuilder {
-            event: Event {
+            event: Fields {
                 id: id.unwrap_or_default(),
                 source: source.unwrap_or_default(),
                 ty: ty.unwrap_or_default(),
@@ -533,7 +546,7 @@ impl EventBuilder {
                 )));
             }
         }
-        Ok(e)
+        Ok(Event { inner: Arc::new(e) })
     }
 }
 

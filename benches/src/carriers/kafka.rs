@@ -1,0 +1,159 @@
+//! The raw Kafka loop: rdkafka driven directly with the adapter's client settings — an
+//! idempotent `acks=all` `FutureProducer` (`linger.ms=2`, 5 requests in flight) awaited per
+//! publish; a `StreamConsumer` in a consumer group (manual commits, `fetch.wait.max.ms=100`)
+//! committing each event's offset (asynchronously) once decoded, as the adapter acks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::task::JoinHandle;
+
+use super::{Carrier, GROUP};
+use crate::Result;
+use crate::sample::{BrokerWait, Recorder, Sample, decode};
+
+pub(crate) struct RawKafka {
+    servers: String,
+    partitions: i32,
+    session_timeout_ms: String,
+    heartbeat_interval_ms: String,
+    producer: Option<FutureProducer>,
+    topic: String,
+    wait: BrokerWait,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RawKafka {
+    pub(crate) fn new(url: &str) -> Result<Self> {
+        let config = evbus_kafka::KafkaConfig::from_url(url)?;
+        Ok(RawKafka {
+            session_timeout_ms: config.session_timeout.as_millis().to_string(),
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis().to_string(),
+            servers: config.bootstrap_servers,
+            partitions: config.partitions,
+            producer: None,
+            topic: String::new(),
+            wait: BrokerWait::default(),
+            task: None,
+        })
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.servers)
+            .set("client.id", "evbus-bench-raw")
+            .set("log_level", "3");
+        c
+    }
+
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>> {
+        Ok(self.base().create()?)
+    }
+}
+
+#[async_trait]
+impl Carrier for RawKafka {
+    async fn setup(&mut self, run: &str) -> Result<()> {
+        self.topic = format!("bench-{run}-raw");
+        let admin = self.admin()?;
+        let topic = NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(1));
+        for r in admin
+            .create_topics(
+                [&topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await?
+        {
+            r.map_err(|(t, e)| format!("creating {t}: {e}"))?;
+        }
+        let producer: FutureProducer = self
+            .base()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", "2")
+            .set("queue.buffering.max.messages", "100000")
+            .create()?;
+        self.producer = Some(producer);
+        Ok(())
+    }
+
+    async fn publish(&mut self, sample: &Sample<'_>) -> Result<()> {
+        let bytes = serde_json::to_vec(sample)?;
+        let producer = self.producer.as_ref().ok_or("raw kafka: not set up")?;
+        let started = Instant::now();
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&self.topic).payload(&bytes),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        self.wait.add(started);
+        Ok(())
+    }
+
+    async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {
+        let consumer: StreamConsumer = self
+            .base()
+            .set("group.id", format!("{GROUP}-{}", self.topic))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("allow.auto.create.topics", "false")
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .set("session.timeout.ms", &self.session_timeout_ms)
+            .set("heartbeat.interval.ms", &self.heartbeat_interval_ms)
+            .set("fetch.wait.max.ms", "100")
+            .create()?;
+        consumer.subscribe(&[&self.topic])?;
+        let wait = self.wait.clone();
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                let message = consumer.recv().await;
+                wait.add(started);
+                match message {
+                    Ok(m) => {
+                        recorder.received(decode(m.payload().unwrap_or_default()));
+                        if let Err(e) = consumer.commit_message(&m, CommitMode::Async) {
+                            eprintln!("raw kafka: commit: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("raw kafka: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    async fn teardown(&mut self) -> Result<()> {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.producer = None;
+        if !self.topic.is_empty() {
+            let admin = self.admin()?;
+            let _ = admin
+                .delete_topics(&[&self.topic], &AdminOptions::new())
+                .await;
+        }
+        Ok(())
+    }
+
+    fn take_broker_wait(&mut self) -> Duration {
+        self.wait.take()
+    }
+}

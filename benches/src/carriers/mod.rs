@@ -1,0 +1,135 @@
+//! What carries the events in each loop: the raw clients and the two evbus loops.
+//!
+//! Every loop implements [`Carrier`]; a measurement drives them all the same way, so the
+//! loops differ only in what carries the events.
+
+mod evbus_loops;
+#[cfg(feature = "kafka")]
+mod kafka;
+mod raw_memory;
+mod raw_redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
+use crate::Result;
+use crate::sample::{Recorder, Sample};
+
+pub(crate) use evbus_loops::{AdapterLoop, BusLoop};
+
+/// Events each consumer holds at once: the Bus's default handler concurrency, used as the
+/// in-flight limit (prefetch / batch size) of every loop.
+pub(crate) const CONCURRENCY: usize = evbus::bus::DEFAULT_CONCURRENCY;
+
+/// The subscription (consumer group) every loop consumes.
+pub(crate) const GROUP: &str = "bench";
+
+/// One way of carrying events from a publisher to a consumer.
+#[async_trait]
+pub(crate) trait Carrier: Send {
+    /// Creates fresh destinations named after `run` and the subscription the consumer will
+    /// read, so that events published from now on are kept for it.
+    async fn setup(&mut self, run: &str) -> Result<()>;
+    /// Publishes one event; returns once the broker accepted it.
+    async fn publish(&mut self, sample: &Sample<'_>) -> Result<()>;
+    /// Attaches the consumer (in a task); every event it receives is decoded and recorded.
+    async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()>;
+    /// Stops the consumer and deletes what `setup` created.
+    async fn teardown(&mut self) -> Result<()>;
+    /// Time spent waiting on the broker since the last call (raw loops only; zero otherwise).
+    fn take_broker_wait(&mut self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// Connects a fresh transport for one run.
+pub(crate) type Connect =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Result<Arc<dyn evbus::Transport>>> + Send + Sync>;
+
+/// The three loops of one adapter, in a fixed order: raw, adapter, bus.
+pub(crate) struct Loops {
+    pub(crate) carriers: Vec<(&'static str, Box<dyn Carrier>)>,
+}
+
+/// The loop names, in report order.
+pub(crate) const LOOPS: [&str; 3] = ["raw", "adapter", "bus"];
+
+/// The loops of `adapter` (`memory`, `redis`, `kafka`). `capacity` is the most events one
+/// run keeps in flight (the in-memory capacity).
+pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
+    let connect: Connect;
+    let raw: Box<dyn Carrier>;
+    match adapter {
+        "memory" => {
+            raw = Box::new(raw_memory::RawMemory::new(capacity));
+            connect = Arc::new(move |_run| {
+                Box::pin(async move {
+                    let mut config = evbus::memory::MemoryConfig::default();
+                    config.capacity = config.capacity.max(capacity);
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus::memory::MemoryBroker::new(config).connect());
+                    Ok(transport)
+                })
+            });
+        }
+        "redis" => {
+            let url = redis_url();
+            raw = Box::new(raw_redis::RawRedis::new(&url)?);
+            connect = Arc::new(move |run| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let mut config = evbus_redis::RedisConfig::from_url(&url)?;
+                    config.key_prefix = format!("evbus-bench:{run}:");
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_redis::RedisTransport::connect(config).await?);
+                    Ok(transport)
+                })
+            });
+        }
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            let url = kafka_url();
+            raw = Box::new(kafka::RawKafka::new(&url)?);
+            connect = Arc::new(move |_run| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let config = evbus_kafka::KafkaConfig::from_url(&url)?;
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_kafka::KafkaTransport::connect(config).await?);
+                    Ok(transport)
+                })
+            });
+        }
+        other => return Err(format!("unknown adapter `{other}`").into()),
+    }
+    // Kafka runs keep their (freshly named) topics: deleting topics while other clients of
+    // the process still cache their metadata crashed librdkafka against tansu (SIGSEGV in
+    // rd_kafka_metadata_cache_find).
+    let cleanup = adapter != "kafka";
+    Ok(Loops {
+        carriers: vec![
+            ("raw", raw),
+            (
+                "adapter",
+                Box::new(AdapterLoop::new(Arc::clone(&connect), cleanup)),
+            ),
+            ("bus", Box::new(BusLoop::new(connect, cleanup))),
+        ],
+    })
+}
+
+/// The Redis server the redis loops use: `EVBUS_REDIS_URL`, default `redis://127.0.0.1:6379`.
+pub(crate) fn redis_url() -> String {
+    std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The Kafka broker the kafka loops use: `EVBUS_KAFKA_URL`, default `kafka://127.0.0.1:9092`.
+pub(crate) fn kafka_url() -> String {
+    std::env::var("EVBUS_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".to_owned())
+}
+
+/// Whether this build carries the Kafka loops.
+pub(crate) const KAFKA_BUILT: bool = cfg!(feature = "kafka");

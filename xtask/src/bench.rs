@@ -1,0 +1,661 @@
+//! `cargo xtask bench [--adapter NAME] [--quick] [--callgrind] [--baseline REF]`.
+//!
+//! Builds the `evbus-bench` program (package `benches/`) in release and runs it:
+//!
+//! - the throughput and latency loops of every adapter (`memory`, `redis`, and `kafka` when
+//!   `crates/evbus-kafka` is a workspace member and its broker answers at `EVBUS_KAFKA_URL`;
+//!   otherwise a `bench kafka: not run (...)` line says why); JSON under
+//!   `<target>/bench/`;
+//! - the callgrind scenarios (instructions and allocations per event on the in-memory
+//!   transport), each with 1,000 and 2,000 events, differenced;
+//! - `report`, which regenerates `docs/benchmarks.md` and `docs/benchmarks.svg`.
+//!
+//! Plain `bench` does all three; `--quick` only the loops (no docs); `--callgrind` only the
+//! scenarios (docs regenerated with the last full run's loops); `--baseline REF` also builds
+//! REF in a git worktree under `<target>/bench/` with today's bench program and reports every
+//! scenario more than 2% worse in instructions.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{Result, cargo, display, project_root};
+
+/// An adapter the bench knows: its name, its package directory and its broker.
+struct BenchAdapter {
+    name: &'static str,
+    /// The workspace member that must exist (`None`: always there).
+    member: Option<&'static str>,
+    /// The broker URL variable and its default (`None`: in process).
+    url: Option<(&'static str, &'static str)>,
+    /// The cargo feature of evbus-bench that carries its loops.
+    feature: Option<&'static str>,
+}
+
+/// Every adapter, in run order. A new adapter is one more row here and a `raw` loop in
+/// `benches/src/carriers/`.
+const ADAPTERS: &[BenchAdapter] = &[
+    BenchAdapter {
+        name: "memory",
+        member: None,
+        url: None,
+        feature: None,
+    },
+    BenchAdapter {
+        name: "redis",
+        member: Some("crates/evbus-redis"),
+        url: Some(("EVBUS_REDIS_URL", "redis://127.0.0.1:6379")),
+        feature: None,
+    },
+    BenchAdapter {
+        name: "kafka",
+        member: Some("crates/evbus-kafka"),
+        url: Some(("EVBUS_KAFKA_URL", "kafka://127.0.0.1:9092")),
+        feature: Some("kafka"),
+    },
+];
+
+/// The callgrind scenarios measured per event.
+const SCENARIOS: &[&str] = &["consume-decode", "emit-handle", "emit-handle-validated"];
+
+/// Instructions may grow this much against `--baseline` before a scenario is reported.
+const BASELINE_TOLERANCE_PCT: f64 = 2.0;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Default)]
+pub(crate) struct Options {
+    pub(crate) adapter: Option<String>,
+    pub(crate) quick: bool,
+    pub(crate) callgrind: bool,
+    pub(crate) baseline: Option<String>,
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"))
+}
+
+/// Whether `member` is listed in the root manifest's `members`.
+fn is_member(member: &str) -> bool {
+    let manifest = std::fs::read_to_string(project_root().join("Cargo.toml")).unwrap_or_default();
+    manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("members"))
+        .take_while(|l| !l.trim_start().starts_with('[') || l.contains("members"))
+        .any(|l| l.contains(&format!("\"{member}\"")))
+        && project_root().join(member).join("Cargo.toml").exists()
+}
+
+/// `host:port` of a broker URL (`scheme://[user@]host:port[/...]`).
+fn host_port(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    Some(host_port.to_owned())
+}
+
+fn reachable(url: &str) -> bool {
+    let Some(addr) = host_port(url) else {
+        return false;
+    };
+    let Ok(addrs) = addr.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+}
+
+/// Why `adapter` cannot run here, if it cannot.
+fn why_not(adapter: &BenchAdapter) -> Option<String> {
+    if let Some(member) = adapter.member {
+        if !is_member(member) {
+            return Some(format!("`{member}` is not a workspace member yet"));
+        }
+    }
+    if let Some((var, default)) = adapter.url {
+        let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+        if !reachable(&url) {
+            return Some(format!(
+                "no broker answers at {url} ({var}); `cargo xtask brokers --start` starts the local ones"
+            ));
+        }
+    }
+    None
+}
+
+fn build(features: &[&str], target: &Path, manifest: Option<&Path>) -> Result<bool> {
+    let mut args = vec!["build", "--release", "--package", "evbus-bench"];
+    let joined = features.join(",");
+    if !features.is_empty() {
+        args.extend(["--features", &joined]);
+    }
+    let mut cmd = cargo(&args);
+    if let Some(manifest) = manifest {
+        cmd.arg("--manifest-path").arg(manifest);
+    }
+    cmd.env("CARGO_TARGET_DIR", target);
+    eprintln!("$ {}", display(&cmd));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    Ok(status.success())
+}
+
+fn rustc_version() -> String {
+    Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .arg("-V")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn run(options: &Options) -> Result<()> {
+    let root = project_root();
+    let target = target_dir();
+    let out = target.join("bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let loops = !options.callgrind || options.quick;
+    let scenarios = options.callgrind || options.baseline.is_some() || !options.quick;
+
+    // Which adapters run, and why the others do not.
+    let mut run = Vec::new();
+    let mut not_run = Vec::new();
+    for adapter in ADAPTERS {
+        if options
+            .adapter
+            .as_deref()
+            .is_some_and(|a| a != adapter.name)
+        {
+            continue;
+        }
+        match why_not(adapter) {
+            None => run.push(adapter),
+            Some(why) => not_run.push((adapter.name, why)),
+        }
+    }
+    if let Some(name) = &options.adapter {
+        if !ADAPTERS.iter().any(|a| a.name == name) {
+            let known: Vec<&str> = ADAPTERS.iter().map(|a| a.name).collect();
+            return Err(format!(
+                "unknown adapter `{name}`; known: {}",
+                known.join(", ")
+            ));
+        }
+    }
+
+    // Build, with the features of the adapters that run; an adapter whose feature does not
+    // build is reported as not run, and the rest still run.
+    let mut features: Vec<&str> = if loops {
+        run.iter().filter_map(|a| a.feature).collect()
+    } else {
+        Vec::new()
+    };
+    if !build(&features, &target, None)? {
+        if features.is_empty() {
+            return Err("evbus-bench does not build".to_owned());
+        }
+        for adapter in run.iter().filter(|a| a.feature.is_some()) {
+            not_run.push((
+                adapter.name,
+                format!(
+                    "evbus-bench does not build with the `{}` feature (see the errors above)",
+                    adapter.feature.unwrap_or_default()
+                ),
+            ));
+        }
+        run.retain(|a| a.feature.is_none());
+        features.clear();
+        if !build(&features, &target, None)? {
+            return Err("evbus-bench does not build".to_owned());
+        }
+    }
+    let bin = target.join("release").join("evbus-bench");
+
+    // One process per adapter: an adapter that crashes (a C client library, a broker that
+    // hangs) costs its own lines only.
+    let full = out.join("latest-full");
+    if loops {
+        if run.is_empty() {
+            for (name, why) in &not_run {
+                println!("bench {name}: not run ({why})");
+            }
+            return Err("no adapter can run here".to_owned());
+        }
+        let stamp = unix_now();
+        let mut files = Vec::new();
+        for adapter in &run {
+            let file = out.join(format!(
+                "run-{stamp}-{}{}.json",
+                adapter.name,
+                if options.quick { "-quick" } else { "" }
+            ));
+            let mut cmd = Command::new(&bin);
+            cmd.arg("run")
+                .arg("--out")
+                .arg(&file)
+                .arg("--adapter")
+                .arg(adapter.name);
+            if options.quick {
+                cmd.arg("--quick");
+            }
+            cmd.current_dir(&root)
+                .env("EVBUS_BENCH_RUSTC", rustc_version())
+                .env("EVBUS_BENCH_PROFILE", "release")
+                .env(
+                    "EVBUS_BENCH_RUSTFLAGS",
+                    std::env::var("RUSTFLAGS").unwrap_or_default(),
+                )
+                .env("EVBUS_BENCH_FEATURES", features.join(","))
+                .env("EVBUS_BENCH_LOCKFILE", root.join("Cargo.lock"));
+            let status = cmd
+                .stdin(Stdio::null())
+                .status()
+                .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+            if status.success() && file.exists() {
+                files.push(file);
+            } else {
+                not_run.push((adapter.name, format!("the bench process failed: {status}")));
+            }
+        }
+        for (name, why) in &not_run {
+            println!("bench {name}: not run ({why})");
+        }
+        // The last full run's files, for `report`.
+        if !options.quick {
+            let _ = std::fs::remove_dir_all(&full);
+            std::fs::create_dir_all(&full)
+                .map_err(|e| format!("creating {}: {e}", full.display()))?;
+            for file in &files {
+                if let Some(name) = file.file_name() {
+                    std::fs::copy(file, full.join(name))
+                        .map_err(|e| format!("copying the results: {e}"))?;
+                }
+            }
+            let reasons: Vec<String> = not_run
+                .iter()
+                .map(|(name, why)| format!("{name}={why}"))
+                .collect();
+            std::fs::write(full.join("not-run.txt"), reasons.join("\n"))
+                .map_err(|e| format!("writing not-run.txt: {e}"))?;
+        }
+        if files.is_empty() {
+            return Err("every adapter's bench run failed".to_owned());
+        }
+    }
+
+    let callgrind_json = out.join("callgrind.json");
+    if scenarios {
+        if Command::new("valgrind").arg("--version").output().is_err() {
+            println!("bench callgrind: not run (valgrind is not installed)");
+        } else {
+            let current = measure_scenarios(&bin, "current")?;
+            let mut json = scenarios_json(&current);
+            if let Some(reference) = &options.baseline {
+                let base_bin = build_baseline(reference, &target)?;
+                let base = measure_scenarios(&base_bin, reference)?;
+                json = with_baseline(json, reference, &base, &current);
+                let worse = compare(&base, &current);
+                if !worse.is_empty() {
+                    std::fs::write(&callgrind_json, &json)
+                        .map_err(|e| format!("writing {}: {e}", callgrind_json.display()))?;
+                    return Err(format!(
+                        "{} scenario(s) more than {BASELINE_TOLERANCE_PCT}% worse in instructions than `{reference}`: {}",
+                        worse.len(),
+                        worse.join(", ")
+                    ));
+                }
+            }
+            std::fs::write(&callgrind_json, &json)
+                .map_err(|e| format!("writing {}: {e}", callgrind_json.display()))?;
+        }
+    }
+
+    if !options.quick && full.exists() {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("report");
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(&full)
+            .map_err(|e| format!("reading {}: {e}", full.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        runs.sort();
+        for file in &runs {
+            cmd.arg("--run").arg(file);
+        }
+        let reasons = std::fs::read_to_string(full.join("not-run.txt")).unwrap_or_default();
+        for line in reasons.lines().filter(|l| !l.is_empty()) {
+            cmd.arg("--not-run").arg(line);
+        }
+        cmd.arg("--docs")
+            .arg(root.join("docs/benchmarks.md"))
+            .arg("--svg")
+            .arg(root.join("docs/benchmarks.svg"))
+            .arg("--notes")
+            .arg(root.join("benches/notes.md"));
+        if callgrind_json.exists() {
+            cmd.arg("--callgrind").arg(&callgrind_json);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+        if !status.success() {
+            return Err("regenerating docs/benchmarks.md failed".to_owned());
+        }
+    } else if options.quick {
+        eprintln!("bench: --quick leaves docs/benchmarks.md as it is (a full run regenerates it)");
+    }
+    Ok(())
+}
+
+/// One scenario's figures.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    instructions: f64,
+    allocations: f64,
+    bytes: f64,
+}
+
+/// Instructions and allocations in the measured region of one scenario run.
+fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<(u64, u64, u64)> {
+    let file = target_dir()
+        .join("bench")
+        .join(format!("callgrind.{scenario}.{events}.out"));
+    let mut cmd = Command::new("valgrind");
+    cmd.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", file.display()))
+        .arg("--toggle-collect=*evbus_bench_measured*")
+        .arg(bin)
+        .args(["scenario", scenario, "--events", &events.to_string()]);
+    let shown = display(&cmd);
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("could not start `{shown}`: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`{shown}` failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> u64 {
+        stdout
+            .split_whitespace()
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let profile =
+        std::fs::read_to_string(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let ir = profile
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no instruction total in {}", file.display()))?;
+    Ok((ir, field("allocations"), field("bytes")))
+}
+
+fn measure_scenarios(bin: &Path, label: &str) -> Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    for name in SCENARIOS {
+        eprintln!("bench callgrind ({label}): {name} with 1,000 and 2,000 events");
+        let (ir1, a1, b1) = callgrind(bin, name, 1000)?;
+        let (ir2, a2, b2) = callgrind(bin, name, 2000)?;
+        let per = |x1: u64, x2: u64| (x2 as f64 - x1 as f64) / 1000.0;
+        let s = Scenario {
+            name: (*name).to_owned(),
+            instructions: per(ir1, ir2),
+            allocations: per(a1, a2),
+            bytes: per(b1, b2),
+        };
+        println!(
+            "bench callgrind memory {}: {:.0} instructions/event, {:.1} allocations/event, {:.0} bytes/event",
+            s.name, s.instructions, s.allocations, s.bytes
+        );
+        out.push(s);
+    }
+    eprintln!("bench callgrind ({label}): cold-start");
+    let (ir, allocs, bytes) = callgrind(bin, "cold-start", 1)?;
+    out.push(Scenario {
+        name: "cold-start".to_owned(),
+        instructions: ir as f64,
+        allocations: allocs as f64,
+        bytes: bytes as f64,
+    });
+    println!(
+        "bench callgrind memory cold-start: {ir} instructions, {allocs} allocations (build the Bus, first event)"
+    );
+    Ok(out)
+}
+
+fn scenarios_json(scenarios: &[Scenario]) -> String {
+    let valgrind = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let rows: Vec<String> = scenarios
+        .iter()
+        .filter(|s| s.name != "cold-start")
+        .map(|s| {
+            format!(
+                r#"    {{"name": "{}", "instructions_per_event": {:.1}, "allocations_per_event": {:.2}, "bytes_per_event": {:.1}}}"#,
+                s.name, s.instructions, s.allocations, s.bytes
+            )
+        })
+        .collect();
+    let cold = scenarios.iter().find(|s| s.name == "cold-start");
+    format!(
+        "{{\n  \"valgrind\": \"{valgrind}\",\n  \"payload_bytes\": 256,\n  \"scenarios\": [\n{}\n  ],\n  \"cold_start\": {{\"instructions\": {}, \"allocations\": {}}}\n}}\n",
+        rows.join(",\n"),
+        cold.map_or(0.0, |c| c.instructions),
+        cold.map_or(0.0, |c| c.allocations)
+    )
+}
+
+fn change_pct(base: f64, now: f64) -> f64 {
+    if base > 0.0 {
+        (now - base) / base * 100.0
+    } else {
+        0.0
+    }
+}
+
+fn compare(base: &[Scenario], current: &[Scenario]) -> Vec<String> {
+    let mut worse = Vec::new();
+    for now in current {
+        if let Some(b) = base.iter().find(|b| b.name == now.name) {
+            let pct = change_pct(b.instructions, now.instructions);
+            let flag = if pct > BASELINE_TOLERANCE_PCT {
+                worse.push(format!("{} ({pct:+.1}%)", now.name));
+                "  WORSE"
+            } else {
+                ""
+            };
+            println!(
+                "bench baseline {}: {:.0} -> {:.0} instructions ({pct:+.1}%){flag}",
+                now.name, b.instructions, now.instructions
+            );
+        }
+    }
+    worse
+}
+
+fn with_baseline(json: String, reference: &str, base: &[Scenario], now: &[Scenario]) -> String {
+    let rows: Vec<String> = now
+        .iter()
+        .filter_map(|n| {
+            let b = base.iter().find(|b| b.name == n.name)?;
+            Some(format!(
+                r#"{{"name": "{}", "baseline": {:.1}, "current": {:.1}, "change_pct": {:.2}}}"#,
+                n.name,
+                b.instructions,
+                n.instructions,
+                change_pct(b.instructions, n.instructions)
+            ))
+        })
+        .collect();
+    let reference = reference.replace('"', "'");
+    let trimmed = json.trim_end().trim_end_matches('}').trim_end();
+    format!(
+        "{trimmed},\n  \"baseline\": {{\"ref\": \"{reference}\", \"rows\": [{}]}}\n}}\n",
+        rows.join(", ")
+    )
+}
+
+/// Builds today's bench program against the evbus of `reference`: a detached git worktree
+/// of `reference` under `<target>/bench/`, today's `benches/` copied in and made a member,
+/// built into its own target directory. Returns the binary.
+fn build_baseline(reference: &str, target: &Path) -> Result<PathBuf> {
+    let root = project_root();
+    let safe: String = reference
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let tree = target.join("bench").join(format!("baseline-{safe}"));
+    let git = |args: &[&str], dir: &Path| -> Result<()> {
+        let status = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .map_err(|e| format!("could not start git: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`git {}` failed", args.join(" ")))
+        }
+    };
+    if tree.join(".git").exists() {
+        git(&["checkout", "--force", "--detach", reference], &tree)?;
+    } else {
+        let tree_s = tree.to_string_lossy().into_owned();
+        git(
+            &["worktree", "add", "--force", "--detach", &tree_s, reference],
+            &root,
+        )?;
+    }
+    copy_dir(&root.join("benches"), &tree.join("benches"))?;
+    // The callgrind scenarios need only the in-memory transport: drop the optional Kafka
+    // loops where that commit has no Kafka adapter.
+    if !tree.join("crates/evbus-kafka/Cargo.toml").exists() {
+        let path = tree.join("benches/Cargo.toml");
+        let bench_manifest = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let kept: Vec<&str> = bench_manifest
+            .lines()
+            .filter(|l| !l.contains("evbus-kafka") && !l.contains("rdkafka"))
+            .filter(|l| !l.starts_with("kafka = ") && !l.starts_with("# The Kafka rows"))
+            .collect();
+        std::fs::write(&path, kept.join("\n") + "\n")
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    // Make the copied bench package a member, with the dependencies it needs.
+    let manifest_path = tree.join("Cargo.toml");
+    let mut manifest = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| format!("reading {}: {e}", manifest_path.display()))?;
+    if !manifest.contains("\"benches\"") {
+        manifest = manifest.replacen("members = [", "members = [\"benches\", ", 1);
+    }
+    let current = std::fs::read_to_string(root.join("Cargo.toml")).unwrap_or_default();
+    for dep in [
+        "stats_alloc",
+        "rdkafka",
+        "evbus-kafka",
+        "redis",
+        "evbus-redis",
+        "clap",
+    ] {
+        let has = |m: &str| m.lines().any(|l| l.starts_with(&format!("{dep} =")));
+        if !has(&manifest) {
+            if let Some(line) = current.lines().find(|l| l.starts_with(&format!("{dep} ="))) {
+                manifest = manifest.replacen(
+                    "[workspace.dependencies]\n",
+                    &format!("[workspace.dependencies]\n{line}\n"),
+                    1,
+                );
+            }
+        }
+    }
+    std::fs::write(&manifest_path, manifest)
+        .map_err(|e| format!("writing {}: {e}", manifest_path.display()))?;
+    let base_target = target.join("bench").join("baseline-target");
+    if !build(&[], &base_target, Some(&tree.join("Cargo.toml")))? {
+        return Err(format!(
+            "today's bench program does not build against `{reference}` (its evbus API differs)"
+        ));
+    }
+    Ok(base_target.join("release").join("evbus-bench"))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let entries =
+        std::fs::read_dir(from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path();
+        let dest = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &dest)?;
+        } else {
+            std::fs::copy(&path, &dest).map_err(|e| format!("copying {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_come_from_urls() {
+        assert_eq!(
+            host_port("kafka://127.0.0.1:9092").as_deref(),
+            Some("127.0.0.1:9092")
+        );
+        assert_eq!(
+            host_port("redis://:pw@localhost:6380/0?prefix=x").as_deref(),
+            Some("localhost:6380")
+        );
+    }
+
+    #[test]
+    fn baseline_rows_are_appended_to_the_json() {
+        let s = |n: &str, i: f64| Scenario {
+            name: n.to_owned(),
+            instructions: i,
+            allocations: 0.0,
+            bytes: 0.0,
+        };
+        let json = with_baseline(
+            "{\n  \"a\": 1\n}\n".to_owned(),
+            "HEAD~1",
+            &[s("x", 100.0)],
+            &[s("x", 103.0)],
+        );
+        assert!(
+            json.contains("\"baseline\": {\"ref\": \"HEAD~1\""),
+            "{json}"
+        );
+        assert_eq!(compare(&[s("x", 100.0)], &[s("x", 103.0)]).len(), 1);
+        assert!(compare(&[s("x", 100.0)], &[s("x", 101.0)]).is_empty());
+    }
+}
