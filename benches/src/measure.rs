@@ -105,7 +105,7 @@ pub(crate) struct Stat {
 
 impl Stat {
     /// `higher_is_better`: throughput; otherwise latency.
-    fn of(values: &[f64], higher_is_better: bool) -> Stat {
+    pub(crate) fn of(values: &[f64], higher_is_better: bool) -> Stat {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
             return Stat {

@@ -290,35 +290,8 @@ fn adapter_section(md: &mut String, a: &AdapterResult) {
 }
 
 fn stat(values: &[f64], higher: bool) -> Stat {
-    // Same rule as the run's summary.
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return Stat {
-            best: f64::NAN,
-            median: f64::NAN,
-            worst: f64::NAN,
-        };
-    }
-    v.sort_by(f64::total_cmp);
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (lo, hi) = (v[0], v[v.len() - 1]);
-    if higher {
-        Stat {
-            best: hi,
-            median,
-            worst: lo,
-        }
-    } else {
-        Stat {
-            best: lo,
-            median,
-            worst: hi,
-        }
-    }
+    // Same rule as the run's summary: one implementation.
+    Stat::of(values, higher)
 }
 
 fn num(v: &Value, key: &str) -> f64 {
