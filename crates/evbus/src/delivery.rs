@@ -36,6 +36,13 @@ pub trait Acker: Send + Sync {
     /// Acknowledges: the event is done and must not be delivered again.
     async fn ack(&self) -> Result<()>;
 
+    /// Acknowledges without waiting, for adapters that can settle on the spot (an in-process
+    /// broker): `Some(result)` is the result of the ack, `None` (the default) means "call
+    /// [`ack`](Self::ack)". Spares the hot path a boxed future per delivery.
+    fn try_ack_now(&self) -> Option<Result<()>> {
+        None
+    }
+
     /// Negatively acknowledges: the event should be delivered again now, with the attempt
     /// number increased.
     async fn nack(&self) -> Result<()>;
@@ -172,8 +179,13 @@ impl Delivery {
 
     /// Acknowledges the event: it will not be delivered again.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(async { self.acker.ack().await }).await?;
-        Ok(())
+        self.settle(async {
+            match self.acker.try_ack_now() {
+                Some(result) => result,
+                None => self.acker.ack().await,
+            }
+        })
+        .await
     }
 
     /// Asks for redelivery, after `delay` if given. On the last allowed attempt the event is

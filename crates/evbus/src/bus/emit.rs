@@ -131,8 +131,14 @@ impl Bus {
     pub async fn send(&self, emit: Emit) -> Result<String> {
         self.ensure_open()?;
         let _token = self.inner.emits.token();
-        // The route, borrowed (no allocation per emit); unrouted types use their own name.
-        let routed: Option<&str> = self.inner.routes.get(&emit.ty).map(String::as_str);
+        // One lookup: the type's topic (borrowed, no allocation per emit), its cached handle
+        // and metric keys. Types outside the catalogue (a permissive one) use their route or
+        // their own name.
+        let entry = self.inner.types.get(emit.ty.as_str());
+        let routed: Option<&str> = match entry {
+            Some(entry) => Some(&entry.topic),
+            None => self.inner.routes.get(&emit.ty).map(String::as_str),
+        };
         let span = tracing::info_span!(
             "evbus.emit",
             otel.kind = "producer",
@@ -143,9 +149,15 @@ impl Bus {
         async {
             let event = self.prepare(emit, &tracing::Span::current())?;
             tracing::Span::current().record("event.id", event.id());
-            let topic = self.topic(routed.unwrap_or(event.ty())).await?;
+            let topic = match entry {
+                Some(entry) => self.type_topic(entry).await?,
+                None => self.topic(routed.unwrap_or(event.ty())).await?,
+            };
             topic.publish(&event).await?;
-            telemetry::emitted(event.ty());
+            match entry {
+                Some(entry) => entry.metrics.emitted(),
+                None => telemetry::emitted(event.ty()),
+            }
             Ok(event.id().to_owned())
         }
         .instrument(span)
@@ -200,7 +212,10 @@ impl Bus {
             for (name, events) in &by_topic {
                 self.topic(name).await?.publish_batch(events).await?;
                 for event in events {
-                    telemetry::emitted(event.ty());
+                    match self.inner.types.get(event.ty()) {
+                        Some(entry) => entry.metrics.emitted(),
+                        None => telemetry::emitted(event.ty()),
+                    }
                 }
             }
             Ok(prepared.iter().map(|e| e.id().to_owned()).collect())

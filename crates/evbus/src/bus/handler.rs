@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -259,18 +260,22 @@ impl HandlerBuilder {
             .dead_letter_queue(dlq_name.clone());
         let transport = Arc::clone(&bus.inner.transport);
         let topic = bus.topic(&topic_name).await?;
-        let from_topic = topic
-            .subscribe(
+        // Both consumers at once: on brokers where joining a consumer group takes seconds
+        // (Kafka), the handler starts in one join's time instead of two.
+        let (from_topic, from_redrive) = futures::try_join!(
+            topic.subscribe(
                 SubscribeOptions::named(subscription.clone())
                     .start(self.start)
                     .consumer(consumer.clone()),
-            )
-            .await?;
-        let from_redrive = transport
-            .queue(&redrive_name)
-            .await?
-            .receive(consumer.clone())
-            .await?;
+            ),
+            async {
+                transport
+                    .queue(&redrive_name)
+                    .await?
+                    .receive(consumer.clone())
+                    .await
+            },
+        )?;
         let dead_letter = transport.queue(&dlq_name).await?;
 
         let shared = Arc::new(Shared {
@@ -292,7 +297,8 @@ impl HandlerBuilder {
             retry: self.retry,
             ordered: self.ordered,
             dead_letter,
-            in_flight: Mutex::new(HashMap::new()),
+            metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
+            in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
         };
@@ -414,8 +420,9 @@ struct Worker {
     retry: RetryPolicy,
     ordered: bool,
     dead_letter: Arc<dyn Queue>,
+    metrics: telemetry::HandlerMetrics,
     /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
-    in_flight: Mutex<HashMap<u64, Arc<Delivery>>>,
+    in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
     next_id: AtomicU64,
     /// Per-key lanes: the deliveries waiting behind the running one of each key.
     lanes: Mutex<HashMap<String, VecDeque<Taken>>>,
@@ -587,11 +594,8 @@ impl Worker {
         };
         let started = std::time::Instant::now();
         let result = AssertUnwindSafe((self.handler)(msg)).catch_unwind().await;
-        telemetry::handle_duration(
-            &self.shared.ty,
-            &self.shared.group,
-            started.elapsed().as_secs_f64(),
-        );
+        self.metrics
+            .handle_duration(started.elapsed().as_secs_f64());
         match result {
             Ok(r) => r,
             Err(panic) => {
@@ -613,14 +617,14 @@ impl Worker {
         match self.call(event, attempt).await {
             Ok(()) => {
                 settle("acking", event, delivery.ack().await);
-                telemetry::handled(ty, group);
+                self.metrics.handled();
             }
             Err(Failure::Reject(reason)) => {
                 settle("dead-lettering", event, delivery.dead_letter(&reason).await);
                 telemetry::dead_lettered(ty, group, "undecodable");
             }
             Err(Failure::Retry(error)) => {
-                telemetry::failed(ty, group);
+                self.metrics.failed();
                 let max = delivery.max_attempts();
                 if attempt >= max {
                     let reason = last_error_reason(attempt, max, &error);
@@ -634,7 +638,7 @@ impl Worker {
                         Ok(Settlement::DeadLettered) => {
                             telemetry::dead_lettered(ty, group, "handler");
                         }
-                        Ok(_) => telemetry::retried(ty, group),
+                        Ok(_) => self.metrics.retried(),
                         Err(e) => settle("nacking", event, Err(e)),
                     }
                 }
@@ -652,7 +656,7 @@ impl Worker {
             match self.call(event, attempt).await {
                 Ok(()) => {
                     settle("acking", event, delivery.ack().await);
-                    telemetry::handled(ty, group);
+                    self.metrics.handled();
                     return;
                 }
                 Err(Failure::Reject(reason)) => {
@@ -661,7 +665,7 @@ impl Worker {
                     return;
                 }
                 Err(Failure::Retry(error)) => {
-                    telemetry::failed(ty, group);
+                    self.metrics.failed();
                     if attempt >= max {
                         let reason = last_error_reason(attempt, max, &error);
                         let result = if attempt == delivery.attempt() {
@@ -674,7 +678,7 @@ impl Worker {
                         telemetry::dead_lettered(ty, group, "handler");
                         return;
                     }
-                    telemetry::retried(ty, group);
+                    self.metrics.retried();
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
                 }

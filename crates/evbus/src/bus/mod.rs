@@ -127,7 +127,7 @@ mod telemetry;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
@@ -162,11 +162,23 @@ struct Inner {
     source: String,
     routes: HashMap<String, String>,
     shared_topics: HashMap<String, usize>,
+    /// What emitting needs per type, for every type the catalogue lists or a route names:
+    /// one lookup per emit.
+    types: HashMap<String, TypeEntry>,
     defaults: Defaults,
     topics: Mutex<HashMap<String, Arc<dyn Topic>>>,
     emits: TaskTracker,
     handlers: Mutex<Vec<HandlerHandle>>,
     closed: AtomicBool,
+}
+
+/// One event type as emitting sees it.
+struct TypeEntry {
+    /// The topic it is published to (its route, or its own name).
+    topic: String,
+    /// That topic's handle, once opened.
+    handle: OnceLock<Arc<dyn Topic>>,
+    metrics: telemetry::TypeMetrics,
 }
 
 /// Handler settings used unless a [`HandlerBuilder`] overrides them.
@@ -284,6 +296,15 @@ impl Bus {
         } else {
             Ok(())
         }
+    }
+
+    /// The topic handle of a known type (cached in its entry after the first emit).
+    async fn type_topic(&self, entry: &TypeEntry) -> Result<Arc<dyn Topic>> {
+        if let Some(topic) = entry.handle.get() {
+            return Ok(Arc::clone(topic));
+        }
+        let topic = self.topic(&entry.topic).await?;
+        Ok(Arc::clone(entry.handle.get_or_init(|| topic)))
     }
 
     pub(crate) async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
@@ -421,6 +442,20 @@ impl BusBuilder {
                 *shared_topics.entry(topic.clone()).or_default() += 1;
             }
         }
+        let types = self
+            .catalog
+            .type_names()
+            .into_iter()
+            .chain(self.routes.keys().cloned())
+            .map(|ty| {
+                let entry = TypeEntry {
+                    topic: self.routes.get(&ty).cloned().unwrap_or_else(|| ty.clone()),
+                    handle: OnceLock::new(),
+                    metrics: telemetry::TypeMetrics::new(&ty),
+                };
+                (ty, entry)
+            })
+            .collect();
         Bus {
             inner: Arc::new(Inner {
                 transport: self.transport,
@@ -428,6 +463,7 @@ impl BusBuilder {
                 source: self.source,
                 routes: self.routes,
                 shared_topics,
+                types,
                 defaults: self.defaults,
                 topics: Mutex::new(HashMap::new()),
                 emits: TaskTracker::new(),

@@ -83,36 +83,89 @@ pub(super) mod names {
     pub(crate) const HANDLE_DURATION: &str = "evbus_handle_duration_seconds";
 }
 
-pub(super) fn emitted(ty: &str) {
-    metrics::counter!(names::EMITTED, "type" => ty.to_owned()).increment(1);
+/// Where the metrics are recorded from, for the recorder (as the `metrics` macros do).
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+fn counter(key: &metrics::Key) -> metrics::Counter {
+    metrics::with_recorder(|r| r.register_counter(key, &METADATA))
 }
 
-pub(super) fn handled(ty: &str, group: &str) {
-    metrics::counter!(names::HANDLED, "type" => ty.to_owned(), "group" => group.to_owned())
-        .increment(1);
-}
-
-pub(super) fn failed(ty: &str, group: &str) {
-    metrics::counter!(names::FAILED, "type" => ty.to_owned(), "group" => group.to_owned())
-        .increment(1);
-}
-
-pub(super) fn retried(ty: &str, group: &str) {
-    metrics::counter!(names::RETRIED, "type" => ty.to_owned(), "group" => group.to_owned())
-        .increment(1);
-}
-
-pub(super) fn dead_lettered(ty: &str, group: &str, cause: &'static str) {
-    metrics::counter!(
-        names::DEAD_LETTERED,
-        "type" => ty.to_owned(),
-        "group" => group.to_owned(),
-        "cause" => cause
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> metrics::Key {
+    metrics::Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, (*v).to_owned()))
+            .collect::<Vec<_>>(),
     )
-    .increment(1);
 }
 
-pub(super) fn handle_duration(ty: &str, group: &str, seconds: f64) {
-    metrics::histogram!(names::HANDLE_DURATION, "type" => ty.to_owned(), "group" => group.to_owned())
-        .record(seconds);
+/// The per-event metric keys of one type, built once (recording then allocates nothing).
+#[derive(Debug)]
+pub(super) struct TypeMetrics {
+    emitted: metrics::Key,
+}
+
+impl TypeMetrics {
+    pub(super) fn new(ty: &str) -> Self {
+        TypeMetrics {
+            emitted: key(names::EMITTED, &[("type", ty)]),
+        }
+    }
+
+    pub(super) fn emitted(&self) {
+        counter(&self.emitted).increment(1);
+    }
+}
+
+/// The per-event metric keys of one handler (type and group), built once.
+pub(super) struct HandlerMetrics {
+    handled: metrics::Key,
+    failed: metrics::Key,
+    retried: metrics::Key,
+    duration: metrics::Key,
+}
+
+impl HandlerMetrics {
+    pub(super) fn new(ty: &str, group: &str) -> Self {
+        let labels = [("type", ty), ("group", group)];
+        HandlerMetrics {
+            handled: key(names::HANDLED, &labels),
+            failed: key(names::FAILED, &labels),
+            retried: key(names::RETRIED, &labels),
+            duration: key(names::HANDLE_DURATION, &labels),
+        }
+    }
+
+    pub(super) fn handled(&self) {
+        counter(&self.handled).increment(1);
+    }
+
+    pub(super) fn failed(&self) {
+        counter(&self.failed).increment(1);
+    }
+
+    pub(super) fn retried(&self) {
+        counter(&self.retried).increment(1);
+    }
+
+    pub(super) fn handle_duration(&self, seconds: f64) {
+        metrics::with_recorder(|r| r.register_histogram(&self.duration, &METADATA)).record(seconds);
+    }
+}
+
+/// Counts an emitted event of a type without precomputed keys (types the catalogue does not
+/// list, accepted by a permissive catalogue).
+pub(super) fn emitted(ty: &str) {
+    counter(&key(names::EMITTED, &[("type", ty)])).increment(1);
+}
+
+/// Counts a dead-lettered event (rare: its key is built on the spot).
+pub(super) fn dead_lettered(ty: &str, group: &str, cause: &'static str) {
+    counter(&key(
+        names::DEAD_LETTERED,
+        &[("type", ty), ("group", group), ("cause", cause)],
+    ))
+    .increment(1);
 }

@@ -1,12 +1,13 @@
 //! A bounded message group: the ready/delayed/in-flight bookkeeping behind one queue or one
 //! topic subscription, shared by its competing consumers.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::Stream;
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,8 @@ use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Clone)]
 struct Entry {
-    event: Arc<Event>,
+    /// Cheap to clone: the event's fields are shared.
+    event: Event,
     /// Deliveries made so far.
     deliveries: u32,
 }
@@ -31,8 +33,8 @@ struct InFlight {
 struct GroupState {
     ready: VecDeque<Entry>,
     delayed: BTreeSet<(Instant, u64)>,
-    delayed_entries: HashMap<u64, Entry>,
-    in_flight: HashMap<u64, InFlight>,
+    delayed_entries: FxHashMap<u64, Entry>,
+    in_flight: FxHashMap<u64, InFlight>,
     deadlines: BTreeSet<(Instant, u64)>,
     next_tag: u64,
     deleted: bool,
@@ -125,12 +127,12 @@ impl Group {
     }
 
     /// Appends events. Callers check room first (under the broker lock).
-    pub(crate) fn push(&self, events: &[Arc<Event>]) {
+    pub(crate) fn push(&self, events: &[Event]) {
         {
             let mut state = self.lock();
             for event in events {
                 state.ready.push_back(Entry {
-                    event: Arc::clone(event),
+                    event: event.clone(),
                     deliveries: 0,
                 });
             }
@@ -159,9 +161,11 @@ impl Group {
         keep_alive: Option<Box<dyn Send + Sync>>,
     ) -> impl Stream<Item = Result<RawDelivery>> + Send + 'static {
         let consumer = Consumer {
-            group: Arc::clone(self),
+            shared: Arc::new(ConsumerShared {
+                group: Arc::clone(self),
+                closed,
+            }),
             visibility_timeout,
-            closed,
             _keep_alive: keep_alive,
         };
         futures::stream::unfold(consumer, |consumer| async move {
@@ -198,49 +202,47 @@ impl Group {
     }
 }
 
-struct Consumer {
+/// What a consumer shares with the ackers of its deliveries.
+struct ConsumerShared {
     group: Arc<Group>,
-    visibility_timeout: Duration,
     closed: CancellationToken,
+}
+
+struct Consumer {
+    shared: Arc<ConsumerShared>,
+    visibility_timeout: Duration,
     _keep_alive: Option<Box<dyn Send + Sync>>,
+}
+
+/// What one look at the group found.
+enum Take {
+    Delivery(RawDelivery),
+    /// Nothing ready; the next delayed event or expiry is due at this instant, if any.
+    Wait(Option<Instant>),
+    Deleted,
 }
 
 impl Consumer {
     async fn next(&self) -> Option<RawDelivery> {
+        let group = &self.shared.group;
         loop {
-            if self.closed.is_cancelled() {
+            if self.shared.closed.is_cancelled() {
                 return None;
             }
-            let changed = self.group.changed.notified();
+            // Ready events are taken without registering for wake-ups first.
+            match self.take() {
+                Take::Delivery(d) => return Some(d),
+                Take::Deleted => return None,
+                Take::Wait(_) => {}
+            }
+            let changed = group.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let wakeup = {
-                let mut state = self.group.lock();
-                if state.deleted {
-                    return None;
-                }
-                let now = Instant::now();
-                state.promote(now);
-                if let Some(mut entry) = state.ready.pop_front() {
-                    entry.deliveries += 1;
-                    let tag = state.next_tag;
-                    state.next_tag += 1;
-                    let deadline = now + self.visibility_timeout;
-                    state.deadlines.insert((deadline, tag));
-                    let event = (*entry.event).clone();
-                    let attempt = entry.deliveries;
-                    state.in_flight.insert(tag, InFlight { entry, deadline });
-                    return Some(RawDelivery {
-                        event,
-                        attempt,
-                        acker: Arc::new(MemoryAcker {
-                            group: Arc::clone(&self.group),
-                            closed: self.closed.clone(),
-                            tag,
-                        }),
-                    });
-                }
-                state.next_wakeup()
+            // Again, now that a publish from here on wakes us.
+            let wakeup = match self.take() {
+                Take::Delivery(d) => return Some(d),
+                Take::Deleted => return None,
+                Take::Wait(at) => at,
             };
             let sleep = async {
                 match wakeup {
@@ -251,15 +253,42 @@ impl Consumer {
             tokio::select! {
                 _ = changed => {}
                 _ = sleep => {}
-                _ = self.closed.cancelled() => return None,
+                _ = self.shared.closed.cancelled() => return None,
             }
         }
+    }
+
+    fn take(&self) -> Take {
+        let mut state = self.shared.group.lock();
+        if state.deleted {
+            return Take::Deleted;
+        }
+        let now = Instant::now();
+        state.promote(now);
+        let Some(mut entry) = state.ready.pop_front() else {
+            return Take::Wait(state.next_wakeup());
+        };
+        entry.deliveries += 1;
+        let tag = state.next_tag;
+        state.next_tag += 1;
+        let deadline = now + self.visibility_timeout;
+        state.deadlines.insert((deadline, tag));
+        let event = entry.event.clone();
+        let attempt = entry.deliveries;
+        state.in_flight.insert(tag, InFlight { entry, deadline });
+        Take::Delivery(RawDelivery {
+            event,
+            attempt,
+            acker: Arc::new(MemoryAcker {
+                consumer: Arc::clone(&self.shared),
+                tag,
+            }),
+        })
     }
 }
 
 struct MemoryAcker {
-    group: Arc<Group>,
-    closed: CancellationToken,
+    consumer: Arc<ConsumerShared>,
     tag: u64,
 }
 
@@ -267,9 +296,20 @@ impl MemoryAcker {
     /// Settling through a closed connection fails, as on a real broker; the delivery then
     /// comes back after its visibility timeout.
     fn check_open(&self) -> Result<()> {
-        if self.closed.is_cancelled() {
+        if self.consumer.closed.is_cancelled() {
             return Err(Error::closed("the memory transport"));
         }
+        Ok(())
+    }
+
+    fn group(&self) -> &Group {
+        &self.consumer.group
+    }
+
+    fn ack_now(&self) -> Result<()> {
+        self.check_open()?;
+        self.group().settle(self.tag, |_, _| {})?;
+        self.group().space.notify_waiters();
         Ok(())
     }
 }
@@ -277,17 +317,18 @@ impl MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
-        self.check_open()?;
-        self.group.settle(self.tag, |_, _| {})?;
-        self.group.space.notify_waiters();
-        Ok(())
+        self.ack_now()
+    }
+
+    fn try_ack_now(&self) -> Option<Result<()>> {
+        Some(self.ack_now())
     }
 
     async fn nack(&self) -> Result<()> {
         self.check_open()?;
-        self.group
+        self.group()
             .settle(self.tag, |state, entry| state.ready.push_front(entry))?;
-        self.group.changed.notify_waiters();
+        self.group().changed.notify_waiters();
         Ok(())
     }
 
@@ -298,11 +339,11 @@ impl Acker for MemoryAcker {
     async fn nack_delayed(&self, delay: Duration) -> Result<()> {
         self.check_open()?;
         let tag = self.tag;
-        self.group.settle(tag, |state, entry| {
+        self.group().settle(tag, |state, entry| {
             state.delayed.insert((Instant::now() + delay, tag));
             state.delayed_entries.insert(tag, entry);
         })?;
-        self.group.changed.notify_waiters();
+        self.group().changed.notify_waiters();
         Ok(())
     }
 }

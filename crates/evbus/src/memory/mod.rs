@@ -155,9 +155,21 @@ struct BrokerState {
     queues: HashMap<String, Arc<Group>>,
 }
 
+impl BrokerState {
+    /// Topic `name`, created empty if new (without copying the name when it exists).
+    fn topic_mut(&mut self, name: &str) -> &mut TopicState {
+        if !self.topics.contains_key(name) {
+            self.topics.insert(name.to_owned(), TopicState::default());
+        }
+        self.topics
+            .get_mut(name)
+            .expect("the topic was inserted just above")
+    }
+}
+
 #[derive(Default)]
 struct TopicState {
-    history: VecDeque<Arc<Event>>,
+    history: VecDeque<Event>,
     named: HashMap<String, Arc<Group>>,
     anonymous: HashMap<u64, Weak<Group>>,
 }
@@ -235,12 +247,11 @@ impl MemoryBroker {
         events: &[Event],
         closed: &CancellationToken,
         targets: impl Fn(&mut BrokerState) -> Vec<Arc<Group>>,
-        mut after: impl FnMut(&mut BrokerState, &[Arc<Event>]),
+        mut after: impl FnMut(&mut BrokerState, &[Event]),
     ) -> Result<()> {
         for event in events {
             self.check_size(event)?;
         }
-        let events: Vec<Arc<Event>> = events.iter().cloned().map(Arc::new).collect();
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_timeout;
         loop {
             if closed.is_cancelled() {
@@ -252,9 +263,9 @@ impl MemoryBroker {
                 match groups.iter().find(|g| !g.has_room()) {
                     None => {
                         for group in &groups {
-                            group.push(&events);
+                            group.push(events);
                         }
-                        after(&mut state, &events);
+                        after(&mut state, events);
                         return Ok(());
                     }
                     Some(full) => Arc::clone(full),
@@ -451,12 +462,12 @@ impl MemoryTopic {
                 events,
                 &self.transport.closed,
                 |state| {
-                    let topic = state.topics.entry(name.clone()).or_default();
+                    let topic = state.topic_mut(name);
                     topic.anonymous.retain(|_, g| g.strong_count() > 0);
                     topic.groups().collect()
                 },
                 |state, events| {
-                    let topic = state.topics.entry(name.clone()).or_default();
+                    let topic = state.topic_mut(name);
                     topic.history.extend(events.iter().cloned());
                     while topic.history.len() > history {
                         topic.history.pop_front();
