@@ -1,8 +1,10 @@
 //! Consumers: a task per consumer reading its consumer group, and the [`Acker`] that settles
 //! each delivery.
 //!
-//! The task owns a dedicated connection. When the subscription asks for a delivery it hands
-//! out one it already fetched, or fetches up to the consumer's free in-flight slots:
+//! The task owns a dedicated connection. It decodes what it fetches into a buffer it shares
+//! with the subscription's stream: the stream hands out a buffered delivery on the spot, and
+//! only when the buffer is empty asks the task, which fetches up to the consumer's free
+//! in-flight slots:
 //!
 //! 1. *takeover* (every `claim_interval`, at least twice per visibility timeout, and at once
 //!    after a local nack): the [`RECLAIM`](crate::scripts::RECLAIM) script claims pending
@@ -14,6 +16,12 @@
 //! lose the entries of its reply) when the subscription is dropped, the transport closes or
 //! a local nack wants a takeover now. Entries fetched but never handed out are given back
 //! ([`RELEASE`](crate::scripts::RELEASE)) when the consumer stops, and after a lost reply.
+//!
+//! Acks are group-committed per consumer: an ack joins the consumer's queue of waiting acks,
+//! and one flush task at a time settles up to [`MAX_ACK_BATCH`] of them with one
+//! [`ACK_BATCH`](crate::scripts::ACK_BATCH) script call, then hands each caller the result
+//! for its own entry. A lone ack starts a flush at once (no timer); acks arriving while a
+//! flush is in flight wait for it and go together in the next one. Nacks are not batched.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +53,10 @@ pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.redis.undecodable";
 
 /// How often a consumer of a trimmed topic checks how far its subscription lags.
 const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Most acks merged into one settlement script call (keeps each call short: the server runs
+/// a script without serving anyone else).
+const MAX_ACK_BATCH: usize = 128;
 
 /// What a consumer needs to know about the group it reads.
 pub(crate) struct ConsumerSpec {
@@ -85,17 +97,80 @@ struct ConsumerState {
     group: String,
     consumer: String,
     delete_on_ack: bool,
+    /// Entries fetched and decoded, not handed out yet. Lock order: `buffer`, then `held`.
+    buffer: Mutex<VecDeque<Buffered>>,
     /// Deliveries handed out and not settled (or dropped) yet: `(entry id, delivery count)`.
     held: Mutex<HashSet<(String, u32)>>,
+    visibility: Duration,
     /// A takeover scan is wanted now (set by a nack).
     reclaim_now: AtomicBool,
     wake: Notify,
+    /// Acks waiting for the next settlement script call.
+    acks: Mutex<AckQueue>,
 }
 
 impl ConsumerState {
     fn held(&self) -> MutexGuard<'_, HashSet<(String, u32)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn buffer(&self) -> MutexGuard<'_, VecDeque<Buffered>> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands out the next buffered delivery, if there is one: called by the stream itself
+    /// (no round trip to the consumer task) and by the task.
+    fn take_buffered(self: &Arc<Self>) -> Option<(RawDelivery, String, u32)> {
+        let mut buffer = self.buffer();
+        while let Some(entry) = buffer.pop_front() {
+            if entry.at.elapsed() >= self.visibility {
+                // Its visibility timeout ran out while it waited here: any consumer (this
+                // one included) takes it over with its next scan.
+                continue;
+            }
+            let Buffered {
+                id, count, event, ..
+            } = entry;
+            // Held before the buffer lock is released, so `recover` (which takes both locks)
+            // always finds the entry in one of the two.
+            self.held().insert((id.clone(), count));
+            let acker = RedisAcker {
+                state: Arc::clone(self),
+                id: id.clone(),
+                count,
+                held: AtomicBool::new(true),
+            };
+            let raw = RawDelivery {
+                event,
+                attempt: count,
+                acker: Arc::new(acker),
+            };
+            return Some((raw, id, count));
+        }
+        None
+    }
+
+    fn acks(&self) -> MutexGuard<'_, AckQueue> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The outcome of one ack in a batch: a settlement script result, or the error of the call.
+type AckOutcome = std::result::Result<i64, RedisError>;
+
+/// An ack waiting for its batch.
+struct AckRequest {
+    id: String,
+    count: u32,
+    reply: oneshot::Sender<AckOutcome>,
+}
+
+/// A consumer's acks not yet sent to Redis, and whether a flush task is running (at most one
+/// per consumer; it drains the queue before it ends).
+#[derive(Default)]
+struct AckQueue {
+    waiting: Vec<AckRequest>,
+    flushing: bool,
 }
 
 /// Attaches a new consumer to `spec.group` and returns its stream of deliveries.
@@ -128,9 +203,12 @@ pub(crate) async fn start(
         group: spec.group,
         consumer,
         delete_on_ack: spec.delete_on_ack,
+        buffer: Mutex::new(VecDeque::new()),
         held: Mutex::new(HashSet::new()),
+        visibility: spec.options.visibility_timeout,
         reclaim_now: AtomicBool::new(false),
         wake: Notify::new(),
+        acks: Mutex::new(AckQueue::default()),
     });
     let config = &shared.config;
     let visibility = spec.options.visibility_timeout;
@@ -138,6 +216,7 @@ pub(crate) async fn start(
         .claim_interval
         .min((visibility / 2).max(Duration::from_millis(10)));
     let now = Instant::now();
+    let stream_state = Arc::clone(&state);
     let task = ConsumerTask {
         conn: BlockingConnection::new(shared.client.clone(), config),
         backoff: Backoff::new(config),
@@ -150,7 +229,6 @@ pub(crate) async fn start(
         anonymous: spec.anonymous,
         check_lag: spec.check_lag,
         dead_letter: spec.dead_letter,
-        buffer: VecDeque::new(),
         unsent: Vec::new(),
         cursor: "-".to_owned(),
         next_reclaim: now,
@@ -159,15 +237,30 @@ pub(crate) async fn start(
     };
     let (requests, inbox) = mpsc::channel::<oneshot::Sender<RawDelivery>>(1);
     shared.tasks.spawn(task.run(inbox));
-    Ok(futures::stream::unfold(requests, |requests| async move {
-        let (reply, delivery) = oneshot::channel();
-        requests.send(reply).await.ok()?;
-        let raw = delivery.await.ok()?;
-        Some((Ok(raw), requests))
-    }))
+    let stream = (requests, stream_state);
+    Ok(futures::stream::unfold(
+        stream,
+        |(requests, state)| async move {
+            if let Some((raw, _, _)) = state.take_buffered() {
+                return Some((Ok(raw), (requests, state)));
+            }
+            let (reply, delivery) = oneshot::channel();
+            requests.send(reply).await.ok()?;
+            let raw = delivery.await.ok()?;
+            Some((Ok(raw), (requests, state)))
+        },
+    ))
 }
 
-/// One entry fetched from the stream, not yet handed out.
+/// One entry fetched and decoded, not yet handed out.
+struct Buffered {
+    id: String,
+    count: u32,
+    event: Event,
+    at: Instant,
+}
+
+/// One entry as fetched from the stream.
 struct Fetched {
     id: String,
     count: u32,
@@ -195,7 +288,6 @@ struct ConsumerTask {
     anonymous: bool,
     check_lag: bool,
     dead_letter: Arc<dyn Queue>,
-    buffer: VecDeque<Fetched>,
     /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
     unsent: Vec<(String, u32)>,
     cursor: String,
@@ -231,16 +323,8 @@ impl ConsumerTask {
 
     async fn next_delivery(&mut self, reply: &mut oneshot::Sender<RawDelivery>) -> Step {
         loop {
-            while let Some(fetched) = self.buffer.pop_front() {
-                if fetched.at.elapsed() >= self.visibility {
-                    // Its visibility timeout ran out while it waited here: any consumer (this
-                    // one included) takes it over with its next scan.
-                    continue;
-                }
-                match decode(&fetched.fields) {
-                    Ok(event) => return self.hand_out(event, fetched),
-                    Err(e) => self.dead_letter_undecodable(fetched, e).await,
-                }
+            if let Some((raw, id, count)) = self.state.take_buffered() {
+                return Step::Deliver(Box::new(raw), id, count);
             }
             if self.cancel.is_cancelled() || reply.is_closed() {
                 return Step::Interrupted;
@@ -272,23 +356,6 @@ impl ConsumerTask {
                 }
             }
         }
-    }
-
-    fn hand_out(&self, event: Event, fetched: Fetched) -> Step {
-        let Fetched { id, count, .. } = fetched;
-        self.state.held().insert((id.clone(), count));
-        let acker = RedisAcker {
-            state: Arc::clone(&self.state),
-            id: id.clone(),
-            count,
-            held: AtomicBool::new(true),
-        };
-        let raw = RawDelivery {
-            event,
-            attempt: count,
-            acker: Arc::new(acker),
-        };
-        Step::Deliver(Box::new(raw), id, count)
     }
 
     /// Fills the buffer (or returns after a blocking read found nothing).
@@ -358,15 +425,44 @@ impl ConsumerTask {
             }
         };
         let at = Instant::now();
-        for (id, fields) in parse_read_reply(value)? {
-            self.buffer.push_back(Fetched {
+        let fetched = parse_read_reply(value)?
+            .into_iter()
+            .map(|(id, fields)| Fetched {
                 id,
                 count: 1,
                 fields,
                 at,
-            });
-        }
+            })
+            .collect();
+        self.buffer_fetched(fetched).await;
         Ok(())
+    }
+
+    /// Decodes fetched entries into the shared buffer, and dead-letters those that are not
+    /// CloudEvents. Returns how many were fetched.
+    async fn buffer_fetched(&mut self, fetched: Vec<Fetched>) -> usize {
+        let n = fetched.len();
+        let mut undecodable = Vec::new();
+        let decoded: Vec<Buffered> = fetched
+            .into_iter()
+            .filter_map(|f| match decode(&f.fields) {
+                Ok(event) => Some(Buffered {
+                    id: f.id,
+                    count: f.count,
+                    event,
+                    at: f.at,
+                }),
+                Err(e) => {
+                    undecodable.push((f, e));
+                    None
+                }
+            })
+            .collect();
+        self.state.buffer().extend(decoded);
+        for (fetched, error) in undecodable {
+            self.dead_letter_undecodable(fetched, error).await;
+        }
+        n
     }
 
     /// Takes over entries idle past the visibility timeout, nacked, or due after a delay.
@@ -390,16 +486,16 @@ impl ConsumerTask {
         }
         self.cursor = cursor;
         let at = Instant::now();
-        let n = claimed.len();
-        for (id, fields, count) in claimed {
-            self.buffer.push_back(Fetched {
+        let fetched = claimed
+            .into_iter()
+            .map(|(id, fields, count)| Fetched {
                 id,
                 count,
                 fields,
                 at,
-            });
-        }
-        Ok(n)
+            })
+            .collect();
+        Ok(self.buffer_fetched(fetched).await)
     }
 
     /// After a lost reply, gives back what Redis may have handed to this consumer without
@@ -416,14 +512,23 @@ impl ConsumerTask {
             .arg(&state.consumer)
             .query_async(conn)
             .await?;
-        let held: HashSet<String> = state.held().iter().map(|(id, _)| id.clone()).collect();
-        let lost: Vec<(String, u32)> = parse_pending(&pending)
-            .into_iter()
-            .filter(|p| p.idle_ms < RELEASED_IDLE_MS)
-            .filter(|p| !held.contains(&p.id))
-            .filter(|p| !self.buffer.iter().any(|f| f.id == p.id))
-            .map(|p| (p.id, p.count))
-            .collect();
+        let lost: Vec<(String, u32)> = {
+            // Both locks, in order: an entry moves from the buffer to the held set under the
+            // buffer lock, so it is always seen in one of them.
+            let buffer = state.buffer();
+            let held = state.held();
+            let known: HashSet<&str> = held
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .chain(buffer.iter().map(|b| b.id.as_str()))
+                .collect();
+            parse_pending(&pending)
+                .into_iter()
+                .filter(|p| p.idle_ms < RELEASED_IDLE_MS)
+                .filter(|p| !known.contains(p.id.as_str()))
+                .map(|p| (p.id, p.count))
+                .collect()
+        };
         if lost.is_empty() {
             return Ok(());
         }
@@ -471,7 +576,7 @@ impl ConsumerTask {
             count: fetched.count,
             held: AtomicBool::new(false),
         };
-        if let Err(e) = acker.settle(Settle::Ack).await {
+        if let Err(e) = acker.ack().await {
             tracing::warn!(error = %e, "could not acknowledge a dead-lettered undecodable entry");
         }
     }
@@ -514,7 +619,9 @@ impl ConsumerTask {
     async fn shutdown(mut self) {
         let state = Arc::clone(&self.state);
         let mut give_back = std::mem::take(&mut self.unsent);
-        give_back.extend(self.buffer.drain(..).map(|f| (f.id, f.count)));
+        // Under the buffer lock: whatever the stream did not take is given back, and the
+        // stream cannot take it any more.
+        give_back.extend(state.buffer().drain(..).map(|b| (b.id, b.count)));
         let timeout = state.shared.config.command_timeout;
         let mut conn = state.shared.conn();
         if !give_back.is_empty() {
@@ -707,12 +814,6 @@ struct RedisAcker {
     held: AtomicBool,
 }
 
-#[derive(Clone, Copy)]
-enum Settle {
-    Ack,
-    Nack(Duration),
-}
-
 impl RedisAcker {
     fn unhold(&self) {
         if self.held.swap(false, Ordering::AcqRel) {
@@ -720,54 +821,83 @@ impl RedisAcker {
         }
     }
 
-    async fn settle(&self, how: Settle) -> Result<()> {
+    /// Acknowledges through the consumer's ack queue (see the module documentation).
+    async fn ack_batched(&self) -> Result<()> {
         let state = &self.state;
         let _op = state.shared.begin()?;
-        let mut conn = state.shared.conn();
-        let (result, what) = match how {
-            Settle::Ack => (
-                scripts::ACK
-                    .key(&state.keys.stream)
-                    .arg(&state.group)
-                    .arg(&state.consumer)
-                    .arg(&self.id)
-                    .arg(self.count)
-                    .arg(if state.delete_on_ack { "1" } else { "0" })
-                    .invoke_async::<i64>(&mut conn)
-                    .await,
-                "acknowledging",
-            ),
-            Settle::Nack(delay) => (
-                scripts::NACK
-                    .key(&state.keys.stream)
-                    .key(&state.keys.delayed)
-                    .arg(&state.group)
-                    .arg(&state.consumer)
-                    .arg(&self.id)
-                    .arg(self.count)
-                    .arg(delay.as_millis() as u64)
-                    .invoke_async::<i64>(&mut conn)
-                    .await,
-                "negatively acknowledging",
-            ),
+        let (reply, outcome) = oneshot::channel();
+        let start_flush = {
+            let mut queue = state.acks();
+            queue.waiting.push(AckRequest {
+                id: self.id.clone(),
+                count: self.count,
+                reply,
+            });
+            !std::mem::replace(&mut queue.flushing, true)
         };
-        let what = || {
-            format!(
-                "{what} entry {} of `{}` (group `{}`)",
-                self.id, state.keys.stream, state.group
-            )
-        };
-        match result.map_err(|e| from_redis(e, &what()))? {
-            SETTLED => {
-                self.unhold();
-                Ok(())
+        if start_flush {
+            state.shared.tasks.spawn(flush_acks(Arc::clone(state)));
+        }
+        let what = "acknowledging";
+        let result = match outcome.await {
+            Ok(result) => result.map_err(|e| from_redis(e, &self.describe(what)))?,
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "{}: the acknowledgement batch was abandoned (the runtime is shutting \
+                         down); the entry may still be pending",
+                        self.describe(what)
+                    ),
+                ));
             }
+        };
+        if result == SETTLED {
+            // The flush task already removed it from the held set, before replying to anyone,
+            // so the consumer's next fetch counts every slot the batch freed.
+            self.held.store(false, Ordering::Release);
+        }
+        self.outcome(result, what)
+    }
+
+    async fn nack_after(&self, delay: Duration) -> Result<()> {
+        let state = &self.state;
+        let _op = state.shared.begin()?;
+        let what = "negatively acknowledging";
+        let result = scripts::NACK
+            .key(&state.keys.stream)
+            .key(&state.keys.delayed)
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg(&self.id)
+            .arg(self.count)
+            .arg(delay.as_millis() as u64)
+            .invoke_async::<i64>(&mut state.shared.conn())
+            .await
+            .map_err(|e| from_redis(e, &self.describe(what)))?;
+        if result == SETTLED {
+            self.unhold();
+        }
+        self.outcome(result, what)
+    }
+
+    fn describe(&self, what: &str) -> String {
+        format!(
+            "{what} entry {} of `{}` (group `{}`)",
+            self.id, self.state.keys.stream, self.state.group
+        )
+    }
+
+    /// Maps a settlement script result to the caller's result.
+    fn outcome(&self, result: i64, what: &str) -> Result<()> {
+        match result {
+            SETTLED => Ok(()),
             NOT_PENDING => Err(Error::new(
                 ErrorKind::Expired,
                 format!(
                     "{}: the entry is no longer pending: it exceeded its visibility timeout, was \
                      handed to another consumer and settled there, or was deleted",
-                    what()
+                    self.describe(what)
                 ),
             )),
             TAKEN_OVER => Err(Error::new(
@@ -775,13 +905,74 @@ impl RedisAcker {
                 format!(
                     "{}: the delivery exceeded its visibility timeout and was handed out again; \
                      settle faster or raise the visibility timeout",
-                    what()
+                    self.describe(what)
                 ),
             )),
             other => Err(Error::new(
                 ErrorKind::Internal,
-                format!("{}: unexpected script result {other}", what()),
+                format!("{}: unexpected script result {other}", self.describe(what)),
             )),
+        }
+    }
+}
+
+/// A consumer's flush task: settles the waiting acks, up to [`MAX_ACK_BATCH`] per script
+/// call, until none is left. Replies reach the callers only after Redis answered; a failed
+/// call fails every ack of its batch (their entries stay pending, the acks can be retried).
+async fn flush_acks(state: Arc<ConsumerState>) {
+    let mut conn = state.shared.conn();
+    loop {
+        let batch: Vec<AckRequest> = {
+            let mut queue = state.acks();
+            // An ack whose caller went away (its future was dropped) is not sent.
+            queue.waiting.retain(|r| !r.reply.is_closed());
+            if queue.waiting.is_empty() {
+                queue.flushing = false;
+                return;
+            }
+            let n = queue.waiting.len().min(MAX_ACK_BATCH);
+            queue.waiting.drain(..n).collect()
+        };
+        let (low, high) = id_range(batch.iter().map(|r| r.id.as_str()));
+        let mut invocation = scripts::ACK_BATCH.key(&state.keys.stream);
+        invocation
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg(if state.delete_on_ack { "1" } else { "0" })
+            .arg(low)
+            .arg(high);
+        for request in &batch {
+            invocation.arg(&request.id).arg(request.count);
+        }
+        let results = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(results) if results.len() == batch.len() => results,
+            Ok(_) => {
+                let e = unexpected("the ack script answered a different number of results");
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+            Err(e) => {
+                for request in batch {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        let mut replies = Vec::with_capacity(batch.len());
+        {
+            let mut held = state.held();
+            for (request, result) in batch.into_iter().zip(results) {
+                let AckRequest { id, count, reply } = request;
+                if result == SETTLED {
+                    held.remove(&(id, count));
+                }
+                replies.push((reply, result));
+            }
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(Ok(result));
         }
     }
 }
@@ -795,11 +986,11 @@ impl Drop for RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&self) -> Result<()> {
-        self.settle(Settle::Ack).await
+        self.ack_batched().await
     }
 
     async fn nack(&self) -> Result<()> {
-        self.settle(Settle::Nack(Duration::ZERO)).await?;
+        self.nack_after(Duration::ZERO).await?;
         // Let this consumer take it over right away instead of at its next scan.
         self.state.reclaim_now.store(true, Ordering::Release);
         self.state.wake.notify_one();
@@ -811,8 +1002,30 @@ impl Acker for RedisAcker {
     }
 
     async fn nack_delayed(&self, delay: Duration) -> Result<()> {
-        self.settle(Settle::Nack(delay.max(Duration::from_millis(1))))
-            .await
+        self.nack_after(delay.max(Duration::from_millis(1))).await
+    }
+}
+
+/// The lowest and the highest of stream entry ids (`<ms>-<seq>`), for an `XPENDING` range;
+/// `-` and `+` (the whole list) if one does not parse, which costs time but not correctness.
+fn id_range<'a>(ids: impl Iterator<Item = &'a str>) -> (String, String) {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
+    };
+    let mut range: Option<((u64, u64), (u64, u64))> = None;
+    for id in ids {
+        let Some(id) = parse(id) else {
+            return ("-".to_owned(), "+".to_owned());
+        };
+        range = Some(match range {
+            None => (id, id),
+            Some((low, high)) => (low.min(id), high.max(id)),
+        });
+    }
+    match range {
+        Some(((lm, ls), (hm, hs))) => (format!("{lm}-{ls}"), format!("{hm}-{hs}")),
+        None => ("-".to_owned(), "+".to_owned()),
     }
 }
 

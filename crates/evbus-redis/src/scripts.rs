@@ -32,18 +32,49 @@ local function owned(stream, group, consumer, id, count)
 end
 "#;
 
-/// Acknowledges one delivery.
+/// Acknowledges a batch of deliveries of one consumer ("group commit"), with exactly the
+/// outcome of acknowledging them alone one after the other: each delivery is acknowledged
+/// only if its entry is still pending for this consumer with the same delivery count, then
+/// `XACK`ed (and `XDEL`ed on queues). Returns one result per delivery, in order
+/// ([`SETTLED`], [`NOT_PENDING`] or [`TAKEN_OVER`]).
 ///
-/// KEYS: stream. ARGV: group, consumer, id, delivery count, `1` to also delete the entry
-/// (queues).
-pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
+/// One `XPENDING` over the batch's id range, filtered to this consumer, answers the usual
+/// case; a delivery it does not show (a late ack, or more of the consumer's entries in that
+/// range than it lists) is checked on its own. An id acknowledged earlier in the same batch
+/// is no longer pending, as it would be one call later. The entries are then acknowledged
+/// with one `XACK` (and one `XDEL`). The script is atomic: nobody sees the batch half done.
+///
+/// KEYS: stream. ARGV: group, consumer, `1` to also delete acknowledged entries (queues),
+/// the lowest and the highest id of the batch, then pairs of id and delivery count.
+pub(crate) static ACK_BATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{CHECK_OWNER}
-local state = owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-if state ~= 1 then return state end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-if ARGV[5] == '1' then redis.call('XDEL', KEYS[1], ARGV[3]) end
-return 1
+local n = (#ARGV - 5) / 2
+local mine = {{}}
+local listed = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[5], 2 * n + 16, ARGV[2])
+for _, p in ipairs(listed) do mine[p[1]] = tostring(p[4]) end
+local done, acked, results = {{}}, {{}}, {{}}
+for i = 6, #ARGV, 2 do
+  local id, count = ARGV[i], ARGV[i + 1]
+  local state
+  if done[id] then
+    state = 0
+  elseif mine[id] then
+    if mine[id] == count then state = 1 else state = -1 end
+  else
+    state = owned(KEYS[1], ARGV[1], ARGV[2], id, count)
+  end
+  if state == 1 then
+    done[id] = true
+    acked[#acked + 1] = id
+  end
+  results[#results + 1] = state
+end
+if #acked > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(acked))
+  if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], unpack(acked)) end
+end
+return results
 "#
     ))
 });

@@ -29,6 +29,8 @@ struct Env {
     transport: RedisTransport,
     raw: MultiplexedConnection,
     prefix: String,
+    /// The server is this test's own (`support::RedisServer`): command counts are exact.
+    own_server: bool,
 }
 
 impl Env {
@@ -37,19 +39,41 @@ impl Env {
     }
 
     async fn with(adjust: impl FnOnce(&mut RedisConfig)) -> Option<Env> {
+        Self::at(&url(), false, adjust).await
+    }
+
+    /// On `server` if the test could start one (nothing else talks to it, so its
+    /// `INFO commandstats` counts only this test's commands), else on the shared Redis.
+    async fn on(
+        server: Option<&support::RedisServer>,
+        adjust: impl FnOnce(&mut RedisConfig),
+    ) -> Option<Env> {
+        match server {
+            Some(server) => {
+                let url = format!("redis://127.0.0.1:{}", server.port);
+                Self::at(&url, true, adjust).await
+            }
+            None => {
+                eprintln!("WARNING: no redis-server binary; using the shared Redis");
+                Self::with(adjust).await
+            }
+        }
+    }
+
+    async fn at(url: &str, own_server: bool, adjust: impl FnOnce(&mut RedisConfig)) -> Option<Env> {
         let prefix = format!("evbus-test-{}:", uuid::Uuid::now_v7().simple());
-        let mut config = RedisConfig::from_url(&url()).unwrap();
+        let mut config = RedisConfig::from_url(url).unwrap();
         config.key_prefix = prefix.clone();
         adjust(&mut config);
         let transport = match RedisTransport::connect(config).await {
             Ok(t) => t,
             Err(e) if !evbus_conformance::require_brokers() => {
-                eprintln!("WARNING: Redis test skipped, no Redis at {}: {e}", url());
+                eprintln!("WARNING: Redis test skipped, no Redis at {url}: {e}");
                 return None;
             }
-            Err(e) => panic!("no Redis at {}: {e}", url()),
+            Err(e) => panic!("no Redis at {url}: {e}"),
         };
-        let raw = redis::Client::open(url().as_str())
+        let raw = redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -58,7 +82,41 @@ impl Env {
             transport,
             raw,
             prefix,
+            own_server,
         })
+    }
+
+    /// Lua script calls the server has run so far: `EVALSHA` and `EVAL` calls in
+    /// `INFO commandstats`, less the failed ones (Redis 7 counts an `EVALSHA` answered
+    /// `NOSCRIPT`, which the client follows with `SCRIPT LOAD` and the same `EVALSHA`).
+    async fn script_calls(&self) -> i64 {
+        let info: String = self.cmd(redis::cmd("INFO").arg("commandstats")).await;
+        let field = |stats: &str, name: &str| -> i64 {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        info.lines()
+            .filter_map(|line| {
+                line.strip_prefix("cmdstat_evalsha:")
+                    .or_else(|| line.strip_prefix("cmdstat_eval:"))
+            })
+            .map(|stats| field(stats, "calls") - field(stats, "failed_calls"))
+            .sum()
+    }
+
+    /// Entries pending in `group` on `key` (the count of `XPENDING key group`).
+    async fn pending(&self, key: &str, group: &str) -> i64 {
+        let summary: Value = self.cmd(redis::cmd("XPENDING").arg(key).arg(group)).await;
+        match summary {
+            Value::Array(items) => match items.first() {
+                Some(Value::Int(n)) => *n,
+                other => panic!("XPENDING summary {other:?}"),
+            },
+            other => panic!("XPENDING summary {other:?}"),
+        }
     }
 
     async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
@@ -525,5 +583,259 @@ async fn the_transport_works_as_a_trait_object() {
     let mut sub = queue.receive(ConsumerOptions::default()).await.unwrap();
     queue.send(&event(1)).await.unwrap();
     next(&mut sub).await.ack().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The group every queue's consumers share.
+const QUEUE_GROUP: &str = "evbus";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
+    let server = support::RedisServer::start().ok();
+    let Some(env) = Env::on(server.as_ref(), |_| {}).await else {
+        return;
+    };
+    const N: usize = 300;
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..N as u64).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default().max_in_flight(N);
+    let mut sub = queue.receive(options).await.unwrap();
+    let mut deliveries = Vec::with_capacity(N);
+    for _ in 0..N {
+        deliveries.push(next(&mut sub).await);
+    }
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, N as i64);
+
+    let before = env.script_calls().await;
+    // Each ack from a task of its own, as handlers ack.
+    let acks: Vec<_> = deliveries
+        .into_iter()
+        .map(|d| tokio::spawn(async move { d.ack().await }))
+        .collect();
+    for ack in acks {
+        ack.await.unwrap().unwrap();
+    }
+    let calls = env.script_calls().await - before;
+
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0, "every ack applied");
+    assert_eq!(
+        env.xlen(&key).await,
+        0,
+        "acknowledged queue entries deleted"
+    );
+    eprintln!("{N} acks took {calls} script calls");
+    assert!(calls >= 1);
+    if env.own_server {
+        assert!(
+            calls * 4 <= N as i64,
+            "{N} acks took {calls} script calls: not batched"
+        );
+    } else {
+        // Other clients of the shared server may run scripts meanwhile.
+        assert!(calls < N as i64, "{N} acks took {calls} script calls");
+    }
+    env.cleanup().await;
+}
+
+// The default current-thread runtime: `join!` registers every ack before the flush task
+// runs, so the five acks go to Redis in one script call.
+#[tokio::test]
+async fn a_late_ack_after_a_takeover_is_refused_while_the_rest_of_its_batch_is_applied() {
+    let server = support::RedisServer::start().ok();
+    let Some(env) = Env::on(server.as_ref(), |c| {
+        c.claim_interval = Duration::from_millis(50)
+    })
+    .await
+    else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let long = ConsumerOptions::default()
+        .max_in_flight(10)
+        .visibility_timeout(Duration::from_secs(120));
+    let mut slow = queue.receive(long).await.unwrap();
+    queue.send(&event(0)).await.unwrap();
+    let stale = next(&mut slow).await;
+    // Another consumer, with a short visibility timeout, takes the entry over. It holds at
+    // most that one delivery, so it fetches nothing else.
+    let short = ConsumerOptions::default()
+        .max_in_flight(1)
+        .visibility_timeout(Duration::from_millis(200));
+    let mut fast = queue.receive(short).await.unwrap();
+    let fresh = next(&mut fast).await;
+    assert_eq!(fresh.event().id(), stale.event().id());
+    assert_eq!(fresh.attempt(), 2);
+
+    let events: Vec<Event> = (1..5).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let mut others = Vec::new();
+    for _ in 1..5 {
+        others.push(next(&mut slow).await);
+    }
+    let before = env.script_calls().await;
+    let (late, rest) = tokio::join!(
+        stale.ack(),
+        futures::future::join_all(others.iter().map(|d| d.ack()))
+    );
+    let calls = env.script_calls().await - before;
+
+    let err = late.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    assert!(err.message().contains("handed out again"), "{err}");
+    for result in rest {
+        result.unwrap();
+    }
+    if env.own_server {
+        assert_eq!(calls, 1, "the five acks share one script call");
+    }
+    // Only the new owner's delivery is left, and it settles normally.
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 1);
+    assert_eq!(env.xlen(&key).await, 1);
+    fresh.ack().await.unwrap();
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0);
+    assert_eq!(env.xlen(&key).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_ack_batch_fails_every_ack_and_leaves_the_entries_pending() {
+    let Ok(server) = support::RedisServer::start() else {
+        eprintln!("WARNING: no redis-server binary; test skipped");
+        return;
+    };
+    let url = format!(
+        "redis://127.0.0.1:{}?command_timeout_ms=1000&reconnect_max_delay_ms=200",
+        server.port
+    );
+    let Some(env) = Env::at(&url, true, |_| {}).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..20).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default()
+        .max_in_flight(20)
+        .visibility_timeout(Duration::from_secs(120));
+    let mut sub = queue.receive(options).await.unwrap();
+    let mut deliveries = Vec::new();
+    for _ in 0..20 {
+        deliveries.push(next(&mut sub).await);
+    }
+    server.kill();
+    let results = futures::future::join_all(deliveries.iter().map(|d| d.ack())).await;
+    for result in &results {
+        let err = result
+            .as_ref()
+            .expect_err("no ack succeeds while Redis is down");
+        assert!(err.is_retryable(), "{err}");
+    }
+    server.spawn().unwrap();
+    tokio::task::block_in_place(|| server.wait_ready()).unwrap();
+    // Nothing was acknowledged (the append-only file kept the pending list): retrying
+    // settles every delivery.
+    let mut raw = redis::Client::open(url.split('?').next().unwrap())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let summary: Value = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg(QUEUE_GROUP)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let Value::Array(summary) = summary else {
+        panic!("{summary:?}")
+    };
+    assert_eq!(summary[0], Value::Int(20));
+    let mut left: Vec<&evbus::Delivery> = deliveries.iter().collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !left.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "acks still failing");
+        let results = futures::future::join_all(left.iter().map(|d| d.ack())).await;
+        left = left
+            .into_iter()
+            .zip(results)
+            .filter_map(|(d, r)| match r {
+                Ok(()) => None,
+                Err(e) if e.is_retryable() => Some(d),
+                Err(e) => panic!("{e}"),
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let summary: Value = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg(QUEUE_GROUP)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let Value::Array(summary) = summary else {
+        panic!("{summary:?}")
+    };
+    assert_eq!(summary[0], Value::Int(0));
+    let _ = env.transport.close().await;
+}
+
+// Current-thread runtime: both acks share one script call. The stale delivery is still
+// pending for this consumer, but with the count of the later delivery, so it is refused.
+#[tokio::test]
+async fn a_stale_and_a_fresh_delivery_of_one_entry_acked_together_settle_only_the_fresh_one() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let options = ConsumerOptions::default()
+        .max_in_flight(2)
+        .visibility_timeout(Duration::from_millis(300));
+    let mut sub = queue.receive(options).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let stale = next(&mut sub).await;
+    // Held past its visibility timeout: the same consumer takes it over again.
+    let fresh = next(&mut sub).await;
+    assert_eq!(fresh.event().id(), stale.event().id());
+    assert_eq!(fresh.attempt(), 2);
+    let (late, current) = tokio::join!(stale.ack(), fresh.ack());
+    let err = late.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    current.unwrap();
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0);
+    assert_eq!(env.xlen(&key).await, 0);
+    env.cleanup().await;
+}
+
+// One script call checks a batch through one `XPENDING` over its id range, which lists a
+// limited number of the consumer's entries; deliveries beyond that are checked one by one.
+#[tokio::test]
+async fn acks_far_apart_among_many_held_deliveries_are_all_applied() {
+    let Some(env) = Env::new().await else { return };
+    const N: usize = 100;
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..N as u64).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default().max_in_flight(N);
+    let mut sub = queue.receive(options).await.unwrap();
+    let mut held = Vec::with_capacity(N);
+    for _ in 0..N {
+        held.push(next(&mut sub).await);
+    }
+    let last = held.pop().unwrap();
+    let first = held.remove(0);
+    let (a, b) = tokio::join!(first.ack(), last.ack());
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, N as i64 - 2);
+    let results = futures::future::join_all(held.iter().map(|d| d.ack())).await;
+    for result in results {
+        result.unwrap();
+    }
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0);
+    assert_eq!(env.xlen(&key).await, 0);
     env.cleanup().await;
 }
