@@ -233,6 +233,8 @@ struct Ready {
     generation: u64,
     offset: i64,
     token: u64,
+    /// Record value bytes (0 for a redelivery), for the prefetch bound.
+    bytes: usize,
 }
 
 /// The state shared by the polling thread, the stream and the ackers.
@@ -242,6 +244,8 @@ struct State {
     next_token: u64,
     /// Items in the channel.
     queued: usize,
+    /// Record value bytes of the items in the channel.
+    queued_bytes: usize,
 }
 
 impl State {
@@ -645,6 +649,7 @@ pub(crate) async fn start(
             next_generation: 0,
             next_token: 0,
             queued: 0,
+            queued_bytes: 0,
         }),
         consumer: Mutex::new(Weak::new()),
         visibility: spec.options.visibility_timeout,
@@ -703,7 +708,7 @@ pub(crate) async fn start(
 
     let (tx, rx) = mpsc::unbounded_channel::<Ready>();
     let stop = CancellationToken::new();
-    let high_water = spec.options.max_in_flight.max(16) * 2;
+    let high_water = Prefetch::for_in_flight(spec.options.max_in_flight);
     {
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
@@ -782,6 +787,7 @@ pub(crate) async fn start(
 fn take(shared: &Shared, ready: &Ready) -> Option<(Arc<Decoded>, u32)> {
     let mut state = shared.lock();
     state.queued = state.queued.saturating_sub(1);
+    state.queued_bytes = state.queued_bytes.saturating_sub(ready.bytes);
     let part = state
         .partitions
         .get_mut(&ready.partition)
@@ -843,6 +849,32 @@ fn decode(topic: &str, message: &BorrowedMessage<'_>) -> Decoded {
     }
 }
 
+/// How much the polling thread hands on ahead of the application before it pauses fetching.
+#[derive(Clone, Copy, Debug)]
+struct Prefetch {
+    messages: usize,
+    bytes: usize,
+}
+
+impl Prefetch {
+    /// At least 512 records (more with a large in-flight limit) or 8 MiB of values.
+    fn for_in_flight(max_in_flight: usize) -> Self {
+        Prefetch {
+            messages: max_in_flight.saturating_mul(4).max(512),
+            bytes: 8 << 20,
+        }
+    }
+
+    fn full(self, queued: usize, bytes: usize) -> bool {
+        queued >= self.messages || bytes >= self.bytes
+    }
+
+    /// Below half of both bounds: fetching resumes.
+    fn drained(self, queued: usize, bytes: usize) -> bool {
+        queued < self.messages / 2 && bytes < self.bytes / 2
+    }
+}
+
 /// The polling thread.
 fn poll_loop(
     consumer: &BaseConsumer<Context>,
@@ -850,19 +882,24 @@ fn poll_loop(
     tx: &mpsc::UnboundedSender<Ready>,
     stop: &CancellationToken,
     closed: &CancellationToken,
-    high_water: usize,
+    high_water: Prefetch,
 ) {
     let mut paused = false;
     let mut round = None;
     while !stop.is_cancelled() && !closed.is_cancelled() && !tx.is_closed() {
         shared.flush_state(consumer, &mut round);
-        // Backpressure: stop fetching while the application is far behind.
-        let queued = shared.lock().queued;
-        if !paused && queued >= high_water {
+        // Backpressure: stop fetching while the application is far behind. Pausing drops
+        // what librdkafka prefetched (resuming fetches it again), so the bound is wide enough
+        // for a pause to be rare while an application keeps up.
+        let (queued, bytes) = {
+            let state = shared.lock();
+            (state.queued, state.queued_bytes)
+        };
+        if !paused && high_water.full(queued, bytes) {
             if let Ok(assignment) = consumer.assignment() {
                 paused = consumer.pause(&assignment).is_ok();
             }
-        } else if paused && queued < high_water / 2 {
+        } else if paused && high_water.drained(queued, bytes) {
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.resume(&assignment);
             }
@@ -925,6 +962,7 @@ fn poll_loop(
                     generation: part.generation,
                     offset,
                     token,
+                    bytes: message.payload_len(),
                 });
             }
             // Nacked and expired deliveries go out again.
@@ -958,9 +996,11 @@ fn poll_loop(
                     generation,
                     offset,
                     token,
+                    bytes: 0,
                 });
             }
             state.queued += ready.len();
+            state.queued_bytes += ready.iter().map(|r| r.bytes).sum::<usize>();
         }
         if !ready.is_empty() {
             // Attempt counts are recorded before anything is handed out.
