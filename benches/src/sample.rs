@@ -143,6 +143,16 @@ impl Recorder {
         true
     }
 
+    /// The earliest receive instant (ns since the epoch), 0 if nothing was received.
+    pub(crate) fn first_received_ns(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .min()
+            .unwrap_or(0)
+    }
+
     /// The latest receive instant (ns since the epoch).
     pub(crate) fn last_received_ns(&self) -> u64 {
         self.received

@@ -57,7 +57,14 @@ const ADAPTERS: &[BenchAdapter] = &[
 ];
 
 /// The callgrind scenarios measured per event.
-const SCENARIOS: &[&str] = &["consume-decode", "emit-handle", "emit-handle-validated"];
+/// (`-16`: the same with 16-byte payloads, which isolates the code from payload scanning.)
+const SCENARIOS: &[&str] = &[
+    "consume-decode",
+    "consume-decode-16",
+    "emit-handle",
+    "emit-handle-16",
+    "emit-handle-validated",
+];
 
 /// Instructions may grow this much against `--baseline` before a scenario is reported.
 const BASELINE_TOLERANCE_PCT: f64 = 2.0;

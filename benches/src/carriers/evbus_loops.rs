@@ -35,6 +35,7 @@ fn subscribe_options() -> SubscribeOptions {
 pub(crate) struct AdapterLoop {
     connect: Connect,
     cleanup: bool,
+    presubscribe: bool,
     transport: Option<Arc<dyn Transport>>,
     topic: Option<Arc<dyn Topic>>,
     topic_name: String,
@@ -43,11 +44,14 @@ pub(crate) struct AdapterLoop {
 }
 
 impl AdapterLoop {
-    /// `cleanup`: delete the run's destinations at teardown.
-    pub(crate) fn new(connect: Connect, cleanup: bool) -> Self {
+    /// `cleanup`: delete the run's destinations at teardown; `presubscribe`: as for
+    /// [`BusLoop::new`] (otherwise the subscription is made when consuming starts, as the raw
+    /// loop's consumer joins then).
+    pub(crate) fn new(connect: Connect, cleanup: bool, presubscribe: bool) -> Self {
         AdapterLoop {
             connect,
             cleanup,
+            presubscribe,
             transport: None,
             topic: None,
             topic_name: String::new(),
@@ -63,7 +67,9 @@ impl Carrier for AdapterLoop {
         let transport = (self.connect)(run.to_owned()).await?;
         self.topic_name = format!("bench-{run}-adapter");
         let topic = transport.topic(&self.topic_name).await?;
-        self.subscription = Some(topic.subscribe(subscribe_options()).await?);
+        if self.presubscribe {
+            self.subscription = Some(topic.subscribe(subscribe_options()).await?);
+        }
         self.topic = Some(topic);
         self.transport = Some(transport);
         Ok(())
@@ -77,7 +83,13 @@ impl Carrier for AdapterLoop {
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {
-        let mut subscription = self.subscription.take().ok_or("adapter loop: not set up")?;
+        let mut subscription = match self.subscription.take() {
+            Some(subscription) => subscription,
+            None => {
+                let topic = self.topic.as_ref().ok_or("adapter loop: not set up")?;
+                topic.subscribe(subscribe_options()).await?
+            }
+        };
         self.task = Some(tokio::spawn(async move {
             let mut acks = FuturesUnordered::new();
             loop {
@@ -129,17 +141,22 @@ impl Carrier for AdapterLoop {
 pub(crate) struct BusLoop {
     connect: Connect,
     cleanup: bool,
+    presubscribe: bool,
     bus: Option<Bus>,
     handler: Option<HandlerHandle>,
     topic_name: String,
 }
 
 impl BusLoop {
-    /// `cleanup`: delete the run's destinations at teardown.
-    pub(crate) fn new(connect: Connect, cleanup: bool) -> Self {
+    /// `cleanup`: delete the run's destinations at teardown. `presubscribe`: create the
+    /// group's subscription at setup so the backlog is kept for it (not needed where a new
+    /// subscription starting at the earliest event sees everything the topic retains, as on
+    /// Kafka, where it would cost one more consumer-group join per run).
+    pub(crate) fn new(connect: Connect, cleanup: bool, presubscribe: bool) -> Self {
         BusLoop {
             connect,
             cleanup,
+            presubscribe,
             bus: None,
             handler: None,
             topic_name: String::new(),
@@ -164,13 +181,11 @@ impl Carrier for BusLoop {
             .route([EVENT_TYPE], self.topic_name.clone())
             .concurrency(CONCURRENCY)
             .build();
-        // Create the group's subscription now, so a backlog is kept for the handler.
-        let subscription = transport
-            .topic(&self.topic_name)
-            .await?
-            .subscribe(subscribe_options())
-            .await?;
-        drop(subscription);
+        let topic = transport.topic(&self.topic_name).await?;
+        if self.presubscribe {
+            // Create the group's subscription now, so a backlog is kept for the handler.
+            drop(topic.subscribe(subscribe_options()).await?);
+        }
         self.bus = Some(bus);
         Ok(())
     }

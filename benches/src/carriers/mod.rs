@@ -109,14 +109,23 @@ pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
     // the process still cache their metadata crashed librdkafka against tansu (SIGSEGV in
     // rd_kafka_metadata_cache_find).
     let cleanup = adapter != "kafka";
+    // Kafka topics keep every event for a group that joins later at the earliest offset.
+    let presubscribe = adapter != "kafka";
     Ok(Loops {
         carriers: vec![
             ("raw", raw),
             (
                 "adapter",
-                Box::new(AdapterLoop::new(Arc::clone(&connect), cleanup)),
+                Box::new(AdapterLoop::new(
+                    Arc::clone(&connect),
+                    cleanup,
+                    presubscribe,
+                )),
             ),
-            ("bus", Box::new(BusLoop::new(connect, cleanup))),
+            (
+                "bus",
+                Box::new(BusLoop::new(connect, cleanup, presubscribe)),
+            ),
         ],
     })
 }
