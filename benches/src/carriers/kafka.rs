@@ -15,7 +15,7 @@ use rdkafka::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::task::JoinHandle;
 
 use super::{Carrier, GROUP};
@@ -84,6 +84,29 @@ impl Carrier for RawKafka {
             .set("linger.ms", "2")
             .set("queue.buffering.max.messages", "100000")
             .create()?;
+        // As the adapter does before its first publish to a new topic: the producer connects
+        // and learns the topic's partitions now, not inside the timed publishes.
+        let client = producer.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let metadata = client
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))?;
+                let ready = metadata.topics().iter().any(|t| {
+                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                });
+                if ready {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("raw kafka: topic `{topic}` has no partitions yet").into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await??;
         self.producer = Some(producer);
         Ok(())
     }

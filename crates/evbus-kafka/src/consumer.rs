@@ -620,7 +620,7 @@ impl KafkaAcker {
 
 #[async_trait]
 impl Acker for KafkaAcker {
-    async fn ack(&self) -> Result<()> {
+    async fn ack(&self, _tag: u64) -> Result<()> {
         self.with_entry(|entry| {
             entry.stage = Stage::Done;
             entry.event = None;
@@ -629,7 +629,7 @@ impl Acker for KafkaAcker {
         Ok(())
     }
 
-    async fn nack(&self) -> Result<()> {
+    async fn nack(&self, _tag: u64) -> Result<()> {
         self.with_entry(|entry| entry.stage = Stage::Nacked)
     }
 }
@@ -764,13 +764,15 @@ pub(crate) async fn start(
                             event: event.clone(),
                             attempt,
                             acker,
+                            // The acker is per delivery (it holds the offset).
+                            tag: 0,
                         };
                         return Some((Ok(raw), (rx, shared, guard, dead_letter)));
                     }
                     Decoded::Undecodable(placeholder, why) => {
                         tracing::warn!(error = %why, id = placeholder.id(), "dead-lettering a Kafka record that is not a CloudEvent");
                         let moved = match dead_letter.send(placeholder).await {
-                            Ok(()) => acker.ack().await,
+                            Ok(()) => acker.ack(0).await,
                             Err(e) => Err(e),
                         };
                         if let Err(e) = moved {

@@ -144,6 +144,8 @@ impl ConsumerState {
                 event,
                 attempt: count,
                 acker: Arc::new(acker),
+                // The acker is per delivery (it holds the entry id).
+                tag: 0,
             };
             return Some((raw, id, count));
         }
@@ -576,7 +578,7 @@ impl ConsumerTask {
             count: fetched.count,
             held: AtomicBool::new(false),
         };
-        if let Err(e) = acker.ack().await {
+        if let Err(e) = acker.ack(0).await {
             tracing::warn!(error = %e, "could not acknowledge a dead-lettered undecodable entry");
         }
     }
@@ -985,11 +987,11 @@ impl Drop for RedisAcker {
 
 #[async_trait]
 impl Acker for RedisAcker {
-    async fn ack(&self) -> Result<()> {
+    async fn ack(&self, _tag: u64) -> Result<()> {
         self.ack_batched().await
     }
 
-    async fn nack(&self) -> Result<()> {
+    async fn nack(&self, _tag: u64) -> Result<()> {
         self.nack_after(Duration::ZERO).await?;
         // Let this consumer take it over right away instead of at its next scan.
         self.state.reclaim_now.store(true, Ordering::Release);
@@ -1001,7 +1003,7 @@ impl Acker for RedisAcker {
         true
     }
 
-    async fn nack_delayed(&self, delay: Duration) -> Result<()> {
+    async fn nack_delayed(&self, _tag: u64, delay: Duration) -> Result<()> {
         self.nack_after(delay.max(Duration::from_millis(1))).await
     }
 }

@@ -198,6 +198,22 @@ fn event(n: u64) -> Event {
         .unwrap()
 }
 
+/// Sends `n` events to queue `q` and takes every one of them (in-flight limit `n`): the
+/// queue's stream key, the subscription and the deliveries, all unsettled.
+async fn hold_all(env: &Env, n: usize) -> (String, Subscription, Vec<evbus::Delivery>) {
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..n as u64).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default().max_in_flight(n);
+    let mut sub = queue.receive(options).await.unwrap();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(next(&mut sub).await);
+    }
+    (key, sub, held)
+}
+
 async fn next(sub: &mut Subscription) -> evbus::Delivery {
     tokio::time::timeout(WAIT, sub.next())
         .await
@@ -596,16 +612,7 @@ async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
         return;
     };
     const N: usize = 300;
-    let queue = env.transport.queue("q").await.unwrap();
-    let key = env.transport.queue_key("q");
-    let events: Vec<Event> = (0..N as u64).map(event).collect();
-    queue.send_batch(&events).await.unwrap();
-    let options = ConsumerOptions::default().max_in_flight(N);
-    let mut sub = queue.receive(options).await.unwrap();
-    let mut deliveries = Vec::with_capacity(N);
-    for _ in 0..N {
-        deliveries.push(next(&mut sub).await);
-    }
+    let (key, _sub, deliveries) = hold_all(&env, N).await;
     assert_eq!(env.pending(&key, QUEUE_GROUP).await, N as i64);
 
     let before = env.script_calls().await;
@@ -815,16 +822,7 @@ async fn a_stale_and_a_fresh_delivery_of_one_entry_acked_together_settle_only_th
 async fn acks_far_apart_among_many_held_deliveries_are_all_applied() {
     let Some(env) = Env::new().await else { return };
     const N: usize = 100;
-    let queue = env.transport.queue("q").await.unwrap();
-    let key = env.transport.queue_key("q");
-    let events: Vec<Event> = (0..N as u64).map(event).collect();
-    queue.send_batch(&events).await.unwrap();
-    let options = ConsumerOptions::default().max_in_flight(N);
-    let mut sub = queue.receive(options).await.unwrap();
-    let mut held = Vec::with_capacity(N);
-    for _ in 0..N {
-        held.push(next(&mut sub).await);
-    }
+    let (key, _sub, mut held) = hold_all(&env, N).await;
     let last = held.pop().unwrap();
     let first = held.remove(0);
     let (a, b) = tokio::join!(first.ack(), last.ack());

@@ -30,22 +30,27 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "deadletterattempts";
 /// Extension set on a dead-lettered event: the topic/subscription or queue it came from.
 pub const DEAD_LETTER_ORIGIN: &str = "deadletterorigin";
 
-/// The adapter side of settling one delivery.
+/// The adapter side of settling deliveries.
+///
+/// Every call gets the `tag` the adapter put in the [`RawDelivery`]: one acker shared by all
+/// the deliveries of a consumer tells them apart by it (a delivery tag, a slot number), so a
+/// delivery costs no allocation of its own. An adapter whose acker is per delivery ignores it.
 #[async_trait]
 pub trait Acker: Send + Sync {
     /// Acknowledges: the event is done and must not be delivered again.
-    async fn ack(&self) -> Result<()>;
+    async fn ack(&self, tag: u64) -> Result<()>;
 
     /// Acknowledges without waiting, for adapters that can settle on the spot (an in-process
     /// broker): `Some(result)` is the result of the ack, `None` (the default) means "call
     /// [`ack`](Self::ack)". Spares the hot path a boxed future per delivery.
-    fn try_ack_now(&self) -> Option<Result<()>> {
+    fn try_ack_now(&self, tag: u64) -> Option<Result<()>> {
+        let _ = tag;
         None
     }
 
     /// Negatively acknowledges: the event should be delivered again now, with the attempt
     /// number increased.
-    async fn nack(&self) -> Result<()>;
+    async fn nack(&self, tag: u64) -> Result<()>;
 
     /// Whether [`nack_delayed`](Self::nack_delayed) is native. When `false` (the default),
     /// core emulates delays by holding the event unacknowledged and calling
@@ -56,8 +61,8 @@ pub trait Acker: Send + Sync {
 
     /// Redelivers the event no sooner than `delay` from now (only called when
     /// [`native_delay`](Self::native_delay) is `true`).
-    async fn nack_delayed(&self, delay: Duration) -> Result<()> {
-        let _ = delay;
+    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
+        let _ = (tag, delay);
         Err(Error::unsupported(
             "this transport has no native delayed redelivery",
         ))
@@ -71,8 +76,11 @@ pub struct RawDelivery {
     pub event: Event,
     /// 1 on first delivery, incremented on each redelivery.
     pub attempt: u32,
-    /// The adapter's settlement handle for this delivery.
+    /// The adapter's settlement handle: per delivery, or shared by a consumer's deliveries.
     pub acker: Arc<dyn Acker>,
+    /// Given back to every [`Acker`] call for this delivery (0 when the acker is per
+    /// delivery and needs none).
+    pub tag: u64,
 }
 
 impl std::fmt::Debug for RawDelivery {
@@ -80,6 +88,7 @@ impl std::fmt::Debug for RawDelivery {
         f.debug_struct("RawDelivery")
             .field("event", &self.event)
             .field("attempt", &self.attempt)
+            .field("tag", &self.tag)
             .finish_non_exhaustive()
     }
 }
@@ -116,6 +125,7 @@ pub struct Delivery {
     event: Event,
     attempt: u32,
     acker: Arc<dyn Acker>,
+    tag: u64,
     policy: DeliveryPolicy,
     state: AtomicU8,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
@@ -141,6 +151,7 @@ impl Delivery {
             event: raw.event,
             attempt: raw.attempt.max(1),
             acker: raw.acker,
+            tag: raw.tag,
             policy,
             state: AtomicU8::new(PENDING),
             permit: Mutex::new(permit),
@@ -180,9 +191,9 @@ impl Delivery {
     /// Acknowledges the event: it will not be delivered again.
     pub async fn ack(&self) -> Result<()> {
         self.settle(async {
-            match self.acker.try_ack_now() {
+            match self.acker.try_ack_now(self.tag) {
                 Some(result) => result,
-                None => self.acker.ack().await,
+                None => self.acker.ack(self.tag).await,
             }
         })
         .await
@@ -204,13 +215,13 @@ impl Delivery {
         let delay = delay.filter(|d| !d.is_zero());
         self.settle(async {
             match delay {
-                None => self.acker.nack().await,
-                Some(d) if self.acker.native_delay() => self.acker.nack_delayed(d).await,
+                None => self.acker.nack(self.tag).await,
+                Some(d) if self.acker.native_delay() => self.acker.nack_delayed(self.tag, d).await,
                 Some(d) => {
-                    let acker = Arc::clone(&self.acker);
+                    let (acker, tag) = (Arc::clone(&self.acker), self.tag);
                     tokio::spawn(async move {
                         tokio::time::sleep(d).await;
-                        if let Err(e) = acker.nack().await {
+                        if let Err(e) = acker.nack(tag).await {
                             // The event stays unacknowledged on the broker and comes back
                             // after the visibility timeout: nothing is lost.
                             tracing::warn!(error = %e, "delayed nack failed; the event will be redelivered after its visibility timeout");
@@ -233,7 +244,7 @@ impl Delivery {
     async fn send_to_dead_letter(&self, reason: &str) -> Result<()> {
         let event = dead_letter_event(&self.event, reason, self.attempt, &self.policy.origin)?;
         self.policy.dead_letter.send(&event).await?;
-        self.acker.ack().await
+        self.acker.ack(self.tag).await
     }
 
     async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {

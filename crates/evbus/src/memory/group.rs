@@ -161,7 +161,7 @@ impl Group {
         keep_alive: Option<Box<dyn Send + Sync>>,
     ) -> impl Stream<Item = Result<RawDelivery>> + Send + 'static {
         let consumer = Consumer {
-            shared: Arc::new(ConsumerShared {
+            shared: Arc::new(MemoryAcker {
                 group: Arc::clone(self),
                 closed,
             }),
@@ -202,14 +202,14 @@ impl Group {
     }
 }
 
-/// What a consumer shares with the ackers of its deliveries.
-struct ConsumerShared {
+/// A consumer's settlement handle, shared by all its deliveries (told apart by their tags).
+struct MemoryAcker {
     group: Arc<Group>,
     closed: CancellationToken,
 }
 
 struct Consumer {
-    shared: Arc<ConsumerShared>,
+    shared: Arc<MemoryAcker>,
     visibility_timeout: Duration,
     _keep_alive: Option<Box<dyn Send + Sync>>,
 }
@@ -279,56 +279,45 @@ impl Consumer {
         Take::Delivery(RawDelivery {
             event,
             attempt,
-            acker: Arc::new(MemoryAcker {
-                consumer: Arc::clone(&self.shared),
-                tag,
-            }),
+            acker: Arc::clone(&self.shared) as Arc<dyn Acker>,
+            tag,
         })
     }
-}
-
-struct MemoryAcker {
-    consumer: Arc<ConsumerShared>,
-    tag: u64,
 }
 
 impl MemoryAcker {
     /// Settling through a closed connection fails, as on a real broker; the delivery then
     /// comes back after its visibility timeout.
     fn check_open(&self) -> Result<()> {
-        if self.consumer.closed.is_cancelled() {
+        if self.closed.is_cancelled() {
             return Err(Error::closed("the memory transport"));
         }
         Ok(())
     }
 
-    fn group(&self) -> &Group {
-        &self.consumer.group
-    }
-
-    fn ack_now(&self) -> Result<()> {
+    fn ack_now(&self, tag: u64) -> Result<()> {
         self.check_open()?;
-        self.group().settle(self.tag, |_, _| {})?;
-        self.group().space.notify_waiters();
+        self.group.settle(tag, |_, _| {})?;
+        self.group.space.notify_waiters();
         Ok(())
     }
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
-    async fn ack(&self) -> Result<()> {
-        self.ack_now()
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.ack_now(tag)
     }
 
-    fn try_ack_now(&self) -> Option<Result<()>> {
-        Some(self.ack_now())
+    fn try_ack_now(&self, tag: u64) -> Option<Result<()>> {
+        Some(self.ack_now(tag))
     }
 
-    async fn nack(&self) -> Result<()> {
+    async fn nack(&self, tag: u64) -> Result<()> {
         self.check_open()?;
-        self.group()
-            .settle(self.tag, |state, entry| state.ready.push_front(entry))?;
-        self.group().changed.notify_waiters();
+        self.group
+            .settle(tag, |state, entry| state.ready.push_front(entry))?;
+        self.group.changed.notify_waiters();
         Ok(())
     }
 
@@ -336,14 +325,13 @@ impl Acker for MemoryAcker {
         true
     }
 
-    async fn nack_delayed(&self, delay: Duration) -> Result<()> {
+    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
         self.check_open()?;
-        let tag = self.tag;
-        self.group().settle(tag, |state, entry| {
+        self.group.settle(tag, |state, entry| {
             state.delayed.insert((Instant::now() + delay, tag));
             state.delayed_entries.insert(tag, entry);
         })?;
-        self.group().changed.notify_waiters();
+        self.group.changed.notify_waiters();
         Ok(())
     }
 }
