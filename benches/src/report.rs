@@ -139,11 +139,23 @@ fn markdown(run: &RunResult, callgrind: Option<&Value>, notes: Option<&str>, svg
     let _ = writeln!(md, "| date | {} |", env.started);
     let _ = writeln!(md, "| CPU | {} ({} cores) |", env.cpu, env.cores);
     let _ = writeln!(md, "| kernel | {} |", env.kernel);
+    // The 1-minute load against the cores: above them, other work competed with the run.
+    let busy = [&env.load_start, &env.load_end].iter().any(|l| {
+        l.split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<f64>().ok())
+            .is_some_and(|x| x >= env.cores as f64)
+    });
     let _ = writeln!(
         md,
-        "| load (`/proc/loadavg`) | start `{}`, end `{}` — the machine was shared with other \
-         builds during the run, hence the spreads |",
-        env.load_start, env.load_end
+        "| load (`/proc/loadavg`) | start `{}`, end `{}`{} |",
+        env.load_start,
+        env.load_end,
+        if busy {
+            " — other work competed with the run, hence wide spreads"
+        } else {
+            " (the brokers measured share the same cores)"
+        }
     );
     let _ = writeln!(md, "| rustc | {} |", env.rustc);
     let _ = writeln!(md, "| profile, flags | {}; {} |", env.profile, env.flags);
