@@ -117,12 +117,7 @@ impl KafkaConfig {
     /// `max_payload_bytes`, `offset_state` (`auto`, `commit_metadata`, `state_topic`), and
     /// `rdkafka.<property>` for any librdkafka property.
     pub fn from_url(url: &str) -> Result<Self> {
-        let parsed = Url::parse(url).map_err(|e| {
-            Error::invalid_config(format!(
-                "`{}` is not a Kafka URL: {e}",
-                evbus::registry::redact(url)
-            ))
-        })?;
+        let parsed = evbus::registry::parse_url(url, "Kafka")?;
         Self::from_parsed_url(&parsed)
     }
 

@@ -17,17 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 /// Converts a Kafka error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_kafka(error: KafkaError, what: &str) -> Error {
     let (kind, retryable, hint) = classify(&error);
-    let mut message = format!("{what}: {error}");
-    if !hint.is_empty() {
-        message.push_str("; ");
-        message.push_str(hint);
-    }
-    let mapped = Error::new(kind, message);
-    let mapped = match retryable {
-        Some(r) => mapped.with_retryable(r),
-        None => mapped,
-    };
-    mapped.with_source(error)
+    Error::from_client(error, what, kind, retryable, hint)
 }
 
 /// The evbus kind of an rdkafka error code, an override of the kind's retryable default, and

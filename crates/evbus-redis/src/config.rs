@@ -160,12 +160,7 @@ impl RedisConfig {
     /// `anonymous_ttl_ms`. An unknown parameter is an error (a typo would otherwise be
     /// silently ignored).
     pub fn from_url(url: &str) -> Result<Self> {
-        let parsed = Url::parse(url).map_err(|e| {
-            Error::invalid_config(format!(
-                "`{}` is not a Redis URL: {e}",
-                evbus::registry::redact(url)
-            ))
-        })?;
+        let parsed = evbus::registry::parse_url(url, "Redis")?;
         Self::from_parsed_url(&parsed)
     }
 
@@ -226,12 +221,7 @@ impl RedisConfig {
     /// Checks that the settings are usable; [`RedisTransport::connect`](crate::RedisTransport::connect)
     /// calls it.
     pub fn validate(&self) -> Result<()> {
-        let url = Url::parse(&self.url).map_err(|e| {
-            Error::invalid_config(format!(
-                "`{}` is not a Redis URL: {e}",
-                evbus::registry::redact(&self.url)
-            ))
-        })?;
+        let url = evbus::registry::parse_url(&self.url, "Redis")?;
         match url.scheme() {
             "redis" => {}
             "rediss" if cfg!(feature = "tls") => {}

@@ -17,17 +17,7 @@ use redis::{RedisError, ServerErrorKind};
 /// Converts a Redis error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_redis(error: RedisError, what: &str) -> Error {
     let (kind, retryable, hint) = classify(&error);
-    let mut message = format!("{what}: {error}");
-    if !hint.is_empty() {
-        message.push_str("; ");
-        message.push_str(hint);
-    }
-    let mapped = Error::new(kind, message);
-    let mapped = match retryable {
-        Some(r) => mapped.with_retryable(r),
-        None => mapped,
-    };
-    mapped.with_source(error)
+    Error::from_client(error, what, kind, retryable, hint)
 }
 
 /// The evbus kind of a Redis error, an override of the kind's retryable default, and a hint.

@@ -109,6 +109,33 @@ impl Error {
         }
     }
 
+    /// An error a broker client reported while doing `what` ("publishing to topic `orders`"),
+    /// as the adapter classified it: its `kind`, an override of the kind's retryable default,
+    /// and a `hint` for the caller (empty for none). The message is `what: error[; hint]`; the
+    /// client error is kept as the source. Adapters map their client's errors through this.
+    pub fn from_client<E>(
+        error: E,
+        what: &str,
+        kind: ErrorKind,
+        retryable: Option<bool>,
+        hint: &str,
+    ) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut message = format!("{what}: {error}");
+        if !hint.is_empty() {
+            message.push_str("; ");
+            message.push_str(hint);
+        }
+        let mapped = Error::new(kind, message);
+        let mapped = match retryable {
+            Some(r) => mapped.with_retryable(r),
+            None => mapped,
+        };
+        mapped.with_source(error)
+    }
+
     /// Attaches the underlying cause.
     pub fn with_source(mut self, source: impl Into<Source>) -> Self {
         self.source = Some(source.into());

@@ -84,9 +84,7 @@ impl Registry {
 
     /// Opens a transport for `url` with the connector of its scheme.
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
-        let parsed = Url::parse(url).map_err(|e| {
-            Error::invalid_config(format!("`{}` is not a transport URL: {e}", redact(url)))
-        })?;
+        let parsed = parse_url(url, "transport")?;
         let scheme = parsed.scheme();
         let connector = self
             .connectors
@@ -101,6 +99,13 @@ impl Registry {
             })?;
         connector.connect(&parsed).await
     }
+}
+
+/// Parses `url`, or fails with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig):
+/// "`URL` is not a `what` URL: why", the URL shown without its password.
+pub fn parse_url(url: &str, what: &str) -> Result<Url> {
+    Url::parse(url)
+        .map_err(|e| Error::invalid_config(format!("`{}` is not a {what} URL: {e}", redact(url))))
 }
 
 /// A URL with its password replaced by `***`, for messages and logs.
