@@ -22,14 +22,15 @@
 //! the old consumer fails with [`ErrorKind::Expired`].
 
 use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use evbus::binding::{self, HeaderStyle};
-use evbus::{
-    Acker, ConsumerOptions, Error, ErrorKind, Event, Queue, RawDelivery, Result, StartPosition,
-};
+use evbus::raw::{Acker, RawDelivery, Undecodable};
+use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result, StartPosition};
 use futures::Stream;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
@@ -44,8 +45,8 @@ use crate::error::from_kafka;
 use crate::state::{Pending, StateTopic};
 
 /// The type of the placeholder event dead-lettered in place of a record that is not a
-/// binary-mode CloudEvent (see the crate README).
-pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.kafka.undecodable";
+/// binary-mode CloudEvent (see the crate README): core's, the same on every adapter.
+pub use evbus::raw::UNDECODABLE_EVENT_TYPE;
 
 /// Prefix of the commit metadata the adapter writes (its format version).
 const METADATA_PREFIX: &str = "evbus1|";
@@ -62,7 +63,6 @@ pub(crate) struct ConsumerSpec {
     pub(crate) group: String,
     pub(crate) start: StartPosition,
     pub(crate) options: ConsumerOptions,
-    pub(crate) dead_letter: Arc<dyn Queue>,
     /// Where the state above the committed offset is kept: the group's state topic, or
     /// (`None`) the offset commit's metadata.
     pub(crate) state: Option<Arc<StateTopic>>,
@@ -105,10 +105,40 @@ struct Entry {
     event: Option<Arc<Decoded>>,
 }
 
-/// A fetched record: its event, or a placeholder for a record that is not a CloudEvent.
+/// A fetched record: its event, or what core needs to dead-letter a record that is not a
+/// CloudEvent.
 enum Decoded {
     Event(Event),
-    Undecodable(Event, String),
+    Undecodable(Foreign),
+}
+
+/// A record that is not a binary-mode CloudEvent, kept whole.
+struct Foreign {
+    error: String,
+    topic: String,
+    id: String,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Bytes,
+}
+
+impl Foreign {
+    /// Core's undecodable message: location `kafka:<topic>`, id `<partition>/<offset>`, the
+    /// key as header `kafka_key`, every header, and the value as the body.
+    fn message(&self) -> Undecodable {
+        let mut message = Undecodable::new(
+            Error::invalid_event(self.error.clone()),
+            format!("kafka:{}", self.topic),
+            self.id.clone(),
+        );
+        if let Some(key) = &self.key {
+            message = message.header("kafka_key", key.clone());
+        }
+        for (name, value) in &self.headers {
+            message = message.header(name.clone(), value.clone());
+        }
+        message.body(self.body.clone())
+    }
 }
 
 struct Partition {
@@ -741,10 +771,10 @@ pub(crate) async fn start(
         }
     }
 
-    let state = (rx, shared, guard, spec.dead_letter);
+    let state = (rx, shared, guard);
     Ok(futures::stream::unfold(
         state,
-        |(mut rx, shared, guard, dead_letter)| async move {
+        |(mut rx, shared, guard)| async move {
             loop {
                 let ready = rx.recv().await?;
                 let taken = take(&shared, &ready);
@@ -758,28 +788,15 @@ pub(crate) async fn start(
                     offset: ready.offset,
                     token: ready.token,
                 });
-                match &*decoded {
-                    Decoded::Event(event) => {
-                        let raw = RawDelivery {
-                            event: event.clone(),
-                            attempt,
-                            acker,
-                            // The acker is per delivery (it holds the offset).
-                            tag: 0,
-                        };
-                        return Some((Ok(raw), (rx, shared, guard, dead_letter)));
+                // The acker is per delivery (it holds the offset): tag 0.
+                let raw = match &*decoded {
+                    Decoded::Event(event) => RawDelivery::new(event.clone(), attempt, acker, 0),
+                    // Core dead-letters it and acks it through the acker.
+                    Decoded::Undecodable(foreign) => {
+                        RawDelivery::undecodable(foreign.message(), attempt, acker, 0)
                     }
-                    Decoded::Undecodable(placeholder, why) => {
-                        tracing::warn!(error = %why, id = placeholder.id(), "dead-lettering a Kafka record that is not a CloudEvent");
-                        let moved = match dead_letter.send(placeholder).await {
-                            Ok(()) => acker.ack(0).await,
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = moved {
-                            tracing::warn!(error = %e, "could not dead-letter an undecodable record; it is redelivered after the visibility timeout");
-                        }
-                    }
-                }
+                };
+                return Some((Ok(raw), (rx, shared, guard)));
             }
         },
     ))
@@ -827,27 +844,21 @@ fn decode(topic: &str, message: &BorrowedMessage<'_>) -> Decoded {
     };
     match result {
         Ok(event) => Decoded::Event(event),
-        Err(e) => {
-            let id = format!("{topic}/{}/{}", message.partition(), message.offset());
-            let data = serde_json::json!({
-                "topic": topic,
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "key": message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                "headers": headers.into_iter().collect::<BTreeMap<_, _>>(),
-                "value": String::from_utf8_lossy(&body),
-            });
-            let placeholder = Event::builder(UNDECODABLE_EVENT_TYPE, format!("kafka:{topic}"))
-                .id(id)
-                .json(&data)
-                .and_then(|b| b.build());
-            let placeholder = placeholder.unwrap_or_else(|_| {
-                Event::builder(UNDECODABLE_EVENT_TYPE, format!("kafka:{topic}"))
-                    .build()
-                    .expect("a type and a source make a valid event")
-            });
-            Decoded::Undecodable(placeholder, e.to_string())
-        }
+        Err(e) => Decoded::Undecodable(Foreign {
+            error: e.message().to_owned(),
+            topic: topic.to_owned(),
+            id: format!("{}/{}", message.partition(), message.offset()),
+            key: message.key().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            body,
+        }),
     }
 }
 

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use evbus::raw::Source;
 use evbus::{
     Capabilities, ConsumerOptions, Event, Health, Queue, Result, StartPosition, SubscribeOptions,
-    Subscription, Topic, Transport, dead_letter_queue_name,
+    Subscription, Topic, Transport,
 };
 use rdkafka::producer::Producer;
 
@@ -58,20 +59,18 @@ impl KafkaTransport {
     /// Attaches a consumer of Kafka topic `topic` in consumer group `group`; an `anonymous`
     /// group has this one consumer only, keeps no state for later owners and is deleted when
     /// the consumer closes.
-    #[allow(clippy::too_many_arguments)]
     async fn consume(
         &self,
         topic: &str,
         group: String,
-        anonymous: bool,
         start: StartPosition,
-        options: ConsumerOptions,
-        dead_letter_name: String,
-        origin: String,
+        source: Source,
     ) -> Result<Subscription> {
+        let anonymous = source.is_anonymous();
+        let options = source.consumer().clone();
         self.conn.check_open()?;
         self.conn.ensure_topic(topic).await?;
-        let dead_letter = self.queue(&dead_letter_name).await?;
+        let dead_letter = self.queue(source.dead_letter_queue()).await?;
         let state = if anonymous || !self.conn.use_state_topic(topic).await {
             None
         } else {
@@ -99,7 +98,6 @@ impl KafkaTransport {
             group,
             start,
             options: options.clone(),
-            dead_letter: Arc::clone(&dead_letter),
             state,
             on_closed: Some(on_closed),
             on_dropped: Some(on_dropped),
@@ -112,8 +110,7 @@ impl KafkaTransport {
         )
         .await?;
         let closed = self.conn.closed.clone();
-        Ok(Subscription::new(raw, &options, dead_letter, origin)
-            .until(async move { closed.cancelled().await }))
+        Ok(source.into_subscription(raw, dead_letter, async move { closed.cancelled().await }))
     }
 }
 
@@ -215,36 +212,14 @@ impl Topic for KafkaTopic {
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
-        let (group, anonymous, start, origin) = match &options.subscription {
-            Some(sub) => (
-                naming::subscription_group(&self.name, sub),
-                false,
-                options.start,
-                format!("{}/{sub}", self.name),
-            ),
+        let source = Source::topic(&self.name, &options)?;
+        let group = match source.subscription() {
+            Some(sub) => naming::subscription_group(&self.name, sub),
             // Anonymous: a group of its own, starting now, unless asked for history.
-            None => (
-                naming::anonymous_group(&self.name),
-                true,
-                options.start,
-                self.name.clone(),
-            ),
+            None => naming::anonymous_group(&self.name),
         };
-        let dlq = dead_letter_queue_name(
-            &self.name,
-            options.subscription.as_deref(),
-            &options.consumer,
-        );
         self.transport
-            .consume(
-                &self.name,
-                group,
-                anonymous,
-                start,
-                options.consumer,
-                dlq,
-                origin,
-            )
+            .consume(&self.name, group, options.start, source)
             .await
     }
 }
@@ -271,17 +246,14 @@ impl Queue for KafkaQueue {
     }
 
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
-        let dlq = dead_letter_queue_name(&self.name, None, &options);
+        let source = Source::queue(&self.name, &options);
         // A queue keeps what was sent before its first consumer: start from the earliest.
         self.transport
             .consume(
                 &self.name,
                 naming::queue_group(&self.name),
-                false,
                 StartPosition::Earliest,
-                options,
-                dlq,
-                self.name.clone(),
+                source,
             )
             .await
     }

@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::{Acker, ConsumerOptions, Error, ErrorKind, Event, Queue, RawDelivery, Result};
+use evbus::raw::{Acker, RawDelivery, Undecodable};
+use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::Stream;
 use redis::{RedisError, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -49,7 +49,7 @@ use crate::transport::{RedisTransport, Shared};
 
 /// The type of the placeholder event dead-lettered in place of an entry that is not a
 /// CloudEvent (see the crate README).
-pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.redis.undecodable";
+pub use evbus::raw::UNDECODABLE_EVENT_TYPE;
 
 /// How often a consumer of a trimmed topic checks how far its subscription lags.
 const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(60);
@@ -71,7 +71,6 @@ pub(crate) struct ConsumerSpec {
     /// Warn when the group lags close to the retention limit.
     pub(crate) check_lag: bool,
     pub(crate) options: ConsumerOptions,
-    pub(crate) dead_letter: Arc<dyn Queue>,
 }
 
 /// The name of a new anonymous subscription's group: `evbus.anonymous.<unix ms>.<random>`.
@@ -129,7 +128,7 @@ impl ConsumerState {
                 continue;
             }
             let Buffered {
-                id, count, event, ..
+                id, count, payload, ..
             } = entry;
             // Held before the buffer lock is released, so `recover` (which takes both locks)
             // always finds the entry in one of the two.
@@ -140,12 +139,11 @@ impl ConsumerState {
                 count,
                 held: AtomicBool::new(true),
             };
-            let raw = RawDelivery {
-                event,
-                attempt: count,
-                acker: Arc::new(acker),
-                // The acker is per delivery (it holds the entry id).
-                tag: 0,
+            // The acker is per delivery (it holds the entry id): tag 0.
+            let raw = match payload {
+                Ok(event) => RawDelivery::new(event, count, Arc::new(acker), 0),
+                // Not a CloudEvent: core dead-letters it and acks it through the acker.
+                Err(message) => RawDelivery::undecodable(*message, count, Arc::new(acker), 0),
             };
             return Some((raw, id, count));
         }
@@ -230,7 +228,6 @@ pub(crate) async fn start(
         origin: spec.origin,
         anonymous: spec.anonymous,
         check_lag: spec.check_lag,
-        dead_letter: spec.dead_letter,
         unsent: Vec::new(),
         cursor: "-".to_owned(),
         next_reclaim: now,
@@ -258,7 +255,8 @@ pub(crate) async fn start(
 struct Buffered {
     id: String,
     count: u32,
-    event: Event,
+    /// The event, or the entry as an undecodable message.
+    payload: std::result::Result<Event, Box<Undecodable>>,
     at: Instant,
 }
 
@@ -289,7 +287,6 @@ struct ConsumerTask {
     origin: String,
     anonymous: bool,
     check_lag: bool,
-    dead_letter: Arc<dyn Queue>,
     /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
     unsent: Vec<(String, u32)>,
     cursor: String,
@@ -440,30 +437,21 @@ impl ConsumerTask {
         Ok(())
     }
 
-    /// Decodes fetched entries into the shared buffer, and dead-letters those that are not
-    /// CloudEvents. Returns how many were fetched.
+    /// Decodes fetched entries into the shared buffer; those that are not CloudEvents go in
+    /// as undecodable messages (core dead-letters them). Returns how many were fetched.
     async fn buffer_fetched(&mut self, fetched: Vec<Fetched>) -> usize {
         let n = fetched.len();
-        let mut undecodable = Vec::new();
-        let decoded: Vec<Buffered> = fetched
-            .into_iter()
-            .filter_map(|f| match decode(&f.fields) {
-                Ok(event) => Some(Buffered {
-                    id: f.id,
-                    count: f.count,
-                    event,
-                    at: f.at,
-                }),
-                Err(e) => {
-                    undecodable.push((f, e));
-                    None
-                }
-            })
-            .collect();
+        let stream = &self.state.keys.stream;
+        let decoded = fetched.into_iter().map(|f| {
+            let payload = decode(&f.fields).map_err(|e| Box::new(undecodable(stream, &f, e)));
+            Buffered {
+                id: f.id,
+                count: f.count,
+                payload,
+                at: f.at,
+            }
+        });
         self.state.buffer().extend(decoded);
-        for (fetched, error) in undecodable {
-            self.dead_letter_undecodable(fetched, error).await;
-        }
         n
     }
 
@@ -537,50 +525,6 @@ impl ConsumerTask {
         let released = release(conn, &state, &lost).await?;
         tracing::debug!(origin = %self.origin, released, "gave back entries whose delivery reply was lost");
         Ok(())
-    }
-
-    /// Sends an entry that is not a CloudEvent to the dead-letter queue, then acknowledges it.
-    async fn dead_letter_undecodable(&mut self, fetched: Fetched, error: Error) {
-        let placeholder = match placeholder_event(&self.state.keys.stream, &fetched) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::error!(error = %e, "could not build the dead-letter record of an undecodable entry");
-                return;
-            }
-        };
-        let reason = format!("undecodable entry: {}", error.message());
-        let dead = match evbus::delivery::dead_letter_event(
-            &placeholder,
-            &reason,
-            fetched.count,
-            &self.origin,
-        ) {
-            Ok(dead) => dead,
-            Err(e) => {
-                tracing::error!(error = %e, "could not build the dead-letter record of an undecodable entry");
-                return;
-            }
-        };
-        tracing::warn!(
-            origin = %self.origin,
-            entry = %fetched.id,
-            %reason,
-            dead_letter_queue = self.dead_letter.name(),
-            "dead-lettering an entry that is not a CloudEvent"
-        );
-        if let Err(e) = self.dead_letter.send(&dead).await {
-            tracing::warn!(error = %e, entry = %fetched.id, "could not dead-letter an undecodable entry; it stays pending and is retried after the visibility timeout");
-            return;
-        }
-        let acker = RedisAcker {
-            state: Arc::clone(&self.state),
-            id: fetched.id,
-            count: fetched.count,
-            held: AtomicBool::new(false),
-        };
-        if let Err(e) = acker.ack(0).await {
-            tracing::warn!(error = %e, "could not acknowledge a dead-lettered undecodable entry");
-        }
     }
 
     /// Logs a warning when trimming is about to drop entries this group has not read.
@@ -1052,24 +996,19 @@ pub(crate) fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Event> {
     binding::decode(headers, body, HeaderStyle::REDIS)
 }
 
-/// The event dead-lettered in place of an entry that is not a CloudEvent: type
-/// [`UNDECODABLE_EVENT_TYPE`], id `<stream>/<entry id>`, and as JSON data every field of the
-/// entry (`{"fields": {name: text}}`, with `{"base64": ...}` for values that are not UTF-8).
-fn placeholder_event(stream: &str, fetched: &Fetched) -> Result<Event> {
-    let mut fields = serde_json::Map::new();
+/// An entry that is not a CloudEvent, as core's undecodable message: location
+/// `redis:<stream key>`, id the entry id, the `data` field as the body and every other field
+/// as a header.
+fn undecodable(stream: &str, fetched: &Fetched, error: Error) -> Undecodable {
+    let mut message = Undecodable::new(error, format!("redis:{stream}"), fetched.id.clone());
     for (name, value) in &fetched.fields {
-        let value = match std::str::from_utf8(value) {
-            Ok(text) => serde_json::Value::String(text.to_owned()),
-            Err(_) => serde_json::json!({
-                "base64": base64::engine::general_purpose::STANDARD.encode(value)
-            }),
-        };
-        fields.insert(String::from_utf8_lossy(name).into_owned(), value);
+        if name.as_slice() == DATA_FIELD.as_bytes() {
+            message = message.body(value.clone());
+        } else {
+            message = message.header(String::from_utf8_lossy(name).into_owned(), value.clone());
+        }
     }
-    Event::builder(UNDECODABLE_EVENT_TYPE, format!("redis:{stream}"))
-        .id(format!("{stream}/{}", fetched.id))
-        .json(&serde_json::json!({ "stream": stream, "entry": fetched.id, "fields": fields }))?
-        .build()
+    message
 }
 
 // ---- reply parsing --------------------------------------------------------------------------
@@ -1273,12 +1212,17 @@ mod tests {
             fields: fields(&[("order", b"{\"id\":1}"), ("blob", &[0xff, 0x00])]),
             at: Instant::now(),
         };
-        let event = placeholder_event("evbus:topic:{t}", &fetched).unwrap();
+        let message = undecodable(
+            "evbus:topic:{t}",
+            &fetched,
+            Error::invalid_event("not a CloudEvent"),
+        );
+        let event = message.placeholder().unwrap();
         assert_eq!(event.ty(), UNDECODABLE_EVENT_TYPE);
-        assert_eq!(event.id(), "evbus:topic:{t}/1-0");
+        assert_eq!(event.id(), "redis:evbus:topic:{t}/1-0");
         let data: serde_json::Value = event.json().unwrap();
-        assert_eq!(data["fields"]["order"], "{\"id\":1}");
-        assert_eq!(data["fields"]["blob"]["base64"], "/wA=");
+        assert_eq!(data["headers"]["order"], "{\"id\":1}");
+        assert_eq!(data["headers"]["blob"]["base64"], "/wA=");
     }
 
     #[test]

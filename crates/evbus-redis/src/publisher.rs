@@ -5,9 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use evbus::binding::{self, HeaderStyle};
+use evbus::raw::Source;
 use evbus::{
     ConsumerOptions, Error, ErrorKind, Event, Queue, Result, StartPosition, SubscribeOptions,
-    Subscription, Topic, dead_letter_queue_name,
+    Subscription, Topic,
 };
 use redis::Value;
 
@@ -141,6 +142,7 @@ impl Topic for RedisTopic {
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
         let shared = &self.transport.shared;
         let _op = shared.begin()?;
+        let source = Source::topic(&self.name, &options)?;
         let start = match options.start {
             StartPosition::Latest => "$",
             StartPosition::Earliest => "0",
@@ -166,32 +168,24 @@ impl Topic for RedisTopic {
         shared
             .ensure_group(&self.keys.stream, &group, start)
             .await?;
-        let dlq = dead_letter_queue_name(
-            &self.name,
-            options.subscription.as_deref(),
-            &options.consumer,
-        );
-        let dead_letter: Arc<dyn Queue> = Arc::new(self.transport.queue_handle(&dlq));
-        let origin = format!("{}/{group}", self.name);
+        let dead_letter: Arc<dyn Queue> =
+            Arc::new(self.transport.queue_handle(source.dead_letter_queue()));
+        let origin = source.origin().to_owned();
         let check_lag = shared.config.retention != Retention::Unlimited;
         let raw = consumer::start(
             &self.transport,
             ConsumerSpec {
                 keys: self.keys.clone(),
                 group,
-                origin: origin.clone(),
+                origin,
                 anonymous,
                 delete_on_ack: false,
                 check_lag,
                 options: options.consumer.clone(),
-                dead_letter: Arc::clone(&dead_letter),
             },
         )
         .await?;
-        Ok(
-            Subscription::new(raw, &options.consumer, dead_letter, origin)
-                .until(shared.cancel.clone().cancelled_owned()),
-        )
+        Ok(source.into_subscription(raw, dead_letter, shared.cancel.clone().cancelled_owned()))
     }
 }
 
@@ -250,8 +244,9 @@ impl Queue for RedisQueue {
         shared
             .ensure_group(&self.keys.stream, QUEUE_GROUP, "0")
             .await?;
-        let dlq = dead_letter_queue_name(&self.name, None, &options);
-        let dead_letter: Arc<dyn Queue> = Arc::new(self.transport.queue_handle(&dlq));
+        let source = Source::queue(&self.name, &options);
+        let dead_letter: Arc<dyn Queue> =
+            Arc::new(self.transport.queue_handle(source.dead_letter_queue()));
         let raw = consumer::start(
             &self.transport,
             ConsumerSpec {
@@ -262,14 +257,10 @@ impl Queue for RedisQueue {
                 delete_on_ack: true,
                 check_lag: false,
                 options: options.clone(),
-                dead_letter: Arc::clone(&dead_letter),
             },
         )
         .await?;
-        Ok(
-            Subscription::new(raw, &options, dead_letter, self.name.clone())
-                .until(shared.cancel.clone().cancelled_owned()),
-        )
+        Ok(source.into_subscription(raw, dead_letter, shared.cancel.clone().cancelled_owned()))
     }
 }
 

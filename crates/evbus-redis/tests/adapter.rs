@@ -313,13 +313,13 @@ async fn an_entry_that_is_not_a_cloudevent_is_dead_lettered_and_later_events_flo
     assert_eq!(e.ty(), evbus_redis::UNDECODABLE_EVENT_TYPE);
     let reason = e.extension(DEAD_LETTER_REASON).unwrap();
     assert!(
-        reason.contains("undecodable entry") && reason.contains("specversion"),
+        reason.contains("undecodable message") && reason.contains("specversion"),
         "{reason}"
     );
     assert_eq!(e.extension(DEAD_LETTER_ATTEMPTS), Some("1"));
     let data: serde_json::Value = e.json().unwrap();
-    assert_eq!(data["fields"]["order"], r#"{"id":7}"#);
-    assert_eq!(data["fields"]["blob"]["base64"], "/wA=");
+    assert_eq!(data["headers"]["order"], r#"{"id":7}"#);
+    assert_eq!(data["headers"]["blob"]["base64"], "/wA=");
     record.ack().await.unwrap();
     // Acknowledged: nothing stays pending for the subscription.
     let pending: Value = env.cmd(redis::cmd("XPENDING").arg(&key).arg("s")).await;

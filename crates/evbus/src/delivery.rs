@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::envelope::Event;
@@ -69,27 +70,224 @@ pub trait Acker: Send + Sync {
     }
 }
 
-/// What an adapter's consumer yields: an event, its attempt number and how to settle it.
-/// Core turns it into a [`Delivery`] (see [`Subscription::new`](crate::Subscription::new)).
+/// What an adapter's consumer yields: an event (or a message that could not be decoded), its
+/// attempt number and how to settle it. Core turns it into a [`Delivery`] (see
+/// [`raw::Source::into_subscription`](crate::raw::Source::into_subscription)).
 pub struct RawDelivery {
-    /// The decoded event.
-    pub event: Event,
-    /// 1 on first delivery, incremented on each redelivery.
-    pub attempt: u32,
-    /// The adapter's settlement handle: per delivery, or shared by a consumer's deliveries.
-    pub acker: Arc<dyn Acker>,
-    /// Given back to every [`Acker`] call for this delivery (0 when the acker is per
-    /// delivery and needs none).
-    pub tag: u64,
+    payload: Payload,
+    attempt: u32,
+    acker: Arc<dyn Acker>,
+    tag: u64,
+}
+
+/// What a raw delivery carries.
+pub(crate) enum Payload {
+    Event(Event),
+    Undecodable(Box<Undecodable>),
 }
 
 impl std::fmt::Debug for RawDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawDelivery")
-            .field("event", &self.event)
-            .field("attempt", &self.attempt)
+        let mut d = f.debug_struct("RawDelivery");
+        match &self.payload {
+            Payload::Event(event) => d.field("event", event),
+            Payload::Undecodable(message) => d.field("undecodable", message),
+        };
+        d.field("attempt", &self.attempt)
             .field("tag", &self.tag)
             .finish_non_exhaustive()
+    }
+}
+
+impl RawDelivery {
+    /// A decoded event. `attempt` is 1 on first delivery and counts every delivery after it;
+    /// `tag` is given back to every [`Acker`] call (0 when the acker is per delivery).
+    pub fn new(event: Event, attempt: u32, acker: Arc<dyn Acker>, tag: u64) -> Self {
+        RawDelivery {
+            payload: Payload::Event(event),
+            attempt,
+            acker,
+            tag,
+        }
+    }
+
+    /// A message that could not be decoded (a foreign producer wrote something that is not a
+    /// CloudEvent). Core never hands it to the consumer: it sends a placeholder event (type
+    /// [`UNDECODABLE_EVENT_TYPE`], carrying the raw headers and body) to the dead-letter queue
+    /// with the reason, the attempt count and the origin, then acknowledges it through
+    /// `acker`, so it never blocks the messages behind it.
+    pub fn undecodable(
+        message: Undecodable,
+        attempt: u32,
+        acker: Arc<dyn Acker>,
+        tag: u64,
+    ) -> Self {
+        RawDelivery {
+            payload: Payload::Undecodable(Box::new(message)),
+            attempt,
+            acker,
+            tag,
+        }
+    }
+
+    /// The event; `None` for an undecodable message.
+    pub fn event(&self) -> Option<&Event> {
+        match &self.payload {
+            Payload::Event(event) => Some(event),
+            Payload::Undecodable(_) => None,
+        }
+    }
+
+    /// Mutable access to the event (for transport layers); `None` for an undecodable message.
+    pub fn event_mut(&mut self) -> Option<&mut Event> {
+        match &mut self.payload {
+            Payload::Event(event) => Some(event),
+            Payload::Undecodable(_) => None,
+        }
+    }
+
+    /// The undecodable message, if this is one.
+    pub fn undecodable_message(&self) -> Option<&Undecodable> {
+        match &self.payload {
+            Payload::Event(_) => None,
+            Payload::Undecodable(message) => Some(message),
+        }
+    }
+
+    /// 1 on first delivery, incremented on each redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The settlement handle.
+    pub fn acker(&self) -> &Arc<dyn Acker> {
+        &self.acker
+    }
+
+    /// The tag given back to every [`Acker`] call.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Replaces the settlement handle and its tag: a transport layer wraps the inner acker to
+    /// observe or alter settlements.
+    pub fn with_acker(mut self, acker: Arc<dyn Acker>, tag: u64) -> Self {
+        self.acker = acker;
+        self.tag = tag;
+        self
+    }
+
+    /// Replaces the attempt number (a layer that redelivers on its own counts its attempts).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    pub(crate) fn into_parts(self) -> (Payload, u32, Arc<dyn Acker>, u64) {
+        (self.payload, self.attempt, self.acker, self.tag)
+    }
+}
+
+/// The type of the record dead-lettered in place of a message that is not a CloudEvent.
+pub const UNDECODABLE_EVENT_TYPE: &str = "evbus.undecodable";
+
+/// A message an adapter read but could not decode into an [`Event`]: why, where, and its raw
+/// headers and body, kept so that the dead-letter record loses nothing.
+///
+/// ```
+/// use evbus::raw::Undecodable;
+///
+/// let message = Undecodable::new(
+///     evbus::Error::invalid_event("missing `ce_specversion` header"),
+///     "redis:orders",
+///     "1700000000000-0",
+/// )
+/// .header("order", "{}")
+/// .body(&b"\xff\x00"[..]);
+/// assert_eq!(message.headers().len(), 1);
+/// ```
+#[derive(Debug)]
+pub struct Undecodable {
+    error: Error,
+    location: String,
+    id: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Bytes,
+}
+
+impl Undecodable {
+    /// `error`: why decoding failed; `location`: where it was read (`nats:EVBUS_orders`,
+    /// `redis:evbus:topic:orders`); `id`: the broker's id of the message (a stream sequence,
+    /// an offset, an entry id).
+    pub fn new(error: Error, location: impl Into<String>, id: impl Into<String>) -> Self {
+        Undecodable {
+            error,
+            location: location.into(),
+            id: id.into(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Adds one header (property, field) of the raw message, in any encoding.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the raw body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Why decoding failed.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The raw headers.
+    pub fn headers(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
+    }
+
+    /// The raw body.
+    pub fn raw_body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The placeholder event dead-lettered in its place: type [`UNDECODABLE_EVENT_TYPE`],
+    /// source `location`, id `location/id`, and as JSON data
+    /// `{"location", "id", "error", "headers": {name: text}, "body": text}` where a value that
+    /// is not UTF-8 becomes `{"base64": "..."}`.
+    pub fn placeholder(&self) -> Result<Event> {
+        use base64::Engine as _;
+        let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::Value::String(text.to_owned()),
+            Err(_) => serde_json::json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+            }),
+        };
+        let headers: serde_json::Map<String, serde_json::Value> = self
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), text(value)))
+            .collect();
+        let source = if self.location.is_empty() {
+            "evbus:undecodable"
+        } else {
+            &self.location
+        };
+        Event::builder(UNDECODABLE_EVENT_TYPE, source)
+            .id(format!("{}/{}", self.location, self.id))
+            .json(&serde_json::json!({
+                "location": self.location,
+                "id": self.id,
+                "error": self.error.message(),
+                "headers": headers,
+                "body": text(&self.body),
+            }))?
+            .build()
     }
 }
 
@@ -143,15 +341,18 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     pub(crate) fn new(
-        raw: RawDelivery,
+        event: Event,
+        attempt: u32,
+        acker: Arc<dyn Acker>,
+        tag: u64,
         policy: DeliveryPolicy,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Delivery {
-            event: raw.event,
-            attempt: raw.attempt.max(1),
-            acker: raw.acker,
-            tag: raw.tag,
+            event,
+            attempt: attempt.max(1),
+            acker,
+            tag,
             policy,
             state: AtomicU8::new(PENDING),
             permit: Mutex::new(permit),

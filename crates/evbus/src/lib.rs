@@ -6,7 +6,9 @@ pub mod capabilities;
 pub mod delivery;
 pub mod envelope;
 pub mod error;
+pub mod layer;
 pub mod memory;
+pub mod raw;
 pub mod registry;
 pub mod schema;
 pub mod subscription;
@@ -14,7 +16,7 @@ pub mod transport;
 
 pub use bus::{Bus, BusBuilder, Emit, HandlerHandle, Message, RetryPolicy};
 pub use capabilities::{Capabilities, Capability};
-pub use delivery::{Acker, Delivery, RawDelivery, Settlement};
+pub use delivery::{Delivery, Settlement};
 pub use envelope::{Event, EventBuilder};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{Connector, Registry};

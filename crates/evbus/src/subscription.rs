@@ -1,13 +1,16 @@
 //! A consumer's stream of [`Delivery`]s.
 //!
-//! Adapters produce a stream of [`RawDelivery`]s and wrap it with [`Subscription::new`]; core
-//! then enforces, identically for every adapter:
+//! Adapters produce a stream of [`RawDelivery`]s and wrap it with
+//! [`raw::Source::into_subscription`](crate::raw::Source::into_subscription); core then
+//! enforces, identically for every adapter:
 //!
 //! - the in-flight limit: the stream yields nothing more while
 //!   [`ConsumerOptions::max_in_flight`] deliveries are unsettled;
 //! - max attempts: a delivery whose attempt number exceeds
 //!   [`ConsumerOptions::max_attempts`] (its previous consumer vanished on the last attempt) is
-//!   dead-lettered without reaching the consumer.
+//!   dead-lettered without reaching the consumer;
+//! - undecodable messages: a [`RawDelivery::undecodable`] is dead-lettered as a placeholder
+//!   record and acknowledged, never handed out, so it cannot block the stream.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 
-use crate::delivery::{Delivery, DeliveryPolicy, RawDelivery};
+use crate::delivery::{Acker, Delivery, DeliveryPolicy, Payload, RawDelivery, Undecodable};
 use crate::error::Result;
 use crate::transport::{ConsumerOptions, Queue};
 
@@ -83,18 +86,41 @@ impl Limited {
                 }
                 Poll::Ready(Some(Ok(raw))) => raw,
             };
-            if raw.attempt > self.policy.max_attempts {
+            let (payload, attempt, acker, tag) = raw.into_parts();
+            let event = match payload {
+                Payload::Event(event) => event,
+                Payload::Undecodable(message) => {
+                    // Not a CloudEvent: moved aside, never handed out.
+                    self.permit = Some(permit);
+                    self.dead_lettering = Some(Box::pin(dead_letter_undecodable(
+                        message,
+                        attempt,
+                        acker,
+                        tag,
+                        self.policy.clone(),
+                    )));
+                    continue;
+                }
+            };
+            if attempt > self.policy.max_attempts {
                 // Its previous consumer vanished on the last attempt: dead-letter it without
                 // handing it out, then go on with the next one.
                 self.permit = Some(permit);
-                self.dead_lettering = Some(Box::pin(dead_letter_over_delivered(
-                    raw,
+                self.dead_lettering = Some(Box::pin(dead_letter_over_delivered(Delivery::new(
+                    event,
+                    attempt,
+                    acker,
+                    tag,
                     self.policy.clone(),
-                )));
+                    None,
+                ))));
                 continue;
             }
             return Poll::Ready(Some(Ok(Delivery::new(
-                raw,
+                event,
+                attempt,
+                acker,
+                tag,
                 self.policy.clone(),
                 Some(permit),
             ))));
@@ -102,10 +128,9 @@ impl Limited {
     }
 }
 
-async fn dead_letter_over_delivered(raw: RawDelivery, policy: DeliveryPolicy) {
-    let attempts = raw.attempt;
-    let max = policy.max_attempts;
-    let delivery = Delivery::new(raw, policy, None);
+async fn dead_letter_over_delivered(delivery: Delivery) {
+    let attempts = delivery.attempt();
+    let max = delivery.max_attempts();
     let reason = format!("max attempts exceeded ({attempts} deliveries, {max} allowed)");
     if let Err(e) = delivery.dead_letter(&reason).await {
         tracing::warn!(
@@ -116,11 +141,49 @@ async fn dead_letter_over_delivered(raw: RawDelivery, policy: DeliveryPolicy) {
     }
 }
 
+/// Sends the placeholder of an undecodable message to the dead-letter queue, then acknowledges
+/// the message. If either step fails the message stays unacknowledged on the broker and comes
+/// back after the visibility timeout: nothing is lost.
+async fn dead_letter_undecodable(
+    message: Box<Undecodable>,
+    attempt: u32,
+    acker: Arc<dyn Acker>,
+    tag: u64,
+    policy: DeliveryPolicy,
+) {
+    let reason = format!("undecodable message: {}", message.error().message());
+    let record = message.placeholder().and_then(|placeholder| {
+        crate::delivery::dead_letter_event(&placeholder, &reason, attempt.max(1), &policy.origin)
+    });
+    let record = match record {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::error!(error = %e, origin = %policy.origin, "could not build the dead-letter record of an undecodable message");
+            return;
+        }
+    };
+    tracing::warn!(
+        origin = %policy.origin,
+        message = record.id(),
+        %reason,
+        dead_letter_queue = policy.dead_letter.name(),
+        "dead-lettering a message that is not a CloudEvent"
+    );
+    if let Err(e) = policy.dead_letter.send(&record).await {
+        tracing::warn!(error = %e, message = record.id(), "could not dead-letter an undecodable message; it stays unacknowledged and comes back after the visibility timeout");
+        return;
+    }
+    if let Err(e) = acker.ack(tag).await {
+        tracing::warn!(error = %e, message = record.id(), "could not acknowledge a dead-lettered undecodable message; it may be dead-lettered again");
+    }
+}
+
 impl Subscription {
     /// Wraps an adapter's raw stream. `dead_letter` is the queue that receives dead-lettered
     /// events; `origin` names the source in dead-letter records (`topic/subscription`, or the
-    /// queue name).
-    pub fn new<S>(
+    /// queue name). Adapters go through
+    /// [`raw::Source::into_subscription`](crate::raw::Source::into_subscription).
+    pub(crate) fn new<S>(
         raw: S,
         options: &ConsumerOptions,
         dead_letter: Arc<dyn Queue>,
@@ -160,6 +223,19 @@ impl Subscription {
                 futures::future::select(earlier, signal).await;
             }),
         });
+        self
+    }
+
+    /// For transport layers: replaces the adapter's raw stream with `f(raw)`, keeping
+    /// everything else (in-flight limit, max attempts, dead-letter queue, origin, close
+    /// signal). A layer sees [`RawDelivery`]s, not finished deliveries, so it never re-wraps
+    /// them and two layers never both dead-letter. See [`layer`](crate::layer).
+    pub fn map_raw<S>(mut self, f: impl FnOnce(crate::raw::RawStream) -> S) -> Self
+    where
+        S: Stream<Item = Result<RawDelivery>> + Send + 'static,
+    {
+        let raw = std::mem::replace(&mut self.inner.raw, futures::stream::empty().boxed());
+        self.inner.raw = f(raw).boxed();
         self
     }
 

@@ -276,12 +276,12 @@ impl Consumer {
         let event = entry.event.clone();
         let attempt = entry.deliveries;
         state.in_flight.insert(tag, InFlight { entry, deadline });
-        Take::Delivery(RawDelivery {
+        Take::Delivery(RawDelivery::new(
             event,
             attempt,
-            acker: Arc::clone(&self.shared) as Arc<dyn Acker>,
+            Arc::clone(&self.shared) as Arc<dyn Acker>,
             tag,
-        })
+        ))
     }
 }
 

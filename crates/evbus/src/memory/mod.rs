@@ -45,11 +45,11 @@ use url::Url;
 use crate::capabilities::Capabilities;
 use crate::envelope::Event;
 use crate::error::{Error, ErrorKind, Result};
+use crate::raw::Source;
 use crate::registry::Connector;
 use crate::subscription::Subscription;
 use crate::transport::{
     ConsumerOptions, Health, Queue, StartPosition, SubscribeOptions, Topic, Transport,
-    dead_letter_queue_name,
 };
 use group::Group;
 
@@ -511,18 +511,18 @@ impl Topic for MemoryTopic {
         self.transport.check_open()?;
         let broker = &self.transport.broker;
         let capacity = broker.inner.config.capacity;
-        let consumer = &options.consumer;
-        let (group, guard, origin) = {
+        let source = Source::topic(&self.name, &options)?;
+        let consumer = source.consumer();
+        let (group, guard) = {
             let mut state = broker.lock();
             let topic = state.topics.entry(self.name.clone()).or_default();
             match &options.subscription {
                 Some(sub) => {
                     check_name(sub)?;
-                    let origin = format!("{}/{sub}", self.name);
                     let group = match topic.named.get(sub) {
                         Some(g) => Arc::clone(g),
                         None => {
-                            let g = Group::new(origin.clone(), capacity);
+                            let g = Group::new(source.origin().to_owned(), capacity);
                             if options.start == StartPosition::Earliest {
                                 let skip = topic.history.len().saturating_sub(capacity);
                                 let replay: Vec<_> =
@@ -533,12 +533,11 @@ impl Topic for MemoryTopic {
                             g
                         }
                     };
-                    (group, None, origin)
+                    (group, None)
                 }
                 None => {
                     let id = broker.inner.next_anonymous.fetch_add(1, Ordering::Relaxed);
-                    let origin = format!("{}/~anonymous-{id}", self.name);
-                    let g = Group::new(origin.clone(), capacity);
+                    let g = Group::new(source.origin().to_owned(), capacity);
                     if options.start == StartPosition::Earliest {
                         let skip = topic.history.len().saturating_sub(capacity);
                         let replay: Vec<_> = topic.history.iter().skip(skip).cloned().collect();
@@ -553,20 +552,21 @@ impl Topic for MemoryTopic {
                             id,
                         },
                     ));
-                    (g, Some(guard), origin)
+                    (g, Some(guard))
                 }
             }
         };
-        let dlq_name =
-            dead_letter_queue_name(&self.name, options.subscription.as_deref(), consumer);
-        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(&dlq_name);
+        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(source.dead_letter_queue());
         let raw = group.consume(
             consumer.visibility_timeout,
             self.transport.closed.child_token(),
             guard,
         );
-        Ok(Subscription::new(raw, consumer, dead_letter, origin)
-            .until(self.transport.closed.clone().cancelled_owned()))
+        Ok(source.into_subscription(
+            raw,
+            dead_letter,
+            self.transport.closed.clone().cancelled_owned(),
+        ))
     }
 }
 
@@ -635,16 +635,17 @@ impl Queue for MemoryQueue {
                     .or_insert_with(|| Arc::clone(&self.group)),
             )
         };
-        let dlq_name = dead_letter_queue_name(&self.name, None, &options);
-        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(&dlq_name);
+        let source = Source::queue(&self.name, &options);
+        let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(source.dead_letter_queue());
         let raw = group.consume(
             options.visibility_timeout,
             self.transport.closed.child_token(),
             None,
         );
-        Ok(
-            Subscription::new(raw, &options, dead_letter, self.name.clone())
-                .until(self.transport.closed.clone().cancelled_owned()),
-        )
+        Ok(source.into_subscription(
+            raw,
+            dead_letter,
+            self.transport.closed.clone().cancelled_owned(),
+        ))
     }
 }

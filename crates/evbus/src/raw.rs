@@ -1,0 +1,246 @@
+//! The adapter-facing API: what a transport (or a transport [`layer`](crate::layer)) is built
+//! from, kept apart from what applications use.
+//!
+//! An adapter's consumer produces a stream of [`RawDelivery`]s (an event or an
+//! [`Undecodable`] message, its attempt number and an [`Acker`]), and turns it into the
+//! application's [`Subscription`] with one call, [`Source::into_subscription`]. That call is
+//! the same for every adapter, so the rules that must not drift are written once:
+//!
+//! | | topic, named subscription | topic, anonymous subscription | queue |
+//! |---|---|---|---|
+//! | dead-letter queue | `<topic>.<subscription>.dlq` | `<topic>._anonymous.dlq` | `<queue>.dlq` |
+//! | `deadletterorigin` | `<topic>/<subscription>` | `<topic>/~anonymous` | `<queue>` |
+//!
+//! ([`ConsumerOptions::dead_letter_queue`] overrides the dead-letter queue.) Subscription names
+//! starting with `_` are reserved, so an anonymous subscription's dead-letter queue never
+//! meets a named one's; a queue's differs from both unless a queue is itself named
+//! `<topic>.<subscription>` or `<topic>._anonymous`, which is best avoided.
+//!
+//! Core then enforces, identically everywhere: the in-flight limit, settle-once, attempts and
+//! dead-lettering after [`ConsumerOptions::max_attempts`], delayed-nack emulation, the
+//! dead-lettering of undecodable messages (never handed out, never blocking the stream), and
+//! the end of the stream when the transport closes.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use evbus::raw::{Acker, RawDelivery, Source};
+//! use evbus::{Event, SubscribeOptions, Transport};
+//!
+//! struct NoopAcker;
+//! #[async_trait::async_trait]
+//! impl Acker for NoopAcker {
+//!     async fn ack(&self, _tag: u64) -> evbus::Result<()> { Ok(()) }
+//!     async fn nack(&self, _tag: u64) -> evbus::Result<()> { Ok(()) }
+//! }
+//!
+//! # async fn demo() -> evbus::Result<()> {
+//! let source = Source::topic("orders", &SubscribeOptions::named("billing"))?;
+//! assert_eq!(source.dead_letter_queue(), "orders.billing.dlq");
+//! assert_eq!(source.origin(), "orders/billing");
+//!
+//! // Any transport's queue receives the dead letters; here the in-memory one.
+//! let transport = evbus::memory::MemoryBroker::new(Default::default()).connect();
+//! let dead_letter = transport.queue(source.dead_letter_queue()).await?;
+//! let event = Event::builder("orderPlaced", "/shop").build()?;
+//! let raw = futures::stream::iter(vec![Ok(RawDelivery::new(event, 1, Arc::new(NoopAcker), 0))]);
+//! let mut subscription = source.into_subscription(raw, dead_letter, std::future::pending());
+//! let delivery = subscription.next_delivery().await.unwrap()?;
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use futures::stream::{BoxStream, Stream};
+
+use crate::error::{Error, Result};
+use crate::subscription::Subscription;
+use crate::transport::{ConsumerOptions, Queue, SubscribeOptions};
+
+pub use crate::delivery::{
+    Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, RawDelivery,
+    UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
+};
+
+/// An adapter's stream of raw deliveries.
+pub type RawStream = BoxStream<'static, Result<RawDelivery>>;
+
+/// The origin of every anonymous subscription of `topic`.
+const ANONYMOUS: &str = "~anonymous";
+/// The dead-letter queue segment of anonymous subscriptions.
+const ANONYMOUS_DLQ: &str = "_anonymous";
+
+/// Where a consumer reads from: a topic subscription (named or anonymous) or a queue. Names
+/// its dead-letter queue and its origin the same way on every adapter (see the
+/// [module docs](self)) and assembles the [`Subscription`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    kind: Kind,
+    origin: String,
+    dead_letter_queue: String,
+    consumer: ConsumerOptions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    Named(String),
+    Anonymous,
+    Queue,
+}
+
+impl Source {
+    /// A subscription of `topic`. Fails with
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) if the subscription
+    /// name is empty or starts with `_` (reserved for evbus).
+    pub fn topic(topic: &str, options: &SubscribeOptions) -> Result<Source> {
+        let consumer = options.consumer.clone();
+        let (kind, origin, default_dlq) = match options.subscription.as_deref() {
+            Some(sub) => {
+                check_subscription_name(sub)?;
+                (
+                    Kind::Named(sub.to_owned()),
+                    format!("{topic}/{sub}"),
+                    format!("{topic}.{sub}.dlq"),
+                )
+            }
+            None => (
+                Kind::Anonymous,
+                format!("{topic}/{ANONYMOUS}"),
+                format!("{topic}.{ANONYMOUS_DLQ}.dlq"),
+            ),
+        };
+        Ok(Source {
+            kind,
+            origin,
+            dead_letter_queue: consumer.dead_letter_queue.clone().unwrap_or(default_dlq),
+            consumer,
+        })
+    }
+
+    /// A consumer of `queue`.
+    pub fn queue(queue: &str, options: &ConsumerOptions) -> Source {
+        Source {
+            kind: Kind::Queue,
+            origin: queue.to_owned(),
+            dead_letter_queue: options
+                .dead_letter_queue
+                .clone()
+                .unwrap_or_else(|| format!("{queue}.dlq")),
+            consumer: options.clone(),
+        }
+    }
+
+    /// Names the source in dead-letter records and logs: `orders/billing`,
+    /// `orders/~anonymous` or `jobs`.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The queue receiving this consumer's dead letters.
+    pub fn dead_letter_queue(&self) -> &str {
+        &self.dead_letter_queue
+    }
+
+    /// The consumer settings.
+    pub fn consumer(&self) -> &ConsumerOptions {
+        &self.consumer
+    }
+
+    /// The named subscription; `None` for a queue or an anonymous subscription.
+    pub fn subscription(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Named(name) => Some(name),
+            Kind::Anonymous | Kind::Queue => None,
+        }
+    }
+
+    /// Whether this is an anonymous topic subscription.
+    pub fn is_anonymous(&self) -> bool {
+        self.kind == Kind::Anonymous
+    }
+
+    /// Whether this is a queue consumer.
+    pub fn is_queue(&self) -> bool {
+        self.kind == Kind::Queue
+    }
+
+    /// Wraps the adapter's raw stream into the application's [`Subscription`]: in-flight
+    /// limit, max attempts, dead-lettering (to `dead_letter`, normally
+    /// `transport.queue(source.dead_letter_queue())`), undecodable messages moved aside, and
+    /// the stream ends as soon as `closed` completes (pass the transport's close signal, such
+    /// as `token.clone().cancelled_owned()` of a `tokio_util` `CancellationToken`; without it
+    /// a consumer holding every in-flight slot would wait forever after close).
+    pub fn into_subscription<S>(
+        self,
+        raw: S,
+        dead_letter: Arc<dyn Queue>,
+        closed: impl Future<Output = ()> + Send + 'static,
+    ) -> Subscription
+    where
+        S: Stream<Item = Result<RawDelivery>> + Send + 'static,
+    {
+        Subscription::new(raw, &self.consumer, dead_letter, self.origin).until(closed)
+    }
+}
+
+/// Checks a subscription name: not empty, not starting with `_` (reserved).
+pub fn check_subscription_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_config("a subscription name cannot be empty"));
+    }
+    if name.starts_with('_') {
+        return Err(Error::invalid_config(format!(
+            "subscription name `{name}` starts with `_`, which is reserved for evbus; \
+             choose a name starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_source_has_its_own_dead_letter_queue_and_origin() {
+        let named = Source::topic("orders", &SubscribeOptions::named("billing")).unwrap();
+        let anonymous = Source::topic("orders", &SubscribeOptions::anonymous()).unwrap();
+        let queue = Source::queue("orders", &ConsumerOptions::default());
+        assert_eq!(
+            (named.dead_letter_queue(), named.origin()),
+            ("orders.billing.dlq", "orders/billing")
+        );
+        assert_eq!(
+            (anonymous.dead_letter_queue(), anonymous.origin()),
+            ("orders._anonymous.dlq", "orders/~anonymous")
+        );
+        assert_eq!(
+            (queue.dead_letter_queue(), queue.origin()),
+            ("orders.dlq", "orders")
+        );
+        assert_eq!(named.subscription(), Some("billing"));
+        assert!(anonymous.is_anonymous() && queue.is_queue());
+    }
+
+    #[test]
+    fn an_explicit_dead_letter_queue_wins() {
+        let options = ConsumerOptions::default().dead_letter_queue("parked");
+        assert_eq!(
+            Source::queue("jobs", &options).dead_letter_queue(),
+            "parked"
+        );
+        let sub = SubscribeOptions::anonymous().consumer(options);
+        assert_eq!(
+            Source::topic("t", &sub).unwrap().dead_letter_queue(),
+            "parked"
+        );
+    }
+
+    #[test]
+    fn reserved_and_empty_subscription_names_are_configuration_errors() {
+        for name in ["", "_anonymous", "_x"] {
+            let err = Source::topic("t", &SubscribeOptions::named(name)).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidConfig, "{name}");
+        }
+    }
+}
