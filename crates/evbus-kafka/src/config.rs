@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -44,23 +45,23 @@ pub struct KafkaConfig {
     /// without leaving its group keeps its partitions (and so its unacknowledged deliveries)
     /// before the group hands them to another member. Apache Kafka refuses values below the
     /// broker's `group.min.session.timeout.ms` (6 s by default). Default 10 s.
-    #[serde(rename = "session_timeout_ms", with = "millis")]
+    #[serde(rename = "session_timeout_ms", with = "evbus::raw::millis")]
     pub session_timeout: Duration,
     /// Consumer heartbeat interval (`heartbeat.interval.ms`): how soon a member learns of a
     /// rebalance. Default 1 s.
-    #[serde(rename = "heartbeat_interval_ms", with = "millis")]
+    #[serde(rename = "heartbeat_interval_ms", with = "evbus::raw::millis")]
     pub heartbeat_interval: Duration,
     /// How long the producer keeps retrying one publish (`message.timeout.ms`, through broker
     /// outages) before it fails with a retryable [`ErrorKind::Timeout`](evbus::ErrorKind).
     /// Default 30 s.
-    #[serde(rename = "message_timeout_ms", with = "millis")]
+    #[serde(rename = "message_timeout_ms", with = "evbus::raw::millis")]
     pub message_timeout: Duration,
     /// Time limit of admin requests, offset commits and metadata requests. Default 10 s.
-    #[serde(rename = "operation_timeout_ms", with = "millis")]
+    #[serde(rename = "operation_timeout_ms", with = "evbus::raw::millis")]
     pub operation_timeout: Duration,
     /// How long a new consumer waits for its first partition assignment before
     /// `subscribe`/`receive` fail with a retryable timeout. Default 30 s.
-    #[serde(rename = "assignment_timeout_ms", with = "millis")]
+    #[serde(rename = "assignment_timeout_ms", with = "evbus::raw::millis")]
     pub assignment_timeout: Duration,
     /// Largest event data accepted, in bytes. The adapter creates topics with a
     /// `max.message.bytes` large enough for it plus the headers, and sets the producer's
@@ -139,48 +140,32 @@ impl KafkaConfig {
             .host_str()
             .ok_or_else(|| Error::invalid_config(format!("`{shown}` names no broker host")))?;
         let mut config = KafkaConfig::new(format!("{host}:{}", url.port().unwrap_or(9092)));
-        for (key, value) in url.query_pairs() {
-            let bad = |e: &dyn std::fmt::Display| {
-                Error::invalid_config(format!("`{shown}`: bad value `{value}` for `{key}`: {e}"))
-            };
-            let ms = |v: &str| v.parse::<u64>().map(Duration::from_millis);
-            match &*key {
-                "brokers" => {
+        for (name, value) in url.query_pairs() {
+            use KafkaConfigKey as K;
+            // Any librdkafka property: `rdkafka.<property>`.
+            if let Some(property) = name.strip_prefix("rdkafka.").filter(|p| !p.is_empty()) {
+                config
+                    .properties
+                    .insert(property.to_owned(), value.to_string());
+                continue;
+            }
+            let key = K::parse(&name)?;
+            let millis = || parse_millis(key, &value);
+            match key {
+                K::Brokers => {
                     config.bootstrap_servers.push(',');
                     config.bootstrap_servers.push_str(&value);
                 }
-                "client_id" => config.client_id = value.to_string(),
-                "partitions" => config.partitions = value.parse().map_err(|e| bad(&e))?,
-                "replication_factor" => {
-                    config.replication_factor = value.parse().map_err(|e| bad(&e))?;
-                }
-                "session_timeout_ms" => config.session_timeout = ms(&value).map_err(|e| bad(&e))?,
-                "heartbeat_interval_ms" => {
-                    config.heartbeat_interval = ms(&value).map_err(|e| bad(&e))?;
-                }
-                "message_timeout_ms" => config.message_timeout = ms(&value).map_err(|e| bad(&e))?,
-                "operation_timeout_ms" => {
-                    config.operation_timeout = ms(&value).map_err(|e| bad(&e))?;
-                }
-                "assignment_timeout_ms" => {
-                    config.assignment_timeout = ms(&value).map_err(|e| bad(&e))?;
-                }
-                "max_payload_bytes" => {
-                    config.max_payload_bytes = value.parse().map_err(|e| bad(&e))?;
-                }
-                "offset_state" => config.offset_state = value.parse().map_err(|e| bad(&e))?,
-                other => match other.strip_prefix("rdkafka.") {
-                    Some(property) if !property.is_empty() => {
-                        config
-                            .properties
-                            .insert(property.to_owned(), value.to_string());
-                    }
-                    _ => {
-                        return Err(Error::invalid_config(format!(
-                            "`{shown}`: unknown parameter `{other}`"
-                        )));
-                    }
-                },
+                K::ClientId => config.client_id = value.to_string(),
+                K::Partitions => config.partitions = parse_value(key, &value)?,
+                K::ReplicationFactor => config.replication_factor = parse_value(key, &value)?,
+                K::SessionTimeoutMs => config.session_timeout = millis()?,
+                K::HeartbeatIntervalMs => config.heartbeat_interval = millis()?,
+                K::MessageTimeoutMs => config.message_timeout = millis()?,
+                K::OperationTimeoutMs => config.operation_timeout = millis()?,
+                K::AssignmentTimeoutMs => config.assignment_timeout = millis()?,
+                K::MaxPayloadBytes => config.max_payload_bytes = parse_value(key, &value)?,
+                K::OffsetState => config.offset_state = parse_value(key, &value)?,
             }
         }
         config.validate()?;
@@ -233,15 +218,66 @@ impl KafkaConfig {
     }
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
+/// The URL query parameters of [`KafkaConfig`]: the serde names of its fields, except
+/// `brokers` (more bootstrap servers, added to [`KafkaConfig::bootstrap_servers`]), plus
+/// `rdkafka.<property>` for [`KafkaConfig::properties`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KafkaConfigKey {
+    /// More bootstrap servers, comma-separated.
+    Brokers,
+    /// [`KafkaConfig::client_id`].
+    ClientId,
+    /// [`KafkaConfig::partitions`].
+    Partitions,
+    /// [`KafkaConfig::replication_factor`].
+    ReplicationFactor,
+    /// [`KafkaConfig::session_timeout`].
+    SessionTimeoutMs,
+    /// [`KafkaConfig::heartbeat_interval`].
+    HeartbeatIntervalMs,
+    /// [`KafkaConfig::message_timeout`].
+    MessageTimeoutMs,
+    /// [`KafkaConfig::operation_timeout`].
+    OperationTimeoutMs,
+    /// [`KafkaConfig::assignment_timeout`].
+    AssignmentTimeoutMs,
+    /// [`KafkaConfig::max_payload_bytes`].
+    MaxPayloadBytes,
+    /// [`KafkaConfig::offset_state`].
+    OffsetState,
+}
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
+impl ConfigKey for KafkaConfigKey {
+    const ADAPTER: &'static str = "Kafka";
+    const ALL: &'static [Self] = &[
+        KafkaConfigKey::Brokers,
+        KafkaConfigKey::ClientId,
+        KafkaConfigKey::Partitions,
+        KafkaConfigKey::ReplicationFactor,
+        KafkaConfigKey::SessionTimeoutMs,
+        KafkaConfigKey::HeartbeatIntervalMs,
+        KafkaConfigKey::MessageTimeoutMs,
+        KafkaConfigKey::OperationTimeoutMs,
+        KafkaConfigKey::AssignmentTimeoutMs,
+        KafkaConfigKey::MaxPayloadBytes,
+        KafkaConfigKey::OffsetState,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            KafkaConfigKey::Brokers => "brokers",
+            KafkaConfigKey::ClientId => "client_id",
+            KafkaConfigKey::Partitions => "partitions",
+            KafkaConfigKey::ReplicationFactor => "replication_factor",
+            KafkaConfigKey::SessionTimeoutMs => "session_timeout_ms",
+            KafkaConfigKey::HeartbeatIntervalMs => "heartbeat_interval_ms",
+            KafkaConfigKey::MessageTimeoutMs => "message_timeout_ms",
+            KafkaConfigKey::OperationTimeoutMs => "operation_timeout_ms",
+            KafkaConfigKey::AssignmentTimeoutMs => "assignment_timeout_ms",
+            KafkaConfigKey::MaxPayloadBytes => "max_payload_bytes",
+            KafkaConfigKey::OffsetState => "offset_state",
+        }
     }
 }
 
@@ -278,6 +314,33 @@ mod tests {
         }
         let e = KafkaConfig::from_url("kafka://u:s3cret@h:1").unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn url_keys_are_the_serde_names_but_brokers_and_rdkafka_properties() {
+        let json = serde_json::to_value(KafkaConfig::default()).unwrap();
+        let skip = ["bootstrap_servers", "properties", "brokers"];
+        let mut serde_names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| &**k)
+            .filter(|k| !skip.contains(k))
+            .collect();
+        serde_names.sort_unstable();
+        let mut url_names: Vec<&str> = KafkaConfigKey::ALL
+            .iter()
+            .map(|k| k.name())
+            .filter(|k| !skip.contains(k))
+            .collect();
+        url_names.sort_unstable();
+        assert_eq!(serde_names, url_names);
+        let typo = KafkaConfig::from_url("kafka://h:1?partition=2").unwrap_err();
+        assert!(
+            typo.message()
+                .contains("valid keys are: brokers, client_id"),
+            "{typo}"
+        );
     }
 
     #[test]

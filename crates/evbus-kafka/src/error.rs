@@ -17,7 +17,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 /// Converts a Kafka error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_kafka(error: KafkaError, what: &str) -> Error {
     let (kind, retryable, hint) = classify(&error);
-    Error::from_client(error, what, kind, retryable, hint)
+    let mapped = Error::client(kind, what, error).with_hint(hint);
+    match retryable {
+        Some(retryable) => mapped.with_retryable(retryable),
+        None => mapped,
+    }
 }
 
 /// The evbus kind of an rdkafka error code, an override of the kind's retryable default, and

@@ -11,7 +11,7 @@ mod publisher;
 mod state;
 mod transport;
 
-pub use config::KafkaConfig;
+pub use config::{KafkaConfig, KafkaConfigKey};
 pub use connector::{KafkaConnector, URL_SCHEMES};
 pub use consumer::UNDECODABLE_EVENT_TYPE;
 pub use state::OffsetStateStore;

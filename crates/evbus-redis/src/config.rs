@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -37,31 +38,33 @@ pub struct RedisConfig {
     /// (`rediss://` for TLS, with the `tls` feature). Default `redis://127.0.0.1:6379`.
     pub url: String,
     /// Prefix of every key the adapter creates. Default `evbus:`. It must not contain `{` or
-    /// `}`: the topic or queue name inside each key is the cluster hash tag.
+    /// `}`: the topic or queue name inside each key is the cluster hash tag. URL and serde
+    /// name `prefix`.
+    #[serde(rename = "prefix", alias = "key_prefix")]
     pub key_prefix: String,
     /// How topic streams are trimmed on publish. Default [`Retention::Unlimited`].
     pub retention: Retention,
     /// How long one `XREADGROUP` blocks waiting for new entries (`BLOCK`). Default 1 s.
-    #[serde(rename = "block_ms", with = "millis")]
+    #[serde(rename = "block_ms", with = "evbus::raw::millis")]
     pub block: Duration,
     /// How often a consumer looks for entries to take over: deliveries whose visibility
     /// timeout expired, nacked and due delayed entries. Never less often than half the
     /// consumer's visibility timeout. Default 1 s.
-    #[serde(rename = "claim_interval_ms", with = "millis")]
+    #[serde(rename = "claim_interval_ms", with = "evbus::raw::millis")]
     pub claim_interval: Duration,
     /// How long a command may wait for its reply before failing with
     /// [`ErrorKind::Timeout`](evbus::ErrorKind::Timeout). Default 5 s.
-    #[serde(rename = "command_timeout_ms", with = "millis")]
+    #[serde(rename = "command_timeout_ms", with = "evbus::raw::millis")]
     pub command_timeout: Duration,
     /// How long one connection attempt may take. Default 2 s.
-    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    #[serde(rename = "connect_timeout_ms", with = "evbus::raw::millis")]
     pub connect_timeout: Duration,
     /// First delay between reconnection attempts; it doubles (with jitter) up to
     /// [`reconnect_max_delay`](Self::reconnect_max_delay). Default 100 ms.
-    #[serde(rename = "reconnect_min_delay_ms", with = "millis")]
+    #[serde(rename = "reconnect_min_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_min_delay: Duration,
     /// Longest delay between reconnection attempts. Default 5 s.
-    #[serde(rename = "reconnect_max_delay_ms", with = "millis")]
+    #[serde(rename = "reconnect_max_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_max_delay: Duration,
     /// Largest event accepted (data plus attributes, [`evbus::Event::encoded_len`]).
     /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`].
@@ -69,7 +72,7 @@ pub struct RedisConfig {
     /// An anonymous subscription's consumer group left behind by a process that died is
     /// destroyed by the next anonymous subscription to the same topic once it is older than
     /// this and none of its consumers was seen for this long. Default 1 hour.
-    #[serde(rename = "anonymous_ttl_ms", with = "millis")]
+    #[serde(rename = "anonymous_ttl_ms", with = "evbus::raw::millis")]
     pub anonymous_ttl: Duration,
 }
 
@@ -97,7 +100,7 @@ pub enum Retention {
     /// Keep entries younger than `age` (`MINID ~ <now - age>`, by the publisher's clock).
     MaxAge {
         /// Age beyond which entries are trimmed.
-        #[serde(rename = "age_ms", with = "millis")]
+        #[serde(rename = "age_ms", with = "evbus::raw::millis")]
         age: Duration,
     },
 }
@@ -138,10 +141,67 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// URL query parameters the adapter reads (everything else in the URL goes to the client).
-const PARAMETERS: &str = "prefix, maxlen, max_age_ms, block_ms, claim_interval_ms, \
-                          command_timeout_ms, connect_timeout_ms, reconnect_min_delay_ms, \
-                          reconnect_max_delay_ms, max_payload_bytes, anonymous_ttl_ms";
+/// The URL query parameters of [`RedisConfig`]: the serde names of its fields, except
+/// `maxlen` and `max_age_ms`, URL shorthands for [`RedisConfig::retention`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisConfigKey {
+    /// [`RedisConfig::key_prefix`].
+    Prefix,
+    /// [`Retention::MaxLen`].
+    MaxLen,
+    /// [`Retention::MaxAge`], in milliseconds.
+    MaxAgeMs,
+    /// [`RedisConfig::block`].
+    BlockMs,
+    /// [`RedisConfig::claim_interval`].
+    ClaimIntervalMs,
+    /// [`RedisConfig::command_timeout`].
+    CommandTimeoutMs,
+    /// [`RedisConfig::connect_timeout`].
+    ConnectTimeoutMs,
+    /// [`RedisConfig::reconnect_min_delay`].
+    ReconnectMinDelayMs,
+    /// [`RedisConfig::reconnect_max_delay`].
+    ReconnectMaxDelayMs,
+    /// [`RedisConfig::max_payload_bytes`].
+    MaxPayloadBytes,
+    /// [`RedisConfig::anonymous_ttl`].
+    AnonymousTtlMs,
+}
+
+impl ConfigKey for RedisConfigKey {
+    const ADAPTER: &'static str = "Redis";
+    const ALL: &'static [Self] = &[
+        RedisConfigKey::Prefix,
+        RedisConfigKey::MaxLen,
+        RedisConfigKey::MaxAgeMs,
+        RedisConfigKey::BlockMs,
+        RedisConfigKey::ClaimIntervalMs,
+        RedisConfigKey::CommandTimeoutMs,
+        RedisConfigKey::ConnectTimeoutMs,
+        RedisConfigKey::ReconnectMinDelayMs,
+        RedisConfigKey::ReconnectMaxDelayMs,
+        RedisConfigKey::MaxPayloadBytes,
+        RedisConfigKey::AnonymousTtlMs,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            RedisConfigKey::Prefix => "prefix",
+            RedisConfigKey::MaxLen => "maxlen",
+            RedisConfigKey::MaxAgeMs => "max_age_ms",
+            RedisConfigKey::BlockMs => "block_ms",
+            RedisConfigKey::ClaimIntervalMs => "claim_interval_ms",
+            RedisConfigKey::CommandTimeoutMs => "command_timeout_ms",
+            RedisConfigKey::ConnectTimeoutMs => "connect_timeout_ms",
+            RedisConfigKey::ReconnectMinDelayMs => "reconnect_min_delay_ms",
+            RedisConfigKey::ReconnectMaxDelayMs => "reconnect_max_delay_ms",
+            RedisConfigKey::MaxPayloadBytes => "max_payload_bytes",
+            RedisConfigKey::AnonymousTtlMs => "anonymous_ttl_ms",
+        }
+    }
+}
 
 impl RedisConfig {
     /// The defaults, connecting to `url`.
@@ -181,34 +241,26 @@ impl RedisConfig {
             )));
         }
         let mut config = RedisConfig::default();
-        for (key, value) in url.query_pairs() {
-            let number = || -> Result<u64> {
-                value.parse().map_err(|_| {
-                    Error::invalid_config(format!(
-                        "Redis URL parameter `{key}` must be a whole number, got `{value}`"
-                    ))
-                })
-            };
-            let millis = || number().map(Duration::from_millis);
-            match key.as_ref() {
-                "prefix" => config.key_prefix = value.clone().into_owned(),
-                "maxlen" => config.retention = Retention::MaxLen { entries: number()? },
-                "max_age_ms" => config.retention = Retention::MaxAge { age: millis()? },
-                "block_ms" => config.block = millis()?,
-                "claim_interval_ms" => config.claim_interval = millis()?,
-                "command_timeout_ms" => config.command_timeout = millis()?,
-                "connect_timeout_ms" => config.connect_timeout = millis()?,
-                "reconnect_min_delay_ms" => config.reconnect_min_delay = millis()?,
-                "reconnect_max_delay_ms" => config.reconnect_max_delay = millis()?,
-                "max_payload_bytes" => {
-                    config.max_payload_bytes = usize::try_from(number()?).unwrap_or(usize::MAX)
+        for (name, value) in url.query_pairs() {
+            use RedisConfigKey as K;
+            let key = K::parse(&name)?;
+            let millis = || parse_millis(key, &value);
+            match key {
+                K::Prefix => config.key_prefix = value.clone().into_owned(),
+                K::MaxLen => {
+                    config.retention = Retention::MaxLen {
+                        entries: parse_value(key, &value)?,
+                    }
                 }
-                "anonymous_ttl_ms" => config.anonymous_ttl = millis()?,
-                other => {
-                    return Err(Error::invalid_config(format!(
-                        "unknown Redis URL parameter `{other}`; known: {PARAMETERS}"
-                    )));
-                }
+                K::MaxAgeMs => config.retention = Retention::MaxAge { age: millis()? },
+                K::BlockMs => config.block = millis()?,
+                K::ClaimIntervalMs => config.claim_interval = millis()?,
+                K::CommandTimeoutMs => config.command_timeout = millis()?,
+                K::ConnectTimeoutMs => config.connect_timeout = millis()?,
+                K::ReconnectMinDelayMs => config.reconnect_min_delay = millis()?,
+                K::ReconnectMaxDelayMs => config.reconnect_max_delay = millis()?,
+                K::MaxPayloadBytes => config.max_payload_bytes = parse_value(key, &value)?,
+                K::AnonymousTtlMs => config.anonymous_ttl = millis()?,
             }
         }
         let mut client_url = url.clone();
@@ -288,22 +340,30 @@ impl RedisConfig {
     }
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use evbus::ErrorKind;
+
+    #[test]
+    fn url_keys_are_the_serde_names_but_the_retention_shorthands() {
+        let json = serde_json::to_value(RedisConfig::default()).unwrap();
+        let mut serde_names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| &**k)
+            .filter(|k| !["url", "retention"].contains(k))
+            .collect();
+        serde_names.sort_unstable();
+        let mut url_names: Vec<&str> = RedisConfigKey::ALL
+            .iter()
+            .map(|k| k.name())
+            .filter(|k| !["maxlen", "max_age_ms"].contains(k))
+            .collect();
+        url_names.sort_unstable();
+        assert_eq!(serde_names, url_names);
+    }
 
     #[test]
     fn defaults_connect_to_the_local_server_without_trimming() {

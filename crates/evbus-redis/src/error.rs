@@ -17,7 +17,11 @@ use redis::{RedisError, ServerErrorKind};
 /// Converts a Redis error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_redis(error: RedisError, what: &str) -> Error {
     let (kind, retryable, hint) = classify(&error);
-    Error::from_client(error, what, kind, retryable, hint)
+    let mapped = Error::client(kind, what, error).with_hint(hint);
+    match retryable {
+        Some(retryable) => mapped.with_retryable(retryable),
+        None => mapped,
+    }
 }
 
 /// The evbus kind of a Redis error, an override of the kind's retryable default, and a hint.

@@ -110,9 +110,42 @@ impl Error {
     }
 
     /// An error a broker client reported while doing `what` ("publishing to topic `orders`"),
-    /// as the adapter classified it: its `kind`, an override of the kind's retryable default,
-    /// and a `hint` for the caller (empty for none). The message is `what: error[; hint]`; the
-    /// client error is kept as the source. Adapters map their client's errors through this.
+    /// classified by the adapter as `kind`: the message is `what: error`, the client error is
+    /// kept as the source. Refine it with [`with_hint`](Self::with_hint) and
+    /// [`with_retryable`](Self::with_retryable).
+    ///
+    /// ```
+    /// use evbus::{Error, ErrorKind};
+    ///
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    /// let e = Error::client(ErrorKind::Connection, "publishing to topic `orders`", io)
+    ///     .with_hint("the adapter reconnects by itself; retry later");
+    /// assert_eq!(
+    ///     e.message(),
+    ///     "publishing to topic `orders`: refused; the adapter reconnects by itself; retry later"
+    /// );
+    /// assert!(e.is_retryable());
+    /// assert!(std::error::Error::source(&e).is_some());
+    /// ```
+    pub fn client<E>(kind: ErrorKind, what: impl fmt::Display, error: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        Error::new(kind, format!("{what}: {error}")).with_source(error)
+    }
+
+    /// Appends a hint for the caller (what to do) to the message; an empty hint adds nothing.
+    pub fn with_hint(mut self, hint: &str) -> Self {
+        if !hint.is_empty() {
+            self.message.push_str("; ");
+            self.message.push_str(hint);
+        }
+        self
+    }
+
+    /// Positional form of [`client`](Self::client) + [`with_retryable`](Self::with_retryable)
+    /// + [`with_hint`](Self::with_hint), kept for adapters written before the builder.
+    #[doc(hidden)]
     pub fn from_client<E>(
         error: E,
         what: &str,

@@ -197,6 +197,100 @@ pub fn check_subscription_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// One adapter's configuration keys, listed once: the URL query parameter names, equal to the
+/// serde field names of its config struct. [`parse`](Self::parse) gives the one "valid keys
+/// are ..." error for a typo.
+///
+/// ```
+/// use evbus::raw::ConfigKey;
+///
+/// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// enum MyKey { Prefix, TimeoutMs }
+///
+/// impl ConfigKey for MyKey {
+///     const ADAPTER: &'static str = "MyBroker";
+///     const ALL: &'static [Self] = &[MyKey::Prefix, MyKey::TimeoutMs];
+///     fn name(self) -> &'static str {
+///         match self { MyKey::Prefix => "prefix", MyKey::TimeoutMs => "timeout_ms" }
+///     }
+/// }
+///
+/// assert_eq!(MyKey::parse("timeout_ms")?, MyKey::TimeoutMs);
+/// let typo = MyKey::parse("timeout").unwrap_err();
+/// assert!(typo.message().contains("valid keys are: prefix, timeout_ms"));
+/// let ms = evbus::raw::parse_millis(MyKey::TimeoutMs, "250")?;
+/// assert_eq!(ms, std::time::Duration::from_millis(250));
+/// # Ok::<(), evbus::Error>(())
+/// ```
+pub trait ConfigKey: Copy + Eq + Sized + 'static {
+    /// The adapter, as messages name it (`Redis`, `Kafka`).
+    const ADAPTER: &'static str;
+    /// Every key.
+    const ALL: &'static [Self];
+
+    /// The key's name in URLs and in serde.
+    fn name(self) -> &'static str;
+
+    /// The key named `name`; an unknown name is an
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) listing the valid keys.
+    fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|key| key.name() == name)
+            .ok_or_else(|| {
+                Error::invalid_config(format!(
+                    "unknown {} URL parameter `{name}`; valid keys are: {}",
+                    Self::ADAPTER,
+                    Self::ALL
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+}
+
+/// Parses the value of a URL parameter; a bad value is an
+/// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) naming the key.
+pub fn parse_value<K: ConfigKey, V>(key: K, value: &str) -> Result<V>
+where
+    V: std::str::FromStr,
+    V::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e| {
+        Error::invalid_config(format!(
+            "{} URL parameter `{}`: bad value `{value}`: {e}",
+            K::ADAPTER,
+            key.name()
+        ))
+    })
+}
+
+/// Parses a URL parameter holding whole milliseconds.
+pub fn parse_millis<K: ConfigKey>(key: K, value: &str) -> Result<std::time::Duration> {
+    parse_value::<K, u64>(key, value).map(std::time::Duration::from_millis)
+}
+
+/// `#[serde(with = "evbus::raw::millis")]`: a `Duration` as whole milliseconds, the way every
+/// adapter's config writes durations (`*_ms` fields).
+pub mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes whole milliseconds (saturating).
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Reads whole milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ use url::Url;
 use crate::capabilities::Capabilities;
 use crate::envelope::Event;
 use crate::error::{Error, ErrorKind, Result};
-use crate::raw::Source;
+use crate::raw::{ConfigKey, Source, parse_millis, parse_value};
 use crate::registry::Connector;
 use crate::subscription::Subscription;
 use crate::transport::{
@@ -65,7 +65,11 @@ pub struct MemoryConfig {
     /// Events each topic retains for replay from the earliest position. Default 10,000.
     pub history: usize,
     /// How long a publish waits for room before failing with [`ErrorKind::Full`]. Default 5 s.
-    #[serde(with = "millis")]
+    #[serde(
+        rename = "publish_timeout_ms",
+        alias = "publish_timeout",
+        with = "crate::raw::millis"
+    )]
     pub publish_timeout: Duration,
     /// Largest event accepted (data plus attributes). Default 16 MiB.
     pub max_payload_bytes: usize,
@@ -82,18 +86,6 @@ impl Default for MemoryConfig {
     }
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
 impl MemoryConfig {
     /// Reads the settings from a `memory://` URL's query.
     pub fn from_url(url: &Url) -> Result<Self> {
@@ -105,27 +97,54 @@ impl MemoryConfig {
         }
         let mut config = MemoryConfig::default();
         for (key, value) in url.query_pairs() {
-            let number = || -> Result<u64> {
-                value.parse().map_err(|_| {
-                    Error::invalid_config(format!(
-                        "memory URL parameter `{key}` must be a whole number, got `{value}`"
-                    ))
-                })
-            };
-            match key.as_ref() {
-                "capacity" => config.capacity = number()?.max(1) as usize,
-                "history" => config.history = number()? as usize,
-                "publish_timeout_ms" => config.publish_timeout = Duration::from_millis(number()?),
-                "max_payload_bytes" => config.max_payload_bytes = number()? as usize,
-                other => {
-                    return Err(Error::invalid_config(format!(
-                        "unknown memory URL parameter `{other}`; known: capacity, history, \
-                         publish_timeout_ms, max_payload_bytes"
-                    )));
+            let key = MemoryConfigKey::parse(&key)?;
+            match key {
+                MemoryConfigKey::Capacity => {
+                    config.capacity = parse_value::<_, usize>(key, &value)?.max(1);
+                }
+                MemoryConfigKey::History => config.history = parse_value(key, &value)?,
+                MemoryConfigKey::PublishTimeoutMs => {
+                    config.publish_timeout = parse_millis(key, &value)?;
+                }
+                MemoryConfigKey::MaxPayloadBytes => {
+                    config.max_payload_bytes = parse_value(key, &value)?;
                 }
             }
         }
         Ok(config)
+    }
+}
+
+/// The keys of [`MemoryConfig`], in `memory://` URLs and in serde.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MemoryConfigKey {
+    /// [`MemoryConfig::capacity`].
+    Capacity,
+    /// [`MemoryConfig::history`].
+    History,
+    /// [`MemoryConfig::publish_timeout`], in milliseconds.
+    PublishTimeoutMs,
+    /// [`MemoryConfig::max_payload_bytes`].
+    MaxPayloadBytes,
+}
+
+impl ConfigKey for MemoryConfigKey {
+    const ADAPTER: &'static str = "memory";
+    const ALL: &'static [Self] = &[
+        MemoryConfigKey::Capacity,
+        MemoryConfigKey::History,
+        MemoryConfigKey::PublishTimeoutMs,
+        MemoryConfigKey::MaxPayloadBytes,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            MemoryConfigKey::Capacity => "capacity",
+            MemoryConfigKey::History => "history",
+            MemoryConfigKey::PublishTimeoutMs => "publish_timeout_ms",
+            MemoryConfigKey::MaxPayloadBytes => "max_payload_bytes",
+        }
     }
 }
 
@@ -647,5 +666,37 @@ impl Queue for MemoryQueue {
             dead_letter,
             self.transport.closed.clone().cancelled_owned(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_keys_are_the_serde_names() {
+        let json = serde_json::to_value(MemoryConfig::default()).unwrap();
+        let serde_names: Vec<&str> = json.as_object().unwrap().keys().map(|k| &**k).collect();
+        let mut url_names: Vec<&str> = MemoryConfigKey::ALL.iter().map(|k| k.name()).collect();
+        url_names.sort_unstable();
+        assert_eq!(serde_names, url_names);
+    }
+
+    #[test]
+    fn a_typo_in_a_url_names_the_valid_keys() {
+        let url = Url::parse("memory://?capacty=5").unwrap();
+        let err = MemoryConfig::from_url(&url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            err.message()
+                .contains("valid keys are: capacity, history, publish_timeout_ms"),
+            "{err}"
+        );
+        let url = Url::parse("memory://?capacity=lots").unwrap();
+        let err = MemoryConfig::from_url(&url).unwrap_err();
+        assert!(
+            err.message().contains("`capacity`: bad value `lots`"),
+            "{err}"
+        );
     }
 }
