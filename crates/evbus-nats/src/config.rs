@@ -1,0 +1,606 @@
+//! [`NatsConfig`]: where the NATS server is, how to authenticate, and how the adapter lays
+//! topics and queues out on JetStream.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use evbus::{Error, Result};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::names;
+
+/// Header room the adapter keeps below the server's `max_payload` when it derives
+/// [`NatsConfig::max_payload_bytes`]: NATS counts headers and body against one limit.
+pub const HEADER_ALLOWANCE: usize = 4 * 1024;
+
+/// Settings of a [`NatsTransport`](crate::NatsTransport).
+///
+/// Every field has a documented default; build one with [`NatsConfig::new`] or
+/// [`NatsConfig::from_url`], then adjust fields (the struct is `#[non_exhaustive]`). With
+/// `serde`, missing fields take their defaults and durations are whole milliseconds
+/// (`request_timeout_ms`, `fetch_wait_ms`, ...).
+///
+/// `Debug` output never shows a password, token or nkey seed.
+///
+/// ```
+/// use evbus_nats::{NatsConfig, Storage};
+///
+/// let config = NatsConfig::from_url(
+///     "nats://app:s3cret@127.0.0.1:4222?stream_prefix=SHOP&storage=memory&max_age_ms=86400000",
+/// )?;
+/// assert_eq!(config.stream_prefix, "SHOP");
+/// assert_eq!(config.storage, Storage::Memory);
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<(), evbus::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// The server URL: `nats://[user:password@|token@]host[:port]`, or `tls://...` to require
+    /// TLS. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// A token to authenticate with (instead of one in the URL). Default none.
+    pub token: Option<String>,
+    /// An nkey seed (`SU...`) to authenticate with. Default none.
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (user JWT and nkey seed) to authenticate with. Default none.
+    pub credentials_file: Option<PathBuf>,
+    /// A PEM file of root certificates to trust for TLS, in addition to the system's.
+    /// Default none.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Prefix of every stream the adapter creates: topic `orders` is stream
+    /// `<prefix>_topic_orders`. Default `EVBUS`. Letters, digits, `-` and `_` only.
+    pub stream_prefix: String,
+    /// First subject token(s) of every subject the adapter publishes to: topic `orders` is
+    /// subject `<prefix>.topic.orders`. Default `evbus`. Tokens of letters, digits, `-`, `_`,
+    /// separated by `.`.
+    pub subject_prefix: String,
+    /// Where topic and queue streams keep messages. Default [`Storage::File`].
+    pub storage: Storage,
+    /// How topic streams retain messages. Default [`Retention::Limits`]. Queues always use
+    /// work-queue retention.
+    pub retention: Retention,
+    /// Replicas of each stream (1 on a single server; 3 or 5 in a cluster). Default 1.
+    pub replicas: usize,
+    /// Oldest message a topic stream keeps; zero keeps them until the topic is deleted.
+    /// Default zero.
+    #[serde(rename = "max_age_ms", with = "millis")]
+    pub max_age: Duration,
+    /// How long the server remembers published event ids (`Nats-Msg-Id`) to drop duplicate
+    /// publishes. Default 2 minutes (the server's default).
+    #[serde(rename = "duplicate_window_ms", with = "millis")]
+    pub duplicate_window: Duration,
+    /// How long a JetStream request (a PubAck, a stream or consumer operation, a double
+    /// ack) may take before failing with [`ErrorKind::Timeout`](evbus::ErrorKind::Timeout).
+    /// Default 5 s.
+    #[serde(rename = "request_timeout_ms", with = "millis")]
+    pub request_timeout: Duration,
+    /// How long the first connection may take. Default 2 s.
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    pub connect_timeout: Duration,
+    /// Longest delay between reconnection attempts (they start at once and back off).
+    /// Default 2 s.
+    #[serde(rename = "reconnect_max_delay_ms", with = "millis")]
+    pub reconnect_max_delay: Duration,
+    /// How long one pull request waits on the server for messages. Default 1 s.
+    #[serde(rename = "fetch_wait_ms", with = "millis")]
+    pub fetch_wait: Duration,
+    /// Most messages one pull request asks for; a consumer never asks for more than its
+    /// `max_in_flight`. Default 64.
+    pub fetch_batch: usize,
+    /// Acknowledge with a double ack (`AckAck`): `ack` returns only once the server recorded
+    /// it, so an acknowledged event is never redelivered. With `false` the ack is fire and
+    /// forget (faster; an ack lost in a connection drop means one more delivery). Default
+    /// `true`.
+    pub double_ack: bool,
+    /// The server-side cap on unacknowledged messages of one consumer (all its clients
+    /// together). Default 10 000.
+    pub max_ack_pending: i64,
+    /// Largest event accepted ([`evbus::Event::encoded_len`]). Default `None`: the server's
+    /// `max_payload` (1 MiB unless configured) minus [`HEADER_ALLOWANCE`].
+    pub max_payload_bytes: Option<usize>,
+    /// An anonymous subscription's consumer left behind by a process that died is removed
+    /// by the server after this long without pull requests. Default 5 minutes.
+    #[serde(rename = "anonymous_ttl_ms", with = "millis")]
+    pub anonymous_ttl: Duration,
+}
+
+/// Where streams keep their messages (`storage` in the stream config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Storage {
+    /// On disk: survives a server restart (the default).
+    #[default]
+    File,
+    /// In memory: faster, lost when the server stops.
+    Memory,
+}
+
+/// How a topic stream retains messages (`retention` in the stream config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Retention {
+    /// Keep messages up to the stream's limits ([`NatsConfig::max_age`]) whether or not they
+    /// were consumed: subscriptions can start from the earliest retained event (the default).
+    #[default]
+    Limits,
+    /// Keep a message only until every subscription that existed when it was published has
+    /// acknowledged it. Saves space; a subscription can no longer replay history, and an
+    /// event published while a topic has no subscription is dropped.
+    Interest,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            token: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_ca_file: None,
+            stream_prefix: "EVBUS".to_owned(),
+            subject_prefix: "evbus".to_owned(),
+            storage: Storage::File,
+            retention: Retention::Limits,
+            replicas: 1,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            reconnect_max_delay: Duration::from_secs(2),
+            fetch_wait: Duration::from_secs(1),
+            fetch_batch: 64,
+            double_ack: true,
+            max_ack_pending: 10_000,
+            max_payload_bytes: None,
+            anonymous_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("NatsConfig")
+            .field("url", &redact(&self.url))
+            .field("token", &secret(&self.token))
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("storage", &self.storage)
+            .field("retention", &self.retention)
+            .field("replicas", &self.replicas)
+            .field("max_age", &self.max_age)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("fetch_wait", &self.fetch_wait)
+            .field("fetch_batch", &self.fetch_batch)
+            .field("double_ack", &self.double_ack)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("anonymous_ttl", &self.anonymous_ttl)
+            .finish()
+    }
+}
+
+/// `url` with its password, or a token given as the user name, replaced by `***`; secret
+/// query parameters (`token`, `nkey`) too. For messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    let Ok(mut parsed) = Url::parse(url) else {
+        return "<unparseable URL>".to_owned();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else if !parsed.username().is_empty() {
+        // `nats://TOKEN@host`: the user name is the secret.
+        let _ = parsed.set_username("***");
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if SECRET_PARAMETERS.contains(&k.as_ref()) {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// URL query parameters whose values are secrets.
+const SECRET_PARAMETERS: &[&str] = &["token", "nkey"];
+
+/// URL query parameters the adapter reads (everything else in the URL goes to the client).
+const PARAMETERS: &str = "token, nkey, creds, tls_ca, stream_prefix, subject_prefix, storage, \
+                          retention, replicas, max_age_ms, duplicate_window_ms, \
+                          request_timeout_ms, connect_timeout_ms, reconnect_max_delay_ms, \
+                          fetch_wait_ms, fetch_batch, double_ack, max_ack_pending, \
+                          max_payload_bytes, anonymous_ttl_ms";
+
+impl NatsConfig {
+    /// The defaults, connecting to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            ..NatsConfig::default()
+        }
+    }
+
+    /// Reads a `nats://` or `tls://` URL. Credentials go in the URL (`user:password@` or
+    /// `token@`) or as query parameters: `token`, `nkey` (an nkey seed), `creds` (the path of
+    /// a `.creds` file), `tls_ca` (a PEM file of root certificates). The adapter's settings
+    /// are query parameters too: `stream_prefix`, `subject_prefix`, `storage` (`file` or
+    /// `memory`), `retention` (`limits` or `interest`), `replicas`, `max_age_ms`,
+    /// `duplicate_window_ms`, `request_timeout_ms`, `connect_timeout_ms`,
+    /// `reconnect_max_delay_ms`, `fetch_wait_ms`, `fetch_batch`, `double_ack` (`true` or
+    /// `false`), `max_ack_pending`, `max_payload_bytes`, `anonymous_ttl_ms`. They are removed
+    /// from [`url`](Self::url). An unknown parameter is an error (a typo would otherwise be
+    /// silently ignored).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = Url::parse(url).map_err(|e| {
+            Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(url)))
+        })?;
+        Self::from_parsed_url(&parsed)
+    }
+
+    /// Like [`from_url`](Self::from_url), for an already parsed URL.
+    pub fn from_parsed_url(url: &Url) -> Result<Self> {
+        check_scheme(url.scheme())?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(Error::invalid_config(format!(
+                "`{}` names no host; use nats://HOST[:PORT]",
+                redact(url.as_str())
+            )));
+        }
+        let mut config = NatsConfig::default();
+        for (key, value) in url.query_pairs() {
+            let number = || -> Result<u64> {
+                value.parse().map_err(|_| {
+                    Error::invalid_config(format!(
+                        "NATS URL parameter `{key}` must be a whole number, got `{value}`"
+                    ))
+                })
+            };
+            let millis = || number().map(Duration::from_millis);
+            let size = || number().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            match key.as_ref() {
+                "token" => config.token = Some(value.clone().into_owned()),
+                "nkey" => config.nkey_seed = Some(value.clone().into_owned()),
+                "creds" => config.credentials_file = Some(PathBuf::from(value.as_ref())),
+                "tls_ca" => config.tls_ca_file = Some(PathBuf::from(value.as_ref())),
+                "stream_prefix" => config.stream_prefix = value.clone().into_owned(),
+                "subject_prefix" => config.subject_prefix = value.clone().into_owned(),
+                "storage" => {
+                    config.storage = match value.as_ref() {
+                        "file" => Storage::File,
+                        "memory" => Storage::Memory,
+                        other => {
+                            return Err(Error::invalid_config(format!(
+                                "NATS URL parameter `storage` must be `file` or `memory`, got \
+                                 `{other}`"
+                            )));
+                        }
+                    }
+                }
+                "retention" => {
+                    config.retention = match value.as_ref() {
+                        "limits" => Retention::Limits,
+                        "interest" => Retention::Interest,
+                        other => {
+                            return Err(Error::invalid_config(format!(
+                                "NATS URL parameter `retention` must be `limits` or `interest`, \
+                                 got `{other}`"
+                            )));
+                        }
+                    }
+                }
+                "replicas" => config.replicas = size()?,
+                "max_age_ms" => config.max_age = millis()?,
+                "duplicate_window_ms" => config.duplicate_window = millis()?,
+                "request_timeout_ms" => config.request_timeout = millis()?,
+                "connect_timeout_ms" => config.connect_timeout = millis()?,
+                "reconnect_max_delay_ms" => config.reconnect_max_delay = millis()?,
+                "fetch_wait_ms" => config.fetch_wait = millis()?,
+                "fetch_batch" => config.fetch_batch = size()?,
+                "double_ack" => {
+                    config.double_ack = match value.as_ref() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        other => {
+                            return Err(Error::invalid_config(format!(
+                                "NATS URL parameter `double_ack` must be `true` or `false`, got \
+                                 `{other}`"
+                            )));
+                        }
+                    }
+                }
+                "max_ack_pending" => {
+                    config.max_ack_pending = i64::try_from(number()?).unwrap_or(i64::MAX)
+                }
+                "max_payload_bytes" => config.max_payload_bytes = Some(size()?),
+                "anonymous_ttl_ms" => config.anonymous_ttl = millis()?,
+                other => {
+                    return Err(Error::invalid_config(format!(
+                        "unknown NATS URL parameter `{other}`; known: {PARAMETERS}"
+                    )));
+                }
+            }
+        }
+        let mut client_url = url.clone();
+        client_url.set_query(None);
+        config.url = client_url.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the settings are usable;
+    /// [`NatsTransport::connect`](crate::NatsTransport::connect) calls it.
+    pub fn validate(&self) -> Result<()> {
+        let url = Url::parse(&self.url).map_err(|e| {
+            Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(&self.url)))
+        })?;
+        check_scheme(url.scheme())?;
+        if url.query().is_some() {
+            return Err(Error::invalid_config(format!(
+                "NatsConfig::url must not carry query parameters (`{}`); set the fields of \
+                 NatsConfig instead, or use NatsConfig::from_url",
+                redact(&self.url)
+            )));
+        }
+        let auth_methods = [
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.credentials_file.is_some(),
+            url.password().is_some(),
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        if auth_methods > 1 {
+            return Err(Error::invalid_config(
+                "give one way to authenticate to NATS: a user and password, a token, an nkey \
+                 seed or a creds file, not several",
+            ));
+        }
+        if self.stream_prefix.is_empty()
+            || !self
+                .stream_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(Error::invalid_config(format!(
+                "stream_prefix `{}` must be non-empty and hold only letters, digits, `-` and `_`",
+                self.stream_prefix
+            )));
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !self.subject_prefix.split('.').all(token_ok) {
+            return Err(Error::invalid_config(format!(
+                "subject_prefix `{}` must be tokens of letters, digits, `-` and `_` separated by \
+                 single dots (no wildcards, no spaces)",
+                self.subject_prefix
+            )));
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(Error::invalid_config(format!(
+                "replicas must be between 1 and 5 (JetStream's limit), got {}",
+                self.replicas
+            )));
+        }
+        let positive = [
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_max_delay", self.reconnect_max_delay),
+            ("fetch_wait", self.fetch_wait),
+            ("anonymous_ttl", self.anonymous_ttl),
+        ];
+        for (name, value) in positive {
+            if value < Duration::from_millis(1) {
+                return Err(Error::invalid_config(format!(
+                    "{name} must be at least 1 ms, got {value:?}"
+                )));
+            }
+        }
+        if self.fetch_batch == 0 {
+            return Err(Error::invalid_config("fetch_batch must be at least 1"));
+        }
+        if self.max_ack_pending < 1 {
+            return Err(Error::invalid_config("max_ack_pending must be at least 1"));
+        }
+        if self.max_payload_bytes == Some(0) {
+            return Err(Error::invalid_config(
+                "max_payload_bytes must be at least 1 (or unset to follow the server)",
+            ));
+        }
+        // The longest names the adapter derives must stay valid stream names.
+        names::check_prefix_room(&self.stream_prefix)?;
+        Ok(())
+    }
+}
+
+fn check_scheme(scheme: &str) -> Result<()> {
+    match scheme {
+        "nats" | "tls" => Ok(()),
+        other => Err(Error::invalid_config(format!(
+            "`{other}://` is not a NATS URL; use nats:// (or tls:// to require TLS)"
+        ))),
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evbus::ErrorKind;
+
+    #[test]
+    fn defaults_connect_to_the_local_server_with_file_storage() {
+        let config = NatsConfig::default();
+        assert_eq!(config.url, "nats://127.0.0.1:4222");
+        assert_eq!(config.stream_prefix, "EVBUS");
+        assert_eq!(config.subject_prefix, "evbus");
+        assert_eq!(config.storage, Storage::File);
+        assert_eq!(config.retention, Retention::Limits);
+        assert_eq!(config.replicas, 1);
+        assert_eq!(config.duplicate_window, Duration::from_secs(120));
+        assert!(config.double_ack);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn url_parameters_become_settings_and_leave_the_client_url() {
+        let config = NatsConfig::from_url(
+            "nats://localhost:4333?stream_prefix=SHOP&subject_prefix=shop.events&storage=memory\
+             &retention=interest&replicas=3&max_age_ms=60000&duplicate_window_ms=5000\
+             &request_timeout_ms=900&connect_timeout_ms=800&reconnect_max_delay_ms=700\
+             &fetch_wait_ms=250&fetch_batch=10&double_ack=false&max_ack_pending=99\
+             &max_payload_bytes=1024&anonymous_ttl_ms=30000",
+        )
+        .unwrap();
+        assert_eq!(config.url, "nats://localhost:4333");
+        assert_eq!(config.stream_prefix, "SHOP");
+        assert_eq!(config.subject_prefix, "shop.events");
+        assert_eq!(config.storage, Storage::Memory);
+        assert_eq!(config.retention, Retention::Interest);
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.max_age, Duration::from_secs(60));
+        assert_eq!(config.duplicate_window, Duration::from_secs(5));
+        assert_eq!(config.request_timeout, Duration::from_millis(900));
+        assert_eq!(config.connect_timeout, Duration::from_millis(800));
+        assert_eq!(config.reconnect_max_delay, Duration::from_millis(700));
+        assert_eq!(config.fetch_wait, Duration::from_millis(250));
+        assert_eq!(config.fetch_batch, 10);
+        assert!(!config.double_ack);
+        assert_eq!(config.max_ack_pending, 99);
+        assert_eq!(config.max_payload_bytes, Some(1024));
+        assert_eq!(config.anonymous_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn credentials_come_from_the_url_or_its_parameters() {
+        let config = NatsConfig::from_url("nats://app:pw@h:4222").unwrap();
+        assert_eq!(config.url, "nats://app:pw@h:4222");
+        let config = NatsConfig::from_url("nats://h?token=t0k3n").unwrap();
+        assert_eq!(config.token.as_deref(), Some("t0k3n"));
+        let config = NatsConfig::from_url("nats://h?nkey=SUAEXAMPLESEED").unwrap();
+        assert_eq!(config.nkey_seed.as_deref(), Some("SUAEXAMPLESEED"));
+        let config =
+            NatsConfig::from_url("tls://h?creds=/etc/nats/app.creds&tls_ca=/ca.pem").unwrap();
+        assert_eq!(
+            config.credentials_file,
+            Some(PathBuf::from("/etc/nats/app.creds"))
+        );
+        assert_eq!(config.tls_ca_file, Some(PathBuf::from("/ca.pem")));
+        let err = NatsConfig::from_url("nats://u:p@h?token=t").unwrap_err();
+        assert!(err.message().contains("one way to authenticate"), "{err}");
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_secrets() {
+        for url in [
+            "nats://user:hunter2@h:1",
+            "nats://hunter2@h:1",
+            "nats://h:1?token=hunter2",
+            "nats://h:1?nkey=hunter2",
+        ] {
+            let config = NatsConfig::from_url(url).unwrap();
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("***"), "{debug}");
+            let err = NatsConfig::from_url(&format!(
+                "{url}{}nope=1",
+                if url.contains('?') { "&" } else { "?" }
+            ))
+            .unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+        assert!(!redact("nats://h:1?token=hunter2&storage=file").contains("hunter2"));
+    }
+
+    #[test]
+    fn unknown_parameters_name_the_known_ones() {
+        let err = NatsConfig::from_url("nats://h?stream_prefx=A").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.message().contains("stream_prefx"), "{err}");
+        assert!(err.message().contains("stream_prefix"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_parameter_name() {
+        for (url, needle) in [
+            ("nats://h?fetch_wait_ms=soon", "fetch_wait_ms"),
+            ("nats://h?fetch_wait_ms=0", "fetch_wait"),
+            ("nats://h?storage=disk", "storage"),
+            ("nats://h?retention=forever", "retention"),
+            ("nats://h?replicas=0", "replicas"),
+            ("nats://h?double_ack=maybe", "double_ack"),
+            ("nats://h?stream_prefix=A.B", "stream_prefix"),
+            ("nats://h?subject_prefix=a.*", "subject_prefix"),
+            ("nats://h?subject_prefix=a..b", "subject_prefix"),
+            ("nats://h?fetch_batch=0", "fetch_batch"),
+            ("nats://h?max_payload_bytes=0", "max_payload_bytes"),
+        ] {
+            let err = NatsConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            assert!(err.message().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_and_missing_hosts_are_rejected() {
+        let err = NatsConfig::from_url("redis://h:6379").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.message().contains("nats://"), "{err}");
+        assert!(NatsConfig::from_url("nats://").is_err());
+        assert!(NatsConfig::from_url("not a url").is_err());
+        NatsConfig::from_url("tls://h:4222").unwrap();
+    }
+
+    #[test]
+    fn serde_uses_milliseconds_and_fills_defaults() {
+        let config: NatsConfig = serde_json::from_value(serde_json::json!({
+            "url": "nats://h:1",
+            "fetch_wait_ms": 200,
+            "storage": "memory",
+            "retention": "interest"
+        }))
+        .unwrap();
+        assert_eq!(config.fetch_wait, Duration::from_millis(200));
+        assert_eq!(config.storage, Storage::Memory);
+        assert_eq!(config.retention, Retention::Interest);
+        assert_eq!(config.stream_prefix, "EVBUS");
+        let back = serde_json::to_value(&config).unwrap();
+        assert_eq!(back["fetch_wait_ms"], 200);
+        assert_eq!(back["duplicate_window_ms"], 120_000);
+        assert!(serde_json::from_value::<NatsConfig>(serde_json::json!({"nope": 1})).is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! Consumers: pull consumers on a stream, read in batches no larger than the in-flight limit,
+//! and the acker that settles each delivery.
+//!
+//! | evbus | JetStream |
+//! |---|---|
+//! | attempt | `num_delivered` of the message (from its `$JS.ACK` reply subject) |
+//! | visibility timeout | the consumer's `ack_wait` |
+//! | ack | `+ACK`, as a request (double ack, `AckAck`) unless `double_ack` is off |
+//! | nack | `-NAK` |
+//! | nack with delay | `-NAK {"delay": ns}` (native) |
+//! | max attempts | counted by core; `max_deliver` is unlimited so the server never drops an event silently |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, pull};
+use async_trait::async_trait;
+use bytes::Bytes;
+use evbus::binding::{self, HeaderStyle};
+use evbus::raw::{Acker, RawDelivery, Undecodable};
+use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
+use futures::{Stream, StreamExt};
+
+use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
+use crate::transport::{NatsTransport, Shared};
+
+/// Where a new consumer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Only messages stored after the consumer was created.
+    New,
+    /// Every message the stream holds.
+    All,
+}
+
+/// What to consume.
+pub(crate) struct ConsumerSpec {
+    /// The stream name.
+    pub(crate) stream: String,
+    /// The durable consumer name; `None` for an anonymous subscription's ephemeral consumer.
+    pub(crate) durable: Option<String>,
+    /// Where a new consumer starts (an existing durable one resumes where it stopped).
+    pub(crate) start: Start,
+    pub(crate) options: ConsumerOptions,
+}
+
+/// Longest pause between attempts to pull again after an error.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Creates (or finds and adjusts) the consumer of `spec` and returns its stream of raw
+/// deliveries.
+pub(crate) async fn open(
+    transport: &NatsTransport,
+    spec: ConsumerSpec,
+) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static + use<>> {
+    let shared = Arc::clone(&transport.shared);
+    let consumer = ensure_consumer(&shared, &spec).await?;
+    let name = consumer.cached_info().name.clone();
+    let anonymous = spec
+        .durable
+        .is_none()
+        .then(|| shared.track_anonymous(&spec.stream, &name));
+    let batch_size = spec
+        .options
+        .max_in_flight
+        .clamp(1, shared.config.fetch_batch);
+    let pull = Pull {
+        location: format!("nats:{}", spec.stream),
+        stream: spec.stream,
+        name,
+        consumer,
+        batch_size,
+        batch: None,
+        backoff: Duration::from_millis(100),
+        anonymous,
+        shared,
+    };
+    Ok(futures::stream::unfold(pull, |mut pull| async move {
+        pull.next().await.map(|item| (item, pull))
+    }))
+}
+
+/// The consumer configuration evbus asks for.
+fn desired_config(shared: &Shared, spec: &ConsumerSpec, start: Start) -> pull::Config {
+    let config = &shared.config;
+    pull::Config {
+        durable_name: spec.durable.clone(),
+        name: spec.durable.clone(),
+        deliver_policy: match start {
+            Start::New => DeliverPolicy::New,
+            Start::All => DeliverPolicy::All,
+        },
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: spec
+            .options
+            .visibility_timeout
+            .max(Duration::from_millis(1)),
+        // Core counts attempts and dead-letters after max_attempts; the server must never
+        // stop delivering on its own (that would strand the event silently).
+        max_deliver: -1,
+        max_ack_pending: config.max_ack_pending,
+        inactive_threshold: if spec.durable.is_none() {
+            config.anonymous_ttl
+        } else {
+            Duration::ZERO
+        },
+        ..Default::default()
+    }
+}
+
+/// Creates the consumer, or updates an existing durable one to this consumer's visibility
+/// timeout (keeping where it started: an existing subscription resumes where it stopped).
+async fn ensure_consumer(shared: &Shared, spec: &ConsumerSpec) -> Result<Consumer<pull::Config>> {
+    let what = match &spec.durable {
+        Some(name) => format!("creating consumer `{name}` on stream `{}`", spec.stream),
+        None => format!("creating an ephemeral consumer on stream `{}`", spec.stream),
+    };
+    let stream = shared
+        .js
+        .get_stream_no_info(&spec.stream)
+        .await
+        .map_err(|e| crate::error::from_get_stream(e, &what))?;
+    let mut start = spec.start;
+    if let Some(name) = &spec.durable {
+        match stream.consumer_info(name).await {
+            Ok(info) => {
+                start = match info.config.deliver_policy {
+                    DeliverPolicy::New => Start::New,
+                    _ => Start::All,
+                };
+            }
+            Err(e) if classify_consumer_info(&e).0 == ErrorKind::NotFound => {}
+            Err(e) => return Err(from_consumer_info(e, &what)),
+        }
+    }
+    let desired = desired_config(shared, spec, start);
+    stream
+        .create_consumer(desired)
+        .await
+        .map_err(|e| from_consumer(e, &what))
+}
+
+/// One consumer's pull loop.
+struct Pull {
+    shared: Arc<Shared>,
+    consumer: Consumer<pull::Config>,
+    stream: String,
+    name: String,
+    /// `nats:<stream>`, for undecodable messages.
+    location: String,
+    batch_size: usize,
+    /// The pull request being served.
+    batch: Option<pull::Batch>,
+    backoff: Duration,
+    /// The anonymous subscription's registration, released (consumer deleted) on drop.
+    anonymous: Option<u64>,
+}
+
+impl Drop for Pull {
+    fn drop(&mut self) {
+        if let Some(id) = self.anonymous.take() {
+            self.shared.release_anonymous(id);
+        }
+    }
+}
+
+impl Pull {
+    async fn next(&mut self) -> Option<Result<RawDelivery>> {
+        let cancel = self.shared.cancel.clone();
+        loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            if self.batch.is_none() {
+                let request = self
+                    .consumer
+                    .batch()
+                    .max_messages(self.batch_size)
+                    .expires(self.shared.config.fetch_wait)
+                    .messages();
+                let result = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return None,
+                    result = request => result,
+                };
+                match result {
+                    Ok(batch) => self.batch = Some(batch),
+                    Err(e) => {
+                        let e = crate::error::build(
+                            e,
+                            &format!("pulling from `{}`", self.stream),
+                            (ErrorKind::Connection, None, ""),
+                        );
+                        if !self.recover(e).await {
+                            return None;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(batch) = self.batch.as_mut() else {
+                continue;
+            };
+            let item = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                item = batch.next() => item,
+            };
+            match item {
+                // The pull request expired or was served in full: ask again.
+                None => self.batch = None,
+                Some(Ok(message)) => {
+                    self.backoff = Duration::from_millis(100);
+                    return Some(Ok(self.delivery(message)));
+                }
+                Some(Err(e)) => {
+                    self.batch = None;
+                    let e = from_boxed(e, &format!("pulling from `{}`", self.stream));
+                    if !self.recover(e).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a failed pull: `false` if the consumer or its stream is gone (the subscription
+    /// ends), else waits a little (backing off) and returns `true`.
+    async fn recover(&mut self, error: Error) -> bool {
+        let cancel = self.shared.cancel.clone();
+        let check = self.consumer_exists();
+        let exists = tokio::select! {
+            _ = cancel.cancelled() => return false,
+            exists = check => exists,
+        };
+        if !exists {
+            tracing::warn!(
+                stream = %self.stream, consumer = %self.name,
+                "the NATS consumer or its stream was deleted; the subscription ends"
+            );
+            return false;
+        }
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        tracing::warn!(
+            stream = %self.stream, consumer = %self.name, error = %error, retry_in = ?delay,
+            "pulling from NATS failed; retrying"
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Whether the consumer still exists (`true` when that cannot be told right now).
+    async fn consumer_exists(&self) -> bool {
+        let stream = match self.shared.js.get_stream_no_info(&self.stream).await {
+            Ok(stream) => stream,
+            Err(_) => return true,
+        };
+        match stream.consumer_info(&self.name).await {
+            Err(e) => classify_consumer_info(&e).0 != ErrorKind::NotFound,
+            Ok(_) => true,
+        }
+    }
+
+    fn delivery(&self, message: async_nats::jetstream::Message) -> RawDelivery {
+        let (attempt, sequence) = match message.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+                info.stream_sequence,
+            ),
+            Err(_) => (1, 0),
+        };
+        let acker: Arc<dyn Acker> = Arc::new(NatsAcker {
+            shared: Arc::clone(&self.shared),
+            reply: message.reply.clone(),
+        });
+        match decode(&message) {
+            Ok(event) => RawDelivery::new(event, attempt, acker, sequence),
+            Err(e) => {
+                let mut undecodable =
+                    Undecodable::new(e, self.location.clone(), sequence.to_string());
+                if let Some(headers) = &message.headers {
+                    for (name, values) in headers.iter() {
+                        for value in values {
+                            undecodable =
+                                undecodable.header(name.to_string(), value.as_str().as_bytes());
+                        }
+                    }
+                }
+                let undecodable = undecodable.body(message.payload.clone());
+                RawDelivery::undecodable(undecodable, attempt, acker, sequence)
+            }
+        }
+    }
+}
+
+/// Decodes a message written in the CloudEvents NATS binding (binary mode), percent-decoding
+/// the values listed in [`ENCODED_HEADER`](crate::publisher::ENCODED_HEADER).
+pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
+    let Some(headers) = &message.headers else {
+        return Err(Error::invalid_event(
+            "the message has no headers: not a binary-mode CloudEvent (no `ce-specversion`)",
+        ));
+    };
+    let encoded: Vec<String> = headers
+        .get(crate::publisher::ENCODED_HEADER)
+        .map(|v| v.as_str().split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(headers.len());
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            let value = value.as_str();
+            let value = if encoded.iter().any(|e| e.eq_ignore_ascii_case(name)) {
+                crate::publisher::percent_decode(value).ok_or_else(|| {
+                    Error::invalid_event(format!(
+                        "header `{name}` is listed as percent-encoded but is not: `{value}`"
+                    ))
+                })?
+            } else {
+                value.to_owned()
+            };
+            pairs.push((name.to_owned(), value));
+        }
+    }
+    binding::decode(pairs, message.payload.clone(), HeaderStyle::NATS)
+}
+
+/// Settles one delivery through its `$JS.ACK` reply subject.
+struct NatsAcker {
+    shared: Arc<Shared>,
+    reply: Option<Subject>,
+}
+
+impl NatsAcker {
+    async fn send(&self, kind: AckKind, confirm: bool, what: &str) -> Result<()> {
+        let _op = self.shared.begin()?;
+        let Some(reply) = self.reply.clone() else {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("{what}: the message has no reply subject (not a JetStream message)"),
+            ));
+        };
+        let payload: Bytes = kind.into();
+        if confirm {
+            self.shared
+                .client
+                .request(reply, payload)
+                .await
+                .map_err(|e| crate::error::from_request(e, what))?;
+        } else {
+            self.shared
+                .client
+                .publish(reply, payload)
+                .await
+                .map_err(|e| crate::error::build(e, what, (ErrorKind::Connection, None, "")))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self, _tag: u64) -> Result<()> {
+        self.send(AckKind::Ack, self.shared.config.double_ack, "acknowledging")
+            .await
+    }
+
+    async fn nack(&self, _tag: u64) -> Result<()> {
+        self.send(AckKind::Nak(None), false, "negatively acknowledging")
+            .await
+    }
+
+    fn native_delay(&self) -> bool {
+        true
+    }
+
+    async fn nack_delayed(&self, _tag: u64, delay: Duration) -> Result<()> {
+        self.send(
+            AckKind::Nak(Some(delay)),
+            false,
+            "negatively acknowledging with a delay",
+        )
+        .await
+    }
+}

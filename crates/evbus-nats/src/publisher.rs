@@ -1,0 +1,402 @@
+//! Topics and queues: publishing with JetStream PubAcks, and attaching consumers.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_trait::async_trait;
+use bytes::Bytes;
+use evbus::binding::{self, HeaderStyle};
+use evbus::raw::Source;
+use evbus::{
+    ConsumerOptions, Error, ErrorKind, Event, Queue, Result, SubscribeOptions, Subscription, Topic,
+};
+
+use crate::consumer::{self, ConsumerSpec, Start};
+use crate::error::from_publish;
+use crate::names::{self, Kind, StreamNames};
+use crate::transport::NatsTransport;
+
+/// Most publishes a batch keeps waiting for their PubAck at once.
+const PIPELINE_CHUNK: usize = 512;
+
+/// Header listing the headers whose values the adapter percent-encoded because NATS headers
+/// cannot carry them as they are (a CR or LF, leading or trailing whitespace).
+pub(crate) const ENCODED_HEADER: &str = "Evbus-Encoded";
+
+/// Whether `value` cannot travel in a NATS header unchanged: the protocol ends a header at a
+/// line break and clients trim whitespace around values.
+fn needs_encoding(value: &str) -> bool {
+    value.contains(['\r', '\n'])
+        || value.starts_with(char::is_whitespace)
+        || value.ends_with(char::is_whitespace)
+}
+
+/// Percent-encodes every byte outside printable ASCII, and `%` (as the CloudEvents HTTP
+/// binding does).
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reverses [`percent_encode`]; `None` if `value` is not valid percent-encoded UTF-8.
+pub(crate) fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The CloudEvents NATS binding (binary mode) of `event`: `ce-*` headers, `Content-Type`,
+/// and the data as the body. A value NATS headers cannot carry as it is (a line break,
+/// whitespace at either end) is percent-encoded and its header named in [`ENCODED_HEADER`].
+pub(crate) fn encode(event: &Event) -> Result<(HeaderMap, Bytes)> {
+    let (pairs, body) = binding::encode(event, HeaderStyle::NATS);
+    let mut headers = HeaderMap::new();
+    let mut encoded: Vec<String> = Vec::new();
+    for (name, value) in pairs {
+        let header: HeaderName = name.parse().map_err(|e| {
+            Error::invalid_event(format!(
+                "event {}: `{name}` cannot be a NATS header name: {e}",
+                event.id()
+            ))
+        })?;
+        let value = if needs_encoding(&value) {
+            encoded.push(name.clone());
+            percent_encode(&value)
+        } else {
+            value
+        };
+        let value: HeaderValue = value.parse().map_err(|e| {
+            Error::invalid_event(format!(
+                "event {}: the value of `{name}` cannot travel in a NATS header: {e}",
+                event.id()
+            ))
+        })?;
+        headers.append(header, value);
+    }
+    if !encoded.is_empty() {
+        headers.insert(ENCODED_HEADER, encoded.join(",").as_str());
+    }
+    Ok((headers, body))
+}
+
+fn check_size(event: &Event, limit: usize) -> Result<()> {
+    let size = event.encoded_len();
+    if size > limit {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "event {} is {size} bytes; this NATS transport accepts at most {limit} \
+                 (max_payload_bytes, from the server's max_payload)",
+                event.id()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Publishes `events` to the stream behind `names`, in order; `Ok` once every PubAck came
+/// back. Publishes are pipelined: all are sent, then the acks are awaited.
+async fn append(
+    transport: &NatsTransport,
+    kind: Kind,
+    names: &StreamNames,
+    events: &[Event],
+    what: &str,
+) -> Result<()> {
+    let shared = &transport.shared;
+    let _op = shared.begin()?;
+    let mut encoded = Vec::with_capacity(events.len());
+    for event in events {
+        check_size(event, shared.max_payload_bytes)?;
+        encoded.push(encode(event)?);
+    }
+    shared.ensure_stream(kind, names).await?;
+    let mut retried = false;
+    let mut start = 0;
+    while start < events.len() {
+        let end = (start + PIPELINE_CHUNK).min(events.len());
+        match send_chunk(
+            transport,
+            names,
+            &events[start..end],
+            &encoded[start..end],
+            what,
+        )
+        .await
+        {
+            Ok(()) => start = end,
+            Err(e) if e.kind() == ErrorKind::NotFound && !retried => {
+                // The stream was deleted behind this transport's back: create it again and
+                // publish again (ids already stored are dropped as duplicates).
+                retried = true;
+                shared.forget_stream(&names.stream);
+                shared.ensure_stream(kind, names).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn send_chunk(
+    transport: &NatsTransport,
+    names: &StreamNames,
+    events: &[Event],
+    encoded: &[(HeaderMap, Bytes)],
+    what: &str,
+) -> Result<()> {
+    let js = &transport.shared.js;
+    let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
+    for (event, (headers, body)) in events.iter().zip(encoded) {
+        let message = PublishMessage::build()
+            .headers(headers.clone())
+            .payload(body.clone())
+            .message_id(event.id());
+        let ack = js
+            .send_publish(names.subject.clone(), message)
+            .await
+            .map_err(|e| from_publish(e, what))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        match ack.await {
+            Ok(_) => {}
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("{what}: stream `{}` does not exist", names.stream),
+                ));
+            }
+            Err(e) => return Err(from_publish(e, what)),
+        }
+    }
+    Ok(())
+}
+
+/// A topic: one stream; each named subscription is a durable pull consumer on it.
+#[derive(Debug)]
+pub(crate) struct NatsTopic {
+    name: String,
+    names: StreamNames,
+    transport: NatsTransport,
+}
+
+impl NatsTopic {
+    pub(crate) fn new(name: &str, transport: NatsTransport) -> Result<Self> {
+        Ok(NatsTopic {
+            name: name.to_owned(),
+            names: transport.shared.names.stream(Kind::Topic, name)?,
+            transport,
+        })
+    }
+
+    async fn publish_all(&self, events: &[Event]) -> Result<()> {
+        let what = format!("publishing to topic `{}`", self.name);
+        append(&self.transport, Kind::Topic, &self.names, events, &what).await
+    }
+}
+
+#[async_trait]
+impl Topic for NatsTopic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.publish_all(events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let shared = &self.transport.shared;
+        let _op = shared.begin()?;
+        let source = Source::topic(&self.name, &options)?;
+        let durable = match source.subscription() {
+            Some(name) => Some(names::consumer(name)?),
+            None => None,
+        };
+        let dead_letter: Arc<dyn Queue> =
+            Arc::new(self.transport.queue_handle(source.dead_letter_queue())?);
+        shared.ensure_stream(Kind::Topic, &self.names).await?;
+        let raw = consumer::open(
+            &self.transport,
+            ConsumerSpec {
+                stream: self.names.stream.clone(),
+                durable,
+                start: match options.start {
+                    evbus::StartPosition::Latest => Start::New,
+                    evbus::StartPosition::Earliest => Start::All,
+                },
+                options: source.consumer().clone(),
+            },
+        )
+        .await?;
+        Ok(source.into_subscription(raw, dead_letter, shared.cancel.clone().cancelled_owned()))
+    }
+}
+
+/// A queue: one work-queue stream with one durable consumer every consumer shares. An
+/// acknowledged message is deleted, so the stream holds only what is waiting or in flight.
+#[derive(Debug)]
+pub(crate) struct NatsQueue {
+    name: String,
+    names: StreamNames,
+    transport: NatsTransport,
+}
+
+impl NatsQueue {
+    pub(crate) fn new(name: &str, transport: NatsTransport) -> Result<Self> {
+        Ok(NatsQueue {
+            name: name.to_owned(),
+            names: transport.shared.names.stream(Kind::Queue, name)?,
+            transport,
+        })
+    }
+
+    async fn send_all(&self, events: &[Event]) -> Result<()> {
+        let what = format!("sending to queue `{}`", self.name);
+        append(&self.transport, Kind::Queue, &self.names, events, &what).await
+    }
+}
+
+#[async_trait]
+impl Queue for NatsQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        self.send_all(std::slice::from_ref(event)).await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.send_all(events).await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        let shared = &self.transport.shared;
+        let _op = shared.begin()?;
+        let source = Source::queue(&self.name, &options);
+        let dead_letter: Arc<dyn Queue> =
+            Arc::new(self.transport.queue_handle(source.dead_letter_queue())?);
+        shared.ensure_stream(Kind::Queue, &self.names).await?;
+        let raw = consumer::open(
+            &self.transport,
+            ConsumerSpec {
+                stream: self.names.stream.clone(),
+                durable: Some(names::QUEUE_CONSUMER.to_owned()),
+                // Everything sent before the first consumer came.
+                start: Start::All,
+                options: source.consumer().clone(),
+            },
+        )
+        .await?;
+        Ok(source.into_subscription(raw, dead_letter, shared.cancel.clone().cancelled_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_become_ce_headers_and_a_json_body() {
+        let event = Event::builder("afterOrderCreate", "/shop")
+            .json(&serde_json::json!({"id": 42}))
+            .unwrap()
+            .subject("orders/42 Łódź")
+            .extension("tenant", "acme")
+            .build()
+            .unwrap();
+        let (headers, body) = encode(&event).unwrap();
+        assert_eq!(
+            headers.get("ce-type").map(|v| v.as_str()),
+            Some("afterOrderCreate")
+        );
+        assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some(event.id()));
+        assert_eq!(
+            headers.get("ce-specversion").map(|v| v.as_str()),
+            Some("1.0")
+        );
+        assert_eq!(
+            headers.get("ce-subject").map(|v| v.as_str()),
+            Some("orders/42 Łódź")
+        );
+        assert_eq!(headers.get("ce-tenant").map(|v| v.as_str()), Some("acme"));
+        assert_eq!(
+            headers.get("Content-Type").map(|v| v.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(&body[..], br#"{"id":42}"#);
+    }
+
+    #[test]
+    fn values_nats_headers_cannot_carry_are_percent_encoded_and_listed() {
+        let event = Event::builder("t", "/s")
+            .extension("note", "two\r\nlines 100%")
+            .extension("pad", " padded ")
+            .extension("plain", "as is")
+            .build()
+            .unwrap();
+        let (headers, _) = encode(&event).unwrap();
+        assert_eq!(
+            headers.get("ce-note").map(|v| v.as_str()),
+            Some("two%0D%0Alines%20100%25")
+        );
+        assert_eq!(
+            headers.get("ce-pad").map(|v| v.as_str()),
+            Some("%20padded%20")
+        );
+        assert_eq!(headers.get("ce-plain").map(|v| v.as_str()), Some("as is"));
+        let listed = headers.get(ENCODED_HEADER).unwrap().as_str().to_owned();
+        let mut listed: Vec<&str> = listed.split(',').collect();
+        listed.sort_unstable();
+        assert_eq!(listed, ["ce-note", "ce-pad"]);
+        assert_eq!(
+            percent_decode("two%0D%0Alines%20100%25").as_deref(),
+            Some("two\r\nlines 100%")
+        );
+        assert_eq!(percent_decode("%ZZ"), None);
+        assert_eq!(percent_decode("%C3"), None);
+    }
+
+    #[test]
+    fn oversized_events_are_too_large() {
+        let event = Event::builder("t", "/s")
+            .data("application/octet-stream", vec![0u8; 100])
+            .build()
+            .unwrap();
+        let err = check_size(&event, 50).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        check_size(&event, 1 << 20).unwrap();
+    }
+}

@@ -1,0 +1,336 @@
+//! NATS-specific behaviour beyond the conformance suite: what a stock NATS client sees of an
+//! evbus event, foreign messages, clean-up of anonymous subscriptions, connection errors and
+//! payload limits. Runs against the server at `EVBUS_NATS_URL` (default
+//! `nats://127.0.0.1:4222`), and against a `nats-server` it starts itself where a test needs
+//! its own server configuration.
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use evbus::raw::{DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, UNDECODABLE_EVENT_TYPE};
+use evbus::{ConsumerOptions, ErrorKind, Event, StartPosition, SubscribeOptions, Transport};
+use evbus_nats::{NatsConfig, NatsTransport};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn url() -> String {
+    std::env::var("EVBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A name unique to this test run.
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("adapter-{what}-{}-{nanos}", std::process::id())
+}
+
+async fn transport() -> NatsTransport {
+    NatsTransport::connect(NatsConfig::from_url(&url()).expect("a valid URL"))
+        .await
+        .expect("the NATS server at EVBUS_NATS_URL is reachable, with JetStream")
+}
+
+async fn plain_client() -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::connect(url()).await.expect("connecting");
+    let js = jetstream::new(client.clone());
+    (client, js)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_nats_client_reads_ce_headers_and_json_data() {
+    let transport = transport().await;
+    let name = unique("stock");
+    let topic = transport.topic(&name).await.unwrap();
+    let event = Event::builder("afterOrderCreate", "/shop/orders")
+        .json(&serde_json::json!({"orderId": "o-42", "total": 99.5}))
+        .unwrap()
+        .subject("orders/o-42")
+        .partition_key("o-42")
+        .build()
+        .unwrap();
+    topic.publish(&event).await.unwrap();
+
+    // A plain async-nats JetStream client, knowing nothing of evbus, reads the stored message.
+    let (_client, js) = plain_client().await;
+    let stream_name = transport.topic_stream(&name).unwrap();
+    let stream = js.get_stream(&stream_name).await.unwrap();
+    let message = stream.get_raw_message(1).await.unwrap();
+    let headers = message.headers.clone();
+    let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+
+    println!("stream {stream_name}, sequence {}", message.sequence);
+    println!("subject: {}", message.subject);
+    let mut lines: Vec<String> = headers
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{k}: {v}")))
+        .collect();
+    lines.sort();
+    for line in &lines {
+        println!("{line}");
+    }
+    println!("data: {}", String::from_utf8_lossy(&message.payload));
+
+    assert_eq!(
+        message.subject.as_str(),
+        transport.topic_subject(&name).unwrap()
+    );
+    assert_eq!(header("ce-specversion").as_deref(), Some("1.0"));
+    assert_eq!(header("ce-id").as_deref(), Some(event.id()));
+    assert_eq!(header("ce-type").as_deref(), Some("afterOrderCreate"));
+    assert_eq!(header("ce-source").as_deref(), Some("/shop/orders"));
+    assert_eq!(header("ce-subject").as_deref(), Some("orders/o-42"));
+    assert_eq!(header("ce-partitionkey").as_deref(), Some("o-42"));
+    assert!(header("ce-time").is_some());
+    assert_eq!(header("Content-Type").as_deref(), Some("application/json"));
+    // The event id is the JetStream de-duplication id.
+    assert_eq!(header("Nats-Msg-Id").as_deref(), Some(event.id()));
+    let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(data, serde_json::json!({"orderId": "o-42", "total": 99.5}));
+
+    transport.delete_topic(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishing_the_same_event_twice_stores_it_once() {
+    let transport = transport().await;
+    let name = unique("dedup");
+    let topic = transport.topic(&name).await.unwrap();
+    let event = Event::builder("t", "/s").json(&1).unwrap().build().unwrap();
+    topic.publish(&event).await.unwrap();
+    topic.publish(&event).await.unwrap();
+    topic
+        .publish_batch(&[event.clone(), event.clone()])
+        .await
+        .unwrap();
+
+    let (_client, js) = plain_client().await;
+    let mut stream = js
+        .get_stream(transport.topic_stream(&name).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    transport.delete_topic(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_message_is_dead_lettered_as_undecodable_and_the_stream_flows_on() {
+    let transport = transport().await;
+    let name = unique("foreign");
+    let topic = transport.topic(&name).await.unwrap();
+    let options = SubscribeOptions::named("billing")
+        .start(StartPosition::Earliest)
+        .consumer(ConsumerOptions::default().max_attempts(3));
+    let mut subscription = topic.subscribe(options.clone()).await.unwrap();
+
+    // A plain client publishes something that is not a CloudEvent to the topic's subject.
+    let (client, js) = plain_client().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Origin", "legacy-service");
+    js.publish_with_headers(
+        transport.topic_subject(&name).unwrap(),
+        headers,
+        "plain text, no ce- headers".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let event = Event::builder("after", "/s")
+        .json(&2)
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&event).await.unwrap();
+
+    // The consumer gets the valid event only.
+    let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream goes on")
+        .unwrap();
+    assert_eq!(delivery.event().id(), event.id());
+    delivery.ack().await.unwrap();
+
+    // The foreign message went to the subscription's dead-letter queue, with the metadata.
+    let dlq_name = format!("{name}.billing.dlq");
+    let dlq = transport.queue(&dlq_name).await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let record = tokio::time::timeout(WAIT, dead.next_delivery())
+        .await
+        .expect("a dead letter in time")
+        .expect("the dead-letter queue flows")
+        .unwrap();
+    assert_eq!(record.event().ty(), UNDECODABLE_EVENT_TYPE);
+    assert!(
+        record
+            .event()
+            .extension(DEAD_LETTER_REASON)
+            .unwrap_or_default()
+            .contains("ce-specversion"),
+        "{:?}",
+        record.event()
+    );
+    assert_eq!(
+        record.event().extension(DEAD_LETTER_ORIGIN),
+        Some(format!("{name}/billing").as_str())
+    );
+    // The placeholder carries the raw headers and body.
+    let placeholder = String::from_utf8_lossy(record.event().data().expect("placeholder data"));
+    assert!(placeholder.contains("legacy-service"), "{placeholder}");
+    assert!(placeholder.contains("X-Origin"), "{placeholder}");
+    record.ack().await.unwrap();
+
+    drop(client);
+    transport.delete_topic(&name).await.unwrap();
+    transport.delete_queue(&dlq_name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_subscription_leaves_no_consumer_behind_after_close() {
+    let transport = transport().await;
+    let name = unique("anon");
+    let topic = transport.topic(&name).await.unwrap();
+    let first = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let second = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let (_client, js) = plain_client().await;
+    let mut stream = js
+        .get_stream(transport.topic_stream(&name).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 2);
+
+    // Dropping one subscription removes its consumer; closing the transport removes the rest.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream.info().await.unwrap().state.consumer_count != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped subscription's consumer is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    transport.close().await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
+    drop(second);
+
+    let cleanup = self::transport().await;
+    cleanup.delete_topic(&name).await.unwrap();
+    cleanup.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_and_queues_with_dots_and_odd_characters_get_their_own_streams() {
+    let transport = transport().await;
+    let base = unique("names");
+    let names = [
+        format!("{base}.a.b"),
+        format!("{base}=a=b"),
+        format!("{base} a*b>"),
+    ];
+    for name in &names {
+        let topic = transport.topic(name).await.unwrap();
+        let mut s = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+        let event = Event::builder("t", "/s")
+            .json(name)
+            .unwrap()
+            .build()
+            .unwrap();
+        topic.publish(&event).await.unwrap();
+        let d = tokio::time::timeout(WAIT, s.next_delivery())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), event.id(), "{name}");
+        d.ack().await.unwrap();
+    }
+    let streams: std::collections::HashSet<String> = names
+        .iter()
+        .map(|n| transport.topic_stream(n).unwrap())
+        .collect();
+    assert_eq!(streams.len(), names.len(), "{streams:?}");
+    for name in &names {
+        transport.delete_topic(name).await.unwrap();
+    }
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_server_is_a_retryable_connection_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}?connect_timeout_ms=500");
+    let err = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err}"
+    );
+    assert!(err.is_retryable(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_credentials_are_a_configuration_error() {
+    let server = support::NatsServer::start_with_config("authorization { token: \"right\" }\n")
+        .expect("starting a nats-server");
+    let url = format!("nats://wrong@127.0.0.1:{}", server.port);
+    let err = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(!err.to_string().contains("wrong@"), "{err}");
+    let url = format!("nats://127.0.0.1:{}?token=right", server.port);
+    let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_a_larger_max_payload_carries_a_one_mib_event() {
+    let server = support::NatsServer::start_with_config("max_payload: 8MB\n")
+        .expect("starting a nats-server");
+    let transport = NatsTransport::connect(NatsConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        transport.capabilities().max_payload_bytes,
+        Some(8 * 1024 * 1024 - evbus_nats::HEADER_ALLOWANCE)
+    );
+    let data: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let event = Event::builder("big", "/s")
+        .data("application/octet-stream", data.clone())
+        .build()
+        .unwrap();
+    let queue = transport.queue("big").await.unwrap();
+    queue.send(&event).await.unwrap();
+    let mut c = queue.receive(ConsumerOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(WAIT, c.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.event().data().map(|b| b.len()), Some(1 << 20));
+    assert_eq!(d.event(), &event);
+    d.ack().await.unwrap();
+    transport.close().await.unwrap();
+}
