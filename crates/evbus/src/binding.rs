@@ -9,7 +9,7 @@
 //! | [`HeaderStyle::KAFKA`] | `ce_<name>` | `content-type` | none (UTF-8) |
 //! | [`HeaderStyle::HTTP`] | `ce-<name>` | `Content-Type` | percent-encoding |
 //! | [`HeaderStyle::NATS`] | `ce-<name>` | `Content-Type` | none (UTF-8) |
-//! | [`HeaderStyle::AMQP`] | `cloudEvents:<name>` | `content-type` property | none |
+//! | [`HeaderStyle::AMQP`] | `cloudEvents_<name>` (`cloudEvents:<name>` also read) | `content-type` property | none |
 //! | [`HeaderStyle::REDIS`] | `ce_<name>` | `content-type` | none (UTF-8) |
 //!
 //! ```
@@ -63,9 +63,10 @@ impl HeaderStyle {
         case_insensitive: true,
         percent_encode: false,
     };
-    /// AMQP protocol binding (application properties).
+    /// AMQP protocol binding (application properties), with the JMS-safe prefix the binding
+    /// prefers; decoding also accepts its older `cloudEvents:` form.
     pub const AMQP: HeaderStyle = HeaderStyle {
-        prefix: "cloudEvents:",
+        prefix: "cloudEvents_",
         content_type: "content-type",
         case_insensitive: false,
         percent_encode: false,
@@ -189,7 +190,18 @@ where
     builder.build()
 }
 
+/// The AMQP binding's older prefix, still accepted when decoding [`HeaderStyle::AMQP`].
+const AMQP_COLON_PREFIX: &str = "cloudEvents:";
+
 fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
+    if style == HeaderStyle::AMQP {
+        if let Some(tail) = name
+            .strip_prefix(AMQP_COLON_PREFIX)
+            .filter(|t| !t.is_empty())
+        {
+            return Some(tail.to_ascii_lowercase());
+        }
+    }
     let p = style.prefix;
     if name.len() <= p.len() {
         return None;
@@ -288,6 +300,17 @@ mod tests {
         let e = decode(headers, Bytes::from_static(b"hi"), HeaderStyle::HTTP).unwrap();
         assert_eq!(e.id(), "1");
         assert_eq!(e.datacontenttype(), Some("text/plain"));
+    }
+
+    #[test]
+    fn amqp_writes_the_underscore_prefix_and_reads_both() {
+        let event = sample();
+        let (headers, body) = encode(&event, HeaderStyle::AMQP);
+        assert!(headers.iter().any(|(k, _)| k == "cloudEvents_type"));
+        let colon = headers
+            .into_iter()
+            .map(|(k, v)| (k.replacen("cloudEvents_", "cloudEvents:", 1), v));
+        assert_eq!(decode(colon, body, HeaderStyle::AMQP).unwrap(), event);
     }
 
     #[test]

@@ -1,0 +1,412 @@
+//! [`AmqpConfig`]: where the RabbitMQ broker is and how the adapter uses it.
+
+use std::fmt;
+use std::time::Duration;
+
+use evbus::{Error, Result};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// RabbitMQ's hard ceiling on a message body (`max_message_size` cannot be set higher); the
+/// adapter refuses larger limits outright.
+pub const MAX_PAYLOAD_LIMIT: usize = 512 * 1024 * 1024;
+
+/// Settings of an [`AmqpTransport`](crate::AmqpTransport).
+///
+/// Every field has a documented default; build one with [`AmqpConfig::new`] or
+/// [`AmqpConfig::from_url`], then adjust fields (the struct is `#[non_exhaustive]`). With
+/// `serde`, missing fields take their defaults and durations are whole milliseconds
+/// (`command_timeout_ms`, ...).
+///
+/// `Debug` output and every error message hide the password of [`url`](Self::url).
+///
+/// ```
+/// use evbus_amqp::AmqpConfig;
+///
+/// let config = AmqpConfig::from_url("amqp://app:s3cret@127.0.0.1:5672/shop?prefix=orders.")?;
+/// assert_eq!(config.prefix, "orders.");
+/// assert_eq!(config.url, "amqp://app:s3cret@127.0.0.1:5672/shop");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<(), evbus::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AmqpConfig {
+    /// The broker URL given to the AMQP client:
+    /// `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=S&frame_max=N&channel_max=N]`.
+    /// The vhost is percent-encoded (`%2f` is the default vhost `/`). Default
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Prefix of every exchange and queue the adapter creates. Default `evbus.`. It must not
+    /// start with `amq.` (reserved by RabbitMQ).
+    pub prefix: String,
+    /// How long one AMQP operation (a declaration, a publish and its confirm, a settlement)
+    /// may take before failing with [`ErrorKind::Timeout`](evbus::ErrorKind::Timeout).
+    /// Default 10 s.
+    #[serde(rename = "command_timeout_ms", with = "millis")]
+    pub command_timeout: Duration,
+    /// How long one connection attempt may take. Default 5 s.
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    pub connect_timeout: Duration,
+    /// First delay between reconnection attempts; it doubles (with jitter) up to
+    /// [`reconnect_max_delay`](Self::reconnect_max_delay). Default 100 ms.
+    #[serde(rename = "reconnect_min_delay_ms", with = "millis")]
+    pub reconnect_min_delay: Duration,
+    /// Longest delay between reconnection attempts. Default 5 s.
+    #[serde(rename = "reconnect_max_delay_ms", with = "millis")]
+    pub reconnect_max_delay: Duration,
+    /// Largest event accepted (data plus attributes, [`evbus::Event::encoded_len`]).
+    /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`]. RabbitMQ itself refuses messages above
+    /// its `max_message_size` (128 MiB by default).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            prefix: "evbus.".to_owned(),
+            command_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+            max_payload_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &evbus::registry::redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_min_delay", &self.reconnect_min_delay)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .finish()
+    }
+}
+
+/// URL query parameters the adapter reads and removes from the client URL.
+const ADAPTER_PARAMETERS: &[&str] = &[
+    "prefix",
+    "command_timeout_ms",
+    "connect_timeout_ms",
+    "reconnect_min_delay_ms",
+    "reconnect_max_delay_ms",
+    "max_payload_bytes",
+];
+/// URL query parameters passed on to the AMQP client (see lapin's `AMQPUri`).
+const CLIENT_PARAMETERS: &[&str] = &["heartbeat", "frame_max", "channel_max", "auth_mechanism"];
+
+impl AmqpConfig {
+    /// The defaults, connecting to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpConfig {
+            url: url.into(),
+            ..AmqpConfig::default()
+        }
+    }
+
+    /// Reads an `amqp://` or `amqps://` URL. The adapter's own settings travel as query
+    /// parameters and are removed from [`url`](Self::url): `prefix`, `command_timeout_ms`,
+    /// `connect_timeout_ms`, `reconnect_min_delay_ms`, `reconnect_max_delay_ms`,
+    /// `max_payload_bytes`. The client's `heartbeat`, `frame_max`, `channel_max` and
+    /// `auth_mechanism` stay in the URL. Any other parameter is an error (a typo would
+    /// otherwise be silently ignored).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = evbus::registry::parse_url(url, "AMQP")?;
+        Self::from_parsed_url(&parsed)
+    }
+
+    /// Like [`from_url`](Self::from_url), for an already parsed URL.
+    pub fn from_parsed_url(url: &Url) -> Result<Self> {
+        check_scheme(url)?;
+        let mut config = AmqpConfig::default();
+        let mut kept = Vec::new();
+        for (key, value) in url.query_pairs() {
+            let number = || -> Result<u64> {
+                value.parse().map_err(|_| {
+                    Error::invalid_config(format!(
+                        "AMQP URL parameter `{key}` must be a whole number, got `{value}`"
+                    ))
+                })
+            };
+            let millis = || number().map(Duration::from_millis);
+            match key.as_ref() {
+                "prefix" => config.prefix = value.clone().into_owned(),
+                "command_timeout_ms" => config.command_timeout = millis()?,
+                "connect_timeout_ms" => config.connect_timeout = millis()?,
+                "reconnect_min_delay_ms" => config.reconnect_min_delay = millis()?,
+                "reconnect_max_delay_ms" => config.reconnect_max_delay = millis()?,
+                "max_payload_bytes" => {
+                    config.max_payload_bytes = usize::try_from(number()?).unwrap_or(usize::MAX)
+                }
+                client if CLIENT_PARAMETERS.contains(&client) => {
+                    kept.push((key.clone().into_owned(), value.clone().into_owned()));
+                }
+                other => {
+                    return Err(Error::invalid_config(format!(
+                        "unknown AMQP URL parameter `{other}`; known: {}, {}",
+                        ADAPTER_PARAMETERS.join(", "),
+                        CLIENT_PARAMETERS.join(", ")
+                    )));
+                }
+            }
+        }
+        let mut client_url = url.clone();
+        if kept.is_empty() {
+            client_url.set_query(None);
+        } else {
+            client_url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        config.url = client_url.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the settings are usable;
+    /// [`AmqpTransport::connect`](crate::AmqpTransport::connect) calls it.
+    pub fn validate(&self) -> Result<()> {
+        let url = evbus::registry::parse_url(&self.url, "AMQP")?;
+        check_scheme(&url)?;
+        if let Some(query) = url.query() {
+            for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
+                if !CLIENT_PARAMETERS.contains(&key.as_ref()) {
+                    return Err(Error::invalid_config(format!(
+                        "AmqpConfig::url carries `{key}`, which the AMQP client does not read; \
+                         set the fields of AmqpConfig instead, or use AmqpConfig::from_url \
+                         (URL `{}`)",
+                        evbus::registry::redact(&self.url)
+                    )));
+                }
+            }
+        }
+        // Let the client's own parser judge the rest (vhost, port, parameter values).
+        self.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            Error::invalid_config(format!(
+                "`{}` is not a usable AMQP URL: {}",
+                evbus::registry::redact(&self.url),
+                scrub(&e, &self.url)
+            ))
+        })?;
+        if self.prefix.starts_with("amq.") {
+            return Err(Error::invalid_config(format!(
+                "prefix `{}` starts with `amq.`, which RabbitMQ reserves for its own exchanges \
+                 and queues; choose another prefix",
+                self.prefix
+            )));
+        }
+        if self.prefix.len() > 64 || !crate::names::is_plain(&self.prefix) {
+            return Err(Error::invalid_config(format!(
+                "prefix `{}` must be at most 64 ASCII letters, digits, `.`, `-` or `_`",
+                self.prefix.escape_debug()
+            )));
+        }
+        let positive = [
+            ("command_timeout", self.command_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ];
+        for (name, value) in positive {
+            if value < Duration::from_millis(1) {
+                return Err(Error::invalid_config(format!(
+                    "{name} must be at least 1 ms"
+                )));
+            }
+        }
+        if self.reconnect_max_delay < self.reconnect_min_delay {
+            return Err(Error::invalid_config(
+                "reconnect_max_delay must not be less than reconnect_min_delay",
+            ));
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_LIMIT {
+            return Err(Error::invalid_config(format!(
+                "max_payload_bytes must be between 1 and {MAX_PAYLOAD_LIMIT} (RabbitMQ's \
+                 largest max_message_size), got {}",
+                self.max_payload_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The URL for messages and logs: the password replaced by `***`.
+    pub(crate) fn redacted_url(&self) -> String {
+        evbus::registry::redact(&self.url)
+    }
+}
+
+/// `text` with the password of `url` (as written and percent-decoded) replaced by `***`:
+/// client errors may quote the whole URL.
+pub(crate) fn scrub(text: &str, url: &str) -> String {
+    let Ok(parsed) = Url::parse(url) else {
+        return text.to_owned();
+    };
+    let Some(password) = parsed.password().filter(|p| !p.is_empty()) else {
+        return text.to_owned();
+    };
+    let mut out = text.replace(password, "***");
+    if let Ok(decoded) = percent_decode(password) {
+        if !decoded.is_empty() {
+            out = out.replace(&decoded, "***");
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> std::result::Result<String, std::string::FromUtf8Error> {
+    let bytes: Vec<u8> =
+        url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned().into_bytes())
+            .unwrap_or_default();
+    String::from_utf8(bytes)
+}
+
+fn check_scheme(url: &Url) -> Result<()> {
+    match url.scheme() {
+        "amqp" | "amqps" => {}
+        other => {
+            return Err(Error::invalid_config(format!(
+                "`{other}://` is not an AMQP URL; use amqp:// or amqps://"
+            )));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid_config(format!(
+            "`{}` names no host; use amqp://HOST[:PORT][/VHOST]",
+            evbus::registry::redact(url.as_str())
+        )));
+    }
+    Ok(())
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evbus::ErrorKind;
+
+    #[test]
+    fn defaults_connect_to_the_local_broker_default_vhost() {
+        let config = AmqpConfig::default();
+        assert_eq!(config.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(config.prefix, "evbus.");
+        assert_eq!(config.max_payload_bytes, 16 * 1024 * 1024);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn adapter_parameters_become_settings_and_client_parameters_stay() {
+        let config = AmqpConfig::from_url(
+            "amqp://u:pw@localhost:5673/shop?prefix=x.&command_timeout_ms=900\
+             &connect_timeout_ms=800&reconnect_min_delay_ms=10&reconnect_max_delay_ms=20\
+             &max_payload_bytes=1024&heartbeat=15",
+        )
+        .unwrap();
+        assert_eq!(config.url, "amqp://u:pw@localhost:5673/shop?heartbeat=15");
+        assert_eq!(config.prefix, "x.");
+        assert_eq!(config.command_timeout, Duration::from_millis(900));
+        assert_eq!(config.connect_timeout, Duration::from_millis(800));
+        assert_eq!(config.reconnect_min_delay, Duration::from_millis(10));
+        assert_eq!(config.reconnect_max_delay, Duration::from_millis(20));
+        assert_eq!(config.max_payload_bytes, 1024);
+    }
+
+    #[test]
+    fn the_vhost_stays_in_the_client_url() {
+        let config = AmqpConfig::from_url("amqps://h/%2fprod?prefix=a.").unwrap();
+        assert_eq!(config.url, "amqps://h/%2fprod");
+        let uri: lapin::uri::AMQPUri = config.url.parse().unwrap();
+        assert_eq!(uri.vhost, "/prod");
+    }
+
+    #[test]
+    fn unknown_parameters_name_the_known_ones() {
+        let err = AmqpConfig::from_url("amqp://h?prefx=a.").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.message().contains("prefx"), "{err}");
+        assert!(err.message().contains("prefix"), "{err}");
+        assert!(err.message().contains("heartbeat"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_parameter_name() {
+        let err = AmqpConfig::from_url("amqp://h?command_timeout_ms=soon").unwrap_err();
+        assert!(err.message().contains("command_timeout_ms"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?command_timeout_ms=0").unwrap_err();
+        assert!(err.message().contains("command_timeout"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?prefix=a/b.").unwrap_err();
+        assert!(err.message().contains("letters"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?prefix=amq.x").unwrap_err();
+        assert!(err.message().contains("reserves"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?max_payload_bytes=999999999999").unwrap_err();
+        assert!(err.message().contains("max_payload_bytes"), "{err}");
+        let err = AmqpConfig::from_url("amqp://h?heartbeat=often").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        let err =
+            AmqpConfig::from_url("amqp://h?reconnect_min_delay_ms=50&reconnect_max_delay_ms=5")
+                .unwrap_err();
+        assert!(err.message().contains("reconnect_max_delay"), "{err}");
+    }
+
+    #[test]
+    fn other_schemes_and_missing_hosts_are_rejected() {
+        let err = AmqpConfig::from_url("redis://h:6379").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.message().contains("amqp://"), "{err}");
+        assert!(AmqpConfig::from_url("amqp://").is_err());
+        assert!(AmqpConfig::from_url("not a url").is_err());
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_the_password() {
+        let config = AmqpConfig::from_url("amqp://user:hunter2@h:1/v").unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("***"), "{debug}");
+        let err = AmqpConfig::from_url("amqp://user:hunter2@h:1/v?nope=1").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let mut bad = AmqpConfig::new("amqp://user:hunter2@h:1/v?prefix=x");
+        bad.prefix = "x".into();
+        let err = bad.validate().unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn client_errors_quoting_the_url_are_scrubbed() {
+        let text = scrub(
+            "Invalid URL: 'amqp://u:p%40ss@h'; also p@ss",
+            "amqp://u:p%40ss@h",
+        );
+        assert!(!text.contains("p%40ss") && !text.contains("p@ss"), "{text}");
+        assert_eq!(scrub("no secret", "amqp://h"), "no secret");
+    }
+
+    #[test]
+    fn serde_uses_milliseconds_and_fills_defaults() {
+        let config: AmqpConfig = serde_json::from_value(serde_json::json!({
+            "url": "amqp://h:1/%2f",
+            "command_timeout_ms": 200
+        }))
+        .unwrap();
+        assert_eq!(config.command_timeout, Duration::from_millis(200));
+        assert_eq!(config.prefix, "evbus.");
+        let back = serde_json::to_value(&config).unwrap();
+        assert_eq!(back["command_timeout_ms"], 200);
+        assert!(serde_json::from_value::<AmqpConfig>(serde_json::json!({"nope": 1})).is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The broker connection: one AMQP connection per transport, reconnected with backoff when
+//! it is lost, with a dedicated publisher channel (publisher confirms) and an administration
+//! channel for declarations. Topology is declared again on every new connection before it is
+//! used (declarations are idempotent), and consumers re-attach by themselves
+//! (see [`consumer`](crate::consumer)).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use evbus::{Error, ErrorKind, Result};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use rand::Rng;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::AmqpConfig;
+use crate::error::{from_connect, from_lapin, timeout};
+
+/// Runs `op` within `limit`, mapping a client error with `what`.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: impl FnOnce() -> String,
+    op: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(from_lapin(e, &what())),
+        Err(_) => Err(timeout(&what(), limit)),
+    }
+}
+
+/// An AMQP short string (names, content types: at most 255 bytes).
+pub(crate) fn short(what: &str, value: &str) -> Result<ShortString> {
+    ShortString::try_new(value).map_err(|_| {
+        Error::invalid_config(format!(
+            "{what} `{value}` is {} bytes long; AMQP allows at most 255",
+            value.len()
+        ))
+    })
+}
+
+/// The arguments of a durable quorum queue.
+pub(crate) fn quorum_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// The one connection of a transport, opened again when lost.
+pub(crate) struct Link {
+    config: AmqpConfig,
+    state: Mutex<LinkState>,
+    generation: AtomicU64,
+}
+
+struct LinkState {
+    live: Option<Arc<Live>>,
+    backoff: Backoff,
+    /// No new connection attempt before this instant (backoff after a failure).
+    retry_at: Option<Instant>,
+    last_error: Option<Error>,
+    closed: bool,
+}
+
+/// One open AMQP connection and what was declared on it.
+pub(crate) struct Live {
+    pub(crate) conn: Connection,
+    pub(crate) generation: u64,
+    timeout: Duration,
+    publisher: Mutex<Option<Channel>>,
+    admin: Mutex<Option<Channel>>,
+    declared: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Link {
+    pub(crate) fn new(config: AmqpConfig, first: Live) -> Self {
+        let backoff = Backoff::new(&config);
+        Link {
+            config,
+            generation: AtomicU64::new(first.generation),
+            state: Mutex::new(LinkState {
+                live: Some(Arc::new(first)),
+                backoff,
+                retry_at: None,
+                last_error: None,
+                closed: false,
+            }),
+        }
+    }
+
+    /// Opens the first connection (failing like any later attempt would).
+    pub(crate) async fn open(config: &AmqpConfig, generation: u64) -> Result<Live> {
+        let what = || format!("connecting to RabbitMQ at `{}`", config.redacted_url());
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("evbus-amqp/{}", std::process::id()).into());
+        let conn = match tokio::time::timeout(
+            config.connect_timeout,
+            Connection::connect(&config.url, properties),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                let e = from_connect(e, &what());
+                // The client may quote the URL: keep the password out.
+                return Err(
+                    Error::new(e.kind(), crate::config::scrub(e.message(), &config.url))
+                        .with_retryable(e.is_retryable()),
+                );
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "{}: no connection within {:?} (connect_timeout); is RabbitMQ running?",
+                        what(),
+                        config.connect_timeout
+                    ),
+                ));
+            }
+        };
+        Ok(Live {
+            conn,
+            generation,
+            timeout: config.command_timeout,
+            publisher: Mutex::new(None),
+            admin: Mutex::new(None),
+            declared: std::sync::Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The open connection, reconnecting if it was lost. While the broker is unreachable this
+    /// fails fast with a retryable [`ErrorKind::Connection`] error: a new attempt is made
+    /// only once the backoff delay after the previous failure has passed.
+    pub(crate) async fn live(&self) -> Result<Arc<Live>> {
+        let mut state = self.state.lock().await;
+        if state.closed {
+            return Err(Error::closed("the AMQP transport"));
+        }
+        if let Some(live) = &state.live {
+            if live.is_open() {
+                return Ok(Arc::clone(live));
+            }
+            tracing::warn!(
+                broker = %self.config.redacted_url(),
+                "the RabbitMQ connection was lost; reconnecting"
+            );
+            state.live = None;
+        }
+        if let Some(at) = state.retry_at {
+            if Instant::now() < at {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "RabbitMQ at `{}` is unreachable; reconnecting (last error: {})",
+                        self.config.redacted_url(),
+                        state
+                            .last_error
+                            .as_ref()
+                            .map_or_else(|| "none".to_owned(), ToString::to_string)
+                    ),
+                ));
+            }
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        match Self::open(&self.config, generation).await {
+            Ok(live) => {
+                tracing::info!(broker = %self.config.redacted_url(), "connected to RabbitMQ");
+                let live = Arc::new(live);
+                state.live = Some(Arc::clone(&live));
+                state.backoff.reset();
+                state.retry_at = None;
+                state.last_error = None;
+                Ok(live)
+            }
+            Err(e) => {
+                let delay = state.backoff.next_delay();
+                state.retry_at = Some(Instant::now() + delay);
+                state.last_error = Some(Error::new(e.kind(), e.message().to_owned()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The delay a consumer waits before trying to re-attach after a failure.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(&self.config)
+    }
+
+    /// Closes the connection (after the publisher channel's confirms); later calls to
+    /// [`live`](Self::live) fail with [`ErrorKind::Closed`].
+    pub(crate) async fn close(&self) {
+        let live = {
+            let mut state = self.state.lock().await;
+            state.closed = true;
+            state.live.take()
+        };
+        let Some(live) = live else { return };
+        if let Some(channel) = live.publisher.lock().await.take() {
+            let _ = tokio::time::timeout(live.timeout, channel.wait_for_confirms()).await;
+            let _ = tokio::time::timeout(live.timeout, channel.close(200, "closing".into())).await;
+        }
+        if live.is_open() {
+            let _ =
+                tokio::time::timeout(live.timeout, live.conn.close(200, "evbus closing".into()))
+                    .await;
+        }
+    }
+}
+
+impl Live {
+    pub(crate) fn is_open(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    /// The publisher channel (in confirm mode), opened again if the broker closed it.
+    pub(crate) async fn publisher(&self) -> Result<Channel> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = within(
+            self.timeout,
+            || "opening the publisher channel".to_owned(),
+            self.conn.create_channel(),
+        )
+        .await?;
+        within(
+            self.timeout,
+            || "enabling publisher confirms".to_owned(),
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// The channel for declarations and deletions, opened again if the broker closed it.
+    pub(crate) async fn admin(&self) -> Result<Channel> {
+        let mut slot = self.admin.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = within(
+            self.timeout,
+            || "opening a channel".to_owned(),
+            self.conn.create_channel(),
+        )
+        .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn is_declared(&self, key: &str) -> bool {
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    fn mark_declared(&self, key: String) {
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+    }
+
+    /// Forgets a declaration (the exchange or queue was deleted).
+    pub(crate) fn forget(&self, key: &str) {
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Declares the durable fanout exchange `exchange` (once per connection).
+    pub(crate) async fn declare_exchange(&self, exchange: &str) -> Result<()> {
+        let key = format!("x:{exchange}");
+        if self.is_declared(&key) {
+            return Ok(());
+        }
+        let name = short("exchange name", exchange)?;
+        let channel = self.admin().await?;
+        within(
+            self.timeout,
+            || format!("declaring exchange `{exchange}`"),
+            channel.exchange_declare(
+                name,
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        self.mark_declared(key);
+        Ok(())
+    }
+
+    /// Declares the durable quorum queue `queue` (once per connection).
+    pub(crate) async fn declare_quorum_queue(&self, queue: &str) -> Result<()> {
+        let key = format!("q:{queue}");
+        if self.is_declared(&key) {
+            return Ok(());
+        }
+        let name = short("queue name", queue)?;
+        let channel = self.admin().await?;
+        within(
+            self.timeout,
+            || format!("declaring quorum queue `{queue}`"),
+            channel.queue_declare(
+                name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                quorum_arguments(),
+            ),
+        )
+        .await?;
+        self.mark_declared(key);
+        Ok(())
+    }
+
+    /// Binds `queue` to the fanout `exchange` on `channel`.
+    pub(crate) async fn bind(&self, channel: &Channel, queue: &str, exchange: &str) -> Result<()> {
+        within(
+            self.timeout,
+            || format!("binding queue `{queue}` to exchange `{exchange}`"),
+            channel.queue_bind(
+                short("queue name", queue)?,
+                short("exchange name", exchange)?,
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+    }
+}
+
+/// Exponential backoff with full jitter between the configured minimum and maximum.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: &AmqpConfig) -> Self {
+        Backoff {
+            min: config.reconnect_min_delay,
+            max: config.reconnect_max_delay,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        let ceiling = self.min.saturating_mul(factor).min(self.max).max(self.min);
+        let floor = self.min.min(ceiling);
+        let spread = u64::try_from(ceiling.saturating_sub(floor).as_millis()).unwrap_or(u64::MAX);
+        floor + Duration::from_millis(rand::rng().random_range(0..=spread))
+    }
+
+    /// Back to the shortest delay (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_bounds() {
+        let config = AmqpConfig {
+            reconnect_min_delay: Duration::from_millis(10),
+            reconnect_max_delay: Duration::from_millis(100),
+            ..AmqpConfig::default()
+        };
+        let mut backoff = Backoff::new(&config);
+        for _ in 0..50 {
+            let d = backoff.next_delay();
+            assert!(
+                d >= Duration::from_millis(10) && d <= Duration::from_millis(100),
+                "{d:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn names_longer_than_a_short_string_are_configuration_errors() {
+        assert!(short("queue name", &"q".repeat(255)).is_ok());
+        let err = short("content type", &"c".repeat(256)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.message().contains("255"), "{err}");
+    }
+}

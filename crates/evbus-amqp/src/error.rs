@@ -1,0 +1,198 @@
+//! Mapping `lapin::Error` to [`evbus::Error`], with a kind a caller can act on and a
+//! retryable classification.
+//!
+//! | AMQP / client error | kind | retryable |
+//! |---|---|---|
+//! | I/O error, connection or channel not open, missed heartbeats, `CONNECTION_FORCED` | `Connection` | yes |
+//! | `RESOURCE_ERROR` (a broker resource alarm, memory or disk) | `Full` | yes |
+//! | `RESOURCE_LOCKED` (an exclusive queue of another connection) | `Broker` | yes |
+//! | `NOT_FOUND` (a deleted exchange or queue), `NO_ROUTE` | `NotFound` | no |
+//! | `CONTENT_TOO_LARGE`, a frame beyond `max_message_size` | `TooLarge` | no |
+//! | `ACCESS_REFUSED` on connect, `NOT_ALLOWED`, `INVALID_PATH` (credentials, vhost) | `InvalidConfig` | no |
+//! | anything else (`PRECONDITION_FAILED`, `ACCESS_REFUSED` on a resource, protocol errors) | `Broker` | no |
+
+use evbus::{Error, ErrorKind};
+use lapin::ErrorKind as K;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+/// Converts a client error met while doing `what` ("publishing to topic `orders`").
+pub(crate) fn from_lapin(error: lapin::Error, what: &str) -> Error {
+    let (kind, retryable, hint) = classify(&error, false);
+    Error::from_client(error, what, kind, retryable, hint)
+}
+
+/// Converts an error met while connecting (an `ACCESS_REFUSED` there means bad credentials).
+pub(crate) fn from_connect(error: lapin::Error, what: &str) -> Error {
+    let (kind, retryable, hint) = classify(&error, true);
+    Error::from_client(error, what, kind, retryable, hint)
+}
+
+/// A timeout of `what` after `limit`.
+pub(crate) fn timeout(what: &str, limit: std::time::Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("{what}: no answer from RabbitMQ within {limit:?} (command_timeout); retry later"),
+    )
+}
+
+const RECONNECTS: &str = "the adapter reconnects by itself; retry later";
+
+fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>, &'static str) {
+    match error.kind() {
+        K::IOError(_)
+        | K::InvalidConnectionState(_)
+        | K::InvalidChannelState(..)
+        | K::InvalidChannel(_)
+        | K::MissingHeartbeatError => (ErrorKind::Connection, None, RECONNECTS),
+        K::ChannelsLimitReached => (
+            ErrorKind::Full,
+            None,
+            "the connection has no channel left (channel_max); close subscriptions or raise it",
+        ),
+        K::AuthProviderError(_) => (
+            ErrorKind::InvalidConfig,
+            None,
+            "check the credentials in the AMQP URL",
+        ),
+        K::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => soft_error(soft, connecting),
+            AMQPErrorKind::Hard(hard) => hard_error(hard),
+        },
+        _ => (ErrorKind::Broker, None, ""),
+    }
+}
+
+fn soft_error(error: &AMQPSoftError, connecting: bool) -> (ErrorKind, Option<bool>, &'static str) {
+    match error {
+        AMQPSoftError::NOTFOUND => (
+            ErrorKind::NotFound,
+            None,
+            "the exchange or queue no longer exists (deleted); open the topic or queue again",
+        ),
+        AMQPSoftError::NOROUTE => (
+            ErrorKind::NotFound,
+            None,
+            "no queue took the message (the queue was deleted); open the queue again",
+        ),
+        AMQPSoftError::CONTENTTOOLARGE => (
+            ErrorKind::TooLarge,
+            None,
+            "the message exceeds RabbitMQ's max_message_size",
+        ),
+        AMQPSoftError::ACCESSREFUSED if connecting => (
+            ErrorKind::InvalidConfig,
+            None,
+            "RabbitMQ refused the login: check the user and password in the AMQP URL",
+        ),
+        AMQPSoftError::ACCESSREFUSED => (
+            ErrorKind::Broker,
+            Some(false),
+            "the user lacks a permission on this vhost (configure, write or read)",
+        ),
+        AMQPSoftError::RESOURCELOCKED => (
+            ErrorKind::Broker,
+            Some(true),
+            "the queue is exclusive to another connection; retry later",
+        ),
+        AMQPSoftError::PRECONDITIONFAILED => (
+            ErrorKind::Broker,
+            Some(false),
+            "an exchange or queue of this name exists with other settings (another \
+             application, or a classic queue where evbus wants a quorum queue); delete it or \
+             choose another prefix",
+        ),
+        AMQPSoftError::NOCONSUMERS => (ErrorKind::Broker, None, ""),
+    }
+}
+
+fn hard_error(error: &AMQPHardError) -> (ErrorKind, Option<bool>, &'static str) {
+    match error {
+        AMQPHardError::CONNECTIONFORCED => (
+            ErrorKind::Connection,
+            None,
+            "RabbitMQ closed the connection (shutdown or an operator); the adapter reconnects",
+        ),
+        AMQPHardError::RESOURCEERROR => (
+            ErrorKind::Full,
+            None,
+            "RabbitMQ is short of a resource (memory or disk alarm); retry later",
+        ),
+        AMQPHardError::INVALIDPATH | AMQPHardError::NOTALLOWED => (
+            ErrorKind::InvalidConfig,
+            None,
+            "check the vhost in the AMQP URL and the user's access to it",
+        ),
+        AMQPHardError::FRAMEERROR => (
+            ErrorKind::TooLarge,
+            None,
+            "the message exceeds a broker limit (frame_max or max_message_size)",
+        ),
+        _ => (ErrorKind::Broker, None, ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    fn amqp(id: u16) -> lapin::Error {
+        let error = AMQPError::from_id(id, "reply text".into()).expect("a known reply code");
+        lapin::ErrorKind::ProtocolError(error).into()
+    }
+
+    #[test]
+    fn dropped_connections_are_retryable_connection_errors() {
+        let io: lapin::Error = lapin::ErrorKind::IOError(std::sync::Arc::new(
+            std::io::ErrorKind::ConnectionReset.into(),
+        ))
+        .into();
+        let e = from_lapin(io, "publishing");
+        assert_eq!(e.kind(), ErrorKind::Connection);
+        assert!(e.is_retryable());
+        assert!(e.message().starts_with("publishing: "), "{e}");
+        let e = from_lapin(lapin::ErrorKind::MissingHeartbeatError.into(), "x");
+        assert!(e.is_retryable());
+        let e = from_lapin(amqp(320), "x"); // CONNECTION_FORCED
+        assert_eq!(e.kind(), ErrorKind::Connection);
+    }
+
+    #[test]
+    fn broker_refusals_are_classified() {
+        let e = from_lapin(amqp(404), "publishing");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(!e.is_retryable());
+        let e = from_lapin(amqp(312), "sending");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = from_lapin(amqp(406), "declaring");
+        assert_eq!(e.kind(), ErrorKind::Broker);
+        assert!(!e.is_retryable());
+        assert!(e.message().contains("quorum"), "{e}");
+        let e = from_lapin(amqp(405), "consuming");
+        assert!(e.is_retryable());
+        let e = from_lapin(amqp(506), "publishing");
+        assert_eq!(e.kind(), ErrorKind::Full);
+        assert!(e.is_retryable());
+        let e = from_lapin(amqp(311), "publishing");
+        assert_eq!(e.kind(), ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn login_and_vhost_refusals_are_configuration_errors() {
+        let e = from_connect(amqp(403), "connecting");
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(e.message().contains("password"), "{e}");
+        let e = from_lapin(amqp(403), "declaring");
+        assert_eq!(e.kind(), ErrorKind::Broker);
+        let e = from_connect(amqp(530), "connecting");
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(e.message().contains("vhost"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_are_retryable() {
+        let e = timeout("acking", std::time::Duration::from_secs(1));
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.is_retryable());
+    }
+}

@@ -1,0 +1,53 @@
+#![doc = include_str!("../README.md")]
+
+mod capabilities;
+mod config;
+mod connection;
+mod consumer;
+mod error;
+mod message;
+mod names;
+mod publisher;
+mod transport;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use evbus::{Connector, Result, Transport};
+use url::Url;
+
+pub use config::{AmqpConfig, MAX_PAYLOAD_LIMIT};
+pub use transport::AmqpTransport;
+
+/// The URL schemes of [`AmqpConnector`].
+pub const URL_SCHEMES: &[&str] = &["amqp", "amqps"];
+
+/// The prefix of CloudEvents attribute headers this adapter writes (the AMQP binding's
+/// JMS-safe form; `cloudEvents:` is accepted when reading).
+pub const HEADER_PREFIX: &str = message::PREFIX;
+
+/// Opens [`AmqpTransport`]s for `amqp://` and `amqps://` URLs (see
+/// [`AmqpConfig::from_url`] for the query parameters).
+///
+/// ```no_run
+/// # async fn demo() -> evbus::Result<()> {
+/// let mut registry = evbus::Registry::new();
+/// registry.register(evbus_amqp::AmqpConnector);
+/// let transport = registry.connect("amqp://guest:guest@127.0.0.1:5672/%2f?prefix=shop.").await?;
+/// assert_eq!(transport.name(), "amqp");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AmqpConnector;
+
+#[async_trait]
+impl Connector for AmqpConnector {
+    fn schemes(&self) -> &'static [&'static str] {
+        URL_SCHEMES
+    }
+
+    async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
+        let config = AmqpConfig::from_parsed_url(url)?;
+        Ok(Arc::new(AmqpTransport::connect(config).await?))
+    }
+}

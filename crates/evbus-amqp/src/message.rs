@@ -1,0 +1,229 @@
+//! CloudEvents AMQP protocol binding, binary mode, through [`evbus::binding`]:
+//!
+//! - every attribute and extension is an application-properties header (`headers` table)
+//!   named `cloudEvents_<name>` (the binding's JMS-safe prefix), its value an AMQP long
+//!   string; the older `cloudEvents:<name>` is accepted when reading;
+//! - `datacontenttype` is the AMQP `content-type` property;
+//! - the data is the message body, byte for byte;
+//! - `message-id` is the event id and `delivery-mode` is 2 (persistent).
+
+use bytes::Bytes;
+use evbus::binding::{self, HeaderStyle};
+use evbus::{Error, Event, Result};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+/// The prefix written on attribute headers.
+pub(crate) const PREFIX: &str = "cloudEvents_";
+/// The older prefix of the AMQP binding, accepted when reading.
+pub(crate) const LEGACY_PREFIX: &str = "cloudEvents:";
+
+/// The properties (headers included) and body of `event`.
+pub(crate) fn encode(event: &Event) -> (BasicProperties, Bytes) {
+    let (headers, body) = binding::encode(event, HeaderStyle::AMQP);
+    let mut table = FieldTable::default();
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    for (name, value) in headers {
+        if name == HeaderStyle::AMQP.content_type {
+            match ShortString::try_new(value.clone()) {
+                Ok(ct) => properties = properties.with_content_type(ct),
+                // Longer than the property allows: carried as an attribute header instead.
+                Err(_) => {
+                    table.insert(
+                        format!("{PREFIX}datacontenttype").into(),
+                        AMQPValue::LongString(value.into()),
+                    );
+                }
+            }
+            continue;
+        }
+        // Attribute names are at most 20 characters: the header name always fits.
+        table.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    if let Ok(id) = ShortString::try_new(event.id()) {
+        properties = properties.with_message_id(id);
+    }
+    (properties.with_headers(table), body)
+}
+
+/// Decodes a delivered message. Fails with [`ErrorKind::InvalidEvent`](evbus::ErrorKind)
+/// when it is not a binary-mode CloudEvent (no `cloudEvents_specversion`, an attribute that
+/// is not a string, invalid attributes).
+pub(crate) fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Event> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    if let Some(headers) = properties.headers() {
+        for (name, value) in headers.inner() {
+            let name = name.as_str();
+            let attribute = name
+                .strip_prefix(PREFIX)
+                .or_else(|| name.strip_prefix(LEGACY_PREFIX));
+            let Some(attribute) = attribute else { continue };
+            let text = text_of(value).ok_or_else(|| {
+                Error::invalid_event(format!(
+                    "header `{name}` is not a string (AMQP type {:?})",
+                    value.get_type()
+                ))
+            })?;
+            pairs.push((format!("{PREFIX}{attribute}"), text));
+        }
+    }
+    if let Some(ct) = properties.content_type() {
+        pairs.push((HeaderStyle::AMQP.content_type.to_owned(), ct.to_string()));
+    }
+    binding::decode(pairs, Bytes::copy_from_slice(body), HeaderStyle::AMQP)
+}
+
+/// A header value as text: strings (UTF-8), integers and booleans.
+pub(crate) fn text_of(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        other => integer_of(other)?.to_string(),
+    })
+}
+
+/// An integer header value (RabbitMQ writes `x-delivery-count` as a long or long-long).
+pub(crate) fn integer_of(value: &AMQPValue) -> Option<i64> {
+    Some(match value {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
+        _ => return None,
+    })
+}
+
+/// Every header and property of a message as raw bytes, for the dead-letter record of a
+/// message that could not be decoded.
+pub(crate) fn raw_headers(properties: &BasicProperties) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Some(ct) = properties.content_type() {
+        out.push(("content-type".to_owned(), ct.as_str().as_bytes().to_vec()));
+    }
+    if let Some(id) = properties.message_id() {
+        out.push(("message-id".to_owned(), id.as_str().as_bytes().to_vec()));
+    }
+    if let Some(headers) = properties.headers() {
+        for (name, value) in headers.inner() {
+            let bytes = match value {
+                AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+                AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
+                other => text_of(other)
+                    .unwrap_or_else(|| format!("{other:?}"))
+                    .into_bytes(),
+            };
+            out.push((name.to_string(), bytes));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::builder("afterOrderCreate", "/shop/orders")
+            .json(&serde_json::json!({"name": "Zoë 😀"}))
+            .unwrap()
+            .subject("o 1")
+            .partition_key("o-1")
+            .extension("tenant", "açme")
+            .build()
+            .unwrap()
+    }
+
+    fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+        properties.headers().as_ref()?.inner().get(name)
+    }
+
+    #[test]
+    fn attributes_are_cloud_events_underscore_long_strings() {
+        let event = sample();
+        let (properties, body) = encode(&event);
+        assert_eq!(
+            header(&properties, "cloudEvents_type"),
+            Some(&AMQPValue::LongString("afterOrderCreate".into()))
+        );
+        assert_eq!(
+            header(&properties, "cloudEvents_specversion"),
+            Some(&AMQPValue::LongString("1.0".into()))
+        );
+        assert!(header(&properties, "cloudEvents_tenant").is_some());
+        assert!(header(&properties, "content-type").is_none());
+        assert_eq!(
+            properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*properties.delivery_mode(), Some(2));
+        assert_eq!(
+            properties.message_id().as_ref().map(|c| c.as_str()),
+            Some(event.id())
+        );
+        assert_eq!(body, event.data().cloned().unwrap());
+        assert_eq!(decode(&properties, &body).unwrap(), event);
+    }
+
+    #[test]
+    fn the_colon_prefix_of_older_producers_is_read_too() {
+        let mut table = FieldTable::default();
+        for (k, v) in [
+            ("cloudEvents:specversion", "1.0"),
+            ("cloudEvents:id", "42"),
+            ("cloudEvents:source", "/legacy"),
+            ("cloudEvents:type", "t"),
+        ] {
+            table.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        let properties = BasicProperties::default()
+            .with_headers(table)
+            .with_content_type("text/plain".into());
+        let event = decode(&properties, b"hi").unwrap();
+        assert_eq!((event.id(), event.source()), ("42", "/legacy"));
+        assert_eq!(event.datacontenttype(), Some("text/plain"));
+    }
+
+    #[test]
+    fn a_long_content_type_travels_as_a_header() {
+        let ct = format!("application/x.{};v=1", "a".repeat(300));
+        let event = Event::builder("t", "s")
+            .data(ct.clone(), b"x".to_vec())
+            .build()
+            .unwrap();
+        let (properties, body) = encode(&event);
+        assert!(properties.content_type().is_none());
+        assert_eq!(
+            decode(&properties, &body).unwrap().datacontenttype(),
+            Some(&*ct)
+        );
+    }
+
+    #[test]
+    fn foreign_messages_are_invalid_events() {
+        let err = decode(&BasicProperties::default(), b"{}").unwrap_err();
+        assert_eq!(err.kind(), evbus::ErrorKind::InvalidEvent);
+        let mut table = FieldTable::default();
+        table.insert(
+            "cloudEvents_specversion".into(),
+            AMQPValue::FieldArray(Default::default()),
+        );
+        let properties = BasicProperties::default().with_headers(table);
+        let err = decode(&properties, b"").unwrap_err();
+        assert!(err.message().contains("not a string"), "{err}");
+        let raw = raw_headers(&properties);
+        assert_eq!(raw[0].0, "cloudEvents_specversion");
+    }
+
+    #[test]
+    fn integer_headers_are_read_whatever_their_width() {
+        assert_eq!(integer_of(&AMQPValue::LongLongInt(3)), Some(3));
+        assert_eq!(integer_of(&AMQPValue::LongInt(2)), Some(2));
+        assert_eq!(integer_of(&AMQPValue::ShortShortUInt(1)), Some(1));
+        assert_eq!(integer_of(&AMQPValue::LongString("1".into())), None);
+    }
+}

@@ -1,0 +1,251 @@
+//! Publishing: [`Topic::publish`] to the topic's exchange, [`Queue::send`] to the queue
+//! through the default exchange, both with publisher confirms on the connection's dedicated
+//! publisher channel. `Ok` means RabbitMQ confirmed the message (for a quorum queue: a
+//! majority of its replicas wrote it to disk).
+
+use async_trait::async_trait;
+use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result, SubscribeOptions, Subscription};
+use lapin::Confirmation;
+use lapin::options::BasicPublishOptions;
+
+use crate::connection::{short, within};
+use crate::consumer::{self, Target};
+use crate::message;
+use crate::transport::AmqpTransport;
+
+/// Where a message goes.
+enum Route<'a> {
+    /// A topic's fanout exchange: a message no queue takes (a topic without subscriptions)
+    /// is dropped by design, so it is not `mandatory`.
+    Exchange(&'a str),
+    /// A queue, through the default exchange: `mandatory`, so a message no queue takes
+    /// (the queue was deleted) is returned and the send fails.
+    Queue(&'a str),
+}
+
+/// A topic: a durable fanout exchange.
+#[derive(Debug)]
+pub(crate) struct AmqpTopic {
+    name: String,
+    exchange: String,
+    transport: AmqpTransport,
+}
+
+impl AmqpTopic {
+    pub(crate) fn new(name: &str, transport: AmqpTransport) -> Self {
+        AmqpTopic {
+            exchange: transport.shared.names.exchange(name),
+            name: name.to_owned(),
+            transport,
+        }
+    }
+}
+
+/// A queue: a durable quorum queue.
+#[derive(Debug)]
+pub(crate) struct AmqpQueue {
+    name: String,
+    queue: String,
+    transport: AmqpTransport,
+}
+
+impl AmqpQueue {
+    pub(crate) fn new(name: &str, transport: AmqpTransport) -> Self {
+        AmqpQueue {
+            queue: transport.shared.names.queue(name),
+            name: name.to_owned(),
+            transport,
+        }
+    }
+}
+
+#[async_trait]
+impl evbus::Topic for AmqpTopic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        publish(
+            &self.transport,
+            Route::Exchange(&self.exchange),
+            std::slice::from_ref(event),
+            &self.name,
+        )
+        .await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        publish(
+            &self.transport,
+            Route::Exchange(&self.exchange),
+            events,
+            &self.name,
+        )
+        .await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let _op = self.transport.shared.begin()?;
+        let source = evbus::raw::Source::topic(&self.name, &options)?;
+        let names = &self.transport.shared.names;
+        let target = match source.subscription() {
+            Some(sub) => Target::Named {
+                exchange: self.exchange.clone(),
+                queue: names.subscription(&self.name, sub),
+            },
+            None => Target::Anonymous {
+                exchange: self.exchange.clone(),
+                queue: names.anonymous(&self.name),
+            },
+        };
+        consumer::subscribe(&self.transport, source, target).await
+    }
+}
+
+#[async_trait]
+impl evbus::Queue for AmqpQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        publish(
+            &self.transport,
+            Route::Queue(&self.queue),
+            std::slice::from_ref(event),
+            &self.name,
+        )
+        .await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        publish(
+            &self.transport,
+            Route::Queue(&self.queue),
+            events,
+            &self.name,
+        )
+        .await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        let _op = self.transport.shared.begin()?;
+        let source = evbus::raw::Source::queue(&self.name, &options);
+        let target = Target::Queue {
+            queue: self.queue.clone(),
+        };
+        consumer::subscribe(&self.transport, source, target).await
+    }
+}
+
+/// Publishes `events` in order, pipelined: every message is written before the first
+/// confirm is awaited. `Ok` once RabbitMQ confirmed them all.
+async fn publish(
+    transport: &AmqpTransport,
+    route: Route<'_>,
+    events: &[Event],
+    name: &str,
+) -> Result<()> {
+    let shared = &transport.shared;
+    let _op = shared.begin()?;
+    let what = match route {
+        Route::Exchange(_) => format!("publishing to topic `{name}`"),
+        Route::Queue(_) => format!("sending to queue `{name}`"),
+    };
+    let limit = shared.config.max_payload_bytes;
+    for event in events {
+        let size = event.encoded_len();
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "{what}: event {} is {size} bytes, more than max_payload_bytes ({limit}); \
+                     send large payloads by reference (a URL in the data) or raise the limit",
+                    event.id()
+                ),
+            ));
+        }
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
+    let live = shared.link.live().await?;
+    let (exchange, routing_key, mandatory, declared) = match route {
+        Route::Exchange(exchange) => {
+            live.declare_exchange(exchange).await?;
+            (exchange, "", false, format!("x:{exchange}"))
+        }
+        Route::Queue(queue) => {
+            live.declare_quorum_queue(queue).await?;
+            ("", queue, true, format!("q:{queue}"))
+        }
+    };
+    let exchange = short("exchange name", exchange)?;
+    let routing_key = short("queue name", routing_key)?;
+    let channel = live.publisher().await?;
+    let mut confirms = Vec::with_capacity(events.len());
+    for event in events {
+        let (properties, body) = message::encode(event);
+        let confirm = within(
+            live.timeout(),
+            || what.clone(),
+            channel.basic_publish(
+                exchange.clone(),
+                routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            ),
+        )
+        .await
+        .inspect_err(|e| forget_if_gone(&live, e, &declared))?;
+        confirms.push((event.id(), confirm));
+    }
+    for (id, confirm) in confirms {
+        let confirmation = within(live.timeout(), || what.clone(), confirm)
+            .await
+            .inspect_err(|e| forget_if_gone(&live, e, &declared))?;
+        match confirmation {
+            Confirmation::Ack(None) => {}
+            Confirmation::Ack(Some(returned)) => {
+                live.forget(&declared);
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{what}: RabbitMQ returned event {id} as unroutable ({} {}): the queue \
+                         no longer exists; open the queue again",
+                        returned.reply_code, returned.reply_text
+                    ),
+                ));
+            }
+            Confirmation::Nack(_) => {
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    format!(
+                        "{what}: RabbitMQ refused event {id} (negative confirm: it could not \
+                         store it, e.g. a queue length limit or a failed replica); retry later"
+                    ),
+                )
+                .with_retryable(true));
+            }
+            Confirmation::NotRequested => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("{what}: the publisher channel is not in confirm mode"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a `NOT_FOUND`, declare the exchange or queue again on the next publish.
+fn forget_if_gone(live: &crate::connection::Live, error: &Error, declared: &str) {
+    if error.kind() == ErrorKind::NotFound {
+        live.forget(declared);
+    }
+}

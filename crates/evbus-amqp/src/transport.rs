@@ -1,0 +1,394 @@
+//! [`AmqpTransport`]: one connection to one RabbitMQ broker, the factory for topics and
+//! queues.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AmqpConfig;
+use crate::connection::{Link, Live, short, within};
+use crate::names::{Names, check_name};
+use crate::publisher::{AmqpQueue, AmqpTopic};
+
+/// A transport on a RabbitMQ broker (3.8 or later: quorum queues), through AMQP 0-9-1.
+///
+/// Cheap to clone: clones share the connection and its lifecycle (closing one closes all).
+///
+/// ```no_run
+/// use evbus::{Event, SubscribeOptions, Transport};
+/// use evbus_amqp::{AmqpConfig, AmqpTransport};
+/// use futures::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> evbus::Result<()> {
+/// let transport = AmqpTransport::connect(AmqpConfig::from_url("amqp://guest:guest@127.0.0.1:5672/%2f")?).await?;
+/// let topic = transport.topic("orders").await?;
+/// let mut billing = topic.subscribe(SubscribeOptions::named("billing")).await?;
+/// topic.publish(&Event::builder("afterOrderCreate", "/shop").json(&1)?.build()?).await?;
+/// let delivery = billing.next().await.expect("a delivery")?;
+/// delivery.ack().await?;
+/// transport.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AmqpTransport {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("config", &self.shared.config)
+            .field("closed", &self.shared.closed.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by a transport, its topics, queues, consumers and ack handles.
+pub(crate) struct Shared {
+    pub(crate) config: AmqpConfig,
+    pub(crate) link: Link,
+    pub(crate) names: Names,
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    /// Cancelled on close: consumers stop.
+    pub(crate) cancel: CancellationToken,
+    /// Consumer tasks, awaited on close.
+    pub(crate) tasks: TaskTracker,
+    /// Subscription queues this process already recorded in their topic's directory.
+    recorded: std::sync::Mutex<HashSet<String>>,
+}
+
+/// Marks one operation (publish, declaration, ...) in progress; [`AmqpTransport::close`]
+/// waits for every one to finish.
+pub(crate) struct OpGuard<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        if self.shared.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// Starts an operation, or fails with [`ErrorKind::Closed`].
+    pub(crate) fn begin(&self) -> Result<OpGuard<'_>> {
+        // Count first, then check: `close` sets the flag first, then waits for the count.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = OpGuard { shared: self };
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::closed("the AMQP transport"));
+        }
+        Ok(guard)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Records the subscription queue `queue` in the directory of its topic's exchange, so
+    /// [`Transport::delete_topic`] from any process finds it (AMQP cannot list bindings).
+    pub(crate) async fn record_subscription(
+        &self,
+        live: &Live,
+        exchange: &str,
+        queue: &str,
+    ) -> Result<()> {
+        let key = format!("{}\n{queue}", live.generation);
+        if self
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        let directory = directory_of(exchange);
+        declare_directory(live, &directory).await?;
+        let channel = live.publisher().await?;
+        let confirm = within(
+            live.timeout(),
+            || format!("recording subscription queue `{queue}`"),
+            channel.basic_publish(
+                "".into(),
+                short("queue name", &directory)?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                queue.as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            ),
+        )
+        .await?;
+        let confirmation = within(
+            live.timeout(),
+            || format!("recording subscription queue `{queue}`"),
+            confirm,
+        )
+        .await?;
+        if !confirmation.is_ack() || confirmation.take_message().is_some() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!("RabbitMQ did not accept the directory record of queue `{queue}`"),
+            )
+            .with_retryable(true));
+        }
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+        Ok(())
+    }
+}
+
+/// The classic queue listing the subscription queues of a topic's exchange
+/// (`<exchange>_d_subscriptions`: `_d` never comes from a name, see `names`).
+fn directory_of(exchange: &str) -> String {
+    let mut cut = exchange.len().min(200);
+    while !exchange.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_d_subscriptions", &exchange[..cut])
+}
+
+async fn declare_directory(live: &Live, directory: &str) -> Result<()> {
+    let channel = live.admin().await?;
+    within(
+        live.timeout(),
+        || format!("declaring subscription directory `{directory}`"),
+        channel.queue_declare(
+            short("queue name", directory)?,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+impl AmqpTransport {
+    /// Connects to the broker `config` names. Fails with a retryable
+    /// [`ErrorKind::Connection`] error when it cannot be reached, and with
+    /// [`ErrorKind::InvalidConfig`] for bad settings, credentials or vhost.
+    pub async fn connect(config: AmqpConfig) -> Result<Self> {
+        config.validate()?;
+        let first = Link::open(&config, 1).await?;
+        let names = Names::new(&config.prefix);
+        Ok(AmqpTransport {
+            shared: Arc::new(Shared {
+                link: Link::new(config.clone(), first),
+                config,
+                names,
+                closed: AtomicBool::new(false),
+                in_flight: AtomicUsize::new(0),
+                idle: Notify::new(),
+                cancel: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                recorded: std::sync::Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Connects with the settings of an `amqp://` or `amqps://` URL
+    /// (see [`AmqpConfig::from_url`]).
+    pub async fn connect_url(url: &str) -> Result<Self> {
+        Self::connect(AmqpConfig::from_url(url)?).await
+    }
+
+    /// The settings this transport was opened with.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// The exchange behind topic `name` (for inspection with `rabbitmqctl` or a stock client).
+    pub fn exchange_name(&self, topic: &str) -> String {
+        self.shared.names.exchange(topic)
+    }
+
+    /// The queue behind queue `name`.
+    pub fn queue_name(&self, queue: &str) -> String {
+        self.shared.names.queue(queue)
+    }
+
+    /// The queue behind the named subscription `subscription` of topic `topic`.
+    pub fn subscription_queue_name(&self, topic: &str, subscription: &str) -> String {
+        self.shared.names.subscription(topic, subscription)
+    }
+
+    pub(crate) fn queue_handle(&self, name: &str) -> AmqpQueue {
+        AmqpQueue::new(name, self.clone())
+    }
+
+    async fn delete(&self, what: String, op: impl AsyncFnOnce(&Live) -> Result<()>) -> Result<()> {
+        let _op = self.shared.begin()?;
+        let live = self.shared.link.live().await?;
+        op(&live).await.map_err(|e| {
+            Error::new(e.kind(), format!("{what}: {}", e.message()))
+                .with_retryable(e.is_retryable())
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    fn name(&self) -> &str {
+        "amqp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        crate::capabilities::capabilities(&self.shared.config)
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
+        let _op = self.shared.begin()?;
+        check_name("topic", name)?;
+        let exchange = self.shared.names.exchange(name);
+        let live = self.shared.link.live().await?;
+        live.declare_exchange(&exchange).await?;
+        Ok(Arc::new(AmqpTopic::new(name, self.clone())))
+    }
+
+    async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
+        let _op = self.shared.begin()?;
+        check_name("queue", name)?;
+        let queue = self.shared.names.queue(name);
+        let live = self.shared.link.live().await?;
+        live.declare_quorum_queue(&queue).await?;
+        Ok(Arc::new(self.queue_handle(name)))
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        let exchange = self.shared.names.exchange(name);
+        let directory = directory_of(&exchange);
+        self.delete(format!("deleting topic `{name}`"), async |live: &Live| {
+            // The subscription queues recorded in the directory, then the directory and the
+            // exchange. What does not exist is not an error.
+            declare_directory(live, &directory).await?;
+            let channel = live.admin().await?;
+            let mut queues = HashSet::new();
+            loop {
+                let got = within(
+                    live.timeout(),
+                    || format!("reading subscription directory `{directory}`"),
+                    channel.basic_get(
+                        short("queue name", &directory)?,
+                        BasicGetOptions { no_ack: true },
+                    ),
+                )
+                .await?;
+                let Some(message) = got else { break };
+                queues.insert(String::from_utf8_lossy(&message.delivery.data).into_owned());
+            }
+            for queue in queues
+                .iter()
+                .map(String::as_str)
+                .chain([directory.as_str()])
+            {
+                within(
+                    live.timeout(),
+                    || format!("deleting queue `{queue}`"),
+                    channel
+                        .queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
+                )
+                .await?;
+                live.forget(&format!("q:{queue}"));
+            }
+            within(
+                live.timeout(),
+                || format!("deleting exchange `{exchange}`"),
+                channel.exchange_delete(
+                    short("exchange name", &exchange)?,
+                    ExchangeDeleteOptions::default(),
+                ),
+            )
+            .await?;
+            live.forget(&format!("x:{exchange}"));
+            self.shared
+                .recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|key| !queues.iter().any(|q| key.ends_with(&format!("\n{q}"))));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<()> {
+        let queue = self.shared.names.queue(name);
+        self.delete(format!("deleting queue `{name}`"), async |live: &Live| {
+            let channel = live.admin().await?;
+            within(
+                live.timeout(),
+                || format!("deleting queue `{queue}`"),
+                channel.queue_delete(short("queue name", &queue)?, QueueDeleteOptions::default()),
+            )
+            .await?;
+            live.forget(&format!("q:{queue}"));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn health(&self) -> Health {
+        if self.shared.is_closed() {
+            return Health::Closed;
+        }
+        match self.shared.link.live().await {
+            Ok(live) if live.is_open() => Health::Healthy,
+            Ok(_) => Health::Unhealthy("the RabbitMQ connection is not open".to_owned()),
+            Err(e) if e.kind() == ErrorKind::Closed => Health::Closed,
+            Err(e) => Health::Unhealthy(e.to_string()),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let shared = &self.shared;
+        if shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Flush: wait for publishes (and their confirms) and settlements under way.
+        loop {
+            let idle = shared.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            idle.await;
+        }
+        // End subscriptions: consumers close their channels, and RabbitMQ requeues what
+        // they held unsettled.
+        shared.cancel.cancel();
+        shared.tasks.close();
+        let grace = shared.config.command_timeout * 2;
+        if tokio::time::timeout(grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some AMQP consumers did not stop within {grace:?}; RabbitMQ requeues their \
+                 unsettled deliveries when the connection closes"
+            );
+        }
+        shared.link.close().await;
+        Ok(())
+    }
+}

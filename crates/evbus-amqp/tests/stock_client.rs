@@ -1,0 +1,206 @@
+//! A stock AMQP client (plain lapin, no evbus) reads what evbus writes, and evbus reads what
+//! a stock client writes, on the RabbitMQ at `EVBUS_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+
+use std::time::Duration;
+
+use evbus::{ConsumerOptions, Event, Transport};
+use evbus_amqp::{AmqpConfig, AmqpTransport};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+fn url() -> String {
+    std::env::var("EVBUS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn unique(label: &str) -> String {
+    format!("stock-{label}-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn evbus_transport() -> AmqpTransport {
+    AmqpTransport::connect(AmqpConfig::from_url(&url()).expect("a valid URL"))
+        .await
+        .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
+}
+
+async fn stock_channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable");
+    let channel = conn.create_channel().await.expect("a channel");
+    (conn, channel)
+}
+
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).expect("UTF-8"),
+        other => panic!("expected a long string, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_client_reads_the_cloud_events_headers_and_the_json_body() {
+    let transport = evbus_transport().await;
+    let name = unique("read");
+    let queue = transport.queue(&name).await.unwrap();
+    let event = Event::builder("afterOrderCreate", "/shop/orders")
+        .json(&serde_json::json!({"orderId": "o-1", "total": 42.5}))
+        .unwrap()
+        .subject("o-1")
+        .partition_key("customer-7")
+        .build()
+        .unwrap();
+    queue.send(&event).await.unwrap();
+
+    let (conn, channel) = stock_channel().await;
+    let amqp_queue = transport.queue_name(&name);
+    let message = channel
+        .basic_get(amqp_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message evbus sent");
+    let properties = &message.delivery.properties;
+    let headers = properties.headers().as_ref().expect("headers").inner();
+    // RabbitMQ adds its own `x-` headers (a quorum queue's `x-delivery-count`).
+    let mut seen: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(k, _)| !k.as_str().starts_with("x-"))
+        .map(|(k, v)| (k.to_string(), text(v)))
+        .collect();
+    println!(
+        "broker headers: {:?}",
+        headers
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("x-"))
+            .collect::<Vec<_>>()
+    );
+    seen.sort();
+    println!("queue: {amqp_queue}");
+    println!("content-type: {:?}", properties.content_type());
+    println!("delivery-mode: {:?}", properties.delivery_mode());
+    println!("message-id: {:?}", properties.message_id());
+    for (k, v) in &seen {
+        println!("header {k} = {v}");
+    }
+    println!("body: {}", String::from_utf8_lossy(&message.delivery.data));
+
+    let get = |k: &str| {
+        seen.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("cloudEvents_specversion").as_deref(), Some("1.0"));
+    assert_eq!(get("cloudEvents_id").as_deref(), Some(event.id()));
+    assert_eq!(get("cloudEvents_type").as_deref(), Some("afterOrderCreate"));
+    assert_eq!(get("cloudEvents_source").as_deref(), Some("/shop/orders"));
+    assert_eq!(get("cloudEvents_subject").as_deref(), Some("o-1"));
+    assert_eq!(
+        get("cloudEvents_partitionkey").as_deref(),
+        Some("customer-7")
+    );
+    assert!(get("cloudEvents_time").is_some());
+    assert!(
+        seen.iter().all(|(k, _)| k.starts_with("cloudEvents_")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*properties.delivery_mode(), Some(2));
+    let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(body, serde_json::json!({"orderId": "o-1", "total": 42.5}));
+
+    let _ = conn.close(200, "done".into()).await;
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evbus_reads_a_stock_producer_and_moves_garbage_aside() {
+    let transport = evbus_transport().await;
+    let name = unique("write");
+    let queue = transport.queue(&name).await.unwrap();
+    let amqp_queue = transport.queue_name(&name);
+
+    let (conn, channel) = stock_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |headers: FieldTable, body: &'static [u8], ct: Option<&str>| {
+        let channel = channel.clone();
+        let amqp_queue = amqp_queue.clone();
+        let ct = ct.map(str::to_owned);
+        async move {
+            let mut properties = BasicProperties::default().with_headers(headers);
+            if let Some(ct) = ct {
+                properties = properties.with_content_type(ct.into());
+            }
+            channel
+                .basic_publish(
+                    "".into(),
+                    amqp_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    // Garbage first: it must not block the event behind it.
+    publish(FieldTable::default(), b"\xff not a cloud event", None).await;
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents:specversion", "1.0"),
+        ("cloudEvents:id", "stock-1"),
+        ("cloudEvents:source", "/legacy-producer"),
+        ("cloudEvents:type", "orderShipped"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    publish(headers, b"{\"ok\":true}", Some("application/json")).await;
+
+    let options = ConsumerOptions::default().dead_letter_queue(unique("dlq"));
+    let dlq_name = options.dead_letter_queue.clone().unwrap();
+    let mut sub = queue.receive(options).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+        .await
+        .expect("a delivery within 15s")
+        .expect("the stream is open")
+        .unwrap();
+    assert_eq!(delivery.event().id(), "stock-1");
+    assert_eq!(delivery.event().source(), "/legacy-producer");
+    assert_eq!(
+        delivery.event().data().map(|d| &d[..]),
+        Some(&b"{\"ok\":true}"[..])
+    );
+    delivery.ack().await.unwrap();
+
+    let dlq = transport.queue(&dlq_name).await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(15), dead.next_delivery())
+        .await
+        .expect("a dead letter within 15s")
+        .expect("the stream is open")
+        .unwrap();
+    assert_eq!(d.event().ty(), evbus::raw::UNDECODABLE_EVENT_TYPE);
+    assert!(
+        d.event()
+            .extension(evbus::raw::DEAD_LETTER_REASON)
+            .is_some_and(|r| r.contains("specversion")),
+        "{:?}",
+        d.event()
+    );
+    d.ack().await.unwrap();
+
+    let _ = conn.close(200, "done".into()).await;
+    transport.delete_queue(&name).await.unwrap();
+    transport.delete_queue(&dlq_name).await.unwrap();
+    transport.close().await.unwrap();
+}
