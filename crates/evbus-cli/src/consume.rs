@@ -15,7 +15,7 @@ use crate::transport;
 /// `evbus consume` arguments.
 #[derive(Debug, Args)]
 pub(crate) struct ConsumeArgs {
-    #[arg(long, value_name = "URL", help = transport::TRANSPORT_HELP)]
+    #[arg(long, value_name = "URL", help = transport::transport_help())]
     transport: String,
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR")]
@@ -41,6 +41,7 @@ pub(crate) struct ConsumeArgs {
 /// stdout as it acknowledges it. Invalid events go to the group's dead-letter queue and are
 /// not printed.
 pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
+    transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
     if !catalog.contains(&args.event_type) {
         return Err(Failure::new(format!(

@@ -16,7 +16,7 @@ use crate::transport;
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("payload").required(true).args(["data", "data_file"]))]
 pub(crate) struct EmitArgs {
-    #[arg(long, value_name = "URL", help = transport::TRANSPORT_HELP)]
+    #[arg(long, value_name = "URL", help = transport::transport_help())]
     transport: String,
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR")]
@@ -40,20 +40,21 @@ pub(crate) struct EmitArgs {
 /// 1 a payload is invalid or not JSON (each violation on stderr, with its line number for
 /// `--data-file`; nothing emitted); 2 usage, IO, schema or transport error.
 pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
+    transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
     let payloads = match (&args.data, &args.data_file) {
         (Some(json), _) => vec![(None, json.clone())],
         (None, Some(file)) => read_lines(file)?,
         (None, None) => return Err(Failure::new("give --data or --data-file")),
     };
-    let problems = check(&catalog, &args.event_type, &payloads);
+    let (problems, refused) = check(&catalog, &args.event_type, &payloads);
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("{p}");
         }
         eprintln!(
             "evbus: {} of {} payloads refused; nothing was emitted",
-            problems_count(&problems),
+            refused,
             payloads.len()
         );
         return Ok(ExitCode::from(failure::INVALID));
@@ -102,15 +103,22 @@ fn read_lines(file: &Path) -> Result<Vec<(Option<usize>, String)>, Failure> {
 }
 
 /// Every problem of every payload, as `line N: <pointer>: <message>` (or without the line
-/// prefix for `--data`).
-fn check(catalog: &Catalog, ty: &str, payloads: &[(Option<usize>, String)]) -> Vec<String> {
+/// prefix for `--data`), and how many payloads have one.
+fn check(
+    catalog: &Catalog,
+    ty: &str,
+    payloads: &[(Option<usize>, String)],
+) -> (Vec<String>, usize) {
     let mut problems = Vec::new();
+    let mut refused = 0;
     for (line, text) in payloads {
+        let before = problems.len();
         let at = line.map(|n| format!("line {n}: ")).unwrap_or_default();
         let data: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
                 problems.push(format!("{at}not JSON: {e}"));
+                refused += 1;
                 continue;
             }
         };
@@ -123,15 +131,9 @@ fn check(catalog: &Catalog, ty: &str, payloads: &[(Option<usize>, String)]) -> V
                 problems.push(format!("{at}{errors}"));
             }
         }
+        if problems.len() > before {
+            refused += 1;
+        }
     }
-    problems
-}
-
-fn problems_count(problems: &[String]) -> usize {
-    let mut lines: Vec<&str> = problems
-        .iter()
-        .map(|p| p.split(':').next().unwrap_or_default())
-        .collect();
-    lines.dedup();
-    lines.len()
+    (problems, refused)
 }

@@ -34,6 +34,12 @@ impl Failure {
     }
 }
 
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 impl From<evbus::SchemaError> for Failure {
     fn from(e: evbus::SchemaError) -> Self {
         Failure::new(e)

@@ -26,7 +26,7 @@ pub(crate) struct ServeArgs {
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR", default_value = "examples/schemas")]
     schemas: PathBuf,
-    #[arg(long, value_name = "URL", default_value = "memory://", help = transport::TRANSPORT_HELP)]
+    #[arg(long, value_name = "URL", default_value = "memory://", help = transport::transport_help())]
     transport: String,
     /// A network webhooks may reach although it is not public (loopback, private...), as a
     /// CIDR; repeatable. Also EVBUS_WEBHOOK_ALLOW, comma separated.
@@ -54,6 +54,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    transport::check(&args.transport)?;
     if !args.schemas.is_dir() {
         return Err(Failure::new(format!(
             "the schemas directory {} does not exist; give one with --schemas DIR (run from the repository root for the default, examples/schemas)",
@@ -90,7 +91,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         let addr = listener.local_addr().map_err(Failure::new)?;
         eprintln!(
             "evbus gateway listening on http://{addr} (transport {}, schemas {}, state {})",
-            args.transport,
+            evbus::registry::redact(&args.transport),
             args.schemas.display(),
             args.data_dir.display()
         );

@@ -1,41 +1,9 @@
 //! `evbus emit` and `evbus consume` run as processes: against memory:// (in-process, so only
 //! what one process shows) and across two processes on the local Redis.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod support;
 
-use evbus::Transport;
-use serde_json::Value;
-
-fn schemas() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/schemas")
-}
-
-fn payload(name: &str) -> String {
-    let path = schemas().join("payloads").join(name);
-    let value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    serde_json::to_string(&value).unwrap()
-}
-
-fn evbus(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_evbus"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run evbus")
-}
-
-fn jsonl(name: &str, lines: &[String]) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8(bytes.to_vec()).unwrap()
-}
+use support::{evbus, jsonl, payload, schemas, text};
 
 #[test]
 fn emit_prints_the_new_event_id() {
@@ -95,6 +63,98 @@ fn emit_of_a_file_with_one_invalid_line_names_it_and_emits_nothing() {
 }
 
 #[test]
+fn an_invalid_payload_is_counted_once_whatever_its_violations() {
+    let dir = schemas();
+    let out = evbus(&[
+        "emit",
+        "--transport",
+        "memory://",
+        "--schemas",
+        dir.to_str().unwrap(),
+        "--type",
+        "afterOrderCancel",
+        "--data",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("required property").count(), 3, "{err}");
+    assert!(err.contains("1 of 1 payloads refused"), "{err}");
+}
+
+/// Run with `--no-default-features` (each adapter's scheme without its feature), or the
+/// default build (an unknown scheme): either way the command says what it can open.
+#[test]
+fn a_transport_this_build_cannot_open_is_refused_before_anything_else() {
+    let dir = schemas();
+    let mut urls = vec![("carrier-pigeon://coop", None)];
+    if cfg!(not(feature = "redis")) {
+        urls.push(("redis://127.0.0.1:6379", Some("redis")));
+    }
+    if cfg!(not(feature = "kafka")) {
+        urls.push(("kafka://127.0.0.1:9092", Some("kafka")));
+    }
+    if cfg!(not(feature = "nats")) {
+        urls.push(("nats://127.0.0.1:4222", Some("nats")));
+    }
+    if cfg!(not(feature = "amqp")) {
+        urls.push(("amqp://guest:guest@127.0.0.1:5672/%2f", Some("amqp")));
+    }
+    for (url, feature) in urls {
+        for command in ["emit", "consume"] {
+            let mut args = vec![
+                command,
+                "--transport",
+                url,
+                "--schemas",
+                dir.to_str().unwrap(),
+                "--type",
+                "afterOrderCancel",
+            ];
+            if command == "emit" {
+                // Invalid: the transport is refused before any payload is looked at.
+                args.extend(["--data", "{}"]);
+            } else {
+                args.extend(["--group", "g", "--timeout", "5"]);
+            }
+            let out = evbus(&args);
+            assert_eq!(out.status.code(), Some(2), "{command} {url}");
+            assert_eq!(text(&out.stdout), "");
+            let err = text(&out.stderr);
+            assert!(err.contains("this build of evbus"), "{err}");
+            let known: Vec<&str> = err
+                .split("knows: ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no list of known schemes: {err}"))
+                .trim()
+                .split(", ")
+                .collect();
+            assert!(known.contains(&"memory"), "{err}");
+            for (built, scheme) in [
+                (cfg!(feature = "redis"), "redis"),
+                (cfg!(feature = "kafka"), "kafka"),
+                (cfg!(feature = "nats"), "nats"),
+                (cfg!(feature = "amqp"), "amqp"),
+            ] {
+                assert_eq!(known.contains(&scheme), built, "{scheme}: {err}");
+            }
+            match feature {
+                Some(feature) => assert!(
+                    err.contains(&format!("`{feature}` feature"))
+                        && err.contains(&format!("evbus-{feature}")),
+                    "{err}"
+                ),
+                None => assert!(
+                    err.contains("no transport for `carrier-pigeon://` URLs"),
+                    "{err}"
+                ),
+            }
+            assert!(!err.contains("required property"), "{err}");
+        }
+    }
+}
+
+#[test]
 fn consume_without_events_exits_1_when_the_timeout_passes() {
     let dir = schemas();
     let out = evbus(&[
@@ -116,8 +176,12 @@ fn consume_without_events_exits_1_when_the_timeout_passes() {
     assert_eq!(text(&out.stdout), "");
 }
 
+#[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread")]
 async fn events_emitted_by_one_process_are_consumed_by_another_on_redis() {
+    use evbus::Transport;
+    use serde_json::Value;
+
     let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("evbus-cli-test-{}:", uuid::Uuid::now_v7().simple());
     let url = format!("{base}?prefix={prefix}");

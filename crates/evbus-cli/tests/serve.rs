@@ -1,78 +1,34 @@
 //! `evbus serve` and `evbus keys create` as processes: the defaults, the bootstrap key.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+use support::copy_dir;
 
 /// A directory laid out like the repository root: `examples/schemas` only.
 fn fresh_root() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "serve-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    ));
-    let schemas = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/schemas");
-    copy_dir(&schemas, &dir.join("examples/schemas"));
+    let dir = support::temp_dir("serve");
+    copy_dir(&support::schemas(), &dir.join("examples/schemas"));
     dir
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_runs_on_defaults_and_the_first_admin_key_works() {
     let root = fresh_root();
     // Every default but the port (8080 may be taken on a shared machine).
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_evbus"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let _ = tx.send(line.unwrap_or_default());
-        }
-    });
-    let mut addr = None;
+    let served = support::serve(&root, &["--listen", "127.0.0.1:0"], Duration::from_secs(30));
     let mut hint = false;
-    while addr.is_none() || !hint {
-        let line = rx
+    while !hint {
+        let line = served
+            .lines
             .recv_timeout(Duration::from_secs(30))
-            .expect("serve prints its address and the hint");
-        if let Some(rest) = line.strip_prefix("evbus gateway listening on http://") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line.contains("evbus keys create --data-dir ./.evbus --name admin --admin") {
-            hint = true;
-        }
+            .expect("serve prints the hint");
+        hint = line.contains("evbus keys create --data-dir ./.evbus --name admin --admin");
     }
-    let base = format!("http://{}", addr.unwrap());
+    let base = served.base.clone();
     assert!(
         root.join(".evbus/gateway.sqlite3").is_file(),
         "state under ./.evbus"
@@ -115,7 +71,7 @@ async fn serve_runs_on_defaults_and_the_first_admin_key_works() {
     assert!(body.contains("\"admin\"") && !body.contains(&key[21..]));
     let denied = http.get(format!("{base}/v1/keys")).send().await.unwrap();
     assert_eq!(denied.status().as_u16(), 401);
-    drop(child);
+    drop(served);
     let _ = std::fs::remove_dir_all(root);
 }
 
@@ -156,5 +112,28 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn serve_never_prints_the_password_of_its_transport_url() {
+    let root = fresh_root();
+    let served = support::serve(
+        &root,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--transport",
+            "memory://user:s3cretpw@host",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        served.banner.contains("(transport memory://user:***@host,"),
+        "{}",
+        served.banner
+    );
+    assert!(!served.banner.contains("s3cretpw"), "{}", served.banner);
+    drop(served);
     let _ = std::fs::remove_dir_all(root);
 }
