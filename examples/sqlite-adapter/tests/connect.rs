@@ -1,0 +1,55 @@
+//! Opening the transport: by URL through a `Registry`, and precise configuration errors.
+
+use evbus::{ErrorKind, Event, SubscribeOptions, Transport};
+use evbus_example_sqlite::{SqliteConnector, SqliteTransport};
+
+#[tokio::test]
+async fn a_registry_with_the_connector_opens_sqlite_example_urls() -> evbus::Result<()> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let url = format!("sqlite-example://{}", dir.path().join("app.db").display());
+    let mut registry = evbus::Registry::new(); // knows memory://
+    registry.register(SqliteConnector);
+    let transport = registry.connect(&url).await?;
+    assert_eq!(transport.name(), "sqlite-example");
+
+    let topic = transport.topic("orders").await?;
+    let mut billing = topic.subscribe(SubscribeOptions::named("billing")).await?;
+    topic
+        .publish(&Event::builder("orderPlaced", "/shop").build()?)
+        .await?;
+    let delivery = billing.next_delivery().await.expect("one delivery")?;
+    assert_eq!(delivery.event().ty(), "orderPlaced");
+    delivery.ack().await?;
+    transport.close().await
+}
+
+#[tokio::test]
+async fn a_malformed_url_is_a_configuration_error_naming_the_expected_form() {
+    for url in [
+        "sqlite-example://",
+        "sqlite-example://somehost/tmp/x.db",
+        "sqlite-example:///tmp/x.db?mode=fast",
+        "sqlite:///tmp/x.db",
+        "not a url",
+    ] {
+        let err = SqliteTransport::connect(url).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}: {err}");
+    }
+    let err = SqliteTransport::connect("sqlite-example://h/x.db")
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("sqlite-example:///path/to/file.db"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_opened_is_a_configuration_error_not_an_outage() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let missing = dir.path().join("no-such-directory").join("x.db");
+    let err = SqliteTransport::connect(&format!("sqlite-example://{}", missing.display()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+}
