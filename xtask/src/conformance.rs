@@ -1,11 +1,14 @@
 //! `cargo xtask conformance [--adapter NAME]`: runs adapters' conformance targets.
 //!
-//! Each adapter proves itself with a `harness = false` test target that prints one line per
-//! case and ends with `conformance <adapter>: N passed, M failed, K ignored`. This module knows
+//! Each adapter proves itself with a `harness = false` test target (libtest-style, on
+//! `libtest-mimic`) that, after libtest's own output, prints one line per case
+//! (`PASS <case> (0.12s)`, `FAIL <case> (15.00s): <reason>`, `IGNORED <case>: needs <need>`)
+//! and ends with `conformance <adapter>: N passed, M failed, K ignored`. This module knows
 //! where each target lives and which environment variable carries its broker address; xtask
-//! only passes the environment through.
+//! only passes the environment through, and repeats the failed cases at the end.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::{Result, cargo, project_root, run_streaming};
 
@@ -156,13 +159,19 @@ pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
     }
     let mut summaries = Vec::new();
     let mut failed = Vec::new();
+    let mut failed_cases = Vec::new();
     for adapter in &selected {
         let mut cmd = cargo(&["test", "-p", adapter.package, "--test", adapter.target]);
         if !args.is_empty() {
             cmd.arg("--").args(args);
         }
         let before = summaries.len();
-        let ok = run_streaming(cmd, |line| summaries.extend(Summary::parse(line)))?;
+        let ok = run_streaming(cmd, |line| {
+            summaries.extend(Summary::parse(line));
+            if let Some(case) = CaseLine::parse(line).filter(|c| c.outcome == CaseOutcome::Failed) {
+                failed_cases.push(format!("{}: {}", adapter.name, case.name));
+            }
+        })?;
         if summaries.len() == before {
             summaries.push(Summary::not_seen(adapter.name, Status::Missing));
         }
@@ -172,6 +181,9 @@ pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
     }
 
     println!();
+    for case in &failed_cases {
+        println!("failed: {case}");
+    }
     for summary in &summaries {
         println!("{summary}");
     }
@@ -268,6 +280,72 @@ impl fmt::Display for Summary {
     }
 }
 
+/// How one case ended, from its report line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CaseOutcome {
+    Passed,
+    Failed,
+    Ignored,
+}
+
+/// A parsed per-case line of a conformance report: `PASS <case> (0.12s)`,
+/// `FAIL <case> (15.00s): <reason>` or `IGNORED <case>: needs <need>[, <need>]`. Lines of
+/// suites from before durations were printed (`PASS <case>`, `FAIL <case>: <reason>`) parse
+/// too, without a duration.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct CaseLine {
+    pub(crate) name: String,
+    pub(crate) outcome: CaseOutcome,
+    /// How long the case ran (none for ignored cases and old-style lines).
+    pub(crate) duration: Option<Duration>,
+    /// The failure reason, or what an ignored case needs.
+    pub(crate) detail: Option<String>,
+}
+
+impl CaseLine {
+    /// Parses one report line; any other line gives `None`.
+    pub(crate) fn parse(line: &str) -> Option<CaseLine> {
+        let line = line.trim_end();
+        let (outcome, rest) = if let Some(rest) = line.strip_prefix("PASS ") {
+            (CaseOutcome::Passed, rest)
+        } else if let Some(rest) = line.strip_prefix("FAIL ") {
+            (CaseOutcome::Failed, rest)
+        } else if let Some(rest) = line.strip_prefix("IGNORED ") {
+            (CaseOutcome::Ignored, rest)
+        } else {
+            return None;
+        };
+        // The name has no spaces or colons; what follows is ` (<secs>s)` and/or `: <detail>`.
+        let name_end = rest.find([' ', ':']).unwrap_or(rest.len());
+        let (name, mut rest) = rest.split_at(name_end);
+        if name.is_empty() {
+            return None;
+        }
+        let mut duration = None;
+        if let Some(after) = rest.strip_prefix(" (") {
+            let (secs, after) = after.split_once("s)")?;
+            duration = Some(Duration::try_from_secs_f64(secs.parse().ok()?).ok()?);
+            rest = after;
+        }
+        let detail = match rest.strip_prefix(": ") {
+            Some(detail) => Some(detail.to_owned()),
+            None if rest.is_empty() => None,
+            None => return None,
+        };
+        let well_formed = match outcome {
+            CaseOutcome::Passed => detail.is_none(),
+            CaseOutcome::Failed => detail.is_some(),
+            CaseOutcome::Ignored => detail.as_deref().is_some_and(|d| d.starts_with("needs ")),
+        };
+        well_formed.then(|| CaseLine {
+            name: name.to_owned(),
+            outcome,
+            duration,
+            detail,
+        })
+    }
+}
+
 /// A URL with its password replaced by `***`.
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -318,10 +396,67 @@ mod tests {
     }
 
     #[test]
+    fn case_lines_parse_with_and_without_durations() {
+        let line = |s: &str| CaseLine::parse(s).unwrap_or_else(|| panic!("{s:?} did not parse"));
+        let pass = line("PASS queue_send_receive_ack (0.12s)");
+        assert_eq!(
+            (pass.name.as_str(), pass.outcome, pass.duration, pass.detail),
+            (
+                "queue_send_receive_ack",
+                CaseOutcome::Passed,
+                Some(Duration::from_millis(120)),
+                None
+            )
+        );
+        let fail = line(
+            "FAIL topic_fan_out (15.00s): subscription a: published 10 events, all returned Ok; \
+             3 never arrived within 15s: a, b, c (7 did)",
+        );
+        assert_eq!(fail.outcome, CaseOutcome::Failed);
+        assert_eq!(fail.duration, Some(Duration::from_secs(15)));
+        assert!(fail.detail.as_deref().is_some_and(
+            |d| d.starts_with("subscription a: published 10") && d.ends_with("(7 did)")
+        ));
+        let ignored = line("IGNORED lifecycle_outage: needs broker-control");
+        assert_eq!(
+            (ignored.outcome, ignored.duration, ignored.detail.as_deref()),
+            (CaseOutcome::Ignored, None, Some("needs broker-control"))
+        );
+        // The line of a suite that could not start, and lines of older suites.
+        let unreachable = line("FAIL redis (0.00s): broker unreachable: connection refused");
+        assert_eq!(unreachable.name, "redis");
+        let old = line("FAIL queue_x: expected 3 deliveries (2 arrived)");
+        assert_eq!(
+            (old.duration, old.detail.as_deref()),
+            (None, Some("expected 3 deliveries (2 arrived)"))
+        );
+        assert_eq!(line("PASS queue_x").duration, None);
+    }
+
+    #[test]
+    fn other_lines_are_not_case_lines() {
+        for line in [
+            "conformance memory: 31 passed, 0 failed, 3 ignored",
+            "test [memory] queue_x ... ok",
+            "PASS",
+            "PASS queue_x: why",
+            "FAIL queue_x (0.1s)",
+            "FAIL queue_x (soon): why",
+            "IGNORED queue_x: broker-control",
+            "PASSED queue_x",
+        ] {
+            assert_eq!(CaseLine::parse(line), None, "{line}");
+        }
+    }
+
+    #[test]
     fn other_lines_are_not_summaries() {
         for line in [
             "PASS queue_send_receive_ack",
+            "PASS queue_send_receive_ack (0.12s)",
             "FAIL topic_fan_out: conformance x: 1 passed",
+            "FAIL topic_fan_out (1.00s): conformance x: 1 passed, 0 failed, 0 ignored",
+            "IGNORED lifecycle_outage: needs broker-control",
             "conformance redis: 1 passed, 2 failed",
             "conformance redis: 1 passed, 2 failed, 3 ignored, 4 more",
             "test result: ok. 3 passed; 0 failed",

@@ -10,11 +10,13 @@
 //!
 //! Child output is streamed, never captured; a summary of steps and durations ends the run,
 //! closed by one plain line adding up every libtest result and conformance summary:
-//! `tests: N passed, M failed, K skipped`.
+//! `tests: N passed, M failed, K skipped`. A conformance target is itself a libtest-style
+//! binary: its `test result:` line is followed by its `conformance ...` summaries, which
+//! replace it in the sum so that no case is counted twice.
 
 use std::time::{Duration, Instant};
 
-use crate::conformance::{self, Status, Summary};
+use crate::conformance::{self, CaseLine, Status, Summary};
 use crate::{Result, cargo, run_streaming, tidy};
 
 type StepFn = fn(&mut Totals) -> Result<()>;
@@ -132,6 +134,9 @@ struct Totals {
     /// Sums of libtest's `test result:` lines: passed, failed, ignored.
     libtest: (u64, u64, u64),
     conformance: Vec<Summary>,
+    /// The last `test result:` counts, while only blank lines followed them: if conformance
+    /// summaries come next, that result was the conformance binary's own, and is taken back.
+    last_result: Option<(u64, u64, u64)>,
 }
 
 impl Totals {
@@ -140,8 +145,24 @@ impl Totals {
             self.libtest.0 += p;
             self.libtest.1 += f;
             self.libtest.2 += i;
+            self.last_result = Some((p, f, i));
+            return;
         }
-        self.conformance.extend(Summary::parse(line));
+        match Summary::parse(line) {
+            Some(summary) => {
+                if summary.status == Status::Ran {
+                    if let Some((p, f, i)) = self.last_result.take() {
+                        self.libtest.0 -= p;
+                        self.libtest.1 -= f;
+                        self.libtest.2 -= i;
+                    }
+                }
+                self.conformance.push(summary);
+            }
+            // The report's per-case lines come between libtest's result and the summaries.
+            None if line.trim().is_empty() || CaseLine::parse(line).is_some() => {}
+            None => self.last_result = None,
+        }
     }
 
     /// Passed, failed and skipped (ignored) over libtest and the conformance suites.
@@ -200,6 +221,33 @@ mod tests {
             Some((8, 1, 0))
         );
         assert_eq!(libtest_result("test tidy::tests::tidy ... ok"), None);
+    }
+
+    #[test]
+    fn a_conformance_binary_is_counted_by_its_summaries_not_twice() {
+        let mut totals = Totals::default();
+        for line in [
+            "test result: ok. 18 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.14s",
+            "     Running tests/memory.rs (target/debug/deps/memory-0123)",
+            "test [memory] queue_x ... ok",
+            "",
+            "test result: ok. 4 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.2s",
+            "",
+            "PASS queue_x (0.10s)",
+            "IGNORED lifecycle_outage: needs broker-control",
+            "conformance memory: 2 passed, 0 failed, 1 ignored",
+            "PASS queue_x (0.10s)",
+            "conformance memory-dyn: 2 passed, 0 failed, 1 ignored",
+            "test result: ok. 5 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s",
+            "     Running tests/other.rs",
+            "conformance redis: 1 passed, 0 failed, 0 ignored",
+        ] {
+            totals.record(line);
+        }
+        // 18+2 and 5+1 from libtest; the memory binary's 4+2 replaced by its two summaries;
+        // a summary far from any result line is added as it is.
+        assert_eq!(totals.sum(), (18 + 5 + 4 + 1, 1, 2 + 2));
+        assert_eq!(totals.conformance.len(), 3);
     }
 
     #[test]

@@ -2,30 +2,45 @@
 //!
 //! # What the suite checks
 //!
-//! Every behaviour of DESIGN §4 for topics, queues and the transport lifecycle, one case per
-//! behaviour, named after it. A case declares what it [`Need`]s beyond the common contract;
-//! a case whose need is not met is reported `IGNORED` with the need, never run and never
-//! counted as passed.
+//! Every behaviour of the evbus design for topics, queues and the transport lifecycle
+//! (`docs/adapter-guide.md` lists them), one case per behaviour, named after it. A case
+//! declares what it [`Need`]s beyond the common contract; a case whose need is not met is
+//! reported ignored with the need (`IGNORED <case>: needs per-key-order`), never run and
+//! never counted as passed.
 //!
-//! Cases run one at a time, each in its own task with a time limit (a panic or a timeout is a
-//! `FAIL`), with names unique to the run (`<adapter>-<run>-<case>-...`), and delete every
-//! topic and queue they named afterwards, dead-letter queues included, whatever the outcome.
-//! Waits are bounded; where a case shows that something does *not* arrive, it first sends a
-//! marker event and waits for it, then watches a short window.
+//! # How cases run
+//!
+//! Each case is a libtest trial (on `libtest-mimic`): `--list` lists them, a free argument
+//! filters them, `--exact`, `--skip`, `--ignored`, `--include-ignored`, `--format terse|json`
+//! and `--test-threads` work as for `#[test]` functions, and `cargo nextest run` runs each
+//! case in its own process. Independent cases run concurrently, 4 at a time unless
+//! `--test-threads` (or `RUST_TEST_THREADS`) says otherwise; cases that interrupt the
+//! controlled broker never overlap each other.
+//!
+//! Each case runs in its own task with a time limit (a panic or a timeout is a failure), with
+//! names unique to the run (`<adapter>-<run>-<case>-...`), on connections of its own, and
+//! deletes every topic and queue it named afterwards, dead-letter queues included, whatever
+//! the outcome. Waits are bounded; where a case shows that something does *not* arrive, it
+//! first sends a marker event and waits for it, then watches a short window. A case that
+//! waits in vain for events says whether their publishes returned `Ok`, so a lost publish is
+//! not mistaken for a slow consumer or a bad close.
 
 use std::fmt;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use futures::FutureExt;
 
 mod cases;
+mod harness;
 mod report;
 mod runner;
 mod support;
 
+pub use harness::Harness;
 pub use report::{CaseReport, Outcome, Report};
 
 /// The conformance suite, ready to run against one transport.
@@ -48,6 +63,7 @@ pub struct Suite<T: evbus::Transport + 'static> {
     connect: Arc<support::ConnectFn<T>>,
     control: Option<support::Control<T>>,
     filter: Option<String>,
+    concurrency: Option<usize>,
 }
 
 impl<T: evbus::Transport + 'static> fmt::Debug for Suite<T> {
@@ -56,6 +72,7 @@ impl<T: evbus::Transport + 'static> fmt::Debug for Suite<T> {
             .field("adapter", &self.adapter)
             .field("broker_control", &self.control.is_some())
             .field("filter", &self.filter)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +91,7 @@ impl<T: evbus::Transport + 'static> Suite<T> {
             connect: Arc::new(move || connect().boxed()),
             control: None,
             filter: None,
+            concurrency: None,
         }
     }
 
@@ -87,19 +105,37 @@ impl<T: evbus::Transport + 'static> Suite<T> {
         self
     }
 
-    /// Runs only the cases whose name contains `filter` (for debugging).
+    /// Keeps only the cases whose name contains `filter`. Under [`main`] and [`Harness`] the
+    /// command line filters further (and `--list` shows only these cases).
     pub fn filter(mut self, filter: impl Into<String>) -> Self {
         self.filter = Some(filter.into());
         self
     }
 
-    /// Runs every case, printing one line per case to stdout as it finishes
-    /// (`PASS <case>`, `FAIL <case>: <reason>`, `IGNORED <case>: needs <need>`), then the
-    /// summary line `conformance <adapter>: N passed, M failed, K ignored`; returns the
-    /// report.
+    /// How many cases [`run`](Self::run) runs at once (default 4; at least 1). Cases that use
+    /// the controlled broker never overlap. Under [`main`] and [`Harness`],
+    /// `--test-threads` decides instead.
+    pub fn concurrency(mut self, cases: usize) -> Self {
+        self.concurrency = Some(cases);
+        self
+    }
+
+    /// Whether the case `name` passes [`filter`](Self::filter).
+    fn selects(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
+
+    /// Runs every case ([`concurrency`](Self::concurrency) at a time), printing one line per
+    /// case to stdout as it finishes (`PASS <case> (0.12s)`, `FAIL <case> (15.00s): <reason>`,
+    /// `IGNORED <case>: needs <need>`), then the summary line
+    /// `conformance <adapter>: N passed, M failed, K ignored`; returns the report, its cases
+    /// in catalogue order.
     ///
     /// When no connection can be opened (or the new connection reports itself unhealthy),
-    /// the report holds the single failure `FAIL <adapter>: broker unreachable: <error>`.
+    /// the report holds the single failure `FAIL <adapter>: broker unreachable: <error>`, or
+    /// `FAIL <adapter>: configuration error: <error>` when opening it failed for another
+    /// reason than an unreachable broker (an error kind other than `Connection` or
+    /// `Timeout`, such as `InvalidConfig`).
     pub async fn run(self) -> Report {
         runner::run(self).await
     }
@@ -164,74 +200,39 @@ pub fn require_brokers() -> bool {
     })
 }
 
-/// Entry point for a `[[test]] harness = false` target.
+/// Entry point for a `[[test]] harness = false` target: `Harness::new().suite(build).run()`.
 ///
-/// Builds a multi-thread tokio runtime, checks that the broker is reachable (a first
-/// connection and its health), runs the suite (printing as it goes) and returns
-/// `ExitCode::FAILURE` if any case failed.
+/// Builds a multi-thread tokio runtime, calls `build` inside it, checks that the broker is
+/// usable (a first connection and its health), and hands one libtest trial per case to
+/// `libtest-mimic`, which parses the command line (`--list`, filters, `--exact`, `--skip`,
+/// `--ignored`, `--include-ignored`, `--format`, `--test-threads`, ...) and runs them. After
+/// libtest's output it prints the suite's report: one line per selected case in catalogue
+/// order (`PASS <case> (0.12s)`, `FAIL <case> (15.00s): <reason>`,
+/// `IGNORED <case>: needs <need>`), then `conformance <adapter>: N passed, M failed, K ignored`.
+/// It returns `ExitCode::FAILURE` if any case failed.
+///
+/// If opening the first connection fails with an error kind other than `Connection` or
+/// `Timeout` (an invalid URL, a bad setting, refused credentials), it prints
+/// `FAIL <adapter> (0.00s): configuration error: <error>` and
+/// `conformance <adapter>: 0 passed, 1 failed, 0 ignored` and fails, in CI or not.
 ///
 /// If the broker is unreachable and [`require_brokers`] is true, it prints
-/// `FAIL <adapter>: broker unreachable: <error>` and
-/// `conformance <adapter>: 0 passed, 1 failed, 0 ignored` and fails; otherwise it prints a
-/// loud WARNING to stderr and stdout saying the suite was **not** run and how to make the
-/// broker reachable (`EVBUS_<ADAPTER>_URL`), and succeeds.
+/// `FAIL <adapter> (0.00s): broker unreachable: <error>` and the same summary and fails;
+/// otherwise it prints a loud WARNING to stderr and stdout saying the suite was **not** run
+/// and how to make the broker reachable (`EVBUS_<ADAPTER>_URL`), reports every case ignored,
+/// and succeeds.
 ///
-/// Command-line arguments work like libtest's where they make sense: the first free argument
-/// is a case filter (`cargo test --test conformance -- queue_nack`); flags such as
-/// `--nocapture` are ignored; `--list` lists nothing and exits.
-///
-/// To run several suites from one test binary, call `main` once per suite and combine the
-/// exit codes (see the crate's `tests/memory.rs`).
+/// To run several suites from one test binary, use [`Harness`] (see the crate's
+/// `tests/memory.rs`). Calling `main` several times also works: from the second call on, the
+/// cases are listed with their adapter as kind (`[memory-dyn] <case>: test`).
 pub fn main<T: evbus::Transport + 'static>(build: impl FnOnce() -> Suite<T>) -> ExitCode {
-    let args = Args::parse(std::env::args().skip(1));
-    if args.list {
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("FAIL: could not start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = runtime.block_on(async move {
-        let mut suite = build();
-        if let Some(filter) = args.filter {
-            suite = suite.filter(filter);
-        }
-        match runner::probe(&*suite.connect).await {
-            Ok(_) => Some(suite.run().await),
-            Err(reason) if require_brokers() => {
-                let mut report = Report::new(suite.adapter.clone());
-                report.push(CaseReport::new(
-                    suite.adapter.clone(),
-                    Outcome::Failed(format!("broker unreachable: {reason}")),
-                    std::time::Duration::ZERO,
-                ));
-                println!("{report}");
-                Some(report)
-            }
-            Err(reason) => {
-                let warning = not_run_warning(&suite.adapter, &reason);
-                eprintln!("{warning}");
-                println!("{warning}");
-                None
-            }
-        }
-    });
-    // Leftover tasks of a timed-out case must not keep the process alive.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-    match report {
-        Some(report) if !report.is_success() => ExitCode::FAILURE,
-        _ => ExitCode::SUCCESS,
-    }
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let again = CALLS.fetch_add(1, Ordering::Relaxed) > 0;
+    harness::run_one(build, again)
 }
 
 /// The warning printed when the broker is unreachable and not required.
-fn not_run_warning(adapter: &str, reason: &str) -> String {
+pub(crate) fn not_run_warning(adapter: &str, reason: &str) -> String {
     let var: String = adapter
         .chars()
         .map(|c| {
@@ -255,50 +256,10 @@ fn not_run_warning(adapter: &str, reason: &str) -> String {
     .join("\n")
 }
 
-/// The libtest-like arguments `main` understands.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Args {
-    filter: Option<String>,
-    list: bool,
-}
-
-impl Args {
-    fn parse(args: impl IntoIterator<Item = String>) -> Self {
-        // libtest flags that take a separate value.
-        const WITH_VALUE: &[&str] = &[
-            "--test-threads",
-            "--skip",
-            "--color",
-            "--format",
-            "--logfile",
-            "--shuffle-seed",
-            "-Z",
-        ];
-        let mut parsed = Args::default();
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            if arg == "--list" {
-                parsed.list = true;
-            } else if WITH_VALUE.contains(&arg.as_str()) {
-                args.next();
-            } else if arg.starts_with('-') {
-                // --nocapture, --exact, --quiet, --test-threads=2, ...
-            } else if parsed.filter.is_none() {
-                parsed.filter = Some(arg);
-            }
-        }
-        parsed
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use evbus::Capability;
-
-    fn args(list: &[&str]) -> Args {
-        Args::parse(list.iter().map(|s| s.to_string()))
-    }
 
     #[test]
     fn need_displays_the_capability_or_broker_control() {
@@ -313,23 +274,6 @@ mod tests {
             "max-payload-bytes>=1048576"
         );
         assert_eq!(Need::PayloadLimit.to_string(), "max-payload-bytes-declared");
-    }
-
-    #[test]
-    fn the_first_free_argument_filters_and_libtest_flags_are_ignored() {
-        assert_eq!(args(&[]), Args::default());
-        assert_eq!(
-            args(&["--nocapture", "queue_nack"]).filter.as_deref(),
-            Some("queue_nack")
-        );
-        assert_eq!(args(&["--test-threads", "2"]).filter, None);
-        assert_eq!(
-            args(&["--test-threads=2", "--exact", "x"])
-                .filter
-                .as_deref(),
-            Some("x")
-        );
-        assert!(args(&["--list", "--format", "terse"]).list);
     }
 
     #[test]

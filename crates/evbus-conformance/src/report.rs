@@ -50,13 +50,18 @@ impl CaseReport {
     }
 }
 
-/// One line: `PASS <case>`, `FAIL <case>: <reason>` or `IGNORED <case>: needs <need>[, <need>]`.
-/// A multi-line reason is folded onto the one line.
+/// One line: `PASS <case> (<secs>s)`, `FAIL <case> (<secs>s): <reason>` or
+/// `IGNORED <case>: needs <need>[, <need>]`. The duration (cleanup included) has two
+/// decimals, like libtest's `finished in 0.14s`. A multi-line reason is folded onto the one
+/// line.
 impl fmt::Display for CaseReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.duration.as_secs_f64();
         match &self.outcome {
-            Outcome::Passed => write!(f, "PASS {}", self.name),
-            Outcome::Failed(reason) => write!(f, "FAIL {}: {}", self.name, one_line(reason)),
+            Outcome::Passed => write!(f, "PASS {} ({secs:.2}s)", self.name),
+            Outcome::Failed(reason) => {
+                write!(f, "FAIL {} ({secs:.2}s): {}", self.name, one_line(reason))
+            }
             Outcome::Ignored(needs) => {
                 write!(f, "IGNORED {}: needs ", self.name)?;
                 for (i, need) in needs.iter().enumerate() {
@@ -119,7 +124,8 @@ impl Report {
         &self.adapter
     }
 
-    /// Every case result, in the order they ran.
+    /// Every case result, in the order they were pushed (the suite's catalogue order once a
+    /// run is complete).
     pub fn cases(&self) -> &[CaseReport] {
         &self.cases
     }
@@ -175,13 +181,15 @@ mod tests {
     use evbus::Capability;
 
     fn case(name: &str, outcome: Outcome) -> CaseReport {
-        CaseReport::new(name, outcome, Duration::from_millis(5))
+        CaseReport::new(name, outcome, Duration::from_millis(10))
     }
 
     #[test]
-    fn a_passed_case_is_one_pass_line() {
+    fn a_passed_case_is_one_pass_line_with_its_duration() {
         let line = case("queue_ack_once", Outcome::Passed).to_string();
-        assert_eq!(line, "PASS queue_ack_once");
+        assert_eq!(line, "PASS queue_ack_once (0.01s)");
+        let slow = CaseReport::new("q", Outcome::Passed, Duration::from_millis(15_004));
+        assert_eq!(slow.to_string(), "PASS q (15.00s)");
     }
 
     #[test]
@@ -190,14 +198,14 @@ mod tests {
         let line = case("queue_ack_once", Outcome::Failed(reason)).to_string();
         assert_eq!(
             line,
-            "FAIL queue_ack_once: expected 3 deliveries | got 2 | missing: a"
+            "FAIL queue_ack_once (0.01s): expected 3 deliveries | got 2 | missing: a"
         );
     }
 
     #[test]
     fn a_failure_without_a_reason_still_says_so() {
         let line = case("x", Outcome::Failed(String::new())).to_string();
-        assert_eq!(line, "FAIL x: (no reason given)");
+        assert_eq!(line, "FAIL x (0.01s): (no reason given)");
     }
 
     #[test]
@@ -228,7 +236,7 @@ mod tests {
         report.push(case("d", Outcome::Passed));
         assert_eq!(
             report.to_string(),
-            "PASS a\nFAIL b: boom\nIGNORED c: needs broker-control\nPASS d\n\
+            "PASS a (0.01s)\nFAIL b (0.01s): boom\nIGNORED c: needs broker-control\nPASS d (0.01s)\n\
              conformance memory: 2 passed, 1 failed, 1 ignored"
         );
         assert_eq!(

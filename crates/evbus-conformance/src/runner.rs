@@ -1,11 +1,13 @@
-//! Runs cases one by one: checks needs, spawns each case with a time limit, turns a panic or a
-//! timeout into a failure, and cleans up what the case created.
+//! Runs cases: checks needs, spawns each case with a time limit, turns a panic or a timeout
+//! into a failure, and cleans up what the case created. Used by both entry points: the
+//! libtest-style harness ([`crate::harness`]) and [`Suite::run`](crate::Suite::run).
 
 use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
-use evbus::{Capabilities, Health, Transport};
+use evbus::{Capabilities, ErrorKind, Health, Transport};
+use futures::StreamExt;
 
 use crate::cases::Case;
 use crate::report::{CaseReport, Outcome, Report};
@@ -15,15 +17,71 @@ use crate::support::{
 };
 use crate::{Need, Suite};
 
+/// How many cases run at once unless told otherwise (`--test-threads`,
+/// [`Suite::concurrency`](crate::Suite::concurrency)).
+pub(crate) const DEFAULT_CONCURRENCY: usize = 4;
+
+/// Why the suite cannot run against the broker at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Unusable {
+    /// The broker could not be reached (a connection or timeout error, or an unhealthy
+    /// transport): a warning outside CI, a failure under it.
+    Unreachable(String),
+    /// Opening a connection failed for another reason (an invalid URL or setting, refused
+    /// credentials, ...): always a failure.
+    Config(String),
+    /// The transport misbehaves right away (reports itself closed after connecting): always a
+    /// failure.
+    Broken(String),
+}
+
+impl Unusable {
+    /// The reason printed in `FAIL <adapter>: <reason>`.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Unusable::Unreachable(e) => format!("broker unreachable: {e}"),
+            Unusable::Config(e) => format!(
+                "configuration error: {e} (not an unreachable broker, so this fails even \
+                 outside CI: fix the adapter's URL or settings)"
+            ),
+            Unusable::Broken(e) => e.clone(),
+        }
+    }
+
+    /// The report of a run that could not start: the single case `<adapter>` failed.
+    pub(crate) fn report(&self, adapter: &str) -> Report {
+        let mut report = Report::new(adapter);
+        report.push(CaseReport::new(
+            adapter,
+            Outcome::Failed(self.reason()),
+            Duration::ZERO,
+        ));
+        report
+    }
+}
+
+/// Classifies a connect error: only [`ErrorKind::Connection`] and [`ErrorKind::Timeout`] mean
+/// the broker is unreachable; every other kind is a configuration error.
+pub(crate) fn classify(error: &evbus::Error) -> Unusable {
+    match error.kind() {
+        ErrorKind::Connection | ErrorKind::Timeout => Unusable::Unreachable(error.to_string()),
+        _ => Unusable::Config(error.to_string()),
+    }
+}
+
 /// Connects, checks health and reads the capabilities; the error says why the broker cannot
 /// be used.
 pub(crate) async fn probe<T: Transport + 'static>(
     connect: &ConnectFn<T>,
-) -> Result<Capabilities, String> {
+) -> Result<Capabilities, Unusable> {
     let transport = match tokio::time::timeout(CONNECT_WITHIN, connect()).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no connection within {CONNECT_WITHIN:?}")),
+        Ok(Err(e)) => return Err(classify(&e)),
+        Err(_) => {
+            return Err(Unusable::Unreachable(format!(
+                "no connection within {CONNECT_WITHIN:?}"
+            )));
+        }
     };
     let health = match tokio::time::timeout(OPERATION_WITHIN, transport.health()).await {
         Ok(h) => h,
@@ -33,49 +91,76 @@ pub(crate) async fn probe<T: Transport + 'static>(
     let _ = tokio::time::timeout(OPERATION_WITHIN, transport.close()).await;
     match health {
         Health::Healthy | Health::Degraded(_) => Ok(caps),
-        Health::Unhealthy(reason) => {
-            Err(format!("the transport reports it is unhealthy: {reason}"))
-        }
-        Health::Closed => Err("the transport reports it is closed right after connecting".into()),
+        Health::Unhealthy(reason) => Err(Unusable::Unreachable(format!(
+            "the transport reports it is unhealthy: {reason}"
+        ))),
+        Health::Closed => Err(Unusable::Broken(
+            "the transport reports it is closed right after connecting".into(),
+        )),
     }
 }
 
-/// Runs the suite, printing each line as it is known.
+/// The needs of `case` that the transport and the harness do not meet.
+pub(crate) fn unmet<T: Transport + 'static>(
+    case: &Case<T>,
+    caps: &Capabilities,
+    has_control: bool,
+) -> Vec<Need> {
+    case.needs
+        .iter()
+        .copied()
+        .filter(|need| !meets(*need, caps, has_control))
+        .collect()
+}
+
+/// Whether a case uses the controlled broker (such cases never run at the same time).
+pub(crate) fn uses_control<T: Transport + 'static>(case: &Case<T>) -> bool {
+    case.needs.contains(&Need::BrokerControl)
+}
+
+/// Runs the suite, `concurrency` cases at a time (outage cases one at a time), printing each
+/// line as it is known; the report lists the cases in catalogue order.
 pub(crate) async fn run<T: Transport + 'static>(suite: Suite<T>) -> Report {
-    let mut report = Report::new(suite.adapter.clone());
     let caps = match probe(&*suite.connect).await {
         Ok(caps) => caps,
-        Err(reason) => {
-            let case = CaseReport::new(
-                suite.adapter.clone(),
-                Outcome::Failed(format!("broker unreachable: {reason}")),
-                Duration::ZERO,
-            );
-            println!("{case}");
-            report.push(case);
-            println!("{}", report.summary());
+        Err(unusable) => {
+            let report = unusable.report(&suite.adapter);
+            println!("{report}");
             return report;
         }
     };
     let names = Names::new(&suite.adapter, &run_id());
-    for case in crate::cases::all::<T>() {
-        if let Some(filter) = &suite.filter {
-            if !case.name.contains(filter.as_str()) {
-                continue;
+    let outage = tokio::sync::Mutex::new(());
+    let selected: Vec<(usize, Case<T>)> = crate::cases::all::<T>()
+        .into_iter()
+        .filter(|case| suite.selects(case.name))
+        .enumerate()
+        .collect();
+    let concurrency = suite.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+    let mut results: Vec<(usize, CaseReport)> = futures::stream::iter(selected)
+        .map(|(index, case)| {
+            let (names, caps, outage) = (&names, &caps, &outage);
+            let (connect, control) = (&suite.connect, suite.control.as_ref());
+            async move {
+                let unmet = unmet(&case, caps, control.is_some());
+                let result = if !unmet.is_empty() {
+                    CaseReport::new(case.name, Outcome::Ignored(unmet), Duration::ZERO)
+                } else if uses_control(&case) {
+                    let _one_outage_at_a_time = outage.lock().await;
+                    run_case(&case, names, connect, control, caps).await
+                } else {
+                    run_case(&case, names, connect, control, caps).await
+                };
+                println!("{result}");
+                (index, result)
             }
-        }
-        let unmet: Vec<Need> = case
-            .needs
-            .iter()
-            .copied()
-            .filter(|need| !meets(*need, &caps, suite.control.is_some()))
-            .collect();
-        let result = if unmet.is_empty() {
-            run_case(&case, &names, &suite.connect, suite.control.as_ref(), &caps).await
-        } else {
-            CaseReport::new(case.name, Outcome::Ignored(unmet), Duration::ZERO)
-        };
-        println!("{result}");
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.sort_by_key(|(index, _)| *index);
+    let mut report = Report::new(suite.adapter.clone());
+    for (_, result) in results {
         report.push(result);
     }
     println!("{}", report.summary());
@@ -91,7 +176,8 @@ pub(crate) fn meets(need: Need, caps: &Capabilities, has_control: bool) -> bool 
     }
 }
 
-async fn run_case<T: Transport + 'static>(
+/// Runs one case in its own task with its time limit, then cleans up after it.
+pub(crate) async fn run_case<T: Transport + 'static>(
     case: &Case<T>,
     names: &Names,
     connect: &Arc<ConnectFn<T>>,
@@ -201,5 +287,50 @@ pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
         s.clone()
     } else {
         "(a panic without a message)".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connection_and_timeout_errors_mean_an_unreachable_broker() {
+        for kind in [ErrorKind::Connection, ErrorKind::Timeout] {
+            let unusable = classify(&evbus::Error::new(kind, "refused"));
+            assert!(matches!(unusable, Unusable::Unreachable(_)), "{kind}");
+            assert!(
+                unusable.reason().starts_with("broker unreachable: "),
+                "{}",
+                unusable.reason()
+            );
+        }
+        for kind in [
+            ErrorKind::InvalidConfig,
+            ErrorKind::Broker,
+            ErrorKind::Unsupported,
+            ErrorKind::Full,
+            ErrorKind::Internal,
+        ] {
+            let unusable = classify(&evbus::Error::new(kind, "unknown key `hots`"));
+            assert!(matches!(unusable, Unusable::Config(_)), "{kind}");
+            let reason = unusable.reason();
+            assert!(reason.starts_with("configuration error: "), "{reason}");
+            assert!(reason.contains("unknown key `hots`"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_run_that_cannot_start_is_one_failed_case_named_after_the_adapter() {
+        let report = Unusable::Config("bad url".into()).report("redis");
+        assert_eq!(
+            report.summary(),
+            "conformance redis: 0 passed, 1 failed, 0 ignored"
+        );
+        assert!(
+            report.cases()[0]
+                .to_string()
+                .starts_with("FAIL redis (0.00s): configuration error: bad url")
+        );
     }
 }

@@ -453,6 +453,9 @@ pub(crate) async fn ack(delivery: &Delivery, what: &str) -> CaseResult {
 /// Receives until every event of `expected` was delivered, acking each. Fails on an
 /// unexpected or a second delivery, or when `within` passes first (naming what is missing).
 /// Returns `(event, attempt)` in delivery order.
+///
+/// Call it only with events whose publish or send returned `Ok` (cases publish with `?`
+/// first): the failure says so, so that a lost publish is told apart from a stalled consumer.
 pub(crate) async fn receive_exactly(
     sub: &mut Subscription,
     expected: &HashSet<String>,
@@ -464,14 +467,10 @@ pub(crate) async fn receive_exactly(
     let mut got = Vec::with_capacity(expected.len());
     while seen.len() < expected.len() {
         let delivery = match tokio::time::timeout_at(deadline, sub.next_delivery()).await {
-            Err(_) => fail!(
-                "{what}: received {} of {} events within {within:?}; missing {}",
-                seen.len(),
-                expected.len(),
-                sample(expected.difference(&seen))
-            ),
+            Err(_) => fail!("{what}: {}", never_arrived(expected, &seen, within)),
             Ok(None) => fail!(
-                "{what}: the subscription ended after {} of {} events",
+                "{what}: the subscription ended after {} of {} events (every publish of them \
+                 had returned Ok)",
                 seen.len(),
                 expected.len()
             ),
@@ -495,6 +494,29 @@ pub(crate) async fn receive_exactly(
         got.push((delivery.event().clone(), attempt));
     }
     Ok(got)
+}
+
+/// `published 10 events, all returned Ok; 3 never arrived within 15s: <ids> (7 did)`: what a
+/// wait for events whose publishes all returned `Ok` says when it runs out.
+pub(crate) fn never_arrived(
+    expected: &HashSet<String>,
+    seen: &HashSet<String>,
+    within: Duration,
+) -> String {
+    let missing: Vec<&String> = expected.difference(seen).collect();
+    let (lost, arrived) = (missing.len(), expected.len() - missing.len());
+    let all = if expected.len() == 1 {
+        "it returned Ok"
+    } else {
+        "all returned Ok"
+    };
+    let plural = if expected.len() == 1 { "" } else { "s" };
+    format!(
+        "published {} event{plural}, {all}; {lost} never arrived within {within:?}: {} \
+         ({arrived} did)",
+        expected.len(),
+        sample(missing),
+    )
 }
 
 /// Fails if anything is delivered within `window`. Only call after a marker event showed
@@ -778,12 +800,7 @@ pub(crate) async fn compete(
         let (i, id, attempt) = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => {
                 let seen: HashSet<String> = handled_by.keys().cloned().collect();
-                fail!(
-                    "{what}: {} of {} events were handled within {within:?}; missing {}",
-                    seen.len(),
-                    expected.len(),
-                    sample(expected.difference(&seen))
-                )
+                fail!("{what}: {}", never_arrived(expected, &seen, within))
             }
             Ok(None) => fail!("{what}: every consumer stopped"),
             Ok(Some(Err(f))) => return Err(f),

@@ -1,28 +1,29 @@
-//! The conformance suite against the in-memory transport, twice: called directly, and through
-//! `Box<dyn Transport>` (the object-safe path applications use when they pick a broker from a
-//! URL). Each run gets its own broker.
+//! The conformance suite against the in-memory transport, twice in one libtest run: called
+//! directly (`[memory] <case>`), and through `Box<dyn Transport>` (`[memory-dyn] <case>`, the
+//! object-safe path applications use when they pick a broker from a URL). Each suite gets its
+//! own broker.
+//!
+//! `cargo test -p evbus-conformance --test memory -- --list` lists every case of both;
+//! `cargo nextest run -p evbus-conformance` runs each in its own process.
 
 use std::process::ExitCode;
 
 use evbus::Transport;
 use evbus::memory::MemoryBroker;
-use evbus_conformance::Suite;
+use evbus_conformance::{Harness, Suite};
 
 fn main() -> ExitCode {
-    let direct = evbus_conformance::main(|| {
-        let broker = MemoryBroker::new(Default::default());
-        Suite::new("memory", move || std::future::ready(Ok(broker.connect())))
-    });
-    let boxed = evbus_conformance::main(|| {
-        let broker = MemoryBroker::new(Default::default());
-        Suite::new("memory-dyn", move || {
-            let transport: Box<dyn Transport> = Box::new(broker.connect());
-            std::future::ready(Ok(transport))
+    Harness::new()
+        .suite(|| {
+            let broker = MemoryBroker::new(Default::default());
+            Suite::new("memory", move || std::future::ready(Ok(broker.connect())))
         })
-    });
-    if direct == ExitCode::SUCCESS {
-        boxed
-    } else {
-        direct
-    }
+        .suite(|| {
+            let broker = MemoryBroker::new(Default::default());
+            Suite::new("memory-dyn", move || {
+                let transport: Box<dyn Transport> = Box::new(broker.connect());
+                std::future::ready(Ok(transport))
+            })
+        })
+        .run()
 }

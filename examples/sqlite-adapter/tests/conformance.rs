@@ -4,7 +4,6 @@
 //! `cargo test -p evbus-example-sqlite --test conformance -- --list` lists the cases.
 
 use evbus_conformance::Suite;
-use evbus_example_sqlite::SqliteTransport;
 
 fn main() -> std::process::ExitCode {
     let dir = tempfile::tempdir().expect("a temporary directory for the database");
@@ -14,7 +13,7 @@ fn main() -> std::process::ExitCode {
     evbus_conformance::main(move || {
         Suite::new("sqlite-example", move || {
             let url = url.clone();
-            async move { SqliteTransport::connect(&url).await }
+            async move { evbus_example_sqlite::connect(&url).await }
         })
     })
 }

@@ -1,14 +1,14 @@
 //! Opening the transport: by URL through a `Registry`, and precise configuration errors.
 
 use evbus::{ErrorKind, Event, SubscribeOptions, Transport};
-use evbus_example_sqlite::{SqliteConnector, SqliteTransport};
+use evbus_example_sqlite::{connect, connector};
 
 #[tokio::test]
 async fn a_registry_with_the_connector_opens_sqlite_example_urls() -> evbus::Result<()> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = format!("sqlite-example://{}", dir.path().join("app.db").display());
     let mut registry = evbus::Registry::new(); // knows memory://
-    registry.register(SqliteConnector);
+    registry.register(connector());
     let transport = registry.connect(&url).await?;
     assert_eq!(transport.name(), "sqlite-example");
 
@@ -32,12 +32,10 @@ async fn a_malformed_url_is_a_configuration_error_naming_the_expected_form() {
         "sqlite:///tmp/x.db",
         "not a url",
     ] {
-        let err = SqliteTransport::connect(url).await.unwrap_err();
+        let err = connect(url).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}: {err}");
     }
-    let err = SqliteTransport::connect("sqlite-example://h/x.db")
-        .await
-        .unwrap_err();
+    let err = connect("sqlite-example://h/x.db").await.unwrap_err();
     assert!(
         err.message().contains("sqlite-example:///path/to/file.db"),
         "{err}"
@@ -48,7 +46,7 @@ async fn a_malformed_url_is_a_configuration_error_naming_the_expected_form() {
 async fn a_file_that_cannot_be_opened_is_a_configuration_error_not_an_outage() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let missing = dir.path().join("no-such-directory").join("x.db");
-    let err = SqliteTransport::connect(&format!("sqlite-example://{}", missing.display()))
+    let err = connect(&format!("sqlite-example://{}", missing.display()))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");

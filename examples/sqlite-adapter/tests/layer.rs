@@ -2,7 +2,6 @@
 
 use evbus::layer::{Destination, Layer, LayerExt, Next, Observe};
 use evbus::{Event, SubscribeOptions, Transport};
-use evbus_example_sqlite::SqliteTransport;
 
 /// Stamps every published event with the tenant it was published for.
 struct Tenant(&'static str);
@@ -27,7 +26,7 @@ impl Layer for Tenant {
 async fn a_layer_stamps_every_publish_and_the_consumer_sees_it() -> evbus::Result<()> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = format!("sqlite-example://{}", dir.path().join("layer.db").display());
-    let transport = SqliteTransport::connect(&url)
+    let transport = evbus_example_sqlite::connect(&url)
         .await?
         .layer(Tenant("acme"))
         .layer(Observe::new("sqlite-example"));

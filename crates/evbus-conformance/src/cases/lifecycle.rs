@@ -46,7 +46,7 @@ pub(super) async fn lifecycle_close_flushes_every_accepted_publish<T: Transport 
             if result.is_ok() {
                 accepted_tx.send_modify(|n| *n += 1);
             }
-            (event.id().to_owned(), result)
+            (event.id().to_owned(), result, Instant::now())
         }));
     }
     // Close while the burst is in flight (once some publishes have returned).
@@ -56,13 +56,20 @@ pub(super) async fn lifecycle_close_flushes_every_accepted_publish<T: Transport 
     {
         fail!("fewer than {BEFORE_CLOSE} of {BURST} publishes returned Ok within {WAIT:?}");
     }
+    let closing = Instant::now();
     bounded("closing the publishing connection", publisher.close()).await?;
 
     let mut accepted = HashSet::new();
+    // Publishes that had returned Ok before close was called: if one of these is lost, the
+    // publish was lost, not the flush.
+    let mut before_close = HashSet::new();
     for task in tasks {
-        let (id, result) = task.join(WAIT, "a publish").await?;
+        let (id, result, returned) = task.join(WAIT, "a publish").await?;
         match result {
             Ok(()) => {
+                if returned < closing {
+                    before_close.insert(id.clone());
+                }
                 accepted.insert(id);
             }
             Err(e) => ensure!(
@@ -78,11 +85,28 @@ pub(super) async fn lifecycle_close_flushes_every_accepted_publish<T: Transport 
     let mut seen = HashSet::new();
     while !accepted.is_subset(&seen) {
         let d = match tokio::time::timeout_at(deadline, s.next_delivery()).await {
-            Err(_) => fail!(
-                "{} of {} accepted publishes were delivered within {WAIT:?}; close lost the rest",
-                accepted.intersection(&seen).count(),
-                accepted.len()
-            ),
+            Err(_) => {
+                let missing: Vec<&String> = accepted.difference(&seen).collect();
+                let lost_early = before_close.difference(&seen).count();
+                let blame = if lost_early > 0 {
+                    format!(
+                        "{lost_early} of the missing had returned Ok before close was called: \
+                         those publishes were lost, not (only) the close's flush"
+                    )
+                } else {
+                    "every missing one returned Ok while close was flushing: close lost them"
+                        .to_owned()
+                };
+                fail!(
+                    "published {BURST} events and closed during the burst: {} returned Ok \
+                     ({} of them before close was called), the rest failed with Closed; {} of \
+                     those that returned Ok never arrived within {WAIT:?}: {}; {blame}",
+                    accepted.len(),
+                    before_close.len(),
+                    missing.len(),
+                    crate::support::sample(missing)
+                )
+            }
             Ok(None) => fail!("the subscription ended"),
             Ok(Some(Err(e))) => fail!("the subscription yielded an error: {e}"),
             Ok(Some(Ok(d))) => d,
@@ -130,7 +154,11 @@ pub(super) async fn lifecycle_operations_after_close_fail_with_closed<T: Transpo
 /// Expects `sub` to end (or report `Closed`) because its connection was closed.
 async fn expect_ended(sub: &mut Subscription, what: &str) -> CaseResult {
     match tokio::time::timeout(WAIT, sub.next_delivery()).await {
-        Err(_) => fail!("{what} was still open {WAIT:?} after its connection closed"),
+        Err(_) => fail!(
+            "{what} was still open {WAIT:?} after its connection closed (the adapter must end \
+             every subscription when its transport closes, also one waiting for a free \
+             in-flight slot: build it with `Subscription::until(<the close signal>)`)"
+        ),
         Ok(None) => Ok(()),
         Ok(Some(Err(e))) if e.kind() == ErrorKind::Closed => Ok(()),
         Ok(Some(Err(e))) => fail!("{what} yielded `{e}` after close, expected its end"),
@@ -401,11 +429,8 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
     while !accepted.is_subset(&received) {
         match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
             Err(_) => fail!(
-                "{} of {} accepted events were delivered within {within:?} of the outage's end \
-                 ({errors} stream errors); missing e.g. {}",
-                accepted.intersection(&received).count(),
-                accepted.len(),
-                crate::support::sample(accepted.difference(&received))
+                "{} after the outage ended ({errors} stream errors)",
+                crate::support::never_arrived(&accepted, &received, within)
             ),
             Ok(None) | Ok(Some(Seen::Ended)) => {
                 fail!("the consumer's stream ended instead of resuming after the outage")

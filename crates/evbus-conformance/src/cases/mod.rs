@@ -101,6 +101,7 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_competing_consumers_handle_each_event_exactly_once, needs: [THREE_COMPETING]),
         case!(queue::queue_envelope_round_trips_byte_exact),
         case!(queue::queue_send_batch_delivers_every_event),
+        case!(queue::queue_send_batch_keeps_batch_order_for_one_consumer, needs: [PER_KEY_ORDER]),
         case!(queue::queue_nack_redelivers_with_the_attempt_count_increased),
         case!(queue::queue_nack_with_delay_redelivers_no_sooner_than_the_delay),
         case!(queue::queue_nack_with_delay_does_not_hold_back_later_events),

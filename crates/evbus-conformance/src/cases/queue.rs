@@ -126,6 +126,30 @@ pub(super) async fn queue_send_batch_delivers_every_event<T: Transport + 'static
     queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
 }
 
+pub(super) async fn queue_send_batch_keeps_batch_order_for_one_consumer<T: Transport + 'static>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const N: u64 = 30;
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    // One partition key across the batch, one consumer that settles each delivery before it
+    // may get the next: the only order left to observe is the one the batch was stored in.
+    let events: Vec<Event> = (0..N).map(|i| ctx.keyed_event("batch", i)).collect();
+    bounded("sending a batch", queue.send_batch(&events)).await?;
+    let mut c = receive(&*queue, ctx.consumer().max_in_flight(1)).await?;
+    let got = receive_exactly(&mut c, &ids(&events), WAIT, "the consumer").await?;
+    let order: Vec<u64> = got.iter().map(|(e, _)| seq(e)).collect::<Result<_, _>>()?;
+    if let Some(at) = order.iter().zip(0..N).position(|(got, want)| *got != want) {
+        fail!(
+            "a batch of {N} events with one partition key, sent with `send_batch`, reached a \
+             single consumer (max_in_flight 1) out of order: position {at} held event {} \
+             instead of {at}; the order was {order:?}",
+            order[at]
+        );
+    }
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
 pub(super) async fn queue_nack_redelivers_with_the_attempt_count_increased<
     T: Transport + 'static,
 >(

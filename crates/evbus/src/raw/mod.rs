@@ -54,6 +54,7 @@ use std::sync::Arc;
 use futures::stream::{BoxStream, Stream};
 
 use crate::error::{Error, Result};
+use crate::layer::Destination;
 use crate::subscription::Subscription;
 use crate::transport::{ConsumerOptions, Queue, SubscribeOptions};
 
@@ -61,6 +62,8 @@ pub use crate::delivery::{
     Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, RawDelivery,
     UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
 };
+
+pub mod kit;
 
 /// An adapter's stream of raw deliveries.
 pub type RawStream = BoxStream<'static, Result<RawDelivery>>;
@@ -76,6 +79,7 @@ const ANONYMOUS_DLQ: &str = "_anonymous";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
     kind: Kind,
+    destination: Destination,
     origin: String,
     dead_letter_queue: String,
     consumer: ConsumerOptions,
@@ -109,8 +113,16 @@ impl Source {
                 format!("{topic}.{ANONYMOUS_DLQ}.dlq"),
             ),
         };
+        let subscription = match &kind {
+            Kind::Named(name) => name.clone(),
+            _ => format!("{ANONYMOUS_DLQ}.{}", uuid::Uuid::now_v7().simple()),
+        };
         Ok(Source {
             kind,
+            destination: Destination::Topic {
+                topic: topic.to_owned(),
+                subscription: Some(subscription),
+            },
             origin,
             dead_letter_queue: consumer.dead_letter_queue.clone().unwrap_or(default_dlq),
             consumer,
@@ -121,6 +133,7 @@ impl Source {
     pub fn queue(queue: &str, options: &ConsumerOptions) -> Source {
         Source {
             kind: Kind::Queue,
+            destination: Destination::Queue(queue.to_owned()),
             origin: queue.to_owned(),
             dead_letter_queue: options
                 .dead_letter_queue
@@ -134,6 +147,15 @@ impl Source {
     /// `orders/~anonymous` or `jobs`.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// What the consumer reads: the queue, or the topic with the subscription. An anonymous
+    /// subscription has a name too, made for this consumer alone: `_anonymous.<32 hex digits>`
+    /// (names starting with `_` are reserved, so it never meets a named one). A broker can
+    /// then treat it as a named subscription and delete it when the consumer goes away (see
+    /// [`kit::Broker::release`]). [`subscription`](Self::subscription) stays `None` for it.
+    pub fn destination(&self) -> &Destination {
+        &self.destination
     }
 
     /// The queue receiving this consumer's dead letters.
@@ -313,6 +335,21 @@ mod tests {
             ("orders.dlq", "orders")
         );
         assert_eq!(named.subscription(), Some("billing"));
+        assert_eq!(queue.destination(), &Destination::Queue("orders".into()));
+        let Destination::Topic {
+            topic,
+            subscription: Some(name),
+        } = anonymous.destination()
+        else {
+            panic!("an anonymous subscription is a topic destination with a generated name");
+        };
+        assert_eq!(topic, "orders");
+        assert!(
+            name.starts_with("_anonymous.") && name.len() == 43,
+            "{name}"
+        );
+        let again = Source::topic("orders", &SubscribeOptions::anonymous()).unwrap();
+        assert_ne!(again.destination(), anonymous.destination());
         assert!(anonymous.is_anonymous() && queue.is_queue());
     }
 

@@ -1,0 +1,760 @@
+//! The short path to an adapter: implement the small [`Broker`] trait and wrap it in a
+//! [`Connection`], which is the [`Transport`] (with its [`Topic`]s and [`Queue`]s).
+//!
+//! A broker only moves events: it publishes them to a [`Destination`], gives a stream of
+//! [`RawDelivery`]s for a [`Source`], deletes destinations and closes. Everything around that,
+//! which every adapter would otherwise write again (and which the conformance suite checks),
+//! is done here once. Adapters that need full control (their own handles, a connection task,
+//! batching across destinations) implement [`Transport`], [`Topic`] and [`Queue`] directly
+//! with the rest of [`evbus::raw`](super).
+//!
+//! # Contract
+//!
+//! What [`Connection`] does for the broker:
+//!
+//! - **Handles.** [`Transport::topic`] and [`Transport::queue`] call [`Broker::declare`] and
+//!   hand out handles; `publish`, `publish_batch`, `send` and `send_batch` all reach
+//!   [`Broker::publish`] (one call per batch, never with an empty batch), `delete_topic` and
+//!   `delete_queue` reach [`Broker::delete`].
+//! - **Payload limit.** An event larger than the declared
+//!   [`Capabilities::max_payload_bytes`] fails with
+//!   [`ErrorKind::TooLarge`] before the broker sees the batch.
+//! - **Subscriptions.** `subscribe` and `receive` build the [`Source`] (which names the
+//!   dead-letter queue and the origin, and refuses reserved subscription names), call
+//!   [`Broker::consume`], and assemble the [`Subscription`] with
+//!   [`Source::into_subscription`]: dead letters go to this connection's queue
+//!   `source.dead_letter_queue()`; in-flight limit, attempts, settle-once, delayed nacks and
+//!   undecodable messages are core's.
+//! - **Anonymous subscriptions.** Each has its own generated name in
+//!   [`Source::destination`]. When its subscription is dropped, or at the latest when the
+//!   connection closes, [`Broker::release`] is called once with its source, so the broker can
+//!   delete what it created for it. Named subscriptions and queues are never released.
+//! - **Close.** [`Transport::close`] makes every new operation (including settlements of
+//!   deliveries already handed out) fail with [`ErrorKind::Closed`]
+//!   and ends every subscription at once (even one whose in-flight slots are all taken); it
+//!   then waits for the operations in progress (publishes, settlements, consumes, releases),
+//!   releases the anonymous subscriptions still open and calls [`Broker::close`] once. Closing
+//!   again returns `Ok`. [`Transport::health`] is [`Health::Closed`] from then on.
+//!
+//! What the broker must do:
+//!
+//! - [`publish`](Broker::publish) returns `Ok` only once the broker accepted every event of
+//!   the batch, stored in order.
+//! - [`consume`](Broker::consume) returns a stream that yields deliveries only when polled
+//!   (core polls it only while the consumer has a free in-flight slot), with the attempt
+//!   number counted by the broker (1 on first delivery) and an [`Acker`] that settles exactly
+//!   the delivery its tag names. A delivery left unsettled past the consumer's
+//!   [`visibility_timeout`](crate::ConsumerOptions::visibility_timeout) comes back with its
+//!   attempt increased. A message that does not decode is yielded as
+//!   [`RawDelivery::undecodable`] ([`RawDelivery::from_json`] and
+//!   [`RawDelivery::from_binding`] do this), never as an error. [`poll`] builds such a stream
+//!   from a function that fetches one delivery.
+//! - A named subscription (in [`Source::destination`]) keeps receiving events published
+//!   while no consumer is attached; consumers of one name, or of one queue, compete.
+//! - Its errors are [`ErrorKind::Connection`] or
+//!   [`Timeout`](crate::ErrorKind::Timeout) when the broker cannot be reached, otherwise the
+//!   kind that says what went wrong.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use evbus::raw::kit::{self, Broker, Connection, Destination};
+//! use evbus::raw::{Acker, RawDelivery, RawStream, Source};
+//! use evbus::{Capabilities, Event, Transport};
+//!
+//! /// A broker that accepts everything and never delivers.
+//! struct Void;
+//!
+//! #[async_trait::async_trait]
+//! impl Broker for Void {
+//!     fn name(&self) -> &str { "void" }
+//!     fn capabilities(&self) -> Capabilities { Capabilities::default() }
+//!     async fn publish(&self, _to: &Destination, _events: &[Event]) -> evbus::Result<()> { Ok(()) }
+//!     async fn consume(&self, _source: &Source) -> evbus::Result<RawStream> {
+//!         Ok(kit::poll(std::time::Duration::from_millis(50), (), |()| async { Ok(None) }))
+//!     }
+//!     async fn delete(&self, _what: &Destination) -> evbus::Result<()> { Ok(()) }
+//! }
+//!
+//! # async fn demo() -> evbus::Result<()> {
+//! let transport = Connection::new(Void);
+//! let topic = transport.topic("orders").await?;
+//! topic.publish(&Event::builder("orderPlaced", "/shop").build()?).await?;
+//! transport.close().await?;
+//! let err = topic.publish(&Event::builder("orderPlaced", "/shop").build()?).await.unwrap_err();
+//! assert_eq!(err.kind(), evbus::ErrorKind::Closed);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use url::Url;
+
+use super::{ConfigKey, RawStream, Source};
+use crate::binding::HeaderStyle;
+use crate::capabilities::Capabilities;
+use crate::delivery::{Acker, RawDelivery, Undecodable};
+use crate::envelope::Event;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::Connector;
+use crate::subscription::Subscription;
+use crate::transport::{ConsumerOptions, Health, Queue, SubscribeOptions, Topic, Transport};
+
+pub use crate::layer::Destination;
+
+/// What an adapter implements on the short path: the broker's side only. [`Connection`]
+/// makes it a [`Transport`]; see the [module docs](self) for who does what.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The adapter's short name (`sqlite-example`, `redis`).
+    fn name(&self) -> &str;
+
+    /// What this broker can do beyond the common contract. A declared
+    /// [`max_payload_bytes`](Capabilities::max_payload_bytes) is enforced by core.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Makes sure `to` (a topic, with `subscription: None`, or a queue) exists; called when
+    /// the application asks for it. The default does nothing (destinations made on first
+    /// publish or consume).
+    async fn declare(&self, to: &Destination) -> Result<()> {
+        let _ = to;
+        Ok(())
+    }
+
+    /// Stores `events` (one or more, in order) in `to` (a topic, with `subscription: None`,
+    /// or a queue); returns `Ok` only once the broker accepted all of them.
+    async fn publish(&self, to: &Destination, events: &[Event]) -> Result<()>;
+
+    /// Starts a consumer of `source` ([`Source::destination`]: the queue, or the topic with
+    /// its subscription, created if needed) and returns its deliveries.
+    async fn consume(&self, source: &Source) -> Result<RawStream>;
+
+    /// Deletes what was made for the anonymous subscription `source` (its consumer is gone).
+    /// Called once per anonymous subscription; the default does nothing.
+    async fn release(&self, source: &Source) -> Result<()> {
+        let _ = source;
+        Ok(())
+    }
+
+    /// Deletes a topic (with its subscriptions) or a queue, and their events. Deleting what
+    /// does not exist is not an error.
+    async fn delete(&self, what: &Destination) -> Result<()>;
+
+    /// Whether the broker is reachable now. The default says [`Health::Healthy`];
+    /// [`health_of`] turns the result of a cheap request into a `Health`.
+    async fn health(&self) -> Health {
+        Health::Healthy
+    }
+
+    /// Releases the connection. Called once, after every operation in progress finished.
+    /// The default does nothing.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`Broker`] made a [`Transport`]: handles, payload limit, subscriptions, release of
+/// anonymous subscriptions and close, as the [module docs](self) describe. Cheap to clone
+/// (clones share the connection).
+pub struct Connection<B> {
+    inner: Arc<Inner<B>>,
+}
+
+struct Inner<B> {
+    broker: B,
+    /// Cancelled by close: new operations fail, subscriptions end.
+    closed: CancellationToken,
+    /// Operations in progress; close waits for them.
+    operations: TaskTracker,
+    /// Set once close finished (a second close returns at once).
+    closing: tokio::sync::Mutex<bool>,
+    /// Anonymous subscriptions not released yet, by consumer number.
+    anonymous: Mutex<HashMap<u64, Source>>,
+    next_consumer: AtomicU64,
+}
+
+impl<B> Clone for Connection<B> {
+    fn clone(&self) -> Self {
+        Connection {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B: Broker> fmt::Debug for Connection<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("broker", &self.inner.broker.name())
+            .field("closed", &self.inner.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Broker> Connection<B> {
+    /// Wraps `broker`.
+    pub fn new(broker: B) -> Self {
+        Connection {
+            inner: Arc::new(Inner {
+                broker,
+                closed: CancellationToken::new(),
+                operations: TaskTracker::new(),
+                closing: tokio::sync::Mutex::new(false),
+                anonymous: Mutex::new(HashMap::new()),
+                next_consumer: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &B {
+        &self.inner.broker
+    }
+
+    /// Whether [`close`](Transport::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Registers an operation (close waits for it), or fails with `Closed`.
+    fn enter(&self) -> Result<TaskTrackerToken> {
+        let token = self.inner.operations.token();
+        if self.is_closed() {
+            return Err(
+                Error::closed(format!("the {} transport", self.inner.broker.name()))
+                    .with_hint("open a new connection"),
+            );
+        }
+        Ok(token)
+    }
+
+    async fn publish(&self, to: &Destination, events: &[Event]) -> Result<()> {
+        let _operation = self.enter()?;
+        if let Some(max) = self.inner.broker.capabilities().max_payload_bytes {
+            if let Some(event) = events.iter().find(|e| e.encoded_len() > max) {
+                return Err(Error::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "event {} is {} bytes, more than the {} limit of {max} bytes; \
+                         send a reference to the data instead",
+                        event.id(),
+                        event.encoded_len(),
+                        self.inner.broker.name()
+                    ),
+                ));
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.inner.broker.publish(to, events).await
+    }
+
+    async fn consume(&self, source: Source) -> Result<Subscription> {
+        let _operation = self.enter()?;
+        let dead_letter = self.queue(source.dead_letter_queue()).await?;
+        let raw = self.inner.broker.consume(&source).await?;
+        let release = source.is_anonymous().then(|| self.track(&source));
+        let mut settler = Settler {
+            connection: self.clone(),
+            last: None,
+            _release: release,
+        };
+        let raw = raw
+            .take_until(self.inner.closed.clone().cancelled_owned())
+            .map(move |item| item.map(|delivery| settler.guard(delivery)));
+        let closed = self.inner.closed.clone().cancelled_owned();
+        Ok(source.into_subscription(raw, dead_letter, closed))
+    }
+
+    /// Keeps an anonymous subscription's source until its consumer goes away.
+    fn track(&self, source: &Source) -> Release<B> {
+        let id = self.inner.next_consumer.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.anonymous).insert(id, source.clone());
+        Release {
+            connection: self.clone(),
+            id,
+        }
+    }
+
+    fn handle(&self, to: Destination) -> Arc<Handle<B>> {
+        Arc::new(Handle {
+            connection: self.clone(),
+            to,
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[async_trait]
+impl<B: Broker> Transport for Connection<B> {
+    fn name(&self) -> &str {
+        self.inner.broker.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.broker.capabilities()
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
+        let _operation = self.enter()?;
+        let to = Destination::Topic {
+            topic: name.to_owned(),
+            subscription: None,
+        };
+        self.inner.broker.declare(&to).await?;
+        Ok(self.handle(to))
+    }
+
+    async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
+        let _operation = self.enter()?;
+        let to = Destination::Queue(name.to_owned());
+        self.inner.broker.declare(&to).await?;
+        Ok(self.handle(to))
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        let _operation = self.enter()?;
+        let what = Destination::Topic {
+            topic: name.to_owned(),
+            subscription: None,
+        };
+        self.inner.broker.delete(&what).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<()> {
+        let _operation = self.enter()?;
+        let what = Destination::Queue(name.to_owned());
+        self.inner.broker.delete(&what).await
+    }
+
+    async fn health(&self) -> Health {
+        match self.enter() {
+            Ok(_operation) => self.inner.broker.health().await,
+            Err(_) => Health::Closed,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let mut done = self.inner.closing.lock().await;
+        if *done {
+            return Ok(());
+        }
+        self.inner.closed.cancel();
+        self.inner.operations.close();
+        self.inner.operations.wait().await;
+        let open: Vec<Source> = lock(&self.inner.anonymous)
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for source in open {
+            if let Err(e) = self.inner.broker.release(&source).await {
+                tracing::warn!(error = %e, origin = source.origin(), "could not release an anonymous subscription at close");
+            }
+        }
+        *done = true;
+        self.inner.broker.close().await
+    }
+}
+
+/// Releases an anonymous subscription when its consumer's stream is dropped.
+struct Release<B: Broker> {
+    connection: Connection<B>,
+    id: u64,
+}
+
+impl<B: Broker> Drop for Release<B> {
+    fn drop(&mut self) {
+        let inner = &self.connection.inner;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // left for close
+        };
+        let mut open = lock(&inner.anonymous);
+        // Taken before looking at `closed`, so that a close that starts now waits for it.
+        let operation = inner.operations.token();
+        if inner.closed.is_cancelled() {
+            return; // close releases it (or already did)
+        }
+        let Some(source) = open.remove(&self.id) else {
+            return;
+        };
+        drop(open);
+        let connection = self.connection.clone();
+        runtime.spawn(async move {
+            let _operation = operation;
+            if let Err(e) = connection.inner.broker.release(&source).await {
+                tracing::warn!(error = %e, origin = source.origin(), "could not release an anonymous subscription");
+            }
+        });
+    }
+}
+
+/// Puts every delivery's settlements behind the connection's close.
+struct Settler<B: Broker> {
+    connection: Connection<B>,
+    /// The last acker seen and its guard: adapters with one acker per consumer get one guard.
+    last: Option<(Arc<dyn Acker>, Arc<dyn Acker>)>,
+    _release: Option<Release<B>>,
+}
+
+impl<B: Broker> Settler<B> {
+    fn guard(&mut self, delivery: RawDelivery) -> RawDelivery {
+        let acker = delivery.acker();
+        let same = |(seen, _): &(Arc<dyn Acker>, Arc<dyn Acker>)| {
+            std::ptr::addr_eq(Arc::as_ptr(seen), Arc::as_ptr(acker))
+        };
+        let guard = match self.last.as_ref().filter(|last| same(last)) {
+            Some((_, guard)) => Arc::clone(guard),
+            None => {
+                let guard: Arc<dyn Acker> = Arc::new(Guarded {
+                    acker: Arc::clone(acker),
+                    connection: self.connection.clone(),
+                });
+                self.last = Some((Arc::clone(acker), Arc::clone(&guard)));
+                guard
+            }
+        };
+        let tag = delivery.tag();
+        delivery.with_acker(guard, tag)
+    }
+}
+
+/// An acker that refuses to settle after close, and that close waits for.
+struct Guarded<B> {
+    acker: Arc<dyn Acker>,
+    connection: Connection<B>,
+}
+
+#[async_trait]
+impl<B: Broker> Acker for Guarded<B> {
+    async fn ack(&self, tag: u64) -> Result<()> {
+        let _operation = self.connection.enter()?;
+        self.acker.ack(tag).await
+    }
+
+    fn try_ack_now(&self, tag: u64) -> Option<Result<()>> {
+        match self.connection.enter() {
+            Ok(_operation) => self.acker.try_ack_now(tag),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    async fn nack(&self, tag: u64) -> Result<()> {
+        let _operation = self.connection.enter()?;
+        self.acker.nack(tag).await
+    }
+
+    fn native_delay(&self) -> bool {
+        self.acker.native_delay()
+    }
+
+    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
+        let _operation = self.connection.enter()?;
+        self.acker.nack_delayed(tag, delay).await
+    }
+}
+
+/// A topic or queue handle of a [`Connection`].
+struct Handle<B> {
+    connection: Connection<B>,
+    to: Destination,
+}
+
+impl<B> fmt::Debug for Handle<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to)
+    }
+}
+
+#[async_trait]
+impl<B: Broker> Topic for Handle<B> {
+    fn name(&self) -> &str {
+        self.to.name()
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        let events = std::slice::from_ref(event);
+        self.connection.publish(&self.to, events).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        self.connection.publish(&self.to, events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let source = Source::topic(self.to.name(), &options)?;
+        self.connection.consume(source).await
+    }
+}
+
+#[async_trait]
+impl<B: Broker> Queue for Handle<B> {
+    fn name(&self) -> &str {
+        self.to.name()
+    }
+
+    async fn send(&self, event: &Event) -> Result<()> {
+        let events = std::slice::from_ref(event);
+        self.connection.publish(&self.to, events).await
+    }
+
+    async fn send_batch(&self, events: &[Event]) -> Result<()> {
+        self.connection.publish(&self.to, events).await
+    }
+
+    async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
+        let source = Source::queue(self.to.name(), &options);
+        self.connection.consume(source).await
+    }
+}
+
+/// A consumer stream for brokers that are asked for messages (a database, an HTTP API): calls
+/// `fetch(state.clone())` each time core asks for a delivery (never ahead of it), and while
+/// `fetch` finds nothing (`Ok(None)`) calls it again every `interval`. An error is passed on
+/// to the consumer, and the next call waits `interval` first, so a broker that is down is not
+/// hammered. The stream ends when its [`Connection`] closes.
+///
+/// ```
+/// use std::time::Duration;
+/// use evbus::raw::kit;
+///
+/// // state: whatever the fetch needs (a client, a partition id), cloned for each call
+/// let raw = kit::poll(Duration::from_millis(20), 7_i64, |partition| async move {
+///     let _ = partition; // look for a message of this partition
+///     Ok(None)
+/// });
+/// # drop(raw);
+/// ```
+pub fn poll<S, F, Fut>(interval: Duration, state: S, fetch: F) -> RawStream
+where
+    S: Clone + Send + 'static,
+    F: Fn(S) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<RawDelivery>>> + Send + 'static,
+{
+    let start = (state, fetch, false);
+    futures::stream::unfold(start, move |(state, fetch, mut wait)| async move {
+        loop {
+            if wait {
+                tokio::time::sleep(interval).await;
+            }
+            match fetch(state.clone()).await {
+                Ok(Some(delivery)) => return Some((Ok(delivery), (state, fetch, false))),
+                Ok(None) => wait = true,
+                Err(e) => return Some((Err(e), (state, fetch, true))),
+            }
+        }
+    })
+    .boxed()
+}
+
+impl RawDelivery {
+    /// A message stored in the CloudEvents JSON format: the event if `json` decodes,
+    /// otherwise an [`undecodable`](RawDelivery::undecodable) message (read at `location`,
+    /// with the broker id `tag`, the JSON kept as its body) that core dead-letters.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// # struct NoopAcker;
+    /// # #[async_trait::async_trait]
+    /// # impl evbus::raw::Acker for NoopAcker {
+    /// #     async fn ack(&self, _: u64) -> evbus::Result<()> { Ok(()) }
+    /// #     async fn nack(&self, _: u64) -> evbus::Result<()> { Ok(()) }
+    /// # }
+    /// use evbus::raw::RawDelivery;
+    ///
+    /// let raw = RawDelivery::from_json("{oops".into(), 1, Arc::new(NoopAcker), 17, "mydb:orders");
+    /// assert!(raw.event().is_none());
+    /// assert_eq!(raw.undecodable_message().unwrap().raw_body().as_ref(), b"{oops");
+    /// ```
+    pub fn from_json(
+        json: String,
+        attempt: u32,
+        acker: Arc<dyn Acker>,
+        tag: u64,
+        location: &str,
+    ) -> RawDelivery {
+        match Event::from_json(&json) {
+            Ok(event) => RawDelivery::new(event, attempt, acker, tag),
+            Err(e) => {
+                let message = Undecodable::new(e, location, tag.to_string()).body(json);
+                RawDelivery::undecodable(message, attempt, acker, tag)
+            }
+        }
+    }
+
+    /// A message in CloudEvents binary mode (headers and body, mapped with `style`, see
+    /// [`binding::decode`](crate::binding::decode)): the event if it decodes, otherwise an
+    /// [`undecodable`](RawDelivery::undecodable) message (read at `location`, with the broker
+    /// id `tag`, its headers and body kept) that core dead-letters.
+    pub fn from_binding(
+        headers: Vec<(String, String)>,
+        body: Bytes,
+        style: HeaderStyle,
+        attempt: u32,
+        acker: Arc<dyn Acker>,
+        tag: u64,
+        location: &str,
+    ) -> RawDelivery {
+        let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        match crate::binding::decode(pairs, body.clone(), style) {
+            Ok(event) => RawDelivery::new(event, attempt, acker, tag),
+            Err(e) => {
+                let message = headers.into_iter().fold(
+                    Undecodable::new(e, location, tag.to_string()).body(body),
+                    |message, (name, value)| message.header(name, value),
+                );
+                RawDelivery::undecodable(message, attempt, acker, tag)
+            }
+        }
+    }
+}
+
+impl Destination {
+    /// The subscription of a topic consumer (for a consumer's [`Source::destination`], also
+    /// the generated name of an anonymous one); `None` for a publish or a queue.
+    pub fn subscription(&self) -> Option<&str> {
+        match self {
+            Destination::Topic { subscription, .. } => subscription.as_deref(),
+            Destination::Queue(_) => None,
+        }
+    }
+}
+
+/// [`ConfigKey`] for adapters whose URLs take no parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoKeys {}
+
+impl ConfigKey for NoKeys {
+    const ADAPTER: &'static str = "this adapter";
+    const ALL: &'static [Self] = &[];
+
+    fn name(self) -> &'static str {
+        match self {}
+    }
+}
+
+/// Checks an adapter URL and reads its parameters: `url` must parse, have the scheme
+/// `scheme`, pass `valid` (host, path, port: whatever the adapter requires) and carry only
+/// parameters named by `K` ([`NoKeys`] for none). Anything else is an
+/// [`ErrorKind::InvalidConfig`]: "`<url>` is not a
+/// `<scheme>` URL: write `<form>`" (the password hidden), or the "valid keys are" error of
+/// [`ConfigKey::parse`].
+///
+/// ```
+/// use evbus::raw::kit::{self, NoKeys};
+///
+/// let form = "mydb:///path/to/file";
+/// let has_path = |url: &url::Url| url.path().len() > 1;
+/// let (url, params) = kit::parse_url::<NoKeys>("mydb:///tmp/x", "mydb", form, has_path)?;
+/// assert_eq!((url.path(), params.len()), ("/tmp/x", 0));
+/// let err = kit::parse_url::<NoKeys>("mydb://", "mydb", form, has_path).unwrap_err();
+/// assert!(err.message().ends_with("write mydb:///path/to/file"), "{err}");
+/// # Ok::<(), evbus::Error>(())
+/// ```
+pub fn parse_url<K: ConfigKey>(
+    url: &str,
+    scheme: &str,
+    form: &str,
+    valid: impl FnOnce(&Url) -> bool,
+) -> Result<(Url, Vec<(K, String)>)> {
+    let bad = || {
+        let url = crate::registry::redact(url);
+        let url = if url.starts_with('<') {
+            "the URL"
+        } else {
+            &url
+        };
+        Error::invalid_config(format!("`{url}` is not a {scheme} URL: write {form}"))
+    };
+    let parsed = Url::parse(url).map_err(|_| bad())?;
+    let no_keys = K::ALL.is_empty() && parsed.query().is_some();
+    if parsed.scheme() != scheme || no_keys || !valid(&parsed) {
+        return Err(bad());
+    }
+    let params = parsed
+        .query_pairs()
+        .map(|(key, value)| Ok((K::parse(&key)?, value.into_owned())))
+        .collect::<Result<_>>()?;
+    Ok((parsed, params))
+}
+
+/// [`Health::Healthy`] if a cheap request (`SELECT 1`, `PING`) succeeded, otherwise
+/// [`Health::Unhealthy`] with the error.
+pub fn health_of(result: Result<()>) -> Health {
+    match result {
+        Ok(()) => Health::Healthy,
+        Err(e) => Health::Unhealthy(e.to_string()),
+    }
+}
+
+/// A [`Connector`] from a function: opens `schemes` URLs with `connect(url)`.
+///
+/// ```
+/// # async fn demo() -> evbus::Result<()> {
+/// let mut registry = evbus::Registry::empty();
+/// registry.register(evbus::raw::kit::connector(&["mem"], |_url| async {
+///     Ok(evbus::memory::MemoryBroker::new(Default::default()).connect())
+/// }));
+/// assert_eq!(registry.connect("mem://").await?.name(), "memory");
+/// # Ok(()) }
+/// ```
+pub fn connector<F, Fut, T>(schemes: &'static [&'static str], connect: F) -> FnConnector<F, T>
+where
+    F: Fn(Url) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Transport + 'static,
+{
+    FnConnector {
+        schemes,
+        connect,
+        transport: PhantomData,
+    }
+}
+
+/// The [`Connector`] made by [`connector`].
+pub struct FnConnector<F, T> {
+    schemes: &'static [&'static str],
+    connect: F,
+    transport: PhantomData<fn() -> T>,
+}
+
+impl<F, T> fmt::Debug for FnConnector<F, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnConnector")
+            .field("schemes", &self.schemes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<F, Fut, T> Connector for FnConnector<F, T>
+where
+    F: Fn(Url) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Transport + 'static,
+{
+    fn schemes(&self) -> &'static [&'static str] {
+        self.schemes
+    }
+
+    async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
+        Ok(Arc::new((self.connect)(url.clone()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests;
