@@ -365,6 +365,7 @@ fn prepare<T: evbus::Transport + 'static>(
         names: Names::new(&adapter, &crate::support::run_id()),
         connect: Arc::clone(&suite.connect),
         control: suite.control.clone(),
+        raw_producer: suite.raw_producer.clone(),
         caps,
         runtime: setup.runtime.handle().clone(),
         outage: Mutex::new(()),
@@ -373,7 +374,12 @@ fn prepare<T: evbus::Transport + 'static>(
     let collected = Arc::new(Collected::default());
     let mut trials = Vec::with_capacity(cases.len());
     for (index, case) in cases.into_iter().enumerate() {
-        let unmet = runner::unmet(&case, &shared.caps, shared.control.is_some());
+        let unmet = runner::unmet(
+            &case,
+            &shared.caps,
+            shared.control.is_some(),
+            shared.raw_producer.is_some(),
+        );
         // Statically ignored only where libtest needs to know before running: `--list`
         // (nextest asks `--list --ignored` which tests to skip) and `--ignored` (which runs
         // only those). Otherwise the trial runs and reports itself ignored with the reason.
@@ -410,6 +416,7 @@ struct SuiteRun<T: evbus::Transport + 'static> {
     names: Names,
     connect: Arc<crate::support::ConnectFn<T>>,
     control: Option<crate::support::Control<T>>,
+    raw_producer: Option<Arc<dyn crate::RawProducer>>,
     caps: evbus::Capabilities,
     runtime: tokio::runtime::Handle,
     /// Held by a case that uses the controlled broker: outages never overlap.
@@ -438,6 +445,7 @@ impl<T: evbus::Transport + 'static> SuiteRun<T> {
             &self.names,
             &self.connect,
             self.control.as_ref(),
+            self.raw_producer.as_ref(),
             &self.caps,
         );
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runtime.block_on(run)))

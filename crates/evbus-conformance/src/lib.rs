@@ -62,6 +62,7 @@ pub struct Suite<T: evbus::Transport + 'static> {
     adapter: String,
     connect: Arc<support::ConnectFn<T>>,
     control: Option<support::Control<T>>,
+    raw_producer: Option<Arc<dyn RawProducer>>,
     filter: Option<String>,
     concurrency: Option<usize>,
 }
@@ -71,6 +72,7 @@ impl<T: evbus::Transport + 'static> fmt::Debug for Suite<T> {
         f.debug_struct("Suite")
             .field("adapter", &self.adapter)
             .field("broker_control", &self.control.is_some())
+            .field("raw_producer", &self.raw_producer.is_some())
             .field("filter", &self.filter)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
@@ -90,6 +92,7 @@ impl<T: evbus::Transport + 'static> Suite<T> {
             adapter: adapter.into(),
             connect: Arc::new(move || connect().boxed()),
             control: None,
+            raw_producer: None,
             filter: None,
             concurrency: None,
         }
@@ -102,6 +105,13 @@ impl<T: evbus::Transport + 'static> Suite<T> {
         control: impl BrokerControl<Transport = T> + 'static,
     ) -> Self {
         self.control = Some(Arc::new(control));
+        self
+    }
+
+    /// Adds a foreign producer, for the cases that feed the transport a message that is not a
+    /// CloudEvent (without it they are reported `IGNORED ...: needs raw-producer`).
+    pub fn with_raw_producer(mut self, producer: impl RawProducer + 'static) -> Self {
+        self.raw_producer = Some(Arc::new(producer));
         self
     }
 
@@ -164,6 +174,22 @@ pub trait BrokerControl: Send + Sync {
     async fn resume(&self) -> evbus::Result<()>;
 }
 
+/// Writes messages the way a foreign producer would: with the broker's own client, not
+/// through evbus, and not as a CloudEvent.
+///
+/// Implement it in an adapter's conformance target with the broker's client library (a
+/// Redis `XADD` of arbitrary fields, a Kafka record without `ce_` headers, a plain NATS or
+/// AMQP message), addressing the queue exactly where the adapter's `Queue::send` would put
+/// it. The suite then checks that such a message is dead-lettered with its metadata and does
+/// not block the events behind it.
+#[async_trait]
+pub trait RawProducer: Send + Sync {
+    /// Puts one message that is not a CloudEvent (for example a body `not a cloudevent` with
+    /// no CloudEvents headers) on the queue `queue`, where the next consumer of
+    /// `transport.queue(queue)` reads it.
+    async fn send_undecodable(&self, queue: &str) -> evbus::Result<()>;
+}
+
 /// What a case needs beyond the common contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -175,6 +201,8 @@ pub enum Need {
     /// A declared payload limit ([`evbus::Capabilities::max_payload_bytes`]), to show what
     /// happens beyond it.
     PayloadLimit,
+    /// A foreign producer ([`Suite::with_raw_producer`]).
+    RawProducer,
 }
 
 /// The capability's `Display` (`replay`, `max-payload-bytes>=1048576`, ...),
@@ -185,6 +213,7 @@ impl fmt::Display for Need {
             Need::Capability(cap) => write!(f, "{cap}"),
             Need::BrokerControl => f.write_str("broker-control"),
             Need::PayloadLimit => f.write_str("max-payload-bytes-declared"),
+            Need::RawProducer => f.write_str("raw-producer"),
         }
     }
 }

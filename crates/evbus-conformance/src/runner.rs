@@ -15,7 +15,7 @@ use crate::support::{
     CONNECT_WITHIN, ConnectFn, Control, Ctx, Failure, Names, OPERATION_WITHIN, Resource, Shared,
     run_id,
 };
-use crate::{Need, Suite};
+use crate::{Need, RawProducer, Suite};
 
 /// How many cases run at once unless told otherwise (`--test-threads`,
 /// [`Suite::concurrency`](crate::Suite::concurrency)).
@@ -105,11 +105,12 @@ pub(crate) fn unmet<T: Transport + 'static>(
     case: &Case<T>,
     caps: &Capabilities,
     has_control: bool,
+    has_raw_producer: bool,
 ) -> Vec<Need> {
     case.needs
         .iter()
         .copied()
-        .filter(|need| !meets(*need, caps, has_control))
+        .filter(|need| !meets(*need, caps, has_control, has_raw_producer))
         .collect()
 }
 
@@ -141,15 +142,16 @@ pub(crate) async fn run<T: Transport + 'static>(suite: Suite<T>) -> Report {
         .map(|(index, case)| {
             let (names, caps, outage) = (&names, &caps, &outage);
             let (connect, control) = (&suite.connect, suite.control.as_ref());
+            let raw = suite.raw_producer.as_ref();
             async move {
-                let unmet = unmet(&case, caps, control.is_some());
+                let unmet = unmet(&case, caps, control.is_some(), raw.is_some());
                 let result = if !unmet.is_empty() {
                     CaseReport::new(case.name, Outcome::Ignored(unmet), Duration::ZERO)
                 } else if uses_control(&case) {
                     let _one_outage_at_a_time = outage.lock().await;
-                    run_case(&case, names, connect, control, caps).await
+                    run_case(&case, names, connect, control, raw, caps).await
                 } else {
-                    run_case(&case, names, connect, control, caps).await
+                    run_case(&case, names, connect, control, raw, caps).await
                 };
                 println!("{result}");
                 (index, result)
@@ -168,10 +170,16 @@ pub(crate) async fn run<T: Transport + 'static>(suite: Suite<T>) -> Report {
 }
 
 /// Whether a need is met by the declared capabilities and the harness.
-pub(crate) fn meets(need: Need, caps: &Capabilities, has_control: bool) -> bool {
+pub(crate) fn meets(
+    need: Need,
+    caps: &Capabilities,
+    has_control: bool,
+    has_raw_producer: bool,
+) -> bool {
     match need {
         Need::Capability(cap) => caps.has(cap),
         Need::BrokerControl => has_control,
+        Need::RawProducer => has_raw_producer,
         Need::PayloadLimit => caps.max_payload_bytes.is_some(),
     }
 }
@@ -182,6 +190,7 @@ pub(crate) async fn run_case<T: Transport + 'static>(
     names: &Names,
     connect: &Arc<ConnectFn<T>>,
     control: Option<&Control<T>>,
+    raw_producer: Option<&Arc<dyn RawProducer>>,
     caps: &Capabilities,
 ) -> CaseReport {
     let started = tokio::time::Instant::now();
@@ -191,6 +200,7 @@ pub(crate) async fn run_case<T: Transport + 'static>(
         names,
         Arc::clone(connect),
         control.cloned(),
+        raw_producer.cloned(),
         caps.clone(),
         Arc::clone(&shared),
     );

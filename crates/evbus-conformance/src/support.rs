@@ -168,6 +168,7 @@ pub(crate) struct Ctx<T: Transport + 'static> {
     sub_scope: String,
     connect: Arc<ConnectFn<T>>,
     control: Option<Control<T>>,
+    raw_producer: Option<Arc<dyn crate::RawProducer>>,
     /// The capabilities the transport declared.
     pub(crate) caps: Capabilities,
     shared: Arc<Shared<T>>,
@@ -179,6 +180,7 @@ impl<T: Transport + 'static> Ctx<T> {
         names: &Names,
         connect: Arc<ConnectFn<T>>,
         control: Option<Control<T>>,
+        raw_producer: Option<Arc<dyn crate::RawProducer>>,
         caps: Capabilities,
         shared: Arc<Shared<T>>,
     ) -> Self {
@@ -188,6 +190,7 @@ impl<T: Transport + 'static> Ctx<T> {
             sub_scope: names.sub_scope(case),
             connect,
             control,
+            raw_producer,
             caps,
             shared,
         }
@@ -208,6 +211,13 @@ impl<T: Transport + 'static> Ctx<T> {
         self.control
             .clone()
             .ok_or_else(|| Failure("the case needs broker control, and none was given".into()))
+    }
+
+    /// The harness's foreign producer (the case declared [`Need::RawProducer`](crate::Need)).
+    pub(crate) fn raw_producer(&self) -> Result<Arc<dyn crate::RawProducer>, Failure> {
+        self.raw_producer
+            .clone()
+            .ok_or_else(|| Failure("the case needs a raw producer, and none was given".into()))
     }
 
     /// Opens a new connection to the controlled broker.
@@ -234,8 +244,11 @@ impl<T: Transport + 'static> Ctx<T> {
         debug_assert!(label.len() <= MAX_LABEL, "label `{label}` is too long");
         let name = format!("{}-{label}", self.scope);
         self.shared.register(Resource::Topic(name.clone()));
-        let dlq = dead_letter_queue_name(&name, None, &ConsumerOptions::default());
-        self.shared.register(Resource::Queue(dlq));
+        // Where its anonymous subscriptions dead-letter.
+        if let Ok(anonymous) = evbus::raw::Source::topic(&name, &SubscribeOptions::anonymous()) {
+            let dlq = anonymous.dead_letter_queue().to_owned();
+            self.shared.register(Resource::Queue(dlq));
+        }
         name
     }
 

@@ -248,7 +248,7 @@ fn list_shows_every_case_once_and_ignored_lists_the_unmet_needs() {
     }
 
     // What nextest asks to know which tests to skip: the memory transport has no controlled
-    // broker, and declares every capability.
+    // broker and no foreign producer, and declares every capability.
     let (_, ignored) = run(
         Harness::new().suite(memory),
         "list-ignored",
@@ -258,6 +258,7 @@ fn list_shows_every_case_once_and_ignored_lists_the_unmet_needs() {
         "lifecycle_topic_outage_loses_no_accepted_publish_and_consumers_resume",
         "lifecycle_queue_outage_loses_no_accepted_send_and_consumers_resume",
         "lifecycle_health_reflects_a_broker_outage",
+        "queue_undecodable_message_is_dead_lettered_and_does_not_block",
     ]
     .into_iter()
     .map(String::from)

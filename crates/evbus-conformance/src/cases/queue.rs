@@ -468,6 +468,82 @@ pub(super) async fn queue_explicit_dead_letter_moves_the_event_with_its_reason<
     .await
 }
 
+pub(super) async fn queue_undecodable_message_is_dead_lettered_and_does_not_block<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    use evbus::raw::UNDECODABLE_EVENT_TYPE;
+    let conn = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let queue = open(&conn, &name).await?;
+    // One slot: a consumer that stalls behind the foreign message shows at once.
+    let options = ctx.short_consumer().max_in_flight(1);
+    let mut c = receive(&*queue, options.clone()).await?;
+    let producer = ctx.raw_producer()?;
+    bounded(
+        "writing a foreign message with the broker's own client",
+        producer.send_undecodable(&name),
+    )
+    .await?;
+    let good = ctx.event(1);
+    bounded("sending an event after it", queue.send(&good)).await?;
+    let d = next(
+        &mut c,
+        WAIT,
+        "the consumer (the event sent after the foreign message)",
+    )
+    .await?;
+    ensure!(
+        d.event().id() == good.id(),
+        "the consumer was handed {} of type `{}` instead of the event sent after the foreign \
+         message: messages that are not CloudEvents must never reach the consumer",
+        d.event().id(),
+        d.event().ty()
+    );
+    bounded("acking", d.ack()).await?;
+
+    let dlq_name = dead_letter_queue_name(&name, None, &options);
+    let mut dead = receive(&*open(&conn, &dlq_name).await?, ctx.consumer()).await?;
+    let got = next(
+        &mut dead,
+        WAIT,
+        &format!("the dead-letter queue `{dlq_name}` (the foreign message's record)"),
+    )
+    .await?;
+    let record = got.event();
+    ensure!(
+        record.ty() == UNDECODABLE_EVENT_TYPE,
+        "the dead-letter record has type `{}`, expected `{UNDECODABLE_EVENT_TYPE}`",
+        record.ty()
+    );
+    let reason = record.extension(DEAD_LETTER_REASON).unwrap_or_default();
+    ensure!(
+        reason.contains("undecodable"),
+        "the dead-letter record's reason {reason:?} does not say the message was undecodable"
+    );
+    ensure!(
+        record.extension(evbus::raw::DEAD_LETTER_ATTEMPTS) == Some("1"),
+        "the dead-letter record's attempts are {:?}, expected \"1\"",
+        record.extension(evbus::raw::DEAD_LETTER_ATTEMPTS)
+    );
+    ensure!(
+        record.extension(evbus::raw::DEAD_LETTER_ORIGIN) == Some(name.as_str()),
+        "the dead-letter record's origin is {:?}, expected {name:?}",
+        record.extension(evbus::raw::DEAD_LETTER_ORIGIN)
+    );
+    bounded("acking the dead letter", got.ack()).await?;
+    // Moved aside and acknowledged: it does not come back after the visibility timeout.
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "the consumer",
+    )
+    .await
+}
+
 pub(super) async fn queue_acking_twice_is_an_already_settled_error<T: Transport + 'static>(
     ctx: Ctx<T>,
 ) -> CaseResult {
