@@ -11,11 +11,11 @@ use evbus::{Event, Transport};
 use evbus_conformance::RawProducer;
 
 /// The type the layer corrupts on delivery.
-pub const FOREIGN_TYPE: &str = "evbus.conformance.foreign";
+pub(crate) const FOREIGN_TYPE: &str = "evbus.conformance.foreign";
 
 /// A memory broker whose connections corrupt deliveries of [`FOREIGN_TYPE`], plus any
 /// `extra` faults.
-pub fn corrupting(extra: &[(Fault, f64)]) -> (MemoryBroker, Faults) {
+pub(crate) fn corrupting(extra: &[(Fault, f64)]) -> (MemoryBroker, Faults) {
     let mut faults = Faults::seeded(7).inject_for_type(Fault::CorruptDelivery, 1.0, FOREIGN_TYPE);
     for (fault, rate) in extra {
         faults = faults.inject(fault.clone(), *rate);
@@ -24,12 +24,12 @@ pub fn corrupting(extra: &[(Fault, f64)]) -> (MemoryBroker, Faults) {
 }
 
 /// A new connection to `broker` behind `faults`.
-pub fn connect(broker: &MemoryBroker, faults: &Faults) -> Layered<Faults> {
+pub(crate) fn connect(broker: &MemoryBroker, faults: &Faults) -> Layered<Faults> {
     broker.connect().layer(faults.clone())
 }
 
 /// Sends [`FOREIGN_TYPE`] events past the layer, straight to the broker.
-pub struct Foreign(pub MemoryBroker);
+pub(crate) struct Foreign(pub(crate) MemoryBroker);
 
 #[async_trait]
 impl RawProducer for Foreign {
