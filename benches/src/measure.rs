@@ -23,14 +23,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::carriers::{self, Carrier, KAFKA_BUILT, LOOPS};
+use crate::carriers::{self, AMQP_BUILT, Carrier, KAFKA_BUILT, LOOPS, NATS_BUILT};
 use crate::env::Environment;
 use crate::sample::{Generator, Recorder, SIZES};
 
 /// Options of `evbus-bench run`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
-    /// Adapters to run (repeatable): memory, redis, kafka. Default: all this build has.
+    /// Adapters to run (repeatable): memory, redis, kafka, nats, amqp. Default: all this build
+    /// has.
     #[arg(long = "adapter")]
     adapters: Vec<String>,
     /// Adapters not run, as `NAME=reason` (from xtask), reported as such.
@@ -78,8 +79,14 @@ fn plan(adapter: &str, quick: bool, rounds: Option<usize>) -> Plan {
     let (events, latency_events, latency_rate) = match (adapter, quick) {
         ("memory", false) => (20_000, 5_000, 10_000),
         ("memory", true) => (5_000, 2_000, 10_000),
-        ("redis", false) => (5_000, 2_000, 2_000),
-        ("redis", true) => (1_000, 500, 2_000),
+        // NATS: every publish waits for its PubAck from the file store, about as fast as an
+        // awaited XADD here.
+        ("redis" | "nats", false) => (5_000, 2_000, 2_000),
+        ("redis" | "nats", true) => (1_000, 500, 2_000),
+        // AMQP: every publish waits for its confirm from a quorum queue (about 0.6 ms here,
+        // some 2k/s), so the latency rate stays below that.
+        ("amqp", false) => (3_000, 1_000, 500),
+        ("amqp", true) => (1_000, 300, 500),
         (_, false) => (500, 300, 200),
         (_, true) => (200, 100, 200),
     };
@@ -333,6 +340,12 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         if KAFKA_BUILT {
             adapters.push("kafka".to_owned());
         }
+        if NATS_BUILT {
+            adapters.push("nats".to_owned());
+        }
+        if AMQP_BUILT {
+            adapters.push("amqp".to_owned());
+        }
     }
     let mut not_run: BTreeMap<String, String> = args
         .not_run
@@ -345,6 +358,20 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         not_run.insert(
             "kafka".to_owned(),
             "this build of evbus-bench has no `kafka` feature".to_owned(),
+        );
+    }
+    if !NATS_BUILT && adapters.iter().any(|a| a == "nats") {
+        adapters.retain(|a| a != "nats");
+        not_run.insert(
+            "nats".to_owned(),
+            "this build of evbus-bench has no `nats` feature".to_owned(),
+        );
+    }
+    if !AMQP_BUILT && adapters.iter().any(|a| a == "amqp") {
+        adapters.retain(|a| a != "amqp");
+        not_run.insert(
+            "amqp".to_owned(),
+            "this build of evbus-bench has no `amqp` feature".to_owned(),
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,9 +2,10 @@
 //!
 //! Builds the `evbus-bench` program (package `benches/`) in release and runs it:
 //!
-//! - the throughput and latency loops of every adapter (`memory`, `redis`, and `kafka` when
-//!   `crates/evbus-kafka` is a workspace member and its broker answers at `EVBUS_KAFKA_URL`;
-//!   otherwise a `bench kafka: not run (...)` line says why); JSON under
+//! - the throughput and latency loops of every adapter (`memory`, `redis`; `kafka`, `nats` and
+//!   `amqp` when `crates/evbus-kafka` / `crates/evbus-nats` / `crates/evbus-amqp` is a
+//!   workspace member and its broker answers at `EVBUS_KAFKA_URL` / `EVBUS_NATS_URL` /
+//!   `EVBUS_AMQP_URL`; otherwise a `bench NAME: not run (...)` line says why); JSON under
 //!   `<target>/bench/`;
 //! - the callgrind scenarios (instructions and allocations per event on the in-memory
 //!   transport), each with 1,000 and 2,000 events, differenced;
@@ -54,7 +55,53 @@ const ADAPTERS: &[BenchAdapter] = &[
         url: Some(("EVBUS_KAFKA_URL", "kafka://127.0.0.1:9092")),
         feature: Some("kafka"),
     },
+    BenchAdapter {
+        name: "nats",
+        member: Some("crates/evbus-nats"),
+        // A nats-server with JetStream on (`-js`).
+        url: Some(("EVBUS_NATS_URL", "nats://127.0.0.1:4222")),
+        feature: Some("nats"),
+    },
+    BenchAdapter {
+        name: "amqp",
+        member: Some("crates/evbus-amqp"),
+        url: Some(("EVBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
+        feature: Some("amqp"),
+    },
 ];
+
+/// The optional rows of `benches/Cargo.toml`: the adapter crate each needs, and what marks
+/// its lines (a dependency name, the feature line, its comment). A baseline worktree of a
+/// commit without that crate gets the manifest without those lines, so it still builds.
+const OPTIONAL_ROWS: &[(&str, &[&str])] = &[
+    (
+        "crates/evbus-kafka",
+        &["evbus-kafka", "rdkafka", "kafka = ", "# The Kafka rows"],
+    ),
+    (
+        "crates/evbus-nats",
+        &["evbus-nats", "async-nats", "nats = ", "# The NATS rows"],
+    ),
+    (
+        "crates/evbus-amqp",
+        &["evbus-amqp", "lapin", "amqp = ", "# The AMQP rows"],
+    ),
+];
+
+/// `manifest` (benches/Cargo.toml) without the lines of the optional rows whose adapter
+/// crate `exists` says is missing.
+fn strip_optional_rows(manifest: &str, exists: impl Fn(&str) -> bool) -> String {
+    let missing: Vec<&str> = OPTIONAL_ROWS
+        .iter()
+        .filter(|(krate, _)| !exists(krate))
+        .flat_map(|(_, marks)| marks.iter().copied())
+        .collect();
+    let kept: Vec<&str> = manifest
+        .lines()
+        .filter(|l| !missing.iter().any(|m| l.contains(m)))
+        .collect();
+    kept.join("\n") + "\n"
+}
 
 /// The callgrind scenarios measured per event.
 /// (`-16`: the same with 16-byte payloads, which isolates the code from payload scanning.)
@@ -125,8 +172,10 @@ fn why_not(adapter: &BenchAdapter) -> Option<String> {
     if let Some((var, default)) = adapter.url {
         let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
         if !reachable(&url) {
+            // host:port only: the URL may hold a password.
+            let at = host_port(&url).unwrap_or_default();
             return Some(format!(
-                "no broker answers at {url} ({var}); `cargo xtask brokers --start` starts the local ones"
+                "no broker answers at {at} ({var}); `cargo xtask brokers --start` starts the local ones"
             ));
         }
     }
@@ -559,19 +608,16 @@ fn build_baseline(reference: &str, target: &Path) -> Result<PathBuf> {
         )?;
     }
     copy_dir(&root.join("benches"), &tree.join("benches"))?;
-    // The callgrind scenarios need only the in-memory transport: drop the optional Kafka
-    // loops where that commit has no Kafka adapter.
-    if !tree.join("crates/evbus-kafka/Cargo.toml").exists() {
-        let path = tree.join("benches/Cargo.toml");
-        let bench_manifest = std::fs::read_to_string(&path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let kept: Vec<&str> = bench_manifest
-            .lines()
-            .filter(|l| !l.contains("evbus-kafka") && !l.contains("rdkafka"))
-            .filter(|l| !l.starts_with("kafka = ") && !l.starts_with("# The Kafka rows"))
-            .collect();
-        std::fs::write(&path, kept.join("\n") + "\n")
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    // The callgrind scenarios need only the in-memory transport: drop the optional adapter
+    // loops (Kafka, NATS) where that commit has no such adapter.
+    let path = tree.join("benches/Cargo.toml");
+    let bench_manifest =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let stripped = strip_optional_rows(&bench_manifest, |krate| {
+        tree.join(krate).join("Cargo.toml").exists()
+    });
+    if stripped != bench_manifest {
+        std::fs::write(&path, stripped).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     // Make the copied bench package a member, with the dependencies it needs.
     let manifest_path = tree.join("Cargo.toml");
@@ -585,6 +631,8 @@ fn build_baseline(reference: &str, target: &Path) -> Result<PathBuf> {
         "stats_alloc",
         "rdkafka",
         "evbus-kafka",
+        "async-nats",
+        "evbus-nats",
         "redis",
         "evbus-redis",
         "clap",
@@ -642,6 +690,35 @@ mod tests {
             host_port("redis://:pw@localhost:6380/0?prefix=x").as_deref(),
             Some("localhost:6380")
         );
+    }
+
+    #[test]
+    fn baselines_without_an_adapter_crate_lose_only_its_rows() {
+        let manifest = "[features]\n\
+            default = []\n\
+            # The Kafka rows: librdkafka.\n\
+            kafka = [\"dep:evbus-kafka\", \"dep:rdkafka\"]\n\
+            # The NATS rows: async-nats.\n\
+            nats = [\"dep:evbus-nats\", \"dep:async-nats\"]\n\
+            [dependencies]\n\
+            evbus.workspace = true\n\
+            evbus-kafka = { workspace = true, optional = true }\n\
+            rdkafka = { workspace = true, optional = true }\n\
+            evbus-nats = { workspace = true, optional = true }\n\
+            async-nats = { workspace = true, optional = true }\n\
+            tokio.workspace = true\n";
+        let without_nats = strip_optional_rows(manifest, |k| k != "crates/evbus-nats");
+        assert!(!without_nats.contains("nats"), "{without_nats}");
+        assert!(without_nats.contains("kafka = ["), "{without_nats}");
+        assert!(without_nats.contains("rdkafka = {"), "{without_nats}");
+        assert!(without_nats.contains("tokio.workspace"), "{without_nats}");
+        let neither = strip_optional_rows(manifest, |_| false);
+        assert!(
+            !neither.contains("kafka") && !neither.contains("nats"),
+            "{neither}"
+        );
+        assert!(neither.contains("evbus.workspace = true"), "{neither}");
+        assert_eq!(strip_optional_rows(manifest, |_| true), manifest);
     }
 
     #[test]

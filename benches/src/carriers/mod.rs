@@ -6,7 +6,11 @@
 mod evbus_loops;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "amqp")]
+mod raw_amqp;
 mod raw_memory;
+#[cfg(feature = "nats")]
+mod raw_nats;
 mod raw_redis;
 
 use std::sync::Arc;
@@ -57,7 +61,7 @@ pub(crate) struct Loops {
 /// The loop names, in report order.
 pub(crate) const LOOPS: [&str; 3] = ["raw", "adapter", "bus"];
 
-/// The loops of `adapter` (`memory`, `redis`, `kafka`). `capacity` is the most events one
+/// The loops of `adapter` (`memory`, `redis`, `kafka`, `nats`, `amqp`). `capacity` is the most events one
 /// run keeps in flight (the in-memory capacity).
 pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
     let connect: Connect;
@@ -103,6 +107,39 @@ pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
                 })
             });
         }
+        #[cfg(feature = "nats")]
+        "nats" => {
+            let url = nats_url();
+            raw = Box::new(raw_nats::RawNats::new(&url)?);
+            connect = Arc::new(move |_run| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let mut config = evbus_nats::NatsConfig::from_url(&url)?;
+                    // The bench's streams and subjects apart from any application's.
+                    config.stream_prefix = "EVBUS_BENCH".to_owned();
+                    config.subject_prefix = "evbus-bench".to_owned();
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_nats::NatsTransport::connect(config).await?);
+                    Ok(transport)
+                })
+            });
+        }
+        #[cfg(feature = "amqp")]
+        "amqp" => {
+            let url = amqp_url();
+            raw = Box::new(raw_amqp::RawAmqp::new(&url)?);
+            connect = Arc::new(move |_run| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let mut config = evbus_amqp::AmqpConfig::from_url(&url)?;
+                    // The bench's exchanges and queues apart from any application's.
+                    config.prefix = "evbus-bench.".to_owned();
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_amqp::AmqpTransport::connect(config).await?);
+                    Ok(transport)
+                })
+            });
+        }
         other => return Err(format!("unknown adapter `{other}`").into()),
     }
     // Kafka runs keep their (freshly named) topics: deleting topics while other clients of
@@ -142,3 +179,22 @@ pub(crate) fn kafka_url() -> String {
 
 /// Whether this build carries the Kafka loops.
 pub(crate) const KAFKA_BUILT: bool = cfg!(feature = "kafka");
+
+/// The NATS server (JetStream on) the nats loops use: `EVBUS_NATS_URL`, default
+/// `nats://127.0.0.1:4222`.
+pub(crate) fn nats_url() -> String {
+    std::env::var("EVBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// Whether this build carries the NATS loops.
+pub(crate) const NATS_BUILT: bool = cfg!(feature = "nats");
+
+/// The RabbitMQ broker the amqp loops use: `EVBUS_AMQP_URL`, default
+/// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+pub(crate) fn amqp_url() -> String {
+    std::env::var("EVBUS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Whether this build carries the AMQP loops.
+pub(crate) const AMQP_BUILT: bool = cfg!(feature = "amqp");
