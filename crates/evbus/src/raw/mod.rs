@@ -64,6 +64,9 @@ pub use crate::delivery::{
 };
 
 pub mod kit;
+mod lifecycle;
+
+pub use lifecycle::{Backoff, Gate};
 
 /// An adapter's stream of raw deliveries.
 pub type RawStream = BoxStream<'static, Result<RawDelivery>>;
