@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -44,17 +45,17 @@ pub struct AmqpConfig {
     /// How long one AMQP operation (a declaration, a publish and its confirm, a settlement)
     /// may take before failing with [`ErrorKind::Timeout`](evbus::ErrorKind::Timeout).
     /// Default 10 s.
-    #[serde(rename = "command_timeout_ms", with = "millis")]
+    #[serde(rename = "command_timeout_ms", with = "evbus::raw::millis")]
     pub command_timeout: Duration,
     /// How long one connection attempt may take. Default 5 s.
-    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    #[serde(rename = "connect_timeout_ms", with = "evbus::raw::millis")]
     pub connect_timeout: Duration,
     /// First delay between reconnection attempts; it doubles (with jitter) up to
     /// [`reconnect_max_delay`](Self::reconnect_max_delay). Default 100 ms.
-    #[serde(rename = "reconnect_min_delay_ms", with = "millis")]
+    #[serde(rename = "reconnect_min_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_min_delay: Duration,
     /// Longest delay between reconnection attempts. Default 5 s.
-    #[serde(rename = "reconnect_max_delay_ms", with = "millis")]
+    #[serde(rename = "reconnect_max_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_max_delay: Duration,
     /// Largest event accepted (data plus attributes, [`evbus::Event::encoded_len`]).
     /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`]. RabbitMQ itself refuses messages above
@@ -90,17 +91,79 @@ impl fmt::Debug for AmqpConfig {
     }
 }
 
-/// URL query parameters the adapter reads and removes from the client URL.
-const ADAPTER_PARAMETERS: &[&str] = &[
-    "prefix",
-    "command_timeout_ms",
-    "connect_timeout_ms",
-    "reconnect_min_delay_ms",
-    "reconnect_max_delay_ms",
-    "max_payload_bytes",
-];
-/// URL query parameters passed on to the AMQP client (see lapin's `AMQPUri`).
-const CLIENT_PARAMETERS: &[&str] = &["heartbeat", "frame_max", "channel_max", "auth_mechanism"];
+/// The URL query parameters of [`AmqpConfig`]: the serde names of its fields (all but
+/// [`url`](AmqpConfig::url), which is the URL itself), plus the AMQP client's own parameters
+/// `heartbeat`, `frame_max`, `channel_max` and `auth_mechanism`, which are URL-only: they stay
+/// in [`AmqpConfig::url`] for the client to read ([`is_client`](Self::is_client)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AmqpConfigKey {
+    /// [`AmqpConfig::prefix`].
+    Prefix,
+    /// [`AmqpConfig::command_timeout`].
+    CommandTimeoutMs,
+    /// [`AmqpConfig::connect_timeout`].
+    ConnectTimeoutMs,
+    /// [`AmqpConfig::reconnect_min_delay`].
+    ReconnectMinDelayMs,
+    /// [`AmqpConfig::reconnect_max_delay`].
+    ReconnectMaxDelayMs,
+    /// [`AmqpConfig::max_payload_bytes`].
+    MaxPayloadBytes,
+    /// The client's heartbeat interval in seconds (kept in the URL).
+    Heartbeat,
+    /// The client's largest frame size (kept in the URL).
+    FrameMax,
+    /// The client's most channels per connection (kept in the URL).
+    ChannelMax,
+    /// The client's SASL mechanism, `plain` or `external` (kept in the URL).
+    AuthMechanism,
+}
+
+impl AmqpConfigKey {
+    /// Whether the AMQP client reads this parameter from [`AmqpConfig::url`] (so it is not a
+    /// field of [`AmqpConfig`]).
+    pub fn is_client(self) -> bool {
+        matches!(
+            self,
+            AmqpConfigKey::Heartbeat
+                | AmqpConfigKey::FrameMax
+                | AmqpConfigKey::ChannelMax
+                | AmqpConfigKey::AuthMechanism
+        )
+    }
+}
+
+impl ConfigKey for AmqpConfigKey {
+    const ADAPTER: &'static str = "AMQP";
+    const ALL: &'static [Self] = &[
+        AmqpConfigKey::Prefix,
+        AmqpConfigKey::CommandTimeoutMs,
+        AmqpConfigKey::ConnectTimeoutMs,
+        AmqpConfigKey::ReconnectMinDelayMs,
+        AmqpConfigKey::ReconnectMaxDelayMs,
+        AmqpConfigKey::MaxPayloadBytes,
+        AmqpConfigKey::Heartbeat,
+        AmqpConfigKey::FrameMax,
+        AmqpConfigKey::ChannelMax,
+        AmqpConfigKey::AuthMechanism,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            AmqpConfigKey::Prefix => "prefix",
+            AmqpConfigKey::CommandTimeoutMs => "command_timeout_ms",
+            AmqpConfigKey::ConnectTimeoutMs => "connect_timeout_ms",
+            AmqpConfigKey::ReconnectMinDelayMs => "reconnect_min_delay_ms",
+            AmqpConfigKey::ReconnectMaxDelayMs => "reconnect_max_delay_ms",
+            AmqpConfigKey::MaxPayloadBytes => "max_payload_bytes",
+            AmqpConfigKey::Heartbeat => "heartbeat",
+            AmqpConfigKey::FrameMax => "frame_max",
+            AmqpConfigKey::ChannelMax => "channel_max",
+            AmqpConfigKey::AuthMechanism => "auth_mechanism",
+        }
+    }
+}
 
 impl AmqpConfig {
     /// The defaults, connecting to `url`.
@@ -114,8 +177,9 @@ impl AmqpConfig {
     /// Reads an `amqp://` or `amqps://` URL. The adapter's own settings travel as query
     /// parameters and are removed from [`url`](Self::url): `prefix`, `command_timeout_ms`,
     /// `connect_timeout_ms`, `reconnect_min_delay_ms`, `reconnect_max_delay_ms`,
-    /// `max_payload_bytes`. The client's `heartbeat`, `frame_max`, `channel_max` and
-    /// `auth_mechanism` stay in the URL. Any other parameter is an error (a typo would
+    /// `max_payload_bytes` (each the serde name of a field). The client's `heartbeat`,
+    /// `frame_max`, `channel_max` and `auth_mechanism` stay in the URL. The list is
+    /// [`AmqpConfigKey`]; any other parameter is an error naming the valid keys (a typo would
     /// otherwise be silently ignored).
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = evbus::registry::parse_url(url, "AMQP")?;
@@ -127,33 +191,19 @@ impl AmqpConfig {
         check_scheme(url)?;
         let mut config = AmqpConfig::default();
         let mut kept = Vec::new();
-        for (key, value) in url.query_pairs() {
-            let number = || -> Result<u64> {
-                value.parse().map_err(|_| {
-                    Error::invalid_config(format!(
-                        "AMQP URL parameter `{key}` must be a whole number, got `{value}`"
-                    ))
-                })
-            };
-            let millis = || number().map(Duration::from_millis);
-            match key.as_ref() {
-                "prefix" => config.prefix = value.clone().into_owned(),
-                "command_timeout_ms" => config.command_timeout = millis()?,
-                "connect_timeout_ms" => config.connect_timeout = millis()?,
-                "reconnect_min_delay_ms" => config.reconnect_min_delay = millis()?,
-                "reconnect_max_delay_ms" => config.reconnect_max_delay = millis()?,
-                "max_payload_bytes" => {
-                    config.max_payload_bytes = usize::try_from(number()?).unwrap_or(usize::MAX)
-                }
-                client if CLIENT_PARAMETERS.contains(&client) => {
-                    kept.push((key.clone().into_owned(), value.clone().into_owned()));
-                }
-                other => {
-                    return Err(Error::invalid_config(format!(
-                        "unknown AMQP URL parameter `{other}`; known: {}, {}",
-                        ADAPTER_PARAMETERS.join(", "),
-                        CLIENT_PARAMETERS.join(", ")
-                    )));
+        for (name, value) in url.query_pairs() {
+            use AmqpConfigKey as K;
+            let key = K::parse(&name)?;
+            let millis = || parse_millis(key, &value);
+            match key {
+                K::Prefix => config.prefix = value.clone().into_owned(),
+                K::CommandTimeoutMs => config.command_timeout = millis()?,
+                K::ConnectTimeoutMs => config.connect_timeout = millis()?,
+                K::ReconnectMinDelayMs => config.reconnect_min_delay = millis()?,
+                K::ReconnectMaxDelayMs => config.reconnect_max_delay = millis()?,
+                K::MaxPayloadBytes => config.max_payload_bytes = parse_value(key, &value)?,
+                K::Heartbeat | K::FrameMax | K::ChannelMax | K::AuthMechanism => {
+                    kept.push((name.clone().into_owned(), value.clone().into_owned()));
                 }
             }
         }
@@ -175,7 +225,7 @@ impl AmqpConfig {
         check_scheme(&url)?;
         if let Some(query) = url.query() {
             for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
-                if !CLIENT_PARAMETERS.contains(&key.as_ref()) {
+                if !AmqpConfigKey::parse(&key).is_ok_and(AmqpConfigKey::is_client) {
                     return Err(Error::invalid_config(format!(
                         "AmqpConfig::url carries `{key}`, which the AMQP client does not read; \
                          set the fields of AmqpConfig instead, or use AmqpConfig::from_url \
@@ -283,22 +333,54 @@ fn check_scheme(url: &Url) -> Result<()> {
     Ok(())
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use evbus::ErrorKind;
+
+    #[test]
+    fn url_keys_are_the_serde_names_but_the_client_parameters() {
+        let json = serde_json::to_value(AmqpConfig::default()).unwrap();
+        let mut serde_names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| &**k)
+            .filter(|k| *k != "url")
+            .collect();
+        serde_names.sort_unstable();
+        let mut url_names: Vec<&str> = AmqpConfigKey::ALL
+            .iter()
+            .filter(|k| !k.is_client())
+            .map(|k| k.name())
+            .collect();
+        url_names.sort_unstable();
+        assert_eq!(serde_names, url_names);
+        let client: Vec<&str> = AmqpConfigKey::ALL
+            .iter()
+            .filter(|k| k.is_client())
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(
+            client,
+            ["heartbeat", "frame_max", "channel_max", "auth_mechanism"]
+        );
+    }
+
+    #[test]
+    fn a_typo_lists_the_valid_keys() {
+        let typo = AmqpConfig::from_url("amqp://h?command_timeout=5").unwrap_err();
+        assert_eq!(typo.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            typo.message().contains(
+                "unknown AMQP URL parameter `command_timeout`; valid keys are: prefix, \
+                 command_timeout_ms, connect_timeout_ms, reconnect_min_delay_ms, \
+                 reconnect_max_delay_ms, max_payload_bytes, heartbeat, frame_max, channel_max, \
+                 auth_mechanism"
+            ),
+            "{typo}"
+        );
+    }
 
     #[test]
     fn defaults_connect_to_the_local_broker_default_vhost() {

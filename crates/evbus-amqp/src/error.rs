@@ -17,14 +17,27 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
 /// Converts a client error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_lapin(error: lapin::Error, what: &str) -> Error {
-    let (kind, retryable, hint) = classify(&error, false);
-    Error::from_client(error, what, kind, retryable, hint)
+    let class = classify(&error, false);
+    build(error, what, class)
 }
 
 /// Converts an error met while connecting (an `ACCESS_REFUSED` there means bad credentials).
 pub(crate) fn from_connect(error: lapin::Error, what: &str) -> Error {
-    let (kind, retryable, hint) = classify(&error, true);
-    Error::from_client(error, what, kind, retryable, hint)
+    let class = classify(&error, true);
+    build(error, what, class)
+}
+
+/// The evbus error of `error` met while doing `what`, of the given classification.
+fn build(
+    error: lapin::Error,
+    what: &str,
+    (kind, retryable, hint): (ErrorKind, Option<bool>, &'static str),
+) -> Error {
+    let mapped = Error::client(kind, what, error).with_hint(hint);
+    match retryable {
+        Some(retryable) => mapped.with_retryable(retryable),
+        None => mapped,
+    }
 }
 
 /// A timeout of `what` after `limit`.

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use evbus::{Connector, Result, Transport};
 use url::Url;
 
-pub use config::{AmqpConfig, MAX_PAYLOAD_LIMIT};
+pub use config::{AmqpConfig, AmqpConfigKey, MAX_PAYLOAD_LIMIT};
 pub use transport::AmqpTransport;
 
 /// The URL schemes of [`AmqpConnector`].

@@ -7,24 +7,32 @@
 //! interrupt, and restarts on the same ports and data directory to resume. The node starts
 //! once for the whole run (a start takes about 10 s). Without `rabbitmq-server` those cases
 //! are reported `IGNORED ...: needs broker-control`.
+//!
+//! The foreign message of `queue_undecodable_message_is_dead_lettered_and_does_not_block` is
+//! written by [`LapinProducer`] with plain lapin, not through evbus.
 
 mod support;
 
 use std::process::ExitCode;
 
 use async_trait::async_trait;
+use evbus::ErrorKind;
 use evbus_amqp::{AmqpConfig, AmqpTransport};
-use evbus_conformance::{BrokerControl, Suite};
+use evbus_conformance::{BrokerControl, RawProducer, Suite};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use support::{RabbitNode, io_error};
 
 fn main() -> ExitCode {
     let url = std::env::var("EVBUS_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     evbus_conformance::main(move || {
+        let producer = LapinProducer { url: url.clone() };
         let suite = Suite::new("amqp", move || {
             let url = url.clone();
             async move { AmqpTransport::connect(AmqpConfig::from_url(&url)?).await }
-        });
+        })
+        .with_raw_producer(producer);
         match tokio::task::block_in_place(RabbitNode::start) {
             Ok(node) => suite.with_broker_control(node),
             Err(e) => {
@@ -69,5 +77,89 @@ impl BrokerControl for RabbitNode {
             .map_err(|e| io_error("restarting the RabbitMQ node", e))?;
         tokio::task::block_in_place(|| self.wait_ready())
             .map_err(|e| io_error("waiting for the RabbitMQ node", e))
+    }
+}
+
+/// A foreign producer: plain lapin, no evbus. It publishes one message that is not a
+/// CloudEvent (body `not a cloudevent`, no headers at all) to the default exchange with the
+/// routing key of the evbus queue, named the way the README's mapping says.
+struct LapinProducer {
+    /// The evbus URL of the suite's transport (its adapter parameters are read, not sent).
+    url: String,
+}
+
+/// The RabbitMQ queue behind evbus queue `queue`, as the README documents it: `<prefix>` then
+/// the name with every byte other than ASCII letters, digits, `.` and `-` written `_XX`
+/// (uppercase hex). Written out here rather than asked of the adapter, so a drift between
+/// the adapter and its documentation fails the case.
+fn documented_queue_name(prefix: &str, queue: &str) -> evbus::Result<String> {
+    let mut name = prefix.to_owned();
+    for b in queue.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
+            name.push(char::from(b));
+        } else {
+            name.push_str(&format!("_{b:02X}"));
+        }
+    }
+    // Longer names are cut and hashed; the suite's names are far shorter.
+    if name.len() > 255 {
+        return Err(evbus::Error::invalid_config(format!(
+            "queue `{queue}` maps to a name longer than 255 bytes; the raw producer does not \
+             replicate the hashed form"
+        )));
+    }
+    Ok(name)
+}
+
+#[async_trait]
+impl RawProducer for LapinProducer {
+    async fn send_undecodable(&self, queue: &str) -> evbus::Result<()> {
+        let config = AmqpConfig::from_url(&self.url)?;
+        let routing_key = documented_queue_name(&config.prefix, queue)?;
+        let client = |what: &'static str| {
+            move |e: lapin::Error| evbus::Error::client(ErrorKind::Connection, what, e)
+        };
+        let conn = Connection::connect(&config.url, ConnectionProperties::default())
+            .await
+            .map_err(client("connecting the raw lapin producer"))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(client("opening a lapin channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(client("enabling publisher confirms"))?;
+        let confirmation = channel
+            .basic_publish(
+                "".into(),
+                routing_key.as_str().into(),
+                // Mandatory: a message routed to no queue comes back instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                b"not a cloudevent",
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(client("publishing the foreign message"))?
+            .await
+            .map_err(client("waiting for the broker's confirm"))?;
+        let _ = conn.close(200, "done".into()).await;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(evbus::Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "RabbitMQ has no queue `{routing_key}` for evbus queue `{queue}`: the \
+                     adapter no longer names queues the way its README documents"
+                ),
+            )),
+            other => Err(evbus::Error::new(
+                ErrorKind::Broker,
+                format!("RabbitMQ did not accept the foreign message: {other:?}"),
+            )),
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -20,7 +21,8 @@ pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 /// Every field has a documented default; build one with [`NatsConfig::new`] or
 /// [`NatsConfig::from_url`], then adjust fields (the struct is `#[non_exhaustive]`). With
 /// `serde`, missing fields take their defaults and durations are whole milliseconds
-/// (`request_timeout_ms`, `fetch_wait_ms`, ...).
+/// (`request_timeout_ms`, `fetch_wait_ms`, ...). Serde names are the URL parameter names
+/// ([`NatsConfigKey`]): `nkey`, `creds` and `tls_ca` (the field names are accepted as aliases).
 ///
 /// `Debug` output never shows a password, token or nkey seed.
 ///
@@ -44,12 +46,16 @@ pub struct NatsConfig {
     pub url: String,
     /// A token to authenticate with (instead of one in the URL). Default none.
     pub token: Option<String>,
-    /// An nkey seed (`SU...`) to authenticate with. Default none.
+    /// An nkey seed (`SU...`) to authenticate with. Default none. URL and serde name `nkey`.
+    #[serde(rename = "nkey", alias = "nkey_seed")]
     pub nkey_seed: Option<String>,
-    /// A `.creds` file (user JWT and nkey seed) to authenticate with. Default none.
+    /// A `.creds` file (user JWT and nkey seed) to authenticate with. Default none. URL and
+    /// serde name `creds`.
+    #[serde(rename = "creds", alias = "credentials_file")]
     pub credentials_file: Option<PathBuf>,
     /// A PEM file of root certificates to trust for TLS, in addition to the system's.
-    /// Default none.
+    /// Default none. URL and serde name `tls_ca`.
+    #[serde(rename = "tls_ca", alias = "tls_ca_file")]
     pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every stream the adapter creates: topic `orders` is stream
     /// `<prefix>_topic_orders`. Default `EVBUS`. Letters, digits, `-` and `_` only.
@@ -67,26 +73,26 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Oldest message a topic stream keeps; zero keeps them until the topic is deleted.
     /// Default zero.
-    #[serde(rename = "max_age_ms", with = "millis")]
+    #[serde(rename = "max_age_ms", with = "evbus::raw::millis")]
     pub max_age: Duration,
     /// How long the server remembers published event ids (`Nats-Msg-Id`) to drop duplicate
     /// publishes. Default 2 minutes (the server's default).
-    #[serde(rename = "duplicate_window_ms", with = "millis")]
+    #[serde(rename = "duplicate_window_ms", with = "evbus::raw::millis")]
     pub duplicate_window: Duration,
     /// How long a JetStream request (a PubAck, a stream or consumer operation, a double
     /// ack) may take before failing with [`ErrorKind::Timeout`](evbus::ErrorKind::Timeout).
     /// Default 5 s.
-    #[serde(rename = "request_timeout_ms", with = "millis")]
+    #[serde(rename = "request_timeout_ms", with = "evbus::raw::millis")]
     pub request_timeout: Duration,
     /// How long the first connection may take. Default 2 s.
-    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    #[serde(rename = "connect_timeout_ms", with = "evbus::raw::millis")]
     pub connect_timeout: Duration,
     /// Longest delay between reconnection attempts (they start at once and back off).
     /// Default 2 s.
-    #[serde(rename = "reconnect_max_delay_ms", with = "millis")]
+    #[serde(rename = "reconnect_max_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_max_delay: Duration,
     /// How long one pull request waits on the server for messages. Default 1 s.
-    #[serde(rename = "fetch_wait_ms", with = "millis")]
+    #[serde(rename = "fetch_wait_ms", with = "evbus::raw::millis")]
     pub fetch_wait: Duration,
     /// Most messages one pull request asks for; a consumer never asks for more than its
     /// `max_in_flight`. Default 64.
@@ -104,7 +110,7 @@ pub struct NatsConfig {
     pub max_payload_bytes: Option<usize>,
     /// An anonymous subscription's consumer left behind by a process that died is removed
     /// by the server after this long without pull requests. Default 5 minutes.
-    #[serde(rename = "anonymous_ttl_ms", with = "millis")]
+    #[serde(rename = "anonymous_ttl_ms", with = "evbus::raw::millis")]
     pub anonymous_ttl: Duration,
 }
 
@@ -224,13 +230,6 @@ pub(crate) fn redact(url: &str) -> String {
 /// URL query parameters whose values are secrets.
 const SECRET_PARAMETERS: &[&str] = &["token", "nkey"];
 
-/// URL query parameters the adapter reads (everything else in the URL goes to the client).
-const PARAMETERS: &str = "token, nkey, creds, tls_ca, stream_prefix, subject_prefix, storage, \
-                          retention, replicas, max_age_ms, duplicate_window_ms, \
-                          request_timeout_ms, connect_timeout_ms, reconnect_max_delay_ms, \
-                          fetch_wait_ms, fetch_batch, double_ack, max_ack_pending, \
-                          max_payload_bytes, anonymous_ttl_ms";
-
 impl NatsConfig {
     /// The defaults, connecting to `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -247,9 +246,10 @@ impl NatsConfig {
     /// `memory`), `retention` (`limits` or `interest`), `replicas`, `max_age_ms`,
     /// `duplicate_window_ms`, `request_timeout_ms`, `connect_timeout_ms`,
     /// `reconnect_max_delay_ms`, `fetch_wait_ms`, `fetch_batch`, `double_ack` (`true` or
-    /// `false`), `max_ack_pending`, `max_payload_bytes`, `anonymous_ttl_ms`. They are removed
-    /// from [`url`](Self::url). An unknown parameter is an error (a typo would otherwise be
-    /// silently ignored).
+    /// `false`), `max_ack_pending`, `max_payload_bytes`, `anonymous_ttl_ms` (the list is
+    /// [`NatsConfigKey`]; each is the serde name of a field). They are removed from
+    /// [`url`](Self::url). An unknown parameter is an error naming the valid keys (a typo
+    /// would otherwise be silently ignored).
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = Url::parse(url).map_err(|e| {
             Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(url)))
@@ -267,77 +267,50 @@ impl NatsConfig {
             )));
         }
         let mut config = NatsConfig::default();
-        for (key, value) in url.query_pairs() {
-            let number = || -> Result<u64> {
-                value.parse().map_err(|_| {
-                    Error::invalid_config(format!(
-                        "NATS URL parameter `{key}` must be a whole number, got `{value}`"
-                    ))
-                })
-            };
-            let millis = || number().map(Duration::from_millis);
-            let size = || number().map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-            match key.as_ref() {
-                "token" => config.token = Some(value.clone().into_owned()),
-                "nkey" => config.nkey_seed = Some(value.clone().into_owned()),
-                "creds" => config.credentials_file = Some(PathBuf::from(value.as_ref())),
-                "tls_ca" => config.tls_ca_file = Some(PathBuf::from(value.as_ref())),
-                "stream_prefix" => config.stream_prefix = value.clone().into_owned(),
-                "subject_prefix" => config.subject_prefix = value.clone().into_owned(),
-                "storage" => {
+        for (name, value) in url.query_pairs() {
+            use NatsConfigKey as K;
+            let key = K::parse(&name)?;
+            let millis = || parse_millis(key, &value);
+            let text = || value.clone().into_owned();
+            match key {
+                K::Token => config.token = Some(text()),
+                K::Nkey => config.nkey_seed = Some(text()),
+                K::Creds => config.credentials_file = Some(PathBuf::from(text())),
+                K::TlsCa => config.tls_ca_file = Some(PathBuf::from(text())),
+                K::StreamPrefix => config.stream_prefix = text(),
+                K::SubjectPrefix => config.subject_prefix = text(),
+                K::Storage => {
                     config.storage = match value.as_ref() {
                         "file" => Storage::File,
                         "memory" => Storage::Memory,
-                        other => {
-                            return Err(Error::invalid_config(format!(
-                                "NATS URL parameter `storage` must be `file` or `memory`, got \
-                                 `{other}`"
-                            )));
-                        }
+                        _ => return Err(bad_choice(key, &value, "`file` or `memory`")),
                     }
                 }
-                "retention" => {
+                K::Retention => {
                     config.retention = match value.as_ref() {
                         "limits" => Retention::Limits,
                         "interest" => Retention::Interest,
-                        other => {
-                            return Err(Error::invalid_config(format!(
-                                "NATS URL parameter `retention` must be `limits` or `interest`, \
-                                 got `{other}`"
-                            )));
-                        }
+                        _ => return Err(bad_choice(key, &value, "`limits` or `interest`")),
                     }
                 }
-                "replicas" => config.replicas = size()?,
-                "max_age_ms" => config.max_age = millis()?,
-                "duplicate_window_ms" => config.duplicate_window = millis()?,
-                "request_timeout_ms" => config.request_timeout = millis()?,
-                "connect_timeout_ms" => config.connect_timeout = millis()?,
-                "reconnect_max_delay_ms" => config.reconnect_max_delay = millis()?,
-                "fetch_wait_ms" => config.fetch_wait = millis()?,
-                "fetch_batch" => config.fetch_batch = size()?,
-                "double_ack" => {
+                K::Replicas => config.replicas = parse_value(key, &value)?,
+                K::MaxAgeMs => config.max_age = millis()?,
+                K::DuplicateWindowMs => config.duplicate_window = millis()?,
+                K::RequestTimeoutMs => config.request_timeout = millis()?,
+                K::ConnectTimeoutMs => config.connect_timeout = millis()?,
+                K::ReconnectMaxDelayMs => config.reconnect_max_delay = millis()?,
+                K::FetchWaitMs => config.fetch_wait = millis()?,
+                K::FetchBatch => config.fetch_batch = parse_value(key, &value)?,
+                K::DoubleAck => {
                     config.double_ack = match value.as_ref() {
                         "true" | "1" | "yes" => true,
                         "false" | "0" | "no" => false,
-                        other => {
-                            return Err(Error::invalid_config(format!(
-                                "NATS URL parameter `double_ack` must be `true` or `false`, got \
-                                 `{other}`"
-                            )));
-                        }
+                        _ => return Err(bad_choice(key, &value, "`true` or `false`")),
                     }
                 }
-                "max_ack_pending" => {
-                    config.max_ack_pending = i64::try_from(number()?).unwrap_or(i64::MAX)
-                }
-                "max_payload_bytes" => config.max_payload_bytes = Some(size()?),
-                "anonymous_ttl_ms" => config.anonymous_ttl = millis()?,
-                other => {
-                    return Err(Error::invalid_config(format!(
-                        "unknown NATS URL parameter `{other}`; known: {PARAMETERS}"
-                    )));
-                }
+                K::MaxAckPending => config.max_ack_pending = parse_value(key, &value)?,
+                K::MaxPayloadBytes => config.max_payload_bytes = Some(parse_value(key, &value)?),
+                K::AnonymousTtlMs => config.anonymous_ttl = millis()?,
             }
         }
         let mut client_url = url.clone();
@@ -436,6 +409,113 @@ impl NatsConfig {
     }
 }
 
+/// `value` is not one of the values `key` takes (`expected`).
+fn bad_choice(key: NatsConfigKey, value: &str, expected: &str) -> Error {
+    Error::invalid_config(format!(
+        "{} URL parameter `{}` must be {expected}, got `{value}`",
+        NatsConfigKey::ADAPTER,
+        key.name()
+    ))
+}
+
+/// The URL query parameters of [`NatsConfig`]: the serde names of its fields (all but
+/// [`url`](NatsConfig::url), which is the URL itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NatsConfigKey {
+    /// [`NatsConfig::token`].
+    Token,
+    /// [`NatsConfig::nkey_seed`].
+    Nkey,
+    /// [`NatsConfig::credentials_file`].
+    Creds,
+    /// [`NatsConfig::tls_ca_file`].
+    TlsCa,
+    /// [`NatsConfig::stream_prefix`].
+    StreamPrefix,
+    /// [`NatsConfig::subject_prefix`].
+    SubjectPrefix,
+    /// [`NatsConfig::storage`]: `file` or `memory`.
+    Storage,
+    /// [`NatsConfig::retention`]: `limits` or `interest`.
+    Retention,
+    /// [`NatsConfig::replicas`].
+    Replicas,
+    /// [`NatsConfig::max_age`].
+    MaxAgeMs,
+    /// [`NatsConfig::duplicate_window`].
+    DuplicateWindowMs,
+    /// [`NatsConfig::request_timeout`].
+    RequestTimeoutMs,
+    /// [`NatsConfig::connect_timeout`].
+    ConnectTimeoutMs,
+    /// [`NatsConfig::reconnect_max_delay`].
+    ReconnectMaxDelayMs,
+    /// [`NatsConfig::fetch_wait`].
+    FetchWaitMs,
+    /// [`NatsConfig::fetch_batch`].
+    FetchBatch,
+    /// [`NatsConfig::double_ack`]: `true` or `false` (also `1`/`0`, `yes`/`no`).
+    DoubleAck,
+    /// [`NatsConfig::max_ack_pending`].
+    MaxAckPending,
+    /// [`NatsConfig::max_payload_bytes`].
+    MaxPayloadBytes,
+    /// [`NatsConfig::anonymous_ttl`].
+    AnonymousTtlMs,
+}
+
+impl ConfigKey for NatsConfigKey {
+    const ADAPTER: &'static str = "NATS";
+    const ALL: &'static [Self] = &[
+        NatsConfigKey::Token,
+        NatsConfigKey::Nkey,
+        NatsConfigKey::Creds,
+        NatsConfigKey::TlsCa,
+        NatsConfigKey::StreamPrefix,
+        NatsConfigKey::SubjectPrefix,
+        NatsConfigKey::Storage,
+        NatsConfigKey::Retention,
+        NatsConfigKey::Replicas,
+        NatsConfigKey::MaxAgeMs,
+        NatsConfigKey::DuplicateWindowMs,
+        NatsConfigKey::RequestTimeoutMs,
+        NatsConfigKey::ConnectTimeoutMs,
+        NatsConfigKey::ReconnectMaxDelayMs,
+        NatsConfigKey::FetchWaitMs,
+        NatsConfigKey::FetchBatch,
+        NatsConfigKey::DoubleAck,
+        NatsConfigKey::MaxAckPending,
+        NatsConfigKey::MaxPayloadBytes,
+        NatsConfigKey::AnonymousTtlMs,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            NatsConfigKey::Token => "token",
+            NatsConfigKey::Nkey => "nkey",
+            NatsConfigKey::Creds => "creds",
+            NatsConfigKey::TlsCa => "tls_ca",
+            NatsConfigKey::StreamPrefix => "stream_prefix",
+            NatsConfigKey::SubjectPrefix => "subject_prefix",
+            NatsConfigKey::Storage => "storage",
+            NatsConfigKey::Retention => "retention",
+            NatsConfigKey::Replicas => "replicas",
+            NatsConfigKey::MaxAgeMs => "max_age_ms",
+            NatsConfigKey::DuplicateWindowMs => "duplicate_window_ms",
+            NatsConfigKey::RequestTimeoutMs => "request_timeout_ms",
+            NatsConfigKey::ConnectTimeoutMs => "connect_timeout_ms",
+            NatsConfigKey::ReconnectMaxDelayMs => "reconnect_max_delay_ms",
+            NatsConfigKey::FetchWaitMs => "fetch_wait_ms",
+            NatsConfigKey::FetchBatch => "fetch_batch",
+            NatsConfigKey::DoubleAck => "double_ack",
+            NatsConfigKey::MaxAckPending => "max_ack_pending",
+            NatsConfigKey::MaxPayloadBytes => "max_payload_bytes",
+            NatsConfigKey::AnonymousTtlMs => "anonymous_ttl_ms",
+        }
+    }
+}
+
 fn check_scheme(scheme: &str) -> Result<()> {
     match scheme {
         "nats" | "tls" => Ok(()),
@@ -445,22 +525,60 @@ fn check_scheme(scheme: &str) -> Result<()> {
     }
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use evbus::ErrorKind;
+
+    #[test]
+    fn url_keys_are_the_serde_names() {
+        let json = serde_json::to_value(NatsConfig::default()).unwrap();
+        let mut serde_names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| &**k)
+            .filter(|k| *k != "url")
+            .collect();
+        serde_names.sort_unstable();
+        let mut url_names: Vec<&str> = NatsConfigKey::ALL.iter().map(|k| k.name()).collect();
+        url_names.sort_unstable();
+        assert_eq!(serde_names, url_names);
+        for secret in SECRET_PARAMETERS {
+            assert!(NatsConfigKey::parse(secret).is_ok(), "{secret}");
+        }
+    }
+
+    #[test]
+    fn a_typo_lists_the_valid_keys() {
+        let typo = NatsConfig::from_url("nats://h?fetch_wait=5").unwrap_err();
+        assert_eq!(typo.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            typo.message().contains(
+                "unknown NATS URL parameter `fetch_wait`; valid keys are: token, nkey, creds, \
+                 tls_ca, stream_prefix"
+            ),
+            "{typo}"
+        );
+        assert!(typo.message().ends_with("anonymous_ttl_ms"), "{typo}");
+    }
+
+    #[test]
+    fn serde_accepts_the_old_field_names() {
+        let config: NatsConfig = serde_json::from_value(serde_json::json!({
+            "nkey_seed": "SUAEXAMPLESEED",
+            "credentials_file": "/a.creds",
+            "tls_ca_file": "/ca.pem"
+        }))
+        .unwrap();
+        assert_eq!(config.nkey_seed.as_deref(), Some("SUAEXAMPLESEED"));
+        assert_eq!(config.credentials_file, Some(PathBuf::from("/a.creds")));
+        assert_eq!(config.tls_ca_file, Some(PathBuf::from("/ca.pem")));
+        let back = serde_json::to_value(&config).unwrap();
+        assert_eq!(back["nkey"], "SUAEXAMPLESEED");
+        assert_eq!(back["creds"], "/a.creds");
+        assert_eq!(back["tls_ca"], "/ca.pem");
+    }
 
     #[test]
     fn defaults_connect_to_the_local_server_with_file_storage() {

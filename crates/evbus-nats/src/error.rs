@@ -42,7 +42,11 @@ where
     E: StdError + Send + Sync + 'static,
 {
     let (kind, retryable, hint) = class;
-    Error::from_client(error, what, kind, retryable, hint)
+    let mapped = Error::client(kind, what, error).with_hint(hint);
+    match retryable {
+        Some(retryable) => mapped.with_retryable(retryable),
+        None => mapped,
+    }
 }
 
 /// The class of a JetStream API error code.

@@ -10,6 +10,6 @@ mod names;
 mod publisher;
 mod transport;
 
-pub use config::{HEADER_ALLOWANCE, NatsConfig, Retention, Storage};
+pub use config::{HEADER_ALLOWANCE, NatsConfig, NatsConfigKey, Retention, Storage};
 pub use connector::{NatsConnector, URL_SCHEMES};
 pub use transport::NatsTransport;

@@ -143,32 +143,6 @@ impl Error {
         self
     }
 
-    /// Positional form of [`client`](Self::client) + [`with_retryable`](Self::with_retryable)
-    /// + [`with_hint`](Self::with_hint), kept for adapters written before the builder.
-    #[doc(hidden)]
-    pub fn from_client<E>(
-        error: E,
-        what: &str,
-        kind: ErrorKind,
-        retryable: Option<bool>,
-        hint: &str,
-    ) -> Self
-    where
-        E: std::error::Error + Send + Sync + 'static,
-    {
-        let mut message = format!("{what}: {error}");
-        if !hint.is_empty() {
-            message.push_str("; ");
-            message.push_str(hint);
-        }
-        let mapped = Error::new(kind, message);
-        let mapped = match retryable {
-            Some(r) => mapped.with_retryable(r),
-            None => mapped,
-        };
-        mapped.with_source(error)
-    }
-
     /// Attaches the underlying cause.
     pub fn with_source(mut self, source: impl Into<Source>) -> Self {
         self.source = Some(source.into());
