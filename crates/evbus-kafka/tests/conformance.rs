@@ -6,23 +6,42 @@
 //! keeps data in memory only, so instead of restarting the broker the proxy drops every
 //! connection and refuses new ones during the outage. Without a tansu binary (see
 //! `support::tansu_binary`) those cases are reported `IGNORED ...: needs broker-control`.
+//!
+//! The foreign-message case writes with plain rdkafka: a record without `ce_` headers to the
+//! queue's Kafka topic, which has the queue's name (README, "How evbus maps onto Kafka").
 
 mod support;
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
-use evbus_conformance::{BrokerControl, Suite};
-use evbus_kafka::KafkaTransport;
+use evbus::{Error, ErrorKind};
+use evbus_conformance::{BrokerControl, RawProducer, Suite};
+use evbus_kafka::{KafkaConfig, KafkaTransport};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::{TansuBehindProxy, kafka_url, test_config};
 
 fn main() -> ExitCode {
     let url = kafka_url();
     evbus_conformance::main(move || {
+        let raw = RawKafka::new(&url);
         let suite = Suite::new("kafka", move || {
             let url = url.clone();
             async move { KafkaTransport::connect(test_config(&url)?).await }
         });
+        let suite = match raw {
+            Ok(raw) => suite.with_raw_producer(raw),
+            Err(e) => {
+                eprintln!("WARNING: no raw Kafka producer for the foreign-message case: {e}");
+                suite
+            }
+        };
         let started = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(TansuBehindProxy::start())
         });
@@ -55,6 +74,87 @@ impl BrokerControl for Controlled {
 
     async fn resume(&self) -> evbus::Result<()> {
         self.0.proxy.restore();
+        Ok(())
+    }
+}
+
+/// A foreign producer: a plain rdkafka producer writing a record that is not a CloudEvent
+/// (no `ce_` headers, no key), no evbus involved.
+struct RawKafka {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl RawKafka {
+    fn new(url: &str) -> evbus::Result<Self> {
+        let config = test_config(url)?;
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("client.id", "evbus-conformance-raw-producer")
+            .set("acks", "all")
+            .set("message.timeout.ms", "20000")
+            .set("log_level", "3");
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        let failed = |what: &str, e: rdkafka::error::KafkaError| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("creating the raw Kafka {what}: {e}"),
+            )
+        };
+        Ok(RawKafka {
+            producer: client.create().map_err(|e| failed("producer", e))?,
+            admin: client.create().map_err(|e| failed("admin client", e))?,
+            config,
+        })
+    }
+}
+
+#[async_trait]
+impl RawProducer for RawKafka {
+    async fn send_undecodable(&self, queue: &str) -> evbus::Result<()> {
+        // The README's mapping: queue `q` is the Kafka topic `q`, created by the adapter with
+        // `partitions` partitions. Create it the same way in case no evbus client has yet.
+        let topic = NewTopic::new(
+            queue,
+            self.config.partitions,
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let created = self
+            .admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("the raw Kafka producer could not create topic `{queue}`: {e}"),
+                )
+            })?;
+        for result in created {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("the raw Kafka producer could not create topic `{queue}`: {code}"),
+                    ));
+                }
+            }
+        }
+        let record = FutureRecord::<(), str>::to(queue).payload("not a cloudevent");
+        self.producer
+            .send(record, Duration::from_secs(20))
+            .await
+            .map_err(|(e, _)| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("the raw Kafka producer could not write to topic `{queue}`: {e}"),
+                )
+            })?;
         Ok(())
     }
 }

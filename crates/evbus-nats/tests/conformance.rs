@@ -6,13 +6,17 @@
 //! interrupt, and restarts on the same port and store to resume. Without a `nats-server`
 //! binary (`EVBUS_NATS_SERVER`, `/usr/sbin/nats-server` or on `PATH`) those cases are
 //! reported `IGNORED ...: needs broker-control`.
+//!
+//! The foreign-message case writes with plain async-nats: a JetStream publish without `ce-`
+//! headers to the queue's subject, `<subject_prefix>.queue.<escaped name>` (README, "Mapping").
 
 mod support;
 
 use std::process::ExitCode;
 
 use async_trait::async_trait;
-use evbus_conformance::{BrokerControl, Suite};
+use evbus::{Error, ErrorKind};
+use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_nats::{NatsConfig, NatsTransport};
 use support::{NatsServer, io_error};
 
@@ -20,10 +24,21 @@ fn main() -> ExitCode {
     let url =
         std::env::var("EVBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     evbus_conformance::main(move || {
+        let raw = NatsConfig::from_url(&url).map(|config| RawNats {
+            url: config.url,
+            subject_prefix: config.subject_prefix,
+        });
         let suite = Suite::new("nats", move || {
             let url = url.clone();
             async move { NatsTransport::connect(NatsConfig::from_url(&url)?).await }
         });
+        let suite = match raw {
+            Ok(raw) => suite.with_raw_producer(raw),
+            Err(e) => {
+                eprintln!("WARNING: no raw NATS producer for the foreign-message case: {e}");
+                suite
+            }
+        };
         match NatsServer::start() {
             Ok(server) => suite.with_broker_control(server),
             Err(e) => {
@@ -61,5 +76,47 @@ impl BrokerControl for NatsServer {
             .map_err(|e| io_error("restarting nats-server", e))?;
         tokio::task::block_in_place(|| self.wait_ready())
             .map_err(|e| io_error("waiting for nats-server", e))
+    }
+}
+
+/// A foreign producer: a plain async-nats client publishing to JetStream a message that is
+/// not a CloudEvent (no `ce-` headers), no evbus involved.
+struct RawNats {
+    url: String,
+    subject_prefix: String,
+}
+
+/// The README's name escaping ("Names"): ASCII letters, digits, `-` and `_` stay, `.` becomes
+/// `=`, every other byte `~XX` (upper-case hex).
+fn escape(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => char::from(b).to_string(),
+            b'.' => "=".to_owned(),
+            _ => format!("~{b:02X}"),
+        })
+        .collect()
+}
+
+#[async_trait]
+impl RawProducer for RawNats {
+    async fn send_undecodable(&self, queue: &str) -> evbus::Result<()> {
+        let subject = format!("{}.queue.{}", self.subject_prefix, escape(queue));
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("the raw NATS producer could not {what} `{subject}`: {e}"),
+            )
+        };
+        let client = async_nats::connect(self.url.as_str())
+            .await
+            .map_err(|e| failed("connect to publish to", &e))?;
+        let js = async_nats::jetstream::new(client);
+        js.publish(subject.clone(), "not a cloudevent".into())
+            .await
+            .map_err(|e| failed("publish to", &e))?
+            .await
+            .map_err(|e| failed("get a PubAck from", &e))?;
+        Ok(())
     }
 }

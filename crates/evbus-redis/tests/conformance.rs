@@ -6,13 +6,17 @@
 //! the reply), kills with SIGKILL to interrupt, and restarts on the same port and data
 //! directory to resume. Without a `redis-server` binary on `PATH` those cases are reported
 //! `IGNORED ...: needs broker-control`.
+//!
+//! The foreign-message case writes with the `redis` client itself: an `XADD` of a plain entry
+//! (no `ce_` fields) to the queue's stream, `<prefix>queue:{<name>}` as the README documents.
 
 mod support;
 
 use std::process::ExitCode;
 
 use async_trait::async_trait;
-use evbus_conformance::{BrokerControl, Suite};
+use evbus::{Error, ErrorKind};
+use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_redis::{RedisConfig, RedisTransport};
 use support::{RedisServer, io_error};
 
@@ -20,10 +24,18 @@ fn main() -> ExitCode {
     let url =
         std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     evbus_conformance::main(move || {
+        let raw = RawRedis::new(&url);
         let suite = Suite::new("redis", move || {
             let url = url.clone();
             async move { RedisTransport::connect(RedisConfig::from_url(&url)?).await }
         });
+        let suite = match raw {
+            Ok(raw) => suite.with_raw_producer(raw),
+            Err(e) => {
+                eprintln!("WARNING: no raw Redis producer for the foreign-message case: {e}");
+                suite
+            }
+        };
         match RedisServer::start() {
             Ok(server) => suite.with_broker_control(server),
             Err(e) => {
@@ -61,5 +73,53 @@ impl BrokerControl for RedisServer {
             .map_err(|e| io_error("restarting redis-server", e))?;
         tokio::task::block_in_place(|| self.wait_ready())
             .map_err(|e| io_error("waiting for redis-server", e))
+    }
+}
+
+/// A foreign producer: the `redis` client writing a plain stream entry, no evbus involved.
+struct RawRedis {
+    client: redis::Client,
+    /// The adapter's key prefix (`prefix` in the URL, `evbus:` by default).
+    prefix: String,
+}
+
+impl RawRedis {
+    fn new(url: &str) -> evbus::Result<Self> {
+        let config = RedisConfig::from_url(url)?;
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            Error::invalid_config(format!("the raw Redis producer cannot use the URL: {e}"))
+        })?;
+        Ok(RawRedis {
+            client,
+            prefix: config.key_prefix,
+        })
+    }
+}
+
+#[async_trait]
+impl RawProducer for RawRedis {
+    async fn send_undecodable(&self, queue: &str) -> evbus::Result<()> {
+        // The README, "How evbus maps onto Redis": queue `q` is the stream `<prefix>queue:{q}`.
+        let key = format!("{}queue:{{{queue}}}", self.prefix);
+        let failed = |e: redis::RedisError| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("the raw Redis producer could not XADD to `{key}`: {e}"),
+            )
+        };
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(failed)?;
+        let _id: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("body")
+            .arg("not a cloudevent")
+            .query_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        Ok(())
     }
 }
