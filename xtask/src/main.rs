@@ -5,6 +5,7 @@
 
 mod bench;
 mod brokers;
+mod capabilities;
 mod conformance;
 mod test;
 mod tidy;
@@ -66,6 +67,9 @@ enum Cmd {
         #[arg(long, value_name = "REF")]
         baseline: Option<String>,
     },
+    /// Regenerates the capability matrix of docs/capabilities.md from the live transports
+    /// (`evbus capabilities` at each adapter's URL, as for `conformance`).
+    Capabilities,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Conformance { adapter, args } => conformance::run(adapter.as_deref(), &args),
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
+        Cmd::Capabilities => capabilities::run(),
         Cmd::Bench {
             adapter,
             quick,

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod capabilities;
 mod consume;
 mod emit;
 mod events;
@@ -48,6 +49,11 @@ enum Command {
     /// Manage the gateway's API keys without HTTP (the first admin key).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Print what a transport declares (`Capabilities::rows()`) as one line of JSON, read
+    /// from the live transport: some values depend on the URL or on the broker.
+    ///
+    /// Exit status: 0 printed; 2 the transport could not be opened or is not healthy.
+    Capabilities(capabilities::CapabilitiesArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Command::Consume(args) => consume::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(cmd) => keys::run(cmd),
+        Command::Capabilities(args) => capabilities::run(args),
     };
     match result {
         Ok(code) => code,
