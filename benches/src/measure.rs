@@ -278,7 +278,7 @@ pub(crate) struct RunResult {
 
 /// Short size label: `16B`, `256B`, `1KiB`, `16KiB`.
 pub(crate) fn size_label(size: usize) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1024 && size.is_multiple_of(1024) {
         format!("{}KiB", size / 1024)
     } else {
         format!("{size}B")

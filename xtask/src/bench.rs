@@ -164,10 +164,10 @@ fn reachable(url: &str) -> bool {
 
 /// Why `adapter` cannot run here, if it cannot.
 fn why_not(adapter: &BenchAdapter) -> Option<String> {
-    if let Some(member) = adapter.member {
-        if !is_member(member) {
-            return Some(format!("`{member}` is not a workspace member yet"));
-        }
+    if let Some(member) = adapter.member
+        && !is_member(member)
+    {
+        return Some(format!("`{member}` is not a workspace member yet"));
     }
     if let Some((var, default)) = adapter.url {
         let url = std::env::var(var).unwrap_or_else(|_| default.to_owned());
@@ -239,14 +239,14 @@ pub(crate) fn run(options: &Options) -> Result<()> {
             Some(why) => not_run.push((adapter.name, why)),
         }
     }
-    if let Some(name) = &options.adapter {
-        if !ADAPTERS.iter().any(|a| a.name == name) {
-            let known: Vec<&str> = ADAPTERS.iter().map(|a| a.name).collect();
-            return Err(format!(
-                "unknown adapter `{name}`; known: {}",
-                known.join(", ")
-            ));
-        }
+    if let Some(name) = &options.adapter
+        && !ADAPTERS.iter().any(|a| a.name == name)
+    {
+        let known: Vec<&str> = ADAPTERS.iter().map(|a| a.name).collect();
+        return Err(format!(
+            "unknown adapter `{name}`; known: {}",
+            known.join(", ")
+        ));
     }
 
     // Build, with the features of the adapters that run; an adapter whose feature does not
@@ -638,14 +638,14 @@ fn build_baseline(reference: &str, target: &Path) -> Result<PathBuf> {
         "clap",
     ] {
         let has = |m: &str| m.lines().any(|l| l.starts_with(&format!("{dep} =")));
-        if !has(&manifest) {
-            if let Some(line) = current.lines().find(|l| l.starts_with(&format!("{dep} ="))) {
-                manifest = manifest.replacen(
-                    "[workspace.dependencies]\n",
-                    &format!("[workspace.dependencies]\n{line}\n"),
-                    1,
-                );
-            }
+        if !has(&manifest)
+            && let Some(line) = current.lines().find(|l| l.starts_with(&format!("{dep} =")))
+        {
+            manifest = manifest.replacen(
+                "[workspace.dependencies]\n",
+                &format!("[workspace.dependencies]\n{line}\n"),
+                1,
+            );
         }
     }
     std::fs::write(&manifest_path, manifest)

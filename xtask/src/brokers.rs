@@ -88,11 +88,11 @@ pub(crate) fn run(start: bool) -> Result<()> {
 
     // Start every missing broker first, then wait for all: RabbitMQ alone takes seconds.
     for broker in &down {
-        if broker.name == "kafka" {
-            if let Err(e) = ensure_tansu() {
-                println!("  cannot fetch tansu: {e}");
-                continue;
-            }
+        if broker.name == "kafka"
+            && let Err(e) = ensure_tansu()
+        {
+            println!("  cannot fetch tansu: {e}");
+            continue;
         }
         start_broker(broker);
     }

@@ -150,12 +150,12 @@ impl Totals {
         }
         match Summary::parse(line) {
             Some(summary) => {
-                if summary.status == Status::Ran {
-                    if let Some((p, f, i)) = self.last_result.take() {
-                        self.libtest.0 -= p;
-                        self.libtest.1 -= f;
-                        self.libtest.2 -= i;
-                    }
+                if summary.status == Status::Ran
+                    && let Some((p, f, i)) = self.last_result.take()
+                {
+                    self.libtest.0 -= p;
+                    self.libtest.1 -= f;
+                    self.libtest.2 -= i;
                 }
                 self.conformance.push(summary);
             }

@@ -175,10 +175,10 @@ fn entries(reply: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
             };
             let mut fields = fields.into_iter();
             while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-                if let (Value::BulkString(name), Value::BulkString(value)) = (name, value) {
-                    if name == b"data" {
-                        out.push((id.clone(), value));
-                    }
+                if let (Value::BulkString(name), Value::BulkString(value)) = (name, value)
+                    && name == b"data"
+                {
+                    out.push((id.clone(), value));
                 }
             }
         }

@@ -225,21 +225,23 @@ async fn publish(
         None => Value::Null,
     };
     let info = state.visibility.catalog.get(&ty).map(|t| t.latest());
-    if let Some(version) = info {
-        if let Err(errors) = version.validate(&data) {
-            let violations: Vec<Value> = errors
-                .iter()
-                .map(|v| json!({"pointer": v.pointer(), "keyword": v.keyword(), "message": v.message()}))
-                .collect();
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "the data breaks the schema of `{ty}` ({} violations)",
-                    violations.len()
-                ),
+    if let Some(version) = info
+        && let Err(errors) = version.validate(&data)
+    {
+        let violations: Vec<Value> = errors
+            .iter()
+            .map(
+                |v| json!({"pointer": v.pointer(), "keyword": v.keyword(), "message": v.message()}),
             )
-            .with("violations", Value::Array(violations)));
-        }
+            .collect();
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the data breaks the schema of `{ty}` ({} violations)",
+                violations.len()
+            ),
+        )
+        .with("violations", Value::Array(violations)));
     }
     // The producer's id and source are kept (the decoder refused empty ones); evbus does not
     // deduplicate, so keeping `source` + `id` unique is the producer's job, as CloudEvents asks.

@@ -80,10 +80,10 @@ fn keep_only(value: Value, allowed: &[Vec<String>], depth: usize) -> Option<Valu
             let mut out = Map::new();
             for (k, v) in map {
                 let sub = child(&k);
-                if !sub.is_empty() {
-                    if let Some(v) = keep_only(v, &sub, depth + 1) {
-                        out.insert(k, v);
-                    }
+                if !sub.is_empty()
+                    && let Some(v) = keep_only(v, &sub, depth + 1)
+                {
+                    out.insert(k, v);
                 }
             }
             Some(Value::Object(out))
@@ -170,23 +170,21 @@ pub fn curate_event(
 fn inline_refs(node: &Value, root: &Value, depth: usize) -> Value {
     match node {
         Value::Object(map) => {
-            if let Some(Value::String(r)) = map.get("$ref") {
-                if let Some(ptr) = r.strip_prefix('#') {
-                    if depth < 16 {
-                        if let Some(target) = root.pointer(ptr) {
-                            let mut merged = match inline_refs(target, root, depth + 1) {
-                                Value::Object(m) => m,
-                                other => return other,
-                            };
-                            for (k, v) in map {
-                                if k != "$ref" {
-                                    merged.insert(k.clone(), inline_refs(v, root, depth));
-                                }
-                            }
-                            return Value::Object(merged);
-                        }
+            if let Some(Value::String(r)) = map.get("$ref")
+                && let Some(ptr) = r.strip_prefix('#')
+                && depth < 16
+                && let Some(target) = root.pointer(ptr)
+            {
+                let mut merged = match inline_refs(target, root, depth + 1) {
+                    Value::Object(m) => m,
+                    other => return other,
+                };
+                for (k, v) in map {
+                    if k != "$ref" {
+                        merged.insert(k.clone(), inline_refs(v, root, depth));
                     }
                 }
+                return Value::Object(merged);
             }
             Value::Object(
                 map.iter()
@@ -266,10 +264,10 @@ fn schema_remove(node: &mut Value, tokens: &[String]) {
             props.remove(first);
         }
         prune_required(map);
-    } else if let Some(Value::Object(props)) = map.get_mut("properties") {
-        if let Some(child) = props.get_mut(first) {
-            schema_remove(child, rest);
-        }
+    } else if let Some(Value::Object(props)) = map.get_mut("properties")
+        && let Some(child) = props.get_mut(first)
+    {
+        schema_remove(child, rest);
     }
 }
 

@@ -185,10 +185,10 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     };
     let timestamp = now.timestamp();
     let mut secrets = vec![webhook.secret.as_str()];
-    if let (Some(prev), Some(until)) = (&webhook.previous_secret, webhook.previous_secret_until) {
-        if now < until {
-            secrets.push(prev.as_str());
-        }
+    if let (Some(prev), Some(until)) = (&webhook.previous_secret, webhook.previous_secret_until)
+        && now < until
+    {
+        secrets.push(prev.as_str());
     }
     let signature = signing::signature_header(secrets, &stored.id, timestamp, body.as_bytes());
 
@@ -383,12 +383,12 @@ pub(crate) async fn create(
                 .with("denied_positions", json!(denied)),
         );
     }
-    if let Some(allow) = &req.allow {
-        if allow.iter().any(|p| !p.starts_with('/')) {
-            return Err(Problem::bad_request(
-                "`allow` holds JSON pointers such as /order/id",
-            ));
-        }
+    if let Some(allow) = &req.allow
+        && allow.iter().any(|p| !p.starts_with('/'))
+    {
+        return Err(Problem::bad_request(
+            "`allow` holds JSON pointers such as /order/id",
+        ));
     }
     if req.description.len() > 1000 || req.url.len() > 2000 {
         return Err(Problem::bad_request("`url` or `description` is too long"));

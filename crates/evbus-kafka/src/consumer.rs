@@ -399,13 +399,14 @@ impl Shared {
                         }
                     })
                     .collect();
-                if !failed && !owned.is_empty() {
-                    if let Err(e) = consumer.commit(&self.tpl(&owned), CommitMode::Async) {
-                        tracing::debug!(error = %e, topic = %self.topic, "offset commit failed; retried with the next one");
-                        for (p, generation, _, _) in &owned {
-                            if let Some(part) = state.partitions.get_mut(p) {
-                                part.dirty |= part.generation == *generation;
-                            }
+                if !failed
+                    && !owned.is_empty()
+                    && let Err(e) = consumer.commit(&self.tpl(&owned), CommitMode::Async)
+                {
+                    tracing::debug!(error = %e, topic = %self.topic, "offset commit failed; retried with the next one");
+                    for (p, generation, _, _) in &owned {
+                        if let Some(part) = state.partitions.get_mut(p) {
+                            part.dirty |= part.generation == *generation;
                         }
                     }
                 }
@@ -463,10 +464,9 @@ fn set_commit(tpl: &mut TopicPartitionList, topic: &str, p: i32, offset: i64, me
     if tpl
         .add_partition_offset(topic, p, Offset::Offset(offset))
         .is_ok()
+        && let Some(mut elem) = tpl.find_partition(topic, p)
     {
-        if let Some(mut elem) = tpl.find_partition(topic, p) {
-            elem.set_metadata(metadata);
-        }
+        elem.set_metadata(metadata);
     }
 }
 

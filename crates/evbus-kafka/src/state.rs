@@ -241,12 +241,11 @@ impl StateTopic {
                 continue;
             };
             let expected = key(topic, p);
-            if message.key() == Some(expected.as_bytes()) {
-                if let Some(value) = message.payload().and_then(|v| std::str::from_utf8(v).ok()) {
-                    if let Some(metadata) = decode(value, end.1) {
-                        end.2 = Some(metadata.to_owned());
-                    }
-                }
+            if message.key() == Some(expected.as_bytes())
+                && let Some(value) = message.payload().and_then(|v| std::str::from_utf8(v).ok())
+                && let Some(metadata) = decode(value, end.1)
+            {
+                end.2 = Some(metadata.to_owned());
             }
             if message.offset() >= end.0 {
                 end.3 = true;

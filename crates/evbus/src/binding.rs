@@ -194,13 +194,12 @@ where
 const AMQP_COLON_PREFIX: &str = "cloudEvents:";
 
 fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
-    if style == HeaderStyle::AMQP {
-        if let Some(tail) = name
+    if style == HeaderStyle::AMQP
+        && let Some(tail) = name
             .strip_prefix(AMQP_COLON_PREFIX)
             .filter(|t| !t.is_empty())
-        {
-            return Some(tail.to_ascii_lowercase());
-        }
+    {
+        return Some(tail.to_ascii_lowercase());
     }
     let p = style.prefix;
     if name.len() <= p.len() {

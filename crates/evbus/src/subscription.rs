@@ -253,12 +253,12 @@ impl Stream for Subscription {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(stop) = this.stop.as_mut() {
-            if stop.as_mut().poll(cx).is_ready() {
-                // Closed: the stream ends for good.
-                this.inner.done = true;
-                this.stop = None;
-            }
+        if let Some(stop) = this.stop.as_mut()
+            && stop.as_mut().poll(cx).is_ready()
+        {
+            // Closed: the stream ends for good.
+            this.inner.done = true;
+            this.stop = None;
         }
         this.inner.poll_next(cx)
     }

@@ -530,10 +530,10 @@ impl Worker {
                     continue;
                 }
                 report.interrupted += 1;
-                if delivery.attempt() < delivery.max_attempts() {
-                    if let Err(e) = delivery.nack(None).await {
-                        tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
-                    }
+                if delivery.attempt() < delivery.max_attempts()
+                    && let Err(e) = delivery.nack(None).await
+                {
+                    tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
                 }
                 // On the last attempt a nack would dead-letter an event that did not fail:
                 // it is left to its visibility timeout instead.

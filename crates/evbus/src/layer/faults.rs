@@ -184,16 +184,16 @@ impl Faults {
             let tag = delivery.tag();
             delivery = delivery.with_acker(Arc::new(LosingAcker(inner)), tag);
         }
-        if self.strikes(&Fault::DuplicateDelivery, ty) {
-            if let Some(event) = delivery.event().cloned() {
-                let twin = RawDelivery::new(
-                    event,
-                    delivery.attempt(),
-                    Arc::clone(delivery.acker()),
-                    delivery.tag(),
-                );
-                return vec![delivery, twin];
-            }
+        if self.strikes(&Fault::DuplicateDelivery, ty)
+            && let Some(event) = delivery.event().cloned()
+        {
+            let twin = RawDelivery::new(
+                event,
+                delivery.attempt(),
+                Arc::clone(delivery.acker()),
+                delivery.tag(),
+            );
+            return vec![delivery, twin];
         }
         vec![delivery]
     }
@@ -218,11 +218,11 @@ impl Faults {
                     event.remove_extension(&name);
                 }
             }
-            if self.strikes(&Fault::TruncateTime, ty) {
-                if let Some(time) = event.time() {
-                    let truncated = time.duration_trunc(TimeDelta::seconds(1)).unwrap_or(time);
-                    event = event.into_builder().time(Some(truncated)).build()?;
-                }
+            if self.strikes(&Fault::TruncateTime, ty)
+                && let Some(time) = event.time()
+            {
+                let truncated = time.duration_trunc(TimeDelta::seconds(1)).unwrap_or(time);
+                event = event.into_builder().time(Some(truncated)).build()?;
             }
             let twice = self.strikes(&Fault::DuplicatePublish, ty);
             if twice {

@@ -239,19 +239,19 @@ impl<B: Broker> Connection<B> {
 
     async fn publish(&self, to: &Destination, events: &[Event]) -> Result<()> {
         let _operation = self.enter()?;
-        if let Some(max) = self.inner.broker.capabilities().max_payload_bytes {
-            if let Some(event) = events.iter().find(|e| e.encoded_len() > max) {
-                return Err(Error::new(
-                    ErrorKind::TooLarge,
-                    format!(
-                        "event {} is {} bytes, more than the {} limit of {max} bytes; \
+        if let Some(max) = self.inner.broker.capabilities().max_payload_bytes
+            && let Some(event) = events.iter().find(|e| e.encoded_len() > max)
+        {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "event {} is {} bytes, more than the {} limit of {max} bytes; \
                          send a reference to the data instead",
-                        event.id(),
-                        event.encoded_len(),
-                        self.inner.broker.name()
-                    ),
-                ));
-            }
+                    event.id(),
+                    event.encoded_len(),
+                    self.inner.broker.name()
+                ),
+            ));
         }
         if events.is_empty() {
             return Ok(());

@@ -303,25 +303,26 @@ impl CatalogBuilder {
             mode,
         };
         // Check compatibility now if everything it needs is registered; freeze checks again.
-        if !existing.is_empty() && mode != Compatibility::None {
-            if let Ok(defs) = self.resolved_definitions() {
-                let docs = Docs {
-                    defs: &defs.canonical,
-                    aliases: &defs.aliases,
-                };
-                let mut all: Vec<&Pending> = existing.iter().collect();
-                all.push(&pending);
-                let inlined: Result<Vec<(u32, Value)>, SchemaError> = all
-                    .iter()
-                    .map(|p| {
-                        let doc = effective_schema(p, &defs.canonical);
-                        let c = resolve::canonicalize(&doc, &resolve::event_uri(ty), &docs, &what)?;
-                        Ok((p.version, resolve::inline(&c, &docs)))
-                    })
-                    .collect();
-                if let Ok(inlined) = inlined {
-                    check_versions(ty, mode, &inlined, inlined.len() - 1)?;
-                }
+        if !existing.is_empty()
+            && mode != Compatibility::None
+            && let Ok(defs) = self.resolved_definitions()
+        {
+            let docs = Docs {
+                defs: &defs.canonical,
+                aliases: &defs.aliases,
+            };
+            let mut all: Vec<&Pending> = existing.iter().collect();
+            all.push(&pending);
+            let inlined: Result<Vec<(u32, Value)>, SchemaError> = all
+                .iter()
+                .map(|p| {
+                    let doc = effective_schema(p, &defs.canonical);
+                    let c = resolve::canonicalize(&doc, &resolve::event_uri(ty), &docs, &what)?;
+                    Ok((p.version, resolve::inline(&c, &docs)))
+                })
+                .collect();
+            if let Ok(inlined) = inlined {
+                check_versions(ty, mode, &inlined, inlined.len() - 1)?;
             }
         }
         self.events.entry(ty.to_owned()).or_default().push(pending);
@@ -619,13 +620,13 @@ fn find_unknown_formats(
     options: &jsonschema::ValidationOptions<'_>,
     out: &mut Vec<String>,
 ) {
-    if let Some(f) = schema.get("format").and_then(Value::as_str) {
-        if !options.is_known_format(draft, f) {
-            out.push(format!(
-                "\"{f}\" at {}",
-                if at.is_empty() { "the root" } else { at }
-            ));
-        }
+    if let Some(f) = schema.get("format").and_then(Value::as_str)
+        && !options.is_known_format(draft, f)
+    {
+        out.push(format!(
+            "\"{f}\" at {}",
+            if at.is_empty() { "the root" } else { at }
+        ));
     }
     for c in resolve::children(schema) {
         find_unknown_formats(c.value, &format!("{at}{}", c.suffix), draft, options, out);
@@ -813,17 +814,17 @@ fn apply_extensions(name: &str, base: &Value, exts: &[&Extension]) -> Result<Val
 /// shared definition become references to it.
 fn effective_schema(p: &Pending, defs: &BTreeMap<String, Value>) -> Value {
     let mut schema = p.schema.clone();
-    if p.from_rust {
-        if let Some(local) = schema.get_mut("$defs").and_then(Value::as_object_mut) {
-            for (name, v) in local.iter_mut() {
-                if defs.contains_key(name) {
-                    let mut r = Map::new();
-                    r.insert(
-                        "$ref".to_owned(),
-                        Value::String(format!("../definitions/{name}.json")),
-                    );
-                    *v = Value::Object(r);
-                }
+    if p.from_rust
+        && let Some(local) = schema.get_mut("$defs").and_then(Value::as_object_mut)
+    {
+        for (name, v) in local.iter_mut() {
+            if defs.contains_key(name) {
+                let mut r = Map::new();
+                r.insert(
+                    "$ref".to_owned(),
+                    Value::String(format!("../definitions/{name}.json")),
+                );
+                *v = Value::Object(r);
             }
         }
     }

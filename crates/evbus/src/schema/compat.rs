@@ -353,26 +353,24 @@ fn compare(w: &Value, r: &Value, path: &str, depth: usize, out: &mut Vec<Incompa
     // A writer made of alternatives: each alternative, with the writer's other keywords, must
     // be readable.
     let r_has_alts = r.contains_key("anyOf") || r.contains_key("oneOf");
-    if !r_has_alts {
-        if let Some(alts) = alternatives(&w) {
-            let base = without(&w, &["anyOf", "oneOf"]);
-            for alt in &alts {
-                let merged = merge_shallow(&base, alt);
-                let mut sub = Vec::new();
-                compare(
-                    &Value::Object(merged),
-                    &Value::Object(r.clone()),
-                    path,
-                    depth + 1,
-                    &mut sub,
-                );
-                if !sub.is_empty() {
-                    out.extend(sub);
-                    return;
-                }
+    if !r_has_alts && let Some(alts) = alternatives(&w) {
+        let base = without(&w, &["anyOf", "oneOf"]);
+        for alt in &alts {
+            let merged = merge_shallow(&base, alt);
+            let mut sub = Vec::new();
+            compare(
+                &Value::Object(merged),
+                &Value::Object(r.clone()),
+                path,
+                depth + 1,
+                &mut sub,
+            );
+            if !sub.is_empty() {
+                out.extend(sub);
+                return;
             }
-            return;
         }
+        return;
     }
 
     refs(&w, &r, path, out);
@@ -504,17 +502,17 @@ fn refs(
     out: &mut Vec<Incompatibility>,
 ) {
     let wr = w.get("$ref");
-    if let Some(rr) = r.get("$ref") {
-        if wr != Some(rr) {
-            out.push(Incompatibility::new(
-                &at(path, "$ref"),
-                "REFERENCE_CHANGED",
-                format!(
-                    "the recursive reference {rr} of the reader does not match the writer's{}",
-                    wr.map(|w| format!(" ({w})")).unwrap_or_default()
-                ),
-            ));
-        }
+    if let Some(rr) = r.get("$ref")
+        && wr != Some(rr)
+    {
+        out.push(Incompatibility::new(
+            &at(path, "$ref"),
+            "REFERENCE_CHANGED",
+            format!(
+                "the recursive reference {rr} of the reader does not match the writer's{}",
+                wr.map(|w| format!(" ({w})")).unwrap_or_default()
+            ),
+        ));
     }
 }
 
@@ -1104,15 +1102,15 @@ fn objects(
         }
     }
 
-    if let Some(ru) = r.get("unevaluatedProperties") {
-        if w.get("unevaluatedProperties") != Some(ru) && !accepts_anything(ru) {
-            out.push(Incompatibility::new(
-                &at(path, "unevaluatedProperties"),
-                "UNEVALUATED_PROPERTIES_CHANGED",
-                "the reader constrains unevaluated properties differently from the writer"
-                    .to_owned(),
-            ));
-        }
+    if let Some(ru) = r.get("unevaluatedProperties")
+        && w.get("unevaluatedProperties") != Some(ru)
+        && !accepts_anything(ru)
+    {
+        out.push(Incompatibility::new(
+            &at(path, "unevaluatedProperties"),
+            "UNEVALUATED_PROPERTIES_CHANGED",
+            "the reader constrains unevaluated properties differently from the writer".to_owned(),
+        ));
     }
 }
 

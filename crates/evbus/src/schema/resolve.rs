@@ -129,16 +129,16 @@ pub(crate) fn children(schema: &Value) -> Vec<Child<'_>> {
                     });
                 }
             }
-        } else if let Some((_, in_place)) = MAPS.iter().find(|(n, _)| *n == k) {
-            if let Some(map) = v.as_object() {
-                for (name, sub) in map {
-                    if is_schema(sub) {
-                        out.push(Child {
-                            suffix: format!("/{}/{}", pointer::escape(k), pointer::escape(name)),
-                            value: sub,
-                            in_place: *in_place,
-                        });
-                    }
+        } else if let Some((_, in_place)) = MAPS.iter().find(|(n, _)| *n == k)
+            && let Some(map) = v.as_object()
+        {
+            for (name, sub) in map {
+                if is_schema(sub) {
+                    out.push(Child {
+                        suffix: format!("/{}/{}", pointer::escape(k), pointer::escape(name)),
+                        value: sub,
+                        in_place: *in_place,
+                    });
                 }
             }
         }
@@ -168,15 +168,15 @@ fn map_children(schema: &mut Map<String, Value>, f: &mut dyn FnMut(&str, &mut Va
                 _ if k == "items" && is_schema(v) => f("/items", v),
                 _ => {}
             }
-        } else if MAPS.iter().any(|(n, _)| *n == k) {
-            if let Some(map) = v.as_object_mut() {
-                for (name, sub) in map.iter_mut() {
-                    if is_schema(sub) {
-                        f(
-                            &format!("/{}/{}", pointer::escape(k), pointer::escape(name)),
-                            sub,
-                        );
-                    }
+        } else if MAPS.iter().any(|(n, _)| *n == k)
+            && let Some(map) = v.as_object_mut()
+        {
+            for (name, sub) in map.iter_mut() {
+                if is_schema(sub) {
+                    f(
+                        &format!("/{}/{}", pointer::escape(k), pointer::escape(name)),
+                        sub,
+                    );
                 }
             }
         }
@@ -395,10 +395,10 @@ pub(crate) fn check_cycles(
 
     fn edges(node: &Node, value: &Value) -> Vec<Node> {
         let mut out = Vec::new();
-        if let Some(r) = value.get("$ref").and_then(Value::as_str) {
-            if let Some(t) = target_of(r, &node.0) {
-                out.push(t);
-            }
+        if let Some(r) = value.get("$ref").and_then(Value::as_str)
+            && let Some(t) = target_of(r, &node.0)
+        {
+            out.push(t);
         }
         for c in children(value) {
             if c.in_place {
@@ -510,20 +510,20 @@ fn inline_in(
     };
     let mut out = Map::new();
     let mut target = None;
-    if let Some(r) = obj.get("$ref").and_then(Value::as_str) {
-        if let Some((key, ptr)) = target_of(r, doc) {
-            let node = (key.clone(), ptr.clone());
-            if stack.contains(&node) {
-                let abs = match &key {
-                    DocKey::Event => format!("#{ptr}"),
-                    DocKey::Def(n) => format!("{}#{ptr}", definition_uri(n)),
-                };
-                out.insert("$ref".to_owned(), Value::String(abs));
-            } else if let Some(t) = docs.get(&key, event).and_then(|d| d.pointer(&ptr)) {
-                stack.push(node);
-                target = Some(inline_in(t, &key, &ptr, event, docs, stack));
-                stack.pop();
-            }
+    if let Some(r) = obj.get("$ref").and_then(Value::as_str)
+        && let Some((key, ptr)) = target_of(r, doc)
+    {
+        let node = (key.clone(), ptr.clone());
+        if stack.contains(&node) {
+            let abs = match &key {
+                DocKey::Event => format!("#{ptr}"),
+                DocKey::Def(n) => format!("{}#{ptr}", definition_uri(n)),
+            };
+            out.insert("$ref".to_owned(), Value::String(abs));
+        } else if let Some(t) = docs.get(&key, event).and_then(|d| d.pointer(&ptr)) {
+            stack.push(node);
+            target = Some(inline_in(t, &key, &ptr, event, docs, stack));
+            stack.pop();
         }
     }
     for (k, sub) in obj {
@@ -579,10 +579,10 @@ pub(crate) fn referenced_definitions(event: &Value, docs: &Docs<'_>) -> BTreeSet
     let mut todo = vec![event];
     while let Some(v) = todo.pop() {
         collect_def_refs(v, &mut |name| {
-            if found.insert(name.to_owned()) {
-                if let Some(d) = docs.defs.get(name) {
-                    todo.push(d);
-                }
+            if found.insert(name.to_owned())
+                && let Some(d) = docs.defs.get(name)
+            {
+                todo.push(d);
             }
         });
     }
@@ -590,10 +590,10 @@ pub(crate) fn referenced_definitions(event: &Value, docs: &Docs<'_>) -> BTreeSet
 }
 
 fn collect_def_refs(v: &Value, f: &mut dyn FnMut(&str)) {
-    if let Some(r) = v.get("$ref").and_then(Value::as_str) {
-        if let Some((DocKey::Def(n), _)) = parse_canonical(r) {
-            f(&n);
-        }
+    if let Some(r) = v.get("$ref").and_then(Value::as_str)
+        && let Some((DocKey::Def(n), _)) = parse_canonical(r)
+    {
+        f(&n);
     }
     for c in children(v) {
         collect_def_refs(c.value, f);
@@ -612,20 +612,20 @@ fn rewrite_in(v: &mut Value, from: &DocKey, prefix: &dyn Fn(&DocKey) -> String) 
     let Some(obj) = v.as_object_mut() else {
         return;
     };
-    if let Some(Value::String(r)) = obj.get("$ref") {
-        if let Some((key, ptr)) = target_of(r, from) {
-            let p = prefix(&key);
-            let new = if ptr.is_empty() && p.is_empty() {
-                "#".to_owned()
-            } else {
-                format!(
-                    "{}{}",
-                    if p.is_empty() { "#" } else { &p },
-                    pointer::fragment_encode(&ptr)
-                )
-            };
-            obj.insert("$ref".to_owned(), Value::String(new));
-        }
+    if let Some(Value::String(r)) = obj.get("$ref")
+        && let Some((key, ptr)) = target_of(r, from)
+    {
+        let p = prefix(&key);
+        let new = if ptr.is_empty() && p.is_empty() {
+            "#".to_owned()
+        } else {
+            format!(
+                "{}{}",
+                if p.is_empty() { "#" } else { &p },
+                pointer::fragment_encode(&ptr)
+            )
+        };
+        obj.insert("$ref".to_owned(), Value::String(new));
     }
     map_children(obj, &mut |_: &str, child: &mut Value| {
         rewrite_in(child, from, prefix)

@@ -195,10 +195,10 @@ impl fmt::Display for ValidationErrors {
     /// One violation per line as `<json-pointer>: <message>`; for an unknown type or version,
     /// or data that is not JSON, just the message.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.problem != ValidationProblem::Invalid {
-            if let Some(v) = self.violations.first() {
-                return f.write_str(&v.message);
-            }
+        if self.problem != ValidationProblem::Invalid
+            && let Some(v) = self.violations.first()
+        {
+            return f.write_str(&v.message);
         }
         for (i, v) in self.violations.iter().enumerate() {
             if i > 0 {
