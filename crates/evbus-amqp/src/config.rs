@@ -298,10 +298,10 @@ pub(crate) fn scrub(text: &str, url: &str) -> String {
         return text.to_owned();
     };
     let mut out = text.replace(password, "***");
-    if let Ok(decoded) = percent_decode(password) {
-        if !decoded.is_empty() {
-            out = out.replace(&decoded, "***");
-        }
+    if let Ok(decoded) = percent_decode(password)
+        && !decoded.is_empty()
+    {
+        out = out.replace(&decoded, "***");
     }
     out
 }

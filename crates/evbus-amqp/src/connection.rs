@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use evbus::raw::Backoff;
 use evbus::{Error, ErrorKind, Result};
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use rand::Rng;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -83,7 +83,7 @@ pub(crate) struct Live {
 
 impl Link {
     pub(crate) fn new(config: AmqpConfig, first: Live) -> Self {
-        let backoff = Backoff::new(&config);
+        let backoff = backoff(&config);
         Link {
             config,
             generation: AtomicU64::new(first.generation),
@@ -156,20 +156,20 @@ impl Link {
             );
             state.live = None;
         }
-        if let Some(at) = state.retry_at {
-            if Instant::now() < at {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!(
-                        "RabbitMQ at `{}` is unreachable; reconnecting (last error: {})",
-                        self.config.redacted_url(),
-                        state
-                            .last_error
-                            .as_ref()
-                            .map_or_else(|| "none".to_owned(), ToString::to_string)
-                    ),
-                ));
-            }
+        if let Some(at) = state.retry_at
+            && Instant::now() < at
+        {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "RabbitMQ at `{}` is unreachable; reconnecting (last error: {})",
+                    self.config.redacted_url(),
+                    state
+                        .last_error
+                        .as_ref()
+                        .map_or_else(|| "none".to_owned(), ToString::to_string)
+                ),
+            ));
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         match Self::open(&self.config, generation).await {
@@ -193,7 +193,7 @@ impl Link {
 
     /// The delay a consumer waits before trying to re-attach after a failure.
     pub(crate) fn backoff(&self) -> Backoff {
-        Backoff::new(&self.config)
+        backoff(&self.config)
     }
 
     /// Closes the connection (after the publisher channel's confirms); later calls to
@@ -354,61 +354,14 @@ impl Live {
     }
 }
 
-/// Exponential backoff with full jitter between the configured minimum and maximum.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(config: &AmqpConfig) -> Self {
-        Backoff {
-            min: config.reconnect_min_delay,
-            max: config.reconnect_max_delay,
-            attempt: 0,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.attempt.min(20));
-        self.attempt = self.attempt.saturating_add(1);
-        let ceiling = self.min.saturating_mul(factor).min(self.max).max(self.min);
-        let floor = self.min.min(ceiling);
-        let spread = u64::try_from(ceiling.saturating_sub(floor).as_millis()).unwrap_or(u64::MAX);
-        floor + Duration::from_millis(rand::rng().random_range(0..=spread))
-    }
-
-    /// Back to the shortest delay (after a success).
-    pub(crate) fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// The reconnect backoff `config` asks for.
+pub(crate) fn backoff(config: &AmqpConfig) -> Backoff {
+    Backoff::new(config.reconnect_min_delay, config.reconnect_max_delay)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_within_bounds() {
-        let config = AmqpConfig {
-            reconnect_min_delay: Duration::from_millis(10),
-            reconnect_max_delay: Duration::from_millis(100),
-            ..AmqpConfig::default()
-        };
-        let mut backoff = Backoff::new(&config);
-        for _ in 0..50 {
-            let d = backoff.next_delay();
-            assert!(
-                d >= Duration::from_millis(10) && d <= Duration::from_millis(100),
-                "{d:?}"
-            );
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(10));
-    }
 
     #[test]
     fn names_longer_than_a_short_string_are_configuration_errors() {

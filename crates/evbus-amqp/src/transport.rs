@@ -3,18 +3,18 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use evbus::raw::Gate;
 use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::AmqpConfig;
 use crate::connection::{Link, Live, short, within};
@@ -49,7 +49,7 @@ impl std::fmt::Debug for AmqpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpTransport")
             .field("config", &self.shared.config)
-            .field("closed", &self.shared.closed.load(Ordering::Acquire))
+            .field("closed", &self.shared.gate.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -59,9 +59,8 @@ pub(crate) struct Shared {
     pub(crate) config: AmqpConfig,
     pub(crate) link: Link,
     pub(crate) names: Names,
-    closed: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
+    /// Refuses operations after close; close waits for those in progress.
+    gate: Gate,
     /// Cancelled on close: consumers stop.
     pub(crate) cancel: CancellationToken,
     /// Consumer tasks, awaited on close.
@@ -70,34 +69,14 @@ pub(crate) struct Shared {
     recorded: std::sync::Mutex<HashSet<String>>,
 }
 
-/// Marks one operation (publish, declaration, ...) in progress; [`AmqpTransport::close`]
-/// waits for every one to finish.
-pub(crate) struct OpGuard<'a> {
-    shared: &'a Shared,
-}
-
-impl Drop for OpGuard<'_> {
-    fn drop(&mut self) {
-        if self.shared.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.idle.notify_waiters();
-        }
-    }
-}
-
 impl Shared {
     /// Starts an operation, or fails with [`ErrorKind::Closed`].
-    pub(crate) fn begin(&self) -> Result<OpGuard<'_>> {
-        // Count first, then check: `close` sets the flag first, then waits for the count.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = OpGuard { shared: self };
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed("the AMQP transport"));
-        }
-        Ok(guard)
+    pub(crate) fn begin(&self) -> Result<TaskTrackerToken> {
+        self.gate.enter()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.gate.is_closed()
     }
 
     /// Records the subscription queue `queue` in the directory of its topic's exchange, so
@@ -197,9 +176,7 @@ impl AmqpTransport {
                 link: Link::new(config.clone(), first),
                 config,
                 names,
-                closed: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-                idle: Notify::new(),
+                gate: Gate::new("the AMQP transport"),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 recorded: std::sync::Mutex::new(HashSet::new()),
@@ -361,18 +338,10 @@ impl Transport for AmqpTransport {
 
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
-        if shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
         // Flush: wait for publishes (and their confirms) and settlements under way.
-        loop {
-            let idle = shared.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if shared.in_flight.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            idle.await;
+        // A second close finds the first one did the rest.
+        if !shared.gate.close().await {
+            return Ok(());
         }
         // End subscriptions: consumers close their channels, and RabbitMQ requeues what
         // they held unsettled.

@@ -70,13 +70,8 @@ impl BrokerControl for RabbitNode {
     }
 
     async fn resume(&self) -> evbus::Result<()> {
-        if self.is_running() {
-            return Ok(());
-        }
-        self.spawn()
-            .map_err(|e| io_error("restarting the RabbitMQ node", e))?;
-        tokio::task::block_in_place(|| self.wait_ready())
-            .map_err(|e| io_error("waiting for the RabbitMQ node", e))
+        tokio::task::block_in_place(|| self.restart())
+            .map_err(|e| io_error("restarting the RabbitMQ node", e))
     }
 }
 

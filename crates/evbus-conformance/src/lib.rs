@@ -36,6 +36,7 @@ use futures::FutureExt;
 
 mod cases;
 mod harness;
+pub mod process;
 mod report;
 mod runner;
 mod support;

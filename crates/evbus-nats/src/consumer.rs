@@ -19,7 +19,7 @@ use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, pull};
 use async_trait::async_trait;
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::raw::{Acker, RawDelivery, Undecodable};
+use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::{Stream, StreamExt};
 
@@ -46,6 +46,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) options: ConsumerOptions,
 }
 
+/// Shortest pause before pulling again after an error.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to pull again after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -73,7 +75,7 @@ pub(crate) async fn open(
         consumer,
         batch_size,
         batch: None,
-        backoff: Duration::from_millis(100),
+        backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
         anonymous,
         shared,
     };
@@ -153,7 +155,7 @@ struct Pull {
     batch_size: usize,
     /// The pull request being served.
     batch: Option<pull::Batch>,
-    backoff: Duration,
+    backoff: Backoff,
     /// The anonymous subscription's registration, released (consumer deleted) on drop.
     anonymous: Option<u64>,
 }
@@ -212,7 +214,7 @@ impl Pull {
                 // The pull request expired or was served in full: ask again.
                 None => self.batch = None,
                 Some(Ok(message)) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.backoff.reset();
                     return Some(Ok(self.delivery(message)));
                 }
                 Some(Err(e)) => {
@@ -242,8 +244,7 @@ impl Pull {
             );
             return false;
         }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        let delay = self.backoff.next_delay();
         tracing::warn!(
             stream = %self.stream, consumer = %self.name, error = %error, retry_in = ?delay,
             "pulling from NATS failed; retrying"

@@ -1,7 +1,7 @@
 //! [`NatsTransport`]: one connection to one NATS server, the factory for topics and queues.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,10 +10,11 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+use evbus::raw::Gate;
 use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::{NatsConfig, Retention, Storage};
 use crate::connection;
@@ -49,7 +50,7 @@ impl std::fmt::Debug for NatsTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsTransport")
             .field("config", &self.shared.config)
-            .field("closed", &self.shared.closed.load(Ordering::Acquire))
+            .field("closed", &self.shared.gate.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -62,9 +63,8 @@ pub(crate) struct Shared {
     pub(crate) names: Names,
     /// Largest event accepted.
     pub(crate) max_payload_bytes: usize,
-    closed: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
+    /// Refuses operations after close; close waits for those in progress.
+    gate: Gate,
     /// Streams known to exist (created or found by this transport).
     streams: Mutex<HashSet<String>>,
     /// Anonymous subscriptions' ephemeral consumers still open: deleted on close.
@@ -76,35 +76,14 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
 }
 
-/// Marks one operation (publish, ack, ...) in progress; [`NatsTransport::close`] waits for
-/// every one to finish.
-pub(crate) struct OpGuard<'a> {
-    shared: &'a Shared,
-}
-
-impl Drop for OpGuard<'_> {
-    fn drop(&mut self) {
-        if self.shared.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.idle.notify_waiters();
-        }
-    }
-}
-
 impl Shared {
     /// Starts an operation, or fails with [`ErrorKind::Closed`].
-    pub(crate) fn begin(&self) -> Result<OpGuard<'_>> {
-        // Count first, then check: `close` sets the flag first, then waits for the count, so
-        // an operation either sees the flag or is waited for.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = OpGuard { shared: self };
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed("the NATS transport"));
-        }
-        Ok(guard)
+    pub(crate) fn begin(&self) -> Result<TaskTrackerToken> {
+        self.gate.enter()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.gate.is_closed()
     }
 
     /// The stream configuration of a topic or queue.
@@ -318,9 +297,7 @@ impl NatsTransport {
                 js,
                 names,
                 max_payload_bytes,
-                closed: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-                idle: Notify::new(),
+                gate: Gate::new("the NATS transport"),
                 streams: Mutex::new(HashSet::new()),
                 anonymous: Mutex::new(HashMap::new()),
                 next_anonymous: AtomicU64::new(0),
@@ -415,18 +392,10 @@ impl Transport for NatsTransport {
 
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
-        if shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
         // Flush: wait for publishes and settlements already under way.
-        loop {
-            let idle = shared.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if shared.in_flight.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            idle.await;
+        // A second close finds the first one did the rest.
+        if !shared.gate.close().await {
+            return Ok(());
         }
         // End subscriptions, then remove the anonymous ones' consumers.
         shared.cancel.cancel();

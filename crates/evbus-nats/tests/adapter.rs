@@ -270,11 +270,7 @@ async fn topics_and_queues_with_dots_and_odd_characters_get_their_own_streams() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_server_is_a_retryable_connection_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = evbus_conformance::process::free_port().unwrap();
     let url = format!("nats://127.0.0.1:{port}?connect_timeout_ms=500");
     let err = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
         .await
@@ -290,13 +286,13 @@ async fn an_unreachable_server_is_a_retryable_connection_error() {
 async fn wrong_credentials_are_a_configuration_error() {
     let server = support::NatsServer::start_with_config("authorization { token: \"right\" }\n")
         .expect("starting a nats-server");
-    let url = format!("nats://wrong@127.0.0.1:{}", server.port);
+    let url = format!("nats://wrong@127.0.0.1:{}", server.port());
     let err = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
     assert!(!err.to_string().contains("wrong@"), "{err}");
-    let url = format!("nats://127.0.0.1:{}?token=right", server.port);
+    let url = format!("nats://127.0.0.1:{}?token=right", server.port());
     let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
         .await
         .unwrap();

@@ -69,13 +69,8 @@ impl BrokerControl for NatsServer {
     }
 
     async fn resume(&self) -> evbus::Result<()> {
-        if self.is_running() {
-            return Ok(());
-        }
-        self.spawn()
-            .map_err(|e| io_error("restarting nats-server", e))?;
-        tokio::task::block_in_place(|| self.wait_ready())
-            .map_err(|e| io_error("waiting for nats-server", e))
+        tokio::task::block_in_place(|| self.restart())
+            .map_err(|e| io_error("restarting nats-server", e))
     }
 }
 

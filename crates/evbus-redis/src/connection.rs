@@ -2,10 +2,8 @@
 //! (publish, ack, group management), and one dedicated connection per consumer for its
 //! blocking reads, so a `XREADGROUP ... BLOCK` never stalls other traffic.
 
-use std::time::Duration;
-
+use evbus::raw::Backoff;
 use evbus::{Error, Result};
-use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Value};
 
@@ -100,37 +98,9 @@ impl BlockingConnection {
     }
 }
 
-/// Exponential backoff with full jitter between `min` and `max`.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(config: &RedisConfig) -> Self {
-        Backoff {
-            min: config.reconnect_min_delay,
-            max: config.reconnect_max_delay,
-            attempt: 0,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.attempt.min(20));
-        self.attempt = self.attempt.saturating_add(1);
-        let ceiling = self.min.saturating_mul(factor).min(self.max).max(self.min);
-        let floor = self.min.min(ceiling);
-        let spread = ceiling.saturating_sub(floor).as_millis() as u64;
-        floor + Duration::from_millis(rand::rng().random_range(0..=spread))
-    }
-
-    /// Back to the shortest delay (after a success).
-    pub(crate) fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// The reconnect backoff `config` asks for.
+pub(crate) fn backoff(config: &RedisConfig) -> Backoff {
+    Backoff::new(config.reconnect_min_delay, config.reconnect_max_delay)
 }
 
 /// Reads `INFO <section>` into `(field, value)` pairs.
@@ -225,24 +195,5 @@ mod tests {
         assert!(err.message().contains("6.2"), "{err}");
         assert_eq!(parse_version("6.2.14"), Some((6, 2)));
         assert_eq!(parse_version("x"), None);
-    }
-
-    #[test]
-    fn backoff_grows_and_stays_within_bounds() {
-        let config = RedisConfig {
-            reconnect_min_delay: Duration::from_millis(10),
-            reconnect_max_delay: Duration::from_millis(100),
-            ..RedisConfig::default()
-        };
-        let mut backoff = Backoff::new(&config);
-        for _ in 0..50 {
-            let d = backoff.next_delay();
-            assert!(
-                d >= Duration::from_millis(10) && d <= Duration::from_millis(100),
-                "{d:?}"
-            );
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(10));
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::raw::{Acker, RawDelivery, Undecodable};
+use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::Stream;
 use redis::{RedisError, Value};
@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Retention;
-use crate::connection::{Backoff, BlockingConnection, bytes_of, int_of, string_of};
+use crate::connection::{self, BlockingConnection, bytes_of, int_of, string_of};
 use crate::error::{from_redis, is_no_group};
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, StreamKeys};
 use crate::publisher::DATA_FIELD;
@@ -219,7 +219,7 @@ pub(crate) async fn start(
     let stream_state = Arc::clone(&state);
     let task = ConsumerTask {
         conn: BlockingConnection::new(shared.client.clone(), config),
-        backoff: Backoff::new(config),
+        backoff: connection::backoff(config),
         cancel: shared.cancel.child_token(),
         state,
         max_in_flight: spec.options.max_in_flight.max(1),

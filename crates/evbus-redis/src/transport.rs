@@ -1,15 +1,15 @@
 //! [`RedisTransport`]: one connection to one Redis server, the factory for topics and queues.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use evbus::{Capabilities, Error, Health, Queue, Result, Topic, Transport};
+use evbus::raw::Gate;
+use evbus::{Capabilities, Health, Queue, Result, Topic, Transport};
 use redis::aio::ConnectionManager;
 use redis::{Client, Value};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::RedisConfig;
 use crate::connection;
@@ -45,7 +45,7 @@ impl std::fmt::Debug for RedisTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisTransport")
             .field("config", &self.shared.config)
-            .field("closed", &self.shared.closed.load(Ordering::Acquire))
+            .field("closed", &self.shared.gate.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -57,44 +57,22 @@ pub(crate) struct Shared {
     conn: ConnectionManager,
     pub(crate) keys: Keys,
     persistent: bool,
-    closed: AtomicBool,
-    in_flight: AtomicUsize,
-    idle: Notify,
+    /// Refuses operations after close; close waits for those in progress.
+    gate: Gate,
     /// Cancelled on close: consumers stop.
     pub(crate) cancel: CancellationToken,
     /// Consumer tasks, awaited on close.
     pub(crate) tasks: TaskTracker,
 }
 
-/// Marks one operation (publish, ack, ...) in progress; [`RedisTransport::close`] waits for
-/// every one to finish.
-pub(crate) struct OpGuard<'a> {
-    shared: &'a Shared,
-}
-
-impl Drop for OpGuard<'_> {
-    fn drop(&mut self) {
-        if self.shared.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.idle.notify_waiters();
-        }
-    }
-}
-
 impl Shared {
     /// Starts an operation, or fails with [`ErrorKind::Closed`](evbus::ErrorKind::Closed).
-    pub(crate) fn begin(&self) -> Result<OpGuard<'_>> {
-        // Count first, then check: `close` sets the flag first, then waits for the count, so
-        // an operation either sees the flag or is waited for.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = OpGuard { shared: self };
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed("the Redis transport"));
-        }
-        Ok(guard)
+    pub(crate) fn begin(&self) -> Result<TaskTrackerToken> {
+        self.gate.enter()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.gate.is_closed()
     }
 
     /// A handle on the shared command connection.
@@ -157,9 +135,7 @@ impl RedisTransport {
                 conn,
                 keys,
                 persistent,
-                closed: AtomicBool::new(false),
-                in_flight: AtomicUsize::new(0),
-                idle: Notify::new(),
+                gate: Gate::new("the Redis transport"),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -251,18 +227,10 @@ impl Transport for RedisTransport {
 
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
-        if shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
         // Flush: wait for publishes and settlements already under way.
-        loop {
-            let idle = shared.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if shared.in_flight.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            idle.await;
+        // A second close finds the first one did the rest.
+        if !shared.gate.close().await {
+            return Ok(());
         }
         // End subscriptions: consumers give back what they fetched but did not deliver.
         shared.cancel.cancel();

@@ -50,7 +50,7 @@ impl Env {
     ) -> Option<Env> {
         match server {
             Some(server) => {
-                let url = format!("redis://127.0.0.1:{}", server.port);
+                let url = format!("redis://127.0.0.1:{}", server.port());
                 Self::at(&url, true, adjust).await
             }
             None => {
@@ -543,11 +543,7 @@ async fn deleting_a_topic_ends_its_subscriptions() {
 
 #[tokio::test]
 async fn an_unreachable_server_is_a_retryable_connection_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = evbus_conformance::process::free_port().unwrap();
     let url = format!("redis://127.0.0.1:{port}?connect_timeout_ms=500&reconnect_max_delay_ms=100");
     let err = RedisTransport::connect_url(&url).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
@@ -566,7 +562,7 @@ async fn persistence_is_declared_only_with_an_append_only_file() {
         eprintln!("WARNING: no redis-server binary; persistence part skipped");
         return;
     };
-    let url = format!("redis://127.0.0.1:{}", server.port);
+    let url = format!("redis://127.0.0.1:{}", server.port());
     let transport = RedisTransport::connect_url(&url).await.unwrap();
     assert!(transport.capabilities().persistent);
     transport.close().await.unwrap();
@@ -715,7 +711,7 @@ async fn a_failed_ack_batch_fails_every_ack_and_leaves_the_entries_pending() {
     };
     let url = format!(
         "redis://127.0.0.1:{}?command_timeout_ms=1000&reconnect_max_delay_ms=200",
-        server.port
+        server.port()
     );
     let Some(env) = Env::at(&url, true, |_| {}).await else {
         return;
@@ -740,8 +736,7 @@ async fn a_failed_ack_batch_fails_every_ack_and_leaves_the_entries_pending() {
             .expect_err("no ack succeeds while Redis is down");
         assert!(err.is_retryable(), "{err}");
     }
-    server.spawn().unwrap();
-    tokio::task::block_in_place(|| server.wait_ready()).unwrap();
+    tokio::task::block_in_place(|| server.restart()).unwrap();
     // Nothing was acknowledged (the append-only file kept the pending list): retrying
     // settles every delivery.
     let mut raw = redis::Client::open(url.split('?').next().unwrap())

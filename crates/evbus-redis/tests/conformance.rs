@@ -53,7 +53,7 @@ impl BrokerControl for RedisServer {
     async fn connect(&self) -> evbus::Result<RedisTransport> {
         let url = format!(
             "redis://127.0.0.1:{}?reconnect_max_delay_ms=1000&command_timeout_ms=2000",
-            self.port
+            self.port()
         );
         RedisTransport::connect(RedisConfig::from_url(&url)?).await
     }
@@ -66,13 +66,8 @@ impl BrokerControl for RedisServer {
     }
 
     async fn resume(&self) -> evbus::Result<()> {
-        if self.is_running() {
-            return Ok(());
-        }
-        self.spawn()
-            .map_err(|e| io_error("restarting redis-server", e))?;
-        tokio::task::block_in_place(|| self.wait_ready())
-            .map_err(|e| io_error("waiting for redis-server", e))
+        tokio::task::block_in_place(|| self.restart())
+            .map_err(|e| io_error("restarting redis-server", e))
     }
 }
 

@@ -3,11 +3,11 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use evbus_conformance::process::{BrokerProcess, free_port};
 
 /// The `rabbitmq-server` start script, called directly (the `/usr/sbin` wrapper switches to
 /// the `rabbitmq` user, which cannot write this harness's temporary directory).
@@ -30,19 +30,21 @@ const SYNC_RA_REGISTRY: &str = "[ok = dets:sync(maps:get(directory_rev, maps:get
     ra_system:fetch(S)))) || S <- [quorum_queues, coordination], ra_system:fetch(S) =/= undefined].";
 
 /// A RabbitMQ node owned by this harness: started on free ports with its data in a
-/// temporary directory, killed with SIGKILL and restarted on the same ports and data.
+/// temporary directory, killed with SIGKILL (its whole process group, so the Erlang VM
+/// behind the start script goes too) and restarted on the same ports and data (see
+/// [`BrokerProcess`]).
 pub struct RabbitNode {
-    pub port: u16,
-    dist_port: u16,
+    process: BrokerProcess,
     name: String,
-    dir: PathBuf,
-    child: Mutex<Option<Child>>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// The first of `candidates` that exists, else the last (looked up on `PATH`).
+fn first_installed(candidates: &[&'static str]) -> &'static str {
+    candidates
+        .iter()
+        .copied()
+        .find(|c| std::path::Path::new(c).exists())
+        .unwrap_or(candidates[candidates.len() - 1])
 }
 
 impl RabbitNode {
@@ -53,99 +55,39 @@ impl RabbitNode {
         while dist_port == port {
             dist_port = free_port()?;
         }
-        let dir =
-            std::env::temp_dir().join(format!("evbus-amqp-test-{}-{port}", std::process::id()));
+        let name = format!("evbus-ct-{port}@localhost");
+        let node = name.clone();
+        let process = BrokerProcess::builder("the RabbitMQ node", move |dir, port| {
+            let mut command = Command::new(first_installed(SERVER));
+            command
+                .env("RABBITMQ_NODENAME", &node)
+                .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                .env("RABBITMQ_NODE_PORT", port.to_string())
+                .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+                .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+                .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+                .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"));
+            command
+        })
+        .port(port)
+        .process_group()
+        .ready_when(Duration::from_secs(90), speaks_amqp)
+        // EVBUS_AMQP_KEEP_NODE=1 keeps the node's data and logs for a post-mortem.
+        .keep_data(std::env::var_os("EVBUS_AMQP_KEEP_NODE").is_some())
+        .build()?;
+        let dir = process.data_dir();
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
         // No plugins: the node starts faster and needs no management port.
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
-        let node = RabbitNode {
-            port,
-            dist_port,
-            name: format!("evbus-ct-{port}@localhost"),
-            dir,
-            child: Mutex::new(None),
-        };
-        node.spawn()?;
-        node.wait_ready()?;
-        Ok(node)
+        process.restart()?;
+        Ok(RabbitNode { process, name })
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    pub fn spawn(&self) -> std::io::Result<()> {
-        let mut last = None;
-        for server in SERVER {
-            let spawned = Command::new(server)
-                .env("RABBITMQ_NODENAME", &self.name)
-                .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-                .env("RABBITMQ_NODE_PORT", self.port.to_string())
-                .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-                .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
-                .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
-                .env(
-                    "RABBITMQ_ENABLED_PLUGINS_FILE",
-                    self.dir.join("enabled_plugins"),
-                )
-                .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
-                .env(
-                    "RABBITMQ_ADVANCED_CONFIG_FILE",
-                    self.dir.join("advanced.config"),
-                )
-                .current_dir(&self.dir)
-                // Its own process group, so SIGKILL reaches the Erlang VM behind the script.
-                .process_group(0)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            match spawned {
-                Ok(child) => {
-                    *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-                    return Ok(());
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("no rabbitmq-server")))
-    }
-
-    /// Waits until the node answers the AMQP protocol header on its port.
-    pub fn wait_ready(&self) -> std::io::Result<()> {
-        use std::io::{Read, Write};
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let answered =
-                std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"AMQP\x00\x00\x09\x01")?;
-                    let mut reply = [0u8; 7];
-                    s.read_exact(&mut reply)?;
-                    // A connection.start method frame: type 1 on channel 0.
-                    Ok(reply[0] == 1)
-                });
-            if let Ok(true) = answered {
-                return Ok(());
-            }
-            if !self.is_running() {
-                return Err(std::io::Error::other(format!(
-                    "the RabbitMQ node {} exited while starting (logs: {})",
-                    self.name,
-                    self.dir.join("log").display()
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(std::io::Error::other(format!(
-                    "the RabbitMQ node {} did not accept AMQP on port {} within 90s (logs: {})",
-                    self.name,
-                    self.port,
-                    self.dir.join("log").display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port())
     }
 
     /// Syncs Ra's server name registry to disk ([`SYNC_RA_REGISTRY`]): what newer RabbitMQ
@@ -156,7 +98,7 @@ impl RabbitNode {
         for ctl in CTL {
             let output = Command::new(ctl)
                 .args(["-n", &self.name, "eval", SYNC_RA_REGISTRY])
-                .current_dir(&self.dir)
+                .current_dir(self.data_dir())
                 .stdin(Stdio::null())
                 .output();
             match output {
@@ -175,44 +117,24 @@ impl RabbitNode {
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("no rabbitmqctl")))
     }
-
-    /// SIGKILL to the node's whole process group: no chance to write anything more.
-    pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-            // The Erlang VM may take a moment to go once its group is killed: wait for the
-            // port to close so a restart can bind it.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
 }
 
-impl Drop for RabbitNode {
-    fn drop(&mut self) {
-        self.kill();
-        // EVBUS_AMQP_KEEP_NODE=1 keeps the node's data and logs for a post-mortem.
-        if std::env::var_os("EVBUS_AMQP_KEEP_NODE").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+/// Whether the node answers the AMQP protocol header with a `connection.start` method frame
+/// (type 1 on channel 0).
+fn speaks_amqp(port: u16) -> std::io::Result<bool> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"AMQP\x00\x00\x09\x01")?;
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply)?;
+    Ok(reply[0] == 1)
+}
+
+impl std::ops::Deref for RabbitNode {
+    type Target = BrokerProcess;
+
+    fn deref(&self) -> &BrokerProcess {
+        &self.process
     }
 }
 

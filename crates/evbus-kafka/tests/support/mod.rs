@@ -4,11 +4,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use evbus_conformance::process::{BrokerProcess, accepts_connections, free_port};
 use evbus_kafka::KafkaConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -53,17 +54,11 @@ pub fn tansu_binary() -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A tansu broker on a free port, reachable only through a [`Proxy`] whose address it
 /// advertises. Killed on drop.
 pub struct TansuBehindProxy {
     pub proxy: Proxy,
-    child: Mutex<Option<Child>>,
+    broker: BrokerProcess,
 }
 
 impl TansuBehindProxy {
@@ -77,52 +72,28 @@ impl TansuBehindProxy {
         })?;
         let broker_port = free_port()?;
         let proxy = Proxy::start(broker_port).await?;
-        let log = std::env::temp_dir().join(format!("evbus-kafka-tansu-{broker_port}.log"));
-        let log = std::fs::File::create(log)?;
-        let child = Command::new(binary)
-            .arg("broker")
-            .args(["--listener-url", &format!("tcp://127.0.0.1:{broker_port}")])
-            .args([
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", proxy.port),
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let broker = TansuBehindProxy {
-            proxy,
-            child: Mutex::new(Some(child)),
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", broker_port))
+        let advertised = format!("tcp://127.0.0.1:{}", proxy.port);
+        let builder = BrokerProcess::builder("tansu", move |_, port| {
+            let mut command = Command::new(&binary);
+            command
+                .arg("broker")
+                .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
+                .args(["--advertised-listener-url", &advertised])
+                .args(["--storage-engine", "memory://tansu/"]);
+            command
+        })
+        .port(broker_port)
+        .log_file("tansu.log")
+        .ready_when(Duration::from_secs(30), accepts_connections);
+        let broker = tokio::task::spawn_blocking(move || builder.start())
             .await
-            .is_err()
-        {
-            if tokio::time::Instant::now() > deadline {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "tansu did not listen within 30s",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(broker)
+            .map_err(std::io::Error::other)??;
+        Ok(TansuBehindProxy { proxy, broker })
     }
 
     /// The URL clients use: the proxy's address.
     pub fn url(&self) -> String {
         format!("kafka://127.0.0.1:{}", self.proxy.port)
-    }
-}
-
-impl Drop for TansuBehindProxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

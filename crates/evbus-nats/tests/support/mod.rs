@@ -2,10 +2,11 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::io::{BufRead, BufReader};
+use std::process::Command;
 use std::time::Duration;
+
+use evbus_conformance::process::BrokerProcess;
 
 /// The nats-server binary: `EVBUS_NATS_SERVER`, else `/usr/sbin/nats-server` if present, else
 /// `nats-server` on `PATH`.
@@ -19,14 +20,12 @@ fn binary() -> String {
     "nats-server".to_owned()
 }
 
-/// A `nats-server -js` process with a file store in a temporary directory, owned by this
-/// harness.
-pub struct NatsServer {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    config: Option<PathBuf>,
-    child: Mutex<Option<Child>>,
-}
+/// The extra configuration file, in the server's data directory.
+const CONFIG_FILE: &str = "nats-server.conf";
+
+/// A `nats-server -js` process with a file store in its data directory, owned by this
+/// harness (spawn, kill, restart: see [`BrokerProcess`]).
+pub struct NatsServer(BrokerProcess);
 
 impl NatsServer {
     pub fn start() -> std::io::Result<Self> {
@@ -39,106 +38,49 @@ impl NatsServer {
     }
 
     fn start_inner(config: Option<&str>) -> std::io::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = tempfile::Builder::new()
-            .prefix("evbus-nats-test-")
-            .tempdir()?;
-        let config = match config {
-            Some(text) => {
-                let path = dir.path().join("nats-server.conf");
-                std::fs::write(&path, text)?;
-                Some(path)
+        let process = BrokerProcess::builder("nats-server", |dir, port| {
+            let mut command = Command::new(binary());
+            let config = dir.join(CONFIG_FILE);
+            if config.exists() {
+                command.arg("-c").arg(config);
             }
-            None => None,
-        };
-        let server = NatsServer {
-            port,
-            dir,
-            config,
-            child: Mutex::new(None),
-        };
-        server.spawn()?;
-        server.wait_ready()?;
-        Ok(server)
+            command
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
+                .arg("-sd")
+                .arg(dir.join("store"))
+                .arg("-l")
+                .arg(dir.join("nats-server.log"));
+            command
+        })
+        .ready_when(Duration::from_secs(30), greets_a_client)
+        .build()?;
+        if let Some(text) = config {
+            std::fs::write(process.data_dir().join(CONFIG_FILE), text)?;
+        }
+        process.restart()?;
+        Ok(NatsServer(process))
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("nats-server.log")
-    }
-
-    /// Starts the server on this harness's port and store directory.
-    pub fn spawn(&self) -> std::io::Result<()> {
-        let mut command = Command::new(binary());
-        if let Some(config) = &self.config {
-            command.arg("-c").arg(config);
-        }
-        let child = command
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
-            .arg("-l")
-            .arg(self.log())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-        Ok(())
-    }
-
-    /// Waits until the server greets a client with `INFO` (JetStream has recovered its store
-    /// by then: the server opens the client port after enabling JetStream).
-    pub fn wait_ready(&self) -> std::io::Result<()> {
-        use std::io::{BufRead, BufReader};
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let answered = std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|s| {
-                s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let mut reader = BufReader::new(s);
-                let mut info = String::new();
-                reader.read_line(&mut info)?;
-                Ok(info.starts_with("INFO"))
-            });
-            if let Ok(true) = answered {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(std::io::Error::other(format!(
-                    "nats-server on port {} did not greet a client within 30s (log: {})",
-                    self.port,
-                    self.log().display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: the server gets no chance to write anything more.
-    pub fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        format!("nats://127.0.0.1:{}", self.port())
     }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
+/// Whether the server greets a client with `INFO` (JetStream has recovered its store by then:
+/// the server opens the client port after enabling JetStream).
+fn greets_a_client(port: u16) -> std::io::Result<bool> {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut info = String::new();
+    BufReader::new(stream).read_line(&mut info)?;
+    Ok(info.starts_with("INFO"))
+}
+
+impl std::ops::Deref for NatsServer {
+    type Target = BrokerProcess;
+
+    fn deref(&self) -> &BrokerProcess {
+        &self.0
     }
 }
 
