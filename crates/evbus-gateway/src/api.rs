@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::problem::{self, Problem};
-use crate::store::KeyRecord;
+use crate::store::{KeyRecord, PublishClaim};
 use crate::{State, curation, openapi, stream, webhooks};
 
 pub(crate) fn router(state: Arc<State>) -> Router {
@@ -203,15 +203,14 @@ async fn publish(
             "send a structured CloudEvent (Content-Type: application/cloudevents+json) or a binary-mode one (ce-specversion, ce-id, ce-source, ce-type headers)",
         ));
     };
-    // The decoder's message names the missing or malformed attribute, not the data.
-    let event = event
-        .map_err(|e| Problem::bad_request(format!("not a valid CloudEvent: {}", e.message())))?;
+    // The decoder's message may quote the request: only a standard attribute name is kept.
+    let event = event.map_err(|e| Problem::invalid_cloudevent(e.message()))?;
+    check_header_bound_attributes(&event)?;
     let ty = event.ty().to_owned();
     if !state.visibility.may_publish(&key, &ty) {
-        return Err(
-            Problem::forbidden("this key may not publish this event type")
-                .with("event_type", json!(ty)),
-        );
+        return Err(Problem::forbidden(
+            "this key may not publish this event type",
+        ));
     }
     if !event.is_json() {
         return Err(Problem::new(
@@ -228,23 +227,10 @@ async fn publish(
     if let Some(version) = info
         && let Err(errors) = version.validate(&data)
     {
-        let violations: Vec<Value> = errors
-            .iter()
-            .map(
-                |v| json!({"pointer": v.pointer(), "keyword": v.keyword(), "message": v.message()}),
-            )
-            .collect();
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the data breaks the schema of `{ty}` ({} violations)",
-                violations.len()
-            ),
-        )
-        .with("violations", Value::Array(violations)));
+        return Err(Problem::schema_violations(version, &errors));
     }
-    // The producer's id and source are kept (the decoder refused empty ones); evbus does not
-    // deduplicate, so keeping `source` + `id` unique is the producer's job, as CloudEvents asks.
+    let fingerprint = publish_fingerprint(&event, &data);
+    // The producer's id and source are kept (the decoder refused empty ones).
     let mut emit = Emit::new(ty, data)
         .id(event.id())
         .source(event.source())
@@ -255,7 +241,32 @@ async fn publish(
     if let Some(k) = event.partition_key() {
         emit = emit.key(k);
     }
-    let id = state.bus.send(emit).await.map_err(|e| {
+    // Events are unique per (source, id): an identical re-post is idempotent (answered 202
+    // again, sent once), a different event under the same source and id is refused, never
+    // dropped silently later as a "redelivery".
+    match state
+        .store
+        .claim_publish(event.source(), event.id(), &fingerprint, State::now())
+        .await?
+    {
+        PublishClaim::New | PublishClaim::Unsent => {}
+        PublishClaim::Sent => {
+            return Ok((StatusCode::ACCEPTED, Json(json!({"id": event.id()}))).into_response());
+        }
+        PublishClaim::Conflict => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "an event with this source and id was already accepted with different content; give every event a new id (unique per source)",
+            ));
+        }
+    }
+    let sent = state.bus.send(emit).await;
+    // Best effort: if this fails, the claim stays unsent and a retry sends again.
+    let _ = state
+        .store
+        .settle_publish(event.source(), event.id(), sent.is_ok())
+        .await;
+    let id = sent.map_err(|e| {
         if e.kind() == evbus::ErrorKind::Validation {
             Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -274,6 +285,53 @@ async fn publish(
     metrics::counter!("evbus_gateway_published_total", "type" => event.ty().to_owned())
         .increment(1);
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
+}
+
+/// Longest accepted event `id`.
+const MAX_ID_LEN: usize = 256;
+/// Longest accepted `source`, `subject` or extension value.
+const MAX_ATTRIBUTE_LEN: usize = 2048;
+
+/// Refuses attributes that would poison a header on the way out (`webhook-id`, `ce-*`): the id
+/// must be 1 to [`MAX_ID_LEN`] visible ASCII characters; `source`, `type`, `subject` and
+/// extension values must hold no control characters and be at most [`MAX_ATTRIBUTE_LEN`]
+/// bytes. The error names the attribute, never its value (nor an extension's name).
+fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
+    let id = event.id();
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Problem::bad_request(format!(
+            "the CloudEvent `id` must be 1 to {MAX_ID_LEN} visible ASCII characters (no spaces, no control or non-ASCII characters)"
+        )));
+    }
+    let bad = |v: &str| v.len() > MAX_ATTRIBUTE_LEN || v.chars().any(char::is_control);
+    for (name, value) in [
+        ("source", Some(event.source())),
+        ("type", Some(event.ty())),
+        ("subject", event.subject()),
+    ] {
+        if value.is_some_and(bad) {
+            return Err(Problem::bad_request(format!(
+                "the CloudEvent `{name}` must hold no control characters and be at most {MAX_ATTRIBUTE_LEN} bytes"
+            )));
+        }
+    }
+    if event.extensions().values().any(|v| bad(v)) {
+        return Err(Problem::bad_request(format!(
+            "a CloudEvent extension value holds control characters or is longer than {MAX_ATTRIBUTE_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The content digest of a posted event: what an identical re-post must repeat.
+fn publish_fingerprint(event: &evbus::Event, data: &Value) -> String {
+    let data = serde_json::to_vec(data).unwrap_or_default();
+    crate::store::fingerprint([
+        event.ty().as_bytes(),
+        event.subject().unwrap_or_default().as_bytes(),
+        event.partition_key().unwrap_or_default().as_bytes(),
+        data.as_slice(),
+    ])
 }
 
 #[derive(Deserialize)]

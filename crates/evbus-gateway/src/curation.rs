@@ -8,7 +8,13 @@
 //! Rules, in order: every `x-evbus-redact` pointer is removed; then, if `x-evbus-allow` is
 //! present, only the allowed pointers (and what lies under them) remain; then, if a webhook
 //! narrows further, only its pointers remain. A pointer that is absent from a payload is
-//! ignored. Pointers follow RFC 6901 (`/order/email`, `/items/0/price`). A redacted or
+//! ignored. Pointers follow RFC 6901 (`/order/email`, `/items/0/price`), plus one wildcard
+//! token: `*` means every element of an array or every member of an object
+//! (`/customers/*/email` is the email of every customer). The catalogue refuses a pointer it
+//! can see cannot apply (`-`, or a name where the schema has an array); where the schema does
+//! not say, a redact pointer fails closed: a name token that meets an array applies to every
+//! element (`/customers/email` redacts each customer's email), and so do `-` and `*`. An allow
+//! pointer never widens: a name token that meets an array keeps nothing of it. A redacted or
 //! disallowed array element becomes `null` (trailing ones are dropped) instead of shifting the
 //! later elements, so curation is idempotent: curating a curated event changes nothing.
 
@@ -27,39 +33,67 @@ fn tokens(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes the value at `tokens` (if present).
+/// The token meaning "every element or member".
+pub const WILDCARD: &str = "*";
+
+fn index(token: &str) -> Option<usize> {
+    // RFC 6901 array indexes: `0` or digits without a leading zero.
+    if token == "0" || (!token.starts_with('0') && token.bytes().all(|b| b.is_ascii_digit())) {
+        token.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Removes the value at `tokens` (if present); `*` removes every element or member. Fails
+/// closed on arrays: a token that is not an index applies to every element.
 fn remove(value: &mut Value, tokens: &[String]) {
-    let Some((last, parents)) = tokens.split_last() else {
+    let Some((first, rest)) = tokens.split_first() else {
         *value = Value::Null;
         return;
     };
-    let mut node = value;
-    for t in parents {
-        node = match node {
-            Value::Object(map) => match map.get_mut(t) {
-                Some(v) => v,
-                None => return,
-            },
-            Value::Array(items) => match t.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                Some(v) => v,
-                None => return,
-            },
-            _ => return,
-        };
-    }
-    match node {
+    match value {
+        Value::Object(map) if first == WILDCARD => {
+            if rest.is_empty() {
+                map.clear();
+            } else {
+                map.values_mut().for_each(|v| remove(v, rest));
+            }
+        }
         Value::Object(map) => {
-            map.remove(last);
+            if rest.is_empty() {
+                map.remove(first);
+            } else if let Some(v) = map.get_mut(first) {
+                remove(v, rest);
+            }
         }
         // An array element becomes null rather than being removed: the later elements keep
         // their positions, so curating again (every outbound path does) removes nothing more.
-        Value::Array(items) => {
-            if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                *item = Value::Null;
+        Value::Array(items) => match index(first) {
+            Some(i) => {
+                if let Some(item) = items.get_mut(i) {
+                    remove(item, rest);
+                }
             }
-        }
+            // `*` (and `-`, which names no element): every element.
+            None if first == WILDCARD || first == "-" => {
+                items.iter_mut().for_each(|v| remove(v, rest));
+            }
+            // A name where an array is: the pointer applies to every element, so a pointer
+            // written without an index still redacts.
+            None => items.iter_mut().for_each(|v| remove(v, tokens)),
+        },
         _ => {}
     }
+}
+
+/// The allowed pointers (token lists) that continue under `key` at `depth` (`*` matches any).
+fn children(allowed: &[Vec<String>], depth: usize, key: &str) -> Vec<Vec<String>> {
+    allowed
+        .iter()
+        .filter(|a| a.len() > depth && (a[depth] == key || a[depth] == WILDCARD))
+        .cloned()
+        .collect()
 }
 
 /// Keeps only what lies on or under the allowed pointers (given as token lists).
@@ -68,18 +102,11 @@ fn keep_only(value: Value, allowed: &[Vec<String>], depth: usize) -> Option<Valu
     if allowed.iter().any(|a| a.len() == depth) {
         return Some(value);
     }
-    let child = |key: &str| -> Vec<Vec<String>> {
-        allowed
-            .iter()
-            .filter(|a| a.len() > depth && a[depth] == key)
-            .cloned()
-            .collect()
-    };
     match value {
         Value::Object(map) => {
             let mut out = Map::new();
             for (k, v) in map {
-                let sub = child(&k);
+                let sub = children(allowed, depth, &k);
                 if !sub.is_empty()
                     && let Some(v) = keep_only(v, &sub, depth + 1)
                 {
@@ -93,7 +120,7 @@ fn keep_only(value: Value, allowed: &[Vec<String>], depth: usize) -> Option<Valu
             // name the same elements when curated again.
             let mut out = Vec::new();
             for (i, v) in items.into_iter().enumerate() {
-                let sub = child(&i.to_string());
+                let sub = children(allowed, depth, &i.to_string());
                 let kept = if sub.is_empty() {
                     None
                 } else {
@@ -199,20 +226,39 @@ fn inline_refs(node: &Value, root: &Value, depth: usize) -> Value {
     }
 }
 
-/// Curates a schema node along one path: `Some(kept)` or `None` when nothing is allowed.
+/// Subschema keywords that describe the same instance as their parent: a pointer applies to
+/// them as to the parent.
+const IN_PLACE: [&str; 6] = ["allOf", "anyOf", "oneOf", "if", "then", "else"];
+
+/// Calls `f` on every in-place subschema of `map` (the branches of `allOf`, `anyOf`, …).
+fn in_place(map: &mut Map<String, Value>, mut f: impl FnMut(&mut Value)) {
+    for k in IN_PLACE {
+        match map.get_mut(k) {
+            Some(Value::Array(branches)) => branches.iter_mut().for_each(&mut f),
+            Some(branch @ Value::Object(_)) => f(branch),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a schema node describes arrays.
+fn is_array_schema(map: &Map<String, Value>) -> bool {
+    map.contains_key("items")
+        || map.contains_key("prefixItems")
+        || map.get("type") == Some(&Value::String("array".into()))
+}
+
+/// Curates a schema node along the allowed paths: what no allowed pointer reaches is removed.
 fn schema_keep_only(mut node: Value, allowed: &[Vec<String>], depth: usize) -> Value {
     if allowed.iter().any(|a| a.len() == depth) {
         return node;
     }
     if let Value::Object(map) = &mut node {
+        in_place(map, |b| *b = schema_keep_only(b.take(), allowed, depth));
         if let Some(Value::Object(props)) = map.get_mut("properties") {
             let keys: Vec<String> = props.keys().cloned().collect();
             for k in keys {
-                let sub: Vec<Vec<String>> = allowed
-                    .iter()
-                    .filter(|a| a.len() > depth && a[depth] == k)
-                    .cloned()
-                    .collect();
+                let sub = children(allowed, depth, &k);
                 if sub.is_empty() {
                     props.remove(&k);
                 } else if let Some(v) = props.remove(&k) {
@@ -220,17 +266,31 @@ fn schema_keep_only(mut node: Value, allowed: &[Vec<String>], depth: usize) -> V
                 }
             }
         }
-        if let Some(items) = map.remove("items") {
-            let sub: Vec<Vec<String>> = allowed
-                .iter()
-                .filter(|a| a.len() > depth && a[depth].parse::<usize>().is_ok())
-                .cloned()
-                .collect();
-            if !sub.is_empty() {
-                map.insert("items".into(), schema_keep_only(items, &sub, depth + 1));
+        let element: Vec<Vec<String>> = allowed
+            .iter()
+            .filter(|a| a.len() > depth && (index(&a[depth]).is_some() || a[depth] == WILDCARD))
+            .cloned()
+            .collect();
+        for k in ["items", "prefixItems"] {
+            if let Some(items) = map.remove(k)
+                && !element.is_empty()
+            {
+                let kept = match items {
+                    Value::Array(list) => Value::Array(
+                        list.into_iter()
+                            .map(|v| schema_keep_only(v, &element, depth + 1))
+                            .collect(),
+                    ),
+                    other => schema_keep_only(other, &element, depth + 1),
+                };
+                map.insert(k.into(), kept);
             }
         }
-        for k in ["additionalProperties", "patternProperties"] {
+        for k in [
+            "additionalProperties",
+            "patternProperties",
+            "dependentSchemas",
+        ] {
             map.remove(k);
         }
         prune_required(map);
@@ -248,36 +308,107 @@ fn prune_required(map: &mut Map<String, Value>) {
     }
 }
 
+/// Removes from a schema node what a redact pointer names, in every place that describes it:
+/// declared properties, array items, `*` members, and the branches of `allOf`/`anyOf`/….
 fn schema_remove(node: &mut Value, tokens: &[String]) {
     let Some((first, rest)) = tokens.split_first() else {
         return;
     };
     let Value::Object(map) = node else { return };
-    if first.parse::<usize>().is_ok() {
-        if let Some(items) = map.get_mut("items") {
-            schema_remove(items, rest);
+    in_place(map, |b| schema_remove(b, tokens));
+    let is_array = is_array_schema(map);
+    if first == WILDCARD {
+        if rest.is_empty() {
+            for k in [
+                "properties",
+                "additionalProperties",
+                "patternProperties",
+                "items",
+                "prefixItems",
+                "dependentSchemas",
+            ] {
+                map.remove(k);
+            }
+            map.remove("required");
+            return;
+        }
+        for k in ["properties", "patternProperties"] {
+            if let Some(Value::Object(props)) = map.get_mut(k) {
+                props.values_mut().for_each(|v| schema_remove(v, rest));
+            }
+        }
+        for k in ["additionalProperties", "items"] {
+            if let Some(v) = map.get_mut(k) {
+                schema_remove(v, rest);
+            }
+        }
+        if let Some(Value::Array(list)) = map.get_mut("prefixItems") {
+            list.iter_mut().for_each(|v| schema_remove(v, rest));
         }
         return;
     }
-    if rest.is_empty() {
-        if let Some(Value::Object(props)) = map.get_mut("properties") {
+    if let Some(Value::Object(props)) = map.get_mut("properties") {
+        if rest.is_empty() {
             props.remove(first);
+        } else if let Some(child) = props.get_mut(first) {
+            schema_remove(child, rest);
         }
+    }
+    if rest.is_empty() {
         prune_required(map);
-    } else if let Some(Value::Object(props)) = map.get_mut("properties")
-        && let Some(child) = props.get_mut(first)
-    {
-        schema_remove(child, rest);
+    }
+    if is_array {
+        // An index, `-` or a name on an array: curation applies it to the elements.
+        let on_items: &[String] = if index(first).is_some() || first == "-" {
+            rest
+        } else {
+            tokens
+        };
+        if !on_items.is_empty() {
+            if let Some(items) = map.get_mut("items") {
+                schema_remove(items, on_items);
+            }
+            if let Some(Value::Array(list)) = map.get_mut("prefixItems") {
+                list.iter_mut().for_each(|v| schema_remove(v, on_items));
+            }
+        }
     }
 }
 
-/// The schema of `version` as the outside sees it: references inlined, redacted properties
-/// removed, only allowed properties kept, `x-evbus-redact`/`x-evbus-allow` dropped.
+/// Removes every `$defs`/`definitions` level and every reference left after inlining (a
+/// recursion cut at the inlining depth): what is published is only the inlined tree, which
+/// curation went through.
+fn strip_definitions(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            for k in ["$defs", "definitions", "$id", "$anchor", "$dynamicAnchor"] {
+                map.remove(k);
+            }
+            let unresolved = map.get("$ref").or_else(|| map.get("$dynamicRef")).is_some();
+            if unresolved {
+                map.remove("$ref");
+                map.remove("$dynamicRef");
+                map.insert(
+                    "$comment".into(),
+                    Value::String("recursive structure, cut at this depth".into()),
+                );
+            }
+            map.values_mut().for_each(strip_definitions);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_definitions),
+        _ => {}
+    }
+}
+
+/// The schema of `version` as the outside sees it: references inlined, every `$defs` level
+/// dropped, redacted properties removed, only allowed properties kept,
+/// `x-evbus-redact`/`x-evbus-allow` dropped.
 pub fn curate_schema(version: &EventVersion) -> Value {
     let root = version.schema();
     let mut schema = inline_refs(root, root, 0);
+    strip_definitions(&mut schema);
     if let Value::Object(map) = &mut schema {
-        for k in ["$defs", "definitions", "x-evbus-redact", "x-evbus-allow"] {
+        for k in ["x-evbus-redact", "x-evbus-allow"] {
             map.remove(k);
         }
     }
@@ -346,6 +477,47 @@ mod tests {
         let narrow = ["/product/price/min".to_string(), "/product/cost".into()];
         let out = curate_value(data, &[], Some(&allow), Some(&narrow));
         assert_eq!(out, json!({"product": {"price": {"min": 1}}}));
+    }
+
+    #[test]
+    fn wildcard_redacts_every_element_and_member_and_names_fail_closed_on_arrays() {
+        let data = json!({
+            "customers": [{"n": 1, "email": "a"}, {"n": 2, "email": "b"}, 3],
+            "byId": {"x": {"n": 1, "email": "c"}, "y": {"email": "d"}},
+            "people": [{"email": "e", "n": 1}, [{"email": "f"}]],
+            "dash": [{"k": 1, "v": 2}],
+            "all": [1, 2],
+        });
+        let redact = [
+            "/customers/*/email".to_string(),
+            "/byId/*/email".into(),
+            "/people/email".into(),
+            "/dash/-/k".into(),
+            "/all/*".into(),
+        ];
+        let once = curate_value(data, &redact, None, None);
+        assert_eq!(
+            once,
+            json!({
+                "customers": [{"n": 1}, {"n": 2}, 3],
+                "byId": {"x": {"n": 1}, "y": {}},
+                "people": [{"n": 1}, [{}]],
+                "dash": [{"v": 2}],
+                "all": [null, null],
+            })
+        );
+        assert_eq!(curate_value(once.clone(), &redact, None, None), once);
+    }
+
+    #[test]
+    fn wildcard_allows_every_element_and_a_name_on_an_array_keeps_nothing() {
+        let data = json!({"c": [{"n": 1, "s": "x"}, {"n": 2}], "m": {"a": {"n": 1, "s": 2}}, "l": [{"n": 1}]});
+        let allow = ["/c/*/n".to_string(), "/m/*/n".into(), "/l/n".into()];
+        let out = curate_value(data, &[], Some(&allow), None);
+        assert_eq!(
+            out,
+            json!({"c": [{"n": 1}, {"n": 2}], "m": {"a": {"n": 1}}, "l": []})
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod api;
 pub mod curation;
+mod datadir;
 pub mod keys;
 mod openapi;
 pub mod problem;
@@ -230,15 +231,36 @@ impl State {
         let body = curated
             .to_json()
             .map_err(|e| StoreError(format!("encoding a curated event: {e}")))?;
-        if let Some(seq) = self
-            .store
-            .ingest(curated.id(), curated.ty(), Self::now(), &body)
-            .await?
-        {
-            metrics::counter!("evbus_gateway_events_logged_total", "type" => curated.ty().to_owned())
-                .increment(1);
-            self.latest.send_replace(seq);
-            self.dispatch.notify_one();
+        let fingerprint = store::fingerprint([
+            curated.ty().as_bytes(),
+            curated.subject().unwrap_or_default().as_bytes(),
+            curated.data().map(|d| d.as_ref()).unwrap_or_default(),
+        ]);
+        let new = store::NewEvent {
+            source: curated.source(),
+            id: curated.id(),
+            ty: curated.ty(),
+            fingerprint: &fingerprint,
+            received_at: Self::now(),
+            body: &body,
+        };
+        match self.store.ingest(&new).await? {
+            store::Ingested::Logged(seq) => {
+                metrics::counter!("evbus_gateway_events_logged_total", "type" => curated.ty().to_owned())
+                    .increment(1);
+                self.latest.send_replace(seq);
+                self.dispatch.notify_one();
+            }
+            store::Ingested::Redelivered => {}
+            // Never silent: an event reusing another one's source and id is reported.
+            store::Ingested::Conflict => {
+                metrics::counter!("evbus_gateway_events_conflicting_total", "type" => curated.ty().to_owned())
+                    .increment(1);
+                tracing::warn!(
+                    event_type = curated.ty(),
+                    "an event reuses the source and id of a different logged event; it is not delivered (give every event a unique id per source)"
+                );
+            }
         }
         Ok(())
     }

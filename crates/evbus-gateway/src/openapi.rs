@@ -42,6 +42,8 @@ pub(crate) fn document() -> Value {
         }
     });
     publish["responses"]["422"] = json!({"$ref": "#/components/responses/Problem"});
+    // The same (source, id) posted again with different content (CloudEvents uniqueness).
+    publish["responses"]["409"] = json!({"$ref": "#/components/responses/Problem"});
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -3,7 +3,8 @@
 //! A webhook URL must be `http` or `https`, and every address its host resolves to must be a
 //! public unicast address: loopback, private (RFC 1918, unique-local `fc00::/7`), link-local,
 //! shared (CGNAT `100.64.0.0/10`), multicast, broadcast, unspecified and documentation
-//! addresses are refused — including IPv4 addresses mapped into IPv6 — unless covered by an
+//! addresses are refused — including IPv4 addresses mapped into IPv6, and every deprecated or
+//! IPv4-embedding IPv6 range (see [`is_public`]) — unless covered by an
 //! operator's allow-list (`--webhook-allow CIDR`). The check runs at registration and again at
 //! every delivery: the delivery client resolves through [`CheckedResolver`], which refuses a
 //! name if any of its addresses is refused and hands the client only the addresses it
@@ -179,34 +180,67 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// Whether `ip` is a public unicast address.
+///
+/// Besides the special-purpose ranges, every IPv6 range that embeds an IPv4 address or is
+/// deprecated is refused as a whole, whatever the embedded address: IPv4-compatible
+/// (`::/96`), IPv4-translated (`::ffff:0:0/96`), NAT64 (`64:ff9b::/96`, local-use
+/// `64:ff9b:1::/48`), 6to4 (`2002::/16`), Teredo (`2001::/32`) and site-local (`fec0::/10`).
+/// A gateway or relay on the path may turn them into the IPv4 address they carry (loopback or
+/// private included), so judging them by their IPv6 form would let such an address through.
 pub fn is_public(ip: IpAddr) -> bool {
     match canonical(ip) {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_unspecified()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
-                || (o[0] == 198 && (o[1] & 0xfe) == 18)
-                || o[0] >= 240)
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x2001 && s[1] == 0x0db8)
-                || (s[0] == 0x0064 && s[1] == 0xff9b))
-        }
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
     }
+}
+
+fn is_public_v4(v4: std::net::Ipv4Addr) -> bool {
+    let o = v4.octets();
+    !(v4.is_loopback()
+        || v4.is_private()
+        || v4.is_link_local()
+        || v4.is_multicast()
+        || v4.is_broadcast()
+        || v4.is_unspecified()
+        || v4.is_documentation()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        // 6to4 relay anycast (192.88.99.0/24, deprecated by RFC 7526).
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99)
+        || (o[0] == 198 && (o[1] & 0xfe) == 18)
+        || o[0] >= 240)
+}
+
+fn is_public_v6(v6: std::net::Ipv6Addr) -> bool {
+    let s = v6.segments();
+    let refused = v6.is_loopback()
+        || v6.is_unspecified()
+        || v6.is_multicast()
+        // IPv4-compatible ::/96 (deprecated, RFC 4291 §2.5.5.1).
+        || s[..6] == [0; 6]
+        // IPv4-translated ::ffff:0:0/96 (RFC 2765 SIIT).
+        || (s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0)
+        // Discard-only 100::/64 (RFC 6666).
+        || (s[0] == 0x0100 && s[1..4] == [0; 3])
+        // NAT64 well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48 (RFC 6052, RFC 8215).
+        || (s[0] == 0x0064 && s[1] == 0xff9b)
+        // Teredo 2001::/32 (embeds the server's and the client's IPv4 addresses).
+        || (s[0] == 0x2001 && s[1] == 0)
+        // Benchmarking 2001:2::/48, ORCHID 2001:10::/28 and ORCHIDv2 2001:20::/28.
+        || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0)
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010)
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0020)
+        // Documentation 2001:db8::/32 and 3fff::/20 (RFC 9637).
+        || (s[0] == 0x2001 && s[1] == 0x0db8)
+        || (s[0] & 0xfff0) == 0x3ff0
+        // 6to4 2002::/16 (embeds an IPv4 address; deprecated by RFC 7526).
+        || s[0] == 0x2002
+        // Unique-local fc00::/7, link-local fe80::/10, site-local fec0::/10 (deprecated).
+        || (s[0] & 0xfe00) == 0xfc00
+        || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0;
+    !refused
 }
 
 /// The resolver of the delivery client: resolves, checks every address against the policy,
@@ -264,6 +298,66 @@ mod tests {
         for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
             assert!(policy.allows(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn deprecated_and_ipv4_embedding_ipv6_ranges_are_refused() {
+        let policy = OutboundPolicy::default();
+        for ip in [
+            // IPv4-compatible (::/96), loopback, private and public v4 inside.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "::2",
+            // IPv4-translated (::ffff:0:0/96).
+            "::ffff:0:7f00:1",
+            "::ffff:0:a00:1",
+            "::ffff:0:808:808",
+            // 6to4 (2002::/16) embedding loopback, private, metadata and public v4.
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:808:808::1",
+            // NAT64 well-known and local-use prefixes.
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b::808:808",
+            "64:ff9b:1::a00:1",
+            // Teredo (2001::/32).
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            // Site-local (fec0::/10, deprecated).
+            "fec0::1",
+            "fed0::1",
+            "feff:ffff::1",
+            // Discard-only, benchmarking, ORCHID, documentation.
+            "100::1",
+            "2001:2::1",
+            "2001:10::1",
+            "2001:20::1",
+            "2001:db8::1",
+            "3fff::1",
+            // 6to4 relay anycast (IPv4).
+            "192.88.99.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!is_public(ip), "{ip} must not be public");
+            assert!(!policy.allows(ip), "{ip} must be refused");
+        }
+        // Neighbours of the refused ranges stay public.
+        for ip in [
+            "2001:4860:4860::8888",
+            "2003::1",
+            "2606:4700::1111",
+            "64:ff9c::1",
+            "192.88.98.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(is_public(ip), "{ip} must be public");
+        }
+        // An operator's allow-list can still open such a range on purpose.
+        let open = OutboundPolicy::new(vec!["2002::/16".parse().unwrap()]);
+        assert!(open.allows("2002:7f00:1::1".parse().unwrap()));
     }
 
     #[test]

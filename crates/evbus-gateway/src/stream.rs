@@ -6,7 +6,8 @@
 //! [`GatewayConfig::retention`](crate::GatewayConfig::retention)). The stream pulls from the
 //! store a page at a time, only when the client has taken the previous frames, so a slow
 //! client costs one page of memory, never a growing buffer. The key is checked again before
-//! every page and on every revocation, so a revoked or expired key's stream ends at once.
+//! every page and on every revocation, and a stream waiting for events also wakes at the key's
+//! expiry time, so a revoked or expired key's stream ends at once (not at the next event).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -101,6 +102,8 @@ pub(crate) async fn stream(
 struct Cursor {
     state: Arc<State>,
     key_id: String,
+    /// When the key stops working (refreshed at every key check).
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
     types: Vec<String>,
     after: i64,
     page: std::collections::VecDeque<StoredEvent>,
@@ -129,6 +132,7 @@ fn frames(
         revocations: state.revocations.subscribe(),
         state,
         key_id: key.id,
+        expires_at: key.expires_at,
         types,
         after,
         page: Default::default(),
@@ -147,7 +151,7 @@ fn frames(
                     .data(data);
                 return Some((Ok(frame), c));
             }
-            if c.state.cancel.is_cancelled() || !key_still_allows(&c).await {
+            if c.state.cancel.is_cancelled() || !key_still_allows(&mut c).await {
                 return None;
             }
             // Marked seen before reading, so an event logged during the read wakes us again.
@@ -163,8 +167,11 @@ fn frames(
                     return None;
                 }
             }
+            let expiry = until(c.expires_at);
             tokio::select! {
                 _ = c.state.cancel.cancelled() => return None,
+                // Woken at expiry; the key check at the top of the loop then ends the stream.
+                _ = expiry => {}
                 r = c.latest.changed() => if r.is_err() { return None },
                 r = c.revocations.changed() => if r.is_err() { return None },
             }
@@ -172,9 +179,21 @@ fn frames(
     })
 }
 
-async fn key_still_allows(c: &Cursor) -> bool {
+/// Sleeps until `at` (a moment past it, so the key check sees it expired); forever if `None`.
+async fn until(at: Option<chrono::DateTime<chrono::Utc>>) {
+    match at {
+        Some(at) => {
+            let left = (at - State::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(left + std::time::Duration::from_millis(1)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn key_still_allows(c: &mut Cursor) -> bool {
     match c.state.store.get_key(&c.key_id).await {
         Ok(Some(key)) => {
+            c.expires_at = key.expires_at;
             key.is_active(State::now())
                 && c.types
                     .iter()

@@ -96,7 +96,9 @@ pub struct WebhookRecord {
 pub struct StoredEvent {
     /// Position in the log (the SSE event id).
     pub seq: i64,
-    /// The CloudEvents id.
+    /// The CloudEvents source.
+    pub source: String,
+    /// The CloudEvents id (unique per source).
     pub id: String,
     /// The event type.
     pub ty: String,
@@ -104,6 +106,48 @@ pub struct StoredEvent {
     pub received_at: DateTime<Utc>,
     /// The curated structured CloudEvent, JSON.
     pub body: String,
+}
+
+/// An event to append to the log ([`Store::ingest`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewEvent<'a> {
+    /// The CloudEvents source.
+    pub source: &'a str,
+    /// The CloudEvents id.
+    pub id: &'a str,
+    /// The event type.
+    pub ty: &'a str,
+    /// A digest of the content, telling a redelivery from a different event reusing the id.
+    pub fingerprint: &'a str,
+    /// When the gateway received it.
+    pub received_at: DateTime<Utc>,
+    /// The curated structured CloudEvent, JSON.
+    pub body: &'a str,
+}
+
+/// What [`Store::ingest`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Logged at this position, deliveries queued.
+    Logged(i64),
+    /// The same event was already logged (a broker redelivery): nothing done.
+    Redelivered,
+    /// Another event with the same source and id but different content is logged: nothing
+    /// done.
+    Conflict,
+}
+
+/// What [`Store::claim_publish`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishClaim {
+    /// First time: recorded, not yet sent.
+    New,
+    /// Already accepted with the same content and sent to the bus.
+    Sent,
+    /// Already recorded with the same content but not (yet) sent.
+    Unsent,
+    /// Already accepted with different content.
+    Conflict,
 }
 
 /// A delivery claimed for an attempt.
@@ -180,15 +224,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn update_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
 
     /// Appends a curated event to the log and queues one delivery per enabled webhook of its
-    /// type. Returns its position, or `None` if an event with this id is already logged
-    /// (a redelivery: nothing is queued twice).
-    async fn ingest(
+    /// type. Events are unique per (`source`, `id`): an event already logged under them is a
+    /// redelivery if its `fingerprint` is the same (nothing is queued twice), a conflict
+    /// otherwise (nothing is logged; the caller reports it).
+    async fn ingest(&self, event: &NewEvent<'_>) -> StoreResult<Ingested>;
+    /// Records that `POST /v1/events` accepts the event (`source`, `id`) with content
+    /// `fingerprint`, unless that pair is already recorded: then says whether the recorded
+    /// content is the same (and whether it reached the bus) or different.
+    async fn claim_publish(
         &self,
+        source: &str,
         id: &str,
-        ty: &str,
-        received_at: DateTime<Utc>,
-        body: &str,
-    ) -> StoreResult<Option<i64>>;
+        fingerprint: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<PublishClaim>;
+    /// Settles a claim of [`claim_publish`](Store::claim_publish): marks it sent, or forgets
+    /// it when the bus refused the event (so that a retry is not taken for a duplicate).
+    async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()>;
     /// Logged events after position `after` whose type is in `types`, at most `limit`.
     async fn events_after(
         &self,
@@ -230,6 +282,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         max: u32,
     ) -> StoreResult<u64>;
     /// Drops logged events received before `before` that no pending delivery needs, and
-    /// attempts and settled deliveries older than that; returns the events dropped.
+    /// attempts, settled deliveries and publish claims older than that; returns the events
+    /// dropped.
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+}
+
+/// SHA-256 (hex) over length-prefixed parts: a content digest where no two different lists
+/// of parts collide by concatenation.
+pub(crate) fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hex::encode(hash.finalize())
 }

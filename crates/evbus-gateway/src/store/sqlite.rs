@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    Attempt, Delivery, DeliveryOutcome, KeyRecord, Store, StoreError, StoreResult, StoredEvent,
-    WebhookRecord,
+    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Store,
+    StoreError, StoreResult, StoredEvent, WebhookRecord,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -48,13 +48,14 @@ fn from_json(text: &str) -> Vec<String> {
 impl SqliteStore {
     /// Opens (creating it if needed) the store in directory `dir`, applying migrations.
     pub async fn open_dir(dir: &Path) -> StoreResult<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        crate::datadir::prepare_dir(dir).map_err(StoreError)?;
         Self::open_file(&dir.join(DB_FILE)).await
     }
 
     /// Opens (creating it if needed) the store in file `path`, applying migrations.
     pub async fn open_file(path: &Path) -> StoreResult<Self> {
+        // The database holds webhook secrets: 0600, and so its -wal and -shm.
+        crate::datadir::restrict_database(path).map_err(StoreError)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
@@ -66,6 +67,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        crate::datadir::restrict_database(path).map_err(StoreError)?;
         Ok(SqliteStore { pool })
     }
 
@@ -110,6 +112,7 @@ fn webhook_from(row: &SqliteRow) -> WebhookRecord {
 fn event_from(row: &SqliteRow) -> StoredEvent {
     StoredEvent {
         seq: row.get("seq"),
+        source: row.get("source"),
         id: row.get("id"),
         ty: row.get("type"),
         received_at: time(row.get("received_at")),
@@ -238,27 +241,34 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn ingest(
-        &self,
-        id: &str,
-        ty: &str,
-        received_at: DateTime<Utc>,
-        body: &str,
-    ) -> StoreResult<Option<i64>> {
+    async fn ingest(&self, e: &NewEvent<'_>) -> StoreResult<Ingested> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO events (id, type, received_at, body) VALUES (?, ?, ?, ?)
-             ON CONFLICT (id) DO NOTHING RETURNING seq",
+            "INSERT INTO events (source, id, type, received_at, fingerprint, body)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (source, id) DO NOTHING RETURNING seq",
         )
-        .bind(id)
-        .bind(ty)
-        .bind(ms(received_at))
-        .bind(body)
+        .bind(e.source)
+        .bind(e.id)
+        .bind(e.ty)
+        .bind(ms(e.received_at))
+        .bind(e.fingerprint)
+        .bind(e.body)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = inserted else {
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT fingerprint FROM events WHERE source = ? AND id = ?")
+                    .bind(e.source)
+                    .bind(e.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
             tx.rollback().await?;
-            return Ok(None);
+            // Rows logged before fingerprints existed count as the same event.
+            return Ok(match existing {
+                Some(f) if f != e.fingerprint => Ingested::Conflict,
+                _ => Ingested::Redelivered,
+            });
         };
         let seq: i64 = row.get("seq");
         sqlx::query(
@@ -268,12 +278,65 @@ impl Store for SqliteStore {
                AND EXISTS (SELECT 1 FROM json_each(w.event_types) t WHERE t.value = ?3)",
         )
         .bind(seq)
-        .bind(ms(received_at))
-        .bind(ty)
+        .bind(ms(e.received_at))
+        .bind(e.ty)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(seq))
+        Ok(Ingested::Logged(seq))
+    }
+
+    async fn claim_publish(
+        &self,
+        source: &str,
+        id: &str,
+        fingerprint: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<PublishClaim> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO published (source, id, fingerprint, sent, received_at) VALUES (?, ?, ?, 0, ?)
+             ON CONFLICT (source, id) DO NOTHING",
+        )
+        .bind(source)
+        .bind(id)
+        .bind(fingerprint)
+        .bind(ms(at))
+        .execute(&mut *tx)
+        .await?;
+        let claim = if inserted.rows_affected() > 0 {
+            PublishClaim::New
+        } else {
+            let row =
+                sqlx::query("SELECT fingerprint, sent FROM published WHERE source = ? AND id = ?")
+                    .bind(source)
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if row.get::<String, _>("fingerprint") != fingerprint {
+                PublishClaim::Conflict
+            } else if row.get::<i64, _>("sent") != 0 {
+                PublishClaim::Sent
+            } else {
+                PublishClaim::Unsent
+            }
+        };
+        tx.commit().await?;
+        Ok(claim)
+    }
+
+    async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()> {
+        let sql = if sent {
+            "UPDATE published SET sent = 1 WHERE source = ? AND id = ?"
+        } else {
+            "DELETE FROM published WHERE source = ? AND id = ? AND sent = 0"
+        };
+        sqlx::query(sql)
+            .bind(source)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn events_after(
@@ -449,6 +512,10 @@ impl Store for SqliteStore {
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM attempts WHERE at < ?")
+            .bind(ms(before))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM published WHERE received_at < ?")
             .bind(ms(before))
             .execute(&mut *tx)
             .await?;

@@ -227,8 +227,10 @@ impl Receiver {
                 let s = Arc::clone(&s);
                 let tx = tx.clone();
                 async move {
-                    let _ = tx.send(Received { headers, body });
+                    // The answer is decided before the test hears of the request: a test that
+                    // changes the answer once it saw a request changes the *next* one.
                     let code = StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
+                    let _ = tx.send(Received { headers, body });
                     (code, "receiver says hi")
                 }
             }),

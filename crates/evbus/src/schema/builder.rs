@@ -696,7 +696,9 @@ fn parse_meta(schema: &Value, what: &str) -> Result<(Option<u32>, Meta), SchemaE
     ))
 }
 
-/// A redact or allow pointer must not run into a closed object schema that lacks the name.
+/// A redact or allow pointer must be one curation can apply: it must not run into a closed
+/// object schema that lacks the name, and where the schema is an array the token must be an
+/// index or `*` (every element); `-` (the position after the last element) names nothing.
 fn check_pointers(meta: &Meta, inlined: &Value, what: &str) -> Result<(), SchemaError> {
     let all = meta
         .redact
@@ -705,28 +707,58 @@ fn check_pointers(meta: &Meta, inlined: &Value, what: &str) -> Result<(), Schema
         .chain(meta.allow.iter().flatten().map(|p| (ALLOW_KEYWORD, p)));
     for (kw, p) in all {
         let tokens = pointer::tokens(p).unwrap_or_default();
+        let refuse = |i: usize, why: String| {
+            let at: Vec<String> = tokens[..i].iter().map(|t| pointer::escape(t)).collect();
+            SchemaError::new(
+                SchemaErrorKind::InvalidSchema,
+                format!(
+                    "{what}: \"{kw}\" pointer {p} cannot be applied at /{}: {why}",
+                    at.join("/")
+                ),
+            )
+        };
         let mut schema = inlined;
         for (i, t) in tokens.iter().enumerate() {
             let props = schema.get("properties").and_then(Value::as_object);
+            let is_array = schema.get("items").is_some_and(Value::is_object)
+                || schema.get("prefixItems").is_some()
+                || schema.get("type") == Some(&Value::String("array".into()));
             if let Some(next) = props.and_then(|m| m.get(t)) {
                 schema = next;
-            } else if let Some(items) = schema.get("items").filter(|s| s.is_object()) {
-                if t.parse::<usize>().is_ok() || t == "-" {
-                    schema = items;
-                } else {
-                    break;
+            } else if is_array {
+                if t == "-" {
+                    return Err(refuse(
+                        i,
+                        "\"-\" names no element (it is the position after the last one); \
+                         write \"*\" for every element or an index"
+                            .to_owned(),
+                    ));
                 }
+                if t != "*" && t.parse::<usize>().is_err() {
+                    return Err(refuse(
+                        i,
+                        format!(
+                            "the schema there is an array, so this token must be \"*\" \
+                             (every element) or an index, not \"{t}\""
+                        ),
+                    ));
+                }
+                match schema.get("items").filter(|s| s.is_object()) {
+                    Some(items) => schema = items,
+                    None => break,
+                }
+            } else if t == "*" {
+                // Every property: the rest is checked against data, not a single schema.
+                break;
             } else if schema.get("additionalProperties") == Some(&Value::Bool(false)) {
                 let known: Vec<&str> = props
                     .map(|m| m.keys().map(String::as_str).collect())
                     .unwrap_or_default();
-                let at: Vec<String> = tokens[..i].iter().map(|t| pointer::escape(t)).collect();
-                return Err(SchemaError::new(
-                    SchemaErrorKind::InvalidSchema,
+                return Err(refuse(
+                    i,
                     format!(
-                        "{what}: \"{kw}\" pointer {p} names \"{t}\", which the closed object at \
-                         /{} does not declare (it has: {})",
-                        at.join("/"),
+                        "it names \"{t}\", which the closed object there does not declare \
+                         (it has: {})",
                         known.join(", ")
                     ),
                 ));

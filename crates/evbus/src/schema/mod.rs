@@ -62,6 +62,12 @@
 //! | `x-evbus-redact` | array of JSON pointers | `[]` | removed before the event leaves |
 //! | `x-evbus-allow` | array of JSON pointers | none | if present, only these leave |
 //!
+//! In `x-evbus-redact` and `x-evbus-allow` pointers, the token `*` means every element of an
+//! array or every member of an object (`/customers/*/email`). A pointer that cannot be applied
+//! is refused at registration: one naming a property a closed object does not declare, `-`
+//! where the schema has an array (it names the position after the last element), or a name
+//! where the schema has an array (`/customers/email`: write `/customers/*/email`).
+//!
 //! JSON Schema 2020-12 is the default dialect; draft-07 and 2019-09 are accepted through
 //! `$schema`. `format` is asserted (an `email` must be an email), and an unknown format name is
 //! an error at registration rather than silently ignored.
