@@ -30,7 +30,7 @@ use lapin::{Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::connection::{short, within};
+use crate::connection::{Live, short, within};
 use crate::message;
 use crate::transport::{AmqpTransport, Shared};
 
@@ -116,6 +116,34 @@ async fn attach(
         live.conn.create_channel(),
     )
     .await?;
+    match start(&live, &channel, shared, target, options).await {
+        Ok(consumer) => Ok(Attached {
+            channel,
+            consumer,
+            epoch,
+        }),
+        Err(e) => {
+            // A command that timed out may still be carried out by RabbitMQ: a late
+            // `consume-ok` would leave a consumer on this channel that nothing reads, holding
+            // up to `max_in_flight` events unacknowledged for as long as the connection
+            // lives. Closing the channel cancels whatever it started; RabbitMQ requeues what
+            // it delivered there.
+            let _ = tokio::time::timeout(limit, channel.close(200, "consumer setup failed".into()))
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// Sets the prefetch, declares what `target` needs on `channel` and starts consuming.
+async fn start(
+    live: &Live,
+    channel: &Channel,
+    shared: &Shared,
+    target: &Target,
+    options: &ConsumerOptions,
+) -> Result<Consumer> {
+    let limit = live.timeout();
     let prefetch = u16::try_from(options.max_in_flight.max(1)).unwrap_or(u16::MAX);
     within(
         limit,
@@ -127,8 +155,8 @@ async fn attach(
         Target::Named { exchange, queue } => {
             live.declare_exchange(exchange).await?;
             live.declare_quorum_queue(queue).await?;
-            shared.record_subscription(&live, exchange, queue).await?;
-            live.bind(&channel, queue, exchange).await?;
+            shared.record_subscription(live, exchange, queue).await?;
+            live.bind(channel, queue, exchange).await?;
         }
         Target::Anonymous { exchange, queue } => {
             live.declare_exchange(exchange).await?;
@@ -146,12 +174,12 @@ async fn attach(
                 ),
             )
             .await?;
-            live.bind(&channel, queue, exchange).await?;
+            live.bind(channel, queue, exchange).await?;
         }
         Target::Queue { queue } => live.declare_quorum_queue(queue).await?,
     }
     let queue = target.queue();
-    let consumer = within(
+    within(
         limit,
         || format!("consuming queue `{queue}`"),
         channel.basic_consume(
@@ -161,12 +189,7 @@ async fn attach(
             FieldTable::default(),
         ),
     )
-    .await?;
-    Ok(Attached {
-        channel,
-        consumer,
-        epoch,
-    })
+    .await
 }
 
 /// The consumer task: forwards deliveries, requeues expired ones, re-attaches after a lost
@@ -241,12 +264,15 @@ async fn run(
                 }
                 Some(Err(e)) => {
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
-                    acker.lost(current.epoch);
+                    detach(current, &acker).await;
                     attached = None;
                 }
                 None => {
                     tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching");
-                    acker.lost(current.epoch);
+                    // The channel may still be open: close it, or what it holds unsettled
+                    // (and can no longer be settled) would stay there while the connection
+                    // lives instead of being redelivered.
+                    detach(current, &acker).await;
                     attached = None;
                 }
             }

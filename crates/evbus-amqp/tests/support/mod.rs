@@ -94,15 +94,23 @@ impl RabbitNode {
     /// versions do by themselves when a quorum queue is declared. Messages and queue logs
     /// are not touched: what the node confirmed must already be on disk.
     pub fn sync_ra_registry(&self) -> std::io::Result<()> {
+        self.eval(SYNC_RA_REGISTRY).map(drop)
+    }
+
+    /// Evaluates the Erlang expression `expr` on the node (`rabbitmqctl eval`) and returns
+    /// what it printed.
+    pub fn eval(&self, expr: &str) -> std::io::Result<String> {
         let mut last = None;
         for ctl in CTL {
             let output = Command::new(ctl)
-                .args(["-n", &self.name, "eval", SYNC_RA_REGISTRY])
+                .args(["-n", &self.name, "eval", expr])
                 .current_dir(self.data_dir())
                 .stdin(Stdio::null())
                 .output();
             match output {
-                Ok(out) if out.status.success() => return Ok(()),
+                Ok(out) if out.status.success() => {
+                    return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+                }
                 Ok(out) => {
                     return Err(std::io::Error::other(format!(
                         "`{ctl} -n {} eval` failed ({}): {} {}",
@@ -116,6 +124,18 @@ impl RabbitNode {
             }
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("no rabbitmqctl")))
+    }
+
+    /// Suspends (`true`) or resumes (`false`) the Ra server of the quorum queue `queue` (in
+    /// the default vhost): while suspended, the queue answers no command, so a
+    /// `basic.consume` on it waits, and its `consume-ok` comes only after the resume.
+    pub fn suspend_quorum_queue(&self, queue: &str, suspend: bool) -> std::io::Result<()> {
+        let call = if suspend { "suspend" } else { "resume" };
+        self.eval(&format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+             {{Name, _}} = amqqueue:get_pid(Q), ok = sys:{call}(whereis(Name))."
+        ))
+        .map(drop)
     }
 }
 
