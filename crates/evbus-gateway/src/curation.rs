@@ -17,6 +17,16 @@
 //! pointer never widens: a name token that meets an array keeps nothing of it. A redacted or
 //! disallowed array element becomes `null` (trailing ones are dropped) instead of shifting the
 //! later elements, so curation is idempotent: curating a curated event changes nothing.
+//!
+//! Undeclared data: "curated" means the redact and allow rules above, which name what they
+//! remove or keep. An open schema lets a producer send members it does not declare; by
+//! default they leave like the rest (a type's `x-evbus-allow`, if any, removes them). A type
+//! whose schema root says `"x-evbus-undeclared": "drop"` also loses, after the other rules,
+//! every object member no `properties` (or `additionalProperties` schema) of its schema
+//! declares, at any depth, and every array element no `items`/`prefixItems` types
+//! (`patternProperties` declares nothing here: fails closed). The `subject` attribute is data
+//! too: under a type's `x-evbus-allow` it is dropped unless the schema root says
+//! `"x-evbus-subject": "keep"`, and under a webhook's own `allow` it is always dropped.
 
 use evbus::Event;
 use evbus::schema::EventVersion;
@@ -155,9 +165,130 @@ pub fn curate_value(
     data
 }
 
+/// The schema-root keyword saying what happens to data the schema does not declare:
+/// `"keep"` (the default) or `"drop"`. Any other value drops (fails closed).
+pub const UNDECLARED_KEYWORD: &str = "x-evbus-undeclared";
+
+/// The schema-root keyword saying whether the CloudEvent `subject` leaves under the type's
+/// `x-evbus-allow`: `"keep"` keeps it; by default an allow-listed type's subject is dropped.
+pub const SUBJECT_KEYWORD: &str = "x-evbus-subject";
+
+/// Whether `version` drops what its schema does not declare (`x-evbus-undeclared`).
+pub fn drops_undeclared(version: &EventVersion) -> bool {
+    match version.schema().get(UNDECLARED_KEYWORD) {
+        None => false,
+        Some(Value::String(s)) => s != "keep",
+        Some(_) => true,
+    }
+}
+
+/// Whether the `subject` of an event of `version` leaves, given a webhook's own allow-list.
+///
+/// Without any allow-list the subject leaves. Under the type's `x-evbus-allow` it leaves only
+/// if the schema says `"x-evbus-subject": "keep"`; under a webhook's `allow` it never leaves
+/// (the receiver asked for the listed data pointers only).
+pub fn subject_leaves(version: &EventVersion, narrow: Option<&[String]>) -> bool {
+    if narrow.is_some() {
+        return false;
+    }
+    version.allow().is_none()
+        || version.schema().get(SUBJECT_KEYWORD) == Some(&Value::String("keep".into()))
+}
+
+/// The schema nodes `node` stands for: itself, the target of a local `$ref`, and its in-place
+/// branches (`allOf`, `anyOf`, `oneOf`, `if`/`then`/`else`), recursively up to a depth.
+fn declarations<'a>(node: &'a Value, root: &'a Value, depth: usize, out: &mut Vec<&'a Value>) {
+    let Value::Object(map) = node else { return };
+    if depth > 32 {
+        return;
+    }
+    out.push(node);
+    if let Some(Value::String(r)) = map.get("$ref")
+        && let Some(ptr) = r.strip_prefix('#')
+        && let Some(target) = root.pointer(ptr)
+    {
+        declarations(target, root, depth + 1, out);
+    }
+    for k in IN_PLACE {
+        match map.get(k) {
+            Some(Value::Array(branches)) => branches
+                .iter()
+                .for_each(|b| declarations(b, root, depth + 1, out)),
+            Some(branch @ Value::Object(_)) => declarations(branch, root, depth + 1, out),
+            _ => {}
+        }
+    }
+}
+
+/// Keeps only what the schema nodes `schemas` declare: object members named by `properties`
+/// (or typed by an `additionalProperties` schema), array elements typed by `items` or
+/// `prefixItems`. An undeclared member is removed; an undeclared array element becomes `null`
+/// (as in the allow-list, so positions stay and curating again changes nothing).
+/// `patternProperties` declares nothing here (fails closed).
+fn keep_declared(value: Value, schemas: &[&Value], root: &Value, depth: usize) -> Value {
+    let mut nodes = Vec::new();
+    for s in schemas {
+        declarations(s, root, depth, &mut nodes);
+    }
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                let sub: Vec<&Value> = nodes
+                    .iter()
+                    .filter_map(|n| {
+                        n.get("properties")
+                            .and_then(|p| p.get(&k))
+                            .or_else(|| n.get("additionalProperties").filter(|a| a.is_object()))
+                    })
+                    .collect();
+                if !sub.is_empty() {
+                    out.insert(k, keep_declared(v, &sub, root, depth + 1));
+                }
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for (i, v) in items.into_iter().enumerate() {
+                let sub: Vec<&Value> = nodes
+                    .iter()
+                    .filter_map(|n| {
+                        n.get("prefixItems")
+                            .and_then(|p| p.get(i))
+                            .or_else(|| n.get("items").filter(|a| a.is_object()))
+                    })
+                    .collect();
+                out.push(if sub.is_empty() {
+                    Value::Null
+                } else {
+                    keep_declared(v, &sub, root, depth + 1)
+                });
+            }
+            while out.last().is_some_and(Value::is_null) {
+                out.pop();
+            }
+            Value::Array(out)
+        }
+        scalar => scalar,
+    }
+}
+
+/// Removes from `data` everything `schema` (a self-contained schema, local `$ref`s only) does
+/// not declare.
+pub fn drop_undeclared(data: Value, schema: &Value) -> Value {
+    keep_declared(data, &[schema], schema, 0)
+}
+
 /// Curates event data of the given schema version; `narrow` is a webhook's own allow-list.
+/// A version with `x-evbus-undeclared: "drop"` also loses what its schema does not declare.
 pub fn curate_data(version: &EventVersion, data: Value, narrow: Option<&[String]>) -> Value {
-    curate_value(data, version.redact(), version.allow(), narrow)
+    let data = curate_value(data, version.redact(), version.allow(), narrow);
+    if drops_undeclared(version) {
+        drop_undeclared(data, version.schema())
+    } else {
+        data
+    }
 }
 
 /// The outbound form of `event`: curated data (through [`curate_data`]) and no extensions.
@@ -189,7 +320,14 @@ pub fn curate_event(
     for name in names {
         out.remove_extension(&name);
     }
-    out.into_builder().json(&curated).ok()?.build().ok()
+    let out = out.into_builder().json(&curated).ok()?.build().ok()?;
+    if out.subject().is_none() || subject_leaves(version, narrow) {
+        return Some(out);
+    }
+    // The builder cannot unset an attribute: through the structured form.
+    let mut structured = out.to_json_value().ok()?;
+    structured.as_object_mut()?.remove("subject");
+    Event::from_json(&structured.to_string()).ok()
 }
 
 /// Resolves local `$ref`s (`#/...`) by inlining them, up to a depth (recursive schemas keep
@@ -518,6 +656,41 @@ mod tests {
             out,
             json!({"c": [{"n": 1}, {"n": 2}], "m": {"a": {"n": 1}}, "l": []})
         );
+    }
+
+    #[test]
+    fn drop_undeclared_keeps_only_what_the_schema_declares() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "a": {"type": "object", "properties": {"x": {}}},
+                "list": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+                "tuple": {"prefixItems": [{"type": "integer"}]},
+                "map": {"additionalProperties": {"properties": {"v": {}}}},
+                "both": {"allOf": [{"properties": {"p": {}}}, {"properties": {"q": {}}}]},
+            },
+            "$defs": {"Item": {"properties": {"n": {}}}},
+        });
+        let data = json!({
+            "a": {"x": 1, "secret": 2},
+            "list": [{"n": 1, "hidden": 2}, {"n": 2}],
+            "tuple": [1, "extra"],
+            "map": {"k": {"v": 1, "w": 2}},
+            "both": {"p": 1, "q": 2, "r": 3},
+            "undeclared": {"deep": true},
+        });
+        let once = drop_undeclared(data, &schema);
+        assert_eq!(
+            once,
+            json!({
+                "a": {"x": 1},
+                "list": [{"n": 1}, {"n": 2}],
+                "tuple": [1],
+                "map": {"k": {"v": 1}},
+                "both": {"p": 1, "q": 2},
+            })
+        );
+        assert_eq!(drop_undeclared(once.clone(), &schema), once);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod datadir;
 pub mod keys;
 mod openapi;
 pub mod problem;
+mod server;
 pub mod signing;
 pub mod ssrf;
 pub mod store;
@@ -71,6 +72,9 @@ pub struct GatewayConfig {
     pub max_in_flight_per_endpoint: u32,
     /// Deliveries in flight at once in all. Default 64.
     pub max_in_flight: u32,
+    /// Deliveries in flight at once to all the endpoints of one API key, so that one key's
+    /// slow endpoints cannot hold every delivery slot. Default 16.
+    pub max_in_flight_per_key: u32,
     /// How often the dispatcher looks for due deliveries when nothing wakes it. Default 1 s.
     pub poll_interval: Duration,
     /// How long the previous secret keeps signing after a rotation. Default 24 h.
@@ -79,12 +83,32 @@ pub struct GatewayConfig {
     pub retention: Duration,
     /// Open streams at once. Default 1,000.
     pub max_streams: usize,
+    /// Open streams at once per API key, so that one key cannot take every stream slot.
+    /// Default 10.
+    pub max_streams_per_key: usize,
+    /// Open client connections at once. A connection above the limit is answered once
+    /// (`/healthz` as usual, anything else `503`) and closed. Default 1,024.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers, from the moment the connection is ready for a
+    /// request: a half-sent request is dropped after it, and so is a kept-alive connection
+    /// idle for that long. Default 15 s.
+    pub header_read_timeout: Duration,
     /// Interval of stream keep-alive comments. Default 15 s.
     pub stream_keepalive: Duration,
     /// Which outbound addresses webhooks may reach besides public ones.
     pub outbound: OutboundPolicy,
     /// The Bus group consuming external types. Default [`WEBHOOK_GROUP`].
     pub group: String,
+    /// Webhooks one key may hold (an admin key too). Default 25.
+    pub max_webhooks_per_key: usize,
+    /// Event types one webhook may name. Default 50.
+    pub max_types_per_webhook: usize,
+    /// Pointers in one webhook's `allow`. Default 100.
+    pub max_allow_per_webhook: usize,
+    /// Largest body of a webhook registration. Default 64 KiB.
+    pub max_webhook_body_bytes: usize,
+    /// Events one replay request may queue. Default 10,000.
+    pub max_replay_events: u32,
 }
 
 impl Default for GatewayConfig {
@@ -101,13 +125,22 @@ impl Default for GatewayConfig {
             delivery_timeout: Duration::from_secs(15),
             max_in_flight_per_endpoint: 4,
             max_in_flight: 64,
+            max_in_flight_per_key: 16,
             poll_interval: Duration::from_secs(1),
             secret_overlap: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(72 * 3600),
             max_streams: 1_000,
+            max_streams_per_key: 10,
+            max_connections: 1_024,
+            header_read_timeout: Duration::from_secs(15),
             stream_keepalive: Duration::from_secs(15),
             outbound: OutboundPolicy::default(),
             group: WEBHOOK_GROUP.to_owned(),
+            max_webhooks_per_key: 25,
+            max_types_per_webhook: 50,
+            max_allow_per_webhook: 100,
+            max_webhook_body_bytes: 64 * 1024,
+            max_replay_events: 10_000,
         }
     }
 }
@@ -196,6 +229,8 @@ pub(crate) struct State {
     revocations: watch::Sender<u64>,
     limiter: DefaultKeyedRateLimiter<String>,
     streams: Arc<Semaphore>,
+    /// Open streams per key id.
+    key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     metrics: Option<PrometheusHandle>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -330,6 +365,7 @@ impl Gateway {
             revocations: watch::channel(0).0,
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             streams: Arc::new(Semaphore::new(config.max_streams)),
+            key_streams: Arc::default(),
             metrics,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -371,22 +407,32 @@ impl Gateway {
     }
 
     /// Serves the API on `listener` until `signal` completes, then stops the gateway.
+    ///
+    /// Connections are HTTP/1.1, bounded by [`GatewayConfig::max_connections`] and
+    /// [`GatewayConfig::header_read_timeout`]; `/healthz` answers even above the connection
+    /// limit.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let cancel = self.state.cancel.clone();
-        let router = self.router();
-        let stop = async move {
-            signal.await;
-            cancel.cancel();
+        let stop = cancel.clone();
+        let watcher = tokio::spawn(async move {
+            tokio::select! {
+                _ = signal => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+        let limits = server::Limits {
+            max_connections: self.state.config.max_connections.max(1),
+            header_read_timeout: self.state.config.header_read_timeout,
+            drain: self.state.config.request_timeout,
         };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
-            .await?;
+        let served = server::serve(listener, self.router(), limits, cancel).await;
+        watcher.abort();
         self.shutdown().await;
-        Ok(())
+        served
     }
 
     /// Stops consuming, lets deliveries in flight finish (bounded by the delivery timeout),

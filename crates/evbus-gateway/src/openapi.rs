@@ -64,7 +64,7 @@ pub(crate) fn document() -> Value {
                 "parameters": [
                     {"name": "types", "in": "query", "schema": {"type": "string"}, "description": "comma-separated event types; default: every type the key may subscribe to"},
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
-                    {"name": "last_event_id", "in": "query", "schema": {"type": "integer"}}
+                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}}
                 ],
                 "responses": {"200": {"description": "text/event-stream; each event: id (log position), event (type), data (curated structured CloudEvent)"}, "401": {"$ref": "#/components/responses/Problem"}, "403": {"$ref": "#/components/responses/Problem"}}
             }},

@@ -72,12 +72,13 @@ pub enum UrlRefusal {
     Unresolvable(String),
     /// The host resolves to an address that is not allowed.
     #[error(
-        "the host `{host}` resolves to {addr}, a non-public address (loopback, private, link-local, multicast or unspecified); the gateway operator can allow it with --webhook-allow"
+        "the host `{host}` resolves to an address that is not allowed (only public addresses are, unless the gateway operator allows a network with --webhook-allow)"
     )]
     Forbidden {
         /// The host.
         host: String,
-        /// The refused address.
+        /// The refused address: for the server's log only (the message does not show it,
+        /// so a caller cannot use the check to read internal DNS answers).
         addr: IpAddr,
     },
 }
@@ -144,6 +145,8 @@ impl OutboundPolicy {
     ) -> Result<(), UrlRefusal> {
         for addr in addrs {
             if !self.allows(addr) {
+                // The address goes to the server's log only, never to the caller.
+                tracing::warn!(host, %addr, "webhook address refused: not public and not allow-listed");
                 return Err(UrlRefusal::Forbidden {
                     host: host.to_owned(),
                     addr,

@@ -1,8 +1,12 @@
 //! `GET /v1/stream`: Server-Sent Events of curated events from the event log.
 //!
-//! Each frame is `id: <log position>`, `event: <type>`, `data: <curated structured
-//! CloudEvent>`. A client reconnecting with `Last-Event-ID` (or `?last_event_id=`) resumes
-//! right after that position, as long as the log still holds it (see
+//! Each frame is `id: <cursor>`, `event: <type>`, `data: <curated structured CloudEvent>`.
+//! The cursor is the log position enciphered with a gateway secret (an 8-round Feistel
+//! permutation keyed by HMAC-SHA256, plus an HMAC tag; the key lives in the store): it is
+//! opaque, so the ids a key sees do not tell how many events of other types were logged in
+//! between. A client reconnecting with `Last-Event-ID` (or `?last_event_id=`) resumes right
+//! after that cursor (a value this gateway did not issue is answered 400), as long as the log
+//! still holds it (see
 //! [`GatewayConfig::retention`](crate::GatewayConfig::retention)). The stream pulls from the
 //! store a page at a time, only when the client has taken the previous frames, so a slow
 //! client costs one page of memory, never a growing buffer. The key is checked again before
@@ -29,7 +33,7 @@ const PAGE: u32 = 100;
 #[derive(Deserialize)]
 pub(crate) struct StreamQuery {
     types: Option<String>,
-    last_event_id: Option<i64>,
+    last_event_id: Option<String>,
 }
 
 /// The SSE frame of one logged event (curated again with the current rules).
@@ -73,15 +77,31 @@ pub(crate) async fn stream(
                 .with("denied_positions", json!(denied)),
         );
     }
-    let resume = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .or(query.last_event_id);
+    let cursor_key: Arc<[u8]> = state.store.stream_cursor_key().await?.into();
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().unwrap_or_default().trim().to_owned()),
+        None => query.last_event_id.clone(),
+    };
     let start = match resume {
-        Some(seq) => seq.max(0),
+        Some(id) => cursor::decode(&cursor_key, &id).ok_or_else(|| {
+            Problem::bad_request(
+                "Last-Event-ID is not a stream id this gateway issued; reconnect without it to start from now",
+            )
+        })?,
         None => state.store.latest_seq().await?,
     };
+    // The key's share first, so a key at its limit never takes a global slot.
+    let key_slot = KeySlot::take(&state, &key.id).ok_or_else(|| {
+        let limit = state.config.max_streams_per_key;
+        Problem::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this key already has {limit} open streams, the most one key may hold (max_streams_per_key); close one of them before opening another"
+            ),
+        )
+        .with("limit", json!(limit))
+        .retry_after(5)
+    })?;
     let permit = Arc::clone(&state.streams)
         .try_acquire_owned()
         .map_err(|_| {
@@ -93,7 +113,14 @@ pub(crate) async fn stream(
         })?;
     metrics::gauge!("evbus_gateway_streams").increment(1.0);
     let keepalive = state.config.stream_keepalive;
-    let events = frames(state, key, types, start, permit);
+    let events = frames(
+        state,
+        key,
+        types,
+        start,
+        StreamPermit(permit, key_slot),
+        cursor_key,
+    );
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(keepalive))
         .into_response())
@@ -110,9 +137,49 @@ struct Cursor {
     latest: tokio::sync::watch::Receiver<i64>,
     revocations: tokio::sync::watch::Receiver<u64>,
     _permit: StreamPermit,
+    /// The key of the SSE ids ([`cursor`]).
+    cursor_key: Arc<[u8]>,
 }
 
-struct StreamPermit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+/// An open stream's global slot and its key's slot, given back when the stream ends.
+struct StreamPermit(
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    #[allow(dead_code)] KeySlot,
+);
+
+/// One of a key's [`max_streams_per_key`](crate::GatewayConfig::max_streams_per_key) slots.
+struct KeySlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    key_id: String,
+}
+
+impl KeySlot {
+    /// Takes one of the key's slots; `None` when the key holds all of them.
+    fn take(state: &State, key_id: &str) -> Option<KeySlot> {
+        let mut open = state.key_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key_id.to_owned()).or_default();
+        if *n >= state.config.max_streams_per_key {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot {
+            open: Arc::clone(&state.key_streams),
+            key_id: key_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key_id);
+            }
+        }
+    }
+}
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
@@ -125,7 +192,8 @@ fn frames(
     key: KeyRecord,
     types: Vec<String>,
     after: i64,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: StreamPermit,
+    cursor_key: Arc<[u8]>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let cursor = Cursor {
         latest: state.latest.subscribe(),
@@ -136,7 +204,8 @@ fn frames(
         types,
         after,
         page: Default::default(),
-        _permit: StreamPermit(permit),
+        _permit: permit,
+        cursor_key,
     };
     futures::stream::unfold(cursor, |mut c| async move {
         loop {
@@ -146,7 +215,7 @@ fn frames(
                     continue;
                 };
                 let frame = SseEvent::default()
-                    .id(stored.seq.to_string())
+                    .id(cursor::encode(&c.cursor_key, stored.seq))
                     .event(stored.ty.clone())
                     .data(data);
                 return Some((Ok(frame), c));
@@ -200,5 +269,93 @@ async fn key_still_allows(c: &mut Cursor) -> bool {
                     .all(|t| c.state.visibility.may_subscribe(&key, t))
         }
         _ => false,
+    }
+}
+
+/// SSE ids: log positions enciphered so that they reveal neither the position nor the gaps
+/// between the positions a stream sees. `encode` is a keyed permutation of the 64-bit
+/// position (an 8-round Feistel network, HMAC-SHA256 as its round function) followed by a
+/// 32-bit HMAC tag, written as 24 hex digits; `decode` refuses anything it did not issue.
+mod cursor {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    const ROUNDS: u8 = 8;
+    const TAG: u8 = 0xff;
+
+    fn prf(key: &[u8], label: u8, data: &[u8]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+        mac.update(&[label]);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn round(key: &[u8], i: u8, half: u32) -> u32 {
+        let out = prf(key, i, &half.to_be_bytes());
+        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
+    }
+
+    fn tag(key: &[u8], block: u64) -> u32 {
+        let out = prf(key, TAG, &block.to_be_bytes());
+        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
+    }
+
+    /// The SSE id of log position `seq`.
+    pub(super) fn encode(key: &[u8], seq: i64) -> String {
+        let v = seq.max(0) as u64;
+        let (mut l, mut r) = ((v >> 32) as u32, v as u32);
+        for i in 0..ROUNDS {
+            (l, r) = (r, l ^ round(key, i, r));
+        }
+        let block = (u64::from(l) << 32) | u64::from(r);
+        format!("{block:016x}{:08x}", tag(key, block))
+    }
+
+    /// The log position of an SSE id issued by [`encode`] with the same key.
+    pub(super) fn decode(key: &[u8], id: &str) -> Option<i64> {
+        if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let block = u64::from_str_radix(&id[..16], 16).ok()?;
+        let given = u32::from_str_radix(&id[16..], 16).ok()?;
+        let expected = tag(key, block);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&given, &expected)) {
+            return None;
+        }
+        let (mut l, mut r) = ((block >> 32) as u32, block as u32);
+        for i in (0..ROUNDS).rev() {
+            (l, r) = (r ^ round(key, i, l), l);
+        }
+        i64::try_from((u64::from(l) << 32) | u64::from(r)).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cursors_round_trip_hide_positions_and_refuse_forgeries() {
+            let key = [7u8; 32];
+            for seq in [0, 1, 2, 41, 1 << 31, i64::MAX] {
+                let id = encode(&key, seq);
+                assert_eq!(decode(&key, &id), Some(seq), "{id}");
+                assert!(!id.contains(&seq.to_string()) || seq < 10, "{id}");
+            }
+            // Neighbouring positions give unrelated ids.
+            let (a, b) = (encode(&key, 100), encode(&key, 101));
+            let same = a
+                .bytes()
+                .zip(b.bytes())
+                .take(16)
+                .filter(|(x, y)| x == y)
+                .count();
+            assert!(same < 10, "{a} {b}");
+            // Another key, a changed digit, a number: refused.
+            assert_eq!(decode(&[8u8; 32], &a), None);
+            let mut forged = a.clone().into_bytes();
+            forged[3] = if forged[3] == b'0' { b'1' } else { b'0' };
+            assert_eq!(decode(&key, std::str::from_utf8(&forged).unwrap()), None);
+            assert_eq!(decode(&key, "100"), None);
+        }
     }
 }

@@ -22,7 +22,8 @@ use crate::{State, curation, signing};
 /// Longest response body kept in the attempt log.
 const RESPONSE_LOG_BYTES: usize = 1024;
 
-/// The dispatcher loop: claims due deliveries and runs them, bounded per endpoint and in all.
+/// The dispatcher loop: claims due deliveries and runs them, bounded per endpoint, per owner
+/// key (so one key's slow endpoints leave room for other keys) and in all.
 pub(crate) async fn dispatcher(state: Arc<State>) {
     let in_flight: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let cfg = &state.config;
@@ -47,6 +48,7 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
                     lease,
                     &busy,
                     cfg.max_in_flight_per_endpoint.max(1),
+                    cfg.max_in_flight_per_key.max(1),
                     room,
                 )
                 .await
@@ -318,6 +320,9 @@ fn describe(e: &reqwest::Error) -> String {
 
 // ---- HTTP handlers -------------------------------------------------------------------------
 
+/// Held while a registration counts the key's webhooks and inserts one.
+static REGISTERING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateWebhook {
@@ -363,11 +368,40 @@ pub(crate) async fn create(
     Extension(key): Extension<KeyRecord>,
     body: Bytes,
 ) -> Result<Response, Problem> {
+    let cfg = &state.config;
+    if body.len() > cfg.max_webhook_body_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a webhook registration may be at most {} bytes (max_webhook_body_bytes)",
+                cfg.max_webhook_body_bytes
+            ),
+        )
+        .with("limit", json!(cfg.max_webhook_body_bytes)));
+    }
     let req: CreateWebhook = crate::api::parse_json(&body)?;
     if req.event_types.is_empty() {
         return Err(Problem::bad_request(
             "`event_types` must name at least one event type",
         ));
+    }
+    if req.event_types.len() > cfg.max_types_per_webhook {
+        return Err(Problem::bad_request(format!(
+            "`event_types` may name at most {} event types (max_types_per_webhook); register several webhooks or subscribe to fewer types",
+            cfg.max_types_per_webhook
+        ))
+        .with("limit", json!(cfg.max_types_per_webhook)));
+    }
+    if req
+        .allow
+        .as_ref()
+        .is_some_and(|a| a.len() > cfg.max_allow_per_webhook)
+    {
+        return Err(Problem::bad_request(format!(
+            "`allow` may hold at most {} pointers (max_allow_per_webhook)",
+            cfg.max_allow_per_webhook
+        ))
+        .with("limit", json!(cfg.max_allow_per_webhook)));
     }
     // Positions, not names: error bodies never quote request values.
     let denied: Vec<usize> = req
@@ -402,6 +436,20 @@ pub(crate) async fn create(
     let mut types = req.event_types.clone();
     types.sort();
     types.dedup();
+    // Counting and inserting under one lock, so concurrent registrations cannot pass the
+    // per-key limit together.
+    let _registering = REGISTERING.lock().await;
+    let held = state.store.list_webhooks(Some(&key.id)).await?.len();
+    if held >= cfg.max_webhooks_per_key {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this key already holds {} webhooks, the most one key may (max_webhooks_per_key); delete one before registering another",
+                cfg.max_webhooks_per_key
+            ),
+        )
+        .with("limit", json!(cfg.max_webhooks_per_key)));
+    }
     let record = WebhookRecord {
         id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
         owner_key_id: key.id.clone(),
@@ -475,7 +523,23 @@ pub(crate) async fn attempts(
 ) -> Result<Json<Value>, Problem> {
     owned(&state, &key, &id).await?;
     let list = state.store.list_attempts(&id, 100).await?;
-    Ok(Json(json!(list)))
+    // Without the store's row ids: they count every key's deliveries, a volume leak.
+    let list: Vec<Value> = list
+        .iter()
+        .map(|a| {
+            json!({
+                "webhook_id": a.webhook_id,
+                "event_id": a.event_id,
+                "attempt": a.attempt,
+                "at": a.at,
+                "status": a.status,
+                "latency_ms": a.latency_ms,
+                "error": a.error,
+                "response": a.response,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
 }
 
 pub(crate) async fn replay(
@@ -493,9 +557,11 @@ pub(crate) async fn replay(
         w.failing_since = None;
         state.store.update_webhook(&w).await?;
     }
+    // Idempotent: events with a delivery to this endpoint still pending are not queued
+    // again, so repeating a replay (or replaying overlapping ranges) adds nothing twice.
     let n = state
         .store
-        .replay(&id, req.since, State::now(), 10_000)
+        .replay(&id, req.since, State::now(), state.config.max_replay_events)
         .await?;
     state.dispatch.notify_one();
     Ok((StatusCode::ACCEPTED, Json(json!({"replayed": n}))).into_response())

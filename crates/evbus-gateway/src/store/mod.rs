@@ -255,13 +255,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Atomically claims due deliveries of enabled webhooks (pending and due, or in flight
     /// with an expired lease) until `lease_until`: at most `per_webhook` per endpoint, none
-    /// for the endpoints in `busy`, at most `limit` in all.
+    /// for the endpoints in `busy`, at most `limit` in all, and for the endpoints of one owner
+    /// key at most `per_owner` in flight (counting unexpired leases already held, by any
+    /// instance). Owners take turns: every owner's first delivery before any owner's second.
+    #[allow(clippy::too_many_arguments)]
     async fn claim_deliveries(
         &self,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         busy: &[String],
         per_webhook: u32,
+        per_owner: u32,
         limit: u32,
     ) -> StoreResult<Vec<Delivery>>;
     /// Settles a claimed delivery after an attempt (which counts).
@@ -273,7 +277,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The latest attempts of a webhook, newest first.
     async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>>;
     /// Queues again every logged event of the webhook's types received at or after `since`
-    /// (at most `max`); returns how many.
+    /// (at most `max`), except those with a delivery to this webhook still pending or in
+    /// flight, so a repeated replay queues nothing twice; returns how many were queued.
     async fn replay(
         &self,
         webhook_id: &str,
@@ -281,6 +286,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
         max: u32,
     ) -> StoreResult<u64>;
+    /// The secret key of stream cursors (the SSE ids): 32 random bytes, created on first use
+    /// and the same afterwards (across restarts and for every instance sharing the store).
+    async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>>;
     /// Drops logged events received before `before` that no pending delivery needs, and
     /// attempts, settled deliveries and publish claims older than that; returns the events
     /// dropped.

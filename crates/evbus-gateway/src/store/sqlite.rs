@@ -378,20 +378,33 @@ impl Store for SqliteStore {
         lease_until: DateTime<Utc>,
         busy: &[String],
         per_webhook: u32,
+        per_owner: u32,
         limit: u32,
     ) -> StoreResult<Vec<Delivery>> {
+        // `rn`: the rank of a delivery within its endpoint; `rn_owner`: within its owner key,
+        // endpoints taking turns. An owner gets what `per_owner` leaves after its unexpired
+        // leases, and owners take turns (ordered by `rn_owner` first).
         let rows = sqlx::query(
             "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
              WHERE id IN (
                SELECT id FROM (
-                 SELECT d.id, d.next_attempt_at,
-                        ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id) AS rn
-                 FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                 WHERE w.enabled = 1
-                   AND ((d.state = 'pending' AND d.next_attempt_at <= ?1)
-                        OR (d.state = 'in_flight' AND d.lease_until < ?1))
-                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?3))
-               ) WHERE rn <= ?4 ORDER BY next_attempt_at LIMIT ?5
+                 SELECT id, next_attempt_at, owner, rn,
+                        ROW_NUMBER() OVER (PARTITION BY owner ORDER BY rn, next_attempt_at, id) AS rn_owner
+                 FROM (
+                   SELECT d.id, d.next_attempt_at, w.owner_key_id AS owner,
+                          ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id) AS rn
+                   FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                   WHERE w.enabled = 1
+                     AND ((d.state = 'pending' AND d.next_attempt_at <= ?1)
+                          OR (d.state = 'in_flight' AND d.lease_until < ?1))
+                     AND d.webhook_id NOT IN (SELECT value FROM json_each(?3))
+                 ) WHERE rn <= ?4
+               ) c
+               WHERE c.rn_owner <= ?5 - (
+                 SELECT COUNT(*) FROM deliveries d2 JOIN webhooks w2 ON w2.id = d2.webhook_id
+                 WHERE w2.owner_key_id = c.owner AND d2.state = 'in_flight' AND d2.lease_until >= ?1
+               )
+               ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT ?6
              )
              RETURNING id, webhook_id, event_seq, attempts",
         )
@@ -399,6 +412,7 @@ impl Store for SqliteStore {
         .bind(ms(lease_until))
         .bind(to_json(busy))
         .bind(per_webhook as i64)
+        .bind(per_owner as i64)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
@@ -498,6 +512,9 @@ impl Store for SqliteStore {
              FROM webhooks w JOIN events e
                ON e.type IN (SELECT value FROM json_each(w.event_types))
              WHERE w.id = ?1 AND e.received_at >= ?2
+               AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                WHERE d.webhook_id = w.id AND d.event_seq = e.seq
+                                  AND d.state IN ('pending', 'in_flight'))
              ORDER BY e.seq LIMIT ?4",
         )
         .bind(webhook_id)
@@ -507,6 +524,18 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>> {
+        let fresh: [u8; 32] = rand::random();
+        sqlx::query("INSERT OR IGNORE INTO meta (name, value) VALUES ('stream_cursor_key', ?)")
+            .bind(fresh.as_slice())
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM meta WHERE name = 'stream_cursor_key'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get("value"))
     }
 
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {

@@ -1,0 +1,348 @@
+//! Abuse suite, limits and leaks part: undeclared fields and `subject` under allow-lists
+//! (issue 15 item 3), internal DNS answers and log volume through error messages, attempt logs
+//! and SSE ids (item 5), webhook and replay amplification (item 12).
+
+mod support;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use evbus_gateway::Store;
+use serde_json::{Value, json};
+use support::*;
+
+const ORDERS: &str = "afterOrderCreate";
+const PRODUCTS: &str = "afterProductUpdate";
+const CARTS: &str = "afterCartUpdate";
+const UNDECLARED: &str = "undeclared-secret-value";
+
+/// Reads `n` SSE frames (id and data) from `resp`, within [`WAIT`].
+async fn read_frames(resp: &mut reqwest::Response, n: usize) -> Vec<(String, Value)> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while out.len() < n {
+            let chunk = resp.chunk().await.unwrap().expect("stream open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                let mut id = String::new();
+                let mut data = String::new();
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    }
+                    if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !data.is_empty() {
+                    out.push((id, serde_json::from_str(&data).unwrap()));
+                }
+            }
+        }
+    })
+    .await
+    .expect("frames in time");
+    out
+}
+
+async fn open_stream(h: &Harness, key: &str, types: &str) -> reqwest::Response {
+    let resp = h
+        .http
+        .get(h.url(&format!("/v1/stream?types={types}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+async fn post_event(h: &Harness, key: &str, event: Value) {
+    let resp = h
+        .http
+        .post(h.url("/v1/events"))
+        .bearer_auth(key)
+        .header("content-type", "application/cloudevents+json")
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_eq!(status, 202, "{}", resp.text().await.unwrap_or_default());
+}
+
+fn product(id: &str) -> Value {
+    json!({"productId": id, "product": {"_id": id, "shopId": "s", "title": "T", "isVisible": true,
+        "variants": [{"_id": "v", "price": 1, "costPrice": 0.5}]}})
+}
+
+fn event(id: &str, ty: &str, subject: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/abuse", "type": ty, "subject": subject,
+        "datacontenttype": "application/json", "data": data})
+}
+
+// Item 3.
+#[tokio::test]
+async fn undeclared_fields_are_dropped_and_subject_follows_allow_lists() {
+    let h = Harness::memory().await;
+    let key = h.key(&["*"], &["*"]).await;
+    let mut plain = Receiver::start(200).await;
+    let (_, _) = h.register(&key, &plain.url(), &[ORDERS]).await;
+    let mut narrowed = Receiver::start(200).await;
+    let (status, _) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({"url": narrowed.url(), "event_types": [ORDERS], "allow": ["/createdBy"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut stream = open_stream(&h, &key, &format!("{ORDERS},{PRODUCTS}")).await;
+
+    // `Order` is an open object: the bus accepts members it does not declare.
+    let mut order = order_created();
+    order["order"]["internalNote"] = json!(UNDECLARED);
+    order["order"]["items"][0]["marginNote"] = json!(UNDECLARED);
+    post_event(&h, &key, event("ord-1", ORDERS, "orders/ord_1", order)).await;
+    post_event(
+        &h,
+        &key,
+        event("prod-1", PRODUCTS, "products/p1", product("p1")),
+    )
+    .await;
+
+    let frames = read_frames(&mut stream, 2).await;
+    let by_type = |ty: &str| {
+        frames
+            .iter()
+            .map(|(_, e)| e)
+            .find(|e| e["type"] == ty)
+            .unwrap()
+            .clone()
+    };
+    let order_frame = by_type(ORDERS);
+    assert!(
+        !order_frame.to_string().contains(UNDECLARED),
+        "{order_frame}"
+    );
+    // Declared data still leaves, and the subject leaves where no allow-list applies.
+    assert_eq!(order_frame["data"]["order"]["referenceId"], "R-10023");
+    assert_eq!(order_frame["data"]["order"]["items"][0]["productId"], "p1");
+    assert_eq!(order_frame["subject"], "orders/ord_1");
+    // The product type has an `x-evbus-allow`: its subject stays inside.
+    let product_frame = by_type(PRODUCTS);
+    assert_eq!(product_frame["data"]["product"]["title"], "T");
+    assert!(product_frame.get("subject").is_none(), "{product_frame}");
+
+    let body = plain.next().await.json();
+    assert!(!body.to_string().contains(UNDECLARED), "{body}");
+    assert_eq!(body["subject"], "orders/ord_1");
+    // A webhook's own allow-list drops the subject too.
+    let body = narrowed.next().await.json();
+    assert_eq!(body["data"], json!({"createdBy": "user-42"}));
+    assert!(body.get("subject").is_none(), "{body}");
+}
+
+// Item 5: DNS answers.
+#[tokio::test]
+async fn refused_webhook_addresses_are_not_revealed_to_the_caller() {
+    let mut config = test_config();
+    // No allow-list: loopback is refused.
+    config.outbound = evbus_gateway::OutboundPolicy::default();
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&["*"], &[]).await;
+    let (status, problem) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({"url": "http://localhost:9/hook", "event_types": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    let text = problem.to_string();
+    assert!(text.contains("not allowed"), "{text}");
+    for internal in ["127.0.0.1", "::1", "loopback"] {
+        assert!(!text.contains(internal), "{text}");
+    }
+}
+
+// Item 5: volume through SSE ids.
+#[tokio::test]
+async fn sse_ids_do_not_reveal_other_types_volume_and_still_resume() {
+    let h = Harness::memory().await;
+    let key = h.key(&[ORDERS], &[]).await;
+    let mut stream = open_stream(&h, &key, ORDERS).await;
+    h.bus.emit(ORDERS, order_created()).await.unwrap();
+    let first = read_frames(&mut stream, 1).await.remove(0).0;
+    // Another type's traffic the key cannot see, then the key's next event.
+    for i in 0..5 {
+        h.bus
+            .emit(PRODUCTS, product(&format!("p{i}")))
+            .await
+            .unwrap();
+    }
+    let mut next = order_created();
+    next["createdBy"] = json!("user-43");
+    h.bus.emit(ORDERS, next).await.unwrap();
+    let second = read_frames(&mut stream, 1).await.remove(0).0;
+    drop(stream);
+    // Log positions would be numbers 6 apart; the ids are opaque.
+    for id in [&first, &second] {
+        assert!(id.parse::<i64>().is_err(), "a log position: {id}");
+        assert_eq!(id.len(), 24, "{id}");
+    }
+    // Resume after the first id: the second event comes again, with the same id.
+    let mut again = h
+        .http
+        .get(h.url(&format!("/v1/stream?types={ORDERS}")))
+        .bearer_auth(&key)
+        .header("last-event-id", &first)
+        .send()
+        .await
+        .unwrap();
+    let resumed = read_frames(&mut again, 1).await.remove(0);
+    assert_eq!(resumed.0, second);
+    assert_eq!(resumed.1["data"]["createdBy"], "user-43");
+    // An id the gateway did not issue (a guessed position) is refused, not taken.
+    for forged in ["1", "0000000000000001deadbeef"] {
+        let resp = h
+            .http
+            .get(h.url(&format!("/v1/stream?types={ORDERS}")))
+            .bearer_auth(&key)
+            .header("last-event-id", forged)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{forged}");
+    }
+    // The attempt log does not carry the store's row ids (a count of every key's deliveries).
+    let mut receiver = Receiver::start(200).await;
+    let (id, _) = h.register(&key, &receiver.url(), &[ORDERS]).await;
+    h.bus.emit(ORDERS, order_created()).await.unwrap();
+    receiver.next().await;
+    let path = format!("/v1/webhooks/{id}/attempts");
+    eventually("an attempt is logged", || async {
+        let (_, a) = h.call("GET", &path, Some(&key), None).await;
+        a.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let (_, attempts) = h.call("GET", &path, Some(&key), None).await;
+    let entry = &attempts[0];
+    assert_eq!(entry["status"], 200);
+    assert!(
+        entry.get("id").is_none() && entry.get("delivery_id").is_none(),
+        "{entry}"
+    );
+}
+
+// Item 12: webhooks per key, types and pointers per webhook, registration size.
+#[tokio::test]
+async fn webhook_registrations_are_bounded_per_key_and_in_size() {
+    let mut config = test_config();
+    config.max_webhooks_per_key = 3;
+    config.max_types_per_webhook = 2;
+    config.max_allow_per_webhook = 4;
+    config.max_webhook_body_bytes = 4096;
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&["*"], &[]).await;
+    let other = h.key(&["*"], &[]).await;
+    let receiver = Receiver::start(200).await;
+    let register = |key: String, body: Value| {
+        let h = &h;
+        async move { h.call("POST", "/v1/webhooks", Some(&key), Some(body)).await }
+    };
+    for _ in 0..3 {
+        h.register(&key, &receiver.url(), &[ORDERS]).await;
+    }
+    let (status, problem) = register(
+        key.clone(),
+        json!({"url": receiver.url(), "event_types": [ORDERS]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["limit"], 3);
+    // The limit is per key: another key still registers.
+    h.register(&other, &receiver.url(), &[ORDERS]).await;
+
+    let (status, problem) = register(
+        other.clone(),
+        json!({"url": receiver.url(), "event_types": [ORDERS, PRODUCTS, CARTS]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(problem["limit"], 2);
+    let (status, problem) = register(
+        other.clone(),
+        json!({"url": receiver.url(), "event_types": [ORDERS], "allow": ["/a", "/b", "/c", "/d", "/e"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(problem["limit"], 4);
+    // A registration of 5 KB (within the 1 MiB request limit) is refused whole.
+    let (status, problem) = register(
+        other.clone(),
+        json!({"url": receiver.url(), "event_types": [ORDERS], "allow": ["/".repeat(5000)]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{problem}");
+    // Nothing refused was stored.
+    let (_, list) = h.call("GET", "/v1/webhooks", Some(&other), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+// Item 12: replay amplification.
+#[tokio::test]
+async fn a_repeated_replay_queues_nothing_twice() {
+    let h = Harness::memory().await;
+    let key = h.key(&[ORDERS], &[]).await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
+    for _ in 0..3 {
+        h.bus.emit(ORDERS, order_created()).await.unwrap();
+    }
+    eventually("three events logged", || async {
+        h.store.latest_seq().await.unwrap() >= 3
+    })
+    .await;
+    // An endpoint that accepts connections and never answers: deliveries stay pending.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hang.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            open.push(socket);
+        }
+    });
+    let (id, _) = h
+        .register(&key, &format!("http://127.0.0.1:{port}/hook"), &[ORDERS])
+        .await;
+    let replay = || async {
+        h.call(
+            "POST",
+            &format!("/v1/webhooks/{id}/replay"),
+            Some(&key),
+            Some(json!({"since": since})),
+        )
+        .await
+    };
+    let (status, first) = replay().await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(first["replayed"], 3);
+    for _ in 0..5 {
+        let (status, again) = replay().await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+        assert_eq!(again["replayed"], 0, "a pending replay is not queued again");
+    }
+    held.abort();
+}
