@@ -505,12 +505,37 @@ pub(super) async fn queue_undecodable_message_is_dead_lettered_and_does_not_bloc
 
     let dlq_name = dead_letter_queue_name(&name, None, &options);
     let mut dead = receive(&*open(&conn, &dlq_name).await?, ctx.consumer()).await?;
-    let got = next(
-        &mut dead,
-        WAIT,
-        &format!("the dead-letter queue `{dlq_name}` (the foreign message's record)"),
-    )
-    .await?;
+    // The consumer keeps being polled while the record is awaited: core moves the foreign
+    // message aside as the consumer's stream is read, and on a partitioned queue the message
+    // may come after the event sent behind it. Nothing more may reach the consumer.
+    let got = {
+        use futures::StreamExt as _;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            tokio::select! {
+                record = dead.next() => match record {
+                    Some(Ok(record)) => break record,
+                    Some(Err(e)) => fail!("the dead-letter queue `{dlq_name}` failed: {e}"),
+                    None => fail!("the dead-letter queue `{dlq_name}` ended"),
+                },
+                extra = c.next() => match extra {
+                    Some(Ok(d)) => fail!(
+                        "the consumer was handed {} of type `{}` after the event sent behind \
+                         the foreign message: messages that are not CloudEvents must never \
+                         reach the consumer",
+                        d.event().id(),
+                        d.event().ty()
+                    ),
+                    Some(Err(e)) => fail!("the consumer's stream failed: {e}"),
+                    None => fail!("the consumer's stream ended"),
+                },
+                () = tokio::time::sleep_until(deadline) => fail!(
+                    "the dead-letter queue `{dlq_name}` (the foreign message's record): \
+                     nothing was delivered within {WAIT:?} while the consumer kept reading"
+                ),
+            }
+        }
+    };
     let record = got.event();
     ensure!(
         record.ty() == UNDECODABLE_EVENT_TYPE,
