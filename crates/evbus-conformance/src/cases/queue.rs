@@ -510,30 +510,27 @@ pub(super) async fn queue_undecodable_message_is_dead_lettered_and_does_not_bloc
     // may come after the event sent behind it. Nothing more may reach the consumer.
     let got = {
         use futures::StreamExt as _;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            tokio::select! {
-                record = dead.next() => match record {
-                    Some(Ok(record)) => break record,
-                    Some(Err(e)) => fail!("the dead-letter queue `{dlq_name}` failed: {e}"),
-                    None => fail!("the dead-letter queue `{dlq_name}` ended"),
-                },
-                extra = c.next() => match extra {
-                    Some(Ok(d)) => fail!(
-                        "the consumer was handed {} of type `{}` after the event sent behind \
-                         the foreign message: messages that are not CloudEvents must never \
-                         reach the consumer",
-                        d.event().id(),
-                        d.event().ty()
-                    ),
-                    Some(Err(e)) => fail!("the consumer's stream failed: {e}"),
-                    None => fail!("the consumer's stream ended"),
-                },
-                () = tokio::time::sleep_until(deadline) => fail!(
-                    "the dead-letter queue `{dlq_name}` (the foreign message's record): \
-                     nothing was delivered within {WAIT:?} while the consumer kept reading"
+        tokio::select! {
+            record = dead.next() => match record {
+                Some(Ok(record)) => record,
+                Some(Err(e)) => fail!("the dead-letter queue `{dlq_name}` failed: {e}"),
+                None => fail!("the dead-letter queue `{dlq_name}` ended"),
+            },
+            extra = c.next() => match extra {
+                Some(Ok(d)) => fail!(
+                    "the consumer was handed {} of type `{}` after the event sent behind \
+                     the foreign message: messages that are not CloudEvents must never \
+                     reach the consumer",
+                    d.event().id(),
+                    d.event().ty()
                 ),
-            }
+                Some(Err(e)) => fail!("the consumer's stream failed: {e}"),
+                None => fail!("the consumer's stream ended"),
+            },
+            () = tokio::time::sleep(WAIT) => fail!(
+                "the dead-letter queue `{dlq_name}` (the foreign message's record): nothing \
+                 was delivered within {WAIT:?} while the consumer kept reading"
+            ),
         }
     };
     let record = got.event();
