@@ -256,17 +256,10 @@ impl AmqpConfig {
                 self.prefix.escape_debug()
             )));
         }
-        let positive = [
+        evbus::raw::check_positive(&[
             ("command_timeout", self.command_timeout),
             ("connect_timeout", self.connect_timeout),
-        ];
-        for (name, value) in positive {
-            if value < Duration::from_millis(1) {
-                return Err(Error::invalid_config(format!(
-                    "{name} must be at least 1 ms"
-                )));
-            }
-        }
+        ])?;
         if self.reconnect_max_delay < self.reconnect_min_delay {
             return Err(Error::invalid_config(
                 "reconnect_max_delay must not be less than reconnect_min_delay",

@@ -378,20 +378,13 @@ impl NatsConfig {
                 self.replicas
             )));
         }
-        let positive = [
+        evbus::raw::check_positive(&[
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
             ("reconnect_max_delay", self.reconnect_max_delay),
             ("fetch_wait", self.fetch_wait),
             ("anonymous_ttl", self.anonymous_ttl),
-        ];
-        for (name, value) in positive {
-            if value < Duration::from_millis(1) {
-                return Err(Error::invalid_config(format!(
-                    "{name} must be at least 1 ms, got {value:?}"
-                )));
-            }
-        }
+        ])?;
         if self.fetch_batch == 0 {
             return Err(Error::invalid_config("fetch_batch must be at least 1"));
         }

@@ -303,19 +303,12 @@ impl RedisConfig {
                 self.key_prefix
             )));
         }
-        let positive = [
+        evbus::raw::check_positive(&[
             ("block", self.block),
             ("command_timeout", self.command_timeout),
             ("connect_timeout", self.connect_timeout),
             ("claim_interval", self.claim_interval),
-        ];
-        for (name, value) in positive {
-            if value < Duration::from_millis(1) {
-                return Err(Error::invalid_config(format!(
-                    "{name} must be at least 1 ms (a zero `block` would block forever)"
-                )));
-            }
-        }
+        ])?;
         if self.reconnect_max_delay < self.reconnect_min_delay {
             return Err(Error::invalid_config(
                 "reconnect_max_delay must not be less than reconnect_min_delay",

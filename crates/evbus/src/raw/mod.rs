@@ -293,6 +293,28 @@ where
     })
 }
 
+/// Checks that each named duration of a config is at least 1 ms (a zero timeout or poll
+/// interval would fail or spin at once); the error names the first one that is not.
+///
+/// ```
+/// use std::time::Duration;
+/// let ok = evbus::raw::check_positive(&[("connect_timeout", Duration::from_secs(2))]);
+/// assert!(ok.is_ok());
+/// let err = evbus::raw::check_positive(&[("block", Duration::ZERO)]).unwrap_err();
+/// assert!(err.message().starts_with("block must be at least 1 ms"));
+/// ```
+pub fn check_positive(durations: &[(&str, std::time::Duration)]) -> Result<()> {
+    match durations
+        .iter()
+        .find(|(_, value)| *value < std::time::Duration::from_millis(1))
+    {
+        Some((name, value)) => Err(Error::invalid_config(format!(
+            "{name} must be at least 1 ms, got {value:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses a URL parameter holding whole milliseconds.
 pub fn parse_millis<K: ConfigKey>(key: K, value: &str) -> Result<std::time::Duration> {
     parse_value::<K, u64>(key, value).map(std::time::Duration::from_millis)
