@@ -93,6 +93,10 @@ pub struct GatewayConfig {
     /// request: a half-sent request is dropped after it, and so is a kept-alive connection
     /// idle for that long. Default 15 s.
     pub header_read_timeout: Duration,
+    /// Pages of new events kept for streams that have caught up with the log (one read of
+    /// the log feeds them all); a stream further behind reads the store itself until it
+    /// catches up. Default 64.
+    pub stream_buffer_pages: usize,
     /// Interval of stream keep-alive comments. Default 15 s.
     pub stream_keepalive: Duration,
     /// Which outbound addresses webhooks may reach besides public ones.
@@ -133,6 +137,7 @@ impl Default for GatewayConfig {
             max_streams_per_key: 10,
             max_connections: 1_024,
             header_read_timeout: Duration::from_secs(15),
+            stream_buffer_pages: 64,
             stream_keepalive: Duration::from_secs(15),
             outbound: OutboundPolicy::default(),
             group: WEBHOOK_GROUP.to_owned(),
@@ -227,6 +232,8 @@ pub(crate) struct State {
     latest: watch::Sender<i64>,
     /// Bumped on every key revocation, so open streams re-check their key at once.
     revocations: watch::Sender<u64>,
+    /// New pages of the log for streams that have caught up.
+    fanout: stream::Fanout,
     limiter: DefaultKeyedRateLimiter<String>,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
@@ -363,6 +370,7 @@ impl Gateway {
             dispatch: Notify::new(),
             latest: watch::channel(latest).0,
             revocations: watch::channel(0).0,
+            fanout: stream::Fanout::new(config.stream_buffer_pages),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             streams: Arc::new(Semaphore::new(config.max_streams)),
             key_streams: Arc::default(),
@@ -393,6 +401,7 @@ impl Gateway {
         }
         state.tasks.spawn(webhooks::dispatcher(Arc::clone(&state)));
         state.tasks.spawn(webhooks::pruner(Arc::clone(&state)));
+        state.tasks.spawn(stream::fanout(Arc::clone(&state)));
         Ok(Gateway { state, handlers })
     }
 

@@ -67,12 +67,13 @@ pub enum UrlRefusal {
     /// Not an absolute `http`/`https` URL with a host.
     #[error("the URL must be an absolute http or https URL with a host: {0}")]
     Malformed(String),
-    /// The host did not resolve.
-    #[error("the host `{0}` does not resolve")]
+    /// The host did not resolve. (The message does not quote the host: error bodies quote
+    /// no request value.)
+    #[error("the URL's host does not resolve")]
     Unresolvable(String),
     /// The host resolves to an address that is not allowed.
     #[error(
-        "the host `{host}` resolves to an address that is not allowed (only public addresses are, unless the gateway operator allows a network with --webhook-allow)"
+        "the URL's host is or resolves to an address that is not allowed (only public addresses are, unless the gateway operator allows a network with --webhook-allow)"
     )]
     Forbidden {
         /// The host.
@@ -114,10 +115,9 @@ impl OutboundPolicy {
     pub async fn check_url(&self, url: &str) -> Result<url::Url, UrlRefusal> {
         let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Malformed(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(UrlRefusal::Malformed(format!(
-                "scheme `{}` is not http or https",
-                parsed.scheme()
-            )));
+            return Err(UrlRefusal::Malformed(
+                "the scheme is not http or https".into(),
+            ));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(UrlRefusal::Malformed(

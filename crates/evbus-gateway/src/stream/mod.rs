@@ -6,12 +6,15 @@
 //! opaque, so the ids a key sees do not tell how many events of other types were logged in
 //! between. A client reconnecting with `Last-Event-ID` (or `?last_event_id=`) resumes right
 //! after that cursor (a value this gateway did not issue is answered 400), as long as the log
-//! still holds it (see
-//! [`GatewayConfig::retention`](crate::GatewayConfig::retention)). The stream pulls from the
-//! store a page at a time, only when the client has taken the previous frames, so a slow
-//! client costs one page of memory, never a growing buffer. The key is checked again before
-//! every page and on every revocation, and a stream waiting for events also wakes at the key's
-//! expiry time, so a revoked or expired key's stream ends at once (not at the next event).
+//! still holds it (see [`GatewayConfig::retention`](crate::GatewayConfig::retention)).
+//!
+//! A stream behind the log reads the store itself, a page at a time, only when the client has
+//! taken the previous frames, so a slow client costs one page of memory, never a growing
+//! buffer. A stream that has caught up takes the pages the [`fanout`] reads once for every
+//! stream, so open streams do not multiply the store's work. The key is checked before every
+//! page read from the store, at least every second while frames flow, at once on every
+//! revocation, and at the key's expiry time even with no event to send, so a revoked or
+//! expired key's stream ends at once (not at the next event).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -131,15 +134,27 @@ struct Cursor {
     key_id: String,
     /// When the key stops working (refreshed at every key check).
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the key was last checked.
+    checked_at: std::time::Instant,
+    /// A revocation or the key's expiry asks for a check before anything else is sent.
+    check_now: bool,
     types: Vec<String>,
+    /// The position of the last frame queued (sent or in `ready`).
     after: i64,
-    page: std::collections::VecDeque<StoredEvent>,
-    latest: tokio::sync::watch::Receiver<i64>,
+    ready: std::collections::VecDeque<Arc<Frame>>,
+    /// Whether the last read of the store found nothing new: the stream then takes the
+    /// fan-out's pages instead of reading the store.
+    live: bool,
+    pages: tokio::sync::broadcast::Receiver<Arc<fanout::Page>>,
     revocations: tokio::sync::watch::Receiver<u64>,
     _permit: StreamPermit,
     /// The key of the SSE ids ([`cursor`]).
     cursor_key: Arc<[u8]>,
 }
+
+/// How long a live stream goes on sending without checking its key again (a revocation or
+/// the key's expiry ends it at once regardless).
+const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An open stream's global slot and its key's slot, given back when the stream ends.
 struct StreamPermit(
@@ -196,53 +211,107 @@ fn frames(
     cursor_key: Arc<[u8]>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let cursor = Cursor {
-        latest: state.latest.subscribe(),
+        // Subscribed before the first read of the store, so no page falls between the two.
+        pages: state.fanout.subscribe(),
         revocations: state.revocations.subscribe(),
         state,
         key_id: key.id,
         expires_at: key.expires_at,
+        checked_at: std::time::Instant::now(),
+        check_now: false,
         types,
         after,
-        page: Default::default(),
+        ready: Default::default(),
+        live: false,
         _permit: permit,
         cursor_key,
     };
     futures::stream::unfold(cursor, |mut c| async move {
         loop {
-            if let Some(stored) = c.page.pop_front() {
-                c.after = stored.seq;
-                let Some(data) = frame_data(&c.state.visibility.catalog, &stored) else {
-                    continue;
-                };
-                let frame = SseEvent::default()
-                    .id(cursor::encode(&c.cursor_key, stored.seq))
-                    .event(stored.ty.clone())
-                    .data(data);
-                return Some((Ok(frame), c));
-            }
-            if c.state.cancel.is_cancelled() || !key_still_allows(&mut c).await {
+            // A revocation, the expiry time, or new frames after a quiet spell: the key is
+            // checked before anything more is sent.
+            if c.check_now && !key_still_allows(&mut c).await {
                 return None;
             }
-            // Marked seen before reading, so an event logged during the read wakes us again.
-            c.latest.borrow_and_update();
-            match c.state.store.events_after(c.after, &c.types, PAGE).await {
-                Ok(page) if !page.is_empty() => {
-                    c.page = page.into();
+            if let Some(frame) = c.ready.pop_front() {
+                let Some(data) = &frame.data else {
                     continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream: reading the event log failed");
-                    return None;
+                };
+                let event = SseEvent::default()
+                    .id(&frame.id)
+                    .event(&frame.ty)
+                    .data(data);
+                return Some((Ok(event), c));
+            }
+            if c.state.cancel.is_cancelled() {
+                return None;
+            }
+            // Reading the store: the key before every page. Live: at most every KEY_RECHECK,
+            // and at once on a revocation or at expiry.
+            if (!c.live || c.checked_at.elapsed() >= KEY_RECHECK) && !key_still_allows(&mut c).await
+            {
+                return None;
+            }
+            if !c.live {
+                // Everything up to here is in the store when it is read: a short page means
+                // no event of our types up to it (so later pages of the fan-out fit on).
+                let logged = *c.state.latest.borrow();
+                match c.state.store.events_after(c.after, &c.types, PAGE).await {
+                    Ok(page) => {
+                        fanout::count_read("stream");
+                        if let Some(last) = page.last() {
+                            c.after = last.seq;
+                        }
+                        if page.len() < PAGE as usize {
+                            c.after = c.after.max(logged);
+                        }
+                        let state = &c.state;
+                        let key = &c.cursor_key;
+                        c.ready = page
+                            .iter()
+                            .map(|e| Arc::new(Frame::of(state, key, e)))
+                            .collect();
+                        c.live = page.len() < PAGE as usize;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream: reading the event log failed");
+                        return None;
+                    }
                 }
             }
             let expiry = until(c.expires_at);
             tokio::select! {
+                // Stopping, revocation and expiry before new pages: a revoked key gets nothing more.
+                biased;
                 _ = c.state.cancel.cancelled() => return None,
+                r = c.revocations.changed() => {
+                    if r.is_err() { return None }
+                    c.check_now = true;
+                }
                 // Woken at expiry; the key check at the top of the loop then ends the stream.
-                _ = expiry => {}
-                r = c.latest.changed() => if r.is_err() { return None },
-                r = c.revocations.changed() => if r.is_err() { return None },
+                _ = expiry => c.check_now = true,
+                page = c.pages.recv() => match page {
+                    Ok(page) if page.after > c.after => {
+                        // Events between our position and this page: read them from the store.
+                        c.live = false;
+                    }
+                    Ok(page) => {
+                        let types = &c.types;
+                        let after = c.after;
+                        c.ready.extend(
+                            page.frames
+                                .iter()
+                                .filter(|f| f.seq > after && types.iter().any(|t| *t == f.ty))
+                                .cloned(),
+                        );
+                        c.after = c.after.max(page.upto);
+                        c.check_now = c.checked_at.elapsed() >= KEY_RECHECK;
+                    }
+                    // Pages were dropped while the client was slow: back to the store.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => c.live = false,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
             }
         }
     })
@@ -260,6 +329,8 @@ async fn until(at: Option<chrono::DateTime<chrono::Utc>>) {
 }
 
 async fn key_still_allows(c: &mut Cursor) -> bool {
+    c.check_now = false;
+    c.checked_at = std::time::Instant::now();
     match c.state.store.get_key(&c.key_id).await {
         Ok(Some(key)) => {
             c.expires_at = key.expires_at;
@@ -272,90 +343,8 @@ async fn key_still_allows(c: &mut Cursor) -> bool {
     }
 }
 
-/// SSE ids: log positions enciphered so that they reveal neither the position nor the gaps
-/// between the positions a stream sees. `encode` is a keyed permutation of the 64-bit
-/// position (an 8-round Feistel network, HMAC-SHA256 as its round function) followed by a
-/// 32-bit HMAC tag, written as 24 hex digits; `decode` refuses anything it did not issue.
-mod cursor {
-    use hmac::{Hmac, Mac};
-    use sha2::Sha256;
+mod cursor;
+mod fanout;
 
-    const ROUNDS: u8 = 8;
-    const TAG: u8 = 0xff;
-
-    fn prf(key: &[u8], label: u8, data: &[u8]) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-        mac.update(&[label]);
-        mac.update(data);
-        mac.finalize().into_bytes().into()
-    }
-
-    fn round(key: &[u8], i: u8, half: u32) -> u32 {
-        let out = prf(key, i, &half.to_be_bytes());
-        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
-    }
-
-    fn tag(key: &[u8], block: u64) -> u32 {
-        let out = prf(key, TAG, &block.to_be_bytes());
-        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
-    }
-
-    /// The SSE id of log position `seq`.
-    pub(super) fn encode(key: &[u8], seq: i64) -> String {
-        let v = seq.max(0) as u64;
-        let (mut l, mut r) = ((v >> 32) as u32, v as u32);
-        for i in 0..ROUNDS {
-            (l, r) = (r, l ^ round(key, i, r));
-        }
-        let block = (u64::from(l) << 32) | u64::from(r);
-        format!("{block:016x}{:08x}", tag(key, block))
-    }
-
-    /// The log position of an SSE id issued by [`encode`] with the same key.
-    pub(super) fn decode(key: &[u8], id: &str) -> Option<i64> {
-        if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let block = u64::from_str_radix(&id[..16], 16).ok()?;
-        let given = u32::from_str_radix(&id[16..], 16).ok()?;
-        let expected = tag(key, block);
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&given, &expected)) {
-            return None;
-        }
-        let (mut l, mut r) = ((block >> 32) as u32, block as u32);
-        for i in (0..ROUNDS).rev() {
-            (l, r) = (r ^ round(key, i, l), l);
-        }
-        i64::try_from((u64::from(l) << 32) | u64::from(r)).ok()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn cursors_round_trip_hide_positions_and_refuse_forgeries() {
-            let key = [7u8; 32];
-            for seq in [0, 1, 2, 41, 1 << 31, i64::MAX] {
-                let id = encode(&key, seq);
-                assert_eq!(decode(&key, &id), Some(seq), "{id}");
-                assert!(!id.contains(&seq.to_string()) || seq < 10, "{id}");
-            }
-            // Neighbouring positions give unrelated ids.
-            let (a, b) = (encode(&key, 100), encode(&key, 101));
-            let same = a
-                .bytes()
-                .zip(b.bytes())
-                .take(16)
-                .filter(|(x, y)| x == y)
-                .count();
-            assert!(same < 10, "{a} {b}");
-            // Another key, a changed digit, a number: refused.
-            assert_eq!(decode(&[8u8; 32], &a), None);
-            let mut forged = a.clone().into_bytes();
-            forged[3] = if forged[3] == b'0' { b'1' } else { b'0' };
-            assert_eq!(decode(&key, std::str::from_utf8(&forged).unwrap()), None);
-            assert_eq!(decode(&key, "100"), None);
-        }
-    }
-}
+use fanout::Frame;
+pub(crate) use fanout::{Fanout, run as fanout};

@@ -1,0 +1,137 @@
+//! One reader of the event log for every live stream.
+//!
+//! A stream that has caught up with the log does not read the store: the fan-out task reads
+//! each new page of the log once, curates and enciphers each event once, and broadcasts the
+//! page to every live stream, which only picks the frames of its types. A stream that falls
+//! behind (its client reads slowly and the broadcast buffer wraps) or that sees a gap goes
+//! back to reading the store from its own position, a page at a time, then rejoins. So an
+//! event costs one log read and one curation however many streams are open, and a slow
+//! client still holds at most a page of frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::{PAGE, cursor, frame_data};
+use crate::State;
+use crate::store::StoredEvent;
+
+/// Counts a read of the event log by a stream (`reader="stream"`) or by the fan-out.
+pub(super) fn count_read(reader: &'static str) {
+    metrics::counter!("evbus_gateway_stream_log_reads_total", "reader" => reader).increment(1);
+}
+
+/// Every logged event with a position in `(after, upto]`, in order, ready to send.
+pub(crate) struct Page {
+    pub(super) after: i64,
+    pub(super) upto: i64,
+    pub(super) frames: Vec<Arc<Frame>>,
+}
+
+/// One logged event as a stream sends it.
+pub(crate) struct Frame {
+    pub(super) seq: i64,
+    pub(super) ty: String,
+    /// The SSE id ([`cursor::encode`]).
+    pub(super) id: String,
+    /// The curated structured CloudEvent; `None` if curation refuses the event now.
+    pub(super) data: Option<String>,
+}
+
+impl Frame {
+    pub(super) fn of(state: &State, cursor_key: &[u8], stored: &StoredEvent) -> Frame {
+        Frame {
+            seq: stored.seq,
+            ty: stored.ty.clone(),
+            id: cursor::encode(cursor_key, stored.seq),
+            data: frame_data(&state.visibility.catalog, stored),
+        }
+    }
+}
+
+/// The broadcast of new log pages to live streams.
+pub(crate) struct Fanout {
+    pages: broadcast::Sender<Arc<Page>>,
+}
+
+impl Fanout {
+    /// Keeps `pages` pages for live streams that have not taken them yet
+    /// ([`GatewayConfig::stream_buffer_pages`](crate::GatewayConfig::stream_buffer_pages)).
+    pub(crate) fn new(pages: usize) -> Fanout {
+        Fanout {
+            pages: broadcast::channel(pages.max(1)).0,
+        }
+    }
+
+    /// Pages logged from now on.
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<Page>> {
+        self.pages.subscribe()
+    }
+}
+
+/// The fan-out task: reads each new page of the log once while any stream is open.
+pub(crate) async fn run(state: Arc<State>) {
+    let cursor_key = loop {
+        match state.store.stream_cursor_key().await {
+            Ok(key) => break key,
+            Err(e) => {
+                tracing::warn!(error = %e, "stream fan-out: reading the cursor key failed; retrying");
+                if pause(&state).await {
+                    return;
+                }
+            }
+        }
+    };
+    let types = state.visibility.external_types();
+    let mut latest = state.latest.subscribe();
+    let mut last = *latest.borrow_and_update();
+    loop {
+        if state.fanout.pages.receiver_count() == 0 {
+            // No stream to feed: a stream that opens later reads the store up to now itself.
+            last = last.max(*latest.borrow_and_update());
+        } else {
+            // Marked seen before reading, so an event logged during the read wakes us again.
+            latest.borrow_and_update();
+            match state.store.events_after(last, &types, PAGE).await {
+                Ok(events) if !events.is_empty() => {
+                    count_read("fanout");
+                    let upto = events.last().map_or(last, |e| e.seq);
+                    let frames = events
+                        .iter()
+                        .map(|e| Arc::new(Frame::of(&state, &cursor_key, e)))
+                        .collect();
+                    let page = Page {
+                        after: last,
+                        upto,
+                        frames,
+                    };
+                    // No receiver left is fine: they all closed since the count above.
+                    let _ = state.fanout.pages.send(Arc::new(page));
+                    last = upto;
+                    continue;
+                }
+                Ok(_) => count_read("fanout"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream fan-out: reading the event log failed; retrying");
+                    if pause(&state).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = state.cancel.cancelled() => return,
+            r = latest.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Waits a second before a retry; `true` if the gateway is stopping.
+async fn pause(state: &State) -> bool {
+    tokio::select! {
+        _ = state.cancel.cancelled() => true,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+    }
+}
