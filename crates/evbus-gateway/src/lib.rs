@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 pub use keys::NewKey;
 pub use problem::Problem;
 pub use ssrf::{HostResolver, OutboundPolicy, SystemResolver};
-pub use store::{KeyRecord, SqliteStore, Store, StoreError, WebhookRecord};
+pub use store::{KeyRecord, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord};
 
 /// The Bus group through which the gateway consumes external event types. Every gateway
 /// instance on one broker joins it, so each event is taken by one instance and queued once
@@ -346,6 +346,9 @@ impl Gateway {
         config: GatewayConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Gateway, GatewayError> {
+        // Every webhook must be readable (sealed secrets need their key): fail at start, not
+        // at the first delivery.
+        store.list_webhooks(None).await?;
         let visibility = Visibility::new(bus.catalog().clone());
         let policy = Arc::new(config.outbound.clone());
         let client = reqwest::Client::builder()

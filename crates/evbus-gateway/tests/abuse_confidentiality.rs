@@ -504,3 +504,116 @@ async fn data_directory_is_0700_and_database_files_0600() {
     }
     store.close().await;
 }
+
+/// Item 6, second half: webhook signing secrets sealed at rest with a key kept outside the
+/// data directory. Deliveries still verify; the database file holds no clear secret; secrets
+/// written in clear before the key are sealed when the store opens with it; a store opened
+/// without the key, or with another, refuses to start instead of failing at delivery.
+#[tokio::test]
+async fn webhook_secrets_are_sealed_at_rest_and_open_only_with_their_key() {
+    use evbus_gateway::{SecretsKey, SqliteStore, Store};
+    let key = || SecretsKey::from_bytes(&[9u8; 32]).unwrap();
+    let holds = |dir: &std::path::Path, needle: &str| {
+        ["gateway.sqlite3", "gateway.sqlite3-wal"].iter().any(|f| {
+            std::fs::read(dir.join(f))
+                .unwrap_or_default()
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        })
+    };
+
+    // A webhook registered before any key: its secret is in the file, in clear.
+    let dir = tempfile::tempdir().unwrap();
+    let (id, old_secret) = {
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        let h = Harness::with_store(
+            Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+            test_config(),
+            catalog(),
+            tempfile::tempdir().unwrap(),
+            store,
+        )
+        .await;
+        let k = h.key(&["*"], &[]).await;
+        let receiver = Receiver::start(200).await;
+        h.register(&k, &receiver.url(), &[ARRAYS]).await
+    };
+    assert!(
+        holds(dir.path(), &old_secret),
+        "the clear secret before sealing"
+    );
+
+    // Opened with a key: sealed in place, no clear copy left in the file or its log.
+    let store = SqliteStore::open_dir(dir.path())
+        .await
+        .unwrap()
+        .seal_secrets(key())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_webhook(&id).await.unwrap().unwrap().secret,
+        old_secret
+    );
+    assert!(
+        !holds(dir.path(), &old_secret),
+        "a clear secret left after sealing"
+    );
+
+    // A gateway on the sealed store: new secrets are sealed, deliveries verify.
+    let h = Harness::with_store(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        test_config(),
+        catalog(),
+        tempfile::tempdir().unwrap(),
+        store,
+    )
+    .await;
+    let k = h.key(&["*"], &["*"]).await;
+    let mut receiver = Receiver::start(200).await;
+    let (new_id, secret) = h.register(&k, &receiver.url(), &[ARRAYS]).await;
+    let (status, body) = h.publish(&k, ARRAYS, json!({"customers": []})).await;
+    assert_eq!(status.as_u16(), 202, "{body}");
+    let delivery = receiver.next().await;
+    assert!(
+        delivery.verify(&secret),
+        "a delivery signed with the sealed secret"
+    );
+    assert!(!holds(dir.path(), &secret), "a new secret stored in clear");
+    let (status, rotated) = h
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{new_id}/rotate-secret"),
+            Some(&k),
+            None,
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{rotated}");
+    let rotated = rotated["secret"].as_str().unwrap().to_owned();
+    assert!(
+        !holds(dir.path(), &rotated),
+        "a rotated secret stored in clear"
+    );
+
+    // Without the key, or with another one: refused at start, naming what to do.
+    let clear = SqliteStore::open_dir(dir.path()).await.unwrap();
+    let e = evbus_gateway::Gateway::start(
+        evbus::Bus::new(
+            Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+            catalog(),
+            "/t",
+        ),
+        Arc::new(clear),
+        test_config(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("EVBUS_SECRETS_KEY"), "{e}");
+    let other = SecretsKey::from_bytes(&[1u8; 32]).unwrap();
+    let e = SqliteStore::open_dir(dir.path())
+        .await
+        .unwrap()
+        .seal_secrets(other)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("does not open"), "{e}");
+}

@@ -2,11 +2,13 @@
 //! delivery outbox and the attempt log. [`SqliteStore`] is the embedded default; a PostgreSQL
 //! store implements the same trait for several gateway instances.
 
+mod sealing;
 mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use sealing::SecretsKey;
 pub use sqlite::{DB_FILE, SqliteStore};
 
 /// A store error: what failed, as text (no secrets, no payloads).

@@ -11,6 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
 
+use super::sealing::{self, SecretsKey};
 use super::{
     Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Store,
     StoreError, StoreResult, StoredEvent, WebhookRecord,
@@ -20,6 +21,8 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Seals webhook signing secrets at rest ([`SqliteStore::seal_secrets`]).
+    secrets: Option<std::sync::Arc<SecretsKey>>,
 }
 
 /// The database file name inside a data directory.
@@ -61,6 +64,9 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10))
+            // Overwritten and deleted content is zeroed, not left in free pages: webhook
+            // secrets sealed in place leave no clear copy behind.
+            .pragma("secure_delete", "on")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -68,7 +74,79 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         crate::datadir::restrict_database(path).map_err(StoreError)?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            secrets: None,
+        })
+    }
+
+    /// Seals webhook signing secrets at rest with `key` from now on (see [`SecretsKey`]):
+    /// secrets stored in clear are sealed now, and every secret already sealed must open with
+    /// `key` (else an error, before anything is changed).
+    pub async fn seal_secrets(mut self, key: SecretsKey) -> StoreResult<Self> {
+        let rows = sqlx::query("SELECT id, secret, previous_secret FROM webhooks")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut clear = Vec::new();
+        for row in &rows {
+            let id: String = row.get("id");
+            let secret: String = row.get("secret");
+            let previous: Option<String> = row.get("previous_secret");
+            let sealed = sealing::is_sealed(&secret);
+            let secret = sealing::open(Some(&key), &id, secret)?;
+            let previous = match previous {
+                Some(p) => Some(sealing::open(Some(&key), &id, p)?),
+                None => None,
+            };
+            if !sealed {
+                clear.push((id, secret, previous));
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, secret, previous) in &clear {
+            let previous = match previous {
+                Some(p) => Some(key.seal(id, p)?),
+                None => None,
+            };
+            sqlx::query("UPDATE webhooks SET secret = ?, previous_secret = ? WHERE id = ?")
+                .bind(key.seal(id, secret)?)
+                .bind(previous)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if !clear.is_empty() {
+            // The clear values' old pages leave the write-ahead log for the (zeroing) file.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+            tracing::info!(
+                webhooks = clear.len(),
+                "sealed webhook secrets stored in clear"
+            );
+        }
+        self.secrets = Some(std::sync::Arc::new(key));
+        Ok(self)
+    }
+
+    /// The stored form of webhook `id`'s secret `secret`.
+    fn sealed(&self, id: &str, secret: Option<&str>) -> StoreResult<Option<String>> {
+        secret
+            .map(|s| sealing::seal(self.secrets.as_deref(), id, s))
+            .transpose()
+    }
+
+    /// A webhook row, its secrets opened.
+    fn webhook_from(&self, row: &SqliteRow) -> StoreResult<WebhookRecord> {
+        let mut w = webhook_from(row);
+        let key = self.secrets.as_deref();
+        w.secret = sealing::open(key, &w.id, std::mem::take(&mut w.secret))?;
+        w.previous_secret = match w.previous_secret.take() {
+            Some(p) => Some(sealing::open(key, &w.id, p)?),
+            None => None,
+        };
+        Ok(w)
     }
 
     /// Closes the connection pool.
@@ -178,8 +256,8 @@ impl Store for SqliteStore {
         .bind(to_json(&w.event_types))
         .bind(&w.description)
         .bind(w.allow.as_deref().map(to_json))
-        .bind(&w.secret)
-        .bind(&w.previous_secret)
+        .bind(self.sealed(&w.id, Some(&w.secret))?)
+        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
         .bind(w.previous_secret_until.map(ms))
         .bind(w.enabled as i64)
         .bind(&w.disabled_reason)
@@ -195,7 +273,7 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(webhook_from))
+        row.as_ref().map(|r| self.webhook_from(r)).transpose()
     }
 
     async fn list_webhooks(&self, owner: Option<&str>) -> StoreResult<Vec<WebhookRecord>> {
@@ -205,7 +283,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(webhook_from).collect())
+        rows.iter().map(|r| self.webhook_from(r)).collect()
     }
 
     async fn delete_webhook(&self, id: &str) -> StoreResult<bool> {
@@ -229,8 +307,8 @@ impl Store for SqliteStore {
             "UPDATE webhooks SET secret = ?, previous_secret = ?, previous_secret_until = ?,
                 enabled = ?, disabled_reason = ?, failing_since = ? WHERE id = ?",
         )
-        .bind(&w.secret)
-        .bind(&w.previous_secret)
+        .bind(self.sealed(&w.id, Some(&w.secret))?)
+        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
         .bind(w.previous_secret_until.map(ms))
         .bind(w.enabled as i64)
         .bind(&w.disabled_reason)

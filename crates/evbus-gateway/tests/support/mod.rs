@@ -70,7 +70,19 @@ impl Harness {
         catalog: Catalog,
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        Self::with_store(transport, config, catalog, dir, store).await
+    }
+
+    /// A gateway on `store`, kept in `dir`.
+    pub async fn with_store(
+        transport: Arc<dyn Transport>,
+        config: GatewayConfig,
+        catalog: Catalog,
+        dir: tempfile::TempDir,
+        store: SqliteStore,
+    ) -> Harness {
+        let store = Arc::new(store);
         let bus = Bus::new(transport, catalog, "/test");
         let gateway = Arc::new(
             Gateway::start(bus.clone(), Arc::clone(&store) as Arc<dyn Store>, config)
