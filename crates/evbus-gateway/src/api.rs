@@ -295,7 +295,7 @@ const MAX_ATTRIBUTE_LEN: usize = 2048;
 /// Refuses attributes that would poison a header on the way out (`webhook-id`, `ce-*`): the id
 /// must be 1 to [`MAX_ID_LEN`] visible ASCII characters; `source`, `type`, `subject` and
 /// extension values must hold no control characters and be at most [`MAX_ATTRIBUTE_LEN`]
-/// bytes. The error names the attribute, never its value (nor an extension's name).
+/// characters. The error names the attribute, never its value (nor an extension's name).
 fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
     let id = event.id();
     if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -303,7 +303,7 @@ fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
             "the CloudEvent `id` must be 1 to {MAX_ID_LEN} visible ASCII characters (no spaces, no control or non-ASCII characters)"
         )));
     }
-    let bad = |v: &str| v.len() > MAX_ATTRIBUTE_LEN || v.chars().any(char::is_control);
+    let bad = |v: &str| v.chars().count() > MAX_ATTRIBUTE_LEN || v.chars().any(char::is_control);
     for (name, value) in [
         ("source", Some(event.source())),
         ("type", Some(event.ty())),
@@ -311,13 +311,13 @@ fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
     ] {
         if value.is_some_and(bad) {
             return Err(Problem::bad_request(format!(
-                "the CloudEvent `{name}` must hold no control characters and be at most {MAX_ATTRIBUTE_LEN} bytes"
+                "the CloudEvent `{name}` must hold no control characters and be at most {MAX_ATTRIBUTE_LEN} characters"
             )));
         }
     }
     if event.extensions().values().any(|v| bad(v)) {
         return Err(Problem::bad_request(format!(
-            "a CloudEvent extension value holds control characters or is longer than {MAX_ATTRIBUTE_LEN} bytes"
+            "a CloudEvent extension value holds control characters or is longer than {MAX_ATTRIBUTE_LEN} characters"
         )));
     }
     Ok(())
@@ -369,18 +369,33 @@ async fn create_key(
 ) -> Result<Response, Problem> {
     require_admin(&key)?;
     let req: CreateKey = parse_json(&body)?;
-    if req.name.trim().is_empty() || req.name.len() > 200 {
-        return Err(Problem::bad_request("`name` must be 1 to 200 characters"));
-    }
-    if let Some(p) = req
-        .subscribe
-        .iter()
-        .chain(&req.publish)
-        .find(|p| !crate::keys::is_valid_pattern(p))
+    // The rules the OpenAPI document states: 1 to 200 characters, not only spaces.
+    let n = req.name.chars().count();
+    if n == 0
+        || n > 200
+        || req
+            .name
+            .chars()
+            .all(|c| matches!(c, ' ' | '\t' | '\r' | '\n'))
     {
-        return Err(Problem::bad_request(format!(
-            "`{p}` is not a valid scope pattern (letters, digits, `.`, `_`, `-`, `*`)"
-        )));
+        return Err(Problem::bad_request(
+            "`name` must be 1 to 200 characters, not only spaces",
+        ));
+    }
+    for (field, list) in [("subscribe", &req.subscribe), ("publish", &req.publish)] {
+        // Positions, not values: error bodies never quote request values.
+        let bad: Vec<usize> = list
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !crate::keys::is_valid_pattern(p))
+            .map(|(i, _)| i)
+            .collect();
+        if !bad.is_empty() {
+            return Err(Problem::bad_request(format!(
+                "`{field}` holds scope patterns that are not 1 to 200 letters, digits, `.`, `_`, `-` or `*`"
+            ))
+            .with("invalid_positions", json!(bad)));
+        }
     }
     let (record, exposed) = crate::create_key(
         state.store.as_ref(),

@@ -1,28 +1,71 @@
 //! The OpenAPI 3.1 document served at `GET /v1/openapi.json`.
+//!
+//! Written beside the handlers, not derived from their types: the handlers read raw bodies
+//! (so that their errors quote no request value), and the rules that matter to a client
+//! (lengths, patterns, which statuses each route answers) live in their checks, not in
+//! types. Exactness is tested instead: schemathesis runs every phase and check against a
+//! real `evbus serve` (`cargo xtask test`), so a status or a rule the document misses, or
+//! one it invents, fails the build.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-fn op(summary: &str, scope: &str, ok: (&str, &str)) -> Value {
+/// Every secured operation can answer these: no or a bad key (401), a request slower than
+/// the deadline (408), the key's rate limit (429), a store failure (500), the gateway at its
+/// connection limit (503).
+const COMMON: &[&str] = &["401", "408", "429", "500", "503"];
+
+fn problem() -> Value {
+    json!({"$ref": "#/components/responses/Problem"})
+}
+
+/// An operation: `summary`, who may call it, its success answer, and the other statuses it
+/// can answer besides [`COMMON`].
+fn op(summary: &str, scope: &str, ok: (&str, Value), extra: &[&str]) -> Value {
+    let mut responses = Map::new();
+    responses.insert(ok.0.to_owned(), ok.1);
+    for code in COMMON.iter().chain(extra) {
+        responses.insert((*code).to_owned(), problem());
+    }
     json!({
         "summary": summary,
         "description": format!("Needs: {scope}."),
-        "responses": {
-            ok.0: {"description": ok.1},
-            "400": {"$ref": "#/components/responses/Problem"},
-            "401": {"$ref": "#/components/responses/Problem"},
-            "403": {"$ref": "#/components/responses/Problem"},
-            "429": {"$ref": "#/components/responses/Problem"}
-        }
+        "responses": responses,
     })
 }
 
-fn with_body(mut op: Value, schema: &str) -> Value {
+/// A JSON success answer of `schema`.
+fn json_ok(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+/// A success answer without a body.
+fn empty(description: &str) -> Value {
+    json!({"description": description})
+}
+
+fn schema(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn array_of(name: &str) -> Value {
+    json!({"type": "array", "items": schema(name)})
+}
+
+/// `op` with a required JSON body of component `name`; such a body can also be malformed
+/// (400) or too large (413).
+fn with_body(mut op: Value, name: &str) -> Value {
     op["requestBody"] = json!({
         "required": true,
-        "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}
+        "content": {"application/json": {"schema": schema(name)}}
     });
+    for code in ["400", "413"] {
+        op["responses"][code] = problem();
+    }
     op
 }
+
+/// Visible text: no control character (C0, DEL, C1).
+const NO_CONTROL: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$";
 
 /// The document.
 pub(crate) fn document() -> Value {
@@ -31,81 +74,234 @@ pub(crate) fn document() -> Value {
     let mut publish = op(
         "Publish one CloudEvent, validated against the catalogue",
         "a key whose publish scope covers the event type (an external type)",
-        ("202", "Accepted: {\"id\": \"<event id>\"}"),
+        (
+            "202",
+            json_ok(
+                "Accepted",
+                json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}),
+            ),
+        ),
+        &["400", "403", "409", "413", "415", "422"],
+    );
+    publish["description"] = json!(
+        "Needs: a key whose publish scope covers the event type (an external type). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415."
     );
     publish["requestBody"] = json!({
         "required": true,
-        "description": "Structured mode (application/cloudevents+json) or binary mode (ce-* headers, the data as the body)",
-        "content": {
-            "application/cloudevents+json": {"schema": {"type": "object", "required": ["specversion", "id", "source", "type"]}},
-            "application/json": {"schema": {}}
-        }
+        "content": {"application/cloudevents+json": {"schema": schema("CloudEvent")}}
     });
-    publish["responses"]["422"] = json!({"$ref": "#/components/responses/Problem"});
-    // The same (source, id) posted again with different content (CloudEvents uniqueness).
-    publish["responses"]["409"] = json!({"$ref": "#/components/responses/Problem"});
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "evbus gateway",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "External access to the evbus event bus: API keys with scopes, curated payloads, signed webhooks (Standard Webhooks), Server-Sent Events. Errors are RFC 9457 problem details."
+            "description": "External access to the evbus event bus: API keys with scopes, curated payloads, signed webhooks (Standard Webhooks), Server-Sent Events. Errors are RFC 9457 problem details that quote no request value."
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/healthz": {"get": {"summary": "Liveness and broker health", "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "the broker is unavailable"}}}},
-            "/metrics": {"get": op("Prometheus metrics", "an admin key", ("200", "Prometheus text format"))},
-            "/v1/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+            "/healthz": {"get": {
+                "summary": "Liveness and broker health",
+                "security": [],
+                "responses": {
+                    "200": json_ok("ok or degraded", schema("Health")),
+                    "503": json_ok("the broker is unavailable", schema("Health"))
+                }
+            }},
+            "/metrics": {"get": op(
+                "Prometheus metrics",
+                "an admin key",
+                ("200", json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})),
+                &["403"],
+            )},
+            "/v1/openapi.json": {"get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": json_ok("OpenAPI 3.1", json!({"type": "object"}))}
+            }},
             "/v1/events": {"post": publish},
-            "/v1/event-types": {"get": op("External event types this key may subscribe to, with curated schemas", "any valid key", ("200", "array of {type, version, dataschema, description, schema}"))},
+            "/v1/event-types": {"get": op(
+                "External event types this key may subscribe to, with curated schemas",
+                "any valid key",
+                ("200", json_ok("the types", array_of("EventType"))),
+                &[],
+            )},
             "/v1/stream": {"get": {
                 "summary": "Server-Sent Events of curated events; resume with Last-Event-ID",
-                "description": "Needs: a subscribe scope covering every type asked for.",
+                "description": "Needs: a subscribe scope covering every type asked for. Each event: id (an opaque cursor), event (the type), data (a curated structured CloudEvent).",
                 "parameters": [
                     {"name": "types", "in": "query", "schema": {"type": "string"}, "description": "comma-separated event types; default: every type the key may subscribe to"},
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
                     {"name": "last_event_id", "in": "query", "schema": {"type": "string"}}
                 ],
-                "responses": {"200": {"description": "text/event-stream; each event: id (log position), event (type), data (curated structured CloudEvent)"}, "401": {"$ref": "#/components/responses/Problem"}, "403": {"$ref": "#/components/responses/Problem"}}
+                "responses": {
+                    "200": {"description": "the stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "400": problem(), "401": problem(), "403": problem(), "408": problem(),
+                    "429": problem(), "500": problem(), "503": problem()
+                }
             }},
             "/v1/webhooks": {
-                "post": with_body(op("Register a webhook", "a subscribe scope covering every event type", ("201", "the webhook with its signing secret (shown once)")), "CreateWebhook"),
-                "get": op("This key's webhooks (all of them for an admin key)", "any valid key", ("200", "array of webhooks"))
+                "post": with_body(
+                    op(
+                        "Register a webhook",
+                        "a subscribe scope covering every event type",
+                        ("201", json_ok("the webhook with its signing secret (shown once)", schema("NewWebhook"))),
+                        &["403", "409", "422"],
+                    ),
+                    "CreateWebhook",
+                ),
+                "get": op(
+                    "This key's webhooks (all of them for an admin key)",
+                    "any valid key",
+                    ("200", json_ok("the webhooks", array_of("Webhook"))),
+                    &[],
+                )
             },
             "/v1/webhooks/{id}": {
                 "parameters": id_param,
-                "get": op("One webhook", "the key that registered it, or an admin key", ("200", "the webhook")),
-                "delete": op("Delete a webhook", "the key that registered it, or an admin key", ("204", "deleted"))
+                "get": op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["404"]),
+                "delete": op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["404"])
             },
-            "/v1/webhooks/{id}/rotate-secret": {"parameters": id_param, "post": op("New signing secret; the previous one keeps signing during the overlap", "the owner or an admin key", ("200", "{id, secret, previous_secret_expires_at}"))},
-            "/v1/webhooks/{id}/attempts": {"parameters": id_param, "get": op("The latest delivery attempts, newest first", "the owner or an admin key", ("200", "array of attempts"))},
-            "/v1/webhooks/{id}/replay": {"parameters": id_param, "post": with_body(op("Deliver again every logged event since a time (re-enables a disabled endpoint)", "the owner or an admin key", ("202", "{replayed: n}")), "Replay")},
+            "/v1/webhooks/{id}/rotate-secret": {
+                "parameters": id_param,
+                "post": op(
+                    "New signing secret; the previous one keeps signing during the overlap",
+                    "the owner or an admin key",
+                    ("200", json_ok("the new secret", schema("RotatedSecret"))),
+                    &["404"],
+                )
+            },
+            "/v1/webhooks/{id}/attempts": {
+                "parameters": id_param,
+                "get": op(
+                    "The latest delivery attempts, newest first",
+                    "the owner or an admin key",
+                    ("200", json_ok("the attempts", array_of("Attempt"))),
+                    &["404"],
+                )
+            },
+            "/v1/webhooks/{id}/replay": {
+                "parameters": id_param,
+                "post": with_body(
+                    op(
+                        "Deliver again every logged event since a time (re-enables a disabled endpoint)",
+                        "the owner or an admin key",
+                        ("202", json_ok("how many deliveries were queued", json!({"type": "object", "required": ["replayed"], "properties": {"replayed": {"type": "integer", "minimum": 0}}}))),
+                        &["404"],
+                    ),
+                    "Replay",
+                )
+            },
             "/v1/keys": {
-                "post": with_body(op("Create an API key (the key is shown once)", "an admin key", ("201", "{id, key, name, prefix, ...}")), "CreateKey"),
-                "get": op("Every key (never the key itself)", "an admin key", ("200", "array of {id, name, prefix, subscribe, publish, admin, created_at, expires_at}"))
+                "post": with_body(
+                    op(
+                        "Create an API key (the key is shown once)",
+                        "an admin key",
+                        ("201", json_ok("the key record and the key", schema("NewKey"))),
+                        &["403"],
+                    ),
+                    "CreateKey",
+                ),
+                "get": op("Every key (never the key itself)", "an admin key", ("200", json_ok("the keys", array_of("Key"))), &["403"])
             },
-            "/v1/keys/{id}": {"parameters": id_param, "delete": op("Revoke a key, effective immediately", "an admin key", ("204", "revoked"))}
+            "/v1/keys/{id}": {
+                "parameters": id_param,
+                "delete": op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404"])
+            }
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key: evb_<id>_<secret>"}},
-            "responses": {"Problem": {"description": "RFC 9457 problem details", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
-            "schemas": {
-                "Problem": {"type": "object", "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"}}},
-                "CreateWebhook": {"type": "object", "required": ["url", "event_types"], "additionalProperties": false, "properties": {
-                    "url": {"type": "string", "format": "uri"},
-                    "event_types": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "description": {"type": "string"},
-                    "allow": {"type": "array", "items": {"type": "string"}, "description": "JSON pointers: a narrower allow-list for this webhook"}
-                }},
-                "Replay": {"type": "object", "required": ["since"], "additionalProperties": false, "properties": {"since": {"type": "string", "format": "date-time"}}},
-                "CreateKey": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string"},
-                    "subscribe": {"type": "array", "items": {"type": "string"}, "description": "event type names or * patterns"},
-                    "publish": {"type": "array", "items": {"type": "string"}},
-                    "admin": {"type": "boolean"},
-                    "expires_at": {"type": ["string", "null"], "format": "date-time"}
-                }}
-            }
+            "responses": {"Problem": {"description": "RFC 9457 problem details", "content": {"application/problem+json": {"schema": schema("Problem")}}}},
+            "schemas": schemas()
         }
+    })
+}
+
+fn schemas() -> Value {
+    let time = json!({"type": "string", "format": "date-time"});
+    let opt_time = json!({"type": ["string", "null"], "format": "date-time"});
+    let scope = json!({"type": "string", "pattern": "^[A-Za-z0-9._*-]{1,200}$", "description": "an event type name or a * pattern"});
+    let visible = |max: u32| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": NO_CONTROL});
+    json!({
+        "Problem": {"type": "object", "required": ["title", "status"], "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"},
+            "status": {"type": "integer"}, "detail": {"type": "string"}
+        }},
+        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok", "degraded", "unavailable"]}}},
+        "CloudEvent": {
+            "type": "object",
+            "description": "A structured CloudEvent 1.0 with JSON data. Extension attributes: lowercase letters and digits, at most 20, string, number or boolean values.",
+            "required": ["specversion", "id", "source", "type"],
+            "properties": {
+                "specversion": {"const": "1.0"},
+                "id": {"type": "string", "pattern": "^[!-~]{1,256}$", "description": "visible ASCII, unique per source"},
+                "source": visible(2048),
+                "type": visible(2048),
+                "subject": {"type": ["string", "null"], "minLength": 1, "maxLength": 2048, "pattern": NO_CONTROL},
+                "time": opt_time,
+                "datacontenttype": {"type": ["string", "null"], "pattern": "^(application/json|text/json|[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*\\+json)( *;.*)?$", "description": "JSON only: application/json, text/json or a +json type"},
+                "dataschema": {"type": ["string", "null"], "minLength": 1},
+                "data": {}
+            },
+            "propertyNames": {"pattern": "^[a-z0-9]{1,20}$"},
+            "examples": [{
+                "specversion": "1.0", "id": "crm-2026-000042", "source": "/crm",
+                "type": "afterProductUpdate", "datacontenttype": "application/json",
+                "subject": "prod_1",
+                "data": {"productId": "prod_1", "product": {"_id": "prod_1", "shopId": "shop_1", "title": "Linen shirt", "isVisible": true}}
+            }],
+            "additionalProperties": {"type": ["string", "number", "boolean", "null"]}
+        },
+        "EventType": {"type": "object", "required": ["type", "version", "schema"], "properties": {
+            "type": {"type": "string"}, "version": {"type": "integer"},
+            "dataschema": {"type": ["string", "null"]}, "description": {"type": ["string", "null"]},
+            "schema": {"type": "object"}
+        }},
+        "CreateWebhook": {"type": "object", "required": ["url", "event_types"], "additionalProperties": false,
+            "examples": [{"url": "https://203.0.114.10/hooks/evbus", "event_types": ["afterOrderCreate"], "description": "ERP order import"}],
+            "properties": {
+            "url": {"type": "string", "maxLength": 2000, "description": "http(s) URL of a public address (or one the operator allows)"},
+            "event_types": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 50},
+            "description": {"type": "string", "maxLength": 1000},
+            "allow": {"type": ["array", "null"], "maxItems": 100, "items": {"type": "string", "pattern": "^/"}, "description": "JSON pointers: a narrower allow-list for this webhook"}
+        }},
+        "Webhook": {"type": "object", "required": ["id", "url", "event_types", "enabled", "created_at"], "properties": {
+            "id": {"type": "string"}, "url": {"type": "string"},
+            "event_types": {"type": "array", "items": {"type": "string"}},
+            "description": {"type": "string"},
+            "allow": {"type": ["array", "null"], "items": {"type": "string"}},
+            "enabled": {"type": "boolean"},
+            "disabled_reason": {"type": ["string", "null"]},
+            "failing_since": opt_time,
+            "created_at": time
+        }},
+        "NewWebhook": {"allOf": [schema("Webhook"), {"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}}]},
+        "RotatedSecret": {"type": "object", "required": ["id", "secret"], "properties": {
+            "id": {"type": "string"}, "secret": {"type": "string"}, "previous_secret_expires_at": opt_time
+        }},
+        "Attempt": {"type": "object", "required": ["webhook_id", "event_id", "attempt", "at"], "properties": {
+            "webhook_id": {"type": "string"}, "event_id": {"type": "string"},
+            "attempt": {"type": "integer"}, "at": time,
+            "status": {"type": ["integer", "null"]}, "latency_ms": {"type": ["integer", "null"]},
+            "error": {"type": ["string", "null"]}, "response": {"type": ["string", "null"]}
+        }},
+        "Replay": {"type": "object", "required": ["since"], "additionalProperties": false,
+            "examples": [{"since": "2026-11-30T00:00:00Z"}], "properties": {"since": time}},
+        "CreateKey": {"type": "object", "required": ["name"], "additionalProperties": false,
+            "examples": [{"name": "erp", "subscribe": ["afterOrder*"], "publish": []}],
+            "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "[^ \\t\\r\\n]", "description": "not only spaces"},
+            "subscribe": {"type": "array", "items": scope},
+            "publish": {"type": "array", "items": scope},
+            "admin": {"type": "boolean"},
+            "expires_at": opt_time
+        }},
+        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at"], "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},
+            "subscribe": {"type": "array", "items": {"type": "string"}},
+            "publish": {"type": "array", "items": {"type": "string"}},
+            "admin": {"type": "boolean"}, "created_at": time,
+            "expires_at": opt_time, "revoked_at": opt_time
+        }},
+        "NewKey": {"allOf": [schema("Key"), {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}]}
     })
 }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::problem::Problem;
 use crate::store::{Attempt, Delivery, DeliveryOutcome, KeyRecord, WebhookRecord};
+use crate::ssrf::UrlRefusal;
 use crate::{State, curation, signing};
 
 /// Longest response body kept in the attempt log.
@@ -196,7 +197,13 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
 
     // Checked again now (DNS can change); the client's resolver checks the connected address.
     let result = match cfg.outbound.check_url(&webhook.url).await {
-        Err(refusal) => Err(format!("refused: {refusal}")),
+        // The owner's attempt log names its own endpoint's host (request errors do not).
+        Err(refusal) => Err(match &refusal {
+            UrlRefusal::Forbidden { host, .. } | UrlRefusal::Unresolvable(host) => {
+                format!("refused: {refusal} (host {host})")
+            }
+            _ => format!("refused: {refusal}"),
+        }),
         Ok(_) => state
             .client
             .post(&webhook.url)
@@ -424,7 +431,7 @@ pub(crate) async fn create(
             "`allow` holds JSON pointers such as /order/id",
         ));
     }
-    if req.description.len() > 1000 || req.url.len() > 2000 {
+    if req.description.chars().count() > 1000 || req.url.chars().count() > 2000 {
         return Err(Problem::bad_request("`url` or `description` is too long"));
     }
     state
