@@ -39,7 +39,8 @@ pub(crate) struct ConsumeArgs {
 
 /// Runs `evbus consume`: prints one CloudEvent (structured JSON, one line) per event on
 /// stdout as it acknowledges it. Invalid events go to the group's dead-letter queue and are
-/// not printed.
+/// not printed on stdout: each is reported on stderr as it happens, as
+/// `evbus: dead-lettered <id>: <reason>` (the reason on one line).
 pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
     transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
@@ -89,6 +90,13 @@ pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
             )
             .concurrency(1)
             .start_position(start)
+            .on_dead_letter(|event, reason| {
+                eprintln!(
+                    "evbus: dead-lettered {}: {}",
+                    event.id(),
+                    reason.replace('\n', "; ")
+                );
+            })
             .start()
             .await
             .map_err(|e| Failure::new(format!("cannot consume: {e}")))?;

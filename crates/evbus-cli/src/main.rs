@@ -1,7 +1,8 @@
 #![doc = include_str!("../README.md")]
 // Doc comments double as `--help` text, where `<type>` is meant literally.
 #![allow(rustdoc::invalid_html_tags)]
-// Layout: one module per subcommand group (`events`, `emit`, `consume`, `serve`, `keys`);
+// Layout: one module per subcommand group (`events`, `emit`, `consume`, `dlq`, `serve`,
+// `keys`);
 // `transport` holds what the commands share. Exit
 // codes are shared by every command: see `failure`.
 
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod capabilities;
 mod consume;
+mod dlq;
 mod emit;
 mod events;
 mod failure;
@@ -37,11 +39,15 @@ enum Command {
     /// emitted); 2 usage, IO, schema or transport error.
     Emit(emit::EmitArgs),
     /// Handle events of one type in a group, printing each as a one-line CloudEvent (JSON)
-    /// as it is acknowledged.
+    /// as it is acknowledged; each event dead-lettered instead is reported on stderr
+    /// (`evbus: dead-lettered <id>: <reason>`).
     ///
     /// Exit status: 0 after --count events (or at --timeout without --count); 1 the
     /// timeout passed first; 2 usage, schema or transport error.
     Consume(consume::ConsumeArgs),
+    /// List, show and redrive the dead letters of one handler group.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Run the gateway: HTTP API with API keys, curated payloads, signed webhooks and
     /// Server-Sent Events. With no options: memory transport, state in ./.evbus,
     /// schemas from examples/schemas, listening on 127.0.0.1:8080.
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         Command::Events(cmd) => events::run(cmd),
         Command::Emit(args) => emit::run(args),
         Command::Consume(args) => consume::run(args),
+        Command::Dlq(cmd) => dlq::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Keys(cmd) => keys::run(cmd),
         Command::Capabilities(args) => capabilities::run(args),

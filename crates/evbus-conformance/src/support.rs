@@ -926,7 +926,9 @@ pub(crate) fn check_dead_lettered(
     attempts: u32,
     origin: &str,
 ) -> CaseResult {
-    use evbus::delivery::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON};
+    use evbus::delivery::{
+        DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, DEAD_LETTER_TIME,
+    };
     match (got.extension(DEAD_LETTER_REASON), reason) {
         (None, _) => fail!("the dead-lettered event has no `{DEAD_LETTER_REASON}` extension"),
         (Some(""), _) => fail!("the dead-lettered event has an empty `{DEAD_LETTER_REASON}`"),
@@ -946,8 +948,18 @@ pub(crate) fn check_dead_lettered(
         "the dead-lettered event's `{DEAD_LETTER_ORIGIN}` is {:?}, expected {origin:?}",
         got.extension(DEAD_LETTER_ORIGIN)
     );
+    let when = got.extension(DEAD_LETTER_TIME);
+    ensure!(
+        when.is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()),
+        "the dead-lettered event's `{DEAD_LETTER_TIME}` is {when:?}, expected an RFC 3339 time"
+    );
     let mut stripped = got.clone();
-    for name in [DEAD_LETTER_REASON, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN] {
+    for name in [
+        DEAD_LETTER_REASON,
+        DEAD_LETTER_ATTEMPTS,
+        DEAD_LETTER_ORIGIN,
+        DEAD_LETTER_TIME,
+    ] {
         stripped.remove_extension(name);
     }
     same_event(original, &stripped).map_err(|f| {

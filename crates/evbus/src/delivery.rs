@@ -30,6 +30,8 @@ pub const DEAD_LETTER_REASON: &str = "deadletterreason";
 pub const DEAD_LETTER_ATTEMPTS: &str = "deadletterattempts";
 /// Extension set on a dead-lettered event: the topic/subscription or queue it came from.
 pub const DEAD_LETTER_ORIGIN: &str = "deadletterorigin";
+/// Extension set on a dead-lettered event: when it was dead-lettered (RFC 3339, UTC).
+pub const DEAD_LETTER_TIME: &str = "deadlettertime";
 
 /// The adapter side of settling deliveries.
 ///
@@ -484,7 +486,8 @@ impl Delivery {
 }
 
 /// The event as it is stored in a dead-letter queue: the original plus
-/// [`DEAD_LETTER_REASON`], [`DEAD_LETTER_ATTEMPTS`] and [`DEAD_LETTER_ORIGIN`].
+/// [`DEAD_LETTER_REASON`], [`DEAD_LETTER_ATTEMPTS`], [`DEAD_LETTER_ORIGIN`] and
+/// [`DEAD_LETTER_TIME`].
 pub fn dead_letter_event(
     event: &Event,
     reason: &str,
@@ -495,5 +498,9 @@ pub fn dead_letter_event(
     dead.set_extension(DEAD_LETTER_REASON, reason)?;
     dead.set_extension(DEAD_LETTER_ATTEMPTS, attempts.to_string())?;
     dead.set_extension(DEAD_LETTER_ORIGIN, origin)?;
+    dead.set_extension(
+        DEAD_LETTER_TIME,
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )?;
     Ok(dead)
 }

@@ -11,6 +11,8 @@ use crate::envelope::Event;
 use crate::error::Result;
 use crate::transport::{ConsumerOptions, Queue};
 
+use crate::delivery::DEAD_LETTER_TIME;
+
 /// An event in a dead-letter queue, with why it got there.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
@@ -26,7 +28,12 @@ impl DeadLetter {
     /// The original event, without the dead-letter extensions.
     pub fn original(&self) -> Event {
         let mut event = self.event.clone();
-        for name in [DEAD_LETTER_REASON, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN] {
+        for name in [
+            DEAD_LETTER_REASON,
+            DEAD_LETTER_ATTEMPTS,
+            DEAD_LETTER_ORIGIN,
+            DEAD_LETTER_TIME,
+        ] {
             event.remove_extension(name);
         }
         event
@@ -47,6 +54,11 @@ impl DeadLetter {
     /// Where it was consumed from (`topic/subscription` or a queue name).
     pub fn origin(&self) -> Option<&str> {
         self.event.extension(DEAD_LETTER_ORIGIN)
+    }
+
+    /// When it was dead-lettered, if that was recorded (the `deadlettertime` extension).
+    pub fn dead_lettered_at(&self) -> Option<&str> {
+        self.event.extension(DEAD_LETTER_TIME)
     }
 }
 

@@ -224,6 +224,18 @@ impl Bus {
         .await
     }
 
+    /// Validates `emit` against the catalogue and builds its envelope exactly as
+    /// [`Bus::send`] would (id, source, `dataschema`, key, subject, extensions, trace
+    /// context of the current span), without publishing it.
+    ///
+    /// This is what a transactional outbox stages: the event is checked at the same point
+    /// and with the same rules as an emit, and published later, unchanged, by a relay (to
+    /// the topic [`Bus::topic_name`] names).
+    pub fn prepare_event(&self, emit: Emit) -> Result<Event> {
+        self.ensure_open()?;
+        self.prepare(emit, &tracing::Span::current())
+    }
+
     /// Validates and builds the envelope (not published).
     fn prepare(&self, emit: Emit, span: &tracing::Span) -> Result<Event> {
         for (name, value) in [("id", &emit.id), ("source", &emit.source)] {

@@ -95,6 +95,10 @@ enum Failure {
 
 type DynHandler = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
 
+/// Called with each event a handler dead-letters and the reason (see
+/// [`HandlerBuilder::on_dead_letter`]).
+type DeadLetterHook = Arc<dyn Fn(&Event, &str) + Send + Sync>;
+
 impl Bus {
     /// Attaches a raw handler for event type `ty` in `group`; returns a [`HandlerBuilder`]
     /// to configure, then [`start`](HandlerBuilder::start).
@@ -160,6 +164,7 @@ impl Bus {
             ordered: d.ordered,
             visibility_timeout: d.visibility_timeout,
             start: StartPosition::Latest,
+            on_dead_letter: None,
         }
     }
 }
@@ -176,6 +181,7 @@ pub struct HandlerBuilder {
     ordered: bool,
     visibility_timeout: Duration,
     start: StartPosition,
+    on_dead_letter: Option<DeadLetterHook>,
 }
 
 impl fmt::Debug for HandlerBuilder {
@@ -230,6 +236,15 @@ impl HandlerBuilder {
     /// [`StartPosition::Latest`]; an existing subscription resumes where it stopped).
     pub fn start_position(mut self, start: StartPosition) -> Self {
         self.start = start;
+        self
+    }
+
+    /// Calls `hook` with each event this handler sends to the dead-letter queue, and the
+    /// reason stored with it, once the dead letter is stored (for a command-line consumer
+    /// that reports them as they happen, or an alert). The hook runs on the consume path:
+    /// keep it short and never block in it.
+    pub fn on_dead_letter(mut self, hook: impl Fn(&Event, &str) + Send + Sync + 'static) -> Self {
+        self.on_dead_letter = Some(Arc::new(hook));
         self
     }
 
@@ -299,6 +314,7 @@ impl HandlerBuilder {
             in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
+            on_dead_letter: self.on_dead_letter,
         };
         let stream = futures::stream::select(from_topic, from_redrive);
         tokio::spawn(Arc::new(worker).run(stream, self.concurrency));
@@ -424,6 +440,7 @@ struct Worker {
     next_id: AtomicU64,
     /// Per-key lanes: the deliveries waiting behind the running one of each key.
     lanes: Mutex<HashMap<String, VecDeque<Taken>>>,
+    on_dead_letter: Option<DeadLetterHook>,
 }
 
 impl Worker {
@@ -560,12 +577,32 @@ impl Worker {
             );
             return;
         }
-        if let Err(errors) = self.bus.inner.catalog.validate_event(event) {
-            let reason = format!("rejected on consume: {}", Error::from(errors).message());
-            tracing::warn!(event = event.id(), group, %reason, "dead-lettering an invalid event");
-            settle("dead-lettering", event, delivery.dead_letter(&reason).await);
-            telemetry::dead_lettered(ty, group, "invalid");
-            return;
+        match self.bus.inner.catalog.read_event(event) {
+            Ok(read) => {
+                if let (Some(written), Some(read_as)) = (read.unknown_version(), read.version()) {
+                    let relation = if written > read_as { "newer" } else { "older" };
+                    tracing::debug!(
+                        event = event.id(),
+                        group,
+                        written,
+                        read_as,
+                        "the event's schema version is not in this catalogue; its data is valid \
+                         under the latest version, so the handler gets it"
+                    );
+                    telemetry::unknown_version_read(ty, group, relation);
+                }
+            }
+            Err(errors) => {
+                let cause = match errors.problem() {
+                    crate::schema::ValidationProblem::UnknownVersion { .. } => "unknown_version",
+                    _ => "invalid",
+                };
+                let reason = format!("rejected on consume: {}", Error::from(errors).message());
+                tracing::warn!(event = event.id(), group, %reason, "dead-lettering an invalid event");
+                self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
+                telemetry::dead_lettered(ty, group, cause);
+                return;
+            }
         }
         let span = tracing::info_span!(
             "evbus.handle",
@@ -618,7 +655,7 @@ impl Worker {
                 self.metrics.handled();
             }
             Err(Failure::Reject(reason)) => {
-                settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
                 telemetry::dead_lettered(ty, group, "undecodable");
             }
             Err(Failure::Retry(error)) => {
@@ -627,13 +664,17 @@ impl Worker {
                 if attempt >= max {
                     let reason = last_error_reason(attempt, max, &error);
                     tracing::warn!(event = event.id(), group, %reason, "dead-lettering");
-                    settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                    self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
                     telemetry::dead_lettered(ty, group, "handler");
                 } else {
                     let delay = self.retry.backoff(attempt);
                     tracing::debug!(event = event.id(), group, attempt, ?delay, %error, "handler failed; retrying");
                     match delivery.nack(Some(delay)).await {
                         Ok(Settlement::DeadLettered) => {
+                            // The delivery was on its last attempt after all: it stored
+                            // this reason (see `Delivery::nack`).
+                            let reason = format!("max attempts reached ({attempt} of {max})");
+                            self.dead_lettered(event, &reason, Ok(()));
                             telemetry::dead_lettered(ty, group, "handler");
                         }
                         Ok(_) => self.metrics.retried(),
@@ -658,7 +699,7 @@ impl Worker {
                     return;
                 }
                 Err(Failure::Reject(reason)) => {
-                    settle("dead-lettering", event, delivery.dead_letter(&reason).await);
+                    self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
                     telemetry::dead_lettered(ty, group, "undecodable");
                     return;
                 }
@@ -672,7 +713,7 @@ impl Worker {
                             // Retried in place: record the attempts actually made.
                             self.dead_letter_in_place(delivery, &reason, attempt).await
                         };
-                        settle("dead-lettering", event, result);
+                        self.dead_lettered(event, &reason, result);
                         telemetry::dead_lettered(ty, group, "handler");
                         return;
                     }
@@ -681,6 +722,19 @@ impl Worker {
                     attempt += 1;
                 }
             }
+        }
+    }
+
+    /// After a dead-lettering attempt: logs a failure (the event comes back), or calls the
+    /// dead-letter hook.
+    fn dead_lettered(&self, event: &Event, reason: &str, result: Result<()>) {
+        match result {
+            Ok(()) => {
+                if let Some(hook) = &self.on_dead_letter {
+                    hook(event, reason);
+                }
+            }
+            Err(e) => settle("dead-lettering", event, Err(e)),
         }
     }
 

@@ -65,8 +65,15 @@
 //! [`Bus::emit`] validates against the catalogue before anything is published: an invalid
 //! payload, or an unknown type in a strict catalogue, is an [`ErrorKind::Validation`] error
 //! naming every violation (or every known type). Events are validated again on consume with
-//! [`Catalog::validate_event`] (a foreign producer may be wrong): an invalid or unknown event
+//! [`Catalog::read_event`] (a foreign producer may be wrong): an invalid or unknown event
 //! goes to the group's dead-letter queue with the reason and never reaches the handler.
+//!
+//! An event written with a version of its type that the consumer's catalogue lacks (a
+//! producer deployed first with a newer catalogue) reaches the handler when its data is valid
+//! under the latest version the consumer knows — the contract the handler was written
+//! against — with a debug log and the counter `evbus_unknown_version_read_total{type, group,
+//! relation="newer"|"older"}`; otherwise it is dead-lettered with a reason naming the missing
+//! version and the deploy order (see `docs/adr/0010-schema-evolution.md`).
 //!
 //! # Retries, dead letters, redrive
 //!

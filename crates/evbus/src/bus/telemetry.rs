@@ -81,6 +81,7 @@ pub(super) mod names {
     pub(crate) const RETRIED: &str = "evbus_retried_total";
     pub(crate) const DEAD_LETTERED: &str = "evbus_dead_lettered_total";
     pub(crate) const HANDLE_DURATION: &str = "evbus_handle_duration_seconds";
+    pub(crate) const UNKNOWN_VERSION_READ: &str = "evbus_unknown_version_read_total";
 }
 
 /// Where the metrics are recorded from, for the recorder (as the `metrics` macros do).
@@ -159,6 +160,16 @@ impl HandlerMetrics {
 /// list, accepted by a permissive catalogue).
 pub(super) fn emitted(ty: &str) {
     counter(&key(names::EMITTED, &[("type", ty)])).increment(1);
+}
+
+/// Counts an event of a version the consumer's catalogue lacks, read as its latest version
+/// (`relation`: `newer` or `older` than that version).
+pub(super) fn unknown_version_read(ty: &str, group: &str, relation: &'static str) {
+    counter(&key(
+        names::UNKNOWN_VERSION_READ,
+        &[("type", ty), ("group", group), ("relation", relation)],
+    ))
+    .increment(1);
 }
 
 /// Counts a dead-lettered event (rare: its key is built on the spot).

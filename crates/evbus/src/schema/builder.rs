@@ -9,7 +9,10 @@ use super::catalog::{Catalog, EventTypeInfo, EventVersion, Meta};
 use super::compat::{self, Compatibility, Incompatibility};
 use super::errors::{SchemaError, SchemaErrorKind};
 use super::resolve::{self, DocKey, Docs};
-use super::{ALLOW_KEYWORD, EXTERNAL_KEYWORD, EventType, REDACT_KEYWORD, VERSION_KEYWORD};
+use super::{
+    ALLOW_KEYWORD, COMPATIBILITY_KEYWORD, EXTERNAL_KEYWORD, EventType, REDACT_KEYWORD,
+    VERSION_KEYWORD,
+};
 use super::{is_valid_name, pointer, schema_of};
 
 /// Collects event types, shared definitions and their extensions, then
@@ -23,6 +26,7 @@ use super::{is_valid_name, pointer, schema_of};
 #[derive(Clone, Debug)]
 pub struct CatalogBuilder {
     strict: bool,
+    check_compat: bool,
     default_mode: Compatibility,
     modes: BTreeMap<String, Compatibility>,
     definitions: BTreeMap<String, Definition>,
@@ -66,6 +70,7 @@ impl CatalogBuilder {
     pub fn new() -> Self {
         CatalogBuilder {
             strict: true,
+            check_compat: true,
             default_mode: Compatibility::default(),
             modes: BTreeMap::new(),
             definitions: BTreeMap::new(),
@@ -78,6 +83,15 @@ impl CatalogBuilder {
     /// passes unchecked (registered types are still validated).
     pub fn strict(&mut self, strict: bool) -> &mut Self {
         self.strict = strict;
+        self
+    }
+
+    /// Whether versions are checked against each other in their type's mode (the default).
+    /// Turned off, every version registers whatever it changes: this is for tools that
+    /// compare catalogues themselves and must load a breaking one to say what breaks
+    /// ([`Catalog::diff`]), never for a service.
+    pub fn check_compatibility(&mut self, check: bool) -> &mut Self {
+        self.check_compat = check;
         self
     }
 
@@ -240,7 +254,7 @@ impl CatalogBuilder {
     /// Registers a Rust payload type as a version of [`EventType::TYPE`].
     pub fn register<T: EventType>(&mut self) -> Result<&mut Self, SchemaError> {
         let origin = format!("Rust type {}", super::type_name_of::<T>());
-        self.add(T::TYPE, schema_of::<T>(), &origin, true)
+        self.add(T::TYPE, schema_of::<T>(), &origin, true, None)
     }
 
     /// Registers `schema` as a version of event type `ty`: version 1 for a new type, the
@@ -248,20 +262,38 @@ impl CatalogBuilder {
     /// earlier ones in the type's [compatibility mode](Self::type_compatibility).
     /// Registering an identical schema again under the same version is a no-op.
     pub fn register_json(&mut self, ty: &str, schema: Value) -> Result<&mut Self, SchemaError> {
-        self.add(ty, schema, "JSON value", false)
+        self.add(ty, schema, "JSON value", false, None)
     }
 
+    /// `file_version`: the version a history file's name gives (`events/<type>/<n>.json`),
+    /// which the schema's `x-evbus-version`, if any, must repeat.
     fn add(
         &mut self,
         ty: &str,
         schema: Value,
         origin: &str,
         from_rust: bool,
+        file_version: Option<u32>,
     ) -> Result<&mut Self, SchemaError> {
         let what = format!("event type \"{ty}\" ({origin})");
         check_name(ty, "event type")?;
         check_document(&schema, &what, true)?;
         let (explicit, meta) = parse_meta(&schema, &what)?;
+        let declared_mode = parse_mode(&schema, &what)?;
+        let explicit = match (explicit, file_version) {
+            (Some(v), Some(n)) if v != n => {
+                return Err(SchemaError::new(
+                    SchemaErrorKind::VersionOrder,
+                    format!(
+                        "{what}: the file name says version {n} but \"{VERSION_KEYWORD}\" says \
+                         {v}; a file of events/{ty}/ is named after the version it holds \
+                         (events/{ty}/{v}.json)"
+                    ),
+                ));
+            }
+            (Some(v), _) => Some(v),
+            (None, n) => n,
+        };
         let existing = self.events.get(ty).map(Vec::as_slice).unwrap_or(&[]);
         let latest = existing.last().map(|p| p.version);
         // Registering the latest schema again (without naming a version) is a no-op, as in
@@ -293,7 +325,7 @@ impl CatalogBuilder {
                 ),
             ));
         }
-        let mode = self.mode_of(ty);
+        let mode = declared_mode.unwrap_or_else(|| self.mode_of(ty));
         let pending = Pending {
             version,
             schema,
@@ -303,7 +335,8 @@ impl CatalogBuilder {
             mode,
         };
         // Check compatibility now if everything it needs is registered; freeze checks again.
-        if !existing.is_empty()
+        if self.check_compat
+            && !existing.is_empty()
             && mode != Compatibility::None
             && let Ok(defs) = self.resolved_definitions()
         {
@@ -322,17 +355,34 @@ impl CatalogBuilder {
                 })
                 .collect();
             if let Ok(inlined) = inlined {
-                check_versions(ty, mode, &inlined, inlined.len() - 1)?;
+                let origins: Vec<&str> = all.iter().map(|p| p.origin.as_str()).collect();
+                check_versions(ty, mode, &inlined, inlined.len() - 1, &origins)?;
             }
+        }
+        if let Some(m) = declared_mode {
+            self.modes.insert(ty.to_owned(), m);
         }
         self.events.entry(ty.to_owned()).or_default().push(pending);
         Ok(self)
     }
 
-    /// Loads a catalogue directory: `DIR/definitions/<Name>.json` (shared definitions) and
-    /// `DIR/events/<type>.json` (one event type per file; `<type>` is the file stem). Files not
-    /// ending in `.json` are ignored. Loading a second directory adds its event schemas as new
-    /// versions (checked for compatibility) and its definitions (identical ones are no-ops).
+    /// Loads a catalogue directory:
+    ///
+    /// ```text
+    /// DIR/definitions/<Name>.json   shared definitions
+    /// DIR/events/<type>.json        the latest version of an event type (<type> is the stem)
+    /// DIR/events/<type>/<n>.json    earlier version n of the type (optional history)
+    /// ```
+    ///
+    /// Files not ending in `.json` are ignored. The history files of a type are added in
+    /// increasing version order, then the latest file (whose version, unless it says
+    /// `x-evbus-version`, is the one after the highest history file); each version is checked
+    /// against the earlier ones in the type's mode, which the latest file may set with
+    /// `x-evbus-compatibility` (BACKWARD by default). A history file that says
+    /// `x-evbus-version` must say the version its name gives. A type may also have only a
+    /// history directory (its highest version is then the latest). Loading a second directory
+    /// adds its event schemas as new versions (checked for compatibility) and its definitions
+    /// (identical ones are no-ops).
     pub fn load_dir(&mut self, dir: impl AsRef<Path>) -> Result<&mut Self, SchemaError> {
         let dir = dir.as_ref();
         let meta = std::fs::metadata(dir).map_err(|e| {
@@ -363,8 +413,33 @@ impl CatalogBuilder {
         for (name, path, value) in read_json_files(&defs_dir)? {
             self.define_from(&name, value, &format!("file {}", path.display()))?;
         }
-        for (ty, path, value) in read_json_files(&events_dir)? {
-            self.add(&ty, value, &format!("file {}", path.display()), false)?;
+        let mut latest: BTreeMap<String, (std::path::PathBuf, Value)> =
+            read_json_files(&events_dir)?
+                .into_iter()
+                .map(|(ty, path, value)| (ty, (path, value)))
+                .collect();
+        let mut types: BTreeSet<String> = latest.keys().cloned().collect();
+        types.extend(history_dirs(&events_dir)?);
+        for ty in types {
+            let history = read_history(&events_dir.join(&ty), &ty)?;
+            let latest = latest.remove(&ty);
+            // The latest file's mode governs the whole history, so it is known first.
+            if let Some((path, value)) = &latest
+                && !history.is_empty()
+                && let Some(mode) = parse_mode(
+                    value,
+                    &format!("event type \"{ty}\" (file {})", path.display()),
+                )?
+            {
+                self.modes.insert(ty.clone(), mode);
+            }
+            for (version, path, value) in history {
+                let origin = format!("file {}", path.display());
+                self.add(&ty, value, &origin, false, Some(version))?;
+            }
+            if let Some((path, value)) = latest {
+                self.add(&ty, value, &format!("file {}", path.display()), false, None)?;
+            }
         }
         Ok(self)
     }
@@ -466,8 +541,11 @@ impl CatalogBuilder {
                 inlined.push((p.version, resolve::inline(&c, &docs)));
                 canon.push(c);
             }
+            let origins: Vec<&str> = versions.iter().map(|p| p.origin.as_str()).collect();
             for (i, p) in versions.iter().enumerate().skip(1) {
-                check_versions(ty, p.mode, &inlined, i)?;
+                if self.check_compat {
+                    check_versions(ty, p.mode, &inlined, i, &origins)?;
+                }
             }
             let mode = self.mode_of(ty);
             let mut out = Vec::new();
@@ -631,6 +709,78 @@ fn find_unknown_formats(
     for c in resolve::children(schema) {
         find_unknown_formats(c.value, &format!("{at}{}", c.suffix), draft, options, out);
     }
+}
+
+/// Reads `x-evbus-compatibility`, the type's compatibility mode, if the schema declares it.
+pub(crate) fn parse_mode(schema: &Value, what: &str) -> Result<Option<Compatibility>, SchemaError> {
+    match schema.get(COMPATIBILITY_KEYWORD) {
+        None => Ok(None),
+        Some(Value::String(s)) => s.parse().map(Some).map_err(|e: String| {
+            SchemaError::new(
+                SchemaErrorKind::InvalidSchema,
+                format!("{what}: \"{COMPATIBILITY_KEYWORD}\": {e}"),
+            )
+        }),
+        Some(v) => Err(SchemaError::new(
+            SchemaErrorKind::InvalidSchema,
+            format!(
+                "{what}: \"{COMPATIBILITY_KEYWORD}\" must be a mode name such as \"BACKWARD\", \
+                 not {v}"
+            ),
+        )),
+    }
+}
+
+/// The names of the history directories `events/<type>/` (hidden ones skipped).
+fn history_dirs(events_dir: &Path) -> Result<Vec<String>, SchemaError> {
+    if !events_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let io = |e: std::io::Error| {
+        SchemaError::new(
+            SchemaErrorKind::Io,
+            format!("cannot read {}: {e}", events_dir.display()),
+        )
+        .with_source(e)
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(events_dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if path.is_dir() && !name.starts_with('.') {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The history files `<n>.json` of one type, in increasing version order.
+fn read_history(
+    dir: &Path,
+    ty: &str,
+) -> Result<Vec<(u32, std::path::PathBuf, Value)>, SchemaError> {
+    let mut out = Vec::new();
+    for (stem, path, value) in read_json_files(dir)? {
+        let version = stem
+            .parse::<u32>()
+            .ok()
+            .filter(|v| *v >= 1 && stem == v.to_string());
+        let Some(version) = version else {
+            return Err(SchemaError::new(
+                SchemaErrorKind::InvalidName,
+                format!(
+                    "{}: a file of events/{ty}/ holds one earlier version of \"{ty}\" and is \
+                     named after it (1.json, 2.json…), not \"{stem}.json\"",
+                    path.display()
+                ),
+            ));
+        };
+        out.push((version, path, value));
+    }
+    out.sort_by_key(|(v, _, _)| *v);
+    Ok(out)
 }
 
 /// Reads the `x-evbus-*` root keywords.
@@ -869,6 +1019,7 @@ fn check_versions(
     mode: Compatibility,
     inlined: &[(u32, Value)],
     i: usize,
+    origins: &[&str],
 ) -> Result<(), SchemaError> {
     if mode == Compatibility::None || i == 0 {
         return Ok(());
@@ -901,13 +1052,28 @@ fn check_versions(
     }
     let against: BTreeSet<u32> = earlier.iter().map(|(v, _)| *v).collect();
     let against: Vec<String> = against.iter().map(|v| format!("v{v}")).collect();
+    // Files are named (a directory with history); other origins add nothing.
+    let origin_of = |j: usize| origins.get(j).copied().unwrap_or("unknown origin");
+    let mut named = vec![(*new_v, origin_of(i))];
+    if !mode.is_transitive() {
+        named.push((inlined[i - 1].0, origin_of(i - 1)));
+    }
+    let files = if named.iter().any(|(_, o)| o.starts_with("file ")) {
+        let list: Vec<String> = named
+            .iter()
+            .map(|(v, o)| format!("v{v} from {o}"))
+            .collect();
+        format!("; {}", list.join(", "))
+    } else {
+        String::new()
+    };
     Err(SchemaError::incompatible(
         format!(
             "event type \"{ty}\" version {new_v} is not {mode} compatible with {} ({} breaking \
-             change{}):",
+             change{}{files}):",
             against.join(", "),
             problems.len(),
-            if problems.len() == 1 { "" } else { "s" }
+            if problems.len() == 1 { "" } else { "s" },
         ),
         problems,
     ))

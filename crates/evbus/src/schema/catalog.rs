@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::builder::CatalogBuilder;
 use super::compat::Compatibility;
 use super::errors::SchemaError;
-use super::violation::{self, ValidationErrors};
+use super::violation::{self, ValidationErrors, ValidationProblem};
 use super::{dataschema_uri, parse_dataschema};
 use crate::envelope::Event;
 
@@ -221,9 +221,23 @@ pub struct EventSummary {
 #[derive(Clone, Copy, Debug)]
 pub struct Validated<'c> {
     schema: Option<&'c EventVersion>,
+    /// [`Catalog::read_event`]: the version the event named, when the catalogue lacks it.
+    unknown: Option<u32>,
 }
 
 impl<'c> Validated<'c> {
+    const UNCHECKED: Validated<'static> = Validated {
+        schema: None,
+        unknown: None,
+    };
+
+    fn of(schema: &'c EventVersion) -> Self {
+        Validated {
+            schema: Some(schema),
+            unknown: None,
+        }
+    }
+
     /// The version validated against; `None` when a permissive catalogue let an unregistered
     /// type through unchecked.
     pub fn version(&self) -> Option<u32> {
@@ -243,6 +257,13 @@ impl<'c> Validated<'c> {
     /// Whether the type is registered (false only in a permissive catalogue).
     pub fn is_registered(&self) -> bool {
         self.schema.is_some()
+    }
+
+    /// For [`Catalog::read_event`]: `Some(v)` when the event was written with version `v`,
+    /// which this catalogue does not have, and its data was read as (validated against) the
+    /// latest version, [`version`](Self::version), instead.
+    pub fn unknown_version(&self) -> Option<u32> {
+        self.unknown
     }
 }
 
@@ -376,10 +397,10 @@ impl Catalog {
             Some(t) => {
                 let v = t.latest();
                 v.validate(data)?;
-                Ok(Validated { schema: Some(v) })
+                Ok(Validated::of(v))
             }
             None if self.inner.strict => Err(self.unknown(ty)),
-            None => Ok(Validated { schema: None }),
+            None => Ok(Validated::UNCHECKED),
         }
     }
 
@@ -395,7 +416,7 @@ impl Catalog {
             Some(t) => match t.version(version) {
                 Some(v) => {
                     v.validate(data)?;
-                    Ok(Validated { schema: Some(v) })
+                    Ok(Validated::of(v))
                 }
                 None => Err(ValidationErrors::unknown_version(
                     ty,
@@ -404,7 +425,7 @@ impl Catalog {
                 )),
             },
             None if self.inner.strict => Err(self.unknown(ty)),
-            None => Ok(Validated { schema: None }),
+            None => Ok(Validated::UNCHECKED),
         }
     }
 
@@ -417,7 +438,7 @@ impl Catalog {
             return if self.inner.strict {
                 Err(self.unknown(ty))
             } else {
-                Ok(Validated { schema: None })
+                Ok(Validated::UNCHECKED)
             };
         }
         let version = event
@@ -433,6 +454,75 @@ impl Catalog {
         match version {
             Some(v) => self.validate_version(ty, v, &data),
             None => self.validate(ty, &data),
+        }
+    }
+
+    /// Validates an incoming event as a consumer reads it: like
+    /// [`validate_event`](Self::validate_event), except for an event written with a version
+    /// of its type that this catalogue does not have (a producer deployed with a newer
+    /// catalogue, or an old event of a version this catalogue dropped). Such an event is read
+    /// as the latest version the catalogue has when its data is valid under it — the contract
+    /// the consumer's code was written against — and
+    /// [`Validated::unknown_version`] says so. Otherwise the error
+    /// ([`ValidationProblem::UnknownVersion`](super::ValidationProblem::UnknownVersion)) says
+    /// which version is missing, why the data cannot be read as the latest, and what to
+    /// deploy.
+    ///
+    /// ```
+    /// use evbus::{Event, schema::Catalog};
+    /// use serde_json::json;
+    ///
+    /// let mut b = Catalog::builder();
+    /// b.register_json("afterProductUpdate", json!({
+    ///     "type": "object",
+    ///     "properties": {"productId": {"type": "string"}},
+    ///     "required": ["productId"],
+    ///     "additionalProperties": false
+    /// }))?;
+    /// let consumer = b.freeze()?;
+    /// // Written by a producer that knows version 2 (one optional property more).
+    /// let event = |data| Event::builder("afterProductUpdate", "/catalog")
+    ///     .dataschema("urn:evbus:schema:afterProductUpdate:2")
+    ///     .json(&data).unwrap().build().unwrap();
+    ///
+    /// let ok = consumer.read_event(&event(json!({"productId": "p-1"})))?;
+    /// assert_eq!((ok.version(), ok.unknown_version()), (Some(1), Some(2)));
+    ///
+    /// let err = consumer.read_event(&event(json!({"productId": "p-1", "color": "red"}))).unwrap_err();
+    /// assert!(err.to_string().starts_with(
+    ///     "event type \"afterProductUpdate\" version 2 is newer than this consumer's catalogue (versions: 1)"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn read_event(&self, event: &Event) -> Result<Validated<'_>, ValidationErrors> {
+        let errors = match self.validate_event(event) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let ValidationProblem::UnknownVersion { version, known } = errors.problem() else {
+            return Err(errors);
+        };
+        let (version, ty) = (*version, event.ty());
+        let Some(info) = self.inner.types.get(ty) else {
+            return Err(errors);
+        };
+        let latest = info.latest();
+        let data: Value = match event.data() {
+            None => Value::Null,
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| ValidationErrors::not_json(ty, Some(version), e.to_string()))?,
+        };
+        match latest.validate(&data) {
+            Ok(()) => Ok(Validated {
+                schema: Some(latest),
+                unknown: Some(version),
+            }),
+            Err(invalid) => Err(ValidationErrors::unreadable_version(
+                ty,
+                version,
+                known.clone(),
+                info.compatibility(),
+                invalid.violations().to_vec(),
+            )),
         }
     }
 }

@@ -42,9 +42,16 @@
 //! # Directory layout
 //!
 //! ```text
-//! DIR/events/<type>.json          one event type per file; <type> is the file stem
+//! DIR/events/<type>.json          one event type per file (its latest version); <type> is the file stem
+//! DIR/events/<type>/<n>.json      earlier version <n> of the type (optional history)
 //! DIR/definitions/<Name>.json     shared named definitions
 //! ```
+//!
+//! The history files keep the versions that producers and consumers still in service may
+//! use: a consumer validates each event against the version its `dataschema` names, and
+//! [`Catalog::from_dir`] checks every adjacent pair of versions (every pair for the
+//! transitive modes) in the type's mode, so a history that breaks the mode does not load.
+//! A directory without history files loads exactly as before.
 //!
 //! Event schemas reference definitions with ordinary relative references
 //! (`{"$ref": "../definitions/Order.json"}`), so any JSON Schema tool validates against the same
@@ -58,6 +65,7 @@
 //! |---|---|---|---|
 //! | `description` | string | none | what the event means; listed and exported |
 //! | `x-evbus-version` | integer ≥ 1 | 1, or the next version | the schema version |
+//! | `x-evbus-compatibility` | mode name | `BACKWARD` | the type's [`Compatibility`] mode, from this version on |
 //! | `x-evbus-external` | boolean | `false` | visible outside through the gateway |
 //! | `x-evbus-redact` | array of JSON pointers | `[]` | removed before the event leaves |
 //! | `x-evbus-allow` | array of JSON pointers | none | if present, only these leave |
@@ -86,11 +94,18 @@
 //! `x-evbus-version`), checked against the earlier versions in the type's [`Compatibility`]
 //! mode (BACKWARD by default), with the rules of Confluent Schema Registry for JSON Schema: see
 //! [`compat`] for the rules and the deliberate differences.
+//!
+//! [`Catalog::read_event`] is how consumers validate: an event of a version the catalogue
+//! lacks is read as the latest version when its data fits, and refused with a reason naming
+//! the missing version and the deploy order otherwise. [`Catalog::diff`] lists every change
+//! between two catalogues, compatible or breaking under each type's mode (`evbus events
+//! diff`). See `docs/schema-evolution.md` and ADR 0010.
 
 mod asyncapi;
 mod builder;
 mod catalog;
 pub mod compat;
+mod diff;
 mod errors;
 mod pointer;
 mod resolve;
@@ -102,11 +117,15 @@ pub use asyncapi::AsyncApiOptions;
 pub use builder::CatalogBuilder;
 pub use catalog::{Catalog, EventSummary, EventTypeInfo, EventVersion, Validated};
 pub use compat::{Compatibility, Incompatibility};
+pub use diff::{Change, ChangeKind, Severity};
 pub use errors::{SchemaError, SchemaErrorKind};
 pub use violation::{ValidationErrors, ValidationProblem, Violation};
 
 /// Root keyword: the schema version (integer, default 1).
 pub const VERSION_KEYWORD: &str = "x-evbus-version";
+/// Root keyword: the compatibility mode of the event type (`BACKWARD`, `FULL`…; default
+/// `BACKWARD`), applied to the version that declares it and the later ones.
+pub const COMPATIBILITY_KEYWORD: &str = "x-evbus-compatibility";
 /// Root keyword: whether the event type is visible outside through the gateway (default false).
 pub const EXTERNAL_KEYWORD: &str = "x-evbus-external";
 /// Root keyword: JSON pointers removed from the data before an event leaves through the gateway.

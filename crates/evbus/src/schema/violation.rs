@@ -6,6 +6,7 @@ use jsonschema::error::{TypeKind, ValidationErrorKind};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::compat::Compatibility;
 use super::pointer;
 use crate::error::{Error, ErrorKind};
 
@@ -136,6 +137,64 @@ impl ValidationErrors {
         }
     }
 
+    /// An event of a version the catalogue lacks, whose data the latest version refuses:
+    /// says which version is missing, why the latest cannot read it, and what to deploy.
+    pub(crate) fn unreadable_version(
+        event_type: &str,
+        version: u32,
+        known: Vec<u32>,
+        mode: Compatibility,
+        violations: Vec<Violation>,
+    ) -> Self {
+        let latest = known.iter().copied().max().unwrap_or_default();
+        let list: Vec<String> = known.iter().map(u32::to_string).collect();
+        let list = list.join(", ");
+        let shown: Vec<String> = violations.iter().take(3).map(ToString::to_string).collect();
+        let more = match violations.len().saturating_sub(3) {
+            0 => String::new(),
+            n => format!("; and {n} more"),
+        };
+        let why = format!(
+            "its data is not valid under version {latest}, the latest this consumer knows ({}{more})",
+            shown.join("; ")
+        );
+        let message = if version > latest {
+            let order = if mode.checks_forward() {
+                format!(
+                    "under {mode} compatibility older versions should read newer data, so check \
+                     the producer's catalogue against this one (`evbus events diff`)"
+                )
+            } else if mode == Compatibility::None {
+                "its mode is NONE, so versions need not read each other's data: deploy \
+                 consumers before producers"
+                    .to_owned()
+            } else {
+                format!("under {mode} compatibility consumers must be deployed before producers")
+            };
+            format!(
+                "event type \"{event_type}\" version {version} is newer than this consumer's \
+                 catalogue (versions: {list}), and {why}; deploy this consumer with version \
+                 {version} of \"{event_type}\" (events/{event_type}.json), then redrive this \
+                 dead letter ({order})"
+            )
+        } else {
+            format!(
+                "event type \"{event_type}\" version {version} is not in this consumer's \
+                 catalogue (versions: {list}), and {why}; keep the versions that may still be in \
+                 flight in the catalogue (events/{event_type}/{version}.json), deploy, then \
+                 redrive this dead letter"
+            )
+        };
+        let mut all = vec![Violation::new("", "x-evbus-version", message)];
+        all.extend(violations);
+        ValidationErrors {
+            event_type: event_type.to_owned(),
+            version: Some(version),
+            problem: ValidationProblem::UnknownVersion { version, known },
+            violations: all,
+        }
+    }
+
     pub(crate) fn not_json(event_type: &str, version: Option<u32>, reason: String) -> Self {
         let message = format!("the event data is not JSON: {reason}");
         ValidationErrors {
@@ -162,7 +221,11 @@ impl ValidationErrors {
     }
 
     /// Every violation, sorted by pointer (never empty). For an unknown type or version, or
-    /// data that is not JSON, a single violation at the empty pointer says so.
+    /// data that is not JSON, a violation at the empty pointer says so; for an unknown
+    /// version whose data the latest version refuses ([`Catalog::read_event`]), the
+    /// violations under the latest version follow it.
+    ///
+    /// [`Catalog::read_event`]: super::Catalog::read_event
     pub fn violations(&self) -> &[Violation] {
         &self.violations
     }

@@ -1,0 +1,317 @@
+//! `evbus dlq`: list, show and redrive the dead letters of one handler group.
+//!
+//! Everything goes through [`evbus::bus::DeadLetters`], so the queue names are the Bus's
+//! (`Bus::dead_letter_queue_name`, `Bus::redrive_queue_name`): a redriven event goes to the
+//! group's redrive queue, which only the handlers of that group consume.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use evbus::Catalog;
+use evbus::bus::{Bus, DeadLetter, DeadLetters};
+use serde_json::json;
+
+use crate::failure::{self, Failure};
+use crate::transport;
+
+/// Most dead letters one command looks at.
+const DEFAULT_LIMIT: usize = 10_000;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List the dead letters of a group, one per line: id, attempts, origin, first seen (the
+    /// event's time), dead-lettered (when the transport recorded it, else `-`), reason.
+    ///
+    /// Nothing is removed: each dead letter is received and released at once (a nack with
+    /// no delay), so it stays where it was; the broker's own delivery counter of the
+    /// dead-letter entry grows by one per listing (the attempts shown are the handler's,
+    /// stored with the dead letter, and do not change).
+    ///
+    /// Exit status: 0 listed (even none); 2 usage or transport error.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Output format: aligned text, or JSON Lines (one object per dead letter).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show one dead letter in full: its metadata, then the original event as JSON.
+    ///
+    /// Exit status: 0 shown; 1 no dead letter has that id; 2 usage or transport error.
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// The event id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Move dead letters back to the group (its redrive queue, consumed by that group only),
+    /// without their dead-letter attributes; prints the id of each one moved.
+    ///
+    /// Exit status: 0 moved (all, or every --id given); 1 some --id was not found (the others
+    /// were moved); 2 usage or transport error.
+    Redrive {
+        #[command(flatten)]
+        target: Target,
+        /// Redrive this dead letter (repeat for several).
+        #[arg(
+            long = "id",
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Redrive every dead letter of the group.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// The group whose dead letters are looked at.
+#[derive(Debug, Args)]
+pub(crate) struct Target {
+    #[arg(long, value_name = "URL", help = transport::transport_help())]
+    transport: String,
+    /// The event type, for example afterOrderCreate.
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: String,
+    /// The handler group.
+    #[arg(long, value_name = "GROUP")]
+    group: String,
+    /// Stop once nothing new arrived for this many seconds (how long an empty queue is
+    /// waited on).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    wait: f64,
+    /// Look at no more than this many dead letters.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT)]
+    limit: usize,
+}
+
+/// `dlq list` output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    /// One line per dead letter.
+    Text,
+    /// One JSON object per dead letter: id, type, attempts, origin, first_seen,
+    /// dead_lettered, reason.
+    Json,
+}
+
+pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
+    let target = match &cmd {
+        DlqCommand::List { target, .. }
+        | DlqCommand::Show { target, .. }
+        | DlqCommand::Redrive { target, .. } => target,
+    };
+    transport::check(&target.transport)?;
+    let wait = match target.wait {
+        s if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+        s => return Err(Failure::new(format!("--wait must be > 0, got {s}"))),
+    };
+    let rt = transport::runtime()?;
+    rt.block_on(async {
+        let bus = Bus::new(
+            transport::connect(&target.transport).await?,
+            Catalog::default(),
+            "/evbus-cli",
+        );
+        let dlq = bus
+            .dead_letters(&target.event_type, &target.group)
+            .await
+            .map_err(|e| Failure::new(format!("cannot open the dead-letter queue: {e}")))?;
+        let result = match &cmd {
+            DlqCommand::List { format, .. } => list(&dlq, target.limit, wait, *format).await,
+            DlqCommand::Show { id, .. } => show(&dlq, target.limit, wait, id).await,
+            DlqCommand::Redrive { ids, all, .. } => {
+                redrive(&dlq, target.limit, wait, ids, *all).await
+            }
+        };
+        let _ = bus.shutdown(Duration::from_secs(5)).await;
+        result
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.replace('\n', "; ")
+}
+
+fn first_seen(d: &DeadLetter) -> String {
+    d.event()
+        .time()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn last_seen(d: &DeadLetter) -> String {
+    d.dead_lettered_at().unwrap_or("-").to_owned()
+}
+
+async fn peek(dlq: &DeadLetters, limit: usize, wait: Duration) -> Result<Vec<DeadLetter>, Failure> {
+    dlq.peek(limit, wait)
+        .await
+        .map_err(|e| Failure::new(format!("cannot read {}: {e}", dlq.name())))
+}
+
+async fn list(
+    dlq: &DeadLetters,
+    limit: usize,
+    wait: Duration,
+    format: Format,
+) -> Result<ExitCode, Failure> {
+    let dead = peek(dlq, limit, wait).await?;
+    match format {
+        Format::Json => {
+            for d in &dead {
+                println!(
+                    "{}",
+                    json!({
+                        "id": d.event().id(),
+                        "type": d.event().ty(),
+                        "attempts": d.attempts(),
+                        "origin": d.origin(),
+                        "first_seen": d.event().time(),
+                        "dead_lettered": d.dead_lettered_at(),
+                        "reason": d.reason(),
+                    })
+                );
+            }
+        }
+        Format::Text => {
+            let rows: Vec<[String; 6]> = dead
+                .iter()
+                .map(|d| {
+                    [
+                        d.event().id().to_owned(),
+                        d.attempts()
+                            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                        d.origin().unwrap_or("-").to_owned(),
+                        first_seen(d),
+                        last_seen(d),
+                        one_line(d.reason().unwrap_or("-")),
+                    ]
+                })
+                .collect();
+            let header = [
+                "ID",
+                "ATTEMPTS",
+                "ORIGIN",
+                "FIRST SEEN",
+                "DEAD-LETTERED",
+                "REASON",
+            ];
+            let mut widths = header.map(str::len);
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            let line = |cells: [&str; 6]| {
+                let mut l = String::new();
+                for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                    if i == 5 {
+                        l.push_str(cell);
+                    } else {
+                        l.push_str(&format!("{cell:<w$}  "));
+                    }
+                }
+                l.trim_end().to_owned()
+            };
+            println!("{}", line(header));
+            for r in &rows {
+                println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
+            }
+        }
+    }
+    eprintln!(
+        "evbus: {} dead letter{} in {}",
+        dead.len(),
+        if dead.len() == 1 { "" } else { "s" },
+        dlq.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(
+    dlq: &DeadLetters,
+    limit: usize,
+    wait: Duration,
+    id: &str,
+) -> Result<ExitCode, Failure> {
+    let dead = peek(dlq, limit, wait).await?;
+    let Some(d) = dead.iter().find(|d| d.event().id() == id) else {
+        eprintln!(
+            "evbus: no dead letter {id} in {} ({} looked at)",
+            dlq.name(),
+            dead.len()
+        );
+        return Ok(ExitCode::from(failure::INVALID));
+    };
+    println!("id:            {}", d.event().id());
+    println!("type:          {}", d.event().ty());
+    println!(
+        "attempts:      {}",
+        d.attempts()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    );
+    println!("origin:        {}", d.origin().unwrap_or("-"));
+    println!("first seen:    {}", first_seen(d));
+    println!("dead-lettered: {}", last_seen(d));
+    println!("reason:        {}", one_line(d.reason().unwrap_or("-")));
+    let event = d
+        .original()
+        .to_json_value()
+        .map_err(|e| Failure::new(format!("cannot print event {id}: {e}")))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&event)
+            .map_err(|e| Failure::new(format!("cannot print event {id}: {e}")))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn redrive(
+    dlq: &DeadLetters,
+    limit: usize,
+    wait: Duration,
+    ids: &[String],
+    all: bool,
+) -> Result<ExitCode, Failure> {
+    let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let moved = Mutex::new(Vec::new());
+    let count = dlq
+        .redrive_where(limit, wait, |d| {
+            let take = all || wanted.contains(d.event().id());
+            if take {
+                moved
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(d.event().id().to_owned());
+            }
+            take
+        })
+        .await
+        .map_err(|e| Failure::new(format!("redrive from {} failed: {e}", dlq.name())))?;
+    let moved = moved
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The last id chosen may have failed to move: `count` is what was moved.
+    for id in moved.iter().take(count) {
+        println!("{id}");
+    }
+    eprintln!(
+        "evbus: {count} dead letter{} redriven to the group's redrive queue",
+        if count == 1 { "" } else { "s" }
+    );
+    if !all {
+        let found: BTreeSet<&str> = moved.iter().take(count).map(String::as_str).collect();
+        let missing: Vec<&str> = wanted.difference(&found).copied().collect();
+        if !missing.is_empty() {
+            eprintln!("evbus: not found in {}: {}", dlq.name(), missing.join(", "));
+            return Ok(ExitCode::from(failure::INVALID));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
