@@ -241,6 +241,10 @@ async fn publish(
     if let Some(k) = event.partition_key() {
         emit = emit.key(k);
     }
+    // The producer's own time is kept (the gateway's is the one in the log, `received_at`).
+    if let Some(time) = event.time() {
+        emit = emit.time(time);
+    }
     // Events are unique per (source, id): an identical re-post is idempotent (answered 202
     // again, sent once), a different event under the same source and id is refused, never
     // dropped silently later as a "redelivery".

@@ -787,3 +787,30 @@ async fn a_receiver_hanging_past_the_outbound_timeout_is_logged_as_timed_out_and
     }
     assert_eq!(*seen.lock().unwrap(), vec![event_id.clone(); 3]);
 }
+
+/// A producer's `time` survives the gateway: the webhook delivery carries the time the
+/// producer gave, not the moment the gateway received the event.
+#[tokio::test]
+async fn a_published_event_keeps_its_producers_time() {
+    let h = Harness::memory().await;
+    let mut receiver = Receiver::start(200).await;
+    let key = h.key(&["afterOrderCreate"], &["afterOrderCreate"]).await;
+    h.register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let resp = h
+        .http
+        .post(h.url("/v1/events"))
+        .bearer_auth(&key)
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": "timed-1", "source": "/erp", "type": "afterOrderCreate",
+                "time": "2026-01-02T03:04:05Z", "data": order_created()})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let got = receiver.next().await.json();
+    assert_eq!(got["time"], "2026-01-02T03:04:05Z", "{got}");
+}

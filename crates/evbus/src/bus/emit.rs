@@ -32,6 +32,7 @@ pub struct Emit {
     subject: Option<String>,
     id: Option<String>,
     source: Option<String>,
+    time: Option<chrono::DateTime<chrono::Utc>>,
     extensions: BTreeMap<String, String>,
 }
 
@@ -45,6 +46,7 @@ impl Emit {
             subject: None,
             id: None,
             source: None,
+            time: None,
             extensions: BTreeMap::new(),
         }
     }
@@ -87,6 +89,13 @@ impl Emit {
     /// The CloudEvents `source`, instead of the Bus's own source. Must not be empty.
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = Some(source.into());
+        self
+    }
+
+    /// The CloudEvents `time`, instead of the moment of the emit — for an event that already
+    /// has one (relayed from a producer outside the bus).
+    pub fn time(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
+        self.time = Some(time);
         self
     }
 
@@ -250,6 +259,9 @@ impl Bus {
         let mut builder = Event::builder(&emit.ty, source).json(&emit.data)?;
         if let Some(id) = emit.id {
             builder = builder.id(id);
+        }
+        if let Some(time) = emit.time {
+            builder = builder.time(Some(time));
         }
         if let Some(uri) = validated.dataschema() {
             builder = builder.dataschema(uri);
