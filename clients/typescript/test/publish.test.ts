@@ -1,0 +1,177 @@
+// Publishing against a real `evbus serve`: structured and binary mode, what subscribers then
+// receive, and the gateway's problem answers as typed errors.
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { EvbusClient, GatewayError, ConnectionError, type DeliveredEvent } from "../src/index.js";
+import { deferred, orderCreated, startGateway, uniqueId, waitFor, type Gateway } from "./helpers.js";
+
+describe("publish", () => {
+  let gw: Gateway;
+  let client: EvbusClient;
+  let received: DeliveredEvent<"afterOrderCreate">[];
+  let stop: AbortController;
+  let streaming: Promise<void>;
+
+  before(async () => {
+    gw = await startGateway();
+    const key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] });
+    client = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
+    // Everything published here is read back from the stream.
+    received = [];
+    stop = new AbortController();
+    const open = deferred();
+    const sub = client.subscribe({ types: ["afterOrderCreate"], signal: stop.signal, onOpen: () => open.resolve() });
+    streaming = (async () => {
+      for await (const event of sub) received.push(event);
+    })();
+    await open.promise;
+  });
+
+  after(async () => {
+    stop?.abort();
+    await streaming;
+    await gw?.stop();
+  });
+
+  async function delivered(id: string): Promise<DeliveredEvent<"afterOrderCreate">> {
+    await waitFor(`event ${id} on the stream`, () => received.some((e) => e.id === id));
+    return received.find((e) => e.id === id)!;
+  }
+
+  test("structured mode: accepted with the producer's id, delivered curated", async () => {
+    const id = uniqueId("structured");
+    const result = await client.publish({ type: "afterOrderCreate", id, subject: "order-1", data: orderCreated(1) });
+    assert.equal(result.id, id);
+    const event = await delivered(id);
+    assert.equal(event.type, "afterOrderCreate");
+    assert.equal(event.source, "/plugins/orders");
+    assert.equal(event.subject, "order-1");
+    assert.equal(event.data?.createdBy, "user-1");
+    assert.equal(event.data?.order.referenceId, "REF-1001");
+    // Curation: the catalogue redacts the customer's email and phone.
+    assert.equal("email" in (event.data?.order ?? {}), false);
+    assert.equal("phone" in (event.data?.order.shippingAddress ?? {}), false);
+  });
+
+  test("binary mode: ce-* headers (percent-encoded) and the data as the body", async () => {
+    const id = uniqueId("binary");
+    const source = "/plugins/orders/zürich shop";
+    const result = await client.publish(
+      { type: "afterOrderCreate", id, source, subject: "commande n°2", data: orderCreated(2) },
+      { mode: "binary" },
+    );
+    assert.equal(result.id, id);
+    const event = await delivered(id);
+    assert.equal(event.source, source);
+    assert.equal(event.subject, "commande n°2");
+    assert.equal(event.data?.createdBy, "user-2");
+  });
+
+  test("the same event posted twice is accepted twice and delivered once", async () => {
+    const id = uniqueId("twice");
+    const event = { type: "afterOrderCreate" as const, id, time: "2026-11-30T10:00:00Z", data: orderCreated(3) };
+    await client.publish(event);
+    await client.publish(event, { mode: "binary" });
+    // A later event on the same stream: once it is there, an earlier duplicate would be too.
+    const marker = uniqueId("marker");
+    await client.publish({ type: "afterOrderCreate", id: marker, data: orderCreated(4) });
+    await delivered(marker);
+    assert.equal(received.filter((e) => e.id === id).length, 1);
+  });
+
+  test("422: the violations by JSON pointer and rule", async () => {
+    const data = orderCreated(5) as unknown as { order: Record<string, unknown> };
+    delete data.order.email;
+    data.order.currencyCode = "euro";
+    const error = await client.publishEvent({ type: "afterOrderCreate", data }).catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError, String(error));
+    assert.equal(error.status, 422);
+    assert.equal(error.title, "Unprocessable Entity");
+    assert.match(error.detail, /breaks the schema/);
+    const rules = error.violations.map((v) => `${v.pointer} ${v.keyword}`).sort();
+    assert.deepEqual(rules, ["/order/currencyCode pattern", "/order/email required"]);
+    assert.equal(error.problem.violations_total, 2);
+  });
+
+  test("409: different content under an id already accepted", async () => {
+    const id = uniqueId("conflict");
+    await client.publish({ type: "afterOrderCreate", id, data: orderCreated(6) });
+    const error = await client.publish({ type: "afterOrderCreate", id, data: orderCreated(7) }).catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError);
+    assert.equal(error.status, 409);
+    assert.equal(error.title, "Conflict");
+  });
+
+  test("403: a type outside the key's publish scope; 401: an unknown key", async () => {
+    const error = await client
+      .publish({ type: "afterOrderUpdate", data: { order: orderCreated(8).order, updatedBy: "u" } })
+      .catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError);
+    assert.equal(error.status, 403);
+    assert.match(error.detail, /may not publish/);
+
+    const stranger = new EvbusClient({ url: gw.url, apiKey: `evb_${"0".repeat(16)}_${"0".repeat(64)}`, source: "/x" });
+    const denied = await stranger.publish({ type: "afterOrderCreate", data: orderCreated(9) }).catch((e: unknown) => e);
+    assert.ok(denied instanceof GatewayError);
+    assert.equal(denied.status, 401);
+    assert.equal(denied.retryable, false);
+  });
+
+  test("a gateway that is not there: ConnectionError", async () => {
+    const nowhere = new EvbusClient({ url: "http://127.0.0.1:9", apiKey: "evb_x_y", source: "/x" });
+    const error = await nowhere.publish({ type: "afterOrderCreate", data: orderCreated(10) }).catch((e: unknown) => e);
+    assert.ok(error instanceof ConnectionError, String(error));
+    assert.match(error.message, /POST \/v1\/events failed/);
+  });
+});
+
+describe("publish under the rate limit", () => {
+  let gw: Gateway;
+  let key: string;
+
+  before(async () => {
+    // One request per second, no burst: the second request of a second is answered 429.
+    gw = await startGateway({ args: ["--rate-limit", "1", "--rate-limit-burst", "1"] });
+    key = await gw.createKey({ name: "slow", publish: ["afterOrderCreate"] });
+  });
+  after(async () => {
+    await gw?.stop();
+  });
+
+  test("429 with Retry-After as a GatewayError, then honoured when retry is asked", async () => {
+    const client = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
+    await client.publish({ type: "afterOrderCreate", data: orderCreated(11) });
+    const error = await client.publish({ type: "afterOrderCreate", data: orderCreated(12) }).catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError);
+    assert.equal(error.status, 429);
+    assert.equal(error.retryable, true);
+    assert.ok(error.retryAfter !== undefined && error.retryAfter >= 1, `Retry-After: ${error.retryAfter}`);
+
+    const waits: number[] = [];
+    const started = Date.now();
+    const id = uniqueId("retried");
+    const result = await client.publish(
+      { type: "afterOrderCreate", id, data: orderCreated(13) },
+      { retry: { attempts: 5, onRetry: ({ delayMs, error: e }) => waits.push(e instanceof GatewayError && e.status === 429 ? delayMs : -1) } },
+    );
+    assert.equal(result.id, id);
+    assert.ok(waits.length >= 1, "the first try was refused, so there was a retry");
+    assert.ok(waits.every((w) => w >= 1000), `every wait is the gateway's Retry-After: ${waits}`);
+    assert.ok(Date.now() - started >= 1000);
+  });
+
+  test("a Retry-After longer than maxDelayMs is not waited for", async () => {
+    const client = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
+    // Use up this second's token, then ask with a ceiling below the gateway's Retry-After.
+    await client.publish({ type: "afterOrderCreate", data: orderCreated(14) }, { retry: { attempts: 5 } });
+    let retried = 0;
+    const error = await client
+      .publish({ type: "afterOrderCreate", data: orderCreated(15) }, { retry: { attempts: 5, maxDelayMs: 100, onRetry: () => retried++ } })
+      .catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError);
+    assert.equal(error.status, 429);
+    assert.equal(retried, 0);
+  });
+});

@@ -1,0 +1,247 @@
+// Subscribing through Server-Sent Events against a real `evbus serve`: resume after a dropped
+// connection (through a TCP proxy the test cuts), resume across subscriptions, stopping, and
+// the answers that end a subscription.
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { EvbusClient, GatewayError, type DeliveredEvent } from "../src/index.js";
+import { assertEveryOnce, CuttableProxy, deferred, orderCreated, startGateway, uniqueId, waitFor, type Gateway } from "./helpers.js";
+
+describe("subscribe", () => {
+  let gw: Gateway;
+  let key: string;
+  let publisher: EvbusClient;
+
+  before(async () => {
+    gw = await startGateway();
+    key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] });
+    publisher = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
+  });
+  after(async () => {
+    await gw?.stop();
+  });
+
+  async function publish(ids: string[]): Promise<void> {
+    for (const [i, id] of ids.entries()) await publisher.publish({ type: "afterOrderCreate", id, data: orderCreated(i) });
+  }
+
+  test("resumes after a dropped connection with no loss and no duplicate", async () => {
+    const proxy = new CuttableProxy(gw.url);
+    const url = await proxy.listen();
+    const client = new EvbusClient({ url, apiKey: key });
+    const opens: { reconnected: boolean; lastEventId: string | undefined }[] = [];
+    const drops: string[] = [];
+    const stop = new AbortController();
+    const sub = client.subscribe({
+      types: ["afterOrderCreate"],
+      signal: stop.signal,
+      reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
+      onOpen: (info) => opens.push(info),
+      onReconnect: ({ error }) => drops.push(error.message),
+    });
+    const seen: string[] = [];
+    const before = Array.from({ length: 40 }, (_, i) => uniqueId(`before-${i}`));
+    const during = Array.from({ length: 10 }, (_, i) => uniqueId(`during-${i}`));
+    const afterwards = Array.from({ length: 5 }, (_, i) => uniqueId(`after-${i}`));
+    const cutDone = deferred();
+    const consuming = (async () => {
+      for await (const event of sub) {
+        seen.push(event.id);
+        // Mid-stream: the connection is cut while the burst is still flowing.
+        if (seen.length === 15) {
+          proxy.cut();
+          cutDone.resolve();
+        }
+      }
+    })();
+    await waitFor("the stream to open", () => opens.length === 1);
+    await publish(before);
+    await cutDone.promise;
+    await waitFor("the client to see the drop", () => drops.length >= 1);
+    // Published while the client cannot connect: it must get them after it reconnects.
+    await publish(during);
+    await waitFor("a refused reconnection attempt", () => proxy.refused >= 1);
+    proxy.restore();
+    await waitFor("the client to reconnect", () => opens.length >= 2);
+    await publish(afterwards);
+    await waitFor("every event", () => seen.length >= before.length + during.length + afterwards.length);
+    // A repeat would come before an event logged after all of them: wait for one.
+    const marker = uniqueId("marker");
+    await publish([marker]);
+    await waitFor("the marker", () => seen.includes(marker));
+    seen.splice(seen.indexOf(marker), 1);
+    stop.abort();
+    await consuming;
+    await proxy.close();
+
+    assertEveryOnce(seen, [...before, ...during, ...afterwards]);
+    assert.equal(opens[0]!.reconnected, false);
+    assert.equal(opens[1]!.reconnected, true);
+    assert.ok(opens[1]!.lastEventId !== undefined, "the reconnection sent Last-Event-ID");
+    assert.ok(proxy.forwarded >= 2);
+  });
+
+  test("a silent connection (no keep-alive) is taken as dropped and resumed", async () => {
+    const proxy = new CuttableProxy(gw.url);
+    const url = await proxy.listen();
+    const client = new EvbusClient({ url, apiKey: key });
+    const opens: (string | undefined)[] = [];
+    const drops: string[] = [];
+    const stop = new AbortController();
+    const sub = client.subscribe({
+      types: ["afterOrderCreate"],
+      signal: stop.signal,
+      idleTimeoutMs: 300,
+      reconnect: { initialDelayMs: 20, maxDelayMs: 50 },
+      onOpen: ({ lastEventId }) => opens.push(lastEventId),
+      onReconnect: ({ error }) => drops.push(error.message),
+    });
+    const ids = Array.from({ length: 6 }, (_, i) => uniqueId(`silent-${i}`));
+    const seen: string[] = [];
+    const consuming = (async () => {
+      for await (const event of sub) seen.push(event.id);
+    })();
+    await waitFor("the stream to open", () => opens.length === 1);
+    await publish(ids.slice(0, 3));
+    await waitFor("the first events", () => seen.length === 3);
+    proxy.stall();
+    await publish(ids.slice(3));
+    await waitFor("every event", () => seen.length >= ids.length);
+    const marker = uniqueId("marker");
+    await publish([marker]);
+    await waitFor("the marker", () => seen.includes(marker));
+    seen.splice(seen.indexOf(marker), 1);
+    stop.abort();
+    await consuming;
+    await proxy.close();
+    assertEveryOnce(seen, ids);
+    assert.ok(drops.some((m) => /sent nothing for 300 ms/.test(m)), `drops: ${drops}`);
+    assert.ok(opens.length >= 2 && opens[1] !== undefined, "the reconnection sent Last-Event-ID");
+  });
+
+  test("a revoked key ends the subscription with GatewayError 401", async () => {
+    const admin = await gw.createKey({ name: "admin", admin: true });
+    const doomed = await gw.createKey({ name: "doomed", subscribe: ["afterOrderCreate"] });
+    const client = new EvbusClient({ url: gw.url, apiKey: doomed });
+    const open = deferred();
+    let reconnects = 0;
+    const sub = client.subscribe({ types: ["afterOrderCreate"], reconnect: { initialDelayMs: 10 }, onOpen: () => open.resolve(), onReconnect: () => reconnects++ });
+    const ended = (async () => {
+      for await (const _ of sub) assert.fail("no event expected");
+    })().catch((e: unknown) => e);
+    await open.promise;
+    const id = /^evb_([0-9a-f]+)_/.exec(doomed)![1]!;
+    const revoked = await fetch(new URL(`/v1/keys/${id}`, gw.url), { method: "DELETE", headers: { authorization: `Bearer ${admin}` } });
+    assert.equal(revoked.status, 204);
+    const error = await ended;
+    assert.ok(error instanceof GatewayError, String(error));
+    assert.equal(error.status, 401);
+    // The gateway ended the stream, the client tried once more and was refused for good.
+    assert.equal(reconnects, 1);
+  });
+
+  test("resumes from a kept lastEventId in a new subscription", async () => {
+    const first = deferred();
+    const stop = new AbortController();
+    const sub = publisher.subscribe({ types: ["afterOrderCreate"], signal: stop.signal, onOpen: () => first.resolve() });
+    const ids = Array.from({ length: 6 }, (_, i) => uniqueId(`kept-${i}`));
+    const seen: string[] = [];
+    const consuming = (async () => {
+      for await (const event of sub) {
+        seen.push(event.id);
+        if (seen.length === 3) break; // leaving the loop closes the connection
+      }
+    })();
+    await first.promise;
+    await publish(ids.slice(0, 3));
+    await consuming;
+    const kept = sub.lastEventId;
+    assert.ok(kept !== undefined);
+    assertEveryOnce(seen, ids.slice(0, 3));
+
+    // Published while nobody listens.
+    await publish(ids.slice(3));
+    const resumed: string[] = [];
+    for await (const event of publisher.subscribe({ types: ["afterOrderCreate"], lastEventId: kept })) {
+      resumed.push(event.id);
+      if (resumed.length === 3) break;
+    }
+    assertEveryOnce(resumed, ids.slice(3));
+  });
+
+  test("typed events: checking `type` narrows `data`", async () => {
+    const open = deferred();
+    const id = uniqueId("typed");
+    const sub = publisher.subscribe({ types: ["afterOrderCreate"], onOpen: () => open.resolve() });
+    const iterator = sub[Symbol.asyncIterator]();
+    const next = iterator.next();
+    await open.promise;
+    await publish([id]);
+    const { value } = await next;
+    await iterator.return();
+    const event = value as DeliveredEvent;
+    assert.equal(event.id, id);
+    if (event.type === "afterOrderCreate") {
+      const createdBy: string = event.data!.createdBy;
+      assert.equal(createdBy, "user-0");
+    } else {
+      assert.fail(`unexpected type ${event.type}`);
+    }
+  });
+
+  test("an AbortSignal ends an idle iteration without an error", async () => {
+    const open = deferred();
+    const stop = new AbortController();
+    const sub = publisher.subscribe({ types: ["afterOrderCreate"], signal: stop.signal, onOpen: () => open.resolve() });
+    const done = (async () => {
+      let n = 0;
+      for await (const _ of sub) n++;
+      return n;
+    })();
+    await open.promise;
+    stop.abort();
+    assert.equal(await done, 0);
+  });
+
+  test("a Last-Event-ID the gateway did not issue: GatewayError 400, no retry", async () => {
+    let retries = 0;
+    const sub = publisher.subscribe({ types: ["afterOrderCreate"], lastEventId: "0123456789abcdef01234567", onReconnect: () => retries++ });
+    const error = await (async () => {
+      for await (const _ of sub) assert.fail("no event expected");
+    })().catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError, String(error));
+    assert.equal(error.status, 400);
+    assert.match(error.detail, /Last-Event-ID/);
+    assert.equal(retries, 0);
+  });
+
+  test("a type outside the key's scope: GatewayError 403", async () => {
+    const sub = publisher.subscribe({ types: ["afterProductUpdate"] });
+    const error = await (async () => {
+      for await (const _ of sub) assert.fail("no event expected");
+    })().catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError);
+    assert.equal(error.status, 403);
+  });
+
+  test("a gateway that stays away: the iterator throws after maxAttempts", async () => {
+    const proxy = new CuttableProxy(gw.url);
+    const url = await proxy.listen();
+    proxy.cut();
+    const client = new EvbusClient({ url, apiKey: key });
+    const attempts: number[] = [];
+    const sub = client.subscribe({
+      types: ["afterOrderCreate"],
+      reconnect: { initialDelayMs: 10, maxDelayMs: 40, maxAttempts: 3 },
+      onReconnect: ({ attempt }) => attempts.push(attempt),
+    });
+    const error = await (async () => {
+      for await (const _ of sub) assert.fail("no event expected");
+    })().catch((e: unknown) => e);
+    await proxy.close();
+    assert.ok(error instanceof Error && error.name === "ConnectionError", String(error));
+    assert.deepEqual(attempts, [1, 2, 3]);
+    assert.equal(proxy.refused, 4);
+  });
+});
