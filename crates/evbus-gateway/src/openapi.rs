@@ -33,6 +33,26 @@ fn op(summary: &str, scope: &str, ok: (&str, Value), extra: &[&str]) -> Value {
     })
 }
 
+/// `op` named `id` (its `operationId`, which links refer to).
+fn named(mut op: Value, id: &str) -> Value {
+    op["operationId"] = json!(id);
+    op
+}
+
+/// Links from an answer whose body has an `id` to the operations that take it as `{id}`:
+/// the stateful chain a client follows (key → webhook → attempts → replay).
+fn links(mut op: Value, code: &str, targets: &[&str]) -> Value {
+    let mut links = Map::new();
+    for target in targets {
+        links.insert(
+            (*target).to_owned(),
+            json!({"operationId": target, "parameters": {"id": "$response.body#/id"}}),
+        );
+    }
+    op["responses"][code]["links"] = Value::Object(links);
+    op
+}
+
 /// A JSON success answer of `schema`.
 fn json_ok(description: &str, schema: Value) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": schema}}})
@@ -140,7 +160,7 @@ pub(crate) fn document() -> Value {
                 }
             }},
             "/v1/webhooks": {
-                "post": with_body(
+                "post": links(named(with_body(
                     op(
                         "Register a webhook",
                         "a subscribe scope covering every event type",
@@ -148,40 +168,40 @@ pub(crate) fn document() -> Value {
                         &["403", "409", "422"],
                     ),
                     "CreateWebhook",
-                ),
-                "get": op(
+                ), "createWebhook"), "201", &["getWebhook", "listAttempts", "replayWebhook", "rotateSecret", "deleteWebhook"]),
+                "get": named(op(
                     "This key's webhooks (all of them for an admin key)",
                     "any valid key",
                     ("200", json_ok("the webhooks", array_of("Webhook"))),
                     &[],
-                )
+                ), "listWebhooks")
             },
             "/v1/webhooks/{id}": {
                 "parameters": id_param,
-                "get": op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["404"]),
-                "delete": op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["404"])
+                "get": named(op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["404"]), "getWebhook"),
+                "delete": named(op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["404"]), "deleteWebhook")
             },
             "/v1/webhooks/{id}/rotate-secret": {
                 "parameters": id_param,
-                "post": op(
+                "post": named(op(
                     "New signing secret; the previous one keeps signing during the overlap",
                     "the owner or an admin key",
                     ("200", json_ok("the new secret", schema("RotatedSecret"))),
                     &["404"],
-                )
+                ), "rotateSecret")
             },
             "/v1/webhooks/{id}/attempts": {
                 "parameters": id_param,
-                "get": op(
+                "get": named(op(
                     "The latest delivery attempts, newest first",
                     "the owner or an admin key",
                     ("200", json_ok("the attempts", array_of("Attempt"))),
                     &["404"],
-                )
+                ), "listAttempts")
             },
             "/v1/webhooks/{id}/replay": {
                 "parameters": id_param,
-                "post": with_body(
+                "post": named(with_body(
                     op(
                         "Deliver again every logged event since a time (re-enables a disabled endpoint)",
                         "the owner or an admin key",
@@ -189,10 +209,10 @@ pub(crate) fn document() -> Value {
                         &["404"],
                     ),
                     "Replay",
-                )
+                ), "replayWebhook")
             },
             "/v1/keys": {
-                "post": with_body(
+                "post": links(named(with_body(
                     op(
                         "Create an API key (the key is shown once)",
                         "an admin key",
@@ -200,12 +220,12 @@ pub(crate) fn document() -> Value {
                         &["403"],
                     ),
                     "CreateKey",
-                ),
-                "get": op("Every key (never the key itself)", "an admin key", ("200", json_ok("the keys", array_of("Key"))), &["403"])
+                ), "createKey"), "201", &["revokeKey"]),
+                "get": named(op("Every key (never the key itself)", "an admin key", ("200", json_ok("the keys", array_of("Key"))), &["403"]), "listKeys")
             },
             "/v1/keys/{id}": {
                 "parameters": id_param,
-                "delete": op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404"])
+                "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404"]), "revokeKey")
             }
         },
         "components": {
