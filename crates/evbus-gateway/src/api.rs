@@ -430,7 +430,21 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     require_admin(&key)?;
-    if state.store.revoke_key(&id, State::now()).await? {
+    // Revoking the last active admin key would lock every administrator out (only
+    // `evbus keys create` on the data directory could make another).
+    let now = State::now();
+    let keys = state.store.list_keys().await?;
+    let admins: Vec<&KeyRecord> = keys
+        .iter()
+        .filter(|k| k.admin && k.is_active(now))
+        .collect();
+    if admins.len() == 1 && admins[0].id == id {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "this is the last active admin key: create another admin key before revoking it",
+        ));
+    }
+    if state.store.revoke_key(&id, now).await? {
         state.revocations.send_modify(|n| *n += 1);
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -225,7 +225,7 @@ pub(crate) fn document() -> Value {
             },
             "/v1/keys/{id}": {
                 "parameters": id_param,
-                "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404"]), "revokeKey")
+                "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404", "409"]), "revokeKey")
             }
         },
         "components": {
@@ -269,7 +269,10 @@ fn schemas() -> Value {
                 "subject": "prod_1",
                 "data": {"productId": "prod_1", "product": {"_id": "prod_1", "shopId": "shop_1", "title": "Linen shirt", "isVisible": true}}
             }],
-            "additionalProperties": {"type": ["string", "number", "boolean", "null"]}
+            "additionalProperties": {"anyOf": [
+                {"type": "string", "maxLength": 2048, "pattern": NO_CONTROL},
+                {"type": ["number", "boolean", "null"]}
+            ]}
         },
         "EventType": {"type": "object", "required": ["type", "version", "schema"], "properties": {
             "type": {"type": "string"}, "version": {"type": "integer"},

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::problem::Problem;
-use crate::store::{Attempt, Delivery, DeliveryOutcome, KeyRecord, WebhookRecord};
 use crate::ssrf::UrlRefusal;
+use crate::store::{Attempt, Delivery, DeliveryOutcome, KeyRecord, WebhookRecord};
 use crate::{State, curation, signing};
 
 /// Longest response body kept in the attempt log.

@@ -563,3 +563,44 @@ async fn the_stream_sends_curated_events_and_resumes_after_last_event_id() {
     assert_eq!(resumed[0].0, frames[1].0);
     assert_eq!(resumed[1].0, frames[2].0);
 }
+
+/// The last active admin key cannot be revoked (nobody could administer the gateway over
+/// HTTP any more); once another admin key exists, it can.
+#[tokio::test]
+async fn the_last_active_admin_key_cannot_be_revoked() {
+    let h = Harness::memory().await;
+    let admin_id = evbus_gateway::keys::parse(&h.admin).unwrap().0.to_owned();
+    let (s, body) = h
+        .call(
+            "DELETE",
+            &format!("/v1/keys/{admin_id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let (s, _) = h.call("GET", "/v1/keys", Some(&h.admin), None).await;
+    assert_eq!(s, StatusCode::OK, "the admin key still works");
+
+    let (s, created) = h
+        .call(
+            "POST",
+            "/v1/keys",
+            Some(&h.admin),
+            Some(json!({"name": "second admin", "admin": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let (s, body) = h
+        .call(
+            "DELETE",
+            &format!("/v1/keys/{admin_id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let second = created["key"].as_str().unwrap();
+    let (s, _) = h.call("GET", "/v1/keys", Some(second), None).await;
+    assert_eq!(s, StatusCode::OK);
+}
