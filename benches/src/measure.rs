@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::carriers::{self, AMQP_BUILT, Carrier, KAFKA_BUILT, LOOPS, NATS_BUILT};
+use crate::carriers::{self, AMQP_BUILT, Carrier, KAFKA_BUILT, LOOPS, NATS_BUILT, SQL_BUILT};
 use crate::env::Environment;
 use crate::sample::{Generator, Recorder, SIZES};
 
@@ -87,6 +87,9 @@ fn plan(adapter: &str, quick: bool, rounds: Option<usize>) -> Plan {
         // some 2k/s), so the latency rate stays below that.
         ("amqp", false) => (3_000, 1_000, 500),
         ("amqp", true) => (1_000, 300, 500),
+        // SQL: every publish is a committed transaction (a WAL write).
+        ("postgres" | "sqlite", false) => (3_000, 1_000, 500),
+        ("postgres" | "sqlite", true) => (1_000, 300, 500),
         (_, false) => (500, 300, 200),
         (_, true) => (200, 100, 200),
     };
@@ -346,6 +349,10 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         if AMQP_BUILT {
             adapters.push("amqp".to_owned());
         }
+        if SQL_BUILT {
+            adapters.push("postgres".to_owned());
+            adapters.push("sqlite".to_owned());
+        }
     }
     let mut not_run: BTreeMap<String, String> = args
         .not_run
@@ -373,6 +380,17 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             "amqp".to_owned(),
             "this build of evbus-bench has no `amqp` feature".to_owned(),
         );
+    }
+    if !SQL_BUILT {
+        for sql in ["postgres", "sqlite"] {
+            if adapters.iter().any(|a| a == sql) {
+                adapters.retain(|a| a != sql);
+                not_run.insert(
+                    sql.to_owned(),
+                    "this build of evbus-bench has no `sql` feature".to_owned(),
+                );
+            }
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -68,6 +68,22 @@ const ADAPTERS: &[BenchAdapter] = &[
         url: Some(("EVBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
         feature: Some("amqp"),
     },
+    BenchAdapter {
+        name: "postgres",
+        member: Some("crates/evbus-sql"),
+        url: Some((
+            "EVBUS_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )),
+        feature: Some("sql"),
+    },
+    BenchAdapter {
+        name: "sqlite",
+        member: Some("crates/evbus-sql"),
+        // In process: a file in a temporary directory.
+        url: None,
+        feature: Some("sql"),
+    },
 ];
 
 /// The optional rows of `benches/Cargo.toml`: the adapter crate each needs, and what marks
@@ -85,6 +101,10 @@ const OPTIONAL_ROWS: &[(&str, &[&str])] = &[
     (
         "crates/evbus-amqp",
         &["evbus-amqp", "lapin", "amqp = ", "# The AMQP rows"],
+    ),
+    (
+        "crates/evbus-sql",
+        &["evbus-sql", "sqlx", "sql = ", "# The SQL rows"],
     ),
 ];
 
@@ -252,7 +272,10 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     // Build, with the features of the adapters that run; an adapter whose feature does not
     // build is reported as not run, and the rest still run.
     let mut features: Vec<&str> = if loops {
-        run.iter().filter_map(|a| a.feature).collect()
+        let mut features: Vec<&str> = run.iter().filter_map(|a| a.feature).collect();
+        // postgres and sqlite share the `sql` feature.
+        features.dedup();
+        features
     } else {
         Vec::new()
     };

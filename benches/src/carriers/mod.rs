@@ -12,6 +12,8 @@ mod raw_memory;
 #[cfg(feature = "nats")]
 mod raw_nats;
 mod raw_redis;
+#[cfg(feature = "sql")]
+mod raw_sql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +63,7 @@ pub(crate) struct Loops {
 /// The loop names, in report order.
 pub(crate) const LOOPS: [&str; 3] = ["raw", "adapter", "bus"];
 
-/// The loops of `adapter` (`memory`, `redis`, `kafka`, `nats`, `amqp`). `capacity` is the most events one
+/// The loops of `adapter` (`memory`, `redis`, `kafka`, `nats`, `amqp`, `postgres`, `sqlite`). `capacity` is the most events one
 /// run keeps in flight (the in-memory capacity).
 pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
     let connect: Connect;
@@ -140,6 +142,36 @@ pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
                 })
             });
         }
+        #[cfg(feature = "sql")]
+        "postgres" => {
+            let url = postgres_url();
+            raw = Box::new(raw_sql::RawSql::postgres(&url));
+            connect = Arc::new(move |_run| {
+                let url = url.clone();
+                Box::pin(async move {
+                    let mut config = evbus_sql::SqlConfig::from_url(&url)?;
+                    // The bench's tables apart from any application's.
+                    config.schema = "evbus_bench".to_owned();
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_sql::SqlTransport::connect(config).await?);
+                    Ok(transport)
+                })
+            });
+        }
+        #[cfg(feature = "sql")]
+        "sqlite" => {
+            let dir = std::env::temp_dir().join(format!("evbus-bench-{}", std::process::id()));
+            raw = Box::new(raw_sql::RawSql::sqlite(dir.join("raw")));
+            connect = Arc::new(move |run| {
+                let file = dir.join("adapter").join(format!("{run}.db"));
+                Box::pin(async move {
+                    let url = format!("sqlite://{}", file.display());
+                    let transport: Arc<dyn evbus::Transport> =
+                        Arc::new(evbus_sql::SqlTransport::connect_url(&url).await?);
+                    Ok(transport)
+                })
+            });
+        }
         other => return Err(format!("unknown adapter `{other}`").into()),
     }
     // Kafka runs keep their (freshly named) topics: deleting topics while other clients of
@@ -195,6 +227,16 @@ pub(crate) fn amqp_url() -> String {
     std::env::var("EVBUS_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
+
+/// The PostgreSQL server the postgres loops use: `EVBUS_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+pub(crate) fn postgres_url() -> String {
+    std::env::var("EVBUS_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Whether this build carries the SQL loops (postgres, sqlite).
+pub(crate) const SQL_BUILT: bool = cfg!(feature = "sql");
 
 /// Whether this build carries the AMQP loops.
 pub(crate) const AMQP_BUILT: bool = cfg!(feature = "amqp");

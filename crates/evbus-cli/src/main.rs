@@ -49,8 +49,8 @@ enum Command {
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
     /// Run the gateway: HTTP API with API keys, curated payloads, signed webhooks and
-    /// Server-Sent Events. With no options: memory transport, state in ./.evbus,
-    /// schemas from examples/schemas, listening on 127.0.0.1:8080.
+    /// Server-Sent Events. With no options: the durable SQLite transport and state in
+    /// ./.evbus, schemas from examples/schemas, listening on 127.0.0.1:8080.
     Serve(serve::ServeArgs),
     /// Manage the gateway's API keys without HTTP (the first admin key).
     #[command(subcommand)]

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use clap::Args;
 use evbus::Bus;
-use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SqliteStore, Store};
+use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SecretsKey, SqliteStore, Store};
 use ipnet::IpNet;
 
 use crate::failure::Failure;
 use crate::transport;
+
+mod limits;
 
 /// `evbus serve` arguments.
 #[derive(Debug, Args)]
@@ -26,12 +28,72 @@ pub(crate) struct ServeArgs {
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR", default_value = "examples/schemas")]
     schemas: PathBuf,
-    #[arg(long, value_name = "URL", default_value = "memory://", help = transport::transport_help())]
-    transport: String,
+    /// Without it: `sqlite://<data-dir>/bus.db`, durable, for this one process.
+    #[arg(long, value_name = "URL", help = serve_transport_help())]
+    transport: Option<String>,
     /// A network webhooks may reach although it is not public (loopback, private...), as a
     /// CIDR; repeatable. Also EVBUS_WEBHOOK_ALLOW, comma separated.
     #[arg(long = "webhook-allow", value_name = "CIDR")]
     webhook_allow: Vec<IpNet>,
+    #[command(flatten)]
+    limits: limits::Limits,
+}
+
+fn serve_transport_help() -> String {
+    format!(
+        "{}. Default: sqlite://DATA_DIR/bus.db (durable; one process per data directory; \
+         give memory:// explicitly for an in-process bus that keeps nothing)",
+        transport::transport_help()
+    )
+}
+
+/// The transport URL: `--transport`, else the SQLite file `bus.db` in the data directory
+/// (`memory://`, with a warning, in a build without the `sql` feature).
+fn transport_url(args: &ServeArgs) -> Result<String, Failure> {
+    if let Some(url) = &args.transport {
+        return Ok(url.clone());
+    }
+    if cfg!(not(feature = "sql")) {
+        eprintln!(
+            "warning: this evbus was built without the `sql` feature: serving on memory://, \
+             which loses every event when the process stops"
+        );
+        return Ok("memory://".to_owned());
+    }
+    let dir = std::path::absolute(&args.data_dir).map_err(|e| {
+        Failure::new(format!(
+            "cannot resolve the data directory {}: {e}",
+            args.data_dir.display()
+        ))
+    })?;
+    let Some(path) = dir.join("bus.db").to_str().map(str::to_owned) else {
+        return Err(Failure::new(format!(
+            "the data directory {} is not valid UTF-8; give --transport sqlite:///PATH/bus.db",
+            dir.display()
+        )));
+    };
+    // Percent-encode what a URL would read as something else.
+    let mut url = String::from("sqlite://");
+    for c in path.chars() {
+        match c {
+            '%' => url.push_str("%25"),
+            ' ' => url.push_str("%20"),
+            '?' => url.push_str("%3F"),
+            '#' => url.push_str("%23"),
+            c => url.push(c),
+        }
+    }
+    Ok(url)
+}
+
+/// The key sealing webhook secrets at rest: `EVBUS_SECRETS_KEY` (base64 or hex of 32 bytes).
+fn secrets_key() -> Result<Option<SecretsKey>, Failure> {
+    match std::env::var("EVBUS_SECRETS_KEY") {
+        Ok(text) if !text.trim().is_empty() => SecretsKey::from_text(&text)
+            .map(Some)
+            .map_err(|e| Failure::new(format!("EVBUS_SECRETS_KEY: {e}"))),
+        _ => Ok(None),
+    }
 }
 
 fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
@@ -54,7 +116,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    transport::check(&args.transport)?;
+    let transport_url = transport_url(&args)?;
+    transport::check(&transport_url)?;
     if !args.schemas.is_dir() {
         return Err(Failure::new(format!(
             "the schemas directory {} does not exist; give one with --schemas DIR (run from the repository root for the default, examples/schemas)",
@@ -71,16 +134,24 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         let store = SqliteStore::open_dir(&args.data_dir)
             .await
             .map_err(Failure::new)?;
+        let key = secrets_key()?;
+        let sealed_secrets = key.is_some();
+        let store = match key {
+            Some(key) => store.seal_secrets(key).await.map_err(Failure::new)?,
+            None => store,
+        };
         let has_admin = store
             .list_keys()
             .await
             .map_err(Failure::new)?
             .iter()
             .any(|k| k.admin && k.revoked_at.is_none());
-        let transport = transport::connect(&args.transport).await?;
+        // After the store: it made the data directory (0700) where bus.db lives.
+        let transport = transport::connect(&transport_url).await?;
         let bus = Bus::new(transport, catalog, "/evbus-gateway");
         let mut config = GatewayConfig::default();
         config.outbound = OutboundPolicy::new(allow);
+        args.limits.apply(&mut config);
         let gateway =
             Gateway::start_with_metrics(bus.clone(), Arc::new(store), config, metrics)
                 .await
@@ -91,11 +162,16 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         let addr = listener.local_addr().map_err(Failure::new)?;
         eprintln!(
             "evbus gateway listening on http://{addr} (transport {}, schemas {}, state {})",
-            evbus::registry::redact(&args.transport),
+            evbus::registry::redact(&transport_url),
             args.schemas.display(),
             args.data_dir.display()
         );
         eprintln!("external event types: {}", gateway.visibility().external_types().join(", "));
+        if !sealed_secrets {
+            eprintln!(
+                "webhook signing secrets are stored in clear; set EVBUS_SECRETS_KEY (32 bytes, e.g. `openssl rand -base64 32`) to seal them at rest"
+            );
+        }
         if !has_admin {
             eprintln!(
                 "no admin API key yet; create the first one with:\n  evbus keys create --data-dir {} --name admin --admin\n  (from the repository: cargo run -p evbus-cli -- keys create --data-dir {} --name admin --admin)",

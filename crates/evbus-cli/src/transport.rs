@@ -75,6 +75,19 @@ pub(crate) const ADAPTERS: &[Adapter] = &[
         #[cfg(not(feature = "amqp"))]
         register: None,
     },
+    Adapter {
+        feature: "sql",
+        krate: "evbus-sql",
+        schemes: &["postgres", "postgresql", "sqlite"],
+        usage: "postgres://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE[?schema=...] or \
+                sqlite:///PATH/bus.db (one process; the default of `serve`)",
+        #[cfg(feature = "sql")]
+        register: Some(|r| {
+            r.register(evbus_sql::SqlConnector);
+        }),
+        #[cfg(not(feature = "sql"))]
+        register: None,
+    },
 ];
 
 /// Help text for `--transport`: the URL forms of this build.

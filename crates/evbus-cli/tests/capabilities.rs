@@ -28,6 +28,17 @@ const ADAPTERS: &[(&str, Option<(&str, &str)>)] = &[
         "amqp",
         Some(("EVBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
     ),
+    (
+        "postgres",
+        Some((
+            "EVBUS_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )),
+    ),
+    (
+        "sqlite",
+        Some(("EVBUS_SQLITE_URL", "sqlite:///tmp/evbus-sqlite/bus.db")),
+    ),
 ];
 
 /// Every scheme the matrix covers.
@@ -37,6 +48,7 @@ fn registry() -> Registry {
     registry.register(evbus_kafka::KafkaConnector);
     registry.register(evbus_nats::NatsConnector);
     registry.register(evbus_amqp::AmqpConnector);
+    registry.register(evbus_sql::SqlConnector);
     registry
 }
 

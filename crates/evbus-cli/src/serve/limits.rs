@@ -1,0 +1,95 @@
+//! The gateway's bounds as `evbus serve` flags: what one API key, one client or one endpoint
+//! may hold. Each default is [`GatewayConfig::default`]'s, read when `--help` is built, so
+//! the two cannot disagree. The gateway README's threat model says what each one protects.
+
+use std::time::Duration;
+
+use clap::Args;
+use evbus_gateway::GatewayConfig;
+
+fn defaults() -> GatewayConfig {
+    GatewayConfig::default()
+}
+
+/// At least 1 (a zero limit would refuse everything).
+fn positive(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `evbus serve` limits.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Limits")]
+pub(crate) struct Limits {
+    /// Largest request body, in bytes.
+    #[arg(long, value_name = "BYTES", value_parser = positive, default_value_t = defaults().max_body_bytes as u64)]
+    max_body_bytes: u64,
+    /// Requests per second per API key (sustained).
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().rate_limit_per_second.into())]
+    rate_limit: u64,
+    /// Requests one API key may burst above --rate-limit.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().rate_limit_burst.into())]
+    rate_limit_burst: u64,
+    /// Open client connections at once (`/healthz` still answers above it).
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_connections as u64)]
+    max_connections: u64,
+    /// Longest wait for a request's headers, and longest idle keep-alive, in seconds.
+    #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().header_read_timeout.as_secs())]
+    header_read_timeout: u64,
+    /// Open event streams at once.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_streams as u64)]
+    max_streams: u64,
+    /// Open event streams at once per API key.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_streams_per_key as u64)]
+    max_streams_per_key: u64,
+    /// Webhook deliveries in flight at once, in all.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_in_flight.into())]
+    max_in_flight: u64,
+    /// Webhook deliveries in flight at once to the endpoints of one API key.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_in_flight_per_key.into())]
+    max_in_flight_per_key: u64,
+    /// Webhook deliveries in flight at once to one endpoint.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_in_flight_per_endpoint.into())]
+    max_in_flight_per_endpoint: u64,
+    /// Deadline of one webhook delivery (connect included), in seconds.
+    #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().delivery_timeout.as_secs())]
+    delivery_timeout: u64,
+    /// Webhooks one API key may hold.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_webhooks_per_key as u64)]
+    max_webhooks_per_key: u64,
+    /// Events one replay request may queue.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_replay_events.into())]
+    max_replay_events: u64,
+}
+
+/// A flag's value as a `usize` / `u32` field (a value past the field's range means "no
+/// practical limit").
+fn size(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn count(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Limits {
+    /// Writes the flags into `config`.
+    pub(crate) fn apply(&self, config: &mut GatewayConfig) {
+        config.max_body_bytes = size(self.max_body_bytes);
+        config.rate_limit_per_second = count(self.rate_limit);
+        config.rate_limit_burst = count(self.rate_limit_burst);
+        config.max_connections = size(self.max_connections);
+        config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
+        config.max_streams = size(self.max_streams);
+        config.max_streams_per_key = size(self.max_streams_per_key);
+        config.max_in_flight = count(self.max_in_flight);
+        config.max_in_flight_per_key = count(self.max_in_flight_per_key);
+        config.max_in_flight_per_endpoint = count(self.max_in_flight_per_endpoint);
+        config.delivery_timeout = Duration::from_secs(self.delivery_timeout);
+        config.max_webhooks_per_key = size(self.max_webhooks_per_key);
+        config.max_replay_events = count(self.max_replay_events);
+    }
+}

@@ -1,0 +1,116 @@
+//! The single-process rule of an SQLite database file: the first process to open it holds an
+//! exclusive lock (`flock`) on `<file>.lock` until its last transport on the file closes or
+//! the process exits (the kernel releases it even on SIGKILL). Another process is refused
+//! with an error naming the holder's pid. Transports of one process share the hold and the
+//! consumers' wake-up signals.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use evbus::{Error, ErrorKind, Result};
+
+use crate::wake::Wakers;
+
+/// This process's hold on one database file.
+#[derive(Debug)]
+pub(crate) struct SqliteFile {
+    path: PathBuf,
+    _lock: File,
+    wakers: Arc<Wakers>,
+}
+
+fn open_files() -> &'static Mutex<HashMap<PathBuf, Weak<SqliteFile>>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<SqliteFile>>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+impl SqliteFile {
+    /// Takes (or shares, within this process) the hold on `path`, creating its directory.
+    pub(crate) fn open(path: &Path) -> Result<Arc<SqliteFile>> {
+        let io = |what: String| {
+            move |e: std::io::Error| Error::client(ErrorKind::InvalidConfig, what, e)
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("creating the directory {}", parent.display())))?;
+        }
+        let absolute =
+            std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))?;
+        let canonical = match (absolute.parent(), absolute.file_name()) {
+            (Some(dir), Some(name)) => dir
+                .canonicalize()
+                .map_err(io(format!("resolving {}", dir.display())))?
+                .join(name),
+            _ => absolute,
+        };
+        let mut open = open_files()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|_, file| file.strong_count() > 0);
+        if let Some(file) = open.get(&canonical).and_then(Weak::upgrade) {
+            return Ok(file);
+        }
+        let mut lock_path = canonical.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(format!("opening the lock file {}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    format!("process {holder}")
+                };
+                return Err(Error::invalid_config(format!(
+                    "the SQLite database {} is already open in {holder} (it holds {}); an \
+                     SQLite bus belongs to one process",
+                    canonical.display(),
+                    lock_path.display()
+                ))
+                .with_hint(
+                    "stop the other process, give this one its own file, or use postgres:// \
+                     for a bus shared by several processes",
+                ));
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(io(format!("locking {}", lock_path.display()))(e));
+            }
+        }
+        // Name the holder for whoever is refused next (best effort).
+        let _ = lock
+            .set_len(0)
+            .and_then(|()| lock.rewind())
+            .and_then(|()| write!(lock, "{}", std::process::id()))
+            .and_then(|()| lock.flush());
+        let file = Arc::new(SqliteFile {
+            path: canonical.clone(),
+            _lock: lock,
+            wakers: Arc::default(),
+        });
+        open.insert(canonical, Arc::downgrade(&file));
+        Ok(file)
+    }
+
+    /// The database file (absolute).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The wake-up signals of every consumer of this file in this process.
+    pub(crate) fn wakers(&self) -> &Arc<Wakers> {
+        &self.wakers
+    }
+}

@@ -1,0 +1,882 @@
+//! [`SqlTransport`]: the [`kit::Broker`] over PostgreSQL or SQLite, and the transport type.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use evbus::raw::kit::{self, Broker, Connection, Destination};
+use evbus::raw::{Backoff, RawStream, Source};
+use evbus::{
+    Capabilities, Event, Health, Queue, Result, StartPosition, SubscribeOptions, Subscription,
+    Topic, Transport,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Backend, SqlConfig};
+use crate::consumer::{self, Claim};
+use crate::error::sql;
+use crate::sqlite_file::SqliteFile;
+use crate::wake::Wakers;
+
+/// The database of a transport.
+#[derive(Clone, Debug)]
+pub(crate) enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// What a transport shares between its handles, consumers and background tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) db: Db,
+    pub(crate) config: SqlConfig,
+    /// Consumers waiting for rows, by destination key.
+    pub(crate) wakers: Arc<Wakers>,
+    /// The PostgreSQL NOTIFY channel of this schema.
+    pub(crate) channel: String,
+    /// Stops the background tasks (cleanup, LISTEN).
+    stop: CancellationToken,
+    /// SQLite: this process's hold on the file (released at close).
+    file: std::sync::Mutex<Option<Arc<SqliteFile>>>,
+}
+
+impl Shared {
+    pub(crate) fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The broker side of the SQL transport (see the crate README, "Transport").
+#[derive(Clone, Debug)]
+pub struct SqlBroker {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// The SQL transport: PostgreSQL (`postgres://`) or one SQLite file (`sqlite:`).
+///
+/// ```no_run
+/// use evbus::Transport;
+/// use evbus_sql::{SqlConfig, SqlTransport};
+///
+/// # async fn demo() -> evbus::Result<()> {
+/// let transport = SqlTransport::connect(SqlConfig::from_url("sqlite:///var/lib/evbus/bus.db")?).await?;
+/// let topic = transport.topic("orders").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SqlTransport(Connection<SqlBroker>);
+
+/// The key of a destination in wake-ups and NOTIFY payloads.
+pub(crate) fn key_of(kind: &str, name: &str) -> String {
+    format!("{kind}:{name}")
+}
+
+pub(crate) fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SqlTransport {
+    /// Opens the database, creates or migrates the transport's tables (under a lock, so any
+    /// number of processes may connect at once) and starts the cleanup (and, for PostgreSQL,
+    /// the `LISTEN` connection).
+    ///
+    /// Errors: [`ErrorKind::InvalidConfig`](evbus::ErrorKind::InvalidConfig) for a bad
+    /// configuration, refused credentials, or an SQLite file another process holds;
+    /// [`ErrorKind::Connection`](evbus::ErrorKind::Connection) /
+    /// [`Timeout`](evbus::ErrorKind::Timeout) when the database cannot be reached.
+    pub async fn connect(config: SqlConfig) -> Result<SqlTransport> {
+        config.validate()?;
+        let stop = CancellationToken::new();
+        let (db, wakers, file) = match config.backend {
+            Backend::Postgres => (
+                open_postgres(&config).await?,
+                Arc::new(Wakers::default()),
+                None,
+            ),
+            Backend::Sqlite => {
+                let path = config
+                    .sqlite_path()
+                    .ok_or_else(|| evbus::Error::invalid_config("the SQLite URL names no file"))?;
+                let file = SqliteFile::open(&path)?;
+                let db = open_sqlite(&config, file.path()).await?;
+                (db, Arc::clone(file.wakers()), Some(file))
+            }
+        };
+        let shared = Arc::new(Shared {
+            channel: format!("evbus_wake_{}", config.schema),
+            db,
+            config,
+            wakers,
+            stop,
+            file: std::sync::Mutex::new(file),
+        });
+        spawn_cleanup(Arc::downgrade(&shared), shared.stop.clone());
+        if let Db::Postgres(_) = &shared.db {
+            crate::listen::spawn(&shared)?;
+        }
+        Ok(SqlTransport(Connection::new(SqlBroker { shared })))
+    }
+
+    /// Opens `url` (see [`SqlConfig::from_url`]).
+    pub async fn connect_url(url: &str) -> Result<SqlTransport> {
+        SqlTransport::connect(SqlConfig::from_url(url)?).await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &SqlConfig {
+        &self.0.broker().shared.config
+    }
+
+    /// Runs the cleanup now instead of waiting for
+    /// [`cleanup_interval`](SqlConfig::cleanup_interval): deletes events that every
+    /// subscription acknowledged and that are older than
+    /// [`retention`](SqlConfig::retention), and anonymous subscriptions not seen for
+    /// [`anonymous_ttl`](SqlConfig::anonymous_ttl). Returns how many events it deleted.
+    pub async fn cleanup(&self) -> Result<u64> {
+        if self.0.is_closed() {
+            return Err(evbus::Error::closed("the SQL transport"));
+        }
+        cleanup(&self.0.broker().shared).await
+    }
+}
+
+#[async_trait]
+impl Transport for SqlTransport {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
+        let inner = self.0.topic(name).await?;
+        Ok(Arc::new(SqlTopic {
+            inner,
+            transport: self.clone(),
+        }))
+    }
+
+    async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
+        self.0.queue(name).await
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.0.delete_topic(name).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<()> {
+        self.0.delete_queue(name).await
+    }
+
+    async fn health(&self) -> Health {
+        self.0.health().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.0.close().await
+    }
+}
+
+async fn open_postgres(config: &SqlConfig) -> Result<Db> {
+    let options: PgConnectOptions = config.url.parse().map_err(|e| {
+        evbus::Error::client(
+            evbus::ErrorKind::InvalidConfig,
+            "reading the PostgreSQL URL",
+            e,
+        )
+    })?;
+    let options = options
+        .application_name("evbus")
+        .options([("search_path", config.schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.connect_timeout)
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .test_before_acquire(true)
+        .connect_with(options)
+        .await
+        .map_err(sql("connecting to PostgreSQL"))?;
+    // Concurrent `CREATE SCHEMA IF NOT EXISTS` can still collide: serialize on a lock of
+    // this schema. The migrator then takes its own advisory lock.
+    let mut tx = pool.begin().await.map_err(sql("creating the schema"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('evbus-sql schema ' || $1))")
+        .bind(&config.schema)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("locking the schema"))?;
+    sqlx::query(&format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+        config.schema
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(sql("creating the schema"))?;
+    tx.commit().await.map_err(sql("creating the schema"))?;
+    sqlx::migrate!("./migrations/postgres")
+        .run(&pool)
+        .await
+        .map_err(|e| migrate_error(e, "PostgreSQL"))?;
+    Ok(Db::Postgres(pool))
+}
+
+async fn open_sqlite(config: &SqlConfig, path: &std::path::Path) -> Result<Db> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // WAL + NORMAL: a committed transaction survives the process being killed (the WAL
+        // is written before commit returns); only an OS crash or power loss may lose the
+        // last transactions. FULL would fsync on every commit.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(config.connect_timeout);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            evbus::Error::client(
+                evbus::ErrorKind::InvalidConfig,
+                format!("opening the SQLite file {}", path.display()),
+                e,
+            )
+        })?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&pool)
+        .await
+        .map_err(|e| migrate_error(e, "SQLite"))?;
+    Ok(Db::Sqlite(pool))
+}
+
+fn migrate_error(e: sqlx::migrate::MigrateError, db: &str) -> evbus::Error {
+    match e {
+        sqlx::migrate::MigrateError::Execute(e) => sql("creating the transport's tables")(e),
+        other => evbus::Error::client(
+            evbus::ErrorKind::Broker,
+            format!("migrating the evbus tables of the {db} database"),
+            other,
+        )
+        .with_hint("the database holds evbus tables of a newer or different version"),
+    }
+}
+
+/// Runs the cleanup every `cleanup_interval` until the transport closes or is dropped.
+fn spawn_cleanup(shared: Weak<Shared>, stop: CancellationToken) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(interval) = shared.upgrade().map(|s| s.config.cleanup_interval) else {
+                return;
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let Some(shared) = shared.upgrade() else { return };
+            if let Err(e) = cleanup(&shared).await {
+                tracing::warn!(error = %e, "evbus-sql cleanup failed; retrying at the next interval");
+            }
+        }
+    });
+}
+
+/// One batch of the cleanup deletes at most this many events.
+const CLEANUP_BATCH: i64 = 10_000;
+
+async fn cleanup(shared: &Shared) -> Result<u64> {
+    let retention = ms(shared.config.retention);
+    let ttl = ms(shared.config.anonymous_ttl);
+    let mut deleted = 0;
+    match &shared.db {
+        Db::Postgres(pool) => {
+            sqlx::query(
+                "DELETE FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%' \
+                 AND seen_at < now() - make_interval(secs => $1::float8 / 1000)",
+            )
+            .bind(ttl)
+            .execute(pool)
+            .await
+            .map_err(sql("deleting abandoned anonymous subscriptions"))?;
+            loop {
+                let n = sqlx::query(
+                    "DELETE FROM evbus_events WHERE id IN (SELECT e.id FROM evbus_events e \
+                     WHERE e.created_at < now() - make_interval(secs => $1::float8 / 1000) \
+                     AND NOT EXISTS (SELECT 1 FROM evbus_deliveries d WHERE d.event = e.id) \
+                     ORDER BY e.id LIMIT $2)",
+                )
+                .bind(retention)
+                .bind(CLEANUP_BATCH)
+                .execute(pool)
+                .await
+                .map_err(sql("deleting events past retention"))?
+                .rows_affected();
+                deleted += n;
+                if n < CLEANUP_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Db::Sqlite(pool) => {
+            let now = now_ms();
+            sqlx::query(
+                "DELETE FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%' \
+                 ESCAPE '\\' AND seen_at < ?1",
+            )
+            .bind(now.saturating_sub(ttl))
+            .execute(pool)
+            .await
+            .map_err(sql("deleting abandoned anonymous subscriptions"))?;
+            loop {
+                let n = sqlx::query(
+                    "DELETE FROM evbus_events WHERE id IN (SELECT e.id FROM evbus_events e \
+                     WHERE e.created_at < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM evbus_deliveries d WHERE d.event = e.id) \
+                     ORDER BY e.id LIMIT ?2)",
+                )
+                .bind(now.saturating_sub(retention))
+                .bind(CLEANUP_BATCH)
+                .execute(pool)
+                .await
+                .map_err(sql("deleting events past retention"))?
+                .rows_affected();
+                deleted += n;
+                if n < CLEANUP_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+impl SqlBroker {
+    pub(crate) fn config(&self) -> &SqlConfig {
+        &self.shared.config
+    }
+
+    /// The partition of a queue or of a topic subscription, created if needed; a new topic
+    /// subscription starting at `Earliest` gets every retained event of the topic.
+    async fn part(&self, to: &Destination, start: StartPosition) -> Result<i64> {
+        let (kind, dest) = (to.kind(), to.name());
+        let name = to.subscription().unwrap_or("");
+        let replay = kind == "topic" && start == StartPosition::Earliest;
+        match &self.shared.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("creating a subscription"))?;
+                if replay {
+                    // Exclusive against publishers of this topic (they hold it shared), so
+                    // no event falls between the copy and the new partition.
+                    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('evbus-sql topic ' || $1))")
+                        .bind(dest)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("locking the topic"))?;
+                }
+                let (id, created): (i64, bool) = sqlx::query_as(
+                    "INSERT INTO evbus_parts (kind, dest, name) VALUES ($1, $2, $3) \
+                     ON CONFLICT (kind, dest, name) DO UPDATE SET seen_at = now() \
+                     RETURNING id, (xmax = 0)",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sql("creating a subscription"))?;
+                if replay && created {
+                    sqlx::query(
+                        "INSERT INTO evbus_deliveries (part, event) SELECT $1, id \
+                         FROM evbus_events WHERE kind = 'topic' AND dest = $2 ORDER BY id",
+                    )
+                    .bind(id)
+                    .bind(dest)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql("replaying retained events"))?;
+                }
+                tx.commit().await.map_err(sql("creating a subscription"))?;
+                Ok(id)
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("creating a subscription"))?;
+                let existing: Option<i64> = sqlx::query_scalar(
+                    "UPDATE evbus_parts SET seen_at = ?4 WHERE kind = ?1 AND dest = ?2 \
+                     AND name = ?3 RETURNING id",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(name)
+                .bind(now_ms())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql("creating a subscription"))?;
+                let id = match existing {
+                    Some(id) => id,
+                    None => {
+                        let id: i64 = sqlx::query_scalar(
+                            "INSERT INTO evbus_parts (kind, dest, name, seen_at) \
+                             VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                        )
+                        .bind(kind)
+                        .bind(dest)
+                        .bind(name)
+                        .bind(now_ms())
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(sql("creating a subscription"))?;
+                        if replay {
+                            sqlx::query(
+                                "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+                                 SELECT ?1, id, 0, 0 FROM evbus_events \
+                                 WHERE kind = 'topic' AND dest = ?2 ORDER BY id",
+                            )
+                            .bind(id)
+                            .bind(dest)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(sql("replaying retained events"))?;
+                        }
+                        id
+                    }
+                };
+                tx.commit().await.map_err(sql("creating a subscription"))?;
+                Ok(id)
+            }
+        }
+    }
+
+    async fn publish_postgres(
+        &self,
+        pool: &PgPool,
+        to: &Destination,
+        bodies: Vec<String>,
+    ) -> Result<()> {
+        let key = key_of(to.kind(), to.name());
+        // NOTIFY payloads are limited to 8000 bytes; an empty payload wakes every consumer.
+        let payload = if key.len() < 7000 { key } else { String::new() };
+        match to {
+            Destination::Queue(name) => {
+                sqlx::query(
+                    "WITH p AS (INSERT INTO evbus_parts (kind, dest, name) VALUES ('queue', $1, '') \
+                       ON CONFLICT (kind, dest, name) DO UPDATE SET kind = EXCLUDED.kind RETURNING id), \
+                     ev AS (INSERT INTO evbus_events (kind, dest, body) \
+                       SELECT 'queue', $1, b FROM unnest($2::text[]) WITH ORDINALITY AS t(b, n) \
+                       ORDER BY n RETURNING id), \
+                     d AS (INSERT INTO evbus_deliveries (part, event) \
+                       SELECT p.id, ev.id FROM p, ev ORDER BY ev.id) \
+                     SELECT pg_notify($3, $4)",
+                )
+                .bind(name)
+                .bind(bodies)
+                .bind(&self.shared.channel)
+                .bind(payload)
+                .execute(pool)
+                .await
+                .map_err(sql("sending to a queue"))?;
+            }
+            Destination::Topic { topic, .. } => {
+                let mut tx = pool.begin().await.map_err(sql("publishing"))?;
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock_shared(hashtext('evbus-sql topic ' || $1))",
+                )
+                .bind(topic)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("publishing"))?;
+                sqlx::query(
+                    "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) \
+                       SELECT 'topic', $1, b FROM unnest($2::text[]) WITH ORDINALITY AS t(b, n) \
+                       ORDER BY n RETURNING id), \
+                     d AS (INSERT INTO evbus_deliveries (part, event) \
+                       SELECT p.id, ev.id FROM evbus_parts p, ev \
+                       WHERE p.kind = 'topic' AND p.dest = $1 ORDER BY p.id, ev.id) \
+                     SELECT pg_notify($3, $4)",
+                )
+                .bind(topic)
+                .bind(bodies)
+                .bind(&self.shared.channel)
+                .bind(payload)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("publishing"))?;
+                tx.commit().await.map_err(sql("publishing"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_sqlite(
+        &self,
+        pool: &SqlitePool,
+        to: &Destination,
+        bodies: Vec<String>,
+    ) -> Result<()> {
+        let (kind, dest) = (to.kind(), to.name());
+        let now = now_ms();
+        let batch = serde_json::to_string(&bodies)
+            .map_err(|e| evbus::Error::client(evbus::ErrorKind::Internal, "encoding a batch", e))?;
+        let mut tx = pool.begin().await.map_err(sql("publishing"))?;
+        if kind == "queue" {
+            sqlx::query(
+                "INSERT INTO evbus_parts (kind, dest, name, seen_at) VALUES ('queue', ?1, '', ?2) \
+                 ON CONFLICT (kind, dest, name) DO NOTHING",
+            )
+            .bind(dest)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("publishing"))?;
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO evbus_events (kind, dest, body, created_at) \
+             SELECT ?1, ?2, value, ?3 FROM json_each(?4) ORDER BY key RETURNING id",
+        )
+        .bind(kind)
+        .bind(dest)
+        .bind(now)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql("publishing"))?;
+        let (first, last) = (ids.iter().min(), ids.iter().max());
+        if let (Some(first), Some(last)) = (first, last) {
+            sqlx::query(
+                "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+                 SELECT p.id, e.id, 0, 0 FROM evbus_parts p JOIN evbus_events e \
+                 ON e.id BETWEEN ?3 AND ?4 AND e.kind = ?1 AND e.dest = ?2 \
+                 WHERE p.kind = ?1 AND p.dest = ?2 ORDER BY p.id, e.id",
+            )
+            .bind(kind)
+            .bind(dest)
+            .bind(first)
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("publishing"))?;
+        }
+        tx.commit().await.map_err(sql("publishing"))?;
+        Ok(())
+    }
+
+    /// Claims the oldest visible delivery of `part` for `visibility` ms.
+    pub(crate) async fn claim(&self, part: i64, visibility: i64) -> Result<Option<Claim>> {
+        match &self.shared.db {
+            Db::Postgres(pool) => {
+                let row: Option<(i64, i32, String)> = sqlx::query_as(
+                    "WITH c AS (UPDATE evbus_deliveries \
+                       SET visible_at = now() + make_interval(secs => $2::float8 / 1000), \
+                       attempt = attempt + 1 \
+                       WHERE id = (SELECT id FROM evbus_deliveries WHERE part = $1 \
+                         AND visible_at <= now() ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                       RETURNING id, attempt, event) \
+                     SELECT c.id, c.attempt, e.body FROM c JOIN evbus_events e ON e.id = c.event",
+                )
+                .bind(part)
+                .bind(visibility)
+                .fetch_optional(pool)
+                .await
+                .map_err(sql("claiming a delivery"))?;
+                Ok(row.map(|(id, attempt, body)| Claim { id, attempt, body }))
+            }
+            Db::Sqlite(pool) => {
+                let now = now_ms();
+                let row: Option<(i64, i32, i64)> = sqlx::query_as(
+                    "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, attempt = attempt + 1 \
+                     WHERE id = (SELECT id FROM evbus_deliveries WHERE part = ?3 \
+                       AND visible_at <= ?1 ORDER BY id LIMIT 1) \
+                     RETURNING id, attempt, event",
+                )
+                .bind(now)
+                .bind(visibility)
+                .bind(part)
+                .fetch_optional(pool)
+                .await
+                .map_err(sql("claiming a delivery"))?;
+                let Some((id, attempt, event)) = row else {
+                    return Ok(None);
+                };
+                let body: Option<String> =
+                    sqlx::query_scalar("SELECT body FROM evbus_events WHERE id = ?1")
+                        .bind(event)
+                        .fetch_optional(pool)
+                        .await
+                        .map_err(sql("reading a claimed event"))?;
+                // The event vanished with its topic (deleted meanwhile): nothing to deliver.
+                Ok(body.map(|body| Claim { id, attempt, body }))
+            }
+        }
+    }
+
+    /// Settles delivery `id` if it is still the claim made for `attempt`: ack deletes it,
+    /// nack makes it visible after `delay` (zero: at once).
+    pub(crate) async fn settle(
+        &self,
+        id: i64,
+        attempt: i32,
+        outcome: Option<Duration>,
+    ) -> Result<()> {
+        match (&self.shared.db, outcome) {
+            (Db::Postgres(pool), None) => {
+                sqlx::query("DELETE FROM evbus_deliveries WHERE id = $1 AND attempt = $2")
+                    .bind(id)
+                    .bind(attempt)
+                    .execute(pool)
+                    .await
+                    .map_err(sql("acknowledging"))?;
+            }
+            (Db::Postgres(pool), Some(delay)) => {
+                sqlx::query(
+                    "UPDATE evbus_deliveries \
+                     SET visible_at = now() + make_interval(secs => $3::float8 / 1000) \
+                     WHERE id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(attempt)
+                .bind(ms(delay))
+                .execute(pool)
+                .await
+                .map_err(sql("nacking"))?;
+            }
+            (Db::Sqlite(pool), None) => {
+                sqlx::query("DELETE FROM evbus_deliveries WHERE id = ?1 AND attempt = ?2")
+                    .bind(id)
+                    .bind(attempt)
+                    .execute(pool)
+                    .await
+                    .map_err(sql("acknowledging"))?;
+            }
+            (Db::Sqlite(pool), Some(delay)) => {
+                sqlx::query(
+                    "UPDATE evbus_deliveries SET visible_at = ?3 WHERE id = ?1 AND attempt = ?2",
+                )
+                .bind(id)
+                .bind(attempt)
+                .bind(now_ms().saturating_add(ms(delay)))
+                .execute(pool)
+                .await
+                .map_err(sql("nacking"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks an anonymous subscription's partition as still in use.
+    pub(crate) async fn touch(&self, part: i64) -> Result<()> {
+        match &self.shared.db {
+            Db::Postgres(pool) => {
+                sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
+                    .bind(part)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+            }
+            Db::Sqlite(pool) => sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
+                .bind(part)
+                .bind(now_ms())
+                .execute(pool)
+                .await
+                .map(drop),
+        }
+        .map_err(sql("marking an anonymous subscription alive"))
+    }
+
+    pub(crate) fn wakers(&self) -> &Arc<Wakers> {
+        &self.shared.wakers
+    }
+}
+
+#[async_trait]
+impl Broker for SqlBroker {
+    fn name(&self) -> &str {
+        self.shared.config.backend.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        crate::capabilities::capabilities(&self.shared.config)
+    }
+
+    async fn declare(&self, to: &Destination) -> Result<()> {
+        if let Destination::Queue(_) = to {
+            self.part(to, StartPosition::Latest).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, to: &Destination, events: &[Event]) -> Result<()> {
+        let bodies = events
+            .iter()
+            .map(Event::to_json)
+            .collect::<Result<Vec<_>>>()?;
+        match &self.shared.db {
+            Db::Postgres(pool) => self.publish_postgres(pool, to, bodies).await?,
+            Db::Sqlite(pool) => self.publish_sqlite(pool, to, bodies).await?,
+        }
+        self.shared.wakers.wake(&key_of(to.kind(), to.name()));
+        Ok(())
+    }
+
+    async fn consume(&self, source: &Source) -> Result<RawStream> {
+        let to = source.destination();
+        let part = self.part(to, StartPosition::Latest).await?;
+        Ok(consumer::stream(
+            self.clone(),
+            part,
+            key_of(to.kind(), to.name()),
+            source,
+        ))
+    }
+
+    async fn release(&self, source: &Source) -> Result<()> {
+        self.delete(source.destination()).await
+    }
+
+    async fn delete(&self, what: &Destination) -> Result<()> {
+        let (kind, dest) = (what.kind(), what.name());
+        let sub = what.subscription();
+        match &self.shared.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
+                sqlx::query(
+                    "DELETE FROM evbus_parts WHERE kind = $1 AND dest = $2 \
+                     AND ($3::text IS NULL OR name = $3)",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(sub)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("deleting"))?;
+                if sub.is_none() {
+                    sqlx::query("DELETE FROM evbus_events WHERE kind = $1 AND dest = $2")
+                        .bind(kind)
+                        .bind(dest)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("deleting"))?;
+                }
+                tx.commit().await.map_err(sql("deleting"))?;
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
+                sqlx::query(
+                    "DELETE FROM evbus_parts WHERE kind = ?1 AND dest = ?2 \
+                     AND (?3 IS NULL OR name = ?3)",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(sub)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("deleting"))?;
+                if sub.is_none() {
+                    sqlx::query("DELETE FROM evbus_events WHERE kind = ?1 AND dest = ?2")
+                        .bind(kind)
+                        .bind(dest)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("deleting"))?;
+                }
+                tx.commit().await.map_err(sql("deleting"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        let result = match &self.shared.db {
+            Db::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Db::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        };
+        kit::health_of(result.map_err(sql("checking health")))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.stop.cancel();
+        match &self.shared.db {
+            Db::Postgres(pool) => pool.close().await,
+            Db::Sqlite(pool) => pool.close().await,
+        }
+        // Another process may open the SQLite file once every transport of this one closed.
+        let file = self
+            .shared
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(file);
+        Ok(())
+    }
+}
+
+/// Used by the LISTEN task: reconnect delays.
+pub(crate) fn listen_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// A topic handle: the kit's, plus replay for a new named subscription starting at
+/// `Earliest` (the kit's `Source` does not carry the start position, so its partition is
+/// created here, with the retained events, before the kit subscribes to it).
+#[derive(Debug)]
+struct SqlTopic {
+    inner: Arc<dyn Topic>,
+    transport: SqlTransport,
+}
+
+#[async_trait]
+impl Topic for SqlTopic {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn publish(&self, event: &Event) -> Result<()> {
+        self.inner.publish(event).await
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Result<()> {
+        self.inner.publish_batch(events).await
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        if options.start == StartPosition::Earliest
+            && let Some(name) = options.subscription.as_deref()
+        {
+            evbus::raw::check_subscription_name(name)?;
+            if self.transport.0.is_closed() {
+                return Err(evbus::Error::closed("the SQL transport"));
+            }
+            let to = Destination::Topic {
+                topic: self.inner.name().to_owned(),
+                subscription: Some(name.to_owned()),
+            };
+            self.transport
+                .0
+                .broker()
+                .part(&to, StartPosition::Earliest)
+                .await?;
+        }
+        self.inner.subscribe(options).await
+    }
+}

@@ -1,0 +1,603 @@
+//! The transactional outbox on real PostgreSQL, relayed to real Redis.
+//!
+//! PostgreSQL at `EVBUS_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
+//! Redis at `EVBUS_REDIS_URL` (default `redis://127.0.0.1:6379`). Every test uses its own
+//! outbox table and Redis key prefix and removes them at the end. When a broker does not
+//! answer, the test prints a loud warning and returns, unless `CI` or
+//! `EVBUS_REQUIRE_BROKERS` is set: then it fails.
+
+mod outbox_support;
+
+use std::collections::HashSet;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use evbus::bus::Emit;
+use evbus::{ErrorKind, StartPosition, SubscribeOptions, Transport};
+use evbus_sql::outbox::{Outbox, Relay};
+use outbox_support::*;
+use serde_json::json;
+use sqlx::PgPool;
+
+/// Stages `n` committed events, `per_tx` per transaction, for `keys` keys whose `seq`
+/// continues from `next` (one counter per key). Returns their ids.
+async fn stage_committed(
+    pool: &PgPool,
+    outbox: &Outbox,
+    next: &mut [u64],
+    n: usize,
+    per_tx: usize,
+) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let keys = next.len();
+    let mut staged = 0;
+    let mut k = 0;
+    while staged < n {
+        let mut tx = pool.begin().await.unwrap();
+        for _ in 0..per_tx.min(n - staged) {
+            let key = format!("k{k}");
+            let seq = next[k];
+            next[k] += 1;
+            let emit = Emit::new(TYPE, json!({"orderId": key, "seq": seq})).key(&key);
+            ids.insert(outbox.stage(&mut tx, emit).await.unwrap());
+            staged += 1;
+            k = (k + 1) % keys;
+        }
+        tx.commit().await.unwrap();
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_of_1000_transactions_only_the_500_committed_reach_redis() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE {table}_orders (id TEXT PRIMARY KEY)"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(redis.clone());
+    let mut sub = subscribe(&*transport, TYPE).await;
+    let relay = Relay::postgres(pool.clone(), transport.clone())
+        .table(&table)
+        .spawn()
+        .unwrap();
+
+    let mut committed = HashSet::new();
+    let mut rolled_back = HashSet::new();
+    for i in 0..1000 {
+        let order = format!("o-{i}");
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(&format!("INSERT INTO {table}_orders (id) VALUES ($1)"))
+            .bind(&order)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let emit = Emit::new(TYPE, json!({"orderId": order, "seq": 0})).key(&order);
+        let id = outbox.stage(&mut tx, emit).await.unwrap();
+        if i % 2 == 0 {
+            tx.commit().await.unwrap();
+            committed.insert(id);
+        } else {
+            tx.rollback().await.unwrap();
+            rolled_back.insert(id);
+        }
+    }
+    assert_eq!(committed.len(), 500);
+
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &committed).await;
+    // Every row is deleted only after Redis accepted its event: once the table is empty,
+    // the stream holds everything the relay will ever publish.
+    wait_drained(&pool, &table).await;
+    let published = stream_len(&redis_url(), &redis, TYPE).await;
+    println!(
+        "(a) 1000 transactions, 500 committed: {published} events in the Redis stream, \
+         {} distinct ids received, {} of the rolled-back ids received",
+        seen.ids.len(),
+        seen.ids.intersection(&rolled_back).count()
+    );
+    assert_eq!(published, 500, "exactly the committed events are published");
+    assert_eq!(seen.ids, committed);
+    assert!(seen.ids.is_disjoint(&rolled_back));
+    // The events are the staged ones, unchanged: type, source, key, data, schema.
+    let e = &seen.events[0];
+    assert_eq!(e.ty(), TYPE);
+    assert_eq!(e.source(), "/test/outbox");
+    assert_eq!(e.dataschema(), Some("urn:evbus:schema:orderPlaced:1"));
+    let data: serde_json::Value = e.json().unwrap();
+    assert_eq!(e.partition_key(), data["orderId"].as_str());
+    let orders: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}_orders"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 500);
+    assert_eq!(relay.stats().relayed, 500);
+
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}
+
+/// Batch size of the relay child: a killed relay re-publishes at most one batch.
+const CHILD_BATCH: usize = 50;
+const CHILD_ENV: &str = "EVBUS_OUTBOX_RELAY_CHILD";
+
+/// Not a test of its own: the relay process of
+/// `b_a_relay_process_killed_mid_stream_loses_nothing`, which runs this test binary with
+/// `EVBUS_OUTBOX_RELAY_CHILD=1`. Without the variable it returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_child_process() {
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    let table = std::env::var("EVBUS_OUTBOX_TABLE").unwrap();
+    let prefix = std::env::var("EVBUS_OUTBOX_PREFIX").unwrap();
+    let pool = pg_pool().await.expect("PostgreSQL");
+    let transport = redis_with_prefix(&redis_url(), &prefix).await;
+    let relay = Relay::postgres(pool, Arc::new(transport))
+        .table(&table)
+        .batch_size(CHILD_BATCH)
+        .lease_ttl(Duration::from_secs(2))
+        .spawn()
+        .unwrap();
+    eprintln!("relay child {} started", relay.id());
+    // Killed long before; the bound only keeps an orphan from running forever.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    relay.shutdown().await.unwrap();
+}
+
+fn spawn_child(table: &str, prefix: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "relay_child_process", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .env("EVBUS_OUTBOX_TABLE", table)
+        .env("EVBUS_OUTBOX_PREFIX", prefix)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_a_relay_process_killed_mid_stream_loses_nothing() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let prefix = redis.config().key_prefix.clone();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let mut sub = subscribe(&redis, TYPE).await;
+    let mut seen = Seen::default();
+    let mut next = vec![0u64; 40];
+
+    let mut committed = stage_committed(&pool, &outbox, &mut next, 5000, 10).await;
+    let kills = 3;
+    for round in 0..kills {
+        let before = pending(&pool, &table).await;
+        let mut child = spawn_child(&table, &prefix);
+        // Mid-stream: once the child relayed a few hundred of the rows, not all.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while pending(&pool, &table).await > before - 300 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the child relays nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let left = pending(&pool, &table).await;
+        println!(
+            "(b) round {round}: relay process SIGKILLed with {left} of {before} rows not yet relayed"
+        );
+        assert!(left > 0, "the relay was to be killed mid-stream");
+        committed.extend(stage_committed(&pool, &outbox, &mut next, 2000, 10).await);
+    }
+    let mut child = spawn_child(&table, &prefix);
+    seen.until_all(&mut sub, &committed).await;
+    wait_drained(&pool, &table).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let published = stream_len(&redis_url(), &redis, TYPE).await;
+    seen.until_count(&mut sub, published).await;
+    let duplicates = seen.duplicates();
+    println!(
+        "(b) {} committed events, {kills} SIGKILLs: all delivered; {published} publishes, \
+         {duplicates} duplicates (bound: {} = kills x batch size)",
+        committed.len(),
+        kills * CHILD_BATCH
+    );
+    assert_eq!(seen.ids, committed);
+    assert!(
+        duplicates <= kills * CHILD_BATCH,
+        "{duplicates} duplicates: more than one batch per kill"
+    );
+    let keys = seen.assert_ordered_per_key();
+    assert_eq!(keys, 40);
+
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_two_relays_deliver_everything_in_order_per_key() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(redis.clone());
+    let mut sub = subscribe(&*transport, TYPE).await;
+    let relay = |id: &str| {
+        Relay::postgres(pool.clone(), transport.clone())
+            .table(&table)
+            .id(id)
+            .batch_size(64)
+            .lease_ttl(Duration::from_secs(6))
+            .spawn()
+            .unwrap()
+    };
+    let one = relay("relay-one");
+    let two = relay("relay-two");
+
+    // Stage until both relays have relayed events (the second one gets its buckets when
+    // the first gives back its surplus, within a third of the lease TTL), and at least
+    // 3000 events.
+    let mut next = vec![0u64; 20];
+    let mut committed = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while committed.len() < 3000 || one.stats().relayed == 0 || two.stats().relayed == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both relays should relay: {:?} {:?}",
+            one.stats(),
+            two.stats()
+        );
+        committed.extend(stage_committed(&pool, &outbox, &mut next, 100, 5).await);
+    }
+
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &committed).await;
+    wait_drained(&pool, &table).await;
+    let published = stream_len(&redis_url(), &redis, TYPE).await;
+    seen.until_count(&mut sub, published).await;
+    let (s1, s2) = (one.stats(), two.stats());
+    println!(
+        "(c) two relays: {} committed events delivered, relay-one {} + relay-two {} relayed, \
+         buckets held {} + {}, {} duplicates",
+        committed.len(),
+        s1.relayed,
+        s2.relayed,
+        s1.buckets_held,
+        s2.buckets_held,
+        seen.duplicates()
+    );
+    assert_eq!(seen.ids, committed);
+    assert_eq!(seen.assert_ordered_per_key(), 20);
+    assert!(s1.relayed > 0 && s2.relayed > 0);
+    // Buckets change hands only between rounds, after the rows were deleted: no relay
+    // publishes a row another already did.
+    assert_eq!(seen.duplicates(), 0);
+    assert_eq!(s1.buckets_held + s2.buckets_held, 64);
+
+    // One stops cleanly: the other takes its buckets at once and keeps relaying.
+    one.shutdown().await.unwrap();
+    let more = stage_committed(&pool, &outbox, &mut next, 200, 5).await;
+    seen.until_all(&mut sub, &more).await;
+    assert_eq!(seen.assert_ordered_per_key(), 20);
+    println!("(c) after relay-one stopped: {:?}", two.stats());
+
+    two.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}
+
+#[tokio::test]
+async fn an_invalid_event_is_refused_at_stage_with_the_catalogue_error() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    let bus = bus();
+    let outbox = Outbox::with_table(&bus, &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let invalid = Emit::new(TYPE, json!({"orderId": 7}));
+    let err = outbox.stage(&mut tx, invalid.clone()).await.unwrap_err();
+    let expected = bus.prepare_event(invalid).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation);
+    assert_eq!(err.message(), expected.message());
+    assert!(err.message().contains("/orderId"), "{err}");
+
+    let unknown = outbox
+        .stage(&mut tx, Emit::new("orderShipped", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::Validation);
+    assert!(unknown.message().contains(TYPE), "{unknown}");
+
+    // A batch with one invalid event stages nothing, naming it by index.
+    let batch = outbox
+        .stage_batch(
+            &mut tx,
+            [
+                Emit::new(TYPE, json!({"orderId": "o-1", "seq": 0})),
+                Emit::new(TYPE, json!({"orderId": "o-2", "seq": -1})),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(batch.kind(), ErrorKind::Validation);
+    assert!(batch.message().contains("event 1 (orderPlaced)"), "{batch}");
+
+    // The transaction is still usable and nothing was written.
+    let ok = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "o-3", "seq": 0})),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let ids: Vec<String> = sqlx::query_scalar(&format!("SELECT event_id FROM {table}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![ok]);
+
+    // A bad table name is refused before any SQL is built from it.
+    let bad = Outbox::with_table(&bus, "orders; DROP TABLE x").unwrap_err();
+    assert_eq!(bad.kind(), ErrorKind::InvalidConfig);
+    drop_tables(&pool, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_outage_makes_the_relay_wait_and_resume_without_loss() {
+    let Some(pool) = pg_pool().await else { return };
+    let server = match RedisServer::start() {
+        Ok(s) => s,
+        Err(e) => {
+            unavailable("a redis-server of the test's own", &e);
+            return;
+        }
+    };
+    let Some(redis) = redis(&server.url()).await else {
+        return;
+    };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let mut sub = subscribe(&redis, TYPE).await;
+    let relay = Relay::postgres(pool.clone(), Arc::new(redis.clone()))
+        .table(&table)
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .publish_timeout(Duration::from_secs(2))
+        .spawn()
+        .unwrap();
+    let mut next = vec![0u64; 10];
+    let mut seen = Seen::default();
+    let before = stage_committed(&pool, &outbox, &mut next, 100, 5).await;
+    seen.until_all(&mut sub, &before).await;
+    drop(sub);
+
+    server.0.kill();
+    let during = stage_committed(&pool, &outbox, &mut next, 100, 5).await;
+    // The relay tries, fails, keeps the rows and backs off.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.stats().publish_failures == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no publish failure");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pending(&pool, &table).await, 100, "nothing is dropped");
+    let attempts: i64 = sqlx::query_scalar(&format!("SELECT max(attempts)::bigint FROM {table}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(attempts >= 1, "failures are recorded on the rows");
+    let failures = relay.stats().publish_failures;
+
+    server.0.restart().unwrap();
+    wait_drained(&pool, &table).await;
+    // Read the whole stream back from the restarted server.
+    let reader = redis_with_prefix(&server.url(), &redis.config().key_prefix).await;
+    let mut verify = reader
+        .topic(TYPE)
+        .await
+        .unwrap()
+        .subscribe(SubscribeOptions::named("verify").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut all = Seen::default();
+    let want: HashSet<String> = before.union(&during).cloned().collect();
+    all.until_all(&mut verify, &want).await;
+    println!(
+        "outage: {failures} failed publish rounds while Redis was down, then all {} events \
+         delivered ({} duplicates)",
+        want.len(),
+        all.duplicates()
+    );
+    assert_eq!(all.ids, want);
+    assert_eq!(all.assert_ordered_per_key(), 10);
+
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notify_the_relay_polls_and_still_delivers() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap().notify(false);
+    // Concurrent migrations of one table do not race.
+    let (a, b) = tokio::join!(outbox.migrate(&pool), outbox.migrate(&pool));
+    a.unwrap();
+    b.unwrap();
+    let mut sub = subscribe(&redis, TYPE).await;
+    let relay = Relay::postgres(pool.clone(), Arc::new(redis.clone()))
+        .table(&table)
+        .notify(false)
+        .poll_interval(Duration::from_millis(50))
+        .spawn()
+        .unwrap();
+    let mut next = vec![0u64; 3];
+    let ids = stage_committed(&pool, &outbox, &mut next, 60, 3).await;
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &ids).await;
+    assert_eq!(seen.assert_ordered_per_key(), 3);
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_transport_refuses_holds_up_only_its_own_bucket() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(probe) = redis(&redis_url()).await else {
+        return;
+    };
+    // A transport that refuses events over 4 KiB (TooLarge, not retryable).
+    let mut config = probe.config().clone();
+    config.max_payload_bytes = 4096;
+    let small = evbus_redis::RedisTransport::connect(config).await.unwrap();
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let mut sub = subscribe(&probe, TYPE).await;
+
+    // The poison event first, then one more of its key, then 20 keys x 5 events.
+    let mut tx = pool.begin().await.unwrap();
+    let big = "x".repeat(10_000);
+    let poison = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": big, "seq": 0})).key("poison"),
+        )
+        .await
+        .unwrap();
+    let behind = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "p", "seq": 1})).key("poison"),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut next = vec![0u64; 20];
+    stage_committed(&pool, &outbox, &mut next, 100, 5).await;
+    let rows: Vec<(String, i32)> = sqlx::query_as(&format!(
+        "SELECT event_id, bucket FROM {table} ORDER BY seq"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let poison_bucket = rows[0].1;
+    let held: HashSet<String> = rows
+        .iter()
+        .filter(|(_, b)| *b == poison_bucket)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let flowing: HashSet<String> = rows
+        .iter()
+        .filter(|(_, b)| *b != poison_bucket)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(held.contains(&poison) && held.contains(&behind));
+    assert!(flowing.len() >= 90, "most keys are in other buckets");
+
+    let relay = Relay::postgres(pool.clone(), Arc::new(small))
+        .table(&table)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .spawn()
+        .unwrap();
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &flowing).await;
+    // The poison row is retried (attempts counted, error kept), never dropped; its bucket
+    // waits behind it, in order.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (attempts, error) = loop {
+        let (attempts, error): (i32, Option<String>) = sqlx::query_as(&format!(
+            "SELECT attempts, last_error FROM {table} WHERE event_id = $1"
+        ))
+        .bind(&poison)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if attempts >= 2 {
+            break (attempts, error.unwrap());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no retry recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let left: HashSet<String> = sqlx::query_scalar(&format!("SELECT event_id FROM {table}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    println!(
+        "refused event: {attempts} attempts so far, last error: {error}; {} events of other \
+         buckets delivered, {} held in its bucket",
+        flowing.len(),
+        left.len()
+    );
+    assert!(error.contains("too_large"), "{error}");
+    assert_eq!(left, held, "exactly the refused event's bucket waits");
+    assert!(seen.ids.is_disjoint(&held));
+
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &probe).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_the_migration_waits_for_it() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let mut sub = subscribe(&redis, TYPE).await;
+    let relay = Relay::postgres(pool.clone(), Arc::new(redis.clone()))
+        .table(&table)
+        .backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.stats().database_errors == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no database error");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Staging without the table fails with a hint, and the relay keeps retrying.
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let err = outbox
+        .stage(&mut tx, Emit::new(TYPE, json!({"orderId": "o", "seq": 0})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker);
+    assert!(err.message().contains("Outbox::migrate"), "{err}");
+    tx.rollback().await.unwrap();
+
+    outbox.migrate(&pool).await.unwrap();
+    let mut next = vec![0u64; 2];
+    let ids = stage_committed(&pool, &outbox, &mut next, 10, 2).await;
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &ids).await;
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}

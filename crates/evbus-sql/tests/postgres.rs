@@ -1,0 +1,307 @@
+//! The PostgreSQL transport beyond the conformance suite, against the server at
+//! `EVBUS_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), each test in a
+//! schema of its own: LISTEN/NOTIFY wake-ups, the polling fallback, competing consumers,
+//! retention, concurrent migrations, precise errors. Without a reachable server each test
+//! says so loudly and passes, unless CI=true or EVBUS_REQUIRE_BROKERS=1 (then it fails).
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use evbus::{ConsumerOptions, ErrorKind, Event, SubscribeOptions, Transport};
+use evbus_sql::{SqlConfig, SqlTransport};
+use sqlx::Connection;
+use support::{drop_schema, postgres_url, unique_schema, with_params};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A fresh schema on the shared server, dropped on drop; `None` (after a loud warning) if
+/// the server is unreachable and brokers are not required.
+struct Schema {
+    name: String,
+}
+
+impl Schema {
+    async fn new() -> Option<Schema> {
+        let base = postgres_url();
+        match sqlx::PgConnection::connect(&base).await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+            }
+            Err(e) => {
+                assert!(
+                    !evbus_conformance::require_brokers(),
+                    "PostgreSQL at {} is unreachable: {e}",
+                    evbus::registry::redact(&base)
+                );
+                eprintln!(
+                    "WARNING: PostgreSQL at {} is unreachable ({e}); this test did NOT run. \
+                     Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure.",
+                    evbus::registry::redact(&base)
+                );
+                return None;
+            }
+        }
+        Some(Schema {
+            name: unique_schema("evbus_test"),
+        })
+    }
+
+    fn url(&self, params: &str) -> String {
+        let url = with_params(&postgres_url(), &format!("schema={}", self.name));
+        if params.is_empty() {
+            url
+        } else {
+            with_params(&url, params)
+        }
+    }
+
+    async fn open(&self, params: &str) -> SqlTransport {
+        SqlTransport::connect(SqlConfig::from_url(&self.url(params)).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn raw(&self) -> sqlx::PgConnection {
+        let mut conn = sqlx::PgConnection::connect(&postgres_url()).await.unwrap();
+        sqlx::query(&format!("SET search_path TO \"{}\"", self.name))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        let mut conn = self.raw().await;
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    async fn drop(self) {
+        drop_schema(&postgres_url(), &self.name).await;
+    }
+}
+
+fn event(n: usize) -> Event {
+    Event::builder("orderPlaced", "/postgres-test")
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_wakes_a_consumer_of_another_transport_long_before_its_poll() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    // Polling every 60 s: only NOTIFY (the publisher is another transport, with wake-ups of
+    // its own) can deliver within the bound below.
+    let consumer = schema.open("poll_interval_ms=60000").await;
+    let publisher = schema.open("poll_interval_ms=60000").await;
+    let topic = consumer.topic("orders").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    // Idle (LISTEN established meanwhile) before the publish.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.next_delivery())
+            .await
+            .is_err()
+    );
+    let publishing = publisher.topic("orders").await.unwrap();
+    let mut latencies = Vec::new();
+    for n in 0..5 {
+        let sent = event(n);
+        let started = Instant::now();
+        publishing.publish(&sent).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
+            .await
+            .expect("NOTIFY woke the consumer well before its 60 s poll")
+            .unwrap()
+            .unwrap();
+        latencies.push(started.elapsed());
+        assert_eq!(d.event().id(), sent.id());
+        d.ack().await.unwrap();
+    }
+    eprintln!("publish-to-delivery latencies through NOTIFY: {latencies:?}");
+    consumer.close().await.unwrap();
+    publisher.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polling_finds_rows_written_without_a_notification() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let consumer = schema.open("poll_interval_ms=200").await;
+    let queue = consumer.queue("jobs").await.unwrap();
+    let mut sub = queue.receive(ConsumerOptions::default()).await.unwrap();
+    // A row written by plain SQL: no NOTIFY, so only polling can find it.
+    let sent = event(7);
+    let mut raw = schema.raw().await;
+    sqlx::query(
+        "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) VALUES ('queue', 'jobs', $1) \
+           RETURNING id) \
+         INSERT INTO evbus_deliveries (part, event) SELECT p.id, ev.id FROM evbus_parts p, ev \
+         WHERE p.kind = 'queue' AND p.dest = 'jobs'",
+    )
+    .bind(sent.to_json().unwrap())
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the 200 ms poll finds the row")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.event().id(), sent.id());
+    d.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn competing_consumers_of_two_transports_never_get_the_same_row() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    const EVENTS: usize = 300;
+    let a = schema.open("").await;
+    let b = schema.open("").await;
+    let publisher = schema.open("").await;
+    let queue = publisher.queue("work").await.unwrap();
+    let events: Vec<Event> = (0..EVENTS).map(event).collect();
+    for chunk in events.chunks(50) {
+        queue.send_batch(chunk).await.unwrap();
+    }
+    // A long visibility timeout: a row delivered twice could only be a double claim.
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(300))
+        .max_in_flight(16);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for transport in [&a, &b] {
+        let mut sub = transport
+            .queue("work")
+            .await
+            .unwrap()
+            .receive(options.clone())
+            .await
+            .unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.next_delivery().await {
+                let _ = tx.send((d.event().id().to_owned(), d.attempt()));
+                d.ack().await.unwrap();
+            }
+        });
+    }
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < EVENTS {
+        let (id, attempt) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("every event within the bound")
+            .unwrap();
+        assert_eq!(attempt, 1, "event {id} was claimed again");
+        assert!(seen.insert(id.clone()), "event {id} was delivered twice");
+    }
+    // Nothing more comes.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .is_err()
+    );
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    for t in [a, b, publisher] {
+        t.close().await.unwrap();
+    }
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_acknowledged_events_only() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema
+        .open("retention_ms=0&cleanup_interval_ms=3600000")
+        .await;
+    let topic = transport.topic("orders").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    let published: Vec<Event> = (0..4).map(event).collect();
+    topic.publish_batch(&published).await.unwrap();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(WAIT, sub.next_delivery())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        d.ack().await.unwrap();
+    }
+    assert_eq!(schema.count("evbus_events").await, 4);
+    assert_eq!(transport.cleanup().await.unwrap(), 3);
+    assert_eq!(schema.count("evbus_events").await, 1);
+    // The one left is the unacknowledged one, still delivered.
+    drop(sub);
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    let d = tokio::time::timeout(WAIT, sub.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.event().id(), published[3].id());
+    d.ack().await.unwrap();
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_processes_connecting_at_once_migrate_once() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let url = schema.url("max_connections=2");
+    let connects = (0..8).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { SqlTransport::connect(SqlConfig::from_url(&url)?).await })
+    });
+    let transports: Vec<SqlTransport> = futures::future::join_all(connects)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(schema.count("_sqlx_migrations").await, 1);
+    for t in transports {
+        t.close().await.unwrap();
+    }
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn wrong_database_user_or_address_are_precise_errors() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let base = url::Url::parse(&postgres_url()).unwrap();
+    let mut no_db = base.clone();
+    no_db.set_path("/evbus_no_such_database");
+    let err = SqlTransport::connect_url(no_db.as_str()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("evbus_no_such_database"), "{err}");
+    let mut no_user = base.clone();
+    no_user.set_username("evbus_no_such_role").unwrap();
+    let err = SqlTransport::connect_url(no_user.as_str())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("evbus_no_such_role"), "{err}");
+    // Nobody listens: unreachable, retryable.
+    let port = evbus_conformance::process::free_port().unwrap();
+    let nowhere = format!("postgres://postgres@127.0.0.1:{port}/test?connect_timeout_ms=2000");
+    let err = SqlTransport::connect_url(&nowhere).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    schema.drop().await;
+}

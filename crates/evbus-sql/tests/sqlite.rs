@@ -1,0 +1,280 @@
+//! The SQLite transport beyond the conformance suite: the single-process rule with real
+//! processes, a SIGKILLed holder losing no accepted event, wake-ups inside one process,
+//! retention, and precise errors.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use evbus::{ErrorKind, Event, SubscribeOptions, Transport};
+use evbus_sql::{SqlConfig, SqlTransport};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
+
+const WAIT: Duration = Duration::from_secs(30);
+/// Set in the child process of `a_second_process_is_refused_...`: the database file.
+const CHILD_FILE: &str = "EVBUS_SQL_TEST_CHILD_FILE";
+
+fn url(path: &Path, params: &str) -> String {
+    let sep = if params.is_empty() { "" } else { "?" };
+    format!("sqlite://{}{sep}{params}", path.display())
+}
+
+async fn open(path: &Path, params: &str) -> SqlTransport {
+    SqlTransport::connect(SqlConfig::from_url(&url(path, params)).unwrap())
+        .await
+        .unwrap()
+}
+
+fn event(n: usize) -> Event {
+    Event::builder("orderPlaced", "/sqlite-test")
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// Rows of `table` in the file, read with a connection of its own.
+async fn count(path: &Path, table: &str) -> i64 {
+    let mut db = SqliteConnectOptions::new()
+        .filename(path)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+/// In the child process (`CHILD_FILE` set): opens the file, makes the named subscription
+/// `s` of topic `orders`, then publishes events for ever, printing `accepted <id>` after
+/// each publish returned Ok. In the test process: two transports of one process share the
+/// file (the single-process rule is per process, not per connection).
+#[tokio::test(flavor = "multi_thread")]
+async fn child_process_publishing_until_killed() {
+    let Ok(file) = std::env::var(CHILD_FILE) else {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.db");
+        let first = open(&path, "").await;
+        let second = open(&path, "").await;
+        assert!(first.health().await.is_healthy() && second.health().await.is_healthy());
+        first.close().await.unwrap();
+        second.close().await.unwrap();
+        return;
+    };
+    let transport = open(Path::new(&file), "").await;
+    let topic = transport.topic("orders").await.unwrap();
+    drop(topic.subscribe(SubscribeOptions::named("s")).await.unwrap());
+    println!("ready {}", std::process::id());
+    for n in 0.. {
+        let e = event(n);
+        topic.publish(&e).await.unwrap();
+        println!("accepted {}", e.id());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_is_refused_and_a_killed_holder_loses_no_accepted_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_publishing_until_killed",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1"])
+        .env(CHILD_FILE, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut accepted = HashSet::new();
+    let mut pid = None;
+    while accepted.len() < 200 {
+        let line = lines.recv_timeout(WAIT).expect("the child publishes");
+        // libtest may print `test <name> ... ` on the same line first.
+        if let Some((_, p)) = line.split_once("ready ") {
+            pid = Some(p.trim().to_owned());
+        }
+        if let Some(id) = line.strip_prefix("accepted ") {
+            accepted.insert(id.to_owned());
+        }
+        if accepted.len() == 100 {
+            // While the child holds the file, this process is refused, naming the holder.
+            let err = SqlTransport::connect(SqlConfig::from_url(&url(&path, "")).unwrap())
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+            let pid = pid.as_deref().expect("the child said ready");
+            assert!(
+                err.to_string()
+                    .contains(&format!("is already open in process {pid}")),
+                "{err}"
+            );
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Whatever it printed after the last line read was accepted too.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+        if let Some(id) = line.strip_prefix("accepted ") {
+            accepted.insert(id.to_owned());
+        }
+    }
+
+    // The kernel released the dead holder's lock: this process opens the file.
+    let transport = open(&path, "").await;
+    let topic = transport.topic("orders").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    let mut received = HashSet::new();
+    while !accepted.is_subset(&received) {
+        let delivery = tokio::time::timeout(WAIT, sub.next_delivery())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {} accepted events missing after the kill",
+                    accepted.difference(&received).count(),
+                    accepted.len()
+                )
+            })
+            .expect("open")
+            .unwrap();
+        received.insert(delivery.event().id().to_owned());
+        delivery.ack().await.unwrap();
+    }
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_on_one_transport_wakes_a_consumer_of_another_in_the_same_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    // Polling every 60 s: only the wake-up can deliver within the bound below.
+    let consumer = open(&path, "poll_interval_ms=60000").await;
+    let publisher = open(&path, "poll_interval_ms=60000").await;
+    let queue = consumer.queue("jobs").await.unwrap();
+    let mut sub = queue.receive(Default::default()).await.unwrap();
+    // The consumer is idle (found nothing) before the send.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next_delivery())
+            .await
+            .is_err()
+    );
+    let sent = event(1);
+    let started = std::time::Instant::now();
+    publisher
+        .queue("jobs")
+        .await
+        .unwrap()
+        .send(&sent)
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
+        .await
+        .expect("woken well before the 60 s poll")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.event().id(), sent.id());
+    eprintln!("wake-up latency: {:?}", started.elapsed());
+    delivery.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_acknowledged_events_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "retention_ms=0&cleanup_interval_ms=3600000").await;
+    let topic = transport.topic("orders").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    for n in 0..3 {
+        topic.publish(&event(n)).await.unwrap();
+    }
+    for _ in 0..2 {
+        let d = tokio::time::timeout(WAIT, sub.next_delivery())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        d.ack().await.unwrap();
+    }
+    assert_eq!(count(&path, "evbus_events").await, 3);
+    // Past retention (0) and acknowledged by every subscription: deleted. The third is still
+    // waiting for `s`: kept.
+    tokio::time::sleep(Duration::from_millis(5)).await; // created_at strictly in the past
+    assert_eq!(transport.cleanup().await.unwrap(), 2);
+    assert_eq!(count(&path, "evbus_events").await, 1);
+    assert_eq!(count(&path, "evbus_deliveries").await, 1);
+    transport.close().await.unwrap();
+
+    // With a retention, acknowledged events stay, and a new subscription from Earliest
+    // replays them.
+    let kept = tempfile::tempdir().unwrap();
+    let path = kept.path().join("bus.db");
+    let transport = open(&path, "retention_ms=3600000").await;
+    let topic = transport.topic("orders").await.unwrap();
+    let published: Vec<Event> = (0..3).map(event).collect();
+    topic.publish_batch(&published).await.unwrap();
+    assert_eq!(transport.cleanup().await.unwrap(), 0);
+    let mut replay = topic
+        .subscribe(SubscribeOptions::named("late").start(evbus::StartPosition::Earliest))
+        .await
+        .unwrap();
+    for expected in &published {
+        let d = tokio::time::timeout(WAIT, replay.next_delivery())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        d.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn files_that_cannot_be_opened_are_precise_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be.
+    let err = SqlTransport::connect_url(&url(dir.path(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("SQLite file"), "{err}");
+    // A parent that is a file.
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SqlTransport::connect_url(&url(&file.join("bus.db"), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    // Through the registry: the URL forms.
+    let mut registry = evbus::Registry::new();
+    registry.register(evbus_sql::SqlConnector);
+    for (bad, want) in [
+        ("sqlite://relative/bus.db", "three slashes"),
+        ("sqlite::memory:", "use memory://"),
+        ("sqlite:///tmp/x.db?timeout=5", "valid keys are"),
+    ] {
+        let err = registry.connect(bad).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{bad}: {err}");
+        assert!(err.to_string().contains(want), "{bad}: {err}");
+    }
+    let _: PathBuf = file;
+}

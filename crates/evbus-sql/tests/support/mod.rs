@@ -1,0 +1,200 @@
+//! Test helpers shared by the integration tests: a PostgreSQL server the test owns, unique
+//! schema names, the database URLs.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use evbus_conformance::process::BrokerProcess;
+
+/// The shared PostgreSQL server: `EVBUS_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+pub fn postgres_url() -> String {
+    std::env::var("EVBUS_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A schema name no other run uses (`<prefix>_<pid>_<nanos>`).
+pub fn unique_schema(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// `url` with extra query parameters.
+pub fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+/// Whether a missing broker must fail the test (CI=true or EVBUS_REQUIRE_BROKERS=1).
+pub fn brokers_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("EVBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
+}
+
+/// Drops `schema` (best effort, at the end of a run).
+pub async fn drop_schema(url: &str, schema: &str) {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(url).await {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+    }
+}
+
+/// The directory of PostgreSQL's server programs: `EVBUS_PG_BINDIR`, else `pg_config
+/// --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
+fn bindir() -> std::io::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("EVBUS_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").is_file())
+        .collect();
+    candidates.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Some(dir) = candidates.pop() {
+        return Ok(dir);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output()?;
+    if out.status.success() {
+        return Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "no PostgreSQL server programs (initdb, postgres): install them or set EVBUS_PG_BINDIR",
+    ))
+}
+
+/// PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user
+/// (through `setpriv`, which execs, so SIGKILL reaches the server itself).
+fn as_server_user(program: PathBuf) -> std::io::Result<(Command, Option<(u32, u32)>)> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        return Ok((Command::new(program), None));
+    }
+    let id = |flag: &str| -> std::io::Result<u32> {
+        let out = Command::new("id").args([flag, "postgres"]).output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "running as root, and there is no `postgres` user to run the server as",
+                )
+            })
+    };
+    let (uid, gid) = (id("-u")?, id("-g")?);
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program);
+    Ok((command, Some((uid, gid))))
+}
+
+/// A PostgreSQL server of this test: `initdb` in a data directory of its own, `postgres` on
+/// a free port (trust authentication, no Unix socket), killed with SIGKILL (the whole process
+/// group: postmaster and backends) and restarted on the same port and data directory.
+pub struct PgServer(BrokerProcess);
+
+impl PgServer {
+    pub fn start() -> std::io::Result<Self> {
+        let bin = bindir()?;
+        let postgres = bin.join("postgres");
+        let process = BrokerProcess::builder("postgres", move |dir, port| {
+            let (mut command, _) = as_server_user(postgres.clone())
+                .unwrap_or_else(|_| (Command::new(&postgres), None));
+            command
+                .arg("-D")
+                .arg(dir.join("pgdata"))
+                .args(["-p", &port.to_string()])
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-c", "unix_socket_directories="])
+                .args(["-c", "max_connections=300"])
+                .args(["-c", "fsync=off"]);
+            command
+        })
+        .process_group()
+        .log_file("postgres.log")
+        .ready_when(Duration::from_secs(60), pg_isready)
+        .build()?;
+        let data = process.data_dir().join("pgdata");
+        std::fs::create_dir_all(&data)?;
+        let (mut initdb, ids) = as_server_user(bin.join("initdb"))?;
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::chown(process.data_dir(), Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid))?;
+        }
+        let out = initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .current_dir(process.data_dir())
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        process.restart()?;
+        Ok(PgServer(process))
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port())
+    }
+}
+
+/// Whether the server accepts connections (not merely the port: it must have finished
+/// recovery).
+fn pg_isready(port: u16) -> std::io::Result<bool> {
+    let program = bindir()
+        .map(|d| d.join("pg_isready"))
+        .unwrap_or_else(|_| PathBuf::from("pg_isready"));
+    let status = Command::new(program)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    Ok(status.success())
+}
+
+impl std::ops::Deref for PgServer {
+    type Target = BrokerProcess;
+
+    fn deref(&self) -> &BrokerProcess {
+        &self.0
+    }
+}
+
+pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
+    evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
+}
