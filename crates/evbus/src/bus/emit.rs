@@ -185,30 +185,7 @@ impl Bus {
         let emits: Vec<Emit> = emits.into_iter().collect();
         let span = tracing::info_span!("evbus.emit", otel.kind = "producer", batch = emits.len(),);
         async {
-            let current = tracing::Span::current();
-            let mut problems = Vec::new();
-            let mut prepared = Vec::with_capacity(emits.len());
-            for (i, emit) in emits.into_iter().enumerate() {
-                let ty = emit.ty.clone();
-                match self.prepare(emit, &current) {
-                    Ok(event) => prepared.push(event),
-                    Err(e) if e.kind() == ErrorKind::Validation => {
-                        problems.push(format!("event {i} ({ty}): {}", e.message()));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if !problems.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::Validation,
-                    format!(
-                        "{} of {} events are invalid; nothing was published:\n{}",
-                        problems.len(),
-                        problems.len() + prepared.len(),
-                        problems.join("\n")
-                    ),
-                ));
-            }
+            let prepared = self.prepare_all(emits, &tracing::Span::current(), "published")?;
             // Group by topic, keeping each topic's events in the order given.
             let mut by_topic: Vec<(String, Vec<Event>)> = Vec::new();
             for event in &prepared {
@@ -243,6 +220,48 @@ impl Bus {
     pub fn prepare_event(&self, emit: Emit) -> Result<Event> {
         self.ensure_open()?;
         self.prepare(emit, &tracing::Span::current())
+    }
+
+    /// [`prepare_event`](Self::prepare_event) for several events: all of them, or, if any is
+    /// invalid, an error naming each invalid one by its index (as
+    /// [`emit_batch`](Self::emit_batch) reports them) and no event.
+    pub fn prepare_events(&self, emits: impl IntoIterator<Item = Emit>) -> Result<Vec<Event>> {
+        self.ensure_open()?;
+        self.prepare_all(emits, &tracing::Span::current(), "prepared")
+    }
+
+    /// Every event prepared, or a validation error naming each invalid one; `outcome` says
+    /// in the error what did not happen ("nothing was {outcome}").
+    fn prepare_all(
+        &self,
+        emits: impl IntoIterator<Item = Emit>,
+        span: &tracing::Span,
+        outcome: &str,
+    ) -> Result<Vec<Event>> {
+        let mut problems = Vec::new();
+        let mut prepared = Vec::new();
+        for (i, emit) in emits.into_iter().enumerate() {
+            let ty = emit.ty.clone();
+            match self.prepare(emit, span) {
+                Ok(event) => prepared.push(event),
+                Err(e) if e.kind() == ErrorKind::Validation => {
+                    problems.push(format!("event {i} ({ty}): {}", e.message()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if problems.is_empty() {
+            return Ok(prepared);
+        }
+        Err(Error::new(
+            ErrorKind::Validation,
+            format!(
+                "{} of {} events are invalid; nothing was {outcome}:\n{}",
+                problems.len(),
+                problems.len() + prepared.len(),
+                problems.join("\n")
+            ),
+        ))
     }
 
     /// Validates and builds the envelope (not published).
