@@ -57,6 +57,23 @@ const ADAPTERS: &[Adapter] = &[
         target: "conformance",
         url: Some(("EVBUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
     },
+    Adapter {
+        name: "postgres",
+        package: "evbus-sql",
+        target: "conformance_postgres",
+        url: Some((
+            "EVBUS_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )),
+    },
+    // The conformance target uses a fresh file in a temporary directory unless
+    // EVBUS_SQLITE_URL is set; the default here is for `cargo xtask capabilities` and bench.
+    Adapter {
+        name: "sqlite",
+        package: "evbus-sql",
+        target: "conformance_sqlite",
+        url: Some(("EVBUS_SQLITE_URL", "sqlite:///tmp/evbus-sqlite/bus.db")),
+    },
 ];
 
 impl Adapter {
@@ -192,6 +209,38 @@ pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
     } else {
         Err(format!("conformance failed for: {}", failed.join(", ")))
     }
+}
+
+/// Runs the conformance target of the adapter `name` once, with `env` added to its
+/// environment (container mode: `crate::containers`), calling `on_line` for each stdout line;
+/// returns the summaries it printed (a `Missing` one if none).
+pub(crate) fn run_one(
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    mut on_line: impl FnMut(&str),
+) -> Result<Vec<Summary>> {
+    let adapter = ADAPTERS
+        .iter()
+        .find(|a| a.name == name && a.exists() && a.target_exists())
+        .ok_or_else(|| format!("adapter `{name}` has no conformance target in this checkout"))?;
+    let mut cmd = cargo(&["test", "-p", adapter.package, "--test", adapter.target]);
+    cmd.envs(env.iter().copied());
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    let mut summaries = Vec::new();
+    let ok = run_streaming(cmd, |line| {
+        summaries.extend(Summary::parse(line));
+        on_line(line);
+    })?;
+    if summaries.is_empty() {
+        summaries.push(Summary::not_seen(adapter.name, Status::Missing));
+    }
+    if !ok && summaries.iter().all(|s| s.failed == 0) {
+        summaries[0].failed += 1;
+    }
+    Ok(summaries)
 }
 
 /// A parsed `conformance <adapter>: N passed, M failed, K ignored` line, or the suite's

@@ -6,7 +6,10 @@
 mod bench;
 mod brokers;
 mod capabilities;
+mod clients;
 mod conformance;
+mod containers;
+mod contract;
 mod test;
 mod tidy;
 
@@ -37,16 +40,32 @@ enum Cmd {
         /// The adapter to run (`memory`, `redis`, ...); all of them when omitted.
         #[arg(long)]
         adapter: Option<String>,
+        /// Runs each broker in a container (Docker; images from `cargo xtask containers
+        /// build`) instead of against the loopback brokers, the outage cases through the
+        /// container itself.
+        #[arg(long)]
+        containers: bool,
         /// Arguments passed on to the conformance binary (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The TypeScript client's tests (clients/typescript, `npm ci` + `npm test`) against a
+    /// real `evbus serve`.
+    Clients,
+    /// The gateway's OpenAPI document checked against a real `evbus serve` with schemathesis
+    /// (every phase and check; installs schemathesis in a private virtualenv when missing).
+    Contract,
     /// Checks the local brokers (Redis, RabbitMQ, NATS, PostgreSQL, Kafka as tansu) and says how to start
     /// those that are down. Exits non-zero while any is down.
     Brokers {
         /// Starts the brokers that are down and waits up to 30 s for each port.
         #[arg(long)]
         start: bool,
+    },
+    /// Broker images for the conformance suite in containers (docker/, docs/adr/0011).
+    Containers {
+        #[command(subcommand)]
+        command: ContainersCmd,
     },
     /// Repository hygiene checks (also run as a `#[test]` of this crate).
     Tidy,
@@ -72,11 +91,38 @@ enum Cmd {
     Capabilities,
 }
 
+#[derive(Debug, Subcommand)]
+enum ContainersCmd {
+    /// Builds the base image (no registry needed: mmdebstrap from the machine's Debian
+    /// mirror, then `docker import`) and every broker image whose Dockerfile or inputs
+    /// changed; does nothing when all are up to date.
+    Build {
+        /// Builds on this image instead of the locally made base (with a registry:
+        /// `debian:bookworm-slim`).
+        #[arg(long)]
+        base: Option<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let xtask = Xtask::parse();
     let result = match xtask.command {
         Cmd::Test => test::run(),
-        Cmd::Conformance { adapter, args } => conformance::run(adapter.as_deref(), &args),
+        Cmd::Conformance {
+            adapter,
+            containers: false,
+            args,
+        } => conformance::run(adapter.as_deref(), &args),
+        Cmd::Conformance {
+            adapter,
+            containers: true,
+            args,
+        } => containers::conformance(adapter.as_deref(), &args).map(drop),
+        Cmd::Containers {
+            command: ContainersCmd::Build { base },
+        } => containers::build(base.as_deref()),
+        Cmd::Contract => contract::run().map(|summary| println!("{summary}")),
+        Cmd::Clients => clients::run().map(|summary| println!("{summary}")),
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
         Cmd::Capabilities => capabilities::run(),

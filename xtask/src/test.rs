@@ -6,7 +6,15 @@
 //!    every adapter's conformance target (`harness = false` binaries ending with
 //!    `conformance <adapter>: N passed, M failed, K ignored`); every adapter in the workspace
 //!    must print that line
-//! 4. `tidy`: see [`crate::tidy`]
+//! 4. `contract`: the gateway's OpenAPI document against a real `evbus serve` with
+//!    schemathesis, every phase and check (see [`crate::contract`])
+//! 5. `clients`: the TypeScript client's tests against a real `evbus serve` (see
+//!    [`crate::clients`])
+//! 6. `containers`: the conformance suites again, each broker in a container
+//!    (`cargo xtask conformance --containers`, see [`crate::containers`]) when Docker is
+//!    reachable; without Docker one loud line says they were skipped, and under `CI` or
+//!    `EVBUS_REQUIRE_BROKERS` that is a failure
+//! 7. `tidy`: see [`crate::tidy`]
 //!
 //! Child output is streamed, never captured; a summary of steps and durations ends the run,
 //! closed by one plain line adding up every libtest result and conformance summary:
@@ -17,14 +25,20 @@
 use std::time::{Duration, Instant};
 
 use crate::conformance::{self, CaseLine, Status, Summary};
-use crate::{Result, cargo, run_streaming, tidy};
+use crate::{Result, cargo, containers, run_streaming, tidy};
 
 type StepFn = fn(&mut Totals) -> Result<()>;
 
-const STEPS: [(&str, StepFn); 4] = [
+const STEPS: [(&str, StepFn); 7] = [
     ("fmt", fmt),
     ("clippy", clippy),
     ("test", test),
+    ("contract", contract),
+    ("clients", |totals| {
+        totals.notes.push(crate::clients::run()?);
+        Ok(())
+    }),
+    ("containers", containers),
     ("tidy", |_| tidy::run()),
 ];
 
@@ -54,16 +68,19 @@ pub(crate) fn run() -> Result<()> {
     println!("\n==> xtask test: summary");
     for (name, outcome) in &report {
         match outcome {
-            Some((true, took)) => println!("  ok      {name:<7} {:>7.1}s", took.as_secs_f64()),
-            Some((false, took)) => println!("  FAILED  {name:<7} {:>7.1}s", took.as_secs_f64()),
-            None => println!("  skipped {name:<7}"),
+            Some((true, took)) => println!("  ok      {name:<10} {:>7.1}s", took.as_secs_f64()),
+            Some((false, took)) => println!("  FAILED  {name:<10} {:>7.1}s", took.as_secs_f64()),
+            None => println!("  skipped {name:<10}"),
         }
     }
     for summary in &totals.conformance {
         println!("  {summary}");
     }
+    for note in &totals.notes {
+        println!("  {note}");
+    }
     println!(
-        "  total           {:>7.1}s",
+        "  total              {:>7.1}s",
         started.elapsed().as_secs_f64()
     );
     let (passed, failed, skipped) = totals.sum();
@@ -90,6 +107,19 @@ fn clippy(_: &mut Totals) -> Result<()> {
     let ok = run_streaming(cmd, |_| {})?;
     ok.then_some(())
         .ok_or_else(|| "clippy found problems (see above)".to_owned())
+}
+
+fn contract(totals: &mut Totals) -> Result<()> {
+    totals.notes.push(crate::contract::run()?);
+    Ok(())
+}
+
+fn containers(totals: &mut Totals) -> Result<()> {
+    match containers::test_step()? {
+        Ok(summaries) => totals.conformance.extend(summaries),
+        Err(skipped) => totals.notes.push(skipped),
+    }
+    Ok(())
 }
 
 fn test(totals: &mut Totals) -> Result<()> {
@@ -137,6 +167,8 @@ struct Totals {
     /// The last `test result:` counts, while only blank lines followed them: if conformance
     /// summaries come next, that result was the conformance binary's own, and is taken back.
     last_result: Option<(u64, u64, u64)>,
+    /// Lines for the summary (the container runs skipped because Docker is absent).
+    notes: Vec<String>,
 }
 
 impl Totals {

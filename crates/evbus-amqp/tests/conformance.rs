@@ -14,33 +14,77 @@
 mod support;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::ErrorKind;
 use evbus_amqp::{AmqpConfig, AmqpTransport};
+use evbus_conformance::container::{self, BrokerContainer, ContainerControl, ContainerSpec};
 use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use support::{RabbitNode, io_error};
+use support::{RabbitNode, SYNC_RA_REGISTRY, io_error};
 
 fn main() -> ExitCode {
-    let url = std::env::var("EVBUS_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    evbus_conformance::main(move || {
-        let producer = LapinProducer { url: url.clone() };
-        let suite = Suite::new("amqp", move || {
-            let url = url.clone();
-            async move { AmqpTransport::connect(AmqpConfig::from_url(&url)?).await }
-        })
-        .with_raw_producer(producer);
-        match tokio::task::block_in_place(RabbitNode::start) {
-            Ok(node) => suite.with_broker_control(node),
-            Err(e) => {
-                eprintln!("WARNING: cannot start a RabbitMQ node for the outage cases: {e}");
-                suite
+    evbus_conformance::main(|| match container::image_from_env() {
+        Some(image) => in_containers(image),
+        None => {
+            let url = std::env::var("EVBUS_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+            let suite = suite(url, None);
+            match tokio::task::block_in_place(RabbitNode::start) {
+                Ok(node) => suite.with_broker_control(node),
+                Err(e) => {
+                    eprintln!("WARNING: cannot start a RabbitMQ node for the outage cases: {e}");
+                    suite
+                }
             }
         }
     })
+}
+
+/// The suite against the broker at `url`, with a raw producer. The suite keeps `container`
+/// (the broker at `url` in container mode) until it is dropped, which removes it.
+fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<AmqpTransport> {
+    let producer = LapinProducer { url: url.clone() };
+    Suite::new("amqp", move || {
+        let _owned = &container;
+        let url = url.clone();
+        async move { AmqpTransport::connect(AmqpConfig::from_url(&url)?).await }
+    })
+    .with_raw_producer(producer)
+}
+
+/// Container mode (`EVBUS_CONFORMANCE_IMAGE`, see `docker/rabbitmq`): one container for the
+/// suite, another for the outage cases, killed with SIGKILL and started again on its data,
+/// after syncing Ra's name registry in it as for a local node (see `RabbitNode`).
+fn in_containers(image: String) -> Suite<AmqpTransport> {
+    let main = ContainerSpec::new(image, 5672);
+    let controlled = main.clone().exec_before_interrupt(&[
+        "rabbitmqctl",
+        "-n",
+        "rabbit@localhost",
+        "eval",
+        SYNC_RA_REGISTRY,
+    ]);
+    let mut started = container::start_or_exit("amqp", vec![main, controlled]);
+    let controlled = started.pop().expect("two containers");
+    let main = started.pop().expect("two containers");
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", main.host_port());
+    println!(
+        "container mode: the suite runs against {} at {url}",
+        main.name()
+    );
+    let control = ContainerControl::new(controlled, |port| async move {
+        let url = control_url(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        AmqpTransport::connect(AmqpConfig::from_url(&url)?).await
+    });
+    suite(url, Some(Arc::new(main))).with_broker_control(control)
+}
+
+/// The URL of the controlled broker: short timeouts and reconnection delays.
+fn control_url(base: &str) -> String {
+    format!("{base}?reconnect_max_delay_ms=1000&command_timeout_ms=5000&connect_timeout_ms=2000")
 }
 
 #[async_trait]
@@ -48,11 +92,7 @@ impl BrokerControl for RabbitNode {
     type Transport = AmqpTransport;
 
     async fn connect(&self) -> evbus::Result<AmqpTransport> {
-        let url = format!(
-            "{}?reconnect_max_delay_ms=1000&command_timeout_ms=5000&connect_timeout_ms=2000",
-            self.url()
-        );
-        AmqpTransport::connect(AmqpConfig::from_url(&url)?).await
+        AmqpTransport::connect(AmqpConfig::from_url(&control_url(&self.url()))?).await
     }
 
     async fn interrupt(&self) -> evbus::Result<()> {

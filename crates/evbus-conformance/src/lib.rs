@@ -35,6 +35,8 @@ use async_trait::async_trait;
 use futures::FutureExt;
 
 mod cases;
+#[cfg(feature = "containers")]
+pub mod container;
 mod harness;
 pub mod process;
 mod report;

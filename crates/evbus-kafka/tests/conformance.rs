@@ -13,11 +13,15 @@
 mod support;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
+use evbus_conformance::container::{
+    self, BrokerContainer, ContainerControl, ContainerSpec, Outage,
+};
 use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_kafka::{KafkaConfig, KafkaTransport};
 use rdkafka::ClientConfig;
@@ -28,31 +32,71 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::{TansuBehindProxy, kafka_url, test_config};
 
 fn main() -> ExitCode {
-    let url = kafka_url();
-    evbus_conformance::main(move || {
-        let raw = RawKafka::new(&url);
-        let suite = Suite::new("kafka", move || {
-            let url = url.clone();
-            async move { KafkaTransport::connect(test_config(&url)?).await }
-        });
-        let suite = match raw {
-            Ok(raw) => suite.with_raw_producer(raw),
-            Err(e) => {
-                eprintln!("WARNING: no raw Kafka producer for the foreign-message case: {e}");
-                suite
-            }
-        };
-        let started = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(TansuBehindProxy::start())
-        });
-        match started {
-            Ok(broker) => suite.with_broker_control(Controlled(broker)),
-            Err(e) => {
-                eprintln!("WARNING: cannot start a tansu behind a proxy for the outage cases: {e}");
-                suite
+    evbus_conformance::main(|| match container::image_from_env() {
+        Some(image) => in_containers(image),
+        None => {
+            let suite = suite(kafka_url(), None);
+            let started = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(TansuBehindProxy::start())
+            });
+            match started {
+                Ok(broker) => suite.with_broker_control(Controlled(broker)),
+                Err(e) => {
+                    eprintln!(
+                        "WARNING: cannot start a tansu behind a proxy for the outage cases: {e}"
+                    );
+                    suite
+                }
             }
         }
     })
+}
+
+/// The suite against the broker at `url`, with a raw producer. The suite keeps `container`
+/// (the broker at `url` in container mode) until it is dropped, which removes it.
+fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<KafkaTransport> {
+    let raw = RawKafka::new(&url);
+    let suite = Suite::new("kafka", move || {
+        let _owned = &container;
+        let url = url.clone();
+        async move { KafkaTransport::connect(test_config(&url)?).await }
+    });
+    match raw {
+        Ok(raw) => suite.with_raw_producer(raw),
+        Err(e) => {
+            eprintln!("WARNING: no raw Kafka producer for the foreign-message case: {e}");
+            suite
+        }
+    }
+}
+
+/// Container mode (`EVBUS_CONFORMANCE_IMAGE`, see `docker/tansu`): one container for the
+/// suite, another for the outage cases. tansu keeps its data in memory, so the outage pauses
+/// the container (every process frozen, its memory kept) instead of restarting it. tansu
+/// advertises its own address, so each container listens on the same port inside as the
+/// host port it is published on (`TANSU_PORT`).
+fn in_containers(image: String) -> Suite<KafkaTransport> {
+    let spec = ContainerSpec::new(image, 9092)
+        .same_port_inside("TANSU_PORT")
+        .outage(Outage::Pause);
+    let mut started = container::start_or_exit("kafka", vec![spec.clone(), spec]);
+    let controlled = started.pop().expect("two containers");
+    let main = started.pop().expect("two containers");
+    let url = format!("kafka://127.0.0.1:{}", main.host_port());
+    println!(
+        "container mode: the suite runs against {} at {url}",
+        main.name()
+    );
+    let control = ContainerControl::new(controlled, |port| async move {
+        let url = control_url(&format!("kafka://127.0.0.1:{port}"));
+        KafkaTransport::connect(test_config(&url)?).await
+    });
+    suite(url, Some(Arc::new(main))).with_broker_control(control)
+}
+
+/// The URL of the controlled broker: a short operation timeout.
+fn control_url(base: &str) -> String {
+    format!("{base}?operation_timeout_ms=5000")
 }
 
 /// The harness's own tansu, cut off and let through by its proxy.
@@ -63,8 +107,7 @@ impl BrokerControl for Controlled {
     type Transport = KafkaTransport;
 
     async fn connect(&self) -> evbus::Result<KafkaTransport> {
-        let url = format!("{}?operation_timeout_ms=5000", self.0.url());
-        KafkaTransport::connect(test_config(&url)?).await
+        KafkaTransport::connect(test_config(&control_url(&self.0.url()))?).await
     }
 
     async fn interrupt(&self) -> evbus::Result<()> {

@@ -13,40 +13,77 @@
 mod support;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
+use evbus_conformance::container::{self, BrokerContainer, ContainerControl, ContainerSpec};
 use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_nats::{NatsConfig, NatsTransport};
 use support::{NatsServer, io_error};
 
 fn main() -> ExitCode {
-    let url =
-        std::env::var("EVBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-    evbus_conformance::main(move || {
-        let raw = NatsConfig::from_url(&url).map(|config| RawNats {
-            url: config.url,
-            subject_prefix: config.subject_prefix,
-        });
-        let suite = Suite::new("nats", move || {
-            let url = url.clone();
-            async move { NatsTransport::connect(NatsConfig::from_url(&url)?).await }
-        });
-        let suite = match raw {
-            Ok(raw) => suite.with_raw_producer(raw),
-            Err(e) => {
-                eprintln!("WARNING: no raw NATS producer for the foreign-message case: {e}");
-                suite
-            }
-        };
-        match NatsServer::start() {
-            Ok(server) => suite.with_broker_control(server),
-            Err(e) => {
-                eprintln!("WARNING: cannot start a nats-server for the outage cases: {e}");
-                suite
+    evbus_conformance::main(|| match container::image_from_env() {
+        Some(image) => in_containers(image),
+        None => {
+            let url = std::env::var("EVBUS_NATS_URL")
+                .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+            let suite = suite(url, None);
+            match NatsServer::start() {
+                Ok(server) => suite.with_broker_control(server),
+                Err(e) => {
+                    eprintln!("WARNING: cannot start a nats-server for the outage cases: {e}");
+                    suite
+                }
             }
         }
     })
+}
+
+/// The suite against the server at `url`, with a raw producer. The suite keeps `container`
+/// (the server at `url` in container mode) until it is dropped, which removes it.
+fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<NatsTransport> {
+    let raw = NatsConfig::from_url(&url).map(|config| RawNats {
+        url: config.url,
+        subject_prefix: config.subject_prefix,
+    });
+    let suite = Suite::new("nats", move || {
+        let _owned = &container;
+        let url = url.clone();
+        async move { NatsTransport::connect(NatsConfig::from_url(&url)?).await }
+    });
+    match raw {
+        Ok(raw) => suite.with_raw_producer(raw),
+        Err(e) => {
+            eprintln!("WARNING: no raw NATS producer for the foreign-message case: {e}");
+            suite
+        }
+    }
+}
+
+/// Container mode (`EVBUS_CONFORMANCE_IMAGE`, see `docker/nats`): one container for the
+/// suite, another for the outage cases, killed with SIGKILL and started again on its file
+/// store.
+fn in_containers(image: String) -> Suite<NatsTransport> {
+    let spec = ContainerSpec::new(image, 4222);
+    let mut started = container::start_or_exit("nats", vec![spec.clone(), spec]);
+    let controlled = started.pop().expect("two containers");
+    let main = started.pop().expect("two containers");
+    let url = format!("nats://127.0.0.1:{}", main.host_port());
+    println!(
+        "container mode: the suite runs against {} at {url}",
+        main.name()
+    );
+    let control = ContainerControl::new(controlled, |port| async move {
+        let url = control_url(&format!("nats://127.0.0.1:{port}"));
+        NatsTransport::connect(NatsConfig::from_url(&url)?).await
+    });
+    suite(url, Some(Arc::new(main))).with_broker_control(control)
+}
+
+/// The URL of the controlled server: short timeouts and reconnection delays.
+fn control_url(base: &str) -> String {
+    format!("{base}?reconnect_max_delay_ms=250&request_timeout_ms=2000")
 }
 
 #[async_trait]
@@ -54,11 +91,7 @@ impl BrokerControl for NatsServer {
     type Transport = NatsTransport;
 
     async fn connect(&self) -> evbus::Result<NatsTransport> {
-        let url = format!(
-            "{}?reconnect_max_delay_ms=250&request_timeout_ms=2000",
-            self.url()
-        );
-        NatsTransport::connect(NatsConfig::from_url(&url)?).await
+        NatsTransport::connect(NatsConfig::from_url(&control_url(&self.url()))?).await
     }
 
     async fn interrupt(&self) -> evbus::Result<()> {

@@ -13,37 +13,73 @@
 mod support;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
+use evbus_conformance::container::{self, BrokerContainer, ContainerControl, ContainerSpec};
 use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_redis::{RedisConfig, RedisTransport};
 use support::{RedisServer, io_error};
 
 fn main() -> ExitCode {
-    let url =
-        std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    evbus_conformance::main(move || {
-        let raw = RawRedis::new(&url);
-        let suite = Suite::new("redis", move || {
-            let url = url.clone();
-            async move { RedisTransport::connect(RedisConfig::from_url(&url)?).await }
-        });
-        let suite = match raw {
-            Ok(raw) => suite.with_raw_producer(raw),
-            Err(e) => {
-                eprintln!("WARNING: no raw Redis producer for the foreign-message case: {e}");
-                suite
-            }
-        };
-        match RedisServer::start() {
-            Ok(server) => suite.with_broker_control(server),
-            Err(e) => {
-                eprintln!("WARNING: cannot start a redis-server for the outage cases: {e}");
-                suite
+    evbus_conformance::main(|| match container::image_from_env() {
+        Some(image) => in_containers(image),
+        None => {
+            let url = std::env::var("EVBUS_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let suite = suite(url, None);
+            match RedisServer::start() {
+                Ok(server) => suite.with_broker_control(server),
+                Err(e) => {
+                    eprintln!("WARNING: cannot start a redis-server for the outage cases: {e}");
+                    suite
+                }
             }
         }
     })
+}
+
+/// The suite against the Redis at `url`, with a raw producer. The suite keeps `container`
+/// (the broker at `url` in container mode) until it is dropped, which removes it.
+fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<RedisTransport> {
+    let raw = RawRedis::new(&url);
+    let suite = Suite::new("redis", move || {
+        let _owned = &container;
+        let url = url.clone();
+        async move { RedisTransport::connect(RedisConfig::from_url(&url)?).await }
+    });
+    match raw {
+        Ok(raw) => suite.with_raw_producer(raw),
+        Err(e) => {
+            eprintln!("WARNING: no raw Redis producer for the foreign-message case: {e}");
+            suite
+        }
+    }
+}
+
+/// Container mode (`EVBUS_CONFORMANCE_IMAGE`, see `docker/redis`): one container for the
+/// suite, another for the outage cases, killed with SIGKILL and started again (the image
+/// syncs its append-only file on every write).
+fn in_containers(image: String) -> Suite<RedisTransport> {
+    let spec = ContainerSpec::new(image, 6379);
+    let mut started = container::start_or_exit("redis", vec![spec.clone(), spec]);
+    let controlled = started.pop().expect("two containers");
+    let main = started.pop().expect("two containers");
+    let url = format!("redis://127.0.0.1:{}", main.host_port());
+    println!(
+        "container mode: the suite runs against {} at {url}",
+        main.name()
+    );
+    let control = ContainerControl::new(controlled, |port| async move {
+        RedisTransport::connect(RedisConfig::from_url(&control_url(port))?).await
+    });
+    suite(url, Some(Arc::new(main))).with_broker_control(control)
+}
+
+/// The URL of the controlled broker: short timeouts and reconnection delays.
+fn control_url(port: u16) -> String {
+    format!("redis://127.0.0.1:{port}?reconnect_max_delay_ms=1000&command_timeout_ms=2000")
 }
 
 #[async_trait]
@@ -51,11 +87,7 @@ impl BrokerControl for RedisServer {
     type Transport = RedisTransport;
 
     async fn connect(&self) -> evbus::Result<RedisTransport> {
-        let url = format!(
-            "redis://127.0.0.1:{}?reconnect_max_delay_ms=1000&command_timeout_ms=2000",
-            self.port()
-        );
-        RedisTransport::connect(RedisConfig::from_url(&url)?).await
+        RedisTransport::connect(RedisConfig::from_url(&control_url(self.port()))?).await
     }
 
     async fn interrupt(&self) -> evbus::Result<()> {

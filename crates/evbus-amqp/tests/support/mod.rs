@@ -26,7 +26,7 @@ const CTL: &[&str] = &["/usr/lib/rabbitmq/bin/rabbitmqctl", "rabbitmqctl"];
 /// it confirmed, which are on disk under the old member) is stuck for good: `leader call -
 /// leader not known` in the log. Newer Ra syncs the registry on every change (rabbitmq/ra
 /// pull request 443). See the crate README, "Broker gaps".
-const SYNC_RA_REGISTRY: &str = "[ok = dets:sync(maps:get(directory_rev, maps:get(names, \
+pub const SYNC_RA_REGISTRY: &str = "[ok = dets:sync(maps:get(directory_rev, maps:get(names, \
     ra_system:fetch(S)))) || S <- [quorum_queues, coordination], ra_system:fetch(S) =/= undefined].";
 
 /// A RabbitMQ node owned by this harness: started on free ports with its data in a
