@@ -624,15 +624,21 @@ async fn values_redacted_through_arrays_leave_on_no_stream_and_no_webhook() {
 async fn serve_seals_webhook_secrets_with_the_key_from_its_environment() {
     let run = |data: &std::path::Path, key: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_evbus"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--webhook-allow", "127.0.0.0/8"])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--schemas")
-            .arg(support::schemas())
-            .env_remove("EVBUS_SECRETS_KEY")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--webhook-allow",
+            "127.0.0.0/8",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--schemas")
+        .arg(support::schemas())
+        .env_remove("EVBUS_SECRETS_KEY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
         if let Some(key) = key {
             cmd.env("EVBUS_SECRETS_KEY", key);
         }
@@ -641,7 +647,15 @@ async fn serve_seals_webhook_secrets_with_the_key_from_its_environment() {
     let root = support::temp_dir("abuse-sealed");
     let data = root.join("data");
     let out = Command::new(env!("CARGO_BIN_EXE_evbus"))
-        .args(["keys", "create", "--name", "crm", "--subscribe", ORDERS, "--data-dir"])
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "crm",
+            "--subscribe",
+            ORDERS,
+            "--data-dir",
+        ])
         .arg(&data)
         .output()
         .unwrap();
@@ -652,7 +666,10 @@ async fn serve_seals_webhook_secrets_with_the_key_from_its_environment() {
     let out = run(&data, Some("QZXnot-a-key")).output().unwrap();
     let stderr = support::text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("EVBUS_SECRETS_KEY") && !stderr.contains("QZX"), "{stderr}");
+    assert!(
+        stderr.contains("EVBUS_SECRETS_KEY") && !stderr.contains("QZX"),
+        "{stderr}"
+    );
 
     // A good key: the secret of a registered webhook is nowhere in the data files.
     let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="; // bytes 0..32, base64
@@ -685,7 +702,10 @@ async fn serve_seals_webhook_secrets_with_the_key_from_its_environment() {
     let out = run(&data, None).output().unwrap();
     let stderr = support::text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("sealed") && stderr.contains("EVBUS_SECRETS_KEY"), "{stderr}");
+    assert!(
+        stderr.contains("sealed") && stderr.contains("EVBUS_SECRETS_KEY"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(root);
 }
 
