@@ -230,6 +230,7 @@ pub(crate) fn amqp_url() -> String {
 
 /// The PostgreSQL server the postgres loops use: `EVBUS_POSTGRES_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/test`.
+#[cfg(feature = "sql")]
 pub(crate) fn postgres_url() -> String {
     std::env::var("EVBUS_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
