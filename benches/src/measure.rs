@@ -9,6 +9,11 @@
 //!   (each awaited until the broker accepted it) → publish throughput; then attach the
 //!   consumer and drain → consume throughput, from the first event received to the last
 //!   (attaching is not counted: on Kafka it is a consumer-group join of seconds);
+//! - *publish-c64*: 64 tasks publish `burst_events` through one client (`Bus`, `Topic`, the
+//!   raw client's one connection), each awaiting its own publish → publish throughput; the
+//!   events are then consumed (untimed) and must all arrive;
+//! - *publish-batch*: the same in batches of 100 (`emit_batch`, `publish_batch`, the raw
+//!   client's pipeline or batch of in-flight sends);
 //! - *live*: the consumer is attached before the first publish; publish `events` → events/s
 //!   from the first publish to the last receipt;
 //! - *latency*: the consumer is attached; publish `latency_events` at a fixed offered rate
@@ -23,7 +28,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::carriers::{self, AMQP_BUILT, Carrier, KAFKA_BUILT, LOOPS, NATS_BUILT, SQL_BUILT};
+use crate::carriers::{
+    self, AMQP_BUILT, BURST_BATCH, BURST_TASKS, Burst, Carrier, KAFKA_BUILT, LOOPS, NATS_BUILT,
+    SQL_BUILT,
+};
 use crate::env::Environment;
 use crate::sample::{Generator, Recorder, SIZES};
 
@@ -69,6 +77,10 @@ pub(crate) struct Plan {
     /// Whether the latency run is made (not with `--quick` on Kafka, as for `live`).
     #[serde(default = "yes")]
     pub(crate) latency: bool,
+    /// Events per `publish-c64` and `publish-batch` run (more than `events`: with many
+    /// publishes in flight a run of `events` is over in milliseconds).
+    #[serde(default)]
+    pub(crate) burst_events: usize,
 }
 
 fn yes() -> bool {
@@ -94,7 +106,16 @@ fn plan(adapter: &str, quick: bool, rounds: Option<usize>) -> Plan {
         (_, true) => (200, 100, 200),
     };
     let kafka_quick = quick && adapter == "kafka";
+    let burst_events = match (adapter, quick) {
+        ("memory" | "redis" | "nats", false) => 20_000,
+        ("memory" | "redis" | "nats", true) => 5_000,
+        ("kafka", false) => 10_000,
+        ("kafka", true) => 3_000,
+        (_, false) => 5_000,
+        (_, true) => 2_000,
+    };
     Plan {
+        burst_events,
         events,
         latency_events,
         latency_rate,
@@ -179,6 +200,12 @@ pub(crate) fn verdict_of(raw: &Stat, bus: &Stat) -> &'static str {
 pub(crate) struct LoopRounds {
     /// Publish throughput of the backlog runs, events/s.
     pub(crate) publish: Vec<f64>,
+    /// Publish throughput with [`BURST_TASKS`] tasks publishing at once, events/s.
+    #[serde(default)]
+    pub(crate) publish_c64: Vec<f64>,
+    /// Publish throughput in batches of [`BURST_BATCH`], events/s.
+    #[serde(default)]
+    pub(crate) publish_batch: Vec<f64>,
     /// Consume (drain) throughput of the backlog runs, events/s.
     pub(crate) consume: Vec<f64>,
     /// Live throughput (consumer attached first), events/s.
@@ -247,10 +274,29 @@ pub(crate) struct SizeResult {
     pub(crate) loops: BTreeMap<String, LoopRounds>,
     /// Publish throughput compared.
     pub(crate) publish: Comparison,
+    /// Publish throughput with [`BURST_TASKS`] tasks at once compared (`publish-c64`).
+    #[serde(default)]
+    pub(crate) publish_c64: Option<Comparison>,
+    /// Publish throughput in batches of [`BURST_BATCH`] compared (`publish-batch`).
+    #[serde(default)]
+    pub(crate) publish_batch: Option<Comparison>,
     /// Consume throughput compared.
     pub(crate) consume: Comparison,
     /// Latency p50 / p99 / p99.9 per loop, µs.
     pub(crate) latency: BTreeMap<String, [Stat; 3]>,
+}
+
+impl SizeResult {
+    /// The `publish-c64` and `publish-batch` comparisons this result has (none in results
+    /// written before they were measured).
+    pub(crate) fn bursts(&self) -> impl Iterator<Item = (&'static str, &Comparison)> {
+        [
+            ("publish-c64", self.publish_c64.as_ref()),
+            ("publish-batch", self.publish_batch.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(what, c)| c.map(|c| (what, c)))
+    }
 }
 
 /// One adapter's results.
@@ -525,6 +571,18 @@ async fn run_adapter(adapter: &str, plan: Plan) -> Result<AdapterResult> {
                     &bus.publish,
                     &raw.publish_broker_wait,
                 ),
+                publish_c64: Some(Comparison::new(
+                    &raw.publish_c64,
+                    &adapter.publish_c64,
+                    &bus.publish_c64,
+                    &[],
+                )),
+                publish_batch: Some(Comparison::new(
+                    &raw.publish_batch,
+                    &adapter.publish_batch,
+                    &bus.publish_batch,
+                    &[],
+                )),
                 consume: Comparison::new(
                     &raw.consume,
                     &adapter.consume,
@@ -570,6 +628,25 @@ async fn one_loop(
             into,
         )
         .await?;
+        for (burst, into) in [
+            (Burst::Tasks(BURST_TASKS), &mut into.publish_c64),
+            (Burst::Batch(BURST_BATCH), &mut into.publish_batch),
+        ] {
+            let tag = match burst {
+                Burst::Tasks(_) => "c",
+                Burst::Batch(_) => "B",
+            };
+            let rate = publish_burst(
+                carrier,
+                generator,
+                size,
+                plan.burst_events.max(1),
+                burst,
+                &format!("{run}{tag}"),
+            )
+            .await?;
+            into.push(rate);
+        }
         if plan.live {
             live(
                 carrier,
@@ -639,6 +716,41 @@ async fn backlog(
     into.consume_broker_wait
         .push(consume_waited.as_secs_f64() / drained.as_secs_f64());
     Ok(())
+}
+
+/// Publishes `events` in one [`Burst`] and returns the publish rate, events/s. The events are
+/// then consumed (not timed): a burst that loses or mangles events is an error, not a rate.
+async fn publish_burst(
+    carrier: &mut dyn Carrier,
+    generator: &Generator,
+    size: usize,
+    events: usize,
+    burst: Burst,
+    run: &str,
+) -> Result<f64> {
+    carrier.setup(run).await?;
+    let recorder = Recorder::new(events);
+    let payloads = (0..events as u64)
+        .map(|seq| serde_json::to_value(generator.sample(seq, size)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let started = Instant::now();
+    let published = carrier.publish_burst(payloads, burst).await;
+    let took = started.elapsed();
+    if let Err(e) = published {
+        carrier.teardown().await?;
+        return Err(format!("{burst:?}: {e}").into());
+    }
+    carrier.consume(Arc::clone(&recorder)).await?;
+    let drained = recorder.wait(drain_timeout(events)).await;
+    carrier.teardown().await?;
+    if !drained {
+        return Err(format!(
+            "{burst:?}: {} of {events} published events received",
+            recorder.count()
+        )
+        .into());
+    }
+    Ok(events as f64 / took.as_secs_f64())
 }
 
 async fn live(
@@ -749,13 +861,16 @@ fn print_adapter(r: &AdapterResult) {
         r.name, r.plan.events, r.plan.rounds
     );
     println!(
-        "{:<6} {:<8} {:<24} {:<24} {:<24} {:>7} {:>8}  verdict",
+        "{:<6} {:<13} {:<24} {:<24} {:<24} {:>7} {:>8}  verdict",
         "size", "measure", "raw", "adapter", "bus (evbus)", "bus/raw", "adp/raw"
     );
     for s in &r.sizes {
-        for (what, c) in [("publish", &s.publish), ("consume", &s.consume)] {
+        let rows = std::iter::once(("publish", &s.publish))
+            .chain(s.bursts())
+            .chain(std::iter::once(("consume", &s.consume)));
+        for (what, c) in rows {
             println!(
-                "{:<6} {:<8} {:<24} {:<24} {:<24} {:>7.2} {:>8.2}  {}{}",
+                "{:<6} {:<13} {:<24} {:<24} {:<24} {:>7.2} {:>8.2}  {}{}",
                 size_label(s.size),
                 what,
                 bmw(&c.raw, fmt_rate),
@@ -774,7 +889,7 @@ fn print_adapter(r: &AdapterResult) {
                 .unwrap_or_default()
         };
         println!(
-            "{:<6} {:<8} {:<24} {:<24} {:<24}",
+            "{:<6} {:<13} {:<24} {:<24} {:<24}",
             size_label(s.size),
             "live",
             bmw(&live("raw"), fmt_rate),
@@ -784,7 +899,7 @@ fn print_adapter(r: &AdapterResult) {
         for (i, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
             let get = |l: &str| s.latency.get(l).map(|x| x[i]).unwrap_or_default();
             println!(
-                "{:<6} {:<8} {:<24} {:<24} {:<24}",
+                "{:<6} {:<13} {:<24} {:<24} {:<24}",
                 size_label(s.size),
                 p,
                 bmw(&get("raw"), fmt_us),
@@ -800,6 +915,9 @@ fn print_adapter(r: &AdapterResult) {
     }
     for s in &r.sizes {
         println!("{}", script_line(&r.name, "publish", s.size, &s.publish));
+        for (what, c) in s.bursts() {
+            println!("{}", script_line(&r.name, what, s.size, c));
+        }
         println!("{}", script_line(&r.name, "consume", s.size, &s.consume));
     }
 }

@@ -186,6 +186,9 @@ fn markdown(run: &RunResult, callgrind: Option<&Value>, notes: Option<&str>, svg
                 "{}",
                 script_line(&a.name, "publish", s.size, &s.publish)
             );
+            for (what, c) in s.bursts() {
+                let _ = writeln!(md, "{}", script_line(&a.name, what, s.size, c));
+            }
             let _ = writeln!(
                 md,
                 "{}",
@@ -218,9 +221,9 @@ fn adapter_section(md: &mut String, a: &AdapterResult) {
     let p = &a.plan;
     let _ = writeln!(
         md,
-        "### {}\n\n{} events per throughput run, {} rounds; latency: {} events offered at \
-         {}/s; {:.0} s in all.\n",
-        a.name, p.events, p.rounds, p.latency_events, p.latency_rate, a.seconds
+        "### {}\n\n{} events per throughput run ({} per publish-c64 and publish-batch run), {} \
+         rounds; latency: {} events offered at {}/s; {:.0} s in all.\n",
+        a.name, p.events, p.burst_events, p.rounds, p.latency_events, p.latency_rate, a.seconds
     );
     let _ = writeln!(
         md,
@@ -228,7 +231,10 @@ fn adapter_section(md: &mut String, a: &AdapterResult) {
          |---|---|---|---|---|---|---|---|"
     );
     for s in &a.sizes {
-        for (what, c) in [("publish", &s.publish), ("consume", &s.consume)] {
+        let rows = std::iter::once(("publish", &s.publish))
+            .chain(s.bursts())
+            .chain(std::iter::once(("consume", &s.consume)));
+        for (what, c) in rows {
             let _ = writeln!(
                 md,
                 "| {} | {what} | {} | {} | {} | {:.2} | {:.2} | {} |",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use evbus::bus::{Bus, HandlerHandle, Message};
+use evbus::bus::{Bus, Emit, HandlerHandle, Message};
 use evbus::{
     Catalog, ConsumerOptions, Event, StartPosition, SubscribeOptions, Subscription, Topic,
     Transport,
@@ -14,7 +14,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
-use super::{CONCURRENCY, Carrier, Connect, GROUP};
+use super::{Burst, CONCURRENCY, Carrier, Connect, GROUP, in_tasks};
 use crate::Result;
 use crate::sample::{EVENT_TYPE, Recorder, SOURCE, Sample, decode, schema};
 
@@ -80,6 +80,36 @@ impl Carrier for AdapterLoop {
         let topic = self.topic.as_ref().ok_or("adapter loop: not set up")?;
         topic.publish(&event).await?;
         Ok(())
+    }
+
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let topic = Arc::clone(self.topic.as_ref().ok_or("adapter loop: not set up")?);
+        let event =
+            |data: &serde_json::Value| Event::builder(EVENT_TYPE, SOURCE).json(data)?.build();
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let topic = Arc::clone(&topic);
+                    async move {
+                        let event = Event::builder(EVENT_TYPE, SOURCE).json(&data)?.build()?;
+                        topic.publish(&event).await?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                for chunk in payloads.chunks(size.max(1)) {
+                    let events = chunk.iter().map(event).collect::<evbus::Result<Vec<_>>>()?;
+                    topic.publish_batch(&events).await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {
@@ -194,6 +224,37 @@ impl Carrier for BusLoop {
         let bus = self.bus.as_ref().ok_or("bus loop: not set up")?;
         bus.emit(EVENT_TYPE, serde_json::to_value(sample)?).await?;
         Ok(())
+    }
+
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let bus = self.bus.clone().ok_or("bus loop: not set up")?;
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let bus = bus.clone();
+                    async move {
+                        bus.emit(EVENT_TYPE, data).await?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                let mut payloads = payloads.into_iter().peekable();
+                while payloads.peek().is_some() {
+                    let batch = payloads
+                        .by_ref()
+                        .take(size.max(1))
+                        .map(|data| Emit::new(EVENT_TYPE, data));
+                    bus.emit_batch(batch).await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {

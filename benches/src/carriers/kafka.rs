@@ -18,7 +18,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::task::JoinHandle;
 
-use super::{Carrier, GROUP};
+use super::{Burst, Carrier, GROUP, in_tasks};
 use crate::Result;
 use crate::sample::{BrokerWait, Recorder, Sample, decode};
 
@@ -124,6 +124,55 @@ impl Carrier for RawKafka {
             .map_err(|(e, _)| e)?;
         self.wait.add(started);
         Ok(())
+    }
+
+    /// Tasks: each task awaits its own `FutureProducer::send`, so up to that many records
+    /// are in flight and librdkafka batches them (the throughput pattern of rdkafka's
+    /// examples). Batches: every record of a batch sent, then all awaited.
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let producer = self.producer.clone().ok_or("raw kafka: not set up")?;
+        let topic = self.topic.clone();
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let (producer, topic) = (producer.clone(), topic.clone());
+                    async move {
+                        let bytes = serde_json::to_vec(&data)?;
+                        producer
+                            .send(
+                                FutureRecord::<(), _>::to(&topic).payload(&bytes),
+                                Duration::from_secs(30),
+                            )
+                            .await
+                            .map_err(|(e, _)| e)?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                for chunk in payloads.chunks(size.max(1)) {
+                    let bodies = chunk
+                        .iter()
+                        .map(serde_json::to_vec)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let sends = bodies.iter().map(|bytes| {
+                        producer.send(
+                            FutureRecord::<(), _>::to(&topic).payload(bytes),
+                            Duration::from_secs(30),
+                        )
+                    });
+                    for sent in futures::future::join_all(sends).await {
+                        sent.map_err(|(e, _)| e)?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {

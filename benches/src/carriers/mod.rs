@@ -41,6 +41,11 @@ pub(crate) trait Carrier: Send {
     async fn setup(&mut self, run: &str) -> Result<()>;
     /// Publishes one event; returns once the broker accepted it.
     async fn publish(&mut self, sample: &Sample<'_>) -> Result<()>;
+    /// Publishes every payload (samples as JSON values, each loop serialising its own) the
+    /// way a busy service does ([`Burst`]): from many tasks at once, or in batches; returns
+    /// once the broker accepted all of them.
+    async fn publish_burst(&mut self, payloads: Vec<serde_json::Value>, burst: Burst)
+    -> Result<()>;
     /// Attaches the consumer (in a task); every event it receives is decoded and recorded.
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()>;
     /// Stops the consumer and deletes what `setup` created.
@@ -49,6 +54,51 @@ pub(crate) trait Carrier: Send {
     fn take_broker_wait(&mut self) -> Duration {
         Duration::ZERO
     }
+}
+
+/// How [`Carrier::publish_burst`] publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Burst {
+    /// This many tasks publish at once through one client (one `Bus`, one `Topic`), each
+    /// awaiting its own publish, as the handlers of concurrent requests of a web service do.
+    Tasks(usize),
+    /// Batches of this many events, one batch awaited at a time (`emit_batch`,
+    /// `publish_batch`, a pipeline of the raw client).
+    Batch(usize),
+}
+
+/// The concurrency of the `publish-c64` rows.
+pub(crate) const BURST_TASKS: usize = 64;
+/// The batch size of the `publish-batch` rows.
+pub(crate) const BURST_BATCH: usize = 100;
+
+/// Runs `publish` on every item from `tasks` tasks at once, each taking the next item when
+/// its previous publish returned; the first error ends the run.
+pub(crate) async fn in_tasks<T, F, Fut>(items: Vec<T>, tasks: usize, publish: F) -> Result<()>
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let queue = Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let publish = Arc::new(publish);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..tasks.max(1) {
+        let (queue, publish) = (Arc::clone(&queue), Arc::clone(&publish));
+        set.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                match next {
+                    Some(item) => publish(item).await?,
+                    None => return Ok::<(), crate::Error>(()),
+                }
+            }
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        joined??;
+    }
+    Ok(())
 }
 
 /// Connects a fresh transport for one run.

@@ -28,7 +28,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 
-use super::{CONCURRENCY, Carrier, GROUP};
+use super::{Burst, CONCURRENCY, Carrier, GROUP, in_tasks};
 use crate::Result;
 use crate::sample::{BrokerWait, Recorder, Sample, decode};
 
@@ -149,6 +149,42 @@ impl Carrier for RawAmqp {
         }
     }
 
+    /// Tasks: each task publishes on the one confirm-mode channel and awaits its own
+    /// confirm. Batches: every message of a batch published, then the confirms awaited
+    /// together (RabbitMQ's "publish in batches" confirm strategy).
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let channel = self.publisher.clone().ok_or("raw amqp: not set up")?;
+        let exchange = self.exchange.clone();
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let (channel, exchange) = (channel.clone(), exchange.clone());
+                    async move {
+                        let confirm = publish_one(&channel, &exchange, &data).await?.await?;
+                        confirmed(confirm)
+                    }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                for chunk in payloads.chunks(size.max(1)) {
+                    let mut confirms = Vec::with_capacity(chunk.len());
+                    for data in chunk {
+                        confirms.push(publish_one(&channel, &exchange, data).await?);
+                    }
+                    for confirm in futures::future::join_all(confirms).await {
+                        confirmed(confirm?)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {
         let queue = self.queue.clone();
         let channel = self.connection().await?.create_channel().await?;
@@ -220,5 +256,32 @@ impl Carrier for RawAmqp {
 
     fn take_broker_wait(&mut self) -> Duration {
         self.wait.take()
+    }
+}
+
+/// Publishes one persistent message; the returned future is its confirm.
+async fn publish_one(
+    channel: &Channel,
+    exchange: &str,
+    data: &serde_json::Value,
+) -> Result<lapin::PublisherConfirm> {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(data)?,
+            properties,
+        )
+        .await?)
+}
+
+fn confirmed(confirm: Confirmation) -> Result<()> {
+    match confirm {
+        Confirmation::Ack(_) => Ok(()),
+        other => Err(format!("raw amqp: publish not confirmed: {other:?}").into()),
     }
 }

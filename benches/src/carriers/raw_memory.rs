@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::Carrier;
+use super::{Burst, Carrier, in_tasks};
 use crate::Result;
 use crate::sample::{Recorder, Sample, decode};
 
@@ -44,6 +44,38 @@ impl Carrier for RawMemory {
             .await
             .map_err(|_| "raw memory: the consumer is gone")?;
         Ok(())
+    }
+
+    /// Tasks: sends from every task on clones of the one channel sender. Batches: the
+    /// channel has no batch send, so a batch is its events sent one after another.
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let tx = self.tx.clone().ok_or("raw memory: not set up")?;
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(serde_json::to_vec(&data)?)
+                            .await
+                            .map_err(|_| "raw memory: the consumer is gone")?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Burst::Batch(_) => {
+                for data in payloads {
+                    tx.send(serde_json::to_vec(&data)?)
+                        .await
+                        .map_err(|_| "raw memory: the consumer is gone")?;
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {

@@ -34,7 +34,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
-use super::{CONCURRENCY, Carrier, GROUP};
+use super::{Burst, CONCURRENCY, Carrier, GROUP, in_tasks};
 use crate::Result;
 use crate::sample::{BrokerWait, Recorder, Sample, decode};
 
@@ -139,6 +139,58 @@ impl Carrier for RawNats {
             .await?;
         self.wait.add(started);
         Ok(())
+    }
+
+    /// Tasks: each task publishes and awaits its own PubAck on the one client. Batches:
+    /// every message of a batch published, then the acks awaited together (JetStream's
+    /// async-publish pattern).
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let js = self.js.clone().ok_or("raw nats: not set up")?;
+        let subject = self.subject.clone();
+        let first = self.published;
+        self.published += payloads.len() as u64;
+        // Unique per process, as evbus event ids are.
+        let prefix = format!("raw-{}-", self.stream);
+        let message = move |n: u64, data: &serde_json::Value| -> Result<PublishMessage> {
+            Ok(PublishMessage::build()
+                .payload(Bytes::from(serde_json::to_vec(data)?))
+                .message_id(format!("{prefix}{n}")))
+        };
+        let numbered: Vec<(u64, serde_json::Value)> = (first + 1..).zip(payloads).collect();
+        match burst {
+            Burst::Tasks(tasks) => {
+                let message = Arc::new(message);
+                in_tasks(numbered, tasks, move |(n, data)| {
+                    let (js, subject, message) =
+                        (js.clone(), subject.clone(), Arc::clone(&message));
+                    async move {
+                        js.send_publish(subject, message(n, &data)?).await?.await?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                for chunk in numbered.chunks(size.max(1)) {
+                    let mut acks = Vec::with_capacity(chunk.len());
+                    for (n, data) in chunk {
+                        acks.push(js.send_publish(subject.clone(), message(*n, data)?).await?);
+                    }
+                    for ack in futures::future::join_all(
+                        acks.into_iter().map(std::future::IntoFuture::into_future),
+                    )
+                    .await
+                    {
+                        ack?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use tokio::task::JoinHandle;
 
-use super::{CONCURRENCY, Carrier};
+use super::{Burst, CONCURRENCY, Carrier, in_tasks};
 use crate::Result;
 use crate::sample::{BrokerWait, Recorder, Sample, decode};
 
@@ -139,41 +139,40 @@ impl Carrier for RawSql {
         let body = serde_json::to_string(sample)?;
         let db = self.db.as_ref().ok_or("raw sql: not set up")?;
         let started = Instant::now();
-        match db {
-            Db::Postgres(pool) => {
-                sqlx::query(
-                    "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) \
-                       VALUES ('topic', 'raw', $1) RETURNING id) \
-                     INSERT INTO evbus_deliveries (part, event) SELECT $2, id FROM ev",
-                )
-                .bind(body)
-                .bind(self.part)
-                .execute(pool)
-                .await?;
-            }
-            Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let event: i64 = sqlx::query_scalar(
-                    "INSERT INTO evbus_events (kind, dest, body, created_at) \
-                     VALUES ('topic', 'raw', ?1, ?2) RETURNING id",
-                )
-                .bind(body)
-                .bind(ms_now())
-                .fetch_one(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
-                     VALUES (?1, ?2, 0, 0)",
-                )
-                .bind(self.part)
-                .bind(event)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-            }
-        }
+        insert_one(db, self.part, body).await?;
         self.wait.add(started);
         Ok(())
+    }
+
+    /// Tasks: one committed insert per publish from every task, on the one pool. Batches:
+    /// PostgreSQL inserts a batch with one statement over `unnest` of the bodies; SQLite in
+    /// one transaction.
+    async fn publish_burst(
+        &mut self,
+        payloads: Vec<serde_json::Value>,
+        burst: Burst,
+    ) -> Result<()> {
+        let db = self.db.clone().ok_or("raw sql: not set up")?;
+        let part = self.part;
+        match burst {
+            Burst::Tasks(tasks) => {
+                in_tasks(payloads, tasks, move |data| {
+                    let db = db.clone();
+                    async move { insert_one(&db, part, serde_json::to_string(&data)?).await }
+                })
+                .await
+            }
+            Burst::Batch(size) => {
+                for chunk in payloads.chunks(size.max(1)) {
+                    let bodies = chunk
+                        .iter()
+                        .map(serde_json::to_string)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    insert_many(&db, part, bodies).await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn consume(&mut self, recorder: Arc<Recorder>) -> Result<()> {
@@ -303,4 +302,77 @@ async fn ack(db: &Db, id: i64) -> std::result::Result<(), sqlx::Error> {
             .await
             .map(drop),
     }
+}
+
+/// One event and its delivery, committed.
+async fn insert_one(db: &Db, part: i64, body: String) -> Result<()> {
+    match db {
+        Db::Postgres(pool) => {
+            sqlx::query(
+                "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) \
+                   VALUES ('topic', 'raw', $1) RETURNING id) \
+                 INSERT INTO evbus_deliveries (part, event) SELECT $2, id FROM ev",
+            )
+            .bind(body)
+            .bind(part)
+            .execute(pool)
+            .await?;
+        }
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlite_insert(&mut tx, part, body).await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Several events and their deliveries, committed together.
+async fn insert_many(db: &Db, part: i64, bodies: Vec<String>) -> Result<()> {
+    match db {
+        Db::Postgres(pool) => {
+            sqlx::query(
+                "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) \
+                   SELECT 'topic', 'raw', b FROM unnest($1::text[]) WITH ORDINALITY AS t(b, n) \
+                   ORDER BY n RETURNING id) \
+                 INSERT INTO evbus_deliveries (part, event) SELECT $2, id FROM ev ORDER BY id",
+            )
+            .bind(bodies)
+            .bind(part)
+            .execute(pool)
+            .await?;
+        }
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            for body in bodies {
+                sqlite_insert(&mut tx, part, body).await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+async fn sqlite_insert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    part: i64,
+    body: String,
+) -> Result<()> {
+    let event: i64 = sqlx::query_scalar(
+        "INSERT INTO evbus_events (kind, dest, body, created_at) \
+         VALUES ('topic', 'raw', ?1, ?2) RETURNING id",
+    )
+    .bind(body)
+    .bind(ms_now())
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+         VALUES (?1, ?2, 0, 0)",
+    )
+    .bind(part)
+    .bind(event)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
