@@ -202,7 +202,8 @@ fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
         return Some(tail.to_ascii_lowercase());
     }
     let p = style.prefix;
-    if name.len() <= p.len() {
+    // A foreign header name may have a multi-byte character across the prefix's length.
+    if name.len() <= p.len() || !name.is_char_boundary(p.len()) {
         return None;
     }
     let (head, tail) = name.split_at(p.len());
