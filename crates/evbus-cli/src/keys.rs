@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use evbus_gateway::SqliteStore;
 
 use crate::failure::Failure;
 use crate::transport;
@@ -24,6 +23,10 @@ pub(crate) struct CreateArgs {
     /// The gateway's data directory (its SQLite state), as given to `evbus serve`.
     #[arg(long, value_name = "DIR", default_value = "./.evbus")]
     data_dir: PathBuf,
+    /// The gateway's store, as given to `evbus serve --store` (a postgres:// URL); also
+    /// EVBUS_STORE. Default: the SQLite state in --data-dir.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// A name for the key (who or what uses it).
     #[arg(long)]
     name: String,
@@ -50,7 +53,8 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<ExitCode, Failure> {
 fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
     let rt = transport::runtime()?;
     rt.block_on(async {
-        let store = SqliteStore::open_dir(&args.data_dir)
+        let location = crate::serve::store_location(args.store.as_deref());
+        let store = evbus_gateway::store::open(location.as_deref(), &args.data_dir, None)
             .await
             .map_err(Failure::new)?;
         let trim = |v: Vec<String>| -> Vec<String> {
@@ -60,7 +64,7 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
                 .collect()
         };
         let (_, key) = evbus_gateway::create_key(
-            &store,
+            store.as_ref(),
             &args.name,
             trim(args.subscribe),
             trim(args.publish),
@@ -69,7 +73,7 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
         )
         .await
         .map_err(Failure::new)?;
-        store.close().await;
+        drop(store);
         println!("{key}");
         Ok(ExitCode::SUCCESS)
     })

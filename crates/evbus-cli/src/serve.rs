@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use evbus::Bus;
-use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SecretsKey, SqliteStore, Store};
+use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SecretsKey};
 use ipnet::IpNet;
 
 use crate::failure::Failure;
@@ -25,6 +25,11 @@ pub(crate) struct ServeArgs {
     /// Directory of the gateway's state (SQLite: keys, webhooks, event log, attempts).
     #[arg(long, value_name = "DIR", default_value = "./.evbus")]
     data_dir: PathBuf,
+    /// Where the gateway keeps its state: `sqlite` (DATA_DIR/gateway.sqlite3, one process) or
+    /// postgres://USER@HOST:PORT/DATABASE[?schema=NAME] (default schema evbus_gateway), which
+    /// several `evbus serve` instances on one broker share. Also EVBUS_STORE. Default sqlite.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR", default_value = "examples/schemas")]
     schemas: PathBuf,
@@ -96,6 +101,29 @@ fn secrets_key() -> Result<Option<SecretsKey>, Failure> {
     }
 }
 
+/// Makes the data directory (0700) when the SQLite store did not (a PostgreSQL store with the
+/// default bus, whose file lives there).
+fn prepare_data_dir(dir: &std::path::Path) -> Result<(), Failure> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            Failure::new(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })
+}
+
+/// The store location: `--store`, else `EVBUS_STORE`, else the data directory's SQLite file.
+pub(crate) fn store_location(flag: Option<&str>) -> Option<String> {
+    flag.map(str::to_owned)
+        .or_else(|| std::env::var("EVBUS_STORE").ok())
+        .filter(|s| !s.trim().is_empty())
+}
+
 fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
     let mut nets = args.webhook_allow.clone();
     if let Ok(env) = std::env::var("EVBUS_WEBHOOK_ALLOW") {
@@ -131,21 +159,24 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         .ok();
     let rt = transport::runtime()?;
     rt.block_on(async {
-        let store = SqliteStore::open_dir(&args.data_dir)
-            .await
-            .map_err(Failure::new)?;
+        let location = store_location(args.store.as_deref());
         let key = secrets_key()?;
         let sealed_secrets = key.is_some();
-        let store = match key {
-            Some(key) => store.seal_secrets(key).await.map_err(Failure::new)?,
-            None => store,
-        };
+        let store = evbus_gateway::store::open(location.as_deref(), &args.data_dir, key)
+            .await
+            .map_err(Failure::new)?;
         let has_admin = store
             .list_keys()
             .await
             .map_err(Failure::new)?
             .iter()
             .any(|k| k.admin && k.revoked_at.is_none());
+        if location.is_some() && args.transport.is_none() {
+            eprintln!(
+                "warning: the store is shared but the bus is this process's own (sqlite in the data directory): several instances need one broker, given with --transport"
+            );
+            prepare_data_dir(&args.data_dir)?;
+        }
         // After the store: it made the data directory (0700) where bus.db lives.
         let transport = transport::connect(&transport_url).await?;
         let bus = Bus::new(transport, catalog, "/evbus-gateway");
@@ -153,7 +184,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         config.outbound = OutboundPolicy::new(allow);
         args.limits.apply(&mut config);
         let gateway =
-            Gateway::start_with_metrics(bus.clone(), Arc::new(store), config, metrics)
+            Gateway::start_with_metrics(bus.clone(), Arc::clone(&store), config, metrics)
                 .await
                 .map_err(Failure::new)?;
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -164,7 +195,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             "evbus gateway listening on http://{addr} (transport {}, schemas {}, state {})",
             evbus::registry::redact(&transport_url),
             args.schemas.display(),
-            args.data_dir.display()
+            evbus_gateway::store::describe(location.as_deref(), &args.data_dir)
         );
         eprintln!("external event types: {}", gateway.visibility().external_types().join(", "));
         if !sealed_secrets {
@@ -173,10 +204,12 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             );
         }
         if !has_admin {
+            let at = match &location {
+                Some(_) => "--store URL".to_owned(),
+                None => format!("--data-dir {}", args.data_dir.display()),
+            };
             eprintln!(
-                "no admin API key yet; create the first one with:\n  evbus keys create --data-dir {} --name admin --admin\n  (from the repository: cargo run -p evbus-cli -- keys create --data-dir {} --name admin --admin)",
-                args.data_dir.display(),
-                args.data_dir.display()
+                "no admin API key yet; create the first one with:\n  evbus keys create {at} --name admin --admin\n  (from the repository: cargo run -p evbus-cli -- keys create {at} --name admin --admin)"
             );
         }
         gateway

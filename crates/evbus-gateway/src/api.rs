@@ -31,7 +31,9 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
         .route(
             "/v1/webhooks/{id}",
-            get(webhooks::get).delete(webhooks::delete),
+            get(webhooks::get)
+                .patch(update_webhook)
+                .delete(webhooks::delete),
         )
         .route("/v1/webhooks/{id}/rotate-secret", post(webhooks::rotate))
         .route("/v1/webhooks/{id}/attempts", get(webhooks::attempts))
@@ -47,7 +49,8 @@ pub(crate) fn router(state: Arc<State>) -> Router {
     let streaming = Router::new().route("/v1/stream", get(stream::stream));
     let public = Router::new()
         .route("/healthz", get(healthz))
-        .route("/v1/openapi.json", get(openapi_doc));
+        .route("/v1/openapi.json", get(openapi_doc))
+        .merge(crate::portal::router());
     authed
         .merge(streaming)
         .route_layer(middleware::from_fn_with_state(
@@ -165,12 +168,31 @@ async fn event_types(
         .filter_map(|ty| catalog.get(ty))
         .map(|info| {
             let v = info.latest();
+            let schema = curation::curate_schema(v);
+            // Built from the curated schema, then curated like any outbound payload.
+            let example = curation::curate_data(v, crate::portal::example::example(&schema), None);
+            // The version history: external versions only, each curated by its own rules.
+            let versions: Vec<Value> = info
+                .versions()
+                .iter()
+                .filter(|old| old.external())
+                .map(|old| {
+                    json!({
+                        "version": old.version(),
+                        "dataschema": old.dataschema(),
+                        "description": old.description(),
+                        "schema": curation::curate_schema(old),
+                    })
+                })
+                .collect();
             json!({
                 "type": info.name(),
                 "version": v.version(),
                 "dataschema": v.dataschema(),
                 "description": v.description(),
-                "schema": curation::curate_schema(v),
+                "schema": schema,
+                "example": example,
+                "versions": versions,
             })
         })
         .collect();
@@ -450,4 +472,135 @@ async fn revoke_key(
     } else {
         Err(Problem::not_found("no such active key"))
     }
+}
+
+/// `PATCH /v1/webhooks/{id}`: changes the event types, the description or whether the
+/// endpoint is enabled (`true` re-enables a disabled endpoint and clears its failure state).
+/// Absent members are left as they are; `null` is refused like any other wrong type.
+async fn update_webhook(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, Problem> {
+    let cfg = &state.config;
+    if body.len() > cfg.max_webhook_body_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a webhook change may be at most {} bytes (max_webhook_body_bytes)",
+                cfg.max_webhook_body_bytes
+            ),
+        )
+        .with("limit", json!(cfg.max_webhook_body_bytes)));
+    }
+    // Ownership first (404 for a webhook of another key, whether or not it exists), through
+    // the same check as `GET /v1/webhooks/{id}`.
+    let _owned: Json<Value> = webhooks::get(
+        AxState(Arc::clone(&state)),
+        Extension(key.clone()),
+        Path(id.clone()),
+    )
+    .await?;
+    let Value::Object(mut change) = parse_json::<Value>(&body)? else {
+        return Err(Problem::bad_request(
+            "the request body must be a JSON object with `event_types`, `description` or `enabled`",
+        ));
+    };
+    let event_types = change.remove("event_types");
+    let description = change.remove("description");
+    let enabled = change.remove("enabled");
+    if !change.is_empty() {
+        return Err(Problem::bad_request(
+            "only `event_types`, `description` and `enabled` can be changed",
+        ));
+    }
+    let event_types: Option<Vec<String>> = match event_types {
+        None => None,
+        Some(v) => Some(serde_json::from_value(v).map_err(|_| {
+            Problem::bad_request("`event_types` must be an array of event type names")
+        })?),
+    };
+    let description = match description {
+        None => None,
+        Some(Value::String(d)) if d.chars().count() <= 1000 => Some(d),
+        Some(_) => {
+            return Err(Problem::bad_request(
+                "`description` must be a string of at most 1000 characters",
+            ));
+        }
+    };
+    let enabled = match enabled {
+        None => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(_) => return Err(Problem::bad_request("`enabled` must be true or false")),
+    };
+    if let Some(types) = &event_types {
+        if types.is_empty() {
+            return Err(Problem::bad_request(
+                "`event_types` must name at least one event type",
+            ));
+        }
+        if types.len() > cfg.max_types_per_webhook {
+            return Err(Problem::bad_request(format!(
+                "`event_types` may name at most {} event types (max_types_per_webhook)",
+                cfg.max_types_per_webhook
+            ))
+            .with("limit", json!(cfg.max_types_per_webhook)));
+        }
+        // Positions, not names: error bodies never quote request values.
+        let denied: Vec<usize> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !state.visibility.may_subscribe(&key, t))
+            .map(|(i, _)| i)
+            .collect();
+        if !denied.is_empty() {
+            return Err(Problem::forbidden(
+                "this key may not subscribe to some of these event types",
+            )
+            .with("denied_positions", json!(denied)));
+        }
+    }
+    let Some(mut webhook) = state.store.get_webhook(&id).await? else {
+        return Err(Problem::not_found("no such webhook"));
+    };
+    if let Some(types) = &event_types {
+        let mut types = types.clone();
+        types.sort();
+        types.dedup();
+        webhook.event_types = types;
+    }
+    if let Some(d) = &description {
+        webhook.description = d.clone();
+    }
+    match enabled {
+        Some(true) if !webhook.enabled => {
+            webhook.enabled = true;
+            webhook.disabled_reason = None;
+            webhook.failing_since = None;
+        }
+        Some(false) if webhook.enabled => {
+            webhook.enabled = false;
+            webhook.disabled_reason = Some("disabled by its owner".into());
+        }
+        _ => {}
+    }
+    state.store.update_webhook(&webhook).await?;
+    // Never a 200 for a change the store did not keep (a store must write every field).
+    let saved = state.store.get_webhook(&id).await?;
+    let kept = saved.as_ref().is_some_and(|w| {
+        w.event_types == webhook.event_types
+            && w.description == webhook.description
+            && w.enabled == webhook.enabled
+    });
+    if !kept {
+        return Err(Problem::internal(crate::StoreError(
+            "the store did not keep a webhook change (event types, description or enabled)".into(),
+        )));
+    }
+    if webhook.enabled {
+        state.dispatch.notify_one();
+    }
+    webhooks::get(AxState(state), Extension(key), Path(id)).await
 }

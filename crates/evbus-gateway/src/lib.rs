@@ -5,6 +5,7 @@ pub mod curation;
 mod datadir;
 pub mod keys;
 mod openapi;
+mod portal;
 pub mod problem;
 mod server;
 pub mod signing;
@@ -28,7 +29,9 @@ use tokio_util::task::TaskTracker;
 pub use keys::NewKey;
 pub use problem::Problem;
 pub use ssrf::{HostResolver, OutboundPolicy, SystemResolver};
-pub use store::{KeyRecord, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord};
+pub use store::{
+    KeyRecord, PostgresStore, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord,
+};
 
 /// The Bus group through which the gateway consumes external event types. Every gateway
 /// instance on one broker joins it, so each event is taken by one instance and queued once
@@ -77,6 +80,20 @@ pub struct GatewayConfig {
     pub max_in_flight_per_key: u32,
     /// How often the dispatcher looks for due deliveries when nothing wakes it. Default 1 s.
     pub poll_interval: Duration,
+    /// How long a claimed delivery belongs to the instance that claimed it: if that instance
+    /// dies mid-delivery, another instance sharing the store takes the delivery over once
+    /// the lease has run out. Never shorter than twice
+    /// [`delivery_timeout`](Self::delivery_timeout) plus 1 s (a shorter value is raised to
+    /// that), so a live attempt keeps its lease. Default 60 s.
+    pub delivery_lease: Duration,
+    /// With a shared store (PostgreSQL): how often an instance looks at the store for events
+    /// logged and keys revoked by the other instances, besides the store's push signals
+    /// (`LISTEN/NOTIFY`). It bounds how long an open stream of a key revoked through another
+    /// instance may go on when a signal is lost. Default 1 s.
+    pub shared_poll_interval: Duration,
+    /// Visibility timeout of the gateway's bus consumers: an event taken by an instance that
+    /// died before logging it goes to another instance after this long. Default 30 s.
+    pub bus_visibility_timeout: Duration,
     /// How long the previous secret keeps signing after a rotation. Default 24 h.
     pub secret_overlap: Duration,
     /// How long the event log keeps events (for stream resume and replay). Default 72 h.
@@ -131,6 +148,9 @@ impl Default for GatewayConfig {
             max_in_flight: 64,
             max_in_flight_per_key: 16,
             poll_interval: Duration::from_secs(1),
+            delivery_lease: Duration::from_secs(60),
+            shared_poll_interval: Duration::from_secs(1),
+            bus_visibility_timeout: Duration::from_secs(30),
             secret_overlap: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(72 * 3600),
             max_streams: 1_000,
@@ -290,7 +310,7 @@ impl State {
             store::Ingested::Logged(seq) => {
                 metrics::counter!("evbus_gateway_events_logged_total", "type" => curated.ty().to_owned())
                     .increment(1);
-                self.latest.send_replace(seq);
+                self.logged(seq);
                 self.dispatch.notify_one();
             }
             store::Ingested::Redelivered => {}
@@ -305,6 +325,16 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Moves the log position streams follow to `seq`: handlers of several types (and other
+    /// instances) log concurrently, so the position only moves forward.
+    fn logged(&self, seq: i64) {
+        self.latest.send_if_modified(|at| {
+            let newer = seq > *at;
+            *at = (*at).max(seq);
+            newer
+        });
     }
 
     fn visibility_catalog(&self) -> &Catalog {
@@ -373,7 +403,7 @@ impl Gateway {
             dispatch: Notify::new(),
             latest: watch::channel(latest).0,
             revocations: watch::channel(0).0,
-            fanout: stream::Fanout::new(config.stream_buffer_pages),
+            fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             streams: Arc::new(Semaphore::new(config.max_streams)),
             key_streams: Arc::default(),
@@ -398,6 +428,7 @@ impl Gateway {
                         }
                     },
                 )
+                .visibility_timeout(state.config.bus_visibility_timeout)
                 .start()
                 .await?;
             handlers.push(handle);
@@ -405,6 +436,9 @@ impl Gateway {
         state.tasks.spawn(webhooks::dispatcher(Arc::clone(&state)));
         state.tasks.spawn(webhooks::pruner(Arc::clone(&state)));
         state.tasks.spawn(stream::fanout(Arc::clone(&state)));
+        if state.store.shared() {
+            state.tasks.spawn(follow_store(Arc::clone(&state)));
+        }
         Ok(Gateway { state, handlers })
     }
 
@@ -460,6 +494,70 @@ impl Gateway {
             self.state.tasks.wait(),
         )
         .await;
+    }
+}
+
+/// With a shared store: follows what the other instances do. Events they log move the log
+/// position (streams and the fan-out read them) and wake the dispatcher; keys they revoke
+/// make open streams check their key at once. Signals come as the store pushes them
+/// ([`Store::signals`]), and the store is polled every
+/// [`GatewayConfig::shared_poll_interval`] besides, for signals lost.
+async fn follow_store(state: Arc<State>) {
+    let mut signals = match state.store.signals().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow the store's signals; polling it instead");
+            None
+        }
+    };
+    let mut revoked = state.store.revoked_keys().await.unwrap_or(0);
+    let every = state
+        .config
+        .shared_poll_interval
+        .max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let signal = tokio::select! {
+            _ = state.cancel.cancelled() => return,
+            _ = tick.tick() => None,
+            s = async {
+                match signals.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match s {
+                Some(s) => Some(s),
+                None => {
+                    // The signal task ended: polling alone from now on.
+                    signals = None;
+                    continue;
+                }
+            },
+        };
+        match signal {
+            Some(store::Signal::Logged(seq)) => {
+                state.logged(seq);
+                state.dispatch.notify_one();
+            }
+            Some(store::Signal::Revoked) => {
+                revoked = state.store.revoked_keys().await.unwrap_or(revoked);
+                state.revocations.send_modify(|n| *n += 1);
+            }
+            // A tick, or signals lost: look.
+            _ => {
+                match state.store.latest_seq().await {
+                    Ok(seq) => state.logged(seq),
+                    Err(e) => tracing::warn!(error = %e, "polling the shared store failed"),
+                }
+                if let Ok(n) = state.store.revoked_keys().await
+                    && n != revoked
+                {
+                    revoked = n;
+                    state.revocations.send_modify(|n| *n += 1);
+                }
+            }
+        }
     }
 }
 

@@ -168,7 +168,7 @@ pub(crate) fn document() -> Value {
                         &["403", "409", "422"],
                     ),
                     "CreateWebhook",
-                ), "createWebhook"), "201", &["getWebhook", "listAttempts", "replayWebhook", "rotateSecret", "deleteWebhook"]),
+                ), "createWebhook"), "201", &["getWebhook", "updateWebhook", "listAttempts", "replayWebhook", "rotateSecret", "deleteWebhook"]),
                 "get": named(op(
                     "This key's webhooks (all of them for an admin key)",
                     "any valid key",
@@ -179,6 +179,15 @@ pub(crate) fn document() -> Value {
             "/v1/webhooks/{id}": {
                 "parameters": id_param,
                 "get": named(op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["404"]), "getWebhook"),
+                "patch": named(with_body(
+                    op(
+                        "Change a webhook's event types or description, or enable or disable it (enabling clears its failure state)",
+                        "the key that registered it, or an admin key; a subscribe scope covering every event type named",
+                        ("200", json_ok("the webhook", schema("Webhook"))),
+                        &["403", "404"],
+                    ),
+                    "PatchWebhook",
+                ), "updateWebhook"),
                 "delete": named(op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["404"]), "deleteWebhook")
             },
             "/v1/webhooks/{id}/rotate-secret": {
@@ -274,10 +283,17 @@ fn schemas() -> Value {
                 {"type": ["number", "boolean", "null"]}
             ]}
         },
-        "EventType": {"type": "object", "required": ["type", "version", "schema"], "properties": {
+        "EventType": {"type": "object", "required": ["type", "version", "schema", "example", "versions"], "properties": {
             "type": {"type": "string"}, "version": {"type": "integer"},
             "dataschema": {"type": ["string", "null"]}, "description": {"type": ["string", "null"]},
-            "schema": {"type": "object"}
+            "schema": {"type": "object", "description": "the latest version's curated JSON Schema"},
+            "example": {"description": "an example payload built from the curated schema (and curated)"},
+            "versions": {"type": "array", "description": "the version history, oldest first: the external versions, each with its own curated schema", "items": {
+                "type": "object", "required": ["version", "dataschema", "schema"], "properties": {
+                    "version": {"type": "integer"}, "dataschema": {"type": "string"},
+                    "description": {"type": ["string", "null"]}, "schema": {"type": "object"}
+                }
+            }}
         }},
         "CreateWebhook": {"type": "object", "required": ["url", "event_types"], "additionalProperties": false,
             "examples": [{"url": "https://203.0.114.10/hooks/evbus", "event_types": ["afterOrderCreate"], "description": "ERP order import"}],
@@ -296,6 +312,14 @@ fn schemas() -> Value {
             "disabled_reason": {"type": ["string", "null"]},
             "failing_since": opt_time,
             "created_at": time
+        }},
+        "PatchWebhook": {"type": "object", "additionalProperties": false,
+            "description": "Members left out stay as they are.",
+            "examples": [{"event_types": ["afterOrderCreate", "afterOrderUpdate"]}, {"enabled": true}],
+            "properties": {
+            "event_types": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 50},
+            "description": {"type": "string", "maxLength": 1000},
+            "enabled": {"type": "boolean", "description": "true re-enables a disabled endpoint (its failure state cleared); false disables it"}
         }},
         "NewWebhook": {"allOf": [schema("Webhook"), {"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}}]},
         "RotatedSecret": {"type": "object", "required": ["id", "secret"], "properties": {

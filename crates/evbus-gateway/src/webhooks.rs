@@ -39,9 +39,7 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
         let room = cfg.max_in_flight.saturating_sub(total);
         if room > 0 {
             let now = State::now();
-            let lease = now
-                + chrono::Duration::from_std(cfg.delivery_timeout * 2 + Duration::from_secs(30))
-                    .unwrap_or_default();
+            let lease = now + chrono::Duration::from_std(lease(cfg)).unwrap_or_default();
             match state
                 .store
                 .claim_deliveries(
@@ -94,6 +92,13 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long a claimed delivery stays with this instance: the configured lease, at least twice
+/// the delivery timeout plus 1 s (the request, then the response body, each bounded by it).
+fn lease(cfg: &crate::GatewayConfig) -> Duration {
+    cfg.delivery_lease
+        .max(cfg.delivery_timeout * 2 + Duration::from_secs(1))
 }
 
 /// Drops old log entries once a minute.

@@ -57,6 +57,15 @@ pub(crate) struct Limits {
     /// Deadline of one webhook delivery (connect included), in seconds.
     #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().delivery_timeout.as_secs())]
     delivery_timeout: u64,
+    /// How long a claimed webhook delivery belongs to this instance, in seconds: if the
+    /// instance dies mid-delivery, another one sharing the store takes it over after this
+    /// (at least twice --delivery-timeout plus 1 s).
+    #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().delivery_lease.as_secs())]
+    delivery_lease: u64,
+    /// Visibility timeout of the gateway's bus consumers, in seconds: an event taken by an
+    /// instance that died before logging it goes to another instance after this long.
+    #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().bus_visibility_timeout.as_secs())]
+    bus_visibility_timeout: u64,
     /// Webhooks one API key may hold.
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_webhooks_per_key as u64)]
     max_webhooks_per_key: u64,
@@ -89,6 +98,8 @@ impl Limits {
         config.max_in_flight_per_key = count(self.max_in_flight_per_key);
         config.max_in_flight_per_endpoint = count(self.max_in_flight_per_endpoint);
         config.delivery_timeout = Duration::from_secs(self.delivery_timeout);
+        config.delivery_lease = Duration::from_secs(self.delivery_lease);
+        config.bus_visibility_timeout = Duration::from_secs(self.bus_visibility_timeout);
         config.max_webhooks_per_key = size(self.max_webhooks_per_key);
         config.max_replay_events = count(self.max_replay_events);
     }

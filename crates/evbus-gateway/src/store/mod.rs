@@ -1,13 +1,16 @@
 //! Gateway state behind a [`Store`] trait: API keys, webhooks, the curated event log, the
-//! delivery outbox and the attempt log. [`SqliteStore`] is the embedded default; a PostgreSQL
-//! store implements the same trait for several gateway instances.
+//! delivery outbox and the attempt log. [`SqliteStore`] is the embedded default, for one
+//! process; [`PostgresStore`] implements the same trait for several gateway instances sharing
+//! one database ([`open`] picks one from a location).
 
+mod postgres;
 mod sealing;
 mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use postgres::{DEFAULT_SCHEMA, PostgresStore};
 pub use sealing::SecretsKey;
 pub use sqlite::{DB_FILE, SqliteStore};
 
@@ -201,6 +204,19 @@ pub struct Attempt {
     pub response: Option<String>,
 }
 
+/// A change made through a shared store, told to every instance sharing it
+/// ([`Store::signals`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Signal {
+    /// An event was logged at this position.
+    Logged(i64),
+    /// A key was revoked.
+    Revoked,
+    /// Signals may have been missed (the channel was lost and is back): look at the store.
+    Lost,
+}
+
 /// Gateway state. Implementations must make [`claim_deliveries`](Store::claim_deliveries)
 /// atomic, so that several instances sharing a store never attempt one delivery at once.
 #[async_trait]
@@ -222,7 +238,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_webhooks(&self, owner: Option<&str>) -> StoreResult<Vec<WebhookRecord>>;
     /// Deletes a webhook and its pending deliveries; `false` if there was none.
     async fn delete_webhook(&self, id: &str) -> StoreResult<bool>;
-    /// Replaces a webhook's mutable state (secrets, enabled, failure tracking).
+    /// Replaces a webhook's mutable state: secrets, enabled, failure tracking, event types,
+    /// description and allow-list (everything but its id, owner, URL and creation time).
     async fn update_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
 
     /// Appends a curated event to the log and queues one delivery per enabled webhook of its
@@ -295,6 +312,70 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// attempts, settled deliveries and publish claims older than that; returns the events
     /// dropped.
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Whether several gateway instances may share this store (then each instance follows
+    /// the changes the others make: [`signals`](Store::signals), and polling of
+    /// [`latest_seq`](Store::latest_seq) and [`revoked_keys`](Store::revoked_keys)).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// How many keys are revoked (it only grows): an instance that sees it change ends the
+    /// streams of revoked keys.
+    async fn revoked_keys(&self) -> StoreResult<u64> {
+        Ok(self
+            .list_keys()
+            .await?
+            .iter()
+            .filter(|k| k.revoked_at.is_some())
+            .count() as u64)
+    }
+    /// Changes made by any instance as they commit, if the store can push them (PostgreSQL
+    /// `LISTEN`); `None` when it cannot (the gateway then polls).
+    async fn signals(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<Signal>>> {
+        Ok(None)
+    }
+}
+
+/// Where `evbus serve` keeps its state: a `postgres://` (or `postgresql://`) URL opens a
+/// [`PostgresStore`] (shared by every instance given the same URL); `None`, an empty value or
+/// `sqlite` opens the [`SqliteStore`] in `data_dir` (one process). Webhook secrets are
+/// sealed with `secrets` if given.
+pub async fn open(
+    location: Option<&str>,
+    data_dir: &std::path::Path,
+    secrets: Option<SecretsKey>,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
+    let location = location.map(str::trim).filter(|l| !l.is_empty());
+    match location {
+        None | Some("sqlite") => {
+            let store = SqliteStore::open_dir(data_dir).await?;
+            Ok(match secrets {
+                Some(key) => std::sync::Arc::new(store.seal_secrets(key).await?),
+                None => std::sync::Arc::new(store),
+            })
+        }
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store = PostgresStore::open(url).await?;
+            Ok(match secrets {
+                Some(key) => std::sync::Arc::new(store.seal_secrets(key).await?),
+                None => std::sync::Arc::new(store),
+            })
+        }
+        Some(_) => Err(StoreError(
+            "the store must be `sqlite` (the data directory's gateway.sqlite3, the default) or a postgres://USER@HOST:PORT/DATABASE URL (optionally ?schema=NAME)".into(),
+        )),
+    }
+}
+
+/// Where [`open`] keeps state, for messages: the redacted URL, or the SQLite file.
+pub fn describe(location: Option<&str>, data_dir: &std::path::Path) -> String {
+    match location
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "sqlite")
+    {
+        Some(url) => evbus::registry::redact(url),
+        None => data_dir.join(DB_FILE).display().to_string(),
+    }
 }
 
 /// SHA-256 (hex) over length-prefixed parts: a content digest where no two different lists

@@ -305,7 +305,8 @@ impl Store for SqliteStore {
     async fn update_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
         sqlx::query(
             "UPDATE webhooks SET secret = ?, previous_secret = ?, previous_secret_until = ?,
-                enabled = ?, disabled_reason = ?, failing_since = ? WHERE id = ?",
+                enabled = ?, disabled_reason = ?, failing_since = ?, event_types = ?,
+                description = ?, allow = ? WHERE id = ?",
         )
         .bind(self.sealed(&w.id, Some(&w.secret))?)
         .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
@@ -313,6 +314,9 @@ impl Store for SqliteStore {
         .bind(w.enabled as i64)
         .bind(&w.disabled_reason)
         .bind(w.failing_since.map(ms))
+        .bind(to_json(&w.event_types))
+        .bind(&w.description)
+        .bind(w.allow.as_deref().map(to_json))
         .bind(&w.id)
         .execute(&self.pool)
         .await?;
@@ -641,5 +645,12 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
+    }
+
+    async fn revoked_keys(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(revoked_at) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
     }
 }

@@ -7,6 +7,13 @@
 //! back to reading the store from its own position, a page at a time, then rejoins. So an
 //! event costs one log read and one curation however many streams are open, and a slow
 //! client still holds at most a page of frames.
+//!
+//! The invariant everything here rests on: when `State::latest` says N, every position up to N
+//! is readable in the store, and no position below N appears later. Within one process the
+//! ingest moves `latest` after its commit. With a store shared by several instances, `latest`
+//! also moves when another instance logs (`follow_store` in `lib.rs`: PostgreSQL `NOTIFY` after
+//! the commit, or a poll of `latest_seq`), and the PostgreSQL store hands out positions in
+//! commit order (its ingest takes a turn), so the invariant holds across instances too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,14 +60,20 @@ impl Frame {
 /// The broadcast of new log pages to live streams.
 pub(crate) struct Fanout {
     pages: broadcast::Sender<Arc<Page>>,
+    /// The log position when the gateway started: the fan-out's first page follows it.
+    from: i64,
 }
 
 impl Fanout {
     /// Keeps `pages` pages for live streams that have not taken them yet
     /// ([`GatewayConfig::stream_buffer_pages`](crate::GatewayConfig::stream_buffer_pages)).
-    pub(crate) fn new(pages: usize) -> Fanout {
+    /// The first page follows `from`, the log position before any event could be logged or
+    /// any stream opened (not wherever the log is when the task first runs: a stream that
+    /// went live before that would wait for the events in between forever).
+    pub(crate) fn new(pages: usize, from: i64) -> Fanout {
         Fanout {
             pages: broadcast::channel(pages.max(1)).0,
+            from,
         }
     }
 
@@ -85,14 +98,16 @@ pub(crate) async fn run(state: Arc<State>) {
     };
     let types = state.visibility.external_types();
     let mut latest = state.latest.subscribe();
-    let mut last = *latest.borrow_and_update();
+    let mut last = state.fanout.from;
     loop {
+        // Taken (and marked seen) before counting streams and before reading, so an event
+        // logged meanwhile wakes us again.
+        let logged = *latest.borrow_and_update();
         if state.fanout.pages.receiver_count() == 0 {
-            // No stream to feed: a stream that opens later reads the store up to now itself.
-            last = last.max(*latest.borrow_and_update());
+            // No stream to feed. One that subscribes after this count reads the store itself
+            // up to at least `logged` before it takes pages, so the pages may start there.
+            last = last.max(logged);
         } else {
-            // Marked seen before reading, so an event logged during the read wakes us again.
-            latest.borrow_and_update();
             match state.store.events_after(last, &types, PAGE).await {
                 Ok(events) if !events.is_empty() => {
                     count_read("fanout");

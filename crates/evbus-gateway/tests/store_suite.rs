@@ -1,0 +1,899 @@
+//! The store suite: the same cases against every [`Store`] (the embedded SQLite store and the
+//! PostgreSQL store), the way the conformance suite runs against every transport.
+//!
+//! PostgreSQL: the server at `EVBUS_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), each test in a schema of its own (dropped at
+//! the end). Without a reachable server each PostgreSQL test says so loudly and passes,
+//! unless CI=true or EVBUS_REQUIRE_BROKERS=1 (then it fails).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use evbus_gateway::store::{
+    Attempt, DeliveryOutcome, Ingested, NewEvent, PublishClaim, Signal, Store,
+};
+use evbus_gateway::{KeyRecord, PostgresStore, SecretsKey, SqliteStore, WebhookRecord};
+
+fn postgres_url() -> String {
+    std::env::var("EVBUS_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// CI=true or EVBUS_REQUIRE_BROKERS=1 (or `yes`, any case): a missing server fails the test.
+fn brokers_required() -> bool {
+    ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
+        std::env::var(var).is_ok_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "1" || v == "true" || v == "yes"
+        })
+    })
+}
+
+fn unique_schema() -> String {
+    // 36 characters: within the 40 a schema name may have.
+    format!("gwt_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+/// Two handles on one store (two instances sharing it), cleaned up by [`Fixture::finish`].
+struct Fixture {
+    store: Arc<dyn Store>,
+    other: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<PostgresStore>,
+    /// How the store is reopened (another instance, or with a secrets key).
+    reopen: Reopen,
+}
+
+#[derive(Clone)]
+enum Reopen {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Reopen {
+    async fn open(&self, key: Option<SecretsKey>) -> Result<Arc<dyn Store>, String> {
+        match self {
+            Reopen::Sqlite(dir) => {
+                let s = SqliteStore::open_dir(dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(match key {
+                    Some(k) => Arc::new(s.seal_secrets(k).await.map_err(|e| e.to_string())?),
+                    None => Arc::new(s),
+                })
+            }
+            Reopen::Postgres(url) => {
+                let s = PostgresStore::open(url).await.map_err(|e| e.to_string())?;
+                Ok(match key {
+                    Some(k) => Arc::new(s.seal_secrets(k).await.map_err(|e| e.to_string())?),
+                    None => Arc::new(s),
+                })
+            }
+        }
+    }
+}
+
+impl Fixture {
+    async fn sqlite() -> Option<Fixture> {
+        let dir = tempfile::tempdir().unwrap();
+        let reopen = Reopen::Sqlite(dir.path().to_owned());
+        let store = reopen.open(None).await.unwrap();
+        let other = reopen.open(None).await.unwrap();
+        Some(Fixture {
+            store,
+            other,
+            _dir: Some(dir),
+            pg: None,
+            reopen,
+        })
+    }
+
+    async fn postgres() -> Option<Fixture> {
+        let url = with_params(
+            &postgres_url(),
+            &format!("schema={}&max_connections=4", unique_schema()),
+        );
+        // Reachable? (Anything else failing afterwards is a failure, never a skip.)
+        match <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await {
+            Ok(conn) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            Err(e) => {
+                assert!(
+                    !brokers_required(),
+                    "PostgreSQL at {} is unreachable: {e}",
+                    evbus::registry::redact(&postgres_url())
+                );
+                eprintln!(
+                    "WARNING: PostgreSQL at {} is unreachable ({e}); this store test did NOT run. \
+                     Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure.",
+                    evbus::registry::redact(&postgres_url())
+                );
+                return None;
+            }
+        }
+        let first = PostgresStore::open(&url).await.unwrap();
+        let reopen = Reopen::Postgres(url);
+        let other = reopen.open(None).await.unwrap();
+        Some(Fixture {
+            store: Arc::new(first.clone()),
+            other,
+            _dir: None,
+            pg: Some(first),
+            reopen,
+        })
+    }
+
+    async fn finish(self) {
+        if let Some(pg) = &self.pg {
+            pg.drop_schema().await.unwrap();
+            pg.close().await;
+        }
+    }
+}
+
+/// Millisecond times (what both stores keep).
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap()
+}
+
+fn key(id: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.to_owned(),
+        name: format!("key {id}"),
+        secret_hash: vec![1, 2, 3, id.len() as u8],
+        subscribe: vec!["afterOrder*".into(), "afterProductUpdate".into()],
+        publish: vec![],
+        admin: false,
+        created_at: now(),
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+fn webhook(id: &str, owner: &str, types: &[&str]) -> WebhookRecord {
+    WebhookRecord {
+        id: id.to_owned(),
+        owner_key_id: owner.to_owned(),
+        url: format!("https://example.com/{id}"),
+        event_types: types.iter().map(|t| t.to_string()).collect(),
+        description: "a hook".into(),
+        allow: None,
+        secret: format!("whsec_{id}"),
+        previous_secret: None,
+        previous_secret_until: None,
+        enabled: true,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: now(),
+    }
+}
+
+async fn ingest(store: &dyn Store, id: &str, ty: &str, at: DateTime<Utc>) -> Ingested {
+    store
+        .ingest(&NewEvent {
+            source: "/suite",
+            id,
+            ty,
+            fingerprint: &format!("fp-{id}"),
+            received_at: at,
+            body: &format!(r#"{{"id":"{id}","type":"{ty}"}}"#),
+        })
+        .await
+        .unwrap()
+}
+
+fn logged(i: Ingested) -> i64 {
+    match i {
+        Ingested::Logged(seq) => seq,
+        other => panic!("expected Logged, got {other:?}"),
+    }
+}
+
+const ORDER: &str = "afterOrderCreate";
+const PRODUCT: &str = "afterProductUpdate";
+
+// ---- cases ---------------------------------------------------------------------------------
+
+async fn keys_and_revocation(f: &Fixture) {
+    let s = &*f.store;
+    let mut k = key("k1");
+    k.admin = true;
+    k.expires_at = Some(now() + Duration::hours(1));
+    s.insert_key(&k).await.unwrap();
+    s.insert_key(&key("k2")).await.unwrap();
+    assert_eq!(s.get_key("k1").await.unwrap().as_ref(), Some(&k));
+    assert_eq!(s.get_key("nope").await.unwrap(), None);
+    let ids: Vec<String> = s
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&"k1".to_owned()) && ids.contains(&"k2".to_owned()));
+    // A duplicate id is refused.
+    assert!(s.insert_key(&key("k1")).await.is_err());
+
+    assert_eq!(s.revoked_keys().await.unwrap(), 0);
+    let at = now();
+    assert!(s.revoke_key("k2", at).await.unwrap());
+    assert!(!s.revoke_key("k2", at).await.unwrap(), "revoked twice");
+    assert!(!s.revoke_key("nope", at).await.unwrap());
+    assert_eq!(s.revoked_keys().await.unwrap(), 1);
+    // Another instance sees the revocation at its next read (no cache in the store).
+    let seen = f.other.get_key("k2").await.unwrap().unwrap();
+    assert_eq!(seen.revoked_at, Some(at));
+    assert!(!seen.is_active(now()));
+    assert!(
+        f.other
+            .get_key("k1")
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(now())
+    );
+}
+
+async fn webhooks_crud(f: &Fixture) {
+    let s = &*f.store;
+    let mut w = webhook("wh_a", "k1", &[ORDER, PRODUCT]);
+    w.allow = Some(vec!["/order/id".into()]);
+    w.description = "with a NUL \0 inside".into();
+    s.insert_webhook(&w).await.unwrap();
+    s.insert_webhook(&webhook("wh_b", "k2", &[ORDER]))
+        .await
+        .unwrap();
+    let got = s.get_webhook("wh_a").await.unwrap().unwrap();
+    assert_eq!(got.event_types, w.event_types);
+    assert_eq!(got.allow, w.allow);
+    assert_eq!(got.secret, w.secret);
+    assert_eq!(got.created_at, w.created_at);
+    assert!(got.description.starts_with("with a NUL"));
+    assert_eq!(s.list_webhooks(None).await.unwrap().len(), 2);
+    let mine = s.list_webhooks(Some("k1")).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].id, "wh_a");
+
+    let mut changed = got.clone();
+    changed.previous_secret = Some(std::mem::replace(&mut changed.secret, "whsec_new".into()));
+    changed.previous_secret_until = Some(now() + Duration::hours(24));
+    changed.enabled = false;
+    changed.disabled_reason = Some("the endpoint answered 410 Gone".into());
+    changed.failing_since = Some(now());
+    changed.event_types = vec![PRODUCT.to_owned()];
+    changed.description = "edited".into();
+    changed.allow = None;
+    s.update_webhook(&changed).await.unwrap();
+    let seen = f.other.get_webhook("wh_a").await.unwrap().unwrap();
+    assert_eq!(seen.secret, "whsec_new");
+    assert_eq!(seen.previous_secret.as_deref(), Some("whsec_wh_a"));
+    assert_eq!(seen.previous_secret_until, changed.previous_secret_until);
+    assert!(!seen.enabled);
+    assert_eq!(seen.disabled_reason, changed.disabled_reason);
+    assert_eq!(seen.failing_since, changed.failing_since);
+    assert_eq!(seen.event_types, vec![PRODUCT.to_owned()]);
+    assert_eq!(seen.description, "edited");
+    assert_eq!(seen.allow, None);
+    assert_eq!(
+        (seen.url.as_str(), seen.owner_key_id.as_str()),
+        (w.url.as_str(), "k1")
+    );
+
+    // Deleting drops its pending deliveries.
+    logged(ingest(s, "e1", ORDER, now()).await);
+    assert!(s.delete_webhook("wh_b").await.unwrap());
+    assert!(!s.delete_webhook("wh_b").await.unwrap());
+    assert_eq!(s.get_webhook("wh_b").await.unwrap(), None);
+    let later = now() + Duration::seconds(5);
+    let claimed = s
+        .claim_deliveries(later, later + Duration::seconds(60), &[], 10, 10, 100)
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "{claimed:?}");
+}
+
+async fn ingest_dedup_and_conflict(f: &Fixture) {
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_o", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.insert_webhook(&webhook("wh_p", "k1", &[PRODUCT]))
+        .await
+        .unwrap();
+    let mut off = webhook("wh_off", "k1", &[ORDER]);
+    off.enabled = false;
+    s.insert_webhook(&off).await.unwrap();
+
+    let t = now();
+    let first = logged(ingest(s, "e1", ORDER, t).await);
+    assert_eq!(ingest(s, "e1", ORDER, t).await, Ingested::Redelivered);
+    assert_eq!(
+        ingest(&*f.other, "e1", ORDER, t).await,
+        Ingested::Redelivered
+    );
+    let conflict = s
+        .ingest(&NewEvent {
+            source: "/suite",
+            id: "e1",
+            ty: ORDER,
+            fingerprint: "something else",
+            received_at: t,
+            body: "{}",
+        })
+        .await
+        .unwrap();
+    assert_eq!(conflict, Ingested::Conflict);
+    // Unique per (source, id): another source's e1 is another event.
+    let other_source = s
+        .ingest(&NewEvent {
+            source: "/elsewhere",
+            id: "e1",
+            ty: ORDER,
+            fingerprint: "fp",
+            received_at: t,
+            body: "{}",
+        })
+        .await
+        .unwrap();
+    let second = logged(other_source);
+    assert!(second > first);
+    assert_eq!(s.latest_seq().await.unwrap(), second);
+    let e = s.get_event(first).await.unwrap().unwrap();
+    assert_eq!(
+        (e.source.as_str(), e.id.as_str(), e.ty.as_str()),
+        ("/suite", "e1", ORDER)
+    );
+    assert_eq!(e.received_at, t);
+    assert!(s.get_event(second + 100).await.unwrap().is_none());
+
+    // One delivery per enabled webhook of the type, per logged event.
+    let later = t + Duration::seconds(1);
+    let claimed = s
+        .claim_deliveries(later, later + Duration::seconds(60), &[], 10, 10, 100)
+        .await
+        .unwrap();
+    let mut got: Vec<(String, i64)> = claimed
+        .iter()
+        .map(|d| (d.webhook_id.clone(), d.event_seq))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("wh_o".to_owned(), first), ("wh_o".to_owned(), second)]
+    );
+    assert!(claimed.iter().all(|d| d.attempts == 0));
+
+    // Publish claims.
+    assert_eq!(
+        s.claim_publish("/p", "1", "fa", t).await.unwrap(),
+        PublishClaim::New
+    );
+    assert_eq!(
+        s.claim_publish("/p", "1", "fa", t).await.unwrap(),
+        PublishClaim::Unsent
+    );
+    assert_eq!(
+        s.claim_publish("/p", "1", "fb", t).await.unwrap(),
+        PublishClaim::Conflict
+    );
+    s.settle_publish("/p", "1", true).await.unwrap();
+    assert_eq!(
+        f.other.claim_publish("/p", "1", "fa", t).await.unwrap(),
+        PublishClaim::Sent
+    );
+    assert_eq!(
+        s.claim_publish("/p", "2", "fa", t).await.unwrap(),
+        PublishClaim::New
+    );
+    s.settle_publish("/p", "2", false).await.unwrap();
+    assert_eq!(
+        s.claim_publish("/p", "2", "fa", t).await.unwrap(),
+        PublishClaim::New
+    );
+}
+
+async fn events_after_pages(f: &Fixture) {
+    let s = &*f.store;
+    assert_eq!(s.latest_seq().await.unwrap(), 0);
+    let t = now();
+    let mut orders = Vec::new();
+    for i in 0..250 {
+        let ty = if i % 5 == 0 { PRODUCT } else { ORDER };
+        let seq = logged(ingest(s, &format!("e{i}"), ty, t).await);
+        if ty == ORDER {
+            orders.push(seq);
+        }
+    }
+    let types = vec![ORDER.to_owned()];
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = f.other.events_after(after, &types, 64).await.unwrap();
+        assert!(page.len() <= 64);
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.iter().all(|e| e.ty == ORDER));
+        after = page.last().unwrap().seq;
+        seen.extend(page.iter().map(|e| e.seq));
+    }
+    assert_eq!(seen, orders, "every order event, in order, once");
+    let both = vec![ORDER.to_owned(), PRODUCT.to_owned()];
+    assert_eq!(s.events_after(0, &both, 1000).await.unwrap().len(), 250);
+    assert!(s.events_after(0, &[], 10).await.unwrap().is_empty());
+    assert!(
+        s.events_after(0, &["nope".to_owned()], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn claims_are_exclusive_and_leases_expire(f: &Fixture) {
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.insert_webhook(&webhook("wh_2", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.insert_webhook(&webhook("wh_3", "k2", &[ORDER]))
+        .await
+        .unwrap();
+    let t = now();
+    for i in 0..40 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    // Two instances claim at once, many times: no delivery twice.
+    let at = t + Duration::seconds(1);
+    let lease = at + Duration::seconds(30);
+    let mut taken = HashSet::new();
+    let mut total = 0;
+    loop {
+        let (a, b) = tokio::join!(
+            f.store.claim_deliveries(at, lease, &[], 2, 100, 5),
+            f.other.claim_deliveries(at, lease, &[], 2, 100, 5),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        if a.is_empty() && b.is_empty() {
+            break;
+        }
+        for d in a.iter().chain(&b) {
+            assert!(taken.insert(d.id), "delivery {} claimed twice", d.id);
+            total += 1;
+        }
+        assert!(total <= 120, "claimed more deliveries than exist");
+    }
+    assert_eq!(total, 120, "3 webhooks x 40 events, each claimed once");
+
+    // Leased: nothing to claim before the lease ends; all of it after (the instance died).
+    let before = lease - Duration::milliseconds(1);
+    assert!(
+        s.claim_deliveries(before, before + Duration::seconds(30), &[], 100, 100, 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.next_due().await.unwrap(), Some(lease));
+    let after = lease + Duration::milliseconds(1);
+    let again = f
+        .other
+        .claim_deliveries(after, after + Duration::seconds(30), &[], 100, 100, 1000)
+        .await
+        .unwrap();
+    let again: HashSet<i64> = again.iter().map(|d| d.id).collect();
+    assert_eq!(again, taken, "every expired lease is claimed again");
+}
+
+async fn claim_limits(f: &Fixture) {
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.insert_webhook(&webhook("wh_2", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.insert_webhook(&webhook("wh_3", "k2", &[ORDER]))
+        .await
+        .unwrap();
+    let t = now();
+    for i in 0..10 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    let at = t + Duration::seconds(1);
+    let lease = at + Duration::seconds(30);
+    // Busy endpoints are skipped; at most `per_webhook` each.
+    let c = s
+        .claim_deliveries(at, lease, &["wh_1".to_owned()], 2, 100, 100)
+        .await
+        .unwrap();
+    let mut by: Vec<&str> = c.iter().map(|d| d.webhook_id.as_str()).collect();
+    by.sort();
+    assert_eq!(by, vec!["wh_2", "wh_2", "wh_3", "wh_3"]);
+    // Owner k1 holds 2 leases: with per_owner 3 it gets one more, k2 (2 held) one more too.
+    let c = f
+        .other
+        .claim_deliveries(at, lease, &[], 10, 3, 100)
+        .await
+        .unwrap();
+    let k1 = c.iter().filter(|d| d.webhook_id != "wh_3").count();
+    let k2 = c.iter().filter(|d| d.webhook_id == "wh_3").count();
+    assert_eq!((k1, k2), (1, 1), "{c:?}");
+    // Owners take turns within `limit`.
+    let c = s
+        .claim_deliveries(at, lease, &[], 10, 100, 2)
+        .await
+        .unwrap();
+    let owners: HashSet<bool> = c.iter().map(|d| d.webhook_id == "wh_3").collect();
+    assert_eq!(owners.len(), 2, "one delivery of each owner first: {c:?}");
+    // A disabled endpoint's deliveries are not claimed.
+    let mut w = s.get_webhook("wh_3").await.unwrap().unwrap();
+    w.enabled = false;
+    s.update_webhook(&w).await.unwrap();
+    let c = s
+        .claim_deliveries(at, lease, &[], 100, 100, 100)
+        .await
+        .unwrap();
+    assert!(c.iter().all(|d| d.webhook_id != "wh_3"), "{c:?}");
+}
+
+async fn finish_and_attempts(f: &Fixture) {
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let t = now();
+    for i in 0..3 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    let at = t + Duration::seconds(1);
+    let lease = at + Duration::seconds(30);
+    let c = s
+        .claim_deliveries(at, lease, &[], 10, 10, 10)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 3);
+    let retry_at = at + Duration::seconds(10);
+    s.finish_delivery(c[0].id, DeliveryOutcome::Delivered)
+        .await
+        .unwrap();
+    s.finish_delivery(c[1].id, DeliveryOutcome::RetryAt(retry_at))
+        .await
+        .unwrap();
+    s.finish_delivery(c[2].id, DeliveryOutcome::Failed)
+        .await
+        .unwrap();
+    for (n, d) in c.iter().enumerate() {
+        s.record_attempt(&Attempt {
+            id: 0,
+            webhook_id: "wh_1".into(),
+            delivery_id: d.id,
+            event_id: format!("e{n}"),
+            attempt: 1,
+            at,
+            status: if n == 0 { Some(200) } else { Some(500) },
+            latency_ms: 12,
+            error: (n == 2).then(|| "connection failed".to_owned()),
+            response: Some("body with NUL \0".into()),
+        })
+        .await
+        .unwrap();
+    }
+    // Only the retry is left, due at its time.
+    assert_eq!(s.next_due().await.unwrap(), Some(retry_at));
+    assert!(
+        f.other
+            .claim_deliveries(retry_at - Duration::milliseconds(1), lease, &[], 10, 10, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = f
+        .other
+        .claim_deliveries(retry_at, retry_at + Duration::seconds(30), &[], 10, 10, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id, again[0].attempts), (c[1].id, 1));
+    s.finish_delivery(again[0].id, DeliveryOutcome::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(s.next_due().await.unwrap(), None);
+
+    let log = f.other.list_attempts("wh_1", 2).await.unwrap();
+    assert_eq!(log.len(), 2, "limited");
+    assert_eq!(log[0].event_id, "e2", "newest first");
+    assert_eq!(log[0].error.as_deref(), Some("connection failed"));
+    assert_eq!(log[1].status, Some(500));
+    assert_eq!(log[1].latency_ms, 12);
+    assert_eq!(log[1].at, at);
+    assert!(
+        log[1]
+            .response
+            .as_deref()
+            .unwrap()
+            .starts_with("body with NUL")
+    );
+    assert_eq!(s.list_attempts("wh_1", 100).await.unwrap().len(), 3);
+    assert!(s.list_attempts("wh_x", 100).await.unwrap().is_empty());
+}
+
+async fn replay_is_idempotent(f: &Fixture) {
+    let s = &*f.store;
+    let t = now();
+    for i in 0..5 {
+        logged(ingest(s, &format!("old{i}"), ORDER, t - Duration::hours(2)).await);
+    }
+    for i in 0..4 {
+        logged(ingest(s, &format!("new{i}"), ORDER, t).await);
+    }
+    logged(ingest(s, "p", PRODUCT, t).await);
+    // Registered after the events: nothing queued until a replay.
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let since = t - Duration::hours(1);
+    assert_eq!(s.replay("wh_1", since, t, 100).await.unwrap(), 4);
+    assert_eq!(
+        f.other.replay("wh_1", since, t, 100).await.unwrap(),
+        0,
+        "still pending"
+    );
+    assert_eq!(
+        s.replay("wh_1", t - Duration::hours(3), t, 3)
+            .await
+            .unwrap(),
+        3,
+        "max"
+    );
+    let at = t + Duration::seconds(1);
+    let c = s
+        .claim_deliveries(at, at + Duration::seconds(30), &[], 100, 100, 100)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 7);
+    for d in &c {
+        s.finish_delivery(d.id, DeliveryOutcome::Delivered)
+            .await
+            .unwrap();
+    }
+    // Delivered: a replay queues them again.
+    assert_eq!(s.replay("wh_1", since, at, 100).await.unwrap(), 4);
+    assert_eq!(s.replay("wh_nope", since, at, 100).await.unwrap(), 0);
+}
+
+async fn cursor_key_is_shared(f: &Fixture) {
+    let a = f.store.stream_cursor_key().await.unwrap();
+    assert_eq!(a.len(), 32);
+    assert_eq!(f.store.stream_cursor_key().await.unwrap(), a);
+    assert_eq!(f.other.stream_cursor_key().await.unwrap(), a);
+    let reopened = f.reopen.open(None).await.unwrap();
+    assert_eq!(reopened.stream_cursor_key().await.unwrap(), a);
+}
+
+async fn prune_keeps_what_is_needed(f: &Fixture) {
+    let s = &*f.store;
+    let old = now() - Duration::hours(100);
+    let t = now();
+    let old_seqs: Vec<i64> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(logged(ingest(s, &format!("old{i}"), ORDER, old).await));
+        }
+        v
+    };
+    // A pending delivery of an old event keeps it.
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    s.replay("wh_1", old, old, 1).await.unwrap();
+    let fresh = logged(ingest(s, "new", ORDER, t).await);
+    s.record_attempt(&Attempt {
+        id: 0,
+        webhook_id: "wh_1".into(),
+        delivery_id: 1,
+        event_id: "old0".into(),
+        attempt: 1,
+        at: old,
+        status: None,
+        latency_ms: 1,
+        error: None,
+        response: None,
+    })
+    .await
+    .unwrap();
+    let dropped = s.prune(t - Duration::hours(72)).await.unwrap();
+    assert_eq!(dropped, 2);
+    assert!(
+        s.get_event(old_seqs[0]).await.unwrap().is_some(),
+        "still needed"
+    );
+    assert!(s.get_event(old_seqs[1]).await.unwrap().is_none());
+    assert!(s.get_event(fresh).await.unwrap().is_some());
+    assert!(s.list_attempts("wh_1", 10).await.unwrap().is_empty());
+    // Positions keep growing past pruned ones.
+    let next = logged(ingest(s, "newer", ORDER, t).await);
+    assert!(next > fresh);
+}
+
+async fn secrets_are_sealed(f: &Fixture) {
+    let key = || SecretsKey::from_bytes(&[9u8; 32]).unwrap();
+    // Written in clear, then an instance opens the store with the key: sealed, readable.
+    f.store
+        .insert_webhook(&webhook("wh_clear", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let sealed = f.reopen.open(Some(key())).await.unwrap();
+    sealed
+        .insert_webhook(&webhook("wh_sealed", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    for id in ["wh_clear", "wh_sealed"] {
+        let w = sealed.get_webhook(id).await.unwrap().unwrap();
+        assert_eq!(w.secret, format!("whsec_{id}"));
+    }
+    // Without the key (or with another), the sealed secrets do not open.
+    let e = f.store.get_webhook("wh_sealed").await.unwrap_err();
+    assert!(e.to_string().contains("EVBUS_SECRETS_KEY"), "{e}");
+    let wrong = SecretsKey::from_bytes(&[1u8; 32]).unwrap();
+    assert!(f.reopen.open(Some(wrong)).await.is_err());
+}
+
+// ---- one test per case and store -------------------------------------------------------------
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let f = Fixture::sqlite().await.unwrap();
+                    super::$case(&f).await;
+                    f.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(f) = Fixture::postgres().await else { return };
+                    super::$case(&f).await;
+                    f.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    keys_and_revocation,
+    webhooks_crud,
+    ingest_dedup_and_conflict,
+    events_after_pages,
+    claims_are_exclusive_and_leases_expire,
+    claim_limits,
+    finish_and_attempts,
+    replay_is_idempotent,
+    cursor_key_is_shared,
+    prune_keeps_what_is_needed,
+    secrets_are_sealed,
+);
+
+/// PostgreSQL only: commits are told to every instance (`LISTEN/NOTIFY`), in log order, and
+/// concurrent ingests by several instances never leave a position behind one already visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_signals_and_positions_in_commit_order() {
+    let Some(f) = Fixture::postgres().await else {
+        return;
+    };
+    assert!(f.store.shared());
+    let mut signals = f
+        .other
+        .signals()
+        .await
+        .unwrap()
+        .expect("PostgreSQL pushes signals");
+    // Listening (the first signal says so).
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), signals.recv())
+        .await
+        .unwrap();
+    assert_eq!(first, Some(Signal::Lost));
+    let seq = logged(ingest(&*f.store, "e1", ORDER, now()).await);
+    f.store.insert_key(&key("k1")).await.unwrap();
+    f.store.revoke_key("k1", now()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let s = tokio::time::timeout(std::time::Duration::from_secs(10), signals.recv())
+            .await
+            .expect("signals arrive")
+            .unwrap();
+        got.push(s);
+    }
+    assert_eq!(got, vec![Signal::Logged(seq), Signal::Revoked]);
+
+    // Three writers and a reader that follows the log like a stream: whenever it sees
+    // position N, nothing below N shows up later.
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let s = if w == 0 {
+                Arc::clone(&f.store)
+            } else {
+                Arc::clone(&f.other)
+            };
+            tokio::spawn(async move {
+                for i in 0..60 {
+                    logged(ingest(&*s, &format!("w{w}-{i}"), ORDER, now()).await);
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let s = Arc::clone(&f.other);
+        tokio::spawn(async move {
+            let types = vec![ORDER.to_owned()];
+            let mut after = seq;
+            let mut seen = Vec::new();
+            while seen.len() < 180 {
+                for e in s.events_after(after, &types, 7).await.unwrap() {
+                    after = e.seq;
+                    seen.push(e.seq);
+                }
+            }
+            seen
+        })
+    };
+    for w in writers {
+        w.await.unwrap();
+    }
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+        .await
+        .expect("the reader sees every position")
+        .unwrap();
+    let all: Vec<i64> = f
+        .store
+        .events_after(seq, &[ORDER.to_owned()], 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seen, all, "a reader following the log missed no position");
+    f.finish().await;
+}
+
+/// The store chosen from a location: SQLite by default, PostgreSQL for a URL, a clear error
+/// otherwise.
+#[tokio::test]
+async fn open_picks_the_store_from_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = evbus_gateway::store::open(None, dir.path(), None)
+        .await
+        .unwrap();
+    assert!(!s.shared());
+    assert!(dir.path().join(evbus_gateway::store::DB_FILE).exists());
+    let s = evbus_gateway::store::open(Some("sqlite"), dir.path(), None)
+        .await
+        .unwrap();
+    assert!(!s.shared());
+    let e = evbus_gateway::store::open(Some("mysql://h/db"), dir.path(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("postgres://"), "{e}");
+    let e = evbus_gateway::store::open(Some("postgres://h/db?schema=a;b"), dir.path(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("schema"), "{e}");
+}
