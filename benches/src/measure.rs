@@ -54,6 +54,10 @@ pub(crate) struct RunArgs {
     /// Events per throughput run (overrides the adapter's default).
     #[arg(long)]
     events: Option<usize>,
+    /// Compare with the peer libraries instead of the raw clients (`peer ...` lines): each
+    /// peer on the adapters it supports ([`carriers::PEERS`]).
+    #[arg(long)]
+    peers: bool,
     /// The JSON file to write.
     #[arg(long)]
     out: PathBuf,
@@ -287,6 +291,13 @@ pub(crate) struct SizeResult {
 }
 
 impl SizeResult {
+    /// Every throughput measure in report order: publish, the bursts, consume.
+    pub(crate) fn measures(&self) -> impl Iterator<Item = (&'static str, &Comparison)> {
+        std::iter::once(("publish", &self.publish))
+            .chain(self.bursts())
+            .chain(std::iter::once(("consume", &self.consume)))
+    }
+
     /// The `publish-c64` and `publish-batch` comparisons this result has (none in results
     /// written before they were measured).
     pub(crate) fn bursts(&self) -> impl Iterator<Item = (&'static str, &Comparison)> {
@@ -310,6 +321,13 @@ pub(crate) struct AdapterResult {
     pub(crate) sizes: Vec<SizeResult>,
     /// Wall time of the adapter's runs, s.
     pub(crate) seconds: f64,
+    /// What the `raw` loop was: `raw` (the broker's client) or a peer library.
+    #[serde(default = "raw_loop")]
+    pub(crate) baseline: String,
+}
+
+fn raw_loop() -> String {
+    "raw".to_owned()
 }
 
 /// A whole `run`.
@@ -343,6 +361,27 @@ pub(crate) fn script_line(adapter: &str, what: &str, size: usize, c: &Comparison
         c.raw.median,
         c.ratio
     )
+}
+
+/// The lines of one measure against a peer library: the Bus's, then the adapter's.
+pub(crate) fn peer_lines(
+    adapter: &str,
+    peer: &str,
+    what: &str,
+    size: usize,
+    c: &Comparison,
+) -> [String; 2] {
+    let label = size_label(size);
+    [
+        format!(
+            "peer {adapter} {what} {label}: evbus {:.0}/s {peer} {:.0}/s ratio {:.2}",
+            c.bus.median, c.raw.median, c.ratio
+        ),
+        format!(
+            "peer {adapter} {what} {label} (adapter): evbus {:.0}/s {peer} {:.0}/s ratio {:.2}",
+            c.adapter.median, c.raw.median, c.adapter_ratio
+        ),
+    ]
 }
 
 /// Progress on stderr: rewritten in place on a terminal, one line per step otherwise.
@@ -442,15 +481,31 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if args.peers && !carriers::PEERS_BUILT {
+        return Err("--peers: this build of evbus-bench has no `peers` feature".into());
+    }
     let environment = Environment::collect(&adapters);
     let mut results = Vec::new();
+    // Each adapter against its raw client, or against every peer that runs on it.
+    let mut runs: Vec<(String, Option<&str>)> = Vec::new();
     for adapter in &adapters {
-        let mut plan = plan(adapter, args.quick, args.rounds);
+        if !args.peers {
+            runs.push((adapter.clone(), None));
+            continue;
+        }
+        for (peer, on) in carriers::PEERS {
+            if on.contains(&adapter.as_str()) {
+                runs.push((adapter.clone(), Some(*peer)));
+            }
+        }
+    }
+    for (adapter, peer) in runs {
+        let mut plan = plan(&adapter, args.quick, args.rounds);
         if let Some(events) = args.events {
             plan.events = events.max(1);
             plan.latency_events = plan.latency_events.min(plan.events);
         }
-        match runtime.block_on(run_adapter(adapter, plan)) {
+        match runtime.block_on(run_adapter(&adapter, plan, peer)) {
             Ok(result) => {
                 print_adapter(&result);
                 results.push(result);
@@ -482,13 +537,13 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_adapter(adapter: &str, plan: Plan) -> Result<AdapterResult> {
+async fn run_adapter(adapter: &str, plan: Plan, peer: Option<&str>) -> Result<AdapterResult> {
     let started = Instant::now();
-    let mut loops = carriers::loops(adapter, plan.events.max(plan.latency_events)).await?;
+    let mut loops = carriers::loops(adapter, plan.events.max(plan.latency_events), peer).await?;
     let generator = Generator::new();
     let mut progress = Progress {
         tty: std::io::stderr().is_terminal(),
-        total: LOOPS.len() + plan.rounds * SIZES.len() * LOOPS.len(),
+        total: LOOPS.len() * (1 + plan.rounds * SIZES.len()),
         done: 0,
         started,
     };
@@ -599,6 +654,7 @@ async fn run_adapter(adapter: &str, plan: Plan) -> Result<AdapterResult> {
         plan,
         sizes,
         seconds: started.elapsed().as_secs_f64(),
+        baseline: peer.unwrap_or("raw").to_owned(),
     })
 }
 
@@ -862,13 +918,10 @@ fn print_adapter(r: &AdapterResult) {
     );
     println!(
         "{:<6} {:<13} {:<24} {:<24} {:<24} {:>7} {:>8}  verdict",
-        "size", "measure", "raw", "adapter", "bus (evbus)", "bus/raw", "adp/raw"
+        "size", "measure", r.baseline, "adapter", "bus (evbus)", "bus/raw", "adp/raw"
     );
     for s in &r.sizes {
-        let rows = std::iter::once(("publish", &s.publish))
-            .chain(s.bursts())
-            .chain(std::iter::once(("consume", &s.consume)));
-        for (what, c) in rows {
+        for (what, c) in s.measures() {
             println!(
                 "{:<6} {:<13} {:<24} {:<24} {:<24} {:>7.2} {:>8.2}  {}{}",
                 size_label(s.size),
@@ -912,6 +965,16 @@ fn print_adapter(r: &AdapterResult) {
                 println!("{:<6} {l}: run failed: {e}", size_label(s.size));
             }
         }
+    }
+    if r.baseline != "raw" {
+        for s in &r.sizes {
+            for (what, c) in s.measures() {
+                for line in peer_lines(&r.name, &r.baseline, what, s.size, c) {
+                    println!("{line}");
+                }
+            }
+        }
+        return;
     }
     for s in &r.sizes {
         println!("{}", script_line(&r.name, "publish", s.size, &s.publish));

@@ -36,6 +36,12 @@ pub(crate) fn write(
         }
     }
     let mut run = merged.ok_or("no run to report")?;
+    // Peer runs (`--peers`) get their own section, not an adapter's.
+    let (peers, adapters): (Vec<AdapterResult>, Vec<AdapterResult>) =
+        std::mem::take(&mut run.adapters)
+            .into_iter()
+            .partition(|a| a.baseline != "raw");
+    run.adapters = adapters;
     for line in not_run {
         if let Some((name, why)) = line.split_once('=') {
             run.not_run.insert(name.to_owned(), why.to_owned());
@@ -56,7 +62,13 @@ pub(crate) fn write(
         .unwrap_or_default();
     std::fs::write(
         docs,
-        markdown(&run, callgrind.as_ref(), notes.as_deref(), &svg_name),
+        markdown(
+            &run,
+            &peers,
+            callgrind.as_ref(),
+            notes.as_deref(),
+            &svg_name,
+        ),
     )?;
     eprintln!("bench: wrote {} and {}", docs.display(), svg.display());
     Ok(())
@@ -107,7 +119,13 @@ fn verdict(c: &Comparison) -> String {
     v
 }
 
-fn markdown(run: &RunResult, callgrind: Option<&Value>, notes: Option<&str>, svg: &str) -> String {
+fn markdown(
+    run: &RunResult,
+    peers: &[AdapterResult],
+    callgrind: Option<&Value>,
+    notes: Option<&str>,
+    svg: &str,
+) -> String {
     let env = &run.environment;
     let mut md = String::new();
     let _ = writeln!(
@@ -201,6 +219,8 @@ fn markdown(run: &RunResult, callgrind: Option<&Value>, notes: Option<&str>, svg
     }
     let _ = writeln!(md, "```\n");
 
+    peers_section(&mut md, peers, &run.adapters);
+
     let _ = writeln!(md, "## Cost of the code per event (callgrind, in-memory)\n");
     match callgrind {
         Some(cg) => callgrind_section(&mut md, cg),
@@ -217,6 +237,92 @@ fn markdown(run: &RunResult, callgrind: Option<&Value>, notes: Option<&str>, svg
     md
 }
 
+/// Watermill's published figures (its benchmark page, 16 vCPU), publish and subscribe
+/// messages/s, for the brokers evbus also carries.
+const WATERMILL: &[(&str, &str, u32, u32)] = &[
+    ("redis", "Redis Streams", 61_642, 11_213),
+    ("kafka", "Kafka", 44_090, 108_285),
+    ("nats", "NATS JetStream", 49_255, 33_009),
+    ("amqp", "RabbitMQ (AMQP)", 2_702, 13_192),
+];
+
+fn peers_section(md: &mut String, peers: &[AdapterResult], adapters: &[AdapterResult]) {
+    let _ = writeln!(md, "## Against the peers\n");
+    if peers.is_empty() {
+        let _ = writeln!(
+            md,
+            "No peer run in this report (`cargo xtask bench --peers`).\n"
+        );
+    }
+    for a in peers {
+        let _ = writeln!(
+            md,
+            "### {} against {} on the same broker\n\n{} events per throughput run ({} per \
+             publish-c64 and publish-batch run), {} rounds, interleaved with the evbus loops.\n",
+            a.name, a.baseline, a.plan.events, a.plan.burst_events, a.plan.rounds
+        );
+        let _ = writeln!(
+            md,
+            "| size | measure | {} (events/s) | evbus adapter | evbus Bus | Bus/{} | adapter/{} |\n\
+             |---|---|---|---|---|---|---|",
+            a.baseline, a.baseline, a.baseline
+        );
+        for s in &a.sizes {
+            for (what, c) in s.measures() {
+                let _ = writeln!(
+                    md,
+                    "| {} | {what} | {} | {} | {} | {:.2} | {:.2} |",
+                    size_label(s.size),
+                    bmw(&c.raw, rate),
+                    bmw(&c.adapter, rate),
+                    bmw(&c.bus, rate),
+                    c.ratio,
+                    c.adapter_ratio
+                );
+            }
+        }
+        let _ = writeln!(md, "\n```text");
+        for s in &a.sizes {
+            for (what, c) in s.measures() {
+                for line in crate::measure::peer_lines(&a.name, &a.baseline, what, s.size, c) {
+                    let _ = writeln!(md, "{line}");
+                }
+            }
+        }
+        let _ = writeln!(md, "```\n");
+    }
+    let _ = writeln!(
+        md,
+        "### Watermill's published figures (not this machine)\n\n\
+         Watermill (Go) publishes its own benchmark, run on a 16-vCPU machine with its own \
+         message sizes and settings. Its figures are listed next to this run's 256 B \
+         publish-c64 and consume medians only to give a sense of scale: different machine, \
+         different load, not a comparison.\n\n\
+         | broker | Watermill publish | Watermill subscribe | evbus Bus publish-c64 (here) | evbus Bus consume (here) |\n\
+         |---|---|---|---|---|"
+    );
+    for (key, name, publish, subscribe) in WATERMILL {
+        let ours = adapters
+            .iter()
+            .find(|a| a.name == *key)
+            .and_then(|a| a.sizes.iter().find(|s| s.size == 256));
+        let (c64, consume) = match ours {
+            Some(s) => (
+                s.publish_c64
+                    .as_ref()
+                    .map_or_else(|| "—".to_owned(), |c| rate(c.bus.median)),
+                rate(s.consume.bus.median),
+            ),
+            None => ("—".to_owned(), "—".to_owned()),
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {publish} | {subscribe} | {c64} | {consume} |"
+        );
+    }
+    let _ = writeln!(md);
+}
+
 fn adapter_section(md: &mut String, a: &AdapterResult) {
     let p = &a.plan;
     let _ = writeln!(
@@ -231,10 +337,7 @@ fn adapter_section(md: &mut String, a: &AdapterResult) {
          |---|---|---|---|---|---|---|---|"
     );
     for s in &a.sizes {
-        let rows = std::iter::once(("publish", &s.publish))
-            .chain(s.bursts())
-            .chain(std::iter::once(("consume", &s.consume)));
-        for (what, c) in rows {
+        for (what, c) in s.measures() {
             let _ = writeln!(
                 md,
                 "| {} | {what} | {} | {} | {} | {:.2} | {:.2} | {} |",

@@ -143,7 +143,12 @@ pub(crate) struct Options {
     pub(crate) quick: bool,
     pub(crate) callgrind: bool,
     pub(crate) baseline: Option<String>,
+    /// Against the peer libraries instead of the raw clients.
+    pub(crate) peers: bool,
 }
+
+/// The adapters the peer loops run on (`benches/src/carriers/mod.rs`, `PEERS`).
+const PEER_ADAPTERS: &[&str] = &["redis", "amqp"];
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -240,8 +245,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     let target = target_dir();
     let out = target.join("bench");
     std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
-    let loops = !options.callgrind || options.quick;
-    let scenarios = options.callgrind || options.baseline.is_some() || !options.quick;
+    let loops = !options.callgrind || options.quick || options.peers;
+    let scenarios =
+        !options.peers && (options.callgrind || options.baseline.is_some() || !options.quick);
 
     // Which adapters run, and why the others do not.
     let mut run = Vec::new();
@@ -252,6 +258,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
             .as_deref()
             .is_some_and(|a| a != adapter.name)
         {
+            continue;
+        }
+        if options.peers && !PEER_ADAPTERS.contains(&adapter.name) {
             continue;
         }
         match why_not(adapter) {
@@ -275,6 +284,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         let mut features: Vec<&str> = run.iter().filter_map(|a| a.feature).collect();
         // postgres and sqlite share the `sql` feature.
         features.dedup();
+        if options.peers {
+            features.push("peers");
+        }
         features
     } else {
         Vec::new()
@@ -303,6 +315,8 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     // One process per adapter: an adapter that crashes (a C client library, a broker that
     // hangs) costs its own lines only.
     let full = out.join("latest-full");
+    // The last full peer run's files, for the report's peer section.
+    let peers_dir = out.join("latest-peers");
     if loops {
         if run.is_empty() {
             for (name, why) in &not_run {
@@ -314,8 +328,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         let mut files = Vec::new();
         for adapter in &run {
             let file = out.join(format!(
-                "run-{stamp}-{}{}.json",
+                "run-{stamp}-{}{}{}.json",
                 adapter.name,
+                if options.peers { "-peers" } else { "" },
                 if options.quick { "-quick" } else { "" }
             ));
             let mut cmd = Command::new(&bin);
@@ -326,6 +341,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
                 .arg(adapter.name);
             if options.quick {
                 cmd.arg("--quick");
+            }
+            if options.peers {
+                cmd.arg("--peers");
             }
             cmd.current_dir(&root)
                 .env("EVBUS_BENCH_RUSTC", rustc_version())
@@ -351,15 +369,18 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         }
         // The last full run's files, for `report`.
         if !options.quick {
-            let _ = std::fs::remove_dir_all(&full);
-            std::fs::create_dir_all(&full)
-                .map_err(|e| format!("creating {}: {e}", full.display()))?;
+            let keep = if options.peers { &peers_dir } else { &full };
+            let _ = std::fs::remove_dir_all(keep);
+            std::fs::create_dir_all(keep)
+                .map_err(|e| format!("creating {}: {e}", keep.display()))?;
             for file in &files {
                 if let Some(name) = file.file_name() {
-                    std::fs::copy(file, full.join(name))
+                    std::fs::copy(file, keep.join(name))
                         .map_err(|e| format!("copying the results: {e}"))?;
                 }
             }
+        }
+        if !options.quick && !options.peers {
             let reasons: Vec<String> = not_run
                 .iter()
                 .map(|(name, why)| format!("{name}={why}"))
@@ -409,6 +430,18 @@ pub(crate) fn run(options: &Options) -> Result<()> {
             .collect();
         runs.sort();
         for file in &runs {
+            cmd.arg("--run").arg(file);
+        }
+        // The last full peer run, if any (`--peers`).
+        let mut peer_runs: Vec<PathBuf> = std::fs::read_dir(&peers_dir)
+            .map(|dir| {
+                dir.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        peer_runs.sort();
+        for file in &peer_runs {
             cmd.arg("--run").arg(file);
         }
         let reasons = std::fs::read_to_string(full.join("not-run.txt")).unwrap_or_default();

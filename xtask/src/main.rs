@@ -85,6 +85,10 @@ enum Cmd {
         /// 2% worse in instructions.
         #[arg(long, value_name = "REF")]
         baseline: Option<String>,
+        /// Against the peer libraries (omniqueue on Redis and RabbitMQ) instead of the raw
+        /// clients: `peer ...` lines; a full run (no `--quick`) adds them to the docs.
+        #[arg(long)]
+        peers: bool,
     },
     /// Regenerates the capability matrix of docs/capabilities.md from the live transports
     /// (`evbus capabilities` at each adapter's URL, as for `conformance`).
@@ -131,11 +135,13 @@ fn main() -> ExitCode {
             quick,
             callgrind,
             baseline,
+            peers,
         } => bench::run(&bench::Options {
             adapter,
             quick,
             callgrind,
             baseline,
+            peers,
         }),
     };
     match result {

@@ -6,6 +6,8 @@
 mod evbus_loops;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "peers")]
+mod peer_omniqueue;
 #[cfg(feature = "amqp")]
 mod raw_amqp;
 mod raw_memory;
@@ -114,10 +116,12 @@ pub(crate) struct Loops {
 pub(crate) const LOOPS: [&str; 3] = ["raw", "adapter", "bus"];
 
 /// The loops of `adapter` (`memory`, `redis`, `kafka`, `nats`, `amqp`, `postgres`, `sqlite`). `capacity` is the most events one
-/// run keeps in flight (the in-memory capacity).
-pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
+/// run keeps in flight (the in-memory capacity). With `peer`, the baseline loop (named `raw`
+/// in the results) is that peer library on the same broker instead of the raw client
+/// ([`PEERS`]).
+pub(crate) async fn loops(adapter: &str, capacity: usize, peer: Option<&str>) -> Result<Loops> {
     let connect: Connect;
-    let raw: Box<dyn Carrier>;
+    let mut raw: Box<dyn Carrier>;
     match adapter {
         "memory" => {
             raw = Box::new(raw_memory::RawMemory::new(capacity));
@@ -224,6 +228,9 @@ pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
         }
         other => return Err(format!("unknown adapter `{other}`").into()),
     }
+    if let Some(peer) = peer {
+        raw = peer_loop(peer, adapter)?;
+    }
     // Kafka runs keep their (freshly named) topics: deleting topics while other clients of
     // the process still cache their metadata crashed librdkafka against tansu (SIGSEGV in
     // rd_kafka_metadata_cache_find).
@@ -247,6 +254,26 @@ pub(crate) async fn loops(adapter: &str, capacity: usize) -> Result<Loops> {
             ),
         ],
     })
+}
+
+/// The peers `--peers` compares evbus with, and the adapters each runs on.
+pub(crate) const PEERS: &[(&str, &[&str])] = &[("omniqueue", &["redis", "amqp"])];
+
+/// Whether this build carries the peer loops.
+pub(crate) const PEERS_BUILT: bool = cfg!(feature = "peers");
+
+#[cfg(feature = "peers")]
+fn peer_loop(peer: &str, adapter: &str) -> Result<Box<dyn Carrier>> {
+    match (peer, adapter) {
+        ("omniqueue", "redis") => Ok(Box::new(peer_omniqueue::Omniqueue::redis(&redis_url()))),
+        ("omniqueue", "amqp") => Ok(Box::new(peer_omniqueue::Omniqueue::amqp(&amqp_url())?)),
+        _ => Err(format!("no {peer} loop on {adapter}").into()),
+    }
+}
+
+#[cfg(not(feature = "peers"))]
+fn peer_loop(peer: &str, _adapter: &str) -> Result<Box<dyn Carrier>> {
+    Err(format!("this build of evbus-bench has no `peers` feature (for {peer})").into())
 }
 
 /// The Redis server the redis loops use: `EVBUS_REDIS_URL`, default `redis://127.0.0.1:6379`.

@@ -80,43 +80,7 @@ impl Carrier for RawAmqp {
         self.queue = format!("evbus-bench.{run}.raw_s_{GROUP}");
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
         let conn = self.connection().await?;
-        let admin = conn.create_channel().await?;
-        admin
-            .exchange_declare(
-                exchange.as_str().into(),
-                lapin::ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let mut quorum = FieldTable::default();
-        quorum.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        admin
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                quorum,
-            )
-            .await?;
-        admin
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        admin.close(200, "OK".into()).await?;
+        declare(conn, &exchange, &queue).await?;
         let publisher = conn.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -193,7 +157,7 @@ impl Carrier for RawAmqp {
             .await?;
         let mut consumer = channel
             .basic_consume(
-                queue.as_str().into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -243,15 +207,7 @@ impl Carrier for RawAmqp {
             let _ = channel.close(200, "OK".into()).await;
         }
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
-        let admin = self.connection().await?.create_channel().await?;
-        admin
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-        admin
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-        admin.close(200, "OK".into()).await?;
-        Ok(())
+        delete(self.connection().await?, &exchange, &queue).await
     }
 
     fn take_broker_wait(&mut self) -> Duration {
@@ -284,4 +240,60 @@ fn confirmed(confirm: Confirmation) -> Result<()> {
         Confirmation::Ack(_) => Ok(()),
         other => Err(format!("raw amqp: publish not confirmed: {other:?}").into()),
     }
+}
+
+/// Declares a durable fanout `exchange` and a durable quorum `queue` bound to it (the
+/// adapter's topology for one subscription).
+pub(crate) async fn declare(conn: &Connection, exchange: &str, queue: &str) -> Result<()> {
+    let admin = conn.create_channel().await?;
+    admin
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    admin
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            quorum,
+        )
+        .await?;
+    admin
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    admin.close(200, "OK".into()).await?;
+    Ok(())
+}
+
+/// Deletes what [`declare`] made.
+pub(crate) async fn delete(conn: &Connection, exchange: &str, queue: &str) -> Result<()> {
+    let admin = conn.create_channel().await?;
+    admin
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    admin
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await?;
+    admin.close(200, "OK".into()).await?;
+    Ok(())
 }
