@@ -8,6 +8,8 @@ use evbus::bus::{Bus, RetryPolicy};
 use evbus::{Catalog, Transport};
 use serde_json::json;
 
+pub mod chaos;
+
 /// The event type the workers handle.
 pub const ORDER: &str = "itest.order";
 
@@ -36,4 +38,23 @@ pub fn bus(transport: Arc<dyn Transport>, topic: &str) -> Bus {
         .retry(RetryPolicy::default().initial_backoff(Duration::from_millis(50)))
         .visibility_timeout(Duration::from_secs(2))
         .build()
+}
+
+/// `--name value` pairs (and bare `--flag`s, as `"1"`) of a chaos binary's command line.
+pub fn flags(
+    args: impl IntoIterator<Item = String>,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut args = args.into_iter().peekable();
+    while let Some(arg) = args.next() {
+        let name = arg
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument `{arg}` (expected --name value)"))?;
+        let value = match args.peek() {
+            Some(v) if !v.starts_with("--") => args.next().unwrap_or_default(),
+            _ => "1".to_owned(),
+        };
+        out.insert(name.to_owned(), value);
+    }
+    Ok(out)
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod brokers;
 mod capabilities;
+mod chaos;
 mod clients;
 mod conformance;
 mod containers;
@@ -90,6 +91,24 @@ enum Cmd {
         #[arg(long)]
         peers: bool,
     },
+    /// The fault suite: emitter and handler processes on one adapter (all when omitted) under
+    /// a seeded schedule of SIGKILLs, broker restarts and network faults; fails on any loss,
+    /// order violation or duplicates over the contract's bound (docs/reliability.md).
+    Chaos {
+        /// The adapter (`memory`, `redis`, `kafka`, `nats`, `amqp`, `postgres`, `sqlite`).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Events to emit (over both emitters).
+        #[arg(long, default_value_t = 50_000)]
+        events: u64,
+        /// Length of the emission phase (`90`, `90s`, `5m`); default events/1000 s, at
+        /// least 20 s.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Seed of the fault schedule (default: the current time, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Regenerates the capability matrix of docs/capabilities.md from the live transports
     /// (`evbus capabilities` at each adapter's URL, as for `conformance`).
     Capabilities,
@@ -130,6 +149,17 @@ fn main() -> ExitCode {
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
         Cmd::Capabilities => capabilities::run(),
+        Cmd::Chaos {
+            adapter,
+            events,
+            duration,
+            seed,
+        } => chaos::run(&chaos::Options {
+            adapter,
+            events,
+            duration,
+            seed,
+        }),
         Cmd::Bench {
             adapter,
             quick,

@@ -1,0 +1,1527 @@
+//! `cargo xtask chaos [--adapter NAME] [--events N] [--duration D] [--seed S]`: the fault
+//! suite (issue 18, docs/reliability.md).
+//!
+//! Per adapter, the run starts (where it can) its own broker on a private port and data
+//! directory with persistence on, a TCP proxy it controls between the clients and the broker,
+//! three handler processes in each of two groups (`A` ordered by key when the transport
+//! declares per-key order, `B` unordered and slow) and two emitter processes
+//! (`integration-tests/src/bin/chaos-*.rs`). While the emitters publish, a fault schedule
+//! drawn from the seed SIGKILLs handler instances (restarted after a pause) and an emitter
+//! (restarted as a new incarnation), SIGKILLs and restarts the broker, cuts the network
+//! (connections reset), holds it half-open (one direction stalls) and adds latency spikes.
+//! Then it waits until both groups have handled everything, reads every record file and the
+//! dead-letter queues, and prints
+//!
+//! `chaos <adapter>: emitted N, handled N (group A) N (group B), lost 0, duplicates D (bound
+//! B), dead-lettered P (expected P), order violations 0, peak RSS X MiB, faults F`
+//!
+//! failing on a loss, a duplicate count over the bound, an order violation, or an unexpected
+//! dead letter. `memory://` and `sqlite://` run in one process (`chaos-solo`): memory gets
+//! in-process faults only (its broker is the process), sqlite also SIGKILLs of the process,
+//! which reopens the file.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::{sleep, spawn};
+use std::time::{Duration, Instant};
+
+use crate::{Result, cargo, project_root, run_streaming};
+
+/// Every adapter the suite knows, in the order of a full run.
+pub(crate) const ADAPTERS: &[&str] = &[
+    "memory", "redis", "kafka", "nats", "amqp", "postgres", "sqlite",
+];
+
+/// Handler concurrency per instance: also its in-flight limit at the transport.
+const CONCURRENCY: usize = 8;
+/// Instances per group.
+const INSTANCES: u32 = 3;
+/// Emitter processes.
+const EMITTERS: u32 = 2;
+/// Keys per emitter incarnation.
+const KEYS: u32 = 16;
+/// One event in this many (by sequence number) is poison: dead-lettered in both groups.
+const POISON_EVERY: u64 = 101;
+/// Percentage of events failing their first attempt.
+const FAIL_PCT: u64 = 5;
+/// How long a killed process stays down.
+const PAUSE: Duration = Duration::from_millis(1500);
+/// Visibility timeout of the handlers: a killed instance's events come back after it.
+const VISIBILITY: Duration = Duration::from_secs(5);
+/// The run fails when nothing new is handled for this long after the emitters are done.
+const STALL: Duration = Duration::from_secs(120);
+
+#[derive(Debug)]
+pub(crate) struct Options {
+    pub(crate) adapter: Option<String>,
+    pub(crate) events: u64,
+    pub(crate) duration: Option<String>,
+    pub(crate) seed: Option<u64>,
+}
+
+pub(crate) fn run(opts: &Options) -> Result<()> {
+    let adapters: Vec<&str> = match &opts.adapter {
+        Some(name) => vec![
+            ADAPTERS
+                .iter()
+                .copied()
+                .find(|a| a == name)
+                .ok_or_else(|| {
+                    format!("unknown adapter `{name}`; known: {}", ADAPTERS.join(", "))
+                })?,
+        ],
+        None => ADAPTERS.to_vec(),
+    };
+    let duration = match &opts.duration {
+        Some(text) => parse_duration(text)?,
+        None => default_duration(opts.events),
+    };
+    let seed = opts.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    let bins = build()?;
+    let mut lines = Vec::new();
+    let mut failed = Vec::new();
+    for adapter in adapters {
+        println!(
+            "\n==> chaos {adapter}: {} events over {duration:?}, seed {seed}",
+            opts.events
+        );
+        let started = Instant::now();
+        match run_adapter(adapter, &bins, opts.events, duration, seed) {
+            Ok(verdict) => {
+                println!("{}", verdict.line);
+                println!(
+                    "  (took {:.1}s; command: cargo xtask chaos --adapter {adapter} --events {} \
+                     --duration {}s --seed {seed})",
+                    started.elapsed().as_secs_f64(),
+                    opts.events,
+                    duration.as_secs()
+                );
+                if !verdict.ok {
+                    failed.push(format!("{adapter}: {}", verdict.problems.join("; ")));
+                }
+                lines.push(verdict.line);
+            }
+            Err(e) => {
+                let line = format!("chaos {adapter}: could not run: {e}");
+                println!("{line}");
+                failed.push(line.clone());
+                lines.push(line);
+            }
+        }
+    }
+    println!("\n==> chaos summary (seed {seed})");
+    for line in &lines {
+        println!("{line}");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("chaos failed: {}", failed.join(" | ")))
+    }
+}
+
+/// The short run of `cargo xtask test`: 5000 events per adapter, one handler kill, one broker
+/// restart or cut.
+pub(crate) fn test_step() -> Result<Vec<String>> {
+    let seed = 18;
+    let bins = build()?;
+    let mut lines = Vec::new();
+    let mut failed = Vec::new();
+    for adapter in ADAPTERS {
+        let started = Instant::now();
+        let verdict = run_adapter(adapter, &bins, 5000, default_duration(5000), seed)
+            .map_err(|e| format!("chaos {adapter}: could not run: {e}"))?;
+        println!("{} ({:.0}s)", verdict.line, started.elapsed().as_secs_f64());
+        if !verdict.ok {
+            failed.push(format!("{adapter}: {}", verdict.problems.join("; ")));
+        }
+        lines.push(verdict.line);
+    }
+    if failed.is_empty() {
+        Ok(lines)
+    } else {
+        Err(format!("chaos failed: {}", failed.join(" | ")))
+    }
+}
+
+/// The emission phase: long enough for the fault schedule (at least 20 s, 1000 events/s).
+fn default_duration(events: u64) -> Duration {
+    Duration::from_secs((events / 1000).clamp(20, 600))
+}
+
+fn parse_duration(text: &str) -> Result<Duration> {
+    let bad = || format!("`{text}` is not a duration (examples: 90, 90s, 5m, 1h)");
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs.max(1)))
+}
+
+/// The workload binaries.
+struct Bins {
+    emitter: PathBuf,
+    handler: PathBuf,
+    solo: PathBuf,
+}
+
+fn build() -> Result<Bins> {
+    let ok = run_streaming(
+        cargo(&["build", "-p", "evbus-integration-tests", "--bins"]),
+        |_| {},
+    )?;
+    if !ok {
+        return Err("building the chaos binaries failed".into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_relative() {
+                project_root().join(p)
+            } else {
+                p
+            }
+        })
+        .unwrap_or_else(|| project_root().join("target"));
+    let dir = target.join("debug");
+    Ok(Bins {
+        emitter: dir.join("chaos-emitter"),
+        handler: dir.join("chaos-handler"),
+        solo: dir.join("chaos-solo"),
+    })
+}
+
+/// A small seeded generator (splitmix64): the same seed gives the same fault schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// A time in [lo, hi) of `span`.
+    fn at(&mut self, span: Duration, lo: f64, hi: f64) -> Duration {
+        let f = lo + (hi - lo) * (self.below(1_000_000) as f64 / 1_000_000.0);
+        span.mul_f64(f)
+    }
+}
+
+/// One step of the fault schedule.
+#[derive(Clone, Debug)]
+enum Action {
+    KillHandler(char, u32),
+    StartHandler(char, u32),
+    KillEmitter(u32),
+    StartEmitter(u32),
+    /// SIGKILL of the broker (or of the solo process, for sqlite).
+    KillBroker,
+    StartBroker,
+    Proxy(Mode),
+}
+
+/// What the proxy does with the bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Pass,
+    /// Every connection reset, new ones refused.
+    Cut,
+    /// Broker-to-client bytes stall (the client's writes still reach the broker).
+    HalfOpen,
+    /// Every chunk waits this long.
+    Latency(Duration),
+}
+
+/// How an adapter is run.
+#[derive(Debug)]
+enum Setup {
+    /// Emitters and handlers in their own processes, through the proxy.
+    Processes {
+        url: String,
+        /// The broker the run owns (restartable), if any.
+        broker: Option<BrokerSpec>,
+    },
+    /// Everything in one `chaos-solo` process.
+    Solo { url: String, killable: bool },
+}
+
+#[derive(Debug, Clone)]
+struct BrokerSpec {
+    program: PathBuf,
+    args: Vec<String>,
+    port: u16,
+}
+
+fn free_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn wait_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn setup(adapter: &str, dir: &Path, proxy_port: u16, tag: &str) -> Result<(Setup, u16)> {
+    let data = dir.join("broker");
+    std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+    let data_s = data.display().to_string();
+    let port = free_port()?;
+    let proxied = |scheme_rest: &str| format!("{scheme_rest}127.0.0.1:{proxy_port}");
+    Ok(match adapter {
+        "memory" => (
+            Setup::Solo {
+                url: "memory://".into(),
+                killable: false,
+            },
+            0,
+        ),
+        "sqlite" => (
+            Setup::Solo {
+                url: format!("sqlite://{}/bus.db", dir.display()),
+                killable: true,
+            },
+            0,
+        ),
+        "redis" => (
+            Setup::Processes {
+                url: proxied("redis://"),
+                broker: Some(BrokerSpec {
+                    program: "redis-server".into(),
+                    args: [
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        &port.to_string(),
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                        "--save",
+                        "",
+                        "--dir",
+                        &data_s,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    port,
+                }),
+            },
+            port,
+        ),
+        "nats" => (
+            Setup::Processes {
+                url: proxied("nats://"),
+                broker: Some(BrokerSpec {
+                    program: "nats-server".into(),
+                    args: [
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "-js",
+                        "-sd",
+                        &data_s,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    port,
+                }),
+            },
+            port,
+        ),
+        "kafka" => {
+            let tansu = crate::brokers::ensure_tansu()?;
+            (
+                Setup::Processes {
+                    url: proxied("kafka://"),
+                    broker: Some(BrokerSpec {
+                        program: tansu,
+                        args: vec![
+                            "broker".into(),
+                            "--listener-url".into(),
+                            format!("tcp://127.0.0.1:{port}"),
+                            "--advertised-listener-url".into(),
+                            format!("tcp://127.0.0.1:{proxy_port}"),
+                            "--storage-engine".into(),
+                            "memory://tansu/".into(),
+                        ],
+                        port,
+                    }),
+                },
+                port,
+            )
+        }
+        // The shared brokers of the machine (the run does not own them: network faults only),
+        // isolated by a prefix / schema of their own.
+        "amqp" => (
+            Setup::Processes {
+                url: format!("amqp://guest:guest@127.0.0.1:{proxy_port}/%2f?prefix=chaos{tag}."),
+                broker: None,
+            },
+            5672,
+        ),
+        "postgres" => (
+            Setup::Processes {
+                url: format!(
+                    "postgres://postgres@127.0.0.1:{proxy_port}/postgres?schema=chaos_{tag}"
+                ),
+                broker: None,
+            },
+            5432,
+        ),
+        other => return Err(format!("no chaos setup for `{other}`")),
+    })
+}
+
+/// A child process the run watches.
+struct Proc {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    peak_kib: u64,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(|e| format!("starting {name} ({:?}): {e}", cmd.get_program()))?;
+        let stdin = child.stdin.take();
+        let (tx, rx) = channel();
+        if let Some(out) = child.stdout.take() {
+            spawn(move || {
+                for line in BufReader::new(out).lines().map_while(std::io::Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            stdin,
+            lines: rx,
+            peak_kib: 0,
+        })
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    fn wait_line(&mut self, prefix: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(format!(
+                        "{} did not print `{prefix}` within {within:?} (exit: {:?}; see its log)",
+                        self.name,
+                        self.child.try_wait().ok().flatten()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        if let Some(kib) = vm_hwm(self.child.id()) {
+            self.peak_kib = self.peak_kib.max(kib);
+        }
+    }
+
+    fn sigkill(&mut self) {
+        self.sample();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Closes stdin (graceful stop) and waits up to `within`, then kills.
+    fn stop(&mut self, within: Duration) {
+        self.sample();
+        self.stdin.take();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        self.sigkill();
+    }
+
+    fn send(&mut self, command: &str) {
+        if let Some(stdin) = &mut self.stdin {
+            let _ = writeln!(stdin, "{command}");
+        }
+    }
+}
+
+/// A process left running when a run stops early (an error) is killed, never orphaned.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// VmHWM (peak resident set) of `pid`, in KiB.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The TCP proxy between the clients and the broker.
+struct Proxy {
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    mode: Mutex<Mode>,
+    conns: Mutex<Vec<TcpStream>>,
+    stopped: AtomicBool,
+}
+
+impl Proxy {
+    fn start(listen: u16, upstream: u16) -> Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", listen))
+            .map_err(|e| format!("proxy cannot listen on {listen}: {e}"))?;
+        let state = Arc::new(ProxyState {
+            mode: Mutex::new(Mode::Pass),
+            conns: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
+        });
+        let st = Arc::clone(&state);
+        spawn(move || {
+            for client in listener.incoming() {
+                if st.stopped.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                if st.mode() == Mode::Cut {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                if let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) {
+                    let mut conns = st.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    conns.retain(|c| c.peer_addr().is_ok());
+                    conns.push(c3);
+                    conns.push(s3);
+                }
+                let up = Arc::clone(&st);
+                spawn(move || pump(client, s2, &up, false));
+                let down = Arc::clone(&st);
+                spawn(move || pump(server, c2, &down, true));
+            }
+        });
+        Ok(Proxy { state })
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        if mode == Mode::Cut {
+            self.reset_all();
+        }
+    }
+
+    fn reset_all(&self) {
+        let conns =
+            std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn stop(&self) {
+        self.state.stopped.store(true, Ordering::Release);
+        self.set(Mode::Cut);
+    }
+}
+
+impl ProxyState {
+    fn mode(&self) -> Mode {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Copies `from` to `to` under the proxy's mode; `downstream` is broker to client.
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &ProxyState, downstream: bool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        loop {
+            match state.mode() {
+                Mode::HalfOpen if downstream => sleep(Duration::from_millis(20)),
+                Mode::Latency(d) => {
+                    sleep(d);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if state.mode() == Mode::Cut || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// The outcome of one adapter's run.
+struct Verdict {
+    line: String,
+    ok: bool,
+    problems: Vec<String>,
+}
+
+/// Counts of the faults that can cause duplicates.
+#[derive(Default, Debug)]
+struct Faults {
+    total: u64,
+    /// Handler instance kills per group.
+    handler_kills: HashMap<char, u64>,
+    /// Broker restarts, cuts, half-open spells, latency spikes, solo process kills.
+    broker: u64,
+    /// Handler processes that exited on their own and were restarted.
+    crashes: u64,
+}
+
+#[allow(clippy::too_many_lines)]
+fn run_adapter(
+    adapter: &str,
+    bins: &Bins,
+    events: u64,
+    duration: Duration,
+    seed: u64,
+) -> Result<Verdict> {
+    let tag = format!("{seed}_{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("evbus-chaos/{adapter}-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    println!("  records and logs: {}", dir.display());
+    let proxy_port = free_port()?;
+    let (setup, upstream) = setup(adapter, &dir, proxy_port, &tag)?;
+    let short = events <= 5000;
+    let mut rng = Rng(seed ^ fnv(adapter));
+
+    // The fault schedule.
+    let mut schedule: Vec<(Duration, Action)> = Vec::new();
+    let kills = if short { 1 } else { 3 };
+    for _ in 0..kills {
+        let group = if rng.below(2) == 0 { 'A' } else { 'B' };
+        let n = 1 + rng.below(u64::from(INSTANCES)) as u32;
+        let at = rng.at(duration, 0.1, 0.8);
+        schedule.push((at, Action::KillHandler(group, n)));
+        schedule.push((at + PAUSE, Action::StartHandler(group, n)));
+    }
+    if !short {
+        let e = rng.below(u64::from(EMITTERS)) as u32;
+        let at = rng.at(duration, 0.2, 0.6);
+        schedule.push((at, Action::KillEmitter(e)));
+        schedule.push((at + PAUSE, Action::StartEmitter(e)));
+    }
+    let restartable = match &setup {
+        Setup::Processes { broker, .. } => broker.is_some() && adapter != "kafka",
+        Setup::Solo { killable, .. } => *killable,
+    };
+    let proxied = matches!(setup, Setup::Processes { .. });
+    let restarts = if !restartable {
+        0
+    } else if short {
+        1
+    } else {
+        2
+    };
+    for _ in 0..restarts {
+        let at = rng.at(duration, 0.15, 0.85);
+        schedule.push((at, Action::KillBroker));
+        schedule.push((at + PAUSE, Action::StartBroker));
+    }
+    if proxied {
+        let spells: &[(Mode, Duration)] = if short && restarts == 0 {
+            &[(Mode::Cut, Duration::from_secs(2))]
+        } else if short {
+            &[]
+        } else {
+            &[
+                (Mode::Cut, Duration::from_secs(2)),
+                (Mode::HalfOpen, Duration::from_secs(3)),
+                (
+                    Mode::Latency(Duration::from_millis(200)),
+                    Duration::from_secs(3),
+                ),
+                (Mode::Cut, Duration::from_secs(1)),
+            ]
+        };
+        // One spell per slot of the window, so that they never overlap.
+        let slot = 0.75 / spells.len().max(1) as f64;
+        for (i, (mode, length)) in spells.iter().enumerate() {
+            let lo = 0.1 + slot * i as f64;
+            let at = rng.at(duration, lo, lo + slot / 2.0);
+            schedule.push((at, Action::Proxy(*mode)));
+            schedule.push((at + *length, Action::Proxy(Mode::Pass)));
+        }
+    }
+    schedule.sort_by_key(|(at, _)| *at);
+
+    let rate = events as f64 / (duration.as_secs_f64() * 0.8);
+    let per_emitter = events / u64::from(EMITTERS);
+    let mut faults = Faults::default();
+    let mut problems = Vec::new();
+
+    let proxy = if proxied {
+        Some(Proxy::start(proxy_port, upstream)?)
+    } else {
+        None
+    };
+    let mut broker_spec = None;
+    let mut broker: Option<Proc> = None;
+    if let Setup::Processes {
+        broker: Some(spec), ..
+    } = &setup
+    {
+        broker = Some(start_broker(spec, &dir)?);
+        broker_spec = Some(spec.clone());
+    }
+    let mut broker_peak = 0;
+
+    let result = (|| -> Result<Verdict> {
+        let mut handlers: HashMap<(char, u32), Proc> = HashMap::new();
+        let mut emitters: HashMap<u32, (u32, Proc)> = HashMap::new();
+        let mut solo: Option<(u32, Proc)> = None;
+        let mut dead_procs: Vec<u64> = Vec::new();
+        let mut ordering = true;
+
+        match &setup {
+            Setup::Processes { url, .. } => {
+                // Started together: a Kafka consumer takes seconds to join its group.
+                for group in ['A', 'B'] {
+                    for n in 1..=INSTANCES {
+                        handlers.insert((group, n), start_handler(bins, url, &dir, group, n)?);
+                    }
+                }
+                for p in handlers.values_mut() {
+                    let ready = p.wait_line("ready", Duration::from_secs(90))?;
+                    ordering = ready.ends_with("per-key-order=true");
+                }
+                for e in 0..EMITTERS {
+                    let p = start_emitter(bins, url, &dir, e, 0, per_emitter, rate)?;
+                    emitters.insert(e, (0, p));
+                }
+            }
+            Setup::Solo { url, .. } => {
+                let mut p = start_solo(bins, url, &dir, 0, per_emitter, rate)?;
+                let ready = p.wait_line("ready", Duration::from_secs(60))?;
+                ordering = ready.ends_with("per-key-order=true");
+                solo = Some((0, p));
+            }
+        }
+
+        // The emission phase, with the faults.
+        let started = Instant::now();
+        let mut next = 0;
+        let mut emitted_at = None;
+        let mut last_progress = (0usize, Instant::now());
+        let mut handled_at: Option<Instant> = None;
+        loop {
+            let now = started.elapsed();
+            while next < schedule.len() && schedule[next].0 <= now {
+                let action = schedule[next].1.clone();
+                next += 1;
+                println!("  [{:>6.1}s] {action:?}", now.as_secs_f64());
+                match action {
+                    Action::KillHandler(g, n) => {
+                        faults.total += 1;
+                        *faults.handler_kills.entry(g).or_default() += 1;
+                        if let Some((_, p)) = &mut solo {
+                            p.send(&format!("kill-handler {g} {n}"));
+                        } else if let Some(mut p) = handlers.remove(&(g, n)) {
+                            p.sigkill();
+                            dead_procs.push(p.peak_kib);
+                        }
+                    }
+                    Action::StartHandler(g, n) => {
+                        if let Setup::Processes { url, .. } = &setup {
+                            let p = start_handler(bins, url, &dir, g, n)?;
+                            handlers.insert((g, n), p);
+                        }
+                    }
+                    Action::KillEmitter(e) => {
+                        faults.total += 1;
+                        if let Some((_, p)) = &mut solo {
+                            emitted_at = None;
+                            p.send(&format!("kill-emitter {e}"));
+                        } else if let Some((_, p)) = emitters.get_mut(&e) {
+                            p.sigkill();
+                            dead_procs.push(p.peak_kib);
+                        }
+                    }
+                    Action::StartEmitter(e) => {
+                        if let (Setup::Processes { url, .. }, Some((inc, p))) =
+                            (&setup, emitters.get_mut(&e))
+                        {
+                            let done = count_ok(&dir.join(format!("emitter-{e}.log")));
+                            let left = per_emitter.saturating_sub(done);
+                            *inc += 1;
+                            *p = start_emitter(bins, url, &dir, e, *inc, left, rate)?;
+                        }
+                    }
+                    Action::KillBroker => {
+                        faults.total += 1;
+                        faults.broker += 1;
+                        if let Some(b) = &mut broker {
+                            b.sigkill();
+                            broker_peak = broker_peak.max(b.peak_kib);
+                        }
+                        if let Some((_, p)) = &mut solo {
+                            p.sigkill();
+                            dead_procs.push(p.peak_kib);
+                        }
+                    }
+                    Action::StartBroker => {
+                        if let Some(spec) = &broker_spec {
+                            broker = Some(start_broker(spec, &dir)?);
+                        }
+                        if let (Setup::Solo { url, .. }, Some((inc, p))) = (&setup, &mut solo) {
+                            emitted_at = None;
+                            *inc += 1;
+                            *p = start_solo(bins, url, &dir, *inc, per_emitter, rate)?;
+                        }
+                    }
+                    Action::Proxy(mode) => {
+                        if mode != Mode::Pass {
+                            faults.total += 1;
+                            faults.broker += 1;
+                        }
+                        if let Some(proxy) = &proxy {
+                            proxy.set(mode);
+                        }
+                    }
+                }
+            }
+
+            // Sample memory, notice processes that died on their own.
+            for p in handlers.values_mut() {
+                p.sample();
+            }
+            for (_, p) in emitters.values_mut() {
+                p.sample();
+            }
+            if let Some((_, p)) = &mut solo {
+                p.sample();
+            }
+            if let Some(b) = &mut broker {
+                b.sample();
+                broker_peak = broker_peak.max(b.peak_kib);
+            }
+            if let Setup::Processes { url, .. } = &setup {
+                let dead: Vec<(char, u32)> = handlers
+                    .iter_mut()
+                    .filter_map(|(k, p)| p.exited().map(|_| *k))
+                    .collect();
+                for key in dead {
+                    println!(
+                        "  handler {}{} exited on its own; restarting it",
+                        key.0, key.1
+                    );
+                    faults.crashes += 1;
+                    if let Some(p) = handlers.get(&key) {
+                        dead_procs.push(p.peak_kib);
+                    }
+                    handlers.insert(key, start_handler(bins, url, &dir, key.0, key.1)?);
+                }
+            }
+
+            let emitting_done = next >= schedule.len()
+                && match &mut solo {
+                    Some((_, p)) => {
+                        if emitted_at.is_none() && p.lines.try_recv().is_ok_and(|l| l == "emitted")
+                        {
+                            emitted_at = Some(Instant::now());
+                        }
+                        emitted_at.is_some()
+                    }
+                    None => {
+                        let mut all = true;
+                        for (e, (_, p)) in &mut emitters {
+                            match p.exited() {
+                                None => all = false,
+                                Some(status) if status.success() => {}
+                                Some(status) => {
+                                    return Err(format!(
+                                        "emitter {e} failed ({status}); see {}",
+                                        dir.join(format!("emitter-{e}.stderr")).display()
+                                    ));
+                                }
+                            }
+                        }
+                        all
+                    }
+                };
+            if emitting_done {
+                let records = Records::read(&dir)?;
+                let handled = records.progress();
+                if handled != last_progress.0 {
+                    last_progress = (handled, Instant::now());
+                }
+                let (handled_all, dead_all) = records.complete();
+                if handled_all && dead_all {
+                    break;
+                }
+                // A dead-letter hook does not run when the ack after the dead letter failed
+                // (the reply lost in a cut): the dead-letter queues are read below anyway.
+                if handled_all {
+                    let since = *handled_at.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                }
+                if last_progress.1.elapsed() > STALL {
+                    problems.push(format!(
+                        "nothing new handled for {}s; stopped waiting",
+                        STALL.as_secs()
+                    ));
+                    break;
+                }
+            }
+            sleep(Duration::from_millis(250));
+        }
+        // Dead-letter hooks run just after the dead letter is stored; give stragglers a moment.
+        sleep(Duration::from_secs(1));
+
+        // Stop everything gracefully, then read the dead-letter queues.
+        let mut peak_kib = dead_procs.iter().copied().max().unwrap_or(0);
+        for p in handlers.values_mut() {
+            p.stop(Duration::from_secs(15));
+            peak_kib = peak_kib.max(p.peak_kib);
+        }
+        for (_, p) in emitters.values_mut() {
+            p.stop(Duration::from_secs(5));
+            peak_kib = peak_kib.max(p.peak_kib);
+        }
+        let mut dlq: HashMap<char, HashSet<String>> = HashMap::new();
+        match (&setup, &mut solo) {
+            (Setup::Processes { url, .. }, _) => {
+                for group in ['A', 'B'] {
+                    dlq.insert(group, dead_letters(bins, url, &dir, group)?);
+                }
+            }
+            (Setup::Solo { url, killable }, Some((_, p))) => {
+                p.stop(Duration::from_secs(15));
+                peak_kib = peak_kib.max(p.peak_kib);
+                if *killable {
+                    for group in ['A', 'B'] {
+                        dlq.insert(group, dead_letters(bins, url, &dir, group)?);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let records = Records::read(&dir)?;
+        Ok(records.verdict(
+            adapter,
+            ordering,
+            &dlq,
+            &faults,
+            peak_kib,
+            broker_peak,
+            problems.clone(),
+        ))
+    })();
+
+    if let Some(proxy) = &proxy {
+        proxy.stop();
+    }
+    if let Some(b) = &mut broker {
+        b.sigkill();
+    }
+    result
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn start_broker(spec: &BrokerSpec, dir: &Path) -> Result<Proc> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args);
+    let mut p = Proc::spawn("broker", cmd, &dir.join("broker.out"))?;
+    // Broker output goes to its log too, not to our pipe.
+    if !wait_port(spec.port, Duration::from_secs(30)) {
+        p.sigkill();
+        return Err(format!(
+            "the broker ({}) did not listen on {} within 30s; see {}",
+            spec.program.display(),
+            spec.port,
+            dir.join("broker.out").display()
+        ));
+    }
+    Ok(p)
+}
+
+fn start_handler(bins: &Bins, url: &str, dir: &Path, group: char, n: u32) -> Result<Proc> {
+    let name = format!("{group}{n}");
+    let mut cmd = Command::new(&bins.handler);
+    cmd.args([
+        "--url",
+        url,
+        "--group",
+        &group.to_string(),
+        "--instance",
+        &name,
+    ]);
+    cmd.args(["--ordered", if group == 'A' { "1" } else { "0" }]);
+    cmd.args(["--concurrency", &CONCURRENCY.to_string()]);
+    cmd.args(["--fail-pct", &FAIL_PCT.to_string()]);
+    cmd.args(["--slow-ms", if group == 'B' { "2" } else { "0" }]);
+    cmd.args(["--visibility-ms", &VISIBILITY.as_millis().to_string()]);
+    cmd.arg("--out")
+        .arg(dir.join(format!("handler-{name}.log")));
+    Proc::spawn(
+        &format!("handler {name}"),
+        cmd,
+        &dir.join(format!("handler-{name}.stderr")),
+    )
+}
+
+fn start_emitter(
+    bins: &Bins,
+    url: &str,
+    dir: &Path,
+    e: u32,
+    incarnation: u32,
+    count: u64,
+    rate: f64,
+) -> Result<Proc> {
+    let mut cmd = Command::new(&bins.emitter);
+    cmd.args(["--url", url, "--emitter", &e.to_string()]);
+    cmd.args(["--incarnation", &incarnation.to_string()]);
+    cmd.args(["--count", &count.to_string(), "--keys", &KEYS.to_string()]);
+    cmd.args(["--rate", &format!("{:.1}", rate / f64::from(EMITTERS))]);
+    cmd.args(["--poison-every", &POISON_EVERY.to_string()]);
+    cmd.arg("--out").arg(dir.join(format!("emitter-{e}.log")));
+    Proc::spawn(
+        &format!("emitter {e}"),
+        cmd,
+        &dir.join(format!("emitter-{e}.stderr")),
+    )
+}
+
+fn start_solo(
+    bins: &Bins,
+    url: &str,
+    dir: &Path,
+    incarnation: u32,
+    per_emitter: u64,
+    rate: f64,
+) -> Result<Proc> {
+    let mut cmd = Command::new(&bins.solo);
+    cmd.args(["--url", url]).arg("--dir").arg(dir);
+    cmd.args(["--emitters", &EMITTERS.to_string()]);
+    cmd.args([
+        "--count",
+        &per_emitter.to_string(),
+        "--keys",
+        &KEYS.to_string(),
+    ]);
+    cmd.args(["--rate", &format!("{:.1}", rate / f64::from(EMITTERS))]);
+    cmd.args(["--poison-every", &POISON_EVERY.to_string()]);
+    cmd.args(["--incarnation", &incarnation.to_string()]);
+    cmd.args(["--concurrency", &CONCURRENCY.to_string()]);
+    cmd.args(["--fail-pct", &FAIL_PCT.to_string(), "--slow-ms", "2"]);
+    cmd.args(["--visibility-ms", &VISIBILITY.as_millis().to_string()]);
+    Proc::spawn("solo", cmd, &dir.join("solo.stderr"))
+}
+
+/// The ids in `group`'s dead-letter queue, read by a `chaos-handler --dead-letters` process.
+fn dead_letters(bins: &Bins, url: &str, dir: &Path, group: char) -> Result<HashSet<String>> {
+    let mut cmd = Command::new(&bins.handler);
+    cmd.args(["--url", url, "--dead-letters", &group.to_string()]);
+    let mut p = Proc::spawn(
+        &format!("dead letters {group}"),
+        cmd,
+        &dir.join("dead-letters.stderr"),
+    )?;
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match p.lines.recv_timeout(left) {
+            Ok(line) if line == "end" => break,
+            Ok(line) => {
+                ids.insert(line);
+            }
+            Err(_) => {
+                p.sigkill();
+                return Err(format!(
+                    "reading the dead letters of group {group} failed; see {}",
+                    dir.join("dead-letters.stderr").display()
+                ));
+            }
+        }
+    }
+    let _ = p.child.wait();
+    Ok(ids)
+}
+
+fn count_ok(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().filter(|l| l.starts_with("O ")).count() as u64)
+        .unwrap_or(0)
+}
+
+/// One handled event: key, seq, time.
+struct Handled {
+    id: String,
+    key: String,
+    seq: u64,
+    instance: String,
+    attempt: u32,
+    nanos: u128,
+}
+
+/// Everything the record files say.
+#[derive(Default)]
+struct Records {
+    /// Ok'd events: id -> poison.
+    emitted: HashMap<String, bool>,
+    /// Publishes retried after an error.
+    retries: u64,
+    handled: HashMap<char, Vec<Handled>>,
+    /// Dead letters the hooks saw, per group.
+    dead: HashMap<char, HashSet<String>>,
+}
+
+impl Records {
+    fn read(dir: &Path) -> Result<Records> {
+        let mut r = Records::default();
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let group = name
+                .strip_prefix("handler-")
+                .and_then(|rest| rest.chars().next());
+            for line in text.lines() {
+                let f: Vec<&str> = line.split(' ').collect();
+                match (f.as_slice(), group) {
+                    (["O", id, _key, _seq, poison], None) => {
+                        r.emitted.insert((*id).to_owned(), *poison == "1");
+                    }
+                    (["R", _], None) => r.retries += 1,
+                    (["H", id, key, seq, instance, attempt, nanos], Some(g)) => {
+                        r.handled.entry(g).or_default().push(Handled {
+                            id: (*id).to_owned(),
+                            key: (*key).to_owned(),
+                            seq: seq.parse().unwrap_or(0),
+                            instance: (*instance).to_owned(),
+                            attempt: attempt.parse().unwrap_or(0),
+                            nanos: nanos.parse().unwrap_or(0),
+                        });
+                    }
+                    (["D", id], Some(g)) => {
+                        r.dead.entry(g).or_default().insert((*id).to_owned());
+                    }
+                    // A line cut by a kill mid-write (not expected: one write per line).
+                    _ => {}
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn progress(&self) -> usize {
+        self.handled.values().map(Vec::len).sum::<usize>()
+            + self.dead.values().map(HashSet::len).sum::<usize>()
+    }
+
+    /// Whether both groups handled every Ok'd event that is not poison, and whether their
+    /// dead-letter hooks reported every poison one.
+    fn complete(&self) -> (bool, bool) {
+        let mut handled_all = true;
+        let mut dead_all = true;
+        for g in ['A', 'B'] {
+            let handled: HashSet<&str> = self
+                .handled
+                .get(&g)
+                .map(|v| v.iter().map(|h| h.id.as_str()).collect())
+                .unwrap_or_default();
+            let dead = self.dead.get(&g);
+            for (id, poison) in &self.emitted {
+                if *poison {
+                    dead_all &= dead.is_some_and(|d| d.contains(id));
+                } else {
+                    handled_all &= handled.contains(id.as_str());
+                }
+            }
+        }
+        (handled_all, dead_all)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn verdict(
+        &self,
+        adapter: &str,
+        ordering: bool,
+        dlq: &HashMap<char, HashSet<String>>,
+        faults: &Faults,
+        peak_kib: u64,
+        broker_kib: u64,
+        mut problems: Vec<String>,
+    ) -> Verdict {
+        let emitted = self.emitted.len();
+        let mut handled_counts = Vec::new();
+        let mut lost = 0;
+        let mut duplicates = 0;
+        let mut dead_lettered = 0;
+        let expected_dead = 2 * self.emitted.values().filter(|p| **p).count();
+        let mut order_violations = 0;
+        let mut group_inversions = 0;
+        let mut bound = 0;
+        for g in ['A', 'B'] {
+            let empty = Vec::new();
+            let handled = self.handled.get(&g).unwrap_or(&empty);
+            let mut times: HashMap<&str, u64> = HashMap::new();
+            for h in handled {
+                *times.entry(h.id.as_str()).or_default() += 1;
+            }
+            duplicates += times.values().map(|n| n - 1).sum::<u64>();
+            // The dead-letter queue itself when it could be read; the hooks' records otherwise.
+            let dead: HashSet<&String> = match dlq.get(&g) {
+                Some(ids) => ids
+                    .iter()
+                    .chain(self.dead.get(&g).into_iter().flatten())
+                    .collect(),
+                None => self.dead.get(&g).into_iter().flatten().collect(),
+            };
+            let mut ok = 0;
+            let mut lost_g = Vec::new();
+            for (id, poison) in &self.emitted {
+                if *poison {
+                    if dead.contains(id) {
+                        dead_lettered += 1;
+                    } else {
+                        lost_g.push(id.clone());
+                    }
+                } else if times.contains_key(id.as_str()) {
+                    ok += 1;
+                } else {
+                    lost_g.push(id.clone());
+                }
+            }
+            let unexpected: Vec<&&String> = dead
+                .iter()
+                .filter(|id| self.emitted.get(id.as_str()) == Some(&false))
+                .collect();
+            if !unexpected.is_empty() {
+                problems.push(format!(
+                    "group {g}: {} events dead-lettered that should not have been (e.g. {})",
+                    unexpected.len(),
+                    unexpected[0]
+                ));
+            }
+            if !lost_g.is_empty() {
+                lost_g.sort();
+                problems.push(format!(
+                    "group {g} lost {} events (e.g. {})",
+                    lost_g.len(),
+                    lost_g[..lost_g.len().min(5)].join(", ")
+                ));
+            }
+            lost += lost_g.len();
+            handled_counts.push(ok);
+
+            // Per-key order in group A, in the scope the transport promises it: across the
+            // group where a key sticks to one consumer (Kafka: a partition has one consumer at
+            // a time), per consumer elsewhere (competing consumers split a stream entry by
+            // entry, so two instances run neighbouring events of a key side by side).
+            if g == 'A' && ordering {
+                let group_scope = adapter == "kafka";
+                let (violations, example) = order_breaks(handled, group_scope);
+                order_violations += violations;
+                if let Some(example) = example {
+                    problems.push(format!(
+                        "{violations} per-key order violations in group A (e.g. {example})"
+                    ));
+                }
+                if !group_scope {
+                    group_inversions = order_breaks(handled, true).0;
+                }
+            }
+
+            // The contract: at-least-once; an event is handled again only if the instance
+            // holding it died or could not settle it. Per fault, at most the in-flight
+            // events of the instances it hit: CONCURRENCY per killed instance, CONCURRENCY
+            // per instance for a fault that hits every instance (broker restart, network
+            // fault, solo process kill); plus each publish retried after an error.
+            let kills = faults.handler_kills.get(&g).copied().unwrap_or(0) + faults.crashes;
+            bound +=
+                (kills + faults.broker * u64::from(INSTANCES)) * CONCURRENCY as u64 + self.retries;
+        }
+        if duplicates > bound {
+            problems.push(format!("duplicates {duplicates} over the bound {bound}"));
+        }
+        if dead_lettered != expected_dead {
+            problems.push(format!(
+                "dead-lettered {dead_lettered}, expected {expected_dead}"
+            ));
+        }
+        let line = format!(
+            "chaos {adapter}: emitted {emitted}, handled {} (group A) {} (group B), lost {lost}, \
+             duplicates {duplicates} (bound {bound}), dead-lettered {dead_lettered} (expected \
+             {expected_dead}), order violations {}, peak RSS {:.0} MiB, faults {}",
+            handled_counts[0],
+            handled_counts[1],
+            if ordering {
+                order_violations.to_string()
+            } else {
+                "n/a (no per-key order declared)".into()
+            },
+            peak_kib as f64 / 1024.0,
+            faults.total
+        );
+        let mut line = line;
+        if broker_kib > 0 {
+            line.push_str(&format!(
+                " [broker peak RSS {:.0} MiB]",
+                broker_kib as f64 / 1024.0
+            ));
+        }
+        if group_inversions > 0 {
+            line.push_str(&format!(
+                " [group-wide per-key inversions {group_inversions}, not promised by this \
+                 transport]"
+            ));
+        }
+        if faults.crashes > 0 {
+            line.push_str(&format!(" [handler self-exits {}]", faults.crashes));
+        }
+        let ok = lost == 0 && order_violations == 0 && duplicates <= bound && problems.is_empty();
+        for p in &problems {
+            println!("  problem: {p}");
+        }
+        Verdict { line, ok, problems }
+    }
+}
+
+/// Per-key order breaks among `handled`: in `group_scope`, the first handling of each event
+/// across the group must follow publish order; otherwise, per instance, the first deliveries
+/// (attempt 1 and the first handling in the group; redeliveries come back later by
+/// contract) must. Returns the count and an
+/// example.
+fn order_breaks(handled: &[Handled], group_scope: bool) -> (u64, Option<String>) {
+    // The first handling of each event in the group: a later one is a redelivery, which may
+    // come back with attempt 1 when the broker lost its delivery count (a NATS restart).
+    let mut first: HashMap<&str, u128> = HashMap::new();
+    for h in handled {
+        let t = first.entry(h.id.as_str()).or_insert(h.nanos);
+        *t = (*t).min(h.nanos);
+    }
+    let mut by_key: HashMap<(&str, &str), Vec<&Handled>> = HashMap::new();
+    for h in handled {
+        if group_scope {
+            by_key.entry((h.key.as_str(), "")).or_default().push(h);
+        } else if h.attempt == 1 && first.get(h.id.as_str()) == Some(&h.nanos) {
+            by_key
+                .entry((h.key.as_str(), h.instance.as_str()))
+                .or_default()
+                .push(h);
+        }
+    }
+    let mut breaks = 0;
+    let mut example = None;
+    for ((key, instance), mut hs) in by_key {
+        hs.sort_by_key(|h| h.nanos);
+        let mut seen = HashSet::new();
+        let mut last = 0;
+        for h in hs {
+            if !seen.insert(h.id.as_str()) {
+                continue;
+            }
+            if h.seq < last {
+                breaks += 1;
+                example.get_or_insert_with(|| {
+                    format!("key {key} {instance}: seq {} after {last}", h.seq)
+                });
+            }
+            last = last.max(h.seq);
+        }
+    }
+    (breaks, example)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(id: &str, key: &str, seq: u64, instance: &str, attempt: u32, nanos: u128) -> Handled {
+        Handled {
+            id: id.into(),
+            key: key.into(),
+            seq,
+            instance: instance.into(),
+            attempt,
+            nanos,
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_schedule_rng_is_seeded() {
+        let (mut a, mut b, mut c) = (Rng(7), Rng(7), Rng(8));
+        let xs: Vec<u64> = (0..4).map(|_| a.next()).collect();
+        let ys: Vec<u64> = (0..4).map(|_| b.next()).collect();
+        let zs: Vec<u64> = (0..4).map(|_| c.next()).collect();
+        assert_eq!(xs, ys);
+        assert_ne!(xs, zs);
+    }
+
+    #[test]
+    fn order_is_checked_per_instance_or_across_the_group() {
+        // k: 1 and 2 on two instances side by side, 2 finishing first.
+        let side_by_side = [h("a", "k", 1, "A1", 1, 20), h("b", "k", 2, "A2", 1, 10)];
+        assert_eq!(order_breaks(&side_by_side, false).0, 0);
+        assert_eq!(order_breaks(&side_by_side, true).0, 1);
+        // One instance seeing 2 before 1 is a break in either scope.
+        let swapped = [h("a", "k", 1, "A1", 1, 20), h("b", "k", 2, "A1", 1, 10)];
+        assert_eq!(order_breaks(&swapped, false).0, 1);
+        // A redelivery (handled before by another instance) is not a first delivery, even
+        // with attempt 1.
+        let redelivered = [
+            h("a", "k", 1, "A2", 1, 5),
+            h("b", "k", 2, "A1", 1, 10),
+            h("a", "k", 1, "A1", 1, 20),
+        ];
+        assert_eq!(order_breaks(&redelivered, false).0, 0);
+        assert_eq!(order_breaks(&redelivered, true).0, 0);
+    }
+
+    #[test]
+    fn a_lost_event_fails_the_verdict() {
+        let mut r = Records::default();
+        r.emitted.insert("e1".into(), false);
+        r.emitted.insert("e2".into(), false);
+        r.emitted.insert("p".into(), true);
+        for g in ['A', 'B'] {
+            r.handled
+                .entry(g)
+                .or_default()
+                .push(h("e1", "k", 1, "x", 1, 1));
+            r.dead.entry(g).or_default().insert("p".into());
+        }
+        r.handled
+            .entry('B')
+            .or_default()
+            .push(h("e2", "k", 2, "x", 1, 2));
+        let v = r.verdict(
+            "redis",
+            true,
+            &HashMap::new(),
+            &Faults::default(),
+            0,
+            0,
+            vec![],
+        );
+        assert!(!v.ok);
+        assert!(v.line.contains("lost 1,"), "{}", v.line);
+        assert!(
+            v.line.contains("dead-lettered 2 (expected 2)"),
+            "{}",
+            v.line
+        );
+        // Handled by A too: nothing lost; a second handling is a duplicate over a zero bound.
+        for id in ["e2", "e2"] {
+            r.handled
+                .entry('A')
+                .or_default()
+                .push(h(id, "k", 2, "x", 1, 3));
+        }
+        let v = r.verdict(
+            "redis",
+            true,
+            &HashMap::new(),
+            &Faults::default(),
+            0,
+            0,
+            vec![],
+        );
+        assert!(v.line.contains("lost 0,"), "{}", v.line);
+        assert!(v.line.contains("duplicates 1 (bound 0)"), "{}", v.line);
+        assert!(!v.ok);
+    }
+}
