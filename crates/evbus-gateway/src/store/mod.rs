@@ -380,6 +380,22 @@ pub fn describe(location: Option<&str>, data_dir: &std::path::Path) -> String {
 
 /// SHA-256 (hex) over length-prefixed parts: a content digest where no two different lists
 /// of parts collide by concatenation.
+/// A time as the stores keep it: Unix milliseconds.
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// A stored time (Unix milliseconds) back; the epoch if out of range.
+pub(crate) fn time(ms: i64) -> DateTime<Utc> {
+    use chrono::TimeZone;
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// [`time`] of an optional column.
+pub(crate) fn opt_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.map(time)
+}
+
 pub(crate) fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();

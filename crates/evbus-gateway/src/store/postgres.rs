@@ -17,14 +17,14 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 
 use super::sealing::{self, SecretsKey};
 use super::{
     Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Signal, Store,
-    StoreError, StoreResult, StoredEvent, WebhookRecord,
+    StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -48,18 +48,6 @@ impl std::fmt::Debug for PostgresStore {
             .field("sealed", &self.secrets.is_some())
             .finish_non_exhaustive()
     }
-}
-
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
-fn opt_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.map(time)
 }
 
 /// Free text as PostgreSQL `text` takes it: a NUL character (which `text` cannot hold, and
@@ -235,19 +223,12 @@ impl PostgresStore {
     }
 
     fn sealed(&self, id: &str, secret: Option<&str>) -> StoreResult<Option<String>> {
-        secret
-            .map(|s| sealing::seal(self.secrets.as_deref(), id, s))
-            .transpose()
+        sealing::seal_opt(self.secrets.as_deref(), id, secret)
     }
 
     fn webhook_from(&self, row: &PgRow) -> StoreResult<WebhookRecord> {
         let mut w = webhook_from(row);
-        let key = self.secrets.as_deref();
-        w.secret = sealing::open(key, &w.id, std::mem::take(&mut w.secret))?;
-        w.previous_secret = match w.previous_secret.take() {
-            Some(p) => Some(sealing::open(key, &w.id, p)?),
-            None => None,
-        };
+        sealing::open_webhook(self.secrets.as_deref(), &mut w)?;
         Ok(w)
     }
 

@@ -138,6 +138,28 @@ pub(crate) fn seal(
     }
 }
 
+/// Opens a stored webhook's secrets (current and previous) in place.
+pub(crate) fn open_webhook(
+    key: Option<&SecretsKey>,
+    w: &mut crate::store::WebhookRecord,
+) -> Result<(), StoreError> {
+    w.secret = open(key, &w.id, std::mem::take(&mut w.secret))?;
+    w.previous_secret = match w.previous_secret.take() {
+        Some(p) => Some(open(key, &w.id, p)?),
+        None => None,
+    };
+    Ok(())
+}
+
+/// [`seal`] of an optional secret.
+pub(crate) fn seal_opt(
+    key: Option<&SecretsKey>,
+    webhook_id: &str,
+    secret: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    secret.map(|s| seal(key, webhook_id, s)).transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

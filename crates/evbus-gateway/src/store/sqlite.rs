@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 use super::sealing::{self, SecretsKey};
 use super::{
     Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Store,
-    StoreError, StoreResult, StoredEvent, WebhookRecord,
+    StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -27,18 +27,6 @@ pub struct SqliteStore {
 
 /// The database file name inside a data directory.
 pub const DB_FILE: &str = "gateway.sqlite3";
-
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
-fn opt_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.map(time)
-}
 
 fn to_json(list: &[String]) -> String {
     serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
@@ -132,20 +120,13 @@ impl SqliteStore {
 
     /// The stored form of webhook `id`'s secret `secret`.
     fn sealed(&self, id: &str, secret: Option<&str>) -> StoreResult<Option<String>> {
-        secret
-            .map(|s| sealing::seal(self.secrets.as_deref(), id, s))
-            .transpose()
+        sealing::seal_opt(self.secrets.as_deref(), id, secret)
     }
 
     /// A webhook row, its secrets opened.
     fn webhook_from(&self, row: &SqliteRow) -> StoreResult<WebhookRecord> {
         let mut w = webhook_from(row);
-        let key = self.secrets.as_deref();
-        w.secret = sealing::open(key, &w.id, std::mem::take(&mut w.secret))?;
-        w.previous_secret = match w.previous_secret.take() {
-            Some(p) => Some(sealing::open(key, &w.id, p)?),
-            None => None,
-        };
+        sealing::open_webhook(self.secrets.as_deref(), &mut w)?;
         Ok(w)
     }
 
