@@ -536,7 +536,11 @@ async fn webhook_secrets_are_sealed_at_rest_and_open_only_with_their_key() {
         .await;
         let k = h.key(&["*"], &[]).await;
         let receiver = Receiver::start(200).await;
-        h.register(&k, &receiver.url(), &[ARRAYS]).await
+        let registered = h.register(&k, &receiver.url(), &[ARRAYS]).await;
+        // One gateway per data directory: this one's dispatcher (which has no secrets key)
+        // must not go on claiming the next gateway's deliveries from the same file.
+        h.gateway.shutdown().await;
+        registered
     };
     assert!(
         holds(dir.path(), &old_secret),
