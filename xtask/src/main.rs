@@ -108,6 +108,10 @@ enum Cmd {
         /// Seed of the fault schedule (default: the current time, printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// The short run on every adapter (5,000 events, seed 18, one handler kill and one
+        /// broker restart or cut each); meant for CI once it is stable (docs/reliability.md).
+        #[arg(long, conflicts_with_all = ["adapter", "events", "duration", "seed"])]
+        short: bool,
     },
     /// Regenerates the capability matrix of docs/capabilities.md from the live transports
     /// (`evbus capabilities` at each adapter's URL, as for `conformance`).
@@ -149,11 +153,13 @@ fn main() -> ExitCode {
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
         Cmd::Capabilities => capabilities::run(),
+        Cmd::Chaos { short: true, .. } => chaos::test_step().map(|_| ()),
         Cmd::Chaos {
             adapter,
             events,
             duration,
             seed,
+            short: false,
         } => chaos::run(&chaos::Options {
             adapter,
             events,
