@@ -484,16 +484,7 @@ async fn update_webhook(
     body: Bytes,
 ) -> Result<Json<Value>, Problem> {
     let cfg = &state.config;
-    if body.len() > cfg.max_webhook_body_bytes {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "a webhook change may be at most {} bytes (max_webhook_body_bytes)",
-                cfg.max_webhook_body_bytes
-            ),
-        )
-        .with("limit", json!(cfg.max_webhook_body_bytes)));
-    }
+    crate::webhooks::check_body_size(cfg, &body, "change")?;
     // Ownership first (404 for a webhook of another key, whether or not it exists), through
     // the same check as `GET /v1/webhooks/{id}`.
     let _owned: Json<Value> = webhooks::get(

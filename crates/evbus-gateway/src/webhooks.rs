@@ -375,22 +375,32 @@ async fn owned(state: &State, key: &KeyRecord, id: &str) -> Result<WebhookRecord
     }
 }
 
+/// Refuses a webhook `what` (registration, change) body over `max_webhook_body_bytes`.
+pub(crate) fn check_body_size(
+    cfg: &crate::GatewayConfig,
+    body: &[u8],
+    what: &str,
+) -> Result<(), Problem> {
+    if body.len() > cfg.max_webhook_body_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a webhook {what} may be at most {} bytes (max_webhook_body_bytes)",
+                cfg.max_webhook_body_bytes
+            ),
+        )
+        .with("limit", json!(cfg.max_webhook_body_bytes)));
+    }
+    Ok(())
+}
+
 pub(crate) async fn create(
     AxState(state): AxState<Arc<State>>,
     Extension(key): Extension<KeyRecord>,
     body: Bytes,
 ) -> Result<Response, Problem> {
     let cfg = &state.config;
-    if body.len() > cfg.max_webhook_body_bytes {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "a webhook registration may be at most {} bytes (max_webhook_body_bytes)",
-                cfg.max_webhook_body_bytes
-            ),
-        )
-        .with("limit", json!(cfg.max_webhook_body_bytes)));
-    }
+    check_body_size(cfg, &body, "registration")?;
     let req: CreateWebhook = crate::api::parse_json(&body)?;
     if req.event_types.is_empty() {
         return Err(Problem::bad_request(
