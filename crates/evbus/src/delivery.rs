@@ -12,16 +12,16 @@
 //! - dead-lettering sends the event, with the reason, the attempt count and where it came
 //!   from as extensions, to the dead-letter queue, and only then acknowledges the original.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::envelope::Event;
 use crate::error::{Error, ErrorKind, Result};
+use crate::signal::Limit;
 use crate::transport::Queue;
 
 /// Extension set on a dead-lettered event: why it was dead-lettered.
@@ -326,9 +326,12 @@ pub struct Delivery {
     attempt: u32,
     acker: Arc<dyn Acker>,
     tag: u64,
-    policy: DeliveryPolicy,
+    policy: Arc<DeliveryPolicy>,
     state: AtomicU8,
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// The consumer's in-flight limit, whose permit for this delivery (taken by the
+    /// subscription) is given back exactly once: when the delivery is settled, or when it is
+    /// dropped unsettled.
+    limit: Option<Arc<Limit>>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -347,8 +350,8 @@ impl Delivery {
         attempt: u32,
         acker: Arc<dyn Acker>,
         tag: u64,
-        policy: DeliveryPolicy,
-        permit: Option<OwnedSemaphorePermit>,
+        policy: Arc<DeliveryPolicy>,
+        limit: Option<Arc<Limit>>,
     ) -> Self {
         Delivery {
             event,
@@ -357,7 +360,7 @@ impl Delivery {
             tag,
             policy,
             state: AtomicU8::new(PENDING),
-            permit: Mutex::new(permit),
+            limit,
         }
     }
 
@@ -479,8 +482,17 @@ impl Delivery {
     }
 
     fn release_permit(&self) {
-        if let Ok(mut permit) = self.permit.lock() {
-            permit.take();
+        if let Some(limit) = &self.limit {
+            limit.give_back();
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // Settled deliveries gave their permit back already.
+        if *self.state.get_mut() != SETTLED {
+            self.release_permit();
         }
     }
 }

@@ -21,6 +21,7 @@
 //! # Ok::<(), evbus::Error>(())
 //! ```
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -74,10 +75,10 @@ pub struct Event {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fields {
     id: String,
-    source: String,
-    ty: String,
+    source: Text,
+    ty: Text,
     time: Option<DateTime<Utc>>,
-    datacontenttype: Option<String>,
+    datacontenttype: Option<Cow<'static, str>>,
     dataschema: Option<String>,
     subject: Option<String>,
     extensions: BTreeMap<String, String>,
@@ -88,11 +89,21 @@ impl Event {
     /// Starts building an event of type `ty` from `source`, with a fresh UUIDv7 id and the
     /// current time.
     pub fn builder(ty: impl Into<String>, source: impl Into<String>) -> EventBuilder {
+        Self::builder_of(Text::Owned(ty.into()), Text::Owned(source.into()))
+    }
+
+    /// [`builder`](Self::builder) with a type and a source shared with other events (the
+    /// Bus's own, no copy per event).
+    pub(crate) fn builder_shared(ty: Text, source: Text) -> EventBuilder {
+        Self::builder_of(ty, source)
+    }
+
+    fn builder_of(ty: Text, source: Text) -> EventBuilder {
         EventBuilder {
             event: Fields {
-                id: uuid::Uuid::now_v7().to_string(),
-                source: source.into(),
-                ty: ty.into(),
+                id: new_id(),
+                source,
+                ty,
                 time: Some(Utc::now()),
                 datacontenttype: None,
                 dataschema: None,
@@ -206,7 +217,7 @@ impl Event {
         let attrs = self.inner.id.len()
             + self.inner.source.len()
             + self.inner.ty.len()
-            + self.inner.datacontenttype.as_ref().map_or(0, String::len)
+            + self.inner.datacontenttype.as_deref().map_or(0, str::len)
             + self.inner.dataschema.as_ref().map_or(0, String::len)
             + self.inner.subject.as_ref().map_or(0, String::len)
             + self
@@ -315,7 +326,7 @@ impl Event {
         if let Some(time) = string("time")? {
             builder = builder.time_str(&time);
         }
-        builder.event.datacontenttype = string("datacontenttype")?;
+        builder.event.datacontenttype = string("datacontenttype")?.map(Cow::Owned);
         builder.event.dataschema = string("dataschema")?;
         builder.event.subject = string("subject")?;
         let json = is_json_media_type(builder.event.datacontenttype.as_deref());
@@ -394,6 +405,44 @@ impl fmt::Debug for Event {
     }
 }
 
+/// An attribute's text: owned, or shared between events (one allocation for all the events
+/// a Bus emits with the same type and source).
+#[derive(Clone)]
+pub(crate) enum Text {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Text::Owned(s) => s,
+            Text::Shared(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Text {}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
 /// Builds a valid [`Event`]; see [`Event::builder`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -413,8 +462,8 @@ impl EventBuilder {
         EventBuilder {
             event: Fields {
                 id: id.unwrap_or_default(),
-                source: source.unwrap_or_default(),
-                ty: ty.unwrap_or_default(),
+                source: Text::Owned(source.unwrap_or_default()),
+                ty: Text::Owned(ty.unwrap_or_default()),
                 time: None,
                 datacontenttype: None,
                 dataschema: None,
@@ -445,12 +494,12 @@ impl EventBuilder {
     }
     /// Replaces the event type.
     pub fn ty(mut self, ty: impl Into<String>) -> Self {
-        self.event.ty = ty.into();
+        self.event.ty = Text::Owned(ty.into());
         self
     }
     /// Replaces the source.
     pub fn source(mut self, source: impl Into<String>) -> Self {
-        self.event.source = source.into();
+        self.event.source = Text::Owned(source.into());
         self
     }
     /// Sets the time (or clears it with `None`).
@@ -479,7 +528,7 @@ impl EventBuilder {
     }
     /// Sets `datacontenttype` without touching the data.
     pub fn datacontenttype(mut self, media_type: impl Into<String>) -> Self {
-        self.event.datacontenttype = Some(media_type.into());
+        self.event.datacontenttype = Some(Cow::Owned(media_type.into()));
         self
     }
     /// Sets the partition (ordering) key extension.
@@ -506,13 +555,21 @@ impl EventBuilder {
         let bytes = serde_json::to_vec(value)
             .map_err(|e| Error::invalid_event(format!("data cannot be encoded as JSON: {e}")))?;
         self.event.data = Some(Bytes::from(bytes));
-        self.event.datacontenttype = Some(APPLICATION_JSON.to_owned());
+        self.event.datacontenttype = Some(Cow::Borrowed(APPLICATION_JSON));
         Ok(self)
+    }
+    /// [`json`](Self::json) of a JSON value, which always serialises.
+    pub(crate) fn json_value(mut self, value: &serde_json::Value) -> Self {
+        // A `Value` has string keys and finite numbers only: writing it cannot fail.
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.event.data = Some(Bytes::from(bytes));
+        self.event.datacontenttype = Some(Cow::Borrowed(APPLICATION_JSON));
+        self
     }
     /// Sets the data bytes and their media type.
     pub fn data(mut self, media_type: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
         self.event.data = Some(bytes.into());
-        self.event.datacontenttype = Some(media_type.into());
+        self.event.datacontenttype = Some(Cow::Owned(media_type.into()));
         self
     }
     /// Sets the data bytes, keeping the current media type.
@@ -536,11 +593,11 @@ impl EventBuilder {
             return Err(Error::invalid_event("attribute `type` must not be empty"));
         }
         for (name, value) in [
-            ("datacontenttype", &e.datacontenttype),
-            ("dataschema", &e.dataschema),
-            ("subject", &e.subject),
+            ("datacontenttype", e.datacontenttype.as_deref()),
+            ("dataschema", e.dataschema.as_deref()),
+            ("subject", e.subject.as_deref()),
         ] {
-            if value.as_deref() == Some("") {
+            if value == Some("") {
                 return Err(Error::invalid_event(format!(
                     "attribute `{name}` must not be empty when present"
                 )));
@@ -548,6 +605,16 @@ impl EventBuilder {
         }
         Ok(Event { inner: Arc::new(e) })
     }
+}
+
+/// A fresh UUIDv7 in its usual text form (lowercase, hyphenated), written without the
+/// formatting machinery of `to_string`.
+fn new_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buffer)
+        .to_owned()
 }
 
 /// Checks an extension attribute name against CloudEvents 1.0 naming rules.

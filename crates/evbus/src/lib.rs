@@ -11,6 +11,7 @@ pub mod memory;
 pub mod raw;
 pub mod registry;
 pub mod schema;
+mod signal;
 pub mod subscription;
 pub mod transport;
 

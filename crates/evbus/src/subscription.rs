@@ -18,11 +18,10 @@ use std::task::{Context, Poll, ready};
 
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::PollSemaphore;
 
 use crate::delivery::{Acker, Delivery, DeliveryPolicy, Payload, RawDelivery, Undecodable};
 use crate::error::Result;
+use crate::signal::{Limit, Signal};
 use crate::transport::{ConsumerOptions, Queue};
 
 /// A stream of deliveries for one consumer. Dropping it detaches the consumer; its unsettled
@@ -30,7 +29,7 @@ use crate::transport::{ConsumerOptions, Queue};
 pub struct Subscription {
     inner: Limited,
     /// The close signal given to [`until`](Self::until): the stream ends once it completes.
-    stop: Option<BoxFuture<'static, ()>>,
+    stop: Option<Signal>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -42,10 +41,13 @@ impl std::fmt::Debug for Subscription {
 /// The adapter's raw stream behind the in-flight limit and the max-attempts rule.
 struct Limited {
     raw: BoxStream<'static, Result<RawDelivery>>,
-    limit: PollSemaphore,
-    /// A permit taken for the next delivery, kept while the raw stream has nothing.
-    permit: Option<OwnedSemaphorePermit>,
-    policy: DeliveryPolicy,
+    /// The in-flight limit: each delivery gives its permit back once, when settled or
+    /// dropped (see [`Delivery`]).
+    limit: Arc<Limit>,
+    /// Whether a permit is held for the next delivery, kept while the raw stream has
+    /// nothing.
+    permit: bool,
+    policy: Arc<DeliveryPolicy>,
     /// An over-delivered event being dead-lettered before the stream goes on.
     dead_lettering: Option<BoxFuture<'static, ()>>,
     done: bool,
@@ -61,68 +63,56 @@ impl Limited {
                 ready!(pending.as_mut().poll(cx));
                 self.dead_lettering = None;
             }
-            let permit = match self.permit.take() {
-                Some(permit) => permit,
-                None => match ready!(self.limit.poll_acquire(cx)) {
-                    Some(permit) => permit,
-                    None => {
-                        self.done = true;
-                        return Poll::Ready(None);
-                    }
-                },
-            };
+            if !self.permit {
+                ready!(self.limit.poll_take(cx));
+                self.permit = true;
+            }
             let raw = match self.raw.poll_next_unpin(cx) {
-                Poll::Pending => {
-                    self.permit = Some(permit);
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.done = true;
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    self.permit = Some(permit);
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(raw))) => raw,
             };
             let (payload, attempt, acker, tag) = raw.into_parts();
             let event = match payload {
                 Payload::Event(event) => event,
                 Payload::Undecodable(message) => {
-                    // Not a CloudEvent: moved aside, never handed out.
-                    self.permit = Some(permit);
+                    // Not a CloudEvent: moved aside, never handed out (the permit is kept).
                     self.dead_lettering = Some(Box::pin(dead_letter_undecodable(
                         message,
                         attempt,
                         acker,
                         tag,
-                        self.policy.clone(),
+                        Arc::clone(&self.policy),
                     )));
                     continue;
                 }
             };
             if attempt > self.policy.max_attempts {
                 // Its previous consumer vanished on the last attempt: dead-letter it without
-                // handing it out, then go on with the next one.
-                self.permit = Some(permit);
+                // handing it out, then go on with the next one (the permit is kept).
                 self.dead_lettering = Some(Box::pin(dead_letter_over_delivered(Delivery::new(
                     event,
                     attempt,
                     acker,
                     tag,
-                    self.policy.clone(),
+                    Arc::clone(&self.policy),
                     None,
                 ))));
                 continue;
             }
+            // The permit goes with the delivery.
+            self.permit = false;
             return Poll::Ready(Some(Ok(Delivery::new(
                 event,
                 attempt,
                 acker,
                 tag,
-                self.policy.clone(),
-                Some(permit),
+                Arc::clone(&self.policy),
+                Some(Arc::clone(&self.limit)),
             ))));
         }
     }
@@ -149,7 +139,7 @@ async fn dead_letter_undecodable(
     attempt: u32,
     acker: Arc<dyn Acker>,
     tag: u64,
-    policy: DeliveryPolicy,
+    policy: Arc<DeliveryPolicy>,
 ) {
     let reason = format!("undecodable message: {}", message.error().message());
     let record = message.placeholder().and_then(|placeholder| {
@@ -192,17 +182,16 @@ impl Subscription {
     where
         S: Stream<Item = Result<RawDelivery>> + Send + 'static,
     {
-        let policy = DeliveryPolicy {
+        let policy = Arc::new(DeliveryPolicy {
             max_attempts: options.max_attempts.max(1),
             dead_letter,
             origin: origin.into(),
-        };
-        let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        });
         Subscription {
             inner: Limited {
                 raw: raw.boxed(),
-                limit: PollSemaphore::new(limit),
-                permit: None,
+                limit: Arc::new(Limit::new(options.max_in_flight.max(1))),
+                permit: false,
                 policy,
                 dead_lettering: None,
                 done: false,
@@ -218,10 +207,13 @@ impl Subscription {
     pub fn until(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
         let signal = Box::pin(signal);
         self.stop = Some(match self.stop.take() {
-            None => signal,
-            Some(earlier) => Box::pin(async move {
-                futures::future::select(earlier, signal).await;
-            }),
+            None => Signal::new(signal),
+            Some(earlier) => {
+                let earlier = earlier.into_future();
+                Signal::new(async move {
+                    futures::future::select(earlier, signal).await;
+                })
+            }
         });
         self
     }
@@ -254,7 +246,7 @@ impl Stream for Subscription {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some(stop) = this.stop.as_mut()
-            && stop.as_mut().poll(cx).is_ready()
+            && stop.poll_fired(cx)
         {
             // Closed: the stream ends for good.
             this.inner.done = true;

@@ -1,13 +1,14 @@
 //! Emitting: validate, build the envelope, publish, return once the transport confirmed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{Bus, telemetry};
-use crate::envelope::Event;
+use super::{Bus, TypeEntry, telemetry};
+use crate::envelope::{Event, Text};
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::EventType;
 
@@ -124,7 +125,10 @@ impl Bus {
     /// [`ErrorKind::Validation`] naming every violation (or every known type), and nothing is
     /// published.
     pub async fn emit(&self, ty: &str, data: Value) -> Result<String> {
-        self.send(Emit::new(ty, data)).await
+        self.send_prepared(ty, |bus, span, entry| {
+            bus.prepare_data(ty, &data, span, entry)
+        })
+        .await
     }
 
     /// Emits a Rust event type: `T::TYPE` with `value` serialised as its data.
@@ -137,36 +141,54 @@ impl Bus {
     }
 
     /// Emits one [`Emit`] (with a key, subject or extensions); returns the event id.
-    pub async fn send(&self, emit: Emit) -> Result<String> {
+    pub async fn send(&self, mut emit: Emit) -> Result<String> {
+        let ty = std::mem::take(&mut emit.ty);
+        self.send_prepared(&ty, |bus, span, _| bus.prepare_as(&ty, emit, span))
+            .await
+    }
+
+    /// Publishes the event `prepare` builds (in the `evbus.emit` span) for type `ty`.
+    async fn send_prepared(
+        &self,
+        ty: &str,
+        prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event>,
+    ) -> Result<String> {
         self.ensure_open()?;
         let _token = self.inner.emits.token();
         // One lookup: the type's topic (borrowed, no allocation per emit), its cached handle
         // and metric keys. Types outside the catalogue (a permissive one) use their route or
         // their own name.
-        let entry = self.inner.types.get(emit.ty.as_str());
+        let entry = self.inner.types.get(ty);
+        // A type outside the catalogue has an entry once it was emitted validly.
+        let other = match entry {
+            Some(_) => None,
+            None => self.find_other_type(ty),
+        };
         let routed: Option<&str> = match entry {
             Some(entry) => Some(&entry.topic),
-            None => self.inner.routes.get(&emit.ty).map(String::as_str),
+            None => self.inner.routes.get(ty).map(String::as_str),
         };
         let span = tracing::info_span!(
             "evbus.emit",
             otel.kind = "producer",
-            event.r#type = %emit.ty,
+            event.r#type = %ty,
             event.id = tracing::field::Empty,
-            topic = %routed.unwrap_or(&emit.ty),
+            topic = %routed.unwrap_or(ty),
         );
         async {
-            let event = self.prepare(emit, &tracing::Span::current())?;
-            tracing::Span::current().record("event.id", event.id());
-            let topic = match entry {
-                Some(entry) => self.type_topic(entry).await?,
-                None => self.topic(routed.unwrap_or(event.ty())).await?,
+            let current = tracing::Span::current();
+            let event = prepare(self, &current, entry.or(other.as_deref()))?;
+            current.record("event.id", event.id());
+            let made;
+            let entry: &TypeEntry = match (entry, other.as_deref()) {
+                (Some(entry), _) | (None, Some(entry)) => entry,
+                (None, None) => {
+                    made = self.other_type(ty);
+                    &made
+                }
             };
-            topic.publish(&event).await?;
-            match entry {
-                Some(entry) => entry.metrics.emitted(),
-                None => telemetry::emitted(event.ty()),
-            }
+            self.type_topic(entry).await?.publish(&event).await?;
+            entry.metrics.emitted();
             Ok(event.id().to_owned())
         }
         .instrument(span)
@@ -265,7 +287,13 @@ impl Bus {
     }
 
     /// Validates and builds the envelope (not published).
-    fn prepare(&self, emit: Emit, span: &tracing::Span) -> Result<Event> {
+    fn prepare(&self, mut emit: Emit, span: &tracing::Span) -> Result<Event> {
+        let ty = std::mem::take(&mut emit.ty);
+        self.prepare_as(&ty, emit, span)
+    }
+
+    /// [`prepare`](Self::prepare) of `emit` whose type, `ty`, was taken out of it.
+    fn prepare_as(&self, ty: &str, emit: Emit, span: &tracing::Span) -> Result<Event> {
         for (name, value) in [("id", &emit.id), ("source", &emit.source)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(Error::invalid_event(format!(
@@ -273,9 +301,9 @@ impl Bus {
                 )));
             }
         }
-        let validated = self.inner.catalog.validate(&emit.ty, &emit.data)?;
-        let source = emit.source.as_deref().unwrap_or(&self.inner.source);
-        let mut builder = Event::builder(&emit.ty, source).json(&emit.data)?;
+        let validated = self.inner.catalog.validate(ty, &emit.data)?;
+        let source = emit.source.as_deref().unwrap_or(&*self.inner.source);
+        let mut builder = Event::builder(ty, source).json_value(&emit.data);
         if let Some(id) = emit.id {
             builder = builder.id(id);
         }
@@ -293,6 +321,30 @@ impl Bus {
         }
         for (name, value) in &emit.extensions {
             builder = builder.extension(name, value.clone());
+        }
+        builder = telemetry::inject(builder, span);
+        builder.build()
+    }
+
+    /// [`prepare`](Self::prepare) of a plain emit (type and data, no other attributes),
+    /// from borrowed parts.
+    fn prepare_data(
+        &self,
+        ty: &str,
+        data: &Value,
+        span: &tracing::Span,
+        entry: Option<&TypeEntry>,
+    ) -> Result<Event> {
+        let validated = self.inner.catalog.validate(ty, data)?;
+        // The type and source texts are shared, not copied.
+        let ty = match entry {
+            Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
+            None => Text::Owned(ty.to_owned()),
+        };
+        let source = Text::Shared(Arc::clone(&self.inner.source));
+        let mut builder = Event::builder_shared(ty, source).json_value(data);
+        if let Some(uri) = validated.dataschema() {
+            builder = builder.dataschema(uri);
         }
         builder = telemetry::inject(builder, span);
         builder.build()

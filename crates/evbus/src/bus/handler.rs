@@ -7,6 +7,7 @@ use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -16,7 +17,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tracing::Instrument;
 
 use super::{Bus, RetryPolicy, lock, telemetry};
@@ -24,6 +25,7 @@ use crate::delivery::{Delivery, Settlement, dead_letter_event};
 use crate::envelope::Event;
 use crate::error::{Error, Result};
 use crate::schema::EventType;
+use crate::signal::Signal;
 use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
 
 /// Events a handler runs at once per instance unless configured otherwise.
@@ -449,37 +451,50 @@ impl Worker {
         mut stream: impl futures::Stream<Item = Result<Delivery>> + Unpin + Send,
         concurrency: usize,
     ) {
-        let cancel = self.shared.cancel.clone();
-        let slots = Arc::new(Semaphore::new(concurrency));
+        let mut cancel = Signal::new(self.shared.cancel.clone().cancelled_owned());
+        let mut slots = PollSemaphore::new(Arc::new(Semaphore::new(concurrency)));
+        // On a current-thread runtime spawned handlers never run in parallel anyway: there an
+        // unordered handler is first polled right here, in the worker's task, and gets a task
+        // of its own only if it has to wait. On a multi-threaded runtime every event gets its
+        // own task, so handlers run in parallel on the runtime's workers.
+        let inline = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         let mut tasks = JoinSet::new();
+        let mut permit = None;
+        // Events handled inline since the worker last let other tasks run.
+        let mut inline_run = 0;
         loop {
             while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                p = Arc::clone(&slots).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let next = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                next = stream.next() => next,
-            };
+            // A free slot, then a delivery; the cancellation first, at every step.
+            let next = std::future::poll_fn(|cx| {
+                if cancel.poll_fired(cx) {
+                    return Poll::Ready(None);
+                }
+                if permit.is_none() {
+                    match ready!(slots.poll_acquire(cx)) {
+                        Some(p) => permit = Some(p),
+                        None => return Poll::Ready(None),
+                    }
+                }
+                stream.poll_next_unpin(cx).map(Some)
+            })
+            .await;
             let delivery = match next {
-                None => break,
-                Some(Err(e)) => {
+                None | Some(None) => break,
+                Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, group = %self.shared.group, "handler subscription error");
                     tokio::select! {
-                        () = cancel.cancelled() => break,
+                        () = self.shared.cancel.cancelled() => break,
                         () = tokio::time::sleep(Duration::from_millis(100)) => continue,
                     }
                 }
-                Some(Ok(d)) => Arc::new(d),
+                Some(Some(Ok(d))) => Arc::new(d),
+            };
+            let Some(permit) = permit.take() else {
+                // Unreachable: a delivery is only taken with a slot.
+                break;
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            lock(&self.in_flight).insert(id, Arc::clone(&delivery));
             let taken = Taken {
                 id,
                 delivery,
@@ -491,11 +506,32 @@ impl Worker {
                 None
             };
             match key {
+                None if inline => {
+                    let delivery = Arc::clone(&taken.delivery);
+                    let mut run = Box::pin(Arc::clone(&self).process(taken));
+                    let polled =
+                        std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+                    if polled.is_pending() {
+                        // It waits: it goes on in a task of its own, tracked for the drain.
+                        lock(&self.in_flight).insert(id, delivery);
+                        tasks.spawn(run);
+                    }
+                    // Handled inline, events never make the worker wait for a free slot: it
+                    // lets the other tasks (the other instances of the group among them) run
+                    // after as many events as it would take before its spawned handlers ran.
+                    inline_run += 1;
+                    if inline_run >= concurrency {
+                        inline_run = 0;
+                        tokio::task::yield_now().await;
+                    }
+                }
                 None => {
+                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                     let worker = Arc::clone(&self);
                     tasks.spawn(async move { worker.process(taken).await });
                 }
                 Some(key) => {
+                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                     let mut lanes = lock(&self.lanes);
                     match lanes.get_mut(&key) {
                         Some(queue) => queue.push_back(taken),
@@ -508,6 +544,7 @@ impl Worker {
                 }
             }
         }
+        drop(permit);
         self.drain(tasks).await;
         drop(stream);
         self.shared.running.store(false, Ordering::Release);

@@ -96,6 +96,12 @@
 //! for the backoff, the event stays unacknowledged on the broker) so a retried event is never
 //! overtaken by a later event of its key.
 //!
+//! On a multi-threaded runtime every event is handled in a task of its own, so handlers run
+//! in parallel on the runtime's workers. On a current-thread runtime, where tasks never run in
+//! parallel, an unordered handler is first polled in the handler's consume loop and gets a
+//! task of its own only if it has to wait (the limit, the retries and the drain are the
+//! same); the loop lets other tasks run after as many events as the concurrency.
+//!
 //! # Shutdown
 //!
 //! [`Bus::shutdown`] stops every handler from taking deliveries, lets the running ones finish
@@ -134,7 +140,7 @@ mod telemetry;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
@@ -166,12 +172,16 @@ pub struct Bus {
 struct Inner {
     transport: Arc<dyn Transport>,
     catalog: Catalog,
-    source: String,
+    /// Shared by every event the bus builds.
+    source: Arc<str>,
     routes: HashMap<String, String>,
     shared_topics: HashMap<String, usize>,
     /// What emitting needs per type, for every type the catalogue lists or a route names:
     /// one lookup per emit.
     types: HashMap<String, TypeEntry>,
+    /// The same for types outside the catalogue (accepted by a permissive one), made on
+    /// their first successful emit.
+    other_types: RwLock<HashMap<String, Arc<TypeEntry>>>,
     defaults: Defaults,
     topics: Mutex<HashMap<String, Arc<dyn Topic>>>,
     emits: TaskTracker,
@@ -181,6 +191,8 @@ struct Inner {
 
 /// One event type as emitting sees it.
 struct TypeEntry {
+    /// The type's name, shared by every event of it the bus builds.
+    ty: Arc<str>,
     /// The topic it is published to (its route, or its own name).
     topic: String,
     /// That topic's handle, once opened.
@@ -312,6 +324,42 @@ impl Bus {
         }
         let topic = self.topic(&entry.topic).await?;
         Ok(Arc::clone(entry.handle.get_or_init(|| topic)))
+    }
+
+    /// The entry of a type outside the catalogue, if it was made.
+    fn find_other_type(&self, ty: &str) -> Option<Arc<TypeEntry>> {
+        self.inner
+            .other_types
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ty)
+            .cloned()
+    }
+
+    /// The entry of a type outside the catalogue, made on first use.
+    fn other_type(&self, ty: &str) -> Arc<TypeEntry> {
+        let others = self
+            .inner
+            .other_types
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = others.get(ty) {
+            return Arc::clone(entry);
+        }
+        drop(others);
+        let mut others = self
+            .inner
+            .other_types
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        Arc::clone(others.entry(ty.to_owned()).or_insert_with(|| {
+            Arc::new(TypeEntry {
+                ty: Arc::from(ty),
+                topic: self.topic_name(ty),
+                handle: OnceLock::new(),
+                metrics: telemetry::TypeMetrics::new(ty),
+            })
+        }))
     }
 
     pub(crate) async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
@@ -456,6 +504,7 @@ impl BusBuilder {
             .chain(self.routes.keys().cloned())
             .map(|ty| {
                 let entry = TypeEntry {
+                    ty: Arc::from(ty.as_str()),
                     topic: self.routes.get(&ty).cloned().unwrap_or_else(|| ty.clone()),
                     handle: OnceLock::new(),
                     metrics: telemetry::TypeMetrics::new(&ty),
@@ -467,10 +516,11 @@ impl BusBuilder {
             inner: Arc::new(Inner {
                 transport: self.transport,
                 catalog: self.catalog,
-                source: self.source,
+                source: Arc::from(self.source),
                 routes: self.routes,
                 shared_topics,
                 types,
+                other_types: RwLock::new(HashMap::new()),
                 defaults: self.defaults,
                 topics: Mutex::new(HashMap::new()),
                 emits: TaskTracker::new(),

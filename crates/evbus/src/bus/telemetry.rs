@@ -50,6 +50,10 @@ mod otel {
 pub(super) fn inject(builder: EventBuilder, span: &tracing::Span) -> EventBuilder {
     #[cfg(feature = "opentelemetry")]
     {
+        // A disabled span (no subscriber wants it) has no OpenTelemetry context to write.
+        if span.is_disabled() {
+            return builder;
+        }
         let mut builder = builder;
         for (name, value) in otel::carrier_of(span) {
             if !value.is_empty() {

@@ -2,7 +2,10 @@
 //! topic subscription, shared by its competing consumers.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,11 +13,12 @@ use futures::Stream;
 use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use super::Closed;
 use crate::delivery::{Acker, RawDelivery};
 use crate::envelope::Event;
 use crate::error::{Error, ErrorKind, Result};
+use crate::signal::Gated;
 
 #[derive(Clone)]
 struct Entry {
@@ -24,20 +28,25 @@ struct Entry {
     deliveries: u32,
 }
 
-struct InFlight {
-    entry: Entry,
-    deadline: Instant,
-}
-
 #[derive(Default)]
 struct GroupState {
     ready: VecDeque<Entry>,
     delayed: BTreeSet<(Instant, u64)>,
     delayed_entries: FxHashMap<u64, Entry>,
-    in_flight: FxHashMap<u64, InFlight>,
-    deadlines: BTreeSet<(Instant, u64)>,
+    in_flight: FxHashMap<u64, Entry>,
+    /// Visibility deadlines, one lane per visibility timeout. A lane only grows at its back
+    /// with `now + timeout` (the clock is monotonic and read under the lock), so each lane is
+    /// sorted without a tree. A settled delivery's entry stays in its lane until it reaches
+    /// the front or the lane is compacted.
+    deadlines: Vec<Lane>,
     next_tag: u64,
     deleted: bool,
+}
+
+/// The deadlines of the deliveries taken with one visibility timeout, oldest first.
+struct Lane {
+    timeout: Duration,
+    queue: VecDeque<(Instant, u64)>,
 }
 
 impl GroupState {
@@ -45,7 +54,8 @@ impl GroupState {
         self.ready.len() + self.delayed_entries.len() + self.in_flight.len()
     }
 
-    /// Moves due delayed events and expired in-flight deliveries back to `ready`.
+    /// Moves due delayed events and expired in-flight deliveries back to `ready`, and drops
+    /// the deadlines of settled deliveries from the front of every lane.
     fn promote(&mut self, now: Instant) {
         while let Some(&(at, tag)) = self.delayed.first() {
             if at > now {
@@ -56,31 +66,74 @@ impl GroupState {
                 self.ready.push_back(entry);
             }
         }
-        while let Some(&(at, tag)) = self.deadlines.first() {
-            if at > now {
-                break;
+        let mut expired: Vec<(Instant, u64)> = Vec::new();
+        for lane in &mut self.deadlines {
+            while let Some(&(at, tag)) = lane.queue.front() {
+                if !self.in_flight.contains_key(&tag) {
+                    // Settled (or already expired): its deadline no longer matters.
+                    lane.queue.pop_front();
+                    continue;
+                }
+                if at > now {
+                    break;
+                }
+                lane.queue.pop_front();
+                expired.push((at, tag));
             }
-            self.deadlines.pop_first();
-            if let Some(f) = self.in_flight.remove(&tag) {
+        }
+        // Lanes expire in their own order: redeliver in deadline order across lanes, as one
+        // sorted set of deadlines would.
+        if self.deadlines.len() > 1 {
+            expired.sort_unstable();
+        }
+        for (_, tag) in expired {
+            if let Some(entry) = self.in_flight.remove(&tag) {
                 // Expired: its consumer vanished or hung. Redeliver before newer events.
-                self.ready.push_front(f.entry);
+                self.ready.push_front(entry);
             }
         }
     }
 
+    /// The next delayed event or visibility deadline (after [`promote`](Self::promote), the
+    /// front of every lane is a delivery still in flight).
     fn next_wakeup(&self) -> Option<Instant> {
         let d = self.delayed.first().map(|(at, _)| *at);
-        let f = self.deadlines.first().map(|(at, _)| *at);
+        let f = self
+            .deadlines
+            .iter()
+            .filter_map(|lane| lane.queue.front().map(|(at, _)| *at))
+            .min();
         match (d, f) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
+    /// Records the visibility deadline of delivery `tag`, taken with `timeout`.
+    fn push_deadline(&mut self, timeout: Duration, deadline: Instant, tag: u64) {
+        let index = match self.deadlines.iter().position(|l| l.timeout == timeout) {
+            Some(index) => index,
+            None => {
+                self.deadlines.push(Lane {
+                    timeout,
+                    queue: VecDeque::new(),
+                });
+                self.deadlines.len() - 1
+            }
+        };
+        let in_flight = &self.in_flight;
+        let lane = &mut self.deadlines[index].queue;
+        // Settled deliveries leave their entries behind; keep the lane within a constant
+        // factor of what is really in flight (amortised: at most once per that many pushes).
+        if lane.len() >= 2 * in_flight.len() + 64 {
+            lane.retain(|(_, t)| in_flight.contains_key(t));
+        }
+        lane.push_back((deadline, tag));
+    }
+
     fn take_in_flight(&mut self, tag: u64) -> Option<Entry> {
-        let f = self.in_flight.remove(&tag)?;
-        self.deadlines.remove(&(f.deadline, tag));
-        Some(f.entry)
+        // Its deadline stays in its lane until it reaches the front (see `promote`).
+        self.in_flight.remove(&tag)
     }
 }
 
@@ -93,6 +146,8 @@ pub(crate) struct Group {
     changed: Notify,
     /// Signalled when room is freed (ack, dead-letter, delete).
     space: Notify,
+    /// Publishers waiting for room: settlements signal `space` only when there are some.
+    space_waiters: AtomicUsize,
 }
 
 impl Group {
@@ -103,6 +158,7 @@ impl Group {
             state: Mutex::new(GroupState::default()),
             changed: Notify::new(),
             space: Notify::new(),
+            space_waiters: AtomicUsize::new(0),
         })
     }
 
@@ -124,6 +180,22 @@ impl Group {
     /// Registers interest in freed room; call before re-checking [`has_room`](Self::has_room).
     pub(crate) fn space(&self) -> &Notify {
         &self.space
+    }
+
+    /// Counts the caller among the publishers waiting for room until the guard is dropped.
+    /// Take it before [`space`](Self::space) and the re-check of
+    /// [`has_room`](Self::has_room): a settlement that frees room after that check sees the
+    /// count (it changes the state under the same lock) and signals.
+    pub(crate) fn waiting_for_space(&self) -> SpaceWaiter<'_> {
+        self.space_waiters.fetch_add(1, Ordering::SeqCst);
+        SpaceWaiter(self)
+    }
+
+    /// Wakes the publishers waiting for room, if any.
+    fn room_freed(&self) {
+        if self.space_waiters.load(Ordering::SeqCst) > 0 {
+            self.space.notify_waiters();
+        }
     }
 
     /// Appends events. Callers check room first (under the broker lock).
@@ -157,21 +229,20 @@ impl Group {
     pub(crate) fn consume(
         self: &Arc<Self>,
         visibility_timeout: Duration,
-        closed: CancellationToken,
+        closed: Closed,
         keep_alive: Option<Box<dyn Send + Sync>>,
     ) -> impl Stream<Item = Result<RawDelivery>> + Send + 'static {
-        let consumer = Consumer {
-            shared: Arc::new(MemoryAcker {
-                group: Arc::clone(self),
-                closed,
+        ConsumerStream {
+            consumer: Arc::new(Consumer {
+                shared: Arc::new(MemoryAcker {
+                    group: Arc::clone(self),
+                    closed,
+                }),
+                visibility_timeout,
+                _keep_alive: keep_alive,
             }),
-            visibility_timeout,
-            _keep_alive: keep_alive,
-        };
-        futures::stream::unfold(consumer, |consumer| async move {
-            let next = consumer.next().await?;
-            Some((Ok(next), consumer))
-        })
+            waiting: None,
+        }
     }
 
     fn settle(&self, tag: u64, then: impl FnOnce(&mut GroupState, Entry)) -> Result<()> {
@@ -202,16 +273,59 @@ impl Group {
     }
 }
 
+/// A publisher waiting for room (see [`Group::waiting_for_space`]).
+pub(crate) struct SpaceWaiter<'a>(&'a Group);
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.space_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A consumer's settlement handle, shared by all its deliveries (told apart by their tags).
 struct MemoryAcker {
     group: Arc<Group>,
-    closed: CancellationToken,
+    closed: Closed,
 }
 
 struct Consumer {
     shared: Arc<MemoryAcker>,
     visibility_timeout: Duration,
     _keep_alive: Option<Box<dyn Send + Sync>>,
+}
+
+/// A consumer as a stream: a ready event is taken on the spot; only when there is none does
+/// it wait, in a future polled again only once it was woken.
+struct ConsumerStream {
+    consumer: Arc<Consumer>,
+    waiting: Option<Gated<Option<RawDelivery>>>,
+}
+
+impl Stream for ConsumerStream {
+    type Item = Result<RawDelivery>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let waiting = match this.waiting.as_mut() {
+            Some(waiting) => waiting,
+            None => {
+                if this.consumer.shared.closed.is_closed() {
+                    return Poll::Ready(None);
+                }
+                match this.consumer.take() {
+                    Take::Delivery(d) => return Poll::Ready(Some(Ok(d))),
+                    Take::Deleted => return Poll::Ready(None),
+                    Take::Wait(_) => {}
+                }
+                let consumer = Arc::clone(&this.consumer);
+                this.waiting
+                    .insert(Gated::new(async move { consumer.next().await }))
+            }
+        };
+        let next = ready!(waiting.poll(cx));
+        this.waiting = None;
+        Poll::Ready(next.map(Ok))
+    }
 }
 
 /// What one look at the group found.
@@ -226,7 +340,7 @@ impl Consumer {
     async fn next(&self) -> Option<RawDelivery> {
         let group = &self.shared.group;
         loop {
-            if self.shared.closed.is_cancelled() {
+            if self.shared.closed.is_closed() {
                 return None;
             }
             // Ready events are taken without registering for wake-ups first.
@@ -272,10 +386,10 @@ impl Consumer {
         let tag = state.next_tag;
         state.next_tag += 1;
         let deadline = now + self.visibility_timeout;
-        state.deadlines.insert((deadline, tag));
         let event = entry.event.clone();
         let attempt = entry.deliveries;
-        state.in_flight.insert(tag, InFlight { entry, deadline });
+        state.in_flight.insert(tag, entry);
+        state.push_deadline(self.visibility_timeout, deadline, tag);
         Take::Delivery(RawDelivery::new(
             event,
             attempt,
@@ -289,7 +403,7 @@ impl MemoryAcker {
     /// Settling through a closed connection fails, as on a real broker; the delivery then
     /// comes back after its visibility timeout.
     fn check_open(&self) -> Result<()> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_closed() {
             return Err(Error::closed("the memory transport"));
         }
         Ok(())
@@ -298,7 +412,7 @@ impl MemoryAcker {
     fn ack_now(&self, tag: u64) -> Result<()> {
         self.check_open()?;
         self.group.settle(tag, |_, _| {})?;
-        self.group.space.notify_waiters();
+        self.group.room_freed();
         Ok(())
     }
 }

@@ -33,7 +33,7 @@
 mod group;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -194,6 +194,30 @@ struct TopicState {
 }
 
 impl TopicState {
+    /// Appends `events` to every subscription and to the history (kept to `history`
+    /// events), or returns a subscription without room (nothing appended then).
+    fn append(&mut self, events: &[Event], history: usize) -> Option<Arc<Group>> {
+        if !self.anonymous.is_empty() {
+            self.anonymous.retain(|_, g| g.strong_count() > 0);
+        }
+        if let Some(full) = self.named.values().find(|g| !g.has_room()) {
+            return Some(Arc::clone(full));
+        }
+        let anonymous: Vec<Arc<Group>> =
+            self.anonymous.values().filter_map(Weak::upgrade).collect();
+        if let Some(full) = anonymous.iter().find(|g| !g.has_room()) {
+            return Some(Arc::clone(full));
+        }
+        for group in self.named.values().chain(&anonymous) {
+            group.push(events);
+        }
+        self.history.extend(events.iter().cloned());
+        while self.history.len() > history {
+            self.history.pop_front();
+        }
+        None
+    }
+
     fn groups(&self) -> impl Iterator<Item = Arc<Group>> + '_ {
         self.named
             .values()
@@ -230,7 +254,7 @@ impl MemoryBroker {
     pub fn connect(&self) -> MemoryTransport {
         MemoryTransport {
             broker: self.clone(),
-            closed: CancellationToken::new(),
+            closed: Closed::default(),
         }
     }
 
@@ -259,37 +283,53 @@ impl MemoryBroker {
         Ok(())
     }
 
-    /// Appends `events` to every group `targets` picks, waiting for room up to the publish
+    /// Appends `events` to every group of `target`, waiting for room up to the publish
     /// timeout. All-or-nothing: events are appended only when every group has room.
-    async fn append(
-        &self,
-        events: &[Event],
-        closed: &CancellationToken,
-        targets: impl Fn(&mut BrokerState) -> Vec<Arc<Group>>,
-        mut after: impl FnMut(&mut BrokerState, &[Event]),
-    ) -> Result<()> {
+    async fn append(&self, events: &[Event], closed: &Closed, target: Target<'_>) -> Result<()> {
         for event in events {
             self.check_size(event)?;
         }
-        let deadline = tokio::time::Instant::now() + self.inner.config.publish_timeout;
+        let mut deadline = None;
         loop {
-            if closed.is_cancelled() {
+            if closed.is_closed() {
                 return Err(Error::closed("the memory transport"));
             }
             let wait = {
                 let mut state = self.lock();
-                let groups = targets(&mut state);
-                match groups.iter().find(|g| !g.has_room()) {
-                    None => {
-                        for group in &groups {
-                            group.push(events);
+                match target {
+                    Target::Topic(name) => {
+                        let history = self.inner.config.history;
+                        // One lookup when the topic exists (the usual case).
+                        match state.topics.get_mut(name) {
+                            Some(topic) => topic.append(events, history),
+                            None => state.topic_mut(name).append(events, history),
                         }
-                        after(&mut state, events);
-                        return Ok(());
                     }
-                    Some(full) => Arc::clone(full),
+                    Target::Queue(name) => {
+                        let group = match state.queues.get(name) {
+                            Some(group) => Arc::clone(group),
+                            // The queue may have been deleted and recreated since its handle
+                            // was made.
+                            None => Arc::clone(state.queues.entry(name.to_owned()).or_insert_with(
+                                || Group::new(name.to_owned(), self.inner.config.capacity),
+                            )),
+                        };
+                        if group.has_room() {
+                            group.push(events);
+                            None
+                        } else {
+                            Some(group)
+                        }
+                    }
                 }
             };
+            let Some(wait) = wait else {
+                return Ok(());
+            };
+            let deadline = *deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now() + self.inner.config.publish_timeout
+            });
+            let _waiting = wait.waiting_for_space();
             let space = wait.space().notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -317,6 +357,15 @@ impl MemoryBroker {
     }
 }
 
+/// Where [`MemoryBroker::append`] appends.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// Every subscription of the topic, and its history.
+    Topic(&'a str),
+    /// The queue.
+    Queue(&'a str),
+}
+
 /// Connects `memory://` URLs to the shared in-process brokers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryConnector;
@@ -336,13 +385,38 @@ impl Connector for MemoryConnector {
 #[derive(Clone)]
 pub struct MemoryTransport {
     broker: MemoryBroker,
-    closed: CancellationToken,
+    closed: Closed,
+}
+
+/// Whether a [`MemoryTransport`] was closed: a flag for the checks on every delivery and
+/// settlement (no lock), and a token to wait on.
+#[derive(Clone, Default)]
+pub(crate) struct Closed {
+    flag: Arc<AtomicBool>,
+    token: CancellationToken,
+}
+
+impl Closed {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        // The flag first: whoever the token wakes sees it set.
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// Completes once the transport is closed.
+    pub(crate) fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
 }
 
 impl std::fmt::Debug for MemoryTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryTransport")
-            .field("closed", &self.closed.is_cancelled())
+            .field("closed", &self.closed.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -361,7 +435,7 @@ impl MemoryTransport {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_closed() {
             Err(Error::closed("the memory transport"))
         } else {
             Ok(())
@@ -440,7 +514,7 @@ impl Transport for MemoryTransport {
     }
 
     async fn health(&self) -> Health {
-        if self.closed.is_cancelled() {
+        if self.closed.is_closed() {
             Health::Closed
         } else {
             Health::Healthy
@@ -449,7 +523,7 @@ impl Transport for MemoryTransport {
 
     async fn close(&self) -> Result<()> {
         // Publishes complete synchronously, so there is nothing to flush.
-        self.closed.cancel();
+        self.closed.close();
         Ok(())
     }
 }
@@ -473,26 +547,9 @@ struct MemoryTopic {
 impl MemoryTopic {
     async fn publish_all(&self, events: &[Event]) -> Result<()> {
         self.transport.check_open()?;
-        let history = self.transport.broker.inner.config.history;
-        let name = &self.name;
         self.transport
             .broker
-            .append(
-                events,
-                &self.transport.closed,
-                |state| {
-                    let topic = state.topic_mut(name);
-                    topic.anonymous.retain(|_, g| g.strong_count() > 0);
-                    topic.groups().collect()
-                },
-                |state, events| {
-                    let topic = state.topic_mut(name);
-                    topic.history.extend(events.iter().cloned());
-                    while topic.history.len() > history {
-                        topic.history.pop_front();
-                    }
-                },
-            )
+            .append(events, &self.transport.closed, Target::Topic(&self.name))
             .await
     }
 }
@@ -578,13 +635,13 @@ impl Topic for MemoryTopic {
         let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(source.dead_letter_queue());
         let raw = group.consume(
             consumer.visibility_timeout,
-            self.transport.closed.child_token(),
+            self.transport.closed.clone(),
             guard,
         );
         Ok(source.into_subscription(
             raw,
             dead_letter,
-            self.transport.closed.clone().cancelled_owned(),
+            self.transport.closed.token.clone().cancelled_owned(),
         ))
     }
 }
@@ -607,23 +664,9 @@ impl std::fmt::Debug for MemoryQueue {
 impl MemoryQueue {
     async fn send_all(&self, events: &[Event]) -> Result<()> {
         self.transport.check_open()?;
-        let name = &self.name;
-        let capacity = self.transport.broker.inner.config.capacity;
         self.transport
             .broker
-            .append(
-                events,
-                &self.transport.closed,
-                |state| {
-                    // The queue may have been deleted and recreated since this handle was made.
-                    let g = state
-                        .queues
-                        .entry(name.clone())
-                        .or_insert_with(|| Group::new(name.clone(), capacity));
-                    vec![Arc::clone(g)]
-                },
-                |_, _| {},
-            )
+            .append(events, &self.transport.closed, Target::Queue(&self.name))
             .await
     }
 }
@@ -658,13 +701,13 @@ impl Queue for MemoryQueue {
         let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(source.dead_letter_queue());
         let raw = group.consume(
             options.visibility_timeout,
-            self.transport.closed.child_token(),
+            self.transport.closed.clone(),
             None,
         );
         Ok(source.into_subscription(
             raw,
             dead_letter,
-            self.transport.closed.clone().cancelled_owned(),
+            self.transport.closed.token.clone().cancelled_owned(),
         ))
     }
 }

@@ -63,6 +63,7 @@ pub use crate::delivery::{
     RawDelivery, UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
 };
 
+pub mod hosts;
 pub mod kit;
 mod lifecycle;
 
