@@ -76,6 +76,101 @@ const ADAPTERS: &[Adapter] = &[
     },
 ];
 
+/// An adapter run against a local cluster (`cargo xtask cluster`), which is started first
+/// when it is not running: the conformance target of `base`, its URL variable set to the
+/// cluster's URL plus `parameters`. Only run when named (`--adapter nats-cluster`): not part
+/// of a run of every adapter, nor of `cargo xtask test`.
+#[derive(Debug)]
+struct ClusterAdapter {
+    /// The name used by `--adapter` and in the summary line.
+    name: &'static str,
+    /// The single-node row whose conformance target runs.
+    base: &'static str,
+    /// The cluster, for `crate::cluster`.
+    broker: &'static str,
+    /// Appended to the cluster's URL.
+    parameters: &'static str,
+}
+
+const CLUSTER_ADAPTERS: &[ClusterAdapter] = &[
+    ClusterAdapter {
+        name: "nats-cluster",
+        base: "nats",
+        broker: "nats",
+        parameters: "?replicas=3",
+    },
+    // Quorum queues (the adapter's only kind) are replicated on every node of the cluster.
+    ClusterAdapter {
+        name: "amqp-cluster",
+        base: "amqp",
+        broker: "amqp",
+        parameters: "",
+    },
+    // Three masters with one replica each; every publish waits for its replica (the
+    // default `wait_replicas` of a cluster URL).
+    ClusterAdapter {
+        name: "redis-cluster",
+        base: "redis",
+        broker: "redis",
+        parameters: "",
+    },
+];
+
+impl ClusterAdapter {
+    /// Starts the cluster unless it runs; its URL for the adapter.
+    fn start(&self) -> Result<String> {
+        let cluster = crate::cluster::of(self.broker)?;
+        if !cluster.running() {
+            println!(
+                "starting the local {0} cluster (cargo xtask cluster start {0})",
+                cluster.name
+            );
+        }
+        cluster.start()?;
+        Ok(format!("{}{}", cluster.url(), self.parameters))
+    }
+}
+
+/// `cargo xtask conformance --adapter <name>-cluster`.
+fn run_cluster(cluster: &ClusterAdapter, args: &[String]) -> Result<()> {
+    let base = ADAPTERS
+        .iter()
+        .find(|a| a.name == cluster.base)
+        .ok_or_else(|| format!("no adapter `{}`", cluster.base))?;
+    let (var, _) = base
+        .url
+        .ok_or_else(|| format!("adapter `{}` takes no URL", base.name))?;
+    let started = std::time::Instant::now();
+    let url = cluster.start()?;
+    println!("{}: {var}={}", cluster.name, redact(&url));
+    let mut failed_cases = Vec::new();
+    let summaries = run_one(base.name, args, &[(var, &url)], |line| {
+        if let Some(case) = CaseLine::parse(line).filter(|c| c.outcome == CaseOutcome::Failed) {
+            failed_cases.push(format!("{}: {}", cluster.name, case.name));
+        }
+    })?;
+    println!();
+    for case in &failed_cases {
+        println!("failed: {case}");
+    }
+    for summary in &summaries {
+        println!("{summary}");
+    }
+    println!(
+        "{} took {:.0} s (cluster start and build included)",
+        cluster.name,
+        started.elapsed().as_secs_f64()
+    );
+    if summaries
+        .iter()
+        .any(|s| s.failed != 0 || s.status != Status::Ran)
+    {
+        Err(format!("conformance failed for: {}", cluster.name))
+    } else {
+        Ok(())
+    }
+}
+
 impl Adapter {
     /// Whether the adapter's package is in this checkout.
     fn exists(&self) -> bool {
@@ -136,6 +231,10 @@ pub(crate) fn print_environment() {
 }
 
 pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
+    if let Some(cluster) = adapter.and_then(|name| CLUSTER_ADAPTERS.iter().find(|c| c.name == name))
+    {
+        return run_cluster(cluster, args);
+    }
     let present = present();
     let selected: Vec<&Adapter> = match adapter {
         None => present.clone(),
@@ -145,6 +244,7 @@ pub(crate) fn run(adapter: Option<&str>, args: &[String]) -> Result<()> {
                 let known = present
                     .iter()
                     .map(|a| a.name)
+                    .chain(CLUSTER_ADAPTERS.iter().map(|c| c.name))
                     .collect::<Vec<_>>()
                     .join(", ");
                 let planned = ADAPTERS
@@ -525,9 +625,18 @@ mod tests {
 
     #[test]
     fn adapter_names_are_unique() {
-        let mut names: Vec<_> = ADAPTERS.iter().map(|a| a.name).collect();
+        let mut names: Vec<_> = ADAPTERS
+            .iter()
+            .map(|a| a.name)
+            .chain(CLUSTER_ADAPTERS.iter().map(|c| c.name))
+            .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), ADAPTERS.len());
+        assert_eq!(names.len(), ADAPTERS.len() + CLUSTER_ADAPTERS.len());
+        for cluster in CLUSTER_ADAPTERS {
+            let base = ADAPTERS.iter().find(|a| a.name == cluster.base);
+            assert!(base.is_some_and(|b| b.url.is_some()), "{}", cluster.name);
+            assert!(crate::cluster::of(cluster.broker).is_ok());
+        }
     }
 }

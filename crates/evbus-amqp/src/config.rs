@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use evbus::raw::hosts::{self, HostList, HostSyntax};
 use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -37,8 +38,17 @@ pub struct AmqpConfig {
     /// The broker URL given to the AMQP client:
     /// `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=S&frame_max=N&channel_max=N]`.
     /// The vhost is percent-encoded (`%2f` is the default vhost `/`). Default
-    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`. The nodes of a cluster are comma-separated
+    /// hosts in one URL, `amqp://user:pw@host1:5672,host2:5672,host3:5672/%2f`: the scheme,
+    /// credentials, vhost and client parameters apply to every host (see
+    /// [`server_urls`](Self::server_urls)).
     pub url: String,
+    /// More nodes of the same cluster, `host[:port]` each (port 5672, 5671 with `amqps`,
+    /// when omitted), with the scheme, credentials and vhost of [`url`](Self::url). Default
+    /// none. The URL parameter `servers` is a comma-separated list; it is the form to use
+    /// where the URL is parsed as a standard URL before the adapter sees it
+    /// ([`evbus::Registry`], the `evbus` CLI), which rejects comma-separated hosts.
+    pub servers: Vec<String>,
     /// Prefix of every exchange and queue the adapter creates. Default `evbus.`. It must not
     /// start with `amq.` (reserved by RabbitMQ).
     pub prefix: String,
@@ -67,6 +77,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            servers: Vec::new(),
             prefix: "evbus.".to_owned(),
             command_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -80,7 +91,15 @@ impl Default for AmqpConfig {
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("url", &evbus::registry::redact(&self.url))
+            .field("url", &redact(&self.url))
+            .field(
+                "servers",
+                &self
+                    .servers
+                    .iter()
+                    .map(|s| hosts::redact_host(s))
+                    .collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -118,6 +137,8 @@ pub enum AmqpConfigKey {
     ChannelMax,
     /// The client's SASL mechanism, `plain` or `external` (kept in the URL).
     AuthMechanism,
+    /// [`AmqpConfig::servers`]: comma-separated `host[:port]`.
+    Servers,
 }
 
 impl AmqpConfigKey {
@@ -147,6 +168,7 @@ impl ConfigKey for AmqpConfigKey {
         AmqpConfigKey::FrameMax,
         AmqpConfigKey::ChannelMax,
         AmqpConfigKey::AuthMechanism,
+        AmqpConfigKey::Servers,
     ];
 
     fn name(self) -> &'static str {
@@ -161,6 +183,7 @@ impl ConfigKey for AmqpConfigKey {
             AmqpConfigKey::FrameMax => "frame_max",
             AmqpConfigKey::ChannelMax => "channel_max",
             AmqpConfigKey::AuthMechanism => "auth_mechanism",
+            AmqpConfigKey::Servers => "servers",
         }
     }
 }
@@ -181,13 +204,76 @@ impl AmqpConfig {
     /// `frame_max`, `channel_max` and `auth_mechanism` stay in the URL. The list is
     /// [`AmqpConfigKey`]; any other parameter is an error naming the valid keys (a typo would
     /// otherwise be silently ignored).
+    ///
+    /// The nodes of a cluster are comma-separated hosts, the scheme and credentials given
+    /// once before them, the vhost and parameters after the last one:
+    /// `amqp://app:pw@10.0.0.1:5672,10.0.0.2:5672,10.0.0.3:5672/%2f`. The same list can be
+    /// given as the `servers` parameter,
+    /// `amqp://app:pw@10.0.0.1:5672/%2f?servers=10.0.0.2:5672,10.0.0.3:5672`, the form to use
+    /// where the URL is parsed as a standard URL first ([`evbus::Registry`], the `evbus`
+    /// CLI). The adapter connects to the first node that accepts, trying them in turn (on
+    /// each reconnection it starts from the next one). A bad host is named in the error.
     pub fn from_url(url: &str) -> Result<Self> {
+        check_one_scheme(url)?;
+        if let Some(split) = HostList::parse(url).filter(|s| s.hosts.len() > 1) {
+            split.checked_with(&[], &NODE)?;
+            let parsed = evbus::registry::parse_url(&split.with_host(split.hosts[0]), "AMQP")?;
+            let mut config = Self::from_parsed(&parsed)?;
+            // Put the other hosts back after the first one in the client URL.
+            let single = HostList::parse(&config.url).ok_or_else(|| {
+                Error::invalid_config(format!("`{}` is not an AMQP URL", redact(url)))
+            })?;
+            config.url = format!(
+                "{}{},{}{}",
+                single.prefix,
+                single.hosts.join(","),
+                split.hosts[1..].join(","),
+                single.suffix
+            );
+            config.validate()?;
+            return Ok(config);
+        }
         let parsed = evbus::registry::parse_url(url, "AMQP")?;
         Self::from_parsed_url(&parsed)
     }
 
-    /// Like [`from_url`](Self::from_url), for an already parsed URL.
+    /// Like [`from_url`](Self::from_url), for an already parsed URL (one host; more in the
+    /// `servers` parameter).
     pub fn from_parsed_url(url: &Url) -> Result<Self> {
+        let config = Self::from_parsed(url)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every node to connect to, the URL's hosts then [`servers`](Self::servers), each a
+    /// one-host client URL with the scheme, credentials, vhost and client parameters of
+    /// [`url`](Self::url). Fails with `InvalidConfig` naming the first bad host.
+    ///
+    /// ```
+    /// use evbus_amqp::AmqpConfig;
+    ///
+    /// let config = AmqpConfig::from_url("amqp://app:pw@n1:5681,n2:5682/shop?servers=n3")?;
+    /// assert_eq!(
+    ///     config.server_urls()?,
+    ///     ["amqp://app:pw@n1:5681/shop", "amqp://app:pw@n2:5682/shop", "amqp://app:pw@n3/shop"]
+    /// );
+    /// # Ok::<(), evbus::Error>(())
+    /// ```
+    pub fn server_urls(&self) -> Result<Vec<String>> {
+        check_one_scheme(&self.url)?;
+        let split = match HostList::parse(&self.url) {
+            Some(split) if split.hosts.len() > 1 || !self.servers.is_empty() => split,
+            _ => return Ok(vec![self.url.clone()]),
+        };
+        Ok(split
+            .checked_with(&self.servers, &NODE)?
+            .iter()
+            .map(|node| split.with_host(node.entry))
+            .collect())
+    }
+
+    /// The settings of a parsed URL (one host), not validated yet.
+    fn from_parsed(url: &Url) -> Result<Self> {
         check_scheme(url)?;
         let mut config = AmqpConfig::default();
         let mut kept = Vec::new();
@@ -205,6 +291,9 @@ impl AmqpConfig {
                 K::Heartbeat | K::FrameMax | K::ChannelMax | K::AuthMechanism => {
                     kept.push((name.clone().into_owned(), value.clone().into_owned()));
                 }
+                K::Servers => config
+                    .servers
+                    .extend(value.split(',').map(|s| s.trim().to_owned())),
             }
         }
         let mut client_url = url.clone();
@@ -214,35 +303,15 @@ impl AmqpConfig {
             client_url.query_pairs_mut().clear().extend_pairs(kept);
         }
         config.url = client_url.to_string();
-        config.validate()?;
         Ok(config)
     }
 
     /// Checks that the settings are usable;
     /// [`AmqpTransport::connect`](crate::AmqpTransport::connect) calls it.
     pub fn validate(&self) -> Result<()> {
-        let url = evbus::registry::parse_url(&self.url, "AMQP")?;
-        check_scheme(&url)?;
-        if let Some(query) = url.query() {
-            for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
-                if !AmqpConfigKey::parse(&key).is_ok_and(AmqpConfigKey::is_client) {
-                    return Err(Error::invalid_config(format!(
-                        "AmqpConfig::url carries `{key}`, which the AMQP client does not read; \
-                         set the fields of AmqpConfig instead, or use AmqpConfig::from_url \
-                         (URL `{}`)",
-                        evbus::registry::redact(&self.url)
-                    )));
-                }
-            }
+        for server in self.server_urls()? {
+            self.validate_server(&server)?;
         }
-        // Let the client's own parser judge the rest (vhost, port, parameter values).
-        self.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
-            Error::invalid_config(format!(
-                "`{}` is not a usable AMQP URL: {}",
-                evbus::registry::redact(&self.url),
-                scrub(&e, &self.url)
-            ))
-        })?;
         if self.prefix.starts_with("amq.") {
             return Err(Error::invalid_config(format!(
                 "prefix `{}` starts with `amq.`, which RabbitMQ reserves for its own exchanges \
@@ -275,16 +344,69 @@ impl AmqpConfig {
         Ok(())
     }
 
+    /// Checks one node's client URL.
+    fn validate_server(&self, server: &str) -> Result<()> {
+        let url = evbus::registry::parse_url(server, "AMQP")?;
+        check_scheme(&url)?;
+        if let Some(query) = url.query() {
+            for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
+                if !AmqpConfigKey::parse(&key).is_ok_and(AmqpConfigKey::is_client) {
+                    return Err(Error::invalid_config(format!(
+                        "AmqpConfig::url carries `{key}`, which the AMQP client does not read; \
+                         set the fields of AmqpConfig instead, or use AmqpConfig::from_url \
+                         (URL `{}`)",
+                        redact(&self.url)
+                    )));
+                }
+            }
+        }
+        // Let the client's own parser judge the rest (vhost, port, parameter values).
+        server.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            Error::invalid_config(format!(
+                "`{}` is not a usable AMQP URL: {}",
+                redact(server),
+                scrub(&e, server)
+            ))
+        })?;
+        Ok(())
+    }
+
     /// The URL for messages and logs: the password replaced by `***`.
     pub(crate) fn redacted_url(&self) -> String {
-        evbus::registry::redact(&self.url)
+        redact(&self.url)
     }
+}
+
+/// `url` with its password replaced by `***`; a URL naming several hosts
+/// (`amqp://u:pw@a:1,b:2/v`) keeps them all. For messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    hosts::redact_urls(url, evbus::registry::redact)
+}
+
+/// How the nodes of an AMQP URL are written.
+const NODE: HostSyntax<'static> = HostSyntax {
+    what: "AMQP node",
+    noun: "node",
+    example: "amqp://user:pw@a:5672,b:5672/%2f",
+    port_required: false,
+    after_hosts: "the vhost",
+};
+
+/// Refuses a list of full URLs (`amqp://a:1,amqp://b:2`): the scheme is given once.
+fn check_one_scheme(url: &str) -> Result<()> {
+    hosts::check_one_scheme(
+        url,
+        "amqp://user:pw@host1:5672,host2:5672/%2f",
+        evbus::registry::redact,
+    )
 }
 
 /// `text` with the password of `url` (as written and percent-decoded) replaced by `***`:
 /// client errors may quote the whole URL.
 pub(crate) fn scrub(text: &str, url: &str) -> String {
-    let Ok(parsed) = Url::parse(url) else {
+    // With several hosts, the credentials are those of the first host's URL.
+    let first = HostList::parse(url).map(|split| split.with_host(split.hosts[0]));
+    let Ok(parsed) = Url::parse(first.as_deref().unwrap_or(url)) else {
         return text.to_owned();
     };
     let Some(password) = parsed.password().filter(|p| !p.is_empty()) else {
@@ -459,6 +581,91 @@ mod tests {
         bad.prefix = "x".into();
         let err = bad.validate().unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn comma_separated_nodes_share_the_credentials_vhost_and_parameters() {
+        let config = AmqpConfig::from_url(
+            "amqp://app:s3cret@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/shop?heartbeat=5\
+             &prefix=x.",
+        )
+        .unwrap();
+        assert_eq!(
+            config.url,
+            "amqp://app:s3cret@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/shop?heartbeat=5"
+        );
+        assert_eq!(config.prefix, "x.");
+        assert_eq!(
+            config.server_urls().unwrap(),
+            [
+                "amqp://app:s3cret@127.0.0.1:5681/shop?heartbeat=5",
+                "amqp://app:s3cret@127.0.0.1:5682/shop?heartbeat=5",
+                "amqp://app:s3cret@127.0.0.1:5683/shop?heartbeat=5"
+            ]
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(
+            debug.contains("amqp://app:***@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/shop"),
+            "{debug}"
+        );
+        // The `servers` parameter: the form a strict URL parser accepts.
+        let parsed = Url::parse("amqp://u:pw@n1:5681/%2f?servers=n2:5682,n3").unwrap();
+        let config = AmqpConfig::from_parsed_url(&parsed).unwrap();
+        assert_eq!(config.url, "amqp://u:pw@n1:5681/%2f");
+        assert_eq!(
+            config.server_urls().unwrap(),
+            [
+                "amqp://u:pw@n1:5681/%2f",
+                "amqp://u:pw@n2:5682/%2f",
+                "amqp://u:pw@n3/%2f"
+            ]
+        );
+        assert_eq!(
+            AmqpConfig::from_url("amqp://h")
+                .unwrap()
+                .server_urls()
+                .unwrap(),
+            ["amqp://h"]
+        );
+    }
+
+    #[test]
+    fn a_bad_node_in_a_list_is_named_and_passwords_never_leak() {
+        for (url, needles) in [
+            (
+                "amqp://u:hunter2@a:1,b:nope,c:3/%2f",
+                &["`b:nope`", "node 2 of 3", "invalid port"][..],
+            ),
+            ("amqp://u:hunter2@a:1,,b:2", &["node 2 of 3", "empty"][..]),
+            ("amqp://u:hunter2@a:1,b:", &["`b:`", "no port"][..]),
+            (
+                "amqp://u:hunter2@a:1,v:hunter2@b:2",
+                &["node 2 of 2", "credentials go once"][..],
+            ),
+            (
+                "amqp://u:hunter2@a:1,amqp://v:hunter2@b:2",
+                &["repeats `scheme://`"][..],
+            ),
+            (
+                "amqp://u:hunter2@a:1/%2f?servers=b:2,c:x",
+                &["`c:x`", "node 3 of 3"][..],
+            ),
+            ("amqp://u:hunter2@a:1,b:2/%2f?nope=1", &["nope"][..]),
+        ] {
+            let err = AmqpConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            assert!(!err.to_string().contains("hunter2"), "{url}: {err}");
+            for needle in needles {
+                assert!(err.message().contains(needle), "{url}: {needle}: {err}");
+            }
+        }
+        assert_eq!(
+            redact("amqp://u:hunter2@a:1,b:2/%2f"),
+            "amqp://u:***@a:1,b:2/%2f"
+        );
+        let text = scrub("bad 'amqp://u:hunter2@a:1'", "amqp://u:hunter2@a:1,b:2/%2f");
+        assert!(!text.contains("hunter2"), "{text}");
     }
 
     #[test]

@@ -97,45 +97,75 @@ impl Link {
         }
     }
 
-    /// Opens the first connection (failing like any later attempt would).
+    /// Opens a connection (the first one, or again after a loss). With several nodes
+    /// ([`AmqpConfig::server_urls`]) each is tried in turn, starting from node `generation`
+    /// modulo their number, so that a reconnection starts with the node after the previous
+    /// attempt's; the first that accepts is used. Fails like the last node's attempt.
     pub(crate) async fn open(config: &AmqpConfig, generation: u64) -> Result<Live> {
-        let what = || format!("connecting to RabbitMQ at `{}`", config.redacted_url());
+        let servers = config.server_urls()?;
+        let count = servers.len();
+        let first = usize::try_from(generation).unwrap_or(0) % count;
+        let mut last_error = None;
+        for i in 0..count {
+            let server = &servers[(first + i) % count];
+            match Self::open_one(config, server).await {
+                Ok(conn) => {
+                    return Ok(Live {
+                        conn,
+                        generation,
+                        timeout: config.command_timeout,
+                        publisher: Mutex::new(None),
+                        admin: Mutex::new(None),
+                        declared: std::sync::Mutex::new(HashSet::new()),
+                    });
+                }
+                // A configuration error is the same on every node.
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    if count > 1 {
+                        tracing::debug!(error = %e, "RabbitMQ node unreachable; trying the next");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::invalid_config("no AMQP node to connect to")))
+    }
+
+    /// One connection attempt to the node at `server` (a one-host URL).
+    async fn open_one(config: &AmqpConfig, server: &str) -> Result<Connection> {
+        let what = || {
+            format!(
+                "connecting to RabbitMQ at `{}`",
+                crate::config::redact(server)
+            )
+        };
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("evbus-amqp/{}", std::process::id()).into());
-        let conn = match tokio::time::timeout(
+        match tokio::time::timeout(
             config.connect_timeout,
-            Connection::connect(&config.url, properties),
+            Connection::connect(server, properties),
         )
         .await
         {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => {
                 let e = from_connect(e, &what());
                 // The client may quote the URL: keep the password out.
-                return Err(
-                    Error::new(e.kind(), crate::config::scrub(e.message(), &config.url))
+                Err(
+                    Error::new(e.kind(), crate::config::scrub(e.message(), server))
                         .with_retryable(e.is_retryable()),
-                );
+                )
             }
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!(
-                        "{}: no connection within {:?} (connect_timeout); is RabbitMQ running?",
-                        what(),
-                        config.connect_timeout
-                    ),
-                ));
-            }
-        };
-        Ok(Live {
-            conn,
-            generation,
-            timeout: config.command_timeout,
-            publisher: Mutex::new(None),
-            admin: Mutex::new(None),
-            declared: std::sync::Mutex::new(HashSet::new()),
-        })
+            Err(_) => Err(Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "{}: no connection within {:?} (connect_timeout); is RabbitMQ running?",
+                    what(),
+                    config.connect_timeout
+                ),
+            )),
+        }
     }
 
     /// The open connection, reconnecting if it was lost. While the broker is unreachable this

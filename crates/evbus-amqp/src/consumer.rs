@@ -79,7 +79,26 @@ pub(crate) async fn subscribe(
         own_count: matches!(target, Target::Anonymous { .. }),
         requeued: std::sync::Mutex::new(HashMap::new()),
     });
-    let attached = attach(&shared, &target, &options, 1).await?;
+    // A broker-side refusal that a new attempt can clear (RabbitMQ's INTERNAL_ERROR when a
+    // new quorum queue is consumed while it starts, which also closes the connection) is
+    // retried a few times, through the reconnection, before the subscription fails; an
+    // unreachable broker still fails at once.
+    let mut retries = 0;
+    let attached = loop {
+        match attach(&shared, &target, &options, 1).await {
+            Ok(attached) => break attached,
+            Err(e)
+                if e.is_retryable()
+                    && retries < 3
+                    && (e.kind() == ErrorKind::Broker || retries > 0) =>
+            {
+                retries += 1;
+                tracing::debug!(queue = target.queue(), error = %e, retries, "subscribing failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * retries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let (tx, rx) = mpsc::channel(options.max_in_flight.clamp(1, 4096));
     let task = run(
         Arc::clone(&shared),

@@ -6,6 +6,8 @@
 //! | I/O error, connection or channel not open, missed heartbeats, `CONNECTION_FORCED` | `Connection` | yes |
 //! | `RESOURCE_ERROR` (a broker resource alarm, memory or disk) | `Full` | yes |
 //! | `RESOURCE_LOCKED` (an exclusive queue of another connection) | `Broker` | yes |
+//! | `INTERNAL_ERROR` (e.g. a quorum queue consumed before its replica has started) | `Broker` | yes |
+//! | `NOT_FOUND` "home node ... is down or inaccessible" (a classic queue on a lost cluster node) | `Broker` | yes |
 //! | `NOT_FOUND` (a deleted exchange or queue), `NO_ROUTE` | `NotFound` | no |
 //! | `CONTENT_TOO_LARGE`, a frame beyond `max_message_size` | `TooLarge` | no |
 //! | `ACCESS_REFUSED` on connect, `NOT_ALLOWED`, `INVALID_PATH` (credentials, vhost) | `InvalidConfig` | no |
@@ -68,6 +70,18 @@ fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>,
             "check the credentials in the AMQP URL",
         ),
         K::ProtocolError(amqp) => match amqp.kind() {
+            // In a cluster, a durable classic queue (a topic's subscription directory) lives
+            // on one node: while that node is down, RabbitMQ answers NOT_FOUND "home node
+            // ... is down or inaccessible". It comes back with the node.
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+                if amqp.get_message().as_str().contains("down or inaccessible") =>
+            {
+                (
+                    ErrorKind::Broker,
+                    Some(true),
+                    "the cluster node holding this classic queue is down; retry once it is back",
+                )
+            }
             AMQPErrorKind::Soft(soft) => soft_error(soft, connecting),
             AMQPErrorKind::Hard(hard) => hard_error(hard),
         },
@@ -135,6 +149,17 @@ fn hard_error(error: &AMQPHardError) -> (ErrorKind, Option<bool>, &'static str) 
             None,
             "check the vhost in the AMQP URL and the user's access to it",
         ),
+        // Seen from RabbitMQ 3.x when several clients declare and consume one new quorum
+        // queue at once: the consume can reach the queue before its Raft member runs, the
+        // channel crashes and the connection closes. A new attempt on the new connection
+        // succeeds.
+        AMQPHardError::INTERNALERROR => (
+            ErrorKind::Broker,
+            Some(true),
+            "RabbitMQ hit an internal error and closed the connection (e.g. a quorum queue \
+             consumed while it was still starting); the adapter reconnects and a retry usually \
+             succeeds",
+        ),
         AMQPHardError::FRAMEERROR => (
             ErrorKind::TooLarge,
             None,
@@ -188,6 +213,25 @@ mod tests {
         assert!(e.is_retryable());
         let e = from_lapin(amqp(311), "publishing");
         assert_eq!(e.kind(), ErrorKind::TooLarge);
+        let e = from_lapin(amqp(541), "consuming");
+        assert_eq!(e.kind(), ErrorKind::Broker);
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn a_classic_queue_on_a_lost_cluster_node_is_retryable() {
+        // The reply text of RabbitMQ 3.10 for a durable classic queue whose node is down.
+        let error = AMQPError::from_id(
+            404,
+            "NOT_FOUND - home node 'evbus2@localhost' of durable queue 'evbus.t_d_subscriptions' \
+             in vhost '/' is down or inaccessible"
+                .into(),
+        )
+        .unwrap();
+        let e = from_lapin(lapin::ErrorKind::ProtocolError(error).into(), "declaring");
+        assert_eq!(e.kind(), ErrorKind::Broker);
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.message().contains("node"), "{e}");
     }
 
     #[test]

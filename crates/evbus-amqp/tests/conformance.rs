@@ -47,7 +47,13 @@ fn main() -> ExitCode {
 /// (the broker at `url` in container mode) until it is dropped, which removes it.
 fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<AmqpTransport> {
     let producer = LapinProducer { url: url.clone() };
-    Suite::new("amqp", move || {
+    // Against several nodes (a cluster, `cargo xtask conformance --adapter amqp-cluster`) the
+    // suite reports as `amqp-cluster`.
+    let nodes = AmqpConfig::from_url(&url)
+        .and_then(|c| c.server_urls())
+        .map_or(1, |servers| servers.len());
+    let name = if nodes > 1 { "amqp-cluster" } else { "amqp" };
+    Suite::new(name, move || {
         let _owned = &container;
         let url = url.clone();
         async move { AmqpTransport::connect(AmqpConfig::from_url(&url)?).await }
@@ -154,7 +160,9 @@ impl RawProducer for LapinProducer {
         let client = |what: &'static str| {
             move |e: lapin::Error| evbus::Error::client(ErrorKind::Connection, what, e)
         };
-        let conn = Connection::connect(&config.url, ConnectionProperties::default())
+        // The first node of a cluster URL (any node takes publishes for every queue).
+        let first = config.server_urls()?.swap_remove(0);
+        let conn = Connection::connect(&first, ConnectionProperties::default())
             .await
             .map_err(client("connecting the raw lapin producer"))?;
         let channel = conn

@@ -37,6 +37,7 @@ use futures::FutureExt;
 mod cases;
 #[cfg(feature = "containers")]
 pub mod container;
+pub mod failover;
 mod harness;
 pub mod process;
 mod report;

@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -294,6 +295,11 @@ pub(crate) struct Shared {
     visibility: Duration,
     /// The group's state topic; `None`: the state travels in the commit metadata.
     state_topic: Option<Arc<StateTopic>>,
+    /// Whether fetching is paused for backpressure (see `poll_loop`). librdkafka keeps a
+    /// partition's pause across a rebalance, even through a revocation and a later
+    /// re-assignment, so the rebalance callback applies this flag to every partition it
+    /// assigns and clears the pause of every partition it gives up.
+    paused: AtomicBool,
 }
 
 /// One partition's commit: partition, generation, offset, metadata.
@@ -503,6 +509,17 @@ impl ConsumerContext for Context {
                 if let Err(e) = result {
                     tracing::warn!(error = %e, topic = %self.shared.topic, "assigning partitions failed");
                 }
+                // A partition paused before it was revoked would otherwise stay paused now
+                // that it is back, while the polling thread believes it resumed everything.
+                let paused = self.shared.paused.load(Ordering::Acquire);
+                let applied = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = applied {
+                    tracing::warn!(error = %e, topic = %self.shared.topic, paused, "setting the pause state of assigned partitions failed");
+                }
                 // Record the start of a new subscription right away, so that it survives
                 // the consumer closing before anything arrives.
                 let mut state = self.shared.lock();
@@ -514,6 +531,11 @@ impl ConsumerContext for Context {
             }
             _ => {
                 self.revoke(consumer, tpl);
+                // Clear a backpressure pause: librdkafka would keep it until the partition
+                // is assigned here again.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, topic = %self.shared.topic, "resuming revoked partitions failed");
+                }
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -574,6 +596,14 @@ impl Context {
                     }
                 }
             };
+            tracing::debug!(
+                topic = %self.shared.topic,
+                partition = p,
+                start,
+                new,
+                committed_read = committed.is_ok(),
+                "partition assigned"
+            );
             state.next_generation += 1;
             let mut part = Partition::new(state.next_generation, start);
             part.remember(&metadata);
@@ -593,6 +623,13 @@ impl Context {
             let Some(part) = state.partitions.remove(&p) else {
                 continue;
             };
+            tracing::debug!(
+                topic = %self.shared.topic,
+                partition = p,
+                committed = part.committed,
+                lost,
+                "partition revoked"
+            );
             if lost {
                 continue;
             }
@@ -684,6 +721,7 @@ pub(crate) async fn start(
         consumer: Mutex::new(Weak::new()),
         visibility: spec.options.visibility_timeout,
         state_topic: spec.state.clone(),
+        paused: AtomicBool::new(false),
     });
     let (assigned_tx, mut assigned) = watch::channel(false);
     let context = Context {
@@ -897,7 +935,6 @@ fn poll_loop(
     closed: &CancellationToken,
     high_water: Prefetch,
 ) {
-    let mut paused = false;
     let mut round = None;
     while !stop.is_cancelled() && !closed.is_cancelled() && !tx.is_closed() {
         shared.flush_state(consumer, &mut round);
@@ -908,15 +945,21 @@ fn poll_loop(
             let state = shared.lock();
             (state.queued, state.queued_bytes)
         };
+        // The flag is set before pausing and cleared after resuming, so a rebalance in
+        // between (callbacks run inside `poll`, on this thread) sees what it must apply.
+        let paused = shared.paused.load(Ordering::Acquire);
         if !paused && high_water.full(queued, bytes) {
+            shared.paused.store(true, Ordering::Release);
             if let Ok(assignment) = consumer.assignment() {
-                paused = consumer.pause(&assignment).is_ok();
+                let _ = consumer.pause(&assignment);
             }
+            tracing::debug!(topic = %shared.topic, queued, bytes, "fetching paused");
         } else if paused && high_water.drained(queued, bytes) {
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.resume(&assignment);
             }
-            paused = false;
+            shared.paused.store(false, Ordering::Release);
+            tracing::debug!(topic = %shared.topic, queued, bytes, "fetching resumed");
         }
 
         let mut batch = Vec::new();

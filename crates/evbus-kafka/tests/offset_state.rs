@@ -9,25 +9,13 @@ use std::time::Duration;
 
 use evbus::{ConsumerOptions, Event, Transport};
 use evbus_kafka::KafkaTransport;
-use support::{kafka_url, test_config};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Connects with `offset_state`, or `None` (test skipped) when no broker answers and brokers
 /// are not required.
 async fn connect(offset_state: &str) -> Option<KafkaTransport> {
-    let base = kafka_url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}offset_state={offset_state}");
-    let config = test_config(&url).expect("test URL");
-    match KafkaTransport::connect(config).await {
-        Ok(t) => Some(t),
-        Err(e) if !evbus_conformance::require_brokers() => {
-            eprintln!("WARNING: Kafka unreachable, test not run: {e}");
-            None
-        }
-        Err(e) => panic!("Kafka unreachable: {e}"),
-    }
+    support::connect_with(&format!("offset_state={offset_state}")).await
 }
 
 async fn next(sub: &mut evbus::Subscription) -> evbus::Delivery {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use evbus::raw::hosts::{self, HostList, HostSyntax};
 use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -42,8 +43,16 @@ pub const HEADER_ALLOWANCE: usize = 4 * 1024;
 #[non_exhaustive]
 pub struct NatsConfig {
     /// The server URL: `nats://[user:password@|token@]host[:port]`, or `tls://...` to require
-    /// TLS. Default `nats://127.0.0.1:4222`.
+    /// TLS. Default `nats://127.0.0.1:4222`. Several servers of a cluster are comma-separated
+    /// hosts in one URL, `nats://user:pw@host1:4222,host2:4222,host3:4222`: the scheme and
+    /// credentials apply to every host (see [`server_urls`](Self::server_urls)).
     pub url: String,
+    /// More seed servers of the same cluster, `host[:port]` each (port 4222 when omitted),
+    /// with the scheme and credentials of [`url`](Self::url). Default none. The URL parameter
+    /// `servers` is a comma-separated list; it is the form to use where the URL is parsed as
+    /// a standard URL before the adapter sees it ([`evbus::Registry`], the `evbus` CLI), which
+    /// rejects comma-separated hosts.
+    pub servers: Vec<String>,
     /// A token to authenticate with (instead of one in the URL). Default none.
     pub token: Option<String>,
     /// An nkey seed (`SU...`) to authenticate with. Default none. URL and serde name `nkey`.
@@ -145,6 +154,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
+            servers: Vec::new(),
             token: None,
             nkey_seed: None,
             credentials_file: None,
@@ -174,6 +184,14 @@ impl fmt::Debug for NatsConfig {
         let secret = |s: &Option<String>| s.as_ref().map(|_| "***");
         f.debug_struct("NatsConfig")
             .field("url", &redact(&self.url))
+            .field(
+                "servers",
+                &self
+                    .servers
+                    .iter()
+                    .map(|s| hosts::redact_host(s))
+                    .collect::<Vec<_>>(),
+            )
             .field("token", &secret(&self.token))
             .field("nkey_seed", &secret(&self.nkey_seed))
             .field("credentials_file", &self.credentials_file)
@@ -199,8 +217,14 @@ impl fmt::Debug for NatsConfig {
 }
 
 /// `url` with its password, or a token given as the user name, replaced by `***`; secret
-/// query parameters (`token`, `nkey`) too. For messages and logs.
+/// query parameters (`token`, `nkey`) too. A URL naming several hosts (`nats://a:1,b:2`) keeps
+/// them all. For messages and logs.
 pub(crate) fn redact(url: &str) -> String {
+    hosts::redact_urls(url, redact_one)
+}
+
+/// [`redact`] of a URL naming one host.
+fn redact_one(url: &str) -> String {
     let Ok(mut parsed) = Url::parse(url) else {
         return "<unparseable URL>".to_owned();
     };
@@ -227,6 +251,24 @@ pub(crate) fn redact(url: &str) -> String {
     parsed.to_string()
 }
 
+/// How the seed servers of a NATS URL are written.
+const SERVER: HostSyntax<'static> = HostSyntax {
+    what: "NATS server",
+    noun: "server",
+    example: "nats://user:pw@a:4222,b:4222",
+    port_required: false,
+    after_hosts: "",
+};
+
+/// Refuses a list of full URLs (`nats://a:1,nats://b:2`): the scheme is given once.
+fn check_one_scheme(url: &str) -> Result<()> {
+    hosts::check_one_scheme(
+        url,
+        "nats://user:pw@host1:4222,host2:4222,host3:4222",
+        redact_one,
+    )
+}
+
 /// URL query parameters whose values are secrets.
 const SECRET_PARAMETERS: &[&str] = &["token", "nkey"];
 
@@ -250,15 +292,95 @@ impl NatsConfig {
     /// [`NatsConfigKey`]; each is the serde name of a field). They are removed from
     /// [`url`](Self::url). An unknown parameter is an error naming the valid keys (a typo
     /// would otherwise be silently ignored).
+    ///
+    /// Several servers of a cluster are comma-separated hosts, the scheme and credentials
+    /// given once for all of them and the parameters after the last one:
+    /// `nats://user:pw@10.0.0.1:4222,10.0.0.2:4222,10.0.0.3:4222?replicas=3`. The same
+    /// list can be given as the `servers` parameter,
+    /// `nats://user:pw@10.0.0.1:4222?servers=10.0.0.2:4222,10.0.0.3:4222&replicas=3`, the
+    /// form to use where the URL is parsed as a standard URL first ([`evbus::Registry`], the
+    /// `evbus` CLI). A bad host is named in the error.
     pub fn from_url(url: &str) -> Result<Self> {
+        check_one_scheme(url)?;
+        if let Some(split) = HostList::parse(url).filter(|s| s.hosts.len() > 1) {
+            split.checked_with(&[], &SERVER)?;
+            let first = split.with_host(split.hosts[0]);
+            let parsed = Url::parse(&first).map_err(|e| {
+                Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(url)))
+            })?;
+            let mut config = Self::from_parsed(&parsed)?;
+            config.url = split.without_query();
+            config.validate()?;
+            return Ok(config);
+        }
         let parsed = Url::parse(url).map_err(|e| {
             Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(url)))
         })?;
         Self::from_parsed_url(&parsed)
     }
 
-    /// Like [`from_url`](Self::from_url), for an already parsed URL.
+    /// Like [`from_url`](Self::from_url), for an already parsed URL (one host; more in the
+    /// `servers` parameter).
     pub fn from_parsed_url(url: &Url) -> Result<Self> {
+        let config = Self::from_parsed(url)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every server to connect to, the URL's hosts then [`servers`](Self::servers), each a
+    /// URL with the scheme and credentials of [`url`](Self::url). Fails with
+    /// `InvalidConfig` naming the first bad host.
+    ///
+    /// ```
+    /// use evbus_nats::NatsConfig;
+    ///
+    /// let config = NatsConfig::from_url("nats://app:pw@n1:4231,n2:4232?servers=n3&replicas=3")?;
+    /// let servers: Vec<String> = config.server_urls()?.iter().map(|u| u.to_string()).collect();
+    /// assert_eq!(servers, ["nats://app:pw@n1:4231", "nats://app:pw@n2:4232", "nats://app:pw@n3"]);
+    /// assert_eq!(config.replicas, 3);
+    /// # Ok::<(), evbus::Error>(())
+    /// ```
+    pub fn server_urls(&self) -> Result<Vec<Url>> {
+        let not_a_url = |e: url::ParseError| {
+            Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(&self.url)))
+        };
+        check_one_scheme(&self.url)?;
+        let split = match HostList::parse(&self.url) {
+            Some(split) if split.hosts.len() > 1 || !self.servers.is_empty() => split,
+            _ => return Ok(vec![Url::parse(&self.url).map_err(not_a_url)?]),
+        };
+        let servers = split.checked_with(&self.servers, &SERVER)?;
+        let count = servers.len();
+        let mut urls = Vec::with_capacity(count);
+        let mut base: Option<Url> = None;
+        for (i, server) in servers.iter().enumerate() {
+            let (entry, host, port) = (server.entry, &server.host, server.port);
+            let url = match &base {
+                None => {
+                    let first = Url::parse(&split.with_host(entry)).map_err(not_a_url)?;
+                    base = Some(first.clone());
+                    first
+                }
+                Some(base) => {
+                    let mut url = base.clone();
+                    let bad = |_| {
+                        Error::invalid_config(format!(
+                            "NATS server `{entry}` (server {} of {count}) is not HOST[:PORT]",
+                            i + 1
+                        ))
+                    };
+                    url.set_host(Some(host)).map_err(|e| bad(e.to_string()))?;
+                    url.set_port(port).map_err(|()| bad(String::new()))?;
+                    url
+                }
+            };
+            urls.push(url);
+        }
+        Ok(urls)
+    }
+
+    /// The settings of a parsed URL (one host), not validated yet.
+    fn from_parsed(url: &Url) -> Result<Self> {
         check_scheme(url.scheme())?;
         if url.host_str().is_none_or(str::is_empty) {
             return Err(Error::invalid_config(format!(
@@ -311,21 +433,22 @@ impl NatsConfig {
                 K::MaxAckPending => config.max_ack_pending = parse_value(key, &value)?,
                 K::MaxPayloadBytes => config.max_payload_bytes = Some(parse_value(key, &value)?),
                 K::AnonymousTtlMs => config.anonymous_ttl = millis()?,
+                K::Servers => config
+                    .servers
+                    .extend(value.split(',').map(|s| s.trim().to_owned())),
             }
         }
         let mut client_url = url.clone();
         client_url.set_query(None);
         config.url = client_url.to_string();
-        config.validate()?;
         Ok(config)
     }
 
     /// Checks that the settings are usable;
     /// [`NatsTransport::connect`](crate::NatsTransport::connect) calls it.
     pub fn validate(&self) -> Result<()> {
-        let url = Url::parse(&self.url).map_err(|e| {
-            Error::invalid_config(format!("`{}` is not a NATS URL: {e}", redact(&self.url)))
-        })?;
+        let urls = self.server_urls()?;
+        let url = &urls[0];
         check_scheme(url.scheme())?;
         if url.query().is_some() {
             return Err(Error::invalid_config(format!(
@@ -456,6 +579,8 @@ pub enum NatsConfigKey {
     MaxPayloadBytes,
     /// [`NatsConfig::anonymous_ttl`].
     AnonymousTtlMs,
+    /// [`NatsConfig::servers`]: comma-separated `host[:port]`.
+    Servers,
 }
 
 impl ConfigKey for NatsConfigKey {
@@ -481,6 +606,7 @@ impl ConfigKey for NatsConfigKey {
         NatsConfigKey::MaxAckPending,
         NatsConfigKey::MaxPayloadBytes,
         NatsConfigKey::AnonymousTtlMs,
+        NatsConfigKey::Servers,
     ];
 
     fn name(self) -> &'static str {
@@ -505,6 +631,7 @@ impl ConfigKey for NatsConfigKey {
             NatsConfigKey::MaxAckPending => "max_ack_pending",
             NatsConfigKey::MaxPayloadBytes => "max_payload_bytes",
             NatsConfigKey::AnonymousTtlMs => "anonymous_ttl_ms",
+            NatsConfigKey::Servers => "servers",
         }
     }
 }
@@ -553,7 +680,10 @@ mod tests {
             ),
             "{typo}"
         );
-        assert!(typo.message().ends_with("anonymous_ttl_ms"), "{typo}");
+        assert!(
+            typo.message().ends_with("anonymous_ttl_ms, servers"),
+            "{typo}"
+        );
     }
 
     #[test]
@@ -655,6 +785,160 @@ mod tests {
             assert!(!err.to_string().contains("hunter2"), "{err}");
         }
         assert!(!redact("nats://h:1?token=hunter2&storage=file").contains("hunter2"));
+    }
+
+    #[test]
+    fn comma_separated_hosts_share_the_scheme_credentials_and_parameters() {
+        let config = NatsConfig::from_url(
+            "nats://app:s3cret@127.0.0.1:4231,127.0.0.1:4232,127.0.0.1:4233?replicas=3\
+             &stream_prefix=SHOP",
+        )
+        .unwrap();
+        assert_eq!(
+            config.url,
+            "nats://app:s3cret@127.0.0.1:4231,127.0.0.1:4232,127.0.0.1:4233"
+        );
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.stream_prefix, "SHOP");
+        let urls: Vec<String> = config
+            .server_urls()
+            .unwrap()
+            .iter()
+            .map(Url::to_string)
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "nats://app:s3cret@127.0.0.1:4231",
+                "nats://app:s3cret@127.0.0.1:4232",
+                "nats://app:s3cret@127.0.0.1:4233"
+            ]
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(
+            debug.contains("nats://app:***@127.0.0.1:4231,127.0.0.1:4232,127.0.0.1:4233"),
+            "{debug}"
+        );
+        // TLS, a token as the user name, IPv6 and a default port.
+        let config = NatsConfig::from_url("tls://t0k3n@[::1]:4231,n2,n3:4333").unwrap();
+        let urls: Vec<String> = config
+            .server_urls()
+            .unwrap()
+            .iter()
+            .map(Url::to_string)
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "tls://t0k3n@[::1]:4231",
+                "tls://t0k3n@n2",
+                "tls://t0k3n@n3:4333"
+            ]
+        );
+        assert!(!format!("{config:?}").contains("t0k3n"));
+        // One host: one server, as before.
+        let config = NatsConfig::from_url("nats://h:4222").unwrap();
+        assert_eq!(config.server_urls().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_servers_parameter_adds_seed_servers() {
+        // The form a strict URL parser (evbus::Registry) accepts.
+        let parsed =
+            Url::parse("nats://u:pw@n1:4231?servers=n2:4232,%20n3:4233&replicas=3").unwrap();
+        let config = NatsConfig::from_parsed_url(&parsed).unwrap();
+        assert_eq!(config.url, "nats://u:pw@n1:4231");
+        assert_eq!(config.servers, ["n2:4232", "n3:4233"]);
+        let urls: Vec<String> = config
+            .server_urls()
+            .unwrap()
+            .iter()
+            .map(Url::to_string)
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "nats://u:pw@n1:4231",
+                "nats://u:pw@n2:4232",
+                "nats://u:pw@n3:4233"
+            ]
+        );
+        // Both forms together, and from serde.
+        let config = NatsConfig::from_url("nats://n1,n2?servers=n3").unwrap();
+        assert_eq!(config.server_urls().unwrap().len(), 3);
+        let config: NatsConfig = serde_json::from_value(serde_json::json!({
+            "url": "nats://n1:1,n2:2",
+            "servers": ["n3:3"],
+            "replicas": 3
+        }))
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.server_urls().unwrap()[2].port(), Some(3));
+    }
+
+    #[test]
+    fn a_bad_host_in_a_list_is_named() {
+        for (url, needles) in [
+            (
+                "nats://127.0.0.1:4231,127.0.0.1:nope,127.0.0.1:4233",
+                &["`127.0.0.1:nope`", "server 2 of 3", "invalid port"][..],
+            ),
+            ("nats://a:1,,b:2", &["server 2 of 3", "empty"][..]),
+            ("nats://a:1,b:2,", &["server 3 of 3", "empty"][..]),
+            ("nats://a:1,b:", &["`b:`", "server 2 of 2", "no port"][..]),
+            ("nats://a:1,b:99999", &["`b:99999`", "server 2 of 2"][..]),
+            (
+                "nats://a:1?servers=b:2,c:x",
+                &["`c:x`", "server 3 of 3"][..],
+            ),
+            (
+                "nats://a:1,nats://b:2",
+                &["repeats `scheme://`", "once"][..],
+            ),
+        ] {
+            let err = NatsConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            for needle in needles {
+                assert!(err.message().contains(needle), "{url}: {needle}: {err}");
+            }
+        }
+        // The same checks apply to a config built by hand.
+        let config = NatsConfig {
+            servers: vec!["ok:1".into(), "bad host".into()],
+            ..NatsConfig::new("nats://a:1")
+        };
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.message().contains("`bad host` (server 3 of 3)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_list_never_leak() {
+        for url in [
+            "nats://u:hunter2@a:1,b:2,c:x",
+            "nats://u:hunter2@a:1,v:hunter2@b:2",
+            "nats://u:hunter2@a:1,nats://v:hunter2@b:2",
+            "nats://hunter2@a:1,b:2?nope=1",
+            "nats://a:1,b:2?token=hunter2&nope=1",
+            "nats://a:1?servers=x:hunter2@b:2",
+        ] {
+            let err = NatsConfig::from_url(url).unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{url}: {err}");
+        }
+        assert_eq!(
+            redact("nats://u:hunter2@a:1,b:2?token=hunter2&storage=file"),
+            "nats://u:***@a:1,b:2?token=***&storage=file"
+        );
+        let err = NatsConfig::from_url("nats://u:hunter2@a:1,v:pw@b:2").unwrap_err();
+        assert!(err.message().contains("credentials go once"), "{err}");
+        let config = NatsConfig {
+            servers: vec!["v:hunter2@b:2".into()],
+            ..NatsConfig::new("nats://a:1")
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use evbus::{Error, Result};
 
 use crate::config::{NatsConfig, redact};
@@ -19,10 +19,24 @@ pub(crate) fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
     Duration::from_millis(100).saturating_mul(1 << exp).min(max)
 }
 
-/// Connects to the server `config` names. Fails with a retryable `Connection` error when the
-/// server cannot be reached, and with `InvalidConfig` when credentials or TLS are wrong.
+/// Connects to the server `config` names, or to any of its servers when it names several
+/// (async-nats tries each, and later reconnects to any of them or to those the cluster
+/// advertises). Fails with a retryable `Connection` error when no server can be reached, and
+/// with `InvalidConfig` when credentials or TLS are wrong.
 pub(crate) async fn connect(config: &NatsConfig) -> Result<Client> {
     let max_delay = config.reconnect_max_delay;
+    let servers = config
+        .server_urls()?
+        .into_iter()
+        .map(|url| {
+            ServerAddr::from_url(url).map_err(|e| {
+                Error::invalid_config(format!(
+                    "`{}` is not a NATS server address: {e}",
+                    redact(&config.url)
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let url = redact(&config.url);
     let log_url = url.clone();
     let mut options = ConnectOptions::new()
@@ -71,9 +85,11 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Client> {
         options = options.require_tls(true);
     }
     let what = format!("connecting to NATS at {url}");
+    // Each server may take connect_timeout before the next one is tried.
+    let attempts = u32::try_from(servers.len()).unwrap_or(u32::MAX);
     match tokio::time::timeout(
-        config.connect_timeout + Duration::from_secs(1),
-        options.connect(config.url.as_str()),
+        config.connect_timeout.saturating_mul(attempts) + Duration::from_secs(1),
+        options.connect(servers),
     )
     .await
     {

@@ -6,7 +6,9 @@
 //! | connection refused, I/O error, broken pipe, DNS | `Connection` | yes |
 //! | no reply in time (PubAck, API request, double ack, connect) | `Timeout` | yes |
 //! | no responders (JetStream not up yet, e.g. right after a restart) | `Connection` | yes |
-//! | JetStream cluster busy: no leader, not enough peers, Raft error | `Broker` | yes |
+//! | JetStream cluster busy: no leader, not enough peers, Raft error, stream or consumer offline | `Broker` | yes |
+//! | a publish nobody took although its stream exists (no stream leader: election) | `Broker` | yes |
+//! | `replicas` above 1 on a server that is not in a cluster | `InvalidConfig` | no |
 //! | storage or account limits reached | `Full` | yes |
 //! | message above the server's `max_payload` or the stream's `max_msg_size` | `TooLarge` | no |
 //! | stream or consumer not found | `NotFound` | no |
@@ -70,8 +72,11 @@ pub(crate) fn classify_code(code: ErrorCode) -> Class {
         ),
         ErrorCode::CLUSTER_NOT_AVAILABLE
         | ErrorCode::CLUSTER_NOT_LEADER
+        | ErrorCode::CLUSTER_NOT_ACTIVE
         | ErrorCode::CLUSTER_INCOMPLETE
-        | ErrorCode::RAFT_GENERAL => (
+        | ErrorCode::RAFT_GENERAL
+        | ErrorCode::STREAM_OFFLINE
+        | ErrorCode::CONSUMER_OFFLINE => (
             ErrorKind::Broker,
             Some(true),
             "the JetStream cluster is electing a leader or missing peers; retry later",
@@ -79,7 +84,14 @@ pub(crate) fn classify_code(code: ErrorCode) -> Class {
         ErrorCode::CLUSTER_NO_PEERS => (
             ErrorKind::Broker,
             Some(false),
-            "not enough JetStream servers for the configured replicas; lower `replicas`",
+            "not enough JetStream servers are up for the configured replicas: bring the \
+             missing servers back, or lower `replicas`",
+        ),
+        ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED => (
+            ErrorKind::InvalidConfig,
+            Some(false),
+            "this server is not part of a JetStream cluster: `replicas` above 1 needs a \
+             cluster (nats-server --cluster ... --routes ...); use replicas=1 on a single server",
         ),
         ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT => (
             ErrorKind::Broker,
@@ -396,6 +408,10 @@ mod tests {
             (10076, ErrorKind::Broker, false),
             (10058, ErrorKind::Broker, false),
             (10065, ErrorKind::Broker, false),
+            (10118, ErrorKind::Broker, true),
+            (10119, ErrorKind::Broker, true),
+            (10006, ErrorKind::Broker, true),
+            (10074, ErrorKind::InvalidConfig, false),
             (10999, ErrorKind::Broker, false),
         ];
         for (code, kind, retryable) in cases {

@@ -152,6 +152,21 @@ async fn append(
                 shared.forget_stream(&names.stream);
                 shared.ensure_stream(kind, names).await?;
             }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                // The stream exists (ensure_stream just found or made it), yet nothing took
+                // the publish: no server leads the stream right now (a cluster electing a new
+                // leader after losing a node, or a server still recovering).
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    format!(
+                        "{}; the stream exists, so it has no leader right now (a JetStream \
+                         cluster electing one after losing a server, or a server recovering \
+                         its store); retry later (publishing the same event again is safe)",
+                        e.message()
+                    ),
+                )
+                .with_retryable(true));
+            }
             Err(e) => return Err(e),
         }
     }

@@ -142,10 +142,26 @@ impl Shared {
             return Ok(());
         }
         let config = self.stream_config(kind, names);
-        self.js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| from_create_stream(e, &format!("creating stream `{}`", names.stream)))?;
+        // A replicated stream is created through the cluster's meta group, then elects its
+        // own leader: on a loaded cluster that can outlast one request_timeout although it
+        // goes through. Creating is idempotent (an existing stream is used as it is), so a
+        // timed-out creation of a replicated stream is asked again, twice at most.
+        let attempts = if self.config.replicas > 1 { 3 } else { 1 };
+        for attempt in 1..=attempts {
+            match self.js.get_or_create_stream(config.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    let e = from_create_stream(e, &format!("creating stream `{}`", names.stream));
+                    if attempt == attempts || e.kind() != ErrorKind::Timeout {
+                        return Err(e);
+                    }
+                    tracing::debug!(
+                        stream = %names.stream, error = %e,
+                        "creating a replicated stream timed out; asking again"
+                    );
+                }
+            }
+        }
         self.streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -283,6 +283,68 @@ async fn an_unreachable_server_is_a_retryable_connection_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_list_of_seed_servers_gets_past_the_ones_that_are_down() {
+    let server = support::NatsServer::start().expect("starting a nats-server");
+    let dead = evbus_conformance::process::free_port().unwrap();
+    let dead2 = evbus_conformance::process::free_port().unwrap();
+    // Both forms: comma-separated hosts, and the `servers` parameter.
+    for url in [
+        format!(
+            "nats://127.0.0.1:{dead},127.0.0.1:{dead2},127.0.0.1:{}?connect_timeout_ms=500",
+            server.port()
+        ),
+        format!(
+            "nats://127.0.0.1:{dead}?servers=127.0.0.1:{dead2},127.0.0.1:{}&connect_timeout_ms=500",
+            server.port()
+        ),
+    ] {
+        let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let name = unique("seeds");
+        let topic = transport.topic(&name).await.unwrap();
+        topic
+            .publish(&Event::builder("t", "/s").build().unwrap())
+            .await
+            .unwrap();
+        transport.delete_topic(&name).await.unwrap();
+        transport.close().await.unwrap();
+    }
+    // None up: a retryable error naming no password.
+    let url = format!("nats://u:hunter2@127.0.0.1:{dead},127.0.0.1:{dead2}?connect_timeout_ms=500");
+    let err = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{dead2}")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_above_one_on_a_single_server_is_a_clear_configuration_error() {
+    let server = support::NatsServer::start().expect("starting a nats-server");
+    let url = format!("{}?replicas=3", server.url());
+    let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let topic = transport.topic(&unique("replicas")).await.unwrap();
+    let err = topic
+        .publish(&Event::builder("t", "/s").build().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("not part of a JetStream cluster"),
+        "{err}"
+    );
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wrong_credentials_are_a_configuration_error() {
     let server = support::NatsServer::start_with_config("authorization { token: \"right\" }\n")
         .expect("starting a nats-server");

@@ -43,11 +43,24 @@ fn main() -> ExitCode {
 /// The suite against the server at `url`, with a raw producer. The suite keeps `container`
 /// (the server at `url` in container mode) until it is dropped, which removes it.
 fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<NatsTransport> {
-    let raw = NatsConfig::from_url(&url).map(|config| RawNats {
-        url: config.url,
+    let config = NatsConfig::from_url(&url);
+    // Against several servers (a cluster, `cargo xtask conformance --adapter nats-cluster`)
+    // the suite reports as `nats-cluster`.
+    let servers = config
+        .as_ref()
+        .ok()
+        .and_then(|c| c.server_urls().ok())
+        .unwrap_or_default();
+    let name = if servers.len() > 1 {
+        "nats-cluster"
+    } else {
+        "nats"
+    };
+    let raw = config.map(|config| RawNats {
+        servers: servers.iter().map(ToString::to_string).collect(),
         subject_prefix: config.subject_prefix,
     });
-    let suite = Suite::new("nats", move || {
+    let suite = Suite::new(name, move || {
         let _owned = &container;
         let url = url.clone();
         async move { NatsTransport::connect(NatsConfig::from_url(&url)?).await }
@@ -110,7 +123,8 @@ impl BrokerControl for NatsServer {
 /// A foreign producer: a plain async-nats client publishing to JetStream a message that is
 /// not a CloudEvent (no `ce-` headers), no evbus involved.
 struct RawNats {
-    url: String,
+    /// Every server of the URL (one, or a cluster's).
+    servers: Vec<String>,
     subject_prefix: String,
 }
 
@@ -136,7 +150,7 @@ impl RawProducer for RawNats {
                 format!("the raw NATS producer could not {what} `{subject}`: {e}"),
             )
         };
-        let client = async_nats::connect(self.url.as_str())
+        let client = async_nats::connect(self.servers.clone())
             .await
             .map_err(|e| failed("connect to publish to", &e))?;
         let js = async_nats::jetstream::new(client);

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use evbus::raw::hosts::{self, HostList, HostSyntax};
 use evbus::raw::{ConfigKey, parse_millis, parse_value};
 use evbus::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,19 @@ pub const MAX_PAYLOAD_LIMIT: usize = 512 * 1024 * 1024;
 pub struct RedisConfig {
     /// The connection URL given to the Redis client: `redis://[user][:password]@host[:port][/db]`
     /// (`rediss://` for TLS, with the `tls` feature). Default `redis://127.0.0.1:6379`.
+    ///
+    /// A Redis Cluster is `redis+cluster://[user][:password]@host:port[,host:port...]`
+    /// (`rediss+cluster://` for TLS): the seed nodes, comma-separated, the credentials given
+    /// once for all of them; the client discovers the other nodes and follows `MOVED`/`ASK`
+    /// redirections and failovers by itself. No database number (a cluster has only db 0).
     pub url: String,
+    /// More seed nodes of the cluster, `host:port` each, added to those of
+    /// [`url`](Self::url) (a `redis+cluster://` URL only). Default none. As a URL parameter,
+    /// `servers` is a comma-separated list: the form to use where the URL is parsed as a
+    /// standard URL first ([`evbus::Registry`], the `evbus` CLI), which refuses several hosts:
+    /// `redis+cluster://10.0.0.1:7000?servers=10.0.0.2:7000,10.0.0.3:7000`.
+    #[serde(default)]
+    pub servers: Vec<String>,
     /// Prefix of every key the adapter creates. Default `evbus:`. It must not contain `{` or
     /// `}`: the topic or queue name inside each key is the cluster hash tag. URL and serde
     /// name `prefix`.
@@ -74,6 +87,20 @@ pub struct RedisConfig {
     /// this and none of its consumers was seen for this long. Default 1 hour.
     #[serde(rename = "anonymous_ttl_ms", with = "evbus::raw::millis")]
     pub anonymous_ttl: Duration,
+    /// After each publish (after the last `XADD` of a batch), `WAIT` until this many replicas
+    /// of the master that took the write acknowledged it, so that an `Ok` publish survives the
+    /// loss of that master (Redis replicates asynchronously: without it, a failover can drop
+    /// the last writes a master acknowledged). Fewer replicas within
+    /// [`wait_timeout`](Self::wait_timeout) fail the publish with a retryable
+    /// [`ErrorKind::Broker`](evbus::ErrorKind::Broker) error (the event was written to the
+    /// master: a retry may store it twice). `None` (the default) means 1 on a cluster
+    /// (`redis+cluster://`) and 0 (no `WAIT`) on a single server. Costs one round trip to a
+    /// replica per publish call.
+    pub wait_replicas: Option<u32>,
+    /// How long a `WAIT` (see [`wait_replicas`](Self::wait_replicas)) waits for the replicas.
+    /// Default 1 s; less than [`command_timeout`](Self::command_timeout).
+    #[serde(rename = "wait_timeout_ms", with = "evbus::raw::millis")]
+    pub wait_timeout: Duration,
 }
 
 /// How topic streams are trimmed when events are published (`XADD ... MAXLEN|MINID ~`).
@@ -119,6 +146,9 @@ impl Default for RedisConfig {
             reconnect_max_delay: Duration::from_secs(5),
             max_payload_bytes: 16 * 1024 * 1024,
             anonymous_ttl: Duration::from_secs(3600),
+            servers: Vec::new(),
+            wait_replicas: None,
+            wait_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -126,7 +156,8 @@ impl Default for RedisConfig {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &evbus::registry::redact(&self.url))
+            .field("url", &redact_url(&self.url))
+            .field("servers", &self.servers)
             .field("key_prefix", &self.key_prefix)
             .field("retention", &self.retention)
             .field("block", &self.block)
@@ -137,6 +168,8 @@ impl fmt::Debug for RedisConfig {
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("anonymous_ttl", &self.anonymous_ttl)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
 }
@@ -168,6 +201,12 @@ pub enum RedisConfigKey {
     MaxPayloadBytes,
     /// [`RedisConfig::anonymous_ttl`].
     AnonymousTtlMs,
+    /// [`RedisConfig::servers`]: comma-separated `host:port`.
+    Servers,
+    /// [`RedisConfig::wait_replicas`].
+    WaitReplicas,
+    /// [`RedisConfig::wait_timeout`].
+    WaitTimeoutMs,
 }
 
 impl ConfigKey for RedisConfigKey {
@@ -184,6 +223,9 @@ impl ConfigKey for RedisConfigKey {
         RedisConfigKey::ReconnectMaxDelayMs,
         RedisConfigKey::MaxPayloadBytes,
         RedisConfigKey::AnonymousTtlMs,
+        RedisConfigKey::Servers,
+        RedisConfigKey::WaitReplicas,
+        RedisConfigKey::WaitTimeoutMs,
     ];
 
     fn name(self) -> &'static str {
@@ -199,6 +241,9 @@ impl ConfigKey for RedisConfigKey {
             RedisConfigKey::ReconnectMaxDelayMs => "reconnect_max_delay_ms",
             RedisConfigKey::MaxPayloadBytes => "max_payload_bytes",
             RedisConfigKey::AnonymousTtlMs => "anonymous_ttl_ms",
+            RedisConfigKey::Servers => "servers",
+            RedisConfigKey::WaitReplicas => "wait_replicas",
+            RedisConfigKey::WaitTimeoutMs => "wait_timeout_ms",
         }
     }
 }
@@ -212,25 +257,68 @@ impl RedisConfig {
         }
     }
 
-    /// Reads a `redis://` or `rediss://` URL. The adapter's own settings travel as query
-    /// parameters and are removed from [`url`](Self::url): `prefix`, `maxlen` (see
-    /// [`Retention::MaxLen`]), `max_age_ms` ([`Retention::MaxAge`]), `block_ms`,
-    /// `claim_interval_ms`, `command_timeout_ms`, `connect_timeout_ms`,
-    /// `reconnect_min_delay_ms`, `reconnect_max_delay_ms`, `max_payload_bytes`,
-    /// `anonymous_ttl_ms`. An unknown parameter is an error (a typo would otherwise be
+    /// Reads a `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL. The
+    /// adapter's own settings travel as query parameters and are removed from
+    /// [`url`](Self::url): `prefix`, `maxlen` (see [`Retention::MaxLen`]), `max_age_ms`
+    /// ([`Retention::MaxAge`]), `block_ms`, `claim_interval_ms`, `command_timeout_ms`,
+    /// `connect_timeout_ms`, `reconnect_min_delay_ms`, `reconnect_max_delay_ms`,
+    /// `max_payload_bytes`, `anonymous_ttl_ms`, `servers`, `wait_replicas`,
+    /// `wait_timeout_ms`. An unknown parameter is an error (a typo would otherwise be
     /// silently ignored).
+    ///
+    /// A cluster's seed nodes are comma-separated hosts, the scheme and credentials given once
+    /// and the parameters after the last host:
+    ///
+    /// ```
+    /// use evbus_redis::RedisConfig;
+    ///
+    /// let config = RedisConfig::from_url(
+    ///     "redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7000?servers=10.0.0.3:7000&prefix=shop:",
+    /// )?;
+    /// assert!(config.is_cluster());
+    /// assert_eq!(
+    ///     config.cluster_nodes()?,
+    ///     ["redis://:pw@10.0.0.1:7000", "redis://:pw@10.0.0.2:7000", "redis://:pw@10.0.0.3:7000"]
+    /// );
+    /// assert_eq!(config.replicas_to_wait_for(), 1);
+    /// assert!(!format!("{config:?}").contains("pw@"));
+    /// # Ok::<(), evbus::Error>(())
+    /// ```
     pub fn from_url(url: &str) -> Result<Self> {
+        if let Some(split) = HostList::parse(url).filter(|s| s.hosts.len() > 1) {
+            let parsed = evbus::registry::parse_url(&split.with_host(split.hosts[0]), "Redis")
+                .map_err(|_| not_a_url(url, "the first host is not HOST:PORT"))?;
+            if !is_cluster_scheme(parsed.scheme()) {
+                return Err(Error::invalid_config(format!(
+                    "`{}` names several hosts: only a cluster URL (`redis+cluster://` or \
+                     `rediss+cluster://`) takes more than one",
+                    redact_url(url)
+                )));
+            }
+            let mut config = Self::parse(&parsed)?;
+            config.url = split.without_query();
+            config.validate()?;
+            return Ok(config);
+        }
         let parsed = evbus::registry::parse_url(url, "Redis")?;
         Self::from_parsed_url(&parsed)
     }
 
-    /// Like [`from_url`](Self::from_url), for an already parsed URL.
+    /// Like [`from_url`](Self::from_url), for an already parsed URL (one host; a cluster's
+    /// other seed nodes in the `servers` parameter).
     pub fn from_parsed_url(url: &Url) -> Result<Self> {
+        let config = Self::parse(url)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn parse(url: &Url) -> Result<Self> {
         match url.scheme() {
-            "redis" | "rediss" => {}
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {}
             other => {
                 return Err(Error::invalid_config(format!(
-                    "`{other}://` is not a Redis URL; use redis:// or rediss://"
+                    "`{other}://` is not a Redis URL; use redis://, rediss://, redis+cluster:// \
+                     or rediss+cluster://"
                 )));
             }
         }
@@ -261,23 +349,71 @@ impl RedisConfig {
                 K::ReconnectMaxDelayMs => config.reconnect_max_delay = millis()?,
                 K::MaxPayloadBytes => config.max_payload_bytes = parse_value(key, &value)?,
                 K::AnonymousTtlMs => config.anonymous_ttl = millis()?,
+                K::Servers => config
+                    .servers
+                    .extend(value.split(',').map(|s| s.trim().to_owned())),
+                K::WaitReplicas => config.wait_replicas = Some(parse_value(key, &value)?),
+                K::WaitTimeoutMs => config.wait_timeout = millis()?,
             }
         }
         let mut client_url = url.clone();
         client_url.set_query(None);
         config.url = client_url.to_string();
-        config.validate()?;
         Ok(config)
+    }
+
+    /// Whether [`url`](Self::url) names a Redis Cluster (`redis+cluster://` or
+    /// `rediss+cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        scheme_of(&self.url).is_some_and(is_cluster_scheme)
+    }
+
+    /// How many replicas each publish waits for (see [`wait_replicas`](Self::wait_replicas)):
+    /// the setting, else 1 on a cluster and 0 on a single server.
+    pub fn replicas_to_wait_for(&self) -> u32 {
+        self.wait_replicas
+            .unwrap_or(if self.is_cluster() { 1 } else { 0 })
+    }
+
+    /// The seed nodes of a cluster URL, as `redis://[user:password@]host:port` URLs (or
+    /// `rediss://`) for the cluster client: the hosts of [`url`](Self::url), then
+    /// [`servers`](Self::servers). Fails with `InvalidConfig` naming a bad host, or if the
+    /// URL is not a cluster URL.
+    pub fn cluster_nodes(&self) -> Result<Vec<String>> {
+        let split = HostList::parse(&self.url)
+            .ok_or_else(|| not_a_url(&self.url, "expected SCHEME://[USER:PASSWORD@]HOST:PORT"))?;
+        let scheme = scheme_of(&self.url).unwrap_or_default();
+        let Some(node_scheme) = scheme.strip_suffix("+cluster") else {
+            return Err(Error::invalid_config(format!(
+                "`{}` is not a cluster URL (redis+cluster:// or rediss+cluster://)",
+                redact_url(&self.url)
+            )));
+        };
+        let path = split.suffix.split(['?', '#']).next().unwrap_or_default();
+        if !matches!(path, "" | "/" | "/0") {
+            return Err(Error::invalid_config(format!(
+                "`{}` names database `{}`: a Redis Cluster has only database 0",
+                redact_url(&self.url),
+                path.trim_start_matches('/')
+            )));
+        }
+        let userinfo = split.prefix.split_once("://").map_or("", |(_, u)| u);
+        Ok(split
+            .checked_with(&self.servers, &NODE)?
+            .iter()
+            .map(|node| format!("{node_scheme}://{userinfo}{}", node.entry))
+            .collect())
     }
 
     /// Checks that the settings are usable; [`RedisTransport::connect`](crate::RedisTransport::connect)
     /// calls it.
     pub fn validate(&self) -> Result<()> {
-        let url = evbus::registry::parse_url(&self.url, "Redis")?;
-        match url.scheme() {
-            "redis" => {}
-            "rediss" if cfg!(feature = "tls") => {}
-            "rediss" => {
+        let scheme = scheme_of(&self.url)
+            .ok_or_else(|| not_a_url(&self.url, "expected SCHEME://HOST[:PORT]"))?;
+        match scheme {
+            "redis" | "redis+cluster" => {}
+            "rediss" | "rediss+cluster" if cfg!(feature = "tls") => {}
+            "rediss" | "rediss+cluster" => {
                 return Err(Error::invalid_config(
                     "`rediss://` (TLS) needs the `tls` feature of evbus-redis; enable it in \
                      Cargo.toml",
@@ -285,15 +421,33 @@ impl RedisConfig {
             }
             other => {
                 return Err(Error::invalid_config(format!(
-                    "`{other}://` is not a Redis URL; use redis:// or rediss://"
+                    "`{other}://` is not a Redis URL; use redis://, rediss://, redis+cluster:// \
+                     or rediss+cluster://"
                 )));
             }
         }
-        if url.query().is_some() {
+        if self.url.contains('?') {
             return Err(Error::invalid_config(format!(
                 "RedisConfig::url must not carry query parameters (`{}`); set the fields of \
                  RedisConfig instead, or use RedisConfig::from_url",
-                evbus::registry::redact(&self.url)
+                redact_url(&self.url)
+            )));
+        }
+        if self.is_cluster() {
+            self.cluster_nodes()?;
+        } else {
+            evbus::registry::parse_url(&self.url, "Redis")?;
+            if !self.servers.is_empty() {
+                return Err(Error::invalid_config(
+                    "`servers` lists more nodes of a Redis Cluster: use a redis+cluster:// URL",
+                ));
+            }
+        }
+        if self.replicas_to_wait_for() > 0 && self.wait_timeout >= self.command_timeout {
+            return Err(Error::invalid_config(format!(
+                "wait_timeout ({:?}) must be less than command_timeout ({:?}): the WAIT after \
+                 each publish must answer before the command times out",
+                self.wait_timeout, self.command_timeout
             )));
         }
         if self.key_prefix.contains(['{', '}']) {
@@ -308,6 +462,7 @@ impl RedisConfig {
             ("command_timeout", self.command_timeout),
             ("connect_timeout", self.connect_timeout),
             ("claim_interval", self.claim_interval),
+            ("wait_timeout", self.wait_timeout),
         ])?;
         if self.reconnect_max_delay < self.reconnect_min_delay {
             return Err(Error::invalid_config(
@@ -331,6 +486,33 @@ impl RedisConfig {
             _ => Ok(()),
         }
     }
+}
+
+fn scheme_of(url: &str) -> Option<&str> {
+    url.split_once("://").map(|(scheme, _)| scheme)
+}
+
+fn is_cluster_scheme(scheme: &str) -> bool {
+    scheme.ends_with("+cluster")
+}
+
+fn not_a_url(url: &str, why: &str) -> Error {
+    Error::invalid_config(format!("`{}` is not a Redis URL: {why}", redact_url(url)))
+}
+
+/// How the seed nodes of a cluster URL are written.
+const NODE: HostSyntax<'static> = HostSyntax {
+    what: "Redis Cluster node",
+    noun: "node",
+    example: "redis+cluster://user:pw@a:7000,b:7000",
+    port_required: true,
+    after_hosts: "",
+};
+
+/// `url` with its password replaced by `***`, for messages and logs; also for the
+/// several-hosts form of a cluster URL, which is not a standard URL.
+pub(crate) fn redact_url(url: &str) -> String {
+    hosts::redact_urls(url, evbus::registry::redact)
 }
 
 #[cfg(test)]
@@ -448,6 +630,98 @@ mod tests {
         assert!(debug.contains("***"), "{debug}");
         let err = RedisConfig::from_url("redis://user:hunter2@h:1/0?nope=1").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn cluster_urls_list_seed_nodes_with_the_credentials_once() {
+        let config = RedisConfig::from_url(
+            "redis+cluster://app:pw@127.0.0.1:7231,127.0.0.1:7232/?prefix=shop:&block_ms=200",
+        )
+        .unwrap();
+        assert!(config.is_cluster());
+        assert_eq!(
+            config.url,
+            "redis+cluster://app:pw@127.0.0.1:7231,127.0.0.1:7232/"
+        );
+        assert_eq!(config.key_prefix, "shop:");
+        assert_eq!(config.block, Duration::from_millis(200));
+        assert_eq!(
+            config.cluster_nodes().unwrap(),
+            [
+                "redis://app:pw@127.0.0.1:7231",
+                "redis://app:pw@127.0.0.1:7232"
+            ]
+        );
+        let one = RedisConfig::from_url("redis+cluster://h1:7000").unwrap();
+        assert_eq!(one.cluster_nodes().unwrap(), ["redis://h1:7000"]);
+    }
+
+    #[test]
+    fn the_servers_parameter_adds_seed_nodes_for_standard_url_parsers() {
+        let url = Url::parse("redis+cluster://:pw@n1:7001?servers=n2:7002,%20n3:7003").unwrap();
+        let config = RedisConfig::from_parsed_url(&url).unwrap();
+        assert_eq!(config.servers, ["n2:7002", "n3:7003"]);
+        assert_eq!(
+            config.cluster_nodes().unwrap(),
+            [
+                "redis://:pw@n1:7001",
+                "redis://:pw@n2:7002",
+                "redis://:pw@n3:7003"
+            ]
+        );
+        let err = RedisConfig::from_url("redis://h:1?servers=n2:7002").unwrap_err();
+        assert!(err.message().contains("redis+cluster"), "{err}");
+    }
+
+    #[test]
+    fn bad_cluster_nodes_are_named() {
+        let err = RedisConfig::from_url("redis+cluster://a:1,b").unwrap_err();
+        assert!(err.message().contains("node 2 of 2"), "{err}");
+        assert!(err.message().contains("no port"), "{err}");
+        let err = RedisConfig::from_url("redis+cluster://a:1,,b:2").unwrap_err();
+        assert!(err.message().contains("empty"), "{err}");
+        let err = RedisConfig::from_url("redis+cluster://a:1?servers=u:pw@b:2").unwrap_err();
+        assert!(err.message().contains("credentials"), "{err}");
+        assert!(!err.message().contains("u:pw@b"), "{err}");
+        let err = RedisConfig::from_url("redis+cluster://a:1,b:2/3").unwrap_err();
+        assert!(err.message().contains("database"), "{err}");
+        let err = RedisConfig::from_url("redis://a:1,b:2").unwrap_err();
+        assert!(err.message().contains("redis+cluster"), "{err}");
+    }
+
+    #[test]
+    fn clusters_wait_for_one_replica_by_default() {
+        let cluster = RedisConfig::from_url("redis+cluster://a:1,b:2").unwrap();
+        assert_eq!(cluster.wait_replicas, None);
+        assert_eq!(cluster.replicas_to_wait_for(), 1);
+        let off = RedisConfig::from_url("redis+cluster://a:1?wait_replicas=0").unwrap();
+        assert_eq!(off.replicas_to_wait_for(), 0);
+        let single = RedisConfig::from_url("redis://a:1").unwrap();
+        assert_eq!(single.replicas_to_wait_for(), 0);
+        let two = RedisConfig::from_url("redis://a:1?wait_replicas=2&wait_timeout_ms=250").unwrap();
+        assert_eq!(two.replicas_to_wait_for(), 2);
+        assert_eq!(two.wait_timeout, Duration::from_millis(250));
+        let err = RedisConfig::from_url(
+            "redis+cluster://a:1?wait_timeout_ms=5000&command_timeout_ms=5000",
+        )
+        .unwrap_err();
+        assert!(err.message().contains("wait_timeout"), "{err}");
+    }
+
+    #[test]
+    fn cluster_urls_never_show_the_password() {
+        let config = RedisConfig::from_url("redis+cluster://u:hunter2@a:1,b:2").unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("u:***@a:1,b:2"), "{debug}");
+        let err = RedisConfig::from_url("redis+cluster://u:hunter2@a:1,b:2?nope=1").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = RedisConfig::from_url("redis+cluster://u:hunter2@a:1,b").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_eq!(
+            redact_url("redis+cluster://:pw@a:1,b:2"),
+            "redis+cluster://:***@a:1,b:2"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! [`RedisConnector`]: `redis://` and `rediss://` URLs for [`evbus::Registry`].
+//! [`RedisConnector`]: `redis://`, `rediss://`, `redis+cluster://` and `rediss+cluster://`
+//! URLs for [`evbus::Registry`].
 
 use std::sync::Arc;
 
@@ -9,8 +10,11 @@ use url::Url;
 use crate::config::RedisConfig;
 use crate::transport::RedisTransport;
 
-/// Opens [`RedisTransport`]s for `redis://` and `rediss://` URLs (see
-/// [`RedisConfig::from_url`] for the query parameters).
+/// Opens [`RedisTransport`]s for `redis://` and `rediss://` URLs, and for Redis Clusters
+/// `redis+cluster://` and `rediss+cluster://` (see [`RedisConfig::from_url`] for the query
+/// parameters; the registry parses the URL as a standard URL first, so give a cluster's
+/// other seed nodes in the `servers` parameter:
+/// `redis+cluster://10.0.0.1:7000?servers=10.0.0.2:7000,10.0.0.3:7000`).
 ///
 /// ```no_run
 /// # async fn demo() -> evbus::Result<()> {
@@ -24,7 +28,7 @@ use crate::transport::RedisTransport;
 pub struct RedisConnector;
 
 /// The URL schemes of [`RedisConnector`].
-pub const URL_SCHEMES: &[&str] = &["redis", "rediss"];
+pub const URL_SCHEMES: &[&str] = &["redis", "rediss", "redis+cluster", "rediss+cluster"];
 
 #[async_trait]
 impl Connector for RedisConnector {

@@ -2,9 +2,14 @@
 //! each delivery.
 //!
 //! The task owns a dedicated connection. It decodes what it fetches into a buffer it shares
-//! with the subscription's stream: the stream hands out a buffered delivery on the spot, and
-//! only when the buffer is empty asks the task, which fetches up to the consumer's free
-//! in-flight slots:
+//! with the subscription's stream: the stream hands out a buffered delivery on the spot. Once
+//! the buffer is down to half the in-flight limit it asks the task to *read ahead* (an
+//! `XREADGROUP` without `BLOCK`, so the next entries arrive while these are handled), and
+//! when the buffer is empty it asks the task for the next delivery. Either way the task
+//! fetches only the consumer's free in-flight slots: the limit less the deliveries handed
+//! out and unsettled and the entries already buffered, a delivery whose ack is being sent
+//! counting as settled (so a read overlaps the ack batch before it). Fetched entries never
+//! exceed the limit, and the buffer keeps their stream order:
 //!
 //! 1. *takeover* (every `claim_interval`, at least twice per visibility timeout, and at once
 //!    after a local nack): the [`RECLAIM`](crate::scripts::RECLAIM) script claims pending
@@ -106,6 +111,10 @@ struct ConsumerState {
     wake: Notify,
     /// Acks waiting for the next settlement script call.
     acks: Mutex<AckQueue>,
+    /// The consumer's in-flight limit.
+    max_in_flight: usize,
+    /// A read-ahead was asked of the task and has not run yet.
+    reading_ahead: AtomicBool,
 }
 
 impl ConsumerState {
@@ -153,6 +162,40 @@ impl ConsumerState {
     fn acks(&self) -> MutexGuard<'_, AckQueue> {
         self.acks.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// How many more entries a read may fetch: the in-flight limit less the deliveries
+    /// handed out and unsettled and the entries already buffered. A delivery whose ack is on
+    /// its way counts as settled: reading only for the slots already free would shrink
+    /// reads to a single entry while a batch of acks is sent (the read runs alongside the
+    /// ack batch instead).
+    fn free_slots(&self) -> usize {
+        let settling = self.acks().settling();
+        let unsettled = self.held().len().saturating_sub(settling);
+        let buffered = self.buffer().len();
+        self.max_in_flight.saturating_sub(unsettled + buffered)
+    }
+
+    /// Called by the stream after it handed out a buffered delivery: once the buffer is
+    /// down to half the in-flight limit, asks the task to read ahead (one request at a time),
+    /// so the next entries are fetched while these are handled.
+    fn want_read_ahead(&self, requests: &mpsc::Sender<Request>) {
+        if self.buffer().len() * 2 > self.max_in_flight
+            || self.reading_ahead.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        if requests.try_send(Request::ReadAhead).is_err() {
+            self.reading_ahead.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// What the subscription's stream asks of the consumer task.
+enum Request {
+    /// The buffer is empty: fetch (blocking until entries arrive) and hand out the next one.
+    Deliver(oneshot::Sender<RawDelivery>),
+    /// The buffer is running low: fetch what is already there, without waiting.
+    ReadAhead,
 }
 
 /// The outcome of one ack in a batch: a settlement script result, or the error of the call.
@@ -171,6 +214,16 @@ struct AckRequest {
 struct AckQueue {
     waiting: Vec<AckRequest>,
     flushing: bool,
+    /// Acks of the batch the flush task is sending now.
+    sending: usize,
+}
+
+impl AckQueue {
+    /// Acks requested and not answered yet: their entries are still held, but their slots
+    /// are as good as free.
+    fn settling(&self) -> usize {
+        self.waiting.len() + self.sending
+    }
 }
 
 /// Attaches a new consumer to `spec.group` and returns its stream of deliveries.
@@ -209,6 +262,8 @@ pub(crate) async fn start(
         reclaim_now: AtomicBool::new(false),
         wake: Notify::new(),
         acks: Mutex::new(AckQueue::default()),
+        max_in_flight: spec.options.max_in_flight.max(1),
+        reading_ahead: AtomicBool::new(false),
     });
     let config = &shared.config;
     let visibility = spec.options.visibility_timeout;
@@ -218,11 +273,10 @@ pub(crate) async fn start(
     let now = Instant::now();
     let stream_state = Arc::clone(&state);
     let task = ConsumerTask {
-        conn: BlockingConnection::new(shared.client.clone(), config),
+        conn: BlockingConnection::new(shared.client.clone(), config, &state.keys.stream),
         backoff: connection::backoff(config),
         cancel: shared.cancel.child_token(),
         state,
-        max_in_flight: spec.options.max_in_flight.max(1),
         visibility,
         claim_interval,
         origin: spec.origin,
@@ -234,17 +288,18 @@ pub(crate) async fn start(
         next_lag_check: now,
         needs_recovery: false,
     };
-    let (requests, inbox) = mpsc::channel::<oneshot::Sender<RawDelivery>>(1);
+    let (requests, inbox) = mpsc::channel::<Request>(2);
     shared.tasks.spawn(task.run(inbox));
     let stream = (requests, stream_state);
     Ok(futures::stream::unfold(
         stream,
         |(requests, state)| async move {
             if let Some((raw, _, _)) = state.take_buffered() {
+                state.want_read_ahead(&requests);
                 return Some((Ok(raw), (requests, state)));
             }
             let (reply, delivery) = oneshot::channel();
-            requests.send(reply).await.ok()?;
+            requests.send(Request::Deliver(reply)).await.ok()?;
             let raw = delivery.await.ok()?;
             Some((Ok(raw), (requests, state)))
         },
@@ -281,7 +336,6 @@ struct ConsumerTask {
     conn: BlockingConnection,
     backoff: Backoff,
     cancel: CancellationToken,
-    max_in_flight: usize,
     visibility: Duration,
     claim_interval: Duration,
     origin: String,
@@ -296,13 +350,17 @@ struct ConsumerTask {
 }
 
 impl ConsumerTask {
-    async fn run(mut self, mut requests: mpsc::Receiver<oneshot::Sender<RawDelivery>>) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         loop {
             let mut reply = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
                 request = requests.recv() => match request {
-                    Some(reply) => reply,
+                    Some(Request::Deliver(reply)) => reply,
+                    Some(Request::ReadAhead) => {
+                        self.read_ahead().await;
+                        continue;
+                    }
                     None => break,
                 },
             };
@@ -362,10 +420,7 @@ impl ConsumerTask {
         &mut self,
         reply: &mut oneshot::Sender<RawDelivery>,
     ) -> std::result::Result<(), RedisError> {
-        let free = self
-            .max_in_flight
-            .saturating_sub(self.state.held().len())
-            .max(1);
+        let free = self.state.free_slots().max(1);
         if self.needs_recovery {
             self.recover().await?;
             self.needs_recovery = false;
@@ -419,10 +474,50 @@ impl ConsumerTask {
                 _ = interrupted(&self.cancel, state, reply), if !unblocked => {
                     // Never drop the read: its reply may carry entries now pending for us.
                     unblocked = true;
-                    unblock(&state.shared, client_id).await;
+                    unblock(&state.shared, &state.keys.stream, client_id).await;
                 }
             }
         };
+        self.buffer_read_reply(value)
+    }
+
+    /// A read ahead of the stream: `XREADGROUP ... >` without `BLOCK`, for the free slots,
+    /// into the buffer. A failure is left to the next fetch (which reconnects and recovers
+    /// what a lost reply may have made pending).
+    async fn read_ahead(&mut self) {
+        let free = self.state.free_slots();
+        let result = if free == 0 || self.needs_recovery || self.cancel.is_cancelled() {
+            Ok(())
+        } else {
+            self.read_available(free).await
+        };
+        self.state.reading_ahead.store(false, Ordering::Release);
+        if let Err(e) = result {
+            tracing::debug!(origin = %self.origin, error = %e, "Redis read-ahead failed");
+            self.conn.reset();
+            self.needs_recovery = true;
+        }
+    }
+
+    async fn read_available(&mut self, count: usize) -> std::result::Result<(), RedisError> {
+        let mut conn = self.conn.get().await?.clone();
+        let state = &self.state;
+        let value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&state.keys.stream)
+            .arg(">")
+            .query_async::<Value>(&mut conn)
+            .await?;
+        self.buffer_read_reply(value)
+    }
+
+    /// Buffers the entries of an `XREADGROUP ... >` reply (attempt 1).
+    fn buffer_read_reply(&mut self, value: Value) -> std::result::Result<(), RedisError> {
         let at = Instant::now();
         let fetched = parse_read_reply(value)?
             .into_iter()
@@ -433,13 +528,13 @@ impl ConsumerTask {
                 at,
             })
             .collect();
-        self.buffer_fetched(fetched).await;
+        self.buffer_fetched(fetched);
         Ok(())
     }
 
     /// Decodes fetched entries into the shared buffer; those that are not CloudEvents go in
     /// as undecodable messages (core dead-letters them). Returns how many were fetched.
-    async fn buffer_fetched(&mut self, fetched: Vec<Fetched>) -> usize {
+    fn buffer_fetched(&mut self, fetched: Vec<Fetched>) -> usize {
         let n = fetched.len();
         let stream = &self.state.keys.stream;
         let decoded = fetched.into_iter().map(|f| {
@@ -485,7 +580,7 @@ impl ConsumerTask {
                 at,
             })
             .collect();
-        Ok(self.buffer_fetched(fetched).await)
+        Ok(self.buffer_fetched(fetched))
     }
 
     /// After a lost reply, gives back what Redis may have handed to this consumer without
@@ -637,13 +732,14 @@ async fn interrupted(
 }
 
 /// Ends a blocking read early (`CLIENT UNBLOCK`); the read then returns what it has.
-async fn unblock(shared: &Shared, client_id: Option<i64>) {
+/// On a cluster it goes to the master of the stream's slot, where the read blocks.
+async fn unblock(shared: &Shared, stream: &str, client_id: Option<i64>) {
     let Some(id) = client_id else { return };
     let mut cmd = redis::cmd("CLIENT");
     cmd.arg("UNBLOCK").arg(id);
     let result = tokio::time::timeout(
         shared.config.command_timeout,
-        shared.query::<Value>(&cmd, "CLIENT UNBLOCK"),
+        shared.query_at_key(&cmd, stream, "CLIENT UNBLOCK"),
     )
     .await;
     if let Ok(Err(e)) = result {
@@ -874,9 +970,11 @@ async fn flush_acks(state: Arc<ConsumerState>) {
             queue.waiting.retain(|r| !r.reply.is_closed());
             if queue.waiting.is_empty() {
                 queue.flushing = false;
+                queue.sending = 0;
                 return;
             }
             let n = queue.waiting.len().min(MAX_ACK_BATCH);
+            queue.sending = n;
             queue.waiting.drain(..n).collect()
         };
         let (low, high) = id_range(batch.iter().map(|r| r.id.as_str()));

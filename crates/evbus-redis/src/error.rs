@@ -6,6 +6,9 @@
 //! | I/O error, connection refused/reset/dropped | `Connection` | yes |
 //! | no reply within the response or connect timeout | `Timeout` | yes |
 //! | `LOADING`, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN`, `READONLY`, `BUSY`, `MISCONF` | `Broker` | yes |
+//! | `MOVED`, `ASK` reaching the adapter (a redirection storm during a failover) | `Broker` | yes |
+//! | no connection to the cluster node owning a slot | `Connection` | yes |
+//! | `CROSSSLOT` (a bug: every command stays within one slot) | `Internal` | no |
 //! | `OOM` (maxmemory reached) | `Full` | yes |
 //! | `NOGROUP` (the stream or group was deleted) | `NotFound` | no |
 //! | authentication failed, `NOAUTH`, `WRONGPASS`, invalid client config | `InvalidConfig` | no |
@@ -53,11 +56,26 @@ fn classify(error: &RedisError) -> (ErrorKind, Option<bool>, &'static str) {
             Some(true),
             "Redis is temporarily unable to serve writes; retry later",
         ),
+        // A cluster client follows redirections itself; one reaching the adapter is a
+        // redirection storm during a failover (retry), or a cluster node used through a
+        // single-server URL.
         K::Server(ServerErrorKind::Moved | ServerErrorKind::Ask) => (
             ErrorKind::Broker,
+            Some(true),
+            "the slot moved (a failover or resharding): retry; if this persists, the server is \
+             a Redis Cluster node: use a redis+cluster:// URL (see the evbus-redis README, \
+             Clusters)",
+        ),
+        K::ClusterConnectionNotFound => (
+            ErrorKind::Connection,
+            Some(true),
+            "no connection to the cluster node owning the slot (a failover?); the client \
+             reconnects by itself, retry later",
+        ),
+        K::Server(ServerErrorKind::CrossSlot) => (
+            ErrorKind::Internal,
             Some(false),
-            "this is a Redis Cluster node: connect through a cluster-aware proxy (see the \
-             evbus-redis README, Cluster)",
+            "keys of different hash slots in one command: a bug of evbus-redis, please report",
         ),
         K::AuthenticationFailed | K::InvalidClientConfig => (
             ErrorKind::InvalidConfig,
@@ -157,6 +175,26 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::Broker, "{code}");
             assert!(e.is_retryable(), "{code}");
         }
+    }
+
+    #[test]
+    fn cluster_redirections_during_a_failover_are_retryable() {
+        for (code, detail) in [
+            ("MOVED", "3999 127.0.0.1:7232"),
+            ("ASK", "3999 127.0.0.1:7233"),
+        ] {
+            let e = from_redis(server(code, detail), "publishing");
+            assert_eq!(e.kind(), ErrorKind::Broker, "{code}");
+            assert!(e.is_retryable(), "{code}");
+        }
+        let e = from_redis(
+            RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "no node")),
+            "publishing",
+        );
+        assert_eq!(e.kind(), ErrorKind::Connection);
+        assert!(e.is_retryable());
+        let e = from_redis(server("CROSSSLOT", "Keys in request don't hash"), "x");
+        assert!(!e.is_retryable());
     }
 
     #[test]

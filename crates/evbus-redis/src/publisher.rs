@@ -80,7 +80,8 @@ async fn append(
     for event in events {
         check_size(event, shared.config.max_payload_bytes)?;
     }
-    if let [event] = events {
+    let replicas = shared.config.replicas_to_wait_for();
+    if let ([event], 0) = (events, replicas) {
         shared
             .query::<Value>(&xadd(stream, retention, event), what)
             .await?;
@@ -91,11 +92,51 @@ async fn append(
         for event in chunk {
             pipe.add_command(xadd(stream, retention, event));
         }
-        pipe.query_async::<Vec<Value>>(&mut shared.conn())
+        if replicas > 0 {
+            // In the same pipeline, so on the same connection to the master that took the
+            // writes (a cluster client routes the pipeline by the stream key; WAIT has none).
+            pipe.add_command(wait(replicas, shared.config.wait_timeout));
+        }
+        let replies = pipe
+            .query_async::<Vec<Value>>(&mut shared.conn())
             .await
             .map_err(|e| from_redis(e, what))?;
+        if replicas > 0 {
+            check_replicated(replies.last(), replicas, shared.config.wait_timeout, what)?;
+        }
     }
     Ok(())
+}
+
+/// `WAIT replicas timeout_ms`: blocks until `replicas` replicas acknowledged every write of
+/// this connection so far, or the timeout passed; replies with how many did.
+fn wait(replicas: u32, timeout: std::time::Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(replicas).arg(timeout.as_millis().max(1) as u64);
+    cmd
+}
+
+/// Fails with a retryable error when fewer than `wanted` replicas acknowledged the writes.
+fn check_replicated(
+    reply: Option<&Value>,
+    wanted: u32,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<()> {
+    let acked = reply.and_then(crate::connection::int_of).unwrap_or(0);
+    if acked >= i64::from(wanted) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Broker,
+        format!(
+            "{what}: the master stored the event but only {acked} of {wanted} replica(s) \
+             acknowledged it within {timeout:?} (wait_replicas, wait_timeout_ms): it could be \
+             lost if the master fails now. Retrying publishes it again (a possible duplicate); \
+             a replica may be down or resyncing after a failover"
+        ),
+    )
+    .with_retryable(true))
 }
 
 /// A topic: one stream; each subscription is a consumer group on it.
@@ -335,6 +376,19 @@ mod tests {
         let e = Event::builder("t", "s").build().unwrap();
         let a = args(&xadd("s", Retention::Unlimited, &e));
         assert!(!a.iter().any(|f| f == DATA_FIELD));
+    }
+
+    #[test]
+    fn too_few_replica_acknowledgements_are_a_retryable_error() {
+        let timeout = std::time::Duration::from_millis(500);
+        check_replicated(Some(&Value::Int(1)), 1, timeout, "publishing").unwrap();
+        check_replicated(Some(&Value::Int(2)), 1, timeout, "publishing").unwrap();
+        let err = check_replicated(Some(&Value::Int(0)), 1, timeout, "publishing").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Broker);
+        assert!(err.is_retryable());
+        assert!(err.message().contains("wait_replicas"), "{err}");
+        assert!(check_replicated(None, 1, timeout, "x").is_err());
+        assert_eq!(args(&wait(1, timeout)), ["WAIT", "1", "500"]);
     }
 
     #[test]

@@ -5,19 +5,19 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use evbus::raw::Gate;
 use evbus::{Capabilities, Health, Queue, Result, Topic, Transport};
-use redis::aio::ConnectionManager;
-use redis::{Client, Value};
+use redis::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::RedisConfig;
-use crate::connection;
+use crate::connection::{self, RedisClient, RedisConn};
 use crate::error::from_redis;
 use crate::keys::{Keys, check_name};
 use crate::publisher::{RedisQueue, RedisTopic};
 
-/// A transport on a Redis server (Redis 6.2 or later), through Redis Streams.
+/// A transport on a Redis server or a Redis Cluster (Redis 6.2 or later), through Redis
+/// Streams.
 ///
 /// Cheap to clone: clones share the connection and its lifecycle (closing one closes all).
 ///
@@ -53,8 +53,8 @@ impl std::fmt::Debug for RedisTransport {
 /// State shared by a transport, its topics, queues, consumers and ack handles.
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
-    pub(crate) client: Client,
-    conn: ConnectionManager,
+    pub(crate) client: RedisClient,
+    conn: RedisConn,
     pub(crate) keys: Keys,
     persistent: bool,
     /// Refuses operations after close; close waits for those in progress.
@@ -76,8 +76,22 @@ impl Shared {
     }
 
     /// A handle on the shared command connection.
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Runs a keyless command on the node holding `key` (on a cluster, the master of its
+    /// slot): `CLIENT UNBLOCK` of a consumer reading that stream.
+    pub(crate) async fn query_at_key(
+        &self,
+        cmd: &redis::Cmd,
+        key: &str,
+        what: &str,
+    ) -> Result<Value> {
+        self.conn()
+            .query_at_key(cmd, key)
+            .await
+            .map_err(|e| from_redis(e, what))
     }
 
     /// Runs one command on the shared connection.
@@ -142,7 +156,8 @@ impl RedisTransport {
         })
     }
 
-    /// Connects with the settings of a `redis://` or `rediss://` URL
+    /// Connects with the settings of a `redis://`, `rediss://`, `redis+cluster://` or
+    /// `rediss+cluster://` URL
     /// (see [`RedisConfig::from_url`]).
     pub async fn connect_url(url: &str) -> Result<Self> {
         Self::connect(RedisConfig::from_url(url)?).await

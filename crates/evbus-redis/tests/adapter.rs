@@ -601,6 +601,61 @@ async fn the_transport_works_as_a_trait_object() {
 /// The group every queue's consumers share.
 const QUEUE_GROUP: &str = "evbus";
 
+/// The consumer reads ahead while deliveries are handled, but never fetches more than its
+/// in-flight limit (handed out and buffered together), and hands entries out in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_keeps_order_and_the_in_flight_limit() {
+    let Some(env) = Env::new().await else { return };
+    const N: u64 = 60;
+    const LIMIT: usize = 8;
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..N).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let mut sub = queue
+        .receive(ConsumerOptions::default().max_in_flight(LIMIT))
+        .await
+        .unwrap();
+
+    // Hold half the limit unsettled: what is pending for the consumer (handed out, buffered,
+    // or being read ahead) stays within the limit while the consumer sits there.
+    let mut held = Vec::new();
+    for _ in 0..LIMIT / 2 {
+        held.push(next(&mut sub).await);
+    }
+    let watch_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < watch_until {
+        let pending = env.pending(&key, QUEUE_GROUP).await;
+        assert!(
+            pending <= LIMIT as i64,
+            "{pending} entries pending for a consumer with max_in_flight {LIMIT}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Then ack each delivery as it comes (reads ahead run alongside): every event once, in
+    // the order it was sent.
+    let mut got: Vec<String> = held.iter().map(|d| d.event().id().to_owned()).collect();
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    while got.len() < N as usize {
+        let d = next(&mut sub).await;
+        got.push(d.event().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let sent: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    assert_eq!(
+        got, sent,
+        "one consumer gets a queue's events once each, in order"
+    );
+    assert!(
+        eventually(WAIT, || async { env.pending(&key, QUEUE_GROUP).await == 0 }).await,
+        "every entry settled"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
     let server = support::RedisServer::start().ok();

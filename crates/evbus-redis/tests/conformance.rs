@@ -7,6 +7,10 @@
 //! directory to resume. Without a `redis-server` binary on `PATH` those cases are reported
 //! `IGNORED ...: needs broker-control`.
 //!
+//! Against a Redis Cluster (`EVBUS_REDIS_URL=redis+cluster://...`, `cargo xtask conformance
+//! --adapter redis-cluster`) the suite reports as `redis-cluster`; the outage cases still run
+//! against the single server this harness starts.
+//!
 //! The foreign-message case writes with the `redis` client itself: an `XADD` of a plain entry
 //! (no `ce_` fields) to the queue's stream, `<prefix>queue:{<name>}` as the README documents.
 
@@ -44,7 +48,9 @@ fn main() -> ExitCode {
 /// (the broker at `url` in container mode) until it is dropped, which removes it.
 fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<RedisTransport> {
     let raw = RawRedis::new(&url);
-    let suite = Suite::new("redis", move || {
+    let cluster = RedisConfig::from_url(&url).is_ok_and(|c| c.is_cluster());
+    let name = if cluster { "redis-cluster" } else { "redis" };
+    let suite = Suite::new(name, move || {
         let _owned = &container;
         let url = url.clone();
         async move { RedisTransport::connect(RedisConfig::from_url(&url)?).await }
@@ -105,7 +111,7 @@ impl BrokerControl for RedisServer {
 
 /// A foreign producer: the `redis` client writing a plain stream entry, no evbus involved.
 struct RawRedis {
-    client: redis::Client,
+    client: RawClient,
     /// The adapter's key prefix (`prefix` in the URL, `evbus:` by default).
     prefix: String,
 }
@@ -113,14 +119,27 @@ struct RawRedis {
 impl RawRedis {
     fn new(url: &str) -> evbus::Result<Self> {
         let config = RedisConfig::from_url(url)?;
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+        let unusable = |e: redis::RedisError| {
             Error::invalid_config(format!("the raw Redis producer cannot use the URL: {e}"))
-        })?;
+        };
+        let client = if config.is_cluster() {
+            RawClient::Cluster(
+                redis::cluster::ClusterClient::new(config.cluster_nodes()?).map_err(unusable)?,
+            )
+        } else {
+            RawClient::Single(redis::Client::open(config.url.as_str()).map_err(unusable)?)
+        };
         Ok(RawRedis {
             client,
             prefix: config.key_prefix,
         })
     }
+}
+
+/// The raw producer's client: one server, or a cluster (routes the `XADD` by its key).
+enum RawClient {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 #[async_trait]
@@ -134,19 +153,21 @@ impl RawProducer for RawRedis {
                 format!("the raw Redis producer could not XADD to `{key}`: {e}"),
             )
         };
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(failed)?;
-        let _id: String = redis::cmd("XADD")
-            .arg(&key)
-            .arg("*")
-            .arg("body")
-            .arg("not a cloudevent")
-            .query_async(&mut conn)
-            .await
-            .map_err(failed)?;
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&key).arg("*").arg("body").arg("not a cloudevent");
+        let _id: String = match &self.client {
+            RawClient::Single(client) => {
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(failed)?;
+                xadd.query_async(&mut conn).await.map_err(failed)?
+            }
+            RawClient::Cluster(client) => {
+                let mut conn = client.get_async_connection().await.map_err(failed)?;
+                xadd.query_async(&mut conn).await.map_err(failed)?
+            }
+        };
         Ok(())
     }
 }

@@ -36,6 +36,22 @@ pub fn test_config(url: &str) -> evbus::Result<KafkaConfig> {
     Ok(config)
 }
 
+/// Connects to [`kafka_url`] with `params` added to its query, or `None` (the test is then
+/// skipped, loudly) when no broker answers and brokers are not required.
+pub async fn connect_with(params: &str) -> Option<evbus_kafka::KafkaTransport> {
+    let base = kafka_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let config = test_config(&format!("{base}{sep}{params}")).expect("test URL");
+    match evbus_kafka::KafkaTransport::connect(config).await {
+        Ok(t) => Some(t),
+        Err(e) if !evbus_conformance::require_brokers() => {
+            eprintln!("WARNING: Kafka unreachable, test not run: {e}");
+            None
+        }
+        Err(e) => panic!("Kafka unreachable: {e}"),
+    }
+}
+
 /// Where the tansu binary is: `EVBUS_TANSU_BIN`, the xtask cache
 /// (`~/.cache/evbus/tansu/tansu`), or `tansu` on `PATH`.
 pub fn tansu_binary() -> Option<PathBuf> {
