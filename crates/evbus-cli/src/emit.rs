@@ -1,16 +1,14 @@
 //! `evbus emit`: validate payloads against the catalogue and publish them through the Bus.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use evbus::Catalog;
 use evbus::bus::{Bus, Emit};
-use serde_json::Value;
 
 use crate::failure::{self, Failure};
-use crate::transport;
+use crate::{payloads, transport};
 
 /// `evbus emit` arguments.
 #[derive(Debug, Args)]
@@ -30,8 +28,9 @@ pub(crate) struct EmitArgs {
     /// The payload: one JSON document.
     #[arg(long, value_name = "JSON")]
     data: Option<String>,
-    /// JSON Lines: one payload per line (blank lines skipped). Every line is validated first;
-    /// if any is invalid, nothing from the file is emitted.
+    /// JSON Lines: one payload per line (blank lines skipped, a UTF-8 byte order mark at the
+    /// start ignored). Every line is validated first; if any is invalid (or not UTF-8 JSON),
+    /// nothing from the file is emitted.
     #[arg(long, value_name = "FILE")]
     data_file: Option<PathBuf>,
 }
@@ -42,12 +41,15 @@ pub(crate) struct EmitArgs {
 pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
     transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
-    let payloads = match (&args.data, &args.data_file) {
-        (Some(json), _) => vec![(None, json.clone())],
-        (None, Some(file)) => read_lines(file)?,
+    let given = match (&args.data, &args.data_file) {
+        (Some(json), _) => vec![payloads::from_arg(json)],
+        (None, Some(file)) => payloads::from_file(
+            &std::fs::read(file)
+                .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?,
+        ),
         (None, None) => return Err(Failure::new("give --data or --data-file")),
     };
-    let (problems, refused) = check(&catalog, &args.event_type, &payloads);
+    let (problems, refused) = payloads::check(&catalog, &args.event_type, &given);
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("{p}");
@@ -55,14 +57,15 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
         eprintln!(
             "evbus: {} of {} payloads refused; nothing was emitted",
             refused,
-            payloads.len()
+            given.len()
         );
         return Ok(ExitCode::from(failure::INVALID));
     }
-    let emits: Vec<Emit> = payloads
-        .iter()
-        .map(|(_, text)| {
-            let data: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let emits: Vec<Emit> = given
+        .into_iter()
+        // Every payload is JSON here: `check` refused any other.
+        .filter_map(|p| p.data.ok())
+        .map(|data| {
             let emit = Emit::new(args.event_type.clone(), data);
             match &args.key {
                 Some(key) => emit.key(key.clone()),
@@ -89,51 +92,4 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
             .map_err(|e| Failure::new(format!("closing the transport: {e}")))?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-fn read_lines(file: &Path) -> Result<Vec<(Option<usize>, String)>, Failure> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (Some(i + 1), l.to_owned()))
-        .collect())
-}
-
-/// Every problem of every payload, as `line N: <pointer>: <message>` (or without the line
-/// prefix for `--data`), and how many payloads have one.
-fn check(
-    catalog: &Catalog,
-    ty: &str,
-    payloads: &[(Option<usize>, String)],
-) -> (Vec<String>, usize) {
-    let mut problems = Vec::new();
-    let mut refused = 0;
-    for (line, text) in payloads {
-        let before = problems.len();
-        let at = line.map(|n| format!("line {n}: ")).unwrap_or_default();
-        let data: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(format!("{at}not JSON: {e}"));
-                refused += 1;
-                continue;
-            }
-        };
-        if let Err(errors) = catalog.validate(ty, &data) {
-            if errors.problem() == &evbus::schema::ValidationProblem::Invalid {
-                for v in &errors {
-                    problems.push(format!("{at}{v}"));
-                }
-            } else {
-                problems.push(format!("{at}{errors}"));
-            }
-        }
-        if problems.len() > before {
-            refused += 1;
-        }
-    }
-    (problems, refused)
 }

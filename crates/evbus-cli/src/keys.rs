@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use evbus_gateway::RateLimit;
 
 use crate::failure::Failure;
 use crate::transport;
@@ -42,6 +43,18 @@ pub(crate) struct CreateArgs {
     /// When the key stops working (RFC 3339, for example 2030-01-01T00:00:00Z).
     #[arg(long, value_name = "TIME")]
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The key's own request rate limit, in requests per second (sustained, 1 to 1000000).
+    /// Default: the gateway's (`evbus serve --rate-limit`).
+    #[arg(long, value_name = "N")]
+    rate_limit: Option<u64>,
+    /// The key's own burst (1 to 1000000; default twice --rate-limit). Needs --rate-limit.
+    #[arg(
+        long = "rate-limit-burst",
+        visible_alias = "burst",
+        value_name = "N",
+        requires = "rate_limit"
+    )]
+    rate_limit_burst: Option<u64>,
 }
 
 pub(crate) fn run(cmd: KeysCommand) -> Result<ExitCode, Failure> {
@@ -51,6 +64,19 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<ExitCode, Failure> {
 }
 
 fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
+    // Checked before the store is touched: a bad value creates nothing.
+    let rate_limit = match args.rate_limit {
+        None => None,
+        Some(per_second) => {
+            let burst = args
+                .rate_limit_burst
+                .unwrap_or_else(|| RateLimit::default_burst(per_second));
+            Some(
+                RateLimit::new(per_second, burst)
+                    .map_err(|e| Failure::new(format!("--rate-limit, --rate-limit-burst: {e}")))?,
+            )
+        }
+    };
     let rt = transport::runtime()?;
     rt.block_on(async {
         let location = crate::serve::store_location(args.store.as_deref());
@@ -63,13 +89,14 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
                 .filter(|s| !s.is_empty())
                 .collect()
         };
-        let (_, key) = evbus_gateway::create_key(
+        let (_, key) = evbus_gateway::create_key_with_rate_limit(
             store.as_ref(),
             &args.name,
             trim(args.subscribe),
             trim(args.publish),
             args.admin,
             args.expires_at,
+            rate_limit,
         )
         .await
         .map_err(Failure::new)?;

@@ -17,6 +17,7 @@ mod emit;
 mod events;
 mod failure;
 mod keys;
+mod payloads;
 mod serve;
 mod transport;
 

@@ -154,6 +154,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
     }
     let catalog = transport::catalog(&args.schemas)?;
     let allow = allow_list(&args)?;
+    let mut config = GatewayConfig::default();
+    config.outbound = OutboundPolicy::new(allow);
+    args.limits.apply(&mut config).map_err(Failure::new)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
@@ -180,9 +183,6 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
         // After the store: it made the data directory (0700) where bus.db lives.
         let transport = transport::connect(&transport_url).await?;
         let bus = Bus::new(transport, catalog, "/evbus-gateway");
-        let mut config = GatewayConfig::default();
-        config.outbound = OutboundPolicy::new(allow);
-        args.limits.apply(&mut config);
         let gateway =
             Gateway::start_with_metrics(bus.clone(), Arc::clone(&store), config, metrics)
                 .await

@@ -30,8 +30,9 @@ pub(crate) const ADAPTERS: &[Adapter] = &[
     Adapter {
         feature: "redis",
         krate: "evbus-redis",
-        schemes: &["redis", "rediss"],
-        usage: "redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=...] (rediss:// for TLS)",
+        schemes: &["redis", "redis+cluster", "rediss", "rediss+cluster"],
+        usage: "redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=...] (rediss:// for TLS; \
+                redis+cluster://HOST:PORT?servers=HOST:PORT,... for a Redis Cluster)",
         #[cfg(feature = "redis")]
         register: Some(|r| {
             r.register(evbus_redis::RedisConnector);

@@ -115,6 +115,111 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+fn keys_create(root: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .args(["keys", "create", "--data-dir", "state"])
+        .args(args)
+        .current_dir(root)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_per_key_from_keys_create_and_by_default_from_the_environment() {
+    let root = fresh_root();
+    // Bad limits create nothing and exit 2.
+    for bad in [
+        &["--name", "x", "--rate-limit", "0"][..],
+        &["--name", "x", "--rate-limit", "1000001"],
+        &["--name", "x", "--rate-limit", "5", "--burst", "0"],
+        &["--name", "x", "--rate-limit", "-3"],
+        &["--name", "x", "--burst", "5"],
+    ] {
+        let out = keys_create(&root, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+    }
+    let admin = keys_create(&root, &["--name", "admin", "--admin"]);
+    assert!(admin.status.success());
+    let admin = String::from_utf8(admin.stdout).unwrap().trim().to_owned();
+    let slow = keys_create(
+        &root,
+        &[
+            "--name",
+            "slow",
+            "--rate-limit",
+            "5",
+            "--rate-limit-burst",
+            "6",
+        ],
+    );
+    assert!(
+        slow.status.success(),
+        "{}",
+        String::from_utf8_lossy(&slow.stderr)
+    );
+    let quick = keys_create(&root, &["--name", "quick", "--rate-limit", "300"]);
+    assert!(quick.status.success());
+
+    // A bad default in the environment stops `serve` before it starts.
+    let out = Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .args(["serve", "--data-dir", "state", "--listen", "127.0.0.1:0"])
+        .env("EVBUS_RATE_LIMIT", "many")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("EVBUS_RATE_LIMIT"));
+
+    // The default from the environment; --rate-limit-burst wins over its variable.
+    let served = support::serve_with_env(
+        &root,
+        &[
+            "--data-dir",
+            "state",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit-burst",
+            "8",
+        ],
+        &[("EVBUS_RATE_LIMIT", "7"), ("EVBUS_RATE_LIMIT_BURST", "9")],
+        Duration::from_secs(30),
+    );
+    let keys = reqwest::Client::new()
+        .get(format!("{}/v1/keys", served.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let keys: serde_json::Value = serde_json::from_str(&keys).unwrap();
+    let limit = |name: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .map(|k| k["rate_limit"].clone())
+            .unwrap_or_else(|| panic!("{name} not in {keys}"))
+    };
+    let json = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
+    assert_eq!(
+        limit("admin"),
+        json(r#"{"per_second":7,"burst":8,"default":true}"#)
+    );
+    assert_eq!(
+        limit("slow"),
+        json(r#"{"per_second":5,"burst":6,"default":false}"#)
+    );
+    assert_eq!(
+        limit("quick"),
+        json(r#"{"per_second":300,"burst":600,"default":false}"#)
+    );
+    drop(served);
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn serve_never_prints_the_password_of_its_transport_url() {
     let root = fresh_root();

@@ -12,14 +12,13 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use evbus::binding::{self, HeaderStyle};
 use evbus::bus::Emit;
-use governor::clock::{Clock, DefaultClock};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::problem::{self, Problem};
-use crate::store::{KeyRecord, PublishClaim};
+use crate::store::{KeyRecord, PublishClaim, RateLimit};
 use crate::{State, curation, openapi, stream, webhooks};
 
 pub(crate) fn router(state: Arc<State>) -> Router {
@@ -83,8 +82,7 @@ async fn authenticate(
         Ok(None) => return Problem::unauthorized().into_response(),
         Err(e) => return Problem::internal(e).into_response(),
     };
-    if let Err(not_until) = state.limiter.check_key(&key.id) {
-        let wait = not_until.wait_time_from(DefaultClock::default().now());
+    if let Err(wait) = state.limiters.check(&key) {
         return Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate limit of this key exceeded",
@@ -372,9 +370,51 @@ struct CreateKey {
     admin: bool,
     #[serde(default)]
     expires_at: Option<DateTime<Utc>>,
+    /// `{"per_second": N, "burst": M}` (`burst` optional), checked by [`key_rate_limit`].
+    #[serde(default)]
+    rate_limit: Option<Value>,
 }
 
-fn key_view(k: &KeyRecord) -> Value {
+/// A key's own rate limit from its creation request: an object with `per_second` (1 to
+/// [`RateLimit::MAX_PER_SECOND`]) and optionally `burst` (1 to [`RateLimit::MAX_BURST`];
+/// default two seconds' worth). Errors name the field, never the value.
+fn key_rate_limit(value: &Value) -> Result<RateLimit, Problem> {
+    let shape = || {
+        Problem::bad_request(
+            "`rate_limit` must be an object with `per_second` and optionally `burst`, whole numbers",
+        )
+    };
+    let Value::Object(fields) = value else {
+        return Err(shape());
+    };
+    if fields.keys().any(|k| k != "per_second" && k != "burst") {
+        return Err(shape());
+    }
+    let number = |name: &str, max: u32| -> Result<Option<u64>, Problem> {
+        match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=u64::from(max)).contains(n))
+                .map(Some)
+                .ok_or_else(|| {
+                    Problem::bad_request(format!(
+                        "`rate_limit.{name}` must be a whole number from 1 to {max}"
+                    ))
+                    .with("limit", json!(max))
+                }),
+        }
+    };
+    let per_second = number("per_second", RateLimit::MAX_PER_SECOND)?.ok_or_else(|| {
+        Problem::bad_request("`rate_limit.per_second` is required when `rate_limit` is given")
+    })?;
+    let burst = number("burst", RateLimit::MAX_BURST)?
+        .unwrap_or_else(|| RateLimit::default_burst(per_second));
+    RateLimit::new(per_second, burst).map_err(Problem::bad_request)
+}
+
+fn key_view(state: &State, k: &KeyRecord) -> Value {
+    let limit = state.limiters.effective(k);
     json!({
         "id": k.id,
         "name": k.name,
@@ -385,6 +425,11 @@ fn key_view(k: &KeyRecord) -> Value {
         "created_at": k.created_at,
         "expires_at": k.expires_at,
         "revoked_at": k.revoked_at,
+        "rate_limit": {
+            "per_second": limit.per_second,
+            "burst": limit.burst,
+            "default": k.rate_limit.is_none(),
+        },
     })
 }
 
@@ -423,16 +468,21 @@ async fn create_key(
             .with("invalid_positions", json!(bad)));
         }
     }
-    let (record, exposed) = crate::create_key(
+    let rate_limit = match &req.rate_limit {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(key_rate_limit(v)?),
+    };
+    let (record, exposed) = crate::create_key_with_rate_limit(
         state.store.as_ref(),
         &req.name,
         req.subscribe,
         req.publish,
         req.admin,
         req.expires_at,
+        rate_limit,
     )
     .await?;
-    let mut body = key_view(&record);
+    let mut body = key_view(&state, &record);
     body["key"] = json!(exposed);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -443,7 +493,9 @@ async fn list_keys(
 ) -> Result<Json<Value>, Problem> {
     require_admin(&key)?;
     let keys = state.store.list_keys().await?;
-    Ok(Json(Value::Array(keys.iter().map(key_view).collect())))
+    Ok(Json(Value::Array(
+        keys.iter().map(|k| key_view(&state, k)).collect(),
+    )))
 }
 
 async fn revoke_key(

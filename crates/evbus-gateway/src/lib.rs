@@ -7,6 +7,7 @@ pub mod keys;
 mod openapi;
 mod portal;
 pub mod problem;
+mod ratelimit;
 mod server;
 pub mod signing;
 pub mod ssrf;
@@ -20,7 +21,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use evbus::bus::HandlerHandle;
 use evbus::{Bus, Catalog};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ pub use keys::NewKey;
 pub use problem::Problem;
 pub use ssrf::{HostResolver, OutboundPolicy, SystemResolver};
 pub use store::{
-    KeyRecord, PostgresStore, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord,
+    KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord,
 };
 
 /// The Bus group through which the gateway consumes external event types. Every gateway
@@ -56,9 +56,11 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Deadline of every request except streams. Default 30 s.
     pub request_timeout: Duration,
-    /// Requests per second allowed per API key (sustained). Default 50.
+    /// Requests per second allowed per API key (sustained), for keys without a
+    /// [`RateLimit`] of their own ([`KeyRecord::rate_limit`]). Default 50. 0 counts as 1.
     pub rate_limit_per_second: u32,
-    /// Burst of requests allowed per API key. Default 100.
+    /// Burst of requests allowed per API key, for keys without a [`RateLimit`] of their own.
+    /// Default 100. 0 counts as 1.
     pub rate_limit_burst: u32,
     /// Wait before each delivery attempt; its length is the number of attempts. Default
     /// [`default_retry_schedule`].
@@ -254,7 +256,8 @@ pub(crate) struct State {
     revocations: watch::Sender<u64>,
     /// New pages of the log for streams that have caught up.
     fanout: stream::Fanout,
-    limiter: DefaultKeyedRateLimiter<String>,
+    /// Per-key request rate limits.
+    limiters: ratelimit::Limiters,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
     key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -390,10 +393,10 @@ impl Gateway {
             .user_agent(concat!("evbus-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| GatewayError::Client(e.to_string()))?;
-        let per_second = std::num::NonZeroU32::new(config.rate_limit_per_second.max(1))
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = std::num::NonZeroU32::new(config.rate_limit_burst.max(1))
-            .unwrap_or(std::num::NonZeroU32::MIN);
+        let default_limit = RateLimit {
+            per_second: config.rate_limit_per_second.max(1),
+            burst: config.rate_limit_burst.max(1),
+        };
         let latest = store.latest_seq().await?;
         let state = Arc::new(State {
             bus: bus.clone(),
@@ -404,7 +407,7 @@ impl Gateway {
             latest: watch::channel(latest).0,
             revocations: watch::channel(0).0,
             fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
-            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            limiters: ratelimit::Limiters::new(default_limit),
             streams: Arc::new(Semaphore::new(config.max_streams)),
             key_streams: Arc::default(),
             metrics,
@@ -561,7 +564,8 @@ async fn follow_store(state: Arc<State>) {
     }
 }
 
-/// Creates an API key in `store` and returns it (the only time the full key exists).
+/// Creates an API key in `store` and returns it (the only time the full key exists). It is
+/// held to the gateway's default rate limit; [`create_key_with_rate_limit`] gives it its own.
 pub async fn create_key(
     store: &dyn Store,
     name: &str,
@@ -570,6 +574,22 @@ pub async fn create_key(
     admin: bool,
     expires_at: Option<DateTime<Utc>>,
 ) -> Result<(KeyRecord, String), StoreError> {
+    create_key_with_rate_limit(store, name, subscribe, publish, admin, expires_at, None).await
+}
+
+/// [`create_key`] with the key's own request rate limit (`None`: the gateway's default).
+pub async fn create_key_with_rate_limit(
+    store: &dyn Store,
+    name: &str,
+    subscribe: Vec<String>,
+    publish: Vec<String>,
+    admin: bool,
+    expires_at: Option<DateTime<Utc>>,
+    rate_limit: Option<RateLimit>,
+) -> Result<(KeyRecord, String), StoreError> {
+    if let Some(limit) = rate_limit {
+        RateLimit::new(limit.per_second.into(), limit.burst.into()).map_err(StoreError)?;
+    }
     for p in subscribe.iter().chain(&publish) {
         if !keys::is_valid_pattern(p) {
             return Err(StoreError(format!(
@@ -588,6 +608,7 @@ pub async fn create_key(
         created_at: Utc::now(),
         expires_at,
         revoked_at: None,
+        rate_limit,
     };
     store.insert_key(&record).await?;
     Ok((record, key.expose()))

@@ -89,8 +89,10 @@ const NO_CONTROL: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$";
 
 /// The document.
 pub(crate) fn document() -> Value {
-    let id_param =
-        json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    // An id that is not UTF-8 text once percent-decoded (`%FF`) is answered 400 by every
+    // operation that takes one.
+    let id_param = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"},
+        "description": "percent-decoded, UTF-8 text (otherwise 400)"}]);
     let mut publish = op(
         "Publish one CloudEvent, validated against the catalogue",
         "a key whose publish scope covers the event type (an external type)",
@@ -178,7 +180,7 @@ pub(crate) fn document() -> Value {
             },
             "/v1/webhooks/{id}": {
                 "parameters": id_param,
-                "get": named(op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["404"]), "getWebhook"),
+                "get": named(op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["400", "404"]), "getWebhook"),
                 "patch": named(with_body(
                     op(
                         "Change a webhook's event types or description, or enable or disable it (enabling clears its failure state)",
@@ -188,7 +190,7 @@ pub(crate) fn document() -> Value {
                     ),
                     "PatchWebhook",
                 ), "updateWebhook"),
-                "delete": named(op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["404"]), "deleteWebhook")
+                "delete": named(op("Delete a webhook", "the key that registered it, or an admin key", ("204", empty("deleted")), &["400", "404"]), "deleteWebhook")
             },
             "/v1/webhooks/{id}/rotate-secret": {
                 "parameters": id_param,
@@ -196,7 +198,7 @@ pub(crate) fn document() -> Value {
                     "New signing secret; the previous one keeps signing during the overlap",
                     "the owner or an admin key",
                     ("200", json_ok("the new secret", schema("RotatedSecret"))),
-                    &["404"],
+                    &["400", "404"],
                 ), "rotateSecret")
             },
             "/v1/webhooks/{id}/attempts": {
@@ -205,7 +207,7 @@ pub(crate) fn document() -> Value {
                     "The latest delivery attempts, newest first",
                     "the owner or an admin key",
                     ("200", json_ok("the attempts", array_of("Attempt"))),
-                    &["404"],
+                    &["400", "404"],
                 ), "listAttempts")
             },
             "/v1/webhooks/{id}/replay": {
@@ -234,7 +236,7 @@ pub(crate) fn document() -> Value {
             },
             "/v1/keys/{id}": {
                 "parameters": id_param,
-                "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["403", "404", "409"]), "revokeKey")
+                "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["400", "403", "404", "409"]), "revokeKey")
             }
         },
         "components": {
@@ -340,14 +342,27 @@ fn schemas() -> Value {
             "subscribe": {"type": "array", "items": scope},
             "publish": {"type": "array", "items": scope},
             "admin": {"type": "boolean"},
-            "expires_at": opt_time
+            "expires_at": opt_time,
+            "rate_limit": {"type": ["object", "null"], "required": ["per_second"], "additionalProperties": false,
+                "description": "the key's own request rate limit (token bucket); without it, the gateway's default",
+                "properties": {
+                "per_second": {"type": "integer", "minimum": 1, "maximum": crate::RateLimit::MAX_PER_SECOND, "description": "requests per second, sustained"},
+                "burst": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::RateLimit::MAX_BURST, "description": "requests at once; absent or null: twice per_second"}
+            }}
         }},
-        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at"], "properties": {
+        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at", "rate_limit"], "properties": {
             "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},
             "subscribe": {"type": "array", "items": {"type": "string"}},
             "publish": {"type": "array", "items": {"type": "string"}},
             "admin": {"type": "boolean"}, "created_at": time,
-            "expires_at": opt_time, "revoked_at": opt_time
+            "expires_at": opt_time, "revoked_at": opt_time,
+            "rate_limit": {"type": "object", "required": ["per_second", "burst", "default"],
+                "description": "the limit the key is held to: its own, or the gateway's default (`default: true`)",
+                "properties": {
+                "per_second": {"type": "integer", "minimum": 1},
+                "burst": {"type": "integer", "minimum": 1},
+                "default": {"type": "boolean"}
+            }}
         }},
         "NewKey": {"allOf": [schema("Key"), {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}]}
     })

@@ -109,6 +109,8 @@ pub(crate) async fn pruner(state: Arc<State>) {
         if let Err(e) = state.store.prune(before).await {
             tracing::warn!(error = %e, "pruning the event log failed");
         }
+        // Rate limit state of keys idle long enough to have a full bucket again.
+        state.limiters.retain_recent();
         tokio::select! {
             _ = state.cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}

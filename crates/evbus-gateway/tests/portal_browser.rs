@@ -250,16 +250,49 @@ async fn wait_shown(c: &Client, css: &str) {
     }
 }
 
-/// Clicks `css`, waiting for it to exist first (views are built after API answers).
+/// Clicks `css`, waiting for it to exist first (views are built after API answers). An element
+/// replaced between the lookup and the click (a list rebuilt meanwhile) is looked up again, as
+/// a person would click the new one; any other error fails the test.
 async fn click(c: &Client, css: &str) {
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let element = c
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match element.click().await {
+            Ok(_) => return,
+            Err(e)
+                if e.to_string().contains("stale element")
+                    && tokio::time::Instant::now() < deadline => {}
+            Err(e) => panic!("clicking {css}: {e}"),
+        }
+    }
+}
+
+/// Opens a view from the navigation and waits until it has rebuilt its content (the portal
+/// marks a view `aria-busy` while it loads), so that nothing acts on rows about to be replaced.
+async fn open_view(c: &Client, view: &str) {
+    click(c, &format!("nav button[data-view={view}]")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let busy = js(
+            c,
+            "return document.getElementById(arguments[0]).getAttribute('aria-busy') || ''",
+            vec![json!(format!("view-{view}"))],
+        )
+        .await;
+        if busy == json!("") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the {view} view to load"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn fill(c: &Client, css: &str, value: &str) {
@@ -491,7 +524,7 @@ async fn portal_in_a_real_browser() {
     browser.shot("event-types", "body").await;
 
     // Webhooks: a refused address is explained plainly.
-    click(c, "nav button[data-view=webhooks]").await;
+    open_view(c, "webhooks").await;
     wait_shown(c, "#wh-create").await;
     wait_text(c, "#wh-list", "No webhook yet").await;
     fill(c, "#wh-url", "http://10.20.30.40/hook").await;
@@ -551,7 +584,7 @@ async fn portal_in_a_real_browser() {
     wait_text(c, "#wh-attempts", "2 attempts").await;
 
     // The live tail: events arrive, pause holds them, the filter narrows.
-    click(c, "nav button[data-view=tail]").await;
+    open_view(c, "tail").await;
     click(c, "#tail-start").await;
     wait_text(c, "#tail-status", "Connected").await;
     let (_, one) = h.publish(&user, "afterOrderCreate", order_created()).await;
@@ -611,7 +644,7 @@ async fn portal_in_a_real_browser() {
     c.switch_to_window(admin_tab).await.unwrap();
     sign_in(c, &h.base, &h.admin).await;
     wait_text(c, "#who", "(admin)").await;
-    click(c, "nav button[data-view=keys]").await;
+    open_view(c, "keys").await;
     wait_text(c, "#keys-list", &key_id(&user)[..6]).await;
     fill(c, "#key-name", "partner-crm").await;
     fill(c, "#key-subscribe", "afterProductUpdate").await;
@@ -634,7 +667,7 @@ async fn portal_in_a_real_browser() {
     wait_text(c, "#keys-list", "partner-crm").await;
     assert_eq!(unlabelled(c).await, json!([]), "every control has a label");
     browser.shot("keys", "body").await;
-    click(c, "nav button[data-view=deliveries]").await;
+    open_view(c, "deliveries").await;
     let summary = wait_text(c, "#deliveries-summary", "1 endpoint").await;
     assert!(summary.contains("0 disabled"), "{summary}");
     // Two deliveries of the first event (first and replay), one of each live-tail event.
@@ -642,7 +675,7 @@ async fn portal_in_a_real_browser() {
     browser.shot("deliveries", "body").await;
 
     // Revoke the user's key as the admin...
-    click(c, "nav button[data-view=keys]").await;
+    open_view(c, "keys").await;
     let row = format!("#keys-list tr[data-key='{}']", key_id(&user));
     click(c, &format!("{row} button")).await;
     click(c, &format!("{row} button.danger")).await;
@@ -699,7 +732,7 @@ async fn portal_reenables_and_edits_a_webhook() {
     wait_shown(c, "#view-types").await;
     let focused = js(c, "return document.activeElement.id", vec![]).await;
     assert_eq!(focused, json!("types-title"));
-    click(c, "nav button[data-view=webhooks]").await;
+    open_view(c, "webhooks").await;
     wait_text(c, "#wh-list", "Disabled").await;
     click(c, "#wh-list button").await;
     click(c, "#wh-enable").await;

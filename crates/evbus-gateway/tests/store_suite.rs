@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use evbus_gateway::store::{
     Attempt, DeliveryOutcome, Ingested, NewEvent, PublishClaim, Signal, Store,
 };
-use evbus_gateway::{KeyRecord, PostgresStore, SecretsKey, SqliteStore, WebhookRecord};
+use evbus_gateway::{KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookRecord};
 
 fn postgres_url() -> String {
     std::env::var("EVBUS_POSTGRES_URL")
@@ -156,6 +156,7 @@ fn key(id: &str) -> KeyRecord {
         created_at: now(),
         expires_at: None,
         revoked_at: None,
+        rate_limit: None,
     }
 }
 
@@ -223,6 +224,19 @@ async fn keys_and_revocation(f: &Fixture) {
     assert!(ids.contains(&"k1".to_owned()) && ids.contains(&"k2".to_owned()));
     // A duplicate id is refused.
     assert!(s.insert_key(&key("k1")).await.is_err());
+    // A key's own rate limit is kept (a key without one keeps none: the gateway's default).
+    assert_eq!(s.get_key("k2").await.unwrap().unwrap().rate_limit, None);
+    let mut limited = key("k3");
+    limited.rate_limit = Some(RateLimit::new(5, 7).unwrap());
+    s.insert_key(&limited).await.unwrap();
+    assert_eq!(
+        f.other.get_key("k3").await.unwrap().as_ref(),
+        Some(&limited)
+    );
+    let listed = s.list_keys().await.unwrap();
+    let by_id = |id: &str| listed.iter().find(|k| k.id == id).unwrap().rate_limit;
+    assert_eq!(by_id("k3"), Some(RateLimit::new(5, 7).unwrap()));
+    assert_eq!(by_id("k1"), None);
 
     assert_eq!(s.revoked_keys().await.unwrap(), 0);
     let at = now();

@@ -20,6 +20,39 @@ fn positive(s: &str) -> Result<u64, String> {
     }
 }
 
+fn rate_limit_help() -> String {
+    format!(
+        "Requests per second per API key (sustained), for keys without a limit of their own \
+         (`evbus keys create --rate-limit`). Also {RATE_LIMIT_ENV} [default: {}]",
+        defaults().rate_limit_per_second
+    )
+}
+
+fn rate_limit_burst_help() -> String {
+    format!(
+        "Requests one API key may make at once, for keys without a limit of their own. \
+         Also {RATE_LIMIT_BURST_ENV} [default: {}]",
+        defaults().rate_limit_burst
+    )
+}
+
+/// The environment variables of the default rate limit (a flag wins over its variable).
+pub(crate) const RATE_LIMIT_ENV: &str = "EVBUS_RATE_LIMIT";
+pub(crate) const RATE_LIMIT_BURST_ENV: &str = "EVBUS_RATE_LIMIT_BURST";
+
+/// A flag's value, else its environment variable's (empty counts as unset), else `None`.
+fn flag_or_env(flag: Option<u64>, var: &str) -> Result<Option<u64>, String> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => positive(v.trim())
+            .map(Some)
+            .map_err(|e| format!("{var}: {e} (a whole number of at least 1)")),
+        _ => Ok(None),
+    }
+}
+
 /// `evbus serve` limits.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Limits")]
@@ -27,12 +60,10 @@ pub(crate) struct Limits {
     /// Largest request body, in bytes.
     #[arg(long, value_name = "BYTES", value_parser = positive, default_value_t = defaults().max_body_bytes as u64)]
     max_body_bytes: u64,
-    /// Requests per second per API key (sustained).
-    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().rate_limit_per_second.into())]
-    rate_limit: u64,
-    /// Requests one API key may burst above --rate-limit.
-    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().rate_limit_burst.into())]
-    rate_limit_burst: u64,
+    #[arg(long, value_name = "N", value_parser = positive, help = rate_limit_help())]
+    rate_limit: Option<u64>,
+    #[arg(long, value_name = "N", value_parser = positive, visible_alias = "burst", help = rate_limit_burst_help())]
+    rate_limit_burst: Option<u64>,
     /// Open client connections at once (`/healthz` still answers above it).
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_connections as u64)]
     max_connections: u64,
@@ -85,11 +116,15 @@ fn count(n: u64) -> u32 {
 }
 
 impl Limits {
-    /// Writes the flags into `config`.
-    pub(crate) fn apply(&self, config: &mut GatewayConfig) {
+    /// Writes the flags (and the environment variables standing for some) into `config`.
+    pub(crate) fn apply(&self, config: &mut GatewayConfig) -> Result<(), String> {
         config.max_body_bytes = size(self.max_body_bytes);
-        config.rate_limit_per_second = count(self.rate_limit);
-        config.rate_limit_burst = count(self.rate_limit_burst);
+        if let Some(n) = flag_or_env(self.rate_limit, RATE_LIMIT_ENV)? {
+            config.rate_limit_per_second = count(n);
+        }
+        if let Some(n) = flag_or_env(self.rate_limit_burst, RATE_LIMIT_BURST_ENV)? {
+            config.rate_limit_burst = count(n);
+        }
         config.max_connections = size(self.max_connections);
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
         config.max_streams = size(self.max_streams);
@@ -102,5 +137,6 @@ impl Limits {
         config.bus_visibility_timeout = Duration::from_secs(self.bus_visibility_timeout);
         config.max_webhooks_per_key = size(self.max_webhooks_per_key);
         config.max_replay_events = count(self.max_replay_events);
+        Ok(())
     }
 }

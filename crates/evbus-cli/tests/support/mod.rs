@@ -108,10 +108,16 @@ pub struct Served {
 /// Starts `evbus serve ARGS` in `dir` and waits (up to `wait`) for it to say where it listens.
 /// Panics with what it printed if it exits or stays silent.
 pub fn serve(dir: &Path, args: &[&str], wait: Duration) -> Served {
+    serve_with_env(dir, args, &[], wait)
+}
+
+/// [`serve`] with environment variables `envs` set for the process.
+pub fn serve_with_env(dir: &Path, args: &[&str], envs: &[(&str, &str)], wait: Duration) -> Served {
     let mut child = Killed(
         Command::new(env!("CARGO_BIN_EXE_evbus"))
             .arg("serve")
             .args(args)
+            .envs(envs.iter().copied())
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -55,6 +55,61 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Its own request rate limit; `None`: the gateway's default
+    /// ([`GatewayConfig::rate_limit_per_second`](crate::GatewayConfig::rate_limit_per_second)
+    /// and [`rate_limit_burst`](crate::GatewayConfig::rate_limit_burst)).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A request rate limit: a token bucket holding `burst` requests, refilled at `per_second`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct RateLimit {
+    /// Requests per second, sustained.
+    pub per_second: u32,
+    /// Requests that may come at once (the bucket's size).
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The largest sustained rate a key may be given, per second.
+    pub const MAX_PER_SECOND: u32 = 1_000_000;
+    /// The largest burst a key may be given.
+    pub const MAX_BURST: u32 = 1_000_000;
+
+    /// A limit of `per_second` requests per second with bursts of `burst`, each from 1 to
+    /// its maximum ([`MAX_PER_SECOND`](Self::MAX_PER_SECOND), [`MAX_BURST`](Self::MAX_BURST));
+    /// else what is wrong, in words.
+    pub fn new(per_second: u64, burst: u64) -> Result<RateLimit, String> {
+        let check = |name: &str, n: u64, max: u32| {
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| format!("{name} must be a whole number from 1 to {max}"))
+        };
+        Ok(RateLimit {
+            per_second: check(
+                "the rate limit (requests per second)",
+                per_second,
+                Self::MAX_PER_SECOND,
+            )?,
+            burst: check("the burst", burst, Self::MAX_BURST)?,
+        })
+    }
+
+    /// The burst given with `per_second` when none is: two seconds' worth (as the gateway's
+    /// default, 50/s with bursts of 100), at most [`MAX_BURST`](Self::MAX_BURST).
+    pub fn default_burst(per_second: u64) -> u64 {
+        per_second.saturating_mul(2).min(u64::from(Self::MAX_BURST))
+    }
+
+    /// A limit read back from a store: both columns, else none.
+    pub(crate) fn from_columns(per_second: Option<i64>, burst: Option<i64>) -> Option<RateLimit> {
+        let (p, b) = (per_second?, burst?);
+        Some(RateLimit {
+            per_second: u32::try_from(p).ok().filter(|p| *p > 0)?,
+            burst: u32::try_from(b).ok().filter(|b| *b > 0)?,
+        })
+    }
 }
 
 impl KeyRecord {

@@ -23,8 +23,8 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 
 use super::sealing::{self, SecretsKey};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Signal, Store,
-    StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
+    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, RateLimit,
+    Signal, Store, StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -260,6 +260,10 @@ fn key_from(row: &PgRow) -> KeyRecord {
         created_at: time(row.get("created_at")),
         expires_at: opt_time(row.get("expires_at")),
         revoked_at: opt_time(row.get("revoked_at")),
+        rate_limit: RateLimit::from_columns(
+            row.get("rate_limit_per_second"),
+            row.get("rate_limit_burst"),
+        ),
     }
 }
 
@@ -356,8 +360,8 @@ async fn listen(pool: PgPool, channel: String, tx: tokio::sync::mpsc::Sender<Sig
 impl Store for PostgresStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&key.id)
         .bind(text(&key.name))
@@ -368,6 +372,8 @@ impl Store for PostgresStore {
         .bind(ms(key.created_at))
         .bind(key.expires_at.map(ms))
         .bind(key.revoked_at.map(ms))
+        .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
+        .bind(key.rate_limit.map(|l| i64::from(l.burst)))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -13,14 +13,19 @@ use sqlx::sqlite::{
 
 use super::sealing::{self, SecretsKey};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, Store,
-    StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
+    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, RateLimit,
+    Store, StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Taken by every write: SQLite has one writer at a time, and connections of the pool
+    /// competing for its lock would wait in SQLite's busy handler, which sleeps (1, 2, 5, ...
+    /// up to 100 ms) instead of waking when the lock is free; queued here, each write starts
+    /// as soon as the previous one commits.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Seals webhook signing secrets at rest ([`SqliteStore::seal_secrets`]).
     secrets: Option<std::sync::Arc<SecretsKey>>,
 }
@@ -64,6 +69,7 @@ impl SqliteStore {
         crate::datadir::restrict_database(path).map_err(StoreError)?;
         Ok(SqliteStore {
             pool,
+            writer: Default::default(),
             secrets: None,
         })
     }
@@ -147,6 +153,10 @@ fn key_from(row: &SqliteRow) -> KeyRecord {
         created_at: time(row.get("created_at")),
         expires_at: opt_time(row.get("expires_at")),
         revoked_at: opt_time(row.get("revoked_at")),
+        rate_limit: RateLimit::from_columns(
+            row.get("rate_limit_per_second"),
+            row.get("rate_limit_burst"),
+        ),
     }
 }
 
@@ -182,9 +192,10 @@ fn event_from(row: &SqliteRow) -> StoredEvent {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -195,6 +206,8 @@ impl Store for SqliteStore {
         .bind(ms(key.created_at))
         .bind(key.expires_at.map(ms))
         .bind(key.revoked_at.map(ms))
+        .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
+        .bind(key.rate_limit.map(|l| i64::from(l.burst)))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -216,6 +229,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let _write = self.writer.lock().await;
         let done =
             sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
                 .bind(ms(at))
@@ -226,6 +240,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         sqlx::query(
             "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
                 previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
@@ -268,6 +283,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_webhook(&self, id: &str) -> StoreResult<bool> {
+        let _write = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM webhooks WHERE id = ?")
             .bind(id)
@@ -284,6 +300,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         sqlx::query(
             "UPDATE webhooks SET secret = ?, previous_secret = ?, previous_secret_until = ?,
                 enabled = ?, disabled_reason = ?, failing_since = ?, event_types = ?,
@@ -305,6 +322,7 @@ impl Store for SqliteStore {
     }
 
     async fn ingest(&self, e: &NewEvent<'_>) -> StoreResult<Ingested> {
+        let _write = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO events (source, id, type, received_at, fingerprint, body)
@@ -356,6 +374,7 @@ impl Store for SqliteStore {
         fingerprint: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<PublishClaim> {
+        let _write = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO published (source, id, fingerprint, sent, received_at) VALUES (?, ?, ?, 0, ?)
@@ -389,6 +408,7 @@ impl Store for SqliteStore {
     }
 
     async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         let sql = if sent {
             "UPDATE published SET sent = 1 WHERE source = ? AND id = ?"
         } else {
@@ -444,6 +464,7 @@ impl Store for SqliteStore {
         per_owner: u32,
         limit: u32,
     ) -> StoreResult<Vec<Delivery>> {
+        let _write = self.writer.lock().await;
         // `rn`: the rank of a delivery within its endpoint; `rn_owner`: within its owner key,
         // endpoints taking turns. An owner gets what `per_owner` leaves after its unexpired
         // leases, and owners take turns (ordered by `rn_owner` first).
@@ -491,6 +512,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         let (state, next) = match outcome {
             DeliveryOutcome::Delivered => ("delivered", None),
             DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
@@ -520,6 +542,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_attempt(&self, a: &Attempt) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
         sqlx::query(
             "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -569,6 +592,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         max: u32,
     ) -> StoreResult<u64> {
+        let _write = self.writer.lock().await;
         let done = sqlx::query(
             "INSERT INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
              SELECT w.id, e.seq, 1, 'pending', 0, ?3, ?3
@@ -590,6 +614,7 @@ impl Store for SqliteStore {
     }
 
     async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>> {
+        let _write = self.writer.lock().await;
         let fresh: [u8; 32] = rand::random();
         sqlx::query("INSERT OR IGNORE INTO meta (name, value) VALUES ('stream_cursor_key', ?)")
             .bind(fresh.as_slice())
@@ -602,6 +627,7 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let _write = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM attempts WHERE at < ?")
             .bind(ms(before))

@@ -120,6 +120,7 @@ function refused(which) {
 // ---- session -------------------------------------------------------------------------------
 
 const VIEWS = ['types', 'webhooks', 'tail', 'keys', 'deliveries'];
+let viewLoads = 0;
 
 async function signIn(key) {
   const mine = { key, admin: false, types: [], view: null };
@@ -189,7 +190,14 @@ function show(view) {
   notice('');
   $(`${view}-title`).focus();
   const load = { types: renderTypes, webhooks: loadWebhooks, tail: () => {}, keys: loadKeys, deliveries: loadDeliveries }[view];
-  Promise.resolve(load()).catch((e) => notice(problemText(e)));
+  // The view is marked busy until its content is rebuilt, for assistive technology (and for
+  // anything that must not act on the content it is about to replace).
+  const section = $(`view-${view}`);
+  const turn = ++viewLoads;
+  section.setAttribute('aria-busy', 'true');
+  Promise.resolve(load())
+    .catch((e) => notice(problemText(e)))
+    .finally(() => { if (turn === viewLoads) section.removeAttribute('aria-busy'); });
 }
 
 // ---- event types ---------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+//! Per-key request rate limits: one token bucket per API key, of the key's own
+//! [`RateLimit`] or the gateway's default.
+//!
+//! Keys sharing a limit share one keyed limiter (GCRA, lock-free per key); the limiters of
+//! all limits in use sit in a small map read under a read lock. State stays bounded: a key
+//! holds state only once it has authenticated, and [`Limiters::retain_recent`] (run by the
+//! pruner) drops the state of keys whose bucket has refilled (indistinguishable from fresh),
+//! then the limiters left empty.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::store::{KeyRecord, RateLimit};
+
+type Keyed = Arc<DefaultKeyedRateLimiter<String>>;
+
+pub(crate) struct Limiters {
+    default: RateLimit,
+    by_limit: RwLock<HashMap<RateLimit, Keyed>>,
+    clock: DefaultClock,
+}
+
+impl Limiters {
+    /// Limiters where a key without a limit of its own gets `default`.
+    pub(crate) fn new(default: RateLimit) -> Limiters {
+        Limiters {
+            default,
+            by_limit: RwLock::default(),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// The limit `key` is held to.
+    pub(crate) fn effective(&self, key: &KeyRecord) -> RateLimit {
+        key.rate_limit.unwrap_or(self.default)
+    }
+
+    /// Takes one request of `key`'s bucket; when it is empty, how long until it is not.
+    pub(crate) fn check(&self, key: &KeyRecord) -> Result<(), Duration> {
+        let limit = self.effective(key);
+        let limiter = self.limiter(limit);
+        limiter
+            .check_key(&key.id)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    fn limiter(&self, limit: RateLimit) -> Keyed {
+        // A poisoned lock only means a panic elsewhere mid-insert: the map is still whole.
+        if let Some(l) = self
+            .by_limit
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&limit)
+        {
+            return Arc::clone(l);
+        }
+        let mut map = self.by_limit.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(limit).or_insert_with(|| {
+            let per_second = NonZeroU32::new(limit.per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+            Arc::new(RateLimiter::keyed(
+                Quota::per_second(per_second).allow_burst(burst),
+            ))
+        }))
+    }
+
+    /// Forgets the keys whose bucket is full again, and the limiters left with no key.
+    pub(crate) fn retain_recent(&self) {
+        let mut map = self.by_limit.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, limiter| {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            !limiter.is_empty()
+        });
+    }
+
+    /// Keys holding state, over every limiter (tests of boundedness).
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
+        let map = self.by_limit.read().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|l| l.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, limit: Option<RateLimit>) -> KeyRecord {
+        KeyRecord {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            secret_hash: vec![],
+            subscribe: vec![],
+            publish: vec![],
+            admin: false,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            rate_limit: limit,
+        }
+    }
+
+    #[test]
+    fn each_key_gets_its_own_limit_or_the_default() {
+        let limiters = Limiters::new(RateLimit::new(1, 2).unwrap());
+        let own = key("own", Some(RateLimit::new(1, 4).unwrap()));
+        let default = key("default", None);
+        let taken = |k: &KeyRecord| (0..10).take_while(|_| limiters.check(k).is_ok()).count();
+        assert_eq!(taken(&own), 4);
+        assert_eq!(taken(&default), 2);
+        assert!(limiters.check(&own).unwrap_err() > Duration::ZERO);
+        assert_eq!(limiters.effective(&default), RateLimit::new(1, 2).unwrap());
+    }
+
+    #[test]
+    fn state_of_refilled_keys_is_dropped() {
+        // 1,000,000/s: a bucket of 1 refills within a microsecond.
+        let limiters = Limiters::new(RateLimit::new(1_000_000, 1).unwrap());
+        for i in 0..100 {
+            let _ = limiters.check(&key(&format!("k{i}"), None));
+        }
+        assert_eq!(limiters.tracked(), 100);
+        std::thread::sleep(Duration::from_millis(5));
+        limiters.retain_recent();
+        assert_eq!(limiters.tracked(), 0);
+        assert!(limiters.by_limit.read().unwrap().is_empty());
+    }
+}
