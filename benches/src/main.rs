@@ -16,6 +16,8 @@
 
 mod carriers;
 mod env;
+#[cfg(feature = "gateway")]
+mod gateway;
 mod measure;
 mod report;
 mod sample;
@@ -57,6 +59,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         events: usize,
     },
+    /// The gateway under load against bare axum handlers (needs the `gateway` feature).
+    #[cfg(feature = "gateway")]
+    Gateway(gateway::GatewayArgs),
     /// Regenerates docs/benchmarks.md and its chart from the JSON results.
     Report {
         /// The runs' JSON (from `run --out`; one per adapter), merged in order.
@@ -85,6 +90,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => measure::run(args),
         Cmd::Scenario { name, events } => scenario::run(&name, events),
+        #[cfg(feature = "gateway")]
+        Cmd::Gateway(args) => gateway::run(args),
         Cmd::Report {
             run,
             not_run,

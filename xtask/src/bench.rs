@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--adapter NAME] [--quick] [--callgrind] [--baseline REF]`.
+//! `cargo xtask bench [--adapter NAME] [--quick] [--callgrind] [--baseline REF] [--gateway]`.
 //!
 //! Builds the `evbus-bench` program (package `benches/`) in release and runs it:
 //!
@@ -145,6 +145,33 @@ pub(crate) struct Options {
     pub(crate) baseline: Option<String>,
     /// Against the peer libraries instead of the raw clients.
     pub(crate) peers: bool,
+    /// Only the gateway rows (`evbus-bench gateway`).
+    pub(crate) gateway: bool,
+}
+
+/// `--gateway`: builds evbus-bench with the `gateway` feature and runs `evbus-bench gateway`,
+/// which prints the `bench gateway ...` lines (the docs are left as they are).
+fn run_gateway(options: &Options) -> Result<()> {
+    let target = target_dir();
+    if !build(&["gateway"], &target, None)? {
+        return Err("evbus-bench does not build with the `gateway` feature".to_owned());
+    }
+    let bin = target.join("release").join("evbus-bench");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("gateway");
+    if options.quick {
+        cmd.arg("--quick");
+    }
+    let status = cmd
+        .current_dir(project_root())
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the gateway bench failed: {status}"))
+    }
 }
 
 /// The adapters the peer loops run on (`benches/src/carriers/mod.rs`, `PEERS`).
@@ -241,6 +268,9 @@ fn unix_now() -> u64 {
 }
 
 pub(crate) fn run(options: &Options) -> Result<()> {
+    if options.gateway {
+        return run_gateway(options);
+    }
     let root = project_root();
     let target = target_dir();
     let out = target.join("bench");
