@@ -12,8 +12,8 @@
 //! Record lines (space separated):
 //! - emitter: `O <id> <key> <seq> <poison 0|1>` once `Ok`; `R <id>` each time a publish failed
 //!   and is retried with the same id (a retry may duplicate an event the broker had kept);
-//! - handler: `H <id> <key> <seq> <instance> <attempt> <unix nanos>` on success, `D <id>` when
-//!   the bus dead-lettered the event (the `on_dead_letter` hook).
+//! - handler: `H <id> <key> <seq> <instance> <attempt> <unix nanos> <event time, unix nanos>`
+//!   on success, `D <id>` when the bus dead-lettered the event (the `on_dead_letter` hook).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -64,6 +64,18 @@ pub fn registry() -> Registry {
         .register(evbus_amqp::AmqpConnector)
         .register(evbus_sql::SqlConnector);
     registry
+}
+
+/// Logs to stderr (the process's `.stderr` file in the run's directory): warnings, or what
+/// the `EVBUS_LOG` filter says (e.g. `EVBUS_LOG=evbus_kafka=debug`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 /// Opens `url`, retrying a connection error for up to a minute: a process restarted while
@@ -247,8 +259,13 @@ pub async fn start_handler(
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_nanos();
+            let sent = msg
+                .event()
+                .time()
+                .and_then(|t| t.timestamp_nanos_opt())
+                .unwrap_or(0);
             handled.line(&format!(
-                "H {} {} {} {instance} {} {nanos}",
+                "H {} {} {} {instance} {} {nanos} {sent}",
                 msg.id(),
                 data["key"].as_str().unwrap_or("-"),
                 data["seq"].as_u64().unwrap_or(0),

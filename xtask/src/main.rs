@@ -8,6 +8,7 @@ mod brokers;
 mod capabilities;
 mod chaos;
 mod clients;
+mod cluster;
 mod conformance;
 mod containers;
 mod contract;
@@ -90,6 +91,11 @@ enum Cmd {
         /// clients: `peer ...` lines; a full run (no `--quick`) adds them to the docs.
         #[arg(long)]
         peers: bool,
+        /// Only the gateway under load (POST /v1/events with 64 clients, webhook deliveries
+        /// to 10 receivers, SSE fan-out to 500 streams), each against a bare axum handler
+        /// doing the same I/O: `bench gateway ...` lines.
+        #[arg(long, conflicts_with_all = ["adapter", "callgrind", "baseline", "peers"])]
+        gateway: bool,
     },
     /// The fault suite: emitter and handler processes on one adapter (all when omitted) under
     /// a seeded schedule of SIGKILLs, broker restarts and network faults; fails on any loss,
@@ -98,24 +104,42 @@ enum Cmd {
         /// The adapter (`memory`, `redis`, `kafka`, `nats`, `amqp`, `postgres`, `sqlite`).
         #[arg(long)]
         adapter: Option<String>,
-        /// Events to emit (over both emitters).
-        #[arg(long, default_value_t = 50_000)]
-        events: u64,
-        /// Length of the emission phase (`90`, `90s`, `5m`); default events/1000 s, at
-        /// least 20 s.
+        /// Events to emit (over both emitters); default 50,000, with `--soak` 100 per second.
+        #[arg(long)]
+        events: Option<u64>,
+        /// Length of the emission phase (`90`, `90s`, `5m`, `1h`); default events/1000 s, at
+        /// least 20 s; with `--soak` one hour.
         #[arg(long)]
         duration: Option<String>,
         /// Seed of the fault schedule (default: the current time, printed).
         #[arg(long)]
         seed: Option<u64>,
         /// The short run on every adapter (5,000 events, seed 18, one handler kill and one
-        /// broker restart or cut each); meant for CI once it is stable (docs/reliability.md).
-        #[arg(long, conflicts_with_all = ["adapter", "events", "duration", "seed"])]
+        /// broker restart or cut each), also a step of `cargo xtask test`.
+        #[arg(long, conflicts_with_all = ["adapter", "events", "duration", "seed", "soak"])]
         short: bool,
+        /// A soak run: no faults, a steady rate for an hour (or `--duration`); prints the
+        /// drift of latency (p50, p99) and memory between the first and last 5 minutes.
+        #[arg(long)]
+        soak: bool,
     },
     /// Regenerates the capability matrix of docs/capabilities.md from the live transports
     /// (`evbus capabilities` at each adapter's URL, as for `conformance`).
     Capabilities,
+    /// A local broker cluster (`nats`: 3 nats-server with JetStream on 127.0.0.1:4231-4233;
+    /// `amqp`: RabbitMQ nodes evbus1..3@localhost on 5681-5683; `redis`: a 6-node Redis
+    /// Cluster, 3 masters and 3 replicas, on 7231-7236), data in ~/.cache/evbus/clusters/,
+    /// for `conformance --adapter nats-cluster|amqp-cluster|redis-cluster` and failover
+    /// tests.
+    Cluster {
+        /// `start` (idempotent; waits until the cluster is formed), `stop`, `status`, `kill`
+        /// (SIGKILL one node) or `restart` (start one node again, wait until it rejoined).
+        action: String,
+        /// The broker: `nats`, `amqp` or `redis`.
+        broker: String,
+        /// The node (1-based) for `kill` and `restart`.
+        node: Option<usize>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +177,11 @@ fn main() -> ExitCode {
         Cmd::Brokers { start } => brokers::run(start),
         Cmd::Tidy => tidy::run(),
         Cmd::Capabilities => capabilities::run(),
+        Cmd::Cluster {
+            action,
+            broker,
+            node,
+        } => cluster::run(&action, &broker, node),
         Cmd::Chaos { short: true, .. } => chaos::test_step().map(|_| ()),
         Cmd::Chaos {
             adapter,
@@ -160,11 +189,13 @@ fn main() -> ExitCode {
             duration,
             seed,
             short: false,
+            soak,
         } => chaos::run(&chaos::Options {
             adapter,
             events,
             duration,
             seed,
+            soak,
         }),
         Cmd::Bench {
             adapter,
@@ -172,12 +203,14 @@ fn main() -> ExitCode {
             callgrind,
             baseline,
             peers,
+            gateway,
         } => bench::run(&bench::Options {
             adapter,
             quick,
             callgrind,
             baseline,
             peers,
+            gateway,
         }),
     };
     match result {

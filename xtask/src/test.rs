@@ -6,15 +6,18 @@
 //!    every adapter's conformance target (`harness = false` binaries ending with
 //!    `conformance <adapter>: N passed, M failed, K ignored`); every adapter in the workspace
 //!    must print that line
-//! 4. `contract`: the gateway's OpenAPI document against a real `evbus serve` with
+//! 4. `chaos`: the fault suite's short run on every adapter (`cargo xtask chaos --events 5000`
+//!    with one handler kill and one broker restart or network cut each, seed 18; see
+//!    [`crate::chaos`] and docs/reliability.md)
+//! 5. `contract`: the gateway's OpenAPI document against a real `evbus serve` with
 //!    schemathesis, every phase and check (see [`crate::contract`])
-//! 5. `clients`: the TypeScript client's tests against a real `evbus serve` (see
+//! 6. `clients`: the TypeScript client's tests against a real `evbus serve` (see
 //!    [`crate::clients`])
-//! 6. `containers`: the conformance suites again, each broker in a container
+//! 7. `containers`: the conformance suites again, each broker in a container
 //!    (`cargo xtask conformance --containers`, see [`crate::containers`]) when Docker is
 //!    reachable; without Docker one loud line says they were skipped, and under `CI` or
 //!    `EVBUS_REQUIRE_BROKERS` that is a failure
-//! 7. `tidy`: see [`crate::tidy`]
+//! 8. `tidy`: see [`crate::tidy`]
 //!
 //! Child output is streamed, never captured; a summary of steps and durations ends the run,
 //! closed by one plain line adding up every libtest result and conformance summary:
@@ -29,10 +32,14 @@ use crate::{Result, cargo, containers, run_streaming, tidy};
 
 type StepFn = fn(&mut Totals) -> Result<()>;
 
-const STEPS: [(&str, StepFn); 7] = [
+const STEPS: [(&str, StepFn); 8] = [
     ("fmt", fmt),
     ("clippy", clippy),
     ("test", test),
+    ("chaos", |totals| {
+        totals.notes.extend(crate::chaos::test_step()?);
+        Ok(())
+    }),
     ("contract", contract),
     ("clients", |totals| {
         totals.notes.push(crate::clients::run()?);

@@ -13,6 +13,7 @@ use evbus_integration_tests::flags;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    chaos::init_logging();
     let args = flags(std::env::args().skip(1))?;
     let get = |name: &str| {
         args.get(name)

@@ -104,6 +104,7 @@ fn emitted_so_far(log: &Path) -> std::io::Result<u64> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    chaos::init_logging();
     let args = flags(std::env::args().skip(1))?;
     let get = |name: &str| {
         args.get(name)
