@@ -57,6 +57,8 @@ const METADATA_MAX: usize = 3500;
 const POLL: Duration = Duration::from_millis(50);
 /// Most records taken in one round of polling.
 const BATCH: usize = 512;
+/// How long seeking back over a hole in the fetched offsets may take.
+const SEEK: Duration = Duration::from_secs(1);
 
 /// What a consumer reads and how.
 pub(crate) struct ConsumerSpec {
@@ -149,6 +151,24 @@ struct Partition {
     entries: BTreeMap<i64, Entry>,
     /// Whether the committed offset or metadata changed since the last commit.
     dirty: bool,
+    /// The offset the fetch stream should deliver next (see [`Partition::fetched`]).
+    fetch_next: i64,
+    /// A hole in the fetched offsets that was fetched again once: if the same hole comes back,
+    /// no records are there.
+    hole_checked: Option<(i64, i64)>,
+    /// Ranges `start..end` that hold no records (transaction markers, compaction, retention),
+    /// settled by definition.
+    absent: BTreeMap<i64, i64>,
+}
+
+/// What a fetched offset says about the offsets before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Fetched {
+    /// The next record of the stream (or an earlier one again, after a seek or an offset
+    /// reset): take it.
+    Next,
+    /// Offsets were skipped: fetch again from this one before taking anything after it.
+    Refetch(i64),
 }
 
 impl Partition {
@@ -158,18 +178,69 @@ impl Partition {
             committed,
             entries: BTreeMap::new(),
             dirty: false,
+            fetch_next: committed,
+            hole_checked: None,
+            absent: BTreeMap::new(),
         }
     }
 
-    /// Moves the committed offset over contiguous done offsets.
+    /// Checks a fetched offset against the offsets fetched before it. Offsets of one
+    /// partition arrive in order; the commit only passes offsets it knows are settled, so a
+    /// skipped offset would hold it back for good, and the record there would never be
+    /// delivered. A hole is fetched again once; the same hole twice means there are no
+    /// records in it (a transaction marker, a compacted or expired range), and its offsets
+    /// count as settled.
+    fn fetched(&mut self, offset: i64) -> Fetched {
+        let expected = self.fetch_next;
+        if offset <= expected {
+            self.fetch_next = offset + 1;
+            if self.hole_checked.is_some_and(|(_, end)| offset >= end) {
+                self.hole_checked = None;
+            }
+            return Fetched::Next;
+        }
+        if self.hole_checked == Some((expected, offset)) {
+            self.hole_checked = None;
+            self.fetch_next = offset + 1;
+            self.absent.insert(expected, offset);
+            self.advance();
+            return Fetched::Next;
+        }
+        self.hole_checked = Some((expected, offset));
+        Fetched::Refetch(expected)
+    }
+
+    /// Moves the committed offset over contiguous done (or absent) offsets.
     fn advance(&mut self) {
-        while let Some(entry) = self.entries.first_entry() {
-            if *entry.key() != self.committed || entry.get().stage != Stage::Done {
+        loop {
+            if let Some(entry) = self.entries.first_entry()
+                && *entry.key() == self.committed
+                && entry.get().stage == Stage::Done
+            {
+                entry.remove();
+                self.committed += 1;
+                self.dirty = true;
+                continue;
+            }
+            let hole = self
+                .absent
+                .range(..=self.committed)
+                .next_back()
+                .map(|(_, &end)| end);
+            match hole {
+                Some(end) if end > self.committed => {
+                    self.committed = end;
+                    self.dirty = true;
+                }
+                _ => break,
+            }
+        }
+        // Holes below the committed offset are passed.
+        while let Some(entry) = self.absent.first_entry() {
+            if *entry.get() > self.committed {
                 break;
             }
             entry.remove();
-            self.committed += 1;
-            self.dirty = true;
         }
         // Entries below the committed offset are settled by definition.
         while let Some(entry) = self.entries.first_entry() {
@@ -973,6 +1044,8 @@ fn poll_loop(
             }
         }
         let mut ready = Vec::new();
+        // Partitions sought back in this round: their later records come again.
+        let mut refetching: Vec<i32> = Vec::new();
         {
             let mut state = shared.lock();
             let state = &mut *state;
@@ -990,6 +1063,25 @@ fn poll_loop(
                 let Some(part) = state.partitions.get_mut(&p) else {
                     continue;
                 };
+                if refetching.contains(&p) {
+                    continue;
+                }
+                if let Fetched::Refetch(from) = part.fetched(offset) {
+                    tracing::warn!(
+                        topic = %shared.topic,
+                        partition = p,
+                        from,
+                        to = offset,
+                        "the fetch skipped offsets; fetching them again"
+                    );
+                    refetching.push(p);
+                    if let Err(e) = consumer.seek(&shared.topic, p, Offset::Offset(from), SEEK) {
+                        // The next record after the hole tries again.
+                        tracing::warn!(error = %e, topic = %shared.topic, partition = p, "seeking back failed");
+                        part.hole_checked = None;
+                    }
+                    continue;
+                }
                 if offset < part.committed {
                     continue;
                 }
@@ -1097,6 +1189,50 @@ mod tests {
         part.advance();
         assert_eq!(part.committed, 13);
         assert!(part.entries.is_empty());
+    }
+
+    #[test]
+    fn a_hole_in_the_fetched_offsets_is_fetched_again_then_passed() {
+        let mut part = Partition::new(1, 10);
+        assert_eq!(part.fetched(10), Fetched::Next);
+        part.entries.insert(10, entry(Stage::Done, 1));
+        part.advance();
+        assert_eq!(part.committed, 11);
+        // 11 and 12 skipped: fetch again from 11, take nothing after the hole meanwhile.
+        assert_eq!(part.fetched(13), Fetched::Refetch(11));
+        // The fetch again delivers them: nothing is passed over.
+        assert_eq!(part.fetched(11), Fetched::Next);
+        assert_eq!(part.fetched(12), Fetched::Next);
+        assert_eq!(part.fetched(13), Fetched::Next);
+        assert!(part.absent.is_empty());
+        assert_eq!(
+            part.committed, 11,
+            "the commit waits for 11 and 12 to be settled"
+        );
+
+        // The same hole twice: no records there (a transaction marker, say); the commit
+        // passes it once the records around it are settled.
+        assert_eq!(part.fetched(16), Fetched::Refetch(14));
+        assert_eq!(part.fetched(16), Fetched::Next);
+        for offset in [11, 12, 13] {
+            part.entries.insert(offset, entry(Stage::Done, 1));
+        }
+        part.advance();
+        assert_eq!(part.committed, 16, "14 and 15 hold no records");
+        assert!(part.absent.is_empty());
+        // An earlier offset again (a seek, an offset reset) restarts the expectation there.
+        assert_eq!(part.fetched(12), Fetched::Next);
+        assert_eq!(part.fetched(13), Fetched::Next);
+    }
+
+    #[test]
+    fn a_different_hole_is_fetched_again_too() {
+        let mut part = Partition::new(1, 0);
+        assert_eq!(part.fetched(2), Fetched::Refetch(0));
+        // A record fetched before the seek: another hole, fetched again as well.
+        assert_eq!(part.fetched(3), Fetched::Refetch(0));
+        assert_eq!(part.fetched(0), Fetched::Next);
+        assert!(part.absent.is_empty());
     }
 
     #[test]
