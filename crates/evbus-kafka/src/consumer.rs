@@ -1044,8 +1044,9 @@ fn poll_loop(
             }
         }
         let mut ready = Vec::new();
-        // Partitions sought back in this round: their later records come again.
-        let mut refetching: Vec<i32> = Vec::new();
+        // Partitions to seek back (partition, offset) after this round: their later records
+        // come again.
+        let mut refetching: Vec<(i32, i64)> = Vec::new();
         {
             let mut state = shared.lock();
             let state = &mut *state;
@@ -1063,7 +1064,7 @@ fn poll_loop(
                 let Some(part) = state.partitions.get_mut(&p) else {
                     continue;
                 };
-                if refetching.contains(&p) {
+                if refetching.iter().any(|&(q, _)| q == p) {
                     continue;
                 }
                 if let Fetched::Refetch(from) = part.fetched(offset) {
@@ -1074,12 +1075,7 @@ fn poll_loop(
                         to = offset,
                         "the fetch skipped offsets; fetching them again"
                     );
-                    refetching.push(p);
-                    if let Err(e) = consumer.seek(&shared.topic, p, Offset::Offset(from), SEEK) {
-                        // The next record after the hole tries again.
-                        tracing::warn!(error = %e, topic = %shared.topic, partition = p, "seeking back failed");
-                        part.hole_checked = None;
-                    }
+                    refetching.push((p, from));
                     continue;
                 }
                 if offset < part.committed {
@@ -1149,6 +1145,16 @@ fn poll_loop(
             }
             state.queued += ready.len();
             state.queued_bytes += ready.iter().map(|r| r.bytes).sum::<usize>();
+        }
+        // Outside the state lock: a seek waits on librdkafka, and ackers take that lock.
+        for (p, from) in refetching {
+            if let Err(e) = consumer.seek(&shared.topic, p, Offset::Offset(from), SEEK) {
+                tracing::warn!(error = %e, topic = %shared.topic, partition = p, "seeking back failed");
+                // The next record after the hole tries again.
+                if let Some(part) = shared.lock().partitions.get_mut(&p) {
+                    part.hole_checked = None;
+                }
+            }
         }
         if !ready.is_empty() {
             // Attempt counts are recorded before anything is handed out.
