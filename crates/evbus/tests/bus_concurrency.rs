@@ -253,3 +253,40 @@ async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
     assert_eq!(recv(&mut rx).await, ("b", 2));
     expect_nothing(&mut rx).await;
 }
+
+/// Handlers are first run inline in the worker's task; one that computes for a long time
+/// without awaiting must still get the runtime's other workers for the next events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_awaits_still_runs_in_parallel_on_a_multi_threaded_runtime() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let (r, m) = (Arc::clone(&running), Arc::clone(&most));
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        // Busy, without an await: 50 ms of a blocking sleep stands for a computation.
+        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        r.fetch_sub(1, Ordering::SeqCst);
+        let _ = tx.send(());
+        async { Ok(()) }
+    })
+    .concurrency(4)
+    .start()
+    .await
+    .unwrap();
+    for i in 0..8 {
+        bus.emit("orderPlaced", placed(&format!("o-{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..8 {
+        recv(&mut rx).await;
+    }
+    assert!(
+        most.load(Ordering::SeqCst) >= 2,
+        "8 events of a 50 ms handler with concurrency 4 on 2 workers never overlapped"
+    );
+}
