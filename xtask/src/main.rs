@@ -87,8 +87,10 @@ enum Cmd {
         /// 2% worse in instructions.
         #[arg(long, value_name = "REF")]
         baseline: Option<String>,
-        /// Against the peer libraries (omniqueue on Redis and RabbitMQ) instead of the raw
-        /// clients: `peer ...` lines; a full run (no `--quick`) adds them to the docs.
+        /// Against the peer libraries (omniqueue on Redis and RabbitMQ) and, on Redis, the
+        /// raw client writing the same CloudEvents fields as the Bus (`raw-same-fields`),
+        /// instead of the raw clients: `peer ...` lines; a full run (no `--quick`) adds them
+        /// to the docs.
         #[arg(long)]
         peers: bool,
         /// Only the gateway under load (POST /v1/events with 64 clients, webhook deliveries

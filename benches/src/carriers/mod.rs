@@ -228,8 +228,12 @@ pub(crate) async fn loops(adapter: &str, capacity: usize, peer: Option<&str>) ->
         }
         other => return Err(format!("unknown adapter `{other}`").into()),
     }
-    if let Some(peer) = peer {
-        raw = peer_loop(peer, adapter)?;
+    match (peer, adapter) {
+        (Some(raw_redis::SAME_FIELDS), "redis") => {
+            raw = Box::new(raw_redis::RawRedis::with_cloudevents_fields(&redis_url())?);
+        }
+        (Some(peer), _) => raw = peer_loop(peer, adapter)?,
+        (None, _) => {}
     }
     // Kafka runs keep their (freshly named) topics: deleting topics while other clients of
     // the process still cache their metadata crashed librdkafka against tansu (SIGSEGV in
@@ -256,8 +260,13 @@ pub(crate) async fn loops(adapter: &str, capacity: usize, peer: Option<&str>) ->
     })
 }
 
-/// The peers `--peers` compares evbus with, and the adapters each runs on.
-pub(crate) const PEERS: &[(&str, &[&str])] = &[("omniqueue", &["redis", "amqp"])];
+/// The peers `--peers` compares evbus with, and the adapters each runs on. Besides the peer
+/// libraries: on Redis, the raw client writing the same CloudEvents fields as the Bus
+/// ([`raw_redis::SAME_FIELDS`]), which separates evbus's own cost from the wire format's.
+pub(crate) const PEERS: &[(&str, &[&str])] = &[
+    ("omniqueue", &["redis", "amqp"]),
+    (raw_redis::SAME_FIELDS, &["redis"]),
+];
 
 /// Whether this build carries the peer loops.
 pub(crate) const PEERS_BUILT: bool = cfg!(feature = "peers");
