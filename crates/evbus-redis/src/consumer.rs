@@ -1086,9 +1086,10 @@ pub(crate) fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Event> {
         } else if name.starts_with(HeaderStyle::REDIS.prefix)
             || name == HeaderStyle::REDIS.content_type
         {
-            let value = String::from_utf8(value.clone())
+            // Borrowed: the event copies what it keeps, once.
+            let value = std::str::from_utf8(value)
                 .map_err(|_| Error::invalid_event(format!("field `{name}` is not UTF-8 text")))?;
-            headers.push((name.to_owned(), value));
+            headers.push((name, value));
         }
     }
     binding::decode(headers, body, HeaderStyle::REDIS)
