@@ -1,5 +1,6 @@
 //! Topics and queues: publishing with `XADD`, and attaching consumers.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,7 +11,7 @@ use evbus::{
     ConsumerOptions, Error, ErrorKind, Event, Queue, Result, StartPosition, SubscribeOptions,
     Subscription, Topic,
 };
-use redis::Value;
+use redis::{RedisWrite, Value};
 
 use crate::config::Retention;
 use crate::consumer::{self, ConsumerSpec};
@@ -46,20 +47,12 @@ pub(crate) fn xadd(stream: &str, retention: Retention, event: &Event) -> redis::
     }
     cmd.arg("*");
     binding::visit(event, HeaderStyle::REDIS, |prefix, name, value| {
-        // The field name is put together on the stack: attribute names are short (extension
-        // names at most 20 characters); a longer one is allocated.
-        let mut field = [0u8; 64];
-        let len = prefix.len() + name.len();
-        match field.get_mut(..len) {
-            Some(field) => {
-                field[..prefix.len()].copy_from_slice(prefix.as_bytes());
-                field[prefix.len()..].copy_from_slice(name.as_bytes());
-                cmd.arg(&*field);
-            }
-            None => {
-                cmd.arg(format!("{prefix}{name}"));
-            }
-        }
+        // The field name is written in its two parts straight into the command's buffer.
+        let mut field = cmd.writer_for_next_arg();
+        // Writing to the command's own `Vec` cannot fail.
+        let _ = field.write_all(prefix.as_bytes());
+        let _ = field.write_all(name.as_bytes());
+        drop(field);
         cmd.arg(value);
     });
     if let Some(data) = event.data() {

@@ -254,8 +254,8 @@ async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
     expect_nothing(&mut rx).await;
 }
 
-/// Handlers are first run inline in the worker's task; one that computes for a long time
-/// without awaiting must still get the runtime's other workers for the next events.
+/// On a multi-threaded runtime a handler that computes for a long time without awaiting
+/// must not hold up the next events: they run on the runtime's other workers meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_never_awaits_still_runs_in_parallel_on_a_multi_threaded_runtime() {
     let broker = broker();
