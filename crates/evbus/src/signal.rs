@@ -76,6 +76,20 @@ impl<T> Gated<T> {
         self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 
+    /// Polls the future only if it woke since its last poll, without registering `cx`'s
+    /// task: for a caller about to return `Ready` anyway, which will call [`poll`](Self::poll)
+    /// before it returns `Pending`. Costs one atomic load when nothing woke.
+    pub(crate) fn poll_if_woken(&mut self) -> Poll<T> {
+        if !self.wake.woken.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        // The wake-up took the registered waker: the next `poll` must register again.
+        self.registered = None;
+        self.wake.woken.store(false, Ordering::Release);
+        let waker = waker_ref(&self.wake);
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+
     fn into_future(self) -> BoxFuture<'static, T> {
         self.future
     }
@@ -100,6 +114,20 @@ impl Signal {
             return true;
         };
         if gated.poll(cx).is_ready() {
+            self.gated = None;
+            return true;
+        }
+        false
+    }
+
+    /// Whether the signal completed, looking only if it woke since the last look; `cx`'s task
+    /// is not registered. Callers returning `Pending` call [`poll_fired`](Self::poll_fired)
+    /// first (a hot loop checks this one on every item it returns).
+    pub(crate) fn fired_if_woken(&mut self) -> bool {
+        let Some(gated) = self.gated.as_mut() else {
+            return true;
+        };
+        if gated.poll_if_woken().is_ready() {
             self.gated = None;
             return true;
         }

@@ -245,13 +245,24 @@ impl Stream for Subscription {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        // While deliveries flow, the close signal is looked at only if it woke (one load);
+        // before the stream waits, it is polled and this task registered with it.
         if let Some(stop) = this.stop.as_mut()
-            && stop.poll_fired(cx)
+            && stop.fired_if_woken()
         {
             // Closed: the stream ends for good.
             this.inner.done = true;
             this.stop = None;
         }
-        this.inner.poll_next(cx)
+        let next = this.inner.poll_next(cx);
+        if next.is_pending()
+            && let Some(stop) = this.stop.as_mut()
+            && stop.poll_fired(cx)
+        {
+            this.inner.done = true;
+            this.stop = None;
+            return Poll::Ready(None);
+        }
+        next
     }
 }

@@ -466,17 +466,25 @@ impl Worker {
         loop {
             while tasks.try_join_next().is_some() {}
             // A free slot, then a delivery; the cancellation first, at every step.
+            // While deliveries flow the cancellation is looked at only if it woke; before the
+            // worker waits, it is polled and the worker registered with it.
             let next = std::future::poll_fn(|cx| {
-                if cancel.poll_fired(cx) {
+                if cancel.fired_if_woken() {
                     return Poll::Ready(None);
                 }
-                if permit.is_none() {
-                    match ready!(slots.poll_acquire(cx)) {
-                        Some(p) => permit = Some(p),
-                        None => return Poll::Ready(None),
+                let next = (|| {
+                    if permit.is_none() {
+                        match ready!(slots.poll_acquire(cx)) {
+                            Some(p) => permit = Some(p),
+                            None => return Poll::Ready(None),
+                        }
                     }
+                    stream.poll_next_unpin(cx).map(Some)
+                })();
+                if next.is_pending() && cancel.poll_fired(cx) {
+                    return Poll::Ready(None);
                 }
-                stream.poll_next_unpin(cx).map(Some)
+                next
             })
             .await;
             let delivery = match next {

@@ -33,14 +33,77 @@ struct GroupState {
     ready: VecDeque<Entry>,
     delayed: BTreeSet<(Instant, u64)>,
     delayed_entries: FxHashMap<u64, Entry>,
-    in_flight: FxHashMap<u64, Entry>,
+    in_flight: InFlight,
     /// Visibility deadlines, one lane per visibility timeout. A lane only grows at its back
     /// with `now + timeout` (the clock is monotonic and read under the lock), so each lane is
     /// sorted without a tree. A settled delivery's entry stays in its lane until it reaches
     /// the front or the lane is compacted.
     deadlines: Vec<Lane>,
-    next_tag: u64,
+    /// Keys of delayed entries.
+    next_delay_key: u64,
     deleted: bool,
+}
+
+/// The deliveries in flight, in slots reused as they are settled. A delivery's tag is its slot
+/// and the slot's generation (`generation << 32 | slot`), so a late settlement of a delivery
+/// whose slot moved on finds another generation and is refused. No hashing on the hot path;
+/// the slots never outnumber the most deliveries ever in flight at once (bounded by the
+/// group's capacity).
+#[derive(Default)]
+struct InFlight {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Stores `entry` and returns its tag.
+    fn insert(&mut self, entry: Entry) -> u64 {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot::default());
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 deliveries in flight")
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.entry = Some(entry);
+        self.len += 1;
+        (u64::from(slot.generation) << 32) | u64::from(index)
+    }
+
+    fn slot(&self, tag: u64) -> Option<&Slot> {
+        self.slots
+            .get((tag & u64::from(u32::MAX)) as usize)
+            .filter(|slot| u64::from(slot.generation) == tag >> 32)
+    }
+
+    fn contains(&self, tag: u64) -> bool {
+        self.slot(tag).is_some_and(|slot| slot.entry.is_some())
+    }
+
+    fn remove(&mut self, tag: u64) -> Option<Entry> {
+        let index = (tag & u64::from(u32::MAX)) as usize;
+        let slot = self.slots.get_mut(index)?;
+        if u64::from(slot.generation) != tag >> 32 {
+            return None;
+        }
+        let entry = slot.entry.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index as u32);
+        self.len -= 1;
+        Some(entry)
+    }
 }
 
 /// The deadlines of the deliveries taken with one visibility timeout, oldest first.
@@ -69,7 +132,7 @@ impl GroupState {
         let mut expired: Vec<(Instant, u64)> = Vec::new();
         for lane in &mut self.deadlines {
             while let Some(&(at, tag)) = lane.queue.front() {
-                if !self.in_flight.contains_key(&tag) {
+                if !self.in_flight.contains(tag) {
                     // Settled (or already expired): its deadline no longer matters.
                     lane.queue.pop_front();
                     continue;
@@ -87,7 +150,7 @@ impl GroupState {
             expired.sort_unstable();
         }
         for (_, tag) in expired {
-            if let Some(entry) = self.in_flight.remove(&tag) {
+            if let Some(entry) = self.in_flight.remove(tag) {
                 // Expired: its consumer vanished or hung. Redeliver before newer events.
                 self.ready.push_front(entry);
             }
@@ -126,14 +189,14 @@ impl GroupState {
         // Settled deliveries leave their entries behind; keep the lane within a constant
         // factor of what is really in flight (amortised: at most once per that many pushes).
         if lane.len() >= 2 * in_flight.len() + 64 {
-            lane.retain(|(_, t)| in_flight.contains_key(t));
+            lane.retain(|(_, t)| in_flight.contains(*t));
         }
         lane.push_back((deadline, tag));
     }
 
     fn take_in_flight(&mut self, tag: u64) -> Option<Entry> {
         // Its deadline stays in its lane until it reaches the front (see `promote`).
-        self.in_flight.remove(&tag)
+        self.in_flight.remove(tag)
     }
 }
 
@@ -383,12 +446,10 @@ impl Consumer {
             return Take::Wait(state.next_wakeup());
         };
         entry.deliveries += 1;
-        let tag = state.next_tag;
-        state.next_tag += 1;
         let deadline = now + self.visibility_timeout;
         let event = entry.event.clone();
         let attempt = entry.deliveries;
-        state.in_flight.insert(tag, entry);
+        let tag = state.in_flight.insert(entry);
         state.push_deadline(self.visibility_timeout, deadline, tag);
         Take::Delivery(RawDelivery::new(
             event,
@@ -442,10 +503,54 @@ impl Acker for MemoryAcker {
     async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
         self.check_open()?;
         self.group.settle(tag, |state, entry| {
-            state.delayed.insert((Instant::now() + delay, tag));
-            state.delayed_entries.insert(tag, entry);
+            let key = state.next_delay_key;
+            state.next_delay_key += 1;
+            state.delayed.insert((Instant::now() + delay, key));
+            state.delayed_entries.insert(key, entry);
         })?;
         self.group.changed.notify_waiters();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> Entry {
+        Entry {
+            event: Event::builder("t", "s").id(id).build().unwrap(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn a_reused_slot_refuses_the_tag_of_the_delivery_it_held_before() {
+        let mut in_flight = InFlight::default();
+        let first = in_flight.insert(entry("a"));
+        let second = in_flight.insert(entry("b"));
+        assert_ne!(first, second);
+        assert_eq!(in_flight.len(), 2);
+
+        let removed = in_flight.remove(first).expect("first is in flight");
+        assert_eq!(removed.event.id(), "a");
+        assert!(!in_flight.contains(first));
+        // Settling twice finds nothing.
+        assert!(in_flight.remove(first).is_none());
+
+        // The freed slot is reused under a new tag; the old tag still finds nothing.
+        let third = in_flight.insert(entry("c"));
+        assert_ne!(third, first);
+        assert_eq!(third & u64::from(u32::MAX), first & u64::from(u32::MAX));
+        assert!(!in_flight.contains(first));
+        assert!(in_flight.remove(first).is_none());
+        assert!(in_flight.contains(third));
+        assert_eq!(in_flight.len(), 2);
+
+        assert_eq!(in_flight.remove(third).unwrap().event.id(), "c");
+        assert_eq!(in_flight.remove(second).unwrap().event.id(), "b");
+        assert_eq!(in_flight.len(), 0);
+        // A tag no slot ever had.
+        assert!(in_flight.remove(u64::from(u32::MAX)).is_none());
     }
 }
