@@ -82,6 +82,9 @@ enum Cmd {
         /// Hand-written analysis included at the end of the markdown.
         #[arg(long)]
         notes: Option<PathBuf>,
+        /// The `bench gateway ...` lines of the last full gateway run (written by xtask).
+        #[arg(long)]
+        gateway: Option<PathBuf>,
     },
 }
 
@@ -99,11 +102,15 @@ fn main() -> ExitCode {
             docs,
             svg,
             notes,
+            gateway,
         } => report::write(
             &run,
             &not_run,
-            callgrind.as_deref(),
-            notes.as_deref(),
+            report::Extras {
+                callgrind: callgrind.as_deref(),
+                notes: notes.as_deref(),
+                gateway: gateway.as_deref(),
+            },
             &docs,
             &svg,
         ),

@@ -12,15 +12,30 @@ use crate::measure::{
 };
 use crate::sample::SIZES;
 
-/// Writes the markdown and the chart. `notes` (hand-written analysis) is included verbatim.
+/// What the page carries besides the runs of the loops, each optional.
+pub(crate) struct Extras<'a> {
+    /// The callgrind figures' JSON.
+    pub(crate) callgrind: Option<&'a Path>,
+    /// Hand-written analysis, included verbatim at the end.
+    pub(crate) notes: Option<&'a Path>,
+    /// The `bench gateway ...` lines of the last full gateway run, after a `# date command`
+    /// line.
+    pub(crate) gateway: Option<&'a Path>,
+}
+
+/// Writes the markdown and the chart.
 pub(crate) fn write(
     runs: &[std::path::PathBuf],
     not_run: &[String],
-    callgrind: Option<&Path>,
-    notes: Option<&Path>,
+    extras: Extras<'_>,
     docs: &Path,
     svg: &Path,
 ) -> Result<()> {
+    let Extras {
+        callgrind,
+        notes,
+        gateway,
+    } = extras;
     let mut merged: Option<RunResult> = None;
     for path in runs {
         let one: RunResult = serde_json::from_str(&std::fs::read_to_string(path)?)?;
@@ -55,6 +70,10 @@ pub(crate) fn write(
         Some(p) if p.exists() => Some(std::fs::read_to_string(p)?),
         _ => None,
     };
+    let gateway = match gateway {
+        Some(p) if p.exists() => Some(std::fs::read_to_string(p)?),
+        _ => None,
+    };
     std::fs::write(svg, chart(&run.adapters))?;
     let svg_name = svg
         .file_name()
@@ -66,6 +85,7 @@ pub(crate) fn write(
             &run,
             &peers,
             callgrind.as_ref(),
+            gateway.as_deref(),
             notes.as_deref(),
             &svg_name,
         ),
@@ -123,6 +143,7 @@ fn markdown(
     run: &RunResult,
     peers: &[AdapterResult],
     callgrind: Option<&Value>,
+    gateway: Option<&str>,
     notes: Option<&str>,
     svg: &str,
 ) -> String {
@@ -220,6 +241,7 @@ fn markdown(
     let _ = writeln!(md, "```\n");
 
     peers_section(&mut md, peers, &run.adapters);
+    gateway_section(&mut md, gateway);
 
     let _ = writeln!(md, "## Cost of the code per event (callgrind, in-memory)\n");
     match callgrind {
@@ -245,6 +267,65 @@ const WATERMILL: &[(&str, &str, u32, u32)] = &[
     ("nats", "NATS JetStream", 49_255, 33_009),
     ("amqp", "RabbitMQ (AMQP)", 2_702, 13_192),
 ];
+
+/// The gateway under load (`cargo xtask bench --gateway`): its last full run's lines as a
+/// table, and verbatim.
+fn gateway_section(md: &mut String, lines: Option<&str>) {
+    let _ = writeln!(md, "## The gateway under load\n");
+    let Some(lines) = lines else {
+        let _ = writeln!(
+            md,
+            "No gateway run in this report (`cargo xtask bench --gateway`).\n"
+        );
+        return;
+    };
+    let mut when = "";
+    let mut rows = Vec::new();
+    for line in lines.lines() {
+        if let Some(header) = line.strip_prefix("# ") {
+            when = header.split_whitespace().next().unwrap_or("");
+        } else if line.starts_with("bench gateway ") {
+            rows.push(line);
+        }
+    }
+    let _ = writeln!(
+        md,
+        "Measured {when} by `cargo xtask bench --gateway`, a separate run from the loops \
+         above, on the same machine: the gateway (`Gateway::serve`, SQLite store, memory \
+         transport), a bare axum handler doing the same I/O, and the load, in one process on \
+         one runtime. Ratio: evbus over bare. What each side does: \
+         [benches/README.md](../benches/README.md#the-gateway-under-load).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| measure | evbus | bare handler | ratio | |\n|---|---|---|---|---|"
+    );
+    for row in &rows {
+        match gateway_row(row) {
+            Some([measure, evbus, bare, ratio, rest]) => {
+                let _ = writeln!(md, "| {measure} | {evbus} | {bare} | {ratio} | {rest} |");
+            }
+            None => {
+                let _ = writeln!(md, "| {} | | | | |", row.replace('|', "\\|"));
+            }
+        }
+    }
+    let _ = writeln!(md, "\n```text");
+    for row in &rows {
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(md, "```\n");
+}
+
+/// `bench gateway NAME: evbus A bare B ratio R REST` as its five parts.
+fn gateway_row(line: &str) -> Option<[&str; 5]> {
+    let rest = line.strip_prefix("bench gateway ")?;
+    let (measure, rest) = rest.split_once(": evbus ")?;
+    let (evbus, rest) = rest.split_once(" bare ")?;
+    let (bare, rest) = rest.split_once(" ratio ")?;
+    let (ratio, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some([measure, evbus, bare, ratio, rest.trim()])
+}
 
 fn peers_section(md: &mut String, peers: &[AdapterResult], adapters: &[AdapterResult]) {
     let _ = writeln!(md, "## Against the peers\n");
@@ -631,4 +712,54 @@ fn chart(adapters: &[AdapterResult]) -> String {
     let _ = SIZES;
     let _ = writeln!(svg, "</svg>");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_lines_split_into_their_columns() {
+        let post = "bench gateway post-events: evbus 2100/s p50 28.1 ms p99 60.2 ms bare 5400/s p50 11.0 ms p99 25.3 ms ratio 0.39";
+        assert_eq!(
+            gateway_row(post),
+            Some([
+                "post-events",
+                "2100/s p50 28.1 ms p99 60.2 ms",
+                "5400/s p50 11.0 ms p99 25.3 ms",
+                "0.39",
+                ""
+            ])
+        );
+        let webhooks = "bench gateway webhook-deliveries: evbus 900/s bare 1800/s ratio 0.50 (1000 events x 10 receivers)";
+        assert_eq!(
+            gateway_row(webhooks),
+            Some([
+                "webhook-deliveries",
+                "900/s",
+                "1800/s",
+                "0.50",
+                "(1000 events x 10 receivers)"
+            ])
+        );
+        assert_eq!(gateway_row("bench gateway sse-fanout: failed"), None);
+
+        let mut md = String::new();
+        gateway_section(
+            &mut md,
+            Some(&format!(
+                "# 2026-12-01T14:00:00Z cargo xtask bench --gateway\n{post}\n{webhooks}\n"
+            )),
+        );
+        assert!(md.contains("Measured 2026-12-01T14:00:00Z"), "{md}");
+        assert!(
+            md.contains(
+                "| webhook-deliveries | 900/s | 1800/s | 0.50 | (1000 events x 10 receivers) |"
+            ),
+            "{md}"
+        );
+        let mut none = String::new();
+        gateway_section(&mut none, None);
+        assert!(none.contains("No gateway run"), "{none}");
+    }
 }

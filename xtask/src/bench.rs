@@ -14,7 +14,9 @@
 //! Plain `bench` does all three; `--quick` only the loops (no docs); `--callgrind` only the
 //! scenarios (docs regenerated with the last full run's loops); `--baseline REF` also builds
 //! REF in a git worktree under `<target>/bench/` with today's bench program and reports every
-//! scenario more than 2% worse in instructions.
+//! scenario more than 2% worse in instructions. `--peers` and `--gateway` measure against the
+//! peer libraries and the gateway against bare handlers; their full runs are kept and shown on
+//! the page next to the last full run of the loops.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -150,7 +152,9 @@ pub(crate) struct Options {
 }
 
 /// `--gateway`: builds evbus-bench with the `gateway` feature and runs `evbus-bench gateway`,
-/// which prints the `bench gateway ...` lines (the docs are left as they are).
+/// which prints the `bench gateway ...` lines. A full (not `--quick`) run keeps them in
+/// `<target>/bench/latest-gateway/lines.txt` and regenerates docs/benchmarks.md when a full
+/// run of the loops exists, so the page carries the gateway's last full figures.
 fn run_gateway(options: &Options) -> Result<()> {
     let target = target_dir();
     if !build(&["gateway"], &target, None)? {
@@ -162,16 +166,57 @@ fn run_gateway(options: &Options) -> Result<()> {
     if options.quick {
         cmd.arg("--quick");
     }
-    let status = cmd
+    let output = cmd
         .current_dir(project_root())
         .stdin(Stdio::null())
-        .status()
+        .stderr(Stdio::inherit())
+        .output()
         .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the gateway bench failed: {status}"))
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    if !output.status.success() {
+        return Err(format!("the gateway bench failed: {}", output.status));
     }
+    if options.quick {
+        eprintln!("bench: --quick leaves docs/benchmarks.md as it is (a full run regenerates it)");
+        return Ok(());
+    }
+    let out = target.join("bench");
+    let dir = out.join(GATEWAY_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("bench gateway "))
+        .collect();
+    let kept = format!(
+        "# {} cargo xtask bench --gateway\n{}\n",
+        utc_now(),
+        lines.join("\n")
+    );
+    std::fs::write(dir.join("lines.txt"), kept)
+        .map_err(|e| format!("writing the gateway lines: {e}"))?;
+    if out.join("latest-full").exists() {
+        report(&bin, &out)?;
+    } else {
+        eprintln!(
+            "bench: no full run of the loops yet (`cargo xtask bench`): docs/benchmarks.md left as it is"
+        );
+    }
+    Ok(())
+}
+
+/// Where a full `--gateway` run keeps its lines, under `<target>/bench/`.
+const GATEWAY_DIR: &str = "latest-gateway";
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`, from `date` (no date crate in xtask).
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("unix {}", unix_now()))
 }
 
 /// The adapters the peer loops run on (`benches/src/carriers/mod.rs`, `PEERS`).
@@ -451,50 +496,67 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     }
 
     if !options.quick && full.exists() {
-        let mut cmd = Command::new(&bin);
-        cmd.arg("report");
-        let mut runs: Vec<PathBuf> = std::fs::read_dir(&full)
-            .map_err(|e| format!("reading {}: {e}", full.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        runs.sort();
-        for file in &runs {
-            cmd.arg("--run").arg(file);
-        }
-        // The last full peer run, if any (`--peers`).
-        let mut peer_runs: Vec<PathBuf> = std::fs::read_dir(&peers_dir)
-            .map(|dir| {
-                dir.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        peer_runs.sort();
-        for file in &peer_runs {
-            cmd.arg("--run").arg(file);
-        }
-        let reasons = std::fs::read_to_string(full.join("not-run.txt")).unwrap_or_default();
-        for line in reasons.lines().filter(|l| !l.is_empty()) {
-            cmd.arg("--not-run").arg(line);
-        }
-        cmd.arg("--docs")
-            .arg(root.join("docs/benchmarks.md"))
-            .arg("--svg")
-            .arg(root.join("docs/benchmarks.svg"))
-            .arg("--notes")
-            .arg(root.join("benches/notes.md"));
-        if callgrind_json.exists() {
-            cmd.arg("--callgrind").arg(&callgrind_json);
-        }
-        let status = cmd
-            .status()
-            .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
-        if !status.success() {
-            return Err("regenerating docs/benchmarks.md failed".to_owned());
-        }
+        report(&bin, &out)?;
     } else if options.quick {
         eprintln!("bench: --quick leaves docs/benchmarks.md as it is (a full run regenerates it)");
+    }
+    Ok(())
+}
+
+/// Regenerates docs/benchmarks.md and its chart from the last full run under `out`
+/// (`latest-full`), with the last full peer run, the last full gateway run and the callgrind
+/// figures when they exist.
+fn report(bin: &Path, out: &Path) -> Result<()> {
+    let root = project_root();
+    let full = out.join("latest-full");
+    let peers_dir = out.join("latest-peers");
+    let callgrind_json = out.join("callgrind.json");
+    let mut cmd = Command::new(bin);
+    cmd.arg("report");
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(&full)
+        .map_err(|e| format!("reading {}: {e}", full.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    runs.sort();
+    for file in &runs {
+        cmd.arg("--run").arg(file);
+    }
+    // The last full peer run, if any (`--peers`).
+    let mut peer_runs: Vec<PathBuf> = std::fs::read_dir(&peers_dir)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    peer_runs.sort();
+    for file in &peer_runs {
+        cmd.arg("--run").arg(file);
+    }
+    let reasons = std::fs::read_to_string(full.join("not-run.txt")).unwrap_or_default();
+    for line in reasons.lines().filter(|l| !l.is_empty()) {
+        cmd.arg("--not-run").arg(line);
+    }
+    cmd.arg("--docs")
+        .arg(root.join("docs/benchmarks.md"))
+        .arg("--svg")
+        .arg(root.join("docs/benchmarks.svg"))
+        .arg("--notes")
+        .arg(root.join("benches/notes.md"));
+    if callgrind_json.exists() {
+        cmd.arg("--callgrind").arg(&callgrind_json);
+    }
+    // The last full gateway run, if any (`--gateway`).
+    let gateway = out.join(GATEWAY_DIR).join("lines.txt");
+    if gateway.exists() {
+        cmd.arg("--gateway").arg(&gateway);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
+    if !status.success() {
+        return Err("regenerating docs/benchmarks.md failed".to_owned());
     }
     Ok(())
 }
