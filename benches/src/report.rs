@@ -37,15 +37,34 @@ pub(crate) fn write(
         gateway,
     } = extras;
     let mut merged: Option<RunResult> = None;
+    // The latest start among the runs: its end load is the whole run's.
+    let mut last_started = String::new();
     for path in runs {
         let one: RunResult = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let started = one.environment.started.clone();
         match &mut merged {
-            None => merged = Some(one),
+            None => {
+                last_started = started;
+                merged = Some(one);
+            }
             Some(m) => {
+                // Files come in name order, not run order: the page's date and start load
+                // are the first adapter's to run (RFC 3339 UTC sorts as text), its end load
+                // the last one's.
+                // Peer runs (given after the loops' runs) keep their own times out of it.
+                let peer = one.adapters.iter().any(|a| a.baseline != "raw");
+                let env = &mut m.environment;
+                if !peer && started < env.started {
+                    env.started = started.clone();
+                    env.load_start = one.environment.load_start.clone();
+                }
+                if !peer && started > last_started {
+                    env.load_end = one.environment.load_end.clone();
+                    last_started = started;
+                }
                 m.adapters.extend(one.adapters);
                 m.not_run.extend(one.not_run);
                 m.environment.brokers.extend(one.environment.brokers);
-                m.environment.load_end = one.environment.load_end;
                 m.quick |= one.quick;
             }
         }
