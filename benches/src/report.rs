@@ -546,6 +546,7 @@ fn callgrind_section(md: &mut String, cg: &Value) {
         ("emit-handle", "< 5,000 instructions"),
         ("emit-handle-16", "< 5,000 instructions"),
         ("emit-handle-validated", "—"),
+        ("emit-value-handle", "—"),
     ];
     if let Some(rows) = cg.get("scenarios").and_then(Value::as_array) {
         for row in rows {

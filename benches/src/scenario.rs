@@ -3,10 +3,12 @@
 //! there). xtask runs each with 1,000 and 2,000 events and divides the difference by 1,000:
 //! the steady-state cost of one event, without setup, warm-up or teardown.
 //!
-//! - `emit-handle-validated`: `Bus::emit` (validated) → handler (validated again, decoded)
-//!   → ack;
+//! - `emit-handle-validated`: `Bus::emit_json` of the Rust value (validated) → handler
+//!   (validated again, decoded) → ack;
 //! - `emit-handle`: the same with a permissive catalogue that has no schema for the type (no
-//!   validation on either side);
+//!   validation on either side): the Rust value is written straight to the event's bytes;
+//! - `emit-value-handle`: `emit-handle` with the data handed to `Bus::emit` as a
+//!   `serde_json::Value` (dynamic data, as the gateway has it), owned and dropped per event;
 //! - `consume-decode`: a subscription of a memory topic already holding the events: next →
 //!   decode into the bench type → ack;
 //! - `cold-start`: the whole of building the catalogue, the transport and the Bus, starting
@@ -81,16 +83,28 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
     let generator = Generator::new();
     let timeout = Duration::from_secs(600);
     let (result, allocs) = match name {
-        "emit-handle-validated" | "emit-handle" => {
+        "emit-handle-validated" | "emit-handle" | "emit-value-handle" => {
             let validated = name == "emit-handle-validated";
             let recorder = Recorder::new(events);
             let bus =
                 runtime.block_on(bus_with_handler(validated, Arc::clone(&recorder), events))?;
-            let values = (0..events as u64)
-                .map(|seq| serde_json::to_value(generator.sample(seq, size)))
-                .collect::<Result<Vec<_>, _>>()?;
+            let samples = (0..events as u64)
+                .map(|seq| generator.sample(seq, size))
+                .collect::<Vec<_>>();
+            let values = match name {
+                "emit-value-handle" => samples
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => Vec::new(),
+            };
             let out = evbus_bench_measured(|| {
                 runtime.block_on(async {
+                    if values.is_empty() {
+                        for sample in &samples {
+                            bus.emit_json(EVENT_TYPE, sample).await?;
+                        }
+                    }
                     for value in values {
                         bus.emit(EVENT_TYPE, value).await?;
                     }
@@ -160,7 +174,7 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
         other => {
             return Err(format!(
                 "unknown scenario `{other}`: emit-handle-validated, emit-handle, \
-                 consume-decode, cold-start (a `-16` suffix: 16-byte payloads)"
+                 emit-value-handle, consume-decode, cold-start (a `-16` suffix: 16-byte payloads)"
             )
             .into());
         }

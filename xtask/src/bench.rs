@@ -133,6 +133,7 @@ const SCENARIOS: &[&str] = &[
     "emit-handle",
     "emit-handle-16",
     "emit-handle-validated",
+    "emit-value-handle",
 ];
 
 /// Instructions may grow this much against `--baseline` before a scenario is reported.

@@ -34,6 +34,34 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 
+/// The largest scratch buffer a thread keeps between two events' JSON (see [`json_bytes`]).
+const JSON_SCRATCH_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    static JSON_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `value` written as JSON, in a buffer of exactly its size.
+///
+/// `serde_json` writes into a buffer that grows as it goes (reallocated and copied several
+/// times for a few hundred bytes); here it writes into a scratch buffer the thread keeps, and
+/// the result is copied once into its own allocation.
+pub(crate) fn json_bytes<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Bytes> {
+    JSON_SCRATCH.with(|scratch| {
+        // A `Serialize` that itself writes an event's JSON finds the scratch in use.
+        let Ok(mut buffer) = scratch.try_borrow_mut() else {
+            return serde_json::to_vec(value).map(Bytes::from);
+        };
+        buffer.clear();
+        let written = serde_json::to_writer(&mut *buffer, value);
+        let bytes = written.map(|()| Bytes::copy_from_slice(&buffer));
+        if buffer.capacity() > JSON_SCRATCH_KEEP {
+            *buffer = Vec::new();
+        }
+        bytes
+    })
+}
+
 /// The CloudEvents spec version evbus writes and reads.
 pub const SPEC_VERSION: &str = "1.0";
 /// Media type of the CloudEvents structured JSON format.
@@ -551,18 +579,19 @@ impl EventBuilder {
         }
     }
     /// Serialises `value` as JSON data (`datacontenttype: application/json`).
-    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self> {
-        let bytes = serde_json::to_vec(value)
+    pub fn json<T: Serialize + ?Sized>(self, value: &T) -> Result<Self> {
+        let bytes = json_bytes(value)
             .map_err(|e| Error::invalid_event(format!("data cannot be encoded as JSON: {e}")))?;
-        self.event.data = Some(Bytes::from(bytes));
-        self.event.datacontenttype = Some(Cow::Borrowed(APPLICATION_JSON));
-        Ok(self)
+        Ok(self.data_json(bytes))
     }
     /// [`json`](Self::json) of a JSON value, which always serialises.
-    pub(crate) fn json_value(mut self, value: &serde_json::Value) -> Self {
+    pub(crate) fn json_value(self, value: &serde_json::Value) -> Self {
         // A `Value` has string keys and finite numbers only: writing it cannot fail.
-        let bytes = serde_json::to_vec(value).unwrap_or_default();
-        self.event.data = Some(Bytes::from(bytes));
+        self.data_json(json_bytes(value).unwrap_or_default())
+    }
+    /// Sets data already written as JSON.
+    pub(crate) fn data_json(mut self, bytes: Bytes) -> Self {
+        self.event.data = Some(bytes);
         self.event.datacontenttype = Some(Cow::Borrowed(APPLICATION_JSON));
         self
     }
@@ -701,6 +730,31 @@ mod tests {
             .extension("tenant", "acme")
             .build()
             .unwrap()
+    }
+
+    /// Data whose `Serialize` writes an event's JSON itself, while the outer one is written.
+    struct Nested(u32);
+
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            let inner = json_bytes(&[self.0]).map_err(serde::ser::Error::custom)?;
+            s.serialize_str(std::str::from_utf8(&inner).map_err(serde::ser::Error::custom)?)
+        }
+    }
+
+    #[test]
+    fn json_is_written_exactly_sized_including_from_inside_another_serialisation() {
+        let big = "x".repeat(JSON_SCRATCH_KEEP * 2);
+        for _ in 0..2 {
+            let bytes = json_bytes(&(Nested(7), "tail", &big[..3])).unwrap();
+            assert_eq!(&bytes[..], br#"["[7]","tail","xxx"]"#);
+            // A payload larger than the scratch the thread keeps is written whole, and the
+            // next, small one is not disturbed by it.
+            assert_eq!(json_bytes(&big).unwrap().len(), big.len() + 2);
+        }
+        let failed = json_bytes(&std::collections::BTreeMap::from([((1, 2), 3)]));
+        assert!(failed.is_err());
+        assert_eq!(&json_bytes(&"ok").unwrap()[..], br#""ok""#);
     }
 
     #[test]

@@ -12,15 +12,20 @@ use evbus::{ErrorKind, SubscribeOptions, Transport};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+/// A named subscription of `topic`, made before anything is emitted to it.
+async fn probe(bus: &Bus, topic: &str) -> evbus::Subscription {
+    let topic = bus.transport().topic(topic).await.unwrap();
+    topic
+        .subscribe(SubscribeOptions::named("probe"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn emit_publishes_a_validated_envelope_and_returns_its_id() {
     let broker = broker();
     let bus = bus(&broker);
-    let topic = bus.transport().topic("orderPlaced").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "orderPlaced").await;
 
     let id = bus
         .send(
@@ -50,11 +55,7 @@ async fn emit_publishes_a_validated_envelope_and_returns_its_id() {
 async fn an_invalid_payload_is_refused_with_every_violation_and_nothing_is_published() {
     let broker = broker();
     let bus = bus(&broker);
-    let topic = bus.transport().topic("orderPlaced").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "orderPlaced").await;
 
     let err = bus
         .emit("orderPlaced", json!({"total": -1}))
@@ -84,11 +85,7 @@ async fn an_unknown_type_is_refused_naming_the_known_types() {
 async fn a_batch_is_validated_whole_before_anything_is_published() {
     let broker = broker();
     let bus = bus(&broker);
-    let topic = bus.transport().topic("orderPlaced").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "orderPlaced").await;
 
     let err = bus
         .emit_batch([
@@ -128,11 +125,7 @@ async fn typed_emit_uses_the_rust_type_s_event_type_and_schema() {
     b.register::<ProductUpdated>().unwrap();
     let broker = broker();
     let bus = Bus::new(Arc::new(broker.connect()), b.freeze().unwrap(), "/test");
-    let topic = bus.transport().topic("productUpdated").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "productUpdated").await;
 
     let id = bus
         .emit_typed(&ProductUpdated {
@@ -156,11 +149,7 @@ async fn routed_types_share_one_topic_in_emit_order() {
     let bus = Bus::builder(Arc::new(broker.connect()), catalog())
         .route(["orderPlaced", "orderCanceled"], "orders")
         .build();
-    let topic = bus.transport().topic("orders").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "orders").await;
 
     let a = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
     let b = bus
@@ -185,11 +174,7 @@ async fn emit_after_shutdown_fails_with_closed() {
 async fn id_and_source_overrides_are_kept_and_validated_non_empty() {
     let broker = broker();
     let bus = bus(&broker);
-    let topic = bus.transport().topic("orderPlaced").await.unwrap();
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("probe"))
-        .await
-        .unwrap();
+    let mut sub = probe(&bus, "orderPlaced").await;
 
     let id = bus
         .send(
@@ -231,4 +216,79 @@ async fn id_and_source_overrides_are_kept_and_validated_non_empty() {
     assert_eq!(err.kind(), ErrorKind::InvalidEvent, "{err}");
     let next_id = bus.emit("orderPlaced", placed("o-4")).await.unwrap();
     assert_eq!(next(&mut sub).await.event().id(), next_id);
+}
+
+/// `orderPlaced` data as a Rust value, its fields in an order a sorted `Value` would not keep.
+#[derive(Serialize)]
+struct Placed<'a> {
+    total: f64,
+    #[serde(rename = "orderId")]
+    order_id: &'a str,
+}
+
+#[tokio::test]
+async fn emit_json_writes_the_value_s_own_bytes_and_validates_them_like_emit() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let mut sub = probe(&bus, "orderPlaced").await;
+
+    let data = Placed {
+        total: 12.5,
+        order_id: "o-1",
+    };
+    let id = bus.emit_json("orderPlaced", &data).await.unwrap();
+    let d = next(&mut sub).await;
+    let e = d.event();
+    assert_eq!(e.id(), id);
+    assert_eq!(e.dataschema(), Some("urn:evbus:schema:orderPlaced:1"));
+    assert_eq!(e.datacontenttype(), Some("application/json"));
+    // Exactly what serde_json writes for the value: its field order, not sorted keys.
+    assert_eq!(
+        e.data().map(|b| &b[..]),
+        Some(&br#"{"total":12.5,"orderId":"o-1"}"#[..])
+    );
+
+    // Invalid against the schema: refused with the violation, nothing published.
+    let err = bus
+        .emit_json(
+            "orderPlaced",
+            &Placed {
+                total: -1.0,
+                order_id: "o-2",
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation, "{err}");
+    assert!(err.message().contains("total"), "{err}");
+    // An unknown type in a strict catalogue: refused as `emit` refuses it.
+    let err = bus.emit_json("orderShipped", &data).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Validation, "{err}");
+    assert!(err.message().contains("orderShipped"), "{err}");
+    // Neither was published: the next valid event is the next thing the topic carries.
+    let id = bus.emit_json("orderPlaced", &data).await.unwrap();
+    assert_eq!(next(&mut sub).await.event().id(), id);
+}
+
+#[tokio::test]
+async fn emit_json_of_data_json_cannot_express_fails_and_publishes_nothing() {
+    let broker = broker();
+    let mut b = evbus::Catalog::builder();
+    b.strict(false);
+    let bus = Bus::new(Arc::new(broker.connect()), b.freeze().unwrap(), "/test");
+    let mut sub = probe(&bus, "gridUpdated").await;
+
+    // JSON object keys are strings: a map keyed by pairs has no JSON form.
+    let cells: std::collections::BTreeMap<(u8, u8), u8> = [((0, 0), 1)].into_iter().collect();
+    let err = bus.emit_json("gridUpdated", &cells).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidEvent, "{err}");
+    assert!(err.message().contains("`gridUpdated` data"), "{err}");
+
+    // A permissive catalogue lets an unregistered type through unchecked, no `dataschema`;
+    // this is the first event the topic carries.
+    let id = bus.emit_json("gridUpdated", &[1, 2, 3]).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event().id(), id);
+    assert_eq!(d.event().dataschema(), None);
+    assert_eq!(d.event().data().map(|b| &b[..]), Some(&b"[1,2,3]"[..]));
 }

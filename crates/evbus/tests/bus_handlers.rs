@@ -423,3 +423,49 @@ async fn a_panicking_handler_is_retried_like_a_failing_one() {
 fn transport_is_object_safe(bus: &Bus) -> &dyn Transport {
     &**bus.transport()
 }
+
+#[tokio::test]
+async fn a_redriven_event_is_handled_while_the_topic_never_runs_dry() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    let failing_tx = tx.clone();
+    let failing = bus
+        .on("orderPlaced", "g", move |msg: Message| {
+            let _ = failing_tx.send(msg.id().to_owned());
+            async { Err("fails".into()) }
+        })
+        .max_attempts(1)
+        .start()
+        .await
+        .unwrap();
+    let poison = bus.emit("orderPlaced", placed("o-0")).await.unwrap();
+    assert_eq!(recv(&mut rx).await, poison);
+    failing.shutdown(Duration::from_secs(5)).await;
+
+    // A backlog on the topic, then the dead letter redriven, then the group runs again.
+    for i in 1..=300 {
+        bus.emit("orderPlaced", placed(&format!("o-{i}")))
+            .await
+            .unwrap();
+    }
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    assert_eq!(dead.redrive(10, Duration::from_secs(2)).await.unwrap(), 1);
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.id().to_owned());
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+
+    let mut before = 0;
+    while recv(&mut rx).await != poison {
+        before += 1;
+        assert!(before <= 300, "the redriven event never came");
+    }
+    assert!(
+        before < 64,
+        "the redriven event waited behind {before} of the topic's 300 events"
+    );
+}

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::{Bus, TypeEntry, telemetry};
-use crate::envelope::{Event, Text};
+use crate::envelope::{Event, Text, json_bytes};
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::EventType;
 
@@ -131,13 +131,57 @@ impl Bus {
         .await
     }
 
-    /// Emits a Rust event type: `T::TYPE` with `value` serialised as its data.
+    /// Emits a Rust event type: `T::TYPE` with `value` serialised as its data (see
+    /// [`emit_json`](Self::emit_json)).
     pub fn emit_typed<T: EventType + Serialize>(
         &self,
         value: &T,
     ) -> impl Future<Output = Result<String>> + Send + '_ {
-        let emit = Emit::typed(value);
-        async move { self.send(emit?).await }
+        self.emit_json(T::TYPE, value)
+    }
+
+    /// Emits event type `ty` with `data` serialised straight to its JSON bytes; returns the
+    /// new event's id once the transport accepted it.
+    ///
+    /// The bytes are what `serde_json` writes for `data` (object keys in the order `data`'s
+    /// `Serialize` gives them, unlike [`emit`](Self::emit), whose `Value` sorts them). No
+    /// [`Value`] is built unless the catalogue has a schema for `ty`; then `data` is also
+    /// turned into one and validated exactly as [`emit`](Self::emit) validates, and nothing is
+    /// published if it is invalid. `data` that `serde_json` cannot write (a map with
+    /// non-string keys, a failing `Serialize`) fails with [`ErrorKind::InvalidEvent`].
+    ///
+    /// `data` is serialised before the returned future is first polled, so it need not
+    /// outlive this call.
+    pub fn emit_json<'a, T: Serialize + ?Sized>(
+        &'a self,
+        ty: &'a str,
+        data: &T,
+    ) -> impl Future<Output = Result<String>> + Send + 'a {
+        let encoded = self.encode(ty, data);
+        async move {
+            let (bytes, value) = encoded?;
+            self.send_prepared(ty, |bus, span, entry| {
+                bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
+            })
+            .await
+        }
+    }
+
+    /// `data`'s JSON bytes and, when the catalogue has a schema for `ty`, its [`Value`] to
+    /// validate.
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        ty: &str,
+        data: &T,
+    ) -> Result<(bytes::Bytes, Option<Value>)> {
+        let failed = |e: serde_json::Error| {
+            Error::invalid_event(format!("`{ty}` data cannot be serialised as JSON: {e}"))
+        };
+        let value = match self.inner.catalog.contains(ty) {
+            true => Some(serde_json::to_value(data).map_err(failed)?),
+            false => None,
+        };
+        Ok((json_bytes(data).map_err(failed)?, value))
     }
 
     /// Emits one [`Emit`] (with a key, subject or extensions); returns the event id.
@@ -175,10 +219,11 @@ impl Bus {
             event.id = tracing::field::Empty,
             topic = %routed.unwrap_or(ty),
         );
-        async {
-            let current = tracing::Span::current();
-            let event = prepare(self, &current, entry.or(other.as_deref()))?;
-            current.record("event.id", event.id());
+        let publish = async {
+            let event = prepare(self, &span, entry.or(other.as_deref()))?;
+            if !span.is_disabled() {
+                span.record("event.id", event.id());
+            }
             let made;
             let entry: &TypeEntry = match (entry, other.as_deref()) {
                 (Some(entry), _) | (None, Some(entry)) => entry,
@@ -190,9 +235,8 @@ impl Bus {
             self.type_topic(entry).await?.publish(&event).await?;
             entry.metrics.emitted();
             Ok(event.id().to_owned())
-        }
-        .instrument(span)
-        .await
+        };
+        telemetry::within(&span, publish).await
     }
 
     /// Emits several events; returns their ids in the same order.
@@ -326,6 +370,35 @@ impl Bus {
         builder.build()
     }
 
+    /// [`prepare_data`](Self::prepare_data) of data already written as JSON `bytes`; `value`
+    /// is the same data to validate, present when the catalogue has `ty` (the only case in
+    /// which [`Catalog::validate`](crate::Catalog::validate) reads the data).
+    fn prepare_encoded(
+        &self,
+        ty: &str,
+        bytes: bytes::Bytes,
+        value: Option<&Value>,
+        span: &tracing::Span,
+        entry: Option<&TypeEntry>,
+    ) -> Result<Event> {
+        let validated = self
+            .inner
+            .catalog
+            .validate(ty, value.unwrap_or(&Value::Null))?;
+        // The type and source texts are shared with the bus, not copied.
+        let ty = match entry {
+            Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
+            None => Text::Owned(ty.to_owned()),
+        };
+        let source = Text::Shared(Arc::clone(&self.inner.source));
+        let mut builder = Event::builder_shared(ty, source).data_json(bytes);
+        if let Some(uri) = validated.dataschema() {
+            builder = builder.dataschema(uri);
+        }
+        builder = telemetry::inject(builder, span);
+        builder.build()
+    }
+
     /// [`prepare`](Self::prepare) of a plain emit (type and data, no other attributes),
     /// from borrowed parts.
     fn prepare_data(
@@ -335,18 +408,8 @@ impl Bus {
         span: &tracing::Span,
         entry: Option<&TypeEntry>,
     ) -> Result<Event> {
-        let validated = self.inner.catalog.validate(ty, data)?;
-        // The type and source texts are shared, not copied.
-        let ty = match entry {
-            Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
-            None => Text::Owned(ty.to_owned()),
-        };
-        let source = Text::Shared(Arc::clone(&self.inner.source));
-        let mut builder = Event::builder_shared(ty, source).json_value(data);
-        if let Some(uri) = validated.dataschema() {
-            builder = builder.dataschema(uri);
-        }
-        builder = telemetry::inject(builder, span);
-        builder.build()
+        // A `Value` has string keys and finite numbers only: writing it cannot fail.
+        let bytes = json_bytes(data).unwrap_or_default();
+        self.prepare_encoded(ty, bytes, Some(data), span, entry)
     }
 }

@@ -143,6 +143,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
@@ -174,14 +175,15 @@ struct Inner {
     catalog: Catalog,
     /// Shared by every event the bus builds.
     source: Arc<str>,
-    routes: HashMap<String, String>,
+    routes: FxHashMap<String, String>,
     shared_topics: HashMap<String, usize>,
     /// What emitting needs per type, for every type the catalogue lists or a route names:
-    /// one lookup per emit.
-    types: HashMap<String, TypeEntry>,
+    /// one lookup per emit. (The maps of types use a fast hash: their keys are the
+    /// application's own types; the gateway publishes only types of the catalogue.)
+    types: FxHashMap<String, TypeEntry>,
     /// The same for types outside the catalogue (accepted by a permissive one), made on
     /// their first successful emit.
-    other_types: RwLock<HashMap<String, Arc<TypeEntry>>>,
+    other_types: RwLock<FxHashMap<String, Arc<TypeEntry>>>,
     defaults: Defaults,
     topics: Mutex<HashMap<String, Arc<dyn Topic>>>,
     emits: TaskTracker,
@@ -517,10 +519,10 @@ impl BusBuilder {
                 transport: self.transport,
                 catalog: self.catalog,
                 source: Arc::from(self.source),
-                routes: self.routes,
+                routes: self.routes.into_iter().collect(),
                 shared_topics,
                 types,
-                other_types: RwLock::new(HashMap::new()),
+                other_types: RwLock::new(FxHashMap::default()),
                 defaults: self.defaults,
                 topics: Mutex::new(HashMap::new()),
                 emits: TaskTracker::new(),

@@ -6,6 +6,9 @@
 //! `evbus.handle`. Without it (or without a `tracing-opentelemetry` layer installed) no trace
 //! context is written and handler spans have no remote parent.
 
+use futures::future::Either;
+use tracing::Instrument;
+
 use crate::envelope::{Event, EventBuilder};
 
 #[cfg(feature = "opentelemetry")]
@@ -69,10 +72,26 @@ pub(super) fn inject(builder: EventBuilder, span: &tracing::Span) -> EventBuilde
     }
 }
 
+/// Runs `work` inside `span`; when no subscriber wants the span (it is disabled), runs it as
+/// it is: entering and leaving a disabled span on every poll records nothing but costs
+/// (tracing's `log` fallback looks at the logger each time).
+pub(super) fn within<F: Future>(
+    span: &tracing::Span,
+    work: F,
+) -> Either<F, tracing::instrument::Instrumented<F>> {
+    if span.is_disabled() {
+        Either::Left(work)
+    } else {
+        Either::Right(work.instrument(span.clone()))
+    }
+}
+
 /// Parents `span` to the trace context the event carries.
 pub(super) fn adopt(span: &tracing::Span, event: &Event) {
     #[cfg(feature = "opentelemetry")]
-    otel::adopt(span, event);
+    if !span.is_disabled() {
+        otel::adopt(span, event);
+    }
     #[cfg(not(feature = "opentelemetry"))]
     let _ = (span, event);
 }

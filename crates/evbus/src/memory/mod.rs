@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -168,10 +169,12 @@ struct BrokerInner {
     next_anonymous: AtomicU64,
 }
 
+/// Keyed by topic and queue names, which the application chooses (a map with a fast hash:
+/// one lookup per publish).
 #[derive(Default)]
 struct BrokerState {
-    topics: HashMap<String, TopicState>,
-    queues: HashMap<String, Arc<Group>>,
+    topics: FxHashMap<String, TopicState>,
+    queues: FxHashMap<String, Arc<Group>>,
 }
 
 impl BrokerState {
@@ -189,8 +192,8 @@ impl BrokerState {
 #[derive(Default)]
 struct TopicState {
     history: VecDeque<Event>,
-    named: HashMap<String, Arc<Group>>,
-    anonymous: HashMap<u64, Weak<Group>>,
+    named: FxHashMap<String, Arc<Group>>,
+    anonymous: FxHashMap<u64, Weak<Group>>,
 }
 
 impl TopicState {
