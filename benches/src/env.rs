@@ -32,6 +32,33 @@ pub(crate) struct Environment {
     pub(crate) brokers: BTreeMap<String, String>,
     /// Tokio runtime of every loop.
     pub(crate) runtime: String,
+    /// The commit measured (`git rev-parse --short=12 HEAD`), `-dirty` when the working tree
+    /// had changes; empty in runs made before it was recorded.
+    #[serde(default)]
+    pub(crate) commit: String,
+}
+
+/// The checked-out commit, with `-dirty` when tracked files that can change what is measured
+/// differ from it (not the results, the docs or other prose).
+fn commit() -> String {
+    let Some(head) = command("git", &["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    let dirty = command(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)benches/results",
+            ":(exclude)docs",
+            ":(exclude)*.md",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty());
+    if dirty { format!("{head}-dirty") } else { head }
 }
 
 fn read(path: &str) -> String {
@@ -142,6 +169,7 @@ impl Environment {
             crates: crate_versions(),
             brokers,
             runtime: "tokio multi-thread, 2 worker threads, one runtime for every loop".to_owned(),
+            commit: commit(),
         }
     }
 

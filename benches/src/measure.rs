@@ -324,6 +324,10 @@ pub(crate) struct AdapterResult {
     /// What the `raw` loop was: `raw` (the broker's client) or a peer library.
     #[serde(default = "raw_loop")]
     pub(crate) baseline: String,
+    /// The environment of the run this result came from (set by the report, which merges
+    /// runs made at different times).
+    #[serde(skip)]
+    pub(crate) measured: Option<crate::env::Environment>,
 }
 
 fn raw_loop() -> String {
@@ -655,6 +659,7 @@ async fn run_adapter(adapter: &str, plan: Plan, peer: Option<&str>) -> Result<Ad
         sizes,
         seconds: started.elapsed().as_secs_f64(),
         baseline: peer.unwrap_or("raw").to_owned(),
+        measured: None,
     })
 }
 

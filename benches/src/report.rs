@@ -40,7 +40,10 @@ pub(crate) fn write(
     // The latest start among the runs: its end load is the whole run's.
     let mut last_started = String::new();
     for path in runs {
-        let one: RunResult = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let mut one: RunResult = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        for adapter in &mut one.adapters {
+            adapter.measured = Some(one.environment.clone());
+        }
         let started = one.environment.started.clone();
         match &mut merged {
             None => {
@@ -192,29 +195,51 @@ fn markdown(
             "> This is a `--quick` run: few events and rounds, wide spreads.\n"
         );
     }
+    // The adapters' rows may come from runs made at different times (each adapter keeps its
+    // last full run): then the page gives the span here and each run in its section.
+    let starts: std::collections::BTreeSet<&str> = run
+        .adapters
+        .iter()
+        .filter_map(|a| a.measured.as_ref().map(|m| m.started.as_str()))
+        .collect();
+    let several = starts.len() > 1;
     let _ = writeln!(md, "## Environment\n");
     let _ = writeln!(md, "| | |\n|---|---|");
-    let _ = writeln!(md, "| date | {} |", env.started);
+    match (starts.first(), starts.last()) {
+        (Some(first), Some(last)) if several => {
+            let _ = writeln!(
+                md,
+                "| date | {first} to {last}: each adapter's last full run, given in its section |"
+            );
+        }
+        _ => {
+            let _ = writeln!(md, "| date | {} |", env.started);
+        }
+    }
     let _ = writeln!(md, "| CPU | {} ({} cores) |", env.cpu, env.cores);
     let _ = writeln!(md, "| kernel | {} |", env.kernel);
     // The 1-minute load against the cores: above them, other work competed with the run.
-    let busy = [&env.load_start, &env.load_end].iter().any(|l| {
-        l.split_whitespace()
-            .next()
-            .and_then(|x| x.parse::<f64>().ok())
-            .is_some_and(|x| x >= env.cores as f64)
-    });
-    let _ = writeln!(
-        md,
-        "| load (`/proc/loadavg`) | start `{}`, end `{}`{} |",
-        env.load_start,
-        env.load_end,
-        if busy {
-            " — other work competed with the run, hence wide spreads"
-        } else {
-            " (the brokers measured share the same cores)"
-        }
-    );
+    let busy = [&env.load_start, &env.load_end]
+        .iter()
+        .any(|l| is_busy(l, env.cores));
+    if several {
+        let _ = writeln!(
+            md,
+            "| load (`/proc/loadavg`) | per run, in each adapter's section (the brokers \
+             measured share the same cores) |"
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| load (`/proc/loadavg`) | start `{}`, end `{}`{} |",
+            env.load_start,
+            env.load_end,
+            load_note(busy)
+        );
+    }
+    if !env.commit.is_empty() && !several {
+        let _ = writeln!(md, "| commit | `{}` |", env.commit);
+    }
     let _ = writeln!(md, "| rustc | {} |", env.rustc);
     let _ = writeln!(md, "| profile, flags | {}; {} |", env.profile, env.flags);
     let _ = writeln!(md, "| runtime | {} |", env.runtime);
@@ -233,7 +258,7 @@ fn markdown(
         "## Throughput\n\n![throughput by payload size]({svg})\n"
     );
     for a in &run.adapters {
-        adapter_section(&mut md, a);
+        adapter_section(&mut md, a, env);
     }
 
     let _ = writeln!(md, "## The lines scripts read\n\n```text");
@@ -259,7 +284,7 @@ fn markdown(
     }
     let _ = writeln!(md, "```\n");
 
-    peers_section(&mut md, peers, &run.adapters);
+    peers_section(&mut md, peers, &run.adapters, env);
     gateway_section(&mut md, gateway);
 
     let _ = writeln!(md, "## Cost of the code per event (callgrind, in-memory)\n");
@@ -346,7 +371,12 @@ fn gateway_row(line: &str) -> Option<[&str; 5]> {
     Some([measure, evbus, bare, ratio, rest.trim()])
 }
 
-fn peers_section(md: &mut String, peers: &[AdapterResult], adapters: &[AdapterResult]) {
+fn peers_section(
+    md: &mut String,
+    peers: &[AdapterResult],
+    adapters: &[AdapterResult],
+    page: &crate::env::Environment,
+) {
     let _ = writeln!(md, "## Against the peers\n");
     if peers.is_empty() {
         let _ = writeln!(
@@ -361,6 +391,7 @@ fn peers_section(md: &mut String, peers: &[AdapterResult], adapters: &[AdapterRe
              publish-c64 and publish-batch run), {} rounds, interleaved with the evbus loops.\n",
             a.name, a.baseline, a.plan.events, a.plan.burst_events, a.plan.rounds
         );
+        run_line(md, a, page);
         let _ = writeln!(
             md,
             "| size | measure | {} (events/s) | evbus adapter | evbus Bus | Bus/{} | adapter/{} |\n\
@@ -423,7 +454,54 @@ fn peers_section(md: &mut String, peers: &[AdapterResult], adapters: &[AdapterRe
     let _ = writeln!(md);
 }
 
-fn adapter_section(md: &mut String, a: &AdapterResult) {
+/// What the load row adds: whether other work competed with the run.
+fn load_note(busy: bool) -> &'static str {
+    if busy {
+        " — other work competed with the run, hence wide spreads"
+    } else {
+        " (the brokers measured share the same cores)"
+    }
+}
+
+/// Whether a 1-minute load (`/proc/loadavg`) reached the cores: other work competed.
+fn is_busy(load: &str, cores: usize) -> bool {
+    load.split_whitespace()
+        .next()
+        .and_then(|x| x.parse::<f64>().ok())
+        .is_some_and(|x| x >= cores as f64)
+}
+
+/// The line saying which run an adapter's rows come from (see [`run_description`]).
+fn run_line(md: &mut String, a: &AdapterResult, page: &crate::env::Environment) {
+    if let Some(m) = &a.measured {
+        let _ = writeln!(md, "{}\n", run_description(m, page));
+    }
+}
+
+/// When run `m` started, its commit, its CPU if not the page's, and its load.
+fn run_description(m: &crate::env::Environment, page: &crate::env::Environment) -> String {
+    let commit = match m.commit.as_str() {
+        "" => String::new(),
+        c => format!(" of commit `{c}`"),
+    };
+    let cpu = if m.cpu == page.cpu {
+        String::new()
+    } else {
+        format!(" on {} ({} cores)", m.cpu, m.cores)
+    };
+    let busy = [&m.load_start, &m.load_end]
+        .iter()
+        .any(|l| is_busy(l, m.cores));
+    format!(
+        "Run started {}{commit}{cpu}; load start `{}`, end `{}`{}.",
+        m.started,
+        m.load_start,
+        m.load_end,
+        load_note(busy)
+    )
+}
+
+fn adapter_section(md: &mut String, a: &AdapterResult, page: &crate::env::Environment) {
     let p = &a.plan;
     let _ = writeln!(
         md,
@@ -431,6 +509,7 @@ fn adapter_section(md: &mut String, a: &AdapterResult) {
          rounds; latency: {} events offered at {}/s; {:.0} s in all.\n",
         a.name, p.events, p.burst_events, p.rounds, p.latency_events, p.latency_rate, a.seconds
     );
+    run_line(md, a, page);
     let _ = writeln!(
         md,
         "| size | measure | raw (events/s) | adapter | Bus (evbus) | Bus/raw | adapter/raw | verdict |\n\
@@ -737,6 +816,40 @@ fn chart(adapters: &[AdapterResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_run_says_when_on_which_commit_and_under_what_load() {
+        let page = crate::env::Environment {
+            cpu: "CPU A".to_owned(),
+            cores: 2,
+            ..Default::default()
+        };
+        let run = crate::env::Environment {
+            started: "2026-12-01T13:40:00Z".to_owned(),
+            commit: "4378ae6aaaaa".to_owned(),
+            load_start: "0.50 0.40 0.30 1/200 1".to_owned(),
+            load_end: "2.10 1.00 0.50 1/200 1".to_owned(),
+            ..page.clone()
+        };
+        assert_eq!(
+            run_description(&run, &page),
+            "Run started 2026-12-01T13:40:00Z of commit `4378ae6aaaaa`; load start \
+             `0.50 0.40 0.30 1/200 1`, end `2.10 1.00 0.50 1/200 1` — other work competed \
+             with the run, hence wide spreads."
+        );
+        // Another machine is named; a run from before commits were recorded names none.
+        let other = crate::env::Environment {
+            cpu: "CPU B".to_owned(),
+            commit: String::new(),
+            load_end: "0.90".to_owned(),
+            ..run
+        };
+        assert_eq!(
+            run_description(&other, &page),
+            "Run started 2026-12-01T13:40:00Z on CPU B (2 cores); load start \
+             `0.50 0.40 0.30 1/200 1`, end `0.90` (the brokers measured share the same cores)."
+        );
+    }
 
     #[test]
     fn gateway_lines_split_into_their_columns() {

@@ -15,8 +15,14 @@
 //! scenarios (docs regenerated with the last full run's loops); `--baseline REF` also builds
 //! REF in a git worktree under `<target>/bench/` with today's bench program and reports every
 //! scenario more than 2% worse in instructions. `--peers` and `--gateway` measure against the
-//! peer libraries and the gateway against bare handlers; their full runs are kept and shown on
-//! the page next to the last full run of the loops.
+//! peer libraries and the gateway against bare handlers.
+//!
+//! What the page shows is kept in the repository, under `benches/results/` ([`RESULTS`]):
+//! each adapter's last full run of the loops (`loops/<adapter>.json`) and of the peers
+//! (`peers/<adapter>.json`), the last full gateway run (`gateway.txt`) and the last callgrind
+//! figures (`callgrind.json`). A full run replaces the files of what it measured only, so the
+//! page can be completed one adapter at a time (`--adapter NAME`), on different days; each
+//! adapter's section says when and on which commit its run was made.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -154,8 +160,8 @@ pub(crate) struct Options {
 
 /// `--gateway`: builds evbus-bench with the `gateway` feature and runs `evbus-bench gateway`,
 /// which prints the `bench gateway ...` lines. A full (not `--quick`) run keeps them in
-/// `<target>/bench/latest-gateway/lines.txt` and regenerates docs/benchmarks.md when a full
-/// run of the loops exists, so the page carries the gateway's last full figures.
+/// `benches/results/gateway.txt` and regenerates docs/benchmarks.md when a full run of the
+/// loops is kept, so the page carries the gateway's last full figures.
 fn run_gateway(options: &Options) -> Result<()> {
     let target = target_dir();
     if !build(&["gateway"], &target, None)? {
@@ -182,9 +188,9 @@ fn run_gateway(options: &Options) -> Result<()> {
         eprintln!("bench: --quick leaves docs/benchmarks.md as it is (a full run regenerates it)");
         return Ok(());
     }
-    let out = target.join("bench");
-    let dir = out.join(GATEWAY_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let results = results_dir();
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("creating {}: {e}", results.display()))?;
     let lines: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("bench gateway "))
@@ -194,20 +200,63 @@ fn run_gateway(options: &Options) -> Result<()> {
         utc_now(),
         lines.join("\n")
     );
-    std::fs::write(dir.join("lines.txt"), kept)
+    std::fs::write(results.join(GATEWAY_FILE), kept)
         .map_err(|e| format!("writing the gateway lines: {e}"))?;
-    if out.join("latest-full").exists() {
-        report(&bin, &out)?;
-    } else {
-        eprintln!(
-            "bench: no full run of the loops yet (`cargo xtask bench`): docs/benchmarks.md left as it is"
-        );
-    }
-    Ok(())
+    report(&bin)
 }
 
-/// Where a full `--gateway` run keeps its lines, under `<target>/bench/`.
-const GATEWAY_DIR: &str = "latest-gateway";
+/// Where the results the page is made of are kept, in the repository.
+const RESULTS: &str = "benches/results";
+/// Under [`RESULTS`]: each adapter's last full run of the loops, `<adapter>.json`.
+const LOOPS_DIR: &str = "loops";
+/// Under [`RESULTS`]: each adapter's last full peer run, `<adapter>.json`.
+const PEERS_DIR: &str = "peers";
+/// Under [`LOOPS_DIR`]: why adapters without a result there were not run, `name=why` lines.
+const NOT_RUN_FILE: &str = "not-run.txt";
+/// Under [`RESULTS`]: the last full gateway run's lines, after a `# date command` line.
+const GATEWAY_FILE: &str = "gateway.txt";
+/// Under [`RESULTS`]: the last callgrind figures.
+const CALLGRIND_FILE: &str = "callgrind.json";
+
+fn results_dir() -> PathBuf {
+    project_root().join(RESULTS)
+}
+
+/// Keeps `file`, the full run of `adapter`, as its last (`dir`: loops or peers).
+fn keep_result(dir: &Path, adapter: &str, file: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let kept = dir.join(format!("{adapter}.json"));
+    std::fs::copy(file, &kept)
+        .map(|_| ())
+        .map_err(|e| format!("keeping {} as {}: {e}", file.display(), kept.display()))
+}
+
+/// Updates `not-run.txt` after a full run of the loops: adapters that ran lose their line; an
+/// adapter that could not run gets one, unless an earlier full run of it is kept (the page
+/// then shows that one, with its date).
+fn update_not_run(dir: &Path, ran: &[&str], not_run: &[(&str, String)]) -> Result<()> {
+    let file = dir.join(NOT_RUN_FILE);
+    let mut reasons: std::collections::BTreeMap<String, String> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(name, why)| (name.to_owned(), why.to_owned()))
+        .collect();
+    for name in ran {
+        reasons.remove(*name);
+    }
+    for (name, why) in not_run {
+        if dir.join(format!("{name}.json")).exists() {
+            eprintln!("bench {name}: not run now ({why}); the page keeps its last full run");
+            reasons.remove(*name);
+        } else {
+            reasons.insert((*name).to_owned(), why.clone());
+        }
+    }
+    let lines: Vec<String> = reasons.iter().map(|(n, w)| format!("{n}={w}\n")).collect();
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::write(&file, lines.concat()).map_err(|e| format!("writing {}: {e}", file.display()))
+}
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`, from `date` (no date crate in xtask).
 fn utc_now() -> String {
@@ -390,9 +439,7 @@ pub(crate) fn run(options: &Options) -> Result<()> {
 
     // One process per adapter: an adapter that crashes (a C client library, a broker that
     // hangs) costs its own lines only.
-    let full = out.join("latest-full");
-    // The last full peer run's files, for the report's peer section.
-    let peers_dir = out.join("latest-peers");
+    let results = results_dir();
     if loops {
         if run.is_empty() {
             for (name, why) in &not_run {
@@ -435,7 +482,7 @@ pub(crate) fn run(options: &Options) -> Result<()> {
                 .status()
                 .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
             if status.success() && file.exists() {
-                files.push(file);
+                files.push((adapter.name, file));
             } else {
                 not_run.push((adapter.name, format!("the bench process failed: {status}")));
             }
@@ -443,33 +490,23 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         for (name, why) in &not_run {
             println!("bench {name}: not run ({why})");
         }
-        // The last full run's files, for `report`.
+        // Each adapter's full run replaces its last one, for the page.
         if !options.quick {
-            let keep = if options.peers { &peers_dir } else { &full };
-            let _ = std::fs::remove_dir_all(keep);
-            std::fs::create_dir_all(keep)
-                .map_err(|e| format!("creating {}: {e}", keep.display()))?;
-            for file in &files {
-                if let Some(name) = file.file_name() {
-                    std::fs::copy(file, keep.join(name))
-                        .map_err(|e| format!("copying the results: {e}"))?;
-                }
+            let keep = results.join(if options.peers { PEERS_DIR } else { LOOPS_DIR });
+            for (adapter, file) in &files {
+                keep_result(&keep, adapter, file)?;
             }
-        }
-        if !options.quick && !options.peers {
-            let reasons: Vec<String> = not_run
-                .iter()
-                .map(|(name, why)| format!("{name}={why}"))
-                .collect();
-            std::fs::write(full.join("not-run.txt"), reasons.join("\n"))
-                .map_err(|e| format!("writing not-run.txt: {e}"))?;
+            if !options.peers {
+                let ran: Vec<&str> = files.iter().map(|(adapter, _)| *adapter).collect();
+                update_not_run(&keep, &ran, &not_run)?;
+            }
         }
         if files.is_empty() {
             return Err("every adapter's bench run failed".to_owned());
         }
     }
 
-    let callgrind_json = out.join("callgrind.json");
+    let callgrind_json = results.join(CALLGRIND_FILE);
     if scenarios {
         if Command::new("valgrind").arg("--version").output().is_err() {
             println!("bench callgrind: not run (valgrind is not installed)");
@@ -496,48 +533,63 @@ pub(crate) fn run(options: &Options) -> Result<()> {
         }
     }
 
-    if !options.quick && full.exists() {
-        report(&bin, &out)?;
+    if !options.quick {
+        report(&bin)?;
     } else if options.quick {
         eprintln!("bench: --quick leaves docs/benchmarks.md as it is (a full run regenerates it)");
     }
     Ok(())
 }
 
-/// Regenerates docs/benchmarks.md and its chart from the last full run under `out`
-/// (`latest-full`), with the last full peer run, the last full gateway run and the callgrind
-/// figures when they exist.
-fn report(bin: &Path, out: &Path) -> Result<()> {
+/// Regenerates docs/benchmarks.md and its chart from the results kept under [`RESULTS`]: each
+/// adapter's last full run of the loops and of the peers, the last gateway run and the
+/// callgrind figures, those that exist. Without any run of the loops the page is left as it
+/// is.
+fn report(bin: &Path) -> Result<()> {
     let root = project_root();
-    let full = out.join("latest-full");
-    let peers_dir = out.join("latest-peers");
-    let callgrind_json = out.join("callgrind.json");
+    let results = results_dir();
+    let json_in = |dir: &Path| -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    };
+    let loops = results.join(LOOPS_DIR);
+    let runs = json_in(&loops);
+    if runs.is_empty() {
+        eprintln!(
+            "bench: no full run of the loops kept under {RESULTS}/{LOOPS_DIR} (`cargo xtask bench`): \
+             docs/benchmarks.md left as it is"
+        );
+        return Ok(());
+    }
     let mut cmd = Command::new(bin);
     cmd.arg("report");
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(&full)
-        .map_err(|e| format!("reading {}: {e}", full.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    runs.sort();
-    for file in &runs {
+    // The loops' runs first, then the peers' (the report tells them apart by their baseline).
+    for file in runs.iter().chain(&json_in(&results.join(PEERS_DIR))) {
         cmd.arg("--run").arg(file);
     }
-    // The last full peer run, if any (`--peers`).
-    let mut peer_runs: Vec<PathBuf> = std::fs::read_dir(&peers_dir)
-        .map(|dir| {
-            dir.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default();
-    peer_runs.sort();
-    for file in &peer_runs {
-        cmd.arg("--run").arg(file);
-    }
-    let reasons = std::fs::read_to_string(full.join("not-run.txt")).unwrap_or_default();
+    let reasons = std::fs::read_to_string(loops.join(NOT_RUN_FILE)).unwrap_or_default();
     for line in reasons.lines().filter(|l| !l.is_empty()) {
         cmd.arg("--not-run").arg(line);
+    }
+    // An adapter with neither a kept run nor a reason was not run since results were kept.
+    for adapter in ADAPTERS {
+        let name = adapter.name;
+        let prefix = format!("{name}=");
+        if !loops.join(format!("{name}.json")).exists()
+            && !reasons.lines().any(|l| l.starts_with(&prefix))
+        {
+            cmd.arg("--not-run").arg(format!(
+                "{name}=no full run kept yet under {RESULTS}/{LOOPS_DIR} (`cargo xtask bench --adapter {name}`)"
+            ));
+        }
     }
     cmd.arg("--docs")
         .arg(root.join("docs/benchmarks.md"))
@@ -545,11 +597,11 @@ fn report(bin: &Path, out: &Path) -> Result<()> {
         .arg(root.join("docs/benchmarks.svg"))
         .arg("--notes")
         .arg(root.join("benches/notes.md"));
+    let callgrind_json = results.join(CALLGRIND_FILE);
     if callgrind_json.exists() {
         cmd.arg("--callgrind").arg(&callgrind_json);
     }
-    // The last full gateway run, if any (`--gateway`).
-    let gateway = out.join(GATEWAY_DIR).join("lines.txt");
+    let gateway = results.join(GATEWAY_FILE);
     if gateway.exists() {
         cmd.arg("--gateway").arg(&gateway);
     }
@@ -828,6 +880,40 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_run_replaces_the_kept_results_of_what_it_measured_only() {
+        let dir = std::env::temp_dir().join(format!("evbus-bench-results-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let runs = dir.join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        let loops = dir.join(LOOPS_DIR);
+        let run = |name: &str, body: &str| {
+            let file = runs.join(format!("run-1-{name}.json"));
+            std::fs::write(&file, body).unwrap();
+            file
+        };
+        let read = |name: &str| std::fs::read_to_string(loops.join(name)).unwrap_or_default();
+
+        // Day one: memory runs, redis cannot, kafka has never run.
+        keep_result(&loops, "memory", &run("memory", "memory day 1")).unwrap();
+        update_not_run(&loops, &["memory"], &[("redis", "no broker".to_owned())]).unwrap();
+        assert_eq!(read("memory.json"), "memory day 1");
+        assert_eq!(read(NOT_RUN_FILE), "redis=no broker\n");
+
+        // Day two, `--adapter redis`: redis is kept, memory's day-one run stays.
+        keep_result(&loops, "redis", &run("redis", "redis day 2")).unwrap();
+        update_not_run(&loops, &["redis"], &[]).unwrap();
+        assert_eq!(read("memory.json"), "memory day 1");
+        assert_eq!(read("redis.json"), "redis day 2");
+        assert_eq!(read(NOT_RUN_FILE), "");
+
+        // Day three: redis cannot run; its kept run stays and no reason replaces it.
+        update_not_run(&loops, &[], &[("redis", "no broker".to_owned())]).unwrap();
+        assert_eq!(read("redis.json"), "redis day 2");
+        assert_eq!(read(NOT_RUN_FILE), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn broker_addresses_come_from_urls() {
