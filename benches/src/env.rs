@@ -38,8 +38,9 @@ pub(crate) struct Environment {
     pub(crate) commit: String,
 }
 
-/// The checked-out commit, with `-dirty` when tracked files that can change what is measured
-/// differ from it (not the results, the docs or other prose).
+/// The checked-out commit, with `-dirty` when tracked files the measured program is built
+/// from differ from it (the crates, the bench program, the manifests and the lock file; not
+/// xtask, the results, the docs or other prose).
 fn commit() -> String {
     let Some(head) = command("git", &["rev-parse", "--short=12", "HEAD"]) else {
         return "unknown".to_owned();
@@ -51,9 +52,11 @@ fn commit() -> String {
             "--porcelain",
             "--untracked-files=no",
             "--",
-            ".",
-            ":(exclude)benches/results",
-            ":(exclude)docs",
+            "crates",
+            "benches/src",
+            "benches/Cargo.toml",
+            "Cargo.toml",
+            "Cargo.lock",
             ":(exclude)*.md",
         ],
     )

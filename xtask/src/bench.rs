@@ -154,6 +154,8 @@ pub(crate) struct Options {
     pub(crate) baseline: Option<String>,
     /// Against the peer libraries instead of the raw clients.
     pub(crate) peers: bool,
+    /// Only regenerates the page from the kept results.
+    pub(crate) report: bool,
     /// Only the gateway rows (`evbus-bench gateway`).
     pub(crate) gateway: bool,
 }
@@ -366,6 +368,14 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     if options.gateway {
         return run_gateway(options);
     }
+    if options.report {
+        // The report is a command of the bench program: the plainest build of it will do.
+        let target = target_dir();
+        if !build(&[], &target, None)? {
+            return Err("evbus-bench does not build".to_owned());
+        }
+        return report(&target.join("release").join("evbus-bench"));
+    }
     let root = project_root();
     let target = target_dir();
     let out = target.join("bench");
@@ -374,15 +384,27 @@ pub(crate) fn run(options: &Options) -> Result<()> {
     let scenarios =
         !options.peers && (options.callgrind || options.baseline.is_some() || !options.quick);
 
-    // Which adapters run, and why the others do not.
+    // Which adapters run, and why the others do not. `--adapter` may name several, comma
+    // separated.
+    let chosen: Option<Vec<&str>> = options
+        .adapter
+        .as_deref()
+        .map(|list| list.split(',').map(str::trim).collect());
+    if let Some(unknown) = chosen
+        .iter()
+        .flatten()
+        .find(|name| !ADAPTERS.iter().any(|a| a.name == **name))
+    {
+        let known: Vec<&str> = ADAPTERS.iter().map(|a| a.name).collect();
+        return Err(format!(
+            "unknown adapter `{unknown}`; known: {}",
+            known.join(", ")
+        ));
+    }
     let mut run = Vec::new();
     let mut not_run = Vec::new();
     for adapter in ADAPTERS {
-        if options
-            .adapter
-            .as_deref()
-            .is_some_and(|a| a != adapter.name)
-        {
+        if chosen.as_ref().is_some_and(|c| !c.contains(&adapter.name)) {
             continue;
         }
         if options.peers && !PEER_ADAPTERS.contains(&adapter.name) {
@@ -392,15 +414,6 @@ pub(crate) fn run(options: &Options) -> Result<()> {
             None => run.push(adapter),
             Some(why) => not_run.push((adapter.name, why)),
         }
-    }
-    if let Some(name) = &options.adapter
-        && !ADAPTERS.iter().any(|a| a.name == name)
-    {
-        let known: Vec<&str> = ADAPTERS.iter().map(|a| a.name).collect();
-        return Err(format!(
-            "unknown adapter `{name}`; known: {}",
-            known.join(", ")
-        ));
     }
 
     // Build, with the features of the adapters that run; an adapter whose feature does not
@@ -508,6 +521,8 @@ pub(crate) fn run(options: &Options) -> Result<()> {
 
     let callgrind_json = results.join(CALLGRIND_FILE);
     if scenarios {
+        std::fs::create_dir_all(&results)
+            .map_err(|e| format!("creating {}: {e}", results.display()))?;
         if Command::new("valgrind").arg("--version").output().is_err() {
             println!("bench callgrind: not run (valgrind is not installed)");
         } else {

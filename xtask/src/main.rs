@@ -74,7 +74,8 @@ enum Cmd {
     /// Benchmarks: evbus against each broker's raw client (throughput, latency), callgrind
     /// instructions and allocations per event; regenerates docs/benchmarks.md.
     Bench {
-        /// Only this adapter (`memory`, `redis`, `kafka`).
+        /// Only these adapters, comma separated (`memory`, `redis`, `kafka`, `nats`, `amqp`,
+        /// `postgres`, `sqlite`).
         #[arg(long)]
         adapter: Option<String>,
         /// Fewer events and rounds: the result lines in a few minutes (docs left as they are).
@@ -98,6 +99,10 @@ enum Cmd {
         /// doing the same I/O: `bench gateway ...` lines.
         #[arg(long, conflicts_with_all = ["adapter", "callgrind", "baseline", "peers"])]
         gateway: bool,
+        /// Measures nothing: regenerates docs/benchmarks.md from the results kept under
+        /// benches/results/ (after an edit of benches/notes.md, which the page includes).
+        #[arg(long, conflicts_with_all = ["adapter", "quick", "callgrind", "baseline", "peers", "gateway"])]
+        report: bool,
     },
     /// The fault suite: emitter and handler processes on one adapter (all when omitted) under
     /// a seeded schedule of SIGKILLs, broker restarts and network faults; fails on any loss,
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
             baseline,
             peers,
             gateway,
+            report,
         } => bench::run(&bench::Options {
             adapter,
             quick,
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
             baseline,
             peers,
             gateway,
+            report,
         }),
     };
     match result {
