@@ -617,6 +617,32 @@ pub(crate) fn sample<'a>(items: impl IntoIterator<Item = &'a String>) -> String 
     text
 }
 
+/// Sorted positions as ranges: `3-5, 9` (`none` when empty).
+pub(crate) fn ranges(positions: &[usize]) -> String {
+    let mut sorted = positions.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut iter = sorted.into_iter().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// Checks that `got` equals `sent` attribute by attribute, naming the first differences.
 pub(crate) fn same_event(sent: &Event, got: &Event) -> CaseResult {
     if sent == got {
@@ -973,6 +999,12 @@ pub(crate) fn check_dead_lettered(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_read_as_ranges() {
+        assert_eq!(ranges(&[]), "none");
+        assert_eq!(ranges(&[9, 3, 4, 5, 4, 12, 13]), "3-5, 9, 12-13");
+    }
 
     #[test]
     fn names_stay_short_and_portable_even_for_long_adapters_and_cases() {

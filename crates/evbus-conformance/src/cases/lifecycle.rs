@@ -350,20 +350,22 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
 
     // An acknowledgement lost in the outage means a redelivery after a short visibility
     // timeout: allowed (at-least-once).
-    let (mut sub, destination) = if on_topic {
+    let (mut sub, destination, dead_letters) = if on_topic {
         let name = ctx.topic_name("t");
         let sub_name = ctx.subscription_name(&name, "s");
         let topic = bounded("opening the topic", consumer.topic(&name)).await?;
+        let dead_letters = dead_letter_queue_name(&name, Some(&sub_name), &ctx.short_consumer());
         let options = SubscribeOptions::named(&sub_name).consumer(ctx.short_consumer());
         let sub = bounded("subscribing", topic.subscribe(options)).await?;
         let topic = bounded("opening the topic", publisher.topic(&name)).await?;
-        (sub, Destination::Topic(topic))
+        (sub, Destination::Topic(topic), dead_letters)
     } else {
         let name = ctx.queue_name("q");
         let queue = bounded("opening the queue", consumer.queue(&name)).await?;
+        let dead_letters = dead_letter_queue_name(&name, None, &ctx.short_consumer());
         let sub = bounded("consuming", queue.receive(ctx.short_consumer())).await?;
         let queue = bounded("opening the queue", publisher.queue(&name)).await?;
-        (sub, Destination::Queue(queue))
+        (sub, Destination::Queue(queue), dead_letters)
     };
 
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -385,16 +387,22 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
     });
 
     let events = ctx.events(EVENTS);
+    let order: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
     let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
     let publishing = spawn(async move {
         let mut accepted = HashSet::new();
-        for event in &events {
+        // The publishes that returned a retryable error before they were accepted.
+        let mut retried = Vec::new();
+        for (i, event) in events.iter().enumerate() {
             let give_up = Instant::now() + PER_EVENT;
             loop {
                 match tokio::time::timeout_at(give_up, destination.send(event)).await {
                     Err(_) => fail!("a publish did not return within {PER_EVENT:?} of the outage"),
                     Ok(Ok(())) => break,
                     Ok(Err(e)) if e.is_retryable() => {
+                        if retried.last() != Some(&i) {
+                            retried.push(i);
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Ok(Err(e)) => fail!("a publish failed with a non-retryable error: {e}"),
@@ -404,7 +412,7 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
             count_tx.send_replace(accepted.len());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(accepted)
+        Ok((accepted, retried))
     });
 
     if tokio::time::timeout(WAIT, count_rx.wait_for(|n| *n >= BEFORE_OUTAGE))
@@ -420,7 +428,9 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
         Ok(result) => result.context("resuming the broker")?,
         Err(_) => fail!("resuming the broker did not finish within 120s"),
     }
-    let accepted: HashSet<String> = publishing.join(PER_EVENT * 2, "the publisher").await??;
+    let resumed_after = *count_rx.borrow();
+    let (accepted, retried): (HashSet<String>, Vec<usize>) =
+        publishing.join(PER_EVENT * 2, "the publisher").await??;
 
     let within = Duration::from_secs(90);
     let deadline = Instant::now() + within;
@@ -428,10 +438,29 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
     let mut errors = 0;
     while !accepted.is_subset(&received) {
         match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
-            Err(_) => fail!(
-                "{} after the outage ended ({errors} stream errors)",
-                crate::support::never_arrived(&accepted, &received, within)
-            ),
+            Err(_) => {
+                let lost: Vec<usize> = (0..order.len())
+                    .filter(|&i| !received.contains(&order[i]))
+                    .collect();
+                let dead = dead_lettered(&consumer, &dead_letters).await;
+                let dead: Vec<String> = lost
+                    .iter()
+                    .filter_map(|&i| dead.get(&order[i]).map(|why| format!("{i}: {why}")))
+                    .collect();
+                fail!(
+                    "{} after the outage ended ({errors} stream errors); publishes by position \
+                     (0-based, in order): lost {}; retried through the outage {}; {resumed_after} \
+                     accepted when the broker was back; of the lost, dead-lettered: {}",
+                    crate::support::never_arrived(&accepted, &received, within),
+                    crate::support::ranges(&lost),
+                    crate::support::ranges(&retried),
+                    if dead.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        dead.join(", ")
+                    },
+                )
+            }
             Ok(None) | Ok(Some(Seen::Ended)) => {
                 fail!("the consumer's stream ended instead of resuming after the outage")
             }
@@ -445,6 +474,27 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
         }
     }
     Ok(())
+}
+
+/// What the dead-letter queue `name` holds (event id → reason), read for a failure's
+/// message: whatever cannot be read in a few seconds is left out.
+async fn dead_lettered<T: Transport>(conn: &Conn<T>, name: &str) -> HashMap<String, String> {
+    let mut found = HashMap::new();
+    let Ok(Ok(queue)) = tokio::time::timeout(WAIT, conn.queue(name)).await else {
+        return found;
+    };
+    let Ok(Ok(mut sub)) = tokio::time::timeout(WAIT, queue.receive(Default::default())).await
+    else {
+        return found;
+    };
+    while let Ok(Some(Ok(d))) =
+        tokio::time::timeout(Duration::from_secs(2), sub.next_delivery()).await
+    {
+        let reason = d.event().extension(DEAD_LETTER_REASON).unwrap_or("?");
+        found.insert(d.event().id().to_owned(), reason.to_owned());
+        let _ = d.ack().await;
+    }
+    found
 }
 
 pub(super) async fn lifecycle_topic_outage_loses_no_accepted_publish_and_consumers_resume<
