@@ -350,20 +350,21 @@ async fn outage<T: Transport + 'static>(ctx: &Ctx<T>, on_topic: bool) -> CaseRes
 
     // An acknowledgement lost in the outage means a redelivery after a short visibility
     // timeout: allowed (at-least-once).
+    let options = ctx.short_consumer();
     let (mut sub, destination, dead_letters) = if on_topic {
         let name = ctx.topic_name("t");
         let sub_name = ctx.subscription_name(&name, "s");
         let topic = bounded("opening the topic", consumer.topic(&name)).await?;
-        let dead_letters = dead_letter_queue_name(&name, Some(&sub_name), &ctx.short_consumer());
-        let options = SubscribeOptions::named(&sub_name).consumer(ctx.short_consumer());
-        let sub = bounded("subscribing", topic.subscribe(options)).await?;
+        let dead_letters = dead_letter_queue_name(&name, Some(&sub_name), &options);
+        let subscribe = SubscribeOptions::named(&sub_name).consumer(options);
+        let sub = bounded("subscribing", topic.subscribe(subscribe)).await?;
         let topic = bounded("opening the topic", publisher.topic(&name)).await?;
         (sub, Destination::Topic(topic), dead_letters)
     } else {
         let name = ctx.queue_name("q");
         let queue = bounded("opening the queue", consumer.queue(&name)).await?;
-        let dead_letters = dead_letter_queue_name(&name, None, &ctx.short_consumer());
-        let sub = bounded("consuming", queue.receive(ctx.short_consumer())).await?;
+        let dead_letters = dead_letter_queue_name(&name, None, &options);
+        let sub = bounded("consuming", queue.receive(options)).await?;
         let queue = bounded("opening the queue", publisher.queue(&name)).await?;
         (sub, Destination::Queue(queue), dead_letters)
     };
