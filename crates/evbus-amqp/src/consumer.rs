@@ -6,6 +6,15 @@
 //!   `x-delivery-count` header, so attempt = `x-delivery-count` + 1 whoever held the message
 //!   before. An anonymous subscription's exclusive classic queue has only this consumer, so
 //!   the consumer counts its own requeues (keyed by `message-id`).
+//! - **Returns that were not attempts**: RabbitMQ also counts a return when a consumer's
+//!   channel is lost, including the prefetched messages the consumer had not handed out
+//!   yet. Only a delivery handed out is an attempt, so the consumer keeps, by `message-id`,
+//!   the returns it caused without handing the message out and takes them off the count when
+//!   the message comes back to it. Deliveries received on a lost channel and still waiting
+//!   are dropped, not handed out (RabbitMQ has requeued them), and after a loss the consumer
+//!   re-attaches only once what it had handed out on the lost channel is settled (at most a
+//!   visibility timeout later): new deliveries do not wait behind deliveries nobody can
+//!   settle, where another loss would count against them too.
 //! - **Visibility timeout**: RabbitMQ has none; it requeues when a channel or connection
 //!   closes. The consumer also requeues (`basic.nack`, `requeue`) every delivery handed out
 //!   longer than [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a
@@ -13,7 +22,7 @@
 //!   [`ErrorKind::Expired`].
 //! - **Dropping the subscription** closes its channel: RabbitMQ requeues what it held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -74,10 +83,11 @@ pub(crate) async fn subscribe(
     let dead_letter = transport.queue(source.dead_letter_queue()).await?;
     let acker = Arc::new(AmqpAcker {
         shared: Arc::clone(&shared),
-        held: std::sync::Mutex::new(HashMap::new()),
+        state: std::sync::Mutex::default(),
         next_tag: AtomicU64::new(1),
         own_count: matches!(target, Target::Anonymous { .. }),
         requeued: std::sync::Mutex::new(HashMap::new()),
+        lost_settled: tokio::sync::Notify::new(),
     });
     // A broker-side refusal that a new attempt can clear (RabbitMQ's INTERNAL_ERROR when a
     // new quorum queue is consumed while it starts, which also closes the connection) is
@@ -110,12 +120,17 @@ pub(crate) async fn subscribe(
     );
     shared.tasks.spawn(task);
     let stream = futures::stream::unfold((rx, acker), |(mut rx, acker)| async move {
-        let item = rx.recv().await?;
-        if let Ok(raw) = &item {
-            // The visibility timeout runs from the moment the delivery is handed out.
-            acker.handed(raw.tag());
+        loop {
+            let item = rx.recv().await?;
+            // A delivery received on a channel lost since is dropped: RabbitMQ requeued it,
+            // and nothing could settle it. Otherwise the visibility timeout runs from now.
+            if let Ok(raw) = &item
+                && !acker.handed(raw.tag())
+            {
+                continue;
+            }
+            return Some((item, (rx, acker)));
         }
-        Some((item, (rx, acker)))
     });
     Ok(source.into_subscription(stream, dead_letter, shared.cancel.clone().cancelled_owned()))
 }
@@ -230,12 +245,20 @@ async fn run(
         (options.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Deliveries received and not yet forwarded to the subscription (at most a prefetch).
+    let mut waiting: VecDeque<RawDelivery> = VecDeque::new();
     loop {
         let Some(current) = attached.as_mut() else {
+            // What was handed out on the lost channel holds in-flight slots until it is
+            // settled: attaching before would leave new deliveries waiting behind it.
+            let pause = async {
+                acker.settle_lost(options.visibility_timeout).await;
+                tokio::time::sleep(backoff.next_delay()).await;
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tx.closed() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                () = pause => {}
             }
             epoch += 1;
             match attach(&shared, &target, &options, epoch).await {
@@ -267,23 +290,23 @@ async fn run(
                 return;
             }
             _ = sweep.tick() => acker.sweep(options.visibility_timeout).await,
+            // Forwarding waits for room without blocking the loop: a channel lost meanwhile
+            // is noticed at once (what waited here is dropped; RabbitMQ requeued it).
+            room = tx.reserve(), if !waiting.is_empty() => match (room, waiting.pop_front()) {
+                (Ok(room), Some(raw)) => room.send(Ok(raw)),
+                _ => {
+                    detach(current, &acker).await;
+                    return;
+                }
+            },
             next = current.consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let raw = acker.raw(delivery, &current.channel, current.epoch, target.queue());
-                    tokio::select! {
-                        sent = tx.send(Ok(raw)) => if sent.is_err() {
-                            detach(current, &acker).await;
-                            return;
-                        },
-                        _ = cancel.cancelled() => {
-                            detach(current, &acker).await;
-                            return;
-                        }
-                    }
+                    waiting.push_back(acker.raw(delivery, &current.channel, current.epoch, target.queue()));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
                     detach(current, &acker).await;
+                    waiting.clear();
                     attached = None;
                 }
                 None => {
@@ -292,6 +315,7 @@ async fn run(
                     // (and can no longer be settled) would stay there while the connection
                     // lives instead of being redelivered.
                     detach(current, &acker).await;
+                    waiting.clear();
                     attached = None;
                 }
             }
@@ -316,25 +340,77 @@ struct Held {
     handed: Option<Instant>,
     attempt: u32,
     key: Option<String>,
+    /// Returns RabbitMQ counted for this message that were no attempt (see [`Unhanded`]).
+    uncounted: u32,
 }
 
 /// Settles a consumer's deliveries; shared by all of them, told apart by their tag.
 struct AmqpAcker {
     shared: Arc<Shared>,
-    held: std::sync::Mutex<HashMap<u64, Held>>,
+    state: std::sync::Mutex<Holding>,
     next_tag: AtomicU64,
     /// Whether this consumer counts requeues itself (no `x-delivery-count`).
     own_count: bool,
     /// Attempts of messages this consumer requeued, by `message-id` (`own_count` only).
     requeued: std::sync::Mutex<HashMap<String, u32>>,
+    /// Woken when a delivery handed out on a lost channel is settled.
+    lost_settled: tokio::sync::Notify,
+}
+
+/// What a consumer holds, under one lock.
+#[derive(Default)]
+struct Holding {
+    /// Unsettled deliveries of live channels, by tag.
+    held: HashMap<u64, Held>,
+    /// Tags handed out on a channel that was lost since, not settled yet.
+    lost: HashSet<u64>,
+    unhanded: Unhanded,
+}
+
+/// How many returns RabbitMQ counted for messages this consumer received but never handed
+/// out (they waited in its buffer when their channel was lost), by `message-id`; taken off
+/// the attempt when the message comes back here. A message that went to another consumer
+/// never claims its entry, so the oldest go first past [`Unhanded::LIMIT`].
+#[derive(Default)]
+struct Unhanded {
+    counts: HashMap<String, u32>,
+    order: VecDeque<String>,
+}
+
+impl Unhanded {
+    const LIMIT: usize = 4096;
+
+    fn add(&mut self, key: &str, returns: u32) {
+        if let Some(count) = self.counts.get_mut(key) {
+            *count = count.saturating_add(returns);
+            return;
+        }
+        if self.order.len() >= Self::LIMIT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.counts.remove(&oldest);
+        }
+        self.order.push_back(key.to_owned());
+        self.counts.insert(key.to_owned(), returns);
+    }
+
+    fn take(&mut self, key: &str) -> u32 {
+        self.counts.remove(key).unwrap_or(0)
+    }
 }
 
 impl AmqpAcker {
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Holding> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn attempt(&self, delivery: &lapin::message::Delivery, key: Option<&str>) -> u32 {
+    /// The attempt of `delivery`, given the returns counted for it that were no attempt.
+    fn attempt(
+        &self,
+        delivery: &lapin::message::Delivery,
+        key: Option<&str>,
+        uncounted: u32,
+    ) -> u32 {
         let count = delivery
             .properties
             .headers()
@@ -344,6 +420,7 @@ impl AmqpAcker {
         if let Some(count) = count {
             return u32::try_from(count.max(0))
                 .unwrap_or(u32::MAX - 1)
+                .saturating_sub(uncounted)
                 .saturating_add(1);
         }
         if !delivery.redelivered {
@@ -355,7 +432,9 @@ impl AmqpAcker {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(k)
         });
-        before.map_or(2, |a| a.saturating_add(1))
+        // Redelivered without a requeue of ours: its channel was lost, while it was handed
+        // out (an attempt) or before (not one).
+        before.map_or(if uncounted > 0 { 1 } else { 2 }, |a| a.saturating_add(1))
     }
 
     /// Registers `delivery` and builds what core receives.
@@ -371,9 +450,10 @@ impl AmqpAcker {
             .message_id()
             .as_ref()
             .map(|id| id.to_string());
-        let attempt = self.attempt(&delivery, key.as_deref());
+        let uncounted = key.as_deref().map_or(0, |k| self.lock().unhanded.take(k));
+        let attempt = self.attempt(&delivery, key.as_deref(), uncounted);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        self.lock_held().insert(
+        self.lock().held.insert(
             tag,
             Held {
                 channel: channel.clone(),
@@ -382,6 +462,7 @@ impl AmqpAcker {
                 handed: None,
                 attempt,
                 key,
+                uncounted,
             },
         );
         let acker: Arc<dyn Acker> = Arc::clone(self) as Arc<dyn Acker>;
@@ -402,30 +483,84 @@ impl AmqpAcker {
         }
     }
 
-    fn handed(&self, tag: u64) {
-        if let Some(held) = self.lock_held().get_mut(&tag) {
-            held.handed = Some(Instant::now());
+    /// Marks `tag` handed out; `false` when its channel was lost (do not hand it out).
+    fn handed(&self, tag: u64) -> bool {
+        match self.lock().held.get_mut(&tag) {
+            Some(held) => {
+                held.handed = Some(Instant::now());
+                true
+            }
+            None => false,
         }
     }
 
     /// Forgets the deliveries of attachment `epoch`: its channel is gone and RabbitMQ
-    /// requeues them.
+    /// requeues them. Those handed out are awaited (see [`Self::settle_lost`]); the others
+    /// were no attempt, whatever RabbitMQ counts.
     fn lost(&self, epoch: u64) {
-        self.lock_held().retain(|_, held| held.epoch != epoch);
+        let mut state = self.lock();
+        let tags: Vec<u64> = state
+            .held
+            .iter()
+            .filter(|(_, held)| held.epoch == epoch)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in tags {
+            let Some(held) = state.held.remove(&tag) else {
+                continue;
+            };
+            let handed = held.handed.is_some();
+            if handed {
+                state.lost.insert(tag);
+            }
+            let uncounted = held.uncounted.saturating_add(u32::from(!handed));
+            if let (Some(key), 1..) = (&held.key, uncounted) {
+                state.unhanded.add(key, uncounted);
+            }
+        }
+    }
+
+    /// Waits until every delivery handed out on a lost channel is settled (they hold
+    /// in-flight slots until then), for at most `limit`.
+    async fn settle_lost(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let settled = self.lost_settled.notified();
+            if self.lock().lost.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                // Never settled (dropped unsettled, or still running): stop waiting for them.
+                self.lock().lost.clear();
+                return;
+            }
+        }
     }
 
     fn take(&self, tag: u64) -> Result<Held> {
-        self.lock_held().remove(&tag).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Expired,
-                "this delivery was given back to RabbitMQ (its visibility timeout passed, its \
-                 subscription was dropped or its channel was lost) and will be redelivered",
-            )
-        })
+        let mut state = self.lock();
+        if let Some(held) = state.held.remove(&tag) {
+            return Ok(held);
+        }
+        if state.lost.remove(&tag) {
+            self.lost_settled.notify_one();
+        }
+        Err(Error::new(
+            ErrorKind::Expired,
+            "this delivery was given back to RabbitMQ (its visibility timeout passed, its \
+             subscription was dropped or its channel was lost) and will be redelivered",
+        ))
     }
 
+    /// Keeps what the next delivery of a message requeued by this consumer needs to know.
     fn remember_requeue(&self, held: &Held) {
-        if let (true, Some(key)) = (self.own_count, &held.key) {
+        let Some(key) = &held.key else {
+            return;
+        };
+        if held.uncounted > 0 {
+            self.lock().unhanded.add(key, held.uncounted);
+        }
+        if self.own_count {
             self.requeued
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -452,7 +587,7 @@ impl AmqpAcker {
     /// Requeues every delivery handed out more than `visibility` ago and still unsettled.
     async fn sweep(&self, visibility: Duration) {
         let expired: Vec<Held> = {
-            let mut held = self.lock_held();
+            let held = &mut self.lock().held;
             let tags: Vec<u64> = held
                 .iter()
                 .filter(|(_, h)| h.handed.is_some_and(|t| t.elapsed() >= visibility))

@@ -27,14 +27,10 @@ async fn connect(node: &RabbitNode) -> evbus::Result<AmqpTransport> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_topic_publishes_survive_repeated_hard_kills() {
-    let node = match tokio::task::block_in_place(RabbitNode::start) {
-        Ok(node) => Arc::new(node),
-        Err(e) => {
-            // Same rule as the conformance suite's outage cases: without a local
-            // `rabbitmq-server` there is nothing to kill.
-            eprintln!("SKIPPED: cannot start a RabbitMQ node: {e}");
-            return;
-        }
+    // Same rule as the conformance suite's outage cases: without a local `rabbitmq-server`
+    // there is nothing to kill.
+    let Some(node) = support::start_node() else {
+        return;
     };
     let consumer = connect(&node).await.expect("consumer transport");
     let publisher = connect(&node).await.expect("publisher transport");
@@ -193,12 +189,8 @@ async fn accepted_topic_publishes_survive_repeated_hard_kills() {
 /// broker finishes it late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consume_answered_after_its_timeout_leaves_no_consumer_behind() {
-    let node = match tokio::task::block_in_place(RabbitNode::start) {
-        Ok(node) => Arc::new(node),
-        Err(e) => {
-            eprintln!("SKIPPED: cannot start a RabbitMQ node: {e}");
-            return;
-        }
+    let Some(node) = support::start_node() else {
+        return;
     };
     let url = format!(
         "{}?command_timeout_ms=1000&reconnect_max_delay_ms=1000",

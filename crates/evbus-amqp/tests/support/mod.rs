@@ -158,6 +158,27 @@ impl std::ops::Deref for RabbitNode {
     }
 }
 
+/// Starts a node for a test that needs one. Without one the test cannot run: under `CI` or
+/// `EVBUS_REQUIRE_BROKERS` that fails it, elsewhere it says so loudly and the test returns.
+pub fn start_node() -> Option<std::sync::Arc<RabbitNode>> {
+    match tokio::task::block_in_place(RabbitNode::start) {
+        Ok(node) => Some(std::sync::Arc::new(node)),
+        Err(e) => {
+            let required = ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
+                std::env::var(var)
+                    .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+            });
+            assert!(
+                !required,
+                "cannot start a RabbitMQ node (rabbitmq-server): {e}; CI or \
+                 EVBUS_REQUIRE_BROKERS is set, so this is a failure"
+            );
+            eprintln!("SKIPPED: cannot start a RabbitMQ node (rabbitmq-server): {e}");
+            None
+        }
+    }
+}
+
 pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }

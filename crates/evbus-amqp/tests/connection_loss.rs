@@ -1,0 +1,185 @@
+//! Connection losses and attempt counts, on a RabbitMQ node this test starts itself (see
+//! `support::RabbitNode`), whose client connections it closes from the broker's side.
+//!
+//! RabbitMQ 3.10 adds one to a quorum queue message's `x-delivery-count` whenever it takes
+//! the message back from a consumer, including when the consumer's channel is lost while the
+//! message only waited in the consumer's prefetch. An attempt is a delivery handed out: a
+//! message a consumer never handed out must not come back with a higher attempt, however
+//! many times its connection was lost, and a few lost connections in a row must not
+//! dead-letter a backlog nobody handled.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use evbus::{ConsumerOptions, ErrorKind, Event, SubscribeOptions, Transport};
+use evbus_amqp::{AmqpConfig, AmqpTransport};
+use support::RabbitNode;
+use tokio::time::Instant;
+
+const IN_FLIGHT: usize = 4;
+const MAX_ATTEMPTS: u32 = 3;
+/// More losses than attempts allowed.
+const LOSSES: usize = 5;
+const EVENTS: u64 = 12;
+
+/// `(consumers, messages_unacknowledged)` of quorum queue `queue`.
+fn queue_state(node: &RabbitNode, queue: &str) -> (u64, u64) {
+    let printed = node
+        .eval(&format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+             [{{consumers, C}}, {{messages_unacknowledged, U}}] = \
+             rabbit_amqqueue:info(Q, [consumers, messages_unacknowledged]), {{C, U}}."
+        ))
+        .expect("reading the queue's state");
+    let numbers: Vec<u64> = printed
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    match numbers[..] {
+        [consumers, unacked] => (consumers, unacked),
+        _ => panic!("unexpected queue state `{printed}`"),
+    }
+}
+
+/// Waits until `queue` has one consumer holding `unacked` messages (the consumer re-attached
+/// and filled its prefetch), or fails after `within`.
+async fn until_attached(node: &Arc<RabbitNode>, queue: &str, unacked: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let state = {
+            let (node, queue) = (Arc::clone(node), queue.to_owned());
+            tokio::task::spawn_blocking(move || queue_state(&node, &queue))
+                .await
+                .unwrap()
+        };
+        if state == (1, unacked) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not re-attach with {unacked} messages prefetched within \
+             {within:?}: (consumers, unacked) = {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Closes every client connection of the node, from the broker's side.
+async fn close_connections(node: &Arc<RabbitNode>) {
+    let node = Arc::clone(node);
+    tokio::task::spawn_blocking(move || {
+        node.eval("rabbit_networking:close_all_connections(\"evbus test: connection lost\").")
+    })
+    .await
+    .unwrap()
+    .expect("closing the connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_losses_count_only_against_deliveries_handed_out() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let url = format!(
+        "{}?reconnect_max_delay_ms=500&command_timeout_ms=5000",
+        node.url()
+    );
+    let transport = AmqpTransport::connect(AmqpConfig::from_url(&url).unwrap())
+        .await
+        .expect("transport");
+    let topic_name = format!("losses-{}", std::process::id());
+    let topic = transport.topic(&topic_name).await.expect("topic");
+    // A visibility timeout far longer than the test: nothing is requeued by the sweep, and a
+    // re-attachment that waited for it would fail the waits below.
+    let options = ConsumerOptions::default()
+        .max_in_flight(IN_FLIGHT)
+        .max_attempts(MAX_ATTEMPTS)
+        .visibility_timeout(Duration::from_secs(120));
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("s").consumer(options.clone()))
+        .await
+        .expect("subscribe");
+    let queue = transport.subscription_queue_name(&topic_name, "s");
+
+    let mut published = Vec::new();
+    for seq in 0..EVENTS {
+        let event = Event::builder("losses", "/losses")
+            .json(&seq)
+            .unwrap()
+            .build()
+            .unwrap();
+        topic.publish(&event).await.expect("publish");
+        published.push(event.id().to_owned());
+    }
+
+    // Two deliveries handed out and left unsettled; two more wait in the prefetch.
+    let mut handed = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+            .await
+            .expect("a delivery within 10s")
+            .expect("the subscription ended")
+            .expect("a delivery");
+        assert_eq!(d.attempt(), 1, "a first delivery");
+        handed.push(d);
+    }
+    until_attached(&node, &queue, IN_FLIGHT as u64, Duration::from_secs(10)).await;
+
+    // The first loss: what was handed out cannot be settled any more, and the consumer comes
+    // back as soon as it is settled (not after the visibility timeout).
+    close_connections(&node).await;
+    for d in &handed {
+        let error = d.ack().await.expect_err("an ack on a lost channel");
+        assert_eq!(error.kind(), ErrorKind::Expired, "{error}");
+    }
+    until_attached(&node, &queue, IN_FLIGHT as u64, Duration::from_secs(15)).await;
+
+    // More losses while nothing is handed out.
+    for _ in 1..LOSSES {
+        close_connections(&node).await;
+        until_attached(&node, &queue, IN_FLIGHT as u64, Duration::from_secs(15)).await;
+    }
+
+    let lost_while_handed: Vec<String> = handed.iter().map(|d| d.event().id().to_owned()).collect();
+    // One of the others is nacked once: its next attempt is its second, not more.
+    let mut nacked: Option<String> = None;
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    while attempts.len() < published.len() {
+        let next = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery()).await;
+        let Ok(Some(Ok(d))) = next else {
+            let missing: Vec<&String> = published
+                .iter()
+                .filter(|id| !attempts.contains_key(*id))
+                .collect();
+            panic!(
+                "{} of {EVENTS} events did not come back after {LOSSES} lost connections \
+                 (dead-lettered as over-delivered?): {missing:?}; got {next:?}",
+                missing.len()
+            );
+        };
+        let id = d.event().id().to_owned();
+        if nacked.is_none() && !lost_while_handed.contains(&id) {
+            d.nack(None).await.expect("nack");
+            nacked = Some(id);
+            continue;
+        }
+        d.ack().await.expect("ack");
+        attempts.insert(id, d.attempt());
+    }
+    for id in &published {
+        let again = lost_while_handed.contains(id) || nacked.as_ref() == Some(id);
+        let expected = if again { 2 } else { 1 };
+        assert_eq!(
+            attempts[id],
+            expected,
+            "event {id}: handed out {} time(s) before, whatever RabbitMQ counted",
+            expected - 1
+        );
+    }
+    let _ = transport.delete_topic(&topic_name).await;
+    let _ = transport.close().await;
+}
