@@ -363,28 +363,33 @@ pub(super) async fn topic_many_concurrent_publishers_on_many_topics_lose_nothing
     let publishers = [ctx.connect().await?, ctx.connect().await?];
     let consumer = ctx.connect().await?;
 
-    let mut consumers = Vec::with_capacity(TOPICS);
+    let mut subscriptions = Vec::with_capacity(TOPICS);
     let mut work = Vec::with_capacity(TOPICS * PUBLISHERS);
     for t in 0..TOPICS {
         let name = ctx.topic_name(&format!("t{t}"));
         let events = ctx.events((PUBLISHERS * EACH) as u64);
-        let mut s = subscribe(
+        let s = subscribe(
             &*open(&consumer, &name).await?,
             ctx.named(&ctx.subscription_name(&name, "s")),
         )
         .await?;
-        let expected = ids(&events);
+        subscriptions.push((t, s, ids(&events)));
+        for (p, chunk) in events.chunks(EACH).enumerate() {
+            let conn = publishers[p % 2].clone();
+            let name = name.clone();
+            work.push((conn, name, chunk.to_vec()));
+        }
+    }
+    // Each subscription's wait runs from here, when every subscription is in place: setting
+    // up the others (a consumer group join each on Kafka) is not part of it.
+    let mut consumers = Vec::with_capacity(TOPICS);
+    for (t, mut s, expected) in subscriptions {
         consumers.push(spawn(async move {
             let what = format!("the subscription of topic {t}");
             receive_exactly(&mut s, &expected, WAIT * 2, &what)
                 .await
                 .map(|_| ())
         }));
-        for (p, chunk) in events.chunks(EACH).enumerate() {
-            let conn = publishers[p % 2].clone();
-            let name = name.clone();
-            work.push((conn, name, chunk.to_vec()));
-        }
     }
     // Every publisher starts at once.
     let mut tasks = Vec::with_capacity(work.len());
