@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use evbus::{ConsumerOptions, ErrorKind, Event, SubscribeOptions, Transport};
-use evbus_amqp::{AmqpConfig, AmqpTransport};
 use support::RabbitNode;
 use tokio::time::Instant;
 
@@ -84,13 +83,8 @@ async fn connection_losses_count_only_against_deliveries_handed_out() {
     let Some(node) = support::start_node() else {
         return;
     };
-    let url = format!(
-        "{}?reconnect_max_delay_ms=500&command_timeout_ms=5000",
-        node.url()
-    );
-    let transport = AmqpTransport::connect(AmqpConfig::from_url(&url).unwrap())
-        .await
-        .expect("transport");
+    let transport =
+        support::transport(&node, "reconnect_max_delay_ms=500&command_timeout_ms=5000").await;
     let topic_name = format!("losses-{}", std::process::id());
     let topic = transport.topic(&topic_name).await.expect("topic");
     // A visibility timeout far longer than the test: nothing is requeued by the sweep, and a

@@ -10,20 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use evbus::{ConsumerOptions, Event, SubscribeOptions, Transport};
-use evbus_amqp::{AmqpConfig, AmqpTransport};
-use support::RabbitNode;
 use tokio::time::Instant;
 
 const OUTAGES: usize = 4;
 const PUBLISHES_BETWEEN_OUTAGES: usize = 40;
 
-async fn connect(node: &RabbitNode) -> evbus::Result<AmqpTransport> {
-    let url = format!(
-        "{}?reconnect_max_delay_ms=1000&command_timeout_ms=5000&connect_timeout_ms=2000",
-        node.url()
-    );
-    AmqpTransport::connect(AmqpConfig::from_url(&url)?).await
-}
+/// The adapter options of the stress test's transports.
+const OPTIONS: &str = "reconnect_max_delay_ms=1000&command_timeout_ms=5000&connect_timeout_ms=2000";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_topic_publishes_survive_repeated_hard_kills() {
@@ -32,8 +25,8 @@ async fn accepted_topic_publishes_survive_repeated_hard_kills() {
     let Some(node) = support::start_node() else {
         return;
     };
-    let consumer = connect(&node).await.expect("consumer transport");
-    let publisher = connect(&node).await.expect("publisher transport");
+    let consumer = support::transport(&node, OPTIONS).await;
+    let publisher = support::transport(&node, OPTIONS).await;
     let topic_name = format!("stress-{}", std::process::id());
     let topic = consumer.topic(&topic_name).await.expect("topic");
     let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(1));
@@ -192,13 +185,8 @@ async fn a_consume_answered_after_its_timeout_leaves_no_consumer_behind() {
     let Some(node) = support::start_node() else {
         return;
     };
-    let url = format!(
-        "{}?command_timeout_ms=1000&reconnect_max_delay_ms=1000",
-        node.url()
-    );
-    let transport = AmqpTransport::connect(AmqpConfig::from_url(&url).unwrap())
-        .await
-        .expect("transport");
+    let transport =
+        support::transport(&node, "command_timeout_ms=1000&reconnect_max_delay_ms=1000").await;
     let topic_name = format!("late-consume-{}", std::process::id());
     let topic = transport.topic(&topic_name).await.expect("topic");
     let options = SubscribeOptions::named("s");

@@ -179,6 +179,15 @@ pub fn start_node() -> Option<std::sync::Arc<RabbitNode>> {
     }
 }
 
+/// A transport to `node`, with the adapter options in `query` (`name=value&...`).
+pub async fn transport(node: &RabbitNode, query: &str) -> evbus_amqp::AmqpTransport {
+    let url = format!("{}?{query}", node.url());
+    let config = evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL");
+    evbus_amqp::AmqpTransport::connect(config)
+        .await
+        .expect("connecting to the test's RabbitMQ node")
+}
+
 pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }
