@@ -12,9 +12,9 @@
 //!   the returns it caused without handing the message out and takes them off the count when
 //!   the message comes back to it. Deliveries received on a lost channel and still waiting
 //!   are dropped, not handed out (RabbitMQ has requeued them), and after a loss the consumer
-//!   re-attaches only once what it had handed out on the lost channel is settled (at most a
-//!   visibility timeout later): new deliveries do not wait behind deliveries nobody can
-//!   settle, where another loss would count against them too.
+//!   does not re-attach while what it had handed out on the lost channel holds every
+//!   in-flight slot (at most a visibility timeout): new deliveries would only wait behind
+//!   deliveries nobody can settle, where another loss would count against them too.
 //! - **Visibility timeout**: RabbitMQ has none; it requeues when a channel or connection
 //!   closes. The consumer also requeues (`basic.nack`, `requeue`) every delivery handed out
 //!   longer than [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a
@@ -250,9 +250,11 @@ async fn run(
     loop {
         let Some(current) = attached.as_mut() else {
             // What was handed out on the lost channel holds in-flight slots until it is
-            // settled: attaching before would leave new deliveries waiting behind it.
+            // settled: while it holds them all, new deliveries could only wait behind it.
             let pause = async {
-                acker.settle_lost(options.visibility_timeout).await;
+                acker
+                    .settle_lost(options.max_in_flight, options.visibility_timeout)
+                    .await;
                 tokio::time::sleep(backoff.next_delay()).await;
             };
             tokio::select! {
@@ -520,13 +522,13 @@ impl AmqpAcker {
         }
     }
 
-    /// Waits until every delivery handed out on a lost channel is settled (they hold
-    /// in-flight slots until then), for at most `limit`.
-    async fn settle_lost(&self, limit: Duration) {
+    /// Waits while deliveries handed out on a lost channel hold all `slots` in-flight slots
+    /// (what a new channel delivered could only wait behind them), for at most `limit`.
+    async fn settle_lost(&self, slots: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let settled = self.lost_settled.notified();
-            if self.lock().lost.is_empty() {
+            if self.lock().lost.len() < slots.max(1) {
                 return;
             }
             if tokio::time::timeout_at(deadline, settled).await.is_err() {
