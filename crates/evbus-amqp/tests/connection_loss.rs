@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use evbus::{ConsumerOptions, ErrorKind, Event, SubscribeOptions, Transport};
+use evbus::{ConsumerOptions, ErrorKind, SubscribeOptions, Transport};
 use support::RabbitNode;
 use tokio::time::Instant;
 
@@ -99,16 +99,7 @@ async fn connection_losses_count_only_against_deliveries_handed_out() {
         .expect("subscribe");
     let queue = transport.subscription_queue_name(&topic_name, "s");
 
-    let mut published = Vec::new();
-    for seq in 0..EVENTS {
-        let event = Event::builder("losses", "/losses")
-            .json(&seq)
-            .unwrap()
-            .build()
-            .unwrap();
-        topic.publish(&event).await.expect("publish");
-        published.push(event.id().to_owned());
-    }
+    let published = support::publish_numbered(&*topic, "losses", EVENTS).await;
 
     // Every in-flight slot taken by a delivery handed out and left unsettled.
     let mut handed = Vec::new();

@@ -206,16 +206,10 @@ async fn a_consume_answered_after_its_timeout_leaves_no_consumer_behind() {
     assert!(error.is_retryable(), "{error}");
 
     const EVENTS: u64 = 40;
-    let mut accepted = HashSet::new();
-    for seq in 0..EVENTS {
-        let event = Event::builder("late", "/late")
-            .json(&seq)
-            .unwrap()
-            .build()
-            .unwrap();
-        topic.publish(&event).await.expect("publish");
-        accepted.insert(event.id().to_owned());
-    }
+    let accepted: HashSet<String> = support::publish_numbered(&*topic, "late", EVENTS)
+        .await
+        .into_iter()
+        .collect();
     let mut received = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !accepted.is_subset(&received) {

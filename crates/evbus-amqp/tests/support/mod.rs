@@ -188,6 +188,22 @@ pub async fn transport(node: &RabbitNode, query: &str) -> evbus_amqp::AmqpTransp
         .expect("connecting to the test's RabbitMQ node")
 }
 
+/// Publishes `count` events of type `ty` (their data: 0, 1, ...) to `topic`, each awaited,
+/// and returns their ids in order.
+pub async fn publish_numbered(topic: &dyn evbus::Topic, ty: &str, count: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    for seq in 0..count {
+        let event = evbus::Event::builder(ty, format!("/{ty}"))
+            .json(&seq)
+            .expect("a number is JSON")
+            .build()
+            .expect("a valid event");
+        topic.publish(&event).await.expect("publish");
+        ids.push(event.id().to_owned());
+    }
+    ids
+}
+
 pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }
