@@ -397,6 +397,10 @@ impl Unhanded {
     }
 
     fn take(&mut self, key: &str) -> u32 {
+        // Empty but after a lost channel: no hashing per delivery then.
+        if self.counts.is_empty() {
+            return 0;
+        }
         self.counts.remove(key).unwrap_or(0)
     }
 }
@@ -406,7 +410,8 @@ impl AmqpAcker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The attempt of `delivery`, given the returns counted for it that were no attempt.
+    /// The attempt of `delivery`, given the returns counted for it that were no attempt
+    /// (called under the state lock; takes `requeued` after it, never the other way round).
     fn attempt(
         &self,
         delivery: &lapin::message::Delivery,
@@ -452,21 +457,25 @@ impl AmqpAcker {
             .message_id()
             .as_ref()
             .map(|id| id.to_string());
-        let uncounted = key.as_deref().map_or(0, |k| self.lock().unhanded.take(k));
-        let attempt = self.attempt(&delivery, key.as_deref(), uncounted);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        self.lock().held.insert(
-            tag,
-            Held {
-                channel: channel.clone(),
-                delivery_tag: delivery.delivery_tag,
-                epoch,
-                handed: None,
-                attempt,
-                key,
-                uncounted,
-            },
-        );
+        let attempt = {
+            let mut state = self.lock();
+            let uncounted = key.as_deref().map_or(0, |k| state.unhanded.take(k));
+            let attempt = self.attempt(&delivery, key.as_deref(), uncounted);
+            state.held.insert(
+                tag,
+                Held {
+                    channel: channel.clone(),
+                    delivery_tag: delivery.delivery_tag,
+                    epoch,
+                    handed: None,
+                    attempt,
+                    key,
+                    uncounted,
+                },
+            );
+            attempt
+        };
         let acker: Arc<dyn Acker> = Arc::clone(self) as Arc<dyn Acker>;
         match message::decode(&delivery.properties, &delivery.data) {
             Ok(event) => RawDelivery::new(event, attempt, acker, tag),

@@ -164,12 +164,8 @@ pub fn start_node() -> Option<std::sync::Arc<RabbitNode>> {
     match tokio::task::block_in_place(RabbitNode::start) {
         Ok(node) => Some(std::sync::Arc::new(node)),
         Err(e) => {
-            let required = ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
-                std::env::var(var)
-                    .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-            });
             assert!(
-                !required,
+                !evbus_conformance::require_brokers(),
                 "cannot start a RabbitMQ node (rabbitmq-server): {e}; CI or \
                  EVBUS_REQUIRE_BROKERS is set, so this is a failure"
             );
