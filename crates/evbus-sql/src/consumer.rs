@@ -1,7 +1,17 @@
 //! The consumer: a lazily polled stream of claimed rows, woken by publishes and `NOTIFY`,
 //! polling as the fallback; and the acker settling one claim.
+//!
+//! One claim statement takes as many rows as the consumer has free in-flight slots (the
+//! limit less the deliveries handed out and not yet settled, at most [`MAX_CLAIM`]); the
+//! stream hands them out in delivery order from its buffer before it claims again. Rows
+//! claimed but never handed out (the subscription was dropped) are given back at once, and
+//! their claim is not counted as an attempt. A buffered row whose claim has outlived the
+//! visibility timeout (the stream was not read for that long) is not handed out: the row is
+//! visible again and the next claim takes it afresh, unless another consumer did.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -11,6 +21,9 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 
 use crate::transport::{SqlBroker, ms};
+
+/// Most rows one claim statement takes.
+pub(crate) const MAX_CLAIM: usize = 256;
 
 /// A claimed delivery row.
 #[derive(Debug)]
@@ -30,6 +43,76 @@ struct State {
     /// Anonymous subscriptions: when the partition was last marked alive.
     touched: Option<Instant>,
     location: Arc<str>,
+    /// Claimed rows not handed out yet, in delivery order, and when they were claimed.
+    buffer: VecDeque<Claim>,
+    claimed_at: Instant,
+    /// Deliveries handed out and not dropped yet (settled or not).
+    held: Arc<AtomicUsize>,
+    max_in_flight: usize,
+}
+
+impl State {
+    /// How many rows the next claim may take.
+    fn free_slots(&self) -> usize {
+        let held = self.held.load(Ordering::Acquire);
+        self.max_in_flight
+            .saturating_sub(held + self.buffer.len())
+            .clamp(1, MAX_CLAIM)
+    }
+
+    /// The next buffered row whose claim still holds, as a delivery.
+    fn take_buffered(&mut self) -> Option<RawDelivery> {
+        let expired = self.claimed_at.elapsed() >= Duration::from_millis(self.visibility as u64);
+        if expired {
+            self.buffer.clear();
+            return None;
+        }
+        let claim = self.buffer.pop_front()?;
+        self.held.fetch_add(1, Ordering::AcqRel);
+        let acker = Arc::new(ClaimAcker {
+            broker: self.broker.clone(),
+            attempt: claim.attempt,
+            notify: Arc::clone(&self.notify),
+            held: Arc::clone(&self.held),
+        });
+        let attempt = u32::try_from(claim.attempt).unwrap_or(1).max(1);
+        let tag = u64::try_from(claim.id).unwrap_or_default();
+        Some(RawDelivery::from_json(
+            claim.body,
+            attempt,
+            acker,
+            tag,
+            &self.location,
+        ))
+    }
+}
+
+impl Drop for State {
+    /// Gives back the rows claimed and never handed out, so they go to the next consumer
+    /// now rather than after the visibility timeout.
+    fn drop(&mut self) {
+        if self.buffer.is_empty()
+            || self.claimed_at.elapsed() >= Duration::from_millis(self.visibility as u64)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let claims: Vec<(i64, i32)> = self.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
+        let broker = self.broker.clone();
+        let notify = Arc::clone(&self.notify);
+        runtime.spawn(async move {
+            match broker.unclaim(&claims).await {
+                Ok(()) => notify.notify_waiters(),
+                Err(e) => tracing::debug!(
+                    error = %e,
+                    rows = claims.len(),
+                    "evbus-sql: could not give back claimed rows; they return after the visibility timeout"
+                ),
+            }
+        });
+    }
 }
 
 /// The deliveries of partition `part` (the source's queue or subscription).
@@ -50,6 +133,10 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         failed: false,
         touched: source.is_anonymous().then(Instant::now),
         location: location.into(),
+        buffer: VecDeque::new(),
+        claimed_at: Instant::now(),
+        held: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: source.consumer().max_in_flight.max(1),
     };
     futures::stream::unfold(state, next).boxed()
 }
@@ -58,6 +145,9 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
     let poll = state.broker.config().poll_interval;
     let touch_every = (state.broker.config().anonymous_ttl / 3).min(Duration::from_secs(60));
     loop {
+        if let Some(delivery) = state.take_buffered() {
+            return Some((Ok(delivery), state));
+        }
         if state.failed {
             tokio::time::sleep(poll).await;
             state.failed = false;
@@ -76,20 +166,17 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         tokio::pin!(notified);
         // Registered before looking: a publish from now on wakes this consumer.
         notified.as_mut().enable();
-        match state.broker.claim(state.part, state.visibility).await {
-            Ok(Some(claim)) => {
-                let acker = Arc::new(ClaimAcker {
-                    broker: state.broker.clone(),
-                    attempt: claim.attempt,
-                    notify: Arc::clone(&state.notify),
-                });
-                let attempt = u32::try_from(claim.attempt).unwrap_or(1).max(1);
-                let tag = u64::try_from(claim.id).unwrap_or_default();
-                let delivery =
-                    RawDelivery::from_json(claim.body, attempt, acker, tag, &state.location);
-                return Some((Ok(delivery), state));
+        let claimed_at = Instant::now();
+        match state
+            .broker
+            .claim(state.part, state.visibility, state.free_slots())
+            .await
+        {
+            Ok(claims) if !claims.is_empty() => {
+                state.buffer.extend(claims);
+                state.claimed_at = claimed_at;
             }
-            Ok(None) => {
+            Ok(_) => {
                 tokio::select! {
                     () = notified => {}
                     () = tokio::time::sleep(poll) => {}
@@ -110,6 +197,14 @@ struct ClaimAcker {
     broker: SqlBroker,
     attempt: i32,
     notify: Arc<Notify>,
+    /// The stream's count of deliveries handed out, which this one leaves when dropped.
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for ClaimAcker {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ClaimAcker {

@@ -498,31 +498,16 @@ impl SqlBroker {
                 .map_err(sql("sending to a queue"))?;
             }
             Destination::Topic { topic, .. } => {
-                let mut tx = pool.begin().await.map_err(sql("publishing"))?;
-                sqlx::query(
-                    "SELECT pg_advisory_xact_lock_shared(hashtext('evbus-sql topic ' || $1))",
-                )
-                .bind(topic)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("publishing"))?;
-                sqlx::query(
-                    "WITH ev AS (INSERT INTO evbus_events (kind, dest, body) \
-                       SELECT 'topic', $1, b FROM unnest($2::text[]) WITH ORDINALITY AS t(b, n) \
-                       ORDER BY n RETURNING id), \
-                     d AS (INSERT INTO evbus_deliveries (part, event) \
-                       SELECT p.id, ev.id FROM evbus_parts p, ev \
-                       WHERE p.kind = 'topic' AND p.dest = $1 ORDER BY p.id, ev.id) \
-                     SELECT pg_notify($3, $4)",
-                )
-                .bind(topic)
-                .bind(bodies)
-                .bind(&self.shared.channel)
-                .bind(payload)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("publishing"))?;
-                tx.commit().await.map_err(sql("publishing"))?;
+                // One round trip: the lock, the insert and the NOTIFY run in the function's
+                // own statements (see its migration for why they cannot be one statement).
+                sqlx::query("SELECT evbus_publish_topic($1, $2, $3, $4)")
+                    .bind(topic)
+                    .bind(bodies)
+                    .bind(&self.shared.channel)
+                    .bind(payload)
+                    .execute(pool)
+                    .await
+                    .map_err(sql("publishing"))?;
             }
         }
         Ok(())
@@ -581,53 +566,128 @@ impl SqlBroker {
         Ok(())
     }
 
-    /// Claims the oldest visible delivery of `part` for `visibility` ms.
-    pub(crate) async fn claim(&self, part: i64, visibility: i64) -> Result<Option<Claim>> {
+    /// Claims the oldest visible deliveries of `part`, at most `limit`, for `visibility` ms,
+    /// in delivery order.
+    pub(crate) async fn claim(
+        &self,
+        part: i64,
+        visibility: i64,
+        limit: usize,
+    ) -> Result<Vec<Claim>> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         match &self.shared.db {
             Db::Postgres(pool) => {
-                let row: Option<(i64, i32, String)> = sqlx::query_as(
-                    "WITH c AS (UPDATE evbus_deliveries \
+                // The rows are picked (and locked) once, in a materialized CTE: a subquery
+                // under `IN` could be run again by the plan and, skipping locked rows, pick
+                // others, claiming more than `limit`.
+                let rows: Vec<(i64, i32, String)> = sqlx::query_as(
+                    "WITH picked AS MATERIALIZED (SELECT id FROM evbus_deliveries \
+                       WHERE part = $1 AND visible_at <= now() ORDER BY id LIMIT $3 \
+                       FOR UPDATE SKIP LOCKED), \
+                     c AS (UPDATE evbus_deliveries d \
                        SET visible_at = now() + make_interval(secs => $2::float8 / 1000), \
-                       attempt = attempt + 1 \
-                       WHERE id = (SELECT id FROM evbus_deliveries WHERE part = $1 \
-                         AND visible_at <= now() ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-                       RETURNING id, attempt, event) \
-                     SELECT c.id, c.attempt, e.body FROM c JOIN evbus_events e ON e.id = c.event",
+                       attempt = d.attempt + 1 \
+                       FROM picked WHERE d.id = picked.id \
+                       RETURNING d.id, d.attempt, d.event) \
+                     SELECT c.id, c.attempt, e.body FROM c JOIN evbus_events e ON e.id = c.event \
+                     ORDER BY c.id",
                 )
                 .bind(part)
                 .bind(visibility)
-                .fetch_optional(pool)
+                .bind(limit)
+                .fetch_all(pool)
                 .await
-                .map_err(sql("claiming a delivery"))?;
-                Ok(row.map(|(id, attempt, body)| Claim { id, attempt, body }))
+                .map_err(sql("claiming deliveries"))?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, attempt, body)| Claim { id, attempt, body })
+                    .collect())
             }
             Db::Sqlite(pool) => {
                 let now = now_ms();
-                let row: Option<(i64, i32, i64)> = sqlx::query_as(
+                let mut rows: Vec<(i64, i32, i64)> = sqlx::query_as(
                     "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, attempt = attempt + 1 \
-                     WHERE id = (SELECT id FROM evbus_deliveries WHERE part = ?3 \
-                       AND visible_at <= ?1 ORDER BY id LIMIT 1) \
+                     WHERE id IN (SELECT id FROM evbus_deliveries WHERE part = ?3 \
+                       AND visible_at <= ?1 ORDER BY id LIMIT ?4) \
                      RETURNING id, attempt, event",
                 )
                 .bind(now)
                 .bind(visibility)
                 .bind(part)
-                .fetch_optional(pool)
+                .bind(limit)
+                .fetch_all(pool)
                 .await
-                .map_err(sql("claiming a delivery"))?;
-                let Some((id, attempt, event)) = row else {
-                    return Ok(None);
-                };
-                let body: Option<String> =
-                    sqlx::query_scalar("SELECT body FROM evbus_events WHERE id = ?1")
-                        .bind(event)
-                        .fetch_optional(pool)
-                        .await
-                        .map_err(sql("reading a claimed event"))?;
-                // The event vanished with its topic (deleted meanwhile): nothing to deliver.
-                Ok(body.map(|body| Claim { id, attempt, body }))
+                .map_err(sql("claiming deliveries"))?;
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // RETURNING follows no order.
+                rows.sort_unstable_by_key(|row| row.0);
+                let events = serde_json::to_string(&rows.iter().map(|r| r.2).collect::<Vec<_>>())
+                    .map_err(|e| {
+                    evbus::Error::client(evbus::ErrorKind::Internal, "claiming deliveries", e)
+                })?;
+                let mut bodies: std::collections::HashMap<i64, String> = sqlx::query_as(
+                    "SELECT id, body FROM evbus_events WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(events)
+                .fetch_all(pool)
+                .await
+                .map_err(sql("reading claimed events"))?
+                .into_iter()
+                .collect();
+                // An event that vanished with its topic (deleted meanwhile): nothing to deliver.
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(id, attempt, event)| {
+                        let body = bodies.remove(&event)?;
+                        Some(Claim { id, attempt, body })
+                    })
+                    .collect())
             }
         }
+    }
+
+    /// Gives claimed deliveries that were never handed out back to their partition: visible
+    /// at once, and the claim not counted as an attempt. A claim that has moved on (another
+    /// consumer's, after the visibility timeout) is left alone.
+    pub(crate) async fn unclaim(&self, claims: &[(i64, i32)]) -> Result<()> {
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
+        match &self.shared.db {
+            Db::Postgres(pool) => {
+                sqlx::query(
+                    "UPDATE evbus_deliveries d SET visible_at = now(), attempt = d.attempt - 1 \
+                     FROM unnest($1::int8[], $2::int4[]) AS r(id, attempt) \
+                     WHERE d.id = r.id AND d.attempt = r.attempt",
+                )
+                .bind(ids)
+                .bind(attempts)
+                .execute(pool)
+                .await
+                .map_err(sql("giving back claimed deliveries"))?;
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(sql("giving back claimed deliveries"))?;
+                for (id, attempt) in ids.into_iter().zip(attempts) {
+                    sqlx::query(
+                        "UPDATE evbus_deliveries SET visible_at = 0, attempt = attempt - 1 \
+                         WHERE id = ?1 AND attempt = ?2",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql("giving back claimed deliveries"))?;
+                }
+                tx.commit()
+                    .await
+                    .map_err(sql("giving back claimed deliveries"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Settles delivery `id` if it is still the claim made for `attempt`: ack deletes it,

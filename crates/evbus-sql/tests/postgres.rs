@@ -1,8 +1,9 @@
 //! The PostgreSQL transport beyond the conformance suite, against the server at
 //! `EVBUS_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), each test in a
 //! schema of its own: LISTEN/NOTIFY wake-ups, the polling fallback, competing consumers,
-//! retention, concurrent migrations, precise errors. Without a reachable server each test
-//! says so loudly and passes, unless CI=true or EVBUS_REQUIRE_BROKERS=1 (then it fails).
+//! claimed rows given back, retention, concurrent migrations, precise errors. Without a
+//! reachable server each test says so loudly and passes, unless CI=true or
+//! EVBUS_REQUIRE_BROKERS=1 (then it fails).
 
 mod support;
 
@@ -222,6 +223,76 @@ async fn competing_consumers_of_two_transports_never_get_the_same_row() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::unhanded_claims_go_back_at_once_uncounted(&transport).await;
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+/// A subscription starting at the earliest event, created while publishers run, gets every
+/// event exactly once: each is either in the copy of the retained events or delivered to
+/// the new partition (the publish function's lock, taken before its insert reads the
+/// partitions, keeps any from falling between).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_earliest_subscription_made_during_publishing_misses_nothing() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 150;
+    let transport = schema.open("").await;
+    let topic = transport.topic("busy").await.unwrap();
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let transport = transport.clone();
+            tokio::spawn(async move {
+                let topic = transport.topic("busy").await.unwrap();
+                let mut ids = Vec::with_capacity(EACH);
+                for n in 0..EACH {
+                    let e = event(p * EACH + n);
+                    topic.publish(&e).await.unwrap();
+                    ids.push(e.id().to_owned());
+                }
+                ids
+            })
+        })
+        .collect();
+    // Subscribe while the publishers are midway.
+    let deadline = Instant::now() + WAIT;
+    while schema.count("evbus_events").await < (PUBLISHERS * EACH / 3) as i64 {
+        assert!(Instant::now() < deadline, "the publishers made no progress");
+        tokio::task::yield_now().await;
+    }
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("late").start(evbus::StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut published = HashSet::new();
+    for p in publishers {
+        published.extend(p.await.unwrap());
+    }
+    let mut seen = HashSet::new();
+    while seen.len() < published.len() {
+        let d = tokio::time::timeout(WAIT, sub.next_delivery())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} events arrived", seen.len(), published.len()))
+            .unwrap()
+            .unwrap();
+        assert!(published.contains(d.event().id()));
+        assert!(seen.insert(d.event().id().to_owned()), "delivered twice");
+        d.ack().await.unwrap();
+    }
+    drop(sub);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn retention_deletes_acknowledged_events_only() {
     let Some(schema) = Schema::new().await else {
         return;
@@ -273,7 +344,11 @@ async fn many_processes_connecting_at_once_migrate_once() {
         .into_iter()
         .map(|r| r.unwrap().unwrap())
         .collect();
-    assert_eq!(schema.count("_sqlx_migrations").await, 1);
+    // Each migration applied once, not once per process.
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count() as i64;
+    assert_eq!(schema.count("_sqlx_migrations").await, migrations);
     for t in transports {
         t.close().await.unwrap();
     }

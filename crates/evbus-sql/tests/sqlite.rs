@@ -1,6 +1,8 @@
 //! The SQLite transport beyond the conformance suite: the single-process rule with real
 //! processes, a SIGKILLed holder losing no accepted event, wake-ups inside one process,
-//! retention, and precise errors.
+//! retention, claimed rows given back, and precise errors.
+
+mod support;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -191,6 +193,16 @@ async fn a_publish_on_one_transport_wakes_a_consumer_of_another_in_the_same_proc
     assert_eq!(delivery.event().id(), sent.id());
     eprintln!("wake-up latency: {:?}", started.elapsed());
     delivery.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::unhanded_claims_go_back_at_once_uncounted(&transport).await;
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -198,3 +198,50 @@ impl std::ops::Deref for PgServer {
 pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }
+
+/// Rows a consumer claimed ahead and never handed out go back when its subscription is
+/// dropped, at once and not counted as an attempt: of 8 events sent to queue `prefetch`, a
+/// consumer with room for 8 (so one claim takes them all) hands out the first and is
+/// dropped; a new consumer then gets the other 7, in order, each on its first attempt,
+/// long before the 60 s visibility timeout that would otherwise hold them.
+pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::SqlTransport) {
+    use evbus::{ConsumerOptions, Event, Transport};
+    let events: Vec<Event> = (0..8)
+        .map(|n| {
+            Event::builder("orderPlaced", "/sql-test")
+                .json(&serde_json::json!({ "n": n }))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let queue = transport.queue("prefetch").await.unwrap();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(60))
+        .max_in_flight(8);
+    let mut first = queue.receive(options.clone()).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(10), first.next_delivery())
+        .await
+        .expect("the first delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.event().id(), events[0].id());
+    drop(first);
+    let mut second = queue.receive(options).await.unwrap();
+    for expected in &events[1..] {
+        let d = tokio::time::timeout(Duration::from_secs(10), second.next_delivery())
+            .await
+            .expect("the rows the dropped consumer claimed and never handed out, promptly")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        assert_eq!(
+            d.attempt(),
+            1,
+            "a claim never handed out counted as an attempt"
+        );
+        d.ack().await.unwrap();
+    }
+    taken.ack().await.unwrap();
+}
