@@ -5,9 +5,12 @@
 //! limit less the deliveries handed out and not yet settled, at most [`MAX_CLAIM`]); the
 //! stream hands them out in delivery order from its buffer before it claims again. Rows
 //! claimed but never handed out (the subscription was dropped) are given back at once, and
-//! their claim is not counted as an attempt. A buffered row whose claim has outlived the
-//! visibility timeout (the stream was not read for that long) is not handed out: the row is
-//! visible again and the next claim takes it afresh, unless another consumer did.
+//! their claim is not counted as an attempt. So are buffered rows whose claim has used half
+//! the visibility timeout (a reader slower than its claims): the stream gives them back
+//! before it claims again, so a delivery is handed out with at least half its visibility
+//! timeout left and a slow reader does not use up attempts. Rows whose claim outlived the
+//! whole timeout (the stream was not read for that long) are dropped: another consumer may
+//! hold them by then.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -60,14 +63,23 @@ impl State {
             .clamp(1, MAX_CLAIM)
     }
 
-    /// The next buffered row whose claim still holds, as a delivery.
+    /// How long the buffered claims have been held, in ms.
+    fn claim_age(&self) -> i64 {
+        i64::try_from(self.claimed_at.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The next buffered row, as a delivery, while its claim has at least half the
+    /// visibility timeout left.
     fn take_buffered(&mut self) -> Option<RawDelivery> {
-        let expired = self.claimed_at.elapsed() >= Duration::from_millis(self.visibility as u64);
-        if expired {
-            self.buffer.clear();
+        if self.buffer.is_empty() || self.claim_age() * 2 >= self.visibility {
             return None;
         }
         let claim = self.buffer.pop_front()?;
+        Some(self.hand_out(claim))
+    }
+
+    /// `claim` as a delivery, counted as held until it is dropped.
+    fn hand_out(&self, claim: Claim) -> RawDelivery {
         self.held.fetch_add(1, Ordering::AcqRel);
         let acker = Arc::new(ClaimAcker {
             broker: self.broker.clone(),
@@ -77,13 +89,7 @@ impl State {
         });
         let attempt = u32::try_from(claim.attempt).unwrap_or(1).max(1);
         let tag = u64::try_from(claim.id).unwrap_or_default();
-        Some(RawDelivery::from_json(
-            claim.body,
-            attempt,
-            acker,
-            tag,
-            &self.location,
-        ))
+        RawDelivery::from_json(claim.body, attempt, acker, tag, &self.location)
     }
 }
 
@@ -91,27 +97,36 @@ impl Drop for State {
     /// Gives back the rows claimed and never handed out, so they go to the next consumer
     /// now rather than after the visibility timeout.
     fn drop(&mut self) {
-        if self.buffer.is_empty()
-            || self.claimed_at.elapsed() >= Duration::from_millis(self.visibility as u64)
-        {
+        if self.buffer.is_empty() || self.claim_age() >= self.visibility {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let claims: Vec<(i64, i32)> = self.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
+        let claims = self.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
         runtime.spawn(async move {
-            match broker.unclaim(&claims).await {
-                Ok(()) => notify.notify_waiters(),
-                Err(e) => tracing::debug!(
-                    error = %e,
-                    rows = claims.len(),
-                    "evbus-sql: could not give back claimed rows; they return after the visibility timeout"
-                ),
+            if give_back(&broker, claims).await {
+                notify.notify_waiters();
             }
         });
+    }
+}
+
+/// Gives claimed rows back (see [`SqlBroker::unclaim`]); a failure leaves them to come back
+/// after their visibility timeout.
+async fn give_back(broker: &SqlBroker, claims: Vec<(i64, i32)>) -> bool {
+    match broker.unclaim(&claims).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(
+                error = %e,
+                rows = claims.len(),
+                "evbus-sql: could not give back claimed rows; they return after the visibility timeout"
+            );
+            false
+        }
     }
 }
 
@@ -148,6 +163,14 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         if let Some(delivery) = state.take_buffered() {
             return Some((Ok(delivery), state));
         }
+        if !state.buffer.is_empty() {
+            // Held too long to hand out: give back what another consumer cannot hold yet,
+            // and claim afresh (in order, so the rows given back come first again).
+            let claims = state.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
+            if state.claim_age() < state.visibility {
+                give_back(&state.broker, claims).await;
+            }
+        }
         if state.failed {
             tokio::time::sleep(poll).await;
             state.failed = false;
@@ -173,8 +196,15 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
             .await
         {
             Ok(claims) if !claims.is_empty() => {
+                // The first is handed out now, however long the claim took: a visibility
+                // timeout shorter than a round trip still makes progress.
+                let mut claims = claims.into_iter();
+                let first = claims.next().map(|claim| state.hand_out(claim));
                 state.buffer.extend(claims);
                 state.claimed_at = claimed_at;
+                if let Some(first) = first {
+                    return Some((Ok(first), state));
+                }
             }
             Ok(_) => {
                 tokio::select! {

@@ -223,6 +223,18 @@ async fn competing_consumers_of_two_transports_never_get_the_same_row() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::a_slow_reader_hands_out_every_event_on_its_first_attempt(&transport).await;
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let Some(schema) = Schema::new().await else {
         return;

@@ -196,6 +196,16 @@ async fn a_publish_on_one_transport_wakes_a_consumer_of_another_in_the_same_proc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::a_slow_reader_hands_out_every_event_on_its_first_attempt(&transport).await;
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

@@ -245,3 +245,41 @@ pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::Sq
     }
     taken.ack().await.unwrap();
 }
+
+/// A reader slower than its claims does not use up attempts: with a 2 s visibility timeout
+/// and room for 4, one claim takes all 4 events of queue `slow`; each is handled for 0.7 s.
+/// By the third, the claim has used half its timeout: the stream gives the rest back and
+/// claims afresh, so every event is handed out on its first attempt (rows kept until the
+/// timeout ran out would come back counted twice).
+pub async fn a_slow_reader_hands_out_every_event_on_its_first_attempt(
+    transport: &evbus_sql::SqlTransport,
+) {
+    use evbus::{ConsumerOptions, Event, Transport};
+    let events: Vec<Event> = (0..4)
+        .map(|n| {
+            Event::builder("orderPlaced", "/sql-test")
+                .json(&serde_json::json!({ "n": n }))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let queue = transport.queue("slow").await.unwrap();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(2))
+        .max_in_flight(4);
+    let mut sub = queue.receive(options).await.unwrap();
+    for expected in &events {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+            .await
+            .expect("the next event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        assert_eq!(d.attempt(), 1, "a slow reader used up an attempt");
+        // The handler's work.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        d.ack().await.unwrap();
+    }
+}
