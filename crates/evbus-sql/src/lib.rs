@@ -6,6 +6,7 @@ mod connector;
 mod consumer;
 mod error;
 mod listen;
+mod notify;
 mod sqlite_file;
 mod transport;
 mod wake;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Backend, SqlConfig};
 use crate::consumer::{self, Claim};
 use crate::error::sql;
+use crate::notify::Notifier;
 use crate::sqlite_file::SqliteFile;
 use crate::wake::Wakers;
 
@@ -38,7 +39,9 @@ pub(crate) struct Shared {
     pub(crate) wakers: Arc<Wakers>,
     /// The PostgreSQL NOTIFY channel of this schema.
     pub(crate) channel: String,
-    /// Stops the background tasks (cleanup, LISTEN).
+    /// PostgreSQL: the destinations published to, for the notifying task.
+    pub(crate) notifier: Arc<Notifier>,
+    /// Stops the background tasks (cleanup, LISTEN, NOTIFY).
     stop: CancellationToken,
     /// SQLite: this process's hold on the file (released at close).
     file: std::sync::Mutex<Option<Arc<SqliteFile>>>,
@@ -124,12 +127,14 @@ impl SqlTransport {
             db,
             config,
             wakers,
+            notifier: Arc::default(),
             stop,
             file: std::sync::Mutex::new(file),
         });
         spawn_cleanup(Arc::downgrade(&shared), shared.stop.clone());
         if let Db::Postgres(_) = &shared.db {
             crate::listen::spawn(&shared)?;
+            crate::notify::spawn(&shared);
         }
         Ok(SqlTransport(Connection::new(SqlBroker { shared })))
     }
@@ -474,9 +479,6 @@ impl SqlBroker {
         to: &Destination,
         bodies: Vec<String>,
     ) -> Result<()> {
-        let key = key_of(to.kind(), to.name());
-        // NOTIFY payloads are limited to 8000 bytes; an empty payload wakes every consumer.
-        let payload = if key.len() < 7000 { key } else { String::new() };
         match to {
             Destination::Queue(name) => {
                 sqlx::query(
@@ -484,27 +486,22 @@ impl SqlBroker {
                        ON CONFLICT (kind, dest, name) DO UPDATE SET kind = EXCLUDED.kind RETURNING id), \
                      ev AS (INSERT INTO evbus_events (kind, dest, body) \
                        SELECT 'queue', $1, b FROM unnest($2::text[]) WITH ORDINALITY AS t(b, n) \
-                       ORDER BY n RETURNING id), \
-                     d AS (INSERT INTO evbus_deliveries (part, event) \
-                       SELECT p.id, ev.id FROM p, ev ORDER BY ev.id) \
-                     SELECT pg_notify($3, $4)",
+                       ORDER BY n RETURNING id) \
+                     INSERT INTO evbus_deliveries (part, event) \
+                     SELECT p.id, ev.id FROM p, ev ORDER BY ev.id",
                 )
                 .bind(name)
                 .bind(bodies)
-                .bind(&self.shared.channel)
-                .bind(payload)
                 .execute(pool)
                 .await
                 .map_err(sql("sending to a queue"))?;
             }
             Destination::Topic { topic, .. } => {
-                // One round trip: the lock, the insert and the NOTIFY run in the function's
-                // own statements (see its migration for why they cannot be one statement).
-                sqlx::query("SELECT evbus_publish_topic($1, $2, $3, $4)")
+                // One round trip: the lock and the insert run in the function's own
+                // statements (see its migration for why they cannot be one statement).
+                sqlx::query("SELECT evbus_publish_topic($1, $2)")
                     .bind(topic)
                     .bind(bodies)
-                    .bind(&self.shared.channel)
-                    .bind(payload)
                     .execute(pool)
                     .await
                     .map_err(sql("publishing"))?;
@@ -790,11 +787,16 @@ impl Broker for SqlBroker {
             .iter()
             .map(Event::to_json)
             .collect::<Result<Vec<_>>>()?;
+        let key = key_of(to.kind(), to.name());
         match &self.shared.db {
-            Db::Postgres(pool) => self.publish_postgres(pool, to, bodies).await?,
+            Db::Postgres(pool) => {
+                self.publish_postgres(pool, to, bodies).await?;
+                // Other processes' consumers, after the commit (see crate::notify).
+                self.shared.notifier.push(&key);
+            }
             Db::Sqlite(pool) => self.publish_sqlite(pool, to, bodies).await?,
         }
-        self.shared.wakers.wake(&key_of(to.kind(), to.name()));
+        self.shared.wakers.wake(&key);
         Ok(())
     }
 

@@ -127,6 +127,35 @@ async fn notify_wakes_a_consumer_of_another_transport_long_before_its_poll() {
         d.ack().await.unwrap();
     }
     eprintln!("publish-to-delivery latencies through NOTIFY: {latencies:?}");
+    // A queue send wakes the other transport's queue consumer the same way.
+    let mut receiver = consumer
+        .queue("mail")
+        .await
+        .unwrap()
+        .receive(ConsumerOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), receiver.next_delivery())
+            .await
+            .is_err()
+    );
+    let sent = event(99);
+    publisher
+        .queue("mail")
+        .await
+        .unwrap()
+        .send(&sent)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), receiver.next_delivery())
+        .await
+        .expect("NOTIFY woke the queue consumer well before its 60 s poll")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.event().id(), sent.id());
+    d.ack().await.unwrap();
+    drop(receiver);
     consumer.close().await.unwrap();
     publisher.close().await.unwrap();
     schema.drop().await;

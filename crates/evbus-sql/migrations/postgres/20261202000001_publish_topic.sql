@@ -4,8 +4,9 @@
 -- after the lock is granted: in a single statement its snapshot would predate the lock, so the
 -- lock and the insert are two statements, and a PL/pgSQL function (whose statements each take
 -- a fresh snapshot under READ COMMITTED) runs both in the caller's implicit transaction
--- instead of BEGIN, lock, insert, COMMIT from the client.
-CREATE FUNCTION evbus_publish_topic(p_topic TEXT, p_bodies TEXT[], p_channel TEXT, p_payload TEXT)
+-- instead of BEGIN, lock, insert, COMMIT from the client. The wake-up NOTIFY is not sent here:
+-- it would serialise the commits of concurrent publishers (see src/notify.rs).
+CREATE FUNCTION evbus_publish_topic(p_topic TEXT, p_bodies TEXT[])
 RETURNS void
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
@@ -21,6 +22,5 @@ BEGIN
     SELECT p.id, ev.id FROM evbus_parts p, ev
     WHERE p.kind = 'topic' AND p.dest = p_topic
     ORDER BY p.id, ev.id;
-    PERFORM pg_notify(p_channel, p_payload);
 END
 $$;
