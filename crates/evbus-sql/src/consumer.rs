@@ -10,7 +10,8 @@
 //! before it claims again, so a delivery is handed out with at least half its visibility
 //! timeout left and a slow reader does not use up attempts. Rows whose claim outlived the
 //! whole timeout (the stream was not read for that long) are dropped: another consumer may
-//! hold them by then.
+//! hold them by then. A claim runs in a task of its own, so a stream dropped while its claim
+//! statement runs gives the rows it claimed back too.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -106,27 +107,42 @@ impl Drop for State {
         let claims = self.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
-        runtime.spawn(async move {
-            if give_back(&broker, claims).await {
-                notify.notify_waiters();
-            }
-        });
+        runtime.spawn(async move { give_back(&broker, &notify, claims).await });
     }
 }
 
-/// Gives claimed rows back (see [`SqlBroker::unclaim`]); a failure leaves them to come back
-/// after their visibility timeout.
-async fn give_back(broker: &SqlBroker, claims: Vec<(i64, i32)>) -> bool {
-    match broker.unclaim(&claims).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(
-                error = %e,
-                rows = claims.len(),
-                "evbus-sql: could not give back claimed rows; they return after the visibility timeout"
-            );
-            false
+/// Claims up to `n` rows of the stream's partition in a task of its own, so that dropping
+/// the stream while the statement runs cannot lose the rows it claims: they are given back.
+async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let broker = state.broker.clone();
+    let notify = Arc::clone(&state.notify);
+    let (part, visibility) = (state.part, state.visibility);
+    tokio::spawn(async move {
+        let claimed = broker.claim(part, visibility, n).await;
+        if let Err(Ok(claims)) = tx.send(claimed)
+            && !claims.is_empty()
+        {
+            // Nobody is reading any more.
+            let claims = claims.into_iter().map(|c| (c.id, c.attempt)).collect();
+            give_back(&broker, &notify, claims).await;
         }
+    });
+    rx.await
+        .map_err(|_| evbus::Error::closed("the SQL transport"))?
+}
+
+/// Gives claimed rows back (see [`SqlBroker::unclaim`]) and wakes this process's consumers of
+/// the partition's destination to take them; a failure leaves them to come back after their
+/// visibility timeout.
+async fn give_back(broker: &SqlBroker, notify: &Notify, claims: Vec<(i64, i32)>) {
+    match broker.unclaim(&claims).await {
+        Ok(()) => notify.notify_waiters(),
+        Err(e) => tracing::debug!(
+            error = %e,
+            rows = claims.len(),
+            "evbus-sql: could not give back claimed rows; they return after the visibility timeout"
+        ),
     }
 }
 
@@ -168,7 +184,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
             // and claim afresh (in order, so the rows given back come first again).
             let claims = state.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
             if state.claim_age() < state.visibility {
-                give_back(&state.broker, claims).await;
+                give_back(&state.broker, &state.notify, claims).await;
             }
         }
         if state.failed {
@@ -190,11 +206,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         // Registered before looking: a publish from now on wakes this consumer.
         notified.as_mut().enable();
         let claimed_at = Instant::now();
-        match state
-            .broker
-            .claim(state.part, state.visibility, state.free_slots())
-            .await
-        {
+        match claim(&state, state.free_slots()).await {
             Ok(claims) if !claims.is_empty() => {
                 // The first is handed out now, however long the claim took: a visibility
                 // timeout shorter than a round trip still makes progress.
