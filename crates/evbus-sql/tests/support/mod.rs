@@ -199,24 +199,35 @@ pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }
 
+/// Queue `name` of `transport`, holding `n` new events (`{"n": 0}` ...), sent as one batch.
+async fn queue_holding(
+    transport: &evbus_sql::SqlTransport,
+    name: &str,
+    n: usize,
+) -> (std::sync::Arc<dyn evbus::Queue>, Vec<evbus::Event>) {
+    use evbus::{Event, Transport};
+    let events: Vec<Event> = (0..n)
+        .map(|i| {
+            Event::builder("orderPlaced", "/sql-test")
+                .json(&serde_json::json!({ "n": i }))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let queue = transport.queue(name).await.unwrap();
+    queue.send_batch(&events).await.unwrap();
+    (queue, events)
+}
+
 /// Rows a consumer claimed ahead and never handed out go back when its subscription is
 /// dropped, at once and not counted as an attempt: of 8 events sent to queue `prefetch`, a
 /// consumer with room for 8 (so one claim takes them all) hands out the first and is
 /// dropped; a new consumer then gets the other 7, in order, each on its first attempt,
 /// long before the 60 s visibility timeout that would otherwise hold them.
 pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::SqlTransport) {
-    use evbus::{ConsumerOptions, Event, Transport};
-    let events: Vec<Event> = (0..8)
-        .map(|n| {
-            Event::builder("orderPlaced", "/sql-test")
-                .json(&serde_json::json!({ "n": n }))
-                .unwrap()
-                .build()
-                .unwrap()
-        })
-        .collect();
-    let queue = transport.queue("prefetch").await.unwrap();
-    queue.send_batch(&events).await.unwrap();
+    use evbus::ConsumerOptions;
+    let (queue, events) = queue_holding(transport, "prefetch", 8).await;
     let options = ConsumerOptions::default()
         .visibility_timeout(Duration::from_secs(60))
         .max_in_flight(8);
@@ -254,18 +265,8 @@ pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::Sq
 pub async fn a_slow_reader_hands_out_every_event_on_its_first_attempt(
     transport: &evbus_sql::SqlTransport,
 ) {
-    use evbus::{ConsumerOptions, Event, Transport};
-    let events: Vec<Event> = (0..4)
-        .map(|n| {
-            Event::builder("orderPlaced", "/sql-test")
-                .json(&serde_json::json!({ "n": n }))
-                .unwrap()
-                .build()
-                .unwrap()
-        })
-        .collect();
-    let queue = transport.queue("slow").await.unwrap();
-    queue.send_batch(&events).await.unwrap();
+    use evbus::ConsumerOptions;
+    let (queue, events) = queue_holding(transport, "slow", 4).await;
     let options = ConsumerOptions::default()
         .visibility_timeout(Duration::from_secs(2))
         .max_in_flight(4);
