@@ -104,7 +104,7 @@ impl Drop for State {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let claims = self.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
+        let claims = self.buffer.drain(..).collect();
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
         runtime.spawn(async move { give_back(&broker, &notify, claims).await });
@@ -124,7 +124,6 @@ async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
             && !claims.is_empty()
         {
             // Nobody is reading any more.
-            let claims = claims.into_iter().map(|c| (c.id, c.attempt)).collect();
             give_back(&broker, &notify, claims).await;
         }
     });
@@ -135,7 +134,7 @@ async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
 /// Gives claimed rows back (see [`SqlBroker::unclaim`]) and wakes this process's consumers of
 /// the partition's destination to take them; a failure leaves them to come back after their
 /// visibility timeout.
-async fn give_back(broker: &SqlBroker, notify: &Notify, claims: Vec<(i64, i32)>) {
+async fn give_back(broker: &SqlBroker, notify: &Notify, claims: Vec<Claim>) {
     match broker.unclaim(&claims).await {
         Ok(()) => notify.notify_waiters(),
         Err(e) => tracing::debug!(
@@ -182,7 +181,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         if !state.buffer.is_empty() {
             // Held too long to hand out: give back what another consumer cannot hold yet,
             // and claim afresh (in order, so the rows given back come first again).
-            let claims = state.buffer.drain(..).map(|c| (c.id, c.attempt)).collect();
+            let claims = state.buffer.drain(..).collect();
             if state.claim_age() < state.visibility {
                 give_back(&state.broker, &state.notify, claims).await;
             }

@@ -648,8 +648,9 @@ impl SqlBroker {
     /// Gives claimed deliveries that were never handed out back to their partition: visible
     /// at once, and the claim not counted as an attempt. A claim that has moved on (another
     /// consumer's, after the visibility timeout) is left alone.
-    pub(crate) async fn unclaim(&self, claims: &[(i64, i32)]) -> Result<()> {
-        let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
+    pub(crate) async fn unclaim(&self, claims: &[Claim]) -> Result<()> {
+        let (ids, attempts): (Vec<i64>, Vec<i32>) =
+            claims.iter().map(|c| (c.id, c.attempt)).unzip();
         match &self.shared.db {
             Db::Postgres(pool) => {
                 sqlx::query(
