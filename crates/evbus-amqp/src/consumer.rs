@@ -5,12 +5,15 @@
 //! - **Attempts**: a quorum queue (named subscriptions, queues) counts returns in the
 //!   `x-delivery-count` header, so attempt = `x-delivery-count` + 1 whoever held the message
 //!   before. An anonymous subscription's exclusive classic queue has only this consumer, so
-//!   the consumer counts its own requeues (keyed by `message-id`).
+//!   the consumer counts its own requeues (per copy, see below).
 //! - **Returns that were not attempts**: RabbitMQ also counts a return when a consumer's
 //!   channel is lost, including the prefetched messages the consumer had not handed out
-//!   yet. Only a delivery handed out is an attempt, so the consumer keeps, by `message-id`,
-//!   the returns it caused without handing the message out and takes them off the count when
-//!   the message comes back to it. Deliveries received on a lost channel and still waiting
+//!   yet. Only a delivery handed out is an attempt, so the consumer keeps the returns it
+//!   caused without handing the message out and takes them off the count when the message
+//!   comes back to it. It keeps them per copy (the `evbus-copy` header our publishers stamp,
+//!   else the `message-id`): two copies of one event, left by a publish retried after a
+//!   lost confirm, each have their own count, and one copy taking the other's correction
+//!   would reach a handler as a first attempt twice while the other arrived past its last. Deliveries received on a lost channel and still waiting
 //!   are dropped, not handed out (RabbitMQ has requeued them), and after a loss the consumer
 //!   does not re-attach while what it had handed out on the lost channel holds every
 //!   in-flight slot (at most a visibility timeout): new deliveries would only wait behind
@@ -40,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::connection::{Live, short, within};
-use crate::message;
+use crate::message::{self, CopyKey};
 use crate::transport::{AmqpTransport, Shared};
 
 /// What a consumer reads.
@@ -341,7 +344,7 @@ struct Held {
     /// When core took it from the stream (the visibility timeout runs from then).
     handed: Option<Instant>,
     attempt: u32,
-    key: Option<String>,
+    key: Option<CopyKey>,
     /// Returns RabbitMQ counted for this message that were no attempt (see [`Unhanded`]).
     uncounted: u32,
 }
@@ -353,8 +356,8 @@ struct AmqpAcker {
     next_tag: AtomicU64,
     /// Whether this consumer counts requeues itself (no `x-delivery-count`).
     own_count: bool,
-    /// Attempts of messages this consumer requeued, by `message-id` (`own_count` only).
-    requeued: std::sync::Mutex<HashMap<String, u32>>,
+    /// Attempts of messages this consumer requeued, per copy (`own_count` only).
+    requeued: std::sync::Mutex<HashMap<CopyKey, u32>>,
     /// Woken when a delivery handed out on a lost channel is settled.
     lost_settled: tokio::sync::Notify,
 }
@@ -370,19 +373,19 @@ struct Holding {
 }
 
 /// How many returns RabbitMQ counted for messages this consumer received but never handed
-/// out (they waited in its buffer when their channel was lost), by `message-id`; taken off
+/// out (they waited in its buffer when their channel was lost), per copy; taken off
 /// the attempt when the message comes back here. A message that went to another consumer
 /// never claims its entry, so the oldest go first past [`Unhanded::LIMIT`].
 #[derive(Default)]
 struct Unhanded {
-    counts: HashMap<String, u32>,
-    order: VecDeque<String>,
+    counts: HashMap<CopyKey, u32>,
+    order: VecDeque<CopyKey>,
 }
 
 impl Unhanded {
     const LIMIT: usize = 4096;
 
-    fn add(&mut self, key: &str, returns: u32) {
+    fn add(&mut self, key: &CopyKey, returns: u32) {
         if let Some(count) = self.counts.get_mut(key) {
             *count = count.saturating_add(returns);
             return;
@@ -392,11 +395,11 @@ impl Unhanded {
         {
             self.counts.remove(&oldest);
         }
-        self.order.push_back(key.to_owned());
-        self.counts.insert(key.to_owned(), returns);
+        self.order.push_back(key.clone());
+        self.counts.insert(key.clone(), returns);
     }
 
-    fn take(&mut self, key: &str) -> u32 {
+    fn take(&mut self, key: &CopyKey) -> u32 {
         // Empty but after a lost channel: no hashing per delivery then.
         if self.counts.is_empty() {
             return 0;
@@ -415,7 +418,7 @@ impl AmqpAcker {
     fn attempt(
         &self,
         delivery: &lapin::message::Delivery,
-        key: Option<&str>,
+        key: Option<&CopyKey>,
         uncounted: u32,
     ) -> u32 {
         let count = delivery
@@ -452,16 +455,12 @@ impl AmqpAcker {
         epoch: u64,
         queue: &str,
     ) -> RawDelivery {
-        let key = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string());
+        let key = CopyKey::of(&delivery.properties);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let attempt = {
             let mut state = self.lock();
-            let uncounted = key.as_deref().map_or(0, |k| state.unhanded.take(k));
-            let attempt = self.attempt(&delivery, key.as_deref(), uncounted);
+            let uncounted = key.as_ref().map_or(0, |k| state.unhanded.take(k));
+            let attempt = self.attempt(&delivery, key.as_ref(), uncounted);
             state.held.insert(
                 tag,
                 Held {

@@ -5,7 +5,13 @@
 //!   string; the older `cloudEvents:<name>` is accepted when reading;
 //! - `datacontenttype` is the AMQP `content-type` property;
 //! - the data is the message body, byte for byte;
-//! - `message-id` is the event id and `delivery-mode` is 2 (persistent).
+//! - `message-id` is the event id and `delivery-mode` is 2 (persistent);
+//! - the `evbus-copy` header (16 hex digits, a long string like the others) numbers the
+//!   message among everything its transport published, so that two copies of one event (a publish retried after its
+//!   confirm was lost) can be told apart: a consumer keeps what it knows of a message's
+//!   attempts per copy (see `consumer`). Readers other than evbus can ignore it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
@@ -18,10 +24,62 @@ pub(crate) const PREFIX: &str = "cloudEvents_";
 /// The older prefix of the AMQP binding, accepted when reading.
 pub(crate) const LEGACY_PREFIX: &str = "cloudEvents:";
 
-/// The properties (headers included) and body of `event`.
-pub(crate) fn encode(event: &Event) -> (BasicProperties, Bytes) {
+/// The header that tells copies of one event apart.
+pub(crate) const COPY_HEADER: &str = "evbus-copy";
+
+/// Numbers the messages of one transport for [`COPY_HEADER`]: a random start (the 62 random
+/// bits of a v4 UUID's second half), then one more per message, so that the numbers of two
+/// transports do not meet. (Not a v7 UUID: successive ones in a process share their random
+/// bits, which would start two transports of one process a few numbers apart.)
+pub(crate) struct Copies(AtomicU64);
+
+impl Copies {
+    pub(crate) fn new() -> Self {
+        Copies(AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().1))
+    }
+
+    fn next(&self) -> String {
+        format!("{:016x}", self.0.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Which copy of a message a delivery is: its [`COPY_HEADER`], or else (a message published
+/// by another client) its `message-id`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum CopyKey {
+    Numbered(u64),
+    MessageId(String),
+}
+
+impl CopyKey {
+    pub(crate) fn of(properties: &BasicProperties) -> Option<CopyKey> {
+        let numbered = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(COPY_HEADER))
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+                _ => None,
+            })
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        if let Some(n) = numbered {
+            return Some(CopyKey::Numbered(n));
+        }
+        properties
+            .message_id()
+            .as_ref()
+            .map(|id| CopyKey::MessageId(id.to_string()))
+    }
+}
+
+/// The properties (headers included) and body of one copy of `event`, numbered by `copies`.
+pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes) {
     let (headers, body) = binding::encode(event, HeaderStyle::AMQP);
     let mut table = FieldTable::default();
+    table.insert(
+        COPY_HEADER.into(),
+        AMQPValue::LongString(copies.next().into()),
+    );
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     for (name, value) in headers {
         if name == HeaderStyle::AMQP.content_type {
@@ -145,7 +203,7 @@ mod tests {
     #[test]
     fn attributes_are_cloud_events_underscore_long_strings() {
         let event = sample();
-        let (properties, body) = encode(&event);
+        let (properties, body) = encode(&event, &Copies::new());
         assert_eq!(
             header(&properties, "cloudEvents_type"),
             Some(&AMQPValue::LongString("afterOrderCreate".into()))
@@ -167,6 +225,32 @@ mod tests {
         );
         assert_eq!(body, event.data().cloned().unwrap());
         assert_eq!(decode(&properties, &body).unwrap(), event);
+    }
+
+    #[test]
+    fn each_copy_of_an_event_is_numbered_and_foreign_ones_are_known_by_their_id() {
+        let event = sample();
+        let copies = Copies::new();
+        let (first, _) = encode(&event, &copies);
+        let (second, _) = encode(&event, &copies);
+        let (a, b) = (CopyKey::of(&first), CopyKey::of(&second));
+        assert!(matches!(a, Some(CopyKey::Numbered(_))), "{a:?}");
+        assert_ne!(a, b, "two copies of one event");
+        // Two transports start far apart.
+        let (other, _) = encode(&event, &Copies::new());
+        let (Some(CopyKey::Numbered(x)), Some(CopyKey::Numbered(y))) = (a, CopyKey::of(&other))
+        else {
+            panic!("numbered copies");
+        };
+        assert!(x.abs_diff(y) > 1 << 32, "{x:x} and {y:x}");
+        // The copy number is no attribute of the event.
+        assert_eq!(decode(&first, b"").unwrap().extension("evbus-copy"), None);
+        let foreign = BasicProperties::default().with_message_id("m-1".into());
+        assert_eq!(
+            CopyKey::of(&foreign),
+            Some(CopyKey::MessageId("m-1".to_owned()))
+        );
+        assert_eq!(CopyKey::of(&BasicProperties::default()), None);
     }
 
     #[test]
@@ -195,7 +279,7 @@ mod tests {
             .data(ct.clone(), b"x".to_vec())
             .build()
             .unwrap();
-        let (properties, body) = encode(&event);
+        let (properties, body) = encode(&event, &Copies::new());
         assert!(properties.content_type().is_none());
         assert_eq!(
             decode(&properties, &body).unwrap().datacontenttype(),

@@ -186,7 +186,7 @@ async fn publish(
     let channel = live.publisher().await?;
     let mut confirms = Vec::with_capacity(events.len());
     for event in events {
-        let (properties, body) = message::encode(event);
+        let (properties, body) = message::encode(event, &shared.copies);
         let confirm = within(
             live.timeout(),
             || what.clone(),

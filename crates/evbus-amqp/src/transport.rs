@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Subscription queues this process already recorded in their topic's directory.
     recorded: std::sync::Mutex<HashSet<String>>,
+    /// Numbers every message published (see [`crate::message::Copies`]).
+    pub(crate) copies: crate::message::Copies,
 }
 
 impl Shared {
@@ -180,6 +182,7 @@ impl AmqpTransport {
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 recorded: std::sync::Mutex::new(HashSet::new()),
+                copies: crate::message::Copies::new(),
             }),
         })
     }

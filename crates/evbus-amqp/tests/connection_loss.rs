@@ -174,3 +174,63 @@ async fn connection_losses_count_only_against_deliveries_handed_out() {
     let _ = transport.delete_topic(&topic_name).await;
     let _ = transport.close().await;
 }
+
+/// A publish retried after its confirm was lost leaves two copies of one event (one id) in
+/// the queue. What a lost connection counted against one copy must not be taken off, or
+/// added to, the other: both copies here waited in the prefetch, never handed out, when the
+/// connection was lost, so each comes back as a first attempt. Keyed by the event id, the
+/// first copy back took both corrections and the second arrived as a second attempt, past
+/// `max_attempts` 1: dead-lettered without ever reaching a handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_one_event_keep_their_own_attempts_across_a_loss() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let transport =
+        support::transport(&node, "reconnect_max_delay_ms=500&command_timeout_ms=5000").await;
+    let topic_name = format!("copies-{}", std::process::id());
+    let topic = transport.topic(&topic_name).await.expect("topic");
+    let options = ConsumerOptions::default()
+        .max_in_flight(2)
+        .max_attempts(1)
+        .visibility_timeout(Duration::from_secs(120));
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("s").consumer(options))
+        .await
+        .expect("subscribe");
+    let queue = transport.subscription_queue_name(&topic_name, "s");
+    for copy in ["first", "second"] {
+        let event = evbus::Event::builder("copies", "/copies")
+            .id("one-event-two-copies")
+            .json(&copy)
+            .expect("a string is JSON")
+            .build()
+            .expect("a valid event");
+        topic.publish(&event).await.expect("publish");
+    }
+    // Both copies in the prefetch, neither handed out; then the connection is lost.
+    until_attached(&node, &queue, 2, Duration::from_secs(15)).await;
+    close_connections(&node).await;
+    until_attached(&node, &queue, 2, Duration::from_secs(15)).await;
+
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    while attempts.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery()).await;
+        let Ok(Some(Ok(d))) = next else {
+            panic!(
+                "a copy did not come back after one lost connection (dead-lettered as \
+                 over-delivered?); got {attempts:?} and then {next:?}"
+            );
+        };
+        let copy: String = d.event().json().expect("the copy's name");
+        d.ack().await.expect("ack");
+        attempts.insert(copy, d.attempt());
+    }
+    assert_eq!(
+        attempts,
+        HashMap::from([("first".to_owned(), 1), ("second".to_owned(), 1)]),
+        "neither copy was handed out before the loss"
+    );
+    let _ = transport.delete_topic(&topic_name).await;
+    let _ = transport.close().await;
+}

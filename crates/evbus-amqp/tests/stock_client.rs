@@ -101,8 +101,16 @@ async fn a_stock_client_reads_the_cloud_events_headers_and_the_json_body() {
         Some("customer-7")
     );
     assert!(get("cloudEvents_time").is_some());
+    // Besides the binding's headers, only the copy number (see the README's "Events on the
+    // wire"): 16 hex digits.
+    let copy = get("evbus-copy").expect("the copy number");
     assert!(
-        seen.iter().all(|(k, _)| k.starts_with("cloudEvents_")),
+        copy.len() == 16 && copy.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{copy}"
+    );
+    assert!(
+        seen.iter()
+            .all(|(k, _)| k.starts_with("cloudEvents_") || k == "evbus-copy"),
         "{seen:?}"
     );
     assert_eq!(
