@@ -13,7 +13,8 @@
 //! - emitter: `O <id> <key> <seq> <poison 0|1>` once `Ok`; `R <id>` each time a publish failed
 //!   and is retried with the same id (a retry may duplicate an event the broker had kept);
 //! - handler: `H <id> <key> <seq> <instance> <attempt> <unix nanos> <event time, unix nanos>`
-//!   on success, `D <id>` when the bus dead-lettered the event (the `on_dead_letter` hook).
+//!   on success, `D <id> <reason>` when the bus dead-lettered the event (the
+//!   `on_dead_letter` hook).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -276,8 +277,10 @@ pub async fn start_handler(
     })
     .ordered_by_key(cfg.ordered)
     .concurrency(cfg.concurrency)
-    .on_dead_letter(move |event, _reason| {
-        if let Err(e) = dead.line(&format!("D {}", event.id())) {
+    .on_dead_letter(move |event, reason| {
+        // The reason tells an over-delivery (never handed out) from a handler's last failure.
+        let reason = reason.replace(['\n', '\r'], " ");
+        if let Err(e) = dead.line(&format!("D {} {reason}", event.id())) {
             eprintln!("chaos-handler: cannot record a dead letter: {e}");
         }
     })

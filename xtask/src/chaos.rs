@@ -1298,6 +1298,61 @@ fn dead_letters(bins: &Bins, url: &str, dir: &Path, group: char) -> Result<HashS
     Ok(ids)
 }
 
+/// Most lines [`trail`] shows.
+const TRAIL_LINES: usize = 40;
+
+impl Records {
+    /// [`trail`] of `id` in these records' folder ("" when they were not read from one).
+    fn trail(&self, id: &str) -> String {
+        self.dir
+            .as_deref()
+            .map(|dir| trail(dir, id))
+            .unwrap_or_default()
+    }
+}
+
+/// Every line of the run's records and process logs that names event `id` (the emitter's
+/// publish and retries, each handling with its attempt, dead letters with their reason, the
+/// processes' warnings), each after its file's name: what a failed run prints under its
+/// verdict, so that the CI log alone tells what happened to the event (the folder of a
+/// clean-clone run is gone with its machine).
+fn trail(dir: &Path, id: &str) -> String {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return String::new();
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut lines = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines() {
+            // Whole id only: `s9` must not match `s93`.
+            let names_it = line.match_indices(id).any(|(at, _)| {
+                let after = line[at + id.len()..].chars().next();
+                !after.is_some_and(|c| c.is_ascii_alphanumeric())
+            });
+            if names_it {
+                lines.push(format!("    {name}: {}", line.trim()));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return format!("\n  trail of {id}: no record names it");
+    }
+    let more = lines.len().saturating_sub(TRAIL_LINES);
+    lines.truncate(TRAIL_LINES);
+    if more > 0 {
+        lines.push(format!("    ... {more} more lines in {}", dir.display()));
+    }
+    format!("\n  trail of {id}:\n{}", lines.join("\n"))
+}
+
 fn count_ok(path: &Path) -> u64 {
     std::fs::read_to_string(path)
         .map(|t| t.lines().filter(|l| l.starts_with("O ")).count() as u64)
@@ -1326,11 +1381,16 @@ struct Records {
     handled: HashMap<char, Vec<Handled>>,
     /// Dead letters the hooks saw, per group.
     dead: HashMap<char, HashSet<String>>,
+    /// Where the records are (for [`trail`] of an event the verdict reports).
+    dir: Option<PathBuf>,
 }
 
 impl Records {
     fn read(dir: &Path) -> Result<Records> {
-        let mut r = Records::default();
+        let mut r = Records {
+            dir: Some(dir.to_owned()),
+            ..Records::default()
+        };
         let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -1359,7 +1419,8 @@ impl Records {
                             sent_nanos: rest.first().and_then(|s| s.parse().ok()).unwrap_or(0),
                         });
                     }
-                    (["D", id], Some(g)) => {
+                    // `D <id> <reason...>`.
+                    (["D", id, ..], Some(g)) => {
                         r.dead.entry(g).or_default().insert((*id).to_owned());
                     }
                     // A line cut by a kill mid-write (not expected: one write per line).
@@ -1481,17 +1542,19 @@ impl Records {
                 .collect();
             if !unexpected.is_empty() {
                 problems.push(format!(
-                    "group {g}: {} events dead-lettered that should not have been (e.g. {})",
+                    "group {g}: {} events dead-lettered that should not have been (e.g. {}){}",
                     unexpected.len(),
-                    unexpected[0]
+                    unexpected[0],
+                    self.trail(unexpected[0])
                 ));
             }
             if !lost_g.is_empty() {
                 lost_g.sort();
                 problems.push(format!(
-                    "group {g} lost {} events (e.g. {})",
+                    "group {g} lost {} events (e.g. {}){}",
                     lost_g.len(),
-                    lost_g[..lost_g.len().min(5)].join(", ")
+                    lost_g[..lost_g.len().min(5)].join(", "),
+                    self.trail(&lost_g[0])
                 ));
             }
             lost += lost_g.len();
@@ -1691,6 +1754,35 @@ mod tests {
         ];
         assert_eq!(order_breaks(&redelivered, false, &[]).0, 0);
         assert_eq!(order_breaks(&redelivered, true, &[]).0, 0);
+    }
+
+    #[test]
+    fn a_reported_event_comes_with_its_trail() {
+        let dir = std::env::temp_dir().join(format!("evbus-chaos-trail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("emitter-0.log"),
+            "O e0k1s9 e0k1 9 0\nO e0k1s93 e0k1 93 0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("handler-B1.log"),
+            "D e0k1s93 max attempts exceeded (5 deliveries, 4 allowed)\n",
+        )
+        .unwrap();
+        let trail = trail(&dir, "e0k1s9");
+        assert!(
+            trail.contains("emitter-0.log: O e0k1s9 e0k1 9 0"),
+            "{trail}"
+        );
+        assert!(!trail.contains("s93"), "another event's lines: {trail}");
+        let trail = super::trail(&dir, "e0k1s93");
+        assert!(
+            trail.contains("handler-B1.log: D e0k1s93 max attempts exceeded"),
+            "{trail}"
+        );
+        assert!(super::trail(&dir, "nowhere").contains("no record names it"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
