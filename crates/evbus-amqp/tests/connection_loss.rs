@@ -78,26 +78,59 @@ async fn close_connections(node: &Arc<RabbitNode>) {
     .expect("closing the connections");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_losses_count_only_against_deliveries_handed_out() {
-    let Some(node) = support::start_node() else {
-        return;
-    };
+/// What each test starts from: a node, a transport on it, a topic and its named
+/// subscription `s`.
+struct Subscribed {
+    node: Arc<RabbitNode>,
+    transport: evbus_amqp::AmqpTransport,
+    topic_name: String,
+    topic: Arc<dyn evbus::Topic>,
+    sub: evbus::Subscription,
+    queue: String,
+}
+
+/// Starts a node (`None`: no node, and not required) and subscribes to topic
+/// `<name>-<pid>` with `options`, whose visibility timeout is made far longer than the test:
+/// nothing is requeued by the sweep, and a re-attachment that waited for it would fail the
+/// tests' waits.
+async fn subscribed(name: &str, options: ConsumerOptions) -> Option<Subscribed> {
+    let node = support::start_node()?;
     let transport =
         support::transport(&node, "reconnect_max_delay_ms=500&command_timeout_ms=5000").await;
-    let topic_name = format!("losses-{}", std::process::id());
+    let topic_name = format!("{name}-{}", std::process::id());
     let topic = transport.topic(&topic_name).await.expect("topic");
-    // A visibility timeout far longer than the test: nothing is requeued by the sweep, and a
-    // re-attachment that waited for it would fail the waits below.
-    let options = ConsumerOptions::default()
-        .max_in_flight(IN_FLIGHT)
-        .max_attempts(MAX_ATTEMPTS)
-        .visibility_timeout(Duration::from_secs(120));
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("s").consumer(options.clone()))
+    let options = options.visibility_timeout(Duration::from_secs(120));
+    let sub = topic
+        .subscribe(SubscribeOptions::named("s").consumer(options))
         .await
         .expect("subscribe");
     let queue = transport.subscription_queue_name(&topic_name, "s");
+    Some(Subscribed {
+        node,
+        transport,
+        topic_name,
+        topic,
+        sub,
+        queue,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_losses_count_only_against_deliveries_handed_out() {
+    let options = ConsumerOptions::default()
+        .max_in_flight(IN_FLIGHT)
+        .max_attempts(MAX_ATTEMPTS);
+    let Some(Subscribed {
+        node,
+        transport,
+        topic_name,
+        topic,
+        mut sub,
+        queue,
+    }) = subscribed("losses", options).await
+    else {
+        return;
+    };
 
     let published = support::publish_numbered(&*topic, "losses", EVENTS).await;
 
@@ -183,22 +216,18 @@ async fn connection_losses_count_only_against_deliveries_handed_out() {
 /// `max_attempts` 1: dead-lettered without ever reaching a handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_of_one_event_keep_their_own_attempts_across_a_loss() {
-    let Some(node) = support::start_node() else {
+    let options = ConsumerOptions::default().max_in_flight(2).max_attempts(1);
+    let Some(Subscribed {
+        node,
+        transport,
+        topic_name,
+        topic,
+        mut sub,
+        queue,
+    }) = subscribed("copies", options).await
+    else {
         return;
     };
-    let transport =
-        support::transport(&node, "reconnect_max_delay_ms=500&command_timeout_ms=5000").await;
-    let topic_name = format!("copies-{}", std::process::id());
-    let topic = transport.topic(&topic_name).await.expect("topic");
-    let options = ConsumerOptions::default()
-        .max_in_flight(2)
-        .max_attempts(1)
-        .visibility_timeout(Duration::from_secs(120));
-    let mut sub = topic
-        .subscribe(SubscribeOptions::named("s").consumer(options))
-        .await
-        .expect("subscribe");
-    let queue = transport.subscription_queue_name(&topic_name, "s");
     for copy in ["first", "second"] {
         let event = evbus::Event::builder("copies", "/copies")
             .id("one-event-two-copies")
