@@ -13,11 +13,12 @@
 //!   comes back to it. It keeps them per copy (the `evbus-copy` header our publishers stamp,
 //!   else the `message-id`): two copies of one event, left by a publish retried after a
 //!   lost confirm, each have their own count, and one copy taking the other's correction
-//!   would reach a handler as a first attempt twice while the other arrived past its last. Deliveries received on a lost channel and still waiting
-//!   are dropped, not handed out (RabbitMQ has requeued them), and after a loss the consumer
-//!   does not re-attach while what it had handed out on the lost channel holds every
-//!   in-flight slot (at most a visibility timeout): new deliveries would only wait behind
-//!   deliveries nobody can settle, where another loss would count against them too.
+//!   would reach a handler as a first attempt twice while the other arrived past its last.
+//!   Deliveries received on a lost channel and still waiting are dropped, not handed out
+//!   (RabbitMQ has requeued them), and after a loss the consumer does not re-attach while
+//!   what it had handed out on the lost channel holds every in-flight slot (at most a
+//!   visibility timeout): new deliveries would only wait behind deliveries nobody can
+//!   settle, where another loss would count against them too.
 //! - **Visibility timeout**: RabbitMQ has none; it requeues when a channel or connection
 //!   closes. The consumer also requeues (`basic.nack`, `requeue`) every delivery handed out
 //!   longer than [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a

@@ -7,8 +7,8 @@
 //! - the data is the message body, byte for byte;
 //! - `message-id` is the event id and `delivery-mode` is 2 (persistent);
 //! - the `evbus-copy` header (16 hex digits, a long string like the others) numbers the
-//!   message among everything its transport published, so that two copies of one event (a publish retried after its
-//!   confirm was lost) can be told apart: a consumer keeps what it knows of a message's
+//!   message among everything its transport published, so that two copies of one event (a
+//!   publish retried after its confirm was lost) can be told apart: a consumer keeps what it knows of a message's
 //!   attempts per copy (see `consumer`). Readers other than evbus can ignore it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -244,7 +244,7 @@ mod tests {
         };
         assert!(x.abs_diff(y) > 1 << 32, "{x:x} and {y:x}");
         // The copy number is no attribute of the event.
-        assert_eq!(decode(&first, b"").unwrap().extension("evbus-copy"), None);
+        assert_eq!(decode(&first, b"").unwrap().extension(COPY_HEADER), None);
         let foreign = BasicProperties::default().with_message_id("m-1".into());
         assert_eq!(
             CopyKey::of(&foreign),
