@@ -8,8 +8,9 @@
 //! - `message-id` is the event id and `delivery-mode` is 2 (persistent);
 //! - the `evbus-copy` header (16 hex digits, a long string like the others) numbers the
 //!   message among everything its transport published, so that two copies of one event (a
-//!   publish retried after its confirm was lost) can be told apart: a consumer keeps what it knows of a message's
-//!   attempts per copy (see `consumer`). Readers other than evbus can ignore it.
+//!   publish retried after its confirm was lost) can be told apart: a consumer keeps what
+//!   it knows of a message's attempts per copy (see `consumer`). Readers other than evbus
+//!   can ignore it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
