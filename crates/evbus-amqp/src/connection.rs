@@ -294,14 +294,14 @@ impl Live {
         self.timeout
     }
 
-    fn is_declared(&self, key: &str) -> bool {
+    pub(crate) fn is_declared(&self, key: &str) -> bool {
         self.declared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(key)
     }
 
-    fn mark_declared(&self, key: String) {
+    pub(crate) fn mark_declared(&self, key: String) {
         self.declared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -314,6 +314,13 @@ impl Live {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+    }
+
+    /// Forgets the declaration of the topic exchange `exchange` and the bindings restored
+    /// to it (see [`crate::transport::restore_bindings`]): it was deleted.
+    pub(crate) fn forget_topic(&self, exchange: &str) {
+        self.forget(&format!("x:{exchange}"));
+        self.forget(&format!("b:{exchange}"));
     }
 
     /// Declares the durable fanout exchange `exchange` (once per connection).

@@ -174,6 +174,7 @@ async fn publish(
     let (exchange, routing_key, mandatory, declared) = match route {
         Route::Exchange(exchange) => {
             live.declare_exchange(exchange).await?;
+            crate::transport::restore_bindings(&live, exchange).await?;
             (exchange, "", false, format!("x:{exchange}"))
         }
         Route::Queue(queue) => {
@@ -243,9 +244,14 @@ async fn publish(
     Ok(())
 }
 
-/// After a `NOT_FOUND`, declare the exchange or queue again on the next publish.
+/// After a `NOT_FOUND`, declare the exchange (and restore its bindings) or the queue again
+/// on the next publish.
 fn forget_if_gone(live: &crate::connection::Live, error: &Error, declared: &str) {
-    if error.kind() == ErrorKind::NotFound {
-        live.forget(declared);
+    if error.kind() != ErrorKind::NotFound {
+        return;
+    }
+    match declared.strip_prefix("x:") {
+        Some(exchange) => live.forget_topic(exchange),
+        None => live.forget(declared),
     }
 }

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use evbus::raw::Gate;
 use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
@@ -147,6 +147,104 @@ fn directory_of(exchange: &str) -> String {
     format!("{}_d_subscriptions", &exchange[..cut])
 }
 
+/// Binds the subscription queues recorded in the directory of `exchange` to it again (once
+/// per connection, before the first publish to the topic on it), declaring them as their
+/// consumers do.
+///
+/// RabbitMQ keeps bindings in its metadata store, whose last writes a crash can lose
+/// (RabbitMQ 3.10: Mnesia, killed within about a second of a subscription binding its
+/// queue). The node then comes back with the subscription queue and its directory record
+/// but not the binding: every publish to the topic would be confirmed and routed nowhere
+/// until the subscription's consumer re-attaches and binds again, and for a subscription
+/// whose consumer is offline, until it comes back. Every connection is new after a restart,
+/// so restoring them before its first publish closes that window.
+///
+/// A directory whose cluster node is down is logged and skipped: only a crash that also
+/// lost a binding makes that matter, and publishing does not wait for the node.
+pub(crate) async fn restore_bindings(live: &Live, exchange: &str) -> Result<()> {
+    let key = format!("b:{exchange}");
+    if live.is_declared(&key) {
+        return Ok(());
+    }
+    let directory = directory_of(exchange);
+    // A channel of its own: reading a directory that does not exist closes the channel, and
+    // closing it gives back the records it read.
+    let channel = within(
+        live.timeout(),
+        || format!("opening a channel to read subscription directory `{directory}`"),
+        live.conn.create_channel(),
+    )
+    .await?;
+    let read = read_directory(live, &channel, &directory, Read::Keep).await;
+    let _ = tokio::time::timeout(live.timeout(), channel.close(200, "directory read".into())).await;
+    let queues = match read {
+        Ok(queues) => queues,
+        // No directory: the topic never had a named subscription.
+        Err(e) if e.kind() == ErrorKind::NotFound => HashSet::new(),
+        // Its cluster node is down (see `error`).
+        Err(e) if e.kind() == ErrorKind::Broker => {
+            tracing::warn!(exchange, error = %e, "cannot read the topic's subscription directory; its bindings are not restored on this connection");
+            HashSet::new()
+        }
+        // A lost connection or a timeout: the publish fails (retryable) and the next one
+        // tries again.
+        Err(e) => return Err(e),
+    };
+    let admin = live.admin().await?;
+    for queue in &queues {
+        live.declare_quorum_queue(queue).await?;
+        live.bind(&admin, queue, exchange).await?;
+    }
+    live.mark_declared(key);
+    Ok(())
+}
+
+/// How [`read_directory`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Takes every record (the topic is being deleted).
+    Take,
+    /// Leaves one record per queue, unacknowledged on the reading channel (closing it gives
+    /// them back), and removes the duplicates: a subscriber records its queue again on each
+    /// of its connections.
+    Keep,
+}
+
+/// The subscription queues recorded in `directory`, read on `channel`.
+async fn read_directory(
+    live: &Live,
+    channel: &lapin::Channel,
+    directory: &str,
+    read: Read,
+) -> Result<HashSet<String>> {
+    let what = || format!("reading subscription directory `{directory}`");
+    let mut queues = HashSet::new();
+    loop {
+        let got = within(
+            live.timeout(),
+            what,
+            channel.basic_get(
+                short("queue name", directory)?,
+                BasicGetOptions {
+                    no_ack: read == Read::Take,
+                },
+            ),
+        )
+        .await?;
+        let Some(message) = got else { break };
+        let new = queues.insert(String::from_utf8_lossy(&message.delivery.data).into_owned());
+        if read == Read::Keep && !new {
+            within(
+                live.timeout(),
+                what,
+                channel.basic_ack(message.delivery.delivery_tag, BasicAckOptions::default()),
+            )
+            .await?;
+        }
+    }
+    Ok(queues)
+}
+
 async fn declare_directory(live: &Live, directory: &str) -> Result<()> {
     let channel = live.admin().await?;
     within(
@@ -263,20 +361,7 @@ impl Transport for AmqpTransport {
             // exchange. What does not exist is not an error.
             declare_directory(live, &directory).await?;
             let channel = live.admin().await?;
-            let mut queues = HashSet::new();
-            loop {
-                let got = within(
-                    live.timeout(),
-                    || format!("reading subscription directory `{directory}`"),
-                    channel.basic_get(
-                        short("queue name", &directory)?,
-                        BasicGetOptions { no_ack: true },
-                    ),
-                )
-                .await?;
-                let Some(message) = got else { break };
-                queues.insert(String::from_utf8_lossy(&message.delivery.data).into_owned());
-            }
+            let queues = read_directory(live, &channel, &directory, Read::Take).await?;
             for queue in queues
                 .iter()
                 .map(String::as_str)
@@ -300,7 +385,7 @@ impl Transport for AmqpTransport {
                 ),
             )
             .await?;
-            live.forget(&format!("x:{exchange}"));
+            live.forget_topic(&exchange);
             self.shared
                 .recorded
                 .lock()

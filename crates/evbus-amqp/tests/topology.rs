@@ -1,0 +1,184 @@
+//! Topology RabbitMQ lost is declared again, on the RabbitMQ at `EVBUS_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! A RabbitMQ 3.10 node killed within about a second of a subscription binding its queue can
+//! come back without the binding (its metadata store lost the last write) while the queue
+//! and the topic's directory record survive. Here a stock client removes the binding the
+//! same way a crash does, with nobody consuming: the next publisher connection must bind the
+//! recorded subscription queues again before it publishes, or what it publishes is confirmed
+//! and routed nowhere.
+
+use std::time::Duration;
+
+use evbus::{Event, SubscribeOptions, Transport};
+use evbus_amqp::{AmqpConfig, AmqpTransport};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+fn url() -> String {
+    std::env::var("EVBUS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn unique(label: &str) -> String {
+    format!("topology-{label}-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn evbus_transport() -> AmqpTransport {
+    AmqpTransport::connect(AmqpConfig::from_url(&url()).expect("a valid URL"))
+        .await
+        .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
+}
+
+async fn stock_channel() -> (Connection, Channel) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable");
+    let channel = conn.create_channel().await.expect("a channel");
+    (conn, channel)
+}
+
+/// How many messages the queue `queue` holds (a passive declare), on a channel of its own
+/// (a missing queue closes it): `None` when the queue does not exist.
+async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
+    let channel = conn.create_channel().await.expect("a channel");
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count())
+}
+
+/// Subscribes `subscription` to topic `name` on a connection of its own, then goes away:
+/// the subscription is recorded in the topic's directory, bound, and has no consumer.
+async fn subscribe_and_leave(name: &str, subscription: &str) {
+    let transport = evbus_transport().await;
+    let topic = transport.topic(name).await.unwrap();
+    drop(
+        topic
+            .subscribe(SubscribeOptions::named(subscription))
+            .await
+            .unwrap(),
+    );
+    transport.close().await.unwrap();
+}
+
+fn event(seq: u64) -> Event {
+    Event::builder("afterOrderCreate", "/shop")
+        .json(&seq)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_binding_is_restored_before_a_new_connection_publishes() {
+    let name = unique("bind");
+    subscribe_and_leave(&name, "billing").await;
+    let publisher = evbus_transport().await;
+    let exchange = publisher.exchange_name(&name);
+    let queue = publisher.subscription_queue_name(&name, "billing");
+
+    let (conn, channel) = stock_channel().await;
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The binding is really gone: a mandatory publish comes back unroutable.
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirmation = channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            b"probe",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        confirmation.take_message().is_some(),
+        "RabbitMQ still routes to the subscription queue after the unbind"
+    );
+
+    let topic = publisher.topic(&name).await.unwrap();
+    for seq in 0..3 {
+        topic.publish(&event(seq)).await.unwrap();
+    }
+    assert_eq!(
+        message_count(&conn, &queue).await,
+        Some(3),
+        "the events published while the subscription had no binding must wait in its queue"
+    );
+
+    publisher.delete_topic(&name).await.unwrap();
+    publisher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restoring_bindings_leaves_one_directory_record_per_subscription_and_delete_finds_it() {
+    let name = unique("records");
+    // Each connection of a subscriber records its queue again.
+    for _ in 0..3 {
+        subscribe_and_leave(&name, "billing").await;
+    }
+    subscribe_and_leave(&name, "audit").await;
+    let publisher = evbus_transport().await;
+    let directory = format!("{}_d_subscriptions", publisher.exchange_name(&name));
+    let (conn, _channel) = stock_channel().await;
+    assert_eq!(message_count(&conn, &directory).await, Some(4));
+
+    let topic = publisher.topic(&name).await.unwrap();
+    topic.publish(&event(0)).await.unwrap();
+    // The publisher's channel gave the records it kept back when it closed, before the
+    // publish.
+    assert_eq!(
+        message_count(&conn, &directory).await,
+        Some(2),
+        "one record per subscription queue is left"
+    );
+    for subscription in ["billing", "audit"] {
+        let queue = publisher.subscription_queue_name(&name, subscription);
+        assert_eq!(
+            message_count(&conn, &queue).await,
+            Some(1),
+            "{subscription}"
+        );
+    }
+
+    publisher.delete_topic(&name).await.unwrap();
+    for subscription in ["billing", "audit"] {
+        let queue = publisher.subscription_queue_name(&name, subscription);
+        assert_eq!(
+            message_count(&conn, &queue).await,
+            None,
+            "delete_topic must still find and delete `{queue}`"
+        );
+    }
+    assert_eq!(message_count(&conn, &directory).await, None);
+    publisher.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into()))
+        .await
+        .ok();
+}
