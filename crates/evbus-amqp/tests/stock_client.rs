@@ -2,35 +2,18 @@
 //! a stock client writes, on the RabbitMQ at `EVBUS_AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
+mod support;
+
 use std::time::Duration;
 
 use evbus::{ConsumerOptions, Event, Transport};
-use evbus_amqp::{AmqpConfig, AmqpTransport};
+use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-
-fn url() -> String {
-    std::env::var("EVBUS_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+use support::{shared_transport, stock_channel};
 
 fn unique(label: &str) -> String {
     format!("stock-{label}-{}", uuid::Uuid::now_v7().simple())
-}
-
-async fn evbus_transport() -> AmqpTransport {
-    AmqpTransport::connect(AmqpConfig::from_url(&url()).expect("a valid URL"))
-        .await
-        .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
-}
-
-async fn stock_channel() -> (Connection, lapin::Channel) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ reachable");
-    let channel = conn.create_channel().await.expect("a channel");
-    (conn, channel)
 }
 
 fn text(value: &AMQPValue) -> String {
@@ -42,7 +25,7 @@ fn text(value: &AMQPValue) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stock_client_reads_the_cloud_events_headers_and_the_json_body() {
-    let transport = evbus_transport().await;
+    let transport = shared_transport().await;
     let name = unique("read");
     let queue = transport.queue(&name).await.unwrap();
     let event = Event::builder("afterOrderCreate", "/shop/orders")
@@ -128,7 +111,7 @@ async fn a_stock_client_reads_the_cloud_events_headers_and_the_json_body() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn evbus_reads_a_stock_producer_and_moves_garbage_aside() {
-    let transport = evbus_transport().await;
+    let transport = shared_transport().await;
     let name = unique("write");
     let queue = transport.queue(&name).await.unwrap();
     let amqp_queue = transport.queue_name(&name);

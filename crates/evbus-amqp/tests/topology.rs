@@ -8,35 +8,18 @@
 //! recorded subscription queues again before it publishes, or what it publishes is confirmed
 //! and routed nowhere.
 
+mod support;
+
 use std::time::Duration;
 
 use evbus::{Event, SubscribeOptions, Transport};
-use evbus_amqp::{AmqpConfig, AmqpTransport};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-
-fn url() -> String {
-    std::env::var("EVBUS_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+use lapin::{BasicProperties, Connection};
+use support::{shared_transport, stock_channel};
 
 fn unique(label: &str) -> String {
     format!("topology-{label}-{}", uuid::Uuid::now_v7().simple())
-}
-
-async fn evbus_transport() -> AmqpTransport {
-    AmqpTransport::connect(AmqpConfig::from_url(&url()).expect("a valid URL"))
-        .await
-        .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
-}
-
-async fn stock_channel() -> (Connection, Channel) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ reachable");
-    let channel = conn.create_channel().await.expect("a channel");
-    (conn, channel)
 }
 
 /// How many messages the queue `queue` holds (a passive declare), on a channel of its own
@@ -60,7 +43,7 @@ async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
 /// Subscribes `subscription` to topic `name` on a connection of its own, then goes away:
 /// the subscription is recorded in the topic's directory, bound, and has no consumer.
 async fn subscribe_and_leave(name: &str, subscription: &str) {
-    let transport = evbus_transport().await;
+    let transport = shared_transport().await;
     let topic = transport.topic(name).await.unwrap();
     drop(
         topic
@@ -83,7 +66,7 @@ fn event(seq: u64) -> Event {
 async fn a_lost_binding_is_restored_before_a_new_connection_publishes() {
     let name = unique("bind");
     subscribe_and_leave(&name, "billing").await;
-    let publisher = evbus_transport().await;
+    let publisher = shared_transport().await;
     let exchange = publisher.exchange_name(&name);
     let queue = publisher.subscription_queue_name(&name, "billing");
 
@@ -144,7 +127,7 @@ async fn restoring_bindings_leaves_one_directory_record_per_subscription_and_del
         subscribe_and_leave(&name, "billing").await;
     }
     subscribe_and_leave(&name, "audit").await;
-    let publisher = evbus_transport().await;
+    let publisher = shared_transport().await;
     let directory = format!("{}_d_subscriptions", publisher.exchange_name(&name));
     let (conn, _channel) = stock_channel().await;
     assert_eq!(message_count(&conn, &directory).await, Some(4));

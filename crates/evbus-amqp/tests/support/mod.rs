@@ -1,5 +1,6 @@
 //! Test helpers: a RabbitMQ node this harness starts itself (its own node name, ports and
-//! data directory), never the shared broker.
+//! data directory), and connections to the shared broker at `EVBUS_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`) for tests that need no node of their own.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -202,4 +203,27 @@ pub async fn publish_numbered(topic: &dyn evbus::Topic, ty: &str, count: u64) ->
 
 pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
+}
+
+/// The URL of the shared broker (`EVBUS_AMQP_URL`).
+pub fn shared_url() -> String {
+    std::env::var("EVBUS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// An evbus transport to the shared broker.
+pub async fn shared_transport() -> evbus_amqp::AmqpTransport {
+    let config = evbus_amqp::AmqpConfig::from_url(&shared_url()).expect("a valid URL");
+    evbus_amqp::AmqpTransport::connect(config)
+        .await
+        .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
+}
+
+/// A plain lapin connection to the shared broker, and a channel on it.
+pub async fn stock_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(&shared_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable at EVBUS_AMQP_URL");
+    let channel = conn.create_channel().await.expect("a channel");
+    (conn, channel)
 }
