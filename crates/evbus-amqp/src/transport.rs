@@ -159,8 +159,9 @@ fn directory_of(exchange: &str) -> String {
 /// whose consumer is offline, until it comes back. Every connection is new after a restart,
 /// so restoring them before its first publish closes that window.
 ///
-/// A directory whose cluster node is down is logged and skipped: only a crash that also
-/// lost a binding makes that matter, and publishing does not wait for the node.
+/// A directory whose cluster node is down, or that the publisher's user may not read, and
+/// subscription queues it may not declare or bind, are logged and skipped: only a crash that
+/// also lost a binding makes them matter, and publishing does not depend on them.
 pub(crate) async fn restore_bindings(live: &Live, exchange: &str) -> Result<()> {
     let key = format!("b:{exchange}");
     if live.is_declared(&key) {
@@ -181,7 +182,7 @@ pub(crate) async fn restore_bindings(live: &Live, exchange: &str) -> Result<()> 
         Ok(queues) => queues,
         // No directory: the topic never had a named subscription.
         Err(e) if e.kind() == ErrorKind::NotFound => HashSet::new(),
-        // Its cluster node is down (see `error`).
+        // Its cluster node is down (see `error`), or the user may not read it.
         Err(e) if e.kind() == ErrorKind::Broker => {
             tracing::warn!(exchange, error = %e, "cannot read the topic's subscription directory; its bindings are not restored on this connection");
             HashSet::new()
@@ -192,8 +193,21 @@ pub(crate) async fn restore_bindings(live: &Live, exchange: &str) -> Result<()> 
     };
     let admin = live.admin().await?;
     for queue in &queues {
-        live.declare_quorum_queue(queue).await?;
-        live.bind(&admin, queue, exchange).await?;
+        let restored = async {
+            live.declare_quorum_queue(queue).await?;
+            live.bind(&admin, queue, exchange).await
+        };
+        match restored.await {
+            Ok(()) => {}
+            // Refused (a publisher's user may not configure the subscription queues, or a
+            // queue of that name has other settings): the channel is closed, and the
+            // publish goes on without the rest.
+            Err(e) if e.kind() == ErrorKind::Broker => {
+                tracing::warn!(exchange, queue = queue.as_str(), error = %e, "cannot bind a recorded subscription queue again; the other bindings are not restored on this connection");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
     live.mark_declared(key);
     Ok(())

@@ -6,13 +6,16 @@
 //! and the topic's directory record survive. Here a stock client removes the binding the
 //! same way a crash does, with nobody consuming: the next publisher connection must bind the
 //! recorded subscription queues again before it publishes, or what it publishes is confirmed
-//! and routed nowhere.
+//! and routed nowhere. A publisher whose user may not read the directory or declare the
+//! subscription queues publishes all the same (on a RabbitMQ node this test starts, to add
+//! users to it).
 
 mod support;
 
 use std::time::Duration;
 
 use evbus::{Event, SubscribeOptions, Transport};
+use evbus_amqp::{AmqpConfig, AmqpTransport};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
@@ -164,4 +167,56 @@ async fn restoring_bindings_leaves_one_directory_record_per_subscription_and_del
     tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into()))
         .await
         .ok();
+}
+
+/// Adds the user `user` (password `pw`) to `node` with the permission patterns given.
+fn add_user(node: &support::RabbitNode, user: &str, configure: &str, write: &str, read: &str) {
+    node.eval(&format!(
+        "ok = rabbit_auth_backend_internal:add_user(<<\"{user}\">>, <<\"pw\">>, <<\"test\">>), \
+         ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\"{configure}\">>, <<\"{write}\">>, <<\"{read}\">>, <<\"test\">>)."
+    ))
+    .expect("adding a user to the test's node");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_allowed_only_its_exchange_still_publishes() {
+    // A node of its own: the test adds users.
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let name = unique("perms");
+    let admin = support::transport(&node, "").await;
+    let topic = admin.topic(&name).await.unwrap();
+    drop(
+        topic
+            .subscribe(SubscribeOptions::named("billing"))
+            .await
+            .unwrap(),
+    );
+    let exchange = admin.exchange_name(&name);
+    let queue = admin.subscription_queue_name(&name, "billing");
+    let only_exchange = format!("^{exchange}$");
+    // May read the directory, not declare or bind the subscription queue.
+    add_user(&node, "reader", &only_exchange, &only_exchange, ".*");
+    // May not read the directory either.
+    add_user(&node, "writer", &only_exchange, &only_exchange, "^$");
+
+    for (seq, user) in (0..).zip(["reader", "writer"]) {
+        let url = format!("amqp://{user}:pw@127.0.0.1:{}/%2f", node.port());
+        let publisher = AmqpTransport::connect(AmqpConfig::from_url(&url).unwrap())
+            .await
+            .unwrap();
+        let topic = publisher.topic(&name).await.unwrap();
+        topic
+            .publish(&event(seq))
+            .await
+            .unwrap_or_else(|e| panic!("{user}'s publish: {e}"));
+        publisher.close().await.unwrap();
+    }
+    let conn = Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    assert_eq!(message_count(&conn, &queue).await, Some(2));
+    admin.close().await.unwrap();
 }
