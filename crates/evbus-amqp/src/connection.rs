@@ -309,7 +309,7 @@ impl Live {
     }
 
     /// Forgets a declaration (the exchange or queue was deleted).
-    pub(crate) fn forget(&self, key: &str) {
+    fn forget(&self, key: &str) {
         self.declared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -317,10 +317,15 @@ impl Live {
     }
 
     /// Forgets the declaration of the topic exchange `exchange` and the bindings restored
-    /// to it (see [`crate::transport::restore_bindings`]): it was deleted.
+    /// to it (see [`crate::transport::prepare_topic`]): it was deleted.
     pub(crate) fn forget_topic(&self, exchange: &str) {
         self.forget(&format!("x:{exchange}"));
         self.forget(&format!("b:{exchange}"));
+    }
+
+    /// Forgets the declaration of the queue `queue`: it was deleted.
+    pub(crate) fn forget_queue(&self, queue: &str) {
+        self.forget(&format!("q:{queue}"));
     }
 
     /// Declares the durable fanout exchange `exchange` (once per connection).

@@ -14,6 +14,7 @@ use crate::message;
 use crate::transport::AmqpTransport;
 
 /// Where a message goes.
+#[derive(Clone, Copy)]
 enum Route<'a> {
     /// A topic's fanout exchange: a message no queue takes (a topic without subscriptions)
     /// is dropped by design, so it is not `mandatory`.
@@ -171,15 +172,14 @@ async fn publish(
         return Ok(());
     }
     let live = shared.link.live().await?;
-    let (exchange, routing_key, mandatory, declared) = match route {
+    let (exchange, routing_key, mandatory) = match route {
         Route::Exchange(exchange) => {
-            live.declare_exchange(exchange).await?;
-            crate::transport::restore_bindings(&live, exchange).await?;
-            (exchange, "", false, format!("x:{exchange}"))
+            crate::transport::prepare_topic(&live, exchange).await?;
+            (exchange, "", false)
         }
         Route::Queue(queue) => {
             live.declare_quorum_queue(queue).await?;
-            ("", queue, true, format!("q:{queue}"))
+            ("", queue, true)
         }
     };
     let exchange = short("exchange name", exchange)?;
@@ -203,17 +203,17 @@ async fn publish(
             ),
         )
         .await
-        .inspect_err(|e| forget_if_gone(&live, e, &declared))?;
+        .inspect_err(|e| forget_if_gone(&live, e, route))?;
         confirms.push((event.id(), confirm));
     }
     for (id, confirm) in confirms {
         let confirmation = within(live.timeout(), || what.clone(), confirm)
             .await
-            .inspect_err(|e| forget_if_gone(&live, e, &declared))?;
+            .inspect_err(|e| forget_if_gone(&live, e, route))?;
         match confirmation {
             Confirmation::Ack(None) => {}
             Confirmation::Ack(Some(returned)) => {
-                live.forget(&declared);
+                forget(&live, route);
                 return Err(Error::new(
                     ErrorKind::NotFound,
                     format!(
@@ -246,12 +246,16 @@ async fn publish(
 
 /// After a `NOT_FOUND`, declare the exchange (and restore its bindings) or the queue again
 /// on the next publish.
-fn forget_if_gone(live: &crate::connection::Live, error: &Error, declared: &str) {
-    if error.kind() != ErrorKind::NotFound {
-        return;
+fn forget_if_gone(live: &crate::connection::Live, error: &Error, route: Route<'_>) {
+    if error.kind() == ErrorKind::NotFound {
+        forget(live, route);
     }
-    match declared.strip_prefix("x:") {
-        Some(exchange) => live.forget_topic(exchange),
-        None => live.forget(declared),
+}
+
+/// Declare what `route` goes to again on the next publish: it was deleted.
+fn forget(live: &crate::connection::Live, route: Route<'_>) {
+    match route {
+        Route::Exchange(exchange) => live.forget_topic(exchange),
+        Route::Queue(queue) => live.forget_queue(queue),
     }
 }

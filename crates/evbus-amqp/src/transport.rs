@@ -147,9 +147,9 @@ fn directory_of(exchange: &str) -> String {
     format!("{}_d_subscriptions", &exchange[..cut])
 }
 
-/// Binds the subscription queues recorded in the directory of `exchange` to it again (once
-/// per connection, before the first publish to the topic on it), declaring them as their
-/// consumers do.
+/// Makes the topic exchange `exchange` ready for publishing on `live`, once per connection:
+/// declares it, then binds the subscription queues recorded in its directory to it again,
+/// declaring them as their consumers do. Later publishes on the connection check one flag.
 ///
 /// RabbitMQ keeps bindings in its metadata store, whose last writes a crash can lose
 /// (RabbitMQ 3.10: Mnesia, killed within about a second of a subscription binding its
@@ -162,11 +162,12 @@ fn directory_of(exchange: &str) -> String {
 /// A directory whose cluster node is down, or that the publisher's user may not read, and
 /// subscription queues it may not declare or bind, are logged and skipped: only a crash that
 /// also lost a binding makes them matter, and publishing does not depend on them.
-pub(crate) async fn restore_bindings(live: &Live, exchange: &str) -> Result<()> {
+pub(crate) async fn prepare_topic(live: &Live, exchange: &str) -> Result<()> {
     let key = format!("b:{exchange}");
     if live.is_declared(&key) {
         return Ok(());
     }
+    live.declare_exchange(exchange).await?;
     let directory = directory_of(exchange);
     // A channel of its own: reading a directory that does not exist closes the channel, and
     // closing it gives back the records it read.
@@ -388,7 +389,7 @@ impl Transport for AmqpTransport {
                         .queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
                 )
                 .await?;
-                live.forget(&format!("q:{queue}"));
+                live.forget_queue(queue);
             }
             within(
                 live.timeout(),
@@ -420,7 +421,7 @@ impl Transport for AmqpTransport {
                 channel.queue_delete(short("queue name", &queue)?, QueueDeleteOptions::default()),
             )
             .await?;
-            live.forget(&format!("q:{queue}"));
+            live.forget_queue(&queue);
             Ok(())
         })
         .await
