@@ -19,6 +19,8 @@ use evbus::{Error, Result};
 
 /// Longest AMQP exchange or queue name (a short string).
 const MAX_NAME: usize = 255;
+/// Where [`fit`] cuts a longer name.
+const CUT: usize = 200;
 
 /// Builds exchange and queue names under one prefix.
 #[derive(Clone, Debug)]
@@ -64,6 +66,24 @@ impl Names {
     }
 }
 
+/// Whether `queue` can be the queue of a named subscription of the topic whose exchange is
+/// `exchange` (both built by [`Names`]): it starts with the exchange's name and `_s_`, or,
+/// where [`fit`] cut the names, with the first bytes the two share. What a topic's directory
+/// names is checked with it: a record written there by someone else must not make evbus bind
+/// (or delete) a queue of another topic.
+pub(crate) fn is_subscription_of(queue: &str, exchange: &str) -> bool {
+    if exchange.len() + 3 <= CUT {
+        return queue
+            .strip_prefix(exchange)
+            .is_some_and(|rest| rest.starts_with("_s_"));
+    }
+    let mut cut = CUT.min(exchange.len());
+    while !exchange.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    queue.len() > cut && queue.starts_with(&exchange[..cut])
+}
+
 /// Checks a topic, queue or subscription name: 1 to 249 printable characters (the rule of
 /// the in-memory transport, so a name valid on one transport is valid on every one).
 pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
@@ -100,7 +120,7 @@ fn fit(name: String) -> String {
     if name.len() <= MAX_NAME {
         return name;
     }
-    let mut cut = 200;
+    let mut cut = CUT;
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -163,6 +183,44 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, names.subscription(&long, "s1"));
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn only_a_topics_own_subscription_queues_belong_to_it() {
+        let names = Names::new("evbus.");
+        let orders = names.exchange("orders");
+        assert!(is_subscription_of(
+            &names.subscription("orders", "billing"),
+            &orders
+        ));
+        assert!(is_subscription_of(
+            &names.subscription("orders", &"b".repeat(249)),
+            &orders
+        ));
+        // A topic whose name extends this one, a queue, another topic's exchange.
+        for other in [
+            names.subscription("orders.eu", "billing"),
+            names.subscription("orders_s_x", "billing"),
+            names.queue("orders"),
+            names.queue("jobs"),
+            orders.clone(),
+            names.anonymous("orders"),
+        ] {
+            assert!(!is_subscription_of(&other, &orders), "{other}");
+        }
+        // Names long enough to be cut: the shared first bytes decide.
+        for topic in ["t".repeat(196), "t".repeat(230), "t".repeat(249)] {
+            let exchange = names.exchange(&topic);
+            for subscription in ["s", &"s".repeat(249)] {
+                let queue = names.subscription(&topic, subscription);
+                assert!(is_subscription_of(&queue, &exchange), "{queue}");
+            }
+            assert!(!is_subscription_of(&names.queue("jobs"), &exchange));
+            assert!(!is_subscription_of(
+                &names.subscription("orders", "s"),
+                &exchange
+            ));
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::AmqpConfig;
 use crate::connection::{Link, Live, short, within};
-use crate::names::{Names, check_name};
+use crate::names::{Names, check_name, is_subscription_of};
 use crate::publisher::{AmqpQueue, AmqpTopic};
 
 /// A transport on a RabbitMQ broker (3.8 or later: quorum queues), through AMQP 0-9-1.
@@ -177,7 +177,7 @@ pub(crate) async fn prepare_topic(live: &Live, exchange: &str) -> Result<()> {
         live.conn.create_channel(),
     )
     .await?;
-    let read = read_directory(live, &channel, &directory, Read::Keep).await;
+    let read = read_directory(live, &channel, exchange, Read::Keep).await;
     let _ = tokio::time::timeout(live.timeout(), channel.close(200, "directory read".into())).await;
     let queues = match read {
         Ok(queues) => queues,
@@ -219,19 +219,22 @@ pub(crate) async fn prepare_topic(live: &Live, exchange: &str) -> Result<()> {
 enum Read {
     /// Takes every record (the topic is being deleted).
     Take,
-    /// Leaves one record per queue, unacknowledged on the reading channel (closing it gives
-    /// them back), and removes the duplicates: a subscriber records its queue again on each
-    /// of its connections.
+    /// Leaves one record per subscription queue, unacknowledged on the reading channel
+    /// (closing it gives them back), and removes duplicates (a subscriber records its queue
+    /// again on each of its connections) and records naming no queue of the topic.
     Keep,
 }
 
-/// The subscription queues recorded in `directory`, read on `channel`.
+/// The subscription queues recorded in the directory of the topic exchange `exchange`, read
+/// on `channel`.
 async fn read_directory(
     live: &Live,
     channel: &lapin::Channel,
-    directory: &str,
+    exchange: &str,
     read: Read,
 ) -> Result<HashSet<String>> {
+    let directory = directory_of(exchange);
+    let directory = directory.as_str();
     let what = || format!("reading subscription directory `{directory}`");
     let mut queues = HashSet::new();
     loop {
@@ -247,8 +250,19 @@ async fn read_directory(
         )
         .await?;
         let Some(message) = got else { break };
-        let new = queues.insert(String::from_utf8_lossy(&message.delivery.data).into_owned());
-        if read == Read::Keep && !new {
+        let queue = String::from_utf8_lossy(&message.delivery.data).into_owned();
+        // Not a subscription queue of this topic: written by someone else, never bound or
+        // deleted on its say-so, and removed.
+        let own = is_subscription_of(&queue, exchange);
+        if !own {
+            tracing::warn!(
+                directory,
+                queue,
+                "ignoring a directory record that names no subscription queue of its topic"
+            );
+        }
+        let kept = own && queues.insert(queue);
+        if read == Read::Keep && !kept {
             within(
                 live.timeout(),
                 what,
@@ -376,7 +390,7 @@ impl Transport for AmqpTransport {
             // exchange. What does not exist is not an error.
             declare_directory(live, &directory).await?;
             let channel = live.admin().await?;
-            let queues = read_directory(live, &channel, &directory, Read::Take).await?;
+            let queues = read_directory(live, &channel, &exchange, Read::Take).await?;
             for queue in queues
                 .iter()
                 .map(String::as_str)

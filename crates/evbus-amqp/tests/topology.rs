@@ -18,7 +18,7 @@ use evbus::{Event, SubscribeOptions, Transport};
 use evbus_amqp::{AmqpConfig, AmqpTransport};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use support::{shared_transport, stock_channel};
 
 fn unique(label: &str) -> String {
@@ -41,6 +41,35 @@ async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
         .await
         .ok()
         .map(|q| q.message_count())
+}
+
+/// Publishes `body` with a stock client, persistent and `mandatory`, and waits for its
+/// confirm (carrying the message back if RabbitMQ returned it).
+async fn publish_mandatory(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> Confirmation {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
 }
 
 /// Subscribes `subscription` to topic `name` on a connection of its own, then goes away:
@@ -84,25 +113,7 @@ async fn a_lost_binding_is_restored_before_a_new_connection_publishes() {
         .await
         .unwrap();
     // The binding is really gone: a mandatory publish comes back unroutable.
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirmation = channel
-        .basic_publish(
-            exchange.as_str().into(),
-            "".into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            b"probe",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let confirmation = publish_mandatory(&channel, &exchange, "", b"probe").await;
     assert!(
         confirmation.take_message().is_some(),
         "RabbitMQ still routes to the subscription queue after the unbind"
@@ -167,6 +178,51 @@ async fn restoring_bindings_leaves_one_directory_record_per_subscription_and_del
     tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into()))
         .await
         .ok();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_record_naming_another_topics_queue_is_neither_bound_nor_deleted() {
+    let name = unique("foreign");
+    let other = unique("spied");
+    subscribe_and_leave(&name, "billing").await;
+    subscribe_and_leave(&other, "spy").await;
+    let publisher = shared_transport().await;
+    let directory = format!("{}_d_subscriptions", publisher.exchange_name(&name));
+    let foreign = publisher.subscription_queue_name(&other, "spy");
+
+    // Someone who may write the directory records another topic's queue in it.
+    let (conn, channel) = stock_channel().await;
+    let confirmation = publish_mandatory(&channel, "", &directory, foreign.as_bytes()).await;
+    assert!(
+        confirmation.take_message().is_none(),
+        "the record was routed"
+    );
+    assert_eq!(message_count(&conn, &directory).await, Some(2));
+
+    let topic = publisher.topic(&name).await.unwrap();
+    topic.publish(&event(0)).await.unwrap();
+    let billing = publisher.subscription_queue_name(&name, "billing");
+    assert_eq!(message_count(&conn, &billing).await, Some(1));
+    assert_eq!(
+        message_count(&conn, &foreign).await,
+        Some(0),
+        "the publisher bound another topic's queue on a directory record's say-so"
+    );
+    assert_eq!(
+        message_count(&conn, &directory).await,
+        Some(1),
+        "the foreign record is removed"
+    );
+
+    publisher.delete_topic(&name).await.unwrap();
+    assert_eq!(message_count(&conn, &billing).await, None);
+    assert_eq!(
+        message_count(&conn, &foreign).await,
+        Some(0),
+        "deleted by another topic"
+    );
+    publisher.delete_topic(&other).await.unwrap();
+    publisher.close().await.unwrap();
 }
 
 /// Adds the user `user` (password `pw`) to `node` with the permission patterns given.
