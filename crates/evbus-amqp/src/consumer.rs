@@ -1,30 +1,41 @@
 //! Consuming: one channel per consumer with `basic.qos` prefetch = the in-flight limit, a
 //! task that re-attaches after a lost connection, and the [`Acker`] that settles deliveries
-//! with `basic.ack` / `basic.nack` (requeue).
+//! (ADR 0020).
 //!
-//! - **Attempts**: a quorum queue (named subscriptions, queues) counts returns in the
-//!   `x-delivery-count` header, so attempt = `x-delivery-count` + 1 whoever held the message
-//!   before. An anonymous subscription's exclusive classic queue has only this consumer, so
-//!   the consumer counts its own requeues (per copy, see below).
-//! - **Returns that were not attempts**: RabbitMQ also counts a return when a consumer's
-//!   channel is lost, including the prefetched messages the consumer had not handed out
-//!   yet. Only a delivery handed out is an attempt, so the consumer keeps the returns it
-//!   caused without handing the message out and takes them off the count when the message
-//!   comes back to it. It keeps them per copy (the `evbus-copy` header our publishers stamp,
-//!   else the `message-id`): two copies of one event, left by a publish retried after a
-//!   lost confirm, each have their own count, and one copy taking the other's correction
-//!   would reach a handler as a first attempt twice while the other arrived past its last.
+//! - **Attempts travel with the message.** A retry (a `nack`, an expired visibility timeout,
+//!   a subscription dropped while a delivery it handed out is unsettled) publishes a copy of
+//!   the message to the consumer's own queue with the `evbus-attempts` header (the attempts
+//!   made so far), waits for RabbitMQ's confirm, then acks the original. A delivery's
+//!   attempt is `evbus-attempts` + 1. Between the confirm and the ack a crash leaves two
+//!   copies: at-least-once, as a lost publish confirm already can. If the copy cannot be
+//!   published the delivery is requeued (`basic.nack`) instead, a return: that attempt
+//!   counts only if the message comes back to this consumer (see below).
+//! - **Returns are not attempts.** RabbitMQ returns a message to its queue when the channel
+//!   holding it goes: a consumer crashed, its connection was cut, or it only held the
+//!   message in its prefetch. A quorum queue counts these returns in `x-delivery-count`,
+//!   but the count cannot tell an attempt from a message that never reached a handler: when
+//!   every connection of a group drops at once, RabbitMQ 3.10 hands what the first consumer
+//!   returns to consumers whose own loss is still queued, which return it again, up to
+//!   several times per message. So returns bound a crash loop instead: a delivery whose
+//!   returns exceed `max_attempts` + [`SPARE_RETURNS`] is reported as that many deliveries,
+//!   past `max_attempts`, and core dead-letters it without handing it out.
+//! - **What the consumer saw itself** corrects both, per copy of a message (the
+//!   `evbus-copy` header our publishers stamp, else the `message-id`; two copies of one
+//!   event, left by a publish retried after a lost confirm, each have their own): a message
+//!   it had handed out when its channel was lost counts one attempt more when it comes back
+//!   to it, and returns of messages it had not handed out are taken off the returns.
 //!   Deliveries received on a lost channel and still waiting are dropped, not handed out
 //!   (RabbitMQ has requeued them), and after a loss the consumer does not re-attach while
 //!   what it had handed out on the lost channel holds every in-flight slot (at most a
 //!   visibility timeout): new deliveries would only wait behind deliveries nobody can
-//!   settle, where another loss would count against them too.
+//!   settle.
 //! - **Visibility timeout**: RabbitMQ has none; it requeues when a channel or connection
-//!   closes. The consumer also requeues (`basic.nack`, `requeue`) every delivery handed out
-//!   longer than [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a
-//!   consumer that hangs or drops a delivery gives it back; settling it later fails with
+//!   closes. The consumer also retries every delivery handed out longer than
+//!   [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a consumer that
+//!   hangs or drops a delivery gives it back; settling it later fails with
 //!   [`ErrorKind::Expired`].
-//! - **Dropping the subscription** closes its channel: RabbitMQ requeues what it held.
+//! - **Dropping the subscription** retries what it handed out and did not settle, then
+//!   closes its channel: RabbitMQ requeues what it held without handing it out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -32,20 +43,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use evbus::raw::{Acker, RawDelivery, Source, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Result, Subscription, Transport};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
+use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::connection::{Live, short, within};
 use crate::message::{self, CopyKey};
 use crate::transport::{AmqpTransport, Shared};
+
+/// Returns (a channel lost while it held the message) a message may have beyond
+/// `max_attempts` before it is dead-lettered as a crash loop. Not attempts: one mass
+/// disconnect can return a message several times without any handler seeing it.
+pub const SPARE_RETURNS: u32 = 10;
 
 /// What a consumer reads.
 #[derive(Clone, Debug)]
@@ -89,8 +107,8 @@ pub(crate) async fn subscribe(
         shared: Arc::clone(&shared),
         state: std::sync::Mutex::default(),
         next_tag: AtomicU64::new(1),
-        own_count: matches!(target, Target::Anonymous { .. }),
-        requeued: std::sync::Mutex::new(HashMap::new()),
+        queue: target.queue().to_owned(),
+        max_returns: options.max_attempts.saturating_add(SPARE_RETURNS),
         lost_settled: tokio::sync::Notify::new(),
     });
     // A broker-side refusal that a new attempt can clear (RabbitMQ's INTERNAL_ERROR when a
@@ -288,11 +306,11 @@ async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => {
-                detach(current, &acker).await;
+                detach(current, &acker, Ending::Closed).await;
                 return;
             }
             _ = tx.closed() => {
-                detach(current, &acker).await;
+                detach(current, &acker, Ending::Closed).await;
                 return;
             }
             _ = sweep.tick() => acker.sweep(options.visibility_timeout).await,
@@ -301,7 +319,7 @@ async fn run(
             room = tx.reserve(), if !waiting.is_empty() => match (room, waiting.pop_front()) {
                 (Ok(room), Some(raw)) => room.send(Ok(raw)),
                 _ => {
-                    detach(current, &acker).await;
+                    detach(current, &acker, Ending::Closed).await;
                     return;
                 }
             },
@@ -311,7 +329,7 @@ async fn run(
                 }
                 Some(Err(e)) => {
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
-                    detach(current, &acker).await;
+                    detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
                 }
@@ -320,7 +338,7 @@ async fn run(
                     // The channel may still be open: close it, or what it holds unsettled
                     // (and can no longer be settled) would stay there while the connection
                     // lives instead of being redelivered.
-                    detach(current, &acker).await;
+                    detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
                 }
@@ -329,8 +347,29 @@ async fn run(
     }
 }
 
-/// Closes the consumer's channel: RabbitMQ requeues every delivery it held unsettled.
-async fn detach(attached: &Attached, acker: &AmqpAcker) {
+/// Why a consumer lets go of its channel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The subscription was dropped or the transport closes: the channel still works.
+    Closed,
+    /// The channel was lost, or RabbitMQ cancelled the consumer.
+    Lost,
+}
+
+/// Closes the consumer's channel: RabbitMQ requeues every delivery it held unsettled. When
+/// the subscription ends on purpose, what it handed out and did not settle is retried first,
+/// as a nack would: an attempt that did not finish counts (a consumer that closes on an
+/// event's last attempt leaves it to be dead-lettered, not handed out once more).
+async fn detach(attached: &Attached, acker: &AmqpAcker, ending: Ending) {
+    if ending == Ending::Closed {
+        let handed = acker.take_handed(attached.epoch);
+        futures::future::join_all(handed.into_iter().map(|held| async {
+            if let Err(e) = acker.retry(held).await {
+                tracing::debug!(queue = %acker.queue, error = %e, "could not retry a delivery left unsettled by a closing consumer; RabbitMQ requeues it");
+            }
+        }))
+        .await;
+    }
     acker.lost(attached.epoch);
     let limit = acker.shared.config.command_timeout;
     let _ =
@@ -346,8 +385,13 @@ struct Held {
     handed: Option<Instant>,
     attempt: u32,
     key: Option<CopyKey>,
-    /// Returns RabbitMQ counted for this message that were no attempt (see [`Unhanded`]).
+    /// Returns RabbitMQ counted for this message that were no attempt (see [`PerCopy`]).
     uncounted: u32,
+    /// Attempts this consumer made on this copy and lost with their channel.
+    handed_lost: u32,
+    /// What a retry publishes again.
+    properties: BasicProperties,
+    body: Bytes,
 }
 
 /// Settles a consumer's deliveries; shared by all of them, told apart by their tag.
@@ -355,10 +399,10 @@ struct AmqpAcker {
     shared: Arc<Shared>,
     state: std::sync::Mutex<Holding>,
     next_tag: AtomicU64,
-    /// Whether this consumer counts requeues itself (no `x-delivery-count`).
-    own_count: bool,
-    /// Attempts of messages this consumer requeued, per copy (`own_count` only).
-    requeued: std::sync::Mutex<HashMap<CopyKey, u32>>,
+    /// The queue consumed, where retries are published.
+    queue: String,
+    /// Returns beyond which a delivery is reported past `max_attempts` (a crash loop).
+    max_returns: u32,
     /// Woken when a delivery handed out on a lost channel is settled.
     lost_settled: tokio::sync::Notify,
 }
@@ -370,25 +414,47 @@ struct Holding {
     held: HashMap<u64, Held>,
     /// Tags handed out on a channel that was lost since, not settled yet.
     lost: HashSet<u64>,
-    unhanded: Unhanded,
+    /// Returns RabbitMQ counted for messages this consumer received but never handed out
+    /// (they waited in its buffer when their channel was lost): taken off the returns.
+    unhanded: PerCopy,
+    /// Messages this consumer had handed out when their channel was lost: one attempt more.
+    handed_lost: PerCopy,
 }
 
-/// How many returns RabbitMQ counted for messages this consumer received but never handed
-/// out (they waited in its buffer when their channel was lost), per copy; taken off
-/// the attempt when the message comes back here. A message that went to another consumer
-/// never claims its entry, so the oldest go first past [`Unhanded::LIMIT`].
+/// A count per copy of a message, claimed when the message comes back to this consumer. A
+/// message that went to another consumer never claims its entry, so the oldest go first
+/// past [`PerCopy::LIMIT`].
 #[derive(Default)]
-struct Unhanded {
+struct PerCopy {
     counts: HashMap<CopyKey, u32>,
     order: VecDeque<CopyKey>,
 }
 
-impl Unhanded {
+impl Holding {
+    /// Remembers, per copy, what RabbitMQ's return of `held` means when the message comes
+    /// back to this consumer: one attempt more if it was `handed` out, else one return that
+    /// was no attempt (with what the delivery had claimed of both).
+    fn remember_return(&mut self, held: &Held, handed: bool) {
+        let Some(key) = &held.key else {
+            return;
+        };
+        let handed_lost = held.handed_lost.saturating_add(u32::from(handed));
+        let uncounted = held.uncounted.saturating_add(u32::from(!handed));
+        if handed_lost > 0 {
+            self.handed_lost.add(key, handed_lost);
+        }
+        if uncounted > 0 {
+            self.unhanded.add(key, uncounted);
+        }
+    }
+}
+
+impl PerCopy {
     const LIMIT: usize = 4096;
 
-    fn add(&mut self, key: &CopyKey, returns: u32) {
+    fn add(&mut self, key: &CopyKey, n: u32) {
         if let Some(count) = self.counts.get_mut(key) {
-            *count = count.saturating_add(returns);
+            *count = count.saturating_add(n);
             return;
         }
         if self.order.len() >= Self::LIMIT
@@ -397,7 +463,7 @@ impl Unhanded {
             self.counts.remove(&oldest);
         }
         self.order.push_back(key.clone());
-        self.counts.insert(key.clone(), returns);
+        self.counts.insert(key.clone(), n);
     }
 
     fn take(&mut self, key: &CopyKey) -> u32 {
@@ -414,38 +480,26 @@ impl AmqpAcker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The attempt of `delivery`, given the returns counted for it that were no attempt
-    /// (called under the state lock; takes `requeued` after it, never the other way round).
-    fn attempt(
-        &self,
-        delivery: &lapin::message::Delivery,
-        key: Option<&CopyKey>,
-        uncounted: u32,
-    ) -> u32 {
-        let count = delivery
-            .properties
+    /// The attempt of a delivery with `properties`: the attempts its copy carries, plus
+    /// `handed_lost` (this consumer handed it out before losing its channel), plus 1, unless
+    /// RabbitMQ returned it more than [`Self::max_returns`] times besides the `uncounted`
+    /// returns this consumer caused without handing it out: then all its deliveries, which
+    /// is past `max_attempts` (a crash loop).
+    fn attempt(&self, properties: &BasicProperties, uncounted: u32, handed_lost: u32) -> u32 {
+        let attempt = message::attempts_made(properties)
+            .saturating_add(handed_lost)
+            .saturating_add(1);
+        let returns = properties
             .headers()
             .as_ref()
             .and_then(|h| h.inner().get("x-delivery-count"))
-            .and_then(message::integer_of);
-        if let Some(count) = count {
-            return u32::try_from(count.max(0))
-                .unwrap_or(u32::MAX - 1)
-                .saturating_sub(uncounted)
-                .saturating_add(1);
+            .and_then(message::integer_of)
+            .map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+            .saturating_sub(uncounted);
+        if returns > self.max_returns {
+            return attempt.saturating_add(returns).saturating_sub(handed_lost);
         }
-        if !delivery.redelivered {
-            return 1;
-        }
-        let before = key.and_then(|k| {
-            self.requeued
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(k)
-        });
-        // Redelivered without a requeue of ours: its channel was lost, while it was handed
-        // out (an attempt) or before (not one).
-        before.map_or(if uncounted > 0 { 1 } else { 2 }, |a| a.saturating_add(1))
+        attempt
     }
 
     /// Registers `delivery` and builds what core receives.
@@ -458,10 +512,17 @@ impl AmqpAcker {
     ) -> RawDelivery {
         let key = CopyKey::of(&delivery.properties);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let body = Bytes::from(delivery.data);
+        let decoded = message::decode(&delivery.properties, body.clone());
+        let raw_headers = decoded
+            .is_err()
+            .then(|| message::raw_headers(&delivery.properties));
         let attempt = {
             let mut state = self.lock();
-            let uncounted = key.as_ref().map_or(0, |k| state.unhanded.take(k));
-            let attempt = self.attempt(&delivery, key.as_ref(), uncounted);
+            let (uncounted, handed_lost) = key.as_ref().map_or((0, 0), |k| {
+                (state.unhanded.take(k), state.handed_lost.take(k))
+            });
+            let attempt = self.attempt(&delivery.properties, uncounted, handed_lost);
             state.held.insert(
                 tag,
                 Held {
@@ -472,12 +533,15 @@ impl AmqpAcker {
                     attempt,
                     key,
                     uncounted,
+                    handed_lost,
+                    properties: delivery.properties,
+                    body: body.clone(),
                 },
             );
             attempt
         };
         let acker: Arc<dyn Acker> = Arc::clone(self) as Arc<dyn Acker>;
-        match message::decode(&delivery.properties, &delivery.data) {
+        match decoded {
             Ok(event) => RawDelivery::new(event, attempt, acker, tag),
             Err(error) => {
                 tracing::warn!(queue, error = %error, "a message is not a CloudEvent; moving it to the dead-letter queue");
@@ -486,10 +550,10 @@ impl AmqpAcker {
                     format!("amqp:{queue}"),
                     delivery.delivery_tag.to_string(),
                 );
-                for (name, value) in message::raw_headers(&delivery.properties) {
+                for (name, value) in raw_headers.unwrap_or_default() {
                     message = message.header(name, value);
                 }
-                RawDelivery::undecodable(message.body(delivery.data), attempt, acker, tag)
+                RawDelivery::undecodable(message.body(body), attempt, acker, tag)
             }
         }
     }
@@ -524,10 +588,7 @@ impl AmqpAcker {
             if handed {
                 state.lost.insert(tag);
             }
-            let uncounted = held.uncounted.saturating_add(u32::from(!handed));
-            if let (Some(key), 1..) = (&held.key, uncounted) {
-                state.unhanded.add(key, uncounted);
-            }
+            state.remember_return(&held, handed);
         }
     }
 
@@ -563,24 +624,98 @@ impl AmqpAcker {
         ))
     }
 
-    /// Keeps what the next delivery of a message requeued by this consumer needs to know.
-    fn remember_requeue(&self, held: &Held) {
-        let Some(key) = &held.key else {
-            return;
-        };
-        if held.uncounted > 0 {
-            self.lock().unhanded.add(key, held.uncounted);
+    /// Takes out the deliveries of attachment `epoch` that were handed out and not settled.
+    fn take_handed(&self, epoch: u64) -> Vec<Held> {
+        let held = &mut self.lock().held;
+        let tags: Vec<u64> = held
+            .iter()
+            .filter(|(_, h)| h.epoch == epoch && h.handed.is_some())
+            .map(|(tag, _)| *tag)
+            .collect();
+        tags.into_iter().filter_map(|t| held.remove(&t)).collect()
+    }
+
+    /// Retries `held` after its attempt: publishes a copy carrying the attempts made so far
+    /// to this consumer's queue, then acks the original once RabbitMQ confirmed the copy.
+    /// If the copy cannot be published, requeues the original (that attempt counts only if
+    /// the message comes back to this consumer).
+    async fn retry(&self, held: Held) -> Result<()> {
+        // A lost channel: RabbitMQ took the message back already.
+        if held.channel.status().connected() {
+            match self.publish_retry(&held).await {
+                Ok(()) => {
+                    return within(
+                        self.shared.config.command_timeout,
+                        || "acknowledging a retried delivery (basic.ack)".to_owned(),
+                        held.channel
+                            .basic_ack(held.delivery_tag, BasicAckOptions::default()),
+                    )
+                    .await;
+                }
+                Err(e) => tracing::warn!(
+                    queue = %self.queue,
+                    error = %e,
+                    "could not publish the retry of a delivery; requeueing it instead (this \
+                     attempt counts only if it comes back to this consumer)"
+                ),
+            }
         }
-        if self.own_count {
-            self.requeued
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone(), held.attempt);
+        self.requeue(held).await
+    }
+
+    /// Publishes the copy that retries `held` and waits for RabbitMQ's confirm.
+    async fn publish_retry(&self, held: &Held) -> Result<()> {
+        let live = self.shared.link.live().await?;
+        let channel = live.publisher().await?;
+        let what = || {
+            format!(
+                "publishing the retry of a delivery to queue `{}`",
+                self.queue
+            )
+        };
+        let properties =
+            message::retry_properties(&held.properties, held.attempt, &self.shared.copies);
+        let confirm = within(
+            live.timeout(),
+            what,
+            channel.basic_publish(
+                "".into(),
+                short("queue name", &self.queue)?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &held.body,
+                properties,
+            ),
+        )
+        .await?;
+        match within(live.timeout(), what, confirm).await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{}: RabbitMQ returned it as unroutable ({} {}): the queue no longer exists",
+                    what(),
+                    returned.reply_code,
+                    returned.reply_text
+                ),
+            )),
+            Confirmation::Nack(_) => Err(Error::new(
+                ErrorKind::Broker,
+                format!("{}: RabbitMQ refused it (negative confirm)", what()),
+            )),
+            Confirmation::NotRequested => Err(Error::new(
+                ErrorKind::Internal,
+                format!("{}: the publisher channel is not in confirm mode", what()),
+            )),
         }
     }
 
+    /// Gives `held` back to RabbitMQ (`basic.nack`, requeue): for RabbitMQ a return, which
+    /// counts as an attempt only if the message comes back to this consumer.
     async fn requeue(&self, held: Held) -> Result<()> {
-        self.remember_requeue(&held);
+        self.lock().remember_return(&held, true);
         within(
             self.shared.config.command_timeout,
             || "requeueing a delivery (basic.nack)".to_owned(),
@@ -595,7 +730,7 @@ impl AmqpAcker {
         .await
     }
 
-    /// Requeues every delivery handed out more than `visibility` ago and still unsettled.
+    /// Retries every delivery handed out more than `visibility` ago and still unsettled.
     async fn sweep(&self, visibility: Duration) {
         let expired: Vec<Held> = {
             let held = &mut self.lock().held;
@@ -609,11 +744,11 @@ impl AmqpAcker {
         for held in expired {
             tracing::debug!(
                 visibility_timeout = ?visibility,
-                "requeueing a delivery left unsettled past its visibility timeout"
+                "retrying a delivery left unsettled past its visibility timeout"
             );
-            if let Err(e) = self.requeue(held).await {
+            if let Err(e) = self.retry(held).await {
                 // Its channel is gone: RabbitMQ requeues it anyway.
-                tracing::debug!(error = %e, "could not requeue an expired delivery");
+                tracing::debug!(error = %e, "could not retry an expired delivery");
             }
         }
     }
@@ -636,6 +771,6 @@ impl Acker for AmqpAcker {
     async fn nack(&self, tag: u64) -> Result<()> {
         let _op = self.shared.begin()?;
         let held = self.take(tag)?;
-        self.requeue(held).await
+        self.retry(held).await
     }
 }

@@ -17,6 +17,7 @@ use evbus::{Connector, Result, Transport};
 use url::Url;
 
 pub use config::{AmqpConfig, AmqpConfigKey, MAX_PAYLOAD_LIMIT};
+pub use consumer::SPARE_RETURNS;
 pub use transport::AmqpTransport;
 
 /// The URL schemes of [`AmqpConnector`].
@@ -25,6 +26,10 @@ pub const URL_SCHEMES: &[&str] = &["amqp", "amqps"];
 /// The prefix of CloudEvents attribute headers this adapter writes (the AMQP binding's
 /// JMS-safe form; `cloudEvents:` is accepted when reading).
 pub const HEADER_PREFIX: &str = message::PREFIX;
+
+/// The header on a message a consumer published again to retry it: the handler attempts made
+/// before that copy (a long-long integer). A message without it starts at attempt 1.
+pub const ATTEMPTS_HEADER: &str = message::ATTEMPTS_HEADER;
 
 /// Opens [`AmqpTransport`]s for `amqp://` and `amqps://` URLs (see
 /// [`AmqpConfig::from_url`] for the query parameters).

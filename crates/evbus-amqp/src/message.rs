@@ -10,7 +10,10 @@
 //!   message among everything its transport published, so that two copies of one event (a
 //!   publish retried after its confirm was lost) can be told apart: a consumer keeps what
 //!   it knows of a message's attempts per copy (see `consumer`). Readers other than evbus
-//!   can ignore it.
+//!   can ignore it;
+//! - the `evbus-attempts` header (a long-long integer) is on a message a consumer published
+//!   again to retry it: how many handler attempts were made before this copy. A message
+//!   without it starts at attempt 1.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,6 +30,9 @@ pub(crate) const LEGACY_PREFIX: &str = "cloudEvents:";
 
 /// The header that tells copies of one event apart.
 pub(crate) const COPY_HEADER: &str = "evbus-copy";
+
+/// The header that carries the attempts made before a retried copy.
+pub(crate) const ATTEMPTS_HEADER: &str = "evbus-attempts";
 
 /// Numbers the messages of one transport for [`COPY_HEADER`]: a random start (the 62 random
 /// bits of a v4 UUID's second half), then one more per message, so that the numbers of two
@@ -73,6 +79,46 @@ impl CopyKey {
     }
 }
 
+/// The attempts made before this copy of a message: its [`ATTEMPTS_HEADER`] (an integer or
+/// decimal text), 0 when it has none or it is not a number.
+pub(crate) fn attempts_made(properties: &BasicProperties) -> u32 {
+    let Some(value) = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(ATTEMPTS_HEADER))
+    else {
+        return 0;
+    };
+    let made = integer_of(value).or_else(|| text_of(value)?.trim().parse().ok());
+    made.map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+}
+
+/// The properties of the copy that retries a delivered message after `attempts` attempts:
+/// the same properties and headers, a new copy number, [`ATTEMPTS_HEADER`] set, and without
+/// what RabbitMQ added on delivery (`x-delivery-count`), which counts again from the copy.
+pub(crate) fn retry_properties(
+    properties: &BasicProperties,
+    attempts: u32,
+    copies: &Copies,
+) -> BasicProperties {
+    let mut inner = properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    inner.retain(|name, _| name.as_str() != "x-delivery-count");
+    let mut table = FieldTable::from(inner);
+    table.insert(
+        COPY_HEADER.into(),
+        AMQPValue::LongString(copies.next().into()),
+    );
+    table.insert(
+        ATTEMPTS_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    properties.clone().with_headers(table)
+}
+
 /// The properties (headers included) and body of one copy of `event`, numbered by `copies`.
 pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes) {
     let (headers, body) = binding::encode(event, HeaderStyle::AMQP);
@@ -108,7 +154,7 @@ pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes)
 /// Decodes a delivered message. Fails with [`ErrorKind::InvalidEvent`](evbus::ErrorKind)
 /// when it is not a binary-mode CloudEvent (no `cloudEvents_specversion`, an attribute that
 /// is not a string, invalid attributes).
-pub(crate) fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Event> {
+pub(crate) fn decode(properties: &BasicProperties, body: Bytes) -> Result<Event> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(headers) = properties.headers() {
         for (name, value) in headers.inner() {
@@ -129,7 +175,7 @@ pub(crate) fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Event>
     if let Some(ct) = properties.content_type() {
         pairs.push((HeaderStyle::AMQP.content_type.to_owned(), ct.to_string()));
     }
-    binding::decode(pairs, Bytes::copy_from_slice(body), HeaderStyle::AMQP)
+    binding::decode(pairs, body, HeaderStyle::AMQP)
 }
 
 /// A header value as text: strings (UTF-8), integers and booleans.
@@ -225,7 +271,54 @@ mod tests {
             Some(event.id())
         );
         assert_eq!(body, event.data().cloned().unwrap());
-        assert_eq!(decode(&properties, &body).unwrap(), event);
+        assert_eq!(decode(&properties, body.clone()).unwrap(), event);
+    }
+
+    #[test]
+    fn a_retry_copy_carries_its_attempts_and_a_new_number_but_not_the_delivery_count() {
+        let event = sample();
+        let copies = Copies::new();
+        let (published, body) = encode(&event, &copies);
+        assert_eq!(attempts_made(&published), 0, "a first copy");
+        // As RabbitMQ delivers it after two returns.
+        let mut headers = published.headers().clone().unwrap_or_default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        let delivered = published.clone().with_headers(headers);
+
+        let retry = retry_properties(&delivered, 3, &copies);
+        assert_eq!(attempts_made(&retry), 3);
+        assert!(header(&retry, "x-delivery-count").is_none());
+        assert_ne!(CopyKey::of(&retry), CopyKey::of(&delivered), "a new copy");
+        assert_eq!(retry.message_id(), delivered.message_id());
+        assert_eq!(retry.content_type(), delivered.content_type());
+        assert_eq!(*retry.delivery_mode(), Some(2));
+        // The event is the same, and the header is no attribute of it.
+        let again = decode(&retry, body.clone()).unwrap();
+        assert_eq!(again, event);
+        assert_eq!(again.extension(ATTEMPTS_HEADER), None);
+        // A retry of the retry counts on.
+        assert_eq!(attempts_made(&retry_properties(&retry, 4, &copies)), 4);
+    }
+
+    #[test]
+    fn attempts_made_reads_integers_and_decimal_text_and_nothing_else() {
+        let with = |value: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert(ATTEMPTS_HEADER.into(), value);
+            attempts_made(&BasicProperties::default().with_headers(headers))
+        };
+        assert_eq!(with(AMQPValue::LongInt(2)), 2);
+        assert_eq!(with(AMQPValue::ShortShortUInt(7)), 7);
+        assert_eq!(with(AMQPValue::LongString("5".into())), 5);
+        assert_eq!(with(AMQPValue::LongLongInt(-3)), 0, "negative");
+        assert_eq!(
+            with(AMQPValue::LongLongInt(i64::MAX)),
+            u32::MAX,
+            "saturates"
+        );
+        assert_eq!(with(AMQPValue::LongString("many".into())), 0);
+        assert_eq!(with(AMQPValue::Boolean(true)), 0);
+        assert_eq!(attempts_made(&BasicProperties::default()), 0);
     }
 
     #[test]
@@ -245,7 +338,12 @@ mod tests {
         };
         assert!(x.abs_diff(y) > 1 << 32, "{x:x} and {y:x}");
         // The copy number is no attribute of the event.
-        assert_eq!(decode(&first, b"").unwrap().extension(COPY_HEADER), None);
+        assert_eq!(
+            decode(&first, Bytes::from_static(b""))
+                .unwrap()
+                .extension(COPY_HEADER),
+            None
+        );
         let foreign = BasicProperties::default().with_message_id("m-1".into());
         assert_eq!(
             CopyKey::of(&foreign),
@@ -268,7 +366,7 @@ mod tests {
         let properties = BasicProperties::default()
             .with_headers(table)
             .with_content_type("text/plain".into());
-        let event = decode(&properties, b"hi").unwrap();
+        let event = decode(&properties, Bytes::from_static(b"hi")).unwrap();
         assert_eq!((event.id(), event.source()), ("42", "/legacy"));
         assert_eq!(event.datacontenttype(), Some("text/plain"));
     }
@@ -283,14 +381,14 @@ mod tests {
         let (properties, body) = encode(&event, &Copies::new());
         assert!(properties.content_type().is_none());
         assert_eq!(
-            decode(&properties, &body).unwrap().datacontenttype(),
+            decode(&properties, body.clone()).unwrap().datacontenttype(),
             Some(&*ct)
         );
     }
 
     #[test]
     fn foreign_messages_are_invalid_events() {
-        let err = decode(&BasicProperties::default(), b"{}").unwrap_err();
+        let err = decode(&BasicProperties::default(), Bytes::from_static(b"{}")).unwrap_err();
         assert_eq!(err.kind(), evbus::ErrorKind::InvalidEvent);
         let mut table = FieldTable::default();
         table.insert(
@@ -298,7 +396,7 @@ mod tests {
             AMQPValue::FieldArray(Default::default()),
         );
         let properties = BasicProperties::default().with_headers(table);
-        let err = decode(&properties, b"").unwrap_err();
+        let err = decode(&properties, Bytes::from_static(b"")).unwrap_err();
         assert!(err.message().contains("not a string"), "{err}");
         let raw = raw_headers(&properties);
         assert_eq!(raw[0].0, "cloudEvents_specversion");
