@@ -36,17 +36,22 @@ async fn bounce(channel: &Channel, queue: &str, times: u32) {
             .await
             .unwrap()
             .expect("a message to bounce");
-        channel
-            .basic_nack(
-                message.delivery.delivery_tag,
-                BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                },
-            )
-            .await
-            .unwrap();
+        give_back(channel, message.delivery.delivery_tag).await;
     }
+}
+
+/// Returns a message a stock client took (`basic.nack`, requeue).
+async fn give_back(channel: &Channel, delivery_tag: u64) {
+    channel
+        .basic_nack(
+            delivery_tag,
+            BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            },
+        )
+        .await
+        .unwrap();
 }
 
 async fn next(sub: &mut Subscription, what: &str) -> Delivery {
@@ -133,16 +138,7 @@ async fn a_nack_leaves_a_copy_whose_header_carries_the_attempts() {
         ),
         "{headers:?}"
     );
-    channel
-        .basic_nack(
-            message.delivery.delivery_tag,
-            BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            },
-        )
-        .await
-        .unwrap();
+    give_back(&channel, message.delivery.delivery_tag).await;
 
     // Back in evbus: the second attempt, whatever the stock client's return added.
     let mut sub = queue.receive(options).await.unwrap();
