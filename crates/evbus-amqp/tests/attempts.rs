@@ -4,13 +4,15 @@
 //! RabbitMQ counts every return of a quorum queue message in `x-delivery-count`, including
 //! returns no handler saw (a mass disconnect bounces a message through consumers that are
 //! going down). Here a stock client plays those consumers: it takes the message and gives it
-//! back (`basic.nack`, requeue) without evbus seeing it.
+//! back (`basic.nack`, requeue) without evbus seeing it. The last test runs on a RabbitMQ
+//! node of its own (it adds a user).
 
 mod support;
 
 use std::time::Duration;
 
 use evbus::{ConsumerOptions, Delivery, Event, Settlement, Subscription, Transport};
+use evbus_amqp::{AmqpConfig, AmqpTransport};
 use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
@@ -209,4 +211,58 @@ async fn a_crash_loop_is_dead_lettered_past_its_spare_returns() {
     drop((sub, dead));
     let _ = transport.delete_queue(&name).await;
     let _ = transport.delete_queue(&dlq_name).await;
+}
+
+/// A retry whose copy cannot be published (here the consumer's user may not write to the
+/// default exchange, `amq.default`) requeues the delivery instead: nothing is lost, no copy
+/// is left behind, and the attempt still counts when the message comes back to the same
+/// consumer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_that_cannot_be_published_requeues_and_loses_nothing() {
+    // A node of its own: the test adds a user.
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let admin = support::transport(&node, "").await;
+    let name = unique("refused");
+    let queue = admin.queue(&name).await.unwrap();
+    let sent = event(6);
+    queue.send(&sent).await.unwrap();
+    // May declare and consume, may not publish anywhere.
+    node.add_user("consumer", ".*", "^$", ".*");
+    let consumer =
+        AmqpTransport::connect(AmqpConfig::from_url(&node.user_url("consumer")).unwrap())
+            .await
+            .unwrap();
+    let consumer_queue = consumer.queue(&name).await.unwrap();
+    let refused = consumer_queue.send(&event(7)).await;
+    assert!(
+        refused.is_err(),
+        "the consumer's user may not publish, so no retry copy can be: {refused:?}"
+    );
+    let options = ConsumerOptions::default().max_attempts(3);
+    let mut sub = consumer_queue.receive(options).await.unwrap();
+    let d = next(&mut sub, "the first delivery").await;
+    assert_eq!(d.attempt(), 1);
+    assert_eq!(d.nack(None).await.unwrap(), Settlement::Nacked);
+    let d = next(&mut sub, "after the requeue").await;
+    assert_eq!(d.event(), &sent);
+    assert_eq!(
+        d.attempt(),
+        2,
+        "the requeued attempt counts when it comes back here"
+    );
+    d.ack().await.unwrap();
+    drop(sub);
+    consumer.close().await.unwrap();
+
+    let conn = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        support::message_count(&conn, &admin.queue_name(&name)).await,
+        Some(0),
+        "a copy or the original was left behind"
+    );
+    admin.close().await.unwrap();
 }

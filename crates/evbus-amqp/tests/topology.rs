@@ -19,28 +19,10 @@ use evbus_amqp::{AmqpConfig, AmqpTransport};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use support::{shared_transport, stock_channel};
+use support::{message_count, shared_transport, stock_channel};
 
 fn unique(label: &str) -> String {
     format!("topology-{label}-{}", uuid::Uuid::now_v7().simple())
-}
-
-/// How many messages the queue `queue` holds (a passive declare), on a channel of its own
-/// (a missing queue closes it): `None` when the queue does not exist.
-async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
-    let channel = conn.create_channel().await.expect("a channel");
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()
-        .map(|q| q.message_count())
 }
 
 /// Publishes `body` with a stock client, persistent and `mandatory`, and waits for its
@@ -225,16 +207,6 @@ async fn a_directory_record_naming_another_topics_queue_is_neither_bound_nor_del
     publisher.close().await.unwrap();
 }
 
-/// Adds the user `user` (password `pw`) to `node` with the permission patterns given.
-fn add_user(node: &support::RabbitNode, user: &str, configure: &str, write: &str, read: &str) {
-    node.eval(&format!(
-        "ok = rabbit_auth_backend_internal:add_user(<<\"{user}\">>, <<\"pw\">>, <<\"test\">>), \
-         ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
-         <<\"{configure}\">>, <<\"{write}\">>, <<\"{read}\">>, <<\"test\">>)."
-    ))
-    .expect("adding a user to the test's node");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publisher_allowed_only_its_exchange_still_publishes() {
     // A node of its own: the test adds users.
@@ -254,12 +226,12 @@ async fn a_publisher_allowed_only_its_exchange_still_publishes() {
     let queue = admin.subscription_queue_name(&name, "billing");
     let only_exchange = format!("^{exchange}$");
     // May read the directory, not declare or bind the subscription queue.
-    add_user(&node, "reader", &only_exchange, &only_exchange, ".*");
+    node.add_user("reader", &only_exchange, &only_exchange, ".*");
     // May not read the directory either.
-    add_user(&node, "writer", &only_exchange, &only_exchange, "^$");
+    node.add_user("writer", &only_exchange, &only_exchange, "^$");
 
     for (seq, user) in (0..).zip(["reader", "writer"]) {
-        let url = format!("amqp://{user}:pw@127.0.0.1:{}/%2f", node.port());
+        let url = node.user_url(user);
         let publisher = AmqpTransport::connect(AmqpConfig::from_url(&url).unwrap())
             .await
             .unwrap();

@@ -127,6 +127,21 @@ impl RabbitNode {
         Err(last.unwrap_or_else(|| std::io::Error::other("no rabbitmqctl")))
     }
 
+    /// Adds the user `user` (password `pw`) with the permission patterns given on vhost `/`.
+    pub fn add_user(&self, user: &str, configure: &str, write: &str, read: &str) {
+        self.eval(&format!(
+            "ok = rabbit_auth_backend_internal:add_user(<<\"{user}\">>, <<\"pw\">>, <<\"test\">>), \
+             ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+             <<\"{configure}\">>, <<\"{write}\">>, <<\"{read}\">>, <<\"test\">>)."
+        ))
+        .expect("adding a user to the test's node");
+    }
+
+    /// The URL of the user `user` added by [`add_user`](Self::add_user).
+    pub fn user_url(&self, user: &str) -> String {
+        format!("amqp://{user}:pw@127.0.0.1:{}/%2f", self.port())
+    }
+
     /// Suspends (`true`) or resumes (`false`) the Ra server of the quorum queue `queue` (in
     /// the default vhost): while suspended, the queue answers no command, so a
     /// `basic.consume` on it waits, and its `consume-ok` comes only after the resume.
@@ -226,4 +241,22 @@ pub async fn stock_channel() -> (lapin::Connection, lapin::Channel) {
         .expect("RabbitMQ reachable at EVBUS_AMQP_URL");
     let channel = conn.create_channel().await.expect("a channel");
     (conn, channel)
+}
+
+/// How many messages the queue `queue` holds (a passive declare), on a channel of its own
+/// (a missing queue closes it): `None` when the queue does not exist.
+pub async fn message_count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = conn.create_channel().await.expect("a channel");
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count())
 }
