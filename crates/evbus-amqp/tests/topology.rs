@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use evbus::{Event, SubscribeOptions, Transport};
 use evbus_amqp::{AmqpConfig, AmqpTransport};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use support::{message_count, shared_transport, stock_channel};
