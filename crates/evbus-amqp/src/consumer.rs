@@ -52,7 +52,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Consumer};
+use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -690,26 +690,13 @@ impl AmqpAcker {
             ),
         )
         .await?;
-        match within(live.timeout(), what, confirm).await? {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "{}: RabbitMQ returned it as unroutable ({} {}): the queue no longer exists",
-                    what(),
-                    returned.reply_code,
-                    returned.reply_text
-                ),
-            )),
-            Confirmation::Nack(_) => Err(Error::new(
-                ErrorKind::Broker,
-                format!("{}: RabbitMQ refused it (negative confirm)", what()),
-            )),
-            Confirmation::NotRequested => Err(Error::new(
-                ErrorKind::Internal,
-                format!("{}: the publisher channel is not in confirm mode", what()),
-            )),
-        }
+        let confirmation = within(live.timeout(), what, confirm).await?;
+        let id = held
+            .properties
+            .message_id()
+            .as_ref()
+            .map_or("", |id| id.as_str());
+        crate::publisher::confirmed(confirmation, &what(), id)
     }
 
     /// Gives `held` back to RabbitMQ (`basic.nack`, requeue): for RabbitMQ a return, which

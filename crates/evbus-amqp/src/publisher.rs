@@ -210,38 +210,38 @@ async fn publish(
         let confirmation = within(live.timeout(), || what.clone(), confirm)
             .await
             .inspect_err(|e| forget_if_gone(&live, e, route))?;
-        match confirmation {
-            Confirmation::Ack(None) => {}
-            Confirmation::Ack(Some(returned)) => {
-                forget(&live, route);
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "{what}: RabbitMQ returned event {id} as unroutable ({} {}): the queue \
-                         no longer exists; open the queue again",
-                        returned.reply_code, returned.reply_text
-                    ),
-                ));
-            }
-            Confirmation::Nack(_) => {
-                return Err(Error::new(
-                    ErrorKind::Broker,
-                    format!(
-                        "{what}: RabbitMQ refused event {id} (negative confirm: it could not \
-                         store it, e.g. a queue length limit or a failed replica); retry later"
-                    ),
-                )
-                .with_retryable(true));
-            }
-            Confirmation::NotRequested => {
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    format!("{what}: the publisher channel is not in confirm mode"),
-                ));
-            }
-        }
+        confirmed(confirmation, &what, id).inspect_err(|e| forget_if_gone(&live, e, route))?;
     }
     Ok(())
+}
+
+/// What RabbitMQ's confirm of event `id`, published for `what`, means: `Ok` once it is
+/// stored, `NotFound` when a `mandatory` message was returned unroutable (its queue is gone),
+/// a retryable `Broker` error for a negative confirm. Also used by consumers' retries.
+pub(crate) fn confirmed(confirmation: Confirmation, what: &str, id: &str) -> Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "{what}: RabbitMQ returned event {id} as unroutable ({} {}): the queue no \
+                 longer exists; open the queue again",
+                returned.reply_code, returned.reply_text
+            ),
+        )),
+        Confirmation::Nack(_) => Err(Error::new(
+            ErrorKind::Broker,
+            format!(
+                "{what}: RabbitMQ refused event {id} (negative confirm: it could not store \
+                 it, e.g. a queue length limit or a failed replica); retry later"
+            ),
+        )
+        .with_retryable(true)),
+        Confirmation::NotRequested => Err(Error::new(
+            ErrorKind::Internal,
+            format!("{what}: the publisher channel is not in confirm mode"),
+        )),
+    }
 }
 
 /// After a `NOT_FOUND`, declare the exchange (and restore its bindings) or the queue again
