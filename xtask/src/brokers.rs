@@ -110,7 +110,10 @@ fn health(broker: &Broker) -> Health {
 
 /// Sends `hello` and reads the first bytes of the answer, which must start with `expect`
 /// (at least one byte must come back in any case).
-fn greet(stream: &mut TcpStream, (hello, expect): (&[u8], &[u8])) -> std::result::Result<(), String> {
+fn greet(
+    stream: &mut TcpStream,
+    (hello, expect): (&[u8], &[u8]),
+) -> std::result::Result<(), String> {
     let io = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
             "no answer to its protocol greeting within {}s",
@@ -118,8 +121,12 @@ fn greet(stream: &mut TcpStream, (hello, expect): (&[u8], &[u8])) -> std::result
         ),
         _ => format!("greeting failed: {e}"),
     };
-    stream.set_read_timeout(Some(GREETING_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(GREETING_TIMEOUT)).map_err(io)?;
+    stream
+        .set_read_timeout(Some(GREETING_TIMEOUT))
+        .map_err(io)?;
+    stream
+        .set_write_timeout(Some(GREETING_TIMEOUT))
+        .map_err(io)?;
     stream.write_all(hello).map_err(io)?;
     let mut answer = vec![0; expect.len().max(1)];
     let mut got = 0;
@@ -132,7 +139,9 @@ fn greet(stream: &mut TcpStream, (hello, expect): (&[u8], &[u8])) -> std::result
     if answer.starts_with(expect) {
         Ok(())
     } else {
-        Err(format!("answered its greeting with {answer:02x?}, not {expect:02x?}"))
+        Err(format!(
+            "answered its greeting with {answer:02x?}, not {expect:02x?}"
+        ))
     }
 }
 
