@@ -23,10 +23,15 @@
 //! ([`RELEASE`](crate::scripts::RELEASE)) when the consumer stops, and after a lost reply.
 //!
 //! Acks are group-committed per consumer: an ack joins the consumer's queue of waiting acks,
-//! and one flush task at a time settles up to [`MAX_ACK_BATCH`] of them with one
-//! [`ACK_BATCH`](crate::scripts::ACK_BATCH) script call, then hands each caller the result
-//! for its own entry. A lone ack starts a flush at once (no timer); acks arriving while a
-//! flush is in flight wait for it and go together in the next one. Nacks are not batched.
+//! and one flush task at a time settles up to [`MAX_ACK_BATCH`] of them, then hands each
+//! caller the result for its own entry. A lone ack starts a flush at once (no timer); acks
+//! arriving while a flush is in flight wait for it and go together in the next one. Nacks
+//! are not batched. A topic's delivery acknowledged within half its visibility timeout goes
+//! as a plain `XACK` (one pipeline for the batch): no evbus consumer can have taken it over
+//! yet, because the takeover script waits out the holder's own timeout, read from its name
+//! (ADR 0021). Every other ack goes through one [`ACK_BATCH`](crate::scripts::ACK_BATCH)
+//! script call, which checks the entry is still this consumer's, with the same delivery
+//! count, and deletes what it settles on queues.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +50,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Retention;
-use crate::connection::{self, BlockingConnection, bytes_of, int_of, string_of};
+use crate::connection::{self, BlockingConnection, RedisConn, bytes_of, int_of, string_of};
 use crate::error::{from_redis, is_no_group};
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, StreamKeys};
 use crate::publisher::DATA_FIELD;
@@ -62,6 +67,11 @@ const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Most acks merged into one settlement script call (keeps each call short: the server runs
 /// a script without serving anyone else).
 const MAX_ACK_BATCH: usize = 128;
+
+/// Shortest visibility timeout whose deliveries may be acknowledged with a plain `XACK`
+/// (see [`plain_ack_safe`]): below it, half the timeout is too thin a margin for a slow
+/// network or a busy connection.
+const PLAIN_ACK_MIN_VISIBILITY: Duration = Duration::from_secs(1);
 
 /// What a consumer needs to know about the group it reads.
 pub(crate) struct ConsumerSpec {
@@ -137,7 +147,10 @@ impl ConsumerState {
                 continue;
             }
             let Buffered {
-                id, count, payload, ..
+                id,
+                count,
+                payload,
+                at,
             } = entry;
             // Held before the buffer lock is released, so `recover` (which takes both locks)
             // always finds the entry in one of the two.
@@ -146,6 +159,7 @@ impl ConsumerState {
                 state: Arc::clone(self),
                 id: id.clone(),
                 count,
+                fetched_at: at,
                 held: AtomicBool::new(true),
             };
             // The acker is per delivery (it holds the entry id): tag 0.
@@ -205,6 +219,8 @@ type AckOutcome = std::result::Result<i64, RedisError>;
 struct AckRequest {
     id: String,
     count: u32,
+    /// When the request that fetched the entry was sent.
+    fetched_at: Instant,
     reply: oneshot::Sender<AckOutcome>,
 }
 
@@ -232,7 +248,7 @@ pub(crate) async fn start(
     spec: ConsumerSpec,
 ) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static> {
     let shared = Arc::clone(&transport.shared);
-    let consumer = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    let consumer = consumer_name(spec.options.visibility_timeout);
     // Register the consumer now, so XINFO shows it (and the anonymous sweeper sees it alive)
     // before its first read.
     let mut create = redis::cmd("XGROUP");
@@ -312,6 +328,7 @@ struct Buffered {
     count: u32,
     /// The event, or the entry as an undecodable message.
     payload: std::result::Result<Event, Box<Undecodable>>,
+    /// When the request that fetched it was sent: Redis made the delivery after this.
     at: Instant,
 }
 
@@ -320,6 +337,7 @@ struct Fetched {
     id: String,
     count: u32,
     fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// When the request that fetched it was sent.
     at: Instant,
 }
 
@@ -465,6 +483,7 @@ impl ConsumerTask {
             .arg("STREAMS")
             .arg(&state.keys.stream)
             .arg(">");
+        let at = Instant::now();
         let read = async move { cmd.query_async::<Value>(&mut conn).await };
         tokio::pin!(read);
         let mut unblocked = false;
@@ -478,7 +497,7 @@ impl ConsumerTask {
                 }
             }
         };
-        self.buffer_read_reply(value)
+        self.buffer_read_reply(value, at)
     }
 
     /// A read ahead of the stream: `XREADGROUP ... >` without `BLOCK`, for the free slots,
@@ -502,6 +521,7 @@ impl ConsumerTask {
     async fn read_available(&mut self, count: usize) -> std::result::Result<(), RedisError> {
         let mut conn = self.conn.get().await?.clone();
         let state = &self.state;
+        let at = Instant::now();
         let value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&state.group)
@@ -513,12 +533,15 @@ impl ConsumerTask {
             .arg(">")
             .query_async::<Value>(&mut conn)
             .await?;
-        self.buffer_read_reply(value)
+        self.buffer_read_reply(value, at)
     }
 
-    /// Buffers the entries of an `XREADGROUP ... >` reply (attempt 1).
-    fn buffer_read_reply(&mut self, value: Value) -> std::result::Result<(), RedisError> {
-        let at = Instant::now();
+    /// Buffers the entries of an `XREADGROUP ... >` reply (attempt 1) to a read sent `at`.
+    fn buffer_read_reply(
+        &mut self,
+        value: Value,
+        at: Instant,
+    ) -> std::result::Result<(), RedisError> {
         let fetched = parse_read_reply(value)?
             .into_iter()
             .map(|(id, fields)| Fetched {
@@ -554,6 +577,7 @@ impl ConsumerTask {
     async fn reclaim(&mut self, count: usize) -> std::result::Result<usize, RedisError> {
         let state = &self.state;
         let conn = self.conn.get().await?;
+        let at = Instant::now();
         let value: Value = scripts::RECLAIM
             .key(&state.keys.stream)
             .key(&state.keys.delayed)
@@ -570,7 +594,6 @@ impl ConsumerTask {
             self.next_reclaim = Instant::now();
         }
         self.cursor = cursor;
-        let at = Instant::now();
         let fetched = claimed
             .into_iter()
             .map(|(id, fields, count)| Fetched {
@@ -853,6 +876,8 @@ struct RedisAcker {
     state: Arc<ConsumerState>,
     id: String,
     count: u32,
+    /// When the request that fetched the entry was sent.
+    fetched_at: Instant,
     held: AtomicBool,
 }
 
@@ -873,6 +898,7 @@ impl RedisAcker {
             queue.waiting.push(AckRequest {
                 id: self.id.clone(),
                 count: self.count,
+                fetched_at: self.fetched_at,
                 reply,
             });
             !std::mem::replace(&mut queue.flushing, true)
@@ -958,9 +984,11 @@ impl RedisAcker {
     }
 }
 
-/// A consumer's flush task: settles the waiting acks, up to [`MAX_ACK_BATCH`] per script
-/// call, until none is left. Replies reach the callers only after Redis answered; a failed
-/// call fails every ack of its batch (their entries stay pending, the acks can be retried).
+/// A consumer's flush task: settles the waiting acks, up to [`MAX_ACK_BATCH`] per round,
+/// until none is left. Acks still inside their plain window ([`plain_ack_safe`]) go as one
+/// pipeline of `XACK`s, the others through one settlement script call. Replies reach the
+/// callers only after Redis answered; a failed call fails every ack it carried (their entries
+/// stay pending, the acks can be retried).
 async fn flush_acks(state: Arc<ConsumerState>) {
     let mut conn = state.shared.conn();
     loop {
@@ -977,47 +1005,123 @@ async fn flush_acks(state: Arc<ConsumerState>) {
             queue.sending = n;
             queue.waiting.drain(..n).collect()
         };
-        let (low, high) = id_range(batch.iter().map(|r| r.id.as_str()));
-        let mut invocation = scripts::ACK_BATCH.key(&state.keys.stream);
-        invocation
+        let now = Instant::now();
+        let (plain, checked): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
+            !state.delete_on_ack && plain_ack_safe(r.fetched_at, state.visibility, now)
+        });
+        if !plain.is_empty() {
+            let results = ack_plain(&mut conn, &state, &plain).await;
+            answer(&state, plain, results);
+        }
+        if !checked.is_empty() {
+            let results = ack_checked(&mut conn, &state, &checked).await;
+            answer(&state, checked, results);
+        }
+    }
+}
+
+/// Whether a delivery fetched by a request sent at `fetched_at` may be acknowledged with a
+/// plain `XACK`, without the script's check that it is still this consumer's: while less
+/// than half its visibility timeout has passed. No evbus consumer takes an entry over before
+/// the visibility timeout of the consumer holding it has passed (the takeover script reads
+/// it from the holder's name), and Redis started counting after `fetched_at`; the other half
+/// is the margin for the ack's own trip to Redis. See ADR 0021.
+fn plain_ack_safe(fetched_at: Instant, visibility: Duration, now: Instant) -> bool {
+    visibility >= PLAIN_ACK_MIN_VISIBILITY
+        && now.saturating_duration_since(fetched_at) < visibility / 2
+}
+
+/// A consumer's name: unique, and carrying its visibility timeout
+/// (`<pid>-<uuid>-v<ms>`), which the takeover script of every consumer honours.
+fn consumer_name(visibility: Duration) -> String {
+    format!(
+        "{}-{}-v{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple(),
+        visibility.as_millis()
+    )
+}
+
+/// Acknowledges deliveries still inside their plain window: one pipeline of `XACK`s, one per
+/// entry, so each gets its own answer (1 settled, 0 no longer pending).
+async fn ack_plain(
+    conn: &mut RedisConn,
+    state: &ConsumerState,
+    batch: &[AckRequest],
+) -> std::result::Result<Vec<i64>, RedisError> {
+    let mut pipe = redis::pipe();
+    for request in batch {
+        pipe.cmd("XACK")
+            .arg(&state.keys.stream)
             .arg(&state.group)
-            .arg(&state.consumer)
-            .arg(if state.delete_on_ack { "1" } else { "0" })
-            .arg(low)
-            .arg(high);
-        for request in &batch {
-            invocation.arg(&request.id).arg(request.count);
-        }
-        let results = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
-            Ok(results) if results.len() == batch.len() => results,
-            Ok(_) => {
-                let e = unexpected("the ack script answered a different number of results");
-                for request in batch {
-                    let _ = request.reply.send(Err(e.clone()));
-                }
-                continue;
+            .arg(&request.id);
+    }
+    let acked: Vec<i64> = pipe.query_async(conn).await?;
+    Ok(acked
+        .into_iter()
+        .map(|n| if n > 0 { SETTLED } else { NOT_PENDING })
+        .collect())
+}
+
+/// Acknowledges deliveries through the [`ACK_BATCH`](scripts::ACK_BATCH) script, which
+/// checks each is still pending for this consumer with the same delivery count.
+async fn ack_checked(
+    conn: &mut RedisConn,
+    state: &ConsumerState,
+    batch: &[AckRequest],
+) -> std::result::Result<Vec<i64>, RedisError> {
+    let (low, high) = id_range(batch.iter().map(|r| r.id.as_str()));
+    let mut invocation = scripts::ACK_BATCH.key(&state.keys.stream);
+    invocation
+        .arg(&state.group)
+        .arg(&state.consumer)
+        .arg(if state.delete_on_ack { "1" } else { "0" })
+        .arg(low)
+        .arg(high);
+    for request in batch {
+        invocation.arg(&request.id).arg(request.count);
+    }
+    invocation.invoke_async::<Vec<i64>>(conn).await
+}
+
+/// Hands each ack of a batch its result: settled entries leave the held set first (so the
+/// consumer's next fetch counts every slot the batch freed), then the callers are answered.
+fn answer(
+    state: &ConsumerState,
+    batch: Vec<AckRequest>,
+    results: std::result::Result<Vec<i64>, RedisError>,
+) {
+    let results = match results {
+        Ok(results) if results.len() == batch.len() => results,
+        Ok(_) => {
+            let e = unexpected("Redis answered a different number of ack results");
+            for request in batch {
+                let _ = request.reply.send(Err(e.clone()));
             }
-            Err(e) => {
-                for request in batch {
-                    let _ = request.reply.send(Err(e.clone()));
-                }
-                continue;
-            }
-        };
-        let mut replies = Vec::with_capacity(batch.len());
-        {
-            let mut held = state.held();
-            for (request, result) in batch.into_iter().zip(results) {
-                let AckRequest { id, count, reply } = request;
-                if result == SETTLED {
-                    held.remove(&(id, count));
-                }
-                replies.push((reply, result));
-            }
+            return;
         }
-        for (reply, result) in replies {
-            let _ = reply.send(Ok(result));
+        Err(e) => {
+            for request in batch {
+                let _ = request.reply.send(Err(e.clone()));
+            }
+            return;
         }
+    };
+    let mut replies = Vec::with_capacity(batch.len());
+    {
+        let mut held = state.held();
+        for (request, result) in batch.into_iter().zip(results) {
+            let AckRequest {
+                id, count, reply, ..
+            } = request;
+            if result == SETTLED {
+                held.remove(&(id, count));
+            }
+            replies.push((reply, result));
+        }
+    }
+    for (reply, result) in replies {
+        let _ = reply.send(Ok(result));
     }
 }
 
@@ -1386,5 +1490,44 @@ mod tests {
         assert!(lag_warning(by_age, Some(5), Some(50_000), 100_000).is_none());
         assert!(lag_warning(by_age, Some(5), Some(10_000), 100_000).is_some());
         assert!(lag_warning(Retention::Unlimited, Some(1_000_000), None, 0).is_none());
+    }
+
+    #[test]
+    fn plain_acks_only_inside_half_the_visibility_timeout() {
+        let fetched = Instant::now();
+        let thirty = Duration::from_secs(30);
+        assert!(plain_ack_safe(fetched, thirty, fetched));
+        assert!(plain_ack_safe(
+            fetched,
+            thirty,
+            fetched + Duration::from_millis(14_999)
+        ));
+        assert!(!plain_ack_safe(
+            fetched,
+            thirty,
+            fetched + Duration::from_secs(15)
+        ));
+        assert!(!plain_ack_safe(
+            fetched,
+            thirty,
+            fetched + Duration::from_secs(40)
+        ));
+        // Too short a timeout leaves too thin a margin: always checked.
+        assert!(!plain_ack_safe(
+            fetched,
+            Duration::from_millis(999),
+            fetched
+        ));
+    }
+
+    #[test]
+    fn consumer_names_carry_their_visibility_timeout_for_the_takeover_script() {
+        let name = consumer_name(Duration::from_millis(1500));
+        assert!(name.ends_with("-v1500"), "{name}");
+        assert!(
+            name.starts_with(&format!("{}-", std::process::id())),
+            "{name}"
+        );
+        assert_ne!(name, consumer_name(Duration::from_millis(1500)));
     }
 }

@@ -106,6 +106,12 @@ return 1
 /// timeout (their consumer vanished, or they were nacked or released) that are not held back
 /// by a delay still running. Returns `{next cursor, {{id, fields, delivery count}, ...}}`.
 ///
+/// An entry is taken over only once the visibility timeout of the consumer holding it has
+/// passed as well, when that consumer's name carries it (`...-v<ms>`, see the consumer
+/// module): a delivery is its consumer's for that consumer's whole timeout, whatever the
+/// timeouts of the others, which is what lets a consumer acknowledge early deliveries with a
+/// plain `XACK` (ADR 0021). Nacked and released entries are idle "forever" and pass.
+///
 /// KEYS: stream, delayed set. ARGV: group, consumer, min idle ms, start (`-` or `(<id>`),
 /// count.
 pub(crate) static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
@@ -121,13 +127,17 @@ local last = nil
 for _, p in ipairs(pending) do
   last = p[1]
   local member = p[1] .. ' ' .. ARGV[1]
-  local due = redis.call('ZSCORE', KEYS[2], member)
-  if (not due) or tonumber(due) <= now then
-    local entries = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1])
-    if due then redis.call('ZREM', KEYS[2], member) end
-    local e = entries[1]
-    if e and e[2] then
-      claimed[#claimed + 1] = {e[1], e[2], p[4] + 1}
+  -- The holder's own visibility timeout, when its name carries it.
+  local holder = tonumber(string.match(p[2], '%-v(%d+)$') or '0')
+  if p[3] >= holder then
+    local due = redis.call('ZSCORE', KEYS[2], member)
+    if (not due) or tonumber(due) <= now then
+      local entries = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1])
+      if due then redis.call('ZREM', KEYS[2], member) end
+      local e = entries[1]
+      if e and e[2] then
+        claimed[#claimed + 1] = {e[1], e[2], p[4] + 1}
+      end
     end
   end
 end

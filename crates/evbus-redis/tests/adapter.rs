@@ -698,15 +698,12 @@ async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
 }
 
 // The default current-thread runtime: `join!` registers every ack before the flush task
-// runs, so the five acks go to Redis in one script call.
+// runs, so the five acks go to Redis in one script call (a queue's acks always go through
+// the settlement script, which deletes what it settles).
 #[tokio::test]
 async fn a_late_ack_after_a_takeover_is_refused_while_the_rest_of_its_batch_is_applied() {
     let server = support::RedisServer::start().ok();
-    let Some(env) = Env::on(server.as_ref(), |c| {
-        c.claim_interval = Duration::from_millis(50)
-    })
-    .await
-    else {
+    let Some(env) = Env::on(server.as_ref(), |_| {}).await else {
         return;
     };
     let queue = env.transport.queue("q").await.unwrap();
@@ -717,15 +714,35 @@ async fn a_late_ack_after_a_takeover_is_refused_while_the_rest_of_its_batch_is_a
     let mut slow = queue.receive(long).await.unwrap();
     queue.send(&event(0)).await.unwrap();
     let stale = next(&mut slow).await;
-    // Another consumer, with a short visibility timeout, takes the entry over. It holds at
-    // most that one delivery, so it fetches nothing else.
-    let short = ConsumerOptions::default()
-        .max_in_flight(1)
-        .visibility_timeout(Duration::from_millis(200));
-    let mut fast = queue.receive(short).await.unwrap();
-    let fresh = next(&mut fast).await;
-    assert_eq!(fresh.event().id(), stale.event().id());
-    assert_eq!(fresh.attempt(), 2);
+    // A stock client takes the entry over (an evbus consumer would first wait out the
+    // holder's visibility timeout).
+    let pending: Value = env
+        .cmd(
+            redis::cmd("XPENDING")
+                .arg(&key)
+                .arg(QUEUE_GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(1),
+        )
+        .await;
+    let id = match &pending {
+        Value::Array(rows) => match rows.first() {
+            Some(Value::Array(row)) => redis::from_redis_value::<String>(row[0].clone()).unwrap(),
+            other => panic!("XPENDING row {other:?}"),
+        },
+        other => panic!("XPENDING {other:?}"),
+    };
+    let _: Value = env
+        .cmd(
+            redis::cmd("XCLAIM")
+                .arg(&key)
+                .arg(QUEUE_GROUP)
+                .arg("stock-client")
+                .arg(0)
+                .arg(&id),
+        )
+        .await;
 
     let events: Vec<Event> = (1..5).map(event).collect();
     queue.send_batch(&events).await.unwrap();
@@ -749,12 +766,109 @@ async fn a_late_ack_after_a_takeover_is_refused_while_the_rest_of_its_batch_is_a
     if env.own_server {
         assert_eq!(calls, 1, "the five acks share one script call");
     }
-    // Only the new owner's delivery is left, and it settles normally.
+    // Only the stock client's delivery is left.
     assert_eq!(env.pending(&key, QUEUE_GROUP).await, 1);
     assert_eq!(env.xlen(&key).await, 1);
-    fresh.ack().await.unwrap();
-    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0);
-    assert_eq!(env.xlen(&key).await, 0);
+    env.cleanup().await;
+}
+
+/// Sends `n` events to topic `t` and takes every one of them through subscription `s` with
+/// `options` (in-flight limit `n`): the topic's stream key, the subscription and the
+/// deliveries, all unsettled.
+async fn hold_all_of_topic(
+    env: &Env,
+    n: usize,
+    options: ConsumerOptions,
+) -> (String, Subscription, Vec<evbus::Delivery>) {
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    let options = SubscribeOptions::named("s").consumer(options.max_in_flight(n));
+    let mut sub = topic.subscribe(options).await.unwrap();
+    let events: Vec<Event> = (0..n as u64).map(event).collect();
+    topic.publish_batch(&events).await.unwrap();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(next(&mut sub).await);
+    }
+    (key, sub, held)
+}
+
+// Acks well inside their visibility timeout skip the ownership check: plain `XACK`s, no
+// script call (ADR 0021).
+#[tokio::test]
+async fn prompt_acks_of_a_topic_are_plain_xacks() {
+    let server = support::RedisServer::start().ok();
+    let Some(env) = Env::on(server.as_ref(), |_| {}).await else {
+        return;
+    };
+    const N: usize = 50;
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(60));
+    let (key, _sub, held) = hold_all_of_topic(&env, N, options).await;
+    assert_eq!(env.pending(&key, "s").await, N as i64);
+    let before = env.script_calls().await;
+    for result in futures::future::join_all(held.iter().map(|d| d.ack())).await {
+        result.unwrap();
+    }
+    let calls = env.script_calls().await - before;
+    assert_eq!(env.pending(&key, "s").await, 0, "every ack applied");
+    if env.own_server {
+        assert_eq!(calls, 0, "prompt acks need no settlement script");
+    }
+    env.cleanup().await;
+}
+
+// Past half its visibility timeout a delivery is acknowledged through the settlement
+// script, which checks it is still this consumer's.
+#[tokio::test]
+async fn a_slow_ack_of_a_topic_goes_through_the_checked_script() {
+    let server = support::RedisServer::start().ok();
+    let Some(env) = Env::on(server.as_ref(), |_| {}).await else {
+        return;
+    };
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_millis(1200));
+    let (key, _sub, held) = hold_all_of_topic(&env, 1, options).await;
+    // Ageing the delivery past its plain window (600 ms), not asserting a duration.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = env.script_calls().await;
+    held[0].ack().await.unwrap();
+    let calls = env.script_calls().await - before;
+    assert_eq!(env.pending(&key, "s").await, 0);
+    if env.own_server {
+        assert_eq!(calls, 1, "a slow ack is checked by the script");
+    }
+    env.cleanup().await;
+}
+
+// A delivery is its consumer's for that consumer's whole visibility timeout: a consumer of
+// the same group with a shorter timeout takes it over only after it (ADR 0021).
+#[tokio::test]
+async fn a_delivery_is_not_taken_over_before_its_own_visibility_timeout() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let holder = ConsumerOptions::default().visibility_timeout(Duration::from_millis(2500));
+    let (key, _held_sub, held) = hold_all_of_topic(&env, 1, holder).await;
+    let taken_at = tokio::time::Instant::now();
+    let topic = env.transport.topic("t").await.unwrap();
+    let short = ConsumerOptions::default().visibility_timeout(Duration::from_millis(100));
+    let mut other = topic
+        .subscribe(SubscribeOptions::named("s").consumer(short))
+        .await
+        .unwrap();
+    // Still held: the other consumer (scanning every 50 ms) gets nothing for a second.
+    let early = tokio::time::timeout(Duration::from_secs(1), other.next()).await;
+    assert!(
+        early.is_err(),
+        "taken over before the holder's timeout: {early:?}"
+    );
+    let again = next(&mut other).await;
+    assert!(taken_at.elapsed() >= Duration::from_millis(2000));
+    assert_eq!(again.event().id(), held[0].event().id());
+    assert_eq!(again.attempt(), 2);
+    let err = held[0].ack().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    again.ack().await.unwrap();
+    assert_eq!(env.pending(&key, "s").await, 0);
     env.cleanup().await;
 }
 
