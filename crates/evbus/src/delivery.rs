@@ -396,13 +396,13 @@ impl Delivery {
 
     /// Acknowledges the event: it will not be delivered again.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(async {
-            match self.acker.try_ack_now(self.tag) {
-                Some(result) => result,
-                None => self.acker.ack(self.tag).await,
-            }
-        })
-        .await
+        self.begin_settle()?;
+        // A transport that settles on the spot (the in-memory one) needs no future at all.
+        let result = match self.acker.try_ack_now(self.tag) {
+            Some(result) => result,
+            None => self.acker.ack(self.tag).await,
+        };
+        self.end_settle(result)
     }
 
     /// Asks for redelivery, after `delay` if given. On the last allowed attempt the event is
@@ -454,6 +454,12 @@ impl Delivery {
     }
 
     async fn settle(&self, op: impl Future<Output = Result<()>>) -> Result<()> {
+        self.begin_settle()?;
+        self.end_settle(op.await)
+    }
+
+    /// Claims the settlement: refused if the delivery is settled or being settled.
+    fn begin_settle(&self) -> Result<()> {
         if let Err(current) =
             self.state
                 .compare_exchange(PENDING, SETTLING, Ordering::AcqRel, Ordering::Acquire)
@@ -468,7 +474,13 @@ impl Delivery {
                 format!("delivery of event {} {what}", self.event.id()),
             ));
         }
-        match op.await {
+        Ok(())
+    }
+
+    /// Ends the settlement [`begin_settle`](Self::begin_settle) claimed: settled on success,
+    /// pending again (it may be settled again) on failure.
+    fn end_settle(&self, result: Result<()>) -> Result<()> {
+        match result {
             Ok(()) => {
                 self.state.store(SETTLED, Ordering::Release);
                 self.release_permit();

@@ -24,7 +24,8 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -127,12 +128,16 @@ impl Event {
     }
 
     fn builder_of(ty: Text, source: Text) -> EventBuilder {
+        // One read of the clock for both: the id's timestamp and the event's time agree.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         EventBuilder {
             event: Fields {
-                id: new_id(),
+                id: new_id(now),
                 source,
                 ty,
-                time: Some(Utc::now()),
+                time: DateTime::from_timestamp(now.as_secs() as i64, now.subsec_nanos()),
                 datacontenttype: None,
                 dataschema: None,
                 subject: None,
@@ -636,11 +641,17 @@ impl EventBuilder {
     }
 }
 
-/// A fresh UUIDv7 in its usual text form (lowercase, hyphenated), written without the
-/// formatting machinery of `to_string`.
-fn new_id() -> String {
+/// The counter behind every id of the process: ids made in the same millisecond still sort
+/// in the order they were made, across threads (what `Uuid::now_v7` does with a context of
+/// its own, which would read the clock a second time).
+static ID_CONTEXT: Mutex<uuid::ContextV7> = Mutex::new(uuid::ContextV7::new());
+
+/// A fresh UUIDv7 for `now` (since the Unix epoch), in its usual text form (lowercase,
+/// hyphenated), written without the formatting machinery of `to_string`.
+fn new_id(now: std::time::Duration) -> String {
+    let timestamp = uuid::Timestamp::from_unix(&ID_CONTEXT, now.as_secs(), now.subsec_nanos());
     let mut buffer = uuid::Uuid::encode_buffer();
-    uuid::Uuid::now_v7()
+    uuid::Uuid::new_v7(timestamp)
         .hyphenated()
         .encode_lower(&mut buffer)
         .to_owned()
@@ -762,6 +773,45 @@ mod tests {
         let e = sample();
         let id = uuid::Uuid::parse_str(e.id()).unwrap();
         assert_eq!(id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn an_id_carries_the_millisecond_of_the_event_time() {
+        // One clock read makes both. (The id's counter may only push its timestamp past the
+        // time, never before it, when the clock stands still or steps back.)
+        for _ in 0..100 {
+            let e = Event::builder("t", "s").build().unwrap();
+            let id = uuid::Uuid::parse_str(e.id()).unwrap();
+            let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+            let id_ms = secs * 1000 + u64::from(nanos / 1_000_000);
+            let time_ms = u64::try_from(e.time().unwrap().timestamp_millis()).unwrap();
+            assert!(id_ms >= time_ms, "id at {id_ms} ms, time at {time_ms} ms");
+            assert!(
+                id_ms - time_ms <= 1,
+                "id at {id_ms} ms, time at {time_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_made_together_on_many_threads_are_unique_and_sort_in_order_on_each() {
+        let per_thread: Vec<Vec<String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..2_000)
+                            .map(|_| Event::builder("t", "s").build().unwrap().id().to_owned())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for ids in &per_thread {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+        }
+        let all: std::collections::HashSet<&String> = per_thread.iter().flatten().collect();
+        assert_eq!(all.len(), 4 * 2_000);
     }
 
     #[test]

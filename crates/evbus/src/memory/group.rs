@@ -131,17 +131,17 @@ impl GroupState {
         }
         let mut expired: Vec<(Instant, u64)> = Vec::new();
         for lane in &mut self.deadlines {
+            // A lane is sorted: once its front is not due, nothing in it is. Settled
+            // deliveries at the front are dropped when they come due (or when the lane is
+            // compacted), not on every look.
             while let Some(&(at, tag)) = lane.queue.front() {
-                if !self.in_flight.contains(tag) {
-                    // Settled (or already expired): its deadline no longer matters.
-                    lane.queue.pop_front();
-                    continue;
-                }
                 if at > now {
                     break;
                 }
                 lane.queue.pop_front();
-                expired.push((at, tag));
+                if self.in_flight.contains(tag) {
+                    expired.push((at, tag));
+                }
             }
         }
         // Lanes expire in their own order: redeliver in deadline order across lanes, as one
@@ -157,8 +157,22 @@ impl GroupState {
         }
     }
 
-    /// The next delayed event or visibility deadline (after [`promote`](Self::promote), the
-    /// front of every lane is a delivery still in flight).
+    /// Drops the deadlines of settled deliveries from the front of every lane, so that the
+    /// front is a delivery still in flight.
+    fn prune_settled(&mut self) {
+        for lane in &mut self.deadlines {
+            while let Some(&(_, tag)) = lane.queue.front() {
+                if self.in_flight.contains(tag) {
+                    break;
+                }
+                lane.queue.pop_front();
+            }
+        }
+    }
+
+    /// The next delayed event or visibility deadline (after
+    /// [`prune_settled`](Self::prune_settled), the front of every lane is a delivery still in
+    /// flight).
     fn next_wakeup(&self) -> Option<Instant> {
         let d = self.delayed.first().map(|(at, _)| *at);
         let f = self
@@ -443,6 +457,9 @@ impl Consumer {
         let now = Instant::now();
         state.promote(now);
         let Some(mut entry) = state.ready.pop_front() else {
+            // About to wait: only then is it worth tidying the lanes, so the consumer does not
+            // wake for deliveries settled since.
+            state.prune_settled();
             return Take::Wait(state.next_wakeup());
         };
         entry.deliveries += 1;
