@@ -128,9 +128,16 @@ fn main() -> ExitCode {
 /// Runs `f`: the only code callgrind measures in a scenario (xtask passes
 /// `--toggle-collect=*evbus_bench_measured*`), with the allocations made inside it counted.
 /// Returns `f`'s result and the allocations.
+///
+/// The region is marked in the system call trace by a `getpid` on each side (glibc does not
+/// cache the pid): xtask runs the scenarios with valgrind's `--trace-syscalls=yes` and counts
+/// the system calls between the two marks, which callgrind's instruction counts cannot see.
 #[inline(never)]
 pub(crate) fn evbus_bench_measured<R>(f: impl FnOnce() -> R) -> (R, stats_alloc::Stats) {
+    std::hint::black_box(std::process::id());
     let region = stats_alloc::Region::new(GLOBAL);
     let r = std::hint::black_box(f());
-    (r, region.change())
+    let stats = region.change();
+    std::hint::black_box(std::process::id());
+    (r, stats)
 }

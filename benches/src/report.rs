@@ -606,7 +606,11 @@ fn callgrind_section(md: &mut String, cg: &Value) {
          difference divided by 1,000. Heap allocations counted by a counting global \
          allocator (`stats_alloc`) around the same region. Payloads of {} B (16 B for the \
          `-16` scenarios, where decoding the payload costs least); tokio \
-         current-thread runtime. Instruction counts do not depend on machine load.\n",
+         current-thread runtime. Instruction counts do not depend on machine load. \
+         Callgrind does not count what runs in the kernel, so the same runs trace their \
+         system calls (`--trace-syscalls=yes`) between two marks around the measured \
+         region: clock reads are counted apart, as they are system calls only under \
+         valgrind (a native run reads the clock through the vDSO).\n",
         cg.get("valgrind")
             .and_then(Value::as_str)
             .unwrap_or("valgrind"),
@@ -616,8 +620,9 @@ fn callgrind_section(md: &mut String, cg: &Value) {
     );
     let _ = writeln!(
         md,
-        "| scenario | instructions / event | allocations / event | bytes allocated / event | aim |\n\
-         |---|---|---|---|---|"
+        "| scenario | instructions / event | allocations / event | bytes allocated / event \
+         | system calls / event | clock reads / event | aim |\n\
+         |---|---|---|---|---|---|---|"
     );
     let aims = [
         ("consume-decode", "< 1,700 instructions, 0 allocations"),
@@ -634,12 +639,23 @@ fn callgrind_section(md: &mut String, cg: &Value) {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map_or("—", |(_, a)| *a);
+            // Runs from before the system calls were counted have no such figure.
+            let per_event = |key: &str| {
+                let n = num(row, key);
+                if n.is_nan() {
+                    "—".to_owned()
+                } else {
+                    format!("{n:.2}")
+                }
+            };
             let _ = writeln!(
                 md,
-                "| {name} | {} | {:.1} | {} | {aim} |",
+                "| {name} | {} | {:.1} | {} | {} | {} | {aim} |",
                 rate(num(row, "instructions_per_event")),
                 num(row, "allocations_per_event"),
                 rate(num(row, "bytes_per_event")),
+                per_event("syscalls_per_event"),
+                per_event("clock_reads_per_event"),
             );
         }
     }
@@ -648,22 +664,34 @@ fn callgrind_section(md: &mut String, cg: &Value) {
             md,
             "\nCold start (build the catalogue, the memory transport and the Bus, start the \
              handler, emit the first event until handled): **{} instructions**, {} \
-             allocations.\n",
+             allocations{}.\n",
             rate(num(cold, "instructions")),
-            rate(num(cold, "allocations"))
+            rate(num(cold, "allocations")),
+            match num(cold, "syscalls") {
+                n if n.is_nan() => String::new(),
+                n => format!(", {} system calls", rate(n)),
+            }
         );
     }
     if let Some(base) = cg.get("baseline") {
         let _ = writeln!(
             md,
-            "Against `{}`:\n\n| scenario | baseline | now | change |\n|---|---|---|---|",
+            "Against `{}`:\n\n| scenario | baseline | now | change | system calls, baseline → now \
+             |\n|---|---|---|---|---|",
             base.get("ref").and_then(Value::as_str).unwrap_or("?")
         );
         if let Some(rows) = base.get("rows").and_then(Value::as_array) {
             for row in rows {
+                let (was, now) = (num(row, "baseline_syscalls"), num(row, "current_syscalls"));
+                // Comparisons from before the system calls were counted have none.
+                let calls = if was.is_nan() || now.is_nan() {
+                    "—".to_owned()
+                } else {
+                    format!("{was:.2} → {now:.2}")
+                };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {:+.1}% |",
+                    "| {} | {} | {} | {:+.1}% | {calls} |",
                     row.get("name").and_then(Value::as_str).unwrap_or("?"),
                     rate(num(row, "baseline")),
                     rate(num(row, "current")),
@@ -848,6 +876,47 @@ mod tests {
             run_description(&other, &page),
             "Run started 2026-12-01T13:40:00Z on CPU B (2 cores); load start \
              `0.50 0.40 0.30 1/200 1`, end `0.90` (the brokers measured share the same cores)."
+        );
+    }
+
+    #[test]
+    fn the_callgrind_table_shows_system_calls_where_the_run_counted_them() {
+        let cg: Value = serde_json::from_str(
+            r#"{"valgrind": "valgrind-3.19.0", "payload_bytes": 256, "scenarios": [
+                {"name": "emit-handle", "instructions_per_event": 10258.0,
+                 "allocations_per_event": 8.0, "bytes_per_event": 1844.0,
+                 "syscalls_per_event": 0.07, "clock_reads_per_event": 5.25},
+                {"name": "consume-decode", "instructions_per_event": 1949.0,
+                 "allocations_per_event": 0.0, "bytes_per_event": 0.0}],
+              "cold_start": {"instructions": 4662628, "allocations": 6704, "syscalls": 75},
+              "baseline": {"ref": "8c2daa2", "rows": [
+                {"name": "emit-handle", "baseline": 10333.0, "current": 10258.0,
+                 "change_pct": -0.73, "baseline_syscalls": 1.14, "current_syscalls": 0.07},
+                {"name": "consume-decode", "baseline": 1967.0, "current": 1949.0,
+                 "change_pct": -0.92}]}}"#,
+        )
+        .unwrap();
+        let mut md = String::new();
+        callgrind_section(&mut md, &cg);
+        assert!(
+            md.contains(
+                "| emit-handle | 10,258 | 8.0 | 1,844 | 0.07 | 5.25 | < 5,000 instructions |"
+            ),
+            "{md}"
+        );
+        // A run from before system calls were counted says so rather than showing zero.
+        assert!(
+            md.contains("| consume-decode | 1,949 | 0.0 | 0 | — | — | < 1,700 instructions"),
+            "{md}"
+        );
+        assert!(md.contains("6,704 allocations, 75 system calls."), "{md}");
+        assert!(
+            md.contains("| emit-handle | 10,333 | 10,258 | -0.7% | 1.14 → 0.07 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| consume-decode | 1,967 | 1,949 | -0.9% | — |"),
+            "{md}"
         );
     }
 

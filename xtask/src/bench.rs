@@ -7,15 +7,16 @@
 //!   workspace member and its broker answers at `EVBUS_KAFKA_URL` / `EVBUS_NATS_URL` /
 //!   `EVBUS_AMQP_URL`; otherwise a `bench NAME: not run (...)` line says why); JSON under
 //!   `<target>/bench/`;
-//! - the callgrind scenarios (instructions and allocations per event on the in-memory
-//!   transport), each with 1,000 and 2,000 events, differenced;
+//! - the callgrind scenarios (instructions, allocations and system calls per event on the
+//!   in-memory transport), each with 1,000 and 2,000 events, differenced;
 //! - `report`, which regenerates `docs/benchmarks.md` and `docs/benchmarks.svg`.
 //!
 //! Plain `bench` does all three; `--quick` only the loops (no docs); `--callgrind` only the
 //! scenarios (docs regenerated with the last full run's loops); `--baseline REF` also builds
 //! REF in a git worktree under `<target>/bench/` with today's bench program and reports every
-//! scenario more than 2% worse in instructions. `--peers` and `--gateway` measure against the
-//! peer libraries and the gateway against bare handlers.
+//! scenario more than 2% worse in instructions or with half a system call per event more.
+//! `--peers` and `--gateway` measure against the peer libraries and the gateway against bare
+//! handlers.
 //!
 //! What the page shows is kept in the repository, under `benches/results/` ([`RESULTS`]):
 //! each adapter's last full run of the loops (`loops/<adapter>.json`) and of the peers
@@ -144,6 +145,10 @@ const SCENARIOS: &[&str] = &[
 
 /// Instructions may grow this much against `--baseline` before a scenario is reported.
 const BASELINE_TOLERANCE_PCT: f64 = 2.0;
+
+/// System calls per event may grow this much against `--baseline` before a scenario is
+/// reported: half a call per event is a new call on at least every other event.
+const BASELINE_SYSCALL_TOLERANCE: f64 = 0.5;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Default)]
@@ -537,7 +542,9 @@ pub(crate) fn run(options: &Options) -> Result<()> {
                     std::fs::write(&callgrind_json, &json)
                         .map_err(|e| format!("writing {}: {e}", callgrind_json.display()))?;
                     return Err(format!(
-                        "{} scenario(s) more than {BASELINE_TOLERANCE_PCT}% worse in instructions than `{reference}`: {}",
+                        "{} scenario(s) worse than `{reference}` (more than {BASELINE_TOLERANCE_PCT}% more \
+                         instructions, or {BASELINE_SYSCALL_TOLERANCE} more system calls per \
+                         event): {}",
                         worse.len(),
                         worse.join(", ")
                     ));
@@ -630,16 +637,58 @@ fn report(bin: &Path) -> Result<()> {
 }
 
 /// One scenario's figures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Scenario {
     name: String,
     instructions: f64,
     allocations: f64,
     bytes: f64,
+    /// System calls other than clock reads: each one enters the kernel, whose instructions
+    /// callgrind does not count.
+    syscalls: f64,
+    /// `clock_gettime` and its kind. Valgrind makes them system calls; a native run reads the
+    /// clock through the vDSO without entering the kernel, so they are counted apart.
+    clock_reads: f64,
 }
 
-/// Instructions and allocations in the measured region of one scenario run.
-fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<(u64, u64, u64)> {
+/// What one scenario run did in its measured region.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Counts {
+    instructions: u64,
+    allocations: u64,
+    bytes: u64,
+    syscalls: u64,
+    clock_reads: u64,
+}
+
+/// The system calls of valgrind's `--trace-syscalls=yes` output made between the two
+/// `getpid` calls that mark the measured region (see `evbus_bench_measured` in
+/// `benches/src/main.rs`): `(system calls, clock reads)`, or `None` without both marks.
+fn count_syscalls(trace: &str) -> Option<(u64, u64)> {
+    // A line per call, `SYSCALL[pid,tid](nr) name ( args ) --> result`; a call that blocks
+    // is printed again when it returns, as `SYSCALL[pid,tid](nr) ... [async] --> result`.
+    let names: Vec<&str> = trace
+        .lines()
+        .filter_map(|line| line.strip_prefix("SYSCALL["))
+        .filter_map(|rest| rest.split_once(") ").map(|(_, call)| call))
+        .filter_map(|call| call.split([' ', '(']).next())
+        .filter(|name| *name != "...")
+        .collect();
+    let first = names.iter().position(|n| *n == "sys_getpid")?;
+    let last = names.iter().rposition(|n| *n == "sys_getpid")?;
+    if last == first {
+        return None;
+    }
+    let inside = &names[first + 1..last];
+    let clock_reads = inside
+        .iter()
+        .filter(|n| matches!(**n, "sys_clock_gettime" | "sys_gettimeofday" | "sys_time"))
+        .count() as u64;
+    Some((inside.len() as u64 - clock_reads, clock_reads))
+}
+
+/// Instructions, allocations and system calls in the measured region of one scenario run.
+fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<Counts> {
     let file = target_dir()
         .join("bench")
         .join(format!("callgrind.{scenario}.{events}.out"));
@@ -647,6 +696,7 @@ fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<(u64, u64, u64
     cmd.arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", file.display()))
         .arg("--toggle-collect=*evbus_bench_measured*")
+        .arg("--trace-syscalls=yes")
         .arg(bin)
         .args(["scenario", scenario, "--events", &events.to_string()]);
     let shown = display(&cmd);
@@ -669,9 +719,16 @@ fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<(u64, u64, u64
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    let (syscalls, clock_reads) = count_syscalls(&String::from_utf8_lossy(&output.stderr))
+        .ok_or_else(|| {
+            format!(
+                "`{shown}`: no measured region marked in the system call trace \
+                 (two `sys_getpid` lines)"
+            )
+        })?;
     let profile =
         std::fs::read_to_string(&file).map_err(|e| format!("reading {}: {e}", file.display()))?;
-    let ir = profile
+    let instructions = profile
         .lines()
         .find_map(|l| {
             l.strip_prefix("summary:")
@@ -680,38 +737,51 @@ fn callgrind(bin: &Path, scenario: &str, events: usize) -> Result<(u64, u64, u64
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("no instruction total in {}", file.display()))?;
-    Ok((ir, field("allocations"), field("bytes")))
+    Ok(Counts {
+        instructions,
+        allocations: field("allocations"),
+        bytes: field("bytes"),
+        syscalls,
+        clock_reads,
+    })
 }
 
 fn measure_scenarios(bin: &Path, label: &str) -> Result<Vec<Scenario>> {
     let mut out = Vec::new();
     for name in SCENARIOS {
         eprintln!("bench callgrind ({label}): {name} with 1,000 and 2,000 events");
-        let (ir1, a1, b1) = callgrind(bin, name, 1000)?;
-        let (ir2, a2, b2) = callgrind(bin, name, 2000)?;
-        let per = |x1: u64, x2: u64| (x2 as f64 - x1 as f64) / 1000.0;
+        let one = callgrind(bin, name, 1000)?;
+        let two = callgrind(bin, name, 2000)?;
+        let per = |f: fn(&Counts) -> u64| (f(&two) as f64 - f(&one) as f64) / 1000.0;
         let s = Scenario {
             name: (*name).to_owned(),
-            instructions: per(ir1, ir2),
-            allocations: per(a1, a2),
-            bytes: per(b1, b2),
+            instructions: per(|c| c.instructions),
+            allocations: per(|c| c.allocations),
+            bytes: per(|c| c.bytes),
+            syscalls: per(|c| c.syscalls),
+            clock_reads: per(|c| c.clock_reads),
         };
         println!(
-            "bench callgrind memory {}: {:.0} instructions/event, {:.1} allocations/event, {:.0} bytes/event",
-            s.name, s.instructions, s.allocations, s.bytes
+            "bench callgrind memory {}: {:.0} instructions/event, {:.1} allocations/event, \
+             {:.0} bytes/event, {:.2} system calls/event, {:.2} clock reads/event",
+            s.name, s.instructions, s.allocations, s.bytes, s.syscalls, s.clock_reads
         );
         out.push(s);
     }
     eprintln!("bench callgrind ({label}): cold-start");
-    let (ir, allocs, bytes) = callgrind(bin, "cold-start", 1)?;
+    let cold = callgrind(bin, "cold-start", 1)?;
     out.push(Scenario {
         name: "cold-start".to_owned(),
-        instructions: ir as f64,
-        allocations: allocs as f64,
-        bytes: bytes as f64,
+        instructions: cold.instructions as f64,
+        allocations: cold.allocations as f64,
+        bytes: cold.bytes as f64,
+        syscalls: cold.syscalls as f64,
+        clock_reads: cold.clock_reads as f64,
     });
     println!(
-        "bench callgrind memory cold-start: {ir} instructions, {allocs} allocations (build the Bus, first event)"
+        "bench callgrind memory cold-start: {} instructions, {} allocations, {} system calls \
+         (build the Bus, first event)",
+        cold.instructions, cold.allocations, cold.syscalls
     );
     Ok(out)
 }
@@ -728,17 +798,18 @@ fn scenarios_json(scenarios: &[Scenario]) -> String {
         .filter(|s| s.name != "cold-start")
         .map(|s| {
             format!(
-                r#"    {{"name": "{}", "instructions_per_event": {:.1}, "allocations_per_event": {:.2}, "bytes_per_event": {:.1}}}"#,
-                s.name, s.instructions, s.allocations, s.bytes
+                r#"    {{"name": "{}", "instructions_per_event": {:.1}, "allocations_per_event": {:.2}, "bytes_per_event": {:.1}, "syscalls_per_event": {:.3}, "clock_reads_per_event": {:.3}}}"#,
+                s.name, s.instructions, s.allocations, s.bytes, s.syscalls, s.clock_reads
             )
         })
         .collect();
     let cold = scenarios.iter().find(|s| s.name == "cold-start");
     format!(
-        "{{\n  \"valgrind\": \"{valgrind}\",\n  \"payload_bytes\": 256,\n  \"scenarios\": [\n{}\n  ],\n  \"cold_start\": {{\"instructions\": {}, \"allocations\": {}}}\n}}\n",
+        "{{\n  \"valgrind\": \"{valgrind}\",\n  \"payload_bytes\": 256,\n  \"scenarios\": [\n{}\n  ],\n  \"cold_start\": {{\"instructions\": {}, \"allocations\": {}, \"syscalls\": {}}}\n}}\n",
         rows.join(",\n"),
         cold.map_or(0.0, |c| c.instructions),
-        cold.map_or(0.0, |c| c.allocations)
+        cold.map_or(0.0, |c| c.allocations),
+        cold.map_or(0.0, |c| c.syscalls)
     )
 }
 
@@ -755,15 +826,29 @@ fn compare(base: &[Scenario], current: &[Scenario]) -> Vec<String> {
     for now in current {
         if let Some(b) = base.iter().find(|b| b.name == now.name) {
             let pct = change_pct(b.instructions, now.instructions);
+            let more_calls = now.syscalls - b.syscalls;
             let flag = if pct > BASELINE_TOLERANCE_PCT {
-                worse.push(format!("{} ({pct:+.1}%)", now.name));
+                worse.push(format!("{} ({pct:+.1}% instructions)", now.name));
+                "  WORSE"
+            } else if more_calls >= BASELINE_SYSCALL_TOLERANCE {
+                worse.push(format!(
+                    "{} ({more_calls:+.2} system calls per event)",
+                    now.name
+                ));
                 "  WORSE"
             } else {
                 ""
             };
+            // Cold start is one run, not a difference per event.
+            let per = if now.name == "cold-start" {
+                ""
+            } else {
+                " per event"
+            };
             println!(
-                "bench baseline {}: {:.0} -> {:.0} instructions ({pct:+.1}%){flag}",
-                now.name, b.instructions, now.instructions
+                "bench baseline {}: {:.0} -> {:.0} instructions ({pct:+.1}%), \
+                 {:.2} -> {:.2} system calls{per}{flag}",
+                now.name, b.instructions, now.instructions, b.syscalls, now.syscalls
             );
         }
     }
@@ -776,11 +861,13 @@ fn with_baseline(json: String, reference: &str, base: &[Scenario], now: &[Scenar
         .filter_map(|n| {
             let b = base.iter().find(|b| b.name == n.name)?;
             Some(format!(
-                r#"{{"name": "{}", "baseline": {:.1}, "current": {:.1}, "change_pct": {:.2}}}"#,
+                r#"{{"name": "{}", "baseline": {:.1}, "current": {:.1}, "change_pct": {:.2}, "baseline_syscalls": {:.3}, "current_syscalls": {:.3}}}"#,
                 n.name,
                 b.instructions,
                 n.instructions,
-                change_pct(b.instructions, n.instructions)
+                change_pct(b.instructions, n.instructions),
+                b.syscalls,
+                n.syscalls
             ))
         })
         .collect();
@@ -976,8 +1063,7 @@ mod tests {
         let s = |n: &str, i: f64| Scenario {
             name: n.to_owned(),
             instructions: i,
-            allocations: 0.0,
-            bytes: 0.0,
+            ..Scenario::default()
         };
         let json = with_baseline(
             "{\n  \"a\": 1\n}\n".to_owned(),
@@ -991,5 +1077,35 @@ mod tests {
         );
         assert_eq!(compare(&[s("x", 100.0)], &[s("x", 103.0)]).len(), 1);
         assert!(compare(&[s("x", 100.0)], &[s("x", 101.0)]).is_empty());
+        // A new system call on every event is reported though the instructions did not move
+        // (callgrind does not count the kernel's).
+        let calls = |n: f64| Scenario {
+            syscalls: n,
+            ..s("x", 100.0)
+        };
+        assert_eq!(compare(&[calls(0.06)], &[calls(1.06)]).len(), 1);
+        assert!(compare(&[calls(0.06)], &[calls(0.10)]).is_empty());
+    }
+
+    #[test]
+    fn the_system_calls_of_the_measured_region_are_counted_apart_from_clock_reads() {
+        let trace = "\
+SYSCALL[10,1](12) sys_brk ( 0x0 ) --> [pre-success] Success(0x4000000)
+SYSCALL[10,1](39) sys_getpid ()[sync] --> Success(0xa)
+SYSCALL[10,1](228) sys_clock_gettime ( 1, 0x1ffefff8f0 ) --> [pre-success] Success(0x0)
+SYSCALL[10,1](318) sys_getrandom ( 0x1ffefff7c0, 16, 0 ) --> [pre-success] Success(0x10)
+SYSCALL[10,1](202) sys_futex ( 0x403b338, 129, 2147483647, 0x7, 0x0 ) --> [async] ...
+SYSCALL[10,2](228) sys_clock_gettime ( 1, 0x1ffefff8f0 ) --> [pre-success] Success(0x0)
+SYSCALL[10,1](202) ... [async] --> Success(0x0)
+==10== some other valgrind line
+SYSCALL[10,1](39) sys_getpid ()[sync] --> Success(0xa)
+SYSCALL[10,1](11) sys_munmap ( 0x483c000, 12288 )[sync] --> Success(0x0)
+";
+        // getrandom and futex (its answer is not a second call); two clock reads.
+        assert_eq!(count_syscalls(trace), Some((2, 2)));
+        // Without both marks there is no region to count.
+        let one_mark = trace.replacen("sys_getpid", "sys_getppid", 1);
+        assert_eq!(count_syscalls(&one_mark), None);
+        assert_eq!(count_syscalls(""), None);
     }
 }

@@ -81,11 +81,12 @@ enum Cmd {
         /// Fewer events and rounds: the result lines in a few minutes (docs left as they are).
         #[arg(long)]
         quick: bool,
-        /// Only the callgrind scenarios (instructions and allocations per event, in memory).
+        /// Only the callgrind scenarios (instructions, allocations and system calls per event,
+        /// in memory).
         #[arg(long)]
         callgrind: bool,
         /// Also measures the callgrind scenarios at this git ref and reports any more than
-        /// 2% worse in instructions.
+        /// 2% worse in instructions or with half a system call per event more.
         #[arg(long, value_name = "REF")]
         baseline: Option<String>,
         /// Against the peer libraries (omniqueue on Redis and RabbitMQ) and, on Redis, the
