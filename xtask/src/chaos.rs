@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{sleep, spawn};
 use std::time::{Duration, Instant};
 
+use crate::artifacts::{self, Kind};
 use crate::{Result, cargo, project_root, run_streaming};
 
 /// Every adapter the suite knows, in the order of a full run.
@@ -203,6 +204,22 @@ struct Bins {
 }
 
 fn build() -> Result<Bins> {
+    if artifacts::from_workspace_test_build() {
+        let package = "evbus-integration-tests";
+        let mut found = artifacts::find_all(&[
+            (package, "chaos-emitter", Kind::Bin),
+            (package, "chaos-handler", Kind::Bin),
+            (package, "chaos-solo", Kind::Bin),
+        ])?
+        .into_iter()
+        .map(|e| e.path);
+        let mut next = || found.next().ok_or("chaos binaries missing");
+        return Ok(Bins {
+            emitter: next()?,
+            handler: next()?,
+            solo: next()?,
+        });
+    }
     let ok = run_streaming(
         cargo(&["build", "-p", "evbus-integration-tests", "--bins"]),
         |_| {},

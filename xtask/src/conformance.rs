@@ -8,8 +8,10 @@
 //! only passes the environment through, and repeats the failed cases at the end.
 
 use std::fmt;
+use std::process::Command;
 use std::time::Duration;
 
+use crate::artifacts::{self, Kind};
 use crate::{Result, cargo, project_root, run_streaming};
 
 /// Where an adapter's conformance target lives and how it finds its broker.
@@ -324,11 +326,19 @@ pub(crate) fn run_one(
         .iter()
         .find(|a| a.name == name && a.exists() && a.target_exists())
         .ok_or_else(|| format!("adapter `{name}` has no conformance target in this checkout"))?;
-    let mut cmd = cargo(&["test", "-p", adapter.package, "--test", adapter.target]);
+    let mut cmd = if artifacts::from_workspace_test_build() {
+        let test = artifacts::find(adapter.package, adapter.target, Kind::Test)?;
+        let mut cmd = Command::new(test.path);
+        cmd.current_dir(test.dir).args(args);
+        cmd
+    } else {
+        let mut cmd = cargo(&["test", "-p", adapter.package, "--test", adapter.target]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        cmd
+    };
     cmd.envs(env.iter().copied());
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
-    }
     let mut summaries = Vec::new();
     let ok = run_streaming(cmd, |line| {
         summaries.extend(Summary::parse(line));

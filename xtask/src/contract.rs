@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::artifacts::{self, Kind};
 use crate::{Result, cargo, project_root, run_streaming};
 
 /// The schemathesis release the contract is checked with.
@@ -109,6 +110,9 @@ fn home() -> PathBuf {
 
 /// The `evbus` binary of this checkout, built (or found up to date) first.
 pub(crate) fn evbus_binary() -> Result<PathBuf> {
+    if artifacts::from_workspace_test_build() {
+        return Ok(artifacts::find("evbus-cli", "evbus", Kind::Bin)?.path);
+    }
     let built = cargo(&["build", "--quiet", "-p", "evbus-cli", "--bin", "evbus"])
         .status()
         .map_err(|e| format!("cargo build -p evbus-cli: {e}"))?;

@@ -3,6 +3,7 @@
 //!
 //! Run it through the cargo alias in `.cargo/config.toml`: `cargo xtask <command>`.
 
+mod artifacts;
 mod bench;
 mod brokers;
 mod capabilities;

@@ -19,6 +19,10 @@
 //!    `EVBUS_REQUIRE_BROKERS` that is a failure
 //! 8. `tidy`: see [`crate::tidy`]
 //!
+//! Steps 4 to 7 run the programs step 3 built (test binaries, the chaos workloads, `evbus`)
+//! instead of building their packages again with other dependency features: see
+//! [`crate::artifacts`].
+//!
 //! Child output is streamed, never captured; a summary of steps and durations ends the run,
 //! closed by one plain line adding up every libtest result and conformance summary:
 //! `tests: N passed, M failed, K skipped`. A conformance target is itself a libtest-style
@@ -135,6 +139,8 @@ fn test(totals: &mut Totals) -> Result<()> {
     if !ok {
         return Err("some tests failed (see above)".to_owned());
     }
+    // The steps after this one run what it built (see `crate::artifacts`).
+    crate::artifacts::use_workspace_test_build();
     let summaries = &totals.conformance;
     if let Some(bad) = summaries.iter().find(|s| s.failed != 0) {
         return Err(format!("{bad}, yet its target exited successfully"));
