@@ -54,6 +54,28 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// What `cargo test` sets for a test process about its package.
+const SET_BY_CARGO_TEST: [&str; 18] = [
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_PKG_NAME",
+    "CARGO_PKG_VERSION",
+    "CARGO_PKG_VERSION_MAJOR",
+    "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH",
+    "CARGO_PKG_VERSION_PRE",
+    "CARGO_PKG_AUTHORS",
+    "CARGO_PKG_DESCRIPTION",
+    "CARGO_PKG_HOMEPAGE",
+    "CARGO_PKG_REPOSITORY",
+    "CARGO_PKG_LICENSE",
+    "CARGO_PKG_LICENSE_FILE",
+    "CARGO_PKG_README",
+    "CARGO_PKG_RUST_VERSION",
+    "CARGO_CRATE_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
 /// The `evbus` binary of this build, built now if needed (cargo is quick when it is up to
 /// date): next to this test's `deps` directory, in the same target directory and profile.
 fn evbus_binary() -> PathBuf {
@@ -67,6 +89,12 @@ fn evbus_binary() -> PathBuf {
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(repo());
+    // `cargo test` gave this process its package's variables. Build scripts watch some of
+    // those names (ring's does), so passing them on would make this build and the
+    // workspace's each find ring out of date and rebuild it and everything above it.
+    for name in SET_BY_CARGO_TEST {
+        build.env_remove(name);
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
     }
