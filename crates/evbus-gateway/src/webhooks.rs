@@ -174,10 +174,7 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     let owner = store.get_key(&webhook.owner_key_id).await?;
     if !webhook.enabled || !owner_allows(state, owner.as_ref(), &stored.ty) {
         log.error = Some("not delivered: the endpoint is disabled or its key no longer authorises this event type".into());
-        store.record_attempt(&log).await?;
-        return store
-            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
-            .await;
+        return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
     }
     // Curated again on the way out (current rules; the webhook's narrower allow-list).
     let body = evbus::Event::from_json(&stored.body)
@@ -188,10 +185,7 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
         .and_then(|e| e.to_json().ok());
     let Some(body) = body else {
         log.error = Some("not delivered: the event is no longer external".into());
-        store.record_attempt(&log).await?;
-        return store
-            .finish_delivery(delivery.id, DeliveryOutcome::Failed)
-            .await;
+        return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
     };
     let timestamp = now.timestamp();
     let mut secrets = vec![webhook.secret.as_str()];
@@ -248,7 +242,6 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
             None
         }
     };
-    store.record_attempt(&log).await?;
     let label = match outcome_status {
         Some(s) if s.is_success() => "delivered",
         Some(_) => "http_error",
@@ -258,16 +251,50 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     metrics::histogram!("evbus_gateway_webhook_latency_seconds")
         .record(log.latency_ms as f64 / 1000.0);
 
-    let outcome = match outcome_status {
+    let outcome = match next_step(
+        state,
+        &mut webhook,
+        outcome_status,
+        now,
+        number,
+        wait_at_least,
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // The attempt was made: it is logged even so (the delivery comes back when its
+            // lease expires).
+            store.record_attempt(&log).await?;
+            return Err(e);
+        }
+    };
+    // The attempt's log row and its delivery's new state, together.
+    store.finish_attempt(&log, outcome).await
+}
+
+/// What becomes of a delivery after an attempt that got `status` (`None`: no response), and
+/// the endpoint's failure bookkeeping (`failing_since`, disabling).
+async fn next_step(
+    state: &State,
+    webhook: &mut WebhookRecord,
+    status: Option<reqwest::StatusCode>,
+    now: chrono::DateTime<chrono::Utc>,
+    number: u32,
+    wait_at_least: Option<Duration>,
+) -> Result<DeliveryOutcome, crate::StoreError> {
+    let store = &state.store;
+    let cfg = &state.config;
+    Ok(match status {
         Some(s) if s.is_success() => {
             if webhook.failing_since.is_some() {
                 webhook.failing_since = None;
-                store.update_webhook(&webhook).await?;
+                store.update_webhook(webhook).await?;
             }
             DeliveryOutcome::Delivered
         }
         Some(s) if s == reqwest::StatusCode::GONE => {
-            disable(state, &mut webhook, "the endpoint answered 410 Gone").await?;
+            disable(state, webhook, "the endpoint answered 410 Gone").await?;
             DeliveryOutcome::Failed
         }
         _ => {
@@ -278,10 +305,10 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
                     "the endpoint kept failing for {} s",
                     cfg.disable_after.as_secs()
                 );
-                disable(state, &mut webhook, &reason).await?;
+                disable(state, webhook, &reason).await?;
                 DeliveryOutcome::Failed
             } else {
-                store.update_webhook(&webhook).await?;
+                store.update_webhook(webhook).await?;
                 match backoff(&cfg.retry_schedule, cfg.retry_jitter, number as usize) {
                     None => DeliveryOutcome::Failed,
                     Some(wait) => {
@@ -293,8 +320,7 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
                 }
             }
         }
-    };
-    store.finish_delivery(delivery.id, outcome).await
+    })
 }
 
 async fn disable(

@@ -416,6 +416,91 @@ async fn ingest_dedup_and_conflict(f: &Fixture) {
     );
 }
 
+/// Many writes at once (the SQLite store makes those waiting in one transaction): each gets
+/// its own answer, a failing one does not take the others with it, and all are kept.
+async fn concurrent_writes_get_their_own_answers(f: &Fixture) {
+    let t = now();
+    // 10 ids, each claimed 5 times at once: exactly one claim per id is new.
+    let claims = futures::future::join_all((0..50).map(|i| {
+        let s = Arc::clone(&f.store);
+        async move {
+            let id = format!("c{}", i % 10);
+            let claim = s.claim_publish("/many", &id, "f", t).await.unwrap();
+            (id, claim)
+        }
+    }))
+    .await;
+    for id in (0..10).map(|i| format!("c{i}")) {
+        let mine: Vec<_> = claims
+            .iter()
+            .filter(|(c, _)| *c == id)
+            .map(|(_, k)| *k)
+            .collect();
+        assert_eq!(
+            mine.iter().filter(|k| **k == PublishClaim::New).count(),
+            1,
+            "{id}: {mine:?}"
+        );
+        assert_eq!(
+            mine.iter().filter(|k| **k == PublishClaim::Unsent).count(),
+            4,
+            "{id}: {mine:?}"
+        );
+    }
+    // 40 events at once: 30 ids, 10 of them twice with other content. Each id is logged once,
+    // at its own position, and the other of each pair is a conflict, whichever came first.
+    let results = futures::future::join_all((0..40).map(|i| {
+        let s = Arc::clone(&f.store);
+        async move {
+            let (id, body) = if i < 30 {
+                (format!("m{i}"), "a")
+            } else {
+                (format!("m{}", i - 30), "b")
+            };
+            s.ingest(&NewEvent {
+                source: "/many",
+                id: &id,
+                ty: ORDER,
+                fingerprint: body,
+                received_at: t,
+                body,
+            })
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    let mut seqs: Vec<i64> = results
+        .iter()
+        .filter_map(|r| match r {
+            Ingested::Logged(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 30, "{results:?}");
+    assert_eq!(
+        results.iter().filter(|r| **r == Ingested::Conflict).count(),
+        10,
+        "{results:?}"
+    );
+    // All kept: a fresh look (another handle on the same store) finds every claim settled as
+    // it was left and every event logged.
+    for i in 0..10 {
+        assert_eq!(
+            f.other
+                .claim_publish("/many", &format!("c{i}"), "f", t)
+                .await
+                .unwrap(),
+            PublishClaim::Unsent
+        );
+    }
+    for seq in seqs {
+        assert!(f.other.get_event(seq).await.unwrap().is_some(), "{seq}");
+    }
+}
+
 async fn events_after_pages(f: &Fixture) {
     let s = &*f.store;
     assert_eq!(s.latest_seq().await.unwrap(), 0);
@@ -640,6 +725,37 @@ async fn finish_and_attempts(f: &Fixture) {
     );
     assert_eq!(s.list_attempts("wh_1", 100).await.unwrap().len(), 3);
     assert!(s.list_attempts("wh_x", 100).await.unwrap().is_empty());
+
+    // An attempt logged and its delivery settled in one call.
+    logged(ingest(s, "e3", ORDER, t).await);
+    let later = retry_at + Duration::seconds(1);
+    let d = s
+        .claim_deliveries(later, later + Duration::seconds(30), &[], 10, 10, 10)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 1);
+    let next = later + Duration::seconds(5);
+    s.finish_attempt(
+        &Attempt {
+            id: 0,
+            webhook_id: "wh_1".into(),
+            delivery_id: d[0].id,
+            event_id: "e3".into(),
+            attempt: 1,
+            at: later,
+            status: Some(503),
+            latency_ms: 3,
+            error: None,
+            response: None,
+        },
+        DeliveryOutcome::RetryAt(next),
+    )
+    .await
+    .unwrap();
+    assert_eq!(f.other.next_due().await.unwrap(), Some(next));
+    let log = f.other.list_attempts("wh_1", 1).await.unwrap();
+    assert_eq!((log[0].event_id.as_str(), log[0].status), ("e3", Some(503)));
+    assert_eq!(s.list_attempts("wh_1", 100).await.unwrap().len(), 4);
 }
 
 async fn replay_is_idempotent(f: &Fixture) {
@@ -796,6 +912,7 @@ suite!(
     keys_and_revocation,
     webhooks_crud,
     ingest_dedup_and_conflict,
+    concurrent_writes_get_their_own_answers,
     events_after_pages,
     claims_are_exclusive_and_leases_expire,
     claim_limits,

@@ -3,6 +3,7 @@
 //! process; [`PostgresStore`] implements the same trait for several gateway instances sharing
 //! one database ([`open`] picks one from a location).
 
+mod group_commit;
 mod postgres;
 mod sealing;
 mod sqlite;
@@ -348,6 +349,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>>;
     /// Logs an attempt.
     async fn record_attempt(&self, attempt: &Attempt) -> StoreResult<()>;
+    /// Logs an attempt and settles its delivery (`attempt.delivery_id`) with `outcome`: what
+    /// [`record_attempt`](Self::record_attempt) then [`finish_delivery`](Self::finish_delivery)
+    /// do, in one transaction where the store can.
+    async fn finish_attempt(&self, attempt: &Attempt, outcome: DeliveryOutcome) -> StoreResult<()> {
+        self.record_attempt(attempt).await?;
+        self.finish_delivery(attempt.delivery_id, outcome).await
+    }
     /// The latest attempts of a webhook, newest first.
     async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>>;
     /// Queues again every logged event of the webhook's types received at or after `since`

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
+use sqlx::{Row, SqliteConnection};
 
+use super::group_commit::GroupCommit;
 use super::sealing::{self, SecretsKey};
 use super::{
     Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, RateLimit,
@@ -26,6 +27,10 @@ pub struct SqliteStore {
     /// up to 100 ms) instead of waking when the lock is free; queued here, each write starts
     /// as soon as the previous one commits.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The hot writes (publish claims and settlements, the event log, delivery claims,
+    /// outcomes and attempts), made together in one transaction with whatever else is waiting: one `fsync`
+    /// for many (see [`GroupCommit`]). Its task takes `writer` around each transaction.
+    batch: GroupCommit,
     /// Seals webhook signing secrets at rest ([`SqliteStore::seal_secrets`]).
     secrets: Option<std::sync::Arc<SecretsKey>>,
 }
@@ -67,9 +72,11 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         crate::datadir::restrict_database(path).map_err(StoreError)?;
+        let writer = std::sync::Arc::default();
         Ok(SqliteStore {
+            batch: GroupCommit::start(pool.clone(), std::sync::Arc::clone(&writer)),
             pool,
-            writer: Default::default(),
+            writer,
             secrets: None,
         })
     }
@@ -187,6 +194,49 @@ fn event_from(row: &SqliteRow) -> StoredEvent {
         received_at: time(row.get("received_at")),
         body: row.get("body"),
     }
+}
+
+/// Settles delivery `id` after an attempt (which counts).
+async fn settle_delivery(
+    conn: &mut SqliteConnection,
+    id: i64,
+    outcome: DeliveryOutcome,
+) -> StoreResult<()> {
+    let (state, next) = match outcome {
+        DeliveryOutcome::Delivered => ("delivered", None),
+        DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
+        DeliveryOutcome::Failed => ("failed", None),
+    };
+    sqlx::query(
+        "UPDATE deliveries SET state = ?, attempts = attempts + 1, lease_until = NULL,
+            next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+    )
+    .bind(state)
+    .bind(next)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Logs attempt `a`.
+async fn insert_attempt(conn: &mut SqliteConnection, a: &Attempt) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&a.webhook_id)
+    .bind(a.delivery_id)
+    .bind(&a.event_id)
+    .bind(a.attempt as i64)
+    .bind(ms(a.at))
+    .bind(a.status.map(i64::from))
+    .bind(a.latency_ms as i64)
+    .bind(&a.error)
+    .bind(&a.response)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -322,49 +372,56 @@ impl Store for SqliteStore {
     }
 
     async fn ingest(&self, e: &NewEvent<'_>) -> StoreResult<Ingested> {
-        let _write = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO events (source, id, type, received_at, fingerprint, body)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (source, id) DO NOTHING RETURNING seq",
-        )
-        .bind(e.source)
-        .bind(e.id)
-        .bind(e.ty)
-        .bind(ms(e.received_at))
-        .bind(e.fingerprint)
-        .bind(e.body)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = inserted else {
-            let existing: Option<String> =
-                sqlx::query_scalar("SELECT fingerprint FROM events WHERE source = ? AND id = ?")
-                    .bind(e.source)
-                    .bind(e.id)
-                    .fetch_one(&mut *tx)
+        let args = (
+            [e.source, e.id, e.ty, e.fingerprint, e.body].map(str::to_owned),
+            ms(e.received_at),
+        );
+        self.batch
+            .write(args, |conn, ([source, id, ty, fingerprint, body], received_at)| {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO events (source, id, type, received_at, fingerprint, body)
+                         VALUES (?, ?, ?, ?, ?, ?)
+                         ON CONFLICT (source, id) DO NOTHING RETURNING seq",
+                    )
+                    .bind(source)
+                    .bind(id)
+                    .bind(ty)
+                    .bind(*received_at)
+                    .bind(fingerprint)
+                    .bind(body)
+                    .fetch_optional(&mut *conn)
                     .await?;
-            tx.rollback().await?;
-            // Rows logged before fingerprints existed count as the same event.
-            return Ok(match existing {
-                Some(f) if f != e.fingerprint => Ingested::Conflict,
-                _ => Ingested::Redelivered,
-            });
-        };
-        let seq: i64 = row.get("seq");
-        sqlx::query(
-            "INSERT OR IGNORE INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
-             SELECT w.id, ?1, 0, 'pending', 0, ?2, ?2
-             FROM webhooks w WHERE w.enabled = 1
-               AND EXISTS (SELECT 1 FROM json_each(w.event_types) t WHERE t.value = ?3)",
-        )
-        .bind(seq)
-        .bind(ms(e.received_at))
-        .bind(e.ty)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ingested::Logged(seq))
+                    let Some(row) = inserted else {
+                        let existing: Option<String> = sqlx::query_scalar(
+                            "SELECT fingerprint FROM events WHERE source = ? AND id = ?",
+                        )
+                        .bind(source)
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                        // Rows logged before fingerprints existed count as the same event.
+                        return Ok(match existing {
+                            Some(f) if f != *fingerprint => Ingested::Conflict,
+                            _ => Ingested::Redelivered,
+                        });
+                    };
+                    let seq: i64 = row.get("seq");
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
+                         SELECT w.id, ?1, 0, 'pending', 0, ?2, ?2
+                         FROM webhooks w WHERE w.enabled = 1
+                           AND EXISTS (SELECT 1 FROM json_each(w.event_types) t WHERE t.value = ?3)",
+                    )
+                    .bind(seq)
+                    .bind(*received_at)
+                    .bind(ty)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(Ingested::Logged(seq))
+                })
+            })
+            .await
     }
 
     async fn claim_publish(
@@ -374,52 +431,61 @@ impl Store for SqliteStore {
         fingerprint: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<PublishClaim> {
-        let _write = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO published (source, id, fingerprint, sent, received_at) VALUES (?, ?, ?, 0, ?)
-             ON CONFLICT (source, id) DO NOTHING",
-        )
-        .bind(source)
-        .bind(id)
-        .bind(fingerprint)
-        .bind(ms(at))
-        .execute(&mut *tx)
-        .await?;
-        let claim = if inserted.rows_affected() > 0 {
-            PublishClaim::New
-        } else {
-            let row =
-                sqlx::query("SELECT fingerprint, sent FROM published WHERE source = ? AND id = ?")
+        let args = ([source, id, fingerprint].map(str::to_owned), ms(at));
+        self.batch
+            .write(args, |conn, ([source, id, fingerprint], at)| {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO published (source, id, fingerprint, sent, received_at) VALUES (?, ?, ?, 0, ?)
+                         ON CONFLICT (source, id) DO NOTHING",
+                    )
                     .bind(source)
                     .bind(id)
-                    .fetch_one(&mut *tx)
+                    .bind(fingerprint)
+                    .bind(*at)
+                    .execute(&mut *conn)
                     .await?;
-            if row.get::<String, _>("fingerprint") != fingerprint {
-                PublishClaim::Conflict
-            } else if row.get::<i64, _>("sent") != 0 {
-                PublishClaim::Sent
-            } else {
-                PublishClaim::Unsent
-            }
-        };
-        tx.commit().await?;
-        Ok(claim)
+                    if inserted.rows_affected() > 0 {
+                        return Ok(PublishClaim::New);
+                    }
+                    let row = sqlx::query(
+                        "SELECT fingerprint, sent FROM published WHERE source = ? AND id = ?",
+                    )
+                    .bind(source)
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    Ok(if row.get::<String, _>("fingerprint") != *fingerprint {
+                        PublishClaim::Conflict
+                    } else if row.get::<i64, _>("sent") != 0 {
+                        PublishClaim::Sent
+                    } else {
+                        PublishClaim::Unsent
+                    })
+                })
+            })
+            .await
     }
 
     async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()> {
-        let _write = self.writer.lock().await;
-        let sql = if sent {
-            "UPDATE published SET sent = 1 WHERE source = ? AND id = ?"
-        } else {
-            "DELETE FROM published WHERE source = ? AND id = ? AND sent = 0"
-        };
-        sqlx::query(sql)
-            .bind(source)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let args = ([source, id].map(str::to_owned), sent);
+        self.batch
+            .write(args, |conn, ([source, id], sent)| {
+                Box::pin(async move {
+                    let sql = if *sent {
+                        "UPDATE published SET sent = 1 WHERE source = ? AND id = ?"
+                    } else {
+                        "DELETE FROM published WHERE source = ? AND id = ? AND sent = 0"
+                    };
+                    sqlx::query(sql)
+                        .bind(source)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn events_after(
@@ -464,12 +530,15 @@ impl Store for SqliteStore {
         per_owner: u32,
         limit: u32,
     ) -> StoreResult<Vec<Delivery>> {
-        let _write = self.writer.lock().await;
+        let args = (
+            [ms(now), ms(lease_until)],
+            to_json(busy),
+            [per_webhook, per_owner, limit].map(i64::from),
+        );
         // `rn`: the rank of a delivery within its endpoint; `rn_owner`: within its owner key,
         // endpoints taking turns. An owner gets what `per_owner` leaves after its unexpired
         // leases, and owners take turns (ordered by `rn_owner` first).
-        let rows = sqlx::query(
-            "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
+        const CLAIM: &str = "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
              WHERE id IN (
                SELECT id FROM (
                  SELECT id, next_attempt_at, owner, rn,
@@ -490,44 +559,42 @@ impl Store for SqliteStore {
                )
                ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT ?6
              )
-             RETURNING id, webhook_id, event_seq, attempts",
-        )
-        .bind(ms(now))
-        .bind(ms(lease_until))
-        .bind(to_json(busy))
-        .bind(per_webhook as i64)
-        .bind(per_owner as i64)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Delivery {
-                id: r.get("id"),
-                webhook_id: r.get("webhook_id"),
-                event_seq: r.get("event_seq"),
-                attempts: r.get::<i64, _>("attempts") as u32,
-            })
-            .collect())
+             RETURNING id, webhook_id, event_seq, attempts";
+        self.batch
+            .write(
+                args,
+                |conn, ([now, lease_until], busy, [per_webhook, per_owner, limit])| {
+                    Box::pin(async move {
+                        let rows = sqlx::query(CLAIM)
+                            .bind(*now)
+                            .bind(*lease_until)
+                            .bind(busy)
+                            .bind(*per_webhook)
+                            .bind(*per_owner)
+                            .bind(*limit)
+                            .fetch_all(&mut *conn)
+                            .await?;
+                        Ok(rows
+                            .iter()
+                            .map(|r| Delivery {
+                                id: r.get("id"),
+                                webhook_id: r.get("webhook_id"),
+                                event_seq: r.get("event_seq"),
+                                attempts: r.get::<i64, _>("attempts") as u32,
+                            })
+                            .collect())
+                    })
+                },
+            )
+            .await
     }
 
     async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()> {
-        let _write = self.writer.lock().await;
-        let (state, next) = match outcome {
-            DeliveryOutcome::Delivered => ("delivered", None),
-            DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
-            DeliveryOutcome::Failed => ("failed", None),
-        };
-        sqlx::query(
-            "UPDATE deliveries SET state = ?, attempts = attempts + 1, lease_until = NULL,
-                next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-        )
-        .bind(state)
-        .bind(next)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.batch
+            .write((id, outcome), |conn, (id, outcome)| {
+                Box::pin(settle_delivery(conn, *id, *outcome))
+            })
+            .await
     }
 
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>> {
@@ -542,23 +609,20 @@ impl Store for SqliteStore {
     }
 
     async fn record_attempt(&self, a: &Attempt) -> StoreResult<()> {
-        let _write = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&a.webhook_id)
-        .bind(a.delivery_id)
-        .bind(&a.event_id)
-        .bind(a.attempt as i64)
-        .bind(ms(a.at))
-        .bind(a.status.map(i64::from))
-        .bind(a.latency_ms as i64)
-        .bind(&a.error)
-        .bind(&a.response)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.batch
+            .write(a.clone(), |conn, a| Box::pin(insert_attempt(conn, a)))
+            .await
+    }
+
+    async fn finish_attempt(&self, a: &Attempt, outcome: DeliveryOutcome) -> StoreResult<()> {
+        self.batch
+            .write((a.clone(), outcome), |conn, (a, outcome)| {
+                Box::pin(async move {
+                    insert_attempt(conn, a).await?;
+                    settle_delivery(conn, a.delivery_id, *outcome).await
+                })
+            })
+            .await
     }
 
     async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>> {
