@@ -235,6 +235,17 @@ pub enum DeliveryOutcome {
     Failed,
 }
 
+impl DeliveryOutcome {
+    /// The delivery's `state` after it, and its new `next_attempt_at` (ms; `None`: kept).
+    pub(crate) fn columns(self) -> (&'static str, Option<i64>) {
+        match self {
+            DeliveryOutcome::Delivered => ("delivered", None),
+            DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
+            DeliveryOutcome::Failed => ("failed", None),
+        }
+    }
+}
+
 /// One logged delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Attempt {

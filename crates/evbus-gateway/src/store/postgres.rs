@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 
 use super::sealing::{self, SecretsKey};
 use super::{
@@ -354,6 +354,45 @@ async fn listen(pool: PgPool, channel: String, tx: tokio::sync::mpsc::Sender<Sig
             let _ = tx.try_send(signal);
         }
     }
+}
+
+/// Settles delivery `id` after an attempt (which counts).
+async fn settle_delivery(
+    conn: &mut PgConnection,
+    id: i64,
+    outcome: DeliveryOutcome,
+) -> StoreResult<()> {
+    let (state, next) = outcome.columns();
+    sqlx::query(
+        "UPDATE deliveries SET state = $1, attempts = attempts + 1, lease_until = NULL,
+            next_attempt_at = COALESCE($2, next_attempt_at) WHERE id = $3",
+    )
+    .bind(state)
+    .bind(next)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Logs attempt `a`.
+async fn insert_attempt(conn: &mut PgConnection, a: &Attempt) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&a.webhook_id)
+    .bind(a.delivery_id)
+    .bind(text(&a.event_id))
+    .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
+    .bind(ms(a.at))
+    .bind(a.status.map(i32::from))
+    .bind(i64::try_from(a.latency_ms).unwrap_or(i64::MAX))
+    .bind(opt_text(a.error.as_deref()))
+    .bind(opt_text(a.response.as_deref()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -697,21 +736,8 @@ impl Store for PostgresStore {
     }
 
     async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()> {
-        let (state, next) = match outcome {
-            DeliveryOutcome::Delivered => ("delivered", None),
-            DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
-            DeliveryOutcome::Failed => ("failed", None),
-        };
-        sqlx::query(
-            "UPDATE deliveries SET state = $1, attempts = attempts + 1, lease_until = NULL,
-                next_attempt_at = COALESCE($2, next_attempt_at) WHERE id = $3",
-        )
-        .bind(state)
-        .bind(next)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        settle_delivery(&mut conn, id, outcome).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>> {
@@ -726,21 +752,15 @@ impl Store for PostgresStore {
     }
 
     async fn record_attempt(&self, a: &Attempt) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&a.webhook_id)
-        .bind(a.delivery_id)
-        .bind(text(&a.event_id))
-        .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
-        .bind(ms(a.at))
-        .bind(a.status.map(i32::from))
-        .bind(i64::try_from(a.latency_ms).unwrap_or(i64::MAX))
-        .bind(opt_text(a.error.as_deref()))
-        .bind(opt_text(a.response.as_deref()))
-        .execute(&self.pool)
-        .await?;
+        let mut conn = self.pool.acquire().await?;
+        insert_attempt(&mut conn, a).await
+    }
+
+    async fn finish_attempt(&self, a: &Attempt, outcome: DeliveryOutcome) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_attempt(&mut tx, a).await?;
+        settle_delivery(&mut tx, a.delivery_id, outcome).await?;
+        tx.commit().await?;
         Ok(())
     }
 

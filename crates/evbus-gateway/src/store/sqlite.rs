@@ -202,11 +202,7 @@ async fn settle_delivery(
     id: i64,
     outcome: DeliveryOutcome,
 ) -> StoreResult<()> {
-    let (state, next) = match outcome {
-        DeliveryOutcome::Delivered => ("delivered", None),
-        DeliveryOutcome::RetryAt(at) => ("pending", Some(ms(at))),
-        DeliveryOutcome::Failed => ("failed", None),
-    };
+    let (state, next) = outcome.columns();
     sqlx::query(
         "UPDATE deliveries SET state = ?, attempts = attempts + 1, lease_until = NULL,
             next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
