@@ -28,8 +28,9 @@ pub struct SqliteStore {
     /// as soon as the previous one commits.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The hot writes (publish claims and settlements, the event log, delivery claims,
-    /// outcomes and attempts), made together in one transaction with whatever else is waiting: one `fsync`
-    /// for many (see [`GroupCommit`]). Its task takes `writer` around each transaction.
+    /// outcomes and attempts), made together in one transaction with whatever else is
+    /// waiting: one `fsync` for many (see [`GroupCommit`]). Its task takes `writer` around
+    /// each transaction.
     batch: GroupCommit,
     /// Seals webhook signing secrets at rest ([`SqliteStore::seal_secrets`]).
     secrets: Option<std::sync::Arc<SecretsKey>>,
