@@ -188,6 +188,21 @@ impl Limit {
             self.waker.wake();
         }
     }
+
+    /// [`poll_take`](Self::poll_take), with the permit as a guard that gives it back when
+    /// dropped (on whichever task that is).
+    pub(crate) fn poll_take_owned(self: &Arc<Self>, cx: &mut Context<'_>) -> Poll<LimitPermit> {
+        self.poll_take(cx).map(|()| LimitPermit(Arc::clone(self)))
+    }
+}
+
+/// One permit of a [`Limit`], given back when dropped.
+pub(crate) struct LimitPermit(Arc<Limit>);
+
+impl Drop for LimitPermit {
+    fn drop(&mut self) {
+        self.0.give_back();
+    }
 }
 
 #[cfg(test)]

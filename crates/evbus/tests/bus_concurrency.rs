@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_support::*;
+use evbus::Transport;
 use evbus::bus::{Emit, Message};
 use tokio::sync::{Semaphore, mpsc::unbounded_channel};
 
@@ -50,6 +51,71 @@ async fn a_handler_runs_at_most_its_concurrency_at_once() {
     for _ in 4..10 {
         assert!(recv(&mut rx).await <= 4);
     }
+}
+
+/// The topic and the redrive queue each have their own in-flight limit; the handler's
+/// concurrency bounds both together.
+#[tokio::test]
+async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let running = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let (r, g) = (Arc::clone(&running), Arc::clone(&gate));
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let (r, g, tx) = (Arc::clone(&r), Arc::clone(&g), tx.clone());
+        async move {
+            let at_once = r.fetch_add(1, Ordering::SeqCst) + 1;
+            let _ = tx.send((msg.event().subject().map(str::to_owned), at_once));
+            g.acquire().await?.forget();
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .concurrency(2)
+    .start()
+    .await
+    .unwrap();
+    // Two events on the topic take both slots.
+    for i in 0..2 {
+        bus.emit("orderPlaced", placed(&format!("o-{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(recv(&mut rx).await.1.max(recv(&mut rx).await.1), 2);
+    // Two more wait in the redrive queue, which has room for them in its own limit.
+    let redrive = broker
+        .connect()
+        .queue(&bus.redrive_queue_name("orderPlaced", "g"))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        let event = evbus::Event::builder("orderPlaced", "/test/shop")
+            .subject(format!("redriven-{i}"))
+            .json(&placed(&format!("r-{i}")))
+            .unwrap()
+            .build()
+            .unwrap();
+        redrive.send(&event).await.unwrap();
+    }
+    // While both slots are held, neither starts.
+    expect_nothing(&mut rx).await;
+    gate.add_permits(1);
+    let (subject, at_once) = recv(&mut rx).await;
+    assert_eq!(subject.as_deref(), Some("redriven-0"));
+    assert!(
+        at_once <= 2,
+        "{at_once} handlers ran at once with a concurrency of 2"
+    );
+    expect_nothing(&mut rx).await;
+    gate.add_permits(10);
+    let (subject, at_once) = recv(&mut rx).await;
+    assert_eq!(subject.as_deref(), Some("redriven-1"));
+    assert!(
+        at_once <= 2,
+        "{at_once} handlers ran at once with a concurrency of 2"
+    );
 }
 
 #[tokio::test]

@@ -15,17 +15,17 @@ use futures::stream::PollNext;
 use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, PollSemaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::{Bus, RetryPolicy, lock, telemetry};
 use crate::delivery::{Delivery, Settlement, dead_letter_event};
 use crate::envelope::Event;
 use crate::error::{Error, Result};
 use crate::schema::EventType;
-use crate::signal::Signal;
+use crate::signal::{Limit, LimitPermit, Signal};
 use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
 
 /// While the topic keeps events ready, a handler also looks at its redrive queue once every
@@ -441,7 +441,8 @@ impl HandlerHandle {
 struct Taken {
     id: u64,
     delivery: Arc<Delivery>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// One of the worker's `concurrency` slots, given back when the delivery is done.
+    _permit: LimitPermit,
 }
 
 struct Worker {
@@ -467,7 +468,9 @@ impl Worker {
         concurrency: usize,
     ) {
         let mut cancel = Signal::new(self.shared.cancel.clone().cancelled_owned());
-        let mut slots = PollSemaphore::new(Arc::new(Semaphore::new(concurrency)));
+        // The worker is the slots' only taker; a slot comes back when its delivery is done,
+        // on whichever task that is, without a lock.
+        let slots = Arc::new(Limit::new(concurrency));
         // On a current-thread runtime spawned handlers never run in parallel anyway: there an
         // unordered handler is first polled right here, in the worker's task, and gets a task
         // of its own only if it has to wait. On a multi-threaded runtime every event gets its
@@ -489,10 +492,7 @@ impl Worker {
                 }
                 let next = (|| {
                     if permit.is_none() {
-                        match ready!(slots.poll_acquire(cx)) {
-                            Some(p) => permit = Some(p),
-                            None => return Poll::Ready(None),
-                        }
+                        permit = Some(ready!(slots.poll_take_owned(cx)));
                     }
                     stream.poll_next_unpin(cx).map(Some)
                 })();
