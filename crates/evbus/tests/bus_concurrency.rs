@@ -9,47 +9,64 @@ use std::time::Duration;
 
 use bus_support::*;
 use evbus::Transport;
-use evbus::bus::{Emit, Message};
-use tokio::sync::{Semaphore, mpsc::unbounded_channel};
+use evbus::bus::{Bus, Emit, Message};
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-#[tokio::test]
-async fn a_handler_runs_at_most_its_concurrency_at_once() {
-    let broker = broker();
-    let bus = bus(&broker);
+/// Starts a handler of `orderPlaced` with `concurrency` that reports each event it starts
+/// (its subject, and how many runs were in progress with it) and then waits for a permit of
+/// the returned gate.
+async fn gated_handler(
+    bus: &Bus,
+    concurrency: usize,
+) -> (Arc<Semaphore>, UnboundedReceiver<(Option<String>, usize)>) {
     let running = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
-    let (tx, mut rx) = unbounded_channel();
-    let (r, g) = (Arc::clone(&running), Arc::clone(&gate));
-    bus.on("orderPlaced", "g", move |_msg: Message| {
-        let (r, g, tx) = (Arc::clone(&r), Arc::clone(&g), tx.clone());
+    let (tx, rx) = unbounded_channel();
+    let g = Arc::clone(&gate);
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let (r, g, tx) = (Arc::clone(&running), Arc::clone(&g), tx.clone());
         async move {
-            let _ = tx.send(r.fetch_add(1, Ordering::SeqCst) + 1);
+            let at_once = r.fetch_add(1, Ordering::SeqCst) + 1;
+            let _ = tx.send((msg.event().subject().map(str::to_owned), at_once));
             g.acquire().await?.forget();
             r.fetch_sub(1, Ordering::SeqCst);
             Ok(())
         }
     })
-    .concurrency(4)
+    .concurrency(concurrency)
     .start()
     .await
     .unwrap();
-    for i in 0..10 {
+    (gate, rx)
+}
+
+async fn emit_placed(bus: &Bus, orders: std::ops::Range<usize>) {
+    for i in orders {
         bus.emit("orderPlaced", placed(&format!("o-{i}")))
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_handler_runs_at_most_its_concurrency_at_once() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (gate, mut rx) = gated_handler(&bus, 4).await;
+    emit_placed(&bus, 0..10).await;
     let started: Vec<usize> = vec![
-        recv(&mut rx).await,
-        recv(&mut rx).await,
-        recv(&mut rx).await,
-        recv(&mut rx).await,
+        recv(&mut rx).await.1,
+        recv(&mut rx).await.1,
+        recv(&mut rx).await.1,
+        recv(&mut rx).await.1,
     ];
     assert_eq!(started.iter().max(), Some(&4));
     // While four are blocked, a fifth never starts.
     expect_nothing(&mut rx).await;
     gate.add_permits(10);
     for _ in 4..10 {
-        assert!(recv(&mut rx).await <= 4);
+        assert!(recv(&mut rx).await.1 <= 4);
     }
 }
 
@@ -59,30 +76,9 @@ async fn a_handler_runs_at_most_its_concurrency_at_once() {
 async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency() {
     let broker = broker();
     let bus = bus(&broker);
-    let running = Arc::new(AtomicUsize::new(0));
-    let gate = Arc::new(Semaphore::new(0));
-    let (tx, mut rx) = unbounded_channel();
-    let (r, g) = (Arc::clone(&running), Arc::clone(&gate));
-    bus.on("orderPlaced", "g", move |msg: Message| {
-        let (r, g, tx) = (Arc::clone(&r), Arc::clone(&g), tx.clone());
-        async move {
-            let at_once = r.fetch_add(1, Ordering::SeqCst) + 1;
-            let _ = tx.send((msg.event().subject().map(str::to_owned), at_once));
-            g.acquire().await?.forget();
-            r.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
-        }
-    })
-    .concurrency(2)
-    .start()
-    .await
-    .unwrap();
+    let (gate, mut rx) = gated_handler(&bus, 2).await;
     // Two events on the topic take both slots.
-    for i in 0..2 {
-        bus.emit("orderPlaced", placed(&format!("o-{i}")))
-            .await
-            .unwrap();
-    }
+    emit_placed(&bus, 0..2).await;
     assert_eq!(recv(&mut rx).await.1.max(recv(&mut rx).await.1), 2);
     // Two more wait in the redrive queue, which has room for them in its own limit.
     let redrive = broker
@@ -99,23 +95,17 @@ async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency() 
             .unwrap();
         redrive.send(&event).await.unwrap();
     }
-    // While both slots are held, neither starts.
-    expect_nothing(&mut rx).await;
-    gate.add_permits(1);
-    let (subject, at_once) = recv(&mut rx).await;
-    assert_eq!(subject.as_deref(), Some("redriven-0"));
-    assert!(
-        at_once <= 2,
-        "{at_once} handlers ran at once with a concurrency of 2"
-    );
-    expect_nothing(&mut rx).await;
-    gate.add_permits(10);
-    let (subject, at_once) = recv(&mut rx).await;
-    assert_eq!(subject.as_deref(), Some("redriven-1"));
-    assert!(
-        at_once <= 2,
-        "{at_once} handlers ran at once with a concurrency of 2"
-    );
+    for (i, permits) in [1, 10].into_iter().enumerate() {
+        // While both slots are held, the next redriven event does not start.
+        expect_nothing(&mut rx).await;
+        gate.add_permits(permits);
+        let (subject, at_once) = recv(&mut rx).await;
+        assert_eq!(subject, Some(format!("redriven-{i}")));
+        assert!(
+            at_once <= 2,
+            "{at_once} handlers ran at once with a concurrency of 2"
+        );
+    }
 }
 
 #[tokio::test]
