@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_support::*;
-use evbus::Transport;
 use evbus::bus::{Bus, Emit, Message};
+use evbus::layer::{Fault, Faults, LayerExt};
+use evbus::{ErrorKind, Transport};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -51,6 +52,16 @@ async fn emit_placed(bus: &Bus, orders: std::ops::Range<usize>) {
 
 #[tokio::test]
 async fn a_handler_runs_at_most_its_concurrency_at_once() {
+    a_handler_runs_at_most_its_concurrency_at_once_case().await;
+}
+
+/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_runs_at_most_its_concurrency_at_once_multi_threaded() {
+    a_handler_runs_at_most_its_concurrency_at_once_case().await;
+}
+
+async fn a_handler_runs_at_most_its_concurrency_at_once_case() {
     let broker = broker();
     let bus = bus(&broker);
     let (gate, mut rx) = gated_handler(&bus, 4).await;
@@ -74,6 +85,16 @@ async fn a_handler_runs_at_most_its_concurrency_at_once() {
 /// concurrency bounds both together.
 #[tokio::test]
 async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency() {
+    the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case().await;
+}
+
+/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_multi_threaded() {
+    the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case().await;
+}
+
+async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case() {
     let broker = broker();
     let bus = bus(&broker);
     let (gate, mut rx) = gated_handler(&bus, 2).await;
@@ -252,6 +273,16 @@ async fn an_ordered_handler_dead_letters_with_the_attempts_made_in_place() {
 
 #[tokio::test]
 async fn shutdown_lets_running_handlers_finish_before_closing() {
+    shutdown_lets_running_handlers_finish_before_closing_case().await;
+}
+
+/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_handlers_finish_before_closing_multi_threaded() {
+    shutdown_lets_running_handlers_finish_before_closing_case().await;
+}
+
+async fn shutdown_lets_running_handlers_finish_before_closing_case() {
     let broker = broker();
     let bus = bus(&broker);
     let finished = Arc::new(AtomicUsize::new(0));
@@ -281,6 +312,16 @@ async fn shutdown_lets_running_handlers_finish_before_closing() {
 
 #[tokio::test]
 async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
+    at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case().await;
+}
+
+/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance_multi_threaded() {
+    at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case().await;
+}
+
+async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case() {
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
@@ -345,4 +386,100 @@ async fn a_handler_that_never_awaits_still_runs_in_parallel_on_a_multi_threaded_
         most.load(Ordering::SeqCst) >= 2,
         "8 events of a 50 ms handler with concurrency 4 on 2 workers never overlapped"
     );
+}
+
+/// On a multi-threaded runtime unordered events run on a pool of long-lived tasks: under a
+/// steady load the pool grows to the handler's concurrency and no further, where one task per
+/// event would have made as many tasks as events in flight at the runtime at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_pool_never_outgrows_the_concurrency() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let most = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let m = Arc::clone(&most);
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        let (m, tx) = (Arc::clone(&m), tx.clone());
+        async move {
+            tokio::task::yield_now().await;
+            m.fetch_max(
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks(),
+                Ordering::SeqCst,
+            );
+            let _ = tx.send(());
+            Ok(())
+        }
+    })
+    .concurrency(4)
+    .start()
+    .await
+    .unwrap();
+    // The worker and whatever the transport runs, before any event.
+    let before = metrics.num_alive_tasks();
+    for i in 0..300 {
+        bus.emit("orderPlaced", placed(&format!("o-{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..300 {
+        recv(&mut rx).await;
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most <= before + 4,
+        "{most} tasks alive while handling, {before} before the first event: the pool outgrew \
+         a concurrency of 4"
+    );
+}
+
+/// A delivery whose ack failed (the connection dropped under it) holds one of the
+/// subscription's in-flight permits until it is dropped: whatever ran it must let go of it,
+/// or the handler stops receiving once every permit is held that way.
+#[tokio::test]
+async fn deliveries_whose_ack_failed_do_not_stall_the_handler() {
+    deliveries_whose_ack_failed_do_not_stall_the_handler_case().await;
+}
+
+/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_whose_ack_failed_do_not_stall_the_handler_multi_threaded() {
+    deliveries_whose_ack_failed_do_not_stall_the_handler_case().await;
+}
+
+async fn deliveries_whose_ack_failed_do_not_stall_the_handler_case() {
+    let broker = broker();
+    let faults = Faults::seeded(3).inject(Fault::FailAck(ErrorKind::Connection), 1.0);
+    let transport = broker.connect().layer(faults.clone());
+    let bus = Bus::builder(Arc::new(transport), catalog())
+        .source("/test/shop")
+        .retry(fast_retry())
+        .build();
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.event().subject().map(str::to_owned));
+        async { Ok(()) }
+    })
+    .concurrency(2)
+    .visibility_timeout(Duration::from_secs(60))
+    .start()
+    .await
+    .unwrap();
+    // Two events take both in-flight permits, and their acks fail.
+    for i in 0..2 {
+        bus.send(Emit::new("orderPlaced", placed(&format!("o-{i}"))).subject(format!("s-{i}")))
+            .await
+            .unwrap();
+    }
+    let mut first = vec![recv(&mut rx).await, recv(&mut rx).await];
+    first.sort();
+    assert_eq!(first, [Some("s-0".to_owned()), Some("s-1".to_owned())]);
+    // Healed, the next event still gets in, long before the failed ones come back.
+    faults.clear();
+    bus.send(Emit::new("orderPlaced", placed("o-2")).subject("s-2"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, Some("s-2".to_owned()));
 }

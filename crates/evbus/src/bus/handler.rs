@@ -5,11 +5,12 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
+use async_channel::{Receiver, Sender};
 use futures::future::BoxFuture;
 use futures::stream::PollNext;
 use futures::{FutureExt, StreamExt};
@@ -445,6 +446,48 @@ struct Taken {
     _permit: LimitPermit,
 }
 
+/// The tasks that run a handler's unordered events on a multi-threaded runtime. A task
+/// lives as long as the worker and takes one event after another from a channel: a hand-over
+/// costs about half of spawning a task per event (benches/notes.md, "What the Bus adds to a
+/// Redis consume"). A task is added when an event finds none idle, so there are never more
+/// than the handler's concurrency, and fewer while the load is light.
+struct Pool {
+    events: Sender<Taken>,
+    receiver: Receiver<Taken>,
+    /// Tasks waiting for an event that none has been handed for yet.
+    idle: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    fn new() -> Self {
+        let (events, receiver) = async_channel::unbounded();
+        Self {
+            events,
+            receiver,
+            idle: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Hands `taken` to an idle task, or to a new one.
+    fn run(&mut self, taken: Taken, worker: &Arc<Worker>, tasks: &mut JoinSet<()>) {
+        let promised = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        let taken = if promised {
+            // Unbounded, and open while the pool holds a receiver: it never fails.
+            match self.events.try_send(taken) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            }
+        } else {
+            taken
+        };
+        let worker = Arc::clone(worker);
+        tasks.spawn(worker.pooled(taken, self.receiver.clone(), Arc::clone(&self.idle)));
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     bus: Bus,
@@ -473,11 +516,12 @@ impl Worker {
         let slots = Arc::new(Limit::new(concurrency));
         // On a current-thread runtime spawned handlers never run in parallel anyway: there an
         // unordered handler is first polled right here, in the worker's task, and gets a task
-        // of its own only if it has to wait. On a multi-threaded runtime every event gets its
-        // own task, so handlers run in parallel on the runtime's workers.
+        // of its own only if it has to wait. On a multi-threaded runtime unordered events go
+        // to the pool's tasks, so handlers run in parallel on the runtime's workers.
         let inline = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         let mut tasks = JoinSet::new();
+        let mut pool = Pool::new();
         let mut permit = None;
         // Events handled inline since the worker last let other tasks run.
         let mut inline_run = 0;
@@ -550,8 +594,7 @@ impl Worker {
                 }
                 None => {
                     lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
-                    let worker = Arc::clone(&self);
-                    tasks.spawn(async move { worker.process(taken).await });
+                    pool.run(taken, &self, &mut tasks);
                 }
                 Some(key) => {
                     lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
@@ -568,9 +611,46 @@ impl Worker {
             }
         }
         drop(permit);
-        self.drain(tasks).await;
+        // The pool's tasks run what was handed to them, then end.
+        drop(pool);
+        let report = self.drain(tasks).await;
         drop(stream);
+        // Stopped before the report goes out: `shutdown` returns on the report, and its
+        // caller may look at `is_running` on another thread at once.
         self.shared.running.store(false, Ordering::Release);
+        self.shared.report.send_replace(Some(report));
+    }
+
+    /// A pool task: runs `first`, then whatever the worker hands it, until the worker ends.
+    async fn pooled(
+        self: Arc<Self>,
+        first: Taken,
+        events: Receiver<Taken>,
+        idle: Arc<AtomicUsize>,
+    ) {
+        let mut current = first;
+        loop {
+            let Taken {
+                id,
+                delivery,
+                _permit: slot,
+            } = current;
+            self.handle(&delivery).await;
+            lock(&self.in_flight).remove(&id);
+            // Dropped before the task waits: a delivery whose settlement failed holds one of
+            // the subscription's in-flight permits until it is dropped, and an idle task
+            // that kept it would starve the worker of deliveries.
+            drop(delivery);
+            // Idle before the slot is given back: whenever the worker holds a slot, either a
+            // task is idle or fewer than `concurrency` exist, so the pool never outgrows the
+            // handler's concurrency.
+            idle.fetch_add(1, Ordering::AcqRel);
+            drop(slot);
+            match events.recv().await {
+                Ok(next) => current = next,
+                Err(_) => return,
+            }
+        }
     }
 
     /// Runs `first`, then whatever queued behind it for `key`, one at a time.
@@ -589,7 +669,7 @@ impl Worker {
         }
     }
 
-    async fn drain(&self, mut tasks: JoinSet<()>) {
+    async fn drain(&self, mut tasks: JoinSet<()>) -> DrainReport {
         let deadline = lock(&self.shared.deadline).unwrap_or_else(Instant::now);
         let finished = tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
@@ -616,7 +696,7 @@ impl Worker {
                 // it is left to its visibility timeout instead.
             }
         }
-        self.shared.report.send_replace(Some(report));
+        report
     }
 
     async fn process(self: Arc<Self>, taken: Taken) {

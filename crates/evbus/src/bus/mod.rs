@@ -96,8 +96,10 @@
 //! for the backoff, the event stays unacknowledged on the broker) so a retried event is never
 //! overtaken by a later event of its key.
 //!
-//! On a multi-threaded runtime every event is handled in a task of its own, so handlers run
-//! in parallel on the runtime's workers. On a current-thread runtime, where tasks never run in
+//! On a multi-threaded runtime unordered events are handled by a pool of long-lived tasks,
+//! at most the concurrency of them, so handlers run in parallel on the runtime's workers
+//! without a task spawned per event; each key lane of an ordered handler is a task of its
+//! own. On a current-thread runtime, where tasks never run in
 //! parallel, an unordered handler is first polled in the handler's consume loop and gets a
 //! task of its own only if it has to wait (the limit, the retries and the drain are the
 //! same); the loop lets other tasks run after as many events as the concurrency.

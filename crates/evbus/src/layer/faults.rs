@@ -37,6 +37,9 @@ pub enum Fault {
     TruncateTime,
     /// `ack` returns `Ok` without acknowledging (the broker redelivers later).
     LoseAck,
+    /// `ack` fails with this kind of error without acknowledging, as when the connection
+    /// drops under it (the broker redelivers after the visibility timeout).
+    FailAck(ErrorKind),
     /// Each delivery is handed out twice.
     DuplicateDelivery,
     /// A delivery arrives as an undecodable message (what a foreign producer's garbage looks
@@ -184,6 +187,11 @@ impl Faults {
             let tag = delivery.tag();
             delivery = delivery.with_acker(Arc::new(LosingAcker(inner)), tag);
         }
+        if let Some(kind) = self.failing_ack(ty) {
+            let inner = Arc::clone(delivery.acker());
+            let tag = delivery.tag();
+            delivery = delivery.with_acker(Arc::new(FailingAcker { inner, kind }), tag);
+        }
         if self.strikes(&Fault::DuplicateDelivery, ty)
             && let Some(event) = delivery.event().cloned()
         {
@@ -238,18 +246,36 @@ impl Faults {
 
     /// The kind of a `FailPublish` rule (other than `Connection`, drawn above) that strikes.
     fn failing_kind(&self, ty: &str) -> Option<ErrorKind> {
-        let kinds: Vec<ErrorKind> = self
+        self.striking_kind(Some(ty), |fault| match fault {
+            Fault::FailPublish(kind) if *kind != ErrorKind::Connection => Some(*kind),
+            _ => None,
+        })
+    }
+
+    /// The kind of a `FailAck` rule that strikes.
+    fn failing_ack(&self, ty: Option<&str>) -> Option<ErrorKind> {
+        self.striking_kind(ty, |fault| match fault {
+            Fault::FailAck(kind) => Some(*kind),
+            _ => None,
+        })
+    }
+
+    /// The kind of the first rule that `kind_of` gives a kind for and that strikes.
+    fn striking_kind(
+        &self,
+        ty: Option<&str>,
+        kind_of: impl Fn(&Fault) -> Option<ErrorKind>,
+    ) -> Option<ErrorKind> {
+        let faults: Vec<(Fault, ErrorKind)> = self
             .lock()
             .rules
             .iter()
-            .filter_map(|r| match r.fault {
-                Fault::FailPublish(kind) if kind != ErrorKind::Connection => Some(kind),
-                _ => None,
-            })
+            .filter_map(|r| kind_of(&r.fault).map(|kind| (r.fault.clone(), kind)))
             .collect();
-        kinds
+        faults
             .into_iter()
-            .find(|kind| self.strikes(&Fault::FailPublish(*kind), Some(ty)))
+            .find(|(fault, _)| self.strikes(fault, ty))
+            .map(|(_, kind)| kind)
     }
 }
 
@@ -316,6 +342,34 @@ impl Acker for LosingAcker {
 
     async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
         self.0.nack_delayed(tag, delay).await
+    }
+}
+
+/// An acker whose `ack` fails without acknowledging.
+struct FailingAcker {
+    inner: Arc<dyn Acker>,
+    kind: ErrorKind,
+}
+
+#[async_trait]
+impl Acker for FailingAcker {
+    async fn ack(&self, _tag: u64) -> Result<()> {
+        Err(Error::new(
+            self.kind,
+            "ack failed: injected by the fault-injection layer",
+        ))
+    }
+
+    async fn nack(&self, tag: u64) -> Result<()> {
+        self.inner.nack(tag).await
+    }
+
+    fn native_delay(&self) -> bool {
+        self.inner.native_delay()
+    }
+
+    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
+        self.inner.nack_delayed(tag, delay).await
     }
 }
 
