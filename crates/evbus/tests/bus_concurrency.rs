@@ -14,6 +14,33 @@ use evbus::{ErrorKind, Transport};
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+/// Runs each listed case as two tests, `NAME::current_thread` and `NAME::multi_threaded`: on
+/// a current-thread runtime unordered handlers run inline, on a multi-threaded one on the
+/// handler's pool of tasks, and both must keep the same bounds.
+macro_rules! on_both_runtimes {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test]
+            async fn current_thread() {
+                super::$case().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn multi_threaded() {
+                super::$case().await;
+            }
+        }
+    )*};
+}
+
+on_both_runtimes!(
+    a_handler_runs_at_most_its_concurrency_at_once,
+    the_topic_and_the_redrive_queue_together_stay_within_the_concurrency,
+    shutdown_lets_running_handlers_finish_before_closing,
+    at_the_deadline_a_still_running_event_is_nacked_to_another_instance,
+    deliveries_whose_ack_failed_do_not_stall_the_handler,
+);
+
 /// Starts a handler of `orderPlaced` with `concurrency` that reports each event it starts
 /// (its subject, and how many runs were in progress with it) and then waits for a permit of
 /// the returned gate.
@@ -50,18 +77,7 @@ async fn emit_placed(bus: &Bus, orders: std::ops::Range<usize>) {
     }
 }
 
-#[tokio::test]
 async fn a_handler_runs_at_most_its_concurrency_at_once() {
-    a_handler_runs_at_most_its_concurrency_at_once_case().await;
-}
-
-/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_runs_at_most_its_concurrency_at_once_multi_threaded() {
-    a_handler_runs_at_most_its_concurrency_at_once_case().await;
-}
-
-async fn a_handler_runs_at_most_its_concurrency_at_once_case() {
     let broker = broker();
     let bus = bus(&broker);
     let (gate, mut rx) = gated_handler(&bus, 4).await;
@@ -83,18 +99,7 @@ async fn a_handler_runs_at_most_its_concurrency_at_once_case() {
 
 /// The topic and the redrive queue each have their own in-flight limit; the handler's
 /// concurrency bounds both together.
-#[tokio::test]
 async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency() {
-    the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case().await;
-}
-
-/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_multi_threaded() {
-    the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case().await;
-}
-
-async fn the_topic_and_the_redrive_queue_together_stay_within_the_concurrency_case() {
     let broker = broker();
     let bus = bus(&broker);
     let (gate, mut rx) = gated_handler(&bus, 2).await;
@@ -271,18 +276,7 @@ async fn an_ordered_handler_dead_letters_with_the_attempts_made_in_place() {
     );
 }
 
-#[tokio::test]
 async fn shutdown_lets_running_handlers_finish_before_closing() {
-    shutdown_lets_running_handlers_finish_before_closing_case().await;
-}
-
-/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_running_handlers_finish_before_closing_multi_threaded() {
-    shutdown_lets_running_handlers_finish_before_closing_case().await;
-}
-
-async fn shutdown_lets_running_handlers_finish_before_closing_case() {
     let broker = broker();
     let bus = bus(&broker);
     let finished = Arc::new(AtomicUsize::new(0));
@@ -310,18 +304,7 @@ async fn shutdown_lets_running_handlers_finish_before_closing_case() {
     );
 }
 
-#[tokio::test]
 async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
-    at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case().await;
-}
-
-/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance_multi_threaded() {
-    at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case().await;
-}
-
-async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance_case() {
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
@@ -438,18 +421,7 @@ async fn the_handler_pool_never_outgrows_the_concurrency() {
 /// A delivery whose ack failed (the connection dropped under it) holds one of the
 /// subscription's in-flight permits until it is dropped: whatever ran it must let go of it,
 /// or the handler stops receiving once every permit is held that way.
-#[tokio::test]
 async fn deliveries_whose_ack_failed_do_not_stall_the_handler() {
-    deliveries_whose_ack_failed_do_not_stall_the_handler_case().await;
-}
-
-/// The same on a multi-threaded runtime, where the handler's pool of tasks runs the events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deliveries_whose_ack_failed_do_not_stall_the_handler_multi_threaded() {
-    deliveries_whose_ack_failed_do_not_stall_the_handler_case().await;
-}
-
-async fn deliveries_whose_ack_failed_do_not_stall_the_handler_case() {
     let broker = broker();
     let faults = Faults::seeded(3).inject(Fault::FailAck(ErrorKind::Connection), 1.0);
     let transport = broker.connect().layer(faults.clone());

@@ -185,12 +185,13 @@ impl Faults {
         if self.strikes(&Fault::LoseAck, ty) {
             let inner = Arc::clone(delivery.acker());
             let tag = delivery.tag();
-            delivery = delivery.with_acker(Arc::new(LosingAcker(inner)), tag);
+            delivery = delivery.with_acker(Arc::new(FaultyAcker { inner, fails: None }), tag);
         }
         if let Some(kind) = self.failing_ack(ty) {
             let inner = Arc::clone(delivery.acker());
             let tag = delivery.tag();
-            delivery = delivery.with_acker(Arc::new(FailingAcker { inner, kind }), tag);
+            let fails = Some(kind);
+            delivery = delivery.with_acker(Arc::new(FaultyAcker { inner, fails }), tag);
         }
         if self.strikes(&Fault::DuplicateDelivery, ty)
             && let Some(event) = delivery.event().cloned()
@@ -323,41 +324,23 @@ impl Layer for Faults {
     }
 }
 
-/// An acker whose `ack` does nothing and says it worked.
-struct LosingAcker(Arc<dyn Acker>);
-
-#[async_trait]
-impl Acker for LosingAcker {
-    async fn ack(&self, _tag: u64) -> Result<()> {
-        Ok(())
-    }
-
-    async fn nack(&self, tag: u64) -> Result<()> {
-        self.0.nack(tag).await
-    }
-
-    fn native_delay(&self) -> bool {
-        self.0.native_delay()
-    }
-
-    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
-        self.0.nack_delayed(tag, delay).await
-    }
-}
-
-/// An acker whose `ack` fails without acknowledging.
-struct FailingAcker {
+/// An acker whose `ack` does not acknowledge: it says it worked (`LoseAck`), or fails with
+/// an error of the kind given (`FailAck`). Nacks go through.
+struct FaultyAcker {
     inner: Arc<dyn Acker>,
-    kind: ErrorKind,
+    fails: Option<ErrorKind>,
 }
 
 #[async_trait]
-impl Acker for FailingAcker {
+impl Acker for FaultyAcker {
     async fn ack(&self, _tag: u64) -> Result<()> {
-        Err(Error::new(
-            self.kind,
-            "ack failed: injected by the fault-injection layer",
-        ))
+        match self.fails {
+            None => Ok(()),
+            Some(kind) => Err(Error::new(
+                kind,
+                "ack failed: injected by the fault-injection layer",
+            )),
+        }
     }
 
     async fn nack(&self, tag: u64) -> Result<()> {
