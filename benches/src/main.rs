@@ -53,7 +53,8 @@ enum Cmd {
     Run(measure::RunArgs),
     /// Runs one in-memory scenario (for callgrind and the allocation count).
     Scenario {
-        /// `emit-handle-validated`, `emit-handle`, `emit-value-handle`, `consume-decode` or
+        /// `emit-handle-validated`, `emit-typed-validated`, `emit-handle`, `emit-value-handle`,
+        /// `consume-decode` or
         /// `cold-start` (a `-16` suffix: 16-byte payloads).
         name: String,
         /// Events in the measured region.

@@ -630,6 +630,7 @@ fn callgrind_section(md: &mut String, cg: &Value) {
         ("emit-handle", "< 5,000 instructions"),
         ("emit-handle-16", "< 5,000 instructions"),
         ("emit-handle-validated", "—"),
+        ("emit-typed-validated", "—"),
         ("emit-value-handle", "—"),
     ];
     if let Some(rows) = cg.get("scenarios").and_then(Value::as_array) {

@@ -7,6 +7,9 @@
 //!   (validated again, decoded) → ack;
 //! - `emit-handle`: the same with a permissive catalogue that has no schema for the type (no
 //!   validation on either side): the Rust value is written straight to the event's bytes;
+//! - `emit-typed-validated`: `emit-handle-validated` with a typed handler (`Bus::on_typed`)
+//!   that is handed the data as an owned Rust value (the bench type with a `String`), as a
+//!   typed consumer of a strict catalogue has it;
 //! - `emit-value-handle`: `emit-handle` with the data handed to `Bus::emit` as a
 //!   `serde_json::Value` (dynamic data, as the gateway has it), owned and dropped per event;
 //! - `consume-decode`: a subscription of a memory topic already holding the events: next →
@@ -26,7 +29,7 @@ use evbus::{Catalog, Event, SubscribeOptions, Transport};
 use futures::StreamExt;
 
 use crate::carriers::{CONCURRENCY, GROUP};
-use crate::sample::{EVENT_TYPE, Generator, Recorder, SOURCE, decode, schema};
+use crate::sample::{EVENT_TYPE, Generator, OwnedSample, Recorder, SOURCE, decode, schema};
 use crate::{Result, evbus_bench_measured};
 
 /// Payload size of the scenarios without a `-16` suffix.
@@ -50,18 +53,37 @@ fn catalog(validated: bool) -> Result<Catalog> {
     Ok(builder.freeze()?)
 }
 
-async fn bus_with_handler(validated: bool, recorder: Arc<Recorder>, events: usize) -> Result<Bus> {
+/// How the scenario's handler gets the payload.
+#[derive(Clone, Copy, PartialEq)]
+enum Handler {
+    /// `Bus::on`: decodes the event's bytes into the borrowing bench type itself.
+    Bytes,
+    /// `Bus::on_typed`: handed an owned [`OwnedSample`].
+    Typed,
+}
+
+async fn bus_with_handler(
+    validated: bool,
+    handler: Handler,
+    recorder: Arc<Recorder>,
+    events: usize,
+) -> Result<Bus> {
     let bus = Bus::builder(memory(events), catalog(validated)?)
         .source(SOURCE)
         .concurrency(CONCURRENCY)
         .build();
-    bus.on(EVENT_TYPE, GROUP, move |msg: Message| {
-        let data = msg.event().data().map_or(&[][..], |d| &d[..]);
-        recorder.received(decode(data));
-        async { Ok(()) }
-    })
-    .start()
-    .await?;
+    let builder = match handler {
+        Handler::Bytes => bus.on(EVENT_TYPE, GROUP, move |msg: Message| {
+            let data = msg.event().data().map_or(&[][..], |d| &d[..]);
+            recorder.received(decode(data));
+            async { Ok(()) }
+        }),
+        Handler::Typed => bus.on_typed(GROUP, move |sample: OwnedSample, _: Message| {
+            recorder.received(std::hint::black_box(sample).0);
+            async { Ok(()) }
+        }),
+    };
+    builder.start().await?;
     Ok(bus)
 }
 
@@ -83,11 +105,19 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
     let generator = Generator::new();
     let timeout = Duration::from_secs(600);
     let (result, allocs) = match name {
-        "emit-handle-validated" | "emit-handle" | "emit-value-handle" => {
-            let validated = name == "emit-handle-validated";
+        "emit-handle-validated" | "emit-typed-validated" | "emit-handle" | "emit-value-handle" => {
+            let validated = name.ends_with("-validated");
+            let handler = match name {
+                "emit-typed-validated" => Handler::Typed,
+                _ => Handler::Bytes,
+            };
             let recorder = Recorder::new(events);
-            let bus =
-                runtime.block_on(bus_with_handler(validated, Arc::clone(&recorder), events))?;
+            let bus = runtime.block_on(bus_with_handler(
+                validated,
+                handler,
+                Arc::clone(&recorder),
+                events,
+            ))?;
             let samples = (0..events as u64)
                 .map(|seq| generator.sample(seq, size))
                 .collect::<Vec<_>>();
@@ -158,7 +188,8 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
         "cold-start" => evbus_bench_measured(|| {
             runtime.block_on(async {
                 let recorder = Recorder::new(events);
-                let bus = bus_with_handler(true, Arc::clone(&recorder), events).await?;
+                let bus =
+                    bus_with_handler(true, Handler::Bytes, Arc::clone(&recorder), events).await?;
                 for seq in 0..events as u64 {
                     bus.emit(
                         EVENT_TYPE,
@@ -173,8 +204,8 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
         }),
         other => {
             return Err(format!(
-                "unknown scenario `{other}`: emit-handle-validated, emit-handle, \
-                 emit-value-handle, consume-decode, cold-start (a `-16` suffix: 16-byte payloads)"
+                "unknown scenario `{other}`: emit-handle-validated, emit-typed-validated, \
+                 emit-handle, emit-value-handle, consume-decode, cold-start (a `-16` suffix: 16-byte payloads)"
             )
             .into());
         }

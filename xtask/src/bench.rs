@@ -140,6 +140,7 @@ const SCENARIOS: &[&str] = &[
     "emit-handle",
     "emit-handle-16",
     "emit-handle-validated",
+    "emit-typed-validated",
     "emit-value-handle",
 ];
 
