@@ -290,6 +290,69 @@ async fn a_payload_that_does_not_deserialise_is_dead_lettered_with_the_reason() 
     expect_nothing(&mut rx).await;
 }
 
+/// `orderPlaced` with a total beyond 64 bits: parsed data holds such a number only as a
+/// float, so it has to be read from the bytes.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct HugeOrder {
+    total: u128,
+}
+
+impl EventType for HugeOrder {
+    const TYPE: &'static str = "orderPlaced";
+}
+
+#[tokio::test]
+async fn a_typed_handler_gets_exact_values_that_only_the_bytes_hold() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on_typed("g", move |order: HugeOrder, _| {
+        let _ = tx.send(order.total);
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    // From a foreign producer: a validated emit refuses a number beyond 64 bits.
+    let total = (1u128 << 70) + 1;
+    let event = Event::builder("orderPlaced", "/foreign")
+        .data(
+            "application/json",
+            format!(r#"{{"orderId": "o-1", "total": {total}}}"#).into_bytes(),
+        )
+        .build()
+        .unwrap();
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    topic.publish(&event).await.unwrap();
+    assert_eq!(recv(&mut rx).await, total);
+}
+
+#[tokio::test]
+async fn a_typed_handler_gets_the_data_as_it_was_validated() {
+    // Duplicate keys: validation reads the last one, and so does the typed handler (a second
+    // parse of the bytes would refuse the duplicate instead of handing over what was checked).
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on_typed("g", move |order: OrderPlaced, _| {
+        let _ = tx.send((order.order_id, order.total));
+        async { Ok(()) }
+    })
+    .start()
+    .await
+    .unwrap();
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let event = Event::builder("orderPlaced", "/foreign")
+        .data(
+            "application/json",
+            &br#"{"orderId": "o-1", "total": -1, "total": 2.5}"#[..],
+        )
+        .build()
+        .unwrap();
+    topic.publish(&event).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("o-1".to_owned(), 2.5));
+}
+
 #[tokio::test]
 async fn a_failing_handler_is_retried_and_succeeds_on_a_later_attempt() {
     let broker = broker();

@@ -51,6 +51,8 @@ pub struct Message {
     attempt: u32,
     max_attempts: u32,
     group: Arc<str>,
+    /// The data as validation parsed it, for a typed handler (see [`Handler::typed`]).
+    parsed: Option<serde_json::Value>,
 }
 
 impl Message {
@@ -92,6 +94,20 @@ impl Deref for Message {
     }
 }
 
+/// A typed handler's value: deserialised from the data validation on consume parsed when
+/// there is one (its strings are moved, not copied or scanned again), from the bytes
+/// otherwise. The few types that read only from bytes (`serde_json::value::RawValue`, integers
+/// beyond 64 bits) fail on the parsed data and are read from the bytes, which also decide the
+/// error of data that does not deserialise.
+fn typed_data<T: DeserializeOwned>(msg: &mut Message) -> Result<T> {
+    if let Some(parsed) = msg.parsed.take()
+        && let Ok(value) = serde_json::from_value(parsed)
+    {
+        return Ok(value);
+    }
+    msg.event.json::<T>()
+}
+
 /// Why one run of a handler did not succeed.
 enum Failure {
     /// The handler failed: retry, then dead-letter with this error.
@@ -101,6 +117,16 @@ enum Failure {
 }
 
 type DynHandler = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
+
+/// A handler as the worker runs it.
+#[derive(Clone)]
+struct Handler {
+    run: DynHandler,
+    /// Whether it deserialises the data ([`Bus::on_typed`]): it is then handed the data as
+    /// validation on consume parsed it ([`Message::parsed`]), instead of parsing the bytes a
+    /// second time. Other handlers drop that parse at once.
+    typed: bool,
+}
 
 /// Called with each event a handler dead-letters and the reason (see
 /// [`HandlerBuilder::on_dead_letter`]).
@@ -126,12 +152,27 @@ impl Bus {
             let fut = handler(msg);
             async move { fut.await.map_err(|e| Failure::Retry(e.to_string())) }.boxed()
         });
-        self.handler_builder(ty.into(), group.into(), handler)
+        self.handler_builder(
+            ty.into(),
+            group.into(),
+            Handler {
+                run: handler,
+                typed: false,
+            },
+        )
     }
 
     /// Attaches a typed handler for the Rust event type `T` (`T::TYPE`) in `group`: the data
     /// is deserialised into `T` first; an event whose data does not deserialise is
     /// dead-lettered with the reason, without running the handler.
+    ///
+    /// When the catalogue validated the event on consume, `T` is deserialised from the data
+    /// as validation parsed it (strings are moved out, not parsed a second time), so the
+    /// handler gets exactly what was checked: of duplicate keys, the last, as the validator
+    /// read it. Values that parsed data cannot hold exactly (integers beyond 64 bits) are read
+    /// from the bytes. A `serde_json::value::RawValue` field holds the same JSON value, written
+    /// anew (compact, numbers and escapes normalised); for the producer's exact bytes read
+    /// the event's [`data`](crate::Event::data) (`Message` derefs to the event).
     pub fn on_typed<T, F, Fut>(&self, group: impl Into<String>, handler: F) -> HandlerBuilder
     where
         T: EventType + DeserializeOwned + Send + 'static,
@@ -139,8 +180,8 @@ impl Bus {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let dyn_handler: DynHandler = Arc::new(move |msg: Message| {
-            let value = msg.event.json::<T>();
+        let dyn_handler: DynHandler = Arc::new(move |mut msg: Message| {
+            let value = typed_data::<T>(&mut msg);
             let handler = Arc::clone(&handler);
             async move {
                 let value = value.map_err(|e| {
@@ -156,10 +197,17 @@ impl Bus {
             }
             .boxed()
         });
-        self.handler_builder(T::TYPE.to_owned(), group.into(), dyn_handler)
+        self.handler_builder(
+            T::TYPE.to_owned(),
+            group.into(),
+            Handler {
+                run: dyn_handler,
+                typed: true,
+            },
+        )
     }
 
-    fn handler_builder(&self, ty: String, group: String, handler: DynHandler) -> HandlerBuilder {
+    fn handler_builder(&self, ty: String, group: String, handler: Handler) -> HandlerBuilder {
         let d = &self.inner.defaults;
         HandlerBuilder {
             bus: self.clone(),
@@ -182,7 +230,7 @@ pub struct HandlerBuilder {
     bus: Bus,
     ty: String,
     group: String,
-    handler: DynHandler,
+    handler: Handler,
     retry: RetryPolicy,
     concurrency: usize,
     ordered: bool,
@@ -491,7 +539,7 @@ impl Pool {
 struct Worker {
     shared: Arc<Shared>,
     bus: Bus,
-    handler: DynHandler,
+    handler: Handler,
     retry: RetryPolicy,
     ordered: bool,
     dead_letter: Arc<dyn Queue>,
@@ -717,8 +765,8 @@ impl Worker {
             );
             return;
         }
-        match self.bus.inner.catalog.read_event(event) {
-            Ok(read) => {
+        let parsed = match self.bus.inner.catalog.read_event_data(event) {
+            Ok((read, parsed)) => {
                 if let (Some(written), Some(read_as)) = (read.unknown_version(), read.version()) {
                     let relation = if written > read_as { "newer" } else { "older" };
                     tracing::debug!(
@@ -731,6 +779,8 @@ impl Worker {
                     );
                     telemetry::unknown_version_read(ty, group, relation);
                 }
+                // Only a typed handler reads it; for any other it goes now.
+                parsed.filter(|_| self.handler.typed)
             }
             Err(errors) => {
                 let cause = match errors.problem() {
@@ -743,7 +793,7 @@ impl Worker {
                 telemetry::dead_lettered(ty, group, cause);
                 return;
             }
-        }
+        };
         let span = tracing::info_span!(
             "evbus.handle",
             otel.kind = "consumer",
@@ -754,21 +804,29 @@ impl Worker {
         );
         telemetry::adopt(&span, event);
         if self.ordered && event.partition_key().is_some() {
-            telemetry::within(&span, self.run_in_place(delivery)).await;
+            telemetry::within(&span, self.run_in_place(delivery, parsed)).await;
         } else {
-            telemetry::within(&span, self.run_once(delivery)).await;
+            telemetry::within(&span, self.run_once(delivery, parsed)).await;
         }
     }
 
-    async fn call(&self, event: &Event, attempt: u32) -> Result<(), Failure> {
+    async fn call(
+        &self,
+        event: &Event,
+        attempt: u32,
+        parsed: Option<serde_json::Value>,
+    ) -> Result<(), Failure> {
         let msg = Message {
             event: event.clone(),
             attempt,
             max_attempts: self.retry.max_attempts,
             group: Arc::clone(&self.shared.group),
+            parsed,
         };
         let started = std::time::Instant::now();
-        let result = AssertUnwindSafe((self.handler)(msg)).catch_unwind().await;
+        let result = AssertUnwindSafe((self.handler.run)(msg))
+            .catch_unwind()
+            .await;
         self.metrics
             .handle_duration(started.elapsed().as_secs_f64());
         match result {
@@ -785,11 +843,11 @@ impl Worker {
     }
 
     /// One attempt; a failure is retried through a delayed nack.
-    async fn run_once(&self, delivery: &Delivery) {
+    async fn run_once(&self, delivery: &Delivery, parsed: Option<serde_json::Value>) {
         let (ty, group) = (&*self.shared.ty, &*self.shared.group);
         let event = delivery.event();
         let attempt = delivery.attempt();
-        match self.call(event, attempt).await {
+        match self.call(event, attempt, parsed).await {
             Ok(()) => {
                 settle("acking", event, delivery.ack().await);
                 self.metrics.handled();
@@ -826,13 +884,14 @@ impl Worker {
     }
 
     /// Ordered mode: retries in place so nothing of the same key overtakes the event.
-    async fn run_in_place(&self, delivery: &Delivery) {
+    async fn run_in_place(&self, delivery: &Delivery, mut parsed: Option<serde_json::Value>) {
         let (ty, group) = (&*self.shared.ty, &*self.shared.group);
         let event = delivery.event();
         let max = delivery.max_attempts();
         let mut attempt = delivery.attempt();
         loop {
-            match self.call(event, attempt).await {
+            // The first attempt takes the parsed data; a retry in place reads the bytes.
+            match self.call(event, attempt, parsed.take()).await {
                 Ok(()) => {
                     settle("acking", event, delivery.ack().await);
                     self.metrics.handled();

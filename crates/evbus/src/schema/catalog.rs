@@ -433,12 +433,22 @@ impl Catalog {
     /// that is a catalogue URI for the same type, the latest version otherwise. This is the
     /// check made when consuming (a foreign producer may be wrong).
     pub fn validate_event(&self, event: &Event) -> Result<Validated<'_>, ValidationErrors> {
+        self.validate_event_data(event)
+            .map(|(validated, _)| validated)
+    }
+
+    /// [`validate_event`](Self::validate_event), also handing back the data as it was parsed
+    /// to be validated (`None` when a permissive catalogue let the type through unchecked).
+    fn validate_event_data(
+        &self,
+        event: &Event,
+    ) -> Result<(Validated<'_>, Option<Value>), ValidationErrors> {
         let ty = event.ty();
         if !self.inner.types.contains_key(ty) {
             return if self.inner.strict {
                 Err(self.unknown(ty))
             } else {
-                Ok(Validated::UNCHECKED)
+                Ok((Validated::UNCHECKED, None))
             };
         }
         let version = event
@@ -451,10 +461,11 @@ impl Catalog {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| ValidationErrors::not_json(ty, version, e.to_string()))?,
         };
-        match version {
+        let validated = match version {
             Some(v) => self.validate_version(ty, v, &data),
             None => self.validate(ty, &data),
-        }
+        }?;
+        Ok((validated, Some(data)))
     }
 
     /// Validates an incoming event as a consumer reads it: like
@@ -494,8 +505,18 @@ impl Catalog {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn read_event(&self, event: &Event) -> Result<Validated<'_>, ValidationErrors> {
-        let errors = match self.validate_event(event) {
-            Ok(v) => return Ok(v),
+        self.read_event_data(event).map(|(validated, _)| validated)
+    }
+
+    /// [`read_event`](Self::read_event), also handing back the data as it was parsed to be
+    /// validated (`None` when a permissive catalogue let the type through unchecked), so that
+    /// a typed handler need not parse the bytes again.
+    pub(crate) fn read_event_data(
+        &self,
+        event: &Event,
+    ) -> Result<(Validated<'_>, Option<Value>), ValidationErrors> {
+        let errors = match self.validate_event_data(event) {
+            Ok(read) => return Ok(read),
             Err(e) => e,
         };
         let ValidationProblem::UnknownVersion { version, known } = errors.problem() else {
@@ -512,10 +533,13 @@ impl Catalog {
                 .map_err(|e| ValidationErrors::not_json(ty, Some(version), e.to_string()))?,
         };
         match latest.validate(&data) {
-            Ok(()) => Ok(Validated {
-                schema: Some(latest),
-                unknown: Some(version),
-            }),
+            Ok(()) => Ok((
+                Validated {
+                    schema: Some(latest),
+                    unknown: Some(version),
+                },
+                Some(data),
+            )),
             Err(invalid) => Err(ValidationErrors::unreadable_version(
                 ty,
                 version,
