@@ -560,8 +560,8 @@ impl ConsumerTask {
     fn buffer_fetched(&mut self, fetched: Vec<Fetched>) -> usize {
         let n = fetched.len();
         let stream = &self.state.keys.stream;
-        let decoded = fetched.into_iter().map(|f| {
-            let payload = decode(&f.fields).map_err(|e| Box::new(undecodable(stream, &f, e)));
+        let decoded = fetched.into_iter().map(|mut f| {
+            let payload = decode(&mut f.fields).map_err(|e| Box::new(undecodable(stream, &f, e)));
             Buffered {
                 id: f.id,
                 count: f.count,
@@ -1177,16 +1177,33 @@ fn id_range<'a>(ids: impl Iterator<Item = &'a str>) -> (String, String) {
     }
 }
 
-/// Decodes a stream entry written in CloudEvents binary mode.
-pub(crate) fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Event> {
+/// Decodes a stream entry written in CloudEvents binary mode. The event's data is the entry's
+/// `data` field, moved out of `fields` (not copied); it is put back if the entry does not
+/// decode, for the undecodable message.
+pub(crate) fn decode(fields: &mut [(Vec<u8>, Vec<u8>)]) -> Result<Event> {
+    // The last `data` field, as a reader of the fields in order would keep.
+    let data = fields
+        .iter()
+        .rposition(|(name, _)| name.as_slice() == DATA_FIELD.as_bytes());
+    let body = match data {
+        Some(i) => Bytes::from(std::mem::take(&mut fields[i].1)),
+        None => Bytes::new(),
+    };
+    let decoded = decode_attributes(fields, body.clone());
+    if let (Err(_), Some(i)) = (&decoded, data) {
+        fields[i].1 = body.to_vec();
+    }
+    decoded
+}
+
+fn decode_attributes(fields: &[(Vec<u8>, Vec<u8>)], body: Bytes) -> Result<Event> {
     let mut headers = Vec::with_capacity(fields.len());
-    let mut body = Bytes::new();
     for (name, value) in fields {
         let Ok(name) = std::str::from_utf8(name) else {
             continue;
         };
         if name == DATA_FIELD {
-            body = Bytes::copy_from_slice(value);
+            continue;
         } else if name.starts_with(HeaderStyle::REDIS.prefix)
             || name == HeaderStyle::REDIS.content_type
         {
@@ -1380,31 +1397,52 @@ mod tests {
                 _ => Vec::new(),
             })
             .collect();
-        let fields: Fields = args
+        let mut fields: Fields = args
             .chunks(2)
             .map(|p| (p[0].clone(), p[1].clone()))
             .collect();
-        assert_eq!(decode(&fields).unwrap(), event);
+        assert_eq!(decode(&mut fields).unwrap(), event);
     }
 
     #[test]
     fn foreign_fields_are_ignored_and_missing_attributes_refused() {
-        let ok = fields(&[
+        let mut ok = fields(&[
             ("ce_specversion", b"1.0"),
             ("ce_id", b"1"),
             ("ce_source", b"s"),
             ("ce_type", b"t"),
             ("producer", b"legacy"),
         ]);
-        assert_eq!(decode(&ok).unwrap().id(), "1");
-        let err = decode(&fields(&[("order", b"{}")])).unwrap_err();
+        assert_eq!(decode(&mut ok).unwrap().id(), "1");
+        let err = decode(&mut fields(&[("order", b"{}")])).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidEvent);
-        let err = decode(&fields(&[
+        let err = decode(&mut fields(&[
             ("ce_specversion", b"1.0"),
             ("ce_id", &[0xff, 0xfe]),
         ]))
         .unwrap_err();
         assert!(err.message().contains("ce_id"), "{err}");
+    }
+
+    #[test]
+    fn the_data_moves_into_the_event_and_stays_with_an_entry_that_does_not_decode() {
+        let mut good = fields(&[
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"1"),
+            ("ce_source", b"s"),
+            ("ce_type", b"t"),
+            ("data", b"old"),
+            ("data", b"[1,2]"),
+        ]);
+        let event = decode(&mut good).unwrap();
+        // The last `data` field is the event's data.
+        assert_eq!(event.data().map(|d| &d[..]), Some(&b"[1,2]"[..]));
+        let mut bad = fields(&[("ce_specversion", b"0.3"), ("data", b"kept")]);
+        decode(&mut bad).unwrap_err();
+        assert_eq!(
+            bad,
+            fields(&[("ce_specversion", b"0.3"), ("data", b"kept")])
+        );
     }
 
     #[test]

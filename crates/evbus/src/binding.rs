@@ -23,6 +23,8 @@
 //! # Ok::<(), evbus::Error>(())
 //! ```
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::envelope::{Event, EventBuilder, format_time};
@@ -136,18 +138,19 @@ where
     K: AsRef<str>,
     V: AsRef<str>,
 {
-    let mut id = None;
-    let mut source = None;
-    let mut ty = None;
-    let mut specversion = None;
-    let mut rest = Vec::new();
-    let mut content_type = None;
+    // Attributes are set in place as they come, borrowed from the headers: a value is copied
+    // only where the event keeps it, and a name only when it has to be lower-cased.
+    let mut builder = EventBuilder::decoding();
+    let mut required = [false; 3];
+    let mut specversion: Option<Result<(), String>> = None;
+    let mut content_type_header = false;
+    let mut has_data = !body.is_empty();
     for (name, value) in headers {
         let name = name.as_ref();
-        let value = if style.percent_encode {
-            percent_decode(value.as_ref())?
+        let value: Cow<'_, str> = if style.percent_encode {
+            Cow::Owned(percent_decode(value.as_ref())?)
         } else {
-            value.as_ref().to_owned()
+            Cow::Borrowed(value.as_ref())
         };
         let matches_ct = if style.case_insensitive {
             name.eq_ignore_ascii_case(style.content_type)
@@ -155,22 +158,39 @@ where
             name == style.content_type
         };
         if matches_ct {
-            content_type = Some(value);
+            // The protocol's content type wins over a `datacontenttype` attribute.
+            builder.set_media_type(&value);
+            content_type_header = true;
+            has_data = true;
             continue;
         }
-        let attr = strip_prefix(name, style);
-        let Some(attr) = attr else { continue };
-        match attr.as_str() {
-            "specversion" => specversion = Some(value),
-            "id" => id = Some(value),
-            "source" => source = Some(value),
-            "type" => ty = Some(value),
-            _ => rest.push((attr, value)),
+        let Some(attr) = strip_prefix(name, style) else {
+            continue;
+        };
+        match &*attr {
+            "specversion" => {
+                specversion = Some(match &*value {
+                    crate::envelope::SPEC_VERSION => Ok(()),
+                    other => Err(other.to_owned()),
+                });
+            }
+            "datacontenttype" => {
+                has_data = true;
+                if !content_type_header {
+                    builder.set_media_type(&value);
+                }
+            }
+            attr => {
+                if let Some(slot) = ["id", "source", "type"].iter().position(|r| *r == attr) {
+                    required[slot] = true;
+                }
+                builder.set_attribute(attr, value);
+            }
         }
     }
-    match specversion.as_deref() {
-        Some(crate::envelope::SPEC_VERSION) => {}
-        Some(other) => {
+    match specversion {
+        Some(Ok(())) => {}
+        Some(Err(other)) => {
             return Err(Error::invalid_event(format!(
                 "unsupported specversion `{other}` in `{}specversion`",
                 style.prefix
@@ -183,36 +203,27 @@ where
             )));
         }
     }
-    let mut builder = EventBuilder::from_parts(id, source, ty);
-    let has_data = !body.is_empty()
-        || content_type.is_some()
-        || rest.iter().any(|(attr, _)| attr == "datacontenttype");
-    for (attr, value) in rest {
-        builder = match attr.as_str() {
-            "time" => builder.time_str(&value),
-            "dataschema" => builder.dataschema(value),
-            "subject" => builder.subject(value),
-            "datacontenttype" => builder.datacontenttype(value),
-            _ => builder.extension(&attr, value),
-        };
-    }
-    if let Some(ct) = content_type {
-        builder = builder.datacontenttype(ct);
-    }
-    builder = builder.data_bytes(has_data.then_some(body));
-    builder.build()
+    builder.require(required);
+    builder.data_bytes(has_data.then_some(body)).build()
 }
 
 /// The AMQP binding's older prefix, still accepted when decoding [`HeaderStyle::AMQP`].
 const AMQP_COLON_PREFIX: &str = "cloudEvents:";
 
-fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
+/// The attribute name of header `name`, lower-cased (borrowed when it already is).
+fn strip_prefix(name: &str, style: HeaderStyle) -> Option<Cow<'_, str>> {
+    fn lower(tail: &str) -> Cow<'_, str> {
+        match tail.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => Cow::Owned(tail.to_ascii_lowercase()),
+            false => Cow::Borrowed(tail),
+        }
+    }
     if style == HeaderStyle::AMQP
         && let Some(tail) = name
             .strip_prefix(AMQP_COLON_PREFIX)
             .filter(|t| !t.is_empty())
     {
-        return Some(tail.to_ascii_lowercase());
+        return Some(lower(tail));
     }
     let p = style.prefix;
     // A foreign header name may have a multi-byte character across the prefix's length.
@@ -225,7 +236,7 @@ fn strip_prefix(name: &str, style: HeaderStyle) -> Option<String> {
     } else {
         head == p
     };
-    prefixed.then(|| tail.to_ascii_lowercase())
+    prefixed.then(|| lower(tail))
 }
 
 fn percent_encode(value: &str) -> String {
@@ -330,6 +341,49 @@ mod tests {
     fn missing_specversion_is_not_a_cloudevent() {
         let err = decode(vec![("ce_id", "1")], Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
         assert!(err.message().contains("ce_specversion"), "{err}");
+    }
+
+    #[test]
+    fn the_content_type_header_wins_in_any_order_and_names_are_read_in_any_case() {
+        let base = [
+            ("ce_specversion", "1.0"),
+            ("ce_ID", "1"),
+            ("ce_source", "s"),
+            ("ce_type", "t"),
+            ("ce_Region", "eu"),
+        ];
+        for extra in [
+            [
+                ("content-type", "text/plain"),
+                ("ce_datacontenttype", "application/json"),
+            ],
+            [
+                ("ce_datacontenttype", "application/json"),
+                ("content-type", "text/plain"),
+            ],
+        ] {
+            let headers = base.iter().chain(&extra).copied();
+            let event = decode(headers, Bytes::from_static(b"hi"), HeaderStyle::KAFKA).unwrap();
+            assert_eq!(event.datacontenttype(), Some("text/plain"));
+            assert_eq!(event.id(), "1");
+            assert_eq!(event.extension("region"), Some("eu"));
+        }
+    }
+
+    #[test]
+    fn a_missing_required_attribute_is_named_before_a_bad_one() {
+        let headers = vec![
+            ("ce_specversion", "1.0"),
+            ("ce_time", "yesterday"),
+            ("ce_id", "1"),
+            ("ce_type", "t"),
+        ];
+        let err = decode(headers.clone(), Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
+        assert!(err.message().contains("`source`"), "{err}");
+        let mut with_source = headers;
+        with_source.push(("ce_source", "s"));
+        let err = decode(with_source, Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
+        assert!(err.message().contains("RFC 3339"), "{err}");
     }
 
     #[test]

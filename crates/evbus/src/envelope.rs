@@ -508,16 +508,56 @@ impl EventBuilder {
         }
     }
 
+    /// An empty builder for a binary-mode decoder to fill with
+    /// [`set_attribute`](Self::set_attribute); [`require`](Self::require) then names a
+    /// required attribute that never came.
+    pub(crate) fn decoding() -> Self {
+        Self::decoded(
+            Some(String::new()),
+            Some(String::new()),
+            Some(String::new()),
+        )
+    }
+
+    /// Fails with `missing required attribute` for the first of `id`, `source` and `type`
+    /// not `present`, ahead of any error the attributes made.
+    pub(crate) fn require(&mut self, present: [bool; 3]) {
+        if let Some(name) = ["id", "source", "type"]
+            .into_iter()
+            .zip(present)
+            .find_map(|(name, present)| (!present).then_some(name))
+        {
+            self.error = Some(format!("missing required attribute `{name}`"));
+        }
+    }
+
     /// Builder for decoders: starts from the three required attributes, no time.
     pub fn from_parts(id: Option<String>, source: Option<String>, ty: Option<String>) -> Self {
         Self::decoded(id, source, ty)
     }
 
-    fn fail(mut self, message: String) -> Self {
+    /// Records the first error; [`build`](Self::build) returns it.
+    fn fail_in_place(&mut self, message: String) {
         if self.error.is_none() {
             self.error = Some(message);
         }
-        self
+    }
+
+    /// For binary-mode decoders: sets CloudEvents attribute `attr` (lower-case, without the
+    /// protocol's prefix) in place, so that filling a builder moves it nowhere. Names other
+    /// than the required attributes and `time`, `dataschema`, `subject` and
+    /// `datacontenttype` are extensions.
+    pub(crate) fn set_attribute(&mut self, attr: &str, value: Cow<'_, str>) {
+        match attr {
+            "id" => self.event.id = value.into_owned(),
+            "source" => self.event.source = Text::Owned(value.into_owned()),
+            "type" => self.event.ty = Text::Owned(value.into_owned()),
+            "time" => self.set_time_str(&value),
+            "dataschema" => self.event.dataschema = Some(value.into_owned()),
+            "subject" => self.event.subject = Some(value.into_owned()),
+            "datacontenttype" => self.set_media_type(&value),
+            _ => self.set_extension(attr, value.into_owned()),
+        }
     }
 
     /// Replaces the generated id.
@@ -541,10 +581,15 @@ impl EventBuilder {
         self
     }
     /// Sets the time from an RFC 3339 string.
-    pub fn time_str(self, time: &str) -> Self {
+    pub fn time_str(mut self, time: &str) -> Self {
+        self.set_time_str(time);
+        self
+    }
+
+    fn set_time_str(&mut self, time: &str) {
         match DateTime::parse_from_rfc3339(time) {
-            Ok(t) => self.time(Some(t.with_timezone(&Utc))),
-            Err(e) => self.fail(format!(
+            Ok(t) => self.event.time = Some(t.with_timezone(&Utc)),
+            Err(e) => self.fail_in_place(format!(
                 "attribute `time` is not an RFC 3339 timestamp: {e}"
             )),
         }
@@ -564,6 +609,14 @@ impl EventBuilder {
         self.event.datacontenttype = Some(Cow::Owned(media_type.into()));
         self
     }
+    /// [`datacontenttype`](Self::datacontenttype) from a borrowed name, in place: JSON's, by
+    /// far the most common, is shared instead of copied.
+    pub(crate) fn set_media_type(&mut self, media_type: &str) {
+        self.event.datacontenttype = Some(match media_type {
+            APPLICATION_JSON => Cow::Borrowed(APPLICATION_JSON),
+            other => Cow::Owned(other.to_owned()),
+        });
+    }
     /// Sets the partition (ordering) key extension.
     pub fn partition_key(self, key: impl Into<String>) -> Self {
         self.extension(PARTITION_KEY, key)
@@ -575,12 +628,16 @@ impl EventBuilder {
     /// Sets an extension attribute. Names are 1–20 lowercase ASCII letters or digits and not
     /// a core attribute name (CloudEvents 1.0 §Extension Context Attributes).
     pub fn extension(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.set_extension(name, value.into());
+        self
+    }
+
+    fn set_extension(&mut self, name: &str, value: String) {
         match check_extension_name(name) {
             Ok(()) => {
-                self.event.extensions.insert(name.to_owned(), value.into());
-                self
+                self.event.extensions.insert(name.to_owned(), value);
             }
-            Err(e) => self.fail(e.message().to_owned()),
+            Err(e) => self.fail_in_place(e.message().to_owned()),
         }
     }
     /// Serialises `value` as JSON data (`datacontenttype: application/json`).
