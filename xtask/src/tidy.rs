@@ -4,10 +4,7 @@
 //! - every crate under `crates/` has a `README.md`, and every package (crates, `xtask`,
 //!   `examples`) opts into the workspace lints with `[lints] workspace = true`;
 //! - every `docs/adr/*.md` is named `NNNN-title.md`, with no number used twice;
-//! - the README shows the two set-up commands verbatim, each in its own code block;
-//! - a README code block marked `<!-- doc-tested in PATH -->` is, line for line, a code block
-//!   of PATH (a crate README compiled and run as its crate's doctest, with the lines rustdoc
-//!   hides, `# …`, left out), so the example a reader copies is one that runs.
+//! - the README shows the two set-up commands verbatim, each in its own code block.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -140,47 +137,6 @@ fn check_readme(root: &Path, problems: &mut Vec<String>) {
             ));
         }
     }
-    check_doc_tested(root, "README.md", &readme, problems);
-}
-
-/// The marker before a code block copied from a doc-tested file.
-const DOC_TESTED: &str = "<!-- doc-tested in ";
-
-/// Each code block of `markdown` (the file `name`) marked [`DOC_TESTED`] must be a block of
-/// the file it names, as a reader of that file's rendered docs sees it.
-fn check_doc_tested(root: &Path, name: &str, markdown: &str, problems: &mut Vec<String>) {
-    let mut lines = markdown.lines();
-    while let Some(line) = lines.next() {
-        let Some(source) = line
-            .trim()
-            .strip_prefix(DOC_TESTED)
-            .and_then(|rest| rest.strip_suffix("-->"))
-            .map(str::trim)
-        else {
-            continue;
-        };
-        let rest: String = lines.clone().map(|l| format!("{l}\n")).collect();
-        let Some(block) = code_blocks(&rest).into_iter().next() else {
-            problems.push(format!("{name}: no code block after `{line}`"));
-            continue;
-        };
-        let Ok(text) = fs::read_to_string(root.join(source)) else {
-            problems.push(format!("{name}: `{source}` (doc-tested) cannot be read"));
-            continue;
-        };
-        let shown = |b: &str| -> String {
-            b.lines()
-                .filter(|l| *l != "#" && !l.starts_with("# "))
-                .map(|l| format!("{l}\n"))
-                .collect()
-        };
-        if !code_blocks(&text).iter().any(|b| shown(b) == block) {
-            problems.push(format!(
-                "{name}: the code block after `{line}` is not a code block of {source}; copy \
-                 it again from there (where it is compiled and run)"
-            ));
-        }
-    }
 }
 
 /// The contents of the fenced (```) code blocks of a Markdown text.
@@ -213,39 +169,6 @@ mod tests {
             "tidy found problems:\n{}",
             problems.join("\n")
         );
-    }
-
-    #[test]
-    fn a_doc_tested_block_must_match_its_source() {
-        let root = std::env::temp_dir().join(format!("evbus-tidy-{}", std::process::id()));
-        fs::create_dir_all(&root).unwrap();
-        fs::write(
-            root.join("SOURCE.md"),
-            "```rust\n# fn main() {\nlet x = 1;\n# }\n```\n",
-        )
-        .unwrap();
-        let readme = |body: &str| format!("<!-- doc-tested in SOURCE.md -->\n```rust\n{body}```\n");
-        let problems_of = |body: &str| {
-            let mut problems = Vec::new();
-            check_doc_tested(&root, "README.md", &readme(body), &mut problems);
-            problems
-        };
-        assert_eq!(problems_of("let x = 1;\n"), Vec::<String>::new());
-        let drifted = problems_of("let x = 2;\n");
-        assert_eq!(drifted.len(), 1, "{drifted:?}");
-        assert!(
-            drifted[0].contains("not a code block of SOURCE.md"),
-            "{drifted:?}"
-        );
-        let mut missing = Vec::new();
-        check_doc_tested(
-            &root,
-            "README.md",
-            "<!-- doc-tested in NOPE.md -->\n```\nx\n```\n",
-            &mut missing,
-        );
-        assert!(missing[0].contains("cannot be read"), "{missing:?}");
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
