@@ -27,7 +27,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use crate::envelope::{Event, EventBuilder, format_time};
+use crate::envelope::{Event, EventBuilder, REQUIRED_ATTRIBUTES, format_time};
 use crate::error::{Error, Result};
 
 /// How a protocol binding names and escapes CloudEvents attributes in headers.
@@ -181,7 +181,7 @@ where
                 }
             }
             attr => {
-                if let Some(slot) = ["id", "source", "type"].iter().position(|r| *r == attr) {
+                if let Some(slot) = REQUIRED_ATTRIBUTES.iter().position(|r| *r == attr) {
                     required[slot] = true;
                 }
                 builder.set_attribute(attr, value);

@@ -484,15 +484,14 @@ pub struct EventBuilder {
     error: Option<String>,
 }
 
+/// The attributes besides `specversion` that every event has, in the order a missing one is
+/// reported.
+pub(crate) const REQUIRED_ATTRIBUTES: [&str; 3] = ["id", "source", "type"];
+
 impl EventBuilder {
     fn decoded(id: Option<String>, source: Option<String>, ty: Option<String>) -> Self {
-        let mut error = None;
-        for (name, value) in [("id", &id), ("source", &source), ("type", &ty)] {
-            if value.is_none() && error.is_none() {
-                error = Some(format!("missing required attribute `{name}`"));
-            }
-        }
-        EventBuilder {
+        let present = [id.is_some(), source.is_some(), ty.is_some()];
+        let mut builder = EventBuilder {
             event: Fields {
                 id: id.unwrap_or_default(),
                 source: Text::Owned(source.unwrap_or_default()),
@@ -504,8 +503,10 @@ impl EventBuilder {
                 extensions: BTreeMap::new(),
                 data: None,
             },
-            error,
-        }
+            error: None,
+        };
+        builder.require(present);
+        builder
     }
 
     /// An empty builder for a binary-mode decoder to fill with
@@ -519,10 +520,10 @@ impl EventBuilder {
         )
     }
 
-    /// Fails with `missing required attribute` for the first of `id`, `source` and `type`
-    /// not `present`, ahead of any error the attributes made.
+    /// Fails with `missing required attribute` for the first of [`REQUIRED_ATTRIBUTES`] not
+    /// `present`, ahead of any error the attributes made.
     pub(crate) fn require(&mut self, present: [bool; 3]) {
-        if let Some(name) = ["id", "source", "type"]
+        if let Some(name) = REQUIRED_ATTRIBUTES
             .into_iter()
             .zip(present)
             .find_map(|(name, present)| (!present).then_some(name))

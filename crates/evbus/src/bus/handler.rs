@@ -119,7 +119,6 @@ enum Failure {
 type DynHandler = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
 
 /// A handler as the worker runs it.
-#[derive(Clone)]
 struct Handler {
     run: DynHandler,
     /// Whether it deserialises the data ([`Bus::on_typed`]): it is then handed the data as
