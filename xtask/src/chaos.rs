@@ -39,7 +39,8 @@ pub(crate) const ADAPTERS: &[&str] = &[
     "memory", "redis", "kafka", "nats", "amqp", "postgres", "sqlite",
 ];
 
-/// Handler concurrency per instance: also its in-flight limit at the transport.
+/// Handler concurrency per instance: the most events one instance has run and not settled
+/// (the events it fetched ahead, as many again, never ran there: ADR 0024).
 const CONCURRENCY: usize = 8;
 /// Instances per group.
 const INSTANCES: u32 = 3;

@@ -601,6 +601,99 @@ async fn the_transport_works_as_a_trait_object() {
 /// The group every queue's consumers share.
 const QUEUE_GROUP: &str = "evbus";
 
+/// A Bus handler holds the events it runs plus its prefetch (by default as many as its
+/// concurrency) fetched ahead, and no more: with every run blocked, that is what is pending
+/// for its group, while it never runs more than its concurrency at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_handler_holds_its_running_events_and_its_prefetch() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const EVENTS: usize = 10;
+    // (concurrency, prefetch, pending expected while every run is blocked)
+    for (concurrency, prefetch, expected) in [(2, None, 4), (2, Some(0), 2), (1, Some(3), 4)] {
+        let Some(env) = Env::new().await else { return };
+        let mut catalog = evbus::Catalog::builder();
+        catalog.strict(false);
+        let transport = Arc::new(env.transport.clone());
+        let bus = evbus::Bus::builder(transport, catalog.freeze().unwrap()).build();
+        let ty = "afterOrderCreate";
+        // Published before the handler starts, to a subscription that exists already, so the
+        // handler's first read finds them all and fetches as many as its window allows.
+        let topic_name = bus.topic_name(ty);
+        let group = bus.subscription_name(ty, "billing");
+        let topic = env.transport.topic(&topic_name).await.unwrap();
+        drop(
+            topic
+                .subscribe(SubscribeOptions::named(&group))
+                .await
+                .unwrap(),
+        );
+        for n in 0..EVENTS as u64 {
+            topic.publish(&event(n)).await.unwrap();
+        }
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let handler = {
+            let (running, most, done) = (running.clone(), most.clone(), done.clone());
+            bus.on(ty, "billing", move |_msg| {
+                let (running, most, done) = (running.clone(), most.clone(), done.clone());
+                let mut opened = opened.clone();
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    let _ = opened.wait_for(|open| *open).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .concurrency(concurrency)
+        };
+        let handler = match prefetch {
+            Some(n) => handler.prefetch(n),
+            None => handler,
+        };
+        let handle = handler.start().await.unwrap();
+        let key = env.transport.topic_key(&topic_name);
+        assert!(
+            eventually(WAIT, || async {
+                running.load(Ordering::SeqCst) == concurrency
+            })
+            .await,
+            "the handler starts {concurrency} runs"
+        );
+        // The read that fetched the running events fetched the prefetch with them, and a
+        // read-ahead finds no free slot: the count is final once they run.
+        assert!(
+            eventually(WAIT, || async {
+                env.pending(&key, &group).await == expected
+            })
+            .await,
+            "concurrency {concurrency}, prefetch {prefetch:?}: {} pending, {expected} expected",
+            env.pending(&key, &group).await
+        );
+        assert_eq!(most.load(Ordering::SeqCst), concurrency);
+
+        // Let them run: every event is handled and acknowledged, never more than the
+        // concurrency at once.
+        open.send_replace(true);
+        assert!(
+            eventually(WAIT, || async { done.load(Ordering::SeqCst) == EVENTS }).await,
+            "{} of {EVENTS} handled",
+            done.load(Ordering::SeqCst)
+        );
+        assert!(
+            eventually(WAIT, || async { env.pending(&key, &group).await == 0 }).await,
+            "every event acknowledged"
+        );
+        assert_eq!(most.load(Ordering::SeqCst), concurrency);
+        handle.shutdown(Duration::from_secs(5)).await;
+        env.cleanup().await;
+    }
+}
+
 /// The consumer reads ahead while deliveries are handled, but never fetches more than its
 /// in-flight limit (handed out and buffered together), and hands entries out in stream order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

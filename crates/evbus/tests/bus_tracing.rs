@@ -81,3 +81,74 @@ async fn the_handle_span_is_a_child_of_the_emit_span_across_the_broker() {
         "{traceparent}"
     );
 }
+
+/// What a `tracing_subscriber::fmt` subscriber writes, kept in memory.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs three events through a handler (concurrency 1, a 200 ms visibility timeout) whose
+/// runs take `run`, and counts the warnings about runs near the visibility timeout.
+async fn slow_run_warnings(prefetch: Option<usize>, run: Duration) -> usize {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    let handler = bus
+        .on("orderPlaced", "g", move |_: Message| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(run).await;
+                let _ = tx.send(());
+                Ok(())
+            }
+        })
+        .concurrency(1)
+        .visibility_timeout(Duration::from_millis(200));
+    let handler = match prefetch {
+        Some(n) => handler.prefetch(n),
+        None => handler,
+    };
+    handler.start().await.unwrap();
+    for n in 0..3 {
+        bus.emit("orderPlaced", placed(&format!("o-{n}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        recv(&mut rx).await;
+    }
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    text.matches("took over half the visibility timeout")
+        .count()
+}
+
+/// Events fetched ahead wait about a run for a slot with their visibility timeout running:
+/// a prefetching handler whose runs take over half of it says so, once; one that fetches
+/// only for free slots, or runs quickly, does not.
+#[tokio::test(flavor = "current_thread")]
+async fn a_prefetching_handler_warns_once_when_a_run_takes_half_the_visibility_timeout() {
+    let slow = Duration::from_millis(120);
+    assert_eq!(slow_run_warnings(None, slow).await, 1);
+    assert_eq!(slow_run_warnings(Some(0), slow).await, 0);
+    assert_eq!(slow_run_warnings(None, Duration::ZERO).await, 0);
+}

@@ -215,6 +215,7 @@ impl Bus {
             handler,
             retry: d.retry.clone(),
             concurrency: d.concurrency,
+            prefetch: d.prefetch,
             ordered: d.ordered,
             visibility_timeout: d.visibility_timeout,
             start: StartPosition::Latest,
@@ -232,6 +233,8 @@ pub struct HandlerBuilder {
     handler: Handler,
     retry: RetryPolicy,
     concurrency: usize,
+    /// `None`: as many as the concurrency.
+    prefetch: Option<usize>,
     ordered: bool,
     visibility_timeout: Duration,
     start: StartPosition,
@@ -245,6 +248,7 @@ impl fmt::Debug for HandlerBuilder {
             .field("group", &self.group)
             .field("retry", &self.retry)
             .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.ahead())
             .field("ordered", &self.ordered)
             .finish_non_exhaustive()
     }
@@ -264,10 +268,27 @@ impl HandlerBuilder {
     }
 
     /// Most events run at once by this instance (default [`DEFAULT_CONCURRENCY`]; at least
-    /// 1). The transport's in-flight limit is set to the same number.
+    /// 1). The transport's in-flight limit is this plus the [`prefetch`](Self::prefetch).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
+    }
+
+    /// Events this instance may hold beyond the ones running (default: as many as the
+    /// [`concurrency`](Self::concurrency)). While every slot is busy the transport fetches
+    /// these ahead, so the next event is at hand when a run ends instead of a round trip
+    /// later. A fetched event waits for a free slot with its visibility timeout running, up
+    /// to about one handler run with the default: keep runs under half the
+    /// [`visibility_timeout`](Self::visibility_timeout) (the handler logs a warning when
+    /// one is not), or set 0 to fetch only for free slots.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n);
+        self
+    }
+
+    /// The prefetch in effect.
+    fn ahead(&self) -> usize {
+        self.prefetch.unwrap_or(self.concurrency)
     }
 
     /// Keeps per-key order: events with the same partition key never run concurrently nor out
@@ -280,7 +301,9 @@ impl HandlerBuilder {
 
     /// How long this instance may hold an event before the broker gives it to another
     /// (default [`DEFAULT_VISIBILITY_TIMEOUT`]). Keep it above the longest handler run (and,
-    /// for ordered handlers, above the sum of their in-place backoffs).
+    /// for ordered handlers, above the sum of their in-place backoffs); with a
+    /// [`prefetch`](Self::prefetch), above twice the usual run, as a fetched event waits
+    /// for a slot with its timeout running.
     pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
         self.visibility_timeout = timeout;
         self
@@ -308,6 +331,7 @@ impl HandlerBuilder {
     /// A type the catalogue does not know fails with
     /// [`ErrorKind::Validation`](crate::ErrorKind::Validation) when the catalogue is strict.
     pub async fn start(self) -> Result<HandlerHandle> {
+        let prefetch = self.ahead();
         let bus = self.bus;
         bus.ensure_open()?;
         let catalog = &bus.inner.catalog;
@@ -323,7 +347,7 @@ impl HandlerBuilder {
         let dlq_name = bus.dead_letter_queue_name(&self.ty, &self.group);
         let redrive_name = bus.redrive_queue_name(&self.ty, &self.group);
         let consumer = ConsumerOptions::default()
-            .max_in_flight(self.concurrency)
+            .max_in_flight(self.concurrency.saturating_add(prefetch))
             .max_attempts(self.retry.max_attempts)
             .visibility_timeout(self.visibility_timeout)
             .dead_letter_queue(dlq_name.clone());
@@ -365,6 +389,10 @@ impl HandlerBuilder {
             ordered: self.ordered,
             dead_letter,
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
+            slow_runs: (prefetch > 0).then(|| SlowRuns {
+                half_visibility: self.visibility_timeout / 2,
+                warned: AtomicBool::new(false),
+            }),
             in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
@@ -535,6 +563,30 @@ impl Pool {
     }
 }
 
+/// Watches a prefetching handler's run times: events fetched ahead wait for a slot with
+/// their visibility timeout running, so runs over half of it put them at risk.
+struct SlowRuns {
+    half_visibility: Duration,
+    /// Warned once per handler instance.
+    warned: AtomicBool,
+}
+
+impl SlowRuns {
+    fn ran_for(&self, run: Duration, ty: &str, group: &str) {
+        if run > self.half_visibility && !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                event_type = ty,
+                group,
+                run = ?run,
+                visibility_timeout = ?(self.half_visibility * 2),
+                "a handler run took over half the visibility timeout: events fetched ahead \
+                 wait about a run for a free slot and may come back as redeliveries (with \
+                 another attempt counted); raise the visibility timeout or set prefetch(0)"
+            );
+        }
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     bus: Bus,
@@ -543,6 +595,8 @@ struct Worker {
     ordered: bool,
     dead_letter: Arc<dyn Queue>,
     metrics: telemetry::HandlerMetrics,
+    /// `None` without prefetch.
+    slow_runs: Option<SlowRuns>,
     /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
     in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
     next_id: AtomicU64,
@@ -826,8 +880,11 @@ impl Worker {
         let result = AssertUnwindSafe((self.handler.run)(msg))
             .catch_unwind()
             .await;
-        self.metrics
-            .handle_duration(started.elapsed().as_secs_f64());
+        let run = started.elapsed();
+        self.metrics.handle_duration(run.as_secs_f64());
+        if let Some(slow) = &self.slow_runs {
+            slow.ran_for(run, &self.shared.ty, &self.shared.group);
+        }
         match result {
             Ok(r) => r,
             Err(panic) => {

@@ -89,8 +89,12 @@
 //! # Concurrency and order
 //!
 //! A handler runs at most [`DEFAULT_CONCURRENCY`] (16) events at once per instance
-//! ([`HandlerBuilder::concurrency`]); the transport's in-flight limit is set to the same
-//! number, so the broker never hands an instance more than it can run. With
+//! ([`HandlerBuilder::concurrency`]) and may hold as many more fetched ahead
+//! ([`HandlerBuilder::prefetch`]): the transport's in-flight limit is the sum, so while every
+//! slot is busy the next events are already on their way, and the broker never hands an
+//! instance more than that. A fetched event's visibility timeout runs while it waits for a
+//! slot (about one handler run): keep runs under half the timeout, or set the prefetch to 0.
+//! With
 //! [`HandlerBuilder::ordered_by_key`], events sharing a partition key run one at a time in
 //! arrival order (one serial lane per key), and their retries happen in place (the lane waits
 //! for the backoff, the event stays unacknowledged on the broker) so a retried event is never
@@ -209,6 +213,8 @@ struct TypeEntry {
 struct Defaults {
     retry: RetryPolicy,
     concurrency: usize,
+    /// `None`: as many as the concurrency.
+    prefetch: Option<usize>,
     ordered: bool,
     visibility_timeout: Duration,
 }
@@ -245,6 +251,7 @@ impl Bus {
             defaults: Defaults {
                 retry: RetryPolicy::default(),
                 concurrency: DEFAULT_CONCURRENCY,
+                prefetch: None,
                 ordered: false,
                 visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
             },
@@ -472,6 +479,13 @@ impl BusBuilder {
     /// [`DEFAULT_CONCURRENCY`]; at least 1).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.defaults.concurrency = n.max(1);
+        self
+    }
+
+    /// The prefetch of handlers that do not set their own (default: each handler's
+    /// concurrency; see [`HandlerBuilder::prefetch`]).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.defaults.prefetch = Some(n);
         self
     }
 
