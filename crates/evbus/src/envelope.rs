@@ -42,7 +42,8 @@ thread_local! {
     static JSON_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `value` written as JSON, in a buffer of exactly its size.
+/// `value` written as JSON (the bytes `serde_json` writes, see [`crate::json`]), in a buffer
+/// of exactly its size.
 ///
 /// `serde_json` writes into a buffer that grows as it goes (reallocated and copied several
 /// times for a few hundred bytes); here it writes into a scratch buffer the thread keeps, and
@@ -51,10 +52,11 @@ pub(crate) fn json_bytes<T: Serialize + ?Sized>(value: &T) -> serde_json::Result
     JSON_SCRATCH.with(|scratch| {
         // A `Serialize` that itself writes an event's JSON finds the scratch in use.
         let Ok(mut buffer) = scratch.try_borrow_mut() else {
-            return serde_json::to_vec(value).map(Bytes::from);
+            let mut own = Vec::new();
+            return crate::json::write(&mut own, value).map(|()| Bytes::from(own));
         };
         buffer.clear();
-        let written = serde_json::to_writer(&mut *buffer, value);
+        let written = crate::json::write(&mut buffer, value);
         let bytes = written.map(|()| Bytes::copy_from_slice(&buffer));
         if buffer.capacity() > JSON_SCRATCH_KEEP {
             *buffer = Vec::new();

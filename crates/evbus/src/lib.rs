@@ -6,6 +6,7 @@ pub mod capabilities;
 pub mod delivery;
 pub mod envelope;
 pub mod error;
+mod json;
 pub mod layer;
 pub mod memory;
 pub mod raw;
