@@ -154,6 +154,8 @@ pub(crate) struct RedisTopic {
     name: String,
     keys: StreamKeys,
     transport: RedisTransport,
+    /// What a failed publish says it was doing (made once, not per publish).
+    publishing: String,
 }
 
 impl RedisTopic {
@@ -162,13 +164,20 @@ impl RedisTopic {
             name: name.to_owned(),
             keys: transport.shared.keys.topic(name),
             transport,
+            publishing: format!("publishing to topic `{name}`"),
         }
     }
 
     async fn publish_all(&self, events: &[Event]) -> Result<()> {
-        let what = format!("publishing to topic `{}`", self.name);
         let retention = self.transport.shared.config.retention;
-        append(&self.transport, &self.keys.stream, retention, events, &what).await
+        append(
+            &self.transport,
+            &self.keys.stream,
+            retention,
+            events,
+            &self.publishing,
+        )
+        .await
     }
 }
 
@@ -246,6 +255,8 @@ pub(crate) struct RedisQueue {
     name: String,
     keys: StreamKeys,
     transport: RedisTransport,
+    /// What a failed send says it was doing (made once, not per send).
+    sending: String,
 }
 
 impl RedisQueue {
@@ -254,17 +265,17 @@ impl RedisQueue {
             name: name.to_owned(),
             keys: transport.shared.keys.queue(name),
             transport,
+            sending: format!("sending to queue `{name}`"),
         }
     }
 
     async fn send_all(&self, events: &[Event]) -> Result<()> {
-        let what = format!("sending to queue `{}`", self.name);
         append(
             &self.transport,
             &self.keys.stream,
             Retention::Unlimited,
             events,
-            &what,
+            &self.sending,
         )
         .await
     }
