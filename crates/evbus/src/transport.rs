@@ -80,6 +80,16 @@ pub trait Topic: Send + Sync + fmt::Debug {
     /// Publishes one event; returns once the broker accepted it.
     async fn publish(&self, event: &Event) -> Result<()>;
 
+    /// Publishes one event without waiting, for transports that can take it on the spot (an
+    /// in-process broker with room): `Some(result)` is the publish's result, `None` (the
+    /// default) means "call [`publish`](Self::publish)", and nothing was published. Spares
+    /// the hot path a boxed future per event. A layer that wraps a topic keeps the default
+    /// unless it does for this call what it does for `publish`.
+    fn try_publish_now(&self, event: &Event) -> Option<Result<()>> {
+        let _ = event;
+        None
+    }
+
     /// Publishes several events, in order, keeping many in flight where the broker allows.
     /// Returns `Ok` only once all were accepted; on error, a prefix may have been accepted.
     async fn publish_batch(&self, events: &[Event]) -> Result<()> {

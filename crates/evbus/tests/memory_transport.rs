@@ -164,3 +164,76 @@ async fn an_expired_delivery_cannot_be_settled_by_its_late_consumer() {
     assert_eq!(err.kind(), ErrorKind::Expired);
     again.ack().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_publish_without_waiting_takes_the_event_only_when_there_is_room() {
+    let transport = small_broker(1, Duration::from_secs(30)).connect();
+    let topic = transport.topic("orders").await.unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+
+    assert!(matches!(topic.try_publish_now(&event(1)), Some(Ok(()))));
+    // Full: nothing is appended, and the caller is told to publish (and wait) instead.
+    assert!(topic.try_publish_now(&event(2)).is_none());
+
+    let first = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.event().json::<u32>().unwrap(), 1);
+    first.ack().await.unwrap();
+    assert!(matches!(topic.try_publish_now(&event(3)), Some(Ok(()))));
+    // Event 2 was never appended: the next one is 3.
+    let next = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.event().json::<u32>().unwrap(), 3);
+    next.ack().await.unwrap();
+
+    // Refusals are results, as from `publish`.
+    let url = url::Url::parse("memory://?max_payload_bytes=64").unwrap();
+    let tiny = MemoryBroker::new(MemoryConfig::from_url(&url).unwrap()).connect();
+    let tiny_topic = tiny.topic("orders").await.unwrap();
+    let big = Event::builder("test.event", "/tests")
+        .json(&"x".repeat(100))
+        .unwrap()
+        .build()
+        .unwrap();
+    let refused = tiny_topic.try_publish_now(&big).unwrap().unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::TooLarge);
+    transport.close().await.unwrap();
+    let closed = topic.try_publish_now(&event(4)).unwrap().unwrap_err();
+    assert_eq!(closed.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn a_bus_emit_to_a_full_memory_topic_waits_for_room() {
+    use std::sync::Arc;
+
+    let transport = Arc::new(small_broker(1, Duration::from_secs(30)).connect());
+    let mut catalog = evbus::Catalog::builder();
+    catalog.strict(false);
+    let bus = evbus::bus::Bus::builder(
+        Arc::clone(&transport) as Arc<dyn Transport>,
+        catalog.freeze().unwrap(),
+    )
+    .source("/tests")
+    .build();
+    let topic = transport
+        .topic(&bus.topic_name("test.event"))
+        .await
+        .unwrap();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    bus.emit("test.event", serde_json::json!(1)).await.unwrap();
+
+    let second = {
+        let bus = bus.clone();
+        tokio::spawn(async move { bus.emit("test.event", serde_json::json!(2)).await })
+    };
+    let first = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.event().json::<u32>().unwrap(), 1);
+    // Let the spawned emit run up to its wait for room.
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!second.is_finished(), "the second emit must wait for room");
+    first.ack().await.unwrap();
+
+    timeout(BOUND, second).await.unwrap().unwrap().unwrap();
+    let next = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.event().json::<u32>().unwrap(), 2);
+}

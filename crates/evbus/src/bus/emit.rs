@@ -232,7 +232,11 @@ impl Bus {
                     &made
                 }
             };
-            self.type_topic(entry).await?.publish(&event).await?;
+            let topic = self.type_topic(entry).await?;
+            match topic.try_publish_now(&event) {
+                Some(published) => published?,
+                None => topic.publish(&event).await?,
+            }
             entry.metrics.emitted();
             Ok(event.id().to_owned())
         };

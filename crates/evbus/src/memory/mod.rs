@@ -286,6 +286,58 @@ impl MemoryBroker {
         Ok(())
     }
 
+    /// Appends `events` to every group of `target` if every one has room; otherwise appends
+    /// nothing and returns a group that is full. All-or-nothing, under the broker's lock.
+    fn try_append(&self, events: &[Event], target: Target<'_>) -> Option<Arc<Group>> {
+        let mut state = self.lock();
+        match target {
+            Target::Topic(name) => {
+                let history = self.inner.config.history;
+                // One lookup when the topic exists (the usual case).
+                match state.topics.get_mut(name) {
+                    Some(topic) => topic.append(events, history),
+                    None => state.topic_mut(name).append(events, history),
+                }
+            }
+            Target::Queue(name) => {
+                let group = match state.queues.get(name) {
+                    Some(group) => Arc::clone(group),
+                    // The queue may have been deleted and recreated since its handle was
+                    // made.
+                    None => Arc::clone(state.queues.entry(name.to_owned()).or_insert_with(|| {
+                        Group::new(name.to_owned(), self.inner.config.capacity)
+                    })),
+                };
+                if group.has_room() {
+                    group.push(events);
+                    None
+                } else {
+                    Some(group)
+                }
+            }
+        }
+    }
+
+    /// [`append`](Self::append) when it needs no wait: `None` if a group of `target` is full
+    /// (nothing was appended; `append` waits for room).
+    fn append_now(
+        &self,
+        events: &[Event],
+        closed: &Closed,
+        target: Target<'_>,
+    ) -> Option<Result<()>> {
+        if closed.is_closed() {
+            return Some(Err(Error::closed("the memory transport")));
+        }
+        if let Err(e) = events.iter().try_for_each(|event| self.check_size(event)) {
+            return Some(Err(e));
+        }
+        match self.try_append(events, target) {
+            None => Some(Ok(())),
+            Some(_full) => None,
+        }
+    }
+
     /// Appends `events` to every group of `target`, waiting for room up to the publish
     /// timeout. All-or-nothing: events are appended only when every group has room.
     async fn append(&self, events: &[Event], closed: &Closed, target: Target<'_>) -> Result<()> {
@@ -297,35 +349,7 @@ impl MemoryBroker {
             if closed.is_closed() {
                 return Err(Error::closed("the memory transport"));
             }
-            let wait = {
-                let mut state = self.lock();
-                match target {
-                    Target::Topic(name) => {
-                        let history = self.inner.config.history;
-                        // One lookup when the topic exists (the usual case).
-                        match state.topics.get_mut(name) {
-                            Some(topic) => topic.append(events, history),
-                            None => state.topic_mut(name).append(events, history),
-                        }
-                    }
-                    Target::Queue(name) => {
-                        let group = match state.queues.get(name) {
-                            Some(group) => Arc::clone(group),
-                            // The queue may have been deleted and recreated since its handle
-                            // was made.
-                            None => Arc::clone(state.queues.entry(name.to_owned()).or_insert_with(
-                                || Group::new(name.to_owned(), self.inner.config.capacity),
-                            )),
-                        };
-                        if group.has_room() {
-                            group.push(events);
-                            None
-                        } else {
-                            Some(group)
-                        }
-                    }
-                }
-            };
+            let wait = self.try_append(events, target);
             let Some(wait) = wait else {
                 return Ok(());
             };
@@ -580,6 +604,14 @@ impl Topic for MemoryTopic {
 
     async fn publish(&self, event: &Event) -> Result<()> {
         self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    fn try_publish_now(&self, event: &Event) -> Option<Result<()>> {
+        self.transport.broker.append_now(
+            std::slice::from_ref(event),
+            &self.transport.closed,
+            Target::Topic(&self.name),
+        )
     }
 
     async fn publish_batch(&self, events: &[Event]) -> Result<()> {
