@@ -27,7 +27,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use crate::envelope::{Event, EventBuilder, REQUIRED_ATTRIBUTES, format_time};
+use crate::envelope::{Event, EventBuilder, REQUIRED_ATTRIBUTES, with_time_text};
 use crate::error::{Error, Result};
 
 /// How a protocol binding names and escapes CloudEvents attributes in headers.
@@ -113,7 +113,7 @@ pub fn visit(event: &Event, style: HeaderStyle, mut header: impl FnMut(&str, &st
     attribute("source", event.source());
     attribute("type", event.ty());
     if let Some(time) = event.time() {
-        attribute("time", &format_time(time));
+        with_time_text(time, |text| attribute("time", text));
     }
     if let Some(v) = event.dataschema() {
         attribute("dataschema", v);
