@@ -940,6 +940,20 @@ enum StructuredData<'a> {
 mod tests {
     use super::*;
 
+    /// 20,000 pseudo-random instants over years 0 to 9999, with every kind of fraction (none,
+    /// milli-, micro- and nanoseconds).
+    fn spread_of_times(mut seed: u64) -> impl Iterator<Item = DateTime<Utc>> {
+        (0..20_000).map(move |_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let secs = (seed % 315_537_897_600) as i64 - 62_167_219_200;
+            let unit = [1, 1_000, 1_000_000, 1_000_000_000][(seed >> 62) as usize];
+            let nanos = (seed >> 20) as u32 % 1_000_000_000 / unit * unit;
+            DateTime::<Utc>::from_timestamp(secs, nanos).expect("years 0 to 9999")
+        })
+    }
+
     fn chrono_text(time: DateTime<Utc>) -> String {
         time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
     }
@@ -967,21 +981,7 @@ mod tests {
             DateTime::<Utc>::MIN_UTC,
             DateTime::<Utc>::MAX_UTC,
         ];
-        // A pseudo-random spread over years 0 to 9999 and every kind of fraction.
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let secs = (seed % 315_537_897_600) as i64 - 62_167_219_200;
-            let nanos = match seed >> 60 {
-                0..=3 => 0,
-                4..=7 => (seed >> 20) as u32 % 1000 * 1_000_000,
-                8..=11 => (seed >> 20) as u32 % 1_000_000 * 1_000,
-                _ => (seed >> 20) as u32 % 1_000_000_000,
-            };
-            times.push(at(secs, nanos));
-        }
+        times.extend(spread_of_times(0x9e37_79b9_7f4a_7c15));
         for time in times {
             let expected = chrono_text(time);
             assert_eq!(format_time(time), expected, "{time:?}");
@@ -1055,16 +1055,7 @@ mod tests {
             }
         }
         // What evbus writes reads back to the same instant.
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..20_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let secs = (seed % 315_537_897_600) as i64 - 62_167_219_200;
-            let nanos = (seed >> 20) as u32 % 1_000_000_000
-                / [1, 1_000, 1_000_000, 1_000_000_000][(seed >> 62) as usize]
-                * [1, 1_000, 1_000_000, 1_000_000_000][(seed >> 62) as usize];
-            let time = DateTime::<Utc>::from_timestamp(secs, nanos).unwrap();
+        for time in spread_of_times(0x2545_f491_4f6c_dd1d) {
             let text = format_time(time);
             assert!(parse_written_time(&text).is_some(), "{text}");
             assert_eq!(parse_time(&text).ok(), Some(time), "{text}");
