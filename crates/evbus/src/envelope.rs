@@ -738,10 +738,7 @@ pub fn check_extension_name(name: &str) -> Result<()> {
 /// Formats a timestamp the way evbus writes `time`: RFC 3339, UTC, `Z`, sub-seconds as needed
 /// (none, or 3, 6 or 9 digits: chrono's `to_rfc3339_opts(SecondsFormat::AutoSi, true)`).
 pub fn format_time(time: DateTime<Utc>) -> String {
-    match TimeText::new(time) {
-        Some(text) => text.as_str().to_owned(),
-        None => time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-    }
+    with_time_text(time, str::to_owned)
 }
 
 /// Calls `with` with `time` as [`format_time`] writes it, without allocating for the usual
@@ -749,7 +746,7 @@ pub fn format_time(time: DateTime<Utc>) -> String {
 pub(crate) fn with_time_text<R>(time: DateTime<Utc>, with: impl FnOnce(&str) -> R) -> R {
     match TimeText::new(time) {
         Some(text) => with(text.as_str()),
-        None => with(&format_time(time)),
+        None => with(&time.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
     }
 }
 
@@ -786,26 +783,27 @@ fn parse_written_time(text: &str) -> Option<DateTime<Utc>> {
     {
         return None;
     }
-    let year = i32::try_from(digits::<4>(b, 0)?).ok()?;
-    let date = chrono::NaiveDate::from_ymd_opt(year, digits::<2>(b, 5)?, digits::<2>(b, 8)?)?;
+    let year = i32::try_from(read_digits::<4>(b, 0)?).ok()?;
+    let date =
+        chrono::NaiveDate::from_ymd_opt(year, read_digits::<2>(b, 5)?, read_digits::<2>(b, 8)?)?;
     let nanos = match fraction {
         0 => 0,
-        3 => digits::<3>(b, 20)?,
-        6 => digits::<6>(b, 20)?,
-        _ => digits::<9>(b, 20)?,
+        3 => read_digits::<3>(b, 20)?,
+        6 => read_digits::<6>(b, 20)?,
+        _ => read_digits::<9>(b, 20)?,
     } * unit;
     // A leap second (`:60`) is not a time here: chrono's own rules read it.
     let (hour, minute, second) = (
-        digits::<2>(b, 11)?,
-        digits::<2>(b, 14)?,
-        digits::<2>(b, 17)?,
+        read_digits::<2>(b, 11)?,
+        read_digits::<2>(b, 14)?,
+        read_digits::<2>(b, 17)?,
     );
     let clock = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
     Some(date.and_time(clock).and_utc())
 }
 
 /// The `N` decimal digits of `bytes` from `from`, if they are all digits.
-fn digits<const N: usize>(bytes: &[u8], from: usize) -> Option<u32> {
+fn read_digits<const N: usize>(bytes: &[u8], from: usize) -> Option<u32> {
     let digits: &[u8; N] = bytes.get(from..from + N)?.try_into().ok()?;
     let mut n = 0u32;
     for &c in digits {
@@ -822,8 +820,9 @@ fn digits<const N: usize>(bytes: &[u8], from: usize) -> Option<u32> {
 ///
 /// chrono's RFC 3339 writer goes through `core::fmt` and a `String`, and every binary-mode
 /// publish writes one `time`; this writes the digits directly (`binding::visit` of an event
-/// with the Redis header style: 858 → 475 instructions). Timestamps chrono writes differently from four-digit years or shows a leap
-/// second for are left to chrono (`new` returns `None`); tests compare the two.
+/// with the Redis header style: 858 → 475 instructions). Timestamps whose year is not four
+/// digits, and leap seconds, are left to chrono (`new` returns `None`); tests compare the
+/// two.
 struct TimeText {
     bytes: [u8; TimeText::MAX],
     len: usize,

@@ -318,39 +318,30 @@ impl MemoryBroker {
         }
     }
 
-    /// [`append`](Self::append) when it needs no wait: `None` if a group of `target` is full
-    /// (nothing was appended; `append` waits for room).
+    /// One attempt of [`append`](Self::append): refused if the transport is closed or an
+    /// event is too large; otherwise appended (`None`), or nothing appended and a full group
+    /// returned to wait for.
     fn append_now(
         &self,
         events: &[Event],
         closed: &Closed,
         target: Target<'_>,
-    ) -> Option<Result<()>> {
+    ) -> Result<Option<Arc<Group>>> {
         if closed.is_closed() {
-            return Some(Err(Error::closed("the memory transport")));
+            return Err(Error::closed("the memory transport"));
         }
-        if let Err(e) = events.iter().try_for_each(|event| self.check_size(event)) {
-            return Some(Err(e));
+        for event in events {
+            self.check_size(event)?;
         }
-        match self.try_append(events, target) {
-            None => Some(Ok(())),
-            Some(_full) => None,
-        }
+        Ok(self.try_append(events, target))
     }
 
     /// Appends `events` to every group of `target`, waiting for room up to the publish
     /// timeout. All-or-nothing: events are appended only when every group has room.
     async fn append(&self, events: &[Event], closed: &Closed, target: Target<'_>) -> Result<()> {
-        for event in events {
-            self.check_size(event)?;
-        }
         let mut deadline = None;
         loop {
-            if closed.is_closed() {
-                return Err(Error::closed("the memory transport"));
-            }
-            let wait = self.try_append(events, target);
-            let Some(wait) = wait else {
+            let Some(wait) = self.append_now(events, closed, target)? else {
                 return Ok(());
             };
             let deadline = *deadline.get_or_insert_with(|| {
@@ -607,11 +598,17 @@ impl Topic for MemoryTopic {
     }
 
     fn try_publish_now(&self, event: &Event) -> Option<Result<()>> {
-        self.transport.broker.append_now(
+        let attempt = self.transport.broker.append_now(
             std::slice::from_ref(event),
             &self.transport.closed,
             Target::Topic(&self.name),
-        )
+        );
+        match attempt {
+            Ok(None) => Some(Ok(())),
+            // Full: nothing was appended; `publish` waits for room.
+            Ok(Some(_full)) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     async fn publish_batch(&self, events: &[Event]) -> Result<()> {
