@@ -5,13 +5,14 @@ use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::PollNext;
 use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
@@ -626,6 +627,10 @@ impl Worker {
         let mut permit = None;
         // Events handled inline since the worker last let other tasks run.
         let mut inline_run = 0;
+        // The box an inline run is pinned in. A run that completes in its first poll (nearly
+        // all of them) leaves it empty for the next one, so it is allocated once, not per
+        // event; a run that has to wait takes it into its task and the next run gets a new one.
+        let mut spare_box = None;
         loop {
             while tasks.try_join_next().is_some() {}
             // A free slot, then a delivery; the cancellation first, at every step.
@@ -676,13 +681,24 @@ impl Worker {
             match key {
                 None if inline => {
                     let delivery = Arc::clone(&taken.delivery);
-                    let mut run = Box::pin(Arc::clone(&self).process(taken));
+                    let process = OptionFuture::from(Some(Arc::clone(&self).process(taken)));
+                    let mut run = match spare_box.take() {
+                        Some(mut run) => {
+                            Pin::set(&mut run, process);
+                            run
+                        }
+                        None => Box::pin(process),
+                    };
                     let polled =
                         std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
                     if polled.is_pending() {
                         // It waits: it goes on in a task of its own, tracked for the drain.
                         lock(&self.in_flight).insert(id, delivery);
-                        tasks.spawn(run);
+                        tasks.spawn(run.map(drop));
+                    } else {
+                        // Done: the finished run is dropped now, its box kept.
+                        Pin::set(&mut run, OptionFuture::from(None));
+                        spare_box = Some(run);
                     }
                     // Handled inline, events never make the worker wait for a free slot: it
                     // lets the other tasks (the other instances of the group among them) run
