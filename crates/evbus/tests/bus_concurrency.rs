@@ -40,6 +40,7 @@ on_both_runtimes!(
     at_the_deadline_a_still_running_event_is_nacked_to_another_instance,
     deliveries_whose_ack_failed_do_not_stall_the_handler,
     runs_that_finish_at_once_and_runs_that_wait_each_handle_their_event_once,
+    at_the_deadline_an_ordered_handler_gives_back_the_running_event_and_those_behind_it,
 );
 
 /// Starts a handler of `orderPlaced` with `concurrency` that reports each event it starts
@@ -391,6 +392,61 @@ async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
     .await
     .unwrap();
     assert_eq!(recv(&mut rx).await, ("b", 2));
+    expect_nothing(&mut rx).await;
+}
+
+/// Ordered: the event running at the deadline and the events of its key waiting behind it
+/// (never started) are all given back at once, each counted as delivered once, and another
+/// instance handles each of them once.
+async fn at_the_deadline_an_ordered_handler_gives_back_the_running_event_and_those_behind_it() {
+    let broker = broker();
+    let (a, b) = (bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    let tx_a = tx.clone();
+    let stuck = a
+        .on("orderPlaced", "g", move |msg: Message| {
+            let _ = tx_a.send(("a", msg.event().subject().map(str::to_owned), msg.attempt()));
+            futures::future::pending()
+        })
+        .ordered_by_key(true)
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let emits = (0..3).map(|i| {
+        Emit::new("orderPlaced", placed(&format!("o-{i}")))
+            .key("k")
+            .subject(format!("s-{i}"))
+    });
+    a.emit_batch(emits).await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("a", Some("s-0".to_owned()), 1));
+    // The other two wait behind it in the key's lane: they never start here.
+    expect_nothing(&mut rx).await;
+
+    let report = stuck.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(report.interrupted, 3);
+    b.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(("b", msg.event().subject().map(str::to_owned), msg.attempt()));
+        async { Ok(()) }
+    })
+    .ordered_by_key(true)
+    .start()
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(recv(&mut rx).await);
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("b", Some("s-0".to_owned()), 2),
+            ("b", Some("s-1".to_owned()), 2),
+            ("b", Some("s-2".to_owned()), 2),
+        ],
+        "each given back once, with the delivery counted"
+    );
     expect_nothing(&mut rx).await;
 }
 
