@@ -6,7 +6,7 @@ use std::future::Future;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, ready};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use async_channel::{Receiver, Sender};
 use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::PollNext;
 use futures::{FutureExt, StreamExt};
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -393,8 +394,8 @@ impl HandlerBuilder {
                 half_visibility: self.visibility_timeout / 2,
                 warned: AtomicBool::new(false),
             }),
-            interrupt: Interrupt::default(),
-            interrupted: AtomicUsize::new(0),
+            in_flight: Mutex::new(HashMap::default()),
+            next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
             on_dead_letter: self.on_dead_letter,
         };
@@ -515,7 +516,8 @@ impl HandlerHandle {
 
 /// One delivery taken by the worker, until it is done.
 struct Taken {
-    delivery: Delivery,
+    id: u64,
+    delivery: Arc<Delivery>,
     /// One of the worker's `concurrency` slots, given back when the delivery is done.
     _permit: LimitPermit,
 }
@@ -586,25 +588,6 @@ impl SlowRuns {
     }
 }
 
-/// Fired when a drain's deadline passes: runs still waiting are dropped and deliveries not
-/// yet run are not started; both are given back to the broker.
-#[derive(Default)]
-struct Interrupt {
-    fired: AtomicBool,
-    token: CancellationToken,
-}
-
-impl Interrupt {
-    fn fire(&self) {
-        self.fired.store(true, Ordering::Release);
-        self.token.cancel();
-    }
-
-    fn fired(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
-    }
-}
-
 struct Worker {
     shared: Arc<Shared>,
     bus: Bus,
@@ -615,10 +598,9 @@ struct Worker {
     metrics: telemetry::HandlerMetrics,
     /// `None` without prefetch.
     slow_runs: Option<SlowRuns>,
-    /// Fired when a drain's deadline passes with deliveries not done.
-    interrupt: Interrupt,
-    /// Deliveries the drain's deadline cut short (see [`DrainReport::interrupted`]).
-    interrupted: AtomicUsize,
+    /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
+    in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
+    next_id: AtomicU64,
     /// Per-key lanes: the deliveries waiting behind the running one of each key.
     lanes: Mutex<HashMap<String, VecDeque<Taken>>>,
     on_dead_letter: Option<DeadLetterHook>,
@@ -679,13 +661,15 @@ impl Worker {
                         () = tokio::time::sleep(Duration::from_millis(100)) => continue,
                     }
                 }
-                Some(Some(Ok(d))) => d,
+                Some(Some(Ok(d))) => Arc::new(d),
             };
             let Some(permit) = permit.take() else {
                 // Unreachable: a delivery is only taken with a slot.
                 break;
             };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let taken = Taken {
+                id,
                 delivery,
                 _permit: permit,
             };
@@ -696,6 +680,7 @@ impl Worker {
             };
             match key {
                 None if inline => {
+                    let delivery = Arc::clone(&taken.delivery);
                     let process = OptionFuture::from(Some(Arc::clone(&self).process(taken)));
                     let mut run = match spare_box.take() {
                         Some(mut run) => {
@@ -707,7 +692,8 @@ impl Worker {
                     let polled =
                         std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
                     if polled.is_pending() {
-                        // It waits: it goes on in a task of its own, which the drain awaits.
+                        // It waits: it goes on in a task of its own, tracked for the drain.
+                        lock(&self.in_flight).insert(id, delivery);
                         tasks.spawn(run.map(drop));
                     } else {
                         // Done: the finished run is dropped now, its box kept.
@@ -723,8 +709,12 @@ impl Worker {
                         tokio::task::yield_now().await;
                     }
                 }
-                None => pool.run(taken, &self, &mut tasks),
+                None => {
+                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
+                    pool.run(taken, &self, &mut tasks);
+                }
                 Some(key) => {
+                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                     let mut lanes = lock(&self.lanes);
                     match lanes.get_mut(&key) {
                         Some(queue) => queue.push_back(taken),
@@ -758,10 +748,12 @@ impl Worker {
         let mut current = first;
         loop {
             let Taken {
+                id,
                 delivery,
                 _permit: slot,
             } = current;
-            self.handle_or_interrupt(&delivery).await;
+            self.handle(&delivery).await;
+            lock(&self.in_flight).remove(&id);
             // Dropped before the task waits: a delivery whose settlement failed holds one of
             // the subscription's in-flight permits until it is dropped, and an idle task
             // that kept it would starve the worker of deliveries.
@@ -794,9 +786,6 @@ impl Worker {
         }
     }
 
-    /// Waits for the runs in progress until the drain's deadline; past it, interrupts them
-    /// (see [`handle_or_interrupt`](Self::handle_or_interrupt)) and gives back what still
-    /// waits in a lane, then waits for every task to end.
     async fn drain(&self, mut tasks: JoinSet<()>) -> DrainReport {
         let deadline = lock(&self.shared.deadline).unwrap_or_else(Instant::now);
         let finished = tokio::time::timeout_at(deadline, async {
@@ -804,66 +793,32 @@ impl Worker {
         })
         .await
         .is_ok();
+        let mut report = DrainReport::default();
         if !finished {
-            self.interrupt.fire();
-            // Queued behind a running event of their key: never started.
-            let queued: Vec<Taken> = lock(&self.lanes)
-                .drain()
-                .flat_map(|(_, queue)| queue)
-                .collect();
-            for taken in &queued {
-                self.give_back_interrupted(&taken.delivery).await;
-            }
-            drop(queued);
+            tasks.abort_all();
             while tasks.join_next().await.is_some() {}
+            let left: Vec<Arc<Delivery>> = lock(&self.in_flight).drain().map(|(_, d)| d).collect();
+            lock(&self.lanes).clear();
+            for delivery in left {
+                if delivery.is_settled() {
+                    continue;
+                }
+                report.interrupted += 1;
+                if delivery.attempt() < delivery.max_attempts()
+                    && let Err(e) = delivery.nack(None).await
+                {
+                    tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
+                }
+                // On the last attempt a nack would dead-letter an event that did not fail:
+                // it is left to its visibility timeout instead.
+            }
         }
-        DrainReport {
-            interrupted: self.interrupted.load(Ordering::Acquire),
-        }
+        report
     }
 
     async fn process(self: Arc<Self>, taken: Taken) {
-        self.handle_or_interrupt(&taken.delivery).await;
-    }
-
-    /// Handles `delivery`, unless the drain's deadline passes first: a run still waiting
-    /// then is dropped, a delivery taken but not yet run is not started, and either is given
-    /// back ([`give_back_interrupted`](Self::give_back_interrupted)).
-    async fn handle_or_interrupt(&self, delivery: &Delivery) {
-        if !self.interrupt.fired() && self.unless_interrupted(self.handle(delivery)).await {
-            return;
-        }
-        self.give_back_interrupted(delivery).await;
-    }
-
-    /// Runs `run` to its end (`true`), or drops it when the worker is interrupted while it
-    /// waits (`false`). The interrupt is looked at only after `run` returned pending: a run
-    /// that finishes in its first poll pays nothing for it.
-    async fn unless_interrupted(&self, run: impl Future<Output = ()>) -> bool {
-        let mut run = std::pin::pin!(run);
-        let mut interrupt = std::pin::pin!(self.interrupt.token.cancelled());
-        std::future::poll_fn(|cx| {
-            if run.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(true);
-            }
-            interrupt.as_mut().poll(cx).map(|()| false)
-        })
-        .await
-    }
-
-    /// A delivery the drain's deadline cut short, unless it was settled: counted in the
-    /// report and nacked for redelivery now, or, on its last attempt, left to its visibility
-    /// timeout (a nack would dead-letter an event that did not fail).
-    async fn give_back_interrupted(&self, delivery: &Delivery) {
-        if delivery.is_settled() {
-            return;
-        }
-        self.interrupted.fetch_add(1, Ordering::AcqRel);
-        if delivery.attempt() < delivery.max_attempts()
-            && let Err(e) = delivery.nack(None).await
-        {
-            tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
-        }
+        self.handle(&taken.delivery).await;
+        lock(&self.in_flight).remove(&taken.id);
     }
 
     async fn handle(&self, delivery: &Delivery) {
