@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_support::*;
-use evbus::bus::{Bus, Emit, Message};
+use evbus::bus::{Bus, Emit, HandlerBuilder, Message};
 use evbus::layer::{Fault, Faults, LayerExt};
 use evbus::{ErrorKind, Transport};
 use tokio::sync::Semaphore;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 /// Runs each listed case as two tests, `NAME::current_thread` and `NAME::multi_threaded`: on
 /// a current-thread runtime unordered handlers run inline, on a multi-threaded one on the
@@ -365,33 +365,42 @@ async fn shutdown_lets_running_handlers_finish_before_closing() {
     );
 }
 
+/// What a [`reporting`] handler reports of each event it starts.
+type Started = (&'static str, Option<String>, u32);
+
+/// A handler of `orderPlaced` in group `g` on `bus` that reports each event it starts as
+/// (`name`, subject, attempt), then finishes the run if `finish`, else never.
+fn reporting(
+    bus: &Bus,
+    name: &'static str,
+    tx: UnboundedSender<Started>,
+    finish: bool,
+) -> HandlerBuilder {
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let subject = msg.event().subject().map(str::to_owned);
+        let _ = tx.send((name, subject, msg.attempt()));
+        async move {
+            if !finish {
+                futures::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    })
+}
+
 async fn at_the_deadline_a_still_running_event_is_nacked_to_another_instance() {
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
-    let tx_a = tx.clone();
-    let stuck = a
-        .on("orderPlaced", "g", move |msg: Message| {
-            let _ = tx_a.send(("a", msg.attempt()));
-            futures::future::pending()
-        })
-        .start()
-        .await
-        .unwrap();
+    let stuck = reporting(&a, "a", tx.clone(), false).start().await.unwrap();
     a.emit("orderPlaced", placed("o-1")).await.unwrap();
-    assert_eq!(recv(&mut rx).await, ("a", 1));
+    assert_eq!(recv(&mut rx).await, ("a", None, 1));
 
     let report = stuck.shutdown(Duration::from_millis(200)).await;
     assert_eq!(report.interrupted, 1);
     assert!(!stuck.is_running());
-    b.on("orderPlaced", "g", move |msg: Message| {
-        let _ = tx.send(("b", msg.attempt()));
-        async { Ok(()) }
-    })
-    .start()
-    .await
-    .unwrap();
-    assert_eq!(recv(&mut rx).await, ("b", 2));
+    reporting(&b, "b", tx, true).start().await.unwrap();
+    assert_eq!(recv(&mut rx).await, ("b", None, 2));
     expect_nothing(&mut rx).await;
 }
 
@@ -402,12 +411,7 @@ async fn at_the_deadline_an_ordered_handler_gives_back_the_running_event_and_tho
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
-    let tx_a = tx.clone();
-    let stuck = a
-        .on("orderPlaced", "g", move |msg: Message| {
-            let _ = tx_a.send(("a", msg.event().subject().map(str::to_owned), msg.attempt()));
-            futures::future::pending()
-        })
+    let stuck = reporting(&a, "a", tx.clone(), false)
         .ordered_by_key(true)
         .concurrency(4)
         .start()
@@ -425,14 +429,11 @@ async fn at_the_deadline_an_ordered_handler_gives_back_the_running_event_and_tho
 
     let report = stuck.shutdown(Duration::from_millis(200)).await;
     assert_eq!(report.interrupted, 3);
-    b.on("orderPlaced", "g", move |msg: Message| {
-        let _ = tx.send(("b", msg.event().subject().map(str::to_owned), msg.attempt()));
-        async { Ok(()) }
-    })
-    .ordered_by_key(true)
-    .start()
-    .await
-    .unwrap();
+    reporting(&b, "b", tx, true)
+        .ordered_by_key(true)
+        .start()
+        .await
+        .unwrap();
     let mut got = Vec::new();
     for _ in 0..3 {
         got.push(recv(&mut rx).await);
