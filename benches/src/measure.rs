@@ -54,6 +54,9 @@ pub(crate) struct RunArgs {
     /// Events per throughput run (overrides the adapter's default).
     #[arg(long)]
     events: Option<usize>,
+    /// Events per `publish-c64` and `publish-batch` run (overrides the adapter's default).
+    #[arg(long)]
+    burst_events: Option<usize>,
     /// Compare with the peer libraries instead of the raw clients (`peer ...` lines): each
     /// peer on the adapters it supports ([`carriers::PEERS`]).
     #[arg(long)]
@@ -508,6 +511,9 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         if let Some(events) = args.events {
             plan.events = events.max(1);
             plan.latency_events = plan.latency_events.min(plan.events);
+        }
+        if let Some(burst) = args.burst_events {
+            plan.burst_events = burst.max(1);
         }
         match runtime.block_on(run_adapter(&adapter, plan, peer)) {
             Ok(result) => {
