@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use evbus_gateway::store::{
-    Attempt, DeliveryOutcome, Ingested, NewEvent, PublishClaim, Signal, Store,
+    Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PublishClaim, Signal, Store,
 };
 use evbus_gateway::{KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookRecord};
 
@@ -646,6 +646,93 @@ async fn claim_limits(f: &Fixture) {
     assert!(c.iter().all(|d| d.webhook_id != "wh_3"), "{c:?}");
 }
 
+/// A claim reads each endpoint's own first due deliveries: another endpoint's long backlog,
+/// due earlier, neither hides a later endpoint's delivery nor changes the order each
+/// endpoint's deliveries go in; retries not yet due wait, expired leases come back in due
+/// order; `next_due` is the earliest of an enabled endpoint's pending deliveries and the
+/// leases.
+async fn claims_read_each_endpoint_past_a_backlog(f: &Fixture) {
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let t = now();
+    for i in 0..150 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    // Registered after the backlog: it gets only the last event.
+    s.insert_webhook(&webhook("wh_2", "k2", &[ORDER]))
+        .await
+        .unwrap();
+    logged(ingest(s, "last", ORDER, t + Duration::milliseconds(5)).await);
+    let at = t + Duration::seconds(1);
+    let lease = at + Duration::seconds(30);
+
+    let first = s.claim_deliveries(at, lease, &[], 3, 100, 4).await.unwrap();
+    let by = |c: &[Delivery], w: &str| -> Vec<i64> {
+        let mut ids: Vec<i64> = c
+            .iter()
+            .filter(|d| d.webhook_id == w)
+            .map(|d| d.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(by(&first, "wh_2").len(), 1, "{first:?}");
+    let wh_1 = by(&first, "wh_1");
+    assert_eq!(wh_1.len(), 3, "{first:?}");
+    // wh_1's three oldest deliveries, in order: the rest of its backlog comes after them.
+    let second = f
+        .other
+        .claim_deliveries(at, lease, &[], 3, 100, 10)
+        .await
+        .unwrap();
+    let next = by(&second, "wh_1");
+    assert_eq!(next.len(), 3, "{second:?}");
+    assert!(
+        wh_1.iter().all(|a| next.iter().all(|b| a < b)),
+        "{wh_1:?} then {next:?}"
+    );
+    assert!(
+        by(&second, "wh_2").is_empty(),
+        "wh_2 had one delivery: {second:?}"
+    );
+
+    // The first wh_1 delivery fails and is retried later; the second is delivered; the third
+    // is left to its lease (its instance stopped).
+    let retry_at = at + Duration::seconds(10);
+    s.finish_delivery(wh_1[0], DeliveryOutcome::RetryAt(retry_at))
+        .await
+        .unwrap();
+    s.finish_delivery(wh_1[1], DeliveryOutcome::Delivered)
+        .await
+        .unwrap();
+    // Still 144 pending and due at `t` for wh_1: the earliest due.
+    assert_eq!(s.next_due().await.unwrap(), Some(t));
+    let after_lease = lease + Duration::milliseconds(1);
+    let third = s
+        .claim_deliveries(
+            after_lease,
+            after_lease + Duration::seconds(30),
+            &[],
+            3,
+            100,
+            10,
+        )
+        .await
+        .unwrap();
+    let again = by(&third, "wh_1");
+    // Every lease of the first two claims expired: they rank with wh_1's pending deliveries
+    // by due time, then id. The third of the first claim is the oldest left (the second was
+    // delivered); the retry, due after the whole backlog, waits its turn.
+    assert_eq!(again, vec![wh_1[2], next[0], next[1]], "{third:?}");
+    assert_eq!(
+        by(&third, "wh_2").len(),
+        1,
+        "wh_2's expired lease: {third:?}"
+    );
+}
+
 async fn finish_and_attempts(f: &Fixture) {
     let s = &*f.store;
     s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
@@ -916,6 +1003,7 @@ suite!(
     events_after_pages,
     claims_are_exclusive_and_leases_expire,
     claim_limits,
+    claims_read_each_endpoint_past_a_backlog,
     finish_and_attempts,
     replay_is_idempotent,
     cursor_key_is_shared,

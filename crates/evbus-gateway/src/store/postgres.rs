@@ -678,28 +678,42 @@ impl Store for PostgresStore {
         sqlx::query("SELECT name FROM turns WHERE name = 'claim' FOR UPDATE")
             .execute(&mut *tx)
             .await?;
-        // The ranking of the SQLite store (`rn` within an endpoint, `rn_owner` within an
-        // owner key, owners taking turns); the rows picked are then locked, skipping any row
-        // another instance is settling right now, and checked due again.
+        // The ranking of the SQLite store over the same candidates (each enabled endpoint's
+        // first `per_webhook` due deliveries, read through its index, and the expired
+        // leases; `rn` within an endpoint, `rn_owner` within an owner key, owners taking
+        // turns); the rows picked are then locked, skipping any row another instance is
+        // settling right now, and checked due again.
         let rows = sqlx::query(
-            "WITH picked AS (
+            "WITH held AS (
+               SELECT w.owner_key_id AS owner, COUNT(*) AS n
+               FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+               WHERE d.state = 'in_flight' AND d.lease_until >= $1
+               GROUP BY w.owner_key_id
+             ),
+             picked AS (
                SELECT c.id FROM (
                  SELECT id, next_attempt_at, owner, rn,
                         ROW_NUMBER() OVER (PARTITION BY owner ORDER BY rn, next_attempt_at, id) AS rn_owner
                  FROM (
-                   SELECT d.id, d.next_attempt_at, w.owner_key_id AS owner,
-                          ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id) AS rn
-                   FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                   WHERE w.enabled
-                     AND ((d.state = 'pending' AND d.next_attempt_at <= $1)
-                          OR (d.state = 'in_flight' AND d.lease_until < $1))
-                     AND NOT (d.webhook_id = ANY ($3))
+                   SELECT id, next_attempt_at, owner,
+                          ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
+                   FROM (
+                     SELECT d.id, w.id AS webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                     FROM webhooks w CROSS JOIN LATERAL (
+                       SELECT d3.id, d3.next_attempt_at FROM deliveries d3
+                       WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= $1
+                       ORDER BY d3.next_attempt_at, d3.id LIMIT $4
+                     ) d
+                     WHERE w.enabled AND NOT (w.id = ANY ($3))
+                     UNION ALL
+                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                     FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                     WHERE d.state = 'in_flight' AND d.lease_until < $1
+                       AND w.enabled AND NOT (w.id = ANY ($3))
+                   ) candidates
                  ) r WHERE rn <= $4
-               ) c
-               WHERE c.rn_owner <= $5 - (
-                 SELECT COUNT(*) FROM deliveries d2 JOIN webhooks w2 ON w2.id = d2.webhook_id
-                 WHERE w2.owner_key_id = c.owner AND d2.state = 'in_flight' AND d2.lease_until >= $1
-               )
+               ) c LEFT JOIN held h ON h.owner = c.owner
+               WHERE c.rn_owner <= $5 - COALESCE(h.n, 0)
                ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT $6
              ),
              locked AS (
@@ -742,9 +756,17 @@ impl Store for PostgresStore {
 
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>> {
         let due: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(COALESCE(CASE WHEN d.state = 'in_flight' THEN d.lease_until END, d.next_attempt_at))
-             FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-             WHERE w.enabled AND d.state IN ('pending', 'in_flight')",
+            // Each enabled endpoint's first pending delivery (through its index) and the
+            // earliest lease: not a scan of every pending delivery.
+            "SELECT MIN(due) FROM (
+               SELECT (SELECT d.next_attempt_at FROM deliveries d
+                       WHERE d.webhook_id = w.id AND d.state = 'pending'
+                       ORDER BY d.next_attempt_at LIMIT 1) AS due
+               FROM webhooks w WHERE w.enabled
+               UNION ALL
+               SELECT MIN(d.lease_until) FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+               WHERE d.state = 'in_flight' AND w.enabled
+             ) dues",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -532,28 +532,46 @@ impl Store for SqliteStore {
             to_json(busy),
             [per_webhook, per_owner, limit].map(i64::from),
         );
-        // `rn`: the rank of a delivery within its endpoint; `rn_owner`: within its owner key,
-        // endpoints taking turns. An owner gets what `per_owner` leaves after its unexpired
-        // leases, and owners take turns (ordered by `rn_owner` first).
+        // The candidates: each enabled endpoint's first `per_webhook` due deliveries, read
+        // through its index (not every due delivery: a claim costs the same however long the
+        // backlog), and the deliveries whose lease expired (an instance stopped mid-attempt;
+        // at most what the instances had in flight). `rn`: the rank of a candidate within its
+        // endpoint; `rn_owner`: within its owner key, endpoints taking turns. An owner gets
+        // what `per_owner` leaves after its unexpired leases (`held`), and owners take turns
+        // (ordered by `rn_owner` first). The in-flight rows are read through their own index
+        // (`INDEXED BY`): they are few, and a planner guessing otherwise would scan the
+        // whole outbox.
         const CLAIM: &str = "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
              WHERE id IN (
-               SELECT id FROM (
+               WITH held AS MATERIALIZED (
+                 SELECT w.owner_key_id AS owner, COUNT(*) AS n
+                 FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
+                 WHERE d.state = 'in_flight' AND d.lease_until >= ?1
+                 GROUP BY w.owner_key_id
+               )
+               SELECT c.id FROM (
                  SELECT id, next_attempt_at, owner, rn,
                         ROW_NUMBER() OVER (PARTITION BY owner ORDER BY rn, next_attempt_at, id) AS rn_owner
                  FROM (
-                   SELECT d.id, d.next_attempt_at, w.owner_key_id AS owner,
-                          ROW_NUMBER() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id) AS rn
-                   FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                   WHERE w.enabled = 1
-                     AND ((d.state = 'pending' AND d.next_attempt_at <= ?1)
-                          OR (d.state = 'in_flight' AND d.lease_until < ?1))
-                     AND d.webhook_id NOT IN (SELECT value FROM json_each(?3))
+                   SELECT id, next_attempt_at, owner,
+                          ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
+                   FROM (
+                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                     FROM webhooks w CROSS JOIN deliveries d ON d.id IN (
+                       SELECT d3.id FROM deliveries d3
+                       WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= ?1
+                       ORDER BY d3.next_attempt_at, d3.id LIMIT ?4
+                     )
+                     WHERE w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
+                     UNION ALL
+                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                     FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
+                     WHERE d.state = 'in_flight' AND d.lease_until < ?1
+                       AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
+                   )
                  ) WHERE rn <= ?4
-               ) c
-               WHERE c.rn_owner <= ?5 - (
-                 SELECT COUNT(*) FROM deliveries d2 JOIN webhooks w2 ON w2.id = d2.webhook_id
-                 WHERE w2.owner_key_id = c.owner AND d2.state = 'in_flight' AND d2.lease_until >= ?1
-               )
+               ) c LEFT JOIN held h ON h.owner = c.owner
+               WHERE c.rn_owner <= ?5 - COALESCE(h.n, 0)
                ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT ?6
              )
              RETURNING id, webhook_id, event_seq, attempts";
@@ -596,9 +614,18 @@ impl Store for SqliteStore {
 
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>> {
         let row = sqlx::query(
-            "SELECT MIN(COALESCE(CASE WHEN d.state = 'in_flight' THEN d.lease_until END, d.next_attempt_at)) AS due
-             FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-             WHERE w.enabled = 1 AND d.state IN ('pending', 'in_flight')",
+            // Each enabled endpoint's first pending delivery (through its index) and the
+            // earliest lease: not a scan of every pending delivery.
+            "SELECT MIN(due) AS due FROM (
+               SELECT (SELECT d.next_attempt_at FROM deliveries d
+                       WHERE d.webhook_id = w.id AND d.state = 'pending'
+                       ORDER BY d.next_attempt_at LIMIT 1) AS due
+               FROM webhooks w WHERE w.enabled = 1
+               UNION ALL
+               SELECT MIN(d.lease_until)
+               FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
+               WHERE d.state = 'in_flight' AND w.enabled = 1
+             )",
         )
         .fetch_one(&self.pool)
         .await?;
