@@ -1,8 +1,8 @@
 //! Webhook deliveries: the dispatcher that drains the outbox, one attempt, the retry
 //! schedule, endpoint disabling; and the `/v1/webhooks` handlers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -24,19 +24,21 @@ use crate::{State, curation, signing};
 const RESPONSE_LOG_BYTES: usize = 1024;
 
 /// The dispatcher loop: claims due deliveries and runs them, bounded per endpoint, per owner
-/// key (so one key's slow endpoints leave room for other keys) and in all.
+/// key (so one key's slow endpoints leave room for other keys) and in all. The bounds per
+/// endpoint and per key count the leases of every instance sharing the store (the claim
+/// counts them), so an endpoint gets its next delivery as soon as one of its attempts ends;
+/// the bound in all is this instance's.
 pub(crate) async fn dispatcher(state: Arc<State>) {
-    let in_flight: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    // This instance's attempts running.
+    let in_flight = Arc::new(AtomicU32::new(0));
     let cfg = &state.config;
     loop {
         if state.cancel.is_cancelled() {
             return;
         }
-        let (busy, total): (Vec<String>, u32) = {
-            let map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            (map.keys().cloned().collect(), map.values().sum())
-        };
-        let room = cfg.max_in_flight.saturating_sub(total);
+        let room = cfg
+            .max_in_flight
+            .saturating_sub(in_flight.load(Ordering::Acquire));
         if room > 0 {
             let now = State::now();
             let lease = now + chrono::Duration::from_std(lease(cfg)).unwrap_or_default();
@@ -45,7 +47,7 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
                 .claim_deliveries(
                     now,
                     lease,
-                    &busy,
+                    &[],
                     cfg.max_in_flight_per_endpoint.max(1),
                     cfg.max_in_flight_per_key.max(1),
                     room,
@@ -54,11 +56,7 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
             {
                 Ok(claimed) => {
                     for delivery in claimed {
-                        *in_flight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(delivery.webhook_id.clone())
-                            .or_default() += 1;
+                        in_flight.fetch_add(1, Ordering::AcqRel);
                         let st = Arc::clone(&state);
                         let in_flight = Arc::clone(&in_flight);
                         state.tasks.spawn(async move {
@@ -66,14 +64,7 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
                             if let Err(e) = attempt(&st, delivery).await {
                                 tracing::warn!(webhook = %webhook_id, error = %e, "webhook delivery bookkeeping failed");
                             }
-                            let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(n) = map.get_mut(&webhook_id) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    map.remove(&webhook_id);
-                                }
-                            }
-                            drop(map);
+                            in_flight.fetch_sub(1, Ordering::AcqRel);
                             st.dispatch.notify_one();
                         });
                     }

@@ -553,15 +553,17 @@ async fn claims_are_exclusive_and_leases_expire(f: &Fixture) {
     for i in 0..40 {
         logged(ingest(s, &format!("e{i}"), ORDER, t).await);
     }
-    // Two instances claim at once, many times: no delivery twice.
+    // Two instances claim at once, many times, a few each time (every lease counts against
+    // `per_webhook`, so it is high enough to let the claims drain the outbox): no delivery
+    // twice.
     let at = t + Duration::seconds(1);
     let lease = at + Duration::seconds(30);
     let mut taken = HashSet::new();
     let mut total = 0;
     loop {
         let (a, b) = tokio::join!(
-            f.store.claim_deliveries(at, lease, &[], 2, 100, 5),
-            f.other.claim_deliveries(at, lease, &[], 2, 100, 5),
+            f.store.claim_deliveries(at, lease, &[], 40, 100, 5),
+            f.other.claim_deliveries(at, lease, &[], 40, 100, 5),
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         if a.is_empty() && b.is_empty() {
@@ -648,9 +650,9 @@ async fn claim_limits(f: &Fixture) {
 
 /// A claim reads each endpoint's own first due deliveries: another endpoint's long backlog,
 /// due earlier, neither hides a later endpoint's delivery nor changes the order each
-/// endpoint's deliveries go in; retries not yet due wait, expired leases come back in due
-/// order; `next_due` is the earliest of an enabled endpoint's pending deliveries and the
-/// leases.
+/// endpoint's deliveries go in; the leases any instance holds count against `per_webhook`;
+/// retries not yet due wait, expired leases come back in due order; `next_due` is the
+/// earliest of an enabled endpoint's pending deliveries and the leases.
 async fn claims_read_each_endpoint_past_a_backlog(f: &Fixture) {
     let s = &*f.store;
     s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
@@ -681,10 +683,18 @@ async fn claims_read_each_endpoint_past_a_backlog(f: &Fixture) {
     assert_eq!(by(&first, "wh_2").len(), 1, "{first:?}");
     let wh_1 = by(&first, "wh_1");
     assert_eq!(wh_1.len(), 3, "{first:?}");
-    // wh_1's three oldest deliveries, in order: the rest of its backlog comes after them.
+    // Its three leases are all `per_webhook` 3 allows wh_1, whichever instance claims.
+    assert!(
+        f.other
+            .claim_deliveries(at, lease, &[], 3, 100, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // With room for six, three more: wh_1's next oldest, the rest of its backlog after them.
     let second = f
         .other
-        .claim_deliveries(at, lease, &[], 3, 100, 10)
+        .claim_deliveries(at, lease, &[], 6, 100, 10)
         .await
         .unwrap();
     let next = by(&second, "wh_1");

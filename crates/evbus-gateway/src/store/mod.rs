@@ -340,10 +340,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_event(&self, seq: i64) -> StoreResult<Option<StoredEvent>>;
 
     /// Atomically claims due deliveries of enabled webhooks (pending and due, or in flight
-    /// with an expired lease) until `lease_until`: at most `per_webhook` per endpoint, none
-    /// for the endpoints in `busy`, at most `limit` in all, and for the endpoints of one owner
-    /// key at most `per_owner` in flight (counting unexpired leases already held, by any
+    /// with an expired lease) until `lease_until`: none for the endpoints in `busy`, at most
+    /// `limit` in all, at most `per_webhook` in flight per endpoint and `per_owner` for the
+    /// endpoints of one owner key (both counting the unexpired leases already held, by any
     /// instance). Owners take turns: every owner's first delivery before any owner's second.
+    /// Each endpoint's deliveries are claimed in due order (then id).
     #[allow(clippy::too_many_arguments)]
     async fn claim_deliveries(
         &self,

@@ -681,38 +681,45 @@ impl Store for PostgresStore {
         // The ranking of the SQLite store over the same candidates (each enabled endpoint's
         // first `per_webhook` due deliveries, read through its index, and the expired
         // leases; `rn` within an endpoint, `rn_owner` within an owner key, owners taking
-        // turns); the rows picked are then locked, skipping any row another instance is
-        // settling right now, and checked due again.
+        // turns, the leases every instance holds counted against `per_webhook` and
+        // `per_owner`); the rows picked are then locked, skipping any row another instance
+        // is settling right now, and checked due again.
         let rows = sqlx::query(
             "WITH held AS (
-               SELECT w.owner_key_id AS owner, COUNT(*) AS n
+               SELECT d.webhook_id, w.owner_key_id AS owner, COUNT(*) AS n
                FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
                WHERE d.state = 'in_flight' AND d.lease_until >= $1
-               GROUP BY w.owner_key_id
+               GROUP BY d.webhook_id, w.owner_key_id
+             ),
+             held_owner AS (
+               SELECT owner, SUM(n)::BIGINT AS n FROM held GROUP BY owner
              ),
              picked AS (
                SELECT c.id FROM (
                  SELECT id, next_attempt_at, owner, rn,
                         ROW_NUMBER() OVER (PARTITION BY owner ORDER BY rn, next_attempt_at, id) AS rn_owner
                  FROM (
-                   SELECT id, next_attempt_at, owner,
-                          ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
-                   FROM (
-                     SELECT d.id, w.id AS webhook_id, d.next_attempt_at, w.owner_key_id AS owner
-                     FROM webhooks w CROSS JOIN LATERAL (
-                       SELECT d3.id, d3.next_attempt_at FROM deliveries d3
-                       WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= $1
-                       ORDER BY d3.next_attempt_at, d3.id LIMIT $4
-                     ) d
-                     WHERE w.enabled AND NOT (w.id = ANY ($3))
-                     UNION ALL
-                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
-                     FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                     WHERE d.state = 'in_flight' AND d.lease_until < $1
-                       AND w.enabled AND NOT (w.id = ANY ($3))
-                   ) candidates
-                 ) r WHERE rn <= $4
-               ) c LEFT JOIN held h ON h.owner = c.owner
+                   SELECT r.id, r.next_attempt_at, r.owner, r.rn FROM (
+                     SELECT id, webhook_id, next_attempt_at, owner,
+                            ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
+                     FROM (
+                       SELECT d.id, w.id AS webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                       FROM webhooks w CROSS JOIN LATERAL (
+                         SELECT d3.id, d3.next_attempt_at FROM deliveries d3
+                         WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= $1
+                         ORDER BY d3.next_attempt_at, d3.id LIMIT $4
+                       ) d
+                       WHERE w.enabled AND NOT (w.id = ANY ($3))
+                       UNION ALL
+                       SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                       FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                       WHERE d.state = 'in_flight' AND d.lease_until < $1
+                         AND w.enabled AND NOT (w.id = ANY ($3))
+                     ) candidates
+                   ) r LEFT JOIN held hw ON hw.webhook_id = r.webhook_id
+                   WHERE r.rn <= $4 - COALESCE(hw.n, 0)
+                 ) within_endpoints
+               ) c LEFT JOIN held_owner h ON h.owner = c.owner
                WHERE c.rn_owner <= $5 - COALESCE(h.n, 0)
                ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT $6
              ),

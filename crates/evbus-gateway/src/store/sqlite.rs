@@ -536,41 +536,49 @@ impl Store for SqliteStore {
         // through its index (not every due delivery: a claim costs the same however long the
         // backlog), and the deliveries whose lease expired (an instance stopped mid-attempt;
         // at most what the instances had in flight). `rn`: the rank of a candidate within its
-        // endpoint; `rn_owner`: within its owner key, endpoints taking turns. An owner gets
-        // what `per_owner` leaves after its unexpired leases (`held`), and owners take turns
-        // (ordered by `rn_owner` first). The in-flight rows are read through their own index
-        // (`INDEXED BY`): they are few, and a planner guessing otherwise would scan the
-        // whole outbox.
+        // endpoint; `rn_owner`: within its owner key, endpoints taking turns. An endpoint
+        // gets what `per_webhook` leaves after its unexpired leases (`held`, by any
+        // instance), an owner what `per_owner` leaves after its own (`held_owner`), and
+        // owners take turns (ordered by `rn_owner` first). The in-flight rows are read
+        // through their own index (`INDEXED BY`): they are few, and a planner guessing
+        // otherwise would scan the whole outbox; `CROSS JOIN` keeps the endpoints the outer
+        // loop (without statistics SQLite would otherwise scan the deliveries).
         const CLAIM: &str = "UPDATE deliveries SET state = 'in_flight', lease_until = ?2
              WHERE id IN (
                WITH held AS MATERIALIZED (
-                 SELECT w.owner_key_id AS owner, COUNT(*) AS n
+                 SELECT d.webhook_id, w.owner_key_id AS owner, COUNT(*) AS n
                  FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
                  WHERE d.state = 'in_flight' AND d.lease_until >= ?1
-                 GROUP BY w.owner_key_id
+                 GROUP BY d.webhook_id
+               ),
+               held_owner AS MATERIALIZED (
+                 SELECT owner, SUM(n) AS n FROM held GROUP BY owner
                )
                SELECT c.id FROM (
                  SELECT id, next_attempt_at, owner, rn,
                         ROW_NUMBER() OVER (PARTITION BY owner ORDER BY rn, next_attempt_at, id) AS rn_owner
                  FROM (
-                   SELECT id, next_attempt_at, owner,
-                          ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
-                   FROM (
-                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
-                     FROM webhooks w CROSS JOIN deliveries d ON d.id IN (
-                       SELECT d3.id FROM deliveries d3
-                       WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= ?1
-                       ORDER BY d3.next_attempt_at, d3.id LIMIT ?4
+                   SELECT r.id, r.next_attempt_at, r.owner, r.rn FROM (
+                     SELECT id, webhook_id, next_attempt_at, owner,
+                            ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn
+                     FROM (
+                       SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                       FROM webhooks w CROSS JOIN deliveries d ON d.id IN (
+                         SELECT d3.id FROM deliveries d3
+                         WHERE d3.webhook_id = w.id AND d3.state = 'pending' AND d3.next_attempt_at <= ?1
+                         ORDER BY d3.next_attempt_at, d3.id LIMIT ?4
+                       )
+                       WHERE w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
+                       UNION ALL
+                       SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
+                       FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
+                       WHERE d.state = 'in_flight' AND d.lease_until < ?1
+                         AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
                      )
-                     WHERE w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
-                     UNION ALL
-                     SELECT d.id, d.webhook_id, d.next_attempt_at, w.owner_key_id AS owner
-                     FROM deliveries d INDEXED BY deliveries_lease JOIN webhooks w ON w.id = d.webhook_id
-                     WHERE d.state = 'in_flight' AND d.lease_until < ?1
-                       AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?3))
-                   )
-                 ) WHERE rn <= ?4
-               ) c LEFT JOIN held h ON h.owner = c.owner
+                   ) r LEFT JOIN held hw ON hw.webhook_id = r.webhook_id
+                   WHERE r.rn <= ?4 - COALESCE(hw.n, 0)
+                 )
+               ) c LEFT JOIN held_owner h ON h.owner = c.owner
                WHERE c.rn_owner <= ?5 - COALESCE(h.n, 0)
                ORDER BY c.rn_owner, c.next_attempt_at, c.id LIMIT ?6
              )
