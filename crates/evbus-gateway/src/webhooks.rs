@@ -56,15 +56,14 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
             {
                 Ok(claimed) => {
                     for delivery in claimed {
-                        in_flight.fetch_add(1, Ordering::AcqRel);
+                        let running = Running::start(&in_flight);
                         let st = Arc::clone(&state);
-                        let in_flight = Arc::clone(&in_flight);
                         state.tasks.spawn(async move {
                             let webhook_id = delivery.webhook_id.clone();
                             if let Err(e) = attempt(&st, delivery).await {
                                 tracing::warn!(webhook = %webhook_id, error = %e, "webhook delivery bookkeeping failed");
                             }
-                            in_flight.fetch_sub(1, Ordering::AcqRel);
+                            drop(running);
                             st.dispatch.notify_one();
                         });
                     }
@@ -82,6 +81,23 @@ pub(crate) async fn dispatcher(state: Arc<State>) {
             _ = state.dispatch.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// One of this instance's attempts, counted in the dispatcher's `in_flight` until its task
+/// ends, however it ends: an attempt that panics must not hold a slot for good.
+struct Running(Arc<AtomicU32>);
+
+impl Running {
+    fn start(in_flight: &Arc<AtomicU32>) -> Self {
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        Running(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -611,6 +627,19 @@ pub(crate) async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_attempt_that_panics_gives_its_slot_back() {
+        let in_flight = Arc::new(AtomicU32::new(0));
+        let running = Running::start(&in_flight);
+        assert_eq!(in_flight.load(Ordering::Acquire), 1);
+        let task = tokio::spawn(async move {
+            let _running = running;
+            panic!("a bug in an attempt");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(in_flight.load(Ordering::Acquire), 0, "the slot came back");
+    }
 
     #[test]
     fn backoff_follows_the_schedule_with_bounded_jitter() {
