@@ -161,6 +161,70 @@ async fn routed_types_share_one_topic_in_emit_order() {
 }
 
 #[tokio::test]
+async fn a_batch_across_topics_keeps_each_topics_order_and_every_attribute() {
+    let broker = broker();
+    let mut b = catalog_builder();
+    b.strict(false);
+    let bus = Bus::builder(Arc::new(broker.connect()), b.freeze().unwrap())
+        .source("/test/shop")
+        .route(["orderPlaced", "orderCanceled"], "orders")
+        .build();
+    let mut orders = probe(&bus, "orders").await;
+    let mut other = probe(&bus, "stockCounted").await;
+
+    let canceled = json!({"orderId": "o-1", "reason": "r"});
+    let ids = bus
+        .emit_batch([
+            Emit::new("orderPlaced", placed("o-1")),
+            // A type outside the catalogue (permissive): its own topic, no `dataschema`.
+            Emit::new("stockCounted", json!({"sku": "s-1", "count": 3})),
+            Emit::new("orderCanceled", canceled.clone()).source("/test/returns"),
+            Emit::new("stockCounted", json!({"sku": "s-2", "count": 0})).key("s-2"),
+            Emit::new("orderPlaced", placed("o-2")).subject("orders/o-2"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 5);
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next(&mut orders).await.event().clone());
+    }
+    let placed_schema = got[0].dataschema().map(str::to_owned);
+    assert!(
+        placed_schema.is_some(),
+        "a catalogued type carries its schema"
+    );
+    let seen: Vec<(&str, &str, &str, Option<&str>)> = got
+        .iter()
+        .map(|e| (e.id(), e.ty(), e.source(), e.subject()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ids[0].as_str(), "orderPlaced", "/test/shop", None),
+            (ids[2].as_str(), "orderCanceled", "/test/returns", None),
+            (
+                ids[4].as_str(),
+                "orderPlaced",
+                "/test/shop",
+                Some("orders/o-2")
+            ),
+        ]
+    );
+    assert_eq!(got[1].json::<serde_json::Value>().unwrap(), canceled);
+
+    let first = next(&mut other).await.event().clone();
+    let second = next(&mut other).await.event().clone();
+    assert_eq!((first.id(), first.ty()), (ids[1].as_str(), "stockCounted"));
+    assert_eq!(first.dataschema(), None);
+    assert_eq!(
+        (second.id(), second.partition_key()),
+        (ids[3].as_str(), Some("s-2"))
+    );
+}
+
+#[tokio::test]
 async fn emit_after_shutdown_fails_with_closed() {
     let broker = broker();
     let bus = bus(&broker);

@@ -1,5 +1,6 @@
 //! Emitting: validate, build the envelope, publish, return once the transport confirmed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -187,8 +188,10 @@ impl Bus {
     /// Emits one [`Emit`] (with a key, subject or extensions); returns the event id.
     pub async fn send(&self, mut emit: Emit) -> Result<String> {
         let ty = std::mem::take(&mut emit.ty);
-        self.send_prepared(&ty, |bus, span, _| bus.prepare_as(&ty, emit, span))
-            .await
+        self.send_prepared(&ty, |bus, span, entry| {
+            bus.prepare_as(&ty, emit, span, entry)
+        })
+        .await
     }
 
     /// Publishes the event `prepare` builds (in the `evbus.emit` span) for type `ty`.
@@ -256,25 +259,45 @@ impl Bus {
         let span = tracing::info_span!("evbus.emit", otel.kind = "producer", batch = emits.len(),);
         async {
             let prepared = self.prepare_all(emits, &tracing::Span::current(), "published")?;
-            // Group by topic, keeping each topic's events in the order given.
-            let mut by_topic: Vec<(String, Vec<Event>)> = Vec::new();
-            for event in &prepared {
-                let name = self.topic_name(event.ty());
-                match by_topic.iter_mut().find(|(t, _)| *t == name) {
-                    Some((_, events)) => events.push(event.clone()),
-                    None => by_topic.push((name, vec![event.clone()])),
-                }
+            // Group by topic, keeping each topic's events in the order given. A catalogued
+            // type's entry gives its topic (borrowed), its cached topic handle and its
+            // metrics: one lookup per event, made when it was prepared.
+            let mut by_topic: Vec<Batch<'_>> = Vec::new();
+            for (event, entry) in &prepared {
+                let name = match entry {
+                    Some(entry) => Cow::Borrowed(entry.topic.as_str()),
+                    None => Cow::Owned(self.topic_name(event.ty())),
+                };
+                let batch = match by_topic.iter().position(|b| b.topic == name) {
+                    Some(at) => &mut by_topic[at],
+                    None => {
+                        by_topic.push(Batch {
+                            topic: name,
+                            events: Vec::new(),
+                            entries: Vec::new(),
+                        });
+                        by_topic.last_mut().expect("just pushed")
+                    }
+                };
+                batch.events.push(event.clone());
+                batch.entries.push(*entry);
             }
-            for (name, events) in &by_topic {
-                self.topic(name).await?.publish_batch(events).await?;
-                for event in events {
-                    match self.inner.types.get(event.ty()) {
+            for batch in &by_topic {
+                // Every type of a topic opens the same topic: the first catalogued one's
+                // cached handle serves them all.
+                let topic = match batch.entries.iter().flatten().next() {
+                    Some(entry) => self.type_topic(entry).await?,
+                    None => self.topic(&batch.topic).await?,
+                };
+                topic.publish_batch(&batch.events).await?;
+                for (event, entry) in batch.events.iter().zip(&batch.entries) {
+                    match entry {
                         Some(entry) => entry.metrics.emitted(),
                         None => telemetry::emitted(event.ty()),
                     }
                 }
             }
-            Ok(prepared.iter().map(|e| e.id().to_owned()).collect())
+            Ok(prepared.iter().map(|(e, _)| e.id().to_owned()).collect())
         }
         .instrument(span)
         .await
@@ -297,7 +320,8 @@ impl Bus {
     /// [`emit_batch`](Self::emit_batch) reports them) and no event.
     pub fn prepare_events(&self, emits: impl IntoIterator<Item = Emit>) -> Result<Vec<Event>> {
         self.ensure_open()?;
-        self.prepare_all(emits, &tracing::Span::current(), "prepared")
+        let prepared = self.prepare_all(emits, &tracing::Span::current(), "prepared")?;
+        Ok(prepared.into_iter().map(|(event, _)| event).collect())
     }
 
     /// Every event prepared, or a validation error naming each invalid one; `outcome` says
@@ -307,13 +331,14 @@ impl Bus {
         emits: impl IntoIterator<Item = Emit>,
         span: &tracing::Span,
         outcome: &str,
-    ) -> Result<Vec<Event>> {
+    ) -> Result<Vec<(Event, Option<&TypeEntry>)>> {
         let mut problems = Vec::new();
         let mut prepared = Vec::new();
-        for (i, emit) in emits.into_iter().enumerate() {
-            let ty = emit.ty.clone();
-            match self.prepare(emit, span) {
-                Ok(event) => prepared.push(event),
+        for (i, mut emit) in emits.into_iter().enumerate() {
+            let ty = std::mem::take(&mut emit.ty);
+            let entry = self.inner.types.get(ty.as_str());
+            match self.prepare_as(&ty, emit, span, entry) {
+                Ok(event) => prepared.push((event, entry)),
                 Err(e) if e.kind() == ErrorKind::Validation => {
                     problems.push(format!("event {i} ({ty}): {}", e.message()));
                 }
@@ -337,11 +362,19 @@ impl Bus {
     /// Validates and builds the envelope (not published).
     fn prepare(&self, mut emit: Emit, span: &tracing::Span) -> Result<Event> {
         let ty = std::mem::take(&mut emit.ty);
-        self.prepare_as(&ty, emit, span)
+        let entry = self.inner.types.get(ty.as_str());
+        self.prepare_as(&ty, emit, span, entry)
     }
 
-    /// [`prepare`](Self::prepare) of `emit` whose type, `ty`, was taken out of it.
-    fn prepare_as(&self, ty: &str, emit: Emit, span: &tracing::Span) -> Result<Event> {
+    /// [`prepare`](Self::prepare) of `emit` whose type, `ty`, was taken out of it; `entry`
+    /// is the catalogue's entry of `ty`, if it has one.
+    fn prepare_as(
+        &self,
+        ty: &str,
+        emit: Emit,
+        span: &tracing::Span,
+        entry: Option<&TypeEntry>,
+    ) -> Result<Event> {
         for (name, value) in [("id", &emit.id), ("source", &emit.source)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(Error::invalid_event(format!(
@@ -350,8 +383,13 @@ impl Bus {
             }
         }
         let validated = self.inner.catalog.validate(ty, &emit.data)?;
-        let source = emit.source.as_deref().unwrap_or(&*self.inner.source);
-        let mut builder = Event::builder(ty, source).json_value(&emit.data);
+        // The type and source texts are shared with the bus where they can be, not copied.
+        let source = match emit.source {
+            Some(source) => Text::Owned(source),
+            None => Text::Shared(Arc::clone(&self.inner.source)),
+        };
+        let mut builder =
+            Event::builder_shared(type_text(ty, entry), source).json_value(&emit.data);
         if let Some(id) = emit.id {
             builder = builder.id(id);
         }
@@ -390,12 +428,8 @@ impl Bus {
             .catalog
             .validate(ty, value.unwrap_or(&Value::Null))?;
         // The type and source texts are shared with the bus, not copied.
-        let ty = match entry {
-            Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
-            None => Text::Owned(ty.to_owned()),
-        };
         let source = Text::Shared(Arc::clone(&self.inner.source));
-        let mut builder = Event::builder_shared(ty, source).data_json(bytes);
+        let mut builder = Event::builder_shared(type_text(ty, entry), source).data_json(bytes);
         if let Some(uri) = validated.dataschema() {
             builder = builder.dataschema(uri);
         }
@@ -416,4 +450,21 @@ impl Bus {
         let bytes = json_bytes(data).unwrap_or_default();
         self.prepare_encoded(ty, bytes, Some(data), span, entry)
     }
+}
+
+/// The text of type `ty` for an event: shared with `entry`, the type's catalogue entry, or a
+/// copy for a type outside the catalogue.
+fn type_text(ty: &str, entry: Option<&TypeEntry>) -> Text {
+    match entry {
+        Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
+        None => Text::Owned(ty.to_owned()),
+    }
+}
+
+/// The events of one topic in [`Bus::emit_batch`].
+struct Batch<'a> {
+    topic: Cow<'a, str>,
+    events: Vec<Event>,
+    /// The catalogue entry of each event's type, if it has one.
+    entries: Vec<Option<&'a TypeEntry>>,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use evbus::bus::{Bus, RetryPolicy};
 use evbus::memory::MemoryBroker;
-use evbus::{Catalog, ConsumerOptions, Event, Subscription, Transport};
+use evbus::{Catalog, CatalogBuilder, ConsumerOptions, Event, Subscription, Transport};
 use serde_json::json;
 
 /// Bound for anything expected to happen.
@@ -15,6 +15,11 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// `orderPlaced {orderId, total >= 0}`, `orderCanceled {orderId, reason}`.
 pub fn catalog() -> Catalog {
+    catalog_builder().freeze().unwrap()
+}
+
+/// [`catalog`]'s builder, before it is frozen.
+pub fn catalog_builder() -> CatalogBuilder {
     let mut b = Catalog::builder();
     b.register_json(
         "orderPlaced",
@@ -34,7 +39,7 @@ pub fn catalog() -> Catalog {
         }),
     )
     .unwrap();
-    b.freeze().unwrap()
+    b
 }
 
 /// A new broker; `connect()` opens another "instance" on it.
