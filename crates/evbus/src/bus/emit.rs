@@ -1,6 +1,5 @@
 //! Emitting: validate, build the envelope, publish, return once the transport confirmed.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -211,16 +210,12 @@ impl Bus {
             Some(_) => None,
             None => self.find_other_type(ty),
         };
-        let routed: Option<&str> = match entry {
-            Some(entry) => Some(&entry.topic),
-            None => self.inner.routes.get(ty).map(String::as_str),
-        };
         let span = tracing::info_span!(
             "evbus.emit",
             otel.kind = "producer",
             event.r#type = %ty,
             event.id = tracing::field::Empty,
-            topic = %routed.unwrap_or(ty),
+            topic = %self.topic_of(ty, entry),
         );
         let publish = async {
             let event = prepare(self, &span, entry.or(other.as_deref()))?;
@@ -260,14 +255,11 @@ impl Bus {
         async {
             let prepared = self.prepare_all(emits, &tracing::Span::current(), "published")?;
             // Group by topic, keeping each topic's events in the order given. A catalogued
-            // type's entry gives its topic (borrowed), its cached topic handle and its
-            // metrics: one lookup per event, made when it was prepared.
+            // type's entry gives its topic, its cached topic handle and its metrics: one
+            // lookup per event, made when it was prepared.
             let mut by_topic: Vec<Batch<'_>> = Vec::new();
             for (event, entry) in &prepared {
-                let name = match entry {
-                    Some(entry) => Cow::Borrowed(entry.topic.as_str()),
-                    None => Cow::Owned(self.topic_name(event.ty())),
-                };
+                let name = self.topic_of(event.ty(), *entry);
                 let batch = match by_topic.iter().position(|b| b.topic == name) {
                     Some(at) => &mut by_topic[at],
                     None => {
@@ -287,7 +279,7 @@ impl Bus {
                 // cached handle serves them all.
                 let topic = match batch.entries.iter().flatten().next() {
                     Some(entry) => self.type_topic(entry).await?,
-                    None => self.topic(&batch.topic).await?,
+                    None => self.topic(batch.topic).await?,
                 };
                 topic.publish_batch(&batch.events).await?;
                 for (event, entry) in batch.events.iter().zip(&batch.entries) {
@@ -450,6 +442,15 @@ impl Bus {
         let bytes = json_bytes(data).unwrap_or_default();
         self.prepare_encoded(ty, bytes, Some(data), span, entry)
     }
+
+    /// The topic type `ty` is published to, `entry` being its catalogue entry if it has one
+    /// (which holds the same name): [`topic_name`](Self::topic_name) without a copy.
+    pub(super) fn topic_of<'a>(&'a self, ty: &'a str, entry: Option<&'a TypeEntry>) -> &'a str {
+        match entry {
+            Some(entry) => &entry.topic,
+            None => self.inner.routes.get(ty).map_or(ty, String::as_str),
+        }
+    }
 }
 
 /// The text of type `ty` for an event: shared with `entry`, the type's catalogue entry, or a
@@ -463,7 +464,7 @@ fn type_text(ty: &str, entry: Option<&TypeEntry>) -> Text {
 
 /// The events of one topic in [`Bus::emit_batch`].
 struct Batch<'a> {
-    topic: Cow<'a, str>,
+    topic: &'a str,
     events: Vec<Event>,
     /// The catalogue entry of each event's type, if it has one.
     entries: Vec<Option<&'a TypeEntry>>,

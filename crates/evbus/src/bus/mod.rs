@@ -275,11 +275,7 @@ impl Bus {
 
     /// The topic events of type `ty` are published to: its route, or the type name.
     pub fn topic_name(&self, ty: &str) -> String {
-        self.inner
-            .routes
-            .get(ty)
-            .cloned()
-            .unwrap_or_else(|| ty.to_owned())
+        self.topic_of(ty, None).to_owned()
     }
 
     /// The subscription a handler of `ty` in `group` consumes: `group` when the type's topic
