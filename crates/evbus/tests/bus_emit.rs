@@ -356,3 +356,28 @@ async fn emit_json_of_data_json_cannot_express_fails_and_publishes_nothing() {
     assert_eq!(d.event().dataschema(), None);
     assert_eq!(d.event().data().map(|b| &b[..]), Some(&b"[1,2,3]"[..]));
 }
+
+#[tokio::test]
+async fn an_emit_does_nothing_until_its_future_is_polled() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let mut sub = probe(&bus, "orderPlaced").await;
+
+    // Made and dropped unpolled: nothing is published.
+    drop(bus.emit("orderPlaced", placed("o-dropped")));
+    drop(bus.emit_json("orderPlaced", &placed("o-dropped-json")));
+    let kept = bus.emit("orderPlaced", placed("o-kept")).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event().id(), kept);
+    assert_eq!(
+        d.event().json::<serde_json::Value>().unwrap(),
+        placed("o-kept")
+    );
+
+    // Made before the shutdown, polled after it: the Bus is closed by then.
+    let late = bus.emit("orderPlaced", placed("o-late"));
+    let late_json = bus.emit_json("orderPlaced", &placed("o-late-json"));
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(late.await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(late_json.await.unwrap_err().kind(), ErrorKind::Closed);
+}

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures::FutureExt;
+use futures::future::Either;
 use serde::Serialize;
 use serde_json::Value;
 use tracing::Instrument;
@@ -158,13 +160,10 @@ impl Bus {
         data: &T,
     ) -> impl Future<Output = Result<String>> + Send + 'a {
         let encoded = self.encode(ty, data);
-        async move {
+        self.send_when_polled(ty, move |bus, span, entry| {
             let (bytes, value) = encoded?;
-            self.send_prepared(ty, |bus, span, entry| {
-                bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
-            })
-            .await
-        }
+            bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
+        })
     }
 
     /// `data`'s JSON bytes and, when the catalogue has a schema for `ty`, its [`Value`] to
@@ -194,11 +193,42 @@ impl Bus {
     }
 
     /// Publishes the event `prepare` builds (in the `evbus.emit` span) for type `ty`.
-    async fn send_prepared(
-        &self,
+    ///
+    /// Everything before the publish (the type's entry, the span, `prepare`) runs when this is
+    /// called, and the future returned holds only what the publish needs: the event, its
+    /// type's entry, the span and the emit's shutdown token. An emit's future is moved into
+    /// place once or twice per emit, and every task awaiting one carries it, so its size is
+    /// paid per emit (`prepare` and its captured data used to be part of it).
+    fn send_prepared<'a>(
+        &'a self,
         ty: &str,
         prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event>,
-    ) -> Result<String> {
+    ) -> impl Future<Output = Result<String>> + Send + 'a {
+        match self.prepare_send(ty, prepare) {
+            Ok((prepared, span)) => {
+                Either::Left(telemetry::within_owned(span, prepared.publish(self)))
+            }
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
+    }
+
+    /// [`send_prepared`](Self::send_prepared) once the future is first polled, as an `async`
+    /// block would, but the future is either the closure (before) or the publish (after),
+    /// never both: an `async` block keeps what it captured next to what it awaits.
+    fn send_when_polled<'a>(
+        &'a self,
+        ty: &'a str,
+        prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event> + Send + 'a,
+    ) -> impl Future<Output = Result<String>> + Send + 'a {
+        futures::future::lazy(move |_| self.send_prepared(ty, prepare)).flatten()
+    }
+
+    /// The part of [`send_prepared`](Self::send_prepared) that does not wait.
+    fn prepare_send<'a>(
+        &'a self,
+        ty: &str,
+        prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event>,
+    ) -> Result<(Prepared<'a>, tracing::Span)> {
         self.ensure_open()?;
         let _token = self.inner.emits.token();
         // One lookup: the type's topic (borrowed, no allocation per emit), its cached handle
@@ -217,28 +247,27 @@ impl Bus {
             event.id = tracing::field::Empty,
             topic = %self.topic_of(ty, entry),
         );
-        let publish = async {
-            let event = prepare(self, &span, entry.or(other.as_deref()))?;
-            if !span.is_disabled() {
-                span.record("event.id", event.id());
-            }
-            let made;
-            let entry: &TypeEntry = match (entry, other.as_deref()) {
-                (Some(entry), _) | (None, Some(entry)) => entry,
-                (None, None) => {
-                    made = self.other_type(ty);
-                    &made
-                }
-            };
-            let topic = self.type_topic(entry).await?;
-            match topic.try_publish_now(&event) {
-                Some(published) => published?,
-                None => topic.publish(&event).await?,
-            }
-            entry.metrics.emitted();
-            Ok(event.id().to_owned())
+        let event = {
+            // Not held across an await: the publish is instrumented with the span instead.
+            let _in_span = span.enter();
+            prepare(self, &span, entry.or(other.as_deref()))?
         };
-        telemetry::within(&span, publish).await
+        if !span.is_disabled() {
+            span.record("event.id", event.id());
+        }
+        let entry = match (entry, other) {
+            (Some(entry), _) => EntryRef::Catalogued(entry),
+            (None, Some(other)) => EntryRef::Other(other),
+            (None, None) => EntryRef::Other(self.other_type(ty)),
+        };
+        Ok((
+            Prepared {
+                _token,
+                entry,
+                event,
+            },
+            span,
+        ))
     }
 
     /// Emits several events; returns their ids in the same order.
@@ -459,6 +488,59 @@ fn type_text(ty: &str, entry: Option<&TypeEntry>) -> Text {
     match entry {
         Some(entry) => Text::Shared(Arc::clone(&entry.ty)),
         None => Text::Owned(ty.to_owned()),
+    }
+}
+
+/// An emit ready to publish (see [`Bus::send_prepared`]).
+struct Prepared<'a> {
+    /// Holds the Bus's shutdown back until the publish is done.
+    _token: tokio_util::task::task_tracker::TaskTrackerToken,
+    entry: EntryRef<'a>,
+    event: Event,
+}
+
+impl<'a> Prepared<'a> {
+    /// Publishes the event to its type's topic; its id once the transport accepted it.
+    ///
+    /// An `async` block rather than an `async fn`, which would keep a second copy of `self`;
+    /// nothing but the topic is held across the awaits.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of `self` in its future"
+    )]
+    fn publish(self, bus: &'a Bus) -> impl Future<Output = Result<String>> + Send + 'a {
+        async move {
+            let topic = bus.type_topic(&self.entry).await?;
+            let waiting = match topic.try_publish_now(&self.event) {
+                Some(published) => {
+                    published?;
+                    None
+                }
+                None => Some(topic.publish(&self.event)),
+            };
+            if let Some(publish) = waiting {
+                publish.await?;
+            }
+            self.entry.metrics.emitted();
+            Ok(self.event.id().to_owned())
+        }
+    }
+}
+
+/// The entry of an event's type: the catalogue's, or the one made for a type outside it.
+enum EntryRef<'a> {
+    Catalogued(&'a TypeEntry),
+    Other(Arc<TypeEntry>),
+}
+
+impl std::ops::Deref for EntryRef<'_> {
+    type Target = TypeEntry;
+
+    fn deref(&self) -> &TypeEntry {
+        match self {
+            EntryRef::Catalogued(entry) => entry,
+            EntryRef::Other(entry) => entry,
+        }
     }
 }
 

@@ -329,7 +329,9 @@ impl Bus {
         if let Some(topic) = entry.handle.get() {
             return Ok(Arc::clone(topic));
         }
-        let topic = self.topic(&entry.topic).await?;
+        // Opened once per type: boxed, so that every emit's future does not carry the state of
+        // opening a topic (the emit future is moved into place once or twice per emit).
+        let topic = Box::pin(self.topic(&entry.topic)).await?;
         Ok(Arc::clone(entry.handle.get_or_init(|| topic)))
     }
 

@@ -75,6 +75,7 @@ pub(super) fn inject(builder: EventBuilder, span: &tracing::Span) -> EventBuilde
 /// Runs `work` inside `span`; when no subscriber wants the span (it is disabled), runs it as
 /// it is: entering and leaving a disabled span on every poll records nothing but costs
 /// (tracing's `log` fallback looks at the logger each time).
+#[inline]
 pub(super) fn within<F: Future>(
     span: &tracing::Span,
     work: F,
@@ -83,6 +84,19 @@ pub(super) fn within<F: Future>(
         Either::Left(work)
     } else {
         Either::Right(work.instrument(span.clone()))
+    }
+}
+
+/// [`within`] for a span the work can have: no clone of it.
+#[inline]
+pub(super) fn within_owned<F: Future>(
+    span: tracing::Span,
+    work: F,
+) -> Either<F, tracing::instrument::Instrumented<F>> {
+    if span.is_disabled() {
+        Either::Left(work)
+    } else {
+        Either::Right(work.instrument(span))
     }
 }
 
