@@ -599,8 +599,13 @@ impl EventBuilder {
     }
     /// Sets `dataschema`.
     pub fn dataschema(mut self, uri: impl Into<String>) -> Self {
-        self.event.dataschema = Some(uri.into());
+        self.set_dataschema(uri.into());
         self
+    }
+
+    /// [`dataschema`](Self::dataschema) in place (see [`set_data_json`](Self::set_data_json)).
+    pub(crate) fn set_dataschema(&mut self, uri: String) {
+        self.event.dataschema = Some(uri);
     }
     /// Sets `subject`.
     pub fn subject(mut self, subject: impl Into<String>) -> Self {
@@ -635,7 +640,8 @@ impl EventBuilder {
         self
     }
 
-    fn set_extension(&mut self, name: &str, value: String) {
+    /// [`extension`](Self::extension) in place (see [`set_data_json`](Self::set_data_json)).
+    pub(crate) fn set_extension(&mut self, name: &str, value: String) {
         match check_extension_name(name) {
             Ok(()) => {
                 self.event.extensions.insert(name.to_owned(), value);
@@ -656,9 +662,15 @@ impl EventBuilder {
     }
     /// Sets data already written as JSON.
     pub(crate) fn data_json(mut self, bytes: Bytes) -> Self {
+        self.set_data_json(bytes);
+        self
+    }
+
+    /// [`data_json`](Self::data_json) in place. The builder holds every field of the event
+    /// by value: each by-value setter moves them all, so the Bus's emit sets in place.
+    pub(crate) fn set_data_json(&mut self, bytes: Bytes) {
         self.event.data = Some(bytes);
         self.event.datacontenttype = Some(Cow::Borrowed(APPLICATION_JSON));
-        self
     }
     /// Sets the data bytes and their media type.
     pub fn data(mut self, media_type: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
@@ -676,7 +688,8 @@ impl EventBuilder {
         if let Some(message) = self.error {
             return Err(Error::invalid_event(message));
         }
-        let e = self.event;
+        // Checked where they are, then moved once, into the event's allocation.
+        let e = &self.event;
         if e.id.is_empty() {
             return Err(Error::invalid_event("attribute `id` must not be empty"));
         }
@@ -697,7 +710,9 @@ impl EventBuilder {
                 )));
             }
         }
-        Ok(Event { inner: Arc::new(e) })
+        Ok(Event {
+            inner: Arc::new(self.event),
+        })
     }
 }
 

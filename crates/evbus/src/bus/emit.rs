@@ -450,11 +450,13 @@ impl Bus {
             .validate(ty, value.unwrap_or(&Value::Null))?;
         // The type and source texts are shared with the bus, not copied.
         let source = Text::Shared(Arc::clone(&self.inner.source));
-        let mut builder = Event::builder_shared(type_text(ty, entry), source).data_json(bytes);
+        // Set in place: each by-value builder call would move every field of the event.
+        let mut builder = Event::builder_shared(type_text(ty, entry), source);
+        builder.set_data_json(bytes);
         if let Some(uri) = validated.dataschema() {
-            builder = builder.dataschema(uri);
+            builder.set_dataschema(uri.to_owned());
         }
-        builder = telemetry::inject(builder, span);
+        telemetry::inject_into(&mut builder, span);
         builder.build()
     }
 

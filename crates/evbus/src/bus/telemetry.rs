@@ -50,25 +50,28 @@ mod otel {
 }
 
 /// Writes the trace context of `span` into the event being built.
-pub(super) fn inject(builder: EventBuilder, span: &tracing::Span) -> EventBuilder {
+pub(super) fn inject(mut builder: EventBuilder, span: &tracing::Span) -> EventBuilder {
+    inject_into(&mut builder, span);
+    builder
+}
+
+/// [`inject`] in place.
+pub(super) fn inject_into(builder: &mut EventBuilder, span: &tracing::Span) {
     #[cfg(feature = "opentelemetry")]
     {
         // A disabled span (no subscriber wants it) has no OpenTelemetry context to write.
         if span.is_disabled() {
-            return builder;
+            return;
         }
-        let mut builder = builder;
         for (name, value) in otel::carrier_of(span) {
             if !value.is_empty() {
-                builder = builder.extension(&name, value);
+                builder.set_extension(&name, value);
             }
         }
-        builder
     }
     #[cfg(not(feature = "opentelemetry"))]
     {
-        let _ = span;
-        builder
+        let _ = (builder, span);
     }
 }
 
