@@ -205,9 +205,7 @@ impl Bus {
         prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event>,
     ) -> impl Future<Output = Result<String>> + Send + 'a {
         match self.prepare_send(ty, prepare) {
-            Ok((prepared, span)) => {
-                Either::Left(telemetry::within_owned(span, prepared.publish(self)))
-            }
+            Ok((prepared, span)) => Either::Left(telemetry::within(span, prepared.publish(self))),
             Err(e) => Either::Right(std::future::ready(Err(e))),
         }
     }

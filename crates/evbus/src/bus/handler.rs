@@ -873,9 +873,9 @@ impl Worker {
         );
         telemetry::adopt(&span, event);
         if self.ordered && event.partition_key().is_some() {
-            telemetry::within(&span, self.run_in_place(delivery, parsed)).await;
+            telemetry::within(span, self.run_in_place(delivery, parsed)).await;
         } else {
-            telemetry::within(&span, self.run_once(delivery, parsed)).await;
+            telemetry::within(span, self.run_once(delivery, parsed)).await;
         }
     }
 

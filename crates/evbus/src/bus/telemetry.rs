@@ -80,19 +80,6 @@ pub(super) fn inject_into(builder: &mut EventBuilder, span: &tracing::Span) {
 /// (tracing's `log` fallback looks at the logger each time).
 #[inline]
 pub(super) fn within<F: Future>(
-    span: &tracing::Span,
-    work: F,
-) -> Either<F, tracing::instrument::Instrumented<F>> {
-    if span.is_disabled() {
-        Either::Left(work)
-    } else {
-        Either::Right(work.instrument(span.clone()))
-    }
-}
-
-/// [`within`] for a span the work can have: no clone of it.
-#[inline]
-pub(super) fn within_owned<F: Future>(
     span: tracing::Span,
     work: F,
 ) -> Either<F, tracing::instrument::Instrumented<F>> {
