@@ -160,10 +160,16 @@ impl Bus {
         data: &T,
     ) -> impl Future<Output = Result<String>> + Send + 'a {
         let encoded = self.encode(ty, data);
-        self.send_when_polled(ty, move |bus, span, entry| {
-            let (bytes, value) = encoded?;
-            bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
+        // The rest when first polled, as an `async` block would do it; but the future is
+        // either this closure (before) or the publish (after), never both: an `async` block
+        // keeps what it captured next to what it awaits.
+        futures::future::lazy(move |_| {
+            self.send_prepared(ty, move |bus, span, entry| {
+                let (bytes, value) = encoded?;
+                bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
+            })
         })
+        .flatten()
     }
 
     /// `data`'s JSON bytes and, when the catalogue has a schema for `ty`, its [`Value`] to
@@ -208,17 +214,6 @@ impl Bus {
             Ok((prepared, span)) => Either::Left(telemetry::within(span, prepared.publish(self))),
             Err(e) => Either::Right(std::future::ready(Err(e))),
         }
-    }
-
-    /// [`send_prepared`](Self::send_prepared) once the future is first polled, as an `async`
-    /// block would, but the future is either the closure (before) or the publish (after),
-    /// never both: an `async` block keeps what it captured next to what it awaits.
-    fn send_when_polled<'a>(
-        &'a self,
-        ty: &'a str,
-        prepare: impl FnOnce(&Self, &tracing::Span, Option<&TypeEntry>) -> Result<Event> + Send + 'a,
-    ) -> impl Future<Output = Result<String>> + Send + 'a {
-        futures::future::lazy(move |_| self.send_prepared(ty, prepare)).flatten()
     }
 
     /// The part of [`send_prepared`](Self::send_prepared) that does not wait.
@@ -427,7 +422,7 @@ impl Bus {
         for (name, value) in &emit.extensions {
             builder = builder.extension(name, value.clone());
         }
-        builder = telemetry::inject(builder, span);
+        telemetry::inject(&mut builder, span);
         builder.build()
     }
 
@@ -454,7 +449,7 @@ impl Bus {
         if let Some(uri) = validated.dataschema() {
             builder.set_dataschema(uri.to_owned());
         }
-        telemetry::inject_into(&mut builder, span);
+        telemetry::inject(&mut builder, span);
         builder.build()
     }
 

@@ -50,13 +50,7 @@ mod otel {
 }
 
 /// Writes the trace context of `span` into the event being built.
-pub(super) fn inject(mut builder: EventBuilder, span: &tracing::Span) -> EventBuilder {
-    inject_into(&mut builder, span);
-    builder
-}
-
-/// [`inject`] in place.
-pub(super) fn inject_into(builder: &mut EventBuilder, span: &tracing::Span) {
+pub(super) fn inject(builder: &mut EventBuilder, span: &tracing::Span) {
     #[cfg(feature = "opentelemetry")]
     {
         // A disabled span (no subscriber wants it) has no OpenTelemetry context to write.
