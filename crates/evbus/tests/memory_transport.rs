@@ -237,3 +237,46 @@ async fn a_bus_emit_to_a_full_memory_topic_waits_for_room() {
     let next = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(next.event().json::<u32>().unwrap(), 2);
 }
+
+/// Publishes signal waiting consumers only when some are registered: a consumer that starts
+/// waiting on another thread while events are published must still be woken for each of
+/// them (a lost wake-up leaves an event unconsumed until the next publish, here never).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumers_waiting_on_other_threads_are_woken_by_every_publish() {
+    const EVENTS: u32 = 2_000;
+    const CONSUMERS: usize = 4;
+    let transport = MemoryBroker::new(MemoryConfig::default()).connect();
+    let topic = transport.topic("wakeups").await.unwrap();
+    let mut consumers = Vec::new();
+    for _ in 0..CONSUMERS {
+        let mut subscription = topic
+            .subscribe(SubscribeOptions::named("workers"))
+            .await
+            .unwrap();
+        consumers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // Each consumer ends when no event reached it for a while after the last one.
+            while let Ok(Some(delivery)) =
+                timeout(Duration::from_millis(500), subscription.next()).await
+            {
+                let delivery = delivery.unwrap();
+                seen.push(delivery.event().json::<u32>().unwrap());
+                delivery.ack().await.unwrap();
+            }
+            seen
+        }));
+    }
+    // One at a time, often letting the consumers catch up and wait again in between.
+    for n in 0..EVENTS {
+        topic.publish(&event(n)).await.unwrap();
+        if n % 3 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut seen = Vec::new();
+    for consumer in consumers {
+        seen.extend(timeout(BOUND * 4, consumer).await.unwrap().unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>(), "each event once");
+}

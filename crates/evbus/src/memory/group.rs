@@ -221,6 +221,9 @@ pub(crate) struct Group {
     state: Mutex<GroupState>,
     /// Signalled when events become ready (publish, nack, delete).
     changed: Notify,
+    /// Consumers registered with `changed`: a publish signals it only when there are some
+    /// (a burst of publishes while every consumer is busy takes no lock of the `Notify`'s).
+    change_waiters: AtomicUsize,
     /// Signalled when room is freed (ack, dead-letter, delete).
     space: Notify,
     /// Publishers waiting for room: settlements signal `space` only when there are some.
@@ -234,6 +237,7 @@ impl Group {
             capacity,
             state: Mutex::new(GroupState::default()),
             changed: Notify::new(),
+            change_waiters: AtomicUsize::new(0),
             space: Notify::new(),
             space_waiters: AtomicUsize::new(0),
         })
@@ -268,6 +272,15 @@ impl Group {
         SpaceWaiter(self)
     }
 
+    /// Wakes the consumers waiting for events, if any. Call after changing the state (under
+    /// its lock, then released): a consumer counts itself before it registers with `changed`
+    /// and looks at the state again, so either it sees the change or this sees the count.
+    fn events_changed(&self) {
+        if self.change_waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
     /// Wakes the publishers waiting for room, if any.
     fn room_freed(&self) {
         if self.space_waiters.load(Ordering::SeqCst) > 0 {
@@ -286,7 +299,7 @@ impl Group {
                 });
             }
         }
-        self.changed.notify_waiters();
+        self.events_changed();
     }
 
     pub(crate) fn delete(&self) {
@@ -347,6 +360,22 @@ impl Group {
                 ),
             )),
         }
+    }
+}
+
+/// A consumer registered for new events (see [`Group::events_changed`]).
+struct ChangeWaiter<'a>(&'a Group);
+
+impl<'a> ChangeWaiter<'a> {
+    fn new(group: &'a Group) -> Self {
+        group.change_waiters.fetch_add(1, Ordering::SeqCst);
+        ChangeWaiter(group)
+    }
+}
+
+impl Drop for ChangeWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.change_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -426,6 +455,8 @@ impl Consumer {
                 Take::Deleted => return None,
                 Take::Wait(_) => {}
             }
+            // Counted before registering, so a publish after the look below signals.
+            let _waiting = ChangeWaiter::new(group);
             let changed = group.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -509,7 +540,7 @@ impl Acker for MemoryAcker {
         self.check_open()?;
         self.group
             .settle(tag, |state, entry| state.ready.push_front(entry))?;
-        self.group.changed.notify_waiters();
+        self.group.events_changed();
         Ok(())
     }
 
@@ -525,7 +556,7 @@ impl Acker for MemoryAcker {
             state.delayed.insert((Instant::now() + delay, key));
             state.delayed_entries.insert(key, entry);
         })?;
-        self.group.changed.notify_waiters();
+        self.group.events_changed();
         Ok(())
     }
 }
