@@ -108,7 +108,7 @@ struct Fields {
     id: String,
     source: Text,
     ty: Text,
-    time: Option<DateTime<Utc>>,
+    time: Option<Time>,
     datacontenttype: Option<Cow<'static, str>>,
     dataschema: Option<String>,
     subject: Option<String>,
@@ -139,7 +139,7 @@ impl Event {
                 id: new_id(&ID_CONTEXT, now),
                 source,
                 ty,
-                time: DateTime::from_timestamp(now.as_secs() as i64, now.subsec_nanos()),
+                time: Some(Time::Read(now)),
                 datacontenttype: None,
                 dataschema: None,
                 subject: None,
@@ -176,7 +176,7 @@ impl Event {
     }
     /// When the occurrence happened.
     pub fn time(&self) -> Option<DateTime<Utc>> {
-        self.inner.time
+        self.inner.time.and_then(Time::get)
     }
     /// The media type of [`data`](Self::data).
     pub fn datacontenttype(&self) -> Option<&str> {
@@ -305,7 +305,7 @@ impl Event {
             id: &self.inner.id,
             source: &self.inner.source,
             ty: &self.inner.ty,
-            time: self.inner.time.map(format_time),
+            time: self.time().map(format_time),
             datacontenttype: self.inner.datacontenttype.as_deref(),
             dataschema: self.inner.dataschema.as_deref(),
             subject: self.inner.subject.as_deref(),
@@ -427,7 +427,7 @@ impl fmt::Debug for Event {
         d.field("id", &self.inner.id)
             .field("source", &self.inner.source)
             .field("type", &self.inner.ty)
-            .field("time", &self.inner.time)
+            .field("time", &self.time())
             .field("datacontenttype", &self.inner.datacontenttype)
             .field("dataschema", &self.inner.dataschema)
             .field("subject", &self.inner.subject)
@@ -475,6 +475,44 @@ impl fmt::Debug for Text {
 impl fmt::Display for Text {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self)
+    }
+}
+
+/// An event's `time`: as given (or decoded), or the clock reading a new event was made at.
+///
+/// A reading is turned into a date only when someone asks for the time (an adapter writing
+/// it, a handler reading it): working out the calendar date of a timestamp is about a
+/// hundred instructions that an in-process event nobody asks the time of need not pay.
+#[derive(Clone, Copy)]
+enum Time {
+    Given(DateTime<Utc>),
+    /// Since the Unix epoch.
+    Read(std::time::Duration),
+}
+
+impl Time {
+    fn get(self) -> Option<DateTime<Utc>> {
+        match self {
+            Time::Given(time) => Some(time),
+            Time::Read(since_epoch) => {
+                DateTime::from_timestamp(since_epoch.as_secs() as i64, since_epoch.subsec_nanos())
+            }
+        }
+    }
+}
+
+impl PartialEq for Time {
+    /// The same instant, however it is held.
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Time {}
+
+impl fmt::Debug for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.get(), f)
     }
 }
 
@@ -580,7 +618,7 @@ impl EventBuilder {
     }
     /// Sets the time (or clears it with `None`).
     pub fn time(mut self, time: Option<DateTime<Utc>>) -> Self {
-        self.event.time = time;
+        self.event.time = time.map(Time::Given);
         self
     }
     /// Sets the time from an RFC 3339 string.
@@ -591,7 +629,7 @@ impl EventBuilder {
 
     fn set_time_str(&mut self, time: &str) {
         match parse_time(time) {
-            Ok(t) => self.event.time = Some(t),
+            Ok(t) => self.event.time = Some(Time::Given(t)),
             Err(e) => self.fail_in_place(format!(
                 "attribute `time` is not an RFC 3339 timestamp: {e}"
             )),
