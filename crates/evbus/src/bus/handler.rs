@@ -681,7 +681,8 @@ impl Worker {
             match key {
                 None if inline => {
                     let delivery = Arc::clone(&taken.delivery);
-                    let process = OptionFuture::from(Some(Arc::clone(&self).process(taken)));
+                    // Not in the drain's map unless it has to wait (below): no removal either.
+                    let process = OptionFuture::from(Some(Arc::clone(&self).run_taken(taken)));
                     let mut run = match spare_box.take() {
                         Some(mut run) => {
                             Pin::set(&mut run, process);
@@ -694,7 +695,10 @@ impl Worker {
                     if polled.is_pending() {
                         // It waits: it goes on in a task of its own, tracked for the drain.
                         lock(&self.in_flight).insert(id, delivery);
-                        tasks.spawn(run.map(drop));
+                        let worker = Arc::clone(&self);
+                        tasks.spawn(run.map(move |_| {
+                            lock(&worker.in_flight).remove(&id);
+                        }));
                     } else {
                         // Done: the finished run is dropped now, its box kept.
                         Pin::set(&mut run, OptionFuture::from(None));
@@ -819,6 +823,12 @@ impl Worker {
     async fn process(self: Arc<Self>, taken: Taken) {
         self.handle(&taken.delivery).await;
         lock(&self.in_flight).remove(&taken.id);
+    }
+
+    /// [`process`](Self::process) of a delivery not (yet) in the drain's map; its slot is
+    /// given back when `taken` goes.
+    async fn run_taken(self: Arc<Self>, taken: Taken) {
+        self.handle(&taken.delivery).await;
     }
 
     async fn handle(&self, delivery: &Delivery) {
