@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::{Bus, TypeEntry, telemetry};
 use crate::envelope::{Event, Text, json_bytes};
 use crate::error::{Error, ErrorKind, Result};
-use crate::schema::EventType;
+use crate::schema::{EventType, EventTypeInfo};
 
 /// One event to emit: its type, its JSON data and optional envelope attributes.
 ///
@@ -165,28 +165,29 @@ impl Bus {
         // keeps what it captured next to what it awaits.
         futures::future::lazy(move |_| {
             self.send_prepared(ty, move |bus, span, entry| {
-                let (bytes, value) = encoded?;
-                bus.prepare_encoded(ty, bytes, value.as_ref(), span, entry)
+                let (bytes, checked) = encoded?;
+                let checked = checked.as_ref().map(|(value, info)| (value, *info));
+                bus.prepare_encoded(ty, bytes, checked, span, entry)
             })
         })
         .flatten()
     }
 
     /// `data`'s JSON bytes and, when the catalogue has a schema for `ty`, its [`Value`] to
-    /// validate.
+    /// validate with that schema's entry (the one lookup of `ty` in the catalogue).
     fn encode<T: Serialize + ?Sized>(
         &self,
         ty: &str,
         data: &T,
-    ) -> Result<(bytes::Bytes, Option<Value>)> {
+    ) -> Result<(bytes::Bytes, Option<(Value, &EventTypeInfo)>)> {
         let failed = |e: serde_json::Error| {
             Error::invalid_event(format!("`{ty}` data cannot be serialised as JSON: {e}"))
         };
-        let value = match self.inner.catalog.contains(ty) {
-            true => Some(serde_json::to_value(data).map_err(failed)?),
-            false => None,
+        let checked = match self.inner.catalog.get(ty) {
+            Some(info) => Some((serde_json::to_value(data).map_err(failed)?, info)),
+            None => None,
         };
-        Ok((json_bytes(data).map_err(failed)?, value))
+        Ok((json_bytes(data).map_err(failed)?, checked))
     }
 
     /// Emits one [`Emit`] (with a key, subject or extensions); returns the event id.
@@ -426,21 +427,22 @@ impl Bus {
         builder.build()
     }
 
-    /// [`prepare_data`](Self::prepare_data) of data already written as JSON `bytes`; `value`
-    /// is the same data to validate, present when the catalogue has `ty` (the only case in
-    /// which [`Catalog::validate`](crate::Catalog::validate) reads the data).
+    /// [`prepare_data`](Self::prepare_data) of data already written as JSON `bytes`;
+    /// `checked` is the same data to validate with `ty`'s catalogue entry, present when the
+    /// catalogue has `ty` (the only case in which validation reads the data).
     fn prepare_encoded(
         &self,
         ty: &str,
         bytes: bytes::Bytes,
-        value: Option<&Value>,
+        checked: Option<(&Value, &EventTypeInfo)>,
         span: &tracing::Span,
         entry: Option<&TypeEntry>,
     ) -> Result<Event> {
-        let validated = self
-            .inner
-            .catalog
-            .validate(ty, value.unwrap_or(&Value::Null))?;
+        let catalog = &self.inner.catalog;
+        let validated = match checked {
+            Some((value, info)) => catalog.validate_found(ty, Some(info), value),
+            None => catalog.validate_found(ty, None, &Value::Null),
+        }?;
         // The type and source texts are shared with the bus, not copied.
         let source = Text::Shared(Arc::clone(&self.inner.source));
         // Set in place: each by-value builder call would move every field of the event.
@@ -464,7 +466,8 @@ impl Bus {
     ) -> Result<Event> {
         // A `Value` has string keys and finite numbers only: writing it cannot fail.
         let bytes = json_bytes(data).unwrap_or_default();
-        self.prepare_encoded(ty, bytes, Some(data), span, entry)
+        let checked = self.inner.catalog.get(ty).map(|info| (data, info));
+        self.prepare_encoded(ty, bytes, checked, span, entry)
     }
 
     /// The topic type `ty` is published to, `entry` being its catalogue entry if it has one

@@ -393,12 +393,19 @@ impl Catalog {
     /// Unregistered types fail in a strict catalogue and pass unchecked (with no version) in
     /// a permissive one. On failure, every violation is reported at once.
     pub fn validate(&self, ty: &str, data: &Value) -> Result<Validated<'_>, ValidationErrors> {
-        match self.inner.types.get(ty) {
-            Some(t) => {
-                let v = t.latest();
-                v.validate(data)?;
-                Ok(Validated::of(v))
-            }
+        self.validate_found(ty, self.inner.types.get(ty), data)
+    }
+
+    /// [`validate`](Self::validate) with `ty` looked up already: `info` is its entry here, or
+    /// `None` when this catalogue does not have it.
+    pub(crate) fn validate_found<'c>(
+        &'c self,
+        ty: &str,
+        info: Option<&'c EventTypeInfo>,
+        data: &Value,
+    ) -> Result<Validated<'c>, ValidationErrors> {
+        match info {
+            Some(t) => Self::validate_as(t, None, data),
             None if self.inner.strict => Err(self.unknown(ty)),
             None => Ok(Validated::UNCHECKED),
         }
@@ -413,20 +420,30 @@ impl Catalog {
         data: &Value,
     ) -> Result<Validated<'_>, ValidationErrors> {
         match self.inner.types.get(ty) {
-            Some(t) => match t.version(version) {
-                Some(v) => {
-                    v.validate(data)?;
-                    Ok(Validated::of(v))
-                }
-                None => Err(ValidationErrors::unknown_version(
-                    ty,
-                    version,
-                    t.versions.iter().map(|v| v.version).collect(),
-                )),
-            },
+            Some(t) => Self::validate_as(t, Some(version), data),
             None if self.inner.strict => Err(self.unknown(ty)),
             None => Ok(Validated::UNCHECKED),
         }
+    }
+
+    /// Validates `data` as `version` of `info` (its latest when `None`).
+    fn validate_as<'c>(
+        info: &'c EventTypeInfo,
+        version: Option<u32>,
+        data: &Value,
+    ) -> Result<Validated<'c>, ValidationErrors> {
+        let schema = match version {
+            None => info.latest(),
+            Some(version) => info.version(version).ok_or_else(|| {
+                ValidationErrors::unknown_version(
+                    &info.name,
+                    version,
+                    info.versions.iter().map(|v| v.version).collect(),
+                )
+            })?,
+        };
+        schema.validate(data)?;
+        Ok(Validated::of(schema))
     }
 
     /// Validates an event's data against its type: the version named by its `dataschema` if
@@ -444,13 +461,14 @@ impl Catalog {
         event: &Event,
     ) -> Result<(Validated<'_>, Option<Value>), ValidationErrors> {
         let ty = event.ty();
-        if !self.inner.types.contains_key(ty) {
+        // One lookup per consumed event.
+        let Some(info) = self.inner.types.get(ty) else {
             return if self.inner.strict {
                 Err(self.unknown(ty))
             } else {
                 Ok((Validated::UNCHECKED, None))
             };
-        }
+        };
         let version = event
             .dataschema()
             .and_then(parse_dataschema)
@@ -461,10 +479,7 @@ impl Catalog {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| ValidationErrors::not_json(ty, version, e.to_string()))?,
         };
-        let validated = match version {
-            Some(v) => self.validate_version(ty, v, &data),
-            None => self.validate(ty, &data),
-        }?;
+        let validated = Self::validate_as(info, version, &data)?;
         Ok((validated, Some(data)))
     }
 
