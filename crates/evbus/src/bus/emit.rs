@@ -438,11 +438,11 @@ impl Bus {
         span: &tracing::Span,
         entry: Option<&TypeEntry>,
     ) -> Result<Event> {
-        let catalog = &self.inner.catalog;
-        let validated = match checked {
-            Some((value, info)) => catalog.validate_found(ty, Some(info), value),
-            None => catalog.validate_found(ty, None, &Value::Null),
-        }?;
+        let (info, value) = match checked {
+            Some((value, info)) => (Some(info), value),
+            None => (None, &Value::Null),
+        };
+        let validated = self.inner.catalog.validate_found(ty, info, None, value)?;
         // The type and source texts are shared with the bus, not copied.
         let source = Text::Shared(Arc::clone(&self.inner.source));
         // Set in place: each by-value builder call would move every field of the event.

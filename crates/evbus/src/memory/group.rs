@@ -219,15 +219,57 @@ pub(crate) struct Group {
     origin: String,
     capacity: usize,
     state: Mutex<GroupState>,
-    /// Signalled when events become ready (publish, nack, delete).
-    changed: Notify,
-    /// Consumers registered with `changed`: a publish signals it only when there are some
-    /// (a burst of publishes while every consumer is busy takes no lock of the `Notify`'s).
-    change_waiters: AtomicUsize,
-    /// Signalled when room is freed (ack, dead-letter, delete).
-    space: Notify,
-    /// Publishers waiting for room: settlements signal `space` only when there are some.
-    space_waiters: AtomicUsize,
+    /// Consumers waiting for events, woken when events become ready (publish, nack,
+    /// delete): a burst of publishes while every consumer is busy signals nobody.
+    changed: Waiters,
+    /// Publishers waiting for room, woken when room is freed (ack, dead-letter, delete).
+    space: Waiters,
+}
+
+/// A [`Notify`] that knows whether anyone waits on it, so that waking costs one atomic load
+/// while nobody does. A waiter counts itself ([`enter`](Self::enter)) before it registers
+/// ([`notified`](Self::notified)) and looks at the group's state again; whoever changes that
+/// state does it under the group's lock and then calls [`wake`](Self::wake). Either the
+/// waiter's look sees the change, or the change comes after it and sees the count.
+pub(crate) struct Waiters {
+    notify: Notify,
+    count: AtomicUsize,
+}
+
+impl Waiters {
+    fn new() -> Self {
+        Waiters {
+            notify: Notify::new(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts the caller as waiting until the guard is dropped.
+    pub(crate) fn enter(&self) -> Waiting<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Waiting(&self.count)
+    }
+
+    /// The next wake-up (call after [`enter`](Self::enter)).
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Wakes the waiters, if any.
+    fn wake(&self) {
+        if self.count.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// One waiter counted by [`Waiters::enter`].
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Group {
@@ -236,10 +278,8 @@ impl Group {
             origin,
             capacity,
             state: Mutex::new(GroupState::default()),
-            changed: Notify::new(),
-            change_waiters: AtomicUsize::new(0),
-            space: Notify::new(),
-            space_waiters: AtomicUsize::new(0),
+            changed: Waiters::new(),
+            space: Waiters::new(),
         })
     }
 
@@ -258,34 +298,20 @@ impl Group {
         self.lock().len() < self.capacity
     }
 
-    /// Registers interest in freed room; call before re-checking [`has_room`](Self::has_room).
-    pub(crate) fn space(&self) -> &Notify {
+    /// The publishers waiting for room: enter, register, then re-check
+    /// [`has_room`](Self::has_room) (see [`Waiters`]).
+    pub(crate) fn space(&self) -> &Waiters {
         &self.space
     }
 
-    /// Counts the caller among the publishers waiting for room until the guard is dropped.
-    /// Take it before [`space`](Self::space) and the re-check of
-    /// [`has_room`](Self::has_room): a settlement that frees room after that check sees the
-    /// count (it changes the state under the same lock) and signals.
-    pub(crate) fn waiting_for_space(&self) -> SpaceWaiter<'_> {
-        self.space_waiters.fetch_add(1, Ordering::SeqCst);
-        SpaceWaiter(self)
-    }
-
-    /// Wakes the consumers waiting for events, if any. Call after changing the state (under
-    /// its lock, then released): a consumer counts itself before it registers with `changed`
-    /// and looks at the state again, so either it sees the change or this sees the count.
+    /// Wakes the consumers waiting for events, if any.
     fn events_changed(&self) {
-        if self.change_waiters.load(Ordering::SeqCst) > 0 {
-            self.changed.notify_waiters();
-        }
+        self.changed.wake();
     }
 
     /// Wakes the publishers waiting for room, if any.
     fn room_freed(&self) {
-        if self.space_waiters.load(Ordering::SeqCst) > 0 {
-            self.space.notify_waiters();
-        }
+        self.space.wake();
     }
 
     /// Appends events. Callers check room first (under the broker lock).
@@ -310,8 +336,8 @@ impl Group {
                 ..GroupState::default()
             };
         }
-        self.changed.notify_waiters();
-        self.space.notify_waiters();
+        self.events_changed();
+        self.room_freed();
     }
 
     /// A competing consumer of this group, ending when `closed` is cancelled or the group is
@@ -360,31 +386,6 @@ impl Group {
                 ),
             )),
         }
-    }
-}
-
-/// A consumer registered for new events (see [`Group::events_changed`]).
-struct ChangeWaiter<'a>(&'a Group);
-
-impl<'a> ChangeWaiter<'a> {
-    fn new(group: &'a Group) -> Self {
-        group.change_waiters.fetch_add(1, Ordering::SeqCst);
-        ChangeWaiter(group)
-    }
-}
-
-impl Drop for ChangeWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.change_waiters.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A publisher waiting for room (see [`Group::waiting_for_space`]).
-pub(crate) struct SpaceWaiter<'a>(&'a Group);
-
-impl Drop for SpaceWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.space_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -456,7 +457,7 @@ impl Consumer {
                 Take::Wait(_) => {}
             }
             // Counted before registering, so a publish after the look below signals.
-            let _waiting = ChangeWaiter::new(group);
+            let _waiting = group.changed.enter();
             let changed = group.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();

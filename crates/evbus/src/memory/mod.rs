@@ -347,7 +347,7 @@ impl MemoryBroker {
             let deadline = *deadline.get_or_insert_with(|| {
                 tokio::time::Instant::now() + self.inner.config.publish_timeout
             });
-            let _waiting = wait.waiting_for_space();
+            let _waiting = wait.space().enter();
             let space = wait.space().notified();
             tokio::pin!(space);
             space.as_mut().enable();

@@ -393,19 +393,20 @@ impl Catalog {
     /// Unregistered types fail in a strict catalogue and pass unchecked (with no version) in
     /// a permissive one. On failure, every violation is reported at once.
     pub fn validate(&self, ty: &str, data: &Value) -> Result<Validated<'_>, ValidationErrors> {
-        self.validate_found(ty, self.inner.types.get(ty), data)
+        self.validate_found(ty, self.inner.types.get(ty), None, data)
     }
 
-    /// [`validate`](Self::validate) with `ty` looked up already: `info` is its entry here, or
-    /// `None` when this catalogue does not have it.
+    /// Validates `data` as `version` of `ty` (its latest when `None`), `ty` looked up
+    /// already: `info` is its entry here, or `None` when this catalogue does not have it.
     pub(crate) fn validate_found<'c>(
         &'c self,
         ty: &str,
         info: Option<&'c EventTypeInfo>,
+        version: Option<u32>,
         data: &Value,
     ) -> Result<Validated<'c>, ValidationErrors> {
         match info {
-            Some(t) => Self::validate_as(t, None, data),
+            Some(t) => Self::validate_as(t, version, data),
             None if self.inner.strict => Err(self.unknown(ty)),
             None => Ok(Validated::UNCHECKED),
         }
@@ -419,11 +420,7 @@ impl Catalog {
         version: u32,
         data: &Value,
     ) -> Result<Validated<'_>, ValidationErrors> {
-        match self.inner.types.get(ty) {
-            Some(t) => Self::validate_as(t, Some(version), data),
-            None if self.inner.strict => Err(self.unknown(ty)),
-            None => Ok(Validated::UNCHECKED),
-        }
+        self.validate_found(ty, self.inner.types.get(ty), Some(version), data)
     }
 
     /// Validates `data` as `version` of `info` (its latest when `None`).
