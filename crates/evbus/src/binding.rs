@@ -145,6 +145,12 @@ where
     let mut specversion: Option<Result<(), String>> = None;
     let mut content_type_header = false;
     let mut has_data = !body.is_empty();
+    // The attributes of the core spec set so far (bit i: `CORE_ATTRIBUTES[i]`), so that one
+    // given twice is told apart from one given once; extensions are looked up in the builder.
+    let mut seen = 0u8;
+    // The first `datacontenttype` attribute, when a content-type header may have overridden
+    // it in the builder.
+    let mut datacontenttype: Option<String> = None;
     for (name, value) in headers {
         let name = name.as_ref();
         let value: Cow<'_, str> = if style.percent_encode {
@@ -158,6 +164,12 @@ where
             name == style.content_type
         };
         if matches_ct {
+            if content_type_header && !builder.conflicts("datacontenttype", &value) {
+                continue;
+            }
+            if content_type_header {
+                return Err(conflict(style.content_type));
+            }
             // The protocol's content type wins over a `datacontenttype` attribute.
             builder.set_media_type(&value);
             content_type_header = true;
@@ -169,18 +181,42 @@ where
         };
         match &*attr {
             "specversion" => {
-                specversion = Some(match &*value {
+                let this = match &*value {
                     crate::envelope::SPEC_VERSION => Ok(()),
                     other => Err(other.to_owned()),
-                });
+                };
+                if specversion.as_ref().is_some_and(|first| *first != this) {
+                    return Err(conflict("specversion"));
+                }
+                specversion = Some(this);
             }
             "datacontenttype" => {
                 has_data = true;
+                match &datacontenttype {
+                    Some(first) if *first != *value => return Err(conflict("datacontenttype")),
+                    Some(_) => {}
+                    None => datacontenttype = Some(value.clone().into_owned()),
+                }
                 if !content_type_header {
                     builder.set_media_type(&value);
                 }
             }
             attr => {
+                let bit = CORE_ATTRIBUTES
+                    .iter()
+                    .position(|c| *c == attr)
+                    .map(|i| 1u8 << i);
+                let again = match bit {
+                    Some(bit) => seen & bit != 0,
+                    // An extension: set before if the builder has it.
+                    None => true,
+                };
+                if again && builder.conflicts(attr, &value) {
+                    return Err(conflict(attr));
+                }
+                if let Some(bit) = bit {
+                    seen |= bit;
+                }
                 if let Some(slot) = REQUIRED_ATTRIBUTES.iter().position(|r| *r == attr) {
                     required[slot] = true;
                 }
@@ -205,6 +241,21 @@ where
     }
     builder.require(required);
     builder.data_bytes(has_data.then_some(body)).build()
+}
+
+/// The core attributes (other than `specversion` and `datacontenttype`, handled apart) whose
+/// decoding builder starts with a value of its own, so a second occurrence is found by
+/// position, not by looking.
+const CORE_ATTRIBUTES: [&str; 6] = ["id", "source", "type", "time", "dataschema", "subject"];
+
+/// An attribute given twice with different values: which one the producer meant is unknown,
+/// and brokers do not agree on header order (NATS headers come out of a hash map, AMQP
+/// tables sorted by name), so picking one would decode the same message differently on
+/// different adapters, or on different deliveries.
+fn conflict(attr: &str) -> Error {
+    Error::invalid_event(format!(
+        "attribute `{attr}` is given more than once, with different values"
+    ))
 }
 
 /// The AMQP binding's older prefix, still accepted when decoding [`HeaderStyle::AMQP`].
@@ -384,6 +435,98 @@ mod tests {
         with_source.push(("ce_source", "s"));
         let err = decode(with_source, Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
         assert!(err.message().contains("RFC 3339"), "{err}");
+    }
+
+    #[test]
+    fn an_attribute_given_twice_with_different_values_is_not_decoded() {
+        let base = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "1"),
+            ("ce_source", "s"),
+            ("ce_type", "t"),
+            ("ce_region", "eu"),
+            ("content-type", "application/json"),
+        ];
+        for (extra, attr) in [
+            (("ce_type", "T"), "type"),
+            (("ce_id", "2"), "id"),
+            (("ce_source", "/other"), "source"),
+            (("ce_region", "us"), "region"),
+            (("ce_specversion", "0.3"), "specversion"),
+            (("content-type", "text/plain"), "content-type"),
+        ] {
+            // Whichever comes first.
+            for front in [false, true] {
+                let mut headers = base.to_vec();
+                if front {
+                    headers.insert(0, extra);
+                } else {
+                    headers.push(extra);
+                }
+                let err = decode(headers, Bytes::from_static(b"{}"), HeaderStyle::KAFKA)
+                    .expect_err("a conflicting duplicate");
+                assert!(
+                    err.message().contains(&format!("`{attr}`"))
+                        && err.message().contains("more than once"),
+                    "{attr}: {err}"
+                );
+            }
+        }
+        // Times compare as instants; a repeated equal value is no conflict.
+        let mut headers = base.to_vec();
+        headers.extend([
+            ("ce_time", "2026-01-01T00:00:00Z"),
+            ("ce_time", "2026-01-01T00:00:00+00:00"),
+            ("ce_type", "t"),
+            ("ce_region", "eu"),
+            ("content-type", "application/json"),
+        ]);
+        let event = decode(headers, Bytes::from_static(b"{}"), HeaderStyle::KAFKA).unwrap();
+        assert_eq!(event.ty(), "t");
+        let mut headers = base.to_vec();
+        headers.extend([
+            ("ce_time", "2026-01-01T00:00:00Z"),
+            ("ce_time", "2026-01-01T00:00:01Z"),
+        ]);
+        let err = decode(headers, Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
+        assert!(err.message().contains("`time`"), "{err}");
+        // Two `datacontenttype` attributes that differ, even under a content-type header.
+        let mut headers = base.to_vec();
+        headers.extend([
+            ("ce_datacontenttype", "application/json"),
+            ("ce_datacontenttype", "text/plain"),
+        ]);
+        let err = decode(headers, Bytes::new(), HeaderStyle::KAFKA).unwrap_err();
+        assert!(err.message().contains("`datacontenttype`"), "{err}");
+    }
+
+    #[test]
+    fn names_that_differ_in_case_or_prefix_are_one_attribute() {
+        // NATS reads names in any case (its headers come out of a hash map, in any order),
+        // AMQP both prefixes (its tables come sorted by name): with different values the
+        // message is refused whatever the order, never decoded as one or the other.
+        let nats = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "a"),
+            ("CE-TYPE", "b"),
+        ];
+        let amqp = [
+            ("cloudEvents_specversion", "1.0"),
+            ("cloudEvents_id", "1"),
+            ("cloudEvents_source", "s"),
+            ("cloudEvents:type", "a"),
+            ("cloudEvents_type", "b"),
+        ];
+        for (headers, style) in [(&nats, HeaderStyle::NATS), (&amqp, HeaderStyle::AMQP)] {
+            let mut headers = headers.to_vec();
+            for _ in 0..2 {
+                let err = decode(headers.clone(), Bytes::new(), style).unwrap_err();
+                assert!(err.message().contains("`type`"), "{style:?}: {err}");
+                headers.reverse();
+            }
+        }
     }
 
     #[test]

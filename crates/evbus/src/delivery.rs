@@ -32,6 +32,17 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "deadletterattempts";
 pub const DEAD_LETTER_ORIGIN: &str = "deadletterorigin";
 /// Extension set on a dead-lettered event: when it was dead-lettered (RFC 3339, UTC).
 pub const DEAD_LETTER_TIME: &str = "deadlettertime";
+/// Extension set on a dead-letter record the dead-letter queue refused as too large with its
+/// data: the length in bytes of the data left out. Only the attributes were kept (the
+/// event was at or over the transport's `max_payload_bytes` before the dead-letter
+/// extensions were added, or its producer bypassed the limit).
+pub const DEAD_LETTER_DATA_DROPPED: &str = "deadletterdropped";
+
+/// How many bytes of each header value and of the body an undecodable message's placeholder
+/// keeps when the whole message does not fit the dead-letter queue.
+const PLACEHOLDER_CUT: usize = 1024;
+/// How many headers that shortened placeholder keeps.
+const PLACEHOLDER_HEADERS: usize = 64;
 
 /// The adapter side of settling deliveries.
 ///
@@ -263,16 +274,40 @@ impl Undecodable {
     /// `{"location", "id", "error", "headers": {name: text}, "body": text}` where a value that
     /// is not UTF-8 becomes `{"base64": "..."}`.
     pub fn placeholder(&self) -> Result<Event> {
+        self.placeholder_cut(None)
+    }
+
+    /// [`placeholder`](Self::placeholder) keeping at most `cut` bytes of each header value
+    /// and of the body, and at most [`PLACEHOLDER_HEADERS`] headers: for a message too large
+    /// for the dead-letter queue whole. A shortened value is marked: the data then also holds
+    /// `"truncated": true`, `"body_length"` (the body's full length) and `"headers_count"`.
+    fn placeholder_cut(&self, cut: Option<usize>) -> Result<Event> {
         use base64::Engine as _;
-        let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
-            Ok(text) => serde_json::Value::String(text.to_owned()),
-            Err(_) => serde_json::json!({
-                "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
-            }),
+        let text = |bytes: &[u8]| {
+            let bytes = match cut {
+                // A prefix cut inside a character is not text any more: cut at the last
+                // whole character when the value is text.
+                Some(n) if bytes.len() > n => match std::str::from_utf8(bytes) {
+                    Ok(text) => {
+                        let end = (0..=n).rev().find(|&i| text.is_char_boundary(i));
+                        &bytes[..end.unwrap_or(0)]
+                    }
+                    Err(_) => &bytes[..n],
+                },
+                _ => bytes,
+            };
+            match std::str::from_utf8(bytes) {
+                Ok(text) => serde_json::Value::String(text.to_owned()),
+                Err(_) => serde_json::json!({
+                    "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+                }),
+            }
         };
+        let kept = cut.map_or(self.headers.len(), |_| PLACEHOLDER_HEADERS);
         let headers: serde_json::Map<String, serde_json::Value> = self
             .headers
             .iter()
+            .take(kept)
             .map(|(name, value)| (name.clone(), text(value)))
             .collect();
         let source = if self.location.is_empty() {
@@ -280,16 +315,78 @@ impl Undecodable {
         } else {
             &self.location
         };
+        let mut data = serde_json::json!({
+            "location": self.location,
+            "id": self.id,
+            "error": self.error.message(),
+            "headers": headers,
+            "body": text(&self.body),
+        });
+        if cut.is_some() {
+            data["truncated"] = true.into();
+            data["body_length"] = self.body.len().into();
+            data["headers_count"] = self.headers.len().into();
+        }
         Event::builder(UNDECODABLE_EVENT_TYPE, source)
             .id(format!("{}/{}", self.location, self.id))
-            .json(&serde_json::json!({
-                "location": self.location,
-                "id": self.id,
-                "error": self.error.message(),
-                "headers": headers,
-                "body": text(&self.body),
-            }))?
+            .json(&data)?
             .build()
+    }
+
+    /// The dead-letter record of this message, sent to `queue`: the whole placeholder, or, if
+    /// the queue refuses it as too large, one keeping the first [`PLACEHOLDER_CUT`] bytes of
+    /// each value (and then, if even that is too large, the attributes alone: see
+    /// [`send_dead_letter`]). `Ok` once the queue took one of them.
+    pub(crate) async fn dead_letter_to(
+        &self,
+        queue: &dyn Queue,
+        reason: &str,
+        attempt: u32,
+        origin: &str,
+    ) -> Result<Event> {
+        let record = dead_letter_event(&self.placeholder()?, reason, attempt, origin)?;
+        match queue.send(&record).await {
+            Err(e) if e.kind() == ErrorKind::TooLarge => {
+                tracing::warn!(
+                    message = record.id(),
+                    body_length = self.body.len(),
+                    dead_letter_queue = queue.name(),
+                    "an undecodable message is too large for the dead-letter queue whole; \
+                     dead-lettering its first {PLACEHOLDER_CUT} bytes of each value"
+                );
+                let cut = self.placeholder_cut(Some(PLACEHOLDER_CUT))?;
+                let record = dead_letter_event(&cut, reason, attempt, origin)?;
+                send_dead_letter(queue, record).await
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(record),
+        }
+    }
+}
+
+/// Sends a dead-letter record to `queue`. A record the queue refuses as too large is sent
+/// again without its data, with [`DEAD_LETTER_DATA_DROPPED`] giving the data's length, and
+/// an error is logged: a dead-letter record that can never be stored would otherwise bring
+/// its event back after every visibility timeout, forever (and on Kafka hold back every
+/// later offset's commit). Returns the record the queue took.
+pub(crate) async fn send_dead_letter(queue: &dyn Queue, record: Event) -> Result<Event> {
+    match queue.send(&record).await {
+        Err(e) if e.kind() == ErrorKind::TooLarge && record.data().is_some() => {
+            let length = record.data().map_or(0, Bytes::len);
+            tracing::error!(
+                event = record.id(),
+                data_length = length,
+                dead_letter_queue = queue.name(),
+                error = %e,
+                "a dead-letter record is too large for the dead-letter queue; dead-lettering \
+                 its attributes without the data (extension {DEAD_LETTER_DATA_DROPPED})"
+            );
+            let mut slim = record.into_builder().data_bytes(None).build()?;
+            slim.set_extension(DEAD_LETTER_DATA_DROPPED, length.to_string())?;
+            queue.send(&slim).await.map(|()| slim)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(record),
     }
 }
 
@@ -449,7 +546,7 @@ impl Delivery {
 
     async fn send_to_dead_letter(&self, reason: &str) -> Result<()> {
         let event = dead_letter_event(&self.event, reason, self.attempt, &self.policy.origin)?;
-        self.policy.dead_letter.send(&event).await?;
+        send_dead_letter(&*self.policy.dead_letter, event).await?;
         self.acker.ack(self.tag).await
     }
 

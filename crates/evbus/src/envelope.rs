@@ -588,6 +588,22 @@ impl EventBuilder {
     /// protocol's prefix) in place, so that filling a builder moves it nowhere. Names other
     /// than the required attributes and `time`, `dataschema`, `subject` and
     /// `datacontenttype` are extensions.
+    /// Whether attribute `attr`, set once already while decoding, holds something other than
+    /// `value` (`time` compares instants). An extension not set yet never conflicts.
+    pub(crate) fn conflicts(&self, attr: &str, value: &str) -> bool {
+        let e = &self.event;
+        match attr {
+            "id" => e.id != value,
+            "source" => *e.source != *value,
+            "type" => *e.ty != *value,
+            "time" => parse_time(value).ok().map(Time::Given) != e.time,
+            "dataschema" => e.dataschema.as_deref() != Some(value),
+            "subject" => e.subject.as_deref() != Some(value),
+            "datacontenttype" => e.datacontenttype.as_deref() != Some(value),
+            other => e.extensions.get(other).is_some_and(|v| v != value),
+        }
+    }
+
     pub(crate) fn set_attribute(&mut self, attr: &str, value: Cow<'_, str>) {
         match attr {
             "id" => self.event.id = value.into_owned(),

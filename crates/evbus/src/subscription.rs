@@ -142,27 +142,27 @@ async fn dead_letter_undecodable(
     policy: Arc<DeliveryPolicy>,
 ) {
     let reason = format!("undecodable message: {}", message.error().message());
-    let record = message.placeholder().and_then(|placeholder| {
-        crate::delivery::dead_letter_event(&placeholder, &reason, attempt.max(1), &policy.origin)
-    });
-    let record = match record {
-        Ok(record) => record,
-        Err(e) => {
-            tracing::error!(error = %e, origin = %policy.origin, "could not build the dead-letter record of an undecodable message");
-            return;
-        }
-    };
     tracing::warn!(
         origin = %policy.origin,
-        message = record.id(),
         %reason,
         dead_letter_queue = policy.dead_letter.name(),
         "dead-lettering a message that is not a CloudEvent"
     );
-    if let Err(e) = policy.dead_letter.send(&record).await {
-        tracing::warn!(error = %e, message = record.id(), "could not dead-letter an undecodable message; it stays unacknowledged and comes back after the visibility timeout");
-        return;
-    }
+    let sent = message
+        .dead_letter_to(
+            &*policy.dead_letter,
+            &reason,
+            attempt.max(1),
+            &policy.origin,
+        )
+        .await;
+    let record = match sent {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::warn!(error = %e, origin = %policy.origin, "could not dead-letter an undecodable message; it stays unacknowledged and comes back after the visibility timeout");
+            return;
+        }
+    };
     if let Err(e) = acker.ack(tag).await {
         tracing::warn!(error = %e, message = record.id(), "could not acknowledge a dead-lettered undecodable message; it may be dead-lettered again");
     }

@@ -836,7 +836,28 @@ impl Worker {
         let group = &*self.shared.group;
         let ty = &self.shared.ty;
         if event.ty() != ty {
-            // Another type sharing the topic: not this handler's business.
+            // Another type on the topic: not this handler's business (its own handlers have
+            // subscriptions of their own). A type the catalogue does not know is worth a
+            // warning: a producer writing straight to the broker misnamed it (`OrderCreated`
+            // for `orderCreated`), and no handler of this Bus will ever take it.
+            if self.bus.inner.catalog.contains(event.ty()) {
+                tracing::debug!(
+                    event = event.id(),
+                    group,
+                    other = event.ty(),
+                    "skipping an event of another type"
+                );
+            } else {
+                tracing::warn!(
+                    event = event.id(),
+                    group,
+                    topic = %self.shared.topic,
+                    handled = %ty,
+                    found = event.ty(),
+                    "skipping an event whose type the catalogue does not know, found on this \
+                     handler's topic (acknowledged for this handler's group only)"
+                );
+            }
             settle(
                 "skipping an event of another type",
                 event,
@@ -1026,7 +1047,7 @@ impl Worker {
         attempts: u32,
     ) -> Result<()> {
         let dead = dead_letter_event(delivery.event(), reason, attempts, delivery.origin())?;
-        self.dead_letter.send(&dead).await?;
+        crate::delivery::send_dead_letter(&*self.dead_letter, dead).await?;
         delivery.ack().await
     }
 }

@@ -59,8 +59,8 @@ use crate::subscription::Subscription;
 use crate::transport::{ConsumerOptions, Queue, SubscribeOptions};
 
 pub use crate::delivery::{
-    Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, DEAD_LETTER_TIME,
-    RawDelivery, UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
+    Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON,
+    DEAD_LETTER_TIME, RawDelivery, UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
 };
 
 pub mod hosts;
