@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use evbus::Result;
-use evbus::raw::{Acker, RawDelivery, RawStream, Source};
+use evbus::raw::{Acker, RawDelivery, RawStream, Source, Undecodable};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
@@ -34,7 +34,9 @@ pub(crate) const MAX_CLAIM: usize = 256;
 pub(crate) struct Claim {
     pub(crate) id: i64,
     pub(crate) attempt: i32,
-    pub(crate) body: String,
+    /// The event's body as stored: CloudEvents JSON when evbus wrote it, anything when
+    /// another program did (decoded per row when handed out, see [`decode`]).
+    pub(crate) body: Vec<u8>,
 }
 
 struct State {
@@ -90,7 +92,31 @@ impl State {
         });
         let attempt = u32::try_from(claim.attempt).unwrap_or(1).max(1);
         let tag = u64::try_from(claim.id).unwrap_or_default();
-        RawDelivery::from_json(claim.body, attempt, acker, tag, &self.location)
+        decode(claim.body, attempt, acker, tag, &self.location)
+    }
+}
+
+/// A stored body as a delivery: the event if it is CloudEvents JSON, otherwise (not UTF-8,
+/// not JSON, not a CloudEvent) an undecodable message, read at `location` with the delivery
+/// row's id, that core dead-letters and acknowledges. A foreign row thus never fails, nor
+/// holds up, the other rows of its claim; both databases go through here.
+fn decode(
+    body: Vec<u8>,
+    attempt: u32,
+    acker: Arc<dyn Acker>,
+    tag: u64,
+    location: &str,
+) -> RawDelivery {
+    match String::from_utf8(body) {
+        Ok(json) => RawDelivery::from_json(json, attempt, acker, tag, location),
+        Err(e) => {
+            let error = evbus::Error::invalid_event(format!(
+                "the stored event is not UTF-8 text ({})",
+                e.utf8_error()
+            ));
+            let message = Undecodable::new(error, location, tag.to_string()).body(e.into_bytes());
+            RawDelivery::undecodable(message, attempt, acker, tag)
+        }
     }
 }
 
@@ -276,5 +302,56 @@ impl Acker for ClaimAcker {
         self.broker
             .settle(Self::id(tag), self.attempt, Some(delay))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoAcker;
+
+    #[async_trait]
+    impl Acker for NoAcker {
+        async fn ack(&self, _: u64) -> Result<()> {
+            Ok(())
+        }
+
+        async fn nack(&self, _: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn decoded(body: &[u8]) -> RawDelivery {
+        decode(body.to_vec(), 1, Arc::new(NoAcker), 7, "sqlite:q/1")
+    }
+
+    #[test]
+    fn a_stored_body_decodes_per_row() {
+        let event = evbus::Event::builder("orderPlaced", "/test")
+            .build()
+            .unwrap();
+        let raw = decoded(event.to_json().unwrap().as_bytes());
+        assert_eq!(raw.event().map(evbus::Event::id), Some(event.id()));
+
+        // Not UTF-8 (a BLOB, or text in another encoding): undecodable, its bytes kept.
+        let bytes = b"\x89PNG\r\n\x1a\n\x00\xff";
+        let raw = decoded(bytes);
+        assert!(raw.event().is_none());
+        let message = raw.undecodable_message().unwrap();
+        assert_eq!(message.raw_body().as_ref(), bytes);
+        assert!(
+            message.error().to_string().contains("not UTF-8"),
+            "{}",
+            message.error()
+        );
+        assert_eq!(message.error().kind(), evbus::ErrorKind::InvalidEvent);
+
+        // UTF-8 but not a CloudEvent: undecodable too.
+        let raw = decoded(b"not a cloudevent");
+        assert_eq!(
+            raw.undecodable_message().unwrap().raw_body().as_ref(),
+            b"not a cloudevent"
+        );
     }
 }

@@ -565,6 +565,12 @@ impl SqlBroker {
 
     /// Claims the oldest visible deliveries of `part`, at most `limit`, for `visibility` ms,
     /// in delivery order.
+    ///
+    /// The attempt count saturates at `i32::MAX` (a negative one, written by another program,
+    /// counts from 0): a plain `attempt + 1` on a row at the maximum would overflow
+    /// (PostgreSQL) or not fit the `i32` read back (SQLite) and fail the statement, and with
+    /// it every claim of the partition, for ever. Core dead-letters such a row as delivered
+    /// too often.
     pub(crate) async fn claim(
         &self,
         part: i64,
@@ -583,7 +589,7 @@ impl SqlBroker {
                        FOR UPDATE SKIP LOCKED), \
                      c AS (UPDATE evbus_deliveries d \
                        SET visible_at = now() + make_interval(secs => $2::float8 / 1000), \
-                       attempt = d.attempt + 1 \
+                       attempt = LEAST(GREATEST(d.attempt, 0), 2147483646) + 1 \
                        FROM picked WHERE d.id = picked.id \
                        RETURNING d.id, d.attempt, d.event) \
                      SELECT c.id, c.attempt, e.body FROM c JOIN evbus_events e ON e.id = c.event \
@@ -597,13 +603,18 @@ impl SqlBroker {
                 .map_err(sql("claiming deliveries"))?;
                 Ok(rows
                     .into_iter()
-                    .map(|(id, attempt, body)| Claim { id, attempt, body })
+                    .map(|(id, attempt, body)| Claim {
+                        id,
+                        attempt,
+                        body: body.into_bytes(),
+                    })
                     .collect())
             }
             Db::Sqlite(pool) => {
                 let now = now_ms();
                 let mut rows: Vec<(i64, i32, i64)> = sqlx::query_as(
-                    "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, attempt = attempt + 1 \
+                    "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, \
+                     attempt = MAX(MIN(attempt, 2147483646), 0) + 1 \
                      WHERE id IN (SELECT id FROM evbus_deliveries WHERE part = ?3 \
                        AND visible_at <= ?1 ORDER BY id LIMIT ?4) \
                      RETURNING id, attempt, event",
@@ -624,8 +635,13 @@ impl SqlBroker {
                     .map_err(|e| {
                     evbus::Error::client(evbus::ErrorKind::Internal, "claiming deliveries", e)
                 })?;
-                let mut bodies: std::collections::HashMap<i64, String> = sqlx::query_as(
-                    "SELECT id, body FROM evbus_events WHERE id IN (SELECT value FROM json_each(?1))",
+                // As bytes: another program may have stored a BLOB (`readfile()`) or text
+                // that is not UTF-8. Such a body becomes an undecodable message of its own
+                // row (see `consumer`); read as a `String`, it would fail the whole claim,
+                // already committed, and every row claimed with it again and again.
+                let mut bodies: std::collections::HashMap<i64, Vec<u8>> = sqlx::query_as(
+                    "SELECT id, CAST(body AS BLOB) FROM evbus_events \
+                     WHERE id IN (SELECT value FROM json_each(?1))",
                 )
                 .bind(events)
                 .fetch_all(pool)

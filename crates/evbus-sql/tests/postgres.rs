@@ -193,6 +193,80 @@ async fn polling_finds_rows_written_without_a_notification() {
     schema.drop().await;
 }
 
+/// Rows another program wrote whose bodies are not CloudEvents are dead-lettered as
+/// undecodable (their text kept), and the event sent behind them through evbus, claimed in
+/// the same statement, is delivered and acknowledged: the same as on SQLite
+/// (`tests/sqlite.rs`, where bodies may also be BLOBs or not UTF-8).
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_rows_that_are_not_cloudevents_never_fail_the_rows_claimed_with_them() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("poll_interval_ms=100").await;
+    let bodies = ["not a cloudevent", r#"{"specversion": "1.0", "id": "x"}"#];
+    let mut raw = schema.raw().await;
+    for body in bodies {
+        // As another program writes a row: the partition if needed, the event, its delivery.
+        sqlx::query(
+            "WITH p AS (INSERT INTO evbus_parts (kind, dest, name) VALUES ('queue', 'inbox', '') \
+               ON CONFLICT (kind, dest, name) DO UPDATE SET kind = EXCLUDED.kind RETURNING id), \
+             ev AS (INSERT INTO evbus_events (kind, dest, body) VALUES ('queue', 'inbox', $1) \
+               RETURNING id) \
+             INSERT INTO evbus_deliveries (part, event) SELECT p.id, ev.id FROM p, ev",
+        )
+        .bind(body)
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    }
+    let good = event(1);
+    transport
+        .queue("inbox")
+        .await
+        .unwrap()
+        .send(&good)
+        .await
+        .unwrap();
+
+    let records = support::consume_past_foreign_rows(&transport, "inbox", &[&good], 2).await;
+    for (record, body) in records.iter().zip(bodies) {
+        support::assert_undecodable_record(record, "inbox", body.as_bytes());
+    }
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+/// A delivery at the largest attempt count (another program wrote it, or a row redelivered
+/// that often) is still claimed, its count saturating: core dead-letters it as delivered too
+/// often, and the events behind it flow. `attempt + 1` overflowed the `integer` column, so
+/// the claim statement failed, and with it every claim of the queue, for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_at_the_largest_attempt_count_is_dead_lettered_and_the_rest_flow() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("poll_interval_ms=100").await;
+    let queue = transport.queue("worn").await.unwrap();
+    let worn = event(1);
+    queue.send(&worn).await.unwrap();
+    let updated = sqlx::query("UPDATE evbus_deliveries SET attempt = $1")
+        .bind(i32::MAX)
+        .execute(&mut schema.raw().await)
+        .await
+        .unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+    let behind: Vec<Event> = (2..4).map(event).collect();
+    queue.send_batch(&behind).await.unwrap();
+
+    let records =
+        support::consume_past_foreign_rows(&transport, "worn", &[&behind[0], &behind[1]], 1).await;
+    support::assert_over_delivered_record(&records[0], &worn, "worn");
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn competing_consumers_of_two_transports_never_get_the_same_row() {
     let Some(schema) = Schema::new().await else {

@@ -266,6 +266,126 @@ async fn retention_deletes_acknowledged_events_and_keeps_the_rest() {
     }
 }
 
+/// A connection of its own to the file, as another program (the `sqlite3` shell) has.
+async fn foreign(path: &Path) -> sqlx::SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Another program stores `body` as an event of queue `name` with its delivery, as
+/// `sqlite3 bus.db "INSERT INTO evbus_events (kind, dest, body, created_at) VALUES ('queue',
+/// 'q', readfile('e.json'), 0)"` and the delivery row would: `body` is bound as is, so bytes
+/// are a BLOB (what `readfile()` returns) unless `as_text`, which stores them as TEXT even
+/// when they are not UTF-8 (`CAST(x'...' AS TEXT)`).
+async fn write_foreign_row(path: &Path, name: &str, body: &[u8], as_text: bool) {
+    let mut db = foreign(path).await;
+    let value = if as_text { "CAST(?2 AS TEXT)" } else { "?2" };
+    sqlx::query(
+        "INSERT INTO evbus_parts (kind, dest, name, seen_at) VALUES ('queue', ?1, '', 0) \
+         ON CONFLICT (kind, dest, name) DO NOTHING",
+    )
+    .bind(name)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let event: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO evbus_events (kind, dest, body, created_at) \
+         VALUES ('queue', ?1, {value}, 0) RETURNING id"
+    ))
+    .bind(name)
+    .bind(body)
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+         SELECT id, ?2, 0, 0 FROM evbus_parts WHERE kind = 'queue' AND dest = ?1 AND name = ''",
+    )
+    .bind(name)
+    .bind(event)
+    .execute(&mut db)
+    .await
+    .unwrap();
+}
+
+/// Bodies another program stored as a BLOB, or as TEXT that is not UTF-8, are read per row:
+/// one that is not a CloudEvent is dead-lettered as undecodable (its bytes kept), one that
+/// is (a file of CloudEvents JSON read with `readfile()`) is delivered, and the event sent
+/// behind them through evbus, claimed in the same statement, is delivered and acknowledged.
+/// Read as text, one such row failed the whole claim, after it had committed: the rows
+/// claimed with it came back together, failed together, for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_blob_and_non_utf8_bodies_never_fail_the_rows_claimed_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "poll_interval_ms=100").await;
+    let binary: &[u8] = b"\x89PNG\r\n\x1a\n\x00\xff not an event";
+    let latin1: &[u8] = b"{\"specversion\": \"1.0\", \"id\": \"caf\xe9\"}";
+    let from_file = event(1);
+    write_foreign_row(&path, "inbox", binary, false).await;
+    write_foreign_row(&path, "inbox", latin1, true).await;
+    write_foreign_row(
+        &path,
+        "inbox",
+        from_file.to_json().unwrap().as_bytes(),
+        false,
+    )
+    .await;
+    let typeof_bodies: Vec<String> =
+        sqlx::query_scalar("SELECT typeof(body) FROM evbus_events ORDER BY id")
+            .fetch_all(&mut foreign(&path).await)
+            .await
+            .unwrap();
+    assert_eq!(typeof_bodies, ["blob", "text", "blob"]);
+    let good = event(2);
+    transport
+        .queue("inbox")
+        .await
+        .unwrap()
+        .send(&good)
+        .await
+        .unwrap();
+
+    let records =
+        support::consume_past_foreign_rows(&transport, "inbox", &[&from_file, &good], 2).await;
+    support::assert_undecodable_record(&records[0], "inbox", binary);
+    support::assert_undecodable_record(&records[1], "inbox", latin1);
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
+/// A delivery at the largest attempt count (another program wrote it, or a row redelivered
+/// that often) is still claimed, its count saturating: core dead-letters it as delivered too
+/// often, and the events behind it flow. `attempt + 1` no longer fitted the `i32` read back,
+/// so every claim of the queue failed, for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_at_the_largest_attempt_count_is_dead_lettered_and_the_rest_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "poll_interval_ms=100").await;
+    let queue = transport.queue("worn").await.unwrap();
+    let worn = event(1);
+    queue.send(&worn).await.unwrap();
+    let updated = sqlx::query("UPDATE evbus_deliveries SET attempt = ?1")
+        .bind(i32::MAX)
+        .execute(&mut foreign(&path).await)
+        .await
+        .unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+    let behind: Vec<Event> = (2..4).map(event).collect();
+    queue.send_batch(&behind).await.unwrap();
+
+    let records =
+        support::consume_past_foreign_rows(&transport, "worn", &[&behind[0], &behind[1]], 1).await;
+    support::assert_over_delivered_record(&records[0], &worn, "worn");
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn files_that_cannot_be_opened_are_precise_configuration_errors() {
     let dir = tempfile::tempdir().unwrap();

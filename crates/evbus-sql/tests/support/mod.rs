@@ -284,3 +284,145 @@ pub async fn a_slow_reader_hands_out_every_event_on_its_first_attempt(
         d.ack().await.unwrap();
     }
 }
+
+/// Consumes queue `name` of `transport` past rows another program wrote: one consumer with
+/// room for 8 (so one claim takes every row, foreign ones and the events behind them
+/// together) and a 2 s visibility timeout must be handed exactly `delivered`, in order, each
+/// on its first attempt (acked), while core moves `dead` rows aside into the queue's
+/// dead-letter queue; returns those records (acked), in order. A failing claim fails the
+/// test at once: one bad row must never fail the rows claimed with it.
+pub async fn consume_past_foreign_rows(
+    transport: &evbus_sql::SqlTransport,
+    name: &str,
+    delivered: &[&evbus::Event],
+    dead: usize,
+) -> Vec<evbus::Event> {
+    use evbus::{ConsumerOptions, Delivery, Transport, dead_letter_queue_name};
+    const BOUND: Duration = Duration::from_secs(20);
+    fn got(item: Option<evbus::Result<Delivery>>, what: &str) -> Delivery {
+        match item {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => panic!(
+                "{what} failed: {e} (a row that does not decode, or counts too many attempts, \
+                 must never fail the rows claimed with it)"
+            ),
+            None => panic!("{what} ended"),
+        }
+    }
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(2))
+        .max_in_flight(8);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let mut sub = transport
+        .queue(name)
+        .await
+        .unwrap()
+        .receive(options.clone())
+        .await
+        .unwrap();
+    for expected in delivered {
+        let item = tokio::time::timeout_at(deadline, sub.next_delivery())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "event {} was not delivered within {BOUND:?}: the rows before it hold \
+                     up queue `{name}`",
+                    expected.id()
+                )
+            });
+        let d = got(item, "the consumer");
+        assert_eq!(
+            d.event().id(),
+            expected.id(),
+            "the consumer was handed {} of type `{}`",
+            d.event().id(),
+            d.event().ty()
+        );
+        assert_eq!(
+            d.attempt(),
+            1,
+            "event {} came on a later attempt",
+            d.event().id()
+        );
+        d.ack().await.unwrap();
+    }
+    let dlq = dead_letter_queue_name(name, None, &options);
+    let mut dead_letters = transport
+        .queue(&dlq)
+        .await
+        .unwrap()
+        .receive(ConsumerOptions::default())
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    while records.len() < dead {
+        // The consumer keeps being read meanwhile: nothing more may reach it.
+        tokio::select! {
+            record = dead_letters.next_delivery() => {
+                let record = got(record, "the dead-letter queue");
+                records.push(record.event().clone());
+                record.ack().await.unwrap();
+            }
+            extra = sub.next_delivery() => {
+                let extra = got(extra, "the consumer");
+                panic!(
+                    "the consumer was handed {} of type `{}` (attempt {}) besides the events \
+                     expected",
+                    extra.event().id(),
+                    extra.event().ty(),
+                    extra.attempt()
+                );
+            }
+            () = tokio::time::sleep_until(deadline) => panic!(
+                "{} of {dead} records reached the dead-letter queue `{dlq}` within {BOUND:?}",
+                records.len()
+            ),
+        }
+    }
+    records
+}
+
+/// Checks that `record` is the dead-letter record of a row of queue `name` that did not
+/// decode, its body kept as `body` (text, or base64 when it is not UTF-8, as core's
+/// placeholder writes it), dead-lettered on its first attempt.
+pub fn assert_undecodable_record(record: &evbus::Event, name: &str, body: &[u8]) {
+    use evbus::raw::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON};
+    assert_eq!(
+        record.ty(),
+        evbus::raw::UNDECODABLE_EVENT_TYPE,
+        "{record:?}"
+    );
+    let reason = record.extension(DEAD_LETTER_REASON).unwrap_or_default();
+    assert!(reason.contains("undecodable"), "reason {reason:?}");
+    assert_eq!(record.extension(DEAD_LETTER_ATTEMPTS), Some("1"));
+    assert_eq!(record.extension(DEAD_LETTER_ORIGIN), Some(name));
+    let data = |event: &evbus::Event| -> serde_json::Value {
+        serde_json::from_slice(event.data().expect("a placeholder has data")).unwrap()
+    };
+    // How core's placeholder renders `body` (a string, or {"base64": ...}).
+    let expected = evbus::raw::Undecodable::new(evbus::Error::invalid_event("-"), "-", "-")
+        .body(body.to_vec())
+        .placeholder()
+        .unwrap();
+    assert_eq!(
+        data(record)["body"],
+        data(&expected)["body"],
+        "the dead-letter record does not keep the row's body"
+    );
+}
+
+/// Checks that `record` is `original`, of queue `name`, dead-lettered by core as delivered
+/// too often at the largest attempt count (`i32::MAX`, where the count saturates).
+pub fn assert_over_delivered_record(record: &evbus::Event, original: &evbus::Event, name: &str) {
+    use evbus::raw::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON};
+    assert_eq!(record.id(), original.id());
+    assert_eq!(record.ty(), original.ty());
+    let reason = record.extension(DEAD_LETTER_REASON).unwrap_or_default();
+    assert!(
+        reason.contains("max attempts exceeded"),
+        "reason {reason:?}"
+    );
+    let max = i32::MAX.to_string();
+    assert_eq!(record.extension(DEAD_LETTER_ATTEMPTS), Some(max.as_str()));
+    assert_eq!(record.extension(DEAD_LETTER_ORIGIN), Some(name));
+}
