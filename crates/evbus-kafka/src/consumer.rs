@@ -36,7 +36,7 @@ use futures::Stream;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -933,11 +933,17 @@ fn take(shared: &Shared, ready: &Ready) -> Option<(Arc<Decoded>, u32)> {
 }
 
 /// Decodes a record into an event, or a placeholder naming what is wrong with it.
-fn decode(topic: &str, message: &BorrowedMessage<'_>) -> Decoded {
+fn decode(topic: &str, message: &impl Message) -> Decoded {
     let mut headers = Vec::new();
     let mut bad_header = None;
     if let Some(hs) = message.headers() {
         for h in hs.iter() {
+            if !is_cloudevents_header(h.key) {
+                // The binding ignores it: whatever its bytes (a binary tracing header), it
+                // does not make the record undecodable. It stays in the record, and in the
+                // placeholder should the record not decode for another reason.
+                continue;
+            }
             match std::str::from_utf8(h.value.unwrap_or_default()) {
                 Ok(v) => headers.push((h.key.to_owned(), v.to_owned())),
                 Err(_) => bad_header = Some(h.key.to_owned()),
@@ -969,6 +975,13 @@ fn decode(topic: &str, message: &BorrowedMessage<'_>) -> Decoded {
             body,
         }),
     }
+}
+
+/// Whether header `name` is one the Kafka binding reads (a `ce_` attribute or the content
+/// type), and so must be UTF-8 text, as on the other adapters.
+fn is_cloudevents_header(name: &str) -> bool {
+    let style = HeaderStyle::KAFKA;
+    name.starts_with(style.prefix) || name == style.content_type
 }
 
 /// How much the polling thread hands on ahead of the application before it pauses fetching.
@@ -1265,5 +1278,61 @@ mod tests {
         next.remember("not ours");
         next.remember("evbus1|garbage,1+x:2,");
         assert_eq!(next.entries.len(), 3);
+    }
+
+    fn record(headers: &[(&str, &[u8])]) -> rdkafka::message::OwnedMessage {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+        let headers = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |hs, (key, value)| {
+                hs.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            });
+        OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "t".to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            7,
+            Some(headers),
+        )
+    }
+
+    const EVENT: [(&str, &[u8]); 4] = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"1"),
+        ("ce_source", b"/s"),
+        ("ce_type", b"t"),
+    ];
+
+    #[test]
+    fn only_cloudevents_headers_must_be_utf8() {
+        let mut headers = EVENT.to_vec();
+        headers.extend([
+            ("traceparent-bin", &[0xff, 0x00][..]),
+            ("producer", b"legacy"),
+        ]);
+        match decode("t", &record(&headers)) {
+            Decoded::Event(event) => {
+                assert_eq!(event.id(), "1");
+                // Foreign headers are ignored by the binding, as before.
+                assert!(event.extensions().is_empty(), "{:?}", event.extensions());
+            }
+            Decoded::Undecodable(f) => panic!("a binary foreign header refused: {}", f.error),
+        }
+        for bad in [("ce_subject", &[0xff][..]), ("content-type", &[0xff][..])] {
+            let mut headers = EVENT.to_vec();
+            headers.push(bad);
+            match decode("t", &record(&headers)) {
+                Decoded::Undecodable(f) => {
+                    assert!(f.error.contains(bad.0), "{}", f.error);
+                    assert_eq!(f.headers.len(), 5, "every header kept");
+                }
+                Decoded::Event(_) => panic!("`{}` not UTF-8, yet decoded", bad.0),
+            }
+        }
     }
 }

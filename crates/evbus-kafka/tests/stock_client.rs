@@ -1,15 +1,17 @@
-//! A stock Kafka consumer (plain rdkafka `BaseConsumer`, no evbus code) reads what evbus
-//! publishes: CloudEvents Kafka binding, binary mode.
+//! Stock Kafka clients (plain rdkafka, no evbus code) and evbus understand each other: a
+//! stock consumer reads what evbus publishes, and evbus reads what a stock producer writes
+//! (CloudEvents Kafka binding, binary mode).
 
 mod support;
 
 use std::time::Duration;
 
-use evbus::{Event, Transport};
+use evbus::{ConsumerOptions, Event, Transport};
 use evbus_kafka::KafkaTransport;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::{kafka_url, test_config};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -106,4 +108,113 @@ async fn a_stock_kafka_consumer_sees_ce_headers_and_json_data() {
 
 fn partitions_of(transport: &KafkaTransport) -> i32 {
     transport.config().partitions
+}
+
+/// A record a stock producer writes, as `kcat -P -H ce_specversion=1.0 ... -H "bin=$(printf
+/// '\xff')"` would: a valid binary-mode CloudEvent plus a header that is no CloudEvents
+/// attribute and not UTF-8 (a binary tracing header, say). The binding ignores such headers:
+/// the record is that event, not an undecodable message for the dead-letter queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binary_foreign_header_does_not_make_a_stock_record_undecodable() {
+    const WAIT: Duration = Duration::from_secs(30);
+    let Some(transport) = support::connect_with("partitions=1").await else {
+        return;
+    };
+    let bootstrap = transport.config().bootstrap_servers.clone();
+    let name = format!("evbus-stock-bin-{}", uuid::Uuid::now_v7().simple());
+    let dlq_name = format!("{name}.dlq");
+    let queue = transport.queue(&name).await.expect("queue");
+    let dlq = transport.queue(&dlq_name).await.expect("dead-letter queue");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("acks", "all")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .expect("stock producer");
+    let headers = [
+        ("ce_specversion", &b"1.0"[..]),
+        ("ce_id", b"stock-1"),
+        ("ce_source", b"/stock"),
+        ("ce_type", b"stockProduced"),
+        ("content-type", b"application/json"),
+        ("bin", &[0xff]),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |hs, (key, value)| {
+        hs.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    producer
+        .send(
+            FutureRecord::<(), [u8]>::to(&name)
+                .payload(br#"{"n":1}"#)
+                .headers(headers),
+            WAIT,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("the stock producer writes the record");
+
+    let options = ConsumerOptions::default();
+    let mut sub = queue.receive(options.clone()).await.expect("receive");
+    let mut dead = dlq
+        .receive(options)
+        .await
+        .expect("receive the dead letters");
+    let delivery = tokio::select! {
+        delivery = sub.next_delivery() => delivery
+            .expect("the subscription is open")
+            .expect("a delivery"),
+        record = dead.next_delivery() => {
+            let record = record.expect("the dead-letter queue is open").expect("a record");
+            panic!(
+                "the record was dead-lettered instead of delivered: {:?}",
+                record.event().extension(evbus::delivery::DEAD_LETTER_REASON)
+            );
+        }
+        () = tokio::time::sleep(WAIT) => panic!("nothing was delivered within {WAIT:?}"),
+    };
+    let event = delivery.event();
+    assert_eq!(event.id(), "stock-1");
+    assert_eq!(event.source(), "/stock");
+    assert_eq!(event.ty(), "stockProduced");
+    assert_eq!(event.datacontenttype(), Some("application/json"));
+    assert_eq!(event.data().map(|d| &d[..]), Some(&br#"{"n":1}"#[..]));
+    assert!(
+        event.extension("bin").is_none(),
+        "a foreign header is not an attribute"
+    );
+    delivery.ack().await.expect("ack");
+
+    // The one record was delivered, so nothing can have reached the dead-letter queue since:
+    // its topic holds no record at all.
+    let dlq_topic = dlq_name.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("probe");
+        let (low, high) = probe
+            .fetch_watermarks(&dlq_topic, 0, WAIT)
+            .expect("watermarks");
+        high - low
+    })
+    .await
+    .expect("join");
+    assert_eq!(records, 0, "records in the dead-letter queue `{dlq_name}`");
+
+    // Close the consumers before deleting their topics, from a fresh connection, as the
+    // conformance runner does: librdkafka can crash on the metadata of a topic deleted under a
+    // consumer that is still leaving its group.
+    drop((sub, dead));
+    transport.close().await.expect("close");
+    let cleanup = support::connect_with("partitions=1")
+        .await
+        .expect("Kafka answered a moment ago");
+    cleanup.delete_queue(&name).await.expect("cleanup");
+    cleanup.delete_queue(&dlq_name).await.expect("cleanup");
+    cleanup.close().await.expect("close");
 }
