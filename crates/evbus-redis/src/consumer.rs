@@ -104,6 +104,28 @@ fn unix_millis() -> u64 {
         .as_millis() as u64
 }
 
+/// An entry's delivery count exactly as Redis reports it (the integer of `XPENDING`): the
+/// settlement scripts compare it with the entry's count in Redis, so it is never clamped. A
+/// stock client may set any count (`XCLAIM ... RETRYCOUNT`), beyond `u32::MAX` too; past
+/// `i64::MAX` Redis itself reports it negative, and it is carried as such.
+type DeliveryCount = i64;
+
+/// The attempt number of a delivery with `count`, as shown to the application: the count,
+/// saturating at `u32::MAX` (a count Redis reports negative is past `i64::MAX`), at least 1.
+fn attempt_of(count: DeliveryCount) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX).max(1)
+}
+
+/// The delivery count an entry given back gets: the one it had before this consumer took it.
+fn count_before(count: DeliveryCount) -> DeliveryCount {
+    match count {
+        1.. => count - 1,
+        0 => 0,
+        // Reported negative: past `i64::MAX`, the most `RETRYCOUNT` takes.
+        _ => i64::MAX,
+    }
+}
+
 /// State shared by a consumer's task and the ack handles of its deliveries.
 struct ConsumerState {
     shared: Arc<Shared>,
@@ -114,7 +136,7 @@ struct ConsumerState {
     /// Entries fetched and decoded, not handed out yet. Lock order: `buffer`, then `held`.
     buffer: Mutex<VecDeque<Buffered>>,
     /// Deliveries handed out and not settled (or dropped) yet: `(entry id, delivery count)`.
-    held: Mutex<HashSet<(String, u32)>>,
+    held: Mutex<HashSet<(String, DeliveryCount)>>,
     visibility: Duration,
     /// A takeover scan is wanted now (set by a nack).
     reclaim_now: AtomicBool,
@@ -128,7 +150,7 @@ struct ConsumerState {
 }
 
 impl ConsumerState {
-    fn held(&self) -> MutexGuard<'_, HashSet<(String, u32)>> {
+    fn held(&self) -> MutexGuard<'_, HashSet<(String, DeliveryCount)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -138,7 +160,7 @@ impl ConsumerState {
 
     /// Hands out the next buffered delivery, if there is one: called by the stream itself
     /// (no round trip to the consumer task) and by the task.
-    fn take_buffered(self: &Arc<Self>) -> Option<(RawDelivery, String, u32)> {
+    fn take_buffered(self: &Arc<Self>) -> Option<(RawDelivery, String, DeliveryCount)> {
         let mut buffer = self.buffer();
         while let Some(entry) = buffer.pop_front() {
             if entry.at.elapsed() >= self.visibility {
@@ -163,10 +185,11 @@ impl ConsumerState {
                 held: AtomicBool::new(true),
             };
             // The acker is per delivery (it holds the entry id): tag 0.
+            let attempt = attempt_of(count);
             let raw = match payload {
-                Ok(event) => RawDelivery::new(event, count, Arc::new(acker), 0),
+                Ok(event) => RawDelivery::new(event, attempt, Arc::new(acker), 0),
                 // Not a CloudEvent: core dead-letters it and acks it through the acker.
-                Err(message) => RawDelivery::undecodable(*message, count, Arc::new(acker), 0),
+                Err(message) => RawDelivery::undecodable(*message, attempt, Arc::new(acker), 0),
             };
             return Some((raw, id, count));
         }
@@ -218,7 +241,7 @@ type AckOutcome = std::result::Result<i64, RedisError>;
 /// An ack waiting for its batch.
 struct AckRequest {
     id: String,
-    count: u32,
+    count: DeliveryCount,
     /// When the request that fetched the entry was sent.
     fetched_at: Instant,
     reply: oneshot::Sender<AckOutcome>,
@@ -325,7 +348,7 @@ pub(crate) async fn start(
 /// One entry fetched and decoded, not yet handed out.
 struct Buffered {
     id: String,
-    count: u32,
+    count: DeliveryCount,
     /// The event, or the entry as an undecodable message.
     payload: std::result::Result<Event, Box<Undecodable>>,
     /// When the request that fetched it was sent: Redis made the delivery after this.
@@ -335,14 +358,14 @@ struct Buffered {
 /// One entry as fetched from the stream.
 struct Fetched {
     id: String,
-    count: u32,
+    count: DeliveryCount,
     fields: Vec<(Vec<u8>, Vec<u8>)>,
     /// When the request that fetched it was sent.
     at: Instant,
 }
 
 enum Step {
-    Deliver(Box<RawDelivery>, String, u32),
+    Deliver(Box<RawDelivery>, String, DeliveryCount),
     /// The subscription went away or the transport is closing.
     Interrupted,
     /// The stream or group was deleted.
@@ -360,7 +383,7 @@ struct ConsumerTask {
     anonymous: bool,
     check_lag: bool,
     /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
-    unsent: Vec<(String, u32)>,
+    unsent: Vec<(String, DeliveryCount)>,
     cursor: String,
     next_reclaim: Instant,
     next_lag_check: Instant,
@@ -620,7 +643,7 @@ impl ConsumerTask {
             .arg(&state.consumer)
             .query_async(conn)
             .await?;
-        let lost: Vec<(String, u32)> = {
+        let lost: Vec<(String, DeliveryCount)> = {
             // Both locks, in order: an entry moves from the buffer to the held set under the
             // buffer lock, so it is always seen in one of them.
             let buffer = state.buffer();
@@ -774,14 +797,14 @@ async fn unblock(shared: &Shared, stream: &str, client_id: Option<i64>) {
 async fn release<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     state: &ConsumerState,
-    entries: &[(String, u32)],
+    entries: &[(String, DeliveryCount)],
 ) -> std::result::Result<i64, RedisError> {
     let mut released = 0;
     for chunk in entries.chunks(256) {
         let mut invocation = scripts::RELEASE.key(&state.keys.stream);
         invocation.arg(&state.group).arg(&state.consumer);
         for (id, count) in chunk {
-            invocation.arg(id).arg(*count);
+            invocation.arg(id).arg(*count).arg(count_before(*count));
         }
         released += invocation.invoke_async::<i64>(conn).await?;
     }
@@ -875,7 +898,7 @@ fn lag_warning(
 struct RedisAcker {
     state: Arc<ConsumerState>,
     id: String,
-    count: u32,
+    count: DeliveryCount,
     /// When the request that fetched the entry was sent.
     fetched_at: Instant,
     held: AtomicBool,
@@ -1296,7 +1319,7 @@ fn parse_read_reply(value: Value) -> std::result::Result<Vec<(String, Fields)>, 
 
 /// `RECLAIM` reply: `[cursor, [[id, fields, count], ...]]`.
 /// Entries taken over: id, fields and delivery count.
-type Claimed = Vec<(String, Fields, u32)>;
+type Claimed = Vec<(String, Fields, DeliveryCount)>;
 
 fn parse_reclaim_reply(value: Value) -> std::result::Result<(String, Claimed), RedisError> {
     let bad = || unexpected("malformed reclaim script reply");
@@ -1309,7 +1332,7 @@ fn parse_reclaim_reply(value: Value) -> std::result::Result<(String, Claimed), R
         let count = item.next().as_ref().and_then(int_of).ok_or_else(bad)?;
         let entry = Value::Array(vec![id.ok_or_else(bad)?, fields.ok_or_else(bad)?]);
         let (id, fields) = parse_entry(entry).ok_or_else(bad)?;
-        claimed.push((id, fields, u32::try_from(count.max(1)).unwrap_or(u32::MAX)));
+        claimed.push((id, fields, count));
     }
     Ok((cursor, claimed))
 }
@@ -1317,7 +1340,7 @@ fn parse_reclaim_reply(value: Value) -> std::result::Result<(String, Claimed), R
 struct PendingEntry {
     id: String,
     idle_ms: i64,
-    count: u32,
+    count: DeliveryCount,
 }
 
 /// Extended `XPENDING` reply: `[[id, consumer, idle ms, count], ...]`.
@@ -1330,7 +1353,7 @@ fn parse_pending(value: &Value) -> Vec<PendingEntry> {
             Some(PendingEntry {
                 id: string_of(item.first()?)?,
                 idle_ms: int_of(item.get(2)?)?,
-                count: u32::try_from(int_of(item.get(3)?)?).ok()?,
+                count: int_of(item.get(3)?)?,
             })
         })
         .collect()
@@ -1496,6 +1519,41 @@ mod tests {
         assert_eq!(cursor, "(5-0");
         assert_eq!(claimed[0].0, "5-0");
         assert_eq!(claimed[0].2, 3);
+    }
+
+    #[test]
+    fn delivery_counts_stay_exact_and_only_the_attempt_saturates() {
+        let reply = Value::Array(vec![
+            bulk("-"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("5-0"),
+                Value::Array(vec![bulk("f"), bulk("v")]),
+                Value::Int(4_294_967_297),
+            ])]),
+        ]);
+        let (_, claimed) = parse_reclaim_reply(reply).unwrap();
+        assert_eq!(
+            claimed[0].2, 4_294_967_297,
+            "compared with Redis's count as it is"
+        );
+        assert_eq!(attempt_of(claimed[0].2), u32::MAX);
+        assert_eq!(attempt_of(3), 3);
+        assert_eq!(attempt_of(0), 1);
+        assert_eq!(
+            attempt_of(i64::MIN),
+            u32::MAX,
+            "past i64::MAX, reported negative"
+        );
+        let pending = Value::Array(vec![Value::Array(vec![
+            bulk("5-0"),
+            bulk("c"),
+            Value::Int(10),
+            Value::Int(1 << 40),
+        ])]);
+        assert_eq!(parse_pending(&pending)[0].count, 1 << 40);
+        assert_eq!(count_before(4_294_967_297), 4_294_967_296);
+        assert_eq!(count_before(0), 0);
+        assert_eq!(count_before(i64::MIN), i64::MAX);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! its entry id *and* its delivery count: a settlement succeeds only while the entry is still
 //! pending for this consumer with the same count, so a consumer whose delivery expired and
 //! was handed out again cannot settle the new delivery by mistake.
+//!
+//! The consumer passes the count exactly as Redis reported it, however large (a stock client
+//! sets any count with `XCLAIM ... RETRYCOUNT`), and the scripts compare counts as numbers:
+//! `tostring` of a Lua number keeps only 14 significant digits, so comparing texts would
+//! refuse every settlement of an entry delivered 10^14 times or more.
 
 use std::sync::LazyLock;
 
@@ -27,7 +32,7 @@ const CHECK_OWNER: &str = r#"
 local function owned(stream, group, consumer, id, count)
   local p = redis.call('XPENDING', stream, group, id, id, 1)
   if #p == 0 then return 0 end
-  if p[1][2] ~= consumer or tostring(p[1][4]) ~= count then return -1 end
+  if p[1][2] ~= consumer or p[1][4] ~= tonumber(count) then return -1 end
   return 1
 end
 "#;
@@ -52,7 +57,7 @@ pub(crate) static ACK_BATCH: LazyLock<Script> = LazyLock::new(|| {
 local n = (#ARGV - 5) / 2
 local mine = {{}}
 local listed = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[5], 2 * n + 16, ARGV[2])
-for _, p in ipairs(listed) do mine[p[1]] = tostring(p[4]) end
+for _, p in ipairs(listed) do mine[p[1]] = p[4] end
 local done, acked, results = {{}}, {{}}, {{}}
 for i = 6, #ARGV, 2 do
   local id, count = ARGV[i], ARGV[i + 1]
@@ -60,7 +65,7 @@ for i = 6, #ARGV, 2 do
   if done[id] then
     state = 0
   elseif mine[id] then
-    if mine[id] == count then state = 1 else state = -1 end
+    if mine[id] == tonumber(count) then state = 1 else state = -1 end
   else
     state = owned(KEYS[1], ARGV[1], ARGV[2], id, count)
   end
@@ -136,7 +141,12 @@ for _, p in ipairs(pending) do
       if due then redis.call('ZREM', KEYS[2], member) end
       local e = entries[1]
       if e and e[2] then
-        claimed[#claimed + 1] = {e[1], e[2], p[4] + 1}
+        local count = p[4] + 1
+        if count >= 9007199254740992 then
+          -- Past 2^53 a Lua number no longer counts exactly: take what Redis reports.
+          count = redis.call('XPENDING', KEYS[1], ARGV[1], p[1], p[1], 1)[1][4]
+        end
+        claimed[#claimed + 1] = {e[1], e[2], count}
       end
     end
   end
@@ -152,17 +162,17 @@ return {cursor, claimed}
 /// shutting down, or a reply was lost): each becomes immediately available to the group
 /// again, with its delivery count restored to what it was before this consumer took it.
 ///
-/// KEYS: stream. ARGV: group, consumer, then pairs of id and delivery count.
+/// KEYS: stream. ARGV: group, consumer, then triples of id, delivery count and the count to
+/// restore (worked out by the caller: Lua numbers do not count exactly past 2^53).
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local released = 0
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p > 0 and p[1][2] == ARGV[2] and tostring(p[1][4]) == ARGV[i + 1] then
-    local count = math.max(tonumber(ARGV[i + 1]) - 1, 0)
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'TIME', 1, 'RETRYCOUNT', count, 'JUSTID')
+  if #p > 0 and p[1][2] == ARGV[2] and p[1][4] == tonumber(ARGV[i + 1]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'TIME', 1, 'RETRYCOUNT', ARGV[i + 2], 'JUSTID')
     released = released + 1
   end
 end

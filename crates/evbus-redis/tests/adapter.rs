@@ -1094,3 +1094,148 @@ async fn acks_far_apart_among_many_held_deliveries_are_all_applied() {
     assert_eq!(env.xlen(&key).await, 0);
     env.cleanup().await;
 }
+
+/// Sends an event to queue `name` and, as a stock client would (`redis-cli XREADGROUP` then
+/// `XCLAIM <key> evbus stock 0 <id> IDLE ... RETRYCOUNT <count>`), leaves it pending with
+/// delivery count `count`, idle long enough for any consumer to take it over. Returns the
+/// queue, its stream key and the event.
+async fn over_delivered(
+    env: &Env,
+    name: &str,
+    count: i64,
+) -> (Arc<dyn evbus::Queue>, String, Event) {
+    let queue = env.transport.queue(name).await.unwrap();
+    let key = env.transport.queue_key(name);
+    let sent = event(1);
+    queue.send(&sent).await.unwrap();
+    // The group a queue's consumers share (`evbus`), at the start, as the first `receive`
+    // creates it; that `receive` keeps it as it is.
+    let _: Value = env
+        .cmd(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg("evbus")
+                .arg("0"),
+        )
+        .await;
+    let _: Value = env
+        .cmd(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("evbus")
+                .arg("stock")
+                .arg("COUNT")
+                .arg(1)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">"),
+        )
+        .await;
+    let range: Value = env
+        .cmd(redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))
+        .await;
+    let id = match &range {
+        Value::Array(entries) => match entries.first() {
+            Some(Value::Array(entry)) => text(&entry[0]),
+            other => panic!("XRANGE entry {other:?}"),
+        },
+        other => panic!("XRANGE {other:?}"),
+    };
+    let _: Value = env
+        .cmd(
+            redis::cmd("XCLAIM")
+                .arg(&key)
+                .arg("evbus")
+                .arg("stock")
+                .arg(0)
+                .arg(&id)
+                .arg("IDLE")
+                .arg(3_600_000)
+                .arg("RETRYCOUNT")
+                .arg(count)
+                .arg("JUSTID"),
+        )
+        .await;
+    (queue, key, sent)
+}
+
+/// A delivery count past `u32::MAX` (and past what a Lua number prints or counts exactly):
+/// the attempt shown saturates, but the ack is checked against Redis's exact count, so it
+/// settles the delivery instead of being refused as taken over.
+#[tokio::test]
+async fn a_delivery_counted_past_u32_max_can_still_be_settled() {
+    let Some(env) = Env::new().await else { return };
+    let counts = [4_294_967_296_i64, 1_000_000_000_000_000, (1 << 53) + 1];
+    for (i, count) in counts.into_iter().enumerate() {
+        let name = format!("q{i}");
+        let (queue, key, sent) = over_delivered(&env, &name, count).await;
+        // Every attempt allowed: the delivery reaches the consumer, which acknowledges it.
+        let options = ConsumerOptions::default().max_attempts(u32::MAX);
+        let mut sub = queue.receive(options).await.unwrap();
+        let delivery = next(&mut sub).await;
+        assert_eq!(delivery.event().id(), sent.id());
+        assert_eq!(delivery.attempt(), u32::MAX, "the attempt shown saturates");
+        if let Err(e) = delivery.ack().await {
+            panic!("RETRYCOUNT {count}: the ack was refused: {e}");
+        }
+        assert_eq!(
+            env.xlen(&key).await,
+            0,
+            "RETRYCOUNT {count}: acked and deleted"
+        );
+        assert_eq!(env.pending(&key, "evbus").await, 0, "RETRYCOUNT {count}");
+        drop(sub);
+    }
+    env.cleanup().await;
+}
+
+/// The same entry with the default `max_attempts`: core dead-letters it without handing it
+/// out and acknowledges it. The ack must settle it: were it refused, every visibility timeout
+/// would take the entry over and dead-letter another copy.
+#[tokio::test]
+async fn an_entry_delivered_past_u32_max_times_is_dead_lettered_once() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(100)).await else {
+        return;
+    };
+    let (queue, key, sent) = over_delivered(&env, "q", 4_294_967_296).await;
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(1));
+    let mut sub = queue.receive(options).await.unwrap();
+    // Core dead-letters it while the stream is read; nothing may reach the consumer.
+    let reader = tokio::spawn(async move {
+        let handed_out = sub.next().await;
+        handed_out.map(|d| d.map(|d| d.event().id().to_owned()))
+    });
+    let dlq_key = env.transport.queue_key("q.dlq");
+    let settled = eventually(WAIT, || async {
+        env.xlen(&key).await == 0 && env.pending(&key, "evbus").await == 0
+    })
+    .await;
+    assert!(
+        settled,
+        "the over-delivered entry is still there ({} pending) after {WAIT:?}, with {} \
+         dead-letter records",
+        env.pending(&key, "evbus").await,
+        env.xlen(&dlq_key).await
+    );
+    // Gone from the queue: no further copy can be dead-lettered.
+    assert_eq!(
+        env.xlen(&dlq_key).await,
+        1,
+        "exactly one dead-letter record"
+    );
+    assert!(!reader.is_finished(), "{:?}", reader.await);
+    reader.abort();
+
+    let dlq = env.transport.queue("q.dlq").await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let record = next(&mut dead).await;
+    let e = record.event();
+    assert_eq!(e.id(), sent.id());
+    let reason = e.extension(DEAD_LETTER_REASON).unwrap();
+    assert!(reason.contains("max attempts exceeded"), "{reason}");
+    let attempts = u32::MAX.to_string();
+    assert_eq!(e.extension(DEAD_LETTER_ATTEMPTS), Some(attempts.as_str()));
+    record.ack().await.unwrap();
+    env.cleanup().await;
+}
