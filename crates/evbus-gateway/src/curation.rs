@@ -46,6 +46,31 @@ fn tokens(pointer: &str) -> Vec<String> {
 /// The token meaning "every element or member".
 pub const WILDCARD: &str = "*";
 
+/// Longest pointer a webhook's `allow` may hold, in bytes.
+pub const MAX_POINTER_BYTES: usize = 256;
+/// Most tokens (levels) a pointer of a webhook's `allow` may have.
+pub const MAX_POINTER_TOKENS: usize = 16;
+
+/// Checks a pointer of a webhook's `allow` (written by a key holder, curated against on every
+/// delivery): a JSON pointer of at most [`MAX_POINTER_BYTES`] bytes and
+/// [`MAX_POINTER_TOKENS`] tokens. The message quotes no part of the pointer.
+pub fn check_allow_pointer(pointer: &str) -> Result<(), String> {
+    if !pointer.starts_with('/') {
+        return Err("`allow` holds JSON pointers such as /order/id".to_owned());
+    }
+    if pointer.len() > MAX_POINTER_BYTES {
+        return Err(format!(
+            "a pointer in `allow` may be at most {MAX_POINTER_BYTES} bytes long"
+        ));
+    }
+    if pointer.matches('/').count() > MAX_POINTER_TOKENS {
+        return Err(format!(
+            "a pointer in `allow` may have at most {MAX_POINTER_TOKENS} levels"
+        ));
+    }
+    Ok(())
+}
+
 fn index(token: &str) -> Option<usize> {
     // RFC 6901 array indexes: `0` or digits without a leading zero.
     if token == "0" || (!token.starts_with('0') && token.bytes().all(|b| b.is_ascii_digit())) {
@@ -98,16 +123,18 @@ fn remove(value: &mut Value, tokens: &[String]) {
 }
 
 /// The allowed pointers (token lists) that continue under `key` at `depth` (`*` matches any).
-fn children(allowed: &[Vec<String>], depth: usize, key: &str) -> Vec<Vec<String>> {
+/// Borrowed, not copied: a data node costs one comparison per pointer, whatever the pointers'
+/// length (a webhook's `allow` comes from a key holder).
+fn children<'a>(allowed: &[&'a [String]], depth: usize, key: &str) -> Vec<&'a [String]> {
     allowed
         .iter()
         .filter(|a| a.len() > depth && (a[depth] == key || a[depth] == WILDCARD))
-        .cloned()
+        .copied()
         .collect()
 }
 
 /// Keeps only what lies on or under the allowed pointers (given as token lists).
-fn keep_only(value: Value, allowed: &[Vec<String>], depth: usize) -> Option<Value> {
+fn keep_only(value: Value, allowed: &[&[String]], depth: usize) -> Option<Value> {
     // An allowed pointer that ends here keeps the whole subtree.
     if allowed.iter().any(|a| a.len() == depth) {
         return Some(value);
@@ -160,6 +187,7 @@ pub fn curate_value(
     }
     for list in [allow, narrow].into_iter().flatten() {
         let allowed: Vec<Vec<String>> = list.iter().map(|p| tokens(p)).collect();
+        let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
         data = keep_only(data, &allowed, 0).unwrap_or(Value::Null);
     }
     data
@@ -387,7 +415,7 @@ fn is_array_schema(map: &Map<String, Value>) -> bool {
 }
 
 /// Curates a schema node along the allowed paths: what no allowed pointer reaches is removed.
-fn schema_keep_only(mut node: Value, allowed: &[Vec<String>], depth: usize) -> Value {
+fn schema_keep_only(mut node: Value, allowed: &[&[String]], depth: usize) -> Value {
     if allowed.iter().any(|a| a.len() == depth) {
         return node;
     }
@@ -404,10 +432,10 @@ fn schema_keep_only(mut node: Value, allowed: &[Vec<String>], depth: usize) -> V
                 }
             }
         }
-        let element: Vec<Vec<String>> = allowed
+        let element: Vec<&[String]> = allowed
             .iter()
             .filter(|a| a.len() > depth && (index(&a[depth]).is_some() || a[depth] == WILDCARD))
-            .cloned()
+            .copied()
             .collect();
         for k in ["items", "prefixItems"] {
             if let Some(items) = map.remove(k)
@@ -538,9 +566,57 @@ fn strip_definitions(node: &mut Value) {
     }
 }
 
+/// Keywords that can name properties, or hold whole instances, outside `properties`: the
+/// property-wise removal above does not see into them, so a curated type publishes none.
+const REVEALING: [&str; 8] = [
+    "dependentRequired",
+    "dependencies",
+    "dependentSchemas",
+    "not",
+    "contains",
+    "propertyNames",
+    "examples",
+    "default",
+];
+
+/// Removes the [`REVEALING`] keywords from every schema node of `node`, and `const`/`enum`
+/// where they hold an object or an array (scalar ones name no property and stay). Keys of
+/// `properties` and `patternProperties` are names, not keywords: only their schemas are
+/// looked into.
+fn strip_revealing(node: &mut Value) {
+    let Value::Object(map) = node else { return };
+    for k in REVEALING {
+        map.remove(k);
+    }
+    let container = |v: &Value| matches!(v, Value::Object(_) | Value::Array(_));
+    if map.get("const").is_some_and(container) {
+        map.remove("const");
+    }
+    if map
+        .get("enum")
+        .and_then(Value::as_array)
+        .is_some_and(|values| values.iter().any(container))
+    {
+        map.remove("enum");
+    }
+    for (k, v) in map.iter_mut() {
+        match (k.as_str(), v) {
+            ("properties" | "patternProperties", Value::Object(props)) => {
+                props.values_mut().for_each(strip_revealing);
+            }
+            // Values, not schemas.
+            ("required" | "enum" | "const" | "type", _) => {}
+            (_, Value::Array(items)) => items.iter_mut().for_each(strip_revealing),
+            (_, v @ Value::Object(_)) => strip_revealing(v),
+            _ => {}
+        }
+    }
+}
+
 /// The schema of `version` as the outside sees it: references inlined, every `$defs` level
 /// dropped, redacted properties removed, only allowed properties kept,
-/// `x-evbus-redact`/`x-evbus-allow` dropped.
+/// `x-evbus-redact`/`x-evbus-allow` dropped; for a type with either rule, also every keyword
+/// that could name a property or hold a whole instance elsewhere.
 pub fn curate_schema(version: &EventVersion) -> Value {
     let root = version.schema();
     let mut schema = inline_refs(root, root, 0);
@@ -555,7 +631,11 @@ pub fn curate_schema(version: &EventVersion) -> Value {
     }
     if let Some(allow) = version.allow() {
         let allowed: Vec<Vec<String>> = allow.iter().map(|p| tokens(p)).collect();
+        let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
         schema = schema_keep_only(schema, &allowed, 0);
+    }
+    if !version.redact().is_empty() || version.allow().is_some() {
+        strip_revealing(&mut schema);
     }
     schema
 }

@@ -132,7 +132,17 @@ pub struct GatewayConfig {
     pub max_webhook_body_bytes: usize,
     /// Events one replay request may queue. Default 10,000.
     pub max_replay_events: u32,
+    /// Events replays may queue to one webhook within its replay window of
+    /// [`REPLAY_WINDOW`] (24 h, opened by the first replay that queues an event): a replay
+    /// beyond it queues what fits, and one with nothing left is answered 429 with the time
+    /// the window ends. The webhooks of one key, deleted ones included, share this times
+    /// [`max_webhooks_per_key`](Self::max_webhooks_per_key). Default 30,000 (three full
+    /// replays a day). 0 counts as 1.
+    pub max_replayed_per_day: u32,
 }
+
+/// The length of a webhook's replay window ([`GatewayConfig::max_replayed_per_day`]).
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -168,6 +178,7 @@ impl Default for GatewayConfig {
             max_allow_per_webhook: 100,
             max_webhook_body_bytes: 64 * 1024,
             max_replay_events: 10_000,
+            max_replayed_per_day: 30_000,
         }
     }
 }

@@ -214,9 +214,9 @@ pub(crate) fn document() -> Value {
                 "parameters": id_param,
                 "post": named(with_body(
                     op(
-                        "Deliver again every logged event since a time (re-enables a disabled endpoint)",
+                        "Deliver again every logged event since a time (re-enables a disabled endpoint), within the webhook's replay budget",
                         "the owner or an admin key",
-                        ("202", json_ok("how many deliveries were queued", json!({"type": "object", "required": ["replayed"], "properties": {"replayed": {"type": "integer", "minimum": 0}}}))),
+                        ("202", json_ok("how many deliveries were queued, and what the replay budget has left", schema("Replayed"))),
                         &["404"],
                     ),
                     "Replay",
@@ -335,6 +335,14 @@ fn schemas() -> Value {
         }},
         "Replay": {"type": "object", "required": ["since"], "additionalProperties": false,
             "examples": [{"since": "2026-11-30T00:00:00Z"}], "properties": {"since": time}},
+        "Replayed": {"type": "object", "required": ["replayed", "budget_remaining", "budget_exhausted", "budget_resets_at"],
+            "description": "Events replays may queue to one webhook are bounded per 24 h window (max_replayed_per_day; the window opens with the first replay that queues an event) and over all of its key's webhooks (that times max_webhooks_per_key). A replay queues at most what the budget leaves; one finding nothing left is answered 429 with `limit`, `resets_at` and Retry-After.",
+            "properties": {
+            "replayed": {"type": "integer", "minimum": 0, "description": "deliveries queued (events with a delivery to this endpoint still pending are not queued again)"},
+            "budget_remaining": {"type": "integer", "minimum": 0, "description": "events replays may still queue to this webhook before budget_resets_at"},
+            "budget_exhausted": {"type": "boolean", "description": "true when nothing is left: the next replay before budget_resets_at is answered 429"},
+            "budget_resets_at": {"type": ["string", "null"], "format": "date-time", "description": "when more budget frees up (the webhook's window ends, or its key's first one); null when no window is open"}
+        }},
         "CreateKey": {"type": "object", "required": ["name"], "additionalProperties": false,
             "examples": [{"name": "erp", "subscribe": ["afterOrder*"], "publish": []}],
             "properties": {

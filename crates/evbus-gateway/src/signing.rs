@@ -58,9 +58,41 @@ pub fn signature_header<'a>(
         .join(" ")
 }
 
-/// Whether `header` (a `webhook-signature` value) holds a valid signature by `secret`, compared
-/// in constant time. What a receiver does; used by the tests and offered for Rust receivers.
+/// How far a delivery's `webhook-timestamp` may be from the receiver's clock, either way,
+/// for [`verify`] to accept it (the Standard Webhooks recommendation). Each attempt is signed
+/// when it is sent, so a genuine delivery is well inside it; a captured one replayed later is
+/// not.
+pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
+
+/// Whether a delivery is genuine and fresh: `header` (a `webhook-signature` value) holds a
+/// valid signature by `secret` (compared in constant time), and `timestamp` (the
+/// `webhook-timestamp` value) is within [`TIMESTAMP_TOLERANCE_SECS`] of this machine's clock,
+/// so a delivery captured and sent again later is refused. What a receiver does; offered for
+/// Rust receivers. Deduplicate by `webhook-id` as well: a retry is a new, fresh delivery of
+/// the same event.
 pub fn verify(secret: &str, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    verify_at(secret, id, timestamp, body, header, now)
+}
+
+/// [`verify`] against the clock reading `now` (Unix seconds) instead of this machine's clock.
+pub fn verify_at(
+    secret: &str,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+    now: i64,
+) -> bool {
+    now.abs_diff(timestamp) <= TIMESTAMP_TOLERANCE_SECS.unsigned_abs()
+        && signature_matches(secret, id, timestamp, body, header)
+}
+
+/// Whether `header` holds a valid signature by `secret` over `id`, `timestamp` and `body`,
+/// whatever the timestamp.
+fn signature_matches(secret: &str, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     let Some(key) = secret_bytes(secret) else {
         return false;
     };
@@ -106,9 +138,39 @@ mod tests {
         assert!(a.starts_with("whsec_"));
         let header = signature_header([a.as_str(), b.as_str()], "m1", 5, b"{}");
         assert_eq!(header.split(' ').count(), 2);
-        assert!(verify(&a, "m1", 5, b"{}", &header));
-        assert!(verify(&b, "m1", 5, b"{}", &header));
-        assert!(!verify(&generate_secret(), "m1", 5, b"{}", &header));
-        assert!(!verify(&a, "m1", 6, b"{}", &header));
+        assert!(verify_at(&a, "m1", 5, b"{}", &header, 5));
+        assert!(verify_at(&b, "m1", 5, b"{}", &header, 5));
+        assert!(!verify_at(&generate_secret(), "m1", 5, b"{}", &header, 5));
+        assert!(!verify_at(&a, "m1", 6, b"{}", &header, 6));
+    }
+
+    #[test]
+    fn a_signature_outside_the_timestamp_tolerance_is_refused() {
+        let secret = generate_secret();
+        let now = 1_800_000_000;
+        let tolerance = TIMESTAMP_TOLERANCE_SECS;
+        for (signed_at, fresh) in [
+            (now, true),
+            (now - tolerance, true),
+            (now + tolerance, true),
+            (now - tolerance - 1, false),
+            (now + tolerance + 1, false),
+            (now - 3600, false),
+            (i64::MIN, false),
+            (i64::MAX, false),
+        ] {
+            let header = signature_header([secret.as_str()], "m1", signed_at, b"{}");
+            assert_eq!(
+                verify_at(&secret, "m1", signed_at, b"{}", &header, now),
+                fresh,
+                "signed at {signed_at}, checked at {now}"
+            );
+        }
+        // The machine's clock: a delivery signed now verifies, one signed an hour ago not.
+        let now = chrono::Utc::now().timestamp();
+        let header = signature_header([secret.as_str()], "m1", now, b"{}");
+        assert!(verify(&secret, "m1", now, b"{}", &header));
+        let header = signature_header([secret.as_str()], "m1", now - 3600, b"{}");
+        assert!(!verify(&secret, "m1", now - 3600, b"{}", &header));
     }
 }

@@ -60,6 +60,10 @@ impl std::fmt::Debug for OutboundPolicy {
     }
 }
 
+/// What a caller is told when a URL's host does not resolve or resolves to an address that
+/// is not allowed: the same words for both (see [`UrlRefusal::Unresolvable`]).
+const REFUSED_HOST: &str = "the URL's host does not resolve to an address deliveries may go to (only public addresses, unless the gateway operator allows a network with --webhook-allow)";
+
 /// Why a webhook URL is refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -67,14 +71,14 @@ pub enum UrlRefusal {
     /// Not an absolute `http`/`https` URL with a host.
     #[error("the URL must be an absolute http or https URL with a host: {0}")]
     Malformed(String),
-    /// The host did not resolve. (The message does not quote the host: error bodies quote
-    /// no request value.)
-    #[error("the URL's host does not resolve")]
+    /// The host did not resolve. The message is [`Forbidden`](Self::Forbidden)'s, word for
+    /// word: if the two differed, a key could tell which internal names exist (one that
+    /// resolves to a private address would answer "not allowed", a made-up one "does not
+    /// resolve"). It does not quote the host either: error bodies quote no request value.
+    #[error("{}", REFUSED_HOST)]
     Unresolvable(String),
-    /// The host resolves to an address that is not allowed.
-    #[error(
-        "the URL's host is or resolves to an address that is not allowed (only public addresses are, unless the gateway operator allows a network with --webhook-allow)"
-    )]
+    /// The host is or resolves to an address that is not allowed.
+    #[error("{}", REFUSED_HOST)]
     Forbidden {
         /// The host.
         host: String,
@@ -158,12 +162,12 @@ impl OutboundPolicy {
 
     /// Resolves `host` and checks every address; the addresses, all allowed.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UrlRefusal> {
-        let addrs: Vec<SocketAddr> = self
-            .resolver
-            .lookup(host, port)
-            .await
-            .map_err(|_| UrlRefusal::Unresolvable(host.to_owned()))?;
+        let addrs: Vec<SocketAddr> = self.resolver.lookup(host, port).await.map_err(|e| {
+            tracing::debug!(host, error = %e, "webhook host does not resolve");
+            UrlRefusal::Unresolvable(host.to_owned())
+        })?;
         if addrs.is_empty() {
+            tracing::debug!(host, "webhook host resolves to no address");
             return Err(UrlRefusal::Unresolvable(host.to_owned()));
         }
         self.check_addrs(host, addrs.iter().map(SocketAddr::ip))?;
@@ -395,5 +399,40 @@ mod tests {
             "::1/128".parse().unwrap(),
         ]);
         assert!(open.check_url("http://localhost:9/x").await.is_ok());
+    }
+
+    /// Resolves `internal.example` to a private address and nothing else at all.
+    struct OneInternalName;
+
+    #[async_trait::async_trait]
+    impl HostResolver for OneInternalName {
+        async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            match host {
+                "internal.example" => Ok(vec![SocketAddr::from(([10, 0, 0, 7], port))]),
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such host",
+                )),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_internal_name_and_a_made_up_one_are_refused_in_the_same_words() {
+        let policy = OutboundPolicy::default().with_resolver(Arc::new(OneInternalName));
+        let internal = policy.check_url("http://internal.example/hook").await;
+        let made_up = policy.check_url("http://made-up.example/hook").await;
+        assert!(
+            matches!(internal, Err(UrlRefusal::Forbidden { .. })),
+            "{internal:?}"
+        );
+        assert!(
+            matches!(made_up, Err(UrlRefusal::Unresolvable(_))),
+            "{made_up:?}"
+        );
+        // What a caller reads cannot tell an existing internal name from a made-up one.
+        let (internal, made_up) = (internal.unwrap_err(), made_up.unwrap_err());
+        assert_eq!(internal.to_string(), made_up.to_string());
+        assert!(!internal.to_string().contains("10.0.0.7"));
     }
 }

@@ -17,11 +17,14 @@ use serde_json::{Value, json};
 
 use crate::problem::Problem;
 use crate::ssrf::UrlRefusal;
-use crate::store::{Attempt, Delivery, DeliveryOutcome, KeyRecord, WebhookRecord};
+use crate::store::{
+    Attempt, Delivery, DeliveryOutcome, KeyRecord, ReplayBudget, ReplayLimits, Replayed,
+    WebhookRecord,
+};
 use crate::{State, curation, signing};
 
-/// Longest response body kept in the attempt log.
-const RESPONSE_LOG_BYTES: usize = 1024;
+/// Longest response body read for the attempt log.
+const RESPONSE_LOG_BYTES: usize = Attempt::MAX_RESPONSE_BYTES;
 
 /// The dispatcher loop: claims due deliveries and runs them, bounded per endpoint, per owner
 /// key (so one key's slow endpoints leave room for other keys) and in all. The bounds per
@@ -240,8 +243,8 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
                     _ => break,
                 }
             }
-            kept.truncate(RESPONSE_LOG_BYTES);
-            log.response = Some(String::from_utf8_lossy(&kept).into_owned());
+            // Cut after decoding: an invalid byte decodes to 3 bytes (U+FFFD).
+            log.response = Some(Attempt::response_excerpt(&kept));
             Some(status)
         }
         Err(error) => {
@@ -474,12 +477,22 @@ pub(crate) async fn create(
                 .with("denied_positions", json!(denied)),
         );
     }
-    if let Some(allow) = &req.allow
-        && allow.iter().any(|p| !p.starts_with('/'))
-    {
-        return Err(Problem::bad_request(
-            "`allow` holds JSON pointers such as /order/id",
-        ));
+    // Positions, not pointers: error bodies never quote request values.
+    if let Some((position, refusal)) = req.allow.iter().flatten().enumerate().find_map(|(i, p)| {
+        crate::curation::check_allow_pointer(p)
+            .err()
+            .map(|refusal| (i, refusal))
+    }) {
+        return Err(Problem::bad_request(refusal)
+            .with("position", json!(position))
+            .with(
+                "max_pointer_bytes",
+                json!(crate::curation::MAX_POINTER_BYTES),
+            )
+            .with(
+                "max_pointer_levels",
+                json!(crate::curation::MAX_POINTER_TOKENS),
+            ));
     }
     if req.description.chars().count() > 1000 || req.url.chars().count() > 2000 {
         return Err(Problem::bad_request("`url` or `description` is too long"));
@@ -599,6 +612,50 @@ pub(crate) async fn attempts(
     Ok(Json(Value::Array(list)))
 }
 
+/// The bounds of one replay: `max_replay_events` per request, `max_replayed_per_day` per
+/// webhook and window, and that times `max_webhooks_per_key` for all of a key's webhooks.
+fn replay_limits(cfg: &crate::GatewayConfig) -> ReplayLimits {
+    let per_webhook = u64::from(cfg.max_replayed_per_day.max(1));
+    let webhooks = u64::try_from(cfg.max_webhooks_per_key.max(1)).unwrap_or(u64::MAX);
+    ReplayLimits {
+        per_replay: cfg.max_replay_events,
+        per_webhook,
+        per_key: per_webhook.saturating_mul(webhooks),
+        window: chrono::Duration::from_std(crate::REPLAY_WINDOW).unwrap_or_default(),
+    }
+}
+
+/// 429 for a replay that found its budget spent: which limit, and when budget frees up
+/// (`resets_at`, and `Retry-After`).
+fn budget_spent(limits: &ReplayLimits, done: &Replayed, now: DateTime<Utc>) -> Problem {
+    let hours = limits.window.num_hours();
+    let (detail, limit) = match done.exhausted {
+        Some(ReplayBudget::Key) => (
+            format!(
+                "the webhooks of this key (deleted ones included) had {} events replayed within their {hours} h replay windows, the most one key may (max_replayed_per_day × max_webhooks_per_key); more can be replayed from `resets_at`",
+                limits.per_key
+            ),
+            limits.per_key,
+        ),
+        _ => (
+            format!(
+                "this webhook had {} events replayed within its {hours} h replay window, the most one webhook may (max_replayed_per_day); more can be replayed from `resets_at`",
+                limits.per_webhook
+            ),
+            limits.per_webhook,
+        ),
+    };
+    let mut problem = Problem::new(StatusCode::TOO_MANY_REQUESTS, detail)
+        .with("limit", json!(limit))
+        .with("window_seconds", json!(limits.window.num_seconds()))
+        .with("resets_at", json!(done.resets_at));
+    if let Some(at) = done.resets_at {
+        let millis = (at - now).num_milliseconds().max(0);
+        problem = problem.retry_after(((millis + 999) / 1000).max(1) as u64);
+    }
+    problem
+}
+
 pub(crate) async fn replay(
     AxState(state): AxState<Arc<State>>,
     Extension(key): Extension<KeyRecord>,
@@ -607,6 +664,17 @@ pub(crate) async fn replay(
 ) -> Result<Response, Problem> {
     let mut w = owned(&state, &key, &id).await?;
     let req: Replay = crate::api::parse_json(&body)?;
+    // Idempotent: events with a delivery to this endpoint still pending are not queued
+    // again, so repeating a replay (or replaying overlapping ranges) adds nothing twice.
+    // Bounded: per request, and per webhook (and key) within the replay window, so replaying
+    // delivered events again and again queues no more than the budget.
+    let limits = replay_limits(&state.config);
+    let now = State::now();
+    let done = state.store.replay(&id, req.since, now, &limits).await?;
+    if done.refused() {
+        // Nothing changes, a disabled endpoint included.
+        return Err(budget_spent(&limits, &done, now));
+    }
     if !w.enabled {
         // A replay is the owner asking for deliveries again: the endpoint is re-enabled.
         w.enabled = true;
@@ -614,14 +682,17 @@ pub(crate) async fn replay(
         w.failing_since = None;
         state.store.update_webhook(&w).await?;
     }
-    // Idempotent: events with a delivery to this endpoint still pending are not queued
-    // again, so repeating a replay (or replaying overlapping ranges) adds nothing twice.
-    let n = state
-        .store
-        .replay(&id, req.since, State::now(), state.config.max_replay_events)
-        .await?;
     state.dispatch.notify_one();
-    Ok((StatusCode::ACCEPTED, Json(json!({"replayed": n}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "replayed": done.queued,
+            "budget_remaining": done.remaining,
+            "budget_exhausted": done.exhausted.is_some(),
+            "budget_resets_at": done.resets_at,
+        })),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

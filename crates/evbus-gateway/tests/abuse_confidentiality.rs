@@ -65,11 +65,19 @@ fn defs_schema() -> Value {
                     "card": {"$ref": "#/$defs/Customer/$defs/Card"},
                 },
                 "required": ["shownName", "hiddenMailbox"],
+                // Keywords that name properties or hold instances outside `properties`.
+                "dependentRequired": {"shownName": ["hiddenMailbox"]},
+                "dependencies": {"hiddenMailbox": ["shownName"]},
+                "not": {"required": ["hiddenMailbox", "hiddenPanNumber"]},
+                "propertyNames": {"enum": ["shownName", "hiddenMailbox", "card"]},
+                "examples": [{"shownName": "Ann", "hiddenMailbox": "ann@example.com"}],
+                "default": {"hiddenMailbox": "nobody@example.com"},
                 "$defs": {
                     "Card": {
                         "type": "object",
                         "properties": {"shownBrand": {"type": "string"}, "hiddenPanNumber": {"type": "string"}},
                         "required": ["hiddenPanNumber"],
+                        "const": {"shownBrand": "visa", "hiddenPanNumber": "4111"},
                     }
                 }
             }
@@ -285,6 +293,22 @@ async fn published_schemas_name_no_redacted_property_at_any_defs_level() {
             assert!(!found.contains(kw), "{ty}: {kw} published: {schema}");
         }
     }
+    // Not anywhere in the text either: not in `dependentRequired`, `not`, `propertyNames`,
+    // examples, defaults or constants (this suite's own schema, whose descriptions do not
+    // name them).
+    let text = schema_of(DEFS).to_string();
+    for hidden in [
+        "hiddenMailbox",
+        "hiddenPanNumber",
+        "ann@example.com",
+        "4111",
+    ] {
+        assert!(!text.contains(hidden), "{DEFS}: {hidden} published: {text}");
+    }
+    assert!(
+        text.contains("shownName") && text.contains("shownBrand"),
+        "{text}"
+    );
 }
 
 /// Every 8-byte window of every string of `values` that `body` contains.

@@ -168,7 +168,7 @@ async fn refused_webhook_addresses_are_not_revealed_to_the_caller() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
     let text = problem.to_string();
-    assert!(text.contains("not allowed"), "{text}");
+    assert!(text.contains("address deliveries may go to"), "{text}");
     for internal in ["127.0.0.1", "::1", "loopback"] {
         assert!(!text.contains(internal), "{text}");
     }
@@ -297,9 +297,42 @@ async fn webhook_registrations_are_bounded_per_key_and_in_size() {
     )
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{problem}");
+    // Each pointer is bounded too: curating an event for a webhook compares every data node
+    // with every pointer, on every attempt, so a key cannot make that costly with pointers
+    // of thousands of levels (100 of those fitted in the 64 KiB body before). The problem
+    // names the pointer's position, never the pointer.
+    let deep = "/*".repeat(17);
+    let long = format!("/{}", "a".repeat(256));
+    for (allow, position) in [
+        (json!(["/order/id", deep]), 1),
+        (json!([long]), 0),
+        (json!(["/ok", "no-slash"]), 1),
+    ] {
+        let (status, problem) = register(
+            other.clone(),
+            json!({"url": receiver.url(), "event_types": [ORDERS], "allow": allow}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+        assert_eq!(problem["position"], position, "{problem}");
+        assert_eq!(problem["max_pointer_bytes"], 256, "{problem}");
+        assert_eq!(problem["max_pointer_levels"], 16, "{problem}");
+        assert!(
+            !problem.to_string().contains("aaaa") && !problem.to_string().contains("/*/*"),
+            "the problem quotes the pointer: {problem}"
+        );
+    }
+    // At the limits it registers: 16 levels, 256 bytes.
+    let (status, problem) = register(
+        other.clone(),
+        json!({"url": receiver.url(), "event_types": [ORDERS],
+               "allow": ["/*".repeat(16), format!("/{}", "a".repeat(255))]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{problem}");
     // Nothing refused was stored.
     let (_, list) = h.call("GET", "/v1/webhooks", Some(&other), None).await;
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list.as_array().unwrap().len(), 2);
 }
 
 // Item 12: replay amplification.
@@ -345,4 +378,155 @@ async fn a_repeated_replay_queues_nothing_twice() {
         assert_eq!(again["replayed"], 0, "a pending replay is not queued again");
     }
     held.abort();
+}
+
+// Item 12: replaying delivered events again and again is bounded by the webhook's budget.
+#[tokio::test]
+async fn replays_of_delivered_events_are_bounded_by_the_webhooks_budget() {
+    let mut config = test_config();
+    config.max_replayed_per_day = 5;
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&[ORDERS], &[]).await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
+    for _ in 0..3 {
+        h.bus.emit(ORDERS, order_created()).await.unwrap();
+    }
+    eventually("three events logged", || async {
+        h.store.latest_seq().await.unwrap() >= 3
+    })
+    .await;
+    // Registered after the events: only replays deliver them.
+    let receiver = Receiver::start(200).await;
+    let (id, _) = h.register(&key, &receiver.url(), &[ORDERS]).await;
+    let replay_path = format!("/v1/webhooks/{id}/replay");
+    let attempts_path = format!("/v1/webhooks/{id}/attempts");
+    let delivered = |n: usize| {
+        let (h, key, path) = (&h, &key, &attempts_path);
+        async move {
+            let (_, list) = h.call("GET", path, Some(key), None).await;
+            list.as_array()
+                .is_some_and(|a| a.iter().filter(|a| a["status"] == 200).count() >= n)
+        }
+    };
+
+    let (status, first) = h
+        .call(
+            "POST",
+            &replay_path,
+            Some(&key),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(first["replayed"], 3);
+    assert_eq!(first["budget_remaining"], 2);
+    assert_eq!(first["budget_exhausted"], false);
+    let resets_at = first["budget_resets_at"].as_str().unwrap().to_owned();
+    eventually("the three replayed events delivered", || delivered(3)).await;
+
+    // Delivered, so not pending any more: replaying them again queues only what the budget
+    // has left.
+    let (status, second) = h
+        .call(
+            "POST",
+            &replay_path,
+            Some(&key),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_eq!(second["replayed"], 2);
+    assert_eq!(second["budget_remaining"], 0);
+    assert_eq!(second["budget_exhausted"], true);
+    assert_eq!(second["budget_resets_at"], resets_at.as_str());
+    eventually("the two events replayed again delivered", || delivered(5)).await;
+
+    // Nothing left: 429 naming the limit and when it frees up, and nothing queued.
+    let resp = h
+        .http
+        .post(h.url(&replay_path))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(json!({"since": since}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        resp.headers()["content-type"],
+        evbus_gateway::problem::PROBLEM_JSON
+    );
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (86_000..=86_400).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let problem: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(problem["status"], 429);
+    assert_eq!(problem["limit"], 5);
+    assert_eq!(problem["resets_at"], resets_at.as_str());
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_replayed_per_day"),
+        "{problem}"
+    );
+    let (_, list) = h.call("GET", &attempts_path, Some(&key), None).await;
+    assert_eq!(list.as_array().unwrap().len(), 5, "{list}");
+
+    // The budget is the webhook's: another webhook of the key replays its own.
+    let other = Receiver::start(200).await;
+    let (other_id, _) = h.register(&key, &other.url(), &[ORDERS]).await;
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{other_id}/replay"),
+            Some(&key),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["replayed"], 3);
+}
+
+// Item 12: an attempt keeps at most 1 KiB of the response, even when the receiver answers
+// bytes that are not UTF-8 (each decodes to 3 bytes).
+#[tokio::test]
+async fn an_attempt_keeps_at_most_a_kib_of_an_invalid_utf8_response() {
+    let h = Harness::memory().await;
+    let key = h.key(&[ORDERS], &[]).await;
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { (StatusCode::OK, vec![0xffu8; 4096]) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (id, _) = h
+        .register(&key, &format!("http://{addr}/hook"), &[ORDERS])
+        .await;
+    h.bus.emit(ORDERS, order_created()).await.unwrap();
+    let path = format!("/v1/webhooks/{id}/attempts");
+    eventually("an attempt is logged", || async {
+        let (_, a) = h.call("GET", &path, Some(&key), None).await;
+        a.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let (_, attempts) = h.call("GET", &path, Some(&key), None).await;
+    let response = attempts[0]["response"].as_str().unwrap();
+    assert!(
+        response.len() <= 1024,
+        "{} bytes of response kept",
+        response.len()
+    );
+    assert_eq!(response, "\u{fffd}".repeat(341));
 }

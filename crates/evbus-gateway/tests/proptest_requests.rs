@@ -1226,9 +1226,10 @@ fn any_other_header_on_any_operation_gets_a_documented_answer() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// `signing::verify` takes what a receiver got from the network: any header, id,
+    /// `signing::verify_at` takes what a receiver got from the network: any header, id,
     /// timestamp, body and configured secret give `false`, never a panic; a header holding the
-    /// right signature among garbage gives `true`.
+    /// right signature among garbage gives `true` when checked at the signing time, `false`
+    /// an hour later.
     #[test]
     fn signature_verification_of_any_input_never_panics(
         secret in prop_oneof![
@@ -1256,13 +1257,19 @@ proptest! {
         // Garbage verifies only if it happens to hold the signature (it cannot, in practice).
         let signed = signing::sign(&secret, &id, timestamp, &body);
         if signed.as_deref().is_none_or(|s| !garbage.iter().any(|g| g == s)) {
-            prop_assert!(!signing::verify(&secret, &id, timestamp, &body, &header));
+            prop_assert!(!signing::verify_at(&secret, &id, timestamp, &body, &header, timestamp));
         }
         if let Some(sig) = signed {
             let mut parts = garbage.clone();
             parts.insert(real_at.index(parts.len() + 1), sig);
-            prop_assert!(signing::verify(&secret, &id, timestamp, &body, &parts.join(" ")));
-            prop_assert!(!signing::verify(&secret, &id, timestamp.wrapping_add(1), &body, &parts.join(" ")));
+            let header = parts.join(" ");
+            prop_assert!(signing::verify_at(&secret, &id, timestamp, &body, &header, timestamp));
+            prop_assert!(!signing::verify_at(&secret, &id, timestamp.wrapping_add(1), &body, &header, timestamp));
+            if let Some(later) = timestamp.checked_add(3600) {
+                prop_assert!(!signing::verify_at(&secret, &id, timestamp, &body, &header, later));
+            }
+            // Any input, any clock: no panic.
+            let _ = signing::verify(&secret, &id, timestamp, &body, &header);
         }
     }
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use evbus_gateway::store::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PublishClaim, Signal, Store,
+    Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PublishClaim, ReplayBudget,
+    ReplayLimits, Signal, Store,
 };
 use evbus_gateway::{KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookRecord};
 
@@ -190,6 +191,31 @@ async fn ingest(store: &dyn Store, id: &str, ty: &str, at: DateTime<Utc>) -> Ing
         })
         .await
         .unwrap()
+}
+
+/// Replay limits of `per_replay` events per replay, and budgets that never run out.
+fn unbudgeted(per_replay: u32) -> ReplayLimits {
+    ReplayLimits {
+        per_replay,
+        per_webhook: u64::MAX,
+        per_key: u64::MAX,
+        window: Duration::hours(24),
+    }
+}
+
+/// Replays without budgets (at most `max`); how many were queued.
+async fn replay(
+    store: &dyn Store,
+    webhook_id: &str,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+    max: u32,
+) -> u64 {
+    store
+        .replay(webhook_id, since, now, &unbudgeted(max))
+        .await
+        .unwrap()
+        .queued
 }
 
 fn logged(i: Ingested) -> i64 {
@@ -870,16 +896,14 @@ async fn replay_is_idempotent(f: &Fixture) {
         .await
         .unwrap();
     let since = t - Duration::hours(1);
-    assert_eq!(s.replay("wh_1", since, t, 100).await.unwrap(), 4);
+    assert_eq!(replay(s, "wh_1", since, t, 100).await, 4);
     assert_eq!(
-        f.other.replay("wh_1", since, t, 100).await.unwrap(),
+        replay(&*f.other, "wh_1", since, t, 100).await,
         0,
         "still pending"
     );
     assert_eq!(
-        s.replay("wh_1", t - Duration::hours(3), t, 3)
-            .await
-            .unwrap(),
+        replay(s, "wh_1", t - Duration::hours(3), t, 3).await,
         3,
         "max"
     );
@@ -895,8 +919,192 @@ async fn replay_is_idempotent(f: &Fixture) {
             .unwrap();
     }
     // Delivered: a replay queues them again.
-    assert_eq!(s.replay("wh_1", since, at, 100).await.unwrap(), 4);
-    assert_eq!(s.replay("wh_nope", since, at, 100).await.unwrap(), 0);
+    assert_eq!(replay(s, "wh_1", since, at, 100).await, 4);
+    assert_eq!(replay(s, "wh_nope", since, at, 100).await, 0);
+}
+
+/// Replays are bounded per webhook and per owner key within fixed windows, counted by every
+/// instance, and a deleted webhook's window still counts for its key.
+async fn replay_budgets_bound_webhooks_and_keys(f: &Fixture) {
+    let s = &*f.store;
+    let t = now();
+    for i in 0..5 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    for (id, owner) in [
+        ("wh_1", "k1"),
+        ("wh_2", "k1"),
+        ("wh_3", "k2"),
+        ("wh_p", "k2"),
+    ] {
+        let types: &[&str] = if id == "wh_p" { &[PRODUCT] } else { &[ORDER] };
+        s.insert_webhook(&webhook(id, owner, types)).await.unwrap();
+    }
+    let limits = ReplayLimits {
+        per_replay: 100,
+        per_webhook: 3,
+        per_key: 5,
+        window: Duration::hours(24),
+    };
+    let since = t - Duration::hours(1);
+    let day = Duration::hours(24);
+
+    // Nothing to queue: no window opens, nothing is spent.
+    let none = s.replay("wh_p", since, t, &limits).await.unwrap();
+    assert_eq!((none.queued, none.remaining), (0, 3));
+    assert_eq!((none.exhausted, none.resets_at), (None, None));
+    assert!(!none.refused());
+
+    // The webhook's budget: what fits is queued.
+    let first = s.replay("wh_1", since, t, &limits).await.unwrap();
+    assert_eq!((first.queued, first.remaining), (3, 0));
+    assert_eq!(first.exhausted, Some(ReplayBudget::Webhook));
+    assert_eq!(first.resets_at, Some(t + day));
+    // Spent, on every instance (even with events left to queue): nothing queued.
+    let t1 = t + Duration::seconds(1);
+    let spent = f.other.replay("wh_1", since, t1, &limits).await.unwrap();
+    assert!(spent.refused(), "{spent:?}");
+    assert_eq!(spent.exhausted, Some(ReplayBudget::Webhook));
+    assert_eq!(spent.resets_at, Some(t + day));
+
+    // The key's budget: wh_2 gets what the key has left, and the key's first window to close
+    // is when more frees up.
+    let second = s.replay("wh_2", since, t1, &limits).await.unwrap();
+    assert_eq!((second.queued, second.remaining), (2, 0));
+    assert_eq!(second.exhausted, Some(ReplayBudget::Key));
+    assert_eq!(second.resets_at, Some(t + day));
+    // Another key's budget is its own.
+    let other_key = s.replay("wh_3", since, t1, &limits).await.unwrap();
+    assert_eq!(
+        (other_key.queued, other_key.exhausted),
+        (3, Some(ReplayBudget::Webhook))
+    );
+
+    // Deleting a webhook and registering another gives the key nothing more.
+    assert!(s.delete_webhook("wh_1").await.unwrap());
+    s.insert_webhook(&webhook("wh_1b", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let again = s
+        .replay("wh_1b", since, t + Duration::seconds(2), &limits)
+        .await
+        .unwrap();
+    assert!(again.refused(), "{again:?}");
+    assert_eq!(again.exhausted, Some(ReplayBudget::Key));
+
+    // wh_1's window closed: the key has room again, wh_2 only what its own window leaves
+    // (its two deliveries are still pending, so three events are candidates).
+    let later = t + day + Duration::milliseconds(500);
+    let third = s.replay("wh_2", since, later, &limits).await.unwrap();
+    assert_eq!((third.queued, third.remaining), (1, 0));
+    assert_eq!(third.exhausted, Some(ReplayBudget::Webhook));
+    assert_eq!(third.resets_at, Some(t1 + day));
+    let fourth = f
+        .other
+        .replay("wh_1b", since, later, &limits)
+        .await
+        .unwrap();
+    assert_eq!((fourth.queued, fourth.remaining), (2, 0), "{fourth:?}");
+    assert_eq!(fourth.exhausted, Some(ReplayBudget::Key));
+    assert_eq!(
+        fourth.resets_at,
+        Some(t1 + day),
+        "wh_2's window closes first"
+    );
+
+    // Every window closed: whole budgets again, a new window from then.
+    let next_day = t + day * 2;
+    let fresh = s.replay("wh_3", since, next_day, &limits).await.unwrap();
+    assert_eq!((fresh.queued, fresh.remaining), (2, 1), "{fresh:?}");
+    assert_eq!(fresh.exhausted, None);
+    assert_eq!(fresh.resets_at, Some(next_day + day));
+    // At most `per_replay` a replay, counted as well.
+    let small = ReplayLimits {
+        per_replay: 1,
+        ..limits
+    };
+    let capped = s.replay("wh_2", since, next_day, &small).await.unwrap();
+    assert_eq!((capped.queued, capped.remaining), (1, 2));
+    // A webhook that does not exist gets nothing.
+    let missing = s.replay("wh_nope", since, t, &limits).await.unwrap();
+    assert_eq!(missing.queued, 0);
+    assert!(!missing.refused());
+}
+
+/// The attempt log keeps at most 1 KiB of a response and each webhook's newest attempts.
+async fn attempt_log_is_bounded(f: &Fixture) {
+    let s = &*f.store;
+    let t = now();
+    let attempt = |webhook: &str, event: String, response: Option<String>| Attempt {
+        id: 0,
+        webhook_id: webhook.into(),
+        delivery_id: 1,
+        event_id: event,
+        attempt: 1,
+        at: t,
+        status: Some(200),
+        latency_ms: 1,
+        error: None,
+        response,
+    };
+    // Cut on a character boundary: "é" is 2 bytes, U+FFFD (a lossy decoding's) 3.
+    for (n, (text, kept)) in [
+        ("é".repeat(1500), "é".repeat(512)),
+        ("\u{fffd}".repeat(1000), "\u{fffd}".repeat(341)),
+        ("short".to_owned(), "short".to_owned()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        s.record_attempt(&attempt("wh_cut", format!("c{n}"), Some(text)))
+            .await
+            .unwrap();
+        let logged = f.other.list_attempts("wh_cut", 1).await.unwrap();
+        let response = logged[0].response.as_deref().unwrap();
+        assert!(response.len() <= Attempt::MAX_RESPONSE_BYTES);
+        assert_eq!(response, kept);
+    }
+
+    // Each webhook's newest attempts only: trimmed as they are logged, exactly at pruning.
+    let kept = Attempt::KEPT_PER_WEBHOOK as usize;
+    for i in 0..5 {
+        s.record_attempt(&attempt("wh_quiet", format!("q{i}"), None))
+            .await
+            .unwrap();
+    }
+    for i in 0..kept + 100 {
+        f.store
+            .record_attempt(&attempt("wh_busy", format!("b{i}"), None))
+            .await
+            .unwrap();
+    }
+    let count = |id: &'static str| async move {
+        s.list_attempts(id, 10 * Attempt::KEPT_PER_WEBHOOK)
+            .await
+            .unwrap()
+    };
+    let busy = count("wh_busy").await;
+    assert!(
+        (kept..kept + 64).contains(&busy.len()),
+        "{} attempts kept while logging",
+        busy.len()
+    );
+    assert_eq!(
+        busy[0].event_id,
+        format!("b{}", kept + 99),
+        "the newest kept"
+    );
+    s.prune(t - Duration::hours(72)).await.unwrap();
+    let busy = count("wh_busy").await;
+    assert_eq!(busy.len(), kept);
+    assert_eq!(busy[0].event_id, format!("b{}", kept + 99));
+    assert_eq!(busy[kept - 1].event_id, "b100", "the oldest kept");
+    assert_eq!(
+        count("wh_quiet").await.len(),
+        5,
+        "other webhooks keep theirs"
+    );
+    assert_eq!(count("wh_cut").await.len(), 3);
 }
 
 async fn cursor_key_is_shared(f: &Fixture) {
@@ -923,7 +1131,7 @@ async fn prune_keeps_what_is_needed(f: &Fixture) {
     s.insert_webhook(&webhook("wh_1", "k1", &[ORDER]))
         .await
         .unwrap();
-    s.replay("wh_1", old, old, 1).await.unwrap();
+    replay(s, "wh_1", old, old, 1).await;
     let fresh = logged(ingest(s, "new", ORDER, t).await);
     s.record_attempt(&Attempt {
         id: 0,
@@ -1016,6 +1224,8 @@ suite!(
     claims_read_each_endpoint_past_a_backlog,
     finish_and_attempts,
     replay_is_idempotent,
+    replay_budgets_bound_webhooks_and_keys,
+    attempt_log_is_bounded,
     cursor_key_is_shared,
     prune_keeps_what_is_needed,
     secrets_are_sealed,

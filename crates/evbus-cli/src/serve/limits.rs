@@ -36,9 +36,21 @@ fn rate_limit_burst_help() -> String {
     )
 }
 
+fn max_replayed_per_day_help() -> String {
+    format!(
+        "Events replays may queue to one webhook per 24 h window (the webhooks of one key, \
+         deleted ones included, share this times --max-webhooks-per-key); a replay beyond it \
+         queues what fits, one with nothing left is answered 429. Also \
+         {MAX_REPLAYED_PER_DAY_ENV} [default: {}]",
+        defaults().max_replayed_per_day
+    )
+}
+
 /// The environment variables of the default rate limit (a flag wins over its variable).
 pub(crate) const RATE_LIMIT_ENV: &str = "EVBUS_RATE_LIMIT";
 pub(crate) const RATE_LIMIT_BURST_ENV: &str = "EVBUS_RATE_LIMIT_BURST";
+/// The environment variable of the replay budget (the flag wins over it).
+pub(crate) const MAX_REPLAYED_PER_DAY_ENV: &str = "EVBUS_MAX_REPLAYED_PER_DAY";
 
 /// A flag's value, else its environment variable's (empty counts as unset), else `None`.
 fn flag_or_env(flag: Option<u64>, var: &str) -> Result<Option<u64>, String> {
@@ -103,6 +115,8 @@ pub(crate) struct Limits {
     /// Events one replay request may queue.
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_replay_events.into())]
     max_replay_events: u64,
+    #[arg(long, value_name = "N", value_parser = positive, help = max_replayed_per_day_help())]
+    max_replayed_per_day: Option<u64>,
 }
 
 /// A flag's value as a `usize` / `u32` field (a value past the field's range means "no
@@ -137,6 +151,42 @@ impl Limits {
         config.bus_visibility_timeout = Duration::from_secs(self.bus_visibility_timeout);
         config.max_webhooks_per_key = size(self.max_webhooks_per_key);
         config.max_replay_events = count(self.max_replay_events);
+        if let Some(n) = flag_or_env(self.max_replayed_per_day, MAX_REPLAYED_PER_DAY_ENV)? {
+            config.max_replayed_per_day = count(n);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        limits: Limits,
+    }
+
+    fn applied(args: &[&str]) -> Result<GatewayConfig, String> {
+        let serve = Serve::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let mut config = GatewayConfig::default();
+        serve.limits.apply(&mut config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_replay_budget_is_a_flag_of_at_least_one() {
+        let config = applied(&["--max-replayed-per-day", "7", "--max-replay-events", "3"]).unwrap();
+        assert_eq!(
+            (config.max_replayed_per_day, config.max_replay_events),
+            (7, 3)
+        );
+        assert!(applied(&["--max-replayed-per-day", "0"]).is_err());
+        assert!(max_replayed_per_day_help().contains(MAX_REPLAYED_PER_DAY_ENV));
+        assert!(max_replayed_per_day_help().contains("30000"));
     }
 }

@@ -267,8 +267,189 @@ pub struct Attempt {
     pub latency_ms: u64,
     /// Why it failed without a response (timeout, connection, refused address).
     pub error: Option<String>,
-    /// The start of the response body (at most 1 KiB).
+    /// The start of the response body (at most [`Attempt::MAX_RESPONSE_BYTES`]).
     pub response: Option<String>,
+}
+
+impl Attempt {
+    /// Longest response excerpt an attempt keeps, in bytes of UTF-8: the stores cut a longer
+    /// one (on a character boundary) before writing it.
+    pub const MAX_RESPONSE_BYTES: usize = 1024;
+    /// Attempts kept per webhook, the newest: the stores drop a webhook's older attempts
+    /// about every 64 attempts it logs, and every webhook's at each [`Store::prune`], so one
+    /// endpoint cannot grow the attempt log without bound within the retention. Well above
+    /// the 100 that `GET /v1/webhooks/{id}/attempts` shows.
+    pub const KEPT_PER_WEBHOOK: u32 = 1_000;
+
+    /// The excerpt of a response body `bytes` that an attempt keeps: decoded as UTF-8 (an
+    /// invalid sequence becomes U+FFFD), NUL characters as U+FFFD (PostgreSQL `text` cannot
+    /// hold them, so both stores keep the same), then cut to at most
+    /// [`MAX_RESPONSE_BYTES`](Self::MAX_RESPONSE_BYTES) on a character boundary. The cut comes
+    /// after the decoding, which can triple the size (each invalid byte is 3 bytes of U+FFFD).
+    pub fn response_excerpt(bytes: &[u8]) -> String {
+        let text = String::from_utf8_lossy(bytes);
+        let text = if text.contains('\0') {
+            text.replace('\0', "\u{fffd}")
+        } else {
+            text.into_owned()
+        };
+        cut(&text, Self::MAX_RESPONSE_BYTES).to_owned()
+    }
+}
+
+/// A webhook's attempts are trimmed to [`Attempt::KEPT_PER_WEBHOOK`] when the store's id of
+/// the attempt it just logged is a multiple of this: every 64 attempts of an endpoint that has
+/// the log to itself, as often on average otherwise ([`Store::prune`] trims every webhook's).
+pub(crate) const ATTEMPT_TRIM_EVERY: i64 = 64;
+
+/// The longest start of `text` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The bounds of a replay ([`Store::replay`]): it queues events while all of them hold.
+///
+/// Budgets are counted in windows of fixed length per webhook: a window opens with the first
+/// replay that queues an event to the webhook (once its previous window has closed) and counts
+/// every event replays queue to it until it closes; then the webhook's budget is whole again.
+/// A deleted webhook's window still counts for its key until it closes, so deleting a webhook
+/// and registering it again gives its key no more budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayLimits {
+    /// Events one replay may queue
+    /// ([`GatewayConfig::max_replay_events`](crate::GatewayConfig::max_replay_events)).
+    pub per_replay: u32,
+    /// Events replays may queue to one webhook within its window
+    /// ([`GatewayConfig::max_replayed_per_day`](crate::GatewayConfig::max_replayed_per_day)).
+    pub per_webhook: u64,
+    /// Events replays may queue to the webhooks of one owner key (deleted ones included)
+    /// within their open windows (the gateway: `max_replayed_per_day` ×
+    /// `max_webhooks_per_key`, what that many webhooks could have).
+    pub per_key: u64,
+    /// The length of a window (the gateway: [`REPLAY_WINDOW`](crate::REPLAY_WINDOW), 24 h).
+    pub window: chrono::Duration,
+}
+
+/// Which replay budget is spent ([`Replayed::exhausted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayBudget {
+    /// The webhook's own ([`ReplayLimits::per_webhook`]).
+    Webhook,
+    /// Its owner key's, over all the key's webhooks ([`ReplayLimits::per_key`]).
+    Key,
+}
+
+/// What [`Store::replay`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replayed {
+    /// Deliveries queued.
+    pub queued: u64,
+    /// Events replays may still queue to this webhook before its window (or its key's
+    /// earliest) closes: the smaller of what its own budget and its key's leave.
+    pub remaining: u64,
+    /// The budget that is spent, when `remaining` is 0.
+    pub exhausted: Option<ReplayBudget>,
+    /// When more budget frees up: the end of the webhook's window, or, when its key's budget
+    /// is the one spent, the end of the key's earliest window; `None` when the webhook has
+    /// no open window.
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+impl Replayed {
+    /// Whether nothing could be queued because a budget was already spent (not because no
+    /// event was left to queue).
+    pub fn refused(&self) -> bool {
+        self.queued == 0 && self.exhausted.is_some()
+    }
+}
+
+/// What replays already queued within open windows, as a store reads it; the arithmetic of
+/// [`Store::replay`] shared by the stores, so both behave the same.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReplayUse {
+    /// Events queued to the webhook in its open window (0 without one).
+    pub(crate) webhook: u64,
+    /// When the webhook's open window closes (ms), if it has one.
+    pub(crate) webhook_ends: Option<i64>,
+    /// Events queued to the owner key's other webhooks in their open windows.
+    pub(crate) others: u64,
+    /// When the first of those windows closes (ms).
+    pub(crate) others_first_end: Option<i64>,
+}
+
+impl ReplayUse {
+    /// How many events this replay may queue.
+    pub(crate) fn allowed(&self, limits: &ReplayLimits) -> u64 {
+        self.left(limits, 0).0.min(u64::from(limits.per_replay))
+    }
+
+    /// What the budgets leave after `queued` more: the smaller, and the webhook's own.
+    fn left(&self, limits: &ReplayLimits, queued: u64) -> (u64, u64) {
+        let webhook = limits
+            .per_webhook
+            .saturating_sub(self.webhook.saturating_add(queued));
+        let key = limits.per_key.saturating_sub(
+            self.webhook
+                .saturating_add(self.others)
+                .saturating_add(queued),
+        );
+        (webhook.min(key), webhook)
+    }
+
+    /// The webhook's window after `queued` events more: (end in ms, events counted), or
+    /// `None` when nothing changes.
+    pub(crate) fn record(
+        &self,
+        limits: &ReplayLimits,
+        now: DateTime<Utc>,
+        queued: u64,
+    ) -> Option<(i64, i64)> {
+        (queued > 0).then(|| {
+            let ends = self.webhook_ends.unwrap_or_else(|| ms(now + limits.window));
+            let counted = self.webhook.saturating_add(queued);
+            (ends, i64::try_from(counted).unwrap_or(i64::MAX))
+        })
+    }
+
+    /// The answer after `queued` events were queued.
+    pub(crate) fn outcome(
+        &self,
+        limits: &ReplayLimits,
+        now: DateTime<Utc>,
+        queued: u64,
+    ) -> Replayed {
+        let (remaining, webhook_left) = self.left(limits, queued);
+        let ends = self
+            .record(limits, now, queued)
+            .map(|(e, _)| e)
+            .or(self.webhook_ends);
+        let exhausted = match (remaining, webhook_left) {
+            (0, 0) => Some(ReplayBudget::Webhook),
+            (0, _) => Some(ReplayBudget::Key),
+            _ => None,
+        };
+        let resets_at = match exhausted {
+            // The key frees budget when its earliest window closes (this webhook's included).
+            Some(ReplayBudget::Key) => match (ends, self.others_first_end) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            _ => ends,
+        };
+        Replayed {
+            queued,
+            remaining,
+            exhausted,
+            resets_at: opt_time(resets_at),
+        }
+    }
 }
 
 /// A change made through a shared store, told to every instance sharing it
@@ -359,7 +540,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn finish_delivery(&self, id: i64, outcome: DeliveryOutcome) -> StoreResult<()>;
     /// The earliest time a pending delivery is due, if any.
     async fn next_due(&self) -> StoreResult<Option<DateTime<Utc>>>;
-    /// Logs an attempt.
+    /// Logs an attempt (its response cut to [`Attempt::MAX_RESPONSE_BYTES`]), and every so
+    /// often trims the webhook's log to its newest [`Attempt::KEPT_PER_WEBHOOK`].
     async fn record_attempt(&self, attempt: &Attempt) -> StoreResult<()>;
     /// Logs an attempt and settles its delivery (`attempt.delivery_id`) with `outcome`: what
     /// [`record_attempt`](Self::record_attempt) then [`finish_delivery`](Self::finish_delivery)
@@ -370,22 +552,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// The latest attempts of a webhook, newest first.
     async fn list_attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>>;
-    /// Queues again every logged event of the webhook's types received at or after `since`
-    /// (at most `max`), except those with a delivery to this webhook still pending or in
-    /// flight, so a repeated replay queues nothing twice; returns how many were queued.
+    /// Queues again every logged event of the webhook's types received at or after `since`,
+    /// oldest first, except those with a delivery to this webhook still pending or in flight
+    /// (so a repeated replay queues nothing twice), within `limits`: at most
+    /// [`per_replay`](ReplayLimits::per_replay), and no more than the webhook's and its owner
+    /// key's replay budgets leave at `now` (see [`ReplayLimits`]); the events queued count
+    /// against both. Replays of one key's webhooks take turns, on every instance sharing the
+    /// store. A webhook that does not exist gets nothing queued.
     async fn replay(
         &self,
         webhook_id: &str,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
-        max: u32,
-    ) -> StoreResult<u64>;
+        limits: &ReplayLimits,
+    ) -> StoreResult<Replayed>;
     /// The secret key of stream cursors (the SSE ids): 32 random bytes, created on first use
     /// and the same afterwards (across restarts and for every instance sharing the store).
     async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>>;
     /// Drops logged events received before `before` that no pending delivery needs, and
-    /// attempts, settled deliveries and publish claims older than that; returns the events
-    /// dropped.
+    /// attempts, settled deliveries, publish claims and replay budget windows older than
+    /// that; trims every webhook's attempts to its newest [`Attempt::KEPT_PER_WEBHOOK`];
+    /// returns the events dropped.
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Whether several gateway instances may share this store (then each instance follows
@@ -479,4 +666,23 @@ pub(crate) fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Stri
         hash.update(part);
     }
     hex::encode(hash.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_excerpt_is_cut_after_decoding_on_a_character_boundary() {
+        // Invalid bytes decode to U+FFFD, 3 bytes each: 1 KiB of them would be 3 KiB.
+        let invalid = Attempt::response_excerpt(&[0xff; 1024]);
+        assert_eq!(invalid, "\u{fffd}".repeat(341));
+        assert!(invalid.len() <= Attempt::MAX_RESPONSE_BYTES);
+        // Valid text up to the limit is kept whole; a character across it is dropped whole.
+        let text = "a".repeat(1023) + "é";
+        assert_eq!(Attempt::response_excerpt(text.as_bytes()), "a".repeat(1023));
+        assert_eq!(Attempt::response_excerpt(b"ok"), "ok");
+        // NUL as U+FFFD, as PostgreSQL would have it.
+        assert_eq!(Attempt::response_excerpt(b"a\0b"), "a\u{fffd}b");
+    }
 }

@@ -23,8 +23,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 
 use super::sealing::{self, SecretsKey};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, RateLimit,
-    Signal, Store, StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
+    ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
+    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Signal, Store, StoreError,
+    StoreResult, StoredEvent, WebhookRecord, cut, ms, opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -375,11 +376,14 @@ async fn settle_delivery(
     Ok(())
 }
 
-/// Logs attempt `a`.
+/// Logs attempt `a` (its response cut to [`Attempt::MAX_RESPONSE_BYTES`], after a NUL became
+/// U+FFFD); every [`ATTEMPT_TRIM_EVERY`] ids, trims its webhook's attempts to the newest
+/// [`Attempt::KEPT_PER_WEBHOOK`].
 async fn insert_attempt(conn: &mut PgConnection, a: &Attempt) -> StoreResult<()> {
-    sqlx::query(
+    let response = opt_text(a.response.as_deref());
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
     )
     .bind(&a.webhook_id)
     .bind(a.delivery_id)
@@ -389,10 +393,61 @@ async fn insert_attempt(conn: &mut PgConnection, a: &Attempt) -> StoreResult<()>
     .bind(a.status.map(i32::from))
     .bind(i64::try_from(a.latency_ms).unwrap_or(i64::MAX))
     .bind(opt_text(a.error.as_deref()))
-    .bind(opt_text(a.response.as_deref()))
+    .bind(response.as_deref().map(|r| cut(r, Attempt::MAX_RESPONSE_BYTES)))
+    .fetch_one(&mut *conn)
+    .await?;
+    if id % ATTEMPT_TRIM_EVERY == 0 {
+        trim_attempts(conn, &a.webhook_id).await?;
+    }
+    Ok(())
+}
+
+/// Drops webhook `webhook_id`'s attempts older than its newest [`Attempt::KEPT_PER_WEBHOOK`]
+/// (read through the `(webhook_id, id)` index: as many steps as attempts kept).
+async fn trim_attempts(conn: &mut PgConnection, webhook_id: &str) -> StoreResult<()> {
+    sqlx::query(
+        "DELETE FROM attempts WHERE webhook_id = $1 AND id < (
+           SELECT id FROM attempts WHERE webhook_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+    )
+    .bind(text(webhook_id))
+    .bind(i64::from(Attempt::KEPT_PER_WEBHOOK) - 1)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// What replays already queued to webhook `webhook_id` and to the other webhooks of `owner`
+/// in windows still open at `now` (ms).
+async fn replay_use(
+    conn: &mut PgConnection,
+    webhook_id: &str,
+    owner: &str,
+    now: i64,
+) -> StoreResult<ReplayUse> {
+    let own = sqlx::query(
+        "SELECT window_ends_at, replayed FROM replay_budgets WHERE webhook_id = $1 AND window_ends_at > $2",
+    )
+    .bind(text(webhook_id))
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let others = sqlx::query(
+        "SELECT COALESCE(SUM(replayed), 0)::BIGINT AS used, MIN(window_ends_at) AS first_end
+         FROM replay_budgets WHERE owner_key_id = $1 AND webhook_id <> $2 AND window_ends_at > $3",
+    )
+    .bind(owner)
+    .bind(text(webhook_id))
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ReplayUse {
+        webhook: own
+            .as_ref()
+            .map_or(0, |r| r.get::<i64, _>("replayed").max(0) as u64),
+        webhook_ends: own.as_ref().map(|r| r.get("window_ends_at")),
+        others: others.get::<i64, _>("used").max(0) as u64,
+        others_first_end: others.get("first_end"),
+    })
 }
 
 #[async_trait]
@@ -824,15 +879,32 @@ impl Store for PostgresStore {
         webhook_id: &str,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
-        max: u32,
-    ) -> StoreResult<u64> {
+        limits: &ReplayLimits,
+    ) -> StoreResult<Replayed> {
         let mut tx = self.pool.begin().await?;
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT owner_key_id FROM webhooks WHERE id = $1")
+                .bind(text(webhook_id))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(owner) = owner else {
+            return Ok(ReplayUse::default().outcome(limits, now, 0));
+        };
         // Two replays of one endpoint at once (on two instances) would both see no pending
-        // delivery: they take turns on the webhook's row.
-        sqlx::query("SELECT id FROM webhooks WHERE id = $1 FOR UPDATE")
-            .bind(text(webhook_id))
-            .execute(&mut *tx)
-            .await?;
+        // delivery, and two replays of one key's endpoints would both read the key's budget
+        // before either spends it: replays of one key take turns (a lock held until commit).
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext('evbus-gateway replay ' || $1 || ' ' || $2))",
+        )
+        .bind(&self.schema)
+        .bind(&owner)
+        .execute(&mut *tx)
+        .await?;
+        let used = replay_use(&mut tx, webhook_id, &owner, ms(now)).await?;
+        let allowed = used.allowed(limits);
+        if allowed == 0 {
+            return Ok(used.outcome(limits, now, 0));
+        }
         let done = sqlx::query(
             "INSERT INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
              SELECT w.id, e.seq, TRUE, 'pending', 0, $3, $3
@@ -846,11 +918,26 @@ impl Store for PostgresStore {
         .bind(text(webhook_id))
         .bind(ms(since))
         .bind(ms(now))
-        .bind(i64::from(max))
+        .bind(i64::try_from(allowed).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
+        let queued = done.rows_affected();
+        if let Some((ends, counted)) = used.record(limits, now, queued) {
+            sqlx::query(
+                "INSERT INTO replay_budgets (webhook_id, owner_key_id, window_ends_at, replayed)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (webhook_id) DO UPDATE SET owner_key_id = excluded.owner_key_id,
+                   window_ends_at = excluded.window_ends_at, replayed = excluded.replayed",
+            )
+            .bind(text(webhook_id))
+            .bind(&owner)
+            .bind(ends)
+            .bind(counted)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(used.outcome(limits, now, queued))
     }
 
     async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>> {
@@ -871,6 +958,20 @@ impl Store for PostgresStore {
     async fn prune(&self, before: DateTime<Utc>) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM attempts WHERE at < $1")
+            .bind(ms(before))
+            .execute(&mut *tx)
+            .await?;
+        // Each webhook's newest attempts only (logging trims them too, every so often).
+        let over: Vec<String> = sqlx::query_scalar(
+            "SELECT webhook_id FROM attempts GROUP BY webhook_id HAVING COUNT(*) > $1",
+        )
+        .bind(i64::from(Attempt::KEPT_PER_WEBHOOK))
+        .fetch_all(&mut *tx)
+        .await?;
+        for webhook_id in &over {
+            trim_attempts(&mut tx, webhook_id).await?;
+        }
+        sqlx::query("DELETE FROM replay_budgets WHERE window_ends_at < $1")
             .bind(ms(before))
             .execute(&mut *tx)
             .await?;

@@ -14,8 +14,9 @@ use sqlx::{Row, SqliteConnection};
 use super::group_commit::GroupCommit;
 use super::sealing::{self, SecretsKey};
 use super::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent, PublishClaim, RateLimit,
-    Store, StoreError, StoreResult, StoredEvent, WebhookRecord, ms, opt_time, time,
+    ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
+    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Store, StoreError, StoreResult,
+    StoredEvent, WebhookRecord, cut, ms, opt_time, time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -216,11 +217,13 @@ async fn settle_delivery(
     Ok(())
 }
 
-/// Logs attempt `a`.
+/// Logs attempt `a` (its response cut to [`Attempt::MAX_RESPONSE_BYTES`]); every
+/// [`ATTEMPT_TRIM_EVERY`] ids, trims its webhook's attempts to the newest
+/// [`Attempt::KEPT_PER_WEBHOOK`].
 async fn insert_attempt(conn: &mut SqliteConnection, a: &Attempt) -> StoreResult<()> {
-    sqlx::query(
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO attempts (webhook_id, delivery_id, event_id, attempt, at, status, latency_ms, error, response)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(&a.webhook_id)
     .bind(a.delivery_id)
@@ -230,10 +233,61 @@ async fn insert_attempt(conn: &mut SqliteConnection, a: &Attempt) -> StoreResult
     .bind(a.status.map(i64::from))
     .bind(a.latency_ms as i64)
     .bind(&a.error)
-    .bind(&a.response)
+    .bind(a.response.as_deref().map(|r| cut(r, Attempt::MAX_RESPONSE_BYTES)))
+    .fetch_one(&mut *conn)
+    .await?;
+    if id % ATTEMPT_TRIM_EVERY == 0 {
+        trim_attempts(conn, &a.webhook_id).await?;
+    }
+    Ok(())
+}
+
+/// Drops webhook `webhook_id`'s attempts older than its newest [`Attempt::KEPT_PER_WEBHOOK`]
+/// (read through the `(webhook_id, id)` index: as many steps as attempts kept).
+async fn trim_attempts(conn: &mut SqliteConnection, webhook_id: &str) -> StoreResult<()> {
+    sqlx::query(
+        "DELETE FROM attempts WHERE webhook_id = ?1 AND id < (
+           SELECT id FROM attempts WHERE webhook_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )
+    .bind(webhook_id)
+    .bind(i64::from(Attempt::KEPT_PER_WEBHOOK) - 1)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// What replays already queued to webhook `webhook_id` and to the other webhooks of `owner`
+/// in windows still open at `now` (ms).
+async fn replay_use(
+    conn: &mut SqliteConnection,
+    webhook_id: &str,
+    owner: &str,
+    now: i64,
+) -> StoreResult<ReplayUse> {
+    let own = sqlx::query(
+        "SELECT window_ends_at, replayed FROM replay_budgets WHERE webhook_id = ? AND window_ends_at > ?",
+    )
+    .bind(webhook_id)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let others = sqlx::query(
+        "SELECT COALESCE(SUM(replayed), 0) AS used, MIN(window_ends_at) AS first_end
+         FROM replay_budgets WHERE owner_key_id = ? AND webhook_id <> ? AND window_ends_at > ?",
+    )
+    .bind(owner)
+    .bind(webhook_id)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ReplayUse {
+        webhook: own
+            .as_ref()
+            .map_or(0, |r| r.get::<i64, _>("replayed").max(0) as u64),
+        webhook_ends: own.as_ref().map(|r| r.get("window_ends_at")),
+        others: others.get::<i64, _>("used").max(0) as u64,
+        others_first_end: others.get("first_end"),
+    })
 }
 
 #[async_trait]
@@ -686,9 +740,24 @@ impl Store for SqliteStore {
         webhook_id: &str,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
-        max: u32,
-    ) -> StoreResult<u64> {
+        limits: &ReplayLimits,
+    ) -> StoreResult<Replayed> {
+        // One writer: replays (of every key) take turns, so a budget is read and spent at once.
         let _write = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT owner_key_id FROM webhooks WHERE id = ?")
+                .bind(webhook_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(owner) = owner else {
+            return Ok(ReplayUse::default().outcome(limits, now, 0));
+        };
+        let used = replay_use(&mut tx, webhook_id, &owner, ms(now)).await?;
+        let allowed = used.allowed(limits);
+        if allowed == 0 {
+            return Ok(used.outcome(limits, now, 0));
+        }
         let done = sqlx::query(
             "INSERT INTO deliveries (webhook_id, event_seq, replay, state, attempts, next_attempt_at, created_at)
              SELECT w.id, e.seq, 1, 'pending', 0, ?3, ?3
@@ -703,10 +772,26 @@ impl Store for SqliteStore {
         .bind(webhook_id)
         .bind(ms(since))
         .bind(ms(now))
-        .bind(max as i64)
-        .execute(&self.pool)
+        .bind(i64::try_from(allowed).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        let queued = done.rows_affected();
+        if let Some((ends, counted)) = used.record(limits, now, queued) {
+            sqlx::query(
+                "INSERT INTO replay_budgets (webhook_id, owner_key_id, window_ends_at, replayed)
+                 VALUES (?, ?, ?, ?)
+                 ON CONFLICT (webhook_id) DO UPDATE SET owner_key_id = excluded.owner_key_id,
+                   window_ends_at = excluded.window_ends_at, replayed = excluded.replayed",
+            )
+            .bind(webhook_id)
+            .bind(&owner)
+            .bind(ends)
+            .bind(counted)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(used.outcome(limits, now, queued))
     }
 
     async fn stream_cursor_key(&self) -> StoreResult<Vec<u8>> {
@@ -726,6 +811,20 @@ impl Store for SqliteStore {
         let _write = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM attempts WHERE at < ?")
+            .bind(ms(before))
+            .execute(&mut *tx)
+            .await?;
+        // Each webhook's newest attempts only (logging trims them too, every so often).
+        let over: Vec<String> = sqlx::query_scalar(
+            "SELECT webhook_id FROM attempts GROUP BY webhook_id HAVING COUNT(*) > ?",
+        )
+        .bind(i64::from(Attempt::KEPT_PER_WEBHOOK))
+        .fetch_all(&mut *tx)
+        .await?;
+        for webhook_id in &over {
+            trim_attempts(&mut tx, webhook_id).await?;
+        }
+        sqlx::query("DELETE FROM replay_budgets WHERE window_ends_at < ?")
             .bind(ms(before))
             .execute(&mut *tx)
             .await?;

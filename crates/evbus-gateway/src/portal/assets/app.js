@@ -449,7 +449,8 @@ async function openWebhook(id) {
         if (Number.isNaN(at.getTime())) { error.textContent = 'Give a date and time to replay from.'; return; }
         try {
           const r = await api('POST', `/v1/webhooks/${encodeURIComponent(id)}/replay`, { since: at.toISOString() });
-          say(`Replay queued ${r.replayed} event${r.replayed === 1 ? '' : 's'} for delivery.`);
+          say(`Replay queued ${r.replayed} event${r.replayed === 1 ? '' : 's'} for delivery.` +
+            (r.budget_exhausted ? ` The replay budget is used up${r.budget_resets_at ? ` until ${when(r.budget_resets_at)}` : ''}.` : ''));
           await refreshAttempts();
         } catch (e) { fail('Not replayed', e); }
       } }))),
