@@ -934,27 +934,42 @@ fn take(shared: &Shared, ready: &Ready) -> Option<(Arc<Decoded>, u32)> {
 
 /// Decodes a record into an event, or a placeholder naming what is wrong with it.
 fn decode(topic: &str, message: &impl Message) -> Decoded {
-    let mut headers = Vec::new();
-    let mut bad_header = None;
-    if let Some(hs) = message.headers() {
-        for h in hs.iter() {
-            if !is_cloudevents_header(h.key) {
-                // The binding ignores it: whatever its bytes (a binary tracing header), it
-                // does not make the record undecodable. It stays in the record, and in the
-                // placeholder should the record not decode for another reason.
-                continue;
-            }
-            match std::str::from_utf8(h.value.unwrap_or_default()) {
-                Ok(v) => headers.push((h.key.to_owned(), v.to_owned())),
-                Err(_) => bad_header = Some(h.key.to_owned()),
+    // rdkafka (0.38) unwraps the UTF-8 conversion of every header *name* it hands out: a
+    // record whose producer wrote a name that is not UTF-8 would panic the polling thread
+    // and stop the consumer. Caught here, such a record is undecodable like any other
+    // (dead-lettered with its body; its headers cannot be read).
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut headers = Vec::new();
+        let mut bad_header = None;
+        if let Some(hs) = message.headers() {
+            for h in hs.iter() {
+                if !is_cloudevents_header(h.key) {
+                    // The binding ignores it: whatever its bytes (a binary tracing header),
+                    // it does not make the record undecodable. It stays in the record, and
+                    // in the placeholder should the record not decode for another reason.
+                    continue;
+                }
+                match std::str::from_utf8(h.value.unwrap_or_default()) {
+                    Ok(v) => headers.push((h.key.to_owned(), v.to_owned())),
+                    Err(_) => bad_header = Some(format!("header `{}` is not UTF-8", h.key)),
+                }
             }
         }
-    }
+        (headers, bad_header)
+    }));
+    let (headers, bad_header) = read.unwrap_or_else(|_| {
+        tracing::warn!(
+            topic,
+            partition = message.partition(),
+            offset = message.offset(),
+            "a record has a header name that is not UTF-8 (the panic above is rdkafka's, \
+             caught); it is dead-lettered as undecodable, without its headers"
+        );
+        (Vec::new(), Some("a header name is not UTF-8".to_owned()))
+    });
     let body = bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default());
     let result = match bad_header {
-        Some(name) => Err(Error::invalid_event(format!(
-            "header `{name}` is not UTF-8"
-        ))),
+        Some(problem) => Err(Error::invalid_event(problem)),
         None => binding::decode(headers.clone(), body.clone(), HeaderStyle::KAFKA),
     };
     match result {
@@ -964,14 +979,17 @@ fn decode(topic: &str, message: &impl Message) -> Decoded {
             topic: topic.to_owned(),
             id: format!("{}/{}", message.partition(), message.offset()),
             key: message.key().map(<[u8]>::to_vec),
-            headers: message
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                message
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }))
+            .unwrap_or_default(),
             body,
         }),
     }
