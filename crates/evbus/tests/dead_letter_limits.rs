@@ -41,6 +41,17 @@ impl Acker for Recorder {
     }
 }
 
+/// The first record of dead-letter queue `dlq`.
+async fn first_record(dlq: &dyn evbus::Queue) -> Event {
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let record = timeout(BOUND, dead.next_delivery())
+        .await
+        .expect("a dead-letter record")
+        .unwrap()
+        .unwrap();
+    record.event().clone()
+}
+
 fn good_event() -> Event {
     Event::builder("test.event", "/tests")
         .json(&serde_json::json!({"n": 1}))
@@ -92,13 +103,7 @@ async fn an_undecodable_message_too_large_for_the_dead_letter_queue_is_dead_lett
         "the undecodable one was acked"
     );
 
-    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
-    let record = timeout(BOUND, dead.next_delivery())
-        .await
-        .expect("a dead-letter record")
-        .unwrap()
-        .unwrap();
-    let record = record.event();
+    let record = first_record(dlq.as_ref()).await;
     assert_eq!(record.ty(), UNDECODABLE_EVENT_TYPE);
     assert!(record.encoded_len() <= LIMIT);
     assert!(
@@ -149,14 +154,7 @@ async fn a_dead_letter_record_over_the_limit_keeps_the_attributes_and_says_what_
         .await
         .expect("dead-lettered without its data");
 
-    let dlq = transport.queue("work.dlq").await.unwrap();
-    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
-    let record = timeout(BOUND, dead.next_delivery())
-        .await
-        .expect("a dead-letter record")
-        .unwrap()
-        .unwrap();
-    let record = record.event();
+    let record = first_record(transport.queue("work.dlq").await.unwrap().as_ref()).await;
     assert_eq!(record.id(), event.id());
     assert_eq!(record.ty(), "test.event");
     assert_eq!(record.subject(), Some("s-1"));
