@@ -160,7 +160,7 @@ async fn a_handler_for_a_type_the_strict_catalogue_does_not_know_fails_to_start(
 }
 
 #[tokio::test]
-async fn a_foreign_type_on_a_shared_topic_is_skipped_not_handled() {
+async fn a_foreign_type_on_a_routed_topic_is_dead_lettered_not_handled() {
     let broker = broker();
     let bus = Bus::builder(Arc::new(broker.connect()), catalog())
         .route(["orderPlaced"], "orders")
@@ -179,6 +179,15 @@ async fn a_foreign_type_on_a_shared_topic_is_skipped_not_handled() {
     topic.publish(&other).await.unwrap();
     let good = bus.emit("orderPlaced", placed("o-1")).await.unwrap();
     assert_eq!(recv(&mut rx).await.1, good);
+    // Not a type published to `orders`: kept as misrouted (a type that is, is skipped:
+    // `on_a_shared_topic_a_handler_skips_the_other_types_without_running`).
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), other.id());
     expect_nothing(&mut rx).await;
 }
 
@@ -480,6 +489,123 @@ async fn a_panicking_handler_is_retried_like_a_failing_one() {
     .unwrap();
     bus.emit("orderPlaced", placed("o-1")).await.unwrap();
     assert_eq!([recv(&mut rx).await, recv(&mut rx).await], [1, 2]);
+}
+
+/// A panic in the closure itself, before it returns its future, is a failed run too: it is
+/// retried, and the worker (which runs the first poll itself on this current-thread
+/// runtime) survives to shut down.
+#[tokio::test]
+async fn a_handler_panicking_before_its_future_is_retried_and_the_bus_still_shuts_down() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.attempt());
+        assert!(msg.attempt() > 1, "first attempt panics before its future");
+        async { Ok(()) }
+    })
+    .retry(fast_retry())
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!([recv(&mut rx).await, recv(&mut rx).await], [1, 2]);
+    tokio::time::timeout(Duration::from_secs(5), bus.shutdown(Duration::from_secs(1)))
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+}
+
+/// A panicking `on_dead_letter` hook leaves the event dead-lettered and the key's lane
+/// running: the next event of the same key is handled.
+#[tokio::test]
+async fn a_panicking_dead_letter_hook_does_not_stop_the_keys_lane() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.id().to_owned());
+        let fail = msg.event().subject() == Some("first");
+        async move { if fail { Err("fails".into()) } else { Ok(()) } }
+    })
+    .ordered_by_key(true)
+    .max_attempts(1)
+    .on_dead_letter(|_, _| panic!("the hook panics"))
+    .start()
+    .await
+    .unwrap();
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let mut ids = Vec::new();
+    for subject in ["first", "second"] {
+        let event = Event::builder("orderPlaced", "/shop")
+            .subject(subject)
+            .partition_key("k")
+            .json(&placed("o-1"))
+            .unwrap()
+            .build()
+            .unwrap();
+        topic.publish(&event).await.unwrap();
+        ids.push(event.id().to_owned());
+    }
+    assert_eq!(
+        [recv(&mut rx).await, recv(&mut rx).await],
+        [ids[0].clone(), ids[1].clone()]
+    );
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        1,
+    )
+    .await;
+    assert_eq!(dead[0].id(), ids[0]);
+}
+
+/// An event of another catalogued type on a topic that does not carry that type (a foreign
+/// producer's mistake) is kept in the group's dead-letter queue, not acknowledged unseen:
+/// the handlers of its type consume another topic and would never see it.
+#[tokio::test]
+async fn an_event_on_a_topic_its_type_is_not_published_to_is_dead_lettered_as_misrouted() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", reporting("g", tx))
+        .start()
+        .await
+        .unwrap();
+    let topic = bus.transport().topic("orderPlaced").await.unwrap();
+    let misrouted = Event::builder("orderCanceled", "/foreign")
+        .json(&json!({"orderId": "o-1", "reason": "r"}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let misnamed = Event::builder("OrderPlaced", "/foreign")
+        .json(&placed("o-2"))
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&misrouted).await.unwrap();
+    topic.publish(&misnamed).await.unwrap();
+    let good = bus.emit("orderPlaced", placed("o-3")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.1, good);
+    let dead = drain_queue(
+        &**bus.transport(),
+        &bus.dead_letter_queue_name("orderPlaced", "g"),
+        2,
+    )
+    .await;
+    let mut dead_ids: Vec<&str> = dead.iter().map(Event::id).collect();
+    dead_ids.sort_unstable();
+    let mut expected = [misrouted.id(), misnamed.id()];
+    expected.sort_unstable();
+    assert_eq!(dead_ids, expected);
+    for record in &dead {
+        let reason = record.extension("deadletterreason").unwrap();
+        assert!(
+            reason.starts_with("misrouted:") && reason.contains(record.ty()),
+            "{reason}"
+        );
+    }
+    expect_nothing(&mut rx).await;
 }
 
 #[allow(dead_code)]

@@ -836,33 +836,30 @@ impl Worker {
         let group = &*self.shared.group;
         let ty = &self.shared.ty;
         if event.ty() != ty {
-            // Another type on the topic: not this handler's business (its own handlers have
-            // subscriptions of their own). A type the catalogue does not know is worth a
-            // warning: a producer writing straight to the broker misnamed it (`OrderCreated`
-            // for `orderCreated`), and no handler of this Bus will ever take it.
-            if self.bus.inner.catalog.contains(event.ty()) {
-                tracing::debug!(
-                    event = event.id(),
-                    group,
-                    other = event.ty(),
-                    "skipping an event of another type"
+            if self.bus.topic_of(event.ty(), None) == self.shared.topic {
+                // Another type sharing the topic: its own handlers have subscriptions of
+                // their own, so it is not this handler's business.
+                settle(
+                    "skipping an event of another type",
+                    event,
+                    delivery.ack().await,
                 );
-            } else {
-                tracing::warn!(
-                    event = event.id(),
-                    group,
-                    topic = %self.shared.topic,
-                    handled = %ty,
-                    found = event.ty(),
-                    "skipping an event whose type the catalogue does not know, found on this \
-                     handler's topic (acknowledged for this handler's group only)"
-                );
+                return;
             }
-            settle(
-                "skipping an event of another type",
-                event,
-                delivery.ack().await,
+            // A type that is not published here (a producer writing straight to the broker
+            // misnamed it, `OrderCreated` for `orderCreated`, or sent it to the wrong topic):
+            // no handler of this Bus would ever see it where it belongs, so it is kept in
+            // this group's dead-letter queue rather than acknowledged unseen.
+            let reason = format!(
+                "misrouted: an event of type `{}` on topic `{}`, which carries `{ty}`; events \
+                 of its type are published to `{}`",
+                event.ty(),
+                self.shared.topic,
+                self.bus.topic_of(event.ty(), None)
             );
+            tracing::warn!(event = event.id(), group, %reason, "dead-lettering a misrouted event");
+            self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
+            telemetry::dead_lettered(ty, group, "misrouted");
             return;
         }
         let parsed = match self.bus.inner.catalog.read_event_data(event) {
@@ -924,9 +921,13 @@ impl Worker {
             parsed,
         };
         let started = std::time::Instant::now();
-        let result = AssertUnwindSafe((self.handler.run)(msg))
-            .catch_unwind()
-            .await;
+        // The call itself is caught too: a closure may panic before it returns its future
+        // (code ahead of its `async` block, a typed handler's `Deserialize`), and that
+        // panic is a failed run like one inside the future, not the end of the worker.
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.handler.run)(msg))) {
+            Ok(run) => AssertUnwindSafe(run).catch_unwind().await,
+            Err(panic) => Err(panic),
+        };
         let run = started.elapsed();
         self.metrics.handle_duration(run.as_secs_f64());
         if let Some(slow) = &self.slow_runs {
@@ -1032,8 +1033,16 @@ impl Worker {
     fn dead_lettered(&self, event: &Event, reason: &str, result: Result<()>) {
         match result {
             Ok(()) => {
-                if let Some(hook) = &self.on_dead_letter {
-                    hook(event, reason);
+                if let Some(hook) = &self.on_dead_letter
+                    && std::panic::catch_unwind(AssertUnwindSafe(|| hook(event, reason))).is_err()
+                {
+                    // The event is dead-lettered and settled; the hook's panic must not take
+                    // the task that runs the handler (and the key's lane) with it.
+                    tracing::error!(
+                        event = event.id(),
+                        group = %self.shared.group,
+                        "the on_dead_letter hook panicked"
+                    );
                 }
             }
             Err(e) => settle("dead-lettering", event, Err(e)),
