@@ -801,7 +801,12 @@ impl Worker {
         if !finished {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
-            let left: Vec<Arc<Delivery>> = lock(&self.in_flight).drain().map(|(_, d)| d).collect();
+            // Given back in the order they were taken, so that a transport that redelivers
+            // in the order of give-backs keeps each key's order (the drain map's own order
+            // is a hash map's).
+            let mut left: Vec<(u64, Arc<Delivery>)> = lock(&self.in_flight).drain().collect();
+            left.sort_unstable_by_key(|(id, _)| *id);
+            let left = left.into_iter().map(|(_, d)| d);
             lock(&self.lanes).clear();
             for delivery in left {
                 if delivery.is_settled() {

@@ -26,6 +26,9 @@ struct Entry {
     event: Event,
     /// Deliveries made so far.
     deliveries: u32,
+    /// Its place in the group's order of publishes: an event given back goes ahead of the
+    /// events published after it, and behind those given back that were published before it.
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -41,6 +44,8 @@ struct GroupState {
     deadlines: Vec<Lane>,
     /// Keys of delayed entries.
     next_delay_key: u64,
+    /// The next [`Entry::seq`].
+    next_seq: u64,
     deleted: bool,
 }
 
@@ -152,7 +157,7 @@ impl GroupState {
         for (_, tag) in expired {
             if let Some(entry) = self.in_flight.remove(tag) {
                 // Expired: its consumer vanished or hung. Redeliver before newer events.
-                self.ready.push_front(entry);
+                self.requeue(entry);
             }
         }
     }
@@ -206,6 +211,16 @@ impl GroupState {
             lane.retain(|(_, t)| in_flight.contains(*t));
         }
         lane.push_back((deadline, tag));
+    }
+
+    /// Puts an event given back (nacked, or expired in flight) ahead of the ready events
+    /// published after it, and behind those given back before it that were published
+    /// earlier: events given back together are redelivered in their publish order, whatever
+    /// the order they came back in (a drain nacks a key's events in any order). The scan
+    /// stops at the first later event, so it covers only the others given back.
+    fn requeue(&mut self, entry: Entry) {
+        let at = self.ready.iter().take_while(|e| e.seq < entry.seq).count();
+        self.ready.insert(at, entry);
     }
 
     fn take_in_flight(&mut self, tag: u64) -> Option<Entry> {
@@ -319,9 +334,12 @@ impl Group {
         {
             let mut state = self.lock();
             for event in events {
+                let seq = state.next_seq;
+                state.next_seq += 1;
                 state.ready.push_back(Entry {
                     event: event.clone(),
                     deliveries: 0,
+                    seq,
                 });
             }
         }
@@ -540,7 +558,7 @@ impl Acker for MemoryAcker {
     async fn nack(&self, tag: u64) -> Result<()> {
         self.check_open()?;
         self.group
-            .settle(tag, |state, entry| state.ready.push_front(entry))?;
+            .settle(tag, |state, entry| state.requeue(entry))?;
         self.group.events_changed();
         Ok(())
     }
@@ -570,6 +588,7 @@ mod tests {
         Entry {
             event: Event::builder("t", "s").id(id).build().unwrap(),
             deliveries: 1,
+            seq: 0,
         }
     }
 
