@@ -142,6 +142,61 @@ async fn slow_run_warnings(prefetch: Option<usize>, run: Duration) -> usize {
         .count()
 }
 
+/// An ordered handler retries in place and holds its slot through the backoffs: two
+/// instant failures with 150 ms backoffs hold it about 450 ms, over half a 200 ms visibility
+/// timeout, though no single call takes any time. Warned once.
+#[tokio::test(flavor = "current_thread")]
+async fn an_ordered_handler_warns_when_its_retries_in_place_hold_a_slot_that_long() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.attempt());
+        async move {
+            if msg.attempt() < 3 {
+                Err("not yet".into())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .ordered_by_key(true)
+    .concurrency(1)
+    .visibility_timeout(Duration::from_millis(200))
+    .retry(
+        evbus::bus::RetryPolicy::default()
+            .max_attempts(3)
+            .initial_backoff(Duration::from_millis(150))
+            .jitter(0.0),
+    )
+    .start()
+    .await
+    .unwrap();
+    bus.emit_batch([evbus::bus::Emit::new("orderPlaced", placed("o-1")).key("k")])
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        assert_eq!(recv(&mut rx).await, attempt);
+    }
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("took over half the visibility timeout")
+            .count(),
+        1,
+        "{text}"
+    );
+}
+
 /// Events fetched ahead wait about a run for a slot with their visibility timeout running:
 /// a prefetching handler whose runs take over half of it says so, once; one that fetches
 /// only for free slots, or runs quickly, does not.

@@ -279,7 +279,8 @@ impl HandlerBuilder {
     /// [`concurrency`](Self::concurrency)). While every slot is busy the transport fetches
     /// these ahead, so the next event is at hand when a run ends instead of a round trip
     /// later. A fetched event waits for a free slot with its visibility timeout running, up
-    /// to about one handler run with the default: keep runs under half the
+    /// to about one handler run with the default (for an ordered handler, a run with its
+    /// retries in place and their backoffs): keep runs under half the
     /// [`visibility_timeout`](Self::visibility_timeout) (the handler logs a warning when
     /// one is not), or set 0 to fetch only for free slots.
     pub fn prefetch(mut self, n: usize) -> Self {
@@ -580,9 +581,10 @@ impl SlowRuns {
                 group,
                 run = ?run,
                 visibility_timeout = ?(self.half_visibility * 2),
-                "a handler run took over half the visibility timeout: events fetched ahead \
-                 wait about a run for a free slot and may come back as redeliveries (with \
-                 another attempt counted); raise the visibility timeout or set prefetch(0)"
+                "a handler run (with its retries in place, for an ordered handler) took over \
+                 half the visibility timeout: events fetched ahead wait about a run for a free \
+                 slot and may come back as redeliveries (with another attempt counted); raise \
+                 the visibility timeout or set prefetch(0)"
             );
         }
     }
@@ -993,7 +995,17 @@ impl Worker {
     }
 
     /// Ordered mode: retries in place so nothing of the same key overtakes the event.
-    async fn run_in_place(&self, delivery: &Delivery, mut parsed: Option<serde_json::Value>) {
+    async fn run_in_place(&self, delivery: &Delivery, parsed: Option<serde_json::Value>) {
+        // Retried in place, an event holds its slot through every attempt and backoff: that
+        // whole time, not one call's, is what events fetched ahead wait.
+        let started = self.slow_runs.as_ref().map(|_| std::time::Instant::now());
+        self.attempts_in_place(delivery, parsed).await;
+        if let (Some(slow), Some(started)) = (&self.slow_runs, started) {
+            slow.ran_for(started.elapsed(), &self.shared.ty, &self.shared.group);
+        }
+    }
+
+    async fn attempts_in_place(&self, delivery: &Delivery, mut parsed: Option<serde_json::Value>) {
         let (ty, group) = (&*self.shared.ty, &*self.shared.group);
         let event = delivery.event();
         let max = delivery.max_attempts();
