@@ -65,7 +65,8 @@ pub struct SqlConfig {
     /// Which database the URL names (derived from its scheme).
     pub backend: Backend,
     /// PostgreSQL only: the schema holding the transport's tables, created if needed.
-    /// Default `evbus`. Letters, digits and `_` only, at most 40 characters.
+    /// Default `evbus`. Lower-case letters, digits and `_` only, not starting with a digit,
+    /// at most 40 characters.
     pub schema: String,
     /// Most connections the transport opens (the pool size; a PostgreSQL transport opens one
     /// more for `LISTEN`). Default 5.
@@ -298,17 +299,28 @@ impl SqlConfig {
                 self.backend
             )));
         }
+        // Lower case only: the schema is created quoted but named unquoted in `search_path`
+        // (and in the NOTIFY channel), where PostgreSQL folds it to lower case, so `Bus1`
+        // would create one schema and use another.
         if self.schema.is_empty()
             || self.schema.len() > 40
             || !self
                 .schema
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             || self.schema.starts_with(|c: char| c.is_ascii_digit())
         {
+            let hint = if self.schema.chars().any(|c| c.is_ascii_uppercase()) {
+                format!(
+                    " (PostgreSQL folds unquoted names to lower case: write `{}`)",
+                    self.schema.to_ascii_lowercase()
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::invalid_config(format!(
-                "SQL transport schema `{}`: use 1 to 40 letters, digits and `_`, not starting \
-                 with a digit",
+                "SQL transport schema `{}`: use 1 to 40 lower-case letters, digits and `_`, not \
+                 starting with a digit{hint}",
                 self.schema
             )));
         }
@@ -389,6 +401,11 @@ mod tests {
                 "`retention_ms`: bad value",
             ),
             ("postgres://h/db?schema=a-b", "schema `a-b`"),
+            (
+                "postgres://h/db?schema=Bus1",
+                "lower-case letters, digits and `_`, not starting with a digit (PostgreSQL \
+                 folds unquoted names to lower case: write `bus1`)",
+            ),
             (
                 "postgres://h/db?poll_interval_ms=0",
                 "poll_interval_ms must be at least 1 ms",

@@ -91,8 +91,15 @@ pub(crate) fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The longest duration written into SQL (a visibility timeout, a nack delay, retention, an
+/// anonymous subscription's TTL): 100 years; longer ones are capped to it. PostgreSQL's
+/// `now() + make_interval(..)` fails with "timestamp out of range" long before
+/// `Duration::MAX` (9.2e15 s), and failed every claim of the partition, for ever.
+pub(crate) const MAX_SQL_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `d` in whole milliseconds, for SQL: at most [`MAX_SQL_DURATION`].
 pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    i64::try_from(d.min(MAX_SQL_DURATION).as_millis()).unwrap_or(i64::MAX)
 }
 
 impl SqlTransport {

@@ -8,17 +8,19 @@
 
 mod outbox_support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use evbus::bus::Emit;
+use evbus::memory::MemoryBroker;
 use evbus::{ErrorKind, StartPosition, SubscribeOptions, Transport};
-use evbus_sql::outbox::{Outbox, Relay};
+use evbus_sql::outbox::{Outbox, Relay, RelayBuilder};
 use outbox_support::*;
 use serde_json::json;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 /// Stages `n` committed events, `per_tx` per transaction, for `keys` keys whose `seq`
 /// continues from `next` (one counter per key). Returns their ids.
@@ -600,4 +602,291 @@ async fn a_relay_started_before_the_migration_waits_for_it() {
     relay.shutdown().await.unwrap();
     drop_tables(&pool, &table).await;
     cleanup_redis(&redis_url(), &redis).await;
+}
+
+/// Publishes of two relays ([`Slow`]'s log) that overlapped in time and shared a bucket.
+fn overlapping(log: &[Publish], bucket_of: &HashMap<String, i32>) -> Vec<(i32, Publish, Publish)> {
+    let mut overlaps = Vec::new();
+    for (i, a) in log.iter().enumerate() {
+        for b in &log[i + 1..] {
+            if a.relay == b.relay || !(a.start < b.end && b.start < a.end) {
+                continue;
+            }
+            let buckets: HashSet<i32> = a.ids.iter().map(|id| bucket_of[id]).collect();
+            if let Some(bucket) = b
+                .ids
+                .iter()
+                .map(|id| bucket_of[id])
+                .find(|b| buckets.contains(b))
+            {
+                overlaps.push((bucket, a.clone(), b.clone()));
+            }
+        }
+    }
+    overlaps
+}
+
+/// Two relays of `table` with a lease TTL of 1 s, each publishing through a [`Slow`]
+/// broker taking `delay` over every publish: relay-one starts first (and takes every
+/// bucket), relay-two once relay-one's first publish began; both run until `done` holds
+/// for the log of finished publishes (within [`WAIT`]) and are shut down. Returns the log
+/// and the bucket of every staged event.
+async fn two_slow_relays(
+    pool: &PgPool,
+    table: &str,
+    delay: Duration,
+    done: impl Fn(&[Publish]) -> bool,
+) -> (Vec<Publish>, HashMap<String, i32>) {
+    let bucket_of: HashMap<String, i32> =
+        sqlx::query_as(&format!("SELECT event_id, bucket FROM {table}"))
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let log = Arc::new(Mutex::new(Vec::<Publish>::new()));
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let relay = |id: &str| {
+        let slow = Slow {
+            relay: id.to_owned(),
+            delay,
+            log: log.clone(),
+            started: started.clone(),
+        };
+        Relay::postgres(pool.clone(), Arc::new(memory_behind(slow)))
+            .table(table)
+            .id(id)
+            .lease_ttl(Duration::from_secs(1))
+            .spawn()
+            .unwrap()
+    };
+    let one = relay("relay-one");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay-one publishes nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let two = relay("relay-two");
+    while !done(&log.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {WAIT:?}: {:?}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    one.shutdown().await.unwrap();
+    two.shutdown().await.unwrap();
+    let log = log.lock().unwrap().clone();
+    (log, bucket_of)
+}
+
+/// Whether relay `relay` finished at least `n` publishes.
+fn finished(log: &[Publish], relay: &str, n: usize) -> bool {
+    log.iter().filter(|p| p.relay == relay).count() >= n
+}
+
+/// Two relays, a broker that takes 25 ms over every publish, rounds of 128 single-event
+/// publishes (two topics alternate, so no two consecutive rows share a run): a round is
+/// 3.2 s, the lease TTL 1 s. No two relays may ever publish one bucket at the same time.
+/// Before, a relay checked its leases only before reading a round and published the whole
+/// round past their expiry, while the other relay took the expired buckets over and
+/// published them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_stops_publishing_before_its_leases_may_expire() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let mut staged = HashSet::new();
+    for i in 0..128u64 {
+        let key = format!("k{}", i % 64);
+        let ty = if i % 2 == 0 { TYPE } else { OTHER_TYPE };
+        let emit = Emit::new(ty, json!({"orderId": key, "seq": i / 64})).key(&key);
+        staged.insert(outbox.stage(&mut tx, emit).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    // Until every event was published (at least once).
+    let (log, bucket_of) = two_slow_relays(&pool, &table, Duration::from_millis(25), |log| {
+        let published: HashSet<&String> = log.iter().flat_map(|p| &p.ids).collect();
+        staged.iter().all(|id| published.contains(id))
+    })
+    .await;
+    let overlaps = overlapping(&log, &bucket_of);
+    println!(
+        "two relays, lease TTL 1 s, 25 ms per publish: {} publishes ({} by relay-two); {} \
+         overlapping publishes of one bucket",
+        log.len(),
+        log.iter().filter(|p| p.relay == "relay-two").count(),
+        overlaps.len()
+    );
+    assert!(
+        overlaps.is_empty(),
+        "two relays published one bucket at once: {:?}",
+        &overlaps[..overlaps.len().min(3)]
+    );
+    assert!(
+        finished(&log, "relay-two", 1),
+        "relay-two took buckets over"
+    );
+    wait_drained(&pool, &table).await;
+    drop_tables(&pool, &table).await;
+}
+
+/// A hung broker (3 s over every publish; the lease TTL is 1 s and the publish timeout the
+/// default 10 s): a relay's publish is cut where its leases may expire, and counted as a
+/// timeout. Before, it ran on for 3 s while the other relay took the expired buckets over
+/// and published them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_to_a_hung_broker_is_cut_before_the_leases_may_expire() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for k in 0..64u64 {
+        let key = format!("k{k}");
+        let emit = Emit::new(TYPE, json!({"orderId": key, "seq": 0})).key(&key);
+        outbox.stage(&mut tx, emit).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let (log, bucket_of) = two_slow_relays(&pool, &table, Duration::from_secs(3), |log| {
+        finished(log, "relay-two", 1) && finished(log, "relay-one", 1)
+    })
+    .await;
+    let overlaps = overlapping(&log, &bucket_of);
+    let longest = log.iter().map(|p| p.end - p.start).max().unwrap();
+    println!(
+        "hung broker, lease TTL 1 s: {} publishes, the longest {longest:?}; {} overlapping \
+         publishes of one bucket",
+        log.len(),
+        overlaps.len()
+    );
+    assert!(
+        overlaps.is_empty(),
+        "two relays published one bucket at once: {:?}",
+        &overlaps[..overlaps.len().min(3)]
+    );
+    let errors: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT last_error FROM {table} WHERE last_error IS NOT NULL"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        errors.iter().any(|e| e.contains("leases may expire")),
+        "{errors:?}"
+    );
+    drop_tables(&pool, &table).await;
+}
+
+/// Waits until a session of the database runs `LISTEN "<channel>"`: a relay that went idle.
+async fn wait_listening(channel: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query = $1")
+            .bind(format!("LISTEN \"{channel}\""))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no relay listens on `{channel}`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Spawns a relay of `table` on `pool` (configured by `configure`) publishing to a memory
+/// broker, waits until it is idle and listening, stages one event in a transaction of
+/// `pool`, and expects it relayed (by `NOTIFY`) within 20 s; then shuts the relay down.
+async fn relays_an_event_staged_while_it_idles(
+    pool: &PgPool,
+    table: &str,
+    configure: impl FnOnce(RelayBuilder) -> RelayBuilder,
+) {
+    let outbox = Outbox::with_table(&bus(), table).unwrap();
+    outbox.migrate(pool).await.unwrap();
+    let memory = MemoryBroker::new(Default::default()).connect();
+    let mut sub = subscribe(&memory, TYPE).await;
+    let relay = configure(Relay::postgres(pool.clone(), Arc::new(memory.clone())).table(table))
+        .spawn()
+        .unwrap();
+    wait_listening(table).await;
+    let mut tx = tokio::time::timeout(Duration::from_secs(10), pool.begin())
+        .await
+        .expect("pool.begin() hangs")
+        .expect("the application gets a connection of its pool while the relay idles");
+    let id = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "o-1", "seq": 0})).key("o-1"),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
+        .await
+        .expect("the staged event relayed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.event().id(), id);
+    relay.shutdown().await.unwrap();
+}
+
+/// The relay's `LISTEN` connection is its own (a pool of one beside the application's), as
+/// the transport's is: it took one connection of the application's pool for the relay's
+/// life, so an application with a pool of one could not begin a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_listens_on_a_connection_of_its_own() {
+    let pool = match PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&pg_url())
+        .await
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            unavailable(&format!("PostgreSQL at {}", pg_url()), &e);
+            return;
+        }
+    };
+    let table = table_name();
+    relays_an_event_staged_while_it_idles(&pool, &table, |relay| relay).await;
+    drop_tables(&pool, &table).await;
+}
+
+/// `poll_interval(Duration::MAX)` is capped (at a day): `now + poll_interval` overflowed
+/// `Instant` and killed the relay task before its first wait, so it never listened nor
+/// relayed anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_interval_of_duration_max_still_relays_on_notify() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    relays_an_event_staged_while_it_idles(&pool, &table, |relay| {
+        relay.poll_interval(Duration::MAX)
+    })
+    .await;
+    drop_tables(&pool, &table).await;
+}
+
+/// `lease_ttl(Duration::MAX)` is capped (at a day): its milliseconds overflowed the SQL
+/// interval of the lease statements ("interval out of range"), so the relay never held a
+/// bucket and never relayed anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ttl_of_duration_max_still_relays() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    relays_an_event_staged_while_it_idles(&pool, &table, |relay| relay.lease_ttl(Duration::MAX))
+        .await;
+    drop_tables(&pool, &table).await;
 }

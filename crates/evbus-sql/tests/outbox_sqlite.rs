@@ -8,6 +8,7 @@ mod outbox_support;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use evbus::ErrorKind;
 use evbus::bus::Emit;
@@ -151,4 +152,203 @@ async fn sqlite_refuses_an_invalid_event_at_stage() {
         .await
         .unwrap();
     assert_eq!(n, 0);
+}
+
+/// `(attempts, last_error)` of the row of event `id`, `None` once it is deleted.
+async fn row_state(pool: &SqlitePool, id: &str) -> Option<(i64, Option<String>)> {
+    sqlx::query_as("SELECT attempts, last_error FROM evbus_outbox WHERE event_id = ?1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 10 ms until it holds; fails after `within`.
+async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Stages `emits` in one committed transaction; returns their ids.
+async fn stage(pool: &SqlitePool, outbox: &Outbox, emits: Vec<Emit>) -> Vec<String> {
+    let mut tx = pool.begin().await.unwrap();
+    let ids = outbox.stage_batch(&mut tx, emits).await.unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
+fn order(key: &str, seq: u64) -> Emit {
+    Emit::new(TYPE, json!({"orderId": key, "seq": seq})).key(key)
+}
+
+/// Over 4 KiB of data: the `Picky` transport refuses it.
+fn big(key: &str, seq: u64) -> Emit {
+    Emit::new(TYPE, json!({"orderId": "x".repeat(10_000), "seq": seq})).key(key)
+}
+
+/// A transport that takes a prefix of a batch and then refuses an event (as Kafka's producer
+/// does with a record over its size limit): the relay finds the refused row, deletes the
+/// rows accepted before it, and counts the failure on the refused row. Before, it deleted
+/// nothing and counted the failure on the run's first row, so every retry published the
+/// accepted rows again, for ever, and the wrong row carried the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_after_an_accepted_prefix_is_pinned_on_its_own_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let ids = stage(
+        &pool,
+        &outbox,
+        vec![order("k", 0), order("k", 1), big("k", 2)],
+    )
+    .await;
+    let (e1, e2, refused) = (&ids[0], &ids[1], &ids[2]);
+    let transport = memory_behind(Picky::default());
+    let relay = Relay::sqlite(pool.clone(), Arc::new(transport.clone()))
+        .backoff(Duration::from_millis(10), Duration::from_millis(40))
+        .spawn()
+        .unwrap();
+
+    // Retried several times (about a second of retries).
+    until(
+        Duration::from_secs(20),
+        "the refused row retried 5 times",
+        || async {
+            row_state(&pool, refused)
+                .await
+                .is_some_and(|(attempts, _)| attempts >= 5)
+        },
+    )
+    .await;
+    let picky = transport.layer_ref();
+    let (attempts, error) = row_state(&pool, refused).await.unwrap();
+    println!(
+        "refused row: {attempts} attempts, last error {error:?}; e1 accepted {} times, e2 {} \
+         times, {} publishes",
+        picky.accepted(e1),
+        picky.accepted(e2),
+        picky.calls()
+    );
+    assert!(
+        error.as_deref().is_some_and(|e| e.contains("too_large")),
+        "{error:?}"
+    );
+    // Accepted with the refused batch, then once more while the relay looked for the row
+    // refused (it cannot know which prefix the transport took): never again.
+    assert!(
+        picky.accepted(e1) <= 2,
+        "e1 published {} times",
+        picky.accepted(e1)
+    );
+    assert!(
+        picky.accepted(e2) <= 2,
+        "e2 published {} times",
+        picky.accepted(e2)
+    );
+    assert_eq!(row_state(&pool, e1).await, None, "e1's row deleted");
+    assert_eq!(row_state(&pool, e2).await, None, "e2's row deleted");
+    assert_eq!(picky.accepted(refused), 0);
+    assert_eq!(relay.stats().relayed, 2);
+    relay.shutdown().await.unwrap();
+}
+
+/// After a refused event the relay publishes bucket by bucket; an outage met there ends the
+/// round (every bucket waits) instead of trying every other bucket against a transport that
+/// is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_met_while_isolating_a_refused_event_ends_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    // The refused event first, then ten keys.
+    let mut emits = vec![big("bad", 0)];
+    emits.extend((0..10).map(|k| order(&format!("k{k}"), 0)));
+    stage(&pool, &outbox, emits).await;
+    let buckets: i64 = sqlx::query_scalar("SELECT count(DISTINCT bucket) FROM evbus_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(buckets >= 8, "{buckets} buckets");
+    let picky = Picky::default();
+    picky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let transport = memory_behind(picky);
+    // One round: the back-off outlasts the test.
+    let relay = Relay::sqlite(pool.clone(), Arc::new(transport.clone()))
+        .backoff(Duration::from_secs(600), Duration::from_secs(600))
+        .spawn()
+        .unwrap();
+    until(Duration::from_secs(20), "a failure recorded", || async {
+        relay.stats().publish_failures > 0
+    })
+    .await;
+    // Failures are recorded after the round's last publish.
+    let calls = transport.layer_ref().calls();
+    println!("{buckets} buckets: {calls} publishes in the round");
+    // The batch (refused), then bucket by bucket: the refused row's bucket at most, and the
+    // first other bucket, which meets the outage.
+    assert!(
+        calls <= 3,
+        "{calls} publishes against a transport that is down"
+    );
+    relay.shutdown().await.unwrap();
+}
+
+/// `backoff(Duration::ZERO, ..)` is at least 1 ms: zero doubled stays zero, and the relay
+/// retried a refused event in a busy loop (thousands of attempts a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_backoff_does_not_retry_in_a_busy_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let ids = stage(&pool, &outbox, vec![big("k", 0)]).await;
+    let relay = Relay::sqlite(pool.clone(), Arc::new(memory_behind(Picky::default())))
+        .backoff(Duration::ZERO, Duration::from_secs(5))
+        .spawn()
+        .unwrap();
+    until(Duration::from_secs(20), "a first attempt", || async {
+        row_state(&pool, &ids[0])
+            .await
+            .is_some_and(|(attempts, _)| attempts >= 1)
+    })
+    .await;
+    // A second of retries: 1 ms doubling is about ten.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (attempts, _) = row_state(&pool, &ids[0]).await.unwrap();
+    println!("zero back-off: {attempts} attempts in about a second");
+    assert!(attempts <= 30, "{attempts} attempts in about a second");
+    relay.shutdown().await.unwrap();
+}
+
+/// `poll_interval(Duration::MAX)` is capped (at a day): the relay's `now + poll_interval`
+/// overflowed `Instant` and killed the relay task at its first idle wait, so `shutdown`
+/// returned the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_interval_of_duration_max_does_not_kill_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let relay = Relay::sqlite(pool.clone(), Arc::new(memory_behind(Picky::default())))
+        .poll_interval(Duration::MAX)
+        .spawn()
+        .unwrap();
+    // Its buckets are counted before its first (empty) read: it goes on to wait, idle.
+    until(Duration::from_secs(20), "the relay's buckets", || async {
+        relay.stats().buckets_held == 64
+    })
+    .await;
+    relay.shutdown().await.unwrap();
 }

@@ -349,6 +349,50 @@ async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     schema.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn durations_past_what_sql_holds_are_capped_at_100_years() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    // Retention and the anonymous TTL go into SQL intervals too (the cleanup).
+    let transport = schema
+        .open("retention_ms=18446744073709551615&anonymous_ttl_ms=18446744073709551615")
+        .await;
+    support::durations_past_what_sql_holds_are_capped(&transport).await;
+    let mut conn = schema.raw().await;
+    let due: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM visible_at - now())::float8 FROM evbus_deliveries",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let years = due / support::HUNDRED_YEARS_SECS * 100.0;
+    assert!(
+        (99.0..=100.0).contains(&years),
+        "the nacked row is due in {years} years"
+    );
+    assert_eq!(
+        transport
+            .cleanup()
+            .await
+            .expect("cleanup with retention u64::MAX ms"),
+        0
+    );
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+/// The schema is created quoted but named unquoted in `search_path`, where PostgreSQL folds
+/// it to lower case: `schema=Bus1` created `Bus1` and then looked for `bus1`. Upper case is
+/// refused with what to write.
+#[tokio::test]
+async fn an_upper_case_schema_is_refused_with_the_name_to_write() {
+    let url = with_params(&postgres_url(), "schema=Bus1");
+    let err = SqlTransport::connect_url(&url).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.message().contains("write `bus1`"), "{err}");
+}
+
 /// A subscription starting at the earliest event, created while publishers run, gets every
 /// event exactly once: each is either in the copy of the retained events or delivered to
 /// the new partition (the publish function's lock, taken before its insert reads the

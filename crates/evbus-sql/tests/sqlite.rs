@@ -216,6 +216,38 @@ async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn durations_past_what_sql_holds_are_capped_at_100_years() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(
+        &path,
+        "retention_ms=18446744073709551615&anonymous_ttl_ms=18446744073709551615",
+    )
+    .await;
+    support::durations_past_what_sql_holds_are_capped(&transport).await;
+    let mut db = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    let due: i64 = sqlx::query_scalar("SELECT visible_at FROM evbus_deliveries")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let years = (due as f64 - now) / 1000.0 / support::HUNDRED_YEARS_SECS * 100.0;
+    assert!(
+        (99.0..=100.0).contains(&years),
+        "the nacked row is due in {years} years"
+    );
+    assert_eq!(transport.cleanup().await.unwrap(), 0);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn retention_deletes_acknowledged_events_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

@@ -1,6 +1,6 @@
 //! The relay: reads committed outbox rows and publishes them to a transport.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +15,14 @@ use tracing::Instrument;
 
 use super::store::{Row, Store};
 use super::table::{DEFAULT_TABLE, Table};
+
+/// The longest poll interval, lease TTL and back-off a relay uses: longer settings are
+/// capped to it (so `Instant` arithmetic and the SQL intervals built from them never
+/// overflow).
+const MAX_TIMING: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest back-off: a zero one would retry in a busy loop (zero doubled stays zero).
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
 
 /// Configures and starts a relay: [`Relay::postgres`] or [`Relay::sqlite`], then
 /// [`RelayBuilder::spawn`].
@@ -123,32 +131,34 @@ impl RelayBuilder {
 
     /// How long an idle relay waits before looking again. With PostgreSQL `NOTIFY` (the
     /// default) it wakes at once on every commit and this is only the fallback. Default 1 s
-    /// on PostgreSQL, 100 ms on SQLite.
+    /// on PostgreSQL, 100 ms on SQLite; at least 1 ms, at most one day.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval.max(Duration::from_millis(1));
+        self.poll_interval = interval.clamp(Duration::from_millis(1), MAX_TIMING);
         self
     }
 
     /// PostgreSQL: how long a bucket lease lasts without renewal. A relay renews every third
     /// of it; a relay that died loses its buckets to the others after at most this long.
-    /// Default 30 s.
+    /// Default 30 s; at least 300 ms, at most one day.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl.max(Duration::from_millis(300));
+        self.lease_ttl = ttl.clamp(Duration::from_millis(300), MAX_TIMING);
         self
     }
 
     /// Limit on one publish to the transport; a publish that takes longer counts as failed
-    /// and is retried. Keep it well under the lease TTL. Default 10 s.
+    /// and is retried. Keep it well under the lease TTL: on PostgreSQL a publish is also cut
+    /// where the relay's leases may expire. Default 10 s.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
     }
 
     /// Back-off after a failed publish or database error: starts at `min`, doubles up to
-    /// `max`. Default 100 ms to 5 s.
+    /// `max`. Default 100 ms to 5 s. `min` is at least 1 ms (a zero back-off would retry in
+    /// a busy loop), both are at most one day, and `max` is at least `min`.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_backoff = min;
-        self.max_backoff = max.max(min);
+        self.min_backoff = min.clamp(MIN_BACKOFF, MAX_TIMING);
+        self.max_backoff = max.clamp(self.min_backoff, MAX_TIMING);
         self
     }
 
@@ -198,6 +208,7 @@ impl RelayBuilder {
             topics: HashMap::new(),
             held: Vec::new(),
             backoff: HashMap::new(),
+            suspect: HashSet::new(),
         };
         let span = tracing::info_span!("evbus.outbox.relay", relay = %id, table = %table.name);
         let task = tokio::spawn(worker.run().instrument(span));
@@ -304,6 +315,11 @@ struct Worker {
     held: Vec<i32>,
     /// Buckets whose last publish failed, and until when to leave them alone.
     backoff: HashMap<i32, Backoff>,
+    /// Buckets that may hold an event the transport refuses (a run with their rows was
+    /// refused and they have not made progress since): published apart from the others,
+    /// their first row alone, so that the refusal is pinned on its own row and costs the
+    /// other buckets nothing.
+    suspect: HashSet<i32>,
 }
 
 /// What one round of publishing did.
@@ -314,11 +330,79 @@ struct Outcome {
     progressed: Vec<i32>,
     /// Buckets that failed: the first row not published and the error.
     failed: BTreeMap<i32, (i64, Error)>,
+    /// The round stopped early, its other rows not published, because the leases are due
+    /// for renewal (nothing failed).
+    stopped_for_leases: bool,
+}
+
+/// When a round on leased buckets (PostgreSQL) stops publishing.
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    /// No publish starts after this, but the round's first: the leases are due for renewal.
+    renew: Instant,
+    /// No publish starts, or runs on, past this: the leases may have expired, and another
+    /// relay may hold the buckets.
+    expiry: Instant,
+}
+
+/// A round of publishing in progress.
+struct Round {
+    outcome: Outcome,
+    deadline: Option<Deadline>,
+    /// Publishes started.
+    publishes: usize,
+}
+
+impl Round {
+    fn accepted(&mut self, run: &[Row]) {
+        self.outcome.published.extend(run.iter().map(|r| r.seq));
+        self.outcome.progressed.extend(run.iter().map(|r| r.bucket));
+    }
+
+    /// The transport is down: every bucket of `rows` (not published) waits, its first row
+    /// counting the failure.
+    fn outage<'a>(&mut self, e: &Error, rows: impl IntoIterator<Item = &'a Row>) {
+        for row in rows {
+            self.outcome
+                .failed
+                .entry(row.bucket)
+                .or_insert_with(|| (row.seq, e.clone_shallow()));
+        }
+    }
+}
+
+/// How the publish of one run ended.
+enum Sent {
+    /// The transport accepted every event of the run.
+    Accepted,
+    /// It failed; the transport may have accepted a prefix of the run.
+    Failed(Error),
+    /// Not published: the leases are due for renewal, or may have expired.
+    LeasesDue,
+}
+
+/// Why a round ends before it published everything it read.
+enum Stop {
+    Outage(Error),
+    LeasesDue,
+}
+
+/// An error meaning the transport is down (every bucket waits), not that it refused an event.
+fn is_outage(e: &Error) -> bool {
+    e.is_retryable() || e.kind() == ErrorKind::Closed
+}
+
+/// `now + d`, or as late as the relay ever waits if that does not fit an `Instant`.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(MAX_TIMING))
+        .unwrap_or(now)
 }
 
 impl Worker {
     async fn run(mut self) -> Result<()> {
         tracing::info!("outbox relay started");
+        let leased = self.store.leases_buckets();
         let mut db_delay = self.min_backoff;
         let mut lease_due = Instant::now();
         let mut leases_valid_until = Instant::now();
@@ -328,12 +412,16 @@ impl Worker {
                 match self.store.leases(self.lease_ttl).await {
                     Ok(held) => {
                         self.backoff.retain(|b, _| held.binary_search(b).is_ok());
+                        self.suspect.retain(|b| held.binary_search(b).is_ok());
                         self.held = held;
                         self.stats
                             .buckets_held
                             .store(self.held.len(), Ordering::Relaxed);
-                        lease_due = now + self.lease_ttl / 3;
-                        leases_valid_until = now + self.lease_ttl;
+                        lease_due = later(now, self.lease_ttl / 3);
+                        // Counted from before the renewal's statements, with a tenth of the
+                        // TTL to spare for round trips and clock rates: the expiry the
+                        // database wrote, which other relays go by, is later.
+                        leases_valid_until = later(now, self.lease_ttl - self.lease_ttl / 10);
                     }
                     Err(e) => {
                         self.database_error(&e, &mut db_delay).await;
@@ -365,7 +453,7 @@ impl Worker {
                 }
             };
             if rows.is_empty() {
-                let mut wake = lease_due.min(now + self.poll_interval);
+                let mut wake = lease_due.min(later(now, self.poll_interval));
                 if let Some(b) = self.backoff.values().map(|b| b.until).min() {
                     wake = wake.min(b);
                 }
@@ -373,7 +461,12 @@ impl Worker {
                 self.store.wait(timeout, &self.cancel).await;
                 continue;
             }
-            let outcome = self.publish(rows).await;
+            // Without leases (SQLite: one relay) a round is not cut short.
+            let deadline = leased.then_some(Deadline {
+                renew: lease_due,
+                expiry: leases_valid_until,
+            });
+            let outcome = self.publish(rows, deadline).await;
             if !outcome.published.is_empty() {
                 // Published rows must be deleted before anything else happens, or they are
                 // published again (at-least-once: duplicates, never loss).
@@ -403,7 +496,14 @@ impl Worker {
             for bucket in &outcome.progressed {
                 if !outcome.failed.contains_key(bucket) {
                     self.backoff.remove(bucket);
+                    self.suspect.remove(bucket);
                 }
+            }
+            if outcome.stopped_for_leases {
+                tracing::debug!(
+                    published = outcome.published.len(),
+                    "outbox relay: leases due for renewal; the rest of the round waits for the next"
+                );
             }
             self.settle_failures(outcome.failed).await;
         }
@@ -425,69 +525,149 @@ impl Worker {
             _ = tokio::time::sleep(*delay) => {}
             _ = self.cancel.cancelled() => {}
         }
-        *delay = (*delay * 2).min(self.max_backoff);
+        *delay = delay.saturating_mul(2).min(self.max_backoff);
     }
 
     /// Publishes `rows` (in staging order) in runs of consecutive events of one topic,
-    /// batched. After a failure that is not a plain outage (an event the transport refuses),
-    /// the rest is retried bucket by bucket so that one bad event holds up only its own
-    /// bucket (keys of other buckets keep flowing; its own keys wait, in order).
-    async fn publish(&mut self, rows: Vec<Row>) -> Outcome {
-        let mut outcome = Outcome::default();
-        let mut rest: &[Row] = &rows;
+    /// batched.
+    ///
+    /// - A retryable error (the transport is down) ends the round: every bucket not
+    ///   published waits.
+    /// - After any other error (the transport refused an event) the rest is published bucket
+    ///   by bucket, so that the refused event holds up only its own bucket (keys of other
+    ///   buckets keep flowing; its own keys wait, in order). The rows of the refused run go
+    ///   one at a time (the transport may have taken a prefix of the run: those go once
+    ///   more, then are deleted), so the refusal is counted on the row refused.
+    /// - With leases (PostgreSQL), no publish starts once they are due for renewal (the
+    ///   round's first excepted) and none runs past the point where they may have expired:
+    ///   the round stops there and the rest waits for the next one, after the renewal.
+    async fn publish(&mut self, rows: Vec<Row>, deadline: Option<Deadline>) -> Outcome {
+        let mut round = Round {
+            outcome: Outcome::default(),
+            deadline,
+            publishes: 0,
+        };
+        // Buckets that may hold a refused event go apart, each on its own.
+        let (apart, together): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|r| self.suspect.contains(&r.bucket));
+        let mut rest: &[Row] = &together;
+        let mut refused_run = 0;
         while !rest.is_empty() {
             let run = topic_run(rest);
-            match self.publish_run(run).await {
-                Ok(()) => {
-                    outcome.published.extend(run.iter().map(|r| r.seq));
-                    outcome.progressed.extend(run.iter().map(|r| r.bucket));
+            match self.publish_run(run, &mut round).await {
+                Sent::Accepted => {
+                    round.accepted(run);
                     rest = &rest[run.len()..];
                 }
-                Err(e) if e.is_retryable() || e.kind() == ErrorKind::Closed => {
-                    // The transport is down: every remaining bucket waits.
-                    for row in rest {
-                        outcome
-                            .failed
-                            .entry(row.bucket)
-                            .or_insert_with(|| (row.seq, e.clone_shallow()));
-                    }
-                    return outcome;
+                Sent::Failed(e) if is_outage(&e) => {
+                    round.outage(&e, rest.iter().chain(&apart));
+                    return round.outcome;
                 }
-                Err(_) => break,
-            }
-        }
-        if rest.is_empty() {
-            return outcome;
-        }
-        // Isolate: each bucket on its own.
-        let mut by_bucket: BTreeMap<i32, Vec<&Row>> = BTreeMap::new();
-        for row in rest {
-            by_bucket.entry(row.bucket).or_default().push(row);
-        }
-        for (bucket, rows) in by_bucket {
-            let rows: Vec<Row> = rows.into_iter().cloned().collect();
-            let mut rest: &[Row] = &rows;
-            while !rest.is_empty() {
-                let run = topic_run(rest);
-                match self.publish_run(run).await {
-                    Ok(()) => {
-                        outcome.published.extend(run.iter().map(|r| r.seq));
-                        outcome.progressed.push(bucket);
-                        rest = &rest[run.len()..];
-                    }
-                    Err(e) => {
-                        outcome.failed.insert(bucket, (run[0].seq, e));
-                        break;
-                    }
+                Sent::Failed(_) => {
+                    refused_run = run.len();
+                    self.suspect.extend(run.iter().map(|r| r.bucket));
+                    break;
+                }
+                Sent::LeasesDue => {
+                    round.outcome.stopped_for_leases = true;
+                    return round.outcome;
                 }
             }
         }
-        outcome
+        // Each bucket on its own: its rows, and how many of them go one at a time.
+        let mut buckets: BTreeMap<i32, (Vec<Row>, usize)> = BTreeMap::new();
+        for (i, row) in rest.iter().enumerate() {
+            let (rows, alone) = buckets.entry(row.bucket).or_default();
+            rows.push(row.clone());
+            if i < refused_run {
+                *alone += 1;
+            }
+        }
+        for row in apart {
+            let (rows, alone) = buckets.entry(row.bucket).or_default();
+            rows.push(row);
+            *alone = 1;
+        }
+        let buckets: Vec<(i32, Vec<Row>, usize)> = buckets
+            .into_iter()
+            .map(|(bucket, (rows, alone))| (bucket, rows, alone))
+            .collect();
+        for (k, (bucket, rows, alone)) in buckets.iter().enumerate() {
+            match self.publish_bucket(*bucket, rows, *alone, &mut round).await {
+                Ok(()) => {}
+                Err(Stop::Outage(e)) => {
+                    round.outage(&e, buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]));
+                    return round.outcome;
+                }
+                Err(Stop::LeasesDue) => {
+                    round.outcome.stopped_for_leases = true;
+                    return round.outcome;
+                }
+            }
+        }
+        round.outcome
     }
 
-    /// Publishes one run of rows of one topic.
-    async fn publish_run(&mut self, run: &[Row]) -> Result<()> {
-        let events: Vec<Event> = run
+    /// Publishes the rows of one bucket, in order: the first `alone` one at a time, the rest
+    /// in runs. A refused run is published again one row at a time, to find the row refused;
+    /// the failure is counted on that row and the bucket's later rows wait.
+    async fn publish_bucket(
+        &mut self,
+        bucket: i32,
+        rows: &[Row],
+        mut alone: usize,
+        round: &mut Round,
+    ) -> std::result::Result<(), Stop> {
+        let mut i = 0;
+        while i < rows.len() {
+            let n = if i < alone {
+                1
+            } else {
+                topic_run(&rows[i..]).len()
+            };
+            let run = &rows[i..i + n];
+            match self.publish_run(run, round).await {
+                Sent::Accepted => {
+                    round.accepted(run);
+                    i += n;
+                }
+                Sent::Failed(e) if is_outage(&e) => {
+                    round
+                        .outcome
+                        .failed
+                        .insert(bucket, (run[0].seq, e.clone_shallow()));
+                    return Err(Stop::Outage(e));
+                }
+                Sent::Failed(e) if n == 1 => {
+                    round.outcome.failed.insert(bucket, (run[0].seq, e));
+                    return Ok(());
+                }
+                // Which row? One at a time from the run's first.
+                Sent::Failed(_) => alone = i + n,
+                Sent::LeasesDue => return Err(Stop::LeasesDue),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes one run of rows of one topic, unless the round's leases forbid it.
+    async fn publish_run(&mut self, run: &[Row], round: &mut Round) -> Sent {
+        let mut limit = self.publish_timeout;
+        let mut limited_by_leases = false;
+        if let Some(deadline) = round.deadline {
+            let now = Instant::now();
+            if now >= deadline.expiry || (round.publishes > 0 && now >= deadline.renew) {
+                return Sent::LeasesDue;
+            }
+            let left = deadline.expiry - now;
+            if left < limit {
+                limit = left;
+                limited_by_leases = true;
+            }
+        }
+        round.publishes += 1;
+        let events = match run
             .iter()
             .map(|r| {
                 Event::from_json(&r.event).map_err(|e| {
@@ -501,19 +681,35 @@ impl Worker {
                     )
                 })
             })
-            .collect::<Result<_>>()?;
-        let name = &run[0].topic;
-        let topic = match self.topics.get(name) {
-            Some(t) => t.clone(),
-            None => {
-                let t = self.transport.topic(name).await?;
-                self.topics.insert(name.clone(), t.clone());
-                t
-            }
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(events) => events,
+            Err(e) => return Sent::Failed(e),
         };
-        match tokio::time::timeout(self.publish_timeout, topic.publish_batch(&events)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::new(
+        let name = &run[0].topic;
+        let publish = async {
+            let topic = match self.topics.get(name) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = self.transport.topic(name).await?;
+                    self.topics.insert(name.clone(), t.clone());
+                    t
+                }
+            };
+            topic.publish_batch(&events).await
+        };
+        match tokio::time::timeout(limit, publish).await {
+            Ok(Ok(())) => Sent::Accepted,
+            Ok(Err(e)) => Sent::Failed(e),
+            Err(_) if limited_by_leases => Sent::Failed(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "publishing {} outbox events to topic `{name}` did not finish within the \
+                     {limit:?} left before the relay's bucket leases may expire",
+                    events.len()
+                ),
+            )),
+            Err(_) => Sent::Failed(Error::new(
                 ErrorKind::Timeout,
                 format!(
                     "publishing {} outbox events to topic `{name}` took more than {:?}",
@@ -524,7 +720,7 @@ impl Worker {
         }
     }
 
-    /// Backs off the failed buckets and records the error on their first row.
+    /// Backs off the failed buckets and records the error on the row that failed.
     async fn settle_failures(&mut self, failed: BTreeMap<i32, (i64, Error)>) {
         if failed.is_empty() {
             return;
@@ -543,18 +739,21 @@ impl Worker {
                 "kind" => error.kind().as_str()
             )
             .increment(1);
-            let delay = self
-                .backoff
-                .get(&bucket)
-                .map_or(self.min_backoff, |b| (b.delay * 2).min(self.max_backoff));
+            let outage = is_outage(&error);
+            if !outage {
+                self.suspect.insert(bucket);
+            }
+            let delay = self.backoff.get(&bucket).map_or(self.min_backoff, |b| {
+                b.delay.saturating_mul(2).min(self.max_backoff)
+            });
             self.backoff.insert(
                 bucket,
                 Backoff {
-                    until: now + delay,
+                    until: later(now, delay),
                     delay,
                 },
             );
-            if !logged || !(error.is_retryable() || error.kind() == ErrorKind::Closed) {
+            if !logged || !outage {
                 // An outage is logged once per round, an event the transport refuses once
                 // per bucket.
                 tracing::warn!(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use evbus::{Error, ErrorKind, Result};
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,10 @@ pub(crate) struct PgStore {
     table: Table,
     relay: String,
     notify: bool,
+    /// The `LISTEN` connection's own pool of one, apart from the application's pool: a
+    /// listener holds its connection for the relay's life, which would starve an
+    /// application pool of one (and take one connection from any other).
+    listen_pool: Option<PgPool>,
     listener: Option<PgListener>,
 }
 
@@ -102,12 +106,19 @@ impl Store {
             table,
             relay,
             notify,
+            listen_pool: None,
             listener: None,
         })
     }
 
     pub(crate) fn sqlite(pool: SqlitePool, table: Table) -> Store {
         Store::Sqlite(SqliteStore { pool, table })
+    }
+
+    /// Whether the relay leases its buckets (PostgreSQL), so that its rounds must end before
+    /// its leases may expire.
+    pub(crate) fn leases_buckets(&self) -> bool {
+        matches!(self, Store::Postgres(_))
     }
 
     /// Renews this relay's heartbeat and leases, takes or gives back buckets so that every
@@ -295,8 +306,16 @@ impl Store {
 }
 
 impl PgStore {
-    async fn listen(&self) -> std::result::Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+    async fn listen(&mut self) -> std::result::Result<PgListener, sqlx::Error> {
+        let pool = self.listen_pool.get_or_insert_with(|| {
+            let options = self.pool.connect_options().as_ref().clone();
+            PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(self.pool.options().get_acquire_timeout())
+                .connect_lazy_with(options)
+        });
+        let mut listener = PgListener::connect_with(pool).await?;
         listener.listen(self.table.channel()).await?;
         Ok(listener)
     }
@@ -390,6 +409,10 @@ impl PgStore {
     }
 
     async fn release(&mut self) -> Result<()> {
+        self.listener = None;
+        if let Some(pool) = self.listen_pool.take() {
+            pool.close().await;
+        }
         let err = |e| db_error("releasing the relay's leases", e);
         sqlx::query(&format!(
             "UPDATE {} SET owner = NULL, expires_at = now() WHERE owner = $1",

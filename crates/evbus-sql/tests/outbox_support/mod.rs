@@ -9,12 +9,16 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use evbus::bus::Bus;
+use evbus::layer::{Destination, Layer, Next};
 use evbus::memory::MemoryBroker;
-use evbus::{Catalog, ConsumerOptions, Event, SubscribeOptions, Subscription, Transport};
+use evbus::{
+    Catalog, ConsumerOptions, Error, ErrorKind, Event, SubscribeOptions, Subscription, Transport,
+};
 use evbus_conformance::process::BrokerProcess;
 use evbus_redis::{RedisConfig, RedisTransport};
 use serde_json::json;
@@ -26,6 +30,9 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// The event type every test stages, and its topic.
 pub const TYPE: &str = "orderPlaced";
+
+/// A second event type (and topic) of the same schema, for rounds of several topics.
+pub const OTHER_TYPE: &str = "orderPaid";
 
 pub fn pg_url() -> String {
     std::env::var("EVBUS_POSTGRES_URL")
@@ -44,21 +51,23 @@ pub fn unavailable(what: &str, e: &dyn std::fmt::Display) {
     eprintln!("WARNING: outbox test SKIPPED: {what} unreachable: {e}");
 }
 
-/// `orderPlaced {orderId: string, seq: integer >= 0}`.
+/// `orderPlaced` and `orderPaid`: `{orderId: string, seq: integer >= 0}`.
 pub fn catalog() -> Catalog {
     let mut b = Catalog::builder();
-    b.register_json(
-        TYPE,
-        json!({
-            "type": "object",
-            "properties": {
-                "orderId": {"type": "string"},
-                "seq": {"type": "integer", "minimum": 0}
-            },
-            "required": ["orderId", "seq"]
-        }),
-    )
-    .unwrap();
+    for ty in [TYPE, OTHER_TYPE] {
+        b.register_json(
+            ty,
+            json!({
+                "type": "object",
+                "properties": {
+                    "orderId": {"type": "string"},
+                    "seq": {"type": "integer", "minimum": 0}
+                },
+                "required": ["orderId", "seq"]
+            }),
+        )
+        .unwrap();
+    }
     b.freeze().unwrap()
 }
 
@@ -300,4 +309,122 @@ impl RedisServer {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.0.port())
     }
+}
+
+/// A transport layer (over the memory broker) that publishes a batch one event at a time, as
+/// Kafka's producer does, so a failure can come after a prefix of the batch was accepted:
+/// an event whose data is over 4 KiB is refused with `TooLarge`; while `down` is set, any
+/// other event fails with `Connection`. It logs every event it accepted and counts the
+/// publishes (one per `publish`/`publish_batch` call).
+#[derive(Default)]
+pub struct Picky {
+    pub accepted: Mutex<Vec<String>>,
+    pub calls: AtomicUsize,
+    pub down: AtomicBool,
+}
+
+impl Picky {
+    /// How many times the transport accepted event `id`.
+    pub fn accepted(&self, id: &str) -> usize {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| *a == id)
+            .count()
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl Layer for Picky {
+    async fn publish(
+        &self,
+        _to: &Destination,
+        events: &[Event],
+        next: Next<'_>,
+    ) -> evbus::Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        for event in events {
+            if event.data().is_some_and(|d| d.len() > 4096) {
+                return Err(Error::new(
+                    ErrorKind::TooLarge,
+                    format!("event {} is over 4 KiB", event.id()),
+                ));
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Error::new(ErrorKind::Connection, "the broker is down"));
+            }
+            next.run(std::slice::from_ref(event)).await?;
+            self.accepted.lock().unwrap().push(event.id().to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// One publish seen by [`Slow`]: which relay, which events, when it started and when it
+/// ended (returned, or was abandoned by the relay).
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub relay: String,
+    pub ids: Vec<String>,
+    pub start: Instant,
+    pub end: Instant,
+}
+
+/// A transport layer that takes `delay` over every publish (a slow or hung broker) and logs
+/// each publish into a log shared by several relays' transports; `started` counts the
+/// publishes begun.
+pub struct Slow {
+    pub relay: String,
+    pub delay: Duration,
+    pub log: Arc<Mutex<Vec<Publish>>>,
+    pub started: Arc<AtomicUsize>,
+}
+
+/// Logs a publish when it ends, however it ends (a publish cut short by a time limit is
+/// dropped, not finished).
+struct Logging<'a> {
+    slow: &'a Slow,
+    ids: Vec<String>,
+    start: Instant,
+}
+
+impl Drop for Logging<'_> {
+    fn drop(&mut self) {
+        self.slow.log.lock().unwrap().push(Publish {
+            relay: self.slow.relay.clone(),
+            ids: std::mem::take(&mut self.ids),
+            start: self.start,
+            end: Instant::now(),
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl Layer for Slow {
+    async fn publish(
+        &self,
+        _to: &Destination,
+        events: &[Event],
+        next: Next<'_>,
+    ) -> evbus::Result<()> {
+        let _logging = Logging {
+            slow: self,
+            ids: events.iter().map(|e| e.id().to_owned()).collect(),
+            start: Instant::now(),
+        };
+        self.started.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        next.run(events).await
+    }
+}
+
+/// A memory transport (its own broker) behind `layer`.
+pub fn memory_behind<L: Layer>(layer: L) -> evbus::layer::Layered<L> {
+    use evbus::layer::LayerExt;
+    MemoryBroker::new(Default::default()).connect().layer(layer)
 }

@@ -220,6 +220,42 @@ async fn queue_holding(
     (queue, events)
 }
 
+/// Durations longer than SQL holds: a consumer of queue `forever` (2 events) with
+/// `visibility_timeout(Duration::MAX)` is handed the first, nacks it with a delay of
+/// `Duration::MAX` and is handed the second. On PostgreSQL both became
+/// `now() + make_interval(secs => 9.2e15)`, "timestamp out of range": every claim of the
+/// queue failed, for ever. The transport caps them at 100 years; the caller checks that the
+/// nacked row is due then.
+pub async fn durations_past_what_sql_holds_are_capped(transport: &evbus_sql::SqlTransport) {
+    use evbus::ConsumerOptions;
+    let (queue, events) = queue_holding(transport, "forever", 2).await;
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::MAX)
+        .max_in_flight(1);
+    let mut sub = queue.receive(options).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the first event")
+        .unwrap()
+        .expect("claimed with visibility_timeout(Duration::MAX)");
+    assert_eq!(first.event().id(), events[0].id());
+    first
+        .nack(Some(Duration::MAX))
+        .await
+        .expect("nacked with a delay of Duration::MAX");
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the second event")
+        .unwrap()
+        .expect("claimed with visibility_timeout(Duration::MAX)");
+    assert_eq!(second.event().id(), events[1].id());
+    assert_eq!(second.attempt(), 1);
+    second.ack().await.unwrap();
+}
+
+/// 100 years in seconds, as the transport caps durations written into SQL.
+pub const HUNDRED_YEARS_SECS: f64 = 100.0 * 365.0 * 24.0 * 3600.0;
+
 /// Rows a consumer claimed ahead and never handed out go back when its subscription is
 /// dropped, at once and not counted as an attempt: of 8 events sent to queue `prefetch`, a
 /// consumer with room for 8 (so one claim takes them all) hands out the first and is
