@@ -251,7 +251,38 @@ async fn open_postgres(config: &SqlConfig) -> Result<Db> {
     Ok(Db::Postgres(pool))
 }
 
+/// Creates a missing database file readable by its owner only (0600): it holds every event's
+/// data, fields a gateway redacts included, and SQLite would create it world-readable under
+/// the usual umask. Its `-wal` and `-shm` files take the same permissions. An existing file
+/// keeps the permissions it has.
+fn create_private(path: &std::path::Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(evbus::Error::client(
+                    evbus::ErrorKind::InvalidConfig,
+                    format!("creating the SQLite file {}", path.display()),
+                    e,
+                ));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 async fn open_sqlite(config: &SqlConfig, path: &std::path::Path) -> Result<Db> {
+    create_private(path)?;
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)

@@ -452,3 +452,27 @@ async fn files_that_cannot_be_opened_are_precise_configuration_errors() {
     }
     let _: PathBuf = file;
 }
+
+/// The database file holds every event's data: a file the transport creates is its owner's
+/// alone (SQLite would make it readable by every user under the usual umask), and so are
+/// the files SQLite keeps beside it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_database_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    let topic = transport.topic("orders").await.unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    for file in ["bus.db", "bus.db-wal", "bus.db-shm"] {
+        let file = dir.path().join(file);
+        if !file.exists() {
+            assert_ne!(file, path, "the database file exists");
+            continue;
+        }
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+    }
+    transport.close().await.unwrap();
+}

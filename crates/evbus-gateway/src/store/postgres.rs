@@ -65,12 +65,16 @@ fn opt_text(s: Option<&str>) -> Option<Cow<'_, str>> {
     s.map(text)
 }
 
-/// Whether `name` is a usable schema name: 1 to 40 ASCII letters, digits and `_`, not
-/// starting with a digit (it is quoted into statements and names the NOTIFY channel).
+/// Whether `name` is a usable schema name: 1 to 40 lower-case ASCII letters, digits and
+/// `_`, not starting with a digit (it is quoted into statements and names the NOTIFY
+/// channel). Lower case because `search_path` folds an unquoted name to lower case: `Gw`
+/// would be created as `"Gw"` and then looked up as `gw`.
 fn valid_schema(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
@@ -101,7 +105,7 @@ fn split_url(url: &str) -> StoreResult<(String, String, u32)> {
     }
     if !valid_schema(&schema) {
         return Err(StoreError(
-            "the store URL's schema must be 1 to 40 letters, digits and `_`, not starting with a digit".into(),
+            "the store URL's schema must be 1 to 40 lower-case letters, digits and `_`, not starting with a digit".into(),
         ));
     }
     if rest.is_empty() {
@@ -1038,6 +1042,7 @@ mod tests {
         assert_eq!((schema.as_str(), n), (DEFAULT_SCHEMA, 3));
         for bad in [
             "postgres://h/db?schema=a-b",
+            "postgres://h/db?schema=Gw",
             "postgres://h/db?schema=1a",
             "postgres://h/db?schema=",
             "postgres://h/db?max_connections=0",
