@@ -21,7 +21,13 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// `evbus capabilities` arguments.
 #[derive(Debug, Args)]
 pub(crate) struct CapabilitiesArgs {
-    #[arg(long, value_name = "URL", help = transport::transport_help())]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = transport::TRANSPORT_ENV,
+        hide_env_values = true,
+        help = transport::transport_help()
+    )]
     transport: String,
 }
 

@@ -15,7 +15,13 @@ use crate::transport;
 /// `evbus consume` arguments.
 #[derive(Debug, Args)]
 pub(crate) struct ConsumeArgs {
-    #[arg(long, value_name = "URL", help = transport::transport_help())]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = transport::TRANSPORT_ENV,
+        hide_env_values = true,
+        help = transport::transport_help()
+    )]
     transport: String,
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR")]

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -49,10 +48,12 @@ pub(crate) enum DlqCommand {
         id: String,
     },
     /// Move dead letters back to the group (its redrive queue, consumed by that group only),
-    /// without their dead-letter attributes; prints the id of each one moved.
+    /// without their dead-letter attributes; prints the id of each one as it is moved. Each
+    /// event is moved once per run: one a handler rejects again meanwhile stays in the
+    /// dead-letter queue.
     ///
     /// Exit status: 0 moved (all, or every --id given); 1 some --id was not found (the others
-    /// were moved); 2 usage or transport error.
+    /// were moved); 2 usage or transport error (the ids moved before it are printed).
     Redrive {
         #[command(flatten)]
         target: Target,
@@ -73,7 +74,13 @@ pub(crate) enum DlqCommand {
 /// The group whose dead letters are looked at.
 #[derive(Debug, Args)]
 pub(crate) struct Target {
-    #[arg(long, value_name = "URL", help = transport::transport_help())]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = transport::TRANSPORT_ENV,
+        hide_env_values = true,
+        help = transport::transport_help()
+    )]
     transport: String,
     /// The event type, for example afterOrderCreate.
     #[arg(long = "type", value_name = "TYPE")]
@@ -280,33 +287,36 @@ async fn redrive(
     all: bool,
 ) -> Result<ExitCode, Failure> {
     let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-    let moved = Mutex::new(Vec::new());
-    let count = dlq
-        .redrive_where(limit, wait, |d| {
-            let take = all || wanted.contains(d.event().id());
-            if take {
-                moved
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(d.event().id().to_owned());
+    let mut moved: Vec<String> = Vec::new();
+    let result = dlq
+        .redrive_each(
+            limit,
+            wait,
+            |d| all || wanted.contains(d.event().id()),
+            |d| {
+                // Printed as each one is moved, so an error later leaves them listed.
+                println!("{}", d.event().id());
+                moved.push(d.event().id().to_owned());
+            },
+        )
+        .await;
+    let count = moved.len();
+    let plural = if count == 1 { "" } else { "s" };
+    if let Err(e) = result {
+        return Err(Failure::new(format!(
+            "redrive from {} failed after {count} dead letter{plural} moved to the group's \
+             redrive queue{}: {e}",
+            dlq.name(),
+            if count > 0 {
+                " (their ids are on stdout)"
+            } else {
+                ""
             }
-            take
-        })
-        .await
-        .map_err(|e| Failure::new(format!("redrive from {} failed: {e}", dlq.name())))?;
-    let moved = moved
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // The last id chosen may have failed to move: `count` is what was moved.
-    for id in moved.iter().take(count) {
-        println!("{id}");
+        )));
     }
-    eprintln!(
-        "evbus: {count} dead letter{} redriven to the group's redrive queue",
-        if count == 1 { "" } else { "s" }
-    );
+    eprintln!("evbus: {count} dead letter{plural} redriven to the group's redrive queue");
     if !all {
-        let found: BTreeSet<&str> = moved.iter().take(count).map(String::as_str).collect();
+        let found: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
         let missing: Vec<&str> = wanted.difference(&found).copied().collect();
         if !missing.is_empty() {
             eprintln!("evbus: not found in {}: {}", dlq.name(), missing.join(", "));

@@ -1,5 +1,6 @@
 //! `evbus emit`: validate payloads against the catalogue and publish them through the Bus.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,11 +11,21 @@ use evbus::bus::{Bus, Emit};
 use crate::failure::{self, Failure};
 use crate::{payloads, transport};
 
+/// How many events one publish carries: each chunk's ids are printed once it is published, so
+/// a failure partway leaves on stdout exactly the ids known to be published.
+const CHUNK: usize = 100;
+
 /// `evbus emit` arguments.
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("payload").required(true).args(["data", "data_file"]))]
 pub(crate) struct EmitArgs {
-    #[arg(long, value_name = "URL", help = transport::transport_help())]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = transport::TRANSPORT_ENV,
+        hide_env_values = true,
+        help = transport::transport_help()
+    )]
     transport: String,
     /// Catalogue directory: DIR/events/<type>.json and DIR/definitions/<Name>.json.
     #[arg(long, value_name = "DIR")]
@@ -35,12 +46,24 @@ pub(crate) struct EmitArgs {
     data_file: Option<PathBuf>,
 }
 
-/// Runs `evbus emit`: prints one event id per line on stdout. Exit status 0 all emitted;
-/// 1 a payload is invalid or not JSON (each violation on stderr, with its line number for
-/// `--data-file`; nothing emitted); 2 usage, IO, schema or transport error.
+/// Runs `evbus emit`: prints one event id per line on stdout, in chunks of [`CHUNK`] as each
+/// is published. Exit status 0 all emitted (a failure to close the transport afterwards is
+/// only a warning); 1 a payload is invalid or not JSON (each violation on stderr, with its
+/// line number for `--data-file`; nothing emitted); 2 usage (an unknown `--type`), IO,
+/// schema or transport error (after a publish failed partway, stdout lists the ids
+/// published and stderr says how many of how many).
 pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
     transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
+    // A usage error (exit 2), not a refused payload: checked before any payload is read.
+    if !catalog.contains(&args.event_type) {
+        return Err(Failure::new(format!(
+            "unknown event type \"{}\" in {} (known types: {})",
+            args.event_type,
+            args.schemas.display(),
+            catalog.type_names().join(", ")
+        )));
+    }
     let given = match (&args.data, &args.data_file) {
         (Some(json), _) => vec![payloads::from_arg(json)],
         (None, Some(file)) => payloads::from_file(
@@ -80,16 +103,40 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
             catalog,
             "/evbus-cli",
         );
-        let ids = bus
-            .emit_batch(emits)
-            .await
-            .map_err(|e| Failure::new(format!("emit failed: {e}")))?;
-        for id in ids {
-            println!("{id}");
+        let total = emits.len();
+        let mut published = 0;
+        let mut emits = emits.into_iter().peekable();
+        while emits.peek().is_some() {
+            let chunk: Vec<Emit> = emits.by_ref().take(CHUNK).collect();
+            let size = chunk.len();
+            let ids = bus.emit_batch(chunk).await.map_err(|e| {
+                let listed = if published > 0 {
+                    " (their ids are on stdout)"
+                } else {
+                    ""
+                };
+                let maybe = if size == 1 {
+                    "the one being published may have been published anyway".to_owned()
+                } else {
+                    format!("some of the {size} being published may have been published anyway")
+                };
+                Failure::new(format!(
+                    "emit failed: {published} of {total} events published{listed}; {maybe}: {e}"
+                ))
+            })?;
+            // Printed as soon as their publish is known to have succeeded.
+            let mut out = std::io::stdout().lock();
+            for id in &ids {
+                writeln!(out, "{id}").map_err(|e| Failure::new(format!("writing stdout: {e}")))?;
+            }
+            out.flush()
+                .map_err(|e| Failure::new(format!("writing stdout: {e}")))?;
+            published += ids.len();
         }
-        bus.shutdown(Duration::from_secs(10))
-            .await
-            .map_err(|e| Failure::new(format!("closing the transport: {e}")))?;
+        // Every event is published: a failure to close the transport changes nothing of that.
+        if let Err(e) = bus.shutdown(Duration::from_secs(10)).await {
+            eprintln!("evbus: warning: all {total} events published, but closing the transport failed: {e}");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -34,7 +34,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "DIR", default_value = "examples/schemas")]
     schemas: PathBuf,
     /// Without it: `sqlite://<data-dir>/bus.db`, durable, for this one process.
-    #[arg(long, value_name = "URL", help = serve_transport_help())]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = transport::TRANSPORT_ENV,
+        hide_env_values = true,
+        help = serve_transport_help()
+    )]
     transport: Option<String>,
     /// A network webhooks may reach although it is not public (loopback, private...), as a
     /// CIDR; repeatable. Also EVBUS_WEBHOOK_ALLOW, comma separated.
@@ -52,11 +58,17 @@ fn serve_transport_help() -> String {
     )
 }
 
+/// `--transport` or EVBUS_TRANSPORT; an empty value means the default, as an empty
+/// EVBUS_STORE does.
+fn given_transport(args: &ServeArgs) -> Option<&str> {
+    args.transport.as_deref().filter(|u| !u.trim().is_empty())
+}
+
 /// The transport URL: `--transport`, else the SQLite file `bus.db` in the data directory
 /// (`memory://`, with a warning, in a build without the `sql` feature).
 fn transport_url(args: &ServeArgs) -> Result<String, Failure> {
-    if let Some(url) = &args.transport {
-        return Ok(url.clone());
+    if let Some(url) = given_transport(args) {
+        return Ok(url.to_owned());
     }
     if cfg!(not(feature = "sql")) {
         eprintln!(
@@ -124,6 +136,43 @@ pub(crate) fn store_location(flag: Option<&str>) -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
+/// `filter` without the one log line that can show a store URL's secret: sqlx logs each query
+/// parameter of a `postgres://` URL it does not know with its value (`?sslpassword=…`), at
+/// `warn`. Added whatever `EVBUS_LOG` says (a more precise directive wins).
+fn quiet_secret_logs(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    match "sqlx_postgres::options::parse=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// Resolves once the process is asked to stop: Ctrl-C (SIGINT) or, on Unix, SIGTERM (what
+/// `kill`, systemd, Docker and Kubernetes send). The handlers are installed by this call, so
+/// from then on neither signal kills the process before it stops gracefully.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| Failure::new(format!("cannot listen for {name}: {e}")))
+        };
+        let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
+        let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
 fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
     let mut nets = args.webhook_allow.clone();
     if let Ok(env) = std::env::var("EVBUS_WEBHOOK_ALLOW") {
@@ -137,11 +186,10 @@ fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(quiet_secret_logs(filter))
         .with_writer(std::io::stderr)
         .try_init();
     let transport_url = transport_url(&args)?;
@@ -174,9 +222,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             .map_err(Failure::new)?
             .iter()
             .any(|k| k.admin && k.revoked_at.is_none());
-        if location.is_some() && args.transport.is_none() {
+        if location.is_some() && given_transport(&args).is_none() {
             eprintln!(
-                "warning: the store is shared but the bus is this process's own (sqlite in the data directory): several instances need one broker, given with --transport"
+                "warning: the store is shared but the bus is this process's own (sqlite in the data directory): several instances need one broker, given with --transport or EVBUS_TRANSPORT"
             );
             prepare_data_dir(&args.data_dir)?;
         }
@@ -191,6 +239,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             .await
             .map_err(|e| Failure::new(format!("cannot listen on {}: {e}", args.listen)))?;
         let addr = listener.local_addr().map_err(Failure::new)?;
+        // Listening for the signals before saying where it listens: a signal sent as soon as
+        // that line is read stops the gateway gracefully instead of killing the process.
+        let stop = stop_signal()?;
         eprintln!(
             "evbus gateway listening on http://{addr} (transport {}, schemas {}, state {})",
             evbus::registry::redact(&transport_url),
@@ -213,9 +264,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
             );
         }
         gateway
-            .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .serve(listener, stop)
             .await
             .map_err(Failure::new)?;
         eprintln!("evbus gateway stopped");

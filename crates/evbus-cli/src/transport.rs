@@ -91,6 +91,11 @@ pub(crate) const ADAPTERS: &[Adapter] = &[
     },
 ];
 
+/// The environment variable `--transport` falls back on, so that a URL holding a password
+/// need not be on the command line (where `ps` shows it). Its value is never shown in
+/// `--help` (`hide_env_values`).
+pub(crate) const TRANSPORT_ENV: &str = "EVBUS_TRANSPORT";
+
 /// Help text for `--transport`: the URL forms of this build.
 pub(crate) fn transport_help() -> String {
     let mut forms: Vec<&str> = ADAPTERS
@@ -145,6 +150,11 @@ pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Transport>, Failure> {
 /// Refuses a URL whose scheme `registry` does not know, saying which schemes it knows and,
 /// for an adapter left out of this build, which feature brings it in.
 fn check_scheme(registry: &Registry, url: &str) -> Result<(), Failure> {
+    if url.trim().is_empty() {
+        return Err(Failure::new(format!(
+            "the transport URL is empty: give --transport URL or set {TRANSPORT_ENV}"
+        )));
+    }
     let parsed = evbus::registry::parse_url(url, "transport")
         .map_err(|e| Failure::new(format!("cannot open transport: {e}")))?;
     let scheme = parsed.scheme();

@@ -235,3 +235,29 @@ fn an_unreachable_broker_is_an_error_naming_it() {
         "{stderr}"
     );
 }
+
+/// `--transport` falls back on EVBUS_TRANSPORT: a broker password need not be on the command
+/// line, where `ps` shows it.
+#[test]
+fn the_transport_can_come_from_evbus_transport() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .arg("capabilities")
+        .env("EVBUS_TRANSPORT", "memory://")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let line: Value = serde_json::from_str(text(&output.stdout).trim()).unwrap();
+    assert_eq!(line["transport"], "memory");
+    // Set but empty: refused, saying so.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .arg("capabilities")
+        .env("EVBUS_TRANSPORT", "")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output.stderr).contains("the transport URL is empty"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -82,6 +82,118 @@ fn an_invalid_payload_is_counted_once_whatever_its_violations() {
     assert!(err.contains("1 of 1 payloads refused"), "{err}");
 }
 
+/// An unknown `--type` is a usage error (exit 2, as the README says), not a refused payload
+/// (exit 1): it was exit 1, the payload checked against a type that does not exist.
+#[test]
+fn emit_of_an_unknown_type_exits_2_listing_the_known_ones() {
+    let dir = schemas();
+    let out = evbus(&[
+        "emit",
+        "--transport",
+        "memory://",
+        "--schemas",
+        dir.to_str().unwrap(),
+        "--type",
+        "noSuchType",
+        "--data",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    let err = text(&out.stderr);
+    assert!(err.contains(r#"unknown event type "noSuchType""#), "{err}");
+    assert!(err.contains("afterOrderCancel"), "the known types: {err}");
+}
+
+/// A publish failing partway (the 150th of 250 events is larger than the memory transport
+/// takes) leaves on stdout exactly the ids of the events published before it: the first
+/// 100, published as one chunk (the memory transport publishes a chunk all or nothing).
+/// Before, stdout was empty although events had been published.
+#[test]
+fn a_publish_failing_partway_leaves_the_ids_published_on_stdout() {
+    let valid = payload("afterOrderCancel.valid.json");
+    let mut huge: serde_json::Value = serde_json::from_str(&valid).unwrap();
+    huge["canceledBy"] = serde_json::Value::String("x".repeat(8_000));
+    let mut lines = vec![valid; 250];
+    lines[149] = huge.to_string();
+    let file = jsonl("partway.jsonl", &lines);
+    let dir = schemas();
+    let out = evbus(&[
+        "emit",
+        "--transport",
+        "memory://?max_payload_bytes=4096",
+        "--schemas",
+        dir.to_str().unwrap(),
+        "--type",
+        "afterOrderCancel",
+        "--data-file",
+        file.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let ids: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), 100, "{err}");
+    for id in &ids {
+        uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 100);
+    assert!(err.contains("100 of 250 events published"), "{err}");
+    assert!(
+        err.contains("max_payload_bytes"),
+        "the transport's reason: {err}"
+    );
+}
+
+/// `--transport` falls back on EVBUS_TRANSPORT (a password kept off the command line), and
+/// `--help` names the variable without showing its value.
+#[test]
+fn emit_and_consume_read_the_transport_from_evbus_transport() {
+    let dir = schemas();
+    let run = |args: &[&str], url: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_evbus"))
+            .args(args)
+            .env("EVBUS_TRANSPORT", url)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let data = payload("afterOrderCancel.valid.json");
+    let common = [
+        "--schemas",
+        dir.to_str().unwrap(),
+        "--type",
+        "afterOrderCancel",
+    ];
+    let mut emit = vec!["emit"];
+    emit.extend(common);
+    emit.extend(["--data", &data]);
+    let out = run(&emit, "memory://");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+    let mut consume = vec!["consume"];
+    consume.extend(common);
+    consume.extend(["--group", "g", "--timeout", "0.2"]);
+    let out = run(&consume, "memory://");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The flag wins over the variable.
+    emit.extend(["--transport", "memory://"]);
+    let out = run(&emit, "carrier-pigeon://coop");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for command in ["emit", "consume", "serve", "capabilities"] {
+        let out = run(&[command, "--help"], "memory://s3cr3t@x");
+        let help = text(&out.stdout);
+        assert!(help.contains("[env: EVBUS_TRANSPORT]"), "{command}: {help}");
+        assert!(!help.contains("s3cr3t"), "{command}: {help}");
+    }
+    let out = run(&["dlq", "list", "--help"], "memory://s3cr3t@x");
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("[env: EVBUS_TRANSPORT]") && !help.contains("s3cr3t"),
+        "{help}"
+    );
+}
+
 /// Run with `--no-default-features` (each adapter's scheme without its feature), or the
 /// default build (an unknown scheme): either way the command says what it can open.
 #[test]

@@ -242,3 +242,139 @@ fn serve_never_prints_the_password_of_its_transport_url() {
     drop(served);
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// A token given as the user name (`nats://TOKEN@host`; memory URLs take user info too) is
+/// hidden from the startup line, as a password is; it was printed in clear.
+#[test]
+fn serve_never_prints_a_token_given_as_its_transport_urls_user_name() {
+    let root = fresh_root();
+    let served = support::serve(
+        &root,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--transport",
+            "memory://s3cr3t@x",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        served.banner.contains("(transport memory://***@x,"),
+        "{}",
+        served.banner
+    );
+    assert!(!served.banner.contains("s3cr3t"), "{}", served.banner);
+    drop(served);
+    // The same from EVBUS_TRANSPORT, which keeps it off the command line.
+    let served = support::serve_with_env(
+        &root,
+        &["--listen", "127.0.0.1:0"],
+        &[("EVBUS_TRANSPORT", "memory://s3cr3t@x")],
+        Duration::from_secs(30),
+    );
+    assert!(
+        served.banner.contains("(transport memory://***@x,"),
+        "{}",
+        served.banner
+    );
+    drop(served);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// A store URL's `?password=` (passed through to the PostgreSQL driver) is hidden from the
+/// error that names the store; it was printed in clear.
+#[test]
+fn keys_create_never_prints_the_password_of_its_store_url() {
+    let root = fresh_root();
+    let out = Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "a",
+            "--store",
+            "postgres://gw@127.0.0.1:1/db?password=hunter2",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(
+        stderr.contains("postgres://gw@127.0.0.1:1/db?password=***"),
+        "the store is still named: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// SIGTERM (what `kill`, systemd, Docker and Kubernetes send) stops the gateway as Ctrl-C
+/// does: it says so and exits 0. It used to kill the process (no exit code, no message).
+#[test]
+fn serve_stops_gracefully_on_sigterm() {
+    let root = fresh_root();
+    let mut served = support::serve(
+        &root,
+        &["--listen", "127.0.0.1:0", "--transport", "memory://"],
+        Duration::from_secs(30),
+    );
+    let pid = served.child.0.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = served.child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "evbus serve still runs 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The rest of stderr, to its end (it closed with the process).
+    let mut rest = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match served.lines.recv_timeout(left) {
+            Ok(line) => rest.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("stderr still open after the process exited: {e}; {rest:?}"),
+        }
+    }
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l == "evbus gateway stopped"),
+        "{rest:?}"
+    );
+    drop(served);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// `serve` logs to stderr, and the PostgreSQL driver logs each store URL parameter it does
+/// not know with its value (`?sslpassword=`, libpq's name, which sqlx does not take): that
+/// log line is left out, and the error names the store with its `?password=` hidden.
+#[test]
+fn serve_never_prints_a_secret_of_its_store_url() {
+    let root = fresh_root();
+    let out = Command::new(env!("CARGO_BIN_EXE_evbus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--transport",
+            "memory://",
+            "--store",
+            "postgres://gw@127.0.0.1:1/db?sslpassword=hunter2&password=hunter2",
+        ])
+        .env_remove("EVBUS_LOG")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(stderr.contains("password=***"), "{stderr}");
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -108,16 +108,111 @@ pub fn parse_url(url: &str, what: &str) -> Result<Url> {
         .map_err(|e| Error::invalid_config(format!("`{}` is not a {what} URL: {e}", redact(url))))
 }
 
-/// A URL with its password replaced by `***`, for messages and logs.
+/// A URL for messages and logs, with every secret it may carry replaced by `***`:
+///
+/// - the password (`redis://u:***@host`);
+/// - a user name given without a password (`nats://***@host`: NATS reads it as a token, and
+///   many other clients do the same), except under the schemes whose bare user name is only
+///   a login name (`postgres`, `postgresql`, `mysql`, `mariadb`, the `redis` schemes, `amqp`,
+///   `amqps`);
+/// - the value of every query parameter whose name looks secret, the other parameters kept
+///   as written: a name that contains, in any case, `pass` (`password`, `passwd`,
+///   `rdkafka.sasl.password`), `pwd`, `secret`, `token`, `key` (`nkey`, `apiKey`), `cred`
+///   (`credentials`, `creds`), `jwt`, `seed`, `signature`, `cookie` or `authorization`, or
+///   whose last part (after `.`, `_` or `-`) is `auth`, `sig`, `pw` or `sas`.
+///
+/// A URL that does not parse is `<unparseable URL>`. Parameter names are matched against a
+/// deny list, broad on purpose (it hides `ssl.key.location` too), so that messages keep the
+/// settings that explain them (`capacity=5`, `session_timeout_ms=6000`): a secret under a
+/// name that looks like none of those words is shown.
 pub fn redact(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable URL>".to_owned(),
+    let Ok(mut u) = Url::parse(url) else {
+        return "<unparseable URL>".to_owned();
+    };
+    let hidden = if u.password().is_some() {
+        u.set_password(Some("***"))
+    } else if !u.username().is_empty() && !NAMED_USER_SCHEMES.contains(&u.scheme()) {
+        u.set_username("***")
+    } else {
+        Ok(())
+    };
+    if hidden.is_err() {
+        // Never reached for a URL with credentials (it has a host), but never shown either.
+        return format!("{}:<URL with credentials>", u.scheme());
     }
+    if let Some(query) = u.query().filter(|q| !q.is_empty()) {
+        let mut changed = false;
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let raw_name = pair.split_once('=').map_or(pair, |(name, _)| name);
+                let secret = url::form_urlencoded::parse(raw_name.as_bytes())
+                    .next()
+                    .is_some_and(|(name, _)| is_secret_parameter(&name));
+                if secret {
+                    changed = true;
+                    format!("{raw_name}=***")
+                } else {
+                    pair.to_owned()
+                }
+            })
+            .collect();
+        if changed {
+            u.set_query(Some(&pairs.join("&")));
+        }
+    }
+    u.to_string()
+}
+
+/// URL schemes whose user name, given without a password, is a login name and not a secret,
+/// so [`redact`] shows it. Under any other scheme a bare user name is hidden: NATS
+/// (`nats://TOKEN@host`) and many HTTP-style clients read it as a token.
+const NAMED_USER_SCHEMES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "mysql",
+    "mariadb",
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "amqp",
+    "amqps",
+];
+
+/// Words that make a query parameter secret wherever they appear in its name (any case):
+/// `password`, `passwd`, `pass`, `sasl.password`, `ssl.key.password`, `pwd`, `secret`,
+/// `client_secret`, `token`, `access_token`, `nkey`, `key`, `apiKey`, `credential(s)`,
+/// `creds`, `jwt`, `seed`, `signature`, `cookie`, `authorization`…
+const SECRET_WORDS: &[&str] = &[
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "cred",
+    "jwt",
+    "seed",
+    "signature",
+    "cookie",
+    "authorization",
+];
+
+/// Short words that make a query parameter secret when they are the last part of its name
+/// (parts split at `.`, `_` and `-`): `auth`, `http.auth`, `sig`, `pw`, `sas`; not
+/// `auth_mechanism`.
+const SECRET_PARTS: &[&str] = &["auth", "sig", "pw", "sas"];
+
+/// Whether [`redact`] hides the value of the query parameter `name` (any case, any dotted
+/// prefix: `rdkafka.sasl.password`): it contains one of [`SECRET_WORDS`], or its last part
+/// is one of [`SECRET_PARTS`].
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|word| name.contains(word))
+        || name
+            .rsplit(['.', '_', '-'])
+            .next()
+            .is_some_and(|last| SECRET_PARTS.contains(&last))
 }
 
 #[cfg(test)]
@@ -139,5 +234,94 @@ mod tests {
     fn passwords_never_appear_in_messages() {
         assert_eq!(redact("redis://u:secret@h:1/"), "redis://u:***@h:1/");
         assert!(!redact("not a url secret").contains("secret"));
+    }
+
+    #[test]
+    fn a_user_name_without_a_password_is_hidden_unless_the_scheme_makes_it_a_login() {
+        // NATS reads a bare user name as a token.
+        assert_eq!(redact("nats://s3cr3t@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("tls://s3cr3t@h:4222"), "tls://***@h:4222");
+        assert_eq!(redact("memory://s3cr3t@x"), "memory://***@x");
+        assert_eq!(redact("https://ghp_s3cr3t@h/x"), "https://***@h/x");
+        // With a password the user name is a name; so is a bare one where it is a login.
+        assert_eq!(redact("nats://u:s3cr3t@h:1"), "nats://u:***@h:1");
+        assert_eq!(redact("postgres://gw@h:5432/db"), "postgres://gw@h:5432/db");
+        assert_eq!(redact("amqp://guest@h:5672/v"), "amqp://guest@h:5672/v");
+        assert_eq!(redact("redis://app@h:6379"), "redis://app@h:6379");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn secret_query_parameters_are_hidden_and_the_others_kept_as_written() {
+        let cases = [
+            (
+                "postgres://gw@127.0.0.1:1/db?password=hunter2",
+                "postgres://gw@127.0.0.1:1/db?password=***",
+            ),
+            (
+                "nats://h:4222?token=s3cr3t&storage=file",
+                "nats://h:4222?token=***&storage=file",
+            ),
+            ("nats://h:4222?nkey=SUAB3CD", "nats://h:4222?nkey=***"),
+            (
+                "kafka://h:9092?rdkafka.sasl.password=s3cr3t&rdkafka.sasl.username=app",
+                "kafka://h:9092?rdkafka.sasl.password=***&rdkafka.sasl.username=app",
+            ),
+            (
+                "kafka://h:9092?RDKAFKA.SASL.PASSWORD=s3cr3t",
+                "kafka://h:9092?RDKAFKA.SASL.PASSWORD=***",
+            ),
+            // A percent-encoded name is recognised; the value is hidden whatever its form.
+            ("x://h?pass%77ord=s3cr3t", "x://h?pass%77ord=***"),
+            (
+                "x://h?Passwd=s3cr3t&pass=s3cr3t",
+                "x://h?Passwd=***&pass=***",
+            ),
+            (
+                "x://h?pwd=s3cr3t&client_secret=s3cr3t",
+                "x://h?pwd=***&client_secret=***",
+            ),
+            (
+                "x://h?access_token=s3cr3t&apiKey=s3cr3t",
+                "x://h?access_token=***&apiKey=***",
+            ),
+            (
+                "x://h?credentials=s3cr3t&creds=s3cr3t",
+                "x://h?credentials=***&creds=***",
+            ),
+            (
+                "x://h?auth=s3cr3t&x-amz-signature=s3cr3t",
+                "x://h?auth=***&x-amz-signature=***",
+            ),
+            (
+                "x://h?http.auth=s3cr3t&basic_auth=s3cr3t",
+                "x://h?http.auth=***&basic_auth=***",
+            ),
+            ("x://h?sig=s3cr3t&jwt=s3cr3t", "x://h?sig=***&jwt=***"),
+            // A value-less secret parameter gets the mark too; nothing else changes.
+            ("x://h?token", "x://h?token=***"),
+            (
+                "memory://?capacity=5&publish_timeout_ms=100",
+                "memory://?capacity=5&publish_timeout_ms=100",
+            ),
+            (
+                "kafka://h:9092?brokers=a:1,b:2&session_timeout_ms=6000&rdkafka.sasl.username=app",
+                "kafka://h:9092?brokers=a:1,b:2&session_timeout_ms=6000&rdkafka.sasl.username=app",
+            ),
+            (
+                "amqp://u:pw@h/v?auth_mechanism=plain",
+                "amqp://u:***@h/v?auth_mechanism=plain",
+            ),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact(url), shown, "{url}");
+            assert!(!redact(url).contains("s3cr3t"), "{url}");
+        }
+        // Everything together.
+        let all = redact("nats://s3cr3t@h:4222?token=s3cr3t&nkey=s3cr3t&stream_prefix=app");
+        assert_eq!(
+            all,
+            "nats://***@h:4222?token=***&nkey=***&stream_prefix=app"
+        );
     }
 }

@@ -473,6 +473,126 @@ async fn redrive_delivers_dead_letters_again_to_their_group_only() {
 }
 
 #[tokio::test]
+async fn a_redrive_moves_each_event_once_though_its_handler_rejects_it_again() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    let (dead_tx, mut dead_rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let _ = tx.send(msg.id().to_owned());
+        async { Err("still broken".into()) }
+    })
+    .max_attempts(1)
+    .on_dead_letter(move |event, _| {
+        let _ = dead_tx.send(event.id().to_owned());
+    })
+    .start()
+    .await
+    .unwrap();
+    let mut ids = HashSet::new();
+    for i in 0..3 {
+        ids.insert(
+            bus.emit("orderPlaced", placed(&format!("o-{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    let mut dead_lettered = HashSet::new();
+    for _ in 0..3 {
+        dead_lettered.insert(recv(&mut dead_rx).await);
+    }
+    assert_eq!(dead_lettered, ids);
+
+    // The handler rejects each redriven event at once, so it is back in the dead-letter
+    // queue while the redrive still runs: it must not be moved again (it was, up to `max`).
+    let mut reported = Vec::new();
+    let moved = dead
+        .redrive_each(
+            50,
+            Duration::from_secs(2),
+            |_| true,
+            |d| reported.push(d.event().id().to_owned()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, 3, "{reported:?}");
+    assert_eq!(reported.len(), 3);
+    assert_eq!(reported.iter().cloned().collect::<HashSet<_>>(), ids);
+    // Each was handled twice (emitted, redriven once) and is a dead letter again.
+    let mut handled = Vec::new();
+    for _ in 0..6 {
+        handled.push(recv(&mut rx).await);
+    }
+    for id in &ids {
+        assert_eq!(handled.iter().filter(|h| *h == id).count(), 2, "{id}");
+    }
+    let mut again = HashSet::new();
+    for _ in 0..3 {
+        again.insert(recv(&mut dead_rx).await);
+    }
+    assert_eq!(again, ids);
+    expect_nothing(&mut rx).await;
+    // `redrive` (everything) follows the same rule.
+    assert_eq!(dead.redrive(50, Duration::from_secs(2)).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_redrive_reports_each_dead_letter_moved_even_when_a_later_one_fails() {
+    // Three dead letters; the redrive queue already holds one and takes at most three, so
+    // the third move fails (the memory transport's `Full`, after 100 ms).
+    let mut config = evbus::memory::MemoryConfig::default();
+    config.capacity = 3;
+    config.publish_timeout = Duration::from_millis(100);
+    let broker = evbus::memory::MemoryBroker::new(config);
+    let bus = bus(&broker);
+    let transport = broker.connect();
+    let event = |order: &str| {
+        bus.prepare_event(evbus::bus::Emit::new("orderPlaced", placed(order)))
+            .unwrap()
+    };
+    let dlq = transport
+        .queue(&bus.dead_letter_queue_name("orderPlaced", "g"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let e = event(&format!("o-{i}"));
+        ids.push(e.id().to_owned());
+        dlq.send(&e).await.unwrap();
+    }
+    let redrive_queue = bus.redrive_queue_name("orderPlaced", "g");
+    let waiting = event("o-waiting");
+    transport
+        .queue(&redrive_queue)
+        .await
+        .unwrap()
+        .send(&waiting)
+        .await
+        .unwrap();
+
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    let mut reported = Vec::new();
+    let err = dead
+        .redrive_each(
+            10,
+            Duration::from_secs(2),
+            |_| true,
+            |d| reported.push(d.event().id().to_owned()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), evbus::ErrorKind::Full, "{err}");
+    assert_eq!(reported, ids[..2], "the two moved before the failure");
+    let queued: Vec<String> = drain_queue(&transport, &redrive_queue, 3)
+        .await
+        .iter()
+        .map(|e| e.id().to_owned())
+        .collect();
+    assert_eq!(queued, [waiting.id(), &ids[0], &ids[1]]);
+}
+
+#[tokio::test]
 async fn a_panicking_handler_is_retried_like_a_failing_one() {
     let broker = broker();
     let bus = bus(&broker);

@@ -137,7 +137,9 @@ impl DeadLetters {
     /// Moves up to `max` dead letters back to the group: each is stripped of its dead-letter
     /// extensions and sent to the group's redrive queue (consumed by every handler of the
     /// group, and only by them), then removed from the dead-letter queue. Returns how many
-    /// were moved; stops early once nothing arrives for `idle`.
+    /// were moved; stops early once nothing arrives for `idle`. An event is moved once per
+    /// call: if a handler dead-letters it again meanwhile, that new dead letter stays (see
+    /// [`redrive_each`](Self::redrive_each)).
     pub async fn redrive(&self, max: usize, idle: Duration) -> Result<usize> {
         self.redrive_where(max, idle, |_| true).await
     }
@@ -150,10 +152,33 @@ impl DeadLetters {
         idle: Duration,
         keep: impl Fn(&DeadLetter) -> bool,
     ) -> Result<usize> {
+        self.redrive_each(max, idle, keep, |_| {}).await
+    }
+
+    /// Like [`redrive_where`](Self::redrive_where), calling `moved` with each dead letter as
+    /// soon as it is moved (sent to the redrive queue and removed from the dead-letter
+    /// queue), so that what was moved is known even when a later one fails: on an error,
+    /// every dead letter moved before it has been passed to `moved`, and the one being moved
+    /// is not (if its removal failed it was sent already, and stays in the dead-letter queue
+    /// too).
+    ///
+    /// Each event id is moved at most once per call: a dead letter whose event was already
+    /// moved by this call (a handler of the group rejected it again, and it came back while
+    /// the redrive was still running) stays in the dead-letter queue, and is not offered to
+    /// `keep` either. Without that, a redrive of everything would move such an event again
+    /// and again, up to `max` times.
+    pub async fn redrive_each(
+        &self,
+        max: usize,
+        idle: Duration,
+        keep: impl Fn(&DeadLetter) -> bool,
+        mut moved: impl FnMut(&DeadLetter),
+    ) -> Result<usize> {
         let mut sub = self.queue.receive(dlq_consumer()).await?;
-        let mut moved = 0;
+        let mut count = 0;
+        let mut done = HashSet::new();
         let mut skipped = HashSet::new();
-        while moved < max {
+        while count < max {
             let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
                 Err(_) | Ok(None) => break,
                 Ok(Some(d)) => d?,
@@ -161,7 +186,7 @@ impl DeadLetters {
             let dead = DeadLetter {
                 event: delivery.event().clone(),
             };
-            if !keep(&dead) {
+            if done.contains(dead.event.id()) || !keep(&dead) {
                 let again = !skipped.insert(dead.event.id().to_owned());
                 delivery.nack(None).await?;
                 if again {
@@ -171,8 +196,10 @@ impl DeadLetters {
             }
             self.redrive.send(&dead.original()).await?;
             delivery.ack().await?;
-            moved += 1;
+            count += 1;
+            moved(&dead);
+            done.insert(dead.event.id().to_owned());
         }
-        Ok(moved)
+        Ok(count)
     }
 }
