@@ -86,6 +86,27 @@ async fn the_handle_span_is_a_child_of_the_emit_span_across_the_broker() {
 #[derive(Clone, Default)]
 struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
+impl Logs {
+    /// Collects the warnings (and errors) of this thread until the guard is dropped.
+    fn warnings() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// How many times `needle` was written.
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .matches(needle)
+            .count()
+    }
+}
+
 impl std::io::Write for Logs {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(bytes);
@@ -100,14 +121,7 @@ impl std::io::Write for Logs {
 /// Runs three events through a handler (concurrency 1, a 200 ms visibility timeout) whose
 /// runs take `run`, and counts the warnings about runs near the visibility timeout.
 async fn slow_run_warnings(prefetch: Option<usize>, run: Duration) -> usize {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::warnings();
 
     let broker = broker();
     let bus = bus(&broker);
@@ -137,9 +151,7 @@ async fn slow_run_warnings(prefetch: Option<usize>, run: Duration) -> usize {
         recv(&mut rx).await;
     }
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    text.matches("took over half the visibility timeout")
-        .count()
+    logs.count("took over half the visibility timeout")
 }
 
 /// An ordered handler retries in place and holds its slot through the backoffs: two
@@ -147,14 +159,7 @@ async fn slow_run_warnings(prefetch: Option<usize>, run: Duration) -> usize {
 /// timeout, though no single call takes any time. Warned once.
 #[tokio::test(flavor = "current_thread")]
 async fn an_ordered_handler_warns_when_its_retries_in_place_hold_a_slot_that_long() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::warnings();
 
     let broker = broker();
     let bus = bus(&broker);
@@ -188,13 +193,7 @@ async fn an_ordered_handler_warns_when_its_retries_in_place_hold_a_slot_that_lon
         assert_eq!(recv(&mut rx).await, attempt);
     }
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert_eq!(
-        text.matches("took over half the visibility timeout")
-            .count(),
-        1,
-        "{text}"
-    );
+    assert_eq!(logs.count("took over half the visibility timeout"), 1);
 }
 
 /// Events fetched ahead wait about a run for a slot with their visibility timeout running:
