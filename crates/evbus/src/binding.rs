@@ -141,7 +141,6 @@ where
     // Attributes are set in place as they come, borrowed from the headers: a value is copied
     // only where the event keeps it, and a name only when it has to be lower-cased.
     let mut builder = EventBuilder::decoding();
-    let mut required = [false; 3];
     let mut specversion: Option<Result<(), String>> = None;
     let mut content_type_header = false;
     let mut has_data = !body.is_empty();
@@ -217,9 +216,6 @@ where
                 if let Some(bit) = bit {
                     seen |= bit;
                 }
-                if let Some(slot) = REQUIRED_ATTRIBUTES.iter().position(|r| *r == attr) {
-                    required[slot] = true;
-                }
                 builder.set_attribute(attr, value);
             }
         }
@@ -239,14 +235,23 @@ where
             )));
         }
     }
-    builder.require(required);
+    // The required attributes are the first of the core ones.
+    builder.require([0, 1, 2].map(|i| seen & (1 << i) != 0));
     builder.data_bytes(has_data.then_some(body)).build()
 }
 
 /// The core attributes (other than `specversion` and `datacontenttype`, handled apart) whose
 /// decoding builder starts with a value of its own, so a second occurrence is found by
-/// position, not by looking.
-const CORE_ATTRIBUTES: [&str; 6] = ["id", "source", "type", "time", "dataschema", "subject"];
+/// position, not by looking. The first three are [`REQUIRED_ATTRIBUTES`], in their order:
+/// the bits of those say which required attributes were given.
+const CORE_ATTRIBUTES: [&str; 6] = [
+    REQUIRED_ATTRIBUTES[0],
+    REQUIRED_ATTRIBUTES[1],
+    REQUIRED_ATTRIBUTES[2],
+    "time",
+    "dataschema",
+    "subject",
+];
 
 /// An attribute given twice with different values: which one the producer meant is unknown,
 /// and brokers do not agree on header order (NATS headers come out of a hash map, AMQP
