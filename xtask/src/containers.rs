@@ -315,6 +315,16 @@ fn build_image(image: &Image, dir: &Path, base: &str) -> Result<()> {
         .arg(&context);
     let built = run(cmd, &format!("building {}", image.tag));
     let _ = std::fs::remove_dir_all(&context);
+    if built.is_ok() {
+        // The image this one replaced keeps its layers as an untagged image; without this,
+        // every change of a Dockerfile (or of tansu) left one behind on the machine for ever.
+        let _ = docker()
+            .args(["image", "prune", "--force", "--filter"])
+            .arg(format!("label={INPUTS_LABEL}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+    }
     built
 }
 
