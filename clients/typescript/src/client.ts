@@ -11,7 +11,10 @@ import { SseParser } from "./sse.js";
 
 /** How to reach the gateway. */
 export interface ClientOptions {
-  /** The gateway's base URL, e.g. `http://127.0.0.1:8080`. */
+  /**
+   * The gateway's base URL, e.g. `http://127.0.0.1:8080`; a path is kept as a prefix
+   * (`https://api.example.com/evbus` asks `https://api.example.com/evbus/v1/…`).
+   */
   url: string | URL;
   /** An API key (`evb_<id>_<secret>`), sent as `Authorization: Bearer`. */
   apiKey: string;
@@ -71,14 +74,28 @@ export interface PublishResult {
   id: string;
 }
 
-/** An external type as `GET /v1/event-types` lists it. */
-export interface EventTypeInfo {
-  type: string;
+/** One external version of a type, as `GET /v1/event-types` lists its history. */
+export interface EventTypeVersionInfo {
   version: number;
   dataschema: string;
   description?: string | null;
-  /** The curated JSON Schema of the type's data. */
+  /** The curated JSON Schema of this version's data. */
   schema: Record<string, unknown>;
+}
+
+/** An external type as `GET /v1/event-types` lists it. */
+export interface EventTypeInfo {
+  type: string;
+  /** The latest version. */
+  version: number;
+  dataschema: string;
+  description?: string | null;
+  /** The curated JSON Schema of the latest version's data. */
+  schema: Record<string, unknown>;
+  /** An example payload built from the curated schema (and curated). */
+  example: unknown;
+  /** The version history, oldest first: the external versions, each with its curated schema. */
+  versions: EventTypeVersionInfo[];
 }
 
 /** Reconnecting a stream. */
@@ -177,8 +194,16 @@ export class EvbusClient {
     this.#fetch = options.fetch ?? globalThis.fetch;
   }
 
+  /**
+   * `path` (`/v1/…`) under the base URL, keeping the base's own path: a gateway behind a
+   * reverse proxy at `https://api.example.com/evbus` is asked at `/evbus/v1/…`, not `/v1/…`.
+   */
   #url(path: string): URL {
-    return new URL(path, this.#base);
+    const url = new URL(this.#base);
+    url.pathname = url.pathname.replace(/\/+$/, "") + path;
+    url.search = "";
+    url.hash = "";
+    return url;
   }
 
   async #request(path: string, init: RequestInit): Promise<Response> {
@@ -351,6 +376,9 @@ export class EvbusClient {
               yield event;
               armIdle();
             }
+            // An `id` without data (a position, no event) moves the position too, as the
+            // standard's reconnection does.
+            if (parser.dispatchedLastEventId !== "") sub.lastEventId = parser.dispatchedLastEventId;
             streamRetry = parser.retry ?? streamRetry;
           }
         } finally {

@@ -11,6 +11,7 @@ export { EvbusClient, Subscription } from "./client.js";
 export type {
   ClientOptions,
   EventTypeInfo,
+  EventTypeVersionInfo,
   PublishInput,
   PublishOptions,
   PublishResult,

@@ -20,6 +20,7 @@ export class SseParser {
   #data: string[] = [];
   #event = "";
   #lastEventId = "";
+  #dispatchedLastEventId = "";
   #sawCr = false;
   #started = false;
   /** The reconnection time the stream asked for with a `retry` field, in ms. */
@@ -28,6 +29,15 @@ export class SseParser {
   /** The last event id in force (set by `id` fields, even of messages without data). */
   get lastEventId(): string {
     return this.#lastEventId;
+  }
+
+  /**
+   * The last event id of the stream's position: the `lastEventId` in force when the last
+   * blank line arrived, whether or not that message had data (the standard's "last event ID
+   * string", the one a reconnection sends). "" until a message with an `id` is complete.
+   */
+  get dispatchedLastEventId(): string {
+    return this.#dispatchedLastEventId;
   }
 
   /** Parses `chunk` (text) and returns the messages completed by it. */
@@ -99,6 +109,7 @@ export class SseParser {
   }
 
   #dispatch(out: SseMessage[]): void {
+    this.#dispatchedLastEventId = this.#lastEventId;
     if (this.#data.length === 0) {
       this.#event = "";
       return;

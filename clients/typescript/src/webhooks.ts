@@ -44,6 +44,7 @@ export class WebhookVerifier {
    * @param headers the request headers
    * @throws WebhookVerificationError when a header is missing, the signature does not match or
    *   the timestamp is too old or too new
+   * @throws EvbusError when the body is correctly signed but is not a JSON structured CloudEvent
    */
   verify<K extends DeliveredType = DeliveredType>(body: string | Uint8Array, headers: HeadersLike): DeliveredEvent<K> {
     const payload = typeof body === "string" ? body : Buffer.from(body.buffer, body.byteOffset, body.byteLength);
@@ -52,7 +53,14 @@ export class WebhookVerifier {
       const value = header(headers, name);
       if (value !== undefined) signed[name] = value;
     }
-    const event = this.#webhook.verify(payload, signed) as DeliveredEvent<K> | undefined;
+    this.#webhook.verify(payload, signed, { jsonParse: false });
+    let event: DeliveredEvent<K> | undefined;
+    try {
+      const text = payload.toString();
+      event = text === "" ? undefined : (JSON.parse(text) as DeliveredEvent<K>);
+    } catch (e) {
+      throw new EvbusError("the webhook body is signed but is not JSON", { cause: e });
+    }
     if (event === undefined || event === null || typeof event !== "object" || typeof event.type !== "string" || typeof event.id !== "string") {
       throw new EvbusError("the webhook body is signed but is not a structured CloudEvent");
     }

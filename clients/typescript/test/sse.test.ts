@@ -38,6 +38,8 @@ describe("SseParser", () => {
     const { messages, parser } = parse(["id: x1\n\n", "id: x2\ndata: partial"]);
     assert.deepEqual(messages, []);
     assert.equal(parser.lastEventId, "x2");
+    // The position is the id in force at the last blank line: x1, not the unfinished x2.
+    assert.equal(parser.dispatchedLastEventId, "x1");
   });
 
   test("retry takes digits only; unknown fields and ids with NUL are ignored", () => {

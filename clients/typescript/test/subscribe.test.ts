@@ -3,6 +3,7 @@
 // the answers that end a subscription.
 
 import assert from "node:assert/strict";
+import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
 import { EvbusClient, GatewayError, type DeliveredEvent } from "../src/index.js";
@@ -243,5 +244,39 @@ describe("subscribe", () => {
     assert.ok(error instanceof Error && error.name === "ConnectionError", String(error));
     assert.deepEqual(attempts, [1, 2, 3]);
     assert.equal(proxy.refused, 4);
+  });
+});
+
+describe("subscribe: the stream position of an id without data", () => {
+  test("a reconnection resumes from an `id` sent without data (the SSE standard's last event ID)", async () => {
+    // A stand-in for a gateway that tells a fresh stream its position before any event (the
+    // evbus gateway sends no such frame yet): `id` with no data, then the connection drops.
+    const lastEventIds: (string | undefined)[] = [];
+    const server = createServer((req, res) => {
+      lastEventIds.push(req.headers["last-event-id"] as string | undefined);
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      if (lastEventIds.length === 1) {
+        res.end("id: position-1\n\n");
+        return;
+      }
+      const event = { specversion: "1.0", id: "e1", source: "/s", type: "afterOrderCreate", data: orderCreated(1) };
+      res.write(`id: position-2\nevent: afterOrderCreate\ndata: ${JSON.stringify(event)}\n\n`);
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const address = server.address();
+    assert.ok(address !== null && typeof address === "object");
+    try {
+      const client = new EvbusClient({ url: `http://127.0.0.1:${address.port}`, apiKey: "evb_test_test" });
+      const sub = client.subscribe({ types: ["afterOrderCreate"], reconnect: { initialDelayMs: 10 } });
+      for await (const event of sub) {
+        assert.equal(event.id, "e1");
+        break;
+      }
+      assert.deepEqual(lastEventIds, [undefined, "position-1"]);
+      assert.equal(sub.lastEventId, "position-2");
+    } finally {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+    }
   });
 });

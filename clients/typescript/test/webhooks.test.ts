@@ -3,10 +3,11 @@
 // signed correctly but with a timestamp outside the tolerance (expired, and from the future).
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { createServer, type IncomingHttpHeaders, type Server } from "node:http";
 import { after, before, describe, test } from "node:test";
 
-import { EvbusClient, WebhookVerificationError, WebhookVerifier, verifyWebhook } from "../src/index.js";
+import { EvbusClient, EvbusError, WebhookVerificationError, WebhookVerifier, verifyWebhook } from "../src/index.js";
 import { Webhook } from "standardwebhooks";
 import { orderCreated, startGateway, uniqueId, waitFor, type Gateway } from "./helpers.js";
 
@@ -105,5 +106,25 @@ describe("webhook verification", () => {
     const later = new Date(Date.now() + 10 * 60 * 1000);
     const future = { ...headers, "webhook-timestamp": String(Math.floor(later.getTime() / 1000)), "webhook-signature": signer.sign(eventId, later, delivery.body) };
     assert.throws(() => verifyWebhook(secret, delivery.body, future), (e: unknown) => e instanceof WebhookVerificationError && /too new/.test(e.message));
+  });
+});
+
+describe("webhook verification: a signed body that is not an event", () => {
+  const secret = `whsec_${Buffer.alloc(32, 9).toString("base64")}`;
+
+  /** Signs `body` as the gateway does (`crates/evbus-gateway/src/signing.rs`). */
+  function signed(body: Uint8Array): Record<string, string> {
+    const timestamp = String(Math.floor(Date.now() / 1000));
+    const mac = createHmac("sha256", Buffer.from(secret.slice("whsec_".length), "base64"));
+    mac.update(`m1.${timestamp}.`).update(body);
+    return { "webhook-id": "m1", "webhook-timestamp": timestamp, "webhook-signature": `v1,${mac.digest("base64")}` };
+  }
+
+  test("a signed body that is not JSON is an EvbusError, not a bare SyntaxError", () => {
+    const body = Buffer.from("not json");
+    assert.throws(
+      () => verifyWebhook(secret, body, signed(body)),
+      (e: unknown) => e instanceof EvbusError && !(e instanceof WebhookVerificationError) && /signed but is not JSON/.test(e.message),
+    );
   });
 });

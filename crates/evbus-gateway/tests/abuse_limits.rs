@@ -59,6 +59,22 @@ async fn open_stream(h: &Harness, key: &str, types: &str) -> reqwest::Response {
     resp
 }
 
+/// The first frame (up to its blank line) of a new stream of `types`.
+async fn first_frame(h: &Harness, key: &str, types: &str) -> String {
+    let mut resp = open_stream(h, key, types).await;
+    let mut buf = String::new();
+    tokio::time::timeout(WAIT, async {
+        while !buf.contains("\n\n") {
+            let chunk = resp.chunk().await.unwrap().expect("stream open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("a first frame in time");
+    let end = buf.find("\n\n").unwrap_or(buf.len());
+    buf[..end].to_owned()
+}
+
 async fn post_event(h: &Harness, key: &str, event: Value) {
     let resp = h
         .http
@@ -211,6 +227,17 @@ async fn sse_ids_do_not_reveal_other_types_volume_and_still_resume() {
     let resumed = read_frames(&mut again, 1).await.remove(0);
     assert_eq!(resumed.0, second);
     assert_eq!(resumed.1["data"]["createdBy"], "user-43");
+    // The id a stream starts with names its start position, but two streams opened with
+    // nothing logged in between get different ids: equal ids would tell a key that no
+    // event of any type (its own or others') was logged between two opens.
+    let starts = [
+        first_frame(&h, &key, ORDERS).await,
+        first_frame(&h, &key, ORDERS).await,
+    ];
+    for frame in &starts {
+        assert!(!frame.contains("data:"), "{frame}");
+    }
+    assert_ne!(starts[0], starts[1]);
     // An id the gateway did not issue (a guessed position) is refused, not taken.
     for forged in ["1", "0000000000000001deadbeef"] {
         let resp = h

@@ -564,6 +564,64 @@ async fn the_stream_sends_curated_events_and_resumes_after_last_event_id() {
     assert_eq!(resumed[1].0, frames[2].0);
 }
 
+/// The first frame of a stream: an `id` without data (the position the stream starts from).
+async fn position_frame(resp: &mut reqwest::Response) -> String {
+    let mut buf = String::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(end) = buf.find("\n\n") {
+                let frame = &buf[..end];
+                assert!(
+                    !frame.contains("data:"),
+                    "the first frame carries data: {frame}"
+                );
+                let id = frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id:"))
+                    .unwrap_or_else(|| panic!("the first frame has no id: {frame}"));
+                return id.trim().to_owned();
+            }
+            let chunk = resp.chunk().await.unwrap().expect("stream open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the position frame in time")
+}
+
+/// A stream opened without `Last-Event-ID` starts from now; one that drops before its first
+/// event resumes from where it started, with the events logged while it was away.
+#[tokio::test]
+async fn a_stream_that_drops_before_its_first_event_resumes_from_its_start() {
+    let h = Harness::memory().await;
+    let key = h.key(&[EXTERNAL], &[]).await;
+    let url = h.url(&format!("/v1/stream?types={EXTERNAL}"));
+    let mut first = h.http.get(&url).bearer_auth(&key).send().await.unwrap();
+    let start = position_frame(&mut first).await;
+    drop(first);
+    for i in 0..2 {
+        let mut data = order_created();
+        data["createdBy"] = json!(format!("away-{i}"));
+        h.bus.emit(EXTERNAL, data).await.unwrap();
+    }
+    let mut again = h
+        .http
+        .get(&url)
+        .bearer_auth(&key)
+        .header("last-event-id", &start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let resumed = read_frames(&mut again, 2).await;
+    let mut creators: Vec<&str> = resumed
+        .iter()
+        .map(|(_, e)| e["data"]["createdBy"].as_str().unwrap())
+        .collect();
+    creators.sort_unstable();
+    assert_eq!(creators, ["away-0", "away-1"]);
+}
+
 /// The last active admin key cannot be revoked (nobody could administer the gateway over
 /// HTTP any more); once another admin key exists, it can.
 #[tokio::test]

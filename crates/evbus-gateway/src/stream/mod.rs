@@ -1,6 +1,8 @@
 //! `GET /v1/stream`: Server-Sent Events of curated events from the event log.
 //!
-//! Each frame is `id: <cursor>`, `event: <type>`, `data: <curated structured CloudEvent>`.
+//! Each frame is `id: <cursor>`, `event: <type>`, `data: <curated structured CloudEvent>`,
+//! after a first frame that is only `id: <cursor>`: the position the stream starts from, so
+//! that a client that drops before any event resumes from there.
 //! The cursor is the log position enciphered with a gateway secret (an 8-round Feistel
 //! permutation keyed by HMAC-SHA256, plus an HMAC tag; the key lives in the store): it is
 //! opaque, so the ids a key sees do not tell how many events of other types were logged in
@@ -23,7 +25,7 @@ use axum::extract::{Extension, Query, State as AxState};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -116,6 +118,12 @@ pub(crate) async fn stream(
         })?;
     metrics::gauge!("evbus_gateway_streams").increment(1.0);
     let keepalive = state.config.stream_keepalive;
+    // The position the stream starts from, before any event: an `id` without data, which an
+    // SSE client keeps as its last event id without dispatching anything. A stream started
+    // from now that drops before its first event then resumes from where it started, not
+    // from a later "now" (the events logged in between were lost). A fresh id each time
+    // (see `cursor`), so that two opens do not tell whether anything was logged between them.
+    let position = SseEvent::default().id(cursor::encode_fresh(&cursor_key, start));
     let events = frames(
         state,
         key,
@@ -124,6 +132,7 @@ pub(crate) async fn stream(
         StreamPermit(permit, key_slot),
         cursor_key,
     );
+    let events = futures::stream::once(std::future::ready(Ok(position))).chain(events);
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(keepalive))
         .into_response())
