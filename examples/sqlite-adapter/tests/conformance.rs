@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
-use evbus_conformance::{RawProducer, Suite};
+use evbus_conformance::{Harness, RawProducer, Suite};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
@@ -20,14 +20,18 @@ fn main() -> std::process::ExitCode {
     let file = dir.path().join("evbus.db");
     let url = std::env::var("EVBUS_SQLITE_EXAMPLE_URL")
         .unwrap_or_else(|_| format!("sqlite-example://{}", file.display()));
-    evbus_conformance::main(move || {
-        let raw = RawSqlite { url: url.clone() };
-        Suite::new("sqlite-example", move || {
-            let url = url.clone();
-            async move { evbus_example_sqlite::connect(&url).await }
+    // A file is never "unreachable": an unhealthy first connection fails the run.
+    let harness = Harness::new().require_brokers(true);
+    harness
+        .suite(move || {
+            let raw = RawSqlite { url: url.clone() };
+            Suite::new("sqlite-example", move || {
+                let url = url.clone();
+                async move { evbus_example_sqlite::connect(&url).await }
+            })
+            .with_raw_producer(raw)
         })
-        .with_raw_producer(raw)
-    })
+        .run()
 }
 
 /// A foreign producer: its own SQLite connection to the database file, no evbus involved.

@@ -89,6 +89,7 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(topic::topic_earliest_start_replays_retained_history, needs: [REPLAY]),
         case!(topic::topic_latest_start_receives_only_new_events),
         case!(topic::topic_anonymous_subscription_starts_at_now),
+        case!(topic::topic_anonymous_subscriptions_each_receive_every_event),
         case!(topic::topic_many_concurrent_publishers_on_many_topics_lose_nothing),
         case!(topic::topic_closing_one_subscription_leaves_the_others_working),
         case!(topic::topic_durable_subscription_closed_mid_stream_and_reopened_misses_nothing),

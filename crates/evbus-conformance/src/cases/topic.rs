@@ -352,6 +352,63 @@ pub(super) async fn topic_anonymous_subscription_starts_at_now<T: Transport + 's
     only_new_events(&ctx, &name, options).await
 }
 
+/// Anonymous subscriptions are each their own: two of one topic (one per connection, one
+/// sharing a connection) each receive every event instead of competing for them, and one
+/// opened after another was dropped starts at now, with nothing the dropped one left behind.
+/// An adapter that names the broker's subscription after `Source::subscription()` (`None` for
+/// every anonymous one) instead of the destination's generated name fails here.
+pub(super) async fn topic_anonymous_subscriptions_each_receive_every_event<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let other = ctx.connect().await?;
+    let name = ctx.topic_name("t");
+    let topic = open(&conn, &name).await?;
+    let anonymous = || SubscribeOptions::anonymous().consumer(ctx.consumer());
+    let mut a = subscribe(&*topic, anonymous()).await?;
+    let mut b = subscribe(&*topic, anonymous()).await?;
+    let mut c = subscribe(&*open(&other, &name).await?, anonymous()).await?;
+
+    let events = ctx.events(20);
+    publish_all(&*topic, &events).await?;
+    receive_exactly(&mut a, &ids(&events), WAIT, "anonymous subscription a").await?;
+    receive_exactly(&mut b, &ids(&events), WAIT, "anonymous subscription b").await?;
+    receive_exactly(
+        &mut c,
+        &ids(&events),
+        WAIT,
+        "anonymous subscription c (another connection)",
+    )
+    .await?;
+
+    // `a` goes away with events of its own still unread; a new one starts at now.
+    let unread = ctx.events(5);
+    publish_all(&*topic, &unread).await?;
+    receive_exactly(&mut b, &ids(&unread), WAIT, "anonymous subscription b").await?;
+    drop(a);
+    let mut d = subscribe(&*topic, anonymous()).await?;
+    let later = ctx.events(5);
+    publish_all(&*topic, &later).await?;
+    receive_exactly(
+        &mut d,
+        &ids(&later),
+        WAIT,
+        "an anonymous subscription opened after one was dropped",
+    )
+    .await?;
+    receive_exactly(&mut b, &ids(&later), WAIT, "anonymous subscription b").await?;
+    topic_sentinel(
+        &ctx,
+        &*topic,
+        &mut d,
+        QUIET,
+        "an anonymous subscription opened after one was dropped",
+    )
+    .await
+}
+
 pub(super) async fn topic_many_concurrent_publishers_on_many_topics_lose_nothing<
     T: Transport + 'static,
 >(

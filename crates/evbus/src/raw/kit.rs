@@ -663,6 +663,8 @@ impl ConfigKey for NoKeys {
 /// assert_eq!((url.path(), params.len()), ("/tmp/x", 0));
 /// let err = kit::parse_url::<NoKeys>("mydb://", "mydb", form, has_path).unwrap_err();
 /// assert!(err.message().ends_with("write mydb:///path/to/file"), "{err}");
+/// let err = kit::parse_url::<NoKeys>("mydb:///x?mode=rw", "mydb", form, has_path).unwrap_err();
+/// assert_eq!(err.message(), "mydb URLs take no parameters; remove `mode`");
 /// # Ok::<(), evbus::Error>(())
 /// ```
 pub fn parse_url<K: ConfigKey>(
@@ -681,9 +683,23 @@ pub fn parse_url<K: ConfigKey>(
         Error::invalid_config(format!("`{url}` is not a {scheme} URL: write {form}"))
     };
     let parsed = Url::parse(url).map_err(|_| bad())?;
-    let no_keys = K::ALL.is_empty() && parsed.query().is_some();
-    if parsed.scheme() != scheme || no_keys || !valid(&parsed) {
+    if parsed.scheme() != scheme || !valid(&parsed) {
         return Err(bad());
+    }
+    if K::ALL.is_empty() && parsed.query().is_some() {
+        // Named (never its value, which may be a secret), so the user sees what to remove.
+        let names: Vec<String> = parsed
+            .query_pairs()
+            .map(|(key, _)| format!("`{key}`"))
+            .collect();
+        return Err(Error::invalid_config(format!(
+            "{scheme} URLs take no parameters; remove {}",
+            if names.is_empty() {
+                "the `?`".to_owned()
+            } else {
+                names.join(", ")
+            }
+        )));
     }
     let params = parsed
         .query_pairs()
