@@ -60,9 +60,10 @@ export interface PublishOptions {
   /** `structured` (default): `application/cloudevents+json`; `binary`: `ce-*` headers and the data as the body. */
   mode?: "structured" | "binary";
   /**
-   * Retry 429 and 503 answers (honouring `Retry-After`) and connection failures. Off by
-   * default. Safe: a retry posts the same `id`, and the gateway accepts an identical event
-   * once (an identical re-post is answered 202 and not sent again).
+   * Retry the answers that may succeed later (408, 429, and 5xx but 501; `Retry-After` is
+   * honoured) and connection failures. Off by default. Safe: a retry posts the same `id`, and
+   * the gateway accepts an identical event once (an identical re-post is answered 202 and not
+   * sent again), so a 408 or 5xx that does not say whether the event was taken is retried too.
    */
   retry?: boolean | RetryOptions;
   signal?: AbortSignal;
@@ -269,7 +270,7 @@ export class EvbusClient {
         return { id: typeof answer.id === "string" ? answer.id : id };
       } catch (error) {
         if (retry === undefined || attempt >= attempts) throw error;
-        if (!(error instanceof ConnectionError) && !(error instanceof GatewayError && (error.status === 429 || error.status === 503))) throw error;
+        if (!(error instanceof ConnectionError) && !(error instanceof GatewayError && error.retryable)) throw error;
         const maxDelay = retry.maxDelayMs ?? 30_000;
         const backoff = Math.min(maxDelay, (retry.baseDelayMs ?? 250) * 2 ** attempt);
         const delayMs = error instanceof GatewayError && error.retryAfter !== undefined ? error.retryAfter * 1000 : backoff;

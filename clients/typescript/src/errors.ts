@@ -62,9 +62,9 @@ export class GatewayError extends EvbusError {
     return this.problem.violations ?? [];
   }
 
-  /** Whether the same request may succeed later (429, 503, and other 5xx except 501). */
+  /** Whether the same request may succeed later (408, 429, 503, and other 5xx except 501). */
   get retryable(): boolean {
-    return this.status === 429 || (this.status >= 500 && this.status !== 501);
+    return this.status === 408 || this.status === 429 || (this.status >= 500 && this.status !== 501);
   }
 }
 

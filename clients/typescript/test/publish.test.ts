@@ -175,3 +175,51 @@ describe("publish under the rate limit", () => {
     assert.equal(retried, 0);
   });
 });
+
+describe("publish: answers that do not say whether the event was taken", () => {
+  test("408, 500 and 504 are retried with the same id when retry is asked, not otherwise", async () => {
+    // A stand-in gateway: the first posts time out (408 from the gateway's request timeout,
+    // then a 500, then a proxy's 504), the fourth is accepted.
+    const { createServer } = await import("node:http");
+    const answers = [408, 500, 504];
+    const ids: string[] = [];
+    const server = createServer((req, res) => {
+      let body = "";
+      req.on("data", (chunk: Buffer) => (body += chunk.toString()));
+      req.on("end", () => {
+        const id = (JSON.parse(body) as { id: string }).id;
+        ids.push(id);
+        const status = answers[ids.length - 1];
+        if (status !== undefined) {
+          res.writeHead(status, { "content-type": "application/problem+json" });
+          res.end(JSON.stringify({ type: "about:blank", title: "failed", status }));
+          return;
+        }
+        res.writeHead(202, { "content-type": "application/json" }).end(JSON.stringify({ id }));
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const address = server.address();
+    assert.ok(address !== null && typeof address === "object");
+    try {
+      const client = new EvbusClient({ url: `http://127.0.0.1:${address.port}`, apiKey: "evb_test_test", source: "/s" });
+      const statuses: number[] = [];
+      const result = await client.publish(
+        { type: "afterOrderCreate", data: orderCreated(1) },
+        { retry: { attempts: 5, baseDelayMs: 1, onRetry: ({ error }) => statuses.push(error instanceof GatewayError ? error.status : 0) } },
+      );
+      assert.deepEqual(statuses, [408, 500, 504]);
+      assert.equal(ids.length, 4);
+      assert.ok(ids.every((id) => id === result.id), `one id for every try: ${ids.join(", ")}`);
+      // Without retry the first 408 is thrown.
+      answers.splice(0, answers.length, 408);
+      ids.length = 0;
+      const error = await client.publish({ type: "afterOrderCreate", data: orderCreated(2) }).catch((e: unknown) => e);
+      assert.ok(error instanceof GatewayError && error.status === 408 && error.retryable, String(error));
+      assert.equal(ids.length, 1);
+    } finally {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+    }
+  });
+});

@@ -27,6 +27,41 @@ describe("subscribe", () => {
     for (const [i, id] of ids.entries()) await publisher.publish({ type: "afterOrderCreate", id, data: orderCreated(i) });
   }
 
+  test("a subscription dropped before its first event gets what was published while it reconnected", async () => {
+    const proxy = new CuttableProxy(gw.url);
+    const url = await proxy.listen();
+    const client = new EvbusClient({ url, apiKey: key });
+    const opens: { reconnected: boolean; lastEventId: string | undefined }[] = [];
+    const drops: string[] = [];
+    const stop = new AbortController();
+    const sub = client.subscribe({
+      types: ["afterOrderCreate"],
+      signal: stop.signal,
+      reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
+      onOpen: (info) => opens.push(info),
+      onReconnect: ({ error }) => drops.push(error.message),
+    });
+    const seen: string[] = [];
+    const consuming = (async () => {
+      for await (const event of sub) seen.push(event.id);
+    })();
+    // The gateway's first frame is the stream's start position.
+    await waitFor("the start position", () => sub.lastEventId !== undefined);
+    proxy.cut();
+    await waitFor("the client to see the drop", () => drops.length >= 1);
+    const away = Array.from({ length: 3 }, (_, i) => uniqueId(`away-${i}`));
+    await publish(away);
+    await waitFor("a refused reconnection attempt", () => proxy.refused >= 1);
+    proxy.restore();
+    await waitFor("the client to reconnect", () => opens.length >= 2);
+    assert.notEqual(opens[1]?.lastEventId, undefined, "the reconnection resumes from a position");
+    await waitFor("the events published while it was away", () => away.every((id) => seen.includes(id)));
+    stop.abort();
+    await consuming;
+    await proxy.close();
+    assert.deepEqual(seen.filter((id) => away.includes(id)).sort(), [...away].sort());
+  });
+
   test("resumes after a dropped connection with no loss and no duplicate", async () => {
     const proxy = new CuttableProxy(gw.url);
     const url = await proxy.listen();
@@ -249,8 +284,8 @@ describe("subscribe", () => {
 
 describe("subscribe: the stream position of an id without data", () => {
   test("a reconnection resumes from an `id` sent without data (the SSE standard's last event ID)", async () => {
-    // A stand-in for a gateway that tells a fresh stream its position before any event (the
-    // evbus gateway sends no such frame yet): `id` with no data, then the connection drops.
+    // A stand-in for a gateway that tells a fresh stream its position before any event (as
+    // the evbus gateway does): `id` with no data, then the connection drops.
     const lastEventIds: (string | undefined)[] = [];
     const server = createServer((req, res) => {
       lastEventIds.push(req.headers["last-event-id"] as string | undefined);

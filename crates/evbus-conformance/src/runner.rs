@@ -91,8 +91,11 @@ pub(crate) async fn probe<T: Transport + 'static>(
     let _ = tokio::time::timeout(OPERATION_WITHIN, transport.close()).await;
     match health {
         Health::Healthy | Health::Degraded(_) => Ok(caps),
+        // Unreachable, not broken: a client that connects lazily (Kafka's) opens without
+        // the broker and learns of it here. But it may be the adapter's own `health`.
         Health::Unhealthy(reason) => Err(Unusable::Unreachable(format!(
-            "the transport reports it is unhealthy: {reason}"
+            "the transport connected but reports it is unhealthy: {reason} (if the broker is \
+             up, look at the adapter's `health`)"
         ))),
         Health::Closed => Err(Unusable::Broken(
             "the transport reports it is closed right after connecting".into(),
