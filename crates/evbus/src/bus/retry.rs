@@ -26,6 +26,12 @@ pub struct RetryPolicy {
     /// Wait after the first failed attempt. Default 200 ms.
     pub initial_backoff: Duration,
     /// Longest wait. Default 30 s.
+    ///
+    /// On a transport that delays retries natively (memory, Redis, NATS, SQL) any wait is
+    /// kept. On one whose delays core emulates by holding the event unacknowledged (Kafka,
+    /// RabbitMQ), the hold ends with the handler's visibility timeout (30 s by default): a
+    /// longer wait comes back after the visibility timeout, as a redelivery. Keep it under
+    /// the visibility timeout there, or raise that.
     pub max_backoff: Duration,
     /// Growth factor of the wait per attempt. Default 2.
     pub multiplier: f64,
