@@ -25,6 +25,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use support::{RabbitNode, SYNC_RA_REGISTRY, io_error};
 
+evbus_conformance::harness_false_required!();
+
 fn main() -> ExitCode {
     evbus_conformance::main(|| match container::image_from_env() {
         Some(image) => in_containers(image),

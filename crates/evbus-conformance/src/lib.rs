@@ -264,6 +264,37 @@ pub fn main<T: evbus::Transport + 'static>(build: impl FnOnce() -> Suite<T>) -> 
     harness::run_one(build, again)
 }
 
+/// A test that fails, saying what to add to `Cargo.toml`, when a conformance target is built
+/// with libtest's harness: without `harness = false` in its `[[test]]` table (or with a
+/// `name` that is not the file's), Cargo compiles the target with libtest's own `main`, the
+/// target's `main` never runs, and `cargo test` reports `running 0 tests` and `ok`. Put it
+/// next to the target's `main`:
+///
+/// ```ignore
+/// evbus_conformance::harness_false_required!();
+///
+/// fn main() -> std::process::ExitCode {
+///     evbus_conformance::main(|| todo!("the suite"))
+/// }
+/// ```
+///
+/// With `harness = false` the test is not compiled at all (`#[test]` items exist only in
+/// libtest builds), so it costs nothing where the target is set up right.
+#[macro_export]
+macro_rules! harness_false_required {
+    () => {
+        #[test]
+        fn conformance_target_built_without_harness_false() {
+            panic!(
+                "this conformance target has its own `main`, which Cargo only runs with \
+                 `harness = false`: add to Cargo.toml\n\n[[test]]\nname = \"{}\"\nharness = false\n\n\
+                 (the name is the file's, without `.rs`); without it none of the suite's cases runs",
+                module_path!()
+            );
+        }
+    };
+}
+
 /// The warning printed when the broker is unreachable and not required.
 pub(crate) fn not_run_warning(adapter: &str, reason: &str) -> String {
     let var: String = adapter

@@ -31,6 +31,8 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::{TansuBehindProxy, kafka_url, test_config};
 
+evbus_conformance::harness_false_required!();
+
 fn main() -> ExitCode {
     evbus_conformance::main(|| match container::image_from_env() {
         Some(image) => in_containers(image),

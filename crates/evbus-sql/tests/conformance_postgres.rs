@@ -28,6 +28,8 @@ use evbus_sql::{SqlConfig, SqlTransport};
 use sqlx::Connection;
 use support::{PgServer, io_error, postgres_url, unique_schema, with_params};
 
+evbus_conformance::harness_false_required!();
+
 fn main() -> ExitCode {
     let base = postgres_url();
     let schema = unique_schema("evbus_conf");

@@ -15,6 +15,9 @@ use evbus_conformance::{Harness, RawProducer, Suite};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
+// Fails `cargo test`, saying what to add, if the `[[test]]` table lacks `harness = false`.
+evbus_conformance::harness_false_required!();
+
 fn main() -> std::process::ExitCode {
     let dir = tempfile::tempdir().expect("a temporary directory for the database");
     let file = dir.path().join("evbus.db");
