@@ -82,7 +82,10 @@ impl Registry {
         schemes
     }
 
-    /// Opens a transport for `url` with the connector of its scheme.
+    /// Opens a transport for `url` with the connector of its scheme. A scheme no registered
+    /// connector opens is an [`InvalidConfig`](crate::ErrorKind::InvalidConfig) error naming
+    /// the registered schemes and, for this repository's adapters, the crate and connector
+    /// to add.
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
         let parsed = parse_url(url, "transport")?;
         let scheme = parsed.scheme();
@@ -91,9 +94,17 @@ impl Registry {
             .iter()
             .find(|c| c.schemes().contains(&scheme))
             .ok_or_else(|| {
+                let remedy = match adapter_of(scheme) {
+                    Some((krate, connector)) => format!(
+                        "add the `{krate}` crate and register its connector \
+                         (`registry.register({connector})`)"
+                    ),
+                    None => {
+                        "add the adapter crate of this scheme and register its connector".to_owned()
+                    }
+                };
                 Error::invalid_config(format!(
-                    "no transport for `{scheme}://` URLs; known schemes: {}. Add the adapter crate \
-                     (evbus-{scheme}) and register its connector",
+                    "no transport for `{scheme}://` URLs; known schemes: {}. To use it, {remedy}",
                     self.schemes().join(", ")
                 ))
             })?;
@@ -215,6 +226,21 @@ fn is_secret_parameter(name: &str) -> bool {
             .is_some_and(|last| SECRET_PARTS.contains(&last))
 }
 
+/// The crate and connector of the evbus adapter that opens `scheme`, for the error of a
+/// registry that lacks it (the adapter crates are not dependencies of this one).
+fn adapter_of(scheme: &str) -> Option<(&'static str, &'static str)> {
+    Some(match scheme {
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            ("evbus-redis", "evbus_redis::RedisConnector")
+        }
+        "kafka" => ("evbus-kafka", "evbus_kafka::KafkaConnector"),
+        "nats" | "tls" => ("evbus-nats", "evbus_nats::NatsConnector"),
+        "amqp" | "amqps" => ("evbus-amqp", "evbus_amqp::AmqpConnector"),
+        "sqlite" | "postgres" | "postgresql" => ("evbus-sql", "evbus_sql::SqlConnector"),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +254,32 @@ mod tests {
         assert_eq!(err.kind(), crate::ErrorKind::InvalidConfig);
         assert!(err.message().contains("memory"), "{err}");
         assert!(err.message().contains("evbus-kafka"), "{err}");
+        // The crate that opens the scheme, not one named after the scheme.
+        for (url, krate, connector) in [
+            (
+                "sqlite:///tmp/x.db",
+                "`evbus-sql`",
+                "evbus_sql::SqlConnector",
+            ),
+            ("postgres://h/db", "`evbus-sql`", "evbus_sql::SqlConnector"),
+            (
+                "rediss+cluster://h:1",
+                "`evbus-redis`",
+                "evbus_redis::RedisConnector",
+            ),
+            ("amqps://h", "`evbus-amqp`", "evbus_amqp::AmqpConnector"),
+        ] {
+            let err = Registry::new().connect(url).await.unwrap_err();
+            assert!(err.message().contains(krate), "{url}: {err}");
+            assert!(err.message().contains(connector), "{url}: {err}");
+            assert!(!err.message().contains("evbus-sqlite"), "{url}: {err}");
+        }
+        let err = Registry::new().connect("pigeon://h").await.unwrap_err();
+        assert!(
+            err.message()
+                .contains("add the adapter crate of this scheme"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -79,13 +79,33 @@ impl fmt::Debug for DeadLetters {
     }
 }
 
+/// The most dead letters one look holds unsettled at once ([`DeadLetters::peek`] and the
+/// ones a redrive leaves): more than any broker's own prefetch limit (AMQP's is 65,535).
+const MAX_HELD: usize = 65_535;
+
+/// How many dead letters a redrive may leave in place (held until it ends) beyond `max`.
+const LEFT_PER_CALL: usize = 4_096;
+
 /// The consumer settings used on a dead-letter queue: nothing there is ever dead-lettered
-/// again.
-fn dlq_consumer() -> ConsumerOptions {
+/// again, and room to hold `held` deliveries at once.
+fn dlq_consumer(held: usize) -> ConsumerOptions {
     ConsumerOptions::default()
         .max_attempts(u32::MAX)
-        .max_in_flight(256)
+        .max_in_flight(held.clamp(1, MAX_HELD))
         .visibility_timeout(Duration::from_secs(30))
+}
+
+/// Gives back what a look held, together and in the order received: given back one by one
+/// as they were seen, a broker that redelivers a given-back message first (the memory
+/// transport does, and SQL may) handed the same one straight back and the look ended after it.
+async fn give_back(held: Vec<crate::delivery::Delivery>) -> Result<()> {
+    let mut first_error = None;
+    for delivery in held {
+        if let Err(e) = delivery.nack(None).await {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 impl Bus {
@@ -108,29 +128,38 @@ impl DeadLetters {
         &self.name
     }
 
-    /// Up to `max` dead letters, without removing them: each is received and nacked back at
-    /// once. Stops early once nothing new arrives for `idle` (an empty queue returns after
-    /// `idle`).
+    /// Up to `max` dead letters, without removing them: each is received and held, and all
+    /// are given back together at the end (at most 65,535 are held at once). Stops early once
+    /// nothing new arrives for `idle` (an empty queue returns after `idle`).
     pub async fn peek(&self, max: usize, idle: Duration) -> Result<Vec<DeadLetter>> {
-        let mut sub = self.queue.receive(dlq_consumer()).await?;
+        let mut sub = self.queue.receive(dlq_consumer(max)).await?;
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        while out.len() < max {
-            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(d)) => d?,
-            };
-            let fresh = seen.insert(delivery.event().id().to_owned());
-            if fresh {
-                out.push(DeadLetter {
-                    event: delivery.event().clone(),
-                });
+        let mut held = Vec::new();
+        let looked: Result<()> = async {
+            while out.len() < max {
+                let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(d)) => d?,
+                };
+                // Seen again: held past its visibility timeout, the queue has come round.
+                let fresh = seen.insert(delivery.event().id().to_owned());
+                if fresh {
+                    out.push(DeadLetter {
+                        event: delivery.event().clone(),
+                    });
+                }
+                held.push(delivery);
+                if !fresh {
+                    break;
+                }
             }
-            delivery.nack(None).await?;
-            if !fresh {
-                break;
-            }
+            Ok(())
         }
+        .await;
+        let given_back = give_back(held).await;
+        looked?;
+        given_back?;
         Ok(out)
     }
 
@@ -162,6 +191,11 @@ impl DeadLetters {
     /// is not (if its removal failed it was sent already, and stays in the dead-letter queue
     /// too).
     ///
+    /// The dead letters it leaves in place (`keep` refused them) are held until it ends and
+    /// then given back together, so that a broker that hands a given-back message out first
+    /// does not end the look at it; a call stops after leaving `max` + 4,096 of them (at
+    /// most 65,535).
+    ///
     /// Each event id is moved at most once per call: a dead letter whose event was already
     /// moved by this call (a handler of the group rejected it again, and it came back while
     /// the redrive was still running) stays in the dead-letter queue, and is not offered to
@@ -174,32 +208,45 @@ impl DeadLetters {
         keep: impl Fn(&DeadLetter) -> bool,
         mut moved: impl FnMut(&DeadLetter),
     ) -> Result<usize> {
-        let mut sub = self.queue.receive(dlq_consumer()).await?;
+        let mut sub = self
+            .queue
+            .receive(dlq_consumer(max.saturating_add(LEFT_PER_CALL)))
+            .await?;
         let mut count = 0;
         let mut done = HashSet::new();
         let mut skipped = HashSet::new();
-        while count < max {
-            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(d)) => d?,
-            };
-            let dead = DeadLetter {
-                event: delivery.event().clone(),
-            };
-            if done.contains(dead.event.id()) || !keep(&dead) {
-                let again = !skipped.insert(dead.event.id().to_owned());
-                delivery.nack(None).await?;
-                if again {
-                    break;
+        // The dead letters left where they are, given back together at the end (see
+        // `give_back`).
+        let mut held = Vec::new();
+        let looked: Result<()> = async {
+            while count < max && held.len() < max.saturating_add(LEFT_PER_CALL).min(MAX_HELD) {
+                let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(d)) => d?,
+                };
+                let dead = DeadLetter {
+                    event: delivery.event().clone(),
+                };
+                if done.contains(dead.event.id()) || !keep(&dead) {
+                    let again = !skipped.insert(dead.event.id().to_owned());
+                    held.push(delivery);
+                    if again {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
+                self.redrive.send(&dead.original()).await?;
+                delivery.ack().await?;
+                count += 1;
+                moved(&dead);
+                done.insert(dead.event.id().to_owned());
             }
-            self.redrive.send(&dead.original()).await?;
-            delivery.ack().await?;
-            count += 1;
-            moved(&dead);
-            done.insert(dead.event.id().to_owned());
+            Ok(())
         }
+        .await;
+        let given_back = give_back(held).await;
+        looked?;
+        given_back?;
         Ok(count)
     }
 }

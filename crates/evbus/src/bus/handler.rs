@@ -821,7 +821,10 @@ impl Worker {
                     tracing::warn!(error = %e, event = delivery.event().id(), "could not nack at shutdown; the event comes back after its visibility timeout");
                 }
                 // On the last attempt a nack would dead-letter an event that did not fail:
-                // it is left to its visibility timeout instead.
+                // it is left to its visibility timeout instead. It comes back past its
+                // attempts all the same, and the subscription dead-letters it then as
+                // over-delivered (a broker cannot tell an interrupted run from a crash; see
+                // the module's "Shutdown").
             }
         }
         report
@@ -857,13 +860,30 @@ impl Worker {
             // misnamed it, `OrderCreated` for `orderCreated`, or sent it to the wrong topic):
             // no handler of this Bus would ever see it where it belongs, so it is kept in
             // this group's dead-letter queue rather than acknowledged unseen.
-            let reason = format!(
-                "misrouted: an event of type `{}` on topic `{}`, which carries `{ty}`; events \
-                 of its type are published to `{}`",
-                event.ty(),
-                self.shared.topic,
-                self.bus.topic_of(event.ty(), None)
-            );
+            let known = self.bus.inner.routes.contains_key(event.ty())
+                || self.bus.inner.catalog.get(event.ty()).is_some();
+            let reason = if known {
+                format!(
+                    "misrouted: an event of type `{}` on topic `{}`, which carries `{ty}`; \
+                     events of its type are published to `{}`",
+                    event.ty(),
+                    self.shared.topic,
+                    self.bus.topic_of(event.ty(), None)
+                )
+            } else {
+                // A type this Bus does not know at all: where its producers publish it is
+                // not for this Bus to say (a new type another service routes to a shared
+                // topic, deployed before this consumer learnt of it, lands here).
+                format!(
+                    "misrouted: an event of type `{}` on topic `{}`, which carries `{ty}`; \
+                     this Bus has no route or catalogue entry for its type (if it is published \
+                     to `{}` on purpose, route it there in this Bus too, and its handlers \
+                     will skip it)",
+                    event.ty(),
+                    self.shared.topic,
+                    self.shared.topic
+                )
+            };
             tracing::warn!(event = event.id(), group, %reason, "dead-lettering a misrouted event");
             self.dead_lettered(event, &reason, delivery.dead_letter(&reason).await);
             telemetry::dead_lettered(ty, group, "misrouted");

@@ -49,7 +49,11 @@
 //! By default each event type has its own topic, named after the type. [`BusBuilder::route`]
 //! maps several types to one topic, so that per-key order holds *across* them (all order
 //! events keyed by order id on topic `orders`): a handler for `afterOrderCreate` on that
-//! topic acknowledges events of the other types without running.
+//! topic acknowledges events of the other types without running. An event of a type this
+//! Bus neither routes to the topic nor has in its catalogue is dead-lettered as
+//! `misrouted` instead (it is not known to belong there): a producer that starts routing a
+//! new type to a shared topic before its consumers know the type fills their dead-letter
+//! queues (redrive them once the consumers are upgraded), so deploy consumers first.
 //!
 //! # Groups
 //!
@@ -59,6 +63,16 @@
 //! after the group when the topic carries only that type, and `<group>.<type>` when the
 //! topic is shared by several types (so two handlers of one group for two types of one topic
 //! never take events from each other). See [`Bus::subscription_name`].
+//!
+//! The name changes when a topic becomes shared: a handler of group `search` for
+//! `productChanged` subscribes as `search` while `productChanged` has its topic to itself,
+//! and as `search.productChanged` once a route adds another type to it. The new subscription
+//! starts at the latest event, so what was published between the old version stopping and
+//! the new one starting is not in it (it is in the old one, `search`, which is left behind
+//! holding it). To share a topic that groups already consume, deploy the consumers with a
+//! [`HandlerBuilder::start_position`] of `Earliest` for that release where the transport
+//! replays ([`Capabilities::replay`](crate::Capabilities)), or stop the producers until the
+//! new consumers run; and delete the old subscription once nothing reads it.
 //!
 //! # Validation on both sides
 //!
@@ -114,7 +128,15 @@
 //! until the deadline, nacks what is still running (or queued) at the deadline so another
 //! instance gets it at once, waits for the emits in progress, then closes the transport
 //! (which flushes every accepted publish). [`HandlerHandle::shutdown`] does the same for one
-//! handler.
+//! handler and returns a [`DrainReport`] of what was interrupted.
+//!
+//! An interrupted delivery counts as an attempt, as a crash's would (a broker cannot tell
+//! them apart). One interrupted on its last attempt is not nacked (that would dead-letter an
+//! event that did not fail) but left to its visibility timeout; when it comes back past
+//! `max_attempts`, the subscription dead-letters it with `max attempts exceeded (n
+//! deliveries, m allowed)`, without running the handler, without the `on_dead_letter` hook
+//! and without the handler's metrics. Give the deadline room for the longest run, and
+//! redrive such dead letters after a deploy that cut runs short.
 //!
 //! # Observability
 //!
@@ -132,7 +154,7 @@
 //! | `evbus_handled_total` | counter | `type`, `group` |
 //! | `evbus_failed_total` | counter (handler errors, one per failed attempt) | `type`, `group` |
 //! | `evbus_retried_total` | counter | `type`, `group` |
-//! | `evbus_dead_lettered_total` | counter | `type`, `group`, `cause` (`handler`, `invalid`, `undecodable`) |
+//! | `evbus_dead_lettered_total` | counter | `type`, `group`, `cause` (`handler`, `invalid`, `undecodable`, `misrouted`, `unknown_version`) |
 //! | `evbus_handle_duration_seconds` | histogram | `type`, `group` |
 //!
 //! [`ErrorKind::Validation`]: crate::ErrorKind::Validation

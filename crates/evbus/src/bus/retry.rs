@@ -28,7 +28,9 @@ pub struct RetryPolicy {
     /// Longest wait. Default 30 s.
     ///
     /// On a transport that delays retries natively (memory, Redis, NATS, SQL) any wait is
-    /// kept. On one whose delays core emulates by holding the event unacknowledged (Kafka,
+    /// kept as a least wait: Redis looks for due retries every `claim_interval` (1 s by
+    /// default) and SQL every `poll_interval_ms` (250 ms), so shorter waits come out about
+    /// that long there. On one whose delays core emulates by holding the event unacknowledged (Kafka,
     /// RabbitMQ), the hold ends with the handler's visibility timeout (30 s by default): a
     /// longer wait comes back after the visibility timeout, as a redelivery. Keep it under
     /// the visibility timeout there, or raise that.
