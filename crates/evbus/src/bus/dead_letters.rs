@@ -98,14 +98,27 @@ fn dlq_consumer(held: usize) -> ConsumerOptions {
 /// Gives back what a look held, together and in the order received: given back one by one
 /// as they were seen, a broker that redelivers a given-back message first (the memory
 /// transport does, and SQL may) handed the same one straight back and the look ended after it.
-async fn give_back(held: Vec<crate::delivery::Delivery>) -> Result<()> {
-    let mut first_error = None;
-    for delivery in held {
-        if let Err(e) = delivery.nack(None).await {
-            first_error.get_or_insert(e);
+///
+/// Never an error: a dead letter that could not be given back (its subscription is gone on a
+/// broker that settles through it) comes back after the visibility timeout, or when the
+/// broker requeues what a closed consumer held; nothing is lost, and the look's result
+/// stands. Bounded in time for the same reason.
+async fn give_back(held: Vec<crate::delivery::Delivery>) {
+    let all = async {
+        for delivery in held {
+            if let Err(e) = delivery.nack(None).await {
+                tracing::warn!(error = %e, event = delivery.event().id(), "a dead letter looked at could not be given back at once; it comes back after its visibility timeout");
+            }
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "giving back the dead letters looked at took over 10 s; the rest come back after their visibility timeout"
+        );
     }
-    first_error.map_or(Ok(()), Err)
 }
 
 impl Bus {
@@ -157,9 +170,11 @@ impl DeadLetters {
             Ok(())
         }
         .await;
-        let given_back = give_back(held).await;
+        // Stopped first: a consumer still running could take what is given back into its
+        // own buffer (the SQL transport claims ahead) and hold it past this call.
+        drop(sub);
+        give_back(held).await;
         looked?;
-        given_back?;
         Ok(out)
     }
 
@@ -218,35 +233,47 @@ impl DeadLetters {
         // The dead letters left where they are, given back together at the end (see
         // `give_back`).
         let mut held = Vec::new();
-        let looked: Result<()> = async {
-            while count < max && held.len() < max.saturating_add(LEFT_PER_CALL).min(MAX_HELD) {
-                let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
-                    Err(_) | Ok(None) => break,
-                    Ok(Some(d)) => d?,
-                };
-                let dead = DeadLetter {
-                    event: delivery.event().clone(),
-                };
-                if done.contains(dead.event.id()) || !keep(&dead) {
-                    let again = !skipped.insert(dead.event.id().to_owned());
-                    held.push(delivery);
-                    if again {
-                        break;
-                    }
-                    continue;
+        // Not an `async` block: that would borrow `keep` and `moved` across its awaits and
+        // need them `Sync` for the future to be `Send`.
+        let mut looked: Result<()> = Ok(());
+        while count < max && held.len() < max.saturating_add(LEFT_PER_CALL).min(MAX_HELD) {
+            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Ok(d))) => d,
+                Ok(Some(Err(e))) => {
+                    looked = Err(e);
+                    break;
                 }
-                self.redrive.send(&dead.original()).await?;
-                delivery.ack().await?;
-                count += 1;
-                moved(&dead);
-                done.insert(dead.event.id().to_owned());
+            };
+            let dead = DeadLetter {
+                event: delivery.event().clone(),
+            };
+            if done.contains(dead.event.id()) || !keep(&dead) {
+                let again = !skipped.insert(dead.event.id().to_owned());
+                held.push(delivery);
+                if again {
+                    break;
+                }
+                continue;
             }
-            Ok(())
+            if let Err(e) = self.redrive.send(&dead.original()).await {
+                held.push(delivery);
+                looked = Err(e);
+                break;
+            }
+            if let Err(e) = delivery.ack().await {
+                looked = Err(e);
+                break;
+            }
+            count += 1;
+            moved(&dead);
+            done.insert(dead.event.id().to_owned());
         }
-        .await;
-        let given_back = give_back(held).await;
+        // Stopped first: a consumer still running could take what is given back into its
+        // own buffer (the SQL transport claims ahead) and hold it past this call.
+        drop(sub);
+        give_back(held).await;
         looked?;
-        given_back?;
         Ok(count)
     }
 }
