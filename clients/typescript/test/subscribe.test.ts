@@ -27,7 +27,8 @@ describe("subscribe", () => {
     for (const [i, id] of ids.entries()) await publisher.publish({ type: "afterOrderCreate", id, data: orderCreated(i) });
   }
 
-  test("a subscription dropped before its first event gets what was published while it reconnected", async () => {
+  /** A subscription through a proxy that can cut it, recording its opens and drops. */
+  async function throughProxy() {
     const proxy = new CuttableProxy(gw.url);
     const url = await proxy.listen();
     const client = new EvbusClient({ url, apiKey: key });
@@ -41,6 +42,11 @@ describe("subscribe", () => {
       onOpen: (info) => opens.push(info),
       onReconnect: ({ error }) => drops.push(error.message),
     });
+    return { proxy, opens, drops, stop, sub };
+  }
+
+  test("a subscription dropped before its first event gets what was published while it reconnected", async () => {
+    const { proxy, opens, drops, stop, sub } = await throughProxy();
     const seen: string[] = [];
     const consuming = (async () => {
       for await (const event of sub) seen.push(event.id);
@@ -63,19 +69,7 @@ describe("subscribe", () => {
   });
 
   test("resumes after a dropped connection with no loss and no duplicate", async () => {
-    const proxy = new CuttableProxy(gw.url);
-    const url = await proxy.listen();
-    const client = new EvbusClient({ url, apiKey: key });
-    const opens: { reconnected: boolean; lastEventId: string | undefined }[] = [];
-    const drops: string[] = [];
-    const stop = new AbortController();
-    const sub = client.subscribe({
-      types: ["afterOrderCreate"],
-      signal: stop.signal,
-      reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
-      onOpen: (info) => opens.push(info),
-      onReconnect: ({ error }) => drops.push(error.message),
-    });
+    const { proxy, opens, drops, stop, sub } = await throughProxy();
     const seen: string[] = [];
     const before = Array.from({ length: 40 }, (_, i) => uniqueId(`before-${i}`));
     const during = Array.from({ length: 10 }, (_, i) => uniqueId(`during-${i}`));
