@@ -270,11 +270,14 @@ pub fn main<T: evbus::Transport + 'static>(build: impl FnOnce() -> Suite<T>) -> 
 /// target's `main` never runs, and `cargo test` reports `running 0 tests` and `ok`. Put it
 /// next to the target's `main`:
 ///
-/// ```ignore
+/// ```no_run
 /// evbus_conformance::harness_false_required!();
 ///
 /// fn main() -> std::process::ExitCode {
-///     evbus_conformance::main(|| todo!("the suite"))
+///     evbus_conformance::main(|| {
+///         let broker = evbus::memory::MemoryBroker::new(Default::default());
+///         evbus_conformance::Suite::new("memory", move || std::future::ready(Ok(broker.connect())))
+///     })
 /// }
 /// ```
 ///
