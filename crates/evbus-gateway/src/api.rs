@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::problem::{self, Problem};
-use crate::store::{KeyRecord, PublishClaim, RateLimit};
+use crate::store::{KeyRecord, PublishClaim, RateLimit, Revocation, WebhookChange};
 use crate::{State, curation, openapi, stream, webhooks};
 
 pub(crate) fn router(state: Arc<State>) -> Router {
@@ -505,24 +505,22 @@ async fn revoke_key(
 ) -> Result<StatusCode, Problem> {
     require_admin(&key)?;
     // Revoking the last active admin key would lock every administrator out (only
-    // `evbus keys create` on the data directory could make another).
-    let now = State::now();
-    let keys = state.store.list_keys().await?;
-    let admins: Vec<&KeyRecord> = keys
-        .iter()
-        .filter(|k| k.admin && k.is_active(now))
-        .collect();
-    if admins.len() == 1 && admins[0].id == id {
-        return Err(Problem::new(
+    // `evbus keys create` on the data directory could make another). Checked and done in one
+    // step of the store: two admin keys revoking each other at once cannot both succeed.
+    match state
+        .store
+        .revoke_key_keeping_an_admin(&id, State::now())
+        .await?
+    {
+        Revocation::Revoked => {
+            state.revocations.send_modify(|n| *n += 1);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Revocation::LastAdmin => Err(Problem::new(
             StatusCode::CONFLICT,
             "this is the last active admin key: create another admin key before revoking it",
-        ));
-    }
-    if state.store.revoke_key(&id, now).await? {
-        state.revocations.send_modify(|n| *n += 1);
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem::not_found("no such active key"))
+        )),
+        _ => Err(Problem::not_found("no such active key")),
     }
 }
 
@@ -605,44 +603,39 @@ async fn update_webhook(
             .with("denied_positions", json!(denied)));
         }
     }
-    let Some(mut webhook) = state.store.get_webhook(&id).await? else {
-        return Err(Problem::not_found("no such webhook"));
+    let change = WebhookChange {
+        event_types: event_types.map(|mut types| {
+            types.sort();
+            types.dedup();
+            types
+        }),
+        description,
+        enabled,
     };
-    if let Some(types) = &event_types {
-        let mut types = types.clone();
-        types.sort();
-        types.dedup();
-        webhook.event_types = types;
+    // In place, one statement: what is not named here (the secrets, failure tracking, or
+    // a change made meanwhile on another instance) stays as the store has it.
+    if !state.store.change_webhook(&id, &change).await? {
+        return Err(Problem::not_found("no such webhook"));
     }
-    if let Some(d) = &description {
-        webhook.description = d.clone();
-    }
-    match enabled {
-        Some(true) if !webhook.enabled => {
-            webhook.enabled = true;
-            webhook.disabled_reason = None;
-            webhook.failing_since = None;
-        }
-        Some(false) if webhook.enabled => {
-            webhook.enabled = false;
-            webhook.disabled_reason = Some("disabled by its owner".into());
-        }
-        _ => {}
-    }
-    state.store.update_webhook(&webhook).await?;
     // Never a 200 for a change the store did not keep (a store must write every field).
     let saved = state.store.get_webhook(&id).await?;
     let kept = saved.as_ref().is_some_and(|w| {
-        w.event_types == webhook.event_types
-            && w.description == webhook.description
-            && w.enabled == webhook.enabled
+        change
+            .event_types
+            .as_ref()
+            .is_none_or(|t| &w.event_types == t)
+            && change
+                .description
+                .as_ref()
+                .is_none_or(|d| &w.description == d)
+            && change.enabled.is_none_or(|e| w.enabled == e)
     });
     if !kept {
         return Err(Problem::internal(crate::StoreError(
             "the store did not keep a webhook change (event types, description or enabled)".into(),
         )));
     }
-    if webhook.enabled {
+    if saved.is_some_and(|w| w.enabled) {
         state.dispatch.notify_one();
     }
     webhooks::get(AxState(state), Extension(key), Path(id)).await

@@ -30,7 +30,8 @@ pub use keys::NewKey;
 pub use problem::Problem;
 pub use ssrf::{HostResolver, OutboundPolicy, SystemResolver};
 pub use store::{
-    KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, Store, StoreError, WebhookRecord,
+    KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, Store, StoreError, WebhookChange,
+    WebhookRecord,
 };
 
 /// The Bus group through which the gateway consumes external event types. Every gateway

@@ -183,7 +183,7 @@ pub(crate) fn document() -> Value {
                 "get": named(op("One webhook", "the key that registered it, or an admin key", ("200", json_ok("the webhook", schema("Webhook"))), &["400", "404"]), "getWebhook"),
                 "patch": named(with_body(
                     op(
-                        "Change a webhook's event types or description, or enable or disable it (enabling clears its failure state)",
+                        "Change a webhook's event types or description, or enable or disable it (enabling clears its failure state; a type taken off is no longer delivered, queued retries included)",
                         "the key that registered it, or an admin key; a subscribe scope covering every event type named",
                         ("200", json_ok("the webhook", schema("Webhook"))),
                         &["403", "404"],

@@ -19,7 +19,7 @@ use crate::problem::Problem;
 use crate::ssrf::UrlRefusal;
 use crate::store::{
     Attempt, Delivery, DeliveryOutcome, KeyRecord, ReplayBudget, ReplayLimits, Replayed,
-    WebhookRecord,
+    WebhookChange, WebhookRecord,
 };
 use crate::{State, curation, signing};
 
@@ -156,7 +156,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreError> {
     let store = &state.store;
     let cfg = &state.config;
-    let Some(mut webhook) = store.get_webhook(&delivery.webhook_id).await? else {
+    let Some(webhook) = store.get_webhook(&delivery.webhook_id).await? else {
         return store
             .finish_delivery(delivery.id, DeliveryOutcome::Failed)
             .await;
@@ -184,6 +184,13 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     let owner = store.get_key(&webhook.owner_key_id).await?;
     if !webhook.enabled || !owner_allows(state, owner.as_ref(), &stored.ty) {
         log.error = Some("not delivered: the endpoint is disabled or its key no longer authorises this event type".into());
+        return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
+    }
+    // The owner took the type off the webhook after the delivery was queued (a retry, or a
+    // backlog): the change holds for what is queued too.
+    if !webhook.event_types.contains(&stored.ty) {
+        log.error =
+            Some("not delivered: the webhook no longer subscribes to this event type".into());
         return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
     }
     // Curated again on the way out (current rules; the webhook's narrower allow-list).
@@ -261,15 +268,7 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     metrics::histogram!("evbus_gateway_webhook_latency_seconds")
         .record(log.latency_ms as f64 / 1000.0);
 
-    let outcome = match next_step(
-        state,
-        &mut webhook,
-        outcome_status,
-        now,
-        number,
-        wait_at_least,
-    )
-    .await
+    let outcome = match next_step(state, &webhook, outcome_status, now, number, wait_at_least).await
     {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -285,9 +284,18 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
 
 /// What becomes of a delivery after an attempt that got `status` (`None`: no response), and
 /// the endpoint's failure bookkeeping (`failing_since`, disabling).
+///
+/// The bookkeeping writes only its own columns ([`Store::webhook_succeeded`],
+/// [`Store::webhook_failed`], [`Store::disable_webhook`]), never the record read before the
+/// attempt: the owner may have rotated the secret, changed the event types or disabled the
+/// endpoint during it, through this instance or another one, and that must stay.
+///
+/// [`Store::webhook_succeeded`]: crate::Store::webhook_succeeded
+/// [`Store::webhook_failed`]: crate::Store::webhook_failed
+/// [`Store::disable_webhook`]: crate::Store::disable_webhook
 async fn next_step(
     state: &State,
-    webhook: &mut WebhookRecord,
+    webhook: &WebhookRecord,
     status: Option<reqwest::StatusCode>,
     now: chrono::DateTime<chrono::Utc>,
     number: u32,
@@ -298,8 +306,7 @@ async fn next_step(
     Ok(match status {
         Some(s) if s.is_success() => {
             if webhook.failing_since.is_some() {
-                webhook.failing_since = None;
-                store.update_webhook(webhook).await?;
+                store.webhook_succeeded(&webhook.id).await?;
             }
             DeliveryOutcome::Delivered
         }
@@ -308,7 +315,10 @@ async fn next_step(
             DeliveryOutcome::Failed
         }
         _ => {
-            let since = *webhook.failing_since.get_or_insert(now);
+            // `None`: the webhook was deleted during the attempt.
+            let Some(since) = store.webhook_failed(&webhook.id, now).await? else {
+                return Ok(DeliveryOutcome::Failed);
+            };
             let limit = chrono::Duration::from_std(cfg.disable_after).unwrap_or_default();
             if now - since >= limit {
                 let reason = format!(
@@ -318,7 +328,6 @@ async fn next_step(
                 disable(state, webhook, &reason).await?;
                 DeliveryOutcome::Failed
             } else {
-                store.update_webhook(webhook).await?;
                 match backoff(&cfg.retry_schedule, cfg.retry_jitter, number as usize) {
                     None => DeliveryOutcome::Failed,
                     Some(wait) => {
@@ -335,13 +344,13 @@ async fn next_step(
 
 async fn disable(
     state: &State,
-    webhook: &mut WebhookRecord,
+    webhook: &WebhookRecord,
     reason: &str,
 ) -> Result<(), crate::StoreError> {
-    tracing::warn!(webhook = %webhook.id, reason, "webhook endpoint disabled");
-    webhook.enabled = false;
-    webhook.disabled_reason = Some(reason.to_owned());
-    state.store.update_webhook(webhook).await
+    if state.store.disable_webhook(&webhook.id, reason).await? {
+        tracing::warn!(webhook = %webhook.id, reason, "webhook endpoint disabled");
+    }
+    Ok(())
 }
 
 /// A transport error without the URL (it may carry a token in its query).
@@ -573,15 +582,21 @@ pub(crate) async fn rotate(
     Extension(key): Extension<KeyRecord>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let mut w = owned(&state, &key, &id).await?;
+    owned(&state, &key, &id).await?;
     let until =
         State::now() + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default();
-    w.previous_secret = Some(std::mem::replace(&mut w.secret, signing::generate_secret()));
-    w.previous_secret_until = Some(until);
-    state.store.update_webhook(&w).await?;
+    let secret = signing::generate_secret();
+    // In place: whatever else changed meanwhile (on any instance) stays.
+    if !state
+        .store
+        .rotate_webhook_secret(&id, &secret, until)
+        .await?
+    {
+        return Err(Problem::not_found("no such webhook"));
+    }
     Ok(Json(json!({
-        "id": w.id,
-        "secret": w.secret,
+        "id": id,
+        "secret": secret,
         "previous_secret_expires_at": until,
     })))
 }
@@ -662,7 +677,7 @@ pub(crate) async fn replay(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let mut w = owned(&state, &key, &id).await?;
+    let w = owned(&state, &key, &id).await?;
     let req: Replay = crate::api::parse_json(&body)?;
     // Idempotent: events with a delivery to this endpoint still pending are not queued
     // again, so repeating a replay (or replaying overlapping ranges) adds nothing twice.
@@ -676,11 +691,14 @@ pub(crate) async fn replay(
         return Err(budget_spent(&limits, &done, now));
     }
     if !w.enabled {
-        // A replay is the owner asking for deliveries again: the endpoint is re-enabled.
-        w.enabled = true;
-        w.disabled_reason = None;
-        w.failing_since = None;
-        state.store.update_webhook(&w).await?;
+        // A replay is the owner asking for deliveries again: the endpoint is re-enabled, in
+        // place (the record read before the replay may be stale by now: a secret rotated
+        // meanwhile on another instance stays rotated).
+        let enable = WebhookChange {
+            enabled: Some(true),
+            ..WebhookChange::default()
+        };
+        state.store.change_webhook(&id, &enable).await?;
     }
     state.dispatch.notify_one();
     Ok((

@@ -756,3 +756,41 @@ async fn portal_reenables_and_edits_a_webhook() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     browser.close().await;
 }
+
+/// The delivery overview reads one attempt log per endpoint, more requests than a key's burst
+/// when there are many endpoints (or the admin key has a tight limit of its own): the 429s
+/// are waited out as `Retry-After` says, not shown as endpoints whose log "could not load".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_overview_waits_out_the_keys_rate_limit() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let c = &browser.client;
+    let h = Harness::memory().await;
+    let (status, ops) = h
+        .call(
+            "POST",
+            "/v1/keys",
+            Some(&h.admin),
+            Some(json!({"name": "ops", "admin": true,
+                "rate_limit": {"per_second": 2, "burst": 4}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{ops}");
+    let ops = ops["key"].as_str().unwrap().to_owned();
+    let user = h.key(&["afterOrder*"], &[]).await;
+    let rx = Receiver::start(200).await;
+    for _ in 0..8 {
+        h.register(&user, &rx.url(), &["afterOrderCreate"]).await;
+    }
+    sign_in(c, &h.base, &ops).await;
+    open_view(c, "deliveries").await;
+    wait_text(c, "#deliveries-summary", "8 endpoints").await;
+    let table = text(c, "#deliveries").await;
+    assert!(
+        !table.contains("could not load"),
+        "every endpoint's log is read, the rate limit waited out: {table}"
+    );
+    assert_eq!(table.matches("none yet").count(), 8, "{table}");
+    browser.close().await;
+}

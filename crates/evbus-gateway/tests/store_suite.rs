@@ -12,9 +12,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use evbus_gateway::store::{
     Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PublishClaim, ReplayBudget,
-    ReplayLimits, Signal, Store,
+    ReplayLimits, Revocation, Signal, Store,
 };
-use evbus_gateway::{KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookRecord};
+use evbus_gateway::{
+    KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookChange, WebhookRecord,
+};
 
 fn postgres_url() -> String {
     std::env::var("EVBUS_POSTGRES_URL")
@@ -1184,6 +1186,181 @@ async fn secrets_are_sealed(f: &Fixture) {
     assert!(f.reopen.open(Some(wrong)).await.is_err());
 }
 
+/// Owner changes, rotations and the dispatcher's bookkeeping write only their own columns,
+/// in place: what another instance wrote meanwhile stays (secrets sealed or not).
+async fn webhook_changes_are_made_in_place(f: &Fixture) {
+    let s = &*f.store;
+    let other = &*f.other;
+    s.insert_webhook(&webhook("wh_c", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let stale = s.get_webhook("wh_c").await.unwrap().unwrap();
+
+    // A rotation on one instance, then changes on the other: both kept.
+    let until = now() + Duration::hours(24);
+    assert!(
+        s.rotate_webhook_secret("wh_c", "whsec_two", until)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.rotate_webhook_secret("wh_none", "whsec_x", until)
+            .await
+            .unwrap()
+    );
+    let change = WebhookChange {
+        event_types: Some(vec![ORDER.to_owned(), PRODUCT.to_owned()]),
+        description: Some("renamed \0 here".into()),
+        enabled: None,
+    };
+    assert!(other.change_webhook("wh_c", &change).await.unwrap());
+    assert!(!other.change_webhook("wh_none", &change).await.unwrap());
+    let since = other.webhook_failed("wh_c", now()).await.unwrap().unwrap();
+    let later = since + Duration::seconds(5);
+    assert_eq!(
+        s.webhook_failed("wh_c", later).await.unwrap(),
+        Some(since),
+        "a run of failures keeps its start"
+    );
+    assert_eq!(s.webhook_failed("wh_none", later).await.unwrap(), None);
+    let w = s.get_webhook("wh_c").await.unwrap().unwrap();
+    assert_eq!(w.secret, "whsec_two");
+    assert_eq!(w.previous_secret.as_deref(), Some(stale.secret.as_str()));
+    assert_eq!(w.previous_secret_until, Some(until));
+    assert_eq!(w.event_types, vec![ORDER.to_owned(), PRODUCT.to_owned()]);
+    assert!(w.description.starts_with("renamed"));
+    assert_eq!(w.failing_since, Some(since));
+    assert!(w.enabled);
+
+    // Disabling: by the owner (its reason), then the dispatcher's disable changes nothing.
+    let off = WebhookChange {
+        enabled: Some(false),
+        ..WebhookChange::default()
+    };
+    assert!(s.change_webhook("wh_c", &off).await.unwrap());
+    assert!(
+        !other
+            .disable_webhook("wh_c", "the endpoint answered 410 Gone")
+            .await
+            .unwrap()
+    );
+    let w = other.get_webhook("wh_c").await.unwrap().unwrap();
+    assert!(!w.enabled);
+    assert_eq!(
+        w.disabled_reason.as_deref(),
+        Some(WebhookChange::DISABLED_BY_OWNER)
+    );
+    assert_eq!(
+        w.failing_since,
+        Some(since),
+        "disabling keeps the failure state"
+    );
+    assert_eq!(w.secret, "whsec_two");
+    // Disabling again keeps the first reason; re-enabling clears the failure state.
+    assert!(s.change_webhook("wh_c", &off).await.unwrap());
+    let on = WebhookChange {
+        enabled: Some(true),
+        ..WebhookChange::default()
+    };
+    assert!(other.change_webhook("wh_c", &on).await.unwrap());
+    let w = s.get_webhook("wh_c").await.unwrap().unwrap();
+    assert!(w.enabled);
+    assert_eq!((w.disabled_reason, w.failing_since), (None, None));
+    assert_eq!(w.event_types, vec![ORDER.to_owned(), PRODUCT.to_owned()]);
+
+    // The dispatcher: a failure, a success, a disable.
+    s.webhook_failed("wh_c", later).await.unwrap();
+    other.webhook_succeeded("wh_c").await.unwrap();
+    assert_eq!(
+        s.get_webhook("wh_c").await.unwrap().unwrap().failing_since,
+        None
+    );
+    assert!(
+        s.disable_webhook("wh_c", "the endpoint answered 410 Gone")
+            .await
+            .unwrap()
+    );
+    assert!(!s.disable_webhook("wh_none", "x").await.unwrap());
+    let w = other.get_webhook("wh_c").await.unwrap().unwrap();
+    assert!(!w.enabled);
+    assert_eq!(
+        w.disabled_reason.as_deref(),
+        Some("the endpoint answered 410 Gone")
+    );
+
+    // Sealed secrets rotate too: the sealed current one becomes the previous one.
+    let sealed = f
+        .reopen
+        .open(Some(SecretsKey::from_bytes(&[7u8; 32]).unwrap()))
+        .await
+        .unwrap();
+    assert!(
+        sealed
+            .rotate_webhook_secret("wh_c", "whsec_three", until)
+            .await
+            .unwrap()
+    );
+    let w = sealed.get_webhook("wh_c").await.unwrap().unwrap();
+    assert_eq!(w.secret, "whsec_three");
+    assert_eq!(w.previous_secret.as_deref(), Some("whsec_two"));
+}
+
+/// Revoking keeps an admin key: the last active one is refused, an expired one does not count.
+async fn revocation_keeps_an_admin_key(f: &Fixture) {
+    let s = &*f.store;
+    let admin = |id: &str| KeyRecord {
+        admin: true,
+        ..key(id)
+    };
+    s.insert_key(&admin("ad1")).await.unwrap();
+    s.insert_key(&admin("ad2")).await.unwrap();
+    s.insert_key(&KeyRecord {
+        expires_at: Some(now() - Duration::seconds(1)),
+        ..admin("ad_expired")
+    })
+    .await
+    .unwrap();
+    s.insert_key(&key("plain")).await.unwrap();
+    let at = now();
+    assert_eq!(
+        s.revoke_key_keeping_an_admin("plain", at).await.unwrap(),
+        Revocation::Revoked
+    );
+    assert_eq!(
+        s.revoke_key_keeping_an_admin("plain", at).await.unwrap(),
+        Revocation::NotActive
+    );
+    assert_eq!(
+        s.revoke_key_keeping_an_admin("nobody", at).await.unwrap(),
+        Revocation::NotActive
+    );
+    assert_eq!(
+        f.other
+            .revoke_key_keeping_an_admin("ad2", at)
+            .await
+            .unwrap(),
+        Revocation::Revoked
+    );
+    assert_eq!(
+        s.revoke_key_keeping_an_admin("ad1", at).await.unwrap(),
+        Revocation::LastAdmin
+    );
+    assert!(
+        s.get_key("ad1")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    assert_eq!(
+        s.revoke_key_keeping_an_admin("ad_expired", at)
+            .await
+            .unwrap(),
+        Revocation::Revoked
+    );
+}
+
 // ---- one test per case and store -------------------------------------------------------------
 
 macro_rules! suite {
@@ -1229,6 +1406,8 @@ suite!(
     cursor_key_is_shared,
     prune_keeps_what_is_needed,
     secrets_are_sealed,
+    webhook_changes_are_made_in_place,
+    revocation_keeps_an_admin_key,
 );
 
 /// PostgreSQL only: commits are told to every instance (`LISTEN/NOTIFY`), in log order, and

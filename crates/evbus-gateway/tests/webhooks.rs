@@ -814,3 +814,63 @@ async fn a_published_event_keeps_its_producers_time() {
     let got = receiver.next().await.json();
     assert_eq!(got["time"], "2026-01-02T03:04:05Z", "{got}");
 }
+
+/// An owner who takes an event type off a webhook gets no more deliveries of that type, not
+/// even the retries of one that was failing when the change was made.
+#[tokio::test]
+async fn a_type_taken_off_a_webhook_is_not_delivered_any_more_not_even_its_retries() {
+    let h = holding_harness().await;
+    let mut receiver = HeldReceiver::start().await;
+    let key = h.key(&["*"], &[]).await;
+    let (id, _) = h
+        .register(
+            &key,
+            &receiver.url,
+            &["afterOrderCreate", "afterProductUpdate"],
+        )
+        .await;
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    // The first attempt is in flight (it will fail) when the owner narrows the types.
+    let first = receiver.next().await;
+    let (status, patched) = h
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/{id}"),
+            Some(&key),
+            Some(json!({"event_types": ["afterProductUpdate"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    receiver.open();
+    let path = format!("/v1/webhooks/{id}/attempts");
+    eventually("the retry is settled", || async {
+        h.call("GET", &path, Some(&key), None)
+            .await
+            .1
+            .as_array()
+            .is_some_and(|a| a.first().is_some_and(|a| a["attempt"] == 2))
+    })
+    .await;
+    let (_, log) = h.call("GET", &path, Some(&key), None).await;
+    let retry = &log[0];
+    assert_eq!(retry["event_id"], first.id());
+    assert_eq!(
+        retry["status"],
+        json!(null),
+        "the retry of a type taken off the webhook must not be sent: {log}"
+    );
+    assert!(
+        retry["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("not delivered")),
+        "{log}"
+    );
+    // The attempt is logged after its response: a request made would be here already.
+    assert!(
+        receiver.arrived.try_recv().is_err(),
+        "the receiver got the event again"
+    );
+}

@@ -152,6 +152,59 @@ pub struct WebhookRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// What [`Store::revoke_key_keeping_an_admin`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Revocation {
+    /// The key is revoked.
+    Revoked,
+    /// There is no such key not yet revoked: nothing changed.
+    NotActive,
+    /// The key is the last active admin key: nothing changed.
+    LastAdmin,
+}
+
+/// What an owner changes in a webhook (`PATCH /v1/webhooks/{id}`, or a replay re-enabling it):
+/// each `Some` member is set, the others are left as they are in the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebhookChange {
+    /// The event types delivered.
+    pub event_types: Option<Vec<String>>,
+    /// The description.
+    pub description: Option<String>,
+    /// `true` re-enables a disabled endpoint and clears its failure state (`disabled_reason`,
+    /// `failing_since`); `false` disables an enabled one with the reason
+    /// [`WebhookChange::DISABLED_BY_OWNER`]. Either is nothing on an endpoint already so.
+    pub enabled: Option<bool>,
+}
+
+impl WebhookChange {
+    /// The `disabled_reason` of an endpoint its owner disabled.
+    pub const DISABLED_BY_OWNER: &'static str = "disabled by its owner";
+
+    /// Applies the change to a record, as the stores do in place.
+    pub fn apply(&self, w: &mut WebhookRecord) {
+        if let Some(types) = &self.event_types {
+            w.event_types = types.clone();
+        }
+        if let Some(d) = &self.description {
+            w.description = d.clone();
+        }
+        match self.enabled {
+            Some(true) if !w.enabled => {
+                w.enabled = true;
+                w.disabled_reason = None;
+                w.failing_since = None;
+            }
+            Some(false) if w.enabled => {
+                w.enabled = false;
+                w.disabled_reason = Some(Self::DISABLED_BY_OWNER.to_owned());
+            }
+            _ => {}
+        }
+    }
+}
+
 /// One curated event of the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -478,6 +531,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Revokes a key; `false` if there is no such active key.
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool>;
 
+    /// Revokes a key unless it is the last active admin key at `at` (revoking it would lock
+    /// every administrator out), in one step: two admin keys revoking each other at the same
+    /// moment, through any instances, cannot both succeed. Stores sharing state between
+    /// instances must do it atomically; the default reads the keys, then revokes.
+    async fn revoke_key_keeping_an_admin(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Revocation> {
+        let keys = self.list_keys().await?;
+        let admins: Vec<&KeyRecord> = keys.iter().filter(|k| k.admin && k.is_active(at)).collect();
+        if admins.len() == 1 && admins[0].id == id {
+            return Ok(Revocation::LastAdmin);
+        }
+        Ok(if self.revoke_key(id, at).await? {
+            Revocation::Revoked
+        } else {
+            Revocation::NotActive
+        })
+    }
+
     /// Stores a new webhook.
     async fn insert_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
     /// One webhook by id.
@@ -488,7 +562,93 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn delete_webhook(&self, id: &str) -> StoreResult<bool>;
     /// Replaces a webhook's mutable state: secrets, enabled, failure tracking, event types,
     /// description and allow-list (everything but its id, owner, URL and creation time).
+    /// A record read earlier written back with this undoes whatever changed since, on any
+    /// instance: the gateway changes webhooks in place instead
+    /// ([`change_webhook`](Self::change_webhook),
+    /// [`rotate_webhook_secret`](Self::rotate_webhook_secret) and the dispatcher's
+    /// [`webhook_failed`](Self::webhook_failed), [`webhook_succeeded`](Self::webhook_succeeded),
+    /// [`disable_webhook`](Self::disable_webhook)).
     async fn update_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
+    /// Applies an owner's change to a webhook in place, leaving every other column as the
+    /// store has it (a secret rotated or failure tracking written meanwhile by any instance
+    /// stays); `false` if there is no such webhook. Stores should do it in one statement; the
+    /// default reads and replaces the record.
+    async fn change_webhook(&self, id: &str, change: &WebhookChange) -> StoreResult<bool> {
+        let Some(mut w) = self.get_webhook(id).await? else {
+            return Ok(false);
+        };
+        change.apply(&mut w);
+        self.update_webhook(&w).await?;
+        Ok(true)
+    }
+    /// Rotates a webhook's signing secret in place: the current secret becomes the previous
+    /// one, signing until `previous_until`, and `secret` the current one; nothing else
+    /// changes. `false` if there is no such webhook. Stores should do it in one statement;
+    /// the default reads and replaces the record.
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let Some(mut w) = self.get_webhook(id).await? else {
+            return Ok(false);
+        };
+        w.previous_secret = Some(std::mem::replace(&mut w.secret, secret.to_owned()));
+        w.previous_secret_until = Some(previous_until);
+        self.update_webhook(&w).await?;
+        Ok(true)
+    }
+    /// Records a successful attempt on the endpoint's failure tracking: clears
+    /// `failing_since` and changes nothing else. The dispatcher settles an attempt with this
+    /// (and [`webhook_failed`](Self::webhook_failed), [`disable_webhook`](Self::disable_webhook))
+    /// rather than [`update_webhook`](Self::update_webhook) of the record it read before the
+    /// attempt, so that what the owner changed meanwhile, through any instance (a rotated
+    /// secret, event types, disabling), is never written back over. Stores should do it in
+    /// one statement; the default reads and replaces the record.
+    async fn webhook_succeeded(&self, id: &str) -> StoreResult<()> {
+        if let Some(mut w) = self.get_webhook(id).await?
+            && w.failing_since.is_some()
+        {
+            w.failing_since = None;
+            self.update_webhook(&w).await?;
+        }
+        Ok(())
+    }
+    /// Records a failed attempt on the endpoint's failure tracking: `failing_since` becomes
+    /// `at` unless a run of failures is already under way, and nothing else changes (see
+    /// [`webhook_succeeded`](Self::webhook_succeeded)). Returns the start of the run, `None`
+    /// if there is no such webhook.
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let Some(mut w) = self.get_webhook(id).await? else {
+            return Ok(None);
+        };
+        if let Some(since) = w.failing_since {
+            return Ok(Some(since));
+        }
+        w.failing_since = Some(at);
+        self.update_webhook(&w).await?;
+        Ok(Some(at))
+    }
+    /// Disables an enabled endpoint with `reason`, changing nothing else (see
+    /// [`webhook_succeeded`](Self::webhook_succeeded)); `false` if it was not enabled or does
+    /// not exist (a reason its owner gave is kept).
+    async fn disable_webhook(&self, id: &str, reason: &str) -> StoreResult<bool> {
+        let Some(mut w) = self.get_webhook(id).await? else {
+            return Ok(false);
+        };
+        if !w.enabled {
+            return Ok(false);
+        }
+        w.enabled = false;
+        w.disabled_reason = Some(reason.to_owned());
+        self.update_webhook(&w).await?;
+        Ok(true)
+    }
 
     /// Appends a curated event to the log and queues one delivery per enabled webhook of its
     /// type. Events are unique per (`source`, `id`): an event already logged under them is a

@@ -24,8 +24,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use super::sealing::{self, SecretsKey};
 use super::{
     ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
-    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Signal, Store, StoreError,
-    StoreResult, StoredEvent, WebhookRecord, cut, ms, opt_time, time,
+    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation, Signal, Store,
+    StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -506,6 +506,45 @@ impl Store for PostgresStore {
         Ok(revoked > 0)
     }
 
+    async fn revoke_key_keeping_an_admin(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Revocation> {
+        let mut tx = self.pool.begin().await?;
+        // The active admin keys, locked until this transaction ends: a concurrent revocation
+        // (on any instance) waits, then sees this one's outcome (a row it revoked no longer
+        // matches when the lock is granted), so two admin keys revoking each other cannot
+        // both succeed.
+        let admins: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM api_keys
+             WHERE admin AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(ms(at))
+        .fetch_all(&mut *tx)
+        .await?;
+        if admins.len() == 1 && admins[0] == id {
+            return Ok(Revocation::LastAdmin);
+        }
+        // The NOTIFY goes out with the commit: other instances end the key's streams at once.
+        let revoked: i64 = sqlx::query_scalar(
+            "WITH r AS (UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING id)
+             SELECT COUNT(*) FROM (SELECT pg_notify($3, 'revoked') FROM r) n",
+        )
+        .bind(ms(at))
+        .bind(text(id))
+        .bind(&self.channel)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(if revoked > 0 {
+            Revocation::Revoked
+        } else {
+            Revocation::NotActive
+        })
+    }
+
     async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
@@ -583,6 +622,85 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn change_webhook(&self, id: &str, change: &WebhookChange) -> StoreResult<bool> {
+        // Every right-hand side reads the row as it was: one statement, nothing read before.
+        let done = sqlx::query(
+            "UPDATE webhooks SET
+                event_types = COALESCE($2, event_types),
+                description = COALESCE($3, description),
+                disabled_reason = CASE WHEN $4::BOOLEAN IS NULL OR $4 = enabled THEN disabled_reason
+                                       WHEN $4 THEN NULL ELSE $5 END,
+                failing_since = CASE WHEN $4 AND NOT enabled THEN NULL ELSE failing_since END,
+                enabled = COALESCE($4, enabled)
+             WHERE id = $1",
+        )
+        .bind(text(id))
+        .bind(change.event_types.as_ref())
+        .bind(change.description.as_deref().map(text))
+        .bind(change.enabled)
+        .bind(WebhookChange::DISABLED_BY_OWNER)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // The current secret moves as it is stored (sealed ones are bound to the webhook id,
+        // not to the column).
+        let done = sqlx::query(
+            "UPDATE webhooks SET previous_secret = secret, secret = $2, previous_secret_until = $3
+             WHERE id = $1",
+        )
+        .bind(text(id))
+        .bind(self.sealed(id, Some(secret))?)
+        .bind(ms(previous_until))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn webhook_succeeded(&self, id: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+        )
+        .bind(text(id))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let since: Option<i64> = sqlx::query_scalar(
+            "UPDATE webhooks SET failing_since = COALESCE(failing_since, $2) WHERE id = $1
+             RETURNING failing_since",
+        )
+        .bind(text(id))
+        .bind(ms(at))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(since.map(time))
+    }
+
+    async fn disable_webhook(&self, id: &str, reason: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE webhooks SET enabled = FALSE, disabled_reason = $2 WHERE id = $1 AND enabled",
+        )
+        .bind(text(id))
+        .bind(text(reason))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn ingest(&self, e: &NewEvent<'_>) -> StoreResult<Ingested> {

@@ -15,8 +15,8 @@ use super::group_commit::GroupCommit;
 use super::sealing::{self, SecretsKey};
 use super::{
     ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
-    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Store, StoreError, StoreResult,
-    StoredEvent, WebhookRecord, cut, ms, opt_time, time,
+    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation, Store, StoreError,
+    StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time, time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -340,6 +340,36 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn revoke_key_keeping_an_admin(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Revocation> {
+        // Counting and revoking under the one write lock: nothing revokes in between.
+        let _write = self.writer.lock().await;
+        let admins: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM api_keys
+             WHERE admin AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(ms(at))
+        .fetch_all(&self.pool)
+        .await?;
+        if admins.len() == 1 && admins[0] == id {
+            return Ok(Revocation::LastAdmin);
+        }
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(ms(at))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(if done.rows_affected() > 0 {
+            Revocation::Revoked
+        } else {
+            Revocation::NotActive
+        })
+    }
+
     async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
         let _write = self.writer.lock().await;
         sqlx::query(
@@ -420,6 +450,90 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn change_webhook(&self, id: &str, change: &WebhookChange) -> StoreResult<bool> {
+        let _write = self.writer.lock().await;
+        // Every right-hand side reads the row as it was: one statement, nothing read before.
+        let done = sqlx::query(
+            "UPDATE webhooks SET
+                event_types = COALESCE(?1, event_types),
+                description = COALESCE(?2, description),
+                disabled_reason = CASE WHEN ?3 IS NULL OR ?3 = enabled THEN disabled_reason
+                                       WHEN ?3 THEN NULL ELSE ?4 END,
+                failing_since = CASE WHEN ?3 AND NOT enabled THEN NULL ELSE failing_since END,
+                enabled = COALESCE(?3, enabled)
+             WHERE id = ?5",
+        )
+        .bind(change.event_types.as_ref().map(|t| to_json(t)))
+        .bind(change.description.as_deref())
+        .bind(change.enabled.map(i64::from))
+        .bind(WebhookChange::DISABLED_BY_OWNER)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let _write = self.writer.lock().await;
+        // The current secret moves as it is stored (sealed ones are bound to the webhook id,
+        // not to the column).
+        let done = sqlx::query(
+            "UPDATE webhooks SET previous_secret = secret, secret = ?, previous_secret_until = ?
+             WHERE id = ?",
+        )
+        .bind(self.sealed(id, Some(secret))?)
+        .bind(ms(previous_until))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn webhook_succeeded(&self, id: &str) -> StoreResult<()> {
+        let _write = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE webhooks SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let _write = self.writer.lock().await;
+        let since: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE webhooks SET failing_since = COALESCE(failing_since, ?) WHERE id = ?
+             RETURNING failing_since",
+        )
+        .bind(ms(at))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(since.map(|s| time(s.unwrap_or_else(|| ms(at)))))
+    }
+
+    async fn disable_webhook(&self, id: &str, reason: &str) -> StoreResult<bool> {
+        let _write = self.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE webhooks SET enabled = 0, disabled_reason = ? WHERE id = ? AND enabled",
+        )
+        .bind(reason)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn ingest(&self, e: &NewEvent<'_>) -> StoreResult<Ingested> {

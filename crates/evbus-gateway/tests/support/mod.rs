@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use evbus::{Bus, Catalog, Transport};
 use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SqliteStore, Store};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -39,6 +39,24 @@ pub fn test_config() -> GatewayConfig {
     c.delivery_timeout = Duration::from_secs(5);
     c.outbound = OutboundPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
     c
+}
+
+/// [`test_config`] for tests that hold a delivery with a [`HeldReceiver`] while they act:
+/// an outbound timeout long enough that the held attempt never times out meanwhile, however
+/// slow the machine.
+pub fn holding_config() -> GatewayConfig {
+    let mut c = test_config();
+    c.delivery_timeout = Duration::from_secs(120);
+    c
+}
+
+/// A gateway on the in-memory transport with [`holding_config`].
+pub async fn holding_harness() -> Harness {
+    Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        holding_config(),
+    )
+    .await
 }
 
 pub struct Harness {
@@ -266,6 +284,54 @@ impl Receiver {
             .await
             .expect("a delivery in time")
             .unwrap()
+    }
+}
+
+/// A receiver that holds every request until the test lets it go, then answers 500: the
+/// test acts while an attempt is in flight.
+pub struct HeldReceiver {
+    pub url: String,
+    pub arrived: mpsc::UnboundedReceiver<Received>,
+    pub release: Arc<Semaphore>,
+}
+
+impl HeldReceiver {
+    pub async fn start() -> HeldReceiver {
+        let (tx, arrived) = mpsc::unbounded_channel();
+        let release = Arc::new(Semaphore::new(0));
+        let gate = Arc::clone(&release);
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let tx = tx.clone();
+                let gate = Arc::clone(&gate);
+                async move {
+                    let _ = tx.send(Received { headers, body });
+                    gate.acquire().await.unwrap().forget();
+                    (StatusCode::INTERNAL_SERVER_ERROR, "not now")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        HeldReceiver {
+            url,
+            arrived,
+            release,
+        }
+    }
+
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.arrived.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+    }
+
+    /// Lets every request go, now and later.
+    pub fn open(&self) {
+        self.release.add_permits(Semaphore::MAX_PERMITS / 2);
     }
 }
 

@@ -81,6 +81,14 @@ function problemText(err, names) {
   return text;
 }
 
+/** Until when (ms since the epoch) the gateway asked this tab to hold its reads back: the
+ * `Retry-After` of the last 429. Reads wait it out, together, rather than failing (the
+ * delivery overview reads one attempt log per endpoint, more than a key's burst). */
+let readsNotBefore = 0;
+/** Longest a read waits out 429s, in all, before it fails like any other error. */
+const READ_WAIT_MAX_MS = 30000;
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 async function api(method, path, body) {
   const current = session;
   if (!current) throw new ApiError(401, { title: 'Unauthorized', detail: 'signed out' });
@@ -90,11 +98,27 @@ async function api(method, path, body) {
     headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }
+  const read = method === 'GET';
+  let waited = 0;
   let resp;
-  try {
-    resp = await fetch(path, init);
-  } catch (e) {
-    throw new ApiError(0, { detail: `the gateway did not answer (${e.message})` });
+  for (;;) {
+    const hold = readsNotBefore - Date.now();
+    if (read && hold > 0) {
+      await pause(hold);
+      waited += hold;
+      if (session !== current) throw new ApiError(401, { title: 'Unauthorized', detail: 'signed out' });
+    }
+    try {
+      resp = await fetch(path, init);
+    } catch (e) {
+      throw new ApiError(0, { detail: `the gateway did not answer (${e.message})` });
+    }
+    if (!read || resp.status !== 429) break;
+    // A read refused for the key's rate limit is asked again once the gateway says so.
+    const after = Number(resp.headers.get('Retry-After'));
+    const wait = (Number.isFinite(after) && after > 0 ? after : 1) * 1000;
+    if (waited + wait > READ_WAIT_MAX_MS) break;
+    readsNotBefore = Math.max(readsNotBefore, Date.now() + wait);
   }
   const text = await resp.text();
   let data = null;

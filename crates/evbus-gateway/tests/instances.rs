@@ -1,0 +1,556 @@
+//! Several gateway instances on one PostgreSQL store (and, where the defect is not specific to
+//! sharing, one instance on SQLite): what an owner changes through one instance must hold
+//! whatever the instances' dispatchers are doing at that moment.
+//!
+//! PostgreSQL: the server at `EVBUS_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), each test in a schema of its own (dropped at
+//! the end). Without a reachable server the PostgreSQL tests say so loudly and pass, unless
+//! CI=true or EVBUS_REQUIRE_BROKERS=1 (then they fail).
+
+mod support;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use evbus::Bus;
+use evbus_gateway::{Gateway, PostgresStore, Store};
+use serde_json::{Value, json};
+use support::*;
+
+const ORDERS: &str = "afterOrderCreate";
+
+fn postgres_url() -> String {
+    std::env::var("EVBUS_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn brokers_required() -> bool {
+    ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
+        std::env::var(var).is_ok_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "1" || v == "true" || v == "yes"
+        })
+    })
+}
+
+/// Gateway instances sharing one PostgreSQL schema and one broker, each on its own socket and
+/// its own connection pool, as `evbus serve --store postgres://…` on several pods.
+struct Instances {
+    bases: Vec<String>,
+    http: reqwest::Client,
+    admin: String,
+    gateways: Vec<Arc<Gateway>>,
+    store: PostgresStore,
+    schema: String,
+}
+
+impl Instances {
+    async fn start(n: usize) -> Option<Instances> {
+        match <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await {
+            Ok(conn) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            Err(e) => {
+                assert!(
+                    !brokers_required(),
+                    "PostgreSQL at {} is unreachable: {e}",
+                    evbus::registry::redact(&postgres_url())
+                );
+                eprintln!(
+                    "WARNING: PostgreSQL at {} is unreachable ({e}); this test did NOT run. \
+                     Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure.",
+                    evbus::registry::redact(&postgres_url())
+                );
+                return None;
+            }
+        }
+        let schema = format!("gwi_{}", uuid::Uuid::now_v7().simple());
+        let sep = if postgres_url().contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!("{}{sep}schema={schema}&max_connections=4", postgres_url());
+        let broker = evbus::memory::MemoryBroker::new(Default::default());
+        let mut bases = Vec::new();
+        let mut gateways = Vec::new();
+        let first = PostgresStore::open(&url).await.unwrap();
+        for i in 0..n {
+            let store = if i == 0 {
+                first.clone()
+            } else {
+                PostgresStore::open(&url).await.unwrap()
+            };
+            let bus = Bus::new(Arc::new(broker.connect()), catalog(), "/test");
+            let gateway = Arc::new(
+                Gateway::start(bus, Arc::new(store) as Arc<dyn Store>, holding_config())
+                    .await
+                    .unwrap(),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            bases.push(format!("http://{}", listener.local_addr().unwrap()));
+            let router = gateway.router();
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            gateways.push(gateway);
+        }
+        let (_, admin) = evbus_gateway::create_key(&first, "admin", vec![], vec![], true, None)
+            .await
+            .unwrap();
+        Some(Instances {
+            bases,
+            http: reqwest::Client::new(),
+            admin,
+            gateways,
+            store: first,
+            schema,
+        })
+    }
+
+    async fn finish(self) {
+        for g in &self.gateways {
+            g.shutdown().await;
+        }
+        self.store.drop_schema().await.unwrap();
+        self.store.close().await;
+    }
+}
+
+/// A client of the HTTP API of one instance.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn publish(&self, key: &str, data: Value) {
+        let id = format!("client-{}", uuid::Uuid::now_v7().simple());
+        let resp = self
+            .http
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(key)
+            .header("content-type", "application/cloudevents+json")
+            .body(
+                json!({"specversion": "1.0", "id": id, "source": "/external", "type": ORDERS,
+                    "datacontenttype": "application/json", "data": data})
+                .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+}
+
+/// Registers a webhook through `deliverer`'s side, then, while its first attempt is held by
+/// the receiver, rotates its secret and changes its description through `owner_side`. The
+/// attempt then fails: the retry must be signed with the new secret (and the previous one,
+/// during the overlap), and the webhook must keep its new description.
+async fn a_rotation_during_a_failing_attempt_holds(deliverer: &Api, owner_side: &Api, admin: &str) {
+    let (status, created) = deliverer
+        .call(
+            "POST",
+            "/v1/keys",
+            admin,
+            Some(json!({"name": "crm", "subscribe": [ORDERS], "publish": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    let mut receiver = HeldReceiver::start().await;
+    let (status, hook) = deliverer
+        .call(
+            "POST",
+            "/v1/webhooks",
+            &key,
+            Some(json!({"url": receiver.url, "event_types": [ORDERS], "description": "before"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{hook}");
+    let id = hook["id"].as_str().unwrap().to_owned();
+    let old_secret = hook["secret"].as_str().unwrap().to_owned();
+    deliverer.publish(&key, order_created()).await;
+
+    let first = receiver.next().await;
+    assert!(first.verify(&old_secret));
+    // The attempt is in flight: the owner rotates the secret and renames the webhook.
+    let (status, rotated) = owner_side
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    let (status, patched) = owner_side
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/{id}"),
+            &key,
+            Some(json!({"description": "after"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    receiver.open();
+
+    let retry = receiver.next().await;
+    assert_eq!(retry.id(), first.id(), "the same event, retried");
+    assert!(
+        retry.verify(&new_secret),
+        "the retry after a rotation must be signed with the new secret (the failing attempt wrote the old one back)"
+    );
+    assert!(
+        retry.verify(&old_secret),
+        "the previous secret still signs during the overlap"
+    );
+    let (_, now) = owner_side
+        .call("GET", &format!("/v1/webhooks/{id}"), &key, None)
+        .await;
+    assert_eq!(now["description"], "after", "{now}");
+    assert!(now["failing_since"].is_string(), "{now}");
+}
+
+/// While an attempt is held, the owner disables the webhook through `owner_side`; once that
+/// attempt has failed and is logged, the webhook is still disabled, with the owner's reason.
+async fn disabling_during_a_failing_attempt_holds(deliverer: &Api, owner_side: &Api, admin: &str) {
+    let (status, created) = deliverer
+        .call(
+            "POST",
+            "/v1/keys",
+            admin,
+            Some(json!({"name": "erp", "subscribe": [ORDERS], "publish": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    let mut receiver = HeldReceiver::start().await;
+    let (status, hook) = deliverer
+        .call(
+            "POST",
+            "/v1/webhooks",
+            &key,
+            Some(json!({"url": receiver.url, "event_types": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{hook}");
+    let id = hook["id"].as_str().unwrap().to_owned();
+    deliverer.publish(&key, order_created()).await;
+    receiver.next().await;
+    let (status, patched) = owner_side
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/{id}"),
+            &key,
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["enabled"], false);
+    receiver.open();
+    // The attempt's outcome is settled with its log row: once the row is there, so is the
+    // endpoint's bookkeeping.
+    eventually("the held attempt is logged", || async {
+        let (_, attempts) = owner_side
+            .call("GET", &format!("/v1/webhooks/{id}/attempts"), &key, None)
+            .await;
+        attempts.as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let (_, now) = owner_side
+        .call("GET", &format!("/v1/webhooks/{id}"), &key, None)
+        .await;
+    assert_eq!(
+        now["enabled"], false,
+        "a failing attempt must not re-enable a webhook its owner disabled meanwhile: {now}"
+    );
+    assert_eq!(now["disabled_reason"], "disabled by its owner", "{now}");
+}
+
+#[tokio::test]
+async fn postgres_a_secret_rotated_on_one_instance_during_an_attempt_is_kept() {
+    let Some(instances) = Instances::start(2).await else {
+        return;
+    };
+    let [a, b] = [0, 1].map(|i| Api {
+        base: instances.bases[i].clone(),
+        http: instances.http.clone(),
+    });
+    a_rotation_during_a_failing_attempt_holds(&a, &b, &instances.admin).await;
+    instances.finish().await;
+}
+
+#[tokio::test]
+async fn postgres_a_webhook_disabled_on_one_instance_during_an_attempt_stays_disabled() {
+    let Some(instances) = Instances::start(2).await else {
+        return;
+    };
+    let [a, b] = [0, 1].map(|i| Api {
+        base: instances.bases[i].clone(),
+        http: instances.http.clone(),
+    });
+    disabling_during_a_failing_attempt_holds(&a, &b, &instances.admin).await;
+    instances.finish().await;
+}
+
+#[tokio::test]
+async fn sqlite_a_secret_rotated_during_an_attempt_is_kept() {
+    let h = holding_harness().await;
+    let api = Api {
+        base: h.base.clone(),
+        http: h.http.clone(),
+    };
+    a_rotation_during_a_failing_attempt_holds(&api, &api, &h.admin).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_webhook_disabled_during_an_attempt_stays_disabled() {
+    let h = holding_harness().await;
+    let api = Api {
+        base: h.base.clone(),
+        http: h.http.clone(),
+    };
+    disabling_during_a_failing_attempt_holds(&api, &api, &h.admin).await;
+}
+
+/// A replay that re-enables a disabled webhook must not write back the webhook as it read it
+/// before queueing: a secret rotated meanwhile (here through another instance, while the
+/// replay waits for its key's turn) must stay rotated.
+#[tokio::test]
+async fn postgres_a_secret_rotated_on_one_instance_while_a_replay_waits_is_kept() {
+    let Some(instances) = Instances::start(2).await else {
+        return;
+    };
+    let [a, b] = [0, 1].map(|i| Api {
+        base: instances.bases[i].clone(),
+        http: instances.http.clone(),
+    });
+    let (status, created) = a
+        .call(
+            "POST",
+            "/v1/keys",
+            &instances.admin,
+            Some(json!({"name": "crm", "subscribe": [ORDERS], "publish": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    let owner = created["id"].as_str().unwrap().to_owned();
+    let mut receiver = Receiver::start(200).await;
+    let (status, hook) = a
+        .call(
+            "POST",
+            "/v1/webhooks",
+            &key,
+            Some(json!({"url": receiver.url(), "event_types": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{hook}");
+    let id = hook["id"].as_str().unwrap().to_owned();
+    let old_secret = hook["secret"].as_str().unwrap().to_owned();
+    let (status, _) = a
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/{id}"),
+            &key,
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let since = chrono::Utc::now() - chrono::Duration::minutes(1);
+    a.publish(&key, order_created()).await;
+    eventually("the event is logged", || async {
+        instances.store.latest_seq().await.unwrap() > 0
+    })
+    .await;
+
+    // Another replay of this key holds the key's turn (the lock the store's replays take).
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url())
+        .await
+        .unwrap();
+    let lock = "hashtext('evbus-gateway replay ' || $1 || ' ' || $2)";
+    sqlx::query(&format!("SELECT pg_advisory_lock({lock})"))
+        .bind(&instances.schema)
+        .bind(&owner)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let replaying = tokio::spawn({
+        let a = a.clone();
+        let key = key.clone();
+        let id = id.clone();
+        async move {
+            a.call(
+                "POST",
+                &format!("/v1/webhooks/{id}/replay"),
+                &key,
+                Some(json!({"since": since})),
+            )
+            .await
+        }
+    });
+    // The replay has read the webhook and waits for the turn.
+    eventually("the replay waits for its key's turn", || {
+        let url = postgres_url();
+        let schema = instances.schema.clone();
+        let owner = owner.clone();
+        async move {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+                .await
+                .unwrap();
+            let waiting: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND objid::BIGINT = ({lock})::BIGINT & 4294967295"
+            ))
+            .bind(&schema)
+            .bind(&owner)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            let _ = sqlx::Connection::close(conn).await;
+            waiting > 0
+        }
+    })
+    .await;
+    let (status, rotated) = b
+        .call(
+            "POST",
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    sqlx::query(&format!("SELECT pg_advisory_unlock({lock})"))
+        .bind(&instances.schema)
+        .bind(&owner)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (status, replayed) = replaying.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+
+    let delivered = receiver.next().await;
+    assert!(
+        delivered.verify(&new_secret),
+        "a replay must not undo a rotation made while it waited (the old secret was written back)"
+    );
+    assert!(
+        delivered.verify(&old_secret),
+        "the previous secret signs during the overlap"
+    );
+    let (_, now) = b
+        .call("GET", &format!("/v1/webhooks/{id}"), &key, None)
+        .await;
+    assert_eq!(now["enabled"], true, "the replay re-enabled it: {now}");
+    let _ = sqlx::Connection::close(holder).await;
+    instances.finish().await;
+}
+
+/// The two admin keys of a deployment revoke each other at the same moment, through two
+/// instances: one revocation is refused with 409 (it would revoke the last admin key), so an
+/// admin key is left. Both requests are held at the store until both have checked.
+#[tokio::test]
+async fn postgres_two_admin_keys_revoking_each_other_on_two_instances_leave_one() {
+    let Some(instances) = Instances::start(2).await else {
+        return;
+    };
+    let [a, b] = [0, 1].map(|i| Api {
+        base: instances.bases[i].clone(),
+        http: instances.http.clone(),
+    });
+    let first = instances.admin.clone();
+    let first_id = first.split('_').nth(1).unwrap().to_owned();
+    let (status, created) = a
+        .call(
+            "POST",
+            "/v1/keys",
+            &first,
+            Some(json!({"name": "second admin", "admin": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let second = created["key"].as_str().unwrap().to_owned();
+    let second_id = created["id"].as_str().unwrap().to_owned();
+
+    // Key writes wait (reads go on: both requests authenticate and check) until both
+    // revocations are waiting on a lock.
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.api_keys IN SHARE MODE",
+        instances.schema
+    ))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let revoke = |api: &Api, key: &str, id: &str| {
+        let (api, key, path) = (api.clone(), key.to_owned(), format!("/v1/keys/{id}"));
+        tokio::spawn(async move { api.call("DELETE", &path, &key, None).await.0 })
+    };
+    let one = revoke(&a, &first, &second_id);
+    let two = revoke(&b, &second, &first_id);
+    eventually("both revocations wait on a lock", || async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url())
+            .await
+            .unwrap();
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query ILIKE '%api_keys%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let _ = sqlx::Connection::close(conn).await;
+        waiting >= 2
+    })
+    .await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let mut answers = [one.await.unwrap(), two.await.unwrap()];
+    answers.sort();
+    let keys = instances.store.list_keys().await.unwrap();
+    let active_admins = keys
+        .iter()
+        .filter(|k| k.admin && k.is_active(chrono::Utc::now()))
+        .count();
+    assert_eq!(
+        active_admins, 1,
+        "one admin key is left (answers {answers:?}); none would lock every administrator out"
+    );
+    assert_eq!(answers, [StatusCode::NO_CONTENT, StatusCode::CONFLICT]);
+    let _ = sqlx::Connection::close(holder).await;
+    instances.finish().await;
+}
