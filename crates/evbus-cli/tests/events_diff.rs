@@ -179,6 +179,21 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             json!({"type": "array", "contains": {"type": "string"}}),
         ),
         (
+            "MIN_CONTAINS_INCREASED",
+            json!({"type": "array", "contains": {"type": "string"}}),
+            json!({"type": "array", "contains": {"type": "string"}, "minContains": 2}),
+        ),
+        (
+            "MAX_CONTAINS_ADDED",
+            json!({"type": "array", "contains": {"type": "string"}}),
+            json!({"type": "array", "contains": {"type": "string"}, "maxContains": 1}),
+        ),
+        (
+            "MAX_CONTAINS_DECREASED",
+            json!({"type": "array", "contains": {"type": "string"}, "maxContains": 3}),
+            json!({"type": "array", "contains": {"type": "string"}, "maxContains": 2}),
+        ),
+        (
             "MAX_PROPERTIES_ADDED",
             json!({"type": "object"}),
             json!({"type": "object", "maxProperties": 3}),
@@ -276,7 +291,9 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
         (
             "PRODUCT_TYPE_EXTENDED",
             json!({"type": "string"}),
-            json!({"type": "string", "allOf": [{"type": "string", "maxLength": 3}]}),
+            // A conjunct that repeats `"type": "string"` merges (and would be MAX_LENGTH_ADDED):
+            // this one says the type differently, so it stays a conjunct.
+            json!({"type": "string", "allOf": [{"type": ["string", "null"], "maxLength": 3}]}),
         ),
         (
             "NOT_TYPE_ADDED",
@@ -681,5 +698,89 @@ fn from_git_compares_the_directory_at_a_reference() {
         text(&out.stderr).contains("main has no other; comparing with an empty catalogue"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_change_through_a_shared_definition_names_the_definition() {
+    let from = temp_dir("diff-def-from");
+    let to = temp_dir("diff-def-to");
+    let order =
+        json!({"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]});
+    let t =
+        json!({"type": "object", "properties": {"order": {"$ref": "../definitions/Order.json"}}});
+    write(&from.join("definitions/Order.json"), &order);
+    write(&from.join("events/t.json"), &t);
+    // The proposed catalogue keeps version 1 of t as it was, in the history, adds version 2,
+    // and makes a property of the shared definition required.
+    let mut order2 = order.clone();
+    order2["properties"]["currency"] = json!({"type": "string"});
+    order2["required"] = json!(["id", "currency"]);
+    write(&to.join("definitions/Order.json"), &order2);
+    write(&to.join("events/t/1.json"), &t);
+    let mut t2 = t.clone();
+    t2["properties"]["note"] = json!({});
+    write(&to.join("events/t.json"), &t2);
+    let out = evbus(&[
+        "events",
+        "diff",
+        "--from",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("breaking t v1 -> v1 /properties/order/required "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.contains(
+            "version 1 is unchanged, but the shared definition it references changed \
+             (definitions/Order.json)"
+        ),
+        "{line}"
+    );
+    assert!(
+        !stdout.contains("keep this one in events/t/1.json"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_proposed_catalogue_that_does_not_load_is_breaking() {
+    let from = temp_dir("diff-mode-from");
+    let to = temp_dir("diff-mode-to");
+    let v1 = event(json!({"type": "string"}));
+    let mut v2 = v1.clone();
+    v2["properties"]["note"] = json!({"type": "string"});
+    for dir in [&from, &to] {
+        write(&dir.join("events/t/1.json"), &v1);
+    }
+    write(&from.join("events/t.json"), &v2);
+    // The pull request only makes the mode stricter: version 2 is not FORWARD compatible.
+    let mut full = v2.clone();
+    full["x-evbus-compatibility"] = json!("FULL");
+    write(&to.join("events/t.json"), &full);
+    // What every service does with the proposed catalogue: refuse to load it.
+    let list = evbus(&["events", "list", "--schemas", to.to_str().unwrap()]);
+    assert_eq!(list.status.code(), Some(2), "{}", text(&list.stderr));
+
+    let out = evbus(&[
+        "events",
+        "diff",
+        "--from",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.lines().any(|l| l.starts_with(
+            "breaking t v1 -> v2 /properties/note PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL (FORWARD): "
+        ) && l.ends_with("so no service loads it")),
+        "{stdout}"
     );
 }

@@ -570,6 +570,7 @@ impl CatalogBuilder {
                     p.schema.clone(),
                     c.clone(),
                     p.origin.clone(),
+                    p.mode,
                     validator,
                 ));
             }

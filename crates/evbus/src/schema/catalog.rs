@@ -34,6 +34,8 @@ pub struct EventVersion {
     source: Value,
     canonical: Value,
     origin: String,
+    /// The mode this version was checked in against the earlier ones when registered.
+    mode: Compatibility,
     validator: jsonschema::Validator,
 }
 
@@ -47,6 +49,7 @@ impl EventVersion {
         source: Value,
         canonical: Value,
         origin: String,
+        mode: Compatibility,
         validator: jsonschema::Validator,
     ) -> Self {
         EventVersion {
@@ -58,8 +61,15 @@ impl EventVersion {
             source,
             canonical,
             origin,
+            mode,
             validator,
         }
+    }
+
+    /// The mode this version is checked in against the earlier versions (the type's mode
+    /// when it was added, as loading a catalogue checks it).
+    pub(crate) fn mode(&self) -> Compatibility {
+        self.mode
     }
 
     /// The event type.

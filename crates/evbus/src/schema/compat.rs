@@ -23,16 +23,25 @@
 //!   value) unless the new property's schema accepts anything; adding it to a closed model is
 //!   fine. Removing a property is fine for an open reader and refused for a closed one
 //!   (`PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL`); with a partially open model, the property
-//!   must be covered by the model's schema.
+//!   must be covered by the model's schema. `unevaluatedProperties` counts as the content model
+//!   when there is no `additionalProperties` and nothing else in the object schema evaluates
+//!   properties once `allOf` and `$ref` are merged (the 2020-12 way to close an event built on
+//!   a shared definition: `{"$ref": "../definitions/Base.json", "properties": {…},
+//!   "unevaluatedProperties": false}`); beside alternatives or conditionals that evaluate
+//!   properties, it is compared as a whole (`UNEVALUATED_PROPERTIES_CHANGED` when it changes).
 //! - **Required.** A property newly required by the reader is refused
 //!   (`REQUIRED_PROPERTY_ADDED`); a property no longer required is fine.
 //! - **Types.** The reader must accept every writer type (`integer` is accepted by `number`):
 //!   widening is fine, `TYPE_NARROWED` and `TYPE_CHANGED` are refused.
 //! - **Enums and const.** The reader's values must include the writer's (`ENUM_ARRAY_NARROWED`).
 //! - **Limits.** `maximum`, `minimum` (and exclusive forms), `maxLength`, `minLength`,
-//!   `maxItems`, `minItems`, `maxProperties`, `minProperties`: relaxing is fine, tightening or
-//!   adding one is refused; `multipleOf` must divide the writer's; `pattern`, `format` added or
-//!   changed, `uniqueItems` added, dependencies added are refused.
+//!   `maxItems`, `minItems`, `maxProperties`, `minProperties` (integers, `5.0` included):
+//!   relaxing is fine, tightening or adding one is refused; `multipleOf` must divide the
+//!   writer's; `pattern`, `format` added or changed, `uniqueItems` added, dependencies added are
+//!   refused. `contains` needs the writer's own `contains`, as many matches (`minContains`,
+//!   `MIN_CONTAINS_INCREASED`), and a `maxContains` the writer bounds as tightly, with its own
+//!   `maxContains` on the same schema or with `maxItems` (`MAX_CONTAINS_ADDED`,
+//!   `MAX_CONTAINS_DECREASED`).
 //! - **Combinations.** Every writer alternative of `anyOf`/`oneOf` must be accepted by some
 //!   reader alternative (`SUM_TYPE_NARROWED` otherwise; adding alternatives is fine); `allOf`
 //!   conjuncts are merged before comparing; `not`, `if`/`then`/`else` must keep their meaning.
@@ -271,6 +280,8 @@ const ASSERTIONS: &[&str] = &[
     "additionalItems",
     "unevaluatedItems",
     "contains",
+    "minContains",
+    "maxContains",
     "maxItems",
     "minItems",
     "uniqueItems",
@@ -474,8 +485,10 @@ fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
         match c {
             Value::Object(cm) => {
                 let cm = flatten_all_of(cm);
-                let mergeable = cm.keys().all(|k| {
-                    !out.contains_key(k)
+                // A keyword both sides have with the same value merges as itself (`$ref` to
+                // an object definition next to `"type": "object"`).
+                let mergeable = cm.iter().all(|(k, v)| {
+                    out.get(k).is_none_or(|o| o == v)
                         || matches!(k.as_str(), "properties" | "required")
                         || !ASSERTIONS.contains(&k.as_str())
                 });
@@ -764,6 +777,16 @@ fn rule_name(base: &str, suffix: &str) -> &'static str {
         .unwrap_or("LIMIT_CHANGED")
 }
 
+/// A count keyword's value (`maxLength`…): a non-negative integer, which JSON Schema lets
+/// be written `5.0` as well as `5`.
+fn as_count(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
 /// An integer limit (`maxLength`…): the reader's must not be tighter than the writer's.
 fn limit(
     w: &Map<String, Value>,
@@ -774,13 +797,13 @@ fn limit(
     path: &str,
     out: &mut Vec<Incompatibility>,
 ) {
-    let Some(rv) = r.get(kw).and_then(Value::as_u64) else {
+    let Some(rv) = r.get(kw).and_then(as_count) else {
         return;
     };
     if !upper && rv == 0 {
         return;
     }
-    match w.get(kw).and_then(Value::as_u64) {
+    match w.get(kw).and_then(as_count) {
         None => out.push(Incompatibility::new(
             &at(path, kw),
             rule_name(rule_base, "_ADDED"),
@@ -826,9 +849,58 @@ fn strings(
 
 /// How an object schema treats a property name it does not declare in `properties`.
 enum Cover<'a> {
-    Closed,
+    /// Refused, by the keyword named (`additionalProperties` or `unevaluatedProperties`).
+    Closed(&'static str),
     Open,
     Schema(&'a Value),
+}
+
+/// The schema an object schema applies to the property names it does not declare in
+/// `properties` or `patternProperties`, with its keyword: `additionalProperties`, or
+/// `unevaluatedProperties` when that is the only one and nothing else in the schema
+/// (`allOf`, `anyOf`, `oneOf`, `if`/`then`/`else`, `dependentSchemas`, a recursive `$ref`)
+/// evaluates properties. Then the two mean the same: `unevaluatedProperties: false` is how
+/// 2020-12 closes a model built with `$ref`/`allOf`, which the comparison has already merged.
+/// `None`: the model is open (or `unevaluatedProperties` depends on more than this schema,
+/// which [`objects`] then compares as a whole).
+fn rest(m: &Map<String, Value>) -> Option<(&'static str, &Value)> {
+    if let Some(ap) = m.get("additionalProperties") {
+        return Some(("additionalProperties", ap));
+    }
+    let up = m.get("unevaluatedProperties")?;
+    let elsewhere = m.contains_key("$ref")
+        || m.contains_key("$dynamicRef")
+        || [
+            "allOf",
+            "anyOf",
+            "oneOf",
+            "if",
+            "then",
+            "else",
+            "dependentSchemas",
+        ]
+        .iter()
+        .any(|k| m.get(*k).is_some_and(mentions_properties));
+    (!elsewhere).then_some(("unevaluatedProperties", up))
+}
+
+/// Whether a schema (or anything under it) says something about object properties.
+fn mentions_properties(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => o.iter().any(|(k, v)| {
+            matches!(
+                k.as_str(),
+                "properties"
+                    | "patternProperties"
+                    | "additionalProperties"
+                    | "unevaluatedProperties"
+                    | "$ref"
+                    | "$dynamicRef"
+            ) || mentions_properties(v)
+        }),
+        Value::Array(a) => a.iter().any(mentions_properties),
+        _ => false,
+    }
 }
 
 fn cover<'a>(m: &'a Map<String, Value>, name: &str) -> Cover<'a> {
@@ -839,11 +911,11 @@ fn cover<'a>(m: &'a Map<String, Value>, name: &str) -> Cover<'a> {
             }
         }
     }
-    match m.get("additionalProperties") {
-        None | Some(Value::Bool(true)) => Cover::Open,
-        Some(Value::Bool(false)) => Cover::Closed,
-        Some(s) if accepts_anything(s) => Cover::Open,
-        Some(s) => Cover::Schema(s),
+    match rest(m) {
+        None | Some((_, Value::Bool(true))) => Cover::Open,
+        Some((kw, Value::Bool(false))) => Cover::Closed(kw),
+        Some((_, s)) if accepts_anything(s) => Cover::Open,
+        Some((_, s)) => Cover::Schema(s),
     }
 }
 
@@ -894,7 +966,7 @@ fn objects(
             continue;
         }
         match cover(w, name) {
-            Cover::Closed => {} // PROPERTY_ADDED_TO_CLOSED_CONTENT_MODEL: compatible.
+            Cover::Closed(_) => {} // PROPERTY_ADDED_TO_CLOSED_CONTENT_MODEL: compatible.
             Cover::Open if accepts_anything(rs) => {}
             Cover::Open => out.push(Incompatibility::new(
                 &p,
@@ -931,12 +1003,12 @@ fn objects(
         let p = at(&at(path, "properties"), name);
         match cover(r, name) {
             Cover::Open => {} // PROPERTY_REMOVED_FROM_OPEN_CONTENT_MODEL: compatible.
-            Cover::Closed => out.push(Incompatibility::new(
+            Cover::Closed(kw) => out.push(Incompatibility::new(
                 &p,
                 "PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL",
                 format!(
                     "property \"{name}\" was removed, but the reader's content model is closed \
-                     (additionalProperties: false), so data that has \"{name}\" is refused"
+                     ({kw}: false), so data that has \"{name}\" is refused"
                 ),
             )),
             Cover::Schema(rs) => {
@@ -958,29 +1030,45 @@ fn objects(
     }
 
     // What happens to names neither side declares.
-    let w_ap = w.get("additionalProperties");
-    let r_ap = r.get("additionalProperties");
+    let w_rest = rest(w);
+    let r_rest = rest(r);
+    let w_ap = w_rest.map(|(_, s)| s);
+    let r_ap = r_rest.map(|(_, s)| s);
     let w_open = w_ap.is_none_or(accepts_anything);
+    // `unevaluatedProperties` in the reader's place of `additionalProperties` keeps its rule.
+    let r_kw = r_rest.map_or("additionalProperties", |(kw, _)| kw);
+    let by_ap = r_kw == "additionalProperties";
     match r_ap {
         Some(Value::Bool(false)) if !matches!(w_ap, Some(Value::Bool(false))) => {
             out.push(Incompatibility::new(
-                &at(path, "additionalProperties"),
-                "ADDITIONAL_PROPERTIES_REMOVED",
-                "the reader closed the content model (additionalProperties: false), so data \
-                 with properties it does not declare is refused"
-                    .to_owned(),
+                &at(path, r_kw),
+                if by_ap {
+                    "ADDITIONAL_PROPERTIES_REMOVED"
+                } else {
+                    "UNEVALUATED_PROPERTIES_CHANGED"
+                },
+                format!(
+                    "the reader closed the content model ({r_kw}: false), so data with \
+                     properties it does not declare is refused"
+                ),
             ));
         }
         Some(rs) if !accepts_anything(rs) && !accepts_nothing(rs) => {
             if w_open {
                 out.push(Incompatibility::new(
-                    &at(path, "additionalProperties"),
-                    "ADDITIONAL_PROPERTIES_NARROWED",
-                    "the reader constrains undeclared properties that the writer left open"
-                        .to_owned(),
+                    &at(path, r_kw),
+                    if by_ap {
+                        "ADDITIONAL_PROPERTIES_NARROWED"
+                    } else {
+                        "UNEVALUATED_PROPERTIES_CHANGED"
+                    },
+                    format!(
+                        "the reader constrains undeclared properties ({r_kw}) that the writer \
+                         left open"
+                    ),
                 ));
             } else if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s)) {
-                compare(ws, rs, &at(path, "additionalProperties"), depth + 1, out);
+                compare(ws, rs, &at(path, r_kw), depth + 1, out);
             }
         }
         _ => {}
@@ -1102,7 +1190,9 @@ fn objects(
         }
     }
 
-    if let Some(ru) = r.get("unevaluatedProperties")
+    // Compared above when it is the reader's content model; otherwise as a whole.
+    if by_ap
+        && let Some(ru) = r.get("unevaluatedProperties")
         && w.get("unevaluatedProperties") != Some(ru)
         && !accepts_anything(ru)
     {
@@ -1192,13 +1282,71 @@ fn arrays(
             "the reader requires unique items; the writer allowed duplicates".to_owned(),
         ));
     }
-    if let Some(rc) = r.get("contains") {
-        match w.get("contains") {
-            Some(wc) => compare(wc, rc, &at(path, "contains"), depth + 1, out),
+    contains(w, r, path, depth, out);
+}
+
+/// `contains` with `minContains` (default 1) and `maxContains`: how many items must match.
+fn contains(
+    w: &Map<String, Value>,
+    r: &Map<String, Value>,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<Incompatibility>,
+) {
+    let Some(rc) = r.get("contains") else { return };
+    let wc = w.get("contains");
+    let count = |m: &Map<String, Value>, kw: &str| m.get(kw).and_then(as_count);
+    let r_min = count(r, "minContains").unwrap_or(1);
+    let w_min = wc.map_or(0, |_| count(w, "minContains").unwrap_or(1));
+    let mut sub = Vec::new();
+    if let Some(wc) = wc {
+        compare(wc, rc, &at(path, "contains"), depth + 1, &mut sub);
+    }
+    if r_min > 0 {
+        match wc {
+            // Items the writer guarantees match the reader's `contains` only if it accepts them.
+            Some(_) if !sub.is_empty() => out.append(&mut sub),
+            Some(_) if w_min < r_min => out.push(Incompatibility::new(
+                &at(path, "minContains"),
+                "MIN_CONTAINS_INCREASED",
+                format!(
+                    "the reader requires at least {r_min} items matching \"contains\", the \
+                     writer only {w_min}"
+                ),
+            )),
+            Some(_) => {}
             None => out.push(Incompatibility::new(
                 &at(path, "contains"),
                 "CONTAINS_ADDED",
                 "the reader requires an item matching \"contains\"; the writer did not".to_owned(),
+            )),
+        }
+    }
+    // At most `maxContains` items may match: the writer must bound the same items as tightly.
+    if let Some(r_max) = count(r, "maxContains") {
+        let same_items = wc.is_some_and(|wc| assertions(wc) == assertions(rc));
+        let w_max = count(w, "maxContains")
+            .filter(|_| same_items)
+            .into_iter()
+            .chain(count(w, "maxItems"))
+            .min();
+        match w_max {
+            Some(w_max) if w_max <= r_max => {}
+            Some(w_max) => out.push(Incompatibility::new(
+                &at(path, "maxContains"),
+                "MAX_CONTAINS_DECREASED",
+                format!(
+                    "the reader allows at most {r_max} items matching \"contains\", the \
+                     writer up to {w_max}"
+                ),
+            )),
+            None => out.push(Incompatibility::new(
+                &at(path, "maxContains"),
+                "MAX_CONTAINS_ADDED",
+                format!(
+                    "the reader allows at most {r_max} items matching \"contains\"; the \
+                     writer set no such limit"
+                ),
             )),
         }
     }

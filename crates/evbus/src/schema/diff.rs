@@ -47,9 +47,10 @@ pub enum ChangeKind {
     /// A rule of the type's mode broken by a new version (one line per broken rule; the rule
     /// is Confluent's name, see [`compat`]).
     Incompatible,
-    /// A published version changed in place: breaking when the old and new schemas of the
-    /// version do not read each other's data (one line per broken rule), compatible when only
-    /// annotations changed.
+    /// A published version changed in place, in its own schema or through a shared
+    /// definition it references: breaking when the old and new schemas of the version do not
+    /// read each other's data (one line per broken rule), compatible when only annotations
+    /// changed.
     VersionChanged,
     /// A version is gone: compatible when the latest version reads its data (consumers read
     /// such events as the latest version), breaking otherwise.
@@ -168,6 +169,51 @@ fn inlined(catalog: &Catalog, info: &EventTypeInfo) -> BTreeMap<u32, Value> {
         .collect()
 }
 
+/// Why version `v`, present in both catalogues, changed: its own schema, or only the shared
+/// definitions it references (which are not versioned). `None` when its own schema changed;
+/// otherwise the definitions whose content differs, as `definitions/<Name>.json`.
+fn changed_definitions(
+    from: &Catalog,
+    old: &EventTypeInfo,
+    to: &Catalog,
+    new: &EventTypeInfo,
+    v: u32,
+) -> Option<Vec<String>> {
+    let (before, after) = (old.version(v)?, new.version(v)?);
+    let own = |e: &EventVersion| {
+        let mut s = e.source_schema().clone();
+        if let Some(m) = s.as_object_mut() {
+            m.remove(VERSION_KEYWORD);
+        }
+        s
+    };
+    if own(before) != own(after) {
+        return None;
+    }
+    let aliases = HashMap::new();
+    let (from_defs, to_defs) = (from.canonical_definitions(), to.canonical_definitions());
+    let mut names = resolve::referenced_definitions(
+        before.canonical(),
+        &Docs {
+            defs: from_defs,
+            aliases: &aliases,
+        },
+    );
+    names.extend(resolve::referenced_definitions(
+        after.canonical(),
+        &Docs {
+            defs: to_defs,
+            aliases: &aliases,
+        },
+    ));
+    let changed: Vec<String> = names
+        .into_iter()
+        .filter(|n| from_defs.get(n) != to_defs.get(n))
+        .map(|n| format!("definitions/{n}.json"))
+        .collect();
+    (!changed.is_empty()).then_some(changed)
+}
+
 fn weakens(from: Compatibility, to: Compatibility) -> bool {
     (from.checks_backward() && !to.checks_backward())
         || (from.checks_forward() && !to.checks_forward())
@@ -185,10 +231,16 @@ impl Catalog {
     ///   compatible `VERSION_ADDED` line;
     /// - a version present in both whose schema changed must still read and be read by its
     ///   old form, since events of it are in flight: one breaking line per rule broken, or a
-    ///   compatible `VERSION_CHANGED` line when only annotations changed;
+    ///   compatible `VERSION_CHANGED` line when only annotations changed. Shared definitions
+    ///   are not versioned, so a changed definition changes every version that references it;
+    ///   when the version's own schema is unchanged, the message names the definitions;
     /// - a version dropped from `to` is compatible when the latest version of `to` reads its
     ///   data, breaking otherwise;
-    /// - a weaker mode (a direction or transitivity dropped) is breaking.
+    /// - a weaker mode (a direction or transitivity dropped) is breaking;
+    /// - the versions `to` keeps, and those of a type it adds, are checked against the
+    ///   versions before them in `to`, in the mode each is checked in when the catalogue
+    ///   loads (a stricter mode may break a history the old mode allowed): a broken rule is
+    ///   breaking, since no service loads such a catalogue.
     ///
     /// Load both catalogues with [`check_compatibility(false)`](super::CatalogBuilder::check_compatibility)
     /// so that a breaking `to` loads and gets its findings rather than a load error.
@@ -222,6 +274,7 @@ impl Catalog {
                             new.compatibility()
                         ),
                     ));
+                    history_breaks(ty, new, &inlined(to, new), |_| true, &mut out);
                 }
                 (Some(old), None) => out.push(Change::new(
                     ty,
@@ -288,6 +341,9 @@ fn diff_type(
         if before == after {
             continue;
         }
+        // Its own file unchanged: the change comes from shared definitions, which every
+        // version referencing them (the ones in flight too) reads with their new form.
+        let via_definitions = changed_definitions(from, old, to, new, *v);
         let mut found = false;
         for (direction, writer, reader, what) in [
             (
@@ -314,11 +370,23 @@ fn diff_type(
                     p.path(),
                     p.rule(),
                     Some(direction),
-                    format!(
-                        "version {v} changed in place ({what}): {}; publish the change as a new \
-                         version and keep this one in events/{ty}/{v}.json",
-                        p.message()
-                    ),
+                    match &via_definitions {
+                        None => format!(
+                            "version {v} changed in place ({what}): {}; publish the change as a \
+                             new version and keep this one in events/{ty}/{v}.json",
+                            p.message()
+                        ),
+                        Some(defs) => format!(
+                            "version {v} is unchanged, but the shared definition{} it references \
+                             changed ({}), and definitions are not versioned: every version \
+                             that references one validates with its new form ({what}): {}; make \
+                             the definition's change compatible, or put the new form under a new \
+                             definition name referenced only by a new version of \"{ty}\"",
+                            if defs.len() == 1 { "" } else { "s" },
+                            defs.join(", "),
+                            p.message()
+                        ),
+                    },
                 ));
             }
         }
@@ -332,7 +400,15 @@ fn diff_type(
                 "/",
                 ChangeKind::VersionChanged.as_str(),
                 None,
-                format!("version {v} changed in place, in annotations only"),
+                match &via_definitions {
+                    None => format!("version {v} changed in place, in annotations only"),
+                    Some(defs) => format!(
+                        "version {v} is unchanged; the shared definition{} it references \
+                         changed ({}), in annotations only",
+                        if defs.len() == 1 { "" } else { "s" },
+                        defs.join(", ")
+                    ),
+                },
             ));
         }
     }
@@ -436,6 +512,62 @@ fn diff_type(
                     )
                 },
             ));
+        }
+    }
+
+    // The versions kept, against the history as proposed (a stricter mode, or a version
+    // edited in place, may break it): the proposed catalogue must load.
+    history_breaks(ty, new, &new_s, |v| old_s.contains_key(&v), out);
+}
+
+/// The versions of `info` (with `schemas`, their inlined forms) for which `check` holds,
+/// each against the versions before it in the mode it is checked in, as loading the
+/// catalogue does: one breaking line per rule broken, since a catalogue whose history breaks
+/// its mode does not load.
+fn history_breaks(
+    ty: &str,
+    info: &EventTypeInfo,
+    schemas: &BTreeMap<u32, Value>,
+    check: impl Fn(u32) -> bool,
+    out: &mut Vec<Change>,
+) {
+    let versions = info.versions();
+    for (i, ev) in versions.iter().enumerate().skip(1) {
+        let (v, mode) = (ev.version(), ev.mode());
+        if !check(v) || mode == Compatibility::None {
+            continue;
+        }
+        let earlier: Vec<u32> = if mode.is_transitive() {
+            versions[..i].iter().map(EventVersion::version).collect()
+        } else {
+            vec![versions[i - 1].version()]
+        };
+        let schema = &schemas[&v];
+        for e in earlier.iter().rev() {
+            let prev = &schemas[e];
+            let mut found = Vec::new();
+            if mode.checks_backward() {
+                found.extend(
+                    compat::check(prev, schema)
+                        .into_iter()
+                        .map(|p| ("BACKWARD", p, v, *e)),
+                );
+            }
+            if mode.checks_forward() {
+                found.extend(
+                    compat::check(schema, prev)
+                        .into_iter()
+                        .map(|p| ("FORWARD", p, *e, v)),
+                );
+            }
+            for (direction, p, reader, writer) in found {
+                let mut c = incompatible(ty, *e, v, direction, &p, reader, writer);
+                c.message.push_str(&format!(
+                    "; version {v} is not {mode} compatible with version {e} in this catalogue, \
+                     so no service loads it"
+                ));
+                out.push(c);
+            }
         }
     }
 }
