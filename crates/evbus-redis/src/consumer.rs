@@ -1391,6 +1391,7 @@ impl<'a> Record<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ContentMode;
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
@@ -1404,27 +1405,29 @@ mod tests {
     }
 
     #[test]
-    fn entries_written_by_xadd_decode_to_the_same_event() {
+    fn entries_written_by_xadd_decode_to_the_same_event_in_either_mode() {
         let event = Event::builder("afterOrderCreate", "/shop")
             .json(&serde_json::json!({"name": "Zoë"}))
             .unwrap()
             .subject("o 1")
             .build()
             .unwrap();
-        let cmd = crate::publisher::xadd("s", Retention::Unlimited, &event);
-        let args: Vec<Vec<u8>> = cmd
-            .args_iter()
-            .skip(3)
-            .map(|a| match a {
-                redis::Arg::Simple(b) => b.to_vec(),
-                _ => Vec::new(),
-            })
-            .collect();
-        let mut fields: Fields = args
-            .chunks(2)
-            .map(|p| (p[0].clone(), p[1].clone()))
-            .collect();
-        assert_eq!(decode(&mut fields).unwrap(), event);
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            let cmd = crate::publisher::xadd("s", Retention::Unlimited, mode, &event).unwrap();
+            let args: Vec<Vec<u8>> = cmd
+                .args_iter()
+                .skip(3)
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => b.to_vec(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let mut fields: Fields = args
+                .chunks(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect();
+            assert_eq!(decode(&mut fields).unwrap(), event, "{mode:?}");
+        }
     }
 
     #[test]

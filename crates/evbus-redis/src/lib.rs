@@ -11,7 +11,7 @@ mod publisher;
 mod scripts;
 mod transport;
 
-pub use config::{MAX_PAYLOAD_LIMIT, RedisConfig, RedisConfigKey, Retention};
+pub use config::{ContentMode, MAX_PAYLOAD_LIMIT, RedisConfig, RedisConfigKey, Retention};
 pub use connector::{RedisConnector, URL_SCHEMES};
 pub use consumer::UNDECODABLE_EVENT_TYPE;
 pub use transport::RedisTransport;

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use evbus::binding::{self, HeaderStyle};
+use evbus::envelope::CLOUDEVENTS_JSON;
 use evbus::raw::Source;
 use evbus::{
     ConsumerOptions, Error, ErrorKind, Event, Queue, Result, StartPosition, SubscribeOptions,
@@ -13,7 +14,7 @@ use evbus::{
 };
 use redis::{RedisWrite, Value};
 
-use crate::config::Retention;
+use crate::config::{ContentMode, Retention};
 use crate::consumer::{self, ConsumerSpec};
 use crate::error::from_redis;
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, QUEUE_GROUP, StreamKeys, check_name};
@@ -25,8 +26,15 @@ pub(crate) const DATA_FIELD: &str = "data";
 /// Most `XADD`s sent in one pipeline by a batch publish.
 const PIPELINE_CHUNK: usize = 500;
 
-/// Builds the `XADD` of one event: `ce_*` attribute fields, `content-type`, then `data`.
-pub(crate) fn xadd(stream: &str, retention: Retention, event: &Event) -> redis::Cmd {
+/// Builds the `XADD` of one event: in binary mode `ce_*` attribute fields, `content-type`,
+/// then `data`; in structured mode `content-type` (the CloudEvents JSON format) and `data`
+/// (the whole event).
+pub(crate) fn xadd(
+    stream: &str,
+    retention: Retention,
+    mode: ContentMode,
+    event: &Event,
+) -> Result<redis::Cmd> {
     // Sized once: stream, trimming, `*`, the attributes and `data` (appending ~20 arguments
     // to an empty command regrew its buffer several times per publish).
     let args = 8 + 2 * (9 + event.extensions().len());
@@ -46,6 +54,13 @@ pub(crate) fn xadd(stream: &str, retention: Retention, event: &Event) -> redis::
         }
     }
     cmd.arg("*");
+    if mode == ContentMode::Structured {
+        cmd.arg(HeaderStyle::REDIS.content_type)
+            .arg(CLOUDEVENTS_JSON)
+            .arg(DATA_FIELD)
+            .arg(event.to_json()?);
+        return Ok(cmd);
+    }
     binding::visit(event, HeaderStyle::REDIS, |prefix, name, value| {
         // The field name is written in its two parts straight into the command's buffer.
         let mut field = cmd.writer_for_next_arg();
@@ -58,7 +73,7 @@ pub(crate) fn xadd(stream: &str, retention: Retention, event: &Event) -> redis::
     if let Some(data) = event.data() {
         cmd.arg(DATA_FIELD).arg(data.as_ref());
     }
-    cmd
+    Ok(cmd)
 }
 
 fn check_size(event: &Event, limit: usize) -> Result<()> {
@@ -90,16 +105,17 @@ async fn append(
         check_size(event, shared.config.max_payload_bytes)?;
     }
     let replicas = shared.config.replicas_to_wait_for();
+    let mode = shared.config.content_mode;
     if let ([event], 0) = (events, replicas) {
         shared
-            .query::<Value>(&xadd(stream, retention, event), what)
+            .query::<Value>(&xadd(stream, retention, mode, event)?, what)
             .await?;
         return Ok(());
     }
     for chunk in events.chunks(PIPELINE_CHUNK) {
         let mut pipe = redis::pipe();
         for event in chunk {
-            pipe.add_command(xadd(stream, retention, event));
+            pipe.add_command(xadd(stream, retention, mode, event)?);
         }
         if replicas > 0 {
             // In the same pipeline, so on the same connection to the master that took the
@@ -338,6 +354,10 @@ mod tests {
             .collect()
     }
 
+    fn binary(stream: &str, retention: Retention, event: &Event) -> redis::Cmd {
+        xadd(stream, retention, ContentMode::Binary, event).unwrap()
+    }
+
     fn event() -> Event {
         Event::builder("afterOrderCreate", "/shop/orders")
             .id("e-1")
@@ -350,7 +370,7 @@ mod tests {
 
     #[test]
     fn xadd_writes_binary_mode_fields_then_data() {
-        let a = args(&xadd(
+        let a = args(&binary(
             "evbus:topic:{orders}",
             Retention::Unlimited,
             &event(),
@@ -370,9 +390,9 @@ mod tests {
 
     #[test]
     fn xadd_trims_approximately_when_retention_is_set() {
-        let a = args(&xadd("s", Retention::MaxLen { entries: 1000 }, &event()));
+        let a = args(&binary("s", Retention::MaxLen { entries: 1000 }, &event()));
         assert_eq!(&a[..5], ["XADD", "s", "MAXLEN", "~", "1000"]);
-        let a = args(&xadd(
+        let a = args(&binary(
             "s",
             Retention::MaxAge {
                 age: std::time::Duration::from_secs(60),
@@ -394,8 +414,32 @@ mod tests {
     #[test]
     fn events_without_data_have_no_data_field() {
         let e = Event::builder("t", "s").build().unwrap();
-        let a = args(&xadd("s", Retention::Unlimited, &e));
+        let a = args(&binary("s", Retention::Unlimited, &e));
         assert!(!a.iter().any(|f| f == DATA_FIELD));
+    }
+
+    #[test]
+    fn structured_mode_writes_the_whole_event_as_json_in_two_fields() {
+        let e = event();
+        let a = args(
+            &xadd(
+                "s",
+                Retention::MaxLen { entries: 10 },
+                ContentMode::Structured,
+                &e,
+            )
+            .unwrap(),
+        );
+        assert_eq!(&a[..6], ["XADD", "s", "MAXLEN", "~", "10", "*"]);
+        assert_eq!(a.len(), 10, "{a:?}");
+        assert_eq!(
+            &a[6..9],
+            ["content-type", "application/cloudevents+json", "data"]
+        );
+        assert_eq!(Event::from_json(&a[9]).unwrap(), e);
+        let json: serde_json::Value = serde_json::from_str(&a[9]).unwrap();
+        assert_eq!(json["data"], serde_json::json!({"orderId": "o-1"}));
+        assert_eq!(json["partitionkey"], "o-1");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use evbus::delivery::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_REASON};
 use evbus::{
     ConsumerOptions, ErrorKind, Event, Registry, SubscribeOptions, Subscription, Transport,
 };
-use evbus_redis::{RedisConfig, RedisConnector, RedisTransport, Retention};
+use evbus_redis::{ContentMode, RedisConfig, RedisConnector, RedisTransport, Retention};
 use futures::StreamExt;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
@@ -276,6 +276,108 @@ async fn xrange_shows_readable_cloudevents_fields_and_json_data() {
     assert_eq!(field("content-type"), Some("application/json"));
     assert_eq!(field("data"), Some(r#"{"orderId":"o-1","total":1}"#));
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn structured_mode_writes_two_fields_and_both_modes_read_one_stream() {
+    // A structured-mode writer and a binary-mode one on the same topic (as while a
+    // deployment changes `content_mode`), and a stock producer writing structured mode by
+    // hand: one subscriber reads all three as the events they are, in order.
+    let Some(binary) = Env::new().await else {
+        return;
+    };
+    let mut config = RedisConfig::from_url(&url()).unwrap();
+    config.key_prefix = binary.prefix.clone();
+    config.content_mode = ContentMode::Structured;
+    let structured = RedisTransport::connect(config).await.unwrap();
+    let reader = binary.transport.topic("orders").await.unwrap();
+    let mut sub = reader
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .unwrap();
+
+    let first = event(1);
+    let second = Event::builder("afterOrderCreate", "/shop/orders")
+        .data("application/octet-stream", vec![0u8, 0xff, 7])
+        .subject("o 2")
+        .extension("tenant", "acme")
+        .build()
+        .unwrap();
+    let writer = structured.topic("orders").await.unwrap();
+    writer
+        .publish_batch(&[first.clone(), second.clone()])
+        .await
+        .unwrap();
+    let third = event(3);
+    reader.publish(&third).await.unwrap();
+    let key = binary.transport.topic_key("orders");
+    let _: Value = binary
+        .cmd(
+            redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("content-type")
+                .arg("application/cloudevents+json; charset=utf-8")
+                .arg("data")
+                .arg(
+                    r#"{"specversion":"1.0","id":"stock-1","source":"/sdk","type":"afterOrderCreate","data":{"orderId":"o-4"}}"#,
+                ),
+        )
+        .await;
+
+    // What a stock Redis client reads of a structured entry: two fields, the event as JSON.
+    let range: Value = binary
+        .cmd(
+            redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await;
+    let Value::Array(entries) = range else {
+        panic!("{range:?}")
+    };
+    let Value::Array(entry) = &entries[0] else {
+        panic!()
+    };
+    let Value::Array(flat) = &entry[1] else {
+        panic!()
+    };
+    let fields: Vec<(String, String)> =
+        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect();
+    assert_eq!(fields.len(), 2, "{fields:?}");
+    assert_eq!(
+        fields[0],
+        (
+            "content-type".to_owned(),
+            "application/cloudevents+json".to_owned()
+        )
+    );
+    assert_eq!(fields[1].0, "data");
+    let json: serde_json::Value = serde_json::from_str(&fields[1].1).unwrap();
+    assert_eq!(json["id"], first.id());
+    assert_eq!(
+        json["data"],
+        serde_json::json!({"orderId": "o-1", "total": 1})
+    );
+
+    for expected in [&first, &second, &third] {
+        let d = next(&mut sub).await;
+        assert_eq!(d.event(), expected);
+        d.ack().await.unwrap();
+    }
+    let stock = next(&mut sub).await;
+    assert_eq!(stock.event().id(), "stock-1");
+    assert_eq!(
+        stock.event().data().map(|d| &d[..]),
+        Some(&br#"{"orderId":"o-4"}"#[..])
+    );
+    stock.ack().await.unwrap();
+    drop(sub);
+    let _ = structured.close().await;
+    binary.cleanup().await;
 }
 
 #[tokio::test]

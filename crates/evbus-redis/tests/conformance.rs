@@ -1,4 +1,6 @@
-//! The conformance suite against Redis.
+//! The conformance suite against Redis, twice: as `redis`, writing CloudEvents binary mode
+//! (the default), and as `redis-structured`, writing structured mode
+//! (`content_mode=structured` added to the URL).
 //!
 //! Most cases run against the Redis at `EVBUS_REDIS_URL` (default `redis://127.0.0.1:6379`).
 //! The outage cases run against a `redis-server` this harness starts itself on a free port
@@ -8,8 +10,10 @@
 //! `IGNORED ...: needs broker-control`.
 //!
 //! Against a Redis Cluster (`EVBUS_REDIS_URL=redis+cluster://...`, `cargo xtask conformance
-//! --adapter redis-cluster`) the suite reports as `redis-cluster`; the outage cases still run
-//! against the single server this harness starts.
+//! --adapter redis-cluster`) the suites report as `redis-cluster` and
+//! `redis-cluster-structured`; the outage cases still run against the single servers this
+//! harness starts. In container mode (`EVBUS_CONFORMANCE_IMAGE`) the suite runs once, in
+//! binary mode.
 //!
 //! The foreign-message case writes with the `redis` client itself: an `XADD` of a plain entry
 //! (no `ce_` fields) to the queue's stream, `<prefix>queue:{<name>}` as the README documents.
@@ -22,36 +26,64 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use evbus::{Error, ErrorKind};
 use evbus_conformance::container::{self, BrokerContainer, ContainerControl, ContainerSpec};
-use evbus_conformance::{BrokerControl, RawProducer, Suite};
-use evbus_redis::{RedisConfig, RedisTransport};
+use evbus_conformance::{BrokerControl, Harness, RawProducer, Suite};
+use evbus_redis::{ContentMode, RedisConfig, RedisTransport};
 use support::{RedisServer, io_error};
 
 evbus_conformance::harness_false_required!();
 
 fn main() -> ExitCode {
-    evbus_conformance::main(|| match container::image_from_env() {
-        Some(image) => in_containers(image),
+    match container::image_from_env() {
+        Some(image) => evbus_conformance::main(|| in_containers(image)),
         None => {
             let url = std::env::var("EVBUS_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-            let suite = suite(url, None);
-            match RedisServer::start() {
-                Ok(server) => suite.with_broker_control(server),
-                Err(e) => {
-                    eprintln!("WARNING: cannot start a redis-server for the outage cases: {e}");
-                    suite
-                }
-            }
+            // The whole suite in each content mode the adapter writes: binary mode (the
+            // default) as `redis`, structured mode as `redis-structured`.
+            let structured = with_parameter(&url, "content_mode=structured");
+            Harness::new()
+                .suite(move || local(url, ""))
+                .suite(move || local(structured, "&content_mode=structured"))
+                .run()
         }
-    })
+    }
 }
 
-/// The suite against the Redis at `url`, with a raw producer. The suite keeps `container`
-/// (the broker at `url` in container mode) until it is dropped, which removes it.
+/// The suite against the Redis at `url`, its outage cases against a `redis-server` this
+/// harness starts, connected to with `control` appended to its URL's parameters.
+fn local(url: String, control: &'static str) -> Suite<RedisTransport> {
+    let suite = suite(url, None);
+    match RedisServer::start() {
+        Ok(server) => suite.with_broker_control(Control { server, control }),
+        Err(e) => {
+            eprintln!("WARNING: cannot start a redis-server for the outage cases: {e}");
+            suite
+        }
+    }
+}
+
+/// `url` with one more query parameter.
+fn with_parameter(url: &str, parameter: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{parameter}")
+}
+
+/// The suite against the Redis at `url`, with a raw producer, named after the adapter and
+/// its content mode. The suite keeps `container` (the broker at `url` in container mode)
+/// until it is dropped, which removes it.
 fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<RedisTransport> {
     let raw = RawRedis::new(&url);
-    let cluster = RedisConfig::from_url(&url).is_ok_and(|c| c.is_cluster());
-    let name = if cluster { "redis-cluster" } else { "redis" };
+    let config = RedisConfig::from_url(&url);
+    let cluster = config.as_ref().is_ok_and(|c| c.is_cluster());
+    let structured = config
+        .as_ref()
+        .is_ok_and(|c| c.content_mode == ContentMode::Structured);
+    let name = match (cluster, structured) {
+        (false, false) => "redis",
+        (false, true) => "redis-structured",
+        (true, false) => "redis-cluster",
+        (true, true) => "redis-cluster-structured",
+    };
     let suite = Suite::new(name, move || {
         let _owned = &container;
         let url = url.clone();
@@ -90,23 +122,31 @@ fn control_url(port: u16) -> String {
     format!("redis://127.0.0.1:{port}?reconnect_max_delay_ms=1000&command_timeout_ms=2000")
 }
 
+/// The `redis-server` of the outage cases, connected to with `control` appended to
+/// [`control_url`] (the suite's content mode).
+struct Control {
+    server: RedisServer,
+    control: &'static str,
+}
+
 #[async_trait]
-impl BrokerControl for RedisServer {
+impl BrokerControl for Control {
     type Transport = RedisTransport;
 
     async fn connect(&self) -> evbus::Result<RedisTransport> {
-        RedisTransport::connect(RedisConfig::from_url(&control_url(self.port()))?).await
+        let url = format!("{}{}", control_url(self.server.port()), self.control);
+        RedisTransport::connect(RedisConfig::from_url(&url)?).await
     }
 
     async fn interrupt(&self) -> evbus::Result<()> {
         // SIGKILL: no chance to write anything more. With `appendfsync always`, every write
         // Redis acknowledged is already on disk.
-        self.kill();
+        self.server.kill();
         Ok(())
     }
 
     async fn resume(&self) -> evbus::Result<()> {
-        tokio::task::block_in_place(|| self.restart())
+        tokio::task::block_in_place(|| self.server.restart())
             .map_err(|e| io_error("restarting redis-server", e))
     }
 }

@@ -1,4 +1,6 @@
 //! CloudEvents *binary mode*: attributes as protocol headers, data as the message body.
+//! [`decode`] also reads *structured mode* (the whole event as JSON in the body, announced by
+//! an `application/cloudevents+json` content type), as stock CloudEvents SDKs may send it.
 //!
 //! Every adapter maps an [`Event`] to its broker's headers through this one module, so the
 //! rules (which attributes, which prefix, how the content type travels, how values are
@@ -132,6 +134,14 @@ pub fn visit(event: &Event, style: HeaderStyle, mut header: impl FnMut(&str, &st
 /// Decodes binary-mode headers and body into an [`Event`]. Headers that are neither
 /// CloudEvents attributes nor the content type are ignored. An empty body with no content type
 /// means no data.
+///
+/// A message whose content type is a CloudEvents event format and that has no `specversion`
+/// attribute header is read in *structured mode* instead, as the protocol bindings ask of a
+/// receiver: the body is the whole event in the JSON format (`application/cloudevents+json`,
+/// what a stock CloudEvents SDK sends in that mode), and other attribute headers are not
+/// read. Other event formats and the batched mode are refused with an error that names them.
+/// (A binary-mode event always has `specversion`; one whose data is itself a CloudEvent
+/// still reads as binary mode.)
 pub fn decode<I, K, V>(headers: I, body: Bytes, style: HeaderStyle) -> Result<Event>
 where
     I: IntoIterator<Item = (K, V)>,
@@ -150,24 +160,43 @@ where
     // The first `datacontenttype` attribute, when a content-type header may have overridden
     // it in the builder.
     let mut datacontenttype: Option<String> = None;
+    // The first reason the headers are not a binary-mode event. Kept rather than returned, so
+    // that a structured-mode message (whose content type may come after attribute headers it
+    // makes irrelevant) is still recognised.
+    let mut failed: Option<Error> = None;
+    // The content type, when it names a CloudEvents event format.
+    let mut structured: Option<String> = None;
     for (name, value) in headers {
         let name = name.as_ref();
-        let value: Cow<'_, str> = if style.percent_encode {
-            Cow::Owned(percent_decode(value.as_ref())?)
-        } else {
-            Cow::Borrowed(value.as_ref())
-        };
         let matches_ct = if style.case_insensitive {
             name.eq_ignore_ascii_case(style.content_type)
         } else {
             name == style.content_type
+        };
+        if matches_ct && structured.is_none() && is_structured(value.as_ref()) {
+            structured = Some(value.as_ref().to_owned());
+        }
+        if failed.is_some() {
+            continue;
+        }
+        let value: Cow<'_, str> = if style.percent_encode {
+            match percent_decode(value.as_ref()) {
+                Ok(value) => Cow::Owned(value),
+                Err(e) => {
+                    failed = Some(e);
+                    continue;
+                }
+            }
+        } else {
+            Cow::Borrowed(value.as_ref())
         };
         if matches_ct {
             if content_type_header && !builder.conflicts("datacontenttype", &value) {
                 continue;
             }
             if content_type_header {
-                return Err(conflict(style.content_type));
+                failed = Some(conflict(style.content_type));
+                continue;
             }
             // The protocol's content type wins over a `datacontenttype` attribute.
             builder.set_media_type(&value);
@@ -185,14 +214,18 @@ where
                     other => Err(other.to_owned()),
                 };
                 if specversion.as_ref().is_some_and(|first| *first != this) {
-                    return Err(conflict("specversion"));
+                    failed = Some(conflict("specversion"));
+                    continue;
                 }
                 specversion = Some(this);
             }
             "datacontenttype" => {
                 has_data = true;
                 match &datacontenttype {
-                    Some(first) if *first != *value => return Err(conflict("datacontenttype")),
+                    Some(first) if *first != *value => {
+                        failed = Some(conflict("datacontenttype"));
+                        continue;
+                    }
                     Some(_) => {}
                     None => datacontenttype = Some(value.clone().into_owned()),
                 }
@@ -211,7 +244,8 @@ where
                     None => true,
                 };
                 if again && builder.conflicts(attr, &value) {
-                    return Err(conflict(attr));
+                    failed = Some(conflict(attr));
+                    continue;
                 }
                 if let Some(bit) = bit {
                     seen |= bit;
@@ -219,6 +253,16 @@ where
                 builder.set_attribute(attr, value);
             }
         }
+    }
+    // Structured mode: a CloudEvents format as the content type and no `specversion`
+    // attribute header. A binary-mode event always has that header, so an event whose own
+    // data is a CloudEvent (`datacontenttype` `application/cloudevents+json`, carried as the
+    // content type) still reads as binary mode, as evbus writes it.
+    if let (None, Some(content_type)) = (&specversion, &structured) {
+        return decode_structured(content_type, &body);
+    }
+    if let Some(error) = failed {
+        return Err(error);
     }
     match specversion {
         Some(Ok(())) => {}
@@ -238,6 +282,48 @@ where
     // The required attributes are the first of the core ones.
     builder.require([0, 1, 2].map(|i| seen & (1 << i) != 0));
     builder.data_bytes(has_data.then_some(body)).build()
+}
+
+/// Whether a content type names a CloudEvents event format (`application/cloudevents...`):
+/// the message is then in *structured mode*, the whole event in its body.
+fn is_structured(content_type: &str) -> bool {
+    let media = content_type.trim_start();
+    media
+        .get(..STRUCTURED_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(STRUCTURED_PREFIX))
+}
+
+/// Media types start with this when a message carries a whole CloudEvent in an event format.
+const STRUCTURED_PREFIX: &str = "application/cloudevents";
+
+/// Decodes a structured-mode message: the body is the event in the JSON event format
+/// ([`Event::from_json_slice`]); the other headers are not read (the protocol bindings give
+/// the body precedence). Other event formats, and the batched mode, are refused by name.
+fn decode_structured(content_type: &str, body: &[u8]) -> Result<Event> {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match media.as_str() {
+        crate::envelope::CLOUDEVENTS_JSON => Event::from_json_slice(body).map_err(|e| {
+            Error::invalid_event(format!(
+                "structured-mode CloudEvent ({}): {}",
+                crate::envelope::CLOUDEVENTS_JSON,
+                e.message()
+            ))
+        }),
+        "application/cloudevents-batch+json" => Err(Error::invalid_event(
+            "a batch of CloudEvents (application/cloudevents-batch+json): evbus reads one \
+             event per message, in binary or structured mode",
+        )),
+        other => Err(Error::invalid_event(format!(
+            "structured-mode CloudEvent in the event format `{other}`: evbus reads the JSON \
+             format ({})",
+            crate::envelope::CLOUDEVENTS_JSON
+        ))),
+    }
 }
 
 /// The core attributes (other than `specversion` and `datacontenttype`, handled apart) whose
@@ -343,6 +429,105 @@ mod tests {
             .extension("tenant", "açme \"q\" 100%")
             .build()
             .unwrap()
+    }
+
+    const STYLES: [HeaderStyle; 5] = [
+        HeaderStyle::KAFKA,
+        HeaderStyle::HTTP,
+        HeaderStyle::NATS,
+        HeaderStyle::AMQP,
+        HeaderStyle::REDIS,
+    ];
+
+    #[test]
+    fn every_style_reads_a_structured_mode_message() {
+        let e = sample();
+        let body = Bytes::from(e.to_json().unwrap());
+        for style in STYLES {
+            for ct in [
+                "application/cloudevents+json",
+                "Application/CloudEvents+JSON; charset=UTF-8",
+            ] {
+                let headers = [(style.content_type, ct)];
+                assert_eq!(
+                    decode(headers, body.clone(), style).unwrap(),
+                    e,
+                    "{style:?} {ct}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_structured_message_is_read_from_its_body_whatever_attribute_headers_come_first() {
+        let e = sample();
+        let body = Bytes::from(e.to_json().unwrap());
+        for style in STYLES {
+            let id = format!("{}id", style.prefix);
+            // Headers that would fail a binary-mode read (an attribute twice, two values),
+            // and one that would override the body's, but no `specversion`: the body is the
+            // event.
+            let headers = vec![
+                (id.clone(), "other".to_owned()),
+                (id, "another".to_owned()),
+                (
+                    style.content_type.to_owned(),
+                    "application/cloudevents+json".to_owned(),
+                ),
+            ];
+            assert_eq!(
+                decode(headers, body.clone(), style).unwrap(),
+                e,
+                "{style:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_whose_data_is_a_cloudevent_still_reads_as_binary_mode() {
+        let inner = sample();
+        let outer = Event::builder("envelopeForwarded", "/relay")
+            .data(
+                crate::envelope::CLOUDEVENTS_JSON,
+                inner.to_json().unwrap().into_bytes(),
+            )
+            .build()
+            .unwrap();
+        for style in STYLES {
+            let (headers, body) = encode(&outer, style);
+            let back = decode(headers, body, style).unwrap();
+            assert_eq!(back, outer, "{style:?}");
+            assert_eq!(back.ty(), "envelopeForwarded");
+        }
+    }
+
+    #[test]
+    fn structured_mode_in_another_format_or_batched_is_refused_by_name() {
+        let style = HeaderStyle::KAFKA;
+        let batch = decode(
+            [("content-type", "application/cloudevents-batch+json")],
+            Bytes::from_static(b"[]"),
+            style,
+        )
+        .unwrap_err();
+        assert!(batch.message().contains("batch"), "{batch}");
+        let avro = decode(
+            [("content-type", "application/cloudevents+avro")],
+            Bytes::from_static(b"\x00"),
+            style,
+        )
+        .unwrap_err();
+        assert!(
+            avro.message().contains("application/cloudevents+avro"),
+            "{avro}"
+        );
+        let broken = decode(
+            [("content-type", "application/cloudevents+json")],
+            Bytes::from_static(b"{\"specversion\":\"1.0\""),
+            style,
+        )
+        .unwrap_err();
+        assert!(broken.message().contains("structured-mode"), "{broken}");
     }
 
     #[test]

@@ -317,10 +317,10 @@ impl Event {
 
     /// Decodes an event from the CloudEvents structured JSON format.
     pub fn from_json(text: &str) -> Result<Event> {
-        let map: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
+        let Members(members) = serde_json::from_str(text).map_err(|e| {
             Error::invalid_event(format!("not a CloudEvents JSON object: {e}")).with_source(e)
         })?;
-        Self::from_json_map(map)
+        Self::from_json_members(&members)
     }
 
     /// Decodes an event from JSON bytes in the structured format.
@@ -330,9 +330,17 @@ impl Event {
         Self::from_json(text)
     }
 
-    fn from_json_map(map: BTreeMap<String, &RawValue>) -> Result<Event> {
+    /// `members` in document order; a name given twice counts with its last value.
+    fn from_json_members(members: &[(Cow<'_, str>, &RawValue)]) -> Result<Event> {
+        let get = |name: &str| {
+            members
+                .iter()
+                .rev()
+                .find(|(key, _)| key == name)
+                .map(|(_, raw)| *raw)
+        };
         let string = |name: &str| -> Result<Option<String>> {
-            match map.get(name) {
+            match get(name) {
                 None => Ok(None),
                 Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
                     Ok(v) => Ok(v),
@@ -365,12 +373,15 @@ impl Event {
         builder.event.dataschema = string("dataschema")?;
         builder.event.subject = string("subject")?;
         let json = is_json_media_type(builder.event.datacontenttype.as_deref());
-        for (name, raw) in &map {
-            match name.as_str() {
+        for (i, (name, raw)) in members.iter().enumerate() {
+            if members[i + 1..].iter().any(|(later, _)| later == name) {
+                continue;
+            }
+            match &**name {
                 "specversion" | "id" | "source" | "type" | "time" | "datacontenttype"
                 | "dataschema" | "subject" => {}
                 "data" => {
-                    if map.contains_key("data_base64") {
+                    if get("data_base64").is_some() {
                         return Err(Error::invalid_event(
                             "an event cannot have both `data` and `data_base64`",
                         ));
@@ -418,6 +429,63 @@ impl Event {
             }
         }
         builder.build()
+    }
+}
+
+/// The members of a JSON object in document order, each value left unparsed; a name is
+/// borrowed from the text unless it has escapes. What [`Event::from_json`] reads, without a
+/// map or an allocated name per member.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(10));
+                while let Some(Name(name)) = map.next_key()? {
+                    members.push((name, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// A member's name: borrowed from the text where it has no escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
@@ -1222,6 +1290,24 @@ mod tests {
         }
         let all: std::collections::HashSet<&String> = per_thread.iter().flatten().collect();
         assert_eq!(all.len(), 4 * 2_000);
+    }
+
+    #[test]
+    fn structured_json_reads_escaped_names_and_the_last_of_a_name_given_twice() {
+        let e = Event::from_json(
+            r#"{"specversion":"1.0","\u0069d":"e-1","source":"/s","type":"t","type":"u",
+                "data":{"a":1},"data":null,"tenant":"x","tenant":"y"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.id(), "e-1");
+        assert_eq!(e.ty(), "u");
+        assert!(e.data().is_none());
+        assert_eq!(e.extensions().get("tenant").map(String::as_str), Some("y"));
+        let err = Event::from_json("[1]").unwrap_err();
+        assert!(
+            err.message().contains("not a CloudEvents JSON object"),
+            "{err}"
+        );
     }
 
     #[test]
