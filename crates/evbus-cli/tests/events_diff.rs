@@ -16,6 +16,18 @@ fn write(path: &Path, value: &Value) {
 }
 
 /// A closed event schema whose property `x` has schema `x`.
+/// `evbus events diff --from FROM --to TO`.
+fn diff(from: &Path, to: &Path) -> std::process::Output {
+    evbus(&[
+        "events",
+        "diff",
+        "--from",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ])
+}
+
 fn event(x: Value) -> Value {
     json!({"type": "object", "properties": {"x": x}, "additionalProperties": false})
 }
@@ -402,14 +414,7 @@ fn every_incompatibility_kind_is_one_breaking_line_and_exit_1() {
         }
         write(&to.join(format!("events/{rule}.json")), &v2);
     }
-    let out = evbus(&[
-        "events",
-        "diff",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let out = diff(&from, &to);
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -495,14 +500,7 @@ fn compatible_changes_exit_0_and_are_listed() {
     write(&from.join("events/same.json"), &v1);
     write(&to.join("events/same.json"), &v1);
     write(&to.join("events/fresh.json"), &v1);
-    let out = evbus(&[
-        "events",
-        "diff",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let out = diff(&from, &to);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
@@ -534,14 +532,7 @@ fn the_same_change_breaks_forward_under_full() {
     write(&from.join("events/t.json"), &v1);
     write(&to.join("events/t/1.json"), &v1);
     write(&to.join("events/t.json"), &v2);
-    let out = evbus(&[
-        "events",
-        "diff",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let out = diff(&from, &to);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stdout),
@@ -721,14 +712,7 @@ fn a_change_through_a_shared_definition_names_the_definition() {
     let mut t2 = t.clone();
     t2["properties"]["note"] = json!({});
     write(&to.join("events/t.json"), &t2);
-    let out = evbus(&[
-        "events",
-        "diff",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let out = diff(&from, &to);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
     let line = stdout
@@ -767,14 +751,7 @@ fn a_proposed_catalogue_that_does_not_load_is_breaking() {
     let list = evbus(&["events", "list", "--schemas", to.to_str().unwrap()]);
     assert_eq!(list.status.code(), Some(2), "{}", text(&list.stderr));
 
-    let out = evbus(&[
-        "events",
-        "diff",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
+    let out = diff(&from, &to);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
     assert!(

@@ -19,22 +19,6 @@ use support::*;
 
 const ORDERS: &str = "afterOrderCreate";
 
-fn postgres_url() -> String {
-    std::env::var("EVBUS_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-fn brokers_required() -> bool {
-    ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
-        std::env::var(var).is_ok_and(|v| {
-            let v = v.trim().to_ascii_lowercase();
-            v == "1" || v == "true" || v == "yes"
-        })
-    })
-}
-
 /// Gateway instances sharing one PostgreSQL schema and one broker, each on its own socket and
 /// its own connection pool, as `evbus serve --store postgres://…` on several pods.
 struct Instances {
@@ -47,24 +31,17 @@ struct Instances {
 }
 
 impl Instances {
+    /// The first two instances' APIs.
+    fn apis(&self) -> [Api; 2] {
+        [0, 1].map(|i| Api {
+            base: self.bases[i].clone(),
+            http: self.http.clone(),
+        })
+    }
+
     async fn start(n: usize) -> Option<Instances> {
-        match <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await {
-            Ok(conn) => {
-                let _ = sqlx::Connection::close(conn).await;
-            }
-            Err(e) => {
-                assert!(
-                    !brokers_required(),
-                    "PostgreSQL at {} is unreachable: {e}",
-                    evbus::registry::redact(&postgres_url())
-                );
-                eprintln!(
-                    "WARNING: PostgreSQL at {} is unreachable ({e}); this test did NOT run. \
-                     Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure.",
-                    evbus::registry::redact(&postgres_url())
-                );
-                return None;
-            }
+        if !postgres_reachable().await {
+            return None;
         }
         let schema = format!("gwi_{}", uuid::Uuid::now_v7().simple());
         let sep = if postgres_url().contains('?') {
@@ -125,6 +102,14 @@ struct Api {
 }
 
 impl Api {
+    /// The API of a one-instance harness (SQLite).
+    fn of(h: &Harness) -> Api {
+        Api {
+            base: h.base.clone(),
+            http: h.http.clone(),
+        }
+    }
+
     async fn call(
         &self,
         method: &str,
@@ -169,31 +154,44 @@ impl Api {
     }
 }
 
-/// Registers a webhook through `deliverer`'s side, then, while its first attempt is held by
-/// the receiver, rotates its secret and changes its description through `owner_side`. The
-/// attempt then fails: the retry must be signed with the new secret (and the previous one,
-/// during the overlap), and the webhook must keep its new description.
-async fn a_rotation_during_a_failing_attempt_holds(deliverer: &Api, owner_side: &Api, admin: &str) {
+/// Through `deliverer`: a key named `name` publishing and subscribing to orders, and a
+/// webhook of it for orders (`webhook`'s members added) on a receiver that holds each request
+/// until released. The key, the receiver and the webhook as created.
+async fn key_with_held_webhook(
+    deliverer: &Api,
+    admin: &str,
+    name: &str,
+    webhook: Value,
+) -> (String, HeldReceiver, Value) {
     let (status, created) = deliverer
         .call(
             "POST",
             "/v1/keys",
             admin,
-            Some(json!({"name": "crm", "subscribe": [ORDERS], "publish": [ORDERS]})),
+            Some(json!({"name": name, "subscribe": [ORDERS], "publish": [ORDERS]})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let key = created["key"].as_str().unwrap().to_owned();
-    let mut receiver = HeldReceiver::start().await;
+    let receiver = HeldReceiver::start().await;
+    let mut body = json!({"url": receiver.url, "event_types": [ORDERS]});
+    if let (Some(body), Value::Object(more)) = (body.as_object_mut(), webhook) {
+        body.extend(more);
+    }
     let (status, hook) = deliverer
-        .call(
-            "POST",
-            "/v1/webhooks",
-            &key,
-            Some(json!({"url": receiver.url, "event_types": [ORDERS], "description": "before"})),
-        )
+        .call("POST", "/v1/webhooks", &key, Some(body))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{hook}");
+    (key, receiver, hook)
+}
+
+/// Registers a webhook through `deliverer`'s side, then, while its first attempt is held by
+/// the receiver, rotates its secret and changes its description through `owner_side`. The
+/// attempt then fails: the retry must be signed with the new secret (and the previous one,
+/// during the overlap), and the webhook must keep its new description.
+async fn a_rotation_during_a_failing_attempt_holds(deliverer: &Api, owner_side: &Api, admin: &str) {
+    let (key, mut receiver, hook) =
+        key_with_held_webhook(deliverer, admin, "crm", json!({"description": "before"})).await;
     let id = hook["id"].as_str().unwrap().to_owned();
     let old_secret = hook["secret"].as_str().unwrap().to_owned();
     deliverer.publish(&key, order_created()).await;
@@ -242,26 +240,7 @@ async fn a_rotation_during_a_failing_attempt_holds(deliverer: &Api, owner_side: 
 /// While an attempt is held, the owner disables the webhook through `owner_side`; once that
 /// attempt has failed and is logged, the webhook is still disabled, with the owner's reason.
 async fn disabling_during_a_failing_attempt_holds(deliverer: &Api, owner_side: &Api, admin: &str) {
-    let (status, created) = deliverer
-        .call(
-            "POST",
-            "/v1/keys",
-            admin,
-            Some(json!({"name": "erp", "subscribe": [ORDERS], "publish": [ORDERS]})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let key = created["key"].as_str().unwrap().to_owned();
-    let mut receiver = HeldReceiver::start().await;
-    let (status, hook) = deliverer
-        .call(
-            "POST",
-            "/v1/webhooks",
-            &key,
-            Some(json!({"url": receiver.url, "event_types": [ORDERS]})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{hook}");
+    let (key, mut receiver, hook) = key_with_held_webhook(deliverer, admin, "erp", json!({})).await;
     let id = hook["id"].as_str().unwrap().to_owned();
     deliverer.publish(&key, order_created()).await;
     receiver.next().await;
@@ -300,10 +279,7 @@ async fn postgres_a_secret_rotated_on_one_instance_during_an_attempt_is_kept() {
     let Some(instances) = Instances::start(2).await else {
         return;
     };
-    let [a, b] = [0, 1].map(|i| Api {
-        base: instances.bases[i].clone(),
-        http: instances.http.clone(),
-    });
+    let [a, b] = instances.apis();
     a_rotation_during_a_failing_attempt_holds(&a, &b, &instances.admin).await;
     instances.finish().await;
 }
@@ -313,10 +289,7 @@ async fn postgres_a_webhook_disabled_on_one_instance_during_an_attempt_stays_dis
     let Some(instances) = Instances::start(2).await else {
         return;
     };
-    let [a, b] = [0, 1].map(|i| Api {
-        base: instances.bases[i].clone(),
-        http: instances.http.clone(),
-    });
+    let [a, b] = instances.apis();
     disabling_during_a_failing_attempt_holds(&a, &b, &instances.admin).await;
     instances.finish().await;
 }
@@ -324,20 +297,14 @@ async fn postgres_a_webhook_disabled_on_one_instance_during_an_attempt_stays_dis
 #[tokio::test]
 async fn sqlite_a_secret_rotated_during_an_attempt_is_kept() {
     let h = holding_harness().await;
-    let api = Api {
-        base: h.base.clone(),
-        http: h.http.clone(),
-    };
+    let api = Api::of(&h);
     a_rotation_during_a_failing_attempt_holds(&api, &api, &h.admin).await;
 }
 
 #[tokio::test]
 async fn sqlite_a_webhook_disabled_during_an_attempt_stays_disabled() {
     let h = holding_harness().await;
-    let api = Api {
-        base: h.base.clone(),
-        http: h.http.clone(),
-    };
+    let api = Api::of(&h);
     disabling_during_a_failing_attempt_holds(&api, &api, &h.admin).await;
 }
 
@@ -349,10 +316,7 @@ async fn postgres_a_secret_rotated_on_one_instance_while_a_replay_waits_is_kept(
     let Some(instances) = Instances::start(2).await else {
         return;
     };
-    let [a, b] = [0, 1].map(|i| Api {
-        base: instances.bases[i].clone(),
-        http: instances.http.clone(),
-    });
+    let [a, b] = instances.apis();
     let (status, created) = a
         .call(
             "POST",
@@ -485,10 +449,7 @@ async fn postgres_two_admin_keys_revoking_each_other_on_two_instances_leave_one(
     let Some(instances) = Instances::start(2).await else {
         return;
     };
-    let [a, b] = [0, 1].map(|i| Api {
-        base: instances.bases[i].clone(),
-        http: instances.http.clone(),
-    });
+    let [a, b] = instances.apis();
     let first = instances.admin.clone();
     let first_id = first.split('_').nth(1).unwrap().to_owned();
     let (status, created) = a

@@ -6,6 +6,8 @@
 //! the end). Without a reachable server each PostgreSQL test says so loudly and passes,
 //! unless CI=true or EVBUS_REQUIRE_BROKERS=1 (then it fails).
 
+mod support;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -17,23 +19,7 @@ use evbus_gateway::store::{
 use evbus_gateway::{
     KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookChange, WebhookRecord,
 };
-
-fn postgres_url() -> String {
-    std::env::var("EVBUS_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// CI=true or EVBUS_REQUIRE_BROKERS=1 (or `yes`, any case): a missing server fails the test.
-fn brokers_required() -> bool {
-    ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
-        std::env::var(var).is_ok_and(|v| {
-            let v = v.trim().to_ascii_lowercase();
-            v == "1" || v == "true" || v == "yes"
-        })
-    })
-}
+use support::{postgres_reachable, postgres_url};
 
 fn unique_schema() -> String {
     // 36 characters: within the 40 a schema name may have.
@@ -105,23 +91,8 @@ impl Fixture {
             &format!("schema={}&max_connections=4", unique_schema()),
         );
         // Reachable? (Anything else failing afterwards is a failure, never a skip.)
-        match <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await {
-            Ok(conn) => {
-                let _ = sqlx::Connection::close(conn).await;
-            }
-            Err(e) => {
-                assert!(
-                    !brokers_required(),
-                    "PostgreSQL at {} is unreachable: {e}",
-                    evbus::registry::redact(&postgres_url())
-                );
-                eprintln!(
-                    "WARNING: PostgreSQL at {} is unreachable ({e}); this store test did NOT run. \
-                     Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure.",
-                    evbus::registry::redact(&postgres_url())
-                );
-                return None;
-            }
+        if !postgres_reachable().await {
+            return None;
         }
         let first = PostgresStore::open(&url).await.unwrap();
         let reopen = Reopen::Postgres(url);

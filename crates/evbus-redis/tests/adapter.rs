@@ -123,6 +123,30 @@ impl Env {
         cmd.query_async(&mut self.raw.clone()).await.unwrap()
     }
 
+    /// The fields of the first entry of the stream `key`, in order, as text.
+    async fn first_entry(&self, key: &str) -> Vec<(String, String)> {
+        let range: Value = self
+            .cmd(
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await;
+        let Value::Array(entries) = range else {
+            panic!("{range:?}")
+        };
+        let Value::Array(entry) = &entries[0] else {
+            panic!("{entries:?}")
+        };
+        let Value::Array(flat) = &entry[1] else {
+            panic!("{entry:?}")
+        };
+        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect()
+    }
+
     async fn xlen(&self, key: &str) -> i64 {
         self.cmd(redis::cmd("XLEN").arg(key)).await
     }
@@ -248,20 +272,7 @@ async fn xrange_shows_readable_cloudevents_fields_and_json_data() {
     topic.publish(&e).await.unwrap();
     let key = env.transport.topic_key("orders");
     assert_eq!(key, format!("{}topic:{{orders}}", env.prefix));
-    let range: Value = env
-        .cmd(redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))
-        .await;
-    let Value::Array(entries) = range else {
-        panic!("{range:?}")
-    };
-    let Value::Array(entry) = &entries[0] else {
-        panic!()
-    };
-    let Value::Array(flat) = &entry[1] else {
-        panic!()
-    };
-    let fields: Vec<(String, String)> =
-        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect();
+    let fields = env.first_entry(&key).await;
     let field = |name: &str| {
         fields
             .iter()
@@ -326,27 +337,7 @@ async fn structured_mode_writes_two_fields_and_both_modes_read_one_stream() {
         .await;
 
     // What a stock Redis client reads of a structured entry: two fields, the event as JSON.
-    let range: Value = binary
-        .cmd(
-            redis::cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await;
-    let Value::Array(entries) = range else {
-        panic!("{range:?}")
-    };
-    let Value::Array(entry) = &entries[0] else {
-        panic!()
-    };
-    let Value::Array(flat) = &entry[1] else {
-        panic!()
-    };
-    let fields: Vec<(String, String)> =
-        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect();
+    let fields = binary.first_entry(&key).await;
     assert_eq!(fields.len(), 2, "{fields:?}");
     assert_eq!(
         fields[0],

@@ -15,6 +15,48 @@ use tokio::sync::{Semaphore, mpsc};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The PostgreSQL of the PostgreSQL tests: `EVBUS_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+pub fn postgres_url() -> String {
+    std::env::var("EVBUS_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Whether the PostgreSQL at [`postgres_url`] answers. When it does not, the test fails under
+/// CI=true or EVBUS_REQUIRE_BROKERS=1, and otherwise says loudly that it did not run.
+pub async fn postgres_reachable() -> bool {
+    match <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await {
+        Ok(conn) => {
+            let _ = sqlx::Connection::close(conn).await;
+            true
+        }
+        Err(e) => {
+            let url = evbus::registry::redact(&postgres_url());
+            assert!(
+                !brokers_required(),
+                "PostgreSQL at {url} is unreachable: {e}"
+            );
+            eprintln!(
+                "WARNING: PostgreSQL at {url} is unreachable ({e}); this test did NOT run. \
+                 Set EVBUS_POSTGRES_URL, or EVBUS_REQUIRE_BROKERS=1 to make this a failure."
+            );
+            false
+        }
+    }
+}
+
+/// CI=true or EVBUS_REQUIRE_BROKERS=1 (or `yes`, any case): a missing server fails the test.
+pub fn brokers_required() -> bool {
+    ["CI", "EVBUS_REQUIRE_BROKERS"].iter().any(|var| {
+        std::env::var(var).is_ok_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "1" || v == "true" || v == "yes"
+        })
+    })
+}
+
 pub fn schemas() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/schemas")
 }
