@@ -300,13 +300,26 @@ impl Pull {
 }
 
 /// Decodes a message written in the CloudEvents NATS binding (binary mode), percent-decoding
-/// the values listed in [`ENCODED_HEADER`](crate::publisher::ENCODED_HEADER).
+/// the values listed in [`ENCODED_HEADER`](crate::publisher::ENCODED_HEADER). Structured mode
+/// is read too: with a CloudEvents content type (by [`binding::decode`]), and without any
+/// `ce-` header or content type at all when the payload is a JSON object, as the NATS binding
+/// before headers (1.0.1) has every event and stock SDKs still publish it.
 pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
     let Some(headers) = &message.headers else {
-        return Err(Error::invalid_event(
-            "the message has no headers: not a binary-mode CloudEvent (no `ce-specversion`)",
-        ));
+        return headerless_structured(message).unwrap_or_else(|| {
+            Err(Error::invalid_event(
+                "the message has no headers: not a binary-mode CloudEvent (no `ce-specversion`)",
+            ))
+        });
     };
+    let attributes = headers.iter().any(|(name, _)| {
+        let name: &str = name.as_ref();
+        name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
+            || name.eq_ignore_ascii_case(HeaderStyle::NATS.content_type)
+    });
+    if !attributes && let Some(structured) = headerless_structured(message) {
+        return structured;
+    }
     let encoded: Vec<String> = headers
         .get(crate::publisher::ENCODED_HEADER)
         .map(|v| v.as_str().split(',').map(str::to_owned).collect())
@@ -329,6 +342,20 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
         }
     }
     binding::decode(pairs, message.payload.clone(), HeaderStyle::NATS)
+}
+
+/// A message without CloudEvents headers whose payload is a JSON object: the event in the
+/// structured JSON format, or why not. `None` for any other payload.
+fn headerless_structured(message: &async_nats::Message) -> Option<Result<Event>> {
+    if !message.payload.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    Some(Event::from_json_slice(&message.payload).map_err(|e| {
+        Error::invalid_event(format!(
+            "no `ce-specversion` header, and the payload is not a structured-mode CloudEvent: {}",
+            e.message()
+        ))
+    }))
 }
 
 /// Settles one delivery through its `$JS.ACK` reply subject.

@@ -119,6 +119,101 @@ async fn publishing_the_same_event_twice_stores_it_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn structured_mode_events_of_stock_sdks_are_read_with_or_without_headers() {
+    // A stock CloudEvents SDK on NATS publishes structured mode: the event as JSON in the
+    // payload, with no headers at all (the binding before NATS had headers) or with a
+    // CloudEvents content type. Both are events; a JSON object that is not one is dead-lettered.
+    let transport = transport().await;
+    let name = unique("structured");
+    let topic = transport.topic(&name).await.unwrap();
+    let options = SubscribeOptions::named("billing")
+        .start(StartPosition::Earliest)
+        .consumer(ConsumerOptions::default().max_attempts(1));
+    let mut subscription = topic.subscribe(options).await.unwrap();
+    let (client, js) = plain_client().await;
+    let subject = transport.topic_subject(&name).unwrap();
+    let body = |id: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/sdk","type":"afterOrderCreate","datacontenttype":"application/json","data":{{"orderId":"{id}"}}}}"#
+        )
+    };
+    js.publish(subject.clone(), body("bare").into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Content-Type",
+        "application/cloudevents+json; charset=utf-8",
+    );
+    js.publish_with_headers(subject.clone(), headers, body("typed").into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish(subject, r#"{"orderId":"not-an-event"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let last = Event::builder("after", "/s")
+        .json(&3)
+        .unwrap()
+        .build()
+        .unwrap();
+    topic.publish(&last).await.unwrap();
+
+    for id in ["bare", "typed"] {
+        let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
+            .await
+            .expect("a delivery in time")
+            .expect("the stream goes on")
+            .unwrap();
+        assert_eq!(delivery.event().id(), id);
+        assert_eq!(delivery.event().ty(), "afterOrderCreate");
+        assert_eq!(
+            delivery.event().data().map(|d| &d[..]),
+            Some(format!(r#"{{"orderId":"{id}"}}"#).as_bytes())
+        );
+        delivery.ack().await.unwrap();
+    }
+    let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream goes on")
+        .unwrap();
+    assert_eq!(
+        delivery.event().id(),
+        last.id(),
+        "the JSON that is no event is skipped"
+    );
+    delivery.ack().await.unwrap();
+
+    let dlq_name = format!("{name}.billing.dlq");
+    let dlq = transport.queue(&dlq_name).await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    let record = tokio::time::timeout(WAIT, dead.next_delivery())
+        .await
+        .expect("a dead letter in time")
+        .expect("the dead-letter queue flows")
+        .unwrap();
+    assert_eq!(record.event().ty(), UNDECODABLE_EVENT_TYPE);
+    let reason = record
+        .event()
+        .extension(DEAD_LETTER_REASON)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("structured-mode"), "{reason}");
+    record.ack().await.unwrap();
+
+    drop(client);
+    transport.delete_topic(&name).await.unwrap();
+    transport.delete_queue(&dlq_name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_foreign_message_is_dead_lettered_as_undecodable_and_the_stream_flows_on() {
     let transport = transport().await;
     let name = unique("foreign");
