@@ -110,7 +110,7 @@ async fn a_stock_client_reads_the_cloud_events_headers_and_the_json_body() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn evbus_reads_a_stock_producer_and_moves_garbage_aside() {
+async fn evbus_reads_a_stock_producer_in_either_mode_and_moves_garbage_aside() {
     let transport = shared_transport().await;
     let name = unique("write");
     let queue = transport.queue(&name).await.unwrap();
@@ -156,6 +156,13 @@ async fn evbus_reads_a_stock_producer_and_moves_garbage_aside() {
         headers.insert(k.into(), AMQPValue::LongString(v.into()));
     }
     publish(headers, b"{\"ok\":true}", Some("application/json")).await;
+    // Structured mode: the whole event as JSON, announced by the content type.
+    publish(
+        FieldTable::default(),
+        br#"{"specversion":"1.0","id":"stock-2","source":"/sdk","type":"orderShipped","data":{"ok":2}}"#,
+        Some("application/cloudevents+json"),
+    )
+    .await;
 
     let options = ConsumerOptions::default().dead_letter_queue(unique("dlq"));
     let dlq_name = options.dead_letter_queue.clone().unwrap();
@@ -172,6 +179,18 @@ async fn evbus_reads_a_stock_producer_and_moves_garbage_aside() {
         Some(&b"{\"ok\":true}"[..])
     );
     delivery.ack().await.unwrap();
+    let structured = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+        .await
+        .expect("a delivery within 15s")
+        .expect("the stream is open")
+        .unwrap();
+    assert_eq!(structured.event().id(), "stock-2");
+    assert_eq!(structured.event().source(), "/sdk");
+    assert_eq!(
+        structured.event().data().map(|d| &d[..]),
+        Some(&b"{\"ok\":2}"[..])
+    );
+    structured.ack().await.unwrap();
 
     let dlq = transport.queue(&dlq_name).await.unwrap();
     let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
