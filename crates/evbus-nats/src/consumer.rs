@@ -332,7 +332,9 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
             let value = if encoded.iter().any(|e| e.eq_ignore_ascii_case(name)) {
                 crate::publisher::percent_decode(value).ok_or_else(|| {
                     Error::invalid_event(format!(
-                        "header `{name}` is listed as percent-encoded but is not: `{value}`"
+                        "header `{}` is listed as percent-encoded but is not: `{}`",
+                        quoted(name),
+                        quoted(value)
                     ))
                 })?
             } else {
@@ -342,6 +344,22 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
         }
     }
     binding::decode(pairs, message.payload.clone(), HeaderStyle::NATS)
+}
+
+/// A header value as an error quotes it: its first 128 bytes (cut at a character) and its
+/// length when longer. The error becomes the dead-letter record's reason, an attribute,
+/// which must fit the dead-letter queue (NATS' `max_payload`, which the value shared with
+/// the whole message) for the message to be dead-lettered at all.
+fn quoted(value: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 128;
+    if value.len() <= MAX {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let end = (0..=MAX)
+        .rev()
+        .find(|&i| value.is_char_boundary(i))
+        .unwrap_or(0);
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &value[..end], value.len()))
 }
 
 /// A message without CloudEvents headers whose payload is a JSON object: the event in the
@@ -414,5 +432,37 @@ impl Acker for NatsAcker {
             "negatively acknowledging with a delay",
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_value_is_quoted_short_in_the_error_of_a_structured_message() {
+        // The error is the dead-letter reason, an attribute of the record: as long as the
+        // value, it made the record too large for the dead-letter queue, forever.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/cloudevents+json");
+        headers.insert(crate::publisher::ENCODED_HEADER, "ce-x");
+        headers.insert("ce-x", format!("%ZZ{}", "v".repeat(512 * 1024)).as_str());
+        let message = async_nats::Message {
+            subject: "s".into(),
+            reply: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let err = decode(&message).unwrap_err();
+        assert_eq!(err.kind(), evbus::ErrorKind::InvalidEvent);
+        assert!(err.message().len() < 1024, "{} bytes", err.message().len());
+        assert!(
+            err.message().contains("percent-encoded"),
+            "{}",
+            &err.message()[..200]
+        );
     }
 }

@@ -79,8 +79,9 @@ pub struct RedisConfig {
     /// Longest delay between reconnection attempts. Default 5 s.
     #[serde(rename = "reconnect_max_delay_ms", with = "evbus::raw::millis")]
     pub reconnect_max_delay: Duration,
-    /// Largest event accepted (data plus attributes, [`evbus::Event::encoded_len`]).
-    /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`].
+    /// Largest event accepted (data plus attributes, [`evbus::Event::encoded_len`]; in
+    /// [`ContentMode::Structured`], the length of the JSON written, which base64 data or
+    /// escapes make larger). Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`].
     pub max_payload_bytes: usize,
     /// An anonymous subscription's consumer group left behind by a process that died is
     /// destroyed by the next anonymous subscription to the same topic once it is older than

@@ -1231,12 +1231,29 @@ fn decode_attributes(fields: &[(Vec<u8>, Vec<u8>)], body: Bytes) -> Result<Event
             || name == HeaderStyle::REDIS.content_type
         {
             // Borrowed: the event copies what it keeps, once.
-            let value = std::str::from_utf8(value)
-                .map_err(|_| Error::invalid_event(format!("field `{name}` is not UTF-8 text")))?;
+            let value = std::str::from_utf8(value).map_err(|_| {
+                Error::invalid_event(format!("field `{}` is not UTF-8 text", quoted(name)))
+            })?;
             headers.push((name, value));
         }
     }
     binding::decode(headers, body, HeaderStyle::REDIS)
+}
+
+/// A field name as an error quotes it: its first 128 bytes (cut at a character) and its
+/// length when longer. Field names are as long as a producer makes them, and the error
+/// becomes the dead-letter record's reason, an attribute, which must fit the dead-letter
+/// queue for the entry to be dead-lettered at all.
+fn quoted(name: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 128;
+    if name.len() <= MAX {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let end = (0..=MAX)
+        .rev()
+        .find(|&i| name.is_char_boundary(i))
+        .unwrap_or(0);
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &name[..end], name.len()))
 }
 
 /// An entry that is not a CloudEvent, as core's undecodable message: location
@@ -1413,7 +1430,8 @@ mod tests {
             .build()
             .unwrap();
         for mode in [ContentMode::Binary, ContentMode::Structured] {
-            let cmd = crate::publisher::xadd("s", Retention::Unlimited, mode, &event).unwrap();
+            let cmd = crate::publisher::xadd("s", Retention::Unlimited, mode, usize::MAX, &event)
+                .unwrap();
             let args: Vec<Vec<u8>> = cmd
                 .args_iter()
                 .skip(3)
@@ -1448,6 +1466,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.message().contains("ce_id"), "{err}");
+    }
+
+    #[test]
+    fn a_long_field_name_is_quoted_short_in_the_error_of_a_structured_entry() {
+        // The error is the dead-letter reason, an attribute of the record: as long as the
+        // field name, it made the record too large for the dead-letter queue, forever.
+        let name = format!("ce_{}", "a".repeat(2 * 1024 * 1024));
+        let mut entry: Fields = vec![
+            (
+                b"content-type".to_vec(),
+                b"application/cloudevents+json".to_vec(),
+            ),
+            (b"data".to_vec(), b"{}".to_vec()),
+            (name.into_bytes(), vec![0xff]),
+        ];
+        let err = decode(&mut entry).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEvent);
+        assert!(err.message().len() < 1024, "{} bytes", err.message().len());
+        assert!(
+            err.message().contains("is not UTF-8"),
+            "{}",
+            &err.message()[..200]
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub(crate) fn xadd(
     stream: &str,
     retention: Retention,
     mode: ContentMode,
+    limit: usize,
     event: &Event,
 ) -> Result<redis::Cmd> {
     // Sized once: stream, trimming, `*`, the attributes and `data` (appending ~20 arguments
@@ -55,10 +56,13 @@ pub(crate) fn xadd(
     }
     cmd.arg("*");
     if mode == ContentMode::Structured {
+        let json = event.to_json()?;
+        // The entry holds the JSON, which can be larger than the event (base64 data, escapes).
+        check_length(event, json.len(), limit)?;
         cmd.arg(HeaderStyle::REDIS.content_type)
             .arg(CLOUDEVENTS_JSON)
             .arg(DATA_FIELD)
-            .arg(event.to_json()?);
+            .arg(json);
         return Ok(cmd);
     }
     binding::visit(event, HeaderStyle::REDIS, |prefix, name, value| {
@@ -77,7 +81,11 @@ pub(crate) fn xadd(
 }
 
 fn check_size(event: &Event, limit: usize) -> Result<()> {
-    let size = event.encoded_len();
+    check_length(event, event.encoded_len(), limit)
+}
+
+/// Refuses `event` when what is written of it is `size` bytes, more than `limit`.
+fn check_length(event: &Event, size: usize, limit: usize) -> Result<()> {
     if size > limit {
         return Err(Error::new(
             ErrorKind::TooLarge,
@@ -106,16 +114,22 @@ async fn append(
     }
     let replicas = shared.config.replicas_to_wait_for();
     let mode = shared.config.content_mode;
-    if let ([event], 0) = (events, replicas) {
-        shared
-            .query::<Value>(&xadd(stream, retention, mode, event)?, what)
-            .await?;
+    let limit = shared.config.max_payload_bytes;
+    // Every command built before any is sent: an event refused while building (too large as
+    // structured JSON) leaves the whole call unpublished, as a refusal by size above does.
+    let mut commands = events
+        .iter()
+        .map(|event| xadd(stream, retention, mode, limit, event))
+        .collect::<Result<Vec<_>>>()?;
+    if let ([command], 0) = (&commands[..], replicas) {
+        shared.query::<Value>(command, what).await?;
         return Ok(());
     }
-    for chunk in events.chunks(PIPELINE_CHUNK) {
+    while !commands.is_empty() {
+        let rest = commands.split_off(commands.len().min(PIPELINE_CHUNK));
         let mut pipe = redis::pipe();
-        for event in chunk {
-            pipe.add_command(xadd(stream, retention, mode, event)?);
+        for command in std::mem::replace(&mut commands, rest) {
+            pipe.add_command(command);
         }
         if replicas > 0 {
             // In the same pipeline, so on the same connection to the master that took the
@@ -355,7 +369,7 @@ mod tests {
     }
 
     fn binary(stream: &str, retention: Retention, event: &Event) -> redis::Cmd {
-        xadd(stream, retention, ContentMode::Binary, event).unwrap()
+        xadd(stream, retention, ContentMode::Binary, usize::MAX, event).unwrap()
     }
 
     fn event() -> Event {
@@ -426,6 +440,7 @@ mod tests {
                 "s",
                 Retention::MaxLen { entries: 10 },
                 ContentMode::Structured,
+                usize::MAX,
                 &e,
             )
             .unwrap(),
@@ -453,6 +468,30 @@ mod tests {
         assert!(err.message().contains("wait_replicas"), "{err}");
         assert!(check_replicated(None, 1, timeout, "x").is_err());
         assert_eq!(args(&wait(1, timeout)), ["WAIT", "1", "500"]);
+    }
+
+    #[test]
+    fn structured_mode_refuses_an_event_whose_json_is_over_the_limit() {
+        // 3 bytes of data, 4 in base64, and the JSON around them: fits as an event, not as
+        // the entry structured mode writes.
+        let e = Event::builder("t", "/s")
+            .data("application/octet-stream", vec![0u8, 1, 2])
+            .build()
+            .unwrap();
+        let json = e.to_json().unwrap().len();
+        let limit = e.encoded_len();
+        assert!(json > limit, "{json} vs {limit}");
+        let err = xadd(
+            "s",
+            Retention::Unlimited,
+            ContentMode::Structured,
+            limit,
+            &e,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(err.message().contains("max_payload_bytes"), "{err}");
+        assert!(xadd("s", Retention::Unlimited, ContentMode::Structured, json, &e).is_ok());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use crate::envelope::{Event, EventBuilder, REQUIRED_ATTRIBUTES, with_time_text};
+use crate::envelope::{Event, EventBuilder, REQUIRED_ATTRIBUTES, quoted, with_time_text};
 use crate::error::{Error, Result};
 
 /// How a protocol binding names and escapes CloudEvents attributes in headers.
@@ -166,6 +166,12 @@ where
     let mut failed: Option<Error> = None;
     // The content type, when it names a CloudEvents event format.
     let mut structured: Option<String> = None;
+    // Whether a `specversion` attribute header was given, read or not: a header after the
+    // first failure is not read, and whether the message is in structured mode must not
+    // depend on where `specversion` comes among headers brokers do not keep in order.
+    let mut specversion_header = false;
+    let names_specversion =
+        |name: &str| strip_prefix(name, style).is_some_and(|attr| attr == "specversion");
     for (name, value) in headers {
         let name = name.as_ref();
         let matches_ct = if style.case_insensitive {
@@ -177,12 +183,14 @@ where
             structured = Some(value.as_ref().to_owned());
         }
         if failed.is_some() {
+            specversion_header |= !matches_ct && names_specversion(name);
             continue;
         }
         let value: Cow<'_, str> = if style.percent_encode {
             match percent_decode(value.as_ref()) {
                 Ok(value) => Cow::Owned(value),
                 Err(e) => {
+                    specversion_header |= !matches_ct && names_specversion(name);
                     failed = Some(e);
                     continue;
                 }
@@ -209,6 +217,7 @@ where
         };
         match &*attr {
             "specversion" => {
+                specversion_header = true;
                 let this = match &*value {
                     crate::envelope::SPEC_VERSION => Ok(()),
                     other => Err(other.to_owned()),
@@ -257,8 +266,8 @@ where
     // Structured mode: a CloudEvents format as the content type and no `specversion`
     // attribute header. A binary-mode event always has that header, so an event whose own
     // data is a CloudEvent (`datacontenttype` `application/cloudevents+json`, carried as the
-    // content type) still reads as binary mode, as evbus writes it.
-    if let (None, Some(content_type)) = (&specversion, &structured) {
+    // content type) still reads as binary mode, as evbus writes it, in any header order.
+    if let (false, Some(content_type)) = (specversion_header, &structured) {
         return decode_structured(content_type, &body);
     }
     if let Some(error) = failed {
@@ -268,7 +277,8 @@ where
         Some(Ok(())) => {}
         Some(Err(other)) => {
             return Err(Error::invalid_event(format!(
-                "unsupported specversion `{other}` in `{}specversion`",
+                "unsupported specversion `{}` in `{}specversion`",
+                quoted(&other),
                 style.prefix
             )));
         }
@@ -319,8 +329,9 @@ fn decode_structured(content_type: &str, body: &[u8]) -> Result<Event> {
              event per message, in binary or structured mode",
         )),
         other => Err(Error::invalid_event(format!(
-            "structured-mode CloudEvent in the event format `{other}`: evbus reads the JSON \
+            "structured-mode CloudEvent in the event format `{}`: evbus reads the JSON \
              format ({})",
+            quoted(other),
             crate::envelope::CLOUDEVENTS_JSON
         ))),
     }
@@ -345,7 +356,8 @@ const CORE_ATTRIBUTES: [&str; 6] = [
 /// different adapters, or on different deliveries.
 fn conflict(attr: &str) -> Error {
     Error::invalid_event(format!(
-        "attribute `{attr}` is given more than once, with different values"
+        "attribute `{}` is given more than once, with different values",
+        quoted(attr)
     ))
 }
 
@@ -403,7 +415,10 @@ fn percent_decode(value: &str) -> Result<String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| {
-                    Error::invalid_event(format!("bad percent-encoding in header value `{value}`"))
+                    Error::invalid_event(format!(
+                        "bad percent-encoding in header value `{}`",
+                        quoted(value)
+                    ))
                 })?;
             out.push(hex);
             i += 3;
@@ -413,7 +428,7 @@ fn percent_decode(value: &str) -> Result<String> {
         }
     }
     String::from_utf8(out)
-        .map_err(|_| Error::invalid_event(format!("header value `{value}` is not UTF-8")))
+        .map_err(|_| Error::invalid_event(format!("header value `{}` is not UTF-8", quoted(value))))
 }
 
 #[cfg(test)]

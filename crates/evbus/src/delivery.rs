@@ -606,9 +606,15 @@ impl Drop for Delivery {
     }
 }
 
+/// The most bytes of a reason a dead-letter record keeps ([`dead_letter_event`]).
+pub const DEAD_LETTER_REASON_MAX: usize = 4096;
+
 /// The event as it is stored in a dead-letter queue: the original plus
 /// [`DEAD_LETTER_REASON`], [`DEAD_LETTER_ATTEMPTS`], [`DEAD_LETTER_ORIGIN`] and
-/// [`DEAD_LETTER_TIME`].
+/// [`DEAD_LETTER_TIME`]. A reason longer than [`DEAD_LETTER_REASON_MAX`] bytes is cut there
+/// (at a character, followed by `… (N bytes)`): a reason is an error message, which may quote
+/// what a producer or a handler put in it, and one as large as the event could make the
+/// record too large for its queue, so that the delivery could never leave.
 pub fn dead_letter_event(
     event: &Event,
     reason: &str,
@@ -616,7 +622,10 @@ pub fn dead_letter_event(
     origin: &str,
 ) -> Result<Event> {
     let mut dead = event.clone();
-    dead.set_extension(DEAD_LETTER_REASON, reason)?;
+    dead.set_extension(
+        DEAD_LETTER_REASON,
+        &*crate::envelope::cut(reason, DEAD_LETTER_REASON_MAX),
+    )?;
     dead.set_extension(DEAD_LETTER_ATTEMPTS, attempts.to_string())?;
     dead.set_extension(DEAD_LETTER_ORIGIN, origin)?;
     dead.set_extension(
@@ -624,4 +633,28 @@ pub fn dead_letter_event(
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     )?;
     Ok(dead)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_at_most_a_bounded_reason() {
+        let event = Event::builder("t", "/s").build().unwrap();
+        let short = dead_letter_event(&event, "handler failed", 3, "t/g").unwrap();
+        assert_eq!(short.extension(DEAD_LETTER_REASON), Some("handler failed"));
+        // A reason quoting a megabyte of what a producer sent, with a multi-byte character
+        // across the cut.
+        let long = format!("bad value `{}`", "é".repeat(1 << 19));
+        let dead = dead_letter_event(&event, &long, 3, "t/g").unwrap();
+        let kept = dead.extension(DEAD_LETTER_REASON).unwrap();
+        assert!(kept.len() < DEAD_LETTER_REASON_MAX + 32, "{}", kept.len());
+        assert!(kept.starts_with("bad value `é"), "{}", &kept[..20]);
+        assert!(
+            kept.ends_with(&format!("… ({} bytes)", long.len())),
+            "{kept}"
+        );
+        assert_eq!(dead.extension(DEAD_LETTER_ATTEMPTS), Some("3"));
+    }
 }
