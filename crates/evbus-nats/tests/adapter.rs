@@ -34,6 +34,26 @@ async fn transport() -> NatsTransport {
         .expect("the NATS server at EVBUS_NATS_URL is reachable, with JetStream")
 }
 
+/// The next delivery of `subscription`, within [`WAIT`].
+async fn next(subscription: &mut evbus::Subscription) -> evbus::Delivery {
+    tokio::time::timeout(WAIT, subscription.next_delivery())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream goes on")
+        .unwrap()
+}
+
+/// The first record of the dead-letter queue `dlq_name`, within [`WAIT`].
+async fn first_dead_letter(transport: &NatsTransport, dlq_name: &str) -> evbus::Delivery {
+    let dlq = transport.queue(dlq_name).await.unwrap();
+    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
+    tokio::time::timeout(WAIT, dead.next_delivery())
+        .await
+        .expect("a dead letter in time")
+        .expect("the dead-letter queue flows")
+        .unwrap()
+}
+
 async fn plain_client() -> (async_nats::Client, jetstream::Context) {
     let client = async_nats::connect(url()).await.expect("connecting");
     let js = jetstream::new(client.clone());
@@ -165,11 +185,7 @@ async fn structured_mode_events_of_stock_sdks_are_read_with_or_without_headers()
     topic.publish(&last).await.unwrap();
 
     for id in ["bare", "typed"] {
-        let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
-            .await
-            .expect("a delivery in time")
-            .expect("the stream goes on")
-            .unwrap();
+        let delivery = next(&mut subscription).await;
         assert_eq!(delivery.event().id(), id);
         assert_eq!(delivery.event().ty(), "afterOrderCreate");
         assert_eq!(
@@ -178,11 +194,7 @@ async fn structured_mode_events_of_stock_sdks_are_read_with_or_without_headers()
         );
         delivery.ack().await.unwrap();
     }
-    let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream goes on")
-        .unwrap();
+    let delivery = next(&mut subscription).await;
     assert_eq!(
         delivery.event().id(),
         last.id(),
@@ -191,13 +203,7 @@ async fn structured_mode_events_of_stock_sdks_are_read_with_or_without_headers()
     delivery.ack().await.unwrap();
 
     let dlq_name = format!("{name}.billing.dlq");
-    let dlq = transport.queue(&dlq_name).await.unwrap();
-    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
-    let record = tokio::time::timeout(WAIT, dead.next_delivery())
-        .await
-        .expect("a dead letter in time")
-        .expect("the dead-letter queue flows")
-        .unwrap();
+    let record = first_dead_letter(&transport, &dlq_name).await;
     assert_eq!(record.event().ty(), UNDECODABLE_EVENT_TYPE);
     let reason = record
         .event()
@@ -244,23 +250,13 @@ async fn a_foreign_message_is_dead_lettered_as_undecodable_and_the_stream_flows_
     topic.publish(&event).await.unwrap();
 
     // The consumer gets the valid event only.
-    let delivery = tokio::time::timeout(WAIT, subscription.next_delivery())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream goes on")
-        .unwrap();
+    let delivery = next(&mut subscription).await;
     assert_eq!(delivery.event().id(), event.id());
     delivery.ack().await.unwrap();
 
     // The foreign message went to the subscription's dead-letter queue, with the metadata.
     let dlq_name = format!("{name}.billing.dlq");
-    let dlq = transport.queue(&dlq_name).await.unwrap();
-    let mut dead = dlq.receive(ConsumerOptions::default()).await.unwrap();
-    let record = tokio::time::timeout(WAIT, dead.next_delivery())
-        .await
-        .expect("a dead letter in time")
-        .expect("the dead-letter queue flows")
-        .unwrap();
+    let record = first_dead_letter(&transport, &dlq_name).await;
     assert_eq!(record.event().ty(), UNDECODABLE_EVENT_TYPE);
     assert!(
         record

@@ -24,6 +24,33 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
+/// `method url` with `key` as bearer token and `body` as JSON: the status and the answer as
+/// JSON (a string when it is not JSON).
+pub async fn request(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = http.request(method.parse().unwrap(), url);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// Whether the PostgreSQL at [`postgres_url`] answers. When it does not, the test fails under
 /// CI=true or EVBUS_REQUIRE_BROKERS=1, and otherwise says loudly that it did not run.
 pub async fn postgres_reachable() -> bool {
@@ -193,22 +220,7 @@ impl Harness {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method.parse().unwrap(), self.url(path));
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        request(&self.http, method, &self.url(path), key, body).await
     }
 
     /// Publishes through `POST /v1/events` with a fresh producer id (`client-<uuid>`).
