@@ -445,9 +445,11 @@ impl Event {
                     builder.event.data = Some(Bytes::from(bytes));
                 }
                 ext => {
-                    // An integer is kept as written: read as a `Number` it would be rewritten
-                    // (`1e2` as `100.0`, `-0` as `-0.0`, a 30-digit one rounded to an `f64`).
-                    if is_integer_literal(raw.get()) {
+                    // A number is kept as written: read as a `Number` it would be rewritten
+                    // (`1e2` as `100.0`, `-0` as `-0.0`, a 30-digit integer rounded to an
+                    // `f64`). CloudEvents has integers only, but the gateway's contract (and
+                    // JSON Schema, for which `1e2` is an integer) takes any JSON number.
+                    if is_number_literal(raw.get()) {
                         builder = builder.extension(ext, raw.get());
                         continue;
                     }
@@ -504,11 +506,12 @@ pub(crate) fn cut(text: &str, max: usize) -> Cow<'_, str> {
 /// ([`Event::from_json`]); larger ones are indexed in a map.
 const SCAN_MEMBERS: usize = 32;
 
-/// Whether a JSON number is an integer as written (`-?digits`, no fraction or exponent): the
-/// CloudEvents type system has integers and no other numbers.
-fn is_integer_literal(raw: &str) -> bool {
-    let digits = raw.strip_prefix('-').unwrap_or(raw);
-    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+/// Whether a JSON value (valid JSON, as a `RawValue` is) is a number: it starts with `-` or a
+/// digit.
+fn is_number_literal(raw: &str) -> bool {
+    raw.bytes()
+        .next()
+        .is_some_and(|b| b == b'-' || b.is_ascii_digit())
 }
 
 /// The members of a JSON object in document order, each value left unparsed; a name is
