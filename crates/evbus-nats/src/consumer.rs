@@ -333,8 +333,8 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
                 crate::publisher::percent_decode(value).ok_or_else(|| {
                     Error::invalid_event(format!(
                         "header `{}` is listed as percent-encoded but is not: `{}`",
-                        quoted(name),
-                        quoted(value)
+                        evbus::raw::quoted(name),
+                        evbus::raw::quoted(value)
                     ))
                 })?
             } else {
@@ -344,22 +344,6 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<Event> {
         }
     }
     binding::decode(pairs, message.payload.clone(), HeaderStyle::NATS)
-}
-
-/// A header value as an error quotes it: its first 128 bytes (cut at a character) and its
-/// length when longer. The error becomes the dead-letter record's reason, an attribute,
-/// which must fit the dead-letter queue (NATS' `max_payload`, which the value shared with
-/// the whole message) for the message to be dead-lettered at all.
-fn quoted(value: &str) -> std::borrow::Cow<'_, str> {
-    const MAX: usize = 128;
-    if value.len() <= MAX {
-        return std::borrow::Cow::Borrowed(value);
-    }
-    let end = (0..=MAX)
-        .rev()
-        .find(|&i| value.is_char_boundary(i))
-        .unwrap_or(0);
-    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &value[..end], value.len()))
 }
 
 /// A message without CloudEvents headers whose payload is a JSON object: the event in the

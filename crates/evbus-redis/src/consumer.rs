@@ -1232,28 +1232,15 @@ fn decode_attributes(fields: &[(Vec<u8>, Vec<u8>)], body: Bytes) -> Result<Event
         {
             // Borrowed: the event copies what it keeps, once.
             let value = std::str::from_utf8(value).map_err(|_| {
-                Error::invalid_event(format!("field `{}` is not UTF-8 text", quoted(name)))
+                Error::invalid_event(format!(
+                    "field `{}` is not UTF-8 text",
+                    evbus::raw::quoted(name)
+                ))
             })?;
             headers.push((name, value));
         }
     }
     binding::decode(headers, body, HeaderStyle::REDIS)
-}
-
-/// A field name as an error quotes it: its first 128 bytes (cut at a character) and its
-/// length when longer. Field names are as long as a producer makes them, and the error
-/// becomes the dead-letter record's reason, an attribute, which must fit the dead-letter
-/// queue for the entry to be dead-lettered at all.
-fn quoted(name: &str) -> std::borrow::Cow<'_, str> {
-    const MAX: usize = 128;
-    if name.len() <= MAX {
-        return std::borrow::Cow::Borrowed(name);
-    }
-    let end = (0..=MAX)
-        .rev()
-        .find(|&i| name.is_char_boundary(i))
-        .unwrap_or(0);
-    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &name[..end], name.len()))
 }
 
 /// An entry that is not a CloudEvent, as core's undecodable message: location

@@ -278,6 +278,20 @@ pub trait ConfigKey: Copy + Eq + Sized + 'static {
     }
 }
 
+/// A foreign value (a header, a field name, an attribute) as a decoding error should quote it:
+/// whole when at most 128 bytes, else its first 128 bytes (cut at a character) and its
+/// length. A decoding error becomes the dead-letter reason of the undecodable message, and a
+/// reason as large as the message could keep the record from fitting its queue.
+///
+/// ```
+/// let long = "x".repeat(1000);
+/// assert_eq!(evbus::raw::quoted("short"), "short");
+/// assert!(evbus::raw::quoted(&long).ends_with("… (1000 bytes)"));
+/// ```
+pub fn quoted(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::envelope::quoted(text)
+}
+
 /// Parses the value of a URL parameter; a bad value is an
 /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) naming the key.
 pub fn parse_value<K: ConfigKey, V>(key: K, value: &str) -> Result<V>
