@@ -115,16 +115,17 @@ async fn append(
     let replicas = shared.config.replicas_to_wait_for();
     let mode = shared.config.content_mode;
     let limit = shared.config.max_payload_bytes;
+    if let ([event], 0) = (events, replicas) {
+        let command = xadd(stream, retention, mode, limit, event)?;
+        shared.query::<Value>(&command, what).await?;
+        return Ok(());
+    }
     // Every command built before any is sent: an event refused while building (too large as
     // structured JSON) leaves the whole call unpublished, as a refusal by size above does.
     let mut commands = events
         .iter()
         .map(|event| xadd(stream, retention, mode, limit, event))
         .collect::<Result<Vec<_>>>()?;
-    if let ([command], 0) = (&commands[..], replicas) {
-        shared.query::<Value>(command, what).await?;
-        return Ok(());
-    }
     while !commands.is_empty() {
         let rest = commands.split_off(commands.len().min(PIPELINE_CHUNK));
         let mut pipe = redis::pipe();
