@@ -1,6 +1,6 @@
 //! Stock Kafka clients (plain rdkafka, no evbus code) and evbus understand each other: a
 //! stock consumer reads what evbus publishes, and evbus reads what a stock producer writes
-//! (CloudEvents Kafka binding, binary mode).
+//! (CloudEvents Kafka binding, binary and structured mode).
 
 mod support;
 
@@ -116,12 +116,81 @@ fn partitions_of(transport: &KafkaTransport) -> i32 {
 /// the record is that event, not an undecodable message for the dead-letter queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_binary_foreign_header_does_not_make_a_stock_record_undecodable() {
+    let headers = headers(&[
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"stock-1"),
+        ("ce_source", b"/stock"),
+        ("ce_type", b"stockProduced"),
+        ("content-type", b"application/json"),
+        ("bin", &[0xff]),
+    ]);
+    read_stock_record("bin", headers, None, br#"{"n":1}"#, |event| {
+        assert_eq!(event.id(), "stock-1");
+        assert_eq!(event.source(), "/stock");
+        assert_eq!(event.ty(), "stockProduced");
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        assert_eq!(event.data().map(|d| &d[..]), Some(&br#"{"n":1}"#[..]));
+        assert!(
+            event.extension("bin").is_none(),
+            "a foreign header is not an attribute"
+        );
+    })
+    .await;
+}
+
+/// A record in the structured mode of the Kafka binding, as a CloudEvents SDK writes it: the
+/// whole event as JSON in the value, announced by the `content-type` header (with a charset
+/// parameter), no `ce_` headers, and a key. evbus reads it as that event; it is not
+/// dead-lettered as undecodable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_structured_mode_record_is_read_as_its_event() {
+    let headers = headers(&[(
+        "content-type",
+        b"application/cloudevents+json; charset=UTF-8",
+    )]);
+    let value = br#"{"specversion":"1.0","id":"stock-2","source":"/sdk","type":"orderShipped",
+        "subject":"o-7","time":"2026-12-05T10:00:00Z","partitionkey":"o-7",
+        "datacontenttype":"application/json","data":{"ok":2,"items":["a","b"]}}"#;
+    read_stock_record("structured", headers, Some("o-7"), value, |event| {
+        assert_eq!(event.id(), "stock-2");
+        assert_eq!(event.source(), "/sdk");
+        assert_eq!(event.ty(), "orderShipped");
+        assert_eq!(event.subject(), Some("o-7"));
+        assert_eq!(event.partition_key(), Some("o-7"));
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            event.data().map(|d| &d[..]),
+            Some(&br#"{"ok":2,"items":["a","b"]}"#[..])
+        );
+    })
+    .await;
+}
+
+/// Kafka headers from names and values, in this order.
+fn headers(pairs: &[(&str, &[u8])]) -> OwnedHeaders {
+    pairs.iter().fold(OwnedHeaders::new(), |hs, &(key, value)| {
+        hs.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
+/// Writes one record with a stock producer to a new queue, receives it through evbus, hands
+/// the event to `check`, and asserts that nothing reached the queue's dead-letter queue.
+async fn read_stock_record(
+    label: &str,
+    headers: OwnedHeaders,
+    key: Option<&str>,
+    payload: &[u8],
+    check: impl FnOnce(&Event),
+) {
     const WAIT: Duration = Duration::from_secs(30);
     let Some(transport) = support::connect_with("partitions=1").await else {
         return;
     };
     let bootstrap = transport.config().bootstrap_servers.clone();
-    let name = format!("evbus-stock-bin-{}", uuid::Uuid::now_v7().simple());
+    let name = format!("evbus-stock-{label}-{}", uuid::Uuid::now_v7().simple());
     let dlq_name = format!("{name}.dlq");
     let queue = transport.queue(&name).await.expect("queue");
     let dlq = transport.queue(&dlq_name).await.expect("dead-letter queue");
@@ -132,28 +201,14 @@ async fn a_binary_foreign_header_does_not_make_a_stock_record_undecodable() {
         .set("message.timeout.ms", "20000")
         .create()
         .expect("stock producer");
-    let headers = [
-        ("ce_specversion", &b"1.0"[..]),
-        ("ce_id", b"stock-1"),
-        ("ce_source", b"/stock"),
-        ("ce_type", b"stockProduced"),
-        ("content-type", b"application/json"),
-        ("bin", &[0xff]),
-    ]
-    .into_iter()
-    .fold(OwnedHeaders::new(), |hs, (key, value)| {
-        hs.insert(Header {
-            key,
-            value: Some(value),
-        })
-    });
+    let mut record = FutureRecord::<str, [u8]>::to(&name)
+        .payload(payload)
+        .headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
     producer
-        .send(
-            FutureRecord::<(), [u8]>::to(&name)
-                .payload(br#"{"n":1}"#)
-                .headers(headers),
-            WAIT,
-        )
+        .send(record, WAIT)
         .await
         .map_err(|(e, _)| e)
         .expect("the stock producer writes the record");
@@ -177,16 +232,7 @@ async fn a_binary_foreign_header_does_not_make_a_stock_record_undecodable() {
         }
         () = tokio::time::sleep(WAIT) => panic!("nothing was delivered within {WAIT:?}"),
     };
-    let event = delivery.event();
-    assert_eq!(event.id(), "stock-1");
-    assert_eq!(event.source(), "/stock");
-    assert_eq!(event.ty(), "stockProduced");
-    assert_eq!(event.datacontenttype(), Some("application/json"));
-    assert_eq!(event.data().map(|d| &d[..]), Some(&br#"{"n":1}"#[..]));
-    assert!(
-        event.extension("bin").is_none(),
-        "a foreign header is not an attribute"
-    );
+    check(delivery.event());
     delivery.ack().await.expect("ack");
 
     // The one record was delivered, so nothing can have reached the dead-letter queue since:
