@@ -379,9 +379,6 @@ fn describe(e: &reqwest::Error) -> String {
 
 // ---- HTTP handlers -------------------------------------------------------------------------
 
-/// Held while a registration counts the key's webhooks and inserts one.
-static REGISTERING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateWebhook {
@@ -515,20 +512,6 @@ pub(crate) async fn create(
     let mut types = req.event_types.clone();
     types.sort();
     types.dedup();
-    // Counting and inserting under one lock, so concurrent registrations cannot pass the
-    // per-key limit together.
-    let _registering = REGISTERING.lock().await;
-    let held = state.store.list_webhooks(Some(&key.id)).await?.len();
-    if held >= cfg.max_webhooks_per_key {
-        return Err(Problem::new(
-            StatusCode::CONFLICT,
-            format!(
-                "this key already holds {} webhooks, the most one key may (max_webhooks_per_key); delete one before registering another",
-                cfg.max_webhooks_per_key
-            ),
-        )
-        .with("limit", json!(cfg.max_webhooks_per_key)));
-    }
     let record = WebhookRecord {
         id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
         owner_key_id: key.id.clone(),
@@ -544,7 +527,22 @@ pub(crate) async fn create(
         failing_since: None,
         created_at: State::now(),
     };
-    state.store.insert_webhook(&record).await?;
+    // Counted and inserted in one step of the store, so concurrent registrations for one key
+    // (on this instance or on others sharing the store) cannot pass the limit together.
+    if !state
+        .store
+        .insert_webhook_within(&record, cfg.max_webhooks_per_key)
+        .await?
+    {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this key already holds {} webhooks, the most one key may (max_webhooks_per_key); delete one before registering another",
+                cfg.max_webhooks_per_key
+            ),
+        )
+        .with("limit", json!(cfg.max_webhooks_per_key)));
+    }
     let mut body = view(&record);
     body["secret"] = json!(record.secret);
     Ok((StatusCode::CREATED, Json(body)).into_response())

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use evbus::Bus;
-use evbus_gateway::{Gateway, PostgresStore, Store};
+use evbus_gateway::{Gateway, GatewayConfig, PostgresStore, Store};
 use serde_json::{Value, json};
 use support::*;
 
@@ -40,6 +40,11 @@ impl Instances {
     }
 
     async fn start(n: usize) -> Option<Instances> {
+        Self::start_with(n, holding_config()).await
+    }
+
+    /// `n` instances with `config`.
+    async fn start_with(n: usize, config: GatewayConfig) -> Option<Instances> {
         if !postgres_reachable().await {
             return None;
         }
@@ -62,7 +67,7 @@ impl Instances {
             };
             let bus = Bus::new(Arc::new(broker.connect()), catalog(), "/test");
             let gateway = Arc::new(
-                Gateway::start(bus, Arc::new(store) as Arc<dyn Store>, holding_config())
+                Gateway::start(bus, Arc::new(store) as Arc<dyn Store>, config.clone())
                     .await
                     .unwrap(),
             );
@@ -500,4 +505,169 @@ async fn postgres_two_admin_keys_revoking_each_other_on_two_instances_leave_one(
     assert_eq!(answers, [StatusCode::NO_CONTENT, StatusCode::CONFLICT]);
     let _ = sqlx::Connection::close(holder).await;
     instances.finish().await;
+}
+
+/// The per-key webhook limit of the concurrent-registration tests, and how many registrations
+/// they make at once.
+const WEBHOOK_LIMIT: usize = 3;
+const REGISTRATIONS: usize = 24;
+
+/// `REGISTRATIONS` webhook registrations for `key` at once, spread over `apis` in turn; their
+/// answers, once all are in.
+fn register_at_once(
+    apis: &[Api],
+    key: &str,
+    url: &str,
+) -> Vec<tokio::task::JoinHandle<(StatusCode, Value)>> {
+    (0..REGISTRATIONS)
+        .map(|i| {
+            let api = apis[i % apis.len()].clone();
+            let key = key.to_owned();
+            let body =
+                json!({"url": url, "event_types": [ORDERS], "description": format!("hook {i}")});
+            tokio::spawn(async move { api.call("POST", "/v1/webhooks", &key, Some(body)).await })
+        })
+        .collect()
+}
+
+/// Exactly `WEBHOOK_LIMIT` registrations answered 201, every other one refused with the limit's
+/// problem (409 naming the limit), as a registration past the limit is when it comes alone;
+/// and the key lists exactly `WEBHOOK_LIMIT` webhooks, those answered 201.
+async fn assert_the_limit_held(
+    requests: Vec<tokio::task::JoinHandle<(StatusCode, Value)>>,
+    lister: &Api,
+    key: &str,
+) {
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.unwrap());
+    }
+    let mut created: Vec<String> = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::CREATED)
+        .map(|(_, body)| body["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (_, listed) = lister.call("GET", "/v1/webhooks", key, None).await;
+    let mut listed: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        (created.len(), listed.len()),
+        (WEBHOOK_LIMIT, WEBHOOK_LIMIT),
+        "registrations made at once must stay within max_webhooks_per_key ({WEBHOOK_LIMIT}): \
+         {} answered 201 and the key holds {}",
+        created.len(),
+        listed.len()
+    );
+    created.sort();
+    listed.sort();
+    assert_eq!(created, listed);
+    for (status, problem) in answers.iter().filter(|(s, _)| *s != StatusCode::CREATED) {
+        assert_eq!(*status, StatusCode::CONFLICT, "{problem}");
+        assert_eq!(problem["status"], 409, "{problem}");
+        assert_eq!(problem["limit"], WEBHOOK_LIMIT, "{problem}");
+        assert_eq!(
+            problem["detail"],
+            format!(
+                "this key already holds {WEBHOOK_LIMIT} webhooks, the most one key may \
+                 (max_webhooks_per_key); delete one before registering another"
+            ),
+            "{problem}"
+        );
+    }
+}
+
+/// Registrations for one key made at the same moment through two instances on one
+/// PostgreSQL stay within `max_webhooks_per_key`. So that they meet in the store whatever
+/// their timing, inserts into `webhooks` are held (a SHARE lock on the table, which reads
+/// pass) until more registrations than the limit wait in the store; a gateway that counts,
+/// then inserts, would then insert every one of them.
+#[tokio::test]
+async fn postgres_registrations_at_once_on_two_instances_stay_within_the_key_limit() {
+    let mut config = holding_config();
+    config.max_webhooks_per_key = WEBHOOK_LIMIT;
+    let Some(instances) = Instances::start_with(2, config).await else {
+        return;
+    };
+    let apis = instances.apis();
+    let (status, created) = apis[0]
+        .call(
+            "POST",
+            "/v1/keys",
+            &instances.admin,
+            Some(json!({"name": "crm", "subscribe": [ORDERS]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    let receiver = Receiver::start(200).await;
+
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url())
+        .await
+        .unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {}.webhooks IN SHARE MODE",
+        instances.schema
+    ))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let requests = register_at_once(&apis, &key, &receiver.url());
+    // Sessions waiting on the holder's lock, or on a session that waits on it, and so on.
+    eventually(
+        "more registrations than the limit waiting in the store at once (a gateway that lets \
+         one registration at a time into the store serialises only its own process: instances \
+         in processes of their own would each pass the count)",
+        || async {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url())
+                .await
+                .unwrap();
+            let waiting: i64 = sqlx::query_scalar(
+                "WITH RECURSIVE waiting (pid) AS (
+                   SELECT pid FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))
+                   UNION
+                   SELECT a.pid FROM pg_stat_activity a JOIN waiting w
+                     ON w.pid = ANY (pg_blocking_pids(a.pid))
+                 )
+                 SELECT COUNT(*) FROM waiting",
+            )
+            .bind(holder_pid)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            let _ = sqlx::Connection::close(conn).await;
+            waiting > WEBHOOK_LIMIT as i64
+        },
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_the_limit_held(requests, &apis[1], &key).await;
+    let _ = sqlx::Connection::close(holder).await;
+    instances.finish().await;
+}
+
+/// The same on one instance on SQLite: registrations for one key at once stay within
+/// `max_webhooks_per_key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_registrations_at_once_stay_within_the_key_limit() {
+    let mut config = holding_config();
+    config.max_webhooks_per_key = WEBHOOK_LIMIT;
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let api = Api::of(&h);
+    let key = h.key(&[ORDERS], &[]).await;
+    let receiver = Receiver::start(200).await;
+    let requests = register_at_once(std::slice::from_ref(&api), &key, &receiver.url());
+    assert_the_limit_held(requests, &api, &key).await;
 }

@@ -1332,6 +1332,61 @@ async fn revocation_keeps_an_admin_key(f: &Fixture) {
     );
 }
 
+/// The per-key webhook limit holds under concurrent registrations through two handles on the
+/// store (two instances sharing it): 48 registrations for one key at once with room for 3
+/// register exactly 3; the other 45 are refused and store nothing. Another key's webhooks
+/// neither count nor are counted, and a deleted webhook makes room for one more.
+async fn webhook_limit_holds_under_concurrent_registrations(f: &Fixture) {
+    const LIMIT: usize = 3;
+    let s = &*f.store;
+    s.insert_webhook(&webhook("wh_other_1", "k_other", &[ORDER]))
+        .await
+        .unwrap();
+    let results = futures::future::join_all((0..48).map(|i| {
+        let s = Arc::clone(if i % 2 == 0 { &f.store } else { &f.other });
+        async move {
+            let w = webhook(&format!("wh_lim_{i}"), "k_lim", &[ORDER]);
+            s.insert_webhook_within(&w, LIMIT).await.unwrap()
+        }
+    }))
+    .await;
+    let inserted = results.iter().filter(|r| **r).count();
+    let held = f.other.list_webhooks(Some("k_lim")).await.unwrap();
+    assert_eq!(
+        (inserted, held.len()),
+        (LIMIT, LIMIT),
+        "registrations made at once passed the per-key limit: {results:?}"
+    );
+    // Refused ones stored nothing: the webhooks held are exactly those answered `true`.
+    let mut answered: Vec<String> = (0..48)
+        .filter(|i| results[*i])
+        .map(|i| format!("wh_lim_{i}"))
+        .collect();
+    let mut stored: Vec<String> = held.into_iter().map(|w| w.id).collect();
+    answered.sort();
+    stored.sort();
+    assert_eq!(answered, stored);
+    // Per key: the other key's webhook did not count, and it has room for more.
+    assert!(
+        s.insert_webhook_within(&webhook("wh_other_2", "k_other", &[ORDER]), LIMIT)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.insert_webhook_within(&webhook("wh_lim_more", "k_lim", &[ORDER]), LIMIT)
+            .await
+            .unwrap()
+    );
+    assert!(s.delete_webhook(&stored[0]).await.unwrap());
+    assert!(
+        f.other
+            .insert_webhook_within(&webhook("wh_lim_more", "k_lim", &[ORDER]), LIMIT)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.list_webhooks(Some("k_lim")).await.unwrap().len(), LIMIT);
+}
+
 // ---- one test per case and store -------------------------------------------------------------
 
 macro_rules! suite {
@@ -1379,6 +1434,7 @@ suite!(
     secrets_are_sealed,
     webhook_changes_are_made_in_place,
     revocation_keeps_an_admin_key,
+    webhook_limit_holds_under_concurrent_registrations,
 );
 
 /// PostgreSQL only: commits are told to every instance (`LISTEN/NOTIFY`), in log order, and

@@ -554,6 +554,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Stores a new webhook.
     async fn insert_webhook(&self, webhook: &WebhookRecord) -> StoreResult<()>;
+    /// Stores a new webhook unless its owner key (`webhook.owner_key_id`) already holds
+    /// `max_per_key` webhooks; `false` (nothing stored) if it does. Counting and inserting are
+    /// one step: registrations for one key made at the same moment, on one instance or on
+    /// several sharing the store, never leave the key more than `max_per_key` webhooks (the
+    /// gateway's `max_webhooks_per_key`). Stores sharing state between instances must do it
+    /// atomically; the default counts, then inserts.
+    async fn insert_webhook_within(
+        &self,
+        webhook: &WebhookRecord,
+        max_per_key: usize,
+    ) -> StoreResult<bool> {
+        let held = self.list_webhooks(Some(&webhook.owner_key_id)).await?.len();
+        if held >= max_per_key {
+            return Ok(false);
+        }
+        self.insert_webhook(webhook).await?;
+        Ok(true)
+    }
     /// One webhook by id.
     async fn get_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>>;
     /// Webhooks of one owner key, or all; oldest first.

@@ -10,6 +10,10 @@
 //!   `FOR UPDATE SKIP LOCKED` (never waiting on a row another instance is settling); a
 //!   claimed row carries a lease, and a row whose lease ran out (its instance died) is
 //!   claimed again by any instance;
+//! - per-key bounds counted in the store are counted and spent in one transaction holding a
+//!   lock of the key (until commit): webhook registrations of one key take turns (the count
+//!   against `max_webhooks_per_key` and the insert), and so do its replays (the budgets read
+//!   and spent), on every instance;
 //! - ingests and revocations `NOTIFY` the schema's channel, so the other instances wake their
 //!   streams and dispatchers at once ([`Store::signals`]); the gateway also polls.
 
@@ -235,6 +239,31 @@ impl PostgresStore {
         let mut w = webhook_from(row);
         sealing::open_webhook(self.secrets.as_deref(), &mut w)?;
         Ok(w)
+    }
+
+    /// Inserts webhook `w` (its secrets sealed) through `conn`.
+    async fn write_webhook(&self, conn: &mut PgConnection, w: &WebhookRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
+                previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&w.id)
+        .bind(&w.owner_key_id)
+        .bind(text(&w.url))
+        .bind(&w.event_types)
+        .bind(text(&w.description))
+        .bind(&w.allow)
+        .bind(self.sealed(&w.id, Some(&w.secret))?)
+        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
+        .bind(w.previous_secret_until.map(ms))
+        .bind(w.enabled)
+        .bind(opt_text(w.disabled_reason.as_deref()))
+        .bind(w.failing_since.map(ms))
+        .bind(ms(w.created_at))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     /// Closes the connection pool.
@@ -546,27 +575,37 @@ impl Store for PostgresStore {
     }
 
     async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        self.write_webhook(&mut conn, w).await
+    }
+
+    async fn insert_webhook_within(
+        &self,
+        w: &WebhookRecord,
+        max_per_key: usize,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // Registrations for one key take turns, on every instance (a lock held until
+        // commit): two of them counting at once would both see room for one more. The count
+        // is read after the turn is granted, so it sees every insert of the turns before.
+        // A lock of its own rather than the key's row: the owner needs no row in `api_keys`.
         sqlx::query(
-            "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
-                previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            "SELECT pg_advisory_xact_lock(hashtext('evbus-gateway webhooks ' || $1 || ' ' || $2))",
         )
-        .bind(&w.id)
-        .bind(&w.owner_key_id)
-        .bind(text(&w.url))
-        .bind(&w.event_types)
-        .bind(text(&w.description))
-        .bind(&w.allow)
-        .bind(self.sealed(&w.id, Some(&w.secret))?)
-        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
-        .bind(w.previous_secret_until.map(ms))
-        .bind(w.enabled)
-        .bind(opt_text(w.disabled_reason.as_deref()))
-        .bind(w.failing_since.map(ms))
-        .bind(ms(w.created_at))
-        .execute(&self.pool)
+        .bind(&self.schema)
+        .bind(text(&w.owner_key_id))
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks WHERE owner_key_id = $1")
+            .bind(text(&w.owner_key_id))
+            .fetch_one(&mut *tx)
+            .await?;
+        if held >= i64::try_from(max_per_key).unwrap_or(i64::MAX) {
+            return Ok(false);
+        }
+        self.write_webhook(&mut tx, w).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn get_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>> {

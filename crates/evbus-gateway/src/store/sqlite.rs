@@ -145,6 +145,35 @@ impl SqliteStore {
         Ok(w)
     }
 
+    /// Inserts webhook `w` (its secrets sealed) through `conn`.
+    async fn write_webhook(
+        &self,
+        conn: &mut SqliteConnection,
+        w: &WebhookRecord,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
+                previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&w.id)
+        .bind(&w.owner_key_id)
+        .bind(&w.url)
+        .bind(to_json(&w.event_types))
+        .bind(&w.description)
+        .bind(w.allow.as_deref().map(to_json))
+        .bind(self.sealed(&w.id, Some(&w.secret))?)
+        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
+        .bind(w.previous_secret_until.map(ms))
+        .bind(w.enabled as i64)
+        .bind(&w.disabled_reason)
+        .bind(w.failing_since.map(ms))
+        .bind(ms(w.created_at))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
     /// Closes the connection pool.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -372,27 +401,30 @@ impl Store for SqliteStore {
 
     async fn insert_webhook(&self, w: &WebhookRecord) -> StoreResult<()> {
         let _write = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO webhooks (id, owner_key_id, url, event_types, description, allow, secret,
-                previous_secret, previous_secret_until, enabled, disabled_reason, failing_since, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&w.id)
-        .bind(&w.owner_key_id)
-        .bind(&w.url)
-        .bind(to_json(&w.event_types))
-        .bind(&w.description)
-        .bind(w.allow.as_deref().map(to_json))
-        .bind(self.sealed(&w.id, Some(&w.secret))?)
-        .bind(self.sealed(&w.id, w.previous_secret.as_deref())?)
-        .bind(w.previous_secret_until.map(ms))
-        .bind(w.enabled as i64)
-        .bind(&w.disabled_reason)
-        .bind(w.failing_since.map(ms))
-        .bind(ms(w.created_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        self.write_webhook(&mut conn, w).await
+    }
+
+    async fn insert_webhook_within(
+        &self,
+        w: &WebhookRecord,
+        max_per_key: usize,
+    ) -> StoreResult<bool> {
+        // Counted and inserted in one write transaction, under the one write lock: no other
+        // write comes in between. `BEGIN IMMEDIATE` takes SQLite's write lock before the
+        // count, so that holds even for another connection to the file.
+        let _write = self.writer.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks WHERE owner_key_id = ?")
+            .bind(&w.owner_key_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if held >= i64::try_from(max_per_key).unwrap_or(i64::MAX) {
+            return Ok(false);
+        }
+        self.write_webhook(&mut tx, w).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn get_webhook(&self, id: &str) -> StoreResult<Option<WebhookRecord>> {
