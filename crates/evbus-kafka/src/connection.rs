@@ -32,6 +32,18 @@ pub(crate) struct Connection {
     metadata_kept: Mutex<Option<bool>>,
     /// When a consumer of this transport last left each consumer group.
     left: Mutex<HashMap<String, Instant>>,
+    /// This transport's consumers of each Kafka topic, so that deleting the topic ends them
+    /// and waits for them to leave first.
+    consumers_of: Mutex<HashMap<String, TopicConsumers>>,
+}
+
+/// The consumers of one Kafka topic on one transport.
+#[derive(Clone)]
+pub(crate) struct TopicConsumers {
+    /// Ends them (a child of the transport's close signal).
+    pub(crate) ended: CancellationToken,
+    /// Their threads, each holding a token until its consumer has left the group.
+    pub(crate) threads: TaskTracker,
 }
 
 /// How long a new consumer of a group waits after another consumer of this transport left
@@ -86,6 +98,7 @@ impl Connection {
             consumers: TaskTracker::new(),
             metadata_kept: Mutex::new(None),
             left: Mutex::new(HashMap::new()),
+            consumers_of: Mutex::new(HashMap::new()),
         })
     }
 
@@ -183,9 +196,46 @@ impl Connection {
         }
     }
 
+    /// The signal that ends this transport's consumers of Kafka topic `topic`, and the
+    /// tracker of their threads.
+    pub(crate) fn consumers_of(&self, topic: &str) -> TopicConsumers {
+        let mut map = self.consumers_of.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(topic.to_owned())
+            .or_insert_with(|| TopicConsumers {
+                ended: self.closed.child_token(),
+                threads: TaskTracker::new(),
+            })
+            .clone()
+    }
+
     /// Deletes the Kafka topic `name`; a missing topic is not an error.
+    ///
+    /// This transport's consumers of the topic end first (their subscriptions end, as on
+    /// the in-memory transport), and the deletion waits, up to the operation timeout, until
+    /// they have left their groups: a consumer still leaving, or still subscribed, when its
+    /// topic goes was seen to crash librdkafka 2.12 against tansu (a metadata response
+    /// naming no topic, read in `rd_kafka_metadata_cache_find`).
     pub(crate) async fn delete_topic(&self, name: &str) -> Result<()> {
         check_topic_name(name)?;
+        let consumers = self
+            .consumers_of
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        if let Some(consumers) = consumers {
+            consumers.ended.cancel();
+            consumers.threads.close();
+            if tokio::time::timeout(self.config.operation_timeout, consumers.threads.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    topic = name,
+                    "deleting a Kafka topic whose consumers on this transport did not leave \
+                     their groups within the operation timeout"
+                );
+            }
+        }
         if let Ok(mut known) = self.known_topics.lock() {
             known.remove(name);
         }

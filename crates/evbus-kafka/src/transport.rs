@@ -76,10 +76,15 @@ impl KafkaTransport {
         } else {
             Some(self.conn.state_topic(&group, topic).await?)
         };
+        // Ended by the topic's deletion (or the transport's close); deleting the topic waits
+        // for this token, held until the consumer has left its group.
+        let of_topic = self.conn.consumers_of(topic);
+        let thread = of_topic.threads.token();
         let on_closed: Box<dyn FnOnce() + Send> = {
             let conn = Arc::clone(&self.conn);
             let group = group.clone();
             Box::new(move || {
+                let _thread = thread;
                 if anonymous {
                     futures::executor::block_on(conn.delete_group(&group));
                 } else {
@@ -105,12 +110,12 @@ impl KafkaTransport {
         let raw = consumer::start(
             &self.conn.config,
             spec,
-            self.conn.closed.clone(),
+            of_topic.ended.clone(),
             &self.conn.consumers,
         )
         .await?;
-        let closed = self.conn.closed.clone();
-        Ok(source.into_subscription(raw, dead_letter, async move { closed.cancelled().await }))
+        let ended = of_topic.ended;
+        Ok(source.into_subscription(raw, dead_letter, async move { ended.cancelled().await }))
     }
 }
 

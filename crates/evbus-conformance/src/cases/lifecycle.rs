@@ -517,3 +517,99 @@ pub(super) async fn lifecycle_queue_outage_loses_no_accepted_send_and_consumers_
 ) -> CaseResult {
     outage(&ctx, false).await
 }
+
+/// Deletes `what` with `op`, bounded, and fails the case with what went wrong.
+async fn delete(what: &str, op: impl Future<Output = evbus::Result<()>>) -> CaseResult {
+    bounded(format!("deleting {what}"), op).await
+}
+
+pub(super) async fn lifecycle_deleting_a_queue_discards_its_events_and_may_be_repeated<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let queue = bounded("opening the queue", conn.queue(&name)).await?;
+    // Some waiting, one in flight: the deletion takes both.
+    for event in ctx.events(5) {
+        bounded("sending", queue.send(&event)).await?;
+    }
+    {
+        let mut c = bounded("consuming", queue.receive(ctx.short_consumer())).await?;
+        next(&mut c, WAIT, "the consumer before the deletion").await?;
+    }
+    delete("the queue", conn.delete_queue(&name)).await?;
+    delete("the queue a second time", conn.delete_queue(&name)).await?;
+    delete(
+        "a queue that never existed",
+        conn.delete_queue(&ctx.queue_name("never")),
+    )
+    .await?;
+    // The name is usable again, and starts empty: the sentinel is the first delivery, even
+    // after the visibility timeout of the delivery that was in flight.
+    let queue = bounded("opening the queue again", conn.queue(&name)).await?;
+    let mut c = bounded(
+        "consuming the queue again",
+        queue.receive(ctx.short_consumer()),
+    )
+    .await?;
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "a consumer of the queue made again",
+    )
+    .await
+}
+
+pub(super) async fn lifecycle_deleting_a_topic_discards_its_subscriptions_and_may_be_repeated<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let name = ctx.topic_name("t");
+    let sub = ctx.subscription_name(&name, "s");
+    let topic = bounded("opening the topic", conn.topic(&name)).await?;
+    // A durable subscription with events waiting for it, one of them in flight.
+    {
+        let mut s = bounded(
+            "subscribing",
+            topic.subscribe(ctx.named(&sub).consumer(ctx.short_consumer())),
+        )
+        .await?;
+        for event in ctx.events(5) {
+            bounded("publishing", topic.publish(&event)).await?;
+        }
+        next(&mut s, WAIT, "the subscription before the deletion").await?;
+    }
+    delete("the topic", conn.delete_topic(&name)).await?;
+    delete("the topic a second time", conn.delete_topic(&name)).await?;
+    delete(
+        "a topic that never existed",
+        conn.delete_topic(&ctx.topic_name("never")),
+    )
+    .await?;
+    // The same subscription name on the topic made again starts afresh: none of the events
+    // that waited for the old one, nor the one it had in flight, comes before the sentinel.
+    let topic = bounded("opening the topic again", conn.topic(&name)).await?;
+    let mut s = bounded(
+        "subscribing again",
+        topic.subscribe(
+            ctx.named(&sub)
+                .consumer(ctx.short_consumer())
+                .start(StartPosition::Latest),
+        ),
+    )
+    .await?;
+    topic_sentinel(
+        &ctx,
+        &*topic,
+        &mut s,
+        SHORT_VISIBILITY + QUIET,
+        "the subscription made again",
+    )
+    .await
+}

@@ -123,6 +123,8 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(lifecycle::lifecycle_close_ends_a_subscription_whose_in_flight_slots_are_all_taken),
         case!(lifecycle::lifecycle_closing_twice_is_ok),
         case!(lifecycle::lifecycle_health_is_healthy_when_open_and_not_after_close),
+        case!(lifecycle::lifecycle_deleting_a_queue_discards_its_events_and_may_be_repeated),
+        case!(lifecycle::lifecycle_deleting_a_topic_discards_its_subscriptions_and_may_be_repeated),
         case!(
             lifecycle::lifecycle_topic_outage_loses_no_accepted_publish_and_consumers_resume,
             needs: [Need::BrokerControl],
