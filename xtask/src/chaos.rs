@@ -79,19 +79,24 @@ pub(crate) struct Options {
     pub(crate) soak: bool,
 }
 
-pub(crate) fn run(opts: &Options) -> Result<()> {
-    let adapters: Vec<&str> = match &opts.adapter {
+/// `adapter`, or every adapter when `None`; an error naming the known ones for a typo.
+fn adapters(adapter: Option<&str>) -> Result<Vec<&'static str>> {
+    Ok(match adapter {
         Some(name) => vec![
             ADAPTERS
                 .iter()
                 .copied()
-                .find(|a| a == name)
+                .find(|a| *a == name)
                 .ok_or_else(|| {
                     format!("unknown adapter `{name}`; known: {}", ADAPTERS.join(", "))
                 })?,
         ],
         None => ADAPTERS.to_vec(),
-    };
+    })
+}
+
+pub(crate) fn run(opts: &Options) -> Result<()> {
+    let adapters = adapters(opts.adapter.as_deref())?;
     let duration = match &opts.duration {
         Some(text) => parse_duration(text)?,
         None if opts.soak => SOAK_DURATION,
@@ -155,11 +160,18 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
 /// The short run of `cargo xtask test`: 5000 events per adapter, one handler kill, one broker
 /// restart or cut.
 pub(crate) fn test_step() -> Result<Vec<String>> {
+    short_run(None)
+}
+
+/// `cargo xtask chaos --short [--adapter NAME]`: the short run on `adapter`, or on every
+/// adapter (as `cargo xtask test` runs it).
+pub(crate) fn short_run(adapter: Option<&str>) -> Result<Vec<String>> {
+    let adapters = adapters(adapter)?;
     let seed = 18;
     let bins = build()?;
     let mut lines = Vec::new();
     let mut failed = Vec::new();
-    for adapter in ADAPTERS {
+    for adapter in adapters {
         let started = Instant::now();
         let verdict = run_adapter(adapter, &bins, 5000, default_duration(5000), seed, false)
             .map_err(|e| format!("chaos {adapter}: could not run: {e}"))?;
@@ -1733,6 +1745,17 @@ mod tests {
             nanos,
             sent_nanos: 0,
         }
+    }
+
+    #[test]
+    fn one_adapter_or_all_are_selected() {
+        assert_eq!(adapters(Some("redis")).unwrap(), ["redis"]);
+        assert_eq!(adapters(None).unwrap(), ADAPTERS);
+        assert_eq!(
+            adapters(Some("redis-cluster")).unwrap_err(),
+            "unknown adapter `redis-cluster`; known: memory, redis, kafka, nats, amqp, \
+             postgres, sqlite"
+        );
     }
 
     #[test]

@@ -39,6 +39,11 @@
 //! `nodes.conf` files. `start` returns once every node reports `cluster_state:ok` and knows
 //! all six. Its URL is [`redis_url`]. The system Redis on 6379 is never touched.
 //!
+//! `~/.cache/evbus/clusters/<broker>` is `$EVBUS_<BROKER>_CLUSTER_DIR` instead when that
+//! is set (an absolute path): the failover tests read the same variable to find the pid
+//! files. `start` ends with the command that runs the broker's failover test against the
+//! cluster (its `EVBUS_<BROKER>_CLUSTER_URL`; NATS adds `?replicas=3`).
+//!
 //! Each broker's cluster is one [`Cluster`] (`NATS`, `AMQP`, `REDIS`; [`of`] finds it by
 //! name): its node count, the pid file in each node's directory, and its own functions to
 //! spawn a node, start the cluster, wait until a restarted node is back and describe a node.
@@ -49,6 +54,7 @@
 //! [`Cluster::kill_node`], [`Cluster::restart_node`] and the other functions (find a
 //! stream's leader, the master of a key's slot) are for tests and the fault suite.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -120,6 +126,10 @@ pub(crate) fn run(action: &str, broker: &str, node: Option<usize>) -> Result<()>
         cluster.url()
     );
     cluster.print_status();
+    println!(
+        "failover test: {}\nstop: cargo xtask cluster stop {broker}",
+        cluster.failover_command()
+    );
     Ok(())
 }
 
@@ -168,6 +178,9 @@ pub(crate) struct Cluster {
     formed: fn() -> bool,
     /// The evbus URL of the cluster, without parameters.
     url: fn() -> String,
+    /// Appended to [`Cluster::url`] in `EVBUS_<BROKER>_CLUSTER_URL` for the adapter's
+    /// `tests/cluster_failover.rs` (NATS: `?replicas=3`, which the test requires).
+    failover_parameters: &'static str,
     /// How long `stop` waits after SIGTERM before SIGKILL.
     stop_timeout: Duration,
 }
@@ -199,12 +212,23 @@ impl Cluster {
         (alive(pid) && (self.is_node)(pid, node)).then_some(pid)
     }
 
-    /// Spawns every node that is not running.
+    /// Spawns every node that is not running. The ports of all of them are checked first: a
+    /// start that failed on a taken port half-way would leave the nodes before it running.
     fn spawn_missing(&self) -> Result<()> {
-        for node in 1..=self.nodes {
-            if self.pid(node).is_none() {
-                (self.spawn)(node)?;
-            }
+        let missing: Vec<usize> = (1..=self.nodes)
+            .filter(|&n| self.pid(n).is_none())
+            .collect();
+        if let Some(node) = missing.iter().copied().find(|&n| port_open((self.port)(n))) {
+            return Err(format!(
+                "127.0.0.1:{} ({} node{node}'s port) is taken by another process; no node was \
+                 started; stop that process, or see `cargo xtask cluster status {}`",
+                (self.port)(node),
+                self.label,
+                self.name
+            ));
+        }
+        for node in missing {
+            (self.spawn)(node)?;
         }
         Ok(())
     }
@@ -218,6 +242,18 @@ impl Cluster {
     /// The evbus URL of the cluster, without parameters.
     pub(crate) fn url(&self) -> String {
         (self.url)()
+    }
+
+    /// The command that runs the broker's `tests/cluster_failover.rs` against this cluster.
+    pub(crate) fn failover_command(&self) -> String {
+        format!(
+            "EVBUS_{}_CLUSTER_URL='{}{}' cargo test -p evbus-{} --test cluster_failover -- \
+             --nocapture",
+            self.name.to_ascii_uppercase(),
+            self.url(),
+            self.failover_parameters,
+            self.name
+        )
     }
 
     /// Whether every node is running (the cluster may still be forming).
@@ -373,15 +409,30 @@ const NATS: Cluster = Cluster {
     describe: nats_describe,
     formed: nats_formed,
     url: nats_url,
+    failover_parameters: "?replicas=3",
     stop_timeout: STOP_TIMEOUT,
 };
 
 /// Nodes of the NATS cluster.
 const NATS_NODES: usize = 3;
 
-/// `~/.cache/evbus/clusters/<broker>`.
+/// The directory of `broker`'s cluster: `EVBUS_<BROKER>_CLUSTER_DIR` (an absolute path)
+/// when set, else `~/.cache/evbus/clusters/<broker>`. The failover tests look for the pid
+/// files in the same place (`evbus_conformance::failover::cluster_dir`).
 fn cluster_dir(broker: &str) -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    cluster_dir_in(
+        broker,
+        std::env::var_os(format!("EVBUS_{}_CLUSTER_DIR", broker.to_ascii_uppercase())),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// [`cluster_dir`] from the values of `EVBUS_<BROKER>_CLUSTER_DIR` and `HOME`.
+fn cluster_dir_in(broker: &str, var: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    if let Some(dir) = var {
+        return PathBuf::from(dir);
+    }
+    let home = home.map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
     home.join(".cache/evbus/clusters").join(broker)
 }
 
@@ -585,9 +636,13 @@ fn nats_start() -> Result<()> {
 }
 
 /// Waits until the restarted node is back in the cluster (it sees the same meta leader as
-/// the others).
-fn nats_rejoin(_node: usize) -> Result<()> {
-    wait_ready(&all_nodes(), READY_TIMEOUT).map(drop)
+/// the other running nodes; a node that is down, killed on purpose, is not waited for).
+fn nats_rejoin(node: usize) -> Result<()> {
+    let running: Vec<usize> = all_nodes()
+        .into_iter()
+        .filter(|&n| n == node || NATS.pid(n).is_some())
+        .collect();
+    wait_ready(&running, READY_TIMEOUT).map(drop)
 }
 
 /// The node (1-based) leading JetStream stream `stream` of the global account, if any node
@@ -652,6 +707,7 @@ const AMQP: Cluster = Cluster {
     describe: amqp_describe,
     formed: amqp_formed,
     url: amqp_url,
+    failover_parameters: "",
     // RabbitMQ takes longer to shut down cleanly.
     stop_timeout: Duration::from_secs(30),
 };
@@ -858,8 +914,9 @@ fn amqp_start() -> Result<()> {
     Ok(())
 }
 
-/// Waits until the restarted node accepts AMQP connections and node 1 (or, for node 1,
-/// node 2) sees every node running (it rejoins its cluster by itself).
+/// Waits until the restarted node accepts AMQP connections and sees itself running with
+/// every other running node (it rejoins its cluster by itself). A node that is down, killed
+/// on purpose, is not waited for.
 fn amqp_rejoin(node: usize) -> Result<()> {
     amqp_wait(
         AMQP_BOOT_TIMEOUT,
@@ -868,8 +925,14 @@ fn amqp_rejoin(node: usize) -> Result<()> {
     )?;
     amqp_wait(
         AMQP_BOOT_TIMEOUT,
-        "the RabbitMQ nodes did not all run in one cluster",
-        amqp_all_joined,
+        &format!("RabbitMQ node{node} did not run in one cluster with the other running nodes"),
+        || {
+            let running: Vec<String> = (1..=AMQP_NODES)
+                .filter(|&n| n == node || AMQP.pid(n).is_some())
+                .map(amqp_node_name)
+                .collect();
+            amqp_running_nodes(node).is_some_and(|seen| running.iter().all(|n| seen.contains(n)))
+        },
     )
 }
 
@@ -946,6 +1009,7 @@ const REDIS: Cluster = Cluster {
     describe: redis_describe,
     formed: redis_all_ok,
     url: redis_url,
+    failover_parameters: "",
     stop_timeout: STOP_TIMEOUT,
 };
 
@@ -1124,13 +1188,19 @@ fn redis_start() -> Result<()> {
     )
 }
 
-/// Waits until every node reports `cluster_state:ok` again (the restarted node rejoins the
-/// cluster from its `nodes.conf`, as a replica if its replica took over meanwhile).
-fn redis_rejoin(_node: usize) -> Result<()> {
+/// Waits until the restarted node and every other running node report `cluster_state:ok`
+/// (the restarted node rejoins the cluster from its `nodes.conf`, as a replica if its replica
+/// took over meanwhile). A node that is down, killed on purpose, is not waited for.
+fn redis_rejoin(node: usize) -> Result<()> {
     redis_wait(
         READY_TIMEOUT,
-        "the Redis Cluster did not report cluster_state:ok on every node",
-        redis_all_ok,
+        &format!("Redis node{node} and the other running nodes did not report cluster_state:ok"),
+        || {
+            redis_node_ok(node)
+                && (1..=REDIS_NODES)
+                    .filter(|&n| n != node && REDIS.pid(n).is_some())
+                    .all(redis_node_ok)
+        },
     )
 }
 
@@ -1219,6 +1289,9 @@ fn redis_describe(node: usize, pid: u32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicU16, AtomicUsize};
+
     use super::*;
 
     #[test]
@@ -1263,6 +1336,104 @@ mod tests {
             cluster_dir("redis").join("node2"),
             "pid files and data in ~/.cache/evbus/clusters/<broker>/nodeN"
         );
+    }
+
+    #[test]
+    fn the_cluster_directory_is_the_one_the_failover_tests_read() {
+        // `evbus_conformance::failover::cluster_dir`: the variable first, then the home.
+        assert_eq!(
+            cluster_dir_in("redis", Some("/srv/rc".into()), Some("/home/u".into())),
+            PathBuf::from("/srv/rc")
+        );
+        assert_eq!(
+            cluster_dir_in("nats", None, Some("/home/u".into())),
+            PathBuf::from("/home/u/.cache/evbus/clusters/nats")
+        );
+        assert_eq!(
+            cluster_dir_in("amqp", None, None),
+            PathBuf::from("/tmp/.cache/evbus/clusters/amqp")
+        );
+    }
+
+    #[test]
+    fn the_failover_command_names_the_test_and_a_url_it_accepts() {
+        assert_eq!(
+            NATS.failover_command(),
+            "EVBUS_NATS_CLUSTER_URL='nats://127.0.0.1:4231,127.0.0.1:4232,127.0.0.1:4233\
+             ?replicas=3' cargo test -p evbus-nats --test cluster_failover -- --nocapture"
+        );
+        assert!(
+            REDIS
+                .failover_command()
+                .starts_with("EVBUS_REDIS_CLUSTER_URL='redis+cluster://127.0.0.1:7231,"),
+            "{}",
+            REDIS.failover_command()
+        );
+        assert!(
+            AMQP.failover_command()
+                .ends_with("/%2f' cargo test -p evbus-amqp --test cluster_failover -- --nocapture"),
+            "{}",
+            AMQP.failover_command()
+        );
+    }
+
+    static TEST_PORTS: [AtomicU16; 2] = [AtomicU16::new(0), AtomicU16::new(0)];
+    static SPAWNED: AtomicUsize = AtomicUsize::new(0);
+
+    fn test_port(node: usize) -> u16 {
+        TEST_PORTS[node - 1].load(SeqCst)
+    }
+
+    fn test_spawn(_node: usize) -> Result<()> {
+        SPAWNED.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    /// A cluster of two nodes whose pid files do not exist (both missing) and whose spawn
+    /// only counts.
+    const TWO: Cluster = Cluster {
+        name: "xtask-unit-test-no-such-cluster",
+        label: "Test",
+        nodes: 2,
+        pid_file: "test.pid",
+        is_node: |_, _| false,
+        port: test_port,
+        spawn: test_spawn,
+        start: || Ok(()),
+        rejoin: |_| Ok(()),
+        describe: |_, _| String::new(),
+        formed: || false,
+        url: String::new,
+        failover_parameters: "",
+        stop_timeout: STOP_TIMEOUT,
+    };
+
+    #[test]
+    fn a_taken_port_fails_the_start_before_any_node_is_spawned() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        TEST_PORTS[0].store(free_port, SeqCst);
+        TEST_PORTS[1].store(taken_port, SeqCst);
+        let err = TWO.spawn_missing().unwrap_err();
+        assert!(
+            err.contains(&format!(
+                "127.0.0.1:{taken_port} (Test node2's port) is taken"
+            )) && err.contains("no node was started"),
+            "{err}"
+        );
+        assert_eq!(
+            SPAWNED.load(SeqCst),
+            0,
+            "node1 was started although node2's port is taken"
+        );
+        drop(taken);
+        TWO.spawn_missing().unwrap();
+        assert_eq!(SPAWNED.load(SeqCst), 2);
     }
 
     #[test]

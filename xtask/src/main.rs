@@ -123,9 +123,9 @@ enum Cmd {
         /// Seed of the fault schedule (default: the current time, printed).
         #[arg(long)]
         seed: Option<u64>,
-        /// The short run on every adapter (5,000 events, seed 18, one handler kill and one
-        /// broker restart or cut each), also a step of `cargo xtask test`.
-        #[arg(long, conflicts_with_all = ["adapter", "events", "duration", "seed", "soak"])]
+        /// The short run on every adapter, or on `--adapter` (5,000 events, seed 18, one
+        /// handler kill and one broker restart or cut each), also a step of `cargo xtask test`.
+        #[arg(long, conflicts_with_all = ["events", "duration", "seed", "soak"])]
         short: bool,
         /// A soak run: no faults, a steady rate for an hour (or `--duration`); prints the
         /// drift of latency (p50, p99) and memory between the first and last 5 minutes.
@@ -137,9 +137,9 @@ enum Cmd {
     Capabilities,
     /// A local broker cluster (`nats`: 3 nats-server with JetStream on 127.0.0.1:4231-4233;
     /// `amqp`: RabbitMQ nodes evbus1..3@localhost on 5681-5683; `redis`: a 6-node Redis
-    /// Cluster, 3 masters and 3 replicas, on 7231-7236), data in ~/.cache/evbus/clusters/,
-    /// for `conformance --adapter nats-cluster|amqp-cluster|redis-cluster` and failover
-    /// tests.
+    /// Cluster, 3 masters and 3 replicas, on 7231-7236), data in ~/.cache/evbus/clusters/
+    /// (or $EVBUS_<BROKER>_CLUSTER_DIR), for `conformance --adapter
+    /// nats-cluster|amqp-cluster|redis-cluster` and failover tests.
     Cluster {
         /// `start` (idempotent; waits until the cluster is formed), `stop`, `status`, `kill`
         /// (SIGKILL one node) or `restart` (start one node again, wait until it rejoined).
@@ -191,7 +191,11 @@ fn main() -> ExitCode {
             broker,
             node,
         } => cluster::run(&action, &broker, node),
-        Cmd::Chaos { short: true, .. } => chaos::test_step().map(|_| ()),
+        Cmd::Chaos {
+            short: true,
+            adapter,
+            ..
+        } => chaos::short_run(adapter.as_deref()).map(|_| ()),
         Cmd::Chaos {
             adapter,
             events,

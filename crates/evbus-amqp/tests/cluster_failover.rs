@@ -167,19 +167,34 @@ async fn failover(shape: Shape) {
         ),
     };
 
+    // The leader is found before the sends start: `rabbitmqctl` takes seconds on a loaded
+    // machine, and asked at the quarter mark it let the kill land after the last send (a run
+    // that measured no failover at all). Nothing fails over in between: the leader stays.
+    let asked = Instant::now();
+    let leader = tokio::task::block_in_place(|| queue_leader(&queue_name))
+        .unwrap_or_else(|| panic!("no leader reported for queue {queue_name}"));
+    let (dir, pid, env) = node_process(&leader);
+    eprintln!(
+        "{leader} (pid {pid}) leads {queue_name} (asked in {:?})",
+        asked.elapsed()
+    );
+
     let received = Received::consume(subscription);
+    let events = failover::events_from_env();
     let run = Failover::new(format!("amqp-cluster ({shape:?})"))
+        .events(events)
         .drain(DRAIN)
         .verb(Verb::Send)
         .start(target, &received);
 
     run.wait_for_a_quarter().await;
-    let leader = tokio::task::block_in_place(|| queue_leader(&queue_name))
-        .unwrap_or_else(|| panic!("no leader reported for queue {queue_name}"));
-    let (dir, pid, env) = node_process(&leader);
     let kill = run.kill(pid);
     let at = run.done();
     eprintln!("SIGKILLed {leader} (pid {pid}), the leader of {queue_name}, after {at} Ok sends");
+    assert!(
+        at < events,
+        "the kill came after all {events} sends: this run measured no failover"
+    );
     tokio::time::sleep(DOWN_FOR).await;
     let new_leader = tokio::task::block_in_place(|| queue_leader(&queue_name));
     {
