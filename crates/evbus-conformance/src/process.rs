@@ -141,7 +141,12 @@ impl BrokerProcessBuilder {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep_orphans(&std::env::temp_dir()));
         std::fs::create_dir_all(&dir)?;
+        if self.keep_data {
+            std::fs::write(dir.join(KEEP_MARKER), b"")?;
+        }
         Ok(BrokerProcess {
             name: self.name,
             command: self.command,
@@ -322,6 +327,77 @@ impl BrokerProcess {
     }
 }
 
+/// Written into a data directory kept after the broker is dropped
+/// ([`keep_data`](BrokerProcessBuilder::keep_data)), so that [`sweep_orphans`] keeps it too.
+const KEEP_MARKER: &str = ".evbus-keep";
+
+/// Kills the brokers of test processes that died without dropping them (a crash, a
+/// `SIGKILL`: no destructor ran), and removes their data directories.
+///
+/// A broker runs in its data directory, `evbus-test-<name>-<test pid>-<port>` under `tmp`.
+/// For each such directory whose test process is gone, every process whose working
+/// directory it is gets `SIGKILL` (with its process group, for a broker that leads one).
+/// Runs once per test process, before its first broker; a no-op where `/proc` is missing.
+fn sweep_orphans(tmp: &Path) {
+    if !Path::new("/proc/self/cwd").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    let orphaned: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|dir| {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                return false;
+            };
+            let Some(rest) = name.strip_prefix("evbus-test-") else {
+                return false;
+            };
+            // `<name>-<pid>-<port>`: the owner is the second number from the end.
+            let mut numbers = rest.rsplit('-');
+            let (Some(_port), Some(owner)) = (numbers.next(), numbers.next()) else {
+                return false;
+            };
+            owner.parse::<u32>().is_ok_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+        })
+        .collect();
+    if orphaned.is_empty() {
+        return;
+    }
+    if let Ok(processes) = std::fs::read_dir("/proc") {
+        for process in processes.flatten() {
+            let Some(pid) = process
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cwd) = std::fs::read_link(process.path().join("cwd")) else {
+                continue;
+            };
+            if orphaned.iter().any(|dir| *dir == cwd) {
+                for target in [format!("-{pid}"), pid.to_string()] {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &target])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+    for dir in orphaned {
+        if !dir.join(KEEP_MARKER).exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
@@ -354,6 +430,48 @@ mod tests {
         assert!(err.to_string().contains("exited while starting"), "{err}");
         drop(process);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn brokers_of_a_test_process_that_died_are_killed_by_the_next_one() {
+        let tmp = std::env::temp_dir().join(format!("evbus-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        // A test process that is gone: one that ran and was reaped.
+        let mut gone = Command::new("true").spawn().unwrap();
+        let owner = gone.id();
+        gone.wait().unwrap();
+        let orphan_dir = tmp.join(format!("evbus-test-sleep-{owner}-1234"));
+        // A broker of a test process still alive (this one): left alone.
+        let live_dir = tmp.join(format!("evbus-test-sleep-{}-1235", std::process::id()));
+        for dir in [&orphan_dir, &live_dir] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let start = |dir: &Path| {
+            Command::new("sleep")
+                .arg("60")
+                .current_dir(dir)
+                .spawn()
+                .unwrap()
+        };
+        let mut orphan = start(&orphan_dir);
+        let mut live = start(&live_dir);
+
+        sweep_orphans(&tmp);
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while orphan.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the orphaned broker still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!orphan_dir.exists(), "the orphan's data directory is gone");
+        assert!(
+            live.try_wait().unwrap().is_none(),
+            "a live test's broker was killed"
+        );
+        assert!(live_dir.exists());
+        let _ = live.kill();
+        let _ = live.wait();
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]
