@@ -55,4 +55,8 @@ impl Connector for AmqpConnector {
         let config = AmqpConfig::from_parsed_url(url)?;
         Ok(Arc::new(AmqpTransport::connect(config).await?))
     }
+
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        Some("servers")
+    }
 }

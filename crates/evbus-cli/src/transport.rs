@@ -155,9 +155,21 @@ fn check_scheme(registry: &Registry, url: &str) -> Result<(), Failure> {
             "the transport URL is empty: give --transport URL or set {TRANSPORT_ENV}"
         )));
     }
-    let parsed = evbus::registry::parse_url(url, "transport")
-        .map_err(|e| Failure::new(format!("cannot open transport: {e}")))?;
-    let scheme = parsed.scheme();
+    // A cluster's comma-separated hosts are no standard URL; the registry hands them to the
+    // adapter (see `Connector::more_hosts_parameter`).
+    let scheme = match evbus::raw::hosts::HostList::parse(url).filter(|l| l.hosts.len() > 1) {
+        Some(list) => list
+            .prefix
+            .split("://")
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => evbus::registry::parse_url(url, "transport")
+            .map_err(|e| Failure::new(format!("cannot open transport: {e}")))?
+            .scheme()
+            .to_owned(),
+    };
+    let scheme = scheme.as_str();
     let known = registry.schemes();
     if known.contains(&scheme) {
         return Ok(());
@@ -278,5 +290,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a transport URL"), "{err}");
+        // Several hosts (a cluster's seeds) are not refused here: the registry reads them.
+        assert!(check_scheme(&registry(), "memory://h1:1,h2:2").is_ok());
     }
 }

@@ -36,4 +36,8 @@ impl Connector for KafkaConnector {
         let config = KafkaConfig::from_parsed_url(url)?;
         Ok(Arc::new(KafkaTransport::connect(config).await?))
     }
+
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        Some("brokers")
+    }
 }

@@ -36,4 +36,8 @@ impl Connector for NatsConnector {
         let config = NatsConfig::from_parsed_url(url)?;
         Ok(Arc::new(NatsTransport::connect(config).await?))
     }
+
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        Some("servers")
+    }
 }

@@ -483,3 +483,33 @@ async fn a_server_with_a_larger_max_payload_carries_a_one_mib_event() {
     d.ack().await.unwrap();
     transport.close().await.unwrap();
 }
+
+/// A cluster URL's comma-separated servers work through `evbus::Registry` (how `evbus serve`
+/// and the other CLI commands open transports), which parses URLs as standard URLs first
+/// and refused a host list with ports ("invalid port number"): the registry hands the
+/// adapter the first server in the authority and the others in `servers`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_opens_a_url_naming_several_servers() {
+    let base = url();
+    let list = evbus::raw::hosts::HostList::parse(&base).expect("EVBUS_NATS_URL is a URL");
+    let host = list.hosts[0];
+    let port = host
+        .rsplit_once(':')
+        .map_or("4222", |(_, port)| port)
+        .to_owned();
+    // The one test server twice, by address and by name: seeds as a cluster URL has them.
+    let several = format!("{}{host},localhost:{port}{}", list.prefix, list.suffix);
+    assert!(
+        url::Url::parse(&several).is_err(),
+        "`{several}` must be a URL the standard parser refuses, or this shows nothing"
+    );
+    let mut registry = evbus::Registry::new();
+    registry.register(evbus_nats::NatsConnector);
+    let transport = registry
+        .connect(&several)
+        .await
+        .unwrap_or_else(|e| panic!("`{several}`: {e}"));
+    assert_eq!(transport.name(), "nats");
+    assert!(transport.health().await.is_healthy());
+    transport.close().await.expect("close");
+}

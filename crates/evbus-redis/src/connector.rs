@@ -40,4 +40,8 @@ impl Connector for RedisConnector {
         let config = RedisConfig::from_parsed_url(url)?;
         Ok(Arc::new(RedisTransport::connect(config).await?))
     }
+
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        Some("servers")
+    }
 }

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use url::Url;
 
 use crate::error::{Error, Result};
+use crate::raw::hosts::{HostList, redact_host};
 use crate::transport::Transport;
 
 /// Opens transports for some URL schemes.
@@ -27,6 +28,16 @@ pub trait Connector: Send + Sync {
 
     /// Opens a transport for `url`.
     async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>>;
+
+    /// The query parameter that takes more hosts (`host[:port]`, comma-separated), for a
+    /// transport that accepts several (a cluster's seed nodes). A URL naming several hosts in
+    /// its authority (`redis+cluster://h1:7000,h2:7000`), which a standard URL parser
+    /// refuses, then reaches [`connect`](Self::connect) with its first host there and the
+    /// others in this parameter. `None` (the default): such a URL is refused with an error
+    /// saying the scheme takes one host.
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A set of [`Connector`]s, keyed by URL scheme.
@@ -86,11 +97,42 @@ impl Registry {
     /// connector opens is an [`InvalidConfig`](crate::ErrorKind::InvalidConfig) error naming
     /// the registered schemes and, for this repository's adapters, the crate and connector
     /// to add.
+    ///
+    /// A URL with several hosts in its authority (`scheme://h1,h2,h3`) is handed to the
+    /// connector with the first host in the authority and the others in the connector's
+    /// [`more_hosts_parameter`](Connector::more_hosts_parameter).
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
-        let parsed = parse_url(url, "transport")?;
-        let scheme = parsed.scheme();
-        let connector = self
-            .connectors
+        let several = HostList::parse(url).filter(|list| list.hosts.len() > 1);
+        let parsed = match several {
+            Some(list) => {
+                let scheme = list.prefix.split("://").next().unwrap_or_default();
+                match (
+                    self.connector(scheme)?.more_hosts_parameter(),
+                    Url::parse(url),
+                ) {
+                    (Some(parameter), _) => {
+                        parse_url(&first_host_only(&list, parameter)?, "transport")?
+                    }
+                    // A host list the URL parser takes as one host (names without ports):
+                    // the connector's to read, as before.
+                    (None, Ok(parsed)) => parsed,
+                    (None, Err(_)) => {
+                        return Err(Error::invalid_config(format!(
+                            "`{}` names {} hosts; a `{scheme}://` URL names one",
+                            shown(&list),
+                            list.hosts.len()
+                        )));
+                    }
+                }
+            }
+            None => parse_url(url, "transport")?,
+        };
+        self.connector(parsed.scheme())?.connect(&parsed).await
+    }
+
+    /// The connector of `scheme`, or an error naming the known schemes and what to add.
+    fn connector(&self, scheme: &str) -> Result<&Arc<dyn Connector>> {
+        self.connectors
             .iter()
             .find(|c| c.schemes().contains(&scheme))
             .ok_or_else(|| {
@@ -107,9 +149,49 @@ impl Registry {
                     "no transport for `{scheme}://` URLs; known schemes: {}. To use it, {remedy}",
                     self.schemes().join(", ")
                 ))
-            })?;
-        connector.connect(&parsed).await
+            })
     }
+}
+
+/// The URL of `list` for messages: its first host's URL redacted, the other hosts after it.
+fn shown(list: &HostList<'_>) -> String {
+    let first = redact(&format!("{}{}{}", list.prefix, list.hosts[0], list.suffix));
+    let rest: Vec<String> = list.hosts[1..].iter().map(|h| redact_host(h)).collect();
+    format!("{first} (and {})", rest.join(", "))
+}
+
+/// The URL of `list` with its first host in the authority and the others in query parameter
+/// `parameter`; an error when the parameter is given as well.
+fn first_host_only(list: &HostList<'_>, parameter: &str) -> Result<String> {
+    let (before_fragment, fragment) = match list.suffix.find('#') {
+        Some(at) => list.suffix.split_at(at),
+        None => (list.suffix, ""),
+    };
+    let (path, query) = match before_fragment.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (before_fragment, None),
+    };
+    let given = query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some(parameter))
+    });
+    if given {
+        return Err(Error::invalid_config(format!(
+            "`{}` names {} hosts and sets `{parameter}` too: give the other hosts either after \
+             the first one or in `{parameter}`",
+            shown(list),
+            list.hosts.len()
+        )));
+    }
+    let more = list.hosts[1..].join(",");
+    let query = match query.filter(|q| !q.is_empty()) {
+        Some(query) => format!("{query}&{parameter}={more}"),
+        None => format!("{parameter}={more}"),
+    };
+    Ok(format!(
+        "{}{}{path}?{query}{fragment}",
+        list.prefix, list.hosts[0]
+    ))
 }
 
 /// Parses `url`, or fails with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig):
@@ -244,6 +326,75 @@ fn adapter_of(scheme: &str) -> Option<(&'static str, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connector of `multi://` (more hosts in `servers`) and `single://` (one host) that
+    /// fails with the URL it was handed.
+    struct Echo;
+
+    #[async_trait]
+    impl Connector for Echo {
+        fn schemes(&self) -> &'static [&'static str] {
+            &["multi", "single"]
+        }
+        async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
+            Err(Error::invalid_config(format!("handed {url}")))
+        }
+        fn more_hosts_parameter(&self) -> Option<&'static str> {
+            Some("servers")
+        }
+    }
+
+    struct Single;
+
+    #[async_trait]
+    impl Connector for Single {
+        fn schemes(&self) -> &'static [&'static str] {
+            &["single"]
+        }
+        async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
+            Err(Error::invalid_config(format!("handed {url}")))
+        }
+    }
+
+    #[tokio::test]
+    async fn several_hosts_reach_the_connector_in_its_parameter() {
+        let mut registry = Registry::empty();
+        registry.register(Echo).register(Single);
+        let handed = |url: &'static str| {
+            let registry = registry.clone();
+            async move {
+                registry
+                    .connect(url)
+                    .await
+                    .unwrap_err()
+                    .message()
+                    .to_owned()
+            }
+        };
+        assert_eq!(
+            handed("multi://u:pw@10.0.0.1:7000,10.0.0.2:7000,[::1]:7002/0?prefix=a#f").await,
+            "handed multi://u:pw@10.0.0.1:7000/0?prefix=a&servers=10.0.0.2:7000,[::1]:7002#f"
+        );
+        assert_eq!(
+            handed("multi://h1,h2").await,
+            "handed multi://h1?servers=h2"
+        );
+        // One host: the URL as given.
+        assert_eq!(handed("multi://h1:1?x=1").await, "handed multi://h1:1?x=1");
+        let both = handed("multi://h1,h2?servers=h3").await;
+        assert!(both.contains("sets `servers` too"), "{both}");
+        // Without a parameter: what the URL parser takes is the connector's to read, as
+        // before; what it refuses is refused saying why, without the password.
+        assert_eq!(handed("single://h1,h2").await, "handed single://h1,h2");
+        let one = handed("single://u:secret@h1:1,h2:2").await;
+        assert!(
+            one.contains("names 2 hosts; a `single://` URL names one"),
+            "{one}"
+        );
+        assert!(!one.contains("secret"), "{one}");
+        let unknown = handed("other://h1,h2").await;
+        assert!(unknown.contains("no transport for `other://`"), "{unknown}");
+    }
 
     #[tokio::test]
     async fn unknown_schemes_name_the_known_ones() {
