@@ -380,7 +380,7 @@ fn sweep_orphans(tmp: &Path) {
             let Ok(cwd) = std::fs::read_link(process.path().join("cwd")) else {
                 continue;
             };
-            if orphaned.iter().any(|dir| *dir == cwd) {
+            if orphaned.contains(&cwd) {
                 for target in [format!("-{pid}"), pid.to_string()] {
                     let _ = Command::new("kill")
                         .args(["-KILL", "--", &target])
