@@ -98,7 +98,7 @@ impl Environment {
             "memory".to_owned(),
             "in process (evbus::memory; raw: tokio::sync::mpsc bounded channel)".to_owned(),
         );
-        if adapters.iter().any(|a| a == "redis") {
+        if adapters.iter().any(|a| a.starts_with("redis")) {
             let url = crate::carriers::redis_url();
             let version = command("redis-cli", &["-u", &url, "INFO", "server"])
                 .and_then(|info| {
@@ -106,10 +106,12 @@ impl Environment {
                         .find_map(|l| l.trim().strip_prefix("redis_version:").map(str::to_owned))
                 })
                 .unwrap_or_else(|| "unknown version".to_owned());
-            brokers.insert(
-                "redis".to_owned(),
-                format!("Redis {version} at {url}, started as: {REDIS_START}"),
-            );
+            for adapter in adapters.iter().filter(|a| a.starts_with("redis")) {
+                brokers.insert(
+                    adapter.clone(),
+                    format!("Redis {version} at {url}, started as: {REDIS_START}"),
+                );
+            }
         }
         if adapters.iter().any(|a| a == "kafka") {
             brokers.insert(

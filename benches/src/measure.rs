@@ -100,8 +100,8 @@ fn plan(adapter: &str, quick: bool, rounds: Option<usize>) -> Plan {
         ("memory", true) => (5_000, 2_000, 10_000),
         // NATS: every publish waits for its PubAck from the file store, about as fast as an
         // awaited XADD here.
-        ("redis" | "nats", false) => (5_000, 2_000, 2_000),
-        ("redis" | "nats", true) => (1_000, 500, 2_000),
+        ("redis" | "redis-structured" | "nats", false) => (5_000, 2_000, 2_000),
+        ("redis" | "redis-structured" | "nats", true) => (1_000, 500, 2_000),
         // AMQP: every publish waits for its confirm from a quorum queue (about 0.6 ms here,
         // some 2k/s), so the latency rate stays below that.
         ("amqp", false) => (3_000, 1_000, 500),
@@ -114,8 +114,8 @@ fn plan(adapter: &str, quick: bool, rounds: Option<usize>) -> Plan {
     };
     let kafka_quick = quick && adapter == "kafka";
     let burst_events = match (adapter, quick) {
-        ("memory" | "redis" | "nats", false) => 20_000,
-        ("memory" | "redis" | "nats", true) => 5_000,
+        ("memory" | "redis" | "redis-structured" | "nats", false) => 20_000,
+        ("memory" | "redis" | "redis-structured" | "nats", true) => 5_000,
         ("kafka", false) => 10_000,
         ("kafka", true) => 3_000,
         (_, false) => 5_000,
@@ -431,7 +431,11 @@ impl Progress {
 pub(crate) fn run(args: RunArgs) -> Result<()> {
     let mut adapters = args.adapters.clone();
     if adapters.is_empty() {
-        adapters = vec!["memory".to_owned(), "redis".to_owned()];
+        adapters = vec![
+            "memory".to_owned(),
+            "redis".to_owned(),
+            "redis-structured".to_owned(),
+        ];
         if KAFKA_BUILT {
             adapters.push("kafka".to_owned());
         }

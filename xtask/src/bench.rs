@@ -59,6 +59,13 @@ const ADAPTERS: &[BenchAdapter] = &[
         feature: None,
     },
     BenchAdapter {
+        // The same broker, evbus writing CloudEvents structured mode (ADR 0030).
+        name: "redis-structured",
+        member: Some("crates/evbus-redis"),
+        url: Some(("EVBUS_REDIS_URL", "redis://127.0.0.1:6379")),
+        feature: None,
+    },
+    BenchAdapter {
         name: "kafka",
         member: Some("crates/evbus-kafka"),
         url: Some(("EVBUS_KAFKA_URL", "kafka://127.0.0.1:9092")),

@@ -135,13 +135,19 @@ pub(crate) async fn loops(adapter: &str, capacity: usize, peer: Option<&str>) ->
                 })
             });
         }
-        "redis" => {
+        // `redis-structured`: the same broker and raw loop, evbus writing CloudEvents
+        // structured mode (two stream fields) instead of binary mode (one per attribute).
+        "redis" | "redis-structured" => {
             let url = redis_url();
             raw = Box::new(raw_redis::RawRedis::new(&url)?);
+            let structured = adapter == "redis-structured";
             connect = Arc::new(move |run| {
                 let url = url.clone();
                 Box::pin(async move {
                     let mut config = evbus_redis::RedisConfig::from_url(&url)?;
+                    if structured {
+                        config.content_mode = evbus_redis::ContentMode::Structured;
+                    }
                     config.key_prefix = format!("evbus-bench:{run}:");
                     let transport: Arc<dyn evbus::Transport> =
                         Arc::new(evbus_redis::RedisTransport::connect(config).await?);
