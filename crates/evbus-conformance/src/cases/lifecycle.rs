@@ -518,9 +518,21 @@ pub(super) async fn lifecycle_queue_outage_loses_no_accepted_send_and_consumers_
     outage(&ctx, false).await
 }
 
-/// Deletes `what` with `op`, bounded, and fails the case with what went wrong.
-async fn delete(what: &str, op: impl Future<Output = evbus::Result<()>>) -> CaseResult {
-    bounded(format!("deleting {what}"), op).await
+/// Deletes `name` with `delete`, then again, then `never` (a name never opened): each must
+/// return `Ok`. `what` is `queue` or `topic`.
+async fn delete_thrice<F, Fut>(what: &str, name: &str, never: &str, delete: F) -> CaseResult
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = evbus::Result<()>>,
+{
+    for (step, target) in [
+        (format!("the {what}"), name),
+        (format!("the {what} a second time"), name),
+        (format!("a {what} that never existed"), never),
+    ] {
+        bounded(format!("deleting {step}"), delete(target.to_owned())).await?;
+    }
+    Ok(())
 }
 
 pub(super) async fn lifecycle_deleting_a_queue_discards_its_events_and_may_be_repeated<
@@ -539,12 +551,10 @@ pub(super) async fn lifecycle_deleting_a_queue_discards_its_events_and_may_be_re
         let mut c = bounded("consuming", queue.receive(ctx.short_consumer())).await?;
         next(&mut c, WAIT, "the consumer before the deletion").await?;
     }
-    delete("the queue", conn.delete_queue(&name)).await?;
-    delete("the queue a second time", conn.delete_queue(&name)).await?;
-    delete(
-        "a queue that never existed",
-        conn.delete_queue(&ctx.queue_name("never")),
-    )
+    delete_thrice("queue", &name, &ctx.queue_name("never"), |n| {
+        let conn = conn.clone();
+        async move { conn.delete_queue(&n).await }
+    })
     .await?;
     // The name is usable again, and starts empty: the sentinel is the first delivery, even
     // after the visibility timeout of the delivery that was in flight.
@@ -585,12 +595,10 @@ pub(super) async fn lifecycle_deleting_a_topic_discards_its_subscriptions_and_ma
         }
         next(&mut s, WAIT, "the subscription before the deletion").await?;
     }
-    delete("the topic", conn.delete_topic(&name)).await?;
-    delete("the topic a second time", conn.delete_topic(&name)).await?;
-    delete(
-        "a topic that never existed",
-        conn.delete_topic(&ctx.topic_name("never")),
-    )
+    delete_thrice("topic", &name, &ctx.topic_name("never"), |n| {
+        let conn = conn.clone();
+        async move { conn.delete_topic(&n).await }
+    })
     .await?;
     // The same subscription name on the topic made again starts afresh: none of the events
     // that waited for the old one, nor the one it had in flight, comes before the sentinel.
