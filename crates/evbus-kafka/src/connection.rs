@@ -245,6 +245,10 @@ impl Connection {
             .delete_topics(&[name], &self.admin_options())
             .await
             .map_err(|e| from_kafka(e, &what))?;
+        // Again: a publish racing with the deletion may have found the topic and recorded it.
+        if let Ok(mut known) = self.known_topics.lock() {
+            known.remove(name);
+        }
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}

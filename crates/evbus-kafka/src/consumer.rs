@@ -848,6 +848,8 @@ pub(crate) async fn start(
     let (tx, rx) = mpsc::unbounded_channel::<Ready>();
     let stop = CancellationToken::new();
     let high_water = Prefetch::for_in_flight(spec.options.max_in_flight);
+    let join_deadline = Instant::now() + config.assignment_timeout;
+    let operation_timeout = config.operation_timeout;
     {
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
@@ -855,8 +857,12 @@ pub(crate) async fn start(
         let on_closed = spec.on_closed;
         tracker.spawn_blocking(move || {
             poll_loop(&consumer, &shared, &tx, &stop, &closed, high_water);
+            finish_join(
+                &consumer,
+                join_deadline.min(Instant::now() + operation_timeout),
+            );
             // Dropping the consumer leaves the group; the revoke callback commits first.
-            drop(consumer);
+            close_here(consumer, &shared);
             if let Some(on_closed) = on_closed {
                 on_closed();
             }
@@ -878,6 +884,11 @@ pub(crate) async fn start(
                 ),
             ));
         }
+    }
+    // Ended (transport closed, topic deleted) while waiting: the consumer only finished
+    // joining so as to leave cleanly (`finish_join`); it delivers nothing.
+    if closed.is_cancelled() {
+        return Err(Error::closed("the Kafka consumer"));
     }
 
     let state = (rx, shared, guard);
@@ -909,6 +920,43 @@ pub(crate) async fn start(
             }
         },
     ))
+}
+
+/// Lets a consumer that is ending before its first assignment (its `subscribe` was cancelled,
+/// or the transport closed or the topic was deleted meanwhile) finish joining its group, up
+/// to `deadline`, so that it leaves as a member. Closed mid-join, it never leaves: tansu keeps
+/// the group rebalancing for it, and the next consumer of the group gets no assignment (seen
+/// for more than 30 s).
+fn finish_join(consumer: &BaseConsumer<Context>, deadline: Instant) {
+    while !*consumer.context().assigned.borrow() && Instant::now() < deadline {
+        // Nothing is taken from a consumer that is ending: records polled here are not
+        // tracked, so no commit passes them.
+        let _ = consumer.poll(POLL);
+    }
+}
+
+/// Drops the last reference to the consumer on the polling thread, so that it has left its
+/// group before the thread's `on_closed` runs (which releases `delete_topic`, and deletes an
+/// anonymous group). An acker committing at that moment holds a reference for a moment; had
+/// it the last one, the consumer would close on that task's (async) thread, and later.
+fn close_here(mut consumer: Arc<BaseConsumer<Context>>, shared: &Shared) {
+    // No acker takes a new reference from here on (it then skips its asynchronous commit;
+    // the revoke callback commits every acked offset synchronously).
+    if let Ok(mut weak) = shared.consumer.lock() {
+        *weak = Weak::new();
+    }
+    loop {
+        match Arc::try_unwrap(consumer) {
+            Ok(last) => {
+                drop(last);
+                return;
+            }
+            Err(shared) => {
+                consumer = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 /// Marks a queued item handed out; `None` if it is stale (revoked partition, redelivered).

@@ -86,14 +86,25 @@ impl Connection {
         }
     }
 
+    /// Creates Kafka topic `topic` again when this transport deleted it after the topic or
+    /// queue handle was made (a no-op otherwise). Against tansu, a producer that still knows
+    /// a deleted topic has it accept records, with offsets, that no consumer ever sees: the
+    /// publish would return `Ok` for an event that is lost.
+    async fn ensure_target(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
+        self.ensure_topic(topic).await
+    }
+
     /// Publishes one event and waits for the broker's acknowledgement.
     pub(crate) async fn publish(&self, topic: &str, event: &Event) -> Result<()> {
+        self.ensure_target(topic).await?;
         let future = self.enqueue(topic, event).await?;
         Self::delivered(topic, event.id(), future).await
     }
 
     /// Publishes events in order, all in flight at once; `Ok` once every one was accepted.
     pub(crate) async fn publish_batch(&self, topic: &str, events: &[Event]) -> Result<()> {
+        self.ensure_target(topic).await?;
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
             let future = self.enqueue(topic, event).await?;
