@@ -216,7 +216,22 @@ fn markdown(
             let _ = writeln!(md, "| date | {} |", env.started);
         }
     }
-    let _ = writeln!(md, "| CPU | {} ({} cores) |", env.cpu, env.cores);
+    let others = run
+        .adapters
+        .iter()
+        .filter_map(|a| a.measured.as_ref())
+        .any(|m| m.cpu != env.cpu);
+    let _ = writeln!(
+        md,
+        "| CPU | {} ({} cores){} |",
+        env.cpu,
+        env.cores,
+        if others {
+            "; the runs made on another machine name theirs in their section"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(md, "| kernel | {} |", env.kernel);
     // The 1-minute load against the cores: above them, other work competed with the run.
     let busy = [&env.load_start, &env.load_end]
