@@ -173,8 +173,16 @@ pub(crate) fn short_run(adapter: Option<&str>) -> Result<Vec<String>> {
     let mut failed = Vec::new();
     for adapter in adapters {
         let started = Instant::now();
-        let verdict = run_adapter(adapter, &bins, 5000, default_duration(5000), seed, false)
-            .map_err(|e| format!("chaos {adapter}: could not run: {e}"))?;
+        // One adapter that cannot run (its broker down) fails the step, after the others
+        // have run: their verdicts are not hidden behind it.
+        let verdict = match run_adapter(adapter, &bins, 5000, default_duration(5000), seed, false) {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                eprintln!("chaos {adapter}: could not run: {e}");
+                failed.push(format!("{adapter}: could not run: {e}"));
+                continue;
+            }
+        };
         println!("{} ({:.0}s)", verdict.line, started.elapsed().as_secs_f64());
         if !verdict.ok {
             failed.push(format!("{adapter}: {}", verdict.problems.join("; ")));
@@ -709,8 +717,8 @@ struct Faults {
     handler_kills: HashMap<char, u64>,
     /// Broker restarts, cuts, half-open spells, latency spikes, solo process kills.
     broker: u64,
-    /// Handler processes that exited on their own and were restarted.
-    crashes: u64,
+    /// Handler processes that exited on their own and were restarted, per group.
+    crashes: HashMap<char, u64>,
     /// When the run SIGKILLed the broker it owns (unix nanos).
     broker_kills_at: Vec<u128>,
 }
@@ -998,7 +1006,7 @@ fn run_adapter(
                         "  handler {}{} exited on its own; restarting it",
                         key.0, key.1
                     );
-                    faults.crashes += 1;
+                    *faults.crashes.entry(key.0).or_default() += 1;
                     if let Some(p) = handlers.get(&key) {
                         dead_procs.push(p.peak_kib);
                     }
@@ -1613,7 +1621,8 @@ impl Records {
             // events of the instances it hit: CONCURRENCY per killed instance, CONCURRENCY
             // per instance for a fault that hits every instance (broker restart, network
             // fault, solo process kill); plus each publish retried after an error.
-            let kills = faults.handler_kills.get(&g).copied().unwrap_or(0) + faults.crashes;
+            let kills = faults.handler_kills.get(&g).copied().unwrap_or(0)
+                + faults.crashes.get(&g).copied().unwrap_or(0);
             bound +=
                 (kills + faults.broker * u64::from(INSTANCES)) * CONCURRENCY as u64 + self.retries;
         }
@@ -1657,8 +1666,9 @@ impl Records {
                  transport]"
             ));
         }
-        if faults.crashes > 0 {
-            line.push_str(&format!(" [handler self-exits {}]", faults.crashes));
+        let crashes: u64 = faults.crashes.values().sum();
+        if crashes > 0 {
+            line.push_str(&format!(" [handler self-exits {crashes}]"));
         }
         if forgotten > 0 {
             line.push_str(&format!(
