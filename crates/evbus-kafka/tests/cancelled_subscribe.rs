@@ -9,17 +9,14 @@ mod support;
 
 use std::time::Duration;
 
-use evbus::{ConsumerOptions, Event, SubscribeOptions, Transport};
+use evbus::{ConsumerOptions, SubscribeOptions, Transport};
 
 /// How long the first `subscribe` runs before it is cancelled: well inside tansu's group
 /// join (its initial rebalance delay is 3 s).
 const CANCEL_AFTER: Duration = Duration::from_millis(500);
 
-fn event(i: u32) -> Event {
-    Event::builder("cancelledSubscribe", "/tests")
-        .json(&i)
-        .and_then(|b| b.build())
-        .expect("event")
+fn event(i: u32) -> evbus::Event {
+    support::numbered("cancelledSubscribe", i)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,11 +36,7 @@ async fn a_named_subscription_cancelled_mid_join_can_be_opened_again() {
         .await
         .expect("the subscription is opened again after a cancelled subscribe");
     topic.publish(&event(1)).await.expect("publish");
-    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
-        .await
-        .expect("a delivery in time")
-        .expect("the subscription is open")
-        .expect("a delivery");
+    let delivery = support::next_within_20s(&mut sub, "the subscription opened again").await;
     delivery.ack().await.expect("ack");
     drop(sub);
     transport.close().await.expect("close");
@@ -66,11 +59,7 @@ async fn a_queue_consumer_cancelled_mid_join_leaves_the_queue_usable() {
         .await
         .expect("a queue consumer attaches after a cancelled receive");
     queue.send(&event(1)).await.expect("send");
-    let delivery = tokio::time::timeout(Duration::from_secs(20), worker.next_delivery())
-        .await
-        .expect("a delivery in time")
-        .expect("the consumer is open")
-        .expect("a delivery");
+    let delivery = support::next_within_20s(&mut worker, "the queue consumer").await;
     delivery.ack().await.expect("ack");
     drop(worker);
     transport.close().await.expect("close");

@@ -5,15 +5,10 @@
 
 mod support;
 
-use std::time::Duration;
+use evbus::{ConsumerOptions, StartPosition, SubscribeOptions, Transport};
 
-use evbus::{ConsumerOptions, Event, StartPosition, SubscribeOptions, Transport};
-
-fn event(i: u32) -> Event {
-    Event::builder("deletedTopic", "/tests")
-        .json(&i)
-        .and_then(|b| b.build())
-        .expect("event")
+fn event(i: u32) -> evbus::Event {
+    support::numbered("deletedTopic", i)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -49,11 +44,8 @@ async fn an_event_published_after_its_topic_was_deleted_is_not_lost() {
         .subscribe(SubscribeOptions::named("r").start(StartPosition::Earliest))
         .await
         .expect("subscribe");
-    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
-        .await
-        .expect("the event published after the deletion arrives")
-        .expect("the subscription is open")
-        .expect("a delivery");
+    let delivery =
+        support::next_within_20s(&mut sub, "the event published after the deletion").await;
     assert_eq!(delivery.event().data().map(|d| &d[..]), Some(&b"1"[..]));
     delivery.ack().await.expect("ack");
     let queue = reader.queue(&format!("{name}-q")).await.expect("queue");
@@ -61,11 +53,7 @@ async fn an_event_published_after_its_topic_was_deleted_is_not_lost() {
         .receive(ConsumerOptions::default())
         .await
         .expect("receive");
-    let delivery = tokio::time::timeout(Duration::from_secs(20), worker.next_delivery())
-        .await
-        .expect("the event sent after the deletion arrives")
-        .expect("the consumer is open")
-        .expect("a delivery");
+    let delivery = support::next_within_20s(&mut worker, "the event sent after the deletion").await;
     assert_eq!(delivery.event().data().map(|d| &d[..]), Some(&b"3"[..]));
     delivery.ack().await.expect("ack");
     drop((sub, worker));

@@ -52,6 +52,23 @@ pub async fn connect_with(params: &str) -> Option<evbus_kafka::KafkaTransport> {
     }
 }
 
+/// An event of type `ty` whose data is the JSON number `i`.
+pub fn numbered(ty: &str, i: u32) -> evbus::Event {
+    evbus::Event::builder(ty, "/tests")
+        .json(&i)
+        .and_then(|b| b.build())
+        .expect("event")
+}
+
+/// The next delivery of `sub` within 20 s; panics naming `what` otherwise.
+pub async fn next_within_20s(sub: &mut evbus::Subscription, what: &str) -> evbus::Delivery {
+    tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 20 s"))
+        .unwrap_or_else(|| panic!("{what}: the subscription ended"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 /// Where the tansu binary is: `EVBUS_TANSU_BIN`, the xtask cache
 /// (`~/.cache/evbus/tansu/tansu`), or `tansu` on `PATH`.
 pub fn tansu_binary() -> Option<PathBuf> {
