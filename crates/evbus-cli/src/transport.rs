@@ -158,12 +158,7 @@ fn check_scheme(registry: &Registry, url: &str) -> Result<(), Failure> {
     // A cluster's comma-separated hosts are no standard URL; the registry hands them to the
     // adapter (see `Connector::more_hosts_parameter`).
     let scheme = match evbus::raw::hosts::HostList::parse(url).filter(|l| l.hosts.len() > 1) {
-        Some(list) => list
-            .prefix
-            .split("://")
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
+        Some(list) => list.scheme().to_owned(),
         None => evbus::registry::parse_url(url, "transport")
             .map_err(|e| Failure::new(format!("cannot open transport: {e}")))?
             .scheme()

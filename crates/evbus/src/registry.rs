@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::raw::hosts::{HostList, redact_host};
+use crate::raw::hosts::HostList;
 use crate::transport::Transport;
 
 /// Opens transports for some URL schemes.
@@ -105,7 +105,7 @@ impl Registry {
         let several = HostList::parse(url).filter(|list| list.hosts.len() > 1);
         let parsed = match several {
             Some(list) => {
-                let scheme = list.prefix.split("://").next().unwrap_or_default();
+                let scheme = list.scheme();
                 match (
                     self.connector(scheme)?.more_hosts_parameter(),
                     Url::parse(url),
@@ -119,7 +119,7 @@ impl Registry {
                     (None, Err(_)) => {
                         return Err(Error::invalid_config(format!(
                             "`{}` names {} hosts; a `{scheme}://` URL names one",
-                            shown(&list),
+                            list.redacted(redact),
                             list.hosts.len()
                         )));
                     }
@@ -153,13 +153,6 @@ impl Registry {
     }
 }
 
-/// The URL of `list` for messages: its first host's URL redacted, the other hosts after it.
-fn shown(list: &HostList<'_>) -> String {
-    let first = redact(&format!("{}{}{}", list.prefix, list.hosts[0], list.suffix));
-    let rest: Vec<String> = list.hosts[1..].iter().map(|h| redact_host(h)).collect();
-    format!("{first} (and {})", rest.join(", "))
-}
-
 /// The URL of `list` with its first host in the authority and the others in query parameter
 /// `parameter`; an error when the parameter is given as well.
 fn first_host_only(list: &HostList<'_>, parameter: &str) -> Result<String> {
@@ -179,7 +172,7 @@ fn first_host_only(list: &HostList<'_>, parameter: &str) -> Result<String> {
         return Err(Error::invalid_config(format!(
             "`{}` names {} hosts and sets `{parameter}` too: give the other hosts either after \
              the first one or in `{parameter}`",
-            shown(list),
+            list.redacted(redact),
             list.hosts.len()
         )));
     }

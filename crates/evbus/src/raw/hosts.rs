@@ -71,6 +71,11 @@ impl<'a> HostList<'a> {
         })
     }
 
+    /// The URL's scheme (before `://`).
+    pub fn scheme(&self) -> &'a str {
+        self.prefix.split("://").next().unwrap_or_default()
+    }
+
     /// The single-host URL of `host`: the prefix, `host`, the suffix.
     pub fn with_host(&self, host: &str) -> String {
         format!("{}{host}{}", self.prefix, self.suffix)

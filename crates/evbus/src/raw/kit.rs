@@ -726,6 +726,16 @@ pub fn health_of(result: Result<()>) -> Health {
 ///     Ok(evbus::memory::MemoryBroker::new(Default::default()).connect())
 /// }));
 /// assert_eq!(registry.connect("mem://").await?.name(), "memory");
+/// // A cluster's other hosts reach `connect` in the parameter named here.
+/// let mut clusters = evbus::Registry::empty();
+/// clusters.register(
+///     evbus::raw::kit::connector(&["mem"], |url| async move {
+///         assert_eq!(url.query(), Some("servers=h2:2"));
+///         Ok(evbus::memory::MemoryBroker::new(Default::default()).connect())
+///     })
+///     .more_hosts("servers"),
+/// );
+/// assert_eq!(clusters.connect("mem://h1:1,h2:2").await?.name(), "memory");
 /// # Ok(()) }
 /// ```
 pub fn connector<F, Fut, T>(schemes: &'static [&'static str], connect: F) -> FnConnector<F, T>
@@ -737,6 +747,7 @@ where
     FnConnector {
         schemes,
         connect,
+        more_hosts: None,
         transport: PhantomData,
     }
 }
@@ -745,7 +756,17 @@ where
 pub struct FnConnector<F, T> {
     schemes: &'static [&'static str],
     connect: F,
+    more_hosts: Option<&'static str>,
     transport: PhantomData<fn() -> T>,
+}
+
+impl<F, T> FnConnector<F, T> {
+    /// Names the query parameter that takes a cluster's other hosts
+    /// ([`Connector::more_hosts_parameter`]).
+    pub fn more_hosts(mut self, parameter: &'static str) -> Self {
+        self.more_hosts = Some(parameter);
+        self
+    }
 }
 
 impl<F, T> fmt::Debug for FnConnector<F, T> {
@@ -769,6 +790,10 @@ where
 
     async fn connect(&self, url: &Url) -> Result<Arc<dyn Transport>> {
         Ok(Arc::new((self.connect)(url.clone()).await?))
+    }
+
+    fn more_hosts_parameter(&self) -> Option<&'static str> {
+        self.more_hosts
     }
 }
 
