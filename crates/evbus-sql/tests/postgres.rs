@@ -539,3 +539,81 @@ async fn wrong_database_user_or_address_are_precise_errors() {
     assert!(err.is_retryable(), "{err}");
     schema.drop().await;
 }
+
+/// A subscription deleted while a publish to its topic runs (an anonymous one released or
+/// expired, by another transport): the publish read the topic's partitions before the
+/// deletion committed, and its insert then broke `evbus_deliveries_part_fkey`, failing the
+/// publish for every other subscriber (seen in CI as a flaky conformance case). Here the
+/// deletion is held open until the publish waits on it, then committed: the publish succeeds
+/// and the other subscription gets the event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_deleted_during_a_publish_does_not_fail_it() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    let topic = transport.topic("t").await.unwrap();
+    let mut kept = topic
+        .subscribe(SubscribeOptions::named("kept"))
+        .await
+        .unwrap();
+    let gone = topic
+        .subscribe(SubscribeOptions::named("gone"))
+        .await
+        .unwrap();
+    drop(gone);
+
+    let mut deleter = schema.raw().await;
+    sqlx::query("BEGIN").execute(&mut deleter).await.unwrap();
+    let deleted = sqlx::query("DELETE FROM evbus_parts WHERE kind = 'topic' AND name = 'gone'")
+        .execute(&mut deleter)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 1, "the subscription's partition");
+
+    let publishing = {
+        let topic = topic.clone();
+        tokio::spawn(async move { topic.publish(&event(1)).await })
+    };
+    // Until the publish waits on the deleting transaction's row lock.
+    let mut watcher = schema.raw().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%evbus_publish_topic%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !publishing.is_finished(),
+            "the publish ended before the deletion committed: {:?}",
+            publishing.await
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the publish never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut deleter).await.unwrap();
+
+    publishing
+        .await
+        .unwrap()
+        .expect("a publish is not failed by a subscription deleted meanwhile");
+    let d = tokio::time::timeout(Duration::from_secs(20), kept.next_delivery())
+        .await
+        .expect("the kept subscription gets the event")
+        .unwrap()
+        .unwrap();
+    d.ack().await.unwrap();
+    drop(kept);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
