@@ -55,6 +55,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Live, short, within};
 use crate::message::{self, CopyKey};
@@ -132,6 +133,7 @@ pub(crate) async fn subscribe(
         }
     };
     let (tx, rx) = mpsc::channel(options.max_in_flight.clamp(1, 4096));
+    let done = shared.leaving.add(target.queue(), &tx);
     let task = run(
         Arc::clone(&shared),
         target,
@@ -140,7 +142,10 @@ pub(crate) async fn subscribe(
         attached,
         tx,
     );
-    shared.tasks.spawn(task);
+    shared.tasks.spawn(async move {
+        let _done = done.drop_guard();
+        task.await;
+    });
     let stream = futures::stream::unfold((rx, acker), |(mut rx, acker)| async move {
         loop {
             let item = rx.recv().await?;
@@ -246,6 +251,63 @@ async fn start(
         ),
     )
     .await
+}
+
+/// The consumers of one transport as a deletion of their queue sees them. A consumer whose
+/// subscription was dropped may still be publishing retry copies of what it left unsettled
+/// (see [`detach`]), and on RabbitMQ 3.10 a publish that meets a quorum queue being deleted
+/// costs the whole connection (README, "Broker gaps"): a deletion waits for those first.
+#[derive(Default)]
+pub(crate) struct Leaving {
+    consumers: std::sync::Mutex<Vec<Consumed>>,
+}
+
+/// One consumer task: the queue it consumes, its subscription's end of the channel (closed
+/// once the subscription is dropped) and whether the task has ended.
+struct Consumed {
+    queue: String,
+    tx: mpsc::WeakSender<Result<RawDelivery>>,
+    done: CancellationToken,
+}
+
+impl Leaving {
+    /// Registers a consumer task of `queue` forwarding into `tx`; the task cancels the
+    /// token it is given when it ends.
+    fn add(&self, queue: &str, tx: &mpsc::Sender<Result<RawDelivery>>) -> CancellationToken {
+        let done = CancellationToken::new();
+        let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers.retain(|c| !c.done.is_cancelled());
+        consumers.push(Consumed {
+            queue: queue.to_owned(),
+            tx: tx.downgrade(),
+            done: done.clone(),
+        });
+        done
+    }
+
+    /// Waits, at most `limit`, until no consumer of a queue `deleted` names is still
+    /// letting go of it after its subscription was dropped.
+    pub(crate) async fn wait(&self, deleted: impl Fn(&str) -> bool, limit: Duration) {
+        let leaving: Vec<CancellationToken> = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|c| {
+                deleted(&c.queue)
+                    && !c.done.is_cancelled()
+                    && c.tx.upgrade().is_none_or(|tx| tx.is_closed())
+            })
+            .map(|c| c.done.clone())
+            .collect();
+        if leaving.is_empty() {
+            return;
+        }
+        let all = futures::future::join_all(leaving.iter().map(CancellationToken::cancelled));
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::debug!("a consumer still letting go of a queue being deleted after {limit:?}");
+        }
+    }
 }
 
 /// The consumer task: forwards deliveries, requeues expired ones, re-attaches after a lost

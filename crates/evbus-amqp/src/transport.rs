@@ -21,6 +21,9 @@ use crate::connection::{Link, Live, short, within};
 use crate::names::{Names, check_name, is_subscription_of};
 use crate::publisher::{AmqpQueue, AmqpTopic};
 
+/// How many times a deletion is attempted when its connection is lost under it.
+const DELETE_ATTEMPTS: u32 = 3;
+
 /// A transport on a RabbitMQ broker (3.8 or later: quorum queues), through AMQP 0-9-1.
 ///
 /// Cheap to clone: clones share the connection and its lifecycle (closing one closes all).
@@ -65,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     /// Consumer tasks, awaited on close.
     pub(crate) tasks: TaskTracker,
+    /// Consumer tasks by queue, for deletions to wait on those letting go.
+    pub(crate) leaving: crate::consumer::Leaving,
     /// Subscription queues this process already recorded in their topic's directory.
     recorded: std::sync::Mutex<HashSet<String>>,
     /// Numbers every message published (see [`crate::message::Copies`]).
@@ -217,7 +222,9 @@ pub(crate) async fn prepare_topic(live: &Live, exchange: &str) -> Result<()> {
 /// How [`read_directory`] reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Read {
-    /// Takes every record (the topic is being deleted).
+    /// Reads every record and acknowledges none (the topic is being deleted): deleting the
+    /// directory discards them, and closing the channel after a failed deletion gives them
+    /// back for the next attempt.
     Take,
     /// Leaves one record per subscription queue, unacknowledged on the reading channel
     /// (closing it gives them back), and removes duplicates (a subscriber records its queue
@@ -243,9 +250,7 @@ async fn read_directory(
             what,
             channel.basic_get(
                 short("queue name", directory)?,
-                BasicGetOptions {
-                    no_ack: read == Read::Take,
-                },
+                BasicGetOptions { no_ack: false },
             ),
         )
         .await?;
@@ -308,6 +313,7 @@ impl AmqpTransport {
                 gate: Gate::new("the AMQP transport"),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                leaving: crate::consumer::Leaving::default(),
                 recorded: std::sync::Mutex::new(HashSet::new()),
                 copies: crate::message::Copies::new(),
             }),
@@ -344,13 +350,78 @@ impl AmqpTransport {
         AmqpQueue::new(name, self.clone())
     }
 
-    async fn delete(&self, what: String, op: impl AsyncFnOnce(&Live) -> Result<()>) -> Result<()> {
+    /// Deletes the subscription queues recorded in the directory of topic exchange
+    /// `exchange` (read on `reader`), then the directory and the exchange.
+    async fn delete_recorded(
+        &self,
+        live: &Live,
+        reader: &lapin::Channel,
+        exchange: &str,
+    ) -> Result<()> {
+        let directory = directory_of(exchange);
+        let queues = read_directory(live, reader, exchange, Read::Take).await?;
+        self.shared
+            .leaving
+            .wait(|q| queues.contains(q), live.timeout())
+            .await;
+        let channel = live.admin().await?;
+        for queue in queues
+            .iter()
+            .map(String::as_str)
+            .chain([directory.as_str()])
+        {
+            within(
+                live.timeout(),
+                || format!("deleting queue `{queue}`"),
+                channel.queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
+            )
+            .await?;
+            live.forget_queue(queue);
+        }
+        within(
+            live.timeout(),
+            || format!("deleting exchange `{exchange}`"),
+            channel.exchange_delete(
+                short("exchange name", exchange)?,
+                ExchangeDeleteOptions::default(),
+            ),
+        )
+        .await?;
+        live.forget_topic(exchange);
+        self.shared
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key| !queues.iter().any(|q| key.ends_with(&format!("\n{q}"))));
+        Ok(())
+    }
+
+    /// Runs deletion `op` ("deleting queue `orders`"). Deleting is idempotent, so an attempt
+    /// whose connection was lost under it is made again on a new connection, up to
+    /// [`DELETE_ATTEMPTS`] in all. RabbitMQ 3.10 closes the whole connection with
+    /// `INTERNAL_ERROR` when a publish on another of its channels meets a quorum queue being
+    /// deleted, as when a consumer dropped just before the deletion releases its delivery by
+    /// publishing a copy: that failure belongs to the publish, not to the deletion.
+    async fn delete<F>(&self, what: String, op: impl Fn(Arc<Live>) -> F) -> Result<()>
+    where
+        F: Future<Output = Result<()>>,
+    {
         let _op = self.shared.begin()?;
-        let live = self.shared.link.live().await?;
-        op(&live).await.map_err(|e| {
-            Error::new(e.kind(), format!("{what}: {}", e.message()))
-                .with_retryable(e.is_retryable())
-        })
+        let mut attempt = 1;
+        loop {
+            let live = self.shared.link.live().await?;
+            match op(Arc::clone(&live)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && !live.is_open() && attempt < DELETE_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "{what}: the connection was lost; deleting again");
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(Error::new(e.kind(), format!("{what}: {}", e.message()))
+                        .with_retryable(e.is_retryable()));
+                }
+            }
+        }
     }
 }
 
@@ -383,59 +454,42 @@ impl Transport for AmqpTransport {
     }
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
-        let exchange = self.shared.names.exchange(name);
-        let directory = directory_of(&exchange);
-        self.delete(format!("deleting topic `{name}`"), async |live: &Live| {
+        let exchange = &self.shared.names.exchange(name);
+        let directory = &directory_of(exchange);
+        self.delete(format!("deleting topic `{name}`"), |live| async move {
             // The subscription queues recorded in the directory, then the directory and the
-            // exchange. What does not exist is not an error.
-            declare_directory(live, &directory).await?;
-            let channel = live.admin().await?;
-            let queues = read_directory(live, &channel, &exchange, Read::Take).await?;
-            for queue in queues
-                .iter()
-                .map(String::as_str)
-                .chain([directory.as_str()])
-            {
-                within(
-                    live.timeout(),
-                    || format!("deleting queue `{queue}`"),
-                    channel
-                        .queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
-                )
-                .await?;
-                live.forget_queue(queue);
-            }
-            within(
+            // exchange. What does not exist is not an error. The records are read on a
+            // channel of their own, unacknowledged, so that a failure part way returns them.
+            declare_directory(&live, directory).await?;
+            let reader = within(
                 live.timeout(),
-                || format!("deleting exchange `{exchange}`"),
-                channel.exchange_delete(
-                    short("exchange name", &exchange)?,
-                    ExchangeDeleteOptions::default(),
-                ),
+                || format!("opening a channel to read subscription directory `{directory}`"),
+                live.conn.create_channel(),
             )
             .await?;
-            live.forget_topic(&exchange);
-            self.shared
-                .recorded
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|key| !queues.iter().any(|q| key.ends_with(&format!("\n{q}"))));
-            Ok(())
+            let deleted = self.delete_recorded(&live, &reader, exchange).await;
+            let _ = tokio::time::timeout(live.timeout(), reader.close(200, "topic deleted".into()))
+                .await;
+            deleted
         })
         .await
     }
 
     async fn delete_queue(&self, name: &str) -> Result<()> {
-        let queue = self.shared.names.queue(name);
-        self.delete(format!("deleting queue `{name}`"), async |live: &Live| {
+        let queue = &self.shared.names.queue(name);
+        self.delete(format!("deleting queue `{name}`"), |live| async move {
+            self.shared
+                .leaving
+                .wait(|q| q == queue, live.timeout())
+                .await;
             let channel = live.admin().await?;
             within(
                 live.timeout(),
                 || format!("deleting queue `{queue}`"),
-                channel.queue_delete(short("queue name", &queue)?, QueueDeleteOptions::default()),
+                channel.queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
             )
             .await?;
-            live.forget_queue(&queue);
+            live.forget_queue(queue);
             Ok(())
         })
         .await
