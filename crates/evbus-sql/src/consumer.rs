@@ -26,6 +26,12 @@ use tokio::sync::Notify;
 
 use crate::transport::{SqlBroker, ms};
 
+/// How often a consumer looks whether its partition still exists. `delete_topic` or
+/// `delete_queue` on any connection removes it, and what is published to the name
+/// afterwards goes to a new one: the consumer would wait on the old one for nothing, so its
+/// stream ends, as on the other transports that see the deletion.
+const PART_CHECK: Duration = Duration::from_secs(2);
+
 /// Most rows one claim statement takes.
 pub(crate) const MAX_CLAIM: usize = 256;
 
@@ -48,6 +54,8 @@ struct State {
     failed: bool,
     /// Anonymous subscriptions: when the partition was last marked alive.
     touched: Option<Instant>,
+    /// When the partition was last found to exist (see [`PART_CHECK`]).
+    checked: Instant,
     location: Arc<str>,
     /// Claimed rows not handed out yet, in delivery order, and when they were claimed.
     buffer: VecDeque<Claim>,
@@ -188,6 +196,7 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         notify,
         failed: false,
         touched: source.is_anonymous().then(Instant::now),
+        checked: Instant::now(),
         location: location.into(),
         buffer: VecDeque::new(),
         claimed_at: Instant::now(),
@@ -216,14 +225,26 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
             tokio::time::sleep(poll).await;
             state.failed = false;
         }
-        if let Some(touched) = state.touched
-            && touched.elapsed() >= touch_every
-        {
-            if let Err(e) = state.broker.touch(state.part).await {
-                state.failed = true;
-                return Some((Err(e), state));
+        let touch = state.touched.is_some_and(|at| at.elapsed() >= touch_every);
+        if touch || state.checked.elapsed() >= PART_CHECK {
+            match state.broker.touch(state.part, touch).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(
+                        partition = %state.location,
+                        "evbus-sql: the subscription's topic or queue was deleted; the subscription ends"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    state.failed = true;
+                    return Some((Err(e), state));
+                }
             }
-            state.touched = Some(Instant::now());
+            if touch {
+                state.touched = Some(Instant::now());
+            }
+            state.checked = Instant::now();
         }
         let notify = Arc::clone(&state.notify);
         let notified = notify.notified();

@@ -796,23 +796,50 @@ impl SqlBroker {
     }
 
     /// Marks an anonymous subscription's partition as still in use.
-    pub(crate) async fn touch(&self, part: i64) -> Result<()> {
-        match &self.shared.db {
+    /// Marks partition `part` alive (an anonymous subscription's), or with `mark` false only
+    /// looks: whether it still exists (`delete_topic` or `delete_queue`, from any
+    /// connection, removes it).
+    pub(crate) async fn touch(&self, part: i64, mark: bool) -> Result<bool> {
+        let (what, found) = match &self.shared.db {
             Db::Postgres(pool) => {
-                sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
-                    .bind(part)
-                    .execute(pool)
-                    .await
-                    .map(drop)
+                let found = if mark {
+                    sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
+                        .bind(part)
+                        .execute(pool)
+                        .await
+                        .map(|done| done.rows_affected() > 0)
+                } else {
+                    sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = $1")
+                        .bind(part)
+                        .fetch_optional(pool)
+                        .await
+                        .map(|row| row.is_some())
+                };
+                (mark, found)
             }
-            Db::Sqlite(pool) => sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
-                .bind(part)
-                .bind(now_ms())
-                .execute(pool)
-                .await
-                .map(drop),
-        }
-        .map_err(sql("marking an anonymous subscription alive"))
+            Db::Sqlite(pool) => {
+                let found = if mark {
+                    sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
+                        .bind(part)
+                        .bind(now_ms())
+                        .execute(pool)
+                        .await
+                        .map(|done| done.rows_affected() > 0)
+                } else {
+                    sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = ?1")
+                        .bind(part)
+                        .fetch_optional(pool)
+                        .await
+                        .map(|row| row.is_some())
+                };
+                (mark, found)
+            }
+        };
+        found.map_err(sql(if what {
+            "marking an anonymous subscription alive"
+        } else {
+            "looking up a subscription's partition"
+        }))
     }
 
     pub(crate) fn wakers(&self) -> &Arc<Wakers> {

@@ -350,6 +350,19 @@ async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_end_when_another_transport_deletes_their_topic_or_queue() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let consumer = schema.open("").await;
+    let deleter = schema.open("").await;
+    support::subscriptions_end_when_another_transport_deletes(&consumer, &deleter).await;
+    deleter.close().await.unwrap();
+    consumer.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn durations_past_what_sql_holds_are_capped_at_100_years() {
     let Some(schema) = Schema::new().await else {
         return;

@@ -196,6 +196,17 @@ async fn a_publish_on_one_transport_wakes_a_consumer_of_another_in_the_same_proc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_end_when_another_transport_deletes_their_topic_or_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let consumer = open(&path, "").await;
+    let deleter = open(&path, "").await;
+    support::subscriptions_end_when_another_transport_deletes(&consumer, &deleter).await;
+    deleter.close().await.unwrap();
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

@@ -462,3 +462,38 @@ pub fn assert_over_delivered_record(record: &evbus::Event, original: &evbus::Eve
     assert_eq!(record.extension(DEAD_LETTER_ATTEMPTS), Some(max.as_str()));
     assert_eq!(record.extension(DEAD_LETTER_ORIGIN), Some(name));
 }
+
+/// Subscriptions end when another transport deletes what they consume: on `consumer`, a
+/// named and an anonymous subscription of topic `deleted-topic` and a consumer of queue
+/// `deleted-queue`; `deleter` deletes both. What is published to a name afterwards goes to
+/// new partitions, so a consumer left waiting on the old one would never receive again.
+pub async fn subscriptions_end_when_another_transport_deletes(
+    consumer: &evbus_sql::SqlTransport,
+    deleter: &evbus_sql::SqlTransport,
+) {
+    use evbus::{SubscribeOptions, Transport};
+    let topic = consumer.topic("deleted-topic").await.unwrap();
+    let named = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let anonymous = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let queue = consumer.queue("deleted-queue").await.unwrap();
+    let received = queue.receive(Default::default()).await.unwrap();
+    deleter.delete_topic("deleted-topic").await.unwrap();
+    deleter.delete_queue("deleted-queue").await.unwrap();
+    for (what, mut sub) in [
+        ("the named subscription", named),
+        ("the anonymous subscription", anonymous),
+        ("the queue's consumer", received),
+    ] {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_delivery()).await {
+            Ok(None) => {}
+            Ok(Some(other)) => panic!("{what} yielded {other:?} instead of ending"),
+            Err(_) => panic!("{what} did not end within 10 s of the deletion"),
+        }
+    }
+}
