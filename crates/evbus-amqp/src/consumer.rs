@@ -184,6 +184,15 @@ async fn attach(
             epoch,
         }),
         Err(e) => {
+            if e.kind() == ErrorKind::NotFound {
+                // Deleted by another connection since this one declared it: the next
+                // attempt declares again.
+                if let Target::Named { exchange, .. } | Target::Anonymous { exchange, .. } = target
+                {
+                    live.forget_topic(exchange);
+                }
+                live.forget_queue(target.queue());
+            }
             // A command that timed out may still be carried out by RabbitMQ: a late
             // `consume-ok` would leave a consumer on this channel that nothing reads, holding
             // up to `max_in_flight` events unacknowledged for as long as the connection
@@ -193,6 +202,57 @@ async fn attach(
                 .await;
             Err(e)
         }
+    }
+}
+
+/// Whether the durable queue of `target` no longer exists, as after `delete_topic` or
+/// `delete_queue` from any connection (RabbitMQ then cancels its consumers). Re-attaching
+/// would declare it again, resurrecting what was deleted, or, with the declaration
+/// remembered, fail with `not_found` for ever; the subscription ends instead, as on the
+/// other transports that see the deletion. Anything but a plain `NOT_FOUND` (a cluster
+/// node down answers with a retryable one) is not a deletion.
+async fn deleted(shared: &Shared, target: &Target) -> bool {
+    if matches!(target, Target::Anonymous { .. }) {
+        return false;
+    }
+    let Ok(live) = shared.link.live().await else {
+        return false;
+    };
+    let Ok(channel) = within(
+        live.timeout(),
+        || "opening a channel".to_owned(),
+        live.conn.create_channel(),
+    )
+    .await
+    else {
+        return false;
+    };
+    let queue = target.queue();
+    let looked = match short("queue name", queue) {
+        Ok(name) => {
+            within(
+                live.timeout(),
+                || format!("looking up queue `{queue}`"),
+                channel.queue_declare(
+                    name,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    let _ = tokio::time::timeout(live.timeout(), channel.close(200, "looked up".into())).await;
+    match looked {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            live.forget_queue(queue);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -396,13 +456,17 @@ async fn run(
                     attached = None;
                 }
                 None => {
-                    tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching");
                     // The channel may still be open: close it, or what it holds unsettled
                     // (and can no longer be settled) would stay there while the connection
                     // lives instead of being redelivered.
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
+                    if deleted(&shared, &target).await {
+                        tracing::info!(queue = target.queue(), "the subscription's queue was deleted; the subscription ends");
+                        return;
+                    }
+                    tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching");
                 }
             }
         }

@@ -440,6 +440,10 @@ impl Transport for AmqpTransport {
         check_name("topic", name)?;
         let exchange = self.shared.names.exchange(name);
         let live = self.shared.link.live().await?;
+        // Opening declares again, whatever this connection remembers: another connection
+        // may have deleted the topic, and opening it again is how a caller recovers from
+        // the `NotFound` that follows.
+        live.forget_topic(&exchange);
         live.declare_exchange(&exchange).await?;
         Ok(Arc::new(AmqpTopic::new(name, self.clone())))
     }
@@ -449,6 +453,8 @@ impl Transport for AmqpTransport {
         check_name("queue", name)?;
         let queue = self.shared.names.queue(name);
         let live = self.shared.link.live().await?;
+        // As for a topic: another connection may have deleted the queue.
+        live.forget_queue(&queue);
         live.declare_quorum_queue(&queue).await?;
         Ok(Arc::new(self.queue_handle(name)))
     }

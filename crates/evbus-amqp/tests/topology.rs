@@ -330,3 +330,93 @@ async fn deleting_a_queue_waits_for_a_dropped_consumer_to_let_go() {
     }
     transport.close().await.unwrap();
 }
+
+/// A named subscription and a queue consumer end when their topic or queue is deleted, by
+/// another transport or by their own, and nothing declares what was deleted again
+/// (re-attaching used to: from its own transport the topic came back; from another, the
+/// subscription yielded `not_found` about once a second for ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
+    let consumer = shared_transport().await;
+    let other = shared_transport().await;
+    for deleter in [&other, &consumer] {
+        let topic_name = unique("gone-topic");
+        let queue_name = unique("gone-queue");
+        let topic = consumer.topic(&topic_name).await.unwrap();
+        let named = topic
+            .subscribe(SubscribeOptions::named("billing"))
+            .await
+            .unwrap();
+        let queue = consumer.queue(&queue_name).await.unwrap();
+        let received = queue.receive(ConsumerOptions::default()).await.unwrap();
+        deleter.delete_topic(&topic_name).await.unwrap();
+        deleter.delete_queue(&queue_name).await.unwrap();
+        for (what, mut sub) in [
+            ("the named subscription", named),
+            ("the queue's consumer", received),
+        ] {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next_delivery()).await {
+                Ok(None) => {}
+                Ok(Some(other)) => panic!("{what} yielded {other:?} instead of ending"),
+                Err(_) => panic!("{what} did not end within 10 s of the deletion"),
+            }
+        }
+        let (conn, channel) = stock_channel().await;
+        let exchange = consumer.exchange_name(&topic_name);
+        let passive = channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(
+            passive.is_err(),
+            "the deleted topic's exchange was declared again"
+        );
+        for queue in [
+            consumer.subscription_queue_name(&topic_name, "billing"),
+            consumer.queue_name(&queue_name),
+        ] {
+            assert_eq!(
+                message_count(&conn, &queue).await,
+                None,
+                "the deleted queue `{queue}` was declared again"
+            );
+        }
+        // The names are usable again from the consumer's connection, which had declared
+        // them before the deletion.
+        let topic = consumer.topic(&topic_name).await.unwrap();
+        let mut named = topic
+            .subscribe(SubscribeOptions::named("billing"))
+            .await
+            .unwrap();
+        topic.publish(&event(1)).await.unwrap();
+        let queue = consumer.queue(&queue_name).await.unwrap();
+        let mut received = queue.receive(ConsumerOptions::default()).await.unwrap();
+        queue.send(&event(2)).await.unwrap();
+        for sub in [&mut named, &mut received] {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+                .await
+                .expect("a delivery within 10 s of opening the name again")
+                .expect("the subscription ended")
+                .unwrap();
+            delivery.ack().await.unwrap();
+        }
+        drop((named, received));
+        consumer.delete_topic(&topic_name).await.unwrap();
+        consumer.delete_queue(&queue_name).await.unwrap();
+        for dead in [
+            format!("{topic_name}.billing.dlq"),
+            format!("{queue_name}.dlq"),
+        ] {
+            consumer.delete_queue(&dead).await.unwrap();
+        }
+    }
+    consumer.close().await.unwrap();
+    other.close().await.unwrap();
+}
