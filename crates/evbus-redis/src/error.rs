@@ -114,9 +114,18 @@ fn classify(error: &RedisError) -> (ErrorKind, Option<bool>, &'static str) {
 }
 
 /// Whether `error` says the stream or consumer group does not exist (directly, or from
-/// inside a script, where Redis before 7.0 wraps it in an `ERR Error running script`).
+/// inside a script, where Redis before 7.0 wraps it in an `ERR Error running script`), or
+/// went away under a blocked read: Redis 7 answers an `XREADGROUP ... BLOCK` whose stream
+/// key or group is deleted with `UNBLOCKED the stream key no longer exists` (or `the
+/// consumer group this client was blocked on no longer exists`).
 pub(crate) fn is_no_group(error: &RedisError) -> bool {
-    error.code() == Some("NOGROUP") || error.detail().is_some_and(|d| d.contains("NOGROUP"))
+    match error.code() {
+        Some("NOGROUP") => true,
+        Some("UNBLOCKED") => error
+            .detail()
+            .is_some_and(|d| d.contains("no longer exists")),
+        _ => error.detail().is_some_and(|d| d.contains("NOGROUP")),
+    }
 }
 
 /// Whether `error` says the consumer group already exists.
@@ -218,6 +227,21 @@ mod tests {
             "BUSYGROUP",
             "Consumer Group name already exists"
         )));
+    }
+
+    #[test]
+    fn a_blocked_read_whose_stream_or_group_was_deleted_is_not_found() {
+        for detail in [
+            "the stream key no longer exists",
+            "the consumer group this client was blocked on no longer exists",
+        ] {
+            let err = server("UNBLOCKED", detail);
+            assert!(is_no_group(&err), "{detail}");
+            assert_eq!(from_redis(err, "reading").kind(), ErrorKind::NotFound);
+        }
+        // Unblocked by an operator (`CLIENT UNBLOCK <id> ERROR`): not a deletion.
+        let err = server("UNBLOCKED", "client unblocked via CLIENT UNBLOCK");
+        assert!(!is_no_group(&err));
     }
 
     #[test]

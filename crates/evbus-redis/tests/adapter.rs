@@ -634,6 +634,30 @@ async fn deleting_a_topic_ends_its_subscriptions() {
     env.cleanup().await;
 }
 
+/// Redis 7 answers the blocked read of a subscription whose stream is deleted with
+/// `UNBLOCKED`: that is the deletion too. Taken for a lost connection, the subscription
+/// reconnected after its backoff and, with the group made again meanwhile, went on
+/// consuming the new subscription's events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_whose_topic_is_deleted_and_made_again_at_once_ends() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut old = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    // Set-up: the old subscription waits in its blocking read.
+    let waiting = tokio::time::timeout(Duration::from_millis(300), old.next()).await;
+    assert!(waiting.is_err(), "nothing was published yet");
+    env.transport.delete_topic("t").await.unwrap();
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut new = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, old.next())
+        .await
+        .expect("the old subscription ends in time");
+    assert!(ended.is_none(), "the old subscription went on: {ended:?}");
+    topic.publish(&event(1)).await.unwrap();
+    next(&mut new).await.ack().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_a_retryable_connection_error() {
     let port = evbus_conformance::process::free_port().unwrap();
