@@ -24,6 +24,7 @@ use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::{Stream, StreamExt};
 
 use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
+use crate::names::{Kind, StreamNames};
 use crate::transport::{NatsTransport, Shared};
 
 /// Where a new consumer starts.
@@ -36,6 +37,7 @@ pub(crate) enum Start {
 }
 
 /// What to consume.
+#[derive(Clone)]
 pub(crate) struct ConsumerSpec {
     /// The stream name.
     pub(crate) stream: String,
@@ -50,6 +52,10 @@ pub(crate) struct ConsumerSpec {
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to pull again after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Least time between two looks whether the consumer still exists after pull requests that
+/// brought nothing. A request made after the consumer was deleted gets no answer at all
+/// (only one waiting at that moment gets a 409), so an empty pull is the only sign.
+const EXISTS_CHECK: Duration = Duration::from_secs(2);
 
 /// Creates (or finds and adjusts) the consumer of `spec` and returns its stream of raw
 /// deliveries.
@@ -75,6 +81,8 @@ pub(crate) async fn open(
         consumer,
         batch_size,
         batch: None,
+        served: false,
+        checked: tokio::time::Instant::now(),
         backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
         anonymous,
         shared,
@@ -82,6 +90,28 @@ pub(crate) async fn open(
     Ok(futures::stream::unfold(pull, |mut pull| async move {
         pull.next().await.map(|item| (item, pull))
     }))
+}
+
+/// Opens the consumer of `spec` on the stream of a `kind` named `names`, creating the
+/// stream unless this transport knows it. A stream deleted behind this transport's back
+/// (by another connection) is created again, once, as a publish does: otherwise every
+/// subscribe would fail with `NotFound` until something published through this transport.
+pub(crate) async fn open_on(
+    transport: &NatsTransport,
+    kind: Kind,
+    names: &StreamNames,
+    spec: ConsumerSpec,
+) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static + use<>> {
+    let shared = &transport.shared;
+    shared.ensure_stream(kind, names).await?;
+    match open(transport, spec.clone()).await {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            shared.forget_stream(&names.stream);
+            shared.ensure_stream(kind, names).await?;
+            open(transport, spec).await
+        }
+        opened => opened,
+    }
 }
 
 /// The consumer configuration evbus asks for.
@@ -155,6 +185,10 @@ struct Pull {
     batch_size: usize,
     /// The pull request being served.
     batch: Option<pull::Batch>,
+    /// Whether the pull request being served brought a message.
+    served: bool,
+    /// When the consumer was last found to exist after an empty pull (see [`EXISTS_CHECK`]).
+    checked: tokio::time::Instant,
     backoff: Backoff,
     /// The anonymous subscription's registration, released (consumer deleted) on drop.
     anonymous: Option<u64>,
@@ -188,7 +222,10 @@ impl Pull {
                     result = request => result,
                 };
                 match result {
-                    Ok(batch) => self.batch = Some(batch),
+                    Ok(batch) => {
+                        self.batch = Some(batch);
+                        self.served = false;
+                    }
                     Err(e) => {
                         let e = crate::error::build(
                             e,
@@ -211,9 +248,25 @@ impl Pull {
                 item = batch.next() => item,
             };
             match item {
-                // The pull request expired or was served in full: ask again.
-                None => self.batch = None,
+                // The pull request expired or was served in full: ask again, unless it
+                // brought nothing and the consumer is gone.
+                None => {
+                    self.batch = None;
+                    if !self.served && self.checked.elapsed() >= EXISTS_CHECK {
+                        let check = self.consumer_exists();
+                        let exists = tokio::select! {
+                            _ = cancel.cancelled() => return None,
+                            exists = check => exists,
+                        };
+                        if !exists {
+                            self.log_gone();
+                            return None;
+                        }
+                        self.checked = tokio::time::Instant::now();
+                    }
+                }
                 Some(Ok(message)) => {
+                    self.served = true;
                     self.backoff.reset();
                     return Some(Ok(self.delivery(message)));
                 }
@@ -238,10 +291,7 @@ impl Pull {
             exists = check => exists,
         };
         if !exists {
-            tracing::warn!(
-                stream = %self.stream, consumer = %self.name,
-                "the NATS consumer or its stream was deleted; the subscription ends"
-            );
+            self.log_gone();
             return false;
         }
         let delay = self.backoff.next_delay();
@@ -253,6 +303,13 @@ impl Pull {
             _ = cancel.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
         }
+    }
+
+    fn log_gone(&self) {
+        tracing::warn!(
+            stream = %self.stream, consumer = %self.name,
+            "the NATS consumer or its stream was deleted; the subscription ends"
+        );
     }
 
     /// Whether the consumer still exists (`true` when that cannot be told right now).

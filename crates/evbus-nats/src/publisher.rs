@@ -258,9 +258,10 @@ impl Topic for NatsTopic {
         };
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue())?);
-        shared.ensure_stream(Kind::Topic, &self.names).await?;
-        let raw = consumer::open(
+        let raw = consumer::open_on(
             &self.transport,
+            Kind::Topic,
+            &self.names,
             ConsumerSpec {
                 stream: self.names.stream.clone(),
                 durable,
@@ -323,9 +324,10 @@ impl Queue for NatsQueue {
         let source = Source::queue(&self.name, &options);
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue())?);
-        shared.ensure_stream(Kind::Queue, &self.names).await?;
-        let raw = consumer::open(
+        let raw = consumer::open_on(
             &self.transport,
+            Kind::Queue,
+            &self.names,
             ConsumerSpec {
                 stream: self.names.stream.clone(),
                 durable: Some(names::QUEUE_CONSUMER.to_owned()),

@@ -513,3 +513,82 @@ async fn a_registry_opens_a_url_naming_several_servers() {
     assert!(transport.health().await.is_healthy());
     transport.close().await.expect("close");
 }
+
+/// A subscription not pulling when its topic or queue is deleted (its handler busy) ends
+/// all the same: NATS answers only the pull requests waiting at that moment, and a request
+/// made afterwards gets no answer at all. It used to pull on for ever, receiving nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_busy_while_its_topic_or_queue_is_deleted_ends() {
+    let other = transport().await;
+    let transport = transport().await;
+    let topic_name = unique("busy-topic");
+    let queue_name = unique("busy-queue");
+    let topic = transport.topic(&topic_name).await.unwrap();
+    let mut named = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    let queue = transport.queue(&queue_name).await.unwrap();
+    let mut received = queue.receive(ConsumerOptions::default()).await.unwrap();
+    queue.send(&event(2)).await.unwrap();
+    let held = [next(&mut named).await, next(&mut received).await];
+    // The handlers work past the pull requests' expiry (`fetch_wait`, 1 s) before the
+    // deletions: nothing is waiting on the server when they come.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    transport.delete_topic(&topic_name).await.unwrap();
+    other.delete_queue(&queue_name).await.unwrap();
+    drop(held);
+    for (what, mut sub) in [
+        ("the named subscription", named),
+        ("the queue's consumer", received),
+    ] {
+        match tokio::time::timeout(WAIT, sub.next_delivery()).await {
+            Ok(None) => {}
+            Ok(Some(other)) => panic!("{what} yielded {other:?} instead of ending"),
+            Err(_) => panic!("{what} did not end within {WAIT:?} of the deletion"),
+        }
+    }
+    transport.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// After another connection deleted a topic or queue this transport had used, subscribing
+/// to it makes it again, as publishing does (it failed with `NotFound`, as the stream was
+/// remembered, until something was published through this transport).
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribing_after_another_connection_deleted_the_stream_makes_it_again() {
+    let other = transport().await;
+    let transport = transport().await;
+    let topic_name = unique("again-topic");
+    let queue_name = unique("again-queue");
+    let topic = transport.topic(&topic_name).await.unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    let queue = transport.queue(&queue_name).await.unwrap();
+    queue.send(&event(2)).await.unwrap();
+    other.delete_topic(&topic_name).await.unwrap();
+    other.delete_queue(&queue_name).await.unwrap();
+    let mut named = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let mut received = queue.receive(ConsumerOptions::default()).await.unwrap();
+    topic.publish(&event(3)).await.unwrap();
+    queue.send(&event(4)).await.unwrap();
+    for sub in [&mut named, &mut received] {
+        next(sub).await.ack().await.unwrap();
+    }
+    drop((named, received));
+    transport.delete_topic(&topic_name).await.unwrap();
+    transport.delete_queue(&queue_name).await.unwrap();
+    transport.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+fn event(n: u64) -> Event {
+    Event::builder("orderPlaced", "/nats-test")
+        .json(&n)
+        .unwrap()
+        .build()
+        .unwrap()
+}
