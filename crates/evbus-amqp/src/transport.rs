@@ -516,10 +516,10 @@ impl Transport for AmqpTransport {
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
         // Flush: wait for publishes (and their confirms) and settlements under way.
-        // A second close finds the first one did the rest.
-        if !shared.gate.close().await {
+        // Another close, at the same time or later, waits for this one to finish.
+        let Some(_closing) = shared.gate.close_once().await else {
             return Ok(());
-        }
+        };
         // End subscriptions: consumers close their channels, and RabbitMQ requeues what
         // they held unsettled.
         shared.cancel.cancel();

@@ -409,10 +409,10 @@ impl Transport for NatsTransport {
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
         // Flush: wait for publishes and settlements already under way.
-        // A second close finds the first one did the rest.
-        if !shared.gate.close().await {
+        // Another close, at the same time or later, waits for this one to finish.
+        let Some(_closing) = shared.gate.close_once().await else {
             return Ok(());
-        }
+        };
         // End subscriptions, then remove the anonymous ones' consumers.
         shared.cancel.cancel();
         let anonymous: Vec<(String, String)> = shared

@@ -243,10 +243,10 @@ impl Transport for RedisTransport {
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
         // Flush: wait for publishes and settlements already under way.
-        // A second close finds the first one did the rest.
-        if !shared.gate.close().await {
+        // Another close, at the same time or later, waits for this one to finish.
+        let Some(_closing) = shared.gate.close_once().await else {
             return Ok(());
-        }
+        };
         // End subscriptions: consumers give back what they fetched but did not deliver.
         shared.cancel.cancel();
         shared.tasks.close();

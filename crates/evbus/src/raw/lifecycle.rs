@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rand::Rng;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -37,6 +37,8 @@ pub struct Gate {
     closed: CancellationToken,
     operations: TaskTracker,
     first: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the first closer's [`close_once`](Gate::close_once) guard is dropped.
+    finished: CancellationToken,
 }
 
 impl Gate {
@@ -47,6 +49,7 @@ impl Gate {
             closed: CancellationToken::new(),
             operations: TaskTracker::new(),
             first: Default::default(),
+            finished: CancellationToken::new(),
         }
     }
 
@@ -82,6 +85,32 @@ impl Gate {
         self.operations.close();
         self.operations.wait().await;
         !self.first.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// [`close`](Self::close) for a transport's own `close`: the first caller gets a guard
+    /// and finishes closing (ends subscriptions, releases the connection) while it holds it;
+    /// every other caller, at the same time or later, waits until that guard is dropped and
+    /// gets `None`. No caller's close then returns before the transport is closed, and a
+    /// process that exits when its own close returns leaves nothing behind.
+    ///
+    /// ```
+    /// # async fn demo() {
+    /// let gate = evbus::raw::Gate::new("the example transport");
+    /// let first = gate.close_once().await.expect("the first close");
+    /// let other = gate.clone();
+    /// let second = tokio::spawn(async move { other.close_once().await.is_none() });
+    /// // ... the first closer releases the connection, then:
+    /// drop(first);
+    /// assert!(second.await.unwrap());
+    /// # }
+    /// ```
+    pub async fn close_once(&self) -> Option<DropGuard> {
+        if self.close().await {
+            Some(self.finished.clone().drop_guard())
+        } else {
+            self.finished.cancelled().await;
+            None
+        }
     }
 }
 
@@ -128,5 +157,28 @@ impl Backoff {
     /// Back to the shortest delay (after a success).
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_close_waits_until_the_first_close_has_finished() {
+        let gate = Gate::new("the test transport");
+        let first = gate.close_once().await.expect("the first close");
+        let other = gate.clone();
+        let mut second = tokio::spawn(async move { other.close_once().await.is_none() });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut second)
+                .await
+                .is_err(),
+            "a second close returned while the first was still closing"
+        );
+        drop(first);
+        assert!(second.await.unwrap());
+        // Once closed, a close returns at once.
+        assert!(gate.close_once().await.is_none());
     }
 }
