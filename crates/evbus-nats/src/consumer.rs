@@ -76,8 +76,8 @@ pub(crate) async fn open(
         .clamp(1, shared.config.fetch_batch);
     let pull = Pull {
         location: format!("nats:{}", spec.stream),
-        stream: spec.stream,
-        name,
+        stream: spec.stream.into(),
+        name: name.into(),
         consumer,
         batch_size,
         batch: None,
@@ -174,12 +174,25 @@ async fn ensure_consumer(shared: &Shared, spec: &ConsumerSpec) -> Result<Consume
         .map_err(|e| from_consumer(e, &what))
 }
 
+/// Whether consumer `name` of `stream` still exists (`true` when that cannot be told right
+/// now).
+async fn consumer_exists(shared: &Shared, stream: &str, name: &str) -> bool {
+    let stream = match shared.js.get_stream_no_info(stream).await {
+        Ok(stream) => stream,
+        Err(_) => return true,
+    };
+    match stream.consumer_info(name).await {
+        Err(e) => classify_consumer_info(&e).0 != ErrorKind::NotFound,
+        Ok(_) => true,
+    }
+}
+
 /// One consumer's pull loop.
 struct Pull {
     shared: Arc<Shared>,
     consumer: Consumer<pull::Config>,
-    stream: String,
-    name: String,
+    stream: Arc<str>,
+    name: Arc<str>,
     /// `nats:<stream>`, for undecodable messages.
     location: String,
     batch_size: usize,
@@ -312,16 +325,8 @@ impl Pull {
         );
     }
 
-    /// Whether the consumer still exists (`true` when that cannot be told right now).
     async fn consumer_exists(&self) -> bool {
-        let stream = match self.shared.js.get_stream_no_info(&self.stream).await {
-            Ok(stream) => stream,
-            Err(_) => return true,
-        };
-        match stream.consumer_info(&self.name).await {
-            Err(e) => classify_consumer_info(&e).0 != ErrorKind::NotFound,
-            Ok(_) => true,
-        }
+        consumer_exists(&self.shared, &self.stream, &self.name).await
     }
 
     fn delivery(&self, message: async_nats::jetstream::Message) -> RawDelivery {
@@ -335,6 +340,8 @@ impl Pull {
         let acker: Arc<dyn Acker> = Arc::new(NatsAcker {
             shared: Arc::clone(&self.shared),
             reply: message.reply.clone(),
+            stream: Arc::clone(&self.stream),
+            consumer: Arc::clone(&self.name),
         });
         match decode(&message) {
             Ok(event) => RawDelivery::new(event, attempt, acker, sequence),
@@ -421,6 +428,9 @@ fn headerless_structured(message: &async_nats::Message) -> Option<Result<Event>>
 struct NatsAcker {
     shared: Arc<Shared>,
     reply: Option<Subject>,
+    /// The stream and consumer that delivered the message.
+    stream: Arc<str>,
+    consumer: Arc<str>,
 }
 
 impl NatsAcker {
@@ -434,11 +444,24 @@ impl NatsAcker {
         };
         let payload: Bytes = kind.into();
         if confirm {
-            self.shared
-                .client
-                .request(reply, payload)
-                .await
-                .map_err(|e| crate::error::from_request(e, what))?;
+            match self.shared.client.request(reply, payload).await {
+                Ok(_) => {}
+                // Nothing answers the acknowledgement of a deleted consumer: that is no
+                // outage to wait out, and retrying could never succeed.
+                Err(e)
+                    if e.kind() == async_nats::RequestErrorKind::NoResponders
+                        && !consumer_exists(&self.shared, &self.stream, &self.consumer).await =>
+                {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "{what}: consumer `{}` of stream `{}` no longer exists (its topic or queue was deleted, or its anonymous subscription ended); the delivery cannot be settled",
+                            self.consumer, self.stream
+                        ),
+                    ));
+                }
+                Err(e) => return Err(crate::error::from_request(e, what)),
+            }
         } else {
             self.shared
                 .client

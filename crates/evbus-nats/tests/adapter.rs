@@ -514,6 +514,69 @@ async fn a_registry_opens_a_url_naming_several_servers() {
     transport.close().await.expect("close");
 }
 
+/// Two clones closing at once: whichever returns first, the transport is closed by then
+/// (its anonymous subscriptions' consumers are gone). The later close used to return as
+/// soon as the operations in progress had finished, before the clean-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_returns_only_once_the_transport_is_closed_even_if_another_is_under_way() {
+    let transport = transport().await;
+    let name = unique("close-twice");
+    let topic = transport.topic(&name).await.unwrap();
+    let mut subscriptions = Vec::new();
+    for _ in 0..5 {
+        subscriptions.push(
+            topic
+                .subscribe(SubscribeOptions::anonymous())
+                .await
+                .unwrap(),
+        );
+    }
+    let (_client, js) = plain_client().await;
+    let mut stream = js
+        .get_stream(transport.topic_stream(&name).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 5);
+    let closes: Vec<_> = (0..2)
+        .map(|_| {
+            let transport = transport.clone();
+            tokio::spawn(async move { transport.close().await })
+        })
+        .collect();
+    let (first, _, rest) = futures::future::select_all(closes).await;
+    first.unwrap().unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.consumer_count,
+        0,
+        "a close returned before the anonymous subscriptions' consumers were deleted"
+    );
+    for close in rest {
+        close.await.unwrap().unwrap();
+    }
+    drop(subscriptions);
+    let cleanup = self::transport().await;
+    cleanup.delete_topic(&name).await.unwrap();
+    cleanup.close().await.unwrap();
+}
+
+/// Acknowledging a delivery whose consumer was deleted is `NotFound`, not retryable: nothing
+/// answers such an acknowledgement, which read as a JetStream outage to retry for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledging_after_the_consumer_was_deleted_is_not_found() {
+    let transport = transport().await;
+    let name = unique("ack-gone");
+    let queue = transport.queue(&name).await.unwrap();
+    let mut received = queue.receive(ConsumerOptions::default()).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let held = next(&mut received).await;
+    transport.delete_queue(&name).await.unwrap();
+    let err = held.ack().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(!err.is_retryable(), "{err}");
+    drop(received);
+    transport.close().await.unwrap();
+}
+
 /// A subscription not pulling when its topic or queue is deleted (its handler busy) ends
 /// all the same: NATS answers only the pull requests waiting at that moment, and a request
 /// made afterwards gets no answer at all. It used to pull on for ever, receiving nothing.
