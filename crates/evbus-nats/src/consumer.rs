@@ -64,12 +64,27 @@ pub(crate) async fn open(
     spec: ConsumerSpec,
 ) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static + use<>> {
     let shared = Arc::clone(&transport.shared);
-    let consumer = ensure_consumer(&shared, &spec).await?;
+    // An anonymous subscription's consumer is named here and registered before it is made:
+    // a subscribe cancelled part way (its future dropped) then deletes it, instead of
+    // leaving it to the server until `anonymous_ttl`.
+    let ephemeral = match &spec.durable {
+        Some(_) => None,
+        None => {
+            let name = format!("evbus_anon_{}", uuid::Uuid::now_v7().simple());
+            let id = shared.track_anonymous(&spec.stream, &name);
+            Some((
+                name,
+                Registered {
+                    shared: Arc::clone(&shared),
+                    id: Some(id),
+                },
+            ))
+        }
+    };
+    let consumer =
+        ensure_consumer(&shared, &spec, ephemeral.as_ref().map(|(n, _)| n.as_str())).await?;
     let name = consumer.cached_info().name.clone();
-    let anonymous = spec
-        .durable
-        .is_none()
-        .then(|| shared.track_anonymous(&spec.stream, &name));
+    let anonymous = ephemeral.and_then(|(_, mut registered)| registered.id.take());
     let batch_size = spec
         .options
         .max_in_flight
@@ -114,12 +129,36 @@ pub(crate) async fn open_on(
     }
 }
 
-/// The consumer configuration evbus asks for.
-fn desired_config(shared: &Shared, spec: &ConsumerSpec, start: Start) -> pull::Config {
+/// An anonymous subscription's consumer registered for deletion, deleted when this is
+/// dropped before the subscription takes the registration over.
+struct Registered {
+    shared: Arc<Shared>,
+    id: Option<u64>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.shared.release_anonymous(id);
+        }
+    }
+}
+
+/// The consumer configuration evbus asks for; `ephemeral` names an anonymous
+/// subscription's consumer.
+fn desired_config(
+    shared: &Shared,
+    spec: &ConsumerSpec,
+    start: Start,
+    ephemeral: Option<&str>,
+) -> pull::Config {
     let config = &shared.config;
     pull::Config {
         durable_name: spec.durable.clone(),
-        name: spec.durable.clone(),
+        name: spec
+            .durable
+            .clone()
+            .or_else(|| ephemeral.map(str::to_owned)),
         deliver_policy: match start {
             Start::New => DeliverPolicy::New,
             Start::All => DeliverPolicy::All,
@@ -144,7 +183,11 @@ fn desired_config(shared: &Shared, spec: &ConsumerSpec, start: Start) -> pull::C
 
 /// Creates the consumer, or updates an existing durable one to this consumer's visibility
 /// timeout (keeping where it started: an existing subscription resumes where it stopped).
-async fn ensure_consumer(shared: &Shared, spec: &ConsumerSpec) -> Result<Consumer<pull::Config>> {
+async fn ensure_consumer(
+    shared: &Shared,
+    spec: &ConsumerSpec,
+    ephemeral: Option<&str>,
+) -> Result<Consumer<pull::Config>> {
     let what = match &spec.durable {
         Some(name) => format!("creating consumer `{name}` on stream `{}`", spec.stream),
         None => format!("creating an ephemeral consumer on stream `{}`", spec.stream),
@@ -167,7 +210,7 @@ async fn ensure_consumer(shared: &Shared, spec: &ConsumerSpec) -> Result<Consume
             Err(e) => return Err(from_consumer_info(e, &what)),
         }
     }
-    let desired = desired_config(shared, spec, start);
+    let desired = desired_config(shared, spec, start, ephemeral);
     stream
         .create_consumer(desired)
         .await

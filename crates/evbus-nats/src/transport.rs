@@ -187,8 +187,13 @@ impl Shared {
         id
     }
 
-    /// Deletes an anonymous subscription's consumer (its subscription ended).
+    /// Deletes an anonymous subscription's consumer (its subscription ended, or the
+    /// subscribe that made it was cancelled).
     pub(crate) fn release_anonymous(self: &Arc<Self>, id: u64) {
+        // While closing, close deletes it with the others: it is left registered.
+        if self.is_closed() {
+            return;
+        }
         let removed = self
             .anonymous
             .lock()
@@ -197,9 +202,7 @@ impl Shared {
         let Some((stream, consumer)) = removed else {
             return;
         };
-        if self.is_closed() {
-            return;
-        }
+        // Tracked: a close starting meanwhile, which did not see this one, waits for it.
         let shared = Arc::clone(self);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let task = async move { shared.delete_consumer(&stream, &consumer).await };

@@ -577,6 +577,90 @@ async fn acknowledging_after_the_consumer_was_deleted_is_not_found() {
     transport.close().await.unwrap();
 }
 
+/// Waits until the stream of topic `name` has no consumer left, or panics with `what`.
+async fn no_consumer_left(transport: &NatsTransport, name: &str, what: &str) {
+    let (_client, js) = plain_client().await;
+    let mut stream = js
+        .get_stream(transport.topic_stream(name).unwrap())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = stream.info().await.unwrap().state.consumer_count;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {left} consumers left after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An anonymous subscribe cancelled part way (its future dropped, here by a timeout of a
+/// fraction of a millisecond) leaves no consumer behind: the consumer is registered before
+/// it is made. It used to stay until the server's `anonymous_ttl` (five minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_anonymous_subscribe_leaves_no_consumer_behind() {
+    let transport = transport().await;
+    let name = unique("cancelled");
+    let topic = transport.topic(&name).await.unwrap();
+    let mut completed = 0;
+    for round in 0..60u64 {
+        let within = Duration::from_micros(200 + (round * 37) % 2000);
+        if let Ok(sub) =
+            tokio::time::timeout(within, topic.subscribe(SubscribeOptions::anonymous())).await
+        {
+            drop(sub.unwrap());
+            completed += 1;
+        }
+    }
+    eprintln!("{completed} of 60 subscribes completed in time");
+    no_consumer_left(&transport, &name, "after the cancelled subscribes").await;
+    transport.delete_topic(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+/// An anonymous subscription dropped while `close` waits for the operations in progress has
+/// its consumer deleted by the close: it used to be forgotten and left to `anonymous_ttl`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_subscription_dropped_during_close_leaves_no_consumer_behind() {
+    let transport = transport().await;
+    let name = unique("drop-closing");
+    let topic = transport.topic(&name).await.unwrap();
+    let sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..50_000).map(event).collect();
+    let publishing = {
+        let topic = std::sync::Arc::clone(&topic);
+        tokio::spawn(async move { topic.publish_batch(&batch).await })
+    };
+    // Set-up: the batch is under way when the close starts, and the close is waiting for
+    // it when the subscription is dropped.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let closing = {
+        let transport = transport.clone();
+        tokio::spawn(async move { transport.close().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !closing.is_finished(),
+        "the close did not wait for the batch"
+    );
+    drop(sub);
+    let started = std::time::Instant::now();
+    publishing.await.unwrap().unwrap();
+    eprintln!("the batch finished {:?} after the drop", started.elapsed());
+    closing.await.unwrap().unwrap();
+    no_consumer_left(&transport, &name, "after the close").await;
+    let cleanup = self::transport().await;
+    cleanup.delete_topic(&name).await.unwrap();
+    cleanup.close().await.unwrap();
+}
+
 /// A subscription not pulling when its topic or queue is deleted (its handler busy) ends
 /// all the same: NATS answers only the pull requests waiting at that moment, and a request
 /// made afterwards gets no answer at all. It used to pull on for ever, receiving nothing.
