@@ -726,13 +726,7 @@ impl ConsumerTask {
         }
         let leave = async {
             if self.anonymous {
-                redis::cmd("XGROUP")
-                    .arg("DESTROY")
-                    .arg(&state.keys.stream)
-                    .arg(&state.group)
-                    .query_async::<Value>(&mut conn)
-                    .await
-                    .map(drop)
+                remove_anonymous(&mut conn, &state.keys, &state.group).await
             } else {
                 scripts::LEAVE
                     .key(&state.keys.stream)
@@ -811,9 +805,26 @@ async fn release<C: redis::aio::ConnectionLike + Send>(
     Ok(released)
 }
 
-/// Destroys anonymous subscriptions' groups on `stream` left behind by processes that died:
-/// older than `anonymous_ttl`, with no consumer seen for that long.
-pub(crate) async fn sweep_anonymous(shared: &Shared, stream: &str) -> Result<()> {
+/// Removes anonymous subscription `group` of `keys`: its consumer group and its members of
+/// the delayed set ([`scripts::REMOVE_ANONYMOUS`]).
+pub(crate) async fn remove_anonymous(
+    conn: &mut RedisConn,
+    keys: &StreamKeys,
+    group: &str,
+) -> std::result::Result<(), RedisError> {
+    scripts::REMOVE_ANONYMOUS
+        .key(&keys.stream)
+        .key(&keys.delayed)
+        .arg(group)
+        .invoke_async::<Value>(conn)
+        .await
+        .map(drop)
+}
+
+/// Removes anonymous subscriptions of `keys` left behind by processes that died: older than
+/// `anonymous_ttl`, with no consumer seen for that long.
+pub(crate) async fn sweep_anonymous(shared: &Shared, keys: &StreamKeys) -> Result<()> {
+    let stream = keys.stream.as_str();
     let ttl = shared.config.anonymous_ttl.as_millis() as u64;
     let now = unix_millis();
     let mut cmd = redis::cmd("XINFO");
@@ -848,11 +859,9 @@ pub(crate) async fn sweep_anonymous(shared: &Shared, stream: &str) -> Result<()>
         if alive {
             continue;
         }
-        let mut destroy = redis::cmd("XGROUP");
-        destroy.arg("DESTROY").arg(stream).arg(&name);
-        shared
-            .query::<Value>(&destroy, "destroying a stale anonymous subscription")
-            .await?;
+        remove_anonymous(&mut shared.conn(), keys, &name)
+            .await
+            .map_err(|e| from_redis(e, "removing a stale anonymous subscription"))?;
         tracing::info!(stream, group = %name, "destroyed a stale anonymous subscription");
     }
     Ok(())

@@ -18,7 +18,7 @@ use crate::config::{ContentMode, Retention};
 use crate::consumer::{self, ConsumerSpec};
 use crate::error::from_redis;
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, QUEUE_GROUP, StreamKeys, check_name};
-use crate::transport::RedisTransport;
+use crate::transport::{RedisTransport, Shared};
 
 /// The stream field carrying the event data (the CloudEvents binary-mode body).
 pub(crate) const DATA_FIELD: &str = "data";
@@ -249,12 +249,21 @@ impl Topic for RedisTopic {
                 (name.clone(), false)
             }
             None => {
-                if let Err(e) = consumer::sweep_anonymous(shared, &self.keys.stream).await {
+                if let Err(e) = consumer::sweep_anonymous(shared, &self.keys).await {
                     tracing::debug!(error = %e, topic = %self.name, "could not sweep stale anonymous subscriptions");
                 }
                 (consumer::anonymous_group_name(), true)
             }
         };
+        // An anonymous group is removed again if this subscribe does not get as far as its
+        // consumer (it fails, or its future is dropped part way, even while the group is
+        // being made): nothing else would.
+        let made = anonymous.then(|| AnonymousGroup {
+            shared: Arc::clone(shared),
+            keys: self.keys.clone(),
+            group: group.clone(),
+            armed: true,
+        });
         shared
             .ensure_group(&self.keys.stream, &group, start)
             .await?;
@@ -275,7 +284,42 @@ impl Topic for RedisTopic {
             },
         )
         .await?;
+        // The consumer removes it from now on.
+        if let Some(mut made) = made {
+            made.armed = false;
+        }
         Ok(source.into_subscription(raw, dead_letter, shared.cancel.clone().cancelled_owned()))
+    }
+}
+
+/// An anonymous subscription's consumer group made by a subscribe that has not handed it to
+/// its consumer yet: removed when dropped armed, by a task close waits for.
+struct AnonymousGroup {
+    shared: Arc<Shared>,
+    keys: StreamKeys,
+    group: String,
+    armed: bool,
+}
+
+impl Drop for AnonymousGroup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, keys, group) = (
+            Arc::clone(&self.shared),
+            self.keys.clone(),
+            std::mem::take(&mut self.group),
+        );
+        let remove = async move {
+            if let Err(e) = consumer::remove_anonymous(&mut shared.conn(), &keys, &group).await {
+                tracing::debug!(group, error = %e, "could not remove the group of a subscribe that did not finish; a later anonymous subscribe sweeps it after anonymous_ttl");
+            }
+        };
+        drop(runtime.spawn(self.shared.tasks.track_future(remove)));
     }
 }
 

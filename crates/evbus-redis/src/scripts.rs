@@ -197,3 +197,27 @@ return 0
 "#,
     )
 });
+
+/// Removes an anonymous subscription: destroys its consumer group (the stream may be gone
+/// already) and removes its members of the delayed set (`<entry id> <group>`), which would
+/// otherwise stay until the topic is deleted. Only for anonymous groups, whose names hold
+/// no glob characters (the members are found with `ZSCAN ... MATCH`).
+///
+/// KEYS: stream, delayed set. ARGV: group.
+pub(crate) static REMOVE_ANONYMOUS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"redis.replicate_commands()
+redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+local pattern = '* ' .. ARGV[1]
+local cursor = '0'
+repeat
+  local r = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', pattern, 'COUNT', 256)
+  cursor = r[1]
+  for i = 1, #r[2], 2 do
+    redis.call('ZREM', KEYS[2], r[2][i])
+  end
+until cursor == '0'
+return 1
+"#,
+    )
+});

@@ -558,6 +558,65 @@ async fn an_anonymous_subscription_removes_its_group_when_dropped() {
     env.cleanup().await;
 }
 
+/// An anonymous subscription dropped after nacking with a delay leaves nothing in the
+/// topic's delayed set: its member (`<entry id> <group>`) used to stay until the topic was
+/// deleted, one per such nack, for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_subscription_leaves_no_delayed_member_behind() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    let delayed = format!("{key}:delayed");
+    let mut sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    next(&mut sub)
+        .await
+        .nack(Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let members: Vec<String> = env
+        .cmd(redis::cmd("ZRANGE").arg(&delayed).arg(0).arg(-1))
+        .await;
+    assert_eq!(
+        members.len(),
+        1,
+        "the nack's delay is recorded: {members:?}"
+    );
+    drop(sub);
+    let gone = eventually(WAIT, || async { env.groups(&key).await.is_empty() }).await;
+    assert!(gone, "groups left: {:?}", env.groups(&key).await);
+    let members: Vec<String> = env
+        .cmd(redis::cmd("ZRANGE").arg(&delayed).arg(0).arg(-1))
+        .await;
+    assert!(members.is_empty(), "delayed members left: {members:?}");
+    env.cleanup().await;
+}
+
+/// An anonymous subscribe cancelled part way (its future dropped, here by a timeout of a
+/// fraction of a millisecond) leaves no consumer group behind: it used to stay until a
+/// later anonymous subscribe swept it after `anonymous_ttl` (an hour).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_anonymous_subscribe_leaves_no_group_behind() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    topic.publish(&event(0)).await.unwrap();
+    for round in 0..60u64 {
+        let within = Duration::from_micros(100 + (round * 17) % 1000);
+        if let Ok(sub) =
+            tokio::time::timeout(within, topic.subscribe(SubscribeOptions::anonymous())).await
+        {
+            drop(sub.unwrap());
+        }
+    }
+    let gone = eventually(WAIT, || async { env.groups(&key).await.is_empty() }).await;
+    assert!(gone, "groups left: {:?}", env.groups(&key).await);
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn stale_anonymous_groups_of_dead_processes_are_swept() {
     let Some(env) = Env::with(|c| c.anonymous_ttl = Duration::from_secs(60)).await else {
