@@ -279,6 +279,18 @@ async fn read_directory(
     Ok(queues)
 }
 
+/// Deletes queue `queue` on `channel`; what does not exist is not an error.
+async fn delete_one(live: &Live, channel: &lapin::Channel, queue: &str) -> Result<()> {
+    within(
+        live.timeout(),
+        || format!("deleting queue `{queue}`"),
+        channel.queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
+    )
+    .await?;
+    live.forget_queue(queue);
+    Ok(())
+}
+
 async fn declare_directory(live: &Live, directory: &str) -> Result<()> {
     let channel = live.admin().await?;
     within(
@@ -370,13 +382,7 @@ impl AmqpTransport {
             .map(String::as_str)
             .chain([directory.as_str()])
         {
-            within(
-                live.timeout(),
-                || format!("deleting queue `{queue}`"),
-                channel.queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
-            )
-            .await?;
-            live.forget_queue(queue);
+            delete_one(live, &channel, queue).await?;
         }
         within(
             live.timeout(),
@@ -489,14 +495,7 @@ impl Transport for AmqpTransport {
                 .wait(|q| q == queue, live.timeout())
                 .await;
             let channel = live.admin().await?;
-            within(
-                live.timeout(),
-                || format!("deleting queue `{queue}`"),
-                channel.queue_delete(short("queue name", queue)?, QueueDeleteOptions::default()),
-            )
-            .await?;
-            live.forget_queue(queue);
-            Ok(())
+            delete_one(&live, &channel, queue).await
         })
         .await
     }

@@ -309,13 +309,7 @@ impl Pull {
                 None => {
                     self.batch = None;
                     if !self.served && self.checked.elapsed() >= EXISTS_CHECK {
-                        let check = self.consumer_exists();
-                        let exists = tokio::select! {
-                            _ = cancel.cancelled() => return None,
-                            exists = check => exists,
-                        };
-                        if !exists {
-                            self.log_gone();
+                        if self.ended().await {
                             return None;
                         }
                         self.checked = tokio::time::Instant::now();
@@ -340,16 +334,10 @@ impl Pull {
     /// After a failed pull: `false` if the consumer or its stream is gone (the subscription
     /// ends), else waits a little (backing off) and returns `true`.
     async fn recover(&mut self, error: Error) -> bool {
-        let cancel = self.shared.cancel.clone();
-        let check = self.consumer_exists();
-        let exists = tokio::select! {
-            _ = cancel.cancelled() => return false,
-            exists = check => exists,
-        };
-        if !exists {
-            self.log_gone();
+        if self.ended().await {
             return false;
         }
+        let cancel = self.shared.cancel.clone();
         let delay = self.backoff.next_delay();
         tracing::warn!(
             stream = %self.stream, consumer = %self.name, error = %error, retry_in = ?delay,
@@ -361,11 +349,21 @@ impl Pull {
         }
     }
 
-    fn log_gone(&self) {
-        tracing::warn!(
-            stream = %self.stream, consumer = %self.name,
-            "the NATS consumer or its stream was deleted; the subscription ends"
-        );
+    /// Whether the subscription ends: the transport closes, or the consumer or its stream
+    /// is gone.
+    async fn ended(&self) -> bool {
+        let cancel = self.shared.cancel.clone();
+        let exists = tokio::select! {
+            _ = cancel.cancelled() => return true,
+            exists = self.consumer_exists() => exists,
+        };
+        if !exists {
+            tracing::warn!(
+                stream = %self.stream, consumer = %self.name,
+                "the NATS consumer or its stream was deleted; the subscription ends"
+            );
+        }
+        !exists
     }
 
     async fn consumer_exists(&self) -> bool {
