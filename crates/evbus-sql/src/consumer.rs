@@ -23,6 +23,7 @@ use evbus::Result;
 use evbus::raw::{Acker, RawDelivery, RawStream, Source, Undecodable};
 use futures::StreamExt;
 use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::transport::{SqlBroker, ms};
 
@@ -52,8 +53,9 @@ struct State {
     notify: Arc<Notify>,
     /// The last call failed: wait before the next.
     failed: bool,
-    /// Anonymous subscriptions: when the partition was last marked alive.
-    touched: Option<Instant>,
+    /// Anonymous subscriptions: the task marking the partition alive, stopped when the
+    /// stream is dropped.
+    _keep_alive: Option<DropGuard>,
     /// When the partition was last found to exist (see [`PART_CHECK`]).
     checked: Instant,
     location: Arc<str>,
@@ -179,6 +181,37 @@ async fn give_back(broker: &SqlBroker, notify: &Notify, claims: Vec<Claim>) {
     }
 }
 
+/// Marks an anonymous subscription's partition alive every third of `anonymous_ttl` (at
+/// most every minute) for as long as the subscription lives, whether it is polled or not:
+/// the cleanup of any transport deletes one not marked for `anonymous_ttl`, and a handler
+/// holding its deliveries that long is no dead process.
+fn keep_alive(broker: SqlBroker, part: i64) -> DropGuard {
+    let stop = CancellationToken::new();
+    let every = (broker.config().anonymous_ttl / 3)
+        .min(Duration::from_secs(60))
+        .max(Duration::from_millis(10));
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stopped.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match broker.touch(part, true).await {
+                Ok(true) => {}
+                // Deleted (the stream ends at its next look), or the transport closed.
+                Ok(false) => return,
+                Err(e) if e.kind() == evbus::ErrorKind::Closed => return,
+                Err(e) => tracing::debug!(
+                    error = %e,
+                    "evbus-sql: could not mark an anonymous subscription alive; trying again"
+                ),
+            }
+        }
+    });
+    stop.drop_guard()
+}
+
 /// The deliveries of partition `part` (the source's queue or subscription).
 pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source) -> RawStream {
     let notify = broker.wakers().get(&key);
@@ -189,13 +222,16 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         source.origin(),
         part
     );
+    let keep_alive = source
+        .is_anonymous()
+        .then(|| keep_alive(broker.clone(), part));
     let state = State {
         broker,
         part,
         visibility,
         notify,
         failed: false,
-        touched: source.is_anonymous().then(Instant::now),
+        _keep_alive: keep_alive,
         checked: Instant::now(),
         location: location.into(),
         buffer: VecDeque::new(),
@@ -208,8 +244,31 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
 
 async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
     let poll = state.broker.config().poll_interval;
-    let touch_every = (state.broker.config().anonymous_ttl / 3).min(Duration::from_secs(60));
     loop {
+        if state.failed {
+            tokio::time::sleep(poll).await;
+            state.failed = false;
+        }
+        // Before anything is handed out, even rows claimed ahead: after a deletion nothing
+        // of the deleted partition comes out.
+        if state.checked.elapsed() >= PART_CHECK {
+            match state.broker.touch(state.part, false).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(
+                        partition = %state.location,
+                        "evbus-sql: the subscription's topic or queue was deleted; the subscription ends"
+                    );
+                    state.buffer.clear();
+                    return None;
+                }
+                Err(e) => {
+                    state.failed = true;
+                    return Some((Err(e), state));
+                }
+            }
+            state.checked = Instant::now();
+        }
         if let Some(delivery) = state.take_buffered() {
             return Some((Ok(delivery), state));
         }
@@ -220,31 +279,6 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
             if state.claim_age() < state.visibility {
                 give_back(&state.broker, &state.notify, claims).await;
             }
-        }
-        if state.failed {
-            tokio::time::sleep(poll).await;
-            state.failed = false;
-        }
-        let touch = state.touched.is_some_and(|at| at.elapsed() >= touch_every);
-        if touch || state.checked.elapsed() >= PART_CHECK {
-            match state.broker.touch(state.part, touch).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!(
-                        partition = %state.location,
-                        "evbus-sql: the subscription's topic or queue was deleted; the subscription ends"
-                    );
-                    return None;
-                }
-                Err(e) => {
-                    state.failed = true;
-                    return Some((Err(e), state));
-                }
-            }
-            if touch {
-                state.touched = Some(Instant::now());
-            }
-            state.checked = Instant::now();
         }
         let notify = Arc::clone(&state.notify);
         let notified = notify.notified();

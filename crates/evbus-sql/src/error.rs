@@ -8,8 +8,9 @@ pub(crate) fn kind_of(e: &sqlx::Error) -> ErrorKind {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => ErrorKind::Connection,
+        // Only the transport's own close closes its pool.
+        sqlx::Error::PoolClosed => ErrorKind::Closed,
         sqlx::Error::PoolTimedOut => ErrorKind::Timeout,
         sqlx::Error::Configuration(_) => ErrorKind::InvalidConfig,
         sqlx::Error::Database(db) => {
@@ -41,5 +42,17 @@ pub(crate) fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
             }
             _ => error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_closed_by_the_transport_is_closed_not_a_retryable_outage() {
+        let e = sql("cleaning up")(sqlx::Error::PoolClosed);
+        assert_eq!(e.kind(), ErrorKind::Closed);
+        assert!(!e.is_retryable());
     }
 }

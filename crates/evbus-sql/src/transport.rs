@@ -451,8 +451,13 @@ impl SqlBroker {
                 .map_err(sql("creating a subscription"))?;
                 if replay && created {
                     sqlx::query(
+                        // The events are read FOR KEY SHARE: one deleted meanwhile (by
+                        // `delete_topic` or the retention cleanup) is skipped, and one
+                        // deleted later waits for this transaction, instead of failing it
+                        // with a foreign-key violation.
                         "INSERT INTO evbus_deliveries (part, event) SELECT $1, id \
-                         FROM evbus_events WHERE kind = 'topic' AND dest = $2 ORDER BY id",
+                         FROM evbus_events WHERE kind = 'topic' AND dest = $2 ORDER BY id \
+                         FOR KEY SHARE",
                     )
                     .bind(id)
                     .bind(dest)

@@ -363,6 +363,78 @@ async fn subscriptions_end_when_another_transport_deletes_their_topic_or_queue()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_of_a_deleted_queue_are_not_handed_out() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let consumer = schema.open("").await;
+    let deleter = schema.open("").await;
+    support::claimed_rows_of_a_deleted_queue_are_not_handed_out(&consumer, &deleter).await;
+    deleter.close().await.unwrap();
+    consumer.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpolled_anonymous_subscription_outlives_the_ttl() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema
+        .open("anonymous_ttl_ms=1000&cleanup_interval_ms=200")
+        .await;
+    support::an_unpolled_anonymous_subscription_outlives_the_ttl(&transport).await;
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+/// A named subscription starting at `Earliest` copies the topic's retained events; one
+/// deleted meanwhile (here by `delete_topic` on another transport) is skipped. The copy
+/// used to fail the subscribe with a foreign-key violation (`evbus_deliveries_event_fkey`),
+/// a `Broker` error, in about two rounds of three.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_earliest_subscribe_racing_a_topic_deletion_succeeds() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let subscriber = schema.open("").await;
+    let deleter = schema.open("").await;
+    let topic = subscriber.topic("replayed").await.unwrap();
+    for round in 0..30 {
+        let batch: Vec<Event> = (0..200).map(|n| event(round * 200 + n)).collect();
+        topic.publish_batch(&batch).await.unwrap();
+        let subscribing = {
+            let topic = std::sync::Arc::clone(&topic);
+            tokio::spawn(async move {
+                topic
+                    .subscribe(
+                        SubscribeOptions::named(format!("s{round}"))
+                            .start(evbus::StartPosition::Earliest),
+                    )
+                    .await
+                    .map(drop)
+            })
+        };
+        let deleting = {
+            let deleter = deleter.clone();
+            tokio::spawn(async move {
+                if round % 2 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                deleter.delete_topic("replayed").await
+            })
+        };
+        if let Err(e) = subscribing.await.unwrap() {
+            panic!("round {round}: subscribing: {e}");
+        }
+        deleting.await.unwrap().unwrap();
+    }
+    deleter.close().await.unwrap();
+    subscriber.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn durations_past_what_sql_holds_are_capped_at_100_years() {
     let Some(schema) = Schema::new().await else {
         return;

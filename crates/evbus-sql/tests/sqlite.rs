@@ -207,6 +207,26 @@ async fn subscriptions_end_when_another_transport_deletes_their_topic_or_queue()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_of_a_deleted_queue_are_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let consumer = open(&path, "").await;
+    let deleter = open(&path, "").await;
+    support::claimed_rows_of_a_deleted_queue_are_not_handed_out(&consumer, &deleter).await;
+    deleter.close().await.unwrap();
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpolled_anonymous_subscription_outlives_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "anonymous_ttl_ms=1000&cleanup_interval_ms=200").await;
+    support::an_unpolled_anonymous_subscription_outlives_the_ttl(&transport).await;
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

@@ -200,21 +200,22 @@ pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
 }
 
 /// Queue `name` of `transport`, holding `n` new events (`{"n": 0}` ...), sent as one batch.
+/// Event number `n` of the shared cases.
+fn event(n: usize) -> evbus::Event {
+    evbus::Event::builder("orderPlaced", "/sql-test")
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
 async fn queue_holding(
     transport: &evbus_sql::SqlTransport,
     name: &str,
     n: usize,
 ) -> (std::sync::Arc<dyn evbus::Queue>, Vec<evbus::Event>) {
     use evbus::{Event, Transport};
-    let events: Vec<Event> = (0..n)
-        .map(|i| {
-            Event::builder("orderPlaced", "/sql-test")
-                .json(&serde_json::json!({ "n": i }))
-                .unwrap()
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let events: Vec<Event> = (0..n).map(event).collect();
     let queue = transport.queue(name).await.unwrap();
     queue.send_batch(&events).await.unwrap();
     (queue, events)
@@ -496,4 +497,70 @@ pub async fn subscriptions_end_when_another_transport_deletes(
             Err(_) => panic!("{what} did not end within 10 s of the deletion"),
         }
     }
+}
+
+/// Rows a consumer claimed ahead are not handed out after their queue was deleted by
+/// another transport: of 8 events, a consumer with room for 8 (one claim takes them all)
+/// hands out the first; the queue is deleted; past the consumer's look-up interval the
+/// stream ends at once, without handing out the other 7 (it used to, acks `Ok` and all).
+pub async fn claimed_rows_of_a_deleted_queue_are_not_handed_out(
+    consumer: &evbus_sql::SqlTransport,
+    deleter: &evbus_sql::SqlTransport,
+) {
+    use evbus::{ConsumerOptions, Transport};
+    let (queue, _) = queue_holding(consumer, "claimed-then-deleted", 8).await;
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(30))
+        .max_in_flight(8);
+    let mut sub = queue.receive(options).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the first delivery")
+        .unwrap()
+        .unwrap();
+    first.ack().await.unwrap();
+    deleter.delete_queue("claimed-then-deleted").await.unwrap();
+    // Set-up: past the consumer's look-up interval (two seconds).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    match tokio::time::timeout(Duration::from_secs(10), sub.next_delivery()).await {
+        Ok(None) => {}
+        Ok(Some(Ok(d))) => panic!("a delivery of the deleted queue: {:?}", d.event().data()),
+        Ok(Some(Err(e))) => panic!("an error instead of the end: {e}"),
+        Err(_) => panic!("the consumer of the deleted queue did not end"),
+    }
+}
+
+/// An anonymous subscription whose handler holds a delivery longer than `anonymous_ttl` is
+/// alive all the same: `transport` must have an `anonymous_ttl` of 1 s and a cleanup every
+/// 200 ms. The subscription is not polled for 3 s; the cleanup used to delete it, its ack
+/// then settled nothing, and it ended without the events published meanwhile.
+pub async fn an_unpolled_anonymous_subscription_outlives_the_ttl(
+    transport: &evbus_sql::SqlTransport,
+) {
+    use evbus::{SubscribeOptions, Transport};
+    let topic = transport.topic("held-anonymous").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let sent = event(0);
+    topic.publish(&sent).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the first delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.event().id(), sent.id());
+    // The handler works for three TTLs; nobody polls the subscription meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    held.ack().await.unwrap();
+    let later = event(1);
+    topic.publish(&later).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the next delivery")
+        .expect("the subscription ended: the cleanup took it for a dead process's")
+        .unwrap();
+    assert_eq!(next.event().id(), later.id());
+    next.ack().await.unwrap();
 }
