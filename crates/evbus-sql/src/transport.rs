@@ -889,7 +889,26 @@ impl Broker for SqlBroker {
 
     async fn consume(&self, source: &Source) -> Result<RawStream> {
         let to = source.destination();
-        let part = self.part(to, StartPosition::Latest).await?;
+        let part = if source.is_anonymous() {
+            // Made in a task of its own: if this call is cancelled part way, the task sees
+            // nobody waiting once the partition is committed, and deletes it. Deleting it
+            // from here (the kit releases the source) could run before the commit lands.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let broker = self.clone();
+            let made = to.clone();
+            tokio::spawn(async move {
+                let part = broker.part(&made, StartPosition::Latest).await;
+                if let Err(Ok(_)) = tx.send(part)
+                    && let Err(e) = broker.delete(&made).await
+                {
+                    tracing::debug!(error = %e, "evbus-sql: could not delete the partition of a cancelled anonymous subscribe; the TTL cleanup removes it");
+                }
+            });
+            rx.await
+                .map_err(|_| evbus::Error::closed("the SQL transport"))??
+        } else {
+            self.part(to, StartPosition::Latest).await?
+        };
         Ok(consumer::stream(
             self.clone(),
             part,

@@ -435,6 +435,20 @@ async fn an_earliest_subscribe_racing_a_topic_deletion_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn cancelled_anonymous_subscribes_leave_no_partition() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::cancelled_anonymous_subscribes_leave_no_partition(&transport, || {
+        schema.count(support::ANONYMOUS_PARTS)
+    })
+    .await;
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn durations_past_what_sql_holds_are_capped_at_100_years() {
     let Some(schema) = Schema::new().await else {
         return;

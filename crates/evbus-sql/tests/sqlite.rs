@@ -227,6 +227,18 @@ async fn an_unpolled_anonymous_subscription_outlives_the_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn cancelled_anonymous_subscribes_leave_no_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::cancelled_anonymous_subscribes_leave_no_partition(&transport, || {
+        count(&path, support::ANONYMOUS_PARTS)
+    })
+    .await;
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

@@ -564,3 +564,41 @@ pub async fn an_unpolled_anonymous_subscription_outlives_the_ttl(
     assert_eq!(next.event().id(), later.id());
     next.ack().await.unwrap();
 }
+
+/// The anonymous subscriptions' partitions in the database.
+pub const ANONYMOUS_PARTS: &str = r"evbus_parts WHERE name LIKE '\_anonymous.%'";
+
+/// Anonymous subscribes cancelled part way (their futures dropped by timeouts of a fraction
+/// of a millisecond) leave no partition behind: one whose insert committed as its future
+/// was dropped used to collect a delivery of every publish until the TTL cleanup, and close
+/// did not remove it. `anonymous` counts [`ANONYMOUS_PARTS`].
+pub async fn cancelled_anonymous_subscribes_leave_no_partition<F, Fut>(
+    transport: &evbus_sql::SqlTransport,
+    anonymous: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    use evbus::{SubscribeOptions, Transport};
+    let topic = transport.topic("cancelled-anonymous").await.unwrap();
+    for round in 0..200u64 {
+        let within = Duration::from_micros(200 + (round % 20) * 100);
+        if let Ok(sub) =
+            tokio::time::timeout(within, topic.subscribe(SubscribeOptions::anonymous())).await
+        {
+            drop(sub.unwrap());
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = anonymous().await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} anonymous partitions left 10 s after the subscribes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

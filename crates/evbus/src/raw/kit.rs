@@ -140,7 +140,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn consume(&self, source: &Source) -> Result<RawStream>;
 
     /// Deletes what was made for the anonymous subscription `source` (its consumer is gone).
-    /// Called once per anonymous subscription; the default does nothing.
+    /// Called once per anonymous subscription, also when its `consume` failed or was
+    /// cancelled part way: what it names may never have been made, which is not an error.
+    /// The default does nothing.
     async fn release(&self, source: &Source) -> Result<()> {
         let _ = source;
         Ok(())
@@ -262,8 +264,10 @@ impl<B: Broker> Connection<B> {
     async fn consume(&self, source: Source) -> Result<Subscription> {
         let _operation = self.enter()?;
         let dead_letter = self.queue(source.dead_letter_queue()).await?;
-        let raw = self.inner.broker.consume(&source).await?;
+        // Registered before it is made: a consume that fails or is cancelled part way (its
+        // future dropped) releases what it may have made, which nothing else would.
         let release = source.is_anonymous().then(|| self.track(&source));
+        let raw = self.inner.broker.consume(&source).await?;
         let mut settler = Settler {
             connection: self.clone(),
             last: None,
