@@ -143,7 +143,9 @@ impl Drop for State {
         let claims = self.buffer.drain(..).collect();
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
-        runtime.spawn(async move { give_back(&broker, &notify, claims).await });
+        let tracker = self.broker.give_backs().clone();
+        runtime
+            .spawn(tracker.track_future(async move { give_back(&broker, &notify, claims).await }));
     }
 }
 
@@ -154,7 +156,8 @@ async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
     let broker = state.broker.clone();
     let notify = Arc::clone(&state.notify);
     let (part, visibility) = (state.part, state.visibility);
-    tokio::spawn(async move {
+    let tracker = broker.give_backs().clone();
+    tokio::spawn(tracker.track_future(async move {
         let claimed = broker.claim(part, visibility, n).await;
         if let Err(Ok(claims)) = tx.send(claimed)
             && !claims.is_empty()
@@ -162,7 +165,7 @@ async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
             // Nobody is reading any more.
             give_back(&broker, &notify, claims).await;
         }
-    });
+    }));
     rx.await
         .map_err(|_| evbus::Error::closed("the SQL transport"))?
 }

@@ -43,6 +43,10 @@ pub(crate) struct Shared {
     pub(crate) notifier: Arc<Notifier>,
     /// Stops the background tasks (cleanup, LISTEN, NOTIFY).
     stop: CancellationToken,
+    /// Consumers giving back rows they claimed and never handed out: close waits for them
+    /// before it closes the pool, or the rows would come back only after their visibility
+    /// timeout, counted as an attempt.
+    pub(crate) give_backs: tokio_util::task::TaskTracker,
     /// SQLite: this process's hold on the file (released at close).
     file: std::sync::Mutex<Option<Arc<SqliteFile>>>,
 }
@@ -136,6 +140,7 @@ impl SqlTransport {
             wakers,
             notifier: Arc::default(),
             stop,
+            give_backs: tokio_util::task::TaskTracker::new(),
             file: std::sync::Mutex::new(file),
         });
         spawn_cleanup(Arc::downgrade(&shared), shared.stop.clone());
@@ -847,6 +852,11 @@ impl SqlBroker {
         }))
     }
 
+    /// The tracker of rows being given back (see [`Shared::give_backs`]).
+    pub(crate) fn give_backs(&self) -> &tokio_util::task::TaskTracker {
+        &self.shared.give_backs
+    }
+
     pub(crate) fn wakers(&self) -> &Arc<Wakers> {
         &self.shared.wakers
     }
@@ -983,6 +993,16 @@ impl Broker for SqlBroker {
 
     async fn close(&self) -> Result<()> {
         self.shared.stop.cancel();
+        self.shared.give_backs.close();
+        let grace = self.shared.config.connect_timeout;
+        if tokio::time::timeout(grace, self.shared.give_backs.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                "evbus-sql: rows being given back at close did not finish within {grace:?}; they return after their visibility timeout"
+            );
+        }
         match &self.shared.db {
             Db::Postgres(pool) => pool.close().await,
             Db::Sqlite(pool) => pool.close().await,

@@ -449,6 +449,15 @@ async fn cancelled_anonymous_subscribes_leave_no_partition() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_go_back_when_dropped_just_before_close() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    support::claimed_rows_go_back_when_dropped_just_before_close(|| schema.open("")).await;
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn durations_past_what_sql_holds_are_capped_at_100_years() {
     let Some(schema) = Schema::new().await else {
         return;

@@ -239,6 +239,13 @@ async fn cancelled_anonymous_subscribes_leave_no_partition() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_go_back_when_dropped_just_before_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    support::claimed_rows_go_back_when_dropped_just_before_close(|| open(&path, "")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

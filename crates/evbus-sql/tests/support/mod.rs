@@ -602,3 +602,50 @@ pub async fn cancelled_anonymous_subscribes_leave_no_partition<F, Fut>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Rows a consumer claimed ahead go back when its subscription is dropped just before its
+/// transport closes: of 8 events, a consumer with room for 8 hands out and acks the first,
+/// is dropped, and the transport closes at once. A new transport's consumer gets the other
+/// 7 promptly, each on its first attempt; the give-back used to meet the closed pool, and
+/// the rows came back only after the 20 s visibility timeout, counted as a second attempt.
+pub async fn claimed_rows_go_back_when_dropped_just_before_close<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = evbus_sql::SqlTransport>,
+{
+    use evbus::{ConsumerOptions, Transport};
+    let first = open().await;
+    let (queue, events) = queue_holding(&first, "dropped-then-closed", 8).await;
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(20))
+        .max_in_flight(8);
+    let mut sub = queue.receive(options.clone()).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the first delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.event().id(), events[0].id());
+    taken.ack().await.unwrap();
+    drop(sub);
+    first.close().await.unwrap();
+    let second = open().await;
+    let queue = second.queue("dropped-then-closed").await.unwrap();
+    let mut sub = queue.receive(options).await.unwrap();
+    for expected in &events[1..] {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
+            .await
+            .expect("the rows the dropped consumer had claimed, well before the visibility timeout")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        assert_eq!(
+            d.attempt(),
+            1,
+            "a claim never handed out counted as an attempt"
+        );
+        d.ack().await.unwrap();
+    }
+    drop(sub);
+    second.close().await.unwrap();
+}
