@@ -351,16 +351,14 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
         let received = queue.receive(ConsumerOptions::default()).await.unwrap();
         deleter.delete_topic(&topic_name).await.unwrap();
         deleter.delete_queue(&queue_name).await.unwrap();
-        for (what, mut sub) in [
-            ("the named subscription", named),
-            ("the queue's consumer", received),
-        ] {
-            match tokio::time::timeout(Duration::from_secs(10), sub.next_delivery()).await {
-                Ok(None) => {}
-                Ok(Some(other)) => panic!("{what} yielded {other:?} instead of ending"),
-                Err(_) => panic!("{what} did not end within 10 s of the deletion"),
-            }
-        }
+        evbus_conformance::checks::each_ends_within(
+            vec![
+                ("the named subscription", named),
+                ("the queue's consumer", received),
+            ],
+            Duration::from_secs(10),
+        )
+        .await;
         let (conn, channel) = stock_channel().await;
         let exchange = consumer.exchange_name(&topic_name);
         let passive = channel

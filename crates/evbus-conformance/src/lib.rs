@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 
 mod cases;
+pub mod checks;
 #[cfg(feature = "containers")]
 pub mod container;
 pub mod failover;

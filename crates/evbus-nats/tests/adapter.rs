@@ -686,16 +686,14 @@ async fn a_subscription_busy_while_its_topic_or_queue_is_deleted_ends() {
     transport.delete_topic(&topic_name).await.unwrap();
     other.delete_queue(&queue_name).await.unwrap();
     drop(held);
-    for (what, mut sub) in [
-        ("the named subscription", named),
-        ("the queue's consumer", received),
-    ] {
-        match tokio::time::timeout(WAIT, sub.next_delivery()).await {
-            Ok(None) => {}
-            Ok(Some(other)) => panic!("{what} yielded {other:?} instead of ending"),
-            Err(_) => panic!("{what} did not end within {WAIT:?} of the deletion"),
-        }
-    }
+    evbus_conformance::checks::each_ends_within(
+        vec![
+            ("the named subscription", named),
+            ("the queue's consumer", received),
+        ],
+        WAIT,
+    )
+    .await;
     transport.close().await.unwrap();
     other.close().await.unwrap();
 }
