@@ -200,7 +200,7 @@ fn keep_alive(broker: SqlBroker, part: i64) -> DropGuard {
                 () = stopped.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            match broker.touch(part, true).await {
+            match broker.mark_alive(part).await {
                 Ok(true) => {}
                 // Deleted (the stream ends at its next look), or the transport closed.
                 Ok(false) => return,
@@ -255,7 +255,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         // Before anything is handed out, even rows claimed ahead: after a deletion nothing
         // of the deleted partition comes out.
         if state.checked.elapsed() >= PART_CHECK {
-            match state.broker.touch(state.part, false).await {
+            match state.broker.part_exists(state.part).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::info!(

@@ -805,51 +805,46 @@ impl SqlBroker {
         Ok(())
     }
 
-    /// Marks an anonymous subscription's partition as still in use.
-    /// Marks partition `part` alive (an anonymous subscription's), or with `mark` false only
-    /// looks: whether it still exists (`delete_topic` or `delete_queue`, from any
-    /// connection, removes it).
-    pub(crate) async fn touch(&self, part: i64, mark: bool) -> Result<bool> {
-        let (what, found) = match &self.shared.db {
+    /// Marks anonymous subscription partition `part` alive; `false` if it no longer exists.
+    pub(crate) async fn mark_alive(&self, part: i64) -> Result<bool> {
+        match &self.shared.db {
             Db::Postgres(pool) => {
-                let found = if mark {
-                    sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
-                        .bind(part)
-                        .execute(pool)
-                        .await
-                        .map(|done| done.rows_affected() > 0)
-                } else {
-                    sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = $1")
-                        .bind(part)
-                        .fetch_optional(pool)
-                        .await
-                        .map(|row| row.is_some())
-                };
-                (mark, found)
+                sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
+                    .bind(part)
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected() > 0)
+            }
+            Db::Sqlite(pool) => sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
+                .bind(part)
+                .bind(now_ms())
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected() > 0),
+        }
+        .map_err(sql("marking an anonymous subscription alive"))
+    }
+
+    /// Whether partition `part` still exists (`delete_topic` or `delete_queue`, from any
+    /// connection, removes it).
+    pub(crate) async fn part_exists(&self, part: i64) -> Result<bool> {
+        let query = match &self.shared.db {
+            Db::Postgres(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = $1")
+                    .bind(part)
+                    .fetch_optional(pool)
+                    .await
             }
             Db::Sqlite(pool) => {
-                let found = if mark {
-                    sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
-                        .bind(part)
-                        .bind(now_ms())
-                        .execute(pool)
-                        .await
-                        .map(|done| done.rows_affected() > 0)
-                } else {
-                    sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = ?1")
-                        .bind(part)
-                        .fetch_optional(pool)
-                        .await
-                        .map(|row| row.is_some())
-                };
-                (mark, found)
+                sqlx::query_scalar::<_, i64>("SELECT id FROM evbus_parts WHERE id = ?1")
+                    .bind(part)
+                    .fetch_optional(pool)
+                    .await
             }
         };
-        found.map_err(sql(if what {
-            "marking an anonymous subscription alive"
-        } else {
-            "looking up a subscription's partition"
-        }))
+        query
+            .map(|row| row.is_some())
+            .map_err(sql("looking up a subscription's partition"))
     }
 
     /// The tracker of rows being given back (see [`Shared::give_backs`]).
