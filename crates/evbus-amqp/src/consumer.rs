@@ -49,10 +49,10 @@ use evbus::{ConsumerOptions, Error, ErrorKind, Result, Subscription, Transport};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Consumer};
+use lapin::{BasicProperties, Channel, Consumer, ExchangeKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,10 @@ use crate::transport::{AmqpTransport, Shared};
 /// `max_attempts` before it is dead-lettered as a crash loop. Not attempts: one mass
 /// disconnect can return a message several times without any handler seeing it.
 pub const SPARE_RETURNS: u32 = 10;
+
+/// How often an anonymous subscription that received nothing looks for its topic's
+/// exchange, to end when the topic was deleted (ADR 0031).
+const EXISTS_CHECK: Duration = Duration::from_secs(2);
 
 /// What a consumer reads.
 #[derive(Clone, Debug)]
@@ -205,19 +209,20 @@ async fn attach(
     }
 }
 
-/// Whether the durable queue of `target` no longer exists, as after `delete_topic` or
-/// `delete_queue` from any connection (RabbitMQ then cancels its consumers). Re-attaching
-/// would declare it again, resurrecting what was deleted, or, with the declaration
-/// remembered, fail with `not_found` for ever; the subscription ends instead, as on the
-/// other transports that see the deletion. Anything but a plain `NOT_FOUND` (a cluster
-/// node down answers with a retryable one) is not a deletion.
+/// Whether what `target` consumes no longer exists, as after `delete_topic` or
+/// `delete_queue` from any connection: the durable queue of a named subscription or a
+/// queue (RabbitMQ then cancels its consumers), the exchange of an anonymous subscription
+/// (whose queue is its own connection's: deleting the topic only unbinds it, and it would
+/// stay open and quiet for ever). Re-attaching would declare it again, resurrecting what
+/// was deleted, or, with the declaration remembered, fail with `not_found` for ever; the
+/// subscription ends instead, as on the other transports that see the deletion. Anything
+/// but a plain `NOT_FOUND` (a cluster node down answers with a retryable one) is not a
+/// deletion.
 async fn deleted(shared: &Shared, target: &Target) -> bool {
-    if matches!(target, Target::Anonymous { .. }) {
-        return false;
-    }
     let Ok(live) = shared.link.live().await else {
         return false;
     };
+    // A failed passive declare closes its channel: a channel of its own.
     let Ok(channel) = within(
         live.timeout(),
         || "opening a channel".to_owned(),
@@ -227,29 +232,53 @@ async fn deleted(shared: &Shared, target: &Target) -> bool {
     else {
         return false;
     };
-    let queue = target.queue();
-    let looked = match short("queue name", queue) {
-        Ok(name) => {
-            within(
-                live.timeout(),
-                || format!("looking up queue `{queue}`"),
-                channel.queue_declare(
-                    name,
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                ),
-            )
-            .await
+    let looked = match target {
+        Target::Anonymous { exchange, .. } => match short("exchange name", exchange) {
+            Ok(name) => {
+                within(
+                    live.timeout(),
+                    || format!("looking up exchange `{exchange}`"),
+                    channel.exchange_declare(
+                        name,
+                        ExchangeKind::Fanout,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
+        Target::Named { queue, .. } | Target::Queue { queue } => {
+            match short("queue name", queue) {
+                Ok(name) => within(
+                    live.timeout(),
+                    || format!("looking up queue `{queue}`"),
+                    channel.queue_declare(
+                        name,
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await
+                .map(drop),
+                Err(e) => Err(e),
+            }
         }
-        Err(e) => Err(e),
     };
     let _ = tokio::time::timeout(live.timeout(), channel.close(200, "looked up".into())).await;
     match looked {
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            live.forget_queue(queue);
+            match target {
+                Target::Anonymous { exchange, .. } => live.forget_topic(exchange),
+                _ => live.forget_queue(target.queue()),
+            }
             true
         }
         _ => false,
@@ -389,6 +418,12 @@ async fn run(
         (options.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An anonymous subscription is not told when its topic is deleted (see [`deleted`]): it
+    // looks for the exchange itself after every quiet [`EXISTS_CHECK`].
+    let anonymous = matches!(target, Target::Anonymous { .. });
+    let mut exists = tokio::time::interval_at(Instant::now() + EXISTS_CHECK, EXISTS_CHECK);
+    exists.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = true;
     // Deliveries received and not yet forwarded to the subscription (at most a prefetch).
     let mut waiting: VecDeque<RawDelivery> = VecDeque::new();
     loop {
@@ -436,6 +471,13 @@ async fn run(
                 return;
             }
             _ = sweep.tick() => acker.sweep(options.visibility_timeout).await,
+            _ = exists.tick(), if anonymous => {
+                if std::mem::replace(&mut quiet, true) && deleted(&shared, &target).await {
+                    tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
+                    detach(current, &acker, Ending::Closed).await;
+                    return;
+                }
+            }
             // Forwarding waits for room without blocking the loop: a channel lost meanwhile
             // is noticed at once (what waited here is dropped; RabbitMQ requeued it).
             room = tx.reserve(), if !waiting.is_empty() => match (room, waiting.pop_front()) {
@@ -447,6 +489,7 @@ async fn run(
             },
             next = current.consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    quiet = false;
                     waiting.push_back(acker.raw(delivery, &current.channel, current.epoch, target.queue()));
                 }
                 Some(Err(e)) => {

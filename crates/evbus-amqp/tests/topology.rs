@@ -331,10 +331,11 @@ async fn deleting_a_queue_waits_for_a_dropped_consumer_to_let_go() {
     transport.close().await.unwrap();
 }
 
-/// A named subscription and a queue consumer end when their topic or queue is deleted, by
-/// another transport or by their own, and nothing declares what was deleted again
-/// (re-attaching used to: from its own transport the topic came back; from another, the
-/// subscription yielded `not_found` about once a second for ever).
+/// A named subscription, an anonymous one and a queue consumer end when their topic or queue
+/// is deleted, by another transport or by their own, and nothing declares what was deleted
+/// again (re-attaching used to: from its own transport the topic came back; from another,
+/// the subscription yielded `not_found` about once a second for ever; the anonymous
+/// subscription, whose queue is not deleted with the topic, stayed open and quiet).
 #[tokio::test(flavor = "multi_thread")]
 async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
     let consumer = shared_transport().await;
@@ -347,6 +348,7 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
             .subscribe(SubscribeOptions::named("billing"))
             .await
             .unwrap();
+        let anonymous = topic.subscribe(SubscribeOptions::anonymous()).await.unwrap();
         let queue = consumer.queue(&queue_name).await.unwrap();
         let received = queue.receive(ConsumerOptions::default()).await.unwrap();
         deleter.delete_topic(&topic_name).await.unwrap();
@@ -354,6 +356,7 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
         evbus_conformance::checks::each_ends_within(
             vec![
                 ("the named subscription", named),
+                ("the anonymous subscription", anonymous),
                 ("the queue's consumer", received),
             ],
             Duration::from_secs(10),
