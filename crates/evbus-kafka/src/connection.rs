@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use evbus::raw::Gate;
 use evbus::{Error, ErrorKind, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -24,8 +25,9 @@ pub(crate) struct Connection {
     pub(crate) producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     known_topics: Mutex<HashSet<String>>,
-    /// Cancelled by [`KafkaTransport::close`](crate::KafkaTransport): consumers stop.
-    pub(crate) closed: CancellationToken,
+    /// Closed by [`KafkaTransport::close`](crate::KafkaTransport): consumers stop, and a
+    /// second close waits for the first to finish.
+    pub(crate) gate: Gate,
     /// The consumer threads, so that close waits for their final offset commits.
     pub(crate) consumers: TaskTracker,
     /// Whether the broker keeps offset-commit metadata, once probed.
@@ -54,7 +56,7 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("bootstrap_servers", &self.config.bootstrap_servers)
-            .field("closed", &self.closed.is_cancelled())
+            .field("closed", &self.gate.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -94,7 +96,7 @@ impl Connection {
             producer,
             admin,
             known_topics: Mutex::new(HashSet::new()),
-            closed: CancellationToken::new(),
+            gate: Gate::new("the Kafka transport"),
             consumers: TaskTracker::new(),
             metadata_kept: Mutex::new(None),
             left: Mutex::new(HashMap::new()),
@@ -104,7 +106,7 @@ impl Connection {
 
     /// Fails with [`ErrorKind::Closed`] once the transport was closed.
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.closed.is_cancelled() {
+        if self.gate.is_closed() {
             Err(Error::closed("the Kafka transport"))
         } else {
             Ok(())
@@ -202,7 +204,7 @@ impl Connection {
         let mut map = self.consumers_of.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(topic.to_owned())
             .or_insert_with(|| TopicConsumers {
-                ended: self.closed.child_token(),
+                ended: self.gate.child_token(),
                 threads: TaskTracker::new(),
             })
             .clone()

@@ -159,7 +159,7 @@ impl Transport for KafkaTransport {
     }
 
     async fn health(&self) -> Health {
-        if self.conn.closed.is_cancelled() {
+        if self.conn.gate.is_closed() {
             return Health::Closed;
         }
         match self.conn.reachable().await {
@@ -169,10 +169,10 @@ impl Transport for KafkaTransport {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.conn.closed.is_cancelled() {
+        // Another close, at the same time or later, waits for this one to finish.
+        let Some(_closing) = self.conn.gate.close_once().await else {
             return Ok(());
-        }
-        self.conn.closed.cancel();
+        };
         // Every publish that returned Ok was already acknowledged; flush what is still in
         // flight (publishes racing with close) and let consumers commit and leave.
         let producer = self.conn.producer.clone();
