@@ -352,3 +352,38 @@ async fn a_poll_interval_of_duration_max_does_not_kill_the_relay() {
     .await;
     relay.shutdown().await.unwrap();
 }
+
+/// A relay whose transport was closed stops, gives its buckets back and reports `Closed`;
+/// the rows stay. Before, it treated the closed transport as an outage and retried for as
+/// long as the process lived, holding every bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_a_closed_transport_stops_and_keeps_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let ids = stage(&pool, &outbox, vec![order("k", 0), order("j", 0)]).await;
+    let transport = Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect());
+    evbus::Transport::close(&*transport).await.unwrap();
+    let relay = Relay::sqlite(pool.clone(), transport).spawn().unwrap();
+    until(Duration::from_secs(20), "the relay stopped", || async {
+        relay.is_finished()
+    })
+    .await;
+    let e = relay
+        .shutdown()
+        .await
+        .expect_err("shutdown reports the closed transport");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    for id in &ids {
+        let (attempts, last_error) = row_state(&pool, id).await.expect("the row stays");
+        assert!(attempts <= 1, "{attempts} attempts on a closed transport");
+        println!("{id}: {attempts} attempt(s), last error {last_error:?}");
+    }
+    // A relay on an open transport publishes them.
+    let relay = Relay::sqlite(pool.clone(), Arc::new(memory_behind(Picky::default())))
+        .spawn()
+        .unwrap();
+    wait_drained(&pool).await;
+    relay.shutdown().await.unwrap();
+}

@@ -237,6 +237,13 @@ impl RelayHandle {
         &self.id
     }
 
+    /// Whether the relay has stopped. It stops on its own only when its transport was
+    /// closed (a closed transport never opens again); [`shutdown`](Self::shutdown) then
+    /// returns that error. The rows it did not publish stay in the outbox.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// What the relay did so far.
     pub fn stats(&self) -> RelayStats {
         self.stats.snapshot()
@@ -505,13 +512,38 @@ impl Worker {
                     "outbox relay: leases due for renewal; the rest of the round waits for the next"
                 );
             }
+            // A closed transport never opens again: waiting for it would keep this relay's
+            // buckets from every other relay for as long as the process lives.
+            let closed = outcome
+                .failed
+                .values()
+                .find(|(_, e)| e.kind() == ErrorKind::Closed)
+                .map(|(_, e)| e.clone_shallow());
             self.settle_failures(outcome.failed).await;
+            if let Some(e) = closed {
+                tracing::error!(
+                    error = %e,
+                    "outbox relay stopping: its transport was closed; the unpublished rows stay \
+                     in the outbox for a relay on an open transport"
+                );
+                self.release().await;
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    format!("the outbox relay stopped: its transport was closed ({e})"),
+                )
+                .with_hint("spawn a relay on an open transport; nothing staged was lost"));
+            }
         }
+        self.release().await;
+        tracing::info!("outbox relay stopped");
+        Ok(())
+    }
+
+    /// Gives back this relay's leases, so that other relays take its buckets at once.
+    async fn release(&mut self) {
         if let Err(e) = self.store.release().await {
             tracing::warn!(error = %e, "outbox relay could not give back its leases; they expire");
         }
-        tracing::info!("outbox relay stopped");
-        Ok(())
     }
 
     async fn database_error(&self, e: &Error, delay: &mut Duration) {
