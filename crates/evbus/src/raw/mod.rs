@@ -56,7 +56,7 @@ use futures::stream::{BoxStream, Stream};
 use crate::error::{Error, Result};
 use crate::layer::Destination;
 use crate::subscription::Subscription;
-use crate::transport::{ConsumerOptions, Queue, SubscribeOptions};
+use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
 
 pub use crate::delivery::{
     Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON,
@@ -87,6 +87,7 @@ pub struct Source {
     origin: String,
     dead_letter_queue: String,
     consumer: ConsumerOptions,
+    start: StartPosition,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +131,7 @@ impl Source {
             origin,
             dead_letter_queue: consumer.dead_letter_queue.clone().unwrap_or(default_dlq),
             consumer,
+            start: options.start,
         })
     }
 
@@ -144,6 +146,7 @@ impl Source {
                 .clone()
                 .unwrap_or_else(|| format!("{queue}.dlq")),
             consumer: options.clone(),
+            start: StartPosition::Latest,
         }
     }
 
@@ -165,6 +168,15 @@ impl Source {
     /// The queue receiving this consumer's dead letters.
     pub fn dead_letter_queue(&self) -> &str {
         &self.dead_letter_queue
+    }
+
+    /// Where a subscription that is new starts ([`SubscribeOptions::start`]): at the events
+    /// published from now on, or at the earliest event the broker retains (only for a broker
+    /// that declares [`Capabilities::replay`](crate::Capabilities::replay)). A named
+    /// subscription that exists already resumes where it stopped, whatever this says. Always
+    /// [`StartPosition::Latest`] for a queue consumer.
+    pub fn start(&self) -> StartPosition {
+        self.start
     }
 
     /// The consumer settings.
@@ -391,6 +403,30 @@ mod tests {
         let again = Source::topic("orders", &SubscribeOptions::anonymous()).unwrap();
         assert_ne!(again.destination(), anonymous.destination());
         assert!(anonymous.is_anonymous() && queue.is_queue());
+    }
+
+    #[test]
+    fn a_source_carries_the_start_position_a_broker_needs_for_replay() {
+        let replay = SubscribeOptions::named("audit").start(StartPosition::Earliest);
+        assert_eq!(
+            Source::topic("orders", &replay).unwrap().start(),
+            StartPosition::Earliest
+        );
+        let anonymous = SubscribeOptions::anonymous().start(StartPosition::Earliest);
+        assert_eq!(
+            Source::topic("orders", &anonymous).unwrap().start(),
+            StartPosition::Earliest
+        );
+        assert_eq!(
+            Source::topic("orders", &SubscribeOptions::named("billing"))
+                .unwrap()
+                .start(),
+            StartPosition::Latest
+        );
+        assert_eq!(
+            Source::queue("jobs", &ConsumerOptions::default()).start(),
+            StartPosition::Latest
+        );
     }
 
     #[test]
