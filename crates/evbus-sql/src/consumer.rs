@@ -59,12 +59,87 @@ struct State {
     /// When the partition was last found to exist (see [`PART_CHECK`]).
     checked: Instant,
     location: Arc<str>,
-    /// Claimed rows not handed out yet, in delivery order, and when they were claimed.
-    buffer: VecDeque<Claim>,
-    claimed_at: Instant,
+    /// Claimed rows not handed out yet, shared with the transport's close.
+    buffer: Arc<Buffer>,
     /// Deliveries handed out and not dropped yet (settled or not).
     held: Arc<AtomicUsize>,
     max_in_flight: usize,
+}
+
+/// A consumer's claimed rows not handed out yet, in delivery order, and when they were
+/// claimed. The consumer's stream is read lazily: once the transport closes nobody reads
+/// it, so close takes them from here to give them back (see [`Buffer::take_unexpired`]).
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    visibility: i64,
+    rows: std::sync::Mutex<Buffered>,
+}
+
+#[derive(Debug)]
+struct Buffered {
+    claims: VecDeque<Claim>,
+    claimed_at: Instant,
+}
+
+impl Buffer {
+    pub(crate) fn new(visibility: i64) -> Self {
+        Buffer {
+            visibility,
+            rows: std::sync::Mutex::new(Buffered {
+                claims: VecDeque::new(),
+                claimed_at: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffered> {
+        self.rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().claims.len()
+    }
+
+    /// The next row while its claim has at least half the visibility timeout left.
+    fn pop_fresh(&self) -> Option<Claim> {
+        let mut rows = self.lock();
+        if rows.claims.is_empty() || rows.age() * 2 >= self.visibility {
+            return None;
+        }
+        rows.claims.pop_front()
+    }
+
+    /// Every row, and whether their claim is still within its visibility timeout (rows whose
+    /// claim outlived it may be another consumer's by now: they are not given back).
+    fn take_all(&self) -> (Vec<Claim>, bool) {
+        let mut rows = self.lock();
+        let unexpired = rows.age() < self.visibility;
+        (rows.claims.drain(..).collect(), unexpired)
+    }
+
+    /// The rows whose claim has not expired, for giving back; expired ones are dropped.
+    pub(crate) fn take_unexpired(&self) -> Vec<Claim> {
+        match self.take_all() {
+            (claims, true) => claims,
+            (_, false) => Vec::new(),
+        }
+    }
+
+    /// Buffers `claims`, claimed at `at`.
+    fn fill(&self, claims: impl Iterator<Item = Claim>, at: Instant) {
+        let mut rows = self.lock();
+        rows.claims.extend(claims);
+        rows.claimed_at = at;
+    }
+}
+
+impl Buffered {
+    /// How long the buffered claims have been held, in ms.
+    fn age(&self) -> i64 {
+        i64::try_from(self.claimed_at.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 impl State {
@@ -76,18 +151,10 @@ impl State {
             .clamp(1, MAX_CLAIM)
     }
 
-    /// How long the buffered claims have been held, in ms.
-    fn claim_age(&self) -> i64 {
-        i64::try_from(self.claimed_at.elapsed().as_millis()).unwrap_or(i64::MAX)
-    }
-
     /// The next buffered row, as a delivery, while its claim has at least half the
     /// visibility timeout left.
     fn take_buffered(&mut self) -> Option<RawDelivery> {
-        if self.buffer.is_empty() || self.claim_age() * 2 >= self.visibility {
-            return None;
-        }
-        let claim = self.buffer.pop_front()?;
+        let claim = self.buffer.pop_fresh()?;
         Some(self.hand_out(claim))
     }
 
@@ -134,13 +201,13 @@ impl Drop for State {
     /// Gives back the rows claimed and never handed out, so they go to the next consumer
     /// now rather than after the visibility timeout.
     fn drop(&mut self) {
-        if self.buffer.is_empty() || self.claim_age() >= self.visibility {
+        let claims = self.buffer.take_unexpired();
+        if claims.is_empty() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let claims = self.buffer.drain(..).collect();
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
         let tracker = self.broker.give_backs().clone();
@@ -228,6 +295,7 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
     let keep_alive = source
         .is_anonymous()
         .then(|| keep_alive(broker.clone(), part));
+    let buffer = broker.buffer(visibility);
     let state = State {
         broker,
         part,
@@ -237,8 +305,7 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         _keep_alive: keep_alive,
         checked: Instant::now(),
         location: location.into(),
-        buffer: VecDeque::new(),
-        claimed_at: Instant::now(),
+        buffer,
         held: Arc::new(AtomicUsize::new(0)),
         max_in_flight: source.consumer().max_in_flight.max(1),
     };
@@ -262,7 +329,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
                         partition = %state.location,
                         "evbus-sql: the subscription's topic or queue was deleted; the subscription ends"
                     );
-                    state.buffer.clear();
+                    drop(state.buffer.take_all());
                     return None;
                 }
                 Err(e) => {
@@ -275,13 +342,11 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         if let Some(delivery) = state.take_buffered() {
             return Some((Ok(delivery), state));
         }
-        if !state.buffer.is_empty() {
-            // Held too long to hand out: give back what another consumer cannot hold yet,
-            // and claim afresh (in order, so the rows given back come first again).
-            let claims = state.buffer.drain(..).collect();
-            if state.claim_age() < state.visibility {
-                give_back(&state.broker, &state.notify, claims).await;
-            }
+        // Held too long to hand out: give back what another consumer cannot hold yet, and
+        // claim afresh (in order, so the rows given back come first again).
+        let claims = state.buffer.take_unexpired();
+        if !claims.is_empty() {
+            give_back(&state.broker, &state.notify, claims).await;
         }
         let notify = Arc::clone(&state.notify);
         let notified = notify.notified();
@@ -295,8 +360,7 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
                 // timeout shorter than a round trip still makes progress.
                 let mut claims = claims.into_iter();
                 let first = claims.next().map(|claim| state.hand_out(claim));
-                state.buffer.extend(claims);
-                state.claimed_at = claimed_at;
+                state.buffer.fill(claims, claimed_at);
                 if let Some(first) = first {
                     return Some((Ok(first), state));
                 }

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Backend, SqlConfig};
-use crate::consumer::{self, Claim};
+use crate::consumer::{self, Buffer, Claim};
 use crate::error::sql;
 use crate::notify::Notifier;
 use crate::sqlite_file::SqliteFile;
@@ -47,6 +47,9 @@ pub(crate) struct Shared {
     /// before it closes the pool, or the rows would come back only after their visibility
     /// timeout, counted as an attempt.
     pub(crate) give_backs: tokio_util::task::TaskTracker,
+    /// Every consumer's claimed rows not handed out yet: a subscription still held when the
+    /// transport closes is not read any more, and close gives its rows back.
+    buffers: std::sync::Mutex<Vec<std::sync::Weak<Buffer>>>,
     /// SQLite: this process's hold on the file (released at close).
     file: std::sync::Mutex<Option<Arc<SqliteFile>>>,
 }
@@ -141,6 +144,7 @@ impl SqlTransport {
             notifier: Arc::default(),
             stop,
             give_backs: tokio_util::task::TaskTracker::new(),
+            buffers: std::sync::Mutex::default(),
             file: std::sync::Mutex::new(file),
         });
         spawn_cleanup(Arc::downgrade(&shared), shared.stop.clone());
@@ -847,6 +851,19 @@ impl SqlBroker {
             .map_err(sql("looking up a subscription's partition"))
     }
 
+    /// A new consumer's buffer of claimed rows, registered for close to give back.
+    pub(crate) fn buffer(&self, visibility: i64) -> Arc<Buffer> {
+        let buffer = Arc::new(Buffer::new(visibility));
+        let mut buffers = self
+            .shared
+            .buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        buffers.retain(|b| b.strong_count() > 0);
+        buffers.push(Arc::downgrade(&buffer));
+        buffer
+    }
+
     /// The tracker of rows being given back (see [`Shared::give_backs`]).
     pub(crate) fn give_backs(&self) -> &tokio_util::task::TaskTracker {
         &self.shared.give_backs
@@ -988,6 +1005,28 @@ impl Broker for SqlBroker {
 
     async fn close(&self) -> Result<()> {
         self.shared.stop.cancel();
+        // Subscriptions still held are not read any more: what they claimed ahead goes back
+        // now, not after its visibility timeout counted as an attempt.
+        let buffers = std::mem::take(
+            &mut *self
+                .shared
+                .buffers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let claims: Vec<Claim> = buffers
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .flat_map(|b| b.take_unexpired())
+            .collect();
+        if !claims.is_empty() {
+            let broker = self.clone();
+            self.shared.give_backs.spawn(async move {
+                if let Err(e) = broker.unclaim(&claims).await {
+                    tracing::debug!(error = %e, rows = claims.len(), "evbus-sql: could not give back claimed rows at close; they return after the visibility timeout");
+                }
+            });
+        }
         self.shared.give_backs.close();
         let grace = self.shared.config.connect_timeout;
         if tokio::time::timeout(grace, self.shared.give_backs.wait())

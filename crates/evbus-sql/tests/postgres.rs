@@ -453,7 +453,16 @@ async fn claimed_rows_go_back_when_dropped_just_before_close() {
     let Some(schema) = Schema::new().await else {
         return;
     };
-    support::claimed_rows_go_back_when_dropped_just_before_close(|| schema.open("")).await;
+    support::claimed_rows_go_back_at_close(|| schema.open(""), true).await;
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_go_back_when_still_held_at_close() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    support::claimed_rows_go_back_at_close(|| schema.open(""), false).await;
     schema.drop().await;
 }
 

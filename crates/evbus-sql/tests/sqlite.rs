@@ -242,7 +242,14 @@ async fn cancelled_anonymous_subscribes_leave_no_partition() {
 async fn claimed_rows_go_back_when_dropped_just_before_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    support::claimed_rows_go_back_when_dropped_just_before_close(|| open(&path, "")).await;
+    support::claimed_rows_go_back_at_close(|| open(&path, ""), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claimed_rows_go_back_when_still_held_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    support::claimed_rows_go_back_at_close(|| open(&path, ""), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -610,12 +610,14 @@ pub async fn cancelled_anonymous_subscribes_leave_no_partition<F, Fut>(
     }
 }
 
-/// Rows a consumer claimed ahead go back when its subscription is dropped just before its
-/// transport closes: of 8 events, a consumer with room for 8 hands out and acks the first,
-/// is dropped, and the transport closes at once. A new transport's consumer gets the other
-/// 7 promptly, each on its first attempt; the give-back used to meet the closed pool, and
-/// the rows came back only after the 20 s visibility timeout, counted as a second attempt.
-pub async fn claimed_rows_go_back_when_dropped_just_before_close<F, Fut>(open: F)
+/// Rows a consumer claimed ahead go back when its transport closes, whether its
+/// subscription was dropped just before (`dropped_first`) or is still held: of 8 events, a
+/// consumer with room for 8 hands out and acks the first, and the transport closes. A new
+/// transport's consumer gets the other 7 promptly, each on its first attempt. Dropped just
+/// before, the give-back used to meet the closed pool; still held, nothing read the
+/// subscription any more and nothing gave them back. Either way the rows came back only
+/// after the 20 s visibility timeout, counted as a second attempt.
+pub async fn claimed_rows_go_back_at_close<F, Fut>(open: F, dropped_first: bool)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = evbus_sql::SqlTransport>,
@@ -634,8 +636,13 @@ where
         .unwrap();
     assert_eq!(taken.event().id(), events[0].id());
     taken.ack().await.unwrap();
-    drop(sub);
-    first.close().await.unwrap();
+    if dropped_first {
+        drop(sub);
+        first.close().await.unwrap();
+    } else {
+        first.close().await.unwrap();
+        drop(sub);
+    }
     let second = open().await;
     let queue = second.queue("dropped-then-closed").await.unwrap();
     let mut sub = queue.receive(options).await.unwrap();
