@@ -502,8 +502,9 @@ impl Delivery {
         self.end_settle(result)
     }
 
-    /// Asks for redelivery, after `delay` if given. On the last allowed attempt the event is
-    /// dead-lettered instead; the returned [`Settlement`] says which happened.
+    /// Asks for redelivery, after `delay` if given (at most
+    /// [`LONGEST_BACKOFF`](crate::bus::LONGEST_BACKOFF), a year). On the last allowed attempt
+    /// the event is dead-lettered instead; the returned [`Settlement`] says which happened.
     pub async fn nack(&self, delay: Option<Duration>) -> Result<Settlement> {
         if self.attempt >= self.policy.max_attempts {
             let reason = format!(
@@ -515,7 +516,11 @@ impl Delivery {
                 .await
                 .map(|()| Settlement::DeadLettered);
         }
-        let delay = delay.filter(|d| !d.is_zero());
+        // Capped: a transport keeps the due time as a clock reading plus the delay, which
+        // `Duration::MAX` overflows.
+        let delay = delay
+            .filter(|d| !d.is_zero())
+            .map(|d| d.min(crate::bus::LONGEST_BACKOFF));
         self.settle(async {
             match delay {
                 None => self.acker.nack(self.tag).await,

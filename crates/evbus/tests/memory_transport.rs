@@ -145,6 +145,39 @@ async fn the_same_url_name_reaches_the_same_broker() {
     b.delete_queue("q").await.unwrap();
 }
 
+/// A nack delayed by `Duration::MAX` is a delay of a year (`evbus::bus::LONGEST_BACKOFF`):
+/// the memory transport added it to the clock and panicked (found by an outsider review).
+#[tokio::test]
+async fn a_nack_delayed_for_ever_is_accepted_and_holds_the_event_back() {
+    let transport = MemoryBroker::new(MemoryConfig::default()).connect();
+    let queue = transport.queue("never").await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    queue.send(&event(2)).await.unwrap();
+    let mut consumer = queue
+        .receive(evbus::ConsumerOptions::default())
+        .await
+        .unwrap();
+    let first = timeout(BOUND, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    first.nack(Some(Duration::MAX)).await.unwrap();
+    let second = timeout(BOUND, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.event().json::<u32>().unwrap(), 2);
+    second.ack().await.unwrap();
+    assert!(
+        timeout(Duration::from_millis(200), consumer.next())
+            .await
+            .is_err(),
+        "the event nacked for ever came back at once"
+    );
+}
+
 #[tokio::test]
 async fn an_expired_delivery_cannot_be_settled_by_its_late_consumer() {
     let transport = MemoryBroker::new(MemoryConfig::default()).connect();

@@ -184,7 +184,7 @@ pub use handler::{
     DEFAULT_CONCURRENCY, DEFAULT_VISIBILITY_TIMEOUT, DrainReport, HandlerBuilder, HandlerError,
     HandlerHandle, Message,
 };
-pub use retry::RetryPolicy;
+pub use retry::{LONGEST_BACKOFF, RetryPolicy};
 
 /// The default `source` attribute of emitted events when none is given.
 pub const DEFAULT_SOURCE: &str = "/evbus";

@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// The longest wait [`RetryPolicy::backoff`] returns, whatever the settings: a year. A
+/// longer one means "never" in practice, and some transports keep a due time that cannot
+/// go that far (a clock reading plus `Duration::MAX` overflows).
+pub const LONGEST_BACKOFF: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Retry policy of a handler: how many attempts, and how long to wait between them.
 ///
 /// The wait after failed attempt `n` (1-based) is `initial_backoff × multiplier^(n-1)`, capped
@@ -25,7 +30,7 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// Wait after the first failed attempt. Default 200 ms.
     pub initial_backoff: Duration,
-    /// Longest wait. Default 30 s.
+    /// Longest wait. Default 30 s; at most [`LONGEST_BACKOFF`] (a year) whatever is set.
     ///
     /// On a transport that delays retries natively (memory, Redis, NATS, SQL) any wait is
     /// kept as a least wait: Redis looks for due retries every `claim_interval` (1 s by
@@ -88,17 +93,21 @@ impl RetryPolicy {
         self
     }
 
-    /// The wait after failed attempt `attempt` (1-based), jitter applied.
+    /// The wait after failed attempt `attempt` (1-based), jitter applied; never over
+    /// [`LONGEST_BACKOFF`].
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(64) as i32;
         let base = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exp);
-        let capped = base.min(self.max_backoff.as_secs_f64());
+        let capped = base
+            .min(self.max_backoff.as_secs_f64())
+            .min(LONGEST_BACKOFF.as_secs_f64());
         let cut = if self.jitter > 0.0 {
             rand::random::<f64>() * self.jitter
         } else {
             0.0
         };
-        Duration::from_secs_f64((capped * (1.0 - cut)).max(0.0))
+        // NaN (an infinite base times a zero initial backoff) is no wait.
+        Duration::try_from_secs_f64((capped * (1.0 - cut)).max(0.0)).unwrap_or(Duration::ZERO)
     }
 }
 
@@ -113,6 +122,39 @@ mod tests {
             .max_backoff(Duration::from_secs(1));
         let waits: Vec<_> = (1..=5).map(|n| p.backoff(n).as_millis()).collect();
         assert_eq!(waits, [200, 400, 800, 1000, 1000]);
+    }
+
+    /// `Duration::from_secs_f64` panicked past `Duration::MAX`: with `max_backoff(Duration::MAX)`
+    /// and a multiplier of 10 at attempt 21, or an initial backoff of `Duration::MAX`, and the
+    /// panic killed the handler's worker (found by an outsider review).
+    #[test]
+    fn backoff_never_panics_and_never_exceeds_a_year() {
+        for policy in [
+            RetryPolicy::default()
+                .multiplier(10.0)
+                .max_backoff(Duration::MAX),
+            RetryPolicy::default()
+                .initial_backoff(Duration::MAX)
+                .max_backoff(Duration::MAX),
+            RetryPolicy::default()
+                .initial_backoff(Duration::ZERO)
+                .multiplier(f64::MAX)
+                .max_backoff(Duration::MAX),
+        ] {
+            for attempt in [1, 2, 21, 64, u32::MAX] {
+                let wait = policy.clone().jitter(0.0).backoff(attempt);
+                assert!(wait <= LONGEST_BACKOFF, "{wait:?}");
+                assert!(policy.backoff(attempt) <= LONGEST_BACKOFF);
+            }
+        }
+        let huge = RetryPolicy::default()
+            .initial_backoff(Duration::MAX)
+            .jitter(0.0);
+        assert_eq!(
+            huge.clone().max_backoff(Duration::MAX).backoff(1),
+            LONGEST_BACKOFF
+        );
+        assert_eq!(huge.backoff(1), Duration::from_secs(30));
     }
 
     #[test]
