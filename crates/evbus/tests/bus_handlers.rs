@@ -872,3 +872,74 @@ async fn peek_and_a_filtered_redrive_see_every_dead_letter() {
     }
     assert_eq!(left, want);
 }
+
+/// Waits until `check` holds, for at most `limit`.
+async fn eventually(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A handler whose topic is deleted (here from another connection, as an operator would)
+/// stops, as ADR 0031 says: its redrive queue, which still exists, kept it "running" while
+/// it consumed nothing (found by an outsider review).
+#[tokio::test]
+async fn a_handler_stops_when_its_topic_is_deleted() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    let handle = bus
+        .on("orderPlaced", "billing", reporting("a", tx))
+        .start()
+        .await
+        .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    recv(&mut rx).await;
+    broker.connect().delete_topic("orderPlaced").await.unwrap();
+    eventually(
+        "the handler stopped after its topic was deleted",
+        Duration::from_secs(5),
+        || !handle.is_running(),
+    )
+    .await;
+}
+
+/// When the subscription ends under a run (the transport closed by someone else), the run
+/// finishes instead of being dropped at its next await with its side effects half done
+/// (found by an outsider review). Its settlement then fails, and the event comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_under_way_finishes_when_the_subscription_ends() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel::<&'static str>();
+    let handle = bus
+        .on("orderPlaced", "billing", move |_msg: Message| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send("started");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = tx.send("finished");
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    assert_eq!(recv(&mut rx).await, "started");
+    bus.transport().close().await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert!(
+        matches!(after, Ok(Some("finished"))),
+        "the run was dropped half-way when its subscription ended: {after:?}"
+    );
+    eventually("the handler stopped", Duration::from_secs(5), || {
+        !handle.is_running()
+    })
+    .await;
+}

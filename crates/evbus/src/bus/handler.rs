@@ -389,6 +389,7 @@ impl HandlerBuilder {
             handler: self.handler,
             retry: self.retry,
             ordered: self.ordered,
+            visibility_timeout: self.visibility_timeout,
             dead_letter,
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
             slow_runs: (prefetch > 0).then(|| SlowRuns {
@@ -404,14 +405,24 @@ impl HandlerBuilder {
         // any two events cost more than taking the event. It is still looked at whenever the
         // topic has nothing ready, and every `REDRIVE_EVERY`-th event when the topic never
         // runs dry, so a redrive waits for no backlog.
-        let stream =
-            futures::stream::select_with_strategy(from_topic, from_redrive, |taken: &mut u32| {
+        // The group ends with its subscription (its topic deleted, its transport closed: ADR
+        // 0031); the redrive queue alone does not keep it going.
+        let from_topic = from_topic
+            .map(Some)
+            .chain(futures::stream::once(std::future::ready(None)));
+        let stream = futures::stream::select_with_strategy(
+            from_topic,
+            from_redrive.map(Some),
+            |taken: &mut u32| {
                 *taken = taken.wrapping_add(1);
                 match *taken % REDRIVE_EVERY {
                     0 => PollNext::Right,
                     _ => PollNext::Left,
                 }
-            });
+            },
+        )
+        .take_while(|item| std::future::ready(item.is_some()))
+        .filter_map(std::future::ready);
         tokio::spawn(Arc::new(worker).run(stream, self.concurrency));
         let handle = HandlerHandle { shared };
         bus.register_handler(handle.clone());
@@ -490,7 +501,8 @@ impl HandlerHandle {
         &self.shared.redrive_queue
     }
 
-    /// Whether the handler still consumes (false once drained, or its transport closed).
+    /// Whether the handler still consumes: false once it was shut down, or once its
+    /// subscription ended (its topic deleted, its transport closed) and its runs finished.
     pub fn is_running(&self) -> bool {
         self.shared.running.load(Ordering::Acquire)
     }
@@ -596,6 +608,9 @@ struct Worker {
     handler: Handler,
     retry: RetryPolicy,
     ordered: bool,
+    /// How long a run may go on after the subscription ended by itself: its delivery cannot
+    /// be settled any later.
+    visibility_timeout: Duration,
     dead_letter: Arc<dyn Queue>,
     metrics: telemetry::HandlerMetrics,
     /// `None` without prefetch.
@@ -734,6 +749,15 @@ impl Worker {
             }
         }
         drop(permit);
+        if !self.shared.cancel.is_cancelled() {
+            tracing::warn!(
+                event_type = %self.shared.ty,
+                group = %self.shared.group,
+                subscription = %self.shared.subscription,
+                "handler stopped: its subscription ended (its topic was deleted, or its \
+                 transport closed); runs under way finish, for at most the visibility timeout"
+            );
+        }
         // The pool's tasks run what was handed to them, then end.
         drop(pool);
         let report = self.drain(tasks).await;
@@ -793,12 +817,29 @@ impl Worker {
     }
 
     async fn drain(&self, mut tasks: JoinSet<()>) -> DrainReport {
-        let deadline = lock(&self.shared.deadline).unwrap_or_else(Instant::now);
-        let finished = tokio::time::timeout_at(deadline, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await
-        .is_ok();
+        // Stopped by `shutdown`: its deadline. Ended by itself (the subscription ended): runs
+        // under way finish, not dropped half-way through their side effects, unless a
+        // `shutdown` comes with an earlier deadline.
+        let shutdown = |d: &Mutex<Option<Instant>>| *lock(d);
+        let mut deadline = shutdown(&self.shared.deadline)
+            .unwrap_or_else(|| Instant::now() + self.visibility_timeout);
+        let finished = {
+            let all = async { while tasks.join_next().await.is_some() {} };
+            tokio::pin!(all);
+            let mut stopping = !self.shared.cancel.is_cancelled();
+            loop {
+                tokio::select! {
+                    () = &mut all => break true,
+                    () = tokio::time::sleep_until(deadline) => break false,
+                    () = self.shared.cancel.cancelled(), if stopping => {
+                        stopping = false;
+                        if let Some(d) = shutdown(&self.shared.deadline) {
+                            deadline = deadline.min(d);
+                        }
+                    }
+                }
+            }
+        };
         let mut report = DrainReport::default();
         if !finished {
             tasks.abort_all();

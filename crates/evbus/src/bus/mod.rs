@@ -138,6 +138,12 @@
 //! and without the handler's metrics. Give the deadline room for the longest run, and
 //! redrive such dead letters after a deploy that cut runs short.
 //!
+//! A handler also stops by itself when its subscription ends: its topic was deleted (by any
+//! connection, ADR 0031) or its transport was closed under it. It logs a warning naming its
+//! type and group, lets the runs under way finish (for at most the handler's visibility
+//! timeout, or until a shutdown's deadline; their settlements may then fail, and the events
+//! come back), and [`HandlerHandle::is_running`] turns `false`. Start it again to go on.
+//!
 //! # Observability
 //!
 //! Every emit runs in a `tracing` span `evbus.emit` and every handling in a span
