@@ -266,7 +266,7 @@ impl Connection {
     /// or in offset-commit metadata: [`KafkaConfig::offset_state`], probing the broker (on
     /// Kafka topic `topic`, which exists) the first time it is `Auto`. A probe that fails
     /// answers "state topic" (it works on every broker) without remembering the answer.
-    pub(crate) async fn use_state_topic(&self, topic: &str) -> bool {
+    pub(crate) async fn use_state_topic(self: &Arc<Self>, topic: &str) -> bool {
         match self.config.offset_state {
             OffsetStateStore::CommitMetadata => return false,
             OffsetStateStore::StateTopic => return true,
@@ -278,12 +278,20 @@ impl Connection {
         let group = format!("evbus.probe.{}", uuid::Uuid::now_v7().simple());
         let config = self.config.clone();
         let (topic, probe_group) = (topic.to_owned(), group.clone());
-        let probed = tokio::task::spawn_blocking(move || {
-            crate::state::probe_commit_metadata(&config, &topic, &probe_group)
+        // The probe and the deletion of its group run in a task of their own: a subscribe
+        // cancelled while the probe commits would otherwise leave the group behind.
+        let conn = Arc::clone(self);
+        let probed = tokio::spawn(async move {
+            let probed = tokio::task::spawn_blocking(move || {
+                crate::state::probe_commit_metadata(&config, &topic, &probe_group)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            conn.delete_group(&group).await;
+            probed
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-        self.delete_group(&group).await;
         match probed {
             Ok(kept) => {
                 tracing::debug!(

@@ -73,6 +73,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) on_closed: Option<Box<dyn FnOnce() + Send>>,
     /// Run when the delivery stream is dropped (the consumer starts leaving its group).
     pub(crate) on_dropped: Option<Box<dyn FnOnce() + Send>>,
+    /// Cancelled when the transport closes: a settlement then fails with `Closed`.
+    pub(crate) transport_closed: CancellationToken,
 }
 
 /// Runs a closure when dropped.
@@ -371,6 +373,8 @@ pub(crate) struct Shared {
     /// re-assignment, so the rebalance callback applies this flag to every partition it
     /// assigns and clears the pause of every partition it gives up.
     paused: AtomicBool,
+    /// See [`ConsumerSpec::transport_closed`].
+    transport_closed: CancellationToken,
 }
 
 /// One partition's commit: partition, generation, offset, metadata.
@@ -727,6 +731,14 @@ struct KafkaAcker {
 impl KafkaAcker {
     /// Runs `settle` on the delivery's entry if the delivery is still current.
     fn with_entry(&self, settle: impl FnOnce(&mut Entry)) -> Result<()> {
+        // Its consumer left the group at close, which revoked every partition: the delivery
+        // is stale, but because the transport closed.
+        if self.shared.transport_closed.is_cancelled() {
+            return Err(Error::closed("the Kafka transport").with_hint(
+                "the delivery comes back to the subscription's next consumer; settle before \
+                 closing",
+            ));
+        }
         let mut state = self.shared.lock();
         let stale = || {
             Error::new(
@@ -793,6 +805,7 @@ pub(crate) async fn start(
         visibility: spec.options.visibility_timeout,
         state_topic: spec.state.clone(),
         paused: AtomicBool::new(false),
+        transport_closed: spec.transport_closed.clone(),
     });
     let (assigned_tx, mut assigned) = watch::channel(false);
     let context = Context {

@@ -97,6 +97,8 @@ impl Connection {
 
     /// Publishes one event and waits for the broker's acknowledgement.
     pub(crate) async fn publish(&self, topic: &str, event: &Event) -> Result<()> {
+        // Close waits for it, then flushes.
+        let _operation = self.gate.enter()?;
         self.ensure_target(topic).await?;
         let future = self.enqueue(topic, event).await?;
         Self::delivered(topic, event.id(), future).await
@@ -104,6 +106,12 @@ impl Connection {
 
     /// Publishes events in order, all in flight at once; `Ok` once every one was accepted.
     pub(crate) async fn publish_batch(&self, topic: &str, events: &[Event]) -> Result<()> {
+        let _operation = self.gate.enter()?;
+        // Every event is checked before the first is handed to the producer: a batch with
+        // an event over the limit publishes nothing, not the events ahead of it.
+        for event in events {
+            self.check_size(event)?;
+        }
         self.ensure_target(topic).await?;
         let mut pending = Vec::with_capacity(events.len());
         for event in events {

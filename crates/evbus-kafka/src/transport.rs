@@ -68,9 +68,30 @@ impl KafkaTransport {
     ) -> Result<Subscription> {
         let anonymous = source.is_anonymous();
         let options = source.consumer().clone();
-        self.conn.check_open()?;
+        // Close waits for a subscribe under way: it would otherwise go on joining the group
+        // after close returned, and a process exiting then leaves the group as a crashed
+        // consumer does (the next member waits out the session timeout).
+        let _operation = self.conn.gate.enter()?;
         self.conn.ensure_topic(topic).await?;
-        let dead_letter = self.queue(source.dead_letter_queue()).await?;
+        let dead_letter = match self.queue(source.dead_letter_queue()).await {
+            // The default name is made from the topic's and the subscription's: a name core
+            // accepts (`billing/eu`, or one that makes it too long) may not be a Kafka one.
+            Err(e)
+                if e.kind() == evbus::ErrorKind::InvalidConfig
+                    && options.dead_letter_queue.is_none() =>
+            {
+                return Err(evbus::Error::invalid_config(format!(
+                    "`{}` cannot be consumed on Kafka under this name: its default dead-letter \
+                     queue `{}` is not a valid Kafka topic name (1 to 249 ASCII letters, \
+                     digits, `.`, `_` or `-`); name the dead-letter queue with \
+                     `ConsumerOptions::dead_letter_queue`, or choose a subscription name of \
+                     those characters that keeps it within 249",
+                    source.origin(),
+                    source.dead_letter_queue()
+                )));
+            }
+            other => other?,
+        };
         let state = if anonymous || !self.conn.use_state_topic(topic).await {
             None
         } else {
@@ -106,6 +127,7 @@ impl KafkaTransport {
             state,
             on_closed: Some(on_closed),
             on_dropped: Some(on_dropped),
+            transport_closed: self.conn.gate.child_token(),
         };
         let raw = consumer::start(
             &self.conn.config,

@@ -1,0 +1,172 @@
+//! Close, settlement after close, batches and derived names, on the Kafka broker at
+//! `EVBUS_KAFKA_URL`. Each case was a defect an outsider review found (2026-12-06); each test
+//! fails without its fix.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use evbus::{ConsumerOptions, ErrorKind, Event, StartPosition, SubscribeOptions, Transport};
+
+fn unique(prefix: &str) -> String {
+    format!("lifecycle-{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn event(i: u32) -> Event {
+    support::numbered("kafkaLifecycle", i)
+}
+
+/// A batch with one event over `max_payload_bytes` publishes nothing: the events ahead of it
+/// were handed to the producer before it was checked, so a `TooLarge` batch was half
+/// published and a retry duplicated them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_an_event_over_the_limit_publishes_nothing() {
+    let Some(transport) = support::connect_with("max_payload_bytes=1000").await else {
+        return;
+    };
+    let name = unique("big-batch");
+    let topic = transport.topic(&name).await.unwrap();
+    let big = Event::builder("kafkaLifecycle", "/tests")
+        .data("application/octet-stream", vec![b'x'; 1001])
+        .build()
+        .unwrap();
+    let refused = topic
+        .publish_batch(&[event(1), big.clone(), event(3)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::TooLarge, "{refused}");
+    let queue = transport.queue(&format!("{name}-q")).await.unwrap();
+    let refused = queue
+        .send_batch(&[event(1), big, event(3)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::TooLarge, "{refused}");
+    // A sentinel after the refused batches: the first event each consumer gets.
+    topic.publish(&event(9)).await.unwrap();
+    queue.send(&event(9)).await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("r").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut consumer = queue.receive(ConsumerOptions::default()).await.unwrap();
+    for (what, s) in [("topic", &mut sub), ("queue", &mut consumer)] {
+        let first = support::next_within_20s(s, what).await;
+        assert_eq!(
+            first.event().json::<u32>().unwrap(),
+            9,
+            "the {what} got an event of a refused batch"
+        );
+        first.ack().await.unwrap();
+    }
+    drop((sub, consumer));
+    transport.close().await.unwrap();
+}
+
+/// Settling after close fails with `Closed` (it failed with `Expired`, blaming a visibility
+/// timeout or a rebalance), and the event comes back on another connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ack_after_close_is_closed_and_the_event_comes_back() {
+    let Some(transport) = support::connect_with("").await else {
+        return;
+    };
+    let name = unique("ack-after-close");
+    let queue = transport.queue(&name).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let mut consumer = queue.receive(ConsumerOptions::default()).await.unwrap();
+    let delivery = support::next_within_20s(&mut consumer, "the event").await;
+    transport.close().await.unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(5), delivery.ack())
+        .await
+        .expect("the ack answers within 5 s");
+    assert_eq!(
+        acked.as_ref().map_err(evbus::Error::kind),
+        Err(ErrorKind::Closed),
+        "{acked:?}"
+    );
+    let other = support::connect_with("")
+        .await
+        .expect("a second connection");
+    let mut consumer = other
+        .queue(&name)
+        .await
+        .unwrap()
+        .receive(ConsumerOptions::default())
+        .await
+        .unwrap();
+    let again = support::next_within_20s(&mut consumer, "the event again").await;
+    assert_eq!(again.event().id(), delivery.event().id());
+    again.ack().await.unwrap();
+    drop(consumer);
+    other.close().await.unwrap();
+}
+
+/// Close waits for a subscribe under way. It returned at once, and the subscribe went on
+/// joining the group for seconds: a process exiting when close returned left the group as a
+/// crashed consumer does, and the subscription's next consumer waited out the session
+/// timeout. The window moves with the machine's load: several delays, each on a fresh
+/// transport.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_waits_for_a_subscribe_under_way() {
+    let mut outlived = Vec::new();
+    for delay_ms in [10u64, 60, 150, 250] {
+        let Some(transport) = support::connect_with("").await else {
+            return;
+        };
+        let topic = transport.topic(&unique("close-sub")).await.unwrap();
+        let subscribing = {
+            let topic = std::sync::Arc::clone(&topic);
+            tokio::spawn(async move {
+                let subscribed = topic.subscribe(SubscribeOptions::named("s")).await;
+                (subscribed.map(drop), Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        transport.close().await.unwrap();
+        let closed_at = Instant::now();
+        let (subscribed, returned_at) = tokio::time::timeout(Duration::from_secs(40), subscribing)
+            .await
+            .expect("the subscribe answers within 40 s")
+            .unwrap();
+        assert!(
+            subscribed.is_err(),
+            "a subscribe under way at close returned a subscription ({delay_ms} ms)"
+        );
+        if returned_at > closed_at + Duration::from_millis(200) {
+            outlived.push(format!(
+                "close at {delay_ms} ms: the subscribe ran on {:?} after close returned",
+                returned_at - closed_at
+            ));
+        }
+    }
+    assert!(outlived.is_empty(), "{outlived:#?}");
+}
+
+/// A subscription whose default dead-letter queue cannot be a Kafka topic (a subscription
+/// name with `/`, which core accepts, or a long topic name) is refused with an error that
+/// says why and what to do; it named a topic the caller never gave. Naming the dead-letter
+/// queue works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_whose_dead_letter_queue_cannot_be_a_kafka_topic_says_why() {
+    let Some(transport) = support::connect_with("").await else {
+        return;
+    };
+    let name = unique("dlq-name");
+    let topic = transport.topic(&name).await.unwrap();
+    let refused = topic
+        .subscribe(SubscribeOptions::named("billing/eu"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidConfig, "{refused}");
+    let message = refused.to_string();
+    for part in [
+        "billing/eu",
+        "dead-letter queue",
+        "ConsumerOptions::dead_letter_queue",
+    ] {
+        assert!(message.contains(part), "`{part}` missing: {message}");
+    }
+    let named = SubscribeOptions::named("billing/eu")
+        .consumer(ConsumerOptions::default().dead_letter_queue(format!("{name}.billing-eu.dlq")));
+    drop(topic.subscribe(named).await.unwrap());
+    transport.close().await.unwrap();
+}
