@@ -209,6 +209,7 @@ impl RelayBuilder {
             held: Vec::new(),
             backoff: HashMap::new(),
             suspect: HashSet::new(),
+            slow: HashMap::new(),
         };
         let span = tracing::info_span!("evbus.outbox.relay", relay = %id, table = %table.name);
         let task = tokio::spawn(worker.run().instrument(span));
@@ -327,6 +328,11 @@ struct Worker {
     /// their first row alone, so that the refusal is pinned on its own row and costs the
     /// other buckets nothing.
     suspect: HashSet<i32>,
+    /// Buckets whose first row's publish timed out, and how many times in a row: it goes
+    /// alone, with the timeout doubled each time (at most [`SLOW_ROW_GROWTH`] times), since
+    /// a publish that timed out may have been accepted all the same and each retry then
+    /// adds a copy.
+    slow: HashMap<i32, u32>,
 }
 
 /// What one round of publishing did.
@@ -395,9 +401,15 @@ enum Stop {
 }
 
 /// An error meaning the transport is down (every bucket waits), not that it refused an event.
+/// A timeout is not one by itself: one slow event (a large one) times out while the others
+/// go through, so a timed-out run is taken apart like a refused one; two timeouts in a row
+/// on different buckets are an outage (see [`Worker::publish`]).
 fn is_outage(e: &Error) -> bool {
-    e.is_retryable() || e.kind() == ErrorKind::Closed
+    (e.is_retryable() && e.kind() != ErrorKind::Timeout) || e.kind() == ErrorKind::Closed
 }
+
+/// How many times the publish timeout of a slow bucket's row is doubled, at most.
+const SLOW_ROW_GROWTH: u32 = 4;
 
 /// `now + d`, or as late as the relay ever waits if that does not fit an `Instant`.
 fn later(now: Instant, d: Duration) -> Instant {
@@ -420,6 +432,7 @@ impl Worker {
                     Ok(held) => {
                         self.backoff.retain(|b, _| held.binary_search(b).is_ok());
                         self.suspect.retain(|b| held.binary_search(b).is_ok());
+                        self.slow.retain(|b, _| held.binary_search(b).is_ok());
                         self.held = held;
                         self.stats
                             .buckets_held
@@ -504,6 +517,7 @@ impl Worker {
                 if !outcome.failed.contains_key(bucket) {
                     self.backoff.remove(bucket);
                     self.suspect.remove(bucket);
+                    self.slow.remove(bucket);
                 }
             }
             if outcome.stopped_for_leases {
@@ -625,9 +639,38 @@ impl Worker {
             .into_iter()
             .map(|(bucket, (rows, alone))| (bucket, rows, alone))
             .collect();
+        let mut timeouts_in_a_row = 0;
         for (k, (bucket, rows, alone)) in buckets.iter().enumerate() {
             match self.publish_bucket(*bucket, rows, *alone, &mut round).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    // A bucket timed out on its own row: one slow event, unless the next
+                    // bucket's times out too (the transport hangs: every bucket would take
+                    // the whole timeout).
+                    let timed_out = round
+                        .outcome
+                        .failed
+                        .get(bucket)
+                        .filter(|(_, e)| e.kind() == ErrorKind::Timeout)
+                        .map(|(_, e)| e.clone_shallow());
+                    match timed_out {
+                        Some(e) => {
+                            timeouts_in_a_row += 1;
+                            if timeouts_in_a_row >= 2 {
+                                // The buckets not tried wait as in any outage: not suspect.
+                                let hung = Error::new(
+                                    ErrorKind::Connection,
+                                    format!("the transport timed out on two buckets in a row: {e}"),
+                                );
+                                round.outage(
+                                    &hung,
+                                    buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]),
+                                );
+                                return round.outcome;
+                            }
+                        }
+                        None => timeouts_in_a_row = 0,
+                    }
+                }
                 Err(Stop::Outage(e)) => {
                     round.outage(&e, buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]));
                     return round.outcome;
@@ -686,6 +729,11 @@ impl Worker {
     /// Publishes one run of rows of one topic, unless the round's leases forbid it.
     async fn publish_run(&mut self, run: &[Row], round: &mut Round) -> Sent {
         let mut limit = self.publish_timeout;
+        if let [row] = run
+            && let Some(&timeouts) = self.slow.get(&row.bucket)
+        {
+            limit = limit.saturating_mul(1 << timeouts.min(SLOW_ROW_GROWTH));
+        }
         let mut limited_by_leases = false;
         if let Some(deadline) = round.deadline {
             let now = Instant::now();
@@ -744,9 +792,8 @@ impl Worker {
             Err(_) => Sent::Failed(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "publishing {} outbox events to topic `{name}` took more than {:?}",
-                    events.len(),
-                    self.publish_timeout
+                    "publishing {} outbox events to topic `{name}` took more than {limit:?}",
+                    events.len()
                 ),
             )),
         }
@@ -774,6 +821,9 @@ impl Worker {
             let outage = is_outage(&error);
             if !outage {
                 self.suspect.insert(bucket);
+            }
+            if error.kind() == ErrorKind::Timeout {
+                *self.slow.entry(bucket).or_default() += 1;
             }
             let delay = self.backoff.get(&bucket).map_or(self.min_backoff, |b| {
                 b.delay.saturating_mul(2).min(self.max_backoff)
