@@ -154,6 +154,35 @@ async fn sqlite_refuses_an_invalid_event_at_stage() {
     assert_eq!(n, 0);
 }
 
+/// An event over the Bus's transport's `max_payload_bytes` is refused at stage: the relay
+/// could never publish it, and it would hold up the other keys of its bucket for as long
+/// as it stayed (found by an outsider review).
+#[tokio::test]
+async fn sqlite_refuses_at_stage_an_event_the_transport_could_never_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let mut config = evbus::memory::MemoryConfig::default();
+    config.max_payload_bytes = 1024;
+    let transport = Arc::new(evbus::memory::MemoryBroker::new(config).connect());
+    let bus = evbus::bus::Bus::new(transport, catalog(), "/test/outbox");
+    let outbox = Outbox::new(&bus);
+    outbox.migrate(&pool).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let err = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "x".repeat(2000), "seq": 0})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    assert!(err.to_string().contains("at most 1024"), "{err}");
+    // The transaction is still usable, and an event that fits is staged.
+    outbox.stage(&mut tx, order("k", 0)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(pending(&pool).await, 1);
+}
+
 /// `(attempts, last_error)` of the row of event `id`, `None` once it is deleted.
 async fn row_state(pool: &SqlitePool, id: &str) -> Option<(i64, Option<String>)> {
     sqlx::query_as("SELECT attempts, last_error FROM evbus_outbox WHERE event_id = ?1")

@@ -160,6 +160,22 @@ impl Outbox {
 
     /// The row of a prepared event.
     fn staged(&self, event: evbus::Event) -> Result<Staged> {
+        // An event the Bus's transport would refuse could never be relayed: it would hold up
+        // the other keys of its bucket for as long as it stayed. Refused here, at stage.
+        let len = event.data().map_or(0, |d| d.len());
+        if let Some(max) = self.bus.transport().capabilities().max_payload_bytes
+            && len > max
+        {
+            return Err(evbus::Error::new(
+                evbus::ErrorKind::TooLarge,
+                format!(
+                    "event {} of type `{}` has {len} data bytes; the Bus's transport accepts \
+                     at most {max}, so the relay could never publish it; nothing was staged",
+                    event.id(),
+                    event.ty()
+                ),
+            ));
+        }
         let topic = self.bus.topic_name(event.ty());
         let key = event.partition_key().map(str::to_owned);
         let bucket = bucket_of(key.as_deref().unwrap_or(event.id()));
