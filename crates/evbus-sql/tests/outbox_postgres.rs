@@ -890,3 +890,57 @@ async fn a_lease_ttl_of_duration_max_still_relays() {
         .await;
     drop_tables(&pool, &table).await;
 }
+
+/// A relay that cannot reach the broker (every publish fails with `Connection`) while
+/// another relay can gives its buckets up after a lease period, and the other relay
+/// publishes everything. It renewed its leases for as long as the database answered, and
+/// its share of the keys waited for it while the healthy relay idled (an outsider review
+/// saw 105 of 200 events delivered after ten lease periods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_off_from_the_broker_gives_its_buckets_to_one_that_is_not() {
+    use evbus::layer::LayerExt;
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let broker = MemoryBroker::new(Default::default());
+    let mut sub = subscribe(&broker.connect(), TYPE).await;
+    let down = Picky::default();
+    down.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ttl = Duration::from_millis(500);
+    // The cut-off relay first, so that it holds every bucket when the other one starts.
+    let cut_off = Relay::postgres(pool.clone(), Arc::new(broker.connect().layer(down)))
+        .table(&table)
+        .lease_ttl(ttl)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(ttl).await;
+    let healthy = Relay::postgres(pool.clone(), Arc::new(broker.connect()))
+        .table(&table)
+        .lease_ttl(ttl)
+        .spawn()
+        .unwrap();
+    let mut ids = HashSet::new();
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let emit = Emit::new(TYPE, json!({"orderId": key, "seq": 0})).key(&key);
+        ids.insert(outbox.stage(&mut tx, emit).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let mut seen = Seen::default();
+    tokio::time::timeout(ttl * 20, seen.until_all(&mut sub, &ids))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of 200 events after 20 lease periods; cut-off relay {:?}, healthy relay {:?}",
+                ids.intersection(&seen.ids).count(),
+                cut_off.stats(),
+                healthy.stats()
+            )
+        });
+    assert_eq!(cut_off.stats().relayed, 0);
+    cut_off.shutdown().await.unwrap();
+    healthy.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+}

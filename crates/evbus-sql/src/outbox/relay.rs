@@ -425,6 +425,11 @@ impl Worker {
         let mut db_delay = self.min_backoff;
         let mut lease_due = Instant::now();
         let mut leases_valid_until = Instant::now();
+        // Leased buckets (PostgreSQL): since when every publish met an outage while other
+        // relays were alive, and how long this one stands back once that lasted a lease
+        // period (see `stand_back`): one lease period, doubling to four.
+        let mut cut_off_since: Option<Instant> = None;
+        let mut stand_back = self.lease_ttl;
         while !self.cancel.is_cancelled() {
             let now = Instant::now();
             if now >= lease_due {
@@ -526,6 +531,9 @@ impl Worker {
                     "outbox relay: leases due for renewal; the rest of the round waits for the next"
                 );
             }
+            let cut_off = outcome.published.is_empty()
+                && !outcome.failed.is_empty()
+                && outcome.failed.values().all(|(_, e)| is_outage(e));
             // A closed transport never opens again: waiting for it would keep this relay's
             // buckets from every other relay for as long as the process lives.
             let closed = outcome
@@ -547,10 +555,43 @@ impl Worker {
                 )
                 .with_hint("spawn a relay on an open transport; nothing staged was lost"));
             }
+            // Alone, a relay that cannot publish has nobody to give its buckets to.
+            if !leased || !cut_off || !self.store.others_alive() {
+                cut_off_since = None;
+                if !outcome.published.is_empty() {
+                    stand_back = self.lease_ttl;
+                }
+            } else if cut_off_since.get_or_insert(now).elapsed() >= self.lease_ttl {
+                self.stand_back(stand_back).await;
+                stand_back = stand_back.saturating_mul(2).min(self.lease_ttl * 4);
+                cut_off_since = None;
+                lease_due = Instant::now();
+            }
         }
         self.release().await;
         tracing::info!("outbox relay stopped");
         Ok(())
+    }
+
+    /// This relay cannot reach the transport, maybe while other relays can: it gives its
+    /// buckets back and its heartbeat up, so that they take the buckets over, and looks
+    /// again after `period`. Held, the buckets would wait for this relay alone.
+    async fn stand_back(&mut self, period: Duration) {
+        tracing::warn!(
+            buckets = self.held.len(),
+            retry_in_ms = period.as_millis() as u64,
+            "outbox relay cannot publish for a lease period: giving its buckets to other relays"
+        );
+        if let Err(e) = self.store.step_back().await {
+            tracing::debug!(error = %e, "outbox relay could not give back its leases; they expire");
+        }
+        self.held.clear();
+        self.backoff.clear();
+        self.stats.buckets_held.store(0, Ordering::Relaxed);
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = self.cancel.cancelled() => {}
+        }
     }
 
     /// Gives back this relay's leases, so that other relays take its buckets at once.

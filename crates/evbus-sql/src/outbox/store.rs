@@ -92,6 +92,8 @@ pub(crate) struct PgStore {
     /// application pool of one (and take one connection from any other).
     listen_pool: Option<PgPool>,
     listener: Option<PgListener>,
+    /// Live relays at the last renewal, this one included.
+    live: usize,
 }
 
 pub(crate) struct SqliteStore {
@@ -108,6 +110,7 @@ impl Store {
             notify,
             listen_pool: None,
             listener: None,
+            live: 1,
         })
     }
 
@@ -292,7 +295,32 @@ impl Store {
     /// take the buckets over at once instead of after the lease expiry).
     pub(crate) async fn release(&mut self) -> Result<()> {
         match self {
-            Store::Postgres(pg) => pg.release().await,
+            Store::Postgres(pg) => {
+                pg.listener = None;
+                if let Some(pool) = pg.listen_pool.take() {
+                    pool.close().await;
+                }
+                pg.step_back().await
+            }
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Whether another relay renewed its heartbeat within the last lease period (as of this
+    /// relay's last [`leases`](Self::leases)).
+    pub(crate) fn others_alive(&self) -> bool {
+        match self {
+            Store::Postgres(pg) => pg.live > 1,
+            Store::Sqlite(_) => false,
+        }
+    }
+
+    /// Gives back every lease and removes the heartbeat, as [`release`](Self::release) does,
+    /// but goes on listening: the relay takes buckets again at its next
+    /// [`leases`](Self::leases).
+    pub(crate) async fn step_back(&mut self) -> Result<()> {
+        match self {
+            Store::Postgres(pg) => pg.step_back().await,
             Store::Sqlite(_) => Ok(()),
         }
     }
@@ -360,6 +388,7 @@ impl PgStore {
         .map_err(err)?;
         held.sort_unstable();
         let live = usize::try_from(live.max(1)).unwrap_or(1);
+        self.live = live;
         let target = (BUCKETS as usize).div_ceil(live);
         if held.len() > target {
             // Give back the surplus; called between batches, so nothing of these buckets is
@@ -408,11 +437,7 @@ impl PgStore {
         Ok(held)
     }
 
-    async fn release(&mut self) -> Result<()> {
-        self.listener = None;
-        if let Some(pool) = self.listen_pool.take() {
-            pool.close().await;
-        }
+    async fn step_back(&mut self) -> Result<()> {
         let err = |e| db_error("releasing the relay's leases", e);
         sqlx::query(&format!(
             "UPDATE {} SET owner = NULL, expires_at = now() WHERE owner = $1",
