@@ -252,25 +252,23 @@ async fn deleted(shared: &Shared, target: &Target) -> bool {
             }
             Err(e) => Err(e),
         },
-        Target::Named { queue, .. } | Target::Queue { queue } => {
-            match short("queue name", queue) {
-                Ok(name) => within(
-                    live.timeout(),
-                    || format!("looking up queue `{queue}`"),
-                    channel.queue_declare(
-                        name,
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    ),
-                )
-                .await
-                .map(drop),
-                Err(e) => Err(e),
-            }
-        }
+        Target::Named { queue, .. } | Target::Queue { queue } => match short("queue name", queue) {
+            Ok(name) => within(
+                live.timeout(),
+                || format!("looking up queue `{queue}`"),
+                channel.queue_declare(
+                    name,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            .map(drop),
+            Err(e) => Err(e),
+        },
     };
     let _ = tokio::time::timeout(live.timeout(), channel.close(200, "looked up".into())).await;
     match looked {

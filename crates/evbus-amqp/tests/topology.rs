@@ -348,7 +348,10 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
             .subscribe(SubscribeOptions::named("billing"))
             .await
             .unwrap();
-        let anonymous = topic.subscribe(SubscribeOptions::anonymous()).await.unwrap();
+        let anonymous = topic
+            .subscribe(SubscribeOptions::anonymous())
+            .await
+            .unwrap();
         let queue = consumer.queue(&queue_name).await.unwrap();
         let received = queue.receive(ConsumerOptions::default()).await.unwrap();
         deleter.delete_topic(&topic_name).await.unwrap();
