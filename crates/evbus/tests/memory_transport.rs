@@ -19,6 +19,15 @@ fn event(n: u32) -> Event {
         .unwrap()
 }
 
+/// The next delivery of `sub`, within [`BOUND`].
+async fn next_of(sub: &mut evbus::Subscription) -> evbus::Delivery {
+    timeout(BOUND, sub.next())
+        .await
+        .expect("a delivery within the bound")
+        .expect("the subscription ended")
+        .expect("a delivery, not an error")
+}
+
 fn small_broker(capacity: usize, publish_timeout: Duration) -> MemoryBroker {
     let url = url::Url::parse(&format!(
         "memory://?capacity={capacity}&publish_timeout_ms={}",
@@ -61,21 +70,13 @@ async fn a_waiting_publish_proceeds_as_soon_as_the_consumer_acks() {
         tokio::spawn(async move { queue.send(&event(2)).await })
     };
     let mut consumer = queue.receive(Default::default()).await.unwrap();
-    let first = timeout(BOUND, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = next_of(&mut consumer).await;
     assert_eq!(first.event().json::<u32>().unwrap(), 1);
     assert!(!sender.is_finished(), "the second send must wait for room");
     first.ack().await.unwrap();
 
     timeout(BOUND, sender).await.unwrap().unwrap().unwrap();
-    let second = timeout(BOUND, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = next_of(&mut consumer).await;
     assert_eq!(second.event().json::<u32>().unwrap(), 2);
 }
 
@@ -135,11 +136,7 @@ async fn the_same_url_name_reaches_the_same_broker() {
         .receive(Default::default())
         .await
         .unwrap();
-    let got = timeout(BOUND, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = next_of(&mut consumer).await;
     assert_eq!(got.event().json::<u32>().unwrap(), 9);
     got.ack().await.unwrap();
     b.delete_queue("q").await.unwrap();
@@ -157,17 +154,9 @@ async fn a_nack_delayed_for_ever_is_accepted_and_holds_the_event_back() {
         .receive(evbus::ConsumerOptions::default())
         .await
         .unwrap();
-    let first = timeout(BOUND, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = next_of(&mut consumer).await;
     first.nack(Some(Duration::MAX)).await.unwrap();
-    let second = timeout(BOUND, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = next_of(&mut consumer).await;
     assert_eq!(second.event().json::<u32>().unwrap(), 2);
     second.ack().await.unwrap();
     assert!(
@@ -185,13 +174,9 @@ async fn an_expired_delivery_cannot_be_settled_by_its_late_consumer() {
     queue.send(&event(1)).await.unwrap();
     let options = evbus::ConsumerOptions::default().visibility_timeout(Duration::from_millis(50));
     let mut late = queue.receive(options.clone()).await.unwrap();
-    let first = timeout(BOUND, late.next()).await.unwrap().unwrap().unwrap();
+    let first = next_of(&mut late).await;
     let mut other = queue.receive(options).await.unwrap();
-    let again = timeout(BOUND, other.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let again = next_of(&mut other).await;
     assert_eq!(again.attempt(), 2);
     let err = first.ack().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Expired);
@@ -208,12 +193,12 @@ async fn a_publish_without_waiting_takes_the_event_only_when_there_is_room() {
     // Full: nothing is appended, and the caller is told to publish (and wait) instead.
     assert!(topic.try_publish_now(&event(2)).is_none());
 
-    let first = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    let first = next_of(&mut sub).await;
     assert_eq!(first.event().json::<u32>().unwrap(), 1);
     first.ack().await.unwrap();
     assert!(matches!(topic.try_publish_now(&event(3)), Some(Ok(()))));
     // Event 2 was never appended: the next one is 3.
-    let next = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    let next = next_of(&mut sub).await;
     assert_eq!(next.event().json::<u32>().unwrap(), 3);
     next.ack().await.unwrap();
 
@@ -257,7 +242,7 @@ async fn a_bus_emit_to_a_full_memory_topic_waits_for_room() {
         let bus = bus.clone();
         tokio::spawn(async move { bus.emit("test.event", serde_json::json!(2)).await })
     };
-    let first = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    let first = next_of(&mut sub).await;
     assert_eq!(first.event().json::<u32>().unwrap(), 1);
     // Let the spawned emit run up to its wait for room.
     for _ in 0..16 {
@@ -267,7 +252,7 @@ async fn a_bus_emit_to_a_full_memory_topic_waits_for_room() {
     first.ack().await.unwrap();
 
     timeout(BOUND, second).await.unwrap().unwrap().unwrap();
-    let next = timeout(BOUND, sub.next()).await.unwrap().unwrap().unwrap();
+    let next = next_of(&mut sub).await;
     assert_eq!(next.event().json::<u32>().unwrap(), 2);
 }
 
