@@ -32,15 +32,16 @@ pub(crate) fn encode(event: &Event) -> (Option<String>, OwnedHeaders, bytes::Byt
 }
 
 impl Connection {
-    /// Refuses events whose data exceeds the configured limit.
+    /// Refuses events over the configured limit, counted as every transport counts it
+    /// (`Event::encoded_len`: the data plus every attribute value).
     fn check_size(&self, event: &Event) -> Result<()> {
-        let len = event.data().map_or(0, |d| d.len());
+        let len = event.encoded_len();
         if len > self.config.max_payload_bytes {
             return Err(Error::new(
                 ErrorKind::TooLarge,
                 format!(
-                    "event {} has {len} data bytes; this Kafka transport accepts at most {} \
-                     (max_payload_bytes)",
+                    "event {} is {len} bytes (its data and attributes); this Kafka transport \
+                     accepts at most {} (max_payload_bytes)",
                     event.id(),
                     self.config.max_payload_bytes
                 ),

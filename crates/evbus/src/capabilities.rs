@@ -29,7 +29,11 @@ pub struct Capabilities {
     pub persistent: bool,
     /// Publishing the same event id twice delivers it once.
     pub publish_dedup: bool,
-    /// Largest payload (data bytes) the transport accepts, if limited.
+    /// Largest event the transport accepts, if limited, as [`Event::encoded_len`] counts it:
+    /// the data plus every attribute value (what a broker carries). Larger ones fail with
+    /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
+    ///
+    /// [`Event::encoded_len`]: crate::Event::encoded_len
     pub max_payload_bytes: Option<usize>,
     /// Most consumers that can compete on one subscription or queue and all receive events
     /// (Kafka: the partition count), if limited.
