@@ -97,7 +97,27 @@ async fn authenticate(
 /// Parses a JSON body; errors name the position and the kind of problem, never the input.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_json::from_slice(body).map_err(|e| {
+        // Field names from the schema are said; nothing of the request is quoted (an
+        // unknown field's own name is not repeated).
+        let message = e.to_string();
+        let shape = if let Some(rest) = message.strip_prefix("missing field `") {
+            rest.split('`')
+                .next()
+                .map(|field| format!("lacks the field `{field}`"))
+        } else if message.starts_with("unknown field `") {
+            message
+                .split_once(", expected ")
+                .map(|(_, expected)| expected.split(" at line ").next().unwrap_or(expected))
+                .map(|expected| {
+                    format!("has a field this endpoint does not take (expected {expected})")
+                })
+        } else {
+            None
+        };
         let what = match e.classify() {
+            serde_json::error::Category::Data if shape.is_some() => {
+                shape.as_deref().unwrap_or_default()
+            }
             serde_json::error::Category::Data => "does not have the expected fields and types",
             serde_json::error::Category::Syntax => "is not valid JSON",
             serde_json::error::Category::Eof => "ends too early",
@@ -211,6 +231,9 @@ async fn publish(
         .unwrap_or("")
         .to_ascii_lowercase();
     let event = if content_type.starts_with("application/cloudevents+json") {
+        // A body that is not JSON at all is said so, with its position, before the
+        // CloudEvents decoder's vaguer "an attribute is missing or malformed".
+        parse_json::<serde::de::IgnoredAny>(&body)?;
         evbus::Event::from_json_slice(&body)
     } else if headers.contains_key("ce-type") {
         let pairs = headers
@@ -229,7 +252,8 @@ async fn publish(
     let ty = event.ty().to_owned();
     if !state.visibility.may_publish(&key, &ty) {
         return Err(Problem::forbidden(
-            "this key may not publish this event type",
+            "this key may not publish this event type, or it is no external event type \
+             (GET /v1/event-types lists those this key may publish)",
         ));
     }
     if !event.is_json() {

@@ -363,6 +363,40 @@ async fn publishing_accepts_structured_and_binary_mode_and_validates() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+    // Said to be no JSON at all, where: not "an attribute is missing or malformed".
+    let problem: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("is not valid JSON") && detail.contains("line 1"),
+        "{detail}"
+    );
+    // A body of the wrong shape names the fields expected (names from the schema), and
+    // quotes nothing of the request.
+    let (s, problem) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({"eventTypesSECRET": [EXTERNAL]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("expected one of `url`") && !detail.contains("SECRET"),
+        "{detail}"
+    );
+    let (s, problem) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({"url": "http://x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("lacks the field `event_types`"), "{detail}");
 }
 
 #[tokio::test]
@@ -484,6 +518,10 @@ async fn health_and_openapi_are_public() {
     let (s, problem) = h.call("GET", "/nope", None, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(problem["status"], 404);
+    // A browser opened on the gateway's address lands on the portal, not on a 404.
+    let resp = h.http.get(h.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.url().path(), "/portal");
 }
 
 async fn read_frames(resp: &mut reqwest::Response, n: usize) -> Vec<(String, Value)> {

@@ -696,7 +696,11 @@ pub(super) async fn queue_large_payload_round_trips<T: Transport + 'static>(
         .expect("valid");
     let attributes = event.encoded_len() - SIZE;
     let data = event.data().map(|d| d.slice(attributes..));
-    let event = event.into_builder().data_bytes(data).build().expect("valid");
+    let event = event
+        .into_builder()
+        .data_bytes(data)
+        .build()
+        .expect("valid");
     let sender = ctx.connect().await?;
     let receiver = ctx.connect().await?;
     let name = ctx.queue_name("q");

@@ -34,6 +34,8 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route("/portal/", get(|| async { Redirect::permanent("/portal") }))
+        // What a browser opened on the gateway's address gets: the portal, not a 404.
+        .route("/", get(|| async { Redirect::temporary("/portal") }))
         .route(
             "/portal/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
 use futures::future::{BoxFuture, OptionFuture};
-use futures::stream::PollNext;
 use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -405,28 +404,74 @@ impl HandlerBuilder {
         // any two events cost more than taking the event. It is still looked at whenever the
         // topic has nothing ready, and every `REDRIVE_EVERY`-th event when the topic never
         // runs dry, so a redrive waits for no backlog.
-        // The group ends with its subscription (its topic deleted, its transport closed: ADR
-        // 0031); the redrive queue alone does not keep it going.
-        let from_topic = from_topic
-            .map(Some)
-            .chain(futures::stream::once(std::future::ready(None)));
-        let stream = futures::stream::select_with_strategy(
-            from_topic,
-            from_redrive.map(Some),
-            |taken: &mut u32| {
-                *taken = taken.wrapping_add(1);
-                match *taken % REDRIVE_EVERY {
-                    0 => PollNext::Right,
-                    _ => PollNext::Left,
-                }
-            },
-        )
-        .take_while(|item| std::future::ready(item.is_some()))
-        .filter_map(std::future::ready);
+        let stream = Deliveries {
+            topic: from_topic,
+            redrive: from_redrive,
+            taken: 0,
+            redrive_ended: false,
+        };
         tokio::spawn(Arc::new(worker).run(stream, self.concurrency));
         let handle = HandlerHandle { shared };
         bus.register_handler(handle.clone());
         Ok(handle)
+    }
+}
+
+/// A handler's deliveries: its subscription's first, its redrive queue's whenever the
+/// subscription has nothing ready and first on every `REDRIVE_EVERY`-th look (the redrive
+/// queue is empty nearly always, and looking at it ahead of every event cost more than the
+/// event; this way a redrive waits for no backlog). The stream ends with the subscription (its
+/// topic deleted, its transport closed: ADR 0031), whatever the redrive queue does.
+struct Deliveries<T, R> {
+    topic: T,
+    redrive: R,
+    taken: u32,
+    redrive_ended: bool,
+}
+
+impl<T, R> Deliveries<T, R>
+where
+    R: futures::Stream<Item = Result<Delivery>> + Unpin,
+{
+    fn poll_redrive(&mut self, cx: &mut std::task::Context<'_>) -> Option<Result<Delivery>> {
+        if self.redrive_ended {
+            return None;
+        }
+        match self.redrive.poll_next_unpin(cx) {
+            Poll::Ready(Some(item)) => Some(item),
+            Poll::Ready(None) => {
+                self.redrive_ended = true;
+                None
+            }
+            Poll::Pending => None,
+        }
+    }
+}
+
+impl<T, R> futures::Stream for Deliveries<T, R>
+where
+    T: futures::Stream<Item = Result<Delivery>> + Unpin,
+    R: futures::Stream<Item = Result<Delivery>> + Unpin,
+{
+    type Item = Result<Delivery>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.taken = this.taken.wrapping_add(1);
+        let redrive_first = this.taken.is_multiple_of(REDRIVE_EVERY);
+        if redrive_first && let Some(item) = this.poll_redrive(cx) {
+            return Poll::Ready(Some(item));
+        }
+        if let Poll::Ready(item) = this.topic.poll_next_unpin(cx) {
+            return Poll::Ready(item);
+        }
+        if !redrive_first && let Some(item) = this.poll_redrive(cx) {
+            return Poll::Ready(Some(item));
+        }
+        Poll::Pending
     }
 }
 
