@@ -80,6 +80,15 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
     let rt = transport::runtime()?;
     rt.block_on(async {
         let location = crate::serve::store_location(args.store.as_deref());
+        // A key made in a data directory no gateway serves is refused by every gateway (run
+        // from another directory, `.evbus` is another one): say so when the state is new.
+        if location.is_none() && !args.data_dir.join(evbus_gateway::store::DB_FILE).exists() {
+            eprintln!(
+                "note: {} held no gateway state; it was created there. A gateway serving \
+                 another --data-dir (or EVBUS_STORE) does not know this key.",
+                args.data_dir.display()
+            );
+        }
         let store = evbus_gateway::store::open(location.as_deref(), &args.data_dir, None)
             .await
             .map_err(Failure::new)?;

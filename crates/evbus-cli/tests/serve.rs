@@ -96,6 +96,17 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8(out.stdout).unwrap().starts_with("evb_"));
+    // The state was new: said on stderr (a key made in the wrong directory is known to no
+    // gateway); the next key, in the same state, is made without the note.
+    let note = String::from_utf8(out.stderr).unwrap();
+    assert!(note.contains("held no gateway state"), "{note}");
+    let again = keys_create(&root, &["--name", "erp"]);
+    assert!(again.status.success());
+    assert!(
+        again.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_evbus"))
         .args([
             "keys",
