@@ -227,7 +227,17 @@ async fn queue_holding(
 /// `now() + make_interval(secs => 9.2e15)`, "timestamp out of range": every claim of the
 /// queue failed, for ever. The transport caps them at 100 years; the caller checks that the
 /// nacked row is due then.
-pub async fn durations_past_what_sql_holds_are_capped(transport: &evbus_sql::SqlTransport) {
+///
+/// `due_in_years` reads how far ahead the latest `visible_at` of the deliveries is, in years:
+/// a claim with `visibility_timeout(Duration::MAX)` is due in 100 years (the transport's cap
+/// for SQL), a nack delayed by `Duration::MAX` in one (core's `LONGEST_BACKOFF`).
+pub async fn durations_past_what_sql_holds_are_capped<F, Fut>(
+    transport: &evbus_sql::SqlTransport,
+    due_in_years: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
     use evbus::ConsumerOptions;
     let (queue, events) = queue_holding(transport, "forever", 2).await;
     let options = ConsumerOptions::default()
@@ -240,6 +250,11 @@ pub async fn durations_past_what_sql_holds_are_capped(transport: &evbus_sql::Sql
         .unwrap()
         .expect("claimed with visibility_timeout(Duration::MAX)");
     assert_eq!(first.event().id(), events[0].id());
+    let years = due_in_years().await;
+    assert!(
+        (99.0..=100.0).contains(&years),
+        "the claim is due in {years} years"
+    );
     first
         .nack(Some(Duration::MAX))
         .await
@@ -252,6 +267,12 @@ pub async fn durations_past_what_sql_holds_are_capped(transport: &evbus_sql::Sql
     assert_eq!(second.event().id(), events[1].id());
     assert_eq!(second.attempt(), 1);
     second.ack().await.unwrap();
+    let longest = evbus::bus::LONGEST_BACKOFF.as_secs_f64() / (HUNDRED_YEARS_SECS / 100.0);
+    let years = due_in_years().await;
+    assert!(
+        (longest - 0.01..=longest).contains(&years),
+        "the nacked row is due in {years} years"
+    );
 }
 
 /// 100 years in seconds, as the transport caps durations written into SQL.
