@@ -141,10 +141,22 @@ pub(crate) fn check(url: &str) -> Result<(), Failure> {
 pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Transport>, Failure> {
     let registry = registry();
     check_scheme(&registry, url)?;
-    registry
-        .connect(url)
-        .await
-        .map_err(|e| Failure::new(format!("cannot open transport: {e}")))
+    registry.connect(url).await.map_err(|e| {
+        // The adapter's hint ("it reconnects by itself; retry later") is for a long-lived
+        // process; a command has already given up.
+        let unreachable = matches!(
+            e.kind(),
+            evbus::ErrorKind::Connection | evbus::ErrorKind::Timeout
+        );
+        Failure::new(if unreachable {
+            format!(
+                "cannot open transport: {e} (is the broker running at that address? this \
+                 command does not retry)"
+            )
+        } else {
+            format!("cannot open transport: {e}")
+        })
+    })
 }
 
 /// Refuses a URL whose scheme `registry` does not know, saying which schemes it knows and,

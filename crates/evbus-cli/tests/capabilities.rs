@@ -234,6 +234,20 @@ fn an_unreachable_broker_is_an_error_naming_it() {
         stderr.contains("cannot open transport") || stderr.contains("broker unreachable"),
         "{stderr}"
     );
+    // A one-shot command does not retry: it says what to look at instead.
+    let output = evbus(&[
+        "dlq",
+        "list",
+        "--transport",
+        "redis://127.0.0.1:1",
+        "--type",
+        "afterOrderCreate",
+        "--group",
+        "billing",
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is the broker running"), "{stderr}");
 }
 
 /// `--transport` falls back on EVBUS_TRANSPORT: a broker password need not be on the command
