@@ -186,8 +186,10 @@ fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
+    // PostgreSQL's notices ("schema … already exists, skipping" on every start) are sqlx
+    // `info` lines: shown only when `EVBUS_LOG` asks for them.
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(quiet_secret_logs(filter))
         .with_writer(std::io::stderr)

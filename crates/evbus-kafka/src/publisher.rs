@@ -50,10 +50,10 @@ impl Connection {
         Ok(())
     }
 
-    /// Hands one record to the producer, waiting while its local queue is full.
+    /// Hands one record to the producer, waiting while its local queue is full. The caller
+    /// checked the event's size.
     async fn enqueue(&self, topic: &str, event: &Event) -> Result<DeliveryFuture> {
         self.check_open()?;
-        self.check_size(event)?;
         let (key, headers, body) = encode(event);
         loop {
             let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
@@ -100,6 +100,7 @@ impl Connection {
     pub(crate) async fn publish(&self, topic: &str, event: &Event) -> Result<()> {
         // Close waits for it, then flushes.
         let _operation = self.gate.enter()?;
+        self.check_size(event)?;
         self.ensure_target(topic).await?;
         let future = self.enqueue(topic, event).await?;
         Self::delivered(topic, event.id(), future).await

@@ -24,6 +24,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::signal::Limit;
 use crate::transport::Queue;
 
+/// The longest delay a nack asks for, and the longest wait
+/// [`RetryPolicy::backoff`](crate::bus::RetryPolicy::backoff) returns, whatever the settings:
+/// a year. A longer one means "never" in practice, and transports keep a due time that
+/// cannot go that far (a clock reading plus `Duration::MAX` overflows).
+pub const LONGEST_BACKOFF: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Extension set on a dead-lettered event: why it was dead-lettered.
 pub const DEAD_LETTER_REASON: &str = "deadletterreason";
 /// Extension set on a dead-lettered event: how many deliveries were attempted.
@@ -503,7 +509,7 @@ impl Delivery {
     }
 
     /// Asks for redelivery, after `delay` if given (at most
-    /// [`LONGEST_BACKOFF`](crate::bus::LONGEST_BACKOFF), a year). On the last allowed attempt
+    /// [`LONGEST_BACKOFF`], a year). On the last allowed attempt
     /// the event is dead-lettered instead; the returned [`Settlement`] says which happened.
     pub async fn nack(&self, delay: Option<Duration>) -> Result<Settlement> {
         if self.attempt >= self.policy.max_attempts {
@@ -520,7 +526,7 @@ impl Delivery {
         // `Duration::MAX` overflows.
         let delay = delay
             .filter(|d| !d.is_zero())
-            .map(|d| d.min(crate::bus::LONGEST_BACKOFF));
+            .map(|d| d.min(LONGEST_BACKOFF));
         self.settle(async {
             match delay {
                 None => self.acker.nack(self.tag).await,

@@ -295,6 +295,11 @@ impl HandlerBuilder {
     /// Keeps per-key order: events with the same partition key never run concurrently nor out
     /// of order; a failing event is retried in place (after its backoff) before the next
     /// event of its key runs. Events without a key are not ordered.
+    ///
+    /// The broker counts deliveries, not runs: an event whose retries in place are cut
+    /// short (the process stops, or the visibility timeout passes) comes back as its next
+    /// delivery, and the runs made in place are not counted again. Such an event can run
+    /// more times than the [`RetryPolicy`]'s `max_attempts` before it is dead-lettered.
     pub fn ordered_by_key(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self

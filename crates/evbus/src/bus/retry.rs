@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-/// The longest wait [`RetryPolicy::backoff`] returns, whatever the settings: a year. A
-/// longer one means "never" in practice, and some transports keep a due time that cannot
-/// go that far (a clock reading plus `Duration::MAX` overflows).
-pub const LONGEST_BACKOFF: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+pub use crate::delivery::LONGEST_BACKOFF;
 
 /// Retry policy of a handler: how many attempts, and how long to wait between them.
 ///
