@@ -55,6 +55,11 @@ pub(crate) struct CreateArgs {
         requires = "rate_limit"
     )]
     rate_limit_burst: Option<u64>,
+    /// The event catalogue the gateway serves (as given to `evbus serve --schemas`): each
+    /// scope pattern that matches none of its external event types is reported on stderr
+    /// (the key is created all the same).
+    #[arg(long, value_name = "DIR")]
+    schemas: Option<PathBuf>,
 }
 
 pub(crate) fn run(cmd: KeysCommand) -> Result<ExitCode, Failure> {
@@ -77,6 +82,10 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
             )
         }
     };
+    let visibility = match &args.schemas {
+        Some(dir) => Some(evbus_gateway::Visibility::new(transport::catalog(dir)?)),
+        None => None,
+    };
     let rt = transport::runtime()?;
     rt.block_on(async {
         let location = crate::serve::store_location(args.store.as_deref());
@@ -98,7 +107,7 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
                 .filter(|s| !s.is_empty())
                 .collect()
         };
-        let (_, key) = evbus_gateway::create_key_with_rate_limit(
+        let (record, key) = evbus_gateway::create_key_with_rate_limit(
             store.as_ref(),
             &args.name,
             trim(args.subscribe),
@@ -110,6 +119,9 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
         .await
         .map_err(Failure::new)?;
         drop(store);
+        for warning in visibility.iter().flat_map(|v| v.unmatched_scopes(&record)) {
+            eprintln!("warning: {warning}");
+        }
         println!("{key}");
         Ok(ExitCode::SUCCESS)
     })

@@ -135,6 +135,33 @@ fn keys_create(root: &std::path::Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+#[test]
+fn keys_create_with_the_catalogue_reports_scopes_that_match_nothing() {
+    let root = fresh_root();
+    let out = keys_create(
+        &root,
+        &[
+            "--name",
+            "crm",
+            "--subscribe",
+            "afterOrder*,afterOdrer*",
+            "--schemas",
+            "examples/schemas",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: subscribe scope `afterOdrer*` matches none"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("`afterOrder*`"), "{stderr}");
+    // The key is printed, alone, on stdout.
+    let key = String::from_utf8(out.stdout).unwrap();
+    assert!(key.trim().starts_with("evb_") && key.trim().lines().count() == 1);
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limits_per_key_from_keys_create_and_by_default_from_the_environment() {
     let root = fresh_root();

@@ -508,6 +508,8 @@ async fn create_key(
     .await?;
     let mut body = key_view(&state, &record);
     body["key"] = json!(exposed);
+    // Created all the same: the catalogue may gain the type later.
+    body["warnings"] = json!(state.visibility.unmatched_scopes(&record));
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 

@@ -241,6 +241,31 @@ impl Visibility {
         out
     }
 
+    /// Why some of `key`'s scope patterns may be mistakes: one line for each pattern that
+    /// matches none of the catalogue's external types (a misspelt type, or one the catalogue
+    /// does not have yet). Such a pattern is kept: it starts to match when a catalogue with
+    /// the type is served.
+    pub fn unmatched_scopes(&self, key: &KeyRecord) -> Vec<String> {
+        let external = self.external_types();
+        let lists = [("subscribe", &key.subscribe), ("publish", &key.publish)];
+        lists
+            .into_iter()
+            .flat_map(|(scope, patterns)| {
+                let external = &external;
+                patterns
+                    .iter()
+                    .filter(move |p| !external.iter().any(|ty| keys::pattern_matches(p, ty)))
+                    .map(move |p| {
+                        format!(
+                            "{scope} scope `{p}` matches none of the catalogue's {} external \
+                             event types; it gives nothing until the catalogue has such a type",
+                            external.len()
+                        )
+                    })
+            })
+            .collect()
+    }
+
     /// The external types, sorted.
     pub fn external_types(&self) -> Vec<String> {
         let mut out: Vec<String> = self

@@ -372,6 +372,10 @@ fn schemas() -> Value {
                 "default": {"type": "boolean"}
             }}
         }},
-        "NewKey": {"allOf": [schema("Key"), {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}]}
+        "NewKey": {"allOf": [schema("Key"), {"type": "object", "required": ["key", "warnings"], "properties": {
+            "key": {"type": "string"},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                "description": "one line for each scope pattern that matches none of the external event types served now (the key is created all the same)"}
+        }}]}
     })
 }

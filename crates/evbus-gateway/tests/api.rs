@@ -288,6 +288,43 @@ async fn keys_are_stored_only_as_hashes_and_listed_without_secrets() {
     assert!(!dump.contains(secret) && !dump.contains(&h.admin[21..]));
 }
 
+/// A scope pattern that matches no external type (a misspelling, an internal type) is most
+/// likely a mistake: the key is made, and the answer says which patterns give it nothing.
+#[tokio::test]
+async fn a_scope_that_matches_no_external_type_is_reported_when_the_key_is_made() {
+    let h = Harness::memory().await;
+    let body = json!({"name": "typo", "subscribe": ["afterOrder*", "afterOdrer*"], "publish": ["afterProductUpdate", "zzz*"]});
+    let (s, created) = h.call("POST", "/v1/keys", Some(&h.admin), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let warnings: Vec<&str> = created["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("subscribe scope `afterOdrer*` matches none"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("publish scope `zzz*` matches none"),
+        "{warnings:?}"
+    );
+    // The key was made with every pattern as given.
+    assert_eq!(created["subscribe"], json!(["afterOrder*", "afterOdrer*"]));
+    let (s, fine) = h
+        .call(
+            "POST",
+            "/v1/keys",
+            Some(&h.admin),
+            Some(json!({"name": "fine", "subscribe": ["*"], "publish": ["afterOrderCreate"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(fine["warnings"], json!([]));
+}
+
 #[tokio::test]
 async fn revocation_is_effective_immediately_even_on_an_open_stream() {
     let h = Harness::memory().await;

@@ -691,7 +691,8 @@ async function createKey(ev) {
     for (const id of ['key-name', 'key-subscribe', 'key-publish', 'key-expires']) $(id).value = '';
     $('key-admin').checked = false;
     await loadKeys();
-    secretBox($('key-new'), `Key "${made.name}" created:`, made.key, 'Give it to its holder through a safe channel; the gateway keeps only a hash.');
+    const warnings = (made.warnings || []).length ? ` Check its scopes: ${made.warnings.join('; ')}.` : '';
+    secretBox($('key-new'), `Key "${made.name}" created:`, made.key, `Give it to its holder through a safe channel; the gateway keeps only a hash.${warnings}`);
   } catch (e) {
     const names = e.problem && e.problem.detail && e.problem.detail.includes('`publish`') ? body.publish : body.subscribe;
     err.textContent = `The key was not created. ${problemText(e, names)}`;
