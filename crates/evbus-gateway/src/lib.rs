@@ -115,7 +115,8 @@ pub struct GatewayConfig {
     pub header_read_timeout: Duration,
     /// Pages of new events kept for streams that have caught up with the log (one read of
     /// the log feeds them all); a stream further behind reads the store itself until it
-    /// catches up. Default 64.
+    /// catches up. A page is at most 100 events and 256 KiB of them (or one larger event).
+    /// Default 64.
     pub stream_buffer_pages: usize,
     /// Interval of stream keep-alive comments. Default 15 s.
     pub stream_keepalive: Duration,

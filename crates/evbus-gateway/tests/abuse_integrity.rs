@@ -142,7 +142,7 @@ async fn control_characters_and_non_ascii_ids_are_refused_at_the_door_without_ec
     eventually("the clean event is logged", || async {
         let log = h
             .store
-            .events_after(0, &[ORDERS.to_owned()], 100)
+            .events_after(0, &[ORDERS.to_owned()], 100, usize::MAX)
             .await
             .unwrap();
         log.len() == 1 && log[0].id == ok_id
@@ -203,7 +203,12 @@ async fn an_id_reused_by_another_source_is_delivered_and_a_conflicting_repost_ge
     );
     let log = h
         .store
-        .events_after(0, &[ORDERS.to_owned(), PRODUCTS.to_owned()], 100)
+        .events_after(
+            0,
+            &[ORDERS.to_owned(), PRODUCTS.to_owned()],
+            100,
+            usize::MAX,
+        )
         .await
         .unwrap();
     let keys: Vec<(&str, &str)> = log
@@ -283,7 +288,10 @@ async fn the_source_migration_keeps_events_and_positions() {
         pool.close().await;
     }
     let store = evbus_gateway::SqliteStore::open_file(&path).await.unwrap();
-    let log = store.events_after(0, &["t".to_owned()], 10).await.unwrap();
+    let log = store
+        .events_after(0, &["t".to_owned()], 10, usize::MAX)
+        .await
+        .unwrap();
     let rows: Vec<(i64, &str, &str)> = log
         .iter()
         .map(|e| (e.seq, e.source.as_str(), e.id.as_str()))

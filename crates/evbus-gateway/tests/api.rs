@@ -697,6 +697,52 @@ async fn a_stream_that_drops_before_its_first_event_resumes_from_its_start() {
     assert_eq!(creators, ["away-0", "away-1"]);
 }
 
+/// A stream behind a log of large events reads it in pages bounded by bytes (a client that
+/// does not read holds one such page, not 100 large events), and a page cut short by its
+/// byte bound is not taken for the end of the log: every event comes, in order.
+#[tokio::test]
+async fn a_stream_behind_large_events_reads_them_all_in_byte_bounded_pages() {
+    use evbus_gateway::store::Store;
+    let h = Harness::memory().await;
+    let key = h.key(&[EXTERNAL], &[]).await;
+    let url = h.url(&format!("/v1/stream?types={EXTERNAL}"));
+    let mut first = h.http.get(&url).bearer_auth(&key).send().await.unwrap();
+    let start = position_frame(&mut first).await;
+    drop(first);
+    let before = h.store.latest_seq().await.unwrap();
+    // About 100 KB each: a page of 256 KiB holds three.
+    let n = 7;
+    for i in 0..n {
+        let mut data = order_created();
+        data["createdBy"] = json!(format!("big-{i}-{}", "x".repeat(100_000)));
+        h.bus.emit(EXTERNAL, data).await.unwrap();
+    }
+    // All logged before the stream resumes, so it reads them from the store.
+    tokio::time::timeout(WAIT, async {
+        while h.store.latest_seq().await.unwrap() < before + n {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the events logged in time");
+    let mut again = h
+        .http
+        .get(&url)
+        .bearer_auth(&key)
+        .header("last-event-id", &start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let frames = read_frames(&mut again, n as usize).await;
+    let creators: Vec<String> = frames
+        .iter()
+        .map(|(_, e)| e["data"]["createdBy"].as_str().unwrap()[..6].to_owned())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("big-{i}-")).collect();
+    assert_eq!(creators, expected);
+}
+
 /// The last active admin key cannot be revoked (nobody could administer the gateway over
 /// HTTP any more); once another admin key exists, it can.
 #[tokio::test]

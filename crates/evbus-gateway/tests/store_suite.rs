@@ -516,7 +516,11 @@ async fn events_after_pages(f: &Fixture) {
     let mut after = 0;
     let mut seen = Vec::new();
     loop {
-        let page = f.other.events_after(after, &types, 64).await.unwrap();
+        let page = f
+            .other
+            .events_after(after, &types, 64, usize::MAX)
+            .await
+            .unwrap();
         assert!(page.len() <= 64);
         if page.is_empty() {
             break;
@@ -526,11 +530,40 @@ async fn events_after_pages(f: &Fixture) {
         seen.extend(page.iter().map(|e| e.seq));
     }
     assert_eq!(seen, orders, "every order event, in order, once");
+    // The byte bound: events while the bodies before them add up to less than `max_bytes`,
+    // the first always; the count bound still holds.
+    let ten = s.events_after(0, &types, 10, usize::MAX).await.unwrap();
+    let sizes: Vec<usize> = ten.iter().map(|e| e.body.len()).collect();
+    for k in 1..10 {
+        let bytes: usize = sizes[..k].iter().sum();
+        let page = s.events_after(0, &types, 10, bytes).await.unwrap();
+        assert_eq!(page.len(), k, "{k} events hold {bytes} bytes");
+        let page = s.events_after(0, &types, 10, bytes + 1).await.unwrap();
+        assert_eq!(page.len(), k + 1, "one more once it is past {bytes} bytes");
+        assert_eq!(
+            s.events_after(0, &types, 3, bytes).await.unwrap().len(),
+            k.min(3)
+        );
+    }
+    let one = s.events_after(0, &types, 10, 1).await.unwrap();
+    assert_eq!(one.len(), 1, "a page holds its first event however large");
+    assert_eq!(one[0].seq, ten[0].seq);
     let both = vec![ORDER.to_owned(), PRODUCT.to_owned()];
-    assert_eq!(s.events_after(0, &both, 1000).await.unwrap().len(), 250);
-    assert!(s.events_after(0, &[], 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.events_after(0, &both, 1000, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        250
+    );
     assert!(
-        s.events_after(0, &["nope".to_owned()], 10)
+        s.events_after(0, &[], 10, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.events_after(0, &["nope".to_owned()], 10, usize::MAX)
             .await
             .unwrap()
             .is_empty()
@@ -1492,7 +1525,7 @@ async fn postgres_signals_and_positions_in_commit_order() {
             let mut after = seq;
             let mut seen = Vec::new();
             while seen.len() < 180 {
-                for e in s.events_after(after, &types, 7).await.unwrap() {
+                for e in s.events_after(after, &types, 7, usize::MAX).await.unwrap() {
                     after = e.seq;
                     seen.push(e.seq);
                 }
@@ -1509,7 +1542,7 @@ async fn postgres_signals_and_positions_in_commit_order() {
         .unwrap();
     let all: Vec<i64> = f
         .store
-        .events_after(seq, &[ORDER.to_owned()], 1000)
+        .events_after(seq, &[ORDER.to_owned()], 1000, usize::MAX)
         .await
         .unwrap()
         .iter()

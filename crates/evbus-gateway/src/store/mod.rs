@@ -686,12 +686,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Settles a claim of [`claim_publish`](Store::claim_publish): marks it sent, or forgets
     /// it when the bus refused the event (so that a retry is not taken for a duplicate).
     async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()>;
-    /// Logged events after position `after` whose type is in `types`, at most `limit`.
+    /// Logged events after position `after` whose type is in `types`, at most `limit`, and
+    /// no more once their bodies add up to `max_bytes` (the first is always given, however
+    /// large): a page holds at most `max_bytes` plus one event.
     async fn events_after(
         &self,
         after: i64,
         types: &[String],
         limit: u32,
+        max_bytes: usize,
     ) -> StoreResult<Vec<StoredEvent>>;
     /// The last position of the log (0 when empty).
     async fn latest_seq(&self) -> StoreResult<i64>;

@@ -853,13 +853,21 @@ impl Store for PostgresStore {
         after: i64,
         types: &[String],
         limit: u32,
+        max_bytes: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
+        // `page_before`: the bytes of the page's bodies ahead of each row.
         let rows = sqlx::query(
-            "SELECT * FROM events WHERE seq > $1 AND type = ANY ($2) ORDER BY seq LIMIT $3",
+            "SELECT * FROM (
+                SELECT p.*, (SUM(octet_length(p.body)) OVER (ORDER BY p.seq)
+                    - octet_length(p.body))::bigint AS page_before
+                FROM (SELECT * FROM events WHERE seq > $1 AND type = ANY ($2)
+                      ORDER BY seq LIMIT $3) AS p
+             ) AS q WHERE page_before < $4 ORDER BY seq",
         )
         .bind(after)
         .bind(types)
         .bind(i64::from(limit))
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX).max(1))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(event_from).collect())

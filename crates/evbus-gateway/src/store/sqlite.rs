@@ -690,14 +690,22 @@ impl Store for SqliteStore {
         after: i64,
         types: &[String],
         limit: u32,
+        max_bytes: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
+        // `page_before`: the bytes of the page's bodies ahead of each row.
         let rows = sqlx::query(
-            "SELECT * FROM events WHERE seq > ? AND type IN (SELECT value FROM json_each(?))
-             ORDER BY seq LIMIT ?",
+            "SELECT * FROM (
+                SELECT p.*, SUM(length(CAST(p.body AS BLOB))) OVER (ORDER BY p.seq)
+                    - length(CAST(p.body AS BLOB)) AS page_before
+                FROM (SELECT * FROM events
+                      WHERE seq > ? AND type IN (SELECT value FROM json_each(?))
+                      ORDER BY seq LIMIT ?) AS p
+             ) WHERE page_before < ? ORDER BY seq",
         )
         .bind(after)
         .bind(to_json(types))
         .bind(limit as i64)
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX).max(1))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(event_from).collect())

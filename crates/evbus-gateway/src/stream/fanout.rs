@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use super::{PAGE, cursor, frame_data};
+use super::{PAGE, PAGE_BYTES, cursor, frame_data};
 use crate::State;
 use crate::store::StoredEvent;
 
@@ -108,7 +108,11 @@ pub(crate) async fn run(state: Arc<State>) {
             // up to at least `logged` before it takes pages, so the pages may start there.
             last = last.max(logged);
         } else {
-            match state.store.events_after(last, &types, PAGE).await {
+            match state
+                .store
+                .events_after(last, &types, PAGE, PAGE_BYTES)
+                .await
+            {
                 Ok(events) if !events.is_empty() => {
                     count_read("fanout");
                     let upto = events.last().map_or(last, |e| e.seq);

@@ -12,7 +12,8 @@
 //!
 //! A stream behind the log reads the store itself, a page at a time, only when the client has
 //! taken the previous frames, so a slow client costs one page of memory, never a growing
-//! buffer. A stream that has caught up takes the pages the [`fanout`] reads once for every
+//! buffer. A page is at most 100 events and 256 KiB of them (or one larger event), so a
+//! stream's memory does not grow with the size of the events either. A stream that has caught up takes the pages the [`fanout`] reads once for every
 //! stream, so open streams do not multiply the store's work. The key is checked before every
 //! page read from the store, at least every second while frames flow, at once on every
 //! revocation, and at the key's expiry time even with no event to send, so a revoked or
@@ -33,7 +34,17 @@ use crate::problem::Problem;
 use crate::store::{KeyRecord, StoredEvent};
 use crate::{State, curation};
 
+/// Events per page read from the log.
 const PAGE: u32 = 100;
+/// Bytes of event bodies per page (a page holds at least one event, however large): what
+/// one stream that does not read holds, whatever the size of the events it is behind on.
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// Whether a page read with [`PAGE`] and [`PAGE_BYTES`] ended because the log did: it is
+/// short, and not cut by its byte bound.
+fn reached_the_end(page: &[StoredEvent]) -> bool {
+    page.len() < PAGE as usize && page.iter().map(|e| e.body.len()).sum::<usize>() < PAGE_BYTES
+}
 
 #[derive(Deserialize)]
 pub(crate) struct StreamQuery {
@@ -265,13 +276,19 @@ fn frames(
                 // Everything up to here is in the store when it is read: a short page means
                 // no event of our types up to it (so later pages of the fan-out fit on).
                 let logged = *c.state.latest.borrow();
-                match c.state.store.events_after(c.after, &c.types, PAGE).await {
+                match c
+                    .state
+                    .store
+                    .events_after(c.after, &c.types, PAGE, PAGE_BYTES)
+                    .await
+                {
                     Ok(page) => {
                         fanout::count_read("stream");
                         if let Some(last) = page.last() {
                             c.after = last.seq;
                         }
-                        if page.len() < PAGE as usize {
+                        let end = reached_the_end(&page);
+                        if end {
                             c.after = c.after.max(logged);
                         }
                         let state = &c.state;
@@ -280,7 +297,7 @@ fn frames(
                             .iter()
                             .map(|e| Arc::new(Frame::of(state, key, e)))
                             .collect();
-                        c.live = page.len() < PAGE as usize;
+                        c.live = end;
                         continue;
                     }
                     Err(e) => {
