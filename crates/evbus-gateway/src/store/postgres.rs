@@ -855,14 +855,15 @@ impl Store for PostgresStore {
         limit: u32,
         max_bytes: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
-        // `page_before`: the bytes of the page's bodies ahead of each row.
+        // `page_before`: the bytes of the page's bodies ahead of each row. `octet_length`
+        // reads a large body's size without fetching it; only the rows kept are read whole.
         let rows = sqlx::query(
-            "SELECT * FROM (
-                SELECT p.*, (SUM(octet_length(p.body)) OVER (ORDER BY p.seq)
-                    - octet_length(p.body))::bigint AS page_before
-                FROM (SELECT * FROM events WHERE seq > $1 AND type = ANY ($2)
-                      ORDER BY seq LIMIT $3) AS p
-             ) AS q WHERE page_before < $4 ORDER BY seq",
+            "SELECT e.* FROM events AS e JOIN (
+                SELECT seq, (SUM(n) OVER (ORDER BY seq) - n)::bigint AS page_before
+                FROM (SELECT seq, octet_length(body)::bigint AS n FROM events
+                      WHERE seq > $1 AND type = ANY ($2) ORDER BY seq LIMIT $3) AS sizes
+             ) AS p ON e.seq = p.seq
+             WHERE p.page_before < $4 ORDER BY e.seq",
         )
         .bind(after)
         .bind(types)

@@ -692,15 +692,17 @@ impl Store for SqliteStore {
         limit: u32,
         max_bytes: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
-        // `page_before`: the bytes of the page's bodies ahead of each row.
+        // `page_before`: the bytes of the page's bodies ahead of each row. The sizes come from
+        // `octet_length` of the column, which SQLite reads off the record header without
+        // loading the body; only the bodies of the rows kept are read.
         let rows = sqlx::query(
-            "SELECT * FROM (
-                SELECT p.*, SUM(length(CAST(p.body AS BLOB))) OVER (ORDER BY p.seq)
-                    - length(CAST(p.body AS BLOB)) AS page_before
-                FROM (SELECT * FROM events
+            "SELECT e.* FROM events AS e JOIN (
+                SELECT seq, SUM(n) OVER (ORDER BY seq) - n AS page_before
+                FROM (SELECT seq, octet_length(body) AS n FROM events
                       WHERE seq > ? AND type IN (SELECT value FROM json_each(?))
-                      ORDER BY seq LIMIT ?) AS p
-             ) WHERE page_before < ? ORDER BY seq",
+                      ORDER BY seq LIMIT ?)
+             ) AS p ON e.seq = p.seq
+             WHERE p.page_before < ? ORDER BY e.seq",
         )
         .bind(after)
         .bind(to_json(types))
