@@ -712,10 +712,13 @@ impl AmqpAcker {
             Ok(event) => RawDelivery::new(event, attempt, acker, tag),
             Err(error) => {
                 tracing::warn!(queue, error = %error, "a message is not a CloudEvent; moving it to the dead-letter queue");
+                // RabbitMQ gives a message no id of its own (delivery tags start again at 1
+                // on every channel): the dead-letter record gets a new one, so two records
+                // never share an id.
                 let mut message = Undecodable::new(
                     error,
                     format!("amqp:{queue}"),
-                    delivery.delivery_tag.to_string(),
+                    uuid::Uuid::now_v7().to_string(),
                 );
                 for (name, value) in raw_headers.unwrap_or_default() {
                     message = message.header(name, value);

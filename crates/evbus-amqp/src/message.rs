@@ -153,7 +153,7 @@ pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes)
 
 /// Decodes a delivered message. Fails with [`ErrorKind::InvalidEvent`](evbus::ErrorKind)
 /// when it is not a binary-mode CloudEvent (no `cloudEvents_specversion`, an attribute that
-/// is not a string, invalid attributes).
+/// is a table, an array or bytes, invalid attributes).
 pub(crate) fn decode(properties: &BasicProperties, body: Bytes) -> Result<Event> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(headers) = properties.headers() {
@@ -165,7 +165,8 @@ pub(crate) fn decode(properties: &BasicProperties, body: Bytes) -> Result<Event>
             let Some(attribute) = attribute else { continue };
             let text = text_of(value).ok_or_else(|| {
                 Error::invalid_event(format!(
-                    "header `{name}` is not a string (AMQP type {:?})",
+                    "header `{name}` is not a string, a number, a boolean or a timestamp \
+                     (AMQP type {:?})",
                     value.get_type()
                 ))
             })?;
@@ -178,12 +179,17 @@ pub(crate) fn decode(properties: &BasicProperties, body: Bytes) -> Result<Event>
     binding::decode(pairs, body, HeaderStyle::AMQP)
 }
 
-/// A header value as text: strings (UTF-8), integers and booleans.
+/// A header value as text: strings (UTF-8), integers, booleans, and timestamps as RFC 3339
+/// (the CloudEvents AMQP binding lets a producer send `time` as an AMQP timestamp).
 pub(crate) fn text_of(value: &AMQPValue) -> Option<String> {
     Some(match value {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
         AMQPValue::ShortString(s) => s.to_string(),
         AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::Timestamp(seconds) => {
+            chrono::DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)?
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        }
         other => integer_of(other)?.to_string(),
     })
 }

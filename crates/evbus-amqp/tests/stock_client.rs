@@ -207,7 +207,57 @@ async fn evbus_reads_a_stock_producer_in_either_mode_and_moves_garbage_aside() {
         "{:?}",
         d.event()
     );
+    let first_dead = d.event().id().to_owned();
     d.ack().await.unwrap();
+
+    // A second consumer on a connection of its own, as a second run of a program: its
+    // delivery tags start at 1 again, and its dead letter still gets an id of its own.
+    drop(sub);
+    publish(FieldTable::default(), b"\xfe more garbage", None).await;
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "stock-3"),
+        ("cloudEvents_source", "/sdk"),
+        ("cloudEvents_type", "orderShipped"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    // The CloudEvents AMQP binding lets `time` be an AMQP timestamp (seconds).
+    headers.insert(
+        "cloudEvents_time".into(),
+        AMQPValue::Timestamp(1_700_000_000),
+    );
+    publish(headers, b"{}", Some("application/json")).await;
+    let second = shared_transport().await;
+    let mut again = second
+        .queue(&name)
+        .await
+        .unwrap()
+        .receive(ConsumerOptions::default().dead_letter_queue(dlq_name.clone()))
+        .await
+        .unwrap();
+    let timed = tokio::time::timeout(Duration::from_secs(15), again.next_delivery())
+        .await
+        .expect("a delivery within 15s")
+        .expect("the stream is open")
+        .unwrap();
+    assert_eq!(timed.event().id(), "stock-3");
+    assert_eq!(
+        timed.event().time().map(|t| t.to_rfc3339()).as_deref(),
+        Some("2023-11-14T22:13:20+00:00")
+    );
+    timed.ack().await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(15), dead.next_delivery())
+        .await
+        .expect("a second dead letter within 15s")
+        .expect("the stream is open")
+        .unwrap();
+    assert_eq!(d.event().ty(), evbus::raw::UNDECODABLE_EVENT_TYPE);
+    assert_ne!(d.event().id(), first_dead, "two dead letters, one id");
+    d.ack().await.unwrap();
+    drop(again);
+    second.close().await.unwrap();
 
     let _ = conn.close(200, "done".into()).await;
     transport.delete_queue(&name).await.unwrap();

@@ -15,8 +15,9 @@ use crate::config::{NatsConfig, Retention, Storage};
 ///   on disk. JetStream writes without `fsync` by default (`sync_interval` 2 min): a server
 ///   *process* crash loses nothing, a machine crash can lose the last writes unless the
 ///   server runs with `sync_interval: always`.
-/// - `publish_dedup`: the event id is the `Nats-Msg-Id`; the server drops a second publish
-///   of the same id within [`NatsConfig::duplicate_window`].
+/// - `publish_dedup`: the event id is a topic publish's `Nats-Msg-Id`; the server drops a
+///   second publish of the same id within [`NatsConfig::duplicate_window`]. Queue sends are
+///   not deduplicated (dead letters and redrives send an id again on purpose).
 /// - `max_payload_bytes`: the server's `max_payload` minus a header allowance, or the
 ///   configured limit.
 pub(crate) fn capabilities(config: &NatsConfig, max_payload_bytes: usize) -> Capabilities {

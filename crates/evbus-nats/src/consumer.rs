@@ -21,7 +21,7 @@ use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
 use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 
 use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
 use crate::names::{Kind, StreamNames};
@@ -253,9 +253,53 @@ struct Pull {
 impl Drop for Pull {
     fn drop(&mut self) {
         if let Some(id) = self.anonymous.take() {
+            // Its consumer is deleted, with whatever it had fetched.
             self.shared.release_anonymous(id);
+        } else if let Some(batch) = self.batch.take() {
+            give_back(&self.shared, batch);
         }
     }
+}
+
+/// Gives back the messages a dropped subscription had fetched and not handed out, so that
+/// they are redelivered about a second later instead of after the visibility timeout
+/// (`ack_wait`, 30 s by default). The pull request may still bring some until it expires
+/// (`fetch_wait`): they are given back too. Each is a `-NAK` delayed past that expiry, so
+/// none comes back into the same request (each delivery there would count as an attempt).
+/// Tracked, so a close waits for it; on close only what has already arrived is given back.
+fn give_back(shared: &Arc<Shared>, mut batch: pull::Batch) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let cancel = shared.cancel.clone();
+    let fetch_wait = shared.config.fetch_wait;
+    let delay = fetch_wait + Duration::from_millis(100);
+    let task = async move {
+        let expired = tokio::time::sleep(fetch_wait);
+        tokio::pin!(expired);
+        let nak = |message: async_nats::jetstream::Message| async move {
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+        };
+        loop {
+            let item = tokio::select! {
+                biased;
+                item = batch.next() => item,
+                () = cancel.cancelled() => {
+                    // Closing: what has arrived, without waiting for more.
+                    while let Some(Some(Ok(message))) = batch.next().now_or_never() {
+                        nak(message).await;
+                    }
+                    return;
+                }
+                () = &mut expired => return,
+            };
+            match item {
+                Some(Ok(message)) => nak(message).await,
+                Some(Err(_)) | None => return,
+            }
+        }
+    };
+    drop(handle.spawn(shared.tasks.track_future(task)));
 }
 
 impl Pull {

@@ -137,6 +137,7 @@ async fn append(
         let end = (start + PIPELINE_CHUNK).min(events.len());
         match send_chunk(
             transport,
+            kind,
             names,
             &events[start..end],
             &encoded[start..end],
@@ -175,6 +176,7 @@ async fn append(
 
 async fn send_chunk(
     transport: &NatsTransport,
+    kind: Kind,
     names: &StreamNames,
     events: &[Event],
     encoded: &[(HeaderMap, Bytes)],
@@ -183,10 +185,16 @@ async fn send_chunk(
     let js = &transport.shared.js;
     let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
     for (event, (headers, body)) in events.iter().zip(encoded) {
-        let message = PublishMessage::build()
+        let mut message = PublishMessage::build()
             .headers(headers.clone())
-            .payload(body.clone())
-            .message_id(event.id());
+            .payload(body.clone());
+        // Topics drop a second publish of an event id within the duplicate window (a retried
+        // emit). Queues do not: what core sends to a queue again under the same id is a new
+        // message (a dead letter of an event dead-lettered before, a redrive of one redriven
+        // before), and dropping it would lose the event.
+        if kind == Kind::Topic {
+            message = message.message_id(event.id());
+        }
         let ack = js
             .send_publish(names.subject.clone(), message)
             .await

@@ -115,6 +115,69 @@ async fn a_stock_nats_client_reads_ce_headers_and_json_data() {
     transport.close().await.unwrap();
 }
 
+/// A subscription dropped with messages it had fetched ahead gives them back: subscribing
+/// again gets them at once, not after the visibility timeout (a CLI reading one event, or
+/// looking for one dead letter, used to hide the rest for `ack_wait`).
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_fetched_ahead_by_a_dropped_subscription_come_back_at_once() {
+    let transport = transport().await;
+    let name = unique("giveback");
+    let topic = transport.topic(&name).await.unwrap();
+    // Far longer than WAIT: an event that waits it out fails the test.
+    let options = || {
+        SubscribeOptions::named("g")
+            .start(StartPosition::Earliest)
+            .consumer(
+                ConsumerOptions::default()
+                    .max_in_flight(8)
+                    .visibility_timeout(Duration::from_secs(120)),
+            )
+    };
+    let events: Vec<Event> = (0..5)
+        .map(|i| Event::builder("t", "/s").json(&i).unwrap().build().unwrap())
+        .collect();
+    topic.publish_batch(&events).await.unwrap();
+    let mut first = topic.subscribe(options()).await.unwrap();
+    let d = next(&mut first).await;
+    assert_eq!(d.event().id(), events[0].id());
+    d.ack().await.unwrap();
+    drop(first);
+    let mut again = topic.subscribe(options()).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 1..events.len() {
+        let d = next(&mut again).await;
+        got.push(d.event().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    let mut expected: Vec<String> = events[1..].iter().map(|e| e.id().to_owned()).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    drop(again);
+    transport.delete_topic(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+/// A queue is not deduplicated: the same event sent twice is two messages (core sends an id
+/// again on purpose: a dead letter of an event dead-lettered before, a redrive).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_keeps_every_send_of_an_event_id() {
+    let transport = transport().await;
+    let name = unique("queue-dup");
+    let queue = transport.queue(&name).await.unwrap();
+    let event = Event::builder("t", "/s").json(&1).unwrap().build().unwrap();
+    queue.send(&event).await.unwrap();
+    queue.send(&event).await.unwrap();
+    let (_client, js) = plain_client().await;
+    let mut stream = js
+        .get_stream(transport.queue_stream(&name).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn publishing_the_same_event_twice_stores_it_once() {
     let transport = transport().await;

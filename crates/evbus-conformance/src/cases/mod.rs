@@ -110,6 +110,7 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_max_attempts_dead_letters_with_reason_and_attempt_count),
         case!(queue::queue_event_whose_consumer_vanished_on_the_last_attempt_is_dead_lettered),
         case!(queue::queue_explicit_dead_letter_moves_the_event_with_its_reason),
+        case!(queue::queue_an_event_sent_and_dead_lettered_again_is_kept_again),
         case!(queue::queue_undecodable_message_is_dead_lettered_and_does_not_block, needs: [Need::RawProducer]),
         case!(queue::queue_acking_twice_is_an_already_settled_error),
         case!(queue::queue_acking_after_nack_is_an_already_settled_error),

@@ -468,6 +468,44 @@ pub(super) async fn queue_explicit_dead_letter_moves_the_event_with_its_reason<
     .await
 }
 
+/// What a redrive does: an event dead-lettered once, sent to its queue again under the same
+/// id, and dead-lettered again. Both sends and both dead letters are new messages; a broker
+/// that drops repeated ids must not drop these (the event would be in no queue at all).
+pub(super) async fn queue_an_event_sent_and_dead_lettered_again_is_kept_again<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let name = ctx.queue_name("q");
+    let queue = open(&conn, &name).await?;
+    let options = ctx.short_consumer();
+    let dlq_name = dead_letter_queue_name(&name, None, &options);
+    let mut dead = receive(&*open(&conn, &dlq_name).await?, ctx.consumer()).await?;
+    let mut c = receive(&*queue, options.clone()).await?;
+    let event = ctx.event(0);
+    for round in 1..=2 {
+        let reason = format!("rejected, round {round}");
+        bounded(&format!("sending, round {round}"), queue.send(&event)).await?;
+        let d = next(
+            &mut c,
+            WAIT,
+            &format!("the consumer, round {round} (the event sent again under its id)"),
+        )
+        .await?;
+        bounded("dead-lettering", d.dead_letter(&reason)).await?;
+        let got = next(
+            &mut dead,
+            WAIT,
+            &format!("the dead-letter queue `{dlq_name}`, round {round}"),
+        )
+        .await?;
+        check_dead_lettered(got.event(), &event, Some(&reason), 1, &name)?;
+        bounded("acking the dead letter", got.ack()).await?;
+    }
+    queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
+}
+
 pub(super) async fn queue_undecodable_message_is_dead_lettered_and_does_not_block<
     T: Transport + 'static,
 >(
