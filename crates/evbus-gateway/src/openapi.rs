@@ -33,6 +33,12 @@ fn op(summary: &str, scope: &str, ok: (&str, Value), extra: &[&str]) -> Value {
     })
 }
 
+/// `op` with its own `parameters`.
+fn with_parameters(mut op: Value, parameters: Value) -> Value {
+    op["parameters"] = parameters;
+    op
+}
+
 /// `op` named `id` (its `operationId`, which links refer to).
 fn named(mut op: Value, id: &str) -> Value {
     op["operationId"] = json!(id);
@@ -194,12 +200,15 @@ pub(crate) fn document() -> Value {
             },
             "/v1/webhooks/{id}/rotate-secret": {
                 "parameters": id_param,
-                "post": named(op(
-                    "New signing secret; the previous one keeps signing during the overlap",
+                "post": named(with_parameters(op(
+                    "New signing secret; the previous one keeps signing during the overlap (409 while an earlier rotation's overlap runs, unless retire_previous=true)",
                     "the owner or an admin key",
                     ("200", json_ok("the new secret", schema("RotatedSecret"))),
-                    &["400", "404"],
-                ), "rotateSecret")
+                    &["400", "404", "409"],
+                ), json!([
+                    {"name": "retire_previous", "in": "query", "required": false, "schema": {"type": "boolean"},
+                     "description": "rotate even while the previous secret still signs, stopping it at once (after a leak)"}
+                ])), "rotateSecret")
             },
             "/v1/webhooks/{id}/attempts": {
                 "parameters": id_param,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Extension, Path, State as AxState};
+use axum::extract::{Extension, Path, Query, State as AxState};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -575,14 +575,42 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/webhooks/{id}/rotate-secret` options.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateQuery {
+    /// Rotate even while the previous secret still signs, stopping it at once.
+    #[serde(default)]
+    retire_previous: bool,
+}
+
 pub(crate) async fn rotate(
     AxState(state): AxState<Arc<State>>,
     Extension(key): Extension<KeyRecord>,
     Path(id): Path<String>,
+    Query(query): Query<RotateQuery>,
 ) -> Result<Json<Value>, Problem> {
-    owned(&state, &key, &id).await?;
-    let until =
-        State::now() + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default();
+    let webhook = owned(&state, &key, &id).await?;
+    // Only one previous secret signs beside the current one: rotating again during the
+    // overlap would stop the oldest before the time the first rotation promised.
+    if let Some(until) = webhook.previous_secret_until
+        && webhook.previous_secret.is_some()
+        && until > State::now()
+        && !query.retire_previous
+    {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "the previous signing secret still signs beside the current one; rotating again \
+             now would stop it before `previous_secret_until`, breaking receivers that have \
+             not switched yet. Rotate after that time, or add `?retire_previous=true` to \
+             stop it now (after a leak)",
+        )
+        .with("previous_secret_until", json!(until)));
+    }
+    let until = chrono::SubsecRound::trunc_subsecs(
+        State::now() + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default(),
+        3,
+    );
     let secret = signing::generate_secret();
     // In place: whatever else changed meanwhile (on any instance) stays.
     if !state

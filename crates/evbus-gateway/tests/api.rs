@@ -288,6 +288,51 @@ async fn keys_are_stored_only_as_hashes_and_listed_without_secrets() {
     assert!(!dump.contains(secret) && !dump.contains(&h.admin[21..]));
 }
 
+/// A second rotation while the previous secret still signs would stop that secret before
+/// the time the first rotation promised: refused with 409 unless asked for outright.
+#[tokio::test]
+async fn a_second_rotation_during_the_overlap_is_refused_unless_it_retires_the_previous_secret() {
+    let h = Harness::memory().await;
+    let key = h.key(&[EXTERNAL], &[]).await;
+    let receiver = Receiver::start(200).await;
+    let (id, first) = h.register(&key, &receiver.url(), &[EXTERNAL]).await;
+    let path = format!("/v1/webhooks/{id}/rotate-secret");
+    let (s, rotated) = h.call("POST", &path, Some(&key), None).await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    let promised = rotated["previous_secret_expires_at"].clone();
+    let (s, refused) = h.call("POST", &path, Some(&key), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["previous_secret_until"], promised);
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("retire_previous")
+    );
+    let (s, _) = h
+        .call(
+            "POST",
+            &format!("{path}?retire_previous=maybe"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // The refused rotation changed nothing: the first secret still signs.
+    let (_, list) = h.call("GET", "/v1/webhooks", Some(&key), None).await;
+    assert!(!list.to_string().contains(&first), "secrets are not listed");
+    let (s, forced) = h
+        .call(
+            "POST",
+            &format!("{path}?retire_previous=true"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{forced}");
+    assert_ne!(forced["secret"], rotated["secret"]);
+}
+
 /// A scope pattern that matches no external type (a misspelling, an internal type) is most
 /// likely a mistake: the key is made, and the answer says which patterns give it nothing.
 #[tokio::test]

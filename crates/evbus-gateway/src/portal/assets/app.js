@@ -449,8 +449,16 @@ async function openWebhook(id) {
       } })),
     el('div', { class: 'buttons' },
       el('button', { type: 'button', id: 'wh-rotate', text: 'Rotate secret', onclick: async () => {
+        const rotate = (query) => api('POST', `/v1/webhooks/${encodeURIComponent(id)}/rotate-secret${query}`);
         try {
-          const r = await api('POST', `/v1/webhooks/${encodeURIComponent(id)}/rotate-secret`);
+          let r;
+          try {
+            r = await rotate('');
+          } catch (e) {
+            // A rotation is under way: rotating again stops the previous secret now.
+            if (e.status !== 409 || !window.confirm(`The previous secret still signs until ${when(e.problem.previous_secret_until)}. Rotating again stops it now: receivers that have not switched to the current secret will fail. Rotate anyway?`)) throw e;
+            r = await rotate('?retire_previous=true');
+          }
           secretBox(secret, 'New signing secret:', r.secret, r.previous_secret_expires_at ? `The previous secret also signs until ${when(r.previous_secret_expires_at)}.` : '');
         } catch (e) { fail('Secret not rotated', e); }
       } }),
