@@ -36,7 +36,11 @@ export interface PublishInput<K extends string = string, T = unknown> {
   time?: string | Date;
   /** Ordering key (CloudEvents `partitionkey` extension). */
   partitionkey?: string;
-  /** Other extension attributes: names of 1 to 20 lowercase letters or digits. */
+  /**
+   * Other extension attributes: names of 1 to 20 lowercase letters or digits. The gateway
+   * checks them and does not forward them to the bus (trace context included): internal
+   * consumers never read context an outside caller set.
+   */
   extensions?: Record<string, ExtensionValue>;
 }
 
@@ -87,6 +91,10 @@ export interface EventTypeVersionInfo {
 /** An external type as `GET /v1/event-types` lists it. */
 export interface EventTypeInfo {
   type: string;
+  /** Whether this key may subscribe to the type (streams, webhooks). */
+  subscribe: boolean;
+  /** Whether this key may publish the type. */
+  publish: boolean;
   /** The latest version. */
   version: number;
   dataschema: string;
@@ -281,7 +289,7 @@ export class EvbusClient {
     }
   }
 
-  /** The external types this key may subscribe to, with their curated schemas. */
+  /** The external types this key may subscribe to or publish (`subscribe`, `publish`), with their curated schemas. */
   async eventTypes(options: { signal?: AbortSignal } = {}): Promise<EventTypeInfo[]> {
     const response = await this.#request("/v1/event-types", { signal: options.signal });
     return (await response.json()) as EventTypeInfo[];

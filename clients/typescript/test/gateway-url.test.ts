@@ -90,7 +90,7 @@ describe("GET /v1/event-types", () => {
     const [info] = await new EvbusClient({ url: gw.url, apiKey: key }).eventTypes();
     assert.ok(info);
     // Compiles only while EventTypeInfo has exactly these members.
-    const declared = { type: true, version: true, dataschema: true, description: true, schema: true, example: true, versions: true } satisfies Record<
+    const declared = { type: true, subscribe: true, publish: true, version: true, dataschema: true, description: true, schema: true, example: true, versions: true } satisfies Record<
       keyof EventTypeInfo,
       true
     >;

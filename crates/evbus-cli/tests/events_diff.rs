@@ -296,6 +296,17 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             json!({"type": "object", "unevaluatedProperties": false}),
         ),
         (
+            "UNEVALUATED_ITEMS_CHANGED",
+            json!({"type": "array", "prefixItems": [{"type": "string"}]}),
+            json!({"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": false}),
+        ),
+        // Property x is the same: version 2 names another dialect at its root (`root_for`).
+        (
+            "DIALECT_CHANGED",
+            json!({"type": "string"}),
+            json!({"type": "string"}),
+        ),
+        (
             "SUM_TYPE_NARROWED",
             json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
             json!({"anyOf": [{"type": "string"}]}),
@@ -338,6 +349,17 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             s(nested(70, json!({"type": "integer"}))),
         ),
     ]
+}
+
+/// The root keyword a case's version 2 adds, the change the case is about.
+fn root_for(rule: &str) -> Option<(&'static str, Value)> {
+    (rule == "DIALECT_CHANGED")
+        .then(|| ("$schema", json!("http://json-schema.org/draft-07/schema#")))
+}
+
+/// Where a case's finding is: under property x, or at the root keyword it changes.
+fn path_of(rule: &str) -> String {
+    root_for(rule).map_or_else(|| "/properties/x".to_owned(), |(k, _)| format!("/{k}"))
 }
 
 /// The root `$defs` a case's version 2 needs.
@@ -412,6 +434,9 @@ fn every_incompatibility_kind_is_one_breaking_line_and_exit_1() {
         if let Some(defs) = defs_for(rule) {
             v2["$defs"] = defs;
         }
+        if let Some((k, v)) = root_for(rule) {
+            v2[k] = v;
+        }
         write(&to.join(format!("events/{rule}.json")), &v2);
     }
     let out = diff(&from, &to);
@@ -433,9 +458,9 @@ fn every_incompatibility_kind_is_one_breaking_line_and_exit_1() {
             )),
             "{line}"
         );
-        // The JSON pointer names where in the schema, under property x.
+        // The JSON pointer names where in the schema: under property x, or the root keyword.
         let path = line.split(' ').nth(5).unwrap();
-        assert!(path.starts_with("/properties/x"), "{line}");
+        assert!(path.starts_with(&path_of(rule)), "{line}");
     }
     assert!(
         !stdout.lines().any(|l| l.starts_with("compatible ")),

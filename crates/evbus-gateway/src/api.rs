@@ -178,10 +178,10 @@ async fn event_types(
     AxState(state): AxState<Arc<State>>,
     Extension(key): Extension<KeyRecord>,
 ) -> Json<Value> {
-    let catalog = &state.visibility.catalog;
-    let list: Vec<Value> = state
-        .visibility
-        .subscribable(&key)
+    let visibility = &state.visibility;
+    let catalog = &visibility.catalog;
+    let list: Vec<Value> = visibility
+        .usable(&key)
         .iter()
         .filter_map(|ty| catalog.get(ty))
         .map(|info| {
@@ -205,6 +205,8 @@ async fn event_types(
                 .collect();
             json!({
                 "type": info.name(),
+                "subscribe": visibility.may_subscribe(&key, info.name()),
+                "publish": visibility.may_publish(&key, info.name()),
                 "version": v.version(),
                 "dataschema": v.dataschema(),
                 "description": v.description(),

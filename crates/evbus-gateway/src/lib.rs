@@ -267,6 +267,18 @@ impl Visibility {
             .collect()
     }
 
+    /// The external types `key` may subscribe to or publish, sorted.
+    pub fn usable(&self, key: &KeyRecord) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .catalog
+            .event_types()
+            .map(|t| t.name().to_owned())
+            .filter(|t| self.may_subscribe(key, t) || self.may_publish(key, t))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The external types, sorted.
     pub fn external_types(&self) -> Vec<String> {
         let mut out: Vec<String> = self

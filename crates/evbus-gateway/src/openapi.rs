@@ -148,7 +148,7 @@ pub(crate) fn document() -> Value {
             }},
             "/v1/events": {"post": publish},
             "/v1/event-types": {"get": op(
-                "External event types this key may subscribe to, with curated schemas",
+                "External event types this key may subscribe to or publish, with curated schemas",
                 "any valid key",
                 ("200", json_ok("the types", array_of("EventType"))),
                 &[],
@@ -294,8 +294,11 @@ fn schemas() -> Value {
                 {"type": ["number", "boolean", "null"]}
             ]}
         },
-        "EventType": {"type": "object", "required": ["type", "version", "schema", "example", "versions"], "properties": {
-            "type": {"type": "string"}, "version": {"type": "integer"},
+        "EventType": {"type": "object", "required": ["type", "subscribe", "publish", "version", "schema", "example", "versions"], "properties": {
+            "type": {"type": "string"},
+            "subscribe": {"type": "boolean", "description": "whether this key may subscribe to the type (stream, webhooks)"},
+            "publish": {"type": "boolean", "description": "whether this key may publish the type"},
+            "version": {"type": "integer"},
             "dataschema": {"type": ["string", "null"]}, "description": {"type": ["string", "null"]},
             "schema": {"type": "object", "description": "the latest version's curated JSON Schema"},
             "example": {"description": "an example payload built from the curated schema (and curated)"},

@@ -180,17 +180,24 @@ async fn every_endpoint_enforces_scopes_for_every_key_and_type() {
         }
         let (s, listed) = h.call("GET", "/v1/event-types", Some(key), None).await;
         assert_eq!(s, StatusCode::OK);
-        let listed: Vec<&str> = listed
+        // Every external type the key may subscribe to or publish, saying which.
+        let listed: Vec<(&str, bool, bool)> = listed
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t["type"].as_str().unwrap())
+            .map(|t| {
+                (
+                    t["type"].as_str().unwrap(),
+                    t["subscribe"].as_bool().unwrap(),
+                    t["publish"].as_bool().unwrap(),
+                )
+            })
             .collect();
-        let expected: Vec<&str> = [EXTERNAL, "afterOrderUpdate", EXTERNAL_OTHER]
+        let mut expected: Vec<(&str, bool, bool)> = [EXTERNAL, "afterOrderUpdate", EXTERNAL_OTHER]
             .into_iter()
-            .filter(|t| matches(sub, t))
+            .map(|t| (t, matches(sub, t), matches(publ, t)))
+            .filter(|(_, s, p)| *s || *p)
             .collect();
-        let mut expected = expected;
         expected.sort();
         assert_eq!(listed, expected, "{name} event types");
         for (method, path, body) in [
@@ -576,6 +583,59 @@ async fn event_types_list_curated_schemas() {
         "{props}"
     );
     assert!(!list.to_string().contains(INTERNAL));
+    assert_eq!(order["subscribe"], true);
+    assert_eq!(order["publish"], false);
+}
+
+/// A producer's key sees the types it may publish, with their schemas: what it must send.
+/// Each entry says what the key may do with the type; internal types stay invisible.
+#[tokio::test]
+async fn event_types_list_what_a_key_may_publish_too() {
+    let h = Harness::memory().await;
+    let producer = h.key(&[], &["afterOrder*"]).await;
+    let (s, list) = h
+        .call("GET", "/v1/event-types", Some(&producer), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let listed: Vec<(&str, bool, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["type"].as_str().unwrap(),
+                t["subscribe"].as_bool().unwrap(),
+                t["publish"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // afterOrderCancel matches the pattern but is internal.
+    assert_eq!(
+        listed,
+        [
+            ("afterOrderCreate", false, true),
+            ("afterOrderUpdate", false, true)
+        ]
+    );
+    let both = h.key(&[EXTERNAL_OTHER], &[EXTERNAL]).await;
+    let (_, list) = h.call("GET", "/v1/event-types", Some(&both), None).await;
+    let types: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, [EXTERNAL, EXTERNAL_OTHER]);
+    // A stream without `types` still means the types the key may subscribe to: a
+    // publish-only key has none.
+    let (s, _) = h.call("GET", "/v1/stream", Some(&producer), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // An empty list is a malformed request, not a question of scope.
+    for empty in ["", ",", " , "] {
+        let path = format!("/v1/stream?types={empty}");
+        let (s, _) = h.call("GET", &path, Some(&both), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}");
+    }
 }
 
 #[tokio::test]

@@ -75,6 +75,12 @@ pub(crate) async fn stream(
             .collect(),
         None => state.visibility.subscribable(&key),
     };
+    if query.types.is_some() && types.is_empty() {
+        return Err(Problem::bad_request(
+            "`types` names no event type: give a comma-separated list, or leave it out for \
+             every type this key may subscribe to",
+        ));
+    }
     if types.is_empty() {
         return Err(Problem::forbidden(
             "this key may not subscribe to any event type",

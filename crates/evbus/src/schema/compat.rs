@@ -45,7 +45,13 @@
 //! - **Combinations.** Every writer alternative of `anyOf`/`oneOf` must be accepted by some
 //!   reader alternative (`SUM_TYPE_NARROWED` otherwise; adding alternatives is fine); `allOf`
 //!   conjuncts are merged before comparing; `not`, `if`/`then`/`else` must keep their meaning.
+//! - **Dialect.** A version written in another JSON Schema draft (`$schema`, 2020-12 when
+//!   absent) is refused (`DIALECT_CHANGED`): the same keywords mean other things.
+//! - **Unevaluated items.** `unevaluatedItems` added or changed is refused
+//!   (`UNEVALUATED_ITEMS_CHANGED`), compared as a whole.
 //! - **Annotations** (`description`, `title`, `default`, `examples`, `x-*`…) never matter.
+//!   `evbus events diff` names the `x-evbus-…` keywords of a version changed in place, as
+//!   they change what the gateway lets out (a compatible change, to review).
 //!
 //! Differences from Confluent, on purpose: a newly required property that has a `default` is
 //! still refused (evbus validates payloads as they are and does not fill in defaults), and
@@ -256,8 +262,34 @@ impl fmt::Display for Incompatibility {
 /// means compatible.
 pub fn check(writer: &Value, reader: &Value) -> Vec<Incompatibility> {
     let mut out = Vec::new();
+    let (wd, rd) = (dialect(writer), dialect(reader));
+    if wd != rd {
+        // The same keywords mean other things (next to `$ref`, `items`, `dependencies`…):
+        // nothing below can be trusted to say what the change does.
+        out.push(Incompatibility::new(
+            "/$schema",
+            "DIALECT_CHANGED",
+            format!(
+                "the reader is written in another JSON Schema dialect ({wd} → {rd}); keywords \
+                 such as those beside `$ref` or `items` change meaning between drafts, so \
+                 the change cannot be checked keyword by keyword: keep the writer's dialect"
+            ),
+        ));
+    }
     compare(writer, reader, "", 0, &mut out);
     out
+}
+
+/// The JSON Schema dialect a root schema is written in, normalised (`$schema`, 2020-12 when
+/// absent, without a trailing `#`, draft-07 under either scheme).
+fn dialect(schema: &Value) -> String {
+    match schema.get("$schema").and_then(Value::as_str) {
+        None => "https://json-schema.org/draft/2020-12/schema".to_owned(),
+        Some(s) => s.trim_end_matches('#').replace(
+            "https://json-schema.org/draft-07",
+            "http://json-schema.org/draft-07",
+        ),
+    }
 }
 
 const MAX_DEPTH: usize = 64;
@@ -1283,6 +1315,18 @@ fn arrays(
         ));
     }
     contains(w, r, path, depth, out);
+    // Items no other keyword evaluated: compared as a whole, as `unevaluatedProperties`
+    // beside alternatives.
+    if let Some(ru) = r.get("unevaluatedItems")
+        && w.get("unevaluatedItems") != Some(ru)
+        && !accepts_anything(ru)
+    {
+        out.push(Incompatibility::new(
+            &at(path, "unevaluatedItems"),
+            "UNEVALUATED_ITEMS_CHANGED",
+            "the reader constrains unevaluated items differently from the writer".to_owned(),
+        ));
+    }
 }
 
 /// `contains` with `minContains` (default 1) and `maxContains`: how many items must match.
@@ -1506,6 +1550,45 @@ mod tests {
         let w = json!({"allOf": [{"type": "object"}, {"required": ["a"]}]});
         let r = json!({"type": "object", "required": ["a"]});
         assert_eq!(rules(w, r), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_change_of_dialect_is_breaking() {
+        let body = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        let mut draft7 = body.clone();
+        draft7["$schema"] = json!("http://json-schema.org/draft-07/schema#");
+        let mut current = body.clone();
+        current["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+        assert_eq!(
+            rules(draft7.clone(), current.clone()),
+            vec!["DIALECT_CHANGED"]
+        );
+        assert_eq!(
+            rules(current.clone(), draft7.clone()),
+            vec!["DIALECT_CHANGED"]
+        );
+        // 2020-12 is the default: naming it or not is the same dialect, as are both spellings
+        // of draft-07.
+        assert!(check(&body, &current).is_empty());
+        let mut https7 = body.clone();
+        https7["$schema"] = json!("https://json-schema.org/draft-07/schema");
+        assert!(check(&draft7, &https7).is_empty());
+    }
+
+    #[test]
+    fn unevaluated_items_added_or_changed_is_breaking() {
+        let w = json!({"type": "array", "prefixItems": [{"type": "string"}]});
+        let r = json!({"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": false});
+        assert_eq!(
+            rules(w.clone(), r.clone()),
+            vec!["UNEVALUATED_ITEMS_CHANGED"]
+        );
+        // Taking it away, or keeping it as it was, is fine.
+        assert!(check(&r, &w).is_empty());
+        assert!(check(&r, &r).is_empty());
+        let open =
+            json!({"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": true});
+        assert!(check(&w, &open).is_empty());
     }
 
     #[test]

@@ -401,7 +401,17 @@ fn diff_type(
                 ChangeKind::VersionChanged.as_str(),
                 None,
                 match &via_definitions {
-                    None => format!("version {v} changed in place, in annotations only"),
+                    None => match gateway_keywords_changed(before, after).as_slice() {
+                        [] => format!("version {v} changed in place, in annotations only"),
+                        names => format!(
+                            "version {v} changed in place, in annotations only, but {} \
+                             change{} what the gateway lets out to external subscribers \
+                             (redaction, exposure, allow-lists): no consumer breaks; review \
+                             it as a change of what leaves",
+                            names.join(", "),
+                            if names.len() == 1 { "s" } else { "" }
+                        ),
+                    },
                     Some(defs) => format!(
                         "version {v} is unchanged; the shared definition{} it references \
                          changed ({}), in annotations only",
@@ -595,4 +605,63 @@ fn incompatible(
             p.message()
         ),
     )
+}
+
+/// The `x-evbus-…` keywords (what the gateway redacts, exposes, allows) whose occurrences
+/// differ between two forms of a schema, by name, sorted.
+fn gateway_keywords_changed(before: &Value, after: &Value) -> Vec<String> {
+    fn collect(v: &Value, at: &str, out: &mut BTreeSet<(String, String, String)>) {
+        match v {
+            Value::Object(m) => {
+                for (k, sub) in m {
+                    if k.starts_with("x-evbus-") {
+                        out.insert((k.clone(), at.to_owned(), sub.to_string()));
+                    }
+                    collect(sub, &format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, sub) in items.iter().enumerate() {
+                    collect(sub, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let (mut b, mut a) = (BTreeSet::new(), BTreeSet::new());
+    collect(before, "", &mut b);
+    collect(after, "", &mut a);
+    let names: BTreeSet<String> = b
+        .symmetric_difference(&a)
+        .map(|(k, _, _)| format!("`{k}`"))
+        .collect();
+    names.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::gateway_keywords_changed;
+
+    #[test]
+    fn changes_of_what_the_gateway_lets_out_are_named() {
+        let before = json!({"x-evbus-external": true, "x-evbus-redact": ["/email"],
+            "properties": {"a": {"type": "string", "x-evbus-other": 1}}});
+        assert!(gateway_keywords_changed(&before, &before).is_empty());
+        let mut after = before.clone();
+        after["x-evbus-redact"] = json!([]);
+        after["properties"]["a"]["x-evbus-other"] = json!(2);
+        after["description"] = json!("not a gateway keyword");
+        assert_eq!(
+            gateway_keywords_changed(&before, &after),
+            ["`x-evbus-other`", "`x-evbus-redact`"]
+        );
+        let mut gone = before.clone();
+        gone.as_object_mut().unwrap().remove("x-evbus-external");
+        assert_eq!(
+            gateway_keywords_changed(&before, &gone),
+            ["`x-evbus-external`"]
+        );
+    }
 }

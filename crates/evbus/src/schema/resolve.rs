@@ -483,7 +483,13 @@ pub(crate) fn check_cycles(
 /// in absolute form. `$defs`/`definitions` are dropped (their content is inlined where used).
 pub(crate) fn inline(event: &Value, docs: &Docs<'_>) -> Value {
     let mut stack = Vec::new();
-    inline_in(event, &DocKey::Event, "", event, docs, &mut stack)
+    let mut inlined = inline_in(event, &DocKey::Event, "", event, docs, &mut stack);
+    // The root keeps its dialect: the same keywords mean other things in another draft, and
+    // the comparison must see a change of it.
+    if let (Some(dialect), Value::Object(root)) = (event.get("$schema"), &mut inlined) {
+        root.insert("$schema".to_owned(), dialect.clone());
+    }
+    inlined
 }
 
 const ANNOTATIONS: &[&str] = &[

@@ -296,7 +296,7 @@ function renderTypes() {
   const list = clear($('types-list'));
   const types = session.types;
   if (!types.length) {
-    list.append(el('p', { text: 'This key may not subscribe to any event type.' }));
+    list.append(el('p', { text: 'This key may not subscribe to or publish any event type.' }));
     return;
   }
   list.append(el('p', { class: 'help', text: `${types.length} event type${types.length === 1 ? '' : 's'}.` }));
@@ -304,7 +304,8 @@ function renderTypes() {
     const versions = Array.isArray(t.versions) ? t.versions : [];
     list.append(el('article', { class: 'type', 'data-type': t.type, 'aria-labelledby': `type-${t.type}` },
       el('h3', { id: `type-${t.type}` }, el('code', { text: t.type })),
-      el('p', { class: 'meta' }, `version ${t.version}`, t.dataschema ? ' · ' : '', t.dataschema ? el('code', { text: t.dataschema }) : ''),
+      el('p', { class: 'meta' }, `version ${t.version}`, t.dataschema ? ' · ' : '', t.dataschema ? el('code', { text: t.dataschema }) : '',
+        ` · this key may ${[t.subscribe ? 'subscribe' : '', t.publish ? 'publish' : ''].filter(Boolean).join(' and ')}`),
       t.description ? el('p', { text: t.description }) : null,
       fieldTable(t.schema, `Fields of ${t.type}`),
       el('h4', { text: 'Example payload' }),
@@ -324,7 +325,7 @@ function renderTypes() {
 }
 
 function fillTypeChoices() {
-  const names = session.types.map((t) => t.type);
+  const names = session.types.filter((t) => t.subscribe).map((t) => t.type);
   const box = $('wh-types');
   for (const n of [...box.children]) if (n.tagName !== 'LEGEND') n.remove();
   if (!names.length) box.append(el('p', { text: 'This key may not subscribe to any event type.' }));
@@ -412,7 +413,7 @@ async function openWebhook(id) {
   const error = el('p', { id: 'wh-error', class: 'error', role: 'alert' });
   const say = (t) => { status.textContent = t; error.textContent = ''; };
   const fail = (what, e, names) => { error.textContent = `${what}: ${problemText(e, names)}`; };
-  const names = [...new Set([...session.types.map((t) => t.type), ...w.event_types])];
+  const names = [...new Set([...session.types.filter((t) => t.subscribe).map((t) => t.type), ...w.event_types])];
   const typeBoxes = names.map((n, i) => el('div', { class: 'check' },
     el('input', { type: 'checkbox', id: `wh-edit-type-${i}`, value: n, checked: w.event_types.includes(n) }),
     el('label', { for: `wh-edit-type-${i}`, text: n })));
