@@ -91,6 +91,21 @@ async fn missing_unknown_malformed_expired_and_revoked_keys_get_401_everywhere()
     }
 }
 
+/// `GET /v1/event-types` as (type, may subscribe, may publish).
+fn what_each_type_allows(list: &Value) -> Vec<(&str, bool, bool)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["type"].as_str().unwrap(),
+                t["subscribe"].as_bool().unwrap(),
+                t["publish"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn every_endpoint_enforces_scopes_for_every_key_and_type() {
     let h = Harness::memory().await;
@@ -181,18 +196,7 @@ async fn every_endpoint_enforces_scopes_for_every_key_and_type() {
         let (s, listed) = h.call("GET", "/v1/event-types", Some(key), None).await;
         assert_eq!(s, StatusCode::OK);
         // Every external type the key may subscribe to or publish, saying which.
-        let listed: Vec<(&str, bool, bool)> = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| {
-                (
-                    t["type"].as_str().unwrap(),
-                    t["subscribe"].as_bool().unwrap(),
-                    t["publish"].as_bool().unwrap(),
-                )
-            })
-            .collect();
+        let listed = what_each_type_allows(&listed);
         let mut expected: Vec<(&str, bool, bool)> = [EXTERNAL, "afterOrderUpdate", EXTERNAL_OTHER]
             .into_iter()
             .map(|t| (t, matches(sub, t), matches(publ, t)))
@@ -597,18 +601,7 @@ async fn event_types_list_what_a_key_may_publish_too() {
         .call("GET", "/v1/event-types", Some(&producer), None)
         .await;
     assert_eq!(s, StatusCode::OK);
-    let listed: Vec<(&str, bool, bool)> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["type"].as_str().unwrap(),
-                t["subscribe"].as_bool().unwrap(),
-                t["publish"].as_bool().unwrap(),
-            )
-        })
-        .collect();
+    let listed = what_each_type_allows(&list);
     // afterOrderCancel matches the pattern but is internal.
     assert_eq!(
         listed,
