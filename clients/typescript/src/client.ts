@@ -431,7 +431,10 @@ export class EvbusClient {
  * last event handed over; keep it to resume later (`subscribe({ lastEventId })`).
  */
 export class Subscription<E> implements AsyncIterable<E> {
-  /** The stream id of the last event handed over (undefined before the first one). */
+  /**
+   * The stream id of the last event handed over; before the first one, the stream's starting
+   * position (from its first frame), or the `lastEventId` it was opened with.
+   */
   lastEventId: string | undefined;
   readonly #controller = new AbortController();
   readonly #run: (sub: Subscription<E>, signal: AbortSignal) => AsyncGenerator<E, void, undefined>;

@@ -587,6 +587,16 @@ async fn event_types_list_curated_schemas() {
         "{props}"
     );
     assert!(!list.to_string().contains(INTERNAL));
+    // What the portal shows as an example is valid against the schema shown with it (a
+    // `pattern` like `^[A-Z]{3}$` included): an integrator may copy it into a publish.
+    for t in list.as_array().unwrap() {
+        let validator = jsonschema::validator_for(&t["schema"]).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&t["example"])
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", t["type"]);
+    }
     assert_eq!(order["subscribe"], true);
     assert_eq!(order["publish"], false);
 }

@@ -123,6 +123,18 @@ fn own_value(map: &Map<String, Value>, depth: usize) -> Value {
                 .get("maxLength")
                 .and_then(Value::as_u64)
                 .map(|m| m as usize);
+            // A string the pattern matches, when it also fits the length bounds.
+            if let Some(s) = map
+                .get("pattern")
+                .and_then(Value::as_str)
+                .and_then(matching)
+                .filter(|s| {
+                    let n = s.chars().count();
+                    n >= min && max.is_none_or(|m| n <= m)
+                })
+            {
+                return json!(s);
+            }
             let mut s = String::from("string");
             while s.len() < min.min(64) {
                 s.push('x');
@@ -154,6 +166,64 @@ fn own_value(map: &Map<String, Value>, depth: usize) -> Value {
     }
 }
 
+/// A short string that `pattern` matches, built from its syntax: literals as written, a
+/// class by a letter or digit of it (else its first printable character), each repetition
+/// its minimum times, an alternation's first branch, anchors as nothing. `None` for a
+/// pattern the parser does not take (JSON Schema patterns are ECMA-262; most are also Rust
+/// syntax) or one that would give more than 256 characters.
+fn matching(pattern: &str) -> Option<String> {
+    use regex_syntax::hir::{Class, Hir, HirKind};
+    fn pick(ranges: impl Iterator<Item = (char, char)> + Clone) -> Option<char> {
+        let nice = |c: char| c.is_ascii_alphanumeric();
+        let printable = |c: char| !c.is_control() && !c.is_whitespace();
+        for good in [&nice as &dyn Fn(char) -> bool, &printable] {
+            for (lo, hi) in ranges.clone() {
+                // A few characters into each range is enough to find one.
+                if let Some(c) = (lo..=hi).take(128).find(|&c| good(c)) {
+                    return Some(c);
+                }
+            }
+        }
+        ranges.clone().next().map(|(lo, _)| lo)
+    }
+    fn walk(h: &Hir, out: &mut String, budget: &mut usize) -> Option<()> {
+        *budget = budget.checked_sub(1)?;
+        match h.kind() {
+            HirKind::Empty | HirKind::Look(_) => {}
+            HirKind::Literal(l) => out.push_str(std::str::from_utf8(&l.0).ok()?),
+            HirKind::Class(Class::Unicode(c)) => {
+                out.push(pick(c.ranges().iter().map(|r| (r.start(), r.end())))?);
+            }
+            HirKind::Class(Class::Bytes(c)) => out.push(pick(
+                c.ranges()
+                    .iter()
+                    .filter(|r| r.start().is_ascii())
+                    .map(|r| (char::from(r.start()), char::from(r.end().min(0x7f)))),
+            )?),
+            HirKind::Repetition(r) => {
+                for _ in 0..r.min {
+                    walk(&r.sub, out, budget)?;
+                }
+            }
+            HirKind::Capture(c) => walk(&c.sub, out, budget)?,
+            HirKind::Concat(parts) => {
+                for part in parts {
+                    walk(part, out, budget)?;
+                }
+            }
+            HirKind::Alternation(branches) => walk(branches.first()?, out, budget)?,
+        }
+        (out.len() <= 256).then_some(())
+    }
+    let hir = regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(pattern)
+        .ok()?;
+    let mut out = String::new();
+    walk(&hir, &mut out, &mut 4096)?;
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +251,36 @@ mod tests {
                 "tags": ["string"], "nested": {"ok": true}, "leaky": {"x": 0.0},
                 "either": "hello", "both": {"a": 1, "b": 2}
             })
+        );
+    }
+
+    #[test]
+    fn strings_match_their_pattern_when_it_can_be_followed() {
+        let s = |schema: Value| example(&schema);
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^[A-Z]{3}$"})),
+            json!("AAA")
+        );
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^\\d{4}-\\d{2}$"})),
+            json!("0000-00")
+        );
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^(EUR|USD)$"})),
+            json!("EUR")
+        );
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^.+@.+$"})),
+            json!("0@0")
+        );
+        // Not Rust syntax (a lookahead), or too short for minLength: as before.
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^(?=a)a$"})),
+            json!("string")
+        );
+        assert_eq!(
+            s(json!({"type": "string", "pattern": "^a", "minLength": 3})),
+            json!("string")
         );
     }
 
