@@ -282,6 +282,45 @@ async fn structured_mode_events_of_stock_sdks_are_read_with_or_without_headers()
     transport.close().await.unwrap();
 }
 
+/// A Bus handler's `on_dead_letter` hook hears of the messages its subscription moves aside
+/// by itself: `evbus consume` reports each dead letter on stderr through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handlers_dead_letter_hook_hears_of_a_foreign_message() {
+    let transport = std::sync::Arc::new(transport().await);
+    let mut catalog = evbus::Catalog::builder();
+    catalog.strict(false);
+    let bus = evbus::Bus::builder(transport.clone(), catalog.freeze().unwrap()).build();
+    let ty = unique("hook");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = bus
+        .on(ty.clone(), "g", |_msg: evbus::Message| async { Ok(()) })
+        .start_position(StartPosition::Earliest)
+        .on_dead_letter(move |event, reason| {
+            let _ = tx.send((event.ty().to_owned(), reason.to_owned()));
+        })
+        .start()
+        .await
+        .unwrap();
+    let (_client, js) = plain_client().await;
+    js.publish(
+        transport.topic_subject(&bus.topic_name(&ty)).unwrap(),
+        "plain text, no ce- headers".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let (record_type, reason) = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the hook called in time")
+        .unwrap();
+    assert_eq!(record_type, UNDECODABLE_EVENT_TYPE);
+    assert!(reason.starts_with("undecodable message"), "{reason}");
+    handle.shutdown(Duration::from_secs(5)).await;
+    transport.delete_topic(&bus.topic_name(&ty)).await.unwrap();
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_foreign_message_is_dead_lettered_as_undecodable_and_the_stream_flows_on() {
     let transport = transport().await;

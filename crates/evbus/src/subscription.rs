@@ -50,7 +50,21 @@ struct Limited {
     policy: Arc<DeliveryPolicy>,
     /// An over-delivered event being dead-lettered before the stream goes on.
     dead_lettering: Option<BoxFuture<'static, ()>>,
+    /// Told of each message this stream dead-letters itself (undecodable, over-delivered).
+    on_dead_letter: Option<DeadLetterHook>,
     done: bool,
+}
+
+/// Called with a dead-lettered record and its reason, once it is stored.
+pub(crate) type DeadLetterHook = Arc<dyn Fn(&crate::Event, &str) + Send + Sync>;
+
+/// Calls `hook`, if any; a panic in it is logged, not propagated into the stream.
+fn tell(hook: Option<&DeadLetterHook>, event: &crate::Event, reason: &str) {
+    if let Some(hook) = hook
+        && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(event, reason))).is_err()
+    {
+        tracing::error!(event = event.id(), "the on_dead_letter hook panicked");
+    }
 }
 
 impl Limited {
@@ -87,6 +101,7 @@ impl Limited {
                         acker,
                         tag,
                         Arc::clone(&self.policy),
+                        self.on_dead_letter.clone(),
                     )));
                     continue;
                 }
@@ -94,14 +109,10 @@ impl Limited {
             if attempt > self.policy.max_attempts {
                 // Its previous consumer vanished on the last attempt: dead-letter it without
                 // handing it out, then go on with the next one (the permit is kept).
-                self.dead_lettering = Some(Box::pin(dead_letter_over_delivered(Delivery::new(
-                    event,
-                    attempt,
-                    acker,
-                    tag,
-                    Arc::clone(&self.policy),
-                    None,
-                ))));
+                self.dead_lettering = Some(Box::pin(dead_letter_over_delivered(
+                    Delivery::new(event, attempt, acker, tag, Arc::clone(&self.policy), None),
+                    self.on_dead_letter.clone(),
+                )));
                 continue;
             }
             // The permit goes with the delivery.
@@ -118,16 +129,17 @@ impl Limited {
     }
 }
 
-async fn dead_letter_over_delivered(delivery: Delivery) {
+async fn dead_letter_over_delivered(delivery: Delivery, hook: Option<DeadLetterHook>) {
     let attempts = delivery.attempt();
     let max = delivery.max_attempts();
     let reason = format!("max attempts exceeded ({attempts} deliveries, {max} allowed)");
-    if let Err(e) = delivery.dead_letter(&reason).await {
-        tracing::warn!(
+    match delivery.dead_letter(&reason).await {
+        Ok(()) => tell(hook.as_ref(), delivery.event(), &reason),
+        Err(e) => tracing::warn!(
             error = %e,
             event = delivery.event().id(),
             "could not dead-letter an over-delivered event; it stays pending and is retried after the visibility timeout"
-        );
+        ),
     }
 }
 
@@ -140,6 +152,7 @@ async fn dead_letter_undecodable(
     acker: Arc<dyn Acker>,
     tag: u64,
     policy: Arc<DeliveryPolicy>,
+    hook: Option<DeadLetterHook>,
 ) {
     let reason = format!("undecodable message: {}", message.error().message());
     tracing::warn!(
@@ -163,6 +176,7 @@ async fn dead_letter_undecodable(
             return;
         }
     };
+    tell(hook.as_ref(), &record, &reason);
     if let Err(e) = acker.ack(tag).await {
         tracing::warn!(error = %e, message = record.id(), "could not acknowledge a dead-lettered undecodable message; it may be dead-lettered again");
     }
@@ -194,6 +208,7 @@ impl Subscription {
                 permit: false,
                 policy,
                 dead_lettering: None,
+                on_dead_letter: None,
                 done: false,
             },
             stop: None,
@@ -228,6 +243,15 @@ impl Subscription {
     {
         let raw = std::mem::replace(&mut self.inner.raw, futures::stream::empty().boxed());
         self.inner.raw = f(raw).boxed();
+        self
+    }
+
+    /// Calls `hook` with each message this subscription dead-letters by itself (one that is
+    /// not a CloudEvent, or one delivered more than `max_attempts` times), and the reason,
+    /// once the record is stored. The Bus passes its handler's
+    /// [`on_dead_letter`](crate::bus::HandlerBuilder::on_dead_letter) hook here.
+    pub(crate) fn on_dead_letter(mut self, hook: DeadLetterHook) -> Self {
+        self.inner.on_dead_letter = Some(hook);
         self
     }
 

@@ -129,7 +129,7 @@ struct Handler {
 
 /// Called with each event a handler dead-letters and the reason (see
 /// [`HandlerBuilder::on_dead_letter`]).
-type DeadLetterHook = Arc<dyn Fn(&Event, &str) + Send + Sync>;
+type DeadLetterHook = crate::subscription::DeadLetterHook;
 
 impl Bus {
     /// Attaches a raw handler for event type `ty` in `group`; returns a [`HandlerBuilder`]
@@ -324,8 +324,11 @@ impl HandlerBuilder {
 
     /// Calls `hook` with each event this handler sends to the dead-letter queue, and the
     /// reason stored with it, once the dead letter is stored (for a command-line consumer
-    /// that reports them as they happen, or an alert). The hook runs on the consume path:
-    /// keep it short and never block in it.
+    /// that reports them as they happen, or an alert). That includes the messages its
+    /// subscription moves aside by itself: one that is not a CloudEvent (`hook` gets the
+    /// placeholder record, type `evbus.undecodable`) and one delivered more than
+    /// `max_attempts` times. The hook runs on the consume path: keep it short and never
+    /// block in it.
     pub fn on_dead_letter(mut self, hook: impl Fn(&Event, &str) + Send + Sync + 'static) -> Self {
         self.on_dead_letter = Some(Arc::new(hook));
         self
@@ -361,18 +364,24 @@ impl HandlerBuilder {
         let topic = bus.topic(&topic_name).await?;
         // One after the other: opening both at once made a Redis webhook delivery test of
         // the gateway miss its first event about half the time (not yet explained).
-        let from_topic = topic
+        let mut from_topic = topic
             .subscribe(
                 SubscribeOptions::named(subscription.clone())
                     .start(self.start)
                     .consumer(consumer.clone()),
             )
             .await?;
-        let from_redrive = transport
+        let mut from_redrive = transport
             .queue(&redrive_name)
             .await?
             .receive(consumer.clone())
             .await?;
+        // Messages the subscriptions dead-letter by themselves (not CloudEvents, delivered
+        // too often) are this handler's dead letters too.
+        if let Some(hook) = &self.on_dead_letter {
+            from_topic = from_topic.on_dead_letter(Arc::clone(hook));
+            from_redrive = from_redrive.on_dead_letter(Arc::clone(hook));
+        }
         let dead_letter = transport.queue(&dlq_name).await?;
 
         let shared = Arc::new(Shared {
