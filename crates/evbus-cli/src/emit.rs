@@ -74,8 +74,10 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
     };
     let (problems, refused) = payloads::check(&catalog, &args.event_type, &given);
     if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("{p}");
+        let (text, more) = failure::bounded(&problems);
+        eprint!("{text}");
+        if let Some(more) = more {
+            eprintln!("{more}");
         }
         eprintln!(
             "evbus: {} of {} payloads refused; nothing was emitted",

@@ -378,7 +378,9 @@ fn check(dir: &PathBuf, ty: &str, file: &PathBuf) -> Result<ExitCode, Failure> {
         std::fs::read_to_string(file)
             .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?
     };
-    let data: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    // A UTF-8 byte order mark (some editors write one) is not part of the JSON, as for `emit`.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let data: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         Failure::new(format!(
             "{} is not valid JSON (line {}, column {}): {e}",
             file.display(),
@@ -396,11 +398,12 @@ fn check(dir: &PathBuf, ty: &str, file: &PathBuf) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) if *errors.problem() == ValidationProblem::Invalid => {
-            let mut out = String::new();
-            for v in &errors {
-                out.push_str(&format!("{v}\n"));
-            }
+            let violations: Vec<_> = errors.iter().collect();
+            let (out, more) = failure::bounded(&violations);
             write_stdout(&out)?;
+            if let Some(more) = more {
+                eprintln!("{more}");
+            }
             Ok(ExitCode::from(failure::INVALID))
         }
         Err(errors) => Err(Failure::new(errors)),

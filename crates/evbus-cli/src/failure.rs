@@ -14,6 +14,27 @@ pub(crate) const INVALID: u8 = 1;
 /// Exit code: usage, IO or schema error.
 pub(crate) const ERROR: u8 = 2;
 
+/// The most problems a command prints for one run: a payload of millions of violations must
+/// not become millions of lines. The count of the rest is said on stderr.
+pub(crate) const MAX_PROBLEMS: usize = 100;
+
+/// `problems` bounded by [`MAX_PROBLEMS`], one per line, and the line that says how many were
+/// left out (`None` when none were).
+pub(crate) fn bounded<T: fmt::Display>(problems: &[T]) -> (String, Option<String>) {
+    let mut text = String::new();
+    for p in problems.iter().take(MAX_PROBLEMS) {
+        text.push_str(&format!("{p}\n"));
+    }
+    let rest = problems.len().saturating_sub(MAX_PROBLEMS);
+    let note = (rest > 0).then(|| {
+        format!(
+            "evbus: {} problems in all; the first {MAX_PROBLEMS} are shown, {rest} more are not",
+            problems.len()
+        )
+    });
+    (text, note)
+}
+
 /// A command that could not do its job (exit code 2), with a message for stderr.
 #[derive(Debug)]
 pub(crate) struct Failure {

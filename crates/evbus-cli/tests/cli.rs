@@ -252,6 +252,54 @@ fn check_prints_every_violation_on_its_own_line() {
 }
 
 #[test]
+fn check_prints_at_most_a_hundred_violations_and_counts_the_rest() {
+    let schema = temp_file(
+        "many.json",
+        r#"{"type": "object", "additionalProperties": {"type": "integer"}}"#,
+    );
+    let dir = schema.parent().unwrap().join("catalogue");
+    std::fs::create_dir_all(dir.join("events")).unwrap();
+    std::fs::rename(&schema, dir.join("events/many.json")).unwrap();
+    let fields: Vec<String> = (0..250).map(|i| format!("\"f{i:03}\": \"x\"")).collect();
+    let file = temp_file("many-bad.json", &format!("{{{}}}", fields.join(", ")));
+    let o = evbus(&[
+        "events",
+        "check",
+        "--schemas",
+        s(&dir),
+        "--type",
+        "many",
+        s(&file),
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 100, "{out}");
+    assert!(out.starts_with("/f000: "), "{out}");
+    assert!(
+        stderr(&o).contains("250 problems in all; the first 100 are shown, 150 more are not"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn check_ignores_a_byte_order_mark_as_emit_does() {
+    let dir = examples();
+    let valid = std::fs::read_to_string(dir.join("payloads/afterOrderCancel.valid.json")).unwrap();
+    let file = temp_file("bom.json", &format!("\u{feff}{valid}"));
+    let o = evbus(&[
+        "events",
+        "check",
+        "--schemas",
+        s(&dir),
+        "--type",
+        "afterOrderCancel",
+        s(&file),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
 fn check_reads_stdin_when_the_file_is_a_dash() {
     let dir = examples();
     let o = evbus_stdin(

@@ -312,6 +312,11 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             json!({"anyOf": [{"type": "string"}]}),
         ),
         (
+            "ONE_OF_OVERLAP",
+            json!({"oneOf": [{"type": "string"}, {"type": "integer"}]}),
+            json!({"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}]}),
+        ),
+        (
             "PRODUCT_TYPE_EXTENDED",
             json!({"type": "string"}),
             // A conjunct that repeats `"type": "string"` merges (and would be MAX_LENGTH_ADDED):

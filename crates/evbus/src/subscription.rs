@@ -58,8 +58,9 @@ struct Limited {
 /// Called with a dead-lettered record and its reason, once it is stored.
 pub(crate) type DeadLetterHook = Arc<dyn Fn(&crate::Event, &str) + Send + Sync>;
 
-/// Calls `hook`, if any; a panic in it is logged, not propagated into the stream.
-fn tell(hook: Option<&DeadLetterHook>, event: &crate::Event, reason: &str) {
+/// Calls `hook`, if any; a panic in it is logged, not propagated: a dead letter is stored and
+/// settled by then, and the hook must not take the stream (or a handler's task) with it.
+pub(crate) fn tell(hook: Option<&DeadLetterHook>, event: &crate::Event, reason: &str) {
     if let Some(hook) = hook
         && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(event, reason))).is_err()
     {

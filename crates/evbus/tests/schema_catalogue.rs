@@ -160,6 +160,23 @@ fn a_directory_file_that_is_not_json_is_an_error_naming_the_file_and_line() {
     assert!(e.message().contains("line 3"), "{e}");
 }
 
+#[cfg(unix)]
+#[test]
+fn a_schema_file_linked_to_a_missing_file_is_an_error_not_a_type_left_out() {
+    let dir = temp_dir("dangling");
+    write(&dir, "events/present.json", &json!({"type": "object"}));
+    std::os::unix::fs::symlink(dir.join("nowhere.json"), dir.join("events/gone.json")).unwrap();
+    let e = Catalog::from_dir(&dir).unwrap_err();
+    assert_eq!(e.kind(), SchemaErrorKind::Io);
+    assert!(e.message().contains("gone.json"), "{e}");
+    assert!(e.message().contains("symbolic link"), "{e}");
+    std::fs::remove_file(dir.join("events/gone.json")).unwrap();
+    assert_eq!(
+        Catalog::from_dir(&dir).unwrap().type_names(),
+        vec!["present"]
+    );
+}
+
 #[test]
 fn a_missing_directory_is_an_io_error() {
     let e = Catalog::from_dir("/definitely/not/here").unwrap_err();

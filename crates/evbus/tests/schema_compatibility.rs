@@ -282,6 +282,53 @@ fn backward_the_new_version_reads_old_data() {
                 ],
             ),
             refused(
+                "add a oneOf alternative that overlaps one already there",
+                "ONE_OF_OVERLAP",
+                vec![
+                    with(
+                        c(),
+                        "/properties/qty",
+                        json!({"oneOf": [{"type": "string"}, {"type": "integer"}]}),
+                    ),
+                    with(
+                        c(),
+                        "/properties/qty",
+                        json!({"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}]}),
+                    ),
+                ],
+            ),
+            ok(
+                "add a oneOf alternative told apart by a required const",
+                vec![
+                    with(
+                        c(),
+                        "/properties/qty",
+                        json!({"oneOf": [
+                            {"type": "object", "properties": {"kind": {"const": "a"}}, "required": ["kind"]},
+                        ]}),
+                    ),
+                    with(
+                        c(),
+                        "/properties/qty",
+                        json!({"oneOf": [
+                            {"type": "object", "properties": {"kind": {"const": "a"}}, "required": ["kind"]},
+                            {"type": "object", "properties": {"kind": {"const": "b"}, "n": {"type": "integer"}}, "required": ["kind"]},
+                        ]}),
+                    ),
+                ],
+            ),
+            ok(
+                "rewrite a nullable type as anyOf",
+                vec![
+                    with(c(), "/properties/id", json!({"type": ["string", "null"]})),
+                    with(
+                        c(),
+                        "/properties/id",
+                        json!({"anyOf": [{"type": "string"}, {"type": "null"}]}),
+                    ),
+                ],
+            ),
+            refused(
                 "drop an anyOf alternative",
                 "SUM_TYPE_NARROWED",
                 vec![

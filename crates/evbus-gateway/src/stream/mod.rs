@@ -13,11 +13,12 @@
 //! A stream behind the log reads the store itself, a page at a time, only when the client has
 //! taken the previous frames, so a slow client costs one page of memory, never a growing
 //! buffer. A page is at most 100 events and 256 KiB of them (or one larger event), so a
-//! stream's memory does not grow with the size of the events either. A stream that has caught up takes the pages the [`fanout`] reads once for every
-//! stream, so open streams do not multiply the store's work. The key is checked before every
-//! page read from the store, at least every second while frames flow, at once on every
-//! revocation, and at the key's expiry time even with no event to send, so a revoked or
-//! expired key's stream ends at once (not at the next event).
+//! stream's memory does not grow with the size of the events either. A stream that has caught
+//! up takes the pages the [`fanout`] reads once for every stream, so open streams do not
+//! multiply the store's work. The key is checked before every page read from the store, at
+//! least every second while frames flow, at once on every revocation, and at the key's expiry
+//! time even with no event to send, so a revoked or expired key's stream ends at once (not at
+//! the next event).
 
 use std::convert::Infallible;
 use std::sync::Arc;

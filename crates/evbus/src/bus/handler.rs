@@ -1169,19 +1169,7 @@ impl Worker {
     /// dead-letter hook.
     fn dead_lettered(&self, event: &Event, reason: &str, result: Result<()>) {
         match result {
-            Ok(()) => {
-                if let Some(hook) = &self.on_dead_letter
-                    && std::panic::catch_unwind(AssertUnwindSafe(|| hook(event, reason))).is_err()
-                {
-                    // The event is dead-lettered and settled; the hook's panic must not take
-                    // the task that runs the handler (and the key's lane) with it.
-                    tracing::error!(
-                        event = event.id(),
-                        group = %self.shared.group,
-                        "the on_dead_letter hook panicked"
-                    );
-                }
-            }
+            Ok(()) => crate::subscription::tell(self.on_dead_letter.as_ref(), event, reason),
             Err(e) => settle("dead-lettering", event, Err(e)),
         }
     }

@@ -1162,8 +1162,25 @@ fn read_json_files(dir: &Path) -> Result<Vec<(String, std::path::PathBuf, Value)
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if is_json && !hidden && path.is_file() {
-            paths.push(path);
+        if !is_json || hidden {
+            continue;
+        }
+        // A schema file that cannot be read (a link to a missing file, no permission) is an
+        // error, not a file to skip: a catalogue missing one of its types would load.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => paths.push(path),
+            Ok(_) => {}
+            Err(e) if path.is_symlink() => {
+                return Err(SchemaError::new(
+                    SchemaErrorKind::Io,
+                    format!(
+                        "{} is a symbolic link to a file that cannot be read: {e}",
+                        path.display()
+                    ),
+                )
+                .with_source(e));
+            }
+            Err(e) => return Err(io(e, &path)),
         }
     }
     paths.sort();

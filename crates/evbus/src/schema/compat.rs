@@ -43,7 +43,11 @@
 //!   `maxContains` on the same schema or with `maxItems` (`MAX_CONTAINS_ADDED`,
 //!   `MAX_CONTAINS_DECREASED`).
 //! - **Combinations.** Every writer alternative of `anyOf`/`oneOf` must be accepted by some
-//!   reader alternative (`SUM_TYPE_NARROWED` otherwise; adding alternatives is fine); `allOf`
+//!   reader alternative (`SUM_TYPE_NARROWED` otherwise; adding alternatives is fine; a writer
+//!   `type` of several types counts as one alternative per type). Under a reader's `oneOf`,
+//!   writer data must also be kept out of its other alternatives, or it would match two and be
+//!   refused (`ONE_OF_OVERLAP`): alternatives are told apart by their types, `const`/`enum`
+//!   values, or a required property whose schemas are told apart the same way; `allOf`
 //!   conjuncts are merged before comparing; `not`, `if`/`then`/`else` must keep their meaning.
 //! - **Dialect.** A version written in another JSON Schema draft (`$schema`, 2020-12 when
 //!   absent) is refused (`DIALECT_CHANGED`): the same keywords mean other things.
@@ -1403,7 +1407,8 @@ fn combinators(
     depth: usize,
     out: &mut Vec<Incompatibility>,
 ) {
-    // anyOf / oneOf in the reader: every writer alternative must fit one reader alternative.
+    // anyOf / oneOf in the reader: every writer alternative must fit one reader alternative;
+    // under oneOf it must also be kept out of the reader's other alternatives.
     for kw in ["anyOf", "oneOf"] {
         let Some(r_alts) = r.get(kw).and_then(Value::as_array) else {
             continue;
@@ -1413,33 +1418,60 @@ fn combinators(
             Some(alts) => alts.iter().map(|a| merge_shallow(&base, a)).collect(),
             None => vec![base.clone()],
         };
-        for (i, wa) in w_alts.iter().enumerate() {
+        // A writer alternative of several types is read as one alternative per type (a value
+        // has one of them), so `type: [T, "null"]` fits `anyOf: [T, null]`.
+        let w_alts: Vec<(usize, Map<String, Value>)> = w_alts
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, wa)| by_type(wa).into_iter().map(move |part| (i, part)))
+            .collect();
+        let r_base = without(r, &["anyOf", "oneOf"]);
+        for (i, wa) in &w_alts {
             let wa = Value::Object(wa.clone());
             let mut best: Option<Vec<Incompatibility>> = None;
-            for ra in r_alts {
+            let mut fits = None;
+            for (j, ra) in r_alts.iter().enumerate() {
                 let mut sub = Vec::new();
                 compare(&wa, ra, &at(path, kw), depth + 1, &mut sub);
                 if sub.is_empty() {
                     best = None;
+                    fits = Some(j);
                     break;
                 }
                 if best.as_ref().is_none_or(|b| sub.len() < b.len()) {
                     best = Some(sub);
                 }
             }
+            let writer = if alternatives(w).is_some() {
+                format!("writer alternative {}", i + 1)
+            } else {
+                "the writer's schema".to_owned()
+            };
             if let Some(closest) = best {
                 out.push(Incompatibility::new(
                     &at(path, kw),
                     "SUM_TYPE_NARROWED",
                     format!(
-                        "{} is accepted by none of the reader's {} alternatives (closest: {})",
-                        if alternatives(w).is_some() {
-                            format!("writer alternative {}", i + 1)
-                        } else {
-                            "the writer's schema".to_owned()
-                        },
+                        "{writer} is accepted by none of the reader's {} alternatives (closest: {})",
                         r_alts.len(),
                         summary(&closest)
+                    ),
+                ));
+            }
+            if kw == "oneOf"
+                && let Some(j) = fits
+                && let Some(k) = one_of_overlap(w, *i, &wa, &r_base, r_alts, j)
+            {
+                out.push(Incompatibility::new(
+                    &at(&at(path, kw), &k.to_string()),
+                    "ONE_OF_OVERLAP",
+                    format!(
+                        "{writer} fits the reader's oneOf alternative {} but may also match \
+                         alternative {}, and a value matching two alternatives of a oneOf is \
+                         refused; keep the alternatives apart (different types, or a required \
+                         property with different const/enum values)",
+                        j + 1,
+                        k + 1
                     ),
                 ));
             }
@@ -1506,6 +1538,101 @@ fn combinators(
             "the reader's if/then/else differs from the writer's".to_owned(),
         ));
     }
+}
+
+/// `m` split into one schema per type when its `type` lists several (each value has one type).
+fn by_type(m: Map<String, Value>) -> Vec<Map<String, Value>> {
+    match m.get("type") {
+        Some(Value::Array(ts)) if ts.len() > 1 => ts
+            .iter()
+            .map(|t| {
+                let mut part = m.clone();
+                part.insert("type".to_owned(), t.clone());
+                part
+            })
+            .collect(),
+        _ => vec![m],
+    }
+}
+
+/// The first reader `oneOf` alternative, other than `fits` (the one that accepts writer
+/// alternative `i`), that writer data of `wa` may also match. Reader alternatives the writer
+/// already had among its own `oneOf` alternatives, other than `i` itself, are no new overlap:
+/// writer data matched exactly one of those.
+fn one_of_overlap(
+    w: &Map<String, Value>,
+    i: usize,
+    wa: &Value,
+    r_base: &Map<String, Value>,
+    r_alts: &[Value],
+    fits: usize,
+) -> Option<usize> {
+    let w_one_of = w.get("oneOf").and_then(Value::as_array);
+    let fit = Value::Object(merge_shallow(r_base, &r_alts[fits]));
+    (0..r_alts.len()).find(|&k| {
+        if k == fits {
+            return false;
+        }
+        let known = w_one_of.is_some_and(|alts| {
+            alts.iter()
+                .enumerate()
+                .any(|(n, a)| n != i && a == &r_alts[k])
+        });
+        let other = Value::Object(merge_shallow(r_base, &r_alts[k]));
+        !known && !disjoint(wa, &other, 0) && !disjoint(&fit, &other, 0)
+    })
+}
+
+/// Whether no value can match both schemas, as far as types, `const`/`enum` and required
+/// properties of objects show; `false` when that cannot be told.
+fn disjoint(a: &Value, b: &Value, depth: usize) -> bool {
+    if accepts_nothing(a) || accepts_nothing(b) {
+        return true;
+    }
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return false;
+    };
+    if depth > MAX_DEPTH {
+        return false;
+    }
+    let (a, b) = (flatten_all_of(a), flatten_all_of(b));
+    let overlap = |x: &BTreeSet<String>, y: &BTreeSet<String>| {
+        x.iter().any(|t| {
+            y.contains(t)
+                || (t == "integer" && y.contains("number"))
+                || (t == "number" && y.contains("integer"))
+        })
+    };
+    let (at, bt) = (declared_types(&a), declared_types(&b));
+    if let (Some(at), Some(bt)) = (&at, &bt)
+        && !overlap(at, bt)
+    {
+        return true;
+    }
+    if let (Some(ae), Some(be)) = (enum_values(&a), enum_values(&b))
+        && !ae.iter().any(|v| be.contains(v))
+    {
+        return true;
+    }
+    // Objects only: a property one of them requires, whose schemas cannot both match.
+    let only_objects = |t: &Option<BTreeSet<String>>| {
+        t.as_ref()
+            .is_some_and(|t| t.len() == 1 && t.contains("object"))
+    };
+    if !only_objects(&at) && !only_objects(&bt) {
+        return false;
+    }
+    let (Some(ap), Some(bp)) = (
+        a.get("properties").and_then(Value::as_object),
+        b.get("properties").and_then(Value::as_object),
+    ) else {
+        return false;
+    };
+    let (ar, br) = (str_set(&a, "required"), str_set(&b, "required"));
+    ap.iter().any(|(name, sa)| {
+        (ar.contains(name) || br.contains(name))
+            && bp.get(name).is_some_and(|sb| disjoint(sa, sb, depth + 1))
+    })
 }
 
 fn summary(list: &[Incompatibility]) -> String {
@@ -1589,6 +1716,71 @@ mod tests {
         let open =
             json!({"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": true});
         assert!(check(&w, &open).is_empty());
+    }
+
+    #[test]
+    fn a_oneof_alternative_must_not_overlap_another() {
+        let w = json!({"oneOf": [{"type": "string"}, {"type": "integer"}]});
+        let r = json!({"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}]});
+        let problems = check(&w, &r);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].rule(), "ONE_OF_OVERLAP");
+        assert_eq!(problems[0].path(), "/oneOf/2");
+        // The same change under anyOf is fine: matching two alternatives is allowed there.
+        let w = json!({"anyOf": [{"type": "string"}, {"type": "integer"}]});
+        let r = json!({"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}]});
+        assert!(check(&w, &r).is_empty());
+        // anyOf tightened to oneOf over alternatives that may overlap.
+        let a = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        let b = json!({"type": "object", "properties": {"b": {"type": "string"}}});
+        let w = json!({"anyOf": [a, b]});
+        let r = json!({"oneOf": [a, b]});
+        assert_eq!(rules(w, r), vec!["ONE_OF_OVERLAP", "ONE_OF_OVERLAP"]);
+        // A writer schema that fits one alternative of a widened oneOf whose other one
+        // contains it.
+        let w = json!({"type": "integer"});
+        let r = json!({"oneOf": [{"type": "integer"}, {"type": "number"}]});
+        assert_eq!(rules(w, r), vec!["ONE_OF_OVERLAP"]);
+    }
+
+    #[test]
+    fn oneof_alternatives_told_apart_are_not_an_overlap() {
+        let variant = |kind: &str| json!({"type": "object", "properties": {"kind": {"const": kind}}, "required": ["kind"]});
+        let w = json!({"oneOf": [variant("a"), variant("b")]});
+        let r = json!({"oneOf": [variant("a"), variant("b"), variant("c")]});
+        assert!(check(&w, &r).is_empty());
+        // Told apart by enums, and by types.
+        let w = json!({"oneOf": [{"enum": [1, 2]}, {"type": "string"}]});
+        let r = json!({"oneOf": [{"enum": [1, 2]}, {"type": "string"}, {"enum": [3]}]});
+        assert!(check(&w, &r).is_empty());
+        // Alternatives the writer already had: its data matched exactly one of them.
+        let open = |p: &str| json!({"type": "object", "properties": {p: {"type": "string"}}});
+        let w = json!({"oneOf": [open("a"), open("b")], "minProperties": 1});
+        let r = json!({"oneOf": [open("a"), open("b")]});
+        assert!(check(&w, &r).is_empty());
+    }
+
+    #[test]
+    fn a_type_list_fits_alternatives_of_each_type() {
+        let w = json!({"type": ["string", "null"]});
+        assert!(
+            check(
+                &w,
+                &json!({"anyOf": [{"type": "string"}, {"type": "null"}]})
+            )
+            .is_empty()
+        );
+        assert!(
+            check(
+                &w,
+                &json!({"oneOf": [{"type": "null"}, {"type": "string"}]})
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            rules(w, json!({"anyOf": [{"type": "string"}]})),
+            vec!["SUM_TYPE_NARROWED"]
+        );
     }
 
     #[test]
