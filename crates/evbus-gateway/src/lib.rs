@@ -109,6 +109,12 @@ pub struct GatewayConfig {
     /// Open client connections at once. A connection above the limit is answered once
     /// (`/healthz` as usual, anything else `503`) and closed. Default 1,024.
     pub max_connections: usize,
+    /// Open client connections at once from one address (an IPv6 address counts by its /64
+    /// network), so that one host cannot take every connection slot. One above it is answered
+    /// like one above [`max_connections`](Self::max_connections), naming this limit. Behind a
+    /// proxy every connection comes from the proxy's address: raise it to `max_connections`
+    /// there and cap per client in the proxy. Default 256.
+    pub max_connections_per_address: usize,
     /// Longest wait for a request's headers, from the moment the connection is ready for a
     /// request: a half-sent request is dropped after it, and so is a kept-alive connection
     /// idle for that long. Default 15 s.
@@ -170,6 +176,7 @@ impl Default for GatewayConfig {
             max_streams: 1_000,
             max_streams_per_key: 10,
             max_connections: 1_024,
+            max_connections_per_address: 256,
             header_read_timeout: Duration::from_secs(15),
             stream_buffer_pages: 64,
             stream_keepalive: Duration::from_secs(15),
@@ -507,9 +514,10 @@ impl Gateway {
 
     /// Serves the API on `listener` until `signal` completes, then stops the gateway.
     ///
-    /// Connections are HTTP/1.1, bounded by [`GatewayConfig::max_connections`] and
+    /// Connections are HTTP/1.1, bounded by [`GatewayConfig::max_connections`] (in all and
+    /// [per address](GatewayConfig::max_connections_per_address)) and
     /// [`GatewayConfig::header_read_timeout`]; `/healthz` answers even above the connection
-    /// limit.
+    /// limits.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -525,6 +533,7 @@ impl Gateway {
         });
         let limits = server::Limits {
             max_connections: self.state.config.max_connections.max(1),
+            max_connections_per_address: self.state.config.max_connections_per_address.max(1),
             header_read_timeout: self.state.config.header_read_timeout,
             drain: self.state.config.request_timeout,
         };

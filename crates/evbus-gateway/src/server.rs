@@ -5,8 +5,16 @@
 //! normally. One above it takes one of [`SPARE`] spare slots: it is answered once (`/healthz`
 //! as usual, anything else `503` with `Retry-After`) and closed, with a short header timeout.
 //! When the spare slots are taken too, the connection is closed at once.
+//!
+//! Connections are also counted per client address (an IPv6 address by its /64 network,
+//! which one host commonly holds whole): one above
+//! [`GatewayConfig::max_connections_per_address`](crate::GatewayConfig) is treated like one
+//! above the limit, so one host cannot take every slot.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Router;
@@ -32,6 +40,7 @@ const SPARE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The settings of the accept loop.
 pub(crate) struct Limits {
     pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_address: usize,
     pub(crate) header_read_timeout: Duration,
     /// How long open connections may take to finish after the stop.
     pub(crate) drain: Duration,
@@ -46,12 +55,13 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let spare = Arc::new(Semaphore::new(SPARE));
+    let addresses = Arc::new(Addresses::new(limits.max_connections_per_address));
     let tasks = TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, most often: back off a moment, do not spin.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -64,50 +74,133 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        if let Ok(permit) = Arc::clone(&slots).try_acquire_owned() {
-            let service = TowerToHyperService::new(router.clone());
-            let cancel = cancel.clone();
-            let timeout = limits.header_read_timeout;
-            tasks.spawn(async move {
-                connection(stream, service, timeout, true, cancel).await;
-                drop(permit);
-            });
-        } else if let Ok(permit) = Arc::clone(&spare).try_acquire_owned() {
-            metrics::counter!("evbus_gateway_connections_over_limit_total").increment(1);
-            let health = TowerToHyperService::new(router.clone());
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let health = health.clone();
-                async move {
-                    if req.uri().path() == "/healthz" {
-                        hyper::service::Service::call(&health, req).await
-                    } else {
-                        Ok::<Response<Body>, Infallible>(over_limit())
-                    }
-                }
-            });
-            let cancel = cancel.clone();
-            let timeout = limits.header_read_timeout.min(SPARE_HEADER_TIMEOUT);
-            tasks.spawn(async move {
-                connection(stream, service, timeout, false, cancel).await;
-                drop(permit);
-            });
-        } else {
+        let admitted = match Addresses::enter(&addresses, peer) {
+            None => Err(OVER_ADDRESS_LIMIT),
+            Some(address) => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => Ok((address, permit)),
+                Err(_) => Err(OVER_LIMIT),
+            },
+        };
+        let limit = match admitted {
+            Ok(held) => {
+                let service = TowerToHyperService::new(router.clone());
+                let cancel = cancel.clone();
+                let timeout = limits.header_read_timeout;
+                tasks.spawn(async move {
+                    connection(stream, service, timeout, true, cancel).await;
+                    drop(held);
+                });
+                continue;
+            }
+            Err(limit) => limit,
+        };
+        let Ok(permit) = Arc::clone(&spare).try_acquire_owned() else {
             metrics::counter!("evbus_gateway_connections_refused_total").increment(1);
             drop(stream);
+            continue;
+        };
+        if limit == OVER_ADDRESS_LIMIT {
+            metrics::counter!("evbus_gateway_connections_over_address_limit_total").increment(1);
+        } else {
+            metrics::counter!("evbus_gateway_connections_over_limit_total").increment(1);
         }
+        let health = TowerToHyperService::new(router.clone());
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let health = health.clone();
+            async move {
+                if req.uri().path() == "/healthz" {
+                    hyper::service::Service::call(&health, req).await
+                } else {
+                    Ok::<Response<Body>, Infallible>(over_limit(limit))
+                }
+            }
+        });
+        let cancel = cancel.clone();
+        let timeout = limits.header_read_timeout.min(SPARE_HEADER_TIMEOUT);
+        tasks.spawn(async move {
+            connection(stream, service, timeout, false, cancel).await;
+            drop(permit);
+        });
     }
     tasks.close();
     let _ = tokio::time::timeout(limits.drain + Duration::from_secs(1), tasks.wait()).await;
     Ok(())
 }
 
-fn over_limit() -> Response<Body> {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the gateway has too many open connections (max_connections); close idle connections or try again later",
-    )
-    .retry_after(1)
-    .into_response()
+const OVER_LIMIT: &str = "the gateway has too many open connections (max_connections); close idle connections or try again later";
+const OVER_ADDRESS_LIMIT: &str = "too many open connections from your address (max_connections_per_address); close idle connections or try again later";
+
+fn over_limit(detail: &'static str) -> Response<Body> {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, detail)
+        .retry_after(1)
+        .into_response()
+}
+
+/// Open connections per client address, bounded.
+struct Addresses {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection counted against its address until dropped.
+struct AddressSlot {
+    addresses: Arc<Addresses>,
+    key: IpAddr,
+}
+
+impl Addresses {
+    fn new(limit: usize) -> Self {
+        Addresses {
+            limit: limit.max(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a connection from `peer`; `None` when its address holds the most already.
+    fn enter(this: &Arc<Self>, peer: SocketAddr) -> Option<AddressSlot> {
+        let key = address_key(peer.ip());
+        let mut open = this.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= this.limit {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            addresses: Arc::clone(this),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .addresses
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What connections are counted under: an IPv4 address itself (an IPv4-mapped IPv6 one too),
+/// an IPv6 address by its /64 network.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
 }
 
 /// Serves one connection until it ends, or until `cancel` (then gracefully).
@@ -137,4 +230,34 @@ async fn connection<S>(
         _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
     }
     let _ = conn.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64_network() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_address_slot_is_given_back_when_dropped() {
+        let addresses = Arc::new(Addresses::new(2));
+        let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let first = Addresses::enter(&addresses, peer).unwrap();
+        let second = Addresses::enter(&addresses, peer).unwrap();
+        assert!(Addresses::enter(&addresses, peer).is_none());
+        assert!(Addresses::enter(&addresses, "192.0.2.2:5000".parse().unwrap()).is_some());
+        drop(first);
+        let third = Addresses::enter(&addresses, peer).unwrap();
+        drop((second, third));
+        assert!(addresses.open.lock().unwrap().is_empty());
+    }
 }

@@ -166,6 +166,81 @@ async fn one_key_at_its_stream_and_delivery_limits_does_not_starve_another_key()
     .await;
 }
 
+/// One host holding its share of connections, idle and half-sent, is refused more with `503`
+/// naming the per-address limit, while a client from another address is served as usual.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_slot() {
+    let mut config = test_config();
+    config.max_connections = 100;
+    config.max_connections_per_address = 6;
+    config.header_read_timeout = Duration::from_secs(60);
+    let (addr, _stop, _dir) = served(config).await;
+    let mut held = Vec::new();
+    for i in 0..6 {
+        let mut socket = TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            socket
+                .write_all(b"GET /v1/event-types HTTP/1.1\r\nHost: gateway\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(socket);
+    }
+    let from = |local: &str| {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .local_address(local.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let same = timeout(
+        FAIR,
+        from("127.0.0.1")
+            .get(format!("http://{addr}/v1/event-types"))
+            .send(),
+    )
+    .await
+    .expect("an answer within 2 s")
+    .unwrap();
+    assert_eq!(
+        same.status().as_u16(),
+        503,
+        "a seventh connection of one address"
+    );
+    assert!(same.headers().contains_key("retry-after"));
+    let body = same.text().await.unwrap();
+    assert!(body.contains("max_connections_per_address"), "{body}");
+    // Another address (all of 127/8 is this host's loopback) is served as usual.
+    let other = timeout(
+        FAIR,
+        from("127.0.0.2")
+            .get(format!("http://{addr}/v1/event-types"))
+            .header("authorization", "Bearer nothing")
+            .send(),
+    )
+    .await
+    .expect("an answer within 2 s")
+    .unwrap();
+    assert_eq!(
+        other.status().as_u16(),
+        401,
+        "another address reaches the API"
+    );
+    // The address's own slots come back as its connections close.
+    held.clear();
+    eventually(
+        "the address is served again once its connections close",
+        || async {
+            from("127.0.0.1")
+                .get(format!("http://{addr}/v1/event-types"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() != 503)
+        },
+    )
+    .await;
+}
+
 /// A gateway served by [`Gateway::serve`] (the accept loop `evbus serve` uses).
 async fn served(
     config: GatewayConfig,

@@ -79,6 +79,10 @@ pub(crate) struct Limits {
     /// Open client connections at once (`/healthz` still answers above it).
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_connections as u64)]
     max_connections: u64,
+    /// Open client connections at once from one address (IPv6: one /64). Behind a proxy,
+    /// where every connection comes from the proxy, raise it to --max-connections.
+    #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_connections_per_address as u64)]
+    max_connections_per_address: u64,
     /// Longest wait for a request's headers, and longest idle keep-alive, in seconds.
     #[arg(long, value_name = "SECS", value_parser = positive, default_value_t = defaults().header_read_timeout.as_secs())]
     header_read_timeout: u64,
@@ -140,6 +144,7 @@ impl Limits {
             config.rate_limit_burst = count(n);
         }
         config.max_connections = size(self.max_connections);
+        config.max_connections_per_address = size(self.max_connections_per_address);
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
         config.max_streams = size(self.max_streams);
         config.max_streams_per_key = size(self.max_streams_per_key);
