@@ -312,6 +312,11 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             json!({"anyOf": [{"type": "string"}]}),
         ),
         (
+            "PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY",
+            json!({"type": "object", "properties": {"xa": {"type": "string"}}, "additionalProperties": false}),
+            json!({"type": "object", "properties": {"xa": {"type": "string"}}, "additionalProperties": false, "patternProperties": {"^x": {"type": "integer"}}}),
+        ),
+        (
             "ONE_OF_OVERLAP",
             json!({"oneOf": [{"type": "string"}, {"type": "integer"}]}),
             json!({"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}]}),

@@ -23,7 +23,9 @@
 //!   value) unless the new property's schema accepts anything; adding it to a closed model is
 //!   fine. Removing a property is fine for an open reader and refused for a closed one
 //!   (`PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL`); with a partially open model, the property
-//!   must be covered by the model's schema. `unevaluatedProperties` counts as the content model
+//!   must be covered by the model's schema. A new `patternProperties` pattern applies to the
+//!   declared properties it matches as well, and must accept the writer's values for them
+//!   (`PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY`). `unevaluatedProperties` counts as the content model
 //!   when there is no `additionalProperties` and nothing else in the object schema evaluates
 //!   properties once `allOf` and `$ref` are merged (the 2020-12 way to close an event built on
 //!   a shared definition: `{"$ref": "../definitions/Base.json", "properties": {…},
@@ -1132,8 +1134,30 @@ fn objects(
                      model allowed with any value"
                 ),
             ));
-        } else if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s) && !accepts_anything(s)) {
-            compare(ws, rs, &p, depth + 1, out);
+        } else {
+            if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s) && !accepts_anything(s)) {
+                compare(ws, rs, &p, depth + 1, out);
+            }
+            // A pattern applies to the declared properties it matches too, on top of their
+            // own schemas: a new one must accept what the writer declared under such names.
+            let Ok(re) = regex::Regex::new(pat) else {
+                continue;
+            };
+            for (name, ws) in wp.iter().filter(|(name, _)| re.is_match(name)) {
+                let mut sub = Vec::new();
+                compare(ws, rs, &p, depth + 1, &mut sub);
+                if !sub.is_empty() {
+                    out.push(Incompatibility::new(
+                        &p,
+                        "PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY",
+                        format!(
+                            "the reader's new pattern {pat:?} applies to the declared property \
+                             \"{name}\" as well, and refuses values the writer allowed there: {}",
+                            summary(&sub)
+                        ),
+                    ));
+                }
+            }
         }
     }
     for (pat, ws) in wpp {
@@ -1781,6 +1805,28 @@ mod tests {
             rules(w, json!({"anyOf": [{"type": "string"}]})),
             vec!["SUM_TYPE_NARROWED"]
         );
+    }
+
+    #[test]
+    fn a_new_pattern_must_accept_the_declared_properties_it_matches() {
+        let w = json!({
+            "type": "object",
+            "properties": {"xa": {"type": "string"}, "b": {"type": "integer"}},
+            "additionalProperties": false
+        });
+        let mut r = w.clone();
+        r["patternProperties"] = json!({"^x": {"type": "integer"}});
+        let problems = check(&w, &r);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].rule(),
+            "PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY"
+        );
+        assert_eq!(problems[0].path(), "/patternProperties/^x");
+        assert!(problems[0].message().contains("\"xa\""), "{problems:?}");
+        // A pattern that accepts the declared property's values is fine.
+        r["patternProperties"] = json!({"^x": {"type": ["string", "integer"]}});
+        assert!(check(&w, &r).is_empty());
     }
 
     #[test]
