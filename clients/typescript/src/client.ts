@@ -7,6 +7,21 @@ import { randomUUID } from "node:crypto";
 import type { CloudEvent, DeliveredEvent, DeliveredType, ExtensionValue, PublishedType } from "./cloudevent.js";
 import { ConnectionError, EvbusError, GatewayError, errorFromResponse } from "./errors.js";
 import type { PublishedEvents } from "./generated/published.js";
+import type {
+  CreateKeyInput,
+  CreateWebhookInput,
+  KeyInfo,
+  NewKey,
+  NewWebhook,
+  ReplayInput,
+  ReplayResult,
+  RequestOptions,
+  RotateSecretOptions,
+  RotatedSecret,
+  UpdateWebhookInput,
+  WebhookAttempt,
+  WebhookInfo,
+} from "./management.js";
 import { SseParser } from "./sse.js";
 
 /** How to reach the gateway. */
@@ -171,6 +186,17 @@ function percentEncode(value: string): string {
   return out;
 }
 
+/**
+ * `id` as one path segment. An empty id, `.` or `..` cannot be one (URLs resolve the dot
+ * segments away, asking another path): refused here rather than sent.
+ */
+function pathId(id: string, what: string): string {
+  if (typeof id !== "string" || id === "" || id === "." || id === "..") {
+    throw new EvbusError(`${what}: ${JSON.stringify(id)} is not an id`);
+  }
+  return encodeURIComponent(id);
+}
+
 function connectionError(error: unknown, what: string): ConnectionError {
   const cause = error instanceof Error && error.cause instanceof Error ? `: ${error.cause.message}` : "";
   const message = error instanceof Error ? error.message : String(error);
@@ -215,12 +241,14 @@ export class EvbusClient {
     return url;
   }
 
-  async #request(path: string, init: RequestInit): Promise<Response> {
+  async #request(path: string, init: RequestInit, query?: Record<string, string>): Promise<Response> {
     const headers = new Headers(init.headers);
     headers.set("authorization", `Bearer ${this.#apiKey}`);
+    const url = this.#url(path);
+    for (const [name, value] of Object.entries(query ?? {})) url.searchParams.set(name, value);
     let response: Response;
     try {
-      response = await this.#fetch(this.#url(path), { ...init, headers });
+      response = await this.#fetch(url, { ...init, headers });
     } catch (error) {
       if (init.signal?.aborted) throw init.signal.reason;
       throw connectionError(error, `${init.method ?? "GET"} ${path} failed`);
@@ -290,9 +318,155 @@ export class EvbusClient {
   }
 
   /** The external types this key may subscribe to or publish (`subscribe`, `publish`), with their curated schemas. */
-  async eventTypes(options: { signal?: AbortSignal } = {}): Promise<EventTypeInfo[]> {
+  async eventTypes(options: RequestOptions = {}): Promise<EventTypeInfo[]> {
     const response = await this.#request("/v1/event-types", { signal: options.signal });
     return (await response.json()) as EventTypeInfo[];
+  }
+
+  /** A JSON request body: `POST`/`PATCH` with `content-type: application/json`. */
+  async #send(method: string, path: string, body: unknown, options: RequestOptions): Promise<Response> {
+    return this.#request(path, { method, headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal: options.signal });
+  }
+
+  // ---- Webhooks (`/v1/webhooks`): a key manages the webhooks it registered; an admin key, all of them.
+
+  /**
+   * Registers a webhook (`POST /v1/webhooks`): the gateway POSTs every curated event of
+   * `event_types` to `url`, signed with Standard Webhooks.
+   *
+   * The answer holds the signing `secret` (`whsec_…`), **shown once**: the gateway never answers
+   * it again. Keep it for the receiver (`WebhookVerifier`); a lost secret can only be replaced
+   * ({@link EvbusClient.rotateWebhookSecret}).
+   *
+   * @throws GatewayError 400 (a malformed body: no type, too many types or `allow` pointers, a
+   *   bad pointer, too long a `url` or `description`), 403 (a type outside the key's subscribe
+   *   scope: `problem.denied_positions` lists their positions), 409 (the key already holds the
+   *   most webhooks one key may: `problem.limit`), 413, 422 (the URL is not http(s), or its
+   *   host is not a public address the gateway may call)
+   */
+  async createWebhook(webhook: CreateWebhookInput, options: RequestOptions = {}): Promise<NewWebhook> {
+    const response = await this.#send("POST", "/v1/webhooks", webhook, options);
+    return (await response.json()) as NewWebhook;
+  }
+
+  /**
+   * The webhooks this key registered, oldest first (`GET /v1/webhooks`); for an admin key,
+   * every key's. Secrets are never listed. The gateway answers the whole list (at most
+   * `max_webhooks_per_key`, 25 by default, per key): there is no paging.
+   */
+  async listWebhooks(options: RequestOptions = {}): Promise<WebhookInfo[]> {
+    const response = await this.#request("/v1/webhooks", { signal: options.signal });
+    return (await response.json()) as WebhookInfo[];
+  }
+
+  /**
+   * One webhook (`GET /v1/webhooks/{id}`), without its secret.
+   *
+   * @throws GatewayError 404 for an unknown id, or a webhook of another key (an admin key sees every one)
+   */
+  async getWebhook(id: string, options: RequestOptions = {}): Promise<WebhookInfo> {
+    const response = await this.#request(`/v1/webhooks/${pathId(id, "getWebhook")}`, { signal: options.signal });
+    return (await response.json()) as WebhookInfo;
+  }
+
+  /**
+   * Changes a webhook's event types or description, or disables (`enabled: false`) or
+   * re-enables it (`enabled: true`, which clears its failure state) (`PATCH /v1/webhooks/{id}`).
+   * Members left out stay as they are. Answers the webhook as it now is.
+   *
+   * @throws GatewayError 400 (an empty `event_types`, a wrong type, too long a `description`),
+   *   403 (a type outside the key's subscribe scope: `problem.denied_positions`), 404
+   */
+  async updateWebhook(id: string, change: UpdateWebhookInput, options: RequestOptions = {}): Promise<WebhookInfo> {
+    const response = await this.#send("PATCH", `/v1/webhooks/${pathId(id, "updateWebhook")}`, change, options);
+    return (await response.json()) as WebhookInfo;
+  }
+
+  /**
+   * Deletes a webhook (`DELETE /v1/webhooks/{id}`); its pending deliveries are dropped.
+   *
+   * @throws GatewayError 404 for an unknown id (a second delete included)
+   */
+  async deleteWebhook(id: string, options: RequestOptions = {}): Promise<void> {
+    const response = await this.#request(`/v1/webhooks/${pathId(id, "deleteWebhook")}`, { method: "DELETE", signal: options.signal });
+    await response.body?.cancel();
+  }
+
+  /**
+   * A new signing secret for a webhook (`POST /v1/webhooks/{id}/rotate-secret`). The previous
+   * one keeps signing beside it until `previous_secret_expires_at` (24 h by default), so
+   * receivers can switch at any time in that window. The new `secret` is **shown once**.
+   *
+   * @throws GatewayError 404; 409 while an earlier rotation's previous secret still signs
+   *   (`problem.previous_secret_until` says until when): rotating again would stop it before
+   *   the time promised. `{ retirePrevious: true }` rotates anyway and stops it at once (after
+   *   a leak).
+   */
+  async rotateWebhookSecret(id: string, options: RotateSecretOptions = {}): Promise<RotatedSecret> {
+    const path = `/v1/webhooks/${pathId(id, "rotateWebhookSecret")}/rotate-secret`;
+    const query = options.retirePrevious === true ? { retire_previous: "true" } : undefined;
+    const response = await this.#request(path, { method: "POST", signal: options.signal }, query);
+    return (await response.json()) as RotatedSecret;
+  }
+
+  /**
+   * A webhook's latest delivery attempts, newest first (`GET /v1/webhooks/{id}/attempts`): the
+   * gateway answers the newest 100 (it keeps 1,000 per webhook); there is no paging.
+   *
+   * @throws GatewayError 404
+   */
+  async listWebhookAttempts(id: string, options: RequestOptions = {}): Promise<WebhookAttempt[]> {
+    const response = await this.#request(`/v1/webhooks/${pathId(id, "listWebhookAttempts")}/attempts`, { signal: options.signal });
+    return (await response.json()) as WebhookAttempt[];
+  }
+
+  /**
+   * Delivers again every logged event since a time (`POST /v1/webhooks/{id}/replay`), and
+   * re-enables a disabled endpoint. Idempotent: an event with a delivery to this endpoint still
+   * pending is not queued again. Bounded by the webhook's replay budget (`budget_remaining`).
+   *
+   * @throws GatewayError 400 (`since` is not a date-time), 404, 429 when the replay budget is
+   *   spent (`retryAfter`, and `problem.resets_at`, `problem.limit`)
+   */
+  async replayWebhook(id: string, replay: ReplayInput, options: RequestOptions = {}): Promise<ReplayResult> {
+    const since = typeof replay.since === "string" ? replay.since : replay.since.toISOString();
+    const response = await this.#send("POST", `/v1/webhooks/${pathId(id, "replayWebhook")}/replay`, { since }, options);
+    return (await response.json()) as ReplayResult;
+  }
+
+  // ---- API keys (`/v1/keys`): an admin key only; any other key is answered 403.
+
+  /**
+   * Creates an API key (`POST /v1/keys`; an admin key). The answer's `key` (`evb_…`) is **shown
+   * once**: the gateway keeps only a hash of its secret. `warnings` names each scope pattern
+   * that matches none of the external types served now (the key is created all the same).
+   *
+   * @throws GatewayError 400 (a `name` empty, only spaces or over 200 characters, a scope
+   *   pattern that is not 1 to 200 letters, digits, `.`, `_`, `-` or `*`:
+   *   `problem.invalid_positions`, a wrong `rate_limit`), 403 (not an admin key)
+   */
+  async createKey(key: CreateKeyInput, options: RequestOptions = {}): Promise<NewKey> {
+    const body = key.expires_at instanceof Date ? { ...key, expires_at: key.expires_at.toISOString() } : key;
+    const response = await this.#send("POST", "/v1/keys", body, options);
+    return (await response.json()) as NewKey;
+  }
+
+  /** Every key's record, oldest first, revoked ones included (`GET /v1/keys`; an admin key); never a key itself. No paging. */
+  async listKeys(options: RequestOptions = {}): Promise<KeyInfo[]> {
+    const response = await this.#request("/v1/keys", { signal: options.signal });
+    return (await response.json()) as KeyInfo[];
+  }
+
+  /**
+   * Revokes a key at once (`DELETE /v1/keys/{id}`; an admin key): its requests are answered
+   * 401 and its open streams end. `id` is the key's `id` (`KeyInfo.id`), not the key.
+   *
+   * @throws GatewayError 403 (not an admin key), 404 (no such key, or already revoked), 409
+   *   (the last active admin key: create another admin key first)
+   */
+  async revokeKey(id: string, options: RequestOptions = {}): Promise<void> {
+    const response = await this.#request(`/v1/keys/${pathId(id, "revokeKey")}`, { method: "DELETE", signal: options.signal });
+    await response.body?.cancel();
   }
 
   /**

@@ -3,6 +3,10 @@
  *
  * - {@link EvbusClient.publish}: publish a CloudEvent (structured or binary mode);
  * - {@link EvbusClient.subscribe}: Server-Sent Events with automatic resume;
+ * - {@link EvbusClient.createWebhook} and the other webhook calls: register, list, inspect,
+ *   change, delete webhooks, rotate their secrets, read their delivery attempts, replay;
+ * - {@link EvbusClient.createKey}, {@link EvbusClient.listKeys}, {@link EvbusClient.revokeKey}:
+ *   API keys (an admin key);
  * - {@link verifyWebhook}: check a Standard Webhooks delivery;
  * - {@link Delivered} and {@link Published}: the typed payloads of the external event types.
  */
@@ -20,6 +24,23 @@ export type {
   SubscribeOptions,
 } from "./client.js";
 export type { CloudEvent, DeliveredEvent, DeliveredType, ExtensionValue, PublishedType } from "./cloudevent.js";
+export type {
+  CreateKeyInput,
+  CreateWebhookInput,
+  KeyInfo,
+  KeyRateLimit,
+  KeyRateLimitInput,
+  NewKey,
+  NewWebhook,
+  ReplayInput,
+  ReplayResult,
+  RequestOptions,
+  RotateSecretOptions,
+  RotatedSecret,
+  UpdateWebhookInput,
+  WebhookAttempt,
+  WebhookInfo,
+} from "./management.js";
 export { ConnectionError, EvbusError, GatewayError } from "./errors.js";
 export type { Problem, Violation } from "./errors.js";
 export { SseParser } from "./sse.js";

@@ -16,12 +16,32 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Converts a Kafka error met while doing `what` ("publishing to topic `orders`").
 pub(crate) fn from_kafka(error: KafkaError, what: &str) -> Error {
+    if let KafkaError::ClientConfig(_, description, property, value) = &error {
+        return config_error(description, property, value, what);
+    }
     let (kind, retryable, hint) = classify(&error);
     let mapped = Error::client(kind, what, error).with_hint(hint);
     match retryable {
         Some(retryable) => mapped.with_retryable(retryable),
         None => mapped,
     }
+}
+
+/// A librdkafka configuration error: its description and property, with the value only when
+/// the property's name does not look secret. librdkafka's own message quotes the value, which
+/// may be a password (`ssl.key.password` refused by a build without TLS).
+fn config_error(description: &str, property: &str, value: &str, what: &str) -> Error {
+    let message = if evbus::registry::is_secret_parameter(property) {
+        let description = if value.is_empty() {
+            description.to_owned()
+        } else {
+            description.replace(value, "***")
+        };
+        format!("{what}: {description} (property `{property}`; its value is not shown)")
+    } else {
+        format!("{what}: {description} (property `{property}` = {value:?})")
+    };
+    Error::new(ErrorKind::InvalidConfig, message).with_hint("check the Kafka URL and settings")
 }
 
 /// The evbus kind of an rdkafka error code, an override of the kind's retryable default, and
@@ -88,6 +108,33 @@ fn classify(error: &KafkaError) -> (ErrorKind, Option<bool>, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error librdkafka gives for one setting, from a client it refuses to create.
+    fn refused(property: &str, value: &str) -> Error {
+        let created = rdkafka::ClientConfig::new()
+            .set(property, value)
+            .create::<rdkafka::consumer::BaseConsumer>();
+        match created {
+            Err(e) => from_kafka(e, "creating the Kafka producer"),
+            Ok(_) => panic!("librdkafka accepted {property}={value}"),
+        }
+    }
+
+    #[test]
+    fn a_secret_setting_refused_by_librdkafka_is_not_quoted() {
+        // A misspelt secret (no such property), and a secret this build cannot use (no TLS).
+        for property in ["sasl.passwd", "ssl.key.password"] {
+            let e = refused(property, "hunter2");
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+            let text = e.to_string();
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains(property), "{text}");
+        }
+        // Other settings keep their value, which explains the refusal.
+        let e = refused("security.protocol", "bogus");
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
 
     #[test]
     fn outages_are_retryable_and_size_errors_are_too_large() {

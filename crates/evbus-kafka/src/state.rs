@@ -199,6 +199,7 @@ impl StateTopic {
             match client.create::<BaseConsumer>() {
                 Ok(c) => *guard = Some(c),
                 Err(e) => {
+                    let e = crate::error::from_kafka(e, "creating the state topic's reader");
                     tracing::warn!(error = %e, topic = %self.name, "cannot read the state topic; attempt counts restart");
                     return Vec::new();
                 }
@@ -275,7 +276,9 @@ pub(crate) fn probe_commit_metadata(
     client
         .set("group.id", group)
         .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = client.create().map_err(|e| e.to_string())?;
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|e| crate::error::from_kafka(e, "creating a probe consumer").to_string())?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(0))
         .map_err(|e| e.to_string())?;

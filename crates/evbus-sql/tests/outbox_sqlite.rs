@@ -183,6 +183,38 @@ async fn sqlite_refuses_at_stage_an_event_the_transport_could_never_take() {
     assert_eq!(pending(&pool).await, 1);
 }
 
+/// The size checked at stage is the transport's: data and attributes. An event whose data
+/// alone fits, but which the transport refuses whole, was staged and then refused by the relay
+/// for ever, holding up the keys of its bucket (found by an outsider review).
+#[tokio::test]
+async fn sqlite_measures_a_staged_event_as_the_transport_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let mut config = evbus::memory::MemoryConfig::default();
+    config.max_payload_bytes = 1024;
+    let transport = Arc::new(evbus::memory::MemoryBroker::new(config).connect());
+    let bus = evbus::bus::Bus::new(transport, catalog(), "/test/outbox");
+    let outbox = Outbox::new(&bus);
+    outbox.migrate(&pool).await.unwrap();
+    // About 990 bytes of data: under the limit alone, over it with the attributes.
+    let data = json!({"orderId": "x".repeat(960), "seq": 0});
+    assert!(serde_json::to_vec(&data).unwrap().len() < 1024);
+    let emitted = bus.emit(TYPE, data.clone()).await.unwrap_err();
+    assert_eq!(emitted.kind(), ErrorKind::TooLarge, "{emitted}");
+    let mut tx = pool.begin().await.unwrap();
+    let err = outbox
+        .stage(&mut tx, Emit::new(TYPE, data))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::TooLarge,
+        "refused like Bus::emit: {err}"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(pending(&pool).await, 0);
+}
+
 /// `(attempts, last_error)` of the row of event `id`, `None` once it is deleted.
 async fn row_state(pool: &SqlitePool, id: &str) -> Option<(i64, Option<String>)> {
     sqlx::query_as("SELECT attempts, last_error FROM evbus_outbox WHERE event_id = ?1")

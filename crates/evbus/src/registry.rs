@@ -290,9 +290,10 @@ const SECRET_WORDS: &[&str] = &[
 const SECRET_PARTS: &[&str] = &["auth", "sig", "pw", "sas"];
 
 /// Whether [`redact`] hides the value of the query parameter `name` (any case, any dotted
-/// prefix: `rdkafka.sasl.password`): it contains one of [`SECRET_WORDS`], or its last part
-/// is one of [`SECRET_PARTS`].
-fn is_secret_parameter(name: &str) -> bool {
+/// prefix: `rdkafka.sasl.password`): it contains one of the words listed there, or its last
+/// part is `auth`, `sig`, `pw` or `sas`. Adapters use it to keep such a setting's value out of
+/// their own error messages too (a client library's configuration error may quote it).
+pub fn is_secret_parameter(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     SECRET_WORDS.iter().any(|word| name.contains(word))
         || name

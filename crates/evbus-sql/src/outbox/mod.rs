@@ -43,8 +43,11 @@ use table::{DEFAULT_TABLE, Table, bucket_of};
 /// catalogue.
 ///
 /// Cheap to clone. The [`Bus`] is used only to validate and build envelopes
-/// ([`Bus::prepare_event`]) and to name topics ([`Bus::topic_name`]); its transport is not
-/// used, so a bus on `memory://` is fine in a process that only stages.
+/// ([`Bus::prepare_event`]), to name topics ([`Bus::topic_name`]) and for its transport's
+/// size limit (`max_payload_bytes`): an event over it is refused at stage. Give it the
+/// relay's transport (or one with the same limit): a bus on `memory://` (16 MiB) in a
+/// process that only stages lets through events that a relay to a smaller limit can never
+/// publish, and such a row holds up the keys of its bucket until it is removed.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     bus: Bus,
@@ -162,19 +165,24 @@ impl Outbox {
     fn staged(&self, event: evbus::Event) -> Result<Staged> {
         // An event the Bus's transport would refuse could never be relayed: it would hold up
         // the other keys of its bucket for as long as it stayed. Refused here, at stage.
-        let len = event.data().map_or(0, |d| d.len());
-        if let Some(max) = self.bus.transport().capabilities().max_payload_bytes
-            && len > max
-        {
-            return Err(evbus::Error::new(
-                evbus::ErrorKind::TooLarge,
-                format!(
-                    "event {} of type `{}` has {len} data bytes; the Bus's transport accepts \
-                     at most {max}, so the relay could never publish it; nothing was staged",
-                    event.id(),
-                    event.ty()
-                ),
-            ));
+        // Measured as transports measure it (data and attributes, `Event::encoded_len`), on
+        // the event as the relay will read it back from the row.
+        let json = event.to_json()?;
+        if let Some(max) = self.bus.transport().capabilities().max_payload_bytes {
+            let len = evbus::Event::from_json(&json)?.encoded_len();
+            if len > max {
+                return Err(evbus::Error::new(
+                    evbus::ErrorKind::TooLarge,
+                    format!(
+                        "event {} of type `{}` is {len} bytes (data and attributes); the Bus's \
+                         transport accepts at most {max}, so the relay could never publish it; \
+                         nothing was staged",
+                        event.id(),
+                        event.ty()
+                    ),
+                )
+                .with_hint("send a reference to the data instead"));
+            }
         }
         let topic = self.bus.topic_name(event.ty());
         let key = event.partition_key().map(str::to_owned);
@@ -185,7 +193,7 @@ impl Outbox {
             topic,
             key,
             bucket,
-            event: event.to_json()?,
+            event: json,
         })
     }
 }
