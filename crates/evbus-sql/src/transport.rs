@@ -245,15 +245,31 @@ async fn open_postgres(config: &SqlConfig) -> Result<Db> {
         .execute(&mut *tx)
         .await
         .map_err(sql("locking the schema"))?;
-    sqlx::query(&format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-        config.schema
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(sql("creating the schema"))?;
+    // Looked up first: `CREATE SCHEMA IF NOT EXISTS` needs the database's CREATE privilege
+    // even when the schema exists, which a role that owns a schema made for it by a DBA
+    // may not have.
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&config.schema)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql("looking the schema up"))?;
+    if !exists {
+        sqlx::query(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            config.schema
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            sql("creating the schema")(e).with_hint(
+                "the role needs CREATE on the database to make the schema; or have it made \
+                 (CREATE SCHEMA ... AUTHORIZATION <role>) and connect again",
+            )
+        })?;
+    }
     tx.commit().await.map_err(sql("creating the schema"))?;
-    sqlx::migrate!("./migrations/postgres")
+    migrator(sqlx::migrate!("./migrations/postgres"))
         .run(&pool)
         .await
         .map_err(|e| migrate_error(e, "PostgreSQL"))?;
@@ -314,11 +330,20 @@ async fn open_sqlite(config: &SqlConfig, path: &std::path::Path) -> Result<Db> {
                 e,
             )
         })?;
-    sqlx::migrate!("./migrations/sqlite")
+    migrator(sqlx::migrate!("./migrations/sqlite"))
         .run(&pool)
         .await
         .map_err(|e| migrate_error(e, "SQLite"))?;
     Ok(Db::Sqlite(pool))
+}
+
+/// The embedded migrations, run so that tables a newer evbus migrated are accepted: every
+/// migration only adds (tables, columns with defaults, functions replaced under the same
+/// signature), so a process of the previous version keeps working during a rolling upgrade,
+/// and an older `evbus` CLI can still open the database.
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
 }
 
 fn migrate_error(e: sqlx::migrate::MigrateError, db: &str) -> evbus::Error {

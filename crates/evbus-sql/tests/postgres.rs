@@ -629,6 +629,82 @@ async fn many_processes_connecting_at_once_migrate_once() {
     schema.drop().await;
 }
 
+/// A role that owns a schema made for it, and may not create schemas in the database (the
+/// least privilege a DBA gives an application), connects and works; the same role naming a
+/// schema that does not exist is told what it lacks.
+#[tokio::test]
+async fn a_role_without_create_on_the_database_uses_a_schema_it_was_given() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let role = unique_schema("evbus_role");
+    let mut admin = sqlx::PgConnection::connect(&postgres_url()).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'evbus-test'"),
+        format!("CREATE SCHEMA \"{}\" AUTHORIZATION \"{role}\"", schema.name),
+    ] {
+        sqlx::query(&statement).execute(&mut admin).await.unwrap();
+    }
+    let may_create: bool =
+        sqlx::query_scalar("SELECT has_database_privilege($1, current_database(), 'CREATE')")
+            .bind(&role)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(
+        !may_create,
+        "this server grants CREATE on the database to every role"
+    );
+    let mut url = url::Url::parse(&schema.url("")).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(Some("evbus-test")).unwrap();
+    let transport = SqlTransport::connect_url(url.as_str()).await.unwrap();
+    let queue = transport.queue("least-privilege").await.unwrap();
+    queue
+        .send(&Event::builder("t", "/test").build().unwrap())
+        .await
+        .unwrap();
+    transport.close().await.unwrap();
+    // A schema nobody made for it: the error says what to do.
+    let missing = unique_schema("evbus_missing");
+    url.query_pairs_mut()
+        .clear()
+        .append_pair("schema", &missing);
+    let err = SqlTransport::connect_url(url.as_str()).await.unwrap_err();
+    assert!(err.to_string().contains("CREATE on the database"), "{err}");
+    schema.drop().await;
+    sqlx::query(&format!("DROP ROLE \"{role}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+/// Tables migrated by a newer evbus (a migration this build does not know) are accepted, so a
+/// process of the previous version keeps working during a rolling upgrade.
+#[tokio::test]
+async fn tables_a_newer_version_migrated_are_accepted() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    schema.open("").await.close().await.unwrap();
+    let mut conn = schema.raw().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000001, 'from a newer evbus', true, '\\x00', 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let transport = schema.open("").await;
+    let queue = transport.queue("after-upgrade").await.unwrap();
+    queue
+        .send(&Event::builder("t", "/test").build().unwrap())
+        .await
+        .unwrap();
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
 #[tokio::test]
 async fn wrong_database_user_or_address_are_precise_errors() {
     let Some(schema) = Schema::new().await else {
