@@ -69,7 +69,11 @@ export interface UpdateWebhookInput {
   event_types?: string[];
   /** At most 1000 characters. */
   description?: string;
-  /** `false` disables the endpoint ("disabled by its owner"); `true` re-enables it and clears its failure state. */
+  /**
+   * `false` disables the endpoint ("disabled by its owner": events logged meanwhile are not
+   * queued for it; replay them after re-enabling); `true` re-enables it and clears its failure
+   * state.
+   */
   enabled?: boolean;
 }
 

@@ -235,6 +235,27 @@ describe("webhooks", () => {
     assert.deepEqual(await owner.getWebhook(hook.id), enabled);
   });
 
+  test("a disabled webhook is not queued events; re-enabled, a replay delivers what it missed", async () => {
+    const paused = await owner.createWebhook({ url: receiver.url("paused"), event_types: ["afterOrderCreate"] });
+    const control = await owner.createWebhook({ url: receiver.url("control"), event_types: ["afterOrderCreate"] });
+    assert.equal((await owner.updateWebhook(paused.id, { enabled: false })).enabled, false);
+    const since = new Date(Date.now() - 1);
+    const id = uniqueId("missed");
+    await owner.publish({ type: "afterOrderCreate", id, data: orderCreated(4) });
+    // Deliveries are queued for every webhook when the event is logged: once the control has
+    // it, the disabled one would have had it queued too.
+    await waitFor("the control's delivery", () => receiver.of("control", id).length === 1);
+    await eventually("the control's attempt", () => owner.listWebhookAttempts(control.id), (a) => a.length === 1);
+    assert.deepEqual(await owner.listWebhookAttempts(paused.id), []);
+    assert.equal(receiver.of("paused", id).length, 0);
+
+    assert.equal((await owner.updateWebhook(paused.id, { enabled: true })).enabled, true);
+    const replay = await owner.replayWebhook(paused.id, { since });
+    assert.equal(replay.replayed, 1);
+    await waitFor("the missed event, replayed", () => receiver.of("paused", id).length === 1);
+    await owner.deleteWebhook(control.id);
+  });
+
   test("deleteWebhook: gone from get and list; a second delete, another key's delete and unknown ids are 404", async () => {
     const hook = await owner.createWebhook({ url: receiver.url("delete"), event_types: ["afterOrderCreate"] });
     const foreign = await gatewayError(other.deleteWebhook(hook.id));
