@@ -49,11 +49,14 @@ pub(crate) enum DlqCommand {
     },
     /// Move dead letters back to the group (its redrive queue, consumed by that group only),
     /// without their dead-letter attributes; prints the id of each one as it is moved. Each
-    /// event is moved once per run: one a handler rejects again meanwhile stays in the
-    /// dead-letter queue.
+    /// event is moved once per run: one a handler rejects again meanwhile, or a second record
+    /// of the same event, stays in the dead-letter queue. Records that cannot be redriven stay
+    /// too, named on stderr with why: a message that is not a CloudEvent (`evbus.undecodable`)
+    /// and a record whose data was dropped to fit the queue.
     ///
-    /// Exit status: 0 moved (all, or every --id given); 1 some --id was not found (the others
-    /// were moved); 2 usage or transport error (the ids moved before it are printed).
+    /// Exit status: 0 moved (all, or every --id given); 1 some --id was not found or cannot be
+    /// redriven (the others were moved); 2 usage or transport error (the ids moved before it
+    /// are printed).
     Redrive {
         #[command(flatten)]
         target: Target,
@@ -145,6 +148,15 @@ fn one_line(s: &str) -> String {
     s.replace('\n', "; ")
 }
 
+/// The reason of a dead letter on one line, and that its data was dropped if it was.
+fn reason(d: &DeadLetter) -> String {
+    let reason = one_line(d.reason().unwrap_or("-"));
+    match d.data_dropped() {
+        Some(n) => format!("{reason} (its {n} bytes of data were dropped to fit the queue)"),
+        None => reason,
+    }
+}
+
 fn first_seen(d: &DeadLetter) -> String {
     d.event()
         .time()
@@ -182,6 +194,7 @@ async fn list(
                         "first_seen": d.event().time(),
                         "dead_lettered": d.dead_lettered_at(),
                         "reason": d.reason(),
+                        "data_dropped": d.data_dropped(),
                     })
                 );
             }
@@ -197,7 +210,7 @@ async fn list(
                         d.origin().unwrap_or("-").to_owned(),
                         first_seen(d),
                         last_seen(d),
-                        one_line(d.reason().unwrap_or("-")),
+                        reason(d),
                     ]
                 })
                 .collect();
@@ -248,7 +261,15 @@ async fn show(
     id: &str,
 ) -> Result<ExitCode, Failure> {
     let dead = peek(dlq, limit, wait).await?;
-    let Some(d) = dead.iter().find(|d| d.event().id() == id) else {
+    let same: Vec<&DeadLetter> = dead.iter().filter(|d| d.event().id() == id).collect();
+    if same.len() > 1 {
+        eprintln!(
+            "evbus: {} dead letters of event {id} in {}; the first is shown",
+            same.len(),
+            dlq.name()
+        );
+    }
+    let Some(d) = same.first() else {
         eprintln!(
             "evbus: no dead letter {id} in {} ({} looked at)",
             dlq.name(),
@@ -266,7 +287,7 @@ async fn show(
     println!("origin:        {}", d.origin().unwrap_or("-"));
     println!("first seen:    {}", first_seen(d));
     println!("dead-lettered: {}", last_seen(d));
-    println!("reason:        {}", one_line(d.reason().unwrap_or("-")));
+    println!("reason:        {}", reason(d));
     let event = d
         .original()
         .to_json_value()
@@ -288,11 +309,20 @@ async fn redrive(
 ) -> Result<ExitCode, Failure> {
     let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let mut moved: Vec<String> = Vec::new();
+    // Wanted records the redrive leaves where they are, and why.
+    let refused: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let result = dlq
         .redrive_each(
             limit,
             wait,
-            |d| all || wanted.contains(d.event().id()),
+            |d| {
+                let want = all || wanted.contains(d.event().id());
+                if want && let Some(why) = d.not_redrivable() {
+                    let mut refused = refused.lock().unwrap_or_else(|e| e.into_inner());
+                    refused.push((d.event().id().to_owned(), why));
+                }
+                want
+            },
             |d| {
                 // Printed as each one is moved, so an error later leaves them listed.
                 println!("{}", d.event().id());
@@ -315,11 +345,22 @@ async fn redrive(
         )));
     }
     eprintln!("evbus: {count} dead letter{plural} redriven to the group's redrive queue");
+    let refused = refused.into_inner().unwrap_or_else(|e| e.into_inner());
+    for (id, why) in &refused {
+        eprintln!("evbus: not redriven, left in {}: {id}: {why}", dlq.name());
+    }
     if !all {
-        let found: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
+        let found: BTreeSet<&str> = moved
+            .iter()
+            .map(String::as_str)
+            .chain(refused.iter().map(|(id, _)| id.as_str()))
+            .collect();
         let missing: Vec<&str> = wanted.difference(&found).copied().collect();
         if !missing.is_empty() {
             eprintln!("evbus: not found in {}: {}", dlq.name(), missing.join(", "));
+        }
+        let left = refused.iter().any(|(id, _)| !moved.iter().any(|m| m == id));
+        if !missing.is_empty() || left {
             return Ok(ExitCode::from(failure::INVALID));
         }
     }

@@ -63,9 +63,35 @@ enum Command {
     Capabilities(capabilities::CapabilitiesArgs),
 }
 
+/// Logs what the library and the adapters say (`tracing`) on stderr, filtered by `EVBUS_LOG`
+/// or else by `default`. Without it a command would be silent about what only a log tells: a
+/// dead-letter queue that cannot be written, a broker that keeps refusing, a retry.
+pub(crate) fn log_to_stderr(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(quiet_secret_logs(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `filter` without the one log line that can show a store URL's secret: sqlx logs each query
+/// parameter of a `postgres://` URL it does not know with its value (`?sslpassword=…`), at
+/// `warn`. Added whatever `EVBUS_LOG` says (a more precise directive wins).
+fn quiet_secret_logs(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    match "sqlx_postgres::options::parse=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 fn main() -> ExitCode {
     // Usage errors exit with 2 (clap's own convention, which matches ours).
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Warnings and errors only: the commands' own output says the rest.
+        log_to_stderr("warn,sqlx::postgres::notice=error");
+    }
     let result = match cli.command {
         Command::Events(cmd) => events::run(cmd),
         Command::Emit(args) => emit::run(args),

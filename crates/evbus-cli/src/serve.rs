@@ -136,16 +136,6 @@ pub(crate) fn store_location(flag: Option<&str>) -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
-/// `filter` without the one log line that can show a store URL's secret: sqlx logs each query
-/// parameter of a `postgres://` URL it does not know with its value (`?sslpassword=…`), at
-/// `warn`. Added whatever `EVBUS_LOG` says (a more precise directive wins).
-fn quiet_secret_logs(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
-    match "sqlx_postgres::options::parse=error".parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    }
-}
-
 /// Resolves once the process is asked to stop: Ctrl-C (SIGINT) or, on Unix, SIGTERM (what
 /// `kill`, systemd, Docker and Kubernetes send). The handlers are installed by this call, so
 /// from then on neither signal kills the process before it stops gracefully.
@@ -188,12 +178,7 @@ fn allow_list(args: &ServeArgs) -> Result<Vec<IpNet>, Failure> {
 pub(crate) fn run(args: ServeArgs) -> Result<ExitCode, Failure> {
     // PostgreSQL's notices ("schema … already exists, skipping" on every start) are sqlx
     // `info` lines: shown only when `EVBUS_LOG` asks for them.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(quiet_secret_logs(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::log_to_stderr("info,sqlx::postgres::notice=warn");
     let transport_url = transport_url(&args)?;
     transport::check(&transport_url)?;
     if !args.schemas.is_dir() {

@@ -155,6 +155,114 @@ async fn rejected_events_are_listed_with_their_reason_and_redriven_to_a_fixed_co
     cleanup(&url, "product", &["search"]).await;
 }
 
+/// What an operator finds in a dead-letter queue besides plain records: the same event twice,
+/// a record whose data was dropped to fit, and a message something else wrote there that is
+/// not a CloudEvent. A look lists every one and removes nothing; a redrive moves each event
+/// once and leaves, saying why, what it cannot redrive (found by an outsider review: the look
+/// stopped at the repeated id, hiding the rest; the foreign message was moved to a hidden
+/// queue by `list`; the placeholder and the empty record were redriven).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_is_listed_and_what_cannot_be_redriven_stays() {
+    use evbus::Transport;
+    let Some(url) = redis("dlq-records").await else {
+        return;
+    };
+    let transport = evbus_redis::RedisTransport::connect_url(&url)
+        .await
+        .unwrap();
+    let queue = transport.queue("product.search.dlq").await.unwrap();
+    let record = |id: &str, data: bool| {
+        let mut b = evbus::Event::builder("product", "/test")
+            .id(id)
+            .extension("deadletterreason", "rejected")
+            .extension("deadletterattempts", "1")
+            .extension("deadletterorigin", "product/search");
+        if data {
+            b = b.json(&json!({"productId": id})).unwrap();
+        } else {
+            b = b.extension("deadletterdropped", "5000");
+        }
+        b.build().unwrap()
+    };
+    for r in [
+        record("first", true),
+        record("twice", true),
+        record("twice", true),
+        record("dropped", false),
+        record("last", true),
+    ] {
+        queue.send(&r).await.unwrap();
+    }
+    let key = transport.queue_key("product.search.dlq");
+    let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut raw = redis::Client::open(base).unwrap().get_connection().unwrap();
+    let len =
+        |raw: &mut redis::Connection| -> usize { redis::cmd("XLEN").arg(&key).query(raw).unwrap() };
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg("*")
+        .arg("note")
+        .arg("written by hand")
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(len(&mut raw), 6);
+
+    let out = dlq(&url, &["list", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 6, "{}", text(&out.stdout));
+    let ids: Vec<&str> = listed.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..5], ["first", "twice", "twice", "dropped", "last"]);
+    assert_eq!(listed[5]["type"], "evbus.undecodable");
+    assert!(
+        listed[5]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a CloudEvent"),
+        "{}",
+        listed[5]
+    );
+    assert_eq!(listed[3]["data_dropped"], 5000);
+    assert_eq!(len(&mut raw), 6, "a look removes nothing");
+    let placeholder = ids[5].to_owned();
+
+    let out = dlq(&url, &["redrive", "--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        ["first", "twice", "last"]
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not redriven, left in product.search.dlq: dropped: its 5000 bytes"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("not redriven, left in product.search.dlq: {placeholder}: it stands for a message that is not a CloudEvent")), "{err}");
+    assert_eq!(
+        len(&mut raw),
+        3,
+        "the second record of twice, dropped, the foreign message"
+    );
+
+    // Asked for by id, a record that cannot be redriven is an exit 1 that says why.
+    let out = dlq(&url, &["redrive", "--id", "dropped"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        !text(&out.stderr).contains("not found"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(len(&mut raw), 3);
+
+    let _ = transport.delete_queue("product.search.dlq.dlq").await;
+    let _ = transport.close().await;
+    cleanup(&url, "product", &["search"]).await;
+}
+
 #[test]
 fn redrive_needs_ids_or_all() {
     for args in [

@@ -52,6 +52,9 @@ struct Limited {
     dead_lettering: Option<BoxFuture<'static, ()>>,
     /// Told of each message this stream dead-letters itself (undecodable, over-delivered).
     on_dead_letter: Option<DeadLetterHook>,
+    /// Hands undecodable messages out as placeholders instead of dead-lettering them
+    /// ([`ConsumerOptions`]' `inspect`).
+    inspect: bool,
     done: bool,
 }
 
@@ -94,6 +97,10 @@ impl Limited {
             let (payload, attempt, acker, tag) = raw.into_parts();
             let event = match payload {
                 Payload::Event(event) => event,
+                Payload::Undecodable(message) if self.inspect => match inspected(&message) {
+                    Ok(placeholder) => placeholder,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
                 Payload::Undecodable(message) => {
                     // Not a CloudEvent: moved aside, never handed out (the permit is kept).
                     self.dead_lettering = Some(Box::pin(dead_letter_undecodable(
@@ -128,6 +135,20 @@ impl Limited {
             ))));
         }
     }
+}
+
+/// The placeholder of a message that is not a CloudEvent, as a look at a dead-letter queue
+/// lists it: with the reason a dead letter carries.
+fn inspected(message: &Undecodable) -> Result<crate::Event> {
+    let mut placeholder = message.placeholder()?;
+    placeholder.set_extension(
+        crate::delivery::DEAD_LETTER_REASON,
+        format!(
+            "not a CloudEvent (written to this queue by something else): {}",
+            message.error().message()
+        ),
+    )?;
+    Ok(placeholder)
 }
 
 async fn dead_letter_over_delivered(delivery: Delivery, hook: Option<DeadLetterHook>) {
@@ -210,6 +231,7 @@ impl Subscription {
                 policy,
                 dead_lettering: None,
                 on_dead_letter: None,
+                inspect: options.inspect,
                 done: false,
             },
             stop: None,

@@ -206,6 +206,10 @@ pub struct ConsumerOptions {
     pub visibility_timeout: Duration,
     /// The dead-letter queue name; `None` uses [`dead_letter_queue_name`].
     pub dead_letter_queue: Option<String>,
+    /// A look at a dead-letter queue ([`DeadLetters`](crate::bus::DeadLetters)): a message that
+    /// is not a CloudEvent is handed out as its `evbus.undecodable` placeholder, to be listed
+    /// and given back, instead of being moved to this queue's own dead-letter queue.
+    pub(crate) inspect: bool,
 }
 
 impl Default for ConsumerOptions {
@@ -215,6 +219,7 @@ impl Default for ConsumerOptions {
             max_attempts: 5,
             visibility_timeout: Duration::from_secs(30),
             dead_letter_queue: None,
+            inspect: false,
         }
     }
 }

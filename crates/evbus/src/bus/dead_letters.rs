@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Bus;
-use crate::delivery::{DEAD_LETTER_ATTEMPTS, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON};
+use crate::delivery::{
+    DEAD_LETTER_ATTEMPTS, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON,
+    UNDECODABLE_EVENT_TYPE,
+};
 use crate::envelope::Event;
 use crate::error::Result;
 use crate::transport::{ConsumerOptions, Queue};
@@ -60,6 +63,35 @@ impl DeadLetter {
     pub fn dead_lettered_at(&self) -> Option<&str> {
         self.event.extension(DEAD_LETTER_TIME)
     }
+
+    /// The length of the data that was dropped to fit the record in the dead-letter queue
+    /// (the `deadletterdropped` extension): the record holds the attributes only, and the
+    /// data is left only where the event was first published.
+    pub fn data_dropped(&self) -> Option<usize> {
+        self.event
+            .extension(DEAD_LETTER_DATA_DROPPED)
+            .and_then(|n| n.parse().ok())
+    }
+
+    /// Why this record cannot be redriven, if it cannot: a placeholder of a message that was
+    /// not a CloudEvent (type `evbus.undecodable`: a handler would only dead-letter it again),
+    /// or a record whose data was dropped (it would be sent on without its data). A redrive
+    /// leaves such records where they are.
+    pub fn not_redrivable(&self) -> Option<String> {
+        if self.event.ty() == UNDECODABLE_EVENT_TYPE {
+            return Some(
+                "it stands for a message that is not a CloudEvent: no handler can take it; \
+                 read it (its data holds the raw message) and publish a corrected event"
+                    .to_owned(),
+            );
+        }
+        self.data_dropped().map(|n| {
+            format!(
+                "its {n} bytes of data were dropped to fit the dead-letter queue: it would be \
+                 sent on without them; publish the event again from where it was first stored"
+            )
+        })
+    }
 }
 
 /// The dead-letter queue of one handler group, from [`Bus::dead_letters`].
@@ -86,13 +118,44 @@ const MAX_HELD: usize = 65_535;
 /// How many dead letters a redrive may leave in place (held until it ends) beyond `max`.
 const LEFT_PER_CALL: usize = 4_096;
 
+/// How long a look holds what it received before the broker may hand it out again.
+const LOOK_VISIBILITY: Duration = Duration::from_secs(5 * 60);
+
+/// The longest a look runs: well within [`LOOK_VISIBILITY`], so nothing it holds comes back to
+/// it, and every dead letter it receives is another one (two may carry the same event id).
+const LOOK_LIMIT: Duration = Duration::from_secs(4 * 60);
+
 /// The consumer settings used on a dead-letter queue: nothing there is ever dead-lettered
-/// again, and room to hold `held` deliveries at once.
+/// again (a message that is not a CloudEvent is handed out as its placeholder), and room to
+/// hold `held` deliveries at once.
 fn dlq_consumer(held: usize) -> ConsumerOptions {
-    ConsumerOptions::default()
+    let mut options = ConsumerOptions::default()
         .max_attempts(u32::MAX)
         .max_in_flight(held.clamp(1, MAX_HELD))
-        .visibility_timeout(Duration::from_secs(30))
+        .visibility_timeout(LOOK_VISIBILITY);
+    options.inspect = true;
+    options
+}
+
+/// The next delivery of a look, `None` once nothing came for `idle` or the look has run for
+/// [`LOOK_LIMIT`] since `started`.
+async fn next_looked(
+    sub: &mut crate::Subscription,
+    idle: Duration,
+    started: tokio::time::Instant,
+) -> Option<Result<crate::delivery::Delivery>> {
+    let left = LOOK_LIMIT.saturating_sub(started.elapsed());
+    if left.is_zero() {
+        tracing::warn!(
+            "a look at a dead-letter queue stopped after {} s; it may hold more",
+            LOOK_LIMIT.as_secs()
+        );
+        return None;
+    }
+    tokio::time::timeout(idle.min(left), sub.next_delivery())
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Gives back what a look held, together and in the order received: given back one by one
@@ -143,29 +206,25 @@ impl DeadLetters {
 
     /// Up to `max` dead letters, without removing them: each is received and held, and all
     /// are given back together at the end (at most 65,535 are held at once). Stops early once
-    /// nothing new arrives for `idle` (an empty queue returns after `idle`).
+    /// nothing new arrives for `idle` (an empty queue returns after `idle`), and after four
+    /// minutes (what it holds is not handed out again for five). The same event may be there
+    /// twice (dead-lettered twice); each record is listed. A message in the queue that is not
+    /// a CloudEvent is listed as its `evbus.undecodable` placeholder and left as it is.
     pub async fn peek(&self, max: usize, idle: Duration) -> Result<Vec<DeadLetter>> {
+        let started = tokio::time::Instant::now();
         let mut sub = self.queue.receive(dlq_consumer(max)).await?;
-        let mut seen = HashSet::new();
         let mut out = Vec::new();
         let mut held = Vec::new();
         let looked: Result<()> = async {
             while out.len() < max {
-                let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
-                    Err(_) | Ok(None) => break,
-                    Ok(Some(d)) => d?,
-                };
-                // Seen again: held past its visibility timeout, the queue has come round.
-                let fresh = seen.insert(delivery.event().id().to_owned());
-                if fresh {
-                    out.push(DeadLetter {
-                        event: delivery.event().clone(),
-                    });
-                }
-                held.push(delivery);
-                if !fresh {
+                let Some(delivery) = next_looked(&mut sub, idle, started).await else {
                     break;
-                }
+                };
+                let delivery = delivery?;
+                out.push(DeadLetter {
+                    event: delivery.event().clone(),
+                });
+                held.push(delivery);
             }
             Ok(())
         }
@@ -213,9 +272,11 @@ impl DeadLetters {
     ///
     /// Each event id is moved at most once per call: a dead letter whose event was already
     /// moved by this call (a handler of the group rejected it again, and it came back while
-    /// the redrive was still running) stays in the dead-letter queue, and is not offered to
-    /// `keep` either. Without that, a redrive of everything would move such an event again
-    /// and again, up to `max` times.
+    /// the redrive was still running, or the event was dead-lettered twice) stays in the
+    /// dead-letter queue, and is not offered to `keep` either. Without that, a redrive of
+    /// everything would move such an event again and again, up to `max` times. Records that
+    /// [cannot be redriven](DeadLetter::not_redrivable) stay too, whatever `keep` says. Like
+    /// [`peek`](Self::peek), a call looks for at most four minutes.
     pub async fn redrive_each(
         &self,
         max: usize,
@@ -227,9 +288,9 @@ impl DeadLetters {
             .queue
             .receive(dlq_consumer(max.saturating_add(LEFT_PER_CALL)))
             .await?;
+        let started = tokio::time::Instant::now();
         let mut count = 0;
         let mut done = HashSet::new();
-        let mut skipped = HashSet::new();
         // The dead letters left where they are, given back together at the end (see
         // `give_back`).
         let mut held = Vec::new();
@@ -237,10 +298,10 @@ impl DeadLetters {
         // need them `Sync` for the future to be `Send`.
         let mut looked: Result<()> = Ok(());
         while count < max && held.len() < max.saturating_add(LEFT_PER_CALL).min(MAX_HELD) {
-            let delivery = match tokio::time::timeout(idle, sub.next_delivery()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(Ok(d))) => d,
-                Ok(Some(Err(e))) => {
+            let delivery = match next_looked(&mut sub, idle, started).await {
+                None => break,
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
                     looked = Err(e);
                     break;
                 }
@@ -248,12 +309,8 @@ impl DeadLetters {
             let dead = DeadLetter {
                 event: delivery.event().clone(),
             };
-            if done.contains(dead.event.id()) || !keep(&dead) {
-                let again = !skipped.insert(dead.event.id().to_owned());
+            if done.contains(dead.event.id()) || !keep(&dead) || dead.not_redrivable().is_some() {
                 held.push(delivery);
-                if again {
-                    break;
-                }
                 continue;
             }
             if let Err(e) = self.redrive.send(&dead.original()).await {
