@@ -664,7 +664,8 @@ pub async fn create_key_with_rate_limit(
         subscribe,
         publish,
         admin,
-        created_at: Utc::now(),
+        // Milliseconds, as stored: the answer to the creation shows what a read shows later.
+        created_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 3),
         expires_at,
         revoked_at: None,
         rate_limit,

@@ -262,9 +262,21 @@ fn schemas() -> Value {
     let scope = json!({"type": "string", "pattern": "^[A-Za-z0-9._*-]{1,200}$", "description": "an event type name or a * pattern"});
     let visible = |max: u32| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": NO_CONTROL});
     json!({
-        "Problem": {"type": "object", "required": ["title", "status"], "properties": {
+        "Problem": {"type": "object", "required": ["title", "status"],
+            "description": "RFC 9457 problem details. Members beyond the four standard ones appear where they explain the refusal; error bodies name positions in the request, never its values.",
+            "properties": {
             "type": {"type": "string"}, "title": {"type": "string"},
-            "status": {"type": "integer"}, "detail": {"type": "string"}
+            "status": {"type": "integer"}, "detail": {"type": "string"},
+            "violations": {"type": "array", "items": {"type": "object"}, "description": "422: where the data breaks the schema (JSON pointer and message), at most 20"},
+            "violations_total": {"type": "integer", "minimum": 0, "description": "422: how many violations there were in all"},
+            "limit": {"type": "integer", "description": "the bound that was exceeded (a count, a size, a rate)"},
+            "denied_positions": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "403: positions of the event types this key may not use"},
+            "invalid_positions": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "400: positions of the scope patterns that are not valid"},
+            "position": {"type": "integer", "minimum": 0, "description": "400: position of the refused item"},
+            "max_pointer_bytes": {"type": "integer", "description": "400: the longest allow pointer accepted"},
+            "previous_secret_until": time,
+            "resets_at": opt_time,
+            "window_seconds": {"type": "integer", "description": "the length of the window a limit counts in"}
         }},
         "Health": {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok", "degraded", "unavailable"]}}},
         "CloudEvent": {
@@ -317,7 +329,7 @@ fn schemas() -> Value {
             "description": {"type": "string", "maxLength": 1000},
             "allow": {"type": ["array", "null"], "maxItems": 100, "items": {"type": "string", "pattern": "^/"}, "description": "JSON pointers: a narrower allow-list for this webhook"}
         }},
-        "Webhook": {"type": "object", "required": ["id", "url", "event_types", "enabled", "created_at"], "properties": {
+        "Webhook": {"type": "object", "required": ["id", "url", "event_types", "description", "allow", "enabled", "disabled_reason", "failing_since", "created_at"], "properties": {
             "id": {"type": "string"}, "url": {"type": "string"},
             "event_types": {"type": "array", "items": {"type": "string"}},
             "description": {"type": "string"},
@@ -336,13 +348,13 @@ fn schemas() -> Value {
             "enabled": {"type": "boolean", "description": "true re-enables a disabled endpoint (its failure state cleared); false disables it"}
         }},
         "NewWebhook": {"allOf": [schema("Webhook"), {"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}}]},
-        "RotatedSecret": {"type": "object", "required": ["id", "secret"], "properties": {
-            "id": {"type": "string"}, "secret": {"type": "string"}, "previous_secret_expires_at": opt_time
+        "RotatedSecret": {"type": "object", "required": ["id", "secret", "previous_secret_expires_at"], "properties": {
+            "id": {"type": "string"}, "secret": {"type": "string"}, "previous_secret_expires_at": time
         }},
-        "Attempt": {"type": "object", "required": ["webhook_id", "event_id", "attempt", "at"], "properties": {
+        "Attempt": {"type": "object", "required": ["webhook_id", "event_id", "attempt", "at", "status", "latency_ms", "error", "response"], "properties": {
             "webhook_id": {"type": "string"}, "event_id": {"type": "string"},
             "attempt": {"type": "integer"}, "at": time,
-            "status": {"type": ["integer", "null"]}, "latency_ms": {"type": ["integer", "null"]},
+            "status": {"type": ["integer", "null"]}, "latency_ms": {"type": "integer", "minimum": 0},
             "error": {"type": ["string", "null"]}, "response": {"type": ["string", "null"]}
         }},
         "Replay": {"type": "object", "required": ["since"], "additionalProperties": false,
@@ -370,7 +382,7 @@ fn schemas() -> Value {
                 "burst": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::RateLimit::MAX_BURST, "description": "requests at once; absent or null: twice per_second"}
             }}
         }},
-        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at", "rate_limit"], "properties": {
+        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at", "expires_at", "revoked_at", "rate_limit"], "properties": {
             "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},
             "subscribe": {"type": "array", "items": {"type": "string"}},
             "publish": {"type": "array", "items": {"type": "string"}},

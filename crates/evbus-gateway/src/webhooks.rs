@@ -525,7 +525,8 @@ pub(crate) async fn create(
         enabled: true,
         disabled_reason: None,
         failing_since: None,
-        created_at: State::now(),
+        // Milliseconds, as stored: the answer to the registration shows what a read shows.
+        created_at: chrono::SubsecRound::trunc_subsecs(State::now(), 3),
     };
     // Counted and inserted in one step of the store, so concurrent registrations for one key
     // (on this instance or on others sharing the store) cannot pass the limit together.
@@ -593,38 +594,53 @@ pub(crate) async fn rotate(
     let webhook = owned(&state, &key, &id).await?;
     // Only one previous secret signs beside the current one: rotating again during the
     // overlap would stop the oldest before the time the first rotation promised.
-    if let Some(until) = webhook.previous_secret_until
-        && webhook.previous_secret.is_some()
-        && until > State::now()
+    let now = State::now();
+    if let Some(until) = still_signing(&webhook, now)
         && !query.retire_previous
     {
-        return Err(Problem::new(
-            StatusCode::CONFLICT,
-            "the previous signing secret still signs beside the current one; rotating again \
-             now would stop it before `previous_secret_until`, breaking receivers that have \
-             not switched yet. Rotate after that time, or add `?retire_previous=true` to \
-             stop it now (after a leak)",
-        )
-        .with("previous_secret_until", json!(until)));
+        return Err(second_rotation(until));
     }
     let until = chrono::SubsecRound::trunc_subsecs(
-        State::now() + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default(),
+        now + chrono::Duration::from_std(state.config.secret_overlap).unwrap_or_default(),
         3,
     );
     let secret = signing::generate_secret();
-    // In place: whatever else changed meanwhile (on any instance) stays.
+    // In place: whatever else changed meanwhile (on any instance) stays. Conditional, so that
+    // of two rotations at once (here or on another instance) only one takes effect.
+    let unless_signing_at = (!query.retire_previous).then_some(now);
     if !state
         .store
-        .rotate_webhook_secret(&id, &secret, until)
+        .rotate_webhook_secret(&id, &secret, until, unless_signing_at)
         .await?
     {
-        return Err(Problem::not_found("no such webhook"));
+        return match state.store.get_webhook(&id).await? {
+            Some(raced) => Err(second_rotation(still_signing(&raced, now).unwrap_or(until))),
+            None => Err(Problem::not_found("no such webhook")),
+        };
     }
     Ok(Json(json!({
         "id": id,
         "secret": secret,
         "previous_secret_expires_at": until,
     })))
+}
+
+/// Until when `webhook`'s previous secret still signs, if it does at `now`.
+fn still_signing(webhook: &WebhookRecord, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    webhook
+        .previous_secret_until
+        .filter(|until| webhook.previous_secret.is_some() && *until > now)
+}
+
+fn second_rotation(until: DateTime<Utc>) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "the previous signing secret still signs beside the current one; rotating again now \
+         would stop it before `previous_secret_until`, breaking receivers that have not \
+         switched yet. Rotate after that time, or add `?retire_previous=true` to stop it now \
+         (after a leak)",
+    )
+    .with("previous_secret_until", json!(until))
 }
 
 pub(crate) async fn attempts(

@@ -290,6 +290,8 @@ async fn keys_are_stored_only_as_hashes_and_listed_without_secrets() {
         crm["prefix"],
         format!("evb_{}", crm["id"].as_str().unwrap())
     );
+    // The creation's answer and a later read show one creation time (milliseconds, as kept).
+    assert_eq!(crm["created_at"], created["created_at"]);
     // A dump of the database holds no key, not even the secret half.
     let mut dump = Vec::new();
     for entry in std::fs::read_dir(h.dir.path()).unwrap() {

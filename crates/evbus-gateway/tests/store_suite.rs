@@ -1203,14 +1203,39 @@ async fn webhook_changes_are_made_in_place(f: &Fixture) {
     // A rotation on one instance, then changes on the other: both kept.
     let until = now() + Duration::hours(24);
     assert!(
-        s.rotate_webhook_secret("wh_c", "whsec_two", until)
+        s.rotate_webhook_secret("wh_c", "whsec_two", until, None)
             .await
             .unwrap()
     );
     assert!(
-        !s.rotate_webhook_secret("wh_none", "whsec_x", until)
+        !s.rotate_webhook_secret("wh_none", "whsec_x", until, None)
             .await
             .unwrap()
+    );
+    // While the previous secret still signs, a conditional rotation changes nothing: of two
+    // rotations at once, only one takes effect.
+    assert!(
+        !other
+            .rotate_webhook_secret("wh_c", "whsec_raced", until, Some(now()))
+            .await
+            .unwrap()
+    );
+    let kept = s.get_webhook("wh_c").await.unwrap().unwrap();
+    assert_eq!(kept.secret, "whsec_two");
+    assert_eq!(
+        kept.previous_secret_until.map(|t| t.timestamp_millis()),
+        Some(until.timestamp_millis())
+    );
+    // Up to the last millisecond of the overlap.
+    assert!(
+        !s.rotate_webhook_secret(
+            "wh_c",
+            "whsec_x",
+            until,
+            Some(until - Duration::milliseconds(1))
+        )
+        .await
+        .unwrap()
     );
     let change = WebhookChange {
         event_types: Some(vec![ORDER.to_owned(), PRODUCT.to_owned()]),
@@ -1300,7 +1325,7 @@ async fn webhook_changes_are_made_in_place(f: &Fixture) {
         .unwrap();
     assert!(
         sealed
-            .rotate_webhook_secret("wh_c", "whsec_three", until)
+            .rotate_webhook_secret("wh_c", "whsec_three", until, None)
             .await
             .unwrap()
     );

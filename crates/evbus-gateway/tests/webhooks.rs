@@ -338,6 +338,66 @@ async fn rotation_signs_with_old_and_new_secrets_during_the_overlap() {
     assert!(got.verify(&old) && got.verify(&new));
 }
 
+/// The registration's answer and a later read show one creation time (milliseconds, as kept;
+/// the answer had nanoseconds).
+#[tokio::test]
+async fn a_webhooks_creation_time_reads_back_as_it_was_answered() {
+    let h = Harness::memory().await;
+    let receiver = Receiver::start(200).await;
+    let key = h.key(&["*"], &[]).await;
+    let (s, created) = h
+        .call(
+            "POST",
+            "/v1/webhooks",
+            Some(&key),
+            Some(json!({"url": receiver.url(), "event_types": ["afterOrderCreate"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (s, read) = h
+        .call("GET", &format!("/v1/webhooks/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(read["created_at"], created["created_at"]);
+}
+
+/// Rotations at once: one takes effect and the others are 409, so the first secret keeps
+/// signing for the overlap it was promised (found by the TypeScript client's tests: 8 of 8
+/// rotations at once were 200, and the original secret stopped signing at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn of_rotations_at_once_one_takes_effect() {
+    let h = Harness::memory().await;
+    let mut receiver = Receiver::start(200).await;
+    let key = h.key(&["*"], &[]).await;
+    let (id, old) = h
+        .register(&key, &receiver.url(), &["afterOrderCreate"])
+        .await;
+    let path = format!("/v1/webhooks/{id}/rotate-secret");
+    let calls = (0..8).map(|_| h.call("POST", &path, Some(&key), None));
+    let answers = futures::future::join_all(calls).await;
+    let ok: Vec<&serde_json::Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(ok.len(), 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(s, _)| *s == StatusCode::OK || *s == StatusCode::CONFLICT),
+        "{answers:?}"
+    );
+    let new = ok[0]["secret"].as_str().unwrap().to_owned();
+    h.bus
+        .emit("afterOrderCreate", order_created())
+        .await
+        .unwrap();
+    let got = receiver.next().await;
+    assert!(got.verify(&old), "the original secret still signs");
+    assert!(got.verify(&new));
+}
+
 #[tokio::test]
 async fn a_slow_endpoint_does_not_stall_others() {
     let h = Harness::memory().await;

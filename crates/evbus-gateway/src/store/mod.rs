@@ -601,17 +601,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
     /// Rotates a webhook's signing secret in place: the current secret becomes the previous
     /// one, signing until `previous_until`, and `secret` the current one; nothing else
-    /// changes. `false` if there is no such webhook. Stores should do it in one statement;
-    /// the default reads and replaces the record.
+    /// changes. With `unless_signing_at`, only if no previous secret still signs at that
+    /// instant (so that of two rotations at once, one wins and the other changes nothing).
+    /// `false` if there is no such webhook, or it was not rotated for that reason. Stores
+    /// should do it in one statement; the default reads and replaces the record.
     async fn rotate_webhook_secret(
         &self,
         id: &str,
         secret: &str,
         previous_until: DateTime<Utc>,
+        unless_signing_at: Option<DateTime<Utc>>,
     ) -> StoreResult<bool> {
         let Some(mut w) = self.get_webhook(id).await? else {
             return Ok(false);
         };
+        if let Some(at) = unless_signing_at
+            && w.previous_secret.is_some()
+            && w.previous_secret_until.is_some_and(|until| until > at)
+        {
+            return Ok(false);
+        }
         w.previous_secret = Some(std::mem::replace(&mut w.secret, secret.to_owned()));
         w.previous_secret_until = Some(previous_until);
         self.update_webhook(&w).await?;

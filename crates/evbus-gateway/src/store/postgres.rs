@@ -690,16 +690,19 @@ impl Store for PostgresStore {
         id: &str,
         secret: &str,
         previous_until: DateTime<Utc>,
+        unless_signing_at: Option<DateTime<Utc>>,
     ) -> StoreResult<bool> {
         // The current secret moves as it is stored (sealed ones are bound to the webhook id,
         // not to the column).
         let done = sqlx::query(
             "UPDATE webhooks SET previous_secret = secret, secret = $2, previous_secret_until = $3
-             WHERE id = $1",
+             WHERE id = $1 AND ($4::BIGINT IS NULL OR previous_secret IS NULL
+                 OR previous_secret_until IS NULL OR previous_secret_until <= $4)",
         )
         .bind(text(id))
         .bind(self.sealed(id, Some(secret))?)
         .bind(ms(previous_until))
+        .bind(unless_signing_at.map(ms))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)

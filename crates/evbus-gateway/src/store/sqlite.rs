@@ -512,17 +512,20 @@ impl Store for SqliteStore {
         id: &str,
         secret: &str,
         previous_until: DateTime<Utc>,
+        unless_signing_at: Option<DateTime<Utc>>,
     ) -> StoreResult<bool> {
         let _write = self.writer.lock().await;
         // The current secret moves as it is stored (sealed ones are bound to the webhook id,
         // not to the column).
         let done = sqlx::query(
             "UPDATE webhooks SET previous_secret = secret, secret = ?, previous_secret_until = ?
-             WHERE id = ?",
+             WHERE id = ? AND (?4 IS NULL OR previous_secret IS NULL
+                 OR previous_secret_until IS NULL OR previous_secret_until <= ?4)",
         )
         .bind(self.sealed(id, Some(secret))?)
         .bind(ms(previous_until))
         .bind(id)
+        .bind(unless_signing_at.map(ms))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
