@@ -27,12 +27,50 @@ fn open_files() -> &'static Mutex<HashMap<PathBuf, Weak<SqliteFile>>> {
     OPEN.get_or_init(Default::default)
 }
 
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e: std::io::Error| Error::client(ErrorKind::InvalidConfig, what, e)
+}
+
+/// Takes the exclusive lock (`flock`) on `lock_path`, writing this process's id in it for
+/// whoever is refused next; `refused(holder, lock_path)` is the error when another open file
+/// holds it, in this process or another ("process 1234", or "another process").
+pub(crate) fn hold(lock_path: &Path, refused: impl FnOnce(&str, &Path) -> Error) -> Result<File> {
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path)
+        .map_err(io(format!("opening the lock file {}", lock_path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                "another process".to_owned()
+            } else {
+                format!("process {holder}")
+            };
+            return Err(refused(&holder, lock_path));
+        }
+        Err(TryLockError::Error(e)) => {
+            return Err(io(format!("locking {}", lock_path.display()))(e));
+        }
+    }
+    // Name the holder for whoever is refused next (best effort).
+    let _ = lock
+        .set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|()| write!(lock, "{}", std::process::id()))
+        .and_then(|()| lock.flush());
+    Ok(lock)
+}
+
 impl SqliteFile {
     /// Takes (or shares, within this process) the hold on `path`, creating its directory.
     pub(crate) fn open(path: &Path) -> Result<Arc<SqliteFile>> {
-        let io = |what: String| {
-            move |e: std::io::Error| Error::client(ErrorKind::InvalidConfig, what, e)
-        };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(io(format!("creating the directory {}", parent.display())))?;
@@ -55,46 +93,18 @@ impl SqliteFile {
         }
         let mut lock_path = canonical.clone().into_os_string();
         lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io(format!("opening the lock file {}", lock_path.display())))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = lock.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let holder = if holder.is_empty() {
-                    "another process".to_owned()
-                } else {
-                    format!("process {holder}")
-                };
-                return Err(Error::invalid_config(format!(
-                    "the SQLite database {} is already open in {holder} (it holds {}); an \
-                     SQLite bus belongs to one process",
-                    canonical.display(),
-                    lock_path.display()
-                ))
-                .with_hint(
-                    "stop the other process, give this one its own file, or use postgres:// \
-                     for a bus shared by several processes",
-                ));
-            }
-            Err(TryLockError::Error(e)) => {
-                return Err(io(format!("locking {}", lock_path.display()))(e));
-            }
-        }
-        // Name the holder for whoever is refused next (best effort).
-        let _ = lock
-            .set_len(0)
-            .and_then(|()| lock.rewind())
-            .and_then(|()| write!(lock, "{}", std::process::id()))
-            .and_then(|()| lock.flush());
+        let lock = hold(&PathBuf::from(lock_path), |holder, lock_path| {
+            Error::invalid_config(format!(
+                "the SQLite database {} is already open in {holder} (it holds {}); an \
+                 SQLite bus belongs to one process",
+                canonical.display(),
+                lock_path.display()
+            ))
+            .with_hint(
+                "stop the other process, give this one its own file, or use postgres:// \
+                 for a bus shared by several processes",
+            )
+        })?;
         let file = Arc::new(SqliteFile {
             path: canonical.clone(),
             _lock: lock,

@@ -417,6 +417,44 @@ async fn a_poll_interval_of_duration_max_does_not_kill_the_relay() {
 /// A relay whose transport was closed stops, gives its buckets back and reports `Closed`;
 /// the rows stay. Before, it treated the closed transport as an outage and retried for as
 /// long as the process lived, holding every bucket.
+/// One relay per table of an SQLite file: a second one, in this process or another, would take
+/// every bucket too and publish the same rows again (an outsider review counted 16 %
+/// duplicates with two). It is refused while the first runs, and may start once it stopped.
+#[tokio::test]
+async fn a_second_relay_of_one_sqlite_outbox_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let transport = Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect());
+    let first = Relay::sqlite(pool.clone(), transport.clone())
+        .spawn()
+        .unwrap();
+    // Another pool on the same file, as another process would open it.
+    let other = open(&dir.path().join("app.db")).await;
+    let e = Relay::sqlite(other.clone(), transport.clone())
+        .spawn()
+        .expect_err("a second relay of the same outbox");
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("already runs"), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("process {}", std::process::id())),
+        "{e}"
+    );
+    // Another table of the same file is another outbox.
+    let mine = Outbox::with_table(&bus(), "my_outbox").unwrap();
+    mine.migrate(&pool).await.unwrap();
+    let beside = Relay::sqlite(other.clone(), transport.clone())
+        .table("my_outbox")
+        .spawn()
+        .unwrap();
+    first.shutdown().await.unwrap();
+    let again = Relay::sqlite(other, transport).spawn().unwrap();
+    again.shutdown().await.unwrap();
+    beside.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_on_a_closed_transport_stops_and_keeps_the_rows() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,8 +47,11 @@ impl Relay {
     }
 
     /// A relay of the outbox table in the SQLite database of `pool`, publishing to
-    /// `transport`. Run **one** relay per SQLite database (SQLite is one process's store);
-    /// it polls every [`poll_interval`](RelayBuilder::poll_interval) (100 ms by default).
+    /// `transport`. One relay per table of an SQLite database file, in all processes: it
+    /// takes every bucket, so a second one would publish the same rows again. A second
+    /// [`spawn`](RelayBuilder::spawn) is refused while the first runs (a lock on
+    /// `<file>.outbox-<table>.lock`, released when the relay stops or its process exits). It
+    /// polls every [`poll_interval`](RelayBuilder::poll_interval) (100 ms by default).
     pub fn sqlite(pool: SqlitePool, transport: Arc<dyn Transport>) -> RelayBuilder {
         RelayBuilder::new(Source::Sqlite(pool), transport, Duration::from_millis(100))
     }
@@ -171,9 +174,14 @@ impl RelayBuilder {
     }
 
     /// Starts the relay on the current Tokio runtime. Fails with
-    /// [`ErrorKind::InvalidConfig`] on an invalid table name.
+    /// [`ErrorKind::InvalidConfig`] on an invalid table name, and on SQLite when a relay of
+    /// the same table of the same file runs already (in this process or another).
     pub fn spawn(self) -> Result<RelayHandle> {
         let table = Table::new(&self.table)?;
+        let exclusive = match &self.source {
+            Source::Sqlite(pool) => sole_relay(pool, &table.name)?,
+            Source::Postgres(_) => None,
+        };
         let id = self.id.unwrap_or_else(|| {
             format!(
                 "relay-{}-{}",
@@ -210,6 +218,7 @@ impl RelayBuilder {
             backoff: HashMap::new(),
             suspect: HashSet::new(),
             slow: HashMap::new(),
+            _exclusive: exclusive,
         };
         let span = tracing::info_span!("evbus.outbox.relay", relay = %id, table = %table.name);
         let task = tokio::spawn(worker.run().instrument(span));
@@ -220,6 +229,32 @@ impl RelayBuilder {
             stats,
         })
     }
+}
+
+/// The lock that makes this the only relay of `table` on the SQLite file of `pool`; `None`
+/// for a database without a file (in memory).
+fn sole_relay(pool: &SqlitePool, table: &str) -> Result<Option<std::fs::File>> {
+    let options = pool.connect_options();
+    let file = options.get_filename();
+    if !file.is_file() {
+        return Ok(None);
+    }
+    let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+    let mut lock = file.clone().into_os_string();
+    lock.push(format!(".outbox-{table}.lock"));
+    crate::sqlite_file::hold(std::path::Path::new(&lock), |holder, lock| {
+        Error::invalid_config(format!(
+            "an outbox relay of table `{table}` already runs on the SQLite database {} (in \
+             {holder}, which holds {}); a second one would publish the same rows again",
+            file.display(),
+            lock.display()
+        ))
+        .with_hint(
+            "run one relay per SQLite database, in one process (the others only stage), or \
+             keep the outbox in PostgreSQL to run several",
+        )
+    })
+    .map(Some)
 }
 
 /// A running relay. Dropping it leaves the relay running; call
@@ -333,6 +368,9 @@ struct Worker {
     /// a publish that timed out may have been accepted all the same and each retry then
     /// adds a copy.
     slow: HashMap<i32, u32>,
+    /// On SQLite, the lock that keeps a second relay of this table off the file, held for
+    /// as long as the worker runs.
+    _exclusive: Option<std::fs::File>,
 }
 
 /// What one round of publishing did.
