@@ -99,8 +99,8 @@ pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
             .on_dead_letter(|event, reason| {
                 eprintln!(
                     "evbus: dead-lettered {}: {}",
-                    event.id(),
-                    reason.replace('\n', "; ")
+                    crate::printable::printable(event.id()),
+                    crate::printable::one_line(reason)
                 );
             })
             .start()
@@ -141,12 +141,44 @@ pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
 }
 
 /// The event in the structured JSON format on one line: as written (data byte for byte)
-/// unless the data itself spans lines, then re-encoded compactly.
+/// unless the data itself spans lines, then re-encoded compactly. JSON data whose bytes the
+/// envelope keeps as `data_base64` (a producer's trailing newline or surrounding spaces) is
+/// printed as `data`, parsed, so that `jq .data` finds it.
 fn one_line(event: &evbus::Event) -> evbus::Result<String> {
     let text = event.to_json()?;
+    let encoded = |value: &serde_json::Value| {
+        serde_json::to_string(value).map_err(|e| evbus::Error::invalid_event(e.to_string()))
+    };
+    if let Some(parsed) = json_kept_as_base64(event, &text) {
+        let mut value = event.to_json_value()?;
+        if let Some(members) = value.as_object_mut() {
+            members.remove("data_base64");
+            members.insert("data".to_owned(), parsed);
+        }
+        return encoded(&value);
+    }
     if !text.contains('\n') {
         return Ok(text);
     }
-    let value = event.to_json_value()?;
-    serde_json::to_string(&value).map_err(|e| evbus::Error::invalid_event(e.to_string()))
+    encoded(&event.to_json_value()?)
+}
+
+/// The data parsed, when it is JSON (by its content type) the envelope printed as base64.
+fn json_kept_as_base64(event: &evbus::Event, text: &str) -> Option<serde_json::Value> {
+    if !text.contains("\"data_base64\"") {
+        return None;
+    }
+    let json_type = event.datacontenttype().is_none_or(|t| {
+        let t = t
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        t == "application/json" || t == "text/json" || t.ends_with("+json")
+    });
+    if !json_type {
+        return None;
+    }
+    serde_json::from_slice(event.data()?).ok()
 }

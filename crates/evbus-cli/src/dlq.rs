@@ -14,6 +14,7 @@ use evbus::bus::{Bus, DeadLetter, DeadLetters};
 use serde_json::json;
 
 use crate::failure::{self, Failure};
+use crate::printable::{one_line, printable};
 use crate::transport;
 
 /// Most dead letters one command looks at.
@@ -95,9 +96,19 @@ pub(crate) struct Target {
     /// waited on).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     wait: f64,
-    /// Look at no more than this many dead letters.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT)]
+    /// Look at no more than this many dead letters (at least 1).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT, value_parser = at_least_one)]
     limit: usize,
+}
+
+/// A `--limit`: a whole number of at least 1 (0 would look at nothing and say so as if the
+/// queue were empty).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `dlq list` output formats.
@@ -142,10 +153,6 @@ pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
         let _ = bus.shutdown(Duration::from_secs(5)).await;
         result
     })
-}
-
-fn one_line(s: &str) -> String {
-    s.replace('\n', "; ")
 }
 
 /// The reason of a dead letter on one line, and that its data was dropped if it was.
@@ -204,12 +211,12 @@ async fn list(
                 .iter()
                 .map(|d| {
                     [
-                        d.event().id().to_owned(),
+                        printable(d.event().id()).into_owned(),
                         d.attempts()
                             .map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                        d.origin().unwrap_or("-").to_owned(),
+                        printable(d.origin().unwrap_or("-")).into_owned(),
                         first_seen(d),
-                        last_seen(d),
+                        printable(&last_seen(d)).into_owned(),
                         reason(d),
                     ]
                 })
@@ -277,16 +284,16 @@ async fn show(
         );
         return Ok(ExitCode::from(failure::INVALID));
     };
-    println!("id:            {}", d.event().id());
-    println!("type:          {}", d.event().ty());
+    println!("id:            {}", printable(d.event().id()));
+    println!("type:          {}", printable(d.event().ty()));
     println!(
         "attempts:      {}",
         d.attempts()
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
     );
-    println!("origin:        {}", d.origin().unwrap_or("-"));
+    println!("origin:        {}", printable(d.origin().unwrap_or("-")));
     println!("first seen:    {}", first_seen(d));
-    println!("dead-lettered: {}", last_seen(d));
+    println!("dead-lettered: {}", printable(&last_seen(d)));
     println!("reason:        {}", reason(d));
     let event = d
         .original()
@@ -325,7 +332,7 @@ async fn redrive(
             },
             |d| {
                 // Printed as each one is moved, so an error later leaves them listed.
-                println!("{}", d.event().id());
+                println!("{}", printable(d.event().id()));
                 moved.push(d.event().id().to_owned());
             },
         )
@@ -347,7 +354,11 @@ async fn redrive(
     eprintln!("evbus: {count} dead letter{plural} redriven to the group's redrive queue");
     let refused = refused.into_inner().unwrap_or_else(|e| e.into_inner());
     for (id, why) in &refused {
-        eprintln!("evbus: not redriven, left in {}: {id}: {why}", dlq.name());
+        eprintln!(
+            "evbus: not redriven, left in {}: {}: {why}",
+            dlq.name(),
+            printable(id)
+        );
     }
     if !all {
         let found: BTreeSet<&str> = moved

@@ -117,7 +117,16 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
                 } else {
                     ""
                 };
-                let maybe = if size == 1 {
+                // Refusals made before anything is sent (too large, invalid) publish nothing.
+                let refused_before = matches!(
+                    e.kind(),
+                    evbus::ErrorKind::TooLarge
+                        | evbus::ErrorKind::Validation
+                        | evbus::ErrorKind::InvalidEvent
+                );
+                let maybe = if size == 1 && refused_before {
+                    "the one being published was refused before it was sent".to_owned()
+                } else if size == 1 {
                     "the one being published may have been published anyway".to_owned()
                 } else {
                     format!("some of the {size} being published may have been published anyway")

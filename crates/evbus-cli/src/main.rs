@@ -18,6 +18,7 @@ mod events;
 mod failure;
 mod keys;
 mod payloads;
+mod printable;
 mod serve;
 mod transport;
 

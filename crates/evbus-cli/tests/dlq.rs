@@ -263,6 +263,86 @@ async fn every_record_is_listed_and_what_cannot_be_redriven_stays() {
     cleanup(&url, "product", &["search"]).await;
 }
 
+/// What a foreign producer writes is printed safely: an id with a line break or an escape
+/// sequence cannot forge a line of `dlq list` or drive the terminal, and JSON data with a
+/// trailing newline (what `redis-cli -x` and `echo |` send) is printed as `data`, parsed
+/// (found by an outsider review).
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_foreign_producer_wrote_is_printed_safely() {
+    use evbus::Transport;
+    let Some(url) = redis("dlq-foreign").await else {
+        return;
+    };
+    let schema = json!({
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"]
+    });
+    let dir = catalogue("dlq-foreign", "product", &schema, &[]);
+    let transport = evbus_redis::RedisTransport::connect_url(&url)
+        .await
+        .unwrap();
+    transport.topic("product").await.unwrap();
+    let key = transport.topic_key("product");
+    let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut raw = redis::Client::open(base).unwrap().get_connection().unwrap();
+    // The group first, so that it reads what follows.
+    let first = consume(&url, &dir, "product", "search", 0);
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    for (id, data) in [
+        ("evil\nID  1  fake/line", "{\"n\": \"x\"}"),
+        ("esc\u{1b}[31mRED", "{\"n\": \"x\"}"),
+        ("fine", "{\"n\": 5}\n"),
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("ce_specversion")
+            .arg("1.0")
+            .arg("ce_id")
+            .arg(id)
+            .arg("ce_source")
+            .arg("/stock")
+            .arg("ce_type")
+            .arg("product")
+            .arg("content-type")
+            .arg("application/json")
+            .arg("data")
+            .arg(data)
+            .query(&mut raw)
+            .unwrap();
+    }
+    let seen = consume(&url, &dir, "product", "search", 1);
+    assert_eq!(seen.code, Some(0), "{}", seen.stderr);
+    assert_eq!(seen.handled.len(), 1);
+    assert_eq!(seen.handled[0]["id"], "fine");
+    assert_eq!(
+        seen.handled[0]["data"],
+        json!({"n": 5}),
+        "{}",
+        seen.handled[0]
+    );
+    assert!(
+        seen.stderr
+            .contains("evbus: dead-lettered evil\\nID  1  fake/line: "),
+        "{}",
+        seen.stderr
+    );
+    assert!(!seen.stderr.contains('\u{1b}'), "{}", seen.stderr);
+    let out = dlq(&url, &["list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    assert_eq!(
+        listing.lines().count(),
+        3,
+        "a header and two dead letters:\n{listing}"
+    );
+    assert!(!listing.contains('\u{1b}'), "{listing}");
+    assert!(listing.contains("esc\\u{1b}[31mRED"), "{listing}");
+    let _ = transport.close().await;
+    cleanup(&url, "product", &["search"]).await;
+}
+
 #[test]
 fn redrive_needs_ids_or_all() {
     for args in [
