@@ -343,6 +343,65 @@ async fn what_a_foreign_producer_wrote_is_printed_safely() {
     cleanup(&url, "product", &["search"]).await;
 }
 
+/// A consumer whose Redis user lacks a command it needs (here `EVALSHA`, as when one is left
+/// out of the ACL) is told so on stderr, again at every retry; it was taken for a lost
+/// connection and retried for ever in silence, `consume` printing nothing (found by an
+/// outsider review).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_redis_refuses_says_so() {
+    let Some(url) = redis("acl").await else {
+        return;
+    };
+    let base = std::env::var("EVBUS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut raw = redis::Client::open(base).unwrap().get_connection().unwrap();
+    let user = format!("evbus-acl-{}", uuid::Uuid::now_v7().simple());
+    let _: String = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">acl-test")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-evalsha")
+        .arg("-eval")
+        .arg("-script")
+        .query(&mut raw)
+        .unwrap();
+    let limited = url.replacen("redis://", &format!("redis://{user}:acl-test@"), 1);
+    assert_ne!(limited, url, "a redis:// URL");
+    let schema = json!({"type": "object"});
+    let dir = catalogue("acl", "product", &schema, &[]);
+    let out = evbus(&[
+        "consume",
+        "--transport",
+        &limited,
+        "--schemas",
+        dir.to_str().unwrap(),
+        "--type",
+        "product",
+        "--group",
+        "search",
+        "--timeout",
+        "4",
+    ]);
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query(&mut raw)
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("Redis refuses this consumer's commands"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no permissions to run the 'evalsha' command"),
+        "{err}"
+    );
+    assert!(!err.contains("acl-test"), "no password in the log: {err}");
+    cleanup(&url, "product", &["search"]).await;
+}
+
 #[test]
 fn redrive_needs_ids_or_all() {
     for args in [

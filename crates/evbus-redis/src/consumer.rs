@@ -438,12 +438,27 @@ impl ConsumerTask {
                 }
                 Err(e) => {
                     let delay = self.backoff.next_delay();
-                    tracing::warn!(
-                        origin = %self.origin,
-                        error = %e,
-                        retry_in = ?delay,
-                        "Redis consumer lost its connection; reconnecting"
-                    );
+                    let error = crate::error::from_redis(e, "consuming");
+                    if error.is_retryable() {
+                        tracing::warn!(
+                            origin = %self.origin,
+                            %error,
+                            retry_in = ?delay,
+                            "Redis consumer lost its connection; reconnecting"
+                        );
+                    } else {
+                        // A refusal reconnecting does not cure (a missing ACL permission, a
+                        // key of another type): said as such, at every retry, for an operator
+                        // to fix; the subscription keeps trying meanwhile.
+                        tracing::error!(
+                            origin = %self.origin,
+                            %error,
+                            retry_in = ?delay,
+                            "Redis refuses this consumer's commands; nothing is delivered until \
+                             that is fixed (check the user's ACL: the adapter README lists the \
+                             commands it needs)"
+                        );
+                    }
                     self.conn.reset();
                     self.needs_recovery = true;
                     tokio::select! {
