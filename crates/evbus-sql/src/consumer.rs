@@ -251,9 +251,10 @@ async fn give_back(broker: &SqlBroker, notify: &Notify, claims: Vec<Claim>) {
     }
 }
 
-/// Marks an anonymous subscription's partition alive every third of `anonymous_ttl` (at
-/// most every minute) for as long as the subscription lives, whether it is polled or not:
-/// the cleanup of any transport deletes one not marked for `anonymous_ttl`, and a handler
+/// Marks an anonymous subscription's partition alive at once and then every third of
+/// `anonymous_ttl` (at most every minute) for as long as the subscription lives, whether it
+/// is polled or not: the cleanup of any transport deletes one not marked for the TTL the mark
+/// records (this transport's `anonymous_ttl`, whatever the cleaner's own), and a handler
 /// holding its deliveries that long is no dead process.
 fn keep_alive(broker: SqlBroker, part: i64) -> DropGuard {
     let stop = CancellationToken::new();
@@ -262,10 +263,13 @@ fn keep_alive(broker: SqlBroker, part: i64) -> DropGuard {
         .max(Duration::from_millis(10));
     let stopped = stop.clone();
     tokio::spawn(async move {
+        let mut first = true;
         loop {
-            tokio::select! {
-                () = stopped.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
             }
             match broker.mark_alive(part).await {
                 Ok(true) => {}

@@ -391,7 +391,7 @@ async fn cleanup(shared: &Shared) -> Result<u64> {
         Db::Postgres(pool) => {
             sqlx::query(
                 "DELETE FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%' \
-                 AND seen_at < now() - make_interval(secs => $1::float8 / 1000)",
+                 AND seen_at < now() - make_interval(secs => COALESCE(ttl_ms, $1)::float8 / 1000)",
             )
             .bind(ttl)
             .execute(pool)
@@ -420,9 +420,10 @@ async fn cleanup(shared: &Shared) -> Result<u64> {
             let now = now_ms();
             sqlx::query(
                 "DELETE FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%' \
-                 ESCAPE '\\' AND seen_at < ?1",
+                 ESCAPE '\\' AND seen_at < ?1 - COALESCE(ttl_ms, ?2)",
             )
-            .bind(now.saturating_sub(ttl))
+            .bind(now)
+            .bind(ttl)
             .execute(pool)
             .await
             .map_err(sql("deleting abandoned anonymous subscriptions"))?;
@@ -838,18 +839,22 @@ impl SqlBroker {
     pub(crate) async fn mark_alive(&self, part: i64) -> Result<bool> {
         match &self.shared.db {
             Db::Postgres(pool) => {
-                sqlx::query("UPDATE evbus_parts SET seen_at = now() WHERE id = $1")
+                sqlx::query("UPDATE evbus_parts SET seen_at = now(), ttl_ms = $2 WHERE id = $1")
                     .bind(part)
+                    .bind(ms(self.shared.config.anonymous_ttl))
                     .execute(pool)
                     .await
                     .map(|done| done.rows_affected() > 0)
             }
-            Db::Sqlite(pool) => sqlx::query("UPDATE evbus_parts SET seen_at = ?2 WHERE id = ?1")
-                .bind(part)
-                .bind(now_ms())
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected() > 0),
+            Db::Sqlite(pool) => {
+                sqlx::query("UPDATE evbus_parts SET seen_at = ?2, ttl_ms = ?3 WHERE id = ?1")
+                    .bind(part)
+                    .bind(now_ms())
+                    .bind(ms(self.shared.config.anonymous_ttl))
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected() > 0)
+            }
         }
         .map_err(sql("marking an anonymous subscription alive"))
     }

@@ -388,6 +388,25 @@ async fn an_unpolled_anonymous_subscription_outlives_the_ttl() {
     schema.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shorter_ttl_elsewhere_does_not_end_a_live_anonymous_subscription() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let subscriber = schema.open("").await;
+    let cleaner = schema
+        .open("anonymous_ttl_ms=200&cleanup_interval_ms=3600000")
+        .await;
+    support::a_shorter_ttl_elsewhere_does_not_end_a_live_anonymous_subscription(
+        &subscriber,
+        &cleaner,
+    )
+    .await;
+    cleaner.close().await.unwrap();
+    subscriber.close().await.unwrap();
+    schema.drop().await;
+}
+
 /// A named subscription starting at `Earliest` copies the topic's retained events; one
 /// deleted meanwhile (here by `delete_topic` on another transport) is skipped. The copy
 /// used to fail the subscribe with a foreign-key violation (`evbus_deliveries_event_fkey`),

@@ -227,6 +227,21 @@ async fn an_unpolled_anonymous_subscription_outlives_the_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_shorter_ttl_elsewhere_does_not_end_a_live_anonymous_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let subscriber = open(&path, "").await;
+    let cleaner = open(&path, "anonymous_ttl_ms=200&cleanup_interval_ms=3600000").await;
+    support::a_shorter_ttl_elsewhere_does_not_end_a_live_anonymous_subscription(
+        &subscriber,
+        &cleaner,
+    )
+    .await;
+    cleaner.close().await.unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cancelled_anonymous_subscribes_leave_no_partition() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

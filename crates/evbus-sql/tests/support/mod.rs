@@ -593,6 +593,35 @@ pub async fn an_unpolled_anonymous_subscription_outlives_the_ttl(
     next.ack().await.unwrap();
 }
 
+/// A live anonymous subscription of `subscriber` (default TTL: its keep-alive marks it once a
+/// minute) survives the cleanup of `cleaner`, whose own `anonymous_ttl_ms` is far shorter:
+/// each subscription is judged by the TTL its keep-alive records. The cleaner deleted it after
+/// its own TTL, and the subscription ended (found by an outsider review).
+pub async fn a_shorter_ttl_elsewhere_does_not_end_a_live_anonymous_subscription(
+    subscriber: &evbus_sql::SqlTransport,
+    cleaner: &evbus_sql::SqlTransport,
+) {
+    use evbus::{SubscribeOptions, Transport};
+    assert!(cleaner.config().anonymous_ttl < Duration::from_secs(1));
+    let topic = subscriber.topic("ttl-elsewhere").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    // Longer than the cleaner's TTL, far shorter than the subscriber's keep-alive interval.
+    tokio::time::sleep(cleaner.config().anonymous_ttl * 3).await;
+    cleaner.cleanup().await.unwrap();
+    let sent = event(7);
+    topic.publish(&sent).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("a delivery")
+        .expect("the subscription ended: another process's cleanup deleted it")
+        .unwrap();
+    assert_eq!(got.event().id(), sent.id());
+    got.ack().await.unwrap();
+}
+
 /// The anonymous subscriptions' partitions in the database.
 pub const ANONYMOUS_PARTS: &str = r"evbus_parts WHERE name LIKE '\_anonymous.%'";
 
