@@ -154,19 +154,26 @@ async fn sqlite_refuses_an_invalid_event_at_stage() {
     assert_eq!(n, 0);
 }
 
-/// An event over the Bus's transport's `max_payload_bytes` is refused at stage: the relay
-/// could never publish it, and it would hold up the other keys of its bucket for as long
-/// as it stayed (found by an outsider review).
-#[tokio::test]
-async fn sqlite_refuses_at_stage_an_event_the_transport_could_never_take() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = open(&dir.path().join("app.db")).await;
+/// An SQLite outbox in `dir` staging for a Bus whose transport takes events of at most
+/// 1,024 bytes.
+async fn limited_to_1024(dir: &Path) -> (SqlitePool, evbus::bus::Bus, Outbox) {
+    let pool = open(&dir.join("app.db")).await;
     let mut config = evbus::memory::MemoryConfig::default();
     config.max_payload_bytes = 1024;
     let transport = Arc::new(evbus::memory::MemoryBroker::new(config).connect());
     let bus = evbus::bus::Bus::new(transport, catalog(), "/test/outbox");
     let outbox = Outbox::new(&bus);
     outbox.migrate(&pool).await.unwrap();
+    (pool, bus, outbox)
+}
+
+/// An event over the Bus's transport's `max_payload_bytes` is refused at stage: the relay
+/// could never publish it, and it would hold up the other keys of its bucket for as long
+/// as it stayed (found by an outsider review).
+#[tokio::test]
+async fn sqlite_refuses_at_stage_an_event_the_transport_could_never_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, _bus, outbox) = limited_to_1024(dir.path()).await;
     let mut tx = pool.begin().await.unwrap();
     let err = outbox
         .stage(
@@ -189,13 +196,7 @@ async fn sqlite_refuses_at_stage_an_event_the_transport_could_never_take() {
 #[tokio::test]
 async fn sqlite_measures_a_staged_event_as_the_transport_does() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = open(&dir.path().join("app.db")).await;
-    let mut config = evbus::memory::MemoryConfig::default();
-    config.max_payload_bytes = 1024;
-    let transport = Arc::new(evbus::memory::MemoryBroker::new(config).connect());
-    let bus = evbus::bus::Bus::new(transport, catalog(), "/test/outbox");
-    let outbox = Outbox::new(&bus);
-    outbox.migrate(&pool).await.unwrap();
+    let (pool, bus, outbox) = limited_to_1024(dir.path()).await;
     // About 990 bytes of data: under the limit alone, over it with the attributes.
     let data = json!({"orderId": "x".repeat(960), "seq": 0});
     assert!(serde_json::to_vec(&data).unwrap().len() < 1024);
