@@ -711,7 +711,8 @@ impl AmqpAcker {
         match decoded {
             Ok(event) => RawDelivery::new(event, attempt, acker, tag),
             Err(error) => {
-                tracing::warn!(queue, error = %error, "a message is not a CloudEvent; moving it to the dead-letter queue");
+                // Logged by core as it dead-letters it (a look at a dead-letter queue leaves it).
+                tracing::debug!(queue, error = %error, "a message is not a CloudEvent");
                 // RabbitMQ gives a message no id of its own (delivery tags start again at 1
                 // on every channel): the dead-letter record gets a new one, so two records
                 // never share an id.

@@ -72,7 +72,7 @@ pub(crate) fn log_to_stderr(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(quiet_secret_logs(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(|| printable::Escaping(std::io::stderr()))
         .try_init();
 }
 

@@ -33,6 +33,29 @@ pub(crate) fn one_line(s: &str) -> String {
     printable(&joined.replace(":; ", ": ")).into_owned()
 }
 
+/// A writer of log lines that escapes the control characters in them, all but the line's own
+/// end: a logged reason quotes property names from a payload, which a producer chooses. Each
+/// log line comes in one `write` (the formatter buffers it), ending with its line break.
+pub(crate) struct Escaping<W>(pub(crate) W);
+
+impl<W: std::io::Write> std::io::Write for Escaping<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.strip_suffix(b"\n") {
+            Some(body) => (body, &b"\n"[..]),
+            None => (buf, &b""[..]),
+        };
+        let text = String::from_utf8_lossy(body);
+        let escaped = printable(&text);
+        self.0.write_all(escaped.as_bytes())?;
+        self.0.write_all(end)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +70,17 @@ mod tests {
             "invalid (1 violation): /n: must be an integer"
         );
         assert_eq!(one_line("a\u{7}b"), "a\\u{7}b");
+    }
+
+    #[test]
+    fn a_log_line_keeps_its_end_and_nothing_else_breaks_it() {
+        use std::io::Write;
+        let mut out = Escaping(Vec::new());
+        out.write_all(b"WARN reason=/\x1b[31m: bad\nfake line\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "WARN reason=/\\u{1b}[31m: bad\\nfake line\n"
+        );
     }
 }

@@ -372,12 +372,17 @@ impl Undecodable {
 
 /// Sends a dead-letter record to `queue`. A record the queue refuses as too large is sent
 /// again without its data, with [`DEAD_LETTER_DATA_DROPPED`] giving the data's length, and
-/// an error is logged: a dead-letter record that can never be stored would otherwise bring
-/// its event back after every visibility timeout, forever (and on Kafka hold back every
-/// later offset's commit). Returns the record the queue took.
+/// an error is logged; one still too large (a foreign producer's attributes alone over the
+/// limit) is sent with every attribute value cut to [`PLACEHOLDER_CUT`] bytes and at most
+/// [`PLACEHOLDER_HEADERS`] extensions, marked [`DEAD_LETTER_TRUNCATED`]. A dead-letter record
+/// that can never be stored would otherwise bring its event back after every visibility
+/// timeout, forever (and on Kafka hold back every later offset's commit). Returns the record
+/// the queue took.
 pub(crate) async fn send_dead_letter(queue: &dyn Queue, record: Event) -> Result<Event> {
-    match queue.send(&record).await {
-        Err(e) if e.kind() == ErrorKind::TooLarge && record.data().is_some() => {
+    let record = match queue.send(&record).await {
+        Ok(()) => return Ok(record),
+        Err(e) if e.kind() != ErrorKind::TooLarge => return Err(e),
+        Err(e) if record.data().is_some() => {
             let length = record.data().map_or(0, Bytes::len);
             tracing::error!(
                 event = record.id(),
@@ -389,11 +394,65 @@ pub(crate) async fn send_dead_letter(queue: &dyn Queue, record: Event) -> Result
             );
             let mut slim = record.into_builder().data_bytes(None).build()?;
             slim.set_extension(DEAD_LETTER_DATA_DROPPED, length.to_string())?;
-            queue.send(&slim).await.map(|()| slim)
+            match queue.send(&slim).await {
+                Ok(()) => return Ok(slim),
+                Err(e) if e.kind() != ErrorKind::TooLarge => return Err(e),
+                Err(_) => slim,
+            }
         }
-        Err(e) => Err(e),
-        Ok(()) => Ok(record),
+        Err(_) => record,
+    };
+    tracing::error!(
+        event = %record.id().chars().take(PLACEHOLDER_CUT).collect::<String>(),
+        dead_letter_queue = queue.name(),
+        "a dead-letter record's attributes alone are too large for the dead-letter queue; \
+         dead-lettering them cut to {PLACEHOLDER_CUT} bytes each (extension \
+         {DEAD_LETTER_TRUNCATED})"
+    );
+    let cut = cut_attributes(&record)?;
+    queue.send(&cut).await.map(|()| cut)
+}
+
+/// Extension set on a dead-letter record whose attribute values were cut to fit the
+/// dead-letter queue (see [`DEAD_LETTER_DATA_DROPPED`], which such a record carries too when
+/// it had data): `true`.
+pub const DEAD_LETTER_TRUNCATED: &str = "deadlettertruncated";
+
+/// `record` with each attribute value cut to [`PLACEHOLDER_CUT`] bytes (at a character
+/// boundary), its dead-letter extensions and at most [`PLACEHOLDER_HEADERS`] others kept, no
+/// data, and [`DEAD_LETTER_TRUNCATED`] set.
+fn cut_attributes(record: &Event) -> Result<Event> {
+    let cut = |value: &str| -> String {
+        let end = (0..=value.len().min(PLACEHOLDER_CUT))
+            .rev()
+            .find(|&i| value.is_char_boundary(i))
+            .unwrap_or(0);
+        value[..end].to_owned()
+    };
+    let mut builder = Event::builder(cut(record.ty()), cut(record.source()))
+        .id(cut(record.id()))
+        .time(record.time());
+    if let Some(subject) = record.subject() {
+        builder = builder.subject(cut(subject));
     }
+    if let Some(schema) = record.dataschema().filter(|s| s.len() <= PLACEHOLDER_CUT) {
+        builder = builder.dataschema(schema);
+    }
+    let ours = |name: &str| name.starts_with("deadletter");
+    let others = record
+        .extensions()
+        .iter()
+        .filter(|(name, _)| !ours(name))
+        .take(PLACEHOLDER_HEADERS);
+    for (name, value) in record
+        .extensions()
+        .iter()
+        .filter(|(name, _)| ours(name))
+        .chain(others)
+    {
+        builder = builder.extension(name, cut(value));
+    }
+    builder.extension(DEAD_LETTER_TRUNCATED, "true").build()
 }
 
 /// Settlement policy shared by every delivery of one consumer.

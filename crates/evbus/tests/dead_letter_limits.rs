@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use evbus::memory::{MemoryBroker, MemoryConfig};
 use evbus::raw::{
-    Acker, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_REASON, RawDelivery, Source,
-    UNDECODABLE_EVENT_TYPE, Undecodable,
+    Acker, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_REASON, DEAD_LETTER_TRUNCATED, RawDelivery,
+    Source, UNDECODABLE_EVENT_TYPE, Undecodable,
 };
 use evbus::{ConsumerOptions, Error, Event, Result, Transport};
 use futures::StreamExt;
@@ -166,4 +166,58 @@ async fn a_dead_letter_record_over_the_limit_keeps_the_attributes_and_says_what_
         Some(dropped.as_str())
     );
     assert!(delivery.is_settled());
+}
+
+/// A foreign producer's event whose attributes alone are over the limit (a huge subject) and
+/// that is dead-lettered: without its data it is still too large, so its attribute values are
+/// cut and the record says so. It was refused again, and the event came back after every
+/// visibility timeout for ever (found by an outsider review: on Kafka that pinned the group's
+/// offset and the consumer's memory grew with every later record).
+#[tokio::test]
+async fn a_record_whose_attributes_alone_are_over_the_limit_is_dead_lettered_cut() {
+    let transport = transport();
+    let dlq = transport.queue("foreign.dlq").await.unwrap();
+    let acker = Arc::new(Recorder::default());
+    let huge = Event::builder("test.event", "/tests")
+        .json(&serde_json::json!({"n": "x"}))
+        .unwrap()
+        .subject("s".repeat(3 * LIMIT))
+        .extension("note", "n".repeat(2 * LIMIT))
+        .build()
+        .unwrap();
+    let raw = futures::stream::iter(vec![Ok(RawDelivery::new(
+        huge.clone(),
+        1,
+        acker.clone(),
+        9,
+    ))])
+    .chain(futures::stream::pending());
+    let mut subscription = Source::queue("foreign", &ConsumerOptions::default()).into_subscription(
+        raw,
+        Arc::clone(&dlq),
+        futures::future::pending(),
+    );
+    let delivery = timeout(BOUND, subscription.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("rejected: invalid")
+        .await
+        .expect("dead-lettered, cut");
+    assert!(delivery.is_settled());
+    assert_eq!(*acker.acked.lock().unwrap(), vec![9]);
+
+    let record = first_record(dlq.as_ref()).await;
+    assert_eq!(record.id(), huge.id());
+    assert_eq!(record.extension(DEAD_LETTER_TRUNCATED), Some("true"));
+    assert_eq!(
+        record.extension(DEAD_LETTER_REASON),
+        Some("rejected: invalid")
+    );
+    assert!(record.extension(DEAD_LETTER_DATA_DROPPED).is_some());
+    assert_eq!(record.subject().map(str::len), Some(1024));
+    assert_eq!(record.extension("note").map(str::len), Some(1024));
+    assert!(record.encoded_len() <= LIMIT);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::Bus;
 use crate::delivery::{
     DEAD_LETTER_ATTEMPTS, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON,
-    UNDECODABLE_EVENT_TYPE,
+    DEAD_LETTER_TRUNCATED, UNDECODABLE_EVENT_TYPE,
 };
 use crate::envelope::Event;
 use crate::error::Result;
@@ -85,6 +85,13 @@ impl DeadLetter {
                     .to_owned(),
             );
         }
+        if self.event.extension(DEAD_LETTER_TRUNCATED).is_some() {
+            return Some(
+                "its attributes were cut to fit the dead-letter queue: it would be sent on \
+                 changed; publish the event again from where it was first stored"
+                    .to_owned(),
+            );
+        }
         self.data_dropped().map(|n| {
             format!(
                 "its {n} bytes of data were dropped to fit the dead-letter queue: it would be \
@@ -118,12 +125,13 @@ const MAX_HELD: usize = 65_535;
 /// How many dead letters a redrive may leave in place (held until it ends) beyond `max`.
 const LEFT_PER_CALL: usize = 4_096;
 
-/// How long a look holds what it received before the broker may hand it out again.
-const LOOK_VISIBILITY: Duration = Duration::from_secs(5 * 60);
+/// How long a look holds what it received before the broker may hand it out again (what a
+/// look that died, or whose give-back was lost, keeps hidden).
+const LOOK_VISIBILITY: Duration = Duration::from_secs(90);
 
 /// The longest a look runs: well within [`LOOK_VISIBILITY`], so nothing it holds comes back to
 /// it, and every dead letter it receives is another one (two may carry the same event id).
-const LOOK_LIMIT: Duration = Duration::from_secs(4 * 60);
+const LOOK_LIMIT: Duration = Duration::from_secs(60);
 
 /// The consumer settings used on a dead-letter queue: nothing there is ever dead-lettered
 /// again (a message that is not a CloudEvent is handed out as its placeholder), and room to
@@ -169,8 +177,16 @@ async fn next_looked(
 async fn give_back(held: Vec<crate::delivery::Delivery>) {
     let all = async {
         for delivery in held {
-            if let Err(e) = delivery.nack(None).await {
-                tracing::warn!(error = %e, event = delivery.event().id(), "a dead letter looked at could not be given back at once; it comes back after its visibility timeout");
+            match delivery.nack(None).await {
+                Ok(_) => {}
+                // The broker has it back already (the subscription's end gave back what it
+                // held, as on RabbitMQ).
+                Err(e) if e.kind() == crate::ErrorKind::Expired => {
+                    tracing::debug!(error = %e, "a dead letter looked at was given back already");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, event = delivery.event().id(), "a dead letter looked at could not be given back at once; it comes back after its visibility timeout");
+                }
             }
         }
     };
@@ -206,8 +222,8 @@ impl DeadLetters {
 
     /// Up to `max` dead letters, without removing them: each is received and held, and all
     /// are given back together at the end (at most 65,535 are held at once). Stops early once
-    /// nothing new arrives for `idle` (an empty queue returns after `idle`), and after four
-    /// minutes (what it holds is not handed out again for five). The same event may be there
+    /// nothing new arrives for `idle` (an empty queue returns after `idle`), and after a
+    /// minute (what it holds is not handed out again for 90 s). The same event may be there
     /// twice (dead-lettered twice); each record is listed. A message in the queue that is not
     /// a CloudEvent is listed as its `evbus.undecodable` placeholder and left as it is.
     pub async fn peek(&self, max: usize, idle: Duration) -> Result<Vec<DeadLetter>> {
@@ -276,7 +292,7 @@ impl DeadLetters {
     /// dead-letter queue, and is not offered to `keep` either. Without that, a redrive of
     /// everything would move such an event again and again, up to `max` times. Records that
     /// [cannot be redriven](DeadLetter::not_redrivable) stay too, whatever `keep` says. Like
-    /// [`peek`](Self::peek), a call looks for at most four minutes.
+    /// [`peek`](Self::peek), a call looks for at most a minute.
     pub async fn redrive_each(
         &self,
         max: usize,

@@ -60,7 +60,8 @@ use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
 
 pub use crate::delivery::{
     Acker, DEAD_LETTER_ATTEMPTS, DEAD_LETTER_DATA_DROPPED, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON,
-    DEAD_LETTER_TIME, RawDelivery, UNDECODABLE_EVENT_TYPE, Undecodable, dead_letter_event,
+    DEAD_LETTER_TIME, DEAD_LETTER_TRUNCATED, RawDelivery, UNDECODABLE_EVENT_TYPE, Undecodable,
+    dead_letter_event,
 };
 
 pub mod hosts;
