@@ -115,6 +115,7 @@ pub(crate) async fn subscribe(
         queue: target.queue().to_owned(),
         max_returns: options.max_attempts.saturating_add(SPARE_RETURNS),
         lost_settled: tokio::sync::Notify::new(),
+        settling: tokio_util::task::TaskTracker::new(),
     });
     // A broker-side refusal that a new attempt can clear (RabbitMQ's INTERNAL_ERROR when a
     // new quorum queue is consumed while it starts, which also closes the connection) is
@@ -528,6 +529,7 @@ enum Ending {
 /// as a nack would: an attempt that did not finish counts (a consumer that closes on an
 /// event's last attempt leaves it to be dead-lettered, not handed out once more).
 async fn detach(attached: &Attached, acker: &AmqpAcker, ending: Ending) {
+    let limit = acker.shared.config.command_timeout;
     if ending == Ending::Closed {
         let handed = acker.take_handed(attached.epoch);
         futures::future::join_all(handed.into_iter().map(|held| async {
@@ -536,9 +538,13 @@ async fn detach(attached: &Attached, acker: &AmqpAcker, ending: Ending) {
             }
         }))
         .await;
+        // Settlements that took their delivery before `take_handed` finish on the open
+        // channel (a retry's ack after its copy), then the channel closes.
+        acker.settling.close();
+        let _ = tokio::time::timeout(limit, acker.settling.wait()).await;
+        acker.settling.reopen();
     }
     acker.lost(attached.epoch);
-    let limit = acker.shared.config.command_timeout;
     let _ =
         tokio::time::timeout(limit, attached.channel.close(200, "consumer closed".into())).await;
 }
@@ -572,6 +578,12 @@ struct AmqpAcker {
     max_returns: u32,
     /// Woken when a delivery handed out on a lost channel is settled.
     lost_settled: tokio::sync::Notify,
+    /// The settlements under way: a subscription that ends waits for them before it closes
+    /// its channel. A nack racing the end (a look at a dead-letter queue gives back what it
+    /// held as its subscription is dropped) had published its retry copy, then found the
+    /// channel closed for the original's ack, and RabbitMQ requeued the original too: a
+    /// copy more in the queue at every such look.
+    settling: tokio_util::task::TaskTracker,
 }
 
 /// What a consumer holds, under one lock.
@@ -916,6 +928,7 @@ impl AmqpAcker {
 impl Acker for AmqpAcker {
     async fn ack(&self, tag: u64) -> Result<()> {
         let _op = self.shared.begin()?;
+        let _settling = self.settling.token();
         let held = self.take(tag)?;
         within(
             self.shared.config.command_timeout,
@@ -928,6 +941,7 @@ impl Acker for AmqpAcker {
 
     async fn nack(&self, tag: u64) -> Result<()> {
         let _op = self.shared.begin()?;
+        let _settling = self.settling.token();
         let held = self.take(tag)?;
         self.retry(held).await
     }

@@ -264,3 +264,40 @@ async fn evbus_reads_a_stock_producer_in_either_mode_and_moves_garbage_aside() {
     transport.delete_queue(&dlq_name).await.unwrap();
     transport.close().await.unwrap();
 }
+
+/// Looks at a dead-letter queue that stop before its end (`dlq list --limit 1`) leave it as it
+/// was: the look's give-back raced its subscription's end, the retry copy was published and
+/// the original's ack found the channel closed, so RabbitMQ requeued the original too (found
+/// by an outsider review: two records became six after five looks).
+#[tokio::test(flavor = "multi_thread")]
+async fn looks_that_stop_early_add_no_copies_to_a_dead_letter_queue() {
+    let transport = std::sync::Arc::new(shared_transport().await);
+    let catalog = evbus::Catalog::builder().strict(false).freeze().unwrap();
+    let ty = unique("looked");
+    let bus = evbus::bus::Bus::new(transport.clone(), catalog, "/evbus-amqp/tests");
+    let name = bus.dead_letter_queue_name(&ty, "g");
+    let dlq = transport.queue(&name).await.unwrap();
+    for n in 0..2 {
+        let record = Event::builder(ty.as_str(), "/evbus-amqp/tests")
+            .json(&serde_json::json!({ "n": n }))
+            .unwrap()
+            .extension("deadletterreason", "rejected")
+            .build()
+            .unwrap();
+        dlq.send(&record).await.unwrap();
+    }
+    let dead = bus.dead_letters(&ty, "g").await.unwrap();
+    for _ in 0..5 {
+        let seen = dead.peek(1, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(seen.len(), 1);
+    }
+    let all = dead.peek(100, Duration::from_secs(2)).await.unwrap();
+    let (conn, _channel) = stock_channel().await;
+    let ready = support::message_count(&conn, &transport.queue_name(&name)).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(ready, Some(2));
+    transport.delete_queue(&name).await.unwrap();
+    let _ = transport
+        .delete_queue(&bus.redrive_queue_name(&ty, "g"))
+        .await;
+}
