@@ -141,15 +141,14 @@ pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
 }
 
 /// The event in the structured JSON format on one line: as written (data byte for byte)
-/// unless the data itself spans lines, then re-encoded compactly. JSON data whose bytes the
-/// envelope keeps as `data_base64` (a producer's trailing newline or surrounding spaces) is
-/// printed as `data`, parsed, so that `jq .data` finds it.
+/// unless the data itself spans lines, then re-encoded compactly. JSON data with whitespace
+/// around it (a producer's trailing newline), which the envelope keeps byte for byte as
+/// `data_base64`, is printed as `data`, parsed, so that `jq .data` finds it.
 fn one_line(event: &evbus::Event) -> evbus::Result<String> {
-    let text = event.to_json()?;
     let encoded = |value: &serde_json::Value| {
         serde_json::to_string(value).map_err(|e| evbus::Error::invalid_event(e.to_string()))
     };
-    if let Some(parsed) = json_kept_as_base64(event, &text) {
+    if let Some(parsed) = padded_json(event) {
         let mut value = event.to_json_value()?;
         if let Some(members) = value.as_object_mut() {
             members.remove("data_base64");
@@ -157,28 +156,18 @@ fn one_line(event: &evbus::Event) -> evbus::Result<String> {
         }
         return encoded(&value);
     }
+    let text = event.to_json()?;
     if !text.contains('\n') {
         return Ok(text);
     }
     encoded(&event.to_json_value()?)
 }
 
-/// The data parsed, when it is JSON (by its content type) the envelope printed as base64.
-fn json_kept_as_base64(event: &evbus::Event, text: &str) -> Option<serde_json::Value> {
-    if !text.contains("\"data_base64\"") {
+/// The data parsed, when it is JSON with whitespace around it.
+fn padded_json(event: &evbus::Event) -> Option<serde_json::Value> {
+    let data = event.data()?;
+    if !event.is_json() || data.trim_ascii().len() == data.len() {
         return None;
     }
-    let json_type = event.datacontenttype().is_none_or(|t| {
-        let t = t
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        t == "application/json" || t == "text/json" || t.ends_with("+json")
-    });
-    if !json_type {
-        return None;
-    }
-    serde_json::from_slice(event.data()?).ok()
+    serde_json::from_slice(data).ok()
 }

@@ -294,10 +294,7 @@ impl Undecodable {
                 // A prefix cut inside a character is not text any more: cut at the last
                 // whole character when the value is text.
                 Some(n) if bytes.len() > n => match std::str::from_utf8(bytes) {
-                    Ok(text) => {
-                        let end = (0..=n).rev().find(|&i| text.is_char_boundary(i));
-                        &bytes[..end.unwrap_or(0)]
-                    }
+                    Ok(text) => crate::envelope::char_prefix(text, n).as_bytes(),
                     Err(_) => &bytes[..n],
                 },
                 _ => bytes,
@@ -403,7 +400,7 @@ pub(crate) async fn send_dead_letter(queue: &dyn Queue, record: Event) -> Result
         Err(_) => record,
     };
     tracing::error!(
-        event = %record.id().chars().take(PLACEHOLDER_CUT).collect::<String>(),
+        event = crate::envelope::char_prefix(record.id(), PLACEHOLDER_CUT),
         dead_letter_queue = queue.name(),
         "a dead-letter record's attributes alone are too large for the dead-letter queue; \
          dead-lettering them cut to {PLACEHOLDER_CUT} bytes each (extension \
@@ -422,13 +419,7 @@ pub const DEAD_LETTER_TRUNCATED: &str = "deadlettertruncated";
 /// boundary), its dead-letter extensions and at most [`PLACEHOLDER_HEADERS`] others kept, no
 /// data, and [`DEAD_LETTER_TRUNCATED`] set.
 fn cut_attributes(record: &Event) -> Result<Event> {
-    let cut = |value: &str| -> String {
-        let end = (0..=value.len().min(PLACEHOLDER_CUT))
-            .rev()
-            .find(|&i| value.is_char_boundary(i))
-            .unwrap_or(0);
-        value[..end].to_owned()
-    };
+    let cut = |value: &str| crate::envelope::char_prefix(value, PLACEHOLDER_CUT).to_owned();
     let mut builder = Event::builder(cut(record.ty()), cut(record.source()))
         .id(cut(record.id()))
         .time(record.time());

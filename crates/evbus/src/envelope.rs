@@ -495,11 +495,20 @@ pub(crate) fn cut(text: &str, max: usize) -> Cow<'_, str> {
     if text.len() <= max {
         return Cow::Borrowed(text);
     }
-    let end = (0..=max)
+    Cow::Owned(format!(
+        "{}… ({} bytes)",
+        char_prefix(text, max),
+        text.len()
+    ))
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends at a character boundary.
+pub(crate) fn char_prefix(text: &str, max: usize) -> &str {
+    let end = (0..=text.len().min(max))
         .rev()
         .find(|&i| text.is_char_boundary(i))
         .unwrap_or(0);
-    Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+    &text[..end]
 }
 
 /// Objects of up to this many members have their names compared by scanning
