@@ -49,7 +49,33 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound, then released, so another process can take it
 /// first; good enough for tests).
+///
+/// The port is drawn at random from below the kernel's ephemeral range where there is room
+/// (Linux: `net.ipv4.ip_local_port_range`), so the source port of some other program's
+/// outgoing connection, or another caller's `bind(0)`, cannot take it between this call and
+/// the broker's bind. Without that room it falls back to a port the kernel picks.
 pub fn free_port() -> io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    const LOWEST: u16 = 20_000;
+
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_low - LOWEST);
+        for _ in 0..64 {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(DRAWS.fetch_add(1, Ordering::Relaxed));
+            hasher.write_u32(std::process::id());
+            let port = LOWEST + (hasher.finish() % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -416,6 +442,26 @@ mod tests {
         let port = free_port().unwrap();
         assert_ne!(port, 0);
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn free_ports_stay_out_of_the_range_outgoing_connections_take() {
+        let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+            return;
+        };
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        if low <= 21_000 {
+            return;
+        }
+        let ports: Vec<u16> = (0..32).map(|_| free_port().unwrap()).collect();
+        assert!(
+            ports.iter().all(|&port| (20_000..low).contains(&port)),
+            "{ports:?}"
+        );
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > 16, "not drawn at random: {ports:?}");
     }
 
     #[test]
