@@ -266,12 +266,16 @@ impl Drop for Pull {
 /// (`ack_wait`, 30 s by default). The pull request may still bring some until it expires
 /// (`fetch_wait`): they are given back too. Each is a `-NAK` delayed past that expiry, so
 /// none comes back into the same request (each delivery there would count as an attempt).
-/// Tracked, so a close waits for it; on close only what has already arrived is given back.
+///
+/// Read until the request ends, even when the transport closes: what the subscription's
+/// holder gives back once it dropped the subscription (a dead-letter look nacks everything
+/// it held at its end) is redelivered at once into this request, the only one waiting; a
+/// message the server delivered into it that nobody reads stays hidden for `ack_wait`.
+/// Tracked, so a close waits for it (at most `fetch_wait`, within the close's grace).
 fn give_back(shared: &Arc<Shared>, mut batch: pull::Batch) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let cancel = shared.cancel.clone();
     let fetch_wait = shared.config.fetch_wait;
     let delay = fetch_wait + Duration::from_millis(100);
     let task = async move {
@@ -284,13 +288,6 @@ fn give_back(shared: &Arc<Shared>, mut batch: pull::Batch) {
             let item = tokio::select! {
                 biased;
                 item = batch.next() => item,
-                () = cancel.cancelled() => {
-                    // Closing: what has arrived, without waiting for more.
-                    while let Some(Some(Ok(message))) = batch.next().now_or_never() {
-                        nak(message).await;
-                    }
-                    return;
-                }
                 () = &mut expired => return,
             };
             match item {

@@ -158,6 +158,58 @@ async fn messages_fetched_ahead_by_a_dropped_subscription_come_back_at_once() {
     transport.close().await.unwrap();
 }
 
+/// A look at a queue (what `evbus dlq list` does, each on a transport of its own closed right
+/// after): it holds what it received, ends its subscription, gives everything back with a
+/// plain nack and closes. The server redelivers the given-back messages at once, into the
+/// ended subscription's pull request, which stays open until it expires; a close that stopped
+/// reading that request left them unacknowledged in it, hidden for the visibility timeout.
+/// Every look, and a last one, must see every message.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_looks_closed_right_after_give_back_comes_back_to_the_next_look() {
+    let name = unique("look-close");
+    let setup = transport().await;
+    let queue = setup.queue(&name).await.unwrap();
+    let events: Vec<Event> = (0..4)
+        .map(|i| Event::builder("t", "/s").json(&i).unwrap().build().unwrap())
+        .collect();
+    for event in &events {
+        queue.send(event).await.unwrap();
+    }
+    let mut expected: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    expected.sort();
+    for look in 0..5 {
+        let transport = transport().await;
+        let queue = transport.queue(&name).await.unwrap();
+        // Far longer than WAIT: a message hidden for it fails the test.
+        let mut sub = queue
+            .receive(
+                ConsumerOptions::default()
+                    .max_attempts(u32::MAX)
+                    .max_in_flight(64)
+                    .visibility_timeout(Duration::from_secs(120)),
+            )
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        while held.len() < events.len() {
+            match tokio::time::timeout(WAIT, sub.next_delivery()).await {
+                Ok(Some(delivery)) => held.push(delivery.unwrap()),
+                _ => break,
+            }
+        }
+        let mut seen: Vec<String> = held.iter().map(|d| d.event().id().to_owned()).collect();
+        seen.sort();
+        assert_eq!(seen, expected, "look {look}");
+        drop(sub);
+        for delivery in held {
+            delivery.nack(None).await.unwrap();
+        }
+        transport.close().await.unwrap();
+    }
+    setup.delete_queue(&name).await.unwrap();
+    setup.close().await.unwrap();
+}
+
 /// A queue is not deduplicated: the same event sent twice is two messages (core sends an id
 /// again on purpose: a dead letter of an event dead-lettered before, a redrive).
 #[tokio::test(flavor = "multi_thread")]
