@@ -1033,7 +1033,7 @@ fn decode(topic: &str, message: &impl Message) -> Decoded {
         Some(problem) => Err(Error::invalid_event(problem)),
         None => binding::decode(headers.clone(), body.clone(), HeaderStyle::KAFKA),
     };
-    match result {
+    match result.and_then(|event| with_record_key(event, message.key())) {
         Ok(event) => Decoded::Event(event),
         Err(e) => Decoded::Undecodable(Foreign {
             error: e.message().to_owned(),
@@ -1053,6 +1053,19 @@ fn decode(topic: &str, message: &impl Message) -> Decoded {
             .unwrap_or_default(),
             body,
         }),
+    }
+}
+
+/// `event` with the record's key as its `partitionkey`, when it has none and the key is text:
+/// a stock producer keys its records without writing `ce_partitionkey` (as the CloudEvents
+/// SDKs read the key back). Without it the key was lost to evbus: handlers saw no key to keep
+/// order by, and a dead letter and its redrive were written without one.
+fn with_record_key(event: Event, key: Option<&[u8]>) -> Result<Event> {
+    match key.map(std::str::from_utf8) {
+        Some(Ok(key)) if !key.is_empty() && event.partition_key().is_none() => {
+            event.into_builder().partition_key(key).build()
+        }
+        _ => Ok(event),
     }
 }
 

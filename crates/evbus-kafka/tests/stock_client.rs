@@ -166,6 +166,38 @@ async fn a_stock_structured_mode_record_is_read_as_its_event() {
     .await;
 }
 
+/// A stock producer keys its records without a `ce_partitionkey` header: evbus reads the
+/// key as the event's `partitionkey` (what handlers keep order by, and what a dead letter and
+/// its redrive are keyed by). An explicit `ce_partitionkey` wins over the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_of_a_stock_record_is_its_partition_key() {
+    let binary = || {
+        headers(&[
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"stock-3"),
+            ("ce_source", b"/stock"),
+            ("ce_type", b"stockKeyed"),
+            ("content-type", b"application/json"),
+        ])
+    };
+    read_stock_record("keyed", binary(), Some("customer-9"), b"{}", |event| {
+        assert_eq!(event.partition_key(), Some("customer-9"));
+    })
+    .await;
+    let explicit = binary().insert(Header {
+        key: "ce_partitionkey",
+        value: Some("order-1"),
+    });
+    read_stock_record("explicit", explicit, Some("customer-9"), b"{}", |event| {
+        assert_eq!(event.partition_key(), Some("order-1"));
+    })
+    .await;
+    read_stock_record("unkeyed", binary(), None, b"{}", |event| {
+        assert_eq!(event.partition_key(), None);
+    })
+    .await;
+}
+
 /// Kafka headers from names and values, in this order.
 fn headers(pairs: &[(&str, &[u8])]) -> OwnedHeaders {
     pairs.iter().fold(OwnedHeaders::new(), |hs, &(key, value)| {
