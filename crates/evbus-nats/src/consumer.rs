@@ -21,7 +21,7 @@ use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
 use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 
 use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
 use crate::names::{Kind, StreamNames};
