@@ -25,10 +25,11 @@ pub(crate) enum DlqCommand {
     /// List the dead letters of a group, one per line: id, attempts, origin, first seen (the
     /// event's time), dead-lettered (when the transport recorded it, else `-`), reason.
     ///
-    /// Nothing is removed: each dead letter is received and released at once (a nack with
-    /// no delay), so it stays where it was; the broker's own delivery counter of the
-    /// dead-letter entry grows by one per listing (the attempts shown are the handler's,
-    /// stored with the dead letter, and do not change).
+    /// Nothing is removed: each dead letter is received and held, and all are given back
+    /// together at the end (a nack with no delay), so they stay where they were; the broker's
+    /// own delivery counter of a dead-letter entry grows by one per listing (the attempts
+    /// shown are the handler's, stored with the dead letter, and do not change). What a look
+    /// holds is not handed to another look for up to 90 s should it die before giving back.
     ///
     /// Exit status: 0 listed (even none); 2 usage or transport error.
     List {
@@ -72,6 +73,32 @@ pub(crate) enum DlqCommand {
         /// Redrive every dead letter of the group.
         #[arg(long)]
         all: bool,
+    },
+    /// Remove dead letters for good (a poison event no handler will ever take, a message that
+    /// is not a CloudEvent); prints the id of each one as it is removed. Every record of an
+    /// event asked for is removed (an event dead-lettered twice is there twice). The others
+    /// stay where they are.
+    ///
+    /// Exit status: 0 removed (all, or every --id given); 1 some --id was not found (the
+    /// others were removed); 2 usage or transport error, or --all without --yes (the ids
+    /// removed before an error are printed).
+    Discard {
+        #[command(flatten)]
+        target: Target,
+        /// Remove this dead letter (repeat for several).
+        #[arg(
+            long = "id",
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Remove every dead letter of the group (up to --limit); needs --yes.
+        #[arg(long)]
+        all: bool,
+        /// Confirm --all: the dead letters are gone for good.
+        #[arg(long, requires = "all")]
+        yes: bool,
     },
 }
 
@@ -125,8 +152,20 @@ pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
     let target = match &cmd {
         DlqCommand::List { target, .. }
         | DlqCommand::Show { target, .. }
-        | DlqCommand::Redrive { target, .. } => target,
+        | DlqCommand::Redrive { target, .. }
+        | DlqCommand::Discard { target, .. } => target,
     };
+    if let DlqCommand::Discard {
+        all: true,
+        yes: false,
+        ..
+    } = &cmd
+    {
+        return Err(Failure::new(
+            "dlq discard --all removes every dead letter of the group for good; add --yes to \
+             confirm",
+        ));
+    }
     transport::check(&target.transport)?;
     let wait = match target.wait {
         s if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
@@ -148,6 +187,9 @@ pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
             DlqCommand::Show { id, .. } => show(&dlq, target.limit, wait, id).await,
             DlqCommand::Redrive { ids, all, .. } => {
                 redrive(&dlq, target.limit, wait, ids, *all).await
+            }
+            DlqCommand::Discard { ids, all, .. } => {
+                discard(&dlq, target.limit, wait, ids, *all).await
             }
         };
         let _ = bus.shutdown(Duration::from_secs(5)).await;
@@ -372,6 +414,55 @@ async fn redrive(
         }
         let left = refused.iter().any(|(id, _)| !moved.iter().any(|m| m == id));
         if !missing.is_empty() || left {
+            return Ok(ExitCode::from(failure::INVALID));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn discard(
+    dlq: &DeadLetters,
+    limit: usize,
+    wait: Duration,
+    ids: &[String],
+    all: bool,
+) -> Result<ExitCode, Failure> {
+    let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut removed: Vec<String> = Vec::new();
+    let result = dlq
+        .discard_each(
+            limit,
+            wait,
+            |d| all || wanted.contains(d.event().id()),
+            |d| {
+                // Printed as each one is removed, so an error later leaves them listed.
+                println!("{}", printable(d.event().id()));
+                removed.push(d.event().id().to_owned());
+            },
+        )
+        .await;
+    let count = removed.len();
+    let plural = if count == 1 { "" } else { "s" };
+    if let Err(e) = result {
+        return Err(Failure::new(format!(
+            "discarding from {} failed after {count} dead letter{plural} removed{}: {e}",
+            dlq.name(),
+            if count > 0 {
+                " (their ids are on stdout)"
+            } else {
+                ""
+            }
+        )));
+    }
+    eprintln!(
+        "evbus: {count} dead letter{plural} removed from {}",
+        dlq.name()
+    );
+    if !all {
+        let found: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
+        let missing: Vec<&str> = wanted.difference(&found).copied().collect();
+        if !missing.is_empty() {
+            eprintln!("evbus: not found in {}: {}", dlq.name(), missing.join(", "));
             return Ok(ExitCode::from(failure::INVALID));
         }
     }

@@ -162,7 +162,7 @@ async fn rejected_events_are_listed_with_their_reason_and_redriven_to_a_fixed_co
 /// stopped at the repeated id, hiding the rest; the foreign message was moved to a hidden
 /// queue by `list`; the placeholder and the empty record were redriven).
 #[tokio::test(flavor = "multi_thread")]
-async fn every_record_is_listed_and_what_cannot_be_redriven_stays() {
+async fn every_record_is_listed_what_cannot_be_redriven_stays_and_discard_removes() {
     use evbus::Transport;
     let Some(url) = redis("dlq-records").await else {
         return;
@@ -257,6 +257,39 @@ async fn every_record_is_listed_and_what_cannot_be_redriven_stays() {
         text(&out.stderr)
     );
     assert_eq!(len(&mut raw), 3);
+
+    // What cannot be redriven can be removed: the foreign message first, by its
+    // placeholder's id; an id that is not there is an exit 1.
+    let out = dlq(&url, &["discard", "--id", &placeholder, "--id", "gone"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        [&placeholder]
+    );
+    assert!(
+        text(&out.stderr).contains("not found in product.search.dlq: gone"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(len(&mut raw), 2, "the second record of twice, dropped");
+    // Everything, only once confirmed.
+    let out = dlq(&url, &["discard", "--all"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    assert_eq!(len(&mut raw), 2);
+    let out = dlq(&url, &["discard", "--all", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut gone: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    gone.sort();
+    assert_eq!(gone, ["dropped", "twice"]);
+    assert_eq!(len(&mut raw), 0);
+    let out = dlq(&url, &["list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("0 dead letters"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let _ = transport.delete_queue("product.search.dlq.dlq").await;
     let _ = transport.close().await;

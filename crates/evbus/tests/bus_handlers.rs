@@ -592,6 +592,61 @@ async fn a_redrive_reports_each_dead_letter_moved_even_when_a_later_one_fails() 
     assert_eq!(queued, [waiting.id(), &ids[0], &ids[1]]);
 }
 
+/// `discard_each` removes every record `keep` accepts, both records of an event that is there
+/// twice included, leaves the others where they were and sends nothing to the group.
+#[tokio::test]
+async fn a_discard_removes_what_it_is_asked_to_and_leaves_the_rest() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let transport = broker.connect();
+    let dlq = transport
+        .queue(&bus.dead_letter_queue_name("orderPlaced", "g"))
+        .await
+        .unwrap();
+    let events: Vec<Event> = (0..3)
+        .map(|i| {
+            bus.prepare_event(evbus::bus::Emit::new(
+                "orderPlaced",
+                placed(&format!("o-{i}")),
+            ))
+            .unwrap()
+        })
+        .collect();
+    for event in [&events[0], &events[1], &events[1], &events[2]] {
+        dlq.send(event).await.unwrap();
+    }
+    let dead = bus.dead_letters("orderPlaced", "g").await.unwrap();
+    let mut removed = Vec::new();
+    let count = dead
+        .discard_each(
+            10,
+            Duration::from_millis(300),
+            |d| d.event().id() != events[0].id(),
+            |d| removed.push(d.event().id().to_owned()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+    assert_eq!(removed, [events[1].id(), events[1].id(), events[2].id()]);
+    let left: Vec<String> = dead
+        .peek(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.event().id().to_owned())
+        .collect();
+    assert_eq!(left, [events[0].id()]);
+    let mut redrive = transport
+        .queue(&bus.redrive_queue_name("orderPlaced", "g"))
+        .await
+        .unwrap()
+        .receive(evbus::ConsumerOptions::default())
+        .await
+        .unwrap();
+    let sent = tokio::time::timeout(Duration::from_millis(300), redrive.next_delivery()).await;
+    assert!(sent.is_err(), "nothing is sent to the group");
+}
+
 #[tokio::test]
 async fn a_panicking_handler_is_retried_like_a_failing_one() {
     let broker = broker();

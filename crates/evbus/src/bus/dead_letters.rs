@@ -1,4 +1,4 @@
-//! Inspecting a group's dead-letter queue and redriving from it.
+//! Inspecting a group's dead-letter queue, redriving from it and removing from it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -298,7 +298,41 @@ impl DeadLetters {
         max: usize,
         idle: Duration,
         keep: impl Fn(&DeadLetter) -> bool,
-        mut moved: impl FnMut(&DeadLetter),
+        moved: impl FnMut(&DeadLetter),
+    ) -> Result<usize> {
+        self.take_each(max, idle, keep, Some(&self.redrive), moved)
+            .await
+    }
+
+    /// Removes dead letters for good: each one `keep` accepts is taken out of the dead-letter
+    /// queue (acknowledged there) and `removed` is called with it; the others stay, given back
+    /// together at the end as [`redrive_each`](Self::redrive_each) leaves them. Returns how
+    /// many were removed; stops early once nothing arrives for `idle`, after `max` removals,
+    /// and, like [`peek`](Self::peek), after a minute.
+    ///
+    /// Every record is offered, placeholders of messages that are not CloudEvents too (they
+    /// cannot be redriven; removing them is how a queue is cleared of them), and every record
+    /// of an event `keep` accepts is removed (an event dead-lettered twice is there twice).
+    /// On an error, every record removed before it has been passed to `removed`.
+    pub async fn discard_each(
+        &self,
+        max: usize,
+        idle: Duration,
+        keep: impl Fn(&DeadLetter) -> bool,
+        removed: impl FnMut(&DeadLetter),
+    ) -> Result<usize> {
+        self.take_each(max, idle, keep, None, removed).await
+    }
+
+    /// [`redrive_each`](Self::redrive_each) when `redrive` is the redrive queue, else
+    /// [`discard_each`](Self::discard_each).
+    async fn take_each(
+        &self,
+        max: usize,
+        idle: Duration,
+        keep: impl Fn(&DeadLetter) -> bool,
+        redrive: Option<&Arc<dyn Queue>>,
+        mut taken: impl FnMut(&DeadLetter),
     ) -> Result<usize> {
         let mut sub = self
             .queue
@@ -310,7 +344,7 @@ impl DeadLetters {
         // The dead letters left where they are, given back together at the end (see
         // `give_back`).
         let mut held = Vec::new();
-        // Not an `async` block: that would borrow `keep` and `moved` across its awaits and
+        // Not an `async` block: that would borrow `keep` and `taken` across its awaits and
         // need them `Sync` for the future to be `Send`.
         let mut looked: Result<()> = Ok(());
         while count < max && held.len() < max.saturating_add(LEFT_PER_CALL).min(MAX_HELD) {
@@ -325,11 +359,22 @@ impl DeadLetters {
             let dead = DeadLetter {
                 event: delivery.event().clone(),
             };
-            if done.contains(dead.event.id()) || !keep(&dead) || dead.not_redrivable().is_some() {
+            // `keep` sees what cannot be redriven (it may want to say so), not what was moved.
+            let left = match redrive {
+                Some(_) => {
+                    done.contains(dead.event.id())
+                        || !keep(&dead)
+                        || dead.not_redrivable().is_some()
+                }
+                None => !keep(&dead),
+            };
+            if left {
                 held.push(delivery);
                 continue;
             }
-            if let Err(e) = self.redrive.send(&dead.original()).await {
+            if let Some(redrive) = redrive
+                && let Err(e) = redrive.send(&dead.original()).await
+            {
                 held.push(delivery);
                 looked = Err(e);
                 break;
@@ -339,8 +384,10 @@ impl DeadLetters {
                 break;
             }
             count += 1;
-            moved(&dead);
-            done.insert(dead.event.id().to_owned());
+            taken(&dead);
+            if redrive.is_some() {
+                done.insert(dead.event.id().to_owned());
+            }
         }
         // Stopped first: a consumer still running could take what is given back into its
         // own buffer (the SQL transport claims ahead) and hold it past this call.
