@@ -693,9 +693,13 @@ impl AmqpAcker {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let body = Bytes::from(delivery.data);
         let decoded = message::decode(&delivery.properties, body.clone());
-        let raw_headers = decoded
-            .is_err()
-            .then(|| message::raw_headers(&delivery.properties));
+        // What the placeholder of a message that is not a CloudEvent needs of its properties.
+        let undecodable = decoded.is_err().then(|| {
+            (
+                message::undecodable_id(&delivery.properties, &body),
+                message::raw_headers(&delivery.properties),
+            )
+        });
         let attempt = {
             let mut state = self.lock();
             let (uncounted, handed_lost) = key.as_ref().map_or((0, 0), |k| {
@@ -726,14 +730,11 @@ impl AmqpAcker {
                 // Logged by core as it dead-letters it (a look at a dead-letter queue leaves it).
                 tracing::debug!(queue, error = %error, "a message is not a CloudEvent");
                 // RabbitMQ gives a message no id of its own (delivery tags start again at 1
-                // on every channel): the dead-letter record gets a new one, so two records
-                // never share an id.
-                let mut message = Undecodable::new(
-                    error,
-                    format!("amqp:{queue}"),
-                    uuid::Uuid::now_v7().to_string(),
-                );
-                for (name, value) in raw_headers.unwrap_or_default() {
+                // on every channel): one derived from the message, the same at every
+                // delivery, so two looks at a dead-letter queue list it under one id.
+                let (id, raw_headers) = undecodable.unwrap_or_default();
+                let mut message = Undecodable::new(error, format!("amqp:{queue}"), id);
+                for (name, value) in raw_headers {
                     message = message.header(name, value);
                 }
                 RawDelivery::undecodable(message.body(body), attempt, acker, tag)

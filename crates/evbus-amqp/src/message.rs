@@ -221,17 +221,88 @@ pub(crate) fn raw_headers(properties: &BasicProperties) -> Vec<(String, Vec<u8>)
     }
     if let Some(headers) = properties.headers() {
         for (name, value) in headers.inner() {
-            let bytes = match value {
-                AMQPValue::LongString(s) => s.as_bytes().to_vec(),
-                AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
-                other => text_of(other)
-                    .unwrap_or_else(|| format!("{other:?}"))
-                    .into_bytes(),
-            };
-            out.push((name.to_string(), bytes));
+            out.push((name.to_string(), header_bytes(value)));
         }
     }
     out
+}
+
+/// A header value as raw bytes: strings and byte arrays as they are, other values as text.
+fn header_bytes(value: &AMQPValue) -> Vec<u8> {
+    match value {
+        AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+        AMQPValue::ByteArray(b) => b.as_slice().to_vec(),
+        other => text_of(other)
+            .unwrap_or_else(|| format!("{other:?}"))
+            .into_bytes(),
+    }
+}
+
+/// Headers that change from one delivery of a message to the next: RabbitMQ's count of its
+/// deliveries (quorum queues), and the copy number and attempts of the copy a consumer
+/// publishes when it gives a message back (a look at a dead-letter queue gives back all it saw).
+const VOLATILE_HEADERS: [&str; 3] = ["x-delivery-count", COPY_HEADER, ATTEMPTS_HEADER];
+
+/// The broker id of a message that is not a CloudEvent, for its `evbus.undecodable`
+/// placeholder (`amqp:<queue>/<id>`): the same at every delivery of the message, so that two
+/// looks at a queue list it under one id and `evbus dlq show <id>` finds it. RabbitMQ gives a
+/// message no id of its own (delivery tags start again at 1 on every channel): its
+/// `message-id` when it has one (as [`CopyKey`] tells copies apart), else `sha256-` and 32 hex
+/// digits of a SHA-256 of its body and of every property and header that stays the same from
+/// one delivery to the next (not the delivery tag, the redelivered flag, the exchange and
+/// routing key it was last published with, nor [`VOLATILE_HEADERS`]). Two messages alike in
+/// all of these get the same id, as two records of one event do.
+pub(crate) fn undecodable_id(properties: &BasicProperties, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    if let Some(id) = properties.message_id().as_ref().map(|id| id.as_str())
+        && !id.is_empty()
+    {
+        return id.to_owned();
+    }
+    let mut hash = Sha256::new();
+    // Each part as a name, a length and the bytes: no two messages hash the same parts.
+    let mut part = |name: &str, bytes: &[u8]| {
+        hash.update((name.len() as u64).to_be_bytes());
+        hash.update(name.as_bytes());
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    };
+    part("body", body);
+    let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().as_bytes().to_vec());
+    let number = |n: Option<u64>| n.map(|n| n.to_string().into_bytes());
+    let fields = [
+        ("content-type", text(properties.content_type())),
+        ("content-encoding", text(properties.content_encoding())),
+        (
+            "delivery-mode",
+            number(properties.delivery_mode().map(u64::from)),
+        ),
+        ("priority", number(properties.priority().map(u64::from))),
+        ("correlation-id", text(properties.correlation_id())),
+        ("reply-to", text(properties.reply_to())),
+        ("expiration", text(properties.expiration())),
+        ("timestamp", number(*properties.timestamp())),
+        ("type", text(properties.kind())),
+        ("user-id", text(properties.user_id())),
+        ("app-id", text(properties.app_id())),
+        ("cluster-id", text(properties.cluster_id())),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            part(name, &value);
+        }
+    }
+    if let Some(headers) = properties.headers() {
+        // A field table is ordered by name.
+        for (name, value) in headers.inner() {
+            if !VOLATILE_HEADERS.contains(&name.as_str()) {
+                part(&format!("header:{name}"), &header_bytes(value));
+            }
+        }
+    }
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256-{hex}")
 }
 
 #[cfg(test)]
@@ -304,6 +375,55 @@ mod tests {
         assert_eq!(again.extension(ATTEMPTS_HEADER), None);
         // A retry of the retry counts on.
         assert_eq!(attempts_made(&retry_properties(&retry, 4, &copies)), 4);
+    }
+
+    #[test]
+    fn a_foreign_message_keeps_its_placeholder_id_from_one_delivery_to_the_next() {
+        let mut headers = FieldTable::default();
+        headers.insert("origin".into(), AMQPValue::LongString("legacy".into()));
+        let published = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(headers);
+        let body = b"\xff not a cloud event";
+        let id = undecodable_id(&published, body);
+        assert!(
+            id.len() == 39
+                && id.starts_with("sha256-")
+                && id[7..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        // Delivered again by RabbitMQ, and given back as a retry copy.
+        let mut headers = published.headers().clone().unwrap_or_default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        let redelivered = published.clone().with_headers(headers);
+        assert_eq!(undecodable_id(&redelivered, body), id);
+        let copies = Copies::new();
+        let retried = retry_properties(&redelivered, 4, &copies);
+        assert_eq!(undecodable_id(&retried, body), id);
+        assert_eq!(
+            undecodable_id(&retry_properties(&retried, 5, &copies), body),
+            id
+        );
+        // Another body, another property, another header: another message.
+        assert_ne!(undecodable_id(&published, b"\xfe not a cloud event"), id);
+        assert_ne!(
+            undecodable_id(&published.clone().with_timestamp(1_700_000_001), body),
+            id
+        );
+        let mut headers = published.headers().clone().unwrap_or_default();
+        headers.insert("origin".into(), AMQPValue::LongString("other".into()));
+        assert_ne!(
+            undecodable_id(&published.clone().with_headers(headers), body),
+            id
+        );
+        // A message id is the id.
+        let named = published.clone().with_message_id("legacy-42".into());
+        assert_eq!(undecodable_id(&named, body), "legacy-42");
+        assert_eq!(
+            undecodable_id(&retry_properties(&named, 2, &copies), b"other"),
+            "legacy-42"
+        );
     }
 
     #[test]

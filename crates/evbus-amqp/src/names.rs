@@ -15,7 +15,7 @@
 //! one more reason to keep names plain.) AMQP names are at most 255 bytes: a longer name
 //! keeps its first 200 bytes and ends with `_h_` and a 16-digit hash of the whole name.
 
-use evbus::{Error, Result};
+use evbus::Result;
 
 /// Longest AMQP exchange or queue name (a short string).
 const MAX_NAME: usize = 255;
@@ -84,16 +84,10 @@ pub(crate) fn is_subscription_of(queue: &str, exchange: &str) -> bool {
     queue.len() > cut && queue.starts_with(&exchange[..cut])
 }
 
-/// Checks a topic, queue or subscription name: 1 to 249 printable characters (the rule of
-/// the in-memory transport, so a name valid on one transport is valid on every one).
+/// Checks a topic, queue or subscription name: the rule of every transport
+/// ([`evbus::raw::check_name`]), so a name valid on one transport is valid on every one.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 249 || name.chars().any(char::is_control) {
-        return Err(Error::invalid_config(format!(
-            "`{}` is not a valid {what} name: use 1 to 249 printable characters",
-            name.escape_debug()
-        )));
-    }
-    Ok(())
+    evbus::raw::check_name(what, name)
 }
 
 fn escape(name: &str) -> String {

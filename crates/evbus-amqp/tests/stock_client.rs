@@ -301,3 +301,90 @@ async fn looks_that_stop_early_add_no_copies_to_a_dead_letter_queue() {
         .delete_queue(&bus.redrive_queue_name(&ty, "g"))
         .await;
 }
+
+/// A message in a dead-letter queue that is not a CloudEvent (published there by a stock
+/// client) is listed under the same placeholder id by every look, so `evbus dlq show <id>`
+/// finds it: its `message-id` when it has one, else an id derived from the message, never
+/// from the delivery (each look gives it back as a new copy, with a copy number and attempts
+/// of its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn looks_list_a_foreign_message_under_the_same_id_every_time() {
+    let transport = std::sync::Arc::new(shared_transport().await);
+    let catalog = evbus::Catalog::builder().strict(false).freeze().unwrap();
+    let ty = unique("foreign");
+    let bus = evbus::bus::Bus::new(transport.clone(), catalog, "/evbus-amqp/tests");
+    let name = bus.dead_letter_queue_name(&ty, "g");
+    transport.queue(&name).await.unwrap();
+    let amqp_queue = transport.queue_name(&name);
+    let (conn, channel) = stock_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (body, properties) in [
+        (
+            &b"\xff no message id"[..],
+            BasicProperties::default().with_content_type("text/plain".into()),
+        ),
+        (
+            &b"{\"legacy\":true}"[..],
+            BasicProperties::default().with_message_id("legacy-42".into()),
+        ),
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                amqp_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = bus.dead_letters(&ty, "g").await.unwrap();
+    let mut looks = Vec::new();
+    for _ in 0..3 {
+        let seen = dead.peek(10, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|d| d.event().ty() == evbus::raw::UNDECODABLE_EVENT_TYPE),
+            "{seen:?}"
+        );
+        let mut ids: Vec<String> = seen.iter().map(|d| d.event().id().to_owned()).collect();
+        ids.sort();
+        looks.push(ids);
+    }
+    assert_eq!(looks[0], looks[1], "the first and the second look");
+    assert_eq!(looks[0], looks[2], "the first and the third look");
+    assert_ne!(looks[0][0], looks[0][1], "two messages, one id");
+    let location = format!("amqp:{amqp_queue}/");
+    assert!(
+        looks[0].contains(&format!("{location}legacy-42")),
+        "the message id names the message that has one: {:?}",
+        looks[0]
+    );
+    assert!(
+        looks[0].iter().all(|id| id.starts_with(&location)),
+        "{:?}",
+        looks[0]
+    );
+    // The last look's give-back may still be on its way (its channel closing).
+    let mut ready = None;
+    for _ in 0..100 {
+        ready = support::message_count(&conn, &amqp_queue).await;
+        if ready == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, Some(2), "the looks left the queue as it was");
+    let _ = conn.close(200, "done".into()).await;
+    transport.delete_queue(&name).await.unwrap();
+    let _ = transport
+        .delete_queue(&bus.redrive_queue_name(&ty, "g"))
+        .await;
+}

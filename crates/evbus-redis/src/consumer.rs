@@ -156,6 +156,11 @@ struct ConsumerState {
     max_in_flight: usize,
     /// A read-ahead was asked of the task and has not run yet.
     reading_ahead: AtomicBool,
+    /// The consumer task stopped (a named group's consumer: it leaves the group once it
+    /// holds no delivery, see [`ConsumerState::leave_when_settled`]).
+    ended: AtomicBool,
+    /// Leaving the group was started (once).
+    leaving: AtomicBool,
 }
 
 impl ConsumerState {
@@ -236,6 +241,79 @@ impl ConsumerState {
     }
 }
 
+impl ConsumerState {
+    /// Once the consumer task stopped and no delivery of this consumer is held any more
+    /// (settled, given back or dropped: none can be settled through it again), leaves the
+    /// group, at most once: at the task's end if it holds nothing, else after the last
+    /// settlement, which may come after the subscription was dropped (a look at a
+    /// dead-letter queue gives back what it saw after dropping its subscription). Called
+    /// after each delivery leaves the held set.
+    fn leave_when_settled(self: &Arc<Self>) {
+        if !self.ended.load(Ordering::SeqCst) || !self.held().is_empty() {
+            return;
+        }
+        // Outside a runtime (a delivery dropped as its runtime shuts down) nothing can run:
+        // the consumer stays in the group, as after a crash.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.leaving.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let state = Arc::clone(self);
+        self.shared.tasks.spawn_on(
+            async move {
+                let mut conn = state.shared.conn();
+                state.leave(&mut conn).await;
+            },
+            &runtime,
+        );
+    }
+
+    /// Leaves the group ([`scripts::LEAVE`]): moves the entries this consumer gave back to
+    /// [`scripts::RELEASED_HOLDER`], then removes it unless it still owns others. Only once
+    /// it holds no delivery.
+    async fn leave(&self, conn: &mut RedisConn) {
+        let timeout = self.shared.config.command_timeout;
+        loop {
+            let mut invocation = scripts::LEAVE.key(&self.keys.stream);
+            invocation
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(scripts::RELEASED_HOLDER)
+                .arg(scripts::LEAVE_BATCH)
+                .arg(RELEASED_IDLE_MS);
+            let call = invocation.invoke_async::<i64>(conn);
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(scripts::MORE)) => continue,
+                Ok(Ok(scripts::KEPT)) => {
+                    tracing::debug!(
+                        stream = %self.keys.stream,
+                        group = %self.group,
+                        consumer = %self.consumer,
+                        "a stopped consumer stays in its group: it owns entries it did not give back (taken over after the visibility timeout)"
+                    );
+                    return;
+                }
+                Ok(Ok(scripts::LEFT)) => return,
+                Ok(Ok(other)) => {
+                    tracing::debug!(stream = %self.keys.stream, group = %self.group, result = other, "unexpected result leaving the consumer group");
+                    return;
+                }
+                Ok(Err(e)) if is_no_group(&e) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!(stream = %self.keys.stream, group = %self.group, error = %e, "could not leave the consumer group");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(stream = %self.keys.stream, group = %self.group, "leaving the consumer group timed out");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// What the subscription's stream asks of the consumer task.
 enum Request {
     /// The buffer is empty: fetch (blocking until entries arrive) and hand out the next one.
@@ -312,6 +390,8 @@ pub(crate) async fn start(
         acks: Mutex::new(AckQueue::default()),
         max_in_flight: spec.options.max_in_flight.max(1),
         reading_ahead: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
+        leaving: AtomicBool::new(false),
     });
     let config = &shared.config;
     let visibility = spec.options.visibility_timeout;
@@ -750,27 +830,25 @@ impl ConsumerTask {
                 }
             }
         }
-        let leave = async {
-            if self.anonymous {
-                remove_anonymous(&mut conn, &state.keys, &state.group).await
-            } else {
-                scripts::LEAVE
-                    .key(&state.keys.stream)
-                    .arg(&state.group)
-                    .arg(&state.consumer)
-                    .invoke_async::<Value>(&mut conn)
-                    .await
-                    .map(drop)
+        if !self.anonymous {
+            // Leaves the group now if no delivery is held, else after the last settlement
+            // (deliveries outlive their subscription; leaving before they are settled would
+            // keep this consumer for good, as it owns their entries then).
+            state.ended.store(true, Ordering::SeqCst);
+            if state.held().is_empty() && !state.leaving.swap(true, Ordering::SeqCst) {
+                state.leave(&mut conn).await;
             }
-        };
+            return;
+        }
+        let leave = remove_anonymous(&mut conn, &state.keys, &state.group);
         match tokio::time::timeout(timeout, leave).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) if is_no_group(&e) => {}
             Ok(Err(e)) => {
-                tracing::debug!(origin = %self.origin, error = %e, "could not leave the consumer group")
+                tracing::debug!(origin = %self.origin, error = %e, "could not remove the anonymous subscription")
             }
             Err(_) => {
-                tracing::debug!(origin = %self.origin, "leaving the consumer group timed out")
+                tracing::debug!(origin = %self.origin, "removing the anonymous subscription timed out")
             }
         }
     }
@@ -943,6 +1021,7 @@ impl RedisAcker {
     fn unhold(&self) {
         if self.held.swap(false, Ordering::AcqRel) {
             self.state.held().remove(&(self.id.clone(), self.count));
+            self.state.leave_when_settled();
         }
     }
 
@@ -1145,7 +1224,7 @@ async fn ack_checked(
 /// Hands each ack of a batch its result: settled entries leave the held set first (so the
 /// consumer's next fetch counts every slot the batch freed), then the callers are answered.
 fn answer(
-    state: &ConsumerState,
+    state: &Arc<ConsumerState>,
     batch: Vec<AckRequest>,
     results: std::result::Result<Vec<i64>, RedisError>,
 ) {
@@ -1181,6 +1260,7 @@ fn answer(
     for (reply, result) in replies {
         let _ = reply.send(Ok(result));
     }
+    state.leave_when_settled();
 }
 
 impl Drop for RedisAcker {

@@ -3,7 +3,7 @@
 //! adapter's Lua scripts touch several of them atomically, which Redis Cluster allows only
 //! within one slot.
 
-use evbus::{Error, Result};
+use evbus::Result;
 
 /// The consumer group every consumer of a queue joins.
 pub(crate) const QUEUE_GROUP: &str = "evbus";
@@ -52,15 +52,10 @@ impl Keys {
     }
 }
 
-/// Checks a topic, queue or subscription name: 1 to 249 printable characters (the rule of
-/// the in-memory transport, so a name valid on one transport is valid on every one).
+/// Checks a topic, queue or subscription name: the rule of every transport
+/// ([`evbus::raw::check_name`]), so a name valid on one transport is valid on every one.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 249 || name.chars().any(char::is_control) {
-        return Err(Error::invalid_config(format!(
-            "`{name}` is not a valid {what} name: use 1 to 249 printable characters"
-        )));
-    }
-    Ok(())
+    evbus::raw::check_name(what, name)
 }
 
 /// The cluster hash slot of a key (CRC16/XMODEM of the hash tag, modulo 16384), as Redis

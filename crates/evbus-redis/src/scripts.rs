@@ -181,19 +181,49 @@ return released
     )
 });
 
-/// Removes a consumer from its group if it holds no pending entries (removing one that
-/// does would lose them).
+/// The consumer that holds the entries given back by consumers that stopped: nacked or
+/// released entries ("idle forever") stay pending, and pending entries need an owner, which
+/// would otherwise be the stopped consumer, left in the group for good. Any consumer takes
+/// them over at its next scan, as from their first owner (the name carries no visibility
+/// timeout; theirs has passed anyway). It never reads, and is removed once empty.
+pub(crate) const RELEASED_HOLDER: &str = "evbus.released";
+
+/// Most given-back entries one [`LEAVE`] call moves to [`RELEASED_HOLDER`].
+pub(crate) const LEAVE_BATCH: usize = 256;
+
+/// Result of [`LEAVE`]: the consumer left the group.
+pub(crate) const LEFT: i64 = 1;
+/// Result of [`LEAVE`]: the consumer stays, it still owns entries not given back (a delivery
+/// dropped unsettled, or handed out in a reply that was lost): deleting it would delete them.
+pub(crate) const KEPT: i64 = 0;
+/// Result of [`LEAVE`]: more given-back entries are left to move; call again.
+pub(crate) const MORE: i64 = -1;
+
+/// Removes a consumer that stopped from its group, unless it still owns entries it did not
+/// give back (removing it would delete them from the pending list): first moves up to
+/// `batch` of the entries it gave back (idle at least `released idle ms`, see
+/// [`RELEASED_IDLE_MS`]) to [`RELEASED_HOLDER`], unchanged (`TIME 1`, `JUSTID`: their
+/// delivery count stays), then, if it owns none any more, deletes it. Also deletes
+/// [`RELEASED_HOLDER`] if it holds nothing. Returns [`LEFT`], [`KEPT`] or [`MORE`]. Called
+/// only once the consumer holds no delivery (nothing of its own can be settled or given back
+/// any more).
 ///
-/// KEYS: stream. ARGV: group, consumer.
+/// KEYS: stream. ARGV: group, consumer, released holder, batch, released idle ms.
 pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #p == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-  return 1
+local batch = tonumber(ARGV[4])
+local given = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[5], '-', '+', batch, ARGV[2])
+for _, p in ipairs(given) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, p[1], 'TIME', 1, 'JUSTID')
 end
-return 0
+if #given >= batch then return -1 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[3]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[3])
+end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
 "#,
     )
 });

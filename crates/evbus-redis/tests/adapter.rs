@@ -170,6 +170,25 @@ impl Env {
             .collect()
     }
 
+    /// The consumers of `group` on `key`, as `(name, pending entries)`.
+    async fn consumers(&self, key: &str, group: &str) -> Vec<(String, i64)> {
+        let value: Value = self
+            .cmd(redis::cmd("XINFO").arg("CONSUMERS").arg(key).arg(group))
+            .await;
+        records(&value)
+            .into_iter()
+            .map(|r| {
+                let field = |name: &str| {
+                    r.iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                (field("name"), field("pending").parse().unwrap_or(-1))
+            })
+            .collect()
+    }
+
     /// Deletes every key this test created.
     async fn cleanup(self) {
         let _ = self.transport.close().await;
@@ -661,6 +680,109 @@ async fn a_consumer_leaves_its_group_when_it_holds_nothing() {
     })
     .await;
     assert!(left, "{:?}", env.groups(&key).await);
+    env.cleanup().await;
+}
+
+/// Looks at a dead-letter queue (`evbus dlq list`: a subscription taking what is there, dropped,
+/// then each delivery given back) leave no consumer behind: each look's consumer leaves its
+/// group once it has given back what it saw, the entries it gave back kept pending (for the
+/// next look) by the one consumer that holds given-back entries.
+#[tokio::test]
+async fn dead_letter_looks_leave_no_consumers_behind() {
+    let Some(env) = Env::new().await else { return };
+    let catalog = evbus::Catalog::builder().strict(false).freeze().unwrap();
+    let bus = evbus::bus::Bus::new(Arc::new(env.transport.clone()), catalog, "/evbus-redis");
+    let name = bus.dead_letter_queue_name("orderFailed", "g");
+    let dlq = env.transport.queue(&name).await.unwrap();
+    for n in 0..3 {
+        let record = Event::builder("orderFailed", "/evbus-redis")
+            .json(&serde_json::json!({ "n": n }))
+            .unwrap()
+            .extension(DEAD_LETTER_REASON, "rejected")
+            .build()
+            .unwrap();
+        dlq.send(&record).await.unwrap();
+    }
+    let key = env.transport.queue_key(&name);
+    let dead = bus.dead_letters("orderFailed", "g").await.unwrap();
+    let looks = 6;
+    for _ in 0..looks {
+        let seen = dead.peek(10, Duration::from_millis(500)).await.unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+    let group = env.groups(&key).await[0].0.clone();
+    let settled = eventually(WAIT, || async {
+        env.consumers(&key, &group).await == vec![("evbus.released".to_owned(), 3)]
+    })
+    .await;
+    let consumers = env.consumers(&key, &group).await;
+    assert!(
+        settled,
+        "after {looks} looks, consumers (name, pending): {consumers:?}"
+    );
+    assert_eq!(env.pending(&key, &group).await, 3);
+    // Nothing was lost: the next look sees every record, at once.
+    assert_eq!(
+        dead.peek(10, Duration::from_secs(2)).await.unwrap().len(),
+        3
+    );
+    drop(dlq);
+    env.cleanup().await;
+}
+
+/// A consumer whose subscription is dropped leaves its group only once none of its
+/// deliveries can be settled through it any more, and never while it owns entries it did not
+/// give back (removing it would delete them from the pending list): a delivery held past the
+/// subscription's end keeps it, its nack lets it leave; a delivery dropped unsettled keeps it
+/// until the visibility timeout brings the entry back to another consumer.
+#[tokio::test]
+async fn a_stopped_consumer_stays_while_it_owns_pending_entries() {
+    let Some(env) = Env::new().await else { return };
+    let (key, sub, mut held) = hold_all(&env, 2).await;
+    let group = env.groups(&key).await[0].0.clone();
+    let [mine] = env.consumers(&key, &group).await.try_into().unwrap();
+    drop(sub);
+    // The consumer task stops; both deliveries are still held.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.consumers(&key, &group).await, vec![(mine.0.clone(), 2)]);
+    held.pop().unwrap().ack().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(env.consumers(&key, &group).await, vec![(mine.0.clone(), 1)]);
+    // The last one given back: the consumer leaves, the entry stays pending.
+    held.pop().unwrap().nack(None).await.unwrap();
+    let left = eventually(WAIT, || async {
+        env.consumers(&key, &group).await == vec![("evbus.released".to_owned(), 1)]
+    })
+    .await;
+    assert!(left, "{:?}", env.consumers(&key, &group).await);
+    // Taken over as usual, as a second attempt; dropped unsettled, it keeps its consumer.
+    let queue = env.transport.queue("q").await.unwrap();
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(120));
+    let mut again = queue.receive(options).await.unwrap();
+    let retried = next(&mut again).await;
+    assert_eq!(retried.attempt(), 2);
+    let consumers = env.consumers(&key, &group).await;
+    assert_eq!(consumers.len(), 2, "{consumers:?}");
+    let second = consumers
+        .into_iter()
+        .find(|(name, _)| name != "evbus.released")
+        .unwrap();
+    assert_eq!(second.1, 1, "{second:?}");
+    drop(again);
+    drop(retried);
+    // Kept: it owns an entry it did not give back (and the empty holder of given-back
+    // entries is gone).
+    let kept = eventually(WAIT, || async {
+        env.consumers(&key, &group).await == vec![(second.0.clone(), 1)]
+    })
+    .await;
+    assert!(kept, "{:?}", env.consumers(&key, &group).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        env.consumers(&key, &group).await,
+        vec![(second.0.clone(), 1)]
+    );
+    assert_eq!(env.pending(&key, &group).await, 1);
     env.cleanup().await;
 }
 
