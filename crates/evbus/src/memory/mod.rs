@@ -547,12 +547,7 @@ impl Transport for MemoryTransport {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 249 || name.chars().any(char::is_control) {
-        return Err(Error::invalid_config(format!(
-            "`{name}` is not a valid topic or queue name: use 1 to 249 printable characters"
-        )));
-    }
-    Ok(())
+    crate::raw::check_destination_name(name)
 }
 
 /// A topic on the memory broker.

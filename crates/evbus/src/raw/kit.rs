@@ -33,8 +33,15 @@
 //!   deliveries already handed out) fail with [`ErrorKind::Closed`]
 //!   and ends every subscription at once (even one whose in-flight slots are all taken); it
 //!   then waits for the operations in progress (publishes, settlements, consumes, releases),
-//!   releases the anonymous subscriptions still open and calls [`Broker::close`] once. Closing
+//!   releases the anonymous subscriptions still open and calls [`Broker::close`] once. Each
+//!   wait lasts at most [`CLOSE_GRACE`] (30 s; [`Connection::with_close_grace`]): what is
+//!   still running then is logged and left, and the broker is closed anyway. Closing
 //!   again returns `Ok`. [`Transport::health`] is [`Health::Closed`] from then on.
+//! - **Names.** Topic and queue names are checked with
+//!   [`check_destination_name`](super::check_destination_name) (1 to 249 bytes, no control
+//!   character): others fail with [`ErrorKind::InvalidConfig`] before the broker sees them.
+//!   Every other character reaches the broker as it is (`.`, `/`, `..`, non-ASCII): a broker
+//!   that makes names into paths, keys or identifiers escapes them.
 //!
 //! What the broker must do:
 //!
@@ -49,11 +56,26 @@
 //!   [`RawDelivery::undecodable`] ([`RawDelivery::from_json`] and
 //!   [`RawDelivery::from_binding`] do this), never as an error. [`poll`] builds such a stream
 //!   from a function that fetches one delivery.
+//! - A client that takes messages ahead (a push client's prefetch) takes at most
+//!   [`max_in_flight`](crate::ConsumerOptions::max_in_flight), and gives back what it never
+//!   handed out when the stream is dropped: core cannot see a prefetch, and a message held in
+//!   one comes back only after the visibility timeout, with an attempt counted for nothing.
+//! - An `Err` item of the stream is handed to the consumer and the subscription goes on, so
+//!   it is for failures that may pass; the stream ending ends the subscription for good (see
+//!   [`RawStream`]).
+//! - A settlement that comes after its delivery's visibility timeout expired, when the
+//!   message may have been handed out again, must not affect the redelivery (an ack does not
+//!   delete it, a nack does not make it visible again), and returns [`ErrorKind::Expired`]
+//!   where the broker can tell.
 //! - A named subscription (in [`Source::destination`]) keeps receiving events published
 //!   while no consumer is attached; consumers of one name, or of one queue, compete.
 //! - Its errors are [`ErrorKind::Connection`] or
 //!   [`Timeout`](crate::ErrorKind::Timeout) when the broker cannot be reached, otherwise the
 //!   kind that says what went wrong.
+//! - Every [`Broker`] and [`Acker`] call ends in bounded time: close waits for the
+//!   operations in progress, so a call that never returns (a client retrying for ever
+//!   against a broker that is gone) holds close up. Give each request a deadline and fail
+//!   with [`Timeout`](crate::ErrorKind::Timeout) when it passes.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -89,7 +111,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -114,6 +136,12 @@ pub use crate::layer::Destination;
 
 /// What an adapter implements on the short path: the broker's side only. [`Connection`]
 /// makes it a [`Transport`]; see the [module docs](self) for who does what.
+///
+/// Every method, and every [`Acker`] method of the deliveries it yields, must end in bounded
+/// time: [`Transport::close`] waits for the operations in progress before it calls
+/// [`Broker::close`], so a call that never returns (a client retrying for ever against a
+/// server that is gone) holds close up. Give each request a deadline (the client's timeout,
+/// or `tokio::time::timeout`) and fail with [`ErrorKind::Timeout`] when it passes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// The adapter's short name (`sqlite-example`, `redis`).
@@ -183,7 +211,14 @@ struct Inner<B> {
     /// Anonymous subscriptions not released yet, by consumer number.
     anonymous: Mutex<HashMap<u64, Source>>,
     next_consumer: AtomicU64,
+    /// How long close waits for operations in progress, then for releases.
+    close_grace: Duration,
 }
+
+/// How long [`Transport::close`] of a [`Connection`] waits for the operations in progress,
+/// and then for the releases of the anonymous subscriptions still open, before it closes the
+/// broker anyway ([`Connection::with_close_grace`] sets another).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 impl<B> Clone for Connection<B> {
     fn clone(&self) -> Self {
@@ -205,6 +240,14 @@ impl<B: Broker> fmt::Debug for Connection<B> {
 impl<B: Broker> Connection<B> {
     /// Wraps `broker`.
     pub fn new(broker: B) -> Self {
+        Self::with_close_grace(broker, CLOSE_GRACE)
+    }
+
+    /// [`new`](Self::new), with how long [`Transport::close`] waits for the operations in
+    /// progress (and then for the releases of anonymous subscriptions) before it closes the
+    /// broker anyway, logging what it left: a publish or settlement stuck on a broker that
+    /// stopped answering must not hold a shutdown for ever. Default [`CLOSE_GRACE`].
+    pub fn with_close_grace(broker: B, grace: Duration) -> Self {
         Connection {
             inner: Arc::new(Inner {
                 broker,
@@ -213,6 +256,7 @@ impl<B: Broker> Connection<B> {
                 closing: tokio::sync::Mutex::new(false),
                 anonymous: Mutex::new(HashMap::new()),
                 next_consumer: AtomicU64::new(0),
+                close_grace: grace,
             }),
         }
     }
@@ -316,6 +360,7 @@ impl<B: Broker> Transport for Connection<B> {
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
         let _operation = self.enter()?;
+        super::check_destination_name(name)?;
         let to = Destination::Topic {
             topic: name.to_owned(),
             subscription: None,
@@ -326,6 +371,7 @@ impl<B: Broker> Transport for Connection<B> {
 
     async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
         let _operation = self.enter()?;
+        super::check_destination_name(name)?;
         let to = Destination::Queue(name.to_owned());
         self.inner.broker.declare(&to).await?;
         Ok(self.handle(to))
@@ -333,6 +379,7 @@ impl<B: Broker> Transport for Connection<B> {
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
         let _operation = self.enter()?;
+        super::check_destination_name(name)?;
         let what = Destination::Topic {
             topic: name.to_owned(),
             subscription: None,
@@ -342,6 +389,7 @@ impl<B: Broker> Transport for Connection<B> {
 
     async fn delete_queue(&self, name: &str) -> Result<()> {
         let _operation = self.enter()?;
+        super::check_destination_name(name)?;
         let what = Destination::Queue(name.to_owned());
         self.inner.broker.delete(&what).await
     }
@@ -360,15 +408,35 @@ impl<B: Broker> Transport for Connection<B> {
         }
         self.inner.closed.cancel();
         self.inner.operations.close();
-        self.inner.operations.wait().await;
+        let grace = self.inner.close_grace;
+        if tokio::time::timeout(grace, self.inner.operations.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                broker = self.inner.broker.name(),
+                left = self.inner.operations.len(),
+                "operations still running {grace:?} after close began (a broker that stopped \
+                 answering?); closing the broker without them"
+            );
+        }
         let open: Vec<Source> = lock(&self.inner.anonymous)
             .drain()
             .map(|(_, s)| s)
             .collect();
-        for source in open {
-            if let Err(e) = self.inner.broker.release(&source).await {
-                tracing::warn!(error = %e, origin = source.origin(), "could not release an anonymous subscription at close");
+        let releases = async {
+            for source in &open {
+                if let Err(e) = self.inner.broker.release(source).await {
+                    tracing::warn!(error = %e, origin = source.origin(), "could not release an anonymous subscription at close");
+                }
             }
+        };
+        if tokio::time::timeout(grace, releases).await.is_err() {
+            tracing::warn!(
+                broker = self.inner.broker.name(),
+                "releasing the anonymous subscriptions took over {grace:?} at close; the \
+                 broker is closed without the rest"
+            );
         }
         *done = true;
         self.inner.broker.close().await
@@ -411,24 +479,29 @@ impl<B: Broker> Drop for Release<B> {
 struct Settler<B: Broker> {
     connection: Connection<B>,
     /// The last acker seen and its guard: adapters with one acker per consumer get one guard.
-    last: Option<(Arc<dyn Acker>, Arc<dyn Acker>)>,
+    /// Weak, so that an adapter's acker made for one delivery is dropped with that delivery
+    /// (one that releases something on drop does so then, not when the subscription ends);
+    /// the weak reference also keeps its allocation, so no later acker can take its address.
+    last: Option<(Weak<dyn Acker>, Weak<dyn Acker>)>,
     _release: Option<Release<B>>,
 }
 
 impl<B: Broker> Settler<B> {
     fn guard(&mut self, delivery: RawDelivery) -> RawDelivery {
         let acker = delivery.acker();
-        let same = |(seen, _): &(Arc<dyn Acker>, Arc<dyn Acker>)| {
-            std::ptr::addr_eq(Arc::as_ptr(seen), Arc::as_ptr(acker))
-        };
-        let guard = match self.last.as_ref().filter(|last| same(last)) {
-            Some((_, guard)) => Arc::clone(guard),
+        let reused = self
+            .last
+            .as_ref()
+            .filter(|(seen, _)| std::ptr::addr_eq(seen.as_ptr(), Arc::as_ptr(acker)))
+            .and_then(|(_, guard)| guard.upgrade());
+        let guard = match reused {
+            Some(guard) => guard,
             None => {
                 let guard: Arc<dyn Acker> = Arc::new(Guarded {
                     acker: Arc::clone(acker),
                     connection: self.connection.clone(),
                 });
-                self.last = Some((Arc::clone(acker), Arc::clone(&guard)));
+                self.last = Some((Arc::downgrade(acker), Arc::downgrade(&guard)));
                 guard
             }
         };
@@ -529,8 +602,14 @@ impl<B: Broker> Queue for Handle<B> {
 /// A consumer stream for brokers that are asked for messages (a database, an HTTP API): calls
 /// `fetch(state.clone())` each time core asks for a delivery (never ahead of it), and while
 /// `fetch` finds nothing (`Ok(None)`) calls it again every `interval`. An error is passed on
-/// to the consumer, and the next call waits `interval` first, so a broker that is down is not
-/// hammered. The stream ends when its [`Connection`] closes.
+/// to the consumer and the subscription goes on: the next call waits `interval` first, so a
+/// broker that is down is not hammered, and the [`Bus`](crate::bus::Bus) logs a warning and
+/// asks again after 100 ms. So return `Err` only for a failure that may pass, never on every
+/// call for one that will not (see [`RawStream`]).
+///
+/// The stream never ends by itself. On the short path [`Connection`] ends the subscription,
+/// and drops the stream, when it closes; a full-control adapter that uses `poll` ends it
+/// itself (such as with `take_until` on its close signal).
 ///
 /// ```
 /// use std::time::Duration;

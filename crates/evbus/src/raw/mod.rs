@@ -71,6 +71,14 @@ mod lifecycle;
 pub use lifecycle::{Backoff, Gate};
 
 /// An adapter's stream of raw deliveries.
+///
+/// An `Err` item does not end the subscription: core hands it to the consumer
+/// ([`Subscription::next_delivery`] returns it) and polls the stream again when asked; the
+/// [`Bus`](crate::bus::Bus) logs a warning (`handler subscription error`) and polls again
+/// after 100 ms. Yield one only for a failure that may pass (the broker unreachable for a
+/// while), never on every poll for one that will not. The stream ending (`None`) ends the
+/// subscription for good (a Bus handler stops): end it when what it reads is gone for good,
+/// such as a deleted topic or queue.
 pub type RawStream = BoxStream<'static, Result<RawDelivery>>;
 
 /// The origin of every anonymous subscription of `topic`.
@@ -220,6 +228,33 @@ impl Source {
     {
         Subscription::new(raw, &self.consumer, dead_letter, self.origin).until(closed)
     }
+}
+
+/// The longest topic or queue name every transport accepts, in bytes (Kafka's topic limit
+/// less room for a suffix such as `.dlq`).
+pub const MAX_DESTINATION_NAME: usize = 249;
+
+/// Checks a topic or queue name: 1 to [`MAX_DESTINATION_NAME`] bytes, no control character.
+/// The in-memory transport and every adapter on the kit ([`kit::Connection`]) refuse other
+/// names with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) before a broker
+/// sees them. Any other character can occur (`.`, `/`, `..`, non-ASCII): an adapter that
+/// turns names into paths, keys or identifiers escapes them itself.
+pub fn check_destination_name(name: &str) -> Result<()> {
+    check_name("topic or queue", name)
+}
+
+/// [`check_destination_name`]'s rule for a name of `what` (`topic`, `queue`,
+/// `subscription`, ...), named so in the error: what a full-control adapter uses to refuse
+/// the names every transport refuses.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_DESTINATION_NAME || name.chars().any(char::is_control) {
+        return Err(Error::invalid_config(format!(
+            "`{}` is not a valid {what} name: use 1 to {MAX_DESTINATION_NAME} bytes of \
+             printable characters",
+            crate::envelope::quoted(&name.escape_debug().to_string())
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a subscription name: not empty, not starting with `_` (reserved).

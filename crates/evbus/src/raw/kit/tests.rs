@@ -395,3 +395,121 @@ fn parse_url_refuses_what_the_adapter_does_not_take_with_configuration_errors() 
     let no_host = |u: &Url| u.host_str().is_none();
     assert!(parse_url::<NoKeys>("shelf://h/", "shelf", "F", no_host).is_err());
 }
+
+#[tokio::test]
+async fn names_no_transport_accepts_never_reach_the_broker() {
+    let shelf = Shelf::default();
+    let transport = Connection::new(shelf.clone());
+    let long = "x".repeat(crate::raw::MAX_DESTINATION_NAME + 1);
+    for name in ["", "a\nb", "tab\there", long.as_str()] {
+        let refused = [
+            transport.topic(name).await.map(drop),
+            transport.queue(name).await.map(drop),
+            transport.delete_topic(name).await,
+            transport.delete_queue(name).await,
+        ];
+        for result in refused {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{name:?}: {err}");
+            assert!(!err.message().contains('\n'), "{err}");
+        }
+    }
+    // What is printable and not too long is the broker's to take (escaping is its job).
+    let awkward = "a.b/../c é";
+    let queue = transport.queue(awkward).await.unwrap();
+    queue.send(&event("a")).await.unwrap();
+    assert!(shelf.state().parts.contains_key(&format!("q:{awkward}")));
+    let longest = "y".repeat(crate::raw::MAX_DESTINATION_NAME);
+    transport.topic(&longest).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_acker_made_for_one_delivery_goes_with_that_delivery() {
+    // The shelf makes an acker (a clone holding its state) per delivery: once every delivery
+    // is settled and dropped, none may be kept, though the subscription stays open.
+    let shelf = Shelf::default();
+    let transport = Connection::new(shelf.clone());
+    let queue = transport.queue("q").await.unwrap();
+    let mut sub = queue.receive(ConsumerOptions::default()).await.unwrap();
+    // The stream has polled: its own clone of the shelf is counted in the baseline.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), sub.next_delivery())
+            .await
+            .is_err()
+    );
+    let baseline = Arc::strong_count(&shelf.state);
+    queue
+        .send_batch(&[event("a"), event("b"), event("c")])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let delivery = next(&mut sub).await.unwrap().unwrap();
+        delivery.ack().await.unwrap();
+    }
+    eventually("every acker is dropped", || {
+        Arc::strong_count(&shelf.state) == baseline
+    })
+    .await;
+    drop(sub);
+    transport.close().await.unwrap();
+}
+
+/// A broker whose publishes never answer (a client retrying for ever against a dead server).
+struct Stuck {
+    closes: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Broker for Stuck {
+    fn name(&self) -> &str {
+        "stuck"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    async fn publish(&self, _to: &Destination, _events: &[Event]) -> Result<()> {
+        std::future::pending().await
+    }
+
+    async fn consume(&self, _source: &Source) -> Result<RawStream> {
+        Ok(poll(Duration::from_millis(5), (), |()| async { Ok(None) }))
+    }
+
+    async fn delete(&self, _what: &Destination) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn close_does_not_wait_past_its_grace_for_an_operation_that_never_ends() {
+    let closes = Arc::new(AtomicUsize::new(0));
+    let transport = Connection::with_close_grace(
+        Stuck {
+            closes: Arc::clone(&closes),
+        },
+        Duration::from_millis(200),
+    );
+    let topic = transport.topic("t").await.unwrap();
+    let publish = tokio::spawn(async move { topic.publish(&event("a")).await });
+    // The publish has started (it holds an operation) before close begins.
+    eventually("the publish started", || {
+        transport.inner.operations.len() == 1
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), transport.close())
+        .await
+        .expect("close returns after its grace")
+        .unwrap();
+    assert_eq!(closes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(transport.health().await, Health::Closed);
+    publish.abort();
+}
