@@ -2,11 +2,13 @@
 //!
 //! # What the suite checks
 //!
-//! Every behaviour of the evbus design for topics, queues and the transport lifecycle
-//! (`docs/adapter-guide.md` lists them), one case per behaviour, named after it. A case
-//! declares what it [`Need`]s beyond the common contract; a case whose need is not met is
-//! reported ignored with the need (`IGNORED <case>: needs per-key-order`), never run and
-//! never counted as passed.
+//! Every behaviour of the evbus design for topics, queues and the transport lifecycle, and
+//! schema validation through the Bus (the two `schema_` cases), one case per behaviour, named
+//! after it: `cargo test --test conformance -- --list` lists them, and
+//! `docs/adapter-guide.md` explains the contract they check. A case declares what it
+//! [`Need`]s beyond the common contract; a case whose need is not met is reported ignored
+//! with the need (`IGNORED <case>: needs per-key-order`), never run and never counted as
+//! passed.
 //!
 //! # How cases run
 //!

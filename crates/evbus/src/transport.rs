@@ -18,8 +18,10 @@
 //!   handle; see [`Delivery`](crate::Delivery). A delivery that is neither acked nor nacked
 //!   within the visibility timeout (its consumer crashed, hung or dropped it) is redelivered to
 //!   a live consumer. After [`ConsumerOptions::max_attempts`] the event goes to the
-//!   dead-letter queue ([`dead_letter_queue_name`]) with the reason and the attempt count, and
-//!   the events behind it keep flowing.
+//!   dead-letter queue (named by
+//!   [`Source::dead_letter_queue`](crate::raw::Source::dead_letter_queue):
+//!   `<topic>.<subscription>.dlq`, `<topic>._anonymous.dlq` or `<queue>.dlq`) with the reason
+//!   and the attempt count, and the events behind it keep flowing.
 //! - **Backpressure.** A consumer holds at most [`ConsumerOptions::max_in_flight`] unsettled
 //!   deliveries; the stream yields nothing more until some are settled.
 //! - **Close** ([`Transport::close`]) flushes every accepted publish, then refuses new
@@ -204,7 +206,9 @@ pub struct ConsumerOptions {
     /// How long a delivery may stay unsettled before it is given to another consumer.
     /// Default 30 s.
     pub visibility_timeout: Duration,
-    /// The dead-letter queue name; `None` uses [`dead_letter_queue_name`].
+    /// The dead-letter queue name; `None` uses the default: `<topic>.<subscription>.dlq` for
+    /// a named subscription, `<topic>._anonymous.dlq` for an anonymous one, `<queue>.dlq` for
+    /// a queue ([`Source::dead_letter_queue`](crate::raw::Source::dead_letter_queue)).
     pub dead_letter_queue: Option<String>,
     /// A look at a dead-letter queue ([`DeadLetters`](crate::bus::DeadLetters)): a message that
     /// is not a CloudEvent is handed out as its `evbus.undecodable` placeholder, to be listed
@@ -283,8 +287,13 @@ impl SubscribeOptions {
     }
 }
 
-/// The dead-letter queue of a topic subscription (`<topic>.<subscription>.dlq`) or of a
-/// queue (`<queue>.dlq`), unless [`ConsumerOptions::dead_letter_queue`] names another.
+/// The dead-letter queue of a named topic subscription (`<topic>.<subscription>.dlq`) or of a
+/// queue (`<queue>.dlq`, with `subscription` `None`), unless
+/// [`ConsumerOptions::dead_letter_queue`] names another.
+///
+/// Not for anonymous subscriptions: their dead letters go to `<topic>._anonymous.dlq`, and
+/// `None` gives `<topic>.dlq`, a queue's name. An adapter takes the name for every kind of
+/// consumer from [`Source::dead_letter_queue`](crate::raw::Source::dead_letter_queue).
 pub fn dead_letter_queue_name(
     destination: &str,
     subscription: Option<&str>,

@@ -60,11 +60,15 @@ fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 /// Opens the database a `sqlite-example:///path/to/file.db` URL names, creating it if needed.
 /// A malformed URL or a file that cannot be opened is `InvalidConfig`.
 pub async fn connect(url: impl AsRef<str>) -> Result<SqliteTransport> {
-    let local = |u: &url::Url| u.host_str().unwrap_or("").is_empty() && u.path().len() > 1;
+    // An absolute path with a file name: `to_file_path` decodes it (`url.path()` is still
+    // percent-encoded: `my%20dir`), refuses a relative one (`sqlite-example:x.db`) and any
+    // host but `localhost`.
+    let file = |u: &url::Url| u.to_file_path().ok().filter(|p| p.file_name().is_some());
     let form = "sqlite-example:///path/to/file.db";
-    let (url, _) = kit::parse_url::<NoKeys>(url.as_ref(), URL_SCHEME, form, local)?;
+    let valid = |u: &url::Url| file(u).is_some();
+    let (url, _) = kit::parse_url::<NoKeys>(url.as_ref(), URL_SCHEME, form, valid)?;
     let options = SqliteConnectOptions::new()
-        .filename(url.path())
+        .filename(file(&url).expect("checked by parse_url"))
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(30));

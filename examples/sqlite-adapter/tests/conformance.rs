@@ -52,11 +52,15 @@ impl RawProducer for RawSqlite {
                 format!("the raw SQLite producer could not insert into queue `{queue}`: {e}"),
             )
         };
-        let path = url::Url::parse(&self.url).map_err(|e| {
+        let url = url::Url::parse(&self.url).map_err(|e| {
             Error::invalid_config(format!("the raw SQLite producer cannot read the URL: {e}"))
         })?;
+        // Decoded, as `connect` reads it (`url.path()` is percent-encoded).
+        let path = url.to_file_path().map_err(|()| {
+            Error::invalid_config("the raw SQLite producer needs an absolute path in the URL")
+        })?;
         let mut db = SqliteConnectOptions::new()
-            .filename(path.path())
+            .filename(path)
             .busy_timeout(Duration::from_secs(30))
             .connect()
             .await

@@ -35,6 +35,9 @@ async fn a_malformed_url_is_a_configuration_error_naming_the_expected_form() {
         let err = connect(url).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}: {err}");
     }
+    // A relative path: the form asks for an absolute one.
+    let err = connect("sqlite-example:relative.db").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
     let err = connect("sqlite-example://h/x.db").await.unwrap_err();
     assert!(
         err.message().contains("sqlite-example:///path/to/file.db"),
@@ -50,4 +53,16 @@ async fn a_file_that_cannot_be_opened_is_a_configuration_error_not_an_outage() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+}
+
+#[tokio::test]
+async fn the_path_is_percent_decoded() -> evbus::Result<()> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("my dir").join("x 1.db");
+    std::fs::create_dir(dir.path().join("my dir")).expect("a directory with a space");
+    // The URL parser writes the spaces as `%20`; the file opened has them back.
+    let transport = connect(&format!("sqlite-example://{}", file.display())).await?;
+    transport.close().await?;
+    assert!(file.exists(), "{} was not created", file.display());
+    Ok(())
 }

@@ -1,8 +1,8 @@
 //! `docs/adapter-guide.md` quotes this example. These tests keep every quote true: each
 //! ```rust and ```toml block of the guide must appear verbatim (up to a constant indent) in
-//! the example file named just above it, and every conformance case the guide names must
-//! exist. So the guide's snippets are compiled (as part of this crate) and fail here when
-//! they drift.
+//! the example file named just above it, every conformance case the guide names must exist,
+//! and the case count the guide and the README quote must be the catalogue's. So the guide's
+//! snippets are compiled (as part of this crate) and fail here when they drift.
 
 use std::path::{Path, PathBuf};
 
@@ -139,6 +139,36 @@ fn every_conformance_case_the_guide_names_exists() {
         !GUIDE.contains("DESIGN"),
         "DESIGN.md is not in the repository"
     );
+}
+
+/// The cases of the conformance catalogue: each is named once there, as
+/// `<module>::<module>_<behaviour>`.
+fn catalogue_cases() -> usize {
+    let catalogue = std::fs::read_to_string(
+        repository_root().join("crates/evbus-conformance/src/cases/mod.rs"),
+    )
+    .expect("the conformance catalogue");
+    ["::topic_", "::queue_", "::lifecycle_", "::schema_"]
+        .iter()
+        .map(|prefix| catalogue.matches(prefix).count())
+        .sum()
+}
+
+#[test]
+fn the_guide_and_the_readme_quote_the_current_case_count() {
+    let cases = catalogue_cases();
+    // Replay and the three broker-outage cases are ignored; every other case passes.
+    let summary = format!(
+        "conformance sqlite-example: {} passed, 0 failed, 4 ignored",
+        cases - 4
+    );
+    let readme = include_str!("../README.md");
+    for (name, text) in [("docs/adapter-guide.md", GUIDE), ("README.md", readme)] {
+        assert!(
+            text.contains(&summary) && text.contains(&format!("{cases} cases")),
+            "the catalogue has {cases} cases: {name} should say so and quote `{summary}`"
+        );
+    }
 }
 
 /// Non-blank lines of `src/` that are not comments (the README states the count).

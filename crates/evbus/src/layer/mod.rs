@@ -60,11 +60,18 @@ pub use observe::Observe;
 /// Where a publish goes, or where a consumer reads from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Destination {
-    /// A topic; for consumers, with the subscription (`None` when anonymous).
+    /// A topic; for consumers, with the subscription (for an anonymous one, see
+    /// `subscription`).
     Topic {
         /// The topic name.
         topic: String,
-        /// The subscription of a consumer; `None` for a publish or an anonymous subscription.
+        /// The subscription of a consumer; `None` for a publish. For an anonymous subscription
+        /// it depends on where the destination comes from. In
+        /// [`Source::destination`](crate::raw::Source::destination), which a kit
+        /// [`Broker`](crate::raw::kit::Broker) gets in `consume` and `release`, it is the
+        /// generated name, `Some("_anonymous.<32 hex digits>")`, one per subscription: key the
+        /// broker's subscription on it. In [`Layer::deliveries`] it is `None`, as the
+        /// application asked (a layer cannot tell two anonymous subscriptions apart by it).
         subscription: Option<String>,
     },
     /// A queue.
