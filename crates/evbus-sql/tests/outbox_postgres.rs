@@ -306,6 +306,84 @@ async fn c_two_relays_deliver_everything_in_order_per_key() {
     cleanup_redis(&redis_url(), &redis).await;
 }
 
+/// Two relays given the same id (a copied configuration): leases belong to an id, so both
+/// published every bucket's rows, a good share of them twice. The second now holds nothing
+/// while the first lives, and takes over once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_with_one_id_do_not_publish_a_row_twice() {
+    let Some(pool) = pg_pool().await else { return };
+    let Some(redis) = redis(&redis_url()).await else {
+        return;
+    };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let transport: Arc<dyn Transport> = Arc::new(redis.clone());
+    let mut sub = subscribe(&*transport, TYPE).await;
+    let relay = || {
+        Relay::postgres(pool.clone(), transport.clone())
+            .table(&table)
+            .id("twin")
+            .batch_size(16)
+            .lease_ttl(Duration::from_secs(3))
+            .spawn()
+            .unwrap()
+    };
+    // A backlog first, so that both relays start on it together.
+    let mut next = vec![0u64; 20];
+    let mut committed = HashSet::new();
+    for _ in 0..20 {
+        committed.extend(stage_committed(&pool, &outbox, &mut next, 100, 5).await);
+    }
+    let one = relay();
+    let two = relay();
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &committed).await;
+    wait_drained(&pool, &table).await;
+    let published = stream_len(&redis_url(), &redis, TYPE).await;
+    seen.until_count(&mut sub, published).await;
+    let (s1, s2) = (one.stats(), two.stats());
+    assert_eq!(seen.ids, committed);
+    assert_eq!(
+        seen.duplicates(),
+        0,
+        "relayed {} + {}",
+        s1.relayed,
+        s2.relayed
+    );
+    assert_eq!(s1.relayed + s2.relayed, committed.len() as u64);
+    assert!(
+        (s1.relayed == 0) != (s2.relayed == 0),
+        "one relay only: {} + {}",
+        s1.relayed,
+        s2.relayed
+    );
+    // Over two renewals (a third of the lease TTL each) the 64 buckets are held once: by one
+    // of the two, never by both.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let held = one.stats().buckets_held + two.stats().buckets_held;
+        assert!(held <= 64, "{held} buckets held by one id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(one.stats().buckets_held + two.stats().buckets_held, 64);
+
+    // The one that relayed stops: the other holds the id within a renewal and goes on.
+    let (gone, left) = if s1.relayed > 0 {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    gone.shutdown().await.unwrap();
+    let more = stage_committed(&pool, &outbox, &mut next, 100, 5).await;
+    seen.until_all(&mut sub, &more).await;
+    assert!(left.stats().relayed > 0);
+    assert_eq!(seen.duplicates(), 0);
+    left.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+    cleanup_redis(&redis_url(), &redis).await;
+}
+
 #[tokio::test]
 async fn an_invalid_event_is_refused_at_stage_with_the_catalogue_error() {
     let Some(pool) = pg_pool().await else { return };

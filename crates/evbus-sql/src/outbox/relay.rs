@@ -119,8 +119,10 @@ impl RelayBuilder {
         self
     }
 
-    /// This relay's id in the lease table; default `relay-<pid>-<uuid>`. Must be unique
-    /// among the relays of one database.
+    /// This relay's id in the lease table; default `relay-<pid>-<uuid>`. Meant to be unique
+    /// among the relays of one table: on PostgreSQL a relay holds its id with an advisory
+    /// lock, and a second relay given the same id holds no bucket (publishes nothing, logs
+    /// an error once) until the first is gone.
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self

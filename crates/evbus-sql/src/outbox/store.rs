@@ -94,6 +94,11 @@ pub(crate) struct PgStore {
     listener: Option<PgListener>,
     /// Live relays at the last renewal, this one included.
     live: usize,
+    /// The connection holding this relay id's session lock (see [`PgStore::hold_id`]).
+    id_lock: Option<sqlx::PgConnection>,
+    /// Whether the last renewal found the id held by another relay (to warn once per
+    /// stretch, not at every renewal).
+    id_taken: bool,
 }
 
 pub(crate) struct SqliteStore {
@@ -111,6 +116,8 @@ impl Store {
             listen_pool: None,
             listener: None,
             live: 1,
+            id_lock: None,
+            id_taken: false,
         })
     }
 
@@ -348,7 +355,57 @@ impl PgStore {
         Ok(listener)
     }
 
+    /// Whether this relay holds its id: a session-level advisory lock on `<table>:<id>`, on
+    /// a connection of its own kept for the relay's life. Leases belong to a relay id, so two
+    /// live relays configured with the same id would both publish the same buckets (every
+    /// row twice); the second one holds no lease until the first is gone (its connection
+    /// closed: a crashed process's lock goes with its session). `Ok(false)` while another
+    /// holds it; a lost lock connection is made again at the next renewal.
+    async fn hold_id(&mut self) -> Result<bool> {
+        use sqlx::Connection as _;
+        let err = |e| db_error("locking the relay's id", e);
+        if let Some(conn) = self.id_lock.as_mut() {
+            if conn.ping().await.is_ok() {
+                return Ok(true);
+            }
+            // The session, and the lock with it, is gone: take it again below.
+            self.id_lock = None;
+        }
+        let options = self.pool.connect_options();
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(err)?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(format!(
+                    "evbus-outbox-relay:{}:{}",
+                    self.table.name, self.relay
+                ))
+                .fetch_one(&mut conn)
+                .await
+                .map_err(err)?;
+        if locked {
+            if self.id_taken {
+                tracing::info!(relay = %self.relay, table = %self.table.name, "outbox relay holds its id now");
+            }
+            self.id_taken = false;
+            self.id_lock = Some(conn);
+        } else if !self.id_taken {
+            self.id_taken = true;
+            tracing::error!(
+                relay = %self.relay, table = %self.table.name,
+                "another live outbox relay uses this relay id: this one publishes nothing until \
+                 it is gone (give every relay its own id, or leave it unset for a generated one)"
+            );
+        }
+        Ok(locked)
+    }
+
     async fn leases(&mut self, ttl: Duration) -> Result<Vec<i32>> {
+        if !self.hold_id().await? {
+            self.live = 1;
+            return Ok(Vec::new());
+        }
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let err = |e| db_error("renewing the relay's leases", e);
         let (leases, relays) = (self.table.leases(), self.table.relays());
