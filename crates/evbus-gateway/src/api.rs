@@ -275,7 +275,7 @@ async fn publish(
     {
         return Err(Problem::schema_violations(version, &errors));
     }
-    let fingerprint = publish_fingerprint(&event, &data);
+    let fingerprint = publish_fingerprint(&key.id, &event, &data);
     // The producer's id and source are kept (the decoder refused empty ones).
     let mut emit = Emit::new(ty, data)
         .id(event.id())
@@ -373,10 +373,15 @@ fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
     Ok(())
 }
 
-/// The content digest of a posted event: what an identical re-post must repeat.
-fn publish_fingerprint(event: &evbus::Event, data: &Value) -> String {
+/// The content digest of a posted event: what an identical re-post must repeat. It includes
+/// the publishing key, so only that key's re-post is idempotent: another key's post under the
+/// same `source` and `id` is a 409 whatever its content. Were the key left out, a key could
+/// post guesses under another tenant's (`source`, `id`) and tell from 202 or 409 whether it
+/// guessed the data curation withholds from it (a redacted field, say).
+fn publish_fingerprint(key: &str, event: &evbus::Event, data: &Value) -> String {
     let data = serde_json::to_vec(data).unwrap_or_default();
     crate::store::fingerprint([
+        key.as_bytes(),
         event.ty().as_bytes(),
         event.subject().unwrap_or_default().as_bytes(),
         event.partition_key().unwrap_or_default().as_bytes(),

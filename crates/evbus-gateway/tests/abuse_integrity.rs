@@ -222,6 +222,32 @@ async fn an_id_reused_by_another_source_is_delivered_and_a_conflicting_repost_ge
     );
 }
 
+/// Found by an outsider review: the idempotency answer was an oracle. A key that may publish
+/// a type posted guesses under another tenant's (`source`, `id`): 202 for the exact data
+/// (curation included, so a redacted field it cannot read), 409 otherwise. Only the key that
+/// posted an event may now re-post it idempotently; any other key gets 409 for every guess.
+#[tokio::test]
+async fn another_keys_repost_is_a_conflict_whatever_it_guessed() {
+    let h = Harness::memory().await;
+    let owner = h.key(&[], &[ORDERS]).await;
+    let guesser = h.key(&[], &[ORDERS]).await;
+    let id = "evt-guessed-1";
+    let (s, text) = post_event(&h, &owner, event(id, "/shop", ORDERS, order_created())).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{text}");
+    let mut wrong = order_created();
+    wrong["createdBy"] = json!("a wrong guess");
+    for (guess, what) in [
+        (wrong, "a wrong guess"),
+        (order_created(), "the exact data"),
+    ] {
+        let (s, text) = post_event(&h, &guesser, event(id, "/shop", ORDERS, guess)).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{what}: {text}");
+    }
+    // The owner's own re-post stays idempotent.
+    let (s, text) = post_event(&h, &owner, event(id, "/shop", ORDERS, order_created())).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{text}");
+}
+
 // Item 7, at the log: a redelivery is quiet, a different event under a logged (source, id)
 // is reported as a conflict, the same id under another source is logged.
 #[tokio::test]
