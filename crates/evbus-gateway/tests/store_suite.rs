@@ -1037,6 +1037,63 @@ async fn replay_budgets_bound_webhooks_and_keys(f: &Fixture) {
     assert!(!missing.refused());
 }
 
+/// Found by an outsider review: a key creating, replaying and deleting webhooks left a budget
+/// row and the attempts of each behind, so every replay check summed more rows (under the
+/// writer lock) and the attempts grew until retention. A deleted webhook's replays still
+/// count for its key, folded into one row; its attempts go with it.
+async fn deleted_webhooks_keep_their_replays_counted_and_leave_no_attempts(f: &Fixture) {
+    let s = &*f.store;
+    let t = now();
+    for i in 0..3 {
+        logged(ingest(s, &format!("e{i}"), ORDER, t).await);
+    }
+    let limits = ReplayLimits {
+        per_replay: 1,
+        per_webhook: 10,
+        per_key: 12,
+        window: Duration::hours(24),
+    };
+    let since = t - Duration::hours(1);
+    for i in 0..10 {
+        let id = format!("wh_churn_{i}");
+        s.insert_webhook(&webhook(&id, "k1", &[ORDER]))
+            .await
+            .unwrap();
+        let r = s.replay(&id, since, t, &limits).await.unwrap();
+        assert_eq!(r.queued, 1, "{id}: {r:?}");
+        s.record_attempt(&Attempt {
+            id: 0,
+            webhook_id: id.clone(),
+            delivery_id: 0,
+            event_id: "e0".into(),
+            attempt: 1,
+            at: t,
+            status: Some(500),
+            latency_ms: 1,
+            error: None,
+            response: None,
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.list_attempts(&id, 10).await.unwrap().len(), 1, "{id}");
+        assert!(s.delete_webhook(&id).await.unwrap());
+        assert!(s.list_attempts(&id, 10).await.unwrap().is_empty(), "{id}");
+    }
+    // Ten replays of deleted webhooks still count: the key has two left.
+    s.insert_webhook(&webhook("wh_last", "k1", &[ORDER]))
+        .await
+        .unwrap();
+    let more = ReplayLimits {
+        per_replay: 100,
+        ..limits
+    };
+    let last = f.other.replay("wh_last", since, t, &more).await.unwrap();
+    assert_eq!((last.queued, last.remaining), (2, 0), "{last:?}");
+    assert_eq!(last.exhausted, Some(ReplayBudget::Key));
+    // And their window closes when theirs did.
+    assert_eq!(last.resets_at, Some(t + Duration::hours(24)));
+}
+
 /// The attempt log keeps at most 1 KiB of a response and each webhook's newest attempts.
 async fn attempt_log_is_bounded(f: &Fixture) {
     let s = &*f.store;
@@ -1486,6 +1543,7 @@ suite!(
     finish_and_attempts,
     replay_is_idempotent,
     replay_budgets_bound_webhooks_and_keys,
+    deleted_webhooks_keep_their_replays_counted_and_leave_no_attempts,
     attempt_log_is_bounded,
     cursor_key_is_shared,
     prune_keeps_what_is_needed,

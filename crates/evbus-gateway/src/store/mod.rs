@@ -833,6 +833,11 @@ pub fn describe(location: Option<&str>, data_dir: &std::path::Path) -> String {
 /// SHA-256 (hex) over length-prefixed parts: a content digest where no two different lists
 /// of parts collide by concatenation.
 /// A time as the stores keep it: Unix milliseconds.
+/// The `replay_budgets` row (this prefix and the owner's key id) that holds what the owner's
+/// deleted webhooks replayed in windows still open: one row per owner, whatever the number of
+/// webhooks it deleted. No webhook id starts with it (they are UUIDs).
+pub(crate) const DELETED_WEBHOOKS_BUDGET: &str = "deleted-webhooks:";
+
 pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }

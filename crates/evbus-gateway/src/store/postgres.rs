@@ -27,9 +27,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 
 use super::sealing::{self, SecretsKey};
 use super::{
-    ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
-    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation, Signal, Store,
-    StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time, time,
+    ATTEMPT_TRIM_EVERY, Attempt, DELETED_WEBHOOKS_BUDGET, Delivery, DeliveryOutcome, Ingested,
+    KeyRecord, NewEvent, PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation,
+    Signal, Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms,
+    opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -638,6 +639,31 @@ impl Store for PostgresStore {
         .bind(text(id))
         .execute(&mut *tx)
         .await?;
+        // As on SQLite: its attempts go, its replay budget is folded into its owner's row.
+        sqlx::query("DELETE FROM attempts WHERE webhook_id = $1")
+            .bind(text(id))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO replay_budgets (webhook_id, owner_key_id, window_ends_at, replayed)
+             SELECT $3 || owner_key_id, owner_key_id, window_ends_at, replayed
+             FROM replay_budgets WHERE webhook_id = $1 AND window_ends_at > $2
+             ON CONFLICT (webhook_id) DO UPDATE SET
+               replayed = CASE WHEN replay_budgets.window_ends_at > $2
+                 THEN replay_budgets.replayed + excluded.replayed ELSE excluded.replayed END,
+               window_ends_at = CASE WHEN replay_budgets.window_ends_at > $2
+                 THEN GREATEST(replay_budgets.window_ends_at, excluded.window_ends_at)
+                 ELSE excluded.window_ends_at END",
+        )
+        .bind(text(id))
+        .bind(ms(Utc::now()))
+        .bind(DELETED_WEBHOOKS_BUDGET)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM replay_budgets WHERE webhook_id = $1")
+            .bind(text(id))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }

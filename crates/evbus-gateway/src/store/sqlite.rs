@@ -14,9 +14,10 @@ use sqlx::{Row, SqliteConnection};
 use super::group_commit::GroupCommit;
 use super::sealing::{self, SecretsKey};
 use super::{
-    ATTEMPT_TRIM_EVERY, Attempt, Delivery, DeliveryOutcome, Ingested, KeyRecord, NewEvent,
-    PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation, Store, StoreError,
-    StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time, time,
+    ATTEMPT_TRIM_EVERY, Attempt, DELETED_WEBHOOKS_BUDGET, Delivery, DeliveryOutcome, Ingested,
+    KeyRecord, NewEvent, PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation,
+    Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time,
+    time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -458,6 +459,35 @@ impl Store for SqliteStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        // Its attempts go with it (nothing can read them any more): a key creating and
+        // deleting webhooks left every attempt until retention.
+        sqlx::query("DELETE FROM attempts WHERE webhook_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        // Its replay budget still counts for its owner (a deleted webhook's replays are not
+        // forgotten), folded into one row per owner: one row per deleted webhook made every
+        // replay check sum them all, under the writer lock.
+        sqlx::query(
+            "INSERT INTO replay_budgets (webhook_id, owner_key_id, window_ends_at, replayed)
+             SELECT ?3 || owner_key_id, owner_key_id, window_ends_at, replayed
+             FROM replay_budgets WHERE webhook_id = ?1 AND window_ends_at > ?2
+             ON CONFLICT (webhook_id) DO UPDATE SET
+               replayed = CASE WHEN replay_budgets.window_ends_at > ?2
+                 THEN replay_budgets.replayed + excluded.replayed ELSE excluded.replayed END,
+               window_ends_at = CASE WHEN replay_budgets.window_ends_at > ?2
+                 THEN MAX(replay_budgets.window_ends_at, excluded.window_ends_at)
+                 ELSE excluded.window_ends_at END",
+        )
+        .bind(id)
+        .bind(ms(Utc::now()))
+        .bind(DELETED_WEBHOOKS_BUDGET)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM replay_budgets WHERE webhook_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
