@@ -106,6 +106,12 @@ pub struct GatewayConfig {
     /// Open streams at once per API key, so that one key cannot take every stream slot.
     /// Default 10.
     pub max_streams_per_key: usize,
+    /// How fast the streams of one API key, together, read the event log while they catch up
+    /// (resumed with `Last-Event-ID`, or behind the live fan-out), in bytes of curated events
+    /// per second: resuming from an old id is a replay, and this is its budget. Live streams
+    /// are not paced. Default 4 MiB/s (a key resuming after an hour at 1,000 events/s of 1 KiB
+    /// catches up in about 15 minutes).
+    pub stream_catch_up_bytes_per_second: u64,
     /// Open client connections at once. A connection above the limit is answered once
     /// (`/healthz` as usual, anything else `503`) and closed. Default 1,024.
     pub max_connections: usize,
@@ -175,6 +181,7 @@ impl Default for GatewayConfig {
             retention: Duration::from_secs(72 * 3600),
             max_streams: 1_000,
             max_streams_per_key: 10,
+            stream_catch_up_bytes_per_second: 4 * 1024 * 1024,
             max_connections: 1_024,
             max_connections_per_address: 256,
             header_read_timeout: Duration::from_secs(15),
@@ -315,6 +322,8 @@ pub(crate) struct State {
     fanout: stream::Fanout,
     /// Per-key request rate limits.
     limiters: ratelimit::Limiters,
+    /// Per-key pace of streams catching up on the log.
+    catch_up: ratelimit::CatchUp,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
     key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -465,6 +474,7 @@ impl Gateway {
             revocations: watch::channel(0).0,
             fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
             limiters: ratelimit::Limiters::new(default_limit),
+            catch_up: ratelimit::CatchUp::new(config.stream_catch_up_bytes_per_second),
             streams: Arc::new(Semaphore::new(config.max_streams)),
             key_streams: Arc::default(),
             metrics,

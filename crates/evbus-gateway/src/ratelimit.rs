@@ -87,6 +87,67 @@ impl Limiters {
     }
 }
 
+/// What streams of one key read from the event log while they catch up (resumed from an
+/// earlier position, or started behind), in KiB per second, shared by the key's streams: a
+/// resume is a replay, and without a bound any id a key was ever sent let it read the whole
+/// log again and again, as fast as the store answers, at the cost of every other key. Live
+/// streams (fed by the fan-out) are not paced.
+pub(crate) struct CatchUp {
+    limiter: DefaultKeyedRateLimiter<String>,
+    burst_kib: u32,
+    clock: DefaultClock,
+}
+
+impl CatchUp {
+    /// `bytes_per_second` per key (at least 1 KiB), with a burst of a second's worth or a
+    /// page of the log (256 KiB), whichever is more.
+    pub(crate) fn new(bytes_per_second: u64) -> CatchUp {
+        let per_second = u32::try_from(bytes_per_second / 1024)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let burst_kib = per_second.max(256);
+        CatchUp {
+            limiter: RateLimiter::keyed(
+                Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
+                    .allow_burst(NonZeroU32::new(burst_kib).unwrap_or(NonZeroU32::MIN)),
+            ),
+            burst_kib,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Waits until `key` may send `bytes` more of what it catches up on; `false` if
+    /// `cancel` fired first. A page larger than the burst is charged the burst.
+    pub(crate) async fn take(
+        &self,
+        key: &str,
+        bytes: usize,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.burst_kib);
+        let kib = NonZeroU32::new(kib).unwrap_or(NonZeroU32::MIN);
+        let key = key.to_owned();
+        loop {
+            let wait = match self.limiter.check_key_n(&key, kib) {
+                Ok(Ok(())) | Err(_) => return true,
+                Ok(Err(not_until)) => not_until.wait_time_from(self.clock.now()),
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Forgets the keys whose allowance is full again.
+    pub(crate) fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

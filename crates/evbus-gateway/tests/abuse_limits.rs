@@ -557,3 +557,80 @@ async fn an_attempt_keeps_at_most_a_kib_of_an_invalid_utf8_response() {
     );
     assert_eq!(response, "\u{fffd}".repeat(341));
 }
+
+/// Found by an outsider review: resuming a stream is a replay of the log, and it had no
+/// budget. Any id the key was sent (its first stream's start position, say) let it read the
+/// whole retained log again, as fast as the store answered, over and over: ten streams read
+/// 612 MB in 30 s for 20 rate-limit tokens, and other keys slowed twentyfold. What a key's
+/// streams read while they catch up is now paced (`stream_catch_up_bytes_per_second`, with
+/// a burst of 256 KiB); every event still arrives.
+#[tokio::test]
+async fn a_stream_resumed_from_far_back_catches_up_at_its_keys_pace() {
+    let mut config = test_config();
+    config.stream_catch_up_bytes_per_second = 32 * 1024;
+    let h = Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await;
+    let key = h.key(&[ORDERS], &[]).await;
+    // The position a stream starts from, before any event.
+    let start = first_frame(&h, &key, ORDERS).await;
+    let start = start
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .expect("the first frame is a position")
+        .trim()
+        .to_owned();
+    const N: usize = 1_000;
+    for _ in 0..N {
+        h.bus.emit(ORDERS, order_created()).await.unwrap();
+    }
+    let logged = || async {
+        h.store
+            .events_after(0, &[ORDERS.to_owned()], N as u32 + 1, usize::MAX)
+            .await
+            .unwrap()
+    };
+    eventually("every event is logged", || async {
+        logged().await.len() == N
+    })
+    .await;
+    let bytes: usize = logged().await.iter().map(|e| e.body.len()).sum();
+    assert!(bytes > 384 * 1024, "enough to pace past the burst: {bytes}");
+
+    let began = std::time::Instant::now();
+    let mut resumed = h
+        .http
+        .get(h.url(&format!("/v1/stream?types={ORDERS}")))
+        .bearer_auth(&key)
+        .header("last-event-id", &start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let mut buf = String::new();
+    let mut events = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while events < N {
+            let chunk = resumed.chunk().await.unwrap().expect("stream open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                if frame.lines().any(|l| l.starts_with("data:")) {
+                    events += 1;
+                }
+            }
+        }
+    })
+    .await
+    .expect("every event within a minute");
+    let took = began.elapsed();
+    // Past the 256 KiB burst, at 32 KiB/s: at least the time for what is beyond the burst,
+    // less a second of slack.
+    let paced = (bytes - 256 * 1024) as f64 / (32.0 * 1024.0);
+    assert!(
+        took.as_secs_f64() >= paced - 1.0,
+        "{N} events ({bytes} bytes) in {took:?}: not paced (expected at least {paced:.1} s)"
+    );
+}

@@ -92,6 +92,10 @@ pub(crate) struct Limits {
     /// Open event streams at once per API key.
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_streams_per_key as u64)]
     max_streams_per_key: u64,
+    /// How fast one API key's streams, together, read the event log while catching up
+    /// (resumed with Last-Event-ID), in bytes per second; live streams are not paced.
+    #[arg(long, value_name = "BYTES", value_parser = positive, default_value_t = defaults().stream_catch_up_bytes_per_second)]
+    stream_catch_up_bytes_per_second: u64,
     /// Webhook deliveries in flight at once, in all.
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_in_flight.into())]
     max_in_flight: u64,
@@ -148,6 +152,7 @@ impl Limits {
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
         config.max_streams = size(self.max_streams);
         config.max_streams_per_key = size(self.max_streams_per_key);
+        config.stream_catch_up_bytes_per_second = self.stream_catch_up_bytes_per_second;
         config.max_in_flight = count(self.max_in_flight);
         config.max_in_flight_per_key = count(self.max_in_flight_per_key);
         config.max_in_flight_per_endpoint = count(self.max_in_flight_per_endpoint);

@@ -291,6 +291,16 @@ fn frames(
                 {
                     Ok(page) => {
                         fanout::count_read("stream");
+                        // Catching up is a replay: paced per key (`catch_up`).
+                        let bytes = page.iter().map(|e| e.body.len()).sum();
+                        if !c
+                            .state
+                            .catch_up
+                            .take(&c.key_id, bytes, &c.state.cancel)
+                            .await
+                        {
+                            return None;
+                        }
                         if let Some(last) = page.last() {
                             c.after = last.seq;
                         }
