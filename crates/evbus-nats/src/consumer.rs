@@ -96,6 +96,7 @@ pub(crate) async fn open(
         consumer,
         batch_size,
         batch: None,
+        requesting: None,
         served: false,
         checked: tokio::time::Instant::now(),
         backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
@@ -241,6 +242,10 @@ struct Pull {
     batch_size: usize,
     /// The pull request being served.
     batch: Option<pull::Batch>,
+    /// A pull request being made, in a task of its own: once sent, the server hands it
+    /// messages (given-back ones at once) whether or not anyone reads them, so a request cut
+    /// off by the subscription's end must still be read and given back (see [`give_back`]).
+    requesting: Option<tokio::task::JoinHandle<Requested>>,
     /// Whether the pull request being served brought a message.
     served: bool,
     /// When the consumer was last found to exist after an empty pull (see [`EXISTS_CHECK`]).
@@ -250,13 +255,21 @@ struct Pull {
     anonymous: Option<u64>,
 }
 
+/// What making a pull request gives.
+type Requested = Result<pull::Batch, pull::BatchError>;
+
 impl Drop for Pull {
     fn drop(&mut self) {
         if let Some(id) = self.anonymous.take() {
             // Its consumer is deleted, with whatever it had fetched.
             self.shared.release_anonymous(id);
         } else if let Some(batch) = self.batch.take() {
-            give_back(&self.shared, batch);
+            give_back(&self.shared, async move { Some(batch) });
+        } else if let Some(request) = self.requesting.take() {
+            // Dropped while its next pull request was being made (a look that ends as one
+            // expires and the next is asked for): that request is the one the give-backs
+            // go to, so it is read too.
+            give_back(&self.shared, async move { request.await.ok()?.ok() });
         }
     }
 }
@@ -272,13 +285,19 @@ impl Drop for Pull {
 /// it held at its end) is redelivered at once into this request, the only one waiting; a
 /// message the server delivered into it that nobody reads stays hidden for `ack_wait`.
 /// Tracked, so a close waits for it (at most `fetch_wait`, within the close's grace).
-fn give_back(shared: &Arc<Shared>, mut batch: pull::Batch) {
+fn give_back(
+    shared: &Arc<Shared>,
+    batch: impl Future<Output = Option<pull::Batch>> + Send + 'static,
+) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let fetch_wait = shared.config.fetch_wait;
     let delay = fetch_wait + Duration::from_millis(100);
     let task = async move {
+        let Some(mut batch) = batch.await else {
+            return;
+        };
         let expired = tokio::time::sleep(fetch_wait);
         tokio::pin!(expired);
         let nak = |message: async_nats::jetstream::Message| async move {
@@ -307,16 +326,44 @@ impl Pull {
                 return None;
             }
             if self.batch.is_none() {
-                let request = self
-                    .consumer
-                    .batch()
-                    .max_messages(self.batch_size)
-                    .expires(self.shared.config.fetch_wait)
-                    .messages();
-                let result = tokio::select! {
+                let (consumer, max, expires) = (
+                    &self.consumer,
+                    self.batch_size,
+                    self.shared.config.fetch_wait,
+                );
+                let request = self.requesting.get_or_insert_with(|| {
+                    let consumer = consumer.clone();
+                    tokio::spawn(async move {
+                        consumer
+                            .batch()
+                            .max_messages(max)
+                            .expires(expires)
+                            .messages()
+                            .await
+                    })
+                });
+                // Cancelled: the request is left in `requesting`, for the drop to give back.
+                let joined = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return None,
-                    result = request => result,
+                    joined = request => joined,
+                };
+                self.requesting = None;
+                let result = match joined {
+                    Ok(result) => result,
+                    Err(e) => {
+                        let e = Error::new(
+                            ErrorKind::Internal,
+                            format!(
+                                "pulling from `{}`: the request's task failed: {e}",
+                                self.stream
+                            ),
+                        );
+                        if !self.recover(e).await {
+                            return None;
+                        }
+                        continue;
+                    }
                 };
                 match result {
                     Ok(batch) => {
