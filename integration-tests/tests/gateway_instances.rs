@@ -259,11 +259,21 @@ async fn receiver(secrets: Arc<Mutex<HashMap<String, String>>>, seen: Arc<Mutex<
                         h("webhook-signature"),
                     );
                     let secret = secrets.lock().unwrap().get(&name).cloned();
-                    let ok = secret.is_some_and(|s| signature_ok(&s, &id, &ts, &body, &sig));
+                    // Counted by the event's id; the `webhook-id` is its (source, id) digest.
+                    let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+                    let source = event["source"].as_str().unwrap_or_default();
+                    let ok = secret.is_some_and(|s| signature_ok(&s, &id, &ts, &body, &sig))
+                        && id == evbus_gateway::signing::message_id(source, &event_id);
                     {
                         let mut seen = seen.lock().unwrap();
                         if ok {
-                            *seen.counts.entry(name).or_default().entry(id).or_default() += 1;
+                            *seen
+                                .counts
+                                .entry(name)
+                                .or_default()
+                                .entry(event_id)
+                                .or_default() += 1;
                         } else {
                             seen.bad_signatures += 1;
                         }

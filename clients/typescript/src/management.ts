@@ -102,7 +102,7 @@ export interface RotatedSecret {
 /** One delivery attempt (OpenAPI `Attempt`), as `GET /v1/webhooks/{id}/attempts` lists them. */
 export interface WebhookAttempt {
   webhook_id: string;
-  /** The event id (the delivery's `webhook-id` header). */
+  /** The event id (the CloudEvent `id` in the delivery's body; the `webhook-id` header is derived from it and the event's `source`). */
   event_id: string;
   /** 1 for a delivery's first attempt. */
   attempt: number;

@@ -3,7 +3,7 @@
 // signed correctly but with a timestamp outside the tolerance (expired, and from the future).
 
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
+import { createHash, createHmac } from "node:crypto";
 import { createServer, type IncomingHttpHeaders, type Server } from "node:http";
 import { after, before, describe, test } from "node:test";
 
@@ -14,6 +14,17 @@ import { orderCreated, startGateway, uniqueId, waitFor, type Gateway } from "./h
 interface Delivery {
   body: Buffer;
   headers: IncomingHttpHeaders;
+}
+
+/**
+ * The gateway's `webhook-id` of the event (`source`, `id`): `msg_` + the first 32 hex digits of
+ * SHA-256 over the source's byte length (8 bytes, big endian), the source, then the id
+ * (`crates/evbus-gateway/src/signing.rs`, `message_id`).
+ */
+function messageId(source: string, id: string): string {
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64BE(BigInt(Buffer.byteLength(source, "utf8")));
+  return `msg_${createHash("sha256").update(length).update(source, "utf8").update(id, "utf8").digest("hex").slice(0, 32)}`;
 }
 
 describe("webhook verification", () => {
@@ -60,7 +71,7 @@ describe("webhook verification", () => {
   });
 
   test("valid: the delivery verifies and carries the curated event", () => {
-    assert.equal(delivery.headers["webhook-id"], eventId);
+    assert.equal(delivery.headers["webhook-id"], messageId("/plugins/orders", eventId));
     const event = verifyWebhook<"afterOrderCreate">(secret, delivery.body, delivery.headers);
     assert.equal(event.id, eventId);
     assert.equal(event.type, "afterOrderCreate");

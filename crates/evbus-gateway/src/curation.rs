@@ -31,6 +31,7 @@
 use evbus::Event;
 use evbus::schema::EventVersion;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 fn tokens(pointer: &str) -> Vec<String> {
     if pointer.is_empty() {
@@ -123,8 +124,8 @@ fn remove(value: &mut Value, tokens: &[String]) {
 }
 
 /// The allowed pointers (token lists) that continue under `key` at `depth` (`*` matches any).
-/// Borrowed, not copied: a data node costs one comparison per pointer, whatever the pointers'
-/// length (a webhook's `allow` comes from a key holder).
+/// Borrowed, not copied. Used for schemas (the catalogue's own lists); event data goes
+/// through [`AllowTrie`], whose cost per data node does not grow with the pointers.
 fn children<'a>(allowed: &[&'a [String]], depth: usize, key: &str) -> Vec<&'a [String]> {
     allowed
         .iter()
@@ -133,45 +134,338 @@ fn children<'a>(allowed: &[&'a [String]], depth: usize, key: &str) -> Vec<&'a [S
         .collect()
 }
 
-/// Keeps only what lies on or under the allowed pointers (given as token lists).
-fn keep_only(value: Value, allowed: &[&[String]], depth: usize) -> Option<Value> {
-    // An allowed pointer that ends here keeps the whole subtree.
-    if allowed.iter().any(|a| a.len() == depth) {
-        return Some(value);
-    }
-    match value {
-        Value::Object(map) => {
-            let mut out = Map::new();
-            for (k, v) in map {
-                let sub = children(allowed, depth, &k);
-                if !sub.is_empty()
-                    && let Some(v) = keep_only(v, &sub, depth + 1)
-                {
-                    out.insert(k, v);
-                }
-            }
-            Some(Value::Object(out))
-        }
-        Value::Array(items) => {
-            // Elements keep their positions (others become null), so allowed pointers still
-            // name the same elements when curated again.
-            let mut out = Vec::new();
-            for (i, v) in items.into_iter().enumerate() {
-                let sub = children(allowed, depth, &i.to_string());
-                let kept = if sub.is_empty() {
-                    None
+/// A compiled allow-list: its pointers' tokens as a trie, built once per list, so curating a
+/// data node costs one map lookup whatever the number of pointers (a webhook's `allow` comes
+/// from a key holder: up to `max_allow_per_webhook` pointers).
+///
+/// Same semantics as matching every pointer at every node: a pointer that ends at a node
+/// keeps its whole subtree; an object member continues the pointers whose next token is its
+/// name or `*`; an array element continues those whose next token is its index (RFC 6901
+/// form: `0` or digits without a leading zero) or `*`; a scalar where a pointer continues is
+/// dropped; a disallowed array element becomes `null` and trailing ones are dropped.
+#[derive(Debug, Clone)]
+pub struct AllowTrie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TrieNode {
+    /// A pointer ends here.
+    end: bool,
+    /// Literal tokens (every token but `*`).
+    names: HashMap<String, u32>,
+    /// The literal tokens that are array indexes, parsed once here (also in `names`).
+    indexes: HashMap<usize, u32>,
+    /// The `*` token.
+    wildcard: Option<u32>,
+}
+
+impl AllowTrie {
+    /// Compiles a list of JSON pointers (RFC 6901, plus the `*` token).
+    pub fn compile(pointers: &[String]) -> AllowTrie {
+        let mut nodes = vec![TrieNode::default()];
+        for pointer in pointers {
+            let mut at = 0usize;
+            for token in tokens(pointer) {
+                let next = nodes.len() as u32;
+                let existing = if token == WILDCARD {
+                    nodes[at].wildcard
                 } else {
-                    keep_only(v, &sub, depth + 1)
+                    nodes[at].names.get(&token).copied()
                 };
-                out.push(kept.unwrap_or(Value::Null));
+                let child = match existing {
+                    Some(child) => child,
+                    None => {
+                        nodes.push(TrieNode::default());
+                        let node = &mut nodes[at];
+                        if token == WILDCARD {
+                            node.wildcard = Some(next);
+                        } else {
+                            if let Some(i) = index(&token) {
+                                node.indexes.insert(i, next);
+                            }
+                            node.names.insert(token, next);
+                        }
+                        next
+                    }
+                };
+                at = child as usize;
             }
-            while out.last().is_some_and(Value::is_null) {
-                out.pop();
-            }
-            Some(Value::Array(out))
+            nodes[at].end = true;
         }
-        // A scalar where the allow-list expects a container: nothing of it is allowed.
-        _ => None,
+        AllowTrie { nodes }
+    }
+
+    /// Keeps only what lies on or under the compiled pointers (`null` for a scalar root that
+    /// no empty pointer keeps).
+    pub fn keep(&self, data: Value) -> Value {
+        self.keep_with_budget(data, MEMO_BUDGET)
+    }
+
+    fn keep_with_budget(&self, data: Value, budget: usize) -> Value {
+        let mut walk = Walk {
+            trie: self,
+            states: Vec::new(),
+            ids: HashMap::new(),
+            budget,
+        };
+        match walk.intern(vec![0]) {
+            Next::To(root) => walk.keep(data, root),
+            Next::Set(members) => walk.keep_set(data, &members),
+            Next::Dead => None,
+        }
+        .unwrap_or(Value::Null)
+    }
+}
+
+/// What one walk may memoise, in trie nodes and tokens held by its states: beyond it, a new
+/// set of trie nodes is followed without memoising (a lookup per member), so memory stays
+/// bounded whatever the data and pointers.
+const MEMO_BUDGET: usize = 1 << 16;
+
+/// A memoised transition of the walk, resolved on first use.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Unknown,
+    /// No pointer continues.
+    Dead,
+    To(u32),
+}
+
+/// Where a data node's pointers continue.
+enum Next {
+    Dead,
+    /// A memoised state.
+    To(u32),
+    /// A set of trie nodes not memoised (past [`MEMO_BUDGET`]).
+    Set(Vec<u32>),
+}
+
+impl From<Step> for Option<Next> {
+    fn from(step: Step) -> Self {
+        match step {
+            Step::Unknown => None,
+            Step::Dead => Some(Next::Dead),
+            Step::To(t) => Some(Next::To(t)),
+        }
+    }
+}
+
+/// A set of trie nodes the data path matches at once (`/a/x` and `/*/y` under `a`): a state
+/// of the determinised trie, built lazily during one walk and memoised, so that every data
+/// node costs one lookup (the set's construction is paid once per distinct set reached, not
+/// per data node).
+struct DState<'t> {
+    members: Vec<u32>,
+    end: bool,
+    /// Every literal token of a member, and where it leads.
+    names: HashMap<&'t str, Step>,
+    /// Every index token of a member, and where it leads.
+    indexes: HashMap<usize, Step>,
+    /// Where any other member name or element leads (the members' `*` children).
+    other: Step,
+}
+
+struct Walk<'t> {
+    trie: &'t AllowTrie,
+    states: Vec<DState<'t>>,
+    ids: HashMap<Vec<u32>, u32>,
+    /// What may still be memoised ([`MEMO_BUDGET`]).
+    budget: usize,
+}
+
+impl<'t> Walk<'t> {
+    fn intern(&mut self, mut members: Vec<u32>) -> Next {
+        members.sort_unstable();
+        members.dedup();
+        if members.is_empty() {
+            return Next::Dead;
+        }
+        if let Some(id) = self.ids.get(&members) {
+            return Next::To(*id);
+        }
+        let trie = self.trie;
+        let cost = members
+            .iter()
+            .map(|&m| {
+                let node = &trie.nodes[m as usize];
+                2 + node.names.len() + node.indexes.len()
+            })
+            .sum::<usize>()
+            * 2;
+        if cost > self.budget {
+            return Next::Set(members);
+        }
+        self.budget -= cost;
+        let mut state = DState {
+            members: members.clone(),
+            end: false,
+            names: HashMap::new(),
+            indexes: HashMap::new(),
+            other: Step::Unknown,
+        };
+        for &m in &members {
+            let node = &trie.nodes[m as usize];
+            state.end |= node.end;
+            for name in node.names.keys() {
+                state.names.insert(name.as_str(), Step::Unknown);
+            }
+            for i in node.indexes.keys() {
+                state.indexes.insert(*i, Step::Unknown);
+            }
+        }
+        let id = self.states.len() as u32;
+        self.states.push(state);
+        self.ids.insert(members, id);
+        Next::To(id)
+    }
+
+    /// The trie nodes that continue `members` under one member name or element: their `*`
+    /// children, plus (for a literal token) their children of that token.
+    fn successors(&self, members: &[u32], literal: impl Fn(&TrieNode) -> Option<u32>) -> Vec<u32> {
+        members
+            .iter()
+            .flat_map(|&m| {
+                let node = &self.trie.nodes[m as usize];
+                [literal(node), node.wildcard]
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn resolve(&mut self, s: u32, literal: impl Fn(&TrieNode) -> Option<u32>) -> Next {
+        let next = self.successors(&self.states[s as usize].members, literal);
+        self.intern(next)
+    }
+
+    /// A memoisable form of `next` (a set past the budget is not memoised).
+    fn memo(next: &Next) -> Option<Step> {
+        match next {
+            Next::Dead => Some(Step::Dead),
+            Next::To(t) => Some(Step::To(*t)),
+            Next::Set(_) => None,
+        }
+    }
+
+    fn other(&mut self, s: u32) -> Next {
+        if let Some(next) = self.states[s as usize].other.into() {
+            return next;
+        }
+        let next = self.resolve(s, |_| None);
+        if let Some(step) = Self::memo(&next) {
+            self.states[s as usize].other = step;
+        }
+        next
+    }
+
+    fn name(&mut self, s: u32, key: &str) -> Next {
+        let Some((&name, &step)) = self.states[s as usize].names.get_key_value(key) else {
+            return self.other(s);
+        };
+        if let Some(next) = step.into() {
+            return next;
+        }
+        let next = self.resolve(s, |n| n.names.get(key).copied());
+        if let Some(step) = Self::memo(&next) {
+            self.states[s as usize].names.insert(name, step);
+        }
+        next
+    }
+
+    fn element(&mut self, s: u32, i: usize) -> Next {
+        let state = &self.states[s as usize];
+        let step = if state.indexes.is_empty() {
+            None
+        } else {
+            state.indexes.get(&i).copied()
+        };
+        let Some(step) = step else {
+            return self.other(s);
+        };
+        if let Some(next) = step.into() {
+            return next;
+        }
+        let next = self.resolve(s, |n| n.indexes.get(&i).copied());
+        if let Some(step) = Self::memo(&next) {
+            self.states[s as usize].indexes.insert(i, step);
+        }
+        next
+    }
+
+    fn follow(&mut self, value: Value, next: Next) -> Option<Value> {
+        match next {
+            Next::Dead => None,
+            Next::To(t) => self.keep(value, t),
+            Next::Set(members) => self.keep_set(value, &members),
+        }
+    }
+
+    /// Keeps what the pointers of state `s` allow of `value`.
+    fn keep(&mut self, value: Value, s: u32) -> Option<Value> {
+        // A pointer that ends here keeps the whole subtree.
+        if self.states[s as usize].end {
+            return Some(value);
+        }
+        match value {
+            Value::Object(map) => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    let next = self.name(s, &k);
+                    if let Some(v) = self.follow(v, next) {
+                        out.insert(k, v);
+                    }
+                }
+                Some(Value::Object(out))
+            }
+            Value::Array(items) => {
+                // Elements keep their positions (others become null), so allowed pointers
+                // still name the same elements when curated again.
+                let mut out = Vec::with_capacity(items.len());
+                for (i, v) in items.into_iter().enumerate() {
+                    let next = self.element(s, i);
+                    out.push(self.follow(v, next).unwrap_or(Value::Null));
+                }
+                while out.last().is_some_and(Value::is_null) {
+                    out.pop();
+                }
+                Some(Value::Array(out))
+            }
+            // A scalar where the allow-list expects a container: nothing of it is allowed.
+            _ => None,
+        }
+    }
+
+    /// [`Walk::keep`] for a set of trie nodes past the memo budget: a lookup per member.
+    fn keep_set(&mut self, value: Value, members: &[u32]) -> Option<Value> {
+        if members.iter().any(|&m| self.trie.nodes[m as usize].end) {
+            return Some(value);
+        }
+        match value {
+            Value::Object(map) => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    let next = self.successors(members, |n| n.names.get(k.as_str()).copied());
+                    let next = self.intern(next);
+                    if let Some(v) = self.follow(v, next) {
+                        out.insert(k, v);
+                    }
+                }
+                Some(Value::Object(out))
+            }
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, v) in items.into_iter().enumerate() {
+                    let next = self.successors(members, |n| n.indexes.get(&i).copied());
+                    let next = self.intern(next);
+                    out.push(self.follow(v, next).unwrap_or(Value::Null));
+                }
+                while out.last().is_some_and(Value::is_null) {
+                    out.pop();
+                }
+                Some(Value::Array(out))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -186,9 +480,7 @@ pub fn curate_value(
         remove(&mut data, &tokens(pointer));
     }
     for list in [allow, narrow].into_iter().flatten() {
-        let allowed: Vec<Vec<String>> = list.iter().map(|p| tokens(p)).collect();
-        let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
-        data = keep_only(data, &allowed, 0).unwrap_or(Value::Null);
+        data = AllowTrie::compile(list).keep(data);
     }
     data
 }
@@ -645,6 +937,49 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The curation before [`AllowTrie`] (every pointer compared at every node): the
+    /// reference the trie must match byte for byte.
+    fn keep_only_reference(value: Value, allowed: &[&[String]], depth: usize) -> Option<Value> {
+        // An allowed pointer that ends here keeps the whole subtree.
+        if allowed.iter().any(|a| a.len() == depth) {
+            return Some(value);
+        }
+        match value {
+            Value::Object(map) => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    let sub = children(allowed, depth, &k);
+                    if !sub.is_empty()
+                        && let Some(v) = keep_only_reference(v, &sub, depth + 1)
+                    {
+                        out.insert(k, v);
+                    }
+                }
+                Some(Value::Object(out))
+            }
+            Value::Array(items) => {
+                // Elements keep their positions (others become null), so allowed pointers still
+                // name the same elements when curated again.
+                let mut out = Vec::new();
+                for (i, v) in items.into_iter().enumerate() {
+                    let sub = children(allowed, depth, &i.to_string());
+                    let kept = if sub.is_empty() {
+                        None
+                    } else {
+                        keep_only_reference(v, &sub, depth + 1)
+                    };
+                    out.push(kept.unwrap_or(Value::Null));
+                }
+                while out.last().is_some_and(Value::is_null) {
+                    out.pop();
+                }
+                Some(Value::Array(out))
+            }
+            // A scalar where the allow-list expects a container: nothing of it is allowed.
+            _ => None,
+        }
+    }
+
     #[test]
     fn redact_removes_pointers_and_ignores_absent_ones() {
         let data = json!({"order": {"email": "a@b.c", "id": "o-1", "items": [{"p": 1}, {"p": 2}]}});
@@ -777,5 +1112,275 @@ mod tests {
     fn allow_of_a_scalar_parent_keeps_nothing_of_it() {
         let out = curate_value(json!({"a": 5}), &[], Some(&["/a/b".to_string()]), None);
         assert_eq!(out, json!({}));
+    }
+
+    /// Today's reference of [`curate_value`]'s allow step.
+    fn keep_reference(data: Value, list: &[String]) -> Value {
+        let allowed: Vec<Vec<String>> = list.iter().map(|p| tokens(p)).collect();
+        let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
+        keep_only_reference(data, &allowed, 0).unwrap_or(Value::Null)
+    }
+
+    /// A small deterministic generator (xorshift64*), so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    /// Member names, raw (decoded): names, index-like names, `*`, `-`, the empty name, and
+    /// the characters pointers escape.
+    const KEYS: [&str; 12] = [
+        "a", "b", "c", "0", "1", "2", "01", "*", "-", "", "x/y", "m~n",
+    ];
+    /// Pointer tokens, escaped: the same, indexes (and non-canonical ones), huge numbers.
+    const TOKENS: [&str; 19] = [
+        "a",
+        "b",
+        "c",
+        "0",
+        "1",
+        "2",
+        "3",
+        "01",
+        "00",
+        "*",
+        "*",
+        "*",
+        "-",
+        "",
+        "x~1y",
+        "m~0n",
+        "+1",
+        "18446744073709551616",
+        "99999999999999999999999",
+    ];
+
+    fn document(rng: &mut Rng, depth: usize) -> Value {
+        let kind = if depth >= 5 {
+            4 + rng.below(4)
+        } else {
+            rng.below(8)
+        };
+        match kind {
+            0..=1 => {
+                let mut map = Map::new();
+                for _ in 0..rng.below(5) {
+                    map.insert(rng.pick(&KEYS).to_owned(), document(rng, depth + 1));
+                }
+                Value::Object(map)
+            }
+            2..=3 => Value::Array(
+                (0..rng.below(6))
+                    .map(|_| document(rng, depth + 1))
+                    .collect(),
+            ),
+            4 => Value::Null,
+            5 => json!(rng.below(100)),
+            6 => json!("s"),
+            _ => json!(true),
+        }
+    }
+
+    fn pointers(rng: &mut Rng) -> Vec<String> {
+        (0..rng.below(7))
+            .map(|_| {
+                if rng.below(25) == 0 {
+                    return String::new();
+                }
+                (0..1 + rng.below(5))
+                    .map(|_| format!("/{}", rng.pick(&TOKENS)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_allow_trie_curates_exactly_like_the_reference() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut kept_something = 0;
+        for case in 0..30_000 {
+            let data = document(&mut rng, 0);
+            let list = pointers(&mut rng);
+            let expected = keep_reference(data.clone(), &list);
+            let trie = AllowTrie::compile(&list);
+            // Memoised, not memoised at all, and past the memo budget partway through.
+            for budget in [MEMO_BUDGET, 0, 40] {
+                let got = trie.keep_with_budget(data.clone(), budget);
+                assert_eq!(
+                    serde_json::to_string(&got).unwrap(),
+                    serde_json::to_string(&expected).unwrap(),
+                    "case {case}, budget {budget}: data {data} allow {list:?}"
+                );
+            }
+            if !matches!(&expected, Value::Null) && expected != json!({}) && expected != json!([]) {
+                kept_something += 1;
+            }
+            // Through curate_value too (redact, then allow, then a narrower list).
+            let narrow = pointers(&mut rng);
+            let redact = pointers(&mut rng);
+            let mut reference = data.clone();
+            for p in &redact {
+                remove(&mut reference, &tokens(p));
+            }
+            let reference = keep_reference(keep_reference(reference, &list), &narrow);
+            let curated = curate_value(data, &redact, Some(&list), Some(&narrow));
+            assert_eq!(
+                serde_json::to_string(&curated).unwrap(),
+                serde_json::to_string(&reference).unwrap(),
+                "case {case}: redact {redact:?} allow {list:?} narrow {narrow:?}"
+            );
+        }
+        // The generator reaches the interesting cases, not only empty results.
+        assert!(kept_something > 3_000, "{kept_something}");
+    }
+
+    #[test]
+    fn the_allow_trie_handles_edge_pointers_like_the_reference() {
+        let data = json!({
+            "": {"": 1, "a": 2}, "*": [1, {"*": 2}], "a": [[0, 1, 2, {"b": 3}], {"0": "zero"}],
+            "x/y": {"m~n": 4}, "01": [5, 6], "n": null, "s": "t",
+        });
+        let lists: Vec<Vec<&str>> = vec![
+            vec![],
+            vec![""],
+            vec!["/"],
+            vec!["//"],
+            vec!["/*"],
+            vec!["/*/*"],
+            vec!["/*/1", "/a/0/*"],
+            vec!["/a/0/3/b", "/a/*/3"],
+            vec!["/a/1/0", "/a/01", "/a/00/1"],
+            vec!["/x~1y/m~0n", "/x/y"],
+            vec!["/01/1", "/01/01"],
+            vec!["/n/a", "/s/0", "/s"],
+            vec!["/*/*/*/*", "/a/*/3/b", "/a/0/*/c"],
+        ];
+        for list in lists {
+            let list: Vec<String> = list.into_iter().map(str::to_owned).collect();
+            for budget in [MEMO_BUDGET, 0, 20] {
+                assert_eq!(
+                    serde_json::to_string(
+                        &AllowTrie::compile(&list).keep_with_budget(data.clone(), budget)
+                    )
+                    .unwrap(),
+                    serde_json::to_string(&keep_reference(data.clone(), &list)).unwrap(),
+                    "{list:?}, budget {budget}"
+                );
+            }
+        }
+    }
+
+    /// Not a benchmark (no assertion on time): prints the cost of the review's case, 250,000
+    /// array elements under 100 wildcard pointers, for the trie and for the reference.
+    /// `cargo test -p evbus-gateway --lib allow_trie_cost -- --nocapture`
+    #[test]
+    fn allow_trie_cost_on_a_large_array_under_many_pointers() {
+        let data = json!({"userId": "u", "tags": vec![""; 250_000]});
+        let list: Vec<String> = (0..100).map(|i| format!("/tags/*/k{i}")).collect();
+        let copy = data.clone();
+        let started = std::time::Instant::now();
+        let got = AllowTrie::compile(&list).keep(copy);
+        let trie = started.elapsed();
+        let started = std::time::Instant::now();
+        let expected = keep_reference(data, &list);
+        let reference = started.elapsed();
+        assert_eq!(got, expected);
+        // An object under each element, and pointers that overlap at every level: 4 of them,
+        // then 100 of the same shapes (the trie's time should not grow with the pointers).
+        let data = json!({"tags": vec![json!({"k1": 1, "z": 2}); 250_000]});
+        let shapes = |n: usize| -> Vec<String> {
+            (0..n)
+                .map(|i| match i % 4 {
+                    0 => format!("/tags/*/k{i}"),
+                    1 => format!("/*/*/k{i}"),
+                    2 => format!("/tags/{i}/k1"),
+                    _ => format!("/*/{i}/*"),
+                })
+                .collect()
+        };
+        let mut times = Vec::new();
+        for n in [4, 100] {
+            let list = shapes(n);
+            let copy = data.clone();
+            let started = std::time::Instant::now();
+            let got = AllowTrie::compile(&list).keep(copy);
+            let trie_time = started.elapsed();
+            let copy = data.clone();
+            let started = std::time::Instant::now();
+            let expected = keep_reference(copy, &list);
+            let reference_time = started.elapsed();
+            assert_eq!(got, expected);
+            times.push(format!(
+                "{n} overlapping pointers: trie {trie_time:?}, reference {reference_time:?}"
+            ));
+        }
+        // The floor: taking the document apart and building it again, no pointer compared.
+        let copy = data.clone();
+        let started = std::time::Instant::now();
+        let rebuilt = rebuild(copy);
+        let floor = started.elapsed();
+        assert_eq!(rebuilt, data);
+        // Pointers crafted so that data paths match ever new sets of them (a literal at one
+        // level, `*` at the others), under a tree of every key: past the memo budget.
+        let list: Vec<String> = (0..10)
+            .flat_map(|l| {
+                (0..5).map(move |j| {
+                    (0..10)
+                        .map(|d| {
+                            if d == l {
+                                format!("/k{j}")
+                            } else {
+                                "/*".to_owned()
+                            }
+                        })
+                        .collect::<String>()
+                })
+            })
+            .collect();
+        fn tree(depth: usize) -> Value {
+            if depth == 0 {
+                return json!({"k0": 1, "k9": 2});
+            }
+            Value::Object((0..6).map(|j| (format!("k{j}"), tree(depth - 1))).collect())
+        }
+        let data = tree(6);
+        let copy = data.clone();
+        let started = std::time::Instant::now();
+        let got = AllowTrie::compile(&list).keep(copy);
+        let crafted = started.elapsed();
+        let started = std::time::Instant::now();
+        let expected = keep_reference(data, &list);
+        let crafted_reference = started.elapsed();
+        assert_eq!(got, expected);
+        println!(
+            "crafted sets (6^6 paths x 50 pointers): trie {crafted:?}, reference {crafted_reference:?}"
+        );
+        println!(
+            "250,000 elements x 100 wildcard pointers: trie {trie:?}, reference {reference:?}; \
+             250,000 objects, {}; {}; rebuilding alone {floor:?}",
+            times[0], times[1]
+        );
+    }
+
+    /// Takes a value apart and builds it again (what any curation walk costs at least).
+    fn rebuild(value: Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, rebuild(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(rebuild).collect()),
+            other => other,
+        }
     }
 }

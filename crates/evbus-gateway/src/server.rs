@@ -1,5 +1,16 @@
 //! The HTTP/1.1 accept loop: a connection limit, a header-read (and keep-alive idle)
-//! timeout, and `/healthz` answered even when every connection slot is taken.
+//! timeout, a write-stall timeout, and `/healthz` answered even when every connection slot
+//! is taken.
+//!
+//! The header-read timeout ([`GatewayConfig::header_read_timeout`](crate::GatewayConfig))
+//! bounds reading a request's headers and an idle kept-alive connection. It does not apply
+//! while a response is being written: a client that pipelines requests and never reads the
+//! responses would hold its connection (and a full kernel send buffer) for good. So every
+//! connection's socket is wrapped in a [`WriteStall`]: a write (or flush) that stays pending,
+//! the socket taking no byte, for as long as the header-read timeout fails with
+//! [`TimedOut`](std::io::ErrorKind::TimedOut), which closes the connection. It measures time
+//! without progress, not a response's total time: a stream (`GET /v1/stream`) read slowly
+//! but steadily stays open.
 //!
 //! A connection within [`GatewayConfig::max_connections`](crate::GatewayConfig) is served
 //! normally. One above it takes one of [`SPARE`] spare slots: it is answered once (`/healthz`
@@ -14,7 +25,9 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -25,8 +38,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -203,7 +218,8 @@ fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Serves one connection until it ends, or until `cancel` (then gracefully).
+/// Serves one connection until it ends, or until `cancel` (then gracefully). A write that
+/// makes no progress for `header_timeout` ends it too (see [`WriteStall`]).
 async fn connection<S>(
     stream: TcpStream,
     service: S,
@@ -218,7 +234,8 @@ async fn connection<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(keep_alive);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = WriteStall::new(stream, header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -230,6 +247,101 @@ async fn connection<S>(
         _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
     }
     let _ = conn.await;
+}
+
+/// A connection's IO whose writes fail once one has stayed pending, with no byte taken by the
+/// socket, for `limit`: a peer that stops reading cannot hold the connection for good.
+///
+/// The timer starts when a write (flush, shutdown) first answers `Pending` and is cleared by
+/// any write that completes, so it measures time without progress, not the time a response
+/// (a stream) takes. Reads are passed through unchanged (the header-read timeout covers
+/// them).
+pub(crate) struct WriteStall<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed while a write is pending: fires at the last progress plus `limit`.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
+        WriteStall {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+
+    /// Passes `polled` (a write's answer) on; a `Pending` one arms the timer, and fails once
+    /// the timer has fired.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if polled.is_ready() {
+            self.timer = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                metrics::counter!("evbus_gateway_connections_write_stalled_total").increment(1);
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client read nothing for the write-stall timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,13 @@
 //!
 //! A secret is `whsec_` + base64 of 32 random bytes. A delivery carries `webhook-id`,
 //! `webhook-timestamp` (Unix seconds) and `webhook-signature`: space-separated `v1,<base64>`
-//! signatures, each HMAC-SHA256 with one secret's bytes over `{id}.{timestamp}.{body}`. During
-//! a secret rotation the old and the new secrets both sign, so receivers can switch at their
-//! own pace.
+//! signatures, each HMAC-SHA256 with one secret's bytes over `{id}.{timestamp}.{body}`, where
+//! `id` is the `webhook-id`. During a secret rotation the old and the new secrets both sign,
+//! so receivers can switch at their own pace.
+//!
+//! The `webhook-id` is [`message_id`] of the event's `source` and `id`: unique per event (an
+//! event id alone is unique only per source, and another producer may reuse it), and the
+//! same on every retry and replay of the event. The body keeps the CloudEvent's own `id`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -27,6 +31,25 @@ pub fn secret_bytes(secret: &str) -> Option<Vec<u8>> {
     STANDARD
         .decode(secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret))
         .ok()
+}
+
+/// Prefix of `webhook-id` values ([`message_id`]).
+pub const MESSAGE_ID_PREFIX: &str = "msg_";
+
+/// The `webhook-id` of the event with CloudEvents `source` and `id`: `msg_` + the first 32
+/// hex digits (128 bits) of SHA-256 over the length of `source` in bytes (8 bytes, big
+/// endian), `source`, then `id`. The length prefix keeps every (`source`, `id`) pair apart
+/// (`("/a", "b/c")` and `("/a/b", "c")` differ). The same event always gets the same id, on
+/// every retry and replay and on every gateway instance; two events differing in `source` or
+/// `id` get different ones.
+pub fn message_id(source: &str, id: &str) -> String {
+    use sha2::Digest;
+    let mut hash = Sha256::new();
+    hash.update((source.len() as u64).to_be_bytes());
+    hash.update(source.as_bytes());
+    hash.update(id.as_bytes());
+    let digest = hash.finalize();
+    format!("{MESSAGE_ID_PREFIX}{}", hex::encode(&digest[..16]))
 }
 
 /// One `v1,<base64>` signature of `body` for message `id` at `timestamp` with `secret`.
@@ -68,8 +91,9 @@ pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
 /// valid signature by `secret` (compared in constant time), and `timestamp` (the
 /// `webhook-timestamp` value) is within [`TIMESTAMP_TOLERANCE_SECS`] of this machine's clock,
 /// so a delivery captured and sent again later is refused. What a receiver does; offered for
-/// Rust receivers. Deduplicate by `webhook-id` as well: a retry is a new, fresh delivery of
-/// the same event.
+/// Rust receivers. Deduplicate by `webhook-id` as well: a retry or a replay is a new, fresh
+/// delivery of the same event, with the same `webhook-id` ([`message_id`]), and two different
+/// events never share one.
 pub fn verify(secret: &str, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -130,6 +154,21 @@ mod tests {
             sign(secret, id, ts, body).unwrap(),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn a_message_id_tells_every_source_and_id_apart() {
+        let a = message_id("/t", "wh-1");
+        assert_eq!(a, message_id("/t", "wh-1"), "stable");
+        // The documented construction, as another language computes it (Python's hashlib:
+        // sha256(struct.pack(">Q", len(source)) + source + id).hexdigest()[:32]).
+        assert_eq!(a, "msg_4b6f3da3e18f6735137390e3a1f85c3f");
+        assert!(a.starts_with("msg_") && a.len() == 4 + 32, "{a}");
+        assert!(a[4..].bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, message_id("/attacker", "wh-1"));
+        assert_ne!(a, message_id("/t", "wh-2"));
+        assert_ne!(message_id("/a", "b/c"), message_id("/a/b", "c"));
+        assert_ne!(message_id("", "ab"), message_id("a", "b"));
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub(crate) async fn pruner(state: Arc<State>) {
         }
         // Rate limit state of keys idle long enough to have a full bucket again.
         state.limiters.retain_recent();
+        state.catch_up.retain_recent();
         tokio::select! {
             _ = state.cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -193,13 +194,23 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
             Some("not delivered: the webhook no longer subscribes to this event type".into());
         return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
     }
-    // Curated again on the way out (current rules; the webhook's narrower allow-list).
-    let body = evbus::Event::from_json(&stored.body)
-        .ok()
-        .and_then(|e| {
-            curation::curate_event(&state.visibility.catalog, &e, webhook.allow.as_deref())
-        })
-        .and_then(|e| e.to_json().ok());
+    // Curated again on the way out (current rules; the webhook's narrower allow-list), off
+    // the runtime's workers: a large event costs CPU that other keys' requests must not wait
+    // behind.
+    let (catalog, allow, raw) = (
+        state.visibility.catalog.clone(),
+        webhook.allow.clone(),
+        stored.body.clone(),
+    );
+    let body = tokio::task::spawn_blocking(move || {
+        evbus::Event::from_json(&raw)
+            .ok()
+            .and_then(|e| curation::curate_event(&catalog, &e, allow.as_deref()))
+            .and_then(|e| e.to_json().ok())
+    })
+    .await
+    .ok()
+    .flatten();
     let Some(body) = body else {
         log.error = Some("not delivered: the event is no longer external".into());
         return store.finish_attempt(&log, DeliveryOutcome::Failed).await;
@@ -211,7 +222,9 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
     {
         secrets.push(prev.as_str());
     }
-    let signature = signing::signature_header(secrets, &stored.id, timestamp, body.as_bytes());
+    // Unique per event (an event id is unique only per source), the same on every attempt.
+    let message_id = signing::message_id(&stored.source, &stored.id);
+    let signature = signing::signature_header(secrets, &message_id, timestamp, body.as_bytes());
 
     // Checked again now (DNS can change); the client's resolver checks the connected address.
     let result = match cfg.outbound.check_url(&webhook.url).await {
@@ -226,7 +239,7 @@ async fn attempt(state: &State, delivery: Delivery) -> Result<(), crate::StoreEr
             .client
             .post(&webhook.url)
             .header("content-type", "application/cloudevents+json")
-            .header("webhook-id", &stored.id)
+            .header("webhook-id", &message_id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .body(body)
@@ -503,19 +516,26 @@ pub(crate) async fn create(
     if req.description.chars().count() > 1000 || req.url.chars().count() > 2000 {
         return Err(Problem::bad_request("`url` or `description` is too long"));
     }
-    state
+    // Stored (and listed) as parsed: the URL deliveries go to, not one that reads otherwise
+    // (`http://8.8.8.8\@127.0.0.1/` calls 8.8.8.8, and is stored as `http://8.8.8.8/@127.0.0.1/`).
+    let url = state
         .config
         .outbound
         .check_url(&req.url)
         .await
-        .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
+        .to_string();
+    // Percent-encoding may have lengthened it.
+    if url.len() > 2000 {
+        return Err(Problem::bad_request("`url` or `description` is too long"));
+    }
     let mut types = req.event_types.clone();
     types.sort();
     types.dedup();
     let record = WebhookRecord {
         id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
         owner_key_id: key.id.clone(),
-        url: req.url,
+        url,
         event_types: types,
         description: req.description,
         allow: req.allow,

@@ -122,10 +122,14 @@ async fn a_failing_receiver_is_retried_with_the_same_webhook_id_until_it_recover
         .unwrap();
     let first = receiver.next().await;
     let second = receiver.next().await;
-    assert_eq!(first.id(), second.id(), "same webhook-id on every retry");
+    assert_eq!(
+        first.webhook_id(),
+        second.webhook_id(),
+        "same webhook-id on every retry"
+    );
     receiver.answer(200);
     let third = receiver.next().await;
-    assert_eq!(third.id(), first.id());
+    assert_eq!(third.webhook_id(), first.webhook_id());
     assert!(third.verify(&secret));
     // The attempt log: status, latency, truncated response; newest first.
     eventually("three attempts logged", || async {
@@ -623,10 +627,15 @@ async fn the_producer_id_and_source_are_kept_from_post_to_webhook_and_stream() {
     assert_eq!(inside.source(), "/external");
     assert_eq!(inside.extension("evbuskey"), Some(key_id.as_str()));
 
-    // The webhook: same id in the body and the `webhook-id` header; extensions stay inside.
+    // The webhook: the posted id in the body, and the `webhook-id` header derived from it
+    // and the source (`Received::id` checks that); extensions stay inside.
     let got = receiver.next().await;
     assert!(got.verify(&secret));
     assert_eq!(got.id(), posted_id);
+    assert_eq!(
+        got.webhook_id(),
+        evbus_gateway::signing::message_id("/external", posted_id)
+    );
     let event = got.json();
     assert_eq!(event["id"], posted_id);
     assert_eq!(event["source"], "/external");
@@ -845,7 +854,9 @@ async fn a_receiver_hanging_past_the_outbound_timeout_is_logged_as_timed_out_and
         let gap = pair[1].at - ended;
         assert!(gap >= chrono::Duration::milliseconds(80), "{gap:?}");
     }
-    assert_eq!(*seen.lock().unwrap(), vec![event_id.clone(); 3]);
+    // One webhook-id on every attempt: the bus's source (`/test`) and the event id.
+    let message_id = evbus_gateway::signing::message_id("/test", &event_id);
+    assert_eq!(*seen.lock().unwrap(), vec![message_id; 3]);
 }
 
 /// A producer's `time` survives the gateway: the webhook delivery carries the time the

@@ -276,8 +276,28 @@ pub struct Received {
 }
 
 impl Received {
-    pub fn id(&self) -> &str {
+    /// The `webhook-id` header: `msg_…` derived from the event's `source` and `id`
+    /// (`evbus_gateway::signing::message_id`), the same on every retry and replay.
+    pub fn webhook_id(&self) -> &str {
         self.headers["webhook-id"].to_str().unwrap()
+    }
+    /// The CloudEvent `id` of the body (one without JSON escapes), checked against the
+    /// `webhook-id` it came with.
+    pub fn id(&self) -> &str {
+        #[derive(serde::Deserialize)]
+        struct Ids<'a> {
+            source: &'a str,
+            id: &'a str,
+        }
+        let ids: Ids<'_> = serde_json::from_str(&self.body).expect("a source and an id");
+        assert_eq!(
+            self.webhook_id(),
+            evbus_gateway::signing::message_id(ids.source, ids.id),
+            "webhook-id of ({}, {})",
+            ids.source,
+            ids.id
+        );
+        ids.id
     }
     pub fn verify(&self, secret: &str) -> bool {
         let ts: i64 = self.headers["webhook-timestamp"]
@@ -286,7 +306,7 @@ impl Received {
             .parse()
             .unwrap();
         let sig = self.headers["webhook-signature"].to_str().unwrap();
-        evbus_gateway::signing::verify(secret, self.id(), ts, self.body.as_bytes(), sig)
+        evbus_gateway::signing::verify(secret, self.webhook_id(), ts, self.body.as_bytes(), sig)
     }
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap()
