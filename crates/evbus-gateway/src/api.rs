@@ -342,7 +342,7 @@ const MAX_ID_LEN: usize = 256;
 /// Longest accepted `source`, `subject` or extension value.
 const MAX_ATTRIBUTE_LEN: usize = 2048;
 
-/// Refuses attributes that would poison a header on the way out (`webhook-id`, `ce-*`): the id
+/// Refuses attributes that would poison a header on the way out (`ce-*` headers): the id
 /// must be 1 to [`MAX_ID_LEN`] visible ASCII characters; `source`, `type`, `subject` and
 /// extension values must hold no control characters and be at most [`MAX_ATTRIBUTE_LEN`]
 /// characters. The error names the attribute, never its value (nor an extension's name).

@@ -123,7 +123,8 @@ pub struct GatewayConfig {
     pub max_connections_per_address: usize,
     /// Longest wait for a request's headers, from the moment the connection is ready for a
     /// request: a half-sent request is dropped after it, and so is a kept-alive connection
-    /// idle for that long. Default 15 s.
+    /// idle for that long. Also the longest a response write may make no progress (a client
+    /// that does not read): the connection is then closed. Default 15 s.
     pub header_read_timeout: Duration,
     /// Pages of new events kept for streams that have caught up with the log (one read of
     /// the log feeds them all); a stream further behind reads the store itself until it

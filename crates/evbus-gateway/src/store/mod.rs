@@ -308,7 +308,8 @@ pub struct Attempt {
     pub webhook_id: String,
     /// The delivery.
     pub delivery_id: i64,
-    /// The event id (the `webhook-id` header).
+    /// The event's CloudEvents id (the body's `id`; the `webhook-id` header is derived from
+    /// it and the event's `source`, [`signing::message_id`](crate::signing::message_id)).
     pub event_id: String,
     /// 1 for the first attempt.
     pub attempt: u32,
