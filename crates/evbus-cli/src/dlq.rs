@@ -62,17 +62,8 @@ pub(crate) enum DlqCommand {
     Redrive {
         #[command(flatten)]
         target: Target,
-        /// Redrive this dead letter (repeat for several).
-        #[arg(
-            long = "id",
-            value_name = "ID",
-            required_unless_present = "all",
-            conflicts_with = "all"
-        )]
-        ids: Vec<String>,
-        /// Redrive every dead letter of the group.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        pick: Pick,
     },
     /// Remove dead letters for good (a poison event no handler will ever take, a message that
     /// is not a CloudEvent); prints the id of each one as it is removed. Every record of an
@@ -85,21 +76,28 @@ pub(crate) enum DlqCommand {
     Discard {
         #[command(flatten)]
         target: Target,
-        /// Remove this dead letter (repeat for several).
-        #[arg(
-            long = "id",
-            value_name = "ID",
-            required_unless_present = "all",
-            conflicts_with = "all"
-        )]
-        ids: Vec<String>,
-        /// Remove every dead letter of the group (up to --limit); needs --yes.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        pick: Pick,
         /// Confirm --all: the dead letters are gone for good.
         #[arg(long, requires = "all")]
         yes: bool,
     },
+}
+
+/// Which dead letters a `redrive` or a `discard` takes.
+#[derive(Debug, Args)]
+pub(crate) struct Pick {
+    /// This dead letter (repeat for several).
+    #[arg(
+        long = "id",
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    ids: Vec<String>,
+    /// Every dead letter of the group (up to --limit; `discard` needs --yes too).
+    #[arg(long)]
+    all: bool,
 }
 
 /// The group whose dead letters are looked at.
@@ -156,7 +154,7 @@ pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
         | DlqCommand::Discard { target, .. } => target,
     };
     if let DlqCommand::Discard {
-        all: true,
+        pick: Pick { all: true, .. },
         yes: false,
         ..
     } = &cmd
@@ -185,11 +183,11 @@ pub(crate) fn run(cmd: DlqCommand) -> Result<ExitCode, Failure> {
         let result = match &cmd {
             DlqCommand::List { format, .. } => list(&dlq, target.limit, wait, *format).await,
             DlqCommand::Show { id, .. } => show(&dlq, target.limit, wait, id).await,
-            DlqCommand::Redrive { ids, all, .. } => {
-                redrive(&dlq, target.limit, wait, ids, *all).await
+            DlqCommand::Redrive { pick, .. } => {
+                redrive(&dlq, target.limit, wait, &pick.ids, pick.all).await
             }
-            DlqCommand::Discard { ids, all, .. } => {
-                discard(&dlq, target.limit, wait, ids, *all).await
+            DlqCommand::Discard { pick, .. } => {
+                discard(&dlq, target.limit, wait, &pick.ids, pick.all).await
             }
         };
         let _ = bus.shutdown(Duration::from_secs(5)).await;
