@@ -406,11 +406,40 @@ impl<'t> Walk<'t> {
         if self.states[s as usize].end {
             return Some(value);
         }
+        self.rebuild(value, |w, k| w.name(s, k), |w, i| w.element(s, i))
+    }
+
+    /// [`Walk::keep`] for a set of trie nodes past the memo budget: a lookup per member.
+    fn keep_set(&mut self, value: Value, members: &[u32]) -> Option<Value> {
+        if members.iter().any(|&m| self.trie.nodes[m as usize].end) {
+            return Some(value);
+        }
+        self.rebuild(
+            value,
+            |w, k| {
+                let next = w.successors(members, |n| n.names.get(k).copied());
+                w.intern(next)
+            },
+            |w, i| {
+                let next = w.successors(members, |n| n.indexes.get(&i).copied());
+                w.intern(next)
+            },
+        )
+    }
+
+    /// `value` rebuilt with what each member allows, `by_name` and `by_index` giving the state
+    /// a member's key or element moves to.
+    fn rebuild(
+        &mut self,
+        value: Value,
+        mut by_name: impl FnMut(&mut Self, &str) -> Next,
+        mut by_index: impl FnMut(&mut Self, usize) -> Next,
+    ) -> Option<Value> {
         match value {
             Value::Object(map) => {
                 let mut out = Map::new();
                 for (k, v) in map {
-                    let next = self.name(s, &k);
+                    let next = by_name(self, &k);
                     if let Some(v) = self.follow(v, next) {
                         out.insert(k, v);
                     }
@@ -422,7 +451,7 @@ impl<'t> Walk<'t> {
                 // still name the same elements when curated again.
                 let mut out = Vec::with_capacity(items.len());
                 for (i, v) in items.into_iter().enumerate() {
-                    let next = self.element(s, i);
+                    let next = by_index(self, i);
                     out.push(self.follow(v, next).unwrap_or(Value::Null));
                 }
                 while out.last().is_some_and(Value::is_null) {
@@ -431,39 +460,6 @@ impl<'t> Walk<'t> {
                 Some(Value::Array(out))
             }
             // A scalar where the allow-list expects a container: nothing of it is allowed.
-            _ => None,
-        }
-    }
-
-    /// [`Walk::keep`] for a set of trie nodes past the memo budget: a lookup per member.
-    fn keep_set(&mut self, value: Value, members: &[u32]) -> Option<Value> {
-        if members.iter().any(|&m| self.trie.nodes[m as usize].end) {
-            return Some(value);
-        }
-        match value {
-            Value::Object(map) => {
-                let mut out = Map::new();
-                for (k, v) in map {
-                    let next = self.successors(members, |n| n.names.get(k.as_str()).copied());
-                    let next = self.intern(next);
-                    if let Some(v) = self.follow(v, next) {
-                        out.insert(k, v);
-                    }
-                }
-                Some(Value::Object(out))
-            }
-            Value::Array(items) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (i, v) in items.into_iter().enumerate() {
-                    let next = self.successors(members, |n| n.indexes.get(&i).copied());
-                    let next = self.intern(next);
-                    out.push(self.follow(v, next).unwrap_or(Value::Null));
-                }
-                while out.last().is_some_and(Value::is_null) {
-                    out.pop();
-                }
-                Some(Value::Array(out))
-            }
             _ => None,
         }
     }
