@@ -217,6 +217,8 @@ async fn every_record_is_listed_what_cannot_be_redriven_stays_and_discard_remove
     let ids: Vec<&str> = listed.iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(&ids[..5], ["first", "twice", "twice", "dropped", "last"]);
     assert_eq!(listed[5]["type"], "evbus.undecodable");
+    // The foreign message has no time of its own: none is shown (it was the look's).
+    assert!(listed[5]["first_seen"].is_null(), "{}", listed[5]);
     assert!(
         listed[5]["reason"]
             .as_str()

@@ -140,7 +140,8 @@ impl Limited {
 /// The placeholder of a message that is not a CloudEvent, as a look at a dead-letter queue
 /// lists it: with the reason a dead letter carries.
 fn inspected(message: &Undecodable) -> Result<crate::Event> {
-    let mut placeholder = message.placeholder()?;
+    // No `time`: the message has none of its own, and the look's would change at every look.
+    let mut placeholder = message.placeholder()?.into_builder().time(None).build()?;
     placeholder.set_extension(
         crate::delivery::DEAD_LETTER_REASON,
         format!(

@@ -81,7 +81,8 @@ impl DeadLetter {
         if self.event.ty() == UNDECODABLE_EVENT_TYPE {
             return Some(
                 "it stands for a message that is not a CloudEvent: no handler can take it; \
-                 read it (its data holds the raw message) and publish a corrected event"
+                 read it (its data holds the raw message) and publish a corrected event, then \
+                 remove it (`evbus dlq discard --id`, `DeadLetters::discard_each`)"
                     .to_owned(),
             );
         }
