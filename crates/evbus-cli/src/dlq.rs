@@ -380,16 +380,8 @@ async fn redrive(
     let count = moved.len();
     let plural = if count == 1 { "" } else { "s" };
     if let Err(e) = result {
-        return Err(Failure::new(format!(
-            "redrive from {} failed after {count} dead letter{plural} moved to the group's \
-             redrive queue{}: {e}",
-            dlq.name(),
-            if count > 0 {
-                " (their ids are on stdout)"
-            } else {
-                ""
-            }
-        )));
+        let done = "moved to the group's redrive queue";
+        return Err(failed_partway("redrive from", dlq, count, done, e));
     }
     eprintln!("evbus: {count} dead letter{plural} redriven to the group's redrive queue");
     let refused = refused.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -442,15 +434,7 @@ async fn discard(
     let count = removed.len();
     let plural = if count == 1 { "" } else { "s" };
     if let Err(e) = result {
-        return Err(Failure::new(format!(
-            "discarding from {} failed after {count} dead letter{plural} removed{}: {e}",
-            dlq.name(),
-            if count > 0 {
-                " (their ids are on stdout)"
-            } else {
-                ""
-            }
-        )));
+        return Err(failed_partway("discarding from", dlq, count, "removed", e));
     }
     eprintln!(
         "evbus: {count} dead letter{plural} removed from {}",
@@ -465,4 +449,25 @@ async fn discard(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The error of a redrive or discard that failed after `count` dead letters were `done`
+/// (whose ids were printed as each was done).
+fn failed_partway(
+    action: &str,
+    dlq: &DeadLetters,
+    count: usize,
+    done: &str,
+    e: evbus::Error,
+) -> Failure {
+    Failure::new(format!(
+        "{action} {} failed after {count} dead letter{} {done}{}: {e}",
+        dlq.name(),
+        if count == 1 { "" } else { "s" },
+        if count > 0 {
+            " (their ids are on stdout)"
+        } else {
+            ""
+        }
+    ))
 }
