@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State as AxState};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -220,11 +220,98 @@ async fn event_types(
 }
 
 /// `POST /v1/events`: one CloudEvent, structured (`application/cloudevents+json`) or binary
-/// (`ce-*` headers, data as the body).
+/// (`ce-*` headers, data as the body). The body is charged to the key's publish byte
+/// allowance before any of it is parsed ([`charged_body`]).
 async fn publish(
     AxState(state): AxState<Arc<State>>,
     Extension(key): Extension<KeyRecord>,
-    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, Problem> {
+    let (headers, body) = match charged_body(&state, &key, request).await {
+        Ok(read) => read,
+        Err(refused) => return Ok(refused),
+    };
+    publish_event(&state, &key, &headers, body).await
+}
+
+/// Reads a publish body charged to `key`'s allowance of published bytes
+/// ([`GatewayConfig::publish_bytes_per_second`](crate::GatewayConfig::publish_bytes_per_second)):
+/// with its `Content-Length` before a byte is read, and with the bytes read beyond it (all of
+/// them for a body without one) before any is parsed. Over what is left: `429` with
+/// `Retry-After`, and nothing of the body is decoded. A refused body with a
+/// `Content-Length` is read and dropped (at most `max_body_bytes`, no parsing), so the client
+/// gets the answer rather than a reset connection; unless the client waits for
+/// `100 Continue`, in which case it never sends it. A body over `max_body_bytes` is left to
+/// the body limit (413) and charged nothing.
+async fn charged_body(
+    state: &State,
+    key: &KeyRecord,
+    request: Request,
+) -> Result<(HeaderMap, Bytes), Response> {
+    let max = state.config.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n <= max);
+    let mut charged = 0;
+    if let Some(n) = declared {
+        if let Err(wait) = state.publish_bytes.take(&key.id, n) {
+            let waits_for_continue = request
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !waits_for_continue {
+                drop_body(request.into_body(), n).await;
+            }
+            return Err(over_publish_bytes(state, wait));
+        }
+        charged = n;
+    }
+    let headers = request.headers().clone();
+    // The body limit (`DefaultBodyLimit`) applies as to any extractor: 413 past it.
+    let body = Bytes::from_request(request, &())
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if body.len() > charged
+        && let Err(wait) = state.publish_bytes.take(&key.id, body.len() - charged)
+    {
+        return Err(over_publish_bytes(state, wait));
+    }
+    Ok((headers, body))
+}
+
+/// Reads and drops up to `at_most` bytes of a body, decoding nothing.
+async fn drop_body(body: axum::body::Body, at_most: usize) {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    let mut read = 0;
+    while read < at_most
+        && let Some(Ok(chunk)) = chunks.next().await
+    {
+        read += chunk.len();
+    }
+}
+
+/// The 429 of a publish over its key's byte allowance: like the request rate's, with the
+/// rate (bytes per second) as `limit`.
+fn over_publish_bytes(state: &State, wait: std::time::Duration) -> Response {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "publish byte rate of this key exceeded (publish_bytes_per_second); the body was not read as an event",
+    )
+    .with("limit", json!(state.config.publish_bytes_per_second.max(1)))
+    .retry_after(seconds.max(1))
+    .into_response()
+}
+
+/// The rest of `POST /v1/events`, on a body already charged.
+async fn publish_event(
+    state: &State,
+    key: &KeyRecord,
+    headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
     let content_type = headers
@@ -252,7 +339,7 @@ async fn publish(
     let event = event.map_err(|e| Problem::invalid_cloudevent(e.message()))?;
     check_header_bound_attributes(&event)?;
     let ty = event.ty().to_owned();
-    if !state.visibility.may_publish(&key, &ty) {
+    if !state.visibility.may_publish(key, &ty) {
         return Err(Problem::forbidden(
             "this key may not publish this event type, or it is no external event type \
              (GET /v1/event-types lists those this key may publish)",

@@ -63,6 +63,18 @@ pub struct GatewayConfig {
     /// Burst of requests allowed per API key, for keys without a [`RateLimit`] of their own.
     /// Default 100. 0 counts as 1.
     pub rate_limit_burst: u32,
+    /// Request-body bytes one API key may publish per second (`POST /v1/events`, the only
+    /// publish route), besides its request rate: a body is charged with its length
+    /// (`Content-Length`, else the bytes read) before any of it is parsed, and one over what
+    /// is left is answered 429 with `Retry-After`, unparsed. Decoding and validating a large
+    /// event is CPU on the request path, and the request rate alone let one key post
+    /// [`max_body_bytes`](Self::max_body_bytes) 50 times a second. The burst is a second's
+    /// worth and never less than `max_body_bytes`, so a body the gateway accepts always
+    /// fits a full allowance. The same for every key (keys have no byte limit of their own),
+    /// per instance. Default 8 MiB/s: a burst of 8 bodies of the default 1 MiB, and a key at
+    /// the default request rate (50/s) never meets it with events of up to 160 KiB.
+    /// 0 counts as 1.
+    pub publish_bytes_per_second: u64,
     /// Wait before each delivery attempt; its length is the number of attempts. Default
     /// [`default_retry_schedule`].
     pub retry_schedule: Vec<Duration>,
@@ -166,6 +178,7 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(30),
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
+            publish_bytes_per_second: 8 * 1024 * 1024,
             retry_schedule: default_retry_schedule(),
             retry_jitter: 0.2,
             max_retry_after: Duration::from_secs(24 * 3600),
@@ -325,6 +338,8 @@ pub(crate) struct State {
     limiters: ratelimit::Limiters,
     /// Per-key pace of streams catching up on the log.
     catch_up: ratelimit::CatchUp,
+    /// Per-key allowance of published request-body bytes.
+    publish_bytes: ratelimit::PublishBytes,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
     key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -476,6 +491,10 @@ impl Gateway {
             fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
             limiters: ratelimit::Limiters::new(default_limit),
             catch_up: ratelimit::CatchUp::new(config.stream_catch_up_bytes_per_second),
+            publish_bytes: ratelimit::PublishBytes::new(
+                config.publish_bytes_per_second,
+                config.max_body_bytes,
+            ),
             streams: Arc::new(Semaphore::new(config.max_streams)),
             key_streams: Arc::default(),
             metrics,

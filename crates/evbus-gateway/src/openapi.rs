@@ -112,7 +112,7 @@ pub(crate) fn document() -> Value {
         &["400", "403", "409", "413", "415", "422"],
     );
     publish["description"] = json!(
-        "Needs: a key whose publish scope covers the event type (an external type). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415."
+        "Needs: a key whose publish scope covers the event type (an external type). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415. Besides its request rate, a key may publish so many bytes of request bodies per second (publish_bytes_per_second): a body is charged with its length before it is parsed, and one over what is left is answered 429 with `limit` (the bytes per second) and Retry-After, unparsed."
     );
     publish["requestBody"] = json!({
         "required": true,

@@ -148,6 +148,61 @@ impl CatchUp {
     }
 }
 
+/// What one key may publish through `POST /v1/events`, in bytes of request bodies per
+/// second: a body is charged with its length before any of it is parsed, since decoding and
+/// validating a large event is CPU on the request path, and the request rate alone let one
+/// key post [`max_body_bytes`](crate::GatewayConfig::max_body_bytes) fifty times a second.
+/// Byte-exact (one cell a byte), so small events cost what they weigh.
+pub(crate) struct PublishBytes {
+    limiter: DefaultKeyedRateLimiter<String>,
+    burst: u32,
+    clock: DefaultClock,
+}
+
+impl PublishBytes {
+    /// `bytes_per_second` per key (at least 1), with a burst of a second's worth or
+    /// `max_body_bytes`, whichever is more: a body the gateway accepts always fits a full
+    /// allowance, however low the rate.
+    pub(crate) fn new(bytes_per_second: u64, max_body_bytes: usize) -> PublishBytes {
+        let per_second = u32::try_from(bytes_per_second).unwrap_or(u32::MAX).max(1);
+        let burst = per_second.max(u32::try_from(max_body_bytes).unwrap_or(u32::MAX));
+        PublishBytes {
+            limiter: RateLimiter::keyed(
+                Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
+                    .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN)),
+            ),
+            burst,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// The most one key may publish at once, in bytes.
+    #[cfg(test)]
+    pub(crate) fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Takes `bytes` (at least 1, at most the burst) of `key`'s allowance; when less is
+    /// left, takes nothing and says how long until `bytes` fit.
+    pub(crate) fn take(&self, key: &str, bytes: usize) -> Result<(), Duration> {
+        let n = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.burst);
+        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        match self.limiter.check_key_n(&key.to_owned(), n) {
+            // `n` is at most the burst: capacity is never insufficient.
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    /// Forgets the keys whose allowance is full again.
+    pub(crate) fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +246,48 @@ mod tests {
         limiters.retain_recent();
         assert_eq!(limiters.tracked(), 0);
         assert!(limiters.by_limit.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_of_the_largest_size_always_fits_the_publish_burst() {
+        // However low the rate, or large the body limit, a full allowance takes the largest
+        // body the gateway accepts; a second's worth when that is more.
+        for (rate, max_body) in [
+            (1, 1024 * 1024),
+            (1_000, 64),
+            (8 * 1024 * 1024, 1024 * 1024),
+            (8 * 1024 * 1024, 16 * 1024 * 1024),
+        ] {
+            let bytes = PublishBytes::new(rate, max_body);
+            assert_eq!(
+                u64::from(bytes.burst()),
+                rate.max(max_body as u64),
+                "{rate} B/s, {max_body} B"
+            );
+            assert_eq!(
+                bytes.take("k", max_body),
+                Ok(()),
+                "{rate} B/s, {max_body} B"
+            );
+        }
+        // 0 counts as 1 byte a second.
+        assert_eq!(PublishBytes::new(0, 10).burst(), 10);
+    }
+
+    #[test]
+    fn a_publish_over_the_allowance_takes_nothing_and_says_when_it_fits() {
+        // 1 KiB/s, a burst of 4 KiB (the body limit).
+        let bytes = PublishBytes::new(1024, 4096);
+        assert_eq!(bytes.take("a", 3000), Ok(()));
+        let wait = bytes.take("a", 2000).unwrap_err();
+        // 1,096 bytes left, 904 short: they come in about 0.88 s.
+        assert!(
+            wait > Duration::from_millis(700) && wait <= Duration::from_millis(900),
+            "{wait:?}"
+        );
+        // Nothing was taken: what is left still fits.
+        assert_eq!(bytes.take("a", 900), Ok(()));
+        // Another key has its whole allowance.
+        assert_eq!(bytes.take("b", 4096), Ok(()));
     }
 }

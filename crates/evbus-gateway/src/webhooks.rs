@@ -122,6 +122,7 @@ pub(crate) async fn pruner(state: Arc<State>) {
         // Rate limit state of keys idle long enough to have a full bucket again.
         state.limiters.retain_recent();
         state.catch_up.retain_recent();
+        state.publish_bytes.retain_recent();
         tokio::select! {
             _ = state.cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}

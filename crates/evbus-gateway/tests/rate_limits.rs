@@ -1,13 +1,13 @@
 //! Per-key rate limits: a key's own limit (set at creation through `POST /v1/keys`), the
 //! gateway's default for keys without one, what `GET /v1/keys` shows, and the values the
-//! admin API refuses.
+//! admin API refuses; and the per-key publish byte rate (`publish_bytes_per_second`).
 
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use evbus_gateway::Store;
 use serde_json::{Value, json};
 use support::*;
@@ -192,4 +192,227 @@ async fn the_admin_api_refuses_bad_rate_limits_with_a_clear_400() {
     let (s, body) = create_key(&h, json!({"name": "ok", "rate_limit": null})).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     assert_eq!(body["rate_limit"]["default"], json!(true));
+}
+
+const ORDERS: &str = "afterOrderCreate";
+
+/// A gateway whose keys may publish `bytes_per_second` bytes of bodies, with a body limit of
+/// `max_body` bytes (the burst: the rate is far below it).
+async fn byte_limited(bytes_per_second: u64, max_body: usize) -> Harness {
+    let mut config = test_config();
+    config.publish_bytes_per_second = bytes_per_second;
+    config.max_body_bytes = max_body;
+    Harness::with(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        config,
+    )
+    .await
+}
+
+/// A valid structured `afterOrderCreate` CloudEvent of exactly `len` bytes (at least about
+/// 700), its `createdBy` padded.
+fn event_of(len: usize) -> String {
+    let build = |pad: usize| {
+        let mut data = order_created();
+        data["createdBy"] = json!("x".repeat(pad));
+        json!({"specversion": "1.0", "id": format!("big-{}", uuid::Uuid::now_v7().simple()),
+               "source": "/external", "type": ORDERS, "datacontenttype": "application/json",
+               "data": data})
+        .to_string()
+    };
+    let bare = build(0).len();
+    assert!(len >= bare, "an event is at least {bare} bytes");
+    let event = build(len - bare);
+    assert_eq!(event.len(), len);
+    event
+}
+
+/// `POST /v1/events` of `body` as a structured CloudEvent (with a `Content-Length`).
+async fn post_event(h: &Harness, key: &str, body: String) -> (u16, HeaderMap, Value) {
+    let resp = h
+        .http
+        .post(h.url("/v1/events"))
+        .bearer_auth(key)
+        .header("content-type", "application/cloudevents+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The publish byte rate's 429: a problem naming the rate, with `Retry-After` of at least
+/// `at_least` seconds.
+fn assert_over_byte_rate(status: u16, headers: &HeaderMap, body: &Value, rate: u64, at_least: u64) {
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        retry >= at_least,
+        "Retry-After {retry}, expected at least {at_least}"
+    );
+    assert_eq!(body["status"], json!(429), "{body}");
+    assert_eq!(body["limit"], json!(rate), "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("publish_bytes_per_second"), "{body}");
+}
+
+/// Finding 8 of the outside review: validating large events within the request rate made
+/// another key wait. A key that has spent its publish byte allowance is answered 429 with
+/// `Retry-After`, while another key's publish is accepted at once and the first key's other
+/// requests go on.
+#[tokio::test]
+async fn a_key_over_its_publish_byte_rate_gets_429_while_another_key_publishes() {
+    // 1 KiB/s, a burst of 256 KiB (the body limit): two events of 100 KB, not three.
+    let h = byte_limited(1024, 256 * 1024).await;
+    let heavy = h.key(&[], &[ORDERS]).await;
+    let other = h.key(&[], &[ORDERS]).await;
+    for _ in 0..2 {
+        let (status, _, body) = post_event(&h, &heavy, event_of(100_000)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (status, headers, body) = post_event(&h, &heavy, event_of(100_000)).await;
+    // 62 KB left of 256 KiB, 38 KB short at 1 KiB/s: more than half a minute.
+    assert_over_byte_rate(status, &headers, &body, 1024, 30);
+
+    let started = Instant::now();
+    let (status, _, body) = post_event(&h, &other, event_of(100_000)).await;
+    assert_eq!(status, 202, "the other key's publish: {body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the other key waited {:?}",
+        started.elapsed()
+    );
+    // The byte rate bounds publishing only: the heavy key's other requests still pass.
+    let (s, _) = h.call("GET", "/v1/event-types", Some(&heavy), None).await;
+    assert_eq!(s, StatusCode::OK);
+    // And a small event that fits what is left is accepted.
+    let (status, _, body) = post_event(&h, &heavy, event_of(1_000)).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// The 429 comes before the body is parsed or validated: over its allowance, a body that is
+/// not JSON, or breaks the event's schema, is answered 429, not 400 or 422, with a
+/// `Content-Length` or without one (chunked: charged with the bytes read).
+#[tokio::test]
+async fn a_publish_over_the_byte_rate_is_refused_before_its_body_is_parsed() {
+    let h = byte_limited(1024, 256 * 1024).await;
+    let spent = h.key(&[], &[ORDERS]).await;
+    let fresh = h.key(&[], &[ORDERS]).await;
+    let not_json = "x".repeat(60_000);
+    let mut breaks_schema: Value = serde_json::from_str(&event_of(100_000)).unwrap();
+    breaks_schema["data"]["order"] = json!(42);
+    let breaks_schema = breaks_schema.to_string();
+
+    // A key with its allowance gets these bodies parsed, and refused for what they are
+    // (220 KB of its 256 KiB, the chunked one below included).
+    let (status, _, body) = post_event(&h, &fresh, not_json.clone()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _, body) = post_event(&h, &fresh, breaks_schema.clone()).await;
+    assert_eq!(status, 422, "{body}");
+
+    // Spent: 250 KB of a 256 KiB allowance, 12 KB left.
+    let (status, _, body) = post_event(&h, &spent, event_of(250_000)).await;
+    assert_eq!(status, 202, "{body}");
+    for invalid in [&not_json, &breaks_schema] {
+        let (status, headers, body) = post_event(&h, &spent, invalid.clone()).await;
+        assert_over_byte_rate(status, &headers, &body, 1024, 30);
+    }
+    // Without a Content-Length: charged with what was read, still before parsing.
+    let (status, headers, body) = post_chunked(&h, &spent, not_json.as_bytes()).await;
+    assert_over_byte_rate(status, &headers, &body, 1024, 30);
+    // The same chunked body from the key with its allowance left is parsed (and refused).
+    let (status, _, body) = post_chunked(&h, &fresh, not_json.as_bytes()).await;
+    assert_eq!(status, 400, "{body}");
+}
+
+/// `POST /v1/events` of `body` in chunks of 16 KiB, without a `Content-Length`, over a raw
+/// connection: the status, headers and body of the answer.
+async fn post_chunked(h: &Harness, key: &str, body: &[u8]) -> (u16, HeaderMap, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = h.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/cloudevents+json\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(16 * 1024) {
+        socket
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        socket.write_all(chunk).await.unwrap();
+        socket.write_all(b"\r\n").await.unwrap();
+    }
+    socket.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, rest) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let (name, value) = line.split_once(':').unwrap();
+        headers.insert(
+            axum::http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+            value.trim().parse().unwrap(),
+        );
+    }
+    // The answer is small: one chunk, or a Content-Length body.
+    let text = if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v == "chunked")
+    {
+        rest.split_once("\r\n")
+            .map(|(_, r)| r)
+            .unwrap_or(rest)
+            .split("\r\n")
+            .next()
+            .unwrap_or_default()
+    } else {
+        rest
+    };
+    (
+        status,
+        headers,
+        serde_json::from_str(text).unwrap_or(Value::String(text.to_owned())),
+    )
+}
+
+/// However low the byte rate, the burst is at least the body limit: an event of the largest
+/// size the gateway accepts passes alone; the next publish waits for the allowance.
+#[tokio::test]
+async fn an_event_of_the_largest_body_size_always_fits_the_publish_burst() {
+    let max_body = 128 * 1024;
+    // 1 byte a second: the burst is the body limit, not a second's worth.
+    let h = byte_limited(1, max_body).await;
+    let key = h.key(&[], &[ORDERS]).await;
+    let (status, _, body) = post_event(&h, &key, event_of(max_body)).await;
+    assert_eq!(status, 202, "a max-size event: {body}");
+    let (status, headers, body) = post_event(&h, &key, event_of(1_000)).await;
+    assert_over_byte_rate(status, &headers, &body, 1, 900);
+    // Another key has its whole burst.
+    let other = h.key(&[], &[ORDERS]).await;
+    let (status, _, body) = post_event(&h, &other, event_of(max_body)).await;
+    assert_eq!(status, 202, "{body}");
 }

@@ -46,11 +46,23 @@ fn max_replayed_per_day_help() -> String {
     )
 }
 
+fn publish_bytes_per_second_help() -> String {
+    format!(
+        "Request-body bytes one API key may publish per second (POST /v1/events), charged \
+         before the body is parsed; a publish over what is left is answered 429. The burst is a \
+         second's worth and never less than --max-body-bytes, so an event of that size always \
+         fits. Also {PUBLISH_BYTES_PER_SECOND_ENV} [default: {}]",
+        defaults().publish_bytes_per_second
+    )
+}
+
 /// The environment variables of the default rate limit (a flag wins over its variable).
 pub(crate) const RATE_LIMIT_ENV: &str = "EVBUS_RATE_LIMIT";
 pub(crate) const RATE_LIMIT_BURST_ENV: &str = "EVBUS_RATE_LIMIT_BURST";
 /// The environment variable of the replay budget (the flag wins over it).
 pub(crate) const MAX_REPLAYED_PER_DAY_ENV: &str = "EVBUS_MAX_REPLAYED_PER_DAY";
+/// The environment variable of the publish byte rate (the flag wins over it).
+pub(crate) const PUBLISH_BYTES_PER_SECOND_ENV: &str = "EVBUS_PUBLISH_BYTES_PER_SECOND";
 
 /// A flag's value, else its environment variable's (empty counts as unset), else `None`.
 fn flag_or_env(flag: Option<u64>, var: &str) -> Result<Option<u64>, String> {
@@ -76,6 +88,8 @@ pub(crate) struct Limits {
     rate_limit: Option<u64>,
     #[arg(long, value_name = "N", value_parser = positive, visible_alias = "burst", help = rate_limit_burst_help())]
     rate_limit_burst: Option<u64>,
+    #[arg(long, value_name = "BYTES", value_parser = positive, help = publish_bytes_per_second_help())]
+    publish_bytes_per_second: Option<u64>,
     /// Open client connections at once (`/healthz` still answers above it).
     #[arg(long, value_name = "N", value_parser = positive, default_value_t = defaults().max_connections as u64)]
     max_connections: u64,
@@ -147,6 +161,9 @@ impl Limits {
         if let Some(n) = flag_or_env(self.rate_limit_burst, RATE_LIMIT_BURST_ENV)? {
             config.rate_limit_burst = count(n);
         }
+        if let Some(n) = flag_or_env(self.publish_bytes_per_second, PUBLISH_BYTES_PER_SECOND_ENV)? {
+            config.publish_bytes_per_second = n;
+        }
         config.max_connections = size(self.max_connections);
         config.max_connections_per_address = size(self.max_connections_per_address);
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
@@ -198,5 +215,18 @@ mod tests {
         assert!(applied(&["--max-replayed-per-day", "0"]).is_err());
         assert!(max_replayed_per_day_help().contains(MAX_REPLAYED_PER_DAY_ENV));
         assert!(max_replayed_per_day_help().contains("30000"));
+    }
+
+    #[test]
+    fn the_publish_byte_rate_is_a_flag_of_at_least_one() {
+        let config = applied(&["--publish-bytes-per-second", "65536"]).unwrap();
+        assert_eq!(config.publish_bytes_per_second, 65_536);
+        assert!(applied(&["--publish-bytes-per-second", "0"]).is_err());
+        assert_eq!(
+            applied(&[]).unwrap().publish_bytes_per_second,
+            GatewayConfig::default().publish_bytes_per_second
+        );
+        assert!(publish_bytes_per_second_help().contains(PUBLISH_BYTES_PER_SECOND_ENV));
+        assert!(publish_bytes_per_second_help().contains("8388608"));
     }
 }
