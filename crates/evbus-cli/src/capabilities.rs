@@ -13,6 +13,7 @@ use evbus::Health;
 use serde_json::json;
 
 use crate::failure::Failure;
+use crate::out::outln;
 use crate::transport;
 
 /// How long the broker may take to answer the health check after connecting.
@@ -69,7 +70,7 @@ pub(crate) fn run(args: CapabilitiesArgs) -> Result<ExitCode, Failure> {
             .close()
             .await
             .map_err(|e| Failure::new(format!("closing the transport: {e}")))?;
-        println!("{line}");
+        outln!("{line}")?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -10,6 +10,7 @@ use evbus::bus::{Bus, HandlerError, Message};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::failure::{self, Failure};
+use crate::out::outln;
 use crate::transport;
 
 /// `evbus consume` arguments.
@@ -46,7 +47,8 @@ pub(crate) struct ConsumeArgs {
 /// Runs `evbus consume`: prints one CloudEvent (structured JSON, one line) per event on
 /// stdout as it acknowledges it. Invalid events go to the group's dead-letter queue and are
 /// not printed on stdout: each is reported on stderr as it happens, as
-/// `evbus: dead-lettered <id>: <reason>` (the reason on one line).
+/// `evbus: dead-lettered <id>: <reason>` (the reason on one line). An event whose line cannot
+/// be written (stdout closed by its reader: exit 141, see [`crate::out`]) is not acked.
 pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
     transport::check(&args.transport)?;
     let catalog = transport::catalog(&args.schemas)?;
@@ -124,7 +126,26 @@ pub(crate) fn run(args: ConsumeArgs) -> Result<ExitCode, Failure> {
             };
             let line = one_line(&event)
                 .map_err(|e| Failure::new(format!("cannot print event {}: {e}", event.id())))?;
-            println!("{line}");
+            // Printed (written and flushed) before it is acked: at least once on stdout.
+            if let Err(failure) = outln!("{line}") {
+                // Stdout is closed (its reader left, `| head`: exit 141, quietly) or failing:
+                // this event is not acked. Its handler is kept waiting (`done` is held, not
+                // answered: a `false` or a drop would fail the handler, which counts a failed
+                // attempt and retries it later, or dead-letters it on its last attempt), and
+                // the shutdown, with no time to wait, interrupts it and nacks it with no
+                // delay, so the group's next consume gets it first (on its last attempt the
+                // Bus leaves it to its visibility timeout instead). Nothing else is
+                // unsettled: with a concurrency of 1 the previous event's ack ended before
+                // this event's handler began.
+                handle.shutdown(Duration::ZERO).await;
+                drop(done);
+                drop(rx);
+                let _ = bus.shutdown(Duration::from_secs(5)).await;
+                return Err(failure.adding(format!(
+                    "event {} was not acked and goes to the group's next consumer",
+                    crate::printable::printable(event.id())
+                )));
+            }
             printed += 1;
             let _ = done.send(true);
         };

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -14,6 +15,7 @@ use evbus::bus::{Bus, DeadLetter, DeadLetters};
 use serde_json::json;
 
 use crate::failure::{self, Failure};
+use crate::out::outln;
 use crate::printable::{one_line, printable};
 use crate::transport;
 
@@ -231,7 +233,7 @@ async fn list(
     match format {
         Format::Json => {
             for d in &dead {
-                println!(
+                outln!(
                     "{}",
                     json!({
                         "id": d.event().id(),
@@ -243,7 +245,7 @@ async fn list(
                         "reason": d.reason(),
                         "data_dropped": d.data_dropped(),
                     })
-                );
+                )?;
             }
         }
         Format::Text => {
@@ -286,9 +288,9 @@ async fn list(
                 }
                 l.trim_end().to_owned()
             };
-            println!("{}", line(header));
+            outln!("{}", line(header))?;
             for r in &rows {
-                println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
+                outln!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]))?;
             }
         }
     }
@@ -324,26 +326,26 @@ async fn show(
         );
         return Ok(ExitCode::from(failure::INVALID));
     };
-    println!("id:            {}", printable(d.event().id()));
-    println!("type:          {}", printable(d.event().ty()));
-    println!(
+    outln!("id:            {}", printable(d.event().id()))?;
+    outln!("type:          {}", printable(d.event().ty()))?;
+    outln!(
         "attempts:      {}",
         d.attempts()
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
-    );
-    println!("origin:        {}", printable(d.origin().unwrap_or("-")));
-    println!("first seen:    {}", first_seen(d));
-    println!("dead-lettered: {}", printable(&last_seen(d)));
-    println!("reason:        {}", reason(d));
+    )?;
+    outln!("origin:        {}", printable(d.origin().unwrap_or("-")))?;
+    outln!("first seen:    {}", first_seen(d))?;
+    outln!("dead-lettered: {}", printable(&last_seen(d)))?;
+    outln!("reason:        {}", reason(d))?;
     let event = d
         .original()
         .to_json_value()
         .map_err(|e| Failure::new(format!("cannot print event {id}: {e}")))?;
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&event)
             .map_err(|e| Failure::new(format!("cannot print event {id}: {e}")))?
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -358,11 +360,15 @@ async fn redrive(
     let mut moved: Vec<String> = Vec::new();
     // Wanted records the redrive leaves where they are, and why.
     let refused: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let unprinted = Unprinted::default();
     let result = dlq
         .redrive_each(
             limit,
             wait,
             |d| {
+                if unprinted.stopped() {
+                    return false;
+                }
                 let want = all || wanted.contains(d.event().id());
                 if want && let Some(why) = d.not_redrivable() {
                     let mut refused = refused.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,17 +378,15 @@ async fn redrive(
             },
             |d| {
                 // Printed as each one is moved, so an error later leaves them listed.
-                println!("{}", printable(d.event().id()));
+                unprinted.print(d);
                 moved.push(d.event().id().to_owned());
             },
         )
         .await;
     let count = moved.len();
     let plural = if count == 1 { "" } else { "s" };
-    if let Err(e) = result {
-        let done = "moved to the group's redrive queue";
-        return Err(failed_partway("redrive from", dlq, count, done, e));
-    }
+    let done = "moved to the group's redrive queue";
+    unprinted.check(result, "redrive from", dlq, count, done)?;
     eprintln!("evbus: {count} dead letter{plural} redriven to the group's redrive queue");
     let refused = refused.into_inner().unwrap_or_else(|e| e.into_inner());
     for (id, why) in &refused {
@@ -419,23 +423,22 @@ async fn discard(
 ) -> Result<ExitCode, Failure> {
     let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let mut removed: Vec<String> = Vec::new();
+    let unprinted = Unprinted::default();
     let result = dlq
         .discard_each(
             limit,
             wait,
-            |d| all || wanted.contains(d.event().id()),
+            |d| !unprinted.stopped() && (all || wanted.contains(d.event().id())),
             |d| {
                 // Printed as each one is removed, so an error later leaves them listed.
-                println!("{}", printable(d.event().id()));
+                unprinted.print(d);
                 removed.push(d.event().id().to_owned());
             },
         )
         .await;
     let count = removed.len();
     let plural = if count == 1 { "" } else { "s" };
-    if let Err(e) = result {
-        return Err(failed_partway("discarding from", dlq, count, "removed", e));
-    }
+    unprinted.check(result, "discarding from", dlq, count, "removed")?;
     eprintln!(
         "evbus: {count} dead letter{plural} removed from {}",
         dlq.name()
@@ -451,23 +454,65 @@ async fn discard(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The error of a redrive or discard that failed after `count` dead letters were `done`
-/// (whose ids were printed as each was done).
-fn failed_partway(
-    action: &str,
-    dlq: &DeadLetters,
-    count: usize,
-    done: &str,
-    e: evbus::Error,
-) -> Failure {
-    Failure::new(format!(
-        "{action} {} failed after {count} dead letter{} {done}{}: {e}",
-        dlq.name(),
-        if count == 1 { "" } else { "s" },
-        if count > 0 {
-            " (their ids are on stdout)"
-        } else {
-            ""
+/// The ids a redrive or a discard prints as it moves or removes each dead letter, and the
+/// first failure to print one: from then on the run takes nothing more (its `keep` refuses
+/// the rest, which stay in the dead-letter queue, given back with what it holds), so that a
+/// reader that goes away (`| head`) stops it as SIGPIPE stops other tools, with each dead
+/// letter either moved (or removed) whole or left where it was.
+/// (A `Mutex`, not a `RefCell`: the future of the run, which holds it, stays `Send`.)
+#[derive(Default)]
+struct Unprinted(Mutex<Option<Failure>>);
+
+impl Unprinted {
+    fn failure(&self) -> MutexGuard<'_, Option<Failure>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an id could not be printed: take nothing more.
+    fn stopped(&self) -> bool {
+        self.failure().is_some()
+    }
+
+    /// Prints the id of `d`, just moved or removed; keeps the first failure.
+    fn print(&self, d: &DeadLetter) {
+        let mut failure = self.failure();
+        if failure.is_none()
+            && let Err(e) = outln!("{}", printable(d.event().id()))
+        {
+            *failure = Some(e);
         }
-    ))
+    }
+
+    /// The run's end: its transport error (after `count` dead letters were `done`), else the
+    /// failure to print, which stopped it (a closed stdout: exit 141, quietly).
+    fn check(
+        self,
+        result: evbus::Result<usize>,
+        action: &str,
+        dlq: &DeadLetters,
+        count: usize,
+        done: &str,
+    ) -> Result<(), Failure> {
+        let unprinted = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let plural = if count == 1 { "" } else { "s" };
+        if let Err(e) = result {
+            let listed = if count > 0 && unprinted.is_none() {
+                " (their ids are on stdout)"
+            } else {
+                ""
+            };
+            return Err(Failure::new(format!(
+                "{action} {} failed after {count} dead letter{plural} {done}{listed}: {e}",
+                dlq.name(),
+            )));
+        }
+        match unprinted {
+            None => Ok(()),
+            Some(failure) => Err(failure.adding(format!(
+                "{count} dead letter{plural} {done} (the last id is not on stdout); the rest \
+                 were left in {}",
+                dlq.name()
+            ))),
+        }
+    }
 }

@@ -1,6 +1,5 @@
 //! `evbus emit`: validate payloads against the catalogue and publish them through the Bus.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use clap::Args;
 use evbus::bus::{Bus, Emit};
 
 use crate::failure::{self, Failure};
-use crate::{payloads, transport};
+use crate::{out, payloads, transport};
 
 /// How many events one publish carries: each chunk's ids are printed once it is published, so
 /// a failure partway leaves on stdout exactly the ids known to be published.
@@ -136,13 +135,18 @@ pub(crate) fn run(args: EmitArgs) -> Result<ExitCode, Failure> {
                 ))
             })?;
             // Printed as soon as their publish is known to have succeeded.
-            let mut out = std::io::stdout().lock();
-            for id in &ids {
-                writeln!(out, "{id}").map_err(|e| Failure::new(format!("writing stdout: {e}")))?;
-            }
-            out.flush()
-                .map_err(|e| Failure::new(format!("writing stdout: {e}")))?;
             published += ids.len();
+            let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+            if let Err(failure) = out::text(&text) {
+                // Nothing more is published once stdout is gone (its reader left, `| head`:
+                // exit 141, quietly): what was published is published, the rest is not.
+                let _ = bus.shutdown(Duration::from_secs(10)).await;
+                return Err(failure.adding(format!(
+                    "{published} of {total} events published (the ids of the last {} may be \
+                     missing from stdout)",
+                    ids.len()
+                )));
+            }
         }
         // Every event is published: a failure to close the transport changes nothing of that.
         if let Err(e) = bus.shutdown(Duration::from_secs(10)).await {

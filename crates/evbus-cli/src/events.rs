@@ -1,6 +1,6 @@
 //! `evbus events`: list the catalogue, check a payload against it, compare two catalogues.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -8,6 +8,7 @@ use clap::{Subcommand, ValueEnum};
 use evbus::schema::{AsyncApiOptions, Catalog, Severity, ValidationProblem};
 
 use crate::failure::{self, Failure};
+use crate::out;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum EventsCommand {
@@ -145,7 +146,7 @@ fn diff(
         }
         out.push('\n');
     }
-    write_stdout(&out)?;
+    out::text(&out)?;
     let breaking = changes
         .iter()
         .filter(|c| c.severity == Severity::Breaking)
@@ -308,7 +309,7 @@ fn list(dir: &PathBuf, format: Format) -> Result<ExitCode, Failure> {
             .to_asyncapi_yaml(&AsyncApiOptions::default())
             .map_err(Failure::new)?,
     };
-    write_stdout(&text)?;
+    out::text(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -400,25 +401,12 @@ fn check(dir: &PathBuf, ty: &str, file: &PathBuf) -> Result<ExitCode, Failure> {
         Err(errors) if *errors.problem() == ValidationProblem::Invalid => {
             let violations: Vec<_> = errors.iter().collect();
             let (out, more) = failure::bounded(&violations);
-            write_stdout(&out)?;
+            out::text(&out)?;
             if let Some(more) = more {
                 eprintln!("{more}");
             }
             Ok(ExitCode::from(failure::INVALID))
         }
         Err(errors) => Err(Failure::new(errors)),
-    }
-}
-
-fn write_stdout(text: &str) -> Result<(), Failure> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => Ok(()),
-        // A closed pipe (`evbus events list | head`) is not an error worth reporting.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Failure::new(format!("cannot write to stdout: {e}"))),
     }
 }

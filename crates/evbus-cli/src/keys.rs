@@ -1,5 +1,6 @@
 //! `evbus keys create`: bootstrap API keys without HTTP (the first admin key).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,6 +8,7 @@ use clap::{Args, Subcommand};
 use evbus_gateway::RateLimit;
 
 use crate::failure::Failure;
+use crate::out::outln;
 use crate::transport;
 
 /// `evbus keys` subcommands.
@@ -118,11 +120,27 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
         )
         .await
         .map_err(Failure::new)?;
-        drop(store);
         for warning in visibility.iter().flat_map(|v| v.unmatched_scopes(&record)) {
             eprintln!("warning: {warning}");
         }
-        println!("{key}");
+        if let Err(failure) = outln!("{key}") {
+            // Shown this once and not shown at all (stdout closed by its reader, or an IO
+            // error): no one has the key, so it is revoked rather than left active.
+            let revoked = store.revoke_key(&record.id, chrono::Utc::now()).await;
+            let what = match revoked {
+                Ok(_) => "it was revoked".to_owned(),
+                Err(e) => format!("revoking it failed too ({e}): revoke it by its id"),
+            };
+            // Written, not `eprintln!`: stderr may be the same closed pipe.
+            let _ = writeln!(
+                std::io::stderr(),
+                "evbus: the key {} (\"{}\") was created but could not be printed; {what}",
+                record.id,
+                crate::printable::printable(&record.name)
+            );
+            return Err(failure);
+        }
+        drop(store);
         Ok(ExitCode::SUCCESS)
     })
 }

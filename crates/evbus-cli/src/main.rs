@@ -4,7 +4,8 @@
 // Layout: one module per subcommand group (`events`, `emit`, `consume`, `dlq`, `serve`,
 // `keys`);
 // `transport` holds what the commands share. Exit
-// codes are shared by every command: see `failure`.
+// codes are shared by every command: see `failure`. Everything printed on stdout goes
+// through `out` (a reader closing the pipe early is exit 141, not a panic).
 
 use std::process::ExitCode;
 
@@ -17,6 +18,7 @@ mod emit;
 mod events;
 mod failure;
 mod keys;
+mod out;
 mod payloads;
 mod printable;
 mod serve;
@@ -45,7 +47,8 @@ enum Command {
     /// (`evbus: dead-lettered <id>: <reason>`).
     ///
     /// Exit status: 0 after --count events (or at --timeout without --count); 1 the
-    /// timeout passed first; 2 usage, schema or transport error.
+    /// timeout passed first; 2 usage, schema or transport error; 141 stdout was closed by its
+    /// reader (`| head`; the event whose line could not be written is not acked).
     Consume(consume::ConsumeArgs),
     /// List, show and redrive the dead letters of one handler group.
     #[command(subcommand)]
