@@ -189,7 +189,8 @@ async fn event_types(
             let schema = curation::curate_schema(v);
             // Built from the curated schema, then curated like any outbound payload.
             let example = curation::curate_data(v, crate::portal::example::example(&schema), None);
-            // The version history: external versions only, each curated by its own rules.
+            // The version history: external versions only, each curated by its own rules
+            // and the latest version's (as its events are).
             let versions: Vec<Value> = info
                 .versions()
                 .iter()
@@ -199,7 +200,7 @@ async fn event_types(
                         "version": old.version(),
                         "dataschema": old.dataschema(),
                         "description": old.description(),
-                        "schema": curation::curate_schema(old),
+                        "schema": curation::curate_schema_of(info, old),
                     })
                 })
                 .collect();

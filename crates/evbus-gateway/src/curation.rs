@@ -27,9 +27,13 @@
 //! (`patternProperties` declares nothing here: fails closed). The `subject` attribute is data
 //! too: under a type's `x-evbus-allow` it is dropped unless the schema root says
 //! `"x-evbus-subject": "keep"`, and under a webhook's own `allow` it is always dropped.
+//!
+//! Versions: an event naming an older version is curated by its version's rules and then by
+//! the latest version's ([`curate_data_of`]), so a rule added in a new version covers the
+//! events producers not upgraded yet still write, and those already in the log.
 
 use evbus::Event;
-use evbus::schema::EventVersion;
+use evbus::schema::{EventTypeInfo, EventVersion};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -607,7 +611,28 @@ pub fn curate_data(version: &EventVersion, data: Value, narrow: Option<&[String]
     }
 }
 
-/// The outbound form of `event`: curated data (through [`curate_data`]) and no extensions.
+/// Curates data of `version` of type `info` for the outside: by its own version's rules and,
+/// when that is not the latest, by the latest version's as well (its redactions too, only
+/// what both allow-lists keep, and what the latest does not declare if it drops undeclared
+/// data). A rule added in a new version is how an operator stops a field from leaving: it
+/// covers the events that still name an older version (producers not upgraded yet, the
+/// event log) as much as the new ones.
+pub fn curate_data_of(
+    info: &EventTypeInfo,
+    version: &EventVersion,
+    data: Value,
+    narrow: Option<&[String]>,
+) -> Value {
+    let data = curate_data(version, data, narrow);
+    let latest = info.latest();
+    if version.version() == latest.version() {
+        return data;
+    }
+    curate_data(latest, data, None)
+}
+
+/// The outbound form of `event`: curated data (through [`curate_data_of`]: its version's rules
+/// and the latest version's) and no extensions.
 ///
 /// Returns `None` for an event the outside may not see: its type is unknown or internal, or
 /// its data is not JSON (nothing that cannot be curated leaves).
@@ -630,14 +655,16 @@ pub fn curate_event(
         Some(bytes) => serde_json::from_slice(bytes).ok()?,
         None => Value::Null,
     };
-    let curated = curate_data(version, data, narrow);
+    let curated = curate_data_of(info, version, data, narrow);
     let mut out = event.clone();
     let names: Vec<String> = out.extensions().keys().cloned().collect();
     for name in names {
         out.remove_extension(&name);
     }
     let out = out.into_builder().json(&curated).ok()?.build().ok()?;
-    if out.subject().is_none() || subject_leaves(version, narrow) {
+    if out.subject().is_none()
+        || (subject_leaves(version, narrow) && subject_leaves(info.latest(), narrow))
+    {
         return Some(out);
     }
     // The builder cannot unset an attribute: through the structured form.
@@ -906,6 +933,23 @@ fn strip_revealing(node: &mut Value) {
 /// `x-evbus-redact`/`x-evbus-allow` dropped; for a type with either rule, also every keyword
 /// that could name a property or hold a whole instance elsewhere.
 pub fn curate_schema(version: &EventVersion) -> Value {
+    curate_schema_by(version, &[version])
+}
+
+/// [`curate_schema`] of `version` of type `info`, by its own rules and, for an older version,
+/// the latest version's too (as [`curate_data_of`] curates its events): the schema of an old
+/// version does not describe a property the latest version withholds.
+pub fn curate_schema_of(info: &EventTypeInfo, version: &EventVersion) -> Value {
+    let latest = info.latest();
+    if version.version() == latest.version() {
+        curate_schema(version)
+    } else {
+        curate_schema_by(version, &[version, latest])
+    }
+}
+
+/// The schema of `version` curated by the rules of each of `rules`.
+fn curate_schema_by(version: &EventVersion, rules: &[&EventVersion]) -> Value {
     let root = version.schema();
     let mut schema = inline_refs(root, root, 0);
     strip_definitions(&mut schema);
@@ -914,15 +958,19 @@ pub fn curate_schema(version: &EventVersion) -> Value {
             map.remove(k);
         }
     }
-    for pointer in version.redact() {
-        schema_remove(&mut schema, &tokens(pointer));
+    let mut ruled = false;
+    for rule in rules {
+        for pointer in rule.redact() {
+            schema_remove(&mut schema, &tokens(pointer));
+        }
+        if let Some(allow) = rule.allow() {
+            let allowed: Vec<Vec<String>> = allow.iter().map(|p| tokens(p)).collect();
+            let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
+            schema = schema_keep_only(schema, &allowed, 0);
+        }
+        ruled |= !rule.redact().is_empty() || rule.allow().is_some();
     }
-    if let Some(allow) = version.allow() {
-        let allowed: Vec<Vec<String>> = allow.iter().map(|p| tokens(p)).collect();
-        let allowed: Vec<&[String]> = allowed.iter().map(Vec::as_slice).collect();
-        schema = schema_keep_only(schema, &allowed, 0);
-    }
-    if !version.redact().is_empty() || version.allow().is_some() {
+    if ruled {
         strip_revealing(&mut schema);
     }
     schema

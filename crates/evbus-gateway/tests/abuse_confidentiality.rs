@@ -645,3 +645,133 @@ async fn webhook_secrets_are_sealed_at_rest_and_open_only_with_their_key() {
         .unwrap_err();
     assert!(e.to_string().contains("does not open"), "{e}");
 }
+
+/// A type whose version 2 redacts `/iban` and allow-lists only `/accountId`, `/iban` and
+/// `/note`, where version 1 had no rules; `/v1/event-types` and every outbound path must
+/// apply version 2's rules to events that still name version 1.
+const RULED: &str = "acctChanged";
+
+fn account_schema(rules: Value) -> Value {
+    let mut s = schema(json!({
+        "properties": {
+            "accountId": {"type": "string"},
+            "iban": {"type": "string"},
+            "note": {"type": "string"},
+            "owner": {"type": "string"},
+        },
+        "required": ["accountId"],
+    }));
+    s.as_object_mut()
+        .unwrap()
+        .extend(rules.as_object().unwrap().clone());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_added_in_a_new_version_cover_events_of_older_versions() {
+    let transport: Arc<dyn evbus::Transport> =
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect());
+    let mut b = evbus::Catalog::builder();
+    b.register_json(RULED, account_schema(json!({}))).unwrap();
+    b.register_json(
+        RULED,
+        account_schema(json!({
+            "x-evbus-redact": ["/iban"],
+            "x-evbus-allow": ["/accountId", "/iban", "/note"],
+        })),
+    )
+    .unwrap();
+    let h = Harness::with_catalog(Arc::clone(&transport), test_config(), b.freeze().unwrap()).await;
+    // A producer not upgraded yet: its catalogue knows version 1 only.
+    let mut old = evbus::Catalog::builder();
+    old.register_json(RULED, account_schema(json!({}))).unwrap();
+    let producer = evbus::bus::Bus::new(Arc::clone(&transport), old.freeze().unwrap(), "/old");
+
+    let key = h.key(&[RULED], &[]).await;
+    let mut receiver = Receiver::start(200).await;
+    h.register(&key, &receiver.url(), &[RULED]).await;
+    let mut stream = h
+        .http
+        .get(h.url(&format!("/v1/stream?types={RULED}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+
+    let secret = format!("ZIBAN{}", uuid::Uuid::now_v7().simple());
+    let owner = format!("ZOWNER{}", uuid::Uuid::now_v7().simple());
+    let id = producer
+        .send(
+            evbus::bus::Emit::new(
+                RULED,
+                json!({"accountId": "a1", "iban": secret, "note": "n", "owner": owner}),
+            )
+            .subject("accounts/a1"),
+        )
+        .await
+        .unwrap();
+
+    let r = receiver.next().await;
+    assert_eq!(r.id(), id);
+    let body = r.json();
+    assert_eq!(
+        body["dataschema"],
+        format!("urn:evbus:schema:{RULED}:1"),
+        "the event names version 1"
+    );
+    assert_eq!(body["data"], json!({"accountId": "a1", "note": "n"}));
+    assert!(
+        body.get("subject").is_none(),
+        "version 2's allow-list drops the subject: {body}"
+    );
+    let mut frames = String::new();
+    tokio::time::timeout(WAIT, async {
+        while !frames.contains(id.as_str()) {
+            let chunk = stream.chunk().await.unwrap().expect("stream open");
+            frames.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the event streamed");
+    for leaked in [&secret, &owner] {
+        assert!(
+            !r.body.contains(leaked.as_str()),
+            "{leaked} left in a webhook body"
+        );
+        assert!(
+            !frames.contains(leaked.as_str()),
+            "{leaked} left in a stream frame"
+        );
+    }
+    assert!(
+        !frames.contains("accounts/a1"),
+        "the subject left in a stream frame"
+    );
+
+    // The version history publishes version 1's schema under version 2's rules too.
+    let (status, listed) = h.call("GET", "/v1/event-types", Some(&key), None).await;
+    assert_eq!(status.as_u16(), 200);
+    let ty = listed["types"]
+        .as_array()
+        .or_else(|| listed.as_array())
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == RULED)
+        .unwrap()
+        .clone();
+    let versions = ty["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{ty}");
+    for v in versions {
+        let mut found = BTreeSet::new();
+        names(&v["schema"], &mut found);
+        assert!(found.contains("accountId"), "{v}");
+        for hidden in ["iban", "owner"] {
+            assert!(
+                !found.contains(hidden),
+                "version {} names `{hidden}`: {v}",
+                v["version"]
+            );
+        }
+    }
+}
