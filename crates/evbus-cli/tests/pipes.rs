@@ -184,15 +184,7 @@ async fn dlq_redrive_into_a_pipe_closed_early_moves_nothing_more_and_loses_nothi
     // where they were, none of them lost or moved twice.
     let out = evbus(&dlq_args("list", &url, &["--format", "json"]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let left: Vec<String> = text(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let left = ids_of(&out.stdout);
     assert_eq!(left.len(), 3, "{}", text(&out.stderr));
     assert!(!left.contains(&head.first));
     assert!(left.iter().all(|id| ids.contains(id)));
@@ -246,15 +238,7 @@ fn consume_into_a_pipe_closed_early_does_not_ack_the_event_it_could_not_print() 
     let args = consume(&["--timeout", "10"]);
     let out = evbus(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let got: Vec<String> = text(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let got = ids_of(&out.stdout);
     assert_eq!(got, [ids[1].clone()], "{}", text(&out.stderr));
 }
 
@@ -279,4 +263,17 @@ fn a_stdout_that_cannot_be_written_is_an_error_message_and_exit_2() {
         stderr.starts_with("evbus: error: cannot write to stdout: No space left on device"),
         "{stderr}"
     );
+}
+
+/// The `id` of each line of JSON output.
+fn ids_of(stdout: &[u8]) -> Vec<String> {
+    text(stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
 }
