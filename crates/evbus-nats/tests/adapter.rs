@@ -210,6 +210,51 @@ async fn what_looks_closed_right_after_give_back_comes_back_to_the_next_look() {
     setup.close().await.unwrap();
 }
 
+/// `evbus dlq list` again and again, as a script polls it: each look a transport of its own,
+/// closed right after, ending once nothing new came for a short idle. What one look gave back
+/// must be there for the next at once, every time: a give-back the server had not applied
+/// when the next look started (a `-NAK` sent without waiting for the server) left records
+/// out of a look, or in it twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn looks_in_a_row_each_see_every_dead_letter_once() {
+    let ty = unique("looks-row");
+    let group = "g";
+    let catalog = || {
+        let mut catalog = evbus::Catalog::builder();
+        catalog.strict(false);
+        catalog.freeze().unwrap()
+    };
+    let setup = transport().await;
+    let setup_bus = evbus::Bus::new(std::sync::Arc::new(setup.clone()), catalog(), "/test");
+    let dlq_name = setup_bus.dead_letter_queue_name(&ty, group);
+    let dlq = setup.queue(&dlq_name).await.unwrap();
+    let events: Vec<Event> = (0..6)
+        .map(|i| Event::builder(&ty, "/s").json(&i).unwrap().build().unwrap())
+        .collect();
+    for event in &events {
+        dlq.send(event).await.unwrap();
+    }
+    let mut expected: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    expected.sort();
+    for look in 0..12 {
+        let transport = transport().await;
+        let bus = evbus::Bus::new(std::sync::Arc::new(transport.clone()), catalog(), "/test");
+        let dead = bus.dead_letters(&ty, group).await.unwrap();
+        let mut seen: Vec<String> = dead
+            .peek(100, Duration::from_millis(1500))
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.event().id().to_owned())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, expected, "look {look}");
+        transport.close().await.unwrap();
+    }
+    setup.delete_queue(&dlq_name).await.unwrap();
+    setup.close().await.unwrap();
+}
+
 /// A queue is not deduplicated: the same event sent twice is two messages (core sends an id
 /// again on purpose: a dead letter of an event dead-lettered before, a redrive).
 #[tokio::test(flavor = "multi_thread")]
