@@ -165,6 +165,26 @@ impl SqlTransport {
         &self.0.broker().shared.config
     }
 
+    /// Deletes subscription `subscription` of topic `topic`, with every delivery it has not
+    /// acknowledged; returns whether it existed. Retention deletes only events that every
+    /// subscription acknowledged, so a named subscription nobody consumes any more (its group
+    /// renamed or retired) keeps everything published since, for ever: this is how it goes.
+    /// Its consumers, in any process, end within about two seconds (as when the topic is
+    /// deleted); subscribing with that name again makes a new subscription, starting where
+    /// [`SubscribeOptions::start`](evbus::SubscribeOptions::start) says. A Bus handler's
+    /// subscription is named by [`Bus::subscription_name`](evbus::Bus::subscription_name).
+    pub async fn delete_subscription(&self, topic: &str, subscription: &str) -> Result<bool> {
+        if self.0.is_closed() {
+            return Err(evbus::Error::closed("the SQL transport"));
+        }
+        evbus::raw::check_name("topic", topic)?;
+        evbus::raw::check_name("subscription", subscription)?;
+        self.0
+            .broker()
+            .delete_subscription(topic, subscription)
+            .await
+    }
+
     /// Runs the cleanup now instead of waiting for
     /// [`cleanup_interval`](SqlConfig::cleanup_interval): deletes events that every
     /// subscription acknowledged and that are older than
@@ -879,6 +899,31 @@ impl SqlBroker {
         query
             .map(|row| row.is_some())
             .map_err(sql("looking up a subscription's partition"))
+    }
+
+    /// Deletes subscription `name` of topic `topic` (its unacknowledged deliveries go with it,
+    /// by cascade); whether it existed.
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<bool> {
+        let what = "deleting a subscription";
+        let deleted = match &self.shared.db {
+            Db::Postgres(pool) => sqlx::query(
+                "DELETE FROM evbus_parts WHERE kind = 'topic' AND dest = $1 AND name = $2",
+            )
+            .bind(topic)
+            .bind(name)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+            Db::Sqlite(pool) => sqlx::query(
+                "DELETE FROM evbus_parts WHERE kind = 'topic' AND dest = ?1 AND name = ?2",
+            )
+            .bind(topic)
+            .bind(name)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+        };
+        deleted.map(|rows| rows > 0).map_err(sql(what))
     }
 
     /// A new consumer's buffer of claimed rows, registered for close to give back.
