@@ -337,9 +337,9 @@ pub(crate) struct State {
     /// Per-key request rate limits.
     limiters: ratelimit::Limiters,
     /// Per-key pace of streams catching up on the log.
-    catch_up: ratelimit::CatchUp,
+    catch_up: ratelimit::ByteRate,
     /// Per-key allowance of published request-body bytes.
-    publish_bytes: ratelimit::PublishBytes,
+    publish_bytes: ratelimit::ByteRate,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
     key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -490,8 +490,8 @@ impl Gateway {
             revocations: watch::channel(0).0,
             fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
             limiters: ratelimit::Limiters::new(default_limit),
-            catch_up: ratelimit::CatchUp::new(config.stream_catch_up_bytes_per_second),
-            publish_bytes: ratelimit::PublishBytes::new(
+            catch_up: ratelimit::ByteRate::catch_up(config.stream_catch_up_bytes_per_second),
+            publish_bytes: ratelimit::ByteRate::publish(
                 config.publish_bytes_per_second,
                 config.max_body_bytes,
             ),

@@ -87,112 +87,96 @@ impl Limiters {
     }
 }
 
-/// What streams of one key read from the event log while they catch up (resumed from an
-/// earlier position, or started behind), in KiB per second, shared by the key's streams: a
-/// resume is a replay, and without a bound any id a key was ever sent let it read the whole
-/// log again and again, as fast as the store answers, at the cost of every other key. Live
-/// streams (fed by the fan-out) are not paced.
-pub(crate) struct CatchUp {
+/// A rate of bytes per API key: a token bucket (GCRA, lock-free per key) counted in cells of
+/// `unit` bytes. Two of them bound what one key costs the others in bytes:
+///
+/// - **catching up** ([`catch_up`](Self::catch_up)): what a key's streams read from the event
+///   log while behind (resumed from an earlier position, or started behind), shared by the
+///   key's streams: a resume is a replay, and without a bound any id a key was ever sent let
+///   it read the whole log again and again, as fast as the store answers. Live streams (fed by
+///   the fan-out) are not paced.
+/// - **publishing** ([`publish`](Self::publish)): request bodies of `POST /v1/events`,
+///   charged before any of the body is parsed, since decoding and validating a large event is
+///   CPU on the request path, and the request rate alone let one key post
+///   [`max_body_bytes`](crate::GatewayConfig::max_body_bytes) fifty times a second.
+pub(crate) struct ByteRate {
     limiter: DefaultKeyedRateLimiter<String>,
-    burst_kib: u32,
-    clock: DefaultClock,
-}
-
-impl CatchUp {
-    /// `bytes_per_second` per key (at least 1 KiB), with a burst of a second's worth or a
-    /// page of the log (256 KiB), whichever is more.
-    pub(crate) fn new(bytes_per_second: u64) -> CatchUp {
-        let per_second = u32::try_from(bytes_per_second / 1024)
-            .unwrap_or(u32::MAX)
-            .max(1);
-        let burst_kib = per_second.max(256);
-        CatchUp {
-            limiter: RateLimiter::keyed(
-                Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
-                    .allow_burst(NonZeroU32::new(burst_kib).unwrap_or(NonZeroU32::MIN)),
-            ),
-            burst_kib,
-            clock: DefaultClock::default(),
-        }
-    }
-
-    /// Waits until `key` may send `bytes` more of what it catches up on; `false` if
-    /// `cancel` fired first. A page larger than the burst is charged the burst.
-    pub(crate) async fn take(
-        &self,
-        key: &str,
-        bytes: usize,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> bool {
-        let kib = u32::try_from(bytes.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.burst_kib);
-        let kib = NonZeroU32::new(kib).unwrap_or(NonZeroU32::MIN);
-        let key = key.to_owned();
-        loop {
-            let wait = match self.limiter.check_key_n(&key, kib) {
-                Ok(Ok(())) | Err(_) => return true,
-                Ok(Err(not_until)) => not_until.wait_time_from(self.clock.now()),
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return false,
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-
-    /// Forgets the keys whose allowance is full again.
-    pub(crate) fn retain_recent(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
-    }
-}
-
-/// What one key may publish through `POST /v1/events`, in bytes of request bodies per
-/// second: a body is charged with its length before any of it is parsed, since decoding and
-/// validating a large event is CPU on the request path, and the request rate alone let one
-/// key post [`max_body_bytes`](crate::GatewayConfig::max_body_bytes) fifty times a second.
-/// Byte-exact (one cell a byte), so small events cost what they weigh.
-pub(crate) struct PublishBytes {
-    limiter: DefaultKeyedRateLimiter<String>,
+    /// Bytes per cell of the bucket.
+    unit: u32,
+    /// The bucket's size, in cells: the most one charge takes.
     burst: u32,
     clock: DefaultClock,
 }
 
-impl PublishBytes {
-    /// `bytes_per_second` per key (at least 1), with a burst of a second's worth or
-    /// `max_body_bytes`, whichever is more: a body the gateway accepts always fits a full
-    /// allowance, however low the rate.
-    pub(crate) fn new(bytes_per_second: u64, max_body_bytes: usize) -> PublishBytes {
-        let per_second = u32::try_from(bytes_per_second).unwrap_or(u32::MAX).max(1);
-        let burst = per_second.max(u32::try_from(max_body_bytes).unwrap_or(u32::MAX));
-        PublishBytes {
+impl ByteRate {
+    /// `bytes_per_second` per key (at least one `unit`), with a burst of a second's worth or
+    /// `min_burst` bytes, whichever is more.
+    fn new(bytes_per_second: u64, min_burst: u64, unit: u32) -> ByteRate {
+        let unit_bytes = u64::from(unit);
+        let cells = |n: u64| u32::try_from(n).unwrap_or(u32::MAX).max(1);
+        let per_second = cells(bytes_per_second / unit_bytes);
+        let burst = per_second.max(cells(min_burst.div_ceil(unit_bytes)));
+        ByteRate {
             limiter: RateLimiter::keyed(
                 Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN))
                     .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN)),
             ),
+            unit,
             burst,
             clock: DefaultClock::default(),
         }
     }
 
-    /// The most one key may publish at once, in bytes.
-    #[cfg(test)]
-    pub(crate) fn burst(&self) -> u32 {
-        self.burst
+    /// Catching up: `bytes_per_second` per key (at least 1 KiB, counted in KiB), with a burst
+    /// of a second's worth or a page of the log (256 KiB), whichever is more.
+    pub(crate) fn catch_up(bytes_per_second: u64) -> ByteRate {
+        ByteRate::new(bytes_per_second, 256 * 1024, 1024)
     }
 
-    /// Takes `bytes` (at least 1, at most the burst) of `key`'s allowance; when less is
-    /// left, takes nothing and says how long until `bytes` fit.
+    /// Publishing: `bytes_per_second` per key (at least 1, byte-exact, so small events cost
+    /// what they weigh), with a burst of a second's worth or `max_body_bytes`, whichever is
+    /// more: a body the gateway accepts always fits a full allowance, however low the rate.
+    pub(crate) fn publish(bytes_per_second: u64, max_body_bytes: usize) -> ByteRate {
+        ByteRate::new(bytes_per_second, max_body_bytes as u64, 1)
+    }
+
+    /// The most one key may take at once, in bytes.
+    #[cfg(test)]
+    pub(crate) fn burst(&self) -> u64 {
+        u64::from(self.burst) * u64::from(self.unit)
+    }
+
+    /// Takes `bytes` (at least one cell, at most the burst: a larger charge is charged the
+    /// burst) of `key`'s allowance; when less is left, takes nothing and says how long until
+    /// `bytes` fit.
     pub(crate) fn take(&self, key: &str, bytes: usize) -> Result<(), Duration> {
-        let n = u32::try_from(bytes)
+        let cells = u32::try_from(bytes.div_ceil(self.unit as usize))
             .unwrap_or(u32::MAX)
             .clamp(1, self.burst);
-        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        match self.limiter.check_key_n(&key.to_owned(), n) {
-            // `n` is at most the burst: capacity is never insufficient.
+        let cells = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
+        match self.limiter.check_key_n(&key.to_owned(), cells) {
+            // At most the burst: capacity is never insufficient.
             Ok(Ok(())) | Err(_) => Ok(()),
             Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    /// Waits until `key` may take `bytes` (see [`take`](Self::take)); `false` if `cancel`
+    /// fired first.
+    pub(crate) async fn wait_for(
+        &self,
+        key: &str,
+        bytes: usize,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        loop {
+            let Err(wait) = self.take(key, bytes) else {
+                return true;
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
@@ -258,9 +242,9 @@ mod tests {
             (8 * 1024 * 1024, 1024 * 1024),
             (8 * 1024 * 1024, 16 * 1024 * 1024),
         ] {
-            let bytes = PublishBytes::new(rate, max_body);
+            let bytes = ByteRate::publish(rate, max_body);
             assert_eq!(
-                u64::from(bytes.burst()),
+                bytes.burst(),
                 rate.max(max_body as u64),
                 "{rate} B/s, {max_body} B"
             );
@@ -271,13 +255,16 @@ mod tests {
             );
         }
         // 0 counts as 1 byte a second.
-        assert_eq!(PublishBytes::new(0, 10).burst(), 10);
+        assert_eq!(ByteRate::publish(0, 10).burst(), 10);
+        // Catching up is counted in KiB: a second's worth, or a page of the log (256 KiB).
+        assert_eq!(ByteRate::catch_up(4 << 20).burst(), 4 << 20);
+        assert_eq!(ByteRate::catch_up(1).burst(), 256 << 10);
     }
 
     #[test]
     fn a_publish_over_the_allowance_takes_nothing_and_says_when_it_fits() {
         // 1 KiB/s, a burst of 4 KiB (the body limit).
-        let bytes = PublishBytes::new(1024, 4096);
+        let bytes = ByteRate::publish(1024, 4096);
         assert_eq!(bytes.take("a", 3000), Ok(()));
         let wait = bytes.take("a", 2000).unwrap_err();
         // 1,096 bytes left, 904 short: they come in about 0.88 s.

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use evbus::Bus;
-use evbus_gateway::{Gateway, GatewayConfig, SqliteStore, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -174,7 +172,8 @@ async fn one_address_cannot_take_every_connection_slot() {
     config.max_connections = 100;
     config.max_connections_per_address = 6;
     config.header_read_timeout = Duration::from_secs(60);
-    let (addr, _stop, _dir) = served(config).await;
+    let served = served(config).await;
+    let addr = served.addr.clone();
     let mut held = Vec::new();
     for i in 0..6 {
         let mut socket = TcpStream::connect(&addr).await.unwrap();
@@ -241,29 +240,6 @@ async fn one_address_cannot_take_every_connection_slot() {
     .await;
 }
 
-/// A gateway served by [`Gateway::serve`] (the accept loop `evbus serve` uses).
-async fn served(
-    config: GatewayConfig,
-) -> (String, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
-    let bus = Bus::new(
-        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
-        catalog(),
-        "/test",
-    );
-    let gateway = Gateway::start(bus, store as Arc<dyn Store>, config)
-        .await
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(gateway.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    (format!("{addr}"), stop, dir)
-}
-
 /// Reads until the server closes the connection; panics if it stays open past `bound`.
 async fn closed_within(socket: &mut TcpStream, bound: Duration, what: &str) {
     let mut buf = [0u8; 1024];
@@ -285,7 +261,8 @@ async fn closed_within(socket: &mut TcpStream, bound: Duration, what: &str) {
 async fn half_sent_requests_and_idle_connections_are_closed_after_the_header_timeout() {
     let mut config = test_config();
     config.header_read_timeout = Duration::from_millis(500);
-    let (addr, _stop, _dir) = served(config).await;
+    let served = served(config).await;
+    let addr = served.addr.clone();
     let mut half = TcpStream::connect(&addr).await.unwrap();
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: 1\r\n")
         .await
@@ -308,7 +285,8 @@ async fn healthz_answers_while_idle_and_slowloris_connections_hold_every_slot() 
     let mut config = test_config();
     config.max_connections = 20;
     config.header_read_timeout = Duration::from_secs(60);
-    let (addr, _stop, _dir) = served(config).await;
+    let served = served(config).await;
+    let addr = served.addr.clone();
     let mut held = Vec::new();
     for i in 0..20 {
         let mut socket = TcpStream::connect(&addr).await.unwrap();

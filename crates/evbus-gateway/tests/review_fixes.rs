@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use evbus::Bus;
 use evbus_gateway::signing::message_id;
-use evbus_gateway::{Gateway, GatewayConfig, SqliteStore, Store};
+use evbus_gateway::{GatewayConfig, Store};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
 use support::*;
@@ -24,35 +23,6 @@ use support::*;
 const ORDERS: &str = "afterOrderCreate";
 /// The write-stall bound of these tests (the header-read timeout).
 const BOUND: Duration = Duration::from_secs(1);
-
-/// A gateway served by [`Gateway::serve`] (the accept loop `evbus serve` uses), its store.
-async fn served(
-    config: GatewayConfig,
-) -> (
-    String,
-    Arc<SqliteStore>,
-    Bus,
-    tokio::sync::oneshot::Sender<()>,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
-    let bus = Bus::new(
-        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
-        catalog(),
-        "/test",
-    );
-    let gateway = Gateway::start(bus.clone(), Arc::clone(&store) as Arc<dyn Store>, config)
-        .await
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(gateway.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    (format!("{addr}"), store, bus, stop, dir)
-}
 
 fn stall_config() -> GatewayConfig {
     let mut config = test_config();
@@ -116,7 +86,8 @@ async fn read_to_end(socket: &mut TcpStream, bound: Duration) -> (usize, bool) {
 /// yields only what the kernel buffers held, then the end, not the remaining responses.
 #[tokio::test]
 async fn a_client_that_never_reads_is_closed_after_the_write_stall_bound() {
-    let (addr, _store, _bus, _stop, _dir) = served(stall_config()).await;
+    let served = served(stall_config()).await;
+    let addr = served.addr.clone();
     let doc = openapi_len(&addr).await;
     assert!(doc > 10_000, "a large document: {doc} bytes");
     let n = 2_000;
@@ -153,7 +124,8 @@ async fn a_client_that_never_reads_is_closed_after_the_write_stall_bound() {
 /// reads a long pipelined answer slowly (longer than the bound in all) gets all of it.
 #[tokio::test]
 async fn a_slow_but_reading_client_gets_every_response() {
-    let (addr, _store, _bus, _stop, _dir) = served(stall_config()).await;
+    let served = served(stall_config()).await;
+    let addr = served.addr.clone();
     let doc = openapi_len(&addr).await;
     let n = 60;
     let mut socket = small_window(&addr).await;
@@ -194,7 +166,8 @@ async fn a_slow_but_reading_client_gets_every_response() {
 async fn a_read_stream_stays_open_past_the_write_stall_bound() {
     let mut config = stall_config();
     config.stream_keepalive = Duration::from_millis(200);
-    let (addr, store, _bus, _stop, _dir) = served(config).await;
+    let served = served(config).await;
+    let (addr, store) = (served.addr.clone(), Arc::clone(&served.store));
     let (_, key) = evbus_gateway::create_key(
         store.as_ref(),
         "streamer",
@@ -234,19 +207,7 @@ async fn a_read_stream_stays_open_past_the_write_stall_bound() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
-    let mut buf = String::new();
-    timeout(WAIT, async {
-        while !buf.contains(&id) {
-            let chunk = stream
-                .chunk()
-                .await
-                .unwrap()
-                .expect("the stream stays open");
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    })
-    .await
-    .expect("the event on the stream");
+    read_stream_until(&mut stream, |read| read.contains(&id)).await;
 }
 
 /// Posts an event of `ORDERS` with `source` and `id`.

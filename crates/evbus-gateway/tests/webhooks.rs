@@ -642,15 +642,10 @@ async fn the_producer_id_and_source_are_kept_from_post_to_webhook_and_stream() {
     assert!(event.get("evbuskey").is_none(), "{event}");
 
     // The stream: same id.
-    let mut buf = String::new();
-    tokio::time::timeout(WAIT, async {
-        while !buf.contains("\n\n") || !buf.contains("data:") {
-            let chunk = stream.chunk().await.unwrap().expect("stream open");
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
+    let buf = read_stream_until(&mut stream, |read| {
+        read.contains("\n\n") && read.contains("data:")
     })
-    .await
-    .expect("a frame in time");
+    .await;
     let data = buf
         .lines()
         .find_map(|l| l.strip_prefix("data:"))

@@ -585,8 +585,7 @@ async fn an_earliest_subscription_made_during_publishing_misses_nothing() {
     schema.drop().await;
 }
 
-/// The PostgreSQL side of the SQLite test of the same name: a retired subscription holds
-/// every event until it is deleted; then retention takes them and its consumer ends.
+/// See [`support::a_deleted_subscription_lets_retention_take_what_it_held`].
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_subscription_lets_retention_take_what_it_held_and_ends_its_consumers() {
     let Some(schema) = Schema::new().await else {
@@ -595,45 +594,8 @@ async fn a_deleted_subscription_lets_retention_take_what_it_held_and_ends_its_co
     let transport = schema
         .open("retention_ms=0&cleanup_interval_ms=3600000")
         .await;
-    let topic = transport.topic("orders").await.unwrap();
-    let mut current = topic
-        .subscribe(SubscribeOptions::named("new"))
-        .await
-        .unwrap();
-    let mut retired = topic
-        .subscribe(SubscribeOptions::named("old"))
-        .await
-        .unwrap();
-    let published: Vec<Event> = (0..3).map(event).collect();
-    topic.publish_batch(&published).await.unwrap();
-    for _ in 0..3 {
-        let d = tokio::time::timeout(WAIT, current.next_delivery())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-    assert_eq!(transport.cleanup().await.unwrap(), 0);
-    assert!(
-        transport
-            .delete_subscription("orders", "old")
-            .await
-            .unwrap()
-    );
-    assert_eq!(schema.count("evbus_deliveries").await, 0);
-    assert_eq!(transport.cleanup().await.unwrap(), 3);
-    let ended = tokio::time::timeout(WAIT, retired.next_delivery())
-        .await
-        .expect("the deleted subscription's consumer ends in time");
-    assert!(ended.is_none(), "{ended:?}");
-    assert!(
-        !transport
-            .delete_subscription("orders", "old")
-            .await
-            .unwrap()
-    );
-    transport.close().await.unwrap();
+    let rows = |table| schema.count(table);
+    support::a_deleted_subscription_lets_retention_take_what_it_held(&transport, rows).await;
     schema.drop().await;
 }
 

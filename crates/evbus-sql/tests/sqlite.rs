@@ -547,85 +547,12 @@ async fn a_new_database_file_is_readable_by_its_owner_only() {
     transport.close().await.unwrap();
 }
 
-/// A named subscription nobody consumes any more (its group renamed) keeps every event
-/// published since: retention deletes only what every subscription acknowledged. Deleting it
-/// lets retention take them, ends its consumers, and leaves the other subscriptions alone.
+/// See [`support::a_deleted_subscription_lets_retention_take_what_it_held`].
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_subscription_lets_retention_take_what_it_held_and_ends_its_consumers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
     let transport = open(&path, "retention_ms=0&cleanup_interval_ms=3600000").await;
-    let topic = transport.topic("orders").await.unwrap();
-    let mut current = topic
-        .subscribe(SubscribeOptions::named("new"))
-        .await
-        .unwrap();
-    let mut retired = topic
-        .subscribe(SubscribeOptions::named("old"))
-        .await
-        .unwrap();
-    for n in 0..3 {
-        topic.publish(&event(n)).await.unwrap();
-    }
-    for _ in 0..3 {
-        let d = tokio::time::timeout(WAIT, current.next_delivery())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(5)).await; // created_at strictly in the past
-    // `old` has acknowledged nothing: every event stays.
-    assert_eq!(transport.cleanup().await.unwrap(), 0);
-    assert_eq!(count(&path, "evbus_deliveries").await, 3);
-
-    assert!(
-        transport
-            .delete_subscription("orders", "old")
-            .await
-            .unwrap()
-    );
-    assert_eq!(count(&path, "evbus_deliveries").await, 0);
-    assert_eq!(transport.cleanup().await.unwrap(), 3);
-    assert_eq!(count(&path, "evbus_events").await, 0);
-    // Its consumer ends; the other goes on.
-    let ended = tokio::time::timeout(WAIT, retired.next_delivery())
-        .await
-        .expect("the deleted subscription's consumer ends in time");
-    assert!(ended.is_none(), "{ended:?}");
-    let later = event(9);
-    topic.publish(&later).await.unwrap();
-    let d = tokio::time::timeout(WAIT, current.next_delivery())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.event().id(), later.id());
-    d.ack().await.unwrap();
-
-    // Gone: a second delete finds nothing; names are checked; a closed transport refuses.
-    assert!(
-        !transport
-            .delete_subscription("orders", "old")
-            .await
-            .unwrap()
-    );
-    assert!(
-        !transport
-            .delete_subscription("nothing", "old")
-            .await
-            .unwrap()
-    );
-    let err = transport
-        .delete_subscription("orders", "")
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    transport.close().await.unwrap();
-    let err = transport
-        .delete_subscription("orders", "new")
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let rows = |table| count(&path, table);
+    support::a_deleted_subscription_lets_retention_take_what_it_held(&transport, rows).await;
 }

@@ -296,7 +296,7 @@ fn frames(
                         if !c
                             .state
                             .catch_up
-                            .take(&c.key_id, bytes, &c.state.cancel)
+                            .wait_for(&c.key_id, bytes, &c.state.cancel)
                             .await
                         {
                             return None;

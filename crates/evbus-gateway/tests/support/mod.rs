@@ -444,3 +444,60 @@ pub fn order_created() -> Value {
 pub fn cart_updated() -> Value {
     json!({"cartId": "c1"})
 }
+
+/// A gateway served by [`Gateway::serve`] (the accept loop `evbus serve` uses) on the memory
+/// transport and a SQLite store in a temporary directory; it stops when this is dropped.
+pub struct Served {
+    pub addr: String,
+    pub store: Arc<SqliteStore>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// Serves a gateway of `config` (see [`Served`]).
+pub async fn served(config: GatewayConfig) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let bus = Bus::new(
+        Arc::new(evbus::memory::MemoryBroker::new(Default::default()).connect()),
+        catalog(),
+        "/test",
+    );
+    let gateway = Gateway::start(bus, Arc::clone(&store) as Arc<dyn Store>, config)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Served {
+        addr: addr.to_string(),
+        store,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// Reads `stream` (a `/v1/stream` response) until what it has read satisfies `done`, within
+/// [`WAIT`]; returns what it read.
+pub async fn read_stream_until(
+    stream: &mut reqwest::Response,
+    done: impl Fn(&str) -> bool + Sync,
+) -> String {
+    let mut read = String::new();
+    tokio::time::timeout(WAIT, async {
+        while !done(&read) {
+            let chunk = stream
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            read.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the stream brought what was waited for in time");
+    read
+}

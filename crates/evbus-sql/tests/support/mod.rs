@@ -199,7 +199,6 @@ pub fn io_error(what: &str, e: std::io::Error) -> evbus::Error {
     evbus::Error::new(evbus::ErrorKind::Internal, format!("{what}: {e}"))
 }
 
-/// Queue `name` of `transport`, holding `n` new events (`{"n": 0}` ...), sent as one batch.
 /// Event number `n` of the shared cases.
 fn event(n: usize) -> evbus::Event {
     evbus::Event::builder("orderPlaced", "/sql-test")
@@ -209,6 +208,7 @@ fn event(n: usize) -> evbus::Event {
         .unwrap()
 }
 
+/// Queue `name` of `transport`, holding `n` new events (`{"n": 0}` ...), sent as one batch.
 async fn queue_holding(
     transport: &evbus_sql::SqlTransport,
     name: &str,
@@ -699,4 +699,92 @@ where
     unhanded_rows_come_first_attempt(&mut sub, &events[1..]).await;
     drop(sub);
     second.close().await.unwrap();
+}
+
+/// The next delivery of `sub`, within 30 s.
+async fn next(sub: &mut evbus::Subscription) -> evbus::Delivery {
+    tokio::time::timeout(Duration::from_secs(30), sub.next_delivery())
+        .await
+        .expect("a delivery in time")
+        .expect("the subscription goes on")
+        .unwrap()
+}
+
+/// A named subscription nobody consumes any more (its group renamed) keeps every event
+/// published since: retention deletes only what every subscription acknowledged. Deleting it
+/// (`SqlTransport::delete_subscription`) takes its deliveries, lets retention take the
+/// events, ends its consumers and leaves the other subscriptions alone. `transport` is opened
+/// with `retention_ms=0&cleanup_interval_ms=3600000`; `rows` counts the rows of a table.
+/// Closes `transport`.
+pub async fn a_deleted_subscription_lets_retention_take_what_it_held<F, Fut>(
+    transport: &evbus_sql::SqlTransport,
+    rows: F,
+) where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    use evbus::{ErrorKind, SubscribeOptions, Transport};
+    let topic = transport.topic("orders").await.unwrap();
+    let mut current = topic
+        .subscribe(SubscribeOptions::named("new"))
+        .await
+        .unwrap();
+    let mut retired = topic
+        .subscribe(SubscribeOptions::named("old"))
+        .await
+        .unwrap();
+    let published: Vec<evbus::Event> = (0..3).map(event).collect();
+    topic.publish_batch(&published).await.unwrap();
+    for _ in 0..3 {
+        next(&mut current).await.ack().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await; // created_at strictly in the past
+    // `old` has acknowledged nothing: every event stays.
+    assert_eq!(transport.cleanup().await.unwrap(), 0);
+    assert_eq!(rows("evbus_deliveries").await, 3);
+
+    assert!(
+        transport
+            .delete_subscription("orders", "old")
+            .await
+            .unwrap()
+    );
+    assert_eq!(rows("evbus_deliveries").await, 0);
+    assert_eq!(transport.cleanup().await.unwrap(), 3);
+    assert_eq!(rows("evbus_events").await, 0);
+    // Its consumer ends; the other goes on.
+    let ended = tokio::time::timeout(Duration::from_secs(30), retired.next_delivery())
+        .await
+        .expect("the deleted subscription's consumer ends in time");
+    assert!(ended.is_none(), "{ended:?}");
+    let later = event(9);
+    topic.publish(&later).await.unwrap();
+    let delivery = next(&mut current).await;
+    assert_eq!(delivery.event().id(), later.id());
+    delivery.ack().await.unwrap();
+
+    // Gone: a second delete finds nothing; names are checked; a closed transport refuses.
+    assert!(
+        !transport
+            .delete_subscription("orders", "old")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !transport
+            .delete_subscription("nothing", "old")
+            .await
+            .unwrap()
+    );
+    let err = transport
+        .delete_subscription("orders", "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    transport.close().await.unwrap();
+    let err = transport
+        .delete_subscription("orders", "new")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
 }
