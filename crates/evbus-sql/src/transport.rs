@@ -179,10 +179,11 @@ impl SqlTransport {
         }
         evbus::raw::check_name("topic", topic)?;
         evbus::raw::check_name("subscription", subscription)?;
-        self.0
-            .broker()
-            .delete_subscription(topic, subscription)
-            .await
+        let what = Destination::Topic {
+            topic: topic.to_owned(),
+            subscription: Some(subscription.to_owned()),
+        };
+        Ok(self.0.broker().delete_rows(&what).await? > 0)
     }
 
     /// Runs the cleanup now instead of waiting for
@@ -901,29 +902,63 @@ impl SqlBroker {
             .map_err(sql("looking up a subscription's partition"))
     }
 
-    /// Deletes subscription `name` of topic `topic` (its unacknowledged deliveries go with it,
-    /// by cascade); whether it existed.
-    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<bool> {
-        let what = "deleting a subscription";
-        let deleted = match &self.shared.db {
-            Db::Postgres(pool) => sqlx::query(
-                "DELETE FROM evbus_parts WHERE kind = 'topic' AND dest = $1 AND name = $2",
-            )
-            .bind(topic)
-            .bind(name)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-            Db::Sqlite(pool) => sqlx::query(
-                "DELETE FROM evbus_parts WHERE kind = 'topic' AND dest = ?1 AND name = ?2",
-            )
-            .bind(topic)
-            .bind(name)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
+    /// Deletes `what`: a topic or queue with its subscriptions and events, or one
+    /// subscription of a topic with its deliveries (by cascade). Returns how many
+    /// subscriptions (or queue parts) it deleted.
+    async fn delete_rows(&self, what: &Destination) -> Result<u64> {
+        let (kind, dest) = (what.kind(), what.name());
+        let sub = what.subscription();
+        let parts = match &self.shared.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
+                let parts = sqlx::query(
+                    "DELETE FROM evbus_parts WHERE kind = $1 AND dest = $2 \
+                     AND ($3::text IS NULL OR name = $3)",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(sub)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("deleting"))?
+                .rows_affected();
+                if sub.is_none() {
+                    sqlx::query("DELETE FROM evbus_events WHERE kind = $1 AND dest = $2")
+                        .bind(kind)
+                        .bind(dest)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("deleting"))?;
+                }
+                tx.commit().await.map_err(sql("deleting"))?;
+                parts
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
+                let parts = sqlx::query(
+                    "DELETE FROM evbus_parts WHERE kind = ?1 AND dest = ?2 \
+                     AND (?3 IS NULL OR name = ?3)",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(sub)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("deleting"))?
+                .rows_affected();
+                if sub.is_none() {
+                    sqlx::query("DELETE FROM evbus_events WHERE kind = ?1 AND dest = ?2")
+                        .bind(kind)
+                        .bind(dest)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("deleting"))?;
+                }
+                tx.commit().await.map_err(sql("deleting"))?;
+                parts
+            }
         };
-        deleted.map(|rows| rows > 0).map_err(sql(what))
+        Ok(parts)
     }
 
     /// A new consumer's buffer of claimed rows, registered for close to give back.
@@ -1019,55 +1054,7 @@ impl Broker for SqlBroker {
     }
 
     async fn delete(&self, what: &Destination) -> Result<()> {
-        let (kind, dest) = (what.kind(), what.name());
-        let sub = what.subscription();
-        match &self.shared.db {
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
-                sqlx::query(
-                    "DELETE FROM evbus_parts WHERE kind = $1 AND dest = $2 \
-                     AND ($3::text IS NULL OR name = $3)",
-                )
-                .bind(kind)
-                .bind(dest)
-                .bind(sub)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("deleting"))?;
-                if sub.is_none() {
-                    sqlx::query("DELETE FROM evbus_events WHERE kind = $1 AND dest = $2")
-                        .bind(kind)
-                        .bind(dest)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql("deleting"))?;
-                }
-                tx.commit().await.map_err(sql("deleting"))?;
-            }
-            Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
-                sqlx::query(
-                    "DELETE FROM evbus_parts WHERE kind = ?1 AND dest = ?2 \
-                     AND (?3 IS NULL OR name = ?3)",
-                )
-                .bind(kind)
-                .bind(dest)
-                .bind(sub)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("deleting"))?;
-                if sub.is_none() {
-                    sqlx::query("DELETE FROM evbus_events WHERE kind = ?1 AND dest = ?2")
-                        .bind(kind)
-                        .bind(dest)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql("deleting"))?;
-                }
-                tx.commit().await.map_err(sql("deleting"))?;
-            }
-        }
-        Ok(())
+        self.delete_rows(what).await.map(drop)
     }
 
     async fn health(&self) -> Health {
