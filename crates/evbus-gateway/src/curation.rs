@@ -1,7 +1,8 @@
 //! Curation: what of an event may leave the gateway.
 //!
 //! One function, [`curate_data`], shapes every outbound payload (webhook bodies, stream frames,
-//! replays); [`curate_event`] applies it to an envelope and drops the envelope attributes that
+//! replays), by the rules of the event's version and the latest one ([`curate_data_of`]);
+//! [`curate_event`] applies it to an envelope and drops the envelope attributes that
 //! are internal (extensions: trace context, partition key, anything else); [`curate_schema`]
 //! shapes the schemas listed by `GET /v1/event-types` the same way.
 //!
