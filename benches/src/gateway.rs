@@ -44,6 +44,8 @@ use crate::Result;
 
 /// The external type every measure uses.
 const TYPE: &str = "afterProductUpdate";
+/// The `source` of the bench's events, the one its key is bound to.
+const SOURCE: &str = "/bench";
 const CLIENTS: usize = 64;
 const RECEIVERS: usize = 10;
 const STREAMS: usize = 500;
@@ -168,19 +170,15 @@ impl RunningGateway {
 
     /// A key for `TYPE` (publish and subscribe) with a limit that never refuses the bench.
     async fn key(&self, name: &str) -> Result<String> {
-        let (_, key) = evbus_gateway::create_key_with_rate_limit(
-            self.store.as_ref(),
-            name,
-            vec![TYPE.to_owned()],
-            vec![TYPE.to_owned()],
-            false,
-            None,
-            Some(RateLimit::new(
+        let spec = evbus_gateway::KeySpec::new(name)
+            .subscribe([TYPE])
+            .publish([TYPE])
+            .sources([SOURCE])
+            .rate_limit(Some(RateLimit::new(
                 u64::from(RateLimit::MAX_PER_SECOND),
                 u64::from(RateLimit::MAX_BURST),
-            )?),
-        )
-        .await?;
+            )?));
+        let (_, key) = evbus_gateway::create_key(self.store.as_ref(), spec).await?;
         Ok(key)
     }
 
@@ -244,7 +242,7 @@ fn product(tag: &str) -> Value {
 
 fn cloud_event(id: &str) -> String {
     json!({
-        "specversion": "1.0", "id": id, "source": "/bench", "type": TYPE,
+        "specversion": "1.0", "id": id, "source": SOURCE, "type": TYPE,
         "datacontenttype": "application/json", "data": product(id)
     })
     .to_string()

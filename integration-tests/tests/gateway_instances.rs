@@ -435,7 +435,7 @@ async fn three_instances_share_deliveries_streams_and_revocations() {
         reqwest::Method::POST,
         &instances[0].url("/v1/keys"),
         &admin,
-        Some(json!({"name": "shop", "subscribe": [ORDERS], "publish": [ORDERS]})),
+        Some(json!({"name": "shop", "subscribe": [ORDERS], "publish": [ORDERS], "sources": ["/instances-test"]})),
     )
     .await;
     assert_eq!(status, 201, "{made}");

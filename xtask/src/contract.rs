@@ -132,7 +132,15 @@ fn target_dir() -> PathBuf {
 fn create_admin_key(evbus: &Path, data: &Path) -> Result<String> {
     let out = Command::new(evbus)
         .args(["keys", "create", "--name", "contract", "--admin"])
-        .args(["--subscribe", "*", "--publish", "*", "--data-dir"])
+        .args([
+            "--subscribe",
+            "*",
+            "--publish",
+            "*",
+            "--source",
+            "*",
+            "--data-dir",
+        ])
         .arg(data)
         .output()
         .map_err(|e| format!("evbus keys create: {e}"))?;

@@ -54,16 +54,25 @@ export function evbusBinary() {
 }
 
 /**
+ * @typedef {{name: string, subscribe?: string[], publish?: string[], sources?: string[], admin?: boolean, expiresAt?: string}} KeySpec
+ * `sources`: the CloudEvents `source` patterns the key may publish under, one `--source` each
+ * (never joined: a source may hold a comma). A spec with `publish` but no `sources` gets `*`
+ * (any source): a convenience of these tests only; the gateway itself requires sources.
+ */
+
+/**
  * Runs `evbus keys create` and returns the key it prints.
  * @param {string} bin
  * @param {string} dataDir
- * @param {{name: string, subscribe?: string[], publish?: string[], admin?: boolean, expiresAt?: string}} spec
+ * @param {KeySpec} spec
  * @returns {Promise<string>}
  */
 export function createKey(bin, dataDir, spec) {
   const args = ["keys", "create", "--data-dir", dataDir, "--name", spec.name];
   if (spec.subscribe?.length) args.push("--subscribe", spec.subscribe.join(","));
   if (spec.publish?.length) args.push("--publish", spec.publish.join(","));
+  const sources = spec.sources ?? (spec.publish?.length ? ["*"] : []);
+  for (const source of sources) args.push("--source", source);
   if (spec.admin) args.push("--admin");
   if (spec.expiresAt) args.push("--expires-at", spec.expiresAt);
   return new Promise((resolvePromise, reject) => {
@@ -143,7 +152,7 @@ export async function startGateway(options = {}) {
     bin,
     /** Everything the process wrote on stderr so far. */
     log: () => log,
-    /** @param {{name: string, subscribe?: string[], publish?: string[], admin?: boolean, expiresAt?: string}} spec */
+    /** @param {KeySpec} spec */
     createKey: (spec) => createKey(bin, dataDir, spec),
     /** Stops the process (SIGINT, then SIGKILL after 5 s) and removes its data directory. */
     async stop() {

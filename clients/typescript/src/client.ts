@@ -33,7 +33,10 @@ export interface ClientOptions {
   url: string | URL;
   /** An API key (`evb_<id>_<secret>`), sent as `Authorization: Bearer`. */
   apiKey: string;
-  /** The default CloudEvent `source` of published events (e.g. `/plugins/orders`). */
+  /**
+   * The default CloudEvent `source` of published events (e.g. `/plugins/orders`). One of the API
+   * key's `sources` must match it, otherwise a publish is answered 403.
+   */
   source?: string;
   /** A `fetch` to use instead of the global one. */
   fetch?: typeof fetch;
@@ -43,7 +46,10 @@ export interface ClientOptions {
 export interface PublishInput<K extends string = string, T = unknown> {
   type: K;
   data: T;
-  /** Defaults to the client's `source`; one of the two is required. */
+  /**
+   * Defaults to the client's `source`; one of the two is required. One of the key's `sources`
+   * must match it, otherwise 403.
+   */
   source?: string;
   /** Unique per source: posting the same id and content again is idempotent (202, sent once). */
   id?: string;
@@ -261,7 +267,8 @@ export class EvbusClient {
    * Publishes one event of an external type, its data typed from the catalogue.
    *
    * @throws GatewayError with the gateway's problem (400 malformed, 403 not in the key's publish
-   *   scope, 409 another event under this source and id, 415, 422 with `violations`, 429, 503)
+   *   scope or a `source` none of the key's `sources` matches, 409 another event under this
+   *   source and id, 415, 422 with `violations`, 429, 503)
    * @throws ConnectionError when the gateway could not be reached
    */
   publish<K extends PublishedType>(event: PublishInput<K, PublishedEvents[K]>, options?: PublishOptions): Promise<PublishResult> {
@@ -441,9 +448,15 @@ export class EvbusClient {
    * once**: the gateway keeps only a hash of its secret. `warnings` names each scope pattern
    * that matches none of the external types served now (the key is created all the same).
    *
+   * A key that may publish (`publish` not empty) must be bound to at least one source
+   * (`sources`: exact CloudEvents `source` values or `*` patterns): it may then publish only
+   * events whose `source` one of them matches (others are answered 403).
+   *
    * @throws GatewayError 400 (a `name` empty, only spaces or over 200 characters, a scope
    *   pattern that is not 1 to 200 letters, digits, `.`, `_`, `-` or `*`:
-   *   `problem.invalid_positions`, a wrong `rate_limit`), 403 (not an admin key)
+   *   `problem.invalid_positions`, `publish` without `sources`, a source pattern empty, over
+   *   2048 characters or with a control character: `problem.invalid_positions` (positions in
+   *   `sources`), a wrong `rate_limit`), 403 (not an admin key)
    */
   async createKey(key: CreateKeyInput, options: RequestOptions = {}): Promise<NewKey> {
     const body = key.expires_at instanceof Date ? { ...key, expires_at: key.expires_at.toISOString() } : key;

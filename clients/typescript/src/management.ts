@@ -150,8 +150,21 @@ export interface CreateKeyInput {
   name: string;
   /** Event types (names or `*` patterns, `afterOrder*`) the key may subscribe to (streams, webhooks). */
   subscribe?: string[];
-  /** Event types (names or `*` patterns) the key may publish. */
+  /**
+   * Event types (names or `*` patterns) the key may publish. A key that may publish must be
+   * bound to at least one source (`sources`), otherwise 400.
+   */
   publish?: string[];
+  /**
+   * The CloudEvents `source` values the key's published events may carry: each one exact
+   * (`/plugins/orders`, matched whole: not `/plugins/orders/eu`), or a pattern where `*` stands
+   * for any run of characters (`https://shop.example/*`; `*` alone: any source). 1 to 2048
+   * characters each, no control characters (otherwise 400 with `problem.invalid_positions`);
+   * `/`, `:`, `,` and `.` are plain characters. Required, at least one, when `publish` is not
+   * empty (otherwise 400). An event whose `source` none of them matches is refused with a 403
+   * before anything is kept: a key publishes only as the producers it was made for.
+   */
+  sources?: string[];
   /** Whether the key may manage keys (and see every webhook). */
   admin?: boolean;
   /** When the key stops working; null or absent: never. */
@@ -177,6 +190,12 @@ export interface KeyInfo {
   prefix: string;
   subscribe: string[];
   publish: string[];
+  /**
+   * The `source` patterns its published events may carry, as given at creation (see
+   * {@link CreateKeyInput.sources}; empty when none were given: a key that may not publish
+   * needs none). Keys created before keys were bound to sources show `["*"]` (any source).
+   */
+  sources: string[];
   admin: boolean;
   created_at: string;
   /** null: never expires. */

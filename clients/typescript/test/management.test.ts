@@ -123,7 +123,11 @@ describe("webhooks", () => {
     receiver = new Receiver();
     await receiver.listen();
     const types = ["afterOrderCreate", "afterOrderUpdate"];
-    owner = new EvbusClient({ url: gw.url, apiKey: await gw.createKey({ name: "owner", subscribe: types, publish: types }), source: "/plugins/orders" });
+    owner = new EvbusClient({
+      url: gw.url,
+      apiKey: await gw.createKey({ name: "owner", subscribe: types, publish: types, sources: ["/plugins/orders"] }),
+      source: "/plugins/orders",
+    });
     other = new EvbusClient({ url: gw.url, apiKey: await gw.createKey({ name: "other", subscribe: ["afterOrderCreate"] }) });
     admin = new EvbusClient({ url: gw.url, apiKey: await gw.createKey({ name: "admin", admin: true }) });
   });
@@ -447,7 +451,7 @@ describe("webhook replay budget", () => {
   test("a replay queues what the budget leaves; one finding nothing left is 429 with Retry-After and resets_at", async () => {
     const client = new EvbusClient({
       url: gw.url,
-      apiKey: await gw.createKey({ name: "replayer", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] }),
+      apiKey: await gw.createKey({ name: "replayer", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"], sources: ["/plugins/orders"] }),
       source: "/plugins/orders",
     });
     const hook = await client.createWebhook({ url: receiver.url("budget"), event_types: ["afterOrderCreate"] });
@@ -490,17 +494,20 @@ describe("API keys", () => {
     await gw?.stop();
   });
 
-  test("createKey: the key shown once, usable at once, with its scopes, expiry and rate limit", async () => {
+  test("createKey: the key shown once, usable at once, with its scopes, sources, expiry and rate limit", async () => {
     const expires = new Date(Date.now() + 7 * 24 * 3600 * 1000);
     const created = await admin.createKey({
       name: "erp",
       subscribe: ["afterOrder*"],
       publish: ["afterOrderCreate"],
+      // Kept as given: a comma is part of a source, not a separator.
+      sources: ["/erp", "https://erp.example/a,b/*"],
       expires_at: expires,
       rate_limit: { per_second: 5 },
     });
     const declared = {
-      id: true, name: true, prefix: true, subscribe: true, publish: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true, key: true, warnings: true,
+      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true, key: true,
+      warnings: true,
     } satisfies Record<keyof NewKey, true>;
     assert.deepEqual(Object.keys(created).sort(), Object.keys(declared).sort());
     assert.match(created.id, /^[0-9a-f]{16}$/);
@@ -509,6 +516,7 @@ describe("API keys", () => {
     assert.equal(created.name, "erp");
     assert.deepEqual(created.subscribe, ["afterOrder*"]);
     assert.deepEqual(created.publish, ["afterOrderCreate"]);
+    assert.deepEqual(created.sources, ["/erp", "https://erp.example/a,b/*"]);
     assert.equal(created.admin, false);
     assert.equal(Date.parse(created.expires_at ?? ""), expires.getTime());
     assert.equal(created.revoked_at, null);
@@ -523,9 +531,20 @@ describe("API keys", () => {
       ["afterOrderCreate", true, true],
       ["afterOrderUpdate", true, false],
     ]);
+    // It publishes under its sources (exact, or matching a pattern), and under no other.
+    const erpData = orderCreated(1);
+    assert.equal((await erp.publish({ type: "afterOrderCreate", id: "erp-1", source: "/erp", data: erpData })).id, "erp-1");
+    const viaPattern = await erp.publish({ type: "afterOrderCreate", id: "erp-2", source: "https://erp.example/a,b/orders", data: erpData });
+    assert.equal(viaPattern.id, "erp-2");
+    for (const source of ["/plugins/orders", "/erp/eu", "https://erp.example/a"]) {
+      const refused = await gatewayError(erp.publish({ type: "afterOrderCreate", id: "erp-3", source, data: erpData }));
+      assert.equal(refused.status, 403, source);
+      assert.match(refused.detail, /may not publish under this `source`/);
+    }
 
     // A scope matching no external type: a warning, and the key all the same.
     const typo = await admin.createKey({ name: "typo", subscribe: ["afterOrdr*"] });
+    assert.deepEqual(typo.sources, [], "a key that may not publish needs no sources");
     assert.equal(typo.warnings.length, 1);
     assert.match(typo.key, /^evb_/);
     assert.deepEqual(typo.rate_limit, { per_second: 50, burst: 100, default: true });
@@ -538,7 +557,7 @@ describe("API keys", () => {
     const listed = keys.find((k) => k.id === created.id);
     assert.ok(listed);
     const declared = {
-      id: true, name: true, prefix: true, subscribe: true, publish: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true,
+      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true,
     } satisfies Record<keyof KeyInfo, true>;
     assert.deepEqual(Object.keys(listed).sort(), Object.keys(declared).sort());
     const { key: _key, warnings: _warnings, ...record } = created;
@@ -549,6 +568,13 @@ describe("API keys", () => {
     assert.ok(root, "the admin key created with `evbus keys create` is listed");
     assert.equal(root.admin, true);
     assert.equal(root.name, "root");
+    assert.deepEqual(root.sources, []);
+
+    // Sources given to `evbus keys create --source` (one flag each: no comma splitting), listed as given.
+    const cli = await gw.createKey({ name: "cli publisher", publish: ["afterOrderCreate"], sources: ["/shop", "urn:shop:a,b:*"] });
+    const cliListed = (await admin.listKeys()).find((k) => cli.startsWith(`${k.prefix}_`));
+    assert.ok(cliListed);
+    assert.deepEqual(cliListed.sources, ["/shop", "urn:shop:a,b:*"]);
   });
 
   test("revokeKey: the key is refused at once; revoking again or an unknown id is 404", async () => {
@@ -597,6 +623,28 @@ describe("API keys", () => {
     const unknown = await gatewayError(admin.createKey({ name: "u", scopes: ["*"] } as never));
     assert.equal(unknown.status, 400);
     assert.equal((await admin.listKeys()).length, before, "no key was created");
+  });
+
+  test("400: a key that may publish without sources, a source pattern that is not one", async () => {
+    const before = (await admin.listKeys()).length;
+    for (const sources of [undefined, []]) {
+      const missing = await gatewayError(admin.createKey({ name: "unbound", publish: ["afterOrderCreate"], ...(sources ? { sources } : {}) }));
+      assert.equal(missing.status, 400, JSON.stringify(sources));
+      assert.equal(missing.title, "Bad Request");
+      assert.match(missing.detail, /at least one source/);
+      assert.equal(missing.problem.invalid_positions, undefined);
+    }
+    const bad = await gatewayError(
+      admin.createKey({ name: "bad sources", publish: ["afterOrderCreate"], sources: ["/ok", "", "/line\nbreak", "s".repeat(2049), "é".repeat(2048)] }),
+    );
+    assert.equal(bad.status, 400);
+    assert.match(bad.detail, /source pattern/);
+    assert.deepEqual(bad.problem.invalid_positions, [1, 2, 3]);
+    assert.equal((await admin.listKeys()).length, before, "no key was created");
+
+    // A key that may not publish may be created without sources (as before), or with some.
+    const reader = await admin.createKey({ name: "reader", subscribe: ["afterOrderCreate"], sources: ["/later"] });
+    assert.deepEqual(reader.sources, ["/later"]);
   });
 
   test("409: the last active admin key cannot be revoked; with another admin key it can", async () => {

@@ -16,7 +16,8 @@ describe("publish", () => {
 
   before(async () => {
     gw = await startGateway();
-    const key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] });
+    // Bound to the client's source and the sources under it (the binary-mode test's).
+    const key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"], sources: ["/plugins/orders", "/plugins/orders/*"] });
     client = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
     // Everything published here is read back from the stream.
     received = [];
@@ -119,6 +120,32 @@ describe("publish", () => {
     assert.equal(denied.retryable, false);
   });
 
+  test("403: a source none of the key's sources matches, and nothing is delivered", async () => {
+    // The key is bound to "/plugins/orders" and "/plugins/orders/*": a source is matched whole.
+    const refused: string[] = [];
+    for (const [n, source, mode] of [
+      [20, "/plugins/payments", "structured"],
+      [21, "/plugins/orders-eu", "structured"],
+      [22, "/plugins", "binary"],
+      [23, "https://shop.example/plugins/orders", "binary"],
+    ] as const) {
+      const id = uniqueId("wrong-source");
+      const error = await client.publish({ type: "afterOrderCreate", id, source, data: orderCreated(n) }, { mode }).catch((e: unknown) => e);
+      assert.ok(error instanceof GatewayError, `${source}: ${String(error)}`);
+      assert.equal(error.status, 403, source);
+      assert.equal(error.title, "Forbidden");
+      assert.match(error.detail, /may not publish under this `source`/);
+      assert.equal(error.retryable, false);
+      refused.push(id);
+    }
+    // A later event under a source the key is bound to (by its pattern): once it is on the
+    // stream, a refused event that had been kept would be there too.
+    const marker = uniqueId("after-refusals");
+    await client.publish({ type: "afterOrderCreate", id: marker, source: "/plugins/orders/eu", data: orderCreated(24) });
+    assert.equal((await delivered(marker)).source, "/plugins/orders/eu");
+    assert.deepEqual(received.filter((e) => refused.includes(e.id)).map((e) => e.id), [], "no refused event is delivered");
+  });
+
   test("a gateway that is not there: ConnectionError", async () => {
     const nowhere = new EvbusClient({ url: "http://127.0.0.1:9", apiKey: "evb_x_y", source: "/x" });
     const error = await nowhere.publish({ type: "afterOrderCreate", data: orderCreated(10) }).catch((e: unknown) => e);
@@ -134,7 +161,7 @@ describe("publish under the rate limit", () => {
   before(async () => {
     // One request per second, no burst: the second request of a second is answered 429.
     gw = await startGateway({ args: ["--rate-limit", "1", "--rate-limit-burst", "1"] });
-    key = await gw.createKey({ name: "slow", publish: ["afterOrderCreate"] });
+    key = await gw.createKey({ name: "slow", publish: ["afterOrderCreate"], sources: ["/plugins/orders"] });
   });
   after(async () => {
     await gw?.stop();

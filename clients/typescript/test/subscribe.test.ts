@@ -16,7 +16,7 @@ describe("subscribe", () => {
 
   before(async () => {
     gw = await startGateway();
-    key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] });
+    key = await gw.createKey({ name: "orders", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"], sources: ["/plugins/orders"] });
     publisher = new EvbusClient({ url: gw.url, apiKey: key, source: "/plugins/orders" });
   });
   after(async () => {

@@ -37,7 +37,7 @@ describe("webhook verification", () => {
 
   before(async () => {
     gw = await startGateway();
-    const key = await gw.createKey({ name: "hooks", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"] });
+    const key = await gw.createKey({ name: "hooks", subscribe: ["afterOrderCreate"], publish: ["afterOrderCreate"], sources: ["/plugins/orders"] });
     receiver = createServer((req, res) => {
       const chunks: Buffer[] = [];
       req.on("data", (c: Buffer) => chunks.push(c));

@@ -39,6 +39,12 @@ pub(crate) struct CreateArgs {
     /// Event types the key may publish: names or `*` patterns, comma separated.
     #[arg(long, value_name = "T1,T2", value_delimiter = ',')]
     publish: Vec<String>,
+    /// A CloudEvents `source` the key's published events may carry: exact (`/shop`), or a
+    /// pattern with `*` for any run of characters (`https://shop.example/*`; `*` alone: any
+    /// source). Repeat it for several. Required with --publish: a key publishes only as the
+    /// producers it is made for.
+    #[arg(long = "source", value_name = "SOURCE")]
+    sources: Vec<String>,
     /// The key may manage keys (`/v1/keys`) and read `/metrics`.
     #[arg(long)]
     admin: bool,
@@ -84,6 +90,19 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
             )
         }
     };
+    let publish: Vec<&str> = args
+        .publish
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !publish.is_empty() && args.sources.is_empty() {
+        return Err(Failure::new(
+            "--publish needs at least one --source: the CloudEvents `source` values the key's \
+             events may carry (such as --source /shop or --source 'https://shop.example/*'; \
+             --source '*' allows any)",
+        ));
+    }
     let visibility = match &args.schemas {
         Some(dir) => Some(evbus_gateway::Visibility::new(transport::catalog(dir)?)),
         None => None,
@@ -109,17 +128,18 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
                 .filter(|s| !s.is_empty())
                 .collect()
         };
-        let (record, key) = evbus_gateway::create_key_with_rate_limit(
-            store.as_ref(),
-            &args.name,
-            trim(args.subscribe),
-            trim(args.publish),
-            args.admin,
-            args.expires_at,
+        let spec = evbus_gateway::KeySpec {
+            name: args.name,
+            subscribe: trim(args.subscribe),
+            publish: trim(args.publish),
+            sources: args.sources,
+            admin: args.admin,
+            expires_at: args.expires_at,
             rate_limit,
-        )
-        .await
-        .map_err(Failure::new)?;
+        };
+        let (record, key) = evbus_gateway::create_key(store.as_ref(), spec)
+            .await
+            .map_err(Failure::new)?;
         for warning in visibility.iter().flat_map(|v| v.unmatched_scopes(&record)) {
             eprintln!("warning: {warning}");
         }

@@ -101,14 +101,24 @@ impl Gateway {
         (status, resp.text().await.unwrap())
     }
 
-    /// A key made through the API by the admin key.
+    /// A key made through the API by the admin key, publishing under any source.
     async fn key(&self, subscribe: &[&str], publish: &[&str]) -> String {
+        self.key_for_sources(subscribe, publish, &["*"]).await
+    }
+
+    /// A key made through the API by the admin key, bound to `sources`.
+    async fn key_for_sources(
+        &self,
+        subscribe: &[&str],
+        publish: &[&str],
+        sources: &[&str],
+    ) -> String {
         let (status, body) = self
             .call(
                 "POST",
                 "/v1/keys",
                 &self.admin,
-                json!({"name": "abuse", "subscribe": subscribe, "publish": publish}),
+                json!({"name": "abuse", "subscribe": subscribe, "publish": publish, "sources": sources}),
             )
             .await;
         assert_eq!(status, 201, "{body}");
@@ -451,6 +461,25 @@ async fn the_door_refuses_squatting_control_characters_and_ssrf_without_echo() {
         conflict, 409,
         "a different event under a logged source and id"
     );
+    // A key bound to its own source cannot claim another source's ids at all: 403 before
+    // anything is kept, so the owner's event under that id is still accepted after.
+    let squatter = gw
+        .key_for_sources(&[ORDERS], &[ORDERS], &["/squatter/*"])
+        .await;
+    let owned = fresh_id();
+    let (s, body) = gw
+        .post_event(&squatter, event(&owned, "/shop-a", order("forged")))
+        .await;
+    assert_eq!(s, 403, "{body}");
+    assert!(!body.contains("shop-a"), "echoed: {body}");
+    let (s, body) = gw
+        .post_event(&squatter, event(&fresh_id(), "/squatter/eu", order("own")))
+        .await;
+    assert_eq!(s, 202, "{body}");
+    let (s, body) = gw
+        .post_event(&key, event(&owned, "/shop-a", order("real")))
+        .await;
+    assert_eq!(s, 202, "the owner's event after a refused squat: {body}");
 
     // Control characters and non-ASCII in every attribute that becomes a header.
     for (attribute, value) in [

@@ -306,6 +306,8 @@ async fn serve_on_kafka_publishes_what_its_http_api_accepts() {
         "producer",
         "--publish",
         &env.ty,
+        "--source",
+        "/crm",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let key = text(&out.stdout).trim().to_owned();

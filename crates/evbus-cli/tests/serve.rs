@@ -90,6 +90,8 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
             "afterOrder*,afterProductUpdate",
             "--publish",
             "afterOrderCreate",
+            "--source",
+            "https://crm.example/orders,eu/*",
         ])
         .current_dir(&root)
         .output()
@@ -123,6 +125,16 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
+    // A key that may publish is bound to the sources it may publish under: without one, it
+    // is refused and nothing is created.
+    let unbound = keys_create(
+        &root,
+        &["--name", "unbound", "--publish", "afterOrderCreate"],
+    );
+    assert_eq!(unbound.status.code(), Some(2));
+    assert!(unbound.stdout.is_empty());
+    let message = String::from_utf8_lossy(&unbound.stderr);
+    assert!(message.contains("--source"), "{message}");
     let _ = std::fs::remove_dir_all(root);
 }
 

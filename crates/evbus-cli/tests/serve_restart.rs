@@ -109,12 +109,14 @@ async fn serve_keeps_undelivered_events_and_webhook_deliveries_across_a_sigkill(
         .post(format!("{base}/v1/keys"))
         .bearer_auth(&admin)
         .header("content-type", "application/json")
-        .body(json!({"name": "shop", "subscribe": [ORDERS], "publish": [ORDERS]}).to_string())
+        .body(json!({"name": "shop", "subscribe": [ORDERS], "publish": [ORDERS], "sources": ["/restart-test"]}).to_string())
         .send()
         .await
         .unwrap();
-    assert_eq!(made.status().as_u16(), 201);
-    let made: Value = serde_json::from_str(&made.text().await.unwrap()).unwrap();
+    let status = made.status().as_u16();
+    let made = made.text().await.unwrap();
+    assert_eq!(status, 201, "{made}");
+    let made: Value = serde_json::from_str(&made).unwrap();
     let admin = made["key"].as_str().unwrap().to_owned();
     let created = http
         .post(format!("{base}/v1/webhooks"))

@@ -346,6 +346,14 @@ async fn publish_event(
              (GET /v1/event-types lists those this key may publish)",
         ));
     }
+    // Before anything is claimed or decoded further: a key publishes only as the producers
+    // it was made for, so its (`source`, `id`)s never touch another producer's.
+    if !crate::keys::scope_allows(&key.sources, event.source()) {
+        return Err(Problem::forbidden(
+            "this key may not publish under this `source`: a key publishes only under the \
+             sources its administrator bound it to (`sources` in GET /v1/keys)",
+        ));
+    }
     if !event.is_json() {
         return Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -485,6 +493,9 @@ struct CreateKey {
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    /// Checked by [`crate::keys::check_sources`].
+    #[serde(default)]
+    sources: Vec<String>,
     #[serde(default)]
     admin: bool,
     #[serde(default)]
@@ -540,6 +551,7 @@ fn key_view(state: &State, k: &KeyRecord) -> Value {
         "prefix": crate::keys::display_prefix(&k.id),
         "subscribe": k.subscribe,
         "publish": k.publish,
+        "sources": k.sources,
         "admin": k.admin,
         "created_at": k.created_at,
         "expires_at": k.expires_at,
@@ -587,20 +599,36 @@ async fn create_key(
             .with("invalid_positions", json!(bad)));
         }
     }
+    if let Err(message) = crate::keys::check_sources(&req.publish, &req.sources) {
+        // Positions, not values, as for scopes.
+        let bad: Vec<usize> = req
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !crate::keys::is_valid_source_pattern(p))
+            .map(|(i, _)| i)
+            .collect();
+        let problem = Problem::bad_request(message);
+        return Err(if bad.is_empty() {
+            problem
+        } else {
+            problem.with("invalid_positions", json!(bad))
+        });
+    }
     let rate_limit = match &req.rate_limit {
         None | Some(Value::Null) => None,
         Some(v) => Some(key_rate_limit(v)?),
     };
-    let (record, exposed) = crate::create_key_with_rate_limit(
-        state.store.as_ref(),
-        &req.name,
-        req.subscribe,
-        req.publish,
-        req.admin,
-        req.expires_at,
+    let spec = crate::KeySpec {
+        name: req.name,
+        subscribe: req.subscribe,
+        publish: req.publish,
+        sources: req.sources,
+        admin: req.admin,
+        expires_at: req.expires_at,
         rate_limit,
-    )
-    .await?;
+    };
+    let (record, exposed) = crate::create_key(state.store.as_ref(), spec).await?;
     let mut body = key_view(&state, &record);
     body["key"] = json!(exposed);
     // Created all the same: the catalogue may gain the type later.

@@ -130,6 +130,44 @@ pub fn is_valid_pattern(pattern: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*'))
 }
 
+/// Longest source pattern of a key: the longest `source` a publish may carry.
+pub const MAX_SOURCE_PATTERN_LEN: usize = 2048;
+
+/// Whether `pattern` is acceptable among a key's `sources`: 1 to [`MAX_SOURCE_PATTERN_LEN`]
+/// characters, none of them a control character. `*` stands for any run of characters, as
+/// in a scope ([`pattern_matches`]); everything else matches itself (a source is a URI
+/// reference, so `/`, `:`, `,` and `.` are plain characters).
+pub fn is_valid_source_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.chars().count() <= MAX_SOURCE_PATTERN_LEN
+        && !pattern.chars().any(char::is_control)
+}
+
+/// Why a new key's `sources` are refused, if they are: a key that may publish must be bound
+/// to at least one source pattern, and every pattern must be valid
+/// ([`is_valid_source_pattern`]). A key without publish scopes needs none.
+///
+/// A publish is accepted only under a `source` one of its key's patterns matches, so a key
+/// cannot publish as another producer: it can neither claim another producer's (`source`,
+/// `id`) before that producer does, nor learn from a 409 which ids another producer used.
+pub fn check_sources(publish: &[String], sources: &[String]) -> Result<(), String> {
+    if !publish.is_empty() && sources.is_empty() {
+        return Err(
+            "a key that may publish needs at least one source pattern (`sources`, or \
+             `evbus keys create --source`): the CloudEvents `source` values its events may \
+             carry, such as `/shop` or `https://shop.example/*`; `*` allows any source"
+                .to_owned(),
+        );
+    }
+    if sources.iter().any(|p| !is_valid_source_pattern(p)) {
+        return Err(format!(
+            "a source pattern must be 1 to {MAX_SOURCE_PATTERN_LEN} characters without control \
+             characters"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +209,37 @@ mod tests {
         assert!(pattern_matches("a*b*c", "aXbYc"));
         assert!(!pattern_matches("a*b*c", "aXcYb"));
         assert!(!pattern_matches("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn source_patterns() {
+        let sources = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A source is matched whole: `/shop` is not `/shop/eu` nor `/shopping`.
+        assert!(scope_allows(&sources(&["/shop"]), "/shop"));
+        assert!(!scope_allows(&sources(&["/shop"]), "/shop/eu"));
+        assert!(!scope_allows(&sources(&["/shop"]), "/shopping"));
+        assert!(scope_allows(&sources(&["/shop/*"]), "/shop/eu"));
+        assert!(!scope_allows(&sources(&["/shop/*"]), "/shopping"));
+        assert!(scope_allows(
+            &sources(&["https://a.example/x,y", "urn:b:*"]),
+            "urn:b:1"
+        ));
+        assert!(scope_allows(&sources(&["*"]), "anything at all"));
+        assert!(!scope_allows(&[], "/shop"));
+
+        let publish = sources(&["orderPlaced"]);
+        assert!(check_sources(&[], &[]).is_ok());
+        assert!(check_sources(&publish, &sources(&["/shop"])).is_ok());
+        let missing = check_sources(&publish, &[]).unwrap_err();
+        assert!(missing.contains("at least one source"), "{missing}");
+        for bad in ["", "/shop\n", "/a\u{7f}"] {
+            assert!(
+                check_sources(&publish, &sources(&[bad])).is_err(),
+                "{bad:?}"
+            );
+        }
+        let long = "s".repeat(MAX_SOURCE_PATTERN_LEN + 1);
+        assert!(check_sources(&publish, &[long]).is_err());
+        assert!(check_sources(&publish, &["é".repeat(MAX_SOURCE_PATTERN_LEN)]).is_ok());
     }
 }

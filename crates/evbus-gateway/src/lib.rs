@@ -653,29 +653,97 @@ async fn follow_store(state: Arc<State>) {
     }
 }
 
-/// Creates an API key in `store` and returns it (the only time the full key exists). It is
-/// held to the gateway's default rate limit; [`create_key_with_rate_limit`] gives it its own.
-pub async fn create_key(
-    store: &dyn Store,
-    name: &str,
-    subscribe: Vec<String>,
-    publish: Vec<String>,
-    admin: bool,
-    expires_at: Option<DateTime<Utc>>,
-) -> Result<(KeyRecord, String), StoreError> {
-    create_key_with_rate_limit(store, name, subscribe, publish, admin, expires_at, None).await
+/// What a new API key may do: the argument of [`create_key`].
+///
+/// ```
+/// # use evbus_gateway::KeySpec;
+/// let shop = KeySpec::new("shop")
+///     .publish(["orderPlaced"])
+///     .sources(["/shop", "https://shop.example/*"])
+///     .subscribe(["order*"]);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Who or what uses the key.
+    pub name: String,
+    /// Event types (names or `*` patterns) the key may subscribe to.
+    pub subscribe: Vec<String>,
+    /// Event types (names or `*` patterns) the key may publish.
+    pub publish: Vec<String>,
+    /// The CloudEvents `source` values (exact, or `*` patterns) its published events may
+    /// carry: required when [`publish`](Self::publish) is not empty
+    /// ([`keys::check_sources`]).
+    pub sources: Vec<String>,
+    /// Whether the key may manage keys and read `/metrics`.
+    pub admin: bool,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Its own request rate limit; `None`: the gateway's default.
+    pub rate_limit: Option<RateLimit>,
 }
 
-/// [`create_key`] with the key's own request rate limit (`None`: the gateway's default).
-pub async fn create_key_with_rate_limit(
+impl KeySpec {
+    /// A key named `name` that may do nothing yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        KeySpec {
+            name: name.into(),
+            ..KeySpec::default()
+        }
+    }
+
+    /// The event types it may subscribe to.
+    pub fn subscribe<S: Into<String>>(mut self, types: impl IntoIterator<Item = S>) -> Self {
+        self.subscribe = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The event types it may publish (it needs [`sources`](Self::sources) too).
+    pub fn publish<S: Into<String>>(mut self, types: impl IntoIterator<Item = S>) -> Self {
+        self.publish = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The sources its published events may carry.
+    pub fn sources<S: Into<String>>(mut self, sources: impl IntoIterator<Item = S>) -> Self {
+        self.sources = sources.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether it is an admin key.
+    pub fn admin(mut self, admin: bool) -> Self {
+        self.admin = admin;
+        self
+    }
+
+    /// When it stops working.
+    pub fn expires_at(mut self, at: Option<DateTime<Utc>>) -> Self {
+        self.expires_at = at;
+        self
+    }
+
+    /// Its own request rate limit.
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+}
+
+/// Creates an API key in `store` and returns it (the only time the full key exists). Scope
+/// patterns, source patterns ([`keys::check_sources`]) and the rate limit are checked first:
+/// a refused spec creates nothing.
+pub async fn create_key(
     store: &dyn Store,
-    name: &str,
-    subscribe: Vec<String>,
-    publish: Vec<String>,
-    admin: bool,
-    expires_at: Option<DateTime<Utc>>,
-    rate_limit: Option<RateLimit>,
+    spec: KeySpec,
 ) -> Result<(KeyRecord, String), StoreError> {
+    let KeySpec {
+        name,
+        subscribe,
+        publish,
+        sources,
+        admin,
+        expires_at,
+        rate_limit,
+    } = spec;
     if let Some(limit) = rate_limit {
         RateLimit::new(limit.per_second.into(), limit.burst.into()).map_err(StoreError)?;
     }
@@ -686,13 +754,15 @@ pub async fn create_key_with_rate_limit(
             )));
         }
     }
+    keys::check_sources(&publish, &sources).map_err(StoreError)?;
     let key = NewKey::generate();
     let record = KeyRecord {
         id: key.id().to_owned(),
-        name: name.to_owned(),
+        name,
         secret_hash: key.secret_hash(),
         subscribe,
         publish,
+        sources,
         admin,
         // Milliseconds, as stored: the answer to the creation shows what a read shows later.
         created_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 3),

@@ -101,7 +101,7 @@ pub(crate) fn document() -> Value {
         "description": "percent-decoded, UTF-8 text (otherwise 400)"}]);
     let mut publish = op(
         "Publish one CloudEvent, validated against the catalogue",
-        "a key whose publish scope covers the event type (an external type)",
+        "a key whose publish scope covers the event type (an external type) and whose sources match the event's `source`",
         (
             "202",
             json_ok(
@@ -112,7 +112,7 @@ pub(crate) fn document() -> Value {
         &["400", "403", "409", "413", "415", "422"],
     );
     publish["description"] = json!(
-        "Needs: a key whose publish scope covers the event type (an external type). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415. Besides its request rate, a key may publish so many bytes of request bodies per second (publish_bytes_per_second): a body is charged with its length before it is parsed, and one over what is left is answered 429 with `limit` (the bytes per second) and Retry-After, unparsed."
+        "Needs: a key whose publish scope covers the event type (an external type) and one of whose `sources` matches the event's `source` (otherwise 403, before anything is kept: a key cannot claim another producer's source and id). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415. Besides its request rate, a key may publish so many bytes of request bodies per second (publish_bytes_per_second): a body is charged with its length before it is parsed, and one over what is left is answered 429 with `limit` (the bytes per second) and Retry-After, unparsed."
     );
     publish["requestBody"] = json!({
         "required": true,
@@ -261,6 +261,9 @@ fn schemas() -> Value {
     let opt_time = json!({"type": ["string", "null"], "format": "date-time"});
     let scope = json!({"type": "string", "pattern": "^[A-Za-z0-9._*-]{1,200}$", "description": "an event type name or a * pattern"});
     let visible = |max: u32| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": NO_CONTROL});
+    let mut source_pattern = visible(crate::keys::MAX_SOURCE_PATTERN_LEN as u32);
+    source_pattern["description"] =
+        json!("a CloudEvents source, or a pattern of one with * for any run of characters");
     json!({
         "Problem": {"type": "object", "required": ["title", "status"],
             "description": "RFC 9457 problem details. Members beyond the four standard ones appear where they explain the refusal; error bodies name positions in the request, never its values.",
@@ -368,11 +371,20 @@ fn schemas() -> Value {
             "budget_resets_at": {"type": ["string", "null"], "format": "date-time", "description": "when more budget frees up (the webhook's window ends, or its key's first one); null when no window is open"}
         }},
         "CreateKey": {"type": "object", "required": ["name"], "additionalProperties": false,
-            "examples": [{"name": "erp", "subscribe": ["afterOrder*"], "publish": []}],
+            // A key that may publish is bound to at least one source: `publish` absent or
+            // empty, or `sources` not empty.
+            "anyOf": [
+                {"properties": {"publish": {"maxItems": 0}}},
+                {"required": ["sources"], "properties": {"sources": {"minItems": 1}}}
+            ],
+            "examples": [{"name": "erp", "subscribe": ["afterOrder*"], "publish": []},
+                {"name": "shop", "publish": ["afterOrderCreate"], "sources": ["/shop", "https://shop.example/*"]}],
             "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "[^ \\t\\r\\n]", "description": "not only spaces"},
             "subscribe": {"type": "array", "items": scope},
             "publish": {"type": "array", "items": scope},
+            "sources": {"type": "array", "items": source_pattern,
+                "description": "the CloudEvents `source` values the key's published events may carry: exact, or with `*` for any run of characters (`*` alone: any source); at least one is required when `publish` is not empty"},
             "admin": {"type": "boolean"},
             "expires_at": opt_time,
             "rate_limit": {"type": ["object", "null"], "required": ["per_second"], "additionalProperties": false,
@@ -382,10 +394,11 @@ fn schemas() -> Value {
                 "burst": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::RateLimit::MAX_BURST, "description": "requests at once; absent or null: twice per_second"}
             }}
         }},
-        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "admin", "created_at", "expires_at", "revoked_at", "rate_limit"], "properties": {
+        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "sources", "admin", "created_at", "expires_at", "revoked_at", "rate_limit"], "properties": {
             "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},
             "subscribe": {"type": "array", "items": {"type": "string"}},
             "publish": {"type": "array", "items": {"type": "string"}},
+            "sources": {"type": "array", "items": {"type": "string"}, "description": "the sources the key may publish under (keys made before sources were bound: `*`)"},
             "admin": {"type": "boolean"}, "created_at": time,
             "expires_at": opt_time, "revoked_at": opt_time,
             "rate_limit": {"type": "object", "required": ["per_second", "burst", "default"],

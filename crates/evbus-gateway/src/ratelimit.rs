@@ -198,6 +198,7 @@ mod tests {
             secret_hash: vec![],
             subscribe: vec![],
             publish: vec![],
+            sources: vec![],
             admin: false,
             created_at: chrono::Utc::now(),
             expires_at: None,

@@ -514,7 +514,7 @@ async fn data_directory_is_0700_and_database_files_0600() {
     assert_eq!(mode(&db), 0o644);
     let store = evbus_gateway::SqliteStore::open_dir(&fresh).await.unwrap();
     assert_eq!(mode(&fresh), 0o700);
-    let (_, _) = evbus_gateway::create_key(&store, "k", vec![], vec![], false, None)
+    let (_, _) = evbus_gateway::create_key(&store, evbus_gateway::KeySpec::new("k"))
         .await
         .unwrap();
     for f in files(&fresh) {

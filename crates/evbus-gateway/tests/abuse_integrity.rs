@@ -339,16 +339,12 @@ async fn the_source_migration_keeps_events_and_positions() {
 async fn a_stream_ends_when_its_key_expires() {
     let h = Harness::memory().await;
     let expires_at = Utc::now() + chrono::Duration::milliseconds(1500);
-    let (_, key) = evbus_gateway::create_key(
-        h.store.as_ref(),
-        "short-lived",
-        vec!["*".into()],
-        vec![],
-        false,
-        Some(expires_at),
-    )
-    .await
-    .unwrap();
+    let spec = evbus_gateway::KeySpec::new("short-lived")
+        .subscribe(["*"])
+        .expires_at(Some(expires_at));
+    let (_, key) = evbus_gateway::create_key(h.store.as_ref(), spec)
+        .await
+        .unwrap();
     let mut stream = h
         .http
         .get(h.url("/v1/stream"))

@@ -28,16 +28,15 @@ fn payload(ty: &str) -> Value {
 #[tokio::test]
 async fn missing_unknown_malformed_expired_and_revoked_keys_get_401_everywhere() {
     let h = Harness::memory().await;
-    let (expired_rec, expired) = evbus_gateway::create_key(
-        h.store.as_ref(),
-        "old",
-        vec!["*".into()],
-        vec!["*".into()],
-        true,
-        Some(Utc::now() - chrono::Duration::seconds(1)),
-    )
-    .await
-    .unwrap();
+    let spec = evbus_gateway::KeySpec::new("old")
+        .subscribe(["*"])
+        .publish(["*"])
+        .sources(["*"])
+        .admin(true)
+        .expires_at(Some(Utc::now() - chrono::Duration::seconds(1)));
+    let (expired_rec, expired) = evbus_gateway::create_key(h.store.as_ref(), spec)
+        .await
+        .unwrap();
     let revoked = h.key(&["*"], &["*"]).await;
     let revoked_id = evbus_gateway::keys::parse(&revoked).unwrap().0.to_owned();
     let (s, _) = h
@@ -351,7 +350,7 @@ async fn a_second_rotation_during_the_overlap_is_refused_unless_it_retires_the_p
 #[tokio::test]
 async fn a_scope_that_matches_no_external_type_is_reported_when_the_key_is_made() {
     let h = Harness::memory().await;
-    let body = json!({"name": "typo", "subscribe": ["afterOrder*", "afterOdrer*"], "publish": ["afterProductUpdate", "zzz*"]});
+    let body = json!({"name": "typo", "subscribe": ["afterOrder*", "afterOdrer*"], "publish": ["afterProductUpdate", "zzz*"], "sources": ["*"]});
     let (s, created) = h.call("POST", "/v1/keys", Some(&h.admin), Some(body)).await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     let warnings: Vec<&str> = created["warnings"]
@@ -376,7 +375,7 @@ async fn a_scope_that_matches_no_external_type_is_reported_when_the_key_is_made(
             "POST",
             "/v1/keys",
             Some(&h.admin),
-            Some(json!({"name": "fine", "subscribe": ["*"], "publish": ["afterOrderCreate"]})),
+            Some(json!({"name": "fine", "subscribe": ["*"], "publish": ["afterOrderCreate"], "sources": ["/crm"]})),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use evbus::Bus;
-use evbus_gateway::{Gateway, GatewayConfig, PostgresStore, Store};
+use evbus_gateway::{Gateway, GatewayConfig, KeySpec, PostgresStore, Store};
 use serde_json::{Value, json};
 use support::*;
 
@@ -77,7 +77,7 @@ impl Instances {
             tokio::spawn(async move { axum::serve(listener, router).await });
             gateways.push(gateway);
         }
-        let (_, admin) = evbus_gateway::create_key(&first, "admin", vec![], vec![], true, None)
+        let (_, admin) = evbus_gateway::create_key(&first, KeySpec::new("admin").admin(true))
             .await
             .unwrap();
         Some(Instances {
@@ -159,7 +159,7 @@ async fn key_with_held_webhook(
             "POST",
             "/v1/keys",
             admin,
-            Some(json!({"name": name, "subscribe": [ORDERS], "publish": [ORDERS]})),
+            Some(json!({"name": name, "subscribe": [ORDERS], "publish": [ORDERS], "sources": ["/external"]})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -313,7 +313,7 @@ async fn postgres_a_secret_rotated_on_one_instance_while_a_replay_waits_is_kept(
             "POST",
             "/v1/keys",
             &instances.admin,
-            Some(json!({"name": "crm", "subscribe": [ORDERS], "publish": [ORDERS]})),
+            Some(json!({"name": "crm", "subscribe": [ORDERS], "publish": [ORDERS], "sources": ["*"]})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");

@@ -1,8 +1,9 @@
 //! The integrator portal (`/portal`) driven in a real headless Chromium through WebDriver
 //! (Debian's `chromium` and `chromium-driver`): sign in, event types, webhooks (a refused URL,
 //! creation, the first attempt in the log, secret rotation, replay, re-enabling, editing the
-//! event types), the live tail with pause and filter, and as an admin: keys (create, revoke)
-//! and the delivery overview; a revoked key's session is refused.
+//! event types), the live tail with pause and filter, and as an admin: keys (create with
+//! scopes and sources, refused without sources, revoke) and the delivery overview; a revoked
+//! key's session is refused.
 //!
 //! Without `chromium`/`chromedriver` the browser tests print a loud warning and pass, unless
 //! `CI` or `EVBUS_REQUIRE_BROKERS` is set (then it is a failure). `EVBUS_CHROMIUM` and
@@ -648,8 +649,26 @@ async fn portal_in_a_real_browser() {
     wait_text(c, "#keys-list", &key_id(&user)[..6]).await;
     fill(c, "#key-name", "partner-crm").await;
     fill(c, "#key-subscribe", "afterProductUpdate").await;
+    // Publish scopes without a source: refused, and the page says why.
+    fill(c, "#key-publish", "afterProductUpdate").await;
+    click(c, "#key-create button[type=submit]").await;
+    let refusal = wait_text(c, "#key-create-error", "not created").await;
+    assert!(refusal.contains("400"), "{refusal}");
+    assert!(refusal.contains("at least one source"), "{refusal}");
+    assert!(
+        !shown(c, "#key-new").await,
+        "no key shown for a refused form"
+    );
+    // One source per line; a comma is part of a source, not a separator.
+    fill(
+        c,
+        "#key-sources",
+        "/partner-crm\n  https://crm.example/a,b/*  \n",
+    )
+    .await;
     click(c, "#key-create button[type=submit]").await;
     let made = wait_text(c, "#key-new .secret-value", "evb_").await;
+    assert_eq!(text(c, "#key-create-error").await, "");
     let (status, body) = h.call("GET", "/v1/event-types", Some(&made), None).await;
     assert_eq!(status, StatusCode::OK);
     let names: Vec<&str> = body
@@ -663,8 +682,78 @@ async fn portal_in_a_real_browser() {
         ["afterProductUpdate"],
         "the scopes given in the form"
     );
+    // The key publishes under its sources only: another is refused before the data is read
+    // (403); under one of its sources the data is checked (here: 422).
+    let (status, body) = h.call("GET", "/v1/keys", Some(&h.admin), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let record = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "partner-crm")
+        .unwrap_or_else(|| panic!("partner-crm listed: {body}"))
+        .clone();
+    assert_eq!(record["publish"], json!(["afterProductUpdate"]));
+    assert_eq!(
+        record["sources"],
+        json!(["/partner-crm", "https://crm.example/a,b/*"]),
+        "the sources given in the form"
+    );
+    let (status, body) = h.publish(&made, "afterProductUpdate", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`source`"),
+        "{body}"
+    );
+    let resp = h
+        .http
+        .post(h.url("/v1/events"))
+        .bearer_auth(&made)
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": "crm-1", "source": "https://crm.example/a,b/orders",
+                "type": "afterProductUpdate", "datacontenttype": "application/json", "data": {}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422, "past the source check");
     click(c, "#key-new button").await;
     wait_text(c, "#keys-list", "partner-crm").await;
+    // The list shows each key's sources, one each.
+    let row = format!(
+        "#keys-list tr[data-key='{}']",
+        record["id"].as_str().unwrap()
+    );
+    let shown_sources = js(
+        c,
+        "return [...document.querySelectorAll(arguments[0] + ' td:nth-child(5) code')].map(e => e.textContent)",
+        vec![json!(row)],
+    )
+    .await;
+    assert_eq!(
+        shown_sources,
+        json!(["/partner-crm", "https://crm.example/a,b/*"])
+    );
+    let user_sources = js(
+        c,
+        "return [...document.querySelectorAll(arguments[0] + ' td:nth-child(5) code')].map(e => e.textContent)",
+        vec![json!(format!("#keys-list tr[data-key='{}']", key_id(&user)))],
+    )
+    .await;
+    assert_eq!(
+        user_sources,
+        json!(["*"]),
+        "the test user's key may publish under any source"
+    );
+    assert_eq!(
+        text(c, "#keys-list thead").await,
+        "NamePrefixSubscribePublishSourcesAdminCreatedExpiresState"
+    );
     assert_eq!(unlabelled(c).await, json!([]), "every control has a label");
     browser.shot("keys", "body").await;
     open_view(c, "deliveries").await;

@@ -953,7 +953,7 @@ fn key_creations_of_any_body_get_a_documented_answer() {
     ]
     .boxed();
     let body = bodies(
-        json!({"name": "k", "subscribe": ["afterOrder*"], "publish": ["afterOrderCreate"], "admin": false, "expires_at": "2999-01-01T00:00:00Z", "rate_limit": {"per_second": 10, "burst": 20}}),
+        json!({"name": "k", "subscribe": ["afterOrder*"], "publish": ["afterOrderCreate"], "sources": ["/crm", "https://crm.example/*"], "admin": false, "expires_at": "2999-01-01T00:00:00Z", "rate_limit": {"per_second": 10, "burst": 20}}),
         vec![
         (
             "name",
@@ -967,6 +967,14 @@ fn key_creations_of_any_body_get_a_documented_answer() {
         ),
         ("subscribe", scopes.clone()),
         ("publish", scopes),
+        (
+            "sources",
+            prop_oneof![
+                3 => proptest::collection::vec(prop_oneof![".{0,40}", Just("*".to_owned()), ".{2040,2060}"], 0..3).prop_map(|v| json!(v)),
+                1 => json_value(),
+            ]
+            .boxed(),
+        ),
         (
             "admin",
             prop_oneof![3 => Just(json!(false)), 1 => json_value()].boxed(),

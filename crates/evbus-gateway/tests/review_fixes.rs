@@ -168,16 +168,13 @@ async fn a_read_stream_stays_open_past_the_write_stall_bound() {
     config.stream_keepalive = Duration::from_millis(200);
     let served = served(config).await;
     let (addr, store) = (served.addr.clone(), Arc::clone(&served.store));
-    let (_, key) = evbus_gateway::create_key(
-        store.as_ref(),
-        "streamer",
-        vec![ORDERS.into()],
-        vec![ORDERS.into()],
-        false,
-        None,
-    )
-    .await
-    .unwrap();
+    let spec = evbus_gateway::KeySpec::new("streamer")
+        .subscribe([ORDERS])
+        .publish([ORDERS])
+        .sources(["*"]);
+    let (_, key) = evbus_gateway::create_key(store.as_ref(), spec)
+        .await
+        .unwrap();
     let http = reqwest::Client::new();
     let mut stream = http
         .get(format!("http://{addr}/v1/stream?types={ORDERS}"))

@@ -48,6 +48,10 @@ pub struct KeyRecord {
     pub subscribe: Vec<String>,
     /// Event types (names or `*` patterns) the key may publish.
     pub publish: Vec<String>,
+    /// The CloudEvents `source` values (exact, or `*` patterns) the key's published events
+    /// may carry ([`keys::check_sources`](crate::keys::check_sources)). Keys created before
+    /// sources were bound have `*`.
+    pub sources: Vec<String>,
     /// Whether the key may manage keys.
     pub admin: bool,
     /// When it was created.

@@ -291,6 +291,7 @@ fn key_from(row: &PgRow) -> KeyRecord {
         secret_hash: row.get("secret_hash"),
         subscribe: row.get("subscribe"),
         publish: row.get("publish"),
+        sources: row.get("sources"),
         admin: row.get("admin"),
         created_at: time(row.get("created_at")),
         expires_at: opt_time(row.get("expires_at")),
@@ -488,8 +489,8 @@ async fn replay_use(
 impl Store for PostgresStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&key.id)
         .bind(text(&key.name))
@@ -502,6 +503,7 @@ impl Store for PostgresStore {
         .bind(key.revoked_at.map(ms))
         .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
         .bind(key.rate_limit.map(|l| i64::from(l.burst)))
+        .bind(&key.sources)
         .execute(&self.pool)
         .await?;
         Ok(())

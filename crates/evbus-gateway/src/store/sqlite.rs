@@ -188,6 +188,7 @@ fn key_from(row: &SqliteRow) -> KeyRecord {
         secret_hash: row.get("secret_hash"),
         subscribe: from_json(row.get("subscribe")),
         publish: from_json(row.get("publish")),
+        sources: from_json(row.get("sources")),
         admin: row.get::<i64, _>("admin") != 0,
         created_at: time(row.get("created_at")),
         expires_at: opt_time(row.get("expires_at")),
@@ -325,8 +326,8 @@ impl Store for SqliteStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
         let _write = self.writer.lock().await;
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -339,6 +340,7 @@ impl Store for SqliteStore {
         .bind(key.revoked_at.map(ms))
         .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
         .bind(key.rate_limit.map(|l| i64::from(l.burst)))
+        .bind(to_json(&key.sources))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use evbus::{Bus, Catalog, Transport};
-use evbus_gateway::{Gateway, GatewayConfig, OutboundPolicy, SqliteStore, Store};
+use evbus_gateway::{Gateway, GatewayConfig, KeySpec, OutboundPolicy, SqliteStore, Store};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -181,7 +181,7 @@ impl Harness {
         let router = gateway.router();
         tokio::spawn(async move { axum::serve(listener, router).await });
         let (_, admin) =
-            evbus_gateway::create_key(store.as_ref(), "admin", vec![], vec![], true, None)
+            evbus_gateway::create_key(store.as_ref(), KeySpec::new("admin").admin(true))
                 .await
                 .unwrap();
         Harness {
@@ -195,17 +195,27 @@ impl Harness {
         }
     }
 
+    /// A key with these scopes; one that may publish may use any `source` (see
+    /// [`key_for_sources`](Self::key_for_sources)).
     pub async fn key(&self, subscribe: &[&str], publish: &[&str]) -> String {
-        let (_, key) = evbus_gateway::create_key(
-            self.store.as_ref(),
-            "test",
-            subscribe.iter().map(|s| s.to_string()).collect(),
-            publish.iter().map(|s| s.to_string()).collect(),
-            false,
-            None,
-        )
-        .await
-        .unwrap();
+        let sources: &[&str] = if publish.is_empty() { &[] } else { &["*"] };
+        self.key_for_sources(subscribe, publish, sources).await
+    }
+
+    /// A key with these scopes, bound to these source patterns.
+    pub async fn key_for_sources(
+        &self,
+        subscribe: &[&str],
+        publish: &[&str],
+        sources: &[&str],
+    ) -> String {
+        let spec = KeySpec::new("test")
+            .subscribe(subscribe.iter().copied())
+            .publish(publish.iter().copied())
+            .sources(sources.iter().copied());
+        let (_, key) = evbus_gateway::create_key(self.store.as_ref(), spec)
+            .await
+            .unwrap();
         key
     }
 

@@ -683,27 +683,40 @@ function patterns(text) {
   return text.split(',').map((s) => s.trim()).filter(Boolean);
 }
 
+/** The sources of the form, one per line (never split on commas: a source may hold one),
+ * each with its line number for messages. */
+function sourceLines(text) {
+  return text.split(/\r?\n/).map((s, i) => ({ source: s.trim(), line: i + 1 })).filter((s) => s.source);
+}
+
 async function createKey(ev) {
   ev.preventDefault();
   const err = $('key-create-error');
   err.textContent = '';
+  const sources = sourceLines($('key-sources').value);
   const body = {
     name: $('key-name').value,
     subscribe: patterns($('key-subscribe').value),
     publish: patterns($('key-publish').value),
+    sources: sources.map((s) => s.source),
     admin: $('key-admin').checked,
   };
   const exp = $('key-expires').value;
   if (exp) body.expires_at = new Date(exp).toISOString();
   try {
     const made = await api('POST', '/v1/keys', body);
-    for (const id of ['key-name', 'key-subscribe', 'key-publish', 'key-expires']) $(id).value = '';
+    for (const id of ['key-name', 'key-subscribe', 'key-publish', 'key-sources', 'key-expires']) $(id).value = '';
     $('key-admin').checked = false;
     await loadKeys();
     const warnings = (made.warnings || []).length ? ` Check its scopes: ${made.warnings.join('; ')}.` : '';
     secretBox($('key-new'), `Key "${made.name}" created:`, made.key, `Give it to its holder through a safe channel; the gateway keeps only a hash.${warnings}`);
   } catch (e) {
-    const names = e.problem && e.problem.detail && e.problem.detail.includes('`publish`') ? body.publish : body.subscribe;
+    const detail = (e.problem && e.problem.detail) || '';
+    // `invalid_positions` index the list the detail names: a scope list, or the sources
+    // (named by their line in the form: a bad one may be long or hold invisible characters).
+    const names = detail.includes('`publish`') ? body.publish
+      : detail.includes('source pattern') ? sources.map((s) => `line ${s.line} of the sources`)
+        : body.subscribe;
     err.textContent = `The key was not created. ${problemText(e, names)}`;
   }
 }
@@ -713,7 +726,7 @@ async function loadKeys() {
   const list = clear($('keys-list'));
   list.append(el('table', { class: 'keys' },
     el('caption', { text: `${keys.length} key${keys.length === 1 ? '' : 's'}` }),
-    el('thead', {}, el('tr', {}, ['Name', 'Prefix', 'Subscribe', 'Publish', 'Admin', 'Created', 'Expires', 'State', ''].map((h) => el('th', { scope: 'col', text: h })))),
+    el('thead', {}, el('tr', {}, ['Name', 'Prefix', 'Subscribe', 'Publish', 'Sources', 'Admin', 'Created', 'Expires', 'State', ''].map((h) => el('th', { scope: 'col', text: h })))),
     el('tbody', {}, keys.map((k) => {
       const revoked = Boolean(k.revoked_at);
       const expired = k.expires_at && new Date(k.expires_at) <= new Date();
@@ -736,6 +749,7 @@ async function loadKeys() {
         el('td', {}, el('code', { text: k.prefix })),
         el('td', {}, k.subscribe.map((p) => el('span', { class: 'pill', text: p }))),
         el('td', {}, k.publish.map((p) => el('span', { class: 'pill', text: p }))),
+        el('td', { class: 'sources' }, (k.sources || []).map((s) => el('code', { class: 'pill source', text: s, title: s === '*' ? 'any source' : null }))),
         el('td', { text: k.admin ? 'yes' : 'no' }),
         el('td', { text: when(k.created_at) }),
         el('td', { text: k.expires_at ? when(k.expires_at) : 'never' }),
