@@ -1,8 +1,10 @@
 //! The commerce scenario end to end, on the example catalogue (`examples/schemas`):
 //!
 //! 1. order events are routed to one topic `orders`, keyed by order id;
-//! 2. two groups each see every event: `inventory` (restocks canceled orders, keeping per-order
-//!    order) and `notifications` (mails the customer); both are typed or raw handlers;
+//! 2. two handler groups: `inventory` handles `afterOrderCancel` (restocks canceled orders) and
+//!    `notifications` handles `afterOrderCreate` and `afterOrderCancel` (mails the customer);
+//!    every handler is a raw one (`Bus::on`, reading the data as JSON) and runs the events of
+//!    one order one at a time, in order (`ordered_by_key(true)`);
 //! 3. `afterOrderCreate` and `afterOrderCancel` are emitted through the Bus;
 //! 4. a drifted `afterOrderCancel` (the old emitter forgot `returnToStock`) is refused at
 //!    emit, naming the missing field, and nothing is published.
