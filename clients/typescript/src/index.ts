@@ -28,6 +28,8 @@ export type {
   CreateKeyInput,
   CreateWebhookInput,
   KeyInfo,
+  KeyPublishByteRate,
+  KeyPublishByteRateInput,
   KeyRateLimit,
   KeyRateLimitInput,
   NewKey,

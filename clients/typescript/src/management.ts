@@ -171,6 +171,24 @@ export interface CreateKeyInput {
   expires_at?: string | Date | null;
   /** The key's own rate limit; null or absent: the gateway's default. */
   rate_limit?: KeyRateLimitInput | null;
+  /**
+   * The key's own publish byte rate (request-body bytes of `publish` per second, 1 to
+   * 1,073,741,824; the burst is a second's worth, never less than the largest accepted body);
+   * null or absent: the gateway's default (`evbus serve --publish-bytes-per-second`).
+   */
+  publish_byte_rate?: KeyPublishByteRateInput | null;
+}
+
+/** A key's own publish byte rate, at creation. */
+export interface KeyPublishByteRateInput {
+  bytes_per_second: number;
+}
+
+/** The publish byte rate a key is held to. */
+export interface KeyPublishByteRate {
+  bytes_per_second: number;
+  /** True when this is the gateway's default (the key has no rate of its own). */
+  default: boolean;
 }
 
 /** The limit a key is held to. */
@@ -203,6 +221,8 @@ export interface KeyInfo {
   /** null: not revoked. */
   revoked_at: string | null;
   rate_limit: KeyRateLimit;
+  /** Over it, `publish` is answered 429 with `Retry-After`, the body unread. */
+  publish_byte_rate: KeyPublishByteRate;
 }
 
 /** What `POST /v1/keys` answers (OpenAPI `NewKey`). */

@@ -504,9 +504,10 @@ describe("API keys", () => {
       sources: ["/erp", "https://erp.example/a,b/*"],
       expires_at: expires,
       rate_limit: { per_second: 5 },
+      publish_byte_rate: { bytes_per_second: 65536 },
     });
     const declared = {
-      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true, key: true,
+      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true, publish_byte_rate: true, key: true,
       warnings: true,
     } satisfies Record<keyof NewKey, true>;
     assert.deepEqual(Object.keys(created).sort(), Object.keys(declared).sort());
@@ -521,6 +522,7 @@ describe("API keys", () => {
     assert.equal(Date.parse(created.expires_at ?? ""), expires.getTime());
     assert.equal(created.revoked_at, null);
     assert.deepEqual(created.rate_limit, { per_second: 5, burst: 10, default: false });
+    assert.deepEqual(created.publish_byte_rate, { bytes_per_second: 65536, default: false });
     assert.deepEqual(created.warnings, []);
     assertTime(created.created_at, "created_at");
 
@@ -548,6 +550,7 @@ describe("API keys", () => {
     assert.equal(typo.warnings.length, 1);
     assert.match(typo.key, /^evb_/);
     assert.deepEqual(typo.rate_limit, { per_second: 50, burst: 100, default: true });
+    assert.deepEqual(typo.publish_byte_rate, { bytes_per_second: 8 * 1024 * 1024, default: true });
     assert.equal(typo.expires_at, null);
   });
 
@@ -557,7 +560,7 @@ describe("API keys", () => {
     const listed = keys.find((k) => k.id === created.id);
     assert.ok(listed);
     const declared = {
-      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true,
+      id: true, name: true, prefix: true, subscribe: true, publish: true, sources: true, admin: true, created_at: true, expires_at: true, revoked_at: true, rate_limit: true, publish_byte_rate: true,
     } satisfies Record<keyof KeyInfo, true>;
     assert.deepEqual(Object.keys(listed).sort(), Object.keys(declared).sort());
     const { key: _key, warnings: _warnings, ...record } = created;
@@ -609,7 +612,7 @@ describe("API keys", () => {
     assert.equal(keys.find((k) => k.id === target.id)?.revoked_at, null);
   });
 
-  test("400: a name of spaces, a scope that is no pattern, a wrong rate limit, an unknown member", async () => {
+  test("400: a name of spaces, a scope that is no pattern, a wrong rate limit or byte rate, an unknown member", async () => {
     const before = (await admin.listKeys()).length;
     const spaces = await gatewayError(admin.createKey({ name: "   " }));
     assert.equal(spaces.status, 400);
@@ -620,6 +623,9 @@ describe("API keys", () => {
     const rate = await gatewayError(admin.createKey({ name: "r", rate_limit: { per_second: 0 } }));
     assert.equal(rate.status, 400);
     assert.match(rate.detail, /rate_limit\.per_second/);
+    const bytes = await gatewayError(admin.createKey({ name: "b", publish_byte_rate: { bytes_per_second: 0 } }));
+    assert.equal(bytes.status, 400);
+    assert.match(bytes.detail, /publish_byte_rate/);
     const unknown = await gatewayError(admin.createKey({ name: "u", scopes: ["*"] } as never));
     assert.equal(unknown.status, 400);
     assert.equal((await admin.listKeys()).length, before, "no key was created");

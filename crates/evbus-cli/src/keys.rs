@@ -63,6 +63,16 @@ pub(crate) struct CreateArgs {
         requires = "rate_limit"
     )]
     rate_limit_burst: Option<u64>,
+    /// The key's own publish byte rate: bytes of event bodies it may publish per second
+    /// through `POST /v1/events` (1 to 1073741824). Default: the gateway's
+    /// (`evbus serve --publish-bytes-per-second`).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        value_parser = clap::value_parser!(u64)
+            .range(1..=evbus_gateway::store::MAX_PUBLISH_BYTES_PER_SECOND)
+    )]
+    publish_bytes_per_second: Option<u64>,
     /// The event catalogue the gateway serves (as given to `evbus serve --schemas`): each
     /// scope pattern that matches none of its external event types is reported on stderr
     /// (the key is created all the same).
@@ -136,6 +146,7 @@ fn create(args: CreateArgs) -> Result<ExitCode, Failure> {
             admin: args.admin,
             expires_at: args.expires_at,
             rate_limit,
+            publish_bytes_per_second: args.publish_bytes_per_second,
         };
         let (record, key) = evbus_gateway::create_key(store.as_ref(), spec)
             .await

@@ -135,6 +135,34 @@ fn keys_create_takes_scopes_and_refuses_bad_patterns() {
     assert!(unbound.stdout.is_empty());
     let message = String::from_utf8_lossy(&unbound.stderr);
     assert!(message.contains("--source"), "{message}");
+    // A publish byte rate of the key's own: 1 to 1 GiB a second, stored as given.
+    for bad in ["0", "1073741825", "-1", "fast"] {
+        let out = keys_create(&root, &["--name", "b", "--publish-bytes-per-second", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(out.stdout.is_empty(), "{bad}");
+    }
+    let out = keys_create(
+        &root,
+        &["--name", "bytes", "--publish-bytes-per-second", "65536"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = evbus_gateway::keys::parse(String::from_utf8(out.stdout).unwrap().trim())
+        .unwrap()
+        .0
+        .to_owned();
+    let record = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = evbus_gateway::SqliteStore::open_dir(&root.join("state"))
+            .await
+            .unwrap();
+        let record = evbus_gateway::Store::get_key(&store, &id).await.unwrap();
+        store.close().await;
+        record.unwrap()
+    });
+    assert_eq!(record.publish_bytes_per_second, Some(65536));
     let _ = std::fs::remove_dir_all(root);
 }
 

@@ -258,7 +258,7 @@ async fn charged_body(
         .filter(|n| *n <= max);
     let mut charged = 0;
     if let Some(n) = declared {
-        if let Err(wait) = state.publish_bytes.take(&key.id, n) {
+        if let Err(wait) = state.publish_bytes.take(key, n) {
             let waits_for_continue = request
                 .headers()
                 .get(header::EXPECT)
@@ -266,7 +266,7 @@ async fn charged_body(
             if !waits_for_continue {
                 drop_body(request.into_body(), n).await;
             }
-            return Err(over_publish_bytes(state, wait));
+            return Err(over_publish_bytes(state, key, wait));
         }
         charged = n;
     }
@@ -276,9 +276,9 @@ async fn charged_body(
         .await
         .map_err(IntoResponse::into_response)?;
     if body.len() > charged
-        && let Err(wait) = state.publish_bytes.take(&key.id, body.len() - charged)
+        && let Err(wait) = state.publish_bytes.take(key, body.len() - charged)
     {
-        return Err(over_publish_bytes(state, wait));
+        return Err(over_publish_bytes(state, key, wait));
     }
     Ok((headers, body))
 }
@@ -297,13 +297,13 @@ async fn drop_body(body: axum::body::Body, at_most: usize) {
 
 /// The 429 of a publish over its key's byte allowance: like the request rate's, with the
 /// rate (bytes per second) as `limit`.
-fn over_publish_bytes(state: &State, wait: std::time::Duration) -> Response {
+fn over_publish_bytes(state: &State, key: &KeyRecord, wait: std::time::Duration) -> Response {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     Problem::new(
         StatusCode::TOO_MANY_REQUESTS,
-        "publish byte rate of this key exceeded (publish_bytes_per_second); the body was not read as an event",
+        "publish byte rate of this key exceeded (its publish_byte_rate, or the gateway's publish_bytes_per_second); the body was not read as an event",
     )
-    .with("limit", json!(state.config.publish_bytes_per_second.max(1)))
+    .with("limit", json!(state.publish_bytes.effective(key)))
     .retry_after(seconds.max(1))
     .into_response()
 }
@@ -503,6 +503,33 @@ struct CreateKey {
     /// `{"per_second": N, "burst": M}` (`burst` optional), checked by [`key_rate_limit`].
     #[serde(default)]
     rate_limit: Option<Value>,
+    /// `{"bytes_per_second": N}`, checked by [`key_publish_byte_rate`].
+    #[serde(default)]
+    publish_byte_rate: Option<Value>,
+}
+
+/// A key's own publish byte rate from its creation request: an object with
+/// `bytes_per_second` (1 to [`crate::store::MAX_PUBLISH_BYTES_PER_SECOND`]). Errors name the
+/// field, never
+/// the value.
+fn key_publish_byte_rate(value: &Value) -> Result<u64, Problem> {
+    let max = crate::store::MAX_PUBLISH_BYTES_PER_SECOND;
+    let refused = || {
+        Problem::bad_request(format!(
+            "`publish_byte_rate` must be an object with `bytes_per_second`, a whole number from 1 to {max}"
+        ))
+    };
+    let Value::Object(fields) = value else {
+        return Err(refused());
+    };
+    if fields.keys().any(|k| k != "bytes_per_second") {
+        return Err(refused());
+    }
+    fields
+        .get("bytes_per_second")
+        .and_then(Value::as_u64)
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(refused)
 }
 
 /// A key's own rate limit from its creation request: an object with `per_second` (1 to
@@ -560,6 +587,10 @@ fn key_view(state: &State, k: &KeyRecord) -> Value {
             "per_second": limit.per_second,
             "burst": limit.burst,
             "default": k.rate_limit.is_none(),
+        },
+        "publish_byte_rate": {
+            "bytes_per_second": state.publish_bytes.effective(k),
+            "default": k.publish_bytes_per_second.is_none(),
         },
     })
 }
@@ -619,6 +650,10 @@ async fn create_key(
         None | Some(Value::Null) => None,
         Some(v) => Some(key_rate_limit(v)?),
     };
+    let publish_bytes_per_second = match &req.publish_byte_rate {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(key_publish_byte_rate(v)?),
+    };
     let spec = crate::KeySpec {
         name: req.name,
         subscribe: req.subscribe,
@@ -627,6 +662,7 @@ async fn create_key(
         admin: req.admin,
         expires_at: req.expires_at,
         rate_limit,
+        publish_bytes_per_second,
     };
     let (record, exposed) = crate::create_key(state.store.as_ref(), spec).await?;
     let mut body = key_view(&state, &record);

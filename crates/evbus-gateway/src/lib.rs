@@ -70,8 +70,8 @@ pub struct GatewayConfig {
     /// event is CPU on the request path, and the request rate alone let one key post
     /// [`max_body_bytes`](Self::max_body_bytes) 50 times a second. The burst is a second's
     /// worth and never less than `max_body_bytes`, so a body the gateway accepts always
-    /// fits a full allowance. The same for every key (keys have no byte limit of their own),
-    /// per instance. Default 8 MiB/s: a burst of 8 bodies of the default 1 MiB, and a key at
+    /// fits a full allowance. For keys without a rate of their own
+    /// ([`KeyRecord::publish_bytes_per_second`]), per instance. Default 8 MiB/s: a burst of 8 bodies of the default 1 MiB, and a key at
     /// the default request rate (50/s) never meets it with events of up to 160 KiB.
     /// 0 counts as 1.
     pub publish_bytes_per_second: u64,
@@ -339,7 +339,7 @@ pub(crate) struct State {
     /// Per-key pace of streams catching up on the log.
     catch_up: ratelimit::ByteRate,
     /// Per-key allowance of published request-body bytes.
-    publish_bytes: ratelimit::ByteRate,
+    publish_bytes: ratelimit::PublishRates,
     streams: Arc<Semaphore>,
     /// Open streams per key id.
     key_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -491,7 +491,7 @@ impl Gateway {
             fanout: stream::Fanout::new(config.stream_buffer_pages, latest),
             limiters: ratelimit::Limiters::new(default_limit),
             catch_up: ratelimit::ByteRate::catch_up(config.stream_catch_up_bytes_per_second),
-            publish_bytes: ratelimit::ByteRate::publish(
+            publish_bytes: ratelimit::PublishRates::new(
                 config.publish_bytes_per_second,
                 config.max_body_bytes,
             ),
@@ -680,6 +680,9 @@ pub struct KeySpec {
     pub expires_at: Option<DateTime<Utc>>,
     /// Its own request rate limit; `None`: the gateway's default.
     pub rate_limit: Option<RateLimit>,
+    /// Its own publish byte rate (1 to [`store::MAX_PUBLISH_BYTES_PER_SECOND`]); `None`: the
+    /// gateway's default ([`GatewayConfig::publish_bytes_per_second`]).
+    pub publish_bytes_per_second: Option<u64>,
 }
 
 impl KeySpec {
@@ -726,6 +729,12 @@ impl KeySpec {
         self.rate_limit = limit;
         self
     }
+
+    /// Its own publish byte rate.
+    pub fn publish_bytes_per_second(mut self, rate: Option<u64>) -> Self {
+        self.publish_bytes_per_second = rate;
+        self
+    }
 }
 
 /// Creates an API key in `store` and returns it (the only time the full key exists). Scope
@@ -743,9 +752,18 @@ pub async fn create_key(
         admin,
         expires_at,
         rate_limit,
+        publish_bytes_per_second,
     } = spec;
     if let Some(limit) = rate_limit {
         RateLimit::new(limit.per_second.into(), limit.burst.into()).map_err(StoreError)?;
+    }
+    if publish_bytes_per_second
+        .is_some_and(|n| !(1..=store::MAX_PUBLISH_BYTES_PER_SECOND).contains(&n))
+    {
+        return Err(StoreError(format!(
+            "the publish byte rate must be a whole number of bytes per second from 1 to {}",
+            store::MAX_PUBLISH_BYTES_PER_SECOND
+        )));
     }
     for p in subscribe.iter().chain(&publish) {
         if !keys::is_valid_pattern(p) {
@@ -769,6 +787,7 @@ pub async fn create_key(
         expires_at,
         revoked_at: None,
         rate_limit,
+        publish_bytes_per_second,
     };
     store.insert_key(&record).await?;
     Ok((record, key.expose()))

@@ -112,7 +112,7 @@ pub(crate) fn document() -> Value {
         &["400", "403", "409", "413", "415", "422"],
     );
     publish["description"] = json!(
-        "Needs: a key whose publish scope covers the event type (an external type) and one of whose `sources` matches the event's `source` (otherwise 403, before anything is kept: a key cannot claim another producer's source and id). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415. Besides its request rate, a key may publish so many bytes of request bodies per second (publish_bytes_per_second): a body is charged with its length before it is parsed, and one over what is left is answered 429 with `limit` (the bytes per second) and Retry-After, unparsed."
+        "Needs: a key whose publish scope covers the event type (an external type) and one of whose `sources` matches the event's `source` (otherwise 403, before anything is kept: a key cannot claim another producer's source and id). Structured mode is described here (Content-Type: application/cloudevents+json). Binary mode is also accepted: the ce-specversion, ce-id, ce-source and ce-type headers (and optional ce-subject, ce-partitionkey, other ce-* extensions), Content-Type application/json and the data as the body; any other request is answered 415. Besides its request rate, a key may publish so many bytes of request bodies per second (its own publish_byte_rate, else the gateway's publish_bytes_per_second): a body is charged with its length before it is parsed, and one over what is left is answered 429 with `limit` (the bytes per second) and Retry-After, unparsed."
     );
     publish["requestBody"] = json!({
         "required": true,
@@ -392,9 +392,14 @@ fn schemas() -> Value {
                 "properties": {
                 "per_second": {"type": "integer", "minimum": 1, "maximum": crate::RateLimit::MAX_PER_SECOND, "description": "requests per second, sustained"},
                 "burst": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::RateLimit::MAX_BURST, "description": "requests at once; absent or null: twice per_second"}
+            }},
+            "publish_byte_rate": {"type": ["object", "null"], "required": ["bytes_per_second"], "additionalProperties": false,
+                "description": "the key's own publish byte rate (request-body bytes of POST /v1/events per second; the burst is a second's worth, never less than the largest accepted body); without it, the gateway's default (publish_bytes_per_second)",
+                "properties": {
+                "bytes_per_second": {"type": "integer", "minimum": 1, "maximum": crate::store::MAX_PUBLISH_BYTES_PER_SECOND}
             }}
         }},
-        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "sources", "admin", "created_at", "expires_at", "revoked_at", "rate_limit"], "properties": {
+        "Key": {"type": "object", "required": ["id", "name", "prefix", "subscribe", "publish", "sources", "admin", "created_at", "expires_at", "revoked_at", "rate_limit", "publish_byte_rate"], "properties": {
             "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},
             "subscribe": {"type": "array", "items": {"type": "string"}},
             "publish": {"type": "array", "items": {"type": "string"}},
@@ -406,6 +411,12 @@ fn schemas() -> Value {
                 "properties": {
                 "per_second": {"type": "integer", "minimum": 1},
                 "burst": {"type": "integer", "minimum": 1},
+                "default": {"type": "boolean"}
+            }},
+            "publish_byte_rate": {"type": "object", "required": ["bytes_per_second", "default"],
+                "description": "the publish byte rate the key is held to: its own, or the gateway's default (`default: true`)",
+                "properties": {
+                "bytes_per_second": {"type": "integer", "minimum": 1},
                 "default": {"type": "boolean"}
             }}
         }},

@@ -17,11 +17,49 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::store::{KeyRecord, RateLimit};
 
-type Keyed = Arc<DefaultKeyedRateLimiter<String>>;
+/// Limiters made on first use, one per limit in use, each shared by the keys held to it.
+struct PerLimit<L, V> {
+    map: RwLock<HashMap<L, Arc<V>>>,
+}
+
+impl<L: std::hash::Hash + Eq + Copy, V> PerLimit<L, V> {
+    fn new() -> Self {
+        PerLimit {
+            map: RwLock::default(),
+        }
+    }
+
+    /// The limiter of `limit`, made by `make` if there is none yet.
+    fn get(&self, limit: L, make: impl FnOnce() -> V) -> Arc<V> {
+        // A poisoned lock only means a panic elsewhere mid-insert: the map is still whole.
+        if let Some(l) = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&limit)
+        {
+            return Arc::clone(l);
+        }
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(limit).or_insert_with(|| Arc::new(make())))
+    }
+
+    /// Keeps the limiters for which `keep` (which may tidy them) says so.
+    fn retain(&self, mut keep: impl FnMut(&V) -> bool) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, limiter| keep(limiter));
+    }
+
+    #[cfg(test)]
+    fn sum(&self, f: impl Fn(&V) -> usize) -> usize {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|l| f(l)).sum()
+    }
+}
 
 pub(crate) struct Limiters {
     default: RateLimit,
-    by_limit: RwLock<HashMap<RateLimit, Keyed>>,
+    by_limit: PerLimit<RateLimit, DefaultKeyedRateLimiter<String>>,
     clock: DefaultClock,
 }
 
@@ -30,7 +68,7 @@ impl Limiters {
     pub(crate) fn new(default: RateLimit) -> Limiters {
         Limiters {
             default,
-            by_limit: RwLock::default(),
+            by_limit: PerLimit::new(),
             clock: DefaultClock::default(),
         }
     }
@@ -43,36 +81,19 @@ impl Limiters {
     /// Takes one request of `key`'s bucket; when it is empty, how long until it is not.
     pub(crate) fn check(&self, key: &KeyRecord) -> Result<(), Duration> {
         let limit = self.effective(key);
-        let limiter = self.limiter(limit);
+        let limiter = self.by_limit.get(limit, || {
+            let per_second = NonZeroU32::new(limit.per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst))
+        });
         limiter
             .check_key(&key.id)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
-    fn limiter(&self, limit: RateLimit) -> Keyed {
-        // A poisoned lock only means a panic elsewhere mid-insert: the map is still whole.
-        if let Some(l) = self
-            .by_limit
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&limit)
-        {
-            return Arc::clone(l);
-        }
-        let mut map = self.by_limit.write().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(map.entry(limit).or_insert_with(|| {
-            let per_second = NonZeroU32::new(limit.per_second).unwrap_or(NonZeroU32::MIN);
-            let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-            Arc::new(RateLimiter::keyed(
-                Quota::per_second(per_second).allow_burst(burst),
-            ))
-        }))
-    }
-
     /// Forgets the keys whose bucket is full again, and the limiters left with no key.
     pub(crate) fn retain_recent(&self) {
-        let mut map = self.by_limit.write().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, limiter| {
+        self.by_limit.retain(|limiter| {
             limiter.retain_recent();
             limiter.shrink_to_fit();
             !limiter.is_empty()
@@ -82,8 +103,54 @@ impl Limiters {
     /// Keys holding state, over every limiter (tests of boundedness).
     #[cfg(test)]
     pub(crate) fn tracked(&self) -> usize {
-        let map = self.by_limit.read().unwrap_or_else(|e| e.into_inner());
-        map.values().map(|l| l.len()).sum()
+        self.by_limit.sum(|l| l.len())
+    }
+}
+
+/// The publish byte rates of keys: a key with a rate of its own
+/// ([`KeyRecord::publish_bytes_per_second`]) is held to it, any other to the gateway's
+/// default ([`GatewayConfig::publish_bytes_per_second`](crate::GatewayConfig::publish_bytes_per_second));
+/// one [`ByteRate::publish`] per rate in use.
+pub(crate) struct PublishRates {
+    default: u64,
+    max_body_bytes: usize,
+    by_rate: PerLimit<u64, ByteRate>,
+}
+
+impl PublishRates {
+    pub(crate) fn new(default: u64, max_body_bytes: usize) -> PublishRates {
+        PublishRates {
+            default,
+            max_body_bytes,
+            by_rate: PerLimit::new(),
+        }
+    }
+
+    /// The bytes per second `key` may publish.
+    pub(crate) fn effective(&self, key: &KeyRecord) -> u64 {
+        key.publish_bytes_per_second.unwrap_or(self.default).max(1)
+    }
+
+    /// Takes `bytes` of `key`'s allowance (see [`ByteRate::take`]).
+    pub(crate) fn take(&self, key: &KeyRecord, bytes: usize) -> Result<(), Duration> {
+        let rate = self.effective(key);
+        self.by_rate
+            .get(rate, || ByteRate::publish(rate, self.max_body_bytes))
+            .take(&key.id, bytes)
+    }
+
+    /// Forgets the keys whose allowance is full again, and the rates left with no key.
+    pub(crate) fn retain_recent(&self) {
+        self.by_rate.retain(|rate| {
+            rate.retain_recent();
+            !rate.limiter.is_empty()
+        });
+    }
+
+    /// Keys holding state, over every rate (tests of boundedness).
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
+        self.by_rate.sum(|r| r.limiter.len())
     }
 }
 
@@ -204,6 +271,7 @@ mod tests {
             expires_at: None,
             revoked_at: None,
             rate_limit: limit,
+            publish_bytes_per_second: None,
         }
     }
 
@@ -230,7 +298,45 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         limiters.retain_recent();
         assert_eq!(limiters.tracked(), 0);
-        assert!(limiters.by_limit.read().unwrap().is_empty());
+        assert!(limiters.by_limit.map.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn each_key_publishes_at_its_own_byte_rate_or_the_default() {
+        // A default of 1 KiB/s, bodies of at most 1 KiB: bursts of 1 KiB.
+        let rates = PublishRates::new(1024, 1024);
+        let own = KeyRecord {
+            publish_bytes_per_second: Some(64 * 1024),
+            ..key("own", None)
+        };
+        let default = key("default", None);
+        let taken = |k: &KeyRecord| (0..100).take_while(|_| rates.take(k, 1024).is_ok()).count();
+        assert_eq!(taken(&own), 64);
+        assert_eq!(taken(&default), 1);
+        assert_eq!(rates.effective(&own), 64 * 1024);
+        assert_eq!(rates.effective(&default), 1024);
+        // A key on the same rate as another has its own allowance.
+        let twin = KeyRecord {
+            publish_bytes_per_second: Some(64 * 1024),
+            ..key("twin", None)
+        };
+        assert_eq!(taken(&twin), 64);
+        assert_eq!(rates.tracked(), 3);
+    }
+
+    #[test]
+    fn state_of_refilled_publish_allowances_is_dropped() {
+        let rates = PublishRates::new(1 << 30, 1);
+        for i in 0..50 {
+            let mut k = key(&format!("k{i}"), None);
+            k.publish_bytes_per_second = (i % 2 == 0).then_some(1 << 29);
+            rates.take(&k, 1).unwrap();
+        }
+        assert_eq!(rates.tracked(), 50);
+        std::thread::sleep(Duration::from_millis(5));
+        rates.retain_recent();
+        assert_eq!(rates.tracked(), 0);
+        assert!(rates.by_rate.map.read().unwrap().is_empty());
     }
 
     #[test]

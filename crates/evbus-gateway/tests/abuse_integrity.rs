@@ -24,17 +24,7 @@ fn product() -> Value {
 
 /// Posts a structured CloudEvent built from `attributes` (plus JSON data); status and raw body.
 async fn post_event(h: &Harness, key: &str, attributes: Value) -> (StatusCode, String) {
-    let resp = h
-        .http
-        .post(h.url("/v1/events"))
-        .bearer_auth(key)
-        .header("content-type", "application/cloudevents+json")
-        .body(attributes.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    (status, resp.text().await.unwrap_or_default())
+    h.post_cloud_event(key, &attributes).await
 }
 
 fn event(id: &str, source: &str, ty: &str, data: Value) -> Value {

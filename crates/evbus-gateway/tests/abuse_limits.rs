@@ -76,17 +76,8 @@ async fn first_frame(h: &Harness, key: &str, types: &str) -> String {
 }
 
 async fn post_event(h: &Harness, key: &str, event: Value) {
-    let resp = h
-        .http
-        .post(h.url("/v1/events"))
-        .bearer_auth(key)
-        .header("content-type", "application/cloudevents+json")
-        .body(event.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    assert_eq!(status, 202, "{}", resp.text().await.unwrap_or_default());
+    let (status, text) = h.post_cloud_event(key, &event).await;
+    assert_eq!(status, 202, "{text}");
 }
 
 fn product(id: &str) -> Value {

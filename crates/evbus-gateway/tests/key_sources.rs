@@ -18,17 +18,7 @@ const ORDERS: &str = "afterOrderCreate";
 async fn post(h: &Harness, key: &str, id: &str, source: &str) -> (StatusCode, String) {
     let event = json!({"specversion": "1.0", "id": id, "source": source, "type": ORDERS,
         "datacontenttype": "application/json", "data": order_created()});
-    let resp = h
-        .http
-        .post(h.url("/v1/events"))
-        .bearer_auth(key)
-        .header("content-type", "application/cloudevents+json")
-        .body(event.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    (status, resp.text().await.unwrap_or_default())
+    h.post_cloud_event(key, &event).await
 }
 
 #[tokio::test]

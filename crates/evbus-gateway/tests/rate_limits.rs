@@ -1,6 +1,7 @@
 //! Per-key rate limits: a key's own limit (set at creation through `POST /v1/keys`), the
 //! gateway's default for keys without one, what `GET /v1/keys` shows, and the values the
-//! admin API refuses; and the per-key publish byte rate (`publish_bytes_per_second`).
+//! admin API refuses; and the publish byte rate (`publish_bytes_per_second`, or a key's own
+//! `publish_byte_rate`).
 
 mod support;
 
@@ -296,6 +297,90 @@ async fn a_key_over_its_publish_byte_rate_gets_429_while_another_key_publishes()
     // And a small event that fits what is left is accepted.
     let (status, _, body) = post_event(&h, &heavy, event_of(1_000)).await;
     assert_eq!(status, 202, "{body}");
+}
+
+/// A key made with a publish byte rate of its own is held to it, above or below the
+/// gateway's default, while keys without one keep the default; `GET /v1/keys` shows which.
+#[tokio::test]
+async fn a_key_with_its_own_publish_byte_rate_is_held_to_it() {
+    // A default of 1 KiB/s and a body limit of 256 KiB: bursts of 256 KiB.
+    let h = byte_limited(1024, 256 * 1024).await;
+    let create = |name: &str, rate: u64| {
+        create_key(
+            &h,
+            json!({"name": name, "publish": [ORDERS], "sources": ["/external"],
+                   "publish_byte_rate": {"bytes_per_second": rate}}),
+        )
+    };
+    let (s, fast) = create("producer", 1024 * 1024).await;
+    assert_eq!(s, StatusCode::CREATED, "{fast}");
+    assert_eq!(
+        fast["publish_byte_rate"],
+        json!({"bytes_per_second": 1024 * 1024, "default": false})
+    );
+    let (s, slow) = create("trickle", 1).await;
+    assert_eq!(s, StatusCode::CREATED, "{slow}");
+    let plain = h.key(&[], &[ORDERS]).await;
+    let plain_id = evbus_gateway::keys::parse(&plain).unwrap().0.to_owned();
+    assert_eq!(
+        listed(&h, &plain_id).await["publish_byte_rate"],
+        json!({"bytes_per_second": 1024, "default": true})
+    );
+    assert_eq!(
+        listed(&h, fast["id"].as_str().unwrap()).await["publish_byte_rate"],
+        json!({"bytes_per_second": 1024 * 1024, "default": false})
+    );
+
+    // Its own burst of 1 MiB: ten events of 100 KB, where the default lets two through.
+    let fast = fast["key"].as_str().unwrap();
+    for n in 0..10 {
+        let (status, _, body) = post_event(&h, fast, event_of(100_000)).await;
+        assert_eq!(status, 202, "event {n}: {body}");
+    }
+    for key in [&plain, slow["key"].as_str().unwrap()] {
+        for _ in 0..2 {
+            let (status, _, body) = post_event(&h, key, event_of(100_000)).await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    let (status, headers, body) = post_event(&h, &plain, event_of(100_000)).await;
+    assert_over_byte_rate(status, &headers, &body, 1024, 30);
+    // Below the default: the burst is still the largest body, and `limit` is its own rate.
+    let slow = slow["key"].as_str().unwrap();
+    let (status, headers, body) = post_event(&h, slow, event_of(100_000)).await;
+    assert_over_byte_rate(status, &headers, &body, 1, 30);
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_bad_publish_byte_rates_with_a_clear_400() {
+    let h = Harness::memory().await;
+    let before = h.store.list_keys().await.unwrap().len();
+    let max = evbus_gateway::store::MAX_PUBLISH_BYTES_PER_SECOND;
+    for rate in [
+        json!({"bytes_per_second": 0}),
+        json!({"bytes_per_second": -1}),
+        json!({"bytes_per_second": 1.5}),
+        json!({"bytes_per_second": "5"}),
+        json!({"bytes_per_second": max + 1}),
+        json!({"bytes_per_second": 5, "burst": 5}),
+        json!({}),
+        json!(5),
+    ] {
+        let (s, body) = create_key(&h, json!({"name": "bad", "publish_byte_rate": rate})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{rate}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("`publish_byte_rate`"), "{rate}: {body}");
+    }
+    assert_eq!(h.store.list_keys().await.unwrap().len(), before);
+    let (s, body) = create_key(&h, json!({"name": "ok", "publish_byte_rate": null})).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["publish_byte_rate"]["default"], json!(true));
+    let (s, body) = create_key(
+        &h,
+        json!({"name": "max", "publish_byte_rate": {"bytes_per_second": max}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
 }
 
 /// The 429 comes before the body is parsed or validated: over its allowance, a body that is

@@ -132,6 +132,7 @@ fn key(id: &str) -> KeyRecord {
         expires_at: None,
         revoked_at: None,
         rate_limit: None,
+        publish_bytes_per_second: Some(3 * 1024 * 1024),
     }
 }
 

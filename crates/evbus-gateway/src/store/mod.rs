@@ -64,6 +64,18 @@ pub struct KeyRecord {
     /// ([`GatewayConfig::rate_limit_per_second`](crate::GatewayConfig::rate_limit_per_second)
     /// and [`rate_limit_burst`](crate::GatewayConfig::rate_limit_burst)).
     pub rate_limit: Option<RateLimit>,
+    /// Its own publish byte rate (bytes of `POST /v1/events` bodies per second, 1 to
+    /// [`MAX_PUBLISH_BYTES_PER_SECOND`]); `None`: the gateway's default
+    /// ([`GatewayConfig::publish_bytes_per_second`](crate::GatewayConfig::publish_bytes_per_second)).
+    pub publish_bytes_per_second: Option<u64>,
+}
+
+/// The largest publish byte rate a key may be given: 1 GiB per second.
+pub const MAX_PUBLISH_BYTES_PER_SECOND: u64 = 1 << 30;
+
+/// A publish byte rate read back from a store.
+pub(crate) fn publish_bytes_from_column(value: Option<i64>) -> Option<u64> {
+    value.and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0)
 }
 
 /// A request rate limit: a token bucket holding `burst` requests, refilled at `per_second`.

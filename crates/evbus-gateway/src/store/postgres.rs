@@ -300,6 +300,9 @@ fn key_from(row: &PgRow) -> KeyRecord {
             row.get("rate_limit_per_second"),
             row.get("rate_limit_burst"),
         ),
+        publish_bytes_per_second: super::publish_bytes_from_column(
+            row.get("publish_bytes_per_second"),
+        ),
     }
 }
 
@@ -489,8 +492,8 @@ async fn replay_use(
 impl Store for PostgresStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources, publish_bytes_per_second)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&key.id)
         .bind(text(&key.name))
@@ -504,6 +507,7 @@ impl Store for PostgresStore {
         .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
         .bind(key.rate_limit.map(|l| i64::from(l.burst)))
         .bind(&key.sources)
+        .bind(key.publish_bytes_per_second.and_then(|n| i64::try_from(n).ok()))
         .execute(&self.pool)
         .await?;
         Ok(())

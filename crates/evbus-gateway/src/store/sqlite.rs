@@ -197,6 +197,9 @@ fn key_from(row: &SqliteRow) -> KeyRecord {
             row.get("rate_limit_per_second"),
             row.get("rate_limit_burst"),
         ),
+        publish_bytes_per_second: super::publish_bytes_from_column(
+            row.get("publish_bytes_per_second"),
+        ),
     }
 }
 
@@ -326,8 +329,8 @@ impl Store for SqliteStore {
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()> {
         let _write = self.writer.lock().await;
         sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at, expires_at, revoked_at, rate_limit_per_second, rate_limit_burst, sources, publish_bytes_per_second)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -341,6 +344,7 @@ impl Store for SqliteStore {
         .bind(key.rate_limit.map(|l| i64::from(l.per_second)))
         .bind(key.rate_limit.map(|l| i64::from(l.burst)))
         .bind(to_json(&key.sources))
+        .bind(key.publish_bytes_per_second.and_then(|n| i64::try_from(n).ok()))
         .execute(&self.pool)
         .await?;
         Ok(())

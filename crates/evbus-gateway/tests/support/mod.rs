@@ -219,6 +219,22 @@ impl Harness {
         key
     }
 
+    /// Posts `event` as a structured CloudEvent to `POST /v1/events`; the status and the raw
+    /// answer.
+    pub async fn post_cloud_event(&self, key: &str, event: &Value) -> (StatusCode, String) {
+        let resp = self
+            .http
+            .post(self.url("/v1/events"))
+            .bearer_auth(key)
+            .header("content-type", "application/cloudevents+json")
+            .body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
