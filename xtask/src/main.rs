@@ -35,8 +35,9 @@ struct Xtask {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Everything CI checks, in order: fmt, clippy, the workspace tests (including every
-    /// adapter's conformance target) and tidy. This is the README's test command.
+    /// Everything CI checks, in order: fmt, clippy, the workspace tests (with every
+    /// adapter's conformance target), chaos, contract, clients, containers and tidy. This is
+    /// the README's test command.
     Test,
     /// Runs the conformance target of one adapter, or of every adapter in the workspace.
     Conformance {

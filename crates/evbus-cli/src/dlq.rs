@@ -1,4 +1,4 @@
-//! `evbus dlq`: list, show and redrive the dead letters of one handler group.
+//! `evbus dlq`: list, show, redrive and discard the dead letters of one handler group.
 //!
 //! Everything goes through [`evbus::bus::DeadLetters`], so the queue names are the Bus's
 //! (`Bus::dead_letter_queue_name`, `Bus::redrive_queue_name`): a redriven event goes to the
@@ -144,7 +144,8 @@ pub(crate) enum Format {
     /// One line per dead letter.
     Text,
     /// One JSON object per dead letter: id, type, attempts, origin, first_seen,
-    /// dead_lettered, reason.
+    /// dead_lettered, reason, data_dropped (the bytes of data dropped to fit the queue, or
+    /// null).
     Json,
 }
 

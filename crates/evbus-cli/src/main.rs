@@ -10,6 +10,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 mod capabilities;
 mod consume;
@@ -50,7 +52,7 @@ enum Command {
     /// timeout passed first; 2 usage, schema or transport error; 141 stdout was closed by its
     /// reader (`| head`; the event whose line could not be written is not acked).
     Consume(consume::ConsumeArgs),
-    /// List, show and redrive the dead letters of one handler group.
+    /// List, show, redrive and discard the dead letters of one handler group.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
     /// Run the gateway: HTTP API with API keys, curated payloads, signed webhooks and
@@ -71,11 +73,35 @@ enum Command {
 /// or else by `default`. Without it a command would be silent about what only a log tells: a
 /// dead-letter queue that cannot be written, a broker that keeps refusing, a retry.
 pub(crate) fn log_to_stderr(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    log_to_stderr_quieting(default, false);
+}
+
+/// The default filter of every command but `serve`: warnings and errors only, the commands'
+/// own output says the rest.
+const COMMAND_LOG: &str = "warn,sqlx::postgres::notice=error";
+
+/// [`log_to_stderr`]; with `dead_letters`, and unless `EVBUS_LOG` says otherwise, without the
+/// handler's warning for each event it dead-letters (`dead-lettering an invalid event`,
+/// carrying the reason), which `evbus consume` reports itself, once, on its own line (`evbus:
+/// dead-lettered <id>: <reason>`). The handler's other warnings stay (a dead letter that
+/// could not be written among them: then no line of `consume` reports it).
+fn log_to_stderr_quieting(default: &str, dead_letters: bool) {
+    let (filter, quiet) = match tracing_subscriber::EnvFilter::try_from_env("EVBUS_LOG") {
+        Ok(filter) => (filter, false),
+        Err(_) => (tracing_subscriber::EnvFilter::new(default), dead_letters),
+    };
+    let quieted = quiet.then(|| {
+        tracing_subscriber::filter::filter_fn(|metadata| {
+            !(metadata.target() == "evbus::bus::handler"
+                && tracing_subscriber::filter::LevelFilter::WARN == *metadata.level()
+                && metadata.fields().field("reason").is_some())
+        })
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(quiet_secret_logs(filter))
         .with_writer(|| printable::Escaping(std::io::stderr()))
+        .finish()
+        .with(quieted)
         .try_init();
 }
 
@@ -92,9 +118,11 @@ fn quiet_secret_logs(filter: tracing_subscriber::EnvFilter) -> tracing_subscribe
 fn main() -> ExitCode {
     // Usage errors exit with 2 (clap's own convention, which matches ours).
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
-        // Warnings and errors only: the commands' own output says the rest.
-        log_to_stderr("warn,sqlx::postgres::notice=error");
+    match cli.command {
+        // It logs more: see `serve::run`.
+        Command::Serve(_) => {}
+        Command::Consume(_) => log_to_stderr_quieting(COMMAND_LOG, true),
+        _ => log_to_stderr(COMMAND_LOG),
     }
     let result = match cli.command {
         Command::Events(cmd) => events::run(cmd),

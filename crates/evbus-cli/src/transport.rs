@@ -31,8 +31,15 @@ pub(crate) const ADAPTERS: &[Adapter] = &[
         feature: "redis",
         krate: "evbus-redis",
         schemes: &["redis", "redis+cluster", "rediss", "rediss+cluster"],
-        usage: "redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=...] (rediss:// for TLS; \
-                redis+cluster://HOST:PORT?servers=HOST:PORT,... for a Redis Cluster)",
+        #[cfg(feature = "redis-tls")]
+        usage: "redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=...] (rediss:// for TLS; a Redis \
+                Cluster as redis+cluster://HOST:PORT,HOST:PORT,... or \
+                redis+cluster://HOST:PORT?servers=HOST:PORT,...)",
+        #[cfg(not(feature = "redis-tls"))]
+        usage: "redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=...] (rediss:// for TLS needs a \
+                build with the `redis-tls` feature; a Redis Cluster as \
+                redis+cluster://HOST:PORT,HOST:PORT,... or \
+                redis+cluster://HOST:PORT?servers=HOST:PORT,...)",
         #[cfg(feature = "redis")]
         register: Some(|r| {
             r.register(evbus_redis::RedisConnector);
@@ -56,7 +63,9 @@ pub(crate) const ADAPTERS: &[Adapter] = &[
         feature: "nats",
         krate: "evbus-nats",
         schemes: &["nats", "tls"],
-        usage: "nats://[USER:PASSWORD@]HOST:PORT[?stream_prefix=...] (tls:// to require TLS)",
+        usage: "nats://[USER:PASSWORD@]HOST:PORT[?stream_prefix=...] (a cluster as \
+                nats://HOST:PORT,HOST:PORT,... or nats://HOST:PORT?servers=HOST:PORT,...; \
+                tls:// to require TLS)",
         #[cfg(feature = "nats")]
         register: Some(|r| {
             r.register(evbus_nats::NatsConnector);
@@ -179,7 +188,7 @@ fn check_scheme(registry: &Registry, url: &str) -> Result<(), Failure> {
     let scheme = scheme.as_str();
     let known = registry.schemes();
     if known.contains(&scheme) {
-        return Ok(());
+        return without_tls(scheme).map_or(Ok(()), Err);
     }
     let known = known.join(", ");
     Err(Failure::new(
@@ -198,6 +207,21 @@ fn check_scheme(registry: &Registry, url: &str) -> Result<(), Failure> {
             ),
         },
     ))
+}
+
+/// The refusal of a `rediss://` URL by a build without TLS for Redis (evbus-cli's `redis-tls`
+/// feature). evbus-redis would refuse it too, but with advice for a Cargo.toml, which a user
+/// of the binary does not have.
+fn without_tls(scheme: &str) -> Option<Failure> {
+    if cfg!(feature = "redis-tls") || !["rediss", "rediss+cluster"].contains(&scheme) {
+        return None;
+    }
+    Some(Failure::new(format!(
+        "cannot open transport: `{scheme}://` URLs need TLS for Redis, which this build of evbus \
+         leaves out; rebuild evbus-cli with its `redis-tls` feature (`cargo install --locked \
+         --path crates/evbus-cli --features redis-tls`; it needs OpenSSL's development files), \
+         or use a `redis://` URL"
+    )))
 }
 
 pub(crate) fn catalog(dir: &Path) -> Result<Catalog, Failure> {
@@ -288,6 +312,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[cfg(all(feature = "redis", not(feature = "redis-tls")))]
+    #[test]
+    fn a_tls_redis_url_names_the_feature_that_adds_tls() {
+        for scheme in ["rediss", "rediss+cluster"] {
+            let err = check_scheme(&registry(), &format!("{scheme}://127.0.0.1:6379"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`redis-tls` feature") && !err.contains("Cargo.toml"),
+                "{err}"
+            );
+        }
+        assert!(check_scheme(&registry(), "redis://127.0.0.1:6379").is_ok());
     }
 
     #[test]

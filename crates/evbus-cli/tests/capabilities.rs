@@ -275,3 +275,41 @@ fn the_transport_can_come_from_evbus_transport() {
         text(&output.stderr)
     );
 }
+
+/// A cluster's other hosts may follow the first one or go in `servers`: the CLI parses both
+/// forms, and `--help` shows both (its README said the CLI parsed one host; found by a
+/// new-user review). Checked on the local NATS, as one server named twice.
+#[cfg(all(feature = "redis", feature = "nats"))]
+#[test]
+fn a_clusters_hosts_may_follow_the_first_one_or_go_in_servers() {
+    let help = text(&evbus(&["capabilities", "--help"]).stdout);
+    for form in [
+        "redis+cluster://HOST:PORT,HOST:PORT,...",
+        "redis+cluster://HOST:PORT?servers=HOST:PORT,...",
+        "nats://HOST:PORT,HOST:PORT,...",
+        "nats://HOST:PORT?servers=HOST:PORT,...",
+    ] {
+        assert!(help.contains(form), "{form}: {help}");
+    }
+    let one = evbus(&["capabilities", "--transport", "nats://127.0.0.1:4222"]);
+    if one.status.code() != Some(0) {
+        assert!(
+            !support::require_brokers(),
+            "NATS at 127.0.0.1:4222: {}",
+            text(&one.stderr)
+        );
+        eprintln!(
+            "WARNING: skipped, no NATS at 127.0.0.1:4222: {}",
+            text(&one.stderr)
+        );
+        return;
+    }
+    for url in [
+        "nats://127.0.0.1:4222,127.0.0.1:4222",
+        "nats://127.0.0.1:4222?servers=127.0.0.1:4222",
+    ] {
+        let out = evbus(&["capabilities", "--transport", url]);
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), text(&one.stdout), "{url}");
+    }
+}

@@ -266,6 +266,40 @@ fn a_transport_this_build_cannot_open_is_refused_before_anything_else() {
     }
 }
 
+/// A build without TLS for Redis refuses `rediss://` saying how to get a build with it, not
+/// evbus-redis's advice to edit a Cargo.toml, which a user of the binary does not have (found
+/// by a new-user review).
+#[cfg(all(feature = "redis", not(feature = "redis-tls")))]
+#[test]
+fn a_tls_redis_url_without_tls_built_in_names_the_feature_that_adds_it() {
+    let dir = schemas();
+    for url in [
+        "rediss://127.0.0.1:6379",
+        "rediss+cluster://127.0.0.1:7231,127.0.0.1:7232",
+    ] {
+        let out = evbus(&[
+            "emit",
+            "--transport",
+            url,
+            "--schemas",
+            dir.to_str().unwrap(),
+            "--type",
+            "afterOrderCancel",
+            "--data",
+            &payload("afterOrderCancel.valid.json"),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{url}");
+        assert_eq!(text(&out.stdout), "");
+        let err = text(&out.stderr);
+        assert!(!err.contains("Cargo.toml"), "{err}");
+        assert!(
+            err.contains("rebuild evbus-cli with its `redis-tls` feature")
+                && err.contains("--features redis-tls"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn consume_without_events_exits_1_when_the_timeout_passes() {
     let dir = schemas();

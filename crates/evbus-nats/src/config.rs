@@ -49,9 +49,9 @@ pub struct NatsConfig {
     pub url: String,
     /// More seed servers of the same cluster, `host[:port]` each (port 4222 when omitted),
     /// with the scheme and credentials of [`url`](Self::url). Default none. The URL parameter
-    /// `servers` is a comma-separated list; it is the form to use where the URL is parsed as
-    /// a standard URL before the adapter sees it ([`evbus::Registry`], the `evbus` CLI), which
-    /// rejects comma-separated hosts.
+    /// `servers` is a comma-separated list. [`evbus::Registry`] (and so the `evbus` CLI) takes
+    /// either form: it hands the hosts after the first of `nats://h1,h2` to the adapter as
+    /// `servers`.
     pub servers: Vec<String>,
     /// A token to authenticate with (instead of one in the URL). Default none.
     pub token: Option<String>,

@@ -5,6 +5,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
@@ -115,23 +116,44 @@ impl Consumed {
     }
 }
 
-/// `evbus consume` (one process) until `count` events are handled, at most 30 s.
+/// `evbus consume` (one process) until `count` events are handled, at most 30 s, with its
+/// default log filter (`EVBUS_LOG` unset).
 pub fn consume(url: &str, dir: &Path, ty: &str, group: &str, count: usize) -> Consumed {
-    let out = evbus(&[
-        "consume",
-        "--transport",
-        url,
-        "--schemas",
-        dir.to_str().unwrap(),
-        "--type",
-        ty,
-        "--group",
-        group,
-        "--count",
-        &count.to_string(),
-        "--timeout",
-        "30",
-    ]);
+    consume_logging(url, dir, ty, group, count, None)
+}
+
+/// [`consume`] with `EVBUS_LOG` set to `log`, or unset for `None`.
+pub fn consume_logging(
+    url: &str,
+    dir: &Path,
+    ty: &str,
+    group: &str,
+    count: usize,
+    log: Option<&str>,
+) -> Consumed {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_evbus"));
+    command
+        .args([
+            "consume",
+            "--transport",
+            url,
+            "--schemas",
+            dir.to_str().unwrap(),
+            "--type",
+            ty,
+            "--group",
+            group,
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            "30",
+        ])
+        .stdin(Stdio::null())
+        .env_remove("EVBUS_LOG");
+    if let Some(log) = log {
+        command.env("EVBUS_LOG", log);
+    }
+    let out = command.output().expect("run evbus");
     let stderr = text(&out.stderr);
     let dead_lettered = stderr
         .lines()
