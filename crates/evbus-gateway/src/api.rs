@@ -508,6 +508,17 @@ struct CreateKey {
     publish_byte_rate: Option<Value>,
 }
 
+/// A JSON number that is a whole non-negative number, written as an integer or not (`5` and
+/// `5.0` alike: JSON Schema's `integer`, which the OpenAPI document states); `1.5`, `-1` and
+/// anything else: `None`.
+fn whole_number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
 /// A key's own publish byte rate from its creation request: an object with
 /// `bytes_per_second` (1 to [`crate::store::MAX_PUBLISH_BYTES_PER_SECOND`]). Errors name the
 /// field, never
@@ -527,7 +538,7 @@ fn key_publish_byte_rate(value: &Value) -> Result<u64, Problem> {
     }
     fields
         .get("bytes_per_second")
-        .and_then(Value::as_u64)
+        .and_then(whole_number)
         .filter(|n| (1..=max).contains(n))
         .ok_or_else(refused)
 }
@@ -550,8 +561,7 @@ fn key_rate_limit(value: &Value) -> Result<RateLimit, Problem> {
     let number = |name: &str, max: u32| -> Result<Option<u64>, Problem> {
         match fields.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
+            Some(v) => whole_number(v)
                 .filter(|n| (1..=u64::from(max)).contains(n))
                 .map(Some)
                 .ok_or_else(|| {

@@ -193,6 +193,17 @@ async fn the_admin_api_refuses_bad_rate_limits_with_a_clear_400() {
     let (s, body) = create_key(&h, json!({"name": "ok", "rate_limit": null})).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     assert_eq!(body["rate_limit"]["default"], json!(true));
+    // A whole number written with a fraction is a whole number (JSON Schema's `integer`).
+    let (s, body) = create_key(
+        &h,
+        json!({"name": "float", "rate_limit": {"per_second": 6133.0, "burst": 7000.0}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        body["rate_limit"],
+        json!({"per_second": 6133, "burst": 7000, "default": false})
+    );
 }
 
 const ORDERS: &str = "afterOrderCreate";
@@ -381,6 +392,13 @@ async fn the_admin_api_refuses_bad_publish_byte_rates_with_a_clear_400() {
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = create_key(
+        &h,
+        json!({"name": "float", "publish_byte_rate": {"bytes_per_second": 4096.0}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["publish_byte_rate"]["bytes_per_second"], json!(4096));
 }
 
 /// The 429 comes before the body is parsed or validated: over its allowance, a body that is
