@@ -2,7 +2,10 @@
 //! exclusive lock (`flock`) on `<file>.lock` until its last transport on the file closes or
 //! the process exits (the kernel releases it even on SIGKILL). Another process is refused
 //! with an error naming the holder's pid. Transports of one process share the hold and the
-//! consumers' wake-up signals.
+//! consumers' wake-up signals. `<file>` is the file's real path (symbolic links resolved), and
+//! a file with several names (hard links) is refused: each name would get its own lock file
+//! and its own SQLite `-wal`/`-shm`. The lock is never taken on the database file itself:
+//! closing any descriptor of it would drop this process's POSIX locks SQLite holds on it.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -68,22 +71,81 @@ pub(crate) fn hold(lock_path: &Path, refused: impl FnOnce(&str, &Path) -> Error)
     Ok(lock)
 }
 
+/// The path that names `path`'s file for the single-process rule: the file itself with every
+/// symbolic link resolved when it exists (a link to the file leads to the file's own lock),
+/// else its resolved directory joined with its name (SQLite creates it there). A symbolic
+/// link to a file not created yet is followed too, so the file it creates has the same lock
+/// as when it is opened by its own name later.
+fn canonical(path: &Path) -> Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // As the kernel does, give up on a chain of more than 40 links (a loop).
+    for _ in 0..40 {
+        if let Ok(resolved) = path.canonicalize() {
+            return Ok(resolved);
+        }
+        match std::fs::read_link(&path) {
+            // A dangling link: resolve its target, relative to the link's directory.
+            Ok(target) => {
+                path = match path.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            Err(_) => break,
+        }
+    }
+    let absolute =
+        std::path::absolute(&path).map_err(io(format!("resolving {}", path.display())))?;
+    Ok(match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_err(io(format!("resolving {}", dir.display())))?
+            .join(name),
+        _ => absolute,
+    })
+}
+
+/// Refuses a database file with more than one name (hard link): SQLite keeps its `-wal` and
+/// `-shm` files, and this crate its lock files, beside the name it was opened by, so two
+/// processes writing through two names are not coordinated and corrupt the file. A file that
+/// does not exist yet is fine.
+pub(crate) fn refuse_extra_links(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.is_file()
+            && meta.nlink() > 1
+        {
+            return Err(Error::invalid_config(format!(
+                "the SQLite database {} has {} names (hard links); SQLite cannot coordinate \
+                 two names of one file: each name gets its own -wal and -shm files (and its \
+                 own lock file), so processes opening it by different names would corrupt it",
+                path.display(),
+                meta.nlink()
+            ))
+            .with_hint(
+                "remove the extra link (`find / -xdev -samefile <file>` lists them) and open \
+                 the database by one path only (a symbolic link is fine)",
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl SqliteFile {
     /// Takes (or shares, within this process) the hold on `path`, creating its directory.
+    /// The hold belongs to the file, whatever name (symbolic links resolved) opens it; a
+    /// file with several names (hard links) is refused.
     pub(crate) fn open(path: &Path) -> Result<Arc<SqliteFile>> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(io(format!("creating the directory {}", parent.display())))?;
         }
-        let absolute =
-            std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))?;
-        let canonical = match (absolute.parent(), absolute.file_name()) {
-            (Some(dir), Some(name)) => dir
-                .canonicalize()
-                .map_err(io(format!("resolving {}", dir.display())))?
-                .join(name),
-            _ => absolute,
-        };
+        let canonical = canonical(path)?;
+        refuse_extra_links(&canonical)?;
         let mut open = open_files()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -91,11 +91,71 @@ pub(crate) fn key_of(kind: &str, name: &str) -> String {
     format!("{kind}:{name}")
 }
 
+/// The most bytes of event bodies one publish statement carries. PostgreSQL refuses a
+/// protocol message over 1 GiB by dropping the connection (which reads as an outage, and a
+/// retry meets it again), and SQLite a string over its `SQLITE_MAX_LENGTH` (1e9 bytes by
+/// default): a batch over this is written in several statements of one transaction.
+const MAX_STATEMENT_BYTES: usize = 256 << 20;
+
+/// `bodies` in order, in parts of at most [`MAX_STATEMENT_BYTES`] (a body over it alone in
+/// its part); one part for an empty batch.
+fn statement_parts(bodies: Vec<String>) -> Vec<Vec<String>> {
+    parts_of(bodies, MAX_STATEMENT_BYTES)
+}
+
+/// [`statement_parts`] with a budget of `max` bytes.
+fn parts_of(bodies: Vec<String>, max: usize) -> Vec<Vec<String>> {
+    let mut parts: Vec<Vec<String>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for body in bodies {
+        let last = parts.last_mut().expect("never empty");
+        if !last.is_empty() && bytes + body.len() > max {
+            bytes = 0;
+            parts.push(Vec::new());
+        }
+        bytes += body.len();
+        parts.last_mut().expect("never empty").push(body);
+    }
+    parts
+}
+
+/// The time SQLite rows carry (`seen_at`, `visible_at`, `created_at`), in milliseconds since
+/// the Unix epoch: the wall clock when this process first asked, plus the monotonic time
+/// since. An SQLite bus belongs to one process, so these times are only ever compared within
+/// it (and with older rows of processes before it); a step of the wall clock while it runs
+/// (NTP, a resumed VM) must not make its own live anonymous subscriptions look abandoned to
+/// the cleanup (a forward step past `anonymous_ttl` deleted them), nor hold back or release
+/// at once the deliveries it delayed. PostgreSQL uses the server's `now()` instead.
 pub(crate) fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+    static ANCHOR: std::sync::OnceLock<Anchor> = std::sync::OnceLock::new();
+    ANCHOR
+        .get_or_init(Anchor::now)
+        .at(std::time::Instant::now())
+}
+
+/// A wall-clock time and the monotonic instant it was read at.
+struct Anchor {
+    wall_ms: i64,
+    at: std::time::Instant,
+}
+
+impl Anchor {
+    fn now() -> Anchor {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Anchor {
+            wall_ms: i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// The wall-clock time at `instant`, as the monotonic clock measures it from the anchor.
+    fn at(&self, instant: std::time::Instant) -> i64 {
+        let elapsed = instant.saturating_duration_since(self.at).as_millis();
+        self.wall_ms
+            .saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX))
+    }
 }
 
 /// The longest duration written into SQL (a visibility timeout, a nack delay, retention, an
@@ -572,9 +632,29 @@ impl SqlBroker {
         }
     }
 
+    /// Publishes `bodies` on PostgreSQL: one statement, or, for a batch over
+    /// [`MAX_STATEMENT_BYTES`], one statement per part in one transaction (a batch stays all
+    /// or nothing).
     async fn publish_postgres(
         &self,
         pool: &PgPool,
+        to: &Destination,
+        bodies: Vec<String>,
+    ) -> Result<()> {
+        let mut parts = statement_parts(bodies);
+        if parts.len() == 1 {
+            let bodies = parts.pop().unwrap_or_default();
+            return Self::publish_postgres_statement(pool, to, bodies).await;
+        }
+        let mut tx = pool.begin().await.map_err(sql("publishing"))?;
+        for bodies in parts {
+            Self::publish_postgres_statement(&mut *tx, to, bodies).await?;
+        }
+        tx.commit().await.map_err(sql("publishing"))
+    }
+
+    async fn publish_postgres_statement(
+        db: impl sqlx::PgExecutor<'_>,
         to: &Destination,
         bodies: Vec<String>,
     ) -> Result<()> {
@@ -591,7 +671,7 @@ impl SqlBroker {
                 )
                 .bind(name)
                 .bind(bodies)
-                .execute(pool)
+                .execute(db)
                 .await
                 .map_err(sql("sending to a queue"))?;
             }
@@ -601,7 +681,7 @@ impl SqlBroker {
                 sqlx::query("SELECT evbus_publish_topic($1, $2)")
                     .bind(topic)
                     .bind(bodies)
-                    .execute(pool)
+                    .execute(db)
                     .await
                     .map_err(sql("publishing"))?;
             }
@@ -617,8 +697,6 @@ impl SqlBroker {
     ) -> Result<()> {
         let (kind, dest) = (to.kind(), to.name());
         let now = now_ms();
-        let batch = serde_json::to_string(&bodies)
-            .map_err(|e| evbus::Error::client(evbus::ErrorKind::Internal, "encoding a batch", e))?;
         let mut tx = pool.begin().await.map_err(sql("publishing"))?;
         if kind == "queue" {
             sqlx::query(
@@ -631,32 +709,39 @@ impl SqlBroker {
             .await
             .map_err(sql("publishing"))?;
         }
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO evbus_events (kind, dest, body, created_at) \
-             SELECT ?1, ?2, value, ?3 FROM json_each(?4) ORDER BY key RETURNING id",
-        )
-        .bind(kind)
-        .bind(dest)
-        .bind(now)
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sql("publishing"))?;
-        let (first, last) = (ids.iter().min(), ids.iter().max());
-        if let (Some(first), Some(last)) = (first, last) {
-            sqlx::query(
-                "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
-                 SELECT p.id, e.id, 0, 0 FROM evbus_parts p JOIN evbus_events e \
-                 ON e.id BETWEEN ?3 AND ?4 AND e.kind = ?1 AND e.dest = ?2 \
-                 WHERE p.kind = ?1 AND p.dest = ?2 ORDER BY p.id, e.id",
+        // One statement per part of at most MAX_STATEMENT_BYTES (SQLite refuses a string
+        // over SQLITE_MAX_LENGTH, 1e9 bytes by default), all in this transaction.
+        for bodies in statement_parts(bodies) {
+            let batch = serde_json::to_string(&bodies).map_err(|e| {
+                evbus::Error::client(evbus::ErrorKind::Internal, "encoding a batch", e)
+            })?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO evbus_events (kind, dest, body, created_at) \
+                 SELECT ?1, ?2, value, ?3 FROM json_each(?4) ORDER BY key RETURNING id",
             )
             .bind(kind)
             .bind(dest)
-            .bind(first)
-            .bind(last)
-            .execute(&mut *tx)
+            .bind(now)
+            .bind(batch)
+            .fetch_all(&mut *tx)
             .await
             .map_err(sql("publishing"))?;
+            let (first, last) = (ids.iter().min(), ids.iter().max());
+            if let (Some(first), Some(last)) = (first, last) {
+                sqlx::query(
+                    "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+                     SELECT p.id, e.id, 0, 0 FROM evbus_parts p JOIN evbus_events e \
+                     ON e.id BETWEEN ?3 AND ?4 AND e.kind = ?1 AND e.dest = ?2 \
+                     WHERE p.kind = ?1 AND p.dest = ?2 ORDER BY p.id, e.id",
+                )
+                .bind(kind)
+                .bind(dest)
+                .bind(first)
+                .bind(last)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("publishing"))?;
+            }
         }
         tx.commit().await.map_err(sql("publishing"))?;
         Ok(())
@@ -1162,5 +1247,55 @@ impl Topic for SqlTopic {
                 .await?;
         }
         self.inner.subscribe(options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_time_moves_with_the_monotonic_clock_from_its_anchor() {
+        let start = std::time::Instant::now();
+        let anchor = Anchor {
+            wall_ms: 1_000_000,
+            at: start,
+        };
+        // Whatever the wall clock does meanwhile, 20 minutes later by the monotonic clock is
+        // 20 minutes later: a step of the system clock does not move it.
+        let later = start + Duration::from_secs(20 * 60);
+        assert_eq!(anchor.at(later), 1_000_000 + 20 * 60 * 1000);
+        assert_eq!(anchor.at(start), 1_000_000);
+        // Never before the anchor.
+        let earlier = start.checked_sub(Duration::from_secs(1)).unwrap_or(start);
+        assert_eq!(anchor.at(earlier), 1_000_000);
+        // The process's clock: close to the wall clock, and never going back.
+        let a = now_ms();
+        let b = now_ms();
+        assert!(b >= a);
+        let wall = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        assert!((wall - b).abs() < 60_000, "{wall} vs {b}");
+    }
+
+    #[test]
+    fn a_large_batch_is_cut_into_statements_in_order_and_none_is_empty() {
+        let body = |n: usize, len: usize| format!("{n}{}", "x".repeat(len - 1));
+        // Ten bodies of a quarter of the budget: four per statement.
+        let bodies: Vec<String> = (0..10).map(|n| body(n, 25)).collect();
+        let parts = parts_of(bodies.clone(), 100);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(parts.concat(), bodies, "in order, none lost");
+        // A body over the budget is a statement of its own.
+        let parts = parts_of(vec![body(0, 10), body(1, 101), body(2, 10)], 100);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        // A small batch is one statement; an empty one too.
+        assert_eq!(statement_parts(vec![body(0, 10), body(1, 10)]).len(), 1);
+        assert_eq!(statement_parts(Vec::new()), vec![Vec::<String>::new()]);
     }
 }

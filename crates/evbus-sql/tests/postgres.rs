@@ -841,3 +841,14 @@ async fn a_subscription_deleted_during_a_publish_does_not_fail_it() {
     transport.close().await.unwrap();
     schema.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_one_statement_is_published_whole_in_order() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::a_batch_over_one_statement_is_published_whole_in_order(&transport).await;
+    transport.close().await.unwrap();
+    schema.drop().await;
+}

@@ -556,3 +556,11 @@ async fn a_deleted_subscription_lets_retention_take_what_it_held_and_ends_its_co
     let rows = |table| count(&path, table);
     support::a_deleted_subscription_lets_retention_take_what_it_held(&transport, rows).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_one_statement_is_published_whole_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = open(&dir.path().join("bus.db"), "").await;
+    support::a_batch_over_one_statement_is_published_whole_in_order(&transport).await;
+    transport.close().await.unwrap();
+}

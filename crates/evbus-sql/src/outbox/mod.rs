@@ -77,7 +77,9 @@ impl Outbox {
     }
 
     /// An outbox writing to the table `table` (`name` or `schema.name`: lowercase ASCII
-    /// letters, digits and `_`). Fails with [`ErrorKind::InvalidConfig`](evbus::ErrorKind::InvalidConfig) on another name.
+    /// letters, digits and `_`, at most 63 bytes in all with the suffixes the relay adds:
+    /// PostgreSQL's limit for a name). Fails with
+    /// [`ErrorKind::InvalidConfig`](evbus::ErrorKind::InvalidConfig) on another name.
     pub fn with_table(bus: &Bus, table: &str) -> Result<Outbox> {
         Ok(Outbox {
             bus: bus.clone(),

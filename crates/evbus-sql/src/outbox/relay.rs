@@ -242,6 +242,8 @@ fn sole_relay(pool: &SqlitePool, table: &str) -> Result<Option<std::fs::File>> {
         return Ok(None);
     }
     let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+    // Two names of one file would give two relay locks (and two WALs).
+    crate::sqlite_file::refuse_extra_links(&file)?;
     let mut lock = file.clone().into_os_string();
     lock.push(format!(".outbox-{table}.lock"));
     crate::sqlite_file::hold(std::path::Path::new(&lock), |holder, lock| {
@@ -929,11 +931,26 @@ impl Worker {
     }
 }
 
-/// The longest prefix of `rows` going to one topic.
+/// The most bytes of events one publish of the relay carries (a run holds at least one
+/// event, whatever its size). `batch_size` bounds a round by rows; this bounds each publish by
+/// bytes, so that a backlog of large events is neither one huge transport batch (PostgreSQL
+/// refuses a message over 1 GiB by dropping the connection, which reads as an outage and
+/// would be retried for ever) nor that much memory at once in the transport.
+const RUN_BYTES: usize = 64 << 20;
+
+/// The longest prefix of `rows` going to one topic, of at most [`RUN_BYTES`] of events (at
+/// least one row).
 fn topic_run(rows: &[Row]) -> &[Row] {
     let topic = &rows[0].topic;
-    let n = rows.iter().take_while(|r| &r.topic == topic).count();
-    &rows[..n]
+    let mut bytes = 0;
+    let n = rows
+        .iter()
+        .take_while(|r| {
+            bytes += r.event.len();
+            &r.topic == topic && bytes <= RUN_BYTES
+        })
+        .count();
+    &rows[..n.max(1)]
 }
 
 /// A copy of an error's kind and message (evbus errors are not `Clone`: their source is
@@ -945,5 +962,34 @@ trait CloneShallow {
 impl CloneShallow for Error {
     fn clone_shallow(&self) -> Error {
         Error::new(self.kind(), self.message().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, topic: &str, len: usize) -> Row {
+        Row {
+            seq,
+            bucket: 0,
+            topic: topic.to_owned(),
+            event: "x".repeat(len),
+        }
+    }
+
+    #[test]
+    fn a_run_is_one_topic_and_at_most_its_byte_budget_but_never_empty() {
+        let small = [row(1, "a", 10), row(2, "a", 10), row(3, "b", 10)];
+        assert_eq!(topic_run(&small).len(), 2);
+        // Events of 30 MiB: two fit in 64 MiB, the third starts the next run.
+        let large: Vec<Row> = (1..=5).map(|i| row(i, "a", 30 << 20)).collect();
+        assert_eq!(topic_run(&large).len(), 2);
+        assert_eq!(topic_run(&large[2..]).len(), 2);
+        assert_eq!(topic_run(&large[4..]).len(), 1);
+        // An event over the budget alone is a run of its own.
+        let huge = [row(1, "a", RUN_BYTES + 1), row(2, "a", 1)];
+        assert_eq!(topic_run(&huge).len(), 1);
+        assert_eq!(topic_run(&huge[1..]).len(), 1);
     }
 }

@@ -162,7 +162,7 @@ impl Store {
                          ORDER BY r.seq LIMIT $2
                      )
                      ORDER BY o.seq",
-                    t = pg.table.name
+                    t = pg.table.sql()
                 );
                 sqlx::query(&sql)
                     .bind(buckets)
@@ -177,7 +177,7 @@ impl Store {
                     "SELECT seq, bucket, topic, event FROM {}
                      WHERE bucket IN (SELECT value FROM json_each(?1))
                      ORDER BY seq LIMIT ?2",
-                    lite.table.name
+                    lite.table.sql()
                 );
                 sqlx::query(&sql)
                     .bind(json_array(buckets))
@@ -197,7 +197,7 @@ impl Store {
         }
         let result = match self {
             Store::Postgres(pg) => {
-                let sql = format!("DELETE FROM {} WHERE seq = ANY($1)", pg.table.name);
+                let sql = format!("DELETE FROM {} WHERE seq = ANY($1)", pg.table.sql());
                 sqlx::query(&sql)
                     .bind(seqs)
                     .execute(&pg.pool)
@@ -207,7 +207,7 @@ impl Store {
             Store::Sqlite(lite) => {
                 let sql = format!(
                     "DELETE FROM {} WHERE seq IN (SELECT value FROM json_each(?1))",
-                    lite.table.name
+                    lite.table.sql()
                 );
                 sqlx::query(&sql)
                     .bind(json_array(seqs))
@@ -229,7 +229,7 @@ impl Store {
     pub(crate) async fn record_failure(&self, seq: i64, error: &str) -> Result<()> {
         let sql = format!(
             "UPDATE {} SET attempts = attempts + 1, last_error = $1 WHERE seq = $2",
-            self.table().name
+            self.table().sql()
         );
         let result = match self {
             Store::Postgres(pg) => sqlx::query(&sql)

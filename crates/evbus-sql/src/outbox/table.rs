@@ -11,7 +11,18 @@ pub(crate) const BUCKETS: i32 = 64;
 /// The default table name.
 pub(crate) const DEFAULT_TABLE: &str = "evbus_outbox";
 
+/// The longest name PostgreSQL keeps (`NAMEDATALEN` - 1 bytes): a longer identifier is
+/// silently truncated, and `pg_notify` refuses a longer channel.
+const PG_NAME_MAX: usize = 63;
+
+/// The suffix of the index name, the longest added to the table's own name.
+const INDEX_SUFFIX: &str = "_bucket_seq";
+
 /// A validated outbox table name (`name` or `schema.name`), and the names derived from it.
+///
+/// SQL statements use the quoted forms ([`sql`](Self::sql), [`leases`](Self::leases), ...),
+/// so that a name that is also an SQL keyword (`order`, `user`) works; the name is already
+/// lowercase, so quoting names the same table as the unquoted name did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Table {
     /// As given: `evbus_outbox` or `app.evbus_outbox`.
@@ -22,10 +33,16 @@ pub(crate) struct Table {
     pub(crate) schema_prefix: String,
 }
 
+/// `part` as an SQL identifier. Validated parts hold only `[a-z0-9_]`: nothing to escape.
+fn quote(part: &str) -> String {
+    format!("\"{part}\"")
+}
+
 impl Table {
     /// Checks `name`: one or two dot-separated parts of lowercase ASCII letters, digits and
     /// `_`, not starting with a digit, each at most 48 characters (PostgreSQL identifiers are
-    /// at most 63 bytes; the derived names add up to 11).
+    /// at most 63 bytes; the derived names add up to 11), and every name derived from it at
+    /// most 63 bytes: the whole name is also the `LISTEN`/`NOTIFY` channel (PostgreSQL).
     pub(crate) fn new(name: &str) -> Result<Table> {
         let parts: Vec<&str> = name.split('.').collect();
         let valid = |p: &str| {
@@ -48,21 +65,56 @@ impl Table {
             [schema, base] => (format!("{schema}."), (*base).to_owned()),
             _ => (String::new(), name.to_owned()),
         };
-        Ok(Table {
+        let table = Table {
             name: name.to_owned(),
             base,
             schema_prefix,
-        })
+        };
+        // The longest name PostgreSQL is given: the channel (the whole name) or the index.
+        let (longest, what) = [
+            (table.channel().to_owned(), "its LISTEN/NOTIFY channel"),
+            (format!("{}{INDEX_SUFFIX}", table.base), "its index"),
+        ]
+        .into_iter()
+        .max_by_key(|(derived, _)| derived.len())
+        .expect("two names");
+        if longest.len() > PG_NAME_MAX {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "invalid outbox table name `{name}`: {what}, `{longest}`, is {} bytes, over \
+                     PostgreSQL's limit of {PG_NAME_MAX} bytes for a name; use a name (schema, \
+                     dot and table together) of at most {PG_NAME_MAX} bytes",
+                    longest.len()
+                ),
+            ));
+        }
+        Ok(table)
     }
 
-    /// The leases table (PostgreSQL): one row per bucket, with its owner and expiry.
+    /// The outbox table, quoted for SQL: `"evbus_outbox"` or `"app"."evbus_outbox"`.
+    pub(crate) fn sql(&self) -> String {
+        self.sibling("")
+    }
+
+    /// The table `<name><suffix>` in the outbox table's schema, quoted for SQL.
+    fn sibling(&self, suffix: &str) -> String {
+        let table = quote(&format!("{}{suffix}", self.base));
+        match self.schema_prefix.strip_suffix('.') {
+            Some(schema) => format!("{}.{table}", quote(schema)),
+            None => table,
+        }
+    }
+
+    /// The leases table (PostgreSQL), quoted for SQL: one row per bucket, with its owner and
+    /// expiry.
     pub(crate) fn leases(&self) -> String {
-        format!("{}_leases", self.name)
+        self.sibling("_leases")
     }
 
-    /// The relays table (PostgreSQL): one heartbeat row per live relay.
+    /// The relays table (PostgreSQL), quoted for SQL: one heartbeat row per live relay.
     pub(crate) fn relays(&self) -> String {
-        format!("{}_relays", self.name)
+        self.sibling("_relays")
     }
 
     /// The `LISTEN`/`NOTIFY` channel (PostgreSQL).
@@ -72,7 +124,7 @@ impl Table {
 
     /// PostgreSQL DDL, idempotent.
     pub(crate) fn postgres_ddl(&self) -> Vec<String> {
-        let t = &self.name;
+        let t = &self.sql();
         vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -89,8 +141,8 @@ impl Table {
                 )"
             ),
             format!(
-                "CREATE INDEX IF NOT EXISTS {}_bucket_seq ON {t} (bucket, seq)",
-                self.base
+                "CREATE INDEX IF NOT EXISTS {} ON {t} (bucket, seq)",
+                quote(&format!("{}{INDEX_SUFFIX}", self.base))
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (
@@ -130,7 +182,7 @@ impl Table {
                 attempts INTEGER NOT NULL DEFAULT 0,
                 last_error TEXT
             )",
-            self.name
+            self.sql()
         )]
     }
 
@@ -140,7 +192,7 @@ impl Table {
         format!(
             "INSERT INTO {} (bucket, topic, event_id, event_type, partition_key, event) \
              VALUES ({mark}1, {mark}2, {mark}3, {mark}4, {mark}5, {mark}6)",
-            self.name
+            self.sql()
         )
     }
 
@@ -175,7 +227,18 @@ mod tests {
         let t = Table::new("app.outbox_1").unwrap();
         assert_eq!(t.base, "outbox_1");
         assert_eq!(t.schema_prefix, "app.");
-        assert_eq!(t.leases(), "app.outbox_1_leases");
+        assert_eq!(t.sql(), r#""app"."outbox_1""#);
+        assert_eq!(t.leases(), r#""app"."outbox_1_leases""#);
+        assert_eq!(t.relays(), r#""app"."outbox_1_relays""#);
+        let t = Table::new("order").unwrap();
+        assert_eq!(t.sql(), r#""order""#);
+        assert_eq!(t.leases(), r#""order_leases""#);
+        assert!(t.insert('$').starts_with(r#"INSERT INTO "order" ("#));
+        assert!(
+            t.postgres_ddl()[1]
+                .starts_with(r#"CREATE INDEX IF NOT EXISTS "order_bucket_seq" ON "order" ("#)
+        );
+        assert!(t.sqlite_ddl()[0].starts_with(r#"CREATE TABLE IF NOT EXISTS "order" ("#));
         for bad in [
             "",
             "Outbox",
@@ -188,6 +251,30 @@ mod tests {
             let e = Table::new(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{bad}");
         }
+    }
+
+    /// Every name PostgreSQL is given fits its 63 bytes: a longer `NOTIFY` channel failed
+    /// every `stage` ("channel name too long") although `migrate` and the relay worked.
+    #[test]
+    fn names_whose_channel_is_over_63_bytes_are_refused() {
+        // 30 + 1 + 32 = 63 bytes: the longest accepted.
+        let longest = format!("{}.{}", "s".repeat(30), "t".repeat(32));
+        assert_eq!(longest.len(), 63);
+        let t = Table::new(&longest).unwrap();
+        assert_eq!(t.channel().len(), 63);
+        for name in [
+            format!("{}.{}", "s".repeat(30), "t".repeat(33)),
+            format!("{}.{}", "s".repeat(48), "t".repeat(48)),
+            // The reviewer's name.
+            "sqlrev_schema_for_the_orders_service.orders_outbox_events_v1_xyz".to_owned(),
+        ] {
+            let e = Table::new(&name).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{name}");
+            assert!(e.to_string().contains("63 bytes"), "{e}");
+        }
+        // A table without a schema: the index name (48 + 11 bytes) is the longest, and fits.
+        let t = Table::new(&"x".repeat(48)).unwrap();
+        assert!(t.postgres_ddl()[1].contains(&format!("\"{}_bucket_seq\"", "x".repeat(48))));
     }
 
     #[test]

@@ -788,3 +788,42 @@ pub async fn a_deleted_subscription_lets_retention_take_what_it_held<F, Fut>(
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
 }
+
+/// A batch of more event bytes than one statement carries is published whole and in order:
+/// 18 events of 15 MiB (270 MiB, over the 256 MiB a statement takes) to a topic with a
+/// subscription, then read back. Before, a batch went as one statement whatever its size,
+/// and PostgreSQL drops the connection on a message over 1 GiB: a retryable "outage" that
+/// every retry met again.
+pub async fn a_batch_over_one_statement_is_published_whole_in_order(
+    transport: &evbus_sql::SqlTransport,
+) {
+    use evbus::{Event, SubscribeOptions, Transport};
+    let pad = "x".repeat(15 << 20);
+    let events: Vec<Event> = (0..18)
+        .map(|n| {
+            Event::builder("bigBatch", "/sql-test")
+                .id(format!("big-{n}"))
+                .json(&serde_json::json!({ "n": n, "pad": pad }))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    drop(pad);
+    let topic = transport.topic("big-batch").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("reader"))
+        .await
+        .unwrap();
+    topic.publish_batch(&events).await.unwrap();
+    for expected in &events {
+        let d = tokio::time::timeout(Duration::from_secs(60), sub.next_delivery())
+            .await
+            .expect("every event of the batch")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        assert_eq!(d.event().data(), expected.data());
+        d.ack().await.unwrap();
+    }
+}
