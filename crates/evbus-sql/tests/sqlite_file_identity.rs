@@ -73,6 +73,15 @@ async fn settled(dirs: &[&Path]) -> BTreeMap<PathBuf, (usize, u64)> {
 }
 
 /// Creates the database at `path` with three events published to the topic `orders`.
+/// A fresh root (removed on drop) holding two empty directories, `a` and `b`.
+fn two_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    (root, a, b)
+}
+
 async fn create(path: &Path) {
     let transport = connect(path).await.unwrap();
     let topic = transport.topic("orders").await.unwrap();
@@ -84,10 +93,7 @@ async fn create(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hard_linked_database_is_refused_through_either_name_and_nothing_is_written() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
+    let (_root, a, b) = two_dirs();
     let path = a.join("bus.db");
     create(&path).await;
     let link = b.join("hard.db");
@@ -144,10 +150,7 @@ async fn child_holding_the_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_symlink_to_a_file_held_by_another_process_is_refused() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
+    let (_root, a, b) = two_dirs();
     let path = a.join("bus.db");
     create(&path).await;
     let link = b.join("link.db");
@@ -207,10 +210,7 @@ async fn a_symlink_to_a_file_held_by_another_process_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_symlink_in_the_same_process_shares_the_hold_of_the_file() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
+    let (_root, a, b) = two_dirs();
     let path = a.join("bus.db");
     create(&path).await;
     let link = b.join("link.db");
@@ -267,10 +267,7 @@ fn lazy(path: &Path) -> SqlitePool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outbox_relay_on_a_hard_linked_file_is_refused_through_either_name() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
+    let (_root, a, b) = two_dirs();
     let path = a.join("app.db");
     {
         let pool = SqlitePoolOptions::new()
@@ -308,10 +305,7 @@ async fn an_outbox_relay_on_a_hard_linked_file_is_refused_through_either_name() 
 /// and holds that file's lock, the one a process opening the file by its own name takes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_symlink_to_a_file_not_created_yet_holds_the_lock_of_the_file_it_creates() {
-    let root = tempfile::tempdir().unwrap();
-    let (a, b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
+    let (_root, a, b) = two_dirs();
     let link = b.join("link.db");
     std::os::unix::fs::symlink("../a/bus.db", &link).unwrap();
     let transport = connect(&link).await.unwrap();
