@@ -471,6 +471,16 @@ export class EvbusClient {
   }
 
   /**
+   * The record of this client's own key (`GET /v1/me`; any key), never the key itself: the
+   * types it may subscribe to and publish, the `sources` it may publish under, its rate limit,
+   * publish byte rate and expiry.
+   */
+  async currentKey(options: RequestOptions = {}): Promise<KeyInfo> {
+    const response = await this.#request("/v1/me", { signal: options.signal });
+    return (await response.json()) as KeyInfo;
+  }
+
+  /**
    * Revokes a key at once (`DELETE /v1/keys/{id}`; an admin key): its requests are answered
    * 401 and its open streams end. `id` is the key's `id` (`KeyInfo.id`), not the key.
    *

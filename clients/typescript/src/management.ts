@@ -160,7 +160,8 @@ export interface CreateKeyInput {
    * (`/plugins/orders`, matched whole: not `/plugins/orders/eu`), or a pattern where `*` stands
    * for any run of characters (`https://shop.example/*`; `*` alone: any source). 1 to 2048
    * characters each, no control characters (otherwise 400 with `problem.invalid_positions`);
-   * `/`, `:`, `,` and `.` are plain characters. Required, at least one, when `publish` is not
+   * `/`, `:`, `,` and `.` are plain characters (`*` covers `/` too: end a prefix with its
+   * separator); no invisible formatting characters; at most 100. Required, at least one, when `publish` is not
    * empty (otherwise 400). An event whose `source` none of them matches is refused with a 403
    * before anything is kept: a key publishes only as the producers it was made for.
    */

@@ -543,6 +543,10 @@ describe("API keys", () => {
       assert.equal(refused.status, 403, source);
       assert.match(refused.detail, /may not publish under this `source`/);
     }
+    // The key sees its own record, the same as the admin's listing shows, never the key.
+    const own = await erp.currentKey();
+    const { key: _key, warnings: _warnings, ...record } = created;
+    assert.deepEqual(own, record);
 
     // A scope matching no external type: a warning, and the key all the same.
     const typo = await admin.createKey({ name: "typo", subscribe: ["afterOrdr*"] });

@@ -38,6 +38,7 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route("/v1/webhooks/{id}/attempts", get(webhooks::attempts))
         .route("/v1/webhooks/{id}/replay", post(webhooks::replay))
         .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/me", get(me))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/metrics", get(metrics))
         .layer(TimeoutLayer::with_status_code(
@@ -351,7 +352,7 @@ async fn publish_event(
     if !crate::keys::scope_allows(&key.sources, event.source()) {
         return Err(Problem::forbidden(
             "this key may not publish under this `source`: a key publishes only under the \
-             sources its administrator bound it to (`sources` in GET /v1/keys)",
+             sources its administrator bound it to (GET /v1/me lists them)",
         ));
     }
     if !event.is_json() {
@@ -450,6 +451,11 @@ fn check_header_bound_attributes(event: &evbus::Event) -> Result<(), Problem> {
         )));
     }
     let bad = |v: &str| v.chars().count() > MAX_ATTRIBUTE_LEN || v.chars().any(char::is_control);
+    if event.source().chars().any(crate::keys::is_invisible_format) {
+        return Err(Problem::bad_request(
+            "the CloudEvent `source` must hold no invisible formatting characters (zero-width, directional)",
+        ));
+    }
     for (name, value) in [
         ("source", Some(event.source())),
         ("type", Some(event.ty())),
@@ -626,6 +632,12 @@ async fn create_key(
         ));
     }
     for (field, list) in [("subscribe", &req.subscribe), ("publish", &req.publish)] {
+        if list.len() > crate::keys::MAX_PATTERNS {
+            return Err(Problem::bad_request(format!(
+                "`{field}` holds more than {} scope patterns; use `*` patterns",
+                crate::keys::MAX_PATTERNS
+            )));
+        }
         // Positions, not values: error bodies never quote request values.
         let bad: Vec<usize> = list
             .iter()
@@ -680,6 +692,17 @@ async fn create_key(
     // Created all the same: the catalogue may gain the type later.
     body["warnings"] = json!(state.visibility.unmatched_scopes(&record));
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `GET /v1/me`: the record of the key making the request (never the key itself), for any
+/// key: what it may subscribe to and publish, the sources it may publish under, its limits
+/// and its expiry. A limited key has no other way to see them (`GET /v1/keys` is for admin
+/// keys).
+async fn me(
+    AxState(state): AxState<Arc<State>>,
+    Extension(key): Extension<KeyRecord>,
+) -> Json<Value> {
+    Json(key_view(&state, &key))
 }
 
 async fn list_keys(

@@ -133,14 +133,41 @@ pub fn is_valid_pattern(pattern: &str) -> bool {
 /// Longest source pattern of a key: the longest `source` a publish may carry.
 pub const MAX_SOURCE_PATTERN_LEN: usize = 2048;
 
+/// The most patterns one list of a key holds (`subscribe`, `publish`, `sources`): each
+/// publish or subscription checks a list on the request path, so its length is CPU per
+/// request.
+pub const MAX_PATTERNS: usize = 100;
+
+/// Whether `c` is an invisible formatting character that makes a text read as another one:
+/// the soft hyphen, zero-width characters and joiners, directional marks, embeddings,
+/// overrides and isolates, word joiners and invisible operators, and the byte order mark
+/// (most of Unicode's `Cf` category). Refused in sources, as control characters are: a
+/// source is shown to people (logs, portals, receivers), and `/shop/\u{202e}nimda` must not
+/// pass for another.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}'
+        | '\u{061c}'
+        | '\u{180e}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206f}'
+        | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}')
+}
+
 /// Whether `pattern` is acceptable among a key's `sources`: 1 to [`MAX_SOURCE_PATTERN_LEN`]
-/// characters, none of them a control character. `*` stands for any run of characters, as
+/// characters, none of them a control character or an invisible formatting one
+/// ([`is_invisible_format`]). `*` stands for any run of characters, as
 /// in a scope ([`pattern_matches`]); everything else matches itself (a source is a URI
 /// reference, so `/`, `:`, `,` and `.` are plain characters).
 pub fn is_valid_source_pattern(pattern: &str) -> bool {
     !pattern.is_empty()
         && pattern.chars().count() <= MAX_SOURCE_PATTERN_LEN
-        && !pattern.chars().any(char::is_control)
+        && !pattern
+            .chars()
+            .any(|c| c.is_control() || is_invisible_format(c))
 }
 
 /// Why a new key's `sources` are refused, if they are: a key that may publish must be bound
@@ -159,10 +186,15 @@ pub fn check_sources(publish: &[String], sources: &[String]) -> Result<(), Strin
                 .to_owned(),
         );
     }
+    if sources.len() > MAX_PATTERNS {
+        return Err(format!(
+            "`sources` holds more than {MAX_PATTERNS} source patterns; use `*` patterns"
+        ));
+    }
     if sources.iter().any(|p| !is_valid_source_pattern(p)) {
         return Err(format!(
             "a source pattern must be 1 to {MAX_SOURCE_PATTERN_LEN} characters without control \
-             characters"
+             or invisible formatting characters"
         ));
     }
     Ok(())
@@ -232,7 +264,13 @@ mod tests {
         assert!(check_sources(&publish, &sources(&["/shop"])).is_ok());
         let missing = check_sources(&publish, &[]).unwrap_err();
         assert!(missing.contains("at least one source"), "{missing}");
-        for bad in ["", "/shop\n", "/a\u{7f}"] {
+        for bad in [
+            "",
+            "/shop\n",
+            "/a\u{7f}",
+            "/shop/\u{202e}nimda",
+            "/sh\u{200b}op",
+        ] {
             assert!(
                 check_sources(&publish, &sources(&[bad])).is_err(),
                 "{bad:?}"
@@ -241,5 +279,8 @@ mod tests {
         let long = "s".repeat(MAX_SOURCE_PATTERN_LEN + 1);
         assert!(check_sources(&publish, &[long]).is_err());
         assert!(check_sources(&publish, &["é".repeat(MAX_SOURCE_PATTERN_LEN)]).is_ok());
+        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("/s{i}")).collect();
+        assert!(check_sources(&publish, &many).is_err());
+        assert!(check_sources(&publish, &many[..MAX_PATTERNS]).is_ok());
     }
 }

@@ -765,6 +765,12 @@ pub async fn create_key(
             store::MAX_PUBLISH_BYTES_PER_SECOND
         )));
     }
+    if subscribe.len().max(publish.len()) > keys::MAX_PATTERNS {
+        return Err(StoreError(format!(
+            "a key's scope lists hold at most {} patterns each",
+            keys::MAX_PATTERNS
+        )));
+    }
     for p in subscribe.iter().chain(&publish) {
         if !keys::is_valid_pattern(p) {
             return Err(StoreError(format!(

@@ -93,6 +93,10 @@ fn with_body(mut op: Value, name: &str) -> Value {
 /// Visible text: no control character (C0, DEL, C1).
 const NO_CONTROL: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$";
 
+/// A source: visible text without invisible formatting characters either
+/// ([`keys::is_invisible_format`](crate::keys::is_invisible_format)).
+const SOURCE_TEXT: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u061c\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb]*$";
+
 /// The document.
 pub(crate) fn document() -> Value {
     // An id that is not UTF-8 text once percent-decoded (`%FF`) is answered 400 by every
@@ -243,6 +247,9 @@ pub(crate) fn document() -> Value {
                 ), "createKey"), "201", &["revokeKey"]),
                 "get": named(op("Every key (never the key itself)", "an admin key", ("200", json_ok("the keys", array_of("Key"))), &["403"]), "listKeys")
             },
+            "/v1/me": {
+                "get": named(op("The key making the request: its scopes, sources and limits (never the key itself)", "any key", ("200", json_ok("the key's record", schema("Key"))), &[]), "currentKey")
+            },
             "/v1/keys/{id}": {
                 "parameters": id_param,
                 "delete": named(op("Revoke a key, effective immediately", "an admin key", ("204", empty("revoked")), &["400", "403", "404", "409"]), "revokeKey")
@@ -262,6 +269,7 @@ fn schemas() -> Value {
     let scope = json!({"type": "string", "pattern": "^[A-Za-z0-9._*-]{1,200}$", "description": "an event type name or a * pattern"});
     let visible = |max: u32| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": NO_CONTROL});
     let mut source_pattern = visible(crate::keys::MAX_SOURCE_PATTERN_LEN as u32);
+    source_pattern["pattern"] = json!(SOURCE_TEXT);
     source_pattern["description"] =
         json!("a CloudEvents source, or a pattern of one with * for any run of characters");
     json!({
@@ -289,7 +297,8 @@ fn schemas() -> Value {
             "properties": {
                 "specversion": {"const": "1.0"},
                 "id": {"type": "string", "pattern": "^[!-~]{1,256}$", "description": "visible ASCII, unique per source"},
-                "source": visible(2048),
+                "source": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": SOURCE_TEXT,
+                    "description": "no control or invisible formatting characters; one of the key's sources must match it"},
                 "type": visible(2048),
                 "subject": {"type": ["string", "null"], "minLength": 1, "maxLength": 2048, "pattern": NO_CONTROL},
                 "time": opt_time,
@@ -381,9 +390,9 @@ fn schemas() -> Value {
                 {"name": "shop", "publish": ["afterOrderCreate"], "sources": ["/shop", "https://shop.example/*"]}],
             "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "[^ \\t\\r\\n]", "description": "not only spaces"},
-            "subscribe": {"type": "array", "items": scope},
-            "publish": {"type": "array", "items": scope},
-            "sources": {"type": "array", "items": source_pattern,
+            "subscribe": {"type": "array", "items": scope, "maxItems": crate::keys::MAX_PATTERNS},
+            "publish": {"type": "array", "items": scope, "maxItems": crate::keys::MAX_PATTERNS},
+            "sources": {"type": "array", "items": source_pattern, "maxItems": crate::keys::MAX_PATTERNS,
                 "description": "the CloudEvents `source` values the key's published events may carry: exact, or with `*` for any run of characters (`*` alone: any source); at least one is required when `publish` is not empty"},
             "admin": {"type": "boolean"},
             "expires_at": opt_time,

@@ -172,8 +172,17 @@ pub(crate) struct ByteRate {
     unit: u32,
     /// The bucket's size, in cells: the most one charge takes.
     burst: u32,
+    /// Cells refilled per second (what tests check).
+    #[cfg(test)]
+    per_second: u32,
     clock: DefaultClock,
 }
+
+/// The most cells a byte rate refills per second. The limiter refills one cell every
+/// `1 s / cells` and keeps that interval in whole nanoseconds, rounded down: at a byte a cell,
+/// 600 MB/s would refill every nanosecond, as 1 GB/s does. At ten million cells a second
+/// or fewer the interval is at least 100 ns, and the rounding under 1 %.
+const MAX_CELLS_PER_SECOND: u64 = 10_000_000;
 
 impl ByteRate {
     /// `bytes_per_second` per key (at least one `unit`), with a burst of a second's worth or
@@ -190,6 +199,8 @@ impl ByteRate {
             ),
             unit,
             burst,
+            #[cfg(test)]
+            per_second,
             clock: DefaultClock::default(),
         }
     }
@@ -200,17 +211,29 @@ impl ByteRate {
         ByteRate::new(bytes_per_second, 256 * 1024, 1024)
     }
 
-    /// Publishing: `bytes_per_second` per key (at least 1, byte-exact, so small events cost
-    /// what they weigh), with a burst of a second's worth or `max_body_bytes`, whichever is
-    /// more: a body the gateway accepts always fits a full allowance, however low the rate.
+    /// Publishing: `bytes_per_second` per key (at least 1), with a burst of a second's worth
+    /// or `max_body_bytes`, whichever is more: a body the gateway accepts always fits a full
+    /// allowance, however low the rate. Counted in bytes up to [`MAX_CELLS_PER_SECOND`] a
+    /// second (small events cost what they weigh), in cells of several bytes above it.
     pub(crate) fn publish(bytes_per_second: u64, max_body_bytes: usize) -> ByteRate {
-        ByteRate::new(bytes_per_second, max_body_bytes as u64, 1)
+        let unit = bytes_per_second
+            .div_ceil(MAX_CELLS_PER_SECOND)
+            .clamp(1, u64::from(u32::MAX));
+        ByteRate::new(bytes_per_second, max_body_bytes as u64, unit as u32)
     }
 
     /// The most one key may take at once, in bytes.
     #[cfg(test)]
     pub(crate) fn burst(&self) -> u64 {
         u64::from(self.burst) * u64::from(self.unit)
+    }
+
+    /// The bytes a second it refills, as the limiter keeps its interval (whole nanoseconds,
+    /// rounded down).
+    #[cfg(test)]
+    pub(crate) fn refill_bytes_per_second(&self) -> f64 {
+        let interval_ns = (1_000_000_000 / u64::from(self.per_second)).max(1);
+        1e9 / interval_ns as f64 * f64::from(self.unit)
     }
 
     /// Takes `bytes` (at least one cell, at most the burst: a larger charge is charged the
@@ -363,9 +386,33 @@ mod tests {
         }
         // 0 counts as 1 byte a second.
         assert_eq!(ByteRate::publish(0, 10).burst(), 10);
+        // A large body limit with a rate counted in cells of several bytes still fits.
+        let bytes = ByteRate::publish(600_000_000, 16 * 1024 * 1024 + 1);
+        assert!(bytes.burst() >= 600_000_000, "{}", bytes.burst());
+        assert_eq!(bytes.take("k", 16 * 1024 * 1024 + 1), Ok(()));
         // Catching up is counted in KiB: a second's worth, or a page of the log (256 KiB).
         assert_eq!(ByteRate::catch_up(4 << 20).burst(), 4 << 20);
         assert_eq!(ByteRate::catch_up(1).burst(), 256 << 10);
+    }
+
+    #[test]
+    fn high_publish_rates_refill_at_the_rate_set() {
+        // Counted in bytes, 600 MB/s would refill a byte every nanosecond (1 GB/s).
+        for rate in [
+            1_000u64,
+            8 * 1024 * 1024,
+            10_000_000,
+            10_000_001,
+            100_000_000,
+            600_000_000,
+            1 << 30,
+        ] {
+            let refill = ByteRate::publish(rate, 1024).refill_bytes_per_second();
+            let error = (refill - rate as f64).abs() / rate as f64;
+            assert!(error < 0.01, "{rate} B/s refills at {refill} B/s");
+        }
+        // Up to ten million bytes a second, a byte is a cell: small events cost what they weigh.
+        assert_eq!(ByteRate::publish(8 * 1024 * 1024, 1024).unit, 1);
     }
 
     #[test]

@@ -54,6 +54,7 @@ async fn missing_unknown_malformed_expired_and_revoked_keys_get_401_everywhere()
     let endpoints = [
         ("POST", "/v1/events"),
         ("GET", "/v1/event-types"),
+        ("GET", "/v1/me"),
         ("GET", "/v1/stream"),
         ("POST", "/v1/webhooks"),
         ("GET", "/v1/webhooks"),

@@ -72,6 +72,19 @@ async fn a_key_publishes_only_under_its_sources_and_cannot_claim_another_produce
     let (s, _) = post(&h, &shop, "order-2", "https://partner.example/eu").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
+    // A limited key sees its own sources (and nothing of other keys) at GET /v1/me.
+    let (s, me) = h.call("GET", "/v1/me", Some(&partner), None).await;
+    assert_eq!(s, StatusCode::OK, "{me}");
+    assert_eq!(me["sources"], json!(["https://partner.example/*"]));
+    assert_eq!(me["publish"], json!([ORDERS]));
+    assert!(
+        me.get("key").is_none() && me.get("secret_hash").is_none(),
+        "{me}"
+    );
+    assert_eq!(me["publish_byte_rate"]["default"], json!(true));
+    let (s, _) = h.call("GET", "/v1/keys", Some(&partner), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
     // Each publishes under its own: a pattern's `*` covers any run of characters.
     let (s, text) = post(&h, &partner, "order-1", "https://partner.example/eu/1").await;
     assert_eq!(s, StatusCode::ACCEPTED, "{text}");
@@ -181,4 +194,50 @@ async fn keys_made_before_sources_were_bound_keep_any_source() {
     let reader = store.get_key("00000000000000bb").await.unwrap().unwrap();
     assert!(reader.sources.is_empty(), "{:?}", reader.sources);
     store.close().await;
+}
+
+/// Every list of a key is checked on the request path, so each is bounded; and a source that
+/// reads as another one (invisible formatting characters) is refused, in a key's patterns and
+/// in a published event.
+#[tokio::test]
+async fn key_lists_are_bounded_and_sources_hold_no_invisible_formatting() {
+    let h = Harness::memory().await;
+    let create = |body: Value| h.call("POST", "/v1/keys", Some(&h.admin), Some(body));
+    let max = evbus_gateway::keys::MAX_PATTERNS;
+    let many = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+    for body in [
+        json!({"name": "s", "publish": [ORDERS], "sources": many("/s", max + 1)}),
+        json!({"name": "p", "publish": many("t", max + 1), "sources": ["*"]}),
+        json!({"name": "r", "subscribe": many("t", max + 1)}),
+    ] {
+        let (s, problem) = create(body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("more than {max}")),
+            "{problem}"
+        );
+    }
+    let (s, made) =
+        create(json!({"name": "full", "publish": [ORDERS], "sources": many("/s", max)})).await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+
+    for (i, pattern) in ["/shop/\u{202e}nimda", "/sh\u{200b}op", "\u{feff}/shop"]
+        .into_iter()
+        .enumerate()
+    {
+        let (s, problem) =
+            create(json!({"name": "f", "publish": [ORDERS], "sources": ["/ok", pattern]})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{i}: {problem}");
+        assert_eq!(problem["invalid_positions"], json!([1]), "{i}");
+    }
+    // Under `*`, a published source that reads as another one is refused all the same.
+    let any = h.key_for_sources(&[], &[ORDERS], &["*"]).await;
+    let (s, text) = post(&h, &any, "fmt-1", "/shop/\u{202e}nimda").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("invisible formatting"), "{text}");
+    let (s, text) = post(&h, &any, "fmt-2", "/shop/é").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "visible non-ASCII is fine: {text}");
 }
