@@ -37,6 +37,7 @@ on_both_runtimes!(
     a_handler_runs_at_most_its_concurrency_at_once,
     the_topic_and_the_redrive_queue_together_stay_within_the_concurrency,
     shutdown_lets_running_handlers_finish_before_closing,
+    a_second_shutdown_under_way_waits_for_the_first,
     at_the_deadline_a_still_running_event_is_nacked_to_another_instance,
     deliveries_whose_ack_failed_do_not_stall_the_handler,
     runs_that_finish_at_once_and_runs_that_wait_each_handle_their_event_once,
@@ -363,6 +364,47 @@ async fn shutdown_lets_running_handlers_finish_before_closing() {
         1,
         "the running handler finished first"
     );
+}
+
+/// Two `shutdown`s at once (an application's signal handler and its main task, say): the
+/// second used to find the handlers already taken by the first, return at once and close
+/// the transport under the handler still running, whose ack was then lost (on Redis another
+/// instance handled the event again, after it had succeeded). Both now return only once the
+/// running handler finished.
+async fn a_second_shutdown_under_way_waits_for_the_first() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let finished = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let f = Arc::clone(&finished);
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        let (f, tx) = (Arc::clone(&f), tx.clone());
+        async move {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .start()
+    .await
+    .unwrap();
+    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
+    recv(&mut rx).await;
+    let (first, second) = (bus.clone(), bus.clone());
+    let a = tokio::spawn(async move { first.shutdown(Duration::from_secs(5)).await });
+    // The second starts once the first has taken the handlers.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = tokio::spawn(async move { second.shutdown(Duration::from_secs(5)).await });
+    let a_then = Arc::clone(&finished);
+    let b_done = b.await.unwrap();
+    assert_eq!(
+        a_then.load(Ordering::SeqCst),
+        1,
+        "the second shutdown returned while the handler still ran"
+    );
+    b_done.unwrap();
+    a.await.unwrap().unwrap();
 }
 
 /// What a [`reporting`] handler reports of each event it starts.

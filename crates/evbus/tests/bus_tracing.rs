@@ -206,3 +206,47 @@ async fn a_prefetching_handler_warns_once_when_a_run_takes_half_the_visibility_t
     assert_eq!(slow_run_warnings(Some(0), slow).await, 0);
     assert_eq!(slow_run_warnings(None, Duration::ZERO).await, 0);
 }
+
+/// An ordered handler takes as many events as it has slots; those of one key wait behind
+/// each other with their visibility timeout running, and past it they come back and run
+/// again out of order (an outside review's finding). Four events of one key, runs of 120 ms,
+/// a visibility timeout of 400 ms: the fourth waits about 360 ms, over half of it. Warned
+/// once; with events of four keys, nothing waits and nothing is said.
+#[tokio::test(flavor = "current_thread")]
+async fn an_ordered_handler_warns_once_when_an_event_waits_half_its_timeout_behind_its_key() {
+    async fn run(keys: [&str; 4]) -> usize {
+        let (logs, _guard) = Logs::warnings();
+        let broker = broker();
+        let bus = bus(&broker);
+        let (tx, mut rx) = unbounded_channel();
+        bus.on("orderPlaced", "g", move |_: Message| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                let _ = tx.send(());
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(4)
+        .prefetch(0)
+        .visibility_timeout(Duration::from_millis(400))
+        .start()
+        .await
+        .unwrap();
+        bus.emit_batch(
+            keys.iter().enumerate().map(|(n, k)| {
+                evbus::bus::Emit::new("orderPlaced", placed(&format!("o-{n}"))).key(*k)
+            }),
+        )
+        .await
+        .unwrap();
+        for _ in 0..4 {
+            recv(&mut rx).await;
+        }
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        logs.count("waited over half its visibility timeout")
+    }
+    assert_eq!(run(["k", "k", "k", "k"]).await, 1);
+    assert_eq!(run(["a", "b", "c", "d"]).await, 0);
+}

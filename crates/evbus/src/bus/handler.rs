@@ -300,6 +300,16 @@ impl HandlerBuilder {
     /// short (the process stops, or the visibility timeout passes) comes back as its next
     /// delivery, and the runs made in place are not counted again. Such an event can run
     /// more times than the [`RetryPolicy`]'s `max_attempts` before it is dead-lettered.
+    ///
+    /// Events of one key taken together wait for each other with their visibility timeouts
+    /// running: the handler takes up to [`concurrency`](Self::concurrency) plus
+    /// [`prefetch`](Self::prefetch) events, and if they are all of one key, the last runs
+    /// after all the others. Past its timeout an event is delivered again, and that copy
+    /// runs after later events of its key (order broken) with another attempt counted. So
+    /// keep (concurrency + prefetch) × the longest run of one key under the
+    /// [`visibility_timeout`](Self::visibility_timeout); the handler logs a warning, once,
+    /// when an event waited over half of it. A waiting event also holds its slot, so one
+    /// busy key can hold every slot and make other keys wait.
     pub fn ordered_by_key(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self
@@ -405,6 +415,7 @@ impl HandlerBuilder {
             visibility_timeout: self.visibility_timeout,
             dead_letter,
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
+            lane_warned: AtomicBool::new(false),
             slow_runs: (prefetch > 0).then(|| SlowRuns {
                 half_visibility: self.visibility_timeout / 2,
                 warned: AtomicBool::new(false),
@@ -590,6 +601,8 @@ impl HandlerHandle {
 struct Taken {
     id: u64,
     delivery: Arc<Delivery>,
+    /// When it was queued behind earlier events of its key (an ordered handler), if it was.
+    queued: Option<std::time::Instant>,
     /// One of the worker's `concurrency` slots, given back when the delivery is done.
     _permit: LimitPermit,
 }
@@ -674,6 +687,8 @@ struct Worker {
     metrics: telemetry::HandlerMetrics,
     /// `None` without prefetch.
     slow_runs: Option<SlowRuns>,
+    /// Whether [`waited_in_lane`](Self::waited_in_lane) warned (once per handler).
+    lane_warned: AtomicBool,
     /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
     in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
     next_id: AtomicU64,
@@ -747,6 +762,7 @@ impl Worker {
             let taken = Taken {
                 id,
                 delivery,
+                queued: None,
                 _permit: permit,
             };
             let key = if self.ordered {
@@ -797,7 +813,10 @@ impl Worker {
                     lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                     let mut lanes = lock(&self.lanes);
                     match lanes.get_mut(&key) {
-                        Some(queue) => queue.push_back(taken),
+                        Some(queue) => queue.push_back(Taken {
+                            queued: Some(std::time::Instant::now()),
+                            ..taken
+                        }),
                         None => {
                             lanes.insert(key.clone(), VecDeque::new());
                             let worker = Arc::clone(&self);
@@ -840,6 +859,7 @@ impl Worker {
                 id,
                 delivery,
                 _permit: slot,
+                ..
             } = current;
             self.handle(&delivery).await;
             lock(&self.in_flight).remove(&id);
@@ -866,12 +886,37 @@ impl Worker {
             Arc::clone(&self).process(current).await;
             let mut lanes = lock(&self.lanes);
             match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => current = next,
+                Some(next) => {
+                    if let Some(queued) = next.queued {
+                        self.waited_in_lane(queued.elapsed());
+                    }
+                    current = next;
+                }
                 None => {
                     lanes.remove(&key);
                     return;
                 }
             }
+        }
+    }
+
+    /// Warns, once per handler, when an event of an ordered handler waited behind earlier
+    /// events of its key for over half its visibility timeout. Its timeout runs while it
+    /// waits (it was taken from the broker with them): past it, the broker delivers it again,
+    /// and that copy runs after later events of the key, and counts another attempt.
+    fn waited_in_lane(&self, waited: Duration) {
+        if waited > self.visibility_timeout / 2 && !self.lane_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                event_type = %self.shared.ty,
+                group = %self.shared.group,
+                waited = ?waited,
+                visibility_timeout = ?self.visibility_timeout,
+                "an event of an ordered handler waited over half its visibility timeout \
+                 behind earlier events of its key: past the timeout it is delivered again, runs \
+                 again out of order and counts another attempt; keep (concurrency + prefetch) \
+                 x the longest run of one key under the visibility timeout (raise it, or lower \
+                 them)"
+            );
         }
     }
 

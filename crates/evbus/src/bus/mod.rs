@@ -223,6 +223,10 @@ struct Inner {
     emits: TaskTracker,
     handlers: Mutex<Vec<HandlerHandle>>,
     closed: AtomicBool,
+    /// Held by the [`Bus::shutdown`] under way, `true` once one has finished: a call made
+    /// while another runs waits for it, instead of finding the handlers already taken and
+    /// closing the transport under a handler still running.
+    shut_down: tokio::sync::Mutex<bool>,
 }
 
 /// One event type as emitting sees it.
@@ -416,10 +420,15 @@ impl Bus {
     /// finish, after which what is still running or queued is nacked (redelivered to another
     /// instance); emits in progress finish (also bounded by `deadline`); new emits fail with
     /// [`ErrorKind::Closed`](crate::ErrorKind::Closed); finally the transport is closed, which
-    /// flushes every accepted publish. Calling it again returns `Ok`.
+    /// flushes every accepted publish. Calling it again returns `Ok`; a call made while
+    /// another is under way (from another task) returns once that one has finished.
     pub async fn shutdown(&self, deadline: Duration) -> Result<()> {
         let until = tokio::time::Instant::now() + deadline;
         self.inner.closed.store(true, Ordering::Release);
+        let mut shut_down = self.inner.shut_down.lock().await;
+        if *shut_down {
+            return Ok(());
+        }
         let handlers = std::mem::take(&mut *lock(&self.inner.handlers));
         futures::future::join_all(handlers.iter().map(|h| h.shutdown_until(until))).await;
         self.inner.emits.close();
@@ -431,7 +440,9 @@ impl Bus {
                 "emits still in progress at the shutdown deadline; closing the transport anyway"
             );
         }
-        self.inner.transport.close().await
+        let closed = self.inner.transport.close().await;
+        *shut_down = true;
+        closed
     }
 
     pub(crate) fn register_handler(&self, handle: HandlerHandle) {
@@ -570,6 +581,7 @@ impl BusBuilder {
                 emits: TaskTracker::new(),
                 handlers: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
+                shut_down: tokio::sync::Mutex::new(false),
             }),
         }
     }
