@@ -338,9 +338,9 @@ async fn an_ordered_handler_dead_letters_with_the_attempts_made_in_place() {
     );
 }
 
-async fn shutdown_lets_running_handlers_finish_before_closing() {
-    let broker = broker();
-    let bus = bus(&broker);
+/// Starts a handler whose runs take 300 ms, emits one event and returns once its run
+/// started; the count of runs finished.
+async fn a_run_under_way(bus: &Bus) -> Arc<AtomicUsize> {
     let finished = Arc::new(AtomicUsize::new(0));
     let (tx, mut rx) = unbounded_channel();
     let f = Arc::clone(&finished);
@@ -358,6 +358,13 @@ async fn shutdown_lets_running_handlers_finish_before_closing() {
     .unwrap();
     bus.emit("orderPlaced", placed("o-1")).await.unwrap();
     recv(&mut rx).await;
+    finished
+}
+
+async fn shutdown_lets_running_handlers_finish_before_closing() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let finished = a_run_under_way(&bus).await;
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
     assert_eq!(
         finished.load(Ordering::SeqCst),
@@ -374,23 +381,7 @@ async fn shutdown_lets_running_handlers_finish_before_closing() {
 async fn a_second_shutdown_under_way_waits_for_the_first() {
     let broker = broker();
     let bus = bus(&broker);
-    let finished = Arc::new(AtomicUsize::new(0));
-    let (tx, mut rx) = unbounded_channel();
-    let f = Arc::clone(&finished);
-    bus.on("orderPlaced", "g", move |_msg: Message| {
-        let (f, tx) = (Arc::clone(&f), tx.clone());
-        async move {
-            let _ = tx.send(());
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            f.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    })
-    .start()
-    .await
-    .unwrap();
-    bus.emit("orderPlaced", placed("o-1")).await.unwrap();
-    recv(&mut rx).await;
+    let finished = a_run_under_way(&bus).await;
     let (first, second) = (bus.clone(), bus.clone());
     let a = tokio::spawn(async move { first.shutdown(Duration::from_secs(5)).await });
     // The second starts once the first has taken the handlers.
