@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -277,13 +276,8 @@ async fn the_source_migration_keeps_events_and_positions() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.sqlite3");
     {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        let mut first = sqlx::migrate!("./migrations");
-        first.migrations = Cow::Owned(vec![first.migrations[0].clone()]);
-        first.run(&pool).await.unwrap();
+        // The first schema only.
+        let pool = sqlite_store_before(&path, 2).await;
         for (id, body) in [
             ("a", r#"{"source":"/s","id":"a"}"#),
             ("b", r#"{"source":"/t","id":"b"}"#),

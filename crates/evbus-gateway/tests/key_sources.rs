@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::borrow::Cow;
-
 use axum::http::StatusCode;
 use evbus_gateway::Store;
 use serde_json::{Value, json};
@@ -162,20 +160,7 @@ async fn keys_made_before_sources_were_bound_keep_any_source() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.sqlite3");
     {
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        let mut before = sqlx::migrate!("./migrations");
-        let kept: Vec<_> = before
-            .migrations
-            .iter()
-            .filter(|m| m.version < 7)
-            .cloned()
-            .collect();
-        assert_eq!(kept.len(), 6, "the migrations before key sources");
-        before.migrations = Cow::Owned(kept);
-        before.run(&pool).await.unwrap();
+        let pool = sqlite_store_before(&path, 7).await;
         sqlx::query(
             "INSERT INTO api_keys (id, name, secret_hash, subscribe, publish, admin, created_at)
              VALUES ('00000000000000aa', 'old', x'00', '[]', '[\"afterOrderCreate\"]', 0, 1),

@@ -527,3 +527,23 @@ pub async fn read_stream_until(
     .expect("the stream brought what was waited for in time");
     read
 }
+
+/// A new SQLite gateway store at `path` with only the migrations before `version` applied:
+/// the schema an earlier version of the gateway left (for tests of a migration).
+pub async fn sqlite_store_before(path: &std::path::Path, version: i64) -> sqlx::SqlitePool {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations");
+    let kept: Vec<_> = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < version)
+        .cloned()
+        .collect();
+    assert!(!kept.is_empty(), "migrations before {version}");
+    before.migrations = std::borrow::Cow::Owned(kept);
+    before.run(&pool).await.unwrap();
+    pool
+}
