@@ -87,6 +87,21 @@ pub trait Acker: Send + Sync {
             "this transport has no native delayed redelivery",
         ))
     }
+
+    /// Starts the delivery's visibility timeout over from now: the event is not handed out
+    /// again before a whole timeout has passed since this call, while its holder keeps it
+    /// unsettled on purpose (an ordered handler's event waiting behind earlier events of its
+    /// key). Nothing else changes: not the attempt count, not the event's place.
+    ///
+    /// A delivery whose timeout already ran out (it may have been handed out again) must not
+    /// be taken back: fail with [`ErrorKind::Expired`] where the broker can tell. The default
+    /// fails with [`ErrorKind::Unsupported`], and core then lets the timeout run as before.
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let _ = tag;
+        Err(Error::unsupported(
+            "this transport cannot renew a delivery's visibility timeout",
+        ))
+    }
 }
 
 /// What an adapter's consumer yields: an event (or a message that could not be decoded), its
@@ -545,6 +560,27 @@ impl Delivery {
     /// Whether the delivery has been settled.
     pub fn is_settled(&self) -> bool {
         self.state.load(Ordering::Acquire) == SETTLED
+    }
+
+    /// Starts the visibility timeout over: the event is not handed out again before a whole
+    /// [`visibility_timeout`](crate::ConsumerOptions::visibility_timeout) has passed from
+    /// now. For a holder that keeps a delivery unsettled longer than one timeout on purpose
+    /// and is still alive (the Bus renews the events an ordered handler holds behind earlier
+    /// events of their key). Fails with [`ErrorKind::AlreadySettled`] once the delivery is
+    /// settled or being settled, with [`ErrorKind::Expired`] where the transport can tell the
+    /// timeout already ran out, and with [`ErrorKind::Unsupported`] on a transport that
+    /// cannot renew (every adapter of this workspace can).
+    pub async fn renew(&self) -> Result<()> {
+        if self.state.load(Ordering::Acquire) != PENDING {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!(
+                    "delivery of event {} is settled or being settled: nothing to renew",
+                    self.event.id()
+                ),
+            ));
+        }
+        self.acker.renew(self.tag).await
     }
 
     /// Acknowledges the event: it will not be delivered again.

@@ -38,6 +38,7 @@ on_both_runtimes!(
     the_topic_and_the_redrive_queue_together_stay_within_the_concurrency,
     shutdown_lets_running_handlers_finish_before_closing,
     a_second_shutdown_under_way_waits_for_the_first,
+    a_key_s_backlog_longer_than_the_visibility_timeout_runs_once_in_order,
     at_the_deadline_a_still_running_event_is_nacked_to_another_instance,
     deliveries_whose_ack_failed_do_not_stall_the_handler,
     runs_that_finish_at_once_and_runs_that_wait_each_handle_their_event_once,
@@ -272,6 +273,67 @@ async fn ordered_handlers_never_run_one_key_concurrently_or_out_of_order() {
         max_parallel.load(Ordering::SeqCst) > 1,
         "different keys ran in parallel"
     );
+}
+
+/// An outside review's finding: an ordered handler takes as many events as it has slots, and
+/// those of one key wait behind each other in its lane. Their visibility timeouts ran from
+/// the take: a backlog of one key longer than the timeout came back from the broker, ran
+/// again after later events of the key, and counted attempts until successful events were
+/// dead-lettered. Now the Bus renews the waiting events: eight events of one key, runs of
+/// 120 ms, a timeout of 400 ms (the last waits 840 ms, two timeouts): each runs once, in
+/// order, on its first attempt, and nothing is dead-lettered.
+async fn a_key_s_backlog_longer_than_the_visibility_timeout_runs_once_in_order() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+        let (tx, attempt) = (tx.clone(), msg.attempt());
+        async move {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let _ = tx.send((seq, attempt));
+            Ok(())
+        }
+    })
+    .ordered_by_key(true)
+    .concurrency(8)
+    .prefetch(0)
+    .visibility_timeout(Duration::from_millis(400))
+    .start()
+    .await
+    .unwrap();
+    bus.emit_batch((0..8).map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key("k")
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        got.push(recv(&mut rx).await);
+    }
+    assert_eq!(got, (0..8).map(|seq| (seq, 1)).collect::<Vec<_>>());
+    // Nothing comes back once the backlog is done (a timed-out copy would, within a timeout).
+    if let Ok(Some(again)) = tokio::time::timeout(Duration::from_millis(600), rx.recv()).await {
+        panic!("an event ran again: {again:?}");
+    }
+    let dead = bus
+        .transport()
+        .queue(&bus.dead_letter_queue_name("orderPlaced", "g"))
+        .await
+        .unwrap();
+    let mut sub = dead
+        .receive(evbus::ConsumerOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sub.next_delivery())
+            .await
+            .is_err(),
+        "an event was dead-lettered"
+    );
+    bus.shutdown(WAIT).await.unwrap();
 }
 
 #[tokio::test]

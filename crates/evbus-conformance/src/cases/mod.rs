@@ -107,6 +107,8 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_nack_with_delay_redelivers_no_sooner_than_the_delay),
         case!(queue::queue_nack_with_delay_does_not_hold_back_later_events),
         case!(queue::queue_unacked_events_of_a_vanished_consumer_are_redelivered_to_another),
+        case!(queue::queue_renewed_delivery_stays_with_its_consumer_past_the_visibility_timeout),
+        case!(queue::queue_renewing_after_the_visibility_timeout_fails_and_takes_nothing_back),
         case!(queue::queue_max_attempts_dead_letters_with_reason_and_attempt_count),
         case!(queue::queue_event_whose_consumer_vanished_on_the_last_attempt_is_dead_lettered),
         case!(queue::queue_explicit_dead_letter_moves_the_event_with_its_reason),

@@ -302,6 +302,125 @@ pub(super) async fn queue_unacked_events_of_a_vanished_consumer_are_redelivered_
     queue_sentinel(&ctx, &*queue, &mut cb, QUIET, "consumer B").await
 }
 
+pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visibility_timeout<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let name = ctx.queue_name("q");
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &name).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+
+    // Consumer A takes the event; consumer B competes for it, both with a short timeout.
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let held = next(&mut ca, WAIT, "consumer A").await?;
+    ensure!(
+        held.event().id() == event.id(),
+        "consumer A got event {}, expected {}",
+        held.event().id(),
+        event.id()
+    );
+    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
+
+    // A renews it every third of the timeout for over two and a half timeouts: it must
+    // not come back, to B or to A.
+    let renew_every = SHORT_VISIBILITY / 3;
+    let held_at = Instant::now();
+    while held_at.elapsed() < SHORT_VISIBILITY * 5 / 2 {
+        bounded("renewing the held delivery", held.renew()).await?;
+        tokio::select! {
+            got = cb.next_delivery() => fail!(
+                "consumer B got {} while consumer A renewed the delivery it held (after {:?}, \
+                 visibility timeout {SHORT_VISIBILITY:?})",
+                got.map_or("the end of its subscription".to_owned(), |d| match d {
+                    Ok(d) => format!("event {} attempt {}", d.event().id(), d.attempt()),
+                    Err(e) => format!("an error: {e}"),
+                }),
+                held_at.elapsed()
+            ),
+            got = ca.next_delivery() => fail!(
+                "consumer A got another delivery ({}) while it renewed the one it held",
+                got.map_or("the end of its subscription".to_owned(), |d| match d {
+                    Ok(d) => format!("event {} attempt {}", d.event().id(), d.attempt()),
+                    Err(e) => format!("an error: {e}"),
+                })
+            ),
+            () = tokio::time::sleep(renew_every) => {}
+        }
+    }
+    // Still A's: its ack lands, and the event never comes back.
+    bounded(
+        "acking the renewed delivery after 2.5 visibility timeouts",
+        held.ack(),
+    )
+    .await?;
+    expect_already_settled("renewing a settled delivery", held.renew()).await?;
+    drop(ca);
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut cb,
+        SHORT_VISIBILITY + QUIET,
+        "consumer B",
+    )
+    .await
+}
+
+pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_nothing_back<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let name = ctx.queue_name("q");
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &name).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+
+    // A takes the event and lets its timeout run out; B gets it again.
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let stale = next(&mut ca, WAIT, "consumer A").await?;
+    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
+    let again = next(&mut cb, WAIT, "consumer B (the redelivery)").await?;
+    ensure!(
+        again.event().id() == event.id() && again.attempt() == 2,
+        "consumer B got event {} attempt {}, expected event {} attempt 2",
+        again.event().id(),
+        again.attempt(),
+        event.id()
+    );
+
+    // A's renewal comes too late: refused, and B keeps the event.
+    match tokio::time::timeout(Duration::from_secs(30), stale.renew()).await {
+        Err(_) => fail!("renewing a delivery past its visibility timeout did not return"),
+        Ok(Ok(())) => fail!(
+            "renewing a delivery past its visibility timeout (the event was handed out again) \
+             succeeded, expected an Expired error"
+        ),
+        Ok(Err(e)) => ensure!(
+            e.kind() == ErrorKind::Expired,
+            "renewing a delivery past its visibility timeout failed with `{e}` (kind {:?}), \
+             expected kind Expired",
+            e.kind()
+        ),
+    }
+    bounded("consumer B acking the redelivery", again.ack()).await?;
+    drop(stale);
+    drop(ca);
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut cb,
+        SHORT_VISIBILITY + QUIET,
+        "consumer B",
+    )
+    .await
+}
+
 pub(super) async fn queue_max_attempts_dead_letters_with_reason_and_attempt_count<
     T: Transport + 'static,
 >(

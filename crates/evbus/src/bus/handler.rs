@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Bus, RetryPolicy, lock, telemetry};
 use crate::delivery::{Delivery, Settlement, dead_letter_event};
 use crate::envelope::Event;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::schema::EventType;
 use crate::signal::{Limit, LimitPermit, Signal};
 use crate::transport::{ConsumerOptions, Queue, StartPosition, SubscribeOptions};
@@ -416,6 +416,7 @@ impl HandlerBuilder {
             dead_letter,
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
             lane_warned: AtomicBool::new(false),
+            renews: AtomicBool::new(true),
             slow_runs: (prefetch > 0).then(|| SlowRuns {
                 half_visibility: self.visibility_timeout / 2,
                 warned: AtomicBool::new(false),
@@ -674,6 +675,9 @@ impl SlowRuns {
     }
 }
 
+/// Most renewals of waiting deliveries in flight at once (see [`Worker::renew_lanes`]).
+const RENEWALS_AT_ONCE: usize = 32;
+
 struct Worker {
     shared: Arc<Shared>,
     bus: Bus,
@@ -689,6 +693,9 @@ struct Worker {
     slow_runs: Option<SlowRuns>,
     /// Whether [`waited_in_lane`](Self::waited_in_lane) warned (once per handler).
     lane_warned: AtomicBool,
+    /// Whether the transport renews visibility timeouts (see
+    /// [`renew_lanes`](Self::renew_lanes)); `false` once it said it cannot.
+    renews: AtomicBool,
     /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
     in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
     next_id: AtomicU64,
@@ -718,6 +725,10 @@ impl Worker {
         let mut permit = None;
         // Events handled inline since the worker last let other tasks run.
         let mut inline_run = 0;
+        // Events waiting in an ordered handler's lanes are kept from timing out.
+        let renewer = self
+            .ordered
+            .then(|| tokio::spawn(Arc::clone(&self).renew_lanes()));
         // The box an inline run is pinned in. A run that completes in its first poll (nearly
         // all of them) leaves it empty for the next one, so it is allocated once, not per
         // event; a run that has to wait takes it into its task and the next run gets a new one.
@@ -839,6 +850,9 @@ impl Worker {
         // The pool's tasks run what was handed to them, then end.
         drop(pool);
         let report = self.drain(tasks).await;
+        if let Some(renewer) = renewer {
+            renewer.abort();
+        }
         drop(stream);
         // Stopped before the report goes out: `shutdown` returns on the report, and its
         // caller may look at `is_running` on another thread at once.
@@ -900,22 +914,76 @@ impl Worker {
         }
     }
 
+    /// Renews, every third of the visibility timeout, the deliveries waiting in the lanes
+    /// behind earlier events of their key, until the worker is done (aborted then). They were
+    /// taken from the broker with the events ahead of them and their timeouts run from then:
+    /// without renewals, a key's backlog of (concurrency + prefetch) runs longer than one
+    /// timeout would come back from the broker, run again after later events of the key and
+    /// count attempts nobody failed. A renewal that fails leaves that delivery's timeout
+    /// running (it may come back, as before); a transport that cannot renew at all ends
+    /// the renewals and leaves the warning of [`waited_in_lane`](Self::waited_in_lane).
+    async fn renew_lanes(self: Arc<Self>) {
+        let every = (self.visibility_timeout / 3).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let waiting: Vec<Arc<Delivery>> = lock(&self.lanes)
+                .values()
+                .flatten()
+                .map(|taken| Arc::clone(&taken.delivery))
+                .collect();
+            let mut renewals = futures::stream::iter(waiting)
+                .map(|delivery| async move { (delivery.renew().await, delivery) })
+                .buffer_unordered(RENEWALS_AT_ONCE);
+            let mut failed = None;
+            while let Some((result, delivery)) = renewals.next().await {
+                match result {
+                    // Its turn came, and it was settled, since the lanes were looked at.
+                    Err(e) if e.kind() == ErrorKind::AlreadySettled => {}
+                    Err(e) if e.kind() == ErrorKind::Unsupported => {
+                        self.renews.store(false, Ordering::Relaxed);
+                        tracing::debug!(group = %self.shared.group, error = %e, "the transport cannot renew visibility timeouts: events waiting behind their key keep theirs running");
+                        return;
+                    }
+                    Err(e) => failed = Some((e, delivery)),
+                    Ok(()) => {}
+                }
+            }
+            if let Some((e, delivery)) = failed {
+                // Once per round: a broker outage fails every renewal of the round alike.
+                tracing::warn!(
+                    event_type = %self.shared.ty,
+                    group = %self.shared.group,
+                    event = delivery.event().id(),
+                    error = %e,
+                    "could not renew the visibility timeout of an event waiting behind \
+                     earlier events of its key: if it runs out, the event is delivered again"
+                );
+            }
+        }
+    }
+
     /// Warns, once per handler, when an event of an ordered handler waited behind earlier
-    /// events of its key for over half its visibility timeout. Its timeout runs while it
-    /// waits (it was taken from the broker with them): past it, the broker delivers it again,
-    /// and that copy runs after later events of the key, and counts another attempt.
+    /// events of its key for over half its visibility timeout on a transport that cannot
+    /// renew it. Its timeout runs while it waits (it was taken from the broker with them):
+    /// past it, the broker delivers it again, and that copy runs after later events of the
+    /// key, and counts another attempt.
     fn waited_in_lane(&self, waited: Duration) {
-        if waited > self.visibility_timeout / 2 && !self.lane_warned.swap(true, Ordering::Relaxed) {
+        if waited > self.visibility_timeout / 2
+            && !self.renews.load(Ordering::Relaxed)
+            && !self.lane_warned.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 event_type = %self.shared.ty,
                 group = %self.shared.group,
                 waited = ?waited,
                 visibility_timeout = ?self.visibility_timeout,
                 "an event of an ordered handler waited over half its visibility timeout \
-                 behind earlier events of its key: past the timeout it is delivered again, runs \
-                 again out of order and counts another attempt; keep (concurrency + prefetch) \
-                 x the longest run of one key under the visibility timeout (raise it, or lower \
-                 them)"
+                 behind earlier events of its key, and its transport cannot renew the timeout: \
+                 past it the event is delivered again, runs again out of order and counts \
+                 another attempt; keep (concurrency + prefetch) x the longest run of one key \
+                 under the visibility timeout (raise it, or lower them)"
             );
         }
     }

@@ -40,6 +40,9 @@ pub enum Fault {
     /// `ack` fails with this kind of error without acknowledging, as when the connection
     /// drops under it (the broker redelivers after the visibility timeout).
     FailAck(ErrorKind),
+    /// `renew` fails with this kind of error without renewing (with
+    /// [`ErrorKind::Unsupported`], a transport that cannot renew visibility timeouts).
+    FailRenew(ErrorKind),
     /// Each delivery is handed out twice.
     DuplicateDelivery,
     /// A delivery arrives as an undecodable message (what a foreign producer's garbage looks
@@ -193,6 +196,11 @@ impl Faults {
             let fails = Some(kind);
             delivery = delivery.with_acker(Arc::new(FaultyAcker { inner, fails }), tag);
         }
+        if let Some(kind) = self.failing_renew(ty) {
+            let inner = Arc::clone(delivery.acker());
+            let tag = delivery.tag();
+            delivery = delivery.with_acker(Arc::new(NoRenewals { inner, fails: kind }), tag);
+        }
         if self.strikes(&Fault::DuplicateDelivery, ty)
             && let Some(event) = delivery.event().cloned()
         {
@@ -257,6 +265,14 @@ impl Faults {
     fn failing_ack(&self, ty: Option<&str>) -> Option<ErrorKind> {
         self.striking_kind(ty, |fault| match fault {
             Fault::FailAck(kind) => Some(*kind),
+            _ => None,
+        })
+    }
+
+    /// The kind of a `FailRenew` rule that strikes.
+    fn failing_renew(&self, ty: Option<&str>) -> Option<ErrorKind> {
+        self.striking_kind(ty, |fault| match fault {
+            Fault::FailRenew(kind) => Some(*kind),
             _ => None,
         })
     }
@@ -353,6 +369,46 @@ impl Acker for FaultyAcker {
 
     async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
         self.inner.nack_delayed(tag, delay).await
+    }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        self.inner.renew(tag).await
+    }
+}
+
+/// An acker whose `renew` fails with `fails` (`FailRenew`); everything else goes through.
+struct NoRenewals {
+    inner: Arc<dyn Acker>,
+    fails: ErrorKind,
+}
+
+#[async_trait]
+impl Acker for NoRenewals {
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.inner.ack(tag).await
+    }
+
+    fn try_ack_now(&self, tag: u64) -> Option<Result<()>> {
+        self.inner.try_ack_now(tag)
+    }
+
+    async fn nack(&self, tag: u64) -> Result<()> {
+        self.inner.nack(tag).await
+    }
+
+    fn native_delay(&self) -> bool {
+        self.inner.native_delay()
+    }
+
+    async fn nack_delayed(&self, tag: u64, delay: Duration) -> Result<()> {
+        self.inner.nack_delayed(tag, delay).await
+    }
+
+    async fn renew(&self, _tag: u64) -> Result<()> {
+        Err(Error::new(
+            self.fails,
+            "renew failed: injected by the fault-injection layer",
+        ))
     }
 }
 

@@ -144,4 +144,10 @@ impl Acker for CountingAcker {
         self.record("nack_delayed", &result);
         result
     }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let result = self.inner.renew(tag).await;
+        self.record("renew", &result);
+        result
+    }
 }

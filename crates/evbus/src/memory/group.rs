@@ -49,8 +49,9 @@ struct GroupState {
     in_flight: InFlight,
     /// Visibility deadlines, one lane per visibility timeout. A lane only grows at its back
     /// with `now + timeout` (the clock is monotonic and read under the lock), so each lane is
-    /// sorted without a tree. A settled delivery's entry stays in its lane until it reaches
-    /// the front or the lane is compacted.
+    /// sorted without a tree. A settled delivery's entry, and the earlier deadline of a
+    /// renewed one (no longer its slot's [`Slot::deadline`]), stay in the lane until they
+    /// reach the front or the lane is compacted.
     deadlines: Vec<Lane>,
     /// Keys of delayed entries.
     next_delay_key: u64,
@@ -71,10 +72,13 @@ struct InFlight {
     len: usize,
 }
 
-#[derive(Default)]
 struct Slot {
     generation: u32,
     entry: Option<Entry>,
+    /// When the delivery in this slot expires: the last deadline pushed for it (a renewal
+    /// pushes a later one). An earlier deadline of the same delivery found in its lane is
+    /// stale and ignored.
+    deadline: Instant,
 }
 
 impl InFlight {
@@ -82,17 +86,22 @@ impl InFlight {
         self.len
     }
 
-    /// Stores `entry` and returns its tag.
-    fn insert(&mut self, entry: Entry) -> u64 {
+    /// Stores `entry`, due back at `deadline`, and returns its tag.
+    fn insert(&mut self, entry: Entry, deadline: Instant) -> u64 {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                self.slots.push(Slot::default());
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                    deadline,
+                });
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 deliveries in flight")
             }
         };
         let slot = &mut self.slots[index as usize];
         slot.entry = Some(entry);
+        slot.deadline = deadline;
         self.len += 1;
         (u64::from(slot.generation) << 32) | u64::from(index)
     }
@@ -103,8 +112,27 @@ impl InFlight {
             .filter(|slot| u64::from(slot.generation) == tag >> 32)
     }
 
+    #[cfg(test)]
     fn contains(&self, tag: u64) -> bool {
         self.slot(tag).is_some_and(|slot| slot.entry.is_some())
+    }
+
+    /// Whether `tag` is in flight and `at` is its deadline (not one a renewal replaced).
+    fn due_at(&self, tag: u64, at: Instant) -> bool {
+        self.slot(tag)
+            .is_some_and(|slot| slot.entry.is_some() && slot.deadline == at)
+    }
+
+    /// Moves the deadline of `tag`, if in flight; whether it was.
+    fn set_deadline(&mut self, tag: u64, deadline: Instant) -> bool {
+        let index = (tag & u64::from(u32::MAX)) as usize;
+        match self.slots.get_mut(index) {
+            Some(slot) if u64::from(slot.generation) == tag >> 32 && slot.entry.is_some() => {
+                slot.deadline = deadline;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn remove(&mut self, tag: u64) -> Option<Entry> {
@@ -154,7 +182,7 @@ impl GroupState {
                     break;
                 }
                 lane.queue.pop_front();
-                if self.in_flight.contains(tag) {
+                if self.in_flight.due_at(tag, at) {
                     expired.push((at, tag));
                 }
             }
@@ -172,12 +200,12 @@ impl GroupState {
         }
     }
 
-    /// Drops the deadlines of settled deliveries from the front of every lane, so that the
-    /// front is a delivery still in flight.
+    /// Drops the deadlines of settled deliveries (and the replaced deadlines of renewed
+    /// ones) from the front of every lane, so that the front is a delivery still in flight.
     fn prune_settled(&mut self) {
         for lane in &mut self.deadlines {
-            while let Some(&(_, tag)) = lane.queue.front() {
-                if self.in_flight.contains(tag) {
+            while let Some(&(at, tag)) = lane.queue.front() {
+                if self.in_flight.due_at(tag, at) {
                     break;
                 }
                 lane.queue.pop_front();
@@ -218,7 +246,7 @@ impl GroupState {
         // Settled deliveries leave their entries behind; keep the lane within a constant
         // factor of what is really in flight (amortised: at most once per that many pushes).
         if lane.len() >= 2 * in_flight.len() + 64 {
-            lane.retain(|(_, t)| in_flight.contains(*t));
+            lane.retain(|&(at, t)| in_flight.due_at(t, at));
         }
         lane.push_back((deadline, tag));
     }
@@ -383,12 +411,47 @@ impl Group {
                 shared: Arc::new(MemoryAcker {
                     group: Arc::clone(self),
                     closed,
+                    visibility_timeout,
                 }),
                 visibility_timeout,
                 _keep_alive: keep_alive,
             }),
             waiting: None,
         }
+    }
+
+    /// Starts the visibility timeout of delivery `tag` over: due back `timeout` from now. A
+    /// delivery already past its deadline is given back first (as a consumer's next look
+    /// would) and the renewal refused.
+    fn renew(&self, tag: u64, timeout: Duration) -> Result<()> {
+        let mut state = self.lock();
+        if state.deleted {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "`{}` was deleted; the delivery cannot be renewed",
+                    self.origin
+                ),
+            ));
+        }
+        let now = Instant::now();
+        state.promote(now);
+        let deadline = now + timeout;
+        if !state.in_flight.set_deadline(tag, deadline) {
+            drop(state);
+            // `promote` may have made an expired delivery ready.
+            self.events_changed();
+            return Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "delivery on `{}` exceeded its visibility timeout before it was renewed \
+                     and was handed out again",
+                    self.origin
+                ),
+            ));
+        }
+        state.push_deadline(timeout, deadline, tag);
+        Ok(())
     }
 
     fn settle(&self, tag: u64, then: impl FnOnce(&mut GroupState, Entry)) -> Result<()> {
@@ -423,6 +486,8 @@ impl Group {
 struct MemoryAcker {
     group: Arc<Group>,
     closed: Closed,
+    /// The consumer's visibility timeout, which [`Acker::renew`] starts over.
+    visibility_timeout: Duration,
 }
 
 struct Consumer {
@@ -528,7 +593,7 @@ impl Consumer {
         let deadline = now + self.visibility_timeout;
         let event = entry.event.clone();
         let attempt = entry.deliveries;
-        let tag = state.in_flight.insert(entry);
+        let tag = state.in_flight.insert(entry, deadline);
         state.push_deadline(self.visibility_timeout, deadline, tag);
         Take::Delivery(RawDelivery::new(
             event,
@@ -590,6 +655,11 @@ impl Acker for MemoryAcker {
         self.group.events_changed();
         Ok(())
     }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        self.check_open()?;
+        self.group.renew(tag, self.visibility_timeout)
+    }
 }
 
 #[cfg(test)]
@@ -619,8 +689,8 @@ mod tests {
     #[test]
     fn a_reused_slot_refuses_the_tag_of_the_delivery_it_held_before() {
         let mut in_flight = InFlight::default();
-        let first = in_flight.insert(entry("a"));
-        let second = in_flight.insert(entry("b"));
+        let first = in_flight.insert(entry("a"), Instant::now());
+        let second = in_flight.insert(entry("b"), Instant::now());
         assert_ne!(first, second);
         assert_eq!(in_flight.len(), 2);
 
@@ -631,7 +701,7 @@ mod tests {
         assert!(in_flight.remove(first).is_none());
 
         // The freed slot is reused under a new tag; the old tag still finds nothing.
-        let third = in_flight.insert(entry("c"));
+        let third = in_flight.insert(entry("c"), Instant::now());
         assert_ne!(third, first);
         assert_eq!(third & u64::from(u32::MAX), first & u64::from(u32::MAX));
         assert!(!in_flight.contains(first));

@@ -543,6 +543,11 @@ impl<B: Broker> Acker for Guarded<B> {
         let _operation = self.connection.enter()?;
         self.acker.nack_delayed(tag, delay).await
     }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let _operation = self.connection.enter()?;
+        self.acker.renew(tag).await
+    }
 }
 
 /// A topic or queue handle of a [`Connection`].
