@@ -44,6 +44,9 @@ pub const DEAD_LETTER_TIME: &str = "deadlettertime";
 /// extensions were added, or its producer bypassed the limit).
 pub const DEAD_LETTER_DATA_DROPPED: &str = "deadletterdropped";
 
+/// The shortest interval between renewals of a held delivery, whatever its visibility timeout.
+pub(crate) const MIN_RENEW_EVERY: Duration = Duration::from_millis(10);
+
 /// How many bytes of each header value and of the body an undecodable message's placeholder
 /// keeps when the whole message does not fit the dead-letter queue.
 const PLACEHOLDER_CUT: usize = 1024;
@@ -465,6 +468,9 @@ fn cut_attributes(record: &Event) -> Result<Event> {
 #[derive(Clone)]
 pub(crate) struct DeliveryPolicy {
     pub(crate) max_attempts: u32,
+    /// The consumer's visibility timeout: an emulated delayed nack renews the delivery it
+    /// holds every third of it.
+    pub(crate) visibility_timeout: Duration,
     pub(crate) dead_letter: Arc<dyn Queue>,
     pub(crate) origin: Arc<str>,
 }
@@ -619,8 +625,36 @@ impl Delivery {
                 Some(d) if self.acker.native_delay() => self.acker.nack_delayed(self.tag, d).await,
                 Some(d) => {
                     let (acker, tag) = (Arc::clone(&self.acker), self.tag);
+                    let every = (self.policy.visibility_timeout / 3).max(MIN_RENEW_EVERY);
                     tokio::spawn(async move {
-                        tokio::time::sleep(d).await;
+                        // Held unacknowledged for the delay, renewed meanwhile so that a delay
+                        // longer than the visibility timeout is not cut short by it. A
+                        // transport that cannot renew lets the timeout run (the event may
+                        // then come back sooner, with its attempt counted).
+                        let due = tokio::time::Instant::now() + d;
+                        let mut renewing = true;
+                        loop {
+                            let now = tokio::time::Instant::now();
+                            if now >= due {
+                                break;
+                            }
+                            if !renewing {
+                                tokio::time::sleep_until(due).await;
+                                break;
+                            }
+                            tokio::time::sleep_until(due.min(now + every)).await;
+                            if tokio::time::Instant::now() < due
+                                && let Err(e) = acker.renew(tag).await
+                            {
+                                match e.kind() {
+                                    ErrorKind::Unsupported => renewing = false,
+                                    // Handed out again already: nothing left to nack.
+                                    ErrorKind::Expired => return,
+                                    // The broker may be back for the next one.
+                                    _ => tracing::debug!(error = %e, "could not renew a delivery held for a delayed nack"),
+                                }
+                            }
+                        }
                         if let Err(e) = acker.nack(tag).await {
                             // The event stays unacknowledged on the broker and comes back
                             // after the visibility timeout: nothing is lost.

@@ -221,6 +221,7 @@ impl Subscription {
     {
         let policy = Arc::new(DeliveryPolicy {
             max_attempts: options.max_attempts.max(1),
+            visibility_timeout: options.visibility_timeout,
             dead_letter,
             origin: origin.into(),
         });

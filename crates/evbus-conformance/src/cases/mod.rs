@@ -105,6 +105,7 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_send_batch_keeps_batch_order_for_one_consumer, needs: [PER_KEY_ORDER]),
         case!(queue::queue_nack_redelivers_with_the_attempt_count_increased),
         case!(queue::queue_nack_with_delay_redelivers_no_sooner_than_the_delay),
+        case!(queue::queue_nack_with_a_delay_longer_than_the_visibility_timeout_waits_the_delay),
         case!(queue::queue_nack_with_delay_does_not_hold_back_later_events),
         case!(queue::queue_unacked_events_of_a_vanished_consumer_are_redelivered_to_another),
         case!(queue::queue_renewed_delivery_stays_with_its_consumer_past_the_visibility_timeout),

@@ -218,6 +218,48 @@ pub(super) async fn queue_nack_with_delay_redelivers_no_sooner_than_the_delay<
     queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the consumer").await
 }
 
+pub(super) async fn queue_nack_with_a_delay_longer_than_the_visibility_timeout_waits_the_delay<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    // Two and a half timeouts: a transport that emulates delays by holding the event must
+    // keep it from timing out meanwhile.
+    let delay = SHORT_VISIBILITY * 5 / 2;
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let event = ctx.event(0);
+    bounded("sending", queue.send(&event)).await?;
+    let mut c = receive(&*queue, ctx.short_consumer()).await?;
+    let d = next(&mut c, WAIT, "the first delivery").await?;
+    let nacked_at = Instant::now();
+    bounded("nacking with a delay", d.nack(Some(delay))).await?;
+
+    let again = next(&mut c, WAIT, "the delayed redelivery").await?;
+    let after = nacked_at.elapsed();
+    ensure!(
+        again.event().id() == event.id() && again.attempt() == 2,
+        "expected event {} attempt 2, got event {} attempt {}",
+        event.id(),
+        again.event().id(),
+        again.attempt()
+    );
+    ensure!(
+        after >= delay,
+        "the event was redelivered {after:?} after a nack with a {delay:?} delay (visibility \
+         timeout {SHORT_VISIBILITY:?})"
+    );
+    bounded("acking", again.ack()).await?;
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "the consumer",
+    )
+    .await
+}
+
 pub(super) async fn queue_nack_with_delay_does_not_hold_back_later_events<
     T: Transport + 'static,
 >(

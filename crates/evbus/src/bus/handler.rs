@@ -923,7 +923,7 @@ impl Worker {
     /// running (it may come back, as before); a transport that cannot renew at all ends
     /// the renewals and leaves the warning of [`waited_in_lane`](Self::waited_in_lane).
     async fn renew_lanes(self: Arc<Self>) {
-        let every = (self.visibility_timeout / 3).max(Duration::from_millis(10));
+        let every = (self.visibility_timeout / 3).max(crate::delivery::MIN_RENEW_EVERY);
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
