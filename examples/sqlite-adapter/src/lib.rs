@@ -6,8 +6,9 @@
 //! *partition* (a row of `parts`). Publishing to a topic inserts one `messages` row per
 //! subscription of the topic, in one statement. A consumer leases the oldest visible row of
 //! its partition with one atomic `UPDATE ... RETURNING` (`visible_at = now + visibility
-//! timeout`, `attempt = attempt + 1`); ack deletes the row, nack makes it visible now. Idle
-//! consumers poll every 20 ms. Events are stored in the CloudEvents JSON format.
+//! timeout`, `attempt = attempt + 1`); ack deletes the row, nack makes it visible now, renew
+//! moves `visible_at` on while that lease (that attempt) still runs. Idle consumers poll every
+//! 20 ms. Events are stored in the CloudEvents JSON format.
 
 use std::{sync::Arc, time::Duration};
 
@@ -41,6 +42,9 @@ const PUBLISH: &str = "INSERT INTO messages (part, visible_at, attempt, event)
 const LEASE: &str = "UPDATE messages SET visible_at = unixepoch('subsec') * 1000 + ?1,
   attempt = attempt + 1 WHERE id = (SELECT id FROM messages WHERE part = ?2
   AND visible_at <= unixepoch('subsec') * 1000 ORDER BY id LIMIT 1) RETURNING id, attempt, event";
+// Starts the lease of row ?2 over for ?1 ms, only while lease ?3 (its attempt) still runs.
+const RENEW: &str = "UPDATE messages SET visible_at = unixepoch('subsec') * 1000 + ?1
+  WHERE id = ?2 AND attempt = ?3 AND visible_at > unixepoch('subsec') * 1000";
 // A whole topic or queue, or one subscription of a topic.
 const DELETE: &str = "DELETE FROM parts WHERE kind = ?1 AND dest = ?2 AND ?3 IN (name, '*')";
 
@@ -97,8 +101,11 @@ impl SqliteBroker {
         let query = sqlx::query_as(LEASE).bind(ms).bind(part);
         let row = query.fetch_optional(&broker.0).await;
         let row: Option<(i64, u32, String)> = row.map_err(sql("leasing"))?;
-        let (at, acker) = (format!("{URL_SCHEME}:{part}"), Arc::new(broker));
-        Ok(row.map(|(id, n, json)| RawDelivery::from_json(json, n, acker, id as u64, &at)))
+        let at = format!("{URL_SCHEME}:{part}");
+        Ok(row.map(|(id, n, json)| {
+            let acker = Arc::new(Lease { broker, n, ms });
+            RawDelivery::from_json(json, n, acker, id as u64, &at)
+        }))
     }
 }
 
@@ -153,17 +160,34 @@ impl Broker for SqliteBroker {
     }
 }
 
-/// Settles rows by id (the delivery's tag).
+/// One delivery's lease of a row: the row's id is the delivery's tag, the attempt `n` tells
+/// the lease from later ones of the row, `ms` is the consumer's visibility timeout.
+struct Lease {
+    broker: SqliteBroker,
+    n: u32,
+    ms: i64,
+}
+
+/// Settles rows by id (the delivery's tag); renews only the lease it was made for.
 #[async_trait]
-impl Acker for SqliteBroker {
+impl Acker for Lease {
     async fn ack(&self, tag: u64) -> Result<()> {
         let query = sqlx::query("DELETE FROM messages WHERE id = ?");
-        self.run(query.bind(tag as i64), "acking").await
+        self.broker.run(query.bind(tag as i64), "acking").await
     }
 
     async fn nack(&self, tag: u64) -> Result<()> {
         let query = sqlx::query("UPDATE messages SET visible_at = 0 WHERE id = ?");
-        self.run(query.bind(tag as i64), "nacking").await
+        self.broker.run(query.bind(tag as i64), "nacking").await
+    }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let query = sqlx::query(RENEW).bind(self.ms).bind(tag as i64);
+        let done = query.bind(self.n).execute(&self.broker.0).await;
+        match done.map_err(sql("renewing"))?.rows_affected() {
+            0 => Err(Error::new(ErrorKind::Expired, "the lease had run out")),
+            _ => Ok(()),
+        }
     }
 }
 

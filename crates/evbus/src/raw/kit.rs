@@ -67,6 +67,11 @@
 //!   message may have been handed out again, must not affect the redelivery (an ack does not
 //!   delete it, a nack does not make it visible again), and returns [`ErrorKind::Expired`]
 //!   where the broker can tell.
+//! - [`Acker::renew`] starts a delivery's visibility timeout over from now, and refuses with
+//!   [`ErrorKind::Expired`], changing nothing, once the timeout ran out (core renews the
+//!   events the Bus holds for an ordered handler, and those it holds for an emulated delayed
+//!   nack; the default, [`ErrorKind::Unsupported`], leaves
+//!   their timeouts running and fails two conformance cases).
 //! - A named subscription (in [`Source::destination`]) keeps receiving events published
 //!   while no consumer is attached; consumers of one name, or of one queue, compete.
 //! - Its errors are [`ErrorKind::Connection`] or
