@@ -301,15 +301,20 @@ impl HandlerBuilder {
     /// delivery, and the runs made in place are not counted again. Such an event can run
     /// more times than the [`RetryPolicy`]'s `max_attempts` before it is dead-lettered.
     ///
-    /// Events of one key taken together wait for each other with their visibility timeouts
-    /// running: the handler takes up to [`concurrency`](Self::concurrency) plus
-    /// [`prefetch`](Self::prefetch) events, and if they are all of one key, the last runs
-    /// after all the others. Past its timeout an event is delivered again, and that copy
-    /// runs after later events of its key (order broken) with another attempt counted. So
-    /// keep (concurrency + prefetch) × the longest run of one key under the
-    /// [`visibility_timeout`](Self::visibility_timeout); the handler logs a warning, once,
-    /// when an event waited over half of it. A waiting event also holds its slot, so one
-    /// busy key can hold every slot and make other keys wait.
+    /// Events of one key taken together wait for each other: the handler takes up to
+    /// [`concurrency`](Self::concurrency) plus [`prefetch`](Self::prefetch) events, and if
+    /// they are all of one key, the last runs after all the others. While they wait the
+    /// handler renews their visibility timeouts (every third of
+    /// [`visibility_timeout`](Self::visibility_timeout)), so a key's backlog may take longer
+    /// than one timeout: each event still runs once, in order. If this process dies, they
+    /// come back a timeout after the last renewal. On a transport that cannot renew (a
+    /// third-party adapter without [`Acker::renew`](crate::raw::Acker::renew)), an event
+    /// that waits past its timeout is delivered again, and that copy runs after later events
+    /// of its key (order broken) with another attempt counted; the handler then logs a
+    /// warning, once, when an event waited over half of it. The running event itself is
+    /// not renewed: keep one run of a key, with its retries in place, under the timeout. A
+    /// waiting event holds its slot, so one busy key can hold every slot and make other keys
+    /// wait.
     pub fn ordered_by_key(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self

@@ -112,7 +112,8 @@
 //! [`HandlerBuilder::ordered_by_key`], events sharing a partition key run one at a time in
 //! arrival order (one serial lane per key), and their retries happen in place (the lane waits
 //! for the backoff, the event stays unacknowledged on the broker) so a retried event is never
-//! overtaken by a later event of its key.
+//! overtaken by a later event of its key. Events waiting in a lane have their visibility
+//! timeouts renewed, so a long backlog of one key does not come back from the broker.
 //!
 //! On a multi-threaded runtime unordered events are handled by a pool of long-lived tasks,
 //! at most the concurrency of them, so handlers run in parallel on the runtime's workers
