@@ -32,6 +32,13 @@
 //! (ADR 0021). Every other ack goes through one [`ACK_BATCH`](crate::scripts::ACK_BATCH)
 //! script call, which checks the entry is still this consumer's, with the same delivery
 //! count, and deletes what it settles on queues.
+//!
+//! A renewal ([`RENEW`](crate::scripts::RENEW)) makes the same check, then `XCLAIM`s the
+//! entry to this same consumer with `JUSTID`: its idle time starts again from 0 and its
+//! delivery count stays, so every consumer's takeover waits a whole timeout from the
+//! renewal. The delivery's plain-ack window then runs from when the renewal was sent
+//! ([`RedisAcker::idle_since`]), not from the fetch. A delivery idle for its whole timeout,
+//! or given back by a nack meanwhile (idle "forever"), is not renewed.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +61,9 @@ use crate::connection::{self, BlockingConnection, RedisConn, bytes_of, int_of, s
 use crate::error::{from_redis, is_no_group};
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, StreamKeys};
 use crate::publisher::DATA_FIELD;
-use crate::scripts::{self, NOT_PENDING, RELEASED_IDLE_MS, SETTLED, TAKEN_OVER};
+use crate::scripts::{
+    self, GIVEN_BACK, NOT_PENDING, RAN_OUT, RELEASED_IDLE_MS, SETTLED, TAKEN_OVER,
+};
 use crate::transport::{RedisTransport, Shared};
 
 /// The type of the placeholder event dead-lettered in place of an entry that is not a
@@ -195,7 +204,7 @@ impl ConsumerState {
                 state: Arc::clone(self),
                 id: id.clone(),
                 count,
-                fetched_at: at,
+                idle_since: Mutex::new(at),
                 held: AtomicBool::new(true),
             };
             // The acker is per delivery (it holds the entry id): tag 0.
@@ -329,8 +338,9 @@ type AckOutcome = std::result::Result<i64, RedisError>;
 struct AckRequest {
     id: String,
     count: DeliveryCount,
-    /// When the request that fetched the entry was sent.
-    fetched_at: Instant,
+    /// When the request that last started the entry's idle time was sent (see
+    /// [`RedisAcker::idle_since`]).
+    idle_since: Instant,
     reply: oneshot::Sender<AckOutcome>,
 }
 
@@ -1012,12 +1022,18 @@ struct RedisAcker {
     state: Arc<ConsumerState>,
     id: String,
     count: DeliveryCount,
-    /// When the request that fetched the entry was sent.
-    fetched_at: Instant,
+    /// When the request that last started the entry's idle time in Redis was sent: the
+    /// fetch, then the latest successful renewal. Redis reset the idle time after this, so
+    /// the delivery's plain-ack window ([`plain_ack_safe`]) runs from here.
+    idle_since: Mutex<Instant>,
     held: AtomicBool,
 }
 
 impl RedisAcker {
+    fn idle_since(&self) -> MutexGuard<'_, Instant> {
+        self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn unhold(&self) {
         if self.held.swap(false, Ordering::AcqRel) {
             self.state.held().remove(&(self.id.clone(), self.count));
@@ -1035,7 +1051,7 @@ impl RedisAcker {
             queue.waiting.push(AckRequest {
                 id: self.id.clone(),
                 count: self.count,
-                fetched_at: self.fetched_at,
+                idle_since: *self.idle_since(),
                 reply,
             });
             !std::mem::replace(&mut queue.flushing, true)
@@ -1084,6 +1100,55 @@ impl RedisAcker {
             self.unhold();
         }
         self.outcome(result, what)
+    }
+
+    /// Starts the delivery's visibility timeout over ([`scripts::RENEW`]): the entry's idle
+    /// time goes back to 0, its delivery count stays. Once renewed, the plain-ack window runs
+    /// from when the renewal was sent (Redis reset the idle time after that), as it ran from
+    /// the fetch before; a renewal whose answer is lost leaves it where it was, which only
+    /// makes more acks go through the checked script.
+    async fn renew_timeout(&self) -> Result<()> {
+        let state = &self.state;
+        let _op = state.shared.begin()?;
+        let what = "renewing the visibility timeout of";
+        let visibility_ms = u64::try_from(state.visibility.as_millis()).unwrap_or(u64::MAX);
+        let sent = Instant::now();
+        let result = scripts::RENEW
+            .key(&state.keys.stream)
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg(&self.id)
+            .arg(self.count)
+            .arg(visibility_ms)
+            .arg(RELEASED_IDLE_MS)
+            .invoke_async::<i64>(&mut state.shared.conn())
+            .await
+            .map_err(|e| from_redis(e, &self.describe(what)))?;
+        match result {
+            SETTLED => {
+                let mut since = self.idle_since();
+                *since = (*since).max(sent);
+                Ok(())
+            }
+            RAN_OUT => Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "{}: its visibility timeout ({:?}) already ran out, so any consumer may \
+                     take it over at its next scan; renew more often than the timeout",
+                    self.describe(what),
+                    state.visibility
+                ),
+            )),
+            GIVEN_BACK => Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!(
+                    "{}: the delivery was given back (nacked) and waits to be handed out \
+                     again: nothing to renew",
+                    self.describe(what)
+                ),
+            )),
+            other => self.outcome(other, what),
+        }
     }
 
     fn describe(&self, what: &str) -> String {
@@ -1144,7 +1209,7 @@ async fn flush_acks(state: Arc<ConsumerState>) {
         };
         let now = Instant::now();
         let (plain, checked): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
-            !state.delete_on_ack && plain_ack_safe(r.fetched_at, state.visibility, now)
+            !state.delete_on_ack && plain_ack_safe(r.idle_since, state.visibility, now)
         });
         if !plain.is_empty() {
             let results = ack_plain(&mut conn, &state, &plain).await;
@@ -1157,11 +1222,12 @@ async fn flush_acks(state: Arc<ConsumerState>) {
     }
 }
 
-/// Whether a delivery fetched by a request sent at `fetched_at` may be acknowledged with a
-/// plain `XACK`, without the script's check that it is still this consumer's: while less
-/// than half its visibility timeout has passed. No evbus consumer takes an entry over before
-/// the visibility timeout of the consumer holding it has passed (the takeover script reads
-/// it from the holder's name), and Redis started counting after `fetched_at`; the other half
+/// Whether a delivery whose entry's idle time was last started by a request sent at
+/// `fetched_at` (the fetch, or the latest renewal) may be acknowledged with a plain `XACK`,
+/// without the script's check that it is still this consumer's: while less than half its
+/// visibility timeout has passed. No evbus consumer takes an entry over before the
+/// visibility timeout of the consumer holding it has passed (the takeover script reads it
+/// from the holder's name), and Redis started counting after `fetched_at`; the other half
 /// is the margin for the ack's own trip to Redis. See ADR 0021.
 fn plain_ack_safe(fetched_at: Instant, visibility: Duration, now: Instant) -> bool {
     visibility >= PLAIN_ACK_MIN_VISIBILITY
@@ -1289,6 +1355,10 @@ impl Acker for RedisAcker {
 
     async fn nack_delayed(&self, _tag: u64, delay: Duration) -> Result<()> {
         self.nack_after(delay.max(Duration::from_millis(1))).await
+    }
+
+    async fn renew(&self, _tag: u64) -> Result<()> {
+        self.renew_timeout().await
     }
 }
 

@@ -1,10 +1,10 @@
-//! The Lua scripts that settle and take over deliveries atomically.
+//! The Lua scripts that settle, renew and take over deliveries atomically.
 //!
 //! Each script touches only the keys of one destination (a stream and its delayed set, which
 //! share a hash tag), so they run unchanged on Redis Cluster. A delivery is identified by
 //! its entry id *and* its delivery count: a settlement succeeds only while the entry is still
 //! pending for this consumer with the same count, so a consumer whose delivery expired and
-//! was handed out again cannot settle the new delivery by mistake.
+//! was handed out again cannot settle (or renew) the new delivery by mistake.
 //!
 //! The consumer passes the count exactly as Redis reported it, however large (a stock client
 //! sets any count with `XCLAIM ... RETRYCOUNT`), and the scripts compare counts as numbers:
@@ -105,6 +105,46 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'TIME', 1, 'JUSTID')
 return 1
 "#
     ))
+});
+
+/// Result of [`RENEW`]: the delivery's visibility timeout already ran out (the entry has been
+/// idle for it): any consumer may take it over at its next scan, so it is not renewed.
+pub(crate) const RAN_OUT: i64 = -2;
+/// Result of [`RENEW`]: the delivery was given back (nacked, with or without a delay, or
+/// released): its entry is idle "forever" and waits for a takeover, so it is not renewed.
+pub(crate) const GIVEN_BACK: i64 = -3;
+
+/// Starts one delivery's visibility timeout over: if the entry is still pending for this
+/// consumer with the same delivery count, and has been idle for less than the visibility
+/// timeout, `XCLAIM`s it to this same consumer with `JUSTID` (the delivery count stays, the
+/// idle time starts again from 0). Returns [`SETTLED`] when renewed, [`NOT_PENDING`],
+/// [`TAKEN_OVER`], [`GIVEN_BACK`] or [`RAN_OUT`].
+///
+/// A delivery past its timeout is refused even when nobody took it over yet: from then on
+/// any consumer's next scan may claim it (this one's included), so whether a late renewal
+/// succeeded would depend on when the scans happened to run. An entry given back is idle
+/// "forever" ([`RELEASED_IDLE_MS`]): renewing it would reset its idle time and hold back the
+/// takeover [`NACK`] asked for (or, with a delay, keep it past its due time until a whole
+/// timeout later), so it is refused too (checked first: it is also idle for any timeout).
+/// An entry no longer in the stream (trimmed from a topic) is not claimed by `XCLAIM`,
+/// which drops it from the pending list on Redis 7 (as any consumer's takeover scan would):
+/// [`NOT_PENDING`].
+///
+/// KEYS: stream. ARGV: group, consumer, id, delivery count, visibility timeout in ms,
+/// released idle ms.
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"redis.replicate_commands()
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 then return 0 end
+local e = p[1]
+if e[2] ~= ARGV[2] or e[4] ~= tonumber(ARGV[4]) then return -1 end
+if e[3] >= tonumber(ARGV[6]) then return -3 end
+if e[3] >= tonumber(ARGV[5]) then return -2 end
+if #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') == 0 then return 0 end
+return 1
+"#,
+    )
 });
 
 /// Takes over entries for this consumer: pending entries idle for at least the visibility

@@ -119,6 +119,20 @@ impl Env {
         }
     }
 
+    /// The entries pending in `group` on `key` (`XPENDING key group - + 100`), as
+    /// `(id, consumer, idle ms, delivery count)`.
+    async fn pending_entries(&self, key: &str, group: &str) -> Vec<(String, String, i64, i64)> {
+        self.cmd(
+            redis::cmd("XPENDING")
+                .arg(key)
+                .arg(group)
+                .arg("-")
+                .arg("+")
+                .arg(100),
+        )
+        .await
+    }
+
     async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         cmd.query_async(&mut self.raw.clone()).await.unwrap()
     }
@@ -1260,6 +1274,176 @@ async fn a_delivery_is_not_taken_over_before_its_own_visibility_timeout() {
     assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
     again.ack().await.unwrap();
     assert_eq!(env.pending(&key, "s").await, 0);
+    env.cleanup().await;
+}
+
+// A renewal is checked like a settlement: once the delivery was handed out again, it is
+// refused and the entry stays with its new holder, with its delivery count.
+#[tokio::test]
+async fn a_renewal_after_a_takeover_is_expired_and_takes_nothing_back() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let short = ConsumerOptions::default().visibility_timeout(Duration::from_millis(200));
+    let mut slow = queue.receive(short.clone()).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let stale = next(&mut slow).await;
+    let mut fast = queue.receive(short).await.unwrap();
+    let fresh = next(&mut fast).await;
+    assert_eq!(fresh.event().id(), stale.event().id());
+    assert_eq!(fresh.attempt(), 2);
+    let taken = env.pending_entries(&key, QUEUE_GROUP).await;
+    assert_eq!(taken.len(), 1);
+    let err = stale.renew().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    let after = env.pending_entries(&key, QUEUE_GROUP).await;
+    assert_eq!(
+        (&after[0].1, after[0].3),
+        (&taken[0].1, 2),
+        "still the new holder's, with its count"
+    );
+    fresh.ack().await.unwrap();
+    assert_eq!(env.pending(&key, QUEUE_GROUP).await, 0);
+    env.cleanup().await;
+}
+
+// A delivery whose timeout ran out is not renewed even if nobody took it over yet (any
+// consumer's next scan may); it stays as it was, and is still its holder's to settle.
+#[tokio::test]
+async fn a_renewal_after_the_visibility_timeout_is_expired() {
+    let Some(env) = Env::new().await else { return };
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_millis(300));
+    // Nobody polls the subscription after this: no takeover scan runs.
+    let (key, _sub, held) = hold_all_of_topic(&env, 1, options).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = held[0].renew().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    let pending = env.pending_entries(&key, "s").await;
+    assert!(pending[0].2 >= 500, "idle time reset: {pending:?}");
+    assert_eq!(pending[0].3, 1);
+    held[0].ack().await.unwrap();
+    assert_eq!(env.pending(&key, "s").await, 0);
+    env.cleanup().await;
+}
+
+// After a renewal, the plain-ack window of ADR 0021 runs from the renewal: an ack past half
+// the timeout since the fetch but inside half of it since the renewal is a plain `XACK`.
+#[tokio::test]
+async fn a_renewed_delivery_is_acked_plainly_within_half_a_timeout_of_its_renewal() {
+    let server = support::RedisServer::start().ok();
+    let Some(env) = Env::on(server.as_ref(), |_| {}).await else {
+        return;
+    };
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_millis(1200));
+    let (key, _sub, held) = hold_all_of_topic(&env, 1, options).await;
+    // Ageing the delivery past the plain window of its fetch (600 ms).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = env.script_calls().await;
+    held[0].renew().await.unwrap();
+    let renewed = env.script_calls().await;
+    held[0].ack().await.unwrap();
+    let after = env.script_calls().await;
+    assert_eq!(env.pending(&key, "s").await, 0, "the ack applied");
+    if env.own_server {
+        assert_eq!(renewed - before, 1, "a renewal is one script call");
+        assert_eq!(
+            after - renewed,
+            0,
+            "the ack after the renewal is a plain XACK"
+        );
+    }
+    env.cleanup().await;
+}
+
+// A renewed delivery stays its consumer's past its first timeout, even against a consumer
+// with a much shorter timeout scanning all along, and its late ack (checked) lands.
+#[tokio::test]
+async fn a_renewed_delivery_is_not_taken_over_until_a_timeout_after_its_renewal() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let holder = ConsumerOptions::default().visibility_timeout(Duration::from_millis(2000));
+    let (key, _held_sub, held) = hold_all_of_topic(&env, 1, holder).await;
+    let taken_at = tokio::time::Instant::now();
+    let topic = env.transport.topic("t").await.unwrap();
+    let short = ConsumerOptions::default().visibility_timeout(Duration::from_millis(100));
+    let mut other = topic
+        .subscribe(SubscribeOptions::named("s").consumer(short))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    held[0].renew().await.unwrap();
+    // 2.6 s after the fetch, 1.5 s after the renewal: still held.
+    let early = tokio::time::timeout(Duration::from_millis(1500), other.next()).await;
+    assert!(
+        early.is_err(),
+        "taken over {:?} after the fetch although renewed: {early:?}",
+        taken_at.elapsed()
+    );
+    held[0].ack().await.unwrap();
+    assert_eq!(env.pending(&key, "s").await, 0);
+    env.cleanup().await;
+}
+
+// A nack (here with a delay) landing in Redis while a renewal of the same delivery is on
+// its way: the renewal must not reset the entry's idle time ("forever" after a nack), or
+// the redelivery would wait a whole visibility timeout instead of the delay.
+#[tokio::test]
+async fn a_renewal_does_not_hold_back_a_delivery_given_back_meanwhile() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(50)).await else {
+        return;
+    };
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let long = ConsumerOptions::default().visibility_timeout(Duration::from_secs(60));
+    let mut holder = queue.receive(long.clone()).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let held = next(&mut holder).await;
+    let pending = env.pending_entries(&key, QUEUE_GROUP).await;
+    let (id, consumer) = (&pending[0].0, &pending[0].1);
+    // What the nack script does with a delay of 500 ms, done behind the delivery's back (it
+    // still looks unsettled, as it does to a renewal racing with its nack).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let _: Value = env
+        .cmd(
+            redis::cmd("ZADD")
+                .arg(format!("{key}:delayed"))
+                .arg(now_ms + 500)
+                .arg(format!("{id} {QUEUE_GROUP}")),
+        )
+        .await;
+    let _: Value = env
+        .cmd(
+            redis::cmd("XCLAIM")
+                .arg(&key)
+                .arg(QUEUE_GROUP)
+                .arg(consumer)
+                .arg(0)
+                .arg(id)
+                .arg("TIME")
+                .arg(1)
+                .arg("JUSTID"),
+        )
+        .await;
+    let err = held.renew().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadySettled, "{err}");
+    let after = env.pending_entries(&key, QUEUE_GROUP).await;
+    assert!(
+        after[0].2 > 10 * 365 * 24 * 3600 * 1000,
+        "the renewal reset the idle time of a given-back entry: {after:?}"
+    );
+    // Redelivered once due, not a 60 s timeout later.
+    let mut other = queue.receive(long).await.unwrap();
+    let again = next(&mut other).await;
+    assert_eq!(again.event().id(), held.event().id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    drop(held);
     env.cleanup().await;
 }
 
