@@ -5,6 +5,7 @@
 //! |---|---|
 //! | attempt | `num_delivered` of the message (from its `$JS.ACK` reply subject) |
 //! | visibility timeout | the consumer's `ack_wait` |
+//! | renew | `+WPI` (in progress) as a request, which the server answers (2.9 and later), after the adapter's own check that the timeout has not run out: the server restarts the timer of whichever delivery of the message is pending, a stale one's too |
 //! | ack | `+ACK`, as a request (double ack, `AckAck`) unless `double_ack` is off |
 //! | nack | `-NAK` |
 //! | nack with delay | `-NAK {"delay": ns}` (native) |
@@ -21,7 +22,8 @@ use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
 use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::time::Instant;
 
 use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
 use crate::names::{Kind, StreamNames};
@@ -52,6 +54,12 @@ pub(crate) struct ConsumerSpec {
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to pull again after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Share of the visibility timeout after which a delivery is no longer renewed, in tenths.
+/// The adapter's clock of a delivery starts when the message reached it, a little after the
+/// server's, and the `+WPI` reaches the server a little after the look: in the last tenth a
+/// renewal could land on a delivery the server already handed out again (and renew that
+/// one instead), so it is refused as expired. Renewals come every third of the timeout.
+const RENEWABLE_TENTHS: u32 = 9;
 /// Least time between two looks whether the consumer still exists after pull requests that
 /// brought nothing. A request made after the consumer was deleted gets no answer at all
 /// (only one waiting at that moment gets a 409), so an empty pull is the only sign.
@@ -95,10 +103,13 @@ pub(crate) async fn open(
         name: name.into(),
         consumer,
         batch_size,
+        ack_wait: ack_wait(&spec.options),
         batch: None,
         requesting: None,
+        requested_at: Instant::now(),
+        received: Instant::now(),
         served: false,
-        checked: tokio::time::Instant::now(),
+        checked: Instant::now(),
         backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
         anonymous,
         shared,
@@ -165,10 +176,7 @@ fn desired_config(
             Start::All => DeliverPolicy::All,
         },
         ack_policy: AckPolicy::Explicit,
-        ack_wait: spec
-            .options
-            .visibility_timeout
-            .max(Duration::from_millis(1)),
+        ack_wait: ack_wait(&spec.options),
         // Core counts attempts and dead-letters after max_attempts; the server must never
         // stop delivering on its own (that would strand the event silently).
         max_deliver: -1,
@@ -180,6 +188,11 @@ fn desired_config(
         },
         ..Default::default()
     }
+}
+
+/// The consumer's `ack_wait`: the visibility timeout (the server refuses zero).
+fn ack_wait(options: &ConsumerOptions) -> Duration {
+    options.visibility_timeout.max(Duration::from_millis(1))
 }
 
 /// Creates the consumer, or updates an existing durable one to this consumer's visibility
@@ -240,16 +253,28 @@ struct Pull {
     /// `nats:<stream>`, for undecodable messages.
     location: String,
     batch_size: usize,
+    /// The consumer's `ack_wait` (the visibility timeout its deliveries' ackers renew).
+    ack_wait: Duration,
     /// The pull request being served.
     batch: Option<pull::Batch>,
     /// A pull request being made, in a task of its own: once sent, the server hands it
     /// messages (given-back ones at once) whether or not anyone reads them, so a request cut
     /// off by the subscription's end must still be read and given back (see [`give_back`]).
     requesting: Option<tokio::task::JoinHandle<Requested>>,
+    /// When the pull request being made (or served) was started: no message of it was sent
+    /// before.
+    requested_at: Instant,
+    /// No later than when the message read last from the batch reached this consumer: when
+    /// the reader had to wait for it, the moment it came; when it was already waiting in the
+    /// batch, when the message before it came (or the request was made). The server started
+    /// the message's `ack_wait` as it sent it, so a delivery's acker counts its visibility
+    /// timeout from here, not from when it was handed out: a message can wait in a batch
+    /// while its holder takes no more (all its in-flight slots held).
+    received: Instant,
     /// Whether the pull request being served brought a message.
     served: bool,
     /// When the consumer was last found to exist after an empty pull (see [`EXISTS_CHECK`]).
-    checked: tokio::time::Instant,
+    checked: Instant,
     backoff: Backoff,
     /// The anonymous subscription's registration, released (consumer deleted) on drop.
     anonymous: Option<u64>,
@@ -331,6 +356,9 @@ impl Pull {
                     self.batch_size,
                     self.shared.config.fetch_wait,
                 );
+                if self.requesting.is_none() {
+                    self.requested_at = Instant::now();
+                }
                 let request = self.requesting.get_or_insert_with(|| {
                     let consumer = consumer.clone();
                     tokio::spawn(async move {
@@ -369,6 +397,7 @@ impl Pull {
                     Ok(batch) => {
                         self.batch = Some(batch);
                         self.served = false;
+                        self.received = self.requested_at;
                     }
                     Err(e) => {
                         let e = crate::error::build(
@@ -386,10 +415,19 @@ impl Pull {
             let Some(batch) = self.batch.as_mut() else {
                 continue;
             };
-            let item = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return None,
-                item = batch.next() => item,
+            // Already in the batch: it came no sooner than the message before it. Else it
+            // comes now (see `received`).
+            let item = match batch.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    let item = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return None,
+                        item = batch.next() => item,
+                    };
+                    self.received = Instant::now();
+                    item
+                }
             };
             match item {
                 // The pull request expired or was served in full: ask again, unless it
@@ -400,7 +438,7 @@ impl Pull {
                         if self.ended().await {
                             return None;
                         }
-                        self.checked = tokio::time::Instant::now();
+                        self.checked = Instant::now();
                     }
                 }
                 Some(Ok(message)) => {
@@ -471,6 +509,8 @@ impl Pull {
             reply: message.reply.clone(),
             stream: Arc::clone(&self.stream),
             consumer: Arc::clone(&self.name),
+            ack_wait: self.ack_wait,
+            since: std::sync::Mutex::new(self.received),
         });
         match decode(&message) {
             Ok(event) => RawDelivery::new(event, attempt, acker, sequence),
@@ -560,9 +600,20 @@ struct NatsAcker {
     /// The stream and consumer that delivered the message.
     stream: Arc<str>,
     consumer: Arc<str>,
+    /// The consumer's `ack_wait`, the visibility timeout [`Acker::renew`] starts over.
+    ack_wait: Duration,
+    /// No later than when the server started this delivery's `ack_wait` (see
+    /// [`Pull::received`]) or restarted it for a renewal. The server cannot tell a stale
+    /// delivery of a message from the one pending now (a `+WPI` restarts the timer of
+    /// whichever is pending), so this is how a renewal knows the timeout ran out.
+    since: std::sync::Mutex<Instant>,
 }
 
 impl NatsAcker {
+    fn since(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn send(&self, kind: AckKind, confirm: bool, what: &str) -> Result<()> {
         let _op = self.shared.begin()?;
         let Some(reply) = self.reply.clone() else {
@@ -625,6 +676,32 @@ impl Acker for NatsAcker {
             "negatively acknowledging with a delay",
         )
         .await
+    }
+
+    async fn renew(&self, _tag: u64) -> Result<()> {
+        let now = Instant::now();
+        let since = *self.since();
+        if now.saturating_duration_since(since) >= self.ack_wait / 10 * RENEWABLE_TENTHS {
+            return Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "the delivery's visibility timeout ({:?}) ran out (or was about to) before \
+                     it was renewed: consumer `{}` of stream `{}` hands the message out again",
+                    self.ack_wait, self.consumer, self.stream
+                ),
+            ));
+        }
+        // A request: the server answers an in-progress ack once it has restarted the timer.
+        self.send(
+            AckKind::Progress,
+            true,
+            "renewing a delivery's visibility timeout (in-progress ack)",
+        )
+        .await?;
+        // The server restarted it after `now`; a renewal started later may have landed first.
+        let mut since = self.since();
+        *since = (*since).max(now);
+        Ok(())
     }
 }
 

@@ -158,6 +158,48 @@ async fn messages_fetched_ahead_by_a_dropped_subscription_come_back_at_once() {
     transport.close().await.unwrap();
 }
 
+/// The server starts a message's `ack_wait` as it sends it into a pull request, not when the
+/// subscription hands it out: a message that waited in a fetched batch for most of its
+/// timeout is not renewed (the `+WPI` could restart the timer of the redelivery the server
+/// makes meanwhile, which another consumer may hold).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_waited_in_a_fetched_batch_is_renewed_only_within_its_timeout() {
+    let transport = transport().await;
+    let name = unique("renew-waited");
+    let queue = transport.queue(&name).await.unwrap();
+    queue.send(&event(0)).await.unwrap();
+    queue.send(&event(1)).await.unwrap();
+    let visibility = Duration::from_secs(1);
+    // Both come in the first pull request.
+    let mut c = queue
+        .receive(
+            ConsumerOptions::default()
+                .max_in_flight(2)
+                .visibility_timeout(visibility),
+        )
+        .await
+        .unwrap();
+    let first = next(&mut c).await;
+    // The second waits in the batch for most of the timeout, then is handed out; the first
+    // is renewed meanwhile.
+    tokio::time::sleep(visibility / 2).await;
+    first.renew().await.unwrap();
+    tokio::time::sleep(visibility * 9 / 20).await;
+    let second = next(&mut c).await;
+    assert_eq!(second.attempt(), 1);
+    let err = second
+        .renew()
+        .await
+        .expect_err("renewing a message whose timeout (nearly) ran out while it waited in a batch");
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    // The first, renewed in time, is still its holder's.
+    first.renew().await.unwrap();
+    first.ack().await.unwrap();
+    drop((second, c));
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
 /// A look at a queue (what `evbus dlq list` does, each on a transport of its own closed right
 /// after): it holds what it received, ends its subscription, gives everything back with a
 /// plain nack and closes. The server redelivers the given-back messages at once, into the
