@@ -33,7 +33,8 @@
 //!   closes. The consumer also retries every delivery handed out longer than
 //!   [`ConsumerOptions::visibility_timeout`] ago and still unsettled, so a consumer that
 //!   hangs or drops a delivery gives it back; settling it later fails with
-//!   [`ErrorKind::Expired`].
+//!   [`ErrorKind::Expired`]. Renewing a delivery ([`Acker::renew`]) starts its timeout
+//!   over from now, unless the timeout already ran out ([`ErrorKind::Expired`]).
 //! - **Dropping the subscription** retries what it handed out and did not settle, then
 //!   closes its channel: RabbitMQ requeues what it held without handing it out.
 
@@ -113,6 +114,7 @@ pub(crate) async fn subscribe(
         state: std::sync::Mutex::default(),
         next_tag: AtomicU64::new(1),
         queue: target.queue().to_owned(),
+        visibility_timeout: options.visibility_timeout,
         max_returns: options.max_attempts.saturating_add(SPARE_RETURNS),
         lost_settled: tokio::sync::Notify::new(),
         settling: tokio_util::task::TaskTracker::new(),
@@ -469,7 +471,7 @@ async fn run(
                 detach(current, &acker, Ending::Closed).await;
                 return;
             }
-            _ = sweep.tick() => acker.sweep(options.visibility_timeout).await,
+            _ = sweep.tick() => acker.sweep().await,
             _ = exists.tick(), if anonymous => {
                 if std::mem::replace(&mut quiet, true) && deleted(&shared, &target).await {
                     tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
@@ -574,6 +576,8 @@ struct AmqpAcker {
     next_tag: AtomicU64,
     /// The queue consumed, where retries are published.
     queue: String,
+    /// How long a delivery handed out may stay unsettled before [`Self::sweep`] retries it.
+    visibility_timeout: Duration,
     /// Returns beyond which a delivery is reported past `max_attempts` (a crash loop).
     max_returns: u32,
     /// Woken when a delivery handed out on a lost channel is settled.
@@ -901,8 +905,10 @@ impl AmqpAcker {
         .await
     }
 
-    /// Retries every delivery handed out more than `visibility` ago and still unsettled.
-    async fn sweep(&self, visibility: Duration) {
+    /// Retries every delivery handed out (or renewed) more than the visibility timeout ago
+    /// and still unsettled.
+    async fn sweep(&self) {
+        let visibility = self.visibility_timeout;
         let expired: Vec<Held> = {
             let held = &mut self.lock().held;
             let tags: Vec<u64> = held
@@ -945,5 +951,30 @@ impl Acker for AmqpAcker {
         let _settling = self.settling.token();
         let held = self.take(tag)?;
         self.retry(held).await
+    }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let _op = self.shared.begin()?;
+        // Under the lock the sweep takes expired deliveries out with: renewed here, the
+        // delivery is not taken out; taken out (or due to be), it is not renewed.
+        match self.lock().held.get_mut(&tag) {
+            Some(held)
+                if held
+                    .handed
+                    .is_some_and(|t| t.elapsed() < self.visibility_timeout) =>
+            {
+                held.handed = Some(Instant::now());
+                Ok(())
+            }
+            _ => Err(Error::new(
+                ErrorKind::Expired,
+                format!(
+                    "this delivery's visibility timeout ({:?}) ran out before it was renewed, \
+                     or its subscription was dropped or its channel lost: it is (or is about \
+                     to be) given back to RabbitMQ and redelivered",
+                    self.visibility_timeout
+                ),
+            )),
+        }
     }
 }
