@@ -355,9 +355,11 @@ pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visi
     let event = ctx.event(0);
     bounded("sending", queue.send(&event)).await?;
 
-    // Consumer A takes the event; consumer B competes for it, both with a short timeout.
+    // Consumer A takes the event; consumer B competes for it, both with a short timeout. A
+    // holds one delivery at most: a redelivery, if the renewals failed, would reach B.
     let a = ctx.connect().await?;
-    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let one = ctx.short_consumer().max_in_flight(1);
+    let mut ca = receive(&*open(&a, &name).await?, one).await?;
     let held = next(&mut ca, WAIT, "consumer A").await?;
     ensure!(
         held.event().id() == event.id(),
@@ -422,9 +424,12 @@ pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_
     let event = ctx.event(0);
     bounded("sending", queue.send(&event)).await?;
 
-    // A takes the event and lets its timeout run out; B gets it again.
+    // A takes the event and lets its timeout run out; B gets it again. A holds one
+    // delivery at most, so the redelivery cannot go to A's prefetch or open pull (where
+    // nobody would read it) instead of B.
     let a = ctx.connect().await?;
-    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let one = ctx.short_consumer().max_in_flight(1);
+    let mut ca = receive(&*open(&a, &name).await?, one).await?;
     let stale = next(&mut ca, WAIT, "consumer A").await?;
     let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
     let again = next(&mut cb, WAIT, "consumer B (the redelivery)").await?;
