@@ -344,6 +344,36 @@ pub(super) async fn queue_unacked_events_of_a_vanished_consumer_are_redelivered_
     queue_sentinel(&ctx, &*queue, &mut cb, QUIET, "consumer B").await
 }
 
+/// The next delivery of either subscription, and whether it came from `a`.
+async fn next_of_either(
+    a: &mut Subscription,
+    b: &mut Subscription,
+    within: Duration,
+    what: &str,
+) -> Result<(evbus::Delivery, bool), Failure> {
+    let got = tokio::time::timeout(within, async {
+        tokio::select! {
+            got = a.next_delivery() => (got, true),
+            got = b.next_delivery() => (got, false),
+        }
+    })
+    .await;
+    match got {
+        Err(_) => fail!("{what}: nothing was delivered within {within:?}"),
+        Ok((None, _)) => fail!("{what}: a subscription ended unexpectedly"),
+        Ok((Some(Err(e)), _)) => fail!("{what}: a subscription yielded an error: {e}"),
+        Ok((Some(Ok(d)), from_a)) => Ok((d, from_a)),
+    }
+}
+
+/// What a subscription yielded, for a failure message.
+fn yielded(got: Option<evbus::Result<evbus::Delivery>>) -> String {
+    got.map_or("the end of its subscription".to_owned(), |d| match d {
+        Ok(d) => format!("event {} attempt {}", d.event().id(), d.attempt()),
+        Err(e) => format!("an error: {e}"),
+    })
+}
+
 pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visibility_timeout<
     T: Transport + 'static,
 >(
@@ -352,63 +382,69 @@ pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visi
     let name = ctx.queue_name("q");
     let conn = ctx.connect().await?;
     let queue = open(&conn, &name).await?;
+
+    // Two competing consumers with a short timeout, both consuming before the event is sent:
+    // on a partitioned broker a consumer that joins later takes partitions over, and with
+    // them the deliveries held there (a reassignment, which no renewal survives). Both are
+    // read throughout, so a redelivery is seen wherever the broker sends it.
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
     let event = ctx.event(0);
     bounded("sending", queue.send(&event)).await?;
-
-    // Consumer A takes the event; consumer B competes for it, both with a short timeout. A
-    // holds one delivery at most: a redelivery, if the renewals failed, would reach B.
-    let a = ctx.connect().await?;
-    let one = ctx.short_consumer().max_in_flight(1);
-    let mut ca = receive(&*open(&a, &name).await?, one).await?;
-    let held = next(&mut ca, WAIT, "consumer A").await?;
+    let (held, from_a) = next_of_either(&mut ca, &mut cb, WAIT, "either consumer").await?;
     ensure!(
         held.event().id() == event.id(),
-        "consumer A got event {}, expected {}",
+        "a consumer got event {}, expected {}",
         held.event().id(),
         event.id()
     );
-    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
+    let (holder, other) = if from_a {
+        (&mut ca, &mut cb)
+    } else {
+        (&mut cb, &mut ca)
+    };
 
-    // A renews it every third of the timeout for over two and a half timeouts: it must
-    // not come back, to B or to A.
+    // The holder renews it every third of the timeout for over two and a half timeouts: it
+    // must not come back, to either consumer.
     let renew_every = SHORT_VISIBILITY / 3;
     let held_at = Instant::now();
     while held_at.elapsed() < SHORT_VISIBILITY * 5 / 2 {
         bounded("renewing the held delivery", held.renew()).await?;
         tokio::select! {
-            got = cb.next_delivery() => fail!(
-                "consumer B got {} while consumer A renewed the delivery it held (after {:?}, \
-                 visibility timeout {SHORT_VISIBILITY:?})",
-                got.map_or("the end of its subscription".to_owned(), |d| match d {
-                    Ok(d) => format!("event {} attempt {}", d.event().id(), d.attempt()),
-                    Err(e) => format!("an error: {e}"),
-                }),
+            got = other.next_delivery() => fail!(
+                "the other consumer got {} while the holder renewed the delivery it held \
+                 (after {:?}, visibility timeout {SHORT_VISIBILITY:?})",
+                yielded(got),
                 held_at.elapsed()
             ),
-            got = ca.next_delivery() => fail!(
-                "consumer A got another delivery ({}) while it renewed the one it held",
-                got.map_or("the end of its subscription".to_owned(), |d| match d {
-                    Ok(d) => format!("event {} attempt {}", d.event().id(), d.attempt()),
-                    Err(e) => format!("an error: {e}"),
-                })
+            got = holder.next_delivery() => fail!(
+                "the holder got another delivery ({}) while it renewed the one it held",
+                yielded(got)
             ),
             () = tokio::time::sleep(renew_every) => {}
         }
     }
-    // Still A's: its ack lands, and the event never comes back.
+    // Still the holder's: its ack lands, and the event never comes back.
     bounded(
         "acking the renewed delivery after 2.5 visibility timeouts",
         held.ack(),
     )
     .await?;
     expect_already_settled("renewing a settled delivery", held.renew()).await?;
-    drop(ca);
+    let (mut remaining, what) = if from_a {
+        drop(ca);
+        (cb, "consumer B")
+    } else {
+        drop(cb);
+        (ca, "consumer A")
+    };
     queue_sentinel(
         &ctx,
         &*queue,
-        &mut cb,
+        &mut remaining,
         SHORT_VISIBILITY + QUIET,
-        "consumer B",
+        what,
     )
     .await
 }
@@ -421,27 +457,28 @@ pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_
     let name = ctx.queue_name("q");
     let conn = ctx.connect().await?;
     let queue = open(&conn, &name).await?;
+
+    // Two competing consumers, both consuming before the event is sent and both read (see
+    // above): the redelivery may reach either (a prefetch or an open pull of the first
+    // holder's, on some brokers).
+    let a = ctx.connect().await?;
+    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
     let event = ctx.event(0);
     bounded("sending", queue.send(&event)).await?;
 
-    // A takes the event and lets its timeout run out; B gets it again. A holds one
-    // delivery at most, so the redelivery cannot go to A's prefetch or open pull (where
-    // nobody would read it) instead of B.
-    let a = ctx.connect().await?;
-    let one = ctx.short_consumer().max_in_flight(1);
-    let mut ca = receive(&*open(&a, &name).await?, one).await?;
-    let stale = next(&mut ca, WAIT, "consumer A").await?;
-    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
-    let again = next(&mut cb, WAIT, "consumer B (the redelivery)").await?;
+    // One takes the event and lets its timeout run out; it is handed out again, to either.
+    let (stale, _) = next_of_either(&mut ca, &mut cb, WAIT, "either consumer").await?;
+    let (again, _) = next_of_either(&mut ca, &mut cb, WAIT, "the redelivery").await?;
     ensure!(
         again.event().id() == event.id() && again.attempt() == 2,
-        "consumer B got event {} attempt {}, expected event {} attempt 2",
+        "the redelivery was event {} attempt {}, expected event {} attempt 2",
         again.event().id(),
         again.attempt(),
         event.id()
     );
 
-    // A's renewal comes too late: refused, and B keeps the event.
+    // The first holder's renewal comes too late: refused, and the new holder keeps it.
     match tokio::time::timeout(Duration::from_secs(30), stale.renew()).await {
         Err(_) => fail!("renewing a delivery past its visibility timeout did not return"),
         Ok(Ok(())) => fail!(
@@ -455,7 +492,7 @@ pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_
             e.kind()
         ),
     }
-    bounded("consumer B acking the redelivery", again.ack()).await?;
+    bounded("acking the redelivery", again.ack()).await?;
     drop(stale);
     drop(ca);
     queue_sentinel(
