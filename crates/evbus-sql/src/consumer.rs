@@ -164,6 +164,7 @@ impl State {
         let acker = Arc::new(ClaimAcker {
             broker: self.broker.clone(),
             attempt: claim.attempt,
+            visibility: self.visibility,
             notify: Arc::clone(&self.notify),
             held: Arc::clone(&self.held),
         });
@@ -385,10 +386,13 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
 
 /// Settles one claim (the delivery row id is the tag). A settlement arriving after the
 /// visibility timeout gave the row to another consumer (its attempt moved on) changes
-/// nothing: that consumer's claim stands.
+/// nothing: that consumer's claim stands. A renewal moves the claim's `visible_at` to a
+/// whole visibility timeout from now, while the claim is still this one and has not run out.
 struct ClaimAcker {
     broker: SqlBroker,
     attempt: i32,
+    /// The consumer's visibility timeout in ms, which a renewal starts over.
+    visibility: i64,
     notify: Arc<Notify>,
     /// The stream's count of deliveries handed out, which this one leaves when dropped.
     held: Arc<AtomicUsize>,
@@ -428,6 +432,21 @@ impl Acker for ClaimAcker {
         self.broker
             .settle(Self::id(tag), self.attempt, Some(delay))
             .await
+    }
+
+    async fn renew(&self, tag: u64) -> Result<()> {
+        let id = Self::id(tag);
+        if self.broker.renew(id, self.attempt, self.visibility).await? {
+            return Ok(());
+        }
+        Err(evbus::Error::new(
+            evbus::ErrorKind::Expired,
+            format!(
+                "delivery {id} (attempt {}) exceeded its visibility timeout before it was \
+                 renewed: it may have been claimed again (or its topic or queue was deleted)",
+                self.attempt
+            ),
+        ))
     }
 }
 

@@ -941,6 +941,42 @@ impl SqlBroker {
         Ok(())
     }
 
+    /// Starts the visibility timeout of delivery `id` over, `visibility` ms from now, if it is
+    /// still the claim made for `attempt` and that claim has not run out: `false` otherwise
+    /// (its timeout passed, so another consumer may have claimed it, or it was claimed again,
+    /// settled, or deleted with its topic or queue). An expired claim is never taken back,
+    /// even when nobody claimed it again yet: its holder cannot tell that apart.
+    pub(crate) async fn renew(&self, id: i64, attempt: i32, visibility: i64) -> Result<bool> {
+        match &self.shared.db {
+            Db::Postgres(pool) => sqlx::query(
+                "UPDATE evbus_deliveries \
+                     SET visible_at = now() + make_interval(secs => $3::float8 / 1000) \
+                     WHERE id = $1 AND attempt = $2 AND visible_at > now()",
+            )
+            .bind(id)
+            .bind(attempt)
+            .bind(visibility)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() > 0),
+            Db::Sqlite(pool) => {
+                let now = now_ms();
+                sqlx::query(
+                    "UPDATE evbus_deliveries SET visible_at = ?3 + ?4 \
+                     WHERE id = ?1 AND attempt = ?2 AND visible_at > ?3",
+                )
+                .bind(id)
+                .bind(attempt)
+                .bind(now)
+                .bind(visibility)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected() > 0)
+            }
+        }
+        .map_err(sql("renewing a delivery's visibility timeout"))
+    }
+
     /// Marks anonymous subscription partition `part` alive; `false` if it no longer exists.
     pub(crate) async fn mark_alive(&self, part: i64) -> Result<bool> {
         match &self.shared.db {

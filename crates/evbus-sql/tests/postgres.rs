@@ -338,6 +338,18 @@ async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused(&transport).await;
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let Some(schema) = Schema::new().await else {
         return;

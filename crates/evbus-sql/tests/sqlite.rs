@@ -288,6 +288,16 @@ async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused(&transport).await;
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn durations_past_what_sql_holds_are_capped_at_100_years() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

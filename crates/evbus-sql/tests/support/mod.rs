@@ -302,6 +302,54 @@ pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::Sq
     taken.ack().await.unwrap();
 }
 
+/// A renewal holds a claim, and one that comes after its visibility timeout ran out is
+/// refused even though nobody claimed the row again yet (its holder cannot tell the two
+/// apart): with a 1 s timeout, the delivery of queue `renewed` is renewed every 250 ms for
+/// 3 s and does not come back; left alone past the timeout, its renewal fails with
+/// `Expired`, and the row is claimed again at the next look, attempt 2.
+pub async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused(
+    transport: &evbus_sql::SqlTransport,
+) {
+    use evbus::ConsumerOptions;
+    let visibility = Duration::from_secs(1);
+    let (queue, events) = queue_holding(transport, "renewed", 1).await;
+    let options = ConsumerOptions::default().visibility_timeout(visibility);
+    let mut sub = queue.receive(options).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.event().id(), events[0].id());
+    let since = std::time::Instant::now();
+    while since.elapsed() < visibility * 3 {
+        held.renew()
+            .await
+            .expect("renewing a claim within its timeout");
+        if let Ok(got) = tokio::time::timeout(visibility / 4, sub.next_delivery()).await {
+            panic!(
+                "a renewed claim came back after {:?}: {:?}",
+                since.elapsed(),
+                got.map(|d| d.map(|d| d.attempt()))
+            );
+        }
+    }
+    tokio::time::sleep(visibility * 3 / 2).await;
+    let e = held
+        .renew()
+        .await
+        .expect_err("renewing a claim past its timeout");
+    assert_eq!(e.kind(), evbus::ErrorKind::Expired, "{e}");
+    let again = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the expired claim, claimed again")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.event().id(), events[0].id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
+
 /// `expected`, in order, each on its first attempt, promptly (well before a visibility
 /// timeout of 20 s or more): rows a dropped consumer had claimed and never handed out.
 async fn unhanded_rows_come_first_attempt(
