@@ -719,7 +719,7 @@ impl Context {
     }
 }
 
-/// Settles one delivery.
+/// Settles one delivery, or renews its visibility timeout.
 struct KafkaAcker {
     shared: Arc<Shared>,
     partition: i32,
@@ -729,8 +729,27 @@ struct KafkaAcker {
 }
 
 impl KafkaAcker {
-    /// Runs `settle` on the delivery's entry if the delivery is still current.
-    fn with_entry(&self, settle: impl FnOnce(&mut Entry)) -> Result<()> {
+    /// The error of a delivery that is no longer current, for `what` (settled, renewed).
+    fn stale(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Expired,
+            format!(
+                "the delivery of offset {} of `{}` partition {} can no longer be {what}: its \
+                 visibility timeout expired or the partition was reassigned, so it is \
+                 redelivered",
+                self.offset, self.shared.topic, self.partition
+            ),
+        )
+    }
+
+    /// Runs `f` on the delivery's partition and on its entry's visibility deadline if the
+    /// delivery is still current: handed out under this token, by this generation of the
+    /// partition.
+    fn with_current<R>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Partition, Instant) -> R,
+    ) -> Result<R> {
         // Its consumer left the group at close, which revoked every partition: the delivery
         // is stale, but because the transport closed.
         if self.shared.transport_closed.is_cancelled() {
@@ -740,31 +759,31 @@ impl KafkaAcker {
             ));
         }
         let mut state = self.shared.lock();
-        let stale = || {
-            Error::new(
-                ErrorKind::Expired,
-                format!(
-                    "the delivery of offset {} of `{}` partition {} can no longer be settled: its \
-                     visibility timeout expired or the partition was reassigned, so it is \
-                     redelivered",
-                    self.offset, self.shared.topic, self.partition
-                ),
-            )
-        };
         let part = state
             .partitions
             .get_mut(&self.partition)
             .filter(|p| p.generation == self.generation)
-            .ok_or_else(stale)?;
-        let entry = part.entries.get_mut(&self.offset).ok_or_else(stale)?;
-        match entry.stage {
-            Stage::Out { token, .. } if token == self.token => {}
-            _ => return Err(stale()),
-        }
-        settle(entry);
-        part.advance();
-        part.dirty = true;
-        Ok(())
+            .ok_or_else(|| self.stale(what))?;
+        let entry = part
+            .entries
+            .get(&self.offset)
+            .ok_or_else(|| self.stale(what))?;
+        let deadline = match entry.stage {
+            Stage::Out { token, deadline } if token == self.token => deadline,
+            _ => return Err(self.stale(what)),
+        };
+        Ok(f(part, deadline))
+    }
+
+    /// Runs `settle` on the delivery's entry if the delivery is still current.
+    fn with_entry(&self, settle: impl FnOnce(&mut Entry)) -> Result<()> {
+        self.with_current("settled", |part, _| {
+            if let Some(entry) = part.entries.get_mut(&self.offset) {
+                settle(entry);
+            }
+            part.advance();
+            part.dirty = true;
+        })
     }
 }
 
@@ -781,6 +800,32 @@ impl Acker for KafkaAcker {
 
     async fn nack(&self, _tag: u64) -> Result<()> {
         self.with_entry(|entry| entry.stage = Stage::Nacked)
+    }
+
+    /// Moves the delivery's deadline to a whole visibility timeout from now, under the state
+    /// lock the polling thread looks at deadlines under. A deadline already passed is not
+    /// moved, even if the polling thread has not handed the record out again yet: its holder
+    /// cannot tell that apart, so the renewal fails with `Expired` either way. Nothing is
+    /// committed: the commit metadata records attempts, not deadlines.
+    async fn renew(&self, _tag: u64) -> Result<()> {
+        let renewed = self.with_current("renewed", |part, deadline| {
+            let now = Instant::now();
+            if deadline <= now {
+                return false;
+            }
+            if let Some(entry) = part.entries.get_mut(&self.offset) {
+                entry.stage = Stage::Out {
+                    token: self.token,
+                    deadline: now + self.shared.visibility,
+                };
+            }
+            true
+        })?;
+        if renewed {
+            Ok(())
+        } else {
+            Err(self.stale("renewed"))
+        }
     }
 }
 
@@ -1370,6 +1415,108 @@ mod tests {
         next.remember("not ours");
         next.remember("evbus1|garbage,1+x:2,");
         assert_eq!(next.entries.len(), 3);
+    }
+
+    /// A consumer's shared state with partition 0 (generation 1) holding offset 5 handed
+    /// out under token 1 until `deadline`, and the acker of that delivery.
+    fn handed_out(deadline: Instant, visibility: Duration) -> KafkaAcker {
+        let mut part = Partition::new(1, 5);
+        part.entries
+            .insert(5, entry(Stage::Out { token: 1, deadline }, 1));
+        let shared = Arc::new(Shared {
+            topic: "t".to_owned(),
+            state: Mutex::new(State {
+                partitions: HashMap::from([(0, part)]),
+                next_generation: 1,
+                next_token: 1,
+                queued: 0,
+                queued_bytes: 0,
+            }),
+            consumer: Mutex::new(Weak::new()),
+            visibility,
+            state_topic: None,
+            paused: AtomicBool::new(false),
+            transport_closed: CancellationToken::new(),
+        });
+        KafkaAcker {
+            shared,
+            partition: 0,
+            generation: 1,
+            offset: 5,
+            token: 1,
+        }
+    }
+
+    fn deadline_of(acker: &KafkaAcker) -> Option<Instant> {
+        match acker.shared.lock().partitions[&0].entries[&5].stage {
+            Stage::Out { deadline, .. } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_moves_the_deadline_of_a_current_delivery_only() {
+        let visibility = Duration::from_secs(30);
+        let acker = handed_out(Instant::now() + Duration::from_secs(1), visibility);
+        let before = Instant::now();
+        acker.renew(0).await.expect("renewing a current delivery");
+        let deadline = deadline_of(&acker).expect("still handed out");
+        assert!(
+            deadline >= before + visibility,
+            "a whole timeout from the renewal"
+        );
+        assert!(
+            !acker.shared.lock().partitions[&0].dirty,
+            "nothing to commit"
+        );
+
+        // Its deadline passed (the polling thread has not handed it out again yet): refused,
+        // and the deadline stays where it was, so the record goes out again.
+        let passed = Instant::now();
+        let acker = handed_out(passed, visibility);
+        let e = acker
+            .renew(0)
+            .await
+            .expect_err("renewing past the deadline");
+        assert_eq!(e.kind(), ErrorKind::Expired, "{e}");
+        assert_eq!(deadline_of(&acker), Some(passed));
+
+        // Handed out again (a new token), or the partition reassigned (a new generation).
+        let acker = handed_out(Instant::now() + visibility, visibility);
+        acker
+            .shared
+            .lock()
+            .partitions
+            .get_mut(&0)
+            .unwrap()
+            .entries
+            .get_mut(&5)
+            .unwrap()
+            .stage = Stage::Queued { token: 2 };
+        let e = acker
+            .renew(0)
+            .await
+            .expect_err("renewing a redelivered record");
+        assert_eq!(e.kind(), ErrorKind::Expired, "{e}");
+        let acker = handed_out(Instant::now() + visibility, visibility);
+        acker
+            .shared
+            .lock()
+            .partitions
+            .get_mut(&0)
+            .unwrap()
+            .generation = 2;
+        let e = acker
+            .renew(0)
+            .await
+            .expect_err("renewing on a reassigned partition");
+        assert_eq!(e.kind(), ErrorKind::Expired, "{e}");
+
+        // The transport closed.
+        let acker = handed_out(Instant::now() + visibility, visibility);
+        acker.shared.transport_closed.cancel();
+        let e = acker.renew(0).await.expect_err("renewing after close");
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
     }
 
     fn record(headers: &[(&str, &[u8])]) -> rdkafka::message::OwnedMessage {
