@@ -344,6 +344,38 @@ pub(super) async fn queue_unacked_events_of_a_vanished_consumer_are_redelivered_
     queue_sentinel(&ctx, &*queue, &mut cb, QUIET, "consumer B").await
 }
 
+/// Two competing consumers of a new queue with a short timeout, both consuming before one
+/// event is sent: on a partitioned broker a consumer that joins later takes partitions over,
+/// and with them the deliveries held there (a reassignment, which no renewal survives). A
+/// case reads both throughout, so a redelivery is seen wherever the broker sends it.
+struct Competing<T: Transport + 'static> {
+    queue: Arc<dyn Queue>,
+    ca: Subscription,
+    cb: Subscription,
+    event: Event,
+    _connections: (Conn<T>, Conn<T>),
+}
+
+impl<T: Transport + 'static> Competing<T> {
+    async fn start(ctx: &Ctx<T>) -> Result<Self, Failure> {
+        let name = ctx.queue_name("q");
+        let conn = ctx.connect().await?;
+        let queue = open(&conn, &name).await?;
+        let a = ctx.connect().await?;
+        let ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
+        let cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
+        let event = ctx.event(0);
+        bounded("sending", queue.send(&event)).await?;
+        Ok(Competing {
+            queue,
+            ca,
+            cb,
+            event,
+            _connections: (conn, a),
+        })
+    }
+}
+
 /// The next delivery of either subscription, and whether it came from `a`.
 async fn next_of_either(
     a: &mut Subscription,
@@ -379,19 +411,13 @@ pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visi
 >(
     ctx: Ctx<T>,
 ) -> CaseResult {
-    let name = ctx.queue_name("q");
-    let conn = ctx.connect().await?;
-    let queue = open(&conn, &name).await?;
-
-    // Two competing consumers with a short timeout, both consuming before the event is sent:
-    // on a partitioned broker a consumer that joins later takes partitions over, and with
-    // them the deliveries held there (a reassignment, which no renewal survives). Both are
-    // read throughout, so a redelivery is seen wherever the broker sends it.
-    let a = ctx.connect().await?;
-    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
-    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
-    let event = ctx.event(0);
-    bounded("sending", queue.send(&event)).await?;
+    let Competing {
+        queue,
+        mut ca,
+        mut cb,
+        event,
+        _connections,
+    } = Competing::start(&ctx).await?;
     let (held, from_a) = next_of_either(&mut ca, &mut cb, WAIT, "either consumer").await?;
     ensure!(
         held.event().id() == event.id(),
@@ -454,18 +480,15 @@ pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_
 >(
     ctx: Ctx<T>,
 ) -> CaseResult {
-    let name = ctx.queue_name("q");
-    let conn = ctx.connect().await?;
-    let queue = open(&conn, &name).await?;
-
-    // Two competing consumers, both consuming before the event is sent and both read (see
-    // above): the redelivery may reach either (a prefetch or an open pull of the first
-    // holder's, on some brokers).
-    let a = ctx.connect().await?;
-    let mut ca = receive(&*open(&a, &name).await?, ctx.short_consumer()).await?;
-    let mut cb = receive(&*open(&conn, &name).await?, ctx.short_consumer()).await?;
-    let event = ctx.event(0);
-    bounded("sending", queue.send(&event)).await?;
+    // The redelivery may reach either consumer (a prefetch or an open pull of the first
+    // holder's, on some brokers): both are read.
+    let Competing {
+        queue,
+        mut ca,
+        mut cb,
+        event,
+        _connections,
+    } = Competing::start(&ctx).await?;
 
     // One takes the event and lets its timeout run out; it is handed out again, to either.
     let (stale, _) = next_of_either(&mut ca, &mut cb, WAIT, "either consumer").await?;
