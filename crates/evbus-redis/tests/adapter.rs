@@ -913,6 +913,75 @@ async fn the_transport_works_as_a_trait_object() {
 /// The group every queue's consumers share.
 const QUEUE_GROUP: &str = "evbus";
 
+/// An outside review: an ordered handler's events fetched ahead (the consumer's read-ahead
+/// buffer, `prefetch` entries) waited there, not in the key's lane, so the Bus did not renew
+/// them and, behind a busy key, they came back from Redis (16 events of one key, runs of
+/// 300 ms, a 1 s timeout, concurrency 4 + prefetch 4: 19 runs, event 7 after event 15). An
+/// ordered handler now takes whatever its in-flight limit allows into its lanes, where every
+/// waiting event is renewed: each runs once, in order, on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_bus_handler_renews_everything_it_fetched_ahead() {
+    let Some(env) = Env::new().await else { return };
+    let mut catalog = evbus::Catalog::builder();
+    catalog.strict(false);
+    let transport = Arc::new(env.transport.clone());
+    let bus = evbus::Bus::builder(transport, catalog.freeze().unwrap()).build();
+    let ty = "afterOrderCreate";
+    let topic_name = bus.topic_name(ty);
+    let group = bus.subscription_name(ty, "billing");
+    let topic = env.transport.topic(&topic_name).await.unwrap();
+    // The subscription exists before the events: the handler's first read finds them all.
+    drop(
+        topic
+            .subscribe(SubscribeOptions::named(&group))
+            .await
+            .unwrap(),
+    );
+    const EVENTS: u64 = 16;
+    for n in 0..EVENTS {
+        let one_key = event(n)
+            .into_builder()
+            .partition_key("k")
+            .extension("seq", n.to_string())
+            .build()
+            .unwrap();
+        topic.publish(&one_key).await.unwrap();
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = bus
+        .on(ty, "billing", move |msg: evbus::bus::Message| {
+            let tx = tx.clone();
+            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+            let attempt = msg.attempt();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = tx.send((seq, attempt));
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(4)
+        .prefetch(4)
+        .visibility_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < EVENTS as usize {
+        match tokio::time::timeout(Duration::from_secs(15), rx.recv()).await {
+            Ok(Some(run)) => got.push(run),
+            _ => panic!("only {} runs: {got:?}", got.len()),
+        }
+    }
+    assert_eq!(got, (0..EVENTS).map(|n| (n, 1)).collect::<Vec<_>>());
+    // Nothing runs again (a timed-out copy would come back within a timeout).
+    if let Ok(Some(again)) = tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await {
+        panic!("an event ran again: {again:?}");
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    env.cleanup().await;
+}
+
 /// A Bus handler holds the events it runs plus its prefetch (by default as many as its
 /// concurrency) fetched ahead, and no more: with every run blocked, that is what is pending
 /// for its group, while it never runs more than its concurrency at once.

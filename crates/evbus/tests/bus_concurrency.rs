@@ -39,6 +39,7 @@ on_both_runtimes!(
     shutdown_lets_running_handlers_finish_before_closing,
     a_second_shutdown_under_way_waits_for_the_first,
     a_key_s_backlog_longer_than_the_visibility_timeout_runs_once_in_order,
+    an_ordered_handler_s_waiting_events_leave_the_slots_to_other_keys,
     at_the_deadline_a_still_running_event_is_nacked_to_another_instance,
     deliveries_whose_ack_failed_do_not_stall_the_handler,
     runs_that_finish_at_once_and_runs_that_wait_each_handle_their_event_once,
@@ -334,6 +335,107 @@ async fn a_key_s_backlog_longer_than_the_visibility_timeout_runs_once_in_order()
         "an event was dead-lettered"
     );
     bus.shutdown(WAIT).await.unwrap();
+}
+
+/// An outside review (finding F2): an ordered handler's event waiting behind its key held a
+/// concurrency slot, so one busy key could hold every slot while one event ran, and other
+/// keys waited for its backlog. Waiting events now hold no slot: with a hot key's eight
+/// 150 ms runs and then one event of another key, concurrency 4 and prefetch 4, the other
+/// key's event runs as soon as the in-flight limit lets it be taken (after the first hot
+/// run), not behind the hot backlog.
+async fn an_ordered_handler_s_waiting_events_leave_the_slots_to_other_keys() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut rx) = unbounded_channel();
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let key = msg.partition_key().unwrap().to_owned();
+        let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+        let tx = tx.clone();
+        async move {
+            if key == "hot" {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let _ = tx.send((key, seq));
+            Ok(())
+        }
+    })
+    .ordered_by_key(true)
+    .concurrency(4)
+    .prefetch(4)
+    .start()
+    .await
+    .unwrap();
+    let hot = (0..8).map(|seq| ("hot", seq));
+    bus.emit_batch(hot.chain([("cold", 0)]).map(|(key, seq)| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key(key)
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..9 {
+        order.push(recv(&mut rx).await);
+    }
+    let cold = order.iter().position(|(k, _)| k == "cold").unwrap();
+    assert!(
+        cold <= 2,
+        "the other key's event waited behind the hot key's backlog: {order:?}"
+    );
+    bus.shutdown(WAIT).await.unwrap();
+}
+
+/// An outside review: since the Bus renews the events waiting behind their key, a run that
+/// hangs kept its key's waiting events here for ever (renewed), and even the copy of the
+/// hung event the broker handed out again queued behind it: nothing of the key ever ran
+/// again, on any instance, and nothing was said. A lane whose run has gone on past the
+/// visibility timeout is no longer renewed (and warned about), so its events come back and
+/// another instance runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_run_does_not_hold_its_key_s_waiting_events_for_ever() {
+    let broker = broker();
+    let (a, b) = (bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    let start = |bus: &Bus, hangs: bool, tx: UnboundedSender<u64>| {
+        bus.on("orderPlaced", "g", move |msg: Message| {
+            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+            let tx = tx.clone();
+            async move {
+                if hangs && seq == 0 {
+                    std::future::pending::<()>().await;
+                }
+                let _ = tx.send(seq);
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(4)
+        .prefetch(0)
+        .visibility_timeout(Duration::from_millis(400))
+        .start()
+    };
+    let hung = start(&a, true, tx.clone()).await.unwrap();
+    a.emit_batch((0..4).map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key("k")
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    // Instance A now runs event 0 for ever, with 1 to 3 behind it; B joins.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    start(&b, false, tx).await.unwrap();
+    let mut ran = HashSet::new();
+    while !(1..4).all(|seq| ran.contains(&seq)) {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(seq)) => {
+                ran.insert(seq);
+            }
+            _ => panic!("events of the hung run's key never ran: ran {ran:?}"),
+        }
+    }
+    hung.shutdown(Duration::from_millis(100)).await;
+    b.shutdown(WAIT).await.unwrap();
 }
 
 #[tokio::test]

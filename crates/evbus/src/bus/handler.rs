@@ -301,20 +301,26 @@ impl HandlerBuilder {
     /// delivery, and the runs made in place are not counted again. Such an event can run
     /// more times than the [`RetryPolicy`]'s `max_attempts` before it is dead-lettered.
     ///
-    /// Events of one key taken together wait for each other: the handler takes up to
-    /// [`concurrency`](Self::concurrency) plus [`prefetch`](Self::prefetch) events, and if
-    /// they are all of one key, the last runs after all the others. While they wait the
-    /// handler renews their visibility timeouts (every third of
+    /// An ordered handler takes every event its in-flight limit allows
+    /// ([`concurrency`](Self::concurrency) plus [`prefetch`](Self::prefetch)) into per-key
+    /// lanes at once; a lane's next event takes one of the `concurrency` slots when it
+    /// starts. So events of one key wait for each other without holding slots (other keys
+    /// run meanwhile, as far as the in-flight limit lets them be taken: with `prefetch(0)`
+    /// one busy key can still take every place), and while they wait the handler renews
+    /// their visibility timeouts (every third of
     /// [`visibility_timeout`](Self::visibility_timeout)), so a key's backlog may take longer
     /// than one timeout: each event still runs once, in order. If this process dies, they
     /// come back a timeout after the last renewal. On a transport that cannot renew (a
     /// third-party adapter without [`Acker::renew`](crate::raw::Acker::renew)), an event
     /// that waits past its timeout is delivered again, and that copy runs after later events
     /// of its key (order broken) with another attempt counted; the handler then logs a
-    /// warning, once, when an event waited over half of it. The running event itself is
-    /// not renewed: keep one run of a key, with its retries in place, under the timeout. A
-    /// waiting event holds its slot, so one busy key can hold every slot and make other keys
-    /// wait.
+    /// warning, once, when an event waited over half of it.
+    ///
+    /// The running event itself is not renewed: keep one run of a key, with its retries in
+    /// place, under the timeout. A run that goes on past it may hang: its event is delivered
+    /// again, and the handler stops renewing the events waiting behind it (and warns, once),
+    /// so they come back too and another instance can run them; on this instance the key
+    /// stays behind the run until it ends.
     pub fn ordered_by_key(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self
@@ -429,6 +435,7 @@ impl HandlerBuilder {
             in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
+            hang_warned: AtomicBool::new(false),
             on_dead_letter: self.on_dead_letter,
         };
         // The topic first: the redrive queue is empty nearly always, and polling it between
@@ -607,10 +614,40 @@ impl HandlerHandle {
 struct Taken {
     id: u64,
     delivery: Arc<Delivery>,
-    /// When it was queued behind earlier events of its key (an ordered handler), if it was.
+    /// When it was queued in a lane (an ordered handler), if it was.
     queued: Option<std::time::Instant>,
-    /// One of the worker's `concurrency` slots, given back when the delivery is done.
-    _permit: LimitPermit,
+    /// One of the handler's `concurrency` slots while it runs, given back when the delivery
+    /// is done.
+    slot: Slot,
+}
+
+/// A run's concurrency slot, given back when dropped.
+enum Slot {
+    /// An unordered handler's: taken by the worker before it takes the delivery (one taker,
+    /// no lock: the hot path).
+    Worker(#[allow(dead_code)] LimitPermit),
+    /// An ordered handler's: taken by a lane when its next event starts (several lanes take
+    /// at once). Its events are taken without one, so that every event the handler holds
+    /// waits in a lane, where its visibility timeout is renewed.
+    Lane(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    /// Waiting in a lane: no slot yet.
+    Waiting,
+}
+
+/// Which lane an ordered handler's event waits in: its partition key's, or one of its own
+/// for an event without a key (not ordered, but it waits for a slot in a lane too, renewed).
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Key(String),
+    Alone(u64),
+}
+
+/// One lane of an ordered handler: the events not started yet, in arrival order, and when
+/// the one running started, if one is.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Taken>,
+    running_since: Option<std::time::Instant>,
 }
 
 /// The tasks that run a handler's unordered events on a multi-threaded runtime. A task
@@ -704,8 +741,12 @@ struct Worker {
     /// Every delivery taken and not yet done (running or waiting in a lane), for the drain.
     in_flight: Mutex<FxHashMap<u64, Arc<Delivery>>>,
     next_id: AtomicU64,
-    /// Per-key lanes: the deliveries waiting behind the running one of each key.
-    lanes: Mutex<HashMap<String, VecDeque<Taken>>>,
+    /// An ordered handler's lanes: per key, the deliveries not started yet and when the
+    /// running one started.
+    lanes: Mutex<HashMap<LaneKey, Lane>>,
+    /// Whether [`renew_lanes`](Self::renew_lanes) warned of a run gone on past the
+    /// visibility timeout (once per handler).
+    hang_warned: AtomicBool,
     on_dead_letter: Option<DeadLetterHook>,
 }
 
@@ -719,6 +760,8 @@ impl Worker {
         // The worker is the slots' only taker; a slot comes back when its delivery is done,
         // on whichever task that is, without a lock.
         let slots = Arc::new(Limit::new(concurrency));
+        // An ordered handler's: taken by its lanes, several at once.
+        let lane_slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
         // On a current-thread runtime spawned handlers never run in parallel anyway: there an
         // unordered handler is first polled right here, in the worker's task, and gets a task
         // of its own only if it has to wait. On a multi-threaded runtime unordered events go
@@ -748,7 +791,8 @@ impl Worker {
                     return Poll::Ready(None);
                 }
                 let next = (|| {
-                    if permit.is_none() {
+                    // An ordered handler's events take their slots in their lanes.
+                    if permit.is_none() && !self.ordered {
                         permit = Some(ready!(slots.poll_take_owned(cx)));
                     }
                     stream.poll_next_unpin(cx).map(Some)
@@ -770,76 +814,77 @@ impl Worker {
                 }
                 Some(Some(Ok(d))) => Arc::new(d),
             };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if self.ordered {
+                let key = match delivery.event().partition_key() {
+                    Some(key) => LaneKey::Key(key.to_owned()),
+                    None => LaneKey::Alone(id),
+                };
+                let taken = Taken {
+                    id,
+                    delivery,
+                    queued: Some(std::time::Instant::now()),
+                    slot: Slot::Waiting,
+                };
+                lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
+                let mut lanes = lock(&self.lanes);
+                match lanes.get_mut(&key) {
+                    Some(lane) => lane.waiting.push_back(taken),
+                    None => {
+                        let mut lane = Lane::default();
+                        lane.waiting.push_back(taken);
+                        lanes.insert(key.clone(), lane);
+                        let (worker, slots) = (Arc::clone(&self), Arc::clone(&lane_slots));
+                        tasks.spawn(async move { worker.lane(key, slots).await });
+                    }
+                }
+                continue;
+            }
             let Some(permit) = permit.take() else {
-                // Unreachable: a delivery is only taken with a slot.
+                // Unreachable: an unordered handler takes a delivery only with a slot.
                 break;
             };
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let taken = Taken {
                 id,
                 delivery,
                 queued: None,
-                _permit: permit,
+                slot: Slot::Worker(permit),
             };
-            let key = if self.ordered {
-                taken.delivery.event().partition_key().map(str::to_owned)
+            if inline {
+                let delivery = Arc::clone(&taken.delivery);
+                // Not in the drain's map unless it has to wait (below): no removal either.
+                let process = OptionFuture::from(Some(Arc::clone(&self).run_taken(taken)));
+                let mut run = match spare_box.take() {
+                    Some(mut run) => {
+                        Pin::set(&mut run, process);
+                        run
+                    }
+                    None => Box::pin(process),
+                };
+                let polled = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+                if polled.is_pending() {
+                    // It waits: it goes on in a task of its own, tracked for the drain.
+                    lock(&self.in_flight).insert(id, delivery);
+                    let worker = Arc::clone(&self);
+                    tasks.spawn(run.map(move |_| {
+                        lock(&worker.in_flight).remove(&id);
+                    }));
+                } else {
+                    // Done: the finished run is dropped now, its box kept.
+                    Pin::set(&mut run, OptionFuture::from(None));
+                    spare_box = Some(run);
+                }
+                // Handled inline, events never make the worker wait for a free slot: it
+                // lets the other tasks (the other instances of the group among them) run
+                // after as many events as it would take before its spawned handlers ran.
+                inline_run += 1;
+                if inline_run >= concurrency {
+                    inline_run = 0;
+                    tokio::task::yield_now().await;
+                }
             } else {
-                None
-            };
-            match key {
-                None if inline => {
-                    let delivery = Arc::clone(&taken.delivery);
-                    // Not in the drain's map unless it has to wait (below): no removal either.
-                    let process = OptionFuture::from(Some(Arc::clone(&self).run_taken(taken)));
-                    let mut run = match spare_box.take() {
-                        Some(mut run) => {
-                            Pin::set(&mut run, process);
-                            run
-                        }
-                        None => Box::pin(process),
-                    };
-                    let polled =
-                        std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-                    if polled.is_pending() {
-                        // It waits: it goes on in a task of its own, tracked for the drain.
-                        lock(&self.in_flight).insert(id, delivery);
-                        let worker = Arc::clone(&self);
-                        tasks.spawn(run.map(move |_| {
-                            lock(&worker.in_flight).remove(&id);
-                        }));
-                    } else {
-                        // Done: the finished run is dropped now, its box kept.
-                        Pin::set(&mut run, OptionFuture::from(None));
-                        spare_box = Some(run);
-                    }
-                    // Handled inline, events never make the worker wait for a free slot: it
-                    // lets the other tasks (the other instances of the group among them) run
-                    // after as many events as it would take before its spawned handlers ran.
-                    inline_run += 1;
-                    if inline_run >= concurrency {
-                        inline_run = 0;
-                        tokio::task::yield_now().await;
-                    }
-                }
-                None => {
-                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
-                    pool.run(taken, &self, &mut tasks);
-                }
-                Some(key) => {
-                    lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
-                    let mut lanes = lock(&self.lanes);
-                    match lanes.get_mut(&key) {
-                        Some(queue) => queue.push_back(Taken {
-                            queued: Some(std::time::Instant::now()),
-                            ..taken
-                        }),
-                        None => {
-                            lanes.insert(key.clone(), VecDeque::new());
-                            let worker = Arc::clone(&self);
-                            tasks.spawn(async move { worker.lane(key, taken).await });
-                        }
-                    }
-                }
+                lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
+                pool.run(taken, &self, &mut tasks);
             }
         }
         drop(permit);
@@ -875,10 +920,7 @@ impl Worker {
         let mut current = first;
         loop {
             let Taken {
-                id,
-                delivery,
-                _permit: slot,
-                ..
+                id, delivery, slot, ..
             } = current;
             self.handle(&delivery).await;
             lock(&self.in_flight).remove(&id);
@@ -898,23 +940,43 @@ impl Worker {
         }
     }
 
-    /// Runs `first`, then whatever queued behind it for `key`, one at a time.
-    async fn lane(self: Arc<Self>, key: String, first: Taken) {
-        let mut current = first;
+    /// Runs the events of lane `key` one at a time, in arrival order, each once it has one of
+    /// the handler's `slots`, until the lane is empty (then removed).
+    async fn lane(self: Arc<Self>, key: LaneKey, slots: Arc<tokio::sync::Semaphore>) {
         loop {
-            Arc::clone(&self).process(current).await;
-            let mut lanes = lock(&self.lanes);
-            match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => {
-                    if let Some(queued) = next.queued {
-                        self.waited_in_lane(queued.elapsed());
-                    }
-                    current = next;
-                }
-                None => {
+            {
+                let mut lanes = lock(&self.lanes);
+                if lanes.get(&key).is_none_or(|lane| lane.waiting.is_empty()) {
                     lanes.remove(&key);
                     return;
                 }
+            }
+            // Never closed; the drain aborts this task.
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let next = {
+                let mut lanes = lock(&self.lanes);
+                let Some(lane) = lanes.get_mut(&key) else {
+                    return;
+                };
+                let Some(next) = lane.waiting.pop_front() else {
+                    continue;
+                };
+                lane.running_since = Some(std::time::Instant::now());
+                next
+            };
+            if let Some(queued) = next.queued {
+                self.waited_in_lane(queued.elapsed());
+            }
+            Arc::clone(&self)
+                .process(Taken {
+                    slot: Slot::Lane(slot),
+                    ..next
+                })
+                .await;
+            if let Some(lane) = lock(&self.lanes).get_mut(&key) {
+                lane.running_since = None;
             }
         }
     }
@@ -933,11 +995,30 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let waiting: Vec<Arc<Delivery>> = lock(&self.lanes)
-                .values()
-                .flatten()
-                .map(|taken| Arc::clone(&taken.delivery))
-                .collect();
+            let mut waiting: Vec<Arc<Delivery>> = Vec::new();
+            let mut hung = None;
+            for lane in lock(&self.lanes).values() {
+                // A run gone on past the timeout may hang: the broker hands its event out
+                // again, and the events behind it must not be kept here for ever.
+                match lane.running_since.map(|t| t.elapsed()) {
+                    Some(ran) if ran > self.visibility_timeout => hung = Some(ran),
+                    _ => waiting.extend(lane.waiting.iter().map(|t| Arc::clone(&t.delivery))),
+                }
+            }
+            if let Some(ran) = hung
+                && !self.hang_warned.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    event_type = %self.shared.ty,
+                    group = %self.shared.group,
+                    running_for = ?ran,
+                    visibility_timeout = ?self.visibility_timeout,
+                    "a run of an ordered handler has gone on past the visibility timeout (it \
+                     may hang): its event is delivered again, and the events of its key \
+                     waiting behind it are no longer renewed, so they come back too, possibly \
+                     to another instance, and run there"
+                );
+            }
             let mut renewals = futures::stream::iter(waiting)
                 .map(|delivery| async move { (delivery.renew().await, delivery) })
                 .buffer_unordered(RENEWALS_AT_ONCE);
