@@ -103,8 +103,8 @@ pub struct NatsConfig {
     /// How long one pull request waits on the server for messages. Default 1 s.
     #[serde(rename = "fetch_wait_ms", with = "evbus::raw::millis")]
     pub fetch_wait: Duration,
-    /// Most messages one pull request asks for; a consumer never asks for more than its
-    /// `max_in_flight`. Default 64.
+    /// Most messages one pull request asks for; a consumer never asks for more than its free
+    /// in-flight slots (its `max_in_flight` less its deliveries unsettled). Default 64.
     pub fetch_batch: usize,
     /// Acknowledge with a double ack (`AckAck`): `ack` returns only once the server recorded
     /// it, so an acknowledged event is never redelivered. With `false` the ack is fire and

@@ -1,5 +1,16 @@
-//! Consumers: pull consumers on a stream, read in batches no larger than the in-flight limit,
-//! and the acker that settles each delivery.
+//! Consumers: pull consumers on a stream, read in batches no larger than the consumer's free
+//! in-flight slots, and the acker that settles each delivery.
+//!
+//! Each pull request asks for the in-flight limit less the deliveries handed out and not
+//! settled yet (at least one: core reads the stream only with a slot free; at most
+//! `fetch_batch`), and the next request is made only once the last one is served in full or
+//! expired. The messages a request brings and the deliveries still unsettled therefore never
+//! exceed `max_in_flight`: a message fetched into a batch has its `ack_wait` running on the
+//! server, and one its holder has no slot to take would wait there, unrenewed, until the
+//! server delivered it again. A delivery counts as unsettled from when it is handed out until
+//! its ack, nack or delayed nack succeeds, or until its acker is dropped unsettled; a renewal
+//! changes nothing. Messages a dropped subscription fetched and never handed out are given
+//! back (see [`give_back`]).
 //!
 //! | evbus | JetStream |
 //! |---|---|
@@ -12,6 +23,7 @@
 //! | max attempts | counted by core; `max_deliver` is unlimited so the server never drops an event silently |
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::Subject;
@@ -93,16 +105,14 @@ pub(crate) async fn open(
         ensure_consumer(&shared, &spec, ephemeral.as_ref().map(|(n, _)| n.as_str())).await?;
     let name = consumer.cached_info().name.clone();
     let anonymous = ephemeral.and_then(|(_, mut registered)| registered.id.take());
-    let batch_size = spec
-        .options
-        .max_in_flight
-        .clamp(1, shared.config.fetch_batch);
     let pull = Pull {
         location: format!("nats:{}", spec.stream),
         stream: spec.stream.into(),
         name: name.into(),
         consumer,
-        batch_size,
+        max_in_flight: spec.options.max_in_flight.max(1),
+        fetch_batch: shared.config.fetch_batch.max(1),
+        outstanding: Arc::new(AtomicUsize::new(0)),
         ack_wait: ack_wait(&spec.options),
         batch: None,
         requesting: None,
@@ -252,7 +262,13 @@ struct Pull {
     name: Arc<str>,
     /// `nats:<stream>`, for undecodable messages.
     location: String,
-    batch_size: usize,
+    /// The consumer's in-flight limit.
+    max_in_flight: usize,
+    /// Most messages one pull request asks for (the transport's `fetch_batch`).
+    fetch_batch: usize,
+    /// How many deliveries this consumer handed out that are not settled yet, shared with
+    /// their ackers (see [`Handout`]): a pull request asks only for the slots left free.
+    outstanding: Arc<AtomicUsize>,
     /// The consumer's `ack_wait` (the visibility timeout its deliveries' ackers renew).
     ack_wait: Duration,
     /// The pull request being served.
@@ -269,7 +285,7 @@ struct Pull {
     /// batch, when the message before it came (or the request was made). The server started
     /// the message's `ack_wait` as it sent it, so a delivery's acker counts its visibility
     /// timeout from here, not from when it was handed out: a message can wait in a batch
-    /// while its holder takes no more (all its in-flight slots held).
+    /// until its holder asks for the next delivery.
     received: Instant,
     /// Whether the pull request being served brought a message.
     served: bool,
@@ -353,7 +369,7 @@ impl Pull {
             if self.batch.is_none() {
                 let (consumer, max, expires) = (
                     &self.consumer,
-                    self.batch_size,
+                    self.request_size(),
                     self.shared.config.fetch_wait,
                 );
                 if self.requesting.is_none() {
@@ -457,6 +473,17 @@ impl Pull {
         }
     }
 
+    /// How many messages the next pull request asks for: the in-flight slots left free by
+    /// the deliveries handed out and not settled yet, at least one (core reads the stream
+    /// only with a slot free; a delivery dropped unsettled frees core's slot just before its
+    /// acker gives its count back) and at most `fetch_batch`.
+    fn request_size(&self) -> usize {
+        let outstanding = self.outstanding.load(Ordering::Acquire);
+        self.max_in_flight
+            .saturating_sub(outstanding)
+            .clamp(1, self.fetch_batch)
+    }
+
     /// After a failed pull: `false` if the consumer or its stream is gone (the subscription
     /// ends), else waits a little (backing off) and returns `true`.
     async fn recover(&mut self, error: Error) -> bool {
@@ -511,6 +538,7 @@ impl Pull {
             consumer: Arc::clone(&self.name),
             ack_wait: self.ack_wait,
             since: std::sync::Mutex::new(self.received),
+            handout: Handout::new(&self.outstanding),
         });
         match decode(&message) {
             Ok(event) => RawDelivery::new(event, attempt, acker, sequence),
@@ -593,6 +621,37 @@ fn headerless_structured(message: &async_nats::Message) -> Option<Result<Event>>
     }))
 }
 
+/// A delivery's place in its consumer's count of deliveries handed out and not settled
+/// ([`Pull::outstanding`]): taken when the delivery is handed out, given back exactly once,
+/// when the delivery is settled or its acker dropped unsettled.
+struct Handout {
+    outstanding: Arc<AtomicUsize>,
+    held: AtomicBool,
+}
+
+impl Handout {
+    fn new(outstanding: &Arc<AtomicUsize>) -> Self {
+        outstanding.fetch_add(1, Ordering::AcqRel);
+        Handout {
+            outstanding: Arc::clone(outstanding),
+            held: AtomicBool::new(true),
+        }
+    }
+
+    /// Gives the place back, the first time only.
+    fn release(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Handout {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Settles one delivery through its `$JS.ACK` reply subject.
 struct NatsAcker {
     shared: Arc<Shared>,
@@ -607,6 +666,9 @@ struct NatsAcker {
     /// delivery of a message from the one pending now (a `+WPI` restarts the timer of
     /// whichever is pending), so this is how a renewal knows the timeout ran out.
     since: std::sync::Mutex<Instant>,
+    /// Counts the delivery as handed out and unsettled until it is settled (its ack, nack or
+    /// delayed nack succeeded) or this acker is dropped.
+    handout: Handout,
 }
 
 impl NatsAcker {
@@ -651,17 +713,26 @@ impl NatsAcker {
         }
         Ok(())
     }
+
+    /// Sends a settlement (ack, nack, delayed nack); once it succeeded, the delivery no
+    /// longer counts as unsettled. A failed one leaves it unsettled: core may settle it again,
+    /// or drop it (which gives its count back too).
+    async fn settle(&self, kind: AckKind, confirm: bool, what: &str) -> Result<()> {
+        self.send(kind, confirm, what).await?;
+        self.handout.release();
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(&self, _tag: u64) -> Result<()> {
-        self.send(AckKind::Ack, self.shared.config.double_ack, "acknowledging")
+        self.settle(AckKind::Ack, self.shared.config.double_ack, "acknowledging")
             .await
     }
 
     async fn nack(&self, _tag: u64) -> Result<()> {
-        self.send(AckKind::Nak(None), false, "negatively acknowledging")
+        self.settle(AckKind::Nak(None), false, "negatively acknowledging")
             .await
     }
 
@@ -670,7 +741,7 @@ impl Acker for NatsAcker {
     }
 
     async fn nack_delayed(&self, _tag: u64, delay: Duration) -> Result<()> {
-        self.send(
+        self.settle(
             AckKind::Nak(Some(delay)),
             false,
             "negatively acknowledging with a delay",

@@ -200,6 +200,68 @@ async fn a_message_that_waited_in_a_fetched_batch_is_renewed_only_within_its_tim
     transport.close().await.unwrap();
 }
 
+/// A pull request asks only for the consumer's free in-flight slots: with `max_in_flight` 4
+/// and 3 deliveries held unsettled, taking one more pulls one message, not 4. The messages a
+/// pull brought beyond the free slots waited in the batch with their `ack_wait` running,
+/// renewed by nobody, and came back as redeliveries (an ordered handler ran events twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_asks_only_for_the_free_in_flight_slots() {
+    let transport = transport().await;
+    let name = unique("free-slots");
+    let queue = transport.queue(&name).await.unwrap();
+    for n in 0..10 {
+        queue.send(&event(n)).await.unwrap();
+    }
+    // Far longer than the test: nothing is redelivered meanwhile.
+    let mut c = queue
+        .receive(
+            ConsumerOptions::default()
+                .max_in_flight(4)
+                .visibility_timeout(Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    // The first pull request, with every slot free, brings 4.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(next(&mut c).await);
+    }
+    // One settled: 3 held unsettled, one slot free.
+    held.remove(0).ack().await.unwrap();
+    held.push(next(&mut c).await);
+    let (_client, js) = plain_client().await;
+    let stream = js
+        .get_stream(transport.queue_stream(&name).unwrap())
+        .await
+        .unwrap();
+    // Time for the server to send whatever a larger request asked for.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = stream.consumer_info("evbus-queue").await.unwrap();
+    assert!(
+        info.num_ack_pending <= 4,
+        "{} messages pulled and unacknowledged with max_in_flight 4 (4 held)",
+        info.num_ack_pending
+    );
+    assert_eq!(
+        info.delivered.consumer_sequence, 5,
+        "messages delivered to a consumer that took 5"
+    );
+    // The rest flow on as slots free up, each once.
+    let mut seen = 5;
+    while let Some(delivery) = held.pop() {
+        delivery.ack().await.unwrap();
+        if seen < 10 {
+            let d = next(&mut c).await;
+            assert_eq!(d.attempt(), 1);
+            held.push(d);
+            seen += 1;
+        }
+    }
+    drop(c);
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
 /// A look at a queue (what `evbus dlq list` does, each on a transport of its own closed right
 /// after): it holds what it received, ends its subscription, gives everything back with a
 /// plain nack and closes. The server redelivers the given-back messages at once, into the
