@@ -1032,6 +1032,9 @@ impl Worker {
                         tracing::debug!(group = %self.shared.group, error = %e, "the transport cannot renew visibility timeouts: events waiting behind their key keep theirs running");
                         return;
                     }
+                    // Settled since (its run ended and acked it): a transport that cannot
+                    // tell a settled delivery from an expired one says `Expired`.
+                    Err(_) if delivery.is_settled() => {}
                     Err(e) => failed = Some((e, delivery)),
                     Ok(()) => {}
                 }
