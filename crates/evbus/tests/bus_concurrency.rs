@@ -35,6 +35,7 @@ macro_rules! on_both_runtimes {
 
 on_both_runtimes!(
     a_handler_runs_at_most_its_concurrency_at_once,
+    an_ordered_handler_runs_at_most_its_concurrency_at_once,
     the_topic_and_the_redrive_queue_together_stay_within_the_concurrency,
     shutdown_lets_running_handlers_finish_before_closing,
     a_second_shutdown_under_way_waits_for_the_first,
@@ -53,6 +54,14 @@ async fn gated_handler(
     bus: &Bus,
     concurrency: usize,
 ) -> (Arc<Semaphore>, UnboundedReceiver<(Option<String>, usize)>) {
+    gated_handler_ordered(bus, concurrency, false).await
+}
+
+async fn gated_handler_ordered(
+    bus: &Bus,
+    concurrency: usize,
+    ordered: bool,
+) -> (Arc<Semaphore>, UnboundedReceiver<(Option<String>, usize)>) {
     let running = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
     let (tx, rx) = unbounded_channel();
@@ -68,6 +77,7 @@ async fn gated_handler(
         }
     })
     .concurrency(concurrency)
+    .ordered_by_key(ordered)
     .start()
     .await
     .unwrap();
@@ -100,6 +110,34 @@ async fn a_handler_runs_at_most_its_concurrency_at_once() {
     for _ in 4..10 {
         assert!(recv(&mut rx).await.1 <= 4);
     }
+}
+
+/// An ordered handler takes its events into lanes without slots; a lane takes one of the
+/// `concurrency` slots to run. Events of ten keys and five without a key: never more than
+/// four run at once, and every one runs once the gate opens.
+async fn an_ordered_handler_runs_at_most_its_concurrency_at_once() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (gate, mut rx) = gated_handler_ordered(&bus, 4, true).await;
+    let emits = (0..15).map(|i| {
+        let emit = Emit::new("orderPlaced", placed(&format!("o-{i}")));
+        if i < 10 {
+            emit.key(format!("k{i}"))
+        } else {
+            emit
+        }
+    });
+    bus.emit_batch(emits).await.unwrap();
+    for _ in 0..4 {
+        assert!(recv(&mut rx).await.1 <= 4);
+    }
+    // While four are blocked, a fifth never starts.
+    expect_nothing(&mut rx).await;
+    gate.add_permits(15);
+    for _ in 4..15 {
+        assert!(recv(&mut rx).await.1 <= 4);
+    }
+    expect_nothing(&mut rx).await;
 }
 
 /// Runs that finish in their first poll and runs that have to wait, interleaved: inline (a
