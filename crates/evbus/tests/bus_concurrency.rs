@@ -476,6 +476,115 @@ async fn a_hung_run_does_not_hold_its_key_s_waiting_events_for_ever() {
     b.shutdown(WAIT).await.unwrap();
 }
 
+/// A second outside review (L1): behind a run that went on past the visibility timeout the
+/// waiting events are no longer renewed, so they time out and the broker hands them out
+/// again (here to a second instance, which runs them); when the long run ended, its lane
+/// still ran those timed-out deliveries too: each event behind it ran twice. A waiting event
+/// is now renewed as it starts, and one whose timeout ran out is not run. Event 0 runs 1.5 s
+/// on its first attempt under a 400 ms timeout, events 1 to 3 wait behind it: each of them
+/// runs once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_timed_out_behind_a_long_run_run_once_not_twice() {
+    let broker = broker();
+    let (a, b) = (bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    let start = |bus: &Bus, tx: UnboundedSender<u64>| {
+        bus.on("orderPlaced", "g", move |msg: Message| {
+            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+            let (tx, attempt) = (tx.clone(), msg.attempt());
+            async move {
+                if seq == 0 && attempt == 1 {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                let _ = tx.send(seq);
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(4)
+        .prefetch(0)
+        .visibility_timeout(Duration::from_millis(400))
+        .start()
+    };
+    start(&a, tx.clone()).await.unwrap();
+    a.emit_batch((0..4).map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key("k")
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    // A takes all four (its in-flight limit); B joins and gets what times out at A.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    start(&b, tx).await.unwrap();
+    let mut runs = Vec::new();
+    while !(1..4).all(|seq| runs.contains(&seq)) {
+        runs.push(recv(&mut rx).await);
+    }
+    // A's long run ends 1.5 s in; anything run twice is run within a timeout or two of it.
+    while let Ok(Some(seq)) = tokio::time::timeout(Duration::from_millis(2000), rx.recv()).await {
+        runs.push(seq);
+    }
+    let later: Vec<u64> = runs.iter().copied().filter(|&seq| seq > 0).collect();
+    assert_eq!(later, [1, 2, 3], "runs: {runs:?}");
+    a.shutdown(WAIT).await.unwrap();
+    b.shutdown(WAIT).await.unwrap();
+}
+
+/// A second outside review (L2): an ordered handler took everything its in-flight limit
+/// allowed (concurrency + prefetch) into its lanes, so a shutdown nacked events that had
+/// never started, counting an attempt for each (with `max_attempts(1)` they were
+/// dead-lettered without running). Events fetched ahead of the slots stay with the
+/// transport again: of 30 events (distinct keys) under concurrency 2 and prefetch 20, only
+/// the two interrupted runs come back with an attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_costs_no_attempt_to_events_an_ordered_handler_never_started() {
+    let broker = broker();
+    let (a, b) = (bus(&broker), bus(&broker));
+    let (tx, mut rx) = unbounded_channel();
+    let start = |bus: &Bus, blocks: bool, tx: UnboundedSender<(u64, u32)>| {
+        bus.on("orderPlaced", "g", move |msg: Message| {
+            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+            let (tx, attempt) = (tx.clone(), msg.attempt());
+            async move {
+                if blocks {
+                    std::future::pending::<()>().await;
+                }
+                let _ = tx.send((seq, attempt));
+                Ok(())
+            }
+        })
+        .ordered_by_key(true)
+        .concurrency(2)
+        .prefetch(20)
+        .visibility_timeout(Duration::from_secs(30))
+        .start()
+    };
+    let blocked = start(&a, true, tx.clone()).await.unwrap();
+    a.emit_batch((0..30).map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key(format!("k{seq}"))
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = blocked.shutdown(Duration::from_millis(50)).await;
+    assert_eq!(
+        report.interrupted, 2,
+        "only the two running events were interrupted"
+    );
+    start(&b, false, tx).await.unwrap();
+    let mut attempts = HashMap::new();
+    while attempts.len() < 30 {
+        let (seq, attempt) = recv(&mut rx).await;
+        attempts.insert(seq, attempt);
+    }
+    let counted = attempts.values().filter(|&&attempt| attempt > 1).count();
+    assert_eq!(counted, 2, "attempts: {attempts:?}");
+    b.shutdown(WAIT).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_ordered_handler_retries_in_place_so_later_events_of_the_key_wait() {
     let broker = broker();

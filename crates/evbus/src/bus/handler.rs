@@ -301,26 +301,27 @@ impl HandlerBuilder {
     /// delivery, and the runs made in place are not counted again. Such an event can run
     /// more times than the [`RetryPolicy`]'s `max_attempts` before it is dead-lettered.
     ///
-    /// An ordered handler takes every event its in-flight limit allows
-    /// ([`concurrency`](Self::concurrency) plus [`prefetch`](Self::prefetch)) into per-key
-    /// lanes at once; a lane's next event takes one of the `concurrency` slots when it
-    /// starts. So events of one key wait for each other without holding slots (other keys
-    /// run meanwhile, as far as the in-flight limit lets them be taken: with `prefetch(0)`
-    /// one busy key can still take every place), and while they wait the handler renews
-    /// their visibility timeouts (every third of
-    /// [`visibility_timeout`](Self::visibility_timeout)), so a key's backlog may take longer
-    /// than one timeout: each event still runs once, in order. If this process dies, they
-    /// come back a timeout after the last renewal. On a transport that cannot renew (a
-    /// third-party adapter without [`Acker::renew`](crate::raw::Acker::renew)), an event
-    /// that waits past its timeout is delivered again, and that copy runs after later events
-    /// of its key (order broken) with another attempt counted; the handler then logs a
-    /// warning, once, when an event waited over half of it.
+    /// The handler takes a delivery when one of its [`concurrency`](Self::concurrency) slots
+    /// is free. An event whose key is busy gives its slot back and waits in the key's lane,
+    /// taking a slot again when its turn comes: events of one key wait for each other
+    /// without holding slots, so other keys run meanwhile, as far as the in-flight limit
+    /// (concurrency plus [`prefetch`](Self::prefetch)) lets them be taken (with
+    /// `prefetch(0)`, one busy key can still take every place). While they wait the handler
+    /// renews their visibility timeouts (every third of
+    /// [`visibility_timeout`](Self::visibility_timeout), and once more as each starts), so a
+    /// key's backlog may take longer than one timeout: each event still runs once, in
+    /// order. If this process dies, they come back a timeout after the last renewal. On a
+    /// transport that cannot renew (a third-party adapter without
+    /// [`Acker::renew`](crate::raw::Acker::renew)), an event that waits past its timeout is
+    /// delivered again, and that copy runs after later events of its key (order broken) with
+    /// another attempt counted; the handler then logs a warning, once, when an event waited
+    /// over half of it.
     ///
     /// The running event itself is not renewed: keep one run of a key, with its retries in
     /// place, under the timeout. A run that goes on past it may hang: its event is delivered
     /// again, and the handler stops renewing the events waiting behind it (and warns, once),
-    /// so they come back too and another instance can run them; on this instance the key
-    /// stays behind the run until it ends.
+    /// so they come back too and another instance can run them; when the long run ends, the
+    /// events that timed out behind it are not run here (their redeliveries are).
     pub fn ordered_by_key(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self
@@ -626,9 +627,9 @@ enum Slot {
     /// An unordered handler's: taken by the worker before it takes the delivery (one taker,
     /// no lock: the hot path).
     Worker(#[allow(dead_code)] LimitPermit),
-    /// An ordered handler's: taken by a lane when its next event starts (several lanes take
-    /// at once). Its events are taken without one, so that every event the handler holds
-    /// waits in a lane, where its visibility timeout is renewed.
+    /// An ordered handler's: taken by the worker before it takes a delivery, given back when
+    /// the delivery has to wait behind its key, and taken again by the key's lane when its
+    /// turn comes (several takers: a semaphore). Waiting events hold no slot.
     Lane(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
     /// Waiting in a lane: no slot yet.
     Waiting,
@@ -760,8 +761,10 @@ impl Worker {
         // The worker is the slots' only taker; a slot comes back when its delivery is done,
         // on whichever task that is, without a lock.
         let slots = Arc::new(Limit::new(concurrency));
-        // An ordered handler's: taken by its lanes, several at once.
+        // An ordered handler's: taken by the worker and by its lanes, several at once.
         let lane_slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut worker_lane_slots = tokio_util::sync::PollSemaphore::new(Arc::clone(&lane_slots));
+        let mut lane_permit = None;
         // On a current-thread runtime spawned handlers never run in parallel anyway: there an
         // unordered handler is first polled right here, in the worker's task, and gets a task
         // of its own only if it has to wait. On a multi-threaded runtime unordered events go
@@ -791,9 +794,16 @@ impl Worker {
                     return Poll::Ready(None);
                 }
                 let next = (|| {
-                    // An ordered handler's events take their slots in their lanes.
-                    if permit.is_none() && !self.ordered {
-                        permit = Some(ready!(slots.poll_take_owned(cx)));
+                    if !self.ordered {
+                        if permit.is_none() {
+                            permit = Some(ready!(slots.poll_take_owned(cx)));
+                        }
+                    } else if lane_permit.is_none() {
+                        // Never closed.
+                        let Some(slot) = ready!(worker_lane_slots.poll_acquire(cx)) else {
+                            return Poll::Ready(None);
+                        };
+                        lane_permit = Some(slot);
                     }
                     stream.poll_next_unpin(cx).map(Some)
                 })();
@@ -816,26 +826,40 @@ impl Worker {
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if self.ordered {
+                let Some(slot) = lane_permit.take() else {
+                    // Unreachable: a delivery is only taken with a slot.
+                    break;
+                };
                 let key = match delivery.event().partition_key() {
                     Some(key) => LaneKey::Key(key.to_owned()),
                     None => LaneKey::Alone(id),
                 };
-                let taken = Taken {
+                let mut taken = Taken {
                     id,
                     delivery,
-                    queued: Some(std::time::Instant::now()),
-                    slot: Slot::Waiting,
+                    queued: None,
+                    slot: Slot::Lane(slot),
                 };
                 lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                 let mut lanes = lock(&self.lanes);
                 match lanes.get_mut(&key) {
-                    Some(lane) => lane.waiting.push_back(taken),
-                    None => {
-                        let mut lane = Lane::default();
+                    Some(lane) => {
+                        // It waits behind its key, renewed, without a slot: the worker takes
+                        // another delivery with this one.
+                        taken.slot = Slot::Waiting;
+                        taken.queued = Some(std::time::Instant::now());
                         lane.waiting.push_back(taken);
-                        lanes.insert(key.clone(), lane);
+                    }
+                    None => {
+                        lanes.insert(
+                            key.clone(),
+                            Lane {
+                                waiting: VecDeque::new(),
+                                running_since: Some(std::time::Instant::now()),
+                            },
+                        );
                         let (worker, slots) = (Arc::clone(&self), Arc::clone(&lane_slots));
-                        tasks.spawn(async move { worker.lane(key, slots).await });
+                        tasks.spawn(async move { worker.lane(key, taken, slots).await });
                     }
                 }
                 continue;
@@ -940,44 +964,84 @@ impl Worker {
         }
     }
 
-    /// Runs the events of lane `key` one at a time, in arrival order, each once it has one of
-    /// the handler's `slots`, until the lane is empty (then removed).
-    async fn lane(self: Arc<Self>, key: LaneKey, slots: Arc<tokio::sync::Semaphore>) {
+    /// Runs `first` (which came with its slot), then the events queued in lane `key`, one at
+    /// a time, in arrival order, each once it has one of the handler's `slots`, until the
+    /// lane is empty (then removed).
+    async fn lane(self: Arc<Self>, key: LaneKey, first: Taken, slots: Arc<tokio::sync::Semaphore>) {
+        let mut next = Some(first);
         loop {
-            {
-                let mut lanes = lock(&self.lanes);
-                if lanes.get(&key).is_none_or(|lane| lane.waiting.is_empty()) {
-                    lanes.remove(&key);
-                    return;
+            let taken = match next.take() {
+                Some(taken) => taken,
+                None => {
+                    {
+                        let mut lanes = lock(&self.lanes);
+                        if lanes.get(&key).is_none_or(|lane| lane.waiting.is_empty()) {
+                            lanes.remove(&key);
+                            return;
+                        }
+                    }
+                    // Never closed; the drain aborts this task.
+                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                        return;
+                    };
+                    let mut lanes = lock(&self.lanes);
+                    let Some(lane) = lanes.get_mut(&key) else {
+                        return;
+                    };
+                    let Some(taken) = lane.waiting.pop_front() else {
+                        continue;
+                    };
+                    lane.running_since = Some(std::time::Instant::now());
+                    Taken {
+                        slot: Slot::Lane(slot),
+                        ..taken
+                    }
+                }
+            };
+            if let Some(queued) = taken.queued {
+                let waited = queued.elapsed();
+                self.waited_in_lane(waited);
+                if waited >= self.visibility_timeout / 20 && !self.still_held(&taken).await {
+                    // Timed out while it waited (behind a run that went on past the
+                    // timeout): the broker has it again, and its redelivery runs it.
+                    lock(&self.in_flight).remove(&taken.id);
+                    continue;
                 }
             }
-            // Never closed; the drain aborts this task.
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            let next = {
-                let mut lanes = lock(&self.lanes);
-                let Some(lane) = lanes.get_mut(&key) else {
-                    return;
-                };
-                let Some(next) = lane.waiting.pop_front() else {
-                    continue;
-                };
-                lane.running_since = Some(std::time::Instant::now());
-                next
-            };
-            if let Some(queued) = next.queued {
-                self.waited_in_lane(queued.elapsed());
-            }
-            Arc::clone(&self)
-                .process(Taken {
-                    slot: Slot::Lane(slot),
-                    ..next
-                })
-                .await;
+            Arc::clone(&self).process(taken).await;
             if let Some(lane) = lock(&self.lanes).get_mut(&key) {
                 lane.running_since = None;
             }
+        }
+    }
+
+    /// Renews an event that waited in a lane, as it starts: its run gets a whole visibility
+    /// timeout (the last periodic renewal may be up to a third of it ago). `false` when it
+    /// is no longer this instance's to run: its timeout ran out while it waited (a lane
+    /// behind a run gone on past the timeout is not renewed), or it was settled. A transport
+    /// that cannot renew, or cannot be reached, lets it run as it is.
+    async fn still_held(&self, taken: &Taken) -> bool {
+        if !self.renews.load(Ordering::Relaxed) {
+            return true;
+        }
+        match taken.delivery.renew().await {
+            Err(e) if matches!(e.kind(), ErrorKind::Expired | ErrorKind::AlreadySettled) => {
+                tracing::warn!(
+                    event_type = %self.shared.ty,
+                    group = %self.shared.group,
+                    event = taken.delivery.event().id(),
+                    error = %e,
+                    "an event of an ordered handler timed out while it waited behind its \
+                     key (a run went on past the visibility timeout): not run here; the broker \
+                     delivers it again"
+                );
+                false
+            }
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                self.renews.store(false, Ordering::Relaxed);
+                true
+            }
+            _ => true,
         }
     }
 
