@@ -341,13 +341,7 @@ async fn a_key_s_backlog_longer_than_the_visibility_timeout_runs_once_in_order()
     .start()
     .await
     .unwrap();
-    bus.emit_batch((0..8).map(|seq| {
-        Emit::new("orderPlaced", placed("o-1"))
-            .key("k")
-            .extension("seq", seq.to_string())
-    }))
-    .await
-    .unwrap();
+    emit_seqs(&bus, "k", 0..8).await;
     let mut got = Vec::new();
     for _ in 0..8 {
         got.push(recv(&mut rx).await);
@@ -434,35 +428,12 @@ async fn a_hung_run_does_not_hold_its_key_s_waiting_events_for_ever() {
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
-    let start = |bus: &Bus, hangs: bool, tx: UnboundedSender<u64>| {
-        bus.on("orderPlaced", "g", move |msg: Message| {
-            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
-            let tx = tx.clone();
-            async move {
-                if hangs && seq == 0 {
-                    std::future::pending::<()>().await;
-                }
-                let _ = tx.send(seq);
-                Ok(())
-            }
-        })
-        .ordered_by_key(true)
-        .concurrency(4)
-        .prefetch(0)
-        .visibility_timeout(Duration::from_millis(400))
-        .start()
-    };
-    let hung = start(&a, true, tx.clone()).await.unwrap();
-    a.emit_batch((0..4).map(|seq| {
-        Emit::new("orderPlaced", placed("o-1"))
-            .key("k")
-            .extension("seq", seq.to_string())
-    }))
-    .await
-    .unwrap();
+    let for_ever = |seq: u64, _| (seq == 0).then_some(Duration::from_secs(3600));
+    let hung = seq_reporter(&a, tx.clone(), for_ever).await;
+    emit_seqs(&a, "k", 0..4).await;
     // Instance A now runs event 0 for ever, with 1 to 3 behind it; B joins.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    start(&b, false, tx).await.unwrap();
+    seq_reporter(&b, tx, |_, _| None).await;
     let mut ran = HashSet::new();
     while !(1..4).all(|seq| ran.contains(&seq)) {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
@@ -474,6 +445,43 @@ async fn a_hung_run_does_not_hold_its_key_s_waiting_events_for_ever() {
     }
     hung.shutdown(Duration::from_millis(100)).await;
     b.shutdown(WAIT).await.unwrap();
+}
+
+/// Starts an ordered handler (concurrency 4, no prefetch, a 400 ms visibility timeout) whose
+/// runs wait `hold(seq, attempt)`, if any, then send their event's `seq` extension on `tx`.
+async fn seq_reporter(
+    bus: &Bus,
+    tx: UnboundedSender<u64>,
+    hold: fn(u64, u32) -> Option<Duration>,
+) -> evbus::bus::HandlerHandle {
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+        let (tx, wait) = (tx.clone(), hold(seq, msg.attempt()));
+        async move {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            let _ = tx.send(seq);
+            Ok(())
+        }
+    })
+    .ordered_by_key(true)
+    .concurrency(4)
+    .prefetch(0)
+    .visibility_timeout(Duration::from_millis(400))
+    .start()
+    .await
+    .unwrap()
+}
+
+/// Emits events `seqs` of partition key `key`, each with its number as extension `seq`.
+async fn emit_seqs(bus: &Bus, key: &str, seqs: std::ops::Range<u64>) {
+    let emits = seqs.map(|seq| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key(key)
+            .extension("seq", seq.to_string())
+    });
+    bus.emit_batch(emits).await.unwrap();
 }
 
 /// A second outside review (L1): behind a run that went on past the visibility timeout the
@@ -488,35 +496,13 @@ async fn events_that_timed_out_behind_a_long_run_run_once_not_twice() {
     let broker = broker();
     let (a, b) = (bus(&broker), bus(&broker));
     let (tx, mut rx) = unbounded_channel();
-    let start = |bus: &Bus, tx: UnboundedSender<u64>| {
-        bus.on("orderPlaced", "g", move |msg: Message| {
-            let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
-            let (tx, attempt) = (tx.clone(), msg.attempt());
-            async move {
-                if seq == 0 && attempt == 1 {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
-                }
-                let _ = tx.send(seq);
-                Ok(())
-            }
-        })
-        .ordered_by_key(true)
-        .concurrency(4)
-        .prefetch(0)
-        .visibility_timeout(Duration::from_millis(400))
-        .start()
-    };
-    start(&a, tx.clone()).await.unwrap();
-    a.emit_batch((0..4).map(|seq| {
-        Emit::new("orderPlaced", placed("o-1"))
-            .key("k")
-            .extension("seq", seq.to_string())
-    }))
-    .await
-    .unwrap();
+    let long_first =
+        |seq: u64, attempt| (seq == 0 && attempt == 1).then_some(Duration::from_millis(1500));
+    seq_reporter(&a, tx.clone(), long_first).await;
+    emit_seqs(&a, "k", 0..4).await;
     // A takes all four (its in-flight limit); B joins and gets what times out at A.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    start(&b, tx).await.unwrap();
+    seq_reporter(&b, tx, long_first).await;
     let mut runs = Vec::new();
     while !(1..4).all(|seq| runs.contains(&seq)) {
         runs.push(recv(&mut rx).await);
@@ -605,13 +591,7 @@ async fn an_ordered_handler_retries_in_place_so_later_events_of_the_key_wait() {
     .start()
     .await
     .unwrap();
-    bus.emit_batch((0..3).map(|seq| {
-        Emit::new("orderPlaced", placed("o-1"))
-            .key("o-1")
-            .extension("seq", seq.to_string())
-    }))
-    .await
-    .unwrap();
+    emit_seqs(&bus, "o-1", 0..3).await;
     let mut got = Vec::new();
     for _ in 0..5 {
         got.push(recv(&mut rx).await);
