@@ -12,7 +12,7 @@ use std::task::{Poll, ready};
 use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
-use futures::future::{BoxFuture, OptionFuture};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -791,8 +791,8 @@ impl Worker {
             .ordered
             .then(|| tokio::spawn(Arc::clone(&self).renew_lanes()));
         // The box an inline run is pinned in. A run that completes in its first poll (nearly
-        // all of them) leaves it empty for the next one, so it is allocated once, not per
-        // event; a run that has to wait takes it into its task and the next run gets a new one.
+        // all of them) leaves it to the next one, so it is allocated once, not per event; a
+        // run that has to wait takes it into its task and the next run gets a new one.
         let mut spare_box = None;
         loop {
             while tasks.try_join_next().is_some() {}
@@ -887,7 +887,7 @@ impl Worker {
             if inline {
                 let delivery = Arc::clone(&taken.delivery);
                 // Not in the drain's map unless it has to wait (below): no removal either.
-                let process = OptionFuture::from(Some(Arc::clone(&self).run_taken(taken)));
+                let process = Arc::clone(&self).run_taken(taken);
                 let mut run = match spare_box.take() {
                     Some(mut run) => {
                         Pin::set(&mut run, process);
@@ -904,8 +904,8 @@ impl Worker {
                         lock(&worker.in_flight).remove(&id);
                     }));
                 } else {
-                    // Done: the finished run is dropped now, its box kept.
-                    Pin::set(&mut run, OptionFuture::from(None));
+                    // Done: its box is kept. A finished run holds nothing any more (see
+                    // `run_taken`); the next run replaces it.
                     spare_box = Some(run);
                 }
                 // Handled inline, events never make the worker wait for a free slot: it
@@ -1234,9 +1234,11 @@ impl Worker {
     fn run_taken(self: Arc<Self>, taken: Taken) -> impl Future<Output = ()> + Send {
         async move {
             self.handle(&taken.delivery).await;
-            // Named whole, so that the block holds all of it (a block that named only the
-            // delivery would hold only that, and give the slot back before the run).
-            drop(taken);
+            // Moved out whole once the run is done: the block holds all of `taken` until then
+            // (one that named only the delivery would hold only that, and give the slot back
+            // before the run), and a finished block holds nothing (an inline run's box keeps
+            // it until the next run replaces it).
+            drop((self, taken));
         }
     }
 
