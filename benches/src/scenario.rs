@@ -12,6 +12,9 @@
 //!   typed consumer of a strict catalogue has it;
 //! - `emit-value-handle`: `emit-handle` with the data handed to `Bus::emit` as a
 //!   `serde_json::Value` (dynamic data, as the gateway has it), owned and dropped per event;
+//! - `emit-ordered-handle`: `emit-value-handle` with a partition key on every event (1,000
+//!   keys, in turn) sent to an ordered handler (`ordered_by_key(true)`): what per-key order
+//!   costs (a lane per key, one event of a key running at a time);
 //! - `consume-decode`: a subscription of a memory topic already holding the events: next →
 //!   decode into the bench type → ack;
 //! - `cold-start`: the whole of building the catalogue, the transport and the Bus, starting
@@ -26,7 +29,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use evbus::bus::{Bus, Message};
+use evbus::bus::{Bus, Emit, Message};
 use evbus::{Catalog, Event, SubscribeOptions, Transport};
 use futures::StreamExt;
 
@@ -38,6 +41,8 @@ use crate::{Result, evbus_bench_measured};
 const SIZE: usize = 256;
 /// Payload size of the `-16` scenarios.
 const SMALL: usize = 16;
+/// Keys of `emit-ordered-handle`'s events (event `n` has key `k{n % KEYS}`).
+const KEYS: usize = 1_000;
 
 fn memory(events: usize) -> Arc<dyn Transport> {
     let mut config = evbus::memory::MemoryConfig::default();
@@ -69,6 +74,7 @@ async fn bus_with_handler(
     handler: Handler,
     recorder: Arc<Recorder>,
     events: usize,
+    ordered: bool,
 ) -> Result<Bus> {
     let bus = Bus::builder(memory(events), catalog(validated)?)
         .source(SOURCE)
@@ -85,7 +91,7 @@ async fn bus_with_handler(
             async { Ok(()) }
         }),
     };
-    builder.start().await?;
+    builder.ordered_by_key(ordered).start().await?;
     Ok(bus)
 }
 
@@ -107,38 +113,61 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
     let generator = Generator::new();
     let timeout = Duration::from_secs(600);
     let (result, allocs) = match name {
-        "emit-handle-validated" | "emit-typed-validated" | "emit-handle" | "emit-value-handle" => {
+        "emit-handle-validated"
+        | "emit-typed-validated"
+        | "emit-handle"
+        | "emit-value-handle"
+        | "emit-ordered-handle" => {
             let validated = name.ends_with("-validated");
             let handler = match name {
                 "emit-typed-validated" => Handler::Typed,
                 _ => Handler::Bytes,
             };
+            let ordered = name == "emit-ordered-handle";
             let recorder = Recorder::new(events);
             let bus = runtime.block_on(bus_with_handler(
                 validated,
                 handler,
                 Arc::clone(&recorder),
                 events,
+                ordered,
             ))?;
             let samples = (0..events as u64)
                 .map(|seq| generator.sample(seq, size))
                 .collect::<Vec<_>>();
             let values = match name {
-                "emit-value-handle" => samples
+                "emit-value-handle" | "emit-ordered-handle" => samples
                     .iter()
                     .map(serde_json::to_value)
                     .collect::<Result<Vec<_>, _>>()?,
                 _ => Vec::new(),
             };
+            // The ordered scenario's events: the same values, each with one of `KEYS` keys
+            // (made before the measured part).
+            let (values, keyed) = if ordered {
+                let keyed = values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(seq, value)| {
+                        Emit::new(EVENT_TYPE, value).key(format!("k{}", seq % KEYS))
+                    })
+                    .collect();
+                (Vec::new(), keyed)
+            } else {
+                (values, Vec::new())
+            };
             let out = evbus_bench_measured(|| {
                 runtime.block_on(async {
-                    if values.is_empty() {
+                    if values.is_empty() && keyed.is_empty() {
                         for sample in &samples {
                             bus.emit_json(EVENT_TYPE, sample).await?;
                         }
                     }
                     for value in values {
                         bus.emit(EVENT_TYPE, value).await?;
+                    }
+                    for emit in keyed {
+                        bus.send(emit).await?;
                     }
                     let done = recorder.wait(timeout).await;
                     settle().await;
@@ -191,7 +220,8 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
             runtime.block_on(async {
                 let recorder = Recorder::new(events);
                 let bus =
-                    bus_with_handler(true, Handler::Bytes, Arc::clone(&recorder), events).await?;
+                    bus_with_handler(true, Handler::Bytes, Arc::clone(&recorder), events, false)
+                        .await?;
                 for seq in 0..events as u64 {
                     bus.emit(
                         EVENT_TYPE,
@@ -207,7 +237,8 @@ pub(crate) fn run(full_name: &str, events: usize) -> Result<()> {
         other => {
             return Err(format!(
                 "unknown scenario `{other}`: emit-handle-validated, emit-typed-validated, \
-                 emit-handle, emit-value-handle, consume-decode, cold-start (a `-16` suffix: 16-byte payloads)"
+                 emit-handle, emit-value-handle, emit-ordered-handle, consume-decode, cold-start \
+                 (a `-16` suffix: 16-byte payloads)"
             )
             .into());
         }

@@ -149,6 +149,7 @@ const SCENARIOS: &[&str] = &[
     "emit-handle-validated",
     "emit-typed-validated",
     "emit-value-handle",
+    "emit-ordered-handle",
 ];
 
 /// Instructions may grow this much against `--baseline` before a scenario is reported.

@@ -1,5 +1,6 @@
 //! Handlers: `on(type, group, handler)`, their consume loop, retries and drain.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -639,7 +640,8 @@ enum Slot {
 /// for an event without a key (not ordered, but it waits for a slot in a lane too, renewed).
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
-    Key(String),
+    /// Shared: the map's key and the lane's task each hold it.
+    Key(Arc<str>),
     Alone(u64),
 }
 
@@ -661,45 +663,57 @@ enum Admission {
     Reject { reason: String, cause: &'static str },
 }
 
-/// The tasks that run a handler's unordered events on a multi-threaded runtime. A task
-/// lives as long as the worker and takes one event after another from a channel: a hand-over
-/// costs about half of spawning a task per event (benches/notes.md, "What the Bus adds to a
-/// Redis consume"). A task is added when an event finds none idle, so there are never more
-/// than the handler's concurrency, and fewer while the load is light.
+/// The tasks that run a handler's unordered events on a multi-threaded runtime, and an
+/// ordered handler's lanes. A task lives as long as the worker and takes one job after
+/// another from a channel: a hand-over costs about half of spawning a task per event
+/// (benches/notes.md, "What the Bus adds to a Redis consume"), and for an ordered handler a
+/// third of what spawning a task per lane cost (most events of many keys start a lane of
+/// their own). A task is added when a job finds none idle: an unordered handler has never
+/// more than its concurrency, an ordered one never more than its lanes at their most (each
+/// holds at least one event taken).
 struct Pool {
-    events: Sender<Taken>,
-    receiver: Receiver<Taken>,
-    /// Tasks waiting for an event that none has been handed for yet.
+    jobs: Sender<Job>,
+    receiver: Receiver<Job>,
+    /// Tasks waiting for a job that none has been handed yet.
     idle: Arc<AtomicUsize>,
+}
+
+/// A pool task's job.
+enum Job {
+    /// An unordered handler's event.
+    Event(Taken),
+    /// An ordered handler's new lane: its key, its first event (with its slot) and the
+    /// handler's slots, which its later events take one at a time.
+    Lane(LaneKey, Taken, Arc<tokio::sync::Semaphore>),
 }
 
 impl Pool {
     fn new() -> Self {
-        let (events, receiver) = async_channel::unbounded();
+        let (jobs, receiver) = async_channel::unbounded();
         Self {
-            events,
+            jobs,
             receiver,
             idle: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Hands `taken` to an idle task, or to a new one.
-    fn run(&mut self, taken: Taken, worker: &Arc<Worker>, tasks: &mut JoinSet<()>) {
+    /// Hands `job` to an idle task, or to a new one.
+    fn run(&mut self, job: Job, worker: &Arc<Worker>, tasks: &mut JoinSet<()>) {
         let promised = self
             .idle
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .is_ok();
-        let taken = if promised {
+        let job = if promised {
             // Unbounded, and open while the pool holds a receiver: it never fails.
-            match self.events.try_send(taken) {
+            match self.jobs.try_send(job) {
                 Ok(()) => return,
                 Err(e) => e.into_inner(),
             }
         } else {
-            taken
+            job
         };
         let worker = Arc::clone(worker);
-        tasks.spawn(worker.pooled(taken, self.receiver.clone(), Arc::clone(&self.idle)));
+        tasks.spawn(worker.pooled(job, self.receiver.clone(), Arc::clone(&self.idle)));
     }
 }
 
@@ -841,7 +855,7 @@ impl Worker {
                     break;
                 };
                 let key = match delivery.event().partition_key() {
-                    Some(key) => LaneKey::Key(key.to_owned()),
+                    Some(key) => LaneKey::Key(Arc::from(key)),
                     None => LaneKey::Alone(id),
                 };
                 let mut taken = Taken {
@@ -852,24 +866,23 @@ impl Worker {
                 };
                 lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                 let mut lanes = lock(&self.lanes);
-                match lanes.get_mut(&key) {
-                    Some(lane) => {
+                match lanes.entry(key) {
+                    Entry::Occupied(mut lane) => {
                         // It waits behind its key, renewed, without a slot: the worker takes
                         // another delivery with this one.
                         taken.slot = Slot::Waiting;
                         taken.queued = Some(std::time::Instant::now());
-                        lane.waiting.push_back(taken);
+                        lane.get_mut().waiting.push_back(taken);
                     }
-                    None => {
-                        lanes.insert(
-                            key.clone(),
-                            Lane {
-                                waiting: VecDeque::new(),
-                                running_since: Some(std::time::Instant::now()),
-                            },
-                        );
-                        let (worker, slots) = (Arc::clone(&self), Arc::clone(&lane_slots));
-                        tasks.spawn(async move { worker.lane(key, taken, slots).await });
+                    Entry::Vacant(vacant) => {
+                        let key = vacant.key().clone();
+                        vacant.insert(Lane {
+                            waiting: VecDeque::new(),
+                            running_since: Some(std::time::Instant::now()),
+                        });
+                        drop(lanes);
+                        let job = Job::Lane(key, taken, Arc::clone(&lane_slots));
+                        pool.run(job, &self, &mut tasks);
                     }
                 }
                 continue;
@@ -918,7 +931,7 @@ impl Worker {
                 }
             } else {
                 lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
-                pool.run(taken, &self, &mut tasks);
+                pool.run(Job::Event(taken), &self, &mut tasks);
             }
         }
         drop(permit);
@@ -944,30 +957,32 @@ impl Worker {
         self.shared.report.send_replace(Some(report));
     }
 
-    /// A pool task: runs `first`, then whatever the worker hands it, until the worker ends.
-    async fn pooled(
-        self: Arc<Self>,
-        first: Taken,
-        events: Receiver<Taken>,
-        idle: Arc<AtomicUsize>,
-    ) {
+    /// A pool task: does `first`, then whatever the worker hands it, until the worker ends.
+    async fn pooled(self: Arc<Self>, first: Job, jobs: Receiver<Job>, idle: Arc<AtomicUsize>) {
         let mut current = first;
         loop {
-            let Taken {
-                id, delivery, slot, ..
-            } = current;
-            self.handle(&delivery).await;
-            lock(&self.in_flight).remove(&id);
-            // Dropped before the task waits: a delivery whose settlement failed holds one of
-            // the subscription's in-flight permits until it is dropped, and an idle task
-            // that kept it would starve the worker of deliveries.
-            drop(delivery);
-            // Idle before the slot is given back: whenever the worker holds a slot, either a
-            // task is idle or fewer than `concurrency` exist, so the pool never outgrows the
-            // handler's concurrency.
-            idle.fetch_add(1, Ordering::AcqRel);
-            drop(slot);
-            match events.recv().await {
+            match current {
+                Job::Event(Taken {
+                    id, delivery, slot, ..
+                }) => {
+                    self.handle(&delivery).await;
+                    lock(&self.in_flight).remove(&id);
+                    // Dropped before the task waits: a delivery whose settlement failed holds
+                    // one of the subscription's in-flight permits until it is dropped, and an
+                    // idle task that kept it would starve the worker of deliveries.
+                    drop(delivery);
+                    // Idle before the slot is given back: whenever the worker holds a slot,
+                    // either a task is idle or fewer than `concurrency` exist, so the pool
+                    // never outgrows the handler's concurrency.
+                    idle.fetch_add(1, Ordering::AcqRel);
+                    drop(slot);
+                }
+                Job::Lane(key, first, slots) => {
+                    Arc::clone(&self).lane(key, first, slots).await;
+                    idle.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            match jobs.recv().await {
                 Ok(next) => current = next,
                 Err(_) => return,
             }
@@ -984,11 +999,18 @@ impl Worker {
                 Some(taken) => taken,
                 None => {
                     {
+                        // The run (or the skip) before is done: the lane goes if nothing of
+                        // its key waits, or waits for a slot without running. One lookup
+                        // (the map hashes keys with SipHash: they come from producers).
                         let mut lanes = lock(&self.lanes);
-                        if lanes.get(&key).is_none_or(|lane| lane.waiting.is_empty()) {
-                            lanes.remove(&key);
+                        let Entry::Occupied(mut lane) = lanes.entry(key.clone()) else {
+                            return;
+                        };
+                        if lane.get().waiting.is_empty() {
+                            lane.remove();
                             return;
                         }
+                        lane.get_mut().running_since = None;
                     }
                     // Never closed; the drain aborts this task.
                     let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -1019,9 +1041,6 @@ impl Worker {
                 }
             }
             Arc::clone(&self).process(taken).await;
-            if let Some(lane) = lock(&self.lanes).get_mut(&key) {
-                lane.running_since = None;
-            }
         }
     }
 
