@@ -859,6 +859,65 @@ async fn the_handler_pool_never_outgrows_the_concurrency() {
     );
 }
 
+/// An ordered handler's lanes run on the same pool: with every event of a key of its own
+/// (each starts a lane), the pool grows to the most lanes alive at once, which the in-flight
+/// limit bounds (concurrency 4, prefetch 2), and no further. A pool task that never counted
+/// itself idle again after a lane would leave one task per lane behind, waiting for work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_handler_s_pool_never_outgrows_its_in_flight_limit() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let most = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = unbounded_channel();
+    let m = Arc::clone(&most);
+    bus.on("orderPlaced", "g", move |_msg: Message| {
+        let (m, tx) = (Arc::clone(&m), tx.clone());
+        async move {
+            tokio::task::yield_now().await;
+            m.fetch_max(
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks(),
+                Ordering::SeqCst,
+            );
+            let _ = tx.send(());
+            Ok(())
+        }
+    })
+    .concurrency(4)
+    .prefetch(2)
+    .ordered_by_key(true)
+    .start()
+    .await
+    .unwrap();
+    // The worker, its renewer and whatever the transport runs, before any event.
+    let before = metrics.num_alive_tasks();
+    let emits =
+        (0..300).map(|i| Emit::new("orderPlaced", placed(&format!("o-{i}"))).key(format!("k{i}")));
+    bus.emit_batch(emits).await.unwrap();
+    for _ in 0..300 {
+        recv(&mut rx).await;
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most <= before + 6,
+        "{most} tasks alive while handling, {before} before the first event: the pool outgrew \
+         the 6 events an ordered handler of concurrency 4 and prefetch 2 holds at once"
+    );
+    // Every lane was run and removed, and the next events are taken by idle tasks.
+    let again =
+        (0..20).map(|i| Emit::new("orderPlaced", placed(&format!("p-{i}"))).key(format!("k{i}")));
+    bus.emit_batch(again).await.unwrap();
+    for _ in 0..20 {
+        recv(&mut rx).await;
+    }
+    assert!(
+        metrics.num_alive_tasks() <= before + 6,
+        "the pool grew past the in-flight limit on the second batch"
+    );
+}
+
 /// A delivery whose ack failed (the connection dropped under it) holds one of the
 /// subscription's in-flight permits until it is dropped: whatever ran it must let go of it,
 /// or the handler stops receiving once every permit is held that way.
