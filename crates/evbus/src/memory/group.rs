@@ -162,7 +162,17 @@ impl GroupState {
 
     /// Moves due delayed events and expired in-flight deliveries back to `ready`, and drops
     /// the deadlines of settled deliveries from the front of every lane.
+    #[inline]
     fn promote(&mut self, now: Instant) {
+        // Every take looks; nearly always nothing is due.
+        let due = |queue: Option<&(Instant, u64)>| queue.is_some_and(|&(at, _)| at <= now);
+        if due(self.delayed.first()) || self.deadlines.iter().any(|l| due(l.queue.front())) {
+            self.promote_due(now);
+        }
+    }
+
+    #[inline(never)]
+    fn promote_due(&mut self, now: Instant) {
         while let Some(&(at, tag)) = self.delayed.first() {
             if at > now {
                 break;
