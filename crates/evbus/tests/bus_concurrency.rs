@@ -812,18 +812,13 @@ async fn a_handler_that_never_awaits_still_runs_in_parallel_on_a_multi_threaded_
     );
 }
 
-/// On a multi-threaded runtime unordered events run on a pool of long-lived tasks: under a
-/// steady load the pool grows to the handler's concurrency and no further, where one task per
-/// event would have made as many tasks as events in flight at the runtime at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_handler_pool_never_outgrows_the_concurrency() {
-    let broker = broker();
-    let bus = bus(&broker);
-    let metrics = tokio::runtime::Handle::current().metrics();
+/// A handler of `orderPlaced` in group `g` that records the most tasks alive at the
+/// runtime while it ran (after a yield, so that runs overlap) and reports each run.
+fn counting_tasks(bus: &Bus) -> (HandlerBuilder, Arc<AtomicUsize>, UnboundedReceiver<()>) {
     let most = Arc::new(AtomicUsize::new(0));
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, rx) = unbounded_channel();
     let m = Arc::clone(&most);
-    bus.on("orderPlaced", "g", move |_msg: Message| {
+    let handler = bus.on("orderPlaced", "g", move |_msg: Message| {
         let (m, tx) = (Arc::clone(&m), tx.clone());
         async move {
             tokio::task::yield_now().await;
@@ -836,11 +831,20 @@ async fn the_handler_pool_never_outgrows_the_concurrency() {
             let _ = tx.send(());
             Ok(())
         }
-    })
-    .concurrency(4)
-    .start()
-    .await
-    .unwrap();
+    });
+    (handler, most, rx)
+}
+
+/// On a multi-threaded runtime unordered events run on a pool of long-lived tasks: under a
+/// steady load the pool grows to the handler's concurrency and no further, where one task per
+/// event would have made as many tasks as events in flight at the runtime at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_pool_never_outgrows_the_concurrency() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (handler, most, mut rx) = counting_tasks(&bus);
+    handler.concurrency(4).start().await.unwrap();
     // The worker and whatever the transport runs, before any event.
     let before = metrics.num_alive_tasks();
     for i in 0..300 {
@@ -868,29 +872,14 @@ async fn an_ordered_handler_s_pool_never_outgrows_its_in_flight_limit() {
     let broker = broker();
     let bus = bus(&broker);
     let metrics = tokio::runtime::Handle::current().metrics();
-    let most = Arc::new(AtomicUsize::new(0));
-    let (tx, mut rx) = unbounded_channel();
-    let m = Arc::clone(&most);
-    bus.on("orderPlaced", "g", move |_msg: Message| {
-        let (m, tx) = (Arc::clone(&m), tx.clone());
-        async move {
-            tokio::task::yield_now().await;
-            m.fetch_max(
-                tokio::runtime::Handle::current()
-                    .metrics()
-                    .num_alive_tasks(),
-                Ordering::SeqCst,
-            );
-            let _ = tx.send(());
-            Ok(())
-        }
-    })
-    .concurrency(4)
-    .prefetch(2)
-    .ordered_by_key(true)
-    .start()
-    .await
-    .unwrap();
+    let (handler, most, mut rx) = counting_tasks(&bus);
+    handler
+        .concurrency(4)
+        .prefetch(2)
+        .ordered_by_key(true)
+        .start()
+        .await
+        .unwrap();
     // The worker, its renewer and whatever the transport runs, before any event.
     let before = metrics.num_alive_tasks();
     let emits =
