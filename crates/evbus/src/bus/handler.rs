@@ -790,9 +790,10 @@ impl Worker {
         let mut worker_lane_slots = tokio_util::sync::PollSemaphore::new(Arc::clone(&lane_slots));
         let mut lane_permit = None;
         // On a current-thread runtime spawned handlers never run in parallel anyway: there an
-        // unordered handler is first polled right here, in the worker's task, and gets a task
-        // of its own only if it has to wait. On a multi-threaded runtime unordered events go
-        // to the pool's tasks, so handlers run in parallel on the runtime's workers.
+        // unordered handler's run, or an ordered handler's new lane, is first polled right
+        // here, in the worker's task, and gets a task of its own only if it has to wait. On a
+        // multi-threaded runtime they go to the pool's tasks, so handlers run in parallel on
+        // the runtime's workers.
         let inline = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         let mut tasks = JoinSet::new();
@@ -808,6 +809,8 @@ impl Worker {
         // all of them) leaves it to the next one, so it is allocated once, not per event; a
         // run that has to wait takes it into its task and the next run gets a new one.
         let mut spare_box = None;
+        // The same for an ordered handler's lanes.
+        let mut spare_lane = None;
         loop {
             while tasks.try_join_next().is_some() {}
             // A free slot, then a delivery; the cancellation first, at every step.
@@ -865,25 +868,58 @@ impl Worker {
                     slot: Slot::Lane(slot),
                 };
                 lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
-                let mut lanes = lock(&self.lanes);
-                match lanes.entry(key) {
-                    Entry::Occupied(mut lane) => {
-                        // It waits behind its key, renewed, without a slot: the worker takes
-                        // another delivery with this one.
-                        taken.slot = Slot::Waiting;
-                        taken.queued = Some(std::time::Instant::now());
-                        lane.get_mut().waiting.push_back(taken);
+                let new_lane = {
+                    let mut lanes = lock(&self.lanes);
+                    match lanes.entry(key) {
+                        Entry::Occupied(mut lane) => {
+                            // It waits behind its key, renewed, without a slot: the worker
+                            // takes another delivery with this one.
+                            taken.slot = Slot::Waiting;
+                            taken.queued = Some(std::time::Instant::now());
+                            lane.get_mut().waiting.push_back(taken);
+                            None
+                        }
+                        Entry::Vacant(vacant) => {
+                            let key = vacant.key().clone();
+                            vacant.insert(Lane {
+                                waiting: VecDeque::new(),
+                                running_since: Some(std::time::Instant::now()),
+                            });
+                            Some((key, taken))
+                        }
                     }
-                    Entry::Vacant(vacant) => {
-                        let key = vacant.key().clone();
-                        vacant.insert(Lane {
-                            waiting: VecDeque::new(),
-                            running_since: Some(std::time::Instant::now()),
-                        });
-                        drop(lanes);
-                        let job = Job::Lane(key, taken, Arc::clone(&lane_slots));
-                        pool.run(job, &self, &mut tasks);
+                };
+                let Some((key, taken)) = new_lane else {
+                    continue;
+                };
+                if !inline {
+                    let job = Job::Lane(key, taken, Arc::clone(&lane_slots));
+                    pool.run(job, &self, &mut tasks);
+                    continue;
+                }
+                // As an unordered run below: the lane is polled here first, and gets a task of
+                // its own only if it has to wait. A lane that ran its event and found nothing
+                // more of its key waiting has ended.
+                let lane = Arc::clone(&self).lane(key, taken, Arc::clone(&lane_slots));
+                let mut run = match spare_lane.take() {
+                    Some(mut run) => {
+                        Pin::set(&mut run, lane);
+                        run
                     }
+                    None => Box::pin(lane),
+                };
+                let polled = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+                if polled.is_pending() {
+                    tasks.spawn(run);
+                } else {
+                    // An ended lane holds nothing any more (an async fn's body has dropped its
+                    // arguments); the next lane replaces it.
+                    spare_lane = Some(run);
+                }
+                inline_run += 1;
+                if inline_run >= concurrency {
+                    inline_run = 0;
+                    tokio::task::yield_now().await;
                 }
                 continue;
             }

@@ -119,10 +119,10 @@
 //! at most the concurrency of them, so handlers run in parallel on the runtime's workers
 //! without a task spawned per event; an ordered handler's key lanes run on the same kind of
 //! pool (a task runs one lane until it is empty, then the next). On a current-thread runtime,
-//! where tasks never run in
-//! parallel, an unordered handler is first polled in the handler's consume loop and gets a
-//! task of its own only if it has to wait (the limit, the retries and the drain are the
-//! same); the loop lets other tasks run after as many events as the concurrency.
+//! where tasks never run in parallel, an unordered handler's run, or an ordered handler's new
+//! lane, is first polled in the handler's consume loop and gets a task of its own only if it
+//! has to wait (the limit, the retries and the drain are the same); the loop lets other tasks
+//! run after as many events as the concurrency.
 //!
 //! # Shutdown
 //!
