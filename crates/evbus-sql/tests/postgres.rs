@@ -350,6 +350,20 @@ async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn delayed_rows_wait_apart_and_come_back_in_order() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::delayed_rows_wait_apart_and_come_back_in_order(&transport, || {
+        schema.count("evbus_deliveries WHERE delayed_until > '-infinity'")
+    })
+    .await;
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let Some(schema) = Schema::new().await else {
         return;

@@ -288,6 +288,18 @@ async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn delayed_rows_wait_apart_and_come_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::delayed_rows_wait_apart_and_come_back_in_order(&transport, || {
+        count(&path, "evbus_deliveries WHERE delayed_until > 0")
+    })
+    .await;
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

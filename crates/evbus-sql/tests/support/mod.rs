@@ -302,6 +302,82 @@ pub async fn unhanded_claims_go_back_at_once_uncounted(transport: &evbus_sql::Sq
     taken.ack().await.unwrap();
 }
 
+/// Rows given back with a delay wait apart from the others and come back in publish order:
+/// of 10 events of queue `delayed`, held at once, the first five are nacked for an hour and the
+/// next five for 3 s, each group in reverse order. An event sent then is handed out at once,
+/// ahead of the ten delayed rows at the head of the queue; the five of 3 s come back next, in
+/// their publish order, on attempt 2; the five of an hour stay delayed (`delayed_rows` reads
+/// how many rows of the database are marked delayed: 5 at the end).
+pub async fn delayed_rows_wait_apart_and_come_back_in_order<F, Fut>(
+    transport: &evbus_sql::SqlTransport,
+    delayed_rows: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    use evbus::ConsumerOptions;
+    let (queue, events) = queue_holding(transport, "delayed", 10).await;
+    let options = ConsumerOptions::default()
+        .visibility_timeout(Duration::from_secs(60))
+        .max_in_flight(16);
+    let mut sub = queue.receive(options).await.unwrap();
+    let mut held = Vec::new();
+    for expected in &events {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+            .await
+            .expect("the next event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        held.push(d);
+    }
+    for d in held[..5].iter().rev() {
+        d.nack(Some(Duration::from_secs(3600))).await.unwrap();
+    }
+    for d in held[5..].iter().rev() {
+        d.nack(Some(Duration::from_secs(3))).await.unwrap();
+    }
+    assert_eq!(
+        delayed_rows().await,
+        10,
+        "every nack with a delay marks its row delayed"
+    );
+    let fresh = event(10);
+    queue.send(&fresh).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), sub.next_delivery())
+        .await
+        .expect("the event sent after the delayed ones, at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.event().id(),
+        fresh.id(),
+        "a delayed row was handed out early"
+    );
+    assert_eq!(first.attempt(), 1);
+    first.ack().await.unwrap();
+    for expected in &events[5..] {
+        let d = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+            .await
+            .expect("the rows delayed by 3 s, once due")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.event().id(),
+            expected.id(),
+            "rows given back together come back in publish order"
+        );
+        assert_eq!(d.attempt(), 2);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        delayed_rows().await,
+        5,
+        "the rows delayed by an hour are still waiting"
+    );
+    drop(held);
+}
+
 /// A renewal holds a claim, and one that comes after its visibility timeout ran out is
 /// refused even though nobody claimed the row again yet (its holder cannot tell the two
 /// apart): with a 1 s timeout, the delivery of queue `renewed` is renewed every 250 ms for
