@@ -52,6 +52,45 @@ pub(crate) struct Shared {
     buffers: std::sync::Mutex<Vec<std::sync::Weak<Buffer>>>,
     /// SQLite: this process's hold on the file (released at close).
     file: std::sync::Mutex<Option<Arc<SqliteFile>>>,
+    /// PostgreSQL: the anonymous subscriptions the cleanup watches (see [`Unmarked`]).
+    unmarked: std::sync::Mutex<Unmarked>,
+}
+
+/// The anonymous subscriptions of a PostgreSQL schema as this process's cleanup last found
+/// them: by partition id, the mark its keep-alive last wrote (`seen_at`, in microseconds) and
+/// when (by this process's monotonic clock) the cleanup first found that mark. A partition
+/// is deleted once its mark has stayed the same for its TTL by this clock, not when the
+/// server's `now()` is past `seen_at` plus the TTL: a step of the server's clock (NTP after a
+/// pause, a restored VM or snapshot) would make every live anonymous subscription look
+/// abandoned at once and the next cleanup delete them, ending their streams. A keep-alive
+/// changes the mark every third of the TTL, whatever the clock does. A cleanup that has just
+/// started waits one TTL before it deletes anything.
+#[derive(Debug, Default)]
+struct Unmarked(std::collections::HashMap<i64, (i64, std::time::Instant)>);
+
+impl Unmarked {
+    /// Takes in what a cleanup found (`(id, mark, ttl_ms)` of every anonymous partition) at
+    /// `now`, forgets the partitions gone since, and returns the `(id, mark)` of those whose
+    /// mark stayed the same for their TTL.
+    fn due(&mut self, found: &[(i64, i64, i64)], now: std::time::Instant) -> Vec<(i64, i64)> {
+        let ids: std::collections::HashSet<i64> = found.iter().map(|f| f.0).collect();
+        self.0.retain(|id, _| ids.contains(id));
+        let mut due = Vec::new();
+        for &(id, mark, ttl_ms) in found {
+            let ttl = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0));
+            match self.0.get(&id) {
+                Some(&(seen, since)) if seen == mark => {
+                    if now.saturating_duration_since(since) >= ttl {
+                        due.push((id, mark));
+                    }
+                }
+                _ => {
+                    self.0.insert(id, (mark, now));
+                }
+            }
+        }
+        due
+    }
 }
 
 impl Shared {
@@ -206,6 +245,7 @@ impl SqlTransport {
             give_backs: tokio_util::task::TaskTracker::new(),
             buffers: std::sync::Mutex::default(),
             file: std::sync::Mutex::new(file),
+            unmarked: std::sync::Mutex::default(),
         });
         spawn_cleanup(Arc::downgrade(&shared), shared.stop.clone());
         if let Db::Postgres(_) = &shared.db {
@@ -493,14 +533,34 @@ async fn cleanup(shared: &Shared) -> Result<u64> {
     let mut deleted = 0;
     match &shared.db {
         Db::Postgres(pool) => {
-            sqlx::query(
-                "DELETE FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%' \
-                 AND seen_at < now() - make_interval(secs => COALESCE(ttl_ms, $1)::float8 / 1000)",
+            // Abandoned anonymous subscriptions: by the marks their keep-alives write, timed
+            // by this process's clock, not the server's (see `Unmarked`).
+            let found: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT id, (extract(epoch FROM seen_at) * 1000000)::int8, COALESCE(ttl_ms, $1) \
+                 FROM evbus_parts WHERE kind = 'topic' AND name LIKE '\\_anonymous.%'",
             )
             .bind(ttl)
-            .execute(pool)
+            .fetch_all(pool)
             .await
-            .map_err(sql("deleting abandoned anonymous subscriptions"))?;
+            .map_err(sql("looking for abandoned anonymous subscriptions"))?;
+            let due = shared
+                .unmarked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .due(&found, std::time::Instant::now());
+            if !due.is_empty() {
+                let (ids, marks): (Vec<i64>, Vec<i64>) = due.into_iter().unzip();
+                // Only if still unmarked: a keep-alive may have come since the look.
+                sqlx::query(
+                    "DELETE FROM evbus_parts p USING unnest($1::int8[], $2::int8[]) AS d(id, mark) \
+                     WHERE p.id = d.id AND (extract(epoch FROM p.seen_at) * 1000000)::int8 = d.mark",
+                )
+                .bind(ids)
+                .bind(marks)
+                .execute(pool)
+                .await
+                .map_err(sql("deleting abandoned anonymous subscriptions"))?;
+            }
             loop {
                 let n = sqlx::query(
                     "DELETE FROM evbus_events WHERE id IN (SELECT e.id FROM evbus_events e \
@@ -1429,6 +1489,39 @@ mod tests {
             .unwrap();
         assert_eq!(claimed, [(20_001, 1, 1)]);
         pool.close().await;
+    }
+
+    #[test]
+    fn an_anonymous_partition_is_due_once_its_mark_stayed_the_same_for_its_ttl() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut unmarked = Unmarked::default();
+        // First look: nothing is due, whatever the marks say (a cleanup that just started).
+        assert!(
+            unmarked
+                .due(&[(1, 10, 100), (2, 20, 100)], at(0))
+                .is_empty()
+        );
+        // Partition 1 marked again (its keep-alive); 2 not: 2 is due once 100 ms passed.
+        assert!(
+            unmarked
+                .due(&[(1, 11, 100), (2, 20, 100)], at(60))
+                .is_empty()
+        );
+        assert_eq!(
+            unmarked.due(&[(1, 11, 100), (2, 20, 100)], at(100)),
+            [(2, 20)]
+        );
+        // 1's TTL runs from when its new mark was first found (60 ms).
+        assert!(unmarked.due(&[(1, 11, 100)], at(159)).is_empty());
+        assert_eq!(unmarked.due(&[(1, 11, 100)], at(160)), [(1, 11)]);
+        // A partition gone is forgotten: found again, it starts over.
+        assert!(unmarked.due(&[], at(200)).is_empty());
+        assert!(unmarked.due(&[(1, 11, 100)], at(300)).is_empty());
+        // A mark that moves back (the server's clock stepped back) is a new mark too.
+        assert!(unmarked.due(&[(1, 5, 100)], at(390)).is_empty());
+        assert!(unmarked.due(&[(1, 5, 100)], at(489)).is_empty());
+        assert_eq!(unmarked.due(&[(1, 5, 100)], at(490)), [(1, 5)]);
     }
 
     #[test]

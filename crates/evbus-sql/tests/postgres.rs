@@ -349,6 +349,88 @@ async fn a_renewal_holds_a_claim_and_one_past_its_timeout_is_refused() {
     schema.drop().await;
 }
 
+/// The cleanup of anonymous subscriptions does not trust the server's clock. A step of it
+/// forward (simulated: every anonymous subscription's mark moved a day back, as `now()`
+/// jumping a day ahead would look) made the next cleanup delete every live anonymous
+/// subscription, ending its stream. Now a live one (TTL 2 s, marked every 667 ms) survives
+/// cleanups for 5 s after the step and still gets what is published; the partition of a
+/// process that is gone (a row marked an hour ago, TTL 200 ms) is deleted once the cleaner
+/// has found its mark unchanged for 200 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_of_the_server_clock_does_not_end_live_anonymous_subscriptions() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let subscriber = schema
+        .open("anonymous_ttl_ms=2000&cleanup_interval_ms=3600000")
+        .await;
+    let cleaner = schema
+        .open("anonymous_ttl_ms=2000&cleanup_interval_ms=3600000")
+        .await;
+    let topic = subscriber.topic("stepped").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let mut raw = schema.raw().await;
+    let gone = "_anonymous.00000000000000000000000000000000";
+    sqlx::query(
+        "INSERT INTO evbus_parts (kind, dest, name, seen_at, ttl_ms) \
+         VALUES ('topic', 'stepped', $1, now() - interval '1 hour', 200)",
+    )
+    .bind(gone)
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE evbus_parts SET seen_at = seen_at - interval '1 day' \
+         WHERE name LIKE '\\_anonymous.%'",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    let parts = |name_is_gone: bool| {
+        let schema = &schema;
+        async move {
+            let op = if name_is_gone { "=" } else { "<>" };
+            schema
+                .count(&format!(
+                    "evbus_parts WHERE dest = 'stepped' AND name {op} '{gone}'"
+                ))
+                .await
+        }
+    };
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(5) {
+        cleaner.cleanup().await.unwrap();
+        assert_eq!(
+            parts(false).await,
+            1,
+            "the cleanup deleted a live anonymous subscription {:?} after the step",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        parts(true).await,
+        0,
+        "the abandoned partition is still there"
+    );
+    let later = event(1);
+    topic.publish(&later).await.unwrap();
+    let next = tokio::time::timeout(WAIT, sub.next_delivery())
+        .await
+        .expect("the next delivery")
+        .expect("the subscription ended: the cleanup took it for a dead process's")
+        .unwrap();
+    assert_eq!(next.event().id(), later.id());
+    next.ack().await.unwrap();
+    drop(raw);
+    subscriber.close().await.unwrap();
+    cleaner.close().await.unwrap();
+    schema.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn delayed_rows_wait_apart_and_come_back_in_order() {
     let Some(schema) = Schema::new().await else {
