@@ -45,6 +45,7 @@ on_both_runtimes!(
     deliveries_whose_ack_failed_do_not_stall_the_handler,
     runs_that_finish_at_once_and_runs_that_wait_each_handle_their_event_once,
     at_the_deadline_an_ordered_handler_gives_back_the_running_event_and_those_behind_it,
+    the_backlogs_of_two_keys_run_side_by_side_at_concurrency_two,
 );
 
 /// Starts a handler of `orderPlaced` with `concurrency` that reports each event it starts
@@ -414,6 +415,62 @@ async fn an_ordered_handler_s_waiting_events_leave_the_slots_to_other_keys() {
         cold <= 2,
         "the other key's event waited behind the hot key's backlog: {order:?}"
     );
+    bus.shutdown(WAIT).await.unwrap();
+}
+
+/// An outside review (lanes, finding 1): an ordered handler's worker took a slot before it
+/// looked for the next delivery and kept it while there was none, so once every event was
+/// taken the keys' lanes ran on `concurrency - 1` slots: the backlogs of two keys at
+/// concurrency 2 ran one event at a time. The worker now lets its slot go while it waits.
+/// Five events of each of two keys, each run held until the test lets it go: in every
+/// round, the next event of both keys runs at once.
+async fn the_backlogs_of_two_keys_run_side_by_side_at_concurrency_two() {
+    let broker = broker();
+    let bus = bus(&broker);
+    let (tx, mut started) = unbounded_channel();
+    let gate = Arc::new(Semaphore::new(0));
+    let g = Arc::clone(&gate);
+    bus.on("orderPlaced", "g", move |msg: Message| {
+        let key = msg.partition_key().unwrap().to_owned();
+        let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
+        let (tx, g) = (tx.clone(), Arc::clone(&g));
+        async move {
+            let _ = tx.send((key, seq));
+            g.acquire().await?.forget();
+            Ok(())
+        }
+    })
+    .ordered_by_key(true)
+    .concurrency(2)
+    .prefetch(10)
+    .start()
+    .await
+    .unwrap();
+    let events = ["a", "b"]
+        .into_iter()
+        .flat_map(|key| (0..5).map(move |seq| (key, seq)));
+    bus.emit_batch(events.map(|(key, seq)| {
+        Emit::new("orderPlaced", placed("o-1"))
+            .key(key)
+            .extension("seq", seq.to_string())
+    }))
+    .await
+    .unwrap();
+    for round in 0..5 {
+        let mut running = Vec::new();
+        for _ in 0..2 {
+            match tokio::time::timeout(WAIT, started.recv()).await {
+                Ok(Some(run)) => running.push(run),
+                _ => panic!(
+                    "round {round}: only {running:?} ran; the other key's event waited for a \
+                     slot while the handler ran one event"
+                ),
+            }
+        }
+        running.sort();
+        assert_eq!(running, [("a".to_owned(), round), ("b".to_owned(), round)]);
+        gate.add_permits(2);
+    }
     bus.shutdown(WAIT).await.unwrap();
 }
 

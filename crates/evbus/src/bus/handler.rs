@@ -832,7 +832,15 @@ impl Worker {
                         };
                         lane_permit = Some(slot);
                     }
-                    stream.poll_next_unpin(cx).map(Some)
+                    let next = stream.poll_next_unpin(cx);
+                    if next.is_pending() {
+                        // Nothing to take: an ordered handler's slot goes back while the
+                        // worker waits. The events waiting in lanes take slots as their turn
+                        // comes, and a slot kept idle here left them one fewer (the backlogs
+                        // of two keys at concurrency 2 ran one event at a time).
+                        lane_permit = None;
+                    }
+                    next.map(Some)
                 })();
                 if next.is_pending() && cancel.poll_fired(cx) {
                     return Poll::Ready(None);
@@ -970,7 +978,8 @@ impl Worker {
                 pool.run(Job::Event(taken), &self, &mut tasks);
             }
         }
-        drop(permit);
+        // The slot the worker held for its next delivery: the drain's runs may need it.
+        drop((permit, lane_permit));
         if !self.shared.cancel.is_cancelled() {
             tracing::warn!(
                 event_type = %self.shared.ty,
