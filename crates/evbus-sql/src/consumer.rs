@@ -36,6 +36,13 @@ const PART_CHECK: Duration = Duration::from_secs(2);
 /// Most rows one claim statement takes.
 pub(crate) const MAX_CLAIM: usize = 256;
 
+/// While its claims keep finding rows, a consumer moves its partition's delayed rows that
+/// came due back among the others at most this often (a statement of its own before the
+/// claim: on every claim it cost a consumer with `max_in_flight(1)` a fifth of its rate). An
+/// idle consumer (its last claim found nothing) moves them on every claim. So a delayed row
+/// comes back at most this much after it came due, on top of the wait for the next claim.
+pub(crate) const PROMOTE_EVERY: Duration = Duration::from_millis(50);
+
 /// A claimed delivery row.
 #[derive(Debug)]
 pub(crate) struct Claim {
@@ -58,6 +65,10 @@ struct State {
     _keep_alive: Option<DropGuard>,
     /// When the partition was last found to exist (see [`PART_CHECK`]).
     checked: Instant,
+    /// When this consumer's claim last moved due delayed rows back, and whether its last
+    /// claim found nothing (see [`PROMOTE_EVERY`]).
+    promoted: Option<Instant>,
+    idle: bool,
     location: Arc<str>,
     /// Claimed rows not handed out yet, shared with the transport's close.
     buffer: Arc<Buffer>,
@@ -219,14 +230,21 @@ impl Drop for State {
 
 /// Claims up to `n` rows of the stream's partition in a task of its own, so that dropping
 /// the stream while the statement runs cannot lose the rows it claims: they are given back.
-async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
+async fn claim(state: &mut State, n: usize) -> Result<Vec<Claim>> {
+    let promote = state.idle
+        || state
+            .promoted
+            .is_none_or(|at| at.elapsed() >= PROMOTE_EVERY);
+    if promote {
+        state.promoted = Some(Instant::now());
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let broker = state.broker.clone();
     let notify = Arc::clone(&state.notify);
     let (part, visibility) = (state.part, state.visibility);
     let tracker = broker.give_backs().clone();
     tokio::spawn(tracker.track_future(async move {
-        let claimed = broker.claim(part, visibility, n).await;
+        let claimed = broker.claim(part, visibility, n, promote).await;
         if let Err(Ok(claims)) = tx.send(claimed)
             && !claims.is_empty()
         {
@@ -234,8 +252,11 @@ async fn claim(state: &State, n: usize) -> Result<Vec<Claim>> {
             give_back(&broker, &notify, claims).await;
         }
     }));
-    rx.await
-        .map_err(|_| evbus::Error::closed("the SQL transport"))?
+    let claimed = rx
+        .await
+        .map_err(|_| evbus::Error::closed("the SQL transport"))?;
+    state.idle = claimed.as_ref().is_ok_and(Vec::is_empty);
+    claimed
 }
 
 /// Gives claimed rows back (see [`SqlBroker::unclaim`]) and wakes this process's consumers of
@@ -309,6 +330,8 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         failed: false,
         _keep_alive: keep_alive,
         checked: Instant::now(),
+        promoted: None,
+        idle: true,
         location: location.into(),
         buffer,
         held: Arc::new(AtomicUsize::new(0)),
@@ -359,7 +382,8 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         // Registered before looking: a publish from now on wakes this consumer.
         notified.as_mut().enable();
         let claimed_at = Instant::now();
-        match claim(&state, state.free_slots()).await {
+        let slots = state.free_slots();
+        match claim(&mut state, slots).await {
             Ok(claims) if !claims.is_empty() => {
                 // The first is handed out now, however long the claim took: a visibility
                 // timeout shorter than a round trip still makes progress.

@@ -460,8 +460,8 @@ async fn open_sqlite(config: &SqlConfig, path: &std::path::Path) -> Result<Db> {
 
 /// The embedded migrations, run so that tables a newer evbus migrated are accepted: every
 /// migration only adds (tables, columns with defaults, functions replaced under the same
-/// signature, indexes rebuilt under the same name), so a process of the previous version keeps working during a rolling upgrade,
-/// and an older `evbus` CLI can still open the database.
+/// signature, indexes), so a process of the previous version keeps working during a rolling
+/// upgrade, and an older `evbus` CLI can still open the database.
 fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
     migrator.set_ignore_missing(true);
     migrator
@@ -504,28 +504,39 @@ fn spawn_cleanup(shared: Weak<Shared>, stop: CancellationToken) {
 /// One batch of the cleanup deletes at most this many events.
 const CLEANUP_BATCH: i64 = 10_000;
 
-/// Moves the delayed rows of partition `?1` that came due at `?2` (ms) back among the rows a
-/// claim reads (`delayed_until` 0). A range of `evbus_deliveries_by_part (part,
-/// delayed_until, id)`: with none due it reads one index entry. The rows keep their id, so
-/// they are delivered ahead of the events published after them. The index is named in both
-/// statements: a database nobody analysed gives SQLite's planner no statistics to choose by.
-const PROMOTE_SQLITE: &str = "UPDATE evbus_deliveries INDEXED BY evbus_deliveries_by_part \
-     SET delayed_until = 0 \
-     WHERE part = ?1 AND delayed_until > 0 AND delayed_until <= ?2";
+/// Most delayed rows one claim moves back ([`PROMOTE_SQLITE`], [`PROMOTE_POSTGRES`]): a wave
+/// of rows coming due at once (an outage's) is moved back over several claims, not in one
+/// statement holding SQLite's write lock, or the rows' locks on PostgreSQL, for seconds.
+const PROMOTE_BATCH: i64 = 1024;
+
+/// Moves at most `?3` delayed rows of partition `?1` that came due at `?2` (ms) back among
+/// the rows a claim reads (`delayed_until` 0), earliest due first. A range of
+/// `evbus_deliveries_claim (part, delayed_until, id)`: with none due it reads one index
+/// entry. The rows keep their id, so they are delivered ahead of the events published after
+/// them. The index is named in both statements: a database nobody analysed gives SQLite's
+/// planner no statistics to choose by.
+const PROMOTE_SQLITE: &str = "UPDATE evbus_deliveries SET delayed_until = 0 \
+     WHERE id IN (SELECT id FROM evbus_deliveries INDEXED BY evbus_deliveries_claim \
+       WHERE part = ?1 AND delayed_until > 0 AND delayed_until <= ?2 \
+       ORDER BY delayed_until LIMIT ?3)";
 
 /// Claims, at `?1` (ms), for `?2` ms, at most `?4` visible rows of partition `?3` that are
 /// not delayed, oldest first, counting the attempt. Reads the partition's rows that are not
-/// delayed (`delayed_until` 0) in id order, through `evbus_deliveries_by_part (part,
+/// delayed (`delayed_until` 0) in id order, through `evbus_deliveries_claim (part,
 /// delayed_until, id)`: delayed rows sort out of that range and are never stepped over.
 const CLAIM_SQLITE: &str = "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, \
      attempt = MAX(MIN(attempt, 2147483646), 0) + 1 \
-     WHERE id IN (SELECT id FROM evbus_deliveries INDEXED BY evbus_deliveries_by_part \
+     WHERE id IN (SELECT id FROM evbus_deliveries INDEXED BY evbus_deliveries_claim \
        WHERE part = ?3 AND delayed_until = 0 AND visible_at <= ?1 ORDER BY id LIMIT ?4) \
      RETURNING id, attempt, event";
 
-/// [`PROMOTE_SQLITE`] on PostgreSQL, partition `$1`.
-const PROMOTE_POSTGRES: &str = "UPDATE evbus_deliveries SET delayed_until = '-infinity' \
-     WHERE part = $1 AND delayed_until > '-infinity' AND delayed_until <= now()";
+/// [`PROMOTE_SQLITE`] on PostgreSQL: partition `$1`, at most `$2` rows. Rows another
+/// consumer is moving (or claiming) at the same time are skipped, not waited for: two moves
+/// never wait on each other's row locks, let alone deadlock.
+const PROMOTE_POSTGRES: &str = "WITH due AS MATERIALIZED (SELECT id FROM evbus_deliveries \
+       WHERE part = $1 AND delayed_until > '-infinity' AND delayed_until <= now() \
+       ORDER BY delayed_until LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE evbus_deliveries d SET delayed_until = '-infinity' FROM due WHERE d.id = due.id";
 
 async fn cleanup(shared: &Shared) -> Result<u64> {
     let retention = ms(shared.config.retention);
@@ -833,8 +844,10 @@ impl SqlBroker {
     /// Claims the oldest visible deliveries of `part`, at most `limit`, for `visibility` ms,
     /// in delivery order.
     ///
-    /// Delayed rows (given back with a delay, `delayed_until` set) are first moved back among
-    /// the others if they came due ([`PROMOTE_SQLITE`], [`PROMOTE_POSTGRES`]); the claim itself
+    /// With `promote`, delayed rows (given back with a delay, `delayed_until` set) are first
+    /// moved back among the others if they came due ([`PROMOTE_SQLITE`],
+    /// [`PROMOTE_POSTGRES`]; the consumer asks for it when idle, and at most every
+    /// [`PROMOTE_EVERY`](crate::consumer::PROMOTE_EVERY) while rows flow); the claim itself
     /// reads only rows
     /// that are not delayed, so a partition holding many delayed rows ahead of its ready ones
     /// costs a claim nothing more (it stepped over all of them before).
@@ -849,6 +862,7 @@ impl SqlBroker {
         part: i64,
         visibility: i64,
         limit: usize,
+        promote: bool,
     ) -> Result<Vec<Claim>> {
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         match &self.shared.db {
@@ -856,15 +870,23 @@ impl SqlBroker {
                 // The rows are picked (and locked) once, in a materialized CTE: a subquery
                 // under `IN` could be run again by the plan and, skipping locked rows, pick
                 // others, claiming more than `limit`.
-                sqlx::query(PROMOTE_POSTGRES)
-                    .bind(part)
-                    .execute(pool)
-                    .await
-                    .map_err(sql("moving delayed deliveries that came due back"))?;
+                if promote {
+                    sqlx::query(PROMOTE_POSTGRES)
+                        .bind(part)
+                        .bind(PROMOTE_BATCH)
+                        .execute(pool)
+                        .await
+                        .map_err(sql("moving delayed deliveries that came due back"))?;
+                }
+                // `delayed_until <= '-infinity'` (only `= '-infinity'` can be) and the order
+                // by it: an order only `evbus_deliveries_claim` gives. With an equality the
+                // planner drops the column from the order, and with statistics from before a
+                // wave of nacks (the table not analysed since) it took the primary key's
+                // order instead and stepped over every delayed row.
                 let rows: Vec<(i64, i32, String)> = sqlx::query_as(
                     "WITH picked AS MATERIALIZED (SELECT id FROM evbus_deliveries \
-                       WHERE part = $1 AND delayed_until = '-infinity' AND visible_at <= now() \
-                       ORDER BY id LIMIT $3 \
+                       WHERE part = $1 AND delayed_until <= '-infinity' AND visible_at <= now() \
+                       ORDER BY delayed_until, id LIMIT $3 \
                        FOR UPDATE SKIP LOCKED), \
                      c AS (UPDATE evbus_deliveries d \
                        SET visible_at = now() + make_interval(secs => $2::float8 / 1000), \
@@ -891,12 +913,15 @@ impl SqlBroker {
             }
             Db::Sqlite(pool) => {
                 let now = now_ms();
-                sqlx::query(PROMOTE_SQLITE)
-                    .bind(part)
-                    .bind(now)
-                    .execute(pool)
-                    .await
-                    .map_err(sql("moving delayed deliveries that came due back"))?;
+                if promote {
+                    sqlx::query(PROMOTE_SQLITE)
+                        .bind(part)
+                        .bind(now)
+                        .bind(PROMOTE_BATCH)
+                        .execute(pool)
+                        .await
+                        .map_err(sql("moving delayed deliveries that came due back"))?;
+                }
                 let mut rows: Vec<(i64, i32, i64)> = sqlx::query_as(CLAIM_SQLITE)
                     .bind(now)
                     .bind(visibility)
@@ -1461,7 +1486,7 @@ mod tests {
         let claim = plan(CLAIM_SQLITE, &[1, 2, 1, 10]).await;
         assert!(
             claim.iter().any(|step| step
-                == "SEARCH evbus_deliveries USING INDEX evbus_deliveries_by_part \
+                == "SEARCH evbus_deliveries USING INDEX evbus_deliveries_claim \
                     (part=? AND delayed_until=?)"),
             "{claim:?}"
         );
@@ -1471,11 +1496,17 @@ mod tests {
                 .any(|step| step.starts_with("SCAN") || step.contains("TEMP B-TREE")),
             "{claim:?}"
         );
-        let promote = plan(PROMOTE_SQLITE, &[1, 2]).await;
+        let promote = plan(PROMOTE_SQLITE, &[1, 2, 1024]).await;
         assert!(
             promote.iter().any(|step| step.contains(
-                "USING INDEX evbus_deliveries_by_part (part=? AND delayed_until>? AND delayed_until<?)"
+                "INDEX evbus_deliveries_claim (part=? AND delayed_until>? AND delayed_until<?)"
             )),
+            "{promote:?}"
+        );
+        assert!(
+            !promote
+                .iter()
+                .any(|step| step.starts_with("SCAN") || step.contains("TEMP B-TREE")),
             "{promote:?}"
         );
         // And the claim takes the one ready row, behind 20,000 delayed ones.
