@@ -344,11 +344,12 @@ pub async fn delayed_rows_wait_apart_and_come_back_in_order<F, Fut>(
     );
     let fresh = event(10);
     queue.send(&fresh).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(2), sub.next_delivery())
-        .await
-        .expect("the event sent after the delayed ones, at once")
-        .unwrap()
-        .unwrap();
+    let first = next_within(
+        &mut sub,
+        2,
+        "the event sent after the delayed ones, at once",
+    )
+    .await;
     assert_eq!(
         first.event().id(),
         fresh.id(),
@@ -357,11 +358,7 @@ pub async fn delayed_rows_wait_apart_and_come_back_in_order<F, Fut>(
     assert_eq!(first.attempt(), 1);
     first.ack().await.unwrap();
     for expected in &events[5..] {
-        let d = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
-            .await
-            .expect("the rows delayed by 3 s, once due")
-            .unwrap()
-            .unwrap();
+        let d = next_within(&mut sub, 15, "the rows delayed by 3 s, once due").await;
         assert_eq!(
             d.event().id(),
             expected.id(),
@@ -706,13 +703,24 @@ pub async fn an_unpolled_anonymous_subscription_outlives_the_ttl(
     // The handler works for three TTLs; nobody polls the subscription meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
     held.ack().await.unwrap();
+    still_delivers(&*topic, &mut sub).await;
+}
+
+/// The next delivery of `sub`, within `secs` seconds (`what` names it when it does not come).
+async fn next_within(sub: &mut evbus::Subscription, secs: u64, what: &str) -> evbus::Delivery {
+    tokio::time::timeout(Duration::from_secs(secs), sub.next_delivery())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing came within {secs} s"))
+        .unwrap_or_else(|| panic!("{what}: the subscription ended"))
+        .unwrap()
+}
+
+/// `sub`, an anonymous subscription of `topic`, is alive: an event published now reaches it
+/// (a subscription the cleanup took for a dead process's has ended).
+pub async fn still_delivers(topic: &dyn evbus::Topic, sub: &mut evbus::Subscription) {
     let later = event(1);
     topic.publish(&later).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
-        .await
-        .expect("the next delivery")
-        .expect("the subscription ended: the cleanup took it for a dead process's")
-        .unwrap();
+    let next = next_within(sub, 10, "the next delivery after the cleanup").await;
     assert_eq!(next.event().id(), later.id());
     next.ack().await.unwrap();
 }
