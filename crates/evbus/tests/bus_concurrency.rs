@@ -422,21 +422,27 @@ async fn an_ordered_handler_s_waiting_events_leave_the_slots_to_other_keys() {
 /// looked for the next delivery and kept it while there was none, so once every event was
 /// taken the keys' lanes ran on `concurrency - 1` slots: the backlogs of two keys at
 /// concurrency 2 ran one event at a time. The worker now lets its slot go while it waits.
-/// Five events of each of two keys, each run held until the test lets it go: in every
-/// round, the next event of both keys runs at once.
+/// Five events of each of two keys, each run held until the test lets a run of its key go:
+/// in every round, the next event of both keys runs at once.
 async fn the_backlogs_of_two_keys_run_side_by_side_at_concurrency_two() {
     let broker = broker();
     let bus = bus(&broker);
     let (tx, mut started) = unbounded_channel();
-    let gate = Arc::new(Semaphore::new(0));
-    let g = Arc::clone(&gate);
+    // One gate per key: a permit let go for one key's run cannot end the other's.
+    let gates: Arc<HashMap<String, Semaphore>> = Arc::new(
+        ["a", "b"]
+            .into_iter()
+            .map(|key| (key.to_owned(), Semaphore::new(0)))
+            .collect(),
+    );
+    let g = Arc::clone(&gates);
     bus.on("orderPlaced", "g", move |msg: Message| {
         let key = msg.partition_key().unwrap().to_owned();
         let seq: u64 = msg.extension("seq").unwrap().parse().unwrap();
         let (tx, g) = (tx.clone(), Arc::clone(&g));
         async move {
-            let _ = tx.send((key, seq));
-            g.acquire().await?.forget();
+            let _ = tx.send((key.clone(), seq));
+            g[&key].acquire().await?.forget();
             Ok(())
         }
     })
@@ -469,7 +475,9 @@ async fn the_backlogs_of_two_keys_run_side_by_side_at_concurrency_two() {
         }
         running.sort();
         assert_eq!(running, [("a".to_owned(), round), ("b".to_owned(), round)]);
-        gate.add_permits(2);
+        for gate in gates.values() {
+            gate.add_permits(1);
+        }
     }
     bus.shutdown(WAIT).await.unwrap();
 }

@@ -278,11 +278,14 @@ impl HandlerBuilder {
     /// Events this instance may hold beyond the ones running (default: as many as the
     /// [`concurrency`](Self::concurrency)). While every slot is busy the transport fetches
     /// these ahead, so the next event is at hand when a run ends instead of a round trip
-    /// later. A fetched event waits for a free slot with its visibility timeout running, up
-    /// to about one handler run with the default (for an ordered handler, a run with its
-    /// retries in place and their backoffs): keep runs under half the
-    /// [`visibility_timeout`](Self::visibility_timeout) (the handler logs a warning when
-    /// one is not), or set 0 to fetch only for free slots.
+    /// later. A fetched event waits for a free slot with its visibility timeout running, and
+    /// nothing renews it there: up to about `prefetch / concurrency` handler runs (one with
+    /// the default; for an ordered handler, a run with its retries in place and their
+    /// backoffs). Keep that under half the
+    /// [`visibility_timeout`](Self::visibility_timeout) (the handler logs a warning when a
+    /// run is too long for it), or fetched events time out where they wait and are
+    /// delivered again: run twice, and for an ordered handler out of order. Set 0 to fetch
+    /// only for free slots.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
         self
@@ -307,7 +310,9 @@ impl HandlerBuilder {
     /// taking a slot again when its turn comes: events of one key wait for each other
     /// without holding slots, so other keys run meanwhile, as far as the in-flight limit
     /// (concurrency plus [`prefetch`](Self::prefetch)) lets them be taken (with
-    /// `prefetch(0)`, one busy key can still take every place). While they wait the handler
+    /// `prefetch(0)`, one busy key can still take every place; events fetched ahead of the
+    /// slots wait in the transport, not renewed, as the prefetch says). While they wait the
+    /// handler
     /// renews their visibility timeouts (every third of
     /// [`visibility_timeout`](Self::visibility_timeout), and once more as each starts), so a
     /// key's backlog may take longer than one timeout: each event still runs once, in
@@ -430,10 +435,8 @@ impl HandlerBuilder {
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
             lane_warned: AtomicBool::new(false),
             renews: AtomicBool::new(true),
-            slow_runs: (prefetch > 0).then(|| SlowRuns {
-                half_visibility: self.visibility_timeout / 2,
-                warned: AtomicBool::new(false),
-            }),
+            slow_runs: (prefetch > 0)
+                .then(|| SlowRuns::new(prefetch, self.concurrency, self.visibility_timeout)),
             in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
@@ -720,23 +723,41 @@ impl Pool {
 /// Watches a prefetching handler's run times: events fetched ahead wait for a slot with
 /// their visibility timeout running, so runs over half of it put them at risk.
 struct SlowRuns {
-    half_visibility: Duration,
+    /// Handler runs an event fetched ahead waits for a free slot, at most:
+    /// `prefetch / concurrency`, rounded up.
+    waits: u32,
+    /// The longest run that keeps such a wait under half the visibility timeout.
+    longest: Duration,
+    visibility_timeout: Duration,
     /// Warned once per handler instance.
     warned: AtomicBool,
 }
 
 impl SlowRuns {
+    fn new(prefetch: usize, concurrency: usize, visibility_timeout: Duration) -> Self {
+        let waits = u32::try_from(prefetch.div_ceil(concurrency.max(1))).unwrap_or(u32::MAX);
+        SlowRuns {
+            waits,
+            longest: visibility_timeout / 2 / waits.max(1),
+            visibility_timeout,
+            warned: AtomicBool::new(false),
+        }
+    }
+
     fn ran_for(&self, run: Duration, ty: &str, group: &str) {
-        if run > self.half_visibility && !self.warned.swap(true, Ordering::Relaxed) {
+        if run > self.longest && !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 event_type = ty,
                 group,
                 run = ?run,
-                visibility_timeout = ?(self.half_visibility * 2),
-                "a handler run (with its retries in place, for an ordered handler) took over \
-                 half the visibility timeout: events fetched ahead wait about a run for a free \
-                 slot and may come back as redeliveries (with another attempt counted); raise \
-                 the visibility timeout or set prefetch(0)"
+                runs_waited = self.waits,
+                visibility_timeout = ?self.visibility_timeout,
+                "events fetched ahead wait for a free slot about `runs_waited` handler runs \
+                 (prefetch / concurrency), and at this run's length (with its retries in \
+                 place, for an ordered handler) that took over half the visibility timeout: \
+                 they may time out where they wait and come back as redeliveries (run twice, \
+                 with another attempt counted; for an ordered handler, out of order); raise \
+                 the visibility timeout, lower the prefetch, or set prefetch(0)"
             );
         }
     }
