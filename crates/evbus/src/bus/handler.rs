@@ -763,6 +763,41 @@ impl SlowRuns {
     }
 }
 
+/// Polls `run` once, in place, in `spare`'s box when there is one: a run that completes in
+/// its first poll (nearly all of them) leaves its box to the next, so the box is allocated
+/// once, not per run. A run that has to wait is returned, box and all, for the caller to give
+/// it a task of its own; the next run gets a new box.
+async fn poll_in_place<F: Future<Output = ()>>(
+    spare: &mut Option<Pin<Box<F>>>,
+    run: F,
+) -> Option<Pin<Box<F>>> {
+    let mut boxed = match spare.take() {
+        Some(mut boxed) => {
+            boxed.set(run);
+            boxed
+        }
+        None => Box::pin(run),
+    };
+    let polled = std::future::poll_fn(|cx| Poll::Ready(boxed.as_mut().poll(cx))).await;
+    if polled.is_pending() {
+        return Some(boxed);
+    }
+    *spare = Some(boxed);
+    None
+}
+
+/// Counts one event handled in place in `count`: handled inline, events never make the
+/// worker wait for a free slot, so it lets the other tasks (the other instances of the group
+/// among them) run after as many events (`every`, the concurrency) as it would take before
+/// its spawned handlers ran.
+async fn yield_after(count: &mut usize, every: usize) {
+    *count += 1;
+    if *count >= every {
+        *count = 0;
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Most renewals of waiting deliveries in flight at once (see [`Worker::renew_lanes`]).
 const RENEWALS_AT_ONCE: usize = 32;
 
@@ -826,11 +861,9 @@ impl Worker {
         let renewer = self
             .ordered
             .then(|| tokio::spawn(Arc::clone(&self).renew_lanes()));
-        // The box an inline run is pinned in. A run that completes in its first poll (nearly
-        // all of them) leaves it to the next one, so it is allocated once, not per event; a
-        // run that has to wait takes it into its task and the next run gets a new one.
+        // The boxes an inline run, and an ordered handler's inline lane, are pinned in (see
+        // `poll_in_place`).
         let mut spare_box = None;
-        // The same for an ordered handler's lanes.
         let mut spare_lane = None;
         loop {
             while tasks.try_join_next().is_some() {}
@@ -928,28 +961,13 @@ impl Worker {
                 }
                 // As an unordered run below: the lane is polled here first, and gets a task of
                 // its own only if it has to wait. A lane that ran its event and found nothing
-                // more of its key waiting has ended.
+                // more of its key waiting has ended (an async fn's body has dropped its
+                // arguments: it holds nothing any more).
                 let lane = Arc::clone(&self).lane(key, taken, Arc::clone(&lane_slots));
-                let mut run = match spare_lane.take() {
-                    Some(mut run) => {
-                        Pin::set(&mut run, lane);
-                        run
-                    }
-                    None => Box::pin(lane),
-                };
-                let polled = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-                if polled.is_pending() {
-                    tasks.spawn(run);
-                } else {
-                    // An ended lane holds nothing any more (an async fn's body has dropped its
-                    // arguments); the next lane replaces it.
-                    spare_lane = Some(run);
+                if let Some(waiting) = poll_in_place(&mut spare_lane, lane).await {
+                    tasks.spawn(waiting);
                 }
-                inline_run += 1;
-                if inline_run >= concurrency {
-                    inline_run = 0;
-                    tokio::task::yield_now().await;
-                }
+                yield_after(&mut inline_run, concurrency).await;
                 continue;
             }
             let Some(permit) = permit.take() else {
@@ -965,35 +983,17 @@ impl Worker {
             if inline {
                 let delivery = Arc::clone(&taken.delivery);
                 // Not in the drain's map unless it has to wait (below): no removal either.
+                // A finished run holds nothing any more (see `run_taken`).
                 let process = Arc::clone(&self).run_taken(taken);
-                let mut run = match spare_box.take() {
-                    Some(mut run) => {
-                        Pin::set(&mut run, process);
-                        run
-                    }
-                    None => Box::pin(process),
-                };
-                let polled = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-                if polled.is_pending() {
+                if let Some(waiting) = poll_in_place(&mut spare_box, process).await {
                     // It waits: it goes on in a task of its own, tracked for the drain.
                     lock(&self.in_flight).insert(id, delivery);
                     let worker = Arc::clone(&self);
-                    tasks.spawn(run.map(move |_| {
+                    tasks.spawn(waiting.map(move |_| {
                         lock(&worker.in_flight).remove(&id);
                     }));
-                } else {
-                    // Done: its box is kept. A finished run holds nothing any more (see
-                    // `run_taken`); the next run replaces it.
-                    spare_box = Some(run);
                 }
-                // Handled inline, events never make the worker wait for a free slot: it
-                // lets the other tasks (the other instances of the group among them) run
-                // after as many events as it would take before its spawned handlers ran.
-                inline_run += 1;
-                if inline_run >= concurrency {
-                    inline_run = 0;
-                    tokio::task::yield_now().await;
-                }
+                yield_after(&mut inline_run, concurrency).await;
             } else {
                 lock(&self.in_flight).insert(id, Arc::clone(&taken.delivery));
                 pool.run(Job::Event(taken), &self, &mut tasks);
