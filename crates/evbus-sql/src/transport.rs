@@ -625,6 +625,46 @@ async fn cleanup(shared: &Shared) -> Result<u64> {
     Ok(deleted)
 }
 
+/// How many times a deletion on PostgreSQL is tried when it runs into a deadlock.
+const DELETE_TRIES: u32 = 3;
+
+/// Whether PostgreSQL aborted the statement as a deadlock's victim (or a serialization
+/// failure): the same transaction, run again, can succeed.
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
+/// One try of a deletion on PostgreSQL (see [`SqlBroker::delete_rows`]).
+async fn delete_rows_postgres(
+    pool: &sqlx::PgPool,
+    kind: &str,
+    dest: &str,
+    sub: Option<&str>,
+) -> std::result::Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let parts = sqlx::query(
+        "DELETE FROM evbus_parts WHERE kind = $1 AND dest = $2 \
+         AND ($3::text IS NULL OR name = $3)",
+    )
+    .bind(kind)
+    .bind(dest)
+    .bind(sub)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if sub.is_none() {
+        sqlx::query("DELETE FROM evbus_events WHERE kind = $1 AND dest = $2")
+            .bind(kind)
+            .bind(dest)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(parts)
+}
+
 impl SqlBroker {
     pub(crate) fn config(&self) -> &SqlConfig {
         &self.shared.config
@@ -973,11 +1013,19 @@ impl SqlBroker {
             claims.iter().map(|c| (c.id, c.attempt)).unzip();
         match &self.shared.db {
             Db::Postgres(pool) => {
+                // Rows locked by another statement are skipped, never waited for: a deletion
+                // (its cascade takes the rows in its scan's order) and this give-back could
+                // otherwise deadlock, and it aborted the deletion. A row someone else holds is
+                // being deleted, claimed again after its timeout (then its attempt differs
+                // anyway) or settled, so giving it back has nothing to do.
                 sqlx::query(
-                    "UPDATE evbus_deliveries d SET visible_at = now(), delayed_until = '-infinity', \
+                    "WITH mine AS MATERIALIZED (SELECT d.id, d.attempt FROM evbus_deliveries d \
+                       JOIN unnest($1::int8[], $2::int4[]) AS r(id, attempt) \
+                       ON d.id = r.id AND d.attempt = r.attempt \
+                       ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
+                     UPDATE evbus_deliveries d SET visible_at = now(), delayed_until = '-infinity', \
                      attempt = d.attempt - 1 \
-                     FROM unnest($1::int8[], $2::int4[]) AS r(id, attempt) \
-                     WHERE d.id = r.id AND d.attempt = r.attempt",
+                     FROM mine WHERE d.id = mine.id AND d.attempt = mine.attempt",
                 )
                 .bind(ids)
                 .bind(attempts)
@@ -1160,28 +1208,19 @@ impl SqlBroker {
         let sub = what.subscription();
         let parts = match &self.shared.db {
             Db::Postgres(pool) => {
-                let mut tx = pool.begin().await.map_err(sql("deleting"))?;
-                let parts = sqlx::query(
-                    "DELETE FROM evbus_parts WHERE kind = $1 AND dest = $2 \
-                     AND ($3::text IS NULL OR name = $3)",
-                )
-                .bind(kind)
-                .bind(dest)
-                .bind(sub)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("deleting"))?
-                .rows_affected();
-                if sub.is_none() {
-                    sqlx::query("DELETE FROM evbus_events WHERE kind = $1 AND dest = $2")
-                        .bind(kind)
-                        .bind(dest)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql("deleting"))?;
+                // A deadlock (another statement locking some of the same rows in another
+                // order: a cleanup's cascade, another deletion of the same topic) aborts the
+                // transaction, not the deletion: it is run again, a few times.
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match delete_rows_postgres(pool, kind, dest, sub).await {
+                        Err(e) if tries < DELETE_TRIES && is_deadlock(&e) => {
+                            tracing::debug!(error = %e, kind, dest, "evbus-sql: deleting ran into a deadlock; trying again");
+                        }
+                        result => break result.map_err(sql("deleting"))?,
+                    }
                 }
-                tx.commit().await.map_err(sql("deleting"))?;
-                parts
             }
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(sql("deleting"))?;
