@@ -6,24 +6,35 @@
 //! `fetch_batch`), and the next request is made only once the last one is served in full or
 //! expired. The messages a request brings and the deliveries still unsettled therefore never
 //! exceed `max_in_flight`: a message fetched into a batch has its `ack_wait` running on the
-//! server, and one its holder has no slot to take would wait there, unrenewed, until the
-//! server delivered it again. A delivery counts as unsettled from when it is handed out until
+//! server, and one its holder has no slot to take would wait there (core reads the stream
+//! only with a slot free, so it is not renewed for long, see below) until the server
+//! delivered it again. A delivery counts as unsettled from when it is handed out until
 //! its ack, nack or delayed nack succeeds, or until its acker is dropped unsettled; a renewal
 //! changes nothing. Messages a dropped subscription fetched and never handed out are given
 //! back (see [`give_back`]).
+//!
+//! Fetched messages wait for the subscription's holder to take them (it takes one per free
+//! slot, and may be slow), in the batch or in the adapter's buffer ([`Ahead`]); their
+//! `ack_wait` runs meanwhile. While the stream is polled, a renewal task renews them every
+//! third of the timeout (see [`renew_ahead`]), so that they are handed out on their first
+//! attempt, in order; once the stream has not been polled for a whole timeout (its holder
+//! hung or stopped reading), it stops and they time out as any unsettled delivery does.
 //!
 //! | evbus | JetStream |
 //! |---|---|
 //! | attempt | `num_delivered` of the message (from its `$JS.ACK` reply subject) |
 //! | visibility timeout | the consumer's `ack_wait` |
 //! | renew | `+WPI` (in progress) as a request, which the server answers (2.9 and later), after the adapter's own check that the timeout has not run out: the server restarts the timer of whichever delivery of the message is pending, a stale one's too |
+//! | renew what was fetched and not handed out | `+WPI` published (no answer awaited) for each, every third of the timeout, after the same check |
 //! | ack | `+ACK`, as a request (double ack, `AckAck`) unless `double_ack` is off |
 //! | nack | `-NAK` |
 //! | nack with delay | `-NAK {"delay": ns}` (native) |
 //! | max attempts | counted by core; `max_deliver` is unlimited so the server never drops an event silently |
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use async_nats::Subject;
@@ -34,8 +45,10 @@ use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
 use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{classify_consumer_info, from_boxed, from_consumer, from_consumer_info};
 use crate::names::{Kind, StreamNames};
@@ -76,6 +89,9 @@ const RENEWABLE_TENTHS: u32 = 9;
 /// brought nothing. A request made after the consumer was deleted gets no answer at all
 /// (only one waiting at that moment gets a 409), so an empty pull is the only sign.
 const EXISTS_CHECK: Duration = Duration::from_secs(2);
+/// Shortest time between two renewals of the messages fetched and not handed out, whatever
+/// the visibility timeout (core renews held deliveries no more often either).
+const MIN_RENEW_EVERY: Duration = Duration::from_millis(10);
 
 /// Creates (or finds and adjusts) the consumer of `spec` and returns its stream of raw
 /// deliveries.
@@ -105,6 +121,8 @@ pub(crate) async fn open(
         ensure_consumer(&shared, &spec, ephemeral.as_ref().map(|(n, _)| n.as_str())).await?;
     let name = consumer.cached_info().name.clone();
     let anonymous = ephemeral.and_then(|(_, mut registered)| registered.id.take());
+    let ack_wait = ack_wait(&spec.options);
+    let ahead = Ahead::new(ack_wait);
     let pull = Pull {
         location: format!("nats:{}", spec.stream),
         stream: spec.stream.into(),
@@ -113,19 +131,24 @@ pub(crate) async fn open(
         max_in_flight: spec.options.max_in_flight.max(1),
         fetch_batch: shared.config.fetch_batch.max(1),
         outstanding: Arc::new(AtomicUsize::new(0)),
-        ack_wait: ack_wait(&spec.options),
-        batch: None,
+        ack_wait,
+        ahead: Arc::clone(&ahead),
+        renewer: None,
         requesting: None,
         requested_at: Instant::now(),
-        received: Instant::now(),
-        served: false,
         checked: Instant::now(),
         backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
         anonymous,
         shared,
     };
-    Ok(futures::stream::unfold(pull, |mut pull| async move {
+    let mut deliveries = Box::pin(futures::stream::unfold(pull, |mut pull| async move {
         pull.next().await.map(|item| (item, pull))
+    }));
+    // Every poll counts, whether or not it brings a delivery: the fetched messages are
+    // renewed only while the holder reads the stream (see `renew_ahead`).
+    Ok(futures::stream::poll_fn(move |cx| {
+        ahead.polled();
+        deliveries.as_mut().poll_next(cx)
     }))
 }
 
@@ -271,8 +294,12 @@ struct Pull {
     outstanding: Arc<AtomicUsize>,
     /// The consumer's `ack_wait` (the visibility timeout its deliveries' ackers renew).
     ack_wait: Duration,
-    /// The pull request being served.
-    batch: Option<pull::Batch>,
+    /// The pull request being served and what it brought that is not handed out yet, shared
+    /// with the renewal task.
+    ahead: Arc<Ahead>,
+    /// Ends the renewal task ([`renew_ahead`]), started at the first hand-out; cancelled on
+    /// drop, and with the transport.
+    renewer: Option<CancellationToken>,
     /// A pull request being made, in a task of its own: once sent, the server hands it
     /// messages (given-back ones at once) whether or not anyone reads them, so a request cut
     /// off by the subscription's end must still be read and given back (see [`give_back`]).
@@ -280,15 +307,6 @@ struct Pull {
     /// When the pull request being made (or served) was started: no message of it was sent
     /// before.
     requested_at: Instant,
-    /// No later than when the message read last from the batch reached this consumer: when
-    /// the reader had to wait for it, the moment it came; when it was already waiting in the
-    /// batch, when the message before it came (or the request was made). The server started
-    /// the message's `ack_wait` as it sent it, so a delivery's acker counts its visibility
-    /// timeout from here, not from when it was handed out: a message can wait in a batch
-    /// until its holder asks for the next delivery.
-    received: Instant,
-    /// Whether the pull request being served brought a message.
-    served: bool,
     /// When the consumer was last found to exist after an empty pull (see [`EXISTS_CHECK`]).
     checked: Instant,
     backoff: Backoff,
@@ -301,21 +319,30 @@ type Requested = Result<pull::Batch, pull::BatchError>;
 
 impl Drop for Pull {
     fn drop(&mut self) {
+        if let Some(stop) = self.renewer.take() {
+            stop.cancel();
+        }
+        let (buffered, batch) = self.ahead.take_all();
         if let Some(id) = self.anonymous.take() {
             // Its consumer is deleted, with whatever it had fetched.
             self.shared.release_anonymous(id);
-        } else if let Some(batch) = self.batch.take() {
-            give_back(&self.shared, async move { Some(batch) });
+        } else if !buffered.is_empty() || batch.is_some() {
+            give_back(&self.shared, buffered, async move { batch });
         } else if let Some(request) = self.requesting.take() {
             // Dropped while its next pull request was being made (a look that ends as one
             // expires and the next is asked for): that request is the one the give-backs
             // go to, so it is read too.
-            give_back(&self.shared, async move { request.await.ok()?.ok() });
+            give_back(
+                &self.shared,
+                Vec::new(),
+                async move { request.await.ok()?.ok() },
+            );
         }
     }
 }
 
-/// Gives back the messages a dropped subscription had fetched and not handed out, so that
+/// Gives back the messages a dropped subscription had fetched and not handed out (`buffered`,
+/// read from the batch already, then what is left in the batch), so that
 /// they are redelivered about a second later instead of after the visibility timeout
 /// (`ack_wait`, 30 s by default). The pull request may still bring some until it expires
 /// (`fetch_wait`): they are given back too. Each is a `-NAK` delayed past that expiry, so
@@ -328,6 +355,7 @@ impl Drop for Pull {
 /// Tracked, so a close waits for it (at most `fetch_wait`, within the close's grace).
 fn give_back(
     shared: &Arc<Shared>,
+    buffered: Vec<async_nats::jetstream::Message>,
     batch: impl Future<Output = Option<pull::Batch>> + Send + 'static,
 ) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -336,14 +364,17 @@ fn give_back(
     let fetch_wait = shared.config.fetch_wait;
     let delay = fetch_wait + Duration::from_millis(100);
     let task = async move {
+        let nak = |message: async_nats::jetstream::Message| async move {
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+        };
+        for message in buffered {
+            nak(message).await;
+        }
         let Some(mut batch) = batch.await else {
             return;
         };
         let expired = tokio::time::sleep(fetch_wait);
         tokio::pin!(expired);
-        let nak = |message: async_nats::jetstream::Message| async move {
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-        };
         loop {
             let item = tokio::select! {
                 biased;
@@ -366,7 +397,7 @@ impl Pull {
             if cancel.is_cancelled() {
                 return None;
             }
-            if self.batch.is_none() {
+            if self.ahead.lock().is_drained() {
                 let (consumer, max, expires) = (
                     &self.consumer,
                     self.request_size(),
@@ -410,11 +441,7 @@ impl Pull {
                     }
                 };
                 match result {
-                    Ok(batch) => {
-                        self.batch = Some(batch);
-                        self.served = false;
-                        self.received = self.requested_at;
-                    }
+                    Ok(batch) => self.ahead.serve(batch, self.requested_at),
                     Err(e) => {
                         let e = crate::error::build(
                             e,
@@ -428,42 +455,32 @@ impl Pull {
                     }
                 }
             }
-            let Some(batch) = self.batch.as_mut() else {
-                continue;
+            let mut waited = false;
+            let taken = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                taken = std::future::poll_fn(|cx| self.ahead.poll_take(cx, &mut waited)) => taken,
             };
-            // Already in the batch: it came no sooner than the message before it. Else it
-            // comes now (see `received`).
-            let item = match batch.next().now_or_never() {
-                Some(item) => item,
-                None => {
-                    let item = tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return None,
-                        item = batch.next() => item,
-                    };
-                    self.received = Instant::now();
-                    item
+            match taken {
+                // No batch: a request is made first.
+                None => {}
+                Some(Taken::Message(buffered)) => {
+                    self.backoff.reset();
+                    self.start_renewer();
+                    return Some(Ok(self.delivery(buffered)));
                 }
-            };
-            match item {
                 // The pull request expired or was served in full: ask again, unless it
                 // brought nothing and the consumer is gone.
-                None => {
-                    self.batch = None;
-                    if !self.served && self.checked.elapsed() >= EXISTS_CHECK {
+                Some(Taken::End(Ended::Done)) => {
+                    let served = self.ahead.lock().served;
+                    if !served && self.checked.elapsed() >= EXISTS_CHECK {
                         if self.ended().await {
                             return None;
                         }
                         self.checked = Instant::now();
                     }
                 }
-                Some(Ok(message)) => {
-                    self.served = true;
-                    self.backoff.reset();
-                    return Some(Ok(self.delivery(message)));
-                }
-                Some(Err(e)) => {
-                    self.batch = None;
+                Some(Taken::End(Ended::Failed(e))) => {
                     let e = from_boxed(e, &format!("pulling from `{}`", self.stream));
                     if !self.recover(e).await {
                         return None;
@@ -471,6 +488,23 @@ impl Pull {
                 }
             }
         }
+    }
+
+    /// Starts the renewal task of the messages fetched and not handed out, the first time a
+    /// delivery is handed out (before, nothing was fetched ahead).
+    fn start_renewer(&mut self) {
+        if self.renewer.is_some() {
+            return;
+        }
+        let stop = self.shared.cancel.child_token();
+        tokio::spawn(renew_ahead(
+            Arc::clone(&self.ahead),
+            Arc::clone(&self.shared),
+            stop.clone(),
+            Arc::clone(&self.stream),
+            Arc::clone(&self.name),
+        ));
+        self.renewer = Some(stop);
     }
 
     /// How many messages the next pull request asks for: the in-flight slots left free by
@@ -523,7 +557,8 @@ impl Pull {
         consumer_exists(&self.shared, &self.stream, &self.name).await
     }
 
-    fn delivery(&self, message: async_nats::jetstream::Message) -> RawDelivery {
+    fn delivery(&self, buffered: Buffered) -> RawDelivery {
+        let Buffered { message, since } = buffered;
         let (attempt, sequence) = match message.info() {
             Ok(info) => (
                 u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
@@ -537,7 +572,7 @@ impl Pull {
             stream: Arc::clone(&self.stream),
             consumer: Arc::clone(&self.name),
             ack_wait: self.ack_wait,
-            since: std::sync::Mutex::new(self.received),
+            since,
             handout: Handout::new(&self.outstanding),
         });
         match decode(&message) {
@@ -621,6 +656,421 @@ fn headerless_structured(message: &async_nats::Message) -> Option<Result<Event>>
     }))
 }
 
+/// No later than when the server started (or last restarted) a delivery's `ack_wait`: the
+/// clock of its visibility timeout, shared by the buffered message and, once it is handed
+/// out, its acker, so that a renewal by either counts for both.
+struct Since(std::sync::Mutex<Instant>);
+
+impl Since {
+    fn new(at: Instant) -> Arc<Self> {
+        Arc::new(Since(std::sync::Mutex::new(at)))
+    }
+
+    fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a renewal sent at `at` (taken before it was sent); one started later may have
+    /// been recorded first.
+    fn renewed(&self, at: Instant) {
+        let mut since = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *since = (*since).max(at);
+    }
+
+    /// Whether a renewal sent at `now` still lands on this delivery (see
+    /// [`RENEWABLE_TENTHS`]).
+    fn renewable(&self, now: Instant, ack_wait: Duration) -> bool {
+        now.saturating_duration_since(self.get()) < ack_wait / 10 * RENEWABLE_TENTHS
+    }
+}
+
+/// A message read from the batch and not handed out yet.
+struct Buffered {
+    message: async_nats::jetstream::Message,
+    since: Arc<Since>,
+}
+
+/// What the reader takes next from [`Ahead`]: returned, never stored (the message is not
+/// boxed: that would cost an allocation per delivery).
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    Message(Buffered),
+    End(Ended),
+}
+
+/// How a pull request ended.
+enum Ended {
+    /// It expired or was served in full.
+    Done,
+    /// It failed.
+    Failed(async_nats::Error),
+}
+
+/// What one consumer fetched and has not handed out: the pull request being served (the
+/// messages async-nats received into it and the subscription has not read yet wait in its
+/// channel) and the messages read from it ahead of the reader. Shared by the pull loop,
+/// which hands them out in order, and the renewal task ([`renew_ahead`]), which moves what
+/// reached the channel into the buffer and renews the buffer. The lock is never held across
+/// an await.
+struct Ahead {
+    state: std::sync::Mutex<AheadState>,
+    /// Wakes the renewal task.
+    arrival: Arc<Arrival>,
+    /// `arrival` as a waker, left with the batch by every read ahead.
+    waker: Waker,
+    /// The origin of `polled`.
+    epoch: Instant,
+    /// When the subscription's stream was last polled, in nanoseconds since `epoch`.
+    polled: AtomicU64,
+    /// The consumer's `ack_wait`.
+    ack_wait: Duration,
+}
+
+struct AheadState {
+    /// The pull request being served, until it is seen to end.
+    batch: Option<pull::Batch>,
+    /// Messages read from the batch ahead of the reader, in the order they came.
+    buffer: VecDeque<Buffered>,
+    /// How the batch ended, once read ahead: handed to the reader after the buffer.
+    end: Option<Ended>,
+    /// No later than when the next message of the batch reached this consumer: the moment
+    /// the batch was last seen empty, or, when a message was read without waiting for it,
+    /// when the message before it came (or the request was made, or the first message to
+    /// come woke the renewal task). The server started the message's `ack_wait` as it sent
+    /// it, so a delivery's visibility timeout is counted from here, not from when it was
+    /// handed out: a message can wait in a batch until its holder asks for the next delivery.
+    received: Instant,
+    /// Whether the pull request being served brought a message.
+    served: bool,
+    /// Whether the reader waits for the batch (its waker, not the renewal task's, is with
+    /// the channel: the renewal task leaves the batch alone, and there is nothing to renew).
+    waiting: bool,
+    /// Whether the renewal task runs (is not idle): the reader need not wake it.
+    renewing: bool,
+}
+
+/// Wakes the renewal task when a message reaches a batch nobody waits on (or the buffer
+/// needs renewing), and remembers when the first such message came.
+struct Arrival {
+    notify: Notify,
+    /// When the first wake since the batch was last read came: no sooner than the message
+    /// that woke it reached this consumer (the channel wakes its waker as the message comes).
+    first: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Wake for Arrival {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+}
+
+impl Arrival {
+    fn take_first(&self) -> Option<Instant> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Ahead {
+    fn new(ack_wait: Duration) -> Arc<Self> {
+        let arrival = Arc::new(Arrival {
+            notify: Notify::new(),
+            first: std::sync::Mutex::new(None),
+        });
+        let now = Instant::now();
+        Arc::new(Ahead {
+            state: std::sync::Mutex::new(AheadState {
+                batch: None,
+                buffer: VecDeque::new(),
+                end: None,
+                received: now,
+                served: false,
+                waiting: false,
+                renewing: false,
+            }),
+            waker: Waker::from(Arc::clone(&arrival)),
+            arrival,
+            epoch: now,
+            polled: AtomicU64::new(0),
+            ack_wait,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the subscription's stream is being polled.
+    fn polled(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.polled.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether the stream was polled within the last visibility timeout before `now`.
+    fn polled_within_timeout(&self, now: Instant) -> bool {
+        let at = self.epoch + Duration::from_nanos(self.polled.load(Ordering::Relaxed));
+        now.saturating_duration_since(at) < self.ack_wait
+    }
+
+    /// A pull request made at `requested_at` is served from now on.
+    fn serve(&self, batch: pull::Batch, requested_at: Instant) {
+        let mut state = self.lock();
+        state.batch = Some(batch);
+        state.served = false;
+        state.received = requested_at;
+        // A wake left by an earlier batch says nothing of this one.
+        self.arrival.take_first();
+    }
+
+    /// The reader's next item: a buffered message, else how the batch ended, else the next
+    /// message of the batch (`None`: there is no batch). `waited` tells whether the reader
+    /// had to wait. Once a message is taken, what the batch holds already is read ahead, so
+    /// that the renewal task sees it (and the next message to come wakes that task).
+    fn poll_take(&self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<Option<Taken>> {
+        let mut state = self.lock();
+        let taken = if let Some(buffered) = state.buffer.pop_front() {
+            Taken::Message(buffered)
+        } else if let Some(end) = state.end.take() {
+            state.waiting = false;
+            return Poll::Ready(Some(Taken::End(end)));
+        } else {
+            let Some(batch) = state.batch.as_mut() else {
+                state.waiting = false;
+                return Poll::Ready(None);
+            };
+            match batch.poll_next_unpin(cx) {
+                Poll::Pending => {
+                    state.waiting = true;
+                    *waited = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(message))) => {
+                    // It came now when the reader had to wait for it.
+                    let since = if *waited {
+                        Instant::now()
+                    } else {
+                        state.next_since(&self.arrival)
+                    };
+                    state.received = since;
+                    state.served = true;
+                    Taken::Message(Buffered {
+                        message,
+                        since: Since::new(since),
+                    })
+                }
+                Poll::Ready(None) => {
+                    state.waiting = false;
+                    state.batch = None;
+                    return Poll::Ready(Some(Taken::End(Ended::Done)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    state.waiting = false;
+                    state.batch = None;
+                    return Poll::Ready(Some(Taken::End(Ended::Failed(e))));
+                }
+            }
+        };
+        state.waiting = false;
+        state.read_ahead(&self.arrival, &self.waker);
+        if !state.buffer.is_empty() && !state.renewing {
+            state.renewing = true;
+            self.arrival.notify.notify_one();
+        }
+        Poll::Ready(Some(taken))
+    }
+
+    /// Everything fetched and not handed out, for a dropped subscription to give back: the
+    /// buffered messages whose timeout has not run out (the server hands the others out
+    /// again anyway, and a `-NAK` of a stale delivery would land on the redelivery another
+    /// consumer may hold), then the batch.
+    fn take_all(&self) -> (Vec<async_nats::jetstream::Message>, Option<pull::Batch>) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let buffered = std::mem::take(&mut state.buffer)
+            .into_iter()
+            .filter(|b| b.since.renewable(now, self.ack_wait))
+            .map(|b| b.message)
+            .collect();
+        state.end = None;
+        (buffered, state.batch.take())
+    }
+}
+
+impl AheadState {
+    /// Nothing left of the last pull request: the next one can be made.
+    fn is_drained(&self) -> bool {
+        self.batch.is_none() && self.buffer.is_empty() && self.end.is_none()
+    }
+
+    /// The start of the timeout of a message read from the batch without waiting for it
+    /// (see `received`).
+    fn next_since(&mut self, arrival: &Arrival) -> Instant {
+        if let Some(first) = arrival.take_first() {
+            self.received = self.received.max(first);
+        }
+        self.received
+    }
+
+    /// Moves what the batch holds already into the buffer, without waiting, leaving `waker`
+    /// (the renewal task's) with it: the next message to come wakes that task.
+    fn read_ahead(&mut self, arrival: &Arrival, waker: &Waker) {
+        let mut cx = Context::from_waker(waker);
+        while let Some(batch) = self.batch.as_mut() {
+            let looked = Instant::now();
+            // Outside tokio's cooperative budget: a spent budget would answer `Pending` (and
+            // wake `waker` at once) with messages still in the channel, and this look must
+            // tell an empty channel.
+            let read =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| batch.poll_next_unpin(cx)));
+            match std::pin::pin!(read).poll(&mut cx) {
+                Poll::Pending => {
+                    // Whatever comes next comes after this look.
+                    self.received = self.received.max(looked);
+                    return;
+                }
+                Poll::Ready(Some(Ok(message))) => {
+                    let since = Since::new(self.next_since(arrival));
+                    self.served = true;
+                    self.buffer.push_back(Buffered { message, since });
+                }
+                Poll::Ready(None) => {
+                    self.batch = None;
+                    self.end = Some(Ended::Done);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.batch = None;
+                    self.end = Some(Ended::Failed(e));
+                }
+            }
+        }
+    }
+}
+
+/// What a renewal tick leaves the renewal task to do.
+enum Tick {
+    /// Renew again a third of the timeout later.
+    Renewing,
+    /// Nothing to renew: wait until woken.
+    Idle,
+    /// The transport is closing.
+    Stop,
+}
+
+/// Renews the visibility timeouts of the messages a consumer fetched and has not handed out
+/// yet, every third of the timeout (as core renews the deliveries an ordered handler holds
+/// waiting), while the subscription's stream was polled within the last timeout. Idle,
+/// with no timer, while there is nothing to renew: woken by the reader when it leaves
+/// messages in the buffer, and by the batch when a message reaches it while nobody waits on
+/// it. Ends when the subscription is dropped or the transport closes (`stop`).
+async fn renew_ahead(
+    ahead: Arc<Ahead>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    stream: Arc<str>,
+    consumer: Arc<str>,
+) {
+    let every = (ahead.ack_wait / 3).max(MIN_RENEW_EVERY);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = ahead.arrival.notify.notified() => {}
+        }
+        loop {
+            match renew_tick(&ahead, &shared, every, (&stream, &consumer)).await {
+                Tick::Renewing => {}
+                Tick::Idle => break,
+                Tick::Stop => return,
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// One renewal: reads into the buffer what reached the batch, drops from it the messages
+/// whose timeout ran out (the server hands them out again: never handed out from here), and
+/// sends a `+WPI` for each of the others not renewed within half a period (the rest are
+/// renewed the next time, well within their timeout). The `+WPI`s are published without
+/// waiting for answers (the client writes them out together), and each renewed message's
+/// timeout counts from just before they were sent.
+async fn renew_tick(
+    ahead: &Ahead,
+    shared: &Shared,
+    every: Duration,
+    (stream, consumer): (&str, &str),
+) -> Tick {
+    let now = Instant::now();
+    let mut expired = 0usize;
+    let due: Vec<(Option<Subject>, Arc<Since>)> = {
+        let mut state = ahead.lock();
+        if state.waiting || !ahead.polled_within_timeout(now) {
+            // The reader waits on an empty batch, or nobody reads the stream any more: its
+            // holder hung or stopped reading, and must not hold the messages for ever.
+            state.renewing = false;
+            return Tick::Idle;
+        }
+        state.read_ahead(&ahead.arrival, &ahead.waker);
+        state.buffer.retain(|b| {
+            let renewable = b.since.renewable(now, ahead.ack_wait);
+            expired += usize::from(!renewable);
+            renewable
+        });
+        if state.buffer.is_empty() {
+            state.renewing = false;
+            return Tick::Idle;
+        }
+        state.renewing = true;
+        state
+            .buffer
+            .iter()
+            .filter(|b| now.saturating_duration_since(b.since.get()) >= every / 2)
+            .map(|b| (b.message.reply.clone(), Arc::clone(&b.since)))
+            .collect()
+    };
+    if expired > 0 {
+        tracing::debug!(
+            stream = %stream, consumer = %consumer, expired,
+            "fetched messages timed out before they were handed out; the server delivers them again"
+        );
+    }
+    for (reply, since) in due {
+        match send_ack(
+            shared,
+            (stream, consumer),
+            reply.as_ref(),
+            AckKind::Progress,
+            false,
+            "renewing a fetched message's visibility timeout (in-progress ack)",
+        )
+        .await
+        {
+            Ok(()) => since.renewed(now),
+            Err(e) if e.kind() == ErrorKind::Closed => return Tick::Stop,
+            Err(e) => {
+                // The connection is down: the next tick tries again, and a message whose
+                // timeout runs out meanwhile is dropped then.
+                tracing::warn!(
+                    stream = %stream, consumer = %consumer, error = %e,
+                    "renewing fetched messages failed"
+                );
+                break;
+            }
+        }
+    }
+    Tick::Renewing
+}
+
 /// A delivery's place in its consumer's count of deliveries handed out and not settled
 /// ([`Pull::outstanding`]): taken when the delivery is handed out, given back exactly once,
 /// when the delivery is settled or its acker dropped unsettled.
@@ -662,56 +1112,73 @@ struct NatsAcker {
     /// The consumer's `ack_wait`, the visibility timeout [`Acker::renew`] starts over.
     ack_wait: Duration,
     /// No later than when the server started this delivery's `ack_wait` (see
-    /// [`Pull::received`]) or restarted it for a renewal. The server cannot tell a stale
-    /// delivery of a message from the one pending now (a `+WPI` restarts the timer of
-    /// whichever is pending), so this is how a renewal knows the timeout ran out.
-    since: std::sync::Mutex<Instant>,
+    /// [`AheadState::received`]) or restarted it for a renewal, the renewal task's too. The
+    /// server cannot tell a stale delivery of a message from the one pending now (a `+WPI`
+    /// restarts the timer of whichever is pending), so this is how a renewal knows the
+    /// timeout ran out.
+    since: Arc<Since>,
     /// Counts the delivery as handed out and unsettled until it is settled (its ack, nack or
     /// delayed nack succeeded) or this acker is dropped.
     handout: Handout,
 }
 
-impl NatsAcker {
-    fn since(&self) -> std::sync::MutexGuard<'_, Instant> {
-        self.since.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn send(&self, kind: AckKind, confirm: bool, what: &str) -> Result<()> {
-        let _op = self.shared.begin()?;
-        let Some(reply) = self.reply.clone() else {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!("{what}: the message has no reply subject (not a JetStream message)"),
-            ));
-        };
-        let payload: Bytes = kind.into();
-        if confirm {
-            match self.shared.client.request(reply, payload).await {
-                Ok(_) => {}
-                // Nothing answers the acknowledgement of a deleted consumer: that is no
-                // outage to wait out, and retrying could never succeed.
-                Err(e)
-                    if e.kind() == async_nats::RequestErrorKind::NoResponders
-                        && !consumer_exists(&self.shared, &self.stream, &self.consumer).await =>
-                {
-                    return Err(Error::new(
-                        ErrorKind::NotFound,
-                        format!(
-                            "{what}: consumer `{}` of stream `{}` no longer exists (its topic or queue was deleted, or its anonymous subscription ended); the delivery cannot be settled",
-                            self.consumer, self.stream
-                        ),
-                    ));
-                }
-                Err(e) => return Err(crate::error::from_request(e, what)),
+/// Sends `kind` to the `$JS.ACK` subject `reply` of a message consumer `consumer` of stream
+/// `stream` delivered: as a request the server answers when `confirm`, else published.
+async fn send_ack(
+    shared: &Shared,
+    (stream, consumer): (&str, &str),
+    reply: Option<&Subject>,
+    kind: AckKind,
+    confirm: bool,
+    what: &str,
+) -> Result<()> {
+    let _op = shared.begin()?;
+    let Some(reply) = reply.cloned() else {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!("{what}: the message has no reply subject (not a JetStream message)"),
+        ));
+    };
+    let payload: Bytes = kind.into();
+    if confirm {
+        match shared.client.request(reply, payload).await {
+            Ok(_) => {}
+            // Nothing answers the acknowledgement of a deleted consumer: that is no
+            // outage to wait out, and retrying could never succeed.
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && !consumer_exists(shared, stream, consumer).await =>
+            {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{what}: consumer `{consumer}` of stream `{stream}` no longer exists (its topic or queue was deleted, or its anonymous subscription ended); the delivery cannot be settled"
+                    ),
+                ));
             }
-        } else {
-            self.shared
-                .client
-                .publish(reply, payload)
-                .await
-                .map_err(|e| crate::error::build(e, what, (ErrorKind::Connection, None, "")))?;
+            Err(e) => return Err(crate::error::from_request(e, what)),
         }
-        Ok(())
+    } else {
+        shared
+            .client
+            .publish(reply, payload)
+            .await
+            .map_err(|e| crate::error::build(e, what, (ErrorKind::Connection, None, "")))?;
+    }
+    Ok(())
+}
+
+impl NatsAcker {
+    async fn send(&self, kind: AckKind, confirm: bool, what: &str) -> Result<()> {
+        send_ack(
+            &self.shared,
+            (&self.stream, &self.consumer),
+            self.reply.as_ref(),
+            kind,
+            confirm,
+            what,
+        )
+        .await
     }
 
     /// Sends a settlement (ack, nack, delayed nack); once it succeeded, the delivery no
@@ -751,8 +1218,7 @@ impl Acker for NatsAcker {
 
     async fn renew(&self, _tag: u64) -> Result<()> {
         let now = Instant::now();
-        let since = *self.since();
-        if now.saturating_duration_since(since) >= self.ack_wait / 10 * RENEWABLE_TENTHS {
+        if !self.since.renewable(now, self.ack_wait) {
             return Err(Error::new(
                 ErrorKind::Expired,
                 format!(
@@ -770,8 +1236,7 @@ impl Acker for NatsAcker {
         )
         .await?;
         // The server restarted it after `now`; a renewal started later may have landed first.
-        let mut since = self.since();
-        *since = (*since).max(now);
+        self.since.renewed(now);
         Ok(())
     }
 }

@@ -159,11 +159,13 @@ async fn messages_fetched_ahead_by_a_dropped_subscription_come_back_at_once() {
 }
 
 /// The server starts a message's `ack_wait` as it sends it into a pull request, not when the
-/// subscription hands it out: a message that waited in a fetched batch for most of its
-/// timeout is not renewed (the `+WPI` could restart the timer of the redelivery the server
-/// makes meanwhile, which another consumer may hold).
+/// subscription hands it out. A message waiting in a fetched batch is renewed only while the
+/// subscription's stream is polled: once nobody polled it for a whole timeout, its timeout
+/// runs out, and a renewal when it is handed out at last is refused (the `+WPI` could
+/// restart the timer of the redelivery the server makes meanwhile, which another consumer
+/// may hold).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_message_that_waited_in_a_fetched_batch_is_renewed_only_within_its_timeout() {
+async fn a_message_that_waited_in_a_batch_nobody_polled_is_not_renewed_past_its_timeout() {
     let transport = transport().await;
     let name = unique("renew-waited");
     let queue = transport.queue(&name).await.unwrap();
@@ -180,22 +182,132 @@ async fn a_message_that_waited_in_a_fetched_batch_is_renewed_only_within_its_tim
         .await
         .unwrap();
     let first = next(&mut c).await;
-    // The second waits in the batch for most of the timeout, then is handed out; the first
-    // is renewed meanwhile.
-    tokio::time::sleep(visibility / 2).await;
-    first.renew().await.unwrap();
-    tokio::time::sleep(visibility * 9 / 20).await;
+    // The stream is not polled for two and a half timeouts: the second is renewed for one
+    // timeout at most, then its own runs out. The first is renewed by its holder.
+    for _ in 0..5 {
+        tokio::time::sleep(visibility / 2).await;
+        first.renew().await.unwrap();
+    }
     let second = next(&mut c).await;
     assert_eq!(second.attempt(), 1);
     let err = second
         .renew()
         .await
-        .expect_err("renewing a message whose timeout (nearly) ran out while it waited in a batch");
+        .expect_err("renewing a message whose timeout ran out while it waited in a batch");
     assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
     // The first, renewed in time, is still its holder's.
     first.renew().await.unwrap();
     first.ack().await.unwrap();
     drop((second, c));
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+/// Messages a consumer fetched ahead (into its in-flight room) wait for it while it reads
+/// its stream, however long past the visibility timeout: renewed in the batch, they are not
+/// handed to another consumer of the queue meanwhile, and each delivery's own timeout
+/// counts from its last renewal (its holder can renew it when it gets it at last). A
+/// consumer with room for 4 takes 4 messages one at a time, holding each for two fifths of
+/// the timeout: the last waits for over a timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_fetched_ahead_wait_for_a_consumer_in_use_and_go_to_no_other() {
+    let transport = transport().await;
+    let name = unique("ahead-in-use");
+    let queue = transport.queue(&name).await.unwrap();
+    let events: Vec<Event> = (0..4).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let visibility = Duration::from_secs(1);
+    let options = ConsumerOptions::default()
+        .max_in_flight(4)
+        .visibility_timeout(visibility);
+    let mut slow = queue.receive(options.clone()).await.unwrap();
+    // The first pull request, with every slot free, brings all 4 (they are stored already).
+    let first = next(&mut slow).await;
+    // Another consumer of the queue, waiting: a message whose timeout ran out would come to
+    // it. It keeps the first delivery it gets.
+    let mut other = queue.receive(options).await.unwrap();
+    let other_got = tokio::spawn(async move {
+        let got = tokio::time::timeout(WAIT, other.next_delivery()).await;
+        (got, other)
+    });
+    let started = tokio::time::Instant::now();
+    let mut delivery = first;
+    for (at, event) in events.iter().enumerate() {
+        if at > 0 {
+            delivery = next(&mut slow).await;
+        }
+        assert_eq!(
+            (delivery.event().id(), delivery.attempt()),
+            (event.id(), 1),
+            "delivery {at}, after {:?}",
+            started.elapsed()
+        );
+        // The consumer at work; then its delivery, waited for up to a timeout and more
+        // before it was handed out, is still its own.
+        tokio::time::sleep(visibility * 2 / 5).await;
+        delivery
+            .renew()
+            .await
+            .unwrap_or_else(|e| panic!("renewing delivery {at}: {e}"));
+        delivery.ack().await.unwrap();
+    }
+    assert!(started.elapsed() > visibility);
+    // The other consumer's first delivery is the next event sent: none of the 4 came to it.
+    drop(slow);
+    let sentinel = event(99);
+    queue.send(&sentinel).await.unwrap();
+    let (got, other) = other_got.await.unwrap();
+    let got = got
+        .expect("the sentinel in time")
+        .expect("the stream goes on")
+        .unwrap();
+    assert_eq!(
+        (got.event().id(), got.attempt()),
+        (sentinel.id(), 1),
+        "the other consumer got a message fetched ahead by the consumer in use"
+    );
+    got.ack().await.unwrap();
+    drop(other);
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+/// Messages a consumer fetched ahead are renewed only while it reads its stream: once it
+/// has not been polled for a whole visibility timeout (its holder hung or stopped reading),
+/// their timeouts run out and another consumer of the queue gets them, as redeliveries.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_fetched_ahead_by_a_consumer_that_stopped_reading_go_to_another() {
+    let transport = transport().await;
+    let name = unique("ahead-stopped");
+    let queue = transport.queue(&name).await.unwrap();
+    let events: Vec<Event> = (0..4).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default()
+        .max_in_flight(4)
+        .visibility_timeout(Duration::from_secs(1));
+    let mut stopped = queue.receive(options.clone()).await.unwrap();
+    // The first pull request brings all 4; the consumer takes one, then reads no more.
+    let first = next(&mut stopped).await;
+    assert_eq!(first.event().id(), events[0].id());
+    first.ack().await.unwrap();
+    let mut other = queue.receive(options).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 1..events.len() {
+        let d = next(&mut other).await;
+        assert_eq!(
+            d.attempt(),
+            2,
+            "{} came to the other consumer",
+            d.event().id()
+        );
+        got.push(d.event().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    let mut expected: Vec<String> = events[1..].iter().map(|e| e.id().to_owned()).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    drop((stopped, other));
     transport.delete_queue(&name).await.unwrap();
     transport.close().await.unwrap();
 }

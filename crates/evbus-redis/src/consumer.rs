@@ -39,9 +39,21 @@
 //! renewal. The delivery's plain-ack window then runs from when the renewal was sent
 //! ([`RedisAcker::idle_since`]), not from the fetch. A delivery idle for its whole timeout,
 //! or given back by a nack meanwhile (idle "forever"), is not renewed.
+//!
+//! Entries wait in the buffer for the consumer, and their visibility timeouts run there. So
+//! that a consumer in use but slower than a timeout per buffer-full still gets them on their
+//! first attempt and in order, the task renews them every third of the visibility timeout
+//! (the oldest buffered entry's fetch or last renewal decides when), with one
+//! [`RENEW_BATCH`](crate::scripts::RENEW_BATCH) call for all of them: it makes the same checks
+//! as `RENEW`, so an entry another consumer took over is never claimed back, and an entry
+//! whose renewal is refused is dropped from the buffer (never handed out), as an entry found
+//! timed out there is. This holds only while the subscription's stream was polled within the
+//! last visibility timeout: a consumer that stopped reading (hung, or just holding the
+//! subscription) must not hold events for ever, so its buffered entries time out as they did
+//! before, and any consumer takes them over. An empty buffer costs no timer at all.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -170,6 +182,11 @@ struct ConsumerState {
     ended: AtomicBool,
     /// Leaving the group was started (once).
     leaving: AtomicBool,
+    /// When the consumer was made: the origin of `polled_ms`.
+    created: Instant,
+    /// When the subscription's stream was last polled, in ms since `created`: buffered
+    /// entries are renewed only while it was polled within the visibility timeout.
+    polled_ms: AtomicU64,
 }
 
 impl ConsumerState {
@@ -179,6 +196,19 @@ impl ConsumerState {
 
     fn buffer(&self) -> MutexGuard<'_, VecDeque<Buffered>> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that the subscription's stream is being polled (called at each `poll_next`).
+    fn mark_polled(&self) {
+        let ms = self.created.elapsed().as_millis();
+        self.polled_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether the subscription's stream was polled less than `window` before `now`.
+    fn polled_within(&self, window: Duration, now: Instant) -> bool {
+        let polled = self.created + Duration::from_millis(self.polled_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(polled) < window
     }
 
     /// Hands out the next buffered delivery, if there is one: called by the stream itself
@@ -402,6 +432,9 @@ pub(crate) async fn start(
         reading_ahead: AtomicBool::new(false),
         ended: AtomicBool::new(false),
         leaving: AtomicBool::new(false),
+        // Counts as polled now: the consumer is about to read.
+        created: Instant::now(),
+        polled_ms: AtomicU64::new(0),
     });
     let config = &shared.config;
     let visibility = spec.options.visibility_timeout;
@@ -425,11 +458,14 @@ pub(crate) async fn start(
         next_reclaim: now,
         next_lag_check: now,
         needs_recovery: false,
+        renew_interval: (visibility / 3).max(Duration::from_millis(1)),
+        renewals_resume: now,
     };
     let (requests, inbox) = mpsc::channel::<Request>(2);
     shared.tasks.spawn(task.run(inbox));
+    let polled = Arc::clone(&stream_state);
     let stream = (requests, stream_state);
-    Ok(futures::stream::unfold(
+    let mut deliveries = Box::pin(futures::stream::unfold(
         stream,
         |(requests, state)| async move {
             if let Some((raw, _, _)) = state.take_buffered() {
@@ -441,7 +477,12 @@ pub(crate) async fn start(
             let raw = delivery.await.ok()?;
             Some((Ok(raw), (requests, state)))
         },
-    ))
+    ));
+    // Every poll is noted: the task renews buffered entries only while the stream is read.
+    Ok(futures::stream::poll_fn(move |cx| {
+        polled.mark_polled();
+        deliveries.as_mut().poll_next(cx)
+    }))
 }
 
 /// One entry fetched and decoded, not yet handed out.
@@ -487,11 +528,26 @@ struct ConsumerTask {
     next_reclaim: Instant,
     next_lag_check: Instant,
     needs_recovery: bool,
+    /// How often buffered entries are renewed: a third of the visibility timeout.
+    renew_interval: Duration,
+    /// No renewal before this: set when a renewal was skipped (the stream was not polled) or
+    /// failed, so the check waits a while instead of running again at once.
+    renewals_resume: Instant,
 }
 
 impl ConsumerTask {
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         loop {
+            // The buffer fills only here, in the task, so the renewal time worked out now
+            // holds until the task acts again. While the task serves a `Deliver` request the
+            // buffer is empty (the stream asks only then), so nothing waits unrenewed.
+            let renewal = self.renewal_due();
+            let renewal_due = async {
+                match renewal {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let mut reply = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
@@ -503,6 +559,10 @@ impl ConsumerTask {
                     }
                     None => break,
                 },
+                () = renewal_due, if renewal.is_some() => {
+                    self.renew_buffered().await;
+                    continue;
+                }
             };
             match self.next_delivery(&mut reply).await {
                 Step::Deliver(raw, id, count) => {
@@ -708,6 +768,87 @@ impl ConsumerTask {
         });
         self.state.buffer().extend(decoded);
         n
+    }
+
+    /// When the buffered entries are next renewed: a third of the visibility timeout after
+    /// the oldest one's fetch or last renewal (and not before `renewals_resume`). `None` when
+    /// the buffer is empty, or when every buffered entry already timed out (none can be
+    /// renewed: they wait for the stream to skip them, or to be given back at shutdown).
+    fn renewal_due(&self) -> Option<Instant> {
+        let buffer = self.state.buffer();
+        let oldest = buffer.iter().map(|b| b.at).min()?;
+        let newest = buffer.iter().map(|b| b.at).max()?;
+        if newest.elapsed() >= self.visibility {
+            return None;
+        }
+        Some((oldest + self.renew_interval).max(self.renewals_resume))
+    }
+
+    /// Renews every buffered entry still inside its visibility timeout
+    /// ([`RENEW_BATCH`](scripts::RENEW_BATCH), one call per [`scripts::RENEW_BATCH_SIZE`]),
+    /// if the stream was polled within the last timeout. A renewed entry's deadline then
+    /// runs from when the call was sent (Redis reset its idle time after that); an entry
+    /// whose renewal is refused (taken over, settled, given back or timed out) leaves the
+    /// buffer. A failed call is retried after half a renewal interval, on a new connection;
+    /// it changes nothing in Redis that would need recovering.
+    async fn renew_buffered(&mut self) {
+        let now = Instant::now();
+        if !self.state.polled_within(self.visibility, now) {
+            // Nobody reads: the entries time out as they would without renewals, and any
+            // consumer takes them over. Looked at again in a while, in case reading resumes.
+            self.renewals_resume = now + self.renew_interval;
+            return;
+        }
+        let entries: Vec<(String, DeliveryCount)> = self
+            .state
+            .buffer()
+            .iter()
+            .filter(|b| now.saturating_duration_since(b.at) < self.visibility)
+            .map(|b| (b.id.clone(), b.count))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        let sent = Instant::now();
+        let timeout = self.state.shared.config.command_timeout;
+        let renewed = match self.conn.get().await {
+            Ok(conn) => tokio::time::timeout(timeout, renew_batch(conn, &self.state, &entries))
+                .await
+                .unwrap_or_else(|_| Err(unexpected("renewing buffered entries timed out"))),
+            Err(e) => Err(e),
+        };
+        let results = match renewed {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::debug!(origin = %self.origin, error = %e, "could not renew the entries fetched ahead; retrying");
+                self.conn.reset();
+                self.renewals_resume = Instant::now() + self.renew_interval / 2;
+                return;
+            }
+        };
+        let outcome: HashMap<(&str, DeliveryCount), i64> = entries
+            .iter()
+            .map(|(id, count)| (id.as_str(), *count))
+            .zip(results)
+            .collect();
+        let mut dropped = 0;
+        self.state.buffer().retain_mut(|b| {
+            match outcome.get(&(b.id.as_str(), b.count)) {
+                Some(&SETTLED) => {
+                    b.at = b.at.max(sent);
+                    true
+                }
+                // Not sent (already timed out here), or taken by the stream meanwhile.
+                None => true,
+                Some(_) => {
+                    dropped += 1;
+                    false
+                }
+            }
+        });
+        if dropped > 0 {
+            tracing::debug!(origin = %self.origin, dropped, "entries fetched ahead could not be renewed (taken over, settled or timed out) and are not handed out");
+        }
     }
 
     /// Takes over entries idle past the visibility timeout, nacked, or due after a delay: at
@@ -917,6 +1058,39 @@ async fn release<C: redis::aio::ConnectionLike + Send>(
         released += invocation.invoke_async::<i64>(conn).await?;
     }
     Ok(released)
+}
+
+/// Renews `entries` ([`RENEW_BATCH`](scripts::RENEW_BATCH)): one script call per
+/// [`scripts::RENEW_BATCH_SIZE`] entries, one result per entry, in order.
+async fn renew_batch<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    state: &ConsumerState,
+    entries: &[(String, DeliveryCount)],
+) -> std::result::Result<Vec<i64>, RedisError> {
+    let visibility_ms = u64::try_from(state.visibility.as_millis()).unwrap_or(u64::MAX);
+    let mut results = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(scripts::RENEW_BATCH_SIZE) {
+        let (low, high) = id_range(chunk.iter().map(|(id, _)| id.as_str()));
+        let mut invocation = scripts::RENEW_BATCH.key(&state.keys.stream);
+        invocation
+            .arg(&state.group)
+            .arg(&state.consumer)
+            .arg(visibility_ms)
+            .arg(RELEASED_IDLE_MS)
+            .arg(low)
+            .arg(high);
+        for (id, count) in chunk {
+            invocation.arg(id).arg(*count);
+        }
+        let answered: Vec<i64> = invocation.invoke_async(conn).await?;
+        if answered.len() != chunk.len() {
+            return Err(unexpected(
+                "Redis answered a different number of renewal results",
+            ));
+        }
+        results.extend(answered);
+    }
+    Ok(results)
 }
 
 /// Removes anonymous subscription `group` of `keys`: its consumer group and its members of

@@ -147,6 +147,68 @@ return 1
     )
 });
 
+/// Most deliveries one [`RENEW_BATCH`] call renews (the script runs in Redis as one
+/// command: kept short, as the other batch scripts are).
+pub(crate) const RENEW_BATCH_SIZE: usize = 512;
+
+/// Starts the visibility timeouts of a batch of one consumer's deliveries over (those it
+/// fetched ahead and has not handed out yet), with exactly the outcome of [`RENEW`] for each,
+/// in one call: each delivery is renewed only if its entry is still pending for this consumer
+/// with the same delivery count, was not given back and has been idle for less than the
+/// visibility timeout; the entry then stays pending here and its idle time starts again from
+/// 0 (`XCLAIM ... JUSTID`, one call for all of them: the delivery count stays). A delivery
+/// taken over by another consumer is therefore never claimed back. Returns one result per
+/// delivery, in order: [`SETTLED`] (renewed), [`NOT_PENDING`], [`TAKEN_OVER`],
+/// [`GIVEN_BACK`] or [`RAN_OUT`].
+///
+/// One `XPENDING` over the batch's id range, filtered to this consumer, answers the usual
+/// case (as in [`ACK_BATCH`]); a delivery it does not show is looked up on its own. An entry
+/// no longer in the stream (trimmed from a topic) is not claimed by `XCLAIM`:
+/// [`NOT_PENDING`].
+///
+/// KEYS: stream. ARGV: group, consumer, visibility timeout in ms, released idle ms, the
+/// lowest and the highest id of the batch, then pairs of id and delivery count.
+pub(crate) static RENEW_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"redis.replicate_commands()
+local n = (#ARGV - 6) / 2
+local mine = {}
+local listed = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[5], ARGV[6], 2 * n + 16, ARGV[2])
+for _, p in ipairs(listed) do mine[p[1]] = p end
+local visibility, released = tonumber(ARGV[3]), tonumber(ARGV[4])
+local results, claim, slot = {}, {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i = 7, #ARGV, 2 do
+  local id, count = ARGV[i], tonumber(ARGV[i + 1])
+  local e = mine[id]
+  if not e then e = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1] end
+  local state
+  if not e then
+    state = 0
+  elseif e[2] ~= ARGV[2] or e[4] ~= count then
+    state = -1
+  elseif e[3] >= released then
+    state = -3
+  elseif e[3] >= visibility then
+    state = -2
+  else
+    -- Renewed once XCLAIM answers with its id.
+    state = 0
+    claim[#claim + 1] = id
+    slot[id] = #results + 1
+  end
+  results[#results + 1] = state
+end
+if #claim > 5 then
+  claim[#claim + 1] = 'JUSTID'
+  for _, id in ipairs(redis.call(unpack(claim))) do
+    if slot[id] then results[slot[id]] = 1 end
+  end
+end
+return results
+"#,
+    )
+});
+
 /// Takes over entries for this consumer: pending entries idle for at least the visibility
 /// timeout (their consumer vanished, or they were nacked or released) that are not held back
 /// by a delay still running. Returns `{next cursor, {{id, fields, delivery count}, ...}}`.

@@ -1130,6 +1130,99 @@ async fn read_ahead_keeps_order_and_the_in_flight_limit() {
     env.cleanup().await;
 }
 
+/// Sends four events to queue `q` and takes the first with a consumer that has room for
+/// four and a 1 s visibility timeout, then acks it: the other three wait in its buffer,
+/// fetched by the same read. Returns the queue's stream key, the subscription and the
+/// other three's entry ids, in order, and the four events sent.
+async fn three_fetched_ahead(env: &Env) -> (String, Subscription, Vec<String>, Vec<Event>) {
+    let queue = env.transport.queue("q").await.unwrap();
+    let key = env.transport.queue_key("q");
+    let events: Vec<Event> = (0..4).map(event).collect();
+    queue.send_batch(&events).await.unwrap();
+    let options = ConsumerOptions::default()
+        .max_in_flight(4)
+        .visibility_timeout(Duration::from_secs(1));
+    let mut sub = queue.receive(options).await.unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!(first.event().id(), events[0].id());
+    first.ack().await.unwrap();
+    let ahead: Vec<String> = env
+        .pending_entries(&key, QUEUE_GROUP)
+        .await
+        .into_iter()
+        .map(|(id, ..)| id)
+        .collect();
+    assert_eq!(ahead.len(), 3, "the other three were fetched ahead");
+    (key, sub, ahead, events)
+}
+
+/// Entries fetched ahead are renewed while the consumer reads, however slowly, but one
+/// another consumer took over meanwhile is not claimed back: it leaves the buffer. Here the
+/// consumer does not poll for 1.3 s, past the 1 s timeout of what it fetched (but within a
+/// timeout of the renewals made while it still counted as reading).
+#[tokio::test]
+async fn entries_fetched_ahead_are_renewed_but_one_taken_over_meanwhile_is_dropped() {
+    let Some(env) = Env::new().await else { return };
+    let (key, mut sub, ahead, events) = three_fetched_ahead(&env).await;
+    // Another consumer takes the second entry over (a stock client's XCLAIM).
+    let _: Value = env
+        .cmd(
+            redis::cmd("XCLAIM")
+                .arg(&key)
+                .arg(QUEUE_GROUP)
+                .arg("thief")
+                .arg(0)
+                .arg(&ahead[0])
+                .arg("JUSTID"),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for (n, id) in [(2, &ahead[1]), (3, &ahead[2])] {
+        let d = next(&mut sub).await;
+        assert_eq!(
+            (d.event().id(), d.attempt()),
+            (events[n].id(), 1),
+            "event {n}, kept in the buffer past its first timeout by the renewals, on its \
+             first attempt (the one taken over is not handed out)"
+        );
+        let pending = env.pending_entries(&key, QUEUE_GROUP).await;
+        let mine = pending.iter().find(|p| &p.0 == id).unwrap();
+        assert!(mine.2 < 1000, "renewed within the timeout: {pending:?}");
+        let stolen = pending.iter().find(|p| p.0 == ahead[0]).unwrap();
+        assert_eq!(
+            (stolen.1.as_str(), stolen.3),
+            ("thief", 1),
+            "the entry taken over stays with the other consumer: {pending:?}"
+        );
+        d.ack().await.unwrap();
+    }
+    drop(sub);
+    env.cleanup().await;
+}
+
+/// A consumer that fetched ahead and then stops reading (its subscription kept, never
+/// polled) does not hold the events for ever: renewals stop once it has not read for a whole
+/// visibility timeout, and another consumer takes them over (a second attempt).
+#[tokio::test]
+async fn entries_fetched_ahead_time_out_once_the_consumer_stops_reading() {
+    let Some(env) = Env::new().await else { return };
+    let (_key, stuck, _ahead, events) = three_fetched_ahead(&env).await;
+    let queue = env.transport.queue("q").await.unwrap();
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(1));
+    let mut other = queue.receive(options).await.unwrap();
+    for (n, event) in events.iter().enumerate().skip(1) {
+        let d = next(&mut other).await;
+        assert_eq!(
+            (d.event().id(), d.attempt()),
+            (event.id(), 2),
+            "event {n}, taken over from the consumer that stopped reading"
+        );
+        d.ack().await.unwrap();
+    }
+    drop(stuck);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
     let server = support::RedisServer::start().ok();

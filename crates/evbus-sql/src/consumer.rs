@@ -3,19 +3,25 @@
 //!
 //! One claim statement takes as many rows as the consumer has free in-flight slots (the
 //! limit less the deliveries handed out and not yet settled, at most [`MAX_CLAIM`]); the
-//! stream hands them out in delivery order from its buffer before it claims again. Rows
-//! claimed but never handed out (the subscription was dropped) are given back at once, and
-//! their claim is not counted as an attempt. So are buffered rows whose claim has used half
-//! the visibility timeout (a reader slower than its claims): the stream gives them back
-//! before it claims again, so a delivery is handed out with at least half its visibility
-//! timeout left and a slow reader does not use up attempts. Rows whose claim outlived the
-//! whole timeout (the stream was not read for that long) are dropped: another consumer may
-//! hold them by then. A claim runs in a task of its own, so a stream dropped while its claim
-//! statement runs gives the rows it claimed back too.
+//! stream hands them out in delivery order from its buffer before it claims again. While the
+//! stream is read (polled within the last visibility timeout), a task of its own renews the
+//! buffered claims every third of the timeout, all in one statement (see [`renew_buffered`]),
+//! so rows claimed ahead wait for a reader slower than its claims without timing out: each is
+//! handed out on its first attempt, in order, and stays this consumer's (rows given back
+//! there went to the end of the line behind rows claimed after them, by this consumer or
+//! another, and an ordered handler ran a key's events out of order). A row whose renewal
+//! fails has moved on and is dropped from the buffer. Rows claimed but never handed out (the
+//! subscription was dropped, the transport closed) are given back at once, and their claim is
+//! not counted as an attempt. Once the stream has not been read for a whole visibility
+//! timeout (a hung or stopped reader), renewal stops and the buffered claims run down: a row
+//! is handed out only with at least half its visibility timeout left, the stream gives back
+//! the rows past that before it claims again, and rows whose claim outlived the whole timeout
+//! are dropped, for another consumer may hold them by then. A claim runs in a task of its
+//! own, so a stream dropped while its claim statement runs gives the rows it claimed back too.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -42,6 +48,10 @@ pub(crate) const MAX_CLAIM: usize = 256;
 /// idle consumer (its last claim found nothing) moves them on every claim. So a delayed row
 /// comes back at most this much after it came due, on top of the wait for the next claim.
 pub(crate) const PROMOTE_EVERY: Duration = Duration::from_millis(50);
+
+/// The shortest interval between renewals of the claims made ahead, whatever the visibility
+/// timeout (as core's for a held delivery).
+const MIN_RENEW_EVERY: Duration = Duration::from_millis(10);
 
 /// A claimed delivery row.
 #[derive(Debug)]
@@ -70,26 +80,46 @@ struct State {
     promoted: Option<Instant>,
     idle: bool,
     location: Arc<str>,
-    /// Claimed rows not handed out yet, shared with the transport's close.
+    /// Claimed rows not handed out yet, shared with the transport's close and the renewal.
     buffer: Arc<Buffer>,
+    /// Stops the renewal of the buffered claims: cancelled when the stream is dropped (and,
+    /// a child of the transport's, when the transport closes).
+    renewal: CancellationToken,
     /// Deliveries handed out and not dropped yet (settled or not).
     held: Arc<AtomicUsize>,
     max_in_flight: usize,
 }
 
-/// A consumer's claimed rows not handed out yet, in delivery order, and when they were
-/// claimed. The consumer's stream is read lazily: once the transport closes nobody reads
-/// it, so close takes them from here to give them back (see [`Buffer::take_unexpired`]).
+/// A consumer's claimed rows not handed out yet, in delivery order, and when their claim was
+/// last made or renewed. The consumer's stream is read lazily: once the transport closes
+/// nobody reads it, so close takes them from here to give them back (see
+/// [`Buffer::take_to_give_back`]).
 #[derive(Debug)]
 pub(crate) struct Buffer {
     visibility: i64,
     rows: std::sync::Mutex<Buffered>,
+    /// Held by a renewal for its statement and by whoever takes the rows to give them back,
+    /// so that the two never meet on the same rows: on PostgreSQL each skips the rows the
+    /// other holds locked, and a give-back that skipped a row being renewed left it claimed
+    /// for a whole timeout, then counted as an attempt.
+    turn: tokio::sync::Mutex<()>,
+    /// When the buffer was made, and when its stream was last polled, in ms since then.
+    made: Instant,
+    polled: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Buffered {
     claims: VecDeque<Claim>,
+    /// When the claims' visibility timeout last started: when the claim statement or the
+    /// last renewal that succeeded was sent (the database's timeout starts later, never
+    /// earlier).
     claimed_at: Instant,
+    /// Counts the fills: a renewal that finishes after the buffer was emptied and filled
+    /// again does not apply to the new claims.
+    fills: u64,
+    /// Whether a renewal task runs (see [`renew_buffered`]).
+    renewing: bool,
 }
 
 impl Buffer {
@@ -99,7 +129,12 @@ impl Buffer {
             rows: std::sync::Mutex::new(Buffered {
                 claims: VecDeque::new(),
                 claimed_at: Instant::now(),
+                fills: 0,
+                renewing: false,
             }),
+            turn: tokio::sync::Mutex::new(()),
+            made: Instant::now(),
+            polled: AtomicU64::new(0),
         }
     }
 
@@ -111,6 +146,19 @@ impl Buffer {
 
     fn len(&self) -> usize {
         self.lock().claims.len()
+    }
+
+    /// Notes that the stream is being polled now.
+    fn mark_polled(&self) {
+        let now = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.polled.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the stream was polled within the last visibility timeout.
+    fn polled_lately(&self) -> bool {
+        let now = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let since = now.saturating_sub(self.polled.load(Ordering::Relaxed));
+        i64::try_from(since).unwrap_or(i64::MAX) < self.visibility
     }
 
     /// The next row while its claim has at least half the visibility timeout left.
@@ -138,18 +186,84 @@ impl Buffer {
         }
     }
 
-    /// Buffers `claims`, claimed at `at`.
-    fn fill(&self, claims: impl Iterator<Item = Claim>, at: Instant) {
+    /// [`take_unexpired`](Self::take_unexpired) once a renewal in flight has finished, so
+    /// that what it found gone is not given back and what it renewed counts from the renewal.
+    pub(crate) async fn take_to_give_back(&self) -> Vec<Claim> {
+        let _turn = self.turn.lock().await;
+        self.take_unexpired()
+    }
+
+    /// Buffers `claims`, claimed at `at`. Returns whether a renewal task is to be started
+    /// (rows are buffered and none runs); it is then counted as running.
+    fn fill(&self, claims: impl Iterator<Item = Claim>, at: Instant) -> bool {
         let mut rows = self.lock();
         rows.claims.extend(claims);
         rows.claimed_at = at;
+        rows.fills += 1;
+        rows.start_renewal()
+    }
+
+    /// Whether a renewal task is to be started again (rows are buffered and none runs, as
+    /// after the stream was not polled for a whole timeout); it is then counted as running.
+    fn restart_renewal(&self) -> bool {
+        self.lock().start_renewal()
+    }
+
+    /// When the next renewal is due, `every` after the claims' timeout started (or at
+    /// `retry`, if later), and which fill it is for; `None`, and the renewal task counted as
+    /// stopped, when nothing is buffered.
+    fn next_renewal(&self, every: Duration, retry: Option<Instant>) -> Option<(Instant, u64)> {
+        let mut rows = self.lock();
+        if rows.claims.is_empty() {
+            rows.renewing = false;
+            return None;
+        }
+        let due = (rows.claimed_at + every).max(retry.unwrap_or(rows.claimed_at));
+        Some((due, rows.fills))
+    }
+
+    /// The buffered claims of fill `fill`, as `(id, attempt)`, for renewal; `None` when
+    /// nothing of it is buffered any more.
+    fn to_renew(&self, fill: u64) -> Option<Vec<(i64, i32)>> {
+        let rows = self.lock();
+        if rows.claims.is_empty() || rows.fills != fill {
+            return None;
+        }
+        Some(rows.claims.iter().map(|c| (c.id, c.attempt)).collect())
+    }
+
+    /// Counts the renewal task as stopped.
+    fn stop_renewal(&self) {
+        self.lock().renewing = false;
+    }
+
+    /// Applies a renewal of fill `fill`, sent at `sent`, that renewed `renewed`: the rows it
+    /// renewed now count from `sent`; the others (moved on) are dropped, and counted in the
+    /// result. Nothing changes if the buffer was emptied and filled again meanwhile (its
+    /// claims are newer); rows handed out meanwhile are the deliveries' own business.
+    fn renewed(&self, fill: u64, renewed: &HashSet<i64>, sent: Instant) -> usize {
+        let mut rows = self.lock();
+        if rows.fills != fill {
+            return 0;
+        }
+        let before = rows.claims.len();
+        rows.claims.retain(|c| renewed.contains(&c.id));
+        rows.claimed_at = sent;
+        before - rows.claims.len()
     }
 }
 
 impl Buffered {
-    /// How long the buffered claims have been held, in ms.
+    /// How long ago the buffered claims' visibility timeout started, in ms.
     fn age(&self) -> i64 {
         i64::try_from(self.claimed_at.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// See [`Buffer::fill`].
+    fn start_renewal(&mut self) -> bool {
+        let start = !self.claims.is_empty() && !self.renewing;
+        self.renewing |= start;
+        start
     }
 }
 
@@ -163,10 +277,23 @@ impl State {
     }
 
     /// The next buffered row, as a delivery, while its claim has at least half the
-    /// visibility timeout left.
+    /// visibility timeout left. The stream is read again: the renewal of the rows left
+    /// starts again if it had stopped.
     fn take_buffered(&mut self) -> Option<RawDelivery> {
         let claim = self.buffer.pop_fresh()?;
+        if self.buffer.restart_renewal() {
+            self.start_renewal();
+        }
         Some(self.hand_out(claim))
+    }
+
+    /// Starts the task renewing the buffered claims (see [`renew_buffered`]).
+    fn start_renewal(&self) {
+        tokio::spawn(renew_buffered(
+            self.broker.clone(),
+            Arc::clone(&self.buffer),
+            self.renewal.clone(),
+        ));
     }
 
     /// `claim` as a delivery, counted as held until it is dropped.
@@ -213,8 +340,8 @@ impl Drop for State {
     /// Gives back the rows claimed and never handed out, so they go to the next consumer
     /// now rather than after the visibility timeout.
     fn drop(&mut self) {
-        let claims = self.buffer.take_unexpired();
-        if claims.is_empty() {
+        self.renewal.cancel();
+        if self.buffer.len() == 0 {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -222,9 +349,81 @@ impl Drop for State {
         };
         let broker = self.broker.clone();
         let notify = Arc::clone(&self.notify);
+        let buffer = Arc::clone(&self.buffer);
         let tracker = self.broker.give_backs().clone();
-        runtime
-            .spawn(tracker.track_future(async move { give_back(&broker, &notify, claims).await }));
+        runtime.spawn(tracker.track_future(async move {
+            let claims = buffer.take_to_give_back().await;
+            if !claims.is_empty() {
+                give_back(&broker, &notify, claims).await;
+            }
+        }));
+    }
+}
+
+/// Renews the claims in `buffer` every third of its visibility timeout (at least every
+/// [`MIN_RENEW_EVERY`]), in one statement for all of them (see [`SqlBroker::renew_claims`]),
+/// while its stream was polled within the last visibility timeout; until the buffer is empty,
+/// the stream has not been polled for that long, or `stop` (the stream was dropped or the
+/// transport closed). A claim the statement did not renew has moved on (its timeout ran out,
+/// or its row is being deleted) and is dropped from the buffer, never handed out; the others'
+/// timeout counts from when the statement was sent. A failed statement is tried again after
+/// a quarter of the period, while the claims last: if they run out first, the stream gives
+/// back or drops them as it does when renewal has stopped.
+async fn renew_buffered(broker: SqlBroker, buffer: Arc<Buffer>, stop: CancellationToken) {
+    let visibility = u64::try_from(buffer.visibility).unwrap_or(u64::MAX);
+    let every = (Duration::from_millis(visibility) / 3).max(MIN_RENEW_EVERY);
+    let mut retry = None;
+    loop {
+        let Some((due, fill)) = buffer.next_renewal(every, retry) else {
+            return;
+        };
+        tokio::select! {
+            () = stop.cancelled() => {
+                buffer.stop_renewal();
+                return;
+            }
+            () = tokio::time::sleep_until(due.into()) => {}
+        }
+        // Not while rows are being taken to be given back (drop, close): see `Buffer::turn`.
+        let _turn = buffer.turn.lock().await;
+        if stop.is_cancelled() || !buffer.polled_lately() {
+            // The consumer stopped reading: its claims run down, and the stream gives back
+            // or drops them when it is read again (it restarts the renewal then).
+            buffer.stop_renewal();
+            return;
+        }
+        let Some(claims) = buffer.to_renew(fill) else {
+            // Emptied (the next round ends the task), or emptied and filled again (the next
+            // round waits for the new claims' turn).
+            continue;
+        };
+        let sent = Instant::now();
+        match broker.renew_claims(&claims, buffer.visibility).await {
+            Ok(renewed) => {
+                retry = None;
+                let renewed: HashSet<i64> = renewed.into_iter().collect();
+                let gone = buffer.renewed(fill, &renewed, sent);
+                if gone > 0 {
+                    tracing::debug!(
+                        rows = gone,
+                        "evbus-sql: claims made ahead ran out or their rows were deleted before \
+                         they were handed out; they are not handed out"
+                    );
+                }
+            }
+            Err(e) if e.kind() == evbus::ErrorKind::Closed => {
+                buffer.stop_renewal();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(
+                    error = %e,
+                    rows = claims.len(),
+                    "evbus-sql: could not renew claims made ahead; trying again"
+                );
+                retry = Some(Instant::now() + (every / 4).max(MIN_RENEW_EVERY));
+            }
+        }
     }
 }
 
@@ -322,6 +521,7 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         .is_anonymous()
         .then(|| keep_alive(broker.clone(), part));
     let buffer = broker.buffer(visibility);
+    let renewal = broker.shared.stop_token().child_token();
     let state = State {
         broker,
         part,
@@ -333,11 +533,19 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
         promoted: None,
         idle: true,
         location: location.into(),
-        buffer,
+        buffer: Arc::clone(&buffer),
+        renewal,
         held: Arc::new(AtomicUsize::new(0)),
         max_in_flight: source.consumer().max_in_flight.max(1),
     };
-    futures::stream::unfold(state, next).boxed()
+    let mut deliveries = futures::stream::unfold(state, next).boxed();
+    // Every poll counts as the consumer reading: the renewal of the claims made ahead goes
+    // on while it polls (see `renew_buffered`).
+    futures::stream::poll_fn(move |cx| {
+        buffer.mark_polled();
+        deliveries.poll_next_unpin(cx)
+    })
+    .boxed()
 }
 
 async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
@@ -370,9 +578,10 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
         if let Some(delivery) = state.take_buffered() {
             return Some((Ok(delivery), state));
         }
-        // Held too long to hand out: give back what another consumer cannot hold yet, and
-        // claim afresh (in order, so the rows given back come first again).
-        let claims = state.buffer.take_unexpired();
+        // Held too long to hand out (the stream was not read for a whole timeout, so their
+        // renewal stopped): give back what another consumer cannot hold yet, and claim
+        // afresh (in order, so the rows given back come first again).
+        let claims = state.buffer.take_to_give_back().await;
         if !claims.is_empty() {
             give_back(&state.broker, &state.notify, claims).await;
         }
@@ -389,7 +598,9 @@ async fn next(mut state: State) -> Option<(Result<RawDelivery>, State)> {
                 // timeout shorter than a round trip still makes progress.
                 let mut claims = claims.into_iter();
                 let first = claims.next().map(|claim| state.hand_out(claim));
-                state.buffer.fill(claims, claimed_at);
+                if state.buffer.fill(claims, claimed_at) {
+                    state.start_renewal();
+                }
                 if let Some(first) = first {
                     return Some((Ok(first), state));
                 }

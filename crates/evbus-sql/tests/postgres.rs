@@ -438,6 +438,30 @@ async fn delayed_rows_wait_apart_and_come_back_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_stay_with_a_reader_in_use() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::rows_claimed_ahead_stay_with_a_reader_in_use(&transport).await;
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_by_a_stream_not_polled_time_out() {
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    let transport = schema.open("").await;
+    support::rows_claimed_ahead_by_a_stream_not_polled_time_out(&transport).await;
+    assert_eq!(schema.count("evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let Some(schema) = Schema::new().await else {
         return;

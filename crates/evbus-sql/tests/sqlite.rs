@@ -278,6 +278,26 @@ async fn a_slow_reader_hands_out_every_event_on_its_first_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_stay_with_a_reader_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::rows_claimed_ahead_stay_with_a_reader_in_use(&transport).await;
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_claimed_ahead_by_a_stream_not_polled_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let transport = open(&path, "").await;
+    support::rows_claimed_ahead_by_a_stream_not_polled_time_out(&transport).await;
+    assert_eq!(count(&path, "evbus_deliveries").await, 0);
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rows_claimed_ahead_and_never_handed_out_go_back_at_once_uncounted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");

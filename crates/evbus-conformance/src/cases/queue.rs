@@ -475,6 +475,66 @@ pub(super) async fn queue_renewed_delivery_stays_with_its_consumer_past_the_visi
     .await
 }
 
+/// Events a consumer fetched ahead, into its in-flight room, wait for it without timing out
+/// while it is in use: the transport keeps their visibility timeouts running only once they
+/// are handed out. A consumer with room for 4 takes 8 events of one key one at a time,
+/// holding each for two fifths of the visibility timeout before it acks it: the last events
+/// wait in its buffer for over a timeout. Each must come once, on its first attempt, in send
+/// order, with its lease alive (a renewal holds it). A transport that let them time out there delivered them again (counted: a second
+/// attempt; Redis, NATS) or gave them back and took them again behind later ones (out of
+/// order: SQL), which an ordered handler with a prefetch then ran twice or out of order.
+pub(super) async fn queue_events_fetched_ahead_wait_for_a_consumer_in_use_past_the_visibility_timeout<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    const N: u64 = 8;
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    let events: Vec<Event> = (0..N).map(|i| ctx.keyed_event("ahead", i)).collect();
+    bounded("sending a batch", queue.send_batch(&events)).await?;
+    let mut c = receive(&*queue, ctx.short_consumer().max_in_flight(4)).await?;
+    let hold = SHORT_VISIBILITY * 2 / 5;
+    let started = Instant::now();
+    for (at, event) in events.iter().enumerate() {
+        let d = next(&mut c, WAIT, &format!("delivery {at}")).await?;
+        ensure!(
+            d.event().id() == event.id() && d.attempt() == 1,
+            "delivery {at} (after {:?}, each held {hold:?}, visibility timeout \
+             {SHORT_VISIBILITY:?}, in-flight room 4) was event {} on attempt {}, expected \
+             event {} (seq {at}) on attempt 1: an event fetched ahead timed out while it \
+             waited for the consumer",
+            started.elapsed(),
+            d.event().id(),
+            d.attempt(),
+            event.id()
+        );
+        // Handed out with its lease alive: a renewal holds it (NATS, which redelivers into a
+        // waiting pull request only, handed out the stale copy on attempt 1, and its lease
+        // had run out).
+        bounded(
+            format!(
+                "renewing delivery {at} (after {:?}, visibility timeout {SHORT_VISIBILITY:?}; \
+                 it timed out while it waited for the consumer)",
+                started.elapsed()
+            ),
+            d.renew(),
+        )
+        .await?;
+        // The consumer at work.
+        tokio::time::sleep(hold).await;
+        bounded("acking", d.ack()).await?;
+    }
+    queue_sentinel(
+        &ctx,
+        &*queue,
+        &mut c,
+        SHORT_VISIBILITY + QUIET,
+        "the consumer",
+    )
+    .await
+}
+
 pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_nothing_back<
     T: Transport + 'static,
 >(

@@ -278,13 +278,17 @@ impl HandlerBuilder {
     /// Events this instance may hold beyond the ones running (default: as many as the
     /// [`concurrency`](Self::concurrency)). While every slot is busy the transport fetches
     /// these ahead, so the next event is at hand when a run ends instead of a round trip
-    /// later. A fetched event waits for a free slot with its visibility timeout running, and
-    /// nothing renews it there: up to about `prefetch / concurrency` handler runs (one with
-    /// the default; for an ordered handler, a run with its retries in place and their
-    /// backoffs). Keep that under half the
-    /// [`visibility_timeout`](Self::visibility_timeout) (the handler logs a warning when a
-    /// run is too long for it), or fetched events time out where they wait and are
-    /// delivered again: run twice, and for an ordered handler out of order. Set 0 to fetch
+    /// later. A fetched event waits for a free slot in the transport, which renews its
+    /// visibility timeout while the handler takes deliveries at least once a timeout (ADR
+    /// 0037), so however long the wait (about `prefetch / concurrency` runs) it runs once, in
+    /// order. Keep each run (for an ordered handler, with its retries in place and their
+    /// backoffs) under half the [`visibility_timeout`](Self::visibility_timeout): the handler
+    /// logs a warning when one is not, as a run is not renewed, and while every slot is held
+    /// past a whole timeout the transport stops renewing and fetched events come back as
+    /// redeliveries (run twice; for an ordered handler, out of order). A third-party
+    /// transport that does not renew what it fetched ahead fails the conformance case
+    /// `queue_events_fetched_ahead_wait_for_a_consumer_in_use_past_the_visibility_timeout`;
+    /// with one, keep `prefetch / concurrency` runs under half the timeout. Set 0 to fetch
     /// only for free slots.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
@@ -311,9 +315,8 @@ impl HandlerBuilder {
     /// without holding slots, so other keys run meanwhile, as far as the in-flight limit
     /// (concurrency plus [`prefetch`](Self::prefetch)) lets them be taken (with
     /// `prefetch(0)`, one busy key can still take every place; events fetched ahead of the
-    /// slots wait in the transport, not renewed, as the prefetch says). While they wait the
-    /// handler
-    /// renews their visibility timeouts (every third of
+    /// slots wait in the transport, which renews them, as the prefetch says). While they wait
+    /// the handler renews their visibility timeouts (every third of
     /// [`visibility_timeout`](Self::visibility_timeout), and once more as each starts), so a
     /// key's backlog may take longer than one timeout: each event still runs once, in
     /// order. If this process dies, they come back a timeout after the last renewal. On a
@@ -435,8 +438,10 @@ impl HandlerBuilder {
             metrics: telemetry::HandlerMetrics::new(&self.ty, &self.group),
             lane_warned: AtomicBool::new(false),
             renews: AtomicBool::new(true),
-            slow_runs: (prefetch > 0)
-                .then(|| SlowRuns::new(prefetch, self.concurrency, self.visibility_timeout)),
+            slow_runs: (prefetch > 0).then(|| SlowRuns {
+                half_visibility: self.visibility_timeout / 2,
+                warned: AtomicBool::new(false),
+            }),
             in_flight: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             lanes: Mutex::new(HashMap::new()),
@@ -720,44 +725,29 @@ impl Pool {
     }
 }
 
-/// Watches a prefetching handler's run times: events fetched ahead wait for a slot with
-/// their visibility timeout running, so runs over half of it put them at risk.
+/// Watches a prefetching handler's run times: a run is not renewed, and the transport keeps
+/// renewing the events it fetched ahead only while the handler takes a delivery at least once
+/// a timeout (ADR 0037), so runs over half the visibility timeout put both at risk.
 struct SlowRuns {
-    /// Handler runs an event fetched ahead waits for a free slot, at most:
-    /// `prefetch / concurrency`, rounded up.
-    waits: u32,
-    /// The longest run that keeps such a wait under half the visibility timeout.
-    longest: Duration,
-    visibility_timeout: Duration,
+    half_visibility: Duration,
     /// Warned once per handler instance.
     warned: AtomicBool,
 }
 
 impl SlowRuns {
-    fn new(prefetch: usize, concurrency: usize, visibility_timeout: Duration) -> Self {
-        let waits = u32::try_from(prefetch.div_ceil(concurrency.max(1))).unwrap_or(u32::MAX);
-        SlowRuns {
-            waits,
-            longest: visibility_timeout / 2 / waits.max(1),
-            visibility_timeout,
-            warned: AtomicBool::new(false),
-        }
-    }
-
     fn ran_for(&self, run: Duration, ty: &str, group: &str) {
-        if run > self.longest && !self.warned.swap(true, Ordering::Relaxed) {
+        if run > self.half_visibility && !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 event_type = ty,
                 group,
                 run = ?run,
-                runs_waited = self.waits,
-                visibility_timeout = ?self.visibility_timeout,
-                "events fetched ahead wait for a free slot about `runs_waited` handler runs \
-                 (prefetch / concurrency), and at this run's length (with its retries in \
-                 place, for an ordered handler) that took over half the visibility timeout: \
-                 they may time out where they wait and come back as redeliveries (run twice, \
-                 with another attempt counted; for an ordered handler, out of order); raise \
-                 the visibility timeout, lower the prefetch, or set prefetch(0)"
+                visibility_timeout = ?(self.half_visibility * 2),
+                "a handler run (with its retries in place, for an ordered handler) took over \
+                 half the visibility timeout: the run itself is not renewed, and once every \
+                 slot is held past a whole timeout the transport stops renewing the events \
+                 fetched ahead, which then come back as redeliveries (run twice, with another \
+                 attempt counted; for an ordered handler, out of order); raise the visibility \
+                 timeout or set prefetch(0)"
             );
         }
     }
