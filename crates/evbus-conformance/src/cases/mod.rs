@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use crate::Need;
 use crate::support::{CaseResult, Ctx};
 
+mod bus;
 mod lifecycle;
 mod queue;
 mod samples;
@@ -148,6 +149,8 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         // Schema (through the Bus)
         case!(schema::schema_invalid_event_is_rejected_at_emit_and_nothing_is_published),
         case!(schema::schema_invalid_event_from_a_raw_producer_is_dead_lettered_and_never_handled),
+        // Bus
+        case!(bus::bus_a_prefetching_handler_runs_a_backlog_past_the_visibility_timeout_once_in_order, needs: [PER_KEY_ORDER]),
     ]
 }
 

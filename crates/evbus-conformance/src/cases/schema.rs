@@ -8,7 +8,7 @@ use super::prelude::*;
 use crate::support::{Conn, expect_quiet};
 
 /// The event type of these cases.
-const TYPE: &str = "evbus.conformance.order";
+pub(super) const TYPE: &str = "evbus.conformance.order";
 
 fn catalog() -> Result<Catalog, Failure> {
     let mut builder = Catalog::builder();
@@ -31,7 +31,10 @@ fn catalog() -> Result<Catalog, Failure> {
 }
 
 /// A bus on `conn` that publishes [`TYPE`] to a topic unique to the case.
-fn bus<T: Transport + 'static>(ctx: &Ctx<T>, conn: &Conn<T>) -> Result<(Bus, String), Failure> {
+pub(super) fn bus<T: Transport + 'static>(
+    ctx: &Ctx<T>,
+    conn: &Conn<T>,
+) -> Result<(Bus, String), Failure> {
     let topic = ctx.topic_name("orders");
     let bus = Bus::builder(conn.shared(), catalog()?)
         .source(ctx.source())
@@ -40,7 +43,7 @@ fn bus<T: Transport + 'static>(ctx: &Ctx<T>, conn: &Conn<T>) -> Result<(Bus, Str
     Ok((bus, topic))
 }
 
-fn valid(order: &str) -> Value {
+pub(super) fn valid(order: &str) -> Value {
     json!({"orderId": order, "total": 12.5})
 }
 
