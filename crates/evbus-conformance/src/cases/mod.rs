@@ -172,7 +172,7 @@ mod tests {
                 case.name
             );
             assert!(
-                ["topic_", "queue_", "lifecycle_", "schema_"]
+                ["topic_", "queue_", "lifecycle_", "schema_", "bus_"]
                     .iter()
                     .any(|p| case.name.starts_with(p)),
                 "{} does not say what it is about",
