@@ -1559,6 +1559,25 @@ mod tests {
         assert!((wall - b).abs() < 60_000, "{wall} vs {b}");
     }
 
+    /// A SQLite database in a new directory (kept while the `TempDir` lives) holding queue
+    /// `q` (partition 1) and one event (id 1), after `statements` ran on it.
+    async fn sqlite_queue_with(statements: &[&str]) -> (tempfile::TempDir, sqlx::SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evbus.db");
+        let config = SqlConfig::from_url(&format!("sqlite://{}", path.display())).unwrap();
+        let Db::Sqlite(pool) = open_sqlite(&config, &path).await.unwrap() else {
+            unreachable!("a SQLite file opens as SQLite")
+        };
+        let queue = [
+            "INSERT INTO evbus_parts (kind, dest, name, seen_at) VALUES ('queue', 'q', '', 0)",
+            "INSERT INTO evbus_events (kind, dest, body, created_at) VALUES ('queue', 'q', '{}', 0)",
+        ];
+        for statement in queue.iter().chain(statements) {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        (dir, pool)
+    }
+
     /// The plans SQLite makes for a claim and for moving due delayed rows back: the claim
     /// reads the partition's rows that are not delayed, in id order, through the index
     /// (never a scan of the table, never a sort, never a step over delayed rows); the move
@@ -1566,22 +1585,13 @@ mod tests {
     /// row (a partition after an outage), the tables not analysed (as nobody does).
     #[tokio::test]
     async fn a_sqlite_claim_never_reads_a_delayed_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("plan.db");
-        let config = SqlConfig::from_url(&format!("sqlite://{}", path.display())).unwrap();
-        let Db::Sqlite(pool) = open_sqlite(&config, &path).await.unwrap() else {
-            unreachable!("a SQLite file opens as SQLite")
-        };
-        for statement in [
-            "INSERT INTO evbus_parts (kind, dest, name, seen_at) VALUES ('queue', 'q', '', 0)",
-            "INSERT INTO evbus_events (kind, dest, body, created_at) VALUES ('queue', 'q', '{}', 0)",
+        let (_dir, pool) = sqlite_queue_with(&[
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
              INSERT INTO evbus_deliveries (part, event, visible_at, attempt, delayed_until) \
              SELECT 1, 1, 9000000000000, 1, 9000000000000 FROM n",
             "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) VALUES (1, 1, 0, 0)",
-        ] {
-            sqlx::query(statement).execute(&pool).await.unwrap();
-        }
+        ])
+        .await;
         let plan = |sql: &'static str, args: &'static [i64]| {
             let pool = pool.clone();
             async move {
@@ -1639,15 +1649,7 @@ mod tests {
     /// renewed and returned.
     #[tokio::test]
     async fn a_sqlite_renewal_of_claims_looks_up_each_and_renews_only_live_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("renew.db");
-        let config = SqlConfig::from_url(&format!("sqlite://{}", path.display())).unwrap();
-        let Db::Sqlite(pool) = open_sqlite(&config, &path).await.unwrap() else {
-            unreachable!("a SQLite file opens as SQLite")
-        };
-        for statement in [
-            "INSERT INTO evbus_parts (kind, dest, name, seen_at) VALUES ('queue', 'q', '', 0)",
-            "INSERT INTO evbus_events (kind, dest, body, created_at) VALUES ('queue', 'q', '{}', 0)",
+        let (_dir, pool) = sqlite_queue_with(&[
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
              INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
              SELECT 1, 1, 1000, 1 FROM n",
@@ -1655,9 +1657,8 @@ mod tests {
             "UPDATE evbus_deliveries SET attempt = 2 WHERE id = 2",
             "UPDATE evbus_deliveries SET visible_at = 100 WHERE id = 3",
             "UPDATE evbus_deliveries SET delayed_until = 1000 WHERE id = 4",
-        ] {
-            sqlx::query(statement).execute(&pool).await.unwrap();
-        }
+        ])
+        .await;
         let pairs = "[[1,1],[2,1],[3,1],[4,1],[5,1]]";
         let explain = format!("EXPLAIN QUERY PLAN {RENEW_SQLITE}");
         let plan: Vec<String> = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain)
