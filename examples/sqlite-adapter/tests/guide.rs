@@ -118,7 +118,7 @@ fn every_conformance_case_the_guide_names_exists() {
     let named: Vec<&str> = GUIDE
         .split('`')
         .filter(|word| {
-            ["topic_", "queue_", "lifecycle_", "schema_"]
+            ["topic_", "queue_", "lifecycle_", "schema_", "bus_"]
                 .iter()
                 .any(|p| word.starts_with(p))
                 && word
@@ -148,10 +148,16 @@ fn catalogue_cases() -> usize {
         repository_root().join("crates/evbus-conformance/src/cases/mod.rs"),
     )
     .expect("the conformance catalogue");
-    ["::topic_", "::queue_", "::lifecycle_", "::schema_"]
-        .iter()
-        .map(|prefix| catalogue.matches(prefix).count())
-        .sum()
+    [
+        "::topic_",
+        "::queue_",
+        "::lifecycle_",
+        "::schema_",
+        "::bus_",
+    ]
+    .iter()
+    .map(|prefix| catalogue.matches(prefix).count())
+    .sum()
 }
 
 #[test]
