@@ -455,11 +455,10 @@ impl Pull {
                     }
                 }
             }
-            let mut waited = false;
             let taken = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return None,
-                taken = std::future::poll_fn(|cx| self.ahead.poll_take(cx, &mut waited)) => taken,
+                taken = std::future::poll_fn(|cx| self.ahead.poll_take(cx)) => taken,
             };
             match taken {
                 // No batch: a request is made first.
@@ -659,21 +658,37 @@ fn headerless_structured(message: &async_nats::Message) -> Option<Result<Event>>
 /// No later than when the server started (or last restarted) a delivery's `ack_wait`: the
 /// clock of its visibility timeout, shared by the buffered message and, once it is handed
 /// out, its acker, so that a renewal by either counts for both.
-struct Since(std::sync::Mutex<Instant>);
+struct Since {
+    at: std::sync::Mutex<Instant>,
+    /// Set once the message is handed out: the renewal task no longer renews it (a `+WPI`
+    /// after its settlement would undo a delayed `-NAK`'s delay on the server).
+    handed: AtomicBool,
+}
 
 impl Since {
     fn new(at: Instant) -> Arc<Self> {
-        Arc::new(Since(std::sync::Mutex::new(at)))
+        Arc::new(Since {
+            at: std::sync::Mutex::new(at),
+            handed: AtomicBool::new(false),
+        })
     }
 
     fn get(&self) -> Instant {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hand_out(&self) {
+        self.handed.store(true, Ordering::Release);
+    }
+
+    fn handed(&self) -> bool {
+        self.handed.load(Ordering::Acquire)
     }
 
     /// Records a renewal sent at `at` (taken before it was sent); one started later may have
     /// been recorded first.
     fn renewed(&self, at: Instant) {
-        let mut since = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut since = self.at.lock().unwrap_or_else(|p| p.into_inner());
         *since = (*since).max(at);
     }
 
@@ -756,6 +771,10 @@ struct Arrival {
     /// When the first wake since the batch was last read came: no sooner than the message
     /// that woke it reached this consumer (the channel wakes its waker as the message comes).
     first: std::sync::Mutex<Option<Instant>>,
+    /// The reader waiting on an empty batch, woken with the renewal task: the batch is
+    /// polled with this waker, never the reader's, so that a message the reader takes long
+    /// after it came (the reader was woken and did not poll) is dated from when it came.
+    reader: std::sync::Mutex<Option<Waker>>,
 }
 
 impl Wake for Arrival {
@@ -769,6 +788,9 @@ impl Wake for Arrival {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(Instant::now);
         self.notify.notify_one();
+        if let Some(reader) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            reader.wake();
+        }
     }
 }
 
@@ -783,6 +805,7 @@ impl Ahead {
         let arrival = Arc::new(Arrival {
             notify: Notify::new(),
             first: std::sync::Mutex::new(None),
+            reader: std::sync::Mutex::new(None),
         });
         let now = Instant::now();
         Arc::new(Ahead {
@@ -830,12 +853,32 @@ impl Ahead {
     }
 
     /// The reader's next item: a buffered message, else how the batch ended, else the next
-    /// message of the batch (`None`: there is no batch). `waited` tells whether the reader
-    /// had to wait. Once a message is taken, what the batch holds already is read ahead, so
-    /// that the renewal task sees it (and the next message to come wakes that task).
-    fn poll_take(&self, cx: &mut Context<'_>, waited: &mut bool) -> Poll<Option<Taken>> {
+    /// message of the batch (`None`: there is no batch). A message is dated from when it
+    /// reached the batch, however long after that the reader polls (the batch is polled with
+    /// [`Arrival`]'s waker), and one whose timeout ran out before it was taken is dropped,
+    /// never handed out. Once a message is taken, what the batch holds already is read
+    /// ahead, so that the renewal task sees it (and the next message to come wakes that
+    /// task).
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
         let mut state = self.lock();
-        let taken = if let Some(buffered) = state.buffer.pop_front() {
+        let now = Instant::now();
+        // A buffered message whose timeout ran out (its reader came back after a pause past
+        // it) is never handed out: the server delivers it again, perhaps to another
+        // consumer already.
+        let mut expired = 0usize;
+        let fresh = loop {
+            match state.buffer.pop_front() {
+                Some(b) if !b.since.renewable(now, self.ack_wait) => expired += 1,
+                other => break other,
+            }
+        };
+        if expired > 0 {
+            tracing::debug!(
+                expired,
+                "fetched messages timed out before they were handed out; the server delivers them again"
+            );
+        }
+        let taken = if let Some(buffered) = fresh {
             Taken::Message(buffered)
         } else if let Some(end) = state.end.take() {
             state.waiting = false;
@@ -845,25 +888,39 @@ impl Ahead {
                 state.waiting = false;
                 return Poll::Ready(None);
             };
-            match batch.poll_next_unpin(cx) {
+            // Polled with the arrival's waker, which wakes the reader too and records when
+            // the next message came: the reader may poll again long after.
+            *self
+                .arrival
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            let mut arrival_cx = Context::from_waker(&self.waker);
+            match batch.poll_next_unpin(&mut arrival_cx) {
                 Poll::Pending => {
                     state.waiting = true;
-                    *waited = true;
+                    // Whatever comes next comes after this look.
+                    state.received = state.received.max(now);
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(message))) => {
-                    // It came now when the reader had to wait for it.
-                    let since = if *waited {
-                        Instant::now()
-                    } else {
-                        state.next_since(&self.arrival)
-                    };
+                    let since = state.next_since(&self.arrival);
                     state.received = since;
                     state.served = true;
-                    Taken::Message(Buffered {
+                    let buffered = Buffered {
                         message,
                         since: Since::new(since),
-                    })
+                    };
+                    if !buffered.since.renewable(Instant::now(), self.ack_wait) {
+                        // Came while the reader did not poll, for longer than its timeout.
+                        tracing::debug!(
+                            "a fetched message timed out before it was handed out; the server delivers it again"
+                        );
+                        drop(state);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    Taken::Message(buffered)
                 }
                 Poll::Ready(None) => {
                     state.waiting = false;
@@ -877,6 +934,9 @@ impl Ahead {
                 }
             }
         };
+        if let Taken::Message(b) = &taken {
+            b.since.hand_out();
+        }
         state.waiting = false;
         state.read_ahead(&self.arrival, &self.waker);
         if !state.buffer.is_empty() && !state.renewing {
@@ -896,7 +956,11 @@ impl Ahead {
         let buffered = std::mem::take(&mut state.buffer)
             .into_iter()
             .filter(|b| b.since.renewable(now, self.ack_wait))
-            .map(|b| b.message)
+            .map(|b| {
+                // Given back: a renewal under way leaves it alone.
+                b.since.hand_out();
+                b.message
+            })
             .collect();
         state.end = None;
         (buffered, state.batch.take())
@@ -984,7 +1048,7 @@ async fn renew_ahead(
             () = ahead.arrival.notify.notified() => {}
         }
         loop {
-            match renew_tick(&ahead, &shared, every, (&stream, &consumer)).await {
+            match renew_tick(&ahead, &shared, every, &stop, (&stream, &consumer)).await {
                 Tick::Renewing => {}
                 Tick::Idle => break,
                 Tick::Stop => return,
@@ -1008,6 +1072,7 @@ async fn renew_tick(
     ahead: &Ahead,
     shared: &Shared,
     every: Duration,
+    stop: &CancellationToken,
     (stream, consumer): (&str, &str),
 ) -> Tick {
     let now = Instant::now();
@@ -1045,6 +1110,15 @@ async fn renew_tick(
         );
     }
     for (reply, since) in due {
+        // Handed out since the list was made: its acker settles it, and a `+WPI` after a
+        // delayed `-NAK` would undo the delay on the server.
+        if stop.is_cancelled() {
+            // Dropped: its give-back `-NAK`s what is left.
+            return Tick::Stop;
+        }
+        if since.handed() {
+            continue;
+        }
         match send_ack(
             shared,
             (stream, consumer),

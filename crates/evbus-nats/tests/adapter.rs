@@ -161,16 +161,18 @@ async fn messages_fetched_ahead_by_a_dropped_subscription_come_back_at_once() {
 /// The server starts a message's `ack_wait` as it sends it into a pull request, not when the
 /// subscription hands it out. A message waiting in a fetched batch is renewed only while the
 /// subscription's stream is polled: once nobody polled it for a whole timeout, its timeout
-/// runs out, and a renewal when it is handed out at last is refused (the `+WPI` could
-/// restart the timer of the redelivery the server makes meanwhile, which another consumer
-/// may hold).
+/// runs out, and it is never handed out: the server's redelivery is, on attempt 2, with a
+/// live lease (a renewal of the stale copy, or its ack, would land on the redelivery, which
+/// another consumer may hold).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_that_waited_in_a_batch_nobody_polled_is_not_renewed_past_its_timeout() {
     let transport = transport().await;
     let name = unique("renew-waited");
     let queue = transport.queue(&name).await.unwrap();
-    queue.send(&event(0)).await.unwrap();
-    queue.send(&event(1)).await.unwrap();
+    let events = [event(0), event(1)];
+    for e in &events {
+        queue.send(e).await.unwrap();
+    }
     let visibility = Duration::from_secs(1);
     // Both come in the first pull request.
     let mut c = queue
@@ -189,12 +191,13 @@ async fn a_message_that_waited_in_a_batch_nobody_polled_is_not_renewed_past_its_
         first.renew().await.unwrap();
     }
     let second = next(&mut c).await;
-    assert_eq!(second.attempt(), 1);
-    let err = second
-        .renew()
-        .await
-        .expect_err("renewing a message whose timeout ran out while it waited in a batch");
-    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    assert_eq!(second.event().id(), events[1].id());
+    assert_eq!(
+        second.attempt(),
+        2,
+        "the copy whose timeout ran out in the batch was handed out"
+    );
+    second.renew().await.unwrap();
     // The first, renewed in time, is still its holder's.
     first.renew().await.unwrap();
     first.ack().await.unwrap();
@@ -310,6 +313,83 @@ async fn messages_fetched_ahead_by_a_consumer_that_stopped_reading_go_to_another
     drop((stopped, other));
     transport.delete_queue(&name).await.unwrap();
     transport.close().await.unwrap();
+}
+
+/// A consumer that comes back after a pause longer than the visibility timeout hands out
+/// nothing that timed out meanwhile, whether it fetched it ahead (`waiting` false: it took
+/// one of 4, then paused) or it arrived while its stream waited on an empty batch and then
+/// went unpolled (`waiting` true). The server delivered those again to the other consumer,
+/// on attempt 2; handed out here too they ran twice, the second copy on attempt 1 with its
+/// renewal and ack landing on the other's delivery (outside review of ADR 0037).
+async fn a_consumer_back_from_a_pause_hands_out_nothing_that_timed_out(waiting: bool) {
+    let transport = transport().await;
+    let name = unique(if waiting {
+        "pause-waiting"
+    } else {
+        "pause-ahead"
+    });
+    let queue = transport.queue(&name).await.unwrap();
+    let events: Vec<Event> = (0..4).map(event).collect();
+    let options = ConsumerOptions::default()
+        .max_in_flight(4)
+        .visibility_timeout(Duration::from_secs(1));
+    let mut paused = queue.receive(options.clone()).await.unwrap();
+    let mut expected: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    if waiting {
+        // Its stream waits on an empty batch when the events come.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), paused.next_delivery())
+                .await
+                .is_err()
+        );
+        queue.send_batch(&events).await.unwrap();
+    } else {
+        queue.send_batch(&events).await.unwrap();
+        let first = next(&mut paused).await;
+        assert_eq!(first.event().id(), events[0].id());
+        first.ack().await.unwrap();
+        expected.remove(0);
+    }
+    let mut other = queue.receive(options).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..expected.len() {
+        let d = next(&mut other).await;
+        assert_eq!(
+            d.attempt(),
+            2,
+            "{} came to the other consumer",
+            d.event().id()
+        );
+        got.push(d.event().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    // Back, past the timeout of all it held: nothing it hands out is one of those.
+    if let Ok(Some(Ok(d))) =
+        tokio::time::timeout(Duration::from_millis(1500), paused.next_delivery()).await
+    {
+        panic!(
+            "the consumer back from its pause handed out {} on attempt {}, which the other \
+             consumer had already run",
+            d.event().id(),
+            d.attempt()
+        );
+    }
+    drop((paused, other));
+    transport.delete_queue(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_back_from_a_pause_hands_out_nothing_it_fetched_ahead_that_timed_out() {
+    a_consumer_back_from_a_pause_hands_out_nothing_that_timed_out(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_back_from_a_pause_hands_out_nothing_that_came_while_it_waited_and_timed_out() {
+    a_consumer_back_from_a_pause_hands_out_nothing_that_timed_out(true).await;
 }
 
 /// A pull request asks only for the consumer's free in-flight slots: with `max_in_flight` 4

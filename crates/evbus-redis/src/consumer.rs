@@ -74,7 +74,7 @@ use crate::error::{from_redis, is_no_group};
 use crate::keys::{ANONYMOUS_GROUP_PREFIX, StreamKeys};
 use crate::publisher::DATA_FIELD;
 use crate::scripts::{
-    self, GIVEN_BACK, NOT_PENDING, RAN_OUT, RELEASED_IDLE_MS, SETTLED, TAKEN_OVER,
+    self, GIVEN_BACK, NOT_PENDING, RAN_OUT, RELEASED_IDLE_MS, SETTLED, TAKEN_OVER, TRIMMED,
 };
 use crate::transport::{RedisTransport, Shared};
 
@@ -216,7 +216,7 @@ impl ConsumerState {
     fn take_buffered(self: &Arc<Self>) -> Option<(RawDelivery, String, DeliveryCount)> {
         let mut buffer = self.buffer();
         while let Some(entry) = buffer.pop_front() {
-            if entry.at.elapsed() >= self.visibility {
+            if !entry.trimmed && entry.at.elapsed() >= self.visibility {
                 // Its visibility timeout ran out while it waited here: any consumer (this
                 // one included) takes it over with its next scan.
                 continue;
@@ -226,6 +226,7 @@ impl ConsumerState {
                 count,
                 payload,
                 at,
+                trimmed: _,
             } = entry;
             // Held before the buffer lock is released, so `recover` (which takes both locks)
             // always finds the entry in one of the two.
@@ -493,6 +494,10 @@ struct Buffered {
     payload: std::result::Result<Event, Box<Undecodable>>,
     /// When the request that fetched it was sent: Redis made the delivery after this.
     at: Instant,
+    /// Trimmed from the stream (retention) since it was fetched, as a renewal found: it is
+    /// not renewed (`XCLAIM` would delete it from the pending list), and it is handed out
+    /// even after its timeout ran out, as nobody else can have it (a takeover deletes it).
+    trimmed: bool,
 }
 
 /// One entry as fetched from the stream.
@@ -764,6 +769,7 @@ impl ConsumerTask {
                 count: f.count,
                 payload,
                 at: f.at,
+                trimmed: false,
             }
         });
         self.state.buffer().extend(decoded);
@@ -776,11 +782,16 @@ impl ConsumerTask {
     /// renewed: they wait for the stream to skip them, or to be given back at shutdown).
     fn renewal_due(&self) -> Option<Instant> {
         let buffer = self.state.buffer();
-        let oldest = buffer.iter().map(|b| b.at).min()?;
-        let newest = buffer.iter().map(|b| b.at).max()?;
-        if newest.elapsed() >= self.visibility {
-            return None;
-        }
+        // Trimmed entries are not renewed, and entries past their timeout are never handed
+        // out (`take_buffered` drops them): neither may keep the renewal due (it would be
+        // due at once, again and again).
+        let renewable = || {
+            buffer
+                .iter()
+                .filter(|b| !b.trimmed && b.at.elapsed() < self.visibility)
+                .map(|b| b.at)
+        };
+        let oldest = renewable().min()?;
         Some((oldest + self.renew_interval).max(self.renewals_resume))
     }
 
@@ -803,7 +814,7 @@ impl ConsumerTask {
             .state
             .buffer()
             .iter()
-            .filter(|b| now.saturating_duration_since(b.at) < self.visibility)
+            .filter(|b| !b.trimmed && now.saturating_duration_since(b.at) < self.visibility)
             .map(|b| (b.id.clone(), b.count))
             .collect();
         if entries.is_empty() {
@@ -836,6 +847,10 @@ impl ConsumerTask {
             match outcome.get(&(b.id.as_str(), b.count)) {
                 Some(&SETTLED) => {
                     b.at = b.at.max(sent);
+                    true
+                }
+                Some(&TRIMMED) => {
+                    b.trimmed = true;
                     true
                 }
                 // Not sent (already timed out here), or taken by the stream meanwhile.

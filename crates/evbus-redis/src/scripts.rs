@@ -113,6 +113,9 @@ pub(crate) const RAN_OUT: i64 = -2;
 /// Result of [`RENEW`]: the delivery was given back (nacked, with or without a delay, or
 /// released): its entry is idle "forever" and waits for a takeover, so it is not renewed.
 pub(crate) const GIVEN_BACK: i64 = -3;
+/// [`RENEW_BATCH`]: the entry is pending for this consumer but no longer in the stream
+/// (trimmed): not renewed, and kept pending.
+pub(crate) const TRIMMED: i64 = -4;
 
 /// Starts one delivery's visibility timeout over: if the entry is still pending for this
 /// consumer with the same delivery count, and has been idle for less than the visibility
@@ -159,12 +162,14 @@ pub(crate) const RENEW_BATCH_SIZE: usize = 512;
 /// 0 (`XCLAIM ... JUSTID`, one call for all of them: the delivery count stays). A delivery
 /// taken over by another consumer is therefore never claimed back. Returns one result per
 /// delivery, in order: [`SETTLED`] (renewed), [`NOT_PENDING`], [`TAKEN_OVER`],
-/// [`GIVEN_BACK`] or [`RAN_OUT`].
+/// [`GIVEN_BACK`], [`RAN_OUT`] or [`TRIMMED`].
 ///
 /// One `XPENDING` over the batch's id range, filtered to this consumer, answers the usual
 /// case (as in [`ACK_BATCH`]); a delivery it does not show is looked up on its own. An entry
-/// no longer in the stream (trimmed from a topic) is not claimed by `XCLAIM`:
-/// [`NOT_PENDING`].
+/// still pending here but no longer in the stream (trimmed from a topic by retention) is
+/// left alone, [`TRIMMED`]: `XCLAIM` would delete it from the pending list (Redis 7), and
+/// the consumer, which holds its fields, hands it out while its timeout runs, as it did
+/// before renewals (its ack still finds it pending).
 ///
 /// KEYS: stream. ARGV: group, consumer, visibility timeout in ms, released idle ms, the
 /// lowest and the highest id of the batch, then pairs of id and delivery count.
@@ -190,6 +195,10 @@ for i = 7, #ARGV, 2 do
     state = -3
   elseif e[3] >= visibility then
     state = -2
+  elseif #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 0 then
+    -- Trimmed from the stream: XCLAIM would drop it from the pending list, and the
+    -- consumer, which holds its fields, would lose it.
+    state = -4
   else
     -- Renewed once XCLAIM answers with its id.
     state = 0

@@ -1200,6 +1200,36 @@ async fn entries_fetched_ahead_are_renewed_but_one_taken_over_meanwhile_is_dropp
     env.cleanup().await;
 }
 
+/// Entries fetched ahead and then trimmed from the stream (retention, or a stock client's
+/// `XTRIM`) are still handed out, each once, after their first timeout too: the consumer
+/// holds their fields and nobody else can have them. A renewal's `XCLAIM` deletes a trimmed
+/// entry from the pending list (Redis 7), and the first version of the renewal then dropped
+/// it from the buffer too: lost (outside review of ADR 0037). Here the stream is trimmed
+/// empty with three entries buffered, and the consumer holds each delivery 400 ms (1.2 s in
+/// all, past the 1 s timeout).
+#[tokio::test]
+async fn entries_fetched_ahead_and_then_trimmed_are_still_handed_out() {
+    let Some(env) = Env::new().await else { return };
+    let (key, mut sub, _ahead, events) = three_fetched_ahead(&env).await;
+    let trimmed: i64 = env
+        .cmd(redis::cmd("XTRIM").arg(&key).arg("MAXLEN").arg(0))
+        .await;
+    assert!(
+        trimmed >= 3,
+        "the three buffered entries were trimmed: {trimmed}"
+    );
+    for event in &events[1..] {
+        let d = next(&mut sub).await;
+        assert_eq!(d.event().id(), event.id(), "every trimmed entry, in order");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Its ack may find it gone (a takeover scan deletes trimmed entries); the event was
+        // handed out, once.
+        let _ = d.ack().await;
+    }
+    drop(sub);
+    env.cleanup().await;
+}
+
 /// A consumer that fetched ahead and then stops reading (its subscription kept, never
 /// polled) does not hold the events for ever: renewals stop once it has not read for a whole
 /// visibility timeout, and another consumer takes them over (a second attempt).
