@@ -33,7 +33,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, pull};
 use async_trait::async_trait;
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
+use evbus::raw::{Acker, Backoff, RawDelivery, ReadClock, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
@@ -147,7 +147,7 @@ pub(crate) async fn open(
     // Every poll counts, whether or not it brings a delivery: the fetched messages are
     // renewed only while the holder reads the stream (see `renew_ahead`).
     Ok(futures::stream::poll_fn(move |cx| {
-        ahead.polled();
+        ahead.read.mark();
         deliveries.as_mut().poll_next(cx)
     }))
 }
@@ -733,10 +733,8 @@ struct Ahead {
     arrival: Arc<Arrival>,
     /// `arrival` as a waker, left with the batch by every read ahead.
     waker: Waker,
-    /// The origin of `polled`.
-    epoch: Instant,
-    /// When the subscription's stream was last polled, in nanoseconds since `epoch`.
-    polled: AtomicU64,
+    /// When the subscription's stream was last polled.
+    read: ReadClock,
     /// The consumer's `ack_wait`.
     ack_wait: Duration,
 }
@@ -820,26 +818,13 @@ impl Ahead {
             }),
             waker: Waker::from(Arc::clone(&arrival)),
             arrival,
-            epoch: now,
-            polled: AtomicU64::new(0),
+            read: ReadClock::new(),
             ack_wait,
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records that the subscription's stream is being polled.
-    fn polled(&self) {
-        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.polled.store(nanos, Ordering::Relaxed);
-    }
-
-    /// Whether the stream was polled within the last visibility timeout before `now`.
-    fn polled_within_timeout(&self, now: Instant) -> bool {
-        let at = self.epoch + Duration::from_nanos(self.polled.load(Ordering::Relaxed));
-        now.saturating_duration_since(at) < self.ack_wait
     }
 
     /// A pull request made at `requested_at` is served from now on.
@@ -1079,7 +1064,7 @@ async fn renew_tick(
     let mut expired = 0usize;
     let due: Vec<(Option<Subject>, Arc<Since>)> = {
         let mut state = ahead.lock();
-        if state.waiting || !ahead.polled_within_timeout(now) {
+        if state.waiting || !ahead.read.read_within(ahead.ack_wait) {
             // The reader waits on an empty batch, or nobody reads the stream any more: its
             // holder hung or stopped reading, and must not hold the messages for ever.
             state.renewing = false;

@@ -53,14 +53,14 @@
 //! before, and any consumer takes them over. An empty buffer costs no timer at all.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::raw::{Acker, Backoff, RawDelivery, Undecodable};
+use evbus::raw::{Acker, Backoff, RawDelivery, ReadClock, Undecodable};
 use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result};
 use futures::Stream;
 use redis::{RedisError, Value};
@@ -182,11 +182,9 @@ struct ConsumerState {
     ended: AtomicBool,
     /// Leaving the group was started (once).
     leaving: AtomicBool,
-    /// When the consumer was made: the origin of `polled_ms`.
-    created: Instant,
-    /// When the subscription's stream was last polled, in ms since `created`: buffered
-    /// entries are renewed only while it was polled within the visibility timeout.
-    polled_ms: AtomicU64,
+    /// When the subscription's stream was last polled: buffered entries are renewed only
+    /// while it was polled within the visibility timeout.
+    read: ReadClock,
 }
 
 impl ConsumerState {
@@ -196,19 +194,6 @@ impl ConsumerState {
 
     fn buffer(&self) -> MutexGuard<'_, VecDeque<Buffered>> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Notes that the subscription's stream is being polled (called at each `poll_next`).
-    fn mark_polled(&self) {
-        let ms = self.created.elapsed().as_millis();
-        self.polled_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    /// Whether the subscription's stream was polled less than `window` before `now`.
-    fn polled_within(&self, window: Duration, now: Instant) -> bool {
-        let polled = self.created + Duration::from_millis(self.polled_ms.load(Ordering::Relaxed));
-        now.saturating_duration_since(polled) < window
     }
 
     /// Hands out the next buffered delivery, if there is one: called by the stream itself
@@ -433,9 +418,7 @@ pub(crate) async fn start(
         reading_ahead: AtomicBool::new(false),
         ended: AtomicBool::new(false),
         leaving: AtomicBool::new(false),
-        // Counts as polled now: the consumer is about to read.
-        created: Instant::now(),
-        polled_ms: AtomicU64::new(0),
+        read: ReadClock::new(),
     });
     let config = &shared.config;
     let visibility = spec.options.visibility_timeout;
@@ -481,7 +464,7 @@ pub(crate) async fn start(
     ));
     // Every poll is noted: the task renews buffered entries only while the stream is read.
     Ok(futures::stream::poll_fn(move |cx| {
-        polled.mark_polled();
+        polled.read.mark();
         deliveries.as_mut().poll_next(cx)
     }))
 }
@@ -804,7 +787,7 @@ impl ConsumerTask {
     /// it changes nothing in Redis that would need recovering.
     async fn renew_buffered(&mut self) {
         let now = Instant::now();
-        if !self.state.polled_within(self.visibility, now) {
+        if !self.state.read.read_within(self.visibility) {
             // Nobody reads: the entries time out as they would without renewals, and any
             // consumer takes them over. Looked at again in a while, in case reading resumes.
             self.renewals_resume = now + self.renew_interval;

@@ -21,12 +21,12 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use evbus::Result;
-use evbus::raw::{Acker, RawDelivery, RawStream, Source, Undecodable};
+use evbus::raw::{Acker, RawDelivery, RawStream, ReadClock, Source, Undecodable};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -103,9 +103,8 @@ pub(crate) struct Buffer {
     /// other holds locked, and a give-back that skipped a row being renewed left it claimed
     /// for a whole timeout, then counted as an attempt.
     turn: tokio::sync::Mutex<()>,
-    /// When the buffer was made, and when its stream was last polled, in ms since then.
-    made: Instant,
-    polled: AtomicU64,
+    /// When its stream was last polled.
+    read: ReadClock,
 }
 
 #[derive(Debug)]
@@ -133,8 +132,7 @@ impl Buffer {
                 renewing: false,
             }),
             turn: tokio::sync::Mutex::new(()),
-            made: Instant::now(),
-            polled: AtomicU64::new(0),
+            read: ReadClock::new(),
         }
     }
 
@@ -148,17 +146,10 @@ impl Buffer {
         self.lock().claims.len()
     }
 
-    /// Notes that the stream is being polled now.
-    fn mark_polled(&self) {
-        let now = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.polled.store(now, Ordering::Relaxed);
-    }
-
     /// Whether the stream was polled within the last visibility timeout.
     fn polled_lately(&self) -> bool {
-        let now = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let since = now.saturating_sub(self.polled.load(Ordering::Relaxed));
-        i64::try_from(since).unwrap_or(i64::MAX) < self.visibility
+        let visibility = u64::try_from(self.visibility).unwrap_or(0);
+        self.read.read_within(Duration::from_millis(visibility))
     }
 
     /// The next row while its claim has at least half the visibility timeout left.
@@ -542,7 +533,7 @@ pub(crate) fn stream(broker: SqlBroker, part: i64, key: String, source: &Source)
     // Every poll counts as the consumer reading: the renewal of the claims made ahead goes
     // on while it polls (see `renew_buffered`).
     futures::stream::poll_fn(move |cx| {
-        buffer.mark_polled();
+        buffer.read.mark();
         deliveries.poll_next_unpin(cx)
     })
     .boxed()

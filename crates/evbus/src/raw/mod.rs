@@ -67,8 +67,10 @@ pub use crate::delivery::{
 pub mod hosts;
 pub mod kit;
 mod lifecycle;
+mod read_clock;
 
 pub use lifecycle::{Backoff, Gate};
+pub use read_clock::ReadClock;
 
 /// An adapter's stream of raw deliveries.
 ///
