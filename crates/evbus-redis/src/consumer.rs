@@ -198,7 +198,7 @@ impl ConsumerState {
 
     /// Hands out the next buffered delivery, if there is one: called by the stream itself
     /// (no round trip to the consumer task) and by the task.
-    fn take_buffered(self: &Arc<Self>) -> Option<(RawDelivery, String, DeliveryCount)> {
+    fn take_buffered(self: &Arc<Self>) -> Option<(Handed, String, DeliveryCount)> {
         let mut buffer = self.buffer();
         while let Some(entry) = buffer.pop_front() {
             if !entry.trimmed && entry.at.elapsed() >= self.visibility {
@@ -211,7 +211,7 @@ impl ConsumerState {
                 count,
                 payload,
                 at,
-                trimmed: _,
+                trimmed,
             } = entry;
             // Held before the buffer lock is released, so `recover` (which takes both locks)
             // always finds the entry in one of the two.
@@ -230,7 +230,8 @@ impl ConsumerState {
                 // Not a CloudEvent: core dead-letters it and acks it through the acker.
                 Err(message) => RawDelivery::undecodable(*message, attempt, Arc::new(acker), 0),
             };
-            return Some((raw, id, count));
+            let expires = (!trimmed).then(|| at + self.visibility);
+            return Some((Handed { raw, expires }, id, count));
         }
         None
     }
@@ -342,7 +343,7 @@ impl ConsumerState {
 /// What the subscription's stream asks of the consumer task.
 enum Request {
     /// The buffer is empty: fetch (blocking until entries arrive) and hand out the next one.
-    Deliver(oneshot::Sender<RawDelivery>),
+    Deliver(oneshot::Sender<Handed>),
     /// The buffer is running low: fetch what is already there, without waiting.
     ReadAhead,
 }
@@ -452,14 +453,23 @@ pub(crate) async fn start(
     let mut deliveries = Box::pin(futures::stream::unfold(
         stream,
         |(requests, state)| async move {
-            if let Some((raw, _, _)) = state.take_buffered() {
+            if let Some((handed, _, _)) = state.take_buffered() {
                 state.want_read_ahead(&requests);
-                return Some((Ok(raw), (requests, state)));
+                return Some((Ok(handed.raw), (requests, state)));
             }
-            let (reply, delivery) = oneshot::channel();
-            requests.send(Request::Deliver(reply)).await.ok()?;
-            let raw = delivery.await.ok()?;
-            Some((Ok(raw), (requests, state)))
+            loop {
+                let (reply, delivery) = oneshot::channel();
+                requests.send(Request::Deliver(reply)).await.ok()?;
+                let handed = delivery.await.ok()?;
+                // The reply may have waited for a consumer that stopped reading (a handler
+                // busy elsewhere): past its visibility timeout another consumer may have
+                // taken the entry over, so it is dropped here (and taken over by a scan, this
+                // consumer's included), as a stale entry of the buffer is.
+                if handed.expires.is_some_and(|at| Instant::now() >= at) {
+                    continue;
+                }
+                return Some((Ok(handed.raw), (requests, state)));
+            }
         },
     ));
     // Every poll is noted: the task renews buffered entries only while the stream is read.
@@ -467,6 +477,14 @@ pub(crate) async fn start(
         polled.read.mark();
         deliveries.as_mut().poll_next(cx)
     }))
+}
+
+/// A delivery the task hands to the stream in reply to [`Request::Deliver`].
+struct Handed {
+    raw: RawDelivery,
+    /// When its visibility timeout runs out, counted from the fetch (`None`: trimmed, so it
+    /// is handed out however late; see [`Buffered::trimmed`]).
+    expires: Option<Instant>,
 }
 
 /// One entry fetched and decoded, not yet handed out.
@@ -493,7 +511,7 @@ struct Fetched {
 }
 
 enum Step {
-    Deliver(Box<RawDelivery>, String, DeliveryCount),
+    Deliver(Box<Handed>, String, DeliveryCount),
     /// The subscription went away or the transport is closing.
     Interrupted,
     /// The stream or group was deleted.
@@ -566,10 +584,10 @@ impl ConsumerTask {
         self.shutdown().await;
     }
 
-    async fn next_delivery(&mut self, reply: &mut oneshot::Sender<RawDelivery>) -> Step {
+    async fn next_delivery(&mut self, reply: &mut oneshot::Sender<Handed>) -> Step {
         loop {
-            if let Some((raw, id, count)) = self.state.take_buffered() {
-                return Step::Deliver(Box::new(raw), id, count);
+            if let Some((handed, id, count)) = self.state.take_buffered() {
+                return Step::Deliver(Box::new(handed), id, count);
             }
             if self.cancel.is_cancelled() || reply.is_closed() {
                 return Step::Interrupted;
@@ -621,7 +639,7 @@ impl ConsumerTask {
     /// Fills the buffer (or returns after a blocking read found nothing).
     async fn fetch(
         &mut self,
-        reply: &mut oneshot::Sender<RawDelivery>,
+        reply: &mut oneshot::Sender<Handed>,
     ) -> std::result::Result<(), RedisError> {
         let free = self.state.free_slots().max(1);
         if self.needs_recovery {
@@ -652,7 +670,7 @@ impl ConsumerTask {
         &mut self,
         count: usize,
         block: Duration,
-        reply: &mut oneshot::Sender<RawDelivery>,
+        reply: &mut oneshot::Sender<Handed>,
     ) -> std::result::Result<(), RedisError> {
         let mut conn = self.conn.get().await?.clone();
         let client_id = self.conn.client_id();
@@ -1009,7 +1027,7 @@ impl ConsumerTask {
 async fn interrupted(
     cancel: &CancellationToken,
     state: &ConsumerState,
-    reply: &mut oneshot::Sender<RawDelivery>,
+    reply: &mut oneshot::Sender<Handed>,
 ) {
     loop {
         tokio::select! {

@@ -1253,6 +1253,43 @@ async fn entries_fetched_ahead_time_out_once_the_consumer_stops_reading() {
     env.cleanup().await;
 }
 
+/// A consumer waiting in a blocking read gets its entry handed over by its task; if the
+/// consumer stops polling meanwhile (its handler busy elsewhere) for longer than the
+/// visibility timeout, another consumer takes the entry over, and the first must not hand
+/// out its stale copy when it polls again (the handler would run the event twice).
+#[tokio::test]
+async fn a_consumer_back_from_a_pause_hands_out_nothing_its_blocking_read_got_that_timed_out() {
+    let Some(env) = Env::new().await else { return };
+    let queue = env.transport.queue("q").await.unwrap();
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(1));
+    let mut paused = queue.receive(options.clone()).await.unwrap();
+    // One poll: the consumer's task now waits in `XREADGROUP ... BLOCK` for it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), paused.next())
+            .await
+            .is_err(),
+        "nothing to deliver yet"
+    );
+    let sent = event(1);
+    queue.send(&sent).await.unwrap();
+    let mut other = queue.receive(options).await.unwrap();
+    let d = next(&mut other).await;
+    assert_eq!(
+        (d.event().id(), d.attempt()),
+        (sent.id(), 2),
+        "taken over from the paused consumer after its timeout"
+    );
+    let stale = tokio::time::timeout(Duration::from_millis(500), paused.next()).await;
+    assert!(
+        stale.is_err(),
+        "the paused consumer handed out its timed-out copy: {:?}",
+        stale.map(|d| d.map(|d| d.map(|d| (d.event().id().to_owned(), d.attempt()))))
+    );
+    d.ack().await.unwrap();
+    drop(paused);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_acks_are_all_applied_with_far_fewer_script_calls() {
     let server = support::RedisServer::start().ok();
