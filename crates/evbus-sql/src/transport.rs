@@ -533,6 +533,41 @@ const CLAIM_SQLITE: &str = "UPDATE evbus_deliveries SET visible_at = ?1 + ?2, \
 /// Renews, at `?1` (ms), for `?2` ms, the claims `?3` lists (a JSON array of `[id, attempt]`
 /// pairs) that are still theirs, not delayed and not run out, returning the ids renewed. The
 /// pairs drive the join: each is one look-up of the primary key, whatever the table holds.
+/// Nacks claim (`$1` id, `$2` attempt) on PostgreSQL, visible again in `$3` ms. Given back
+/// at once (`$3` = 0), the row is visible since ever (`-infinity`), not since `now()`: a
+/// renewal of claims made ahead ([`RENEW_POSTGRES`]) that started before this nack and
+/// finds the row only after it (a row handed out meanwhile and nacked at once) compares
+/// `visible_at` with its own, earlier, `now()`, and would otherwise find it still claimed
+/// and hold it back for a whole visibility timeout.
+const NACK_POSTGRES: &str = "UPDATE evbus_deliveries \
+     SET visible_at = CASE WHEN $3 > 0 \
+       THEN now() + make_interval(secs => $3::float8 / 1000) ELSE '-infinity' END, \
+     delayed_until = CASE WHEN $3 > 0 \
+       THEN now() + make_interval(secs => $3::float8 / 1000) ELSE '-infinity' END \
+     WHERE id = $1 AND attempt = $2";
+
+/// [`NACK_POSTGRES`] on SQLite: `?3` is when it is visible again, 0 if at once (the
+/// renewal's `?1` may have been read before the nack's time).
+const NACK_SQLITE: &str = "UPDATE evbus_deliveries SET visible_at = ?3, delayed_until = ?3 \
+     WHERE id = ?1 AND attempt = ?2";
+
+/// Renews the claims made ahead (`$1` ids, `$2` attempts) for `$3` ms on PostgreSQL; returns
+/// the ids renewed. As `unclaim`: the rows are locked once, in id order, in a materialized
+/// CTE, and a row another statement holds is skipped, never waited for. This statement thus
+/// never waits on a row lock and cannot be part of a deadlock (a deletion's cascade takes
+/// the rows in its scan's order); what it skipped is being deleted or given back, so it is
+/// not renewed.
+const RENEW_POSTGRES: &str = "WITH mine AS MATERIALIZED (SELECT d.id, d.attempt \
+       FROM evbus_deliveries d \
+       JOIN unnest($1::int8[], $2::int4[]) AS r(id, attempt) \
+       ON d.id = r.id AND d.attempt = r.attempt \
+       WHERE d.delayed_until = '-infinity' AND d.visible_at > now() \
+       ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
+     UPDATE evbus_deliveries d \
+     SET visible_at = now() + make_interval(secs => $3::float8 / 1000) \
+     FROM mine WHERE d.id = mine.id AND d.attempt = mine.attempt \
+     RETURNING d.id";
+
 const RENEW_SQLITE: &str = "UPDATE evbus_deliveries SET visible_at = ?1 + ?2 \
      FROM (SELECT value ->> 0 AS id, value ->> 1 AS attempt FROM json_each(?3)) AS r \
      WHERE evbus_deliveries.id = r.id AND evbus_deliveries.attempt = r.attempt \
@@ -1085,20 +1120,13 @@ impl SqlBroker {
                     .map_err(sql("acknowledging"))?;
             }
             (Db::Postgres(pool), Some(delay)) => {
-                sqlx::query(
-                    "UPDATE evbus_deliveries \
-                     SET visible_at = now() + make_interval(secs => $3::float8 / 1000), \
-                     delayed_until = CASE WHEN $3 > 0 \
-                       THEN now() + make_interval(secs => $3::float8 / 1000) \
-                       ELSE '-infinity' END \
-                     WHERE id = $1 AND attempt = $2",
-                )
-                .bind(id)
-                .bind(attempt)
-                .bind(ms(delay))
-                .execute(pool)
-                .await
-                .map_err(sql("nacking"))?;
+                sqlx::query(NACK_POSTGRES)
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(ms(delay))
+                    .execute(pool)
+                    .await
+                    .map_err(sql("nacking"))?;
             }
             (Db::Sqlite(pool), None) => {
                 sqlx::query("DELETE FROM evbus_deliveries WHERE id = ?1 AND attempt = ?2")
@@ -1109,18 +1137,20 @@ impl SqlBroker {
                     .map_err(sql("acknowledging"))?;
             }
             (Db::Sqlite(pool), Some(delay)) => {
-                let due = now_ms().saturating_add(ms(delay));
-                sqlx::query(
-                    "UPDATE evbus_deliveries SET visible_at = ?3, delayed_until = ?4 \
-                     WHERE id = ?1 AND attempt = ?2",
-                )
-                .bind(id)
-                .bind(attempt)
-                .bind(due)
-                .bind(if delay.is_zero() { 0 } else { due })
-                .execute(pool)
-                .await
-                .map_err(sql("nacking"))?;
+                // Given back at once: visible since ever (0), as a give-back makes it, not
+                // since now (see `NACK_POSTGRES`).
+                let due = if delay.is_zero() {
+                    0
+                } else {
+                    now_ms().saturating_add(ms(delay))
+                };
+                sqlx::query(NACK_SQLITE)
+                    .bind(id)
+                    .bind(attempt)
+                    .bind(due)
+                    .execute(pool)
+                    .await
+                    .map_err(sql("nacking"))?;
             }
         }
         Ok(())
@@ -1181,27 +1211,12 @@ impl SqlBroker {
         match &self.shared.db {
             Db::Postgres(pool) => {
                 let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
-                // As `unclaim`: the rows are locked once, in id order, in a materialized CTE,
-                // and a row another statement holds is skipped, never waited for. This
-                // statement thus never waits on a row lock and cannot be part of a deadlock
-                // (a deletion's cascade takes the rows in its scan's order); what it skipped
-                // is being deleted or given back, so it is not renewed.
-                sqlx::query_scalar(
-                    "WITH mine AS MATERIALIZED (SELECT d.id, d.attempt FROM evbus_deliveries d \
-                       JOIN unnest($1::int8[], $2::int4[]) AS r(id, attempt) \
-                       ON d.id = r.id AND d.attempt = r.attempt \
-                       WHERE d.delayed_until = '-infinity' AND d.visible_at > now() \
-                       ORDER BY d.id FOR UPDATE OF d SKIP LOCKED) \
-                     UPDATE evbus_deliveries d \
-                     SET visible_at = now() + make_interval(secs => $3::float8 / 1000) \
-                     FROM mine WHERE d.id = mine.id AND d.attempt = mine.attempt \
-                     RETURNING d.id",
-                )
-                .bind(ids)
-                .bind(attempts)
-                .bind(visibility)
-                .fetch_all(pool)
-                .await
+                sqlx::query_scalar(RENEW_POSTGRES)
+                    .bind(ids)
+                    .bind(attempts)
+                    .bind(visibility)
+                    .fetch_all(pool)
+                    .await
             }
             Db::Sqlite(pool) => {
                 let pairs = serde_json::to_string(claims).map_err(|e| {
@@ -1709,6 +1724,120 @@ mod tests {
             ]
         );
         pool.close().await;
+    }
+
+    /// A renewal of claims made ahead reads its time, then a consumer the row was handed to
+    /// meanwhile nacks it at once, then the renewal reaches the row: it must find the row
+    /// given back, not still claimed (else the event waits a whole visibility timeout).
+    #[tokio::test]
+    async fn a_sqlite_renewal_started_before_a_nack_leaves_the_nacked_row_visible() {
+        let (_dir, pool) = sqlite_queue_with(&[
+            "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+             VALUES (1, 1, 60000, 1)",
+        ])
+        .await;
+        let renewal_now = 1_000_i64;
+        // The nack, a little later than the renewal's clock read, with no delay.
+        sqlx::query(NACK_SQLITE)
+            .bind(1_i64)
+            .bind(1_i32)
+            .bind(0_i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let renewed: Vec<i64> = sqlx::query_scalar(RENEW_SQLITE)
+            .bind(renewal_now)
+            .bind(60_000_i64)
+            .bind("[[1,1]]")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(renewed, Vec::<i64>::new(), "the nacked row was renewed");
+        let claimed: Vec<(i64, i32, i64)> = sqlx::query_as(CLAIM_SQLITE)
+            .bind(renewal_now + 1)
+            .bind(60_000_i64)
+            .bind(1_i64)
+            .bind(10_i64)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(claimed, [(1, 2, 1)], "claimed again at once, attempt 2");
+        pool.close().await;
+    }
+
+    /// [`a_sqlite_renewal_started_before_a_nack_leaves_the_nacked_row_visible`] on
+    /// PostgreSQL, where a statement's `now()` is its transaction's start: the renewal runs
+    /// in a transaction that began before the nack committed.
+    #[tokio::test]
+    async fn a_postgres_renewal_started_before_a_nack_leaves_the_nacked_row_visible() {
+        use sqlx::Connection;
+        let base = std::env::var("EVBUS_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        if let Err(e) = sqlx::PgConnection::connect(&base).await {
+            assert!(
+                !evbus_conformance::require_brokers(),
+                "PostgreSQL at {} is unreachable: {e}",
+                evbus::registry::redact(&base)
+            );
+            eprintln!(
+                "WARNING: PostgreSQL at {} is unreachable ({e}); this test did NOT run",
+                evbus::registry::redact(&base)
+            );
+            return;
+        }
+        let schema = format!("renew_nack_{}", std::process::id());
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let config = SqlConfig::from_url(&format!("{base}{sep}schema={schema}")).unwrap();
+        let Db::Postgres(pool) = open_postgres(&config).await.unwrap() else {
+            unreachable!("a PostgreSQL URL opens PostgreSQL")
+        };
+        for statement in [
+            "INSERT INTO evbus_parts (kind, dest, name) VALUES ('queue', 'q', '')",
+            "INSERT INTO evbus_events (kind, dest, body) VALUES ('queue', 'q', '{}')",
+            "INSERT INTO evbus_deliveries (part, event, visible_at, attempt) \
+             SELECT p.id, e.id, now() + interval '1 minute', 1 FROM evbus_parts p, evbus_events e",
+        ] {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        let id: i64 = sqlx::query_scalar("SELECT id FROM evbus_deliveries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let mut renewal = pool.begin().await.unwrap();
+        // The renewal's transaction has started (its `now()` is fixed from here).
+        sqlx::query("SELECT now()")
+            .execute(&mut *renewal)
+            .await
+            .unwrap();
+        sqlx::query(NACK_POSTGRES)
+            .bind(id)
+            .bind(1_i32)
+            .bind(0_i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let renewed: Vec<i64> = sqlx::query_scalar(RENEW_POSTGRES)
+            .bind(vec![id])
+            .bind(vec![1_i32])
+            .bind(60_000_i64)
+            .fetch_all(&mut *renewal)
+            .await
+            .unwrap();
+        renewal.commit().await.unwrap();
+        let visible: bool =
+            sqlx::query_scalar("SELECT visible_at <= now() FROM evbus_deliveries WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .execute(&pool)
+            .await;
+        pool.close().await;
+        assert_eq!(renewed, Vec::<i64>::new(), "the nacked row was renewed");
+        assert!(visible, "the nacked row is not visible");
     }
 
     #[test]
