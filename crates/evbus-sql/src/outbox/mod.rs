@@ -110,6 +110,14 @@ impl Outbox {
         DB::migrate(pool, &self.table).await
     }
 
+    /// The statements [`migrate`](Self::migrate) runs on `DB`, in order, each idempotent: for
+    /// an application that keeps its schema in migrations of its own. On PostgreSQL they end
+    /// with the `INSERT` of the lease table's bucket rows (a relay adds missing ones itself,
+    /// if its role may insert).
+    pub fn ddl<DB: OutboxDatabase>(&self) -> Vec<String> {
+        DB::ddl(&self.table)
+    }
+
     /// Validates `emit` against the catalogue exactly as [`Bus::send`] would and writes it
     /// into the outbox inside `tx`; returns the event id. The event is published by a
     /// [`Relay`] once (and only if) `tx` commits.
@@ -214,6 +222,8 @@ mod sealed {
             table: &'a Table,
         ) -> impl Future<Output = Result<()>> + Send + 'a;
 
+        fn ddl(table: &Table) -> Vec<String>;
+
         fn insert<'a>(
             conn: &'a mut Self::Connection,
             table: &'a Table,
@@ -236,6 +246,10 @@ impl sealed::Sealed for Postgres {
         table: &'a Table,
     ) -> impl Future<Output = Result<()>> + Send + 'a {
         store::migrate_postgres(pool, table)
+    }
+
+    fn ddl(table: &Table) -> Vec<String> {
+        table.postgres_ddl()
     }
 
     async fn insert(
@@ -274,6 +288,10 @@ impl sealed::Sealed for Sqlite {
         table: &'a Table,
     ) -> impl Future<Output = Result<()>> + Send + 'a {
         store::migrate_sqlite(pool, table)
+    }
+
+    fn ddl(table: &Table) -> Vec<String> {
+        table.sqlite_ddl()
     }
 
     async fn insert(

@@ -520,6 +520,10 @@ impl Worker {
                 }
             };
             if rows.is_empty() {
+                // A bucket whose back-off ran out and that has nothing now (its failed row was
+                // deleted, as the README says to) needs no back-off any more: an expired one
+                // kept would make every wait below zero, a busy poll of the database.
+                self.backoff.retain(|_, b| b.until > now);
                 let mut wake = lease_due.min(later(now, self.poll_interval));
                 if let Some(b) = self.backoff.values().map(|b| b.until).min() {
                     wake = wake.min(b);

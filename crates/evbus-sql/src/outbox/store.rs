@@ -99,6 +99,9 @@ pub(crate) struct PgStore {
     /// Whether the last renewal found the id held by another relay (to warn once per
     /// stretch, not at every renewal).
     id_taken: bool,
+    /// Whether the lease table is known to hold a row per bucket (see
+    /// [`PgStore::leases`]).
+    seeded: bool,
 }
 
 pub(crate) struct SqliteStore {
@@ -118,6 +121,7 @@ impl Store {
             live: 1,
             id_lock: None,
             id_taken: false,
+            seeded: false,
         })
     }
 
@@ -407,6 +411,29 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        if !self.seeded {
+            // Tables made from copied DDL without the lease rows, restored from a
+            // schema-only dump, or a truncated lease table: a bucket without a row is never
+            // leased, so its events would wait for ever without a word.
+            let added = sqlx::query(&self.table.seed_leases())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| {
+                    db_error("adding the missing rows of the outbox lease table", e).with_hint(
+                        "the relay's role needs INSERT on the lease table, or run \
+                         `Outbox::migrate` (its statements: `Outbox::ddl`)",
+                    )
+                })?
+                .rows_affected();
+            if added > 0 {
+                tracing::warn!(
+                    table = %self.table.name, added,
+                    "the outbox lease table lacked bucket rows (tables made without \
+                     `Outbox::migrate`?); the relay added them"
+                );
+            }
+            self.seeded = true;
+        }
         let err = |e| db_error("renewing the relay's leases", e);
         let (leases, relays) = (self.table.leases(), self.table.relays());
         // Heartbeat, and forget relays silent for three lease periods.
@@ -490,6 +517,10 @@ impl PgStore {
                 held.extend(taken);
                 held.sort_unstable();
             }
+        }
+        if held.is_empty() {
+            // Nothing to lease: look for missing lease rows again at the next renewal.
+            self.seeded = false;
         }
         Ok(held)
     }

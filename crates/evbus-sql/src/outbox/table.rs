@@ -152,11 +152,7 @@ impl Table {
                 )",
                 self.leases()
             ),
-            format!(
-                "INSERT INTO {} (bucket) SELECT generate_series(0, {}) ON CONFLICT DO NOTHING",
-                self.leases(),
-                BUCKETS - 1
-            ),
+            self.seed_leases(),
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (
                     id TEXT PRIMARY KEY,
@@ -165,6 +161,16 @@ impl Table {
                 self.relays()
             ),
         ]
+    }
+
+    /// Inserts the lease table's missing bucket rows (PostgreSQL), idempotent: a relay leases
+    /// only buckets that have a row.
+    pub(crate) fn seed_leases(&self) -> String {
+        format!(
+            "INSERT INTO {} (bucket) SELECT generate_series(0, {}) ON CONFLICT DO NOTHING",
+            self.leases(),
+            BUCKETS - 1
+        )
     }
 
     /// SQLite DDL, idempotent. `AUTOINCREMENT` so a sequence number is never reused.
