@@ -1158,3 +1158,43 @@ async fn an_idle_relay_polls_at_its_interval_after_a_refused_row_was_deleted() {
     relay.shutdown().await.unwrap();
     drop_tables(&pool, &table).await;
 }
+
+/// A partition key the Bus accepts holds a NUL, which PostgreSQL's `text` cannot: staging it
+/// must neither fail nor abort the application's transaction (the rest of it commits), and
+/// the relay publishes the event with its key as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holding_a_nul_is_staged_and_relayed_as_it_was() {
+    let Some(pool) = pg_pool().await else { return };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let transport = MemoryBroker::new(Default::default()).connect();
+    let mut sub = subscribe(&transport, TYPE).await;
+    let mut tx = pool.begin().await.unwrap();
+    let odd = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "o", "seq": 0})).key("a\0b"),
+        )
+        .await
+        .unwrap();
+    let plain = outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "p", "seq": 0})).key("p"),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::postgres(pool.clone(), Arc::new(transport.clone()))
+        .table(&table)
+        .spawn()
+        .unwrap();
+    let mut seen = Seen::default();
+    seen.until_all(&mut sub, &HashSet::from([odd.clone(), plain]))
+        .await;
+    let relayed = seen.events.iter().find(|e| e.id() == odd).unwrap();
+    assert_eq!(relayed.partition_key(), Some("a\0b"));
+    relay.shutdown().await.unwrap();
+    drop_tables(&pool, &table).await;
+}

@@ -195,17 +195,25 @@ impl Outbox {
             }
         }
         let topic = self.bus.topic_name(event.ty());
-        let key = event.partition_key().map(str::to_owned);
-        let bucket = bucket_of(key.as_deref().unwrap_or(event.id()));
+        let key = event.partition_key();
+        let bucket = bucket_of(key.unwrap_or(event.id()));
         Ok(Staged {
-            id: event.id().to_owned(),
-            ty: event.ty().to_owned(),
+            id: column_text(event.id()),
+            ty: column_text(event.ty()),
             topic,
-            key,
+            key: key.map(column_text),
             bucket,
             event: json,
         })
     }
+}
+
+/// An attribute for the row's columns that only inform (`event_id`, `event_type`,
+/// `partition_key`: the relay reads the event from its JSON), with a NUL written `\u0000`
+/// as in that JSON: PostgreSQL's `text` cannot hold one, and the insert would fail and abort
+/// the application's transaction over an event the Bus accepts.
+fn column_text(text: &str) -> String {
+    text.replace('\0', "\\u0000")
 }
 
 mod sealed {
