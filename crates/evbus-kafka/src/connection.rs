@@ -407,6 +407,53 @@ impl Connection {
             .await
     }
 
+    /// Checks, before the transport is handed out, that a broker answers a metadata
+    /// request, with a client of its own that listens to librdkafka's global errors: a
+    /// broker that refuses the credentials or the TLS handshake makes the request time out
+    /// like an absent one, and only that error says why. Refused credentials or TLS are an
+    /// [`ErrorKind::InvalidConfig`] naming librdkafka's reason (retrying does not cure them);
+    /// no answer is a [`ErrorKind::Connection`].
+    pub(crate) async fn check_reachable(config: &KafkaConfig) -> Result<()> {
+        let servers = config.bootstrap_servers.clone();
+        let timeout = config.operation_timeout.min(Duration::from_secs(2));
+        let client_config = config.client_config();
+        let (answered, refused) = tokio::task::spawn_blocking(move || {
+            let probe: rdkafka::producer::BaseProducer<Refusals> =
+                match client_config.create_with_context(Refusals::default()) {
+                    Ok(probe) => probe,
+                    Err(e) => return (Err(e.to_string()), None),
+                };
+            let answered = probe
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            if answered.is_err() {
+                // Global errors reach the context only through a poll of the client.
+                probe.poll(Duration::from_millis(100));
+            }
+            let refused = probe.context().first();
+            (answered, refused)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("metadata task failed: {e}")))?;
+        match (answered, refused) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(reason)) => Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("the Kafka broker at `{servers}` refused this client: {reason}"),
+            )
+            .with_hint(
+                "check the credentials and TLS settings in the URL (`rdkafka.sasl.*`, \
+                 `rdkafka.security.protocol`, `rdkafka.ssl.*`)",
+            )),
+            (Err(reason), None) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("no Kafka broker answered at `{servers}`: {reason}"),
+            )),
+        }
+    }
+
     /// Whether a broker answers a metadata request now.
     pub(crate) async fn reachable(&self) -> std::result::Result<(), String> {
         let producer = self.producer.clone();
@@ -421,4 +468,44 @@ impl Connection {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// A client context that keeps the first global error saying the broker refused the client
+/// (authentication, authorization of the cluster, TLS), for [`Connection::check_reachable`].
+/// Every global error is still logged, at debug level (librdkafka retries the others).
+#[derive(Default)]
+struct Refusals {
+    first: Mutex<Option<String>>,
+}
+
+impl Refusals {
+    fn first(&self) -> Option<String> {
+        self.first.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl rdkafka::ClientContext for Refusals {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka global error while connecting");
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::UnsupportedSASLMechanism
+                    | RDKafkaErrorCode::IllegalSASLState
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        );
+        if refused && let Ok(mut first) = self.first.lock() {
+            first.get_or_insert_with(|| reason.to_owned());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Refusals {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }

@@ -1055,7 +1055,12 @@ fn decode(topic: &str, message: &impl Message) -> Decoded {
                     // in the placeholder should the record not decode for another reason.
                     continue;
                 }
-                match std::str::from_utf8(h.value.unwrap_or_default()) {
+                // A header with a null value (legal in Kafka; a stock producer writes an
+                // optional attribute it has no value for so) carries no value: the attribute
+                // is absent, not empty (an empty `ce_subject` would make the record
+                // undecodable).
+                let Some(value) = h.value else { continue };
+                match std::str::from_utf8(value) {
                     Ok(v) => headers.push((h.key.to_owned(), v.to_owned())),
                     Err(_) => bad_header = Some(format!("header `{}` is not UTF-8", h.key)),
                 }
@@ -1538,6 +1543,36 @@ mod tests {
             7,
             Some(headers),
         )
+    }
+
+    #[test]
+    fn a_cloudevents_header_with_a_null_value_is_an_absent_attribute() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+        let headers = EVENT
+            .iter()
+            .fold(OwnedHeaders::new(), |hs, (key, value)| {
+                hs.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            })
+            .insert(Header {
+                key: "ce_subject",
+                value: None::<&[u8]>,
+            });
+        let message = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "t".to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            7,
+            Some(headers),
+        );
+        match decode("t", &message) {
+            Decoded::Event(event) => assert_eq!(event.subject(), None),
+            Decoded::Undecodable(f) => panic!("a null `ce_subject` refused: {}", f.error),
+        }
     }
 
     const EVENT: [(&str, &[u8]); 4] = [

@@ -39,15 +39,7 @@ impl KafkaTransport {
     /// [`KafkaConfig::operation_timeout`]; librdkafka reconnects by itself afterwards.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         let conn = Arc::new(Connection::open(config)?);
-        if let Err(reason) = conn.reachable().await {
-            return Err(evbus::Error::new(
-                evbus::ErrorKind::Connection,
-                format!(
-                    "no Kafka broker answered at `{}`: {reason}",
-                    conn.config.bootstrap_servers
-                ),
-            ));
-        }
+        Connection::check_reachable(&conn.config).await?;
         Ok(KafkaTransport { conn })
     }
 

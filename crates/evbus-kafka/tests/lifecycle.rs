@@ -170,3 +170,31 @@ async fn a_subscription_whose_dead_letter_queue_cannot_be_a_kafka_topic_says_why
     drop(topic.subscribe(named).await.unwrap());
     transport.close().await.unwrap();
 }
+
+/// A broker that refuses the client's credentials makes the metadata request time out like
+/// an absent broker; the error must say it was refused, and be a configuration error (no
+/// retry cures it), not "no Kafka broker answered ... is the broker running?". The broker
+/// under test does not accept SASL/PLAIN with these credentials (tansu refuses the
+/// mechanism; a plaintext Apache Kafka listener has no SASL mechanism enabled).
+#[tokio::test]
+async fn refused_credentials_are_a_configuration_error_that_says_so() {
+    // Only with a broker that answers a plain client.
+    let Some(plain) = support::connect_with("").await else {
+        return;
+    };
+    drop(plain);
+    let base = support::kafka_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{base}{sep}rdkafka.security.protocol=sasl_plaintext&rdkafka.sasl.mechanism=PLAIN\
+         &rdkafka.sasl.username=u&rdkafka.sasl.password=p"
+    );
+    let config = support::test_config(&url).unwrap();
+    let e = evbus_kafka::KafkaTransport::connect(config)
+        .await
+        .expect_err("a refused client connected");
+    println!("{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(!e.is_retryable(), "{e}");
+}
