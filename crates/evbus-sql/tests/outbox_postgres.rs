@@ -20,7 +20,7 @@ use evbus_sql::outbox::{Outbox, Relay, RelayBuilder};
 use outbox_support::*;
 use serde_json::json;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Stages `n` committed events, `per_tx` per transaction, for `keys` keys whose `seq`
 /// continues from `next` (one counter per key). Returns their ids.
@@ -1197,4 +1197,217 @@ async fn a_key_holding_a_nul_is_staged_and_relayed_as_it_was() {
     assert_eq!(relayed.partition_key(), Some("a\0b"));
     relay.shutdown().await.unwrap();
     drop_tables(&pool, &table).await;
+}
+
+/// A login role of one test (a unique name), for what depends on a role's rights or limits;
+/// [`TestRole::drop`] removes it.
+struct TestRole {
+    name: String,
+}
+
+impl TestRole {
+    /// A role allowed at most `limit` connections (`-1`: no limit).
+    async fn create(admin: &PgPool, limit: i32) -> TestRole {
+        let name = format!("outbox_role_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(&format!(
+            "CREATE ROLE {name} LOGIN PASSWORD '{name}' CONNECTION LIMIT {limit}"
+        ))
+        .execute(admin)
+        .await
+        .unwrap();
+        TestRole { name }
+    }
+
+    /// The test's PostgreSQL, as this role.
+    fn options(&self) -> PgConnectOptions {
+        pg_url()
+            .parse::<PgConnectOptions>()
+            .unwrap()
+            .username(&self.name)
+            .password(&self.name)
+    }
+
+    /// Lets the role read and write (not create or alter) the outbox tables of `table`.
+    async fn grant_outbox_tables(&self, admin: &PgPool, table: &str) {
+        sqlx::query(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table}, {table}_leases, {table}_relays \
+             TO {}",
+            self.name
+        ))
+        .execute(admin)
+        .await
+        .unwrap();
+    }
+
+    /// The sessions of the role now.
+    async fn sessions(&self, admin: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+            .bind(&self.name)
+            .fetch_one(admin)
+            .await
+            .unwrap()
+    }
+
+    /// Drops the role and its rights (its pools must be closed).
+    async fn drop(self, admin: &PgPool) {
+        for statement in [
+            format!("DROP OWNED BY {}", self.name),
+            format!("DROP ROLE {}", self.name),
+        ] {
+            sqlx::query(&statement).execute(admin).await.unwrap();
+        }
+    }
+}
+
+/// The relay's `LISTEN` connection cannot be opened (its role is at its connection limit,
+/// SQLSTATE 53300, what a server at `max_connections` answers) while the application's pool
+/// works: the relay polls at its `poll_interval` meanwhile, and shuts down at once. Before,
+/// every idle wait began by waiting for the listen connection, which sqlx retries until the
+/// pool's `acquire_timeout` (30 s by default): each event waited up to 30 s (an outside
+/// review measured 28 to 29.5 s), and so could a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_listen_polls_meanwhile_and_shuts_down_at_once() {
+    let Some(admin) = pg_pool().await else { return };
+    let table = table_name();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&admin).await.unwrap();
+    // Two connections: the relay's pool of one and its id lock; none left for `LISTEN`.
+    let role = TestRole::create(&admin, 2).await;
+    role.grant_outbox_tables(&admin, &table).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        // sqlx's default, spelled out: what a listen connection was waited for.
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(role.options())
+        .await
+        .unwrap();
+    let memory = MemoryBroker::new(Default::default()).connect();
+    let mut sub = subscribe(&memory, TYPE).await;
+    let relay = Relay::postgres(pool.clone(), Arc::new(memory.clone()))
+        .table(&table)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.stats().buckets_held < 64 {
+        assert!(tokio::time::Instant::now() < deadline, "no buckets held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for seq in 0..3 {
+        let mut tx = admin.begin().await.unwrap();
+        let id = outbox
+            .stage(
+                &mut tx,
+                Emit::new(TYPE, json!({"orderId": "o-1", "seq": seq})).key("o-1"),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("event {seq} not relayed within 5 s (poll interval 1 s, no LISTEN)")
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.event().id(), id);
+        delivery.ack().await.unwrap();
+        // Lets the relay go idle (and try to listen) again before the next event.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The case is the one meant: the role's two connections are the relay's, and nobody
+    // listens on the outbox's channel.
+    assert_eq!(role.sessions(&admin).await, 2);
+    let listening: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query = $1")
+            .bind(format!("LISTEN \"{table}\""))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!(listening, 0);
+    tokio::time::timeout(Duration::from_secs(5), relay.shutdown())
+        .await
+        .expect("the relay shuts down within 5 s while it cannot listen")
+        .unwrap();
+    pool.close().await;
+    drop_tables(&admin, &table).await;
+    role.drop(&admin).await;
+}
+
+/// The least-privilege split: a migration role creates the outbox tables, the application's
+/// role may only read and write them, and the application runs `Outbox::migrate` at start-up
+/// as the README says it may. It succeeds (and adds missing lease rows, which the role may
+/// insert); when something it may not create is missing, it fails with a hint naming the
+/// fix. Before, `migrate` always ran its `CREATE ... IF NOT EXISTS` statements, which
+/// PostgreSQL refuses without the `CREATE` right on the schema even when the table exists
+/// ("permission denied for schema"), with no hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_succeeds_for_a_role_that_may_only_use_the_existing_tables() {
+    let Some(admin) = pg_pool().await else { return };
+    let role = TestRole::create(&admin, -1).await;
+    let schema = format!("outbox_s_{}", uuid::Uuid::now_v7().simple());
+    let table = format!("{schema}.outbox");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("GRANT USAGE ON SCHEMA {schema} TO {}", role.name))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let outbox = Outbox::with_table(&bus(), &table).unwrap();
+    outbox.migrate(&admin).await.unwrap();
+    role.grant_outbox_tables(&admin, &table).await;
+    let app = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(role.options())
+        .await
+        .unwrap();
+    outbox
+        .migrate(&app)
+        .await
+        .expect("migrate as a role that may read and write the existing tables");
+
+    // Lease rows missing: the role may insert them, and does.
+    sqlx::query(&format!("DELETE FROM {table}_leases WHERE bucket >= 32"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    outbox.migrate(&app).await.unwrap();
+    let leases: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}_leases"))
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(leases, 64);
+    let mut tx = app.begin().await.unwrap();
+    outbox
+        .stage(
+            &mut tx,
+            Emit::new(TYPE, json!({"orderId": "o-1", "seq": 0})).key("o-1"),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // The index missing, which only the tables' owner may create: an error that says so.
+    sqlx::query(&format!("DROP INDEX {schema}.outbox_bucket_seq"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let e = outbox.migrate(&app).await.unwrap_err();
+    let message = e.to_string();
+    println!("migrate as the application's role, the index missing: {message}");
+    assert_eq!(e.kind(), ErrorKind::Broker, "{message}");
+    for part in ["outbox_bucket_seq", "Outbox::ddl", "migration role"] {
+        assert!(message.contains(part), "`{part}` not in: {message}");
+    }
+    // The migration role puts it back; the application's `migrate` succeeds again.
+    outbox.migrate(&admin).await.unwrap();
+    outbox.migrate(&app).await.unwrap();
+
+    app.close().await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    role.drop(&admin).await;
 }

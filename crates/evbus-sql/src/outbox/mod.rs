@@ -106,6 +106,13 @@ impl Outbox {
     /// Creates the outbox table (and on PostgreSQL its lease and relay tables) if they do not
     /// exist. Idempotent and safe to run from several processes at once; the application
     /// runs it before staging.
+    ///
+    /// On PostgreSQL it looks up each table, the index and the lease rows first, and runs
+    /// only the statements of what is missing: a role that may only read and write the
+    /// existing tables (created by a migration role) may run it too. When something is
+    /// missing that the role may not create, it fails with
+    /// [`ErrorKind::Broker`](evbus::ErrorKind::Broker) and a hint naming the fix. The schema
+    /// must exist.
     pub async fn migrate<DB: OutboxDatabase>(&self, pool: &Pool<DB>) -> Result<()> {
         DB::migrate(pool, &self.table).await
     }

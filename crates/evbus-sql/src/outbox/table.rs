@@ -18,6 +18,24 @@ const PG_NAME_MAX: usize = 63;
 /// The suffix of the index name, the longest added to the table's own name.
 const INDEX_SUFFIX: &str = "_bucket_seq";
 
+/// One statement of a PostgreSQL migration ([`Table::postgres_steps`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Step {
+    pub(crate) creates: Creates,
+    /// Idempotent.
+    pub(crate) statement: String,
+}
+
+/// What a migration step creates, so that a migration can look for it first and run only
+/// the steps whose object is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Creates {
+    /// A table or index: its name, quoted for SQL (and for `to_regclass`).
+    Relation(String),
+    /// The lease table's bucket rows.
+    LeaseRows,
+}
+
 /// A validated outbox table name (`name` or `schema.name`), and the names derived from it.
 ///
 /// SQL statements use the quoted forms ([`sql`](Self::sql), [`leases`](Self::leases), ...),
@@ -124,10 +142,20 @@ impl Table {
 
     /// PostgreSQL DDL, idempotent.
     pub(crate) fn postgres_ddl(&self) -> Vec<String> {
+        self.postgres_steps()
+            .into_iter()
+            .map(|step| step.statement)
+            .collect()
+    }
+
+    /// The steps of a PostgreSQL migration, in order: each statement with what it creates.
+    pub(crate) fn postgres_steps(&self) -> Vec<Step> {
         let t = &self.sql();
         vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+            Step {
+                creates: Creates::Relation(t.clone()),
+                statement: format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
                     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                     bucket INTEGER NOT NULL,
                     topic TEXT NOT NULL,
@@ -139,28 +167,51 @@ impl Table {
                     attempts INTEGER NOT NULL DEFAULT 0,
                     last_error TEXT
                 )"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {t} (bucket, seq)",
-                quote(&format!("{}{INDEX_SUFFIX}", self.base))
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (
+                ),
+            },
+            Step {
+                // An index is always in its table's schema, and named without it.
+                creates: Creates::Relation(self.sibling(INDEX_SUFFIX)),
+                statement: format!(
+                    "CREATE INDEX IF NOT EXISTS {} ON {t} (bucket, seq)",
+                    quote(&format!("{}{INDEX_SUFFIX}", self.base))
+                ),
+            },
+            Step {
+                creates: Creates::Relation(self.leases()),
+                statement: format!(
+                    "CREATE TABLE IF NOT EXISTS {} (
                     bucket INTEGER PRIMARY KEY,
                     owner TEXT,
                     expires_at TIMESTAMPTZ NOT NULL DEFAULT now()
                 )",
-                self.leases()
-            ),
-            self.seed_leases(),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (
+                    self.leases()
+                ),
+            },
+            Step {
+                creates: Creates::LeaseRows,
+                statement: self.seed_leases(),
+            },
+            Step {
+                creates: Creates::Relation(self.relays()),
+                statement: format!(
+                    "CREATE TABLE IF NOT EXISTS {} (
                     id TEXT PRIMARY KEY,
                     seen_at TIMESTAMPTZ NOT NULL
                 )",
-                self.relays()
-            ),
+                    self.relays()
+                ),
+            },
         ]
+    }
+
+    /// The number of the lease table's rows that are bucket rows (PostgreSQL):
+    /// [`BUCKETS`] once they are all there.
+    pub(crate) fn count_lease_rows(&self) -> String {
+        format!(
+            "SELECT count(*) FROM {} WHERE bucket >= 0 AND bucket < {BUCKETS}",
+            self.leases()
+        )
     }
 
     /// Inserts the lease table's missing bucket rows (PostgreSQL), idempotent: a relay leases
