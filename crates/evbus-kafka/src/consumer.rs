@@ -35,7 +35,7 @@ use evbus::{ConsumerOptions, Error, ErrorKind, Event, Result, StartPosition};
 use futures::Stream;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -1017,6 +1017,27 @@ fn close_here(mut consumer: Arc<BaseConsumer<Context>>, shared: &Shared) {
     }
 }
 
+/// How often records this client cannot read are reported while they block a partition.
+const COMPLAIN_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a consumer error means records this client cannot read (librdkafka retries them
+/// for ever): a compression codec it was built without, a record over its fetch limits, a
+/// corrupt record. Not the transient errors of a broker connection.
+fn unreadable(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotImplemented
+                | RDKafkaErrorCode::BadCompression
+                | RDKafkaErrorCode::UnsupportedCompressionType
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::BadMessage
+        )
+    )
+}
+
 /// Marks a queued item handed out; `None` if it is stale (revoked partition, redelivered).
 fn take(shared: &Shared, ready: &Ready) -> Option<(Arc<Decoded>, u32)> {
     let mut state = shared.lock();
@@ -1162,6 +1183,8 @@ fn poll_loop(
     high_water: Prefetch,
 ) {
     let mut round = None;
+    // When records that cannot be read were last reported.
+    let mut complained: Option<Instant> = None;
     while !stop.is_cancelled() && !closed.is_cancelled() && !tx.is_closed() {
         shared.flush_state(consumer, &mut round);
         // Backpressure: stop fetching while the application is far behind. Pausing drops
@@ -1209,6 +1232,20 @@ fn poll_loop(
                 let message = match message {
                     Ok(m) => m,
                     Err(KafkaError::PartitionEOF(_)) => continue,
+                    Err(e) if unreadable(&e) => {
+                        // librdkafka retries such a batch for ever and nothing behind it in
+                        // its partition is delivered: said loudly (at most every 30 s).
+                        if complained.is_none_or(|at| at.elapsed() >= COMPLAIN_EVERY) {
+                            complained = Some(Instant::now());
+                            tracing::error!(
+                                error = %e, topic = %shared.topic,
+                                "Kafka records cannot be read (a codec or size this client \
+                                 does not support?); their partition is stuck until they are \
+                                 removed or the consumer can read them"
+                            );
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, topic = %shared.topic, "Kafka consumer error; librdkafka retries");
                         continue;
