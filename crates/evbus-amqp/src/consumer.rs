@@ -98,6 +98,8 @@ struct Attached {
     consumer: Consumer,
     /// Which attachment of this consumer (deliveries of an earlier one cannot be settled).
     epoch: u64,
+    /// The connection it is on (see [`crate::connection::Live::generation`]).
+    generation: u64,
 }
 
 /// Attaches a consumer for `source` on `target` and wraps it into a [`Subscription`].
@@ -189,6 +191,7 @@ async fn attach(
             channel,
             consumer,
             epoch,
+            generation: live.generation,
         }),
         Err(e) => {
             if e.kind() == ErrorKind::NotFound {
@@ -212,37 +215,99 @@ async fn attach(
     }
 }
 
-/// Whether what `target` consumes no longer exists, as after `delete_topic` or
-/// `delete_queue` from any connection: the durable queue of a named subscription or a
-/// queue (RabbitMQ then cancels its consumers), the exchange of an anonymous subscription
-/// (whose queue is its own connection's: deleting the topic only unbinds it, and it would
-/// stay open and quiet for ever). Re-attaching would declare it again, resurrecting what
-/// was deleted, or, with the declaration remembered, fail with `not_found` for ever; the
-/// subscription ends instead, as on the other transports that see the deletion. Anything
-/// but a plain `NOT_FOUND` (a cluster node down answers with a retryable one) is not a
-/// deletion.
-async fn deleted(shared: &Shared, target: &Target) -> bool {
+/// What a consumer finds when it looks for what it consumes (see [`look_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Found {
+    /// It is there, or the lookup could not tell: re-attach.
+    There,
+    /// Deleted, as by `delete_topic` or `delete_queue`: the subscription ends.
+    Deleted,
+    /// A named subscription's queue is gone while its topic's exchange is still there: the
+    /// queue was deleted outside evbus (`delete_topic` deletes the exchange first). The
+    /// consumer declares and binds it again, as the topic's publishers do from its directory.
+    QueueOnly,
+}
+
+/// Looks for what `target` consumes after RabbitMQ cancelled its consumer, or, for an
+/// anonymous subscription, after a quiet while.
+///
+/// - A named subscription ends only when its topic's exchange is gone too: `delete_topic`
+///   from any connection deletes the exchange, then the subscription queues. A queue deleted
+///   with stock tools (an operator clearing it in the management UI) while the topic exists
+///   is declared again, bound and consumed: the topic's publishers bind it again from the
+///   directory on their next connection and fill it, and a subscription that ended would
+///   leave those events to pile up with no consumer until the process restarts.
+/// - A queue (point to point) has no topic to ask: deleted, by `delete_queue` or with stock
+///   tools, its consumer ends, as sends to it fail with `NotFound` until the queue is opened
+///   again (README, "Guarantees"). Declaring it again here would undo `delete_queue`.
+/// - An anonymous subscription looks at its topic's exchange: its queue is its own
+///   connection's, and deleting the topic only unbinds it, so it would stay open and quiet
+///   for ever.
+///
+/// Re-attaching to what was deleted would declare it again, resurrecting it, or, with the
+/// declaration remembered, fail with `not_found` for ever; the subscription ends instead, as
+/// on the other transports that see the deletion. Anything but a plain `NOT_FOUND` (a
+/// cluster node down answers with a retryable one) is not a deletion.
+async fn look_up(shared: &Shared, target: &Target) -> Found {
     let Ok(live) = shared.link.live().await else {
-        return false;
+        return Found::There;
     };
+    match target {
+        Target::Anonymous { exchange, .. } => {
+            if exists(&live, Kind::Exchange, exchange).await == Some(false) {
+                live.forget_topic(exchange);
+                return Found::Deleted;
+            }
+            Found::There
+        }
+        Target::Queue { queue } => {
+            if exists(&live, Kind::Queue, queue).await == Some(false) {
+                live.forget_queue(queue);
+                return Found::Deleted;
+            }
+            Found::There
+        }
+        Target::Named { exchange, queue } => {
+            if exists(&live, Kind::Queue, queue).await != Some(false) {
+                return Found::There;
+            }
+            live.forget_queue(queue);
+            if exists(&live, Kind::Exchange, exchange).await == Some(false) {
+                live.forget_topic(exchange);
+                shared.forget_recorded(queue);
+                return Found::Deleted;
+            }
+            Found::QueueOnly
+        }
+    }
+}
+
+/// What [`exists`] looks up.
+#[derive(Clone, Copy)]
+enum Kind {
+    Exchange,
+    Queue,
+}
+
+/// Whether the exchange or queue `name` exists (a passive declare): `None` when the lookup
+/// failed otherwise than with `NOT_FOUND`.
+async fn exists(live: &Live, kind: Kind, name: &str) -> Option<bool> {
     // A failed passive declare closes its channel: a channel of its own.
-    let Ok(channel) = within(
+    let channel = within(
         live.timeout(),
         || "opening a channel".to_owned(),
         live.conn.create_channel(),
     )
     .await
-    else {
-        return false;
-    };
-    let looked = match target {
-        Target::Anonymous { exchange, .. } => match short("exchange name", exchange) {
-            Ok(name) => {
+    .ok()?;
+    let looked = match kind {
+        Kind::Exchange => match short("exchange name", name) {
+            Ok(short_name) => {
                 within(
                     live.timeout(),
-                    || format!("looking up exchange `{exchange}`"),
+                    || format!("looking up exchange `{name}`"),
                     channel.exchange_declare(
-                        name,
+                        short_name,
                         ExchangeKind::Fanout,
                         ExchangeDeclareOptions {
                             passive: true,
@@ -255,12 +320,12 @@ async fn deleted(shared: &Shared, target: &Target) -> bool {
             }
             Err(e) => Err(e),
         },
-        Target::Named { queue, .. } | Target::Queue { queue } => match short("queue name", queue) {
-            Ok(name) => within(
+        Kind::Queue => match short("queue name", name) {
+            Ok(short_name) => within(
                 live.timeout(),
-                || format!("looking up queue `{queue}`"),
+                || format!("looking up queue `{name}`"),
                 channel.queue_declare(
-                    name,
+                    short_name,
                     QueueDeclareOptions {
                         passive: true,
                         ..QueueDeclareOptions::default()
@@ -275,14 +340,9 @@ async fn deleted(shared: &Shared, target: &Target) -> bool {
     };
     let _ = tokio::time::timeout(live.timeout(), channel.close(200, "looked up".into())).await;
     match looked {
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            match target {
-                Target::Anonymous { exchange, .. } => live.forget_topic(exchange),
-                _ => live.forget_queue(target.queue()),
-            }
-            true
-        }
-        _ => false,
+        Ok(()) => Some(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Some(false),
+        Err(_) => None,
     }
 }
 
@@ -373,6 +433,20 @@ impl Leaving {
             done: done.clone(),
         });
         done
+    }
+
+    /// The queues of the consumer tasks still running, each once, sorted: all of them read
+    /// on the transport's one connection, or are attaching to it again.
+    pub(crate) fn queues(&self) -> Vec<String> {
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queues: Vec<String> = consumers
+            .iter()
+            .filter(|c| !c.done.is_cancelled())
+            .map(|c| c.queue.clone())
+            .collect();
+        queues.sort();
+        queues.dedup();
+        queues
     }
 
     /// Waits, at most `limit`, until no consumer of a queue `deleted` names is still
@@ -473,7 +547,9 @@ async fn run(
             }
             _ = sweep.tick() => acker.sweep().await,
             _ = exists.tick(), if anonymous => {
-                if std::mem::replace(&mut quiet, true) && deleted(&shared, &target).await {
+                if std::mem::replace(&mut quiet, true)
+                    && look_up(&shared, &target).await == Found::Deleted
+                {
                     tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
                     detach(current, &acker, Ending::Closed).await;
                     return;
@@ -494,6 +570,9 @@ async fn run(
                     waiting.push_back(acker.raw(delivery, &current.channel, current.epoch, target.queue()));
                 }
                 Some(Err(e)) => {
+                    if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
+                        shared.unparsable(current.generation, &e);
+                    }
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
@@ -506,14 +585,41 @@ async fn run(
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
-                    if deleted(&shared, &target).await {
-                        tracing::info!(queue = target.queue(), "the subscription's queue was deleted; the subscription ends");
-                        return;
+                    match look_up(&shared, &target).await {
+                        Found::Deleted => {
+                            ended(&target);
+                            return;
+                        }
+                        Found::QueueOnly => tracing::warn!(
+                            queue = target.queue(),
+                            "the subscription's queue was deleted, but not its topic (not by \
+                             `delete_topic`: with another tool); declaring it again and \
+                             re-attaching (what it held is gone)"
+                        ),
+                        Found::There => tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching"),
                     }
-                    tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching");
                 }
             }
         }
+    }
+}
+
+/// Logs the end of a consumer whose queue or topic was deleted.
+fn ended(target: &Target) {
+    match target {
+        // No topic tells `delete_queue` from another tool, and the queue's events stop
+        // being handled here for good: what is sent to it from now on waits in it for a
+        // consumer that opens it again.
+        Target::Queue { queue } => tracing::error!(
+            queue = queue.as_str(),
+            "queue `{queue}` was deleted (by `delete_queue`, or with a tool outside evbus); \
+             its consumer ends and does not declare it again: receive from the queue again \
+             to go on consuming"
+        ),
+        Target::Named { queue, .. } | Target::Anonymous { queue, .. } => tracing::info!(
+            queue = queue.as_str(),
+            "the subscription's topic was deleted; the subscription ends"
+        ),
     }
 }
 

@@ -59,6 +59,19 @@ fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>,
         | K::InvalidChannelState(..)
         | K::InvalidChannel(_)
         | K::MissingHeartbeatError => (ErrorKind::Connection, None, RECONNECTS),
+        // A frame the client could not parse closes the connection, and the adapter
+        // reconnects: in practice a foreign message whose properties are not UTF-8, which
+        // comes back at every reconnection until an operator removes it (README, "Broker
+        // gaps"). Retryable: the operation succeeds once it is gone. (While connecting, it
+        // is what answered that is not RabbitMQ.)
+        K::ParsingError(_) if !connecting => (
+            ErrorKind::Connection,
+            None,
+            "the connection was lost to a message the client cannot parse (a property that is \
+             not UTF-8, written by a producer other than evbus); the adapter reconnects, but \
+             the message comes back until it is taken off its queue: the error log names the \
+             queues to look in (README, \"Broker gaps\")",
+        ),
         K::ChannelsLimitReached => (
             ErrorKind::Full,
             None,

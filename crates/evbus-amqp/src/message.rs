@@ -179,19 +179,43 @@ pub(crate) fn decode(properties: &BasicProperties, body: Bytes) -> Result<Event>
     binding::decode(pairs, body, HeaderStyle::AMQP)
 }
 
-/// A header value as text: strings (UTF-8), integers, booleans, and timestamps as RFC 3339
-/// (the CloudEvents AMQP binding lets a producer send `time` as an AMQP timestamp).
+/// A header value as text: strings (UTF-8), integers, decimals and floating-point numbers,
+/// booleans, and timestamps as RFC 3339 (the CloudEvents AMQP binding lets a producer send
+/// `time` as an AMQP timestamp). Numbers other than integers are numbers too: a stock
+/// producer's client picks the AMQP type from its language's value (pika writes a Python
+/// `Decimal` as an AMQP decimal), and an attribute is text whatever type carried it.
 pub(crate) fn text_of(value: &AMQPValue) -> Option<String> {
     Some(match value {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
         AMQPValue::ShortString(s) => s.to_string(),
         AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::DecimalValue(d) => decimal_text(d.scale, d.value),
+        // Infinities and NaN are no number a CloudEvents attribute could mean.
+        AMQPValue::Float(f) if f.is_finite() => f.to_string(),
+        AMQPValue::Double(f) if f.is_finite() => f.to_string(),
         AMQPValue::Timestamp(seconds) => {
             chrono::DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)?
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         }
         other => integer_of(other)?.to_string(),
     })
+}
+
+/// An AMQP decimal (`value` × 10^-`scale`) written out in decimal notation with its `scale`
+/// digits after the point, as written (`1.50` stays `1.50`). The 32 bits of `value` are read
+/// as a signed integer, as clients write a negative decimal (pika packs it signed; the
+/// client library here reads it unsigned).
+fn decimal_text(scale: u8, value: u32) -> String {
+    let value = i64::from(value.cast_signed());
+    let digits = value.unsigned_abs().to_string();
+    let scale = usize::from(scale);
+    let sign = if value < 0 { "-" } else { "" };
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    format!("{sign}{whole}.{fraction}")
 }
 
 /// An integer header value (RabbitMQ writes `x-delivery-count` as a long or long-long).
@@ -534,5 +558,23 @@ mod tests {
         assert_eq!(integer_of(&AMQPValue::LongInt(2)), Some(2));
         assert_eq!(integer_of(&AMQPValue::ShortShortUInt(1)), Some(1));
         assert_eq!(integer_of(&AMQPValue::LongString("1".into())), None);
+    }
+
+    #[test]
+    fn decimals_and_floats_are_read_as_their_numbers() {
+        let decimal =
+            |scale, value| AMQPValue::DecimalValue(lapin::types::DecimalValue { scale, value });
+        assert_eq!(text_of(&decimal(1, 15)).as_deref(), Some("1.5"));
+        assert_eq!(text_of(&decimal(2, 150)).as_deref(), Some("1.50"));
+        assert_eq!(text_of(&decimal(3, 5)).as_deref(), Some("0.005"));
+        assert_eq!(text_of(&decimal(0, 42)).as_deref(), Some("42"));
+        // A negative decimal, as pika packs it (two's complement).
+        assert_eq!(
+            text_of(&decimal(1, (-15_i32).cast_unsigned())).as_deref(),
+            Some("-1.5")
+        );
+        assert_eq!(text_of(&AMQPValue::Double(2.25)).as_deref(), Some("2.25"));
+        assert_eq!(text_of(&AMQPValue::Float(-0.5)).as_deref(), Some("-0.5"));
+        assert_eq!(text_of(&AMQPValue::Double(f64::NAN)), None);
     }
 }

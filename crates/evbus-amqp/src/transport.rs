@@ -70,11 +70,29 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Consumer tasks by queue, for deletions to wait on those letting go.
     pub(crate) leaving: crate::consumer::Leaving,
-    /// Subscription queues this process already recorded in their topic's directory.
+    /// Subscription queues this process already recorded in their topic's directory (see
+    /// [`Shared::record_subscription`]).
     recorded: std::sync::Mutex<HashSet<String>>,
     /// Numbers every message published (see [`crate::message::Copies`]).
     pub(crate) copies: crate::message::Copies,
+    /// Connections lost to a message the client could not parse (see [`Shared::unparsable`]).
+    unparsable: std::sync::Mutex<Unparsable>,
 }
+
+/// What [`Shared::unparsable`] logged last.
+#[derive(Default)]
+struct Unparsable {
+    /// The last connection reported (its consumers all see the same error).
+    generation: u64,
+    /// When the last error was logged.
+    logged: Option<std::time::Instant>,
+    /// Connections lost the same way since then, not logged.
+    since: u32,
+}
+
+/// How often a connection lost again and again to a message the client cannot parse is
+/// logged at error level.
+const UNPARSABLE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Shared {
     /// Starts an operation, or fails with [`ErrorKind::Closed`].
@@ -86,25 +104,75 @@ impl Shared {
         self.gate.is_closed()
     }
 
+    /// Logs at error level that connection `generation` was lost to a frame the client
+    /// could not parse, naming the queues consumed on it: in practice a message a foreign
+    /// producer wrote with a property or header name that is not UTF-8 (README, "Broker
+    /// gaps"). The transport has one connection, so until that message is taken off its
+    /// queue every consumer and publisher of the transport fails and reconnects, and the
+    /// errors they report name whatever each was doing, not the queue holding the message:
+    /// this log is where an operator learns which queues to look in. Once per connection,
+    /// and at most every [`UNPARSABLE_LOG_EVERY`] (the loop reconnects several times a
+    /// second), with the count of losses in between.
+    pub(crate) fn unparsable(&self, generation: u64, error: &dyn std::fmt::Display) {
+        let since = {
+            let mut state = self.unparsable.lock().unwrap_or_else(|p| p.into_inner());
+            if generation <= state.generation {
+                return;
+            }
+            state.generation = generation;
+            if state
+                .logged
+                .is_some_and(|at| at.elapsed() < UNPARSABLE_LOG_EVERY)
+            {
+                state.since += 1;
+                tracing::debug!(error = %error, "the RabbitMQ connection was lost to a message the client cannot parse, again");
+                return;
+            }
+            state.logged = Some(std::time::Instant::now());
+            std::mem::take(&mut state.since)
+        };
+        let queues = self.leaving.queues();
+        tracing::error!(
+            queues = ?queues,
+            error = %error,
+            lost_since_last_log = since,
+            "the RabbitMQ connection was lost to a message the client cannot parse (a \
+             property or header name that is not UTF-8, written by a producer other than \
+             evbus), delivered from one of the queues consumed on it: {}. It comes back at \
+             every reconnection, and this transport has one connection: every consumer and \
+             publisher of the transport fails until the message is taken off its queue with \
+             another tool (README, \"Broker gaps\")",
+            queues.join(", ")
+        );
+    }
+
     /// Records the subscription queue `queue` in the directory of its topic's exchange, so
     /// [`Transport::delete_topic`] from any process finds it (AMQP cannot list bindings).
+    ///
+    /// Once per queue and process: a consumer re-attaches on every new connection, and a
+    /// record each time grew the directory by one message per reconnect, without end under a
+    /// connection that keeps dropping. A queue recorded before is recorded again only when
+    /// its topic's directory holds no record at all (a crash lost the directory, or it was
+    /// deleted and declared again): a directory's records cannot be looked at one by one
+    /// without taking them, and one record too many is harmless (a publisher's read removes
+    /// duplicates).
     pub(crate) async fn record_subscription(
         &self,
         live: &Live,
         exchange: &str,
         queue: &str,
     ) -> Result<()> {
-        let key = format!("{}\n{queue}", live.generation);
-        if self
-            .recorded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&key)
+        let directory = directory_of(exchange);
+        let records = declare_directory(live, &directory).await?;
+        if records > 0
+            && self
+                .recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(queue)
         {
             return Ok(());
         }
-        let directory = directory_of(exchange);
-        declare_directory(live, &directory).await?;
         let channel = live.publisher().await?;
         let confirm = within(
             live.timeout(),
@@ -137,8 +205,17 @@ impl Shared {
         self.recorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key);
+            .insert(queue.to_owned());
         Ok(())
+    }
+
+    /// Forgets that `queue` was recorded in its topic's directory (the queue was deleted):
+    /// the next attachment records it again.
+    pub(crate) fn forget_recorded(&self, queue: &str) {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(queue);
     }
 }
 
@@ -227,8 +304,9 @@ enum Read {
     /// back for the next attempt.
     Take,
     /// Leaves one record per subscription queue, unacknowledged on the reading channel
-    /// (closing it gives them back), and removes duplicates (a subscriber records its queue
-    /// again on each of its connections) and records naming no queue of the topic.
+    /// (closing it gives them back), and removes duplicates (every process that subscribes
+    /// records its queue, see [`Shared::record_subscription`]) and records naming no queue
+    /// of the topic.
     Keep,
 }
 
@@ -291,9 +369,11 @@ async fn delete_one(live: &Live, channel: &lapin::Channel, queue: &str) -> Resul
     Ok(())
 }
 
-async fn declare_directory(live: &Live, directory: &str) -> Result<()> {
+/// Declares the subscription directory `directory` (idempotent) and returns how many records
+/// it holds ready (not those a reader holds unacknowledged).
+async fn declare_directory(live: &Live, directory: &str) -> Result<u32> {
     let channel = live.admin().await?;
-    within(
+    let declared = within(
         live.timeout(),
         || format!("declaring subscription directory `{directory}`"),
         channel.queue_declare(
@@ -306,7 +386,7 @@ async fn declare_directory(live: &Live, directory: &str) -> Result<()> {
         ),
     )
     .await?;
-    Ok(())
+    Ok(declared.message_count())
 }
 
 impl AmqpTransport {
@@ -328,6 +408,7 @@ impl AmqpTransport {
                 leaving: crate::consumer::Leaving::default(),
                 recorded: std::sync::Mutex::new(HashSet::new()),
                 copies: crate::message::Copies::new(),
+                unparsable: std::sync::Mutex::default(),
             }),
         })
     }
@@ -362,8 +443,14 @@ impl AmqpTransport {
         AmqpQueue::new(name, self.clone())
     }
 
-    /// Deletes the subscription queues recorded in the directory of topic exchange
-    /// `exchange` (read on `reader`), then the directory and the exchange.
+    /// Deletes the exchange `exchange`, then the subscription queues recorded in its
+    /// directory (read on `reader`), then the directory.
+    ///
+    /// The exchange goes first: a consumer whose queue is deleted under it looks for the
+    /// exchange to tell `delete_topic` (the subscription ends) from a queue deleted with
+    /// another tool (it declares the queue again, see `consumer::look_up`). Deleted last, the
+    /// exchange would still be there when the first queues go, and their consumers would
+    /// bring them back.
     async fn delete_recorded(
         &self,
         live: &Live,
@@ -377,13 +464,6 @@ impl AmqpTransport {
             .wait(|q| queues.contains(q), live.timeout())
             .await;
         let channel = live.admin().await?;
-        for queue in queues
-            .iter()
-            .map(String::as_str)
-            .chain([directory.as_str()])
-        {
-            delete_one(live, &channel, queue).await?;
-        }
         within(
             live.timeout(),
             || format!("deleting exchange `{exchange}`"),
@@ -393,12 +473,19 @@ impl AmqpTransport {
             ),
         )
         .await?;
+        for queue in queues
+            .iter()
+            .map(String::as_str)
+            .chain([directory.as_str()])
+        {
+            delete_one(live, &channel, queue).await?;
+        }
         live.forget_topic(exchange);
         self.shared
             .recorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|key| !queues.iter().any(|q| key.ends_with(&format!("\n{q}"))));
+            .retain(|queue| !queues.contains(queue));
         Ok(())
     }
 
@@ -469,8 +556,8 @@ impl Transport for AmqpTransport {
         let exchange = &self.shared.names.exchange(name);
         let directory = &directory_of(exchange);
         self.delete(format!("deleting topic `{name}`"), |live| async move {
-            // The subscription queues recorded in the directory, then the directory and the
-            // exchange. What does not exist is not an error. The records are read on a
+            // The exchange, then the subscription queues recorded in the directory, then the
+            // directory (see `delete_recorded`). What does not exist is not an error. The records are read on a
             // channel of their own, unacknowledged, so that a failure part way returns them.
             declare_directory(&live, directory).await?;
             let reader = within(

@@ -263,3 +263,91 @@ async fn copies_of_one_event_keep_their_own_attempts_across_a_loss() {
     let _ = transport.delete_topic(&topic_name).await;
     let _ = transport.close().await;
 }
+
+/// Publishes a binary-mode CloudEvent numbered `seq` to exchange `exchange` of `node` with a
+/// stock client on a connection of its own, and waits for RabbitMQ's confirm. Not through
+/// evbus: an evbus publisher's first publish on a connection reads the topic's directory and
+/// removes duplicate records, which would hide what the consumers recorded.
+async fn stock_publish(node: &RabbitNode, exchange: &str, seq: usize) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let conn = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("a stock connection to the test's node");
+    let channel = conn.create_channel().await.expect("a channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        ("cloudEvents_specversion", "1.0".to_owned()),
+        ("cloudEvents_id", format!("stock-{seq}")),
+        ("cloudEvents_source", "/stock".to_owned()),
+        ("cloudEvents_type", "records".to_owned()),
+    ] {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    let confirmation = channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default()
+                .with_headers(headers)
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("a confirm");
+    assert!(confirmation.is_ack(), "RabbitMQ refused the stock publish");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// A consumer records its subscription queue in the topic's directory once, not again on
+/// every connection it re-attaches on: the directory grew by one record per reconnect, 105
+/// after a few seconds of a connection that kept dropping (found by an outside review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_leave_one_directory_record_per_subscription() {
+    let Some(Subscribed {
+        node,
+        transport,
+        topic_name,
+        mut sub,
+        queue,
+        ..
+    }) = subscribed("records", ConsumerOptions::default()).await
+    else {
+        return;
+    };
+    let exchange = transport.exchange_name(&topic_name);
+    let directory = format!("{exchange}_d_subscriptions");
+    for round in 0..LOSSES {
+        close_connections(&node).await;
+        until_attached(&node, &queue, 0, Duration::from_secs(15)).await;
+        // A delivery settled on the new connection: the consumer re-attached (and recorded
+        // its queue, if it does) after the loss.
+        stock_publish(&node, &exchange, round).await;
+        let d = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+            .await
+            .expect("a delivery within 15 s of the reconnection")
+            .expect("the subscription ended")
+            .expect("a delivery");
+        assert_eq!(d.event().id(), format!("stock-{round}"));
+        d.ack().await.expect("an ack on the new connection");
+    }
+    let stock = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("a stock connection to the test's node");
+    assert_eq!(
+        support::message_count(&stock, &directory).await,
+        Some(1),
+        "one directory record for the subscription after {LOSSES} reconnects"
+    );
+    let _ = stock.close(200, "done".into()).await;
+    let _ = transport.delete_topic(&topic_name).await;
+    let _ = transport.close().await;
+}

@@ -388,3 +388,72 @@ async fn looks_list_a_foreign_message_under_the_same_id_every_time() {
         .delete_queue(&bus.redrive_queue_name(&ty, "g"))
         .await;
 }
+
+/// A stock producer's attribute that is an AMQP decimal (pika writes a Python `Decimal` so),
+/// a double or a float is read as the number's text, as an integer is: it was refused as
+/// "not a string, a number, ..." and the event dead-lettered (found by an outside review).
+#[tokio::test(flavor = "multi_thread")]
+async fn decimal_and_floating_point_headers_are_read_as_numbers() {
+    let transport = shared_transport().await;
+    let name = unique("decimal");
+    let queue = transport.queue(&name).await.unwrap();
+    let amqp_queue = transport.queue_name(&name);
+    let (conn, channel) = stock_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "stock-decimal-1"),
+        ("cloudEvents_source", "/pika"),
+        ("cloudEvents_type", "orderPriced"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    headers.insert(
+        "cloudEvents_amount".into(),
+        AMQPValue::DecimalValue(lapin::types::DecimalValue {
+            scale: 1,
+            value: 15,
+        }),
+    );
+    headers.insert("cloudEvents_ratio".into(), AMQPValue::Double(0.25));
+    headers.insert("cloudEvents_weight".into(), AMQPValue::Float(-2.5));
+    channel
+        .basic_publish(
+            "".into(),
+            amqp_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let options = ConsumerOptions::default().dead_letter_queue(unique("decimal-dlq"));
+    let dlq_name = options.dead_letter_queue.clone().unwrap();
+    let mut sub = queue.receive(options).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+        .await
+        .expect("a delivery within 15s (a refused message is dead-lettered, not handed out)")
+        .expect("the stream is open")
+        .unwrap();
+    let event = delivery.event();
+    assert_eq!(event.id(), "stock-decimal-1");
+    assert_eq!(event.extension("amount"), Some("1.5"));
+    assert_eq!(event.extension("ratio"), Some("0.25"));
+    assert_eq!(event.extension("weight"), Some("-2.5"));
+    delivery.ack().await.unwrap();
+    drop(sub);
+
+    let _ = conn.close(200, "done".into()).await;
+    transport.delete_queue(&name).await.unwrap();
+    transport.delete_queue(&dlq_name).await.unwrap();
+    transport.close().await.unwrap();
+}

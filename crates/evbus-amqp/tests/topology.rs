@@ -424,3 +424,102 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
     consumer.close().await.unwrap();
     other.close().await.unwrap();
 }
+
+/// The consumer count of queue `queue` (a passive declare on a channel of its own): `None`
+/// when the queue does not exist.
+async fn consumer_count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = conn.create_channel().await.expect("a channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "looked up".into()).await;
+    Some(declared.consumer_count())
+}
+
+/// A named subscription's queue deleted with a stock client while its topic still exists (an
+/// operator clearing it in the management UI) is declared, bound and consumed again by the
+/// same subscription: it used to take the deletion for `delete_topic` and end, while the
+/// topic's publishers bound the queue again from the directory and filled it with no one
+/// consuming (found by an outside review). A queue's consumer has no topic to ask: its
+/// queue deleted with a stock client, it ends, and nothing declares the queue again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_queue_deleted_outside_evbus_is_declared_again_and_consumed() {
+    let transport = shared_transport().await;
+    let name = unique("cleared");
+    let queue_name = unique("cleared-queue");
+    let topic = transport.topic(&name).await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let queue = transport.queue(&queue_name).await.unwrap();
+    let received = queue.receive(ConsumerOptions::default()).await.unwrap();
+    topic.publish(&event(0)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the subscription is open")
+        .unwrap();
+    first.ack().await.unwrap();
+
+    let amqp_queue = transport.subscription_queue_name(&name, "billing");
+    let (conn, channel) = stock_channel().await;
+    for deleted in [amqp_queue.clone(), transport.queue_name(&queue_name)] {
+        channel
+            .queue_delete(
+                deleted.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // The subscription declares its queue again and consumes it: wait for its consumer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let consumers = consumer_count(&conn, &amqp_queue).await;
+        if consumers == Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscription did not consume its queue again within 15 s of its deletion \
+             (consumers: {consumers:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    topic.publish(&event(1)).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("a delivery within 10 s of the queue's deletion")
+        .expect("the subscription ended when its queue was deleted outside evbus")
+        .unwrap();
+    assert_eq!(again.event().data().map(|d| &d[..]), Some(&b"1"[..]));
+    again.ack().await.unwrap();
+
+    evbus_conformance::checks::each_ends_within(
+        vec![("the queue's consumer", received)],
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        message_count(&conn, &transport.queue_name(&queue_name)).await,
+        None,
+        "the deleted queue was declared again"
+    );
+
+    drop(sub);
+    transport.delete_topic(&name).await.unwrap();
+    for dead in [format!("{name}.billing.dlq"), format!("{queue_name}.dlq")] {
+        transport.delete_queue(&dead).await.unwrap();
+    }
+    let _ = conn.close(200, "done".into()).await;
+    transport.close().await.unwrap();
+}
