@@ -403,6 +403,11 @@ fn check_one_scheme(url: &str) -> Result<()> {
 
 /// `text` with the password of `url` (as written and percent-decoded) replaced by `***`:
 /// client errors may quote the whole URL.
+///
+/// Where it stands in a URL's user information (`:password@`) it is always replaced;
+/// elsewhere only if it has at least [`BARE_SCRUB_MIN`] characters and is not also the user
+/// name: replacing every `e` of a message for the password `e` garbled it (`conn***cting`,
+/// `127.***.***.1`), and a password that is the user name (`guest:guest`) hid the user.
 pub(crate) fn scrub(text: &str, url: &str) -> String {
     // With several hosts, the credentials are those of the first host's URL.
     let first = HostList::parse(url).map(|split| split.with_host(split.hosts[0]));
@@ -412,14 +417,26 @@ pub(crate) fn scrub(text: &str, url: &str) -> String {
     let Some(password) = parsed.password().filter(|p| !p.is_empty()) else {
         return text.to_owned();
     };
-    let mut out = text.replace(password, "***");
+    let user = parsed.username();
+    let mut forms = vec![password.to_owned()];
     if let Ok(decoded) = percent_decode(password)
         && !decoded.is_empty()
+        && decoded != password
     {
-        out = out.replace(&decoded, "***");
+        forms.push(decoded);
+    }
+    let mut out = text.to_owned();
+    for form in &forms {
+        out = out.replace(&format!(":{form}@"), ":***@");
+        if form.chars().count() >= BARE_SCRUB_MIN && form != user {
+            out = out.replace(form.as_str(), "***");
+        }
     }
     out
 }
+
+/// The shortest password [`scrub`] replaces outside a URL's user information.
+const BARE_SCRUB_MIN: usize = 4;
 
 fn percent_decode(text: &str) -> std::result::Result<String, std::string::FromUtf8Error> {
     let bytes: Vec<u8> =
@@ -676,6 +693,27 @@ mod tests {
         );
         assert!(!text.contains("p%40ss") && !text.contains("p@ss"), "{text}");
         assert_eq!(scrub("no secret", "amqp://h"), "no secret");
+    }
+
+    /// A short password, or one that is the user name, is scrubbed from URLs the client
+    /// quotes, not from every word of the message (an outside review saw `conn***cting to
+    /// RabbitMQ at amqp://app:***@127.***.***.1` for the password `e`, and the user hidden
+    /// for `guest:guest`).
+    #[test]
+    fn a_short_password_is_scrubbed_from_urls_not_from_every_word() {
+        let text = scrub(
+            "connecting to 127.0.0.1: IO error: refused for 'amqp://app:e@127.0.0.1:5999'",
+            "amqp://app:e@127.0.0.1:5999/%2f",
+        );
+        assert_eq!(
+            text,
+            "connecting to 127.0.0.1: IO error: refused for 'amqp://app:***@127.0.0.1:5999'"
+        );
+        let text = scrub(
+            "login of guest refused for 'amqp://guest:guest@h'",
+            "amqp://guest:guest@h",
+        );
+        assert_eq!(text, "login of guest refused for 'amqp://guest:***@h'");
     }
 
     #[test]
