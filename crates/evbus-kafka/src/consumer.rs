@@ -21,7 +21,7 @@
 //! unsettled events are re-read from `C` by the partition's next owner, and settling them on
 //! the old consumer fails with [`ErrorKind::Expired`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,6 +108,10 @@ struct Entry {
     /// Times handed out, including a queued delivery.
     deliveries: u32,
     event: Option<Arc<Decoded>>,
+    /// Whether the last state written of its partition counted this queued delivery (see
+    /// [`Shared::dirty_commits`]): one that joins or leaves the counted window makes its
+    /// partition dirty.
+    counted: bool,
 }
 
 /// A fetched record: its event, or what core needs to dead-letter a record that is not a
@@ -254,10 +258,10 @@ impl Partition {
     }
 
     /// The commit metadata: runs of acknowledged (`a`) offsets and of unsettled offsets
-    /// handed out `n` times, above the committed offset. `queued_as_delivered` says whether
-    /// deliveries still in the channel count (they do while the consumer runs; a consumer
-    /// giving the partition up never handed them to the application).
-    fn metadata(&self, queued_as_delivered: bool) -> String {
+    /// handed out `n` times, above the committed offset. A delivery still in the channel
+    /// counts only if its token is in `window` (see [`Shared::dirty_commits`]; a consumer
+    /// giving the partition up, `None`, never handed any of them to the application).
+    fn metadata(&self, window: Option<&HashSet<u64>>) -> String {
         let mut out = String::from(METADATA_PREFIX);
         let mut run: Option<(i64, i64, String)> = None;
         let push = |out: &mut String, (start, len, value): (i64, i64, String)| {
@@ -268,7 +272,7 @@ impl Partition {
         for (&offset, entry) in &self.entries {
             let value = match entry.stage {
                 Stage::Done => "a".to_owned(),
-                Stage::Queued { .. } if !queued_as_delivered => {
+                Stage::Queued { token } if !window.is_some_and(|w| w.contains(&token)) => {
                     match entry.deliveries.saturating_sub(1) {
                         0 => continue,
                         n => n.to_string(),
@@ -324,6 +328,7 @@ impl Partition {
                         stage,
                         deliveries,
                         event: None,
+                        counted: false,
                     },
                 );
             }
@@ -375,6 +380,9 @@ pub(crate) struct Shared {
     paused: AtomicBool,
     /// See [`ConsumerSpec::transport_closed`].
     transport_closed: CancellationToken,
+    /// How many deliveries still in the channel count as delivered in what is written while
+    /// the consumer runs: the stream's in-flight limit (see [`Shared::dirty_commits`]).
+    window: usize,
 }
 
 /// One partition's commit: partition, generation, offset, metadata.
@@ -393,9 +401,45 @@ impl Shared {
     }
 
     /// The commit of every dirty partition, with metadata; marks them clean.
+    ///
+    /// Deliveries still in the channel to the stream count as delivered (so that an event
+    /// whose handler crashes the process still reaches `max_attempts`, its count recorded
+    /// before it was handed out) only for the first [`Shared::window`] of them in the
+    /// channel's order: all the stream can hand out before the next commit, as each hand-out
+    /// past those waits for a settlement, which commits. The rest of the read-ahead (up to
+    /// 512 records) counted too before, so a consumer that died (a crash, a kill, a lost
+    /// session) gave every record it had fetched ahead one attempt, and after `max_attempts`
+    /// such deaths events no handler had received were dead-lettered. A partition whose
+    /// counted deliveries changed (the window moved on) is dirty.
     fn dirty_commits(&self, state: &mut State, queued_as_delivered: bool) -> Vec<Commit> {
+        let window = if queued_as_delivered {
+            let mut tokens: Vec<u64> = state
+                .partitions
+                .values()
+                .flat_map(|part| part.entries.values())
+                .filter_map(|entry| match entry.stage {
+                    Stage::Queued { token } => Some(token),
+                    _ => None,
+                })
+                .collect();
+            if tokens.len() > self.window {
+                tokens.select_nth_unstable(self.window);
+                tokens.truncate(self.window);
+            }
+            tokens.into_iter().collect()
+        } else {
+            HashSet::new()
+        };
         let mut commits = Vec::new();
         for (&p, part) in state.partitions.iter_mut() {
+            for entry in part.entries.values() {
+                if let Stage::Queued { token } = entry.stage
+                    && window.contains(&token) != entry.counted
+                {
+                    part.dirty = true;
+                    break;
+                }
+            }
             if !part.dirty {
                 continue;
             }
@@ -404,8 +448,13 @@ impl Shared {
                 p,
                 part.generation,
                 part.committed,
-                part.metadata(queued_as_delivered),
+                part.metadata(Some(&window)),
             ));
+            for entry in part.entries.values_mut() {
+                if let Stage::Queued { token } = entry.stage {
+                    entry.counted = window.contains(&token);
+                }
+            }
         }
         commits
     }
@@ -708,7 +757,7 @@ impl Context {
             if lost {
                 continue;
             }
-            commits.push((p, part.generation, part.committed, part.metadata(false)));
+            commits.push((p, part.generation, part.committed, part.metadata(None)));
         }
         drop(state);
         self.shared.commit_sync(
@@ -851,6 +900,7 @@ pub(crate) async fn start(
         state_topic: spec.state.clone(),
         paused: AtomicBool::new(false),
         transport_closed: spec.transport_closed.clone(),
+        window: spec.options.max_in_flight.max(1),
     });
     let (assigned_tx, mut assigned) = watch::channel(false);
     let context = Context {
@@ -1277,6 +1327,7 @@ fn poll_loop(
                     stage: Stage::Remembered,
                     deliveries: 0,
                     event: None,
+                    counted: false,
                 });
                 match entry.stage {
                     Stage::Done => {
@@ -1290,6 +1341,7 @@ fn poll_loop(
                 state.next_token += 1;
                 let token = state.next_token;
                 entry.stage = Stage::Queued { token };
+                entry.counted = false;
                 entry.deliveries += 1;
                 entry.event = Some(Arc::new(decode(&shared.topic, &message)));
                 part.dirty = true;
@@ -1326,6 +1378,7 @@ fn poll_loop(
                     .and_then(|part| part.entries.get_mut(&offset))
                 {
                     entry.stage = Stage::Queued { token };
+                    entry.counted = false;
                 }
                 ready.push(Ready {
                     partition: p,
@@ -1369,6 +1422,7 @@ mod tests {
         Entry {
             stage,
             deliveries,
+            counted: false,
             event: None,
         }
     }
@@ -1433,6 +1487,66 @@ mod tests {
         assert!(part.absent.is_empty());
     }
 
+    /// Of the deliveries fetched ahead, only as many as the stream may hand out before the
+    /// next commit (its in-flight limit) are recorded as delivered, in the channel's order
+    /// across partitions; as the stream takes them, the next ones are recorded. A consumer
+    /// that dies thus adds an attempt to those only, not to its whole read-ahead.
+    #[test]
+    fn only_the_deliveries_the_stream_may_take_next_are_recorded_as_delivered() {
+        // Partition 0: offsets 0..4 queued under tokens 1, 3, 5, 7; partition 1: offsets
+        // 0..4 under tokens 2, 4, 6, 8 (the channel interleaves them).
+        let mut partitions = HashMap::new();
+        for p in 0..2_i32 {
+            let mut part = Partition::new(1, 0);
+            for offset in 0..4_i64 {
+                let token = (offset * 2 + i64::from(p) + 1) as u64;
+                part.entries
+                    .insert(offset, entry(Stage::Queued { token }, 1));
+            }
+            part.dirty = true;
+            partitions.insert(p, part);
+        }
+        let shared = shared_with(partitions, Duration::from_secs(30), 3);
+        let written = |commits: Vec<Commit>| {
+            let mut commits: Vec<(i32, String)> =
+                commits.into_iter().map(|(p, _, _, m)| (p, m)).collect();
+            commits.sort();
+            commits
+        };
+        let mut state = shared.lock();
+        // Tokens 1, 2 and 3: offsets 0 and 1 of partition 0, offset 0 of partition 1.
+        assert_eq!(
+            written(shared.dirty_commits(&mut state, true)),
+            [
+                (0, "evbus1|0+2:1,".to_owned()),
+                (1, "evbus1|0+1:1,".to_owned())
+            ]
+        );
+        // Nothing changed: nothing to write.
+        assert!(shared.dirty_commits(&mut state, true).is_empty());
+        // The stream takes token 1 (partition 0, offset 0): token 4 (partition 1, offset 1)
+        // joins the window, and only its partition is written again.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        state
+            .partitions
+            .get_mut(&0)
+            .unwrap()
+            .entries
+            .get_mut(&0)
+            .unwrap()
+            .stage = Stage::Out { token: 1, deadline };
+        assert_eq!(
+            written(shared.dirty_commits(&mut state, true)),
+            [(1, "evbus1|0+2:1,".to_owned())]
+        );
+        // Leaving the partitions: nothing queued counts.
+        assert_eq!(
+            state.partitions[&0].metadata(None),
+            "evbus1|0+1:1,",
+            "only the delivery handed out"
+        );
+    }
+
     #[test]
     fn metadata_round_trips_acks_and_delivery_counts() {
         let mut part = Partition::new(1, 5);
@@ -1443,9 +1557,9 @@ mod tests {
             .insert(6, entry(Stage::Out { token: 2, deadline }, 2));
         part.entries.insert(7, entry(Stage::Done, 1));
         part.entries.insert(8, entry(Stage::Queued { token: 3 }, 1));
-        let running = part.metadata(true);
+        let running = part.metadata(Some(&HashSet::from([3])));
         assert_eq!(running, "evbus1|5+2:2,7+1:a,8+1:1,");
-        let leaving = part.metadata(false);
+        let leaving = part.metadata(None);
         assert_eq!(leaving, "evbus1|5+2:2,7+1:a,");
 
         let mut next = Partition::new(2, 5);
@@ -1459,16 +1573,16 @@ mod tests {
         assert_eq!(next.entries.len(), 3);
     }
 
-    /// A consumer's shared state with partition 0 (generation 1) holding offset 5 handed
-    /// out under token 1 until `deadline`, and the acker of that delivery.
-    fn handed_out(deadline: Instant, visibility: Duration) -> KafkaAcker {
-        let mut part = Partition::new(1, 5);
-        part.entries
-            .insert(5, entry(Stage::Out { token: 1, deadline }, 1));
-        let shared = Arc::new(Shared {
+    /// A consumer's shared state holding `partitions`, with an in-flight limit of `window`.
+    fn shared_with(
+        partitions: HashMap<i32, Partition>,
+        visibility: Duration,
+        window: usize,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
             topic: "t".to_owned(),
             state: Mutex::new(State {
-                partitions: HashMap::from([(0, part)]),
+                partitions,
                 next_generation: 1,
                 next_token: 1,
                 queued: 0,
@@ -1479,7 +1593,17 @@ mod tests {
             state_topic: None,
             paused: AtomicBool::new(false),
             transport_closed: CancellationToken::new(),
-        });
+            window,
+        })
+    }
+
+    /// A consumer's shared state with partition 0 (generation 1) holding offset 5 handed
+    /// out under token 1 until `deadline`, and the acker of that delivery.
+    fn handed_out(deadline: Instant, visibility: Duration) -> KafkaAcker {
+        let mut part = Partition::new(1, 5);
+        part.entries
+            .insert(5, entry(Stage::Out { token: 1, deadline }, 1));
+        let shared = shared_with(HashMap::from([(0, part)]), visibility, 1);
         KafkaAcker {
             shared,
             partition: 0,
