@@ -86,7 +86,10 @@ return results
 
 /// Negatively acknowledges one delivery: the entry stays pending but becomes idle "forever",
 /// so the next takeover scan of any consumer redelivers it (with its count increased). With
-/// a delay, a member of the delayed set holds the takeover back until it is due.
+/// a delay, a member of the delayed set holds the takeover back until it is due: the time
+/// it was nacked rounded up to the millisecond, plus the delay (the takeover compares with
+/// its own time rounded down, so it never comes sooner than the delay; rounded down here,
+/// a redelivery came up to a millisecond early).
 ///
 /// KEYS: stream, delayed set. ARGV: group, consumer, id, delivery count, delay in ms.
 pub(crate) static NACK: LazyLock<Script> = LazyLock::new(|| {
@@ -98,7 +101,7 @@ if state ~= 1 then return state end
 local delay = tonumber(ARGV[5])
 if delay > 0 then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = tonumber(t[1]) * 1000 + math.ceil(tonumber(t[2]) / 1000)
   redis.call('ZADD', KEYS[2], now + delay, ARGV[3] .. ' ' .. ARGV[1])
 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'TIME', 1, 'JUSTID')
