@@ -641,11 +641,10 @@ impl PgStore {
             // schema-only dump, or a truncated lease table: a bucket without a row is never
             // leased, so its events would wait for ever without a word. Looked up first: a
             // relay's role may lack INSERT on the lease table, which it needs only here.
-            let have: i64 =
-                sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table.leases()))
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| db_error("counting the rows of the outbox lease table", e))?;
+            let have: i64 = sqlx::query_scalar(&self.table.count_lease_rows())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| db_error("counting the rows of the outbox lease table", e))?;
             if have < i64::from(BUCKETS) {
                 match sqlx::query(&self.table.seed_leases())
                     .execute(&self.pool)
