@@ -92,6 +92,29 @@ const EXISTS_CHECK: Duration = Duration::from_secs(2);
 /// Shortest time between two renewals of the messages fetched and not handed out, whatever
 /// the visibility timeout (core renews held deliveries no more often either).
 const MIN_RENEW_EVERY: Duration = Duration::from_millis(10);
+/// How long one pull request waits on the server: `fetch_wait` less a random share of up to
+/// a fifth of it, drawn for each request.
+///
+/// NATS Server 2.9 miscounts a redelivery that it dispatches in the instant a pull request
+/// expires: it counts the delivery without sending it (the message comes back one visibility
+/// timeout later, its attempt count one higher), and sends the stream's newest message again
+/// as attempt 1 (the consumer's position steps back by one; reproduced with async-nats
+/// alone: `examples/redelivery_counts.rs`, ADR 0038). Requests that all last exactly `fetch_wait` expire in step with
+/// redeliveries whose timeout is a multiple of it (1 s and 30 s against the default 1 s),
+/// and so meet them: with a fixed 500 ms expiry and a 1 s `ack_wait`, 8 of 48 runs of the
+/// reproduction hit the defect, with the expiry spread like this none of 48.
+fn request_expiry(fetch_wait: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let spread = u64::try_from((fetch_wait / 5).as_nanos()).unwrap_or(u64::MAX);
+    if spread == 0 {
+        return fetch_wait;
+    }
+    // Each `RandomState` is keyed afresh: the hash of nothing is a random number.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    fetch_wait - Duration::from_nanos(random % spread)
+}
 
 /// Creates (or finds and adjusts) the consumer of `spec` and returns its stream of raw
 /// deliveries.
@@ -401,7 +424,7 @@ impl Pull {
                 let (consumer, max, expires) = (
                     &self.consumer,
                     self.request_size(),
-                    self.shared.config.fetch_wait,
+                    request_expiry(self.shared.config.fetch_wait),
                 );
                 if self.requesting.is_none() {
                     self.requested_at = Instant::now();
@@ -1303,6 +1326,29 @@ impl Acker for NatsAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_requests_expire_within_the_last_fifth_of_fetch_wait_and_not_in_step() {
+        let fetch_wait = Duration::from_secs(1);
+        let expiries: Vec<Duration> = (0..64).map(|_| request_expiry(fetch_wait)).collect();
+        for expiry in &expiries {
+            assert!(
+                *expiry <= fetch_wait && *expiry > fetch_wait * 4 / 5,
+                "a request expiring after {expiry:?} (fetch_wait {fetch_wait:?})"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = expiries.iter().collect();
+        assert!(
+            distinct.len() > 32,
+            "64 requests expired after only {} different times: {expiries:?}",
+            distinct.len()
+        );
+        // Too short to spread: as configured.
+        assert_eq!(
+            request_expiry(Duration::from_nanos(4)),
+            Duration::from_nanos(4)
+        );
+    }
 
     #[test]
     fn a_long_value_is_quoted_short_in_the_error_of_a_structured_message() {
