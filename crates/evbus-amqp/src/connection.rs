@@ -1,8 +1,10 @@
-//! The broker connection: one AMQP connection per transport, reconnected with backoff when
-//! it is lost, with a dedicated publisher channel (publisher confirms) and an administration
-//! channel for declarations. Topology is declared again on every new connection before it is
-//! used (declarations are idempotent), and consumers re-attach by themselves
-//! (see [`consumer`](crate::consumer)).
+//! Broker connections, each reconnected with backoff when it is lost, with a dedicated
+//! publisher channel (publisher confirms) and an administration channel for declarations.
+//! A transport has one for publishing, sending and administration, and each subscription
+//! one of its own (ADR 0039): a message the client cannot parse drops the connection it is
+//! delivered on, and then stalls only the subscription reading it. Topology is declared
+//! again on every new connection before it is used (declarations are idempotent), and
+//! consumers re-attach by themselves (see [`consumer`](crate::consumer)).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,9 +57,12 @@ pub(crate) fn quorum_arguments() -> FieldTable {
     args
 }
 
-/// The one connection of a transport, opened again when lost.
+/// A connection (the transport's, or one subscription's), opened again when lost.
 pub(crate) struct Link {
     config: AmqpConfig,
+    /// The connection name RabbitMQ shows (`connection_name`), telling an operator whose
+    /// connection it is.
+    name: String,
     state: Mutex<LinkState>,
     generation: AtomicU64,
 }
@@ -82,9 +87,11 @@ pub(crate) struct Live {
 }
 
 impl Link {
+    /// The transport's link, on the connection `first` that [`open`](Self::open) made.
     pub(crate) fn new(config: AmqpConfig, first: Live) -> Self {
         let backoff = backoff(&config);
         Link {
+            name: transport_connection_name(),
             config,
             generation: AtomicU64::new(first.generation),
             state: Mutex::new(LinkState {
@@ -97,18 +104,35 @@ impl Link {
         }
     }
 
+    /// A link that connects on first use, named `name`: a subscription's own.
+    pub(crate) fn lazy(config: AmqpConfig, name: String) -> Self {
+        let backoff = backoff(&config);
+        Link {
+            name,
+            config,
+            generation: AtomicU64::new(0),
+            state: Mutex::new(LinkState {
+                live: None,
+                backoff,
+                retry_at: None,
+                last_error: None,
+                closed: false,
+            }),
+        }
+    }
+
     /// Opens a connection (the first one, or again after a loss). With several nodes
     /// ([`AmqpConfig::server_urls`]) each is tried in turn, starting from node `generation`
     /// modulo their number, so that a reconnection starts with the node after the previous
     /// attempt's; the first that accepts is used. Fails like the last node's attempt.
-    pub(crate) async fn open(config: &AmqpConfig, generation: u64) -> Result<Live> {
+    pub(crate) async fn open(config: &AmqpConfig, name: &str, generation: u64) -> Result<Live> {
         let servers = config.server_urls()?;
         let count = servers.len();
         let first = usize::try_from(generation).unwrap_or(0) % count;
         let mut last_error = None;
         for i in 0..count {
             let server = &servers[(first + i) % count];
-            match Self::open_one(config, server).await {
+            match Self::open_one(config, name, server).await {
                 Ok(conn) => {
                     return Ok(Live {
                         conn,
@@ -133,15 +157,14 @@ impl Link {
     }
 
     /// One connection attempt to the node at `server` (a one-host URL).
-    async fn open_one(config: &AmqpConfig, server: &str) -> Result<Connection> {
+    async fn open_one(config: &AmqpConfig, name: &str, server: &str) -> Result<Connection> {
         let what = || {
             format!(
                 "connecting to RabbitMQ at `{}`",
                 crate::config::redact(server)
             )
         };
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("evbus-amqp/{}", std::process::id()).into());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
         match tokio::time::timeout(
             config.connect_timeout,
             Connection::connect(server, properties),
@@ -182,6 +205,7 @@ impl Link {
             }
             tracing::warn!(
                 broker = %self.config.redacted_url(),
+                connection = %self.name,
                 "the RabbitMQ connection was lost; reconnecting"
             );
             state.live = None;
@@ -202,9 +226,9 @@ impl Link {
             ));
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        match Self::open(&self.config, generation).await {
+        match Self::open(&self.config, &self.name, generation).await {
             Ok(live) => {
-                tracing::info!(broker = %self.config.redacted_url(), "connected to RabbitMQ");
+                tracing::info!(broker = %self.config.redacted_url(), connection = %self.name, "connected to RabbitMQ");
                 let live = Arc::new(live);
                 state.live = Some(Arc::clone(&live));
                 state.backoff.reset();
@@ -394,6 +418,17 @@ impl Live {
         )
         .await
     }
+}
+
+/// The name of a transport's own connection: `evbus-amqp/<process id>`.
+pub(crate) fn transport_connection_name() -> String {
+    format!("evbus-amqp/{}", std::process::id())
+}
+
+/// The name of the connection of a subscription to `queue`:
+/// `evbus-amqp/<process id> consuming <queue>`.
+pub(crate) fn consumer_connection_name(queue: &str) -> String {
+    format!("{} consuming {queue}", transport_connection_name())
 }
 
 /// The reconnect backoff `config` asks for.

@@ -58,7 +58,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Live, short, within};
+use crate::connection::{Link, Live, short, within};
 use crate::message::{self, CopyKey};
 use crate::transport::{AmqpTransport, Shared};
 
@@ -70,6 +70,16 @@ pub const SPARE_RETURNS: u32 = 10;
 /// How often an anonymous subscription that received nothing looks for its topic's
 /// exchange, to end when the topic was deleted (ADR 0031).
 const EXISTS_CHECK: Duration = Duration::from_secs(2);
+
+/// How often a consumer whose connection is lost again and again to a message the client
+/// cannot parse logs it at error level.
+const UNPARSABLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long an attachment must have lasted, when it brought nothing, for its loss to start
+/// the re-attach backoff over: one lost sooner (a message the client cannot parse drops the
+/// connection as soon as it is delivered) backs off further, up to `reconnect_max_delay`,
+/// instead of reconnecting several times a second.
+const STABLE_ATTACHMENT: Duration = Duration::from_secs(5);
 
 /// What a consumer reads.
 #[derive(Clone, Debug)]
@@ -98,8 +108,18 @@ struct Attached {
     consumer: Consumer,
     /// Which attachment of this consumer (deliveries of an earlier one cannot be settled).
     epoch: u64,
-    /// The connection it is on (see [`crate::connection::Live::generation`]).
-    generation: u64,
+    /// When it was made.
+    at: Instant,
+    /// Whether it brought a delivery.
+    delivered: bool,
+}
+
+impl Attached {
+    /// Whether it worked (brought a delivery, or lasted [`STABLE_ATTACHMENT`]): its loss
+    /// starts the re-attach backoff over.
+    fn stable(&self) -> bool {
+        self.delivered || self.at.elapsed() >= STABLE_ATTACHMENT
+    }
 }
 
 /// Attaches a consumer for `source` on `target` and wraps it into a [`Subscription`].
@@ -111,6 +131,11 @@ pub(crate) async fn subscribe(
     let shared = Arc::clone(&transport.shared);
     let options = source.consumer().clone();
     let dead_letter = transport.queue(source.dead_letter_queue()).await?;
+    // The subscription's own connection (ADR 0039), opened by the first attach.
+    let link = Arc::new(Link::lazy(
+        shared.config.clone(),
+        crate::connection::consumer_connection_name(target.queue()),
+    ));
     let acker = Arc::new(AmqpAcker {
         shared: Arc::clone(&shared),
         state: std::sync::Mutex::default(),
@@ -127,7 +152,7 @@ pub(crate) async fn subscribe(
     // unreachable broker still fails at once.
     let mut retries = 0;
     let attached = loop {
-        match attach(&shared, &target, &options, 1).await {
+        match attach(&shared, &link, &target, &options, 1).await {
             Ok(attached) => break attached,
             Err(e)
                 if e.is_retryable()
@@ -138,13 +163,17 @@ pub(crate) async fn subscribe(
                 tracing::debug!(queue = target.queue(), error = %e, retries, "subscribing failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * retries)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                link.close().await;
+                return Err(e);
+            }
         }
     };
     let (tx, rx) = mpsc::channel(options.max_in_flight.clamp(1, 4096));
     let done = shared.leaving.add(target.queue(), &tx);
     let task = run(
         Arc::clone(&shared),
+        Arc::clone(&link),
         target,
         options,
         Arc::clone(&acker),
@@ -154,6 +183,8 @@ pub(crate) async fn subscribe(
     shared.tasks.spawn(async move {
         let _done = done.drop_guard();
         task.await;
+        // Its channel is closed: RabbitMQ requeued what it held.
+        link.close().await;
     });
     let stream = futures::stream::unfold((rx, acker), |(mut rx, acker)| async move {
         loop {
@@ -171,14 +202,16 @@ pub(crate) async fn subscribe(
     Ok(source.into_subscription(stream, dead_letter, shared.cancel.clone().cancelled_owned()))
 }
 
-/// Opens a channel, declares what `target` needs and starts consuming.
+/// Opens a channel on the subscription's connection `link`, declares what `target` needs
+/// and starts consuming.
 async fn attach(
     shared: &Shared,
+    link: &Link,
     target: &Target,
     options: &ConsumerOptions,
     epoch: u64,
 ) -> Result<Attached> {
-    let live = shared.link.live().await?;
+    let live = link.live().await?;
     let limit = live.timeout();
     let channel = within(
         limit,
@@ -191,7 +224,8 @@ async fn attach(
             channel,
             consumer,
             epoch,
-            generation: live.generation,
+            at: Instant::now(),
+            delivered: false,
         }),
         Err(e) => {
             if e.kind() == ErrorKind::NotFound {
@@ -248,8 +282,8 @@ enum Found {
 /// declaration remembered, fail with `not_found` for ever; the subscription ends instead, as
 /// on the other transports that see the deletion. Anything but a plain `NOT_FOUND` (a
 /// cluster node down answers with a retryable one) is not a deletion.
-async fn look_up(shared: &Shared, target: &Target) -> Found {
-    let Ok(live) = shared.link.live().await else {
+async fn look_up(shared: &Shared, link: &Link, target: &Target) -> Found {
+    let Ok(live) = link.live().await else {
         return Found::There;
     };
     match target {
@@ -435,20 +469,6 @@ impl Leaving {
         done
     }
 
-    /// The queues of the consumer tasks still running, each once, sorted: all of them read
-    /// on the transport's one connection, or are attaching to it again.
-    pub(crate) fn queues(&self) -> Vec<String> {
-        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut queues: Vec<String> = consumers
-            .iter()
-            .filter(|c| !c.done.is_cancelled())
-            .map(|c| c.queue.clone())
-            .collect();
-        queues.sort();
-        queues.dedup();
-        queues
-    }
-
     /// Waits, at most `limit`, until no consumer of a queue `deleted` names is still
     /// letting go of it after its subscription was dropped.
     pub(crate) async fn wait(&self, deleted: impl Fn(&str) -> bool, limit: Duration) {
@@ -474,11 +494,55 @@ impl Leaving {
     }
 }
 
+/// What a consumer logged last of its connection lost to a message the client cannot parse.
+#[derive(Default)]
+struct Unparsable {
+    /// When the last error was logged.
+    logged: Option<Instant>,
+    /// Losses the same way since then, not logged.
+    since: u32,
+}
+
+impl Unparsable {
+    /// Logs at error level that the connection of the consumer of `queue` was lost to a
+    /// frame the client could not parse: in practice a message a foreign producer wrote with
+    /// a property or header name that is not UTF-8 (README, "Broker gaps"). It sits at the
+    /// head of `queue` and comes back at every re-attach, so the consumer stalls until it is
+    /// taken off with another tool; the errors name nothing else, so this log is where an
+    /// operator learns which queue to look in. At the first loss, then at most every
+    /// [`UNPARSABLE_LOG_EVERY`] (the loop re-attaches several times a second) with the count
+    /// of losses in between.
+    fn lost(&mut self, queue: &str, error: &dyn std::fmt::Display) {
+        if self
+            .logged
+            .is_some_and(|at| at.elapsed() < UNPARSABLE_LOG_EVERY)
+        {
+            self.since += 1;
+            tracing::debug!(queue, error = %error, "the consumer's RabbitMQ connection was lost to a message the client cannot parse, again");
+            return;
+        }
+        self.logged = Some(Instant::now());
+        let since = std::mem::take(&mut self.since);
+        tracing::error!(
+            queue,
+            error = %error,
+            lost_since_last_log = since,
+            "the RabbitMQ connection of the consumer of queue `{queue}` was lost to a \
+             message the client cannot parse (a property or header name that is not UTF-8, \
+             written by a producer other than evbus). It is delivered again at every \
+             re-attach: this consumer stalls until the message is taken off the queue with \
+             another tool (README, \"Broker gaps\"); the transport's other subscriptions, \
+             publishes and sends go on"
+        );
+    }
+}
+
 /// The consumer task: forwards deliveries, requeues expired ones, re-attaches after a lost
 /// connection, and closes its channel when the subscription is dropped or the transport
 /// closes.
 async fn run(
     shared: Arc<Shared>,
+    link: Arc<Link>,
     target: Target,
     options: ConsumerOptions,
     acker: Arc<AmqpAcker>,
@@ -488,7 +552,8 @@ async fn run(
     let cancel = shared.cancel.clone();
     let mut attached = Some(first);
     let mut epoch = 1;
-    let mut backoff = shared.link.backoff();
+    let mut backoff = link.backoff();
+    let mut unparsable = Unparsable::default();
     let sweep_every =
         (options.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
@@ -517,10 +582,9 @@ async fn run(
                 () = pause => {}
             }
             epoch += 1;
-            match attach(&shared, &target, &options, epoch).await {
+            match attach(&shared, &link, &target, &options, epoch).await {
                 Ok(a) => {
                     tracing::info!(queue = target.queue(), "consumer re-attached to RabbitMQ");
-                    backoff.reset();
                     attached = Some(a);
                 }
                 Err(e) if e.kind() == ErrorKind::Closed => return,
@@ -548,7 +612,7 @@ async fn run(
             _ = sweep.tick() => acker.sweep().await,
             _ = exists.tick(), if anonymous => {
                 if std::mem::replace(&mut quiet, true)
-                    && look_up(&shared, &target).await == Found::Deleted
+                    && look_up(&shared, &link, &target).await == Found::Deleted
                 {
                     tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
                     detach(current, &acker, Ending::Closed).await;
@@ -567,11 +631,15 @@ async fn run(
             next = current.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     quiet = false;
+                    current.delivered = true;
                     waiting.push_back(acker.raw(delivery, &current.channel, current.epoch, target.queue()));
                 }
                 Some(Err(e)) => {
                     if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
-                        shared.unparsable(current.generation, &e);
+                        unparsable.lost(target.queue(), &e);
+                    }
+                    if current.stable() {
+                        backoff.reset();
                     }
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
                     detach(current, &acker, Ending::Lost).await;
@@ -579,13 +647,16 @@ async fn run(
                     attached = None;
                 }
                 None => {
+                    if current.stable() {
+                        backoff.reset();
+                    }
                     // The channel may still be open: close it, or what it holds unsettled
                     // (and can no longer be settled) would stay there while the connection
                     // lives instead of being redelivered.
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
-                    match look_up(&shared, &target).await {
+                    match look_up(&shared, &link, &target).await {
                         Found::Deleted => {
                             ended(&target);
                             return;

@@ -70,7 +70,7 @@ fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>,
             "the connection was lost to a message the client cannot parse (a property that is \
              not UTF-8, written by a producer other than evbus); the adapter reconnects, but \
              the message comes back until it is taken off its queue: the error log names the \
-             queues to look in (README, \"Broker gaps\")",
+             queue to look in (README, \"Broker gaps\")",
         ),
         K::ChannelsLimitReached => (
             ErrorKind::Full,

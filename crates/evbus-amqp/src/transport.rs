@@ -75,24 +75,7 @@ pub(crate) struct Shared {
     recorded: std::sync::Mutex<HashSet<String>>,
     /// Numbers every message published (see [`crate::message::Copies`]).
     pub(crate) copies: crate::message::Copies,
-    /// Connections lost to a message the client could not parse (see [`Shared::unparsable`]).
-    unparsable: std::sync::Mutex<Unparsable>,
 }
-
-/// What [`Shared::unparsable`] logged last.
-#[derive(Default)]
-struct Unparsable {
-    /// The last connection reported (its consumers all see the same error).
-    generation: u64,
-    /// When the last error was logged.
-    logged: Option<std::time::Instant>,
-    /// Connections lost the same way since then, not logged.
-    since: u32,
-}
-
-/// How often a connection lost again and again to a message the client cannot parse is
-/// logged at error level.
-const UNPARSABLE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Shared {
     /// Starts an operation, or fails with [`ErrorKind::Closed`].
@@ -102,48 +85,6 @@ impl Shared {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.gate.is_closed()
-    }
-
-    /// Logs at error level that connection `generation` was lost to a frame the client
-    /// could not parse, naming the queues consumed on it: in practice a message a foreign
-    /// producer wrote with a property or header name that is not UTF-8 (README, "Broker
-    /// gaps"). The transport has one connection, so until that message is taken off its
-    /// queue every consumer and publisher of the transport fails and reconnects, and the
-    /// errors they report name whatever each was doing, not the queue holding the message:
-    /// this log is where an operator learns which queues to look in. Once per connection,
-    /// and at most every [`UNPARSABLE_LOG_EVERY`] (the loop reconnects several times a
-    /// second), with the count of losses in between.
-    pub(crate) fn unparsable(&self, generation: u64, error: &dyn std::fmt::Display) {
-        let since = {
-            let mut state = self.unparsable.lock().unwrap_or_else(|p| p.into_inner());
-            if generation <= state.generation {
-                return;
-            }
-            state.generation = generation;
-            if state
-                .logged
-                .is_some_and(|at| at.elapsed() < UNPARSABLE_LOG_EVERY)
-            {
-                state.since += 1;
-                tracing::debug!(error = %error, "the RabbitMQ connection was lost to a message the client cannot parse, again");
-                return;
-            }
-            state.logged = Some(std::time::Instant::now());
-            std::mem::take(&mut state.since)
-        };
-        let queues = self.leaving.queues();
-        tracing::error!(
-            queues = ?queues,
-            error = %error,
-            lost_since_last_log = since,
-            "the RabbitMQ connection was lost to a message the client cannot parse (a \
-             property or header name that is not UTF-8, written by a producer other than \
-             evbus), delivered from one of the queues consumed on it: {}. It comes back at \
-             every reconnection, and this transport has one connection: every consumer and \
-             publisher of the transport fails until the message is taken off its queue with \
-             another tool (README, \"Broker gaps\")",
-            queues.join(", ")
-        );
     }
 
     /// Records the subscription queue `queue` in the directory of its topic's exchange, so
@@ -395,7 +336,7 @@ impl AmqpTransport {
     /// [`ErrorKind::InvalidConfig`] for bad settings, credentials or vhost.
     pub async fn connect(config: AmqpConfig) -> Result<Self> {
         config.validate()?;
-        let first = Link::open(&config, 1).await?;
+        let first = Link::open(&config, &crate::connection::transport_connection_name(), 1).await?;
         let names = Names::new(&config.prefix);
         Ok(AmqpTransport {
             shared: Arc::new(Shared {
@@ -408,7 +349,6 @@ impl AmqpTransport {
                 leaving: crate::consumer::Leaving::default(),
                 recorded: std::sync::Mutex::new(HashSet::new()),
                 copies: crate::message::Copies::new(),
-                unparsable: std::sync::Mutex::default(),
             }),
         })
     }

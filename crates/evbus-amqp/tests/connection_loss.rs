@@ -351,3 +351,116 @@ async fn reconnects_leave_one_directory_record_per_subscription() {
     let _ = transport.delete_topic(&topic_name).await;
     let _ = transport.close().await;
 }
+
+/// Puts a message into queue `queue` of `node` whose `message-id` is not UTF-8, from inside
+/// the broker: what a foreign producer's client can write (RabbitMQ passes it on unchecked)
+/// and lapin cannot, nor read (it drops the connection the message is delivered on).
+async fn publish_unparsable(node: &Arc<RabbitNode>, queue: &str) {
+    let node = Arc::clone(node);
+    // `#'P_basic'{delivery_mode = 2, message_id = <<255, 254>>}`, as a tuple.
+    let expr = format!(
+        "rabbit_basic:publish(rabbit_misc:r(<<\"/\">>, exchange, <<>>), <<\"{queue}\">>, \
+         {{'P_basic', undefined, undefined, undefined, 2, undefined, undefined, undefined, \
+         undefined, <<255, 254>>, undefined, undefined, undefined, undefined, undefined}}, \
+         <<\"{{}}\">>)."
+    );
+    tokio::task::spawn_blocking(move || node.eval(&expr))
+        .await
+        .unwrap()
+        .expect("publishing the unparsable message inside the broker");
+}
+
+/// A message the client cannot parse stalls only the subscription that reads it: that
+/// subscription's connection is lost at every re-attach, while the transport's other
+/// subscriptions go on receiving and its sends go on succeeding. With one connection per
+/// transport, one such message in any queue it consumed took every subscription, publish
+/// and send of the transport down several times a second until the message was removed
+/// (outside review with pika; ADR 0039).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_client_cannot_parse_stalls_only_the_subscription_reading_it() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let transport =
+        support::transport(&node, "reconnect_max_delay_ms=500&command_timeout_ms=5000").await;
+    let pid = std::process::id();
+    let (poisoned_name, healthy_name) = (format!("poisoned-{pid}"), format!("healthy-{pid}"));
+    let poisoned = transport.queue(&poisoned_name).await.expect("queue");
+    let healthy = transport.queue(&healthy_name).await.expect("queue");
+    let mut poisoned_sub = poisoned
+        .receive(ConsumerOptions::default())
+        .await
+        .expect("receive");
+    let mut healthy_sub = healthy
+        .receive(ConsumerOptions::default())
+        .await
+        .expect("receive");
+    publish_unparsable(&node, &transport.queue_name(&poisoned_name)).await;
+
+    // Meanwhile the poisoned consumer loses its connection again and again.
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        let event = evbus::Event::builder("healthy", "/healthy")
+            .json(&sent.len())
+            .expect("JSON")
+            .build()
+            .expect("an event");
+        healthy
+            .send(&event)
+            .await
+            .expect("sending while another queue's consumer meets a message it cannot parse");
+        sent.push(event.id().to_owned());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), healthy_sub.next_delivery())
+            .await
+            .expect("the healthy queue's deliveries go on")
+            .expect("the subscription goes on")
+            .expect("a delivery");
+        received.push(delivery.event().id().to_owned());
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(received, sent);
+
+    // The premise: the message is still there, and the poisoned subscription handed out
+    // nothing (the client never got past it).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), poisoned_sub.next_delivery())
+            .await
+            .is_err(),
+        "the poisoned subscription handed something out"
+    );
+    drop(poisoned_sub);
+    // RabbitMQ updates a quorum queue's counts every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (node, queue) = (Arc::clone(&node), transport.queue_name(&poisoned_name));
+        let counts = tokio::task::spawn_blocking(move || {
+            node.eval(&format!(
+                "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, \
+                 <<\"{queue}\">>)), rabbit_amqqueue:info(Q, [messages])."
+            ))
+        })
+        .await
+        .unwrap()
+        .expect("reading the poisoned queue");
+        if counts.contains("{messages,1}") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the poisoned queue does not hold the message: {counts}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(healthy_sub);
+    transport
+        .delete_queue(&poisoned_name)
+        .await
+        .expect("delete");
+    transport.delete_queue(&healthy_name).await.expect("delete");
+    transport.close().await.expect("close");
+}
