@@ -75,12 +75,6 @@ const EXISTS_CHECK: Duration = Duration::from_secs(2);
 /// cannot parse logs it at error level.
 const UNPARSABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// How long an attachment must have lasted, when it brought nothing, for its loss to start
-/// the re-attach backoff over: one lost sooner (a message the client cannot parse drops the
-/// connection as soon as it is delivered) backs off further, up to `reconnect_max_delay`,
-/// instead of reconnecting several times a second.
-const STABLE_ATTACHMENT: Duration = Duration::from_secs(5);
-
 /// What a consumer reads.
 #[derive(Clone, Debug)]
 pub(crate) enum Target {
@@ -108,18 +102,6 @@ struct Attached {
     consumer: Consumer,
     /// Which attachment of this consumer (deliveries of an earlier one cannot be settled).
     epoch: u64,
-    /// When it was made.
-    at: Instant,
-    /// Whether it brought a delivery.
-    delivered: bool,
-}
-
-impl Attached {
-    /// Whether it worked (brought a delivery, or lasted [`STABLE_ATTACHMENT`]): its loss
-    /// starts the re-attach backoff over.
-    fn stable(&self) -> bool {
-        self.delivered || self.at.elapsed() >= STABLE_ATTACHMENT
-    }
 }
 
 /// Attaches a consumer for `source` on `target` and wraps it into a [`Subscription`].
@@ -224,8 +206,6 @@ async fn attach(
             channel,
             consumer,
             epoch,
-            at: Instant::now(),
-            delivered: false,
         }),
         Err(e) => {
             if e.kind() == ErrorKind::NotFound {
@@ -554,6 +534,12 @@ async fn run(
     let mut epoch = 1;
     let mut backoff = link.backoff();
     let mut unparsable = Unparsable::default();
+    // Whether the last attachment was lost to a message the client cannot parse: it comes
+    // back at every attach (after whatever is ahead of it in the queue), so the re-attach
+    // backoff keeps growing, up to `reconnect_max_delay`, instead of starting over at each
+    // attach and reconnecting several times a second. Any other loss (an outage, a closed
+    // connection) starts it over at the next attach, for a quick recovery.
+    let mut poisoned = false;
     let sweep_every =
         (options.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
@@ -582,9 +568,19 @@ async fn run(
                 () = pause => {}
             }
             epoch += 1;
-            match attach(&shared, &link, &target, &options, epoch).await {
+            // Raced with the close: `close` waits for this task, and an attach can take a
+            // connect timeout per node and several command timeouts. Whatever it started is
+            // closed with the connection below.
+            let attaching = tokio::select! {
+                _ = cancel.cancelled() => return,
+                attaching = attach(&shared, &link, &target, &options, epoch) => attaching,
+            };
+            match attaching {
                 Ok(a) => {
                     tracing::info!(queue = target.queue(), "consumer re-attached to RabbitMQ");
+                    if !poisoned {
+                        backoff.reset();
+                    }
                     attached = Some(a);
                 }
                 Err(e) if e.kind() == ErrorKind::Closed => return,
@@ -631,15 +627,12 @@ async fn run(
             next = current.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     quiet = false;
-                    current.delivered = true;
                     waiting.push_back(acker.raw(delivery, &current.channel, current.epoch, target.queue()));
                 }
                 Some(Err(e)) => {
-                    if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
+                    poisoned = matches!(e.kind(), lapin::ErrorKind::ParsingError(_));
+                    if poisoned {
                         unparsable.lost(target.queue(), &e);
-                    }
-                    if current.stable() {
-                        backoff.reset();
                     }
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
                     detach(current, &acker, Ending::Lost).await;
@@ -647,9 +640,7 @@ async fn run(
                     attached = None;
                 }
                 None => {
-                    if current.stable() {
-                        backoff.reset();
-                    }
+                    poisoned = false;
                     // The channel may still be open: close it, or what it holds unsettled
                     // (and can no longer be settled) would stay there while the connection
                     // lives instead of being redelivered.

@@ -83,6 +83,22 @@ fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>,
             "check the credentials in the AMQP URL",
         ),
         K::ProtocolError(amqp) => match amqp.kind() {
+            // A user's or vhost's `max-connections` reached (`set_user_limits`,
+            // `set_vhost_limits`): NOT_ALLOWED, as a vhost the user may not use, but it
+            // clears as other connections close, and every subscription opens one of its own.
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+                if amqp.get_message().as_str().contains("connection limit") =>
+            {
+                (
+                    ErrorKind::Full,
+                    Some(true),
+                    "RabbitMQ refused another connection: the user's or the vhost's connection \
+                     limit is reached. Each subscription of an AMQP transport has a connection \
+                     of its own, besides the transport's (README, \"Mapping\"): raise the limit \
+                     (`rabbitmqctl set_user_limits` or `set_vhost_limits`) or hold fewer \
+                     subscriptions; the adapter retries",
+                )
+            }
             // In a cluster, a durable classic queue (a topic's subscription directory) lives
             // on one node: while that node is down, RabbitMQ answers NOT_FOUND "home node
             // ... is down or inaccessible". It comes back with the node.
@@ -190,6 +206,33 @@ mod tests {
     fn amqp(id: u16) -> lapin::Error {
         let error = AMQPError::from_id(id, "reply text".into()).expect("a known reply code");
         lapin::ErrorKind::ProtocolError(error).into()
+    }
+
+    #[test]
+    fn a_connection_limit_reached_is_a_retryable_full_error_not_a_vhost_problem() {
+        for text in [
+            "NOT_ALLOWED - connection refused for user 'u': user connection limit (3) is reached",
+            "NOT_ALLOWED - access to vhost 'v' refused for user 'u': connection limit (2) is reached",
+        ] {
+            let error: lapin::Error = lapin::ErrorKind::ProtocolError(
+                AMQPError::from_id(530, text.into()).expect("NOT_ALLOWED"),
+            )
+            .into();
+            let e = from_connect(error, "connecting");
+            assert_eq!(e.kind(), ErrorKind::Full, "{e}");
+            assert!(e.is_retryable(), "{e}");
+            assert!(e.message().contains("connection limit"), "{e}");
+            assert!(!e.message().contains("check the vhost"), "{e}");
+        }
+        // A vhost the user may not use is still a configuration error.
+        let error: lapin::Error = lapin::ErrorKind::ProtocolError(
+            AMQPError::from_id(530, "NOT_ALLOWED - vhost v not found".into()).expect("530"),
+        )
+        .into();
+        assert_eq!(
+            from_connect(error, "connecting").kind(),
+            ErrorKind::InvalidConfig
+        );
     }
 
     #[test]

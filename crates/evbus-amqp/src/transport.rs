@@ -556,8 +556,8 @@ impl Transport for AmqpTransport {
             .is_err()
         {
             tracing::warn!(
-                "some AMQP consumers did not stop within {grace:?}; RabbitMQ requeues their \
-                 unsettled deliveries when the connection closes"
+                "some AMQP consumers did not stop within {grace:?}; each closes its own \
+                 connection as it stops, and RabbitMQ requeues their unsettled deliveries then"
             );
         }
         shared.link.close().await;
