@@ -89,19 +89,10 @@ pub(crate) struct Live {
 impl Link {
     /// The transport's link, on the connection `first` that [`open`](Self::open) made.
     pub(crate) fn new(config: AmqpConfig, first: Live) -> Self {
-        let backoff = backoff(&config);
-        Link {
-            name: transport_connection_name(),
-            config,
-            generation: AtomicU64::new(first.generation),
-            state: Mutex::new(LinkState {
-                live: Some(Arc::new(first)),
-                backoff,
-                retry_at: None,
-                last_error: None,
-                closed: false,
-            }),
-        }
+        let mut link = Self::lazy(config, transport_connection_name());
+        link.generation = AtomicU64::new(first.generation);
+        link.state.get_mut().live = Some(Arc::new(first));
+        link
     }
 
     /// A link that connects on first use, named `name`: a subscription's own.

@@ -98,22 +98,18 @@ const MIN_RENEW_EVERY: Duration = Duration::from_millis(10);
 /// NATS Server 2.9 miscounts a redelivery that it dispatches in the instant a pull request
 /// expires: it counts the delivery without sending it (the message comes back one visibility
 /// timeout later, its attempt count one higher), and sends the stream's newest message again
-/// as attempt 1 (the consumer's position steps back by one; reproduced with async-nats
-/// alone: `examples/redelivery_counts.rs`, ADR 0038). Requests that all last exactly `fetch_wait` expire in step with
-/// redeliveries whose timeout is a multiple of it (1 s and 30 s against the default 1 s),
-/// and so meet them: with a fixed 500 ms expiry and a 1 s `ack_wait`, 8 of 48 runs of the
-/// reproduction hit the defect, with the expiry spread like this none of 48.
+/// as attempt 1 (the consumer's position steps back by one; reproduced with async-nats alone:
+/// `examples/redelivery_counts.rs`, ADR 0038). Requests that all last exactly `fetch_wait`
+/// expire in step with redeliveries whose timeout is a multiple of it (1 s and 30 s against
+/// the default 1 s), and so meet them: with a fixed 500 ms expiry and a 1 s `ack_wait`, 8 of
+/// 48 runs of the reproduction hit the defect, with the expiry spread like this none of 48.
 fn request_expiry(fetch_wait: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
+    use rand::Rng;
     let spread = u64::try_from((fetch_wait / 5).as_nanos()).unwrap_or(u64::MAX);
     if spread == 0 {
         return fetch_wait;
     }
-    // Each `RandomState` is keyed afresh: the hash of nothing is a random number.
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    fetch_wait - Duration::from_nanos(random % spread)
+    fetch_wait - Duration::from_nanos(rand::rng().random_range(0..spread))
 }
 
 /// Creates (or finds and adjusts) the consumer of `spec` and returns its stream of raw
