@@ -84,6 +84,17 @@ fn check_size(event: &Event, limit: usize) -> Result<()> {
     check_length(event, event.encoded_len(), limit)
 }
 
+/// Refuses what a publish in `mode` refuses for its size: an event over `limit` as
+/// `Event::encoded_len` counts it and, in structured mode, one whose JSON (what the entry
+/// holds) is over `limit` ([`evbus::Transport::check_size`]).
+pub(crate) fn check_publishable(mode: ContentMode, limit: usize, event: &Event) -> Result<()> {
+    check_size(event, limit)?;
+    if mode == ContentMode::Structured {
+        check_length(event, event.to_json()?.len(), limit)?;
+    }
+    Ok(())
+}
+
 /// Refuses `event` when what is written of it is `size` bytes, more than `limit`.
 fn check_length(event: &Event, size: usize, limit: usize) -> Result<()> {
     if size > limit {
@@ -537,6 +548,15 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         assert!(err.message().contains("max_payload_bytes"), "{err}");
         assert!(xadd("s", Retention::Unlimited, ContentMode::Structured, json, &e).is_ok());
+        // The transport's own check (what an outbox asks at stage) refuses it too, and only
+        // in the mode that writes the JSON.
+        let err = check_publishable(ContentMode::Structured, limit, &e).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(err.message().contains(&format!("{json} bytes")), "{err}");
+        check_publishable(ContentMode::Structured, json, &e).unwrap();
+        check_publishable(ContentMode::Binary, limit, &e).unwrap();
+        let err = check_publishable(ContentMode::Binary, limit - 1, &e).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::raw::Gate;
-use evbus::{Capabilities, Health, Queue, Result, Topic, Transport};
+use evbus::{Capabilities, Event, Health, Queue, Result, Topic, Transport};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -191,6 +191,11 @@ impl Transport for RedisTransport {
 
     fn capabilities(&self) -> Capabilities {
         crate::capabilities::capabilities(&self.shared.config, self.shared.persistent)
+    }
+
+    fn check_size(&self, event: &Event) -> Result<()> {
+        let config = &self.shared.config;
+        crate::publisher::check_publishable(config.content_mode, config.max_payload_bytes, event)
     }
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {

@@ -216,6 +216,52 @@ async fn sqlite_measures_a_staged_event_as_the_transport_does() {
     assert_eq!(pending(&pool).await, 0);
 }
 
+/// Redis in structured mode counts the JSON it writes against `max_payload_bytes`, which is
+/// larger than the data and attributes: stage asks the transport itself, so it refuses
+/// exactly what a publish refuses. It used to measure the data and attributes and staged
+/// events within about a hundred bytes of the limit that the relay could never publish,
+/// holding up their key for ever (found by an outsider review).
+#[tokio::test]
+async fn sqlite_refuses_at_stage_what_redis_in_structured_mode_would_refuse() {
+    let url = redis_url();
+    let Some(probe) = redis(&url).await else {
+        return;
+    };
+    let mut config = probe.config().clone();
+    config.content_mode = evbus_redis::ContentMode::Structured;
+    config.max_payload_bytes = 1024;
+    let redis = evbus_redis::RedisTransport::connect(config).await.unwrap();
+    let bus = evbus::bus::Bus::new(Arc::new(redis.clone()), catalog(), "/test/outbox");
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus);
+    outbox.migrate(&pool).await.unwrap();
+    let emit = |n: usize| Emit::new(TYPE, json!({"orderId": "x".repeat(n), "seq": 0})).key("k");
+
+    // The shortest `orderId` stage refuses.
+    let mut refused = None;
+    for n in (600..1024).step_by(4) {
+        let mut tx = pool.begin().await.unwrap();
+        let staged = outbox.stage(&mut tx, emit(n)).await;
+        tx.rollback().await.unwrap();
+        if let Err(e) = staged {
+            assert_eq!(e.kind(), ErrorKind::TooLarge, "{e}");
+            assert!(e.to_string().contains("at most 1024"), "{e}");
+            refused = Some(n);
+            break;
+        }
+    }
+    let n = refused.expect("stage refuses an orderId of 1,024 characters");
+    // Its data and attributes fit the limit: only the transport's own measure refuses it.
+    let event = bus.prepare_event(emit(n)).unwrap();
+    assert!(event.encoded_len() <= 1024, "{} bytes", event.encoded_len());
+    // A publish refuses it too, and takes the largest event stage accepts.
+    let err = bus.send(emit(n)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    bus.send(emit(n - 4)).await.unwrap();
+    cleanup_redis(&url, &redis).await;
+}
+
 /// `(attempts, last_error)` of the row of event `id`, `None` once it is deleted.
 async fn row_state(pool: &SqlitePool, id: &str) -> Option<(i64, Option<String>)> {
     sqlx::query_as("SELECT attempts, last_error FROM evbus_outbox WHERE event_id = ?1")

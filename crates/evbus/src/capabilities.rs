@@ -32,6 +32,8 @@ pub struct Capabilities {
     /// Largest event the transport accepts, if limited, as [`Event::encoded_len`] counts it:
     /// the data plus every attribute value (what a broker carries). Larger ones fail with
     /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
+    /// [`Transport::check_size`](crate::Transport::check_size) tells whether a publish would
+    /// refuse an event for its size (Redis in structured mode also measures its JSON).
     ///
     /// [`Event::encoded_len`]: crate::Event::encoded_len
     pub max_payload_bytes: Option<usize>,

@@ -51,6 +51,21 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// What this transport can do beyond the common contract.
     fn capabilities(&self) -> Capabilities;
 
+    /// Refuses `event` with [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) if this
+    /// transport's publish or send would refuse it for its size, without publishing
+    /// anything: what a caller that hands the event to this transport later (an outbox
+    /// staging what its relay publishes) checks first, so that it never keeps an event no
+    /// publish can take.
+    ///
+    /// The default measures [`Event::encoded_len`] (the data plus every attribute value)
+    /// against [`Capabilities::max_payload_bytes`], as a transport's publish must. A
+    /// transport that refuses some events by another measure as well (Redis in structured
+    /// mode measures the JSON it writes) overrides this with the same rule its publish
+    /// applies.
+    fn check_size(&self, event: &Event) -> Result<()> {
+        check_encoded_len(self.name(), self.capabilities().max_payload_bytes, event)
+    }
+
     /// The topic `name`, created on the broker if needed.
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>>;
 
@@ -141,6 +156,9 @@ macro_rules! forward_transport {
             fn capabilities(&self) -> Capabilities {
                 (**self).capabilities()
             }
+            fn check_size(&self, event: &Event) -> Result<()> {
+                (**self).check_size(event)
+            }
             async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
                 (**self).topic(name).await
             }
@@ -164,6 +182,28 @@ macro_rules! forward_transport {
 }
 forward_transport!(Box<T>);
 forward_transport!(Arc<T>);
+
+/// [`Transport::check_size`]'s default: `event` is refused when its
+/// [`Event::encoded_len`] is over `limit` (no limit: never).
+pub(crate) fn check_encoded_len(
+    transport: &str,
+    limit: Option<usize>,
+    event: &Event,
+) -> Result<()> {
+    match limit {
+        Some(limit) if event.encoded_len() > limit => Err(crate::Error::new(
+            crate::ErrorKind::TooLarge,
+            format!(
+                "event {} is {} bytes (its data and attributes); this {transport} transport \
+                 accepts at most {limit} (max_payload_bytes)",
+                event.id(),
+                event.encoded_len()
+            ),
+        )
+        .with_hint("send a reference to large data (a URL) instead of the data itself")),
+        _ => Ok(()),
+    }
+}
 
 /// Broker reachability as a transport sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -122,6 +122,10 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_in_flight_limit_holds_back_deliveries_until_one_is_settled),
         case!(queue::queue_large_payload_round_trips, needs: [ONE_MIB]),
         case!(queue::queue_oversized_payload_fails_with_too_large, needs: [Need::PayloadLimit]),
+        case!(
+            queue::queue_check_size_takes_the_largest_event_a_send_takes,
+            needs: [Need::PayloadLimit]
+        ),
         // Lifecycle and faults
         case!(lifecycle::lifecycle_close_flushes_every_accepted_publish),
         case!(lifecycle::lifecycle_operations_after_close_fail_with_closed),

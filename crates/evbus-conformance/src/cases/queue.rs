@@ -1081,3 +1081,85 @@ pub(super) async fn queue_oversized_payload_fails_with_too_large<T: Transport + 
     queue_sentinel(&ctx, &*queue, &mut c, QUIET, "the queue consumer").await?;
     topic_sentinel(&ctx, &*topic, &mut s, QUIET, "the topic subscription").await
 }
+
+pub(super) async fn queue_check_size_takes_the_largest_event_a_send_takes<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let Some(limit) = ctx.caps.max_payload_bytes else {
+        fail!("the transport declares no max_payload_bytes");
+    };
+    let event = |n: usize| {
+        Event::builder("evbus.conformance.limit", ctx.source())
+            .data("application/octet-stream", vec![0x5a; n])
+            .build()
+            .expect("valid")
+    };
+    let conn = ctx.connect().await?;
+    // Whether `Transport::check_size` lets `n` data bytes through; a refusal must say
+    // `TooLarge`.
+    let fits = |n: usize| -> std::result::Result<bool, Failure> {
+        match conn.check_size(&event(n)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::TooLarge => Ok(false),
+            Err(e) => fail!(
+                "check_size of {n} data bytes failed with `{e}` (kind {:?}), expected TooLarge",
+                e.kind()
+            ),
+        }
+    };
+    if !fits(0)? {
+        fail!("check_size refuses an event without data");
+    }
+    if fits(limit + 1)? {
+        fail!(
+            "check_size takes {} data bytes although the transport declares max_payload_bytes \
+             {limit}",
+            limit + 1
+        );
+    }
+    // The largest event check_size takes: `fits(low)` and not `fits(high)`. First the data
+    // that makes `encoded_len` exactly the limit (two looks when that is the only measure),
+    // then a binary search.
+    let (mut low, mut high) = (0, limit + 1);
+    let guess = limit.saturating_sub(event(0).encoded_len());
+    for probe in [guess, guess + 1] {
+        if probe > low && probe < high {
+            if fits(probe)? {
+                low = probe;
+            } else {
+                high = probe;
+            }
+        }
+    }
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if fits(mid)? {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    let name = ctx.queue_name("q");
+    let queue = open(&conn, &name).await?;
+    let largest = event(low);
+    bounded(
+        format!("sending {low} data bytes, which check_size takes"),
+        queue.send(&largest),
+    )
+    .await?;
+    let sent = tokio::time::timeout(Duration::from_secs(60), queue.send(&event(high))).await;
+    match sent.map_err(|_| Failure("sending did not return".into()))? {
+        Ok(()) => fail!("sending {high} data bytes, which check_size refuses, succeeded"),
+        Err(e) if e.kind() == ErrorKind::TooLarge => {}
+        Err(e) => fail!(
+            "sending {high} data bytes failed with `{e}` (kind {:?}), expected TooLarge",
+            e.kind()
+        ),
+    }
+    // What was taken arrives whole.
+    let mut c = receive(&*queue, ctx.consumer()).await?;
+    let got = receive_exactly(&mut c, &ids([&largest]), WAIT, "the consumer").await?;
+    same_event(&largest, &got[0].0)
+}

@@ -44,8 +44,9 @@ use table::{DEFAULT_TABLE, Table, bucket_of};
 ///
 /// Cheap to clone. The [`Bus`] is used only to validate and build envelopes
 /// ([`Bus::prepare_event`]), to name topics ([`Bus::topic_name`]) and for its transport's
-/// size limit (`max_payload_bytes`): an event over it is refused at stage. Give it the
-/// relay's transport (or one with the same limit): a bus on `memory://` (16 MiB) in a
+/// size limit ([`Transport::check_size`](evbus::Transport::check_size)): an event its
+/// publish would refuse is refused at stage. Give it the relay's transport (or one with the
+/// same limit and, on Redis, the same content mode): a bus on `memory://` (16 MiB) in a
 /// process that only stages lets through events that a relay to a smaller limit can never
 /// publish, and such a row holds up the keys of its bucket until it is removed.
 #[derive(Clone, Debug)]
@@ -181,25 +182,27 @@ impl Outbox {
     /// The row of a prepared event.
     fn staged(&self, event: evbus::Event) -> Result<Staged> {
         // An event the Bus's transport would refuse could never be relayed: it would hold up
-        // the other keys of its bucket for as long as it stayed. Refused here, at stage.
-        // Measured as transports measure it (data and attributes, `Event::encoded_len`), on
-        // the event as the relay will read it back from the row.
+        // the other keys of its bucket for as long as it stayed. Refused here, at stage, by
+        // the transport's own measure (`Transport::check_size`: Redis in structured mode
+        // counts the JSON it writes, others the data and attributes), on the event as the
+        // relay will read it back from the row.
         let json = event.to_json()?;
-        if let Some(max) = self.bus.transport().capabilities().max_payload_bytes {
-            let len = evbus::Event::from_json(&json)?.encoded_len();
-            if len > max {
-                return Err(evbus::Error::new(
+        let relayed = evbus::Event::from_json(&json)?;
+        if let Err(e) = self.bus.transport().check_size(&relayed) {
+            return Err(match e.kind() {
+                evbus::ErrorKind::TooLarge => evbus::Error::new(
                     evbus::ErrorKind::TooLarge,
                     format!(
-                        "event {} of type `{}` is {len} bytes (data and attributes); the Bus's \
-                         transport accepts at most {max}, so the relay could never publish it; \
-                         nothing was staged",
+                        "event {} of type `{}` was not staged: the relay could never publish \
+                         it to the Bus's transport ({})",
                         event.id(),
-                        event.ty()
+                        event.ty(),
+                        e.message()
                     ),
                 )
-                .with_hint("send a reference to the data instead"));
-            }
+                .with_hint("send a reference to the data instead"),
+                _ => e,
+            });
         }
         let topic = self.bus.topic_name(event.ty());
         let key = event.partition_key();

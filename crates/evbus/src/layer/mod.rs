@@ -229,6 +229,10 @@ impl<L: Layer> Transport for Layered<L> {
         self.inner.capabilities()
     }
 
+    fn check_size(&self, event: &Event) -> Result<()> {
+        self.inner.check_size(event)
+    }
+
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
         let inner = self.inner.topic(name).await?;
         Ok(Arc::new(LayeredTopic {

@@ -51,6 +51,7 @@ use crate::registry::Connector;
 use crate::subscription::Subscription;
 use crate::transport::{
     ConsumerOptions, Health, Queue, StartPosition, SubscribeOptions, Topic, Transport,
+    check_encoded_len,
 };
 use group::Group;
 
@@ -271,19 +272,7 @@ impl MemoryBroker {
     }
 
     fn check_size(&self, event: &Event) -> Result<()> {
-        let size = event.encoded_len();
-        let limit = self.inner.config.max_payload_bytes;
-        if size > limit {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "event {} is {size} bytes; the memory transport accepts at most {limit} \
-                     (max_payload_bytes)",
-                    event.id()
-                ),
-            ));
-        }
-        Ok(())
+        check_encoded_len("memory", Some(self.inner.config.max_payload_bytes), event)
     }
 
     /// Appends `events` to every group of `target` if every one has room; otherwise appends

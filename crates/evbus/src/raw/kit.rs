@@ -18,7 +18,7 @@
 //!   `delete_queue` reach [`Broker::delete`].
 //! - **Payload limit.** An event larger than the declared
 //!   [`Capabilities::max_payload_bytes`] fails with
-//!   [`ErrorKind::TooLarge`] before the broker sees the batch.
+//!   [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) before the broker sees the batch.
 //! - **Subscriptions.** `subscribe` and `receive` build the [`Source`] (which names the
 //!   dead-letter queue and the origin, and refuses reserved subscription names), call
 //!   [`Broker::consume`], and assemble the [`Subscription`] with
@@ -30,7 +30,7 @@
 //!   connection closes, [`Broker::release`] is called once with its source, so the broker can
 //!   delete what it created for it. Named subscriptions and queues are never released.
 //! - **Close.** [`Transport::close`] makes every new operation (including settlements of
-//!   deliveries already handed out) fail with [`ErrorKind::Closed`]
+//!   deliveries already handed out) fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed)
 //!   and ends every subscription at once (even one whose in-flight slots are all taken); it
 //!   then waits for the operations in progress (publishes, settlements, consumes, releases),
 //!   releases the anonymous subscriptions still open and calls [`Broker::close`] once. Each
@@ -39,7 +39,7 @@
 //!   again returns `Ok`. [`Transport::health`] is [`Health::Closed`] from then on.
 //! - **Names.** Topic and queue names are checked with
 //!   [`check_destination_name`](super::check_destination_name) (1 to 249 bytes, no control
-//!   character): others fail with [`ErrorKind::InvalidConfig`] before the broker sees them.
+//!   character): others fail with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) before the broker sees them.
 //!   Every other character reaches the broker as it is (`.`, `/`, `..`, non-ASCII): a broker
 //!   that makes names into paths, keys or identifiers escapes them.
 //!
@@ -65,16 +65,16 @@
 //!   [`RawStream`]).
 //! - A settlement that comes after its delivery's visibility timeout expired, when the
 //!   message may have been handed out again, must not affect the redelivery (an ack does not
-//!   delete it, a nack does not make it visible again), and returns [`ErrorKind::Expired`]
+//!   delete it, a nack does not make it visible again), and returns [`ErrorKind::Expired`](crate::ErrorKind::Expired)
 //!   where the broker can tell.
 //! - [`Acker::renew`] starts a delivery's visibility timeout over from now, and refuses with
-//!   [`ErrorKind::Expired`], changing nothing, once the timeout ran out (core renews the
+//!   [`ErrorKind::Expired`](crate::ErrorKind::Expired), changing nothing, once the timeout ran out (core renews the
 //!   events the Bus holds for an ordered handler, and those it holds for an emulated delayed
-//!   nack; the default, [`ErrorKind::Unsupported`], leaves
+//!   nack; the default, [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), leaves
 //!   their timeouts running and fails two conformance cases).
 //! - A named subscription (in [`Source::destination`]) keeps receiving events published
 //!   while no consumer is attached; consumers of one name, or of one queue, compete.
-//! - Its errors are [`ErrorKind::Connection`] or
+//! - Its errors are [`ErrorKind::Connection`](crate::ErrorKind::Connection) or
 //!   [`Timeout`](crate::ErrorKind::Timeout) when the broker cannot be reached, otherwise the
 //!   kind that says what went wrong.
 //! - Every [`Broker`] and [`Acker`] call ends in bounded time: close waits for the
@@ -132,10 +132,12 @@ use crate::binding::HeaderStyle;
 use crate::capabilities::Capabilities;
 use crate::delivery::{Acker, RawDelivery, Undecodable};
 use crate::envelope::Event;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::registry::Connector;
 use crate::subscription::Subscription;
-use crate::transport::{ConsumerOptions, Health, Queue, SubscribeOptions, Topic, Transport};
+use crate::transport::{
+    ConsumerOptions, Health, Queue, SubscribeOptions, Topic, Transport, check_encoded_len,
+};
 
 pub use crate::layer::Destination;
 
@@ -146,7 +148,7 @@ pub use crate::layer::Destination;
 /// time: [`Transport::close`] waits for the operations in progress before it calls
 /// [`Broker::close`], so a call that never returns (a client retrying for ever against a
 /// server that is gone) holds close up. Give each request a deadline (the client's timeout,
-/// or `tokio::time::timeout`) and fail with [`ErrorKind::Timeout`] when it passes.
+/// or `tokio::time::timeout`) and fail with [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) when it passes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// The adapter's short name (`sqlite-example`, `redis`).
@@ -290,19 +292,9 @@ impl<B: Broker> Connection<B> {
 
     async fn publish(&self, to: &Destination, events: &[Event]) -> Result<()> {
         let _operation = self.enter()?;
-        if let Some(max) = self.inner.broker.capabilities().max_payload_bytes
-            && let Some(event) = events.iter().find(|e| e.encoded_len() > max)
-        {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "event {} is {} bytes, more than the {} limit of {max} bytes; \
-                         send a reference to the data instead",
-                    event.id(),
-                    event.encoded_len(),
-                    self.inner.broker.name()
-                ),
-            ));
+        let limit = self.inner.broker.capabilities().max_payload_bytes;
+        for event in events {
+            check_encoded_len(self.inner.broker.name(), limit, event)?;
         }
         if events.is_empty() {
             return Ok(());
@@ -743,7 +735,7 @@ impl ConfigKey for NoKeys {
 /// Checks an adapter URL and reads its parameters: `url` must parse, have the scheme
 /// `scheme`, pass `valid` (host, path, port: whatever the adapter requires) and carry only
 /// parameters named by `K` ([`NoKeys`] for none). Anything else is an
-/// [`ErrorKind::InvalidConfig`]: "`<url>` is not a
+/// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig): "`<url>` is not a
 /// `<scheme>` URL: write `<form>`" (the password hidden), or the "valid keys are" error of
 /// [`ConfigKey::parse`].
 ///

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::ErrorKind;
 use crate::delivery::DEAD_LETTER_REASON;
 use crate::transport::Transport;
 
