@@ -540,6 +540,12 @@ async fn run(
     // attach and reconnecting several times a second. Any other loss (an outage, a closed
     // connection) starts it over at the next attach, for a quick recovery.
     let mut poisoned = false;
+    // Whether to look for what the consumer reads before it attaches again: after a lost
+    // channel or connection, the topic or queue may have been deleted meanwhile (by
+    // `delete_topic` or `delete_queue` elsewhere), and attaching declares it again,
+    // undoing the deletion. Kept until an attach succeeds (a look that could not reach
+    // RabbitMQ tells nothing).
+    let mut look_first = false;
     let sweep_every =
         (options.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut sweep = tokio::time::interval(sweep_every);
@@ -567,6 +573,25 @@ async fn run(
                 _ = tx.closed() => return,
                 () = pause => {}
             }
+            if look_first {
+                let found = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    found = look_up(&shared, &link, &target) => found,
+                };
+                match found {
+                    Found::Deleted => {
+                        ended(&target);
+                        return;
+                    }
+                    Found::QueueOnly => tracing::warn!(
+                        queue = target.queue(),
+                        "the subscription's queue was deleted while its connection was \
+                         lost, but not its topic (not by `delete_topic`: with another tool); \
+                         declaring it again (what it held is gone)"
+                    ),
+                    Found::There => {}
+                }
+            }
             epoch += 1;
             // Raced with the close: `close` waits for this task, and an attach can take a
             // connect timeout per node and several command timeouts. Whatever it started is
@@ -578,6 +603,7 @@ async fn run(
             match attaching {
                 Ok(a) => {
                     tracing::info!(queue = target.queue(), "consumer re-attached to RabbitMQ");
+                    look_first = false;
                     if !poisoned {
                         backoff.reset();
                     }
@@ -635,6 +661,7 @@ async fn run(
                         unparsable.lost(target.queue(), &e);
                     }
                     tracing::warn!(queue = target.queue(), error = %e, "consumer lost its channel; re-attaching");
+                    look_first = true;
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;

@@ -521,3 +521,144 @@ async fn a_subscription_stalled_by_an_unparsable_message_backs_off_whatever_come
     transport.delete_queue(&name).await.expect("delete");
     transport.close().await.expect("close");
 }
+
+/// Whether the exchange (`kind` "exchange") or queue (`kind` "queue") `name` exists in the
+/// default vhost of `node`.
+async fn exists_on(node: &Arc<RabbitNode>, kind: &str, name: &str) -> bool {
+    let module = match kind {
+        "exchange" => "rabbit_exchange",
+        _ => "rabbit_amqqueue",
+    };
+    let (node, expr) = (
+        Arc::clone(node),
+        format!(
+            "case {module}:lookup(rabbit_misc:r(<<\"/\">>, {kind}, <<\"{name}\">>)) of \
+             {{ok, _}} -> yes; {{error, not_found}} -> no end."
+        ),
+    );
+    let printed = tokio::task::spawn_blocking(move || node.eval(&expr))
+        .await
+        .unwrap()
+        .expect("looking up on the node");
+    match printed.as_str() {
+        "yes" => true,
+        "no" => false,
+        other => panic!("unexpected answer `{other}`"),
+    }
+}
+
+/// Waits until `sub` ends (errors from its failed re-attaches are skipped); fails if it hands
+/// out an event or is still open after `within`.
+async fn until_ended(sub: &mut evbus::Subscription, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next_delivery()).await {
+            Ok(None) => return,
+            Ok(Some(Err(_))) => {}
+            Ok(Some(Ok(d))) => panic!("{what} handed out {} after its deletion", d.event().id()),
+            Err(_) => panic!("{what} did not end within {within:?} after its deletion"),
+        }
+    }
+}
+
+/// A topic and a queue deleted while their consumers' connections were lost stay deleted:
+/// the consumers end when they reach RabbitMQ again. They attached again as after any loss,
+/// declaring the exchange, the subscription queue and its binding, and the queue, again: a
+/// deletion undone, and queues nobody would read filling with every publish (reported by an
+/// earlier session's review; a consumer that RabbitMQ cancels already looked first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_deleted() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let user = "cutoff";
+    node.add_user(user, ".*", ".*", ".*");
+    let url = format!(
+        "{}?reconnect_max_delay_ms=200&command_timeout_ms=5000",
+        node.user_url(user)
+    );
+    let consumers = evbus_amqp::AmqpTransport::connect(
+        evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL"),
+    )
+    .await
+    .expect("connecting as the test's user");
+    let pid = std::process::id();
+    let (topic_name, queue_name) = (format!("cutoff-t-{pid}"), format!("cutoff-q-{pid}"));
+    let topic = consumers.topic(&topic_name).await.expect("topic");
+    let mut subscription = topic
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .expect("subscribe");
+    let queue = consumers.queue(&queue_name).await.expect("queue");
+    let mut receiver = queue
+        .receive(ConsumerOptions::default())
+        .await
+        .expect("receive");
+    let exchange = consumers.exchange_name(&topic_name);
+    let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
+    let plain_queue = consumers.queue_name(&queue_name);
+    for (kind, name) in [
+        ("exchange", &exchange),
+        ("queue", &subscription_queue),
+        ("queue", &plain_queue),
+    ] {
+        assert!(exists_on(&node, kind, name).await, "{kind} {name} declared");
+    }
+
+    // The consumers' user may no longer open the vhost, and every connection is closed: they
+    // try to attach again, and are refused, while the topic and the queue are deleted.
+    let cut = format!(
+        "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\")."
+    );
+    let cut_node = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || cut_node.eval(&cut))
+        .await
+        .unwrap()
+        .expect("cutting the consumers off");
+    // Connected after the cut, so that nothing of it was closed.
+    let admin = support::transport(&node, "command_timeout_ms=5000").await;
+    admin.delete_topic(&topic_name).await.expect("delete_topic");
+    admin.delete_queue(&queue_name).await.expect("delete_queue");
+    for (kind, name) in [
+        ("exchange", &exchange),
+        ("queue", &subscription_queue),
+        ("queue", &plain_queue),
+    ] {
+        assert!(!exists_on(&node, kind, name).await, "{kind} {name} deleted");
+    }
+    let back = format!(
+        "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
+    );
+    let back_node = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || back_node.eval(&back))
+        .await
+        .unwrap()
+        .expect("letting the consumers in again");
+
+    until_ended(
+        &mut subscription,
+        "the subscription",
+        Duration::from_secs(30),
+    )
+    .await;
+    until_ended(
+        &mut receiver,
+        "the queue's consumer",
+        Duration::from_secs(30),
+    )
+    .await;
+    for (kind, name) in [
+        ("exchange", &exchange),
+        ("queue", &subscription_queue),
+        ("queue", &plain_queue),
+    ] {
+        assert!(
+            !exists_on(&node, kind, name).await,
+            "{kind} {name} was declared again after its deletion"
+        );
+    }
+    let _ = consumers.close().await;
+    let _ = admin.close().await;
+}
