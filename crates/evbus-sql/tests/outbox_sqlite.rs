@@ -410,6 +410,20 @@ async fn an_outage_met_while_isolating_a_refused_event_ends_the_round() {
         calls <= 3,
         "{calls} publishes against a transport that is down"
     );
+    // The counter counts publishes, and a row counts an attempt only if it was in one: the
+    // buckets that waited behind the outage were not tried. Both counted every bucket of the
+    // round (in an outage, about 20 times the publishes made; found by an outsider review).
+    let failures = relay.stats().publish_failures;
+    assert_eq!(failures, calls as u64, "failed publishes counted");
+    let tried: i64 = sqlx::query_scalar("SELECT count(*) FROM evbus_outbox WHERE attempts > 0")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        (1..=2).contains(&tried),
+        "{tried} rows count an attempt after {calls} publishes (the refused row, and the \
+         first of the bucket that met the outage)"
+    );
     relay.shutdown().await.unwrap();
 }
 

@@ -313,7 +313,9 @@ impl RelayHandle {
 pub struct RelayStats {
     /// Events published (and their rows deleted).
     pub relayed: u64,
-    /// Failed publish attempts (each retried later).
+    /// Publishes to the transport that failed (each retried later): one per publish,
+    /// whatever the rows and buckets it carried; counted once the failed rows' `attempts`
+    /// and `last_error` are recorded.
     pub publish_failures: u64,
     /// Database errors of the relay (each retried later).
     pub database_errors: u64,
@@ -385,8 +387,13 @@ struct Outcome {
     published: Vec<i64>,
     /// Buckets with at least one event published this round.
     progressed: Vec<i32>,
-    /// Buckets that failed: the first row not published and the error.
-    failed: BTreeMap<i32, (i64, Error)>,
+    /// Buckets that failed: the first row not published, the error, and whether that row was
+    /// in the publish that failed (`false`: its bucket was not tried, and waits behind an
+    /// outage met by another).
+    failed: BTreeMap<i32, (i64, Error, bool)>,
+    /// What each publish of the round that failed failed with (a publish carries the rows of
+    /// one or several buckets).
+    failed_publishes: Vec<ErrorKind>,
     /// The round stopped early, its other rows not published, because the leases are due
     /// for renewal (nothing failed).
     stopped_for_leases: bool,
@@ -416,14 +423,14 @@ impl Round {
         self.outcome.progressed.extend(run.iter().map(|r| r.bucket));
     }
 
-    /// The transport is down: every bucket of `rows` (not published) waits, its first row
-    /// counting the failure.
-    fn outage<'a>(&mut self, e: &Error, rows: impl IntoIterator<Item = &'a Row>) {
+    /// The transport is down: every bucket of `rows` (not published) waits. `tried`: the
+    /// rows were in the publish that failed, and their buckets' first rows count an attempt.
+    fn outage<'a>(&mut self, e: &Error, rows: impl IntoIterator<Item = &'a Row>, tried: bool) {
         for row in rows {
             self.outcome
                 .failed
                 .entry(row.bucket)
-                .or_insert_with(|| (row.seq, e.clone_shallow()));
+                .or_insert_with(|| (row.seq, e.clone_shallow(), tried));
         }
     }
 }
@@ -585,15 +592,16 @@ impl Worker {
             }
             let cut_off = outcome.published.is_empty()
                 && !outcome.failed.is_empty()
-                && outcome.failed.values().all(|(_, e)| is_outage(e));
+                && outcome.failed.values().all(|(_, e, _)| is_outage(e));
             // A closed transport never opens again: waiting for it would keep this relay's
             // buckets from every other relay for as long as the process lives.
             let closed = outcome
                 .failed
                 .values()
-                .find(|(_, e)| e.kind() == ErrorKind::Closed)
-                .map(|(_, e)| e.clone_shallow());
-            self.settle_failures(outcome.failed).await;
+                .find(|(_, e, _)| e.kind() == ErrorKind::Closed)
+                .map(|(_, e, _)| e.clone_shallow());
+            self.settle_failures(outcome.failed, &outcome.failed_publishes)
+                .await;
             if let Some(e) = closed {
                 tracing::error!(
                     error = %e,
@@ -700,7 +708,8 @@ impl Worker {
                     rest = &rest[run.len()..];
                 }
                 Sent::Failed(e) if is_outage(&e) => {
-                    round.outage(&e, rest.iter().chain(&apart));
+                    round.outage(&e, run, true);
+                    round.outage(&e, rest.iter().chain(&apart), false);
                     return round.outcome;
                 }
                 Sent::Failed(_) => {
@@ -743,8 +752,8 @@ impl Worker {
                         .outcome
                         .failed
                         .get(bucket)
-                        .filter(|(_, e)| e.kind() == ErrorKind::Timeout)
-                        .map(|(_, e)| e.clone_shallow());
+                        .filter(|(_, e, _)| e.kind() == ErrorKind::Timeout)
+                        .map(|(_, e, _)| e.clone_shallow());
                     match timed_out {
                         Some(e) => {
                             timeouts_in_a_row += 1;
@@ -757,6 +766,7 @@ impl Worker {
                                 round.outage(
                                     &hung,
                                     buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]),
+                                    false,
                                 );
                                 return round.outcome;
                             }
@@ -765,7 +775,11 @@ impl Worker {
                     }
                 }
                 Err(Stop::Outage(e)) => {
-                    round.outage(&e, buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]));
+                    round.outage(
+                        &e,
+                        buckets[k + 1..].iter().map(|(_, rows, _)| &rows[0]),
+                        false,
+                    );
                     return round.outcome;
                 }
                 Err(Stop::LeasesDue) => {
@@ -804,11 +818,11 @@ impl Worker {
                     round
                         .outcome
                         .failed
-                        .insert(bucket, (run[0].seq, e.clone_shallow()));
+                        .insert(bucket, (run[0].seq, e.clone_shallow(), true));
                     return Err(Stop::Outage(e));
                 }
                 Sent::Failed(e) if n == 1 => {
-                    round.outcome.failed.insert(bucket, (run[0].seq, e));
+                    round.outcome.failed.insert(bucket, (run[0].seq, e, true));
                     return Ok(());
                 }
                 // Which row? One at a time from the run's first.
@@ -871,7 +885,7 @@ impl Worker {
             };
             topic.publish_batch(&events).await
         };
-        match tokio::time::timeout(limit, publish).await {
+        let sent = match tokio::time::timeout(limit, publish).await {
             Ok(Ok(())) => Sent::Accepted,
             Ok(Err(e)) => Sent::Failed(e),
             Err(_) if limited_by_leases => Sent::Failed(Error::new(
@@ -889,28 +903,26 @@ impl Worker {
                     events.len()
                 ),
             )),
+        };
+        if let Sent::Failed(e) = &sent {
+            round.outcome.failed_publishes.push(e.kind());
         }
+        sent
     }
 
-    /// Backs off the failed buckets and records the error on the row that failed.
-    async fn settle_failures(&mut self, failed: BTreeMap<i32, (i64, Error)>) {
-        if failed.is_empty() {
-            return;
-        }
+    /// Backs off the failed buckets and records the error on the rows that were tried (a
+    /// bucket that waits behind an outage met elsewhere counts no attempt).
+    async fn settle_failures(
+        &mut self,
+        failed: BTreeMap<i32, (i64, Error, bool)>,
+        failed_publishes: &[ErrorKind],
+    ) {
         let now = Instant::now();
         let mut logged = false;
-        for (bucket, (seq, error)) in failed {
-            // On the row first, then in the counters (which readers of the row wait for).
-            if let Err(e) = self.store.record_failure(seq, &error.to_string()).await {
+        for (bucket, (seq, error, tried)) in failed {
+            if tried && let Err(e) = self.store.record_failure(seq, &error.to_string()).await {
                 tracing::debug!(error = %e, "could not record the publish failure");
             }
-            self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(
-                "evbus_outbox_publish_failures_total",
-                "table" => self.table.clone(),
-                "kind" => error.kind().as_str()
-            )
-            .increment(1);
             let outage = is_outage(&error);
             if !outage {
                 self.suspect.insert(bucket);
@@ -937,6 +949,16 @@ impl Worker {
                 );
                 logged = true;
             }
+        }
+        // After the rows, which readers of the counters wait for.
+        for kind in failed_publishes {
+            self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(
+                "evbus_outbox_publish_failures_total",
+                "table" => self.table.clone(),
+                "kind" => kind.as_str()
+            )
+            .increment(1);
         }
     }
 }
