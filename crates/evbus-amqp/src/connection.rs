@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use evbus::raw::Backoff;
@@ -57,6 +57,9 @@ pub(crate) fn quorum_arguments() -> FieldTable {
     args
 }
 
+/// RabbitMQ's `frame_max` unless configured otherwise (`frame_max` in `rabbitmq.conf`).
+const DEFAULT_FRAME_MAX: u32 = 131_072;
+
 /// A connection (the transport's, or one subscription's), opened again when lost.
 pub(crate) struct Link {
     config: AmqpConfig,
@@ -65,6 +68,8 @@ pub(crate) struct Link {
     name: String,
     state: Mutex<LinkState>,
     generation: AtomicU64,
+    /// The `frame_max` negotiated by the last connection opened (0 before the first).
+    frame_max: AtomicU32,
 }
 
 struct LinkState {
@@ -91,6 +96,7 @@ impl Link {
     pub(crate) fn new(config: AmqpConfig, first: Live) -> Self {
         let mut link = Self::lazy(config, transport_connection_name());
         link.generation = AtomicU64::new(first.generation);
+        link.frame_max = AtomicU32::new(first.conn.configuration().frame_max());
         link.state.get_mut().live = Some(Arc::new(first));
         link
     }
@@ -102,6 +108,7 @@ impl Link {
             name,
             config,
             generation: AtomicU64::new(0),
+            frame_max: AtomicU32::new(0),
             state: Mutex::new(LinkState {
                 live: None,
                 backoff,
@@ -182,6 +189,15 @@ impl Link {
         }
     }
 
+    /// The largest frame the last connection opened negotiated (`frame_max`, frame header
+    /// and end octet included), or RabbitMQ's default before the first.
+    pub(crate) fn frame_max(&self) -> u32 {
+        match self.frame_max.load(Ordering::Relaxed) {
+            0 => DEFAULT_FRAME_MAX,
+            n => n,
+        }
+    }
+
     /// The open connection, reconnecting if it was lost. While the broker is unreachable this
     /// fails fast with a retryable [`ErrorKind::Connection`] error: a new attempt is made
     /// only once the backoff delay after the previous failure has passed.
@@ -221,6 +237,8 @@ impl Link {
             Ok(live) => {
                 tracing::info!(broker = %self.config.redacted_url(), connection = %self.name, "connected to RabbitMQ");
                 let live = Arc::new(live);
+                self.frame_max
+                    .store(live.conn.configuration().frame_max(), Ordering::Relaxed);
                 state.live = Some(Arc::clone(&live));
                 state.backoff.reset();
                 state.retry_at = None;

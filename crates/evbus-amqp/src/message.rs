@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use evbus::binding::{self, HeaderStyle};
-use evbus::{Error, Event, Result};
+use evbus::{Error, ErrorKind, Event, Result};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
@@ -149,6 +149,44 @@ pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes)
         properties = properties.with_message_id(id);
     }
     (properties.with_headers(table), body)
+}
+
+/// Header room kept for what a retry copy adds to a message's properties (a copy number and
+/// an attempt count, see [`retry_properties`]): a message that fits only without them would
+/// be published, and its retry refused.
+const RETRY_HEADER_ROOM: usize = 256;
+
+/// Refuses `event`, whose properties are `properties`, when they do not fit one content header
+/// frame of a connection whose `frame_max` is `frame_max`: RabbitMQ closes the whole
+/// connection on such a frame (`FRAME_ERROR`, `frame_too_large`), failing every publish and
+/// consumer on it, so it is never sent. The attributes travel there as headers; only the
+/// body is split across frames.
+pub(crate) fn check_header_frame(
+    event: &Event,
+    properties: &BasicProperties,
+    frame_max: u32,
+) -> Result<()> {
+    // The frame's payload (what `frame_max` less the frame header and end octet bounds):
+    // class, weight and body size, then the property flags and values.
+    let written = lapin::protocol::basic::gen_properties::<Vec<u8>>(properties)(Vec::new().into())
+        .map_or(usize::MAX, |c| c.write.len());
+    let size = 12usize.saturating_add(written);
+    let limit = (frame_max as usize)
+        .saturating_sub(8)
+        .saturating_sub(RETRY_HEADER_ROOM);
+    if size > limit {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "event {}: its attributes take {size} bytes of AMQP properties, more than one \
+                 header frame carries (frame_max {frame_max}, less {RETRY_HEADER_ROOM} for a \
+                 retry's headers)",
+                event.id()
+            ),
+        )
+        .with_hint("keep large values in the data, or send a reference to them"));
+    }
+    Ok(())
 }
 
 /// Decodes a delivered message. Fails with [`ErrorKind::InvalidEvent`](evbus::ErrorKind)
@@ -342,6 +380,44 @@ mod tests {
             .extension("tenant", "açme")
             .build()
             .unwrap()
+    }
+
+    /// RabbitMQ closed the connection on a header frame of 200,319 bytes (`frame_too_large`,
+    /// `frame_max` 131,072) for an event with a 200,000-character subject: the measure is
+    /// that frame's payload, and what does not fit is refused before it is sent.
+    #[test]
+    fn properties_that_do_not_fit_one_frame_are_refused() {
+        let copies = Copies::new();
+        let with_subject = |n: usize| {
+            Event::builder("t", "/s")
+                .id("6b9f1c1e-2f55-4d1a-9a43-3c1d0f2b7a10")
+                .subject("s".repeat(n))
+                .json(&1)
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        let big = with_subject(200_000);
+        let (properties, _) = encode(&big, &copies);
+        let err = check_header_frame(&big, &properties, 131_072).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(err.message().contains("frame_max 131072"), "{err}");
+        let size: usize = err
+            .message()
+            .split("take ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the size in the message");
+        // Within a few bytes of RabbitMQ's count (the copy number's length varies).
+        assert!(size.abs_diff(200_319) < 64, "{size}");
+        let small = with_subject(1000);
+        let (properties, _) = encode(&small, &copies);
+        check_header_frame(&small, &properties, 131_072).unwrap();
+        // The room kept for a retry copy's headers: refused a little under the frame.
+        let near = with_subject(131_072 - 8 - 300);
+        let (properties, _) = encode(&near, &copies);
+        assert!(check_header_frame(&near, &properties, 131_072).is_err());
     }
 
     fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {

@@ -11,7 +11,7 @@ use lapin::options::BasicPublishOptions;
 use crate::connection::{short, within};
 use crate::consumer::{self, Target};
 use crate::message;
-use crate::transport::AmqpTransport;
+use crate::transport::{AmqpTransport, Shared};
 
 /// Where a message goes.
 #[derive(Clone, Copy)]
@@ -140,6 +140,31 @@ impl evbus::Queue for AmqpQueue {
     }
 }
 
+/// Refuses `event` over `limit` as `Event::encoded_len` counts it (`max_payload_bytes`).
+fn check_size(event: &Event, limit: usize) -> Result<()> {
+    let size = event.encoded_len();
+    if size > limit {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "event {} is {size} bytes, more than max_payload_bytes ({limit}); send large \
+                 payloads by reference (a URL in the data) or raise the limit",
+                event.id()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What [`evbus::Transport::check_size`] says for `event`: what [`publish`] refuses for its
+/// size (`max_payload_bytes`, and properties that do not fit a frame of the transport's
+/// connection).
+pub(crate) fn check_publishable(shared: &Shared, event: &Event) -> Result<()> {
+    check_size(event, shared.config.max_payload_bytes)?;
+    let (properties, _) = message::encode(event, &shared.copies);
+    message::check_header_frame(event, &properties, shared.link.frame_max())
+}
+
 /// Publishes `events` in order, pipelined: every message is written before the first
 /// confirm is awaited. `Ok` once RabbitMQ confirmed them all.
 async fn publish(
@@ -154,19 +179,9 @@ async fn publish(
         Route::Exchange(_) => format!("publishing to topic `{name}`"),
         Route::Queue(_) => format!("sending to queue `{name}`"),
     };
-    let limit = shared.config.max_payload_bytes;
     for event in events {
-        let size = event.encoded_len();
-        if size > limit {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "{what}: event {} is {size} bytes, more than max_payload_bytes ({limit}); \
-                     send large payloads by reference (a URL in the data) or raise the limit",
-                    event.id()
-                ),
-            ));
-        }
+        check_size(event, shared.config.max_payload_bytes)
+            .map_err(|e| Error::new(e.kind(), format!("{what}: {}", e.message())))?;
     }
     if events.is_empty() {
         return Ok(());
@@ -184,10 +199,20 @@ async fn publish(
     };
     let exchange = short("exchange name", exchange)?;
     let routing_key = short("queue name", routing_key)?;
+    // Every message checked before any is sent: one whose properties do not fit a frame
+    // leaves the whole call unpublished, as a refusal by size above does.
+    let frame_max = live.conn.configuration().frame_max();
+    let messages = events
+        .iter()
+        .map(|event| {
+            let (properties, body) = message::encode(event, &shared.copies);
+            message::check_header_frame(event, &properties, frame_max)?;
+            Ok((event, properties, body))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let channel = live.publisher().await?;
     let mut confirms = Vec::with_capacity(events.len());
-    for event in events {
-        let (properties, body) = message::encode(event, &shared.copies);
+    for (event, properties, body) in messages {
         let confirm = within(
             live.timeout(),
             || what.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use evbus::raw::Gate;
-use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
+use evbus::{Capabilities, Error, ErrorKind, Event, Health, Queue, Result, Topic, Transport};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -466,6 +466,10 @@ impl Transport for AmqpTransport {
 
     fn capabilities(&self) -> Capabilities {
         crate::capabilities::capabilities(&self.shared.config)
+    }
+
+    fn check_size(&self, event: &Event) -> Result<()> {
+        crate::publisher::check_publishable(&self.shared, event)
     }
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {

@@ -16,7 +16,7 @@ use evbus::{
 use crate::consumer::{self, ConsumerSpec, Start};
 use crate::error::from_publish;
 use crate::names::{self, Kind, StreamNames};
-use crate::transport::NatsTransport;
+use crate::transport::{NatsTransport, Shared};
 
 /// Most publishes a batch keeps waiting for their PubAck at once.
 const PIPELINE_CHUNK: usize = 512;
@@ -99,6 +99,62 @@ pub(crate) fn encode(event: &Event) -> Result<(HeaderMap, Bytes)> {
     Ok((headers, body))
 }
 
+/// The most bytes of headers JetStream stores with a message: a larger header block is
+/// refused ("header size exceeds maximum allowed of 64k", error code 10097).
+const MAX_HEADER_BYTES: usize = 65_535;
+
+/// The bytes `headers` take on the wire (`NATS/1.0`, each `name: value` line, the blank
+/// line), with the `Nats-Msg-Id` header of a topic's publish of `id` counted whatever the
+/// destination (a few dozen bytes: queues and topics take the same events).
+fn header_len(headers: &HeaderMap, id: &str) -> usize {
+    let line = |name: &str, value: &str| name.len() + value.len() + 4;
+    let mut len = "NATS/1.0\r\n\r\n".len() + line("Nats-Msg-Id", id);
+    for (name, values) in headers.iter() {
+        for value in values {
+            len += line(name.as_ref(), value.as_str());
+        }
+    }
+    len
+}
+
+/// Refuses `event`, encoded as `headers` and `body`, where NATS would: headers JetStream does
+/// not store, or a message over the server's `max_payload`. Attributes are counted by
+/// [`check_size`] at their length; as headers they can take more (percent-encoded values).
+fn check_encoded(
+    event: &Event,
+    (headers, body): &(HeaderMap, Bytes),
+    server_max_payload: usize,
+) -> Result<()> {
+    let header = header_len(headers, event.id());
+    let refused = |what: String| {
+        Err(
+            Error::new(ErrorKind::TooLarge, format!("event {}: {what}", event.id()))
+                .with_hint("keep large values in the data, or send a reference to them"),
+        )
+    };
+    if header > MAX_HEADER_BYTES {
+        return refused(format!(
+            "its attributes take {header} bytes of NATS headers; JetStream stores at most \
+             {MAX_HEADER_BYTES}"
+        ));
+    }
+    if header + body.len() > server_max_payload {
+        return refused(format!(
+            "its headers and data take {} bytes; the server's max_payload is \
+             {server_max_payload}",
+            header + body.len()
+        ));
+    }
+    Ok(())
+}
+
+/// What [`evbus::Transport::check_size`] says for `event`: what [`append`] refuses for its
+/// size.
+pub(crate) fn check_publishable(shared: &Shared, event: &Event) -> Result<()> {
+    check_size(event, shared.max_payload_bytes)?;
+    check_encoded(event, &encode(event)?, shared.server_max_payload)
+}
+
 fn check_size(event: &Event, limit: usize) -> Result<()> {
     let size = event.encoded_len();
     if size > limit {
@@ -128,7 +184,9 @@ async fn append(
     let mut encoded = Vec::with_capacity(events.len());
     for event in events {
         check_size(event, shared.max_payload_bytes)?;
-        encoded.push(encode(event)?);
+        let message = encode(event)?;
+        check_encoded(event, &message, shared.server_max_payload)?;
+        encoded.push(message);
     }
     shared.ensure_stream(kind, names).await?;
     let mut retried = false;
@@ -423,5 +481,35 @@ mod tests {
         let err = check_size(&event, 50).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         check_size(&event, 1 << 20).unwrap();
+    }
+
+    /// Attributes count at their length against `max_payload_bytes`, but travel as headers:
+    /// a value with a line break is percent-encoded (up to three times longer), and
+    /// JetStream stores at most 64 KiB of headers. What would not go is refused first.
+    #[test]
+    fn headers_jetstream_would_refuse_are_too_large() {
+        let with_subject = |subject: String| {
+            Event::builder("t", "/s")
+                .subject(subject)
+                .json(&1)
+                .unwrap()
+                .build()
+                .unwrap()
+        };
+        // 30,000 bytes as an attribute, about 90,000 as a header.
+        let event = with_subject(format!("a\n{}", "\u{e9}".repeat(15_000)));
+        assert!(event.encoded_len() < 40_000);
+        let encoded = encode(&event).unwrap();
+        let header = header_len(&encoded.0, event.id());
+        assert!(header > 80_000, "{header}");
+        let err = check_encoded(&event, &encoded, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(err.message().contains("65535"), "{err}");
+        // Headers within JetStream's limit, but headers and data over the server's.
+        let event = with_subject("s".repeat(60_000));
+        let encoded = encode(&event).unwrap();
+        check_encoded(&event, &encoded, 1 << 20).unwrap();
+        let err = check_encoded(&event, &encoded, 60_000).unwrap_err();
+        assert!(err.message().contains("max_payload"), "{err}");
     }
 }

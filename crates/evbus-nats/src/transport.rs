@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use evbus::raw::Gate;
-use evbus::{Capabilities, Error, ErrorKind, Health, Queue, Result, Topic, Transport};
+use evbus::{Capabilities, Error, ErrorKind, Event, Health, Queue, Result, Topic, Transport};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) names: Names,
     /// Largest event accepted.
     pub(crate) max_payload_bytes: usize,
+    /// The server's `max_payload`: what one message (headers and body) may take.
+    pub(crate) server_max_payload: usize,
     /// Refuses operations after close; close waits for those in progress.
     gate: Gate,
     /// Streams known to exist (created or found by this transport).
@@ -306,8 +308,8 @@ impl NatsTransport {
                 e
             }
         })?;
-        let max_payload_bytes =
-            crate::capabilities::max_payload_bytes(&config, client.server_info().max_payload);
+        let server_max_payload = client.server_info().max_payload;
+        let max_payload_bytes = crate::capabilities::max_payload_bytes(&config, server_max_payload);
         let names = Names::new(&config.stream_prefix, &config.subject_prefix);
         Ok(NatsTransport {
             shared: Arc::new(Shared {
@@ -316,6 +318,7 @@ impl NatsTransport {
                 js,
                 names,
                 max_payload_bytes,
+                server_max_payload,
                 gate: Gate::new("the NATS transport"),
                 streams: Mutex::new(HashSet::new()),
                 anonymous: Mutex::new(HashMap::new()),
@@ -370,6 +373,10 @@ impl Transport for NatsTransport {
 
     fn capabilities(&self) -> Capabilities {
         crate::capabilities::capabilities(&self.shared.config, self.shared.max_payload_bytes)
+    }
+
+    fn check_size(&self, event: &Event) -> Result<()> {
+        crate::publisher::check_publishable(&self.shared, event)
     }
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {

@@ -33,7 +33,8 @@ pub struct Capabilities {
     /// the data plus every attribute value (what a broker carries). Larger ones fail with
     /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
     /// [`Transport::check_size`](crate::Transport::check_size) tells whether a publish would
-    /// refuse an event for its size (Redis in structured mode also measures its JSON).
+    /// refuse an event for its size (some transports also measure what they write: Redis in
+    /// structured mode its JSON, NATS its headers, RabbitMQ its header frame).
     ///
     /// [`Event::encoded_len`]: crate::Event::encoded_len
     pub max_payload_bytes: Option<usize>,
