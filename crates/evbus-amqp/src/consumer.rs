@@ -1058,6 +1058,14 @@ impl AmqpAcker {
         };
         let properties =
             message::retry_properties(&held.properties, held.attempt, &self.shared.copies);
+        let id = held
+            .properties
+            .message_id()
+            .as_ref()
+            .map_or("", |id| id.as_str());
+        // A foreign message whose headers leave no room for the copy's is requeued instead:
+        // sent, the copy would close the transport's connection.
+        message::check_header_frame(id, &properties, live.conn.configuration().frame_max(), 0)?;
         let confirm = within(
             live.timeout(),
             what,
@@ -1074,11 +1082,6 @@ impl AmqpAcker {
         )
         .await?;
         let confirmation = within(live.timeout(), what, confirm).await?;
-        let id = held
-            .properties
-            .message_id()
-            .as_ref()
-            .map_or("", |id| id.as_str());
         crate::publisher::confirmed(confirmation, &what(), id)
     }
 

@@ -151,37 +151,35 @@ pub(crate) fn encode(event: &Event, copies: &Copies) -> (BasicProperties, Bytes)
     (properties.with_headers(table), body)
 }
 
-/// Header room kept for what a retry copy adds to a message's properties (a copy number and
-/// an attempt count, see [`retry_properties`]): a message that fits only without them would
-/// be published, and its retry refused.
-const RETRY_HEADER_ROOM: usize = 256;
+/// Header room a published event keeps for what a retry copy adds to its properties (a copy
+/// number and an attempt count, see [`retry_properties`]): a message that fits only without
+/// them would be published, and its retry refused.
+pub(crate) const RETRY_HEADER_ROOM: usize = 256;
 
-/// Refuses `event`, whose properties are `properties`, when they do not fit one content header
-/// frame of a connection whose `frame_max` is `frame_max`: RabbitMQ closes the whole
-/// connection on such a frame (`FRAME_ERROR`, `frame_too_large`), failing every publish and
-/// consumer on it, so it is never sent. The attributes travel there as headers; only the
-/// body is split across frames.
+/// Refuses message `id`, whose properties are `properties`, when they do not fit one content
+/// header frame of a connection whose `frame_max` is `frame_max`, less `room` bytes: RabbitMQ
+/// closes the whole connection on a larger frame (`FRAME_ERROR`, `frame_too_large`), failing
+/// every publish and consumer on it, so it is never sent. The attributes travel there as
+/// headers; only the body is split across frames.
 pub(crate) fn check_header_frame(
-    event: &Event,
+    id: &str,
     properties: &BasicProperties,
     frame_max: u32,
+    room: usize,
 ) -> Result<()> {
     // The frame's payload (what `frame_max` less the frame header and end octet bounds):
     // class, weight and body size, then the property flags and values.
     let written = lapin::protocol::basic::gen_properties::<Vec<u8>>(properties)(Vec::new().into())
         .map_or(usize::MAX, |c| c.write.len());
     let size = 12usize.saturating_add(written);
-    let limit = (frame_max as usize)
-        .saturating_sub(8)
-        .saturating_sub(RETRY_HEADER_ROOM);
+    let limit = (frame_max as usize).saturating_sub(8).saturating_sub(room);
     if size > limit {
         return Err(Error::new(
             ErrorKind::TooLarge,
             format!(
-                "event {}: its attributes take {size} bytes of AMQP properties, more than one \
-                 header frame carries (frame_max {frame_max}, less {RETRY_HEADER_ROOM} for a \
-                 retry's headers)",
-                event.id()
+                "message {id}: its attributes take {size} bytes of AMQP properties, more than \
+                 one header frame carries (frame_max {frame_max}, less {room} kept for a \
+                 retry's headers)"
             ),
         )
         .with_hint("keep large values in the data, or send a reference to them"));
@@ -399,7 +397,8 @@ mod tests {
         };
         let big = with_subject(200_000);
         let (properties, _) = encode(&big, &copies);
-        let err = check_header_frame(&big, &properties, 131_072).unwrap_err();
+        let err =
+            check_header_frame(big.id(), &properties, 131_072, RETRY_HEADER_ROOM).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         assert!(err.message().contains("frame_max 131072"), "{err}");
         let size: usize = err
@@ -413,11 +412,11 @@ mod tests {
         assert!(size.abs_diff(200_319) < 64, "{size}");
         let small = with_subject(1000);
         let (properties, _) = encode(&small, &copies);
-        check_header_frame(&small, &properties, 131_072).unwrap();
+        check_header_frame(small.id(), &properties, 131_072, RETRY_HEADER_ROOM).unwrap();
         // The room kept for a retry copy's headers: refused a little under the frame.
         let near = with_subject(131_072 - 8 - 300);
         let (properties, _) = encode(&near, &copies);
-        assert!(check_header_frame(&near, &properties, 131_072).is_err());
+        assert!(check_header_frame(near.id(), &properties, 131_072, RETRY_HEADER_ROOM).is_err());
     }
 
     fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {

@@ -162,7 +162,12 @@ fn check_size(event: &Event, limit: usize) -> Result<()> {
 pub(crate) fn check_publishable(shared: &Shared, event: &Event) -> Result<()> {
     check_size(event, shared.config.max_payload_bytes)?;
     let (properties, _) = message::encode(event, &shared.copies);
-    message::check_header_frame(event, &properties, shared.link.frame_max())
+    message::check_header_frame(
+        event.id(),
+        &properties,
+        shared.link.frame_max(),
+        message::RETRY_HEADER_ROOM,
+    )
 }
 
 /// Publishes `events` in order, pipelined: every message is written before the first
@@ -206,7 +211,12 @@ async fn publish(
         .iter()
         .map(|event| {
             let (properties, body) = message::encode(event, &shared.copies);
-            message::check_header_frame(event, &properties, frame_max)?;
+            message::check_header_frame(
+                event.id(),
+                &properties,
+                frame_max,
+                message::RETRY_HEADER_ROOM,
+            )?;
             Ok((event, properties, body))
         })
         .collect::<Result<Vec<_>>>()?;
