@@ -142,18 +142,7 @@ impl evbus::Queue for AmqpQueue {
 
 /// Refuses `event` over `limit` as `Event::encoded_len` counts it (`max_payload_bytes`).
 fn check_size(event: &Event, limit: usize) -> Result<()> {
-    let size = event.encoded_len();
-    if size > limit {
-        return Err(Error::new(
-            ErrorKind::TooLarge,
-            format!(
-                "event {} is {size} bytes, more than max_payload_bytes ({limit}); send large \
-                 payloads by reference (a URL in the data) or raise the limit",
-                event.id()
-            ),
-        ));
-    }
-    Ok(())
+    evbus::raw::check_encoded_len("RabbitMQ", Some(limit), event)
 }
 
 /// What [`evbus::Transport::check_size`] says for `event`: what [`publish`] refuses for its

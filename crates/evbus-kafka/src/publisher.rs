@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use evbus::binding::{self, HeaderStyle};
-use evbus::{Error, ErrorKind, Event, Result};
+use evbus::{Error, Event, Result};
 use futures::future::try_join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -35,19 +35,7 @@ impl Connection {
     /// Refuses events over the configured limit, counted as every transport counts it
     /// (`Event::encoded_len`: the data plus every attribute value).
     fn check_size(&self, event: &Event) -> Result<()> {
-        let len = event.encoded_len();
-        if len > self.config.max_payload_bytes {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "event {} is {len} bytes (its data and attributes); this Kafka transport \
-                     accepts at most {} (max_payload_bytes)",
-                    event.id(),
-                    self.config.max_payload_bytes
-                ),
-            ));
-        }
-        Ok(())
+        evbus::raw::check_encoded_len("Kafka", Some(self.config.max_payload_bytes), event)
     }
 
     /// Hands one record to the producer, waiting while its local queue is full. The caller

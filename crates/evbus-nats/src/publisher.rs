@@ -156,18 +156,7 @@ pub(crate) fn check_publishable(shared: &Shared, event: &Event) -> Result<()> {
 }
 
 fn check_size(event: &Event, limit: usize) -> Result<()> {
-    let size = event.encoded_len();
-    if size > limit {
-        return Err(Error::new(
-            ErrorKind::TooLarge,
-            format!(
-                "event {} is {size} bytes; this NATS transport accepts at most {limit} \
-                 (max_payload_bytes, from the server's max_payload)",
-                event.id()
-            ),
-        ));
-    }
-    Ok(())
+    evbus::raw::check_encoded_len("NATS", Some(limit), event)
 }
 
 /// Publishes `events` to the stream behind `names`, in order; `Ok` once every PubAck came

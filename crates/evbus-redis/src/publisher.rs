@@ -81,7 +81,7 @@ pub(crate) fn xadd(
 }
 
 fn check_size(event: &Event, limit: usize) -> Result<()> {
-    check_length(event, event.encoded_len(), limit)
+    evbus::raw::check_encoded_len("Redis", Some(limit), event)
 }
 
 /// Refuses what a publish in `mode` refuses for its size: an event over `limit` as

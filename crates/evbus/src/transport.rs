@@ -183,13 +183,11 @@ macro_rules! forward_transport {
 forward_transport!(Box<T>);
 forward_transport!(Arc<T>);
 
-/// [`Transport::check_size`]'s default: `event` is refused when its
-/// [`Event::encoded_len`] is over `limit` (no limit: never).
-pub(crate) fn check_encoded_len(
-    transport: &str,
-    limit: Option<usize>,
-    event: &Event,
-) -> Result<()> {
+/// [`Transport::check_size`]'s default, and the check every adapter makes before it sends:
+/// `event` is refused with [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) when its
+/// [`Event::encoded_len`] is over `limit` (no limit: never), in a message naming the
+/// `transport` and `max_payload_bytes`. Re-exported as `evbus::raw::check_encoded_len`.
+pub fn check_encoded_len(transport: &str, limit: Option<usize>, event: &Event) -> Result<()> {
     match limit {
         Some(limit) if event.encoded_len() > limit => Err(crate::Error::new(
             crate::ErrorKind::TooLarge,

@@ -69,6 +69,7 @@ pub mod kit;
 mod lifecycle;
 mod read_clock;
 
+pub use crate::transport::check_encoded_len;
 pub use lifecycle::{Backoff, Gate};
 pub use read_clock::ReadClock;
 
