@@ -33,6 +33,19 @@ fn needs_encoding(value: &str) -> bool {
         || value.ends_with(char::is_whitespace)
 }
 
+/// The `Nats-Msg-Id` (JetStream's de-duplication key) of event `id`: the id itself, or, when
+/// a header cannot carry it as it is (a line break: the client panics; whitespace at either
+/// end: it is trimmed, and two ids would share a key) or it holds a `%`, `%` followed by its
+/// percent-encoding. Ids map to distinct keys (only the second kind holds a `%`), and the
+/// event's `ce-id` header still carries the id itself.
+fn msg_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if needs_encoding(id) || id.contains('%') {
+        format!("%{}", percent_encode(id)).into()
+    } else {
+        id.into()
+    }
+}
+
 /// Percent-encodes every byte outside printable ASCII, and `%` (as the CloudEvents HTTP
 /// binding does).
 fn percent_encode(value: &str) -> String {
@@ -108,7 +121,7 @@ const MAX_HEADER_BYTES: usize = 65_535;
 /// destination (a few dozen bytes: queues and topics take the same events).
 fn header_len(headers: &HeaderMap, id: &str) -> usize {
     let line = |name: &str, value: &str| name.len() + value.len() + 4;
-    let mut len = "NATS/1.0\r\n\r\n".len() + line("Nats-Msg-Id", id);
+    let mut len = "NATS/1.0\r\n\r\n".len() + line("Nats-Msg-Id", &msg_id(id));
     for (name, values) in headers.iter() {
         for value in values {
             len += line(name.as_ref(), value.as_str());
@@ -240,7 +253,7 @@ async fn send_chunk(
         // message (a dead letter of an event dead-lettered before, a redrive of one redriven
         // before), and dropping it would lose the event.
         if kind == Kind::Topic {
-            message = message.message_id(event.id());
+            message = message.message_id(msg_id(event.id()));
         }
         let ack = js
             .send_publish(names.subject.clone(), message)
@@ -470,6 +483,22 @@ mod tests {
         let err = check_size(&event, 50).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         check_size(&event, 1 << 20).unwrap();
+    }
+
+    /// An id with a line break made async-nats panic when it became the `Nats-Msg-Id` of a
+    /// topic's publish (an outside review: the outbox relay's task died on such a row). Keys
+    /// stay distinct from every other id's.
+    #[test]
+    fn message_ids_travel_as_headers_whatever_they_hold() {
+        assert_eq!(msg_id("01a2-b3"), "01a2-b3");
+        let keys = ["x\r\ny", " x", "x ", "x%0A", "x\n", "%x%0A"].map(|id| msg_id(id).into_owned());
+        for key in &keys {
+            assert!(!needs_encoding(key), "{key:?}");
+            // What the client builds from it, without panicking.
+            let _ = PublishMessage::build().message_id(key.as_str());
+        }
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
     }
 
     /// Attributes count at their length against `max_payload_bytes`, but travel as headers:
