@@ -427,6 +427,59 @@ async fn an_outage_met_while_isolating_a_refused_event_ends_the_round() {
     relay.shutdown().await.unwrap();
 }
 
+/// A row that does not hold an event (edited by hand, or written by something else) fails
+/// like a refused event: it counts an attempt and an error, and the relay's failure counter
+/// counts it. The counter missed it after it began counting publishes (outside review), so
+/// an alert on it never fired for a bucket such a row held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_is_not_an_event_counts_as_a_failed_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("app.db")).await;
+    let outbox = Outbox::new(&bus());
+    outbox.migrate(&pool).await.unwrap();
+    let keys = ["a", "b", "c", "d"];
+    let ids = stage(&pool, &outbox, keys.map(|k| order(k, 0)).to_vec()).await;
+    sqlx::query("UPDATE evbus_outbox SET event = '{\"oops\": 1}' WHERE event_id = ?1")
+        .bind(&ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Rows of the other buckets (the keys' buckets are fixed: some differ from `a`'s).
+    let others = "SELECT count(*) FROM evbus_outbox WHERE bucket != \
+                  (SELECT bucket FROM evbus_outbox WHERE event_id = ?1)";
+    let other_rows = || async {
+        sqlx::query_scalar::<_, i64>(others)
+            .bind(&ids[0])
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(other_rows().await > 0);
+    let relay = Relay::sqlite(pool.clone(), Arc::new(memory_behind(Picky::default())))
+        .backoff(Duration::from_secs(600), Duration::from_secs(600))
+        .spawn()
+        .unwrap();
+    until(Duration::from_secs(20), "the failure counted", || async {
+        relay.stats().publish_failures >= 1
+    })
+    .await;
+    let (attempts, error) = row_state(&pool, &ids[0]).await.expect("the row stays");
+    assert_eq!(attempts, 1);
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid_event")),
+        "{error:?}"
+    );
+    until(
+        Duration::from_secs(20),
+        "the other buckets' rows relayed",
+        || async { other_rows().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+}
+
 /// `backoff(Duration::ZERO, ..)` is at least 1 ms: zero doubled stays zero, and the relay
 /// retried a refused event in a busy loop (thousands of attempts a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

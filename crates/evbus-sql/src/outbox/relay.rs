@@ -871,7 +871,12 @@ impl Worker {
             .collect::<Result<Vec<_>>>()
         {
             Ok(events) => events,
-            Err(e) => return Sent::Failed(e),
+            Err(e) => {
+                // A row that is not an event: a publish that failed, as the broker's refusal
+                // would be (retried, and counted).
+                round.outcome.failed_publishes.push(e.kind());
+                return Sent::Failed(e);
+            }
         };
         let name = &run[0].topic;
         let publish = async {
