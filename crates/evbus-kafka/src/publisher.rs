@@ -31,11 +31,51 @@ pub(crate) fn encode(event: &Event) -> (Option<String>, OwnedHeaders, bytes::Byt
     (event.partition_key().map(str::to_owned), owned, body)
 }
 
+/// Bytes a record takes beyond its key, value and header names and values, at most: the
+/// batch that carries it alone (61), the record's own fields (about 21) and two varints per
+/// header (counted apart).
+const RECORD_OVERHEAD: usize = 96;
+/// Bytes a header takes beyond its name and value, at most (two varints).
+const HEADER_OVERHEAD: usize = 10;
+
+/// The most bytes the record of `event` takes, as the producer and the broker count it
+/// against `message.max.bytes`: the key (the partition key, which travels again as the
+/// `ce_partitionkey` header), the value, every header.
+fn record_len(key: Option<&str>, headers: &[(String, String)], body: &[u8]) -> usize {
+    key.map_or(0, str::len)
+        + body.len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + HEADER_OVERHEAD)
+            .sum::<usize>()
+        + RECORD_OVERHEAD
+}
+
 impl Connection {
     /// Refuses events over the configured limit, counted as every transport counts it
-    /// (`Event::encoded_len`: the data plus every attribute value).
-    fn check_size(&self, event: &Event) -> Result<()> {
-        evbus::raw::check_encoded_len("Kafka", Some(self.config.max_payload_bytes), event)
+    /// (`Event::encoded_len`: the data plus every attribute value), and events whose record
+    /// would not fit `message.max.bytes` (the limit and a header allowance): the partition
+    /// key travels twice, and every attribute takes its `ce_` name. Both the producer and
+    /// the broker would refuse it; an outbox row of it could never be relayed.
+    pub(crate) fn check_size(&self, event: &Event) -> Result<()> {
+        evbus::raw::check_encoded_len("Kafka", Some(self.config.max_payload_bytes), event)?;
+        let (headers, body) = binding::encode(event, HeaderStyle::KAFKA);
+        let len = record_len(event.partition_key(), &headers, &body);
+        let max = self.config.message_max_bytes();
+        if len > max {
+            return Err(Error::new(
+                evbus::ErrorKind::TooLarge,
+                format!(
+                    "event {}: its Kafka record takes {len} bytes (the partition key travels \
+                     as the key and as a header, each attribute as a `ce_` header), more \
+                     than message.max.bytes ({max}: max_payload_bytes and a header \
+                     allowance)",
+                    event.id()
+                ),
+            )
+            .with_hint("keep large values in the data, and partition keys short"));
+        }
+        Ok(())
     }
 
     /// Hands one record to the producer, waiting while its local queue is full. The caller

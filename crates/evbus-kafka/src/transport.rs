@@ -143,6 +143,10 @@ impl Transport for KafkaTransport {
         capabilities(&self.conn.config)
     }
 
+    fn check_size(&self, event: &Event) -> Result<()> {
+        self.conn.check_size(event)
+    }
+
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
         self.conn.check_open()?;
         self.conn.ensure_topic(name).await?;

@@ -34,7 +34,8 @@ pub struct Capabilities {
     /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge).
     /// [`Transport::check_size`](crate::Transport::check_size) tells whether a publish would
     /// refuse an event for its size (some transports also measure what they write: Redis in
-    /// structured mode its JSON, NATS its headers, RabbitMQ its header frame).
+    /// structured mode its JSON, NATS its headers, RabbitMQ its header frame, Kafka its
+    /// record).
     ///
     /// [`Event::encoded_len`]: crate::Event::encoded_len
     pub max_payload_bytes: Option<usize>,

@@ -130,6 +130,10 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
             queue::queue_check_size_takes_the_largest_subject_a_send_takes,
             needs: [Need::PayloadLimit]
         ),
+        case!(
+            queue::queue_check_size_takes_the_largest_partition_key_a_send_takes,
+            needs: [Need::PayloadLimit]
+        ),
         // Lifecycle and faults
         case!(lifecycle::lifecycle_close_flushes_every_accepted_publish),
         case!(lifecycle::lifecycle_operations_after_close_fail_with_closed),

@@ -1116,6 +1116,24 @@ pub(super) async fn queue_check_size_takes_the_largest_subject_a_send_takes<
     check_size_agrees_with_send(ctx, "subject characters", event, |limit| limit / 2 + 1).await
 }
 
+pub(super) async fn queue_check_size_takes_the_largest_partition_key_a_send_takes<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    // A transport may carry the key more than once (Kafka: the record key and a header).
+    let source = ctx.source();
+    let event = move |n: usize| {
+        Event::builder("evbus.conformance.limit", source.clone())
+            .partition_key(format!("k{}", "x".repeat(n)))
+            .json(&0)
+            .expect("JSON")
+            .build()
+            .expect("valid")
+    };
+    check_size_agrees_with_send(ctx, "partition key bytes", event, |limit| limit + 1).await
+}
+
 /// Finds the largest `event(n)` that `Transport::check_size` takes (`n` from 0; `refused(limit)`
 /// is an `n` over the declared limit), sends it, which must succeed, and `event(n + 1)`, which
 /// must fail with `TooLarge`; then receives what was sent, whole.
