@@ -296,6 +296,18 @@ async fn look_up(shared: &Shared, link: &Link, target: &Target) -> Found {
     }
 }
 
+/// Whether RabbitMQ lost its definitions (a new node without the old one's data, a reset)
+/// while this consumer's connection was lost: the marker exchange that transports declare
+/// when they start is gone too. What the consumer reads is then declared again as after any
+/// loss, not taken for deleted: otherwise every subscription would end. Until a transport
+/// starts again and declares the marker, a deletion is not told from such a loss.
+async fn lost_definitions(shared: &Shared, link: &Link) -> bool {
+    let Ok(live) = link.live().await else {
+        return false;
+    };
+    exists(&live, Kind::Exchange, &shared.names.marker()).await == Some(false)
+}
+
 /// What [`exists`] looks up.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -576,7 +588,19 @@ async fn run(
             if look_first {
                 let found = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    found = look_up(&shared, &link, &target) => found,
+                    found = async {
+                        if lost_definitions(&shared, &link).await {
+                            tracing::warn!(
+                                queue = target.queue(),
+                                "RabbitMQ lost its definitions while the consumer's connection \
+                                 was lost (evbus's marker exchange is gone too: a new node or a \
+                                 reset); declaring what it reads again"
+                            );
+                            Found::There
+                        } else {
+                            look_up(&shared, &link, &target).await
+                        }
+                    } => found,
                 };
                 match found {
                     Found::Deleted => {

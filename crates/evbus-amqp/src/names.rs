@@ -66,6 +66,16 @@ impl Names {
     }
 }
 
+impl Names {
+    /// The marker exchange (`<prefix>_marker`, a name no topic has): declared when a transport
+    /// connects and never deleted by evbus, so that its absence after a lost connection says
+    /// that RabbitMQ lost its definitions (a new node, a reset), not that a topic or queue was
+    /// deleted (see `consumer::lost_definitions`).
+    pub(crate) fn marker(&self) -> String {
+        fit(format!("{}_marker", self.prefix))
+    }
+}
+
 /// Whether `queue` can be the queue of a named subscription of the topic whose exchange is
 /// `exchange` (both built by [`Names`]): it starts with the exchange's name and `_s_`, or,
 /// where [`fit`] cut the names, with the first bytes the two share. What a topic's directory

@@ -338,6 +338,11 @@ impl AmqpTransport {
         config.validate()?;
         let first = Link::open(&config, &crate::connection::transport_connection_name(), 1).await?;
         let names = Names::new(&config.prefix);
+        // Only here, when a transport starts: a connection opened again after a loss must not
+        // declare it, or consumers could no longer tell a broker that lost its definitions.
+        if let Err(e) = first.declare_exchange(&names.marker()).await {
+            tracing::debug!(error = %e, "could not declare the marker exchange; consumers re-attaching after a loss cannot tell a deletion from a broker that lost its definitions");
+        }
         Ok(AmqpTransport {
             shared: Arc::new(Shared {
                 link: Link::new(config.clone(), first),

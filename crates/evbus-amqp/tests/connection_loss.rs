@@ -662,3 +662,88 @@ async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_del
     let _ = consumers.close().await;
     let _ = admin.close().await;
 }
+
+/// A broker that comes back without its definitions (a new node with no data, a reset)
+/// keeps every subscription: they declare what they read again, and take what is published
+/// from then on. Since consumers look before they attach again (so that a deletion stays a
+/// deletion), they took such a broker for one that deleted everything and all ended
+/// (outside review): the marker exchange a transport declares when it starts, gone too,
+/// tells the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_survive_a_broker_that_lost_its_definitions() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let consumers =
+        support::transport(&node, "reconnect_max_delay_ms=300&command_timeout_ms=5000").await;
+    let pid = std::process::id();
+    let (topic_name, queue_name) = (format!("wiped-t-{pid}"), format!("wiped-q-{pid}"));
+    let topic = consumers.topic(&topic_name).await.expect("topic");
+    let mut subscription = topic
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .expect("subscribe");
+    let queue = consumers.queue(&queue_name).await.expect("queue");
+    let mut receiver = queue
+        .receive(ConsumerOptions::default())
+        .await
+        .expect("receive");
+    let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
+    let plain_queue = consumers.queue_name(&queue_name);
+
+    // The node dies and comes back empty, on the same port.
+    node.kill();
+    let mnesia = node.data_dir().join("mnesia");
+    std::fs::remove_dir_all(&mnesia).expect("wiping the node's data");
+    std::fs::create_dir_all(&mnesia).expect("wiping the node's data");
+    tokio::task::block_in_place(|| node.restart()).expect("restarting the node");
+
+    // The consumers declare their queues again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in [&subscription_queue, &plain_queue] {
+        while !exists_on(&node, "queue", name).await {
+            assert!(
+                Instant::now() < deadline,
+                "queue {name} was not declared again after the broker lost its definitions"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // What another process publishes and sends from then on arrives.
+    let producer = support::transport(&node, "command_timeout_ms=5000").await;
+    let published = support::publish_numbered(
+        &*producer.topic(&topic_name).await.expect("topic"),
+        "wiped",
+        1,
+    )
+    .await;
+    let sent = evbus::Event::builder("wiped", "/wiped")
+        .json(&1)
+        .expect("JSON")
+        .build()
+        .expect("valid");
+    producer
+        .queue(&queue_name)
+        .await
+        .expect("queue")
+        .send(&sent)
+        .await
+        .expect("send");
+    for (sub, want, what) in [
+        (&mut subscription, published[0].clone(), "the subscription"),
+        (&mut receiver, sent.id().to_owned(), "the queue's consumer"),
+    ] {
+        let got = loop {
+            match tokio::time::timeout(Duration::from_secs(30), sub.next_delivery()).await {
+                Ok(Some(Ok(delivery))) => break delivery,
+                Ok(Some(Err(_))) => {}
+                Ok(None) => panic!("{what} ended after the broker lost its definitions"),
+                Err(_) => panic!("{what} received nothing within 30 s"),
+            }
+        };
+        assert_eq!(got.event().id(), want, "{what}");
+        got.ack().await.expect("ack");
+    }
+    let _ = producer.close().await;
+    let _ = consumers.close().await;
+}
