@@ -397,6 +397,9 @@ struct Outcome {
     /// The round stopped early, its other rows not published, because the leases are due
     /// for renewal (nothing failed).
     stopped_for_leases: bool,
+    /// A publish of the round was refused (the transport answered, and said no), as opposed
+    /// to failing because the transport is down or does not answer in time.
+    refused: bool,
 }
 
 /// When a round on leased buckets (PostgreSQL) stops publishing.
@@ -590,9 +593,13 @@ impl Worker {
                     "outbox relay: leases due for renewal; the rest of the round waits for the next"
                 );
             }
+            // Down, or hung: nothing went through, and every publish that failed did so for
+            // want of an answer (an outage or a timeout), none because the transport refused
+            // an event. A hung transport's timed-out publishes, cut short by the leases, end
+            // a round after one publish; counted as an outage they still add up.
             let cut_off = outcome.published.is_empty()
-                && !outcome.failed.is_empty()
-                && outcome.failed.values().all(|(_, e, _)| is_outage(e));
+                && !outcome.failed_publishes.is_empty()
+                && !outcome.refused;
             // A closed transport never opens again: waiting for it would keep this relay's
             // buckets from every other relay for as long as the process lives.
             let closed = outcome
@@ -875,6 +882,7 @@ impl Worker {
                 // A row that is not an event: a publish that failed, as the broker's refusal
                 // would be (retried, and counted).
                 round.outcome.failed_publishes.push(e.kind());
+                round.outcome.refused = true;
                 return Sent::Failed(e);
             }
         };
@@ -911,6 +919,7 @@ impl Worker {
         };
         if let Sent::Failed(e) = &sent {
             round.outcome.failed_publishes.push(e.kind());
+            round.outcome.refused |= !is_outage(e) && e.kind() != ErrorKind::Timeout;
         }
         sent
     }
