@@ -134,7 +134,7 @@ pub(crate) async fn subscribe(
     // unreachable broker still fails at once.
     let mut retries = 0;
     let attached = loop {
-        match attach(&shared, &link, &target, &options, 1).await {
+        match attach(&shared, &link, &target, &options, 1, Declare::All).await {
             Ok(attached) => break attached,
             Err(e)
                 if e.is_retryable()
@@ -184,14 +184,29 @@ pub(crate) async fn subscribe(
     Ok(source.into_subscription(stream, dead_letter, shared.cancel.clone().cancelled_owned()))
 }
 
+/// What an attach declares of what its target needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Declare {
+    /// Everything (the first attach; after a loss to a broker that lost its definitions; a
+    /// subscription queue deleted with another tool).
+    All,
+    /// Only an anonymous subscription's own queue (it died with the connection): after a
+    /// loss, the look found the exchange and queue there, and declaring them would bring
+    /// them back if a deletion came between the look and the attach. Gone by then, the
+    /// binding or the consume fails with `NOT_FOUND`, and the next look ends the
+    /// subscription.
+    Own,
+}
+
 /// Opens a channel on the subscription's connection `link`, declares what `target` needs
-/// and starts consuming.
+/// (`declare`) and starts consuming.
 async fn attach(
     shared: &Shared,
     link: &Link,
     target: &Target,
     options: &ConsumerOptions,
     epoch: u64,
+    declare: Declare,
 ) -> Result<Attached> {
     let live = link.live().await?;
     let limit = live.timeout();
@@ -201,7 +216,7 @@ async fn attach(
         live.conn.create_channel(),
     )
     .await?;
-    match start(&live, &channel, shared, target, options).await {
+    match start(&live, &channel, shared, target, options, declare).await {
         Ok(consumer) => Ok(Attached {
             channel,
             consumer,
@@ -379,7 +394,9 @@ async fn start(
     shared: &Shared,
     target: &Target,
     options: &ConsumerOptions,
+    declare: Declare,
 ) -> Result<Consumer> {
+    let all = declare == Declare::All;
     let limit = live.timeout();
     let prefetch = u16::try_from(options.max_in_flight.max(1)).unwrap_or(u16::MAX);
     within(
@@ -390,13 +407,17 @@ async fn start(
     .await?;
     match target {
         Target::Named { exchange, queue } => {
-            live.declare_exchange(exchange).await?;
-            live.declare_quorum_queue(queue).await?;
-            shared.record_subscription(live, exchange, queue).await?;
+            if all {
+                live.declare_exchange(exchange).await?;
+                live.declare_quorum_queue(queue).await?;
+                shared.record_subscription(live, exchange, queue).await?;
+            }
             live.bind(channel, queue, exchange).await?;
         }
         Target::Anonymous { exchange, queue } => {
-            live.declare_exchange(exchange).await?;
+            if all {
+                live.declare_exchange(exchange).await?;
+            }
             within(
                 limit,
                 || format!("declaring exclusive queue `{queue}`"),
@@ -413,7 +434,8 @@ async fn start(
             .await?;
             live.bind(channel, queue, exchange).await?;
         }
-        Target::Queue { queue } => live.declare_quorum_queue(queue).await?,
+        Target::Queue { queue } if all => live.declare_quorum_queue(queue).await?,
+        Target::Queue { .. } => {}
     }
     let queue = target.queue();
     within(
@@ -585,8 +607,9 @@ async fn run(
                 _ = tx.closed() => return,
                 () = pause => {}
             }
+            let mut declare = Declare::All;
             if look_first {
-                let found = tokio::select! {
+                let (found, lost) = tokio::select! {
                     _ = cancel.cancelled() => return,
                     found = async {
                         if lost_definitions(&shared, &link).await {
@@ -596,9 +619,9 @@ async fn run(
                                  was lost (evbus's marker exchange is gone too: a new node or a \
                                  reset); declaring what it reads again"
                             );
-                            Found::There
+                            (Found::There, true)
                         } else {
-                            look_up(&shared, &link, &target).await
+                            (look_up(&shared, &link, &target).await, false)
                         }
                     } => found,
                 };
@@ -613,6 +636,10 @@ async fn run(
                          lost, but not its topic (not by `delete_topic`: with another tool); \
                          declaring it again (what it held is gone)"
                     ),
+                    // Found there: attached without declaring it again, so that a deletion
+                    // after the look is not undone (the attach fails, and the next look
+                    // ends the subscription).
+                    Found::There if !lost => declare = Declare::Own,
                     Found::There => {}
                 }
             }
@@ -622,7 +649,7 @@ async fn run(
             // closed with the connection below.
             let attaching = tokio::select! {
                 _ = cancel.cancelled() => return,
-                attaching = attach(&shared, &link, &target, &options, epoch) => attaching,
+                attaching = attach(&shared, &link, &target, &options, epoch, declare) => attaching,
             };
             match attaching {
                 Ok(a) => {
