@@ -199,6 +199,17 @@ impl RelayBuilder {
                 "the outbox relay id must not be empty",
             ));
         }
+        if matches!(self.source, Source::Postgres(_)) && self.publish_timeout >= self.lease_ttl {
+            // A publish is cut where the leases may expire: about 0.9 of `lease_ttl`.
+            tracing::warn!(
+                relay = %id,
+                publish_timeout_ms = self.publish_timeout.as_millis() as u64,
+                lease_ttl_ms = self.lease_ttl.as_millis() as u64,
+                "outbox relay: publish_timeout is not under lease_ttl, and a publish is cut \
+                 before the leases may expire; a broker slower than about 0.9 lease_ttl per \
+                 publish gets nothing published. Keep lease_ttl well above the slowest publish"
+            );
+        }
         let store = match self.source {
             Source::Postgres(pool) => Store::postgres(pool, table.clone(), id.clone(), self.notify),
             Source::Sqlite(pool) => Store::sqlite(pool, table.clone()),
