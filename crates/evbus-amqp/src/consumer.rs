@@ -1117,6 +1117,7 @@ impl AmqpAcker {
         // A foreign message whose headers leave no room for the copy's is requeued instead:
         // sent, the copy would close the transport's connection.
         message::check_header_frame(id, &properties, live.conn.configuration().frame_max(), 0)?;
+        let publishing = live.publishing().await;
         let confirm = within(
             live.timeout(),
             what,
@@ -1132,6 +1133,7 @@ impl AmqpAcker {
             ),
         )
         .await?;
+        drop(publishing);
         let confirmation = within(live.timeout(), what, confirm).await?;
         crate::publisher::confirmed(confirmation, &what(), id)
     }

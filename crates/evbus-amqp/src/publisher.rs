@@ -211,6 +211,7 @@ async fn publish(
         .collect::<Result<Vec<_>>>()?;
     let channel = live.publisher().await?;
     let mut confirms = Vec::with_capacity(events.len());
+    let publishing = live.publishing().await;
     for (event, properties, body) in messages {
         let confirm = within(
             live.timeout(),
@@ -230,6 +231,7 @@ async fn publish(
         .inspect_err(|e| forget_if_gone(&live, e, route))?;
         confirms.push((event.id(), confirm));
     }
+    drop(publishing);
     for (id, confirm) in confirms {
         let confirmation = within(live.timeout(), || what.clone(), confirm)
             .await

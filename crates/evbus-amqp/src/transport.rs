@@ -115,6 +115,7 @@ impl Shared {
             return Ok(());
         }
         let channel = live.publisher().await?;
+        let publishing = live.publishing().await;
         let confirm = within(
             live.timeout(),
             || format!("recording subscription queue `{queue}`"),
@@ -130,6 +131,7 @@ impl Shared {
             ),
         )
         .await?;
+        drop(publishing);
         let confirmation = within(
             live.timeout(),
             || format!("recording subscription queue `{queue}`"),
