@@ -388,8 +388,10 @@ impl Undecodable {
 /// Sends a dead-letter record to `queue`. A record the queue refuses as too large is sent
 /// again without its data, with [`DEAD_LETTER_DATA_DROPPED`] giving the data's length, and
 /// an error is logged; one still too large (a foreign producer's attributes alone over the
-/// limit) is sent with every attribute value cut to [`PLACEHOLDER_CUT`] bytes and at most
-/// [`PLACEHOLDER_HEADERS`] extensions, marked [`DEAD_LETTER_TRUNCATED`]. A dead-letter record
+/// limit, or many attributes near it) is sent with every attribute value cut to
+/// [`PLACEHOLDER_CUT`] bytes and at most [`PLACEHOLDER_HEADERS`] extensions of its own, then,
+/// refused again, to 256 bytes and 8 extensions, then 64 bytes and none, marked
+/// [`DEAD_LETTER_TRUNCATED`]. A dead-letter record
 /// that can never be stored would otherwise bring its event back after every visibility
 /// timeout, forever (and on Kafka hold back every later offset's commit). Returns the record
 /// the queue took.
@@ -424,27 +426,42 @@ pub(crate) async fn send_dead_letter(queue: &dyn Queue, record: Event) -> Result
          dead-lettering them cut to {PLACEHOLDER_CUT} bytes each (extension \
          {DEAD_LETTER_TRUNCATED})"
     );
-    let cut = cut_attributes(&record)?;
-    queue.send(&cut).await.map(|()| cut)
+    // Shorter at each refusal, down to a record that fits any limit a transport declares
+    // in earnest (a few hundred bytes of attributes): a dead letter refused at every step
+    // would bring its event back after every visibility timeout, for ever.
+    let mut refused = None;
+    for (value_cut, others) in CUTS {
+        let cut = cut_attributes(&record, value_cut, others)?;
+        match queue.send(&cut).await {
+            Ok(()) => return Ok(cut),
+            Err(e) if e.kind() == ErrorKind::TooLarge => refused = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(refused.unwrap_or_else(|| Error::new(ErrorKind::TooLarge, "dead-letter record too large")))
 }
+
+/// The shortenings of a dead-letter record's attributes tried in turn: each value cut to so
+/// many bytes, and so many extensions of the event's own kept (the dead-letter ones always).
+const CUTS: [(usize, usize); 3] = [(PLACEHOLDER_CUT, PLACEHOLDER_HEADERS), (256, 8), (64, 0)];
 
 /// Extension set on a dead-letter record whose attribute values were cut to fit the
 /// dead-letter queue (see [`DEAD_LETTER_DATA_DROPPED`], which such a record carries too when
 /// it had data): `true`.
 pub const DEAD_LETTER_TRUNCATED: &str = "deadlettertruncated";
 
-/// `record` with each attribute value cut to [`PLACEHOLDER_CUT`] bytes (at a character
-/// boundary), its dead-letter extensions and at most [`PLACEHOLDER_HEADERS`] others kept, no
-/// data, and [`DEAD_LETTER_TRUNCATED`] set.
-fn cut_attributes(record: &Event) -> Result<Event> {
-    let cut = |value: &str| crate::envelope::char_prefix(value, PLACEHOLDER_CUT).to_owned();
+/// `record` with each attribute value cut to `value_cut` bytes (at a character boundary),
+/// its dead-letter extensions and at most `others` other extensions kept, no data, and
+/// [`DEAD_LETTER_TRUNCATED`] set.
+fn cut_attributes(record: &Event, value_cut: usize, others: usize) -> Result<Event> {
+    let cut = |value: &str| crate::envelope::char_prefix(value, value_cut).to_owned();
     let mut builder = Event::builder(cut(record.ty()), cut(record.source()))
         .id(cut(record.id()))
         .time(record.time());
     if let Some(subject) = record.subject() {
         builder = builder.subject(cut(subject));
     }
-    if let Some(schema) = record.dataschema().filter(|s| s.len() <= PLACEHOLDER_CUT) {
+    if let Some(schema) = record.dataschema().filter(|s| s.len() <= value_cut) {
         builder = builder.dataschema(schema);
     }
     let ours = |name: &str| name.starts_with("deadletter");
@@ -452,7 +469,7 @@ fn cut_attributes(record: &Event) -> Result<Event> {
         .extensions()
         .iter()
         .filter(|(name, _)| !ours(name))
-        .take(PLACEHOLDER_HEADERS);
+        .take(others);
     for (name, value) in record
         .extensions()
         .iter()

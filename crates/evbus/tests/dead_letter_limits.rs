@@ -221,3 +221,57 @@ async fn a_record_whose_attributes_alone_are_over_the_limit_is_dead_lettered_cut
     assert_eq!(record.extension("note").map(str::len), Some(1024));
     assert!(record.encoded_len() <= LIMIT);
 }
+
+/// An event whose many attributes sit just under the limit: its dead-letter record (a few
+/// hundred bytes of dead-letter extensions more) is refused whole, and still refused with its
+/// values cut to 1 KiB (each was under that); it is cut further until it fits. It was
+/// refused at every step and came back after every visibility timeout, for ever (outside
+/// review: on NATS, whose headers hold 64 KiB, with 64 extensions of 994 bytes).
+#[tokio::test]
+async fn a_record_of_many_attributes_near_the_limit_is_cut_until_it_fits() {
+    let mut builder = Event::builder("test.event", "/tests").subject("s".repeat(1000));
+    for i in 0..64 {
+        builder = builder.extension(&format!("ext{i}"), "v".repeat(994));
+    }
+    let event = builder.build().unwrap();
+    // The event fits, with ten bytes to spare: its dead-letter extensions do not.
+    let limit = event.encoded_len() + 10;
+    let mut config = MemoryConfig::default();
+    config.max_payload_bytes = limit;
+    let transport: Arc<dyn Transport> = Arc::new(MemoryBroker::new(config).connect());
+    let dlq = transport.queue("many.dlq").await.unwrap();
+    let acker = Arc::new(Recorder::default());
+    transport.check_size(&event).expect("the event itself fits");
+    let raw = futures::stream::iter(vec![Ok(RawDelivery::new(
+        event.clone(),
+        1,
+        acker.clone(),
+        4,
+    ))])
+    .chain(futures::stream::pending());
+    let mut subscription = Source::queue("many", &ConsumerOptions::default()).into_subscription(
+        raw,
+        Arc::clone(&dlq),
+        futures::future::pending(),
+    );
+    let delivery = timeout(BOUND, subscription.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("rejected")
+        .await
+        .expect("dead-lettered, cut until it fits");
+    assert!(delivery.is_settled());
+    assert_eq!(*acker.acked.lock().unwrap(), vec![4]);
+    let record = first_record(dlq.as_ref()).await;
+    assert_eq!(record.id(), event.id());
+    assert_eq!(record.extension(DEAD_LETTER_TRUNCATED), Some("true"));
+    assert_eq!(record.extension(DEAD_LETTER_REASON), Some("rejected"));
+    assert!(record.encoded_len() <= limit);
+    assert!(
+        record.extensions().len() < 64 + 4,
+        "extensions were dropped"
+    );
+}
