@@ -111,6 +111,22 @@ fn classify(error: &lapin::Error, connecting: bool) -> (ErrorKind, Option<bool>,
                     "the cluster node holding this classic queue is down; retry once it is back",
                 )
             }
+            // A message over the broker's `max_message_size` closes the channel with
+            // PRECONDITION_FAILED ("message size N is larger than configured max size M"), the
+            // code of a declaration that does not match too.
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                if amqp
+                    .get_message()
+                    .as_str()
+                    .contains("larger than configured max size") =>
+            {
+                (
+                    ErrorKind::TooLarge,
+                    None,
+                    "the message is over RabbitMQ's max_message_size: keep max_payload_bytes \
+                     under it, or raise it in rabbitmq.conf",
+                )
+            }
             AMQPErrorKind::Soft(soft) => soft_error(soft, connecting),
             AMQPErrorKind::Hard(hard) => hard_error(hard),
         },
@@ -206,6 +222,29 @@ mod tests {
     fn amqp(id: u16) -> lapin::Error {
         let error = AMQPError::from_id(id, "reply text".into()).expect("a known reply code");
         lapin::ErrorKind::ProtocolError(error).into()
+    }
+
+    /// RabbitMQ refuses a message over its `max_message_size` with PRECONDITION_FAILED, the
+    /// code of a declaration that does not match: it was reported as one ("an exchange or
+    /// queue of this name exists with other settings"), a `Broker` error (outside review).
+    #[test]
+    fn a_message_over_max_message_size_is_too_large_not_a_declaration_mismatch() {
+        let error: lapin::Error = lapin::ErrorKind::ProtocolError(
+            AMQPError::from_id(
+                406,
+                "PRECONDITION_FAILED - message size 2097300 is larger than configured max size \
+                 1048576"
+                    .into(),
+            )
+            .expect("PRECONDITION_FAILED"),
+        )
+        .into();
+        let e = from_lapin(error, "sending");
+        assert_eq!(e.kind(), ErrorKind::TooLarge, "{e}");
+        assert!(e.message().contains("max_message_size"), "{e}");
+        assert!(!e.message().contains("other settings"), "{e}");
+        let e = from_lapin(amqp(406), "declaring");
+        assert_eq!(e.kind(), ErrorKind::Broker, "{e}");
     }
 
     #[test]
