@@ -1102,12 +1102,12 @@ pub(super) async fn queue_check_size_takes_the_largest_subject_a_send_takes<
 >(
     ctx: Ctx<T>,
 ) -> CaseResult {
-    // Not ASCII: two bytes a character, which a transport whose headers take ASCII only
-    // writes longer (percent-encoded).
+    // A line break and then characters of two bytes: what headers cannot carry as it is
+    // (NATS percent-encodes the whole value, three times its length) and JSON escapes.
     let source = ctx.source();
     let event = move |n: usize| {
         Event::builder("evbus.conformance.limit", source.clone())
-            .subject(format!("s{}", "\u{e9}".repeat(n)))
+            .subject(format!("s\n{}", "\u{e9}".repeat(n)))
             .json(&0)
             .expect("JSON")
             .build()
