@@ -233,6 +233,7 @@ impl RelayBuilder {
             backoff: HashMap::new(),
             suspect: HashSet::new(),
             slow: HashMap::new(),
+            timed_out: HashSet::new(),
             _exclusive: exclusive,
         };
         let span = tracing::info_span!("evbus.outbox.relay", relay = %id, table = %table.name);
@@ -387,6 +388,9 @@ struct Worker {
     /// a publish that timed out may have been accepted all the same and each retry then
     /// adds a copy.
     slow: HashMap<i32, u32>,
+    /// Buckets whose publish timed out since this relay last published anything (see
+    /// `run`: two or more make a hung transport, one is one slow event).
+    timed_out: HashSet<i32>,
     /// On SQLite, the lock that keeps a second relay of this table off the file, held for
     /// as long as the worker runs.
     _exclusive: Option<std::fs::File>,
@@ -411,6 +415,8 @@ struct Outcome {
     /// A publish of the round was refused (the transport answered, and said no), as opposed
     /// to failing because the transport is down or does not answer in time.
     refused: bool,
+    /// Buckets with rows in a publish of the round that timed out.
+    timed_out: Vec<i32>,
 }
 
 /// When a round on leased buckets (PostgreSQL) stops publishing.
@@ -607,10 +613,22 @@ impl Worker {
             // Down, or hung: nothing went through, and every publish that failed did so for
             // want of an answer (an outage or a timeout), none because the transport refused
             // an event. A hung transport's timed-out publishes, cut short by the leases, end
-            // a round after one publish; counted as an outage they still add up.
+            // a round after one publish; they count once they timed out on two buckets since
+            // the relay last published: the timeouts of one bucket are one slow event, which
+            // another relay would publish again from the shortest time limit (more copies).
+            if !outcome.published.is_empty() {
+                self.timed_out.clear();
+            }
+            self.timed_out.extend(outcome.timed_out.iter().copied());
+            let unanswered = outcome
+                .failed_publishes
+                .iter()
+                .any(|kind| *kind != ErrorKind::Timeout)
+                || self.timed_out.len() >= 2;
             let cut_off = outcome.published.is_empty()
                 && !outcome.failed_publishes.is_empty()
-                && !outcome.refused;
+                && !outcome.refused
+                && unanswered;
             // A closed transport never opens again: waiting for it would keep this relay's
             // buckets from every other relay for as long as the process lives.
             let closed = outcome
@@ -665,6 +683,7 @@ impl Worker {
         }
         self.held.clear();
         self.backoff.clear();
+        self.timed_out.clear();
         self.stats.buckets_held.store(0, Ordering::Relaxed);
         tokio::select! {
             () = tokio::time::sleep(period) => {}
@@ -931,6 +950,9 @@ impl Worker {
         if let Sent::Failed(e) = &sent {
             round.outcome.failed_publishes.push(e.kind());
             round.outcome.refused |= !is_outage(e) && e.kind() != ErrorKind::Timeout;
+            if e.kind() == ErrorKind::Timeout {
+                round.outcome.timed_out.extend(run.iter().map(|r| r.bucket));
+            }
         }
         sent
     }
