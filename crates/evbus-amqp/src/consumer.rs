@@ -255,6 +255,11 @@ enum Found {
     /// queue was deleted outside evbus (`delete_topic` deletes the exchange first). The
     /// consumer declares and binds it again, as the topic's publishers do from its directory.
     QueueOnly,
+    /// A named subscription's queue is there, its topic's exchange is not (deleted with
+    /// another tool: publishers declare it again and bind the directory's queues). The
+    /// consumer declares it again too: attached without declaring, its binding would fail
+    /// at every try.
+    ExchangeOnly,
 }
 
 /// Looks for what `target` consumes after RabbitMQ cancelled its consumer, or, for an
@@ -298,6 +303,10 @@ async fn look_up(shared: &Shared, link: &Link, target: &Target) -> Found {
         }
         Target::Named { exchange, queue } => {
             if exists(&live, Kind::Queue, queue).await != Some(false) {
+                if exists(&live, Kind::Exchange, exchange).await == Some(false) {
+                    live.forget_topic(exchange);
+                    return Found::ExchangeOnly;
+                }
                 return Found::There;
             }
             live.forget_queue(queue);
@@ -632,9 +641,15 @@ async fn run(
                     }
                     Found::QueueOnly => tracing::warn!(
                         queue = target.queue(),
-                        "the subscription's queue was deleted while its connection was \
-                         lost, but not its topic (not by `delete_topic`: with another tool); \
-                         declaring it again (what it held is gone)"
+                        "the subscription's queue was deleted, but not its topic (not by \
+                         `delete_topic`: with another tool); declaring it again and \
+                         re-attaching (what it held is gone)"
+                    ),
+                    Found::ExchangeOnly => tracing::warn!(
+                        queue = target.queue(),
+                        "the topic's exchange was deleted, but not the subscription's queue \
+                         (not by `delete_topic`: with another tool); declaring it again and \
+                         re-attaching"
                     ),
                     // Found there: attached without declaring it again, so that a deletion
                     // after the look is not undone (the attach fails, and the next look
@@ -725,19 +740,11 @@ async fn run(
                     detach(current, &acker, Ending::Lost).await;
                     waiting.clear();
                     attached = None;
-                    match look_up(&shared, &link, &target).await {
-                        Found::Deleted => {
-                            ended(&target);
-                            return;
-                        }
-                        Found::QueueOnly => tracing::warn!(
-                            queue = target.queue(),
-                            "the subscription's queue was deleted, but not its topic (not by \
-                             `delete_topic`: with another tool); declaring it again and \
-                             re-attaching (what it held is gone)"
-                        ),
-                        Found::There => tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; re-attaching"),
-                    }
+                    // Its queue may have been deleted: looked up before the next attach, as
+                    // after a loss (a look that cannot reach RabbitMQ tells nothing, and is
+                    // made again at every try).
+                    tracing::warn!(queue = target.queue(), "RabbitMQ cancelled the consumer; looking up what it reads, then re-attaching");
+                    look_first = true;
                 }
             }
         }

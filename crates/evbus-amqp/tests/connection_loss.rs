@@ -890,3 +890,66 @@ async fn concurrent_publishes_each_get_their_own_confirm() {
     }
     let _ = transport.close().await;
 }
+
+/// A named subscription whose topic's exchange alone was deleted (with another tool) while
+/// its connection was lost declares the exchange again and re-attaches, as it did before
+/// consumers looked first. Attached without declaring what the look found, its binding
+/// failed at every try, and it neither recovered nor ended (outside review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_exchange_alone_was_deleted_declares_it_again() {
+    let Some(node) = support::start_node() else {
+        return;
+    };
+    let user = "exchangeless";
+    node.add_user(user, ".*", ".*", ".*");
+    let url = format!(
+        "{}?reconnect_max_delay_ms=200&command_timeout_ms=5000",
+        node.user_url(user)
+    );
+    let consumers = evbus_amqp::AmqpTransport::connect(
+        evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL"),
+    )
+    .await
+    .expect("connecting as the test's user");
+    let topic_name = format!("exchangeless-{}", std::process::id());
+    let topic = consumers.topic(&topic_name).await.expect("topic");
+    let _subscription = topic
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .expect("subscribe");
+    let exchange = consumers.exchange_name(&topic_name);
+    let queue = consumers.subscription_queue_name(&topic_name, "s");
+    let cut = format!(
+        "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\"), \
+         rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{exchange}\">>), false, \
+         <<\"test\">>)."
+    );
+    let cut_node = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || cut_node.eval(&cut))
+        .await
+        .unwrap()
+        .expect("cutting the consumer off, deleting the exchange");
+    assert!(!exists_on(&node, "exchange", &exchange).await);
+    assert!(exists_on(&node, "queue", &queue).await);
+    let back = format!(
+        "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
+    );
+    let back_node = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || back_node.eval(&back))
+        .await
+        .unwrap()
+        .expect("letting the consumer in again");
+    // No publisher runs: the consumer itself brings the exchange back and consumes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exists_on(&node, "exchange", &exchange).await {
+        assert!(
+            Instant::now() < deadline,
+            "the exchange was not declared again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until_attached(&node, &queue, 0, Duration::from_secs(30)).await;
+    let _ = consumers.close().await;
+}
