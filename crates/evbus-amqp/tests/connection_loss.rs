@@ -561,6 +561,53 @@ async fn until_ended(sub: &mut evbus::Subscription, what: &str, within: Duration
     }
 }
 
+/// A transport of the user `user` (added to `node` with every permission), re-attaching fast.
+async fn connect_as(node: &RabbitNode, user: &str) -> evbus_amqp::AmqpTransport {
+    node.add_user(user, ".*", ".*", ".*");
+    let url = format!(
+        "{}?reconnect_max_delay_ms=200&command_timeout_ms=5000",
+        node.user_url(user)
+    );
+    evbus_amqp::AmqpTransport::connect(
+        evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL"),
+    )
+    .await
+    .expect("connecting as the test's user")
+}
+
+/// Cuts `user` off: its permissions on the vhost cleared and every connection of the node
+/// closed, then `and_then` (Erlang expressions, each after a comma) in the same evaluation,
+/// before any client can connect again.
+async fn cut_off(node: &Arc<RabbitNode>, user: &str, and_then: &str) {
+    let (node, expr) = (
+        Arc::clone(node),
+        format!(
+            "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
+             <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\")\
+             {and_then}."
+        ),
+    );
+    tokio::task::spawn_blocking(move || node.eval(&expr))
+        .await
+        .unwrap()
+        .expect("cutting the user off");
+}
+
+/// Gives `user` its permissions back.
+async fn let_in(node: &Arc<RabbitNode>, user: &str) {
+    let (node, expr) = (
+        Arc::clone(node),
+        format!(
+            "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+             <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
+        ),
+    );
+    tokio::task::spawn_blocking(move || node.eval(&expr))
+        .await
+        .unwrap()
+        .expect("letting the user in again");
+}
+
 /// A topic and a queue deleted while their consumers' connections were lost stay deleted:
 /// the consumers end when they reach RabbitMQ again. They attached again as after any loss,
 /// declaring the exchange, the subscription queue and its binding, and the queue, again: a
@@ -572,16 +619,7 @@ async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_del
         return;
     };
     let user = "cutoff";
-    node.add_user(user, ".*", ".*", ".*");
-    let url = format!(
-        "{}?reconnect_max_delay_ms=200&command_timeout_ms=5000",
-        node.user_url(user)
-    );
-    let consumers = evbus_amqp::AmqpTransport::connect(
-        evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL"),
-    )
-    .await
-    .expect("connecting as the test's user");
+    let consumers = connect_as(&node, user).await;
     let pid = std::process::id();
     let (topic_name, queue_name) = (format!("cutoff-t-{pid}"), format!("cutoff-q-{pid}"));
     let topic = consumers.topic(&topic_name).await.expect("topic");
@@ -607,15 +645,7 @@ async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_del
 
     // The consumers' user may no longer open the vhost, and every connection is closed: they
     // try to attach again, and are refused, while the topic and the queue are deleted.
-    let cut = format!(
-        "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
-         <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\")."
-    );
-    let cut_node = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || cut_node.eval(&cut))
-        .await
-        .unwrap()
-        .expect("cutting the consumers off");
+    cut_off(&node, user, "").await;
     // Connected after the cut, so that nothing of it was closed.
     let admin = support::transport(&node, "command_timeout_ms=5000").await;
     admin.delete_topic(&topic_name).await.expect("delete_topic");
@@ -627,15 +657,7 @@ async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_del
     ] {
         assert!(!exists_on(&node, kind, name).await, "{kind} {name} deleted");
     }
-    let back = format!(
-        "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
-         <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
-    );
-    let back_node = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || back_node.eval(&back))
-        .await
-        .unwrap()
-        .expect("letting the consumers in again");
+    let_in(&node, user).await;
 
     until_ended(
         &mut subscription,
@@ -901,16 +923,7 @@ async fn a_subscription_whose_exchange_alone_was_deleted_declares_it_again() {
         return;
     };
     let user = "exchangeless";
-    node.add_user(user, ".*", ".*", ".*");
-    let url = format!(
-        "{}?reconnect_max_delay_ms=200&command_timeout_ms=5000",
-        node.user_url(user)
-    );
-    let consumers = evbus_amqp::AmqpTransport::connect(
-        evbus_amqp::AmqpConfig::from_url(&url).expect("a valid AMQP URL"),
-    )
-    .await
-    .expect("connecting as the test's user");
+    let consumers = connect_as(&node, user).await;
     let topic_name = format!("exchangeless-{}", std::process::id());
     let topic = consumers.topic(&topic_name).await.expect("topic");
     let _subscription = topic
@@ -919,28 +932,14 @@ async fn a_subscription_whose_exchange_alone_was_deleted_declares_it_again() {
         .expect("subscribe");
     let exchange = consumers.exchange_name(&topic_name);
     let queue = consumers.subscription_queue_name(&topic_name, "s");
-    let cut = format!(
-        "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
-         <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\"), \
-         rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{exchange}\">>), false, \
-         <<\"test\">>)."
+    let delete = format!(
+        ", rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{exchange}\">>), \
+         false, <<\"test\">>)"
     );
-    let cut_node = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || cut_node.eval(&cut))
-        .await
-        .unwrap()
-        .expect("cutting the consumer off, deleting the exchange");
+    cut_off(&node, user, &delete).await;
     assert!(!exists_on(&node, "exchange", &exchange).await);
     assert!(exists_on(&node, "queue", &queue).await);
-    let back = format!(
-        "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
-         <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
-    );
-    let back_node = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || back_node.eval(&back))
-        .await
-        .unwrap()
-        .expect("letting the consumer in again");
+    let_in(&node, user).await;
     // No publisher runs: the consumer itself brings the exchange back and consumes.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !exists_on(&node, "exchange", &exchange).await {

@@ -52,6 +52,38 @@ async fn first_record(dlq: &dyn evbus::Queue) -> Event {
     record.event().clone()
 }
 
+/// Hands `event` (tag `tag`) to a consumer of queue `foreign` whose dead-letter queue is
+/// `dlq`, dead-letters it with `reason`, and checks it was settled: the record taken, the
+/// event acknowledged.
+async fn dead_letter_one(
+    dlq: &Arc<dyn evbus::Queue>,
+    event: &Event,
+    acker: &Arc<Recorder>,
+    tag: u64,
+    reason: &str,
+) {
+    let raw = futures::stream::iter(vec![Ok(RawDelivery::new(
+        event.clone(),
+        1,
+        Arc::clone(acker) as Arc<dyn Acker>,
+        tag,
+    ))])
+    .chain(futures::stream::pending());
+    let mut subscription = Source::queue("foreign", &ConsumerOptions::default()).into_subscription(
+        raw,
+        Arc::clone(dlq),
+        futures::future::pending(),
+    );
+    let delivery = timeout(BOUND, subscription.next_delivery())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.dead_letter(reason).await.expect("dead-lettered");
+    assert!(delivery.is_settled());
+    assert_eq!(*acker.acked.lock().unwrap(), vec![tag]);
+}
+
 fn good_event() -> Event {
     Event::builder("test.event", "/tests")
         .json(&serde_json::json!({"n": 1}))
@@ -185,29 +217,7 @@ async fn a_record_whose_attributes_alone_are_over_the_limit_is_dead_lettered_cut
         .extension("note", "n".repeat(2 * LIMIT))
         .build()
         .unwrap();
-    let raw = futures::stream::iter(vec![Ok(RawDelivery::new(
-        huge.clone(),
-        1,
-        acker.clone(),
-        9,
-    ))])
-    .chain(futures::stream::pending());
-    let mut subscription = Source::queue("foreign", &ConsumerOptions::default()).into_subscription(
-        raw,
-        Arc::clone(&dlq),
-        futures::future::pending(),
-    );
-    let delivery = timeout(BOUND, subscription.next_delivery())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    delivery
-        .dead_letter("rejected: invalid")
-        .await
-        .expect("dead-lettered, cut");
-    assert!(delivery.is_settled());
-    assert_eq!(*acker.acked.lock().unwrap(), vec![9]);
+    dead_letter_one(&dlq, &huge, &acker, 9, "rejected: invalid").await;
 
     let record = first_record(dlq.as_ref()).await;
     assert_eq!(record.id(), huge.id());
@@ -242,29 +252,7 @@ async fn a_record_of_many_attributes_near_the_limit_is_cut_until_it_fits() {
     let dlq = transport.queue("many.dlq").await.unwrap();
     let acker = Arc::new(Recorder::default());
     transport.check_size(&event).expect("the event itself fits");
-    let raw = futures::stream::iter(vec![Ok(RawDelivery::new(
-        event.clone(),
-        1,
-        acker.clone(),
-        4,
-    ))])
-    .chain(futures::stream::pending());
-    let mut subscription = Source::queue("many", &ConsumerOptions::default()).into_subscription(
-        raw,
-        Arc::clone(&dlq),
-        futures::future::pending(),
-    );
-    let delivery = timeout(BOUND, subscription.next_delivery())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    delivery
-        .dead_letter("rejected")
-        .await
-        .expect("dead-lettered, cut until it fits");
-    assert!(delivery.is_settled());
-    assert_eq!(*acker.acked.lock().unwrap(), vec![4]);
+    dead_letter_one(&dlq, &event, &acker, 4, "rejected").await;
     let record = first_record(dlq.as_ref()).await;
     assert_eq!(record.id(), event.id());
     assert_eq!(record.extension(DEAD_LETTER_TRUNCATED), Some("true"));
