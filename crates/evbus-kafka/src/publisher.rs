@@ -40,15 +40,16 @@ const HEADER_OVERHEAD: usize = 10;
 
 /// The most bytes the record of `event` takes, as the producer and the broker count it
 /// against `message.max.bytes`: the key (the partition key, which travels again as the
-/// `ce_partitionkey` header), the value, every header.
-fn record_len(key: Option<&str>, headers: &[(String, String)], body: &[u8]) -> usize {
-    key.map_or(0, str::len)
-        + body.len()
-        + headers
-            .iter()
-            .map(|(name, value)| name.len() + value.len() + HEADER_OVERHEAD)
-            .sum::<usize>()
-        + RECORD_OVERHEAD
+/// `ce_partitionkey` header), the value, every header. Counted as [`encode`] would write
+/// them, without writing them (it is on every publish's path).
+fn record_len(event: &Event) -> usize {
+    let mut len = event.partition_key().map_or(0, str::len)
+        + event.data().map_or(0, bytes::Bytes::len)
+        + RECORD_OVERHEAD;
+    binding::visit(event, HeaderStyle::KAFKA, |prefix, name, value| {
+        len += prefix.len() + name.len() + value.len() + HEADER_OVERHEAD;
+    });
+    len
 }
 
 impl Connection {
@@ -59,8 +60,7 @@ impl Connection {
     /// the broker would refuse it; an outbox row of it could never be relayed.
     pub(crate) fn check_size(&self, event: &Event) -> Result<()> {
         evbus::raw::check_encoded_len("Kafka", Some(self.config.max_payload_bytes), event)?;
-        let (headers, body) = binding::encode(event, HeaderStyle::KAFKA);
-        let len = record_len(event.partition_key(), &headers, &body);
+        let len = record_len(event);
         let max = self.config.message_max_bytes();
         if len > max {
             return Err(Error::new(
