@@ -67,15 +67,20 @@ async fn until_attached(node: &Arc<RabbitNode>, queue: &str, unacked: u64, withi
     }
 }
 
+/// Evaluates `expr` on `node` (`rabbitmqctl eval`, off the runtime's threads) and returns
+/// what it printed; fails the test, saying `what` it was doing, if the evaluation fails.
+async fn eval(node: &Arc<RabbitNode>, expr: String, what: &str) -> String {
+    let node = Arc::clone(node);
+    tokio::task::spawn_blocking(move || node.eval(&expr))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 /// Closes every client connection of the node, from the broker's side.
 async fn close_connections(node: &Arc<RabbitNode>) {
-    let node = Arc::clone(node);
-    tokio::task::spawn_blocking(move || {
-        node.eval("rabbit_networking:close_all_connections(\"evbus test: connection lost\").")
-    })
-    .await
-    .unwrap()
-    .expect("closing the connections");
+    let expr = "rabbit_networking:close_all_connections(\"evbus test: connection lost\").";
+    eval(node, expr.to_owned(), "closing the connections").await;
 }
 
 /// What each test starts from: a node, a transport on it, a topic and its named
@@ -356,7 +361,6 @@ async fn reconnects_leave_one_directory_record_per_subscription() {
 /// the broker: what a foreign producer's client can write (RabbitMQ passes it on unchecked)
 /// and lapin cannot, nor read (it drops the connection the message is delivered on).
 async fn publish_unparsable(node: &Arc<RabbitNode>, queue: &str) {
-    let node = Arc::clone(node);
     // `#'P_basic'{delivery_mode = 2, message_id = <<255, 254>>}`, as a tuple.
     let expr = format!(
         "rabbit_basic:publish(rabbit_misc:r(<<\"/\">>, exchange, <<>>), <<\"{queue}\">>, \
@@ -364,10 +368,12 @@ async fn publish_unparsable(node: &Arc<RabbitNode>, queue: &str) {
          undefined, <<255, 254>>, undefined, undefined, undefined, undefined, undefined}}, \
          <<\"{{}}\">>)."
     );
-    tokio::task::spawn_blocking(move || node.eval(&expr))
-        .await
-        .unwrap()
-        .expect("publishing the unparsable message inside the broker");
+    eval(
+        node,
+        expr,
+        "publishing the unparsable message inside the broker",
+    )
+    .await;
 }
 
 /// A message the client cannot parse stalls only the subscription that reads it: that
@@ -529,17 +535,11 @@ async fn exists_on(node: &Arc<RabbitNode>, kind: &str, name: &str) -> bool {
         "exchange" => "rabbit_exchange",
         _ => "rabbit_amqqueue",
     };
-    let (node, expr) = (
-        Arc::clone(node),
-        format!(
-            "case {module}:lookup(rabbit_misc:r(<<\"/\">>, {kind}, <<\"{name}\">>)) of \
-             {{ok, _}} -> yes; {{error, not_found}} -> no end."
-        ),
+    let expr = format!(
+        "case {module}:lookup(rabbit_misc:r(<<\"/\">>, {kind}, <<\"{name}\">>)) of \
+         {{ok, _}} -> yes; {{error, not_found}} -> no end."
     );
-    let printed = tokio::task::spawn_blocking(move || node.eval(&expr))
-        .await
-        .unwrap()
-        .expect("looking up on the node");
+    let printed = eval(node, expr, "looking up on the node").await;
     match printed.as_str() {
         "yes" => true,
         "no" => false,
@@ -579,33 +579,21 @@ async fn connect_as(node: &RabbitNode, user: &str) -> evbus_amqp::AmqpTransport 
 /// closed, then `and_then` (Erlang expressions, each after a comma) in the same evaluation,
 /// before any client can connect again.
 async fn cut_off(node: &Arc<RabbitNode>, user: &str, and_then: &str) {
-    let (node, expr) = (
-        Arc::clone(node),
-        format!(
-            "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
-             <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\")\
-             {and_then}."
-        ),
+    let expr = format!(
+        "ok = rabbit_auth_backend_internal:clear_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\"test\">>), rabbit_networking:close_all_connections(\"evbus test: cut off\")\
+         {and_then}."
     );
-    tokio::task::spawn_blocking(move || node.eval(&expr))
-        .await
-        .unwrap()
-        .expect("cutting the user off");
+    eval(node, expr, "cutting the user off").await;
 }
 
 /// Gives `user` its permissions back.
 async fn let_in(node: &Arc<RabbitNode>, user: &str) {
-    let (node, expr) = (
-        Arc::clone(node),
-        format!(
-            "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
-             <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
-        ),
+    let expr = format!(
+        "ok = rabbit_auth_backend_internal:set_permissions(<<\"{user}\">>, <<\"/\">>, \
+         <<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"test\">>)."
     );
-    tokio::task::spawn_blocking(move || node.eval(&expr))
-        .await
-        .unwrap()
-        .expect("letting the user in again");
+    eval(node, expr, "letting the user in again").await;
 }
 
 /// A topic and a queue deleted while their consumers' connections were lost stay deleted:
@@ -772,17 +760,12 @@ async fn subscriptions_survive_a_broker_that_lost_its_definitions() {
 
 /// Messages in quorum queue `queue` of `node`.
 async fn messages_in(node: &Arc<RabbitNode>, queue: &str) -> u64 {
-    let (node, expr) = (
-        Arc::clone(node),
-        format!(
-            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
-             [{{messages, M}}] = rabbit_amqqueue:info(Q, [messages]), M."
-        ),
+    let expr = format!(
+        "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+         [{{messages, M}}] = rabbit_amqqueue:info(Q, [messages]), M."
     );
-    tokio::task::spawn_blocking(move || node.eval(&expr))
+    eval(node, expr, "reading the queue's length")
         .await
-        .unwrap()
-        .expect("reading the queue's length")
         .parse()
         .expect("a count")
 }
@@ -818,17 +801,11 @@ async fn concurrent_publishes_each_get_their_own_confirm() {
     // Applied to the new queue in the background.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (node, expr) = (
-            Arc::clone(&node),
-            format!(
-                "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, \
-                 <<\"{full_queue}\">>)), rabbit_amqqueue:info(Q, [policy])."
-            ),
+        let expr = format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, \
+             <<\"{full_queue}\">>)), rabbit_amqqueue:info(Q, [policy])."
         );
-        let policy = tokio::task::spawn_blocking(move || node.eval(&expr))
-            .await
-            .unwrap()
-            .expect("reading the queue's policy");
+        let policy = eval(&node, expr, "reading the queue's policy").await;
         if policy.contains("full") {
             break;
         }

@@ -3,6 +3,7 @@
 use super::prelude::*;
 use super::samples;
 use crate::support::{Conn, check_dead_lettered, compete, nack_until_dead_lettered};
+use evbus::EventBuilder;
 
 /// Opens `name` on `conn`.
 async fn open<T: Transport + 'static>(
@@ -1087,14 +1088,9 @@ pub(super) async fn queue_check_size_takes_the_largest_event_a_send_takes<
 >(
     ctx: Ctx<T>,
 ) -> CaseResult {
-    let source = ctx.source();
-    let event = move |n: usize| {
-        Event::builder("evbus.conformance.limit", source.clone())
-            .data("application/octet-stream", vec![0x5a; n])
-            .build()
-            .expect("valid")
-    };
-    check_size_agrees_with_send(ctx, "data bytes", event, |limit| limit + 1).await
+    let data =
+        |event: EventBuilder, n: usize| event.data("application/octet-stream", vec![0x5a; n]);
+    check_size_agrees_with_send(ctx, "data bytes", data, |limit| limit + 1).await
 }
 
 pub(super) async fn queue_check_size_takes_the_largest_subject_a_send_takes<
@@ -1104,16 +1100,9 @@ pub(super) async fn queue_check_size_takes_the_largest_subject_a_send_takes<
 ) -> CaseResult {
     // A line break and then characters of two bytes: what headers cannot carry as it is
     // (NATS percent-encodes the whole value, three times its length) and JSON escapes.
-    let source = ctx.source();
-    let event = move |n: usize| {
-        Event::builder("evbus.conformance.limit", source.clone())
-            .subject(format!("s\n{}", "\u{e9}".repeat(n)))
-            .json(&0)
-            .expect("JSON")
-            .build()
-            .expect("valid")
-    };
-    check_size_agrees_with_send(ctx, "subject characters", event, |limit| limit / 2 + 1).await
+    let subject =
+        |event: EventBuilder, n: usize| event.subject(format!("s\n{}", "\u{e9}".repeat(n)));
+    check_size_agrees_with_send(ctx, "subject characters", subject, |limit| limit / 2 + 1).await
 }
 
 pub(super) async fn queue_check_size_takes_the_largest_partition_key_a_send_takes<
@@ -1122,29 +1111,29 @@ pub(super) async fn queue_check_size_takes_the_largest_partition_key_a_send_take
     ctx: Ctx<T>,
 ) -> CaseResult {
     // A transport may carry the key more than once (Kafka: the record key and a header).
-    let source = ctx.source();
-    let event = move |n: usize| {
-        Event::builder("evbus.conformance.limit", source.clone())
-            .partition_key(format!("k{}", "x".repeat(n)))
-            .json(&0)
-            .expect("JSON")
-            .build()
-            .expect("valid")
-    };
-    check_size_agrees_with_send(ctx, "partition key bytes", event, |limit| limit + 1).await
+    let key = |event: EventBuilder, n: usize| event.partition_key(format!("k{}", "x".repeat(n)));
+    check_size_agrees_with_send(ctx, "partition key bytes", key, |limit| limit + 1).await
 }
 
 /// Finds the largest `event(n)` that `Transport::check_size` takes (`n` from 0; `refused(limit)`
 /// is an `n` over the declared limit), sends it, which must succeed, and `event(n + 1)`, which
-/// must fail with `TooLarge`; then receives what was sent, whole.
+/// must fail with `TooLarge`; then receives what was sent, whole. `event(n)` is an event of
+/// the case's source with JSON data, shaped by `shape` with `n`.
 async fn check_size_agrees_with_send<T: Transport + 'static>(
     ctx: Ctx<T>,
     what: &'static str,
-    event: impl Fn(usize) -> Event + Send + Sync + 'static,
+    shape: impl Fn(EventBuilder, usize) -> EventBuilder + Send + Sync + 'static,
     refused: impl Fn(usize) -> usize,
 ) -> CaseResult {
     let Some(limit) = ctx.caps.max_payload_bytes else {
         fail!("the transport declares no max_payload_bytes");
+    };
+    let source = ctx.source();
+    let event = move |n: usize| {
+        let event = Event::builder("evbus.conformance.limit", source.clone())
+            .json(&0)
+            .expect("JSON");
+        shape(event, n).build().expect("valid")
     };
     let conn = ctx.connect().await?;
     let event = Arc::new(event);
