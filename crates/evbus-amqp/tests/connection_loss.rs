@@ -596,6 +596,35 @@ async fn let_in(node: &Arc<RabbitNode>, user: &str) {
     eval(node, expr, "letting the user in again").await;
 }
 
+/// A topic name and a queue name for this process, `<what>-t-<pid>` and `<what>-q-<pid>`.
+fn names(what: &str) -> (String, String) {
+    let pid = std::process::id();
+    (format!("{what}-t-{pid}"), format!("{what}-q-{pid}"))
+}
+
+/// A named subscription `s` of topic `topic` and a consumer of queue `queue`, on `transport`.
+async fn subscription_and_receiver(
+    transport: &evbus_amqp::AmqpTransport,
+    topic: &str,
+    queue: &str,
+) -> (evbus::Subscription, evbus::Subscription) {
+    let subscription = transport
+        .topic(topic)
+        .await
+        .expect("topic")
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .expect("subscribe");
+    let receiver = transport
+        .queue(queue)
+        .await
+        .expect("queue")
+        .receive(ConsumerOptions::default())
+        .await
+        .expect("receive");
+    (subscription, receiver)
+}
+
 /// A topic and a queue deleted while their consumers' connections were lost stay deleted:
 /// the consumers end when they reach RabbitMQ again. They attached again as after any loss,
 /// declaring the exchange, the subscription queue and its binding, and the queue, again: a
@@ -608,18 +637,9 @@ async fn a_topic_and_a_queue_deleted_while_their_consumers_were_cut_off_stay_del
     };
     let user = "cutoff";
     let consumers = connect_as(&node, user).await;
-    let pid = std::process::id();
-    let (topic_name, queue_name) = (format!("cutoff-t-{pid}"), format!("cutoff-q-{pid}"));
-    let topic = consumers.topic(&topic_name).await.expect("topic");
-    let mut subscription = topic
-        .subscribe(SubscribeOptions::named("s"))
-        .await
-        .expect("subscribe");
-    let queue = consumers.queue(&queue_name).await.expect("queue");
-    let mut receiver = queue
-        .receive(ConsumerOptions::default())
-        .await
-        .expect("receive");
+    let (topic_name, queue_name) = names("cutoff");
+    let (mut subscription, mut receiver) =
+        subscription_and_receiver(&consumers, &topic_name, &queue_name).await;
     let exchange = consumers.exchange_name(&topic_name);
     let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
     let plain_queue = consumers.queue_name(&queue_name);
@@ -686,18 +706,9 @@ async fn subscriptions_survive_a_broker_that_lost_its_definitions() {
     };
     let consumers =
         support::transport(&node, "reconnect_max_delay_ms=300&command_timeout_ms=5000").await;
-    let pid = std::process::id();
-    let (topic_name, queue_name) = (format!("wiped-t-{pid}"), format!("wiped-q-{pid}"));
-    let topic = consumers.topic(&topic_name).await.expect("topic");
-    let mut subscription = topic
-        .subscribe(SubscribeOptions::named("s"))
-        .await
-        .expect("subscribe");
-    let queue = consumers.queue(&queue_name).await.expect("queue");
-    let mut receiver = queue
-        .receive(ConsumerOptions::default())
-        .await
-        .expect("receive");
+    let (topic_name, queue_name) = names("wiped");
+    let (mut subscription, mut receiver) =
+        subscription_and_receiver(&consumers, &topic_name, &queue_name).await;
     let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
     let plain_queue = consumers.queue_name(&queue_name);
 
