@@ -71,6 +71,13 @@ pub struct AmqpConfig {
     /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`]. RabbitMQ itself refuses messages above
     /// its `max_message_size` (128 MiB by default).
     pub max_payload_bytes: usize,
+    /// How long the tombstone of a deleted topic or queue stays unused before RabbitMQ drops
+    /// it (its `x-expires`): a consumer whose connection was lost while its topic or queue
+    /// was deleted, and that comes back within this time, ends; one that comes back later
+    /// declares what it reads again (README, "Deleted under a subscription"). Default 24 h;
+    /// at least 1 s.
+    #[serde(rename = "tombstone_ttl_ms", with = "evbus::raw::millis")]
+    pub tombstone_ttl: Duration,
 }
 
 impl Default for AmqpConfig {
@@ -84,6 +91,7 @@ impl Default for AmqpConfig {
             reconnect_min_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
             max_payload_bytes: 16 * 1024 * 1024,
+            tombstone_ttl: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -106,6 +114,7 @@ impl fmt::Debug for AmqpConfig {
             .field("reconnect_min_delay", &self.reconnect_min_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("tombstone_ttl", &self.tombstone_ttl)
             .finish()
     }
 }
@@ -129,6 +138,8 @@ pub enum AmqpConfigKey {
     ReconnectMaxDelayMs,
     /// [`AmqpConfig::max_payload_bytes`].
     MaxPayloadBytes,
+    /// [`AmqpConfig::tombstone_ttl`].
+    TombstoneTtlMs,
     /// The client's heartbeat interval in seconds (kept in the URL).
     Heartbeat,
     /// The client's largest frame size (kept in the URL).
@@ -164,6 +175,7 @@ impl ConfigKey for AmqpConfigKey {
         AmqpConfigKey::ReconnectMinDelayMs,
         AmqpConfigKey::ReconnectMaxDelayMs,
         AmqpConfigKey::MaxPayloadBytes,
+        AmqpConfigKey::TombstoneTtlMs,
         AmqpConfigKey::Heartbeat,
         AmqpConfigKey::FrameMax,
         AmqpConfigKey::ChannelMax,
@@ -179,6 +191,7 @@ impl ConfigKey for AmqpConfigKey {
             AmqpConfigKey::ReconnectMinDelayMs => "reconnect_min_delay_ms",
             AmqpConfigKey::ReconnectMaxDelayMs => "reconnect_max_delay_ms",
             AmqpConfigKey::MaxPayloadBytes => "max_payload_bytes",
+            AmqpConfigKey::TombstoneTtlMs => "tombstone_ttl_ms",
             AmqpConfigKey::Heartbeat => "heartbeat",
             AmqpConfigKey::FrameMax => "frame_max",
             AmqpConfigKey::ChannelMax => "channel_max",
@@ -200,7 +213,7 @@ impl AmqpConfig {
     /// Reads an `amqp://` or `amqps://` URL. The adapter's own settings travel as query
     /// parameters and are removed from [`url`](Self::url): `prefix`, `command_timeout_ms`,
     /// `connect_timeout_ms`, `reconnect_min_delay_ms`, `reconnect_max_delay_ms`,
-    /// `max_payload_bytes` (each the serde name of a field). The client's `heartbeat`,
+    /// `max_payload_bytes`, `tombstone_ttl_ms` (each the serde name of a field). The client's `heartbeat`,
     /// `frame_max`, `channel_max` and `auth_mechanism` stay in the URL. The list is
     /// [`AmqpConfigKey`]; any other parameter is an error naming the valid keys (a typo would
     /// otherwise be silently ignored).
@@ -288,6 +301,7 @@ impl AmqpConfig {
                 K::ReconnectMinDelayMs => config.reconnect_min_delay = millis()?,
                 K::ReconnectMaxDelayMs => config.reconnect_max_delay = millis()?,
                 K::MaxPayloadBytes => config.max_payload_bytes = parse_value(key, &value)?,
+                K::TombstoneTtlMs => config.tombstone_ttl = millis()?,
                 K::Heartbeat | K::FrameMax | K::ChannelMax | K::AuthMechanism => {
                     kept.push((name.clone().into_owned(), value.clone().into_owned()));
                 }
@@ -333,6 +347,15 @@ impl AmqpConfig {
             return Err(Error::invalid_config(
                 "reconnect_max_delay must not be less than reconnect_min_delay",
             ));
+        }
+        if self.tombstone_ttl < Duration::from_secs(1)
+            || self.tombstone_ttl.as_millis() > u128::from(u32::MAX)
+        {
+            return Err(Error::invalid_config(format!(
+                "tombstone_ttl must be between 1 s and {} ms (about 49 days), got {:?}",
+                u32::MAX,
+                self.tombstone_ttl
+            )));
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_LIMIT {
             return Err(Error::invalid_config(format!(
@@ -507,8 +530,8 @@ mod tests {
             typo.message().contains(
                 "unknown AMQP URL parameter `command_timeout`; valid keys are: prefix, \
                  command_timeout_ms, connect_timeout_ms, reconnect_min_delay_ms, \
-                 reconnect_max_delay_ms, max_payload_bytes, heartbeat, frame_max, channel_max, \
-                 auth_mechanism"
+                 reconnect_max_delay_ms, max_payload_bytes, tombstone_ttl_ms, heartbeat, \
+                 frame_max, channel_max, auth_mechanism"
             ),
             "{typo}"
         );
@@ -528,7 +551,7 @@ mod tests {
         let config = AmqpConfig::from_url(
             "amqp://u:pw@localhost:5673/shop?prefix=x.&command_timeout_ms=900\
              &connect_timeout_ms=800&reconnect_min_delay_ms=10&reconnect_max_delay_ms=20\
-             &max_payload_bytes=1024&heartbeat=15",
+             &max_payload_bytes=1024&tombstone_ttl_ms=60000&heartbeat=15",
         )
         .unwrap();
         assert_eq!(config.url, "amqp://u:pw@localhost:5673/shop?heartbeat=15");
@@ -538,6 +561,12 @@ mod tests {
         assert_eq!(config.reconnect_min_delay, Duration::from_millis(10));
         assert_eq!(config.reconnect_max_delay, Duration::from_millis(20));
         assert_eq!(config.max_payload_bytes, 1024);
+        assert_eq!(config.tombstone_ttl, Duration::from_secs(60));
+        for bad in ["999", "4294967296"] {
+            let url = format!("amqp://h?tombstone_ttl_ms={bad}");
+            let err = AmqpConfig::from_url(&url).unwrap_err();
+            assert!(err.message().contains("tombstone_ttl"), "{err}");
+        }
     }
 
     #[test]

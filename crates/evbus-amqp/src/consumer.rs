@@ -60,6 +60,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Link, Live, short, within};
 use crate::message::{self, CopyKey};
+use crate::names::{queue_tombstone, topic_tombstone};
 use crate::transport::{AmqpTransport, Shared};
 
 /// Returns (a channel lost while it held the message) a message may have beyond
@@ -187,8 +188,8 @@ pub(crate) async fn subscribe(
 /// What an attach declares of what its target needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Declare {
-    /// Everything (the first attach; after a loss to a broker that lost its definitions; a
-    /// subscription queue deleted with another tool).
+    /// Everything (the first attach; after a loss or a cancel that found something gone
+    /// without a tombstone: deleted with another tool, or lost with RabbitMQ's definitions).
     All,
     /// Only an anonymous subscription's own queue (it died with the connection): after a
     /// loss, the look found the exchange and queue there, and declaring them would bring
@@ -249,87 +250,81 @@ async fn attach(
 enum Found {
     /// It is there, or the lookup could not tell: re-attach.
     There,
-    /// Deleted, as by `delete_topic` or `delete_queue`: the subscription ends.
+    /// Deleted by `delete_topic` or `delete_queue`, whose tombstone is there: the
+    /// subscription ends.
     Deleted,
-    /// A named subscription's queue is gone while its topic's exchange is still there: the
-    /// queue was deleted outside evbus (`delete_topic` deletes the exchange first). The
-    /// consumer declares and binds it again, as the topic's publishers do from its directory.
-    QueueOnly,
-    /// A named subscription's queue is there, its topic's exchange is not (deleted with
-    /// another tool: publishers declare it again and bind the directory's queues). The
-    /// consumer declares it again too: attached without declaring, its binding would fail
-    /// at every try.
-    ExchangeOnly,
+    /// What it names is gone, with no tombstone: deleted with another tool, or lost with
+    /// RabbitMQ's definitions (a reset, a new node without the old one's data, which loses
+    /// the tombstones too). The consumer declares everything again and re-attaches.
+    Missing(&'static str),
 }
 
-/// Looks for what `target` consumes after RabbitMQ cancelled its consumer, or, for an
-/// anonymous subscription, after a quiet while.
+/// Looks for what `target` consumes after RabbitMQ cancelled its consumer, after a lost
+/// connection, or, for an anonymous subscription, after a quiet while.
 ///
-/// - A named subscription ends only when its topic's exchange is gone too: `delete_topic`
-///   from any connection deletes the exchange, then the subscription queues. A queue deleted
-///   with stock tools (an operator clearing it in the management UI) while the topic exists
-///   is declared again, bound and consumed: the topic's publishers bind it again from the
-///   directory on their next connection and fill it, and a subscription that ended would
-///   leave those events to pile up with no consumer until the process restarts.
-/// - A queue (point to point) has no topic to ask: deleted, by `delete_queue` or with stock
-///   tools, its consumer ends, as sends to it fail with `NotFound` until the queue is opened
-///   again (README, "Guarantees"). Declaring it again here would undo `delete_queue`.
-/// - An anonymous subscription looks at its topic's exchange: its queue is its own
-///   connection's, and deleting the topic only unbinds it, so it would stay open and quiet
-///   for ever.
+/// What a consumer reads is its topic's exchange and its queue (a named subscription), its
+/// topic's exchange (an anonymous subscription: its queue is its own connection's, and
+/// deleting the topic only unbinds it, so it would stay open and quiet for ever), or its
+/// queue. When one of them is gone, the tombstone `delete_topic` or `delete_queue` left
+/// before deleting tells a deletion (the subscription ends: re-attaching would declare it
+/// again, resurrecting it, and a queue nobody reads would fill) from a loss with no
+/// tombstone: a queue or exchange deleted with stock tools (an operator clearing a queue in
+/// the management UI), or a broker that came back without its definitions. Then the
+/// consumer declares again what it reads, as the topic's publishers do (they declare the
+/// exchange after a `NotFound` and bind the queues recorded in its directory) and senders
+/// do (they declare a queue again after a `NotFound`), and goes on with what is published
+/// from then on; what was held is gone.
 ///
-/// Re-attaching to what was deleted would declare it again, resurrecting it, or, with the
-/// declaration remembered, fail with `not_found` for ever; the subscription ends instead, as
-/// on the other transports that see the deletion. Anything but a plain `NOT_FOUND` (a
-/// cluster node down answers with a retryable one) is not a deletion.
+/// The tombstone does not depend on anybody having connected since: a transport that
+/// starts on a reset broker before the consumers re-attach changes nothing, and a
+/// publisher that declares the exchange of a deleted topic again (its next publish after
+/// the `NotFound`) does not bring the topic's subscriptions back. Opening the topic or
+/// queue again (`Transport::topic`, `Transport::queue`) takes the tombstone away.
+///
+/// Anything but a plain `NOT_FOUND` (a cluster node down answers with a retryable one) is
+/// not an absence.
 async fn look_up(shared: &Shared, link: &Link, target: &Target) -> Found {
     let Ok(live) = link.live().await else {
         return Found::There;
     };
-    match target {
-        Target::Anonymous { exchange, .. } => {
-            if exists(&live, Kind::Exchange, exchange).await == Some(false) {
-                live.forget_topic(exchange);
-                return Found::Deleted;
-            }
-            Found::There
-        }
-        Target::Queue { queue } => {
-            if exists(&live, Kind::Queue, queue).await == Some(false) {
-                live.forget_queue(queue);
-                return Found::Deleted;
-            }
-            Found::There
-        }
+    let gone = match target {
+        Target::Anonymous { exchange, .. } => (exists(&live, Kind::Exchange, exchange).await
+            == Some(false))
+        .then(|| ("the topic's exchange", topic_tombstone(exchange))),
+        Target::Queue { queue } => (exists(&live, Kind::Queue, queue).await == Some(false))
+            .then(|| ("the queue", queue_tombstone(queue))),
         Target::Named { exchange, queue } => {
-            if exists(&live, Kind::Queue, queue).await != Some(false) {
-                if exists(&live, Kind::Exchange, exchange).await == Some(false) {
-                    live.forget_topic(exchange);
-                    return Found::ExchangeOnly;
-                }
-                return Found::There;
+            if exists(&live, Kind::Queue, queue).await == Some(false) {
+                Some(("the subscription's queue", topic_tombstone(exchange)))
+            } else if exists(&live, Kind::Exchange, exchange).await == Some(false) {
+                Some(("the topic's exchange", topic_tombstone(exchange)))
+            } else {
+                None
             }
+        }
+    };
+    let Some((what, tombstone)) = gone else {
+        return Found::There;
+    };
+    let found = match exists(&live, Kind::Queue, &tombstone).await {
+        Some(true) => Found::Deleted,
+        Some(false) => Found::Missing(what),
+        None => return Found::There,
+    };
+    // What this connection remembers declaring is gone: declared again when missing, and
+    // a queue deleted with its topic is no longer this transport's record to keep.
+    match target {
+        Target::Anonymous { exchange, .. } => live.forget_topic(exchange),
+        Target::Queue { queue } => live.forget_queue(queue),
+        Target::Named { exchange, queue } => {
+            live.forget_topic(exchange);
             live.forget_queue(queue);
-            if exists(&live, Kind::Exchange, exchange).await == Some(false) {
-                live.forget_topic(exchange);
-                shared.forget_recorded(queue);
-                return Found::Deleted;
-            }
-            Found::QueueOnly
+            // Recorded again in the topic's directory by the attach that declares it again
+            // (the directory may be gone with it).
+            shared.forget_recorded(queue);
         }
     }
-}
-
-/// Whether RabbitMQ lost its definitions (a new node without the old one's data, a reset)
-/// while this consumer's connection was lost: the marker exchange that transports declare
-/// when they start is gone too. What the consumer reads is then declared again as after any
-/// loss, not taken for deleted: otherwise every subscription would end. Until a transport
-/// starts again and declares the marker, a deletion is not told from such a loss.
-async fn lost_definitions(shared: &Shared, link: &Link) -> bool {
-    let Ok(live) = link.live().await else {
-        return false;
-    };
-    exists(&live, Kind::Exchange, &shared.names.marker()).await == Some(false)
+    found
 }
 
 /// What [`exists`] looks up.
@@ -618,44 +613,26 @@ async fn run(
             }
             let mut declare = Declare::All;
             if look_first {
-                let (found, lost) = tokio::select! {
+                let found = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    found = async {
-                        if lost_definitions(&shared, &link).await {
-                            tracing::warn!(
-                                queue = target.queue(),
-                                "RabbitMQ lost its definitions while the consumer's connection \
-                                 was lost (evbus's marker exchange is gone too: a new node or a \
-                                 reset); declaring what it reads again"
-                            );
-                            (Found::There, true)
-                        } else {
-                            (look_up(&shared, &link, &target).await, false)
-                        }
-                    } => found,
+                    found = look_up(&shared, &link, &target) => found,
                 };
                 match found {
                     Found::Deleted => {
                         ended(&target);
                         return;
                     }
-                    Found::QueueOnly => tracing::warn!(
+                    Found::Missing(what) => tracing::warn!(
                         queue = target.queue(),
-                        "the subscription's queue was deleted, but not its topic (not by \
-                         `delete_topic`: with another tool); declaring it again and \
+                        "{what} is gone, and not by `delete_topic` or `delete_queue` (no \
+                         tombstone): deleted with another tool, or RabbitMQ lost its \
+                         definitions; declaring what the consumer reads again and \
                          re-attaching (what it held is gone)"
-                    ),
-                    Found::ExchangeOnly => tracing::warn!(
-                        queue = target.queue(),
-                        "the topic's exchange was deleted, but not the subscription's queue \
-                         (not by `delete_topic`: with another tool); declaring it again and \
-                         re-attaching"
                     ),
                     // Found there: attached without declaring it again, so that a deletion
                     // after the look is not undone (the attach fails, and the next look
                     // ends the subscription).
-                    Found::There if !lost => declare = Declare::Own,
-                    Found::There => {}
+                    Found::There => declare = Declare::Own,
                 }
             }
             epoch += 1;
@@ -699,12 +676,23 @@ async fn run(
             }
             _ = sweep.tick() => acker.sweep().await,
             _ = exists.tick(), if anonymous => {
-                if std::mem::replace(&mut quiet, true)
-                    && look_up(&shared, &link, &target).await == Found::Deleted
-                {
-                    tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
-                    detach(current, &acker, Ending::Closed).await;
-                    return;
+                if std::mem::replace(&mut quiet, true) {
+                    match look_up(&shared, &link, &target).await {
+                        Found::Deleted => {
+                            tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
+                            detach(current, &acker, Ending::Closed).await;
+                            return;
+                        }
+                        // Deleted with another tool: its queue is no longer bound. Attached
+                        // again, it declares the exchange and binds a queue to it.
+                        Found::Missing(_) => {
+                            detach(current, &acker, Ending::Lost).await;
+                            waiting.clear();
+                            attached = None;
+                            look_first = true;
+                        }
+                        Found::There => {}
+                    }
                 }
             }
             // Forwarding waits for room without blocking the loop: a channel lost meanwhile
@@ -759,9 +747,8 @@ fn ended(target: &Target) {
         // consumer that opens it again.
         Target::Queue { queue } => tracing::error!(
             queue = queue.as_str(),
-            "queue `{queue}` was deleted (by `delete_queue`, or with a tool outside evbus); \
-             its consumer ends and does not declare it again: receive from the queue again \
-             to go on consuming"
+            "queue `{queue}` was deleted by `delete_queue`; its consumer ends and does not \
+             declare it again: open the queue and receive from it again to go on consuming"
         ),
         Target::Named { queue, .. } | Target::Anonymous { queue, .. } => tracing::info!(
             queue = queue.as_str(),

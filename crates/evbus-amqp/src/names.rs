@@ -6,6 +6,8 @@
 //! | named subscription `billing` | durable quorum queue `<prefix><topic>_s_<subscription>` | queue `evbus.orders_s_billing` |
 //! | anonymous subscription | exclusive auto-delete queue `<prefix><topic>_a_<uuid>` | queue `evbus.orders_a_0193...` |
 //! | queue `jobs` | durable quorum queue `<prefix><queue>` | queue `evbus.jobs` |
+//! | topic `orders` deleted | durable classic queue `<exchange>_deleted` (expires) | queue `evbus.orders_deleted` |
+//! | queue `jobs` deleted | durable classic queue `<queue>_deleted_queue` (expires) | queue `evbus.jobs_deleted_queue` |
 //!
 //! Exchanges and queues are separate namespaces in AMQP, so a topic and a queue of the same
 //! name never meet. Names keep ASCII letters, digits, `.` and `-`; every other byte (UTF-8)
@@ -66,14 +68,25 @@ impl Names {
     }
 }
 
-impl Names {
-    /// The marker exchange (`<prefix>_marker`, a name no topic has): declared when a transport
-    /// connects and never deleted by evbus, so that its absence after a lost connection says
-    /// that RabbitMQ lost its definitions (a new node, a reset), not that a topic or queue was
-    /// deleted (see `consumer::lost_definitions`).
-    pub(crate) fn marker(&self) -> String {
-        fit(format!("{}_marker", self.prefix))
-    }
+/// The tombstone `delete_topic` leaves for the topic whose exchange is `exchange`: the
+/// durable classic queue `<exchange>_deleted`, dropped by RabbitMQ after
+/// `AmqpConfig::tombstone_ttl` unused (`_` and a lowercase letter never come from a name, so
+/// no queue of evbus's has it). It is declared before anything of the topic is deleted and deleted
+/// when the topic is opened again (`Transport::topic`), not when a publisher declares the
+/// exchange again after a `NotFound`. A consumer that finds what it reads gone ends when the
+/// tombstone is there, and declares what it reads again when it is not: deleted with another
+/// tool, or lost with RabbitMQ's definitions (a reset, a new node), which takes the
+/// tombstones too (see `consumer::look_up`).
+pub(crate) fn topic_tombstone(exchange: &str) -> String {
+    fit(format!("{exchange}_deleted"))
+}
+
+/// The tombstone `delete_queue` leaves for the queue `queue` (its RabbitMQ name): the durable
+/// classic queue `<queue>_deleted_queue` (a queue and a topic of one name have one RabbitMQ
+/// name, in the two namespaces; their tombstones are both queues and must differ). Deleted when
+/// the queue is opened again (`Transport::queue`).
+pub(crate) fn queue_tombstone(queue: &str) -> String {
+    fit(format!("{queue}_deleted_queue"))
 }
 
 /// Whether `queue` can be the queue of a named subscription of the topic whose exchange is
@@ -187,6 +200,35 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, names.subscription(&long, "s1"));
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn tombstones_are_queues_evbus_names_never_give_and_differ_by_kind() {
+        let names = Names::new("evbus.");
+        let orders = names.exchange("orders");
+        assert_eq!(topic_tombstone(&orders), "evbus.orders_deleted");
+        assert_eq!(
+            queue_tombstone(&names.queue("orders")),
+            "evbus.orders_deleted_queue"
+        );
+        // A topic named like a tombstone is escaped: it never meets one.
+        assert_ne!(names.exchange("orders_deleted"), topic_tombstone(&orders));
+        assert_ne!(
+            names.exchange("orders_deleted_queue"),
+            queue_tombstone(&names.queue("orders"))
+        );
+        // A topic and a queue of one name have one RabbitMQ name, and two tombstones.
+        assert_eq!(orders, names.queue("orders"));
+        assert_ne!(topic_tombstone(&orders), queue_tombstone(&orders));
+        // Names at the limit are cut, as every name is, and stay apart.
+        for topic in ["t".repeat(249), "é".repeat(200)] {
+            let exchange = names.exchange(&topic);
+            let (t, q) = (topic_tombstone(&exchange), queue_tombstone(&exchange));
+            assert!(t.len() <= MAX_NAME && q.len() <= MAX_NAME, "{t} {q}");
+            assert_ne!(t, q);
+            assert_ne!(t, exchange);
+            assert_eq!(t, topic_tombstone(&names.exchange(&topic)));
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use evbus::raw::Gate;
@@ -11,14 +12,14 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::AmqpConfig;
 use crate::connection::{Link, Live, short, within};
-use crate::names::{Names, check_name, is_subscription_of};
+use crate::names::{Names, check_name, is_subscription_of, queue_tombstone, topic_tombstone};
 use crate::publisher::{AmqpQueue, AmqpTopic};
 
 /// How many times a deletion is attempted when its connection is lost under it.
@@ -312,6 +313,71 @@ async fn delete_one(live: &Live, channel: &lapin::Channel, queue: &str) -> Resul
     Ok(())
 }
 
+/// Leaves tombstone `tombstone` ([`topic_tombstone`], [`queue_tombstone`]) before a deletion,
+/// so that consumers cut off meanwhile end instead of declaring again what was deleted (see
+/// `consumer::look_up`): a durable classic queue nothing is published to, which RabbitMQ
+/// drops once it has been unused for `ttl` (`x-expires`), so deleted names leave nothing
+/// behind for good. A user whose permissions do not cover the name cannot leave it: the
+/// deletion goes on, with a warning (such consumers then declare again what they read).
+async fn bury(live: &Live, tombstone: &str, ttl: Duration) -> Result<()> {
+    let channel = live.admin().await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+    );
+    let declared = within(
+        live.timeout(),
+        || format!("declaring tombstone queue `{tombstone}`"),
+        channel.queue_declare(
+            short("queue name", tombstone)?,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        ),
+    )
+    .await;
+    match declared {
+        Ok(_) => Ok(()),
+        Err(e) if !e.is_retryable() => {
+            tracing::warn!(
+                tombstone,
+                error = %e,
+                "could not leave the tombstone of a deletion (a queue): consumers whose \
+                 connection is lost while it is made will declare what they read again"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes tombstone `tombstone` away when its topic or queue is opened again: from then on a
+/// consumer that finds what it reads gone declares it again. What cannot be taken away (no
+/// permission) is left, with a debug log: opening does not fail for it.
+async fn unbury(live: &Live, tombstone: &str) -> Result<()> {
+    let channel = live.admin().await?;
+    let deleted = within(
+        live.timeout(),
+        || format!("deleting tombstone queue `{tombstone}`"),
+        channel.queue_delete(
+            short("queue name", tombstone)?,
+            QueueDeleteOptions::default(),
+        ),
+    )
+    .await;
+    match deleted {
+        Ok(_) => Ok(()),
+        Err(e) if !e.is_retryable() => {
+            tracing::debug!(tombstone, error = %e, "could not delete a tombstone queue");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Declares the subscription directory `directory` (idempotent) and returns how many records
 /// it holds ready (not those a reader holds unacknowledged).
 async fn declare_directory(live: &Live, directory: &str) -> Result<u32> {
@@ -340,11 +406,6 @@ impl AmqpTransport {
         config.validate()?;
         let first = Link::open(&config, &crate::connection::transport_connection_name(), 1).await?;
         let names = Names::new(&config.prefix);
-        // Only here, when a transport starts: a connection opened again after a loss must not
-        // declare it, or consumers could no longer tell a broker that lost its definitions.
-        if let Err(e) = first.declare_exchange(&names.marker()).await {
-            tracing::debug!(error = %e, "could not declare the marker exchange; consumers re-attaching after a loss cannot tell a deletion from a broker that lost its definitions");
-        }
         Ok(AmqpTransport {
             shared: Arc::new(Shared {
                 link: Link::new(config.clone(), first),
@@ -393,11 +454,10 @@ impl AmqpTransport {
     /// Deletes the exchange `exchange`, then the subscription queues recorded in its
     /// directory (read on `reader`), then the directory.
     ///
-    /// The exchange goes first: a consumer whose queue is deleted under it looks for the
-    /// exchange to tell `delete_topic` (the subscription ends) from a queue deleted with
-    /// another tool (it declares the queue again, see `consumer::look_up`). Deleted last, the
-    /// exchange would still be there when the first queues go, and their consumers would
-    /// bring them back.
+    /// The topic's tombstone is there by then (`delete_topic` leaves it first): a consumer
+    /// whose queue is deleted under it finds it and ends, where a queue deleted with another
+    /// tool is declared again (see `consumer::look_up`). The exchange goes first, so that
+    /// publishers stop reaching the queues before they go.
     async fn delete_recorded(
         &self,
         live: &Live,
@@ -489,6 +549,7 @@ impl Transport for AmqpTransport {
         // the `NotFound` that follows.
         live.forget_topic(&exchange);
         live.declare_exchange(&exchange).await?;
+        unbury(&live, &topic_tombstone(&exchange)).await?;
         Ok(Arc::new(AmqpTopic::new(name, self.clone())))
     }
 
@@ -500,6 +561,7 @@ impl Transport for AmqpTransport {
         // As for a topic: another connection may have deleted the queue.
         live.forget_queue(&queue);
         live.declare_quorum_queue(&queue).await?;
+        unbury(&live, &queue_tombstone(&queue)).await?;
         Ok(Arc::new(self.queue_handle(name)))
     }
 
@@ -507,9 +569,16 @@ impl Transport for AmqpTransport {
         let exchange = &self.shared.names.exchange(name);
         let directory = &directory_of(exchange);
         self.delete(format!("deleting topic `{name}`"), |live| async move {
-            // The exchange, then the subscription queues recorded in the directory, then the
-            // directory (see `delete_recorded`). What does not exist is not an error. The records are read on a
-            // channel of their own, unacknowledged, so that a failure part way returns them.
+            // The tombstone, then the exchange, then the subscription queues recorded in the
+            // directory, then the directory (see `delete_recorded`). What does not exist is
+            // not an error. The records are read on a channel of their own, unacknowledged,
+            // so that a failure part way returns them.
+            bury(
+                &live,
+                &topic_tombstone(exchange),
+                self.shared.config.tombstone_ttl,
+            )
+            .await?;
             declare_directory(&live, directory).await?;
             let reader = within(
                 live.timeout(),
@@ -532,6 +601,12 @@ impl Transport for AmqpTransport {
                 .leaving
                 .wait(|q| q == queue, live.timeout())
                 .await;
+            bury(
+                &live,
+                &queue_tombstone(queue),
+                self.shared.config.tombstone_ttl,
+            )
+            .await?;
             let channel = live.admin().await?;
             delete_one(&live, &channel, queue).await
         })

@@ -58,7 +58,13 @@ fn suite(url: String, container: Option<Arc<BrokerContainer>>) -> Suite<AmqpTran
     Suite::new(name, move || {
         let _owned = &container;
         let url = url.clone();
-        async move { AmqpTransport::connect(AmqpConfig::from_url(&url)?).await }
+        async move {
+            let mut config = AmqpConfig::from_url(&url)?;
+            // Every case deletes what it made: the tombstones go after ten minutes on the
+            // shared broker, not a day.
+            config.tombstone_ttl = std::time::Duration::from_secs(600);
+            AmqpTransport::connect(config).await
+        }
     })
     .with_raw_producer(producer)
 }

@@ -226,9 +226,11 @@ pub fn shared_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// An evbus transport to the shared broker.
+/// An evbus transport to the shared broker. The tombstones of what its tests delete go
+/// after ten minutes, not a day.
 pub async fn shared_transport() -> evbus_amqp::AmqpTransport {
-    let config = evbus_amqp::AmqpConfig::from_url(&shared_url()).expect("a valid URL");
+    let mut config = evbus_amqp::AmqpConfig::from_url(&shared_url()).expect("a valid URL");
+    config.tombstone_ttl = std::time::Duration::from_secs(600);
     evbus_amqp::AmqpTransport::connect(config)
         .await
         .expect("RabbitMQ reachable at EVBUS_AMQP_URL")
