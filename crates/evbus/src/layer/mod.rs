@@ -162,6 +162,17 @@ pub trait Layer: Send + Sync + 'static {
         let _ = from;
         raw
     }
+
+    /// Whether the transport behind the layer, `inner`, would refuse `event` for its size
+    /// once [`publish`](Self::publish) has made it what it passes on
+    /// ([`Transport::check_size`], which the outbox asks when it stages an event). A layer
+    /// that changes events on their way (adds attributes, encrypts, compresses) asks `inner`
+    /// about the event it would pass on, or refuses with
+    /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) itself; otherwise an event is
+    /// staged that no publish will ever take. The default asks about `event` unchanged.
+    fn check_size(&self, event: &Event, inner: &dyn Transport) -> Result<()> {
+        inner.check_size(event)
+    }
 }
 
 /// A transport with a [`Layer`] in front of it. Its name and capabilities are the inner
@@ -230,7 +241,7 @@ impl<L: Layer> Transport for Layered<L> {
     }
 
     fn check_size(&self, event: &Event) -> Result<()> {
-        self.inner.check_size(event)
+        self.layer.check_size(event, &*self.inner)
     }
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
@@ -367,4 +378,64 @@ pub fn map_deliveries(
 ) -> RawStream {
     use futures::StreamExt;
     raw.map(move |item| item.map(&mut f)).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use crate::memory::{MemoryBroker, MemoryConfig};
+
+    /// Adds a 100-byte extension to every event it publishes, and says so in `check_size`
+    /// when `honest`.
+    struct Stamp {
+        honest: bool,
+    }
+
+    fn stamped(event: &Event) -> Result<Event> {
+        event
+            .clone()
+            .into_builder()
+            .extension("stamp", "s".repeat(100))
+            .build()
+    }
+
+    #[async_trait]
+    impl Layer for Stamp {
+        async fn publish(&self, _to: &Destination, events: &[Event], next: Next<'_>) -> Result<()> {
+            let events = events.iter().map(stamped).collect::<Result<Vec<_>>>()?;
+            next.run(&events).await
+        }
+
+        fn check_size(&self, event: &Event, inner: &dyn Transport) -> Result<()> {
+            if self.honest {
+                inner.check_size(&stamped(event)?)
+            } else {
+                inner.check_size(event)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn check_size_asks_about_what_the_layer_would_publish() {
+        let event = Event::builder("t", "/s")
+            .data("text/plain", vec![b'x'; 100])
+            .build()
+            .unwrap();
+        // Fits as the caller has it; not once stamped (100 bytes more).
+        let config = MemoryConfig {
+            max_payload_bytes: event.encoded_len() + 50,
+            ..MemoryConfig::default()
+        };
+        let broker = MemoryBroker::new(config);
+        let honest = broker.connect().layer(Stamp { honest: true });
+        let err = honest.check_size(&event).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+        let topic = honest.topic("t").await.unwrap();
+        let published = topic.publish(&event).await.unwrap_err();
+        assert_eq!(published.kind(), ErrorKind::TooLarge, "{published}");
+        // A layer that does not say measures the event unchanged (the trait's default).
+        let silent = broker.connect().layer(Stamp { honest: false });
+        silent.check_size(&event).unwrap();
+    }
 }
