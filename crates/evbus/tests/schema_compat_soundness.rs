@@ -165,6 +165,195 @@ fn adding_an_optional_property_to_a_model_closed_by_unevaluated_properties() {
     );
 }
 
+/// One change: what it is, the mode, shared definitions, v1, v2, and a witness.
+type Case<'a> = (
+    &'a str,
+    Compatibility,
+    &'a [(&'a str, Value)],
+    Value,
+    Value,
+    Value,
+);
+
+/// Keywords that read the keywords beside them in their own schema object
+/// (`additionalProperties`, `items` after `prefixItems`, `then` under `if`) were merged with
+/// another `allOf` conjunct, or with the keywords beside a `$ref`, and then seemed to cover
+/// what the other declared: moving a closed model onto a shared closed definition was
+/// accepted as compatible, and the new version refused every old event with the property
+/// only the event declared (outside review). Each case: refused, with a witness.
+#[test]
+fn keywords_that_read_their_siblings_are_not_merged_across_conjuncts() {
+    let closed_base = [(
+        "Base",
+        json!({"type": "object", "properties": {"id": {"type": "string"}},
+               "required": ["id"], "additionalProperties": false}),
+    )];
+    let closed = json!({"type": "object",
+        "properties": {"id": {"type": "string"}, "note": {"type": "string"}},
+        "required": ["id"], "additionalProperties": false});
+    let cases: [Case<'_>; 4] = [
+        (
+            "a closed definition with the event's own property beside its $ref",
+            Compatibility::Backward,
+            &closed_base,
+            closed.clone(),
+            json!({"$ref": "../definitions/Base.json",
+                   "properties": {"note": {"type": "string"}}}),
+            json!({"id": "x", "note": "y"}),
+        ),
+        (
+            "a closed allOf conjunct with a property beside the allOf",
+            Compatibility::Full,
+            &[],
+            closed,
+            json!({"allOf": [{"type": "object", "properties": {"id": {"type": "string"}},
+                              "additionalProperties": false}],
+                   "properties": {"note": {"type": "string"}}}),
+            json!({"id": "x", "note": "y"}),
+        ),
+        (
+            "prefixItems and items in two conjuncts",
+            Compatibility::Backward,
+            &[],
+            json!({"type": "object", "properties": {"t": {"type": "array",
+                   "prefixItems": [{"type": "string"}], "items": {"type": "integer"}}}}),
+            json!({"type": "object", "properties": {"t": {"type": "array",
+                   "allOf": [{"prefixItems": [{"type": "string"}]},
+                             {"items": {"type": "integer"}}]}}}),
+            json!({"t": ["a", 1]}),
+        ),
+        (
+            "if and then in two conjuncts",
+            Compatibility::Forward,
+            &[],
+            json!({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
+            json!({"type": "object",
+                   "allOf": [{"if": {"required": ["a"]}}, {"then": {"required": ["b"]}}]}),
+            json!({"a": 1}),
+        ),
+    ];
+    for (what, mode, defs, v1, v2, witness) in cases {
+        let refused = register(mode, defs, &v1, &v2);
+        assert!(refused.is_err(), "{what}: accepted as {mode:?} compatible");
+        let c = unchecked(defs, &[v1, v2]);
+        let (writer, reader) = if mode == Compatibility::Forward {
+            (2, 1)
+        } else {
+            (1, 2)
+        };
+        breaks(&c, writer, reader, &witness);
+    }
+    // Kept apart, a conjunct with nothing beside it to read still merges: a closed model on
+    // a shared definition that declares every property is compatible with itself inlined.
+    let base_only = json!({"$ref": "../definitions/Base.json"});
+    let inlined = json!({"type": "object", "properties": {"id": {"type": "string"}},
+                         "required": ["id"], "additionalProperties": false});
+    register(Compatibility::Full, &closed_base, &inlined, &base_only).expect("compatible");
+}
+
+/// Draft-07 ignores the keywords beside a `$ref` (the validator too): the checker took
+/// them for constraints, saw a writer narrower than it is, and accepted a reader that
+/// refuses what the writer accepts (outside review).
+#[test]
+fn draft_07_keywords_beside_a_ref_are_not_constraints() {
+    let draft = "http://json-schema.org/draft-07/schema#";
+    let v1 = json!({"$schema": draft, "definitions": {"S": {"type": "string"}},
+        "type": "object", "properties": {"x": {"$ref": "#/definitions/S", "maxLength": 3}}});
+    let v2 = json!({"$schema": draft, "type": "object",
+        "properties": {"x": {"type": "string", "maxLength": 5}}});
+    assert!(register(Compatibility::Backward, &[], &v1, &v2).is_err());
+    breaks(&unchecked(&[], &[v1, v2]), 1, 2, &json!({"x": "abcdefgh"}));
+}
+
+/// Backward changes the checker accepted although the new version refuses data the old one
+/// accepted (outside review; each with its witness): a new pattern over the names of an old
+/// one; a reader that recurses through `$dynamicRef` (2020-12) or `$recursiveRef` (2019-09);
+/// patterns with lookaround, which the `regex` crate cannot run (a pattern was then taken to
+/// match nothing); `oneOf` alternatives counted by their `anyOf` index.
+#[test]
+fn backward_changes_through_patterns_dynamic_references_and_mixed_alternatives_are_refused() {
+    let closed = |props: Value, patterns: Value| {
+        json!({"type": "object", "properties": props, "patternProperties": patterns,
+               "additionalProperties": false})
+    };
+    let v2019 = "https://json-schema.org/draft/2019-09/schema";
+    let cases = [
+        (
+            "a new pattern over the names of an old one",
+            closed(json!({}), json!({"^x-": {"type": "string"}})),
+            closed(
+                json!({}),
+                json!({"^x-": {"type": "string"}, "^x": {"type": "integer"}}),
+            ),
+            json!({"x-a": "s"}),
+        ),
+        (
+            "$dynamicRef",
+            json!({"type": "object", "properties": {"items": {"type": "array",
+                   "items": {"type": "string"}}}}),
+            json!({"$dynamicAnchor": "node", "type": "object", "properties": {
+                   "items": {"type": "array", "items": {"$dynamicRef": "#node"}}}}),
+            json!({"items": ["a"]}),
+        ),
+        (
+            "$recursiveRef",
+            json!({"$schema": v2019, "type": "object", "properties": {
+                   "kids": {"type": "array", "items": {"type": "string"}}}}),
+            json!({"$schema": v2019, "$recursiveAnchor": true, "type": "object",
+                   "properties": {"kids": {"type": "array", "items": {"$recursiveRef": "#"}}}}),
+            json!({"kids": ["a"]}),
+        ),
+        (
+            "a declared property added where a lookahead pattern allowed its name",
+            closed(
+                json!({"id": {"type": "string"}}),
+                json!({"^(?!id$)[a-z]+$": {"type": "string"}}),
+            ),
+            closed(
+                json!({"id": {"type": "string"}, "count": {"type": "integer"}}),
+                json!({"^(?!id$)[a-z]+$": {"type": "string"}}),
+            ),
+            json!({"id": "x", "count": "abc"}),
+        ),
+        (
+            "a new lookahead pattern over a declared property",
+            closed(json!({"name": {"type": "string"}}), json!({})),
+            closed(
+                json!({"name": {"type": "string"}}),
+                json!({"^(?=n)": {"type": "string", "maxLength": 3}}),
+            ),
+            json!({"name": "abcdef"}),
+        ),
+        (
+            "oneOf beside anyOf",
+            json!({"type": "object", "properties": {"p": {"anyOf": [{"type": "string"}],
+                   "oneOf": [{"type": "string", "maxLength": 3},
+                             {"type": "string", "minLength": 5}]}}}),
+            json!({"type": "object", "properties": {"p": {"oneOf": [{"type": "string"},
+                   {"type": "string", "minLength": 5}]}}}),
+            json!({"p": "hello"}),
+        ),
+    ];
+    for (what, v1, v2, witness) in cases {
+        assert!(
+            register(Compatibility::Backward, &[], &v1, &v2).is_err(),
+            "{what}: accepted as backward compatible"
+        );
+        breaks(&unchecked(&[], &[v1, v2]), 1, 2, &witness);
+    }
+    // Patterns that start apart do not meet: a new one beside an old one is compatible.
+    register(
+        Compatibility::Backward,
+        &[],
+        &closed(json!({}), json!({"^x-": {"type": "string"}})),
+        &closed(
+            json!({}),
+            json!({"^x-": {"type": "string"}, "^y-": {"type": "integer"}}),
+        ),
+    )
+    .expect("disjoint patterns");
+}
+
 #[test]
 fn contains_counts_are_compared() {
     let arr = |extra: Value| {
@@ -382,5 +571,66 @@ fn diff_reports_a_proposed_catalogue_whose_history_breaks_its_mode() {
             .diff(&to)
             .iter()
             .all(|c| c.severity == Severity::Compatible)
+    );
+}
+
+/// Loading a catalogue expands the references of every version for the compatibility
+/// check, and that expansion is bounded: a schema whose definitions each reference the
+/// previous one twice (2^24 objects expanded) loaded in about as many steps, and 5,000
+/// definitions in a chain overflowed the stack and aborted the process (outside review:
+/// a 1.9 KB file took 37 s and 2.2 GB). Both load, are checked against a second version,
+/// and validate as the validator reads them.
+#[test]
+fn catalogues_whose_references_expand_without_bound_load() {
+    // Local definitions, each referencing the one before twice.
+    let mut defs = serde_json::Map::new();
+    defs.insert("D0".to_owned(), json!({"type": "string"}));
+    for k in 1..=24 {
+        let previous = format!("#/$defs/D{}", k - 1);
+        defs.insert(
+            format!("D{k}"),
+            json!({"type": "object", "properties": {
+                "a": {"$ref": previous}, "b": {"$ref": previous}}}),
+        );
+    }
+    let dag = json!({"$defs": defs, "$ref": "#/$defs/D24"});
+    let mut b = Catalog::builder();
+    b.type_compatibility("e", Compatibility::Backward);
+    b.register_json("e", dag.clone()).unwrap();
+    b.register_json("e", dag).unwrap();
+    let c = b.freeze().unwrap();
+    assert!(c.validate_version("e", 2, &json!({"a": {"b": 1}})).is_err());
+
+    // Shared definitions in a chain.
+    let mut b = Catalog::builder();
+    b.define("D0", json!({"type": "string"})).unwrap();
+    for k in 1..=5_000 {
+        b.define(
+            &format!("D{k}"),
+            json!({"type": "object", "properties": {"a": {"$ref": format!("D{}.json", k - 1)}}}),
+        )
+        .unwrap();
+    }
+    let chain = json!({"$ref": "../definitions/D5000.json"});
+    b.register_json("e", chain.clone()).unwrap();
+    b.register_json("e", chain).unwrap();
+    let c = b.freeze().unwrap();
+    assert!(c.validate_version("e", 1, &json!({"a": 1})).is_err());
+    assert!(c.validate_version("e", 1, &json!({"a": {"a": {}}})).is_ok());
+}
+
+/// A catalogue whose latest version is the last `u32` has no next one: registering after it
+/// is an error, not an overflow (a panic in debug builds, version 0 in release; outside
+/// review).
+#[test]
+fn there_is_no_version_after_the_last() {
+    let mut b = Catalog::builder();
+    b.check_compatibility(false);
+    b.register_json("e", json!({"x-evbus-version": u32::MAX, "type": "object"}))
+        .unwrap();
+    let err = b.register_json("e", json!({"type": "string"})).unwrap_err();
+    assert!(
+        err.to_string().contains("no version after 4294967295"),
+        "{err}"
     );
 }

@@ -301,7 +301,16 @@ impl CatalogBuilder {
         if explicit.is_none() && existing.last().is_some_and(|p| p.schema == schema) {
             return Ok(self);
         }
-        let version = explicit.unwrap_or_else(|| latest.map_or(1, |v| v + 1));
+        let version = match (explicit, latest) {
+            (Some(v), _) => v,
+            (None, None) => 1,
+            (None, Some(v)) => v.checked_add(1).ok_or_else(|| {
+                SchemaError::new(
+                    SchemaErrorKind::InvalidSchema,
+                    format!("{what}: there is no version after {v}; number versions from 1"),
+                )
+            })?,
+        };
         if let Some(same) = existing.iter().find(|p| p.version == version) {
             if same.schema == schema {
                 return Ok(self);
@@ -312,7 +321,7 @@ impl CatalogBuilder {
                     "{what}: version {version} is already registered ({}) with a different \
                      schema; give the new schema \"{VERSION_KEYWORD}\": {}",
                     same.origin,
-                    latest.unwrap_or(version) + 1
+                    latest.unwrap_or(version).saturating_add(1)
                 ),
             ));
         }

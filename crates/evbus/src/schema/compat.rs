@@ -25,7 +25,11 @@
 //!   (`PROPERTY_REMOVED_FROM_CLOSED_CONTENT_MODEL`); with a partially open model, the property
 //!   must be covered by the model's schema. A new `patternProperties` pattern applies to the
 //!   declared properties it matches as well, and must accept the writer's values for them
-//!   (`PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY`). `unevaluatedProperties` counts as the content model
+//!   (`PATTERN_PROPERTY_ADDED_OVER_DECLARED_PROPERTY`), and the values of the writer's
+//!   patterns it may meet, unless both start with literal text that tells them apart (`^x-`,
+//!   `^y-`; `PATTERN_PROPERTY_ADDED_OVER_PATTERN_PROPERTY`). Patterns run as the validator runs
+//!   them (ECMA-262: lookaround and backreferences included); one that cannot be run is taken
+//!   to match. `unevaluatedProperties` counts as the content model
 //!   when there is no `additionalProperties` and nothing else in the object schema evaluates
 //!   properties once `allOf` and `$ref` are merged (the 2020-12 way to close an event built on
 //!   a shared definition: `{"$ref": "../definitions/Base.json", "properties": {…},
@@ -50,7 +54,15 @@
 //!   writer data must also be kept out of its other alternatives, or it would match two and be
 //!   refused (`ONE_OF_OVERLAP`): alternatives are told apart by their types, `const`/`enum`
 //!   values, or a required property whose schemas are told apart the same way; `allOf`
-//!   conjuncts are merged before comparing; `not`, `if`/`then`/`else` must keep their meaning.
+//!   conjuncts are merged before comparing, except where a keyword reads the keywords beside
+//!   it (`additionalProperties` its object's `properties`, `items` its `prefixItems`, `then`
+//!   its `if`, ...): those conjuncts are compared one by one; `not`, `if`/`then`/`else` must
+//!   keep their meaning.
+//! - **References.** `$ref`s are inlined before comparing (keywords beside a `$ref` are
+//!   constraints from 2019-09 on, and ignored in draft-07, as the validator reads them); a
+//!   recursive one, a `$dynamicRef` or `$recursiveRef`, and any past 100,000 inlined schema
+//!   objects or 64 references deep, is compared as the reference it is
+//!   (`REFERENCE_CHANGED`).
 //! - **Dialect.** A version written in another JSON Schema draft (`$schema`, 2020-12 when
 //!   absent) is refused (`DIALECT_CHANGED`): the same keywords mean other things.
 //! - **Unevaluated items.** `unevaluatedItems` added or changed is refused
@@ -343,6 +355,7 @@ const ASSERTIONS: &[&str] = &[
     "else",
     "$ref",
     "$dynamicRef",
+    "$recursiveRef",
 ];
 
 /// Whether a schema accepts every instance.
@@ -513,6 +526,51 @@ fn merge_shallow(base: &Map<String, Value>, alt: &Value) -> Map<String, Value> {
 
 /// Merges the `allOf` conjuncts of a schema into it where no keyword collides (`properties`
 /// and `required` always merge); the others stay under `allOf`.
+/// Keywords whose meaning depends on keywords beside them in the same schema object, with
+/// those keywords: `additionalProperties` covers only the names its own object's
+/// `properties` and `patternProperties` do not, `items` only the items after its own
+/// object's `prefixItems` (and `additionalItems` after an array `items`), `then` and `else`
+/// do nothing without their own object's `if`, `minContains` and `maxContains` count its
+/// `contains`.
+const SIBLING_SENSITIVE: &[(&str, &[&str])] = &[
+    ("additionalProperties", &["properties", "patternProperties"]),
+    ("items", &["prefixItems"]),
+    ("additionalItems", &["items"]),
+    ("then", &["if"]),
+    ("else", &["if"]),
+    ("minContains", &["contains"]),
+    ("maxContains", &["contains"]),
+];
+
+/// `unevaluatedProperties` and `unevaluatedItems` see what their own object and the
+/// subschemas it applies in place (`allOf`, `$ref`, ...) evaluated, but not what the object
+/// around them did.
+const UNEVALUATED: &[(&str, &[&str])] = &[
+    (
+        "unevaluatedProperties",
+        &["properties", "patternProperties", "additionalProperties"],
+    ),
+    ("unevaluatedItems", &["prefixItems", "items", "contains"]),
+];
+
+/// Whether `child`, a subschema that `parent` applies in place (one of its `allOf`, or the
+/// target of its `$ref`), can be written into `parent` without changing what either means:
+/// no keyword of one reads keywords of the other that it would not see apart. Merged,
+/// `{"properties": {"id": …}, "additionalProperties": false}` and `{"properties": {"note":
+/// …}}` would seem to allow `note`, which the first refuses; they stay separate conjuncts,
+/// compared one by one. (A parent's `unevaluatedProperties` does see its child's
+/// properties: that merge stands.)
+pub(crate) fn can_merge(parent: &Map<String, Value>, child: &Map<String, Value>) -> bool {
+    let reads = |x: &Map<String, Value>, y: &Map<String, Value>, rules: &[(&str, &[&str])]| {
+        rules.iter().any(|(keyword, depends)| {
+            x.contains_key(*keyword) && depends.iter().any(|d| y.contains_key(*d))
+        })
+    };
+    !reads(parent, child, SIBLING_SENSITIVE)
+        && !reads(child, parent, SIBLING_SENSITIVE)
+        && !reads(child, parent, UNEVALUATED)
+}
+
 fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
     let Some(Value::Array(conjuncts)) = m.get("allOf") else {
         return m.clone();
@@ -525,11 +583,12 @@ fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
                 let cm = flatten_all_of(cm);
                 // A keyword both sides have with the same value merges as itself (`$ref` to
                 // an object definition next to `"type": "object"`).
-                let mergeable = cm.iter().all(|(k, v)| {
-                    out.get(k).is_none_or(|o| o == v)
-                        || matches!(k.as_str(), "properties" | "required")
-                        || !ASSERTIONS.contains(&k.as_str())
-                });
+                let mergeable = can_merge(&out, &cm)
+                    && cm.iter().all(|(k, v)| {
+                        out.get(k).is_none_or(|o| o == v)
+                            || matches!(k.as_str(), "properties" | "required")
+                            || !ASSERTIONS.contains(&k.as_str())
+                    });
                 if mergeable {
                     out = merge_shallow(&out, &Value::Object(cm));
                 } else {
@@ -552,18 +611,22 @@ fn refs(
     path: &str,
     out: &mut Vec<Incompatibility>,
 ) {
-    let wr = w.get("$ref");
-    if let Some(rr) = r.get("$ref")
-        && wr != Some(rr)
-    {
-        out.push(Incompatibility::new(
-            &at(path, "$ref"),
-            "REFERENCE_CHANGED",
-            format!(
-                "the recursive reference {rr} of the reader does not match the writer's{}",
-                wr.map(|w| format!(" ({w})")).unwrap_or_default()
-            ),
-        ));
+    // A reference left after inlining (recursive, or dynamic: `$dynamicRef` in 2020-12,
+    // `$recursiveRef` in 2019-09) is compared as the reference it is.
+    for keyword in ["$ref", "$dynamicRef", "$recursiveRef"] {
+        let wr = w.get(keyword);
+        if let Some(rr) = r.get(keyword)
+            && wr != Some(rr)
+        {
+            out.push(Incompatibility::new(
+                &at(path, keyword),
+                "REFERENCE_CHANGED",
+                format!(
+                    "the recursive reference {rr} of the reader does not match the writer's{}",
+                    wr.map(|w| format!(" ({w})")).unwrap_or_default()
+                ),
+            ));
+        }
     }
 }
 
@@ -941,10 +1004,43 @@ fn mentions_properties(v: &Value) -> bool {
     }
 }
 
+/// Whether the ECMA-262 `pattern` of `patternProperties` matches `name`, with the regex
+/// engine the validator uses for what `regex` cannot run (lookaround, backreferences);
+/// `None` when neither compiles it (callers take the cautious side).
+fn pattern_matches(pattern: &str, name: &str) -> Option<bool> {
+    match regex::Regex::new(pattern) {
+        Ok(re) => Some(re.is_match(name)),
+        Err(_) => fancy_regex::Regex::new(pattern)
+            .ok()
+            .and_then(|re| re.is_match(name).ok()),
+    }
+}
+
+/// Whether no name can match both patterns, as far as their anchored literal starts show
+/// (`^x-` and `^y-`); `false` when that cannot be told.
+fn patterns_disjoint(a: &str, b: &str) -> bool {
+    // The literal text after `^`, up to the first character with a meaning in a regex.
+    let start = |p: &str| -> Option<String> {
+        // An alternation may match anywhere.
+        let rest = p.strip_prefix('^').filter(|_| !p.contains('|'))?;
+        let plain = |c: &char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '/');
+        let mut literal: String = rest.chars().take_while(plain).collect();
+        // A quantifier after it may leave its last character out.
+        if rest[literal.len()..].starts_with(['?', '*', '{']) {
+            literal.pop();
+        }
+        Some(literal)
+    };
+    match (start(a), start(b)) {
+        (Some(x), Some(y)) => !x.starts_with(&y) && !y.starts_with(&x),
+        _ => false,
+    }
+}
+
 fn cover<'a>(m: &'a Map<String, Value>, name: &str) -> Cover<'a> {
     if let Some(pp) = m.get("patternProperties").and_then(Value::as_object) {
         for (pattern, s) in pp {
-            if regex::Regex::new(pattern).is_ok_and(|re| re.is_match(name)) {
+            if pattern_matches(pattern, name) != Some(false) {
                 return Cover::Schema(s);
             }
         }
@@ -1138,12 +1234,33 @@ fn objects(
             if let Some(ws) = w_ap.filter(|s| !accepts_nothing(s) && !accepts_anything(s)) {
                 compare(ws, rs, &p, depth + 1, out);
             }
+            // The names the writer's other patterns let through, where its model is closed:
+            // a new pattern that may match them must accept what those patterns accepted.
+            if !w_open {
+                for (wpat, ws) in wpp.iter().filter(|(wpat, _)| !patterns_disjoint(wpat, pat)) {
+                    let mut sub = Vec::new();
+                    compare(ws, rs, &p, depth + 1, &mut sub);
+                    if !sub.is_empty() {
+                        out.push(Incompatibility::new(
+                            &p,
+                            "PATTERN_PROPERTY_ADDED_OVER_PATTERN_PROPERTY",
+                            format!(
+                                "the reader's new pattern {pat:?} may match names of the \
+                                 writer's pattern {wpat:?} too, and refuses values the writer \
+                                 allowed there: {}",
+                                summary(&sub)
+                            ),
+                        ));
+                    }
+                }
+            }
             // A pattern applies to the declared properties it matches too, on top of their
             // own schemas: a new one must accept what the writer declared under such names.
-            let Ok(re) = regex::Regex::new(pat) else {
-                continue;
-            };
-            for (name, ws) in wp.iter().filter(|(name, _)| re.is_match(name)) {
+            // A pattern this check cannot run is taken to match them.
+            for (name, ws) in wp
+                .iter()
+                .filter(|(name, _)| pattern_matches(pat, name) != Some(false))
+            {
                 let mut sub = Vec::new();
                 compare(ws, rs, &p, depth + 1, &mut sub);
                 if !sub.is_empty() {
@@ -1591,7 +1708,12 @@ fn one_of_overlap(
     r_alts: &[Value],
     fits: usize,
 ) -> Option<usize> {
-    let w_one_of = w.get("oneOf").and_then(Value::as_array);
+    // Index `i` counts the writer's alternatives as `alternatives` gives them: its `oneOf`
+    // only when it has no `anyOf` beside it. Otherwise nothing is known to be exclusive.
+    let w_one_of = w
+        .get("oneOf")
+        .and_then(Value::as_array)
+        .filter(|_| !w.contains_key("anyOf"));
     let fit = Value::Object(merge_shallow(r_base, &r_alts[fits]));
     (0..r_alts.len()).find(|&k| {
         if k == fits {

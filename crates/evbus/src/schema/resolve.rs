@@ -481,15 +481,55 @@ pub(crate) fn check_cycles(
 /// Replaces every reference of a canonical event document by its target, for comparing
 /// schemas. A reference back into a schema being expanded (a recursive type) stays a `$ref`
 /// in absolute form. `$defs`/`definitions` are dropped (their content is inlined where used).
+///
+/// The expansion is bounded: a reference is kept (in absolute form, as a recursive one)
+/// once [`INLINE_BUDGET`] schema objects were expanded from references, or beyond
+/// [`INLINE_DEPTH`] references inside one another. Each definition referenced twice by the
+/// next doubles the expansion: a 1.9 KB file expanded to 2.2 GB in 37 s, and a chain of
+/// 5,000 definitions overflowed the stack (outside review); the validator reads such
+/// schemas lazily and never meets either. A reference kept is compared as a reference:
+/// the same one on both sides is taken as unchanged.
 pub(crate) fn inline(event: &Value, docs: &Docs<'_>) -> Value {
     let mut stack = Vec::new();
-    let mut inlined = inline_in(event, &DocKey::Event, "", event, docs, &mut stack);
+    let mut budget = INLINE_BUDGET;
+    let mut inlined = inline_in(
+        event,
+        &DocKey::Event,
+        "",
+        event,
+        docs,
+        &mut stack,
+        &mut budget,
+    );
     // The root keeps its dialect: the same keywords mean other things in another draft, and
     // the comparison must see a change of it.
     if let (Some(dialect), Value::Object(root)) = (event.get("$schema"), &mut inlined) {
         root.insert("$schema".to_owned(), dialect.clone());
     }
     inlined
+}
+
+/// Whether the document `root` is draft-07: by its own `$schema`, else by the event's (a
+/// definition without one is read in the dialect of the event that references it).
+fn is_draft_07(root: &Value, event: &Value) -> bool {
+    root.get("$schema")
+        .or_else(|| event.get("$schema"))
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.contains("json-schema.org/draft-07"))
+}
+
+/// The most schema objects [`inline`] expands from references, for one event schema.
+const INLINE_BUDGET: usize = 100_000;
+/// The most references [`inline`] follows inside one another.
+const INLINE_DEPTH: usize = 64;
+
+/// The number of schema objects in `v` (objects, counted through arrays too).
+fn objects_in(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(objects_in).sum::<usize>(),
+        Value::Array(a) => a.iter().map(objects_in).sum(),
+        _ => 0,
+    }
 }
 
 const ANNOTATIONS: &[&str] = &[
@@ -510,6 +550,7 @@ fn inline_in(
     event: &Value,
     docs: &Docs<'_>,
     stack: &mut Vec<(DocKey, String)>,
+    budget: &mut usize,
 ) -> Value {
     let Some(obj) = v.as_object() else {
         return v.clone();
@@ -520,34 +561,58 @@ fn inline_in(
         && let Some((key, ptr)) = target_of(r, doc)
     {
         let node = (key.clone(), ptr.clone());
-        if stack.contains(&node) {
+        let target_doc = docs.get(&key, event).and_then(|d| d.pointer(&ptr));
+        let size = target_doc.map_or(0, objects_in);
+        let recursive = stack.contains(&node);
+        let spent = !recursive && (size > *budget || stack.len() >= INLINE_DEPTH);
+        if !recursive && !spent {
+            *budget -= size;
+        }
+        if recursive || spent {
             let abs = match &key {
                 DocKey::Event => format!("#{ptr}"),
                 DocKey::Def(n) => format!("{}#{ptr}", definition_uri(n)),
             };
             out.insert("$ref".to_owned(), Value::String(abs));
-        } else if let Some(t) = docs.get(&key, event).and_then(|d| d.pointer(&ptr)) {
+        } else if let Some(t) = target_doc {
             stack.push(node);
-            target = Some(inline_in(t, &key, &ptr, event, docs, stack));
+            target = Some(inline_in(t, &key, &ptr, event, docs, stack, budget));
             stack.pop();
         }
     }
+    // Draft-07 ignores the keywords beside a `$ref`, and so does the validator: kept, they
+    // would make the schema look narrower than what it accepts.
+    let ignored_beside_ref =
+        obj.contains_key("$ref") && is_draft_07(docs.get(doc, event).unwrap_or(event), event);
     for (k, sub) in obj {
         if k == "$ref" || k == "$defs" || k == "definitions" || k == "$schema" || k == "$id" {
+            continue;
+        }
+        if ignored_beside_ref && !ANNOTATIONS.contains(&k.as_str()) {
             continue;
         }
         out.insert(k.clone(), sub.clone());
     }
     map_children(&mut out, &mut |suffix: &str, child: &mut Value| {
-        *child = inline_in(child, doc, &format!("{at}{suffix}"), event, docs, stack);
+        *child = inline_in(
+            child,
+            doc,
+            &format!("{at}{suffix}"),
+            event,
+            docs,
+            stack,
+            budget,
+        );
     });
     match target {
         None => Value::Object(out),
         Some(Value::Object(mut t)) => {
-            // Merge the siblings of `$ref` into its target when they do not collide.
+            // Merge the siblings of `$ref` into its target when they do not collide, nor read
+            // each other (a closed target next to sibling `properties`: see `can_merge`).
+            let apart = !super::compat::can_merge(&out, &t);
             let mut rest = Map::new();
             for (k, v) in out {
-                if !t.contains_key(&k) || ANNOTATIONS.contains(&k.as_str()) {
+                if (!t.contains_key(&k) && !apart) || ANNOTATIONS.contains(&k.as_str()) {
                     t.insert(k, v);
                 } else {
                     rest.insert(k, v);
