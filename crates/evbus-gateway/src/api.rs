@@ -63,6 +63,16 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .with_state(state)
 }
 
+/// The token of an `Authorization: Bearer <token>` header value. The scheme is matched
+/// without regard to case (RFC 9110, section 11.1: `bearer` is `Bearer`).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Authenticates `Authorization: Bearer <key>` and applies the per-key rate limit.
 async fn authenticate(
     AxState(state): AxState<Arc<State>>,
@@ -73,8 +83,7 @@ async fn authenticate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(presented) = presented else {
         return Problem::unauthorized().into_response();
     };
@@ -243,20 +252,42 @@ async fn publish(
 /// `Retry-After`, and nothing of the body is decoded. A refused body with a
 /// `Content-Length` is read and dropped (at most `max_body_bytes`, no parsing), so the client
 /// gets the answer rather than a reset connection; unless the client waits for
-/// `100 Continue`, in which case it never sends it. A body over `max_body_bytes` is left to
-/// the body limit (413) and charged nothing.
+/// `100 Continue`, in which case it never sends it. A body over `max_body_bytes` is charged
+/// nothing and answered 413: one that says so in its `Content-Length` is read and dropped
+/// first, up to [`OVERSIZED_DRAIN_FACTOR`] times the limit, so that a client still writing
+/// it reads the 413 instead of a reset connection (Node's `fetch` lost the answer, reported
+/// the gateway unreachable and retried the upload); a larger one is answered and closed.
 async fn charged_body(
     state: &State,
     key: &KeyRecord,
     request: Request,
 ) -> Result<(HeaderMap, Bytes), Response> {
     let max = state.config.max_body_bytes;
-    let declared = request
+    let length = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n <= max);
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(n) = length.filter(|n| *n > max) {
+        let waits_for_continue = request
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits_for_continue && n <= max.saturating_mul(OVERSIZED_DRAIN_FACTOR) {
+            // As long as a request's headers may take, at most: a slow sender is cut off.
+            let _ = tokio::time::timeout(
+                state.config.header_read_timeout,
+                drop_body(request.into_body(), n),
+            )
+            .await;
+        }
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is too large: at most {max} bytes (max_body_bytes)"),
+        )
+        .into_response());
+    }
+    let declared = length;
     let mut charged = 0;
     if let Some(n) = declared {
         if let Err(wait) = state.publish_bytes.take(key, n) {
@@ -283,6 +314,10 @@ async fn charged_body(
     }
     Ok((headers, body))
 }
+
+/// How many times `max_body_bytes` a body that declares itself over the limit may be, and
+/// still be read (and dropped) before its 413 is answered.
+const OVERSIZED_DRAIN_FACTOR: usize = 16;
 
 /// Reads and drops up to `at_most` bytes of a body, decoding nothing.
 async fn drop_body(body: axum::body::Body, at_most: usize) {
@@ -391,20 +426,35 @@ async fn publish_event(
     // Events are unique per (source, id): an identical re-post is idempotent (answered 202
     // again, sent once), a different event under the same source and id is refused, never
     // dropped silently later as a "redelivery".
-    match state
-        .store
-        .claim_publish(event.source(), event.id(), &fingerprint, State::now())
-        .await?
-    {
-        PublishClaim::New | PublishClaim::Unsent => {}
-        PublishClaim::Sent => {
-            return Ok((StatusCode::ACCEPTED, Json(json!({"id": event.id()}))).into_response());
-        }
-        PublishClaim::Conflict => {
-            return Err(Problem::new(
-                StatusCode::CONFLICT,
-                "an event with this source and id was already accepted with different content; give every event a new id (unique per source)",
-            ));
+    // An identical post being sent by another request (a client's retry overlapping its
+    // first attempt) is waited for a moment: it is answered as that one ends.
+    let waiting_since = tokio::time::Instant::now();
+    loop {
+        match state
+            .store
+            .claim_publish(event.source(), event.id(), &fingerprint, State::now())
+            .await?
+        {
+            PublishClaim::New | PublishClaim::Unsent => break,
+            PublishClaim::Sent => {
+                return Ok((StatusCode::ACCEPTED, Json(json!({"id": event.id()}))).into_response());
+            }
+            PublishClaim::InFlight if waiting_since.elapsed() < IN_FLIGHT_WAIT => {
+                tokio::time::sleep(IN_FLIGHT_POLL).await;
+            }
+            PublishClaim::InFlight => {
+                return Err(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "an identical event (same source and id) is being sent by another request; retry to learn whether it was accepted",
+                )
+                .retry_after(1));
+            }
+            PublishClaim::Conflict => {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "an event with this source and id was already accepted with different content; give every event a new id (unique per source)",
+                ));
+            }
         }
     }
     let sent = state.bus.send(emit).await;
@@ -433,6 +483,12 @@ async fn publish_event(
         .increment(1);
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
 }
+
+/// How long `POST /v1/events` waits for an identical post that another request is sending
+/// before it answers 503 (with `Retry-After`).
+const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often it looks whether that post has ended.
+const IN_FLIGHT_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Longest accepted event `id`.
 const MAX_ID_LEN: usize = 256;
@@ -857,4 +913,25 @@ async fn update_webhook(
         state.dispatch.notify_one();
     }
     webhooks::get(AxState(state), Extension(key), Path(id)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        for value in ["Bearer evb_a_b", "bearer evb_a_b", "BEARER  evb_a_b "] {
+            assert_eq!(bearer_token(value), Some("evb_a_b"), "{value}");
+        }
+        for value in [
+            "Basic evb_a_b",
+            "Bearer",
+            "Bearer ",
+            "Bearerevb_a_b",
+            "evb_a_b",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 }

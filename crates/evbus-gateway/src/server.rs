@@ -17,6 +17,14 @@
 //! as usual, anything else `503` with `Retry-After`) and closed, with a short header timeout.
 //! When the spare slots are taken too, the connection is closed at once.
 //!
+//! A peer that vanishes without closing (NAT or firewall state lost, a mobile network
+//! change) is noticed by the kernel: what the gateway wrote and the peer never acknowledged
+//! ends the connection after [`UNACKNOWLEDGED_LIMIT`] (`TCP_USER_TIMEOUT`, Linux), and an
+//! idle connection is probed (TCP keepalive). A stream's keep-alive comments are a few bytes
+//! that the send buffer takes without a stall: without this, each dead stream held its
+//! key's stream slot until TCP gave up retransmitting (about 15 minutes), and the key's
+//! reconnects were refused with 429 meanwhile (outside review).
+//!
 //! Connections are also counted per client address (an IPv6 address by its /64 network,
 //! which one host commonly holds whole): one above
 //! [`GatewayConfig::max_connections_per_address`](crate::GatewayConfig) is treated like one
@@ -89,6 +97,7 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        dead_peers_end(&stream);
         let admitted = match Addresses::enter(&addresses, peer) {
             None => Err(OVER_ADDRESS_LIMIT),
             Some(address) => match Arc::clone(&slots).try_acquire_owned() {
@@ -344,6 +353,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
     }
 }
 
+/// How long data the gateway wrote may stay unacknowledged by the peer before the kernel
+/// ends the connection (`TCP_USER_TIMEOUT`): a stream writes a keep-alive comment every
+/// `stream_keepalive` (15 s by default), so a dead peer is found within about a minute.
+pub(crate) const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(45);
+
+/// Lets the kernel end the connection of a peer that vanished (see the module's header):
+/// `TCP_USER_TIMEOUT` where the platform has it, and keepalive probes after a minute idle.
+/// Best effort: a socket that refuses either is served as before.
+fn dead_peers_end(stream: &tokio::net::TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    let _ = socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +399,25 @@ mod tests {
         let third = Addresses::enter(&addresses, peer).unwrap();
         drop((second, third));
         assert!(addresses.open.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_end_when_their_peer_vanishes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        dead_peers_end(&stream);
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(UNACKNOWLEDGED_LIMIT)
+        );
     }
 }

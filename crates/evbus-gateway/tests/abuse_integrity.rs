@@ -211,6 +211,63 @@ async fn an_id_reused_by_another_source_is_delivered_and_a_conflicting_repost_ge
     );
 }
 
+/// Identical posts that overlap (a client's retry while its first attempt is still being
+/// sent: the client retries connection failures, 408 and 5xx) are sent to the bus once, and
+/// each is answered 202. The claim was not exclusive: every identical post that arrived
+/// before the first one settled sent the event again (an outside review counted 4 copies of
+/// 5 posts at once in the transport; consumers of the bus got them all).
+#[tokio::test]
+async fn identical_posts_at_once_are_sent_to_the_bus_once() {
+    use evbus::layer::{Fault, Faults, LayerExt};
+    use evbus::{SubscribeOptions, Transport};
+    let broker = evbus::memory::MemoryBroker::new(Default::default());
+    // Every publish takes a while: the posts overlap the first one's send.
+    let slow = Faults::seeded(7).inject(Fault::DelayPublish(Duration::from_millis(300)), 1.0);
+    let h = Harness::with(
+        std::sync::Arc::new(broker.connect().layer(slow)),
+        test_config(),
+    )
+    .await;
+    let orders = h.key(&[], &[ORDERS]).await;
+    let watcher = broker.connect();
+    let mut sub = watcher
+        .topic(ORDERS)
+        .await
+        .unwrap()
+        .subscribe(SubscribeOptions::anonymous())
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..3).map(|round| format!("evt-race-{round}")).collect();
+    for id in &ids {
+        let posts = futures::future::join_all(
+            (0..5).map(|_| post_event(&h, &orders, event(id, "/shop", ORDERS, order_created()))),
+        )
+        .await;
+        for (s, text) in posts {
+            assert_eq!(s, StatusCode::ACCEPTED, "{text}");
+        }
+    }
+    let marker = "evt-race-end";
+    let (s, text) = post_event(&h, &orders, event(marker, "/shop", ORDERS, order_created())).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{text}");
+    let mut seen = Vec::new();
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+            .await
+            .expect("the marker within 10 s")
+            .expect("open")
+            .unwrap();
+        let id = delivery.event().id().to_owned();
+        delivery.ack().await.unwrap();
+        if id == marker {
+            break;
+        }
+        seen.push(id);
+    }
+    seen.sort();
+    assert_eq!(seen, ids, "each posted event sent to the bus once");
+}
+
 /// Found by an outsider review: the idempotency answer was an oracle. A key that may publish
 /// a type posted guesses under another tenant's (`source`, `id`): 202 for the exact data
 /// (curation included, so a redacted field it cannot read), 409 otherwise. Only the key that

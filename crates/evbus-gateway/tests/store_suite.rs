@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use evbus_gateway::store::{
-    Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PublishClaim, ReplayBudget,
-    ReplayLimits, Revocation, Signal, Store,
+    Attempt, Delivery, DeliveryOutcome, Ingested, NewEvent, PUBLISH_CLAIM_LEASE, PublishClaim,
+    ReplayBudget, ReplayLimits, Revocation, Signal, Store,
 };
 use evbus_gateway::{
     KeyRecord, PostgresStore, RateLimit, SecretsKey, SqliteStore, WebhookChange, WebhookRecord,
@@ -393,13 +393,24 @@ async fn ingest_dedup_and_conflict(f: &Fixture) {
         s.claim_publish("/p", "1", "fa", t).await.unwrap(),
         PublishClaim::New
     );
+    // Identical, while the first claim is young: another request is sending it.
     assert_eq!(
         s.claim_publish("/p", "1", "fa", t).await.unwrap(),
-        PublishClaim::Unsent
+        PublishClaim::InFlight
     );
     assert_eq!(
         s.claim_publish("/p", "1", "fb", t).await.unwrap(),
         PublishClaim::Conflict
+    );
+    // A claim never settled is taken over once its lease is past, by one caller.
+    let later = t + Duration::from_std(PUBLISH_CLAIM_LEASE).unwrap() + Duration::seconds(1);
+    assert_eq!(
+        s.claim_publish("/p", "1", "fa", later).await.unwrap(),
+        PublishClaim::Unsent
+    );
+    assert_eq!(
+        f.other.claim_publish("/p", "1", "fa", later).await.unwrap(),
+        PublishClaim::InFlight
     );
     s.settle_publish("/p", "1", true).await.unwrap();
     assert_eq!(
@@ -421,7 +432,8 @@ async fn ingest_dedup_and_conflict(f: &Fixture) {
 /// its own answer, a failing one does not take the others with it, and all are kept.
 async fn concurrent_writes_get_their_own_answers(f: &Fixture) {
     let t = now();
-    // 10 ids, each claimed 5 times at once: exactly one claim per id is new.
+    // 10 ids, each claimed 5 times at once: exactly one claim per id is new, and the others
+    // are told it is being sent (none sends it again).
     let claims = futures::future::join_all((0..50).map(|i| {
         let s = Arc::clone(&f.store);
         async move {
@@ -443,7 +455,9 @@ async fn concurrent_writes_get_their_own_answers(f: &Fixture) {
             "{id}: {mine:?}"
         );
         assert_eq!(
-            mine.iter().filter(|k| **k == PublishClaim::Unsent).count(),
+            mine.iter()
+                .filter(|k| **k == PublishClaim::InFlight)
+                .count(),
             4,
             "{id}: {mine:?}"
         );
@@ -494,7 +508,7 @@ async fn concurrent_writes_get_their_own_answers(f: &Fixture) {
                 .claim_publish("/many", &format!("c{i}"), "f", t)
                 .await
                 .unwrap(),
-            PublishClaim::Unsent
+            PublishClaim::InFlight
         );
     }
     for seq in seqs {

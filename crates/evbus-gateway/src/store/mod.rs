@@ -274,11 +274,21 @@ pub enum PublishClaim {
     New,
     /// Already accepted with the same content and sent to the bus.
     Sent,
-    /// Already recorded with the same content but not (yet) sent.
+    /// Already recorded with the same content, not sent, and claimed more than
+    /// [`PUBLISH_CLAIM_LEASE`] ago (the request that claimed it failed without settling, or
+    /// is hung): the claim is now this caller's, to send.
     Unsent,
+    /// Already recorded with the same content and claimed less than [`PUBLISH_CLAIM_LEASE`]
+    /// ago by another request, which is sending it: not this caller's to send.
+    InFlight,
     /// Already accepted with different content.
     Conflict,
 }
+
+/// How long a claim of [`Store::claim_publish`] is its request's alone: an identical post
+/// meanwhile is told [`PublishClaim::InFlight`] instead of sending the event a second time.
+/// Past it, a claim never settled (its request died, or its send hangs) is taken over.
+pub const PUBLISH_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A delivery claimed for an attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -700,8 +710,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// otherwise (nothing is logged; the caller reports it).
     async fn ingest(&self, event: &NewEvent<'_>) -> StoreResult<Ingested>;
     /// Records that `POST /v1/events` accepts the event (`source`, `id`) with content
-    /// `fingerprint`, unless that pair is already recorded: then says whether the recorded
-    /// content is the same (and whether it reached the bus) or different.
+    /// `fingerprint`, claimed at `at`, unless that pair is already recorded: then says
+    /// whether the recorded content is the same (and whether it reached the bus, or another
+    /// request is sending it) or different. Atomic: of identical posts at once, one is told
+    /// [`New`](PublishClaim::New) and the others [`InFlight`](PublishClaim::InFlight); an
+    /// unsent claim older than [`PUBLISH_CLAIM_LEASE`] is taken over by one of them
+    /// ([`Unsent`](PublishClaim::Unsent), its claim time moved to `at`).
     async fn claim_publish(
         &self,
         source: &str,
@@ -857,6 +871,11 @@ pub(crate) const DELETED_WEBHOOKS_BUDGET: &str = "deleted-webhooks:";
 
 pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
+}
+
+/// [`PUBLISH_CLAIM_LEASE`] in milliseconds, as claim times are stored.
+pub(crate) fn lease_ms() -> i64 {
+    i64::try_from(PUBLISH_CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A stored time (Unix milliseconds) back; the epoch if out of range.

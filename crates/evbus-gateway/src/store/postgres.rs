@@ -29,8 +29,8 @@ use super::sealing::{self, SecretsKey};
 use super::{
     ATTEMPT_TRIM_EVERY, Attempt, DELETED_WEBHOOKS_BUDGET, Delivery, DeliveryOutcome, Ingested,
     KeyRecord, NewEvent, PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation,
-    Signal, Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms,
-    opt_time, time,
+    Signal, Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut,
+    lease_ms, ms, opt_time, time,
 };
 
 /// The schema of the gateway's tables when the URL names none.
@@ -850,18 +850,28 @@ impl Store for PostgresStore {
         let claim = if inserted.rows_affected() > 0 {
             PublishClaim::New
         } else {
+            // Locked: of identical posts at once, one takes an expired claim over.
             let row = sqlx::query(
-                "SELECT fingerprint, sent FROM published WHERE source = $1 AND id = $2",
+                "SELECT fingerprint, sent, received_at FROM published WHERE source = $1 AND id = $2 FOR UPDATE",
             )
             .bind(text(source))
             .bind(text(id))
             .fetch_one(&mut *tx)
             .await?;
+            let claimed: i64 = row.get("received_at");
             if row.get::<String, _>("fingerprint") != fingerprint {
                 PublishClaim::Conflict
             } else if row.get::<bool, _>("sent") {
                 PublishClaim::Sent
+            } else if ms(at) - claimed < lease_ms() {
+                PublishClaim::InFlight
             } else {
+                sqlx::query("UPDATE published SET received_at = $3 WHERE source = $1 AND id = $2")
+                    .bind(text(source))
+                    .bind(text(id))
+                    .bind(ms(at))
+                    .execute(&mut *tx)
+                    .await?;
                 PublishClaim::Unsent
             }
         };

@@ -16,8 +16,8 @@ use super::sealing::{self, SecretsKey};
 use super::{
     ATTEMPT_TRIM_EVERY, Attempt, DELETED_WEBHOOKS_BUDGET, Delivery, DeliveryOutcome, Ingested,
     KeyRecord, NewEvent, PublishClaim, RateLimit, ReplayLimits, ReplayUse, Replayed, Revocation,
-    Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, ms, opt_time,
-    time,
+    Store, StoreError, StoreResult, StoredEvent, WebhookChange, WebhookRecord, cut, lease_ms, ms,
+    opt_time, time,
 };
 
 /// Gateway state in one SQLite file (`<data dir>/gateway.sqlite3`).
@@ -685,18 +685,35 @@ impl Store for SqliteStore {
                         return Ok(PublishClaim::New);
                     }
                     let row = sqlx::query(
-                        "SELECT fingerprint, sent FROM published WHERE source = ? AND id = ?",
+                        "SELECT fingerprint, sent, received_at FROM published WHERE source = ? AND id = ?",
                     )
                     .bind(source)
                     .bind(id)
                     .fetch_one(&mut *conn)
                     .await?;
-                    Ok(if row.get::<String, _>("fingerprint") != *fingerprint {
-                        PublishClaim::Conflict
-                    } else if row.get::<i64, _>("sent") != 0 {
-                        PublishClaim::Sent
-                    } else {
+                    if row.get::<String, _>("fingerprint") != *fingerprint {
+                        return Ok(PublishClaim::Conflict);
+                    }
+                    if row.get::<i64, _>("sent") != 0 {
+                        return Ok(PublishClaim::Sent);
+                    }
+                    let claimed: i64 = row.get("received_at");
+                    if *at - claimed < lease_ms() {
+                        return Ok(PublishClaim::InFlight);
+                    }
+                    let taken = sqlx::query(
+                        "UPDATE published SET received_at = ? WHERE source = ? AND id = ? AND sent = 0 AND received_at = ?",
+                    )
+                    .bind(*at)
+                    .bind(source)
+                    .bind(id)
+                    .bind(claimed)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(if taken.rows_affected() == 1 {
                         PublishClaim::Unsent
+                    } else {
+                        PublishClaim::InFlight
                     })
                 })
             })
