@@ -24,6 +24,9 @@ import type {
 } from "./management.js";
 import { SseParser } from "./sse.js";
 
+/** A value sent as a header token (a stream id, an API key): visible ASCII characters. */
+const HEADER_TOKEN = /^[\x21-\x7e]+$/;
+
 /** How to reach the gateway. */
 export interface ClientOptions {
   /**
@@ -229,7 +232,12 @@ export class EvbusClient {
     if (this.#base.protocol !== "http:" && this.#base.protocol !== "https:") {
       throw new EvbusError(`the gateway URL must be http(s), not ${this.#base.protocol}`);
     }
+    if (this.#base.username !== "" || this.#base.password !== "") {
+      // fetch refuses such URLs on every request; the key goes in `apiKey`.
+      throw new EvbusError("the gateway URL must not hold credentials (user:password@); pass the API key as apiKey");
+    }
     if (!options.apiKey) throw new EvbusError("an API key is required (apiKey)");
+    if (!HEADER_TOKEN.test(options.apiKey)) throw new EvbusError("the API key must be visible ASCII characters");
     this.#apiKey = options.apiKey;
     this.#source = options.source;
     this.#fetch = options.fetch ?? globalThis.fetch;
@@ -534,7 +542,14 @@ export class EvbusClient {
       };
       try {
         const headers: Record<string, string> = { authorization: `Bearer ${this.#apiKey}`, accept: "text/event-stream" };
-        if (sub.lastEventId !== undefined) headers["last-event-id"] = sub.lastEventId;
+        if (sub.lastEventId !== undefined) {
+          // A corrupted saved cursor cannot be a header value: fetch would refuse it before
+          // sending anything, on every reconnect, for ever. It is refused once instead.
+          if (!HEADER_TOKEN.test(sub.lastEventId)) {
+            throw new EvbusError("subscribe: `lastEventId` is not a stream id (visible ASCII characters); subscribe without it");
+          }
+          headers["last-event-id"] = sub.lastEventId;
+        }
         let response: Response;
         armIdle();
         try {
@@ -579,7 +594,11 @@ export class EvbusClient {
               if (message.lastEventId !== "") sub.lastEventId = message.lastEventId;
               // The consumer's time is not the connection's silence.
               clearTimeout(idle);
+              // Stopped (the signal, `close()`) while handling the previous event: nothing
+              // more of this chunk is handed over.
+              if (signal.aborted) return;
               yield event;
+              if (signal.aborted) return;
               armIdle();
             }
             // An `id` without data (a position, no event) moves the position too, as the
@@ -642,7 +661,13 @@ export class Subscription<E> implements AsyncIterable<E> {
     this.#run = run;
     if (signal !== undefined) {
       if (signal.aborted) this.#controller.abort(signal.reason);
-      else signal.addEventListener("abort", () => this.#controller.abort(signal.reason), { once: true });
+      // Detached once the subscription ends (its own controller aborted): a caller's
+      // long-lived signal does not collect a listener per subscription.
+      else
+        signal.addEventListener("abort", () => this.#controller.abort(signal.reason), {
+          once: true,
+          signal: this.#controller.signal,
+        });
     }
   }
 
@@ -654,9 +679,21 @@ export class Subscription<E> implements AsyncIterable<E> {
   [Symbol.asyncIterator](): AsyncGenerator<E, void, undefined> {
     if (this.#iterating) throw new EvbusError("a subscription can be iterated once; subscribe again for another iterator");
     this.#iterating = true;
-    const generator = this.#run(this, this.#controller.signal);
     const controller = this.#controller;
-    // Leaving a `for await` loop (break, throw) closes the connection.
+    const run = this.#run(this, controller.signal);
+    // However the iteration ends (the stream gave up, an error, `break`, `close()`), the
+    // subscription's controller is aborted: the connection closes and the listener on the
+    // caller's signal goes.
+    async function* iterate(): AsyncGenerator<E, void, undefined> {
+      try {
+        yield* run;
+      } finally {
+        controller.abort();
+      }
+    }
+    const generator = iterate();
+    // Leaving a `for await` loop (break, throw) closes the connection at once, even while
+    // the stream waits for the next event.
     const inner = generator.return.bind(generator);
     generator.return = (value) => {
       controller.abort();

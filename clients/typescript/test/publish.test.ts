@@ -105,6 +105,21 @@ describe("publish", () => {
     assert.equal(error.title, "Conflict");
   });
 
+  test("413: an event far over the gateway's body limit, not a connection error, and not retried", async () => {
+    // 8 MiB against the default 1 MiB: the gateway answered before reading the body and
+    // closed the connection under the upload, which fetch reported as `write EPIPE` (a
+    // ConnectionError, retried with `retry`) instead of the 413 (outside review).
+    let retries = 0;
+    const big = { ...orderCreated(8), padding: "x".repeat(8 * 1024 * 1024) };
+    const error = await client
+      .publish({ type: "afterOrderCreate", data: big as ReturnType<typeof orderCreated> }, { retry: { attempts: 3, baseDelayMs: 1, onRetry: () => retries++ } })
+      .catch((e: unknown) => e);
+    assert.ok(error instanceof GatewayError, String(error));
+    assert.equal(error.status, 413);
+    assert.match(error.detail, /max_body_bytes/);
+    assert.equal(retries, 0);
+  });
+
   test("403: a type outside the key's publish scope; 401: an unknown key", async () => {
     const error = await client
       .publish({ type: "afterOrderUpdate", data: { order: orderCreated(8).order, updatedBy: "u" } })

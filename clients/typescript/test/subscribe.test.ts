@@ -3,10 +3,11 @@
 // the answers that end a subscription.
 
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
-import { EvbusClient, GatewayError, type DeliveredEvent } from "../src/index.js";
+import { ConnectionError, EvbusClient, EvbusError, GatewayError, type DeliveredEvent } from "../src/index.js";
 import { assertEveryOnce, CuttableProxy, deferred, orderCreated, startGateway, uniqueId, waitFor, type Gateway } from "./helpers.js";
 
 describe("subscribe", () => {
@@ -307,5 +308,112 @@ describe("subscribe: the stream position of an id without data", () => {
       server.closeAllConnections();
       await new Promise((r) => server.close(r));
     }
+  });
+});
+
+describe("subscribe: stopping and bad input (outside review)", () => {
+  /** A stand-in gateway that sends `events` in one write on every stream, then stays open. */
+  async function standIn(events: string[]) {
+    let streams = 0;
+    const server = createServer((_req, res) => {
+      streams++;
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      res.write(
+        events
+          .map((id, i) => {
+            const event = { specversion: "1.0", id, source: "/s", type: "afterOrderCreate", data: orderCreated(i) };
+            return `id: p-${id}\nevent: afterOrderCreate\ndata: ${JSON.stringify(event)}\n\n`;
+          })
+          .join(""),
+      );
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const address = server.address();
+    assert.ok(address !== null && typeof address === "object");
+    return {
+      url: `http://127.0.0.1:${address.port}`,
+      streams: () => streams,
+      stop: async () => {
+        server.closeAllConnections();
+        await new Promise((r) => server.close(r));
+      },
+    };
+  }
+
+  test("after an abort, nothing more of the chunk being read is handed over", async () => {
+    // Five events in one write: the consumer stops while handling the first. Before, the
+    // loop handed over the other four.
+    const gateway = await standIn(["e1", "e2", "e3", "e4", "e5"]);
+    try {
+      const stop = new AbortController();
+      const sub = new EvbusClient({ url: gateway.url, apiKey: "evb_test_test" }).subscribe({ signal: stop.signal });
+      const got: string[] = [];
+      for await (const event of sub) {
+        got.push(event.id);
+        stop.abort();
+      }
+      assert.deepEqual(got, ["e1"]);
+      const closed = new EvbusClient({ url: gateway.url, apiKey: "evb_test_test" }).subscribe({});
+      const viaClose: string[] = [];
+      for await (const event of closed) {
+        viaClose.push(event.id);
+        closed.close();
+      }
+      assert.deepEqual(viaClose, ["e1"]);
+    } finally {
+      await gateway.stop();
+    }
+  });
+
+  test("ended subscriptions leave no listener on the caller's signal", async () => {
+    // One process-wide signal, subscriptions ended by `break` and by an error: each left its
+    // abort listener (and itself) on the signal, 15 after 15 subscriptions.
+    const gateway = await standIn(["e1"]);
+    try {
+      const shutdown = new AbortController();
+      const client = new EvbusClient({ url: gateway.url, apiKey: "evb_test_test" });
+      for (let i = 0; i < 15; i++) {
+        for await (const _ of client.subscribe({ signal: shutdown.signal })) break;
+      }
+      const refused = new EvbusClient({ url: "http://127.0.0.1:9", apiKey: "evb_test_test" });
+      for (let i = 0; i < 3; i++) {
+        const sub = refused.subscribe({ signal: shutdown.signal, reconnect: { initialDelayMs: 1, maxAttempts: 0 } });
+        await (async () => {
+          for await (const _ of sub) assert.fail("no event expected");
+        })().catch(() => undefined);
+      }
+      assert.equal(getEventListeners(shutdown.signal, "abort").length, 0);
+    } finally {
+      await gateway.stop();
+    }
+  });
+
+  test("a saved lastEventId that cannot be a header fails at once instead of reconnecting for ever", async () => {
+    const gateway = await standIn(["e1"]);
+    try {
+      let reconnects = 0;
+      const sub = new EvbusClient({ url: gateway.url, apiKey: "evb_test_test" }).subscribe({
+        lastEventId: "curséur✓",
+        reconnect: { initialDelayMs: 1 },
+        onReconnect: () => reconnects++,
+      });
+      const error = await (async () => {
+        for await (const _ of sub) assert.fail("no event expected");
+      })().catch((e: unknown) => e);
+      assert.ok(error instanceof EvbusError && !(error instanceof ConnectionError), String(error));
+      assert.match(error.message, /lastEventId/);
+      assert.equal(reconnects, 0);
+      assert.equal(gateway.streams(), 0);
+    } finally {
+      await gateway.stop();
+    }
+  });
+
+  test("a gateway URL with credentials or a key that cannot be a header is refused up front", () => {
+    assert.throws(
+      () => new EvbusClient({ url: "http://user:pw@127.0.0.1:8080", apiKey: "evb_a_b" }),
+      (e: unknown) => e instanceof EvbusError && /credentials/.test(e.message) && !e.message.includes("pw"),
+    );
+    assert.throws(() => new EvbusClient({ url: "http://127.0.0.1:8080", apiKey: "évb_a_b" }), EvbusError);
   });
 });
