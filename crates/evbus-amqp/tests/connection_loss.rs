@@ -757,6 +757,32 @@ async fn declared_again_and_receiving(
     let _ = producer.close().await;
 }
 
+/// Subscribes on `consumers` (a subscription and a queue consumer named after `what`), wipes
+/// `node`, runs `meanwhile` (what happens before the consumers come back), and checks that
+/// both declare their queues again and receive what is published from then on.
+async fn survive_a_wipe(
+    node: &Arc<RabbitNode>,
+    consumers: &evbus_amqp::AmqpTransport,
+    what: &str,
+    meanwhile: impl std::future::Future<Output = ()>,
+) {
+    let (topic_name, queue_name) = names(what);
+    let (mut subscription, mut receiver) =
+        subscription_and_receiver(consumers, &topic_name, &queue_name).await;
+    let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
+    let plain_queue = consumers.queue_name(&queue_name);
+    wipe(node);
+    meanwhile.await;
+    declared_again_and_receiving(
+        node,
+        [&subscription_queue, &plain_queue],
+        (&topic_name, &queue_name),
+        &mut subscription,
+        &mut receiver,
+    )
+    .await;
+}
+
 /// A broker that comes back without its definitions (a new node with no data, a reset)
 /// keeps every subscription: they declare what they read again, and take what is published
 /// from then on. Since consumers look before they attach again (so that a deletion stays a
@@ -769,21 +795,7 @@ async fn subscriptions_survive_a_broker_that_lost_its_definitions() {
     };
     let consumers =
         support::transport(&node, "reconnect_max_delay_ms=300&command_timeout_ms=5000").await;
-    let (topic_name, queue_name) = names("wiped");
-    let (mut subscription, mut receiver) =
-        subscription_and_receiver(&consumers, &topic_name, &queue_name).await;
-    let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
-    let plain_queue = consumers.queue_name(&queue_name);
-
-    wipe(&node);
-    declared_again_and_receiving(
-        &node,
-        [&subscription_queue, &plain_queue],
-        (&topic_name, &queue_name),
-        &mut subscription,
-        &mut receiver,
-    )
-    .await;
+    survive_a_wipe(&node, &consumers, "wiped", async {}).await;
     let _ = consumers.close().await;
 }
 
@@ -798,30 +810,15 @@ async fn subscriptions_survive_a_wiped_broker_that_another_transport_reached_fir
     };
     let user = "wipedfirst";
     let consumers = connect_as(&node, user).await;
-    let (topic_name, queue_name) = names("wipedfirst");
-    let (mut subscription, mut receiver) =
-        subscription_and_receiver(&consumers, &topic_name, &queue_name).await;
-    let subscription_queue = consumers.subscription_queue_name(&topic_name, "s");
-    let plain_queue = consumers.queue_name(&queue_name);
-
-    wipe(&node);
-    // The consumers' user is gone: they cannot attach yet. Another process starts and opens
-    // a topic of its own.
-    let early = support::transport(&node, "command_timeout_ms=5000").await;
-    early
-        .topic(&format!("{topic_name}-other"))
-        .await
-        .expect("topic");
-    connect_as(&node, user).await.close().await.expect("close");
-    declared_again_and_receiving(
-        &node,
-        [&subscription_queue, &plain_queue],
-        (&topic_name, &queue_name),
-        &mut subscription,
-        &mut receiver,
-    )
-    .await;
-    let _ = early.close().await;
+    // The consumers' user is gone with the definitions: they cannot attach yet. Another
+    // process starts and opens a topic of its own, then the user is added again.
+    let meanwhile = async {
+        let early = support::transport(&node, "command_timeout_ms=5000").await;
+        early.topic("wipedfirst-other").await.expect("topic");
+        early.close().await.expect("close");
+        connect_as(&node, user).await.close().await.expect("close");
+    };
+    survive_a_wipe(&node, &consumers, "wipedfirst", meanwhile).await;
     let _ = consumers.close().await;
 }
 
