@@ -822,6 +822,34 @@ async fn subscriptions_survive_a_wiped_broker_that_another_transport_reached_fir
     let _ = consumers.close().await;
 }
 
+/// A named subscription `s` of topic `<user>-<pid>`, on a transport of `user`.
+struct Named {
+    consumers: evbus_amqp::AmqpTransport,
+    topic_name: String,
+    subscription: evbus::Subscription,
+    exchange: String,
+    queue: String,
+}
+
+async fn named_subscription_as(node: &Arc<RabbitNode>, user: &str) -> Named {
+    let consumers = connect_as(node, user).await;
+    let topic_name = format!("{user}-{}", std::process::id());
+    let subscription = consumers
+        .topic(&topic_name)
+        .await
+        .expect("topic")
+        .subscribe(SubscribeOptions::named("s"))
+        .await
+        .expect("subscribe");
+    Named {
+        exchange: consumers.exchange_name(&topic_name),
+        queue: consumers.subscription_queue_name(&topic_name, "s"),
+        consumers,
+        topic_name,
+        subscription,
+    }
+}
+
 /// `delete_topic` sticks while a producer keeps publishing: the producer declares the
 /// topic's exchange again after the `NotFound` its next publish meets, and the
 /// subscription's consumer, cut off during the deletion, then found its queue gone beside
@@ -835,17 +863,13 @@ async fn delete_topic_sticks_while_a_producer_keeps_publishing() {
         return;
     };
     let user = "producing";
-    let consumers = connect_as(&node, user).await;
-    let topic_name = format!("producing-{}", std::process::id());
-    let mut subscription = consumers
-        .topic(&topic_name)
-        .await
-        .expect("topic")
-        .subscribe(SubscribeOptions::named("s"))
-        .await
-        .expect("subscribe");
-    let exchange = consumers.exchange_name(&topic_name);
-    let queue = consumers.subscription_queue_name(&topic_name, "s");
+    let Named {
+        consumers,
+        topic_name,
+        mut subscription,
+        exchange,
+        queue,
+    } = named_subscription_as(&node, user).await;
     let tombstone = format!("{exchange}_deleted");
     let producer =
         support::transport(&node, "command_timeout_ms=5000&tombstone_ttl_ms=3600000").await;
@@ -1043,15 +1067,13 @@ async fn a_subscription_whose_exchange_alone_was_deleted_declares_it_again() {
         return;
     };
     let user = "exchangeless";
-    let consumers = connect_as(&node, user).await;
-    let topic_name = format!("exchangeless-{}", std::process::id());
-    let topic = consumers.topic(&topic_name).await.expect("topic");
-    let _subscription = topic
-        .subscribe(SubscribeOptions::named("s"))
-        .await
-        .expect("subscribe");
-    let exchange = consumers.exchange_name(&topic_name);
-    let queue = consumers.subscription_queue_name(&topic_name, "s");
+    let Named {
+        consumers,
+        subscription: _subscription,
+        exchange,
+        queue,
+        ..
+    } = named_subscription_as(&node, user).await;
     let delete = format!(
         ", rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{exchange}\">>), \
          false, <<\"test\">>)"
