@@ -71,11 +71,11 @@ pub struct AmqpConfig {
     /// Default 16 MiB; at most [`MAX_PAYLOAD_LIMIT`]. RabbitMQ itself refuses messages above
     /// its `max_message_size` (128 MiB by default).
     pub max_payload_bytes: usize,
-    /// How long the tombstone of a deleted topic or queue stays unused before RabbitMQ drops
-    /// it (its `x-expires`): a consumer whose connection was lost while its topic or queue
-    /// was deleted, and that comes back within this time, ends; one that comes back later
-    /// declares what it reads again (README, "Deleted under a subscription"). Default 24 h;
-    /// at least 1 s.
+    /// How long the tombstone of a deleted topic or queue (the queue that counts its
+    /// deletions) stays unused before RabbitMQ drops it (its `x-expires`): a consumer whose
+    /// connection was lost while its topic or queue was deleted, and that comes back within
+    /// this time, ends; one that comes back later declares what it reads again (README,
+    /// "Deleted under a subscription"). Default 24 h; at least 1 s.
     #[serde(rename = "tombstone_ttl_ms", with = "evbus::raw::millis")]
     pub tombstone_ttl: Duration,
 }

@@ -133,6 +133,12 @@ pub(crate) async fn subscribe(
     // new quorum queue is consumed while it starts, which also closes the connection) is
     // retried a few times, through the reconnection, before the subscription fails; an
     // unreachable broker still fails at once.
+    // The deletions of what it consumes so far, read before it attaches: a deletion from
+    // here on ends it.
+    let seen = match shared.link.live().await {
+        Ok(live) => deletions(&live, &target).await,
+        Err(_) => None,
+    };
     let mut retries = 0;
     let attached = loop {
         match attach(&shared, &link, &target, &options, 1, Declare::All).await {
@@ -162,6 +168,7 @@ pub(crate) async fn subscribe(
         Arc::clone(&acker),
         attached,
         tx,
+        seen,
     );
     shared.tasks.spawn(async move {
         let _done = done.drop_guard();
@@ -250,66 +257,75 @@ async fn attach(
 enum Found {
     /// It is there, or the lookup could not tell: re-attach.
     There,
-    /// Deleted by `delete_topic` or `delete_queue`, whose tombstone is there: the
-    /// subscription ends.
+    /// Deleted by `delete_topic` or `delete_queue` since the subscription started or last
+    /// looked (its tombstone counts more deletions): the subscription ends.
     Deleted,
-    /// What it names is gone, with no tombstone: deleted with another tool, or lost with
-    /// RabbitMQ's definitions (a reset, a new node without the old one's data, which loses
-    /// the tombstones too). The consumer declares everything again and re-attaches.
+    /// What it names is gone, and not by a deletion since it looked: deleted with another
+    /// tool, or lost with RabbitMQ's definitions (a reset, a new node without the old one's
+    /// data, which loses the tombstones too). The consumer declares everything again and
+    /// re-attaches.
     Missing(&'static str),
 }
 
 /// Looks for what `target` consumes after RabbitMQ cancelled its consumer, after a lost
-/// connection, or, for an anonymous subscription, after a quiet while.
+/// connection, or, for an anonymous subscription, after a quiet while. `seen` is the count
+/// of deletions of its topic or queue (the messages of its tombstone) when the subscription
+/// started or last looked; `None` when that could not be read.
 ///
-/// What a consumer reads is its topic's exchange and its queue (a named subscription), its
-/// topic's exchange (an anonymous subscription: its queue is its own connection's, and
-/// deleting the topic only unbinds it, so it would stay open and quiet for ever), or its
-/// queue. When one of them is gone, the tombstone `delete_topic` or `delete_queue` left
-/// before deleting tells a deletion (the subscription ends: re-attaching would declare it
-/// again, resurrecting it, and a queue nobody reads would fill) from a loss with no
-/// tombstone: a queue or exchange deleted with stock tools (an operator clearing a queue in
-/// the management UI), or a broker that came back without its definitions. Then the
-/// consumer declares again what it reads, as the topic's publishers do (they declare the
-/// exchange after a `NotFound` and bind the queues recorded in its directory) and senders
-/// do (they declare a queue again after a `NotFound`), and goes on with what is published
-/// from then on; what was held is gone.
+/// `delete_topic` and `delete_queue` add a message to the tombstone of what they delete (a
+/// classic queue that expires after `tombstone_ttl` unused) before deleting anything. More
+/// of them than `seen`: deleted since, by evbus; the subscription ends (re-attaching would
+/// declare it again, resurrecting it, and a queue nobody reads would fill). Otherwise,
+/// what it reads is its topic's exchange and its queue (a named subscription), its topic's
+/// exchange (an anonymous subscription: its queue is its own connection's, and deleting the
+/// topic only unbinds it), or its queue; one of them gone is a loss that is not evbus's: a
+/// queue or exchange deleted with stock tools (an operator clearing a queue in the
+/// management UI), or a broker that came back without its definitions (and its
+/// tombstones). Then the consumer declares again what it reads, as the topic's publishers
+/// do (they declare the exchange after a `NotFound` and bind the queues recorded in its
+/// directory) and senders do, and goes on with what is published from then on.
 ///
-/// The tombstone does not depend on anybody having connected since: a transport that
-/// starts on a reset broker before the consumers re-attach changes nothing, and a
-/// publisher that declares the exchange of a deleted topic again (its next publish after
-/// the `NotFound`) does not bring the topic's subscriptions back. Opening the topic or
-/// queue again (`Transport::topic`, `Transport::queue`) takes the tombstone away.
+/// Counting, not the tombstone's presence, tells: a topic deleted and opened again at once
+/// (or published to again, which declares its exchange) keeps its old subscriptions ended,
+/// and a subscription made after a deletion is not ended by it. An expired or lost
+/// tombstone starts the count over.
 ///
 /// Anything but a plain `NOT_FOUND` (a cluster node down answers with a retryable one) is
-/// not an absence.
-async fn look_up(shared: &Shared, link: &Link, target: &Target) -> Found {
+/// not an absence; a look that cannot tell answers [`Found::There`].
+async fn look_up(shared: &Shared, link: &Link, target: &Target, seen: &mut Option<u32>) -> Found {
     let Ok(live) = link.live().await else {
         return Found::There;
     };
-    let gone = match target {
-        Target::Anonymous { exchange, .. } => (exists(&live, Kind::Exchange, exchange).await
-            == Some(false))
-        .then(|| ("the topic's exchange", topic_tombstone(exchange))),
-        Target::Queue { queue } => (exists(&live, Kind::Queue, queue).await == Some(false))
-            .then(|| ("the queue", queue_tombstone(queue))),
-        Target::Named { exchange, queue } => {
-            if exists(&live, Kind::Queue, queue).await == Some(false) {
-                Some(("the subscription's queue", topic_tombstone(exchange)))
-            } else if exists(&live, Kind::Exchange, exchange).await == Some(false) {
-                Some(("the topic's exchange", topic_tombstone(exchange)))
-            } else {
-                None
+    let Some(count) = deletions(&live, target).await else {
+        return Found::There;
+    };
+    let deleted = seen.is_some_and(|seen| count > seen);
+    *seen = Some(count);
+    let gone = if deleted {
+        None
+    } else {
+        match target {
+            Target::Anonymous { exchange, .. } => (exists(&live, Kind::Exchange, exchange).await
+                == Some(false))
+            .then_some("the topic's exchange"),
+            Target::Queue { queue } => {
+                (exists(&live, Kind::Queue, queue).await == Some(false)).then_some("the queue")
+            }
+            Target::Named { exchange, queue } => {
+                if exists(&live, Kind::Queue, queue).await == Some(false) {
+                    Some("the subscription's queue")
+                } else if exists(&live, Kind::Exchange, exchange).await == Some(false) {
+                    Some("the topic's exchange")
+                } else {
+                    None
+                }
             }
         }
     };
-    let Some((what, tombstone)) = gone else {
-        return Found::There;
-    };
-    let found = match exists(&live, Kind::Queue, &tombstone).await {
-        Some(true) => Found::Deleted,
-        Some(false) => Found::Missing(what),
-        None => return Found::There,
+    let found = match (deleted, gone) {
+        (true, _) => Found::Deleted,
+        (false, Some(what)) => Found::Missing(what),
+        (false, None) => return Found::There,
     };
     // What this connection remembers declaring is gone: declared again when missing, and
     // a queue deleted with its topic is no longer this transport's record to keep.
@@ -336,7 +352,7 @@ enum Kind {
 
 /// Whether the exchange or queue `name` exists (a passive declare): `None` when the lookup
 /// failed otherwise than with `NOT_FOUND`.
-async fn exists(live: &Live, kind: Kind, name: &str) -> Option<bool> {
+async fn look(live: &Live, kind: Kind, name: &str) -> Option<Option<u32>> {
     // A failed passive declare closes its channel: a channel of its own.
     let channel = within(
         live.timeout(),
@@ -347,22 +363,21 @@ async fn exists(live: &Live, kind: Kind, name: &str) -> Option<bool> {
     .ok()?;
     let looked = match kind {
         Kind::Exchange => match short("exchange name", name) {
-            Ok(short_name) => {
-                within(
-                    live.timeout(),
-                    || format!("looking up exchange `{name}`"),
-                    channel.exchange_declare(
-                        short_name,
-                        ExchangeKind::Fanout,
-                        ExchangeDeclareOptions {
-                            passive: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    ),
-                )
-                .await
-            }
+            Ok(short_name) => within(
+                live.timeout(),
+                || format!("looking up exchange `{name}`"),
+                channel.exchange_declare(
+                    short_name,
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            .map(|()| 0),
             Err(e) => Err(e),
         },
         Kind::Queue => match short("queue name", name) {
@@ -379,16 +394,35 @@ async fn exists(live: &Live, kind: Kind, name: &str) -> Option<bool> {
                 ),
             )
             .await
-            .map(drop),
+            .map(|q| q.message_count()),
             Err(e) => Err(e),
         },
     };
     let _ = tokio::time::timeout(live.timeout(), channel.close(200, "looked up".into())).await;
     match looked {
-        Ok(()) => Some(true),
-        Err(e) if e.kind() == ErrorKind::NotFound => Some(false),
+        Ok(messages) => Some(Some(messages)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Some(None),
         Err(_) => None,
     }
+}
+
+/// Whether `name` exists (see [`look`]); `None` when that could not be told.
+async fn exists(live: &Live, kind: Kind, name: &str) -> Option<bool> {
+    look(live, kind, name).await.map(|found| found.is_some())
+}
+
+/// The deletions of what `target` consumes so far: the messages in its tombstone (0 when
+/// there is none); `None` when that could not be told.
+pub(crate) async fn deletions(live: &Live, target: &Target) -> Option<u32> {
+    let tombstone = match target {
+        Target::Named { exchange, .. } | Target::Anonymous { exchange, .. } => {
+            topic_tombstone(exchange)
+        }
+        Target::Queue { queue } => queue_tombstone(queue),
+    };
+    look(live, Kind::Queue, &tombstone)
+        .await
+        .map(|found| found.unwrap_or(0))
 }
 
 /// Sets the prefetch, declares what `target` needs on `channel` and starts consuming.
@@ -566,6 +600,7 @@ async fn run(
     acker: Arc<AmqpAcker>,
     first: Attached,
     tx: mpsc::Sender<Result<RawDelivery>>,
+    mut seen: Option<u32>,
 ) {
     let cancel = shared.cancel.clone();
     let mut attached = Some(first);
@@ -615,7 +650,7 @@ async fn run(
             if look_first {
                 let found = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    found = look_up(&shared, &link, &target) => found,
+                    found = look_up(&shared, &link, &target, &mut seen) => found,
                 };
                 match found {
                     Found::Deleted => {
@@ -624,10 +659,10 @@ async fn run(
                     }
                     Found::Missing(what) => tracing::warn!(
                         queue = target.queue(),
-                        "{what} is gone, and not by `delete_topic` or `delete_queue` (no \
-                         tombstone): deleted with another tool, or RabbitMQ lost its \
-                         definitions; declaring what the consumer reads again and \
-                         re-attaching (what it held is gone)"
+                        "{what} is gone, and not by `delete_topic` or `delete_queue` (its \
+                         tombstone counts no new deletion): deleted with another tool, or \
+                         RabbitMQ lost its definitions; declaring what the consumer reads \
+                         again and re-attaching (what it held is gone)"
                     ),
                     // Found there: attached without declaring it again, so that a deletion
                     // after the look is not undone (the attach fails, and the next look
@@ -677,7 +712,7 @@ async fn run(
             _ = sweep.tick() => acker.sweep().await,
             _ = exists.tick(), if anonymous => {
                 if std::mem::replace(&mut quiet, true) {
-                    match look_up(&shared, &link, &target).await {
+                    match look_up(&shared, &link, &target, &mut seen).await {
                         Found::Deleted => {
                             tracing::info!(queue = target.queue(), "the subscription's topic was deleted; the subscription ends");
                             detach(current, &acker, Ending::Closed).await;

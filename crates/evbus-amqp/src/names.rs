@@ -68,23 +68,19 @@ impl Names {
     }
 }
 
-/// The tombstone `delete_topic` leaves for the topic whose exchange is `exchange`: the
-/// durable classic queue `<exchange>_deleted`, dropped by RabbitMQ after
-/// `AmqpConfig::tombstone_ttl` unused (`_` and a lowercase letter never come from a name, so
-/// no queue of evbus's has it). It is declared before anything of the topic is deleted and deleted
-/// when the topic is opened again (`Transport::topic`), not when a publisher declares the
-/// exchange again after a `NotFound`. A consumer that finds what it reads gone ends when the
-/// tombstone is there, and declares what it reads again when it is not: deleted with another
-/// tool, or lost with RabbitMQ's definitions (a reset, a new node), which takes the
-/// tombstones too (see `consumer::look_up`).
+/// The tombstone of the topic whose exchange is `exchange`: the durable classic queue
+/// `<exchange>_deleted`, dropped by RabbitMQ after `AmqpConfig::tombstone_ttl` unused (`_`
+/// and a lowercase letter never come from a name, so no queue of evbus's has it). Each
+/// `delete_topic` adds a message to it before deleting anything; a consumer that finds more
+/// than when it started ends instead of declaring again what it reads (see
+/// `consumer::look_up`).
 pub(crate) fn topic_tombstone(exchange: &str) -> String {
     fit(format!("{exchange}_deleted"))
 }
 
-/// The tombstone `delete_queue` leaves for the queue `queue` (its RabbitMQ name): the durable
-/// classic queue `<queue>_deleted_queue` (a queue and a topic of one name have one RabbitMQ
-/// name, in the two namespaces; their tombstones are both queues and must differ). Deleted when
-/// the queue is opened again (`Transport::queue`).
+/// The tombstone of the queue `queue` (its RabbitMQ name), counting `delete_queue`s: the
+/// durable classic queue `<queue>_deleted_queue` (a queue and a topic of one name have one
+/// RabbitMQ name, in the two namespaces; their tombstones are both queues and must differ).
 pub(crate) fn queue_tombstone(queue: &str) -> String {
     fit(format!("{queue}_deleted_queue"))
 }

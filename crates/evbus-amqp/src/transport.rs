@@ -313,65 +313,72 @@ async fn delete_one(live: &Live, channel: &lapin::Channel, queue: &str) -> Resul
     Ok(())
 }
 
-/// Leaves tombstone `tombstone` ([`topic_tombstone`], [`queue_tombstone`]) before a deletion,
-/// so that consumers cut off meanwhile end instead of declaring again what was deleted (see
-/// `consumer::look_up`): a durable classic queue nothing is published to, which RabbitMQ
-/// drops once it has been unused for `ttl` (`x-expires`), so deleted names leave nothing
-/// behind for good. A user whose permissions do not cover the name cannot leave it: the
-/// deletion goes on, with a warning (such consumers then declare again what they read).
+/// Counts a deletion in tombstone `tombstone` ([`topic_tombstone`], [`queue_tombstone`])
+/// before anything is deleted: a durable classic queue that RabbitMQ drops once it has been
+/// unused for `ttl` (`x-expires`, so deleted names leave nothing behind for good), holding
+/// one message per deletion. A consumer compares the count with the one it started with
+/// (see `consumer::look_up`): more, and it ends instead of declaring again what was
+/// deleted. A user whose permissions do not cover the name cannot count it: the deletion
+/// goes on, with a warning (such consumers then declare again what they read).
 async fn bury(live: &Live, tombstone: &str, ttl: Duration) -> Result<()> {
     let channel = live.admin().await?;
+    let name = short("queue name", tombstone)?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-expires".into(),
         AMQPValue::LongLongInt(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
     );
-    let declared = within(
-        live.timeout(),
-        || format!("declaring tombstone queue `{tombstone}`"),
-        channel.queue_declare(
-            short("queue name", tombstone)?,
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        ),
-    )
-    .await;
-    match declared {
+    let counted = async {
+        within(
+            live.timeout(),
+            || format!("declaring tombstone queue `{tombstone}`"),
+            channel.queue_declare(
+                name.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            ),
+        )
+        .await?;
+        within(
+            live.timeout(),
+            || format!("counting a deletion in tombstone queue `{tombstone}`"),
+            channel.basic_publish(
+                "".into(),
+                name.clone(),
+                BasicPublishOptions::default(),
+                &[],
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            ),
+        )
+        .await?;
+        // A passive declare on the same channel answers once the queue has the message:
+        // anyone who sees what follows (the deletions) counts it.
+        within(
+            live.timeout(),
+            || format!("looking up tombstone queue `{tombstone}`"),
+            channel.queue_declare(
+                name.clone(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+    };
+    match counted.await {
         Ok(_) => Ok(()),
         Err(e) if !e.is_retryable() => {
             tracing::warn!(
                 tombstone,
                 error = %e,
-                "could not leave the tombstone of a deletion (a queue): consumers whose \
+                "could not count a deletion in its tombstone (a queue): consumers whose \
                  connection is lost while it is made will declare what they read again"
             );
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Takes tombstone `tombstone` away when its topic or queue is opened again: from then on a
-/// consumer that finds what it reads gone declares it again. What cannot be taken away (no
-/// permission) is left, with a debug log: opening does not fail for it.
-async fn unbury(live: &Live, tombstone: &str) -> Result<()> {
-    let channel = live.admin().await?;
-    let deleted = within(
-        live.timeout(),
-        || format!("deleting tombstone queue `{tombstone}`"),
-        channel.queue_delete(
-            short("queue name", tombstone)?,
-            QueueDeleteOptions::default(),
-        ),
-    )
-    .await;
-    match deleted {
-        Ok(_) => Ok(()),
-        Err(e) if !e.is_retryable() => {
-            tracing::debug!(tombstone, error = %e, "could not delete a tombstone queue");
             Ok(())
         }
         Err(e) => Err(e),
@@ -454,9 +461,9 @@ impl AmqpTransport {
     /// Deletes the exchange `exchange`, then the subscription queues recorded in its
     /// directory (read on `reader`), then the directory.
     ///
-    /// The topic's tombstone is there by then (`delete_topic` leaves it first): a consumer
-    /// whose queue is deleted under it finds it and ends, where a queue deleted with another
-    /// tool is declared again (see `consumer::look_up`). The exchange goes first, so that
+    /// The deletion is counted in the topic's tombstone by then (`delete_topic` counts it
+    /// first): a consumer whose queue is deleted under it finds one more and ends, where a
+    /// queue deleted with another tool is declared again (see `consumer::look_up`). The exchange goes first, so that
     /// publishers stop reaching the queues before they go.
     async fn delete_recorded(
         &self,
@@ -549,7 +556,6 @@ impl Transport for AmqpTransport {
         // the `NotFound` that follows.
         live.forget_topic(&exchange);
         live.declare_exchange(&exchange).await?;
-        unbury(&live, &topic_tombstone(&exchange)).await?;
         Ok(Arc::new(AmqpTopic::new(name, self.clone())))
     }
 
@@ -561,7 +567,6 @@ impl Transport for AmqpTransport {
         // As for a topic: another connection may have deleted the queue.
         live.forget_queue(&queue);
         live.declare_quorum_queue(&queue).await?;
-        unbury(&live, &queue_tombstone(&queue)).await?;
         Ok(Arc::new(self.queue_handle(name)))
     }
 

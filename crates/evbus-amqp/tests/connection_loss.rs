@@ -918,9 +918,34 @@ async fn delete_topic_sticks_while_a_producer_keeps_publishing() {
         !exists_on(&node, "queue", &queue).await,
         "the subscription's queue was declared again after `delete_topic`"
     );
-    // Opened again, the topic is a topic like any other.
-    producer.topic(&topic_name).await.expect("topic");
-    assert!(!exists_on(&node, "queue", &tombstone).await, "tombstone");
+    // Opened again, the topic is a topic like any other: a subscription made now is not
+    // ended by the deletion before it (its queue deleted with another tool comes back).
+    let again = producer
+        .topic(&topic_name)
+        .await
+        .expect("topic")
+        .subscribe(SubscribeOptions::named("t"))
+        .await
+        .expect("subscribe");
+    let new_queue = producer.subscription_queue_name(&topic_name, "t");
+    eval(
+        &node,
+        format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, \
+             <<\"{new_queue}\">>)), rabbit_amqqueue:delete(Q, false, false, <<\"test\">>)."
+        ),
+        "deleting the new subscription's queue",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exists_on(&node, "queue", &new_queue).await {
+        assert!(
+            Instant::now() < deadline,
+            "the new subscription ended with the deletion before it"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(again);
     let _ = consumers.close().await;
     let _ = producer.close().await;
 }
