@@ -97,6 +97,13 @@ impl Target {
     }
 }
 
+/// How a subscription starts: its first attachment, and the deletions of what it consumes
+/// counted before it (see [`look_up`]).
+struct Started {
+    attached: Attached,
+    deletions: Option<u32>,
+}
+
 /// A consumer channel and its `basic.consume`.
 struct Attached {
     channel: Channel,
@@ -166,9 +173,11 @@ pub(crate) async fn subscribe(
         target,
         options,
         Arc::clone(&acker),
-        attached,
+        Started {
+            attached,
+            deletions: seen,
+        },
         tx,
-        seen,
     );
     shared.tasks.spawn(async move {
         let _done = done.drop_guard();
@@ -598,10 +607,13 @@ async fn run(
     target: Target,
     options: ConsumerOptions,
     acker: Arc<AmqpAcker>,
-    first: Attached,
+    first: Started,
     tx: mpsc::Sender<Result<RawDelivery>>,
-    mut seen: Option<u32>,
 ) {
+    let Started {
+        attached: first,
+        deletions: mut seen,
+    } = first;
     let cancel = shared.cancel.clone();
     let mut attached = Some(first);
     let mut epoch = 1;
