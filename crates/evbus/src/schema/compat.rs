@@ -409,8 +409,8 @@ fn compare(w: &Value, r: &Value, path: &str, depth: usize, out: &mut Vec<Incompa
     if assertions(w) == assertions(r) {
         return;
     }
-    let w = flatten_all_of(w_obj);
-    let r = flatten_all_of(r_obj);
+    let w = flatten_all_of(w_obj, Side::Writer);
+    let r = flatten_all_of(r_obj, Side::Reader);
 
     // A writer made of alternatives: each alternative, with the writer's other keywords, must
     // be readable.
@@ -571,7 +571,43 @@ pub(crate) fn can_merge(parent: &Map<String, Value>, child: &Map<String, Value>)
         && !reads(child, parent, UNEVALUATED)
 }
 
-fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
+/// Of [`SIBLING_SENSITIVE`], the keywords whose merge makes a schema accept less than the
+/// conjuncts apart: apart, `then` without its `if`, `minContains` without its `contains`
+/// and `additionalItems` without an array `items` do nothing; merged, they constrain.
+const NARROWED_BY_MERGING: &[(&str, &[&str])] = &[
+    ("then", &["if"]),
+    ("else", &["if"]),
+    ("minContains", &["contains"]),
+    ("maxContains", &["contains"]),
+    ("additionalItems", &["items"]),
+];
+
+/// Whether `child` can be merged into `parent` on the *writer's* side of a comparison. The
+/// writer may be taken for a schema that accepts more than it does (a change that reads the
+/// wider writer reads the real one), never less: merged, an `additionalProperties` seems to
+/// allow the other conjunct's properties and `items` to spare its `prefixItems`, which
+/// only widens; only [`NARROWED_BY_MERGING`] is kept apart. The reader's side keeps every
+/// conjunct whose keywords read the other's apart ([`can_merge`]), or it would seem to
+/// accept what it refuses.
+fn can_merge_widening(parent: &Map<String, Value>, child: &Map<String, Value>) -> bool {
+    let reads = |x: &Map<String, Value>, y: &Map<String, Value>| {
+        NARROWED_BY_MERGING.iter().any(|(keyword, depends)| {
+            x.contains_key(*keyword) && depends.iter().any(|d| y.contains_key(*d))
+        })
+    };
+    !reads(parent, child) && !reads(child, parent)
+}
+
+/// Which side of a comparison a schema is on, for merging its `allOf` ([`flatten_all_of`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The writer: merged where that may only widen it.
+    Writer,
+    /// The reader: merged only where that changes nothing.
+    Reader,
+}
+
+fn flatten_all_of(m: &Map<String, Value>, side: Side) -> Map<String, Value> {
     let Some(Value::Array(conjuncts)) = m.get("allOf") else {
         return m.clone();
     };
@@ -580,10 +616,14 @@ fn flatten_all_of(m: &Map<String, Value>) -> Map<String, Value> {
     for c in conjuncts {
         match c {
             Value::Object(cm) => {
-                let cm = flatten_all_of(cm);
+                let cm = flatten_all_of(cm, side);
+                let apart = match side {
+                    Side::Writer => !can_merge_widening(&out, &cm),
+                    Side::Reader => !can_merge(&out, &cm),
+                };
                 // A keyword both sides have with the same value merges as itself (`$ref` to
                 // an object definition next to `"type": "object"`).
-                let mergeable = can_merge(&out, &cm)
+                let mergeable = !apart
                     && cm.iter().all(|(k, v)| {
                         out.get(k).is_none_or(|o| o == v)
                             || matches!(k.as_str(), "properties" | "required")
@@ -615,6 +655,21 @@ fn refs(
     // `$recursiveRef` in 2019-09) is compared as the reference it is.
     for keyword in ["$ref", "$dynamicRef", "$recursiveRef"] {
         let wr = w.get(keyword);
+        let unexpanded = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .is_some_and(|s| s.contains(super::resolve::UNEXPANDED_MARK))
+        };
+        if unexpanded(wr) || unexpanded(r.get(keyword)) {
+            out.push(Incompatibility::new(
+                &at(path, keyword),
+                "SCHEMA_TOO_LARGE",
+                "its references expand to more than 100,000 schema objects (or nest more than \
+                 64 deep), too many to compare the versions; reference shared definitions \
+                 fewer times, or publish the change under a new event type"
+                    .to_owned(),
+            ));
+            continue;
+        }
         if let Some(rr) = r.get(keyword)
             && wr != Some(rr)
         {
@@ -1741,7 +1796,12 @@ fn disjoint(a: &Value, b: &Value, depth: usize) -> bool {
     if depth > MAX_DEPTH {
         return false;
     }
-    let (a, b) = (flatten_all_of(a), flatten_all_of(b));
+    // Both taken wider than they may be: what no value of the wider ones matches, no value
+    // of the real ones does.
+    let (a, b) = (
+        flatten_all_of(a, Side::Writer),
+        flatten_all_of(b, Side::Writer),
+    );
     let overlap = |x: &BTreeSet<String>, y: &BTreeSet<String>| {
         x.iter().any(|t| {
             y.contains(t)

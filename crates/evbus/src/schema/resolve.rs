@@ -487,8 +487,9 @@ pub(crate) fn check_cycles(
 /// [`INLINE_DEPTH`] references inside one another. Each definition referenced twice by the
 /// next doubles the expansion: a 1.9 KB file expanded to 2.2 GB in 37 s, and a chain of
 /// 5,000 definitions overflowed the stack (outside review); the validator reads such
-/// schemas lazily and never meets either. A reference kept is compared as a reference:
-/// the same one on both sides is taken as unchanged.
+/// schemas lazily and never meets either. A reference kept for the budget cannot be
+/// compared (the same one in two versions may name different content): it is marked, and
+/// a change of such a schema is refused as too large to check.
 pub(crate) fn inline(event: &Value, docs: &Docs<'_>) -> Value {
     let mut stack = Vec::new();
     let mut budget = INLINE_BUDGET;
@@ -517,6 +518,9 @@ fn is_draft_07(root: &Value, event: &Value) -> bool {
         .and_then(Value::as_str)
         .is_some_and(|s| s.contains("json-schema.org/draft-07"))
 }
+
+/// Appended to a reference [`inline`] did not expand for its budget (see `compat::refs`).
+pub(crate) const UNEXPANDED_MARK: &str = "#evbus-unexpanded-";
 
 /// The most schema objects [`inline`] expands from references, for one event schema.
 const INLINE_BUDGET: usize = 100_000;
@@ -569,10 +573,19 @@ fn inline_in(
             *budget -= size;
         }
         if recursive || spent {
-            let abs = match &key {
+            let mut abs = match &key {
                 DocKey::Event => format!("#{ptr}"),
                 DocKey::Def(n) => format!("{}#{ptr}", definition_uri(n)),
             };
+            if spent {
+                // Not expanded, it cannot be compared: the same reference in two versions may
+                // name different content (each version's own `$defs`). Made unique, it never
+                // compares equal, and the comparison says why (`compat::refs`).
+                use std::sync::atomic::{AtomicU64, Ordering};
+                static UNEXPANDED: AtomicU64 = AtomicU64::new(0);
+                let n = UNEXPANDED.fetch_add(1, Ordering::Relaxed);
+                abs = format!("{abs}{UNEXPANDED_MARK}{n}");
+            }
             out.insert("$ref".to_owned(), Value::String(abs));
         } else if let Some(t) = target_doc {
             stack.push(node);
