@@ -254,9 +254,10 @@ async fn publish(
 /// gets the answer rather than a reset connection; unless the client waits for
 /// `100 Continue`, in which case it never sends it. A body over `max_body_bytes` is charged
 /// nothing and answered 413: one that says so in its `Content-Length` is read and dropped
-/// first, up to [`OVERSIZED_DRAIN_FACTOR`] times the limit, so that a client still writing
-/// it reads the 413 instead of a reset connection (Node's `fetch` lost the answer, reported
-/// the gateway unreachable and retried the upload); a larger one is answered and closed.
+/// first, up to [`OVERSIZED_DRAIN_FACTOR`] times the limit and as the key's byte allowance
+/// pays for it, so that a client still writing it reads the 413 instead of a reset
+/// connection (Node's `fetch` lost the answer, reported the gateway unreachable and retried
+/// the upload); a larger one, or one the allowance does not cover, is answered and closed.
 async fn charged_body(
     state: &State,
     key: &KeyRecord,
@@ -273,7 +274,12 @@ async fn charged_body(
             .headers()
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if !waits_for_continue && n <= max.saturating_mul(OVERSIZED_DRAIN_FACTOR) {
+        // Read only as the key's byte allowance pays for it: a key cannot make the gateway
+        // read more than it may publish.
+        if !waits_for_continue
+            && n <= max.saturating_mul(OVERSIZED_DRAIN_FACTOR)
+            && state.publish_bytes.take(key, n).is_ok()
+        {
             // As long as a request's headers may take, at most: a slow sender is cut off.
             let _ = tokio::time::timeout(
                 state.config.header_read_timeout,

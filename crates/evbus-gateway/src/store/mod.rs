@@ -287,8 +287,13 @@ pub enum PublishClaim {
 
 /// How long a claim of [`Store::claim_publish`] is its request's alone: an identical post
 /// meanwhile is told [`PublishClaim::InFlight`] instead of sending the event a second time.
-/// Past it, a claim never settled (its request died, or its send hangs) is taken over.
-pub const PUBLISH_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Past it, a claim never settled (its request died, or its send hangs) is taken over. Well
+/// over the default request timeout (30 s): a request answered 408 may still be sending (its
+/// send finishes after the answer), and a retry must not send again meanwhile (a lease
+/// equal to the timeout let the retry right after a 408 send a second copy; outside
+/// review). Claim times are each instance's clock: instances sharing a store must agree
+/// on the time within a fraction of it.
+pub const PUBLISH_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A delivery claimed for an attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
