@@ -358,7 +358,38 @@ fn cases() -> Vec<(&'static str, Value, Value)> {
             nested(70, json!({"type": "string"})),
             s(nested(70, json!({"type": "integer"}))),
         ),
+        (
+            "PATTERN_PROPERTY_ADDED_OVER_PATTERN_PROPERTY",
+            json!({"type": "object", "additionalProperties": false, "patternProperties": {"^x-": {"type": "string"}}}),
+            json!({"type": "object", "additionalProperties": false, "patternProperties": {"^x-": {"type": "string"}, "^x": {"type": "integer"}}}),
+        ),
+        (
+            // References that expand past the checker's bound (each definition twice in the
+            // next): only a description differs, and still it cannot be compared.
+            "SCHEMA_TOO_LARGE",
+            doubling(20, None),
+            doubling(20, Some("the same")),
+        ),
     ]
+}
+
+/// Property x as `depth` local definitions, each referencing the one before twice (2^depth
+/// schema objects expanded), with a `description` if given.
+fn doubling(depth: usize, description: Option<&str>) -> Value {
+    let mut defs = serde_json::Map::new();
+    defs.insert("D0".to_owned(), json!({"type": "string"}));
+    for k in 1..=depth {
+        let previous = format!("#/properties/x/$defs/D{}", k - 1);
+        defs.insert(
+            format!("D{k}"),
+            json!({"type": "object", "properties": {"a": {"$ref": previous}, "b": {"$ref": previous}}}),
+        );
+    }
+    let mut x = json!({"$defs": defs, "$ref": format!("#/properties/x/$defs/D{depth}")});
+    if let Some(d) = description {
+        x["description"] = json!(d);
+    }
+    x
 }
 
 /// The root keyword a case's version 2 adds, the change the case is about.
