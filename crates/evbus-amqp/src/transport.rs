@@ -320,28 +320,37 @@ async fn delete_one(live: &Live, channel: &lapin::Channel, queue: &str) -> Resul
 /// (see `consumer::look_up`): more, and it ends instead of declaring again what was
 /// deleted. A user whose permissions do not cover the name cannot count it: the deletion
 /// goes on, with a warning (such consumers then declare again what they read).
+///
+/// A tombstone declared by a service with another `tombstone_ttl` is counted in as it is:
+/// RabbitMQ refuses a declaration whose arguments differ (`PRECONDITION_FAILED`), and the
+/// deletion would otherwise go uncounted and be undone by the consumers.
 async fn bury(live: &Live, tombstone: &str, ttl: Duration) -> Result<()> {
-    let channel = live.admin().await?;
     let name = short("queue name", tombstone)?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-expires".into(),
         AMQPValue::LongLongInt(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
     );
-    let counted = async {
+    // A channel of its own: a refused declaration closes it.
+    let open = || {
         within(
             live.timeout(),
-            || format!("declaring tombstone queue `{tombstone}`"),
-            channel.queue_declare(
-                name.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            ),
+            || "opening a channel".to_owned(),
+            live.conn.create_channel(),
         )
-        .await?;
+    };
+    let mut channel = open().await?;
+    let counted = async {
+        if let Err(refused) = declare_tombstone(live, &channel, tombstone, Some(&arguments)).await {
+            if refused.is_retryable() {
+                return Err(refused);
+            }
+            // There with other arguments, or not ours to declare: count in it if it is there.
+            channel = open().await?;
+            declare_tombstone(live, &channel, tombstone, None)
+                .await
+                .map_err(|_| refused)?;
+        }
         within(
             live.timeout(),
             || format!("counting a deletion in tombstone queue `{tombstone}`"),
@@ -356,21 +365,13 @@ async fn bury(live: &Live, tombstone: &str, ttl: Duration) -> Result<()> {
         .await?;
         // A passive declare on the same channel answers once the queue has the message:
         // anyone who sees what follows (the deletions) counts it.
-        within(
-            live.timeout(),
-            || format!("looking up tombstone queue `{tombstone}`"),
-            channel.queue_declare(
-                name.clone(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await
-    };
-    match counted.await {
+        declare_tombstone(live, &channel, tombstone, None).await
+    }
+    .await;
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(live.timeout(), channel.close(200, "counted".into())).await;
+    }
+    match counted {
         Ok(_) => Ok(()),
         Err(e) if !e.is_retryable() => {
             tracing::warn!(
@@ -383,6 +384,35 @@ async fn bury(live: &Live, tombstone: &str, ttl: Duration) -> Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Declares tombstone queue `tombstone` on `channel` with `arguments`, or passively (a
+/// look-up that fails with `NotFound` when it is not there) without.
+async fn declare_tombstone(
+    live: &Live,
+    channel: &lapin::Channel,
+    tombstone: &str,
+    arguments: Option<&FieldTable>,
+) -> Result<()> {
+    let options = QueueDeclareOptions {
+        passive: arguments.is_none(),
+        durable: arguments.is_some(),
+        ..QueueDeclareOptions::default()
+    };
+    within(
+        live.timeout(),
+        || match arguments {
+            Some(_) => format!("declaring tombstone queue `{tombstone}`"),
+            None => format!("looking up tombstone queue `{tombstone}`"),
+        },
+        channel.queue_declare(
+            short("queue name", tombstone)?,
+            options,
+            arguments.cloned().unwrap_or_default(),
+        ),
+    )
+    .await
+    .map(drop)
 }
 
 /// Declares the subscription directory `directory` (idempotent) and returns how many records

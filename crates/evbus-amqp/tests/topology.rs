@@ -478,6 +478,62 @@ async fn a_topic_deleted_and_opened_again_at_once_keeps_its_old_subscriptions_en
     other.close().await.unwrap();
 }
 
+/// A deletion by a service whose `tombstone_ttl` differs from the one that made the
+/// tombstone still ends the subscriptions: RabbitMQ refused to declare the tombstone again
+/// with other arguments (`PRECONDITION_FAILED`), the deletion went uncounted, and the
+/// consumers declared their topic and queue again (outside review).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deletion_is_counted_by_a_service_with_another_tombstone_ttl() {
+    let consumer = shared_transport().await;
+    let mut config = AmqpConfig::from_url(&support::shared_url()).expect("a valid URL");
+    config.tombstone_ttl = Duration::from_secs(700);
+    let other = AmqpTransport::connect(config).await.unwrap();
+    let topic_name = unique("ttl-topic");
+    let queue_name = unique("ttl-queue");
+    // Deleted once by the consumer's transport: the tombstones are its own (600 s).
+    consumer.topic(&topic_name).await.unwrap();
+    consumer.delete_topic(&topic_name).await.unwrap();
+    consumer.queue(&queue_name).await.unwrap();
+    consumer.delete_queue(&queue_name).await.unwrap();
+    let topic = consumer.topic(&topic_name).await.unwrap();
+    let named = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let queue = consumer.queue(&queue_name).await.unwrap();
+    let received = queue.receive(ConsumerOptions::default()).await.unwrap();
+    other.delete_topic(&topic_name).await.unwrap();
+    other.delete_queue(&queue_name).await.unwrap();
+    evbus_conformance::checks::each_ends_within(
+        vec![
+            ("the named subscription", named),
+            ("the queue's consumer", received),
+        ],
+        Duration::from_secs(15),
+    )
+    .await;
+    let (conn, _channel) = stock_channel().await;
+    for queue in [
+        consumer.subscription_queue_name(&topic_name, "billing"),
+        consumer.queue_name(&queue_name),
+    ] {
+        assert_eq!(
+            message_count(&conn, &queue).await,
+            None,
+            "the deleted queue `{queue}` was declared again"
+        );
+    }
+    let _ = conn.close(200, "done".into()).await;
+    for dead in [
+        format!("{topic_name}.billing.dlq"),
+        format!("{queue_name}.dlq"),
+    ] {
+        other.delete_queue(&dead).await.unwrap();
+    }
+    consumer.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
 /// The consumer count of queue `queue` (a passive declare on a channel of its own): `None`
 /// when the queue does not exist.
 async fn consumer_count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
