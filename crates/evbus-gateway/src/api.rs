@@ -435,13 +435,14 @@ async fn publish_event(
     // An identical post being sent by another request (a client's retry overlapping its
     // first attempt) is waited for a moment: it is answered as that one ends.
     let waiting_since = tokio::time::Instant::now();
-    loop {
+    let claimed_at = loop {
+        let at = State::now();
         match state
             .store
-            .claim_publish(event.source(), event.id(), &fingerprint, State::now())
+            .claim_publish(event.source(), event.id(), &fingerprint, at)
             .await?
         {
-            PublishClaim::New | PublishClaim::Unsent => break,
+            PublishClaim::New | PublishClaim::Unsent => break at,
             PublishClaim::Sent => {
                 return Ok((StatusCode::ACCEPTED, Json(json!({"id": event.id()}))).into_response());
             }
@@ -462,12 +463,12 @@ async fn publish_event(
                 ));
             }
         }
-    }
+    };
     let sent = state.bus.send(emit).await;
     // Best effort: if this fails, the claim stays unsent and a retry sends again.
     let _ = state
         .store
-        .settle_publish(event.source(), event.id(), sent.is_ok())
+        .settle_publish(event.source(), event.id(), claimed_at, sent.is_ok())
         .await;
     let id = sent.map_err(|e| {
         if e.kind() == evbus::ErrorKind::Validation {

@@ -412,7 +412,7 @@ async fn ingest_dedup_and_conflict(f: &Fixture) {
         f.other.claim_publish("/p", "1", "fa", later).await.unwrap(),
         PublishClaim::InFlight
     );
-    s.settle_publish("/p", "1", true).await.unwrap();
+    s.settle_publish("/p", "1", later, true).await.unwrap();
     assert_eq!(
         f.other.claim_publish("/p", "1", "fa", t).await.unwrap(),
         PublishClaim::Sent
@@ -421,9 +421,25 @@ async fn ingest_dedup_and_conflict(f: &Fixture) {
         s.claim_publish("/p", "2", "fa", t).await.unwrap(),
         PublishClaim::New
     );
-    s.settle_publish("/p", "2", false).await.unwrap();
+    s.settle_publish("/p", "2", t, false).await.unwrap();
     assert_eq!(
         s.claim_publish("/p", "2", "fa", t).await.unwrap(),
+        PublishClaim::New
+    );
+    // A request whose claim was taken over, refused by the bus, leaves the claim of the
+    // request that took it over (which may be sending the event) in place.
+    assert_eq!(
+        s.claim_publish("/p", "2", "fa", later).await.unwrap(),
+        PublishClaim::Unsent
+    );
+    s.settle_publish("/p", "2", t, false).await.unwrap();
+    assert_eq!(
+        f.other.claim_publish("/p", "2", "fa", later).await.unwrap(),
+        PublishClaim::InFlight
+    );
+    s.settle_publish("/p", "2", later, false).await.unwrap();
+    assert_eq!(
+        f.other.claim_publish("/p", "2", "fa", later).await.unwrap(),
         PublishClaim::New
     );
 }

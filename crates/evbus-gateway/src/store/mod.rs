@@ -728,9 +728,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         fingerprint: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<PublishClaim>;
-    /// Settles a claim of [`claim_publish`](Store::claim_publish): marks it sent, or forgets
-    /// it when the bus refused the event (so that a retry is not taken for a duplicate).
-    async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()>;
+    /// Settles the claim of [`claim_publish`](Store::claim_publish) made at `claimed_at`:
+    /// marks the event sent, or forgets the claim when the bus refused the event (so that a
+    /// retry is not taken for a duplicate). A claim taken over since (its request outlived
+    /// [`PUBLISH_CLAIM_LEASE`]) is not forgotten: it is the other request's, which may be
+    /// sending the event.
+    async fn settle_publish(
+        &self,
+        source: &str,
+        id: &str,
+        claimed_at: DateTime<Utc>,
+        sent: bool,
+    ) -> StoreResult<()>;
     /// Logged events after position `after` whose type is in `types`, at most `limit`, and
     /// no more once their bodies add up to `max_bytes` (the first is always given, however
     /// large): a page holds at most `max_bytes` plus one event.

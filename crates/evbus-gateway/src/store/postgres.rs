@@ -879,17 +879,26 @@ impl Store for PostgresStore {
         Ok(claim)
     }
 
-    async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()> {
-        let sql = if sent {
-            "UPDATE published SET sent = TRUE WHERE source = $1 AND id = $2"
+    async fn settle_publish(
+        &self,
+        source: &str,
+        id: &str,
+        claimed_at: DateTime<Utc>,
+        sent: bool,
+    ) -> StoreResult<()> {
+        let query = if sent {
+            sqlx::query("UPDATE published SET sent = TRUE WHERE source = $1 AND id = $2")
+                .bind(text(source))
+                .bind(text(id))
         } else {
-            "DELETE FROM published WHERE source = $1 AND id = $2 AND NOT sent"
-        };
-        sqlx::query(sql)
+            sqlx::query(
+                "DELETE FROM published WHERE source = $1 AND id = $2 AND NOT sent AND received_at = $3",
+            )
             .bind(text(source))
             .bind(text(id))
-            .execute(&self.pool)
-            .await?;
+            .bind(ms(claimed_at))
+        };
+        query.execute(&self.pool).await?;
         Ok(())
     }
 

@@ -720,21 +720,33 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn settle_publish(&self, source: &str, id: &str, sent: bool) -> StoreResult<()> {
-        let args = ([source, id].map(str::to_owned), sent);
+    async fn settle_publish(
+        &self,
+        source: &str,
+        id: &str,
+        claimed_at: DateTime<Utc>,
+        sent: bool,
+    ) -> StoreResult<()> {
+        let args = ([source, id].map(str::to_owned), ms(claimed_at), sent);
         self.batch
-            .write(args, |conn, ([source, id], sent)| {
+            .write(args, |conn, ([source, id], claimed_at, sent)| {
                 Box::pin(async move {
-                    let sql = if *sent {
-                        "UPDATE published SET sent = 1 WHERE source = ? AND id = ?"
-                    } else {
-                        "DELETE FROM published WHERE source = ? AND id = ? AND sent = 0"
-                    };
-                    sqlx::query(sql)
-                        .bind(source)
-                        .bind(id)
-                        .execute(&mut *conn)
-                        .await?;
+                    if *sent {
+                        sqlx::query("UPDATE published SET sent = 1 WHERE source = ? AND id = ?")
+                            .bind(source)
+                            .bind(id)
+                            .execute(&mut *conn)
+                            .await?;
+                        return Ok(());
+                    }
+                    sqlx::query(
+                        "DELETE FROM published WHERE source = ? AND id = ? AND sent = 0 AND received_at = ?",
+                    )
+                    .bind(source)
+                    .bind(id)
+                    .bind(*claimed_at)
+                    .execute(&mut *conn)
+                    .await?;
                     Ok(())
                 })
             })
