@@ -365,7 +365,7 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
             Duration::from_secs(10),
         )
         .await;
-        let (conn, channel) = stock_channel().await;
+        let (_conn, channel) = stock_channel().await;
         let exchange = consumer.exchange_name(&topic_name);
         let passive = channel
             .exchange_declare(
@@ -382,16 +382,11 @@ async fn subscriptions_end_when_their_topic_or_queue_is_deleted() {
             passive.is_err(),
             "the deleted topic's exchange was declared again"
         );
-        for queue in [
+        assert_gone(&[
             consumer.subscription_queue_name(&topic_name, "billing"),
             consumer.queue_name(&queue_name),
-        ] {
-            assert_eq!(
-                message_count(&conn, &queue).await,
-                None,
-                "the deleted queue `{queue}` was declared again"
-            );
-        }
+        ])
+        .await;
         // The names are usable again from the consumer's connection, which had declared
         // them before the deletion.
         let topic = consumer.topic(&topic_name).await.unwrap();
@@ -456,17 +451,7 @@ async fn a_topic_deleted_and_opened_again_at_once_keeps_its_old_subscriptions_en
         Duration::from_secs(15),
     )
     .await;
-    let (conn, _channel) = stock_channel().await;
-    assert_eq!(
-        message_count(
-            &conn,
-            &consumer.subscription_queue_name(&topic_name, "billing")
-        )
-        .await,
-        None,
-        "the old subscription's queue was declared again"
-    );
-    let _ = conn.close(200, "done".into()).await;
+    assert_gone(&[consumer.subscription_queue_name(&topic_name, "billing")]).await;
     other.delete_topic(&topic_name).await.unwrap();
     for dead in [
         format!("{topic_name}.billing.dlq"),
@@ -512,18 +497,11 @@ async fn a_deletion_is_counted_by_a_service_with_another_tombstone_ttl() {
         Duration::from_secs(15),
     )
     .await;
-    let (conn, _channel) = stock_channel().await;
-    for queue in [
+    assert_gone(&[
         consumer.subscription_queue_name(&topic_name, "billing"),
         consumer.queue_name(&queue_name),
-    ] {
-        assert_eq!(
-            message_count(&conn, &queue).await,
-            None,
-            "the deleted queue `{queue}` was declared again"
-        );
-    }
-    let _ = conn.close(200, "done".into()).await;
+    ])
+    .await;
     for dead in [
         format!("{topic_name}.billing.dlq"),
         format!("{queue_name}.dlq"),
@@ -532,6 +510,19 @@ async fn a_deletion_is_counted_by_a_service_with_another_tombstone_ttl() {
     }
     consumer.close().await.unwrap();
     other.close().await.unwrap();
+}
+
+/// Asserts that none of the deleted `queues` exists: nothing declared them again.
+async fn assert_gone(queues: &[String]) {
+    let (conn, _channel) = stock_channel().await;
+    for queue in queues {
+        assert_eq!(
+            message_count(&conn, queue).await,
+            None,
+            "the deleted queue `{queue}` was declared again"
+        );
+    }
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// The consumer count of queue `queue` (a passive declare on a channel of its own): `None`
