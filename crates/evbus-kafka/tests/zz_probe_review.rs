@@ -16,7 +16,10 @@ fn ev(i: u32, key: &str) -> Event {
 }
 
 fn uniq(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )
 }
 
 async fn next_opt(sub: &mut evbus::Subscription, secs: u64) -> Option<evbus::Delivery> {
@@ -31,7 +34,12 @@ async fn next_opt(sub: &mut evbus::Subscription, secs: u64) -> Option<evbus::Del
 /// Committed offsets of `group` on `topic` partitions 0..n, read with a plain client.
 fn committed(group: &str, topic: &str, n: i32) -> Vec<String> {
     let url = support::kafka_url();
-    let servers = url.trim_start_matches("kafka://").split('?').next().unwrap().to_owned();
+    let servers = url
+        .trim_start_matches("kafka://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &servers)
         .set("group.id", group)
@@ -49,7 +57,11 @@ fn committed(group: &str, topic: &str, n: i32) -> Vec<String> {
             let (lo, hi) = c
                 .fetch_watermarks(topic, e.partition(), Duration::from_secs(5))
                 .unwrap_or((-1, -1));
-            format!("p{} committed={:?} watermarks=({lo},{hi})", e.partition(), e.offset())
+            format!(
+                "p{} committed={:?} watermarks=({lo},{hi})",
+                e.partition(),
+                e.offset()
+            )
         })
         .collect()
 }
@@ -57,7 +69,9 @@ fn committed(group: &str, topic: &str, n: i32) -> Vec<String> {
 /// Two different (topic, subscription) pairs map to one consumer group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_names_collide() {
-    let Some(t) = support::connect_with("").await else { return };
+    let Some(t) = support::connect_with("").await else {
+        return;
+    };
     let base = uniq("zzpc");
     let ta = t.topic(&format!("{base}.a")).await.unwrap();
     let tb = t.topic(&base).await.unwrap();
@@ -73,9 +87,14 @@ async fn group_names_collide() {
     let again = next_opt(&mut s1, 15).await;
     eprintln!(
         "s1 redelivered: {:?}",
-        again.as_ref().map(|d| (d.event().id().to_owned(), d.attempt()))
+        again
+            .as_ref()
+            .map(|d| (d.event().id().to_owned(), d.attempt()))
     );
-    assert!(r.is_ok(), "opening an unrelated subscription expired s1's delivery: {r:?}");
+    assert!(
+        r.is_ok(),
+        "opening an unrelated subscription expired s1's delivery: {r:?}"
+    );
 }
 
 /// A state topic with fewer partitions than the consumed topic: no commit ever lands.
@@ -91,7 +110,9 @@ async fn state_topic_with_fewer_partitions_blocks_commits() {
     a.delete_topic(&name).await.unwrap();
     a.close().await.unwrap();
 
-    let b = support::connect_with("partitions=3&offset_state=state_topic").await.unwrap();
+    let b = support::connect_with("partitions=3&offset_state=state_topic")
+        .await
+        .unwrap();
     let topic = b.topic(&name).await.unwrap();
     let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
     for i in 0..30 {
@@ -154,7 +175,9 @@ async fn stale_state_after_delete_topic() {
 /// A queue deleted and created again: does its group's old committed offset apply?
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_recreated_after_delete() {
-    let Some(a) = support::connect_with("partitions=1").await else { return };
+    let Some(a) = support::connect_with("partitions=1").await else {
+        return;
+    };
     let name = uniq("zzpq");
     let q = a.queue(&name).await.unwrap();
     for i in 0..3 {
@@ -174,7 +197,10 @@ async fn queue_recreated_after_delete() {
     let mut c = q.receive(ConsumerOptions::default()).await.unwrap();
     let mut got = Vec::new();
     while let Some(d) = next_opt(&mut c, 8).await {
-        got.push(String::from_utf8_lossy(d.event().data().map(|b| &b[..]).unwrap_or_default()).to_string());
+        got.push(
+            String::from_utf8_lossy(d.event().data().map(|b| &b[..]).unwrap_or_default())
+                .to_string(),
+        );
         d.ack().await.unwrap();
     }
     eprintln!("recreated queue delivered: {got:?}");
@@ -239,7 +265,8 @@ async fn odd_config_values() {
             let _s = topic.subscribe(SubscribeOptions::named("s")).await?;
             evbus::Result::Ok(())
         };
-        let r: Result<evbus::Result<()>, _> = tokio::time::timeout(Duration::from_secs(40), r).await;
+        let r: Result<evbus::Result<()>, _> =
+            tokio::time::timeout(Duration::from_secs(40), r).await;
         match r {
             Ok(Ok(())) => eprintln!("{params}: connect, publish and subscribe OK"),
             Ok(Err(e)) => eprintln!("{params}: connect OK, then {:?} {e}", e.kind()),
@@ -273,4 +300,86 @@ async fn control_state_topic_commits_land() {
     eprintln!("CONTROL after acking all 30 (subscription still open): {c:#?}");
     drop(sub);
     b.close().await.unwrap();
+}
+
+fn state_watermarks(state_topic: &str) -> (i64, i64) {
+    let url = support::kafka_url();
+    let servers = url.trim_start_matches("kafka://").split('?').next().unwrap().to_owned();
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("group.id", "zzp-reader")
+        .create()
+        .unwrap();
+    c.fetch_watermarks(state_topic, 0, Duration::from_secs(5)).unwrap_or((-1, -1))
+}
+
+/// The same mismatch, idle: how many state records are written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_topic_mismatch_write_rate() {
+    let Some(a) = support::connect_with("partitions=1&offset_state=state_topic").await else {
+        return;
+    };
+    let name = uniq("zzpw");
+    let topic = a.topic(&name).await.unwrap();
+    drop(topic.subscribe(SubscribeOptions::named("s")).await.unwrap());
+    a.delete_topic(&name).await.unwrap();
+    a.close().await.unwrap();
+    let b = support::connect_with("partitions=3&offset_state=state_topic").await.unwrap();
+    let topic = b.topic(&name).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut sub = topic.subscribe(SubscribeOptions::named("s")).await.unwrap();
+    eprintln!("subscribe took {:?}", started.elapsed());
+    topic.publish(&ev(1, "key-1")).await.unwrap();
+    next_opt(&mut sub, 20).await.expect("d").ack().await.unwrap();
+    let st = format!("__evbus_state.evbus.sub.{name}.s");
+    let st2 = st.clone();
+    let w1 = tokio::task::spawn_blocking(move || state_watermarks(&st2)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let w2 = tokio::task::spawn_blocking(move || state_watermarks(&st)).await.unwrap();
+    eprintln!("state topic p0 watermarks, idle subscription, 5 s apart: {w1:?} -> {w2:?}");
+    drop(sub);
+    b.close().await.unwrap();
+}
+
+/// A named subscription reopened by a transport whose operation_timeout is short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_operation_timeout_reopen() {
+    for v in [3, 10, 30] {
+        let Some(n) = support::connect_with("partitions=1&offset_state=commit_metadata").await else {
+            return;
+        };
+        let name = uniq("zzpt");
+        let topic = n.topic(&name).await.unwrap();
+        drop(topic.subscribe(SubscribeOptions::named("s")).await.unwrap());
+        for i in 0..5 {
+            topic.publish(&ev(i, "k")).await.unwrap();
+        }
+        n.close().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let x = match support::connect_with(&format!(
+            "partitions=1&offset_state=commit_metadata&operation_timeout_ms={v}"
+        ))
+        .await
+        {
+            Some(x) => x,
+            None => continue,
+        };
+        let r = async {
+            let topic = x.topic(&name).await?;
+            topic.subscribe(SubscribeOptions::named("s")).await
+        }
+        .await;
+        match r {
+            Err(e) => eprintln!("op timeout {v} ms: subscribe failed {:?} {e}", e.kind()),
+            Ok(mut sub) => {
+                let mut got = 0;
+                while let Some(d) = next_opt(&mut sub, 5).await {
+                    got += 1;
+                    let _ = d.ack().await;
+                }
+                eprintln!("op timeout {v} ms: the reopened subscription got {got} of 5 events");
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), x.close()).await;
+    }
 }
