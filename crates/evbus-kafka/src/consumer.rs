@@ -606,6 +606,10 @@ pub(crate) struct Context {
     start: StartPosition,
     timeout: Duration,
     assigned: watch::Sender<bool>,
+    /// The polling thread's stop (the subscription dropped) and the consumer's end: what
+    /// ends [`Context::read_until`]'s retries.
+    stop: CancellationToken,
+    closed: CancellationToken,
 }
 
 impl ClientContext for Context {}
@@ -676,11 +680,22 @@ impl ConsumerContext for Context {
 impl Context {
     /// Sets each assigned partition's start: its committed offset (and the metadata above
     /// it), or for a new subscription the end (latest) or the beginning (earliest).
+    ///
+    /// A read that fails is tried again, never taken for an answer: a committed offset that
+    /// could not be read, taken for none, started a durable subscription at the end of its
+    /// partition (skipping what was published while it was away) or, with the bounds
+    /// unread too, at offset 0 (everything again), and committed that start at once
+    /// (outside review). Stopping meanwhile leaves the partitions untracked: nothing is
+    /// delivered from them or committed for them.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let committed = consumer.committed_offsets(tpl.clone(), self.timeout);
+        let Some(committed) = self.read_until("reading the committed offsets", || {
+            consumer.committed_offsets(tpl.clone(), self.timeout)
+        }) else {
+            return;
+        };
         // With a state topic, the state of each partition that has a committed offset.
-        let from_topic: HashMap<i32, String> = match (&self.shared.state_topic, &committed) {
-            (Some(topic), Ok(committed)) => {
+        let from_topic: HashMap<i32, String> = match &self.shared.state_topic {
+            Some(topic) => {
                 let wanted: Vec<(i32, i64)> = committed
                     .elements()
                     .iter()
@@ -694,38 +709,45 @@ impl Context {
                     .into_iter()
                     .collect()
             }
-            _ => HashMap::new(),
+            None => HashMap::new(),
         };
-        let mut state = self.shared.lock();
-        for mut elem in tpl.elements() {
+        // The starts, read before the state is locked (reads may be retried for a while).
+        let mut starts = Vec::new();
+        for elem in tpl.elements() {
             let p = elem.partition();
-            let known = committed.as_ref().ok().and_then(|c| {
-                c.find_partition(&self.shared.topic, p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) if o >= 0 => Some((o, e.metadata().to_owned())),
-                        _ => None,
-                    })
-            });
-            let (start, metadata, new) = match known {
+            let known = committed
+                .find_partition(&self.shared.topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Some((o, e.metadata().to_owned())),
+                    _ => None,
+                });
+            let start = match known {
                 Some((o, metadata)) => match &self.shared.state_topic {
                     Some(_) => (o, from_topic.get(&p).cloned().unwrap_or_default(), false),
                     None => (o, metadata, false),
                 },
                 None => {
-                    let watermarks = consumer.fetch_watermarks(&self.shared.topic, p, self.timeout);
-                    let (low, high) = watermarks.unwrap_or((0, 0));
+                    let Some((low, high)) = self.read_until("reading a partition's bounds", || {
+                        consumer.fetch_watermarks(&self.shared.topic, p, self.timeout)
+                    }) else {
+                        return;
+                    };
                     match self.start {
                         StartPosition::Latest => (high, String::new(), true),
                         StartPosition::Earliest => (low, String::new(), true),
                     }
                 }
             };
+            starts.push(start);
+        }
+        let mut state = self.shared.lock();
+        for (mut elem, (start, metadata, new)) in tpl.elements().into_iter().zip(starts) {
+            let p = elem.partition();
             tracing::debug!(
                 topic = %self.shared.topic,
                 partition = p,
                 start,
                 new,
-                committed_read = committed.is_ok(),
                 "partition assigned"
             );
             state.next_generation += 1;
@@ -734,6 +756,34 @@ impl Context {
             part.dirty = new;
             state.partitions.insert(p, part);
             let _ = elem.set_offset(Offset::Offset(start));
+        }
+    }
+
+    /// `read()`, again (after 100 ms, doubling to 5 s) until it succeeds; `None` once the
+    /// consumer stops or ends meanwhile.
+    fn read_until<T>(
+        &self,
+        what: &str,
+        mut read: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+    ) -> Option<T> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match read() {
+                Ok(value) => return Some(value),
+                Err(e) => {
+                    if self.stop.is_cancelled() || self.closed.is_cancelled() {
+                        return None;
+                    }
+                    tracing::warn!(
+                        error = %e,
+                        topic = %self.shared.topic,
+                        "{what} for a partition assignment failed; trying again in {pause:?} \
+                         (a start that was not read is never guessed)"
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 
@@ -903,11 +953,14 @@ pub(crate) async fn start(
         window: spec.options.max_in_flight.max(1),
     });
     let (assigned_tx, mut assigned) = watch::channel(false);
+    let stop = CancellationToken::new();
     let context = Context {
         shared: Arc::clone(&shared),
         start: spec.start,
         timeout: config.operation_timeout,
         assigned: assigned_tx,
+        stop: stop.clone(),
+        closed: closed.clone(),
     };
     let mut client = config.client_config();
     client
@@ -954,7 +1007,6 @@ pub(crate) async fn start(
     }
 
     let (tx, rx) = mpsc::unbounded_channel::<Ready>();
-    let stop = CancellationToken::new();
     let high_water = Prefetch::for_in_flight(spec.options.max_in_flight);
     let join_deadline = Instant::now() + config.assignment_timeout;
     let operation_timeout = config.operation_timeout;

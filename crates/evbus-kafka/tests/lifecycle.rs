@@ -198,3 +198,74 @@ async fn refused_credentials_are_a_configuration_error_that_says_so() {
     assert!(e.to_string().contains("refused"), "{e}");
     assert!(!e.is_retryable(), "{e}");
 }
+
+/// A committed offset that cannot be read when a partition is assigned is read again, not
+/// taken for none: a durable subscription reopened while the group coordinator was out of
+/// reach for a moment started at the end of its partition and committed that start, so what
+/// was published while it was away was lost for good (outside review: 0 of 5 events; with
+/// the partition's bounds unread too, it started at offset 0 and delivered everything again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_committed_offset_unread_at_assignment_is_read_again() {
+    let broker = match support::TansuBehindProxy::start().await {
+        Ok(broker) => broker,
+        Err(e) if !evbus_conformance::require_brokers() => {
+            eprintln!("WARNING: no tansu of the test's own, test not run: {e}");
+            return;
+        }
+        Err(e) => panic!("cannot start a tansu behind a proxy: {e}"),
+    };
+    // The offsets in the commit metadata (no state topic to read), reads timing out in 2 s.
+    let url = format!(
+        "{}?offset_state=commit_metadata&operation_timeout_ms=2000&partitions=1",
+        broker.url()
+    );
+    let connect = || async {
+        evbus_kafka::KafkaTransport::connect(support::test_config(&url).unwrap())
+            .await
+            .unwrap()
+    };
+    let name = unique("unread-offset");
+    let first = connect().await;
+    let topic = first.topic(&name).await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    topic.publish(&event(0)).await.unwrap();
+    support::next_within_20s(&mut sub, "event 0")
+        .await
+        .ack()
+        .await
+        .unwrap();
+    drop(sub);
+    for i in 1..=5 {
+        topic.publish(&event(i)).await.unwrap();
+    }
+    first.close().await.unwrap();
+
+    let second = connect().await;
+    let topic = second.topic(&name).await.unwrap();
+    // The next OffsetFetch (API key 9), the assignment's read of the committed offset, cuts
+    // the broker off for 2.6 s.
+    broker.proxy.cut_at_request(9, Duration::from_millis(2600));
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    assert!(
+        broker.proxy.sprung(),
+        "the subscription started without reading its committed offset"
+    );
+    let mut got = Vec::new();
+    for _ in 1..=5 {
+        let delivery = support::next_within_20s(&mut sub, "an event published while away").await;
+        got.push(serde_json::from_slice::<u32>(delivery.event().data().unwrap()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        got,
+        [1, 2, 3, 4, 5],
+        "the subscription did not resume where it stopped"
+    );
+    second.close().await.unwrap();
+}

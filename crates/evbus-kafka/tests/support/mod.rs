@@ -131,57 +131,26 @@ impl TansuBehindProxy {
 }
 
 /// A TCP proxy the test controls: [`cut`](Self::cut) drops every connection and refuses new
-/// ones (accepts and closes them at once) until [`restore`](Self::restore).
+/// ones (accepts and closes them at once) until [`restore`](Self::restore);
+/// [`cut_at_request`](Self::cut_at_request) does so when a client sends a given request.
 pub struct Proxy {
     pub port: u16,
-    cut: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    shared: Arc<ProxyShared>,
     accept: AbortHandle,
 }
 
-impl Proxy {
-    /// Listens on a free port and forwards every connection to `127.0.0.1:upstream`.
-    pub async fn start(upstream: u16) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let accept = {
-            let cut = Arc::clone(&cut);
-            let connections = Arc::clone(&connections);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    if cut.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await {
-                            let _ = client.set_nodelay(true);
-                            let _ = server.set_nodelay(true);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    let mut open = connections.lock().unwrap_or_else(|p| p.into_inner());
-                    open.retain(|t| !t.is_finished());
-                    open.push(task.abort_handle());
-                }
-            })
-            .abort_handle()
-        };
-        Ok(Proxy {
-            port,
-            cut,
-            connections,
-            accept,
-        })
-    }
+#[derive(Default)]
+struct ProxyShared {
+    cut: AtomicBool,
+    connections: Mutex<Vec<AbortHandle>>,
+    /// The Kafka API key whose next request cuts, and for how long.
+    trap: Mutex<Option<(i16, Duration)>>,
+    /// Whether the trap went off.
+    sprung: AtomicBool,
+}
 
-    /// Drops every open connection and refuses new ones.
-    pub fn cut(&self) {
+impl ProxyShared {
+    fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for task in self
             .connections
@@ -192,16 +161,111 @@ impl Proxy {
             task.abort();
         }
     }
+}
+
+impl Proxy {
+    /// Listens on a free port and forwards every connection to `127.0.0.1:upstream`.
+    pub async fn start(upstream: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let shared = Arc::new(ProxyShared::default());
+        let accept = {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if shared.cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let task = tokio::spawn(forward(client, upstream, Arc::clone(&shared)));
+                    let mut open = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+                    open.retain(|t| !t.is_finished());
+                    open.push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        Ok(Proxy {
+            port,
+            shared,
+            accept,
+        })
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.shared.cut();
+    }
 
     /// Lets connections through again.
     pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.shared.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Cuts (as [`cut`](Self::cut)) for `pause` when a client next sends a request with Kafka
+    /// API key `api_key` (9: OffsetFetch), which never reaches the broker.
+    pub fn cut_at_request(&self, api_key: i16, pause: Duration) {
+        *self.shared.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some((api_key, pause));
+    }
+
+    /// Whether a [`cut_at_request`](Self::cut_at_request) went off.
+    pub fn sprung(&self) -> bool {
+        self.shared.sprung.load(Ordering::SeqCst)
+    }
+}
+
+/// Forwards one connection, request frame by request frame towards the broker (a Kafka
+/// request: a 4-byte length, then the API key first).
+async fn forward(client: TcpStream, upstream: u16, shared: Arc<ProxyShared>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let down = tokio::io::copy(&mut server_read, &mut client_write);
+    let up = async {
+        loop {
+            let mut length = [0u8; 4];
+            client_read.read_exact(&mut length).await?;
+            let mut frame = vec![0u8; u32::from_be_bytes(length) as usize];
+            client_read.read_exact(&mut frame).await?;
+            let api_key = frame.get(..2).map(|k| i16::from_be_bytes([k[0], k[1]]));
+            let sprung = {
+                let mut trap = shared.trap.lock().unwrap_or_else(|p| p.into_inner());
+                match *trap {
+                    Some((key, pause)) if Some(key) == api_key => trap.take().map(|_| pause),
+                    _ => None,
+                }
+            };
+            if let Some(pause) = sprung {
+                shared.sprung.store(true, Ordering::SeqCst);
+                shared.cut();
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    shared.cut.store(false, Ordering::SeqCst);
+                });
+                return Ok::<(), std::io::Error>(());
+            }
+            server_write.write_all(&length).await?;
+            server_write.write_all(&frame).await?;
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
-        self.cut();
+        self.shared.cut();
     }
 }
