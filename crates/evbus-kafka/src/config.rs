@@ -182,6 +182,31 @@ impl KafkaConfig {
                 "partitions and replication_factor must be at least 1",
             ));
         }
+        // librdkafka's ranges (`message.timeout.ms` 0 is "no timeout": a publish during an
+        // outage would never return); the adapter's own limits must let an operation start.
+        let ms = |d: Duration| d.as_millis();
+        for (name, value, max) in [
+            ("session_timeout_ms", self.session_timeout, 3_600_000),
+            ("heartbeat_interval_ms", self.heartbeat_interval, 3_600_000),
+            ("message_timeout_ms", self.message_timeout, i32::MAX as u128),
+            (
+                "operation_timeout_ms",
+                self.operation_timeout,
+                i32::MAX as u128,
+            ),
+            (
+                "assignment_timeout_ms",
+                self.assignment_timeout,
+                i32::MAX as u128,
+            ),
+        ] {
+            if !(1..=max).contains(&ms(value)) {
+                return Err(Error::invalid_config(format!(
+                    "{name} must be between 1 and {max} milliseconds, not {}",
+                    ms(value)
+                )));
+            }
+        }
         if self.heartbeat_interval >= self.session_timeout {
             return Err(Error::invalid_config(
                 "heartbeat_interval must be shorter than session_timeout",
@@ -284,6 +309,28 @@ impl ConfigKey for KafkaConfigKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_outside_what_librdkafka_takes_are_refused_at_once() {
+        for (query, name) in [
+            ("message_timeout_ms=0", "message_timeout_ms"),
+            ("message_timeout_ms=3000000000", "message_timeout_ms"),
+            ("operation_timeout_ms=0", "operation_timeout_ms"),
+            ("assignment_timeout_ms=0", "assignment_timeout_ms"),
+            ("session_timeout_ms=3600001", "session_timeout_ms"),
+            ("heartbeat_interval_ms=0", "heartbeat_interval_ms"),
+        ] {
+            let e = KafkaConfig::from_url(&format!("kafka://k1:9093?{query}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert_eq!(e.kind(), evbus::ErrorKind::InvalidConfig, "{query}: {e}");
+            assert!(e.to_string().contains(name), "{query}: {e}");
+        }
+        KafkaConfig::from_url("kafka://k1:9093?message_timeout_ms=1&session_timeout_ms=3600000")
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
 
     #[test]
     fn urls_set_every_documented_parameter() {
