@@ -1218,6 +1218,36 @@ async fn send_ack(
         ));
     };
     let payload: Bytes = kind.into();
+    // Bounded as a whole: while the client reconnects it queues commands, and once its queue
+    // is full (publishes tried during the outage fill it) a send waits for room with no limit
+    // of its own, so acks, nacks and renewals, and `close` behind them, hung until NATS came
+    // back (outside review). Unsent, the delivery comes back after its ack wait.
+    let limit = shared.config.request_timeout;
+    match tokio::time::timeout(
+        limit,
+        send_ack_now(shared, (stream, consumer), reply, payload, confirm, what),
+    )
+    .await
+    {
+        Ok(sent) => sent,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "{what}: NATS did not take it within {limit:?} (request_timeout); the client may be reconnecting. Unsettled, the delivery comes back after its ack wait"
+            ),
+        )),
+    }
+}
+
+/// [`send_ack`] without its time limit.
+async fn send_ack_now(
+    shared: &Shared,
+    (stream, consumer): (&str, &str),
+    reply: Subject,
+    payload: Bytes,
+    confirm: bool,
+    what: &str,
+) -> Result<()> {
     if confirm {
         match shared.client.request(reply, payload).await {
             Ok(_) => {}

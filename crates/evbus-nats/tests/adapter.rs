@@ -1269,3 +1269,55 @@ async fn ids_no_header_can_carry_are_published_and_deduplicated() {
     drop(sub);
     transport.delete_topic(&name).await.unwrap();
 }
+
+/// While the client reconnects, acks, nacks and `close` end within `request_timeout`, also
+/// once the client's command queue is full: every publish tried during an outage leaves a
+/// command in it, and a settlement then waited for room until NATS came back (outside
+/// review: an ack with `request_timeout_ms=1000` took 17.6 s, and neither a nack nor `close`
+/// had ended 15 s into the outage).
+#[tokio::test(flavor = "multi_thread")]
+async fn settlements_and_close_end_in_time_while_the_client_queue_is_full() {
+    let server = support::NatsServer::start().expect("starting a nats-server");
+    let url = format!("{}?request_timeout_ms=1000", server.url());
+    let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let topic = transport.topic(&unique("full-queue")).await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let event = |i: usize| Event::builder("t", "/s").json(&i).unwrap().build().unwrap();
+    for i in 0..2 {
+        topic.publish(&event(i)).await.unwrap();
+    }
+    let first = next(&mut sub).await;
+    let second = next(&mut sub).await;
+    server.kill();
+    // About 2,500 commands queued: the first chunk of each batch.
+    let events: Vec<Event> = (0..2500).map(event).collect();
+    for _ in 0..5 {
+        let failed = topic.publish_batch(&events).await;
+        assert!(failed.is_err(), "a publish succeeded with the server down");
+    }
+    let started = std::time::Instant::now();
+    let (acked, nacked) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(second.ack(), first.nack(None))
+    })
+    .await
+    .expect("an ack and a nack waited 30 s into the outage");
+    let took = started.elapsed();
+    let acked = acked.expect_err("an ack succeeded with the server down");
+    assert_eq!(acked.kind(), ErrorKind::Timeout, "{acked}");
+    assert!(acked.is_retryable(), "{acked}");
+    nacked.expect_err("a nack succeeded with the server down");
+    assert!(
+        took < Duration::from_secs(5),
+        "the settlements took {took:?}"
+    );
+    drop(sub);
+    tokio::time::timeout(Duration::from_secs(10), transport.close())
+        .await
+        .expect("close did not end within 10 s of the outage")
+        .unwrap();
+}
