@@ -508,6 +508,36 @@ impl NatsConfig {
             ("fetch_wait", self.fetch_wait),
             ("anonymous_ttl", self.anonymous_ttl),
         ])?;
+        // What JetStream takes: durations in int64 nanoseconds (here at most a century), a
+        // `max_age` of 0 (none) or of 100 ms and more, a duplicate window of 1 ms and more (0
+        // would be read as its default, 2 minutes; a longer one than `max_age` is shortened
+        // to it).
+        for (name, value) in [
+            ("max_age", self.max_age),
+            ("duplicate_window", self.duplicate_window),
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_max_delay", self.reconnect_max_delay),
+            ("fetch_wait", self.fetch_wait),
+            ("anonymous_ttl", self.anonymous_ttl),
+        ] {
+            if value > LONGEST {
+                return Err(Error::invalid_config(format!(
+                    "{name} must be at most 100 years, got {value:?}"
+                )));
+            }
+        }
+        if !self.max_age.is_zero() && self.max_age < Duration::from_millis(100) {
+            return Err(Error::invalid_config(format!(
+                "max_age must be 0 (no limit) or at least 100 ms (JetStream's least), got {:?}",
+                self.max_age
+            )));
+        }
+        if self.duplicate_window.is_zero() {
+            return Err(Error::invalid_config(
+                "duplicate_window must be at least 1 ms (NATS reads 0 as its default, 2 minutes)",
+            ));
+        }
         if self.fetch_batch == 0 {
             return Err(Error::invalid_config("fetch_batch must be at least 1"));
         }
@@ -524,6 +554,10 @@ impl NatsConfig {
         Ok(())
     }
 }
+
+/// The longest duration a setting takes: a century, well inside the int64 nanoseconds
+/// JetStream reads durations as (about 292 years).
+pub(crate) const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `value` is not one of the values `key` takes (`expected`).
 fn bad_choice(key: NatsConfigKey, value: &str, expected: &str) -> Error {
@@ -649,6 +683,28 @@ fn check_scheme(scheme: &str) -> Result<()> {
 mod tests {
     use super::*;
     use evbus::ErrorKind;
+
+    #[test]
+    fn durations_jetstream_refuses_are_refused_when_the_config_is_read() {
+        for (query, name) in [
+            ("max_age_ms=10", "max_age"),
+            ("max_age_ms=10000000000000", "max_age"),
+            ("duplicate_window_ms=10000000000000", "duplicate_window"),
+            ("duplicate_window_ms=0", "duplicate_window"),
+            ("fetch_wait_ms=10000000000000", "fetch_wait"),
+        ] {
+            let e = NatsConfig::from_url(&format!("nats://127.0.0.1:4222?{query}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{query}: {e}");
+            assert!(e.to_string().contains(name), "{query}: {e}");
+        }
+        for query in ["max_age_ms=0", "max_age_ms=100", "max_age_ms=60000"] {
+            NatsConfig::from_url(&format!("nats://127.0.0.1:4222?{query}"))
+                .and_then(|c| c.validate())
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+        }
+    }
 
     #[test]
     fn url_keys_are_the_serde_names() {

@@ -1321,3 +1321,18 @@ async fn settlements_and_close_end_in_time_while_the_client_queue_is_full() {
         .expect("close did not end within 10 s of the outage")
         .unwrap();
 }
+
+/// A visibility timeout JetStream cannot hold (`Duration::MAX` for "no timeout") is refused
+/// as a configuration error, not a `Broker` error quoting the server's JSON parser.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_visibility_timeout_past_what_jetstream_holds_is_a_configuration_error() {
+    let transport = transport().await;
+    let topic = transport.topic(&unique("vis-max")).await.unwrap();
+    let mut options = SubscribeOptions::named("billing");
+    options.consumer = ConsumerOptions::default().visibility_timeout(Duration::MAX);
+    let err = topic.subscribe(options).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("visibility_timeout"), "{err}");
+    transport.delete_topic(topic.name()).await.unwrap();
+    transport.close().await.unwrap();
+}
