@@ -89,6 +89,12 @@ impl Connection {
                 .headers(headers.clone());
             if let Some(key) = &key {
                 record = record.key(key.as_str());
+                // librdkafka's default partitioner sends empty keys (as null ones) to a
+                // random partition: an empty key goes where `consistent` puts it (CRC32 of
+                // "" is 0), so that its events keep their order as any key's do.
+                if key.is_empty() {
+                    record = record.partition(0);
+                }
             }
             match self.producer.send_result(record) {
                 Ok(future) => return Ok(future),
