@@ -53,7 +53,9 @@ pub struct KafkaConfig {
     pub heartbeat_interval: Duration,
     /// How long the producer keeps retrying one publish (`message.timeout.ms`, through broker
     /// outages) before it fails with a retryable [`ErrorKind::Timeout`](evbus::ErrorKind).
-    /// Default 30 s.
+    /// Default 30 s. Every timing here is at least 1 ms (librdkafka reads a
+    /// `message.timeout.ms` of 0 as "never"), at most `i32::MAX` ms, and session and
+    /// heartbeat at most an hour (librdkafka's range).
     #[serde(rename = "message_timeout_ms", with = "evbus::raw::millis")]
     pub message_timeout: Duration,
     /// Time limit of admin requests, offset commits and metadata requests. Default 10 s.

@@ -501,31 +501,26 @@ impl NatsConfig {
                 self.replicas
             )));
         }
-        evbus::raw::check_positive(&[
+        let timings = [
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
             ("reconnect_max_delay", self.reconnect_max_delay),
             ("fetch_wait", self.fetch_wait),
             ("anonymous_ttl", self.anonymous_ttl),
-        ])?;
+        ];
+        evbus::raw::check_positive(&timings)?;
         // What JetStream takes: durations in int64 nanoseconds (here at most a century), a
         // `max_age` of 0 (none) or of 100 ms and more, a duplicate window of 1 ms and more (0
         // would be read as its default, 2 minutes; a longer one than `max_age` is shortened
         // to it).
-        for (name, value) in [
+        let limits = [
             ("max_age", self.max_age),
             ("duplicate_window", self.duplicate_window),
-            ("request_timeout", self.request_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("reconnect_max_delay", self.reconnect_max_delay),
-            ("fetch_wait", self.fetch_wait),
-            ("anonymous_ttl", self.anonymous_ttl),
-        ] {
-            if value > LONGEST {
-                return Err(Error::invalid_config(format!(
-                    "{name} must be at most 100 years, got {value:?}"
-                )));
-            }
+        ];
+        if let Some((name, value)) = timings.iter().chain(&limits).find(|(_, v)| *v > LONGEST) {
+            return Err(Error::invalid_config(format!(
+                "{name} must be at most 100 years, got {value:?}"
+            )));
         }
         if !self.max_age.is_zero() && self.max_age < Duration::from_millis(100) {
             return Err(Error::invalid_config(format!(
