@@ -628,7 +628,7 @@ impl ConsumerContext for Context {
         );
         match err {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.assign(consumer, tpl);
+                let others = self.assign(consumer, tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -651,8 +651,9 @@ impl ConsumerContext for Context {
                 // Record the start of a new subscription right away, so that it survives
                 // the consumer closing before anything arrives.
                 let mut state = self.shared.lock();
-                let commits = self.shared.dirty_commits(&mut state, true);
+                let mut commits = self.shared.dirty_commits(&mut state, true);
                 drop(state);
+                commits.extend(others);
                 self.shared
                     .commit_sync(consumer, &commits, "committing start offsets failed");
                 self.assigned.send_replace(true);
@@ -679,7 +680,8 @@ impl ConsumerContext for Context {
 
 impl Context {
     /// Sets each assigned partition's start: its committed offset (and the metadata above
-    /// it), or for a new subscription the end (latest) or the beginning (earliest).
+    /// it); for a new subscription the end (latest) or the beginning (earliest); for a
+    /// partition added to the topic of an existing subscription, the beginning.
     ///
     /// A read that fails is tried again, never taken for an answer: a committed offset that
     /// could not be read, taken for none, started a durable subscription at the end of its
@@ -687,22 +689,29 @@ impl Context {
     /// unread too, at offset 0 (everything again), and committed that start at once
     /// (outside review). Stopping meanwhile leaves the partitions untracked: nothing is
     /// delivered from them or committed for them.
-    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let Some(committed) = self.read_until("reading the committed offsets", || {
-            consumer.committed_offsets(tpl.clone(), self.timeout)
-        }) else {
-            return;
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) -> Vec<Commit> {
+        let assigned: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        // Every partition up to the highest assigned one: partitions added to a topic take
+        // the next numbers, so the subscription's older partitions are among these even when
+        // this consumer was assigned only new ones.
+        let highest = assigned.iter().copied().max().unwrap_or(-1);
+        let Some(committed) = self.committed(consumer, 0..=highest) else {
+            return Vec::new();
         };
-        // With a state topic, the state of each partition that has a committed offset.
+        // The subscription exists once any partition has a committed offset: its first
+        // assignment commits the start of every partition of the topic at once (below). A
+        // partition without one is then a partition added to the topic since: everything in
+        // it was published after the subscription was created, so it starts at its
+        // beginning, whatever the subscription's start. At the end it would skip what
+        // producers wrote to it before this consumer's metadata showed it (outside review).
+        let existing = committed.values().any(Option::is_some);
+        // With a state topic, the state of each assigned partition that has a committed
+        // offset.
         let from_topic: HashMap<i32, String> = match &self.shared.state_topic {
             Some(topic) => {
-                let wanted: Vec<(i32, i64)> = committed
-                    .elements()
+                let wanted: Vec<(i32, i64)> = assigned
                     .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) if o >= 0 => Some((e.partition(), o)),
-                        _ => None,
-                    })
+                    .filter_map(|p| committed.get(p)?.as_ref().map(|(o, _)| (*p, *o)))
                     .collect();
                 topic
                     .read(&self.shared.topic, &wanted)
@@ -713,33 +722,33 @@ impl Context {
         };
         // The starts, read before the state is locked (reads may be retried for a while).
         let mut starts = Vec::new();
-        for elem in tpl.elements() {
-            let p = elem.partition();
-            let known = committed
-                .find_partition(&self.shared.topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) if o >= 0 => Some((o, e.metadata().to_owned())),
-                    _ => None,
-                });
-            let start = match known {
+        for p in &assigned {
+            let start = match committed.get(p).cloned().flatten() {
                 Some((o, metadata)) => match &self.shared.state_topic {
-                    Some(_) => (o, from_topic.get(&p).cloned().unwrap_or_default(), false),
+                    Some(_) => (o, from_topic.get(p).cloned().unwrap_or_default(), false),
                     None => (o, metadata, false),
                 },
                 None => {
-                    let Some((low, high)) = self.read_until("reading a partition's bounds", || {
-                        consumer.fetch_watermarks(&self.shared.topic, p, self.timeout)
-                    }) else {
-                        return;
+                    let Some(start) = self.first_start(consumer, *p, existing) else {
+                        return Vec::new();
                     };
-                    match self.start {
-                        StartPosition::Latest => (high, String::new(), true),
-                        StartPosition::Earliest => (low, String::new(), true),
-                    }
+                    (start, String::new(), true)
                 }
             };
             starts.push(start);
         }
+        // A new subscription also records the start of the partitions other consumers of
+        // its group were assigned: one of them that read the offsets before the others
+        // committed anything would otherwise take its partitions for partitions added later
+        // and start them at their beginning.
+        let others = if existing {
+            Vec::new()
+        } else {
+            match self.starts_of_the_others(consumer, &assigned) {
+                Some(others) => others,
+                None => return Vec::new(),
+            }
+        };
         let mut state = self.shared.lock();
         for (mut elem, (start, metadata, new)) in tpl.elements().into_iter().zip(starts) {
             let p = elem.partition();
@@ -757,6 +766,85 @@ impl Context {
             state.partitions.insert(p, part);
             let _ = elem.set_offset(Offset::Offset(start));
         }
+        others
+    }
+
+    /// The committed offset (and its metadata) of each of `partitions`, read until the read
+    /// succeeds; `None` once the consumer stops meanwhile.
+    fn committed(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Option<HashMap<i32, Option<(i64, String)>>> {
+        let mut asked = TopicPartitionList::new();
+        for p in partitions {
+            asked.add_partition(&self.shared.topic, p);
+        }
+        let committed = self.read_until("reading the committed offsets", || {
+            consumer.committed_offsets(asked.clone(), self.timeout)
+        })?;
+        Some(
+            committed
+                .elements_for_topic(&self.shared.topic)
+                .iter()
+                .map(|e| {
+                    let known = match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some((o, e.metadata().to_owned())),
+                        _ => None,
+                    };
+                    (e.partition(), known)
+                })
+                .collect(),
+        )
+    }
+
+    /// Where partition `p`, without a committed offset, starts: at its beginning when the
+    /// subscription exists already (`existing`: a partition added since) or starts at the
+    /// earliest; else at its end.
+    fn first_start(&self, consumer: &BaseConsumer<Self>, p: i32, existing: bool) -> Option<i64> {
+        let (low, high) = self.read_until("reading a partition's bounds", || {
+            consumer.fetch_watermarks(&self.shared.topic, p, self.timeout)
+        })?;
+        Some(match (self.start, existing) {
+            (StartPosition::Latest, false) => high,
+            (StartPosition::Earliest, _) | (_, true) => low,
+        })
+    }
+
+    /// For a new subscription: the starts of the topic's partitions not in `assigned` that
+    /// still have no committed offset, as commits.
+    fn starts_of_the_others(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &[i32],
+    ) -> Option<Vec<Commit>> {
+        let count = self.read_until("reading the topic's partitions", || {
+            consumer
+                .fetch_metadata(Some(&self.shared.topic), self.timeout)
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == self.shared.topic)
+                        .map_or(0, |t| t.partitions().len() as i32)
+                })
+        })?;
+        let others: Vec<i32> = (0..count).filter(|p| !assigned.contains(p)).collect();
+        if others.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut starts = Vec::new();
+        for &p in &others {
+            starts.push((p, self.first_start(consumer, p, false)?));
+        }
+        // Read again just before: a partition its owner committed meanwhile keeps that.
+        let committed = self.committed(consumer, others)?;
+        Some(
+            starts
+                .into_iter()
+                .filter(|(p, _)| committed.get(p).is_none_or(Option::is_none))
+                .map(|(p, start)| (p, 0, start, Partition::new(0, start).metadata(None)))
+                .collect(),
+        )
     }
 
     /// `read()`, again (after 100 ms, doubling to 5 s) until it succeeds; `None` once the

@@ -1,5 +1,5 @@
-//! Close, settlement after close, batches and derived names, on the Kafka broker at
-//! `EVBUS_KAFKA_URL`. Each case was a defect an outsider review found (2026-12-06); each test
+//! Close, settlement after close, batches, derived names and where partitions start, on the
+//! Kafka broker at `EVBUS_KAFKA_URL`. Each case was a defect an outsider review found (2026-12-06); each test
 //! fails without its fix.
 
 mod support;
@@ -268,4 +268,163 @@ async fn a_committed_offset_unread_at_assignment_is_read_again() {
         "the subscription did not resume where it stopped"
     );
     second.close().await.unwrap();
+}
+
+/// Writes events `numbers` to partition `partition` of `topic` with a stock producer, in
+/// the binary mode of the CloudEvents Kafka binding.
+async fn write_to_partition(bootstrap: &str, topic: &str, partition: i32, numbers: &[u32]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .expect("stock producer");
+    for &i in numbers {
+        let id = format!("written-{i}");
+        let headers = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", id.as_str()),
+            ("ce_source", "/tests"),
+            ("ce_type", "kafkaLifecycle"),
+            ("content-type", "application/json"),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |hs, (key, value)| {
+            hs.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        let payload = i.to_string();
+        producer
+            .send(
+                FutureRecord::<(), str>::to(topic)
+                    .partition(partition)
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(20),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("the stock producer writes the record");
+    }
+}
+
+/// A partition of an existing named subscription that has no committed offset, as a
+/// partition added to the topic after the subscription was created has, starts at its
+/// beginning: everything in it was published after the subscription existed. It started at
+/// its end (the subscription's `Latest` start), skipping what producers wrote to it before
+/// the subscription's consumers saw it in the topic's metadata (outside review). tansu does
+/// not add partitions to a topic, so the group's offsets are written here as such a
+/// subscription holds them: partition 0 committed, partition 1 never.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_added_to_the_topic_of_a_subscription_is_read_from_its_beginning() {
+    let Some(transport) = support::connect_with("partitions=2").await else {
+        return;
+    };
+    let bootstrap = transport.config().bootstrap_servers.clone();
+    let name = unique("added-partition");
+    let topic = transport.topic(&name).await.unwrap();
+    // Read by the subscription before it was stopped (partition 0), and written to the
+    // partition added since (partition 1).
+    write_to_partition(&bootstrap, &name, 0, &[100]).await;
+    write_to_partition(&bootstrap, &name, 1, &[1, 2, 3]).await;
+    let group = format!("evbus.sub.{name}.billing");
+    let topic_name = name.clone();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+        let stock: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group)
+            .create()
+            .expect("stock consumer");
+        let (_, high) = stock
+            .fetch_watermarks(&topic_name, 0, Duration::from_secs(20))
+            .expect("watermarks");
+        assert_eq!(high, 1, "partition 0 holds its one record");
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&topic_name, 0, rdkafka::Offset::Offset(high))
+            .unwrap();
+        stock
+            .commit(&offsets, CommitMode::Sync)
+            .expect("committing partition 0");
+    })
+    .await
+    .unwrap();
+
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 1..=3 {
+        let delivery =
+            support::next_within_20s(&mut sub, "an event of the partition without an offset").await;
+        got.push(serde_json::from_slice::<u32>(delivery.event().data().unwrap()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        got,
+        [1, 2, 3],
+        "the added partition was not read from its beginning"
+    );
+    drop(sub);
+    transport.close().await.unwrap();
+    let cleanup = support::connect_with("partitions=2")
+        .await
+        .expect("Kafka answered a moment ago");
+    cleanup.delete_topic(&name).await.unwrap();
+    cleanup.close().await.unwrap();
+}
+
+/// Two consumers that create a named subscription at once deliver nothing published before
+/// it, on every partition. With partitions lacking an offset read from their beginning once
+/// the subscription exists (the case above), a consumer that read the group's offsets after
+/// the other had committed its own starts, but before it committed anything for this one's
+/// partitions, would have taken them for added partitions and delivered their history: the
+/// first assignment of a subscription commits the start of every partition of the topic.
+/// Whether the two assignments interleave that way is up to the broker's timing; the test
+/// holds either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_creating_a_subscription_together_deliver_no_history() {
+    let Some(transport) = support::connect_with("partitions=2").await else {
+        return;
+    };
+    let bootstrap = transport.config().bootstrap_servers.clone();
+    let name = unique("together");
+    let topic = transport.topic(&name).await.unwrap();
+    write_to_partition(&bootstrap, &name, 0, &[100]).await;
+    write_to_partition(&bootstrap, &name, 1, &[101]).await;
+    let (a, b) = tokio::join!(
+        topic.subscribe(SubscribeOptions::named("billing")),
+        topic.subscribe(SubscribeOptions::named("billing"))
+    );
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    write_to_partition(&bootstrap, &name, 0, &[1]).await;
+    write_to_partition(&bootstrap, &name, 1, &[2]).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let delivery = tokio::select! {
+            d = support::next_within_20s(&mut a, "an event published after subscribing") => d,
+            d = support::next_within_20s(&mut b, "an event published after subscribing") => d,
+        };
+        got.push(serde_json::from_slice::<u32>(delivery.event().data().unwrap()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [1, 2],
+        "events published before the subscription were delivered"
+    );
+    drop((a, b));
+    transport.close().await.unwrap();
+    let cleanup = support::connect_with("partitions=2")
+        .await
+        .expect("Kafka answered a moment ago");
+    cleanup.delete_topic(&name).await.unwrap();
+    cleanup.close().await.unwrap();
 }
