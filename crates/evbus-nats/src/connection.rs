@@ -22,8 +22,12 @@ pub(crate) fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
 /// Connects to the server `config` names, or to any of its servers when it names several
 /// (async-nats tries each, and later reconnects to any of them or to those the cluster
 /// advertises). Fails with a retryable `Connection` error when no server can be reached, and
-/// with `InvalidConfig` when credentials or TLS are wrong.
-pub(crate) async fn connect(config: &NatsConfig) -> Result<Client> {
+/// with `InvalidConfig` when credentials or TLS are wrong. `connected` counts the client's
+/// connections (bumped at each reconnect).
+pub(crate) async fn connect(
+    config: &NatsConfig,
+    connected: tokio::sync::watch::Sender<u64>,
+) -> Result<Client> {
     let max_delay = config.reconnect_max_delay;
     let servers = config
         .server_urls()?
@@ -46,6 +50,9 @@ pub(crate) async fn connect(config: &NatsConfig) -> Result<Client> {
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
         .event_callback(move |event| {
             let url = log_url.clone();
+            if matches!(event, Event::Connected) {
+                connected.send_modify(|n| *n += 1);
+            }
             async move {
                 match event {
                     Event::Disconnected => {

@@ -76,6 +76,9 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     /// Background work (consumer clean-up), awaited on close.
     pub(crate) tasks: TaskTracker,
+    /// How many times the client connected: a consumer ends the pull request it waits on
+    /// when this moves (see `Pull::next`).
+    pub(crate) connected: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -133,7 +136,9 @@ impl Shared {
     }
 
     /// Creates the stream behind a topic or queue unless this transport already knows it.
-    /// An existing stream is used as it is.
+    /// An existing stream is used as it is, if it stores the topic's or queue's subject: a
+    /// stream of that name made outside evbus for other subjects is a configuration error
+    /// (every publish to it would find no stream and be retried for ever).
     pub(crate) async fn ensure_stream(&self, kind: Kind, names: &StreamNames) -> Result<()> {
         if self
             .streams
@@ -151,7 +156,18 @@ impl Shared {
         let attempts = if self.config.replicas > 1 { 3 } else { 1 };
         for attempt in 1..=attempts {
             match self.js.get_or_create_stream(config.clone()).await {
-                Ok(_) => break,
+                Ok(stream) => {
+                    let subjects = &stream.cached_info().config.subjects;
+                    if !subjects.iter().any(|s| subject_matches(s, &names.subject)) {
+                        return Err(Error::invalid_config(format!(
+                            "stream `{}` exists but stores {subjects:?}, not `{}`: it was made \
+                             outside evbus; delete it, or give this transport another \
+                             `stream_prefix`",
+                            names.stream, names.subject
+                        )));
+                    }
+                    break;
+                }
                 Err(e) => {
                     let e = from_create_stream(e, &format!("creating stream `{}`", names.stream));
                     if attempt == attempts || e.kind() != ErrorKind::Timeout {
@@ -290,7 +306,8 @@ impl NatsTransport {
     /// with a retryable [`ErrorKind::Connection`] error when the server cannot be reached.
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         config.validate()?;
-        let client = connection::connect(&config).await?;
+        let (connected, _) = tokio::sync::watch::channel(0);
+        let client = connection::connect(&config, connected.clone()).await?;
         let js = connection::jetstream(client.clone(), &config);
         // JetStream must be enabled: fail now rather than on the first publish.
         jetstream_info(&client).await.map_err(|e| {
@@ -325,6 +342,7 @@ impl NatsTransport {
                 next_anonymous: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                connected,
             }),
         })
     }
@@ -451,5 +469,37 @@ impl Transport for NatsTransport {
             tracing::warn!(error = %e, "draining the NATS connection timed out");
         }
         Ok(())
+    }
+}
+
+/// Whether the NATS subject filter `filter` (tokens, `*` for one, `>` for the rest) takes
+/// `subject`.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for f in filter.split('.') {
+        match (f, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subject_filters_match_as_nats_matches_them() {
+        use super::subject_matches as m;
+        assert!(m("evbus.topic.orders", "evbus.topic.orders"));
+        assert!(m("evbus.topic.*", "evbus.topic.orders"));
+        assert!(m("evbus.>", "evbus.topic.orders"));
+        assert!(m(">", "evbus.topic.orders"));
+        assert!(!m("evbus.topic", "evbus.topic.orders"));
+        assert!(!m("evbus.topic.orders.>", "evbus.topic.orders"));
+        assert!(!m("evbus.*", "evbus.topic.orders"));
+        assert!(!m("other.orders", "evbus.topic.orders"));
+        assert!(!m("evbus.topic.orders.x", "evbus.topic.orders"));
     }
 }

@@ -1336,3 +1336,114 @@ async fn a_visibility_timeout_past_what_jetstream_holds_is_a_configuration_error
     transport.delete_topic(topic.name()).await.unwrap();
     transport.close().await.unwrap();
 }
+
+/// A subscription waiting on a pull request when the server restarts receives the next
+/// event as soon as it is published, not once the lost request expires: the request lived
+/// on the server that went away, and the reader waited out `fetch_wait` with nothing coming
+/// (outside review: 29 s with `fetch_wait_ms=30000`). It ends a request made before a
+/// reconnect once nothing more comes from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_waiting_through_a_server_restart_receives_the_next_event_promptly() {
+    use futures::StreamExt;
+    let server = support::NatsServer::start().expect("starting a nats-server");
+    let url = format!("{}?fetch_wait_ms=30000", server.url());
+    let transport = NatsTransport::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let name = unique("restart-wait");
+    let topic = transport.topic(&name).await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), sub.next_delivery())
+            .await
+            .expect("a delivery within 60 s")
+            .expect("the stream goes on")
+            .unwrap();
+        let at = std::time::Instant::now();
+        delivery.ack().await.unwrap();
+        (at, delivery.event().id().to_owned(), sub)
+    });
+    // The reader's pull request is waiting on the server.
+    let stream_name = transport.topic_stream(&name).unwrap();
+    let plain = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(plain);
+    let stream = js.get_stream(&stream_name).await.unwrap();
+    let waiting = async {
+        loop {
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                if info.unwrap().num_waiting > 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the subscription's pull request reached the server");
+
+    server.kill();
+    server.restart().expect("restarting the nats-server");
+    let event = Event::builder("t", "/s").json(&1).unwrap().build().unwrap();
+    let published_at = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match topic.publish(&event).await {
+                Ok(()) => break std::time::Instant::now(),
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("publishing after the restart: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a publish succeeded within 30 s of the restart");
+    let (received_at, id, sub) = reader.await.unwrap();
+    assert_eq!(id, event.id());
+    let took = received_at.saturating_duration_since(published_at);
+    assert!(
+        took < Duration::from_secs(10),
+        "delivered {took:?} after the publish (the pull request waits 30 s)"
+    );
+    drop(sub);
+    transport.close().await.unwrap();
+}
+
+/// A stream of evbus's name made outside evbus for other subjects (the `nats` CLI
+/// re-creating it, say) is a configuration error for publishes and subscriptions: a publish
+/// found no stream for its subject and was called a leader election (a retryable error that
+/// never cleared), and a subscription opened on a stream no event could reach (outside
+/// review).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_of_evbus_name_for_other_subjects_is_a_configuration_error() {
+    let transport = transport().await;
+    let name = unique("foreign-stream");
+    let (_client, js) = plain_client().await;
+    let stream = transport.topic_stream(&name).unwrap();
+    js.create_stream(jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("other.{}", std::process::id())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let topic = transport.topic(&name).await.unwrap();
+    let event = Event::builder("t", "/s").json(&1).unwrap().build().unwrap();
+    let published = topic.publish(&event).await.unwrap_err();
+    assert_eq!(published.kind(), ErrorKind::InvalidConfig, "{published}");
+    assert!(!published.is_retryable(), "{published}");
+    assert!(published.message().contains(&stream), "{published}");
+    let subscribed = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(subscribed.kind(), ErrorKind::InvalidConfig, "{subscribed}");
+    js.delete_stream(&stream).await.unwrap();
+    // Gone, the stream is evbus's to make again.
+    topic.publish(&event).await.unwrap();
+    transport.delete_topic(&name).await.unwrap();
+    transport.close().await.unwrap();
+}
