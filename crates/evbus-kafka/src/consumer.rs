@@ -1111,6 +1111,11 @@ pub(crate) async fn start(
             );
             // Dropping the consumer leaves the group; the revoke callback commits first.
             close_here(consumer, &shared);
+            // Deliveries kept after their subscription ended keep `shared`, and with it the
+            // state topic: not its reader, a librdkafka client of its own (threads, sockets).
+            if let Some(topic) = &shared.state_topic {
+                topic.close_reader();
+            }
             if let Some(on_closed) = on_closed {
                 on_closed();
             }

@@ -143,6 +143,13 @@ impl StateTopic {
         }
     }
 
+    /// Closes the reader, if one was made (a later [`read`](Self::read) makes another): its
+    /// subscription's consumer is gone, and nothing reads the state for it any more.
+    pub(crate) fn close_reader(&self) {
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(reader);
+    }
+
     /// Enqueues the state record of partition `partition` of `topic`; `None` if librdkafka
     /// refused it (queue full, closing).
     pub(crate) fn write(
@@ -231,15 +238,11 @@ impl StateTopic {
             tracing::warn!(error = %e, topic = %self.name, "cannot read the state topic; attempt counts restart");
             return Vec::new();
         }
-        let deadline = Instant::now() + timeout;
-        while ends.values().any(|e| !e.3) && Instant::now() < deadline {
-            let Some(message) = reader.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let Ok(message) = message else { continue };
+        type Ends = std::collections::HashMap<i32, (i64, i64, Option<String>, bool)>;
+        let take = |ends: &mut Ends, message: &rdkafka::message::BorrowedMessage<'_>| {
             let p = message.partition();
             let Some(end) = ends.get_mut(&p) else {
-                continue;
+                return;
             };
             let expected = key(topic, p);
             if message.key() == Some(expected.as_bytes())
@@ -250,6 +253,22 @@ impl StateTopic {
             }
             if message.offset() >= end.0 {
                 end.3 = true;
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        let mut all_read = false;
+        while !all_read && Instant::now() < deadline {
+            if let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) {
+                take(&mut ends, &message);
+            }
+            all_read = ends.values().all(|e| e.3);
+        }
+        // A high watermark may fall short of the end (tansu: the last batch's first offset
+        // plus one), so records of that batch can lie past it: what was fetched already is
+        // read too, so that the newest record of a partition is not left behind.
+        if all_read {
+            while let Some(Ok(message)) = reader.poll(Duration::from_millis(20)) {
+                take(&mut ends, &message);
             }
         }
         let _ = reader.unassign();
