@@ -132,7 +132,7 @@ impl evbus::Queue for AmqpQueue {
 
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
         let _op = self.transport.shared.begin()?;
-        let source = evbus::raw::Source::queue(&self.name, &options);
+        let source = evbus::raw::Source::queue(&self.name, &options)?;
         let target = Target::Queue {
             queue: self.queue.clone(),
         };

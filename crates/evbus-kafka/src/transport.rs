@@ -269,7 +269,7 @@ impl Queue for KafkaQueue {
     }
 
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
-        let source = Source::queue(&self.name, &options);
+        let source = Source::queue(&self.name, &options)?;
         // A queue keeps what was sent before its first consumer: start from the earliest.
         self.transport
             .consume(

@@ -118,13 +118,6 @@ pub(crate) async fn open(
     transport: &NatsTransport,
     spec: ConsumerSpec,
 ) -> Result<impl Stream<Item = Result<RawDelivery>> + Send + 'static + use<>> {
-    if spec.options.visibility_timeout > crate::config::LONGEST {
-        return Err(Error::invalid_config(format!(
-            "visibility_timeout must be at most 100 years (JetStream reads it as int64 \
-             nanoseconds), got {:?}",
-            spec.options.visibility_timeout
-        )));
-    }
     let shared = Arc::clone(&transport.shared);
     // An anonymous subscription's consumer is named here and registered before it is made:
     // a subscribe cancelled part way (its future dropped) then deletes it, instead of

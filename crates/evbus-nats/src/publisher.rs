@@ -389,7 +389,7 @@ impl Queue for NatsQueue {
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
         let shared = &self.transport.shared;
         let _op = shared.begin()?;
-        let source = Source::queue(&self.name, &options);
+        let source = Source::queue(&self.name, &options)?;
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue())?);
         let raw = consumer::open_on(

@@ -1322,18 +1322,44 @@ async fn settlements_and_close_end_in_time_while_the_client_queue_is_full() {
         .unwrap();
 }
 
-/// A visibility timeout JetStream cannot hold (`Duration::MAX` for "no timeout") is refused
-/// as a configuration error, not a `Broker` error quoting the server's JSON parser.
+/// A visibility timeout of `Duration::MAX` ("no timeout") is the longest evbus keeps, 100
+/// years, which JetStream holds (int64 nanoseconds): the consumer's `ack_wait` is that, not
+/// a `Broker` error quoting the server's JSON parser. One set past it on the field is a
+/// configuration error.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_visibility_timeout_past_what_jetstream_holds_is_a_configuration_error() {
+async fn a_visibility_timeout_of_duration_max_is_the_longest_jetstream_holds() {
+    use futures::StreamExt;
     let transport = transport().await;
-    let topic = transport.topic(&unique("vis-max")).await.unwrap();
-    let mut options = SubscribeOptions::named("billing");
-    options.consumer = ConsumerOptions::default().visibility_timeout(Duration::MAX);
-    let err = topic.subscribe(options).await.unwrap_err();
+    let name = unique("vis-max");
+    let topic = transport.topic(&name).await.unwrap();
+    let mut past = SubscribeOptions::named("billing");
+    past.consumer.visibility_timeout = Duration::MAX;
+    let err = topic.subscribe(past).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
     assert!(err.to_string().contains("visibility_timeout"), "{err}");
-    transport.delete_topic(topic.name()).await.unwrap();
+
+    let mut options = SubscribeOptions::named("billing");
+    options.consumer = ConsumerOptions::default().visibility_timeout(Duration::MAX);
+    let mut sub = topic.subscribe(options).await.unwrap();
+    let event = Event::builder("t", "/s").json(&1).unwrap().build().unwrap();
+    topic.publish(&event).await.unwrap();
+    let delivery = next(&mut sub).await;
+    assert_eq!(delivery.event().id(), event.id());
+    delivery.ack().await.unwrap();
+    let (_client, js) = plain_client().await;
+    let stream = js
+        .get_stream(transport.topic_stream(&name).unwrap())
+        .await
+        .unwrap();
+    let mut consumers = stream.consumers();
+    let info = consumers
+        .next()
+        .await
+        .expect("the subscription's consumer")
+        .unwrap();
+    assert_eq!(info.config.ack_wait, evbus::raw::LONGEST_VISIBILITY);
+    drop(sub);
+    transport.delete_topic(&name).await.unwrap();
     transport.close().await.unwrap();
 }
 

@@ -85,7 +85,9 @@ pub struct RedisConfig {
     pub max_payload_bytes: usize,
     /// An anonymous subscription's consumer group left behind by a process that died is
     /// destroyed by the next anonymous subscription to the same topic once it is older than
-    /// this and none of its consumers was seen for this long. Default 1 hour.
+    /// this and none of its consumers was seen for this long. Default 1 hour; from a minute
+    /// to a year (any process's sweep judges every process's anonymous subscriptions by its
+    /// own TTL).
     #[serde(rename = "anonymous_ttl_ms", with = "evbus::raw::millis")]
     pub anonymous_ttl: Duration,
     /// After each publish (after the last `XADD` of a batch), `WAIT` until this many replicas
@@ -495,6 +497,12 @@ impl RedisConfig {
                 self.wait_timeout, self.command_timeout
             )));
         }
+        if self.key_prefix.chars().any(char::is_control) {
+            return Err(Error::invalid_config(format!(
+                "key prefix {:?} must not hold control characters",
+                self.key_prefix
+            )));
+        }
         if self.key_prefix.contains(['{', '}']) {
             return Err(Error::invalid_config(format!(
                 "key prefix `{}` must not contain `{{` or `}}`: the topic or queue name is the \
@@ -502,13 +510,50 @@ impl RedisConfig {
                 self.key_prefix
             )));
         }
-        evbus::raw::check_positive(&[
+        let timings = [
             ("block", self.block),
             ("command_timeout", self.command_timeout),
             ("connect_timeout", self.connect_timeout),
             ("claim_interval", self.claim_interval),
             ("wait_timeout", self.wait_timeout),
-        ])?;
+        ];
+        evbus::raw::check_positive(&timings)?;
+        // A typo of a few digits turns these into waits that never end.
+        let pauses = [
+            ("reconnect_min_delay", self.reconnect_min_delay),
+            ("reconnect_max_delay", self.reconnect_max_delay),
+        ];
+        if let Some((name, value)) = timings
+            .iter()
+            .chain(&pauses)
+            .find(|(_, value)| *value > LONGEST_TIMING)
+        {
+            return Err(Error::invalid_config(format!(
+                "{name}_ms must be at most {} (an hour), got {}",
+                LONGEST_TIMING.as_millis(),
+                value.as_millis()
+            )));
+        }
+        // Another process's sweep judges a live anonymous subscription by this process's
+        // TTL: one shorter than a consumer's pause between reads destroyed the others'.
+        if !(SHORTEST_ANONYMOUS_TTL..=LONGEST_ANONYMOUS_TTL).contains(&self.anonymous_ttl) {
+            return Err(Error::invalid_config(format!(
+                "anonymous_ttl_ms must be between {} (a minute) and {} (a year), got {}: an \
+                 anonymous subscription idle that long is taken for abandoned and deleted, \
+                 by any process",
+                SHORTEST_ANONYMOUS_TTL.as_millis(),
+                LONGEST_ANONYMOUS_TTL.as_millis(),
+                self.anonymous_ttl.as_millis()
+            )));
+        }
+        if let Some(replicas) = self.wait_replicas
+            && replicas > MOST_REPLICAS
+        {
+            return Err(Error::invalid_config(format!(
+                "wait_replicas must be at most {MOST_REPLICAS}, got {replicas}: a publish \
+                 waits for that many replicas and fails when fewer answer"
+            )));
+        }
         if self.reconnect_max_delay < self.reconnect_min_delay {
             return Err(Error::invalid_config(
                 "reconnect_max_delay must not be less than reconnect_min_delay",
@@ -532,6 +577,16 @@ impl RedisConfig {
         }
     }
 }
+
+/// The longest timeout, block or reconnection pause a config takes.
+const LONGEST_TIMING: Duration = Duration::from_secs(3600);
+
+/// Bounds of [`RedisConfig::anonymous_ttl`].
+const SHORTEST_ANONYMOUS_TTL: Duration = Duration::from_secs(60);
+const LONGEST_ANONYMOUS_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The most replicas a publish waits for.
+const MOST_REPLICAS: u32 = 100;
 
 fn scheme_of(url: &str) -> Option<&str> {
     url.split_once("://").map(|(scheme, _)| scheme)
@@ -791,5 +846,44 @@ mod tests {
                 age: Duration::from_secs(1)
             }
         );
+    }
+
+    #[test]
+    fn values_that_would_never_end_or_harm_other_processes_are_refused() {
+        for (url, named) in [
+            ("redis://h?anonymous_ttl_ms=0", "anonymous_ttl_ms"),
+            ("redis://h?anonymous_ttl_ms=59999", "anonymous_ttl_ms"),
+            (
+                "redis://h?anonymous_ttl_ms=18446744073709551615",
+                "anonymous_ttl_ms",
+            ),
+            (
+                "redis://h?claim_interval_ms=18446744073709551615",
+                "claim_interval_ms",
+            ),
+            ("redis://h?command_timeout_ms=3600001", "command_timeout_ms"),
+            (
+                "redis://h?connect_timeout_ms=18446744073709551615",
+                "connect_timeout_ms",
+            ),
+            (
+                "redis://h?reconnect_max_delay_ms=18446744073709551615",
+                "reconnect_max_delay_ms",
+            ),
+            ("redis://h?wait_replicas=4294967295", "wait_replicas"),
+            ("redis://h?prefix=a%00b", "control"),
+            ("redis://h?prefix=a%0Ab", "control"),
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), evbus::ErrorKind::InvalidConfig, "{url}: {err}");
+            assert!(err.to_string().contains(named), "{url}: {err}");
+        }
+        for url in [
+            "redis://h?anonymous_ttl_ms=60000",
+            "redis://h?command_timeout_ms=3600000&block_ms=3599000",
+            "redis://h?wait_replicas=100",
+        ] {
+            RedisConfig::from_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 }

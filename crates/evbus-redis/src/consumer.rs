@@ -116,6 +116,9 @@ pub(crate) struct ConsumerSpec {
     /// Warn when the group lags close to the retention limit.
     pub(crate) check_lag: bool,
     pub(crate) options: ConsumerOptions,
+    /// The destination's deletion mark when the subscription was made (before its group
+    /// was): a group found gone under another mark was deleted, under the same one lost.
+    pub(crate) deletion_mark: Option<String>,
 }
 
 /// The name of a new anonymous subscription's group: `evbus.anonymous.<unix ms>.<random>`.
@@ -438,6 +441,7 @@ pub(crate) async fn start(
         origin: spec.origin,
         anonymous: spec.anonymous,
         check_lag: spec.check_lag,
+        deletion_mark: spec.deletion_mark,
         unsent: Vec::new(),
         cursor: "-".to_owned(),
         next_reclaim: now,
@@ -528,6 +532,8 @@ struct ConsumerTask {
     origin: String,
     anonymous: bool,
     check_lag: bool,
+    /// See [`ConsumerSpec::deletion_mark`].
+    deletion_mark: Option<String>,
     /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
     unsent: Vec<(String, DeliveryCount)>,
     cursor: String,
@@ -594,13 +600,32 @@ impl ConsumerTask {
             }
             match self.fetch(reply).await {
                 Ok(()) => self.backoff.reset(),
-                Err(e) if is_no_group(&e) => {
-                    tracing::warn!(
-                        origin = %self.origin,
-                        "the stream or consumer group was deleted; the subscription ends"
-                    );
-                    return Step::End;
-                }
+                Err(e) if is_no_group(&e) => match self.group_lost().await {
+                    Ok(false) => {
+                        tracing::warn!(
+                            origin = %self.origin,
+                            "the topic or queue was deleted; the subscription ends"
+                        );
+                        return Step::End;
+                    }
+                    Ok(true) => {
+                        self.backoff.reset();
+                        self.cursor = "-".to_owned();
+                    }
+                    Err(error) => {
+                        let delay = self.backoff.next_delay();
+                        tracing::warn!(
+                            origin = %self.origin, %error, retry_in = ?delay,
+                            "the consumer group is gone and whether it was deleted could not \
+                             be read; trying again"
+                        );
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.cancel.cancelled() => return Step::Interrupted,
+                            _ = reply.closed() => return Step::Interrupted,
+                        }
+                    }
+                },
                 Err(e) => {
                     let delay = self.backoff.next_delay();
                     let error = crate::error::from_redis(e, "consuming");
@@ -634,6 +659,31 @@ impl ConsumerTask {
                 }
             }
         }
+    }
+
+    /// The group is gone: `false` if its topic or queue was deleted since the subscription
+    /// was made (another deletion mark than it saw then); else the group was lost (a Redis
+    /// restarted without it: no AOF, a failover, `FLUSHALL`), and it is made again at the
+    /// start of the stream, `true`. Ending then, as on a deletion, left every later event
+    /// unread (outside review).
+    async fn group_lost(&mut self) -> evbus::Result<bool> {
+        let shared = &self.state.shared;
+        let mark = shared.deletion_mark(&self.state.keys).await?;
+        if mark.is_some() && mark != self.deletion_mark {
+            return Ok(false);
+        }
+        tracing::error!(
+            origin = %self.origin,
+            group = %self.state.group,
+            "the consumer group is gone, but its topic or queue was not deleted: Redis lost \
+             it (restarted without AOF, a failover to a replica without it, FLUSHALL); making \
+             it again at the start of the stream (what it held pending is delivered again; \
+             events the lost state held are gone with it)"
+        );
+        shared
+            .ensure_group(&self.state.keys.stream, &self.state.group, "0")
+            .await?;
+        Ok(true)
     }
 
     /// Fills the buffer (or returns after a blocking read found nothing).

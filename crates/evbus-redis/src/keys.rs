@@ -26,6 +26,9 @@ pub(crate) struct StreamKeys {
     /// A sorted set of delayed redeliveries (`<entry id> <group>` scored by due time in
     /// Unix milliseconds), e.g. `evbus:topic:{orders}:delayed`.
     pub(crate) delayed: String,
+    /// The mark the destination's last deletion left, for a day (see
+    /// [`DELETE`](crate::scripts::DELETE)), e.g. `evbus:topic:{orders}:deleted`.
+    pub(crate) deleted: String,
 }
 
 impl Keys {
@@ -47,6 +50,7 @@ impl Keys {
         let stream = format!("{}{kind}:{{{name}}}", self.prefix);
         StreamKeys {
             delayed: format!("{stream}:delayed"),
+            deleted: format!("{stream}:deleted"),
             stream,
         }
     }
@@ -56,6 +60,23 @@ impl Keys {
 /// ([`evbus::raw::check_name`]), so a name valid on one transport is valid on every one.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
     evbus::raw::check_name(what, name)
+}
+
+/// Checks the name of a topic or queue, whose keys carry it as their hash tag: on a cluster
+/// (`cluster`), also that it does not start with `}`. Redis takes a key's tag from its first
+/// `{` to the next `}`, so `evbus:topic:{}x}` has an empty tag and is hashed whole, and its
+/// `:delayed` key lands in another slot: every script touching both failed with CROSSSLOT,
+/// and nothing published to it was ever delivered (outside review). A single server has no
+/// slots, and such names keep working there.
+pub(crate) fn check_destination(what: &str, name: &str, cluster: bool) -> Result<()> {
+    check_name(what, name)?;
+    if cluster && name.starts_with('}') {
+        return Err(evbus::Error::invalid_config(format!(
+            "{what} name `{name}` starts with `}}`: on a Redis Cluster its keys could not share \
+             a hash slot (the name is their hash tag); choose a name that does not"
+        )));
+    }
+    Ok(())
 }
 
 /// The cluster hash slot of a key (CRC16/XMODEM of the hash tag, modulo 16384), as Redis
@@ -114,6 +135,10 @@ mod tests {
             let k = keys.topic(name);
             assert_eq!(hash_slot(&k.stream), hash_slot(&k.delayed), "{name}");
         }
+        // A leading `}` leaves the tag empty: the keys are hashed whole, apart (so
+        // `check_destination` refuses such names on a cluster).
+        let split = keys.topic("}x");
+        assert_ne!(hash_slot(&split.stream), hash_slot(&split.delayed));
         // Known slot values (redis-cli CLUSTER KEYSLOT): the tag decides.
         assert_eq!(hash_slot("{orders}"), hash_slot("evbus:topic:{orders}"));
         assert_eq!(hash_slot("foo"), 12182);
@@ -130,6 +155,10 @@ mod tests {
 
     #[test]
     fn names_follow_the_memory_transport_rule() {
+        check_destination("topic", "}x", false).unwrap();
+        let refused = check_destination("queue", "}x", true).unwrap_err();
+        assert_eq!(refused.kind(), evbus::ErrorKind::InvalidConfig);
+        check_destination("topic", "x}", true).unwrap();
         check_name("topic", "orders").unwrap();
         check_name("topic", "ünï cødé").unwrap();
         assert!(check_name("topic", "").is_err());

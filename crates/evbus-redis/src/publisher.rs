@@ -17,7 +17,7 @@ use redis::{RedisWrite, Value};
 use crate::config::{ContentMode, Retention};
 use crate::consumer::{self, ConsumerSpec};
 use crate::error::from_redis;
-use crate::keys::{ANONYMOUS_GROUP_PREFIX, QUEUE_GROUP, StreamKeys, check_name};
+use crate::keys::{ANONYMOUS_GROUP_PREFIX, QUEUE_GROUP, StreamKeys, check_destination, check_name};
 use crate::transport::{RedisTransport, Shared};
 
 /// The stream field carrying the event data (the CloudEvents binary-mode body).
@@ -244,6 +244,8 @@ impl Topic for RedisTopic {
         let shared = &self.transport.shared;
         let _op = shared.begin()?;
         let source = Source::topic(&self.name, &options)?;
+        let cluster = shared.config.is_cluster();
+        check_destination("dead-letter queue", source.dead_letter_queue(), cluster)?;
         let start = match options.start {
             StartPosition::Latest => "$",
             StartPosition::Earliest => "0",
@@ -275,6 +277,7 @@ impl Topic for RedisTopic {
             group: group.clone(),
             armed: true,
         });
+        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         shared
             .ensure_group(&self.keys.stream, &group, start)
             .await?;
@@ -292,6 +295,7 @@ impl Topic for RedisTopic {
                 delete_on_ack: false,
                 check_lag,
                 options: options.consumer.clone(),
+                deletion_mark,
             },
         )
         .await?;
@@ -387,11 +391,14 @@ impl Queue for RedisQueue {
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
         let shared = &self.transport.shared;
         let _op = shared.begin()?;
+        let source = Source::queue(&self.name, &options)?;
+        let cluster = shared.config.is_cluster();
+        check_destination("dead-letter queue", source.dead_letter_queue(), cluster)?;
+        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         // From the start of the stream: everything sent before the first consumer came.
         shared
             .ensure_group(&self.keys.stream, QUEUE_GROUP, "0")
             .await?;
-        let source = Source::queue(&self.name, &options);
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue()));
         let raw = consumer::start(
@@ -404,6 +411,7 @@ impl Queue for RedisQueue {
                 delete_on_ack: true,
                 check_lag: false,
                 options: options.clone(),
+                deletion_mark,
             },
         )
         .await?;

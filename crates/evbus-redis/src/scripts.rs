@@ -226,8 +226,9 @@ return results
 /// by a delay still running. Returns `{next cursor, {{id, fields, delivery count}, ...}}`.
 ///
 /// An entry is taken over only once the visibility timeout of the consumer holding it has
-/// passed as well, when that consumer's name carries it (`...-v<ms>`, see the consumer
-/// module): a delivery is its consumer's for that consumer's whole timeout, whatever the
+/// passed as well, when that consumer is evbus's and its name carries it
+/// (`<pid>-<uuid>-v<ms>`, see the consumer module; a stock consumer named `…-v<digits>`
+/// held its entries for as long as the digits said, outside review): a delivery is its consumer's for that consumer's whole timeout, whatever the
 /// timeouts of the others, which is what lets a consumer acknowledge early deliveries with a
 /// plain `XACK` (ADR 0021). Nacked and released entries are idle "forever" and pass.
 ///
@@ -240,14 +241,17 @@ redis.replicate_commands()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local count = tonumber(ARGV[5])
+local EVBUS_NAME = '^%d+%-' .. string.rep('%x', 32) .. '%-v(%d+)$'
+
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', count)
 local claimed = {}
 local last = nil
 for _, p in ipairs(pending) do
   last = p[1]
   local member = p[1] .. ' ' .. ARGV[1]
-  -- The holder's own visibility timeout, when its name carries it.
-  local holder = tonumber(string.match(p[2], '%-v(%d+)$') or '0')
+  -- The holder's own visibility timeout, when it is an evbus consumer (`<pid>-<32 hex
+  -- digits>-v<ms>`): a stock consumer whose name only ends like one keeps nothing longer.
+  local holder = tonumber(string.match(p[2], EVBUS_NAME) or '0')
   if p[3] >= holder then
     local due = redis.call('ZSCORE', KEYS[2], member)
     if (not due) or tonumber(due) <= now then
@@ -268,6 +272,21 @@ end
 local cursor = '-'
 if last and #pending >= count then cursor = '(' .. last end
 return {cursor, claimed}
+"#,
+    )
+});
+
+/// Deletes a topic or queue: its stream and delayed set, leaving a mark (a random value,
+/// kept `ttl` ms) that tells its consumers, when they find their group gone, that it was
+/// deleted rather than lost (a Redis restarted without the group). Atomic, so that no
+/// consumer sees the group gone before the mark is there.
+///
+/// KEYS: stream, delayed set, mark. ARGV: mark value, ttl ms.
+pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return redis.call('DEL', KEYS[1], KEYS[2])
 "#,
     )
 });

@@ -1,6 +1,7 @@
 //! [`RedisTransport`]: one connection to one Redis server, the factory for topics and queues.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use evbus::raw::Gate;
@@ -13,7 +14,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::config::RedisConfig;
 use crate::connection::{self, RedisClient, RedisConn};
 use crate::error::from_redis;
-use crate::keys::{Keys, check_name};
+use crate::keys::{Keys, StreamKeys, check_destination};
 use crate::publisher::{RedisQueue, RedisTopic};
 
 /// A transport on a Redis server or a Redis Cluster (Redis 6.2 or later), through Redis
@@ -105,6 +106,30 @@ impl Shared {
             .map_err(|e| from_redis(e, what))
     }
 
+    /// Deletes the destination of `keys`, leaving its mark for [`TOMBSTONE_TTL`].
+    async fn delete(&self, keys: &StreamKeys, what: &str) -> Result<()> {
+        let mark = uuid::Uuid::now_v7().simple().to_string();
+        crate::scripts::DELETE
+            .key(&keys.stream)
+            .key(&keys.delayed)
+            .key(&keys.deleted)
+            .arg(mark)
+            .arg(TOMBSTONE_TTL.as_millis() as u64)
+            .invoke_async::<Value>(&mut self.conn())
+            .await
+            .map_err(|e| from_redis(e, what))?;
+        Ok(())
+    }
+
+    /// The mark the last deletion of the destination of `keys` left, if any.
+    pub(crate) async fn deletion_mark(&self, keys: &StreamKeys) -> Result<Option<String>> {
+        self.query(
+            redis::cmd("GET").arg(&keys.deleted),
+            "reading the deletion mark",
+        )
+        .await
+    }
+
     /// Creates consumer group `group` on `stream` at `start` (`$` or `0`), creating the
     /// stream if needed. An existing group is kept as it is (it resumes where it stopped).
     pub(crate) async fn ensure_group(&self, stream: &str, group: &str, start: &str) -> Result<()> {
@@ -126,6 +151,10 @@ impl Shared {
         }
     }
 }
+
+/// How long a deletion's mark is kept: far longer than a consumer takes to find its group
+/// gone (its next read, or its first after a reconnection).
+pub(crate) const TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl RedisTransport {
     /// Connects to the server `config` names and checks that it is usable (Redis 6.2 or
@@ -200,36 +229,30 @@ impl Transport for RedisTransport {
 
     async fn topic(&self, name: &str) -> Result<Arc<dyn Topic>> {
         let _op = self.shared.begin()?;
-        check_name("topic", name)?;
+        check_destination("topic", name, self.shared.config.is_cluster())?;
         Ok(Arc::new(RedisTopic::new(name, self.clone())))
     }
 
     async fn queue(&self, name: &str) -> Result<Arc<dyn Queue>> {
         let _op = self.shared.begin()?;
-        check_name("queue", name)?;
+        check_destination("queue", name, self.shared.config.is_cluster())?;
         Ok(Arc::new(self.queue_handle(name)))
     }
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
         let _op = self.shared.begin()?;
         let keys = self.shared.keys.topic(name);
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(&keys.stream).arg(&keys.delayed);
         self.shared
-            .query::<Value>(&cmd, &format!("deleting topic `{name}`"))
-            .await?;
-        Ok(())
+            .delete(&keys, &format!("deleting topic `{name}`"))
+            .await
     }
 
     async fn delete_queue(&self, name: &str) -> Result<()> {
         let _op = self.shared.begin()?;
         let keys = self.shared.keys.queue(name);
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(&keys.stream).arg(&keys.delayed);
         self.shared
-            .query::<Value>(&cmd, &format!("deleting queue `{name}`"))
-            .await?;
-        Ok(())
+            .delete(&keys, &format!("deleting queue `{name}`"))
+            .await
     }
 
     async fn health(&self) -> Health {

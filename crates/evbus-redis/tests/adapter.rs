@@ -1950,3 +1950,108 @@ async fn an_entry_delivered_past_u32_max_times_is_dead_lettered_once() {
     record.ack().await.unwrap();
     env.cleanup().await;
 }
+
+/// A stock consumer whose name merely ends like an evbus consumer's (`-v<ms>`, the visibility
+/// timeout the takeover script honours) no longer keeps what it read: the script trusted
+/// any such name, and `mallory-v99999999999999999999` held its entries for good (outside
+/// review). Only evbus's own names (`<pid>-<uuid>-v<ms>`) carry a timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_consumer_named_like_a_long_timeout_does_not_keep_its_entries() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(100)).await else {
+        return;
+    };
+    let queue = env.transport.queue("jobs").await.unwrap();
+    let key = env.transport.queue_key("jobs");
+    // The queue's group, as its first consumer makes it; the stock client reads the one
+    // entry before any evbus consumer exists.
+    let _: Value = env
+        .cmd(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg("evbus")
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
+        .await;
+    let sent = event(7);
+    queue.send(&sent).await.unwrap();
+    let read: Value = env
+        .cmd(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("evbus")
+                .arg("mallory-v99999999999999999999")
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">"),
+        )
+        .await;
+    assert_ne!(read, Value::Nil, "the stock consumer read the entry");
+    let options = ConsumerOptions::default().visibility_timeout(Duration::from_secs(1));
+    let mut sub = queue.receive(options).await.unwrap();
+    // Taken over once the evbus consumer's own timeout has passed.
+    let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+        .await
+        .expect("the entry the stock consumer held was taken over within 15 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.event().id(), sent.id());
+    assert_eq!(delivery.attempt(), 2);
+    delivery.ack().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Subscriptions outlive a Redis that lost their consumer groups (here `FLUSHALL`; a restart
+/// without AOF, or a failover to a replica that lacked them, looks the same): each consumer
+/// makes its group again and reads what is published from then on. They ended as on a
+/// deletion, and everything published later stayed unread (outside review). A deletion
+/// still ends them, even with the topic published to again at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn subscriptions_outlive_a_redis_that_lost_their_groups() {
+    async fn next(sub: &mut evbus::Subscription) -> evbus::Delivery {
+        tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the subscription goes on")
+            .unwrap()
+    }
+    let Ok(server) = support::RedisServer::start() else {
+        eprintln!("WARNING: no redis-server binary; test not run");
+        return;
+    };
+    let Some(env) = Env::on(Some(&server), |_| {}).await else {
+        return;
+    };
+    let topic = env.transport.topic("t").await.unwrap();
+    let queue = env.transport.queue("q").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let mut consumer = queue.receive(ConsumerOptions::default()).await.unwrap();
+    topic.publish(&event(1)).await.unwrap();
+    queue.send(&event(2)).await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    next(&mut consumer).await.ack().await.unwrap();
+
+    let _: Value = env.cmd(&redis::cmd("FLUSHALL")).await;
+    let (after_topic, after_queue) = (event(3), event(4));
+    topic.publish(&after_topic).await.unwrap();
+    queue.send(&after_queue).await.unwrap();
+    let got = next(&mut sub).await;
+    assert_eq!(got.event().id(), after_topic.id());
+    got.ack().await.unwrap();
+    let got = next(&mut consumer).await;
+    assert_eq!(got.event().id(), after_queue.id());
+    got.ack().await.unwrap();
+
+    env.transport.delete_topic("t").await.unwrap();
+    topic.publish(&event(5)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
+        .await
+        .expect("the subscription of a deleted topic ended within 20 s");
+    assert!(ended.is_none(), "a delivery after the deletion: {ended:?}");
+    drop(consumer);
+    env.cleanup().await;
+}

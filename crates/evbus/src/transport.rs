@@ -242,11 +242,14 @@ pub struct ConsumerOptions {
     /// Deliveries of one event before it is dead-lettered. Default 5.
     pub max_attempts: u32,
     /// How long a delivery may stay unsettled before it is given to another consumer.
-    /// Default 30 s.
+    /// Default 30 s; from 1 ms to 100 years (a subscribe or receive refuses others).
     pub visibility_timeout: Duration,
     /// The dead-letter queue name; `None` uses the default: `<topic>.<subscription>.dlq` for
     /// a named subscription, `<topic>._anonymous.dlq` for an anonymous one, `<queue>.dlq` for
     /// a queue ([`Source::dead_letter_queue`](crate::raw::Source::dead_letter_queue)).
+    /// Names may hold dots, so defaults can coincide (topic `a.b` with subscription `c`,
+    /// topic `a` with subscription `b.c` and queue `a.b.c` all use `a.b.c.dlq`): where names
+    /// extend one another, give each its own.
     pub dead_letter_queue: Option<String>,
     /// A look at a dead-letter queue ([`DeadLetters`](crate::bus::DeadLetters)): a message that
     /// is not a CloudEvent is handed out as its `evbus.undecodable` placeholder, to be listed
@@ -277,9 +280,12 @@ impl ConsumerOptions {
         self.max_attempts = n.max(1);
         self
     }
-    /// Sets [`visibility_timeout`](Self::visibility_timeout).
+    /// Sets [`visibility_timeout`](Self::visibility_timeout), at most
+    /// [`LONGEST_VISIBILITY`](crate::raw::LONGEST_VISIBILITY) (100 years): `Duration::MAX`
+    /// means "never". A subscribe or receive refuses a timeout under a millisecond with
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig).
     pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
-        self.visibility_timeout = timeout;
+        self.visibility_timeout = timeout.min(crate::raw::LONGEST_VISIBILITY);
         self
     }
     /// Sets [`dead_letter_queue`](Self::dead_letter_queue).

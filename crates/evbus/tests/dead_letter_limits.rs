@@ -69,11 +69,9 @@ async fn dead_letter_one(
         tag,
     ))])
     .chain(futures::stream::pending());
-    let mut subscription = Source::queue("foreign", &ConsumerOptions::default()).into_subscription(
-        raw,
-        Arc::clone(dlq),
-        futures::future::pending(),
-    );
+    let mut subscription = Source::queue("foreign", &ConsumerOptions::default())
+        .unwrap()
+        .into_subscription(raw, Arc::clone(dlq), futures::future::pending());
     let delivery = timeout(BOUND, subscription.next_delivery())
         .await
         .unwrap()
@@ -116,11 +114,9 @@ async fn an_undecodable_message_too_large_for_the_dead_letter_queue_is_dead_lett
         Ok(RawDelivery::new(good_event(), 1, acker.clone(), 8)),
     ])
     .chain(futures::stream::pending());
-    let mut subscription = Source::queue("foreign", &ConsumerOptions::default()).into_subscription(
-        raw,
-        Arc::clone(&dlq),
-        futures::future::pending(),
-    );
+    let mut subscription = Source::queue("foreign", &ConsumerOptions::default())
+        .unwrap()
+        .into_subscription(raw, Arc::clone(&dlq), futures::future::pending());
 
     // The undecodable message is dead-lettered before the next delivery is handed out.
     let next = timeout(BOUND, subscription.next_delivery())

@@ -112,6 +112,7 @@ pub(crate) fn all<T: Transport + 'static>() -> Vec<Case<T>> {
         case!(queue::queue_renewed_delivery_stays_with_its_consumer_past_the_visibility_timeout),
         case!(queue::queue_renewing_after_the_visibility_timeout_fails_and_takes_nothing_back),
         case!(queue::queue_events_fetched_ahead_wait_for_a_consumer_in_use_past_the_visibility_timeout, needs: [PER_KEY_ORDER]),
+        case!(queue::queue_visibility_timeouts_out_of_range_are_refused_and_duration_max_is_never),
         case!(queue::queue_max_attempts_dead_letters_with_reason_and_attempt_count),
         case!(queue::queue_event_whose_consumer_vanished_on_the_last_attempt_is_dead_lettered),
         case!(queue::queue_explicit_dead_letter_moves_the_event_with_its_reason),

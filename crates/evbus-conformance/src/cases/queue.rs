@@ -589,6 +589,53 @@ pub(super) async fn queue_renewing_after_the_visibility_timeout_fails_and_takes_
     .await
 }
 
+/// A visibility timeout under a millisecond (zero: every delivery due back at once, so on
+/// some brokers nothing was ever handed out) is refused as a configuration error, and
+/// `Duration::MAX` ("never") is taken as the longest a transport keeps, 100 years: the
+/// consumer delivers and settles as any other (it overflowed deadlines and delivered nothing
+/// on some brokers, and was refused on others).
+pub(super) async fn queue_visibility_timeouts_out_of_range_are_refused_and_duration_max_is_never<
+    T: Transport + 'static,
+>(
+    ctx: Ctx<T>,
+) -> CaseResult {
+    let conn = ctx.connect().await?;
+    let queue = open(&conn, &ctx.queue_name("q")).await?;
+    for (timeout, what) in [
+        (Duration::ZERO, "zero"),
+        (Duration::from_micros(999), "999 µs"),
+        (Duration::MAX, "Duration::MAX set on the field"),
+    ] {
+        let mut options = ctx.consumer();
+        options.visibility_timeout = timeout;
+        match queue.receive(options).await {
+            Ok(_) => fail!("a consumer with a visibility timeout of {what} was opened"),
+            Err(e) => ensure!(
+                e.kind() == ErrorKind::InvalidConfig,
+                "a visibility timeout of {what} failed with `{e}` (kind {:?}), expected kind \
+                 InvalidConfig",
+                e.kind()
+            ),
+        }
+    }
+    let never = ctx.consumer().visibility_timeout(Duration::MAX);
+    ensure!(
+        never.visibility_timeout == evbus::raw::LONGEST_VISIBILITY,
+        "visibility_timeout(Duration::MAX) set {:?}, expected 100 years",
+        never.visibility_timeout
+    );
+    let mut c = receive(&*queue, never).await?;
+    let events = ctx.events(2);
+    send_all(&*queue, &events).await?;
+    let got = receive_exactly(&mut c, &ids(&events), WAIT, "the consumer").await?;
+    ensure!(
+        got.iter().all(|(_, attempt)| *attempt == 1),
+        "a first delivery said attempt {:?}",
+        got.iter().map(|(_, a)| a).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 pub(super) async fn queue_max_attempts_dead_letters_with_reason_and_attempt_count<
     T: Transport + 'static,
 >(

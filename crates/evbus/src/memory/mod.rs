@@ -713,7 +713,7 @@ impl Queue for MemoryQueue {
                     .or_insert_with(|| Arc::clone(&self.group)),
             )
         };
-        let source = Source::queue(&self.name, &options);
+        let source = Source::queue(&self.name, &options)?;
         let dead_letter: Arc<dyn Queue> = self.transport.memory_queue(source.dead_letter_queue());
         let raw = group.consume(
             options.visibility_timeout,

@@ -596,7 +596,7 @@ impl<B: Broker> Queue for Handle<B> {
     }
 
     async fn receive(&self, options: ConsumerOptions) -> Result<Subscription> {
-        let source = Source::queue(self.to.name(), &options);
+        let source = Source::queue(self.to.name(), &options)?;
         self.connection.consume(source).await
     }
 }

@@ -50,6 +50,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::{BoxStream, Stream};
 
@@ -114,6 +115,7 @@ impl Source {
     /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) if the subscription
     /// name is empty or starts with `_` (reserved for evbus).
     pub fn topic(topic: &str, options: &SubscribeOptions) -> Result<Source> {
+        check_consumer_options(&options.consumer)?;
         let consumer = options.consumer.clone();
         let (kind, origin, default_dlq) = match options.subscription.as_deref() {
             Some(sub) => {
@@ -147,9 +149,12 @@ impl Source {
         })
     }
 
-    /// A consumer of `queue`.
-    pub fn queue(queue: &str, options: &ConsumerOptions) -> Source {
-        Source {
+    /// A consumer of `queue`. Fails with
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) for a visibility timeout
+    /// no broker keeps (see [`check_consumer_options`]).
+    pub fn queue(queue: &str, options: &ConsumerOptions) -> Result<Source> {
+        check_consumer_options(options)?;
+        Ok(Source {
             kind: Kind::Queue,
             destination: Destination::Queue(queue.to_owned()),
             origin: queue.to_owned(),
@@ -159,7 +164,7 @@ impl Source {
                 .unwrap_or_else(|| format!("{queue}.dlq")),
             consumer: options.clone(),
             start: StartPosition::Latest,
-        }
+        })
     }
 
     /// Names the source in dead-letter records and logs: `orders/billing`,
@@ -255,6 +260,32 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
             "`{}` is not a valid {what} name: use 1 to {MAX_DESTINATION_NAME} bytes of \
              printable characters",
             crate::envelope::quoted(&name.escape_debug().to_string())
+        )));
+    }
+    Ok(())
+}
+
+/// The shortest visibility timeout a consumer takes: a millisecond, the unit brokers count
+/// it in.
+pub const SHORTEST_VISIBILITY: Duration = Duration::from_millis(1);
+
+/// The longest visibility timeout a consumer takes: 100 years ("never" in practice; what a
+/// broker keeps in a 64-bit count of nanoseconds, and what a clock reading plus it still
+/// holds).
+pub const LONGEST_VISIBILITY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// Checks a consumer's settings every transport applies alike: a visibility timeout
+/// between [`SHORTEST_VISIBILITY`] and [`LONGEST_VISIBILITY`]. A zero timeout made every
+/// delivery due back at once (on Redis nothing was ever delivered), and `Duration::MAX`
+/// overflowed deadlines (on Redis the consumer delivered nothing and left its group; NATS
+/// refused it; SQL capped it; outside review): out of range is a configuration error, before
+/// a broker is asked. [`ConsumerOptions::visibility_timeout`] caps `Duration::MAX` at the
+/// longest, so "never" works everywhere. [`Source::topic`] and [`Source::queue`] call it.
+pub fn check_consumer_options(options: &ConsumerOptions) -> Result<()> {
+    let timeout = options.visibility_timeout;
+    if !(SHORTEST_VISIBILITY..=LONGEST_VISIBILITY).contains(&timeout) {
+        return Err(Error::invalid_config(format!(
+            "visibility_timeout must be between 1 ms and 100 years, got {timeout:?}"
         )));
     }
     Ok(())
@@ -412,7 +443,7 @@ mod tests {
     fn every_kind_of_source_has_its_own_dead_letter_queue_and_origin() {
         let named = Source::topic("orders", &SubscribeOptions::named("billing")).unwrap();
         let anonymous = Source::topic("orders", &SubscribeOptions::anonymous()).unwrap();
-        let queue = Source::queue("orders", &ConsumerOptions::default());
+        let queue = Source::queue("orders", &ConsumerOptions::default()).unwrap();
         assert_eq!(
             (named.dead_letter_queue(), named.origin()),
             ("orders.billing.dlq", "orders/billing")
@@ -463,7 +494,9 @@ mod tests {
             StartPosition::Latest
         );
         assert_eq!(
-            Source::queue("jobs", &ConsumerOptions::default()).start(),
+            Source::queue("jobs", &ConsumerOptions::default())
+                .unwrap()
+                .start(),
             StartPosition::Latest
         );
     }
@@ -472,7 +505,7 @@ mod tests {
     fn an_explicit_dead_letter_queue_wins() {
         let options = ConsumerOptions::default().dead_letter_queue("parked");
         assert_eq!(
-            Source::queue("jobs", &options).dead_letter_queue(),
+            Source::queue("jobs", &options).unwrap().dead_letter_queue(),
             "parked"
         );
         let sub = SubscribeOptions::anonymous().consumer(options);
