@@ -137,6 +137,21 @@ impl Env {
         cmd.query_async(&mut self.raw.clone()).await.unwrap()
     }
 
+    /// `XGROUP CREATE key group start MKSTREAM`, as a stock client (or an earlier consumer)
+    /// makes a group.
+    async fn create_group(&self, key: &str, group: &str, start: &str) {
+        let _: Value = self
+            .cmd(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(key)
+                    .arg(group)
+                    .arg(start)
+                    .arg("MKSTREAM"),
+            )
+            .await;
+    }
+
     /// The fields of the first entry of the stream `key`, in order, as text.
     async fn first_entry(&self, key: &str) -> Vec<(String, String)> {
         let range: Value = self
@@ -658,15 +673,7 @@ async fn stale_anonymous_groups_of_dead_processes_are_swept() {
     let topic = env.transport.topic("t").await.unwrap();
     let key = env.transport.topic_key("t");
     // A group left by a process that died long ago (created at Unix time 1 s).
-    let _: Value = env
-        .cmd(
-            redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&key)
-                .arg("evbus.anonymous.1000.dead")
-                .arg("$")
-                .arg("MKSTREAM"),
-        )
+    env.create_group(&key, "evbus.anonymous.1000.dead", "$")
         .await;
     let _sub = topic
         .subscribe(SubscribeOptions::anonymous())
@@ -1964,16 +1971,7 @@ async fn a_stock_consumer_named_like_a_long_timeout_does_not_keep_its_entries() 
     let key = env.transport.queue_key("jobs");
     // The queue's group, as its first consumer makes it; the stock client reads the one
     // entry before any evbus consumer exists.
-    let _: Value = env
-        .cmd(
-            redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&key)
-                .arg("evbus")
-                .arg("0")
-                .arg("MKSTREAM"),
-        )
-        .await;
+    env.create_group(&key, "evbus", "0").await;
     let sent = event(7);
     queue.send(&sent).await.unwrap();
     let read: Value = env
