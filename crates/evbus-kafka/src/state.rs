@@ -267,7 +267,9 @@ impl StateTopic {
         // plus one), so records of that batch can lie past it: what was fetched already is
         // read too, so that the newest record of a partition is not left behind.
         if all_read {
-            while let Some(Ok(message)) = reader.poll(Duration::from_millis(20)) {
+            while Instant::now() < deadline
+                && let Some(Ok(message)) = reader.poll(Duration::from_millis(20))
+            {
                 take(&mut ends, &message);
             }
         }

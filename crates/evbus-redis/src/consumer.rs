@@ -442,6 +442,9 @@ pub(crate) async fn start(
         anonymous: spec.anonymous,
         check_lag: spec.check_lag,
         deletion_mark: spec.deletion_mark,
+        deleted: false,
+        last_read: None,
+        started_ms: unix_millis(),
         unsent: Vec::new(),
         cursor: "-".to_owned(),
         next_reclaim: now,
@@ -534,6 +537,12 @@ struct ConsumerTask {
     check_lag: bool,
     /// See [`ConsumerSpec::deletion_mark`].
     deletion_mark: Option<String>,
+    /// The destination was found deleted (another deletion mark) by the periodic look.
+    deleted: bool,
+    /// The id of the last new entry this consumer read (`XREADGROUP ... >`), and when it
+    /// started (Unix ms): where a lost group of a topic is made again.
+    last_read: Option<String>,
+    started_ms: u64,
     /// Fetched entries whose hand-out failed (the subscription was dropped meanwhile).
     unsent: Vec<(String, DeliveryCount)>,
     cursor: String,
@@ -599,6 +608,14 @@ impl ConsumerTask {
                 return Step::Interrupted;
             }
             match self.fetch(reply).await {
+                Ok(()) if self.deleted => {
+                    tracing::warn!(
+                        origin = %self.origin,
+                        "the topic or queue was deleted (and its group made again since); the \
+                         subscription ends"
+                    );
+                    return Step::End;
+                }
                 Ok(()) => self.backoff.reset(),
                 Err(e) if is_no_group(&e) => match self.group_lost().await {
                     Ok(false) => {
@@ -672,18 +689,40 @@ impl ConsumerTask {
         if mark.is_some() && mark != self.deletion_mark {
             return Ok(false);
         }
+        let start = self.restart_id();
         tracing::error!(
             origin = %self.origin,
             group = %self.state.group,
+            %start,
             "the consumer group is gone, but its topic or queue was not deleted: Redis lost \
-             it (restarted without AOF, a failover to a replica without it, FLUSHALL); making \
-             it again at the start of the stream (what it held pending is delivered again; \
-             events the lost state held are gone with it)"
+             it (restarted without AOF, a failover to a replica without it, FLUSHALL, or \
+             another process's sweep of anonymous groups); making it again after what this \
+             consumer read (deliveries it held pending are gone with it)"
         );
         shared
-            .ensure_group(&self.state.keys.stream, &self.state.group, "0")
+            .ensure_group(&self.state.keys.stream, &self.state.group, &start)
             .await?;
         Ok(true)
+    }
+
+    /// Where a lost group is made again. A queue: at its start (acked entries are deleted,
+    /// so what is left was never acked). A topic: after the last new entry this consumer
+    /// read, else from when the subscription began (an anonymous group's name carries its
+    /// creation time, a named one's consumer when it started): never its history again.
+    fn restart_id(&self) -> String {
+        if self.state.delete_on_ack {
+            return "0".to_owned();
+        }
+        if let Some(id) = &self.last_read {
+            return id.clone();
+        }
+        let began = self
+            .state
+            .group
+            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
+            .and_then(|rest| rest.split('.').next()?.parse::<u64>().ok())
+            .unwrap_or(self.started_ms);
+        format!("{began}-0")
     }
 
     /// Fills the buffer (or returns after a blocking read found nothing).
@@ -699,6 +738,19 @@ impl ConsumerTask {
         }
         let now = Instant::now();
         if self.state.reclaim_now.swap(false, Ordering::AcqRel) || now >= self.next_reclaim {
+            if now >= self.next_reclaim {
+                // A deletion whose group was made again at once (another process subscribed
+                // under the same name before this consumer read) shows no `NOGROUP`: its mark
+                // does.
+                let mark: Option<String> = redis::cmd("GET")
+                    .arg(&self.state.keys.deleted)
+                    .query_async(&mut self.conn.get().await?.clone())
+                    .await?;
+                if mark.is_some() && mark != self.deletion_mark {
+                    self.deleted = true;
+                    return Ok(());
+                }
+            }
             self.next_reclaim = now + self.claim_interval;
             if self.reclaim(free).await? > 0 {
                 return Ok(());
@@ -795,7 +847,7 @@ impl ConsumerTask {
         value: Value,
         at: Instant,
     ) -> std::result::Result<(), RedisError> {
-        let fetched = parse_read_reply(value)?
+        let fetched: Vec<Fetched> = parse_read_reply(value)?
             .into_iter()
             .map(|(id, fields)| Fetched {
                 id,
@@ -804,6 +856,9 @@ impl ConsumerTask {
                 at,
             })
             .collect();
+        if let Some(last) = fetched.last() {
+            self.last_read = Some(last.id.clone());
+        }
         self.buffer_fetched(fetched);
         Ok(())
     }

@@ -277,10 +277,11 @@ impl Topic for RedisTopic {
             group: group.clone(),
             armed: true,
         });
-        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         shared
             .ensure_group(&self.keys.stream, &group, start)
             .await?;
+        // Read once the group is there: a deletion from here on is this subscription's.
+        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue()));
         let origin = source.origin().to_owned();
@@ -394,11 +395,11 @@ impl Queue for RedisQueue {
         let source = Source::queue(&self.name, &options)?;
         let cluster = shared.config.is_cluster();
         check_destination("dead-letter queue", source.dead_letter_queue(), cluster)?;
-        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         // From the start of the stream: everything sent before the first consumer came.
         shared
             .ensure_group(&self.keys.stream, QUEUE_GROUP, "0")
             .await?;
+        let deletion_mark = shared.deletion_mark(&self.keys).await?;
         let dead_letter: Arc<dyn Queue> =
             Arc::new(self.transport.queue_handle(source.dead_letter_queue()));
         let raw = consumer::start(

@@ -2053,3 +2053,85 @@ async fn subscriptions_outlive_a_redis_that_lost_their_groups() {
     drop(consumer);
     env.cleanup().await;
 }
+
+/// A group lost with its stream kept (destroyed here; another process's sweep of anonymous
+/// groups does the same) is made again after what the consumer read, not at the start of
+/// the stream: the first re-creation delivered every acked event of the topic's history
+/// again (outside review of the re-creation).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_made_again_delivers_no_history() {
+    let Some(env) = Env::new().await else { return };
+    let topic = env.transport.topic("t").await.unwrap();
+    let key = env.transport.topic_key("t");
+    for (options, group) in [
+        (SubscribeOptions::named("billing"), Some("billing")),
+        (SubscribeOptions::anonymous(), None),
+    ] {
+        let mut sub = topic.subscribe(options).await.unwrap();
+        let history = [event(1), event(2), event(3)];
+        for e in &history {
+            topic.publish(e).await.unwrap();
+        }
+        for _ in &history {
+            let d = tokio::time::timeout(WAIT, sub.next_delivery())
+                .await
+                .expect("a delivery")
+                .unwrap()
+                .unwrap();
+            d.ack().await.unwrap();
+        }
+        let group = match group {
+            Some(g) => g.to_owned(),
+            None => env
+                .groups(&key)
+                .await
+                .into_iter()
+                .map(|g| g.0)
+                .find(|g| g.starts_with("evbus.anonymous."))
+                .expect("the anonymous group"),
+        };
+        let _: Value = env
+            .cmd(redis::cmd("XGROUP").arg("DESTROY").arg(&key).arg(&group))
+            .await;
+        let after = event(4);
+        topic.publish(&after).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next_delivery())
+            .await
+            .expect("a delivery after the group was lost")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            d.event().id(),
+            after.id(),
+            "{group}: the first delivery after the loss was not the new event"
+        );
+        d.ack().await.unwrap();
+    }
+    env.cleanup().await;
+}
+
+/// A deleted topic's subscription ends even when another process made its group again
+/// before this consumer read (no `NOGROUP` to see): it looks at the deletion mark every
+/// `claim_interval` (outside review of the re-creation).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_ends_when_its_topic_is_deleted_and_its_group_made_again_at_once() {
+    let Some(env) = Env::with(|c| c.claim_interval = Duration::from_millis(200)).await else {
+        return;
+    };
+    let topic = env.transport.topic("t").await.unwrap();
+    let mut sub = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    env.transport.delete_topic("t").await.unwrap();
+    let again = topic
+        .subscribe(SubscribeOptions::named("billing"))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.next_delivery())
+        .await
+        .expect("the subscription of the deleted topic ended within 10 s");
+    assert!(ended.is_none(), "a delivery: {ended:?}");
+    drop(again);
+    env.cleanup().await;
+}

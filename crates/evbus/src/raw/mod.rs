@@ -285,7 +285,8 @@ pub fn check_consumer_options(options: &ConsumerOptions) -> Result<()> {
     let timeout = options.visibility_timeout;
     if !(SHORTEST_VISIBILITY..=LONGEST_VISIBILITY).contains(&timeout) {
         return Err(Error::invalid_config(format!(
-            "visibility_timeout must be between 1 ms and 100 years, got {timeout:?}"
+            "visibility_timeout must be between 1 ms and 100 years, got {timeout:?} \
+             (`ConsumerOptions::visibility_timeout` takes `Duration::MAX` as 100 years)"
         )));
     }
     Ok(())
