@@ -186,29 +186,19 @@ impl KafkaConfig {
         }
         // librdkafka's ranges (`message.timeout.ms` 0 is "no timeout": a publish during an
         // outage would never return); the adapter's own limits must let an operation start.
-        let ms = |d: Duration| d.as_millis();
-        for (name, value, max) in [
-            ("session_timeout_ms", self.session_timeout, 3_600_000),
-            ("heartbeat_interval_ms", self.heartbeat_interval, 3_600_000),
-            ("message_timeout_ms", self.message_timeout, i32::MAX as u128),
-            (
-                "operation_timeout_ms",
-                self.operation_timeout,
-                i32::MAX as u128,
-            ),
-            (
-                "assignment_timeout_ms",
-                self.assignment_timeout,
-                i32::MAX as u128,
-            ),
-        ] {
-            if !(1..=max).contains(&ms(value)) {
-                return Err(Error::invalid_config(format!(
-                    "{name} must be between 1 and {max} milliseconds, not {}",
-                    ms(value)
-                )));
-            }
-        }
+        let group = [
+            ("session_timeout", self.session_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+        ];
+        let operations = [
+            ("message_timeout", self.message_timeout),
+            ("operation_timeout", self.operation_timeout),
+            ("assignment_timeout", self.assignment_timeout),
+        ];
+        evbus::raw::check_positive(&group)?;
+        evbus::raw::check_positive(&operations)?;
+        evbus::raw::check_at_most(&group, Duration::from_secs(3600))?;
+        evbus::raw::check_at_most(&operations, Duration::from_millis(i32::MAX as u64))?;
         if self.heartbeat_interval >= self.session_timeout {
             return Err(Error::invalid_config(
                 "heartbeat_interval must be shorter than session_timeout",
@@ -315,12 +305,12 @@ mod tests {
     #[test]
     fn timings_outside_what_librdkafka_takes_are_refused_at_once() {
         for (query, name) in [
-            ("message_timeout_ms=0", "message_timeout_ms"),
-            ("message_timeout_ms=3000000000", "message_timeout_ms"),
-            ("operation_timeout_ms=0", "operation_timeout_ms"),
-            ("assignment_timeout_ms=0", "assignment_timeout_ms"),
-            ("session_timeout_ms=3600001", "session_timeout_ms"),
-            ("heartbeat_interval_ms=0", "heartbeat_interval_ms"),
+            ("message_timeout_ms=0", "message_timeout"),
+            ("message_timeout_ms=3000000000", "message_timeout"),
+            ("operation_timeout_ms=0", "operation_timeout"),
+            ("assignment_timeout_ms=0", "assignment_timeout"),
+            ("session_timeout_ms=3600001", "session_timeout"),
+            ("heartbeat_interval_ms=0", "heartbeat_interval"),
         ] {
             let e = KafkaConfig::from_url(&format!("kafka://k1:9093?{query}"))
                 .and_then(|c| c.validate())

@@ -517,11 +517,8 @@ impl NatsConfig {
             ("max_age", self.max_age),
             ("duplicate_window", self.duplicate_window),
         ];
-        if let Some((name, value)) = timings.iter().chain(&limits).find(|(_, v)| *v > LONGEST) {
-            return Err(Error::invalid_config(format!(
-                "{name} must be at most 100 years, got {value:?}"
-            )));
-        }
+        evbus::raw::check_at_most(&timings, LONGEST)?;
+        evbus::raw::check_at_most(&limits, LONGEST)?;
         if !self.max_age.is_zero() && self.max_age < Duration::from_millis(100) {
             return Err(Error::invalid_config(format!(
                 "max_age must be 0 (no limit) or at least 100 ms (JetStream's least), got {:?}",
@@ -552,7 +549,7 @@ impl NatsConfig {
 
 /// The longest duration a setting takes: a century, well inside the int64 nanoseconds
 /// JetStream reads durations as (about 292 years).
-pub(crate) const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const LONGEST: Duration = evbus::raw::LONGEST_VISIBILITY;
 
 /// `value` is not one of the values `key` takes (`expected`).
 fn bad_choice(key: NatsConfigKey, value: &str, expected: &str) -> Error {

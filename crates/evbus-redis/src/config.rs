@@ -523,17 +523,8 @@ impl RedisConfig {
             ("reconnect_min_delay", self.reconnect_min_delay),
             ("reconnect_max_delay", self.reconnect_max_delay),
         ];
-        if let Some((name, value)) = timings
-            .iter()
-            .chain(&pauses)
-            .find(|(_, value)| *value > LONGEST_TIMING)
-        {
-            return Err(Error::invalid_config(format!(
-                "{name}_ms must be at most {} (an hour), got {}",
-                LONGEST_TIMING.as_millis(),
-                value.as_millis()
-            )));
-        }
+        evbus::raw::check_at_most(&timings, LONGEST_TIMING)?;
+        evbus::raw::check_at_most(&pauses, LONGEST_TIMING)?;
         // Another process's sweep judges a live anonymous subscription by this process's
         // TTL: one shorter than a consumer's pause between reads destroyed the others'.
         if !(SHORTEST_ANONYMOUS_TTL..=LONGEST_ANONYMOUS_TTL).contains(&self.anonymous_ttl) {
@@ -859,16 +850,16 @@ mod tests {
             ),
             (
                 "redis://h?claim_interval_ms=18446744073709551615",
-                "claim_interval_ms",
+                "claim_interval",
             ),
-            ("redis://h?command_timeout_ms=3600001", "command_timeout_ms"),
+            ("redis://h?command_timeout_ms=3600001", "command_timeout"),
             (
                 "redis://h?connect_timeout_ms=18446744073709551615",
-                "connect_timeout_ms",
+                "connect_timeout",
             ),
             (
                 "redis://h?reconnect_max_delay_ms=18446744073709551615",
-                "reconnect_max_delay_ms",
+                "reconnect_max_delay",
             ),
             ("redis://h?wait_replicas=4294967295", "wait_replicas"),
             ("redis://h?prefix=a%00b", "control"),

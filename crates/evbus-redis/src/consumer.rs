@@ -121,6 +121,17 @@ pub(crate) struct ConsumerSpec {
     pub(crate) deletion_mark: Option<String>,
 }
 
+/// When an anonymous subscription's group was made (Unix ms, from its name); `None` for
+/// any other group.
+fn anonymous_group_created(group: &str) -> Option<u64> {
+    group
+        .strip_prefix(ANONYMOUS_GROUP_PREFIX)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The name of a new anonymous subscription's group: `evbus.anonymous.<unix ms>.<random>`.
 pub(crate) fn anonymous_group_name() -> String {
     format!(
@@ -716,12 +727,7 @@ impl ConsumerTask {
         if let Some(id) = &self.last_read {
             return id.clone();
         }
-        let began = self
-            .state
-            .group
-            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
-            .and_then(|rest| rest.split('.').next()?.parse::<u64>().ok())
-            .unwrap_or(self.started_ms);
+        let began = anonymous_group_created(&self.state.group).unwrap_or(self.started_ms);
         format!("{began}-0")
     }
 
@@ -1247,11 +1253,7 @@ pub(crate) async fn sweep_anonymous(shared: &Shared, keys: &StreamKeys) -> Resul
         let Some(name) = group.get("name").and_then(string_of) else {
             continue;
         };
-        let Some(created) = name
-            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|ms| ms.parse::<u64>().ok())
-        else {
+        let Some(created) = anonymous_group_created(&name) else {
             continue;
         };
         if now.saturating_sub(created) < ttl {
@@ -2070,15 +2072,9 @@ mod tests {
     #[test]
     fn anonymous_group_names_carry_their_creation_time() {
         let name = anonymous_group_name();
-        let ms: u64 = name
-            .strip_prefix(ANONYMOUS_GROUP_PREFIX)
-            .unwrap()
-            .split('.')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ms = anonymous_group_created(&name).unwrap();
         assert!(unix_millis() - ms < 60_000);
+        assert_eq!(anonymous_group_created("billing"), None);
     }
 
     #[test]

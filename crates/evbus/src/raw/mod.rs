@@ -413,6 +413,32 @@ pub fn check_positive(durations: &[(&str, std::time::Duration)]) -> Result<()> {
     }
 }
 
+/// Checks that each named duration of a configuration is at most `max`, with
+/// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) naming the first that is
+/// not: a few digits too many in a URL would make a timeout that never ends, or a value the
+/// broker reads wrapped around. [`check_positive`]'s other end.
+///
+/// ```
+/// use std::time::Duration;
+/// let hour = Duration::from_secs(3600);
+/// assert!(evbus::raw::check_at_most(&[("block", Duration::from_secs(1))], hour).is_ok());
+/// let err = evbus::raw::check_at_most(&[("block", 2 * hour)], hour).unwrap_err();
+/// assert!(err.message().starts_with("block must be at most 3600000 ms"));
+/// ```
+pub fn check_at_most(
+    durations: &[(&str, std::time::Duration)],
+    max: std::time::Duration,
+) -> Result<()> {
+    match durations.iter().find(|(_, value)| *value > max) {
+        Some((name, value)) => Err(Error::invalid_config(format!(
+            "{name} must be at most {} ms, got {} ms",
+            max.as_millis(),
+            value.as_millis()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses a URL parameter holding whole milliseconds.
 pub fn parse_millis<K: ConfigKey>(key: K, value: &str) -> Result<std::time::Duration> {
     parse_value::<K, u64>(key, value).map(std::time::Duration::from_millis)
